@@ -1,0 +1,85 @@
+"""Backend selection: the one place that decides which backend runs a call."""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+
+BACKENDS = ("torch", "triton", "cuda")
+_MODULES = {
+    "torch": "lora_kernels.backends.torch_ref",
+    "triton": "lora_kernels.backends.triton_backend",
+    "cuda": "lora_kernels.backends.cuda_backend",
+}
+# Order tried by backend=None/"auto" for CUDA tensors (fastest first); CPU tensors always get "torch".
+AUTO_ORDER_CUDA = ("triton", "cuda", "torch")
+ENV_VAR = "LORA_KERNELS_BACKEND"
+
+
+@functools.cache
+def _load(name: str):
+    """(module or None, reason) for a backend; never raises."""
+    try:
+        mod = importlib.import_module(_MODULES[name])
+    except Exception as e:  # an optional backend may fail to import (no triton, no extension)
+        return None, f"import failed: {type(e).__name__}: {e}"
+    try:
+        ok, reason = mod.is_available()
+    except Exception as e:
+        return None, f"availability check failed: {type(e).__name__}: {e}"
+    return (mod if ok else None), reason
+
+
+def backend_status() -> dict[str, str]:
+    """Every backend with 'ok: ...' or the reason it is unavailable here."""
+    out = {}
+    for name in BACKENDS:
+        mod, reason = _load(name)
+        out[name] = ("ok: " if mod is not None else "unavailable: ") + reason
+    return out
+
+
+def available_backends() -> list[str]:
+    """The backends that can run on this machine."""
+    return [name for name in BACKENDS if _load(name)[0] is not None]
+
+
+def _check_device(name: str, device_type: str) -> None:
+    if name == "torch":
+        return
+    if device_type == "cuda":
+        return
+    if name == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+        return  # Triton's interpreter runs kernels on CPU tensors
+    raise RuntimeError(
+        f"lora_kernels: backend '{name}' needs CUDA tensors, but x is on '{device_type}' "
+        f"(use backend='torch' or None for CPU tensors)"
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def resolve(requested, device_type: str, float64: bool = False) -> str:
+    """Name of the backend that runs a call with `requested` (None/'auto'/name) on a `device_type` tensor."""
+    if requested in (None, "auto"):
+        requested = os.environ.get(ENV_VAR) or "auto"
+    if requested == "auto":
+        if device_type != "cuda" or float64:
+            return "torch"
+        for name in AUTO_ORDER_CUDA:
+            if _load(name)[0] is not None:
+                return name
+        return "torch"
+    if requested not in BACKENDS:
+        raise ValueError(f"lora_kernels: unknown backend {requested!r}; choose from {BACKENDS}, None or 'auto'")
+    mod, reason = _load(requested)
+    if mod is None:
+        raise RuntimeError(f"lora_kernels: backend '{requested}' is not available here: {reason}")
+    _check_device(requested, device_type)
+    if float64 and requested != "torch":
+        raise RuntimeError(f"lora_kernels: backend '{requested}' does not support float64; use backend='torch'")
+    return requested
+
+
+def get(name: str):
+    """The backend module for a resolved name."""
+    return _load(name)[0]

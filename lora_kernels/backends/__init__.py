@@ -1,0 +1,26 @@
+"""Backends of the LoRA op. Each backend is one module exposing the same two functions.
+
+The contract every backend implements (all tensors already validated and made 2-D contiguous by
+``lora_kernels.ops``; ``r >= 1``, ``M >= 0``):
+
+    forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset) -> (y, u)
+        x (M, K) in fp16/bf16/fp32; weight (N, K) and bias (N,) or None in x's dtype;
+        lora_A (r, K), lora_B (N, r), each fp32 or x's dtype.
+        u = scaling * dropout(x) @ lora_A.T          (M, r), float32
+        y = x @ weight.T + bias + u @ lora_B.T       (M, N), x's dtype, fp32 accumulation
+
+    backward(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, need_dx, need_dA, need_dB)
+        -> (dx or None, dA or None, dB or None)
+        g  = dy @ lora_B                              (M, r), fp32
+        dx = dy @ weight + scaling * keep/(1-p) * (g @ lora_A)     x's dtype
+        dA = scaling * g.T @ dropout(x)                            lora_A's dtype
+        dB = dy.T @ u                                              lora_B's dtype
+
+    dropout(x) = x * keep / (1 - p), keep = lora_kernels.philox.dropout_mask(seed, offset, (M, K), p);
+    with p == 0 there is no dropout and seed/offset are ignored.
+
+The mask (see ``lora_kernels/philox.py``): element (m, k) of the (M, K) input uses Philox 4x32-10 counter
+c = offset + m * ceil(K / 4) + k // 4 (c0 = low 32 bits, c1 = high 32 bits, c2 = c3 = 0; key = seed low/high
+32 bits) and output word k % 4, turned into a uniform float exactly as Triton's ``tl.rand``
+(int32 bitcast, negative -> ~x, times 4.6566127342e-10 in float32); it is kept iff that uniform >= p (float32).
+"""

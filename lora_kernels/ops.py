@@ -1,0 +1,200 @@
+"""The op contract: the public functional op, its input checks, its torch.library registration
+(schema, fake impls, autograd) and the dropout seeding.
+
+    y = x Wᵀ + b + scaling · (dropout(x) Aᵀ) Bᵀ
+
+Two ops are registered in the ``lora_kernels`` namespace:
+
+    lora_fwd(x, weight, bias?, lora_A, lora_B, scaling, p, seed, offset, backend) -> (y, u)
+    lora_bwd(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, backend, need_dx, need_dA, need_dB)
+        -> (dx, dA, dB)          (a grad that is not needed comes back as an empty tensor)
+
+with x and dy 2-D; ``u = scaling · dropout(x) Aᵀ`` (M, r) in float32 is the only activation saved besides x:
+the dropout mask is regenerated from ``seed`` (a CPU int64 scalar tensor, drawn from torch's RNG) and
+``offset``, never stored. The backends' math contract is in ``lora_kernels/backends/__init__.py``.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from . import _dispatch
+
+MAX_RANK = 256
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # float64: torch backend only
+_SEED_HIGH = 2**62
+
+# --------------------------------------------------------------------------------------------- dropout seeds
+_recorders: list[list] = []
+
+
+@contextlib.contextmanager
+def record_dropout():
+    """Collects (seed, offset) of every call with active dropout made inside the block (eager mode):
+
+        with lora_kernels.record_dropout() as calls:
+            y = lora_linear(x, ..., dropout_p=0.1)
+        seed, offset = calls[0]
+        keep = lora_kernels.dropout_mask(seed, offset, x.shape, 0.1)
+    """
+    calls: list = []
+    _recorders.append(calls)
+    try:
+        yield calls
+    finally:
+        _recorders.remove(calls)
+
+
+def _draw_seed() -> torch.Tensor:
+    """A fresh Philox key from torch's default CPU generator (torch.manual_seed reproduces a run)."""
+    return torch.randint(0, _SEED_HIGH, (), dtype=torch.int64)
+
+
+# ----------------------------------------------------------------------------------------------- the ops
+_lib = torch.library.Library("lora_kernels", "DEF")
+_lib.define(
+    "lora_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, float p, "
+    "Tensor seed, int offset, str backend) -> (Tensor, Tensor)"
+)
+_lib.define(
+    "lora_bwd(Tensor dy, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor u, float scaling, "
+    "float p, Tensor seed, int offset, str backend, bool need_dx, bool need_dA, bool need_dB) "
+    "-> (Tensor, Tensor, Tensor)"
+)
+
+
+def _fwd_impl(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset, backend):
+    M, N, r = x.shape[0], weight.shape[0], lora_A.shape[0]
+    if M == 0:
+        return x.new_empty(0, N), x.new_empty(0, r, dtype=torch.float32)
+    return _dispatch.get(backend).forward(
+        x, weight, bias, lora_A, lora_B, scaling, p, int(seed.item()), offset)
+
+
+def _bwd_impl(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, backend, need_dx, need_dA, need_dB):
+    if x.shape[0] == 0:
+        dx, dA, dB = torch.zeros_like(x), torch.zeros_like(lora_A), torch.zeros_like(lora_B)
+    else:
+        dx, dA, dB = _dispatch.get(backend).backward(
+            dy, x, weight, lora_A, lora_B, u, scaling, p, int(seed.item()), offset, need_dx, need_dA, need_dB)
+    empty = x.new_empty(0)
+    return (dx if need_dx else empty), (dA if need_dA else empty), (dB if need_dB else empty)
+
+
+_lib.impl("lora_fwd", _fwd_impl, "CompositeExplicitAutograd")
+_lib.impl("lora_bwd", _bwd_impl, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("lora_kernels::lora_fwd")
+def _fwd_fake(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset, backend):
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0], dtype=torch.float32)
+
+
+@torch.library.register_fake("lora_kernels::lora_bwd")
+def _bwd_fake(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, backend, need_dx, need_dA, need_dB):
+    empty = x.new_empty(0)
+    return (torch.empty_like(x) if need_dx else empty, torch.empty_like(lora_A) if need_dA else empty,
+            torch.empty_like(lora_B) if need_dB else empty)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, scaling, p, seed, offset, backend = inputs
+    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], seed)
+    ctx.args = (scaling, p, offset, backend, bias is not None)
+
+
+def _backward(ctx, dy, _du):
+    x, weight, lora_A, lora_B, u, seed = ctx.saved_tensors
+    scaling, p, offset, backend, has_bias = ctx.args
+    need_dx, need_dW, need_db, need_dA, need_dB = ctx.needs_input_grad[:5]
+    dy = dy.contiguous()
+    dx, dA, dB = torch.ops.lora_kernels.lora_bwd(
+        dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, backend, need_dx, need_dA, need_dB)
+    # A trainable base weight or bias is outside the fused fast path: plain (correct) PyTorch math.
+    dW = (dy.t().float() @ x.float()).to(weight.dtype) if need_dW else None
+    db = dy.float().sum(0).to(dy.dtype) if (need_db and has_bias) else None
+    return (dx if need_dx else None, dW, db, dA if need_dA else None, dB if need_dB else None,
+            None, None, None, None, None)
+
+
+torch.library.register_autograd("lora_kernels::lora_fwd", _backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------ the public op
+def _check(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
+    def fail(msg):
+        raise ValueError(f"lora_linear: {msg}")
+
+    for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
+        if not isinstance(t, torch.Tensor):
+            fail(f"{name} must be a Tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOAT_DTYPES:
+            fail(f"{name} has unsupported dtype {t.dtype}; expected one of float16, bfloat16, float32 (float64 on the torch backend)")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        fail(f"bias must be a Tensor or None, got {type(bias).__name__}")
+    if x.dim() < 1:
+        fail(f"x must have shape (..., K), got a 0-d tensor")
+    if weight.dim() != 2:
+        fail(f"weight must be 2-D (N, K), got shape {tuple(weight.shape)}")
+    N, K = weight.shape
+    if x.shape[-1] != K:
+        fail(f"x's last dim {x.shape[-1]} does not match weight's in_features K={K} (weight shape {tuple(weight.shape)})")
+    if lora_A.dim() != 2 or lora_A.shape[1] != K:
+        fail(f"lora_A must have shape (r, K={K}), got {tuple(lora_A.shape)}")
+    r = lora_A.shape[0]
+    if not 1 <= r <= MAX_RANK:
+        fail(f"unsupported rank r={r} (lora_A's first dim); supported: 1 <= r <= {MAX_RANK}")
+    if lora_B.dim() != 2 or tuple(lora_B.shape) != (N, r):
+        fail(f"lora_B must have shape (N={N}, r={r}), got {tuple(lora_B.shape)}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != N):
+        fail(f"bias must have shape (N={N},), got {tuple(bias.shape)}")
+    if weight.dtype != x.dtype:
+        fail(f"weight dtype {weight.dtype} must match x dtype {x.dtype} (as F.linear requires)")
+    if bias is not None and bias.dtype != x.dtype:
+        fail(f"bias dtype {bias.dtype} must match x dtype {x.dtype}")
+    for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
+        if t.dtype not in (torch.float32, x.dtype):
+            fail(f"{name} dtype {t.dtype} must be float32 or x's dtype {x.dtype}")
+    dev = x.device
+    for name, t in (("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B)):
+        if t is not None and t.device != dev:
+            fail(f"{name} is on {t.device} but x is on {dev}; all tensors must be on one device")
+    if not 0.0 <= dropout_p < 1.0:
+        fail(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if not isinstance(scaling, (int, float)):
+        fail(f"scaling must be a Python number, got {type(scaling).__name__}")
+
+
+def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, training=True, backend=None):
+    """Fused LoRA linear: ``x Wᵀ + b + scaling · (dropout(x) Aᵀ) Bᵀ`` with PEFT's dropout semantics.
+
+    x: (..., K); weight: (N, K) (frozen in the fast path); bias: (N,) or None; lora_A: (r, K); lora_B: (N, r),
+    adapters in float32 or x's dtype. Returns (..., N) in x's dtype. Dropout applies to the LoRA path only, with
+    inverted scaling 1/(1-p), when ``training`` and ``dropout_p > 0``; its mask is ``dropout_mask(seed, offset, ...)``
+    for a seed drawn from torch's RNG (see ``record_dropout``). ``backend``: None/'auto', 'torch', 'triton', 'cuda'.
+    """
+    if torch.is_autocast_enabled(x.device.type):  # behave like F.linear under autocast
+        dt = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dt), weight.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+    _check(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    name = _dispatch.resolve(backend, x.device.type, x.dtype == torch.float64)
+    p = float(dropout_p) if training else 0.0
+    seed = _draw_seed() if p > 0.0 else torch.zeros((), dtype=torch.int64)
+    if p > 0.0 and _recorders:
+        for calls in _recorders:
+            calls.append((int(seed), 0))
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    y, _u = torch.ops.lora_kernels.lora_fwd(
+        x2.contiguous(), weight.contiguous(), bias.contiguous() if bias is not None else None,
+        lora_A.contiguous(), lora_B.contiguous(), float(scaling), p, seed, 0, name)
+    return y.reshape(*lead, weight.shape[0])
+
+
+def dropout_mask(seed, offset, shape, p, device=None):
+    """The keep-mask every backend uses for (seed, offset); see ``lora_kernels.philox``."""
+    from .philox import dropout_mask as _mask
+
+    return _mask(int(seed), int(offset), shape, float(p), device=device)
