@@ -1,0 +1,59 @@
+"""Shared test helpers: which (backend, device) pairs run here, the reference formula, the tolerance rule."""
+import os
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lora_kernels
+
+HAS_CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def backend_cases():
+    """(backend, device) pairs that can run on this machine."""
+    avail = lora_kernels.available_backends()
+    cases = [("torch", "cpu")]
+    if INTERPRET and "triton" in avail:
+        cases.append(("triton", "cpu"))
+    if HAS_CUDA:
+        cases += [(b, "cuda") for b in ("torch", "triton", "cuda") if b in avail]
+    return cases
+
+
+def dtypes_for(backend, device):
+    # Triton's CPU interpreter mis-computes tl.dot on bf16 operands: fp16/fp32 only there.
+    if backend == "triton" and device == "cpu":
+        return [torch.float32, torch.float16]
+    return [torch.float32, torch.float16, torch.bfloat16]
+
+
+def formula(x, W, b, A, B, s, keep=None, p=0.0):
+    """The unfused PEFT computation in the inputs' own precision (the tolerance rule's baseline), or in
+    float64 when given float64 tensors (the reference)."""
+    xd = x if keep is None else x * keep / (1.0 - p)
+    base = F.linear(x, W, b)
+    lora = F.linear(F.linear(xd.to(A.dtype), A), B.to(A.dtype)) * s
+    return (base + lora).to(x.dtype)
+
+
+def err(a, ref):
+    return (a.double() - ref.double()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_tolerance(out, ref64, baseline, name="output", floor=None):
+    """FlashAttention's rule: error vs float64 <= 2x the same-precision PyTorch error + a small floor."""
+    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
+    assert torch.isfinite(out).all(), f"{name}: non-finite values"
+    if floor is None:
+        floor = 2 * torch.finfo(out.dtype).eps * max(ref64.abs().max().item() if ref64.numel() else 0.0, 1e-3)
+    e, e0 = err(out, ref64), err(baseline, ref64)
+    assert e <= 2 * e0 + floor, f"{name}: error {e:.3e} > 2 x baseline {e0:.3e} + floor {floor:.1e}"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    # Fresh random inputs for every test, reproducible from the test's name.
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))

@@ -1,0 +1,282 @@
+"""The op contract: every backend against float64 math, autograd, opcheck, compile, autocast, dropout, errors."""
+import pytest
+import torch
+
+import lora_kernels
+from lora_kernels.ops import record_dropout
+
+from conftest import HAS_CUDA, assert_tolerance, backend_cases, dtypes_for, formula
+
+CASES = [(b, d, dt) for b, d in backend_cases() for dt in dtypes_for(b, d)]
+IDS = [f"{b}-{d}-{str(dt).split('.')[-1]}" for b, d, dt in CASES]
+
+# (lead shape, K, N, r): M = 0, 1, 3; K, N not multiples of 16; r from 1 to 256; 3-D inputs.
+SHAPES = [((0,), 32, 16, 4), ((1,), 48, 40, 1), ((3,), 20, 24, 8), ((2, 5), 72, 36, 16),
+          ((37,), 100, 50, 33), ((4, 4), 64, 96, 256)]
+
+
+def make(lead, K, N, r, dtype, device, bias=True, adapter_dtype=None):
+    adapter_dtype = adapter_dtype or dtype
+    x = torch.randn(*lead, K, device=device).to(dtype)
+    W = (torch.randn(N, K, device=device) / K**0.5).to(dtype)
+    b = torch.randn(N, device=device).to(dtype) if bias else None
+    A = (torch.randn(r, K, device=device) / K**0.5).to(adapter_dtype)
+    B = torch.randn(N, r, device=device).to(adapter_dtype) / r**0.5
+    return x, W, b, A, B
+
+
+def run_and_check(backend, device, dtype, lead, K, N, r, bias, p, adapter_dtype=None, x_transform=None):
+    x, W, b, A, B = make(lead, K, N, r, dtype, device, bias, adapter_dtype)
+    if x_transform is not None:
+        x = x_transform(x)
+    s = 0.75
+    xg, Ag, Bg = (t.detach().clone().requires_grad_() for t in (x, A, B))
+    with record_dropout() as calls:
+        y = lora_kernels.lora_linear(xg, W, b, Ag, Bg, s, dropout_p=p, backend=backend)
+    keep = None
+    if p > 0 and x.numel():
+        assert len(calls) == 1
+        keep = lora_kernels.dropout_mask(*calls[0], x.shape, p, device=device)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+
+    def grads(*ts):
+        ts = [t.detach().clone().requires_grad_() for t in ts]
+        out = formula(ts[0], W.to(ts[0].dtype), None if b is None else b.to(ts[0].dtype), ts[1], ts[2], s, keep, p)
+        out.backward(dy.to(out.dtype))
+        return out, [t.grad for t in ts]
+
+    ref, ref_g = grads(x.double(), A.double(), B.double())
+    base, base_g = grads(x, A, B)
+    assert y.dtype == dtype and y.shape == (*x.shape[:-1], N)
+    assert_tolerance(y, ref, base, "y")
+    for name, got, r64, b0 in zip(("dx", "dA", "dB"), (xg.grad, Ag.grad, Bg.grad), ref_g, base_g):
+        assert got.dtype == {"dx": x, "dA": A, "dB": B}[name].dtype, name
+        assert_tolerance(got, r64, b0, name)
+
+
+@pytest.mark.parametrize("backend,device,dtype", CASES, ids=IDS)
+@pytest.mark.parametrize("lead,K,N,r", SHAPES)
+def test_against_float64(backend, device, dtype, lead, K, N, r):
+    run_and_check(backend, device, dtype, lead, K, N, r, bias=True, p=0.0)
+
+
+@pytest.mark.parametrize("backend,device,dtype", CASES, ids=IDS)
+@pytest.mark.parametrize("p", [0.1, 0.5])
+@pytest.mark.parametrize("bias", [True, False])
+def test_dropout_and_bias(backend, device, dtype, p, bias):
+    run_and_check(backend, device, dtype, (3, 7), 36, 44, 8, bias=bias, p=p)
+
+
+@pytest.mark.parametrize("backend,device,dtype", CASES, ids=IDS)
+def test_non_contiguous_x(backend, device, dtype):
+    run_and_check(backend, device, dtype, (6, 9), 40, 24, 8, bias=True, p=0.1,
+                  x_transform=lambda x: x.transpose(0, 1))
+
+
+@pytest.mark.parametrize("backend,device", [c for c in backend_cases()], ids=lambda v: str(v))
+def test_fp32_adapters_on_half_base(backend, device):
+    dtype = torch.float16 if device == "cpu" else torch.bfloat16
+    run_and_check(backend, device, dtype, (5, 3), 56, 40, 16, bias=True, p=0.1, adapter_dtype=torch.float32)
+
+
+def test_frozen_base_may_require_grad():
+    x, W, b, A, B = make((7,), 24, 12, 4, torch.float64, "cpu")
+    for t in (x, W, b, A, B):
+        t.requires_grad_()
+    torch.autograd.gradcheck(lambda *a: lora_kernels.lora_linear(*a, 1.5), (x, W, b, A, B))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_gradcheck_float64(p):
+    x, W, b, A, B = make((2, 3), 20, 12, 4, torch.float64, "cpu")
+    x.requires_grad_(), A.requires_grad_(), B.requires_grad_()
+
+    def f(x, A, B):
+        torch.manual_seed(123)  # the same dropout seed for every evaluation
+        return lora_kernels.lora_linear(x, W, b, A, B, 2.0, dropout_p=p)
+
+    assert torch.autograd.gradcheck(f, (x, A, B))
+
+
+def test_opcheck():
+    x, W, b, A, B = make((9,), 24, 16, 4, torch.float32, "cpu")
+    seed = torch.tensor(1234, dtype=torch.int64)
+    A.requires_grad_(), B.requires_grad_()
+    for p in (0.0, 0.2):
+        torch.library.opcheck(torch.ops.lora_kernels.lora_fwd.default, (x, W, b, A, B, 0.5, p, seed, 0, "torch"))
+    u = torch.randn(9, 4)
+    dy = torch.randn(9, 16)
+    torch.library.opcheck(torch.ops.lora_kernels.lora_bwd.default,
+                          (dy, x, W, A.detach(), B.detach(), u, 0.5, 0.2, seed, 0, "torch", True, True, True))
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self, p):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(32, 24) / 5, requires_grad=False)
+        self.a = torch.nn.Parameter(torch.randn(4, 24) / 5)
+        self.b = torch.nn.Parameter(torch.randn(32, 4) / 2)
+        self.p = p
+
+    def forward(self, x):
+        h = lora_kernels.lora_linear(x, self.w, None, self.a, self.b, 2.0, dropout_p=self.p, training=self.training)
+        return torch.relu(h).sum(-1)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_torch_compile_fullgraph(p):
+    torch._dynamo.reset()
+    m = _Tiny(p)
+    x = torch.randn(3, 5, 24)
+    compiled = torch.compile(m, fullgraph=True)
+    out = compiled(x)
+    out.sum().backward()
+    assert m.a.grad is not None and torch.isfinite(m.a.grad).all()
+    if p == 0.0:
+        ga = m.a.grad.clone()
+        m.a.grad = None
+        ref = m(x)
+        ref.sum().backward()
+        torch.testing.assert_close(out, ref)
+        torch.testing.assert_close(ga, m.a.grad)
+
+
+def test_autocast_like_f_linear():
+    x, W, b, A, B = make((4, 6), 32, 16, 8, torch.float32, "cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lora_kernels.lora_linear(x, W, b, A, B, 1.0)
+        base = torch.nn.functional.linear(x, W, b)
+    assert y.dtype == base.dtype == torch.bfloat16
+    ref = formula(x.double(), W.double(), b.double(), A.double(), B.double(), 1.0)
+    bl = formula(x.bfloat16(), W.bfloat16(), b.bfloat16(), A, B, 1.0)
+    assert_tolerance(y, ref, bl)
+
+
+# ----------------------------------------------------------------------------------------------- dropout
+def test_mask_deterministic_and_offset_dependent():
+    m1 = lora_kernels.dropout_mask(42, 0, (64, 100), 0.3)
+    m2 = lora_kernels.dropout_mask(42, 0, (64, 100), 0.3)
+    m3 = lora_kernels.dropout_mask(42, 7, (64, 100), 0.3)
+    m4 = lora_kernels.dropout_mask(43, 0, (64, 100), 0.3)
+    assert torch.equal(m1, m2)
+    assert not torch.equal(m1, m3) and not torch.equal(m1, m4)
+    # the leading dims flatten to M: a (4, 16, 100) mask is the (64, 100) one
+    assert torch.equal(lora_kernels.dropout_mask(42, 0, (4, 16, 100), 0.3).reshape(64, 100), m1)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5, 0.9])
+def test_keep_rate(p):
+    n = 1000 * 1000
+    keep = lora_kernels.dropout_mask(2024, 0, (1000, 1000), p).double().mean().item()
+    sigma = (p * (1 - p) / n) ** 0.5
+    assert abs(keep - (1 - p)) < 5 * sigma
+
+
+def test_mask_matches_triton_tl_rand_stream():
+    # Word 0 of counter c is tl.rand(seed, c): check the reference against independent Philox known answers
+    # (Random123's kat_vectors for philox4x32-10, counter/key all zero and all ones).
+    from lora_kernels.philox import philox4x32
+
+    z = torch.zeros(1, dtype=torch.int64)
+    assert [int(w) for w in philox4x32(0, z, z)] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+
+
+def test_successive_calls_differ_and_manual_seed_reproduces():
+    x, W, b, A, B = make((8,), 64, 16, 8, torch.float32, "cpu")
+    torch.manual_seed(5)
+    y1 = lora_kernels.lora_linear(x, W, b, A, B, 1.0, dropout_p=0.5)
+    y2 = lora_kernels.lora_linear(x, W, b, A, B, 1.0, dropout_p=0.5)
+    torch.manual_seed(5)
+    y3 = lora_kernels.lora_linear(x, W, b, A, B, 1.0, dropout_p=0.5)
+    assert not torch.equal(y1, y2)
+    assert torch.equal(y1, y3)
+    # eval mode: no dropout at all
+    ye = lora_kernels.lora_linear(x, W, b, A, B, 1.0, dropout_p=0.5, training=False)
+    assert torch.allclose(ye, formula(x, W, b, A, B, 1.0), atol=1e-5)
+
+
+def test_backward_uses_forward_mask():
+    x, W, b, A, B = make((16,), 40, 8, 4, torch.float64, "cpu")
+    A.requires_grad_()
+    with record_dropout() as calls:
+        y = lora_kernels.lora_linear(x, W, b, A, B, 1.0, dropout_p=0.5)
+    y.sum().backward()
+    keep = lora_kernels.dropout_mask(*calls[0], x.shape, 0.5)
+    A2 = A.detach().clone().requires_grad_()
+    formula(x, W, b, A2, B, 1.0, keep, 0.5).sum().backward()
+    torch.testing.assert_close(A.grad, A2.grad)
+
+
+def test_no_mask_or_dropped_copy_saved():
+    x, W, b, A, B = make((32,), 64, 48, 8, torch.float32, "cpu")
+    A.requires_grad_(), B.requires_grad_(), x.requires_grad_()
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        lora_kernels.lora_linear(x, W, b, A, B, 1.0, dropout_p=0.3)
+    big = [t for t in saved if t.numel() >= x.numel() and t.data_ptr() != x.data_ptr()
+           and t.data_ptr() != W.data_ptr()]
+    assert not big, f"saved an extra x-sized tensor: {[tuple(t.shape) for t in big]}"
+    assert not any(t.dtype == torch.bool for t in saved)
+
+
+# ------------------------------------------------------------------------------------------------ errors
+def _good():
+    return make((4,), 16, 8, 4, torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda a: a.__setitem__(0, torch.randn(4, 15)), "x's last dim"),
+    (lambda a: a.__setitem__(1, torch.randn(8, 16, 1)), "weight must be 2-D"),
+    (lambda a: a.__setitem__(3, torch.randn(4, 17)), "lora_A must have shape"),
+    (lambda a: a.__setitem__(4, torch.randn(9, 4)), "lora_B must have shape"),
+    (lambda a: a.__setitem__(2, torch.randn(7)), "bias must have shape"),
+    (lambda a: a.__setitem__(3, torch.randn(0, 16)), "unsupported rank"),
+    (lambda a: a.__setitem__(3, torch.randn(300, 16)), "unsupported rank"),
+    (lambda a: a.__setitem__(0, torch.randint(0, 3, (4, 16))), "x has unsupported dtype"),
+    (lambda a: a.__setitem__(1, torch.randn(8, 16, dtype=torch.float16)), "weight dtype"),
+    (lambda a: a.__setitem__(4, torch.randn(8, 4, dtype=torch.float16)), "lora_B dtype"),
+    (lambda a: a.__setitem__(2, torch.randn(8, device="meta")), "bias is on meta"),
+])
+def test_bad_input(mutate, match):
+    args = list(_good())
+    mutate(args)
+    with pytest.raises(ValueError, match=match):
+        lora_kernels.lora_linear(*args, 1.0)
+
+
+def test_bad_dropout_and_backend():
+    args = _good()
+    with pytest.raises(ValueError, match="dropout_p"):
+        lora_kernels.lora_linear(*args, 1.0, dropout_p=1.0)
+    with pytest.raises(ValueError, match="unknown backend"):
+        lora_kernels.lora_linear(*args, 1.0, backend="nope")
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the CPU-only error")
+def test_cuda_backend_on_cpu_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="backend 'cuda'"):
+        lora_kernels.lora_linear(*_good(), 1.0, backend="cuda")
+
+
+def test_env_var_overrides_auto(monkeypatch):
+    from lora_kernels import _dispatch
+
+    _dispatch.resolve.cache_clear()
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "nope")
+    try:
+        with pytest.raises(ValueError, match="unknown backend 'nope'"):
+            lora_kernels.lora_linear(*_good(), 1.0)
+    finally:
+        _dispatch.resolve.cache_clear()
+
+
+def test_available_backends_reports_reasons():
+    assert "torch" in lora_kernels.available_backends()
+    status = lora_kernels.backend_status()
+    assert set(status) == {"torch", "triton", "cuda"} and all(status.values())
