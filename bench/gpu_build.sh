@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# On the GPU machine: build the lora_kernels wheel (with the CUDA extension) from a clean copy of the tracked
+# files, install it into a fresh venv that sees the system site-packages (torch), print the wheel name.
+# Usage: bash bench/gpu_build.sh   then use /tmp/venv/bin/python.
+set -euo pipefail
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+SRC=/tmp/src; WHL=/tmp/whl; VENV=/tmp/venv
+rm -rf "$SRC" "$WHL"; mkdir -p "$SRC" "$WHL"
+if git -C "$REPO" rev-parse --git-dir >/dev/null 2>&1 && git -C "$REPO" ls-files --error-unmatch setup.py >/dev/null 2>&1; then
+  (cd "$REPO" && git ls-files -z --cached --others --exclude-standard | xargs -0 -I{} cp --parents {} "$SRC"/)
+else
+  (cd "$REPO" && tar --exclude=.git --exclude='*.egg-info' --exclude=build --exclude=dist -cf - .) | tar -xf - -C "$SRC"
+fi
+export MAX_JOBS="${MAX_JOBS:-16}"
+(cd "$SRC" && python3 -m pip wheel --no-build-isolation --no-deps -v -w "$WHL" . 2>&1 | tail -40)
+WHEEL="$(ls "$WHL"/lora_kernels-*.whl)"
+rm -rf "$VENV"; python3 -m venv --system-site-packages "$VENV"
+"$VENV/bin/pip" install --no-deps --force-reinstall "$WHEEL"
+(cd /tmp && "$VENV/bin/python" -c "import lora_kernels._C, torch; print('ops:', torch.ops.lora_kernels_cuda.forward)")
+echo "WHEEL=$(basename "$WHEEL")"

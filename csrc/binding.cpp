@@ -1,0 +1,203 @@
+// Thin torch binding of the CUDA backend: registers torch.ops.lora_kernels_cuda.forward / backward.
+// The frozen GEMMs go to cuBLAS through ATen (at::addmm / at::mm, on the current stream); the LoRA work around
+// them is the fused kernels of lora_kernels.cu. Built as the Python extension module lora_kernels._C, whose
+// import only runs the static registrations below (no pybind11 needed).
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "lora_kernels.cuh"
+
+namespace {
+
+using at::Tensor;
+namespace lk = lora_kernels;
+
+lk::DType to_dtype(const Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return lk::DType::kFloat32;
+    case at::kHalf: return lk::DType::kFloat16;
+    case at::kBFloat16: return lk::DType::kBFloat16;
+    default: TORCH_CHECK(false, "lora_kernels_cuda: ", name, " must be float16, bfloat16 or float32, got ", t.scalar_type());
+  }
+  return lk::DType::kFloat32;
+}
+
+void check_cuda(cudaError_t e, const char* what) {
+  TORCH_CHECK(e == cudaSuccess, "lora_kernels_cuda: ", what, " failed: ", cudaGetErrorString(e));
+}
+
+void check_tensor(const Tensor& t, const char* name, const Tensor& ref, int64_t dim) {
+  TORCH_CHECK(t.is_cuda(), "lora_kernels_cuda: ", name, " must be a CUDA tensor");
+  TORCH_CHECK(t.device() == ref.device(), "lora_kernels_cuda: ", name, " is on ", t.device(), " but x is on ",
+              ref.device());
+  TORCH_CHECK(t.dim() == dim, "lora_kernels_cuda: ", name, " must be ", dim, "-D, got shape ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), "lora_kernels_cuda: ", name, " must be contiguous");
+}
+
+void check_adapter_dtype(const Tensor& t, const char* name, const Tensor& x) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == x.scalar_type(), "lora_kernels_cuda: ", name,
+              " must be float32 or x's dtype (", x.scalar_type(), "), got ", t.scalar_type());
+}
+
+void check_common(const Tensor& x, const Tensor& weight, const Tensor& A, const Tensor& B, double p, int64_t seed) {
+  TORCH_CHECK(x.is_cuda(), "lora_kernels_cuda: x must be a CUDA tensor");
+  check_tensor(x, "x", x, 2);
+  check_tensor(weight, "weight", x, 2);
+  check_tensor(A, "lora_A", x, 2);
+  check_tensor(B, "lora_B", x, 2);
+  to_dtype(x, "x");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "lora_kernels_cuda: weight must have x's dtype (",
+              x.scalar_type(), "), got ", weight.scalar_type());
+  check_adapter_dtype(A, "lora_A", x);
+  check_adapter_dtype(B, "lora_B", x);
+  const int64_t K = x.size(1), N = weight.size(0), r = A.size(0);
+  TORCH_CHECK(weight.size(1) == K, "lora_kernels_cuda: weight must be (N, K=", K, "), got ", weight.sizes());
+  TORCH_CHECK(r >= 1 && r <= lk::kMaxRank, "lora_kernels_cuda: rank r = lora_A.size(0) must be in 1..",
+              lk::kMaxRank, ", got ", r);
+  TORCH_CHECK(A.size(1) == K, "lora_kernels_cuda: lora_A must be (r, K=", K, "), got ", A.sizes());
+  TORCH_CHECK(B.size(0) == N && B.size(1) == r, "lora_kernels_cuda: lora_B must be (N=", N, ", r=", r, "), got ",
+              B.sizes());
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "lora_kernels_cuda: p must be in [0, 1), got ", p);
+  TORCH_CHECK(seed >= 0, "lora_kernels_cuda: seed must be in [0, 2^63), got ", seed);
+}
+
+std::tuple<Tensor, Tensor> lora_forward(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                                        const Tensor& lora_A, const Tensor& lora_B, double scaling, double p,
+                                        int64_t seed, int64_t offset) {
+  check_common(x, weight, lora_A, lora_B, p, seed);
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  const int r = (int)lora_A.size(0);
+  if (bias.has_value() && bias->defined()) {
+    check_tensor(*bias, "bias", x, 1);
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), "lora_kernels_cuda: bias must have x's dtype (",
+                x.scalar_type(), "), got ", bias->scalar_type());
+    TORCH_CHECK(bias->size(0) == N, "lora_kernels_cuda: bias must be (N=", N, ",), got ", bias->sizes());
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const float pf = (float)p;
+
+  Tensor u = at::empty({M, r}, x.options().dtype(at::kFloat));
+  check_cuda(lk::launch_lora_shrink(x.data_ptr(), to_dtype(x, "x"), lora_A.data_ptr(), to_dtype(lora_A, "lora_A"),
+                                    u.data_ptr<float>(), M, K, r, (float)scaling, pf, (uint64_t)seed,
+                                    (uint64_t)offset, stream),
+             "lora_shrink launch");
+  // Frozen GEMM by cuBLAS (through ATen), then the LoRA term added in place: one extra read+write of y.
+  Tensor y = (bias.has_value() && bias->defined()) ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+  check_cuda(lk::launch_lora_expand_add(y.data_ptr(), to_dtype(y, "y"), u.data_ptr<float>(), lora_B.data_ptr(),
+                                        to_dtype(lora_B, "lora_B"), M, N, r, stream),
+             "lora_expand_add launch");
+  return {y, u};
+}
+
+std::tuple<Tensor, Tensor, Tensor> lora_backward(const Tensor& dy, const Tensor& x, const Tensor& weight,
+                                                 const Tensor& lora_A, const Tensor& lora_B, const Tensor& u,
+                                                 double scaling, double p, int64_t seed, int64_t offset, bool need_dx,
+                                                 bool need_dA, bool need_dB) {
+  check_common(x, weight, lora_A, lora_B, p, seed);
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  const int r = (int)lora_A.size(0);
+  check_tensor(dy, "dy", x, 2);
+  TORCH_CHECK(dy.scalar_type() == x.scalar_type(), "lora_kernels_cuda: dy must have x's dtype (", x.scalar_type(),
+              "), got ", dy.scalar_type());
+  TORCH_CHECK(dy.size(0) == M && dy.size(1) == N, "lora_kernels_cuda: dy must be (M=", M, ", N=", N, "), got ",
+              dy.sizes());
+  check_tensor(u, "u", x, 2);
+  TORCH_CHECK(u.scalar_type() == at::kFloat, "lora_kernels_cuda: u must be float32, got ", u.scalar_type());
+  TORCH_CHECK(u.size(0) == M && u.size(1) == r, "lora_kernels_cuda: u must be (M=", M, ", r=", r, "), got ",
+              u.sizes());
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const float pf = (float)p;
+  const auto f32 = x.options().dtype(at::kFloat);
+  Tensor dx, dA, dB;
+  if (!need_dx && !need_dA && !need_dB) return {at::empty({0}, x.options()), at::empty({0}, x.options()), at::empty({0}, x.options())};
+
+  // g = dy B (fp32) and the dB partials, one pass over dy.
+  Tensor g;
+  const bool need_g = need_dx || need_dA;
+  {
+    const lk::SplitPlan plan = lk::lora_dy_pass_plan(M, N, r);
+    Tensor dB_partial;
+    if (need_dB) dB_partial = at::empty({std::max<int64_t>(plan.row_splits, 1), N * r}, f32);
+    const bool g_partial = plan.col_groups > 1;
+    // g is also computed when only dB is needed (it is cheap and shares the dy pass).
+    Tensor g_work = g_partial ? at::empty({plan.col_groups, M * r}, f32) : at::empty({M, r}, f32);
+    if (M > 0) {
+      check_cuda(lk::launch_lora_dy_pass(dy.data_ptr(), to_dtype(dy, "dy"), lora_B.data_ptr(),
+                                         to_dtype(lora_B, "lora_B"), u.data_ptr<float>(), g_work.data_ptr<float>(),
+                                         need_dB ? dB_partial.data_ptr<float>() : nullptr, M, N, r, plan, stream),
+                 "lora_dy_pass launch");
+    }
+    if (need_g) {
+      if (g_partial) {
+        g = at::empty({M, r}, f32);
+        check_cuda(lk::launch_reduce_partials(g_work.data_ptr<float>(), plan.col_groups, M * r, g.data_ptr(),
+                                              lk::DType::kFloat32, stream),
+                   "reduce(g) launch");
+      } else {
+        g = g_work;
+        if (M > 0 && N == 0) g.zero_();
+      }
+    }
+    if (need_dB) {
+      dB = at::empty({N, r}, lora_B.options());
+      check_cuda(lk::launch_reduce_partials(dB_partial.data_ptr<float>(), plan.row_splits, N * r, dB.data_ptr(),
+                                            to_dtype(dB, "dB"), stream),
+                 "reduce(dB) launch");
+    }
+  }
+  if (need_dA) {
+    const lk::SplitPlan plan = lk::lora_dA_plan(M, K, r);
+    Tensor dA_partial = at::empty({std::max<int64_t>(plan.row_splits, 1), r * K}, f32);
+    check_cuda(lk::launch_lora_dA(x.data_ptr(), to_dtype(x, "x"), g.data_ptr<float>(), dA_partial.data_ptr<float>(),
+                                  M, K, r, plan, (float)scaling, pf, (uint64_t)seed, (uint64_t)offset, stream),
+               "lora_dA launch");
+    dA = at::empty({r, K}, lora_A.options());
+    check_cuda(lk::launch_reduce_partials(dA_partial.data_ptr<float>(), plan.row_splits, (int64_t)r * K,
+                                          dA.data_ptr(), to_dtype(dA, "dA"), stream),
+               "reduce(dA) launch");
+  }
+  if (need_dx) {
+    dx = at::mm(dy, weight);  // cuBLAS
+    check_cuda(lk::launch_lora_dx_add(dx.data_ptr(), to_dtype(dx, "dx"), g.data_ptr<float>(), lora_A.data_ptr(),
+                                      to_dtype(lora_A, "lora_A"), M, K, r, (float)scaling, pf, (uint64_t)seed,
+                                      (uint64_t)offset, stream),
+               "lora_dx_add launch");
+  }
+  // Grads not asked for come back as empty tensors (the Python side turns them into None).
+  const Tensor none = at::empty({0}, x.options());
+  return {need_dx ? dx : none, need_dA ? dA : none, need_dB ? dB : none};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(lora_kernels_cuda, m) {
+  m.def(
+      "forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, float p, "
+      "int seed, int offset) -> (Tensor, Tensor)");
+  m.def(
+      "backward(Tensor dy, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor u, float scaling, "
+      "float p, int seed, int offset, bool need_dx, bool need_dA, bool need_dB) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(lora_kernels_cuda, CUDA, m) {
+  m.impl("forward", &lora_forward);
+  m.impl("backward", &lora_backward);
+}
+
+// `import lora_kernels._C` loads this library (running the registrations above) and gets an empty module.
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}

@@ -1,0 +1,68 @@
+// Fused CUDA kernels of the LoRA op around the two frozen GEMMs (which cuBLAS does, called by csrc/binding.cpp).
+// Plain CUDA/C++: no torch headers, so `nvcc -c csrc/lora_kernels.cu` compiles without torch (.ci/compile_cu.sh).
+//
+// All launchers take raw contiguous row-major pointers, return the cudaError_t of the launch (cudaGetLastError),
+// and do nothing (cudaSuccess) for empty problems. r must be in 1..kMaxRank.
+//
+// Forward  : launch_lora_shrink (u = scaling * dropout(x) A^T, fp32), cuBLAS y = bias + x W^T,
+//            launch_lora_expand_add (y += u B^T in place).
+// Backward : launch_lora_dy_pass (g = dy B, fp32, and per-split partials of dB = dy^T u, one pass over dy),
+//            launch_reduce_partials (dB), launch_lora_dA (partials of dA = scaling * g^T dropout(x)),
+//            launch_reduce_partials (dA), cuBLAS dx = dy W, launch_lora_dx_add (dx += scaling*keep/(1-p) * g A).
+// Every reduction is done in a fixed order (no atomics): results are bitwise deterministic run to run.
+#pragma once
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace lora_kernels {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+constexpr int kMaxRank = 256;
+
+// Work split of the deterministic backward reductions over M. Row split s owns rows
+// [s * rows_per_split, min(M, (s+1) * rows_per_split)) (rows_per_split a multiple of 32); column group c owns
+// columns [c * cols_per_group, ...) (a multiple of 32). Grid = (row_splits, col_groups).
+struct SplitPlan {
+  int64_t row_splits;
+  int64_t rows_per_split;
+  int64_t col_groups;
+  int64_t cols_per_group;
+};
+// dy pass over dy (M, N): dB partial buffer row_splits * N * r floats; when col_groups > 1 the g output of
+// launch_lora_dy_pass is a partial buffer of col_groups * M * r floats to reduce with launch_reduce_partials.
+SplitPlan lora_dy_pass_plan(int64_t M, int64_t N, int r);
+// dA pass over x (M, K): dA partial buffer row_splits * r * K floats.
+SplitPlan lora_dA_plan(int64_t M, int64_t K, int r);
+
+// u (M, r) fp32 = scaling * dropout(x) @ A^T ; x (M, K) x_dtype, A (r, K) a_dtype.
+cudaError_t launch_lora_shrink(const void* x, DType x_dtype, const void* A, DType a_dtype, float* u, int64_t M,
+                               int64_t K, int r, float scaling, float p, uint64_t seed, uint64_t offset,
+                               cudaStream_t stream);
+
+// y (M, N) y_dtype += u (M, r) fp32 @ B^T ; B (N, r) b_dtype. fp32 math, one read + one write of y.
+cudaError_t launch_lora_expand_add(void* y, DType y_dtype, const float* u, const void* B, DType b_dtype, int64_t M,
+                                   int64_t N, int r, cudaStream_t stream);
+
+// g_out[c] (M, r) fp32 = dy[:, cols of c] @ B[cols of c] (g_out = g itself when plan.col_groups == 1);
+// and if dB_partial != nullptr: dB_partial[s] (N, r) = dy[rows of s]^T @ u[rows of s] (u may be null otherwise).
+// dy (M, N) dy_dtype, B (N, r) b_dtype, u (M, r) fp32. plan from lora_dy_pass_plan(M, N, r).
+cudaError_t launch_lora_dy_pass(const void* dy, DType dy_dtype, const void* B, DType b_dtype, const float* u,
+                                float* g_out, float* dB_partial, int64_t M, int64_t N, int r, SplitPlan plan,
+                                cudaStream_t stream);
+
+// dA_partial[s] (r, K) = scaling * g[rows of s]^T @ dropout(x)[rows of s]. plan from lora_dA_plan(M, K, r).
+cudaError_t launch_lora_dA(const void* x, DType x_dtype, const float* g, float* dA_partial, int64_t M, int64_t K,
+                           int r, SplitPlan plan, float scaling, float p, uint64_t seed, uint64_t offset,
+                           cudaStream_t stream);
+
+// out[i] = sum_{s=0}^{S-1} partial[s * count + i] in order s = 0, 1, ... (zeros when S == 0), cast to out_dtype.
+cudaError_t launch_reduce_partials(const float* partial, int64_t num_splits, int64_t count, void* out,
+                                   DType out_dtype, cudaStream_t stream);
+
+// dx (M, K) x_dtype += scaling * keep / (1-p) * (g @ A) ; g (M, r) fp32, A (r, K) a_dtype.
+cudaError_t launch_lora_dx_add(void* dx, DType x_dtype, const float* g, const void* A, DType a_dtype, int64_t M,
+                               int64_t K, int r, float scaling, float p, uint64_t seed, uint64_t offset,
+                               cudaStream_t stream);
+
+}  // namespace lora_kernels

@@ -1,0 +1,41 @@
+"""CUDA/C++ backend: cuBLAS for the frozen GEMMs, fused CUDA kernels (csrc/) for the LoRA work around them.
+
+The compiled extension ``lora_kernels._C`` registers ``torch.ops.lora_kernels_cuda.forward/backward``; it only
+exists in builds made with a CUDA torch and nvcc (see setup.py). Same contract as every backend (see
+``lora_kernels/backends/__init__.py``).
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    from lora_kernels import _C  # noqa: F401  (importing registers the ops)
+
+    _IMPORT_ERROR: str | None = None
+except Exception as e:  # ImportError, or an OSError from a library mismatch
+    _C = None
+    _IMPORT_ERROR = f"{type(e).__name__}: {e}"
+
+
+def is_available() -> tuple[bool, str]:
+    """(True, "") when the extension is built and a CUDA device is present, else (False, reason)."""
+    if _IMPORT_ERROR is not None:
+        return False, f"lora_kernels._C is not importable ({_IMPORT_ERROR})"
+    if not torch.cuda.is_available():
+        return False, "no CUDA device"
+    return True, ""
+
+
+def forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset):
+    y, u = torch.ops.lora_kernels_cuda.forward(
+        x, weight, bias, lora_A, lora_B, float(scaling), float(p), int(seed), int(offset)
+    )
+    return y, u
+
+
+def backward(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, need_dx, need_dA, need_dB):
+    dx, dA, dB = torch.ops.lora_kernels_cuda.backward(
+        dy, x, weight, lora_A, lora_B, u, float(scaling), float(p), int(seed), int(offset),
+        bool(need_dx), bool(need_dA), bool(need_dB),
+    )
+    return (dx if need_dx else None, dA if need_dA else None, dB if need_dB else None)
