@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import triton
 
 from lora_kernels.backends import triton_backend as tb
-from lora_kernels.backends import triton_hopper as th
+import triton_tma_gemm as th
 
 
 def bench(fn):

@@ -1,4 +1,4 @@
-"""Hopper (sm_90) main GEMM of the Triton backend: persistent, TMA-fed, with the LoRA rank-r step folded in.
+"""Probe kernel (not used by the package): Hopper (sm_90) main GEMM persistent, TMA-fed, with the LoRA rank-r step folded in.
 
 Math (same as ``_gemm_lora_kernel`` in triton_backend.py):
 
@@ -28,7 +28,7 @@ try:
 except Exception:  # pragma: no cover - older triton
     TensorDescriptor = None
 
-from .triton_backend import _keep_mask
+from lora_kernels.backends.triton_backend import _keep_mask
 
 
 @triton.jit

@@ -1,0 +1,166 @@
+"""Markdown table + PNG plot from a pytest-benchmark JSON written by bench/test_bench_lora.py.
+
+    python3 bench/make_table.py bench.json --out outdir/      # -> outdir/bench_table.md, outdir/bench_ratio.png
+
+Reads only ``extra_info`` of each benchmark (our CUDA-event medians), not pytest-benchmark's wall clock.
+Columns per (shape, M, r, p, mode) group: time ms, TFLOP/s, ratio to the cuBLAS floor (cublas-base: F.linear
+for fwd; F.linear + dy@W for fwd_bwd), speed-up vs the PEFT layer (peft_ms / ms), and for fwd_bwd the peak
+memory above baseline and the bytes saved for backward.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections import defaultdict
+
+ORDER = ["ours-cuda", "ours-triton", "ours-torch", "compile-formula", "formula-bf16", "addmm", "peft-layer",
+         "cublas-base"]
+
+
+def _fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def _mib(v):
+    return "-" if v is None else f"{v / 2**20:.1f}"
+
+
+def load(path):
+    with open(path) as f:
+        data = json.load(f)
+    rows = [b.get("extra_info", {}) for b in data.get("benchmarks", [])]
+    rows = [r for r in rows if "median_ms" in r]
+    env = dict((data.get("machine_info") or {}).get("lora_bench") or {})
+    if not env and rows:
+        env = {k[4:]: v for k, v in rows[0].items() if k.startswith("env_")}
+    env.setdefault("json_datetime", data.get("datetime"))
+    return rows, env
+
+
+def group_rows(rows):
+    groups = defaultdict(dict)
+    for r in rows:
+        key = (r["mode"], r["shape"], int(r["M"]), int(r["r"]), float(r["p"]))
+        groups[key][r["provider"]] = r
+    return dict(sorted(groups.items(), key=lambda kv: (kv[0][0], [int(x) for x in kv[0][1].split("->")],
+                                                        kv[0][2], kv[0][3], kv[0][4])))
+
+
+def _prov_order(provs):
+    return sorted(provs, key=lambda p: (ORDER.index(p) if p in ORDER else len(ORDER), p))
+
+
+def header(env):
+    return (f"GPU: {env.get('gpu')} | torch {env.get('torch')} | CUDA {env.get('cuda')} | triton "
+            f"{env.get('triton')} | peft {env.get('peft')} | transformers {env.get('transformers')} | "
+            f"lora_kernels {env.get('lora_kernels')} (backends {env.get('backends')}) | date {env.get('date')}")
+
+
+def markdown(rows, env):
+    groups = group_rows(rows)
+    out = ["# LoRA layer benchmark", "", header(env), "",
+           "Times are CUDA-event medians (bf16 activations/weights). `ratio` = time / cuBLAS floor "
+           "(fwd: F.linear(x, W); fwd_bwd: F.linear(x, W) + dy @ W). `vs PEFT` = PEFT-layer time / time "
+           "(>1 is faster than PEFT). TFLOP/s counts the LoRA layer's FLOPs (the floor: its own GEMM FLOPs). "
+           "`addmm` applies no dropout. Memory columns (fwd_bwd): peak allocated above baseline during one "
+           "fwd+bwd, and bytes saved for backward (x included; parameters excluded).", ""]
+    # summary: geometric mean of ratio to floor and speed-up vs PEFT per provider and mode
+    summ = defaultdict(lambda: defaultdict(list))
+    for (mode, *_), g in groups.items():
+        peft = g.get("peft-layer", {}).get("median_ms")
+        for prov, r in g.items():
+            if r.get("ratio_to_floor"):
+                summ[(mode, prov)]["ratio"].append(r["ratio_to_floor"])
+            if peft and r.get("median_ms"):
+                summ[(mode, prov)]["vs"].append(peft / r["median_ms"])
+    if summ:
+        import math
+
+        gm = lambda xs: math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
+        out += ["## Summary (geometric means over all groups)", "",
+                "| mode | provider | ratio to floor | speed-up vs PEFT | groups |", "|---|---|---:|---:|---:|"]
+        for mode in sorted({m for m, _ in summ}):
+            for prov in _prov_order([p for m, p in summ if m == mode]):
+                d = summ[(mode, prov)]
+                out.append(f"| {mode} | {prov} | {_fmt(gm(d['ratio']), '.3f')} | {_fmt(gm(d['vs']), '.2f')} | "
+                           f"{len(d['ratio'])} |")
+        out.append("")
+    out += ["## Per group", ""]
+    for (mode, shape, M, r, p), g in groups.items():
+        peft = g.get("peft-layer", {}).get("median_ms")
+        out += [f"### {mode} | {shape} | M={M} | r={r} | p={p}", "",
+                "| provider | time ms | TFLOP/s | ratio to floor | vs PEFT | peak MiB | saved MiB | note |",
+                "|---|---:|---:|---:|---:|---:|---:|---|"]
+        for prov in _prov_order(g):
+            x = g[prov]
+            vs = peft / x["median_ms"] if peft and x.get("median_ms") else None
+            out.append(f"| {prov} | {_fmt(x.get('median_ms'), '.4f')} | {_fmt(x.get('tflops'), '.1f')} | "
+                       f"{_fmt(x.get('ratio_to_floor'), '.3f')} | {_fmt(vs, '.2f')} | "
+                       f"{_mib(x.get('peak_bytes'))} | {_mib(x.get('saved_bytes'))} | {x.get('note', '')} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def plot(rows, env, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = group_rows(rows)
+    modes = sorted({k[0] for k in groups})
+    provs = _prov_order({p for g in groups.values() for p in g})
+    fig, axes = plt.subplots(len(modes), 1, figsize=(max(8, 0.55 * len(groups) / max(len(modes), 1) *
+                                                         max(len(provs), 1) / 4), 4.5 * len(modes)),
+                             squeeze=False)
+    width = 0.8 / max(len(provs), 1)
+    for ax, mode in zip(axes[:, 0], modes):
+        keys = [k for k in groups if k[0] == mode]
+        for i, prov in enumerate(provs):
+            xs, ys = [], []
+            for j, k in enumerate(keys):
+                v = groups[k].get(prov, {}).get("ratio_to_floor")
+                if v is not None:
+                    xs.append(j + (i - (len(provs) - 1) / 2) * width)
+                    ys.append(v)
+            ax.bar(xs, ys, width=width, label=prov)
+        ax.axhline(1.0, color="k", lw=0.8, ls="--")
+        ax.set_xticks(range(len(keys)))
+        ax.set_xticklabels([f"{k[1]}\nM={k[2]} r={k[3]} p={k[4]}" for k in keys], rotation=90, fontsize=6)
+        ax.set_ylabel("time / cuBLAS floor")
+        ax.set_title(f"{mode}  (lower is better)", fontsize=9)
+        ax.set_yscale("log")
+        ax.legend(fontsize=6, ncol=4)
+    fig.suptitle(header(env), fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("json")
+    ap.add_argument("--out", default=".", help="output directory (or a .md file path)")
+    args = ap.parse_args(argv)
+    rows, env = load(args.json)
+    if args.out.endswith(".md"):
+        md_path, png_path = args.out, args.out[:-3] + ".png"
+        os.makedirs(os.path.dirname(md_path) or ".", exist_ok=True)
+    else:
+        os.makedirs(args.out, exist_ok=True)
+        md_path, png_path = os.path.join(args.out, "bench_table.md"), os.path.join(args.out, "bench_ratio.png")
+    with open(md_path, "w") as f:
+        f.write(markdown(rows, env) + "\n")
+    print(f"wrote {md_path} ({len(rows)} rows)")
+    if rows:
+        try:
+            plot(rows, env, png_path)
+            print(f"wrote {png_path}")
+        except Exception as e:  # no matplotlib: the table is what matters
+            print(f"plot skipped: {type(e).__name__}: {e}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,542 @@
+"""Triton backend of the LoRA op (contract: ``lora_kernels/backends/__init__.py``).
+
+Math (x: (M, K), W: (N, K), A: (r, K), B: (N, r), s = scaling, keep = dropout mask of (M, K), q = 1 - p):
+
+    forward    u  = s/q * (keep * x) @ A^T                     _shrink_kernel      (M, r) fp32
+               y  = x @ W^T + u @ B^T + b                      _gemm_lora_kernel   (M, N) x.dtype
+    backward   g  = dy @ B            (and dB = dy^T @ u)      _g_db_kernel        (M, r) fp32, one pass over dy
+               dx = dy @ W + keep * s/q * (g @ A)              _gemm_lora_kernel   (M, K) x.dtype
+               dA = s/q * g^T @ (keep * x)                     _da_kernel          (r, K)
+               dB = dy^T @ u                                   _g_db_kernel / _db_kernel
+
+Cost (2-byte dtype, r << N, K): the two big GEMMs are 2*M*N*K FLOPs each and move about
+2*(M*K + N*K + M*N) bytes (plus re-reads absorbed by L2 thanks to grouped tile order); the rank-r terms add
+2*M*r*(N + K) FLOPs per pass and read x or dy once more (2*M*K or 2*M*N bytes), so the LoRA overhead is
+an O(r/N + r/K) fraction of the FLOPs and roughly one extra read of the activations per pass.
+
+Tiling: the big GEMMs tile the output (BM, BN) in grouped (swizzled) order and loop over K with BK; the
+rank-r term is one more K-step of width R_PAD (r padded to a power of two >= 16 with masked loads) into the
+same fp32 accumulator. When dropout is on, the dx LoRA term must be masked per element, so it is a separate
+(BM, R_PAD) x (R_PAD, BN) dot in the epilogue with the mask regenerated for the output tile. The helper
+kernels loop over the long dimension; every reduction is deterministic (no atomics): partials are written
+to a buffer per M-chunk and summed with torch in a fixed order.
+
+Main loop (measured, bench/results/gemm_probe_h200.md): on an H200 with triton 3.6 the best Triton main loop
+(TMA descriptors, persistent, 128x256x64 tiles, with or without warp specialization) reached 590-610 TFLOP/s
+against cuBLAS's 700-800 (0.74-0.86x), and the pointer-based kernel below 0.66-0.77x. Folding the rank-r step
+into such a loop costs ~0%, but the loop itself loses 15-35%. So on GPUs the big frozen GEMM runs in cuBLAS
+and the LoRA work is fused around it: ``_gemm_lora_kernel`` runs with zero main K-steps to write
+``[keep *] lora_scale * l @ lb + bias`` (one write of the output), then ``c.addmm_(a, b)`` accumulates the
+GEMM into it with beta = 1, reading c in cuBLAS's epilogue, which overlaps the compute-bound main loop.
+Extra traffic per pass: one read of x (shrink) or dy (g, dB) and one write of the output.
+``LORA_KERNELS_TRITON_MAINLOOP=triton`` selects the all-Triton main loop (used on CPU under the interpreter).
+
+Precision policy: tiles are cast to x's dtype for ``tl.dot`` (adapters may be fp32 while x is fp16/bf16),
+accumulation is fp32. For fp32 inputs the dots run in TF32 (``input_precision="tf32"``); set
+``LORA_KERNELS_TRITON_FP32_PRECISION=ieee`` for full-fp32 dots.
+
+Dropout mask: Philox 4x32-10 via ``tl.philox`` generated inside the kernels (``_keep_mask``), bit-identical
+to ``lora_kernels.philox.dropout_mask``; with p == 0 no mask code is compiled (constexpr HAS_DROPOUT).
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+try:  # the module must import (for is_available) even where triton is missing
+    import triton
+    import triton.language as tl
+
+    _TRITON_IMPORT_ERROR = None
+except Exception as exc:  # pragma: no cover - depends on the environment
+    triton = None
+    tl = None
+    _TRITON_IMPORT_ERROR = exc
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def is_available() -> tuple[bool, str]:
+    """(True, "") when Triton imports and there is a CUDA device or TRITON_INTERPRET=1."""
+    if triton is None:
+        return False, f"triton does not import: {_TRITON_IMPORT_ERROR!r}"
+    if _interpreting():
+        return True, "triton interpreter (TRITON_INTERPRET=1)"
+    if torch.cuda.is_available():
+        return True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}"
+    return False, "no CUDA device and TRITON_INTERPRET != 1"
+
+
+if triton is not None:
+
+    # ------------------------------------------------------------------------------------------------------
+    # Dropout mask
+    # ------------------------------------------------------------------------------------------------------
+    @triton.jit
+    def _keep_mask(seed, offset, rows, k0, K4, p, BM: tl.constexpr, BK: tl.constexpr):
+        """Keep-mask (BM, BK) for rows ``rows`` and columns k0..k0+BK of an (M, K) input (k0 % 4 == 0).
+
+        Counter of column group j: c = offset + row * ceil(K/4) + k0/4 + j (64-bit); Philox word w of that
+        counter is column 4*j + w. Uniform as tl.rand: int32 bitcast, negative -> ~x, * 4.6566127342e-10.
+        """
+        j = tl.arange(0, BK // 4)
+        c = offset + rows.to(tl.int64)[:, None] * K4 + (k0 // 4 + j)[None, :].to(tl.int64)
+        lo = c.to(tl.uint32)  # int64 -> uint32 truncates: the low word (c >= 0)
+        hi = (c >> 32).to(tl.uint32)
+        zero = tl.zeros_like(lo)
+        r0, r1, r2, r3 = tl.philox(seed, lo, hi, zero, zero)
+        # join(join(r0, r2), join(r1, r3))[.., j, a, b] = r_{2a+b}  -> row-major reshape gives column 4j+2a+b
+        r = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BM, BK))
+        ri = r.to(tl.int32, bitcast=True)
+        ri = tl.where(ri < 0, -ri - 1, ri)
+        uni = ri.to(tl.float32) * 4.6566127342e-10
+        return uni >= p
+
+    # ------------------------------------------------------------------------------------------------------
+    # u = s/q * dropout_mask(x) @ A^T     (grid: M blocks; loops over K; x read once)
+    # ------------------------------------------------------------------------------------------------------
+    @triton.jit
+    def _shrink_kernel(
+        x_ptr, a_ptr, u_ptr,
+        M, K, R,
+        s_xm, s_xk, s_ar, s_ak, s_um, s_ur,
+        scale, p, seed, offset, K4,
+        HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
+        BM: tl.constexpr, BK: tl.constexpr,
+    ):
+        DT = x_ptr.dtype.element_ty
+        pid = tl.program_id(0)
+        offs_m = pid * BM + tl.arange(0, BM)
+        m_mask = offs_m < M
+        rk = tl.arange(0, BK)
+        rr = tl.arange(0, R_PAD)
+        r_mask = rr < R
+        x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * s_xm + rk[None, :] * s_xk
+        a_ptrs = a_ptr + rr[None, :] * s_ar + rk[:, None] * s_ak  # A^T tile (BK, R_PAD)
+        acc = tl.zeros((BM, R_PAD), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            k_mask = (k0 + rk) < K
+            xt = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            if HAS_DROPOUT:
+                keep = _keep_mask(seed, offset, offs_m, k0, K4, p, BM, BK)
+                xt = tl.where(keep, xt, tl.zeros_like(xt))
+            at = tl.load(a_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0).to(DT)
+            acc = tl.dot(xt, at, acc, input_precision=DOT_PREC)
+            x_ptrs += BK * s_xk
+            a_ptrs += BK * s_ak
+        acc = acc * scale
+        u_ptrs = u_ptr + offs_m.to(tl.int64)[:, None] * s_um + rr[None, :] * s_ur
+        tl.store(u_ptrs, acc, mask=m_mask[:, None] & r_mask[None, :])
+
+    # ------------------------------------------------------------------------------------------------------
+    # C = a @ b + [keep *] lora_scale * (l @ lb) + bias
+    #   forward: a = x, b = W^T (strides swapped), l = u, lb = B^T, lora_scale = 1, bias
+    #   dx:      a = dy, b = W,                    l = g, lb = A,   lora_scale = s/q, keep mask
+    # ------------------------------------------------------------------------------------------------------
+    @triton.jit
+    def _gemm_lora_kernel(
+        a_ptr, b_ptr, l_ptr, lb_ptr, bias_ptr, c_ptr,
+        M, N, K, R,
+        s_am, s_ak, s_bk, s_bn, s_lm, s_lr, s_lbr, s_lbn, s_cm, s_cn,
+        lora_scale, p, seed, offset, K4,
+        M_BUCKET,
+        HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    ):
+        DT = a_ptr.dtype.element_ty
+        # grouped tile order: GROUP_M row-blocks sweep the N blocks together (b tiles stay in L2)
+        pid = tl.program_id(0)
+        num_pid_m = tl.cdiv(M, BM)
+        num_pid_n = tl.cdiv(N, BN)
+        num_pid_in_group = GROUP_M * num_pid_n
+        group_id = pid // num_pid_in_group
+        first_pid_m = group_id * GROUP_M
+        group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+        pid_n = (pid % num_pid_in_group) // group_size_m
+
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        m_mask = offs_m < M
+        n_mask = offs_n < N
+        rk = tl.arange(0, BK)
+        a_ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * s_am + rk[None, :] * s_ak
+        b_ptrs = b_ptr + rk[:, None] * s_bk + offs_n.to(tl.int64)[None, :] * s_bn
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            k_mask = (k0 + rk) < K
+            at = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            bt = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            acc = tl.dot(at, bt.to(DT), acc, input_precision=DOT_PREC)
+            a_ptrs += BK * s_ak
+            b_ptrs += BK * s_bk
+
+        # rank-r step (width R_PAD, masked to R)
+        rr = tl.arange(0, R_PAD)
+        r_mask = rr < R
+        lt = tl.load(l_ptr + offs_m.to(tl.int64)[:, None] * s_lm + rr[None, :] * s_lr,
+                     mask=m_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
+        lbt = tl.load(lb_ptr + rr[:, None] * s_lbr + offs_n.to(tl.int64)[None, :] * s_lbn,
+                      mask=r_mask[:, None] & n_mask[None, :], other=0.0).to(DT)
+        if HAS_DROPOUT:
+            lo = tl.dot(lt.to(DT), lbt, input_precision=DOT_PREC)
+            keep = _keep_mask(seed, offset, offs_m, pid_n * BN, K4, p, BM, BN)
+            acc += tl.where(keep, lo * lora_scale, tl.zeros_like(lo))
+        else:
+            acc = tl.dot((lt * lora_scale).to(DT), lbt, acc, input_precision=DOT_PREC)
+
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            acc += bias[None, :]
+        c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * s_cm + offs_n.to(tl.int64)[None, :] * s_cn
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+    # ------------------------------------------------------------------------------------------------------
+    # g = dy @ B (grid: M blocks; loops over N) and, if NEED_DB, per-M-block partials of dB = dy^T @ u
+    # written to dbp[pid_m] (summed with torch afterwards): one pass over dy.
+    # ------------------------------------------------------------------------------------------------------
+    @triton.jit
+    def _g_db_kernel(
+        dy_ptr, b_ptr, u_ptr, g_ptr, dbp_ptr,
+        M, N, R,
+        s_dm, s_dn, s_bn, s_br, s_um, s_ur, s_gm, s_gr, s_pp, s_pn, s_pr,
+        NEED_DB: tl.constexpr, R_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr,
+    ):
+        DT = dy_ptr.dtype.element_ty
+        pid = tl.program_id(0)
+        offs_m = pid * BM + tl.arange(0, BM)
+        m_mask = offs_m < M
+        rn = tl.arange(0, BN)
+        rr = tl.arange(0, R_PAD)
+        r_mask = rr < R
+        dy_ptrs = dy_ptr + offs_m.to(tl.int64)[:, None] * s_dm + rn[None, :] * s_dn
+        b_ptrs = b_ptr + rn[:, None] * s_bn + rr[None, :] * s_br
+        if NEED_DB:
+            ut = tl.load(u_ptr + offs_m.to(tl.int64)[:, None] * s_um + rr[None, :] * s_ur,
+                         mask=m_mask[:, None] & r_mask[None, :], other=0.0).to(DT)
+        acc = tl.zeros((BM, R_PAD), dtype=tl.float32)
+        for n0 in range(0, N, BN):
+            n_mask = (n0 + rn) < N
+            dyt = tl.load(dy_ptrs, mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+            bt = tl.load(b_ptrs, mask=n_mask[:, None] & r_mask[None, :], other=0.0).to(DT)
+            acc = tl.dot(dyt, bt, acc, input_precision=DOT_PREC)
+            if NEED_DB:
+                part = tl.dot(tl.trans(dyt), ut, input_precision=DOT_PREC)  # (BN, R_PAD)
+                p_ptrs = dbp_ptr + pid * s_pp + (n0 + rn).to(tl.int64)[:, None] * s_pn + rr[None, :] * s_pr
+                tl.store(p_ptrs, part, mask=n_mask[:, None] & r_mask[None, :])
+            dy_ptrs += BN * s_dn
+            b_ptrs += BN * s_bn
+        g_ptrs = g_ptr + offs_m.to(tl.int64)[:, None] * s_gm + rr[None, :] * s_gr
+        tl.store(g_ptrs, acc, mask=m_mask[:, None] & r_mask[None, :])
+
+    # ------------------------------------------------------------------------------------------------------
+    # dB partials = dy^T @ u over an M-chunk  (grid: (N blocks, M splits); loops over the chunk)
+    # ------------------------------------------------------------------------------------------------------
+    @triton.jit
+    def _db_kernel(
+        dy_ptr, u_ptr, dbp_ptr,
+        M, N, R, M_PER_SPLIT,
+        s_dm, s_dn, s_um, s_ur, s_pp, s_pn, s_pr,
+        R_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr,
+    ):
+        DT = dy_ptr.dtype.element_ty
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        n_mask = offs_n < N
+        rm = tl.arange(0, BM)
+        rr = tl.arange(0, R_PAD)
+        r_mask = rr < R
+        acc = tl.zeros((BN, R_PAD), dtype=tl.float32)
+        m_start = pid_s * M_PER_SPLIT
+        m_end = tl.minimum(m_start + M_PER_SPLIT, M)
+        for m0 in range(m_start, m_end, BM):
+            offs_m = m0 + rm
+            m_mask = offs_m < m_end
+            dyt = tl.load(dy_ptr + offs_m.to(tl.int64)[:, None] * s_dm + offs_n[None, :] * s_dn,
+                          mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+            ut = tl.load(u_ptr + offs_m.to(tl.int64)[:, None] * s_um + rr[None, :] * s_ur,
+                         mask=m_mask[:, None] & r_mask[None, :], other=0.0).to(DT)
+            acc = tl.dot(tl.trans(dyt), ut, acc, input_precision=DOT_PREC)
+        p_ptrs = dbp_ptr + pid_s * s_pp + offs_n.to(tl.int64)[:, None] * s_pn + rr[None, :] * s_pr
+        tl.store(p_ptrs, acc, mask=n_mask[:, None] & r_mask[None, :])
+
+    # ------------------------------------------------------------------------------------------------------
+    # dA partials = s/q * g^T @ (keep * x) over an M-chunk  (grid: (K blocks, M splits); x read once)
+    # ------------------------------------------------------------------------------------------------------
+    @triton.jit
+    def _da_kernel(
+        g_ptr, x_ptr, dap_ptr,
+        M, K, R, M_PER_SPLIT,
+        s_gm, s_gr, s_xm, s_xk, s_pp, s_pr, s_pk,
+        scale, p, seed, offset, K4,
+        HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
+        BM: tl.constexpr, BK: tl.constexpr,
+    ):
+        DT = x_ptr.dtype.element_ty
+        pid_k = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        offs_k = pid_k * BK + tl.arange(0, BK)
+        k_mask = offs_k < K
+        rm = tl.arange(0, BM)
+        rr = tl.arange(0, R_PAD)
+        r_mask = rr < R
+        acc = tl.zeros((R_PAD, BK), dtype=tl.float32)
+        m_start = pid_s * M_PER_SPLIT
+        m_end = tl.minimum(m_start + M_PER_SPLIT, M)
+        for m0 in range(m_start, m_end, BM):
+            offs_m = m0 + rm
+            m_mask = offs_m < m_end
+            gt = tl.load(g_ptr + offs_m.to(tl.int64)[None, :] * s_gm + rr[:, None] * s_gr,
+                         mask=r_mask[:, None] & m_mask[None, :], other=0.0).to(DT)  # (R_PAD, BM)
+            xt = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * s_xm + offs_k[None, :] * s_xk,
+                         mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            if HAS_DROPOUT:
+                keep = _keep_mask(seed, offset, offs_m, pid_k * BK, K4, p, BM, BK)
+                xt = tl.where(keep, xt, tl.zeros_like(xt))
+            acc = tl.dot(gt, xt, acc, input_precision=DOT_PREC)
+        acc = acc * scale
+        p_ptrs = dap_ptr + pid_s * s_pp + rr[:, None] * s_pr + offs_k.to(tl.int64)[None, :] * s_pk
+        tl.store(p_ptrs, acc, mask=r_mask[:, None] & k_mask[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launch
+# ----------------------------------------------------------------------------------------------------------
+_MAX_SMEM = 200 * 1024  # bytes of shared memory a config may plan for (H100 has 227 KB per block)
+# dB is fused into the g pass (per-M-block fp32 partials, written then read back by the sum) when the partial
+# buffer is at most this fraction of dy's bytes, i.e. when it costs no more than the second read of dy that
+# the separate _db_kernel pass would. Tests set it to 0 / inf to exercise both paths.
+_FUSE_DB_PARTIAL_RATIO = 0.5
+
+
+def _next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def _r_pad(r: int) -> int:
+    return max(16, _next_pow2(r))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32:
+        prec = os.environ.get("LORA_KERNELS_TRITON_FP32_PRECISION", "tf32").lower()
+        if prec not in ("tf32", "ieee"):
+            raise ValueError(f"LORA_KERNELS_TRITON_FP32_PRECISION must be tf32 or ieee, got {prec!r}")
+        return prec
+    return "tf32"  # ignored for 16-bit operands (the tl.dot default)
+
+
+def _seed_arg(seed: int) -> int:
+    """The 64-bit seed as a signed int64 with the same bits (Triton passes it as i32/i64)."""
+    s = int(seed) & 0xFFFFFFFFFFFFFFFF
+    return s - (1 << 64) if s >= (1 << 63) else s
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _gemm_configs(small_m: bool, elt: int, r_pad: int):
+    if small_m:
+        shapes = [(16, 64, 128, 4, 4), (16, 128, 64, 4, 4), (32, 64, 64, 4, 4), (32, 128, 64, 4, 4),
+                  (64, 64, 64, 4, 4), (64, 128, 64, 4, 3)]
+    else:
+        shapes = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
+                  (256, 128, 64, 8, 3), (64, 256, 64, 8, 4), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4)]
+    configs = []
+    for bm, bn, bk, warps, stages in shapes:
+        smem = stages * (bm * bk + bk * bn) * elt
+        smem_epi = (bm + bn) * r_pad * elt
+        if max(smem, smem_epi) > _MAX_SMEM:
+            continue
+        configs.append(triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_warps=warps,
+                                     num_stages=stages))
+    if not configs:
+        configs.append(triton.Config({"BM": 64, "BN": 64, "BK": 32, "GROUP_M": 8}, num_warps=4, num_stages=2))
+    return configs
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_gemm(small_m: bool, elt: int, r_pad: int):
+    return triton.autotune(
+        configs=_gemm_configs(small_m, elt, r_pad),
+        key=["M_BUCKET", "N", "K", "HAS_BIAS", "HAS_DROPOUT", "R_PAD", "DOT_PREC"],
+    )(_gemm_lora_kernel)
+
+
+def _cublas_mainloop(a: torch.Tensor) -> bool:
+    """Whether the big frozen GEMM runs in cuBLAS (the default on GPUs, see the module docstring)."""
+    mode = os.environ.get("LORA_KERNELS_TRITON_MAINLOOP", "cublas")
+    if mode not in ("cublas", "triton"):
+        raise ValueError(f"LORA_KERNELS_TRITON_MAINLOOP must be cublas or triton, got {mode!r}")
+    return a.is_cuda and not _interpreting() and mode == "cublas"
+
+
+def _launch_gemm(a, b_strides, b, b_mat, l, lb_strides, lb, bias, c, N, K, R, lora_scale, p, seed, offset):
+    """c (M, N) = a (M, K) @ b[k, n] + [keep] * lora_scale * l (M, R) @ lb[r, n] + bias.
+
+    With the cuBLAS main loop, the kernel runs with no main K-steps (it writes the rank-r term and the bias) and
+    cuBLAS then accumulates a @ b_mat into c with beta = 1 (c.addmm_), reading c in its epilogue.
+    """
+    M = a.shape[0]
+    cublas = _cublas_mainloop(a)
+    if cublas:
+        K = 0
+    r_pad = _r_pad(R)
+    has_bias = bias is not None
+    has_dropout = p > 0.0
+    args = (a, b, l, lb, bias if has_bias else c, c, M, N, K, R,
+            a.stride(0), a.stride(1), b_strides[0], b_strides[1], l.stride(0), l.stride(1),
+            lb_strides[0], lb_strides[1], c.stride(0), c.stride(1),
+            float(lora_scale), float(p), _seed_arg(seed), int(offset), (N + 3) // 4,
+            min(_next_pow2(M), 4096))
+    meta = dict(HAS_BIAS=has_bias, HAS_DROPOUT=has_dropout, R_PAD=r_pad, DOT_PREC=_dot_precision(a.dtype))
+    if _interpreting():
+        BM, BN, BK = 16, 32, 32
+        grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
+        _gemm_lora_kernel[grid](*args, **meta, BM=BM, BN=BN, BK=BK, GROUP_M=4)
+    else:
+        kern = _tuned_gemm(M <= 64, a.element_size(), r_pad)
+        grid = lambda META: (triton.cdiv(M, META["BM"]) * triton.cdiv(N, META["BN"]),)  # noqa: E731
+        kern[grid](*args, **meta)
+    if cublas:
+        c.addmm_(a, b_mat)
+
+
+def _helper_tiles(M: int, r_pad: int):
+    """(BM, BN/BK, num_warps) for the rank-r helper kernels."""
+    if _interpreting():
+        return 16, 32, 4
+    bm = 16 if M <= 16 else (32 if M <= 32 else 64)
+    bn = 64 if r_pad >= 128 else 128
+    return bm, bn, (8 if r_pad >= 128 else 4)
+
+
+def _stages(bytes_per_stage: int) -> int:
+    """Software-pipeline depth for a helper kernel: at most 3 stages within ~160 KB of shared memory."""
+    if _interpreting():
+        return 1
+    return max(1, min(3, (160 * 1024) // max(bytes_per_stage, 1)))
+
+
+def _splits(M: int, BM: int, n_blocks: int, device) -> tuple[int, int]:
+    """(number of M-chunks, rows per chunk) so that n_blocks * chunks fills the GPU about twice."""
+    m_blocks = triton.cdiv(M, BM)
+    want = max(1, (2 * _num_sms(device) + n_blocks - 1) // max(n_blocks, 1))
+    s = max(1, min(m_blocks, want))
+    per = triton.cdiv(m_blocks, s) * BM
+    return triton.cdiv(M, per), per
+
+
+def forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset):
+    M, K = x.shape
+    N = weight.shape[0]
+    R = lora_A.shape[0]
+    u = torch.empty((M, R), dtype=torch.float32, device=x.device)
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0:
+        return y, u
+    if K == 0:
+        u.zero_()
+    else:
+        r_pad = _r_pad(R)
+        prec = _dot_precision(x.dtype)
+        if _interpreting():
+            BM, BK, warps = 16, 32, 4
+        else:
+            BM = 16 if M <= 16 else (32 if M <= 32 else 64)
+            BK = 64 if r_pad >= 128 else 128
+            warps = 8 if r_pad >= 128 else 4
+        _shrink_kernel[(triton.cdiv(M, BM),)](
+            x, lora_A, u, M, K, R,
+            x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), u.stride(0), u.stride(1),
+            float(scaling) / (1.0 - float(p)), float(p), _seed_arg(seed), int(offset), (K + 3) // 4,
+            HAS_DROPOUT=p > 0.0, R_PAD=r_pad, DOT_PREC=prec, BM=BM, BK=BK, num_warps=warps,
+            num_stages=_stages(BM * BK * x.element_size() + BK * r_pad * lora_A.element_size()))
+    if N == 0:
+        return y, u
+    # y = x @ W^T + u @ B^T + b: b operand W^T[k, n] = W[n, k]; lb operand B^T[r, n] = B[n, r]
+    _launch_gemm(x, (weight.stride(1), weight.stride(0)), weight, weight.t(), u, (lora_B.stride(1), lora_B.stride(0)),
+                 lora_B, bias, y, N, K, R, 1.0, 0.0, seed, offset)
+    return y, u
+
+
+def backward(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, need_dx, need_dA, need_dB):
+    M, K = x.shape
+    N = weight.shape[0]
+    R = lora_A.shape[0]
+    dev = x.device
+    dx = torch.empty((M, K), dtype=x.dtype, device=dev) if need_dx else None
+    dA = dB = None
+    if M == 0 or N == 0 or K == 0:
+        if need_dx:
+            dx.zero_()
+        if need_dA:
+            dA = torch.zeros((R, K), dtype=lora_A.dtype, device=dev)
+        if need_dB:
+            dB = torch.zeros((N, R), dtype=lora_B.dtype, device=dev)
+        return dx, dA, dB
+
+    r_pad = _r_pad(R)
+    prec = _dot_precision(x.dtype)
+    BM, BN, warps = _helper_tiles(M, r_pad)
+    need_g = need_dx or need_dA
+    scale = float(scaling) / (1.0 - float(p))
+    seed_a, offset_a = _seed_arg(seed), int(offset)
+
+    g = None
+    if need_g:
+        g = torch.empty((M, R), dtype=torch.float32, device=dev)
+        m_blocks = triton.cdiv(M, BM)
+        # fuse dB into the g pass when the per-M-block partial buffer is small next to dy (2r/BM of it)
+        fuse_db = need_dB and m_blocks * N * R * 4 <= _FUSE_DB_PARTIAL_RATIO * M * N * dy.element_size()
+        dbp = torch.empty((m_blocks, N, R), dtype=torch.float32, device=dev) if fuse_db else g
+        _g_db_kernel[(m_blocks,)](
+            dy, lora_B, u, g, dbp, M, N, R,
+            dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), u.stride(0), u.stride(1),
+            g.stride(0), g.stride(1),
+            dbp.stride(0) if fuse_db else 0, dbp.stride(1) if fuse_db else 0, dbp.stride(2) if fuse_db else 0,
+            NEED_DB=fuse_db, R_PAD=r_pad, DOT_PREC=prec, BM=BM, BN=BN, num_warps=warps,
+            num_stages=_stages(BM * BN * dy.element_size() * (2 if fuse_db else 1) + BN * r_pad * lora_B.element_size()
+                               + (BM * r_pad * 4 if fuse_db else 0)))
+        if fuse_db:
+            dB = dbp.sum(0) if m_blocks > 1 else dbp[0]
+    if need_dB and dB is None:
+        n_blocks = triton.cdiv(N, BN)
+        S, per = _splits(M, BM, n_blocks, dev)
+        dbp = torch.empty((S, N, R), dtype=torch.float32, device=dev)
+        _db_kernel[(n_blocks, S)](
+            dy, u, dbp, M, N, R, per,
+            dy.stride(0), dy.stride(1), u.stride(0), u.stride(1), dbp.stride(0), dbp.stride(1), dbp.stride(2),
+            R_PAD=r_pad, DOT_PREC=prec, BM=BM, BN=BN, num_warps=warps,
+            num_stages=_stages(BM * BN * dy.element_size() + BM * r_pad * 4))
+        dB = dbp.sum(0) if S > 1 else dbp[0]
+    if need_dB:
+        dB = dB.to(lora_B.dtype)
+
+    if need_dA:
+        k_blocks = triton.cdiv(K, BN)
+        S, per = _splits(M, BM, k_blocks, dev)
+        dap = torch.empty((S, R, K), dtype=torch.float32, device=dev)
+        _da_kernel[(k_blocks, S)](
+            g, x, dap, M, K, R, per,
+            g.stride(0), g.stride(1), x.stride(0), x.stride(1), dap.stride(0), dap.stride(1), dap.stride(2),
+            scale, float(p), seed_a, offset_a, (K + 3) // 4,
+            HAS_DROPOUT=p > 0.0, R_PAD=r_pad, DOT_PREC=prec, BM=BM, BK=BN, num_warps=warps,
+            num_stages=_stages(BM * BN * x.element_size() + BM * r_pad * 4))
+        dA = (dap.sum(0) if S > 1 else dap[0]).to(lora_A.dtype)
+
+    if need_dx:
+        # dx = dy @ W + keep * s/q * (g @ A): b operand W[n, k] (rows = reduction dim n); lb operand A[r, k]
+        _launch_gemm(dy, (weight.stride(0), weight.stride(1)), weight, weight, g, (lora_A.stride(0), lora_A.stride(1)),
+                     lora_A, None, dx, K, N, R, scale, p, seed, offset)
+    return dx, dA, dB

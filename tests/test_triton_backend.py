@@ -1,0 +1,214 @@
+"""Tests of the Triton backend against float64 math (runs on the CPU with TRITON_INTERPRET=1).
+
+Tolerance rule: error vs float64 <= 2 * (error of the same computation done by torch in the same precision)
++ a small absolute floor. The dropout mask must be bit-identical to ``lora_kernels.philox.dropout_mask``.
+"""
+import os
+
+import pytest
+import torch
+
+_CUDA = torch.cuda.is_available()
+_INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+if not (_CUDA or _INTERP):
+    pytest.skip("triton backend tests need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+pytest.importorskip("triton")
+
+from lora_kernels.backends import triton_backend as tb  # noqa: E402
+from lora_kernels.philox import dropout_mask  # noqa: E402
+
+DEV = "cuda" if _CUDA else "cpu"
+# the interpreter miscomputes tl.dot on bf16: bf16 only on a GPU
+DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if _CUDA else [])
+SEED, OFFSET = 0x1234_5678_9ABC, (1 << 32) - 7  # counters cross the 32-bit boundary inside a tile
+
+
+def _eps(dtype):
+    return torch.finfo(dtype).eps
+
+
+def _check(name, got, ref64, same_prec, dtype):
+    """max|got - ref64| <= 2 * max|same_prec - ref64| + floor, and no NaN/inf."""
+    assert got.shape == ref64.shape, (name, got.shape, ref64.shape)
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    if got.numel() == 0:
+        return
+    got, same_prec = got.double().cpu(), same_prec.double().cpu()
+    ref64 = ref64.cpu()
+    err = (got - ref64).abs().max().item()
+    torch_err = (same_prec - ref64).abs().max().item()
+    floor = _eps(dtype) * (ref64.abs().max().item() + 1.0)
+    assert err <= 2 * torch_err + floor, f"{name}: err {err:.3g} > 2 * torch err {torch_err:.3g} + {floor:.3g}"
+
+
+def _math(x, W, b, A, B, dy, s, p, keep, dtype):
+    """The contract in float64 (dtype=None) or in torch at x's precision (adapters cast to x's dtype)."""
+    cast = (lambda t: t.double()) if dtype is None else (lambda t: t.to(dtype))
+    x, W, A, B, dy = cast(x), cast(W), cast(A), cast(B), cast(dy)
+    keep = keep.to(x.dtype)
+    q = 1.0 - p
+    xd = x * keep / q
+    u = s * (xd @ A.T)
+    y = x @ W.T + u @ B.T
+    if b is not None:
+        y = y + cast(b)
+    g = dy @ B
+    dx = dy @ W + s * keep / q * (g @ A)
+    dA = s * (g.T @ xd)
+    dB = dy.T @ u
+    return u, y, dx, dA, dB
+
+
+def _inputs(M, K, N, R, dtype, bias, adapter_fp32, gen):
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen)
+    ad = torch.float32 if adapter_fp32 else dtype
+    x, W = rnd(M, K).to(dtype), (rnd(N, K) / K**0.5).to(dtype)
+    b = rnd(N).to(dtype) if bias else None
+    A, B = (rnd(R, K) / K**0.5).to(ad), (rnd(N, R) / R**0.5).to(ad)
+    dy = rnd(M, N).to(dtype)
+    return [t.to(DEV) if t is not None else None for t in (x, W, b, A, B, dy)]
+
+
+# (M, K, N, R, p, bias, fp32 adapters)
+CASES = [
+    (1, 20, 24, 1, 0.0, True, False),
+    (3, 64, 72, 8, 0.3, False, True),
+    (37, 100, 24, 33, 0.3, True, True),
+    (37, 20, 72, 8, 0.0, False, True),
+    (3, 100, 72, 33, 0.0, True, False),
+    (37, 64, 24, 1, 0.3, True, False),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "M{}_K{}_N{}_r{}_p{}_b{}_a32{}".format(*c))
+def test_forward_backward_vs_float64(case, dtype):
+    M, K, N, R, p, bias, adapter_fp32 = case
+    gen = torch.Generator().manual_seed(hash(case) % 2**31)
+    x, W, b, A, B, dy = _inputs(M, K, N, R, dtype, bias, adapter_fp32, gen)
+    s = 0.75
+    keep = dropout_mask(SEED, OFFSET, (M, K), p).to(DEV)
+    y, u = tb.forward(x, W, b, A, B, s, p, SEED, OFFSET)
+    assert u.dtype == torch.float32 and u.shape == (M, R)
+    assert y.dtype == dtype and y.shape == (M, N)
+    dx, dA, dB = tb.backward(dy, x, W, A, B, u, s, p, SEED, OFFSET, True, True, True)
+    assert dx.dtype == dtype and dA.dtype == A.dtype and dB.dtype == B.dtype
+
+    ref = _math(x.cpu(), W.cpu(), None if b is None else b.cpu(), A.cpu(), B.cpu(), dy.cpu(), s, p,
+                keep.cpu(), None)
+    tf32 = _CUDA and dtype == torch.float32
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32  # the kernels' policy: tf32 dots for fp32 inputs
+    try:
+        same = _math(x, W, b, A, B, dy, s, p, keep, dtype)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    # dB uses the kernel's own u (as autograd would), so its reference is built from that u
+    ref_dB = dy.cpu().double().T @ u.cpu().double()
+    same_dB = (dy.T @ u.to(dtype))
+    for name, got, r64, sp in [("u", u, ref[0], same[0]), ("y", y, ref[1], same[1]), ("dx", dx, ref[2], same[2]),
+                               ("dA", dA, ref[3], same[3]), ("dB", dB, ref_dB, same_dB)]:
+        _check(name, got, r64, sp, dtype)
+
+
+def test_mask_bit_identical():
+    """With A = I (r = K), W = 0: u and dx expose the keep mask element by element."""
+    M, K, N = 37, 22, 24
+    p, s = 0.4, 1.0
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.randint(1, 8, (M, K), generator=gen).float()).to(DEV)  # exact in every precision, never 0
+    A = torch.eye(K, device=DEV)
+    W = torch.zeros(N, K, device=DEV)
+    B = torch.zeros(N, K, device=DEV)
+    B[0] = 1.0
+    for seed, offset in [(SEED, OFFSET), (7, 0), (2**63 + 5, 3 * 2**32 + 11)]:
+        keep = dropout_mask(seed, offset, (M, K), p).to(DEV)
+        _, u = tb.forward(x, W, None, A, B, s, p, seed, offset)
+        assert torch.equal(u != 0, keep), f"forward mask differs for seed={seed} offset={offset}"
+        assert torch.allclose(u, x * keep / (1 - p))
+        dy = torch.zeros(M, N, device=DEV)
+        dy[:, 0] = 1.0  # g = dy @ B = ones (M, K); dx = keep / q
+        dx, dA, _ = tb.backward(dy, x, W, A, B, u, s, p, seed, offset, True, True, False)
+        assert torch.equal(dx != 0, keep), "backward (dx) mask differs"
+        # dA = g^T @ (keep * x) / q with g = 1: column sums of the kept x
+        ref_dA = (x * keep / (1 - p)).sum(0).expand(K, K)
+        assert torch.allclose(dA, ref_dA, rtol=1e-5), "backward (dA) mask differs"
+
+
+def test_need_flags_and_empty():
+    gen = torch.Generator().manual_seed(2)
+    x, W, b, A, B, dy = _inputs(5, 20, 24, 8, torch.float32, True, True, gen)
+    y, u = tb.forward(x, W, b, A, B, 2.0, 0.3, SEED, OFFSET)
+    full = tb.backward(dy, x, W, A, B, u, 2.0, 0.3, SEED, OFFSET, True, True, True)
+    for flags in [(True, False, False), (False, True, False), (False, False, True), (False, True, True)]:
+        out = tb.backward(dy, x, W, A, B, u, 2.0, 0.3, SEED, OFFSET, *flags)
+        for want, got, ref in zip(flags, out, full):
+            assert (got is not None) == want
+            if want:
+                assert torch.equal(got, ref), "results must not depend on which grads are requested"
+    # M == 0
+    x0, dy0 = x[:0], dy[:0]
+    y0, u0 = tb.forward(x0, W, b, A, B, 2.0, 0.3, SEED, OFFSET)
+    assert y0.shape == (0, 24) and u0.shape == (0, 8) and u0.dtype == torch.float32
+    dx0, dA0, dB0 = tb.backward(dy0, x0, W, A, B, u0, 2.0, 0.3, SEED, OFFSET, True, True, True)
+    assert dx0.shape == (0, 20)
+    assert dA0.shape == (8, 20) and not dA0.any() and dB0.shape == (24, 8) and not dB0.any()
+
+
+def test_deterministic():
+    gen = torch.Generator().manual_seed(3)
+    x, W, b, A, B, dy = _inputs(37, 64, 72, 8, torch.float16, True, True, gen)
+    outs = []
+    for _ in range(2):
+        y, u = tb.forward(x, W, b, A, B, 0.5, 0.3, SEED, OFFSET)
+        outs.append((y, u) + tb.backward(dy, x, W, A, B, u, 0.5, 0.3, SEED, OFFSET, True, True, True))
+    for a, c in zip(*outs):
+        assert torch.equal(a, c)
+
+
+def test_is_available():
+    ok, reason = tb.is_available()
+    assert ok and isinstance(reason, str)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_db_fused_and_two_pass_agree(monkeypatch, dtype):
+    gen = torch.Generator().manual_seed(4)
+    x, W, b, A, B, dy = _inputs(37, 20, 72, 8, dtype, False, True, gen)
+    _, u = tb.forward(x, W, b, A, B, 1.0, 0.0, SEED, OFFSET)
+    outs = []
+    for ratio in (0.0, float("inf")):  # two-pass (_db_kernel) and fused (_g_db_kernel partials)
+        monkeypatch.setattr(tb, "_FUSE_DB_PARTIAL_RATIO", ratio)
+        outs.append(tb.backward(dy, x, W, A, B, u, 1.0, 0.0, SEED, OFFSET, True, True, True))
+    ref = dy.double().cpu().T @ u.double().cpu()
+    for dx, dA, dB in outs:
+        _check("dB", dB, ref, dy.T @ u.to(dtype), dtype)
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+def test_large_rank():
+    """r = 130 pads to R_PAD = 256."""
+    gen = torch.Generator().manual_seed(5)
+    M, K, N, R, p, s = 3, 20, 24, 130, 0.3, 0.5
+    x, W, b, A, B, dy = _inputs(M, K, N, R, torch.float16, True, True, gen)
+    keep = dropout_mask(SEED, OFFSET, (M, K), p).to(DEV)
+    y, u = tb.forward(x, W, b, A, B, s, p, SEED, OFFSET)
+    dx, dA, dB = tb.backward(dy, x, W, A, B, u, s, p, SEED, OFFSET, True, True, True)
+    ref = _math(x.cpu(), W.cpu(), b.cpu(), A.cpu(), B.cpu(), dy.cpu(), s, p, keep.cpu(), None)
+    same = _math(x, W, b, A, B, dy, s, p, keep, torch.float16)
+    for name, got, r64, sp in zip(["u", "y", "dx", "dA"], [u, y, dx, dA], ref, same):
+        _check(name, got, r64, sp, torch.float16)
+    assert dB.shape == (N, R)
+
+
+def test_fp32_precision_env(monkeypatch):
+    gen = torch.Generator().manual_seed(6)
+    x, W, b, A, B, dy = _inputs(3, 20, 24, 8, torch.float32, True, True, gen)
+    monkeypatch.setenv("LORA_KERNELS_TRITON_FP32_PRECISION", "ieee")
+    y, u = tb.forward(x, W, b, A, B, 1.0, 0.0, SEED, OFFSET)
+    ref = x.double() @ W.double().T + b.double() + (x.double() @ A.double().T) @ B.double().T
+    assert (y.double() - ref).abs().max().item() < 1e-4
+    monkeypatch.setenv("LORA_KERNELS_TRITON_FP32_PRECISION", "fp64")
+    with pytest.raises(ValueError):
+        tb.forward(x, W, b, A, B, 1.0, 0.0, SEED, OFFSET)
