@@ -22,7 +22,7 @@ import time
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from llama_common import add_model_args, batches, build_model, ensure_import_path, finalize_args, sync  # noqa
+from llama_common import add_model_args, batches, build_model, ensure_import_path, finalize_args, patch_peft, sync  # noqa
 
 ensure_import_path()
 import torch  # noqa: E402
@@ -36,9 +36,7 @@ def make_model(args, dropout, patched, device):
     model = build_model(args, dropout, device)
     report = None
     if patched:
-        import lora_kernels
-
-        report = lora_kernels.patch_peft(model, backend=args.backend)
+        report = patch_peft(model, backend=args.backend)
     model.train()
     return model, report
 
@@ -132,7 +130,7 @@ def compile_check(args, device):
             y.float().sum().backward()
             ref = layer(x) if p_drop == 0 else None
             out[key] = {"ok": True, "max_abs_diff_vs_eager": None if ref is None else
-                        float((y - ref).abs().max())}
+                        float((y.detach() - ref.detach()).abs().max())}
         except Exception as e:
             out[key] = {"ok": False, "error": f"{type(e).__name__}: {e}"[:3000]}
     try:

@@ -89,3 +89,13 @@ def batches(args, steps, device, seed_offset=1000):
 def sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
+
+
+def patch_peft(model, backend=None):
+    """lora_kernels.patch_peft (falls back to lora_kernels.peft_patch while __init__ does not export it)."""
+    import lora_kernels
+
+    fn = getattr(lora_kernels, "patch_peft", None)
+    if fn is None:
+        from lora_kernels.peft_patch import patch_peft as fn
+    return fn(model, backend=backend)

@@ -1,7 +1,10 @@
 """lora_kernels: fused GPU kernels for LoRA linear layers (forward and backward), with a PyTorch reference."""
 from ._dispatch import available_backends, backend_status
+from .module import LoRALinear
 from .ops import dropout_mask, lora_linear, record_dropout
+from .peft_patch import PatchReport, patch_peft, unpatch_peft
 
 __version__ = "0.1.0"
 
-__all__ = ["lora_linear", "dropout_mask", "record_dropout", "available_backends", "backend_status", "__version__"]
+__all__ = ["lora_linear", "dropout_mask", "record_dropout", "available_backends", "backend_status",
+           "LoRALinear", "patch_peft", "unpatch_peft", "PatchReport", "__version__"]

@@ -404,6 +404,10 @@ def _launch_gemm(a, b_strides, b, b_mat, l, lb_strides, lb, bias, c, N, K, R, lo
         BM, BN, BK = 16, 32, 32
         grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
         _gemm_lora_kernel[grid](*args, **meta, BM=BM, BN=BN, BK=BK, GROUP_M=4)
+    elif os.environ.get("LORA_KERNELS_TRITON_AUTOTUNE", "1") == "0":  # first config, no tuning (GPU tests)
+        cfg = _gemm_configs(M <= 64, a.element_size(), r_pad)[0]
+        grid = (triton.cdiv(M, cfg.kwargs["BM"]) * triton.cdiv(N, cfg.kwargs["BN"]),)
+        _gemm_lora_kernel[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     else:
         kern = _tuned_gemm(M <= 64, a.element_size(), r_pad)
         grid = lambda META: (triton.cdiv(M, META["BM"]) * triton.cdiv(N, META["BN"]),)  # noqa: E731

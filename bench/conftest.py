@@ -1,0 +1,52 @@
+"""pytest options for the LoRA benchmarks (bench/test_bench_lora.py)."""
+from __future__ import annotations
+
+import datetime
+import platform
+
+
+def pytest_addoption(parser):
+    g = parser.getgroup("lora-bench")
+    g.addoption("--quick", action="store_true", default=False,
+                help="subset: M in {16, 8192}, shapes 4096->4096 and 4096->14336, r=16, p in {0, 0.1}")
+    g.addoption("--compile-mode", default=None,
+                help='torch.compile mode of compile-formula (default "max-autotune-no-cudagraphs"; '
+                     'with --quick: "default", to keep the quick run short)')
+    g.addoption("--providers", default=None, help="comma-separated subset of providers")
+    g.addoption("--use-do-bench", action="store_true", default=False,
+                help="time with triton.testing.do_bench (L2 flush) instead of the rotating CUDA-event timer")
+
+
+def env_info() -> dict:
+    info = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "python": platform.python_version()}
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["cuda"] = torch.version.cuda
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name()
+            props = torch.cuda.get_device_properties(torch.cuda.current_device())
+            info["gpu_mem_gib"] = round(props.total_memory / 2**30, 1)
+            info["l2_bytes"] = getattr(props, "L2_cache_size", None)
+        else:
+            info["gpu"] = "none (CPU)"
+    except Exception as e:  # pragma: no cover
+        info["torch"] = f"unavailable: {e}"
+    for mod in ("triton", "peft", "transformers"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:
+            info[mod] = None
+    try:
+        import lora_kernels
+
+        info["lora_kernels"] = getattr(lora_kernels, "__version__", "?")
+        info["backends"] = list(lora_kernels.available_backends())
+    except Exception as e:
+        info["lora_kernels"] = f"import failed: {type(e).__name__}: {e}"[:200]
+    return info
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info["lora_bench"] = env_info()

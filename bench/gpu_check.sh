@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Single device script:  bash bench/gpu_check.sh [quick|full]
+# Each step logs to $OUT/<step>.log, continues on failure and records its rc; a summary is printed at the end.
+# Results in $OUT (<= 8 files): bench.json, bench_table.md, bench_ratio.png, e2e.json, summary.txt, logs.tar.gz
+# Quick mode is budgeted under 9 minutes (per-step timeouts below; override with T_<STEP>=seconds).
+set -u
+set -o pipefail
+MODE="${1:-quick}"
+OUT="${OUT:-$PWD/gpu_out}"
+mkdir -p "$OUT"
+LOGS="$(mktemp -d)"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+T0=$(date +%s)
+declare -a NAMES RCS SECS
+
+step() {  # step <name> <timeout_s> <command...>
+  local name="$1" t="$2"; shift 2
+  local s=$(date +%s)
+  echo "=== [$name] (timeout ${t}s): $*" | tee "$LOGS/$name.log"
+  timeout --kill-after=10 "$t" "$@" 2>&1 | tee -a "$LOGS/$name.log"
+  local rc=$?
+  echo "=== [$name] rc=$rc in $(( $(date +%s) - s ))s" | tee -a "$LOGS/$name.log"
+  NAMES+=("$name"); RCS+=("$rc"); SECS+=("$(( $(date +%s) - s ))")
+}
+
+if [ "$MODE" = "full" ]; then
+  BENCH_ARGS=(); E2E_ARGS=(--compile)
+  T_BUILD=${T_BUILD:-600}; T_TESTS=${T_TESTS:-600}; T_BENCH=${T_BENCH:-3600}; T_TABLE=${T_TABLE:-120}; T_E2E=${T_E2E:-900}
+else
+  BENCH_ARGS=(--quick); E2E_ARGS=()
+  T_BUILD=${T_BUILD:-120}; T_TESTS=${T_TESTS:-100}; T_BENCH=${T_BENCH:-210}; T_TABLE=${T_TABLE:-30}; T_E2E=${T_E2E:-75}
+fi
+
+step env 30 bash -c 'nvidia-smi; python3 -c "
+import torch, sys
+print(\"python\", sys.version.split()[0]); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"gpu\", torch.cuda.is_available() and torch.cuda.get_device_name())
+for m in (\"triton\", \"peft\", \"transformers\", \"pytest_benchmark\", \"matplotlib\"):
+    try: print(m, __import__(m).__version__)
+    except Exception as e: print(m, \"MISSING\", e)
+"; nvcc --version 2>/dev/null | tail -2'
+
+if [ -f bench/gpu_build.sh ]; then
+  step build "$T_BUILD" bash bench/gpu_build.sh
+else
+  step build "$T_BUILD" python3 -m pip install --no-build-isolation --no-deps -e .
+fi
+# From here on everything runs against the installed wheel (the venv), never the source tree.
+REPO="$PWD"; PY=python3
+if [ -x /tmp/venv/bin/python ]; then PY=/tmp/venv/bin/python; fi
+unset PYTHONPATH
+mkdir -p /tmp/run && cd /tmp/run
+step backends 60 $PY -c "import lora_kernels as L; print(L.__file__); print('backends', L.available_backends()); print(L.backend_status())"
+step tests "$T_TESTS" env LORA_KERNELS_TRITON_AUTOTUNE=0 $PY -m pytest -q -p no:cacheprovider "$REPO/tests" ${TEST_ARGS:-}
+step bench "$T_BENCH" $PY -m pytest "$REPO/bench/test_bench_lora.py" -q -p no:cacheprovider --benchmark-json "$OUT/bench.json" "${BENCH_ARGS[@]}"
+step table "$T_TABLE" $PY "$REPO/bench/make_table.py" "$OUT/bench.json" --out "$OUT/"
+step e2e "$T_E2E" $PY "$REPO/bench/e2e_train.py" --out "$OUT/e2e.json" "${E2E_ARGS[@]}"
+
+{
+  echo "gpu_check mode=$MODE total $(( $(date +%s) - T0 ))s"
+  printf '%-10s %5s %6s\n' step rc secs
+  for i in "${!NAMES[@]}"; do printf '%-10s %5s %6s\n' "${NAMES[$i]}" "${RCS[$i]}" "${SECS[$i]}"; done
+  if [ -f "$OUT/bench_table.md" ]; then echo; sed -n '/## Summary/,/## Per group/p' "$OUT/bench_table.md" | head -40; fi
+  if [ -f "$OUT/e2e.json" ]; then echo; python3 -c "
+import json; d = json.load(open('$OUT/e2e.json'))
+for r in d.get('throughput', []): print('e2e patched=%-5s p=%-4s %9.0f tok/s  peak %s GiB' % (r['patched'], r['dropout'], r['tokens_per_s'], r['peak_mem_gib'] and round(r['peak_mem_gib'], 2)))
+print('speedup', d.get('speedup'), '| loss max|diff|', d.get('loss_max_abs_diff'), '| errors', len(d.get('errors', [])))
+" 2>&1; fi
+} | tee "$OUT/summary.txt"
+tar -czf "$OUT/logs.tar.gz" -C "$LOGS" . && rm -rf "$LOGS"
+exit 0

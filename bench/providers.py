@@ -1,0 +1,227 @@
+"""Providers for one LoRA linear layer  y = x Wᵀ (+ b) + s · (dropout(x) Aᵀ) Bᵀ.
+
+``make_case(provider, M, K, N, r, p, ...)`` builds the inputs (torch.randn, never zeros) and returns a
+``Case`` whose ``fwd`` / ``fwd_bwd`` are lists of callables, one per input set (for L2 rotation, see
+``timing.n_rotation_sets``); ``case.fwd[0]()`` runs the first set.
+
+Providers
+  ours-<backend>   lora_kernels.lora_linear(..., backend=<backend>) for torch / triton / cuda;
+                   adapters in ``adapter_dtype`` (default fp32, which is what PEFT's default config and thus
+                   patch_peft hand the op).
+  peft-layer       a real peft ``lora.Linear`` around an ``nn.Linear`` (get_peft_model on a one-Linear module,
+                   default LoraConfig -> fp32 adapters via autocast_adapter_dtype, lora_dropout=p).
+  formula-bf16     eager  F.linear(x, W, b) + s * F.linear(F.linear(dropout(x), A), B), everything bf16
+                   (dropout skipped at p == 0, as PEFT does with nn.Identity).
+  compile-formula  torch.compile(formula-bf16, mode=compile_mode (default "max-autotune-no-cudagraphs"),
+                   dynamic=False).
+  addmm            out = F.linear(x, W, b); out.addmm_(x @ Aᵀ, Bᵀ, alpha=s)   -- NO dropout (p is ignored).
+  cublas-base      the floor: fwd = F.linear(x, W); fwd_bwd = F.linear(x, W) then dy @ W (base dx GEMM).
+
+Modes: ``fwd`` runs under torch.no_grad (training-mode dropout still applied); ``fwd_bwd`` has x, A, B
+requiring grad, W frozen, and back-propagates a fixed random dy with torch.autograd.grad (no .grad
+accumulation).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("torch", "triton", "cuda")
+PROVIDERS = tuple(f"ours-{b}" for b in BACKENDS) + (
+    "peft-layer", "formula-bf16", "compile-formula", "addmm", "cublas-base")
+FLOOR = "cublas-base"
+PEFT_REF = "peft-layer"
+SCALING = 2.0  # lora_alpha = 2 r
+
+
+class Unavailable(Exception):
+    """The provider cannot run here (backend not built, no GPU, ...)."""
+
+
+@dataclasses.dataclass
+class Case:
+    provider: str
+    fwd: list
+    fwd_bwd: list
+    flops_fwd: float
+    flops_fwd_bwd: float
+    exclude: list          # parameters / weights: not counted as saved activations
+    inputs: list           # layer inputs x (first set)
+    note: str = ""
+    adapter_dtype: str = ""
+
+
+def lora_flops(M, K, N, r, mode):
+    fwd = 2.0 * M * K * N + 2.0 * M * K * r + 2.0 * M * r * N
+    if mode == "fwd":
+        return fwd
+    # bwd: dx = dy W (2MNK) + g = dy B (2MNr) + dB = dyᵀ u (2MNr) + dA = gᵀ x (2MrK) + g A (2MrK)
+    return fwd + 2.0 * M * N * K + 4.0 * M * N * r + 4.0 * M * r * K
+
+
+def base_flops(M, K, N, mode):
+    return 2.0 * M * K * N * (1 if mode == "fwd" else 2)
+
+
+def formula(x, W, b, A, B, s: float, p: float):
+    h = F.dropout(x, p, True) if p > 0 else x
+    return F.linear(x, W, b) + s * F.linear(F.linear(h, A), B)
+
+
+def _make_tensors(M, K, N, r, dtype, adapter_dtype, device, bias, gen):
+    def rn(*shape, dt=dtype, std=1.0):
+        return (torch.randn(*shape, generator=gen, device=device, dtype=torch.float32) * std).to(dt)
+
+    return {
+        "x": rn(M, K).requires_grad_(True),
+        "W": rn(N, K, std=K ** -0.5),
+        "b": rn(N, std=0.1) if bias else None,
+        "A": rn(r, K, dt=adapter_dtype, std=K ** -0.5).requires_grad_(True),
+        "B": rn(N, r, dt=adapter_dtype, std=r ** -0.5).requires_grad_(True),
+        "dy": rn(M, N),
+    }
+
+
+def set_bytes(M, K, N, r, dtype, bias=False):
+    es = torch.tensor([], dtype=dtype).element_size()
+    return es * (M * K + N * K + 2 * M * N + (N if bias else 0)) + 4 * r * (K + N)
+
+
+def make_case(provider: str, M: int, K: int, N: int, r: int, p: float, dtype=torch.bfloat16, device="cuda",
+              bias: bool = False, n_sets: int = 1, compile_mode: str = "max-autotune-no-cudagraphs",
+              adapter_dtype=torch.float32, scaling: float = SCALING, seed: int = 0) -> Case:
+    device = torch.device(device)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    s, note = float(scaling), ""
+    if provider in ("formula-bf16", "compile-formula", "addmm", "cublas-base"):
+        adapter_dtype = dtype
+    sets = [_make_tensors(M, K, N, r, dtype, adapter_dtype, device, bias, gen) for _ in range(max(1, n_sets))]
+    fwds: list[Callable] = []
+    fwd_bwds: list[Callable] = []
+    exclude: list = []
+    flops = (lora_flops(M, K, N, r, "fwd"), lora_flops(M, K, N, r, "fwd_bwd"))
+
+    if provider.startswith("ours-"):
+        backend = provider[len("ours-"):]
+        try:
+            import lora_kernels
+        except Exception as e:  # pragma: no cover
+            raise Unavailable(f"import lora_kernels failed: {e}")
+        avail = lora_kernels.available_backends()
+        if backend not in avail:
+            raise Unavailable(f"backend {backend!r} not available (available: {avail})")
+        op = lora_kernels.lora_linear
+        note = f"adapters {str(adapter_dtype).replace('torch.', '')}"
+        for t in sets:
+            def fwd(t=t):
+                with torch.no_grad():
+                    return op(t["x"], t["W"], t["b"], t["A"], t["B"], s, dropout_p=p, training=True,
+                              backend=backend)
+
+            def fwd_bwd(t=t):
+                y = op(t["x"], t["W"], t["b"], t["A"], t["B"], s, dropout_p=p, training=True, backend=backend)
+                return torch.autograd.grad(y, (t["x"], t["A"], t["B"]), t["dy"])
+
+            fwds.append(fwd)
+            fwd_bwds.append(fwd_bwd)
+            exclude += [t["W"], t["b"], t["A"], t["B"]]
+
+    elif provider == "peft-layer":
+        from peft import LoraConfig, get_peft_model
+
+        note = "real peft lora.Linear, default config (fp32 adapters)"
+        for t in sets:
+            class One(torch.nn.Module):
+                def __init__(self):
+                    super().__init__()
+                    self.lin = torch.nn.Linear(K, N, bias=bias, device=device, dtype=dtype)
+
+            cfg = LoraConfig(r=r, lora_alpha=int(round(s * r)), lora_dropout=p, target_modules=["lin"])
+            pm = get_peft_model(One(), cfg)
+            layer = pm.base_model.model.lin
+            la, lb = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+            with torch.no_grad():
+                layer.base_layer.weight.copy_(t["W"])
+                if bias:
+                    layer.base_layer.bias.copy_(t["b"])
+                la.copy_(t["A"])
+                lb.copy_(t["B"])
+            pm.train()
+            note = f"real peft lora.Linear, adapters {str(la.dtype).replace('torch.', '')}"
+            t["_module"] = pm  # keep alive
+
+            def fwd(t=t, layer=layer):
+                with torch.no_grad():
+                    return layer(t["x"])
+
+            def fwd_bwd(t=t, layer=layer, la=la, lb=lb):
+                y = layer(t["x"])
+                return torch.autograd.grad(y, (t["x"], la, lb), t["dy"])
+
+            fwds.append(fwd)
+            fwd_bwds.append(fwd_bwd)
+            exclude += [pp for pp in pm.parameters()]
+
+    elif provider in ("formula-bf16", "compile-formula"):
+        fn = formula
+        if provider == "compile-formula":
+            torch._dynamo.reset()  # a fresh cache per case: no recompile limit, no automatic-dynamic shapes
+            fn = torch.compile(formula, mode=compile_mode, dynamic=False)
+            note = f"torch.compile mode={compile_mode}"
+        for t in sets:
+            def fwd(t=t):
+                with torch.no_grad():
+                    return fn(t["x"], t["W"], t["b"], t["A"], t["B"], s, p)
+
+            def fwd_bwd(t=t):
+                y = fn(t["x"], t["W"], t["b"], t["A"], t["B"], s, p)
+                return torch.autograd.grad(y, (t["x"], t["A"], t["B"]), t["dy"])
+
+            fwds.append(fwd)
+            fwd_bwds.append(fwd_bwd)
+            exclude += [t["W"], t["b"], t["A"], t["B"]]
+
+    elif provider == "addmm":
+        note = "no dropout (p ignored)"
+
+        def run(t):
+            out = F.linear(t["x"], t["W"], t["b"])
+            return out.addmm_(t["x"] @ t["A"].t(), t["B"].t(), alpha=s)
+
+        for t in sets:
+            def fwd(t=t):
+                with torch.no_grad():
+                    return run(t)
+
+            def fwd_bwd(t=t):
+                return torch.autograd.grad(run(t), (t["x"], t["A"], t["B"]), t["dy"])
+
+            fwds.append(fwd)
+            fwd_bwds.append(fwd_bwd)
+            exclude += [t["W"], t["b"], t["A"], t["B"]]
+
+    elif provider == "cublas-base":
+        note = "floor: F.linear(x, W) [+ dy @ W]"
+        flops = (base_flops(M, K, N, "fwd"), base_flops(M, K, N, "fwd_bwd"))
+        for t in sets:
+            xd = t["x"].detach()
+
+            def fwd(xd=xd, t=t):
+                return F.linear(xd, t["W"])
+
+            def fwd_bwd(xd=xd, t=t):
+                y = F.linear(xd, t["W"])
+                return y, t["dy"] @ t["W"]
+
+            fwds.append(fwd)
+            fwd_bwds.append(fwd_bwd)
+            exclude += [t["W"]]
+    else:
+        raise ValueError(f"unknown provider {provider!r}; known: {PROVIDERS}")
+
+    return Case(provider, fwds, fwd_bwds, flops[0], flops[1], [e for e in exclude if e is not None],
+                [sets[0]["x"]], note, str(adapter_dtype).replace("torch.", ""))

@@ -1,0 +1,141 @@
+"""LoRA layer benchmarks (pytest-benchmark).
+
+    python3 -m pytest bench/test_bench_lora.py --benchmark-json out.json [--quick] [--providers a,b]
+    python3 bench/make_table.py out.json --out outdir/
+
+pytest-benchmark's own timer does not know about CUDA streams, so each test calls our CUDA-event timer
+(bench/timing.py) once through ``benchmark.pedantic`` and stores the median in ``benchmark.extra_info``
+(the table script reads only extra_info). Skipped without CUDA, unless LK_BENCH_CPU_SMOKE=1 (tiny fp32
+shapes on CPU, to test the plumbing).
+"""
+from __future__ import annotations
+
+import gc
+import os
+
+import pytest
+import torch
+
+from providers import FLOOR, PROVIDERS, Unavailable, make_case, set_bytes
+from timing import bench_ms, measure_memory, n_rotation_sets
+
+CPU_SMOKE = os.environ.get("LK_BENCH_CPU_SMOKE") == "1"
+HAS_CUDA = torch.cuda.is_available()
+pytestmark = pytest.mark.skipif(not (HAS_CUDA or CPU_SMOKE), reason="needs CUDA (or LK_BENCH_CPU_SMOKE=1)")
+
+# Llama-3-8B: q/o 4096->4096, k/v 4096->1024, gate/up 4096->14336, down 14336->4096
+SHAPES = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]
+MS = [16, 2048, 8192]
+RS = [16, 64]
+PS = [0.0, 0.1]
+MODES = ["fwd", "fwd_bwd"]
+QUICK = dict(shapes=[(4096, 4096), (4096, 14336)], ms=[16, 8192], rs=[16], ps=[0.0, 0.1])
+SMOKE = dict(shapes=[(128, 96), (96, 256)], ms=[16, 64], rs=[16], ps=[0.0, 0.1])
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+DTYPE = torch.bfloat16 if HAS_CUDA else torch.float32
+
+
+def pytest_generate_tests(metafunc):
+    if "cfg" not in metafunc.fixturenames:
+        return
+    opt = metafunc.config.getoption
+    if CPU_SMOKE and not HAS_CUDA:
+        sel = SMOKE
+    elif opt("--quick"):
+        sel = QUICK
+    else:
+        sel = dict(shapes=SHAPES, ms=MS, rs=RS, ps=PS)
+    providers = list(PROVIDERS)
+    if opt("--providers"):
+        want = [p.strip() for p in opt("--providers").split(",") if p.strip()]
+        providers = [p for p in providers if p in want]
+    params, ids = [], []
+    for (K, N) in sel["shapes"]:
+        for M in sel["ms"]:
+            for r in sel["rs"]:
+                for p in sel["ps"]:
+                    for mode in MODES:
+                        for prov in providers:
+                            params.append((prov, K, N, M, r, p, mode))
+                            ids.append(f"{K}x{N}-M{M}-r{r}-p{p}-{mode}-{prov}")
+    metafunc.parametrize("cfg", params, ids=ids)
+
+
+_FLOOR_CACHE: dict = {}
+_ENV: dict = {}
+
+
+def _env(config):
+    if not _ENV:
+        from conftest import env_info
+
+        _ENV.update(env_info())
+    return _ENV
+
+
+def _compile_mode(config):
+    mode = config.getoption("--compile-mode")
+    if mode:
+        return mode
+    return "default" if (config.getoption("--quick") or not HAS_CUDA) else "max-autotune-no-cudagraphs"
+
+
+def _timer_kwargs(config):
+    return {"use_do_bench": bool(config.getoption("--use-do-bench")) and HAS_CUDA}
+
+
+def _cleanup():
+    gc.collect()
+    if HAS_CUDA:
+        torch.cuda.empty_cache()
+
+
+def _floor_ms(config, K, N, M, mode):
+    key = (K, N, M, mode)
+    if key not in _FLOOR_CACHE:
+        n_sets = n_rotation_sets(set_bytes(M, K, N, 16, DTYPE))
+        case = make_case(FLOOR, M, K, N, 16, 0.0, dtype=DTYPE, device=DEVICE, n_sets=n_sets)
+        _FLOOR_CACHE[key] = bench_ms(getattr(case, mode), **_timer_kwargs(config))["median_ms"]
+        del case
+        _cleanup()
+    return _FLOOR_CACHE[key]
+
+
+def test_lora_layer(benchmark, cfg, request):
+    prov, K, N, M, r, p, mode = cfg
+    config = request.config
+    n_sets = n_rotation_sets(set_bytes(M, K, N, r, DTYPE))
+    torch.manual_seed(0)
+    try:
+        case = make_case(prov, M, K, N, r, p, dtype=DTYPE, device=DEVICE, n_sets=n_sets,
+                         compile_mode=_compile_mode(config))
+    except Unavailable as e:
+        pytest.skip(str(e))
+    fns = getattr(case, mode)
+    result = {}
+
+    def target():
+        result.update(bench_ms(fns, **_timer_kwargs(config)))
+        return result["median_ms"]
+
+    benchmark.pedantic(target, rounds=1, iterations=1, warmup_rounds=0)
+    med = result["median_ms"]
+    floor = _floor_ms(config, K, N, M, mode) if prov != FLOOR else med
+    flops = case.flops_fwd if mode == "fwd" else case.flops_fwd_bwd
+    info = {
+        "provider": prov, "K": K, "N": N, "shape": f"{K}->{N}", "M": M, "r": r, "p": p, "mode": mode,
+        "dtype": str(DTYPE).replace("torch.", ""), "adapter_dtype": case.adapter_dtype, "note": case.note,
+        "median_ms": med, "p20_ms": result.get("p20_ms"), "p80_ms": result.get("p80_ms"),
+        "reps": result.get("reps"), "rotation_sets": result.get("sets"),
+        "tflops": flops / (med * 1e-3) / 1e12 if med > 0 else None, "flops": flops,
+        "floor_ms": floor, "ratio_to_floor": med / floor if floor else None,
+        "timer": "do_bench" if _timer_kwargs(config)["use_do_bench"] else "cuda-events-rotating",
+    }
+    if mode == "fwd_bwd":
+        mem = measure_memory(fns[0], exclude=case.exclude, inputs=case.inputs)
+        info.update({k: v for k, v in mem.items()})
+    info.update({f"env_{k}": v for k, v in _env(config).items()})
+    benchmark.extra_info.update(info)
+    del case, fns
+    _cleanup()

@@ -1,0 +1,218 @@
+"""Run PEFT LoRA ``Linear`` layers through the fused ``lora_kernels.lora_linear`` op.
+
+    report = patch_peft(peft_model)      # patches every supported peft lora.Linear in place
+    print(report)                        # which layers were patched, which skipped and why
+    unpatch_peft(peft_model)             # back to PEFT's own forward
+
+Patching only sets an instance attribute ``forward`` (a bound method) on each supported layer: parameters,
+buffers, ``state_dict`` and ``save_pretrained`` output are untouched, and ``unpatch_peft`` deletes the attribute.
+
+Supported (checked at patch time, with a reason recorded for every skipped layer): exactly one active adapter
+that exists in ``lora_A``; not merged; no DoRA or other LoRA variant; no ``lora_bias``; ``fan_in_fan_out=False``;
+dropout ``nn.Dropout`` or ``nn.Identity``; a plain (unquantized) ``nn.Linear`` base layer without hooks.
+The patched forward re-checks everything that can change at runtime (adapters disabled or switched, merged,
+DoRA/variants, ``adapter_names`` mixed batches, extra arguments, dtypes) and falls back to PEFT's forward
+whenever the fast path does not apply, so results always match PEFT's semantics.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+
+import torch
+from torch import nn
+
+__all__ = ["PatchReport", "patch_peft", "unpatch_peft"]
+
+_BACKEND_ATTR = "_lora_kernels_backend"
+_FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _lora_linear_cls():
+    try:
+        from peft.tuners.lora.layer import Linear
+    except ImportError as e:
+        raise ImportError(
+            "lora_kernels.patch_peft needs the `peft` package (pip install peft); importing "
+            f"peft.tuners.lora.layer failed: {e}"
+        ) from e
+    return Linear
+
+
+@dataclasses.dataclass
+class PatchReport:
+    """What ``patch_peft`` did: ``patched`` module names and ``skipped`` {module name: reason}."""
+
+    patched: list[str] = dataclasses.field(default_factory=list)
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def num_patched(self) -> int:
+        return len(self.patched)
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.skipped)
+
+    def __str__(self) -> str:
+        lines = [f"lora_kernels.patch_peft: patched {self.num_patched} LoRA Linear layer(s), "
+                 f"skipped {self.num_skipped}"]
+        by_reason: dict[str, list[str]] = {}
+        for name, reason in self.skipped.items():
+            by_reason.setdefault(reason, []).append(name)
+        for reason, names in by_reason.items():
+            shown = ", ".join(names[:3]) + (f", ... (+{len(names) - 3} more)" if len(names) > 3 else "")
+            lines.append(f"  skipped {len(names)}: {reason} [{shown}]")
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- checks
+def _is_quantized(base: nn.Module) -> bool:
+    w = getattr(base, "weight", None)
+    if not isinstance(w, torch.Tensor):
+        return True
+    if type(w) not in (torch.Tensor, nn.Parameter):  # bnb Int8Params/Params4bit, torchao / other subclasses
+        return True
+    for attr in ("quant_state", "SCB", "CB", "quant_type", "qweight", "compress_statistics"):
+        if hasattr(base, attr) or hasattr(w, attr):
+            return True
+    return w.dtype not in _FAST_DTYPES
+
+
+def _base_reason(base: nn.Module) -> str | None:
+    """Why the base layer cannot run in the fast path (None if it can)."""
+    if not isinstance(base, nn.Linear):
+        return f"base layer is {type(base).__name__}, not nn.Linear"
+    if _is_quantized(base):
+        return f"base layer {type(base).__name__} is quantized (weight {type(base.weight).__name__}, " \
+               f"dtype {getattr(base.weight, 'dtype', None)})"
+    if type(base).forward is not nn.Linear.forward or "forward" in base.__dict__:
+        return f"base layer {type(base).__name__} overrides forward"
+    if base._forward_hooks or base._forward_pre_hooks:
+        return "base layer has forward hooks"
+    return None
+
+
+def _static_reason(module, lora_linear_cls) -> str | None:
+    """Why ``module`` (a peft lora.Linear) is not supported (None if it is). Checks patch-time state."""
+    if type(module).forward is not lora_linear_cls.forward:
+        return f"{type(module).__name__} overrides lora.Linear.forward"
+    if "forward" in module.__dict__ and getattr(module.__dict__["forward"], "__func__", None) is not _patched_forward:
+        return "forward already overridden on the instance (e.g. an accelerate hook)"
+    return _runtime_reason(module)
+
+
+def _runtime_reason(module) -> str | None:
+    """The conditions that can change after patching (re-checked by the patched forward)."""
+    if getattr(module, "fan_in_fan_out", False):
+        return "fan_in_fan_out=True is not supported"
+    active = list(module.active_adapters)
+    if len(active) != 1:
+        return f"{len(active)} active adapters ({', '.join(map(str, active))}); exactly one is supported"
+    name = active[0]
+    if name not in module.lora_A:
+        return f"active adapter {name!r} has no lora_A on this layer"
+    if module.merged:
+        return "adapter is merged into the base weight"
+    if module.use_dora.get(name, False):
+        return "DoRA (use_dora=True) is not supported"
+    if name in getattr(module, "lora_variant", {}):
+        return f"LoRA variant {type(module.lora_variant[name]).__name__} is not supported"
+    if module.lora_bias.get(name, False):
+        return "lora_bias=True is not supported"
+    A, B = module.lora_A[name], module.lora_B[name]
+    if type(A) is not nn.Linear or type(B) is not nn.Linear or A.bias is not None or B.bias is not None:
+        return "lora_A/lora_B are not bias-free nn.Linear"
+    if not isinstance(module.lora_dropout[name], (nn.Dropout, nn.Identity)):
+        return f"lora_dropout is {type(module.lora_dropout[name]).__name__}, not nn.Dropout/nn.Identity"
+    return _base_reason(module.base_layer)
+
+
+# -------------------------------------------------------------------------------------- patched forward
+def _fast_dtypes_ok(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> bool:
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        compute = torch.get_autocast_dtype(dev)  # the op casts x/weight/bias to it, as F.linear would
+    else:
+        compute = x.dtype
+        if weight.dtype != compute:
+            return False
+    if compute not in _FAST_DTYPES:
+        return False
+    return lora_A.dtype in (torch.float32, compute) and lora_B.dtype in (torch.float32, compute)
+
+
+def _patched_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """The patched ``forward`` of a peft lora.Linear (bound to the instance by ``patch_peft``).
+
+    Same semantics as PEFT's ``Linear.forward``; the single-active-adapter vanilla-LoRA case runs the fused op,
+    everything else goes to PEFT's own forward."""
+    cls_forward = type(self).forward
+    if (self.disable_adapters or args or any(v is not None for v in kwargs.values())
+            or _runtime_reason(self) is not None):
+        return cls_forward(self, x, *args, **kwargs)
+    name = self.active_adapters[0]
+    base = self.base_layer
+    lora_A = self.lora_A[name].weight
+    lora_B = self.lora_B[name].weight
+    if not isinstance(x, torch.Tensor) or not _fast_dtypes_ok(x, base.weight, lora_A, lora_B):
+        return cls_forward(self, x, *args, **kwargs)
+    dropout = self.lora_dropout[name]
+    if isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0:
+        p, training = float(dropout.p), True
+    else:
+        p, training = 0.0, False
+    from . import ops
+
+    # PEFT returns the base layer's output dtype (x's dtype, or the autocast dtype); the op returns exactly that
+    # (it casts x/weight to the autocast dtype itself, and its result is in x's (cast) dtype).
+    return ops.lora_linear(x, base.weight, base.bias, lora_A, lora_B, float(self.scaling[name]),
+                           dropout_p=p, training=training, backend=getattr(self, _BACKEND_ATTR, None))
+
+
+# Named like the method it replaces, so a pickled bound method resolves by getattr(module, "forward").
+_patched_forward.__name__ = "forward"
+
+
+# ----------------------------------------------------------------------------------------------- public
+def patch_peft(model: nn.Module, backend=None) -> PatchReport:
+    """Make every supported PEFT LoRA ``Linear`` in ``model`` run the fused ``lora_linear`` op.
+
+    Only an instance attribute ``forward`` is added (nothing in parameters/buffers/state_dict changes). Layers
+    that are not supported are left alone and listed in the report's ``skipped`` with a reason. Calling it again
+    re-patches (e.g. with another ``backend``) and re-evaluates skipped layers. ``backend`` is passed to
+    ``lora_linear`` (None/'auto', 'torch', 'triton', 'cuda').
+    """
+    lora_linear_cls = _lora_linear_cls()
+    report = PatchReport()
+    for name, module in model.named_modules():
+        if not isinstance(module, lora_linear_cls):
+            continue
+        reason = _static_reason(module, lora_linear_cls)
+        if reason is not None:
+            report.skipped[name] = reason
+            continue
+        # Plain object attributes: nn.Module.__setattr__ stores non-Parameter/Module/Tensor values in __dict__,
+        # so none of this reaches the state_dict.
+        setattr(module, _BACKEND_ATTR, backend)
+        module.forward = types.MethodType(_patched_forward, module)
+        report.patched.append(name)
+    return report
+
+
+def unpatch_peft(model: nn.Module) -> int:
+    """Remove the patch from every layer ``patch_peft`` patched; returns how many layers were unpatched."""
+    n = 0
+    for module in model.modules():
+        fwd = module.__dict__.get("forward")
+        if fwd is not None and getattr(fwd, "__func__", None) is _patched_forward:
+            del module.__dict__["forward"]
+            module.__dict__.pop(_BACKEND_ATTR, None)
+            n += 1
+    return n
+
+
+def is_patched(module: nn.Module) -> bool:
+    """Whether ``module`` currently carries the patched forward."""
+    fwd = module.__dict__.get("forward")
+    return fwd is not None and getattr(fwd, "__func__", None) is _patched_forward
