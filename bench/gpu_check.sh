@@ -15,6 +15,7 @@ declare -a NAMES RCS SECS
 
 step() {  # step <name> <timeout_s> <command...>
   local name="$1" t="$2"; shift 2
+  case " ${SKIP:-} " in *" $name "*) echo "=== [$name] skipped (SKIP)"; return 0;; esac
   local s=$(date +%s)
   echo "=== [$name] (timeout ${t}s): $*" | tee "$LOGS/$name.log"
   timeout --kill-after=10 "$t" "$@" 2>&1 | tee -a "$LOGS/$name.log"
@@ -39,7 +40,9 @@ for m in (\"triton\", \"peft\", \"transformers\", \"pytest_benchmark\", \"matplo
     except Exception as e: print(m, \"MISSING\", e)
 "; nvcc --version 2>/dev/null | tail -2'
 
-if [ -f bench/gpu_build.sh ]; then
+if [ -x /tmp/venv/bin/python ] && [ -n "${REUSE_BUILD:-}" ]; then
+  echo "=== [build] reusing /tmp/venv (REUSE_BUILD)"
+elif [ -f bench/gpu_build.sh ]; then
   step build "$T_BUILD" bash bench/gpu_build.sh
 else
   step build "$T_BUILD" python3 -m pip install --no-build-isolation --no-deps -e .
