@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # On the GPU machine: build the lora_kernels wheel (with the CUDA extension) from a clean copy of the tracked
-# files, install it into a fresh venv that sees the system site-packages (torch), print the wheel name.
-# Usage: bash bench/gpu_build.sh   then use /tmp/venv/bin/python.
+# files, install it into /tmp/site, print the wheel name.
+# Usage: bash bench/gpu_build.sh   then run with PYTHONPATH=/tmp/site from outside the source tree.
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
-SRC=/tmp/src; WHL=/tmp/whl; VENV=/tmp/venv
+SRC=/tmp/src; WHL=/tmp/whl; SITE=/tmp/site
 rm -rf "$SRC" "$WHL"; mkdir -p "$SRC" "$WHL"
 if git -C "$REPO" rev-parse --git-dir >/dev/null 2>&1 && git -C "$REPO" ls-files --error-unmatch setup.py >/dev/null 2>&1; then
   (cd "$REPO" && git ls-files -z --cached --others --exclude-standard | xargs -0 -I{} cp --parents {} "$SRC"/)
@@ -14,7 +14,8 @@ fi
 export MAX_JOBS="${MAX_JOBS:-16}"
 (cd "$SRC" && python3 -m pip wheel --no-build-isolation --no-deps -v -w "$WHL" . 2>&1 | tail -40)
 WHEEL="$(ls "$WHL"/lora_kernels-*.whl)"
-rm -rf "$VENV"; python3 -m venv --system-site-packages "$VENV"
-"$VENV/bin/pip" install --no-deps --force-reinstall "$WHEEL"
-(cd /tmp && "$VENV/bin/python" -c "import lora_kernels._C, torch; print('ops:', torch.ops.lora_kernels_cuda.forward)")
+# Install the wheel into its own folder (not a venv: the image's python3 is itself a venv, and a nested venv
+# would not see its torch); callers put /tmp/site first on PYTHONPATH and run outside the source tree.
+rm -rf "$SITE"; python3 -m pip install -q --no-deps --no-compile --target "$SITE" "$WHEEL"
+(cd /tmp && PYTHONPATH="$SITE" python3 -c "import lora_kernels._C, torch; print('ops:', torch.ops.lora_kernels_cuda.forward)")
 echo "WHEEL=$(basename "$WHEEL")"

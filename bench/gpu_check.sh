@@ -40,17 +40,16 @@ for m in (\"triton\", \"peft\", \"transformers\", \"pytest_benchmark\", \"matplo
     except Exception as e: print(m, \"MISSING\", e)
 "; nvcc --version 2>/dev/null | tail -2'
 
-if [ -x /tmp/venv/bin/python ] && [ -n "${REUSE_BUILD:-}" ]; then
-  echo "=== [build] reusing /tmp/venv (REUSE_BUILD)"
+if [ -d /tmp/site/lora_kernels ] && [ -n "${REUSE_BUILD:-}" ]; then
+  echo "=== [build] reusing /tmp/site (REUSE_BUILD)"
 elif [ -f bench/gpu_build.sh ]; then
   step build "$T_BUILD" bash bench/gpu_build.sh
 else
   step build "$T_BUILD" python3 -m pip install --no-build-isolation --no-deps -e .
 fi
-# From here on everything runs against the installed wheel (the venv), never the source tree.
+# From here on everything runs against the installed wheel (/tmp/site), never the source tree.
 REPO="$PWD"; PY=python3
-if [ -x /tmp/venv/bin/python ]; then PY=/tmp/venv/bin/python; fi
-unset PYTHONPATH
+if [ -d /tmp/site/lora_kernels ]; then export PYTHONPATH=/tmp/site; else export PYTHONPATH="$REPO"; fi
 mkdir -p /tmp/run && cd /tmp/run
 step backends 60 $PY -c "import lora_kernels as L; print(L.__file__); print('backends', L.available_backends()); print(L.backend_status())"
 step tests "$T_TESTS" env LORA_KERNELS_TRITON_AUTOTUNE=0 $PY -m pytest -q -p no:cacheprovider "$REPO/tests" ${TEST_ARGS:-}
