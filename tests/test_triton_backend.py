@@ -97,13 +97,7 @@ def test_forward_backward_vs_float64(case, dtype):
 
     ref = _math(x.cpu(), W.cpu(), None if b is None else b.cpu(), A.cpu(), B.cpu(), dy.cpu(), s, p,
                 keep.cpu(), None)
-    tf32 = _CUDA and dtype == torch.float32
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = tf32  # the kernels' policy: tf32 dots for fp32 inputs
-    try:
-        same = _math(x, W, b, A, B, dy, s, p, keep, dtype)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
+    same = _math(x, W, b, A, B, dy, s, p, keep, dtype)  # fp32: full-fp32 dots, as the kernels' default
     # dB uses the kernel's own u (as autograd would), so its reference is built from that u
     ref_dB = dy.cpu().double().T @ u.cpu().double()
     same_dB = (dy.T @ u.to(dtype))
