@@ -1,0 +1,17 @@
+"""A small forward + backward of the CUDA backend (odd sizes, dropout, fp32 adapters) for compute-sanitizer:
+    compute-sanitizer --tool memcheck python3 bench/sanitize_cuda.py"""
+import torch
+
+import lora_kernels
+
+for dtype, adapter in ((torch.bfloat16, torch.float32), (torch.float16, torch.float16), (torch.float32, torch.float32)):
+    for M, K, N, r, p in ((1, 40, 24, 1, 0.0), (37, 100, 72, 33, 0.3), (130, 264, 136, 256, 0.1)):
+        x = torch.randn(M, K, device="cuda", dtype=dtype, requires_grad=True)
+        W = torch.randn(N, K, device="cuda", dtype=dtype)
+        b = torch.randn(N, device="cuda", dtype=dtype)
+        A = torch.randn(r, K, device="cuda", dtype=adapter, requires_grad=True)
+        B = torch.randn(N, r, device="cuda", dtype=adapter, requires_grad=True)
+        y = lora_kernels.lora_linear(x, W, b, A, B, 0.5, dropout_p=p, backend="cuda")
+        y.float().sum().backward()
+torch.cuda.synchronize()
+print("sanitize run done")
