@@ -16,17 +16,19 @@ def _acc(t: torch.Tensor) -> torch.Tensor:
     return t.double() if t.dtype == torch.float64 else t.float()
 
 
-def _dropped(x32: torch.Tensor, p: float, seed: int, offset: int) -> torch.Tensor:
-    """dropout(x) in the accumulation dtype: x * keep / (1 - p), keep from the Philox contract."""
-    if p == 0.0:
-        return x32
-    keep = dropout_mask(seed, offset, x32.shape, p, device=x32.device)
-    return x32 * keep / (1.0 - p)
+def _keep(x: torch.Tensor, p: float, seed: int, offset: int):
+    """The contract's keep-mask for x, or None without dropout."""
+    return None if p == 0.0 else dropout_mask(seed, offset, x.shape, p, device=x.device)
+
+
+def _dropped(t: torch.Tensor, keep, p: float) -> torch.Tensor:
+    """Inverted dropout: t * keep / (1 - p)."""
+    return t if keep is None else t * keep / (1.0 - p)
 
 
 def forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset):
     x32 = _acc(x)
-    u = scaling * (_dropped(x32, p, seed, offset) @ _acc(lora_A).t())  # (M, r)
+    u = scaling * (_dropped(x32, _keep(x, p, seed, offset), p) @ _acc(lora_A).t())  # (M, r)
     y = x32 @ _acc(weight).t() + u @ _acc(lora_B).t()
     if bias is not None:
         y = y + _acc(bias)
@@ -36,14 +38,13 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset):
 def backward(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, need_dx, need_dA, need_dB):
     dy32 = _acc(dy)
     g = dy32 @ _acc(lora_B)  # (M, r)
+    keep = _keep(x, p, seed, offset) if (need_dx or need_dA) else None  # generated once for dx and dA
     dx = dA = dB = None
     if need_dx:
-        lora_dx = scaling * (g @ _acc(lora_A))
-        if p != 0.0:
-            lora_dx = lora_dx * dropout_mask(seed, offset, x.shape, p, device=x.device) / (1.0 - p)
+        lora_dx = _dropped(scaling * (g @ _acc(lora_A)), keep, p)
         dx = (dy32 @ _acc(weight) + lora_dx).to(x.dtype)
     if need_dA:
-        dA = (scaling * (g.t() @ _dropped(_acc(x), p, seed, offset))).to(lora_A.dtype)
+        dA = (scaling * (g.t() @ _dropped(_acc(x), keep, p))).to(lora_A.dtype)
     if need_dB:
         dB = (dy32.t() @ u).to(lora_B.dtype)
     return dx, dA, dB
