@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import ops
+
 __all__ = ["LoRALinear"]
 
 
@@ -109,8 +111,6 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return F.linear(x, self.weight, self.bias)
-        from . import ops
-
         return ops.lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
                                dropout_p=self.dropout, training=self.training, backend=self.backend)
 

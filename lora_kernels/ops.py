@@ -22,7 +22,7 @@ import torch
 from . import _dispatch
 
 MAX_RANK = 256
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # float64: torch backend only
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # float64: torch backend only
 _SEED_HIGH = 2**62
 
 # --------------------------------------------------------------------------------------------- dropout seeds
@@ -122,6 +122,21 @@ torch.library.register_autograd("lora_kernels::lora_fwd", _backward, setup_conte
 
 
 # ------------------------------------------------------------------------------------------ the public op
+def dtype_problem(x_dtype, weight_dtype, bias_dtype, lora_A_dtype, lora_B_dtype):
+    """Why this dtype combination is not accepted by the op (a message), or None when it is."""
+    for name, dt in (("x", x_dtype), ("weight", weight_dtype), ("lora_A", lora_A_dtype), ("lora_B", lora_B_dtype)):
+        if dt not in SUPPORTED_DTYPES:
+            return f"{name} has unsupported dtype {dt}; expected one of float16, bfloat16, float32 (float64 on the torch backend)"
+    if weight_dtype != x_dtype:
+        return f"weight dtype {weight_dtype} must match x dtype {x_dtype} (as F.linear requires)"
+    if bias_dtype is not None and bias_dtype != x_dtype:
+        return f"bias dtype {bias_dtype} must match x dtype {x_dtype}"
+    for name, dt in (("lora_A", lora_A_dtype), ("lora_B", lora_B_dtype)):
+        if dt not in (torch.float32, x_dtype):
+            return f"{name} dtype {dt} must be float32 or x's dtype {x_dtype}"
+    return None
+
+
 def _check(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
     def fail(msg):
         raise ValueError(f"lora_linear: {msg}")
@@ -129,10 +144,11 @@ def _check(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
     for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
         if not isinstance(t, torch.Tensor):
             fail(f"{name} must be a Tensor, got {type(t).__name__}")
-        if t.dtype not in _FLOAT_DTYPES:
-            fail(f"{name} has unsupported dtype {t.dtype}; expected one of float16, bfloat16, float32 (float64 on the torch backend)")
     if bias is not None and not isinstance(bias, torch.Tensor):
         fail(f"bias must be a Tensor or None, got {type(bias).__name__}")
+    problem = dtype_problem(x.dtype, weight.dtype, None if bias is None else bias.dtype, lora_A.dtype, lora_B.dtype)
+    if problem is not None:
+        fail(problem)
     if x.dim() < 1:
         fail(f"x must have shape (..., K), got a 0-d tensor")
     if weight.dim() != 2:
@@ -149,13 +165,6 @@ def _check(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
         fail(f"lora_B must have shape (N={N}, r={r}), got {tuple(lora_B.shape)}")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != N):
         fail(f"bias must have shape (N={N},), got {tuple(bias.shape)}")
-    if weight.dtype != x.dtype:
-        fail(f"weight dtype {weight.dtype} must match x dtype {x.dtype} (as F.linear requires)")
-    if bias is not None and bias.dtype != x.dtype:
-        fail(f"bias dtype {bias.dtype} must match x dtype {x.dtype}")
-    for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
-        if t.dtype not in (torch.float32, x.dtype):
-            fail(f"{name} dtype {t.dtype} must be float32 or x's dtype {x.dtype}")
     dev = x.device
     for name, t in (("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B)):
         if t is not None and t.device != dev:

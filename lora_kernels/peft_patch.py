@@ -22,10 +22,11 @@ import types
 import torch
 from torch import nn
 
+from . import ops
+
 __all__ = ["PatchReport", "patch_peft", "unpatch_peft"]
 
 _BACKEND_ATTR = "_lora_kernels_backend"
-_FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _lora_linear_cls():
@@ -76,7 +77,7 @@ def _is_quantized(base: nn.Module) -> bool:
     for attr in ("quant_state", "SCB", "CB", "quant_type", "qweight", "compress_statistics"):
         if hasattr(base, attr) or hasattr(w, attr):
             return True
-    return w.dtype not in _FAST_DTYPES
+    return w.dtype not in ops.SUPPORTED_DTYPES
 
 
 def _base_reason(base: nn.Module) -> str | None:
@@ -130,16 +131,12 @@ def _runtime_reason(module) -> str | None:
 
 # -------------------------------------------------------------------------------------- patched forward
 def _fast_dtypes_ok(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> bool:
+    """Whether the op accepts these dtypes (checked with the op's own rule; otherwise PEFT's forward runs)."""
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
         compute = torch.get_autocast_dtype(dev)  # the op casts x/weight/bias to it, as F.linear would
-    else:
-        compute = x.dtype
-        if weight.dtype != compute:
-            return False
-    if compute not in _FAST_DTYPES:
-        return False
-    return lora_A.dtype in (torch.float32, compute) and lora_B.dtype in (torch.float32, compute)
+        return ops.dtype_problem(compute, compute, None, lora_A.dtype, lora_B.dtype) is None
+    return ops.dtype_problem(x.dtype, weight.dtype, None, lora_A.dtype, lora_B.dtype) is None
 
 
 def _patched_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -162,7 +159,6 @@ def _patched_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         p, training = float(dropout.p), True
     else:
         p, training = 0.0, False
-    from . import ops
 
     # PEFT returns the base layer's output dtype (x's dtype, or the autocast dtype); the op returns exactly that
     # (it casts x/weight to the autocast dtype itself, and its result is in x's (cast) dtype).
