@@ -90,6 +90,20 @@ def set_bytes(M, K, N, r, dtype, bias=False):
     return es * (M * K + N * K + 2 * M * N + (N if bias else 0)) + 4 * r * (K + N)
 
 
+def _add_modes(fwds: list, fwd_bwds: list, call: Callable, wrt: tuple, dy) -> None:
+    """Append a provider's two timed callables: forward without autograd, and forward plus the grads of
+    ``wrt`` for the upstream gradient ``dy``."""
+    def fwd():
+        with torch.no_grad():
+            return call()
+
+    def fwd_bwd():
+        return torch.autograd.grad(call(), wrt, dy)
+
+    fwds.append(fwd)
+    fwd_bwds.append(fwd_bwd)
+
+
 def make_case(provider: str, M: int, K: int, N: int, r: int, p: float, dtype=torch.bfloat16, device="cuda",
               bias: bool = False, n_sets: int = 1, compile_mode: str = "max-autotune-no-cudagraphs",
               adapter_dtype=torch.float32, scaling: float = SCALING, seed: int = 0) -> Case:
@@ -117,17 +131,9 @@ def make_case(provider: str, M: int, K: int, N: int, r: int, p: float, dtype=tor
         op = lora_kernels.lora_linear
         note = f"adapters {str(adapter_dtype).replace('torch.', '')}"
         for t in sets:
-            def fwd(t=t):
-                with torch.no_grad():
-                    return op(t["x"], t["W"], t["b"], t["A"], t["B"], s, dropout_p=p, training=True,
-                              backend=backend)
-
-            def fwd_bwd(t=t):
-                y = op(t["x"], t["W"], t["b"], t["A"], t["B"], s, dropout_p=p, training=True, backend=backend)
-                return torch.autograd.grad(y, (t["x"], t["A"], t["B"]), t["dy"])
-
-            fwds.append(fwd)
-            fwd_bwds.append(fwd_bwd)
+            _add_modes(fwds, fwd_bwds, lambda t=t: op(t["x"], t["W"], t["b"], t["A"], t["B"], s, dropout_p=p,
+                                                      training=True, backend=backend),
+                       (t["x"], t["A"], t["B"]), t["dy"])
             exclude += [t["W"], t["b"], t["A"], t["B"]]
 
     elif provider == "peft-layer":
@@ -154,16 +160,7 @@ def make_case(provider: str, M: int, K: int, N: int, r: int, p: float, dtype=tor
             note = f"real peft lora.Linear, adapters {str(la.dtype).replace('torch.', '')}"
             t["_module"] = pm  # keep alive
 
-            def fwd(t=t, layer=layer):
-                with torch.no_grad():
-                    return layer(t["x"])
-
-            def fwd_bwd(t=t, layer=layer, la=la, lb=lb):
-                y = layer(t["x"])
-                return torch.autograd.grad(y, (t["x"], la, lb), t["dy"])
-
-            fwds.append(fwd)
-            fwd_bwds.append(fwd_bwd)
+            _add_modes(fwds, fwd_bwds, lambda t=t, layer=layer: layer(t["x"]), (t["x"], la, lb), t["dy"])
             exclude += [pp for pp in pm.parameters()]
 
     elif provider in ("formula-bf16", "compile-formula"):
@@ -173,16 +170,8 @@ def make_case(provider: str, M: int, K: int, N: int, r: int, p: float, dtype=tor
             fn = torch.compile(formula, mode=compile_mode, dynamic=False)
             note = f"torch.compile mode={compile_mode}"
         for t in sets:
-            def fwd(t=t):
-                with torch.no_grad():
-                    return fn(t["x"], t["W"], t["b"], t["A"], t["B"], s, p)
-
-            def fwd_bwd(t=t):
-                y = fn(t["x"], t["W"], t["b"], t["A"], t["B"], s, p)
-                return torch.autograd.grad(y, (t["x"], t["A"], t["B"]), t["dy"])
-
-            fwds.append(fwd)
-            fwd_bwds.append(fwd_bwd)
+            _add_modes(fwds, fwd_bwds, lambda t=t: fn(t["x"], t["W"], t["b"], t["A"], t["B"], s, p),
+                       (t["x"], t["A"], t["B"]), t["dy"])
             exclude += [t["W"], t["b"], t["A"], t["B"]]
 
     elif provider == "addmm":
@@ -193,15 +182,7 @@ def make_case(provider: str, M: int, K: int, N: int, r: int, p: float, dtype=tor
             return out.addmm_(t["x"] @ t["A"].t(), t["B"].t(), alpha=s)
 
         for t in sets:
-            def fwd(t=t):
-                with torch.no_grad():
-                    return run(t)
-
-            def fwd_bwd(t=t):
-                return torch.autograd.grad(run(t), (t["x"], t["A"], t["B"]), t["dy"])
-
-            fwds.append(fwd)
-            fwd_bwds.append(fwd_bwd)
+            _add_modes(fwds, fwd_bwds, lambda t=t: run(t), (t["x"], t["A"], t["B"]), t["dy"])
             exclude += [t["W"], t["b"], t["A"], t["B"]]
 
     elif provider == "cublas-base":
