@@ -114,3 +114,8 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    # Everything is written and the process group destroyed. Skip C++ static teardown: gloo's can abort there
+    # ("terminate called without an active exception", exit -6; seen once in about 8 CPU runs of the 2-rank test).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
