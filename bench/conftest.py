@@ -9,6 +9,11 @@ def pytest_addoption(parser):
     g = parser.getgroup("lora-bench")
     g.addoption("--quick", action="store_true", default=False,
                 help="subset: M in {16, 8192}, shapes 4096->4096 and 4096->14336, r=16, p in {0, 0.1}")
+    g.addoption("--targets", action="store_true", default=False,
+                help="the issue-target grid: M x K -> N in 8192x4096->4096, 8192x4096->14336, 8192x14336->4096, "
+                     "2048x4096->4096, 16x4096->4096; r in {16, 64}; p in {0, 0.1}")
+    g.addoption("--adapter-dtype", default="float32", choices=["float32", "bfloat16"],
+                help="dtype of lora_A / lora_B for the ours-* providers (float32: PEFT's default)")
     g.addoption("--compile-mode", default=None,
                 help='torch.compile mode of compile-formula (default "max-autotune-no-cudagraphs"; '
                      'with --quick: "default", to keep the quick run short)')

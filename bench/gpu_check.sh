@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# Single device script:  bash bench/gpu_check.sh [quick|full]
+# Single device script:  bash bench/gpu_check.sh [quick|full|targets]
+#   quick:   build, GPU tests, --quick benchmark (all providers), table, e2e throughput
+#   full:    the whole benchmark grid and the e2e step with the loss curve and torch.compile
+#   targets: build, kernel profile (bench/profile_layer.py), the issue-target grid for ours-* / cuBLAS / PEFT
 # Each step logs to $OUT/<step>.log, continues on failure and records its rc; a summary is printed at the end.
 # Results in $OUT (<= 8 files): bench.json, bench_table.md, bench_ratio.png, e2e.json, summary.txt, logs.tar.gz
 # Quick mode is budgeted under 9 minutes (per-step timeouts below; override with T_<STEP>=seconds).
@@ -24,9 +27,14 @@ step() {  # step <name> <timeout_s> <command...>
   NAMES+=("$name"); RCS+=("$rc"); SECS+=("$(( $(date +%s) - s ))")
 }
 
+T_PROFILE=${T_PROFILE:-150}
 if [ "$MODE" = "full" ]; then
   BENCH_ARGS=(); E2E_ARGS=(--compile)
   T_BUILD=${T_BUILD:-600}; T_TESTS=${T_TESTS:-600}; T_BENCH=${T_BENCH:-3600}; T_TABLE=${T_TABLE:-120}; T_E2E=${T_E2E:-900}
+elif [ "$MODE" = "targets" ]; then
+  BENCH_ARGS=(--targets --providers "${PROVIDERS:-ours-triton,ours-cuda,peft-layer,cublas-base}"); E2E_ARGS=()
+  SKIP="${SKIP:-} tests e2e"; PROFILE=${PROFILE:-1}
+  T_BUILD=${T_BUILD:-120}; T_BENCH=${T_BENCH:-300}; T_TABLE=${T_TABLE:-30}
 else
   BENCH_ARGS=(--quick); E2E_ARGS=()
   T_BUILD=${T_BUILD:-120}; T_TESTS=${T_TESTS:-100}; T_BENCH=${T_BENCH:-210}; T_TABLE=${T_TABLE:-30}; T_E2E=${T_E2E:-75}
@@ -52,7 +60,11 @@ REPO="$PWD"; PY=python3
 if [ -d /tmp/site/lora_kernels ]; then export PYTHONPATH=/tmp/site; else export PYTHONPATH="$REPO"; fi
 mkdir -p /tmp/run && cd /tmp/run
 step backends 60 $PY -c "import lora_kernels as L; print(L.__file__); print('backends', L.available_backends()); print(L.backend_status())"
-step tests "$T_TESTS" env LORA_KERNELS_TRITON_AUTOTUNE=0 $PY -m pytest -q -p no:cacheprovider "$REPO/tests" ${TEST_ARGS:-}
+if [ -n "${PROFILE:-}" ]; then
+  step profile "$T_PROFILE" $PY "$REPO/bench/profile_layer.py" ${PROFILE_ARGS:-}
+  cp "$LOGS/profile.log" "$OUT/profile.txt"
+fi
+step tests "${T_TESTS:-600}" env LORA_KERNELS_TRITON_AUTOTUNE=0 $PY -m pytest -q -p no:cacheprovider "$REPO/tests" ${TEST_ARGS:-}
 step bench "$T_BENCH" $PY -m pytest "$REPO/bench/test_bench_lora.py" -q -p no:cacheprovider --benchmark-json "$OUT/bench.json" "${BENCH_ARGS[@]}"
 step table "$T_TABLE" $PY "$REPO/bench/make_table.py" "$OUT/bench.json" --out "$OUT/"
 step e2e "$T_E2E" $PY "$REPO/bench/e2e_train.py" --out "$OUT/e2e.json" "${E2E_ARGS[@]}"

@@ -30,6 +30,9 @@ RS = [16, 64]
 PS = [0.0, 0.1]
 MODES = ["fwd", "fwd_bwd"]
 QUICK = dict(shapes=[(4096, 4096), (4096, 14336)], ms=[16, 8192], rs=[16], ps=[0.0, 0.1])
+# (M, K, N) of the Triton/CUDA issues' targets
+TARGETS = dict(mkn=[(8192, 4096, 4096), (8192, 4096, 14336), (8192, 14336, 4096), (2048, 4096, 4096),
+                    (16, 4096, 4096)], rs=[16, 64], ps=[0.0, 0.1])
 SMOKE = dict(shapes=[(128, 96), (96, 256)], ms=[16, 64], rs=[16], ps=[0.0, 0.1])
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -42,23 +45,25 @@ def pytest_generate_tests(metafunc):
     opt = metafunc.config.getoption
     if CPU_SMOKE and not HAS_CUDA:
         sel = SMOKE
+    elif opt("--targets"):
+        sel = TARGETS
     elif opt("--quick"):
         sel = QUICK
     else:
         sel = dict(shapes=SHAPES, ms=MS, rs=RS, ps=PS)
+    mkn = sel.get("mkn") or [(M, K, N) for (K, N) in sel["shapes"] for M in sel["ms"]]
     providers = list(PROVIDERS)
     if opt("--providers"):
         want = [p.strip() for p in opt("--providers").split(",") if p.strip()]
         providers = [p for p in providers if p in want]
     params, ids = [], []
-    for (K, N) in sel["shapes"]:
-        for M in sel["ms"]:
-            for r in sel["rs"]:
-                for p in sel["ps"]:
-                    for mode in MODES:
-                        for prov in providers:
-                            params.append((prov, K, N, M, r, p, mode))
-                            ids.append(f"{K}x{N}-M{M}-r{r}-p{p}-{mode}-{prov}")
+    for (M, K, N) in mkn:
+        for r in sel["rs"]:
+            for p in sel["ps"]:
+                for mode in MODES:
+                    for prov in providers:
+                        params.append((prov, K, N, M, r, p, mode))
+                        ids.append(f"{K}x{N}-M{M}-r{r}-p{p}-{mode}-{prov}")
     metafunc.parametrize("cfg", params, ids=ids)
 
 
@@ -109,7 +114,8 @@ def test_lora_layer(benchmark, cfg, request):
     torch.manual_seed(0)
     try:
         case = make_case(prov, M, K, N, r, p, dtype=DTYPE, device=DEVICE, n_sets=n_sets,
-                         compile_mode=_compile_mode(config))
+                         compile_mode=_compile_mode(config),
+                         adapter_dtype=getattr(torch, config.getoption("--adapter-dtype")))
     except Unavailable as e:
         pytest.skip(str(e))
     fns = getattr(case, mode)

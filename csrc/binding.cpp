@@ -89,11 +89,14 @@ std::tuple<Tensor, Tensor> lora_forward(const Tensor& x, const Tensor& weight, c
                                     u.data_ptr<float>(), M, K, r, (float)scaling, pf, (uint64_t)seed,
                                     (uint64_t)offset, stream),
              "lora_shrink launch");
-  // Frozen GEMM by cuBLAS (through ATen), then the LoRA term added in place: one extra read+write of y.
-  Tensor y = (bias.has_value() && bias->defined()) ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
-  check_cuda(lk::launch_lora_expand_add(y.data_ptr(), to_dtype(y, "y"), u.data_ptr<float>(), lora_B.data_ptr(),
-                                        to_dtype(lora_B, "lora_B"), M, N, r, stream),
-             "lora_expand_add launch");
+  // y = u B^T + bias written once, then the frozen GEMM by cuBLAS (through ATen) accumulates into it (beta = 1).
+  Tensor y = at::empty({M, N}, x.options());
+  const bool has_bias = bias.has_value() && bias->defined();
+  check_cuda(lk::launch_lora_expand_prefill(y.data_ptr(), to_dtype(y, "y"), u.data_ptr<float>(), lora_B.data_ptr(),
+                                            to_dtype(lora_B, "lora_B"), has_bias ? bias->data_ptr() : nullptr, M, N,
+                                            r, stream),
+             "lora_expand_prefill launch");
+  if (K > 0) y.addmm_(x, weight.t());
   return {y, u};
 }
 
@@ -167,11 +170,12 @@ std::tuple<Tensor, Tensor, Tensor> lora_backward(const Tensor& dy, const Tensor&
                "reduce(dA) launch");
   }
   if (need_dx) {
-    dx = at::mm(dy, weight);  // cuBLAS
-    check_cuda(lk::launch_lora_dx_add(dx.data_ptr(), to_dtype(dx, "dx"), g.data_ptr<float>(), lora_A.data_ptr(),
-                                      to_dtype(lora_A, "lora_A"), M, K, r, (float)scaling, pf, (uint64_t)seed,
-                                      (uint64_t)offset, stream),
-               "lora_dx_add launch");
+    dx = at::empty({M, K}, x.options());
+    check_cuda(lk::launch_lora_dx_prefill(dx.data_ptr(), to_dtype(dx, "dx"), g.data_ptr<float>(), lora_A.data_ptr(),
+                                          to_dtype(lora_A, "lora_A"), M, K, r, (float)scaling, pf, (uint64_t)seed,
+                                          (uint64_t)offset, stream),
+               "lora_dx_prefill launch");
+    if (N > 0) dx.addmm_(dy, weight);  // cuBLAS, beta = 1
   }
   // Grads not asked for come back as empty tensors (the Python side turns them into None).
   const Tensor none = at::empty({0}, x.options());

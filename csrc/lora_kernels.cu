@@ -1,10 +1,10 @@
 // Fused LoRA kernels (see lora_kernels.cuh). No torch headers: compiles with plain nvcc.
 //
-// Cost model of the forward (why this design targets ~1.1-1.2x of the base GEMM y = x W^T + b, not 1.0x):
-// cuBLAS writes y once; lora_expand_add then reads and rewrites it, an extra 2 * M * N * sizeof(elt) bytes
-// (plus the M*K read of x by lora_shrink: another M * K * sizeof(elt) bytes). For M = N = K = 4096 in bf16 that
-// is ~100 MB of extra traffic (~30 us at 3.3 TB/s) against a ~140 us GEMM. Fusing the expand into the GEMM
-// epilogue would remove it, but needs our own GEMM (or a CUTLASS epilogue), which this backend does not attempt.
+// Design (the frozen GEMMs stay in cuBLAS): lora_expand_prefill writes y = u B^T + bias once, then cuBLAS runs
+// y += x W^T with beta = 1 (it reads y in its epilogue, overlapped with its compute-bound main loop); the same
+// for dx (lora_dx_prefill, then dx += dy W). Measured on H200 (bench/results/gemm_probe_h200.md): a Triton
+// TMA/persistent main loop reached 0.74-0.86x of cuBLAS, so folding the rank-r step into our own main loop would
+// lose far more than the prefill costs. Extra traffic per pass: one write of y (M*N) and one read of x (shrink).
 #include "lora_kernels.cuh"
 #include "philox.cuh"
 
@@ -147,17 +147,18 @@ lora_shrink_kernel(const T* __restrict__ x, const TA* __restrict__ A, float* __r
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// lora_expand_add: y (M, N) += u (M, r) B^T. Tile EX_BM x EX_BN, r in chunks of EX_RC through shared memory.
-// Each thread owns 2 neighbouring columns of EX_BM / 4 ... rows: thread (mrow = tid / 32, c = tid % 32) covers
-// columns n0 + 2c, n0 + 2c + 1 and rows mrow + 8 i.
+// lora_expand_prefill: y (M, N) = u (M, r) B^T + bias, written once (never read): cuBLAS then accumulates x W^T into
+// it with beta = 1. Tile EX_BM x EX_BN, r in chunks of EX_RC through shared memory. Each thread owns 2 neighbouring
+// columns of EX_BM / 8 rows: thread (mrow = tid / 32, c = tid % 32) covers columns n0 + 2c, n0 + 2c + 1 and rows
+// mrow + 8 i.
 constexpr int EX_BM = 32;
 constexpr int EX_BN = 64;
 constexpr int EX_RC = 32;
 
 template <typename T, typename TB>
 __global__ void __launch_bounds__(kThreads)
-lora_expand_add_kernel(T* __restrict__ y, const float* __restrict__ u, const TB* __restrict__ B, int64_t M,
-                       int64_t N, int r) {
+lora_expand_prefill_kernel(T* __restrict__ y, const float* __restrict__ u, const TB* __restrict__ B,
+                           const T* __restrict__ bias, int64_t M, int64_t N, int r) {
   __shared__ float us[EX_BM][EX_RC + 1];
   __shared__ float bs[EX_BN][EX_RC + 1];
   const int tid = threadIdx.x;
@@ -193,16 +194,21 @@ lora_expand_add_kernel(T* __restrict__ y, const float* __restrict__ u, const TB*
     __syncthreads();
   }
   const int64_t n = n0 + 2 * c;
+  float bias0 = 0.f, bias1 = 0.f;
+  if (bias) {
+    if (n < N) bias0 = to_f<T>(bias[n]);
+    if (n + 1 < N) bias1 = to_f<T>(bias[n + 1]);
+  }
 #pragma unroll
   for (int i = 0; i < EX_BM / 8; ++i) {
     const int64_t m = m0 + mrow + 8 * i;
     if (m >= M) continue;
     T* yp = y + m * N + n;
     if (n + 1 < N) {
-      yp[0] = from_f<T>(to_f<T>(yp[0]) + acc[i][0]);
-      yp[1] = from_f<T>(to_f<T>(yp[1]) + acc[i][1]);
+      yp[0] = from_f<T>(acc[i][0] + bias0);
+      yp[1] = from_f<T>(acc[i][1] + bias1);
     } else if (n < N) {
-      yp[0] = from_f<T>(to_f<T>(yp[0]) + acc[i][0]);
+      yp[0] = from_f<T>(acc[i][0] + bias0);
     }
   }
 }
@@ -372,8 +378,9 @@ reduce_partials_kernel(const float* __restrict__ partial, int64_t S, int64_t cou
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// lora_dx_add: dx (M, K) += scale * keep * (g A), scale = scaling / (1 - p). Tile DX_BM x DX_KC; thread owns one
-// 4-group (one Philox call, vector load/store of dx when aligned); r in chunks of DX_RC through shared memory.
+// lora_dx_prefill: dx (M, K) = scale * keep * (g A), scale = scaling / (1 - p), written once (never read): cuBLAS
+// then accumulates dy W into it with beta = 1. Tile DX_BM x DX_KC; thread owns one 4-group (one Philox call,
+// vector store when aligned); r in chunks of DX_RC through shared memory.
 constexpr int DX_BM = 32;
 constexpr int DX_KC = 32;
 constexpr int DX_RC = 32;
@@ -381,7 +388,7 @@ static_assert(DX_BM * DX_KC / 4 == kThreads, "one 4-group per thread");
 
 template <typename T, typename TA>
 __global__ void __launch_bounds__(kThreads)
-lora_dx_add_kernel(T* __restrict__ dx, const float* __restrict__ g, const TA* __restrict__ A, int64_t M, int64_t K,
+lora_dx_prefill_kernel(T* __restrict__ dx, const float* __restrict__ g, const TA* __restrict__ A, int64_t M, int64_t K,
                    int r, float scale, float p, uint64_t seed, uint64_t offset) {
   __shared__ float gs[DX_BM][DX_RC + 1];
   __shared__ float as[DX_RC][DX_KC + 1];
@@ -415,12 +422,10 @@ lora_dx_add_kernel(T* __restrict__ dx, const float* __restrict__ g, const TA* __
   const int valid = (K - k < 4 ? (int)(K - k) : 4);
   bool keep[4] = {true, true, true, true};
   if (p > 0.f) dropout_keep4(seed, dropout_counter(offset, m, K, k / 4), p, keep);
-  T* dp = dx + m * K + k;
   float v[4];
-  load4<T>(dp, valid, v);
 #pragma unroll
-  for (int q = 0; q < 4; ++q) v[q] += keep[q] ? acc[q] * scale : 0.f;
-  store4<T>(dp, valid, v);
+  for (int q = 0; q < 4; ++q) v[q] = keep[q] ? acc[q] * scale : 0.f;
+  store4<T>(dx + m * K + k, valid, v);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -508,8 +513,8 @@ cudaError_t launch_lora_shrink(const void* x, DType x_dtype, const void* A, DTyp
   });
 }
 
-cudaError_t launch_lora_expand_add(void* y, DType y_dtype, const float* u, const void* B, DType b_dtype, int64_t M,
-                                   int64_t N, int r, cudaStream_t stream) {
+cudaError_t launch_lora_expand_prefill(void* y, DType y_dtype, const float* u, const void* B, DType b_dtype,
+                                       const void* bias, int64_t M, int64_t N, int r, cudaStream_t stream) {
   if (r < 1 || r > kMaxRank) return cudaErrorInvalidValue;
   if (M <= 0 || N <= 0) return cudaSuccess;
   if (ceil_div(N, EX_BN) > 65535) return cudaErrorInvalidConfiguration;
@@ -518,8 +523,8 @@ cudaError_t launch_lora_expand_add(void* y, DType y_dtype, const float* u, const
     using T = decltype(yt);
     return dispatch(b_dtype, [&](auto bt) {
       using TB = decltype(bt);
-      lora_expand_add_kernel<T, TB><<<grid, kThreads, 0, stream>>>(static_cast<T*>(y), u, static_cast<const TB*>(B),
-                                                                   M, N, r);
+      lora_expand_prefill_kernel<T, TB><<<grid, kThreads, 0, stream>>>(
+          static_cast<T*>(y), u, static_cast<const TB*>(B), static_cast<const T*>(bias), M, N, r);
       return cudaGetLastError();
     });
   });
@@ -580,7 +585,7 @@ cudaError_t launch_reduce_partials(const float* partial, int64_t num_splits, int
   });
 }
 
-cudaError_t launch_lora_dx_add(void* dx, DType x_dtype, const float* g, const void* A, DType a_dtype, int64_t M,
+cudaError_t launch_lora_dx_prefill(void* dx, DType x_dtype, const float* g, const void* A, DType a_dtype, int64_t M,
                                int64_t K, int r, float scaling, float p, uint64_t seed, uint64_t offset,
                                cudaStream_t stream) {
   if (r < 1 || r > kMaxRank) return cudaErrorInvalidValue;
@@ -592,7 +597,7 @@ cudaError_t launch_lora_dx_add(void* dx, DType x_dtype, const float* g, const vo
     using T = decltype(xt);
     return dispatch(a_dtype, [&](auto at) {
       using TA = decltype(at);
-      lora_dx_add_kernel<T, TA><<<grid, kThreads, 0, stream>>>(static_cast<T*>(dx), g, static_cast<const TA*>(A), M,
+      lora_dx_prefill_kernel<T, TA><<<grid, kThreads, 0, stream>>>(static_cast<T*>(dx), g, static_cast<const TA*>(A), M,
                                                                K, r, scale, p, seed, offset);
       return cudaGetLastError();
     });

@@ -4,11 +4,11 @@
 // All launchers take raw contiguous row-major pointers, return the cudaError_t of the launch (cudaGetLastError),
 // and do nothing (cudaSuccess) for empty problems. r must be in 1..kMaxRank.
 //
-// Forward  : launch_lora_shrink (u = scaling * dropout(x) A^T, fp32), cuBLAS y = bias + x W^T,
-//            launch_lora_expand_add (y += u B^T in place).
+// Forward  : launch_lora_shrink (u = scaling * dropout(x) A^T, fp32), launch_lora_expand_prefill (y = u B^T + bias),
+//            cuBLAS y += x W^T (beta = 1).
 // Backward : launch_lora_dy_pass (g = dy B, fp32, and per-split partials of dB = dy^T u, one pass over dy),
 //            launch_reduce_partials (dB), launch_lora_dA (partials of dA = scaling * g^T dropout(x)),
-//            launch_reduce_partials (dA), cuBLAS dx = dy W, launch_lora_dx_add (dx += scaling*keep/(1-p) * g A).
+//            launch_reduce_partials (dA), launch_lora_dx_prefill (dx = scaling*keep/(1-p) * g A), cuBLAS dx += dy W.
 // Every reduction is done in a fixed order (no atomics): results are bitwise deterministic run to run.
 #pragma once
 #include <cuda_runtime.h>
@@ -40,9 +40,10 @@ cudaError_t launch_lora_shrink(const void* x, DType x_dtype, const void* A, DTyp
                                int64_t K, int r, float scaling, float p, uint64_t seed, uint64_t offset,
                                cudaStream_t stream);
 
-// y (M, N) y_dtype += u (M, r) fp32 @ B^T ; B (N, r) b_dtype. fp32 math, one read + one write of y.
-cudaError_t launch_lora_expand_add(void* y, DType y_dtype, const float* u, const void* B, DType b_dtype, int64_t M,
-                                   int64_t N, int r, cudaStream_t stream);
+// y (M, N) y_dtype = u (M, r) fp32 @ B^T + bias ; B (N, r) b_dtype, bias (N,) y_dtype or null. fp32 math, one
+// write of y (never read).
+cudaError_t launch_lora_expand_prefill(void* y, DType y_dtype, const float* u, const void* B, DType b_dtype,
+                                       const void* bias, int64_t M, int64_t N, int r, cudaStream_t stream);
 
 // g_out[c] (M, r) fp32 = dy[:, cols of c] @ B[cols of c] (g_out = g itself when plan.col_groups == 1);
 // and if dB_partial != nullptr: dB_partial[s] (N, r) = dy[rows of s]^T @ u[rows of s] (u may be null otherwise).
@@ -60,8 +61,8 @@ cudaError_t launch_lora_dA(const void* x, DType x_dtype, const float* g, float* 
 cudaError_t launch_reduce_partials(const float* partial, int64_t num_splits, int64_t count, void* out,
                                    DType out_dtype, cudaStream_t stream);
 
-// dx (M, K) x_dtype += scaling * keep / (1-p) * (g @ A) ; g (M, r) fp32, A (r, K) a_dtype.
-cudaError_t launch_lora_dx_add(void* dx, DType x_dtype, const float* g, const void* A, DType a_dtype, int64_t M,
+// dx (M, K) x_dtype = scaling * keep / (1-p) * (g @ A) ; g (M, r) fp32, A (r, K) a_dtype. One write of dx.
+cudaError_t launch_lora_dx_prefill(void* dx, DType x_dtype, const float* g, const void* A, DType a_dtype, int64_t M,
                                int64_t K, int r, float scaling, float p, uint64_t seed, uint64_t offset,
                                cudaStream_t stream);
 

@@ -78,12 +78,20 @@ CASES = [
     (37, 20, 72, 8, 0.0, False, True),
     (3, 100, 72, 33, 0.0, True, False),
     (37, 64, 24, 1, 0.3, True, False),
+    (70, 36, 40, 16, 0.3, True, True),  # M > SMALL_M: the tiled path without patching
 ]
+
+
+@pytest.fixture(params=["small_m", "tiled"])
+def fwd_path(request, monkeypatch):
+    """Forward through the one-launch small-M kernel (M <= SMALL_M) or the shrink + tiled GEMM path."""
+    monkeypatch.setattr(tb, "SMALL_M", 64 if request.param == "small_m" else 0)
+    return request.param
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "M{}_K{}_N{}_r{}_p{}_b{}_a32{}".format(*c))
-def test_forward_backward_vs_float64(case, dtype):
+def test_forward_backward_vs_float64(case, dtype, fwd_path):
     M, K, N, R, p, bias, adapter_fp32 = case
     gen = torch.Generator().manual_seed(hash(case) % 2**31)
     x, W, b, A, B, dy = _inputs(M, K, N, R, dtype, bias, adapter_fp32, gen)
@@ -106,7 +114,7 @@ def test_forward_backward_vs_float64(case, dtype):
         _check(name, got, r64, sp, dtype)
 
 
-def test_mask_bit_identical():
+def test_mask_bit_identical(fwd_path):
     """With A = I (r = K), W = 0: u and dx expose the keep mask element by element."""
     M, K, N = 37, 22, 24
     p, s = 0.4, 1.0

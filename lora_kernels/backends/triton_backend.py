@@ -4,6 +4,7 @@ Math (x: (M, K), W: (N, K), A: (r, K), B: (N, r), s = scaling, keep = dropout ma
 
     forward    u  = s/q * (keep * x) @ A^T                     _shrink_kernel      (M, r) fp32
                y  = x @ W^T + u @ B^T + b                      _gemm_lora_kernel   (M, N) x.dtype
+               (M <= SMALL_M: both in one launch               _small_m_fwd_kernel)
     backward   g  = dy @ B            (and dB = dy^T @ u)      _g_db_kernel        (M, r) fp32, one pass over dy
                dx = dy @ W + keep * s/q * (g @ A)              _gemm_lora_kernel   (M, K) x.dtype
                dA = s/q * g^T @ (keep * x)                     _da_kernel          (r, K)
@@ -198,6 +199,62 @@ if triton is not None:
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
     # ------------------------------------------------------------------------------------------------------
+    # Small M (decode, M <= SMALL_M): the whole forward in one launch, all in Triton (no cuBLAS, no shrink pass).
+    #   y[:, n-block] = x @ W^T[:, n-block] + (s/q * (keep * x) @ A^T) @ B^T[:, n-block] + b
+    # Each program owns a BN-column block of y for all M rows; its K loop reads the x tile once for both dots
+    # and recomputes u = s/q * (keep * x) @ A^T (M x r, tiny) itself, so no program waits on another. The cost
+    # is the read of W (N*K elements, the floor of this memory-bound shape) plus r*K of A per program, served
+    # from L2. Program 0 stores u (needed by backward).
+    # ------------------------------------------------------------------------------------------------------
+    @triton.jit
+    def _small_m_fwd_kernel(
+        x_ptr, w_ptr, a_ptr, b_ptr, bias_ptr, u_ptr, y_ptr,
+        M, N, K, R,
+        s_xm, s_xk, s_wn, s_wk, s_ar, s_ak, s_bn, s_br, s_um, s_ur, s_ym, s_yn,
+        scale, p, seed, offset, K4,
+        HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    ):
+        DT = x_ptr.dtype.element_ty
+        pid_n = tl.program_id(0)
+        offs_m = tl.program_id(1) * BM + tl.arange(0, BM)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        m_mask = offs_m < M
+        n_mask = offs_n < N
+        rk = tl.arange(0, BK)
+        rr = tl.arange(0, R_PAD)
+        r_mask = rr < R
+        x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * s_xm + rk[None, :] * s_xk
+        w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * s_wn + rk[:, None] * s_wk  # W^T tile (BK, BN)
+        a_ptrs = a_ptr + rr[None, :] * s_ar + rk[:, None] * s_ak  # A^T tile (BK, R_PAD)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        uacc = tl.zeros((BM, R_PAD), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            k_mask = (k0 + rk) < K
+            xt = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            wt = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            acc = tl.dot(xt, wt, acc, input_precision=DOT_PREC)
+            if HAS_DROPOUT:
+                keep = _keep_mask(seed, offset, offs_m, k0, K4, p, BM, BK)
+                xt = tl.where(keep, xt, tl.zeros_like(xt))
+            at = tl.load(a_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0).to(DT)
+            uacc = tl.dot(xt, at, uacc, input_precision=DOT_PREC)
+            x_ptrs += BK * s_xk
+            w_ptrs += BK * s_wk
+            a_ptrs += BK * s_ak
+        u = uacc * scale
+        if pid_n == 0:
+            tl.store(u_ptr + offs_m.to(tl.int64)[:, None] * s_um + rr[None, :] * s_ur, u,
+                     mask=m_mask[:, None] & r_mask[None, :])
+        bt = tl.load(b_ptr + rr[:, None] * s_br + offs_n.to(tl.int64)[None, :] * s_bn,
+                     mask=r_mask[:, None] & n_mask[None, :], other=0.0).to(DT)  # B^T tile (R_PAD, BN)
+        acc = tl.dot(u.to(DT), bt, acc, input_precision=DOT_PREC)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * s_ym + offs_n.to(tl.int64)[None, :] * s_yn
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+    # ------------------------------------------------------------------------------------------------------
     # g = dy @ B (grid: M blocks; loops over N) and, if NEED_DB, per-M-block partials of dB = dy^T @ u
     # written to dbp[pid_m] (summed with torch afterwards): one pass over dy.
     # ------------------------------------------------------------------------------------------------------
@@ -341,9 +398,14 @@ def _seed_arg(seed: int) -> int:
     return s - (1 << 64) if s >= (1 << 63) else s
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return 4
 
 
@@ -373,6 +435,53 @@ def _tuned_gemm(small_m: bool, elt: int, r_pad: int):
         configs=_gemm_configs(small_m, elt, r_pad),
         key=["M_BUCKET", "N", "K", "HAS_BIAS", "HAS_DROPOUT", "R_PAD", "DOT_PREC"],
     )(_gemm_lora_kernel)
+
+
+SMALL_M = 64  # forward calls with M <= SMALL_M take the one-launch path (_small_m_fwd_kernel)
+
+
+def _small_m_configs(bm: int, elt: int, a_elt: int, r_pad: int):
+    shapes = [(32, 256, 4, 4), (16, 256, 4, 4), (64, 128, 4, 4), (32, 128, 4, 4), (64, 256, 8, 3), (16, 512, 4, 3)]
+    configs = []
+    for bn, bk, warps, stages in shapes:
+        if stages * (bm * bk * elt + bk * bn * elt + bk * r_pad * a_elt) > _MAX_SMEM:
+            continue
+        configs.append(triton.Config({"BN": bn, "BK": bk}, num_warps=warps, num_stages=stages))
+    return configs or [triton.Config({"BN": 16, "BK": 64}, num_warps=4, num_stages=2)]
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_small_m(bm: int, elt: int, a_elt: int, r_pad: int):
+    return triton.autotune(configs=_small_m_configs(bm, elt, a_elt, r_pad),
+                           key=["N", "K", "HAS_BIAS", "HAS_DROPOUT", "R_PAD", "DOT_PREC", "BM"])(_small_m_fwd_kernel)
+
+
+def _small_m_heuristic(N: int, device) -> dict:
+    """BN as large as possible while the grid still covers every SM (the shape is bound by the read of W)."""
+    sms = _num_sms(device)
+    bn = 64 if triton.cdiv(N, 64) >= sms else (32 if triton.cdiv(N, 32) >= sms else 16)
+    return {"BN": bn, "BK": 256}
+
+
+def _forward_small_m(x, weight, bias, lora_A, lora_B, u, y, scale, p, seed, offset):
+    M, K = x.shape
+    N, R = weight.shape[0], lora_A.shape[0]
+    r_pad = _r_pad(R)
+    bm = max(16, _next_pow2(M))
+    args = (x, weight, lora_A, lora_B, bias if bias is not None else y, u, y, M, N, K, R,
+            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
+            lora_B.stride(0), lora_B.stride(1), u.stride(0), u.stride(1), y.stride(0), y.stride(1),
+            scale, float(p), _seed_arg(seed), int(offset), (K + 3) // 4)
+    meta = dict(HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0.0, R_PAD=r_pad, DOT_PREC=_dot_precision(x.dtype), BM=bm)
+    if _interpreting():
+        _small_m_fwd_kernel[(triton.cdiv(N, 32), triton.cdiv(M, bm))](*args, **meta, BN=32, BK=32)
+    elif os.environ.get("LORA_KERNELS_TRITON_AUTOTUNE", "1") == "0":
+        cfg = _small_m_heuristic(N, x.device)
+        _small_m_fwd_kernel[(triton.cdiv(N, cfg["BN"]), triton.cdiv(M, bm))](*args, **meta, **cfg, num_warps=4,
+                                                                             num_stages=3)
+    else:
+        kern = _tuned_small_m(bm, x.element_size(), lora_A.element_size(), r_pad)
+        kern[lambda META: (triton.cdiv(N, META["BN"]), triton.cdiv(M, bm))](*args, **meta)
 
 
 def _cublas_mainloop(a: torch.Tensor) -> bool:
@@ -450,6 +559,9 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset):
     u = torch.empty((M, R), dtype=torch.float32, device=x.device)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0:
+        return y, u
+    if M <= SMALL_M and K > 0 and N > 0:
+        _forward_small_m(x, weight, bias, lora_A, lora_B, u, y, float(scaling) / (1.0 - float(p)), p, seed, offset)
         return y, u
     if K == 0:
         u.zero_()
