@@ -34,7 +34,7 @@ if [ "$MODE" = "full" ]; then
 elif [ "$MODE" = "targets" ]; then
   BENCH_ARGS=(--targets --providers "${PROVIDERS:-ours-triton,ours-cuda,peft-layer,cublas-base}"); E2E_ARGS=()
   SKIP="${SKIP:-} tests e2e"; PROFILE=${PROFILE:-1}
-  T_BUILD=${T_BUILD:-120}; T_BENCH=${T_BENCH:-300}; T_TABLE=${T_TABLE:-30}
+  T_BUILD=${T_BUILD:-120}; T_BENCH=${T_BENCH:-300}; T_TABLE=${T_TABLE:-30}; T_E2E=${T_E2E:-75}
 else
   BENCH_ARGS=(--quick); E2E_ARGS=()
   T_BUILD=${T_BUILD:-120}; T_TESTS=${T_TESTS:-100}; T_BENCH=${T_BENCH:-210}; T_TABLE=${T_TABLE:-30}; T_E2E=${T_E2E:-75}
@@ -60,6 +60,10 @@ REPO="$PWD"; PY=python3
 if [ -d /tmp/site/lora_kernels ]; then export PYTHONPATH=/tmp/site; else export PYTHONPATH="$REPO"; fi
 mkdir -p /tmp/run && cd /tmp/run
 step backends 60 $PY -c "import lora_kernels as L; print(L.__file__); print('backends', L.available_backends()); print(L.backend_status())"
+if [ -n "${HOST_PROFILE:-}" ]; then
+  step host_profile 120 $PY "$REPO/bench/host_profile.py"
+  cp "$LOGS/host_profile.log" "$OUT/host_profile.txt"
+fi
 if [ -n "${PROFILE:-}" ]; then
   step profile "$T_PROFILE" $PY "$REPO/bench/profile_layer.py" ${PROFILE_ARGS:-}
   cp "$LOGS/profile.log" "$OUT/profile.txt"

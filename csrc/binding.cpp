@@ -85,10 +85,17 @@ std::tuple<Tensor, Tensor> lora_forward(const Tensor& x, const Tensor& weight, c
   const float pf = (float)p;
 
   Tensor u = at::empty({M, r}, x.options().dtype(at::kFloat));
+  const lk::SplitPlan shrink_plan = lk::lora_shrink_plan(M, K);
+  Tensor u_work = shrink_plan.col_groups > 1 ? at::empty({shrink_plan.col_groups, M * r}, u.options()) : u;
   check_cuda(lk::launch_lora_shrink(x.data_ptr(), to_dtype(x, "x"), lora_A.data_ptr(), to_dtype(lora_A, "lora_A"),
-                                    u.data_ptr<float>(), M, K, r, (float)scaling, pf, (uint64_t)seed,
-                                    (uint64_t)offset, stream),
+                                    u_work.data_ptr<float>(), M, K, r, shrink_plan, (float)scaling, pf,
+                                    (uint64_t)seed, (uint64_t)offset, stream),
              "lora_shrink launch");
+  if (shrink_plan.col_groups > 1) {
+    check_cuda(lk::launch_reduce_partials(u_work.data_ptr<float>(), shrink_plan.col_groups, M * r, u.data_ptr(),
+                                          lk::DType::kFloat32, stream),
+               "reduce(u) launch");
+  }
   // y = u B^T + bias written once, then the frozen GEMM by cuBLAS (through ATen) accumulates into it (beta = 1).
   Tensor y = at::empty({M, N}, x.options());
   const bool has_bias = bias.has_value() && bias->defined();

@@ -96,19 +96,23 @@ constexpr int SH_MAXO = SH_BM * kMaxRank / kThreads;  // outputs per thread at r
 
 template <typename T, typename TA>
 __global__ void __launch_bounds__(kThreads)
-lora_shrink_kernel(const T* __restrict__ x, const TA* __restrict__ A, float* __restrict__ u, int64_t M, int64_t K,
-                   int r, float scale, float p, uint64_t seed, uint64_t offset) {
+lora_shrink_kernel(const T* __restrict__ x, const TA* __restrict__ A, float* __restrict__ u_out, int64_t M, int64_t K,
+                   int r, int64_t k_per_split, float scale, float p, uint64_t seed, uint64_t offset) {
   extern __shared__ float smem[];
   float* xs = smem;                  // [SH_BM][SH_KC]
   float* as = smem + SH_BM * SH_KC;  // [r][SH_KC + 1]
   const int tid = threadIdx.x;
   const int64_t m0 = (int64_t)blockIdx.x * SH_BM;
   const int nout = SH_BM * r;
+  // K split s (blockIdx.y) owns columns [s * k_per_split, ...) and writes its own partial u_out[s] (M, r).
+  const int64_t k_begin = (int64_t)blockIdx.y * k_per_split;
+  const int64_t k_end = min64(K, k_begin + k_per_split);
+  float* u = u_out + (int64_t)blockIdx.y * M * r;
   float acc[SH_MAXO];
 #pragma unroll
   for (int i = 0; i < SH_MAXO; ++i) acc[i] = 0.f;
 
-  for (int64_t k0 = 0; k0 < K; k0 += SH_KC) {
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += SH_KC) {
     for (int gi = tid; gi < SH_BM * (SH_KC / 4); gi += kThreads) {
       const int mm = gi / (SH_KC / 4), g4 = gi % (SH_KC / 4);
       float v[4];
@@ -492,14 +496,28 @@ SplitPlan lora_dy_pass_plan(int64_t M, int64_t N, int r) {
 
 SplitPlan lora_dA_plan(int64_t M, int64_t K, int r) { return make_plan(M, K, r, DA_BM, DA_KC, K * r * 4, 0); }
 
-cudaError_t launch_lora_shrink(const void* x, DType x_dtype, const void* A, DType a_dtype, float* u, int64_t M,
-                               int64_t K, int r, float scaling, float p, uint64_t seed, uint64_t offset,
-                               cudaStream_t stream) {
+SplitPlan lora_shrink_plan(int64_t M, int64_t K) {
+  // Row blocks of SH_BM; when they do not fill the GPU (small M), K is split too, each split writing a partial u.
+  SplitPlan pl{ceil_div(std::max<int64_t>(M, 1), SH_BM), SH_BM, 1, std::max<int64_t>(K, SH_KC)};
+  const int64_t sms = num_sms();
+  const int64_t k_chunks = ceil_div(std::max<int64_t>(K, 1), SH_KC);
+  if (pl.row_splits < sms && k_chunks > 1) {
+    const int64_t want = std::min(k_chunks, ceil_div(2 * sms, pl.row_splits));
+    pl.cols_per_group = ceil_div(k_chunks, want) * SH_KC;
+    pl.col_groups = ceil_div(K, pl.cols_per_group);
+  }
+  return pl;
+}
+
+cudaError_t launch_lora_shrink(const void* x, DType x_dtype, const void* A, DType a_dtype, float* u_out, int64_t M,
+                               int64_t K, int r, SplitPlan plan, float scaling, float p, uint64_t seed,
+                               uint64_t offset, cudaStream_t stream) {
   if (r < 1 || r > kMaxRank) return cudaErrorInvalidValue;
   if (M <= 0) return cudaSuccess;
+  if (plan.col_groups > 65535 || plan.col_groups < 1) return cudaErrorInvalidConfiguration;
   const float scale = (float)((double)scaling / (1.0 - (double)p));
   const size_t smem = (size_t)(SH_BM * SH_KC + r * (SH_KC + 1)) * sizeof(float);
-  const dim3 grid((unsigned)ceil_div(M, SH_BM));
+  const dim3 grid((unsigned)ceil_div(M, SH_BM), (unsigned)plan.col_groups);
   return dispatch(x_dtype, [&](auto xt) {
     using T = decltype(xt);
     return dispatch(a_dtype, [&](auto at) {
@@ -507,7 +525,8 @@ cudaError_t launch_lora_shrink(const void* x, DType x_dtype, const void* A, DTyp
       cudaError_t e = set_smem(lora_shrink_kernel<T, TA>, smem);
       if (e != cudaSuccess) return e;
       lora_shrink_kernel<T, TA><<<grid, kThreads, smem, stream>>>(static_cast<const T*>(x), static_cast<const TA*>(A),
-                                                                  u, M, K, r, scale, p, seed, offset);
+                                                                  u_out, M, K, r, plan.cols_per_group, scale, p, seed,
+                                                                  offset);
       return cudaGetLastError();
     });
   });

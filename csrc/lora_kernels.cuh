@@ -35,10 +35,15 @@ SplitPlan lora_dy_pass_plan(int64_t M, int64_t N, int r);
 // dA pass over x (M, K): dA partial buffer row_splits * r * K floats.
 SplitPlan lora_dA_plan(int64_t M, int64_t K, int r);
 
-// u (M, r) fp32 = scaling * dropout(x) @ A^T ; x (M, K) x_dtype, A (r, K) a_dtype.
-cudaError_t launch_lora_shrink(const void* x, DType x_dtype, const void* A, DType a_dtype, float* u, int64_t M,
-                               int64_t K, int r, float scaling, float p, uint64_t seed, uint64_t offset,
-                               cudaStream_t stream);
+// Shrink work split: row blocks, and (small M) K split into plan.col_groups groups of plan.cols_per_group columns.
+SplitPlan lora_shrink_plan(int64_t M, int64_t K);
+
+// u_out[c] (M, r) fp32 = scaling * dropout(x)[:, cols of c] @ A^T[cols of c] ; x (M, K) x_dtype, A (r, K) a_dtype.
+// With plan.col_groups == 1, u_out is u itself; otherwise a partial buffer of col_groups * M * r floats to sum
+// with launch_reduce_partials. plan from lora_shrink_plan(M, K).
+cudaError_t launch_lora_shrink(const void* x, DType x_dtype, const void* A, DType a_dtype, float* u_out, int64_t M,
+                               int64_t K, int r, SplitPlan plan, float scaling, float p, uint64_t seed,
+                               uint64_t offset, cudaStream_t stream);
 
 // y (M, N) y_dtype = u (M, r) fp32 @ B^T + bias ; B (N, r) b_dtype, bias (N,) y_dtype or null. fp32 math, one
 // write of y (never read).
