@@ -68,7 +68,10 @@ if [ -n "${PROFILE:-}" ]; then
   step profile "$T_PROFILE" $PY "$REPO/bench/profile_layer.py" ${PROFILE_ARGS:-}
   cp "$LOGS/profile.log" "$OUT/profile.txt"
 fi
-step tests "${T_TESTS:-600}" env LORA_KERNELS_TRITON_AUTOTUNE=0 $PY -m pytest -q -p no:cacheprovider "$REPO/tests" ${TEST_ARGS:-}
+# pytest-xdist (in the device image) spreads the tests over CPU cores: most of their time is Triton compiling.
+XDIST=(); if $PY -c "import xdist" 2>/dev/null; then XDIST=(-n "${TEST_WORKERS:-8}"); fi
+step tests "${T_TESTS:-600}" env LORA_KERNELS_TRITON_AUTOTUNE=0 $PY -m pytest -q -rfE -p no:cacheprovider "${XDIST[@]}" "$REPO/tests" ${TEST_ARGS:-}
+[ -f "$LOGS/tests.log" ] && cp "$LOGS/tests.log" "$OUT/tests.log"
 step bench "$T_BENCH" $PY -m pytest "$REPO/bench/test_bench_lora.py" -q -p no:cacheprovider --benchmark-json "$OUT/bench.json" "${BENCH_ARGS[@]}"
 step table "$T_TABLE" $PY "$REPO/bench/make_table.py" "$OUT/bench.json" --out "$OUT/"
 step e2e "$T_E2E" $PY "$REPO/bench/e2e_train.py" --out "$OUT/e2e.json" "${E2E_ARGS[@]}"

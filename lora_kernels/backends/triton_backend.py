@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -383,13 +384,45 @@ def _r_pad(r: int) -> int:
     return max(16, _next_pow2(r))
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32:
-        prec = os.environ.get("LORA_KERNELS_TRITON_FP32_PRECISION", "ieee").lower()
-        if prec not in ("tf32", "ieee"):
-            raise ValueError(f"LORA_KERNELS_TRITON_FP32_PRECISION must be tf32 or ieee, got {prec!r}")
-        return prec
-    return "tf32"  # ignored for 16-bit operands (the tl.dot default)
+class _Knobs(NamedTuple):
+    """The backend's environment settings, read once per op call (a handful of dict lookups; tests change them
+    between calls, so they are not cached across calls)."""
+    interpret: bool  # TRITON_INTERPRET=1: kernels run on CPU tensors under the interpreter
+    autotune: bool  # LORA_KERNELS_TRITON_AUTOTUNE != 0 (GPU tests set 0: fixed configs, no tuning runs)
+    cublas: bool  # LORA_KERNELS_TRITON_MAINLOOP: cublas (default) or triton for the big frozen GEMM
+    fp32_prec: str  # LORA_KERNELS_TRITON_FP32_PRECISION: ieee (default) or tf32 for fp32 dots
+
+
+def _knobs() -> _Knobs:
+    env = os.environ
+    mode = env.get("LORA_KERNELS_TRITON_MAINLOOP", "cublas")
+    if mode not in ("cublas", "triton"):
+        raise ValueError(f"LORA_KERNELS_TRITON_MAINLOOP must be cublas or triton, got {mode!r}")
+    prec = env.get("LORA_KERNELS_TRITON_FP32_PRECISION", "ieee").lower()
+    if prec not in ("tf32", "ieee"):
+        raise ValueError(f"LORA_KERNELS_TRITON_FP32_PRECISION must be tf32 or ieee, got {prec!r}")
+    interpret = env.get("TRITON_INTERPRET", "0") == "1"
+    return _Knobs(interpret, env.get("LORA_KERNELS_TRITON_AUTOTUNE", "1") != "0", mode == "cublas" and not interpret,
+                  prec)
+
+
+def _dot_precision(dtype: torch.dtype, kn: _Knobs) -> str:
+    return kn.fp32_prec if dtype == torch.float32 else "tf32"  # "tf32" is ignored for 16-bit operands
+
+
+# Autotuned configs by problem key. The first call of a key runs triton's autotuner; later calls launch the JIT
+# kernel with the chosen config directly, skipping the autotuner's per-call work (tens of microseconds of host
+# time per launch, measured on the H200 machine: bench/host_profile.py).
+_TUNED: dict = {}
+
+
+def _launch_tuned(key, tuner, kernel, grid, args, meta):
+    """kernel[grid(config kwargs)](*args, **meta, **config): the tuned config for `key`, tuning on first use."""
+    cfg = _TUNED.get(key)
+    if cfg is None:
+        tuner[lambda META: grid(META)](*args, **meta)
+        cfg = _TUNED[key] = tuner.best_config
+    kernel[grid(cfg.kwargs)](*args, **meta, **cfg.all_kwargs())
 
 
 def _seed_arg(seed: int) -> int:
@@ -440,14 +473,19 @@ def _tuned_gemm(small_m: bool, elt: int, r_pad: int):
 SMALL_M = 64  # forward calls with M <= SMALL_M take the one-launch path (_small_m_fwd_kernel)
 
 
+def _small_m_smem(bm: int, bn: int, bk: int, stages: int, elt: int, a_elt: int, r_pad: int) -> int:
+    """Shared-memory estimate of a _small_m_fwd_kernel config: pipelined x, W^T and A^T tiles plus the B^T tile,
+    with 30% headroom for Triton's layout-conversion scratch (measured: 540 KB asked where this sum gave 442 KB)."""
+    tiles = stages * (bm * bk * elt + bk * bn * elt + bk * r_pad * a_elt) + r_pad * bn * max(elt, a_elt)
+    return int(1.3 * tiles)
+
+
 def _small_m_configs(bm: int, elt: int, a_elt: int, r_pad: int):
-    shapes = [(32, 256, 4, 4), (16, 256, 4, 4), (64, 128, 4, 4), (32, 128, 4, 4), (64, 256, 8, 3), (16, 512, 4, 3)]
-    configs = []
-    for bn, bk, warps, stages in shapes:
-        if stages * (bm * bk * elt + bk * bn * elt + bk * r_pad * a_elt) > _MAX_SMEM:
-            continue
-        configs.append(triton.Config({"BN": bn, "BK": bk}, num_warps=warps, num_stages=stages))
-    return configs or [triton.Config({"BN": 16, "BK": 64}, num_warps=4, num_stages=2)]
+    shapes = [(32, 256, 4, 4), (16, 256, 4, 4), (64, 128, 4, 4), (32, 128, 4, 4), (64, 256, 8, 3), (16, 512, 4, 3),
+              (32, 64, 4, 3), (16, 64, 4, 2)]
+    configs = [triton.Config({"BN": bn, "BK": bk}, num_warps=warps, num_stages=stages)
+               for bn, bk, warps, stages in shapes if _small_m_smem(bm, bn, bk, stages, elt, a_elt, r_pad) <= _MAX_SMEM]
+    return configs or [triton.Config({"BN": 16, "BK": 32}, num_warps=4, num_stages=1)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -456,14 +494,18 @@ def _tuned_small_m(bm: int, elt: int, a_elt: int, r_pad: int):
                            key=["N", "K", "HAS_BIAS", "HAS_DROPOUT", "R_PAD", "DOT_PREC", "BM"])(_small_m_fwd_kernel)
 
 
-def _small_m_heuristic(N: int, device) -> dict:
-    """BN as large as possible while the grid still covers every SM (the shape is bound by the read of W)."""
+def _small_m_heuristic(N: int, bm: int, elt: int, a_elt: int, r_pad: int, device) -> dict:
+    """BN as large as possible while the grid still covers every SM (the shape is bound by the read of W), then
+    the deepest K tile and pipeline that fit in shared memory."""
     sms = _num_sms(device)
     bn = 64 if triton.cdiv(N, 64) >= sms else (32 if triton.cdiv(N, 32) >= sms else 16)
-    return {"BN": bn, "BK": 256}
+    for bk, stages in ((256, 3), (128, 3), (64, 3), (64, 2), (32, 2), (32, 1)):
+        if _small_m_smem(bm, bn, bk, stages, elt, a_elt, r_pad) <= _MAX_SMEM:
+            break
+    return {"BN": bn, "BK": bk, "num_warps": 4, "num_stages": stages}
 
 
-def _forward_small_m(x, weight, bias, lora_A, lora_B, u, y, scale, p, seed, offset):
+def _forward_small_m(x, weight, bias, lora_A, lora_B, u, y, scale, p, seed, offset, kn: _Knobs):
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
     r_pad = _r_pad(R)
@@ -472,73 +514,69 @@ def _forward_small_m(x, weight, bias, lora_A, lora_B, u, y, scale, p, seed, offs
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
             lora_B.stride(0), lora_B.stride(1), u.stride(0), u.stride(1), y.stride(0), y.stride(1),
             scale, float(p), _seed_arg(seed), int(offset), (K + 3) // 4)
-    meta = dict(HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0.0, R_PAD=r_pad, DOT_PREC=_dot_precision(x.dtype), BM=bm)
-    if _interpreting():
-        _small_m_fwd_kernel[(triton.cdiv(N, 32), triton.cdiv(M, bm))](*args, **meta, BN=32, BK=32)
-    elif os.environ.get("LORA_KERNELS_TRITON_AUTOTUNE", "1") == "0":
-        cfg = _small_m_heuristic(N, x.device)
-        _small_m_fwd_kernel[(triton.cdiv(N, cfg["BN"]), triton.cdiv(M, bm))](*args, **meta, **cfg, num_warps=4,
-                                                                             num_stages=3)
+    dot_prec = _dot_precision(x.dtype, kn)
+    meta = dict(HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0.0, R_PAD=r_pad, DOT_PREC=dot_prec, BM=bm)
+    grid = lambda cfg: (triton.cdiv(N, cfg["BN"]), triton.cdiv(M, bm))  # noqa: E731
+    elt, a_elt = x.element_size(), lora_A.element_size()
+    if kn.interpret:
+        _small_m_fwd_kernel[grid({"BN": 32})](*args, **meta, BN=32, BK=32)
+    elif not kn.autotune:
+        cfg = _small_m_heuristic(N, bm, elt, a_elt, r_pad, x.device)
+        _small_m_fwd_kernel[grid(cfg)](*args, **meta, **cfg)
     else:
-        kern = _tuned_small_m(bm, x.element_size(), lora_A.element_size(), r_pad)
-        kern[lambda META: (triton.cdiv(N, META["BN"]), triton.cdiv(M, bm))](*args, **meta)
+        key = ("small_m", bm, N, K, bias is not None, p > 0.0, r_pad, dot_prec, x.dtype, weight.dtype,
+               lora_A.dtype, lora_B.dtype)
+        _launch_tuned(key, _tuned_small_m(bm, elt, a_elt, r_pad), _small_m_fwd_kernel, grid, args, meta)
 
 
-def _cublas_mainloop(a: torch.Tensor) -> bool:
-    """Whether the big frozen GEMM runs in cuBLAS (the default on GPUs, see the module docstring)."""
-    mode = os.environ.get("LORA_KERNELS_TRITON_MAINLOOP", "cublas")
-    if mode not in ("cublas", "triton"):
-        raise ValueError(f"LORA_KERNELS_TRITON_MAINLOOP must be cublas or triton, got {mode!r}")
-    return a.is_cuda and not _interpreting() and mode == "cublas"
-
-
-def _launch_gemm(a, b_strides, b, b_mat, l, lb_strides, lb, bias, c, N, K, R, lora_scale, p, seed, offset):
+def _launch_gemm(a, b_strides, b, b_mat, l, lb_strides, lb, bias, c, N, K, R, lora_scale, p, seed, offset,
+                 kn: _Knobs):
     """c (M, N) = a (M, K) @ b[k, n] + [keep] * lora_scale * l (M, R) @ lb[r, n] + bias.
 
     With the cuBLAS main loop, the kernel runs with no main K-steps (it writes the rank-r term and the bias) and
     cuBLAS then accumulates a @ b_mat into c with beta = 1 (c.addmm_), reading c in its epilogue.
     """
     M = a.shape[0]
-    cublas = _cublas_mainloop(a)
+    cublas = kn.cublas and a.is_cuda
     if cublas:
         K = 0
     r_pad = _r_pad(R)
     has_bias = bias is not None
     has_dropout = p > 0.0
+    m_bucket = min(_next_pow2(M), 4096)
     args = (a, b, l, lb, bias if has_bias else c, c, M, N, K, R,
             a.stride(0), a.stride(1), b_strides[0], b_strides[1], l.stride(0), l.stride(1),
             lb_strides[0], lb_strides[1], c.stride(0), c.stride(1),
-            float(lora_scale), float(p), _seed_arg(seed), int(offset), (N + 3) // 4,
-            min(_next_pow2(M), 4096))
-    meta = dict(HAS_BIAS=has_bias, HAS_DROPOUT=has_dropout, R_PAD=r_pad, DOT_PREC=_dot_precision(a.dtype))
-    if _interpreting():
-        BM, BN, BK = 16, 32, 32
-        grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
-        _gemm_lora_kernel[grid](*args, **meta, BM=BM, BN=BN, BK=BK, GROUP_M=4)
-    elif os.environ.get("LORA_KERNELS_TRITON_AUTOTUNE", "1") == "0":  # first config, no tuning (GPU tests)
+            float(lora_scale), float(p), _seed_arg(seed), int(offset), (N + 3) // 4, m_bucket)
+    dot_prec = _dot_precision(a.dtype, kn)
+    meta = dict(HAS_BIAS=has_bias, HAS_DROPOUT=has_dropout, R_PAD=r_pad, DOT_PREC=dot_prec)
+    grid = lambda cfg: (triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"]),)  # noqa: E731
+    if kn.interpret:
+        cfg = dict(BM=16, BN=32, BK=32, GROUP_M=4)
+        _gemm_lora_kernel[grid(cfg)](*args, **meta, **cfg)
+    elif not kn.autotune:  # first config, no tuning (GPU tests)
         cfg = _gemm_configs(M <= 64, a.element_size(), r_pad)[0]
-        grid = (triton.cdiv(M, cfg.kwargs["BM"]) * triton.cdiv(N, cfg.kwargs["BN"]),)
-        _gemm_lora_kernel[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        _gemm_lora_kernel[grid(cfg.kwargs)](*args, **meta, **cfg.all_kwargs())
     else:
-        kern = _tuned_gemm(M <= 64, a.element_size(), r_pad)
-        grid = lambda META: (triton.cdiv(M, META["BM"]) * triton.cdiv(N, META["BN"]),)  # noqa: E731
-        kern[grid](*args, **meta)
+        key = ("gemm", M <= 64, m_bucket, N, K, has_bias, has_dropout, r_pad, dot_prec, a.dtype, b.dtype, l.dtype,
+               lb.dtype)
+        _launch_tuned(key, _tuned_gemm(M <= 64, a.element_size(), r_pad), _gemm_lora_kernel, grid, args, meta)
     if cublas:
         c.addmm_(a, b_mat)
 
 
-def _helper_tiles(M: int, r_pad: int):
+def _helper_tiles(M: int, r_pad: int, kn: _Knobs):
     """(BM, BN/BK, num_warps) for the rank-r helper kernels."""
-    if _interpreting():
+    if kn.interpret:
         return 16, 32, 4
     bm = 16 if M <= 16 else (32 if M <= 32 else 64)
     bn = 64 if r_pad >= 128 else 128
     return bm, bn, (8 if r_pad >= 128 else 4)
 
 
-def _stages(bytes_per_stage: int) -> int:
+def _stages(bytes_per_stage: int, kn: _Knobs) -> int:
     """Software-pipeline depth for a helper kernel: at most 3 stages within ~160 KB of shared memory."""
-    if _interpreting():
+    if kn.interpret:
         return 1
     return max(1, min(3, (160 * 1024) // max(bytes_per_stage, 1)))
 
@@ -556,19 +594,19 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset):
     M, K = x.shape
     N = weight.shape[0]
     R = lora_A.shape[0]
+    kn = _knobs()
     u = torch.empty((M, R), dtype=torch.float32, device=x.device)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0:
         return y, u
     if M <= SMALL_M and K > 0 and N > 0:
-        _forward_small_m(x, weight, bias, lora_A, lora_B, u, y, float(scaling) / (1.0 - float(p)), p, seed, offset)
+        _forward_small_m(x, weight, bias, lora_A, lora_B, u, y, float(scaling) / (1.0 - float(p)), p, seed, offset, kn)
         return y, u
     if K == 0:
         u.zero_()
     else:
         r_pad = _r_pad(R)
-        prec = _dot_precision(x.dtype)
-        if _interpreting():
+        if kn.interpret:
             BM, BK, warps = 16, 32, 4
         else:
             BM = 16 if M <= 16 else (32 if M <= 32 else 64)
@@ -578,14 +616,20 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset):
             x, lora_A, u, M, K, R,
             x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), u.stride(0), u.stride(1),
             float(scaling) / (1.0 - float(p)), float(p), _seed_arg(seed), int(offset), (K + 3) // 4,
-            HAS_DROPOUT=p > 0.0, R_PAD=r_pad, DOT_PREC=prec, BM=BM, BK=BK, num_warps=warps,
-            num_stages=_stages(BM * BK * x.element_size() + BK * r_pad * lora_A.element_size()))
+            HAS_DROPOUT=p > 0.0, R_PAD=r_pad, DOT_PREC=_dot_precision(x.dtype, kn), BM=BM, BK=BK, num_warps=warps,
+            num_stages=_stages(BM * BK * x.element_size() + BK * r_pad * lora_A.element_size(), kn))
     if N == 0:
         return y, u
     # y = x @ W^T + u @ B^T + b: b operand W^T[k, n] = W[n, k]; lb operand B^T[r, n] = B[n, r]
     _launch_gemm(x, (weight.stride(1), weight.stride(0)), weight, weight.t(), u, (lora_B.stride(1), lora_B.stride(0)),
-                 lora_B, bias, y, N, K, R, 1.0, 0.0, seed, offset)
+                 lora_B, bias, y, N, K, R, 1.0, 0.0, seed, offset, kn)
     return y, u
+
+
+def _sum_partials(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Sum of fp32 partials over dim 0 (fixed order: deterministic), in `dtype`."""
+    out = part.sum(0) if part.shape[0] > 1 else part[0]
+    return out if dtype == torch.float32 else out.to(dtype)
 
 
 def backward(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, need_dx, need_dA, need_dB):
@@ -604,9 +648,10 @@ def backward(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, need_dx
             dB = torch.zeros((N, R), dtype=lora_B.dtype, device=dev)
         return dx, dA, dB
 
+    kn = _knobs()
     r_pad = _r_pad(R)
-    prec = _dot_precision(x.dtype)
-    BM, BN, warps = _helper_tiles(M, r_pad)
+    prec = _dot_precision(x.dtype, kn)
+    BM, BN, warps = _helper_tiles(M, r_pad, kn)
     need_g = need_dx or need_dA
     scale = float(scaling) / (1.0 - float(p))
     seed_a, offset_a = _seed_arg(seed), int(offset)
@@ -625,9 +670,9 @@ def backward(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, need_dx
             dbp.stride(0) if fuse_db else 0, dbp.stride(1) if fuse_db else 0, dbp.stride(2) if fuse_db else 0,
             NEED_DB=fuse_db, R_PAD=r_pad, DOT_PREC=prec, BM=BM, BN=BN, num_warps=warps,
             num_stages=_stages(BM * BN * dy.element_size() * (2 if fuse_db else 1) + BN * r_pad * lora_B.element_size()
-                               + (BM * r_pad * 4 if fuse_db else 0)))
+                               + (BM * r_pad * 4 if fuse_db else 0), kn))
         if fuse_db:
-            dB = dbp.sum(0) if m_blocks > 1 else dbp[0]
+            dB = _sum_partials(dbp, lora_B.dtype)
     if need_dB and dB is None:
         n_blocks = triton.cdiv(N, BN)
         S, per = _splits(M, BM, n_blocks, dev)
@@ -636,10 +681,8 @@ def backward(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, need_dx
             dy, u, dbp, M, N, R, per,
             dy.stride(0), dy.stride(1), u.stride(0), u.stride(1), dbp.stride(0), dbp.stride(1), dbp.stride(2),
             R_PAD=r_pad, DOT_PREC=prec, BM=BM, BN=BN, num_warps=warps,
-            num_stages=_stages(BM * BN * dy.element_size() + BM * r_pad * 4))
-        dB = dbp.sum(0) if S > 1 else dbp[0]
-    if need_dB:
-        dB = dB.to(lora_B.dtype)
+            num_stages=_stages(BM * BN * dy.element_size() + BM * r_pad * 4, kn))
+        dB = _sum_partials(dbp, lora_B.dtype)
 
     if need_dA:
         k_blocks = triton.cdiv(K, BN)
@@ -650,11 +693,11 @@ def backward(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, need_dx
             g.stride(0), g.stride(1), x.stride(0), x.stride(1), dap.stride(0), dap.stride(1), dap.stride(2),
             scale, float(p), seed_a, offset_a, (K + 3) // 4,
             HAS_DROPOUT=p > 0.0, R_PAD=r_pad, DOT_PREC=prec, BM=BM, BK=BN, num_warps=warps,
-            num_stages=_stages(BM * BN * x.element_size() + BM * r_pad * 4))
-        dA = (dap.sum(0) if S > 1 else dap[0]).to(lora_A.dtype)
+            num_stages=_stages(BM * BN * x.element_size() + BM * r_pad * 4, kn))
+        dA = _sum_partials(dap, lora_A.dtype)
 
     if need_dx:
         # dx = dy @ W + keep * s/q * (g @ A): b operand W[n, k] (rows = reduction dim n); lb operand A[r, k]
         _launch_gemm(dy, (weight.stride(0), weight.stride(1)), weight, weight, g, (lora_A.stride(0), lora_A.stride(1)),
-                     lora_A, None, dx, K, N, R, scale, p, seed, offset)
+                     lora_A, None, dx, K, N, R, scale, p, seed, offset, kn)
     return dx, dA, dB
