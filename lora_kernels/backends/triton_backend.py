@@ -376,6 +376,11 @@ _MAX_SMEM = 200 * 1024  # bytes of shared memory a config may plan for (H100 has
 _FUSE_DB_PARTIAL_RATIO = 0.5
 
 
+def _cdiv(a: int, b: int) -> int:
+    """Host-side ceil division (triton.cdiv is a constexpr function whose host call costs microseconds)."""
+    return -(-a // b)
+
+
 def _next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
@@ -442,6 +447,7 @@ def _num_sms(device: torch.device) -> int:
     return 4
 
 
+@functools.lru_cache(maxsize=None)
 def _gemm_configs(small_m: bool, elt: int, r_pad: int):
     if small_m:
         shapes = [(16, 64, 128, 4, 4), (16, 128, 64, 4, 4), (32, 64, 64, 4, 4), (32, 128, 64, 4, 4),
@@ -498,7 +504,7 @@ def _small_m_heuristic(N: int, bm: int, elt: int, a_elt: int, r_pad: int, device
     """BN as large as possible while the grid still covers every SM (the shape is bound by the read of W), then
     the deepest K tile and pipeline that fit in shared memory."""
     sms = _num_sms(device)
-    bn = 64 if triton.cdiv(N, 64) >= sms else (32 if triton.cdiv(N, 32) >= sms else 16)
+    bn = 64 if _cdiv(N, 64) >= sms else (32 if _cdiv(N, 32) >= sms else 16)
     for bk, stages in ((256, 3), (128, 3), (64, 3), (64, 2), (32, 2), (32, 1)):
         if _small_m_smem(bm, bn, bk, stages, elt, a_elt, r_pad) <= _MAX_SMEM:
             break
@@ -516,7 +522,7 @@ def _forward_small_m(x, weight, bias, lora_A, lora_B, u, y, scale, p, seed, offs
             scale, float(p), _seed_arg(seed), int(offset), (K + 3) // 4)
     dot_prec = _dot_precision(x.dtype, kn)
     meta = dict(HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0.0, R_PAD=r_pad, DOT_PREC=dot_prec, BM=bm)
-    grid = lambda cfg: (triton.cdiv(N, cfg["BN"]), triton.cdiv(M, bm))  # noqa: E731
+    grid = lambda cfg: (_cdiv(N, cfg["BN"]), _cdiv(M, bm))  # noqa: E731
     elt, a_elt = x.element_size(), lora_A.element_size()
     if kn.interpret:
         _small_m_fwd_kernel[grid({"BN": 32})](*args, **meta, BN=32, BK=32)
@@ -550,7 +556,7 @@ def _launch_gemm(a, b_strides, b, b_mat, l, lb_strides, lb, bias, c, N, K, R, lo
             float(lora_scale), float(p), _seed_arg(seed), int(offset), (N + 3) // 4, m_bucket)
     dot_prec = _dot_precision(a.dtype, kn)
     meta = dict(HAS_BIAS=has_bias, HAS_DROPOUT=has_dropout, R_PAD=r_pad, DOT_PREC=dot_prec)
-    grid = lambda cfg: (triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"]),)  # noqa: E731
+    grid = lambda cfg: (_cdiv(M, cfg["BM"]) * _cdiv(N, cfg["BN"]),)  # noqa: E731
     if kn.interpret:
         cfg = dict(BM=16, BN=32, BK=32, GROUP_M=4)
         _gemm_lora_kernel[grid(cfg)](*args, **meta, **cfg)
@@ -583,11 +589,11 @@ def _stages(bytes_per_stage: int, kn: _Knobs) -> int:
 
 def _splits(M: int, BM: int, n_blocks: int, device) -> tuple[int, int]:
     """(number of M-chunks, rows per chunk) so that n_blocks * chunks fills the GPU about twice."""
-    m_blocks = triton.cdiv(M, BM)
+    m_blocks = _cdiv(M, BM)
     want = max(1, (2 * _num_sms(device) + n_blocks - 1) // max(n_blocks, 1))
     s = max(1, min(m_blocks, want))
-    per = triton.cdiv(m_blocks, s) * BM
-    return triton.cdiv(M, per), per
+    per = _cdiv(m_blocks, s) * BM
+    return _cdiv(M, per), per
 
 
 def forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset):
@@ -612,7 +618,7 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset):
             BM = 16 if M <= 16 else (32 if M <= 32 else 64)
             BK = 64 if r_pad >= 128 else 128
             warps = 8 if r_pad >= 128 else 4
-        _shrink_kernel[(triton.cdiv(M, BM),)](
+        _shrink_kernel[(_cdiv(M, BM),)](
             x, lora_A, u, M, K, R,
             x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), u.stride(0), u.stride(1),
             float(scaling) / (1.0 - float(p)), float(p), _seed_arg(seed), int(offset), (K + 3) // 4,
@@ -659,7 +665,7 @@ def backward(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, need_dx
     g = None
     if need_g:
         g = torch.empty((M, R), dtype=torch.float32, device=dev)
-        m_blocks = triton.cdiv(M, BM)
+        m_blocks = _cdiv(M, BM)
         # fuse dB into the g pass when the per-M-block partial buffer is small next to dy (2r/BM of it)
         fuse_db = need_dB and m_blocks * N * R * 4 <= _FUSE_DB_PARTIAL_RATIO * M * N * dy.element_size()
         dbp = torch.empty((m_blocks, N, R), dtype=torch.float32, device=dev) if fuse_db else g
@@ -674,7 +680,7 @@ def backward(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, need_dx
         if fuse_db:
             dB = _sum_partials(dbp, lora_B.dtype)
     if need_dB and dB is None:
-        n_blocks = triton.cdiv(N, BN)
+        n_blocks = _cdiv(N, BN)
         S, per = _splits(M, BM, n_blocks, dev)
         dbp = torch.empty((S, N, R), dtype=torch.float32, device=dev)
         _db_kernel[(n_blocks, S)](
@@ -685,7 +691,7 @@ def backward(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, need_dx
         dB = _sum_partials(dbp, lora_B.dtype)
 
     if need_dA:
-        k_blocks = triton.cdiv(K, BN)
+        k_blocks = _cdiv(K, BN)
         S, per = _splits(M, BM, k_blocks, dev)
         dap = torch.empty((S, R, K), dtype=torch.float32, device=dev)
         _da_kernel[(k_blocks, S)](
