@@ -64,6 +64,12 @@ if [ -n "${HOST_PROFILE:-}" ]; then
   step host_profile 120 $PY "$REPO/bench/host_profile.py"
   cp "$LOGS/host_profile.log" "$OUT/host_profile.txt"
 fi
+if [ -n "${SANITIZE:-}" ]; then  # compute-sanitizer memcheck + racecheck on a small CUDA-backend fwd+bwd
+  for tool in memcheck racecheck; do
+    step "san_$tool" 240 compute-sanitizer --tool "$tool" $PY "$REPO/bench/sanitize_cuda.py"
+    grep -h -E "ERROR SUMMARY|RACECHECK SUMMARY|sanitize run done" "$LOGS/san_$tool.log" | sed "s/^/$tool: /" >> "$OUT/sanitizer.txt"
+  done
+fi
 if [ -n "${PROFILE:-}" ]; then
   step profile "$T_PROFILE" $PY "$REPO/bench/profile_layer.py" ${PROFILE_ARGS:-}
   cp "$LOGS/profile.log" "$OUT/profile.txt"
@@ -74,7 +80,7 @@ step tests "${T_TESTS:-600}" env LORA_KERNELS_TRITON_AUTOTUNE=0 $PY -m pytest -q
 [ -f "$LOGS/tests.log" ] && cp "$LOGS/tests.log" "$OUT/tests.log"
 step bench "$T_BENCH" $PY -m pytest "$REPO/bench/test_bench_lora.py" -q -p no:cacheprovider --benchmark-json "$OUT/bench.json" "${BENCH_ARGS[@]}"
 step table "$T_TABLE" $PY "$REPO/bench/make_table.py" "$OUT/bench.json" --out "$OUT/"
-step e2e "$T_E2E" $PY "$REPO/bench/e2e_train.py" --out "$OUT/e2e.json" "${E2E_ARGS[@]}"
+step e2e "$T_E2E" $PY "$REPO/bench/e2e_train.py" --out "$OUT/e2e.json" "${E2E_ARGS[@]}" ${E2E_EXTRA:-}
 
 {
   echo "gpu_check mode=$MODE total $(( $(date +%s) - T0 ))s"
