@@ -16,6 +16,7 @@ the dropout mask is regenerated from ``seed`` (a CPU int64 scalar tensor, drawn 
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -144,6 +145,7 @@ class _EagerLoRA(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------------------------------ the public op
+@functools.lru_cache(maxsize=256)
 def dtype_problem(x_dtype, weight_dtype, bias_dtype, lora_A_dtype, lora_B_dtype):
     """Why this dtype combination is not accepted by the op (a message), or None when it is."""
     for name, dt in (("x", x_dtype), ("weight", weight_dtype), ("lora_A", lora_A_dtype), ("lora_B", lora_B_dtype)):
@@ -222,8 +224,11 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
             lora_A.contiguous(), lora_B.contiguous(), float(scaling), p, seed, 0, name)
     if torch.compiler.is_compiling():
         y = torch.ops.lora_kernels.lora_fwd(*args)[0]
-    else:
+    elif torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or lora_A.requires_grad
+                                      or lora_B.requires_grad or (bias is not None and bias.requires_grad)):
         y = _EagerLoRA.apply(*args)
+    else:  # nothing to differentiate (inference, no_grad): the impl alone, without autograd.Function's overhead
+        y = _fwd_impl(*args)[0]
     return y.reshape(*lead, weight.shape[0])
 
 
