@@ -10,6 +10,10 @@
 //            launch_reduce_partials (dB), launch_lora_dA (partials of dA = scaling * g^T dropout(x)),
 //            launch_reduce_partials (dA), launch_lora_dx_prefill (dx = scaling*keep/(1-p) * g A), cuBLAS dx += dy W.
 // Every reduction is done in a fixed order (no atomics): results are bitwise deterministic run to run.
+//
+// Precision: with 16-bit x (fp16 / bf16) on sm_80+ the rank-r products run on tensor cores; every operand is cast to
+// x's dtype first (fp32 adapters A / B and the fp32 buffers u, g included) and accumulated in fp32 (the Triton
+// backend's policy). With fp32 x (or below sm_80) they are fp32 FFMA throughout. Outputs as documented per launcher.
 #pragma once
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -22,7 +26,9 @@ constexpr int kMaxRank = 256;
 
 // Work split of the deterministic backward reductions over M. Row split s owns rows
 // [s * rows_per_split, min(M, (s+1) * rows_per_split)) (rows_per_split a multiple of 32); column group c owns
-// columns [c * cols_per_group, ...) (a multiple of 32). Grid = (row_splits, col_groups).
+// columns [c * cols_per_group, ...) (a multiple of 32). Grid = (row_splits, col_groups), times the r-chunks of at
+// most 64 columns for 16-bit inputs. The plan helpers size the splits for the tensor-core kernels' tiles (the fp32
+// kernels run any plan) so that the grid fills the GPU with as few partial bytes as possible.
 struct SplitPlan {
   int64_t row_splits;
   int64_t rows_per_split;
@@ -35,7 +41,8 @@ SplitPlan lora_dy_pass_plan(int64_t M, int64_t N, int r);
 // dA pass over x (M, K): dA partial buffer row_splits * r * K floats.
 SplitPlan lora_dA_plan(int64_t M, int64_t K, int r);
 
-// Shrink work split: row blocks, and (small M) K split into plan.col_groups groups of plan.cols_per_group columns.
+// Shrink work split: row blocks, and (small M) K split into plan.col_groups groups of plan.cols_per_group columns
+// (whole 64-column chunks).
 SplitPlan lora_shrink_plan(int64_t M, int64_t K);
 
 // u_out[c] (M, r) fp32 = scaling * dropout(x)[:, cols of c] @ A^T[cols of c] ; x (M, K) x_dtype, A (r, K) a_dtype.
@@ -45,8 +52,8 @@ cudaError_t launch_lora_shrink(const void* x, DType x_dtype, const void* A, DTyp
                                int64_t K, int r, SplitPlan plan, float scaling, float p, uint64_t seed,
                                uint64_t offset, cudaStream_t stream);
 
-// y (M, N) y_dtype = u (M, r) fp32 @ B^T + bias ; B (N, r) b_dtype, bias (N,) y_dtype or null. fp32 math, one
-// write of y (never read).
+// y (M, N) y_dtype = u (M, r) fp32 @ B^T + bias ; B (N, r) b_dtype, bias (N,) y_dtype or null. fp32 accumulation
+// (u and B cast to y_dtype first when it is 16-bit), bias added in fp32, one write of y (never read).
 cudaError_t launch_lora_expand_prefill(void* y, DType y_dtype, const float* u, const void* B, DType b_dtype,
                                        const void* bias, int64_t M, int64_t N, int r, cudaStream_t stream);
 
