@@ -79,8 +79,9 @@ step table "$T_TABLE" $PY "$REPO/bench/make_table.py" "$OUT/bench.json" --out "$
 step e2e "$T_E2E" $PY "$REPO/bench/e2e_train.py" --out "$OUT/e2e.json" "${E2E_ARGS[@]}" ${E2E_EXTRA:-}
 # The GPU tests run last, so that a call cut short still returns the benchmark numbers.
 # pytest-xdist (in the device image) spreads the tests over CPU cores: most of their time is Triton compiling.
+# -v prints each test's outcome as it finishes, so a step cut by its time limit still names its failures.
 XDIST=(); if $PY -c "import xdist" 2>/dev/null; then XDIST=(-n "${TEST_WORKERS:-8}"); fi
-step tests "${T_TESTS:-600}" env LORA_KERNELS_TRITON_AUTOTUNE=0 $PY -m pytest -q -rfE -p no:cacheprovider "${XDIST[@]}" ${TEST_K:+-k "$TEST_K"} "$REPO/tests" ${TEST_ARGS:-}
+step tests "${T_TESTS:-600}" env LORA_KERNELS_TRITON_AUTOTUNE=0 $PY -m pytest -v -rfE -p no:cacheprovider "${XDIST[@]}" ${TEST_K:+-k "$TEST_K"} "$REPO/tests" ${TEST_ARGS:-}
 [ -f "$LOGS/tests.log" ] && cp "$LOGS/tests.log" "$OUT/tests.log"
 
 {
