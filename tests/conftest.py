@@ -57,3 +57,28 @@ def assert_tolerance(out, ref64, baseline, name="output", floor=None):
 def _fresh_seed(request):
     # Fresh random inputs for every test, reproducible from the test's name.
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def poisoned_outputs(monkeypatch):
+    """Makes every output a backend allocates start as NaN, so an element a kernel fails to write shows up as a
+    non-finite value (the tolerance checks reject those). Python backends allocate with ``torch.empty``: it is
+    wrapped to fill floating tensors with NaN. The C++ backend allocates with ``at::empty`` from the CUDA caching
+    allocator: its free blocks, small and large pools alike, are filled with NaN before the test."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    if HAS_CUDA:
+        blocks = [real_empty(256 * 1024, device="cuda") for _ in range(64)]  # 1 MiB each: the small pool
+        blocks.append(real_empty(64 * 1024 * 1024, device="cuda"))  # 256 MiB: the large pool
+        for b in blocks:
+            b.fill_(float("nan"))
+        torch.cuda.synchronize()
+        del blocks
+    monkeypatch.setattr(torch, "empty", empty)
+    yield

@@ -17,6 +17,9 @@ pytest.importorskip("triton")
 from lora_kernels.backends import triton_backend as tb  # noqa: E402
 from lora_kernels.philox import dropout_mask  # noqa: E402
 
+# Outputs start as NaN (conftest.poisoned_outputs): an unwritten element fails the finiteness checks.
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")
+
 DEV = "cuda" if _CUDA else "cpu"
 # the interpreter miscomputes tl.dot on bf16: bf16 only on a GPU
 DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if _CUDA else [])
@@ -239,3 +242,18 @@ def test_autotuned_configs_are_reused(monkeypatch, M, mainloop):
         runs.append((y, dx))
     assert len(tb._TUNED) >= 1  # the tuned kernels recorded their configs
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+def test_poison_exposes_unwritten_outputs(monkeypatch):
+    """The harness check: with a kernel that writes nothing, the outputs stay NaN (so the checks above would fail)."""
+
+    class _NoLaunch:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(tb, "_small_m_fwd_kernel", _NoLaunch())
+    monkeypatch.setenv("LORA_KERNELS_TRITON_AUTOTUNE", "0")  # the autotuned path holds the real kernel
+    gen = torch.Generator().manual_seed(8)
+    x, W, b, A, B, _ = _inputs(3, 20, 24, 4, torch.float32, True, False, gen)
+    y, u = tb.forward(x, W, b, A, B, 1.0, 0.0, SEED, OFFSET)
+    assert torch.isnan(y).all() and torch.isnan(u).all()
