@@ -218,8 +218,8 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     if p > 0.0 and _recorders:
         for calls in _recorders:
             calls.append((int(seed), 0))
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
+    two_d = x.dim() == 2
+    x2 = x if two_d else x.reshape(-1, x.shape[-1])
     args = (x2.contiguous(), weight.contiguous(), bias.contiguous() if bias is not None else None,
             lora_A.contiguous(), lora_B.contiguous(), float(scaling), p, seed, 0, name)
     if torch.compiler.is_compiling():
@@ -229,7 +229,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
         y = _EagerLoRA.apply(*args)
     else:  # nothing to differentiate (inference, no_grad): the impl alone, without autograd.Function's overhead
         y = _fwd_impl(*args)[0]
-    return y.reshape(*lead, weight.shape[0])
+    return y if two_d else y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def dropout_mask(seed, offset, shape, p, device=None):
