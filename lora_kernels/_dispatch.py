@@ -13,8 +13,8 @@ _MODULES = {
 }
 # Order tried by backend=None/"auto" for CUDA tensors (fastest first); CPU tensors always get "torch".
 # cuda before triton: same kernel time at M >= 2048 but far less host time per call (C++ binding, no Triton
-# launch path), which decides training steps (bench/results/h200_2026-11-28/run3: fwd+bwd 931 vs 1555 us at
-# 8192x4096->4096). Triton stays the default where the extension is not built.
+# launch path), which decides training steps (bench/results/h200_2026-11-28/session3/runB_profile.txt: fwd+bwd
+# 931 vs 1555 us at 8192x4096->4096). Triton stays the default where the extension is not built.
 AUTO_ORDER_CUDA = ("cuda", "triton", "torch")
 ENV_VAR = "LORA_KERNELS_BACKEND"
 

@@ -1,5 +1,6 @@
 """Shared test helpers: which (backend, device) pairs run here, the reference formula, the tolerance rule."""
 import os
+import shutil
 import zlib
 
 import pytest
@@ -21,6 +22,16 @@ def backend_cases():
     if HAS_CUDA:
         cases += [(b, "cuda") for b in ("torch", "triton", "cuda") if b in avail]
     return cases
+
+
+def nvcc_or_skip() -> str:
+    """Path of nvcc (PATH, then $CUDA_HOME/bin), or skip the calling test when there is none."""
+    nvcc = shutil.which("nvcc") or (
+        os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc") if os.environ.get("CUDA_HOME") else None
+    )
+    if not nvcc or not os.path.exists(nvcc):
+        pytest.skip("nvcc not found")
+    return nvcc
 
 
 def dtypes_for(backend, device):

@@ -9,12 +9,12 @@ are checked here rather than only on the GPU.
 from __future__ import annotations
 
 import itertools
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+
+from conftest import nvcc_or_skip
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
@@ -42,11 +42,7 @@ RANKS = [1, 5, 16, 33, 64, 65, 128, 256]
 
 @pytest.fixture(scope="module")
 def plans_bin(tmp_path_factory):
-    nvcc = shutil.which("nvcc") or (
-        os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc") if os.environ.get("CUDA_HOME") else None
-    )
-    if not nvcc or not os.path.exists(nvcc):
-        pytest.skip("nvcc not found")
+    nvcc = nvcc_or_skip()
     d = tmp_path_factory.mktemp("plans")
     (d / "driver.cu").write_text(DRIVER)
     ptx_only = ["-std=c++17", "-arch=compute_90", "-code=compute_90", f"-I{CSRC}"]  # no SASS: faster, no GPU

@@ -4,12 +4,12 @@ Compiles a host-only program with nvcc (no GPU needed) and compares its masks wi
 """
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+
+from conftest import nvcc_or_skip
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
@@ -37,11 +37,7 @@ int main(int argc, char** argv) {
 
 @pytest.fixture(scope="module")
 def philox_bin(tmp_path_factory):
-    nvcc = shutil.which("nvcc") or (
-        os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc") if os.environ.get("CUDA_HOME") else None
-    )
-    if not nvcc or not os.path.exists(nvcc):
-        pytest.skip("nvcc not found")
+    nvcc = nvcc_or_skip()
     d = tmp_path_factory.mktemp("philox")
     src = d / "philox_host.cu"
     src.write_text(PROGRAM)

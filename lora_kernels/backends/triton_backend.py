@@ -413,7 +413,7 @@ def _knobs() -> _Knobs:
     prec = env.get("LORA_KERNELS_TRITON_FP32_PRECISION", "ieee").lower()
     if prec not in ("tf32", "ieee"):
         raise ValueError(f"LORA_KERNELS_TRITON_FP32_PRECISION must be tf32 or ieee, got {prec!r}")
-    interpret = env.get("TRITON_INTERPRET", "0") == "1"
+    interpret = _interpreting()
     return _Knobs(interpret, env.get("LORA_KERNELS_TRITON_AUTOTUNE", "1") != "0", mode == "cublas" and not interpret,
                   prec)
 
@@ -431,9 +431,10 @@ _TUNED: dict = {}
 def _launch_tuned(key, tuner, kernel, grid, args, meta):
     """kernel[grid(config kwargs)](*args, **meta, **config): the tuned config for `key`, tuning on first use."""
     cfg = _TUNED.get(key)
-    if cfg is None:
-        tuner[lambda META: grid(META)](*args, **meta)
-        cfg = _TUNED[key] = tuner.best_config
+    if cfg is None:  # the autotuner benchmarks the configs, then runs the best one: that is this call's launch
+        tuner[grid](*args, **meta)
+        _TUNED[key] = tuner.best_config
+        return
     kernel[grid(cfg.kwargs)](*args, **meta, **cfg.all_kwargs())
 
 
@@ -489,6 +490,7 @@ def _prefill_config(r_pad: int):
     (BM, R_PAD) operand stays in registers."""
     return triton.Config({"BM": 128 if r_pad < 128 else 64, "BN": 128, "BK": 64, "GROUP_M": 8}, num_warps=8,
                          num_stages=1)
+
 
 SMALL_M = 64  # forward calls with M <= SMALL_M take the one-launch path (_small_m_fwd_kernel)
 
