@@ -257,3 +257,44 @@ def test_poison_exposes_unwritten_outputs(monkeypatch):
     x, W, b, A, B, _ = _inputs(3, 20, 24, 4, torch.float32, True, False, gen)
     y, u = tb.forward(x, W, b, A, B, 1.0, 0.0, SEED, OFFSET)
     assert torch.isnan(y).all() and torch.isnan(u).all()
+
+
+
+_TTIR_SCRIPT = r"""
+import json, re, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from lora_kernels.backends import triton_backend as tb
+
+kernel, constexprs = getattr(tb, sys.argv[1]), json.loads(sys.argv[2])
+names = kernel.arg_names
+sig = {n: "constexpr" if n in constexprs else "*fp32" if n.endswith("_ptr")
+       else "fp32" if n in ("scale", "p", "lora_scale") else "i32" for n in names}
+src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(n),): v for n, v in constexprs.items()})
+ir = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2)).asm["ttir"]
+zeros = set(re.findall(r"(%[\w.#]+) = arith.constant dense<0\.0+e\+00>", ir))
+print(json.dumps([m.group(1) in zeros for m in re.finditer(r"= tt\.dot %[\w.#]+, %[\w.#]+, (%[\w.#]+)", ir)]))
+"""
+
+
+@pytest.mark.parametrize("kernel,expected", [("_small_m_fwd_kernel", [False, False, True]),
+                                             ("_gemm_lora_kernel", [False, True])])
+def test_fp32_rank_term_keeps_own_accumulator(kernel, expected):
+    """fp32: the rank-r dot must start from zero, not from the x W^T accumulator. Triton's combine pass rewrites
+    `acc + dot(a, b, 0)` into `dot(a, b, acc)`, which rounds each of the r terms against the large partial (4.6x
+    torch's error at r=256 on an H200); the kernels scale the dot's result so that the rewrite does not apply.
+    The kernel is compiled to Triton IR for sm_90 in a subprocess without the interpreter (no GPU needed).
+    Expected per tt.dot, in order: does its accumulator start at zero (x W^T and x A^T accumulate over K)."""
+    import json
+    import subprocess
+    import sys
+
+    constexprs = dict(HAS_BIAS=True, HAS_DROPOUT=False, R_PAD=256, DOT_PREC="ieee", BM=16, BN=16, BK=32)
+    if kernel == "_gemm_lora_kernel":
+        constexprs["GROUP_M"] = 4
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _TTIR_SCRIPT, kernel, json.dumps(constexprs)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == expected

@@ -193,7 +193,9 @@ if triton is not None:
         elif DOT_PREC == "ieee":
             # fp32 outputs: the rank-r sum gets its own accumulator. Folded into the main one, its r small terms
             # are each rounded against the large x W^T partial (measured on H200 at r=256: 4.6x torch's error).
-            acc += tl.dot(lt * lora_scale, lbt, input_precision=DOT_PREC)
+            # The scale multiplies the dot's result: Triton's combine pass rewrites `acc + dot(a, b, 0)` into
+            # `dot(a, b, acc)`, which would fold the sum back into the main accumulator.
+            acc += tl.dot(lt, lbt, input_precision=DOT_PREC) * lora_scale
         else:  # 16-bit outputs: one more K-step into the same accumulator (output rounding dominates)
             acc = tl.dot((lt * lora_scale).to(DT), lbt, acc, input_precision=DOT_PREC)
 
@@ -253,8 +255,8 @@ if triton is not None:
                      mask=m_mask[:, None] & r_mask[None, :])
         bt = tl.load(b_ptr + rr[:, None] * s_br + offs_n.to(tl.int64)[None, :] * s_bn,
                      mask=r_mask[:, None] & n_mask[None, :], other=0.0).to(DT)  # B^T tile (R_PAD, BN)
-        if DOT_PREC == "ieee":  # fp32: own accumulator (see _gemm_lora_kernel)
-            acc += tl.dot(u, bt, input_precision=DOT_PREC)
+        if DOT_PREC == "ieee":  # fp32: own accumulator, scaled after the dot (see _gemm_lora_kernel)
+            acc += tl.dot(uacc, bt, input_precision=DOT_PREC) * scale
         else:
             acc = tl.dot(u.to(DT), bt, acc, input_precision=DOT_PREC)
         if HAS_BIAS:
