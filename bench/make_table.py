@@ -62,7 +62,11 @@ def markdown(rows, env):
     groups = group_rows(rows)
     out = ["# LoRA layer benchmark", "", header(env), "",
            "Times are CUDA-event medians (bf16 activations/weights). `ratio` = time / cuBLAS floor "
-           "(fwd: F.linear(x, W); fwd_bwd: F.linear(x, W) + dy @ W). `vs PEFT` = PEFT-layer time / time "
+           "(fwd: F.linear(x, W); fwd_bwd: F.linear(x, W) + dy @ W). Two times per call: `wall` times "
+           "back-to-back calls (a host-bound call shows its host time: Python, autograd, launches); `GPU` "
+           "queues each call behind a GPU sleep longer than its host time, so only the GPU's execution of the "
+           "call is timed (the cost inside a model that keeps the GPU busy; compare it with the roofline). "
+           "`GPU ok` = no rep's host enqueue outlasted its sleep. `vs PEFT` = PEFT-layer wall time / wall time "
            "(>1 is faster than PEFT). TFLOP/s counts the LoRA layer's FLOPs (the floor: its own GEMM FLOPs). "
            "`addmm` applies no dropout. Memory columns (fwd_bwd): peak allocated above baseline during one "
            "fwd+bwd, and bytes saved for backward (x included; parameters excluded).", ""]
@@ -73,6 +77,8 @@ def markdown(rows, env):
         for prov, r in g.items():
             if r.get("ratio_to_floor"):
                 summ[(mode, prov)]["ratio"].append(r["ratio_to_floor"])
+            if r.get("gpu_ratio_to_floor"):
+                summ[(mode, prov)]["gpu"].append(r["gpu_ratio_to_floor"])
             if peft and r.get("median_ms"):
                 summ[(mode, prov)]["vs"].append(peft / r["median_ms"])
     if summ:
@@ -80,24 +86,28 @@ def markdown(rows, env):
 
         gm = lambda xs: math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
         out += ["## Summary (geometric means over all groups)", "",
-                "| mode | provider | ratio to floor | speed-up vs PEFT | groups |", "|---|---|---:|---:|---:|"]
+                "| mode | provider | wall ratio to floor | GPU ratio to floor | speed-up vs PEFT (wall) | groups |",
+                "|---|---|---:|---:|---:|---:|"]
         for mode in sorted({m for m, _ in summ}):
             for prov in _prov_order([p for m, p in summ if m == mode]):
                 d = summ[(mode, prov)]
-                out.append(f"| {mode} | {prov} | {_fmt(gm(d['ratio']), '.3f')} | {_fmt(gm(d['vs']), '.2f')} | "
-                           f"{len(d['ratio'])} |")
+                out.append(f"| {mode} | {prov} | {_fmt(gm(d['ratio']), '.3f')} | {_fmt(gm(d['gpu']), '.3f')} | "
+                           f"{_fmt(gm(d['vs']), '.2f')} | {len(d['ratio'])} |")
         out.append("")
     out += ["## Per group", ""]
     for (mode, shape, M, r, p), g in groups.items():
         peft = g.get("peft-layer", {}).get("median_ms")
         out += [f"### {mode} | {shape} | M={M} | r={r} | p={p}", "",
-                "| provider | time ms | TFLOP/s | ratio to floor | vs PEFT | peak MiB | saved MiB | note |",
-                "|---|---:|---:|---:|---:|---:|---:|---|"]
+                "| provider | wall ms | TFLOP/s | wall ratio | GPU ms | GPU ratio | GPU ok | vs PEFT | peak MiB | "
+                "saved MiB | note |",
+                "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---|"]
         for prov in _prov_order(g):
             x = g[prov]
             vs = peft / x["median_ms"] if peft and x.get("median_ms") else None
+            ok = {True: "yes", False: "no"}.get(x.get("gpu_hidden_ok"), "-")
             out.append(f"| {prov} | {_fmt(x.get('median_ms'), '.4f')} | {_fmt(x.get('tflops'), '.1f')} | "
-                       f"{_fmt(x.get('ratio_to_floor'), '.3f')} | {_fmt(vs, '.2f')} | "
+                       f"{_fmt(x.get('ratio_to_floor'), '.3f')} | {_fmt(x.get('gpu_ms'), '.4f')} | "
+                       f"{_fmt(x.get('gpu_ratio_to_floor'), '.3f')} | {ok} | {_fmt(vs, '.2f')} | "
                        f"{_mib(x.get('peak_bytes'))} | {_mib(x.get('saved_bytes'))} | {x.get('note', '')} |")
         out.append("")
     return "\n".join(out)
@@ -112,16 +122,20 @@ def plot(rows, env, path):
     groups = group_rows(rows)
     modes = sorted({k[0] for k in groups})
     provs = _prov_order({p for g in groups.values() for p in g})
-    fig, axes = plt.subplots(len(modes), 1, figsize=(max(8, 0.55 * len(groups) / max(len(modes), 1) *
-                                                         max(len(provs), 1) / 4), 4.5 * len(modes)),
+    metrics = [("ratio_to_floor", "wall")]
+    if any(r.get("gpu_ratio_to_floor") for g in groups.values() for r in g.values()):
+        metrics.append(("gpu_ratio_to_floor", "GPU"))
+    panels = [(mode, m) for mode in modes for m in metrics]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(8, 0.55 * len(groups) / max(len(modes), 1) *
+                                                          max(len(provs), 1) / 4), 4.5 * len(panels)),
                              squeeze=False)
     width = 0.8 / max(len(provs), 1)
-    for ax, mode in zip(axes[:, 0], modes):
+    for ax, (mode, (metric, label)) in zip(axes[:, 0], panels):
         keys = [k for k in groups if k[0] == mode]
         for i, prov in enumerate(provs):
             xs, ys = [], []
             for j, k in enumerate(keys):
-                v = groups[k].get(prov, {}).get("ratio_to_floor")
+                v = groups[k].get(prov, {}).get(metric)
                 if v is not None:
                     xs.append(j + (i - (len(provs) - 1) / 2) * width)
                     ys.append(v)
@@ -129,8 +143,8 @@ def plot(rows, env, path):
         ax.axhline(1.0, color="k", lw=0.8, ls="--")
         ax.set_xticks(range(len(keys)))
         ax.set_xticklabels([f"{k[1]}\nM={k[2]} r={k[3]} p={k[4]}" for k in keys], rotation=90, fontsize=6)
-        ax.set_ylabel("time / cuBLAS floor")
-        ax.set_title(f"{mode}  (lower is better)", fontsize=9)
+        ax.set_ylabel(f"{label} time / cuBLAS floor")
+        ax.set_title(f"{mode}, {label} time  (lower is better)", fontsize=9)
         ax.set_yscale("log")
         ax.legend(fontsize=6, ncol=4)
     fig.suptitle(header(env), fontsize=6)

@@ -101,7 +101,8 @@ def _floor_ms(config, K, N, M, mode):
     if key not in _FLOOR_CACHE:
         n_sets = n_rotation_sets(set_bytes(M, K, N, 16, DTYPE))
         case = make_case(FLOOR, M, K, N, 16, 0.0, dtype=DTYPE, device=DEVICE, n_sets=n_sets)
-        _FLOOR_CACHE[key] = bench_ms(getattr(case, mode), **_timer_kwargs(config))["median_ms"]
+        res = bench_ms(getattr(case, mode), **_timer_kwargs(config))
+        _FLOOR_CACHE[key] = (res["median_ms"], res.get("gpu_ms"))
         del case
         _cleanup()
     return _FLOOR_CACHE[key]
@@ -127,7 +128,8 @@ def test_lora_layer(benchmark, cfg, request):
 
     benchmark.pedantic(target, rounds=1, iterations=1, warmup_rounds=0)
     med = result["median_ms"]
-    floor = _floor_ms(config, K, N, M, mode) if prov != FLOOR else med
+    gpu = result.get("gpu_ms")
+    floor, floor_gpu = _floor_ms(config, K, N, M, mode) if prov != FLOOR else (med, gpu)
     flops = case.flops_fwd if mode == "fwd" else case.flops_fwd_bwd
     info = {
         "provider": prov, "K": K, "N": N, "shape": f"{K}->{N}", "M": M, "r": r, "p": p, "mode": mode,
@@ -136,6 +138,8 @@ def test_lora_layer(benchmark, cfg, request):
         "reps": result.get("reps"), "rotation_sets": result.get("sets"),
         "tflops": flops / (med * 1e-3) / 1e12 if med > 0 else None, "flops": flops,
         "floor_ms": floor, "ratio_to_floor": med / floor if floor else None,
+        "gpu_ms": gpu, "gpu_hidden_ok": result.get("gpu_hidden_ok"), "floor_gpu_ms": floor_gpu,
+        "gpu_ratio_to_floor": gpu / floor_gpu if (gpu and floor_gpu) else None,
         "timer": "do_bench" if _timer_kwargs(config)["use_do_bench"] else "cuda-events-rotating",
     }
     if mode == "fwd_bwd":

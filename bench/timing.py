@@ -4,6 +4,13 @@
   ``triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")``, but cycling through a list of
   callables (one per input set) so that inputs that fit in L2 are not served hot from cache ("L2 rotation").
   ``use_do_bench=True`` calls triton's do_bench instead (which flushes L2 itself between reps).
+  It reports two times per call:
+  - ``median_ms`` (wall): back-to-back calls, events around each. When the host enqueues a call more slowly
+    than the GPU runs it (Python, autograd, launch overhead), this is the host's time: what an isolated layer
+    call costs.
+  - ``gpu_ms``: each rep is queued behind a GPU sleep kernel longer than the host's enqueue time, so the
+    events see only the GPU executing the call's kernels (with their gaps on the GPU side). This is the
+    time of a call in a model that keeps the GPU busy, and the one to compare with a roofline.
   Without CUDA it falls back to a perf_counter timer (CPU smoke tests only).
 * ``n_rotation_sets(bytes_per_set)``: how many input sets to rotate among (enough to exceed 2x L2).
 * ``measure_memory(fwd_bwd, exclude)``: peak CUDA memory of one fwd+bwd above the baseline, and the bytes
@@ -86,7 +93,53 @@ def bench_ms(fns, warmup_ms: float = 25.0, rep_ms: float = 100.0, min_reps: int 
         ends[i].record()
     _sync()
     times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
-    return _summary(times, n)
+    out = _summary(times, n)
+    out.update(_gpu_time(fns, est))
+    return out
+
+
+_CYCLES_PER_MS: list = []
+
+
+def _cycles_per_ms() -> float:
+    """GPU clock cycles of torch.cuda._sleep per millisecond (measured once)."""
+    if not _CYCLES_PER_MS:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        cycles = 2_000_000
+        torch.cuda._sleep(cycles)  # warm-up
+        start.record()
+        torch.cuda._sleep(cycles)
+        end.record()
+        _sync()
+        _CYCLES_PER_MS.append(cycles / max(start.elapsed_time(end), 1e-3))
+    return _CYCLES_PER_MS[0]
+
+
+def _gpu_time(fns, wall_est_ms: float, reps: int = 40) -> dict:
+    """Median GPU time of one call, its host enqueue hidden behind a sleep kernel queued before each rep.
+
+    The sleep lasts 2x the wall-time estimate plus 0.1 ms (the wall time of a host-bound call bounds its host
+    time), so the host has queued the whole call before the GPU reaches the start event. ``gpu_hidden_ok`` is
+    False when a rep's host enqueue outlasted its sleep (the GPU then waited on the host inside the timed
+    region), measured by the host clock."""
+    n = len(fns)
+    sleep_ms = 2.0 * wall_est_ms + 0.1
+    cycles = int(sleep_ms * _cycles_per_ms())
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ok = True
+    for i in range(reps):
+        _sync()
+        torch.cuda._sleep(cycles)
+        t0 = time.perf_counter()
+        starts[i].record()
+        fns[i % n]()
+        ends[i].record()
+        if (time.perf_counter() - t0) * 1e3 > 0.9 * sleep_ms:
+            ok = False
+    _sync()
+    times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
+    return {"gpu_ms": float(statistics.median(times)), "gpu_hidden_ok": ok}
 
 
 def _bench_cpu(fns, warmup_ms, rep_ms, min_reps, max_reps):
