@@ -72,6 +72,25 @@ def profile(name, fn, top):
     print("\n".join(s.getvalue().splitlines()[4:]), flush=True)
 
 
+def op_breakdown(name, fn, top, n=50):
+    """torch.profiler's self CPU time per op and CUDA runtime call (cudaLaunchKernel, cudaFuncSetAttribute, ...),
+    per layer call: where the host time of the C++ and ATen side goes."""
+    from torch.profiler import ProfilerActivity, profile as tprofile
+
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    with tprofile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    print(f"\n=== {name}: torch.profiler self CPU time per call (profiler overhead included)")
+    print(f"  {'op / runtime call':55s} {'calls/call':>10s} {'self us/call':>12s}")
+    for e in rows:
+        print(f"  {e.key[:55]:55s} {e.count / n:10.1f} {e.self_cpu_time_total / n:12.1f}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--backends", default="triton,cuda")
@@ -89,6 +108,7 @@ def main():
         case = make_case(f"ours-{backend}", M, K, N, 16, 0.0)
         profile(f"ours-{backend} fwd (no_grad) M={M}", case.fwd[0], args.top)
         profile(f"ours-{backend} fwd+bwd M={M}", case.fwd_bwd[0], args.top)
+        op_breakdown(f"ours-{backend} fwd+bwd M={M}", case.fwd_bwd[0], args.top)
 
 
 if __name__ == "__main__":

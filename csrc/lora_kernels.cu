@@ -28,7 +28,10 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <map>
+#include <mutex>
 #include <type_traits>
+#include <utility>
 
 // bf16 mma.sync and cp.async need sm_80: a build for an older architecture compiles the tensor-core kernels to a
 // trap, and the launchers never pick them there (tc_supported()).
@@ -1554,10 +1557,26 @@ cudaError_t dispatch_frags(int nf, F&& f) {
   }
 }
 
+// Opt a kernel in to `bytes` of dynamic shared memory (needed above 48 KB). The attribute is set once per
+// (kernel, device) and remembered: cudaFuncSetAttribute is a driver call that would otherwise run on every launch.
+cudaError_t set_smem_once(const void* kernel, size_t bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) return e;
+  static std::mutex mu;
+  static std::map<std::pair<const void*, int>, size_t> opted;  // largest size set so far
+  std::lock_guard<std::mutex> lock(mu);
+  size_t& have = opted[{kernel, dev}];
+  if (have >= bytes) return cudaSuccess;
+  e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
+  if (e == cudaSuccess) have = bytes;
+  return e;
+}
+
 template <typename K>
 cudaError_t set_smem(K kernel, size_t bytes) {
-  if (bytes <= 48 * 1024) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
+  return set_smem_once(reinterpret_cast<const void*>(kernel), bytes);
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
