@@ -278,9 +278,10 @@ print(json.dumps([m.group(1) in zeros for m in re.finditer(r"= tt\.dot %[\w.#]+,
 """
 
 
-@pytest.mark.parametrize("kernel,expected", [("_small_m_fwd_kernel", [False, False, True]),
-                                             ("_gemm_lora_kernel", [False, True])])
-def test_fp32_rank_term_keeps_own_accumulator(kernel, expected):
+@pytest.mark.parametrize("kernel,extra,expected", [("_small_m_fwd_kernel", {"U_GIVEN": False}, [False, False, True]),
+                                                   ("_small_m_fwd_kernel", {"U_GIVEN": True}, [False, True]),
+                                                   ("_gemm_lora_kernel", {"GROUP_M": 4}, [False, True])])
+def test_fp32_rank_term_keeps_own_accumulator(kernel, extra, expected):
     """fp32: the rank-r dot must start from zero, not from the x W^T accumulator. Triton's combine pass rewrites
     `acc + dot(a, b, 0)` into `dot(a, b, acc)`, which rounds each of the r terms against the large partial (4.6x
     torch's error at r=256 on an H200); the kernels scale the dot's result so that the rewrite does not apply.
@@ -290,9 +291,7 @@ def test_fp32_rank_term_keeps_own_accumulator(kernel, expected):
     import subprocess
     import sys
 
-    constexprs = dict(HAS_BIAS=True, HAS_DROPOUT=False, R_PAD=256, DOT_PREC="ieee", BM=16, BN=16, BK=32)
-    if kernel == "_gemm_lora_kernel":
-        constexprs["GROUP_M"] = 4
+    constexprs = dict(HAS_BIAS=True, HAS_DROPOUT=False, R_PAD=256, DOT_PREC="ieee", BM=16, BN=16, BK=32, **extra)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", _TTIR_SCRIPT, kernel, json.dumps(constexprs)], env=env,
                          capture_output=True, text=True, timeout=300)

@@ -101,29 +101,34 @@ if triton is not None:
         return uni >= p
 
     # ------------------------------------------------------------------------------------------------------
-    # u = s/q * dropout_mask(x) @ A^T     (grid: M blocks; loops over K; x read once)
+    # u = s/q * dropout_mask(x) @ A^T     (grid: (M blocks, K splits); loops over its K range; x read once)
+    # With several K splits (small M: too few M blocks to fill the GPU), split s writes its partial sum to
+    # u[s] of an (S, M, r) buffer, summed afterwards in a fixed order.
     # ------------------------------------------------------------------------------------------------------
     @triton.jit
     def _shrink_kernel(
         x_ptr, a_ptr, u_ptr,
-        M, K, R,
-        s_xm, s_xk, s_ar, s_ak, s_um, s_ur,
+        M, K, R, K_PER_SPLIT,
+        s_xm, s_xk, s_ar, s_ak, s_us, s_um, s_ur,
         scale, p, seed, offset, K4,
         HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
         BM: tl.constexpr, BK: tl.constexpr,
     ):
         DT = x_ptr.dtype.element_ty
         pid = tl.program_id(0)
+        pid_s = tl.program_id(1)
         offs_m = pid * BM + tl.arange(0, BM)
         m_mask = offs_m < M
         rk = tl.arange(0, BK)
         rr = tl.arange(0, R_PAD)
         r_mask = rr < R
-        x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * s_xm + rk[None, :] * s_xk
-        a_ptrs = a_ptr + rr[None, :] * s_ar + rk[:, None] * s_ak  # A^T tile (BK, R_PAD)
+        k_start = pid_s * K_PER_SPLIT  # a multiple of BK (so of 4, as the mask's column groups need)
+        k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+        x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * s_xm + (k_start + rk)[None, :].to(tl.int64) * s_xk
+        a_ptrs = a_ptr + rr[None, :] * s_ar + (k_start + rk)[:, None].to(tl.int64) * s_ak  # A^T tile (BK, R_PAD)
         acc = tl.zeros((BM, R_PAD), dtype=tl.float32)
-        for k0 in range(0, K, BK):
-            k_mask = (k0 + rk) < K
+        for k0 in range(k_start, k_end, BK):
+            k_mask = (k0 + rk) < k_end
             xt = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             if HAS_DROPOUT:
                 keep = _keep_mask(seed, offset, offs_m, k0, K4, p, BM, BK)
@@ -133,7 +138,7 @@ if triton is not None:
             x_ptrs += BK * s_xk
             a_ptrs += BK * s_ak
         acc = acc * scale
-        u_ptrs = u_ptr + offs_m.to(tl.int64)[:, None] * s_um + rr[None, :] * s_ur
+        u_ptrs = u_ptr + pid_s.to(tl.int64) * s_us + offs_m.to(tl.int64)[:, None] * s_um + rr[None, :] * s_ur
         tl.store(u_ptrs, acc, mask=m_mask[:, None] & r_mask[None, :])
 
     # ------------------------------------------------------------------------------------------------------
@@ -206,12 +211,15 @@ if triton is not None:
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
     # ------------------------------------------------------------------------------------------------------
-    # Small M (decode, M <= SMALL_M): the whole forward in one launch, all in Triton (no cuBLAS, no shrink pass).
+    # Small M (decode, M <= SMALL_M): the forward in one launch, all in Triton (no cuBLAS).
     #   y[:, n-block] = x @ W^T[:, n-block] + (s/q * (keep * x) @ A^T) @ B^T[:, n-block] + b
     # Each program owns a BN-column block of y for all M rows; its K loop reads the x tile once for both dots
     # and recomputes u = s/q * (keep * x) @ A^T (M x r, tiny) itself, so no program waits on another. The cost
     # is the read of W (N*K elements, the floor of this memory-bound shape) plus r*K of A per program, served
     # from L2. Program 0 stores u (needed by backward).
+    # U_GIVEN: u was computed beforehand (split-K _shrink_kernel); the programs only read it. Chosen where the
+    # recomputation would cost more than one small launch: with dropout (every program would regenerate the
+    # whole M x K mask) and at large rank (every program would read all of A).
     # ------------------------------------------------------------------------------------------------------
     @triton.jit
     def _small_m_fwd_kernel(
@@ -220,7 +228,7 @@ if triton is not None:
         s_xm, s_xk, s_wn, s_wk, s_ar, s_ak, s_bn, s_br, s_um, s_ur, s_ym, s_yn,
         scale, p, seed, offset, K4,
         HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
-        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+        U_GIVEN: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     ):
         DT = x_ptr.dtype.element_ty
         pid_n = tl.program_id(0)
@@ -241,16 +249,20 @@ if triton is not None:
             xt = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             wt = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
             acc = tl.dot(xt, wt, acc, input_precision=DOT_PREC)
-            if HAS_DROPOUT:
-                keep = _keep_mask(seed, offset, offs_m, k0, K4, p, BM, BK)
-                xt = tl.where(keep, xt, tl.zeros_like(xt))
-            at = tl.load(a_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0).to(DT)
-            uacc = tl.dot(xt, at, uacc, input_precision=DOT_PREC)
+            if not U_GIVEN:
+                if HAS_DROPOUT:
+                    keep = _keep_mask(seed, offset, offs_m, k0, K4, p, BM, BK)
+                    xt = tl.where(keep, xt, tl.zeros_like(xt))
+                at = tl.load(a_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0).to(DT)
+                uacc = tl.dot(xt, at, uacc, input_precision=DOT_PREC)
             x_ptrs += BK * s_xk
             w_ptrs += BK * s_wk
             a_ptrs += BK * s_ak
+        if U_GIVEN:  # u is already scaled (the host passes scale = 1)
+            uacc = tl.load(u_ptr + offs_m.to(tl.int64)[:, None] * s_um + rr[None, :] * s_ur,
+                           mask=m_mask[:, None] & r_mask[None, :], other=0.0)
         u = uacc * scale
-        if pid_n == 0:
+        if pid_n == 0 and not U_GIVEN:
             tl.store(u_ptr + offs_m.to(tl.int64)[:, None] * s_um + rr[None, :] * s_ur, u,
                      mask=m_mask[:, None] & r_mask[None, :])
         bt = tl.load(b_ptr + rr[:, None] * s_br + offs_n.to(tl.int64)[None, :] * s_bn,
@@ -515,7 +527,8 @@ def _small_m_configs(bm: int, elt: int, a_elt: int, r_pad: int):
 @functools.lru_cache(maxsize=None)
 def _tuned_small_m(bm: int, elt: int, a_elt: int, r_pad: int):
     return triton.autotune(configs=_small_m_configs(bm, elt, a_elt, r_pad),
-                           key=["N", "K", "HAS_BIAS", "HAS_DROPOUT", "R_PAD", "DOT_PREC", "BM"])(_small_m_fwd_kernel)
+                           key=["N", "K", "HAS_BIAS", "HAS_DROPOUT", "R_PAD", "DOT_PREC", "U_GIVEN", "BM"],
+                           )(_small_m_fwd_kernel)
 
 
 def _small_m_heuristic(N: int, bm: int, elt: int, a_elt: int, r_pad: int, device) -> dict:
@@ -529,17 +542,54 @@ def _small_m_heuristic(N: int, bm: int, elt: int, a_elt: int, r_pad: int, device
     return {"BN": bn, "BK": bk, "num_warps": 4, "num_stages": stages}
 
 
+def _launch_shrink(x, lora_A, u, scale, p, seed, offset, kn: _Knobs, split_k: bool):
+    """u (M, r) = scale * (keep * x) @ A^T. With split_k, K is split so that about two programs per SM run
+    (small M has too few M blocks to fill the GPU); the fp32 partials are summed in a fixed order."""
+    M, K = x.shape
+    R = lora_A.shape[0]
+    r_pad = _r_pad(R)
+    if kn.interpret:
+        BM, BK, warps = 16, 32, 4
+    else:
+        BM = 16 if M <= 16 else (32 if M <= 32 else 64)
+        BK = 64 if r_pad >= 128 else 128
+        warps = 8 if r_pad >= 128 else 4
+    m_blocks, k_blocks = _cdiv(M, BM), _cdiv(K, BK)
+    splits = 1
+    if split_k:
+        want = 2 if kn.interpret else 2 * _num_sms(x.device)
+        splits = max(1, min(k_blocks, want // m_blocks))
+    k_per_split = _cdiv(k_blocks, splits) * BK
+    splits = _cdiv(K, k_per_split)
+    out = u if splits == 1 else torch.empty((splits, M, R), dtype=torch.float32, device=x.device)
+    s_us = 0 if splits == 1 else out.stride(0)
+    _shrink_kernel[(m_blocks, splits)](
+        x, lora_A, out, M, K, R, k_per_split,
+        x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), s_us, u.stride(0), u.stride(1),
+        scale, float(p), _seed_arg(seed), int(offset), (K + 3) // 4,
+        HAS_DROPOUT=p > 0.0, R_PAD=r_pad, DOT_PREC=_dot_precision(x.dtype, kn), BM=BM, BK=BK, num_warps=warps,
+        num_stages=_stages(BM * BK * x.element_size() + BK * r_pad * lora_A.element_size(), kn))
+    if splits > 1:
+        torch.sum(out, 0, out=u)
+
+
 def _forward_small_m(x, weight, bias, lora_A, lora_B, u, y, scale, p, seed, offset, kn: _Knobs):
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
     r_pad = _r_pad(R)
     bm = max(16, _next_pow2(M))
+    # Recomputing u in every program is free at small rank without dropout; otherwise u comes first (see kernel).
+    u_given = p > 0.0 or r_pad >= 64
+    if u_given:
+        _launch_shrink(x, lora_A, u, scale, p, seed, offset, kn, split_k=True)
+        scale = 1.0
     args = (x, weight, lora_A, lora_B, bias if bias is not None else y, u, y, M, N, K, R,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
             lora_B.stride(0), lora_B.stride(1), u.stride(0), u.stride(1), y.stride(0), y.stride(1),
             scale, float(p), _seed_arg(seed), int(offset), (K + 3) // 4)
     dot_prec = _dot_precision(x.dtype, kn)
-    meta = dict(HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0.0, R_PAD=r_pad, DOT_PREC=dot_prec, BM=bm)
+    meta = dict(HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0.0, R_PAD=r_pad, DOT_PREC=dot_prec, U_GIVEN=u_given,
+                BM=bm)
     grid = lambda cfg: (_cdiv(N, cfg["BN"]), _cdiv(M, bm))  # noqa: E731
     elt, a_elt = x.element_size(), lora_A.element_size()
     if kn.interpret:
@@ -548,7 +598,7 @@ def _forward_small_m(x, weight, bias, lora_A, lora_B, u, y, scale, p, seed, offs
         cfg = _small_m_heuristic(N, bm, elt, a_elt, r_pad, x.device)
         _small_m_fwd_kernel[grid(cfg)](*args, **meta, **cfg)
     else:
-        key = ("small_m", bm, N, K, bias is not None, p > 0.0, r_pad, dot_prec, x.dtype, weight.dtype,
+        key = ("small_m", bm, N, K, bias is not None, p > 0.0, r_pad, dot_prec, u_given, x.dtype, weight.dtype,
                lora_A.dtype, lora_B.dtype)
         _launch_tuned(key, _tuned_small_m(bm, elt, a_elt, r_pad), _small_m_fwd_kernel, grid, args, meta)
 
@@ -635,19 +685,7 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset):
     if K == 0:
         u.zero_()
     else:
-        r_pad = _r_pad(R)
-        if kn.interpret:
-            BM, BK, warps = 16, 32, 4
-        else:
-            BM = 16 if M <= 16 else (32 if M <= 32 else 64)
-            BK = 64 if r_pad >= 128 else 128
-            warps = 8 if r_pad >= 128 else 4
-        _shrink_kernel[(_cdiv(M, BM),)](
-            x, lora_A, u, M, K, R,
-            x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), u.stride(0), u.stride(1),
-            float(scaling) / (1.0 - float(p)), float(p), _seed_arg(seed), int(offset), (K + 3) // 4,
-            HAS_DROPOUT=p > 0.0, R_PAD=r_pad, DOT_PREC=_dot_precision(x.dtype, kn), BM=BM, BK=BK, num_warps=warps,
-            num_stages=_stages(BM * BK * x.element_size() + BK * r_pad * lora_A.element_size(), kn))
+        _launch_shrink(x, lora_A, u, float(scaling) / (1.0 - float(p)), p, seed, offset, kn, split_k=False)
     if N == 0:
         return y, u
     # y = x @ W^T + u @ B^T + b: b operand W^T[k, n] = W[n, k]; lb operand B^T[r, n] = B[n, r]
