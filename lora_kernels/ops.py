@@ -145,6 +145,12 @@ class _EagerLoRA(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------------------------------ the public op
+# Backend resolution depends only on constants (the requested name, the device type, float64 or not) and may
+# import a backend module, which dynamo cannot trace: under torch.compile it runs once at trace time and its
+# result enters the graph as a constant.
+@torch.compiler.assume_constant_result
+def _resolve(requested, device_type: str, float64: bool) -> str:
+    return _dispatch.resolve(requested, device_type, float64)  # (a plain function: dynamo unwraps lru_cache)
 @functools.lru_cache(maxsize=256)
 def dtype_problem(x_dtype, weight_dtype, bias_dtype, lora_A_dtype, lora_B_dtype):
     """Why this dtype combination is not accepted by the op (a message), or None when it is."""
@@ -212,7 +218,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
         x, weight = x.to(dt), weight.to(dt)
         bias = bias.to(dt) if bias is not None else None
     _check(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
-    name = _dispatch.resolve(backend, x.device.type, x.dtype == torch.float64)
+    name = _resolve(backend, x.device.type, x.dtype == torch.float64)
     p = float(dropout_p) if training else 0.0
     seed = _draw_seed() if p > 0.0 else _NO_SEED
     if p > 0.0 and _recorders:

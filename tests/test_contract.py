@@ -115,22 +115,26 @@ def test_opcheck():
 
 
 class _Tiny(torch.nn.Module):
-    def __init__(self, p):
+    def __init__(self, p, backend=None):
         super().__init__()
         self.w = torch.nn.Parameter(torch.randn(32, 24) / 5, requires_grad=False)
         self.a = torch.nn.Parameter(torch.randn(4, 24) / 5)
         self.b = torch.nn.Parameter(torch.randn(32, 4) / 2)
         self.p = p
+        self.backend = backend
 
     def forward(self, x):
-        h = lora_kernels.lora_linear(x, self.w, None, self.a, self.b, 2.0, dropout_p=self.p, training=self.training)
+        h = lora_kernels.lora_linear(x, self.w, None, self.a, self.b, 2.0, dropout_p=self.p, training=self.training,
+                                     backend=self.backend)
         return torch.relu(h).sum(-1)
 
 
-@pytest.mark.parametrize("p", [0.0, 0.1])
-def test_torch_compile_fullgraph(p):
+# backend=None on CPU tensors resolves to torch without loading a module; an explicit name loads its backend
+# module (an import, which dynamo cannot trace: resolution must happen outside the graph).
+@pytest.mark.parametrize("p,backend", [(0.0, None), (0.1, None), (0.0, "torch")])
+def test_torch_compile_fullgraph(p, backend):
     torch._dynamo.reset()
-    m = _Tiny(p)
+    m = _Tiny(p, backend)
     x = torch.randn(3, 5, 24)
     compiled = torch.compile(m, fullgraph=True)
     out = compiled(x)
