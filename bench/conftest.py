@@ -18,6 +18,12 @@ def pytest_addoption(parser):
                 help='torch.compile mode of compile-formula (default "max-autotune-no-cudagraphs"; '
                      'with --quick: "default", to keep the quick run short)')
     g.addoption("--providers", default=None, help="comma-separated subset of providers")
+    g.addoption("--shard", default=None,
+                help="i/n: run only the groups (shape, M, r, p) whose index mod n is i, so that a long grid splits "
+                     "over n device calls; merge with make_table.py a.json b.json ...")
+    g.addoption("--rep-ms", type=float, default=100.0, help="timed window per measurement (ms)")
+    g.addoption("--warmup-ms", type=float, default=25.0, help="warm-up per measurement (ms)")
+    g.addoption("--gpu-reps", type=int, default=40, help="reps of the GPU-time (sleep-queued) measurement")
     g.addoption("--use-do-bench", action="store_true", default=False,
                 help="time with triton.testing.do_bench (L2 flush) instead of the rotating CUDA-event timer")
 

@@ -4,7 +4,9 @@
 #   full:    the whole benchmark grid and the e2e step with the loss curve and torch.compile
 #   targets: build, kernel profile (bench/profile_layer.py), the issue-target grid for ours-* / cuBLAS / PEFT
 # Knobs: SKIP="step ...", T_<STEP>=seconds, TEST_K / BENCH_K (pytest -k of the tests / benchmarks), TEST_ARGS,
-#   SANITIZE=1, HOST_PROFILE=1, PROFILE=1, E2E_EXTRA, PROVIDERS (targets mode).
+#   BENCH_EXTRA (e.g. "--shard 0/2 --rep-ms 50 --compile-mode default": one part of the full grid per device
+#   call; merge the parts with bench/make_table.py a.json b.json), SANITIZE=1, HOST_PROFILE=1, PROFILE=1,
+#   E2E_EXTRA, PROVIDERS (targets mode).
 # Each step logs to $OUT/<step>.log, continues on failure and records its rc; a summary is printed at the end.
 # Results in $OUT (<= 8 files): bench.json, bench_table.md, bench_ratio.png, e2e.json, summary.txt, logs.tar.gz
 # Quick mode is budgeted under 9 minutes (per-step timeouts below; override with T_<STEP>=seconds).
@@ -76,7 +78,7 @@ if [ -n "${PROFILE:-}" ]; then
   step profile "$T_PROFILE" $PY "$REPO/bench/profile_layer.py" ${PROFILE_ARGS:-}
   cp "$LOGS/profile.log" "$OUT/profile.txt"
 fi
-step bench "$T_BENCH" $PY -m pytest "$REPO/bench/test_bench_lora.py" -q -p no:cacheprovider --benchmark-json "$OUT/bench.json" "${BENCH_ARGS[@]}" ${BENCH_K:+-k "$BENCH_K"}
+step bench "$T_BENCH" $PY -m pytest "$REPO/bench/test_bench_lora.py" -q -p no:cacheprovider --benchmark-json "$OUT/bench.json" "${BENCH_ARGS[@]}" ${BENCH_K:+-k "$BENCH_K"} ${BENCH_EXTRA:-}
 step table "$T_TABLE" $PY "$REPO/bench/make_table.py" "$OUT/bench.json" --out "$OUT/"
 step e2e "$T_E2E" $PY "$REPO/bench/e2e_train.py" --out "$OUT/e2e.json" "${E2E_ARGS[@]}" ${E2E_EXTRA:-}
 # The GPU tests run last, so that a call cut short still returns the benchmark numbers.

@@ -1,6 +1,7 @@
 """Markdown table + PNG plot from a pytest-benchmark JSON written by bench/test_bench_lora.py.
 
     python3 bench/make_table.py bench.json --out outdir/      # -> outdir/bench_table.md, outdir/bench_ratio.png
+    python3 bench/make_table.py shard0.json shard1.json --out outdir/   # shards of one grid (--shard i/n)
 
 Reads only ``extra_info`` of each benchmark (our CUDA-event medians), not pytest-benchmark's wall clock.
 Columns per (shape, M, r, p, mode) group: time ms, TFLOP/s, ratio to the cuBLAS floor (cublas-base: F.linear
@@ -36,6 +37,22 @@ def load(path):
     if not env and rows:
         env = {k[4:]: v for k, v in rows[0].items() if k.startswith("env_")}
     env.setdefault("json_datetime", data.get("datetime"))
+    return rows, env
+
+
+def load_many(paths):
+    """Rows of several JSON files (shards of one grid, e.g. from separate device calls) and the first file's
+    environment; the header then lists every run's date and GPU so that mixed runs are visible."""
+    rows, envs = [], []
+    for path in paths:
+        r, e = load(path)
+        rows += r
+        envs.append(e)
+    env = dict(envs[0]) if envs else {}
+    if len(envs) > 1:
+        env["date"] = ", ".join(str(e.get("date")) for e in envs)
+        gpus = sorted({str(e.get("gpu")) for e in envs})
+        env["gpu"] = gpus[0] if len(gpus) == 1 else " + ".join(gpus)
     return rows, env
 
 
@@ -155,10 +172,10 @@ def plot(rows, env, path):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("json")
+    ap.add_argument("json", nargs="+", help="pytest-benchmark JSON file(s); several are merged (shards of a grid)")
     ap.add_argument("--out", default=".", help="output directory (or a .md file path)")
     args = ap.parse_args(argv)
-    rows, env = load(args.json)
+    rows, env = load_many(args.json)
     if args.out.endswith(".md"):
         md_path, png_path = args.out, args.out[:-3] + ".png"
         os.makedirs(os.path.dirname(md_path) or ".", exist_ok=True)

@@ -56,14 +56,20 @@ def pytest_generate_tests(metafunc):
     if opt("--providers"):
         want = [p.strip() for p in opt("--providers").split(",") if p.strip()]
         providers = [p for p in providers if p in want]
+    shard, n_shards = 0, 1
+    if opt("--shard"):
+        shard, n_shards = (int(v) for v in opt("--shard").split("/"))
+        if not 0 <= shard < n_shards:
+            raise ValueError(f"--shard {opt('--shard')}: expected i/n with 0 <= i < n")
     params, ids = [], []
-    for (M, K, N) in mkn:
-        for r in sel["rs"]:
-            for p in sel["ps"]:
-                for mode in MODES:
-                    for prov in providers:
-                        params.append((prov, K, N, M, r, p, mode))
-                        ids.append(f"{K}x{N}-M{M}-r{r}-p{p}-{mode}-{prov}")
+    groups = [(M, K, N, r, p) for (M, K, N) in mkn for r in sel["rs"] for p in sel["ps"]]
+    for gi, (M, K, N, r, p) in enumerate(groups):
+        if gi % n_shards != shard:
+            continue
+        for mode in MODES:
+            for prov in providers:
+                params.append((prov, K, N, M, r, p, mode))
+                ids.append(f"{K}x{N}-M{M}-r{r}-p{p}-{mode}-{prov}")
     metafunc.parametrize("cfg", params, ids=ids)
 
 
@@ -87,7 +93,9 @@ def _compile_mode(config):
 
 
 def _timer_kwargs(config):
-    return {"use_do_bench": bool(config.getoption("--use-do-bench")) and HAS_CUDA}
+    return {"use_do_bench": bool(config.getoption("--use-do-bench")) and HAS_CUDA,
+            "rep_ms": config.getoption("--rep-ms"), "warmup_ms": config.getoption("--warmup-ms"),
+            "gpu_reps": config.getoption("--gpu-reps")}
 
 
 def _cleanup():
@@ -141,6 +149,7 @@ def test_lora_layer(benchmark, cfg, request):
         "gpu_ms": gpu, "gpu_hidden_ok": result.get("gpu_hidden_ok"), "floor_gpu_ms": floor_gpu,
         "gpu_ratio_to_floor": gpu / floor_gpu if (gpu and floor_gpu) else None,
         "timer": "do_bench" if _timer_kwargs(config)["use_do_bench"] else "cuda-events-rotating",
+        "rep_ms": config.getoption("--rep-ms"), "gpu_reps": config.getoption("--gpu-reps"),
     }
     if mode == "fwd_bwd":
         mem = measure_memory(fns[0], exclude=case.exclude, inputs=case.inputs)

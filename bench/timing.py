@@ -50,7 +50,7 @@ def _sync():
 
 
 def bench_ms(fns, warmup_ms: float = 25.0, rep_ms: float = 100.0, min_reps: int = 10, max_reps: int = 2000,
-             use_do_bench: bool = False) -> dict:
+             use_do_bench: bool = False, gpu_reps: int = 40) -> dict:
     """Median (and quantiles) in ms of one call, cycling through ``fns`` (a callable or a list of them)."""
     if callable(fns):
         fns = [fns]
@@ -94,7 +94,8 @@ def bench_ms(fns, warmup_ms: float = 25.0, rep_ms: float = 100.0, min_reps: int 
     _sync()
     times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
     out = _summary(times, n)
-    out.update(_gpu_time(fns, est))
+    if gpu_reps > 0:
+        out.update(_gpu_time(fns, est, gpu_reps))
     return out
 
 

@@ -1,0 +1,39 @@
+"""The benchmark suite's plumbing on the CPU: sharded runs of the pytest-benchmark grid (tiny fp32 shapes,
+LK_BENCH_CPU_SMOKE=1) merge into one table with every group, and the floor's ratio is 1."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, "bench", "test_bench_lora.py")), reason="no bench/")
+def test_sharded_grid_merges_into_one_table(tmp_path):
+    pytest.importorskip("pytest_benchmark")
+    env = dict(os.environ, LK_BENCH_CPU_SMOKE="1", CUDA_VISIBLE_DEVICES="")  # the CPU smoke grid, also on GPU hosts
+    paths = []
+    for shard in ("0/2", "1/2"):
+        path = tmp_path / f"shard{shard[0]}.json"
+        run = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+             os.path.join(ROOT, "bench", "test_bench_lora.py"), "--benchmark-json", str(path), "--providers", "ours-torch,cublas-base", "--shard", shard,
+             "--rep-ms", "2", "--warmup-ms", "1"],
+            env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        paths.append(str(path))
+    ids = [[b["extra_info"]["provider"] + str((b["extra_info"]["shape"], b["extra_info"]["M"], b["extra_info"]["p"],
+                                              b["extra_info"]["mode"])) for b in json.load(open(p))["benchmarks"]]
+           for p in paths]
+    assert ids[0] and ids[1] and not set(ids[0]) & set(ids[1])  # disjoint halves
+    out = tmp_path / "table"
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "make_table.py"), *paths, "--out", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    table = (out / "bench_table.md").read_text()
+    # SMOKE grid: 2 shapes x 2 M x 1 r x 2 p groups, 2 modes each
+    assert table.count("\n### ") == 16
+    floor_rows = [line for line in table.splitlines() if line.startswith("| cublas-base |")]
+    assert len(floor_rows) == 16 and all("| 1.000 |" in line for line in floor_rows)
