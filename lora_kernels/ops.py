@@ -73,7 +73,7 @@ def _fwd_impl(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset, backend
     if M == 0:
         return x.new_empty(0, N), x.new_empty(0, r, dtype=torch.float32)
     return _dispatch.get(backend).forward(
-        x, weight, bias, lora_A, lora_B, scaling, p, int(seed.item()), offset)
+        x, weight, bias, lora_A, lora_B, scaling, p, int(seed.item()) if p > 0.0 else 0, offset)
 
 
 def _bwd_impl(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, backend, need_dx, need_dA, need_dB):
@@ -81,7 +81,10 @@ def _bwd_impl(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, backen
         dx, dA, dB = torch.zeros_like(x), torch.zeros_like(lora_A), torch.zeros_like(lora_B)
     else:
         dx, dA, dB = _dispatch.get(backend).backward(
-            dy, x, weight, lora_A, lora_B, u, scaling, p, int(seed.item()), offset, need_dx, need_dA, need_dB)
+            dy, x, weight, lora_A, lora_B, u, scaling, p, int(seed.item()) if p > 0.0 else 0, offset,
+            need_dx, need_dA, need_dB)
+    if need_dx and need_dA and need_dB:
+        return dx, dA, dB
     empty = x.new_empty(0)
     return (dx if need_dx else empty), (dA if need_dA else empty), (dB if need_dB else empty)
 
