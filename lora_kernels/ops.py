@@ -154,6 +154,8 @@ class _EagerLoRA(torch.autograd.Function):
 @torch.compiler.assume_constant_result
 def _resolve(requested, device_type: str, float64: bool) -> str:
     return _dispatch.resolve(requested, device_type, float64)  # (a plain function: dynamo unwraps lru_cache)
+
+
 @functools.lru_cache(maxsize=256)
 def dtype_problem(x_dtype, weight_dtype, bias_dtype, lora_A_dtype, lora_B_dtype):
     """Why this dtype combination is not accepted by the op (a message), or None when it is."""
@@ -235,7 +237,11 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
         y = torch.ops.lora_kernels.lora_fwd(*args)[0]
     elif torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or lora_A.requires_grad
                                       or lora_B.requires_grad or (bias is not None and bias.requires_grad)):
-        y = _EagerLoRA.apply(*args)
+        cpp = getattr(_dispatch.get(name), "linear_autograd", None) if x2.shape[0] else None
+        if cpp is not None:  # the backend's own autograd node (C++): no Python in forward's wrapper or backward
+            y = cpp(*args[:6], p, int(seed) if p > 0.0 else 0, 0)
+        else:
+            y = _EagerLoRA.apply(*args)
     else:  # nothing to differentiate (inference, no_grad): the impl alone, without autograd.Function's overhead
         y = _fwd_impl(*args)[0]
     return y if two_d else y.reshape(*x.shape[:-1], weight.shape[0])

@@ -291,19 +291,34 @@ def test_available_backends_reports_reasons():
 
 @pytest.mark.parametrize("backend,device,dtype", CASES, ids=IDS)
 @pytest.mark.parametrize("p", [0.0, 0.25])
-def test_eager_path_matches_registered_op(backend, device, dtype, p):
-    """lora_linear's eager autograd.Function (which skips the dispatcher's autograd wrapper) and the registered
-    op with its register_autograd give bit-identical outputs and grads for the same seed."""
+def test_eager_paths_match_registered_op(backend, device, dtype, p, monkeypatch):
+    """Every way lora_linear runs autograd gives bit-identical outputs and grads for the same seed: the eager
+    path (for the cuda backend its C++ autograd node, else the Python autograd.Function that skips the
+    dispatcher's wrapper), the Python autograd.Function forced, and the registered op with its
+    register_autograd (what torch.compile records). The base weight and bias also train here."""
     x, W, b, A, B = make((11,), 40, 24, 8, dtype, device)
     dy = torch.randn(11, 24, device=device).to(dtype)
-    torch.manual_seed(7)
-    x1, A1, B1 = (t.detach().clone().requires_grad_() for t in (x, A, B))
+
+    def run(path):
+        ts = [t.detach().clone().requires_grad_() for t in (x, W, b, A, B)]
+        if path == "registered":
+            seed = torch.tensor(calls[0][0] if p > 0 else 0, dtype=torch.int64)
+            y = torch.ops.lora_kernels.lora_fwd(*ts, 0.5, p, seed, 0, backend)[0]
+        else:
+            with monkeypatch.context() as m:
+                if path == "python":
+                    m.setattr(lora_kernels._dispatch.get(backend), "linear_autograd", None, raising=False)
+                torch.manual_seed(7)
+                y = lora_kernels.lora_linear(*ts, 0.5, dropout_p=p, backend=backend)
+        y.backward(dy)
+        return [y] + [t.grad for t in ts]
+
     with record_dropout() as calls:
-        y1 = lora_kernels.lora_linear(x1, W, b, A1, B1, 0.5, dropout_p=p, backend=backend)
-    y1.backward(dy)
-    seed = torch.tensor(calls[0][0] if p > 0 else 0, dtype=torch.int64)
-    x2, A2, B2 = (t.detach().clone().requires_grad_() for t in (x, A, B))
-    y2, _u = torch.ops.lora_kernels.lora_fwd(x2, W, b, A2, B2, 0.5, p, seed, 0, backend)
-    y2.backward(dy)
-    for got, want in ((y1, y2), (x1.grad, x2.grad), (A1.grad, A2.grad), (B1.grad, B2.grad)):
-        assert torch.equal(got, want)
+        eager = run("eager")
+    if backend == "cuda":  # the C++ autograd node really ran
+        assert "LoraLinearFunction" in eager[0].grad_fn.name(), eager[0].grad_fn.name()
+    for path in ("python", "registered"):
+        other = run(path)
+        for name, got, want in zip(("y", "dx", "dW", "db", "dA", "dB"), eager, other):
+            assert got is not None and want is not None, (path, name)
+            assert torch.equal(got, want), (path, name)

@@ -6,6 +6,8 @@ exists in builds made with a CUDA torch and nvcc (see setup.py). Same contract a
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 try:
@@ -39,3 +41,14 @@ def backward(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, need_dx
         bool(need_dx), bool(need_dA), bool(need_dB),
     )
     return (dx if need_dx else None, dA if need_dA else None, dB if need_dB else None)
+
+
+def _linear_autograd(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset):
+    """y of the op, with its autograd node in C++ (``lora_kernels_cuda::lora_linear``): eager calls that need
+    grads skip Python's autograd.Function, forward and backward. Same kernels and math as forward/backward."""
+    return torch.ops.lora_kernels_cuda.lora_linear(
+        x, weight, bias, lora_A, lora_B, float(scaling), float(p), int(seed), int(offset))
+
+
+# ops.lora_linear uses this when present; LORA_KERNELS_CPP_AUTOGRAD=0 falls back to the Python autograd.Function.
+linear_autograd = _linear_autograd if os.environ.get("LORA_KERNELS_CPP_AUTOGRAD", "1") != "0" else None
