@@ -322,3 +322,42 @@ def test_eager_paths_match_registered_op(backend, device, dtype, p, monkeypatch)
         for name, got, want in zip(("y", "dx", "dW", "db", "dA", "dB"), eager, other):
             assert got is not None and want is not None, (path, name)
             assert torch.equal(got, want), (path, name)
+
+
+# ------------------------------------------------------------------------------------------ streams, modes
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("backend", [b for b, d in backend_cases() if d == "cuda"])
+def test_runs_on_the_current_stream(backend):
+    """Forward and backward launch on the caller's current stream. The inputs are NaN until a copy queued on a
+    side stream behind a ~100 ms GPU sleep fills them; a kernel launched on another stream would read NaN."""
+    x, W, b, A, B = make((64,), 96, 80, 8, torch.float16, "cuda")
+    dy = torch.randn(64, 80, device="cuda").half()
+    ref_x, ref_A = x.clone().requires_grad_(), A.clone().requires_grad_()
+    ref = lora_kernels.lora_linear(ref_x, W, b, ref_A, B, 0.5, backend=backend)
+    ref.backward(dy)
+    xs, dys = torch.full_like(x, float("nan")), torch.full_like(dy, float("nan"))
+    As = A.clone().requires_grad_()
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(200_000_000)
+        xs.copy_(x)
+        dys.copy_(dy)
+        xs.requires_grad_()
+        y = lora_kernels.lora_linear(xs, W, b, As, B, 0.5, backend=backend)
+        y.backward(dys)
+    torch.cuda.synchronize()
+    for got, want in ((y, ref), (xs.grad, ref_x.grad), (As.grad, ref_A.grad)):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("backend,device,dtype", CASES, ids=IDS)
+def test_inference_mode(backend, device, dtype):
+    """Under torch.inference_mode (no autograd at all) the op gives the same output as under no_grad."""
+    x, W, b, A, B = make((2, 7), 40, 24, 8, dtype, device)
+    with torch.no_grad():
+        want = lora_kernels.lora_linear(x, W, b, A, B, 0.5, backend=backend)
+    with torch.inference_mode():
+        got = lora_kernels.lora_linear(x, W, b, A, B, 0.5, backend=backend)
+    assert torch.equal(got, want)
