@@ -83,7 +83,7 @@ def markdown(rows, env):
            "back-to-back calls (a host-bound call shows its host time: Python, autograd, launches); `GPU` "
            "queues each call behind a GPU sleep longer than its host time, so only the GPU's execution of the "
            "call is timed (the cost inside a model that keeps the GPU busy; compare it with the roofline). "
-           "`GPU ok` = no rep's host enqueue outlasted its sleep. `vs PEFT` = PEFT-layer wall time / wall time "
+           "`GPU ok` = no rep's host enqueue outlasted its sleep; a row where most reps' did stays out of the GPU means. `vs PEFT` = PEFT-layer wall time / wall time "
            "(>1 is faster than PEFT). TFLOP/s counts the LoRA layer's FLOPs (the floor: its own GEMM FLOPs). "
            "`addmm` applies no dropout. Memory columns (fwd_bwd): peak allocated above baseline during one "
            "fwd+bwd, and bytes saved for backward (x included; parameters excluded).", ""]
@@ -94,7 +94,7 @@ def markdown(rows, env):
         for prov, r in g.items():
             if r.get("ratio_to_floor"):
                 summ[(mode, prov)]["ratio"].append(r["ratio_to_floor"])
-            if r.get("gpu_ratio_to_floor"):
+            if r.get("gpu_ratio_to_floor") and (r.get("gpu_hidden_frac") or 1.0) >= 0.5:  # most reps hidden
                 summ[(mode, prov)]["gpu"].append(r["gpu_ratio_to_floor"])
             if peft and r.get("median_ms"):
                 summ[(mode, prov)]["vs"].append(peft / r["median_ms"])
@@ -122,6 +122,8 @@ def markdown(rows, env):
             x = g[prov]
             vs = peft / x["median_ms"] if peft and x.get("median_ms") else None
             ok = {True: "yes", False: "no"}.get(x.get("gpu_hidden_ok"), "-")
+            if x.get("gpu_hidden_ok") is False and x.get("gpu_hidden_frac") is not None:
+                ok = f"{x['gpu_hidden_frac']:.0%}"
             out.append(f"| {prov} | {_fmt(x.get('median_ms'), '.4f')} | {_fmt(x.get('tflops'), '.1f')} | "
                        f"{_fmt(x.get('ratio_to_floor'), '.3f')} | {_fmt(x.get('gpu_ms'), '.4f')} | "
                        f"{_fmt(x.get('gpu_ratio_to_floor'), '.3f')} | {ok} | {_fmt(vs, '.2f')} | "

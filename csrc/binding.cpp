@@ -199,6 +199,23 @@ std::tuple<Tensor, Tensor, Tensor> lora_backward(const Tensor& dy, const Tensor&
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+// Wraps a gradient computed by LoraLinearFunction::backward under create_graph=True: the value passes through, and
+// differentiating it again raises a clear error instead of giving silently incomplete second derivatives (the fused
+// kernels record no graph). The extra inputs connect the node to everything the gradient depends on, as Python's
+// once_differentiable does.
+class NotTwiceDifferentiable : public torch::autograd::Function<NotTwiceDifferentiable> {
+ public:
+  static Tensor forward(AutogradContext*, const Tensor& grad, const Tensor& dy, const Tensor& x, const Tensor& weight,
+                        const Tensor& lora_A, const Tensor& lora_B) {
+    return grad;
+  }
+  static variable_list backward(AutogradContext*, variable_list) {
+    TORCH_CHECK(false, "lora_kernels: the backward of lora_linear is not differentiable (double backward through "
+                "the fused LoRA op is not supported)");
+    return {};
+  }
+};
+
 class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> {
  public:
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
@@ -236,6 +253,11 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
     // A trainable base weight or bias is outside the fused fast path: plain (correct) ATen math.
     if (need_dW) out[1] = dy.t().to(at::kFloat).mm(x.to(at::kFloat)).to(weight.scalar_type());
     if (need_db) out[2] = dy.to(at::kFloat).sum(0).to(dy.scalar_type());
+    if (at::GradMode::is_enabled()) {  // create_graph=True: first-order values, second order a clear error
+      for (auto& g : out) {
+        if (g.defined()) g = NotTwiceDifferentiable::apply(g, dy, x, weight, lora_A, lora_B);
+      }
+    }
     return out;
   }
 };

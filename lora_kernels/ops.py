@@ -19,6 +19,7 @@ import contextlib
 import functools
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import _dispatch
 
@@ -143,6 +144,7 @@ class _EagerLoRA(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # the kernels record no graph: a double backward raises instead of giving wrong numbers
     def backward(ctx, dy):
         return _backward(ctx, dy, None, bwd=_bwd_impl)
 

@@ -361,3 +361,19 @@ def test_inference_mode(backend, device, dtype):
     with torch.inference_mode():
         got = lora_kernels.lora_linear(x, W, b, A, B, 0.5, backend=backend)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("backend,device,dtype", CASES, ids=IDS)
+def test_double_backward_is_a_clear_error(backend, device, dtype):
+    """create_graph=True gives the usual first-order grads; differentiating them again raises (the fused kernels
+    record no graph, so second derivatives would otherwise be silently incomplete)."""
+    x, W, b, A, B = make((9,), 32, 24, 4, dtype, device)
+    x.requires_grad_(), A.requires_grad_(), B.requires_grad_()
+    y = lora_kernels.lora_linear(x, W, b, A, B, 0.5, backend=backend)
+    first = torch.autograd.grad(y.float().square().sum(), (x, A, B))
+    y = lora_kernels.lora_linear(x, W, b, A, B, 0.5, backend=backend)
+    again = torch.autograd.grad(y.float().square().sum(), (x, A, B), create_graph=True)
+    for f, g in zip(first, again):
+        assert torch.equal(f, g)
+    with pytest.raises(RuntimeError, match="differentia"):  # "differentiate twice" / "not differentiable"
+        torch.autograd.grad(again[0].float().sum() + again[1].float().sum(), (x, A, B))

@@ -51,4 +51,6 @@ def _linear_autograd(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset):
 
 
 # ops.lora_linear uses this when present; LORA_KERNELS_CPP_AUTOGRAD=0 falls back to the Python autograd.Function.
-linear_autograd = _linear_autograd if os.environ.get("LORA_KERNELS_CPP_AUTOGRAD", "1") != "0" else None
+# An extension built before the op existed (a stale build) has no lora_linear: then the Python path too.
+linear_autograd = (_linear_autograd if _C is not None and os.environ.get("LORA_KERNELS_CPP_AUTOGRAD", "1") != "0"
+                   and hasattr(torch.ops.lora_kernels_cuda, "lora_linear") else None)

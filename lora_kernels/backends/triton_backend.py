@@ -565,7 +565,7 @@ def _launch_shrink(x, lora_A, u, scale, p, seed, offset, kn: _Knobs, split_k: bo
     s_us = 0 if splits == 1 else out.stride(0)
     _shrink_kernel[(m_blocks, splits)](
         x, lora_A, out, M, K, R, k_per_split,
-        x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), s_us, u.stride(0), u.stride(1),
+        x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), s_us, out.stride(-2), out.stride(-1),
         scale, float(p), _seed_arg(seed), int(offset), (K + 3) // 4,
         HAS_DROPOUT=p > 0.0, R_PAD=r_pad, DOT_PREC=_dot_precision(x.dtype, kn), BM=BM, BK=BK, num_warps=warps,
         num_stages=_stages(BM * BK * x.element_size() + BK * r_pad * lora_A.element_size(), kn))
