@@ -7,12 +7,12 @@
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <optional>
 #include <tuple>
 
+#include "lora_autograd.h"
 #include "lora_kernels.cuh"
 
 namespace {
@@ -190,82 +190,25 @@ std::tuple<Tensor, Tensor, Tensor> lora_backward(const Tensor& dy, const Tensor&
   return {need_dx ? dx : none, need_dA ? dA : none, need_dB ? dB : none};
 }
 
-// ---------------------------------------------------------------------------------------------------------
-// lora_linear: the op with its autograd in C++, for eager mode. Python's autograd.Function around forward /
-// backward cost about 90 us of host time per fwd+bwd on the H200 machine (torch.profiler self time,
-// bench/results/h200_2026-11-28/session4/run2_targets/host_profile.txt); here the autograd node is C++, so a
-// training step's backward runs no Python for these layers. Same math as lora_kernels/ops.py's _backward.
-// ---------------------------------------------------------------------------------------------------------
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
-
-// Wraps a gradient computed by LoraLinearFunction::backward under create_graph=True: the value passes through, and
-// differentiating it again raises a clear error instead of giving silently incomplete second derivatives (the fused
-// kernels record no graph). The extra inputs connect the node to everything the gradient depends on, as Python's
-// once_differentiable does.
-class NotTwiceDifferentiable : public torch::autograd::Function<NotTwiceDifferentiable> {
- public:
-  static Tensor forward(AutogradContext*, const Tensor& grad, const Tensor& dy, const Tensor& x, const Tensor& weight,
-                        const Tensor& lora_A, const Tensor& lora_B) {
-    return grad;
+// lora_linear: the op with its autograd node in C++ (csrc/lora_autograd.h), for eager mode.
+struct FusedKernels {
+  static std::tuple<Tensor, Tensor> forward(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                                            const Tensor& lora_A, const Tensor& lora_B, double scaling, double p,
+                                            int64_t seed, int64_t offset) {
+    return lora_forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset);
   }
-  static variable_list backward(AutogradContext*, variable_list) {
-    TORCH_CHECK(false, "lora_kernels: the backward of lora_linear is not differentiable (double backward through "
-                "the fused LoRA op is not supported)");
-    return {};
-  }
-};
-
-class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> {
- public:
-  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
-                        const Tensor& lora_A, const Tensor& lora_B, double scaling, double p, int64_t seed,
-                        int64_t offset) {
-    auto out = lora_forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset);
-    ctx->save_for_backward({x, weight, lora_A, lora_B, std::get<1>(out)});
-    ctx->saved_data["scaling"] = scaling;
-    ctx->saved_data["p"] = p;
-    ctx->saved_data["seed"] = seed;
-    ctx->saved_data["offset"] = offset;
-    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
-    return std::get<0>(out);
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list saved = ctx->get_saved_variables();
-    const Tensor &x = saved[0], &weight = saved[1], &lora_A = saved[2], &lora_B = saved[3], &u = saved[4];
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    // needs_input_grad counts tensor inputs only: x, weight, [bias], lora_A, lora_B.
-    const size_t a_edge = has_bias ? 3 : 2;
-    const bool need_dx = ctx->needs_input_grad(0), need_dW = ctx->needs_input_grad(1);
-    const bool need_db = has_bias && ctx->needs_input_grad(2);
-    const bool need_dA = ctx->needs_input_grad(a_edge), need_dB = ctx->needs_input_grad(a_edge + 1);
-    const Tensor dy = grads[0].contiguous();  // materialized: defined even when y's grad is not
-    variable_list out(9);  // one per forward argument; undefined = no gradient
-    if (need_dx || need_dA || need_dB) {
-      auto g = lora_backward(dy, x, weight, lora_A, lora_B, u, ctx->saved_data["scaling"].toDouble(),
-                             ctx->saved_data["p"].toDouble(), ctx->saved_data["seed"].toInt(),
-                             ctx->saved_data["offset"].toInt(), need_dx, need_dA, need_dB);
-      if (need_dx) out[0] = std::get<0>(g);
-      if (need_dA) out[3] = std::get<1>(g);
-      if (need_dB) out[4] = std::get<2>(g);
-    }
-    // A trainable base weight or bias is outside the fused fast path: plain (correct) ATen math.
-    if (need_dW) out[1] = dy.t().to(at::kFloat).mm(x.to(at::kFloat)).to(weight.scalar_type());
-    if (need_db) out[2] = dy.to(at::kFloat).sum(0).to(dy.scalar_type());
-    if (at::GradMode::is_enabled()) {  // create_graph=True: first-order values, second order a clear error
-      for (auto& g : out) {
-        if (g.defined()) g = NotTwiceDifferentiable::apply(g, dy, x, weight, lora_A, lora_B);
-      }
-    }
-    return out;
+  static std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dy, const Tensor& x, const Tensor& weight,
+                                                     const Tensor& lora_A, const Tensor& lora_B, const Tensor& u,
+                                                     double scaling, double p, int64_t seed, int64_t offset,
+                                                     bool need_dx, bool need_dA, bool need_dB) {
+    return lora_backward(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, need_dx, need_dA, need_dB);
   }
 };
 
 Tensor lora_linear_autograd(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                             const Tensor& lora_A, const Tensor& lora_B, double scaling, double p, int64_t seed,
                             int64_t offset) {
-  return LoraLinearFunction::apply(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset);
+  return lk::LoraLinearFunction<FusedKernels>::apply(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset);
 }
 
 // Below autograd (inference mode): the forward alone.

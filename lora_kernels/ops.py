@@ -120,8 +120,9 @@ def _backward(ctx, dy, _du, bwd=None):
     dx, dA, dB = (bwd or torch.ops.lora_kernels.lora_bwd)(
         dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, backend, need_dx, need_dA, need_dB)
     # A trainable base weight or bias is outside the fused fast path: plain (correct) PyTorch math.
-    dW = (dy.t().float() @ x.float()).to(weight.dtype) if need_dW else None
-    db = dy.float().sum(0).to(dy.dtype) if (need_db and has_bias) else None
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    dW = (dy.t().to(acc) @ x.to(acc)).to(weight.dtype) if need_dW else None
+    db = dy.to(acc).sum(0).to(dy.dtype) if (need_db and has_bias) else None
     return (dx if need_dx else None, dW, db, dA if need_dA else None, dB if need_dB else None,
             None, None, None, None, None)
 

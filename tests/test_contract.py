@@ -377,3 +377,15 @@ def test_double_backward_is_a_clear_error(backend, device, dtype):
         assert torch.equal(f, g)
     with pytest.raises(RuntimeError, match="differentia"):  # "differentiate twice" / "not differentiable"
         torch.autograd.grad(again[0].float().sum() + again[1].float().sum(), (x, A, B))
+
+
+def test_trainable_base_grads_in_float64():
+    """A trainable base weight and bias get grads accumulated in float64 for float64 inputs (not rounded to fp32)."""
+    x, W, b, A, B = make((6,), 24, 12, 4, torch.float64, "cpu")
+    ts = [t.clone().requires_grad_() for t in (x, W, b, A, B)]
+    ref = [t.clone().requires_grad_() for t in (x, W, b, A, B)]
+    dy = torch.randn(6, 12, dtype=torch.float64)
+    lora_kernels.lora_linear(*ts, 0.5).backward(dy)
+    formula(*ref, 0.5).backward(dy)
+    for t, r in zip(ts, ref):
+        torch.testing.assert_close(t.grad, r.grad, rtol=1e-12, atol=1e-12)

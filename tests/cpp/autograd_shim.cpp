@@ -1,0 +1,59 @@
+// CPU test shim for csrc/lora_autograd.h: the same autograd node as the CUDA binding, with reference ATen math in
+// place of the fused kernels (no dropout: the mask is not this test's subject). Registers
+// torch.ops.lora_autograd_shim.lora_linear with CPU (forward only) and Autograd kernels, like binding.cpp does.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "lora_autograd.h"
+
+namespace {
+
+using at::Tensor;
+
+struct ReferenceMath {
+  static std::tuple<Tensor, Tensor> forward(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                                            const Tensor& lora_A, const Tensor& lora_B, double scaling, double p,
+                                            int64_t /*seed*/, int64_t /*offset*/) {
+    TORCH_CHECK(p == 0.0, "the shim has no dropout");
+    const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    Tensor u = x.to(acc).mm(lora_A.to(acc).t()) * scaling;
+    Tensor y = x.to(acc).mm(weight.to(acc).t()) + u.mm(lora_B.to(acc).t());
+    if (bias.has_value() && bias->defined()) y = y + bias->to(acc);
+    return {y.to(x.scalar_type()), u};
+  }
+  static std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dy, const Tensor& x, const Tensor& weight,
+                                                     const Tensor& lora_A, const Tensor& lora_B, const Tensor& u,
+                                                     double scaling, double /*p*/, int64_t /*seed*/,
+                                                     int64_t /*offset*/, bool need_dx, bool need_dA, bool need_dB) {
+    const auto acc = u.scalar_type();
+    Tensor g = dy.to(acc).mm(lora_B.to(acc));
+    Tensor none = at::empty({0}, x.options());
+    Tensor dx = need_dx ? (dy.to(acc).mm(weight.to(acc)) + g.mm(lora_A.to(acc)) * scaling).to(x.scalar_type()) : none;
+    Tensor dA = need_dA ? (g.t().mm(x.to(acc)) * scaling).to(lora_A.scalar_type()) : none;
+    Tensor dB = need_dB ? dy.to(acc).t().mm(u).to(lora_B.scalar_type()) : none;
+    return {dx, dA, dB};
+  }
+};
+
+Tensor with_autograd(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& lora_A,
+                     const Tensor& lora_B, double scaling, double p, int64_t seed, int64_t offset) {
+  return lora_kernels::LoraLinearFunction<ReferenceMath>::apply(x, weight, bias, lora_A, lora_B, scaling, p, seed,
+                                                                offset);
+}
+
+Tensor forward_only(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& lora_A,
+                    const Tensor& lora_B, double scaling, double p, int64_t seed, int64_t offset) {
+  return std::get<0>(ReferenceMath::forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset));
+}
+
+}  // namespace
+
+TORCH_LIBRARY(lora_autograd_shim, m) {
+  m.def("lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, float p, "
+        "int seed, int offset) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(lora_autograd_shim, CPU, m) { m.impl("lora_linear", &forward_only); }
+TORCH_LIBRARY_IMPL(lora_autograd_shim, Autograd, m) { m.impl("lora_linear", &with_autograd); }
