@@ -18,6 +18,9 @@ def pytest_addoption(parser):
                 help='torch.compile mode of compile-formula (default "max-autotune-no-cudagraphs"; '
                      'with --quick: "default", to keep the quick run short)')
     g.addoption("--providers", default=None, help="comma-separated subset of providers")
+    g.addoption("--compile-dynamic", action="store_true", default=False,
+                help="compile-formula: one dynamic-shape graph for every shape instead of a compile per shape "
+                     "(what makes the full grid fit; the note column says which)")
     g.addoption("--shard", default=None,
                 help="i/n: run only the groups (shape, M, r, p) whose index mod n is i, so that a long grid splits "
                      "over n device calls; merge with make_table.py a.json b.json ...")

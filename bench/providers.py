@@ -13,7 +13,7 @@ Providers
   formula-bf16     eager  F.linear(x, W, b) + s * F.linear(F.linear(dropout(x), A), B), everything bf16
                    (dropout skipped at p == 0, as PEFT does with nn.Identity).
   compile-formula  torch.compile(formula-bf16, mode=compile_mode (default "max-autotune-no-cudagraphs"),
-                   dynamic=False).
+                   dynamic=False: compiled per shape); with compile_dynamic, one dynamic=True graph for all shapes.
   addmm            out = F.linear(x, W, b); out.addmm_(x @ Aᵀ, Bᵀ, alpha=s)   -- NO dropout (p is ignored).
   cublas-base      the floor: fwd = F.linear(x, W); fwd_bwd = F.linear(x, W) then dy @ W (base dx GEMM).
 
@@ -104,9 +104,13 @@ def _add_modes(fwds: list, fwd_bwds: list, call: Callable, wrt: tuple, dy) -> No
     fwd_bwds.append(fwd_bwd)
 
 
+_COMPILED_DYNAMIC: dict = {}  # compile mode -> torch.compile(formula, dynamic=True), shared by every case
+
+
 def make_case(provider: str, M: int, K: int, N: int, r: int, p: float, dtype=torch.bfloat16, device="cuda",
               bias: bool = False, n_sets: int = 1, compile_mode: str = "max-autotune-no-cudagraphs",
-              adapter_dtype=torch.float32, scaling: float = SCALING, seed: int = 0) -> Case:
+              adapter_dtype=torch.float32, scaling: float = SCALING, seed: int = 0,
+              compile_dynamic: bool = False) -> Case:
     device = torch.device(device)
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
@@ -165,7 +169,13 @@ def make_case(provider: str, M: int, K: int, N: int, r: int, p: float, dtype=tor
 
     elif provider in ("formula-bf16", "compile-formula"):
         fn = formula
-        if provider == "compile-formula":
+        if provider == "compile-formula" and compile_dynamic:
+            # One symbolic-shape graph serves every shape (a full grid would otherwise compile 96 times).
+            if compile_mode not in _COMPILED_DYNAMIC:
+                _COMPILED_DYNAMIC[compile_mode] = torch.compile(formula, mode=compile_mode, dynamic=True)
+            fn = _COMPILED_DYNAMIC[compile_mode]
+            note = f"torch.compile mode={compile_mode}, dynamic shapes"
+        elif provider == "compile-formula":
             torch._dynamo.reset()  # a fresh cache per case: no recompile limit, no automatic-dynamic shapes
             fn = torch.compile(formula, mode=compile_mode, dynamic=False)
             note = f"torch.compile mode={compile_mode}"

@@ -123,7 +123,7 @@ def test_lora_layer(benchmark, cfg, request):
     torch.manual_seed(0)
     try:
         case = make_case(prov, M, K, N, r, p, dtype=DTYPE, device=DEVICE, n_sets=n_sets,
-                         compile_mode=_compile_mode(config),
+                         compile_mode=_compile_mode(config), compile_dynamic=config.getoption("--compile-dynamic"),
                          adapter_dtype=getattr(torch, config.getoption("--adapter-dtype")))
     except Unavailable as e:
         pytest.skip(str(e))
