@@ -135,8 +135,9 @@ class _EagerLoRA(torch.autograd.Function):
     without the dispatcher's Python autograd wrapper. That wrapper costs ~50 us of host time per call (measured on
     CPU tensors: op with grad 88 us vs this Function 36 us around a 31 us backend call), which decides the speed
     of small-M calls and of whole training steps. ``lora_linear`` uses it unless torch.compile is tracing, where
-    the registered op (fake impls, opaque to dynamo) is what the graph records. tests/test_contract.py checks
-    that both paths give bit-identical outputs and grads."""
+    the registered op (fake impls, opaque to dynamo) is what the graph records, or the backend brings its own
+    autograd node (the cuda backend's, in C++: csrc/lora_autograd.h). tests/test_contract.py checks that all
+    paths give bit-identical outputs and grads."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, p, seed, offset, backend):
