@@ -19,6 +19,11 @@ The contract every backend implements (all tensors already validated and made 2-
     dropout(x) = x * keep / (1 - p), keep = lora_kernels.philox.dropout_mask(seed, offset, (M, K), p);
     with p == 0 there is no dropout and seed/offset are ignored.
 
+Optional: ``linear_autograd(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset) -> y`` (or None), the
+backend's own autograd node for eager calls that need grads (M >= 1), with the gradients of forward/backward
+above plus plain-math grads for a trainable weight and bias. The cuda backend provides one in C++
+(csrc/lora_autograd.h); without it ``lora_kernels.ops`` wraps forward/backward in a Python autograd.Function.
+
 The mask (see ``lora_kernels/philox.py``): element (m, k) of the (M, K) input uses Philox 4x32-10 counter
 c = offset + m * ceil(K / 4) + k // 4 (c0 = low 32 bits, c1 = high 32 bits, c2 = c3 = 0; key = seed low/high
 32 bits) and output word k % 4, turned into a uniform float exactly as Triton's ``tl.rand``
