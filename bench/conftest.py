@@ -24,6 +24,9 @@ def pytest_addoption(parser):
     g.addoption("--shard", default=None,
                 help="i/n: run only the groups (shape, M, r, p) whose index mod n is i, so that a long grid splits "
                      "over n device calls; merge with make_table.py a.json b.json ...")
+    g.addoption("--jsonl", default=None,
+                help="also append each result to this JSON-lines file as soon as it is measured (the pytest-benchmark "
+                     "JSON is only written at the end; make_table.py reads either)")
     g.addoption("--rep-ms", type=float, default=100.0, help="timed window per measurement (ms)")
     g.addoption("--warmup-ms", type=float, default=25.0, help="warm-up per measurement (ms)")
     g.addoption("--gpu-reps", type=int, default=40, help="reps of the GPU-time (sleep-queued) measurement")

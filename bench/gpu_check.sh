@@ -78,8 +78,13 @@ if [ -n "${PROFILE:-}" ]; then
   step profile "$T_PROFILE" $PY "$REPO/bench/profile_layer.py" ${PROFILE_ARGS:-}
   cp "$LOGS/profile.log" "$OUT/profile.txt"
 fi
-step bench "$T_BENCH" $PY -m pytest "$REPO/bench/test_bench_lora.py" -q -p no:cacheprovider --benchmark-json "$OUT/bench.json" "${BENCH_ARGS[@]}" ${BENCH_K:+-k "$BENCH_K"} ${BENCH_EXTRA:-}
-step table "$T_TABLE" $PY "$REPO/bench/make_table.py" "$OUT/bench.json" --out "$OUT/"
+step bench "$T_BENCH" $PY -m pytest "$REPO/bench/test_bench_lora.py" -q -p no:cacheprovider --benchmark-json "$OUT/bench.json" --jsonl "$OUT/bench.jsonl" "${BENCH_ARGS[@]}" ${BENCH_K:+-k "$BENCH_K"} ${BENCH_EXTRA:-}
+# The JSON is written when pytest ends; the JSON-lines file row by row, so a bench step cut by its limit still
+# gives a table of what it measured.
+if [ -s "$OUT/bench.json" ]; then TABLE_IN="$OUT/bench.json"; else TABLE_IN="$OUT/bench.jsonl"; fi
+step table "$T_TABLE" $PY "$REPO/bench/make_table.py" "$TABLE_IN" --out "$OUT/"
+# at most 8 files come back from $OUT: the JSON-lines copy goes into the log archive when the JSON exists
+if [ -s "$OUT/bench.json" ] && [ -f "$OUT/bench.jsonl" ]; then mv "$OUT/bench.jsonl" "$LOGS/"; fi
 step e2e "$T_E2E" $PY "$REPO/bench/e2e_train.py" --out "$OUT/e2e.json" "${E2E_ARGS[@]}" ${E2E_EXTRA:-}
 # The GPU tests run last, so that a call cut short still returns the benchmark numbers.
 # pytest-xdist (in the device image) spreads the tests over CPU cores: most of their time is Triton compiling.

@@ -30,6 +30,11 @@ def _mib(v):
 def load(path):
     with open(path) as f:
         text = f.read()
+    if path.endswith(".jsonl"):  # written line by line by test_bench_lora.py --jsonl (survives a cut run)
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        rows = [r for r in rows if "median_ms" in r]
+        env = {k[4:]: v for k, v in rows[0].items() if k.startswith("env_")} if rows else {}
+        return rows, env
     data = json.loads(text) if text.strip() else {}  # pytest-benchmark leaves it empty when all skipped
     rows = [b.get("extra_info", {}) for b in data.get("benchmarks", [])]
     rows = [r for r in rows if "median_ms" in r]
@@ -174,7 +179,7 @@ def plot(rows, env, path):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("json", nargs="+", help="pytest-benchmark JSON file(s); several are merged (shards of a grid)")
+    ap.add_argument("json", nargs="+", help="pytest-benchmark JSON or --jsonl file(s); several are merged (shards)")
     ap.add_argument("--out", default=".", help="output directory (or a .md file path)")
     args = ap.parse_args(argv)
     rows, env = load_many(args.json)

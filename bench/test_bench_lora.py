@@ -11,6 +11,7 @@ shapes on CPU, to test the plumbing).
 from __future__ import annotations
 
 import gc
+import json
 import os
 
 import pytest
@@ -157,5 +158,8 @@ def test_lora_layer(benchmark, cfg, request):
         info.update({k: v for k, v in mem.items()})
     info.update({f"env_{k}": v for k, v in _env(config).items()})
     benchmark.extra_info.update(info)
+    if config.getoption("--jsonl"):  # one line per result as it is measured: a run cut short keeps its rows
+        with open(config.getoption("--jsonl"), "a") as f:
+            f.write(json.dumps(info, default=str) + "\n")
     del case, fns
     _cleanup()

@@ -20,7 +20,7 @@ def test_sharded_grid_merges_into_one_table(tmp_path):
         run = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
              os.path.join(ROOT, "bench", "test_bench_lora.py"), "--benchmark-json", str(path), "--providers", "ours-torch,cublas-base", "--shard", shard,
-             "--rep-ms", "2", "--warmup-ms", "1"],
+             "--rep-ms", "2", "--warmup-ms", "1", "--jsonl", str(path) + "l"],
             env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         paths.append(str(path))
@@ -37,3 +37,9 @@ def test_sharded_grid_merges_into_one_table(tmp_path):
     assert table.count("\n### ") == 16
     floor_rows = [line for line in table.splitlines() if line.startswith("| cublas-base |")]
     assert len(floor_rows) == 16 and all("| 1.000 |" in line for line in floor_rows)
+    # the JSON-lines files (written row by row) give the same table
+    out2 = tmp_path / "table_jsonl"
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "make_table.py"), *[p + "l" for p in paths],
+                          "--out", str(out2)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (out2 / "bench_table.md").read_text().count("\n### ") == 16
