@@ -88,7 +88,8 @@ def markdown(rows, env):
            "back-to-back calls (a host-bound call shows its host time: Python, autograd, launches); `GPU` "
            "queues each call behind a GPU sleep longer than its host time, so only the GPU's execution of the "
            "call is timed (the cost inside a model that keeps the GPU busy; compare it with the roofline). "
-           "`GPU ok` = no rep's host enqueue outlasted its sleep; a row where most reps' did stays out of the GPU means. `vs PEFT` = PEFT-layer wall time / wall time "
+           "`GPU ok` = no rep's host enqueue outlasted its sleep; a row where most reps' did stays out of the GPU "
+           "means. `vs PEFT` = PEFT-layer wall time / wall time "
            "(>1 is faster than PEFT). TFLOP/s counts the LoRA layer's FLOPs (the floor: its own GEMM FLOPs). "
            "`addmm` applies no dropout. Memory columns (fwd_bwd): peak allocated above baseline during one "
            "fwd+bwd, and bytes saved for backward (x included; parameters excluded).", ""]

@@ -19,6 +19,7 @@
 """
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 import time
@@ -99,21 +100,17 @@ def bench_ms(fns, warmup_ms: float = 25.0, rep_ms: float = 100.0, min_reps: int 
     return out
 
 
-_CYCLES_PER_MS: list = []
-
-
+@functools.cache
 def _cycles_per_ms() -> float:
     """GPU clock cycles of torch.cuda._sleep per millisecond (measured once)."""
-    if not _CYCLES_PER_MS:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        cycles = 2_000_000
-        torch.cuda._sleep(cycles)  # warm-up
-        start.record()
-        torch.cuda._sleep(cycles)
-        end.record()
-        _sync()
-        _CYCLES_PER_MS.append(cycles / max(start.elapsed_time(end), 1e-3))
-    return _CYCLES_PER_MS[0]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    cycles = 2_000_000
+    torch.cuda._sleep(cycles)  # warm-up
+    start.record()
+    torch.cuda._sleep(cycles)
+    end.record()
+    _sync()
+    return cycles / max(start.elapsed_time(end), 1e-3)
 
 
 def _gpu_time(fns, wall_est_ms: float, reps: int = 40) -> dict:

@@ -69,12 +69,17 @@ _lib.define(
 )
 
 
+def _seed_int(seed, p: float) -> int:
+    """The Philox key as a Python int for the backends (never read without dropout, so no .item() then)."""
+    return int(seed) if p > 0.0 else 0
+
+
 def _fwd_impl(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset, backend):
     M, N, r = x.shape[0], weight.shape[0], lora_A.shape[0]
     if M == 0:
         return x.new_empty(0, N), x.new_empty(0, r, dtype=torch.float32)
     return _dispatch.get(backend).forward(
-        x, weight, bias, lora_A, lora_B, scaling, p, int(seed.item()) if p > 0.0 else 0, offset)
+        x, weight, bias, lora_A, lora_B, scaling, p, _seed_int(seed, p), offset)
 
 
 def _bwd_impl(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, backend, need_dx, need_dA, need_dB):
@@ -82,8 +87,7 @@ def _bwd_impl(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, backen
         dx, dA, dB = torch.zeros_like(x), torch.zeros_like(lora_A), torch.zeros_like(lora_B)
     else:
         dx, dA, dB = _dispatch.get(backend).backward(
-            dy, x, weight, lora_A, lora_B, u, scaling, p, int(seed.item()) if p > 0.0 else 0, offset,
-            need_dx, need_dA, need_dB)
+            dy, x, weight, lora_A, lora_B, u, scaling, p, _seed_int(seed, p), offset, need_dx, need_dA, need_dB)
     if need_dx and need_dA and need_dB:
         return dx, dA, dB
     empty = x.new_empty(0)
@@ -243,7 +247,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
                                       or lora_B.requires_grad or (bias is not None and bias.requires_grad)):
         cpp = getattr(_dispatch.get(name), "linear_autograd", None) if x2.shape[0] else None
         if cpp is not None:  # the backend's own autograd node (C++): no Python in forward's wrapper or backward
-            y = cpp(*args[:6], p, int(seed) if p > 0.0 else 0, 0)
+            y = cpp(*args[:6], p, _seed_int(seed, p), 0)
         else:
             y = _EagerLoRA.apply(*args)
     else:  # nothing to differentiate (inference, no_grad): the impl alone, without autograd.Function's overhead

@@ -258,13 +258,13 @@ if triton is not None:
             x_ptrs += BK * s_xk
             w_ptrs += BK * s_wk
             a_ptrs += BK * s_ak
+        u_ptrs = u_ptr + offs_m.to(tl.int64)[:, None] * s_um + rr[None, :] * s_ur
+        u_mask = m_mask[:, None] & r_mask[None, :]
         if U_GIVEN:  # u is already scaled (the host passes scale = 1)
-            uacc = tl.load(u_ptr + offs_m.to(tl.int64)[:, None] * s_um + rr[None, :] * s_ur,
-                           mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+            uacc = tl.load(u_ptrs, mask=u_mask, other=0.0)
         u = uacc * scale
         if pid_n == 0 and not U_GIVEN:
-            tl.store(u_ptr + offs_m.to(tl.int64)[:, None] * s_um + rr[None, :] * s_ur, u,
-                     mask=m_mask[:, None] & r_mask[None, :])
+            tl.store(u_ptrs, u, mask=u_mask)
         bt = tl.load(b_ptr + rr[:, None] * s_br + offs_n.to(tl.int64)[None, :] * s_bn,
                      mask=r_mask[:, None] & n_mask[None, :], other=0.0).to(DT)  # B^T tile (R_PAD, BN)
         if DOT_PREC == "ieee":  # fp32: own accumulator, scaled after the dot (see _gemm_lora_kernel)
@@ -551,12 +551,7 @@ def _launch_shrink(x, lora_A, u, scale, p, seed, offset, kn: _Knobs, split_k: bo
     M, K = x.shape
     R = lora_A.shape[0]
     r_pad = _r_pad(R)
-    if kn.interpret:
-        BM, BK, warps = 16, 32, 4
-    else:
-        BM = 16 if M <= 16 else (32 if M <= 32 else 64)
-        BK = 64 if r_pad >= 128 else 128
-        warps = 8 if r_pad >= 128 else 4
+    BM, BK, warps = _helper_tiles(M, r_pad, kn)
     m_blocks, k_blocks = _cdiv(M, BM), _cdiv(K, BK)
     splits = 1
     if split_k:
