@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from collections import defaultdict
 
 ORDER = ["ours-cuda", "ours-triton", "ours-torch", "compile-formula", "formula-bf16", "addmm", "peft-layer",
          "cublas-base"]
+FLOOR = "cublas-base"
 
 
 def _fmt(v, spec):
@@ -80,6 +82,26 @@ def header(env):
             f"lora_kernels {env.get('lora_kernels')} (backends {env.get('backends')}) | date {env.get('date')}")
 
 
+def _gm(xs):
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
+
+
+def _summaries(groups):
+    """{(mode, provider, M or None for all M): {"ratio", "gpu", "vs": [values]}} over the groups."""
+    summ = defaultdict(lambda: defaultdict(list))
+    for (mode, _shape, M, _r, _p), g in groups.items():
+        peft = g.get("peft-layer", {}).get("median_ms")
+        for prov, r in g.items():
+            for key in ((mode, prov, None), (mode, prov, M)):
+                if r.get("ratio_to_floor"):
+                    summ[key]["ratio"].append(r["ratio_to_floor"])
+                if r.get("gpu_ratio_to_floor") and (r.get("gpu_hidden_frac") or 1.0) >= 0.5:  # most reps hidden
+                    summ[key]["gpu"].append(r["gpu_ratio_to_floor"])
+                if peft and r.get("median_ms"):
+                    summ[key]["vs"].append(peft / r["median_ms"])
+    return summ
+
+
 def markdown(rows, env):
     groups = group_rows(rows)
     out = ["# LoRA layer benchmark", "", header(env), "",
@@ -93,30 +115,30 @@ def markdown(rows, env):
            "(>1 is faster than PEFT). TFLOP/s counts the LoRA layer's FLOPs (the floor: its own GEMM FLOPs). "
            "`addmm` applies no dropout. Memory columns (fwd_bwd): peak allocated above baseline during one "
            "fwd+bwd, and bytes saved for backward (x included; parameters excluded).", ""]
-    # summary: geometric mean of ratio to floor and speed-up vs PEFT per provider and mode
-    summ = defaultdict(lambda: defaultdict(list))
-    for (mode, *_), g in groups.items():
-        peft = g.get("peft-layer", {}).get("median_ms")
-        for prov, r in g.items():
-            if r.get("ratio_to_floor"):
-                summ[(mode, prov)]["ratio"].append(r["ratio_to_floor"])
-            if r.get("gpu_ratio_to_floor") and (r.get("gpu_hidden_frac") or 1.0) >= 0.5:  # most reps hidden
-                summ[(mode, prov)]["gpu"].append(r["gpu_ratio_to_floor"])
-            if peft and r.get("median_ms"):
-                summ[(mode, prov)]["vs"].append(peft / r["median_ms"])
+    summ = _summaries(groups)
     if summ:
-        import math
-
-        gm = lambda xs: math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
         out += ["## Summary (geometric means over all groups)", "",
                 "| mode | provider | wall ratio to floor | GPU ratio to floor | speed-up vs PEFT (wall) | groups |",
                 "|---|---|---:|---:|---:|---:|"]
-        for mode in sorted({m for m, _ in summ}):
-            for prov in _prov_order([p for m, p in summ if m == mode]):
-                d = summ[(mode, prov)]
-                out.append(f"| {mode} | {prov} | {_fmt(gm(d['ratio']), '.3f')} | {_fmt(gm(d['gpu']), '.3f')} | "
-                           f"{_fmt(gm(d['vs']), '.2f')} | {len(d['ratio'])} |")
+        for mode in sorted({m for m, _, _ in summ}):
+            for prov in _prov_order({p for m, p, _ in summ if m == mode}):
+                d = summ[(mode, prov, None)]
+                out.append(f"| {mode} | {prov} | {_fmt(_gm(d['ratio']), '.3f')} | {_fmt(_gm(d['gpu']), '.3f')} | "
+                           f"{_fmt(_gm(d['vs']), '.2f')} | {len(d['ratio'])} |")
         out.append("")
+        ms = sorted({M for _, _, M in summ if M is not None})
+        if len(ms) > 1:
+            out += ["## Summary by M (geometric means over shapes, r and p; each cell wall / GPU ratio to floor)",
+                    "", "| mode | provider | " + " | ".join(f"M={M}" for M in ms) + " |",
+                    "|---|---|" + "---:|" * len(ms)]
+            for mode in sorted({m for m, _, _ in summ}):
+                for prov in _prov_order({p for m, p, _ in summ if m == mode}):
+                    cells = []
+                    for M in ms:
+                        d = summ.get((mode, prov, M))
+                        cells.append(f"{_fmt(_gm(d['ratio']), '.2f')} / {_fmt(_gm(d['gpu']), '.2f')}" if d else "-")
+                    out.append(f"| {mode} | {prov} | " + " | ".join(cells) + " |")
+            out.append("")
     out += ["## Per group", ""]
     for (mode, shape, M, r, p), g in groups.items():
         peft = g.get("peft-layer", {}).get("median_ms")
@@ -138,7 +160,13 @@ def markdown(rows, env):
     return "\n".join(out)
 
 
+# The reference backend runs 10-100x the floor; in the plot it would flatten every other bar.
+PLOT_SKIP = ("ours-torch",)
+
+
 def plot(rows, env, path):
+    """One panel per (M, mode): a bar per provider and (shape, r, p) group for the wall ratio to the floor, and a
+    black dot on it for the GPU ratio. The floor is the dashed line at 1."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,33 +174,40 @@ def plot(rows, env, path):
 
     groups = group_rows(rows)
     modes = sorted({k[0] for k in groups})
-    provs = _prov_order({p for g in groups.values() for p in g})
-    metrics = [("ratio_to_floor", "wall")]
-    if any(r.get("gpu_ratio_to_floor") for g in groups.values() for r in g.values()):
-        metrics.append(("gpu_ratio_to_floor", "GPU"))
-    panels = [(mode, m) for mode in modes for m in metrics]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(max(8, 0.55 * len(groups) / max(len(modes), 1) *
-                                                          max(len(provs), 1) / 4), 4.5 * len(panels)),
-                             squeeze=False)
+    ms = sorted({k[2] for k in groups})
+    provs = [p for p in _prov_order({p for g in groups.values() for p in g}) if p not in PLOT_SKIP + (FLOOR,)]
+    n_keys = max(len([k for k in groups if k[0] == modes[0] and k[2] == M]) for M in ms)
+    fig, axes = plt.subplots(len(ms), len(modes), figsize=(max(6.0, 0.09 * n_keys * len(provs)) * len(modes),
+                                                          4.2 * len(ms)), squeeze=False)
     width = 0.8 / max(len(provs), 1)
-    for ax, (mode, (metric, label)) in zip(axes[:, 0], panels):
-        keys = [k for k in groups if k[0] == mode]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for (i_mode, mode), (i_m, M) in ((a, b) for a in enumerate(modes) for b in enumerate(ms)):
+        ax = axes[i_m, i_mode]
+        keys = [k for k in groups if k[0] == mode and k[2] == M]
         for i, prov in enumerate(provs):
-            xs, ys = [], []
+            xs, ys, gx, gy = [], [], [], []
             for j, k in enumerate(keys):
-                v = groups[k].get(prov, {}).get(metric)
-                if v is not None:
-                    xs.append(j + (i - (len(provs) - 1) / 2) * width)
-                    ys.append(v)
-            ax.bar(xs, ys, width=width, label=prov)
+                r = groups[k].get(prov, {})
+                x = j + (i - (len(provs) - 1) / 2) * width
+                if r.get("ratio_to_floor") is not None:
+                    xs.append(x)
+                    ys.append(r["ratio_to_floor"])
+                if r.get("gpu_ratio_to_floor") is not None:
+                    gx.append(x)
+                    gy.append(r["gpu_ratio_to_floor"])
+            ax.bar(xs, ys, width=width, label=prov, color=colors[i % len(colors)])
+            ax.plot(gx, gy, "k.", ms=2.5, label="GPU time" if i == 0 else None)
         ax.axhline(1.0, color="k", lw=0.8, ls="--")
         ax.set_xticks(range(len(keys)))
-        ax.set_xticklabels([f"{k[1]}\nM={k[2]} r={k[3]} p={k[4]}" for k in keys], rotation=90, fontsize=6)
-        ax.set_ylabel(f"{label} time / cuBLAS floor")
-        ax.set_title(f"{mode}, {label} time  (lower is better)", fontsize=9)
+        ax.set_xticklabels([f"{k[1]} r={k[3]} p={k[4]:g}" for k in keys], rotation=90, fontsize=6)
         ax.set_yscale("log")
-        ax.legend(fontsize=6, ncol=4)
-    fig.suptitle(header(env), fontsize=6)
+        ax.set_ylabel("time / cuBLAS floor (bar: wall, dot: GPU)", fontsize=7)
+        ax.set_title(f"{mode}, M={M}  (lower is better)", fontsize=9)
+        ax.tick_params(axis="y", labelsize=7)
+        if i_mode == 0 and i_m == 0:
+            ax.legend(fontsize=6, ncol=2)
+    fig.suptitle(header(env) + (f" | not plotted: {', '.join(PLOT_SKIP)} (the reference)" if PLOT_SKIP else ""),
+                 fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)

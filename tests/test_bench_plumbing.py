@@ -14,15 +14,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_sharded_grid_merges_into_one_table(tmp_path):
     pytest.importorskip("pytest_benchmark")
     env = dict(os.environ, LK_BENCH_CPU_SMOKE="1", CUDA_VISIBLE_DEVICES="")  # the CPU smoke grid, also on GPU hosts
+    # Under pytest-xdist (the GPU runner) the worker's PYTEST_XDIST_* variables would reach the child, and
+    # pytest-benchmark disables itself when it sees them: the child would write an empty JSON.
+    env = {k: v for k, v in env.items() if not k.startswith("PYTEST_XDIST")}
     paths = []
     for shard in ("0/2", "1/2"):
         path = tmp_path / f"shard{shard[0]}.json"
         run = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-             os.path.join(ROOT, "bench", "test_bench_lora.py"), "--benchmark-json", str(path), "--providers", "ours-torch,cublas-base", "--shard", shard,
+             os.path.join(ROOT, "bench", "test_bench_lora.py"), "--benchmark-json", str(path),
+             "--providers", "ours-torch,cublas-base", "--shard", shard,
              "--rep-ms", "2", "--warmup-ms", "1", "--jsonl", str(path) + "l"],
             env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        assert path.read_text().strip(), "empty benchmark JSON:\n" + run.stdout[-3000:]
         paths.append(str(path))
     ids = [[b["extra_info"]["provider"] + str((b["extra_info"]["shape"], b["extra_info"]["M"], b["extra_info"]["p"],
                                               b["extra_info"]["mode"])) for b in json.load(open(p))["benchmarks"]]
@@ -35,6 +40,7 @@ def test_sharded_grid_merges_into_one_table(tmp_path):
     table = (out / "bench_table.md").read_text()
     # SMOKE grid: 2 shapes x 2 M x 1 r x 2 p groups, 2 modes each
     assert table.count("\n### ") == 16
+    assert "## Summary by M" in table  # the smoke grid has two M values
     floor_rows = [line for line in table.splitlines() if line.startswith("| cublas-base |")]
     assert len(floor_rows) == 16 and all("| 1.000 |" in line for line in floor_rows)
     # the JSON-lines files (written row by row) give the same table
