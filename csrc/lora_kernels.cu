@@ -18,8 +18,9 @@
 //    accumulators grow with r (shrink, dy pass, dA) take r in chunks of at most 64 columns (grid.z), so r up to 256
 //    costs extra passes over x / dy rather than registers.
 //  * fp32 inputs (and 16-bit inputs on GPUs below sm_80): the FFMA kernels with fp32 shared memory (lora_*_kernel).
-// The dropout mask is regenerated per 4-group of x (one Philox call, philox.cuh, counter of x[m, k..k+3] with k a
-// multiple of 4) identically in every kernel, so forward and backward see the same mask.
+// The dropout mask is regenerated from philox.cuh identically in every kernel, so forward and backward see the same
+// mask: one Philox call per 8-group x[m, k..k+7] (k a multiple of 8) in the tensor-core kernels, one per 4-group
+// (half of an 8-group's words) in the FFMA kernels.
 // Every reduction has a fixed order and each output element (or partial-buffer element) has one owner: no atomics.
 #include "lora_kernels.cuh"
 #include "philox.cuh"
@@ -105,7 +106,7 @@ __device__ __forceinline__ void load_x4_dropout(const T* __restrict__ x, int64_t
     load4<T>(x + m * K + k, valid, v);
     if (p > 0.f) {
       bool keep[4];
-      dropout_keep4(seed, dropout_counter(offset, m, K, k / 4), p, keep);
+      dropout_keep4(seed, offset, m, K, k, p, keep);
 #pragma unroll
       for (int q = 0; q < 4; ++q) v[q] = keep[q] ? v[q] : 0.f;
     }
@@ -455,7 +456,7 @@ lora_dx_prefill_kernel(T* __restrict__ dx, const float* __restrict__ g, const TA
   if (m >= M || k >= K) return;
   const int valid = (K - k < 4 ? (int)(K - k) : 4);
   bool keep[4] = {true, true, true, true};
-  if (p > 0.f) dropout_keep4(seed, dropout_counter(offset, m, K, k / 4), p, keep);
+  if (p > 0.f) dropout_keep4(seed, offset, m, K, k, p, keep);
   float v[4];
 #pragma unroll
   for (int q = 0; q < 4; ++q) v[q] = keep[q] ? acc[q] * scale : 0.f;
@@ -518,17 +519,27 @@ __device__ __forceinline__ uint2 to_t4(const Vec4<TA>& v) {
   return t.u;
 }
 
-// Zeroes the dropped elements of the 8-group x[m, k..k+7] (raw 16-bit bits; k a multiple of 4): one Philox call
-// per 4-group that starts before k_lim (elements at or past k_lim are zero already). Same mask as load_x4_dropout.
+// Zeroes the dropped elements of the 8 elements x[m, k..k+7] (raw 16-bit bits; k a multiple of 4; elements at or
+// past k_lim are zero already). With k a multiple of 8 (every tile of the tensor-core kernels) they are one 8-group
+// of the mask: one Philox call. Same mask as load_x4_dropout.
 __device__ __forceinline__ uint4 dropout8(uint4 raw, int64_t m, int64_t K, int64_t k, int64_t k_lim, float p,
                                           uint64_t seed, uint64_t offset) {
   union { uint4 u; unsigned short h[8]; } t;
   t.u = raw;
+  if (k >= k_lim) return raw;
+  if (k % kDropoutGroup == 0) {
+    bool keep[8];
+    dropout_keep8(seed, dropout_counter(offset, m, K, k / kDropoutGroup), dropout_threshold(p), keep);
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
+    for (int q = 0; q < 8; ++q)
+      if (!keep[q]) t.h[q] = 0;
+    return t.u;
+  }
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {  // straddles two 8-groups: one Philox call per 4-group in range
     if (k + 4 * half < k_lim) {
       bool keep[4];
-      dropout_keep4(seed, dropout_counter(offset, m, K, (k + 4 * half) / 4), p, keep);
+      dropout_keep4(seed, offset, m, K, k + 4 * half, p, keep);
 #pragma unroll
       for (int q = 0; q < 4; ++q)
         if (!keep[q]) t.h[4 * half + q] = 0;
@@ -681,7 +692,7 @@ __device__ __forceinline__ void load_tile_as_t(T* dst, int ldd, const TS* src, i
 // Math   : u[c] (M, r) = scale * (keep * x)[:, K-split c] A^T[K-split c], scale = scaling / (1 - p).
 // Tiling : block = TS_BM (128) rows x RC = 16*NF (<= 64) columns of u (grid.z walks r in RC-chunks) x one K split
 //          (grid.y), looping over K in TS_KC (64)-column tiles: x tiles through the cp.async ring (mask applied
-//          in place, one Philox call per 4-group), the A tile (cast to T) register-prefetched two tiles ahead into
+//          in place, one Philox call per 8-group), the A tile (cast to T) register-prefetched two tiles ahead into
 //          a double buffer. Warp w: rows 16w..16w+15 x all RC columns (2*NF m16n8 fp32 accumulators), written
 //          once at the end (scaled).
 // Bytes  : one read of x (M*K*2) per r-chunk; A re-read from L2 once per 128 rows; u (M*r*4) written once per
@@ -985,7 +996,7 @@ lora_expand_prefill_tc_kernel(T* __restrict__ y, const float* __restrict__ u, co
 
 // lora_dx_prefill (tensor cores).
 // Math   : dx (M, K) = scale * keep * (g A), scale = scaling / (1 - p); g and A cast to T, fp32 accumulation,
-//          round(acc * scale) then the dropped elements zeroed (one Philox call per 4-group); written once.
+//          round(acc * scale) then the dropped elements zeroed (one Philox call per 8-group); written once.
 // Tiling : see above; A chunk stored [j][k] (row-major B operand).
 // Bytes  : one write of dx (M*K*2); g read once per column group, A once per 128 rows (L2).
 // Smem   : 128 * (RP + 8) * 2 + 2 * RP * 72 * 2 + 18 KB = 29.2 KB at r = 16, 55.3 KB at r = 64.

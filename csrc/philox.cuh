@@ -1,11 +1,12 @@
-// Philox 4x32-10 exactly as Triton's tl.philox / tl.rand, and the dropout mask of the lora_kernels contract.
+// Philox 4x32-10 exactly as Triton's tl.philox, and the dropout mask of the lora_kernels contract.
 //
-// Element (m, k) of an (M, K) input uses counter c = offset + m * ceil(K/4) + k/4 (c0 = low 32 bits,
-// c1 = high 32 bits, c2 = c3 = 0), key (seed low 32, seed high 32), output word k % 4; uniform as tl.rand
-// (bitcast to int32, negative -> ~x, times 4.6566127342e-10f); kept iff uniform >= p (float32).
-// The reference is lora_kernels/philox.py. Host+device so tests/test_philox_cuda_host.py can check it on a CPU.
-// No torch headers here.
+// Element (m, k) of an (M, K) input uses counter c = offset + m * ceil(K/8) + k/8 (c0 = low 32 bits,
+// c1 = high 32 bits, c2 = c3 = 0), key (seed low 32, seed high 32), output word (k % 8) / 2, and of it the low
+// 16 bits for even k, the high 16 bits for odd k; kept iff those bits h satisfy h >= ceil(p * 65536) (p float32).
+// One Philox call serves 8 elements. The reference is lora_kernels/philox.py. Host+device so
+// tests/test_philox_cuda_host.py can check it on a CPU. No torch headers here.
 #pragma once
+#include <math.h>
 #include <stdint.h>
 
 #if defined(__CUDACC__)
@@ -21,7 +22,6 @@ constexpr uint32_t kPhiloxKeyB = 0xBB67AE85u;
 constexpr uint32_t kPhiloxRoundA = 0xD2511F53u;
 constexpr uint32_t kPhiloxRoundB = 0xCD9E8D57u;
 constexpr int kPhiloxRounds = 10;
-constexpr float kUniformScale = 4.6566127342e-10f;
 
 LK_HD uint32_t lk_umulhi(uint32_t a, uint32_t b) {
 #if defined(__CUDA_ARCH__)
@@ -50,26 +50,38 @@ LK_HD void philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uin
   out[3] = c3;
 }
 
-// tl.rand's uint32 -> float in [0, 1).
-LK_HD float philox_uniform(uint32_t w) {
-  int32_t x = (int32_t)w;
-  if (x < 0) x = ~x;
-  return (float)x * kUniformScale;
+constexpr int kDropoutGroup = 8;  // elements per Philox call: 4 words x 2 halves
+
+// ceil(p * 65536): an element is kept iff its 16 random bits are >= this (p * 65536 and its ceil are exact).
+LK_HD uint32_t dropout_threshold(float p) { return (uint32_t)ceilf(p * 65536.0f); }
+
+// Counter of the 8-group holding (m, k) of an (M, K) input (k8 = k / 8).
+LK_HD uint64_t dropout_counter(uint64_t offset, int64_t m, int64_t K, int64_t k8) {
+  const uint64_t K8 = (uint64_t)((K + kDropoutGroup - 1) / kDropoutGroup);
+  return offset + (uint64_t)m * K8 + (uint64_t)k8;
 }
 
-// Counter of the group of 4 elements holding (m, k) of an (M, K) input (k4 = k / 4).
-LK_HD uint64_t dropout_counter(uint64_t offset, int64_t m, int64_t K, int64_t k4) {
-  const uint64_t K4 = (uint64_t)((K + 3) / 4);
-  return offset + (uint64_t)m * K4 + (uint64_t)k4;
-}
-
-// Keep flags of the 4 elements (m, 4*k4 .. 4*k4+3): one Philox call. p as float32; p == 0 keeps everything.
-LK_HD void dropout_keep4(uint64_t seed, uint64_t counter, float p, bool keep[4]) {
-  uint32_t w[4];
+LK_HD void dropout_words(uint64_t seed, uint64_t counter, uint32_t w[4]) {
   philox4x32_10((uint32_t)(counter & 0xFFFFFFFFull), (uint32_t)(counter >> 32), 0u, 0u,
                 (uint32_t)(seed & 0xFFFFFFFFull), (uint32_t)(seed >> 32), w);
+}
+
+// Keep flags of the 8 elements (m, 8*k8 .. 8*k8+7): one Philox call. thr = dropout_threshold(p).
+LK_HD void dropout_keep8(uint64_t seed, uint64_t counter, uint32_t thr, bool keep[8]) {
+  uint32_t w[4];
+  dropout_words(seed, counter, w);
 #pragma unroll
-  for (int q = 0; q < 4; ++q) keep[q] = philox_uniform(w[q]) >= p;
+  for (int q = 0; q < 8; ++q) keep[q] = ((w[q / 2] >> (16 * (q % 2))) & 0xFFFFu) >= thr;
+}
+
+// Keep flags of the 4 elements (m, k .. k+3), k a multiple of 4: one half of an 8-group (one Philox call).
+LK_HD void dropout_keep4(uint64_t seed, uint64_t offset, int64_t m, int64_t K, int64_t k, float p, bool keep[4]) {
+  uint32_t w[4];
+  dropout_words(seed, dropout_counter(offset, m, K, k / kDropoutGroup), w);
+  const uint32_t thr = dropout_threshold(p);
+  const int w0 = (int)(k % kDropoutGroup) / 2;  // 0 or 2
+#pragma unroll
+  for (int q = 0; q < 4; ++q) keep[q] = ((w[w0 + q / 2] >> (16 * (q % 2))) & 0xFFFFu) >= thr;
 }
 
 }  // namespace lora_kernels

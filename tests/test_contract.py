@@ -1,4 +1,6 @@
 """The op contract: every backend against float64 math, autograd, opcheck, compile, autocast, dropout, errors."""
+import math
+
 import pytest
 import torch
 
@@ -180,13 +182,35 @@ def test_keep_rate(p):
     assert abs(keep - (1 - p)) < 5 * sigma
 
 
-def test_mask_matches_triton_tl_rand_stream():
-    # Word 0 of counter c is tl.rand(seed, c): check the reference against independent Philox known answers
-    # (Random123's kat_vectors for philox4x32-10, counter/key all zero and all ones).
+def test_philox_known_answers():
+    # Random123's kat_vectors for philox4x32-10 (counter and key all zero), the generator tl.philox implements.
     from lora_kernels.philox import philox4x32
 
     z = torch.zeros(1, dtype=torch.int64)
     assert [int(w) for w in philox4x32(0, z, z)] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+
+
+def test_mask_layout_from_philox_words():
+    # The documented layout, element by element with scalar arithmetic: counter offset + m*ceil(K/8) + k//8, word
+    # (k % 8)//2, low 16 bits for even k and high 16 bits for odd k, kept iff >= ceil(65536 p).
+    from lora_kernels.philox import philox4x32
+
+    seed, offset, M, K, p = 2**35 + 3, 2**32 - 5, 3, 19, 0.3
+    mask = lora_kernels.dropout_mask(seed, offset, (M, K), p)
+    thr = math.ceil(float(torch.tensor(p, dtype=torch.float32)) * 65536)
+    for m in range(M):
+        for k in range(K):
+            c = offset + m * ((K + 7) // 8) + k // 8
+            w = int(philox4x32(seed, torch.tensor([c & 0xFFFFFFFF]), torch.tensor([c >> 32]))[(k % 8) // 2])
+            h = (w >> (16 * (k % 2))) & 0xFFFF
+            assert bool(mask[m, k]) == (h >= thr), (m, k)
+
+
+@pytest.mark.parametrize("p,thr", [(0.1, 6554), (0.5, 32768), (0.05, 3277), (1.0 / 65536, 1), (0.99999, 65536)])
+def test_keep_threshold(p, thr):
+    from lora_kernels.philox import keep_threshold
+
+    assert keep_threshold(p) == thr
 
 
 def test_successive_calls_differ_and_manual_seed_reproduces():

@@ -18,15 +18,24 @@ PROGRAM = r"""
 #include <cstdio>
 #include <cstdlib>
 #include "philox.cuh"
+// Prints the mask twice per row: from dropout_keep8 (one call per 8-group, the tensor-core kernels) and from
+// dropout_keep4 (one call per 4-group, the FFMA kernels), separated by a space.
 int main(int argc, char** argv) {
   unsigned long long seed = strtoull(argv[1], nullptr, 10), offset = strtoull(argv[2], nullptr, 10);
   long long M = atoll(argv[3]), K = atoll(argv[4]);
   float p = strtof(argv[5], nullptr);
   for (long long m = 0; m < M; ++m) {
-    for (long long k4 = 0; 4 * k4 < K; ++k4) {
+    for (long long k8 = 0; 8 * k8 < K; ++k8) {
+      bool keep[8];
+      lora_kernels::dropout_keep8(seed, lora_kernels::dropout_counter(offset, m, K, k8),
+                                  lora_kernels::dropout_threshold(p), keep);
+      for (int q = 0; q < 8 && 8 * k8 + q < K; ++q) putchar(keep[q] ? '1' : '0');
+    }
+    putchar(' ');
+    for (long long k = 0; k < K; k += 4) {
       bool keep[4];
-      lora_kernels::dropout_keep4(seed, lora_kernels::dropout_counter(offset, m, K, k4), p, keep);
-      for (int q = 0; q < 4 && 4 * k4 + q < K; ++q) putchar(keep[q] ? '1' : '0');
+      lora_kernels::dropout_keep4(seed, offset, m, K, k, p, keep);
+      for (int q = 0; q < 4 && k + q < K; ++q) putchar(keep[q] ? '1' : '0');
     }
     putchar('\n');
   }
@@ -58,6 +67,9 @@ def philox_bin(tmp_path_factory):
         (42, 2**32 - 2, 3, 9, 0.25),  # counter crosses 2^32 inside the tensor
         (7, 1, 1, 1, 0.5),
         (99, 0, 17, 64, 0.05),
+        (5, 3, 6, 21, 0.1),  # K not a multiple of 8: the last group of each row is partial
+        (11, 0, 2, 16, 1.0 / 65536),  # threshold 1: only an all-zero 16-bit value is dropped
+        (12, 0, 2, 40, 0.99999),  # threshold 65536 after rounding up: everything is dropped
     ],
 )
 def test_mask_matches_reference(philox_bin, seed, offset, M, K, p):
@@ -65,7 +77,9 @@ def test_mask_matches_reference(philox_bin, seed, offset, M, K, p):
     import torch
 
     out = subprocess.run([str(philox_bin), str(seed), str(offset), str(M), str(K), repr(p)],
-                         capture_output=True, text=True, check=True).stdout.split()
-    got = torch.tensor([[c == "1" for c in row] for row in out], dtype=torch.bool).reshape(M, K)
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert len(out) == M
     ref = philox.dropout_mask(seed, offset, (M, K), p)
-    assert torch.equal(got, ref), (got.int() - ref.int()).nonzero()[:10]
+    for col, name in ((0, "dropout_keep8"), (1, "dropout_keep4")):
+        got = torch.tensor([[c == "1" for c in row.split(" ")[col]] for row in out], dtype=torch.bool).reshape(M, K)
+        assert torch.equal(got, ref), (name, (got.int() - ref.int()).nonzero()[:10])

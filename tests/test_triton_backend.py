@@ -270,7 +270,7 @@ from lora_kernels.backends import triton_backend as tb
 kernel, constexprs = getattr(tb, sys.argv[1]), json.loads(sys.argv[2])
 names = kernel.arg_names
 sig = {n: "constexpr" if n in constexprs else "*fp32" if n.endswith("_ptr")
-       else "fp32" if n in ("scale", "p", "lora_scale") else "i32" for n in names}
+       else "fp32" if n in ("scale", "lora_scale") else "i32" for n in names}
 src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(n),): v for n, v in constexprs.items()})
 ir = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2)).asm["ttir"]
 zeros = set(re.findall(r"(%[\w.#]+) = arith.constant dense<0\.0+e\+00>", ir))
@@ -317,8 +317,8 @@ def compile_cfg(bm, bn, bk, stages, warps, xdt, adt, r, u_given, N, K=4096):
     const = dict(HAS_BIAS=True, HAS_DROPOUT=False, R_PAD=tb._r_pad(r), DOT_PREC="ieee" if xdt == "fp32" else "tf32",
                  U_GIVEN=u_given, BM=bm, BN=bn, BK=bk, s_xk=1, s_wk=1, s_ak=1, s_br=1, s_ur=1, s_yn=1)
     ptr = {"x_ptr": xdt, "w_ptr": xdt, "a_ptr": adt, "b_ptr": adt, "bias_ptr": xdt, "u_ptr": "fp32", "y_ptr": xdt}
-    ints = dict(M=bm, N=N, K=K, R=r, s_xm=K, s_wn=K, s_ar=K, s_bn=r, s_um=r, s_ym=N, K4=K // 4)
-    sig = {n: "constexpr" if n in const else "*" + ptr[n] if n in ptr else "fp32" if n in ("scale", "p")
+    ints = dict(M=bm, N=N, K=K, R=r, s_xm=K, s_wn=K, s_ar=K, s_bn=r, s_um=r, s_ym=N, K8=K // 8)
+    sig = {n: "constexpr" if n in const else "*" + ptr[n] if n in ptr else "fp32" if n in ("scale",)
            else "i64" if n in ("seed", "offset") else "i32" for n in names}
     div = list(ptr) + [n for n, v in ints.items() if v % 16 == 0]
     src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(n),): v for n, v in const.items()},

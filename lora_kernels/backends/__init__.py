@@ -25,7 +25,7 @@ above plus plain-math grads for a trainable weight and bias. The cuda backend pr
 (csrc/lora_autograd.h); without it ``lora_kernels.ops`` wraps forward/backward in a Python autograd.Function.
 
 The mask (see ``lora_kernels/philox.py``): element (m, k) of the (M, K) input uses Philox 4x32-10 counter
-c = offset + m * ceil(K / 4) + k // 4 (c0 = low 32 bits, c1 = high 32 bits, c2 = c3 = 0; key = seed low/high
-32 bits) and output word k % 4, turned into a uniform float exactly as Triton's ``tl.rand``
-(int32 bitcast, negative -> ~x, times 4.6566127342e-10 in float32); it is kept iff that uniform >= p (float32).
+c = offset + m * ceil(K / 8) + k // 8 (c0 = low 32 bits, c1 = high 32 bits, c2 = c3 = 0; key = seed low/high
+32 bits), output word (k % 8) // 2, and of it the low 16 bits for even k, the high 16 bits for odd k; it is kept iff
+those bits are >= ceil(65536 * p) with p rounded to float32 (``philox.keep_threshold``).
 """

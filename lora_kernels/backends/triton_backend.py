@@ -38,8 +38,8 @@ the same error bound as PyTorch's fp32 matmul (measured on H200: TF32 dots gave 
 against PyTorch's 3e-7..9e-7, far outside the tolerance rule); ``LORA_KERNELS_TRITON_FP32_PRECISION=tf32`` opts
 into TF32 for speed. The big GEMM on GPUs is cuBLAS, which follows ``torch.backends.cuda.matmul.allow_tf32``.
 
-Dropout mask: Philox 4x32-10 via ``tl.philox`` generated inside the kernels (``_keep_mask``), bit-identical
-to ``lora_kernels.philox.dropout_mask``; with p == 0 no mask code is compiled (constexpr HAS_DROPOUT).
+Dropout mask: Philox 4x32-10 via ``tl.philox`` generated inside the kernels (``_keep_mask``, one call per 8
+columns), bit-identical to ``lora_kernels.philox.dropout_mask``; with p == 0 no mask code is compiled (constexpr HAS_DROPOUT).
 """
 from __future__ import annotations
 
@@ -48,6 +48,8 @@ import os
 from typing import NamedTuple
 
 import torch
+
+from ..philox import keep_threshold
 
 try:  # the module must import (for is_available) even where triton is missing
     import triton
@@ -81,24 +83,24 @@ if triton is not None:
     # Dropout mask
     # ------------------------------------------------------------------------------------------------------
     @triton.jit
-    def _keep_mask(seed, offset, rows, k0, K4, p, BM: tl.constexpr, BK: tl.constexpr):
-        """Keep-mask (BM, BK) for rows ``rows`` and columns k0..k0+BK of an (M, K) input (k0 % 4 == 0).
+    def _keep_mask(seed, offset, rows, k0, K8, thr, BM: tl.constexpr, BK: tl.constexpr):
+        """Keep-mask (BM, BK) for rows ``rows`` and columns k0..k0+BK of an (M, K) input (k0 % 8 == 0).
 
-        Counter of column group j: c = offset + row * ceil(K/4) + k0/4 + j (64-bit); Philox word w of that
-        counter is column 4*j + w. Uniform as tl.rand: int32 bitcast, negative -> ~x, * 4.6566127342e-10.
+        Counter of column group j: c = offset + row * ceil(K/8) + k0/8 + j (64-bit). Of its Philox words, word w
+        holds column 8*j + 2*w in its low 16 bits and column 8*j + 2*w + 1 in its high 16 bits; a column is kept
+        iff its 16 bits are >= thr = ceil(p * 65536) (``lora_kernels.philox.keep_threshold``).
         """
-        j = tl.arange(0, BK // 4)
-        c = offset + rows.to(tl.int64)[:, None] * K4 + (k0 // 4 + j)[None, :].to(tl.int64)
+        j = tl.arange(0, BK // 8)
+        c = offset + rows.to(tl.int64)[:, None] * K8 + (k0 // 8 + j)[None, :].to(tl.int64)
         lo = c.to(tl.uint32)  # int64 -> uint32 truncates: the low word (c >= 0)
         hi = (c >> 32).to(tl.uint32)
         zero = tl.zeros_like(lo)
         r0, r1, r2, r3 = tl.philox(seed, lo, hi, zero, zero)
-        # join(join(r0, r2), join(r1, r3))[.., j, a, b] = r_{2a+b}  -> row-major reshape gives column 4j+2a+b
-        r = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BM, BK))
-        ri = r.to(tl.int32, bitcast=True)
-        ri = tl.where(ri < 0, -ri - 1, ri)
-        uni = ri.to(tl.float32) * 4.6566127342e-10
-        return uni >= p
+        # join(join(r0, r2), join(r1, r3))[.., j, a, b] = r_{2a+b}; joining the halves adds the last index h, so
+        # the row-major reshape puts (j, a, b, h) at column 8j + 2(2a+b) + h
+        w = tl.join(tl.join(r0, r2), tl.join(r1, r3))
+        h = tl.reshape(tl.join(w & 0xFFFF, w >> 16), (BM, BK))
+        return h.to(tl.int32, bitcast=True) >= thr
 
     # ------------------------------------------------------------------------------------------------------
     # u = s/q * dropout_mask(x) @ A^T     (grid: (M blocks, K splits); loops over its K range; x read once)
@@ -110,7 +112,7 @@ if triton is not None:
         x_ptr, a_ptr, u_ptr,
         M, K, R, K_PER_SPLIT,
         s_xm, s_xk, s_ar, s_ak, s_us, s_um, s_ur,
-        scale, p, seed, offset, K4,
+        scale, thr, seed, offset, K8,
         HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
         BM: tl.constexpr, BK: tl.constexpr,
     ):
@@ -122,7 +124,7 @@ if triton is not None:
         rk = tl.arange(0, BK)
         rr = tl.arange(0, R_PAD)
         r_mask = rr < R
-        k_start = pid_s * K_PER_SPLIT  # a multiple of BK (so of 4, as the mask's column groups need)
+        k_start = pid_s * K_PER_SPLIT  # a multiple of BK (so of 8, as the mask's column groups need)
         k_end = tl.minimum(k_start + K_PER_SPLIT, K)
         x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * s_xm + (k_start + rk)[None, :].to(tl.int64) * s_xk
         a_ptrs = a_ptr + rr[None, :] * s_ar + (k_start + rk)[:, None].to(tl.int64) * s_ak  # A^T tile (BK, R_PAD)
@@ -131,7 +133,7 @@ if triton is not None:
             k_mask = (k0 + rk) < k_end
             xt = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             if HAS_DROPOUT:
-                keep = _keep_mask(seed, offset, offs_m, k0, K4, p, BM, BK)
+                keep = _keep_mask(seed, offset, offs_m, k0, K8, thr, BM, BK)
                 xt = tl.where(keep, xt, tl.zeros_like(xt))
             at = tl.load(a_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0).to(DT)
             acc = tl.dot(xt, at, acc, input_precision=DOT_PREC)
@@ -151,7 +153,7 @@ if triton is not None:
         a_ptr, b_ptr, l_ptr, lb_ptr, bias_ptr, c_ptr,
         M, N, K, R,
         s_am, s_ak, s_bk, s_bn, s_lm, s_lr, s_lbr, s_lbn, s_cm, s_cn,
-        lora_scale, p, seed, offset, K4,
+        lora_scale, thr, seed, offset, K8,
         M_BUCKET,
         HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
@@ -193,7 +195,7 @@ if triton is not None:
                       mask=r_mask[:, None] & n_mask[None, :], other=0.0).to(DT)
         if HAS_DROPOUT:
             lo = tl.dot(lt.to(DT), lbt, input_precision=DOT_PREC)
-            keep = _keep_mask(seed, offset, offs_m, pid_n * BN, K4, p, BM, BN)
+            keep = _keep_mask(seed, offset, offs_m, pid_n * BN, K8, thr, BM, BN)
             acc += tl.where(keep, lo * lora_scale, tl.zeros_like(lo))
         elif DOT_PREC == "ieee":
             # fp32 outputs: the rank-r sum gets its own accumulator. Folded into the main one, its r small terms
@@ -226,7 +228,7 @@ if triton is not None:
         x_ptr, w_ptr, a_ptr, b_ptr, bias_ptr, u_ptr, y_ptr,
         M, N, K, R,
         s_xm, s_xk, s_wn, s_wk, s_ar, s_ak, s_bn, s_br, s_um, s_ur, s_ym, s_yn,
-        scale, p, seed, offset, K4,
+        scale, thr, seed, offset, K8,
         HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
         U_GIVEN: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     ):
@@ -251,7 +253,7 @@ if triton is not None:
             acc = tl.dot(xt, wt, acc, input_precision=DOT_PREC)
             if not U_GIVEN:
                 if HAS_DROPOUT:
-                    keep = _keep_mask(seed, offset, offs_m, k0, K4, p, BM, BK)
+                    keep = _keep_mask(seed, offset, offs_m, k0, K8, thr, BM, BK)
                     xt = tl.where(keep, xt, tl.zeros_like(xt))
                 at = tl.load(a_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0).to(DT)
                 uacc = tl.dot(xt, at, uacc, input_precision=DOT_PREC)
@@ -356,7 +358,7 @@ if triton is not None:
         g_ptr, x_ptr, dap_ptr,
         M, K, R, M_PER_SPLIT,
         s_gm, s_gr, s_xm, s_xk, s_pp, s_pr, s_pk,
-        scale, p, seed, offset, K4,
+        scale, thr, seed, offset, K8,
         HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
         BM: tl.constexpr, BK: tl.constexpr,
     ):
@@ -379,7 +381,7 @@ if triton is not None:
             xt = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * s_xm + offs_k[None, :] * s_xk,
                          mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             if HAS_DROPOUT:
-                keep = _keep_mask(seed, offset, offs_m, pid_k * BK, K4, p, BM, BK)
+                keep = _keep_mask(seed, offset, offs_m, pid_k * BK, K8, thr, BM, BK)
                 xt = tl.where(keep, xt, tl.zeros_like(xt))
             acc = tl.dot(gt, xt, acc, input_precision=DOT_PREC)
         acc = acc * scale
@@ -564,7 +566,7 @@ def _launch_shrink(x, lora_A, u, scale, p, seed, offset, kn: _Knobs, split_k: bo
     _shrink_kernel[(m_blocks, splits)](
         x, lora_A, out, M, K, R, k_per_split,
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), s_us, out.stride(-2), out.stride(-1),
-        scale, float(p), _seed_arg(seed), int(offset), (K + 3) // 4,
+        scale, keep_threshold(p), _seed_arg(seed), int(offset), (K + 7) // 8,
         HAS_DROPOUT=p > 0.0, R_PAD=r_pad, DOT_PREC=_dot_precision(x.dtype, kn), BM=BM, BK=BK, num_warps=warps,
         num_stages=_stages(BM * BK * x.element_size() + BK * r_pad * lora_A.element_size(), kn))
     if splits > 1:
@@ -584,7 +586,7 @@ def _forward_small_m(x, weight, bias, lora_A, lora_B, u, y, scale, p, seed, offs
     args = (x, weight, lora_A, lora_B, bias if bias is not None else y, u, y, M, N, K, R,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
             lora_B.stride(0), lora_B.stride(1), u.stride(0), u.stride(1), y.stride(0), y.stride(1),
-            scale, float(p), _seed_arg(seed), int(offset), (K + 3) // 4)
+            scale, keep_threshold(p), _seed_arg(seed), int(offset), (K + 7) // 8)
     dot_prec = _dot_precision(x.dtype, kn)
     meta = dict(HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0.0, R_PAD=r_pad, DOT_PREC=dot_prec, U_GIVEN=u_given,
                 BM=bm)
@@ -619,7 +621,7 @@ def _launch_gemm(a, b_strides, b, b_mat, l, lb_strides, lb, bias, c, N, K, R, lo
     args = (a, b, l, lb, bias if has_bias else c, c, M, N, K, R,
             a.stride(0), a.stride(1), b_strides[0], b_strides[1], l.stride(0), l.stride(1),
             lb_strides[0], lb_strides[1], c.stride(0), c.stride(1),
-            float(lora_scale), float(p), _seed_arg(seed), int(offset), (N + 3) // 4, m_bucket)
+            float(lora_scale), keep_threshold(p), _seed_arg(seed), int(offset), (N + 7) // 8, m_bucket)
     dot_prec = _dot_precision(a.dtype, kn)
     meta = dict(HAS_BIAS=has_bias, HAS_DROPOUT=has_dropout, R_PAD=r_pad, DOT_PREC=dot_prec)
     grid = lambda cfg: (_cdiv(M, cfg["BM"]) * _cdiv(N, cfg["BN"]),)  # noqa: E731
@@ -757,7 +759,7 @@ def backward(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, need_dx
         _da_kernel[(k_blocks, S)](
             g, x, dap, M, K, R, per,
             g.stride(0), g.stride(1), x.stride(0), x.stride(1), dap.stride(0), dap.stride(1), dap.stride(2),
-            scale, float(p), seed_a, offset_a, (K + 3) // 4,
+            scale, keep_threshold(p), seed_a, offset_a, (K + 7) // 8,
             HAS_DROPOUT=p > 0.0, R_PAD=r_pad, DOT_PREC=prec, BM=BM, BK=BN, num_warps=warps,
             num_stages=_stages(BM * BN * x.element_size() + BM * r_pad * 4, kn))
         dA = _sum_partials(dap, lora_A.dtype)
