@@ -182,6 +182,23 @@ def test_keep_rate(p):
     assert abs(keep - (1 - p)) < 5 * sigma
 
 
+@pytest.mark.parametrize("lag", [1, 2, 7, 8])
+def test_mask_neighbours_independent(lag):
+    # One Philox call serves 8 elements: lag 1 pairs the two halves of a word, lag 2 two words of one call, lag 8
+    # two calls. Chi-square test of independence of each pair's keep flags (observed marginals, 1 dof; the keep
+    # rate itself is test_keep_rate's): a statistic above 15.1 (p < 1e-4) fails.
+    mask = lora_kernels.dropout_mask(77, 0, (500, 1024), 0.3)
+    a, b = mask[:, :-lag].flatten(), mask[:, lag:].flatten()
+    n = a.numel()
+    pa, pb = a.double().mean().item(), b.double().mean().item()
+    chi2 = 0.0
+    for va, qa in ((False, 1 - pa), (True, pa)):
+        for vb, qb in ((False, 1 - pb), (True, pb)):
+            observed = ((a == va) & (b == vb)).sum().item()
+            chi2 += (observed - n * qa * qb) ** 2 / (n * qa * qb)
+    assert chi2 < 15.1, chi2
+
+
 def test_philox_known_answers():
     # Random123's kat_vectors for philox4x32-10 (counter and key all zero), the generator tl.philox implements.
     from lora_kernels.philox import philox4x32
