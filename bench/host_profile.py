@@ -11,24 +11,16 @@ import io
 import os
 import pstats
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from providers import make_case  # noqa: E402
+from timing import host_us  # noqa: E402
 
 
-def per_call_us(fn, n=300):
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    return (t1 - t0) / n * 1e6
+def per_call_us(fn):
+    return host_us(fn, n=300, warmup=10)
 
 
 def calibrate():

@@ -14,26 +14,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from providers import make_case  # noqa: E402
-from timing import bench_ms  # noqa: E402
-
-
-def host_us(fn, n=200):
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    return (t1 - t0) / n * 1e6
+from timing import bench_ms, host_us  # noqa: E402
 
 
 def kernel_table(fn, reps=10, top=12):

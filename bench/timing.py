@@ -50,6 +50,20 @@ def _sync():
         torch.cuda.synchronize()
 
 
+def host_us(fn, n: int = 200, warmup: int = 5) -> float:
+    """Host time per call in microseconds: n back-to-back calls timed on the host clock, without waiting for the
+    device inside the timed loop (a call whose enqueue is cheaper than its kernels shows only its enqueue)."""
+    for _ in range(warmup):
+        fn()
+    _sync()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t1 = time.perf_counter()
+    _sync()
+    return (t1 - t0) / n * 1e6
+
+
 def bench_ms(fns, warmup_ms: float = 25.0, rep_ms: float = 100.0, min_reps: int = 10, max_reps: int = 2000,
              use_do_bench: bool = False, gpu_reps: int = 40) -> dict:
     """Median (and quantiles) in ms of one call, cycling through ``fns`` (a callable or a list of them)."""
