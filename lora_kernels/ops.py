@@ -193,7 +193,7 @@ def _check(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
     if problem is not None:
         fail(problem)
     if x.dim() < 1:
-        fail(f"x must have shape (..., K), got a 0-d tensor")
+        fail("x must have shape (..., K), got a 0-d tensor")
     if weight.dim() != 2:
         fail(f"weight must be 2-D (N, K), got shape {tuple(weight.shape)}")
     N, K = weight.shape
