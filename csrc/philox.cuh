@@ -66,12 +66,18 @@ LK_HD void dropout_words(uint64_t seed, uint64_t counter, uint32_t w[4]) {
                 (uint32_t)(seed & 0xFFFFFFFFull), (uint32_t)(seed >> 32), w);
 }
 
+// Keep flag of element e (0..7) of an 8-group from its Philox words: the low (even e) or high (odd e) 16 bits of
+// word e / 2 against thr = dropout_threshold(p).
+LK_HD bool dropout_kept(const uint32_t w[4], int e, uint32_t thr) {
+  return ((w[e / 2] >> (16 * (e % 2))) & 0xFFFFu) >= thr;
+}
+
 // Keep flags of the 8 elements (m, 8*k8 .. 8*k8+7): one Philox call. thr = dropout_threshold(p).
 LK_HD void dropout_keep8(uint64_t seed, uint64_t counter, uint32_t thr, bool keep[8]) {
   uint32_t w[4];
   dropout_words(seed, counter, w);
 #pragma unroll
-  for (int q = 0; q < 8; ++q) keep[q] = ((w[q / 2] >> (16 * (q % 2))) & 0xFFFFu) >= thr;
+  for (int q = 0; q < 8; ++q) keep[q] = dropout_kept(w, q, thr);
 }
 
 // Keep flags of the 4 elements (m, k .. k+3), k a multiple of 4: one half of an 8-group (one Philox call).
@@ -79,9 +85,9 @@ LK_HD void dropout_keep4(uint64_t seed, uint64_t offset, int64_t m, int64_t K, i
   uint32_t w[4];
   dropout_words(seed, dropout_counter(offset, m, K, k / kDropoutGroup), w);
   const uint32_t thr = dropout_threshold(p);
-  const int w0 = (int)(k % kDropoutGroup) / 2;  // 0 or 2
+  const int e0 = (int)(k % kDropoutGroup);  // 0 or 4
 #pragma unroll
-  for (int q = 0; q < 4; ++q) keep[q] = ((w[w0 + q / 2] >> (16 * (q % 2))) & 0xFFFFu) >= thr;
+  for (int q = 0; q < 4; ++q) keep[q] = dropout_kept(w, e0 + q, thr);
 }
 
 }  // namespace lora_kernels

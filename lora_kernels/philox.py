@@ -57,10 +57,15 @@ def keep_threshold(p: float) -> int:
     return int(math.ceil(p32 * 65536.0))  # exact: p32 * 2**16 is a float64 without rounding
 
 
+def calls_per_row(K: int) -> int:
+    """Philox counters one row of K elements uses (the row stride of the counter): ceil(K / 8)."""
+    return (K + ELEMS_PER_CALL - 1) // ELEMS_PER_CALL
+
+
 def dropout_bits(seed: int, offset: int, shape: tuple[int, int], device=None) -> torch.Tensor:
     """The 16-bit random values (int64 tensor, in [0, 65536)) of the contract for an (M, K) input."""
     M, K = shape
-    K8 = (K + ELEMS_PER_CALL - 1) // ELEMS_PER_CALL
+    K8 = calls_per_row(K)
     rows = torch.arange(M, dtype=torch.int64, device=device).unsqueeze(1)
     cols = torch.arange(K8, dtype=torch.int64, device=device).unsqueeze(0)
     counter = offset + rows * K8 + cols  # (M, K8)

@@ -49,7 +49,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..philox import keep_threshold
+from ..philox import calls_per_row, keep_threshold
 
 try:  # the module must import (for is_available) even where triton is missing
     import triton
@@ -566,7 +566,7 @@ def _launch_shrink(x, lora_A, u, scale, p, seed, offset, kn: _Knobs, split_k: bo
     _shrink_kernel[(m_blocks, splits)](
         x, lora_A, out, M, K, R, k_per_split,
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), s_us, out.stride(-2), out.stride(-1),
-        scale, keep_threshold(p), _seed_arg(seed), int(offset), (K + 7) // 8,
+        scale, keep_threshold(p), _seed_arg(seed), int(offset), calls_per_row(K),
         HAS_DROPOUT=p > 0.0, R_PAD=r_pad, DOT_PREC=_dot_precision(x.dtype, kn), BM=BM, BK=BK, num_warps=warps,
         num_stages=_stages(BM * BK * x.element_size() + BK * r_pad * lora_A.element_size(), kn))
     if splits > 1:
@@ -586,7 +586,7 @@ def _forward_small_m(x, weight, bias, lora_A, lora_B, u, y, scale, p, seed, offs
     args = (x, weight, lora_A, lora_B, bias if bias is not None else y, u, y, M, N, K, R,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
             lora_B.stride(0), lora_B.stride(1), u.stride(0), u.stride(1), y.stride(0), y.stride(1),
-            scale, keep_threshold(p), _seed_arg(seed), int(offset), (K + 7) // 8)
+            scale, keep_threshold(p), _seed_arg(seed), int(offset), calls_per_row(K))
     dot_prec = _dot_precision(x.dtype, kn)
     meta = dict(HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0.0, R_PAD=r_pad, DOT_PREC=dot_prec, U_GIVEN=u_given,
                 BM=bm)
@@ -621,7 +621,7 @@ def _launch_gemm(a, b_strides, b, b_mat, l, lb_strides, lb, bias, c, N, K, R, lo
     args = (a, b, l, lb, bias if has_bias else c, c, M, N, K, R,
             a.stride(0), a.stride(1), b_strides[0], b_strides[1], l.stride(0), l.stride(1),
             lb_strides[0], lb_strides[1], c.stride(0), c.stride(1),
-            float(lora_scale), keep_threshold(p), _seed_arg(seed), int(offset), (N + 7) // 8, m_bucket)
+            float(lora_scale), keep_threshold(p), _seed_arg(seed), int(offset), calls_per_row(N), m_bucket)
     dot_prec = _dot_precision(a.dtype, kn)
     meta = dict(HAS_BIAS=has_bias, HAS_DROPOUT=has_dropout, R_PAD=r_pad, DOT_PREC=dot_prec)
     grid = lambda cfg: (_cdiv(M, cfg["BM"]) * _cdiv(N, cfg["BN"]),)  # noqa: E731
@@ -759,7 +759,7 @@ def backward(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, need_dx
         _da_kernel[(k_blocks, S)](
             g, x, dap, M, K, R, per,
             g.stride(0), g.stride(1), x.stride(0), x.stride(1), dap.stride(0), dap.stride(1), dap.stride(2),
-            scale, keep_threshold(p), seed_a, offset_a, (K + 7) // 8,
+            scale, keep_threshold(p), seed_a, offset_a, calls_per_row(K),
             HAS_DROPOUT=p > 0.0, R_PAD=r_pad, DOT_PREC=prec, BM=BM, BK=BN, num_warps=warps,
             num_stages=_stages(BM * BN * x.element_size() + BM * r_pad * 4, kn))
         dA = _sum_partials(dap, lora_A.dtype)
