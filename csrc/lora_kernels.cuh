@@ -1,5 +1,6 @@
 // Fused CUDA kernels of the LoRA op around the two frozen GEMMs (which cuBLAS does, called by csrc/binding.cpp).
-// Plain CUDA/C++: no torch headers, so `nvcc -c csrc/lora_kernels.cu` compiles without torch (.ci/compile_cu.sh).
+// Plain CUDA/C++: no torch headers, so the kernel files (csrc/*.cu, one per pass, and plans.cu) compile with plain
+// nvcc, without torch (.ci/compile_cu.sh).
 //
 // All launchers take raw contiguous row-major pointers, return the cudaError_t of the launch (cudaGetLastError),
 // and do nothing (cudaSuccess) for empty problems. r must be in 1..kMaxRank.

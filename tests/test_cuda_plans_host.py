@@ -1,7 +1,7 @@
-"""The CUDA backend's work splits (csrc/lora_kernels.cu: lora_dy_pass_plan, lora_dA_plan, lora_shrink_plan) cover
-every row and column exactly once, for any shape.
+"""The CUDA backend's work splits (csrc/plans.cu: lora_dy_pass_plan, lora_dA_plan, lora_shrink_plan) cover every
+row and column exactly once, for any shape.
 
-The plans are host code: nvcc builds csrc/lora_kernels.cu (PTX only, no GPU needed) with a small driver that
+The plans are host code: nvcc builds csrc/plans.cu (PTX only, no GPU needed) with a small driver that
 prints the plans of many shapes; with no GPU present the plans assume 132 SMs, as on an H100/H200. A plan that
 left rows or columns out would make the kernels skip work silently (the binding trusts them), so these invariants
 are checked here rather than only on the GPU.
@@ -46,11 +46,11 @@ def plans_bin(tmp_path_factory):
     d = tmp_path_factory.mktemp("plans")
     (d / "driver.cu").write_text(DRIVER)
     ptx_only = ["-std=c++17", "-arch=compute_90", "-code=compute_90", f"-I{CSRC}"]  # no SASS: faster, no GPU
-    for src, obj in ((CSRC / "lora_kernels.cu", d / "lk.o"), (d / "driver.cu", d / "driver.o")):
+    for src, obj in ((CSRC / "plans.cu", d / "plans.o"), (d / "driver.cu", d / "driver.o")):
         res = subprocess.run([nvcc, *ptx_only, "-c", str(src), "-o", str(obj)], capture_output=True, text=True)
         assert res.returncode == 0, res.stderr
     exe = d / "plans"
-    res = subprocess.run([nvcc, *ptx_only, str(d / "driver.o"), str(d / "lk.o"), "-o", str(exe)],
+    res = subprocess.run([nvcc, *ptx_only, str(d / "driver.o"), str(d / "plans.o"), "-o", str(exe)],
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     return exe

@@ -1,0 +1,238 @@
+// Device helpers shared by every kernel file: dtype conversion, vector loads and stores, the dropout mask applied
+// to loaded or stored groups, and the block shapes common to all kernels. No torch headers.
+//
+// Design of the kernels (the frozen GEMMs stay in cuBLAS, called by binding.cpp): the expand pass writes
+// y = u B^T + bias once, then cuBLAS runs y += x W^T with beta = 1 (it reads y in its epilogue, overlapped with its
+// compute-bound main loop); the same for dx (the dx pass, then dx += dy W). A GEMM main loop of our own was slower
+// than cuBLAS (bench/results/README.md), so the rank-r work is fused around cuBLAS rather than into it. Extra
+// traffic per layer: one write of y (M*N) and one read of x (shrink).
+//
+// Two implementations of every rank-r kernel, side by side in each pass's file:
+//  * 16-bit inputs (x dtype T = fp16 / bf16) on sm_80+: tensor cores, ldmatrix + mma.sync.m16n8k16 with fp32
+//    accumulators (inline PTX, ptx.cuh; WMMA's fragment loads compiled to generic 32-bit loads here). Precision
+//    policy (the Triton backend's): every mma operand is cast to T in shared memory first (fp32 adapters A / B, the
+//    fp32 buffers u and g), accumulation is fp32, outputs as documented. The kernels are memory-bound: each streams
+//    one big operand (x or dy) or writes one big output (y or dx) once, with 16-byte accesses. The streamed input
+//    goes through a 3-deep cp.async ring (two tiles in flight while the tensor cores work on the third); the small
+//    side operands (A, B, u, g tiles) are register-prefetched a tile ahead into double-buffered shared memory, so
+//    each streamed tile costs one block barrier (staging.cuh). r is zero-padded to a multiple of 16 in shared
+//    memory; the kernels whose accumulators grow with r (shrink, dy pass, dA) take r in chunks of at most 64 columns
+//    (grid.z), so r up to 256 costs extra passes over x / dy rather than registers.
+//  * fp32 inputs (and 16-bit inputs on GPUs below sm_80): the FFMA kernels with fp32 shared memory (lora_*_kernel).
+// The dropout mask is regenerated from philox.cuh identically in every kernel, so forward and backward see the same
+// mask: one Philox call per 8-group x[m, k..k+7] (k a multiple of 8) in the tensor-core kernels, one per 4-group
+// (half of an 8-group's words) in the FFMA kernels.
+// Every reduction has a fixed order and each output element (or partial-buffer element) has one owner: no atomics.
+#pragma once
+#include "lora_kernels.cuh"
+#include "philox.cuh"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+// bf16 mma.sync and cp.async need sm_80: a build for an older architecture compiles the tensor-core kernels to a
+// trap, and the launchers never pick them there (tc_supported()).
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define LK_TC_ARCH 1
+#else
+#define LK_TC_ARCH 0
+#endif
+
+namespace lora_kernels {
+namespace detail {
+
+constexpr int kThreads = 256;  // threads per block of the FFMA kernels
+
+__host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+template <typename T> __device__ __forceinline__ float to_f(T v);
+template <> __device__ __forceinline__ float to_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_f(float v);
+template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// Four consecutive elements p[0..valid-1] (valid <= 4) -> fp32, zero-filled. One vector load (16 B for fp32,
+// 8 B for 16-bit types) when all four are in range and the address is aligned; scalar loads otherwise.
+template <typename T>
+__device__ __forceinline__ void load4(const T* p, int valid, float v[4]) {
+  if (valid >= 4 && (reinterpret_cast<uintptr_t>(p) % (4 * sizeof(T))) == 0) {
+    if constexpr (sizeof(T) == 4) {
+      const float4 t = *reinterpret_cast<const float4*>(p);
+      v[0] = t.x; v[1] = t.y; v[2] = t.z; v[3] = t.w;
+    } else {
+      union { uint2 u; T e[4]; } t;
+      t.u = *reinterpret_cast<const uint2*>(p);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) v[q] = to_f<T>(t.e[q]);
+    }
+  } else {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) v[q] = q < valid ? to_f<T>(p[q]) : 0.f;
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store4(T* p, int valid, const float v[4]) {
+  if (valid >= 4 && (reinterpret_cast<uintptr_t>(p) % (4 * sizeof(T))) == 0) {
+    if constexpr (sizeof(T) == 4) {
+      *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+    } else {
+      union { uint2 u; T e[4]; } t;
+#pragma unroll
+      for (int q = 0; q < 4; ++q) t.e[q] = from_f<T>(v[q]);
+      *reinterpret_cast<uint2*>(p) = t.u;
+    }
+  } else {
+#pragma unroll
+    for (int q = 0; q < 4; ++q)
+      if (q < valid) p[q] = from_f<T>(v[q]);
+  }
+}
+
+// Loads the 4-group (m, k..k+3) of x (M, K) as fp32, applies the dropout mask (one Philox call), zero outside.
+template <typename T>
+__device__ __forceinline__ void load_x4_dropout(const T* __restrict__ x, int64_t M, int64_t K, int64_t m, int64_t k,
+                                                float p, uint64_t seed, uint64_t offset, float v[4]) {
+  if (m < M && k < K) {
+    const int valid = (K - k < 4 ? (int)(K - k) : 4);
+    load4<T>(x + m * K + k, valid, v);
+    if (p > 0.f) {
+      bool keep[4];
+      dropout_keep4(seed, offset, m, K, k, p, keep);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) v[q] = keep[q] ? v[q] : 0.f;
+    }
+  } else {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) v[q] = 0.f;
+  }
+}
+
+// Tensor-core kernels (x dtype T = __half or __nv_bfloat16), sm_80+: ldmatrix + mma.sync.m16n8k16 (fp32
+// accumulators) from shared-memory tiles of T, through inline PTX (the fragment layouts are then known, so the
+// epilogues write straight from the accumulators). 256 threads = 8 warps per block.
+// Shared-memory tiles of T have row pitches of (a multiple of 16) + 8 elements: rows stay 16-byte aligned and the
+// 8 rows of every ldmatrix 8x8 matrix fall in distinct 16-byte bank groups (no conflicts).
+// The streamed operand (x in shrink / dA, dy in dy_pass) goes through a kStages-deep cp.async ring: two tiles are
+// in flight while the third is multiplied. The dropout mask is applied in place by the thread that copied the
+// 8-group, after its copy landed (so the Philox work overlaps the loads of the next tiles).
+constexpr int kTcThreads = 256;
+constexpr int kStages = 3;
+// Blocks per SM asked of the compiler (__launch_bounds__): the prefill kernels and the r-chunk 32/64 kernels need
+// up to 128 registers per thread (2 blocks); the 16-column r-chunk streaming kernels fit 3 blocks without spills.
+constexpr int kPrefillMinBlocks = 2;
+constexpr int kStreamMinBlocks = 3;
+
+__host__ __device__ constexpr int round16(int r) { return (r + 15) / 16 * 16; }
+
+#if LK_TC_ARCH  // device helpers of the tensor-core kernels (their bodies are a trap below sm_80)
+// Number of valid elements of a group of n whose first element is `left` elements before the end: clamp(left, 0, n).
+__device__ __forceinline__ int n_valid(int64_t left, int n) { return left <= 0 ? 0 : (left >= n ? n : (int)left); }
+
+template <typename T> struct alignas(4 * sizeof(T)) Vec4 { T e[4]; };
+
+// p[0..valid-1] raw (no conversion), zero-filled: one 8/16-byte load when all 4 are in range and p is aligned.
+template <typename T>
+__device__ __forceinline__ Vec4<T> ld4(const T* p, int valid) {
+  if (valid >= 4 && (reinterpret_cast<uintptr_t>(p) % sizeof(Vec4<T>)) == 0)
+    return *reinterpret_cast<const Vec4<T>*>(p);
+  Vec4<T> v;
+#pragma unroll
+  for (int q = 0; q < 4; ++q) v.e[q] = q < valid ? p[q] : from_f<T>(0.f);
+  return v;
+}
+
+// 8 consecutive 16-bit elements as raw bits, zero-filled: one 16-byte load when in range and aligned, else two
+// 8-byte halves (each vector or scalar).
+template <typename T>
+__device__ __forceinline__ uint4 ld8_raw(const T* p, int valid) {
+  static_assert(sizeof(T) == 2, "16-bit element type");
+  if (valid >= 8 && (reinterpret_cast<uintptr_t>(p) % 16) == 0) return *reinterpret_cast<const uint4*>(p);
+  union { Vec4<T> v; uint2 u; } lo, hi;
+  lo.v = ld4<T>(p, valid);
+  hi.v = ld4<T>(p + 4, valid - 4);
+  return make_uint4(lo.u.x, lo.u.y, hi.u.x, hi.u.y);
+}
+
+// 4 values of TA cast to T (round to nearest), packed for one 8-byte shared-memory store.
+template <typename T, typename TA>
+__device__ __forceinline__ uint2 to_t4(const Vec4<TA>& v) {
+  union { uint2 u; T e[4]; } t;
+#pragma unroll
+  for (int q = 0; q < 4; ++q) t.e[q] = from_f<T>(to_f<TA>(v.e[q]));
+  return t.u;
+}
+
+// Zeroes the dropped elements of the 8 elements x[m, k..k+7] (raw 16-bit bits; k a multiple of 4; elements at or
+// past k_lim are zero already). With k a multiple of 8 (every tile of the tensor-core kernels) they are one 8-group
+// of the mask: one Philox call. Same mask as load_x4_dropout.
+__device__ __forceinline__ uint4 dropout8(uint4 raw, int64_t m, int64_t K, int64_t k, int64_t k_lim, float p,
+                                          uint64_t seed, uint64_t offset) {
+  union { uint4 u; unsigned short h[8]; } t;
+  t.u = raw;
+  if (k >= k_lim) return raw;
+  if (k % kDropoutGroup == 0) {
+    bool keep[8];
+    dropout_keep8(seed, dropout_counter(offset, m, K, k / kDropoutGroup), dropout_threshold(p), keep);
+#pragma unroll
+    for (int q = 0; q < 8; ++q)
+      if (!keep[q]) t.h[q] = 0;
+    return t.u;
+  }
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {  // straddles two 8-groups: one Philox call per 4-group in range
+    if (k + 4 * half < k_lim) {
+      bool keep[4];
+      dropout_keep4(seed, offset, m, K, k + 4 * half, p, keep);
+#pragma unroll
+      for (int q = 0; q < 4; ++q)
+        if (!keep[q]) t.h[4 * half + q] = 0;
+    }
+  }
+  return t.u;
+}
+
+// Raw 16-bit bits of the 8-group p[0..valid-1] (zero-filled) stored at p (8 elements, 2-byte aligned): one 16-byte
+// store when all 8 are in range and p is aligned.
+template <typename T>
+__device__ __forceinline__ void st8_raw(T* p, int valid, uint4 v) {
+  if (valid >= 8 && (reinterpret_cast<uintptr_t>(p) % 16) == 0) {
+    *reinterpret_cast<uint4*>(p) = v;
+    return;
+  }
+  union { uint4 u; unsigned short h[8]; } t;
+  t.u = v;
+  unsigned short* q = reinterpret_cast<unsigned short*>(p);
+#pragma unroll
+  for (int i = 0; i < 8; ++i)
+    if (i < valid) q[i] = t.h[i];
+}
+
+// Two fp32 values to p[0..valid-1] (valid may be <= 0): one 8-byte store when both are in range and p is aligned.
+__device__ __forceinline__ void st2f(float* p, int64_t left, float v0, float v1) {
+  if (left >= 2 && (reinterpret_cast<uintptr_t>(p) % 8) == 0) {
+    *reinterpret_cast<float2*>(p) = make_float2(v0, v1);
+  } else if (left >= 1) {
+    p[0] = v0;
+    if (left >= 2) p[1] = v1;
+  }
+}
+
+// Two fp32 values rounded to T, packed (lower address first) for one 4-byte store.
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float v0, float v1) {
+  union { uint32_t u; T e[2]; } t;
+  t.e[0] = from_f<T>(v0);
+  t.e[1] = from_f<T>(v1);
+  return t.u;
+}
+
+#endif  // LK_TC_ARCH
+
+}  // namespace detail
+}  // namespace lora_kernels

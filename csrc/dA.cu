@@ -1,0 +1,269 @@
+// dA pass of the backward: per-row-split partials of dA = scaling * g^T dropout(x) (r, K), the mask regenerated
+// (launch_reduce_partials sums the partials). FFMA kernel (fp32 x), tensor-core kernel (16-bit x, sm_80+),
+// launch_lora_dA; the split plan is lora_dA_plan (plans.cu).
+#include "common.cuh"
+#include "plans.cuh"
+#include "ptx.cuh"
+#include "staging.cuh"
+
+namespace lora_kernels {
+using namespace detail;
+namespace {
+
+// ---------------------------------------------------------------------------------------------------------------
+// lora_dA: dA_partial[s] (r, K) = sum over rows of s of g[m, :]^T (scale * keep * x[m, :]), scale = scaling/(1-p).
+// Block (s, c) walks its rows in sub-blocks of DA_BM (g sub-block in shared memory) and its columns in chunks of
+// DA_KC (x chunk with the mask regenerated, one Philox call per 4 elements). Outputs owned by one block: no atomics.
+constexpr int DA_BM = 32;
+constexpr int DA_KC = 32;
+constexpr int DA_MAXO = DA_KC * kMaxRank / kThreads;
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+lora_dA_kernel(const T* __restrict__ x, const float* __restrict__ g, float* __restrict__ dA_partial, int64_t M,
+               int64_t K, int r, int64_t rows_per_split, int64_t cols_per_group, float scale, float p,
+               uint64_t seed, uint64_t offset) {
+  extern __shared__ float smem[];
+  float* xs = smem;               // [DA_BM][DA_KC]
+  float* gs = xs + DA_BM * DA_KC;  // [DA_BM][r]
+  const int tid = threadIdx.x;
+  const int64_t row_begin = (int64_t)blockIdx.x * rows_per_split;
+  const int64_t row_end = min64(M, row_begin + rows_per_split);
+  const int64_t col_begin = (int64_t)blockIdx.y * cols_per_group;
+  const int64_t col_end = min64(K, col_begin + cols_per_group);
+  float* dAp = dA_partial + (int64_t)blockIdx.x * r * K;
+  const int nout = DA_KC * r;
+
+  for (int64_t m0 = row_begin; m0 < row_end; m0 += DA_BM) {
+    const bool first = (m0 == row_begin);
+    for (int i = tid; i < DA_BM * r; i += kThreads) {
+      const int64_t m = m0 + i / r;
+      gs[i] = m < row_end ? g[m * r + (i % r)] : 0.f;
+    }
+    for (int64_t k0 = col_begin; k0 < col_end; k0 += DA_KC) {
+      for (int gi = tid; gi < DA_BM * (DA_KC / 4); gi += kThreads) {
+        const int mm = gi / (DA_KC / 4), g4 = gi % (DA_KC / 4);
+        const int64_t m = m0 + mm;
+        float v[4];
+        load_x4_dropout<T>(x, m < row_end ? M : 0, K, m, k0 + 4 * g4, p, seed, offset, v);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) xs[mm * DA_KC + 4 * g4 + q] = v[q] * scale;
+      }
+      __syncthreads();
+#pragma unroll
+      for (int i = 0; i < DA_MAXO; ++i) {
+        const int o = tid + i * kThreads;
+        if (o < nout) {
+          const int j = o / DA_KC, kk = o % DA_KC;
+          const int64_t k = k0 + kk;
+          if (k < col_end) {
+            float s = 0.f;
+#pragma unroll 8
+            for (int mm = 0; mm < DA_BM; ++mm) s = fmaf(gs[mm * r + j], xs[mm * DA_KC + kk], s);
+            float* dst = dAp + (int64_t)j * K + k;
+            *dst = first ? s : *dst + s;
+          }
+        }
+      }
+      __syncthreads();
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// lora_dA (tensor cores).
+// Math   : dA_partial[s][j, k] = scale * sum over the rows m of split s of g[m, j] (keep * x)[m, k],
+//          scale = scaling / (1 - p); g and masked x as T, fp32 accumulation, scale applied to the fp32 result.
+// Tiling : block (s, c, z) = row split s x column group c (TA_KC (128)-column strips) x r-chunk z (RC = 16*NJ).
+//          For each strip it walks the split's rows in TA_BM (64)-row tiles: x tiles through the cp.async ring
+//          (mask applied in place), the g tile (-> T) register-prefetched two tiles ahead into a double buffer.
+//          Warp w owns columns 16w..16w+15 of the strip x all RC rows of dA (g^T = the g tile read by
+//          ldmatrix.trans), accumulators in registers across the rows, written once per strip (scaled).
+// Bytes  : one read of x (M*K*2) per r-chunk; g re-read from L2 once per strip; partials row_splits*r*K*4.
+// Smem   : 3 * 64 * 136 * 2 + 2 * 64 * (RC + 8) * 2 = 58.4 KB at RC = 16, 70.7 KB at RC = 64.
+
+template <typename T, int NJ>
+__global__ void __launch_bounds__(kTcThreads, NJ == 1 ? kStreamMinBlocks : 2)
+lora_dA_tc_kernel(const T* __restrict__ x, const float* __restrict__ g, float* __restrict__ dA_partial, int64_t M,
+                  int64_t K, int r, int64_t rows_per_split, int64_t cols_per_group, float scale, float p,
+                  uint64_t seed, uint64_t offset) {
+#if LK_TC_ARCH
+  constexpr int RC = 16 * NJ, LDG = RC + 8;
+  constexpr int XG = TA_BM * TA_KC / 8 / kTcThreads;  // 8-groups of x per thread and tile (4)
+  constexpr int GG = TA_BM * RC / 4 / kTcThreads;     // 4-groups of g per thread and tile (NJ)
+  static_assert(TA_KC == 16 * (kTcThreads / 32), "one 16-column strip per warp");
+  extern __shared__ __align__(128) unsigned char lk_smem[];
+  T* xs = reinterpret_cast<T*>(lk_smem);  // [kStages][TA_BM][TA_LDX]: x tiles (B operand stored [k][n])
+  T* gs = xs + kStages * TA_BM * TA_LDX;  // [2][TA_BM][LDG]: g tiles (A operand g^T stored [k][m]), double-buffered
+  const int tid = threadIdx.x, warp = tid >> 5;
+  const LaneOffsets lo;
+  const int64_t row_begin = (int64_t)blockIdx.x * rows_per_split;
+  const int64_t row_end = min64(M, row_begin + rows_per_split);
+  const int64_t col_begin = (int64_t)blockIdx.y * cols_per_group;
+  const int64_t col_end = min64(K, col_begin + cols_per_group);
+  const int j0 = blockIdx.z * RC;
+  float* dAp = dA_partial + (int64_t)blockIdx.x * r * K;
+  const int64_t n_rt = row_end > row_begin ? (row_end - row_begin + TA_BM - 1) / TA_BM : 0;
+  const int64_t n_tiles = col_end > col_begin ? (col_end - col_begin + TA_KC - 1) / TA_KC * n_rt : 0;
+
+  // Full tiles of 16-byte aligned rows take the fast paths (no per-group bounds / alignment checks).
+  const bool x_vec = reinterpret_cast<uintptr_t>(x) % 16 == 0 && K % 8 == 0 && col_begin % 8 == 0;
+  const bool g_vec = reinterpret_cast<uintptr_t>(g) % 16 == 0 && r % 4 == 0 && j0 + RC <= r;
+  auto issue = [&](int64_t t) {  // tiles: strip t / n_rt (outer), row tile t % n_rt (inner)
+    const int64_t m0 = row_begin + t % n_rt * TA_BM, k0 = col_begin + t / n_rt * TA_KC;
+    T* slot = xs + (int)(t % kStages) * TA_BM * TA_LDX;
+    if (x_vec && m0 + TA_BM <= row_end && k0 + TA_KC <= col_end) {
+#pragma unroll
+      for (int i = 0; i < XG; ++i) {
+        const int gi = tid + i * kTcThreads, mm = gi / (TA_KC / 8), c = gi % (TA_KC / 8) * 8;
+        cp_async16(smem_addr(slot + mm * TA_LDX + c), x + (m0 + mm) * K + k0 + c, 16);
+      }
+      return;
+    }
+#pragma unroll
+    for (int i = 0; i < XG; ++i) {
+      const int gi = tid + i * kTcThreads, mm = gi / (TA_KC / 8), c = gi % (TA_KC / 8) * 8;
+      const int64_t m = m0 + mm, k = k0 + c;
+      copy8_async<T>(slot + mm * TA_LDX + c, x + m * K + k, m < row_end ? n_valid(col_end - k, 8) : 0);
+    }
+  };
+  Vec4<float> gr[GG];
+  auto fetch_g = [&](int64_t t) {
+    const int64_t m0 = row_begin + t % n_rt * TA_BM;
+    if (g_vec && m0 + TA_BM <= row_end) {
+#pragma unroll
+      for (int i = 0; i < GG; ++i) {
+        const int gi = tid + i * kTcThreads, mm = gi / (RC / 4), c = gi % (RC / 4) * 4;
+        gr[i] = *reinterpret_cast<const Vec4<float>*>(g + (m0 + mm) * r + j0 + c);
+      }
+      return;
+    }
+#pragma unroll
+    for (int i = 0; i < GG; ++i) {
+      const int gi = tid + i * kTcThreads, mm = gi / (RC / 4), c = gi % (RC / 4) * 4;
+      const int64_t m = m0 + mm;
+      gr[i] = ld4<float>(g + m * r + j0 + c, m < row_end ? n_valid(r - (j0 + c), 4) : 0);
+    }
+  };
+
+  auto stash_g = [&](int64_t t) {  // registers -> gs buffer t % 2 (cast to T)
+    T* gb = gs + (int)(t % 2) * TA_BM * LDG;
+#pragma unroll
+    for (int i = 0; i < GG; ++i) {
+      const int gi = tid + i * kTcThreads, mm = gi / (RC / 4), c = gi % (RC / 4) * 4;
+      *reinterpret_cast<uint2*>(gb + mm * LDG + c) = to_t4<T, float>(gr[i]);
+    }
+  };
+
+  float acc[NJ][2][4];
+  if (n_tiles > 0) issue(0);
+  cp_async_commit();
+  if (n_tiles > 1) issue(1);
+  cp_async_commit();
+  if (n_tiles > 0) {
+    fetch_g(0);
+    stash_g(0);
+  }
+  if (n_tiles > 1) fetch_g(1);
+  for (int64_t t = 0; t < n_tiles; ++t) {  // same pipeline as lora_shrink_tc_kernel
+    const int64_t rt = t % n_rt;
+    const int64_t m0 = row_begin + rt * TA_BM, k0 = col_begin + t / n_rt * TA_KC;
+    T* slot = xs + (int)(t % kStages) * TA_BM * TA_LDX;
+    const T* gb = gs + (int)(t % 2) * TA_BM * LDG;
+    cp_async_wait<kStages - 2>();
+    if (p > 0.f) {
+#pragma unroll
+      for (int i = 0; i < XG; ++i) {
+        const int gi = tid + i * kTcThreads, mm = gi / (TA_KC / 8), c = gi % (TA_KC / 8) * 8;
+        const int64_t m = m0 + mm;
+        uint4* q = reinterpret_cast<uint4*>(slot + mm * TA_LDX + c);
+        if (m < row_end) *q = dropout8(*q, m, K, k0 + c, col_end, p, seed, offset);
+      }
+    }
+    __syncthreads();
+    if (t + kStages - 1 < n_tiles) issue(t + kStages - 1);
+    cp_async_commit();
+    if (rt == 0) {
+#pragma unroll
+      for (int jf = 0; jf < NJ; ++jf)
+#pragma unroll
+        for (int n = 0; n < 2; ++n)
+#pragma unroll
+          for (int q = 0; q < 4; ++q) acc[jf][n][q] = 0.f;
+    }
+#pragma unroll
+    for (int mb = 0; mb < TA_BM / 16; ++mb) {
+      uint32_t b[4];
+      ldsm4_t(b, slot + (16 * mb + lo.r1) * TA_LDX + 16 * warp + lo.c1);
+#pragma unroll
+      for (int jf = 0; jf < NJ; ++jf) {
+        uint32_t a[4];  // (g^T)[j, m]: the g tile read transposed
+        ldsm4_t(a, gb + (16 * mb + lo.r2) * LDG + 16 * jf + lo.c2);
+        mma16816<T>(acc[jf][0], a, b[0], b[1]);
+        mma16816<T>(acc[jf][1], a, b[2], b[3]);
+      }
+    }
+    if (t + 1 < n_tiles) {
+      stash_g(t + 1);
+      if (t + 2 < n_tiles) fetch_g(t + 2);
+    }
+    if (rt == n_rt - 1) {  // strip done: dA partial rows j0.., columns k0 + 16w.. written once
+#pragma unroll
+      for (int jf = 0; jf < NJ; ++jf)
+#pragma unroll
+        for (int n = 0; n < 2; ++n)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int j = j0 + 16 * jf + lo.g + 8 * h;
+            const int64_t k = k0 + 16 * warp + 8 * n + 2 * lo.t;
+            if (j < r)
+              st2f(dAp + (int64_t)j * K + k, col_end - k, acc[jf][n][2 * h] * scale, acc[jf][n][2 * h + 1] * scale);
+          }
+    }
+  }
+#else
+  __trap();
+#endif
+}
+
+}  // namespace
+
+cudaError_t launch_lora_dA(const void* x, DType x_dtype, const float* g, float* dA_partial, int64_t M, int64_t K,
+                           int r, SplitPlan plan, float scaling, float p, uint64_t seed, uint64_t offset,
+                           cudaStream_t stream) {
+  if (r < 1 || r > kMaxRank) return cudaErrorInvalidValue;
+  if (M <= 0 || K <= 0 || plan.row_splits <= 0) return cudaSuccess;
+  if (plan.col_groups > 65535) return cudaErrorInvalidConfiguration;
+  const float scale = (float)((double)scaling / (1.0 - (double)p));
+  if (x_dtype != DType::kFloat32 && tc_supported()) {
+    if (plan.row_splits > 0x7fffffff) return cudaErrorInvalidConfiguration;
+    const int nj = rank_frags(r);
+    const size_t smem = dA_tc_smem(16 * nj);
+    const dim3 grid((unsigned)plan.row_splits, (unsigned)plan.col_groups, (unsigned)ceil_div(round16(r), 16 * nj));
+    return dispatch16(x_dtype, [&](auto xt) {
+      using T = decltype(xt);
+      return dispatch_frags(nj, [&](auto njc) {
+        constexpr int NJ = decltype(njc)::value;
+        cudaError_t e = set_smem(lora_dA_tc_kernel<T, NJ>, smem);
+        if (e != cudaSuccess) return e;
+        lora_dA_tc_kernel<T, NJ><<<grid, kTcThreads, smem, stream>>>(static_cast<const T*>(x), g, dA_partial, M, K,
+                                                                     r, plan.rows_per_split, plan.cols_per_group,
+                                                                     scale, p, seed, offset);
+        return cudaGetLastError();
+      });
+    });
+  }
+  const size_t smem = (size_t)(DA_BM * DA_KC + DA_BM * r) * sizeof(float);
+  const dim3 grid((unsigned)plan.row_splits, (unsigned)plan.col_groups);
+  return dispatch(x_dtype, [&](auto xt) {
+    using T = decltype(xt);
+    cudaError_t e = set_smem(lora_dA_kernel<T>, smem);
+    if (e != cudaSuccess) return e;
+    lora_dA_kernel<T><<<grid, kThreads, smem, stream>>>(static_cast<const T*>(x), g, dA_partial, M, K, r,
+                                                        plan.rows_per_split, plan.cols_per_group, scale, p, seed,
+                                                        offset);
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace lora_kernels

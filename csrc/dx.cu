@@ -1,0 +1,229 @@
+// dx pass of the backward: dx = scaling * keep / (1 - p) * (g A) (M, K), written once before cuBLAS accumulates
+// dy W into it (beta = 1). FFMA kernel (fp32 x), tensor-core kernel (16-bit x, sm_80+), launch_lora_dx_prefill.
+#include "common.cuh"
+#include "plans.cuh"
+#include "ptx.cuh"
+#include "staging.cuh"
+
+namespace lora_kernels {
+using namespace detail;
+namespace {
+
+// ---------------------------------------------------------------------------------------------------------------
+// lora_dx_prefill: dx (M, K) = scale * keep * (g A), scale = scaling / (1 - p), written once (never read): cuBLAS
+// then accumulates dy W into it with beta = 1. Tile DX_BM x DX_KC; thread owns one 4-group (one Philox call,
+// vector store when aligned); r in chunks of DX_RC through shared memory.
+constexpr int DX_BM = 32;
+constexpr int DX_KC = 32;
+constexpr int DX_RC = 32;
+static_assert(DX_BM * DX_KC / 4 == kThreads, "one 4-group per thread");
+
+template <typename T, typename TA>
+__global__ void __launch_bounds__(kThreads)
+lora_dx_prefill_kernel(T* __restrict__ dx, const float* __restrict__ g, const TA* __restrict__ A, int64_t M, int64_t K,
+                   int r, float scale, float p, uint64_t seed, uint64_t offset) {
+  __shared__ float gs[DX_BM][DX_RC + 1];
+  __shared__ float as[DX_RC][DX_KC + 1];
+  const int tid = threadIdx.x;
+  const int64_t m0 = (int64_t)blockIdx.x * DX_BM;
+  const int64_t k0 = (int64_t)blockIdx.y * DX_KC;
+  const int mm = tid / (DX_KC / 4), g4 = tid % (DX_KC / 4);
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int r0 = 0; r0 < r; r0 += DX_RC) {
+    for (int i = tid; i < DX_BM * DX_RC; i += kThreads) {
+      const int a = i / DX_RC, jj = i % DX_RC;
+      const int64_t m = m0 + a;
+      gs[a][jj] = (m < M && r0 + jj < r) ? g[m * r + r0 + jj] : 0.f;
+    }
+    for (int i = tid; i < DX_RC * DX_KC; i += kThreads) {
+      const int jj = i / DX_KC, kk = i % DX_KC;
+      const int64_t k = k0 + kk;
+      as[jj][kk] = (r0 + jj < r && k < K) ? to_f<TA>(A[(int64_t)(r0 + jj) * K + k]) : 0.f;
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (int jj = 0; jj < DX_RC; ++jj) {
+      const float gv = gs[mm][jj];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) acc[q] = fmaf(gv, as[jj][4 * g4 + q], acc[q]);
+    }
+    __syncthreads();
+  }
+  const int64_t m = m0 + mm, k = k0 + 4 * g4;
+  if (m >= M || k >= K) return;
+  const int valid = (K - k < 4 ? (int)(K - k) : 4);
+  bool keep[4] = {true, true, true, true};
+  if (p > 0.f) dropout_keep4(seed, offset, m, K, k, p, keep);
+  float v[4];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) v[q] = keep[q] ? acc[q] * scale : 0.f;
+  store4<T>(dx + m * K + k, valid, v);
+}
+
+// The tensor-core kernel has the expand pass's output-writing shape (expand.cu).
+// lora_dx_prefill (tensor cores).
+// Math   : dx (M, K) = scale * keep * (g A), scale = scaling / (1 - p); g and A cast to T, fp32 accumulation,
+//          round(acc * scale) then the dropped elements zeroed (one Philox call per 8-group); written once.
+// Tiling : see above; A chunk stored [j][k] (row-major B operand).
+// Bytes  : one write of dx (M*K*2); g read once per column group, A once per 128 rows (L2).
+// Smem   : 128 * (RP + 8) * 2 + 2 * RP * 72 * 2 + 18 KB = 29.2 KB at r = 16, 55.3 KB at r = 64.
+template <typename T, typename TA>
+__global__ void __launch_bounds__(kTcThreads, kPrefillMinBlocks)
+lora_dx_prefill_tc_kernel(T* __restrict__ dx, const float* __restrict__ g, const TA* __restrict__ A, int64_t M,
+                          int64_t K, int r, int64_t chunks_per_group, float scale, float p, uint64_t seed,
+                          uint64_t offset) {
+#if LK_TC_ARCH
+  static_assert(TO_BM == 16 * (kTcThreads / 32), "one 16-row strip per warp");
+  constexpr int LDA = TO_BN + 8;
+  const int RP = round16(r), LDG = RP + 8, g4 = RP / 4, na4 = RP * (TO_BN / 4);
+  extern __shared__ __align__(128) unsigned char lk_smem[];
+  T* gs = reinterpret_cast<T*>(lk_smem);  // [TO_BM][LDG]: g rows (A operand, row-major)
+  T* as = gs + TO_BM * LDG;               // [2][RP][LDA]: A chunk (B operand stored [k][n]), per chunk
+  T* os = as + 2 * RP * LDA;              // [TO_BM][TO_LDO]: output staging
+  const int tid = threadIdx.x, warp = tid >> 5;
+  const LaneOffsets lo;
+  const int64_t m0 = (int64_t)blockIdx.x * TO_BM;
+  const int64_t n_chunks = (K + TO_BN - 1) / TO_BN;
+  const int64_t c_begin = (int64_t)blockIdx.y * chunks_per_group;
+  const int64_t c_end = min64(n_chunks, c_begin + chunks_per_group);
+
+  load_tile_as_t<T, float>(gs, LDG, g + m0 * r, r, TO_BM, g4, M - m0, r);
+  auto load_a = [&](int64_t k0, int gi) {
+    const int j = gi / (TO_BN / 4), c = gi % (TO_BN / 4) * 4;
+    const int64_t k = k0 + c;
+    return ld4<TA>(A + (int64_t)j * K + k, j < r ? n_valid(K - k, 4) : 0);
+  };
+  // Full, aligned chunks take the fast paths (no per-group bounds / alignment checks).
+  const bool a_vec = reinterpret_cast<uintptr_t>(A) % sizeof(Vec4<TA>) == 0 && K % 4 == 0;
+  const bool dx_vec = reinterpret_cast<uintptr_t>(dx) % 16 == 0 && K % 8 == 0 && m0 + TO_BM <= M;
+  Vec4<TA> ar[kPrefetch];
+  auto fetch_a = [&](int64_t ch) {
+    const int64_t k0 = ch * TO_BN;
+    if (a_vec && k0 + TO_BN <= K) {
+#pragma unroll
+      for (int i = 0; i < kPrefetch; ++i) {
+        const int gi = tid + i * kTcThreads, j = gi / (TO_BN / 4), c = gi % (TO_BN / 4) * 4;
+        if (gi < na4) ar[i] = j < r ? *reinterpret_cast<const Vec4<TA>*>(A + (int64_t)j * K + k0 + c) : ld4<TA>(A, 0);
+      }
+      return;
+    }
+#pragma unroll
+    for (int i = 0; i < kPrefetch; ++i)
+      if (tid + i * kTcThreads < na4) ar[i] = load_a(k0, tid + i * kTcThreads);
+  };
+  auto stash_a = [&](int64_t ch) {  // chunk ch's A -> as buffer (ch - c_begin) % 2 (prefetched part from registers)
+    T* ab = as + (int)((ch - c_begin) % 2) * RP * LDA;
+#pragma unroll
+    for (int i = 0; i < kPrefetch; ++i) {
+      const int gi = tid + i * kTcThreads;
+      if (gi < na4) *reinterpret_cast<uint2*>(ab + gi / (TO_BN / 4) * LDA + gi % (TO_BN / 4) * 4) = to_t4<T, TA>(ar[i]);
+    }
+    if (na4 > kPrefetch * kTcThreads) {  // r > 64: A rows 64.. of the chunk
+      const int row1 = kPrefetch * kTcThreads / (TO_BN / 4);
+      load_tile_as_t<T, TA>(ab + row1 * LDA, LDA, A + (int64_t)row1 * K + ch * TO_BN, K, RP - row1, TO_BN / 4,
+                            r - row1, (int)min64(K - ch * TO_BN, TO_BN));
+    }
+  };
+  if (c_begin < c_end) {
+    fetch_a(c_begin);
+    stash_a(c_begin);
+    if (c_begin + 1 < c_end) fetch_a(c_begin + 1);
+  }
+  for (int64_t ch = c_begin; ch < c_end; ++ch) {  // same pipeline as lora_expand_prefill_tc_kernel
+    const int64_t k0 = ch * TO_BN;
+    const T* ab = as + (int)((ch - c_begin) % 2) * RP * LDA;
+    __syncthreads();
+    float acc[TO_BN / 8][4];
+#pragma unroll
+    for (int n = 0; n < TO_BN / 8; ++n)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) acc[n][q] = 0.f;
+#pragma unroll 2
+    for (int ks = 0; ks < RP / 16; ++ks) {
+      uint32_t a[4];
+      ldsm4(a, gs + (16 * warp + lo.r1) * LDG + 16 * ks + lo.c1);
+#pragma unroll
+      for (int f = 0; f < TO_BN / 16; ++f) {
+        uint32_t b[4];
+        ldsm4_t(b, ab + (16 * ks + lo.r1) * LDA + 16 * f + lo.c1);
+        mma16816<T>(acc[2 * f], a, b[0], b[1]);
+        mma16816<T>(acc[2 * f + 1], a, b[2], b[3]);
+      }
+    }
+#pragma unroll
+    for (int n = 0; n < TO_BN / 8; ++n)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        *reinterpret_cast<uint32_t*>(os + (16 * warp + lo.g + 8 * h) * TO_LDO + 8 * n + 2 * lo.t) =
+            pack2<T>(acc[n][2 * h] * scale, acc[n][2 * h + 1] * scale);
+    __syncwarp();  // each warp writes out its own 16 staged rows
+    if (dx_vec && k0 + TO_BN <= K) {
+#pragma unroll
+      for (int i = 0; i < 16 * TO_BN / 8 / 32; ++i) {
+        const int gi = (tid & 31) + 32 * i, mm = 16 * warp + gi / (TO_BN / 8), c = gi % (TO_BN / 8) * 8;
+        uint4 v = *reinterpret_cast<const uint4*>(os + mm * TO_LDO + c);
+        if (p > 0.f) v = dropout8(v, m0 + mm, K, k0 + c, K, p, seed, offset);
+        *reinterpret_cast<uint4*>(dx + (m0 + mm) * K + k0 + c) = v;
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < 16 * TO_BN / 8 / 32; ++i) {
+        const int gi = (tid & 31) + 32 * i, mm = 16 * warp + gi / (TO_BN / 8), c = gi % (TO_BN / 8) * 8;
+        const int64_t m = m0 + mm, k = k0 + c;
+        if (m < M && k < K) {
+          uint4 v = *reinterpret_cast<const uint4*>(os + mm * TO_LDO + c);
+          if (p > 0.f) v = dropout8(v, m, K, k, K, p, seed, offset);
+          st8_raw<T>(dx + m * K + k, n_valid(K - k, 8), v);
+        }
+      }
+    }
+    if (ch + 1 < c_end) {
+      stash_a(ch + 1);
+      if (ch + 2 < c_end) fetch_a(ch + 2);
+    }
+  }
+#else
+  __trap();
+#endif
+}
+
+}  // namespace
+
+cudaError_t launch_lora_dx_prefill(void* dx, DType x_dtype, const float* g, const void* A, DType a_dtype, int64_t M,
+                               int64_t K, int r, float scaling, float p, uint64_t seed, uint64_t offset,
+                               cudaStream_t stream) {
+  if (r < 1 || r > kMaxRank) return cudaErrorInvalidValue;
+  if (M <= 0 || K <= 0) return cudaSuccess;
+  const float scale = (float)((double)scaling / (1.0 - (double)p));
+  if (x_dtype != DType::kFloat32 && tc_supported()) {
+    int64_t groups = 0;
+    const int64_t cpg = prefill_chunks_per_group(M, K, TO_BM, TO_BN, &groups);
+    if (groups > 65535) return cudaErrorInvalidConfiguration;
+    const dim3 grid((unsigned)ceil_div(M, TO_BM), (unsigned)groups);
+    const size_t smem = dx_tc_smem(round16(r));
+    return dispatch16(x_dtype, [&](auto xt) {
+      using T = decltype(xt);
+      return dispatch(a_dtype, [&](auto at) {
+        using TA = decltype(at);
+        cudaError_t e = set_smem(lora_dx_prefill_tc_kernel<T, TA>, smem);
+        if (e != cudaSuccess) return e;
+        lora_dx_prefill_tc_kernel<T, TA><<<grid, kTcThreads, smem, stream>>>(
+            static_cast<T*>(dx), g, static_cast<const TA*>(A), M, K, r, cpg, scale, p, seed, offset);
+        return cudaGetLastError();
+      });
+    });
+  }
+  if (ceil_div(K, DX_KC) > 65535) return cudaErrorInvalidConfiguration;
+  const dim3 grid((unsigned)ceil_div(M, DX_BM), (unsigned)ceil_div(K, DX_KC));
+  return dispatch(x_dtype, [&](auto xt) {
+    using T = decltype(xt);
+    return dispatch(a_dtype, [&](auto at) {
+      using TA = decltype(at);
+      lora_dx_prefill_kernel<T, TA><<<grid, kThreads, 0, stream>>>(static_cast<T*>(dx), g, static_cast<const TA*>(A), M,
+                                                               K, r, scale, p, seed, offset);
+      return cudaGetLastError();
+    });
+  });
+}
+
+}  // namespace lora_kernels

@@ -1,0 +1,379 @@
+// dy pass of the backward, one read of dy for two products: g = dy B (M, r) fp32, and per-row-split partials of
+// dB = dy^T u (launch_reduce_partials sums them). FFMA kernel (fp32 dy), tensor-core kernel (16-bit dy, sm_80+),
+// launch_lora_dy_pass; the split plan is lora_dy_pass_plan (plans.cu).
+#include "common.cuh"
+#include "plans.cuh"
+#include "ptx.cuh"
+#include "staging.cuh"
+
+namespace lora_kernels {
+using namespace detail;
+namespace {
+
+// ---------------------------------------------------------------------------------------------------------------
+// lora_dy_pass: one pass over dy. Block (s, c) walks its rows in sub-blocks of DP_BM and its columns in chunks of
+// DP_BN: g_out[c][m, :] = sum over its columns dy[m, n] B[n, :] (registers, written once per row sub-block);
+// dB_partial[s][n, :] = sum over its rows dy[m, n] u[m, :] (written by the first row sub-block, added to by the
+// next ones; every element is owned by one block, so no atomics and a fixed order).
+constexpr int DP_BM = 32;
+constexpr int DP_BN = 32;
+constexpr int DP_MAXO = DP_BM * kMaxRank / kThreads;  // = DP_BN * kMaxRank / kThreads
+static_assert(DP_BM == DP_BN, "dy pass assumes square tiles for its per-thread output count");
+
+template <typename T, typename TB>
+__global__ void __launch_bounds__(kThreads)
+lora_dy_pass_kernel(const T* __restrict__ dy, const TB* __restrict__ B, const float* __restrict__ u,
+                    float* __restrict__ g_out, float* __restrict__ dB_partial, int64_t M, int64_t N, int r,
+                    int64_t rows_per_split, int64_t cols_per_group) {
+  extern __shared__ float smem[];
+  float* dys = smem;                          // [DP_BM][DP_BN + 1]
+  float* bs = dys + DP_BM * (DP_BN + 1);      // [DP_BN][r]
+  float* us = bs + DP_BN * r;                 // [DP_BM][r]
+  const int tid = threadIdx.x;
+  const int64_t row_begin = (int64_t)blockIdx.x * rows_per_split;
+  const int64_t row_end = min64(M, row_begin + rows_per_split);
+  const int64_t col_begin = (int64_t)blockIdx.y * cols_per_group;
+  const int64_t col_end = min64(N, col_begin + cols_per_group);
+  float* g = g_out + (int64_t)blockIdx.y * M * r;
+  float* dBp = dB_partial ? dB_partial + (int64_t)blockIdx.x * N * r : nullptr;
+  const int nout = DP_BM * r;
+
+  for (int64_t m0 = row_begin; m0 < row_end; m0 += DP_BM) {
+    const bool first = (m0 == row_begin);
+    if (dBp) {
+      for (int i = tid; i < DP_BM * r; i += kThreads) {
+        const int64_t m = m0 + i / r;
+        us[i] = m < row_end ? u[m * r + (i % r)] : 0.f;
+      }
+    }
+    float gacc[DP_MAXO];
+#pragma unroll
+    for (int i = 0; i < DP_MAXO; ++i) gacc[i] = 0.f;
+
+    for (int64_t n0 = col_begin; n0 < col_end; n0 += DP_BN) {
+      for (int i = tid; i < DP_BM * DP_BN; i += kThreads) {
+        const int mm = i / DP_BN, nn = i % DP_BN;
+        const int64_t m = m0 + mm, n = n0 + nn;
+        dys[mm * (DP_BN + 1) + nn] = (m < row_end && n < col_end) ? to_f<T>(dy[m * N + n]) : 0.f;
+      }
+      for (int i = tid; i < DP_BN * r; i += kThreads) {
+        const int64_t n = n0 + i / r;
+        bs[i] = n < col_end ? to_f<TB>(B[n * r + (i % r)]) : 0.f;
+      }
+      __syncthreads();
+#pragma unroll
+      for (int i = 0; i < DP_MAXO; ++i) {
+        const int o = tid + i * kThreads;
+        if (o < nout) {
+          const int mm = o / r, j = o % r;
+          float s = gacc[i];
+#pragma unroll 8
+          for (int nn = 0; nn < DP_BN; ++nn) s = fmaf(dys[mm * (DP_BN + 1) + nn], bs[nn * r + j], s);
+          gacc[i] = s;
+        }
+      }
+      if (dBp) {
+#pragma unroll
+        for (int i = 0; i < DP_MAXO; ++i) {
+          const int o = tid + i * kThreads;
+          if (o < nout) {
+            const int nn = o / r, j = o % r;
+            const int64_t n = n0 + nn;
+            if (n < col_end) {
+              float s = 0.f;
+#pragma unroll 8
+              for (int mm = 0; mm < DP_BM; ++mm) s = fmaf(dys[mm * (DP_BN + 1) + nn], us[mm * r + j], s);
+              float* dst = dBp + n * r + j;
+              *dst = first ? s : *dst + s;
+            }
+          }
+        }
+      }
+      __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < DP_MAXO; ++i) {
+      const int o = tid + i * kThreads;
+      if (o < nout) {
+        const int64_t m = m0 + o / r;
+        if (m < row_end) g[m * r + (o % r)] = gacc[i];
+      }
+    }
+    __syncthreads();  // us is rewritten by the next row sub-block
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// lora_dy_pass (tensor cores): g and the dB partials from one read of dy.
+// Math   : g_out[c][m, j] = sum over the columns n of group c of dy[m, n] B[n, j]        (g = dy B)
+//          dB_partial[s][n, j] = sum over the rows m of split s of dy[m, n] u[m, j]      (dB = dy^T u)
+//          for j in the block's r-chunk (RC = 16*NJ <= 64 columns, grid.z); dy, B, u as T, fp32 accumulation.
+// Tiling : block (s, c, z) walks its rows in TD_BM (128)-row tiles (outer) and its columns in TD_BN (64)-column
+//          chunks (inner); each 128 x 64 dy tile arrives through the cp.async ring and is used twice:
+//            warps 0-3: g  += dy_tile x B_chunk; warp w owns rows 32w..32w+31 x RC in registers across the
+//                       chunks of a row tile, written once per row tile;
+//            warps 4-7: dB += dy_tile^T x u_tile (the same tile read transposed by ldmatrix.trans); warp 4+q owns
+//                       columns 16q..16q+15 of the chunk. The fp32 dB accumulators of the block's whole column
+//                       group live in shared memory (dBs), updated once per tile by their owning warp (fixed
+//                       order), and are written once to the block's own partial at the end. No atomics.
+//          The B chunk (-> T) is register-prefetched two tiles ahead into a double buffer; the u tile (128 x RC,
+//          -> T, double-buffered) is loaded at the end of each row tile's last chunk for the next row tile.
+// Bytes  : one read of dy (M*N*2) per r-chunk; partial writes row_splits*N*r*4 (+ col_groups*M*r*4 if > 1 group),
+//          read back once by launch_reduce_partials. lora_dy_pass_plan balances the two partial terms.
+// Smem   : 55.3 KB (dy ring) + 2*192*(RC+8)*2 + cols_per_group*(RC+8)*4 (dy_pass_tc_smem; the plan sizes the
+//          column groups with it): 110.6 KB at r = 16 with 384-column groups.
+
+template <typename T, typename TB, int NJ>
+__global__ void __launch_bounds__(kTcThreads, NJ == 4 ? 1 : 2)
+lora_dy_pass_tc_kernel(const T* __restrict__ dy, const TB* __restrict__ B, const float* __restrict__ u,
+                       float* __restrict__ g_out, float* __restrict__ dB_partial, int64_t M, int64_t N, int r,
+                       int64_t rows_per_split, int64_t cols_per_group) {
+#if LK_TC_ARCH
+  constexpr int RC = 16 * NJ, LDR = RC + 8, LDD = RC + 8;
+  constexpr int YG = TD_BM * TD_BN / 8 / kTcThreads;  // 8-groups of dy per thread and tile (4)
+  constexpr int BG = TD_BN * RC / 4 / kTcThreads;     // 4-groups of B per thread and tile (NJ)
+  static_assert(TD_BM == 4 * 32 && TD_BN == 4 * 16, "warps 0-3 own 32 rows each, warps 4-7 16 columns each");
+  extern __shared__ __align__(128) unsigned char lk_smem[];
+  T* dys = reinterpret_cast<T*>(lk_smem);                   // [kStages][TD_BM][TD_LDY]: dy tiles
+  T* bs = dys + kStages * TD_BM * TD_LDY;  // [2][TD_BN][LDR]: B chunks (B operand stored [k][n]), per tile
+  T* us = bs + 2 * TD_BN * LDR;            // [2][TD_BM][LDR]: u tiles (B operand stored [k][n]), per row tile
+  float* dBs = reinterpret_cast<float*>(us + 2 * TD_BM * LDR);  // [cc][LDD]: dB accumulators of the column group
+  const int tid = threadIdx.x, warp = tid >> 5;
+  const LaneOffsets lo;
+  const int64_t row_begin = (int64_t)blockIdx.x * rows_per_split;
+  const int64_t row_end = min64(M, row_begin + rows_per_split);
+  const int64_t col_begin = (int64_t)blockIdx.y * cols_per_group;
+  const int64_t col_end = min64(N, col_begin + cols_per_group);
+  const int j0 = blockIdx.z * RC;
+  const bool do_dB = dB_partial != nullptr;
+  float* g = g_out + (int64_t)blockIdx.y * M * r;
+  float* dBp = do_dB ? dB_partial + (int64_t)blockIdx.x * N * r : nullptr;
+  const int64_t cc = (cols_per_group + TD_BN - 1) / TD_BN * TD_BN;
+  const int64_t n_ct = row_end > row_begin && col_end > col_begin ? (col_end - col_begin + TD_BN - 1) / TD_BN : 0;
+  const int64_t n_tiles = n_ct > 0 ? (row_end - row_begin + TD_BM - 1) / TD_BM * n_ct : 0;
+
+  if (do_dB)
+    for (int64_t i = tid; i < cc * LDD; i += kTcThreads) dBs[i] = 0.f;
+
+  // Full tiles of 16-byte aligned rows take the fast paths (no per-group bounds / alignment checks).
+  const bool dy_vec = reinterpret_cast<uintptr_t>(dy) % 16 == 0 && N % 8 == 0 && col_begin % 8 == 0;
+  const bool b_vec = reinterpret_cast<uintptr_t>(B) % sizeof(Vec4<TB>) == 0 && r % 4 == 0 && j0 + RC <= r;
+  auto issue = [&](int64_t t) {
+    const int64_t m0 = row_begin + t / n_ct * TD_BM, n0 = col_begin + t % n_ct * TD_BN;
+    T* slot = dys + (int)(t % kStages) * TD_BM * TD_LDY;
+    if (dy_vec && m0 + TD_BM <= row_end && n0 + TD_BN <= col_end) {
+#pragma unroll
+      for (int i = 0; i < YG; ++i) {
+        const int gi = tid + i * kTcThreads, mm = gi / (TD_BN / 8), c = gi % (TD_BN / 8) * 8;
+        cp_async16(smem_addr(slot + mm * TD_LDY + c), dy + (m0 + mm) * N + n0 + c, 16);
+      }
+      return;
+    }
+#pragma unroll
+    for (int i = 0; i < YG; ++i) {
+      const int gi = tid + i * kTcThreads, mm = gi / (TD_BN / 8), c = gi % (TD_BN / 8) * 8;
+      const int64_t m = m0 + mm, n = n0 + c;
+      copy8_async<T>(slot + mm * TD_LDY + c, dy + m * N + n, m < row_end ? n_valid(col_end - n, 8) : 0);
+    }
+  };
+  Vec4<TB> br[BG];
+  auto fetch_b = [&](int64_t t) {
+    const int64_t n0 = col_begin + t % n_ct * TD_BN;
+    if (b_vec && n0 + TD_BN <= col_end) {
+#pragma unroll
+      for (int i = 0; i < BG; ++i) {
+        const int gi = tid + i * kTcThreads, nn = gi / (RC / 4), c = gi % (RC / 4) * 4;
+        br[i] = *reinterpret_cast<const Vec4<TB>*>(B + (n0 + nn) * r + j0 + c);
+      }
+      return;
+    }
+#pragma unroll
+    for (int i = 0; i < BG; ++i) {
+      const int gi = tid + i * kTcThreads, nn = gi / (RC / 4), c = gi % (RC / 4) * 4;
+      const int64_t n = n0 + nn;
+      br[i] = ld4<TB>(B + n * r + j0 + c, n < col_end ? n_valid(r - (j0 + c), 4) : 0);
+    }
+  };
+
+  auto stash_b = [&](int64_t t) {  // registers -> bs buffer t % 2 (cast to T)
+    T* bb = bs + (int)(t % 2) * TD_BN * LDR;
+#pragma unroll
+    for (int i = 0; i < BG; ++i) {
+      const int gi = tid + i * kTcThreads, nn = gi / (RC / 4), c = gi % (RC / 4) * 4;
+      *reinterpret_cast<uint2*>(bb + nn * LDR + c) = to_t4<T, TB>(br[i]);
+    }
+  };
+  auto load_u = [&](int64_t rt) {  // u rows of row tile rt -> us buffer rt % 2 (cast to T)
+    const int64_t m0 = row_begin + rt * TD_BM;
+    load_tile_as_t<T, float>(us + (int)(rt % 2) * TD_BM * LDR, LDR, u + m0 * r + j0, r, TD_BM, RC / 4, row_end - m0,
+                             r - j0);
+  };
+
+  // Warps 0-3: acc[i][n] = g rows 32w + 16i (+0..15) x columns j0 + 8n (+0..7). Warps 4-7: acc[0][n] = dB rows
+  // 16(w-4) (+0..15) of the current chunk x columns j0 + 8n, loaded from / stored to dBs around each tile.
+  float acc[2][2 * NJ][4];
+  if (n_tiles > 0) issue(0);
+  cp_async_commit();
+  if (n_tiles > 1) issue(1);
+  cp_async_commit();
+  if (n_tiles > 0) {
+    fetch_b(0);
+    stash_b(0);
+    if (do_dB) load_u(0);
+  }
+  if (n_tiles > 1) fetch_b(1);
+  // Per tile t: wait for dy tile t, one barrier (tile t, B chunk t and the row tile's u complete; tile t-1's reads
+  // done), refill the freed ring slot, multiply, then stage B chunk t+1 (and u of the next row tile) into the other
+  // buffers.
+  for (int64_t t = 0; t < n_tiles; ++t) {
+    const int64_t ct = t % n_ct, rt = t / n_ct;
+    const int64_t m0 = row_begin + rt * TD_BM, n0 = col_begin + ct * TD_BN;
+    const T* slot = dys + (int)(t % kStages) * TD_BM * TD_LDY;
+    const T* bb = bs + (int)(t % 2) * TD_BN * LDR;
+    const T* ub = us + (int)(rt % 2) * TD_BM * LDR;
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    if (t + kStages - 1 < n_tiles) issue(t + kStages - 1);
+    cp_async_commit();
+
+    if (warp < 4) {
+      if (ct == 0) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+          for (int n = 0; n < 2 * NJ; ++n)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) acc[i][n][q] = 0.f;
+      }
+#pragma unroll
+      for (int nb = 0; nb < TD_BN / 16; ++nb) {
+        uint32_t a0[4], a1[4];
+        ldsm4(a0, slot + (32 * warp + lo.r1) * TD_LDY + 16 * nb + lo.c1);
+        ldsm4(a1, slot + (32 * warp + 16 + lo.r1) * TD_LDY + 16 * nb + lo.c1);
+#pragma unroll
+        for (int jf = 0; jf < NJ; ++jf) {
+          uint32_t b[4];
+          ldsm4_t(b, bb + (16 * nb + lo.r1) * LDR + 16 * jf + lo.c1);
+          mma16816<T>(acc[0][2 * jf], a0, b[0], b[1]);
+          mma16816<T>(acc[0][2 * jf + 1], a0, b[2], b[3]);
+          mma16816<T>(acc[1][2 * jf], a1, b[0], b[1]);
+          mma16816<T>(acc[1][2 * jf + 1], a1, b[2], b[3]);
+        }
+      }
+      if (ct == n_ct - 1) {  // row tile done: its g rows written once
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+          for (int n = 0; n < 2 * NJ; ++n) {
+            const int j = j0 + 8 * n + 2 * lo.t;
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const int64_t m = m0 + 32 * warp + 16 * i + lo.g + 8 * h;
+              if (m < row_end) st2f(g + m * r + j, r - j, acc[i][n][2 * h], acc[i][n][2 * h + 1]);
+            }
+          }
+      }
+    } else if (do_dB) {
+      const int nb = warp - 4;
+      float* dacc = dBs + (n0 - col_begin + 16 * nb) * LDD;
+#pragma unroll
+      for (int n = 0; n < 2 * NJ; ++n)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const float2 v = *reinterpret_cast<const float2*>(dacc + (lo.g + 8 * h) * LDD + 8 * n + 2 * lo.t);
+          acc[0][n][2 * h] = v.x;
+          acc[0][n][2 * h + 1] = v.y;
+        }
+#pragma unroll
+      for (int mb = 0; mb < TD_BM / 16; ++mb) {
+        uint32_t a[4];  // (dy^T)[n, m]: the dy tile read transposed
+        ldsm4_t(a, slot + (16 * mb + lo.r2) * TD_LDY + 16 * nb + lo.c2);
+#pragma unroll
+        for (int jf = 0; jf < NJ; ++jf) {
+          uint32_t b[4];
+          ldsm4_t(b, ub + (16 * mb + lo.r1) * LDR + 16 * jf + lo.c1);
+          mma16816<T>(acc[0][2 * jf], a, b[0], b[1]);
+          mma16816<T>(acc[0][2 * jf + 1], a, b[2], b[3]);
+        }
+      }
+#pragma unroll
+      for (int n = 0; n < 2 * NJ; ++n)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          *reinterpret_cast<float2*>(dacc + (lo.g + 8 * h) * LDD + 8 * n + 2 * lo.t) =
+              make_float2(acc[0][n][2 * h], acc[0][n][2 * h + 1]);
+    }
+    if (t + 1 < n_tiles) {
+      stash_b(t + 1);
+      if (t + 2 < n_tiles) fetch_b(t + 2);
+      if (do_dB && ct == n_ct - 1) load_u(rt + 1);
+    }
+  }
+  if (do_dB) {  // the block's dB partial rows [col_begin, col_end), columns of the r-chunk: written once
+    __syncthreads();
+    for (int64_t i = tid; i < cc * (RC / 4); i += kTcThreads) {
+      const int64_t nn = i / (RC / 4);
+      const int c = (int)(i % (RC / 4)) * 4;
+      const int64_t n = col_begin + nn;
+      const int valid = n < col_end ? n_valid(r - (j0 + c), 4) : 0;
+      if (valid > 0) {
+        const float4 s = *reinterpret_cast<const float4*>(dBs + nn * LDD + c);
+        const float v[4] = {s.x, s.y, s.z, s.w};
+        store4<float>(dBp + n * r + j0 + c, valid, v);
+      }
+    }
+  }
+#else
+  __trap();
+#endif
+}
+
+}  // namespace
+
+cudaError_t launch_lora_dy_pass(const void* dy, DType dy_dtype, const void* B, DType b_dtype, const float* u,
+                                float* g_out, float* dB_partial, int64_t M, int64_t N, int r, SplitPlan plan,
+                                cudaStream_t stream) {
+  if (r < 1 || r > kMaxRank) return cudaErrorInvalidValue;
+  if (M <= 0 || plan.row_splits <= 0) return cudaSuccess;
+  if (dB_partial && !u) return cudaErrorInvalidValue;
+  if (plan.col_groups > 65535) return cudaErrorInvalidConfiguration;
+  if (dy_dtype != DType::kFloat32 && tc_supported()) {
+    if (N <= 0)  // g = dy B = 0; the dB partials have no elements
+      return cudaMemsetAsync(g_out, 0, (size_t)std::max<int64_t>(plan.col_groups, 1) * M * r * sizeof(float), stream);
+    if (plan.row_splits > 0x7fffffff) return cudaErrorInvalidConfiguration;
+    const int nj = rank_frags(r);
+    const size_t smem = dy_pass_tc_smem(16 * nj, plan.cols_per_group);
+    const dim3 grid((unsigned)plan.row_splits, (unsigned)plan.col_groups, (unsigned)ceil_div(round16(r), 16 * nj));
+    return dispatch16(dy_dtype, [&](auto dt) {
+      using T = decltype(dt);
+      return dispatch(b_dtype, [&](auto bt) {
+        using TB = decltype(bt);
+        return dispatch_frags(nj, [&](auto njc) {
+          constexpr int NJ = decltype(njc)::value;
+          cudaError_t e = set_smem(lora_dy_pass_tc_kernel<T, TB, NJ>, smem);
+          if (e != cudaSuccess) return e;
+          lora_dy_pass_tc_kernel<T, TB, NJ><<<grid, kTcThreads, smem, stream>>>(
+              static_cast<const T*>(dy), static_cast<const TB*>(B), u, g_out, dB_partial, M, N, r,
+              plan.rows_per_split, plan.cols_per_group);
+          return cudaGetLastError();
+        });
+      });
+    });
+  }
+  const size_t smem = (size_t)(DP_BM * (DP_BN + 1) + DP_BN * r + DP_BM * r) * sizeof(float);
+  const dim3 grid((unsigned)plan.row_splits, (unsigned)plan.col_groups);
+  return dispatch(dy_dtype, [&](auto dt) {
+    using T = decltype(dt);
+    return dispatch(b_dtype, [&](auto bt) {
+      using TB = decltype(bt);
+      cudaError_t e = set_smem(lora_dy_pass_kernel<T, TB>, smem);
+      if (e != cudaSuccess) return e;
+      lora_dy_pass_kernel<T, TB><<<grid, kThreads, smem, stream>>>(static_cast<const T*>(dy),
+                                                                   static_cast<const TB*>(B), u, g_out, dB_partial, M,
+                                                                   N, r, plan.rows_per_split, plan.cols_per_group);
+      return cudaGetLastError();
+    });
+  });
+}
+
+}  // namespace lora_kernels

@@ -1,0 +1,260 @@
+// Expand pass of the forward: y = u B^T + bias (M, N), written once before cuBLAS accumulates x W^T into it
+// (beta = 1). FFMA kernel (fp32 y), tensor-core kernel (16-bit y, sm_80+), launch_lora_expand_prefill.
+#include "common.cuh"
+#include "plans.cuh"
+#include "ptx.cuh"
+#include "staging.cuh"
+
+namespace lora_kernels {
+using namespace detail;
+namespace {
+
+// ---------------------------------------------------------------------------------------------------------------
+// lora_expand_prefill: y (M, N) = u (M, r) B^T + bias, written once (never read): cuBLAS then accumulates x W^T into
+// it with beta = 1. Tile EX_BM x EX_BN, r in chunks of EX_RC through shared memory. Each thread owns 2 neighbouring
+// columns of EX_BM / 8 rows: thread (mrow = tid / 32, c = tid % 32) covers columns n0 + 2c, n0 + 2c + 1 and rows
+// mrow + 8 i.
+constexpr int EX_BM = 32;
+constexpr int EX_BN = 64;
+constexpr int EX_RC = 32;
+
+template <typename T, typename TB>
+__global__ void __launch_bounds__(kThreads)
+lora_expand_prefill_kernel(T* __restrict__ y, const float* __restrict__ u, const TB* __restrict__ B,
+                           const T* __restrict__ bias, int64_t M, int64_t N, int r) {
+  __shared__ float us[EX_BM][EX_RC + 1];
+  __shared__ float bs[EX_BN][EX_RC + 1];
+  const int tid = threadIdx.x;
+  const int64_t m0 = (int64_t)blockIdx.x * EX_BM;
+  const int64_t n0 = (int64_t)blockIdx.y * EX_BN;
+  const int c = tid % 32, mrow = tid / 32;  // 8 row phases
+  float acc[EX_BM / 8][2];
+#pragma unroll
+  for (int i = 0; i < EX_BM / 8; ++i) acc[i][0] = acc[i][1] = 0.f;
+
+  for (int r0 = 0; r0 < r; r0 += EX_RC) {
+    for (int i = tid; i < EX_BM * EX_RC; i += kThreads) {
+      const int mm = i / EX_RC, jj = i % EX_RC;
+      const int64_t m = m0 + mm;
+      us[mm][jj] = (m < M && r0 + jj < r) ? u[m * r + r0 + jj] : 0.f;
+    }
+    for (int i = tid; i < EX_BN * EX_RC; i += kThreads) {
+      const int nn = i / EX_RC, jj = i % EX_RC;
+      const int64_t n = n0 + nn;
+      bs[nn][jj] = (n < N && r0 + jj < r) ? to_f<TB>(B[n * r + r0 + jj]) : 0.f;
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (int jj = 0; jj < EX_RC; ++jj) {
+      const float b0 = bs[2 * c][jj], b1 = bs[2 * c + 1][jj];
+#pragma unroll
+      for (int i = 0; i < EX_BM / 8; ++i) {
+        const float uv = us[mrow + 8 * i][jj];
+        acc[i][0] = fmaf(uv, b0, acc[i][0]);
+        acc[i][1] = fmaf(uv, b1, acc[i][1]);
+      }
+    }
+    __syncthreads();
+  }
+  const int64_t n = n0 + 2 * c;
+  float bias0 = 0.f, bias1 = 0.f;
+  if (bias) {
+    if (n < N) bias0 = to_f<T>(bias[n]);
+    if (n + 1 < N) bias1 = to_f<T>(bias[n + 1]);
+  }
+#pragma unroll
+  for (int i = 0; i < EX_BM / 8; ++i) {
+    const int64_t m = m0 + mrow + 8 * i;
+    if (m >= M) continue;
+    T* yp = y + m * N + n;
+    if (n + 1 < N) {
+      yp[0] = from_f<T>(acc[i][0] + bias0);
+      yp[1] = from_f<T>(acc[i][1] + bias1);
+    } else if (n < N) {
+      yp[0] = from_f<T>(acc[i][0] + bias0);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Output-writing kernels (expand / dx prefill) share this shape: block = 128 rows x a group of 64-column chunks
+// (grid.y); the 128 x r left operand (u or g, fp32 -> T) stays in shared memory; each chunk's right operand (B^T or
+// A, -> T) is register-prefetched two chunks ahead into a double buffer (the first kPrefetch 4-groups per thread,
+// i.e. all of it for r <= 64; the rest is loaded when staged). Warp w computes rows 16w..16w+15 x 64 columns
+// (8 m16n8 fp32 accumulators) over r in 16-steps, rounds them to T into its 16 rows of an output staging tile, and
+// writes those rows out with 16-byte stores (each lane 4 x 16 B; a warp covers 4 full 128-byte row segments per
+// store). One block barrier per chunk.
+
+// lora_expand_prefill (tensor cores).
+// Math   : y (M, N) = u (M, r) B^T + bias; u and B cast to T, fp32 accumulation, bias added in fp32, y rounded
+//          once and written once (never read).
+// Tiling : see above; B chunk stored [n][j] (B^T as a col-major operand).
+// Bytes  : one write of y (M*N*2); u read once per column group, B once per 128 rows (L2).
+// Smem   : 256 * (RP + 8) * 2 + 18 KB (RP = r padded to 16) = 30.7 KB at r = 16, 55.3 KB at r = 64.
+template <typename T, typename TB>
+__global__ void __launch_bounds__(kTcThreads, kPrefillMinBlocks)
+lora_expand_prefill_tc_kernel(T* __restrict__ y, const float* __restrict__ u, const TB* __restrict__ B,
+                              const T* __restrict__ bias, int64_t M, int64_t N, int r, int64_t chunks_per_group) {
+#if LK_TC_ARCH
+  static_assert(TO_BM == 16 * (kTcThreads / 32), "one 16-row strip per warp");
+  const int RP = round16(r), LDK = RP + 8, g4 = RP / 4, nb4 = TO_BN * g4;
+  const int npre = min(nb4, kPrefetch * kTcThreads / g4 * g4);  // register-prefetched 4-groups: whole rows
+  extern __shared__ __align__(128) unsigned char lk_smem[];
+  T* us = reinterpret_cast<T*>(lk_smem);  // [TO_BM][LDK]: u rows (A operand, row-major)
+  T* bs = us + TO_BM * LDK;               // [2][TO_BN][LDK]: B rows n (B operand stored [n][k]), per chunk
+  T* os = bs + 2 * TO_BN * LDK;           // [TO_BM][TO_LDO]: output staging
+  const int tid = threadIdx.x, warp = tid >> 5;
+  const LaneOffsets lo;
+  const int64_t m0 = (int64_t)blockIdx.x * TO_BM;
+  const int64_t n_chunks = (N + TO_BN - 1) / TO_BN;
+  const int64_t c_begin = (int64_t)blockIdx.y * chunks_per_group;
+  const int64_t c_end = min64(n_chunks, c_begin + chunks_per_group);
+
+  load_tile_as_t<T, float>(us, LDK, u + m0 * r, r, TO_BM, g4, M - m0, r);
+  int pre_row[kPrefetch], pre_col[kPrefetch];  // this thread's prefetched 4-groups: chunk row, column
+#pragma unroll
+  for (int i = 0; i < kPrefetch; ++i) {
+    pre_row[i] = (tid + i * kTcThreads) / g4;
+    pre_col[i] = (tid + i * kTcThreads) % g4 * 4;
+  }
+  // Full, aligned chunks take the fast paths (no per-group bounds / alignment checks).
+  const bool b_vec = reinterpret_cast<uintptr_t>(B) % sizeof(Vec4<TB>) == 0 && r == RP;  // no padding columns
+  const bool y_vec = reinterpret_cast<uintptr_t>(y) % 16 == 0 && N % 8 == 0 && m0 + TO_BM <= M;
+  const bool bias_vec = bias != nullptr && reinterpret_cast<uintptr_t>(bias) % 4 == 0;
+  Vec4<TB> br[kPrefetch];
+  auto fetch_b = [&](int64_t ch) {
+    const int64_t n0 = ch * TO_BN;
+    const bool full = b_vec && n0 + TO_BN <= N;
+#pragma unroll
+    for (int i = 0; i < kPrefetch; ++i) {
+      if (tid + i * kTcThreads >= npre) break;
+      const TB* src = B + (n0 + pre_row[i]) * r + pre_col[i];
+      br[i] = full ? *reinterpret_cast<const Vec4<TB>*>(src)
+                   : ld4<TB>(src, n0 + pre_row[i] < N ? n_valid(r - pre_col[i], 4) : 0);
+    }
+  };
+  auto stash_b = [&](int64_t ch) {  // chunk ch's B -> bs buffer (ch - c_begin) % 2 (prefetched part from registers)
+    T* bb = bs + (int)((ch - c_begin) % 2) * TO_BN * LDK;
+#pragma unroll
+    for (int i = 0; i < kPrefetch; ++i) {
+      if (tid + i * kTcThreads >= npre) break;
+      *reinterpret_cast<uint2*>(bb + pre_row[i] * LDK + pre_col[i]) = to_t4<T, TB>(br[i]);
+    }
+    if (nb4 > npre) {  // r > 64: the rest of the chunk
+      const int row1 = npre / g4;
+      load_tile_as_t<T, TB>(bb + row1 * LDK, LDK, B + (ch * TO_BN + row1) * r, r, TO_BN - row1, g4,
+                            N - (ch * TO_BN + row1), r);
+    }
+  };
+  if (c_begin < c_end) {
+    fetch_b(c_begin);
+    stash_b(c_begin);
+    if (c_begin + 1 < c_end) fetch_b(c_begin + 1);
+  }
+  // Per chunk: one barrier (B chunk and u tile complete; every warp is done with the previous chunk), multiply
+  // into the warp's 16 rows of the staging tile, write them out (warp-local), stage the next B chunk into the
+  // other buffer.
+  for (int64_t ch = c_begin; ch < c_end; ++ch) {
+    const int64_t n0 = ch * TO_BN;
+    const T* bb = bs + (int)((ch - c_begin) % 2) * TO_BN * LDK;
+    __syncthreads();
+    float acc[TO_BN / 8][4];
+#pragma unroll
+    for (int n = 0; n < TO_BN / 8; ++n)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) acc[n][q] = 0.f;
+#pragma unroll 2
+    for (int ks = 0; ks < RP / 16; ++ks) {
+      uint32_t a[4];
+      ldsm4(a, us + (16 * warp + lo.r1) * LDK + 16 * ks + lo.c1);
+#pragma unroll
+      for (int f = 0; f < TO_BN / 16; ++f) {
+        uint32_t b[4];
+        ldsm4(b, bb + (16 * f + lo.r2) * LDK + 16 * ks + lo.c2);
+        mma16816<T>(acc[2 * f], a, b[0], b[1]);
+        mma16816<T>(acc[2 * f + 1], a, b[2], b[3]);
+      }
+    }
+    const bool chunk_full = n0 + TO_BN <= N;
+#pragma unroll
+    for (int n = 0; n < TO_BN / 8; ++n) {
+      const int col = 8 * n + 2 * lo.t;
+      float b0 = 0.f, b1 = 0.f;
+      if (bias_vec && chunk_full) {
+        union { uint32_t u; T e[2]; } bb;
+        bb.u = *reinterpret_cast<const uint32_t*>(bias + n0 + col);
+        b0 = to_f<T>(bb.e[0]);
+        b1 = to_f<T>(bb.e[1]);
+      } else if (bias) {
+        if (n0 + col < N) b0 = to_f<T>(bias[n0 + col]);
+        if (n0 + col + 1 < N) b1 = to_f<T>(bias[n0 + col + 1]);
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        *reinterpret_cast<uint32_t*>(os + (16 * warp + lo.g + 8 * h) * TO_LDO + col) =
+            pack2<T>(acc[n][2 * h] + b0, acc[n][2 * h + 1] + b1);
+    }
+    __syncwarp();  // each warp writes out its own 16 staged rows: 4 x 16-byte row segments per lane
+    if (y_vec && chunk_full) {
+#pragma unroll
+      for (int i = 0; i < 16 * TO_BN / 8 / 32; ++i) {
+        const int gi = (tid & 31) + 32 * i, mm = 16 * warp + gi / (TO_BN / 8), c = gi % (TO_BN / 8) * 8;
+        *reinterpret_cast<uint4*>(y + (m0 + mm) * N + n0 + c) = *reinterpret_cast<const uint4*>(os + mm * TO_LDO + c);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < 16 * TO_BN / 8 / 32; ++i) {
+        const int gi = (tid & 31) + 32 * i, mm = 16 * warp + gi / (TO_BN / 8), c = gi % (TO_BN / 8) * 8;
+        const int64_t m = m0 + mm, n = n0 + c;
+        if (m < M && n < N)
+          st8_raw<T>(y + m * N + n, n_valid(N - n, 8), *reinterpret_cast<const uint4*>(os + mm * TO_LDO + c));
+      }
+    }
+    if (ch + 1 < c_end) {
+      stash_b(ch + 1);
+      if (ch + 2 < c_end) fetch_b(ch + 2);
+    }
+  }
+#else
+  __trap();
+#endif
+}
+
+}  // namespace
+
+cudaError_t launch_lora_expand_prefill(void* y, DType y_dtype, const float* u, const void* B, DType b_dtype,
+                                       const void* bias, int64_t M, int64_t N, int r, cudaStream_t stream) {
+  if (r < 1 || r > kMaxRank) return cudaErrorInvalidValue;
+  if (M <= 0 || N <= 0) return cudaSuccess;
+  if (y_dtype != DType::kFloat32 && tc_supported()) {
+    int64_t groups = 0;
+    const int64_t cpg = prefill_chunks_per_group(M, N, TO_BM, TO_BN, &groups);
+    if (groups > 65535) return cudaErrorInvalidConfiguration;
+    const dim3 grid((unsigned)ceil_div(M, TO_BM), (unsigned)groups);
+    const size_t smem = expand_tc_smem(round16(r));
+    return dispatch16(y_dtype, [&](auto yt) {
+      using T = decltype(yt);
+      return dispatch(b_dtype, [&](auto bt) {
+        using TB = decltype(bt);
+        cudaError_t e = set_smem(lora_expand_prefill_tc_kernel<T, TB>, smem);
+        if (e != cudaSuccess) return e;
+        lora_expand_prefill_tc_kernel<T, TB><<<grid, kTcThreads, smem, stream>>>(
+            static_cast<T*>(y), u, static_cast<const TB*>(B), static_cast<const T*>(bias), M, N, r, cpg);
+        return cudaGetLastError();
+      });
+    });
+  }
+  if (ceil_div(N, EX_BN) > 65535) return cudaErrorInvalidConfiguration;
+  const dim3 grid((unsigned)ceil_div(M, EX_BM), (unsigned)ceil_div(N, EX_BN));
+  return dispatch(y_dtype, [&](auto yt) {
+    using T = decltype(yt);
+    return dispatch(b_dtype, [&](auto bt) {
+      using TB = decltype(bt);
+      lora_expand_prefill_kernel<T, TB><<<grid, kThreads, 0, stream>>>(
+          static_cast<T*>(y), u, static_cast<const TB*>(B), static_cast<const T*>(bias), M, N, r);
+      return cudaGetLastError();
+    });
+  });
+}
+
+}  // namespace lora_kernels

@@ -1,0 +1,110 @@
+// Host side shared by the launchers (one per pass file) and the split planners (plans.cu): the tensor-core kernels'
+// tile shapes and shared-memory sizes, which the plans are sized for; the device queries; dtype and rank-chunk
+// dispatch; the dynamic shared-memory opt-in. No torch headers.
+#pragma once
+#include "common.cuh"
+
+#include <algorithm>
+#include <type_traits>
+#include <utility>
+
+namespace lora_kernels {
+namespace detail {
+
+// shrink (shrink.cu): TS_BM-row blocks, K in TS_KC-column tiles.
+constexpr int TS_BM = 128;
+constexpr int TS_KC = 64;
+constexpr int TS_LD = TS_KC + 8;
+
+inline size_t shrink_tc_smem(int nf) { return (size_t)(kStages * TS_BM + 2 * 16 * nf) * TS_LD * 2; }
+
+// expand and dx (expand.cu, dx.cu): the output-writing kernels, TO_BM-row blocks x groups of TO_BN-column chunks.
+constexpr int TO_BM = 128;
+constexpr int TO_BN = 64;
+constexpr int TO_LDO = TO_BN + 8;
+[[maybe_unused]] constexpr int kPrefetch = 4;  // (unused where the tensor-core kernels compile to traps)
+
+// Shared memory of the two output-writing kernels: left operand tile + right operand chunk + output staging tile.
+inline size_t expand_tc_smem(int rp) {  // us [128][rp+8], bs [2][64][rp+8], os
+  return (size_t)TO_BM * (rp + 8) * 2 + (size_t)2 * TO_BN * (rp + 8) * 2 + (size_t)TO_BM * TO_LDO * 2;
+}
+inline size_t dx_tc_smem(int rp) {  // gs [128][rp+8], as [2][rp][72], os
+  return (size_t)TO_BM * (rp + 8) * 2 + (size_t)2 * rp * (TO_BN + 8) * 2 + (size_t)TO_BM * TO_LDO * 2;
+}
+
+// dy pass (dy_pass.cu): TD_BM-row tiles x TD_BN-column chunks of dy; the dB accumulators of a column group live in
+// shared memory, so the group width is bounded by dy_pass_tc_smem.
+constexpr int TD_BM = 128;
+constexpr int TD_BN = 64;
+constexpr int TD_LDY = TD_BN + 8;
+
+inline size_t dy_pass_tc_smem(int rc, int64_t cols_per_group) {
+  const int64_t cc = (cols_per_group + TD_BN - 1) / TD_BN * TD_BN;
+  return (size_t)kStages * TD_BM * TD_LDY * 2 + (size_t)2 * (TD_BN + TD_BM) * (rc + 8) * 2 + (size_t)cc * (rc + 8) * 4;
+}
+
+// dA (dA.cu): TA_BM-row tiles x TA_KC-column strips of x.
+constexpr int TA_BM = 64;
+constexpr int TA_KC = 128;
+constexpr int TA_LDX = TA_KC + 8;
+
+inline size_t dA_tc_smem(int rc) { return (size_t)kStages * TA_BM * TA_LDX * 2 + (size_t)2 * TA_BM * (rc + 8) * 2; }
+
+template <typename F>
+cudaError_t dispatch(DType d, F&& f) {
+  switch (d) {
+    case DType::kFloat32: return f(float{});
+    case DType::kFloat16: return f(__half{});
+    case DType::kBFloat16: return f(__nv_bfloat16{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+// The 16-bit dtypes only (the tensor-core kernels' x dtypes).
+template <typename F>
+cudaError_t dispatch16(DType d, F&& f) {
+  switch (d) {
+    case DType::kFloat16: return f(__half{});
+    case DType::kBFloat16: return f(__nv_bfloat16{});
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+// Column fragments per r-chunk of the kernels whose accumulators scale with r: 1, 2 or 4 (r-chunks of 16, 32, 64).
+inline int rank_frags(int r) {
+  const int rp = round16(r);
+  return rp <= 16 ? 1 : rp <= 32 ? 2 : 4;
+}
+
+template <typename F>
+cudaError_t dispatch_frags(int nf, F&& f) {
+  switch (nf) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    default: return f(std::integral_constant<int, 4>{});
+  }
+}
+
+// Opt a kernel in to `bytes` of dynamic shared memory (needed above 48 KB). The attribute is set once per
+// (kernel, device) and remembered: cudaFuncSetAttribute is a driver call that would otherwise run on every launch.
+cudaError_t set_smem_once(const void* kernel, size_t bytes);
+
+template <typename K>
+cudaError_t set_smem(K kernel, size_t bytes) {
+  return set_smem_once(reinterpret_cast<const void*>(kernel), bytes);
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Streaming multiprocessors of the current device (132, as on an H100 / H200, when there is none).
+int num_sms();
+
+// Whether the current device runs the tensor-core kernels (bf16 mma.sync, cp.async: sm_80+).
+bool tc_supported();
+
+// Output-writing kernels (expand / dx): row blocks of bm rows x groups of bn-column chunks, about four blocks per
+// SM. Returns chunks per group; *groups gets the grid's y size.
+int64_t prefill_chunks_per_group(int64_t M, int64_t cols, int bm, int bn, int64_t* groups);
+
+}  // namespace detail
+}  // namespace lora_kernels

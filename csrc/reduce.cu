@@ -1,0 +1,58 @@
+// Reduction of per-split partial buffers (shrink K splits, dy pass g / dB, dA): out = sum over the splits in a fixed
+// order, cast to the output dtype. Bitwise deterministic.
+#include "common.cuh"
+#include "plans.cuh"
+
+namespace lora_kernels {
+using namespace detail;
+namespace {
+
+template <typename TO>
+__global__ void __launch_bounds__(kThreads)
+reduce_partials_kernel(const float* __restrict__ partial, int64_t S, int64_t count, TO* __restrict__ out) {
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < count; i += (int64_t)gridDim.x * blockDim.x) {
+    float s = 0.f;
+    for (int64_t t = 0; t < S; ++t) s += partial[t * count + i];
+    out[i] = from_f<TO>(s);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// reduce_partials, vectorized: 4 consecutive outputs per thread step (16-byte loads of each partial), the same
+// summation order as reduce_partials_kernel (s = 0, 1, ...). Used when count % 4 == 0 and the pointers are aligned.
+template <typename TO>
+__global__ void __launch_bounds__(kThreads)
+reduce_partials4_kernel(const float* __restrict__ partial, int64_t S, int64_t count, TO* __restrict__ out) {
+  const int64_t n4 = count / 4;
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n4; i += (int64_t)gridDim.x * blockDim.x) {
+    float v[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int64_t t = 0; t < S; ++t) {
+      const float4 q = *reinterpret_cast<const float4*>(partial + t * count + 4 * i);
+      v[0] += q.x; v[1] += q.y; v[2] += q.z; v[3] += q.w;
+    }
+    store4<TO>(out + 4 * i, 4, v);
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_reduce_partials(const float* partial, int64_t num_splits, int64_t count, void* out,
+                                   DType out_dtype, cudaStream_t stream) {
+  if (count <= 0) return cudaSuccess;
+  const int64_t max_blocks = 8 * (int64_t)num_sms();
+  return dispatch(out_dtype, [&](auto ot) {
+    using TO = decltype(ot);
+    TO* o = static_cast<TO*>(out);
+    if (count % 4 == 0 && reinterpret_cast<uintptr_t>(partial) % 16 == 0 &&
+        reinterpret_cast<uintptr_t>(o) % (4 * sizeof(TO)) == 0) {
+      const int64_t blocks = std::min<int64_t>(ceil_div(count / 4, kThreads), max_blocks);
+      reduce_partials4_kernel<TO><<<(unsigned)blocks, kThreads, 0, stream>>>(partial, num_splits, count, o);
+    } else {
+      const int64_t blocks = std::min<int64_t>(ceil_div(count, kThreads), max_blocks);
+      reduce_partials_kernel<TO><<<(unsigned)blocks, kThreads, 0, stream>>>(partial, num_splits, count, o);
+    }
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace lora_kernels

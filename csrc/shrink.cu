@@ -1,0 +1,269 @@
+// Shrink pass of the forward: u = scaling * dropout(x) A^T (M, r) fp32, the rank-r input of the expand pass and of
+// the dB product; with a K split (small M) per-split partials that launch_reduce_partials sums.
+// FFMA kernel (fp32 x), tensor-core kernel (16-bit x, sm_80+), launch_lora_shrink.
+#include "common.cuh"
+#include "plans.cuh"
+#include "ptx.cuh"
+#include "staging.cuh"
+
+namespace lora_kernels {
+using namespace detail;
+namespace {
+
+// ---------------------------------------------------------------------------------------------------------------
+// lora_shrink: u (M, r) = scale * (x * keep) A^T, scale = scaling / (1 - p). Block = SH_BM rows, loops over K in
+// chunks of SH_KC; x chunk (with mask, one Philox call per 4 elements) and A chunk staged in shared memory.
+constexpr int SH_BM = 32;
+constexpr int SH_KC = 64;
+constexpr int SH_MAXO = SH_BM * kMaxRank / kThreads;  // outputs per thread at r = 256
+
+template <typename T, typename TA>
+__global__ void __launch_bounds__(kThreads)
+lora_shrink_kernel(const T* __restrict__ x, const TA* __restrict__ A, float* __restrict__ u_out, int64_t M, int64_t K,
+                   int r, int64_t k_per_split, float scale, float p, uint64_t seed, uint64_t offset) {
+  extern __shared__ float smem[];
+  float* xs = smem;                  // [SH_BM][SH_KC]
+  float* as = smem + SH_BM * SH_KC;  // [r][SH_KC + 1]
+  const int tid = threadIdx.x;
+  const int64_t m0 = (int64_t)blockIdx.x * SH_BM;
+  const int nout = SH_BM * r;
+  // K split s (blockIdx.y) owns columns [s * k_per_split, ...) and writes its own partial u_out[s] (M, r).
+  const int64_t k_begin = (int64_t)blockIdx.y * k_per_split;
+  const int64_t k_end = min64(K, k_begin + k_per_split);
+  float* u = u_out + (int64_t)blockIdx.y * M * r;
+  float acc[SH_MAXO];
+#pragma unroll
+  for (int i = 0; i < SH_MAXO; ++i) acc[i] = 0.f;
+
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += SH_KC) {
+    for (int gi = tid; gi < SH_BM * (SH_KC / 4); gi += kThreads) {
+      const int mm = gi / (SH_KC / 4), g4 = gi % (SH_KC / 4);
+      float v[4];
+      load_x4_dropout<T>(x, M, K, m0 + mm, k0 + 4 * g4, p, seed, offset, v);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) xs[mm * SH_KC + 4 * g4 + q] = v[q];
+    }
+    for (int i = tid; i < r * SH_KC; i += kThreads) {
+      const int j = i / SH_KC, kk = i % SH_KC;
+      const int64_t k = k0 + kk;
+      as[j * (SH_KC + 1) + kk] = k < K ? to_f<TA>(A[(int64_t)j * K + k]) : 0.f;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < SH_MAXO; ++i) {
+      const int o = tid + i * kThreads;
+      if (o < nout) {
+        const float* xr = xs + (o / r) * SH_KC;
+        const float* ar = as + (o % r) * (SH_KC + 1);
+        float s = acc[i];
+#pragma unroll 16
+        for (int kk = 0; kk < SH_KC; ++kk) s = fmaf(xr[kk], ar[kk], s);
+        acc[i] = s;
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < SH_MAXO; ++i) {
+    const int o = tid + i * kThreads;
+    if (o < nout) {
+      const int64_t m = m0 + o / r;
+      if (m < M) u[m * r + (o % r)] = acc[i] * scale;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// lora_shrink (tensor cores).
+// Math   : u[c] (M, r) = scale * (keep * x)[:, K-split c] A^T[K-split c], scale = scaling / (1 - p).
+// Tiling : block = TS_BM (128) rows x RC = 16*NF (<= 64) columns of u (grid.z walks r in RC-chunks) x one K split
+//          (grid.y), looping over K in TS_KC (64)-column tiles: x tiles through the cp.async ring (mask applied
+//          in place, one Philox call per 8-group), the A tile (cast to T) register-prefetched two tiles ahead into
+//          a double buffer. Warp w: rows 16w..16w+15 x all RC columns (2*NF m16n8 fp32 accumulators), written
+//          once at the end (scaled).
+// Bytes  : one read of x (M*K*2) per r-chunk; A re-read from L2 once per 128 rows; u (M*r*4) written once per
+//          K split (launch_reduce_partials sums the splits).
+// Smem   : (3 * 128 + 2 * RC) * 72 * 2 B = 59.9 / 64.5 / 73.7 KB for NF = 1 / 2 / 4.
+
+template <typename T, typename TA, int NF>
+__global__ void __launch_bounds__(kTcThreads, NF == 1 ? kStreamMinBlocks : 2)
+lora_shrink_tc_kernel(const T* __restrict__ x, const TA* __restrict__ A, float* __restrict__ u_out, int64_t M,
+                      int64_t K, int r, int64_t k_per_split, float scale, float p, uint64_t seed, uint64_t offset) {
+#if LK_TC_ARCH
+  constexpr int RC = 16 * NF;
+  constexpr int XG = TS_BM * TS_KC / 8 / kTcThreads;  // 8-groups of x per thread and tile (4)
+  constexpr int AG = RC * TS_KC / 4 / kTcThreads;     // 4-groups of A per thread and tile (NF)
+  static_assert(TS_BM == 16 * (kTcThreads / 32), "one 16-row strip per warp");
+  extern __shared__ __align__(128) unsigned char lk_smem[];
+  T* xs = reinterpret_cast<T*>(lk_smem);  // [kStages][TS_BM][TS_LD]: x tiles (A operand, row-major)
+  T* as = xs + kStages * TS_BM * TS_LD;   // [2][RC][TS_LD]: A rows j0.. (B operand stored [n][k]), double-buffered
+  const int tid = threadIdx.x, warp = tid >> 5;
+  const LaneOffsets lo;
+  const int64_t m0 = (int64_t)blockIdx.x * TS_BM;
+  const int64_t k_begin = (int64_t)blockIdx.y * k_per_split;
+  const int64_t k_end = min64(K, k_begin + k_per_split);
+  const int j0 = blockIdx.z * RC;
+  float* u = u_out + (int64_t)blockIdx.y * M * r;
+  const int64_t n_tiles = k_end > k_begin ? (k_end - k_begin + TS_KC - 1) / TS_KC : 0;
+
+  // Full tiles of 16-byte aligned rows take the fast paths (no per-group bounds / alignment checks).
+  const bool x_vec = reinterpret_cast<uintptr_t>(x) % 16 == 0 && K % 8 == 0 && k_begin % 8 == 0;
+  const bool a_vec = reinterpret_cast<uintptr_t>(A) % sizeof(Vec4<TA>) == 0 && K % 4 == 0 && k_begin % 4 == 0;
+  const bool rows_full = m0 + TS_BM <= M;
+  auto issue = [&](int64_t t) {  // cp.async of x tile t into its ring slot
+    const int64_t k0 = k_begin + t * TS_KC;
+    T* slot = xs + (int)(t % kStages) * TS_BM * TS_LD;
+    if (x_vec && rows_full && k0 + TS_KC <= k_end) {
+#pragma unroll
+      for (int i = 0; i < XG; ++i) {
+        const int gi = tid + i * kTcThreads, mm = gi / (TS_KC / 8), c = gi % (TS_KC / 8) * 8;
+        cp_async16(smem_addr(slot + mm * TS_LD + c), x + (m0 + mm) * K + k0 + c, 16);
+      }
+      return;
+    }
+#pragma unroll
+    for (int i = 0; i < XG; ++i) {
+      const int gi = tid + i * kTcThreads, mm = gi / (TS_KC / 8), c = gi % (TS_KC / 8) * 8;
+      const int64_t m = m0 + mm, k = k0 + c;
+      copy8_async<T>(slot + mm * TS_LD + c, x + m * K + k, m < M ? n_valid(k_end - k, 8) : 0);
+    }
+  };
+  Vec4<TA> ar[AG];
+  auto fetch_a = [&](int64_t t) {  // A tile t into registers
+    const int64_t k0 = k_begin + t * TS_KC;
+    if (a_vec && j0 + RC <= r && k0 + TS_KC <= k_end) {
+#pragma unroll
+      for (int i = 0; i < AG; ++i) {
+        const int gi = tid + i * kTcThreads, jj = gi / (TS_KC / 4), c = gi % (TS_KC / 4) * 4;
+        ar[i] = *reinterpret_cast<const Vec4<TA>*>(A + (int64_t)(j0 + jj) * K + k0 + c);
+      }
+      return;
+    }
+#pragma unroll
+    for (int i = 0; i < AG; ++i) {
+      const int gi = tid + i * kTcThreads, jj = gi / (TS_KC / 4), c = gi % (TS_KC / 4) * 4;
+      ar[i] = ld4<TA>(A + (int64_t)(j0 + jj) * K + k0 + c, j0 + jj < r ? n_valid(k_end - k0 - c, 4) : 0);
+    }
+  };
+
+  auto stash_a = [&](int64_t t) {  // registers -> as buffer t % 2 (cast to T)
+    T* ab = as + (int)(t % 2) * RC * TS_LD;
+#pragma unroll
+    for (int i = 0; i < AG; ++i) {
+      const int gi = tid + i * kTcThreads, jj = gi / (TS_KC / 4), c = gi % (TS_KC / 4) * 4;
+      *reinterpret_cast<uint2*>(ab + jj * TS_LD + c) = to_t4<T, TA>(ar[i]);
+    }
+  };
+
+  float acc[2 * NF][4];
+#pragma unroll
+  for (int n = 0; n < 2 * NF; ++n)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) acc[n][q] = 0.f;
+  if (n_tiles > 0) issue(0);
+  cp_async_commit();
+  if (n_tiles > 1) issue(1);
+  cp_async_commit();
+  if (n_tiles > 0) {
+    fetch_a(0);
+    stash_a(0);
+  }
+  if (n_tiles > 1) fetch_a(1);
+  // Per tile t: wait for x tile t (own copies), mask it in place, one barrier (tile t and A buffer t % 2 complete;
+  // tile t-1's reads done), refill the freed ring slot, multiply, then stage A tile t+1 into the other buffer.
+  for (int64_t t = 0; t < n_tiles; ++t) {
+    const int64_t k0 = k_begin + t * TS_KC;
+    const T* slot = xs + (int)(t % kStages) * TS_BM * TS_LD;
+    const T* ab = as + (int)(t % 2) * RC * TS_LD;
+    cp_async_wait<kStages - 2>();
+    if (p > 0.f) {
+#pragma unroll
+      for (int i = 0; i < XG; ++i) {
+        const int gi = tid + i * kTcThreads, mm = gi / (TS_KC / 8), c = gi % (TS_KC / 8) * 8;
+        const int64_t m = m0 + mm;
+        uint4* q = reinterpret_cast<uint4*>(xs + (int)(t % kStages) * TS_BM * TS_LD + mm * TS_LD + c);
+        if (m < M) *q = dropout8(*q, m, K, k0 + c, k_end, p, seed, offset);
+      }
+    }
+    __syncthreads();
+    if (t + kStages - 1 < n_tiles) issue(t + kStages - 1);
+    cp_async_commit();
+#pragma unroll
+    for (int ks = 0; ks < TS_KC / 16; ++ks) {
+      uint32_t a[4];
+      ldsm4(a, slot + (16 * warp + lo.r1) * TS_LD + 16 * ks + lo.c1);
+#pragma unroll
+      for (int f = 0; f < NF; ++f) {
+        uint32_t b[4];
+        ldsm4(b, ab + (16 * f + lo.r2) * TS_LD + 16 * ks + lo.c2);
+        mma16816<T>(acc[2 * f], a, b[0], b[1]);
+        mma16816<T>(acc[2 * f + 1], a, b[2], b[3]);
+      }
+    }
+    if (t + 1 < n_tiles) {
+      stash_a(t + 1);
+      if (t + 2 < n_tiles) fetch_a(t + 2);
+    }
+  }
+#pragma unroll
+  for (int n = 0; n < 2 * NF; ++n) {
+    const int j = j0 + 8 * n + 2 * lo.t;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t m = m0 + 16 * warp + lo.g + 8 * h;
+      if (m < M) st2f(u + m * r + j, r - j, acc[n][2 * h] * scale, acc[n][2 * h + 1] * scale);
+    }
+  }
+#else
+  __trap();
+#endif
+}
+
+}  // namespace
+
+static_assert(TS_KC == SH_KC, "the shrink plan's K groups are whole chunks of both shrink kernels");
+
+cudaError_t launch_lora_shrink(const void* x, DType x_dtype, const void* A, DType a_dtype, float* u_out, int64_t M,
+                               int64_t K, int r, SplitPlan plan, float scaling, float p, uint64_t seed,
+                               uint64_t offset, cudaStream_t stream) {
+  if (r < 1 || r > kMaxRank) return cudaErrorInvalidValue;
+  if (M <= 0) return cudaSuccess;
+  if (plan.col_groups > 65535 || plan.col_groups < 1) return cudaErrorInvalidConfiguration;
+  const float scale = (float)((double)scaling / (1.0 - (double)p));
+  if (x_dtype != DType::kFloat32 && tc_supported()) {
+    const int nf = rank_frags(r);
+    const dim3 grid((unsigned)ceil_div(M, TS_BM), (unsigned)plan.col_groups, (unsigned)ceil_div(round16(r), 16 * nf));
+    const size_t smem = shrink_tc_smem(nf);
+    return dispatch16(x_dtype, [&](auto xt) {
+      using T = decltype(xt);
+      return dispatch(a_dtype, [&](auto at) {
+        using TA = decltype(at);
+        return dispatch_frags(nf, [&](auto nfc) {
+          constexpr int NF = decltype(nfc)::value;
+          cudaError_t e = set_smem(lora_shrink_tc_kernel<T, TA, NF>, smem);
+          if (e != cudaSuccess) return e;
+          lora_shrink_tc_kernel<T, TA, NF><<<grid, kTcThreads, smem, stream>>>(
+              static_cast<const T*>(x), static_cast<const TA*>(A), u_out, M, K, r, plan.cols_per_group, scale, p,
+              seed, offset);
+          return cudaGetLastError();
+        });
+      });
+    });
+  }
+  const size_t smem = (size_t)(SH_BM * SH_KC + r * (SH_KC + 1)) * sizeof(float);
+  const dim3 grid((unsigned)ceil_div(M, SH_BM), (unsigned)plan.col_groups);
+  return dispatch(x_dtype, [&](auto xt) {
+    using T = decltype(xt);
+    return dispatch(a_dtype, [&](auto at) {
+      using TA = decltype(at);
+      cudaError_t e = set_smem(lora_shrink_kernel<T, TA>, smem);
+      if (e != cudaSuccess) return e;
+      lora_shrink_kernel<T, TA><<<grid, kThreads, smem, stream>>>(static_cast<const T*>(x), static_cast<const TA*>(A),
+                                                                  u_out, M, K, r, plan.cols_per_group, scale, p, seed,
+                                                                  offset);
+      return cudaGetLastError();
+    });
+  });
+}
+
+}  // namespace lora_kernels
