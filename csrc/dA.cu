@@ -89,8 +89,6 @@ lora_dA_tc_kernel(const T* __restrict__ x, const float* __restrict__ g, float* _
                   uint64_t seed, uint64_t offset) {
 #if LK_TC_ARCH
   constexpr int RC = 16 * NJ, LDG = RC + 8;
-  constexpr int XG = TA_BM * TA_KC / 8 / kTcThreads;  // 8-groups of x per thread and tile (4)
-  constexpr int GG = TA_BM * RC / 4 / kTcThreads;     // 4-groups of g per thread and tile (NJ)
   static_assert(TA_KC == 16 * (kTcThreads / 32), "one 16-column strip per warp");
   extern __shared__ __align__(128) unsigned char lk_smem[];
   T* xs = reinterpret_cast<T*>(lk_smem);  // [kStages][TA_BM][TA_LDX]: x tiles (B operand stored [k][n])
@@ -109,80 +107,29 @@ lora_dA_tc_kernel(const T* __restrict__ x, const float* __restrict__ g, float* _
   // Full tiles of 16-byte aligned rows take the fast paths (no per-group bounds / alignment checks).
   const bool x_vec = reinterpret_cast<uintptr_t>(x) % 16 == 0 && K % 8 == 0 && col_begin % 8 == 0;
   const bool g_vec = reinterpret_cast<uintptr_t>(g) % 16 == 0 && r % 4 == 0 && j0 + RC <= r;
+  using XTile = StreamTile<T, TA_BM, TA_KC, TA_LDX>;
   auto issue = [&](int64_t t) {  // tiles: strip t / n_rt (outer), row tile t % n_rt (inner)
     const int64_t m0 = row_begin + t % n_rt * TA_BM, k0 = col_begin + t / n_rt * TA_KC;
-    T* slot = xs + (int)(t % kStages) * TA_BM * TA_LDX;
-    if (x_vec && m0 + TA_BM <= row_end && k0 + TA_KC <= col_end) {
-#pragma unroll
-      for (int i = 0; i < XG; ++i) {
-        const int gi = tid + i * kTcThreads, mm = gi / (TA_KC / 8), c = gi % (TA_KC / 8) * 8;
-        cp_async16(smem_addr(slot + mm * TA_LDX + c), x + (m0 + mm) * K + k0 + c, 16);
-      }
-      return;
-    }
-#pragma unroll
-    for (int i = 0; i < XG; ++i) {
-      const int gi = tid + i * kTcThreads, mm = gi / (TA_KC / 8), c = gi % (TA_KC / 8) * 8;
-      const int64_t m = m0 + mm, k = k0 + c;
-      copy8_async<T>(slot + mm * TA_LDX + c, x + m * K + k, m < row_end ? n_valid(col_end - k, 8) : 0);
-    }
+    XTile::issue(xs + (int)(t % kStages) * TA_BM * TA_LDX, x, K, m0, k0,
+                 x_vec && m0 + TA_BM <= row_end && k0 + TA_KC <= col_end, row_end, col_end);
   };
-  Vec4<float> gr[GG];
-  auto fetch_g = [&](int64_t t) {
+  SideTile<float, TA_BM, RC> g_regs;
+  auto fetch_g = [&](int64_t t) {  // g tile t (rows m0.., columns j0..) into registers
     const int64_t m0 = row_begin + t % n_rt * TA_BM;
-    if (g_vec && m0 + TA_BM <= row_end) {
-#pragma unroll
-      for (int i = 0; i < GG; ++i) {
-        const int gi = tid + i * kTcThreads, mm = gi / (RC / 4), c = gi % (RC / 4) * 4;
-        gr[i] = *reinterpret_cast<const Vec4<float>*>(g + (m0 + mm) * r + j0 + c);
-      }
-      return;
-    }
-#pragma unroll
-    for (int i = 0; i < GG; ++i) {
-      const int gi = tid + i * kTcThreads, mm = gi / (RC / 4), c = gi % (RC / 4) * 4;
-      const int64_t m = m0 + mm;
-      gr[i] = ld4<float>(g + m * r + j0 + c, m < row_end ? n_valid(r - (j0 + c), 4) : 0);
-    }
+    g_regs.fetch(g, r, m0, j0, g_vec && m0 + TA_BM <= row_end, row_end, r);
   };
-
-  auto stash_g = [&](int64_t t) {  // registers -> gs buffer t % 2 (cast to T)
-    T* gb = gs + (int)(t % 2) * TA_BM * LDG;
-#pragma unroll
-    for (int i = 0; i < GG; ++i) {
-      const int gi = tid + i * kTcThreads, mm = gi / (RC / 4), c = gi % (RC / 4) * 4;
-      *reinterpret_cast<uint2*>(gb + mm * LDG + c) = to_t4<T, float>(gr[i]);
-    }
-  };
+  auto stash_g = [&](int64_t t) { g_regs.stash(gs + (int)(t % 2) * TA_BM * LDG, LDG); };
 
   float acc[NJ][2][4];
-  if (n_tiles > 0) issue(0);
-  cp_async_commit();
-  if (n_tiles > 1) issue(1);
-  cp_async_commit();
-  if (n_tiles > 0) {
-    fetch_g(0);
-    stash_g(0);
-  }
-  if (n_tiles > 1) fetch_g(1);
-  for (int64_t t = 0; t < n_tiles; ++t) {  // same pipeline as lora_shrink_tc_kernel
+  pipeline_start(n_tiles, issue, fetch_g, stash_g, [] {});
+  for (int64_t t = 0; t < n_tiles; ++t) {
     const int64_t rt = t % n_rt;
     const int64_t m0 = row_begin + rt * TA_BM, k0 = col_begin + t / n_rt * TA_KC;
     T* slot = xs + (int)(t % kStages) * TA_BM * TA_LDX;
     const T* gb = gs + (int)(t % 2) * TA_BM * LDG;
-    cp_async_wait<kStages - 2>();
-    if (p > 0.f) {
-#pragma unroll
-      for (int i = 0; i < XG; ++i) {
-        const int gi = tid + i * kTcThreads, mm = gi / (TA_KC / 8), c = gi % (TA_KC / 8) * 8;
-        const int64_t m = m0 + mm;
-        uint4* q = reinterpret_cast<uint4*>(slot + mm * TA_LDX + c);
-        if (m < row_end) *q = dropout8(*q, m, K, k0 + c, col_end, p, seed, offset);
-      }
-    }
-    __syncthreads();
-    if (t + kStages - 1 < n_tiles) issue(t + kStages - 1);
-    cp_async_commit();
+    pipeline_wait(t, n_tiles, issue, [&] {
+      if (p > 0.f) XTile::dropout(slot, m0, row_end, K, k0, col_end, p, seed, offset);
+    });
     if (rt == 0) {
 #pragma unroll
       for (int jf = 0; jf < NJ; ++jf)
@@ -203,10 +150,7 @@ lora_dA_tc_kernel(const T* __restrict__ x, const float* __restrict__ g, float* _
         mma16816<T>(acc[jf][1], a, b[2], b[3]);
       }
     }
-    if (t + 1 < n_tiles) {
-      stash_g(t + 1);
-      if (t + 2 < n_tiles) fetch_g(t + 2);
-    }
+    pipeline_next(t, n_tiles, fetch_g, stash_g);
     if (rt == n_rt - 1) {  // strip done: dA partial rows j0.., columns k0 + 16w.. written once
 #pragma unroll
       for (int jf = 0; jf < NJ; ++jf)

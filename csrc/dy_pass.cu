@@ -130,8 +130,6 @@ lora_dy_pass_tc_kernel(const T* __restrict__ dy, const TB* __restrict__ B, const
                        int64_t rows_per_split, int64_t cols_per_group) {
 #if LK_TC_ARCH
   constexpr int RC = 16 * NJ, LDR = RC + 8, LDD = RC + 8;
-  constexpr int YG = TD_BM * TD_BN / 8 / kTcThreads;  // 8-groups of dy per thread and tile (4)
-  constexpr int BG = TD_BN * RC / 4 / kTcThreads;     // 4-groups of B per thread and tile (NJ)
   static_assert(TD_BM == 4 * 32 && TD_BN == 4 * 16, "warps 0-3 own 32 rows each, warps 4-7 16 columns each");
   extern __shared__ __align__(128) unsigned char lk_smem[];
   T* dys = reinterpret_cast<T*>(lk_smem);                   // [kStages][TD_BM][TD_LDY]: dy tiles
@@ -158,51 +156,18 @@ lora_dy_pass_tc_kernel(const T* __restrict__ dy, const TB* __restrict__ B, const
   // Full tiles of 16-byte aligned rows take the fast paths (no per-group bounds / alignment checks).
   const bool dy_vec = reinterpret_cast<uintptr_t>(dy) % 16 == 0 && N % 8 == 0 && col_begin % 8 == 0;
   const bool b_vec = reinterpret_cast<uintptr_t>(B) % sizeof(Vec4<TB>) == 0 && r % 4 == 0 && j0 + RC <= r;
-  auto issue = [&](int64_t t) {
+  using DyTile = StreamTile<T, TD_BM, TD_BN, TD_LDY>;
+  auto issue = [&](int64_t t) {  // tiles: row tile t / n_ct (outer), column chunk t % n_ct (inner)
     const int64_t m0 = row_begin + t / n_ct * TD_BM, n0 = col_begin + t % n_ct * TD_BN;
-    T* slot = dys + (int)(t % kStages) * TD_BM * TD_LDY;
-    if (dy_vec && m0 + TD_BM <= row_end && n0 + TD_BN <= col_end) {
-#pragma unroll
-      for (int i = 0; i < YG; ++i) {
-        const int gi = tid + i * kTcThreads, mm = gi / (TD_BN / 8), c = gi % (TD_BN / 8) * 8;
-        cp_async16(smem_addr(slot + mm * TD_LDY + c), dy + (m0 + mm) * N + n0 + c, 16);
-      }
-      return;
-    }
-#pragma unroll
-    for (int i = 0; i < YG; ++i) {
-      const int gi = tid + i * kTcThreads, mm = gi / (TD_BN / 8), c = gi % (TD_BN / 8) * 8;
-      const int64_t m = m0 + mm, n = n0 + c;
-      copy8_async<T>(slot + mm * TD_LDY + c, dy + m * N + n, m < row_end ? n_valid(col_end - n, 8) : 0);
-    }
+    DyTile::issue(dys + (int)(t % kStages) * TD_BM * TD_LDY, dy, N, m0, n0,
+                  dy_vec && m0 + TD_BM <= row_end && n0 + TD_BN <= col_end, row_end, col_end);
   };
-  Vec4<TB> br[BG];
-  auto fetch_b = [&](int64_t t) {
+  SideTile<TB, TD_BN, RC> b_regs;
+  auto fetch_b = [&](int64_t t) {  // B chunk of tile t (rows n0.., columns j0..) into registers
     const int64_t n0 = col_begin + t % n_ct * TD_BN;
-    if (b_vec && n0 + TD_BN <= col_end) {
-#pragma unroll
-      for (int i = 0; i < BG; ++i) {
-        const int gi = tid + i * kTcThreads, nn = gi / (RC / 4), c = gi % (RC / 4) * 4;
-        br[i] = *reinterpret_cast<const Vec4<TB>*>(B + (n0 + nn) * r + j0 + c);
-      }
-      return;
-    }
-#pragma unroll
-    for (int i = 0; i < BG; ++i) {
-      const int gi = tid + i * kTcThreads, nn = gi / (RC / 4), c = gi % (RC / 4) * 4;
-      const int64_t n = n0 + nn;
-      br[i] = ld4<TB>(B + n * r + j0 + c, n < col_end ? n_valid(r - (j0 + c), 4) : 0);
-    }
+    b_regs.fetch(B, r, n0, j0, b_vec && n0 + TD_BN <= col_end, col_end, r);
   };
-
-  auto stash_b = [&](int64_t t) {  // registers -> bs buffer t % 2 (cast to T)
-    T* bb = bs + (int)(t % 2) * TD_BN * LDR;
-#pragma unroll
-    for (int i = 0; i < BG; ++i) {
-      const int gi = tid + i * kTcThreads, nn = gi / (RC / 4), c = gi % (RC / 4) * 4;
-      *reinterpret_cast<uint2*>(bb + nn * LDR + c) = to_t4<T, TB>(br[i]);
-    }
-  };
+  auto stash_b = [&](int64_t t) { b_regs.stash(bs + (int)(t % 2) * TD_BN * LDR, LDR); };
   auto load_u = [&](int64_t rt) {  // u rows of row tile rt -> us buffer rt % 2 (cast to T)
     const int64_t m0 = row_begin + rt * TD_BM;
     load_tile_as_t<T, float>(us + (int)(rt % 2) * TD_BM * LDR, LDR, u + m0 * r + j0, r, TD_BM, RC / 4, row_end - m0,
@@ -212,16 +177,9 @@ lora_dy_pass_tc_kernel(const T* __restrict__ dy, const TB* __restrict__ B, const
   // Warps 0-3: acc[i][n] = g rows 32w + 16i (+0..15) x columns j0 + 8n (+0..7). Warps 4-7: acc[0][n] = dB rows
   // 16(w-4) (+0..15) of the current chunk x columns j0 + 8n, loaded from / stored to dBs around each tile.
   float acc[2][2 * NJ][4];
-  if (n_tiles > 0) issue(0);
-  cp_async_commit();
-  if (n_tiles > 1) issue(1);
-  cp_async_commit();
-  if (n_tiles > 0) {
-    fetch_b(0);
-    stash_b(0);
+  pipeline_start(n_tiles, issue, fetch_b, stash_b, [&] {
     if (do_dB) load_u(0);
-  }
-  if (n_tiles > 1) fetch_b(1);
+  });
   // Per tile t: wait for dy tile t, one barrier (tile t, B chunk t and the row tile's u complete; tile t-1's reads
   // done), refill the freed ring slot, multiply, then stage B chunk t+1 (and u of the next row tile) into the other
   // buffers.
@@ -231,10 +189,7 @@ lora_dy_pass_tc_kernel(const T* __restrict__ dy, const TB* __restrict__ B, const
     const T* slot = dys + (int)(t % kStages) * TD_BM * TD_LDY;
     const T* bb = bs + (int)(t % 2) * TD_BN * LDR;
     const T* ub = us + (int)(rt % 2) * TD_BM * LDR;
-    cp_async_wait<kStages - 2>();
-    __syncthreads();
-    if (t + kStages - 1 < n_tiles) issue(t + kStages - 1);
-    cp_async_commit();
+    pipeline_wait(t, n_tiles, issue, [] {});
 
     if (warp < 4) {
       if (ct == 0) {
@@ -303,11 +258,8 @@ lora_dy_pass_tc_kernel(const T* __restrict__ dy, const TB* __restrict__ B, const
           *reinterpret_cast<float2*>(dacc + (lo.g + 8 * h) * LDD + 8 * n + 2 * lo.t) =
               make_float2(acc[0][n][2 * h], acc[0][n][2 * h + 1]);
     }
-    if (t + 1 < n_tiles) {
-      stash_b(t + 1);
-      if (t + 2 < n_tiles) fetch_b(t + 2);
-      if (do_dB && ct == n_ct - 1) load_u(rt + 1);
-    }
+    pipeline_next(t, n_tiles, fetch_b, stash_b);
+    if (do_dB && ct == n_ct - 1 && t + 1 < n_tiles) load_u(rt + 1);
   }
   if (do_dB) {  // the block's dB partial rows [col_begin, col_end), columns of the r-chunk: written once
     __syncthreads();

@@ -91,8 +91,6 @@ lora_shrink_tc_kernel(const T* __restrict__ x, const TA* __restrict__ A, float* 
                       int64_t K, int r, int64_t k_per_split, float scale, float p, uint64_t seed, uint64_t offset) {
 #if LK_TC_ARCH
   constexpr int RC = 16 * NF;
-  constexpr int XG = TS_BM * TS_KC / 8 / kTcThreads;  // 8-groups of x per thread and tile (4)
-  constexpr int AG = RC * TS_KC / 4 / kTcThreads;     // 4-groups of A per thread and tile (NF)
   static_assert(TS_BM == 16 * (kTcThreads / 32), "one 16-row strip per warp");
   extern __shared__ __align__(128) unsigned char lk_smem[];
   T* xs = reinterpret_cast<T*>(lk_smem);  // [kStages][TS_BM][TS_LD]: x tiles (A operand, row-major)
@@ -110,84 +108,32 @@ lora_shrink_tc_kernel(const T* __restrict__ x, const TA* __restrict__ A, float* 
   const bool x_vec = reinterpret_cast<uintptr_t>(x) % 16 == 0 && K % 8 == 0 && k_begin % 8 == 0;
   const bool a_vec = reinterpret_cast<uintptr_t>(A) % sizeof(Vec4<TA>) == 0 && K % 4 == 0 && k_begin % 4 == 0;
   const bool rows_full = m0 + TS_BM <= M;
+  using XTile = StreamTile<T, TS_BM, TS_KC, TS_LD>;
   auto issue = [&](int64_t t) {  // cp.async of x tile t into its ring slot
     const int64_t k0 = k_begin + t * TS_KC;
-    T* slot = xs + (int)(t % kStages) * TS_BM * TS_LD;
-    if (x_vec && rows_full && k0 + TS_KC <= k_end) {
-#pragma unroll
-      for (int i = 0; i < XG; ++i) {
-        const int gi = tid + i * kTcThreads, mm = gi / (TS_KC / 8), c = gi % (TS_KC / 8) * 8;
-        cp_async16(smem_addr(slot + mm * TS_LD + c), x + (m0 + mm) * K + k0 + c, 16);
-      }
-      return;
-    }
-#pragma unroll
-    for (int i = 0; i < XG; ++i) {
-      const int gi = tid + i * kTcThreads, mm = gi / (TS_KC / 8), c = gi % (TS_KC / 8) * 8;
-      const int64_t m = m0 + mm, k = k0 + c;
-      copy8_async<T>(slot + mm * TS_LD + c, x + m * K + k, m < M ? n_valid(k_end - k, 8) : 0);
-    }
+    XTile::issue(xs + (int)(t % kStages) * TS_BM * TS_LD, x, K, m0, k0, x_vec && rows_full && k0 + TS_KC <= k_end, M,
+                 k_end);
   };
-  Vec4<TA> ar[AG];
-  auto fetch_a = [&](int64_t t) {  // A tile t into registers
+  SideTile<TA, RC, TS_KC> a_regs;
+  auto fetch_a = [&](int64_t t) {  // A tile t (rows j0.., columns k0..) into registers
     const int64_t k0 = k_begin + t * TS_KC;
-    if (a_vec && j0 + RC <= r && k0 + TS_KC <= k_end) {
-#pragma unroll
-      for (int i = 0; i < AG; ++i) {
-        const int gi = tid + i * kTcThreads, jj = gi / (TS_KC / 4), c = gi % (TS_KC / 4) * 4;
-        ar[i] = *reinterpret_cast<const Vec4<TA>*>(A + (int64_t)(j0 + jj) * K + k0 + c);
-      }
-      return;
-    }
-#pragma unroll
-    for (int i = 0; i < AG; ++i) {
-      const int gi = tid + i * kTcThreads, jj = gi / (TS_KC / 4), c = gi % (TS_KC / 4) * 4;
-      ar[i] = ld4<TA>(A + (int64_t)(j0 + jj) * K + k0 + c, j0 + jj < r ? n_valid(k_end - k0 - c, 4) : 0);
-    }
+    a_regs.fetch(A, K, j0, k0, a_vec && j0 + RC <= r && k0 + TS_KC <= k_end, r, k_end);
   };
-
-  auto stash_a = [&](int64_t t) {  // registers -> as buffer t % 2 (cast to T)
-    T* ab = as + (int)(t % 2) * RC * TS_LD;
-#pragma unroll
-    for (int i = 0; i < AG; ++i) {
-      const int gi = tid + i * kTcThreads, jj = gi / (TS_KC / 4), c = gi % (TS_KC / 4) * 4;
-      *reinterpret_cast<uint2*>(ab + jj * TS_LD + c) = to_t4<T, TA>(ar[i]);
-    }
-  };
+  auto stash_a = [&](int64_t t) { a_regs.stash(as + (int)(t % 2) * RC * TS_LD, TS_LD); };
 
   float acc[2 * NF][4];
 #pragma unroll
   for (int n = 0; n < 2 * NF; ++n)
 #pragma unroll
     for (int q = 0; q < 4; ++q) acc[n][q] = 0.f;
-  if (n_tiles > 0) issue(0);
-  cp_async_commit();
-  if (n_tiles > 1) issue(1);
-  cp_async_commit();
-  if (n_tiles > 0) {
-    fetch_a(0);
-    stash_a(0);
-  }
-  if (n_tiles > 1) fetch_a(1);
-  // Per tile t: wait for x tile t (own copies), mask it in place, one barrier (tile t and A buffer t % 2 complete;
-  // tile t-1's reads done), refill the freed ring slot, multiply, then stage A tile t+1 into the other buffer.
+  pipeline_start(n_tiles, issue, fetch_a, stash_a, [] {});
   for (int64_t t = 0; t < n_tiles; ++t) {
     const int64_t k0 = k_begin + t * TS_KC;
-    const T* slot = xs + (int)(t % kStages) * TS_BM * TS_LD;
+    T* slot = xs + (int)(t % kStages) * TS_BM * TS_LD;
     const T* ab = as + (int)(t % 2) * RC * TS_LD;
-    cp_async_wait<kStages - 2>();
-    if (p > 0.f) {
-#pragma unroll
-      for (int i = 0; i < XG; ++i) {
-        const int gi = tid + i * kTcThreads, mm = gi / (TS_KC / 8), c = gi % (TS_KC / 8) * 8;
-        const int64_t m = m0 + mm;
-        uint4* q = reinterpret_cast<uint4*>(xs + (int)(t % kStages) * TS_BM * TS_LD + mm * TS_LD + c);
-        if (m < M) *q = dropout8(*q, m, K, k0 + c, k_end, p, seed, offset);
-      }
-    }
-    __syncthreads();
-    if (t + kStages - 1 < n_tiles) issue(t + kStages - 1);
-    cp_async_commit();
+    pipeline_wait(t, n_tiles, issue, [&] {
+      if (p > 0.f) XTile::dropout(slot, m0, M, K, k0, k_end, p, seed, offset);
+    });
 #pragma unroll
     for (int ks = 0; ks < TS_KC / 16; ++ks) {
       uint32_t a[4];
@@ -200,10 +146,7 @@ lora_shrink_tc_kernel(const T* __restrict__ x, const TA* __restrict__ A, float* 
         mma16816<T>(acc[2 * f + 1], a, b[2], b[3]);
       }
     }
-    if (t + 1 < n_tiles) {
-      stash_a(t + 1);
-      if (t + 2 < n_tiles) fetch_a(t + 2);
-    }
+    pipeline_next(t, n_tiles, fetch_a, stash_a);
   }
 #pragma unroll
   for (int n = 0; n < 2 * NF; ++n) {

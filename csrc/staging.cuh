@@ -1,5 +1,14 @@
 // Block-wide staging of tiles into shared memory for the tensor-core kernels: the streamed operand's 8-groups by
-// cp.async, and side-operand tiles converted to the mma dtype T.
+// cp.async, side-operand tiles converted to the mma dtype T, and the pipeline that overlaps both with the mma work.
+//
+// The streaming kernels (shrink, dy pass, dA) walk n tiles. Tile t has a streamed part (x or dy: StreamTile) that
+// arrives through a kStages-deep cp.async ring, and a small side operand (A, B or g: SideTile) that is loaded into
+// registers two tiles ahead and stored into a double buffer one tile ahead. Per tile, one block barrier:
+//   pipeline_start   : issue tiles 0 .. kStages-2; side tile 0 to shared memory, side tile 1 to registers.
+//   pipeline_wait(t) : wait for this thread's copies of tile t, `landed()` (the dropout mask, in place), barrier
+//                      (tile t and side buffer t % 2 complete, tile t-1's reads done), refill the freed ring slot.
+//   (the kernel multiplies tile t)
+//   pipeline_next(t) : side tile t+1 to shared memory, side tile t+2 to registers.
 #pragma once
 #include "common.cuh"
 #include "ptx.cuh"
@@ -38,6 +47,118 @@ __device__ __forceinline__ void load_tile_as_t(T* dst, int ldd, const TS* src, i
       const int gi = base + q * kTcThreads, rr = gi / cols4, c = gi % cols4 * 4;
       if (gi < total) *reinterpret_cast<uint2*>(dst + rr * ldd + c) = to_t4<T, TS>(v[q]);
     }
+  }
+}
+
+// The streamed operand: ROWS x COLS tiles of 16-bit T, shared-memory row pitch LD. Thread-owned 8-groups: group i of
+// a thread is row(i), columns col(i) .. col(i)+7; the thread that copies a group also masks it.
+template <typename T, int ROWS, int COLS, int LD>
+struct StreamTile {
+  static constexpr int kGroups = ROWS * COLS / 8 / kTcThreads;  // 8-groups per thread and tile
+  static_assert(ROWS * COLS == 8 * kTcThreads * kGroups, "whole 8-groups per thread");
+  static __device__ __forceinline__ int row(int i) { return ((int)threadIdx.x + i * kTcThreads) / (COLS / 8); }
+  static __device__ __forceinline__ int col(int i) { return ((int)threadIdx.x + i * kTcThreads) % (COLS / 8) * 8; }
+
+  // cp.async of the tile whose element (0, 0) is src[row0 * ld + col0] into slot. full: every row and column in
+  // range and every row 16-byte aligned (no per-group checks); otherwise rows from row_end and columns from col_end
+  // on read as zeros.
+  static __device__ __forceinline__ void issue(T* slot, const T* src, int64_t ld, int64_t row0, int64_t col0,
+                                               bool full, int64_t row_end, int64_t col_end) {
+    if (full) {
+#pragma unroll
+      for (int i = 0; i < kGroups; ++i)
+        cp_async16(smem_addr(slot + row(i) * LD + col(i)), src + (row0 + row(i)) * ld + col0 + col(i), 16);
+      return;
+    }
+#pragma unroll
+    for (int i = 0; i < kGroups; ++i) {
+      const int64_t m = row0 + row(i), k = col0 + col(i);
+      copy8_async<T>(slot + row(i) * LD + col(i), src + m * ld + k, m < row_end ? n_valid(col_end - k, 8) : 0);
+    }
+  }
+
+  // Zeroes the dropped elements of this thread's groups of a landed x tile whose element (0, 0) is x[m0, k0]: rows
+  // m0 + row < m_end, columns below k_lim (the rest are zeros already).
+  static __device__ __forceinline__ void dropout(T* slot, int64_t m0, int64_t m_end, int64_t K, int64_t k0,
+                                                 int64_t k_lim, float p, uint64_t seed, uint64_t offset) {
+#pragma unroll
+    for (int i = 0; i < kGroups; ++i) {
+      const int64_t m = m0 + row(i);
+      uint4* q = reinterpret_cast<uint4*>(slot + row(i) * LD + col(i));
+      if (m < m_end) *q = dropout8(*q, m, K, k0 + col(i), k_lim, p, seed, offset);
+    }
+  }
+};
+
+// A side operand's ROWS x COLS tile of TS (fp32 or 16-bit) in registers, 4-groups spread over the block, between
+// its global loads (fetch) and its store to shared memory as T (stash).
+template <typename TS, int ROWS, int COLS>
+struct SideTile {
+  static constexpr int kGroups = ROWS * COLS / 4 / kTcThreads;  // 4-groups per thread and tile
+  static_assert(ROWS * COLS == 4 * kTcThreads * kGroups, "whole 4-groups per thread");
+  // (Unsigned index arithmetic here, signed in StreamTile: the combination that needs the fewest registers.)
+  static __device__ __forceinline__ int row(int i) { return (threadIdx.x + i * kTcThreads) / (COLS / 4); }
+  static __device__ __forceinline__ int col(int i) { return (threadIdx.x + i * kTcThreads) % (COLS / 4) * 4; }
+  Vec4<TS> v[kGroups];
+
+  // The tile whose element (0, 0) is src[row0 * ld + col0]. full: every row and column in range and every 4-group
+  // aligned (no per-group checks); otherwise rows from row_end and columns from col_end on read as zeros. The index
+  // types are the caller's (int for rank-sized values: 32-bit arithmetic where it cannot overflow).
+  template <typename R0, typename LD, typename C0, typename RE, typename CE>
+  __device__ __forceinline__ void fetch(const TS* src, LD ld, R0 row0, C0 col0, bool full, RE row_end, CE col_end) {
+    if (full) {
+#pragma unroll
+      for (int i = 0; i < kGroups; ++i)
+        v[i] = *reinterpret_cast<const Vec4<TS>*>(src + (row0 + row(i)) * ld + col0 + col(i));
+      return;
+    }
+#pragma unroll
+    for (int i = 0; i < kGroups; ++i)
+      v[i] = ld4<TS>(src + (row0 + row(i)) * ld + col0 + col(i),
+                     row0 + row(i) < row_end ? n_valid(col_end - (col0 + col(i)), 4) : 0);
+  }
+
+  // Into shared memory as T, row pitch ldd.
+  template <typename T>
+  __device__ __forceinline__ void stash(T* dst, int ldd) const {
+#pragma unroll
+    for (int i = 0; i < kGroups; ++i) *reinterpret_cast<uint2*>(dst + row(i) * ldd + col(i)) = to_t4<T, TS>(v[i]);
+  }
+};
+
+// The pipeline steps (see the top of this file). issue(t): cp.async of streamed tile t into ring slot t % kStages;
+// fetch(t): side tile t into registers; stash(t): registers into side buffer t % 2.
+// first(): more staging for tile 0, after its side tile (the dy pass's u tile).
+template <typename Issue, typename Fetch, typename Stash, typename First>
+__device__ __forceinline__ void pipeline_start(int64_t n_tiles, Issue&& issue, Fetch&& fetch, Stash&& stash,
+                                               First&& first) {
+  static_assert(kStages == 3, "two tiles in flight");
+  if (n_tiles > 0) issue(0);
+  cp_async_commit();
+  if (n_tiles > 1) issue(1);
+  cp_async_commit();
+  if (n_tiles > 0) {
+    fetch(0);
+    stash(0);
+    first();
+  }
+  if (n_tiles > 1) fetch(1);
+}
+
+template <typename Issue, typename Landed>
+__device__ __forceinline__ void pipeline_wait(int64_t t, int64_t n_tiles, Issue&& issue, Landed&& landed) {
+  cp_async_wait<kStages - 2>();
+  landed();
+  __syncthreads();
+  if (t + kStages - 1 < n_tiles) issue(t + kStages - 1);
+  cp_async_commit();
+}
+
+template <typename Fetch, typename Stash>
+__device__ __forceinline__ void pipeline_next(int64_t t, int64_t n_tiles, Fetch&& fetch, Stash&& stash) {
+  if (t + 1 < n_tiles) {
+    stash(t + 1);
+    if (t + 2 < n_tiles) fetch(t + 2);
   }
 }
 #endif  // LK_TC_ARCH
