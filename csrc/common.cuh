@@ -46,6 +46,16 @@ constexpr int kThreads = 256;  // threads per block of the FFMA kernels
 
 __host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
+// The items [begin, end) of 0 .. n that block `idx` owns when each block owns `per` of them (a row split, a column
+// group, a group of chunks).
+struct Span {
+  int64_t begin, end;
+};
+__device__ __forceinline__ Span block_span(int64_t idx, int64_t per, int64_t n) {
+  const int64_t begin = idx * per;
+  return {begin, min64(n, begin + per)};
+}
+
 template <typename T> __device__ __forceinline__ float to_f(T v);
 template <> __device__ __forceinline__ float to_f<float>(float v) { return v; }
 template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
@@ -112,6 +122,52 @@ __device__ __forceinline__ void load_x4_dropout(const T* __restrict__ x, int64_t
     for (int q = 0; q < 4; ++q) v[q] = 0.f;
   }
 }
+
+// FFMA kernels' row sub-blocks: rows m0 .. m0 + BM - 1 of an fp32 (M, r) buffer (u or g) into shared memory
+// dst [BM][r], rows from row_end on as zeros. Block-wide.
+template <int BM>
+__device__ __forceinline__ void load_rows(float* dst, const float* src, int64_t m0, int64_t row_end, int r) {
+  for (int i = threadIdx.x; i < BM * r; i += kThreads) {
+    const int64_t m = m0 + i / r;
+    dst[i] = m < row_end ? src[m * r + (i % r)] : 0.f;
+  }
+}
+
+// FFMA kernels' r-chunks: columns r0 .. r0 + RC - 1 of rows m0 .. m0 + BM - 1 of an fp32 (M, r) buffer (u or g)
+// into shared memory dst [BM][RC + 1], zeros outside. Block-wide.
+template <int BM, int RC>
+__device__ __forceinline__ void load_rchunk(float (*dst)[RC + 1], const float* src, int64_t m0, int64_t M, int r,
+                                            int r0) {
+  for (int i = threadIdx.x; i < BM * RC; i += kThreads) {
+    const int mm = i / RC, jj = i % RC;
+    const int64_t m = m0 + mm;
+    dst[mm][jj] = (m < M && r0 + jj < r) ? src[m * r + r0 + jj] : 0.f;
+  }
+}
+
+// s + sum over i < N of a[i * lda + a0] * b[i * ldb + b0], accumulated in order i = 0, 1, ... (fp32 FFMA; int
+// element offsets from the shared-memory bases keep the address arithmetic 32-bit).
+template <int N>
+__device__ __forceinline__ float fma_dot(float s, const float* a, int a0, int lda, const float* b, int b0, int ldb) {
+#pragma unroll 8
+  for (int i = 0; i < N; ++i) s = fmaf(a[i * lda + a0], b[i * ldb + b0], s);
+  return s;
+}
+
+// f(i, o) for this thread's outputs o = threadIdx.x + i * kThreads < nout of the block's nout (i < MAXO, unrolled, so
+// per-output accumulators indexed by i stay in registers).
+template <int MAXO, typename F>
+__device__ __forceinline__ void for_outputs(int nout, F&& f) {
+#pragma unroll
+  for (int i = 0; i < MAXO; ++i) {
+    const int o = (int)threadIdx.x + i * kThreads;
+    if (o < nout) f(i, o);
+  }
+}
+
+// A partial-buffer element owned by this thread gets s: written by the first row sub-block, added to by the next.
+// Callers compute s before the call, not in its arguments (fewer registers).
+__device__ __forceinline__ void add_partial(float* dst, float s, bool first) { *dst = first ? s : *dst + s; }
 
 // Tensor-core kernels (x dtype T = __half or __nv_bfloat16), sm_80+: ldmatrix + mma.sync.m16n8k16 (fp32
 // accumulators) from shared-memory tiles of T, through inline PTX (the fragment layouts are then known, so the

@@ -14,8 +14,7 @@ namespace {
 // lora_dA: dA_partial[s] (r, K) = sum over rows of s of g[m, :]^T (scale * keep * x[m, :]), scale = scaling/(1-p).
 // Block (s, c) walks its rows in sub-blocks of DA_BM (g sub-block in shared memory) and its columns in chunks of
 // DA_KC (x chunk with the mask regenerated, one Philox call per 4 elements). Outputs owned by one block: no atomics.
-constexpr int DA_BM = 32;
-constexpr int DA_KC = 32;
+constexpr int DA_BM = 32, DA_KC = 32;
 constexpr int DA_MAXO = DA_KC * kMaxRank / kThreads;
 
 template <typename T>
@@ -27,19 +26,14 @@ lora_dA_kernel(const T* __restrict__ x, const float* __restrict__ g, float* __re
   float* xs = smem;               // [DA_BM][DA_KC]
   float* gs = xs + DA_BM * DA_KC;  // [DA_BM][r]
   const int tid = threadIdx.x;
-  const int64_t row_begin = (int64_t)blockIdx.x * rows_per_split;
-  const int64_t row_end = min64(M, row_begin + rows_per_split);
-  const int64_t col_begin = (int64_t)blockIdx.y * cols_per_group;
-  const int64_t col_end = min64(K, col_begin + cols_per_group);
+  const Span rows = block_span(blockIdx.x, rows_per_split, M), cols = block_span(blockIdx.y, cols_per_group, K);
+  const int64_t row_begin = rows.begin, row_end = rows.end, col_begin = cols.begin, col_end = cols.end;
   float* dAp = dA_partial + (int64_t)blockIdx.x * r * K;
   const int nout = DA_KC * r;
 
   for (int64_t m0 = row_begin; m0 < row_end; m0 += DA_BM) {
     const bool first = (m0 == row_begin);
-    for (int i = tid; i < DA_BM * r; i += kThreads) {
-      const int64_t m = m0 + i / r;
-      gs[i] = m < row_end ? g[m * r + (i % r)] : 0.f;
-    }
+    load_rows<DA_BM>(gs, g, m0, row_end, r);
     for (int64_t k0 = col_begin; k0 < col_end; k0 += DA_KC) {
       for (int gi = tid; gi < DA_BM * (DA_KC / 4); gi += kThreads) {
         const int mm = gi / (DA_KC / 4), g4 = gi % (DA_KC / 4);
@@ -50,21 +44,14 @@ lora_dA_kernel(const T* __restrict__ x, const float* __restrict__ g, float* __re
         for (int q = 0; q < 4; ++q) xs[mm * DA_KC + 4 * g4 + q] = v[q] * scale;
       }
       __syncthreads();
-#pragma unroll
-      for (int i = 0; i < DA_MAXO; ++i) {
-        const int o = tid + i * kThreads;
-        if (o < nout) {
-          const int j = o / DA_KC, kk = o % DA_KC;
-          const int64_t k = k0 + kk;
-          if (k < col_end) {
-            float s = 0.f;
-#pragma unroll 8
-            for (int mm = 0; mm < DA_BM; ++mm) s = fmaf(gs[mm * r + j], xs[mm * DA_KC + kk], s);
-            float* dst = dAp + (int64_t)j * K + k;
-            *dst = first ? s : *dst + s;
-          }
+      for_outputs<DA_MAXO>(nout, [&](int, int o) {  // output o = (row j, column k0 + kk)
+        const int j = o / DA_KC, kk = o % DA_KC;
+        const int64_t k = k0 + kk;
+        if (k < col_end) {
+          const float s = fma_dot<DA_BM>(0.f, gs, j, r, xs, kk, DA_KC);
+          add_partial(dAp + (int64_t)j * K + k, s, first);
         }
-      }
+      });
       __syncthreads();
     }
   }
@@ -95,10 +82,8 @@ lora_dA_tc_kernel(const T* __restrict__ x, const float* __restrict__ g, float* _
   T* gs = xs + kStages * TA_BM * TA_LDX;  // [2][TA_BM][LDG]: g tiles (A operand g^T stored [k][m]), double-buffered
   const int tid = threadIdx.x, warp = tid >> 5;
   const LaneOffsets lo;
-  const int64_t row_begin = (int64_t)blockIdx.x * rows_per_split;
-  const int64_t row_end = min64(M, row_begin + rows_per_split);
-  const int64_t col_begin = (int64_t)blockIdx.y * cols_per_group;
-  const int64_t col_end = min64(K, col_begin + cols_per_group);
+  const Span rows = block_span(blockIdx.x, rows_per_split, M), cols = block_span(blockIdx.y, cols_per_group, K);
+  const int64_t row_begin = rows.begin, row_end = rows.end, col_begin = cols.begin, col_end = cols.end;
   const int j0 = blockIdx.z * RC;
   float* dAp = dA_partial + (int64_t)blockIdx.x * r * K;
   const int64_t n_rt = row_end > row_begin ? (row_end - row_begin + TA_BM - 1) / TA_BM : 0;
@@ -146,8 +131,7 @@ lora_dA_tc_kernel(const T* __restrict__ x, const float* __restrict__ g, float* _
       for (int jf = 0; jf < NJ; ++jf) {
         uint32_t a[4];  // (g^T)[j, m]: the g tile read transposed
         ldsm4_t(a, gb + (16 * mb + lo.r2) * LDG + 16 * jf + lo.c2);
-        mma16816<T>(acc[jf][0], a, b[0], b[1]);
-        mma16816<T>(acc[jf][1], a, b[2], b[3]);
+        mma16816x2<T>(acc[jf][0], acc[jf][1], a, b);
       }
     }
     pipeline_next(t, n_tiles, fetch_g, stash_g);
@@ -178,35 +162,26 @@ cudaError_t launch_lora_dA(const void* x, DType x_dtype, const float* g, float* 
   if (r < 1 || r > kMaxRank) return cudaErrorInvalidValue;
   if (M <= 0 || K <= 0 || plan.row_splits <= 0) return cudaSuccess;
   if (plan.col_groups > 65535) return cudaErrorInvalidConfiguration;
-  const float scale = (float)((double)scaling / (1.0 - (double)p));
+  const float scale = dropout_scale(scaling, p);
   if (x_dtype != DType::kFloat32 && tc_supported()) {
     if (plan.row_splits > 0x7fffffff) return cudaErrorInvalidConfiguration;
     const int nj = rank_frags(r);
-    const size_t smem = dA_tc_smem(16 * nj);
     const dim3 grid((unsigned)plan.row_splits, (unsigned)plan.col_groups, (unsigned)ceil_div(round16(r), 16 * nj));
-    return dispatch16(x_dtype, [&](auto xt) {
+    return with_dtype16(x_dtype, [&](auto xt) {
       using T = decltype(xt);
-      return dispatch_frags(nj, [&](auto njc) {
-        constexpr int NJ = decltype(njc)::value;
-        cudaError_t e = set_smem(lora_dA_tc_kernel<T, NJ>, smem);
-        if (e != cudaSuccess) return e;
-        lora_dA_tc_kernel<T, NJ><<<grid, kTcThreads, smem, stream>>>(static_cast<const T*>(x), g, dA_partial, M, K,
-                                                                     r, plan.rows_per_split, plan.cols_per_group,
-                                                                     scale, p, seed, offset);
-        return cudaGetLastError();
+      return with_rank_frags(nj, [&](auto njc) {
+        return launch_kernel(lora_dA_tc_kernel<T, decltype(njc)::value>, grid, kTcThreads, dA_tc_smem(16 * nj), stream,
+                             static_cast<const T*>(x), g, dA_partial, M, K, r, plan.rows_per_split,
+                             plan.cols_per_group, scale, p, seed, offset);
       });
     });
   }
   const size_t smem = (size_t)(DA_BM * DA_KC + DA_BM * r) * sizeof(float);
   const dim3 grid((unsigned)plan.row_splits, (unsigned)plan.col_groups);
-  return dispatch(x_dtype, [&](auto xt) {
+  return with_dtype(x_dtype, [&](auto xt) {
     using T = decltype(xt);
-    cudaError_t e = set_smem(lora_dA_kernel<T>, smem);
-    if (e != cudaSuccess) return e;
-    lora_dA_kernel<T><<<grid, kThreads, smem, stream>>>(static_cast<const T*>(x), g, dA_partial, M, K, r,
-                                                        plan.rows_per_split, plan.cols_per_group, scale, p, seed,
-                                                        offset);
-    return cudaGetLastError();
+    return launch_kernel(lora_dA_kernel<T>, grid, kThreads, smem, stream, static_cast<const T*>(x), g, dA_partial, M,
+                         K, r, plan.rows_per_split, plan.cols_per_group, scale, p, seed, offset);
   });
 }
 

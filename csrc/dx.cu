@@ -13,9 +13,7 @@ namespace {
 // lora_dx_prefill: dx (M, K) = scale * keep * (g A), scale = scaling / (1 - p), written once (never read): cuBLAS
 // then accumulates dy W into it with beta = 1. Tile DX_BM x DX_KC; thread owns one 4-group (one Philox call,
 // vector store when aligned); r in chunks of DX_RC through shared memory.
-constexpr int DX_BM = 32;
-constexpr int DX_KC = 32;
-constexpr int DX_RC = 32;
+constexpr int DX_BM = 32, DX_KC = 32, DX_RC = 32;
 static_assert(DX_BM * DX_KC / 4 == kThreads, "one 4-group per thread");
 
 template <typename T, typename TA>
@@ -30,11 +28,7 @@ lora_dx_prefill_kernel(T* __restrict__ dx, const float* __restrict__ g, const TA
   const int mm = tid / (DX_KC / 4), g4 = tid % (DX_KC / 4);
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   for (int r0 = 0; r0 < r; r0 += DX_RC) {
-    for (int i = tid; i < DX_BM * DX_RC; i += kThreads) {
-      const int a = i / DX_RC, jj = i % DX_RC;
-      const int64_t m = m0 + a;
-      gs[a][jj] = (m < M && r0 + jj < r) ? g[m * r + r0 + jj] : 0.f;
-    }
+    load_rchunk<DX_BM, DX_RC>(gs, g, m0, M, r, r0);
     for (int i = tid; i < DX_RC * DX_KC; i += kThreads) {
       const int jj = i / DX_KC, kk = i % DX_KC;
       const int64_t k = k0 + kk;
@@ -83,9 +77,8 @@ lora_dx_prefill_tc_kernel(T* __restrict__ dx, const float* __restrict__ g, const
   const int tid = threadIdx.x, warp = tid >> 5;
   const LaneOffsets lo;
   const int64_t m0 = (int64_t)blockIdx.x * TO_BM;
-  const int64_t n_chunks = (K + TO_BN - 1) / TO_BN;
-  const int64_t c_begin = (int64_t)blockIdx.y * chunks_per_group;
-  const int64_t c_end = min64(n_chunks, c_begin + chunks_per_group);
+  const Span chunks = block_span(blockIdx.y, chunks_per_group, (K + TO_BN - 1) / TO_BN);
+  const int64_t c_begin = chunks.begin, c_end = chunks.end;
 
   load_tile_as_t<T, float>(gs, LDG, g + m0 * r, r, TO_BM, g4, M - m0, r);
   auto load_a = [&](int64_t k0, int gi) {
@@ -97,7 +90,7 @@ lora_dx_prefill_tc_kernel(T* __restrict__ dx, const float* __restrict__ g, const
   const bool a_vec = reinterpret_cast<uintptr_t>(A) % sizeof(Vec4<TA>) == 0 && K % 4 == 0;
   const bool dx_vec = reinterpret_cast<uintptr_t>(dx) % 16 == 0 && K % 8 == 0 && m0 + TO_BM <= M;
   Vec4<TA> ar[kPrefetch];
-  auto fetch_a = [&](int64_t ch) {
+  auto fetch_a = [&](int64_t ch) {  // chunk ch's A columns into registers (the prefetched part)
     const int64_t k0 = ch * TO_BN;
     if (a_vec && k0 + TO_BN <= K) {
 #pragma unroll
@@ -134,53 +127,19 @@ lora_dx_prefill_tc_kernel(T* __restrict__ dx, const float* __restrict__ g, const
     const T* ab = as + (int)((ch - c_begin) % 2) * RP * LDA;
     __syncthreads();
     float acc[TO_BN / 8][4];
-#pragma unroll
-    for (int n = 0; n < TO_BN / 8; ++n)
-#pragma unroll
-      for (int q = 0; q < 4; ++q) acc[n][q] = 0.f;
-#pragma unroll 2
-    for (int ks = 0; ks < RP / 16; ++ks) {
-      uint32_t a[4];
-      ldsm4(a, gs + (16 * warp + lo.r1) * LDG + 16 * ks + lo.c1);
-#pragma unroll
-      for (int f = 0; f < TO_BN / 16; ++f) {
-        uint32_t b[4];
-        ldsm4_t(b, ab + (16 * ks + lo.r1) * LDA + 16 * f + lo.c1);
-        mma16816<T>(acc[2 * f], a, b[0], b[1]);
-        mma16816<T>(acc[2 * f + 1], a, b[2], b[3]);
-      }
-    }
+    zero_acc(acc);
+    warp_rows_mma<T, TO_BN, false, 2>(acc, gs, LDG, ab, LDA, RP, lo, warp);
 #pragma unroll
     for (int n = 0; n < TO_BN / 8; ++n)
 #pragma unroll
       for (int h = 0; h < 2; ++h)
         *reinterpret_cast<uint32_t*>(os + (16 * warp + lo.g + 8 * h) * TO_LDO + 8 * n + 2 * lo.t) =
             pack2<T>(acc[n][2 * h] * scale, acc[n][2 * h + 1] * scale);
-    __syncwarp();  // each warp writes out its own 16 staged rows
-    if (dx_vec && k0 + TO_BN <= K) {
-#pragma unroll
-      for (int i = 0; i < 16 * TO_BN / 8 / 32; ++i) {
-        const int gi = (tid & 31) + 32 * i, mm = 16 * warp + gi / (TO_BN / 8), c = gi % (TO_BN / 8) * 8;
-        uint4 v = *reinterpret_cast<const uint4*>(os + mm * TO_LDO + c);
-        if (p > 0.f) v = dropout8(v, m0 + mm, K, k0 + c, K, p, seed, offset);
-        *reinterpret_cast<uint4*>(dx + (m0 + mm) * K + k0 + c) = v;
-      }
-    } else {
-#pragma unroll
-      for (int i = 0; i < 16 * TO_BN / 8 / 32; ++i) {
-        const int gi = (tid & 31) + 32 * i, mm = 16 * warp + gi / (TO_BN / 8), c = gi % (TO_BN / 8) * 8;
-        const int64_t m = m0 + mm, k = k0 + c;
-        if (m < M && k < K) {
-          uint4 v = *reinterpret_cast<const uint4*>(os + mm * TO_LDO + c);
-          if (p > 0.f) v = dropout8(v, m, K, k, K, p, seed, offset);
-          st8_raw<T>(dx + m * K + k, n_valid(K - k, 8), v);
-        }
-      }
-    }
-    if (ch + 1 < c_end) {
-      stash_a(ch + 1);
-      if (ch + 2 < c_end) fetch_a(ch + 2);
-    }
+    store_staged_rows<TO_BN>(dx, K, os, TO_LDO, m0, k0, M, K, dx_vec && k0 + TO_BN <= K,
+                             [&](uint4 v, int64_t m, int64_t k) {
+                               return p > 0.f ? dropout8(v, m, K, k, K, p, seed, offset) : v;
+                             });
+    pipeline_next(ch, c_end, fetch_a, stash_a);
   }
 #else
   __trap();
@@ -194,35 +153,25 @@ cudaError_t launch_lora_dx_prefill(void* dx, DType x_dtype, const float* g, cons
                                cudaStream_t stream) {
   if (r < 1 || r > kMaxRank) return cudaErrorInvalidValue;
   if (M <= 0 || K <= 0) return cudaSuccess;
-  const float scale = (float)((double)scaling / (1.0 - (double)p));
+  const float scale = dropout_scale(scaling, p);
   if (x_dtype != DType::kFloat32 && tc_supported()) {
-    int64_t groups = 0;
-    const int64_t cpg = prefill_chunks_per_group(M, K, TO_BM, TO_BN, &groups);
-    if (groups > 65535) return cudaErrorInvalidConfiguration;
-    const dim3 grid((unsigned)ceil_div(M, TO_BM), (unsigned)groups);
-    const size_t smem = dx_tc_smem(round16(r));
-    return dispatch16(x_dtype, [&](auto xt) {
+    const OutputGrid og = output_grid(M, K);
+    if (!og.ok) return cudaErrorInvalidConfiguration;
+    return with_dtypes<true>(x_dtype, a_dtype, [&](auto xt, auto at) {
       using T = decltype(xt);
-      return dispatch(a_dtype, [&](auto at) {
-        using TA = decltype(at);
-        cudaError_t e = set_smem(lora_dx_prefill_tc_kernel<T, TA>, smem);
-        if (e != cudaSuccess) return e;
-        lora_dx_prefill_tc_kernel<T, TA><<<grid, kTcThreads, smem, stream>>>(
-            static_cast<T*>(dx), g, static_cast<const TA*>(A), M, K, r, cpg, scale, p, seed, offset);
-        return cudaGetLastError();
-      });
+      using TA = decltype(at);
+      return launch_kernel(lora_dx_prefill_tc_kernel<T, TA>, og.grid, kTcThreads, dx_tc_smem(round16(r)), stream,
+                           static_cast<T*>(dx), g, static_cast<const TA*>(A), M, K, r, og.chunks_per_group, scale,
+                           p, seed, offset);
     });
   }
   if (ceil_div(K, DX_KC) > 65535) return cudaErrorInvalidConfiguration;
   const dim3 grid((unsigned)ceil_div(M, DX_BM), (unsigned)ceil_div(K, DX_KC));
-  return dispatch(x_dtype, [&](auto xt) {
+  return with_dtypes<false>(x_dtype, a_dtype, [&](auto xt, auto at) {
     using T = decltype(xt);
-    return dispatch(a_dtype, [&](auto at) {
-      using TA = decltype(at);
-      lora_dx_prefill_kernel<T, TA><<<grid, kThreads, 0, stream>>>(static_cast<T*>(dx), g, static_cast<const TA*>(A), M,
-                                                               K, r, scale, p, seed, offset);
-      return cudaGetLastError();
-    });
+    using TA = decltype(at);
+    return launch_kernel(lora_dx_prefill_kernel<T, TA>, grid, kThreads, 0, stream, static_cast<T*>(dx), g,
+                         static_cast<const TA*>(A), M, K, r, scale, p, seed, offset);
   });
 }
 

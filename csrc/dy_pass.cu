@@ -15,8 +15,7 @@ namespace {
 // DP_BN: g_out[c][m, :] = sum over its columns dy[m, n] B[n, :] (registers, written once per row sub-block);
 // dB_partial[s][n, :] = sum over its rows dy[m, n] u[m, :] (written by the first row sub-block, added to by the
 // next ones; every element is owned by one block, so no atomics and a fixed order).
-constexpr int DP_BM = 32;
-constexpr int DP_BN = 32;
+constexpr int DP_BM = 32, DP_BN = 32;
 constexpr int DP_MAXO = DP_BM * kMaxRank / kThreads;  // = DP_BN * kMaxRank / kThreads
 static_assert(DP_BM == DP_BN, "dy pass assumes square tiles for its per-thread output count");
 
@@ -30,22 +29,15 @@ lora_dy_pass_kernel(const T* __restrict__ dy, const TB* __restrict__ B, const fl
   float* bs = dys + DP_BM * (DP_BN + 1);      // [DP_BN][r]
   float* us = bs + DP_BN * r;                 // [DP_BM][r]
   const int tid = threadIdx.x;
-  const int64_t row_begin = (int64_t)blockIdx.x * rows_per_split;
-  const int64_t row_end = min64(M, row_begin + rows_per_split);
-  const int64_t col_begin = (int64_t)blockIdx.y * cols_per_group;
-  const int64_t col_end = min64(N, col_begin + cols_per_group);
+  const Span rows = block_span(blockIdx.x, rows_per_split, M), cols = block_span(blockIdx.y, cols_per_group, N);
+  const int64_t row_begin = rows.begin, row_end = rows.end, col_begin = cols.begin, col_end = cols.end;
   float* g = g_out + (int64_t)blockIdx.y * M * r;
   float* dBp = dB_partial ? dB_partial + (int64_t)blockIdx.x * N * r : nullptr;
   const int nout = DP_BM * r;
 
   for (int64_t m0 = row_begin; m0 < row_end; m0 += DP_BM) {
     const bool first = (m0 == row_begin);
-    if (dBp) {
-      for (int i = tid; i < DP_BM * r; i += kThreads) {
-        const int64_t m = m0 + i / r;
-        us[i] = m < row_end ? u[m * r + (i % r)] : 0.f;
-      }
-    }
+    if (dBp) load_rows<DP_BM>(us, u, m0, row_end, r);
     float gacc[DP_MAXO];
 #pragma unroll
     for (int i = 0; i < DP_MAXO; ++i) gacc[i] = 0.f;
@@ -61,44 +53,26 @@ lora_dy_pass_kernel(const T* __restrict__ dy, const TB* __restrict__ B, const fl
         bs[i] = n < col_end ? to_f<TB>(B[n * r + (i % r)]) : 0.f;
       }
       __syncthreads();
-#pragma unroll
-      for (int i = 0; i < DP_MAXO; ++i) {
-        const int o = tid + i * kThreads;
-        if (o < nout) {
-          const int mm = o / r, j = o % r;
-          float s = gacc[i];
-#pragma unroll 8
-          for (int nn = 0; nn < DP_BN; ++nn) s = fmaf(dys[mm * (DP_BN + 1) + nn], bs[nn * r + j], s);
-          gacc[i] = s;
-        }
-      }
+      for_outputs<DP_MAXO>(nout, [&](int i, int o) {  // g: output o = (row m0 + mm, column j)
+        const int mm = o / r, j = o % r;
+        gacc[i] = fma_dot<DP_BN>(gacc[i], dys, mm * (DP_BN + 1), 1, bs, j, r);
+      });
       if (dBp) {
-#pragma unroll
-        for (int i = 0; i < DP_MAXO; ++i) {
-          const int o = tid + i * kThreads;
-          if (o < nout) {
-            const int nn = o / r, j = o % r;
-            const int64_t n = n0 + nn;
-            if (n < col_end) {
-              float s = 0.f;
-#pragma unroll 8
-              for (int mm = 0; mm < DP_BM; ++mm) s = fmaf(dys[mm * (DP_BN + 1) + nn], us[mm * r + j], s);
-              float* dst = dBp + n * r + j;
-              *dst = first ? s : *dst + s;
-            }
+        for_outputs<DP_MAXO>(nout, [&](int, int o) {  // dB: output o = (row n0 + nn, column j)
+          const int nn = o / r, j = o % r;
+          const int64_t n = n0 + nn;
+          if (n < col_end) {
+            const float s = fma_dot<DP_BM>(0.f, dys, nn, DP_BN + 1, us, j, r);
+            add_partial(dBp + n * r + j, s, first);
           }
-        }
+        });
       }
       __syncthreads();
     }
-#pragma unroll
-    for (int i = 0; i < DP_MAXO; ++i) {
-      const int o = tid + i * kThreads;
-      if (o < nout) {
-        const int64_t m = m0 + o / r;
-        if (m < row_end) g[m * r + (o % r)] = gacc[i];
-      }
-    }
+    for_outputs<DP_MAXO>(nout, [&](int i, int o) {
+      const int64_t m = m0 + o / r;
+      if (m < row_end) g[m * r + (o % r)] = gacc[i];
+    });
     __syncthreads();  // us is rewritten by the next row sub-block
   }
 }
@@ -138,10 +112,8 @@ lora_dy_pass_tc_kernel(const T* __restrict__ dy, const TB* __restrict__ B, const
   float* dBs = reinterpret_cast<float*>(us + 2 * TD_BM * LDR);  // [cc][LDD]: dB accumulators of the column group
   const int tid = threadIdx.x, warp = tid >> 5;
   const LaneOffsets lo;
-  const int64_t row_begin = (int64_t)blockIdx.x * rows_per_split;
-  const int64_t row_end = min64(M, row_begin + rows_per_split);
-  const int64_t col_begin = (int64_t)blockIdx.y * cols_per_group;
-  const int64_t col_end = min64(N, col_begin + cols_per_group);
+  const Span rows = block_span(blockIdx.x, rows_per_split, M), cols = block_span(blockIdx.y, cols_per_group, N);
+  const int64_t row_begin = rows.begin, row_end = rows.end, col_begin = cols.begin, col_end = cols.end;
   const int j0 = blockIdx.z * RC;
   const bool do_dB = dB_partial != nullptr;
   float* g = g_out + (int64_t)blockIdx.y * M * r;
@@ -209,10 +181,8 @@ lora_dy_pass_tc_kernel(const T* __restrict__ dy, const TB* __restrict__ B, const
         for (int jf = 0; jf < NJ; ++jf) {
           uint32_t b[4];
           ldsm4_t(b, bb + (16 * nb + lo.r1) * LDR + 16 * jf + lo.c1);
-          mma16816<T>(acc[0][2 * jf], a0, b[0], b[1]);
-          mma16816<T>(acc[0][2 * jf + 1], a0, b[2], b[3]);
-          mma16816<T>(acc[1][2 * jf], a1, b[0], b[1]);
-          mma16816<T>(acc[1][2 * jf + 1], a1, b[2], b[3]);
+          mma16816x2<T>(acc[0][2 * jf], acc[0][2 * jf + 1], a0, b);
+          mma16816x2<T>(acc[1][2 * jf], acc[1][2 * jf + 1], a1, b);
         }
       }
       if (ct == n_ct - 1) {  // row tile done: its g rows written once
@@ -247,8 +217,7 @@ lora_dy_pass_tc_kernel(const T* __restrict__ dy, const TB* __restrict__ B, const
         for (int jf = 0; jf < NJ; ++jf) {
           uint32_t b[4];
           ldsm4_t(b, ub + (16 * mb + lo.r1) * LDR + 16 * jf + lo.c1);
-          mma16816<T>(acc[0][2 * jf], a, b[0], b[1]);
-          mma16816<T>(acc[0][2 * jf + 1], a, b[2], b[3]);
+          mma16816x2<T>(acc[0][2 * jf], acc[0][2 * jf + 1], a, b);
         }
       }
 #pragma unroll
@@ -294,37 +263,26 @@ cudaError_t launch_lora_dy_pass(const void* dy, DType dy_dtype, const void* B, D
       return cudaMemsetAsync(g_out, 0, (size_t)std::max<int64_t>(plan.col_groups, 1) * M * r * sizeof(float), stream);
     if (plan.row_splits > 0x7fffffff) return cudaErrorInvalidConfiguration;
     const int nj = rank_frags(r);
-    const size_t smem = dy_pass_tc_smem(16 * nj, plan.cols_per_group);
     const dim3 grid((unsigned)plan.row_splits, (unsigned)plan.col_groups, (unsigned)ceil_div(round16(r), 16 * nj));
-    return dispatch16(dy_dtype, [&](auto dt) {
+    return with_dtypes<true>(dy_dtype, b_dtype, [&](auto dt, auto bt) {
       using T = decltype(dt);
-      return dispatch(b_dtype, [&](auto bt) {
-        using TB = decltype(bt);
-        return dispatch_frags(nj, [&](auto njc) {
-          constexpr int NJ = decltype(njc)::value;
-          cudaError_t e = set_smem(lora_dy_pass_tc_kernel<T, TB, NJ>, smem);
-          if (e != cudaSuccess) return e;
-          lora_dy_pass_tc_kernel<T, TB, NJ><<<grid, kTcThreads, smem, stream>>>(
-              static_cast<const T*>(dy), static_cast<const TB*>(B), u, g_out, dB_partial, M, N, r,
-              plan.rows_per_split, plan.cols_per_group);
-          return cudaGetLastError();
-        });
+      using TB = decltype(bt);
+      return with_rank_frags(nj, [&](auto njc) {
+        return launch_kernel(lora_dy_pass_tc_kernel<T, TB, decltype(njc)::value>, grid, kTcThreads,
+                             dy_pass_tc_smem(16 * nj, plan.cols_per_group), stream, static_cast<const T*>(dy),
+                             static_cast<const TB*>(B), u, g_out, dB_partial, M, N, r, plan.rows_per_split,
+                             plan.cols_per_group);
       });
     });
   }
   const size_t smem = (size_t)(DP_BM * (DP_BN + 1) + DP_BN * r + DP_BM * r) * sizeof(float);
   const dim3 grid((unsigned)plan.row_splits, (unsigned)plan.col_groups);
-  return dispatch(dy_dtype, [&](auto dt) {
+  return with_dtypes<false>(dy_dtype, b_dtype, [&](auto dt, auto bt) {
     using T = decltype(dt);
-    return dispatch(b_dtype, [&](auto bt) {
-      using TB = decltype(bt);
-      cudaError_t e = set_smem(lora_dy_pass_kernel<T, TB>, smem);
-      if (e != cudaSuccess) return e;
-      lora_dy_pass_kernel<T, TB><<<grid, kThreads, smem, stream>>>(static_cast<const T*>(dy),
-                                                                   static_cast<const TB*>(B), u, g_out, dB_partial, M,
-                                                                   N, r, plan.rows_per_split, plan.cols_per_group);
-      return cudaGetLastError();
-    });
+    using TB = decltype(bt);
+    return launch_kernel(lora_dy_pass_kernel<T, TB>, grid, kThreads, smem, stream, static_cast<const T*>(dy),
+                         static_cast<const TB*>(B), u, g_out, dB_partial, M, N, r, plan.rows_per_split,
+                         plan.cols_per_group);
   });
 }
 

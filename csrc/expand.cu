@@ -14,9 +14,7 @@ namespace {
 // it with beta = 1. Tile EX_BM x EX_BN, r in chunks of EX_RC through shared memory. Each thread owns 2 neighbouring
 // columns of EX_BM / 8 rows: thread (mrow = tid / 32, c = tid % 32) covers columns n0 + 2c, n0 + 2c + 1 and rows
 // mrow + 8 i.
-constexpr int EX_BM = 32;
-constexpr int EX_BN = 64;
-constexpr int EX_RC = 32;
+constexpr int EX_BM = 32, EX_BN = 64, EX_RC = 32;
 
 template <typename T, typename TB>
 __global__ void __launch_bounds__(kThreads)
@@ -33,11 +31,7 @@ lora_expand_prefill_kernel(T* __restrict__ y, const float* __restrict__ u, const
   for (int i = 0; i < EX_BM / 8; ++i) acc[i][0] = acc[i][1] = 0.f;
 
   for (int r0 = 0; r0 < r; r0 += EX_RC) {
-    for (int i = tid; i < EX_BM * EX_RC; i += kThreads) {
-      const int mm = i / EX_RC, jj = i % EX_RC;
-      const int64_t m = m0 + mm;
-      us[mm][jj] = (m < M && r0 + jj < r) ? u[m * r + r0 + jj] : 0.f;
-    }
+    load_rchunk<EX_BM, EX_RC>(us, u, m0, M, r, r0);
     for (int i = tid; i < EX_BN * EX_RC; i += kThreads) {
       const int nn = i / EX_RC, jj = i % EX_RC;
       const int64_t n = n0 + nn;
@@ -106,9 +100,8 @@ lora_expand_prefill_tc_kernel(T* __restrict__ y, const float* __restrict__ u, co
   const int tid = threadIdx.x, warp = tid >> 5;
   const LaneOffsets lo;
   const int64_t m0 = (int64_t)blockIdx.x * TO_BM;
-  const int64_t n_chunks = (N + TO_BN - 1) / TO_BN;
-  const int64_t c_begin = (int64_t)blockIdx.y * chunks_per_group;
-  const int64_t c_end = min64(n_chunks, c_begin + chunks_per_group);
+  const Span chunks = block_span(blockIdx.y, chunks_per_group, (N + TO_BN - 1) / TO_BN);
+  const int64_t c_begin = chunks.begin, c_end = chunks.end;
 
   load_tile_as_t<T, float>(us, LDK, u + m0 * r, r, TO_BM, g4, M - m0, r);
   int pre_row[kPrefetch], pre_col[kPrefetch];  // this thread's prefetched 4-groups: chunk row, column
@@ -122,7 +115,7 @@ lora_expand_prefill_tc_kernel(T* __restrict__ y, const float* __restrict__ u, co
   const bool y_vec = reinterpret_cast<uintptr_t>(y) % 16 == 0 && N % 8 == 0 && m0 + TO_BM <= M;
   const bool bias_vec = bias != nullptr && reinterpret_cast<uintptr_t>(bias) % 4 == 0;
   Vec4<TB> br[kPrefetch];
-  auto fetch_b = [&](int64_t ch) {
+  auto fetch_b = [&](int64_t ch) {  // chunk ch's B rows into registers (the prefetched part)
     const int64_t n0 = ch * TO_BN;
     const bool full = b_vec && n0 + TO_BN <= N;
 #pragma unroll
@@ -159,22 +152,8 @@ lora_expand_prefill_tc_kernel(T* __restrict__ y, const float* __restrict__ u, co
     const T* bb = bs + (int)((ch - c_begin) % 2) * TO_BN * LDK;
     __syncthreads();
     float acc[TO_BN / 8][4];
-#pragma unroll
-    for (int n = 0; n < TO_BN / 8; ++n)
-#pragma unroll
-      for (int q = 0; q < 4; ++q) acc[n][q] = 0.f;
-#pragma unroll 2
-    for (int ks = 0; ks < RP / 16; ++ks) {
-      uint32_t a[4];
-      ldsm4(a, us + (16 * warp + lo.r1) * LDK + 16 * ks + lo.c1);
-#pragma unroll
-      for (int f = 0; f < TO_BN / 16; ++f) {
-        uint32_t b[4];
-        ldsm4(b, bb + (16 * f + lo.r2) * LDK + 16 * ks + lo.c2);
-        mma16816<T>(acc[2 * f], a, b[0], b[1]);
-        mma16816<T>(acc[2 * f + 1], a, b[2], b[3]);
-      }
-    }
+    zero_acc(acc);
+    warp_rows_mma<T, TO_BN, true, 2>(acc, us, LDK, bb, LDK, RP, lo, warp);
     const bool chunk_full = n0 + TO_BN <= N;
 #pragma unroll
     for (int n = 0; n < TO_BN / 8; ++n) {
@@ -194,26 +173,10 @@ lora_expand_prefill_tc_kernel(T* __restrict__ y, const float* __restrict__ u, co
         *reinterpret_cast<uint32_t*>(os + (16 * warp + lo.g + 8 * h) * TO_LDO + col) =
             pack2<T>(acc[n][2 * h] + b0, acc[n][2 * h + 1] + b1);
     }
-    __syncwarp();  // each warp writes out its own 16 staged rows: 4 x 16-byte row segments per lane
-    if (y_vec && chunk_full) {
-#pragma unroll
-      for (int i = 0; i < 16 * TO_BN / 8 / 32; ++i) {
-        const int gi = (tid & 31) + 32 * i, mm = 16 * warp + gi / (TO_BN / 8), c = gi % (TO_BN / 8) * 8;
-        *reinterpret_cast<uint4*>(y + (m0 + mm) * N + n0 + c) = *reinterpret_cast<const uint4*>(os + mm * TO_LDO + c);
-      }
-    } else {
-#pragma unroll
-      for (int i = 0; i < 16 * TO_BN / 8 / 32; ++i) {
-        const int gi = (tid & 31) + 32 * i, mm = 16 * warp + gi / (TO_BN / 8), c = gi % (TO_BN / 8) * 8;
-        const int64_t m = m0 + mm, n = n0 + c;
-        if (m < M && n < N)
-          st8_raw<T>(y + m * N + n, n_valid(N - n, 8), *reinterpret_cast<const uint4*>(os + mm * TO_LDO + c));
-      }
-    }
-    if (ch + 1 < c_end) {
-      stash_b(ch + 1);
-      if (ch + 2 < c_end) fetch_b(ch + 2);
-    }
+    store_staged_rows<TO_BN>(y, N, os, TO_LDO, m0, n0, M, N, y_vec && chunk_full, [](uint4 v, int64_t, int64_t) {
+      return v;
+    });
+    pipeline_next(ch, c_end, fetch_b, stash_b);
   }
 #else
   __trap();
@@ -227,33 +190,23 @@ cudaError_t launch_lora_expand_prefill(void* y, DType y_dtype, const float* u, c
   if (r < 1 || r > kMaxRank) return cudaErrorInvalidValue;
   if (M <= 0 || N <= 0) return cudaSuccess;
   if (y_dtype != DType::kFloat32 && tc_supported()) {
-    int64_t groups = 0;
-    const int64_t cpg = prefill_chunks_per_group(M, N, TO_BM, TO_BN, &groups);
-    if (groups > 65535) return cudaErrorInvalidConfiguration;
-    const dim3 grid((unsigned)ceil_div(M, TO_BM), (unsigned)groups);
-    const size_t smem = expand_tc_smem(round16(r));
-    return dispatch16(y_dtype, [&](auto yt) {
+    const OutputGrid og = output_grid(M, N);
+    if (!og.ok) return cudaErrorInvalidConfiguration;
+    return with_dtypes<true>(y_dtype, b_dtype, [&](auto yt, auto bt) {
       using T = decltype(yt);
-      return dispatch(b_dtype, [&](auto bt) {
-        using TB = decltype(bt);
-        cudaError_t e = set_smem(lora_expand_prefill_tc_kernel<T, TB>, smem);
-        if (e != cudaSuccess) return e;
-        lora_expand_prefill_tc_kernel<T, TB><<<grid, kTcThreads, smem, stream>>>(
-            static_cast<T*>(y), u, static_cast<const TB*>(B), static_cast<const T*>(bias), M, N, r, cpg);
-        return cudaGetLastError();
-      });
+      using TB = decltype(bt);
+      return launch_kernel(lora_expand_prefill_tc_kernel<T, TB>, og.grid, kTcThreads, expand_tc_smem(round16(r)),
+                           stream, static_cast<T*>(y), u, static_cast<const TB*>(B), static_cast<const T*>(bias), M, N,
+                           r, og.chunks_per_group);
     });
   }
   if (ceil_div(N, EX_BN) > 65535) return cudaErrorInvalidConfiguration;
   const dim3 grid((unsigned)ceil_div(M, EX_BM), (unsigned)ceil_div(N, EX_BN));
-  return dispatch(y_dtype, [&](auto yt) {
+  return with_dtypes<false>(y_dtype, b_dtype, [&](auto yt, auto bt) {
     using T = decltype(yt);
-    return dispatch(b_dtype, [&](auto bt) {
-      using TB = decltype(bt);
-      lora_expand_prefill_kernel<T, TB><<<grid, kThreads, 0, stream>>>(
-          static_cast<T*>(y), u, static_cast<const TB*>(B), static_cast<const T*>(bias), M, N, r);
-      return cudaGetLastError();
-    });
+    using TB = decltype(bt);
+    return launch_kernel(lora_expand_prefill_kernel<T, TB>, grid, kThreads, 0, stream, static_cast<T*>(y), u,
+                         static_cast<const TB*>(B), static_cast<const T*>(bias), M, N, r);
   });
 }
 

@@ -44,23 +44,34 @@ bool tc_supported() {
   return major >= 8;
 }
 
-int64_t prefill_chunks_per_group(int64_t M, int64_t cols, int bm, int bn, int64_t* groups) {
-  const int64_t row_blocks = ceil_div(M, bm), n_chunks = std::max<int64_t>(1, ceil_div(cols, bn));
+OutputGrid output_grid(int64_t M, int64_t cols) {
+  const int64_t row_blocks = ceil_div(M, TO_BM), n_chunks = std::max<int64_t>(1, ceil_div(cols, TO_BN));
   const int64_t want = std::min<int64_t>(n_chunks, std::max<int64_t>(1, ceil_div(4 * (int64_t)num_sms(), row_blocks)));
-  int64_t cpg = ceil_div(n_chunks, std::min<int64_t>(want, 65535));
-  *groups = ceil_div(n_chunks, cpg);
-  return cpg;
+  const int64_t cpg = ceil_div(n_chunks, std::min<int64_t>(want, 65535)), groups = ceil_div(n_chunks, cpg);
+  return {dim3((unsigned)row_blocks, (unsigned)groups), cpg, groups <= 65535};
 }
 
 }  // namespace detail
+
+using namespace detail;
 
 namespace {
 constexpr int64_t kPartialBudgetBytes = 64ll << 20;
 constexpr size_t kSmemPerBlockMax = 227 * 1024;  // sm_80 / sm_90 opt-in maximum per block
 constexpr size_t kSmemPerSm = 228 * 1024;
-}  // namespace
 
-using namespace detail;
+// The r-chunks of the backward kernels as the plans count them: r clamped to 1..kMaxRank, chunk width rc (at most
+// 64 columns) and number of chunks zc (grid.z).
+struct RankChunks {
+  int r, rc;
+  int64_t zc;
+};
+RankChunks rank_chunks(int r) {
+  r = std::min(std::max(r, 1), kMaxRank);
+  const int rp = round16(r), rc = std::min(rp, 64);
+  return {r, rc, ceil_div(rp, rc)};
+}
+}  // namespace
 
 // dy pass plan (tensor-core tiling: TD_BM-row tiles, TD_BN-column chunks; the fp32 kernel runs any plan). Each
 // candidate column-group width (in chunks, bounded by the shared memory of the dB accumulators) gets the row
@@ -69,10 +80,10 @@ using namespace detail;
 SplitPlan lora_dy_pass_plan(int64_t M, int64_t N, int r) {
   SplitPlan pl{0, TD_BM, 1, std::max<int64_t>(N, TD_BN)};
   if (M <= 0) return pl;
-  r = std::min(std::max(r, 1), kMaxRank);
-  const int rp = round16(r), rc = std::min(rp, 64);
-  const int64_t zc = ceil_div(rp, rc);
-  const int64_t sms = num_sms();
+  const RankChunks rk = rank_chunks(r);
+  const int rc = rk.rc;
+  const int64_t zc = rk.zc, sms = num_sms();
+  r = rk.r;
   const int64_t tiles_m = ceil_div(M, TD_BM), tiles_n = std::max<int64_t>(1, ceil_div(N, TD_BN));
   const int64_t n1 = std::max<int64_t>(N, 1);
   const double dy_bytes = 2.0 * (double)M * (double)n1 * (double)zc;
@@ -122,15 +133,12 @@ SplitPlan lora_dy_pass_plan(int64_t M, int64_t N, int r) {
 SplitPlan lora_dA_plan(int64_t M, int64_t K, int r) {
   SplitPlan pl{0, TA_BM, 1, std::max<int64_t>(K, TA_KC)};
   if (M <= 0) return pl;
-  r = std::min(std::max(r, 1), kMaxRank);
-  const int rp = round16(r), rc = std::min(rp, 64);
-  const int64_t zc = ceil_div(rp, rc);
-  const int64_t sms = num_sms();
+  const RankChunks rk = rank_chunks(r);
   const int64_t tiles_m = ceil_div(M, TA_BM), tiles_k = std::max<int64_t>(1, ceil_div(K, TA_KC));
   const int64_t ct = ceil_div(tiles_k, std::min<int64_t>(tiles_k, 65535));
   const int64_t C = ceil_div(tiles_k, ct);
-  int64_t S = std::min(tiles_m, ceil_div(std::max<int64_t>(1, 2 * sms / zc), C));
-  S = std::min(S, std::max<int64_t>(1, kPartialBudgetBytes / (std::max<int64_t>(K, 1) * r * 4)));
+  int64_t S = std::min(tiles_m, ceil_div(std::max<int64_t>(1, 2 * (int64_t)num_sms() / rk.zc), C));
+  S = std::min(S, std::max<int64_t>(1, kPartialBudgetBytes / (std::max<int64_t>(K, 1) * rk.r * 4)));
   const int64_t rt = ceil_div(tiles_m, std::max<int64_t>(S, 1));
   return SplitPlan{ceil_div(tiles_m, rt), rt * TA_BM, C, ct * TA_KC};
 }

@@ -1,6 +1,6 @@
 // Host side shared by the launchers (one per pass file) and the split planners (plans.cu): the tensor-core kernels'
 // tile shapes and shared-memory sizes, which the plans are sized for; the device queries; dtype and rank-chunk
-// dispatch; the dynamic shared-memory opt-in. No torch headers.
+// choice; kernel launches with the dynamic shared-memory opt-in. No torch headers.
 #pragma once
 #include "common.cuh"
 
@@ -50,8 +50,9 @@ constexpr int TA_LDX = TA_KC + 8;
 
 inline size_t dA_tc_smem(int rc) { return (size_t)kStages * TA_BM * TA_LDX * 2 + (size_t)2 * TA_BM * (rc + 8) * 2; }
 
+// f(T{}) with T the element type of d.
 template <typename F>
-cudaError_t dispatch(DType d, F&& f) {
+cudaError_t with_dtype(DType d, F&& f) {
   switch (d) {
     case DType::kFloat32: return f(float{});
     case DType::kFloat16: return f(__half{});
@@ -62,12 +63,22 @@ cudaError_t dispatch(DType d, F&& f) {
 
 // The 16-bit dtypes only (the tensor-core kernels' x dtypes).
 template <typename F>
-cudaError_t dispatch16(DType d, F&& f) {
+cudaError_t with_dtype16(DType d, F&& f) {
   switch (d) {
     case DType::kFloat16: return f(__half{});
     case DType::kBFloat16: return f(__nv_bfloat16{});
     default: return cudaErrorInvalidValue;
   }
+}
+
+// f(T{}, U{}) with T the element type of a (the 16-bit ones only when kOnly16) and U that of b.
+template <bool kOnly16, typename F>
+cudaError_t with_dtypes(DType a, DType b, F&& f) {
+  auto outer = [&](auto at) { return with_dtype(b, [&](auto bt) { return f(at, bt); }); };
+  if constexpr (kOnly16)
+    return with_dtype16(a, outer);
+  else
+    return with_dtype(a, outer);
 }
 
 // Column fragments per r-chunk of the kernels whose accumulators scale with r: 1, 2 or 4 (r-chunks of 16, 32, 64).
@@ -76,8 +87,9 @@ inline int rank_frags(int r) {
   return rp <= 16 ? 1 : rp <= 32 ? 2 : 4;
 }
 
+// f(std::integral_constant<int, nf>{}) for nf = rank_frags(r).
 template <typename F>
-cudaError_t dispatch_frags(int nf, F&& f) {
+cudaError_t with_rank_frags(int nf, F&& f) {
   switch (nf) {
     case 1: return f(std::integral_constant<int, 1>{});
     case 2: return f(std::integral_constant<int, 2>{});
@@ -89,10 +101,19 @@ cudaError_t dispatch_frags(int nf, F&& f) {
 // (kernel, device) and remembered: cudaFuncSetAttribute is a driver call that would otherwise run on every launch.
 cudaError_t set_smem_once(const void* kernel, size_t bytes);
 
-template <typename K>
-cudaError_t set_smem(K kernel, size_t bytes) {
-  return set_smem_once(reinterpret_cast<const void*>(kernel), bytes);
+// Launches kernel with `smem` bytes of dynamic shared memory (opted in first where above 48 KB); returns the error
+// of the opt-in or of the launch.
+template <typename... P, typename... Args>
+cudaError_t launch_kernel(void (*kernel)(P...), dim3 grid, int threads, size_t smem, cudaStream_t stream,
+                          Args&&... args) {
+  cudaError_t e = set_smem_once(reinterpret_cast<const void*>(kernel), smem);
+  if (e != cudaSuccess) return e;
+  kernel<<<grid, threads, smem, stream>>>(std::forward<Args>(args)...);
+  return cudaGetLastError();
 }
+
+// The factor of the kept elements of dropout(x) times the LoRA scaling: scaling / (1 - p), rounded once to fp32.
+inline float dropout_scale(float scaling, float p) { return (float)((double)scaling / (1.0 - (double)p)); }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -102,9 +123,14 @@ int num_sms();
 // Whether the current device runs the tensor-core kernels (bf16 mma.sync, cp.async: sm_80+).
 bool tc_supported();
 
-// Output-writing kernels (expand / dx): row blocks of bm rows x groups of bn-column chunks, about four blocks per
-// SM. Returns chunks per group; *groups gets the grid's y size.
-int64_t prefill_chunks_per_group(int64_t M, int64_t cols, int bm, int bn, int64_t* groups);
+// Grid of the output-writing kernels (expand, dx) over an (M, cols) output: row blocks of TO_BM rows x groups of
+// chunks_per_group TO_BN-column chunks, about four blocks per SM. ok is false when the groups exceed grid.y's limit.
+struct OutputGrid {
+  dim3 grid;
+  int64_t chunks_per_group;
+  bool ok;
+};
+OutputGrid output_grid(int64_t M, int64_t cols);
 
 }  // namespace detail
 }  // namespace lora_kernels

@@ -48,6 +48,23 @@ __device__ __forceinline__ void mma16816<__half>(float (&c)[4], const uint32_t (
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// Zeroed mma accumulators.
+template <int N>
+__device__ __forceinline__ void zero_acc(float (&acc)[N][4]) {
+#pragma unroll
+  for (int n = 0; n < N; ++n)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) acc[n][q] = 0.f;
+}
+
+// c0 += a b[0..1] and c1 += a b[2..3]: a 16 x 16 B block from one ldmatrix.x4, as its two 8-column halves.
+template <typename T>
+__device__ __forceinline__ void mma16816x2(float (&c0)[4], float (&c1)[4], const uint32_t (&a)[4],
+                                           const uint32_t (&b)[4]) {
+  mma16816<T>(c0, a, b[0], b[1]);
+  mma16816<T>(c1, a, b[2], b[3]);
+}
+
 // The two ldmatrix.x4 address patterns (element row / column offsets of this lane inside a 16 x 16 block):
 //  P1 (row lane % 16, column 8 * (lane / 16)): the A operand of a row-major [m][k] tile (ldsm4), and the two
 //     8-column B fragments of a [k][n] tile (ldsm4_t): r[0], r[1] = columns 0-7, r[2], r[3] = columns 8-15.

@@ -40,18 +40,18 @@ cudaError_t launch_reduce_partials(const float* partial, int64_t num_splits, int
                                    DType out_dtype, cudaStream_t stream) {
   if (count <= 0) return cudaSuccess;
   const int64_t max_blocks = 8 * (int64_t)num_sms();
-  return dispatch(out_dtype, [&](auto ot) {
+  return with_dtype(out_dtype, [&](auto ot) {
     using TO = decltype(ot);
     TO* o = static_cast<TO*>(out);
     if (count % 4 == 0 && reinterpret_cast<uintptr_t>(partial) % 16 == 0 &&
         reinterpret_cast<uintptr_t>(o) % (4 * sizeof(TO)) == 0) {
       const int64_t blocks = std::min<int64_t>(ceil_div(count / 4, kThreads), max_blocks);
-      reduce_partials4_kernel<TO><<<(unsigned)blocks, kThreads, 0, stream>>>(partial, num_splits, count, o);
-    } else {
-      const int64_t blocks = std::min<int64_t>(ceil_div(count, kThreads), max_blocks);
-      reduce_partials_kernel<TO><<<(unsigned)blocks, kThreads, 0, stream>>>(partial, num_splits, count, o);
+      return launch_kernel(reduce_partials4_kernel<TO>, dim3((unsigned)blocks), kThreads, 0, stream, partial,
+                           num_splits, count, o);
     }
-    return cudaGetLastError();
+    const int64_t blocks = std::min<int64_t>(ceil_div(count, kThreads), max_blocks);
+    return launch_kernel(reduce_partials_kernel<TO>, dim3((unsigned)blocks), kThreads, 0, stream, partial, num_splits,
+                         count, o);
   });
 }
 

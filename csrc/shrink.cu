@@ -13,8 +13,7 @@ namespace {
 // ---------------------------------------------------------------------------------------------------------------
 // lora_shrink: u (M, r) = scale * (x * keep) A^T, scale = scaling / (1 - p). Block = SH_BM rows, loops over K in
 // chunks of SH_KC; x chunk (with mask, one Philox call per 4 elements) and A chunk staged in shared memory.
-constexpr int SH_BM = 32;
-constexpr int SH_KC = 64;
+constexpr int SH_BM = 32, SH_KC = 64;
 constexpr int SH_MAXO = SH_BM * kMaxRank / kThreads;  // outputs per thread at r = 256
 
 template <typename T, typename TA>
@@ -49,28 +48,20 @@ lora_shrink_kernel(const T* __restrict__ x, const TA* __restrict__ A, float* __r
       as[j * (SH_KC + 1) + kk] = k < K ? to_f<TA>(A[(int64_t)j * K + k]) : 0.f;
     }
     __syncthreads();
-#pragma unroll
-    for (int i = 0; i < SH_MAXO; ++i) {
-      const int o = tid + i * kThreads;
-      if (o < nout) {
-        const float* xr = xs + (o / r) * SH_KC;
-        const float* ar = as + (o % r) * (SH_KC + 1);
-        float s = acc[i];
+    for_outputs<SH_MAXO>(nout, [&](int i, int o) {
+      const float* xr = xs + (o / r) * SH_KC;
+      const float* ar = as + (o % r) * (SH_KC + 1);
+      float s = acc[i];
 #pragma unroll 16
-        for (int kk = 0; kk < SH_KC; ++kk) s = fmaf(xr[kk], ar[kk], s);
-        acc[i] = s;
-      }
-    }
+      for (int kk = 0; kk < SH_KC; ++kk) s = fmaf(xr[kk], ar[kk], s);
+      acc[i] = s;
+    });
     __syncthreads();
   }
-#pragma unroll
-  for (int i = 0; i < SH_MAXO; ++i) {
-    const int o = tid + i * kThreads;
-    if (o < nout) {
-      const int64_t m = m0 + o / r;
-      if (m < M) u[m * r + (o % r)] = acc[i] * scale;
-    }
-  }
+  for_outputs<SH_MAXO>(nout, [&](int i, int o) {
+    const int64_t m = m0 + o / r;
+    if (m < M) u[m * r + (o % r)] = acc[i] * scale;
+  });
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -122,10 +113,7 @@ lora_shrink_tc_kernel(const T* __restrict__ x, const TA* __restrict__ A, float* 
   auto stash_a = [&](int64_t t) { a_regs.stash(as + (int)(t % 2) * RC * TS_LD, TS_LD); };
 
   float acc[2 * NF][4];
-#pragma unroll
-  for (int n = 0; n < 2 * NF; ++n)
-#pragma unroll
-    for (int q = 0; q < 4; ++q) acc[n][q] = 0.f;
+  zero_acc(acc);
   pipeline_start(n_tiles, issue, fetch_a, stash_a, [] {});
   for (int64_t t = 0; t < n_tiles; ++t) {
     const int64_t k0 = k_begin + t * TS_KC;
@@ -134,18 +122,7 @@ lora_shrink_tc_kernel(const T* __restrict__ x, const TA* __restrict__ A, float* 
     pipeline_wait(t, n_tiles, issue, [&] {
       if (p > 0.f) XTile::dropout(slot, m0, M, K, k0, k_end, p, seed, offset);
     });
-#pragma unroll
-    for (int ks = 0; ks < TS_KC / 16; ++ks) {
-      uint32_t a[4];
-      ldsm4(a, slot + (16 * warp + lo.r1) * TS_LD + 16 * ks + lo.c1);
-#pragma unroll
-      for (int f = 0; f < NF; ++f) {
-        uint32_t b[4];
-        ldsm4(b, ab + (16 * f + lo.r2) * TS_LD + 16 * ks + lo.c2);
-        mma16816<T>(acc[2 * f], a, b[0], b[1]);
-        mma16816<T>(acc[2 * f + 1], a, b[2], b[3]);
-      }
-    }
+    warp_rows_mma<T, RC, true, TS_KC / 16>(acc, slot, TS_LD, ab, TS_LD, TS_KC, lo, warp);
     pipeline_next(t, n_tiles, fetch_a, stash_a);
   }
 #pragma unroll
@@ -172,40 +149,27 @@ cudaError_t launch_lora_shrink(const void* x, DType x_dtype, const void* A, DTyp
   if (r < 1 || r > kMaxRank) return cudaErrorInvalidValue;
   if (M <= 0) return cudaSuccess;
   if (plan.col_groups > 65535 || plan.col_groups < 1) return cudaErrorInvalidConfiguration;
-  const float scale = (float)((double)scaling / (1.0 - (double)p));
+  const float scale = dropout_scale(scaling, p);
   if (x_dtype != DType::kFloat32 && tc_supported()) {
     const int nf = rank_frags(r);
     const dim3 grid((unsigned)ceil_div(M, TS_BM), (unsigned)plan.col_groups, (unsigned)ceil_div(round16(r), 16 * nf));
-    const size_t smem = shrink_tc_smem(nf);
-    return dispatch16(x_dtype, [&](auto xt) {
+    return with_dtypes<true>(x_dtype, a_dtype, [&](auto xt, auto at) {
       using T = decltype(xt);
-      return dispatch(a_dtype, [&](auto at) {
-        using TA = decltype(at);
-        return dispatch_frags(nf, [&](auto nfc) {
-          constexpr int NF = decltype(nfc)::value;
-          cudaError_t e = set_smem(lora_shrink_tc_kernel<T, TA, NF>, smem);
-          if (e != cudaSuccess) return e;
-          lora_shrink_tc_kernel<T, TA, NF><<<grid, kTcThreads, smem, stream>>>(
-              static_cast<const T*>(x), static_cast<const TA*>(A), u_out, M, K, r, plan.cols_per_group, scale, p,
-              seed, offset);
-          return cudaGetLastError();
-        });
+      using TA = decltype(at);
+      return with_rank_frags(nf, [&](auto nfc) {
+        return launch_kernel(lora_shrink_tc_kernel<T, TA, decltype(nfc)::value>, grid, kTcThreads, shrink_tc_smem(nf),
+                             stream, static_cast<const T*>(x), static_cast<const TA*>(A), u_out, M, K, r,
+                             plan.cols_per_group, scale, p, seed, offset);
       });
     });
   }
   const size_t smem = (size_t)(SH_BM * SH_KC + r * (SH_KC + 1)) * sizeof(float);
   const dim3 grid((unsigned)ceil_div(M, SH_BM), (unsigned)plan.col_groups);
-  return dispatch(x_dtype, [&](auto xt) {
+  return with_dtypes<false>(x_dtype, a_dtype, [&](auto xt, auto at) {
     using T = decltype(xt);
-    return dispatch(a_dtype, [&](auto at) {
-      using TA = decltype(at);
-      cudaError_t e = set_smem(lora_shrink_kernel<T, TA>, smem);
-      if (e != cudaSuccess) return e;
-      lora_shrink_kernel<T, TA><<<grid, kThreads, smem, stream>>>(static_cast<const T*>(x), static_cast<const TA*>(A),
-                                                                  u_out, M, K, r, plan.cols_per_group, scale, p, seed,
-                                                                  offset);
-      return cudaGetLastError();
-    });
+    using TA = decltype(at);
+    return launch_kernel(lora_shrink_kernel<T, TA>, grid, kThreads, smem, stream, static_cast<const T*>(x),
+                         static_cast<const TA*>(A), u_out, M, K, r, plan.cols_per_group, scale, p, seed, offset);
   });
 }
 

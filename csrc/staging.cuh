@@ -128,7 +128,7 @@ struct SideTile {
 
 // The pipeline steps (see the top of this file). issue(t): cp.async of streamed tile t into ring slot t % kStages;
 // fetch(t): side tile t into registers; stash(t): registers into side buffer t % 2.
-// first(): more staging for tile 0, after its side tile (the dy pass's u tile).
+// first(): more staging for tile 0, right after its side tile (the dy pass's u tile).
 template <typename Issue, typename Fetch, typename Stash, typename First>
 __device__ __forceinline__ void pipeline_start(int64_t n_tiles, Issue&& issue, Fetch&& fetch, Stash&& stash,
                                                First&& first) {
@@ -154,11 +154,62 @@ __device__ __forceinline__ void pipeline_wait(int64_t t, int64_t n_tiles, Issue&
   cp_async_commit();
 }
 
+// After tile t of the tiles .. end-1: side tile t+1 to shared memory, t+2 to registers (the streaming kernels'
+// tiles, the output-writing kernels' chunks).
 template <typename Fetch, typename Stash>
-__device__ __forceinline__ void pipeline_next(int64_t t, int64_t n_tiles, Fetch&& fetch, Stash&& stash) {
-  if (t + 1 < n_tiles) {
+__device__ __forceinline__ void pipeline_next(int64_t t, int64_t end, Fetch&& fetch, Stash&& stash) {
+  if (t + 1 < end) {
     stash(t + 1);
-    if (t + 2 < n_tiles) fetch(t + 2);
+    if (t + 2 < end) fetch(t + 2);
+  }
+}
+
+// acc += this warp's 16 rows (16 * warp..) of the left tile a (row-major, pitch lda) times the right tile b (COLS
+// columns; stored [n][k] with pitch ldb when kBT, else [k][n]) over k < kp (a multiple of 16), fp32 accumulators in
+// the mma.m16n8 layout; the k loop unrolled UNROLL times. The shrink and the output-writing kernels (expand, dx).
+template <typename T, int COLS, bool kBT, int UNROLL>
+__device__ __forceinline__ void warp_rows_mma(float (&acc)[COLS / 8][4], const T* a, int lda, const T* b, int ldb,
+                                              int kp, const LaneOffsets& lo, int warp) {
+#pragma unroll UNROLL
+  for (int ks = 0; ks < kp / 16; ++ks) {
+    uint32_t af[4];
+    ldsm4(af, a + (16 * warp + lo.r1) * lda + 16 * ks + lo.c1);
+#pragma unroll
+    for (int f = 0; f < COLS / 16; ++f) {
+      uint32_t bf[4];
+      if constexpr (kBT)
+        ldsm4(bf, b + (16 * f + lo.r2) * ldb + 16 * ks + lo.c2);
+      else
+        ldsm4_t(bf, b + (16 * ks + lo.r1) * ldb + 16 * f + lo.c1);
+      mma16816x2<T>(acc[2 * f], acc[2 * f + 1], af, bf);
+    }
+  }
+}
+
+// Output-writing kernels (expand, dx): warp-wide, this warp's 16 rows of the staging tile os (row pitch ldo, cols
+// columns) go to out (row stride ld) at rows m0 + 16 * warp.., columns n0..; rows from M and columns from N on are
+// left out. Each lane stores 16-byte groups (a warp covers whole 128-byte row segments). xf(v, m, n) transforms each
+// 8-group before its store (the dx pass's mask). full: every row and column in range and 16-byte aligned.
+template <int COLS, typename T, typename F>
+__device__ __forceinline__ void store_staged_rows(T* out, int64_t ld, const T* os, int ldo, int64_t m0, int64_t n0,
+                                                  int64_t M, int64_t N, bool full, F&& xf) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  __syncwarp();  // the warp's staged rows are complete
+  if (full) {
+#pragma unroll
+    for (int i = 0; i < 16 * COLS / 8 / 32; ++i) {
+      const int gi = lane + 32 * i, mm = 16 * warp + gi / (COLS / 8), c = gi % (COLS / 8) * 8;
+      const uint4 v = xf(*reinterpret_cast<const uint4*>(os + mm * ldo + c), m0 + mm, n0 + c);
+      *reinterpret_cast<uint4*>(out + (m0 + mm) * ld + n0 + c) = v;
+    }
+    return;
+  }
+#pragma unroll
+  for (int i = 0; i < 16 * COLS / 8 / 32; ++i) {
+    const int gi = lane + 32 * i, mm = 16 * warp + gi / (COLS / 8), c = gi % (COLS / 8) * 8;
+    const int64_t m = m0 + mm, n = n0 + c;
+    if (m < M && n < N)
+      st8_raw<T>(out + m * ld + n, n_valid(N - n, 8), xf(*reinterpret_cast<const uint4*>(os + mm * ldo + c), m, n));
   }
 }
 #endif  // LK_TC_ARCH
