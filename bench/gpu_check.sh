@@ -2,10 +2,10 @@
 # Single device script:  bash bench/gpu_check.sh [quick|full|targets]
 #   quick:   build, GPU tests, --quick benchmark (all providers), table, e2e throughput
 #   full:    the whole benchmark grid and the e2e step with the loss curve and torch.compile
-#   targets: build, kernel profile (bench/profile_layer.py), the issue-target grid for ours-* / cuBLAS / PEFT
+#   targets: build, kernel profile (bench/tools/profile_layer.py), the issue-target grid for ours-* / cuBLAS / PEFT
 # Knobs: SKIP="step ...", T_<STEP>=seconds, TEST_K / BENCH_K (pytest -k of the tests / benchmarks), TEST_ARGS,
 #   BENCH_EXTRA (e.g. "--shard 0/2 --rep-ms 50 --compile-mode default": one part of the full grid per device
-#   call; merge the parts with bench/make_table.py a.json b.json), SANITIZE=1, HOST_PROFILE=1, PROFILE=1,
+#   call; merge the parts with bench/tools/make_table.py a.json b.json), SANITIZE=1, HOST_PROFILE=1, PROFILE=1,
 #   E2E_EXTRA, PROVIDERS (targets mode).
 # Each step logs to $OUT/<step>.log, continues on failure and records its rc; a summary is printed at the end.
 # Results in $OUT (<= 8 files): bench.json, bench_table.md, bench_ratio.png, e2e.json, summary.txt, logs.tar.gz
@@ -54,8 +54,8 @@ for m in (\"triton\", \"peft\", \"transformers\", \"pytest_benchmark\", \"matplo
 
 if [ -d /tmp/site/lora_kernels ] && [ -n "${REUSE_BUILD:-}" ]; then
   echo "=== [build] reusing /tmp/site (REUSE_BUILD)"
-elif [ -f bench/gpu_build.sh ]; then
-  step build "$T_BUILD" bash bench/gpu_build.sh
+elif [ -f bench/tools/gpu_build.sh ]; then
+  step build "$T_BUILD" bash bench/tools/gpu_build.sh
 else
   step build "$T_BUILD" python3 -m pip install --no-build-isolation --no-deps -e .
 fi
@@ -65,27 +65,27 @@ if [ -d /tmp/site/lora_kernels ]; then export PYTHONPATH=/tmp/site; else export 
 mkdir -p /tmp/run && cd /tmp/run
 step backends 60 $PY -c "import lora_kernels as L; print(L.__file__); print('backends', L.available_backends()); print(L.backend_status())"
 if [ -n "${HOST_PROFILE:-}" ]; then
-  step host_profile 120 $PY "$REPO/bench/host_profile.py"
+  step host_profile 120 $PY "$REPO/bench/tools/host_profile.py"
   cp "$LOGS/host_profile.log" "$OUT/host_profile.txt"
 fi
 if [ -n "${SANITIZE:-}" ]; then  # compute-sanitizer memcheck + racecheck on a small CUDA-backend fwd+bwd
   for tool in memcheck racecheck; do
-    step "san_$tool" 240 compute-sanitizer --tool "$tool" $PY "$REPO/bench/sanitize_cuda.py"
+    step "san_$tool" 240 compute-sanitizer --tool "$tool" $PY "$REPO/bench/tools/sanitize_cuda.py"
     grep -h -E "ERROR SUMMARY|RACECHECK SUMMARY|sanitize run done" "$LOGS/san_$tool.log" | sed "s/^/$tool: /" >> "$OUT/sanitizer.txt"
   done
 fi
 if [ -n "${PROFILE:-}" ]; then
-  step profile "$T_PROFILE" $PY "$REPO/bench/profile_layer.py" ${PROFILE_ARGS:-}
+  step profile "$T_PROFILE" $PY "$REPO/bench/tools/profile_layer.py" ${PROFILE_ARGS:-}
   cp "$LOGS/profile.log" "$OUT/profile.txt"
 fi
-step bench "$T_BENCH" $PY -m pytest "$REPO/bench/test_bench_lora.py" -q -p no:cacheprovider --benchmark-json "$OUT/bench.json" --jsonl "$OUT/bench.jsonl" "${BENCH_ARGS[@]}" ${BENCH_K:+-k "$BENCH_K"} ${BENCH_EXTRA:-}
+step bench "$T_BENCH" $PY -m pytest "$REPO/bench/suite/test_bench_lora.py" -q -p no:cacheprovider --benchmark-json "$OUT/bench.json" --jsonl "$OUT/bench.jsonl" "${BENCH_ARGS[@]}" ${BENCH_K:+-k "$BENCH_K"} ${BENCH_EXTRA:-}
 # The JSON is written when pytest ends; the JSON-lines file row by row, so a bench step cut by its limit still
 # gives a table of what it measured.
 if [ -s "$OUT/bench.json" ]; then TABLE_IN="$OUT/bench.json"; else TABLE_IN="$OUT/bench.jsonl"; fi
-step table "$T_TABLE" $PY "$REPO/bench/make_table.py" "$TABLE_IN" --out "$OUT/"
+step table "$T_TABLE" $PY "$REPO/bench/tools/make_table.py" "$TABLE_IN" --out "$OUT/"
 # at most 8 files come back from $OUT: the JSON-lines copy goes into the log archive when the JSON exists
 if [ -s "$OUT/bench.json" ] && [ -f "$OUT/bench.jsonl" ]; then mv "$OUT/bench.jsonl" "$LOGS/"; fi
-step e2e "$T_E2E" $PY "$REPO/bench/e2e_train.py" --out "$OUT/e2e.json" "${E2E_ARGS[@]}" ${E2E_EXTRA:-}
+step e2e "$T_E2E" $PY "$REPO/bench/train/e2e_train.py" --out "$OUT/e2e.json" "${E2E_ARGS[@]}" ${E2E_EXTRA:-}
 # The GPU tests run last, so that a call cut short still returns the benchmark numbers.
 # pytest-xdist (in the device image) spreads the tests over CPU cores: most of their time is Triton compiling.
 # -v prints each test's outcome as it finishes, so a step cut by its time limit still names its failures.

@@ -109,7 +109,7 @@ SplitPlan lora_dy_pass_plan(int64_t M, int64_t N, int r) {
     const int64_t waves = ceil_div(blocks, capacity);
     const double active = (double)std::min(blocks, capacity);
     // Achieved bandwidth: the grid must cover the SMs; a second block per SM hides the barriers and the u-tile
-    // loads (measured on H200: one block per SM ran the same dy pass ~1.4x slower than two).
+    // loads, so one block per SM is rated well below two (bench/results/README.md).
     const double fill = std::min(1.0, active / sms) *
                         (per_sm >= 2 ? 0.85 + 0.15 * std::min(1.0, active / (2.0 * sms)) : 0.65) *
                         (waves > 1 ? (double)blocks / (waves * capacity) : 1.0);

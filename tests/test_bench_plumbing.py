@@ -8,9 +8,11 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SUITE = os.path.join(ROOT, "bench", "suite", "test_bench_lora.py")
+MAKE_TABLE = os.path.join(ROOT, "bench", "tools", "make_table.py")
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, "bench", "test_bench_lora.py")), reason="no bench/")
+@pytest.mark.skipif(not os.path.exists(SUITE), reason="no bench/")
 def test_sharded_grid_merges_into_one_table(tmp_path):
     pytest.importorskip("pytest_benchmark")
     env = dict(os.environ, LK_BENCH_CPU_SMOKE="1", CUDA_VISIBLE_DEVICES="")  # the CPU smoke grid, also on GPU hosts
@@ -22,7 +24,7 @@ def test_sharded_grid_merges_into_one_table(tmp_path):
         path = tmp_path / f"shard{shard[0]}.json"
         run = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-             os.path.join(ROOT, "bench", "test_bench_lora.py"), "--benchmark-json", str(path),
+             SUITE, "--benchmark-json", str(path),
              "--providers", "ours-torch,cublas-base", "--shard", shard,
              "--rep-ms", "2", "--warmup-ms", "1", "--jsonl", str(path) + "l"],
             env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=600)
@@ -34,7 +36,7 @@ def test_sharded_grid_merges_into_one_table(tmp_path):
            for p in paths]
     assert ids[0] and ids[1] and not set(ids[0]) & set(ids[1])  # disjoint halves
     out = tmp_path / "table"
-    run = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "make_table.py"), *paths, "--out", str(out)],
+    run = subprocess.run([sys.executable, MAKE_TABLE, *paths, "--out", str(out)],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     table = (out / "bench_table.md").read_text()
@@ -45,7 +47,7 @@ def test_sharded_grid_merges_into_one_table(tmp_path):
     assert len(floor_rows) == 16 and all("| 1.000 |" in line for line in floor_rows)
     # the JSON-lines files (written row by row) give the same table
     out2 = tmp_path / "table_jsonl"
-    run = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "make_table.py"), *[p + "l" for p in paths],
-                          "--out", str(out2)], capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, MAKE_TABLE, *[p + "l" for p in paths], "--out", str(out2)],
+                         capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert (out2 / "bench_table.md").read_text().count("\n### ") == 16

@@ -1,4 +1,4 @@
-"""FSDP2 (bench/fsdp_train.py) on CPU/gloo: 2 ranks vs 1 rank, tiny fp32 model, dropout 0 -> same losses."""
+"""FSDP2 (bench/train/fsdp_train.py) on CPU/gloo: 2 ranks vs 1 rank, tiny fp32 model, dropout 0 -> same losses."""
 import json
 import os
 import subprocess
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "bench", "fsdp_train.py")
+SCRIPT = os.path.join(ROOT, "bench", "train", "fsdp_train.py")
 BUDGET_S = 85  # whole test under 90 s
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")

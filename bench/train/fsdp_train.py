@@ -1,6 +1,6 @@
 """FSDP2 LoRA training of the small Llama, patched with lora_kernels.patch_peft.
 
-    torchrun --nproc_per_node N bench/fsdp_train.py [--tiny] [--dropout 0.05] [--ddp] --out fsdp.json
+    torchrun --nproc_per_node N bench/train/fsdp_train.py [--tiny] [--dropout 0.05] [--ddp] --out fsdp.json
 
 fully_shard on each decoder layer, then the root; nccl on GPU, gloo on CPU. The global batch (--batch rows)
 is the same for every world size and is split by rank, so at dropout 0 the losses match a 1-process run.

@@ -1,6 +1,7 @@
 """Where the time of one LoRA layer goes: per-kernel CUDA time (torch.profiler) and host time per call.
 
-    python3 bench/profile_layer.py [--backends triton,cuda] [--shapes 8192x4096x4096,16x4096x4096] [--r 16] [--p 0.1]
+    python3 bench/tools/profile_layer.py [--backends triton,cuda] [--shapes 8192x4096x4096,16x4096x4096] [--r 16] \
+        [--p 0.1]
 
 For each backend and shape (M x K x N) it prints
   * host us/call: wall time to enqueue 200 calls without synchronizing (the CPU cost of a call: Python, dispatch,
@@ -18,7 +19,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "suite"))
 from providers import make_case  # noqa: E402
 from timing import bench_ms, host_us  # noqa: E402
 

@@ -1,7 +1,7 @@
-"""Markdown table + PNG plot from a pytest-benchmark JSON written by bench/test_bench_lora.py.
+"""Markdown table + PNG plot from a pytest-benchmark JSON written by bench/suite/test_bench_lora.py.
 
-    python3 bench/make_table.py bench.json --out outdir/      # -> outdir/bench_table.md, outdir/bench_ratio.png
-    python3 bench/make_table.py shard0.json shard1.json --out outdir/   # shards of one grid (--shard i/n)
+    python3 bench/tools/make_table.py bench.json --out outdir/      # -> outdir/bench_table.md, outdir/bench_ratio.png
+    python3 bench/tools/make_table.py shard0.json shard1.json --out outdir/   # shards of one grid (--shard i/n)
 
 Reads only ``extra_info`` of each benchmark (our CUDA-event medians), not pytest-benchmark's wall clock.
 Columns per (shape, M, r, p, mode) group: time ms, TFLOP/s, ratio to the cuBLAS floor (cublas-base: F.linear

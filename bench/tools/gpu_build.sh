@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # On the GPU machine: build the lora_kernels wheel (with the CUDA extension) from a clean copy of the tracked
 # files, install it into /tmp/site, print the wheel name.
-# Usage: bash bench/gpu_build.sh   then run with PYTHONPATH=/tmp/site from outside the source tree.
+# Usage: bash bench/tools/gpu_build.sh   then run with PYTHONPATH=/tmp/site from outside the source tree.
 set -euo pipefail
-REPO="$(cd "$(dirname "$0")/.." && pwd)"
+REPO="$(cd "$(dirname "$0")/../.." && pwd)"
 SRC=/tmp/src; WHL=/tmp/whl; SITE=/tmp/site
 rm -rf "$SRC" "$WHL"; mkdir -p "$SRC" "$WHL"
 if git -C "$REPO" rev-parse --git-dir >/dev/null 2>&1 && git -C "$REPO" ls-files --error-unmatch setup.py >/dev/null 2>&1; then

@@ -1,6 +1,6 @@
 """End-to-end LoRA training benchmark on a small random-init transformers Llama (no downloads).
 
-    python3 bench/e2e_train.py --out e2e.json [--compile] [--tiny]
+    python3 bench/train/e2e_train.py --out e2e.json [--compile] [--tiny]
 
 1. throughput: tokens/s and peak memory of a training step (fwd+bwd+AdamW) for PEFT unpatched vs
    lora_kernels.patch_peft, at lora_dropout 0 and 0.05 (batch x seq configurable);

@@ -1,10 +1,10 @@
 """LoRA layer benchmarks (pytest-benchmark).
 
-    python3 -m pytest bench/test_bench_lora.py --benchmark-json out.json [--quick] [--providers a,b]
-    python3 bench/make_table.py out.json --out outdir/
+    python3 -m pytest bench/suite/test_bench_lora.py --benchmark-json out.json [--quick] [--providers a,b]
+    python3 bench/tools/make_table.py out.json --out outdir/
 
 pytest-benchmark's own timer does not know about CUDA streams, so each test calls our CUDA-event timer
-(bench/timing.py) once through ``benchmark.pedantic`` and stores the median in ``benchmark.extra_info``
+(bench/suite/timing.py) once through ``benchmark.pedantic`` and stores the median in ``benchmark.extra_info``
 (the table script reads only extra_info). Skipped without CUDA, unless LK_BENCH_CPU_SMOKE=1 (tiny fp32
 shapes on CPU, to test the plumbing).
 """

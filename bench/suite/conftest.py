@@ -1,4 +1,4 @@
-"""pytest options for the LoRA benchmarks (bench/test_bench_lora.py)."""
+"""pytest options for the LoRA benchmarks (bench/suite/test_bench_lora.py)."""
 from __future__ import annotations
 
 import datetime

@@ -1,7 +1,7 @@
 """Host (CPU) cost of one LoRA layer call, where the GPU work is tiny (M = 16): calibration launches, then
 cProfile of the ours-* providers. Prints per-call microseconds; run on the GPU machine.
 
-    python3 bench/host_profile.py [--backends triton,cuda] [--top 25]
+    python3 bench/tools/host_profile.py [--backends triton,cuda] [--top 25]
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "suite"))
 from providers import make_case  # noqa: E402
 from timing import host_us  # noqa: E402
 

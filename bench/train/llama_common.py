@@ -1,4 +1,4 @@
-"""Shared helpers for bench/e2e_train.py and bench/fsdp_train.py: a small random-init transformers Llama
+"""Shared helpers for bench/train/e2e_train.py and bench/train/fsdp_train.py: a small random-init transformers Llama
 (no downloads), PEFT LoRA on all linear layers, deterministic token data."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def ensure_import_path():
     """Fall back to the repo root when lora_kernels is not installed (appended: an install wins)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if root not in sys.path:
         sys.path.append(root)
 

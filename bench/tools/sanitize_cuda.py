@@ -1,5 +1,5 @@
 """A small forward + backward of the CUDA backend (odd sizes, dropout, fp32 adapters) for compute-sanitizer:
-    compute-sanitizer --tool memcheck python3 bench/sanitize_cuda.py"""
+    compute-sanitizer --tool memcheck python3 bench/tools/sanitize_cuda.py"""
 import torch
 
 import lora_kernels
