@@ -55,45 +55,44 @@ def demangle(names: list[str]) -> dict[str, str]:
     return dict(zip(names, clean))
 
 
-def parse_ptxas(text: str) -> dict[str, dict]:
+def per_function(text: str, header: str, cols, count) -> dict[str, dict]:
+    """{function: {col: value}} from the lines after each line matching `header` (group 1 names the function), up to
+    the next such line: count(row, line) updates the function's row with each of its lines."""
     res: dict[str, dict] = {}
-    cur = None
+    row = None
     for line in text.splitlines():
-        m = re.search(r"Function properties for (\S+)", line)
+        m = re.search(header, line)
         if m:
-            cur = res.setdefault(m.group(1), {k: 0 for k in RESOURCES})
-            continue
-        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
-        if m and cur is not None:
-            cur["stack"], cur["spill_st"], cur["spill_ld"] = (int(v) for v in m.groups())
-            continue
-        m = re.search(r"Used (\d+) registers", line)
-        if m and cur is not None:
-            cur["regs"] = int(m.group(1))
-            s = re.search(r"(\d+) bytes smem", line)
-            cur["smem"] = int(s.group(1)) if s else 0
-            cur = None
+            row = res.setdefault(m.group(1), {k: 0 for k in cols})
+        elif row is not None:
+            count(row, line)
     return res
+
+
+def ptxas_line(row: dict, line: str) -> None:
+    m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+    if m:
+        row["stack"], row["spill_st"], row["spill_ld"] = (int(v) for v in m.groups())
+    m = re.search(r"Used (\d+) registers", line)
+    if m:
+        row["regs"] = int(m.group(1))
+        s = re.search(r"(\d+) bytes smem", line)
+        row["smem"] = int(s.group(1)) if s else 0
+
+
+def ptx_line(row: dict, line: str) -> None:
+    ins = re.sub(r"^@!?%\w+\s+", "", line.strip())  # predicate guard
+    for col, op in PTX_OPS.items():
+        if ins.startswith(op):
+            row[col] += 1
+
+
+def parse_ptxas(text: str) -> dict[str, dict]:
+    return per_function(text, r"Function properties for (\S+)", RESOURCES, ptxas_line)
 
 
 def parse_ptx(text: str) -> dict[str, dict]:
-    res: dict[str, dict] = {}
-    cur = None
-    for line in text.splitlines():
-        m = re.match(r"\s*(?:\.visible\s+|\.weak\s+)?\.entry\s+(\S+?)\s*\(", line)
-        if m:
-            cur = res.setdefault(m.group(1), {k: 0 for k in PTX_OPS})
-            continue
-        if cur is None:
-            continue
-        ins = line.strip()
-        if not ins or ins.startswith(("//", ".", "{", "}", "$")):
-            continue
-        ins = re.sub(r"^@!?%\w+\s+", "", ins)  # predicate guard
-        for col, op in PTX_OPS.items():
-            if ins.startswith(op):
-                cur[col] += 1
-    return res
+    return per_function(text, r"^\s*(?:\.visible\s+|\.weak\s+)?\.entry\s+(\S+?)\s*\(", PTX_OPS, ptx_line)
 
 
 def cubin_texts(path: str) -> dict[str, str]:
