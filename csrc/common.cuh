@@ -179,9 +179,10 @@ __device__ __forceinline__ void add_partial(float* dst, float s, bool first) { *
 // 8-group, after its copy landed (so the Philox work overlaps the loads of the next tiles).
 constexpr int kTcThreads = 256;
 constexpr int kStages = 3;
-// Blocks per SM asked of the compiler (__launch_bounds__): the prefill kernels and the r-chunk 32/64 kernels need
-// up to 128 registers per thread (2 blocks); the 16-column r-chunk streaming kernels fit 3 blocks without spills.
-constexpr int kPrefillMinBlocks = 2;
+// Blocks per SM asked of the compiler (__launch_bounds__): the output-writing kernels (expand, dx) and the r-chunk
+// 32/64 kernels need up to 128 registers per thread (2 blocks); the 16-column r-chunk streaming kernels fit 3 blocks
+// without spills.
+constexpr int kOutputMinBlocks = 2;
 constexpr int kStreamMinBlocks = 3;
 
 __host__ __device__ constexpr int round16(int r) { return (r + 15) / 16 * 16; }

@@ -54,15 +54,14 @@ lora_dx_prefill_kernel(T* __restrict__ dx, const float* __restrict__ g, const TA
   store4<T>(dx + m * K + k, valid, v);
 }
 
-// The tensor-core kernel has the expand pass's output-writing shape (expand.cu).
 // lora_dx_prefill (tensor cores).
 // Math   : dx (M, K) = scale * keep * (g A), scale = scaling / (1 - p); g and A cast to T, fp32 accumulation,
 //          round(acc * scale) then the dropped elements zeroed (one Philox call per 8-group); written once.
-// Tiling : see above; A chunk stored [j][k] (row-major B operand).
+// Tiling : the output-writing shape (expand.cu); A chunk stored [j][k] (row-major B operand).
 // Bytes  : one write of dx (M*K*2); g read once per column group, A once per 128 rows (L2).
 // Smem   : 128 * (RP + 8) * 2 + 2 * RP * 72 * 2 + 18 KB = 29.2 KB at r = 16, 55.3 KB at r = 64.
 template <typename T, typename TA>
-__global__ void __launch_bounds__(kTcThreads, kPrefillMinBlocks)
+__global__ void __launch_bounds__(kTcThreads, kOutputMinBlocks)
 lora_dx_prefill_tc_kernel(T* __restrict__ dx, const float* __restrict__ g, const TA* __restrict__ A, int64_t M,
                           int64_t K, int r, int64_t chunks_per_group, float scale, float p, uint64_t seed,
                           uint64_t offset) {

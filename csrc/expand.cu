@@ -71,7 +71,7 @@ lora_expand_prefill_kernel(T* __restrict__ y, const float* __restrict__ u, const
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Output-writing kernels (expand / dx prefill) share this shape: block = 128 rows x a group of 64-column chunks
+// The output-writing tensor-core kernels (expand here, dx in dx.cu) share this shape: block = 128 rows x a group of 64-column chunks
 // (grid.y); the 128 x r left operand (u or g, fp32 -> T) stays in shared memory; each chunk's right operand (B^T or
 // A, -> T) is register-prefetched two chunks ahead into a double buffer (the first kPrefetch 4-groups per thread,
 // i.e. all of it for r <= 64; the rest is loaded when staged). Warp w computes rows 16w..16w+15 x 64 columns
@@ -86,7 +86,7 @@ lora_expand_prefill_kernel(T* __restrict__ y, const float* __restrict__ u, const
 // Bytes  : one write of y (M*N*2); u read once per column group, B once per 128 rows (L2).
 // Smem   : 256 * (RP + 8) * 2 + 18 KB (RP = r padded to 16) = 30.7 KB at r = 16, 55.3 KB at r = 64.
 template <typename T, typename TB>
-__global__ void __launch_bounds__(kTcThreads, kPrefillMinBlocks)
+__global__ void __launch_bounds__(kTcThreads, kOutputMinBlocks)
 lora_expand_prefill_tc_kernel(T* __restrict__ y, const float* __restrict__ u, const TB* __restrict__ B,
                               const T* __restrict__ bias, int64_t M, int64_t N, int r, int64_t chunks_per_group) {
 #if LK_TC_ARCH
