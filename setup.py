@@ -38,10 +38,33 @@ def _cuda_build_reason() -> str | None:
     return None
 
 
+CUTLASS_PIN = "nvidia-cutlass==4.2.0.0"  # header-only CUTLASS/CuTe for the sm_90 GEMM (csrc/gemm_sm90.cuh)
+
+
+def _cutlass_dirs() -> list[str] | None:
+    """Include dirs of the CUTLASS headers: $LORA_KERNELS_CUTLASS_DIR (a CUTLASS checkout or the wheel's
+    cutlass_library/source), else the installed nvidia-cutlass wheel; None when neither has them."""
+    import importlib.util
+
+    roots = []
+    if os.environ.get("LORA_KERNELS_CUTLASS_DIR"):
+        roots.append(os.environ["LORA_KERNELS_CUTLASS_DIR"])
+    spec = importlib.util.find_spec("cutlass_library")
+    if spec is not None and spec.submodule_search_locations:
+        roots.append(os.path.join(list(spec.submodule_search_locations)[0], "source"))
+    for root in roots:
+        if os.path.exists(os.path.join(root, "include", "cute", "tensor.hpp")):
+            return [os.path.join(root, "include"), os.path.join(root, "tools", "util", "include")]
+    return None
+
+
 def _gencode_flags() -> list[str]:
     archs = [a.strip() for a in os.environ.get("LORA_KERNELS_CUDA_ARCHS", "80;90").replace(",", ";").split(";")]
     archs = [a for a in archs if a]
-    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    # sm_90 machine code is built as sm_90a: the Hopper GEMM needs wgmma/setmaxnreg, and 90a code runs on every
+    # compute-capability-9.0 GPU. The PTX for newer GPUs stays plain compute_XX.
+    flags = [f"-gencode=arch=compute_{a}a,code=sm_{a}a" if a == "90" else f"-gencode=arch=compute_{a},code=sm_{a}"
+             for a in archs]
     newest = max(archs, key=lambda a: int("".join(c for c in a if c.isdigit())))
     flags.append(f"-gencode=arch=compute_{newest},code=compute_{newest}")  # PTX for newer GPUs
     return flags
@@ -56,14 +79,20 @@ if reason is None:
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
     sources = sorted(glob.glob(os.path.join("csrc", "*.cu"))) + [os.path.join("csrc", "binding.cpp")]
+    cutlass = _cutlass_dirs()
+    sm90_flags = ["-DLORA_KERNELS_HAVE_SM90_GEMM=1"] if cutlass else []
+    if cutlass is None:
+        print(f"lora_kernels: CUTLASS headers not found ({CUTLASS_PIN} or LORA_KERNELS_CUTLASS_DIR): building "
+              "without the sm_90 GEMM (Hopper GPUs then use the cuBLAS path)", file=sys.stderr)
     ext_modules.append(
         CUDAExtension(
             name="lora_kernels._C",
             sources=sources,
-            include_dirs=[os.path.join(HERE, "csrc")],
+            include_dirs=[os.path.join(HERE, "csrc")] + (cutlass or []),
             extra_compile_args={
-                "cxx": ["-O3", "-std=c++17"],
-                "nvcc": ["-O3", "-std=c++17", "-lineinfo"] + _gencode_flags(),
+                "cxx": ["-O3", "-std=c++17"] + sm90_flags,
+                "nvcc": ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"] + sm90_flags
+                + _gencode_flags(),
             },
         )
     )

@@ -1,0 +1,91 @@
+// The rank-r operands of the sm_90 LoRA GEMM (gemm_sm90.h), packed into its K-extension layout.
+//
+// Math:   out (rows_out, cols_out) in the GEMM's 16-bit dtype, out[i, j] = scale · in[i, j] inside in's
+//         (rows_in, cols_in) and 0 outside: the forward's s·u (M, r) -> (M, Kx) and lora_B (N, r) -> (N, Kx), the
+//         backward's s·g (M, r) -> (M, Kx) and lora_A (r, K) -> (Kx, K). The zeros make the padded K columns add
+//         nothing to the accumulator. Rounding to 16 bits here is the same policy as the other tensor-core
+//         passes: every operand of a 16-bit product is cast to x's dtype, the sum is fp32.
+// Tiling: one thread per 8 output elements (one 16-byte store); rows are independent. Two jobs share one launch
+//         (blocks [0, blocks_a) do job a, the rest job b), so the forward packs u and B in one launch.
+#include "gemm_sm90_pack.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace lora_kernels {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kVec = 8;  // 16-bit elements per 16-byte store
+
+template <typename T> __device__ __forceinline__ float load_f(const void* p, int64_t i);
+template <> __device__ __forceinline__ float load_f<float>(const void* p, int64_t i) {
+  return static_cast<const float*>(p)[i];
+}
+template <> __device__ __forceinline__ float load_f<__half>(const void* p, int64_t i) {
+  return __half2float(static_cast<const __half*>(p)[i]);
+}
+template <> __device__ __forceinline__ float load_f<__nv_bfloat16>(const void* p, int64_t i) {
+  return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+}
+
+template <typename TO> __device__ __forceinline__ TO store_cast(float v);
+template <> __device__ __forceinline__ __half store_cast<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 store_cast<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+template <typename TO>
+__device__ __forceinline__ void pack_job(const PackJob& j, int64_t t) {
+  const int64_t groups_per_row = j.cols_out / kVec;
+  const int64_t row = t / groups_per_row;
+  if (row >= j.rows_out) return;
+  const int64_t c0 = (t % groups_per_row) * kVec;
+  alignas(16) TO v[kVec];
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) {
+    const int64_t c = c0 + e;
+    float f = 0.f;
+    if (row < j.rows_in && c < j.cols_in) {
+      const int64_t i = row * j.cols_in + c;
+      switch (j.in_dtype) {
+        case DType::kFloat32: f = load_f<float>(j.in, i); break;
+        case DType::kFloat16: f = load_f<__half>(j.in, i); break;
+        default: f = load_f<__nv_bfloat16>(j.in, i); break;
+      }
+      f *= j.scale;
+    }
+    v[e] = store_cast<TO>(f);
+  }
+  *reinterpret_cast<uint4*>(static_cast<TO*>(j.out) + row * j.cols_out + c0) = *reinterpret_cast<const uint4*>(v);
+}
+
+template <typename TO>
+__global__ void __launch_bounds__(kThreads) pack_kernel(PackJob a, PackJob b, int64_t blocks_a) {
+  const bool first = blockIdx.x < blocks_a;
+  const int64_t block = first ? blockIdx.x : blockIdx.x - blocks_a;
+  pack_job<TO>(first ? a : b, block * kThreads + threadIdx.x);
+}
+
+int64_t job_blocks(const PackJob& j) {
+  if (j.out == nullptr || j.rows_out == 0) return 0;
+  return (j.rows_out * (j.cols_out / kVec) + kThreads - 1) / kThreads;
+}
+
+}  // namespace
+
+cudaError_t launch_pack_rank_operands(const PackJob& a, const PackJob& b, DType out_dtype, cudaStream_t stream) {
+  if (a.cols_out % kVec || b.cols_out % kVec) return cudaErrorInvalidValue;
+  const int64_t ba = job_blocks(a), bb = job_blocks(b);
+  if (ba + bb == 0) return cudaSuccess;
+  if (out_dtype == DType::kBFloat16) {
+    pack_kernel<__nv_bfloat16><<<(unsigned)(ba + bb), kThreads, 0, stream>>>(a, b, ba);
+  } else if (out_dtype == DType::kFloat16) {
+    pack_kernel<__half><<<(unsigned)(ba + bb), kThreads, 0, stream>>>(a, b, ba);
+  } else {
+    return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace lora_kernels
