@@ -45,7 +45,7 @@ GemmConfig lora_gemm_sm90_pick(const LoraGemmArgs& a) {
   // A 256x128 cooperative tile, as cuBLAS picks for these shapes, unless it leaves too few tiles to fill the
   // GPU: then the 128x128 ping-pong tile, which doubles the tile count.
   int64_t tiles256 = ((a.M + 255) / 256) * ((a.N + 127) / 128);
-  return tiles256 < 2 * 132 ? GemmConfig::kPing128x128 : GemmConfig::kCoop256x128;
+  return tiles256 < 2 * 132 ? GemmConfig::kPing128x128_c12 : GemmConfig::kCoop256x128_c12;
 }
 
 cudaError_t launch_lora_gemm_sm90(const LoraGemmArgs& a, cudaStream_t stream) {

@@ -122,16 +122,20 @@ struct KExtendedMainloop : Base {
   }
 
   // (BLK_M, BLK_K, m, k, l) / (BLK_N, BLK_K, n, k, l) views of the four tensors, from their TMA descriptors.
+  // The first two span the whole concatenated K axis: the kernels take the K-tile count from the problem shape
+  // (cooperative) or from these views (ping-pong), and both must count the extension's tiles. load() reads the
+  // first two only at k < k_tiles_main, where they coincide with (A, B).
   template <class ProblemShape_MNKL>
   CUTLASS_DEVICE auto load_init(ProblemShape_MNKL const& problem_shape_MNKL, Params const& p) const {
     using X = Underscore;
-    int M = get<0>(problem_shape_MNKL), N = get<1>(problem_shape_MNKL), L = get<3>(problem_shape_MNKL);
+    int M = get<0>(problem_shape_MNKL), N = get<1>(problem_shape_MNKL), Kt = get<2>(problem_shape_MNKL),
+        L = get<3>(problem_shape_MNKL);
     auto tile = [&](auto const& tma, auto rows, int k, auto step) {
       return local_tile(tma.get_tma_tensor(make_shape(rows, k, L)), TileShape{}, make_coord(_, _, _), step);
     };
     int kx = p.k_ext > 0 ? p.k_ext : p.k_main;
-    return cute::make_tuple(tile(p.tma_load_a, M, p.k_main, Step<_1, X, _1>{}),
-                            tile(p.tma_load_b, N, p.k_main, Step<X, _1, _1>{}),
+    return cute::make_tuple(tile(p.tma_load_a, M, Kt, Step<_1, X, _1>{}),
+                            tile(p.tma_load_b, N, Kt, Step<X, _1, _1>{}),
                             tile(p.tma_load_ax, M, kx, Step<_1, X, _1>{}),
                             tile(p.tma_load_bx, N, kx, Step<X, _1, _1>{}));
   }
@@ -195,19 +199,25 @@ struct KExtendedMainloop : Base {
 };
 
 // ------------------------------------------------------------------------------------------------ kernels
-template <int TM, int TN, int CM, int CN, class MainloopSchedule, class EpilogueSchedule>
+template <int TM, int TN, int CM, int CN, bool Coop>
 struct Config {
   using Tile = Shape<Int<TM>, Int<TN>, _64>;
   using Cluster = Shape<Int<CM>, Int<CN>, _1>;
-  using Mainloop = MainloopSchedule;
-  using Epilogue = EpilogueSchedule;
+  // Cooperative: both consumer warpgroups work on one tile (split along M). Ping-pong: they alternate tiles, so
+  // one's epilogue overlaps the other's main loop.
+  using Mainloop = cute::conditional_t<Coop, cutlass::gemm::KernelTmaWarpSpecializedCooperative,
+                                       cutlass::gemm::KernelTmaWarpSpecializedPingpong>;
+  using Epilogue = cute::conditional_t<Coop, cutlass::epilogue::TmaWarpSpecializedCooperative,
+                                       cutlass::epilogue::TmaWarpSpecialized>;
 };
-using CoopConfig256x128 = Config<256, 128, 1, 2, cutlass::gemm::KernelTmaWarpSpecializedCooperative,
-                                 cutlass::epilogue::TmaWarpSpecializedCooperative>;
-using PingConfig128x128 = Config<128, 128, 1, 2, cutlass::gemm::KernelTmaWarpSpecializedPingpong,
-                                 cutlass::epilogue::TmaWarpSpecialized>;
-using CoopConfig128x256 = Config<128, 256, 2, 1, cutlass::gemm::KernelTmaWarpSpecializedCooperative,
-                                 cutlass::epilogue::TmaWarpSpecializedCooperative>;
+// The configs, indexed by GemmConfig (gemm_sm90.h).
+template <int C> struct ConfigOf;
+template <> struct ConfigOf<0> { using type = Config<256, 128, 1, 2, true>; };
+template <> struct ConfigOf<1> { using type = Config<128, 128, 1, 2, false>; };
+template <> struct ConfigOf<2> { using type = Config<128, 256, 2, 1, true>; };
+template <> struct ConfigOf<3> { using type = Config<256, 128, 2, 1, true>; };
+template <> struct ConfigOf<4> { using type = Config<128, 256, 1, 2, true>; };
+template <> struct ConfigOf<5> { using type = Config<128, 128, 2, 1, false>; };
 
 template <class Element, class LayoutB, class Cfg>
 struct Gemm {
@@ -284,19 +294,24 @@ struct Gemm {
   }
 };
 
-// One entry per (dtype, layout): the three configs of that pair, compiled in one translation unit.
+// One config of one (dtype, layout): the unit that a translation unit instantiates.
+template <class Element, class LayoutB, int C>
+cudaError_t run_one(const LoraGemmArgs& a, int swizzle, int raster, int sm_count, cudaStream_t stream) {
+  return Gemm<Element, LayoutB, typename ConfigOf<C>::type>::run(a, swizzle, raster, sm_count, stream);
+}
+
+// Every config of one (dtype, layout).
 template <class Element, class LayoutB>
 cudaError_t run_config(const LoraGemmArgs& a, GemmConfig cfg, int swizzle, int raster, int sm_count,
                        cudaStream_t stream) {
-  switch (cfg) {
-    case GemmConfig::kCoop256x128:
-      return Gemm<Element, LayoutB, CoopConfig256x128>::run(a, swizzle, raster, sm_count, stream);
-    case GemmConfig::kPing128x128:
-      return Gemm<Element, LayoutB, PingConfig128x128>::run(a, swizzle, raster, sm_count, stream);
-    case GemmConfig::kCoop128x256:
-      return Gemm<Element, LayoutB, CoopConfig128x256>::run(a, swizzle, raster, sm_count, stream);
-    default:
-      return cudaErrorInvalidValue;
+  switch (static_cast<int>(cfg)) {
+    case 0: return run_one<Element, LayoutB, 0>(a, swizzle, raster, sm_count, stream);
+    case 1: return run_one<Element, LayoutB, 1>(a, swizzle, raster, sm_count, stream);
+    case 2: return run_one<Element, LayoutB, 2>(a, swizzle, raster, sm_count, stream);
+    case 3: return run_one<Element, LayoutB, 3>(a, swizzle, raster, sm_count, stream);
+    case 4: return run_one<Element, LayoutB, 4>(a, swizzle, raster, sm_count, stream);
+    case 5: return run_one<Element, LayoutB, 5>(a, swizzle, raster, sm_count, stream);
+    default: return cudaErrorInvalidValue;
   }
 }
 

@@ -21,13 +21,16 @@ namespace lora_kernels {
 enum class GemmLayoutB : int { kNK = 0, kKN = 1 };
 enum class GemmDType : int { kFloat16 = 1, kBFloat16 = 2 };
 
-// Main-loop shapes; kAuto lets gemm_sm90_pick choose per problem.
+// Main-loop shapes (tile M x N x 64, cluster M x N); kAuto lets lora_gemm_sm90_pick choose per problem.
 enum class GemmConfig : int {
   kAuto = -1,
-  kCoop256x128 = 0,  // 2 consumer warpgroups share one 256x128 tile, cluster 1x2
-  kPing128x128 = 1,  // 2 consumer warpgroups alternate 128x128 tiles, cluster 1x2
-  kCoop128x256 = 2,  // 128x256 tile, cluster 2x1
-  kNumConfigs = 3,
+  kCoop256x128_c12 = 0,  // cooperative: 2 consumer warpgroups share one tile
+  kPing128x128_c12 = 1,  // ping-pong: 2 consumer warpgroups alternate tiles
+  kCoop128x256_c21 = 2,
+  kCoop256x128_c21 = 3,
+  kCoop128x256_c12 = 4,
+  kPing128x128_c21 = 5,
+  kNumConfigs = 6,
 };
 
 struct LoraGemmArgs {

@@ -2,7 +2,7 @@
 # One device call for the sm_90 GEMM work: probe the GEMM through its C entry point (prebuilt library if it loads,
 # else built here), then build the wheel with it, run the cuda-backend tests and a short benchmark.
 # Needs the CUTLASS headers: LORA_KERNELS_CUTLASS_DIR, or the nvidia-cutlass wheel under .whl/.
-# Knobs: SKIP="probe wheel tests bench", PROBE_ARGS, TEST_K, BENCH_K, T_<STEP>.
+# Knobs: SKIP="probe wheel tests profile bench", PROBE_ARGS, TEST_K, BENCH_K, T_<STEP>.
 set -u
 OUT="${OUT:-$PWD/gpu_out}"; mkdir -p "$OUT"
 REPO="$PWD"
@@ -49,6 +49,12 @@ print('gemm_path:', torch.ops.lora_kernels_cuda.gemm_path(x, w, None))"
     XDIST=(); python3 -c "import xdist" 2>/dev/null && XDIST=(-n 8)
     timeout "${T_TESTS:-300}" env LORA_KERNELS_TRITON_AUTOTUNE=0 python3 -m pytest -q -rfE -p no:cacheprovider "${XDIST[@]}" \
       -k "${TEST_K:-cuda}" "$REPO/tests" 2>&1 | tail -40 | tee "$OUT/tests.txt"
+  fi
+  if ! skip profile; then
+    stamp profile
+    timeout "${T_PROFILE:-120}" python3 "$REPO/bench/profile_layer.py" --backends cuda \
+      --shapes "${PROFILE_SHAPES:-8192x4096x4096,8192x4096x1024}" --r 16 --p "${PROFILE_P:-0}" > "$OUT/profile.txt" 2>&1
+    grep -E "us/call|lora|gemm|sm90|cutlass|Kernel|device_kernel|pack|shrink" "$OUT/profile.txt" | head -40
   fi
   if ! skip bench; then
     stamp bench
