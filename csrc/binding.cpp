@@ -106,13 +106,19 @@ const char* sm90_unsupported(const Tensor& a, const Tensor& b, const Tensor* bia
   return lk::lora_gemm_sm90_unsupported(args, a.get_device());
 }
 
-// y (M, N) = x W^T + (s u) B^T + bias on the sm_90 path; u (M, r) fp32 holds s·dropout(x) A^T already.
-void sm90_forward(const Tensor& x, const Tensor& weight, const Tensor* bias, const Tensor& u, const Tensor& lora_B,
-                  Tensor& y, cudaStream_t stream) {
+// y (M, N) = x W^T + u B^T + bias on the sm_90 path. u_work holds u = s·dropout(x) A^T (M, r) fp32, or the
+// shrink's `partials` split-K parts of it; the pack launch sums them into u (kept for backward) on the way.
+void sm90_forward(const Tensor& x, const Tensor& weight, const Tensor* bias, const Tensor& u_work, int64_t partials,
+                  Tensor& u, const Tensor& lora_B, Tensor& y, cudaStream_t stream) {
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = u.size(1), kx = sm90_kx(r);
   Tensor ux = at::empty({M, kx}, x.options());
   Tensor bx = at::empty({N, kx}, x.options());
-  lk::PackJob ju{u.data_ptr(), lk::DType::kFloat32, M, r, ux.data_ptr(), M, kx, 1.f};
+  lk::PackJob ju{u_work.data_ptr(), lk::DType::kFloat32, M, r, ux.data_ptr(), M, kx, 1.f};
+  if (partials > 1) {
+    ju.partials = partials;
+    ju.partial_stride = M * r;
+    ju.sum_out = u.data_ptr<float>();
+  }
   lk::PackJob jb{lora_B.data_ptr(), to_dtype(lora_B, "lora_B"), N, r, bx.data_ptr(), N, kx, 1.f};
   check_cuda(lk::launch_pack_rank_operands(ju, jb, to_dtype(x, "x"), stream), "pack(u, B) launch");
   lk::LoraGemmArgs g;
@@ -166,16 +172,16 @@ std::tuple<Tensor, Tensor> lora_forward(const Tensor& x, const Tensor& weight, c
                                     u_work.data_ptr<float>(), M, K, r, shrink_plan, (float)scaling, pf,
                                     (uint64_t)seed, (uint64_t)offset, stream),
              "lora_shrink launch");
+  Tensor y = at::empty({M, N}, x.options());
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (sm90_unsupported(x, weight, has_bias ? &*bias : nullptr, M, N, K, lk::GemmLayoutB::kNK) == nullptr) {
+    sm90_forward(x, weight, has_bias ? &*bias : nullptr, u_work, shrink_plan.col_groups, u, lora_B, y, stream);
+    return {y, u};
+  }
   if (shrink_plan.col_groups > 1) {
     check_cuda(lk::launch_reduce_partials(u_work.data_ptr<float>(), shrink_plan.col_groups, M * r, u.data_ptr(),
                                           lk::DType::kFloat32, stream),
                "reduce(u) launch");
-  }
-  Tensor y = at::empty({M, N}, x.options());
-  const bool has_bias = bias.has_value() && bias->defined();
-  if (sm90_unsupported(x, weight, has_bias ? &*bias : nullptr, M, N, K, lk::GemmLayoutB::kNK) == nullptr) {
-    sm90_forward(x, weight, has_bias ? &*bias : nullptr, u, lora_B, y, stream);
-    return {y, u};
   }
   // y = u B^T + bias written once, then the frozen GEMM by cuBLAS (through ATen) accumulates into it (beta = 1).
   check_cuda(lk::launch_lora_expand_prefill(y.data_ptr(), to_dtype(y, "y"), u.data_ptr<float>(), lora_B.data_ptr(),

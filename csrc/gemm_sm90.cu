@@ -40,12 +40,16 @@ const char* lora_gemm_sm90_unsupported(const LoraGemmArgs& a, int device) {
   return nullptr;
 }
 
-GemmConfig lora_gemm_sm90_pick(const LoraGemmArgs& a) {
-  if (a.config != GemmConfig::kAuto) return a.config;
-  // A 256x128 cooperative tile, as cuBLAS picks for these shapes, unless it leaves too few tiles to fill the
-  // GPU: then the 128x128 ping-pong tile, which doubles the tile count.
-  int64_t tiles256 = ((a.M + 255) / 256) * ((a.N + 127) / 128);
-  return tiles256 < 2 * 132 ? GemmConfig::kPing128x128_c12 : GemmConfig::kCoop256x128_c12;
+GemmChoice lora_gemm_sm90_pick(const LoraGemmArgs& a) {
+  // One choice for every shape: a 128x128 ping-pong tile, clusters of 1x2 tiles along N, tile order along M
+  // with swizzle 4. Against cuBLAS on the H200 over the Llama-3-8B layer shapes at M = 2048 and 8192, forward
+  // and dx layouts, it was the best of six tile/cluster configs x 8 tile orders (geometric mean 1.02x cuBLAS's
+  // throughput, worst 0.97x; bench/results/h200_2026-11-30/sm90_probe).
+  GemmChoice c{GemmConfig::kPing128x128_c12, 4, 1};
+  if (a.config != GemmConfig::kAuto) c.config = a.config;
+  if (a.swizzle > 0) c.swizzle = a.swizzle;
+  if (a.raster > 0) c.raster = a.raster;
+  return c;
 }
 
 cudaError_t launch_lora_gemm_sm90(const LoraGemmArgs& a, cudaStream_t stream) {
@@ -54,13 +58,11 @@ cudaError_t launch_lora_gemm_sm90(const LoraGemmArgs& a, cudaStream_t stream) {
   if (e != cudaSuccess) return e;
   if (lora_gemm_sm90_unsupported(a, device) != nullptr) return cudaErrorNotSupported;
 #if LORA_KERNELS_HAVE_SM90_GEMM
-  GemmConfig cfg = lora_gemm_sm90_pick(a);
-  int sms = device_info(device).sms;
-  bool nk = a.layout_b == GemmLayoutB::kNK;
+  const GemmChoice c = lora_gemm_sm90_pick(a);
+  const bool nk = a.layout_b == GemmLayoutB::kNK;
   sm90::RunFn run = a.dtype == GemmDType::kBFloat16 ? (nk ? sm90::run_bf16_nk : sm90::run_bf16_kn)
                                                     : (nk ? sm90::run_fp16_nk : sm90::run_fp16_kn);
-  int swizzle = a.swizzle > 0 ? a.swizzle : 1;
-  return run(a, cfg, swizzle, a.raster, sms, stream);
+  return run(a, c.config, c.swizzle, c.raster, device_info(device).sms, stream);
 #else
   return cudaErrorNotSupported;
 #endif

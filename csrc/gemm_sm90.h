@@ -52,8 +52,13 @@ struct LoraGemmArgs {
 bool lora_gemm_sm90_built();
 // nullptr when `args` can run on `device`, else a static string saying why not.
 const char* lora_gemm_sm90_unsupported(const LoraGemmArgs& args, int device);
-// The config that kAuto resolves to for this problem.
-GemmConfig lora_gemm_sm90_pick(const LoraGemmArgs& args);
+// What runs a problem: args' own config, swizzle and raster where set, else the defaults.
+struct GemmChoice {
+  GemmConfig config;
+  int swizzle;
+  int raster;
+};
+GemmChoice lora_gemm_sm90_pick(const LoraGemmArgs& args);
 // Launches on `stream`; returns the launch's error (cudaErrorNotSupported when unsupported).
 cudaError_t launch_lora_gemm_sm90(const LoraGemmArgs& args, cudaStream_t stream);
 

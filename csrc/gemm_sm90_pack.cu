@@ -5,6 +5,8 @@
 //         backward's s·g (M, r) -> (M, Kx) and lora_A (r, K) -> (Kx, K). The zeros make the padded K columns add
 //         nothing to the accumulator. Rounding to 16 bits here is the same policy as the other tensor-core
 //         passes: every operand of a 16-bit product is cast to x's dtype, the sum is fp32.
+//         An fp32 input may come as split-K partials, summed here in a fixed order (the forward's u: this launch
+//         is also the shrink's reduction and writes the fp32 u kept for backward).
 // Tiling: one thread per 8 output elements (one 16-byte store); rows are independent. Two jobs share one launch
 //         (blocks [0, blocks_a) do job a, the rest job b), so the forward packs u and B in one launch.
 #include "gemm_sm90_pack.h"
@@ -49,7 +51,10 @@ __device__ __forceinline__ void pack_job(const PackJob& j, int64_t t) {
     if (row < j.rows_in && c < j.cols_in) {
       const int64_t i = row * j.cols_in + c;
       switch (j.in_dtype) {
-        case DType::kFloat32: f = load_f<float>(j.in, i); break;
+        case DType::kFloat32:
+          for (int64_t t = 0; t < j.partials; ++t) f += load_f<float>(j.in, t * j.partial_stride + i);
+          if (j.sum_out != nullptr) j.sum_out[i] = f;
+          break;
         case DType::kFloat16: f = load_f<__half>(j.in, i); break;
         default: f = load_f<__nv_bfloat16>(j.in, i); break;
       }

@@ -43,6 +43,12 @@ def backward(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, need_dx
     return (dx if need_dx else None, dA if need_dA else None, dB if need_dB else None)
 
 
+def gemm_path(x, weight, bias=None) -> str:
+    """Which GEMM a forward (and its p = 0 dx) with these 2-D inputs runs: "sm90" (the Hopper GEMM with the rank-r
+    term in its K axis, csrc/gemm_sm90.h) or "cublas: <why not sm90>" (cuBLAS with the rank-r term written first)."""
+    return torch.ops.lora_kernels_cuda.gemm_path(x, weight, bias)
+
+
 def _linear_autograd(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset):
     """y of the op, with its autograd node in C++ (``lora_kernels_cuda::lora_linear``): eager calls that need
     grads skip Python's autograd.Function, forward and backward. Same kernels and math as forward/backward."""
