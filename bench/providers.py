@@ -16,6 +16,9 @@ Providers
                    dynamic=False: compiled per shape); with compile_dynamic, one dynamic=True graph for all shapes.
   addmm            out = F.linear(x, W, b); out.addmm_(x @ Aᵀ, Bᵀ, alpha=s)   -- NO dropout (p is ignored).
   cublas-base      the floor: fwd = F.linear(x, W); fwd_bwd = F.linear(x, W) then dy @ W (base dx GEMM).
+  lorafusion       the peer LoRAFusion (CentML/lorafusion c48d7fd) lora_v1.fused_linear_lora, adapters in x's dtype;
+                   loaded by bench/peer_lorafusion.py from $LORAFUSION_DIR or <repo>/.peers/lorafusion (git-ignored,
+                   filled by bench/get_lorafusion.sh).
 
 Modes: ``fwd`` runs under torch.no_grad (training-mode dropout still applied); ``fwd_bwd`` has x, A, B
 requiring grad, W frozen, and back-propagates a fixed random dy with torch.autograd.grad (no .grad
@@ -31,7 +34,7 @@ import torch.nn.functional as F
 
 BACKENDS = ("torch", "triton", "cuda")
 PROVIDERS = tuple(f"ours-{b}" for b in BACKENDS) + (
-    "peft-layer", "formula-bf16", "compile-formula", "addmm", "cublas-base")
+    "peft-layer", "formula-bf16", "compile-formula", "addmm", "cublas-base", "lorafusion")
 FLOOR = "cublas-base"
 PEFT_REF = "peft-layer"
 SCALING = 2.0  # lora_alpha = 2 r
@@ -115,7 +118,7 @@ def make_case(provider: str, M: int, K: int, N: int, r: int, p: float, dtype=tor
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     s, note = float(scaling), ""
-    if provider in ("formula-bf16", "compile-formula", "addmm", "cublas-base"):
+    if provider in ("formula-bf16", "compile-formula", "addmm", "cublas-base", "lorafusion"):
         adapter_dtype = dtype
     sets = [_make_tensors(M, K, N, r, dtype, adapter_dtype, device, bias, gen) for _ in range(max(1, n_sets))]
     fwds: list[Callable] = []
@@ -211,6 +214,19 @@ def make_case(provider: str, M: int, K: int, N: int, r: int, p: float, dtype=tor
             fwds.append(fwd)
             fwd_bwds.append(fwd_bwd)
             exclude += [t["W"]]
+    elif provider == "lorafusion":
+        import peer_lorafusion
+
+        try:
+            lf = peer_lorafusion.prepare(device, sets[0]["W"], sets[0]["A"], sets[0]["B"], s, p)
+        except peer_lorafusion.LoRAFusionUnavailable as e:
+            raise Unavailable(str(e)) from None
+        note = lf.note
+        for t in sets:
+            fwd, fwd_bwd, _ = lf.callables(t["x"], t["W"], t["A"], t["B"], t["dy"], t["b"])
+            fwds.append(fwd)
+            fwd_bwds.append(fwd_bwd)
+            exclude += [t["W"], t["b"], t["A"], t["B"]]
     else:
         raise ValueError(f"unknown provider {provider!r}; known: {PROVIDERS}")
 
