@@ -253,8 +253,9 @@ std::tuple<Tensor, Tensor, Tensor> lora_backward(const Tensor& dy, const Tensor&
   if (need_dA) {
     const lk::SplitPlan plan = lk::lora_dA_plan(M, K, r);
     Tensor dA_partial = at::empty({std::max<int64_t>(plan.row_splits, 1), r * K}, f32);
-    check_cuda(lk::launch_lora_dA(x.data_ptr(), to_dtype(x, "x"), g.data_ptr<float>(), dA_partial.data_ptr<float>(),
-                                  M, K, r, plan, (float)scaling, pf, (uint64_t)seed, (uint64_t)offset, stream),
+    check_cuda(lk::launch_lora_dA(x.data_ptr(), to_dtype(x, "x"), to_dtype(lora_A, "lora_A"), g.data_ptr<float>(),
+                                  dA_partial.data_ptr<float>(), M, K, r, plan, (float)scaling, pf, (uint64_t)seed,
+                                  (uint64_t)offset, stream),
                "lora_dA launch");
     dA = at::empty({r, K}, lora_A.options());
     check_cuda(lk::launch_reduce_partials(dA_partial.data_ptr<float>(), plan.row_splits, (int64_t)r * K,

@@ -37,39 +37,72 @@ template <> __device__ __forceinline__ __nv_bfloat16 store_cast<__nv_bfloat16>(f
   return __float2bfloat16_rn(v);
 }
 
+// The 8 input values of out[row, c0 .. c0+8) (row < rows_in), summed over the partials for fp32 input; zeros past
+// cols_in. Whole 8-groups inside cols_in take 16-byte loads.
+__device__ __forceinline__ void load8(const PackJob& j, int64_t row, int64_t c0, float (&f)[kVec]) {
+  const int64_t base = row * j.cols_in + c0;
+  const bool whole = c0 + kVec <= j.cols_in && j.cols_in % kVec == 0;
+  if (j.in_dtype == DType::kFloat32) {
+    const float* in = static_cast<const float*>(j.in);
+    if (whole) {
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) f[e] = 0.f;
+      for (int64_t t = 0; t < j.partials; ++t) {
+        const float4 a = *reinterpret_cast<const float4*>(in + t * j.partial_stride + base);
+        const float4 b = *reinterpret_cast<const float4*>(in + t * j.partial_stride + base + 4);
+        f[0] += a.x; f[1] += a.y; f[2] += a.z; f[3] += a.w;
+        f[4] += b.x; f[5] += b.y; f[6] += b.z; f[7] += b.w;
+      }
+      return;
+    }
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) {
+      f[e] = 0.f;
+      if (c0 + e < j.cols_in)
+        for (int64_t t = 0; t < j.partials; ++t) f[e] += in[t * j.partial_stride + base + e];
+    }
+    return;
+  }
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) {
+    f[e] = 0.f;
+    if (c0 + e < j.cols_in)
+      f[e] = j.in_dtype == DType::kFloat16 ? load_f<__half>(j.in, base + e) : load_f<__nv_bfloat16>(j.in, base + e);
+  }
+}
+
 template <typename TO>
 __device__ __forceinline__ void pack_job(const PackJob& j, int64_t t) {
   const int64_t groups_per_row = j.cols_out / kVec;
   const int64_t row = t / groups_per_row;
   if (row >= j.rows_out) return;
   const int64_t c0 = (t % groups_per_row) * kVec;
+  float f[kVec];
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) f[e] = 0.f;
+  if (row < j.rows_in && c0 < j.cols_in) {
+    load8(j, row, c0, f);
+    if (j.sum_out != nullptr) {
+#pragma unroll
+      for (int e = 0; e < kVec; ++e)
+        if (c0 + e < j.cols_in) j.sum_out[row * j.cols_in + c0 + e] = f[e];
+    }
+  }
   alignas(16) TO v[kVec];
 #pragma unroll
-  for (int e = 0; e < kVec; ++e) {
-    const int64_t c = c0 + e;
-    float f = 0.f;
-    if (row < j.rows_in && c < j.cols_in) {
-      const int64_t i = row * j.cols_in + c;
-      switch (j.in_dtype) {
-        case DType::kFloat32:
-          for (int64_t t = 0; t < j.partials; ++t) f += load_f<float>(j.in, t * j.partial_stride + i);
-          if (j.sum_out != nullptr) j.sum_out[i] = f;
-          break;
-        case DType::kFloat16: f = load_f<__half>(j.in, i); break;
-        default: f = load_f<__nv_bfloat16>(j.in, i); break;
-      }
-      f *= j.scale;
-    }
-    v[e] = store_cast<TO>(f);
-  }
+  for (int e = 0; e < kVec; ++e) v[e] = store_cast<TO>(f[e] * j.scale);
   *reinterpret_cast<uint4*>(static_cast<TO*>(j.out) + row * j.cols_out + c0) = *reinterpret_cast<const uint4*>(v);
 }
 
 template <typename TO>
 __global__ void __launch_bounds__(kThreads) pack_kernel(PackJob a, PackJob b, int64_t blocks_a) {
-  const bool first = blockIdx.x < blocks_a;
-  const int64_t block = first ? blockIdx.x : blockIdx.x - blocks_a;
-  pack_job<TO>(first ? a : b, block * kThreads + threadIdx.x);
+  // Two calls rather than one on a selected job: selecting between two kernel parameters at run time would copy
+  // the struct to local memory.
+  if (blockIdx.x < blocks_a) {
+    pack_job<TO>(a, (int64_t)blockIdx.x * kThreads + threadIdx.x);
+  } else {
+    pack_job<TO>(b, ((int64_t)blockIdx.x - blocks_a) * kThreads + threadIdx.x);
+  }
 }
 
 int64_t job_blocks(const PackJob& j) {

@@ -1725,7 +1725,7 @@ cudaError_t launch_lora_shrink(const void* x, DType x_dtype, const void* A, DTyp
   if (M <= 0) return cudaSuccess;
   if (plan.col_groups > 65535 || plan.col_groups < 1) return cudaErrorInvalidConfiguration;
   const float scale = (float)((double)scaling / (1.0 - (double)p));
-  if (x_dtype != DType::kFloat32 && tc_supported()) {
+  if (x_dtype != DType::kFloat32 && a_dtype != DType::kFloat32 && tc_supported()) {
     const int nf = rank_frags(r);
     const dim3 grid((unsigned)ceil_div(M, TS_BM), (unsigned)plan.col_groups, (unsigned)ceil_div(round16(r), 16 * nf));
     const size_t smem = shrink_tc_smem(nf);
@@ -1803,7 +1803,7 @@ cudaError_t launch_lora_dy_pass(const void* dy, DType dy_dtype, const void* B, D
   if (M <= 0 || plan.row_splits <= 0) return cudaSuccess;
   if (dB_partial && !u) return cudaErrorInvalidValue;
   if (plan.col_groups > 65535) return cudaErrorInvalidConfiguration;
-  if (dy_dtype != DType::kFloat32 && tc_supported()) {
+  if (dy_dtype != DType::kFloat32 && b_dtype != DType::kFloat32 && tc_supported()) {
     if (N <= 0)  // g = dy B = 0; the dB partials have no elements
       return cudaMemsetAsync(g_out, 0, (size_t)std::max<int64_t>(plan.col_groups, 1) * M * r * sizeof(float), stream);
     if (plan.row_splits > 0x7fffffff) return cudaErrorInvalidConfiguration;
@@ -1842,14 +1842,14 @@ cudaError_t launch_lora_dy_pass(const void* dy, DType dy_dtype, const void* B, D
   });
 }
 
-cudaError_t launch_lora_dA(const void* x, DType x_dtype, const float* g, float* dA_partial, int64_t M, int64_t K,
-                           int r, SplitPlan plan, float scaling, float p, uint64_t seed, uint64_t offset,
+cudaError_t launch_lora_dA(const void* x, DType x_dtype, DType a_dtype, const float* g, float* dA_partial, int64_t M,
+                           int64_t K, int r, SplitPlan plan, float scaling, float p, uint64_t seed, uint64_t offset,
                            cudaStream_t stream) {
   if (r < 1 || r > kMaxRank) return cudaErrorInvalidValue;
   if (M <= 0 || K <= 0 || plan.row_splits <= 0) return cudaSuccess;
   if (plan.col_groups > 65535) return cudaErrorInvalidConfiguration;
   const float scale = (float)((double)scaling / (1.0 - (double)p));
-  if (x_dtype != DType::kFloat32 && tc_supported()) {
+  if (x_dtype != DType::kFloat32 && a_dtype != DType::kFloat32 && tc_supported()) {
     if (plan.row_splits > 0x7fffffff) return cudaErrorInvalidConfiguration;
     const int nj = rank_frags(r);
     const size_t smem = dA_tc_smem(16 * nj);
