@@ -101,12 +101,43 @@ def _weight_sq(weight: torch.Tensor, acc) -> torch.Tensor:
     return wsq
 
 
+_MM_OUT_DTYPE = [True]  # whether torch.mm(..., out_dtype=) runs for CUDA 16-bit inputs (False after a failure)
+
+
+def _split(a: torch.Tensor, dtype: torch.dtype):
+    """(parts (3r, K) in ``dtype``, scale): a·scale = hi + mid + lo to about 24 bits (float32's precision), the
+    scale a power of two that brings max|a| into [0.5, 1) so that fp16 parts do not underflow. Computed on the
+    device: no host sync."""
+    _, e = torch.frexp(a.abs().amax().clamp_min(torch.finfo(torch.float32).tiny))
+    scale = torch.ldexp(torch.ones((), dtype=a.dtype, device=a.device), -e)
+    rest = a * scale
+    parts = []
+    for _ in range(3):
+        parts.append(rest.to(dtype))
+        rest = rest - parts[-1].to(a.dtype)
+    return torch.cat(parts, 0), scale
+
+
 def _w_at(weight: torch.Tensor, lora_A: torch.Tensor, acc) -> torch.Tensor:
-    """W Aᵀ (N, r) in ``acc``: one GEMM over W when W has the accumulation dtype; for 16-bit W the rows are
-    up-cast in chunks (a bounded temporary, never N×K)."""
+    """W Aᵀ (N, r) in ``acc`` to float32 precision (the norm feeds g, and with float32 adapters PEFT computes it
+    in float32), in one pass over W and without an N×K temporary:
+    - W in the accumulation dtype: one GEMM;
+    - 16-bit W on CUDA: A split into three 16-bit parts (``_split``), one 16-bit GEMM W [A_hi; A_mid; A_lo]ᵀ with
+      float32 accumulation and output (``torch.mm(out_dtype=)``; every product is exact in float32);
+    - otherwise (CPU, torch.compile, a torch without ``out_dtype``): W up-cast in row chunks of at most
+      ``_CHUNK_ELEMS`` elements."""
     A = lora_A.to(acc)
     if weight.dtype == acc:
         return weight @ A.t()
+    if weight.is_cuda and _MM_OUT_DTYPE[0] and not torch.compiler.is_compiling():
+        parts, scale = _split(A, weight.dtype)
+        try:
+            wa = torch.mm(weight, parts.t(), out_dtype=acc)
+        except (RuntimeError, TypeError):  # no out_dtype overload for this device/dtype
+            _MM_OUT_DTYPE[0] = False
+        else:
+            r = A.shape[0]
+            return (wa[:, :r] + wa[:, r:2 * r] + wa[:, 2 * r:]) / scale
     out = torch.empty(weight.shape[0], A.shape[0], dtype=acc, device=weight.device)
     for i, j in _row_chunks(weight):
         out[i:j] = weight[i:j].to(acc) @ A.t()
