@@ -43,7 +43,7 @@ from torch.autograd.function import once_differentiable
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _dispatch, ops
-from .dora_kernels import masked, scale_bias, scale_colsum, triton_usable
+from .dora_kernels import masked, row_norm, scale_bias, scale_colsum, triton_usable
 
 __all__ = ["dora_linear", "dora_weight_norm", "clear_weight_norm_cache"]
 
@@ -331,7 +331,12 @@ def dora_linear(x, weight, bias, lora_A, lora_B, scaling, magnitude, dropout_p=0
     if p > 0.0 and ops._recorders:
         for calls in ops._recorders:
             calls.append((int(seed), 0))
-    g = magnitude.to(_acc(x)) / dora_weight_norm(norm_weight, lora_A, lora_B, scaling).to(_acc(x))
+    if _fast(name, x) and not torch.compiler.is_compiling() and norm_weight.stride(-1) == 1:
+        with torch.no_grad():  # one Triton pass over W (no cache needed: W is read for B A's cross term anyway)
+            norm = row_norm(norm_weight, lora_A.contiguous(), lora_B.contiguous(), scaling)
+    else:
+        norm = dora_weight_norm(norm_weight, lora_A, lora_B, scaling)
+    g = magnitude.to(_acc(x)) / norm.to(_acc(x))
     two_d = x.dim() == 2
     x2 = x if two_d else x.reshape(-1, x.shape[-1])
     args = (x2.contiguous(), weight.contiguous(), bias.contiguous() if bias is not None else None,

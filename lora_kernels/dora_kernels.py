@@ -7,6 +7,8 @@ Each pass reads its inputs once and rounds once; math in float32 (float64 for fl
                                                                                fused with the pass that scales dy
     masked(t, p, seed, offset, ak, ad, base=None)
                                         -> base + where(keep, ak·t, ad·t)       keep = the contract's dropout mask
+    row_norm(W, A, B, s)                -> ‖W + s·B A‖_row (N,)                 Triton only: tiles of W + s·B A
+                                                                               formed in registers, never stored
 
 ``fast=True`` runs Triton kernels (on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1): one pass and no
 temporary. ``fast=False`` is plain PyTorch (the torch backend's reference, and the fallback where Triton cannot
@@ -104,6 +106,54 @@ if triton is not None:
         if HAS_BASE:
             out += tl.load(base_ptr + rows * s_bm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + rows * s_om + offs_k[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+    @triton.jit
+    def _row_norm_kernel(w_ptr, a_ptr, b_ptr, part_ptr, N, K, R, K_PER_SPLIT, s_wn, s_ar, s_bn, scaling,
+                         PREC: tl.constexpr, R_PAD: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        # grid (row blocks, K splits): partial Σ_k (W + s·B A)² over this program's K range
+        offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
+        n_mask = offs_n < N
+        rr = tl.arange(0, R_PAD)
+        r_mask = rr < R
+        bt = tl.load(b_ptr + offs_n.to(tl.int64)[:, None] * s_bn + rr[None, :],
+                     mask=n_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32) * scaling
+        k_start = tl.program_id(1) * K_PER_SPLIT
+        acc = tl.zeros((BN,), dtype=tl.float32)
+        for k0 in range(k_start, tl.minimum(k_start + K_PER_SPLIT, K), BK):
+            offs_k = k0 + tl.arange(0, BK)
+            k_mask = offs_k < K
+            w = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * s_wn + offs_k[None, :],
+                        mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+            a = tl.load(a_ptr + rr[:, None] * s_ar + offs_k[None, :], mask=r_mask[:, None] & k_mask[None, :],
+                        other=0.0).to(tl.float32)
+            t = w + tl.dot(bt, a, input_precision=PREC)  # (W + s·B A) tile, float32
+            acc += tl.sum(t * t, axis=1)
+        tl.store(part_ptr + tl.program_id(1).to(tl.int64) * N + offs_n, acc, mask=n_mask)
+
+
+def row_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """‖W + scaling · B A‖ per row (N,) in float32: one Triton pass over W; each (rows, columns) tile of
+    W + s·B A is formed in registers (B's rows stay loaded, A's columns stream). Same value as PEFT's norm, no
+    N×K temporary, no cancellation (the sum of squares is taken directly). float32 products run as 3xTF32 on
+    GPUs (about float32 accuracy on tensor cores); W, A, B must have unit stride along K / r."""
+    N, K = weight.shape
+    R = lora_A.shape[0]
+    if N == 0:
+        return torch.zeros(0, dtype=torch.float32, device=weight.device)
+    r_pad = max(16, 1 << (R - 1).bit_length())
+    interp = _interp(weight)
+    BN, BK = (16, 32) if interp else ((32, 32) if r_pad >= 128 else (64, 64))
+    n_blocks = _cdiv(N, BN)
+    want = 1 if interp else max(1, 2 * _num_sms(weight.device) // n_blocks)
+    per = _cdiv(_cdiv(K, BK), max(1, min(want, _cdiv(K, BK)))) * BK
+    splits = max(1, _cdiv(K, per))
+    part = torch.empty((splits, N), dtype=torch.float32, device=weight.device)
+    _row_norm_kernel[(n_blocks, splits)](
+        weight, lora_A, lora_B, part, N, K, R, per, weight.stride(0), lora_A.stride(0), lora_B.stride(0),
+        float(scaling), PREC="ieee" if interp else "tf32x3", R_PAD=r_pad, BN=BN, BK=BK,
+        num_warps=8 if r_pad >= 128 else 4)
+    return part.sum(0).sqrt_()
 
 
 def _tiles(t: torch.Tensor):

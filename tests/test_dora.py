@@ -263,6 +263,29 @@ def test_weight_norm_matches_float64(dtype):
     assert (got.double() - ref).abs().max() <= 2 * (base.double() - ref).abs().max() + tol * ref.abs().max()
 
 
+_TRITON_DEVICES = sorted({d for b, d in backend_cases() if b == "triton"})
+
+
+@pytest.mark.skipif(not _TRITON_DEVICES, reason="no Triton here (needs a GPU or TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("N,K,r", [(70, 90, 6), (33, 200, 256), (5, 17, 1), (300, 1000, 64)])
+def test_row_norm_kernel_matches_float64(dtype, N, K, r):
+    # the fast backends' norm: one Triton pass, tiles of W + s·B A in registers (3xTF32 dots on GPUs)
+    from lora_kernels.dora_kernels import row_norm
+
+    device = _TRITON_DEVICES[-1]  # cuda when there is one
+    if device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter mis-computes bf16")
+    W = (torch.randn(N, K, device=device) / K**0.5).to(dtype)
+    A, B = torch.randn(r, K, device=device) / K**0.5, torch.randn(N, r, device=device) / r**0.5
+    got = row_norm(W, A, B, 2.0)
+    ref = _norm64(W, A, B, 2.0)
+    base = torch.linalg.norm(W.float() + 2.0 * (B @ A), dim=1)  # PEFT's: float32, N×K temporaries
+    assert got.dtype == torch.float32 and got.shape == (N,)
+    e, e0 = (got.double() - ref).abs().max().item(), (base.double() - ref).abs().max().item()
+    assert e <= 2 * e0 + 2 * torch.finfo(torch.float32).eps * ref.abs().max().item(), (e, e0)
+
+
 def test_weight_norm_cancelling_row_is_clamped():
     # a row where s·B A = −W: the expansion's rounding can go negative; the norm is clamped to 0, not NaN
     W, A = torch.randn(3, 16), torch.randn(1, 16)

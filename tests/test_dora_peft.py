@@ -449,3 +449,25 @@ def test_module_merge_unmerge(dtype):
         layer.unmerge()
         assert torch.equal(layer.weight, W0)
         torch.testing.assert_close(layer(x), y0, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------- benchmark providers
+def test_bench_dora_providers_compute_the_same_layer():
+    import sys
+
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+    if not os.path.exists(os.path.join(bench, "providers.py")):
+        pytest.skip("no bench/providers.py")
+    sys.path.insert(0, bench)
+    try:
+        import providers
+    finally:
+        sys.path.remove(bench)
+    outs = {}
+    for prov in ("ours-dora-torch", "peft-dora"):
+        case = providers.make_case(prov, 24, 40, 32, 4, 0.0, dtype=torch.float32, device="cpu", bias=True)
+        outs[prov] = case.fwd[0]()
+        grads = case.fwd_bwd[0]()
+        assert len(grads) == 4 and all(torch.isfinite(g).all() for g in grads)  # x, A, B, magnitude
+        assert "DoRA" in case.note
+    torch.testing.assert_close(outs["ours-dora-torch"], outs["peft-dora"], rtol=1e-5, atol=1e-5)
