@@ -17,6 +17,8 @@ run); it materialises float32 temporaries of the tensors' size. The column sums 
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .philox import calls_per_row, keep_threshold
@@ -36,12 +38,13 @@ def _acc(t: torch.Tensor) -> torch.dtype:
 
 
 def triton_usable(device: torch.device) -> bool:
-    """Whether the Triton versions can run on tensors of ``device``."""
-    if triton is None:
-        return False
-    from .backends.triton_backend import is_available, _interpreting
+    """Whether the Triton versions can run on tensors of ``device``: the triton backend is available (cached by
+    ``_dispatch``) and the tensors are on CUDA or the interpreter runs."""
+    from . import _dispatch
 
-    return is_available()[0] and (device.type == "cuda" or _interpreting())
+    if triton is None or _dispatch.get("triton") is None:
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _cdiv(a: int, b: int) -> int:

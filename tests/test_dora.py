@@ -203,9 +203,9 @@ def test_opcheck():
 
 
 class _Tiny(torch.nn.Module):
-    def __init__(self, p):
+    def __init__(self, p, dtype=torch.float32):
         super().__init__()
-        self.w = torch.nn.Parameter(torch.randn(32, 24) / 5, requires_grad=False)
+        self.w = torch.nn.Parameter((torch.randn(32, 24) / 5).to(dtype), requires_grad=False)
         self.a = torch.nn.Parameter(torch.randn(4, 24) / 5)
         self.b = torch.nn.Parameter(torch.randn(32, 4) / 2)
         self.m = torch.nn.Parameter(torch.rand(32) + 0.5)
@@ -217,11 +217,12 @@ class _Tiny(torch.nn.Module):
         return torch.relu(h).sum(-1)
 
 
-@pytest.mark.parametrize("p", [0.0, 0.1])
-def test_torch_compile_fullgraph(p):
+@pytest.mark.parametrize("p,dtype", [(0.0, torch.float32), (0.1, torch.float32), (0.0, torch.bfloat16)])
+def test_torch_compile_fullgraph(p, dtype):
+    # bf16 W: the norm's W Aᵀ takes the chunked up-cast path inside the graph
     torch._dynamo.reset()
-    m = _Tiny(p)
-    x = torch.randn(3, 5, 24)
+    m = _Tiny(p, dtype)
+    x = torch.randn(3, 5, 24).to(dtype)
     out = torch.compile(m, fullgraph=True)(x)
     out.sum().backward()
     grads = [t.grad.clone() for t in (m.a, m.b, m.m)]
