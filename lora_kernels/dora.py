@@ -28,9 +28,13 @@ How it is computed (q = 1 − p, keep = the contract's Philox mask, ``lora_kerne
 
 Saved for backward: x, z (M×N in x's dtype: the output before the column scale, which the magnitude's grad
 needs), u (M×r float32) and the seed; no mask, no dropped copy of x, and nothing N×K. The norm needs no N×K
-temporary either: ‖W_n + s(BA)_n‖² = ‖W_n‖² + 2s·B_n·(A W_nᵀ) + s²·B_n (A Aᵀ) B_nᵀ needs ‖W_n‖² (cached per
-frozen W, see ``_weight_sq``), W Aᵀ (N×r, one pass over W) and A Aᵀ (r×r). Rounding can make the sum slightly
-negative when the row nearly cancels; it is clamped at 0 (PEFT's norm is then 0 as well).
+temporary either:
+- triton/cuda backends (eager): ``dora_kernels.row_norm``, one Triton pass over W that forms each tile of
+  W + s·B A in registers and sums its squares. W is read anyway, so ‖W_n‖² is not cached there.
+- torch backend, torch.compile, non-unit-stride W (``dora_weight_norm``): ‖W_n + s(BA)_n‖² = ‖W_n‖² +
+  2s·B_n·(A W_nᵀ) + s²·B_n (A Aᵀ) B_nᵀ from ‖W_n‖² (cached per frozen W, see ``_weight_sq``), W Aᵀ (N×r, one pass
+  over W) and A Aᵀ (r×r). Rounding can make the sum slightly negative when the row nearly cancels; it is
+  clamped at 0.
 
 The registered ops (``lora_kernels::dora_fwd`` / ``dora_bwd``) have fake impls and ``register_autograd``, so
 ``dora_linear`` works under ``torch.compile``; eager calls use a ``torch.autograd.Function`` twin (as
@@ -101,43 +105,13 @@ def _weight_sq(weight: torch.Tensor, acc) -> torch.Tensor:
     return wsq
 
 
-_MM_OUT_DTYPE = [True]  # whether torch.mm(..., out_dtype=) runs for CUDA 16-bit inputs (False after a failure)
-
-
-def _split(a: torch.Tensor, dtype: torch.dtype):
-    """(parts (3r, K) in ``dtype``, scale): a·scale = hi + mid + lo to about 24 bits (float32's precision), the
-    scale a power of two that brings max|a| into [0.5, 1) so that fp16 parts do not underflow. Computed on the
-    device: no host sync."""
-    _, e = torch.frexp(a.abs().amax().clamp_min(torch.finfo(torch.float32).tiny))
-    scale = torch.ldexp(torch.ones((), dtype=a.dtype, device=a.device), -e)
-    rest = a * scale
-    parts = []
-    for _ in range(3):
-        parts.append(rest.to(dtype))
-        rest = rest - parts[-1].to(a.dtype)
-    return torch.cat(parts, 0), scale
-
-
 def _w_at(weight: torch.Tensor, lora_A: torch.Tensor, acc) -> torch.Tensor:
-    """W Aᵀ (N, r) in ``acc`` to float32 precision (the norm feeds g, and with float32 adapters PEFT computes it
-    in float32), in one pass over W and without an N×K temporary:
-    - W in the accumulation dtype: one GEMM;
-    - 16-bit W on CUDA: A split into three 16-bit parts (``_split``), one 16-bit GEMM W [A_hi; A_mid; A_lo]ᵀ with
-      float32 accumulation and output (``torch.mm(out_dtype=)``; every product is exact in float32);
-    - otherwise (CPU, torch.compile, a torch without ``out_dtype``): W up-cast in row chunks of at most
-      ``_CHUNK_ELEMS`` elements."""
+    """W Aᵀ (N, r) in ``acc`` (float32 precision: the norm feeds g, and with float32 adapters PEFT computes it in
+    float32) without an N×K temporary: one GEMM when W has the accumulation dtype, else W up-cast in row chunks of
+    at most ``_CHUNK_ELEMS`` elements. (The fast backends take ``dora_kernels.row_norm`` instead.)"""
     A = lora_A.to(acc)
     if weight.dtype == acc:
         return weight @ A.t()
-    if weight.is_cuda and _MM_OUT_DTYPE[0] and not torch.compiler.is_compiling():
-        parts, scale = _split(A, weight.dtype)
-        try:
-            wa = torch.mm(weight, parts.t(), out_dtype=acc)
-        except (RuntimeError, TypeError):  # no out_dtype overload for this device/dtype
-            _MM_OUT_DTYPE[0] = False
-        else:
-            r = A.shape[0]
-            return (wa[:, :r] + wa[:, r:2 * r] + wa[:, 2 * r:]) / scale
     out = torch.empty(weight.shape[0], A.shape[0], dtype=acc, device=weight.device)
     for i, j in _row_chunks(weight):
         out[i:j] = weight[i:j].to(acc) @ A.t()
