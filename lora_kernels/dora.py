@@ -277,6 +277,13 @@ def _check_magnitude(magnitude, x, N):
         fail(f"magnitude is on {magnitude.device} but x is on {x.device}; all tensors must be on one device")
 
 
+def _check_float64(x, lora_A, lora_B, magnitude):
+    # the torch backend's float64 path multiplies float64 x by the adapters as given: float64 throughout
+    if x.dtype == torch.float64 and any(t.dtype != torch.float64 for t in (lora_A, lora_B, magnitude)):
+        raise ValueError("dora_linear: float64 x needs float64 lora_A, lora_B and magnitude, got "
+                         f"{lora_A.dtype}, {lora_B.dtype}, {magnitude.dtype}")
+
+
 def dora_linear(x, weight, bias, lora_A, lora_B, scaling, magnitude, dropout_p=0.0, training=True, backend=None):
     """Fused DoRA linear with PEFT 0.21's semantics (see the module docstring):
 
@@ -299,6 +306,7 @@ def dora_linear(x, weight, bias, lora_A, lora_B, scaling, magnitude, dropout_p=0
         raise ValueError(str(e).replace("lora_linear:", "dora_linear:", 1)) from None
     N = weight.shape[0]
     _check_magnitude(magnitude, x, N)
+    _check_float64(x, lora_A, lora_B, magnitude)
     name = ops._resolve(backend, x.device.type, x.dtype == torch.float64)
     p = float(dropout_p) if training else 0.0
     seed = ops._draw_seed() if p > 0.0 else ops._NO_SEED

@@ -476,6 +476,14 @@ def test_shared_checks_name_dora_linear():
         lora_kernels.dora_linear(x, W, b, A, B, 1.0, m, backend="nope")
 
 
+def test_float64_needs_float64_adapters():
+    x, W, b, A, B, m = _good(torch.float64)
+    with pytest.raises(ValueError, match="float64 x needs float64 lora_A, lora_B and magnitude"):
+        lora_kernels.dora_linear(x, W, b, A.float(), B, 1.0, m)
+    with pytest.raises(ValueError, match="float64 x needs float64"):
+        lora_kernels.dora_linear(x, W, b, A, B, 1.0, m.float())
+
+
 def test_half_magnitude_on_half_x_is_accepted():
     x, W, b, A, B, m = _good(torch.float16)
     assert m.dtype == torch.float16
