@@ -5,6 +5,10 @@ running the fused ``lora_kernels.lora_linear`` op.
 
 Parameter names, shapes and initialisation follow PEFT: ``lora_A`` (r, in_features) kaiming-uniform with
 a = sqrt(5), ``lora_B`` (out_features, r) zeros, so a fresh layer computes exactly its base linear.
+
+With ``use_dora=True`` the layer is DoRA (``lora_kernels.dora_linear``, PEFT's semantics): a trainable
+``magnitude`` (out_features,) initialised like PEFT to the row norms of ``W + scaling · B A``, and
+``y = g ⊙ (x Wᵀ + scaling · x_d Aᵀ Bᵀ) + b`` without dropout, ``g = magnitude / ‖W + scaling · B A‖_row``.
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
+from . import dora, ops
 
 __all__ = ["LoRALinear"]
 
@@ -33,13 +37,16 @@ class LoRALinear(nn.Module):
         adapter_dtype: dtype of ``lora_A``/``lora_B``; defaults to ``dtype``. ``torch.float32`` adapters on a
             bf16/fp16 base are supported (like PEFT's ``autocast_adapter_dtype``).
         backend: passed to ``lora_linear`` (None/'auto', 'torch', 'triton', 'cuda').
+        use_dora: DoRA (weight-decomposed LoRA, PEFT's ``use_dora=True``): adds the ``magnitude`` parameter
+            (in ``adapter_dtype``) and runs ``lora_kernels.dora_linear``.
 
-    The base weight and bias are frozen (``requires_grad=False``); only ``lora_A`` and ``lora_B`` train.
+    The base weight and bias are frozen (``requires_grad=False``); only ``lora_A`` and ``lora_B`` (and
+    ``magnitude``) train.
     """
 
     def __init__(self, in_features: int, out_features: int, r: int = 8, alpha: float = 16, dropout: float = 0.0,
                  bias: bool = True, use_rslora: bool = False, device=None, dtype=None, adapter_dtype=None,
-                 backend=None):
+                 backend=None, use_dora: bool = False):
         super().__init__()
         if r <= 0:
             raise ValueError(f"LoRALinear: r must be a positive integer, got {r}")
@@ -52,6 +59,7 @@ class LoRALinear(nn.Module):
         self.dropout = float(dropout)
         self.use_rslora = use_rslora
         self.backend = backend
+        self.use_dora = bool(use_dora)
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
 
         factory = {"device": device, "dtype": dtype}
@@ -63,6 +71,10 @@ class LoRALinear(nn.Module):
         adapter_factory = {"device": device, "dtype": adapter_dtype if adapter_dtype is not None else dtype}
         self.lora_A = nn.Parameter(torch.empty(r, in_features, **adapter_factory))
         self.lora_B = nn.Parameter(torch.empty(out_features, r, **adapter_factory))
+        if self.use_dora:
+            self.magnitude = nn.Parameter(torch.empty(out_features, **adapter_factory))
+        else:
+            self.register_parameter("magnitude", None)
         # The original weight while merged (see merge()); a non-persistent buffer so it follows .to()/.cuda()
         # but never lands in the state_dict.
         self.register_buffer("_unmerged_weight", None, persistent=False)
@@ -80,13 +92,18 @@ class LoRALinear(nn.Module):
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
+        """``lora_A`` kaiming-uniform, ``lora_B`` zeros; with DoRA, ``magnitude`` = ‖W + scaling · B A‖_row (PEFT)."""
         with torch.no_grad():
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B)
+            if self.magnitude is not None and self.weight.device.type != "meta":
+                norm = dora.dora_weight_norm(self.weight, self.lora_A, self.lora_B, self.scaling)
+                self.magnitude.copy_(norm.to(self.magnitude.dtype))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0,
-                    use_rslora: bool = False, adapter_dtype=None, backend=None) -> "LoRALinear":
+                    use_rslora: bool = False, adapter_dtype=None, backend=None,
+                    use_dora: bool = False) -> "LoRALinear":
         """Wrap an existing ``nn.Linear``: the new layer *shares* ``linear.weight``/``linear.bias`` (the same
         Parameter objects, now frozen: ``requires_grad`` is set to False on them) and gets fresh adapters on
         the weight's device. ``merge()`` on the result updates the shared weight in place."""
@@ -95,7 +112,7 @@ class LoRALinear(nn.Module):
         w = linear.weight
         layer = cls(linear.in_features, linear.out_features, r=r, alpha=alpha, dropout=dropout,
                     bias=linear.bias is not None, use_rslora=use_rslora, device="meta", dtype=w.dtype,
-                    adapter_dtype=adapter_dtype, backend=backend)
+                    adapter_dtype=adapter_dtype, backend=backend, use_dora=use_dora)
         w.requires_grad_(False)
         layer.weight = w
         if linear.bias is not None:
@@ -104,6 +121,8 @@ class LoRALinear(nn.Module):
         adt = adapter_dtype if adapter_dtype is not None else w.dtype
         layer.lora_A = nn.Parameter(torch.empty(r, linear.in_features, device=w.device, dtype=adt))
         layer.lora_B = nn.Parameter(torch.empty(linear.out_features, r, device=w.device, dtype=adt))
+        if use_dora:
+            layer.magnitude = nn.Parameter(torch.empty(linear.out_features, device=w.device, dtype=adt))
         layer.reset_lora_parameters()
         return layer
 
@@ -111,6 +130,9 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return F.linear(x, self.weight, self.bias)
+        if self.use_dora:
+            return dora.dora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, self.magnitude,
+                                    dropout_p=self.dropout, training=self.training, backend=self.backend)
         return ops.lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
                                dropout_p=self.dropout, training=self.training, backend=self.backend)
 
@@ -136,12 +158,19 @@ class LoRALinear(nn.Module):
         round-trip: in bf16/fp16, ``round(round(W + D) - D) != W`` in general (the rounding of the merge loses the
         low bits of W), and even in fp32 the sum is not exactly invertible. Merging an already merged layer is a
         no-op.
+
+        DoRA (as PEFT): ``weight = round(g ⊙ (weight + scaling · B @ A))`` with ``g = magnitude / ‖weight +
+        scaling · B @ A‖_row`` (the bias is unchanged), which is the layer's output without dropout.
         """
         if self.merged:
             return
         original = self.weight.detach().clone()
         delta = self.delta_weight()
-        merged = (self.weight.detach().to(delta.dtype) + delta).to(self.weight.dtype)
+        merged = self.weight.detach().to(delta.dtype) + delta
+        if self.use_dora:
+            norm = dora.dora_weight_norm(self.weight, self.lora_A, self.lora_B, self.scaling).to(delta.dtype)
+            merged = (self.magnitude.detach().to(delta.dtype) / norm)[:, None] * merged
+        merged = merged.to(self.weight.dtype)
         self.weight.copy_(merged)
         self._unmerged_weight = original
 
@@ -158,6 +187,8 @@ class LoRALinear(nn.Module):
              f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}")
         if self.use_rslora:
             s += ", use_rslora=True"
+        if self.use_dora:
+            s += ", use_dora=True"
         if self.dropout:
             s += f", dropout={self.dropout}"
         if self.lora_A.dtype != self.weight.dtype:
