@@ -32,8 +32,10 @@ GEMM into it with beta = 1, reading c in cuBLAS's epilogue, which overlaps the c
 Extra traffic per pass: one read of x (shrink) or dy (g, dB) and one write of the output.
 ``LORA_KERNELS_TRITON_MAINLOOP=triton`` selects the all-Triton main loop (used on CPU under the interpreter).
 
-Precision policy: tiles are cast to x's dtype for ``tl.dot`` (adapters may be fp32 while x is fp16/bf16),
-accumulation is fp32. fp32 inputs get full-fp32 dots (``input_precision="ieee"``) so that fp32 results meet
+Precision policy: each product runs in the precision PyTorch uses for the same inputs, accumulation is fp32. The
+big GEMMs and the rank-r expand into the 16-bit outputs cast their tiles to x's dtype. The adapter products (u, g,
+dA, dB) do too when the adapters have x's dtype; with fp32 adapters on a 16-bit x (PEFT's default) they run as fp32
+"ieee" dots (``_rank_f32``), since PyTorch computes them in fp32. fp32 inputs get full-fp32 dots (``input_precision="ieee"``) so that fp32 results meet
 the same error bound as PyTorch's fp32 matmul (measured on H200: TF32 dots gave 1e-3..8e-3 max error on y
 against PyTorch's 3e-7..9e-7, far outside the tolerance rule); ``LORA_KERNELS_TRITON_FP32_PRECISION=tf32`` opts
 into TF32 for speed. The big GEMM on GPUs is cuBLAS, which follows ``torch.backends.cuda.matmul.allow_tf32``.
@@ -113,7 +115,7 @@ if triton is not None:
         M, K, R, K_PER_SPLIT,
         s_xm, s_xk, s_ar, s_ak, s_us, s_um, s_ur,
         scale, thr, seed, offset, K8,
-        HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
+        HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PREC: tl.constexpr, RANK_F32: tl.constexpr,
         BM: tl.constexpr, BK: tl.constexpr,
     ):
         DT = x_ptr.dtype.element_ty
@@ -135,8 +137,11 @@ if triton is not None:
             if HAS_DROPOUT:
                 keep = _keep_mask(seed, offset, offs_m, k0, K8, thr, BM, BK)
                 xt = tl.where(keep, xt, tl.zeros_like(xt))
-            at = tl.load(a_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0).to(DT)
-            acc = tl.dot(xt, at, acc, input_precision=DOT_PREC)
+            at = tl.load(a_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+            if RANK_F32:
+                acc = tl.dot(xt.to(tl.float32), at.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xt, at.to(DT), acc, input_precision=DOT_PREC)
             x_ptrs += BK * s_xk
             a_ptrs += BK * s_ak
         acc = acc * scale
@@ -287,10 +292,12 @@ if triton is not None:
         dy_ptr, b_ptr, u_ptr, g_ptr, dbp_ptr,
         M, N, R,
         s_dm, s_dn, s_bn, s_br, s_um, s_ur, s_gm, s_gr, s_pp, s_pn, s_pr,
-        NEED_DB: tl.constexpr, R_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
+        NEED_DB: tl.constexpr, R_PAD: tl.constexpr, DOT_PREC: tl.constexpr, RANK_F32: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr,
     ):
         DT = dy_ptr.dtype.element_ty
+        CT = tl.float32 if RANK_F32 else DT  # operand type of the rank-r products
+        PREC: tl.constexpr = "ieee" if RANK_F32 else DOT_PREC
         pid = tl.program_id(0)
         offs_m = pid * BM + tl.arange(0, BM)
         m_mask = offs_m < M
@@ -301,15 +308,15 @@ if triton is not None:
         b_ptrs = b_ptr + rn[:, None] * s_bn + rr[None, :] * s_br
         if NEED_DB:
             ut = tl.load(u_ptr + offs_m.to(tl.int64)[:, None] * s_um + rr[None, :] * s_ur,
-                         mask=m_mask[:, None] & r_mask[None, :], other=0.0).to(DT)
+                         mask=m_mask[:, None] & r_mask[None, :], other=0.0).to(CT)
         acc = tl.zeros((BM, R_PAD), dtype=tl.float32)
         for n0 in range(0, N, BN):
             n_mask = (n0 + rn) < N
-            dyt = tl.load(dy_ptrs, mask=m_mask[:, None] & n_mask[None, :], other=0.0)
-            bt = tl.load(b_ptrs, mask=n_mask[:, None] & r_mask[None, :], other=0.0).to(DT)
-            acc = tl.dot(dyt, bt, acc, input_precision=DOT_PREC)
+            dyt = tl.load(dy_ptrs, mask=m_mask[:, None] & n_mask[None, :], other=0.0).to(CT)
+            bt = tl.load(b_ptrs, mask=n_mask[:, None] & r_mask[None, :], other=0.0).to(CT)
+            acc = tl.dot(dyt, bt, acc, input_precision=PREC)
             if NEED_DB:
-                part = tl.dot(tl.trans(dyt), ut, input_precision=DOT_PREC)  # (BN, R_PAD)
+                part = tl.dot(tl.trans(dyt), ut, input_precision=PREC)  # (BN, R_PAD)
                 p_ptrs = dbp_ptr + pid * s_pp + (n0 + rn).to(tl.int64)[:, None] * s_pn + rr[None, :] * s_pr
                 tl.store(p_ptrs, part, mask=n_mask[:, None] & r_mask[None, :])
             dy_ptrs += BN * s_dn
@@ -325,10 +332,12 @@ if triton is not None:
         dy_ptr, u_ptr, dbp_ptr,
         M, N, R, M_PER_SPLIT,
         s_dm, s_dn, s_um, s_ur, s_pp, s_pn, s_pr,
-        R_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
+        R_PAD: tl.constexpr, DOT_PREC: tl.constexpr, RANK_F32: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr,
     ):
         DT = dy_ptr.dtype.element_ty
+        CT = tl.float32 if RANK_F32 else DT
+        PREC: tl.constexpr = "ieee" if RANK_F32 else DOT_PREC
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         offs_n = pid_n * BN + tl.arange(0, BN)
@@ -343,10 +352,10 @@ if triton is not None:
             offs_m = m0 + rm
             m_mask = offs_m < m_end
             dyt = tl.load(dy_ptr + offs_m.to(tl.int64)[:, None] * s_dm + offs_n[None, :] * s_dn,
-                          mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+                          mask=m_mask[:, None] & n_mask[None, :], other=0.0).to(CT)
             ut = tl.load(u_ptr + offs_m.to(tl.int64)[:, None] * s_um + rr[None, :] * s_ur,
-                         mask=m_mask[:, None] & r_mask[None, :], other=0.0).to(DT)
-            acc = tl.dot(tl.trans(dyt), ut, acc, input_precision=DOT_PREC)
+                         mask=m_mask[:, None] & r_mask[None, :], other=0.0).to(CT)
+            acc = tl.dot(tl.trans(dyt), ut, acc, input_precision=PREC)
         p_ptrs = dbp_ptr + pid_s * s_pp + offs_n.to(tl.int64)[:, None] * s_pn + rr[None, :] * s_pr
         tl.store(p_ptrs, acc, mask=n_mask[:, None] & r_mask[None, :])
 
@@ -359,10 +368,12 @@ if triton is not None:
         M, K, R, M_PER_SPLIT,
         s_gm, s_gr, s_xm, s_xk, s_pp, s_pr, s_pk,
         scale, thr, seed, offset, K8,
-        HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
+        HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PREC: tl.constexpr, RANK_F32: tl.constexpr,
         BM: tl.constexpr, BK: tl.constexpr,
     ):
         DT = x_ptr.dtype.element_ty
+        CT = tl.float32 if RANK_F32 else DT
+        PREC: tl.constexpr = "ieee" if RANK_F32 else DOT_PREC
         pid_k = tl.program_id(0)
         pid_s = tl.program_id(1)
         offs_k = pid_k * BK + tl.arange(0, BK)
@@ -377,13 +388,13 @@ if triton is not None:
             offs_m = m0 + rm
             m_mask = offs_m < m_end
             gt = tl.load(g_ptr + offs_m.to(tl.int64)[None, :] * s_gm + rr[:, None] * s_gr,
-                         mask=r_mask[:, None] & m_mask[None, :], other=0.0).to(DT)  # (R_PAD, BM)
+                         mask=r_mask[:, None] & m_mask[None, :], other=0.0).to(CT)  # (R_PAD, BM)
             xt = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * s_xm + offs_k[None, :] * s_xk,
                          mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             if HAS_DROPOUT:
                 keep = _keep_mask(seed, offset, offs_m, pid_k * BK, K8, thr, BM, BK)
                 xt = tl.where(keep, xt, tl.zeros_like(xt))
-            acc = tl.dot(gt, xt, acc, input_precision=DOT_PREC)
+            acc = tl.dot(gt, xt.to(CT), acc, input_precision=PREC)
         acc = acc * scale
         p_ptrs = dap_ptr + pid_s * s_pp + rr[:, None] * s_pr + offs_k.to(tl.int64)[None, :] * s_pk
         tl.store(p_ptrs, acc, mask=r_mask[:, None] & k_mask[None, :])
@@ -436,6 +447,12 @@ def _knobs() -> _Knobs:
 
 def _dot_precision(dtype: torch.dtype, kn: _Knobs) -> str:
     return kn.fp32_prec if dtype == torch.float32 else "tf32"  # "tf32" is ignored for 16-bit operands
+
+
+def _rank_f32(x, *adapters) -> bool:
+    """fp32 adapters on a 16-bit x: the adapter products (u, g, dA, dB) then run in fp32 ("ieee" dots), as
+    PyTorch computes them for such inputs; rounding u, g, A or B to x's dtype would break the tolerance rule."""
+    return x.dtype != torch.float32 and any(a.dtype == torch.float32 for a in adapters)
 
 
 # Autotuned configs by problem key. The first call of a key runs triton's autotuner; later calls launch the JIT
@@ -567,7 +584,8 @@ def _launch_shrink(x, lora_A, u, scale, p, seed, offset, kn: _Knobs, split_k: bo
         x, lora_A, out, M, K, R, k_per_split,
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), s_us, out.stride(-2), out.stride(-1),
         scale, keep_threshold(p), _seed_arg(seed), int(offset), calls_per_row(K),
-        HAS_DROPOUT=p > 0.0, R_PAD=r_pad, DOT_PREC=_dot_precision(x.dtype, kn), BM=BM, BK=BK, num_warps=warps,
+        HAS_DROPOUT=p > 0.0, R_PAD=r_pad, DOT_PREC=_dot_precision(x.dtype, kn),
+        RANK_F32=_rank_f32(x, lora_A), BM=BM, BK=BK, num_warps=warps,
         num_stages=_stages(BM * BK * x.element_size() + BK * r_pad * lora_A.element_size(), kn))
     if splits > 1:
         torch.sum(out, 0, out=u)
@@ -579,7 +597,8 @@ def _forward_small_m(x, weight, bias, lora_A, lora_B, u, y, scale, p, seed, offs
     r_pad = _r_pad(R)
     bm = max(16, _next_pow2(M))
     # Recomputing u in every program is free at small rank without dropout; otherwise u comes first (see kernel).
-    u_given = p > 0.0 or r_pad >= 64
+    # fp32 adapters on a 16-bit x: u comes from the shrink, which computes it in fp32.
+    u_given = p > 0.0 or r_pad >= 64 or _rank_f32(x, lora_A)
     if u_given:
         _launch_shrink(x, lora_A, u, scale, p, seed, offset, kn, split_k=True)
         scale = 1.0
@@ -719,6 +738,7 @@ def backward(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, need_dx
     kn = _knobs()
     r_pad = _r_pad(R)
     prec = _dot_precision(x.dtype, kn)
+    rank_f32 = _rank_f32(x, lora_A, lora_B)
     BM, BN, warps = _helper_tiles(M, r_pad, kn)
     need_g = need_dx or need_dA
     scale = float(scaling) / (1.0 - float(p))
@@ -736,7 +756,7 @@ def backward(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, need_dx
             dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), u.stride(0), u.stride(1),
             g.stride(0), g.stride(1),
             dbp.stride(0) if fuse_db else 0, dbp.stride(1) if fuse_db else 0, dbp.stride(2) if fuse_db else 0,
-            NEED_DB=fuse_db, R_PAD=r_pad, DOT_PREC=prec, BM=BM, BN=BN, num_warps=warps,
+            NEED_DB=fuse_db, R_PAD=r_pad, DOT_PREC=prec, RANK_F32=rank_f32, BM=BM, BN=BN, num_warps=warps,
             num_stages=_stages(BM * BN * dy.element_size() * (2 if fuse_db else 1) + BN * r_pad * lora_B.element_size()
                                + (BM * r_pad * 4 if fuse_db else 0), kn))
         if fuse_db:
@@ -748,7 +768,7 @@ def backward(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, need_dx
         _db_kernel[(n_blocks, S)](
             dy, u, dbp, M, N, R, per,
             dy.stride(0), dy.stride(1), u.stride(0), u.stride(1), dbp.stride(0), dbp.stride(1), dbp.stride(2),
-            R_PAD=r_pad, DOT_PREC=prec, BM=BM, BN=BN, num_warps=warps,
+            R_PAD=r_pad, DOT_PREC=prec, RANK_F32=rank_f32, BM=BM, BN=BN, num_warps=warps,
             num_stages=_stages(BM * BN * dy.element_size() + BM * r_pad * 4, kn))
         dB = _sum_partials(dbp, lora_B.dtype)
 
@@ -760,7 +780,7 @@ def backward(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, need_dx
             g, x, dap, M, K, R, per,
             g.stride(0), g.stride(1), x.stride(0), x.stride(1), dap.stride(0), dap.stride(1), dap.stride(2),
             scale, keep_threshold(p), seed_a, offset_a, calls_per_row(K),
-            HAS_DROPOUT=p > 0.0, R_PAD=r_pad, DOT_PREC=prec, BM=BM, BK=BN, num_warps=warps,
+            HAS_DROPOUT=p > 0.0, R_PAD=r_pad, DOT_PREC=prec, RANK_F32=rank_f32, BM=BM, BK=BN, num_warps=warps,
             num_stages=_stages(BM * BN * x.element_size() + BM * r_pad * 4, kn))
         dA = _sum_partials(dap, lora_A.dtype)
 
