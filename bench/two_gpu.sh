@@ -67,6 +67,7 @@ if [ "$MODE" = gpu ] && [ "${BUILD:-1}" != 0 ]; then
   if ls /tmp/site/lora_kernels/_C*.so >/dev/null 2>&1 && { [ -n "${REUSE_BUILD:-}" ] || \
        [ "$(cat /tmp/site/.two_gpu_src_hash 2>/dev/null)" = "$SRC_HASH" ]; }; then
     echo "=== build: reusing /tmp/site (sources $SRC_HASH)"; USE_SITE=1
+    echo "reused /tmp/site (sources $SRC_HASH)" > "$WORK/build.txt"
   else
     s=$(date +%s)
     echo "=== build (timeout ${T_BUILD:-150}s): bench/gpu_build.sh"
@@ -74,6 +75,8 @@ if [ "$MODE" = gpu ] && [ "${BUILD:-1}" != 0 ]; then
       timeout --kill-after=10 "${T_BUILD:-150}" bash "$REPO/bench/gpu_build.sh" > "$WORK/build.log" 2>&1
     rc=$?
     echo "=== build rc=$rc in $(( $(date +%s) - s ))s"; tail -3 "$WORK/build.log"
+    echo "bench/gpu_build.sh rc=$rc in $(( $(date +%s) - s )) s $(grep -a '^WHEEL=' "$WORK/build.log" | cut -c7-)" \
+      > "$WORK/build.txt"
     if [ "$rc" = 0 ] && ls /tmp/site/lora_kernels/_C*.so >/dev/null 2>&1; then
       echo "$SRC_HASH" > /tmp/site/.two_gpu_src_hash; USE_SITE=1
     else
@@ -81,6 +84,7 @@ if [ "$MODE" = gpu ] && [ "${BUILD:-1}" != 0 ]; then
     fi
   fi
 fi
+[ "$MODE" = gpu ] && [ "${BUILD:-1}" = 0 ] && echo "not built (BUILD=0): source tree" > "$WORK/build.txt"
 if [ "$USE_SITE" = 1 ]; then
   export PYTHONPATH=/tmp/site; DEFAULT_EXPECT=cuda
 elif [ "$MODE" = gpu ]; then
@@ -132,7 +136,7 @@ launch() {  # launch <name> <nproc> <fsdp_train.py args...>
     --steps "$STEPS" --warmup "$WARMUP" ${COMMON[@]+"${COMMON[@]}"} "$@" --out "$WORK/$name.json" \
     > "$WORK/$name.log" 2>&1
   local rc=$? secs=$(( $(date +%s) - s ))
-  grep -a "^\[fsdp\]" "$WORK/$name.log" | cut -c1-400
+  grep -a "^\[fsdp\]" "$WORK/$name.log" | sed 's/; checks {.*//' | cut -c1-220   # verdicts: in the report
   if [ "$rc" != 0 ]; then echo "--- [$name] last lines of its log:"; tail -15 "$WORK/$name.log" | cut -c1-300; fi
   echo "=== [$name] rc=$rc in ${secs}s"
   printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$nproc" "$rc" "$secs" ran >> "$WORK/launches.tsv"

@@ -204,7 +204,8 @@ def markdown(rep):
              f"GPUs: {gpus}; torch {env.get('torch')} (CUDA {env.get('cuda')}, NCCL {env.get('nccl')}), "
              f"triton {env.get('triton')}, peft {env.get('peft')}, transformers {env.get('transformers')}, "
              f"python {env.get('python')}. lora_kernels backend: {rep.get('expect_backend')} expected, available "
-             f"{be.get('available')} ({be.get('file')}). NVLS env: {env.get('env')}.", "",
+             f"{be.get('available')} ({be.get('file')}); build: {rep.get('build') or '-'}. "
+             f"NVLS env: {env.get('env')}.", "",
              (f"Model: {cfg['model']}. {cfg.get('steps')} steps per run, the first {cfg.get('warmup')} left out of "
               "the median step time; global batch split over the ranks (tokens/s counts all ranks). Peak memory: "
               "torch.cuda.max_memory_allocated per GPU over the run. Each launch trains plain PEFT, then the patched "
@@ -219,6 +220,13 @@ def markdown(rep):
                                                          if "peak_ratio_vs_peft" in r else "")
         lines.append(f"| {r['mode']} | {r['ranks']} | {r['dropout']} | {r['variant']} | {r['step_ms']:.1f} | "
                      f"{r['tokens_per_s']:.0f} | {_fmt(r['tokens_per_s_per_gpu'], '.0f')} | {peaks} | {vs} |")
+    lc = [c for c in rep["checks"] if c["name"].startswith("loss_match_") and "d_ours" in c]
+    if lc:
+        lines += ["", "Losses at dropout 0, max |difference| over all steps (rule: ours <= 2 x PEFT + floor):", "",
+                  "| 2-rank launch | ours 2 vs 1 rank | PEFT 2 vs 1 rank | bound | patched vs PEFT, 1 rank | "
+                  "patched vs PEFT, 2 ranks |", "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {c['two_rank']} | {c['d_ours']:.3e} | {c['d_peft']:.3e} | {c['tol']:.3e} | "
+                  f"{c['patched_vs_unpatched_1rank']:.3e} | {c['patched_vs_unpatched_2rank']:.3e} |" for c in lc]
     lines += ["", "## Checks", ""]
     lines += [f"- **{c['status']}** {c['name']}: {c.get('detail', '')}" for c in rep["checks"]]
     lines += ["", "## Launches", "", "| launch | ranks | rc | s | status |", "|---|---|---|---|---|"]
@@ -261,6 +269,8 @@ def cmd_report(work, out, expect_backend, mode, total_s=None):
     checks += verdict_checks(launches)
     rep = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "mode": mode, "expect_backend": expect_backend,
            "env": _load(os.path.join(work, "env.json")), "backends": _load(os.path.join(work, "backends.json")),
+           "build": open(os.path.join(work, "build.txt")).read().strip()
+           if os.path.exists(os.path.join(work, "build.txt")) else None,
            "config": cfg, "table": table_rows(launches), "checks": checks,
            "overall": "PASS" if checks and all(c["status"] == "PASS" for c in checks) else "FAIL",
            "total_s": total_s, "launches": launches}
