@@ -19,7 +19,7 @@
 #     the runs then use it and expect the cuda backend. BUILD=0: run the source tree (Triton backend expected).
 #   EXPECT_BACKEND   the backend the patched layers must run (default: cuda with the build, triton without it,
 #                    torch with --cpu)
-#   BUDGET (s, whole script; default 230 GPU, 1800 CPU), T_RUN (s per launch; 60 GPU, 300 CPU), T_BUILD (150),
+#   BUDGET (s, whole script; default 230 GPU, 1800 CPU), T_RUN (s per launch; 90 GPU, 300 CPU), T_BUILD (150),
 #   STEPS (9), WARMUP (3), MODEL_ARGS (extra fsdp_train.py args; GPU default: its defaults = 4 layers, hidden
 #   2048, intermediate 5632, batch 4 x seq 1024 = 4096 tokens per step, bf16, r=16 on every linear)
 set -u
@@ -43,7 +43,7 @@ if [ "$MODE" = cpu ]; then
   export CUDA_VISIBLE_DEVICES="" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
   COMMON=(--cpu --tiny --backend torch ${MODEL_ARGS:-})
 else
-  BUDGET=${BUDGET:-230}; T_RUN=${T_RUN:-60}
+  BUDGET=${BUDGET:-230}; T_RUN=${T_RUN:-90}
   COMMON=(${MODEL_ARGS:-})
 fi
 PY=python3

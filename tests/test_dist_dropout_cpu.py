@@ -225,3 +225,30 @@ def test_verdicts_fail_when_they_should():
     bad_nan = [rank(0), rank(1)]
     bad_nan[1]["nan"]["params_finite"] = False
     assert dist_checks.verdicts(bad_nan, True, 0.05, "cuda", 2)["no_nan"] is False
+
+
+def test_loss_rule_of_the_two_gpu_report():
+    """bench/two_gpu_report.loss_checks: ours may differ from 1 rank by 2x PEFT's own 2-vs-1-rank difference + floor."""
+    bench = os.path.dirname(_fsdp_train())
+    if not os.path.exists(os.path.join(bench, "two_gpu_report.py")):
+        pytest.skip("bench/two_gpu_report.py not found")
+    sys.path.insert(0, bench)
+    try:
+        import two_gpu_report
+    finally:
+        sys.path.remove(bench)
+
+    def launches(ours_2rank):
+        one = [{"variant": "unpatched", "losses": [10.0, 9.0]}, {"variant": "patched", "losses": [10.0, 9.0]}]
+        two = [{"variant": "unpatched", "losses": [10.0, 9.002]}, {"variant": "patched", "losses": ours_2rank}]
+        return [{"name": "one_ddp_p0", "result": {"runs": one}}, {"name": "fsdp2_p0", "result": {"runs": two}},
+                {"name": "ddp_p0", "result": {"runs": two}}]
+
+    ok = two_gpu_report.loss_checks(launches([10.0, 9.004]), "bf16")  # 0.004 <= 2 * 0.002 + 1e-3
+    assert [c["status"] for c in ok] == ["PASS", "PASS"], ok
+    bad = two_gpu_report.loss_checks(launches([10.0, 9.0051]), "bf16")  # 0.0051 > 0.005
+    assert [c["status"] for c in bad] == ["FAIL", "FAIL"], bad
+    nan = two_gpu_report.loss_checks(launches([10.0, float("nan")]), "bf16")
+    assert [c["status"] for c in nan] == ["FAIL", "FAIL"], nan
+    missing = two_gpu_report.loss_checks(launches([10.0, 9.0])[:2], "bf16")
+    assert [c["status"] for c in missing] == ["PASS", "FAIL"], missing
