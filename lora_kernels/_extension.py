@@ -13,7 +13,7 @@ import os
 
 import torch
 
-REBUILD = "rebuild it against this torch: pip install ."
+REBUILD = "rebuild it against this torch (in the lora_kernels source folder: pip install .)"
 
 
 @functools.lru_cache(maxsize=None)
@@ -42,8 +42,8 @@ def problem() -> str | None:
     if not info.CUDA_EXTENSION_BUILT:
         return f"not built ({info.NOT_BUILT_REASON})"
     if info.TORCH_VERSION != torch.__version__ or info.TORCH_CUDA_VERSION != torch.version.cuda:
-        return (f"built for torch {info.TORCH_VERSION} (CUDA {info.TORCH_CUDA_VERSION}), but this is torch "
-                f"{torch.__version__} (CUDA {torch.version.cuda}); {REBUILD}")
+        return (f"built for torch {info.TORCH_VERSION} (CUDA {info.TORCH_CUDA_VERSION or 'none'}), but this is torch "
+                f"{torch.__version__} (CUDA {torch.version.cuda or 'none'}); {REBUILD}")
     return None
 
 
