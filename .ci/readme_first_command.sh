@@ -21,4 +21,6 @@ rc=${PIPESTATUS[0]}
 set -e
 echo "readme_first_command: rc=$rc after $(( $(date +%s) - start )) s"
 [ "$rc" = 0 ] || exit "$rc"
-grep -q "^Self-check passed" "$work/out.log" || { echo "readme_first_command: no passing self-check in the output" >&2; exit 1; }
+if ! grep -q "^Self-check passed" "$work/out.log"; then
+  echo "readme_first_command: no passing self-check in the output" >&2; exit 1
+fi

@@ -148,7 +148,8 @@ def timing_table(device, M, K, N, r, p):
         rows.append(("PEFT lora.Linear", lambda: peft(x)))
     for name in available_backends():
         if device == "cuda" or name == "torch":
-            rows.append((f"lora_kernels, {name}", lambda name=name: lora_linear(x, W, None, A, B, 2.0, p, backend=name)))
+            rows.append((f"lora_kernels, {name}",
+                         lambda name=name: lora_linear(x, W, None, A, B, 2.0, p, backend=name)))
     where = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     print(f"\nForward timing on {where}: x ({M}, {K}) {_dtype_name(dtype)} -> N = {N}, r = {r}, dropout p = {p} "
           f"(training); median of 20 calls{', GPU time' if device == 'cuda' else ', wall time'}.")

@@ -132,11 +132,11 @@ class LoRALinear(nn.Module):
         no dropout), and its adapters get no gradient until ``unmerge()``.
 
         Cost: merging keeps one extra copy of the original weight so that ``unmerge()`` restores it bit-exactly.
-        While merged, the state_dict holds that copy too (key ``unmerged_weight``), so a layer that loads it is
-        merged as well and unmerges exactly; an unmerged layer's state_dict has only the usual keys. Subtracting the delta again would not
-        round-trip: in bf16/fp16, ``round(round(W + D) - D) != W`` in general (the rounding of the merge loses the
-        low bits of W), and even in fp32 the sum is not exactly invertible. Merging an already merged layer is a
-        no-op.
+        Subtracting the delta again would not round-trip: in bf16/fp16, ``round(round(W + D) - D) != W`` in
+        general (the rounding of the merge loses the low bits of W), and even in fp32 the sum is not exactly
+        invertible. While merged, the state_dict holds that copy too (key ``unmerged_weight``), so a layer that
+        loads it is merged as well and unmerges exactly; an unmerged layer's state_dict has only the usual keys.
+        Merging an already merged layer is a no-op.
         """
         if self.merged:
             return

@@ -4,7 +4,6 @@ a syntax-only build with the host compiler, no GPU and no CUDA torch needed, wit
 for those headers. The CPU torch wheel ships the ATen and c10/cuda headers but not the CUDA build's generated
 c10/cuda/impl/cuda_cmake_macros.h, which the test stands in for with an empty file; the CUDA runtime headers come
 from nvcc's toolkit. The GPU build (setup.py) compiles it for real."""
-import ast
 import os
 import re
 import shutil
@@ -14,7 +13,7 @@ import sysconfig
 import pytest
 import torch.utils.cpp_extension as cpp_ext
 
-from conftest import nvcc_or_skip
+from conftest import nvcc_or_skip, torch_cxx_std
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,16 +27,6 @@ def _cuda_include(nvcc):
 
 
 NEWEST_ENV = "LORA_KERNELS_NEWEST_TORCH_INCLUDE"
-
-
-def _setup_py_function(name):
-    """A function of setup.py, without running setup.py (which would build)."""
-    path = os.path.join(ROOT, "setup.py")
-    tree = ast.parse(open(path).read())
-    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
-    ns = {"os": os}
-    exec(compile(ast.Module(body=[fn], type_ignores=[]), path, "exec"), ns)
-    return ns[name]
 
 
 def _headers(which):
@@ -66,7 +55,7 @@ def test_binding_compiles(tmp_path, which):
     stub.mkdir(parents=True)
     if not any(os.path.exists(os.path.join(d, "c10", "cuda", "impl", "cuda_cmake_macros.h")) for d in torch_includes):
         (stub / "cuda_cmake_macros.h").write_text("#pragma once\n")
-    std = _setup_py_function("_cxx_std")(torch_includes[0])  # the standard setup.py builds with
+    std = torch_cxx_std(torch_includes[0])  # the standard setup.py builds with for these headers
     cmd = [cxx, f"-std={std}", "-fsyntax-only", "-Wall", "-Wno-unused-function", f"-I{tmp_path}",
            *[f"-I{d}" for d in torch_includes], f"-I{cuda_include}", f"-I{sysconfig.get_paths()['include']}",
            f"-I{os.path.join(ROOT, 'csrc')}", os.path.join(ROOT, "csrc", "binding.cpp")]

@@ -154,3 +154,19 @@ def test_peft_row_computes_the_same_layer():
     assert layer.lora_A["default"].weight.dtype == torch.float32
     with torch.no_grad():
         torch.testing.assert_close(layer(x), lora_kernels.lora_linear(x, W, None, A, B, 2.0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_main_on_gpu(capsys):
+    """GPU: every available backend passes the self-check in fp32, bf16 and fp16, and the table has the PEFT row."""
+    from lora_kernels.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--M", "512", "--K", "1024", "--N", "1024"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0, out
+    for name in lora_kernels.available_backends():
+        rows = [line for line in out.splitlines() if line.startswith(f"  {name:8s} ")]
+        assert len(rows) == 6 and all(line.endswith("pass") for line in rows), rows
+    if importlib.util.find_spec("peft") is not None:
+        assert "PEFT lora.Linear" in out
