@@ -98,6 +98,7 @@ __device__ __forceinline__ void store4(T* p, int valid, const float v[4]) {
 }
 
 // Loads the 4-group (m, k..k+3) of x (M, K) as fp32, applies the dropout mask (one Philox call), zero outside.
+// A dropped element is multiplied by 0, as in the reference (x * keep): NaN and inf become NaN, not 0.
 template <typename T>
 __device__ __forceinline__ void load_x4_dropout(const T* __restrict__ x, int64_t M, int64_t K, int64_t m, int64_t k,
                                                 float p, uint64_t seed, uint64_t offset, float v[4]) {
@@ -108,7 +109,7 @@ __device__ __forceinline__ void load_x4_dropout(const T* __restrict__ x, int64_t
       bool keep[4];
       dropout_keep4(seed, offset, m, K, k, p, keep);
 #pragma unroll
-      for (int q = 0; q < 4; ++q) v[q] = keep[q] ? v[q] : 0.f;
+      for (int q = 0; q < 4; ++q) v[q] = keep[q] ? v[q] : v[q] * 0.f;
     }
   } else {
 #pragma unroll
@@ -459,7 +460,7 @@ lora_dx_prefill_kernel(T* __restrict__ dx, const float* __restrict__ g, const TA
   if (p > 0.f) dropout_keep4(seed, offset, m, K, k, p, keep);
   float v[4];
 #pragma unroll
-  for (int q = 0; q < 4; ++q) v[q] = keep[q] ? acc[q] * scale : 0.f;
+  for (int q = 0; q < 4; ++q) v[q] = keep[q] ? acc[q] * scale : acc[q] * scale * 0.f;  // NaN/inf -> NaN
   store4<T>(dx + m * K + k, valid, v);
 }
 
@@ -519,9 +520,20 @@ __device__ __forceinline__ uint2 to_t4(const Vec4<TA>& v) {
   return t.u;
 }
 
-// Zeroes the dropped elements of the 8 elements x[m, k..k+7] (raw 16-bit bits; k a multiple of 4; elements at or
-// past k_lim are zero already). With k a multiple of 8 (every tile of the tensor-core kernels) they are one 8-group
-// of the mask: one Philox call. Same mask as load_x4_dropout.
+// A dropped 16-bit element (raw bits of T) times 0, as the reference computes x * keep: +0 for a finite value,
+// NaN for inf or NaN. (Used on x, and on dx's LoRA term already rounded to T: a finite term that overflowed T at a
+// dropped element also becomes NaN; that term overflows at the kept elements too.)
+template <typename T>
+__device__ __forceinline__ unsigned short dropped16(unsigned short h) {
+  constexpr unsigned short kExp = std::is_same<T, __half>::value ? 0x7C00 : 0x7F80;  // all-ones exponent: inf/NaN
+  constexpr unsigned short kNaN = std::is_same<T, __half>::value ? 0x7E00 : 0x7FC0;
+  return (h & kExp) == kExp ? kNaN : 0;
+}
+
+// Applies the dropout mask to the 8 elements x[m, k..k+7] of T (raw 16-bit bits; k a multiple of 4; elements at or
+// past k_lim are zero already): dropped ones become dropped16(). With k a multiple of 8 (every tile of the
+// tensor-core kernels) they are one 8-group of the mask: one Philox call. Same mask as load_x4_dropout.
+template <typename T>
 __device__ __forceinline__ uint4 dropout8(uint4 raw, int64_t m, int64_t K, int64_t k, int64_t k_lim, float p,
                                           uint64_t seed, uint64_t offset) {
   union { uint4 u; unsigned short h[8]; } t;
@@ -532,7 +544,7 @@ __device__ __forceinline__ uint4 dropout8(uint4 raw, int64_t m, int64_t K, int64
     dropout_keep8(seed, dropout_counter(offset, m, K, k / kDropoutGroup), dropout_threshold(p), keep);
 #pragma unroll
     for (int q = 0; q < 8; ++q)
-      if (!keep[q]) t.h[q] = 0;
+      if (!keep[q]) t.h[q] = dropped16<T>(t.h[q]);
     return t.u;
   }
 #pragma unroll
@@ -542,7 +554,7 @@ __device__ __forceinline__ uint4 dropout8(uint4 raw, int64_t m, int64_t K, int64
       dropout_keep4(seed, offset, m, K, k + 4 * half, p, keep);
 #pragma unroll
       for (int q = 0; q < 4; ++q)
-        if (!keep[q]) t.h[4 * half + q] = 0;
+        if (!keep[q]) t.h[4 * half + q] = dropped16<T>(t.h[4 * half + q]);
     }
   }
   return t.u;
@@ -801,7 +813,7 @@ lora_shrink_tc_kernel(const T* __restrict__ x, const TA* __restrict__ A, float* 
         const int gi = tid + i * kTcThreads, mm = gi / (TS_KC / 8), c = gi % (TS_KC / 8) * 8;
         const int64_t m = m0 + mm;
         uint4* q = reinterpret_cast<uint4*>(xs + (int)(t % kStages) * TS_BM * TS_LD + mm * TS_LD + c);
-        if (m < M) *q = dropout8(*q, m, K, k0 + c, k_end, p, seed, offset);
+        if (m < M) *q = dropout8<T>(*q, m, K, k0 + c, k_end, p, seed, offset);
       }
     }
     __syncthreads();
@@ -1095,7 +1107,7 @@ lora_dx_prefill_tc_kernel(T* __restrict__ dx, const float* __restrict__ g, const
       for (int i = 0; i < 16 * TO_BN / 8 / 32; ++i) {
         const int gi = (tid & 31) + 32 * i, mm = 16 * warp + gi / (TO_BN / 8), c = gi % (TO_BN / 8) * 8;
         uint4 v = *reinterpret_cast<const uint4*>(os + mm * TO_LDO + c);
-        if (p > 0.f) v = dropout8(v, m0 + mm, K, k0 + c, K, p, seed, offset);
+        if (p > 0.f) v = dropout8<T>(v, m0 + mm, K, k0 + c, K, p, seed, offset);
         *reinterpret_cast<uint4*>(dx + (m0 + mm) * K + k0 + c) = v;
       }
     } else {
@@ -1105,7 +1117,7 @@ lora_dx_prefill_tc_kernel(T* __restrict__ dx, const float* __restrict__ g, const
         const int64_t m = m0 + mm, k = k0 + c;
         if (m < M && k < K) {
           uint4 v = *reinterpret_cast<const uint4*>(os + mm * TO_LDO + c);
-          if (p > 0.f) v = dropout8(v, m, K, k, K, p, seed, offset);
+          if (p > 0.f) v = dropout8<T>(v, m, K, k, K, p, seed, offset);
           st8_raw<T>(dx + m * K + k, n_valid(K - k, 8), v);
         }
       }
@@ -1465,7 +1477,7 @@ lora_dA_tc_kernel(const T* __restrict__ x, const float* __restrict__ g, float* _
         const int gi = tid + i * kTcThreads, mm = gi / (TA_KC / 8), c = gi % (TA_KC / 8) * 8;
         const int64_t m = m0 + mm;
         uint4* q = reinterpret_cast<uint4*>(slot + mm * TA_LDX + c);
-        if (m < row_end) *q = dropout8(*q, m, K, k0 + c, col_end, p, seed, offset);
+        if (m < row_end) *q = dropout8<T>(*q, m, K, k0 + c, col_end, p, seed, offset);
       }
     }
     __syncthreads();

@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import warnings
 
 BACKENDS = ("torch", "triton", "cuda")
 _MODULES = {
@@ -60,6 +61,15 @@ def _check_device(name: str, device_type: str) -> None:
     )
 
 
+def _warn_no_cuda_backend(chosen: str) -> None:
+    """Auto picked another backend for CUDA tensors because the extension is missing or stale: say so (once per
+    process, as resolve() is cached), unless the build skipped it on request."""
+    reason = _load("cuda")[1]
+    if "LORA_KERNELS_SKIP_CUDA_BUILD=1" not in reason:
+        warnings.warn(f"lora_kernels: the cuda backend is unavailable ({reason}); CUDA tensors run on the "
+                      f"{chosen} backend", RuntimeWarning, stacklevel=4)
+
+
 @functools.lru_cache(maxsize=64)
 def resolve(requested, device_type: str, float64: bool = False) -> str:
     """Name of the backend that runs a call with `requested` (None/'auto'/name) on a `device_type` tensor."""
@@ -70,6 +80,8 @@ def resolve(requested, device_type: str, float64: bool = False) -> str:
             return "torch"
         for name in AUTO_ORDER_CUDA:
             if _load(name)[0] is not None:
+                if name != "cuda":
+                    _warn_no_cuda_backend(name)
                 return name
         return "torch"
     if requested not in BACKENDS:

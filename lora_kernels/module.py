@@ -31,7 +31,7 @@ class LoRALinear(nn.Module):
         r: LoRA rank (``lora_A`` is (r, in_features), ``lora_B`` is (out_features, r)).
         alpha: LoRA alpha; ``scaling = alpha / r`` (or ``alpha / sqrt(r)`` when ``use_rslora``).
         dropout: dropout probability on the LoRA path only (PEFT semantics: inverted 1/(1-p) scaling,
-            active only in training mode).
+            active only in training mode; 1.0 drops the whole LoRA path).
         bias: whether the base layer has a bias.
         device, dtype: of the base weight and bias.
         adapter_dtype: dtype of ``lora_A``/``lora_B``; defaults to ``dtype``. ``torch.float32`` adapters on a
@@ -50,8 +50,8 @@ class LoRALinear(nn.Module):
         super().__init__()
         if r <= 0:
             raise ValueError(f"LoRALinear: r must be a positive integer, got {r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"LoRALinear: dropout must be in [0, 1), got {dropout}")
+        if not 0.0 <= dropout <= 1.0:
+            raise ValueError(f"LoRALinear: dropout must be in [0, 1], got {dropout}")
         self.in_features = in_features
         self.out_features = out_features
         self.r = r
@@ -75,8 +75,8 @@ class LoRALinear(nn.Module):
             self.magnitude = nn.Parameter(torch.empty(out_features, **adapter_factory))
         else:
             self.register_parameter("magnitude", None)
-        # The original weight while merged (see merge()); a non-persistent buffer so it follows .to()/.cuda()
-        # but never lands in the state_dict.
+        # The original weight while merged (see merge()); a non-persistent buffer so it follows .to()/.cuda().
+        # The state_dict of a merged layer carries it as "unmerged_weight" (see _save_to_state_dict).
         self.register_buffer("_unmerged_weight", None, persistent=False)
         self.reset_parameters()
 
@@ -153,11 +153,12 @@ class LoRALinear(nn.Module):
         in float32 and rounded once to the weight's dtype. A merged layer runs plain ``F.linear`` (eval semantics:
         no dropout), and its adapters get no gradient until ``unmerge()``.
 
-        Cost: merging keeps one extra copy of the original weight (a non-persistent buffer, not in the
-        state_dict) so that ``unmerge()`` restores it bit-exactly. Subtracting the delta again would not
-        round-trip: in bf16/fp16, ``round(round(W + D) - D) != W`` in general (the rounding of the merge loses the
-        low bits of W), and even in fp32 the sum is not exactly invertible. Merging an already merged layer is a
-        no-op.
+        Cost: merging keeps one extra copy of the original weight so that ``unmerge()`` restores it bit-exactly.
+        Subtracting the delta again would not round-trip: in bf16/fp16, ``round(round(W + D) - D) != W`` in
+        general (the rounding of the merge loses the low bits of W), and even in fp32 the sum is not exactly
+        invertible. While merged, the state_dict holds that copy too (key ``unmerged_weight``), so a layer that
+        loads it is merged as well and unmerges exactly; an unmerged layer's state_dict has only the usual keys.
+        Merging an already merged layer is a no-op.
 
         DoRA (as PEFT): ``weight = round(g ⊙ (weight + scaling · B @ A))`` with ``g = magnitude / ‖weight +
         scaling · B @ A‖_row`` (the bias is unchanged), which is the layer's output without dropout.
@@ -181,6 +182,42 @@ class LoRALinear(nn.Module):
             return
         self.weight.copy_(self._unmerged_weight)
         self._unmerged_weight = None
+
+    # ------------------------------------------------------------------------------------ state_dict
+    _UNMERGED_KEY = "unmerged_weight"
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.merged:  # "weight" is the merged one: record the original so loading restores the merged state
+            w = self._unmerged_weight
+            destination[prefix + self._UNMERGED_KEY] = w if keep_vars else w.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + self._UNMERGED_KEY
+        original = state_dict.get(key)  # present iff the saved layer was merged
+        has_weight = prefix + "weight" in state_dict
+        if self.merged and not has_weight:
+            raise RuntimeError(
+                f"LoRALinear ({prefix or 'root'}): loading a state_dict without 'weight' into a merged layer would "
+                "leave the old update folded into the weight; call unmerge() first")
+        if original is not None and not has_weight:
+            error_msgs.append(f"{key} (a merged layer's original weight) is given without {prefix}weight")
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if key in unexpected_keys:
+            unexpected_keys.remove(key)
+        if not has_weight:
+            return
+        if original is None:  # the loaded weight is an unmerged one
+            self._unmerged_weight = None
+        elif tuple(original.shape) != tuple(self.weight.shape):
+            error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(original.shape)}, "
+                              f"the weight in the current model has shape {tuple(self.weight.shape)}")
+        else:
+            with torch.no_grad():
+                self._unmerged_weight = original.detach().to(self.weight.device, self.weight.dtype, copy=True)
 
     def extra_repr(self) -> str:
         s = (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -77,7 +78,7 @@ def _seed_int(seed, p: float) -> int:
 def _fwd_impl(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset, backend):
     M, N, r = x.shape[0], weight.shape[0], lora_A.shape[0]
     if M == 0:
-        return x.new_empty(0, N), x.new_empty(0, r, dtype=torch.float32)
+        return x.new_empty(0, N), x.new_empty(0, r, dtype=_u_dtype(x))
     return _dispatch.get(backend).forward(
         x, weight, bias, lora_A, lora_B, scaling, p, _seed_int(seed, p), offset)
 
@@ -98,9 +99,14 @@ _lib.impl("lora_fwd", _fwd_impl, "CompositeExplicitAutograd")
 _lib.impl("lora_bwd", _bwd_impl, "CompositeExplicitAutograd")
 
 
+def _u_dtype(x):
+    """dtype of the saved activation u: float32 (float64 for float64 inputs, on the torch backend)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 @torch.library.register_fake("lora_kernels::lora_fwd")
 def _fwd_fake(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset, backend):
-    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0], dtype=torch.float32)
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0], dtype=_u_dtype(x))
 
 
 @torch.library.register_fake("lora_kernels::lora_bwd")
@@ -164,9 +170,14 @@ def _resolve(requested, device_type: str, float64: bool) -> str:
     return _dispatch.resolve(requested, device_type, float64)  # (a plain function: dynamo unwraps lru_cache)
 
 
-@functools.lru_cache(maxsize=256)
 def dtype_problem(x_dtype, weight_dtype, bias_dtype, lora_A_dtype, lora_B_dtype):
     """Why this dtype combination is not accepted by the op (a message), or None when it is."""
+    if torch.compiler.is_compiling():  # dynamo traces the plain function (it warns on every lru_cache call)
+        return _dtype_problem(x_dtype, weight_dtype, bias_dtype, lora_A_dtype, lora_B_dtype)
+    return _dtype_problem_cached(x_dtype, weight_dtype, bias_dtype, lora_A_dtype, lora_B_dtype)
+
+
+def _dtype_problem(x_dtype, weight_dtype, bias_dtype, lora_A_dtype, lora_B_dtype):
     for name, dt in (("x", x_dtype), ("weight", weight_dtype), ("lora_A", lora_A_dtype), ("lora_B", lora_B_dtype)):
         if dt not in SUPPORTED_DTYPES:
             return f"{name} has unsupported dtype {dt}; expected one of float16, bfloat16, float32 (float64 on the torch backend)"
@@ -178,6 +189,9 @@ def dtype_problem(x_dtype, weight_dtype, bias_dtype, lora_A_dtype, lora_B_dtype)
         if dt not in (torch.float32, x_dtype):
             return f"{name} dtype {dt} must be float32 or x's dtype {x_dtype}"
     return None
+
+
+_dtype_problem_cached = functools.lru_cache(maxsize=256)(_dtype_problem)
 
 
 def _check(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
@@ -212,10 +226,12 @@ def _check(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
     for name, t in (("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B)):
         if t is not None and t.device != dev:
             fail(f"{name} is on {t.device} but x is on {dev}; all tensors must be on one device")
-    if not 0.0 <= dropout_p < 1.0:
-        fail(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if not 0.0 <= dropout_p <= 1.0:
+        fail(f"dropout_p must be in [0, 1], got {dropout_p}")
     if not isinstance(scaling, (int, float)):
         fail(f"scaling must be a Python number, got {type(scaling).__name__}")
+    if not math.isfinite(scaling):
+        fail(f"scaling must be finite, got {scaling}")
 
 
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, training=True, backend=None):
@@ -224,15 +240,20 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     x: (..., K); weight: (N, K) (frozen in the fast path); bias: (N,) or None; lora_A: (r, K); lora_B: (N, r),
     adapters in float32 or x's dtype. Returns (..., N) in x's dtype. Dropout applies to the LoRA path only, with
     inverted scaling 1/(1-p), when ``training`` and ``dropout_p > 0``; its mask is ``dropout_mask(seed, offset, ...)``
-    for a seed drawn from torch's RNG (see ``record_dropout``). ``backend``: None/'auto', 'torch', 'triton', 'cuda'.
+    for a seed drawn from torch's RNG (see ``record_dropout``); ``dropout_p = 1`` drops everything (the LoRA path
+    and its grads are zero). ``scaling`` must be finite. Tensors on 'meta' propagate shapes (torch backend).
+    ``backend``: None/'auto', 'torch', 'triton', 'cuda'.
     """
-    if torch.is_autocast_enabled(x.device.type):  # behave like F.linear under autocast
+    # behave like F.linear under autocast ('meta' has no autocast: asking about it raises)
+    if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):
         dt = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dt), weight.to(dt)
         bias = bias.to(dt) if bias is not None else None
     _check(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     name = _resolve(backend, x.device.type, x.dtype == torch.float64)
     p = float(dropout_p) if training else 0.0
+    if p == 1.0:  # everything dropped (PEFT allows p = 1): the LoRA path and its grads are zero
+        scaling, p = 0.0, 0.0
     seed = _draw_seed() if p > 0.0 else _NO_SEED
     if p > 0.0 and _recorders:
         for calls in _recorders:

@@ -18,6 +18,7 @@ whenever the fast path does not apply, so results always match PEFT's semantics.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 
 import torch
@@ -132,6 +133,8 @@ def _runtime_reason(module) -> str | None:
         return "lora_A/lora_B are not bias-free nn.Linear"
     if not isinstance(module.lora_dropout[name], (nn.Dropout, nn.Identity)):
         return f"lora_dropout is {type(module.lora_dropout[name]).__name__}, not nn.Dropout/nn.Identity"
+    if not math.isfinite(module.scaling[name]):
+        return f"scaling {module.scaling[name]} is not finite"
     return _base_reason(module.base_layer)
 
 

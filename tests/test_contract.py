@@ -305,7 +305,7 @@ def test_bad_input(mutate, match):
 def test_bad_dropout_and_backend():
     args = _good()
     with pytest.raises(ValueError, match="dropout_p"):
-        lora_kernels.lora_linear(*args, 1.0, dropout_p=1.0)
+        lora_kernels.lora_linear(*args, 1.0, dropout_p=1.5)
     with pytest.raises(ValueError, match="unknown backend"):
         lora_kernels.lora_linear(*args, 1.0, backend="nope")
 

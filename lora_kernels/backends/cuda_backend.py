@@ -10,22 +10,25 @@ import os
 
 import torch
 
-try:
-    from lora_kernels import _C  # noqa: F401  (importing registers the ops)
+from lora_kernels import _extension
 
-    _IMPORT_ERROR: str | None = None
-except Exception as e:  # ImportError, or an OSError from a library mismatch
-    _C = None
-    _IMPORT_ERROR = f"{type(e).__name__}: {e}"
+# An extension that was not built, or was built for another torch or CUDA, is not imported (see _extension).
+_C = None
+_IMPORT_ERROR: str | None = _extension.problem()
+if _IMPORT_ERROR is None:
+    try:
+        from lora_kernels import _C  # noqa: F401  (importing registers the ops)
+    except Exception as e:  # ImportError, or an OSError from a library mismatch
+        _IMPORT_ERROR = f"built, but importing lora_kernels._C failed ({type(e).__name__}: {e}); {_extension.REBUILD}"
 
 
 def is_available() -> tuple[bool, str]:
-    """(True, "") when the extension is built and a CUDA device is present, else (False, reason)."""
+    """(True, description) when the extension is loaded and a CUDA device is present, else (False, reason)."""
     if _IMPORT_ERROR is not None:
-        return False, f"lora_kernels._C is not importable ({_IMPORT_ERROR})"
+        return False, _IMPORT_ERROR
     if not torch.cuda.is_available():
-        return False, "no CUDA device"
-    return True, ""
+        return False, "no CUDA device (the extension is built)"
+    return True, f"{_extension.summary()}, on {torch.cuda.get_device_name()}"
 
 
 def forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset):

@@ -80,6 +80,29 @@ def is_available() -> tuple[bool, str]:
 
 
 if triton is not None:
+    # The interpreter (TRITON_INTERPRET=1) miscomputes bf16 arithmetic: tl.dot on bf16 operands, and inf * 0 (it
+    # gives 0). There, bf16 operands are widened to fp32: exact, and so are the products of two bf16 values in fp32,
+    # so a dot still equals a bf16 MMA with fp32 accumulation. Compiled kernels are unchanged (the constant is False
+    # and its branches are not compiled).
+    _WIDEN_BF16 = tl.constexpr(_interpreting())
+
+    @triton.jit
+    def _mm(t):
+        """A tl.dot operand: `t` itself, or under the interpreter a bf16 `t` widened to fp32."""
+        if _WIDEN_BF16:
+            if t.dtype == tl.bfloat16:
+                t = t.to(tl.float32)
+        return t
+
+    @triton.jit
+    def _apply_keep(t, keep):
+        """Dropout of a tile: t * keep, a product as in the reference, so that NaN or inf in a dropped element
+        gives NaN (a select would give 0)."""
+        k = keep.to(t.dtype)
+        if _WIDEN_BF16:
+            if t.dtype == tl.bfloat16:
+                k = keep.to(tl.float32)
+        return (t * k).to(t.dtype)
 
     # ------------------------------------------------------------------------------------------------------
     # Dropout mask
@@ -136,12 +159,12 @@ if triton is not None:
             xt = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             if HAS_DROPOUT:
                 keep = _keep_mask(seed, offset, offs_m, k0, K8, thr, BM, BK)
-                xt = tl.where(keep, xt, tl.zeros_like(xt))
+                xt = _apply_keep(xt, keep)
             at = tl.load(a_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
             if RANK_F32:
                 acc = tl.dot(xt.to(tl.float32), at.to(tl.float32), acc, input_precision="ieee")
             else:
-                acc = tl.dot(xt, at.to(DT), acc, input_precision=DOT_PREC)
+                acc = tl.dot(_mm(xt), _mm(at.to(DT)), acc, input_precision=DOT_PREC)
             x_ptrs += BK * s_xk
             a_ptrs += BK * s_ak
         acc = acc * scale
@@ -187,7 +210,7 @@ if triton is not None:
             k_mask = (k0 + rk) < K
             at = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             bt = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-            acc = tl.dot(at, bt.to(DT), acc, input_precision=DOT_PREC)
+            acc = tl.dot(_mm(at), _mm(bt.to(DT)), acc, input_precision=DOT_PREC)
             a_ptrs += BK * s_ak
             b_ptrs += BK * s_bk
 
@@ -199,9 +222,9 @@ if triton is not None:
         lbt = tl.load(lb_ptr + rr[:, None] * s_lbr + offs_n.to(tl.int64)[None, :] * s_lbn,
                       mask=r_mask[:, None] & n_mask[None, :], other=0.0).to(DT)
         if HAS_DROPOUT:
-            lo = tl.dot(lt.to(DT), lbt, input_precision=DOT_PREC)
+            lo = tl.dot(_mm(lt.to(DT)), _mm(lbt), input_precision=DOT_PREC)
             keep = _keep_mask(seed, offset, offs_m, pid_n * BN, K8, thr, BM, BN)
-            acc += tl.where(keep, lo * lora_scale, tl.zeros_like(lo))
+            acc += lo * lora_scale * keep.to(tl.float32)  # as the reference: NaN/inf times a dropped 0 is NaN
         elif DOT_PREC == "ieee":
             # fp32 outputs: the rank-r sum gets its own accumulator. Folded into the main one, its r small terms
             # are each rounded against the large x W^T partial (measured on H200 at r=256: 4.6x torch's error).
@@ -209,7 +232,7 @@ if triton is not None:
             # `dot(a, b, acc)`, which would fold the sum back into the main accumulator.
             acc += tl.dot(lt, lbt, input_precision=DOT_PREC) * lora_scale
         else:  # 16-bit outputs: one more K-step into the same accumulator (output rounding dominates)
-            acc = tl.dot((lt * lora_scale).to(DT), lbt, acc, input_precision=DOT_PREC)
+            acc = tl.dot(_mm((lt * lora_scale).to(DT)), _mm(lbt), acc, input_precision=DOT_PREC)
 
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -255,13 +278,13 @@ if triton is not None:
             k_mask = (k0 + rk) < K
             xt = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             wt = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-            acc = tl.dot(xt, wt, acc, input_precision=DOT_PREC)
+            acc = tl.dot(_mm(xt), _mm(wt), acc, input_precision=DOT_PREC)
             if not U_GIVEN:
                 if HAS_DROPOUT:
                     keep = _keep_mask(seed, offset, offs_m, k0, K8, thr, BM, BK)
-                    xt = tl.where(keep, xt, tl.zeros_like(xt))
+                    xt = _apply_keep(xt, keep)
                 at = tl.load(a_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0).to(DT)
-                uacc = tl.dot(xt, at, uacc, input_precision=DOT_PREC)
+                uacc = tl.dot(_mm(xt), _mm(at), uacc, input_precision=DOT_PREC)
             x_ptrs += BK * s_xk
             w_ptrs += BK * s_wk
             a_ptrs += BK * s_ak
@@ -277,7 +300,7 @@ if triton is not None:
         if DOT_PREC == "ieee":  # fp32: own accumulator, scaled after the dot (see _gemm_lora_kernel)
             acc += tl.dot(uacc, bt, input_precision=DOT_PREC) * scale
         else:
-            acc = tl.dot(u.to(DT), bt, acc, input_precision=DOT_PREC)
+            acc = tl.dot(_mm(u.to(DT)), _mm(bt), acc, input_precision=DOT_PREC)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * s_ym + offs_n.to(tl.int64)[None, :] * s_yn
@@ -314,9 +337,9 @@ if triton is not None:
             n_mask = (n0 + rn) < N
             dyt = tl.load(dy_ptrs, mask=m_mask[:, None] & n_mask[None, :], other=0.0).to(CT)
             bt = tl.load(b_ptrs, mask=n_mask[:, None] & r_mask[None, :], other=0.0).to(CT)
-            acc = tl.dot(dyt, bt, acc, input_precision=PREC)
+            acc = tl.dot(_mm(dyt), _mm(bt), acc, input_precision=PREC)
             if NEED_DB:
-                part = tl.dot(tl.trans(dyt), ut, input_precision=PREC)  # (BN, R_PAD)
+                part = tl.dot(_mm(tl.trans(dyt)), _mm(ut), input_precision=PREC)  # (BN, R_PAD)
                 p_ptrs = dbp_ptr + pid * s_pp + (n0 + rn).to(tl.int64)[:, None] * s_pn + rr[None, :] * s_pr
                 tl.store(p_ptrs, part, mask=n_mask[:, None] & r_mask[None, :])
             dy_ptrs += BN * s_dn
@@ -355,7 +378,7 @@ if triton is not None:
                           mask=m_mask[:, None] & n_mask[None, :], other=0.0).to(CT)
             ut = tl.load(u_ptr + offs_m.to(tl.int64)[:, None] * s_um + rr[None, :] * s_ur,
                          mask=m_mask[:, None] & r_mask[None, :], other=0.0).to(CT)
-            acc = tl.dot(tl.trans(dyt), ut, acc, input_precision=PREC)
+            acc = tl.dot(_mm(tl.trans(dyt)), _mm(ut), acc, input_precision=PREC)
         p_ptrs = dbp_ptr + pid_s * s_pp + offs_n.to(tl.int64)[:, None] * s_pn + rr[None, :] * s_pr
         tl.store(p_ptrs, acc, mask=n_mask[:, None] & r_mask[None, :])
 
@@ -393,8 +416,8 @@ if triton is not None:
                          mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             if HAS_DROPOUT:
                 keep = _keep_mask(seed, offset, offs_m, pid_k * BK, K8, thr, BM, BK)
-                xt = tl.where(keep, xt, tl.zeros_like(xt))
-            acc = tl.dot(gt, xt.to(CT), acc, input_precision=PREC)
+                xt = _apply_keep(xt, keep)
+            acc = tl.dot(_mm(gt), _mm(xt.to(CT)), acc, input_precision=PREC)
         acc = acc * scale
         p_ptrs = dap_ptr + pid_s * s_pp + rr[:, None] * s_pr + offs_k.to(tl.int64)[None, :] * s_pk
         tl.store(p_ptrs, acc, mask=r_mask[:, None] & k_mask[None, :])
