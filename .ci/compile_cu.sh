@@ -18,4 +18,27 @@ for f in csrc/*.cu; do
     fi
   done
 done
+# The sm_90 GEMM's instances need the CUTLASS headers (the pinned nvidia-cutlass wheel, unpacked without its
+# Python dependencies) and sm_90a: above they compiled without the kernels (LORA_KERNELS_HAVE_SM90_GEMM unset).
+# One layout per C++ standard keeps this to two translation units.
+CUT=/tmp/compile_cu_cutlass
+if [ ! -f "$CUT/cutlass_library/source/include/cute/tensor.hpp" ]; then
+  rm -rf "$CUT" && mkdir -p "$CUT/whl"
+  python3 -m pip download -q --no-deps -d "$CUT/whl" "nvidia-cutlass==4.2.0.0" \
+    && (cd "$CUT" && python3 -m zipfile -e whl/nvidia_cutlass-*.whl . >/dev/null)
+fi
+if [ -f "$CUT/cutlass_library/source/include/cute/tensor.hpp" ]; then
+  INC=(-I"$CUT/cutlass_library/source/include" -I"$CUT/cutlass_library/source/tools/util/include")
+  for pair in "c++20 csrc/gemm_sm90_bf16_nk.cu" "c++17 csrc/gemm_sm90_bf16_kn.cu"; do
+    set -- $pair
+    if "$NVCC" -std=$1 -O3 -DNDEBUG --expt-relaxed-constexpr -c -gencode=arch=compute_90a,code=sm_90a \
+         -DLORA_KERNELS_HAVE_SM90_GEMM=1 "${INC[@]}" -Icsrc "$2" -o /tmp/compile_cu_sm90.o; then
+      echo "ok ($1, sm_90a, CUTLASS): $2"
+    else
+      echo "FAILED ($1, sm_90a, CUTLASS): $2" >&2; fail=1
+    fi
+  done
+else
+  echo "FAILED: could not fetch the CUTLASS headers (nvidia-cutlass==4.2.0.0)" >&2; fail=1
+fi
 exit $fail

@@ -50,3 +50,38 @@ def _use_installed_torch() -> None:
 
 
 _use_installed_torch()
+
+
+_CUTLASS_PIN = "nvidia-cutlass==4.2.0.0"  # setup.py's CUTLASS_PIN: the headers of the sm_90 GEMM
+
+
+def _cutlass_requirement() -> list[str]:
+    """The CUTLASS headers' wheel, when this build compiles the CUDA extension and finds no headers already
+    (LORA_KERNELS_CUTLASS_DIR or an installed nvidia-cutlass). Asked only then: the wheel pulls in cuda-python and
+    scipy, which a pure-Python install does not need."""
+    import importlib.util
+
+    if os.environ.get("LORA_KERNELS_SKIP_CUDA_BUILD", "0") == "1" or os.environ.get("LORA_KERNELS_CUTLASS_DIR"):
+        return []
+    if importlib.util.find_spec("cutlass_library") is not None:
+        return []
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME
+    except ImportError:
+        return []
+    if torch.version.cuda is None or CUDA_HOME is None or not os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
+        return []
+    return [_CUTLASS_PIN]
+
+
+def get_requires_for_build_wheel(config_settings=None):
+    from setuptools import build_meta
+
+    return build_meta.get_requires_for_build_wheel(config_settings) + _cutlass_requirement()
+
+
+def get_requires_for_build_editable(config_settings=None):
+    from setuptools import build_meta
+
+    return build_meta.get_requires_for_build_editable(config_settings) + _cutlass_requirement()
