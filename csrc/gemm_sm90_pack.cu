@@ -21,9 +21,6 @@ constexpr int kThreads = 256;
 constexpr int kVec = 8;  // 16-bit elements per 16-byte store
 
 template <typename T> __device__ __forceinline__ float load_f(const void* p, int64_t i);
-template <> __device__ __forceinline__ float load_f<float>(const void* p, int64_t i) {
-  return static_cast<const float*>(p)[i];
-}
 template <> __device__ __forceinline__ float load_f<__half>(const void* p, int64_t i) {
   return __half2float(static_cast<const __half*>(p)[i]);
 }
