@@ -77,11 +77,27 @@ def is_available() -> tuple[bool, str]:
     return False, "no CUDA device and TRITON_INTERPRET != 1"
 
 
+# Per-call scalar arguments of the kernels. Triton specializes an integer argument on its value class (== 1 becomes a
+# constant, divisible by 16 an attribute, the 32- or 64-bit type follows the value) and compiles one kernel per class,
+# so a seed drawn per call would compile new kernels now and then for the whole run. These arguments are excluded
+# from specialization, and the integers among them carry a fixed type annotation (tl.int64 / tl.int32): one compiled
+# kernel serves every value (tests/test_triton_specialization.py). Floats are never specialized; the scales are listed
+# for the record.
+_PER_CALL_SCALARS = ["scale", "lora_scale", "thr", "seed", "offset"]
+
 if triton is not None:
 
     # ------------------------------------------------------------------------------------------------------
     # Dropout mask
     # ------------------------------------------------------------------------------------------------------
+    @triton.jit
+    def _load_seed(seed, seed_ptr, SEED_PTR: tl.constexpr):
+        """The Philox key: the scalar argument, or (SEED_PTR) the int64 read from seed_ptr on the device at run time.
+        The pointer form is what CUDA graphs need: torch's generator refills that tensor on every replay."""
+        if SEED_PTR:
+            seed = tl.load(seed_ptr)
+        return seed
+
     @triton.jit
     def _keep_mask(seed, offset, rows, k0, K8, thr, BM: tl.constexpr, BK: tl.constexpr):
         """Keep-mask (BM, BK) for rows ``rows`` and columns k0..k0+BK of an (M, K) input (k0 % 8 == 0).
@@ -107,13 +123,13 @@ if triton is not None:
     # With several K splits (small M: too few M blocks to fill the GPU), split s writes its partial sum to
     # u[s] of an (S, M, r) buffer, summed afterwards in a fixed order.
     # ------------------------------------------------------------------------------------------------------
-    @triton.jit
+    @triton.jit(do_not_specialize=_PER_CALL_SCALARS)
     def _shrink_kernel(
         x_ptr, a_ptr, u_ptr,
         M, K, R, K_PER_SPLIT,
         s_xm, s_xk, s_ar, s_ak, s_us, s_um, s_ur,
-        scale, thr, seed, offset, K8,
-        HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
+        scale, thr: tl.int32, seed: tl.int64, seed_ptr, offset: tl.int64, K8,
+        HAS_DROPOUT: tl.constexpr, SEED_PTR: tl.constexpr, R_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
         BM: tl.constexpr, BK: tl.constexpr,
     ):
         DT = x_ptr.dtype.element_ty
@@ -129,6 +145,8 @@ if triton is not None:
         x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * s_xm + (k_start + rk)[None, :].to(tl.int64) * s_xk
         a_ptrs = a_ptr + rr[None, :] * s_ar + (k_start + rk)[:, None].to(tl.int64) * s_ak  # A^T tile (BK, R_PAD)
         acc = tl.zeros((BM, R_PAD), dtype=tl.float32)
+        if HAS_DROPOUT:
+            seed = _load_seed(seed, seed_ptr, SEED_PTR)
         for k0 in range(k_start, k_end, BK):
             k_mask = (k0 + rk) < k_end
             xt = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
@@ -148,14 +166,14 @@ if triton is not None:
     #   forward: a = x, b = W^T (strides swapped), l = u, lb = B^T, lora_scale = 1, bias
     #   dx:      a = dy, b = W,                    l = g, lb = A,   lora_scale = s/q, keep mask
     # ------------------------------------------------------------------------------------------------------
-    @triton.jit
+    @triton.jit(do_not_specialize=_PER_CALL_SCALARS)
     def _gemm_lora_kernel(
         a_ptr, b_ptr, l_ptr, lb_ptr, bias_ptr, c_ptr,
         M, N, K, R,
         s_am, s_ak, s_bk, s_bn, s_lm, s_lr, s_lbr, s_lbn, s_cm, s_cn,
-        lora_scale, thr, seed, offset, K8,
+        lora_scale, thr: tl.int32, seed: tl.int64, seed_ptr, offset: tl.int64, K8,
         M_BUCKET,
-        HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
+        HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, SEED_PTR: tl.constexpr, R_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
     ):
         DT = a_ptr.dtype.element_ty
@@ -195,6 +213,7 @@ if triton is not None:
                       mask=r_mask[:, None] & n_mask[None, :], other=0.0).to(DT)
         if HAS_DROPOUT:
             lo = tl.dot(lt.to(DT), lbt, input_precision=DOT_PREC)
+            seed = _load_seed(seed, seed_ptr, SEED_PTR)
             keep = _keep_mask(seed, offset, offs_m, pid_n * BN, K8, thr, BM, BN)
             acc += tl.where(keep, lo * lora_scale, tl.zeros_like(lo))
         elif DOT_PREC == "ieee":
@@ -223,13 +242,13 @@ if triton is not None:
     # recomputation would cost more than one small launch: with dropout (every program would regenerate the
     # whole M x K mask) and at large rank (every program would read all of A).
     # ------------------------------------------------------------------------------------------------------
-    @triton.jit
+    @triton.jit(do_not_specialize=_PER_CALL_SCALARS)
     def _small_m_fwd_kernel(
         x_ptr, w_ptr, a_ptr, b_ptr, bias_ptr, u_ptr, y_ptr,
         M, N, K, R,
         s_xm, s_xk, s_wn, s_wk, s_ar, s_ak, s_bn, s_br, s_um, s_ur, s_ym, s_yn,
-        scale, thr, seed, offset, K8,
-        HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
+        scale, thr: tl.int32, seed: tl.int64, seed_ptr, offset: tl.int64, K8,
+        HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, SEED_PTR: tl.constexpr, R_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
         U_GIVEN: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     ):
         DT = x_ptr.dtype.element_ty
@@ -246,6 +265,8 @@ if triton is not None:
         a_ptrs = a_ptr + rr[None, :] * s_ar + rk[:, None] * s_ak  # A^T tile (BK, R_PAD)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         uacc = tl.zeros((BM, R_PAD), dtype=tl.float32)
+        if HAS_DROPOUT and not U_GIVEN:
+            seed = _load_seed(seed, seed_ptr, SEED_PTR)
         for k0 in range(0, K, BK):
             k_mask = (k0 + rk) < K
             xt = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
@@ -353,13 +374,13 @@ if triton is not None:
     # ------------------------------------------------------------------------------------------------------
     # dA partials = s/q * g^T @ (keep * x) over an M-chunk  (grid: (K blocks, M splits); x read once)
     # ------------------------------------------------------------------------------------------------------
-    @triton.jit
+    @triton.jit(do_not_specialize=_PER_CALL_SCALARS)
     def _da_kernel(
         g_ptr, x_ptr, dap_ptr,
         M, K, R, M_PER_SPLIT,
         s_gm, s_gr, s_xm, s_xk, s_pp, s_pr, s_pk,
-        scale, thr, seed, offset, K8,
-        HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
+        scale, thr: tl.int32, seed: tl.int64, seed_ptr, offset: tl.int64, K8,
+        HAS_DROPOUT: tl.constexpr, SEED_PTR: tl.constexpr, R_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
         BM: tl.constexpr, BK: tl.constexpr,
     ):
         DT = x_ptr.dtype.element_ty
@@ -373,6 +394,8 @@ if triton is not None:
         acc = tl.zeros((R_PAD, BK), dtype=tl.float32)
         m_start = pid_s * M_PER_SPLIT
         m_end = tl.minimum(m_start + M_PER_SPLIT, M)
+        if HAS_DROPOUT:
+            seed = _load_seed(seed, seed_ptr, SEED_PTR)
         for m0 in range(m_start, m_end, BM):
             offs_m = m0 + rm
             m_mask = offs_m < m_end
@@ -454,10 +477,14 @@ def _launch_tuned(key, tuner, kernel, grid, args, meta):
     kernel[grid(cfg.kwargs)](*args, **meta, **cfg.all_kwargs())
 
 
-def _seed_arg(seed: int) -> int:
-    """The 64-bit seed as a signed int64 with the same bits (Triton passes it as i32/i64)."""
+def _seed_args(seed, dummy: torch.Tensor) -> tuple:
+    """The kernels' (seed, seed_ptr, SEED_PTR) for a seed given as an int (passed by value: the 64 bits as a signed
+    int64) or as a 0-d int64 tensor on the device (read by the kernels at run time; ``dummy`` fills the unused
+    pointer slot otherwise)."""
+    if isinstance(seed, torch.Tensor):
+        return 0, seed, True
     s = int(seed) & 0xFFFFFFFFFFFFFFFF
-    return s - (1 << 64) if s >= (1 << 63) else s
+    return (s - (1 << 64) if s >= (1 << 63) else s), dummy, False
 
 
 @functools.lru_cache(maxsize=None)
@@ -563,11 +590,12 @@ def _launch_shrink(x, lora_A, u, scale, p, seed, offset, kn: _Knobs, split_k: bo
     splits = _cdiv(K, k_per_split)
     out = u if splits == 1 else torch.empty((splits, M, R), dtype=torch.float32, device=x.device)
     s_us = 0 if splits == 1 else out.stride(0)
+    seed_v, seed_p, seed_is_ptr = _seed_args(seed, x)
     _shrink_kernel[(m_blocks, splits)](
         x, lora_A, out, M, K, R, k_per_split,
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), s_us, out.stride(-2), out.stride(-1),
-        scale, keep_threshold(p), _seed_arg(seed), int(offset), calls_per_row(K),
-        HAS_DROPOUT=p > 0.0, R_PAD=r_pad, DOT_PREC=_dot_precision(x.dtype, kn), BM=BM, BK=BK, num_warps=warps,
+        scale, keep_threshold(p), seed_v, seed_p, int(offset), calls_per_row(K),
+        HAS_DROPOUT=p > 0.0, SEED_PTR=seed_is_ptr, R_PAD=r_pad, DOT_PREC=_dot_precision(x.dtype, kn), BM=BM, BK=BK, num_warps=warps,
         num_stages=_stages(BM * BK * x.element_size() + BK * r_pad * lora_A.element_size(), kn))
     if splits > 1:
         torch.sum(out, 0, out=u)
@@ -583,13 +611,14 @@ def _forward_small_m(x, weight, bias, lora_A, lora_B, u, y, scale, p, seed, offs
     if u_given:
         _launch_shrink(x, lora_A, u, scale, p, seed, offset, kn, split_k=True)
         scale = 1.0
+    seed_v, seed_p, seed_is_ptr = _seed_args(seed, x)
     args = (x, weight, lora_A, lora_B, bias if bias is not None else y, u, y, M, N, K, R,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
             lora_B.stride(0), lora_B.stride(1), u.stride(0), u.stride(1), y.stride(0), y.stride(1),
-            scale, keep_threshold(p), _seed_arg(seed), int(offset), calls_per_row(K))
+            scale, keep_threshold(p), seed_v, seed_p, int(offset), calls_per_row(K))
     dot_prec = _dot_precision(x.dtype, kn)
-    meta = dict(HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0.0, R_PAD=r_pad, DOT_PREC=dot_prec, U_GIVEN=u_given,
-                BM=bm)
+    meta = dict(HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0.0, SEED_PTR=seed_is_ptr, R_PAD=r_pad, DOT_PREC=dot_prec,
+                U_GIVEN=u_given, BM=bm)
     grid = lambda cfg: (_cdiv(N, cfg["BN"]), _cdiv(M, bm))  # noqa: E731
     elt, a_elt = x.element_size(), lora_A.element_size()
     if kn.interpret:
@@ -618,12 +647,13 @@ def _launch_gemm(a, b_strides, b, b_mat, l, lb_strides, lb, bias, c, N, K, R, lo
     has_bias = bias is not None
     has_dropout = p > 0.0
     m_bucket = min(_next_pow2(M), 4096)
+    seed_v, seed_p, seed_is_ptr = _seed_args(seed, a)
     args = (a, b, l, lb, bias if has_bias else c, c, M, N, K, R,
             a.stride(0), a.stride(1), b_strides[0], b_strides[1], l.stride(0), l.stride(1),
             lb_strides[0], lb_strides[1], c.stride(0), c.stride(1),
-            float(lora_scale), keep_threshold(p), _seed_arg(seed), int(offset), calls_per_row(N), m_bucket)
+            float(lora_scale), keep_threshold(p), seed_v, seed_p, int(offset), calls_per_row(N), m_bucket)
     dot_prec = _dot_precision(a.dtype, kn)
-    meta = dict(HAS_BIAS=has_bias, HAS_DROPOUT=has_dropout, R_PAD=r_pad, DOT_PREC=dot_prec)
+    meta = dict(HAS_BIAS=has_bias, HAS_DROPOUT=has_dropout, SEED_PTR=seed_is_ptr, R_PAD=r_pad, DOT_PREC=dot_prec)
     grid = lambda cfg: (_cdiv(M, cfg["BM"]) * _cdiv(N, cfg["BN"]),)  # noqa: E731
     if kn.interpret:
         cfg = dict(BM=16, BN=32, BK=32, GROUP_M=4)
@@ -722,7 +752,7 @@ def backward(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, need_dx
     BM, BN, warps = _helper_tiles(M, r_pad, kn)
     need_g = need_dx or need_dA
     scale = float(scaling) / (1.0 - float(p))
-    seed_a, offset_a = _seed_arg(seed), int(offset)
+    seed_v, seed_p, seed_is_ptr = _seed_args(seed, x)
 
     g = None
     if need_g:
@@ -759,8 +789,8 @@ def backward(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, need_dx
         _da_kernel[(k_blocks, S)](
             g, x, dap, M, K, R, per,
             g.stride(0), g.stride(1), x.stride(0), x.stride(1), dap.stride(0), dap.stride(1), dap.stride(2),
-            scale, keep_threshold(p), seed_a, offset_a, calls_per_row(K),
-            HAS_DROPOUT=p > 0.0, R_PAD=r_pad, DOT_PREC=prec, BM=BM, BK=BN, num_warps=warps,
+            scale, keep_threshold(p), seed_v, seed_p, int(offset), calls_per_row(K),
+            HAS_DROPOUT=p > 0.0, SEED_PTR=seed_is_ptr, R_PAD=r_pad, DOT_PREC=prec, BM=BM, BK=BN, num_warps=warps,
             num_stages=_stages(BM * BN * x.element_size() + BM * r_pad * 4, kn))
         dA = _sum_partials(dap, lora_A.dtype)
 

@@ -1,0 +1,96 @@
+"""No Triton JIT work after warm-up: per-call scalars (the dropout seed and offset, the keep threshold, the scales)
+must not select a new kernel specialization.
+
+Triton specializes every non-constexpr integer argument on its value class (== 1 becomes a constant, divisible by 16
+is an attribute, 32- or 64-bit is the type), and each class is a separate compiled kernel. A seed drawn per call
+from [0, 2^62) lands in a new class about once every 16 calls, which compiled kernels mid-training.
+
+The check runs the backend's host code on CPU tensors with the kernels replaced by recorders, and computes the key
+triton's JIT would look its cache up with (the binder's specialization and the launch options, for an sm_90 target),
+for the very arguments the backend passes. No GPU and no interpreter are needed (a subprocess without
+TRITON_INTERPRET): triton's real JITFunction objects build the binder.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+_SCRIPT = r"""
+import json, os, sys
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.compiler import make_backend
+from triton.runtime.jit import create_function_from_signature
+
+from lora_kernels.backends import triton_backend as tb
+
+backend = make_backend(GPUTarget("cuda", 90, 32))
+KERNELS = ["_shrink_kernel", "_gemm_lora_kernel", "_small_m_fwd_kernel", "_g_db_kernel", "_db_kernel", "_da_kernel"]
+keys = {}  # launch site (kernel, problem, phase, index of the launch within the call) -> set of cache keys seen
+problem = None
+launches = []  # the kernels launched so far by the current forward or backward call
+
+
+class Recorder:
+    def __init__(self, name):
+        self.name, self.fn = name, getattr(tb, name)
+        self.binder = create_function_from_signature(self.fn.signature, self.fn.params, backend)
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            _, spec, options = self.binder(*args, **kwargs)
+            key = json.dumps([[str(s) for s in spec], sorted((k, str(v)) for k, v in options.items())])
+            launches.append(self.name)
+            site = f"{self.name} {problem} launch{len(launches)}"
+            keys.setdefault(site, set()).add(key)
+        return launch
+
+
+for name in KERNELS:
+    setattr(tb, name, Recorder(name))
+
+gen = torch.Generator().manual_seed(0)
+seeds = [7, 16, 1, 0, 2**31 + 5, 2**40, 2**40 + 3, 2**62 - 1, 2**63 + 48, 2**64 - 1]
+offsets = [0, 5, 32, 2**33 + 16]
+for M, K, N, r in [(16, 256, 320, 16), (300, 256, 320, 16), (300, 4096, 1024, 64)]:
+    x = torch.randn(M, K, generator=gen).half()
+    W = torch.randn(N, K, generator=gen).half()
+    b = torch.randn(N, generator=gen).half()
+    A = torch.randn(r, K, generator=gen)
+    B = torch.randn(N, r, generator=gen)
+    dy = torch.randn(M, N, generator=gen).half()
+    for p in [0.05, 0.1, 0.5]:
+        for scaling in [0.5, 2.0, 16.0]:
+            for seed in seeds:
+                for offset in offsets:
+                    problem = f"M{M} K{K} N{N} r{r} fwd"
+                    launches.clear()
+                    y, u = tb.forward(x, W, b, A, B, scaling, p, seed, offset)
+                    problem = f"M{M} K{K} N{N} r{r} bwd"
+                    launches.clear()
+                    tb.backward(dy, x, W, A, B, u, scaling, p, seed, offset, True, True, True)
+print(json.dumps({k: len(v) for k, v in keys.items()}))
+"""
+
+
+@pytest.mark.parametrize("triton_python", [sys.executable] + ([os.environ["LORA_KERNELS_TRITON_ALT_PYTHON"]]
+                                                               if os.environ.get("LORA_KERNELS_TRITON_ALT_PYTHON")
+                                                               else []))
+def test_seed_offset_threshold_scale_never_respecialize(triton_python):
+    """Every kernel launch of one problem (shape, dtypes, p > 0) maps to one JIT cache key, whatever the seed
+    (32/64-bit, == 1, divisible by 16, top bit set), offset, p and scaling. LORA_KERNELS_TRITON_ALT_PYTHON may name a
+    second interpreter with another triton version (e.g. 3.6) to run the same check there."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["LORA_KERNELS_TRITON_AUTOTUNE"] = "0"  # fixed configs: the launch goes straight to the (recorded) kernel
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                         env.get("PYTHONPATH", "")])
+    out = subprocess.run([triton_python, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    counts = json.loads(out.stdout.strip().splitlines()[-1])
+    seeded = {"_shrink_kernel", "_gemm_lora_kernel", "_small_m_fwd_kernel", "_da_kernel"}
+    assert seeded <= {k.split()[0] for k in counts}, counts  # every kernel that takes the seed was exercised
+    assert all(n == 1 for n in counts.values()), counts
