@@ -94,3 +94,78 @@ def test_seed_offset_threshold_scale_never_respecialize(triton_python):
     seeded = {"_shrink_kernel", "_gemm_lora_kernel", "_small_m_fwd_kernel", "_da_kernel"}
     assert seeded <= {k.split()[0] for k in counts}, counts  # every kernel that takes the seed was exercised
     assert all(n == 1 for n in counts.values()), counts
+
+
+_COMPILE_SCRIPT = r"""
+import json, re
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import create_function_from_signature
+
+from lora_kernels.backends import triton_backend as tb
+
+target = GPUTarget("cuda", 90, 32)
+backend = make_backend(target)
+SEEDED = ["_shrink_kernel", "_gemm_lora_kernel", "_small_m_fwd_kernel", "_da_kernel"]
+first = {}  # (kernel, SEED_PTR) -> what the JIT would compile for the first such launch
+
+
+class Recorder:
+    def __init__(self, name):
+        self.name, self.fn = name, getattr(tb, name)
+        self.binder = create_function_from_signature(self.fn.signature, self.fn.params, backend)
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            if self.name not in SEEDED or not kwargs.get("HAS_DROPOUT"):
+                return
+            bound, spec, options = self.binder(*args, **kwargs)
+            first.setdefault((self.name, kwargs["SEED_PTR"]), (kwargs, bound, spec))
+        return launch
+
+
+for name in SEEDED + ["_g_db_kernel", "_db_kernel"]:
+    setattr(tb, name, Recorder(name))
+g = torch.Generator().manual_seed(0)
+for M in (16, 300):
+    x, W, A, B = (torch.randn(M, 256, generator=g).half(), torch.randn(320, 256, generator=g).half(),
+                  torch.randn(16, 256, generator=g), torch.randn(320, 16, generator=g))
+    for seed in (12345, torch.tensor(12345)):
+        y, u = tb.forward(x, W, None, A, B, 2.0, 0.1, seed, 0)
+        tb.backward(torch.randn(M, 320, generator=g).half(), x, W, A, B, u, 2.0, 0.1, seed, 0, True, True, True)
+rows = []
+for (name, seed_ptr), (kwargs, bound, spec) in sorted(first.items()):
+    fn = getattr(tb, name).fn
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, {})
+    ttir = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
+                          options=options.__dict__).asm["ttir"]
+    rows.append(dict(kernel=name, seed_ptr=seed_ptr, seed_type=signature["seed"], seed_ptr_type=signature["seed_ptr"],
+                     loads_i64=re.search(r"tt\.load %[\w#.]+ : !tt\.ptr<i64>", ttir) is not None,
+                     u_given=kwargs.get("U_GIVEN")))
+print(json.dumps(rows))
+"""
+
+
+@pytest.mark.parametrize("triton_python", [sys.executable] + ([os.environ["LORA_KERNELS_TRITON_ALT_PYTHON"]]
+                                                               if os.environ.get("LORA_KERNELS_TRITON_ALT_PYTHON")
+                                                               else []))
+def test_seed_pointer_kernels_compile_for_sm90(triton_python):
+    """Every kernel that takes the seed compiles for sm_90, with the seed by value (an i64 argument, no device load)
+    and from a device pointer (SEED_PTR: the kernel loads an int64), exactly as a real launch would specialize it."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["LORA_KERNELS_TRITON_AUTOTUNE"] = "0"
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                         env.get("PYTHONPATH", "")])
+    out = subprocess.run([triton_python, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {(r["kernel"], r["seed_ptr"]) for r in rows} == {
+        (k, f) for k in ("_shrink_kernel", "_gemm_lora_kernel", "_small_m_fwd_kernel", "_da_kernel")
+        for f in (False, True)}, rows
+    for r in rows:
+        assert r["seed_type"] == "i64", r
+        assert r["seed_ptr_type"] == ("*i64" if r["seed_ptr"] else "*fp16"), r
+        # with dropout the small-M forward reads u from the shrink (U_GIVEN) and draws no mask itself
+        assert r["loads_i64"] == (r["seed_ptr"] and not r["u_given"]), r

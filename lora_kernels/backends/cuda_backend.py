@@ -28,7 +28,20 @@ def is_available() -> tuple[bool, str]:
     return True, ""
 
 
+def _check_seed(p, seed) -> None:
+    """The kernels of csrc/ take the dropout seed by value, as a kernel argument. Inside a CUDA graph that value
+    would be baked into the graph and every replay would repeat one mask, so dropout under capture is refused
+    (with p == 0 the seed is never read and capture is fine)."""
+    if p > 0.0 and (isinstance(seed, torch.Tensor) or torch.cuda.is_current_stream_capturing()):
+        raise RuntimeError(
+            "lora_kernels: the cuda backend cannot run dropout inside a CUDA graph (torch.cuda.graph capture, or "
+            "torch.compile with mode='reduce-overhead'): its kernels take the seed by value, so every replay would "
+            "reuse one mask. Use backend='triton' or 'torch' (or backend=None, which picks one of them there), or "
+            "dropout_p=0.")
+
+
 def forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset):
+    _check_seed(p, seed)
     y, u = torch.ops.lora_kernels_cuda.forward(
         x, weight, bias, lora_A, lora_B, float(scaling), float(p), int(seed), int(offset)
     )
@@ -36,6 +49,7 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset):
 
 
 def backward(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, need_dx, need_dA, need_dB):
+    _check_seed(p, seed)
     dx, dA, dB = torch.ops.lora_kernels_cuda.backward(
         dy, x, weight, lora_A, lora_B, u, float(scaling), float(p), int(seed), int(offset),
         bool(need_dx), bool(need_dA), bool(need_dB),
@@ -46,6 +60,7 @@ def backward(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, need_dx
 def _linear_autograd(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset):
     """y of the op, with its autograd node in C++ (``lora_kernels_cuda::lora_linear``): eager calls that need
     grads skip Python's autograd.Function, forward and backward. Same kernels and math as forward/backward."""
+    _check_seed(p, seed)
     return torch.ops.lora_kernels_cuda.lora_linear(
         x, weight, bias, lora_A, lora_B, float(scaling), float(p), int(seed), int(offset))
 
