@@ -44,6 +44,7 @@ columns), bit-identical to ``lora_kernels.philox.dropout_mask``; with p == 0 no 
 from __future__ import annotations
 
 import functools
+import operator
 import os
 from typing import NamedTuple
 
@@ -474,7 +475,96 @@ def _launch_tuned(key, tuner, kernel, grid, args, meta):
         tuner[grid](*args, **meta)
         _TUNED[key] = tuner.best_config
         return
-    kernel[grid(cfg.kwargs)](*args, **meta, **cfg.all_kwargs())
+    _launch(kernel, grid(cfg.kwargs), args, {**meta, **cfg.all_kwargs()})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launching. Triton's JITFunction.run costs 10-40 us of host time per launch (measured on a CPU with the launcher
+# stubbed: 28 us with triton 3.9, 38 us with 3.6, for the ~30 arguments of these kernels): it reads its knobs, binds
+# and specializes every argument, and builds a cache key string, before the driver launch itself (under 1 us of
+# Python). A LoRA forward+backward makes five or six launches, so that was most of the backend's host time.
+#
+# _launch keeps, per launch site, the CompiledKernel the JIT chose on the first launch, and relaunches it directly
+# through its launcher, with the arguments in the order the JIT passes them. The cache key holds everything the JIT
+# specializes on: the kernel, the device, the keyword arguments (constexprs and launch options), and every argument
+# except the per-call scalars (_PER_CALL_SCALARS: do_not_specialize with fixed types), with integers by value and
+# tensors by dtype and 16-byte alignment; so a key always maps to the binary the JIT would pick. While a launch hook
+# is installed (profilers do that) every launch takes the JIT's path. LORA_KERNELS_TRITON_FAST_LAUNCH=0 turns this off; it is on only for the triton
+# versions whose launcher convention was checked (3.6 to 3.9); tests/test_triton_fast_launch.py checks that both
+# paths launch the same binary with the same arguments.
+# ----------------------------------------------------------------------------------------------------------
+def _fast_launch_enabled() -> bool:
+    if triton is None or os.environ.get("LORA_KERNELS_TRITON_FAST_LAUNCH", "1") == "0":
+        return False
+    try:
+        version = tuple(int(v) for v in triton.__version__.split(".")[:2])
+    except ValueError:
+        return False
+    return (3, 6) <= version <= (3, 9)
+
+
+_FAST_LAUNCH = _fast_launch_enabled()
+_LAUNCHED: dict = {}  # launch key -> CompiledKernel
+_MAX_LAUNCHED = 4096  # distinct launch keys kept (one per shape, dtype and config); beyond that the table restarts
+
+
+_LAYOUTS: dict = {}  # id(kernel) -> its argument layout for the fast path (kernels are module globals, never freed)
+
+
+def _arg_layout(kernel, args: tuple):
+    """How _launch reads a kernel's arguments: (number of runtime parameters, getter of the integer arguments that
+    select the binary, positions of the tensor arguments, names of the constexpr parameters); None when the kernel
+    does not fit the fast path (a constexpr before a runtime parameter, or a runtime argument that is neither a
+    tensor nor a number). Built from the first launch: every call site passes the same kinds at each position."""
+    layout = _LAYOUTS.get(id(kernel), False)
+    if layout is not False:
+        return layout
+    params = kernel.params
+    n_runtime = sum(not p.is_constexpr for p in params)
+    layout = None
+    if not any(p.is_constexpr for p in params[:n_runtime]) and len(args) == n_runtime:
+        tensors = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
+        ints = tuple(i for i, a in enumerate(args) if i not in tensors and params[i].name not in _PER_CALL_SCALARS)
+        if all(isinstance(args[i], int) for i in ints) and len(ints) >= 2:
+            layout = (n_runtime, operator.itemgetter(*ints), tensors, tuple(p.name for p in params[n_runtime:]))
+    _LAYOUTS[id(kernel)] = layout
+    return layout
+
+
+def _launch_hooks_set() -> bool:
+    """Whether a launch hook is installed (triton keeps them in knobs.runtime as HookChains, empty by default)."""
+    runtime = triton.knobs.runtime
+    for hook in (runtime.launch_enter_hook, runtime.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", True):
+            return True
+    return False
+
+
+def _launch(kernel, grid: tuple, args: tuple, kwargs: dict) -> None:
+    """kernel[grid](*args, **kwargs): runtime arguments positionally, constexprs and options by keyword."""
+    layout = _arg_layout(kernel, args) if _FAST_LAUNCH and isinstance(kernel, triton.runtime.JITFunction) else None
+    if layout is None or len(args) != layout[0]:
+        kernel[grid](*args, **kwargs)
+        return
+    dev = triton.runtime.driver.active.get_current_device()
+    try:
+        key = (id(kernel), dev, tuple(kwargs.items()), layout[1](args),
+               tuple([(args[i].dtype, args[i].data_ptr() % 16 == 0) for i in layout[2]]))
+        compiled = _LAUNCHED.get(key)
+    except (AttributeError, TypeError):  # an argument of another kind than at the first launch: the JIT's path
+        compiled = key = None
+    if compiled is None or _launch_hooks_set():
+        compiled = kernel[grid](*args, **kwargs)  # the JIT's path: compiles on first use, then launches
+        if key is not None and getattr(compiled, "function", None) is not None:
+            if len(_LAUNCHED) >= _MAX_LAUNCHED:
+                _LAUNCHED.clear()
+            _LAUNCHED[key] = compiled
+        return
+    g0 = grid[0]
+    g1 = grid[1] if len(grid) > 1 else 1
+    g2 = grid[2] if len(grid) > 2 else 1
+    compiled.run(g0, g1, g2, triton.runtime.driver.active.get_current_stream(dev), compiled.function,
+                 compiled.packed_metadata, None, None, None, *args, *[kwargs[n] for n in layout[3]])
 
 
 def _seed_args(seed, dummy: torch.Tensor) -> tuple:
@@ -591,12 +681,13 @@ def _launch_shrink(x, lora_A, u, scale, p, seed, offset, kn: _Knobs, split_k: bo
     out = u if splits == 1 else torch.empty((splits, M, R), dtype=torch.float32, device=x.device)
     s_us = 0 if splits == 1 else out.stride(0)
     seed_v, seed_p, seed_is_ptr = _seed_args(seed, x)
-    _shrink_kernel[(m_blocks, splits)](
+    _launch(_shrink_kernel, (m_blocks, splits), (
         x, lora_A, out, M, K, R, k_per_split,
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), s_us, out.stride(-2), out.stride(-1),
-        scale, keep_threshold(p), seed_v, seed_p, int(offset), calls_per_row(K),
-        HAS_DROPOUT=p > 0.0, SEED_PTR=seed_is_ptr, R_PAD=r_pad, DOT_PREC=_dot_precision(x.dtype, kn), BM=BM, BK=BK, num_warps=warps,
-        num_stages=_stages(BM * BK * x.element_size() + BK * r_pad * lora_A.element_size(), kn))
+        scale, keep_threshold(p), seed_v, seed_p, int(offset), calls_per_row(K)),
+        dict(HAS_DROPOUT=p > 0.0, SEED_PTR=seed_is_ptr, R_PAD=r_pad, DOT_PREC=_dot_precision(x.dtype, kn), BM=BM,
+             BK=BK, num_warps=warps,
+             num_stages=_stages(BM * BK * x.element_size() + BK * r_pad * lora_A.element_size(), kn)))
     if splits > 1:
         torch.sum(out, 0, out=u)
 
@@ -622,10 +713,10 @@ def _forward_small_m(x, weight, bias, lora_A, lora_B, u, y, scale, p, seed, offs
     grid = lambda cfg: (_cdiv(N, cfg["BN"]), _cdiv(M, bm))  # noqa: E731
     elt, a_elt = x.element_size(), lora_A.element_size()
     if kn.interpret:
-        _small_m_fwd_kernel[grid({"BN": 32})](*args, **meta, BN=32, BK=32)
+        _launch(_small_m_fwd_kernel, grid({"BN": 32}), args, dict(meta, BN=32, BK=32))
     elif not kn.autotune:
         cfg = _small_m_heuristic(N, bm, elt, a_elt, r_pad, u_given, _num_sms(x.device))
-        _small_m_fwd_kernel[grid(cfg)](*args, **meta, **cfg)
+        _launch(_small_m_fwd_kernel, grid(cfg), args, {**meta, **cfg})
     else:
         key = ("small_m", bm, N, K, bias is not None, p > 0.0, r_pad, dot_prec, u_given, x.dtype, weight.dtype,
                lora_A.dtype, lora_B.dtype)
@@ -657,16 +748,16 @@ def _launch_gemm(a, b_strides, b, b_mat, l, lb_strides, lb, bias, c, N, K, R, lo
     grid = lambda cfg: (_cdiv(M, cfg["BM"]) * _cdiv(N, cfg["BN"]),)  # noqa: E731
     if kn.interpret:
         cfg = dict(BM=16, BN=32, BK=32, GROUP_M=4)
-        _gemm_lora_kernel[grid(cfg)](*args, **meta, **cfg)
+        _launch(_gemm_lora_kernel, grid(cfg), args, {**meta, **cfg})
     elif cublas:
         # No main K-steps: a memory-bound write of c (plus the rank-r dot and, with dropout, the mask). One fixed
         # tile serves every shape (measured on H100 at 8192x4096: 28 us, ~2.4 TB/s); tuning main-loop tiles for
         # it would only cost compile time on each new shape.
         cfg = _prefill_config(r_pad)
-        _gemm_lora_kernel[grid(cfg.kwargs)](*args, **meta, **cfg.all_kwargs())
+        _launch(_gemm_lora_kernel, grid(cfg.kwargs), args, {**meta, **cfg.all_kwargs()})
     elif not kn.autotune:  # first config, no tuning (GPU tests)
         cfg = _gemm_configs(M <= 64, a.element_size(), r_pad)[0]
-        _gemm_lora_kernel[grid(cfg.kwargs)](*args, **meta, **cfg.all_kwargs())
+        _launch(_gemm_lora_kernel, grid(cfg.kwargs), args, {**meta, **cfg.all_kwargs()})
     else:
         key = ("gemm", M <= 64, m_bucket, N, K, has_bias, has_dropout, r_pad, dot_prec, a.dtype, b.dtype, l.dtype,
                lb.dtype)
@@ -724,9 +815,19 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset):
     return y, u
 
 
+def _partials(S: int, rows: int, cols: int, device) -> tuple:
+    """(buffer, its 3 strides) for S fp32 partial sums of a (rows, cols) result that a kernel writes at
+    pid * stride0: an (S, rows, cols) tensor, or with S == 1 the (rows, cols) result itself (no sum, no view)."""
+    if S == 1:
+        buf = torch.empty((rows, cols), dtype=torch.float32, device=device)
+        return buf, (0, cols, 1)
+    buf = torch.empty((S, rows, cols), dtype=torch.float32, device=device)
+    return buf, (rows * cols, cols, 1)
+
+
 def _sum_partials(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Sum of fp32 partials over dim 0 (fixed order: deterministic), in `dtype`."""
-    out = part.sum(0) if part.shape[0] > 1 else part[0]
+    """Sum of the fp32 partials of ``_partials`` over the split dim (fixed order: deterministic), in `dtype`."""
+    out = part.sum(0) if part.dim() == 3 else part
     return out if dtype == torch.float32 else out.to(dtype)
 
 
@@ -760,38 +861,37 @@ def backward(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, need_dx
         m_blocks = _cdiv(M, BM)
         # fuse dB into the g pass when the per-M-block partial buffer is small next to dy (2r/BM of it)
         fuse_db = need_dB and m_blocks * N * R * 4 <= _FUSE_DB_PARTIAL_RATIO * M * N * dy.element_size()
-        dbp = torch.empty((m_blocks, N, R), dtype=torch.float32, device=dev) if fuse_db else g
-        _g_db_kernel[(m_blocks,)](
+        dbp, dbp_s = _partials(m_blocks, N, R, dev) if fuse_db else (g, (0, 0, 0))
+        _launch(_g_db_kernel, (m_blocks,), (
             dy, lora_B, u, g, dbp, M, N, R,
             dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), u.stride(0), u.stride(1),
-            g.stride(0), g.stride(1),
-            dbp.stride(0) if fuse_db else 0, dbp.stride(1) if fuse_db else 0, dbp.stride(2) if fuse_db else 0,
-            NEED_DB=fuse_db, R_PAD=r_pad, DOT_PREC=prec, BM=BM, BN=BN, num_warps=warps,
-            num_stages=_stages(BM * BN * dy.element_size() * (2 if fuse_db else 1) + BN * r_pad * lora_B.element_size()
-                               + (BM * r_pad * 4 if fuse_db else 0), kn))
+            g.stride(0), g.stride(1), *dbp_s),
+            dict(NEED_DB=fuse_db, R_PAD=r_pad, DOT_PREC=prec, BM=BM, BN=BN, num_warps=warps,
+                 num_stages=_stages(BM * BN * dy.element_size() * (2 if fuse_db else 1)
+                                    + BN * r_pad * lora_B.element_size() + (BM * r_pad * 4 if fuse_db else 0), kn)))
         if fuse_db:
             dB = _sum_partials(dbp, lora_B.dtype)
     if need_dB and dB is None:
         n_blocks = _cdiv(N, BN)
         S, per = _splits(M, BM, n_blocks, dev)
-        dbp = torch.empty((S, N, R), dtype=torch.float32, device=dev)
-        _db_kernel[(n_blocks, S)](
+        dbp, dbp_s = _partials(S, N, R, dev)
+        _launch(_db_kernel, (n_blocks, S), (
             dy, u, dbp, M, N, R, per,
-            dy.stride(0), dy.stride(1), u.stride(0), u.stride(1), dbp.stride(0), dbp.stride(1), dbp.stride(2),
-            R_PAD=r_pad, DOT_PREC=prec, BM=BM, BN=BN, num_warps=warps,
-            num_stages=_stages(BM * BN * dy.element_size() + BM * r_pad * 4, kn))
+            dy.stride(0), dy.stride(1), u.stride(0), u.stride(1), *dbp_s),
+            dict(R_PAD=r_pad, DOT_PREC=prec, BM=BM, BN=BN, num_warps=warps,
+                 num_stages=_stages(BM * BN * dy.element_size() + BM * r_pad * 4, kn)))
         dB = _sum_partials(dbp, lora_B.dtype)
 
     if need_dA:
         k_blocks = _cdiv(K, BN)
         S, per = _splits(M, BM, k_blocks, dev)
-        dap = torch.empty((S, R, K), dtype=torch.float32, device=dev)
-        _da_kernel[(k_blocks, S)](
+        dap, dap_s = _partials(S, R, K, dev)
+        _launch(_da_kernel, (k_blocks, S), (
             g, x, dap, M, K, R, per,
-            g.stride(0), g.stride(1), x.stride(0), x.stride(1), dap.stride(0), dap.stride(1), dap.stride(2),
-            scale, keep_threshold(p), seed_v, seed_p, int(offset), calls_per_row(K),
-            HAS_DROPOUT=p > 0.0, SEED_PTR=seed_is_ptr, R_PAD=r_pad, DOT_PREC=prec, BM=BM, BK=BN, num_warps=warps,
-            num_stages=_stages(BM * BN * x.element_size() + BM * r_pad * 4, kn))
+            g.stride(0), g.stride(1), x.stride(0), x.stride(1), *dap_s,
+            scale, keep_threshold(p), seed_v, seed_p, int(offset), calls_per_row(K)),
+            dict(HAS_DROPOUT=p > 0.0, SEED_PTR=seed_is_ptr, R_PAD=r_pad, DOT_PREC=prec, BM=BM, BK=BN, num_warps=warps,
+                 num_stages=_stages(BM * BN * x.element_size() + BM * r_pad * 4, kn)))
         dA = _sum_partials(dap, lora_A.dtype)
 
     if need_dx:
