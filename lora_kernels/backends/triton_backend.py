@@ -239,15 +239,17 @@ if triton is not None:
     # and recomputes u = s/q * (keep * x) @ A^T (M x r, tiny) itself, so no program waits on another. The cost
     # is the read of W (N*K elements, the floor of this memory-bound shape) plus r*K of A per program, served
     # from L2. Program 0 stores u (needed by backward).
-    # U_GIVEN: u was computed beforehand (split-K _shrink_kernel); the programs only read it. Chosen where the
-    # recomputation would cost more than one small launch: with dropout (every program would regenerate the
-    # whole M x K mask) and at large rank (every program would read all of A).
+    # U_GIVEN: u was computed beforehand by the split-K _shrink_kernel, as U_SPLITS fp32 partial sums at up_ptr
+    # (split stride s_up); every program adds them up in the same fixed order and program 0 stores the sum as u
+    # (with one split the shrink wrote u itself). Chosen where the recomputation would cost more than one small
+    # launch: with dropout (every program would regenerate the whole M x K mask) and at large rank (every program
+    # would read all of A). Summing here instead of in a separate torch.sum saves a launch and its output.
     # ------------------------------------------------------------------------------------------------------
     @triton.jit(do_not_specialize=_PER_CALL_SCALARS)
     def _small_m_fwd_kernel(
-        x_ptr, w_ptr, a_ptr, b_ptr, bias_ptr, u_ptr, y_ptr,
-        M, N, K, R,
-        s_xm, s_xk, s_wn, s_wk, s_ar, s_ak, s_bn, s_br, s_um, s_ur, s_ym, s_yn,
+        x_ptr, w_ptr, a_ptr, b_ptr, bias_ptr, u_ptr, up_ptr, y_ptr,
+        M, N, K, R, U_SPLITS,
+        s_xm, s_xk, s_wn, s_wk, s_ar, s_ak, s_bn, s_br, s_um, s_ur, s_up, s_ym, s_yn,
         scale, thr: tl.int32, seed: tl.int64, seed_ptr, offset: tl.int64, K8,
         HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, SEED_PTR: tl.constexpr, R_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
         U_GIVEN: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
@@ -284,10 +286,13 @@ if triton is not None:
             a_ptrs += BK * s_ak
         u_ptrs = u_ptr + offs_m.to(tl.int64)[:, None] * s_um + rr[None, :] * s_ur
         u_mask = m_mask[:, None] & r_mask[None, :]
-        if U_GIVEN:  # u is already scaled (the host passes scale = 1)
-            uacc = tl.load(u_ptrs, mask=u_mask, other=0.0)
+        if U_GIVEN:  # the shrink's partial sums, already scaled (the host passes scale = 1)
+            up_ptrs = up_ptr + offs_m.to(tl.int64)[:, None] * s_um + rr[None, :] * s_ur
+            for _split in range(0, U_SPLITS):
+                uacc += tl.load(up_ptrs, mask=u_mask, other=0.0)
+                up_ptrs += s_up
         u = uacc * scale
-        if pid_n == 0 and not U_GIVEN:
+        if pid_n == 0 and (not U_GIVEN or U_SPLITS > 1):
             tl.store(u_ptrs, u, mask=u_mask)
         bt = tl.load(b_ptr + rr[:, None] * s_br + offs_n.to(tl.int64)[None, :] * s_bn,
                      mask=r_mask[:, None] & n_mask[None, :], other=0.0).to(DT)  # B^T tile (R_PAD, BN)
@@ -666,7 +671,8 @@ def _small_m_heuristic(N: int, bm: int, elt: int, a_elt: int, r_pad: int, u_give
 
 def _launch_shrink(x, lora_A, u, scale, p, seed, offset, kn: _Knobs, split_k: bool):
     """u (M, r) = scale * (keep * x) @ A^T. With split_k, K is split so that about two programs per SM run
-    (small M has too few M blocks to fill the GPU); the fp32 partials are summed in a fixed order."""
+    (small M has too few M blocks to fill the GPU): the splits' fp32 partial sums go to an (S, M, r) buffer for
+    the caller to add up. Returns (buffer, S); with S == 1 the buffer is u, already complete."""
     M, K = x.shape
     R = lora_A.shape[0]
     r_pad = _r_pad(R)
@@ -688,8 +694,7 @@ def _launch_shrink(x, lora_A, u, scale, p, seed, offset, kn: _Knobs, split_k: bo
         dict(HAS_DROPOUT=p > 0.0, SEED_PTR=seed_is_ptr, R_PAD=r_pad, DOT_PREC=_dot_precision(x.dtype, kn), BM=BM,
              BK=BK, num_warps=warps,
              num_stages=_stages(BM * BK * x.element_size() + BK * r_pad * lora_A.element_size(), kn)))
-    if splits > 1:
-        torch.sum(out, 0, out=u)
+    return out, splits
 
 
 def _forward_small_m(x, weight, bias, lora_A, lora_B, u, y, scale, p, seed, offset, kn: _Knobs):
@@ -699,13 +704,14 @@ def _forward_small_m(x, weight, bias, lora_A, lora_B, u, y, scale, p, seed, offs
     bm = max(16, _next_pow2(M))
     # Recomputing u in every program is free at small rank without dropout; otherwise u comes first (see kernel).
     u_given = p > 0.0 or r_pad >= 64
-    if u_given:
-        _launch_shrink(x, lora_A, u, scale, p, seed, offset, kn, split_k=True)
+    up, u_splits = u, 1
+    if u_given:  # the partial sums are added up by the kernel below
+        up, u_splits = _launch_shrink(x, lora_A, u, scale, p, seed, offset, kn, split_k=True)
         scale = 1.0
     seed_v, seed_p, seed_is_ptr = _seed_args(seed, x)
-    args = (x, weight, lora_A, lora_B, bias if bias is not None else y, u, y, M, N, K, R,
+    args = (x, weight, lora_A, lora_B, bias if bias is not None else y, u, up, y, M, N, K, R, u_splits,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
-            lora_B.stride(0), lora_B.stride(1), u.stride(0), u.stride(1), y.stride(0), y.stride(1),
+            lora_B.stride(0), lora_B.stride(1), u.stride(0), u.stride(1), M * R, y.stride(0), y.stride(1),
             scale, keep_threshold(p), seed_v, seed_p, int(offset), calls_per_row(K))
     dot_prec = _dot_precision(x.dtype, kn)
     meta = dict(HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0.0, SEED_PTR=seed_is_ptr, R_PAD=r_pad, DOT_PREC=dot_prec,
@@ -806,7 +812,7 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset):
     if K == 0:
         u.zero_()
     else:
-        _launch_shrink(x, lora_A, u, float(scaling) / (1.0 - float(p)), p, seed, offset, kn, split_k=False)
+        _launch_shrink(x, lora_A, u, float(scaling) / (1.0 - float(p)), p, seed, offset, kn, split_k=False)  # 1 split
     if N == 0:
         return y, u
     # y = x @ W^T + u @ B^T + b: b operand W^T[k, n] = W[n, k]; lb operand B^T[r, n] = B[n, r]
