@@ -19,6 +19,10 @@ except Exception as e:  # ImportError, or an OSError from a library mismatch
     _IMPORT_ERROR = f"{type(e).__name__}: {e}"
 
 
+# The ops' overloads, looked up once: calling an OpOverload skips the packet's overload resolution on every call.
+_OPS = (torch.ops.lora_kernels_cuda.forward.default, torch.ops.lora_kernels_cuda.backward.default) if _C is not None else None
+
+
 def is_available() -> tuple[bool, str]:
     """(True, "") when the extension is built and a CUDA device is present, else (False, reason)."""
     if _IMPORT_ERROR is not None:
@@ -42,7 +46,7 @@ def _check_seed(p, seed) -> None:
 
 def forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset):
     _check_seed(p, seed)
-    y, u = torch.ops.lora_kernels_cuda.forward(
+    y, u = _OPS[0](
         x, weight, bias, lora_A, lora_B, float(scaling), float(p), int(seed), int(offset)
     )
     return y, u
@@ -50,7 +54,7 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset):
 
 def backward(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, need_dx, need_dA, need_dB):
     _check_seed(p, seed)
-    dx, dA, dB = torch.ops.lora_kernels_cuda.backward(
+    dx, dA, dB = _OPS[1](
         dy, x, weight, lora_A, lora_B, u, float(scaling), float(p), int(seed), int(offset),
         bool(need_dx), bool(need_dA), bool(need_dB),
     )
@@ -61,11 +65,13 @@ def _linear_autograd(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset):
     """y of the op, with its autograd node in C++ (``lora_kernels_cuda::lora_linear``): eager calls that need
     grads skip Python's autograd.Function, forward and backward. Same kernels and math as forward/backward."""
     _check_seed(p, seed)
-    return torch.ops.lora_kernels_cuda.lora_linear(
+    return _LINEAR(
         x, weight, bias, lora_A, lora_B, float(scaling), float(p), int(seed), int(offset))
 
 
 # ops.lora_linear uses this when present; LORA_KERNELS_CPP_AUTOGRAD=0 falls back to the Python autograd.Function.
 # An extension built before the op existed (a stale build) has no lora_linear: then the Python path too.
-linear_autograd = (_linear_autograd if _C is not None and os.environ.get("LORA_KERNELS_CPP_AUTOGRAD", "1") != "0"
-                   and hasattr(torch.ops.lora_kernels_cuda, "lora_linear") else None)
+_LINEAR = (torch.ops.lora_kernels_cuda.lora_linear.default
+           if _C is not None and hasattr(torch.ops.lora_kernels_cuda, "lora_linear") else None)
+linear_autograd = (_linear_autograd if _LINEAR is not None and os.environ.get("LORA_KERNELS_CPP_AUTOGRAD", "1") != "0"
+                   else None)

@@ -442,15 +442,34 @@ def _r_pad(r: int) -> int:
 
 
 class _Knobs(NamedTuple):
-    """The backend's environment settings, read once per op call (a handful of dict lookups; tests change them
-    between calls, so they are not cached across calls)."""
+    """The backend's environment settings, looked up on every op call (tests change them between calls)."""
     interpret: bool  # TRITON_INTERPRET=1: kernels run on CPU tensors under the interpreter
     autotune: bool  # LORA_KERNELS_TRITON_AUTOTUNE != 0 (GPU tests set 0: fixed configs, no tuning runs)
     cublas: bool  # LORA_KERNELS_TRITON_MAINLOOP: cublas (default) or triton for the big frozen GEMM
     fp32_prec: str  # LORA_KERNELS_TRITON_FP32_PRECISION: ieee (default) or tf32 for fp32 dots
 
 
+_KNOB_VARS = ("TRITON_INTERPRET", "LORA_KERNELS_TRITON_MAINLOOP", "LORA_KERNELS_TRITON_FP32_PRECISION",
+              "LORA_KERNELS_TRITON_AUTOTUNE")
+# os.environ.get encodes the name and decodes the value on every call (about 1 us each); CPython's os.environ keeps
+# the raw values in its _data dict, so the knobs are looked up there by their encoded names and parsed once per
+# distinct combination of values (a plain os.environ.get where that layout is missing).
+_RAW_ENV = getattr(os.environ, "_data", None)
+_KNOB_KEYS = (tuple(os.environ.encodekey(v) for v in _KNOB_VARS)
+              if isinstance(_RAW_ENV, dict) and hasattr(os.environ, "encodekey") else None)
+_KNOBS_BY_ENV: dict = {}
+
+
 def _knobs() -> _Knobs:
+    raw = (tuple(map(_RAW_ENV.get, _KNOB_KEYS)) if _KNOB_KEYS is not None and os.environ._data is _RAW_ENV
+           else tuple(map(os.environ.get, _KNOB_VARS)))
+    kn = _KNOBS_BY_ENV.get(raw)
+    if kn is None:
+        kn = _KNOBS_BY_ENV[raw] = _read_knobs()  # raises on an invalid value (then nothing is cached)
+    return kn
+
+
+def _read_knobs() -> _Knobs:
     env = os.environ
     mode = env.get("LORA_KERNELS_TRITON_MAINLOOP", "cublas")
     if mode not in ("cublas", "triton"):
@@ -545,13 +564,18 @@ def _launch_hooks_set() -> bool:
     return False
 
 
+_JIT_FUNCTION = triton.runtime.JITFunction if triton is not None else None
+_DRIVER = triton.runtime.driver if triton is not None else None
+
+
 def _launch(kernel, grid: tuple, args: tuple, kwargs: dict) -> None:
     """kernel[grid](*args, **kwargs): runtime arguments positionally, constexprs and options by keyword."""
-    layout = _arg_layout(kernel, args) if _FAST_LAUNCH and isinstance(kernel, triton.runtime.JITFunction) else None
+    layout = _arg_layout(kernel, args) if _FAST_LAUNCH and isinstance(kernel, _JIT_FUNCTION) else None
     if layout is None or len(args) != layout[0]:
         kernel[grid](*args, **kwargs)
         return
-    dev = triton.runtime.driver.active.get_current_device()
+    driver = _DRIVER.active
+    dev = driver.get_current_device()
     try:
         key = (id(kernel), dev, tuple(kwargs.items()), layout[1](args),
                tuple([(args[i].dtype, args[i].data_ptr() % 16 == 0) for i in layout[2]]))
@@ -568,7 +592,7 @@ def _launch(kernel, grid: tuple, args: tuple, kwargs: dict) -> None:
     g0 = grid[0]
     g1 = grid[1] if len(grid) > 1 else 1
     g2 = grid[2] if len(grid) > 2 else 1
-    compiled.run(g0, g1, g2, triton.runtime.driver.active.get_current_stream(dev), compiled.function,
+    compiled.run(g0, g1, g2, driver.get_current_stream(dev), compiled.function,
                  compiled.packed_metadata, None, None, None, *args, *[kwargs[n] for n in layout[3]])
 
 
