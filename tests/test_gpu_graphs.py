@@ -134,8 +134,9 @@ def _triton_cache_sizes():
 @pytest.mark.parametrize("autotune", ["0", "1"])
 def test_triton_no_compile_after_warmup(monkeypatch, autotune):
     """After one warm-up call per shape, calls with new seeds (every specialization class: 1, < 2^31, divisible by
-    16, 64-bit, top bit set), offsets and scalings compile nothing and tune nothing: the JIT caches and the table
-    of tuned configs keep their sizes."""
+    16, 64-bit, top bit set), offsets and scalings compile nothing and tune nothing, and neither does a CUDA graph
+    captured afterwards (its seed lives in device memory): the JIT caches and the table of tuned configs keep their
+    sizes."""
     from lora_kernels.backends import triton_backend as tb
 
     monkeypatch.setenv("LORA_KERNELS_TRITON_AUTOTUNE", autotune)
@@ -158,6 +159,12 @@ def test_triton_no_compile_after_warmup(monkeypatch, autotune):
         for _ in range(32):  # seeds drawn by the op
             torch.autograd.grad(lora_kernels.lora_linear(xg, W, b, Ag, Bg, S, dropout_p=0.1, backend="triton"),
                                 (xg, Ag, Bg), dy)
+        # a CUDA graph captured now (seed read from device memory) runs the binaries the eager calls compiled
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            torch.autograd.grad(lora_kernels.lora_linear(xg, W, b, Ag, Bg, S, dropout_p=0.1, backend="triton"),
+                                (xg, Ag, Bg), dy)
+        graph.replay()
     torch.cuda.synchronize()
     assert _triton_cache_sizes() == before
 

@@ -54,7 +54,8 @@ for name in KERNELS:
     setattr(tb, name, Recorder(name))
 
 gen = torch.Generator().manual_seed(0)
-seeds = [7, 16, 1, 0, 2**31 + 5, 2**40, 2**40 + 3, 2**62 - 1, 2**63 + 48, 2**64 - 1]
+seeds = [7, 16, 1, 0, 2**31 + 5, 2**40, 2**40 + 3, 2**62 - 1, 2**63 + 48, 2**64 - 1,
+         torch.tensor(5), torch.tensor(2**40)]  # and seeds in memory (CUDA graphs): the same binaries
 offsets = [0, 5, 32, 2**33 + 16]
 for M, K, N, r in [(16, 256, 320, 16), (300, 256, 320, 16), (300, 4096, 1024, 64)]:
     x = torch.randn(M, K, generator=gen).half()
@@ -82,8 +83,9 @@ print(json.dumps({k: len(v) for k, v in keys.items()}))
                                                                else []))
 def test_seed_offset_threshold_scale_never_respecialize(triton_python):
     """Every kernel launch of one problem (shape, dtypes, p > 0) maps to one JIT cache key, whatever the seed
-    (32/64-bit, == 1, divisible by 16, top bit set), offset, p and scaling. LORA_KERNELS_TRITON_ALT_PYTHON may name a
-    second interpreter with another triton version (e.g. 3.6) to run the same check there."""
+    (32/64-bit, == 1, divisible by 16, top bit set, or a device tensor as under CUDA graphs), offset, p and scaling.
+    LORA_KERNELS_TRITON_ALT_PYTHON may name a second interpreter with another triton version (e.g. 3.6) to run the
+    same check there."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["LORA_KERNELS_TRITON_AUTOTUNE"] = "0"  # fixed configs: the launch goes straight to the (recorded) kernel
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -109,7 +111,7 @@ from lora_kernels.backends import triton_backend as tb
 target = GPUTarget("cuda", 90, 32)
 backend = make_backend(target)
 SEEDED = ["_shrink_kernel", "_gemm_lora_kernel", "_small_m_fwd_kernel", "_da_kernel"]
-first = {}  # (kernel, SEED_PTR) -> what the JIT would compile for the first such launch
+first = {}  # kernel -> what the JIT would compile for its first launch with dropout
 
 
 class Recorder:
@@ -119,10 +121,9 @@ class Recorder:
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            if self.name not in SEEDED or not kwargs.get("HAS_DROPOUT"):
-                return
-            bound, spec, options = self.binder(*args, **kwargs)
-            first.setdefault((self.name, kwargs["SEED_PTR"]), (kwargs, bound, spec))
+            if self.name in SEEDED and kwargs.get("HAS_DROPOUT"):
+                bound, spec, options = self.binder(*args, **kwargs)
+                first.setdefault(self.name, (kwargs, bound, spec))
         return launch
 
 
@@ -132,16 +133,16 @@ g = torch.Generator().manual_seed(0)
 for M in (16, 300):
     x, W, A, B = (torch.randn(M, 256, generator=g).half(), torch.randn(320, 256, generator=g).half(),
                   torch.randn(16, 256, generator=g), torch.randn(320, 16, generator=g))
-    for seed in (12345, torch.tensor(12345)):
-        y, u = tb.forward(x, W, None, A, B, 2.0, 0.1, seed, 0)
-        tb.backward(torch.randn(M, 320, generator=g).half(), x, W, A, B, u, 2.0, 0.1, seed, 0, True, True, True)
+    y, u = tb.forward(x, W, None, A, B, 2.0, 0.1, 12345, 0)
+    tb.backward(torch.randn(M, 320, generator=g).half(), x, W, A, B, u, 2.0, 0.1, 12345, 0, True, True, True)
 rows = []
-for (name, seed_ptr), (kwargs, bound, spec) in sorted(first.items()):
+for name, (kwargs, bound, spec) in sorted(first.items()):
     fn = getattr(tb, name).fn
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, {})
     ttir = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
                           options=options.__dict__).asm["ttir"]
-    rows.append(dict(kernel=name, seed_ptr=seed_ptr, seed_type=signature["seed"], seed_ptr_type=signature["seed_ptr"],
+    rows.append(dict(kernel=name, seed_type=signature["seed"], seed_ptr_type=signature["seed_ptr"],
+                     flag_type=signature["seed_in_mem"],
                      loads_i64=re.search(r"tt\.load %[\w#.]+ : !tt\.ptr<i64>", ttir) is not None,
                      u_given=kwargs.get("U_GIVEN")))
 print(json.dumps(rows))
@@ -152,8 +153,9 @@ print(json.dumps(rows))
                                                                if os.environ.get("LORA_KERNELS_TRITON_ALT_PYTHON")
                                                                else []))
 def test_seed_pointer_kernels_compile_for_sm90(triton_python):
-    """Every kernel that takes the seed compiles for sm_90, with the seed by value (an i64 argument, no device load)
-    and from a device pointer (SEED_PTR: the kernel loads an int64), exactly as a real launch would specialize it."""
+    """Every kernel that takes the seed compiles for sm_90 as a real launch would specialize it: the seed an i64
+    argument, the flag an i32, the seed pointer typed like the input, and (where the kernel draws a mask) a load of
+    the seed as an int64 from that pointer, taken at run time when the seed lives in memory."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["LORA_KERNELS_TRITON_AUTOTUNE"] = "0"
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -161,11 +163,9 @@ def test_seed_pointer_kernels_compile_for_sm90(triton_python):
     out = subprocess.run([triton_python, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = json.loads(out.stdout.strip().splitlines()[-1])
-    assert {(r["kernel"], r["seed_ptr"]) for r in rows} == {
-        (k, f) for k in ("_shrink_kernel", "_gemm_lora_kernel", "_small_m_fwd_kernel", "_da_kernel")
-        for f in (False, True)}, rows
+    assert {r["kernel"] for r in rows} == {"_shrink_kernel", "_gemm_lora_kernel", "_small_m_fwd_kernel",
+                                           "_da_kernel"}, rows
     for r in rows:
-        assert r["seed_type"] == "i64", r
-        assert r["seed_ptr_type"] == ("*i64" if r["seed_ptr"] else "*fp16"), r
+        assert (r["seed_type"], r["flag_type"], r["seed_ptr_type"]) == ("i64", "i32", "*fp16"), r
         # with dropout the small-M forward reads u from the shrink (U_GIVEN) and draws no mask itself
-        assert r["loads_i64"] == (r["seed_ptr"] and not r["u_given"]), r
+        assert r["loads_i64"] == (not r["u_given"]), r

@@ -84,7 +84,7 @@ def is_available() -> tuple[bool, str]:
 # from specialization, and the integers among them carry a fixed type annotation (tl.int64 / tl.int32): one compiled
 # kernel serves every value (tests/test_triton_specialization.py). Floats are never specialized; the scales are listed
 # for the record.
-_PER_CALL_SCALARS = ["scale", "lora_scale", "thr", "seed", "offset"]
+_PER_CALL_SCALARS = ["scale", "lora_scale", "thr", "seed", "seed_in_mem", "offset"]
 
 if triton is not None:
 
@@ -92,11 +92,13 @@ if triton is not None:
     # Dropout mask
     # ------------------------------------------------------------------------------------------------------
     @triton.jit
-    def _load_seed(seed, seed_ptr, SEED_PTR: tl.constexpr):
-        """The Philox key: the scalar argument, or (SEED_PTR) the int64 read from seed_ptr on the device at run time.
-        The pointer form is what CUDA graphs need: torch's generator refills that tensor on every replay."""
-        if SEED_PTR:
-            seed = tl.load(seed_ptr)
+    def _load_seed(seed, seed_ptr, seed_in_mem):
+        """The Philox key: the scalar argument, or (seed_in_mem != 0) the int64 read from seed_ptr on the device at
+        run time. The memory form is what CUDA graphs need: torch's generator refills that tensor on every replay.
+        A runtime branch, not a constexpr: eager calls (seed by value) and captured ones run the same binary, so a
+        capture after an eager warm-up compiles nothing."""
+        if seed_in_mem != 0:
+            seed = tl.load(seed_ptr.to(tl.pointer_type(tl.int64)))
         return seed
 
     @triton.jit
@@ -129,8 +131,8 @@ if triton is not None:
         x_ptr, a_ptr, u_ptr,
         M, K, R, K_PER_SPLIT,
         s_xm, s_xk, s_ar, s_ak, s_us, s_um, s_ur,
-        scale, thr: tl.int32, seed: tl.int64, seed_ptr, offset: tl.int64, K8,
-        HAS_DROPOUT: tl.constexpr, SEED_PTR: tl.constexpr, R_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
+        scale, thr: tl.int32, seed: tl.int64, seed_ptr, seed_in_mem: tl.int32, offset: tl.int64, K8,
+        HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
         BM: tl.constexpr, BK: tl.constexpr,
     ):
         DT = x_ptr.dtype.element_ty
@@ -147,7 +149,7 @@ if triton is not None:
         a_ptrs = a_ptr + rr[None, :] * s_ar + (k_start + rk)[:, None].to(tl.int64) * s_ak  # A^T tile (BK, R_PAD)
         acc = tl.zeros((BM, R_PAD), dtype=tl.float32)
         if HAS_DROPOUT:
-            seed = _load_seed(seed, seed_ptr, SEED_PTR)
+            seed = _load_seed(seed, seed_ptr, seed_in_mem)
         for k0 in range(k_start, k_end, BK):
             k_mask = (k0 + rk) < k_end
             xt = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
@@ -172,9 +174,9 @@ if triton is not None:
         a_ptr, b_ptr, l_ptr, lb_ptr, bias_ptr, c_ptr,
         M, N, K, R,
         s_am, s_ak, s_bk, s_bn, s_lm, s_lr, s_lbr, s_lbn, s_cm, s_cn,
-        lora_scale, thr: tl.int32, seed: tl.int64, seed_ptr, offset: tl.int64, K8,
+        lora_scale, thr: tl.int32, seed: tl.int64, seed_ptr, seed_in_mem: tl.int32, offset: tl.int64, K8,
         M_BUCKET,
-        HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, SEED_PTR: tl.constexpr, R_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
+        HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
     ):
         DT = a_ptr.dtype.element_ty
@@ -214,7 +216,7 @@ if triton is not None:
                       mask=r_mask[:, None] & n_mask[None, :], other=0.0).to(DT)
         if HAS_DROPOUT:
             lo = tl.dot(lt.to(DT), lbt, input_precision=DOT_PREC)
-            seed = _load_seed(seed, seed_ptr, SEED_PTR)
+            seed = _load_seed(seed, seed_ptr, seed_in_mem)
             keep = _keep_mask(seed, offset, offs_m, pid_n * BN, K8, thr, BM, BN)
             acc += tl.where(keep, lo * lora_scale, tl.zeros_like(lo))
         elif DOT_PREC == "ieee":
@@ -250,8 +252,8 @@ if triton is not None:
         x_ptr, w_ptr, a_ptr, b_ptr, bias_ptr, u_ptr, up_ptr, y_ptr,
         M, N, K, R, U_SPLITS,
         s_xm, s_xk, s_wn, s_wk, s_ar, s_ak, s_bn, s_br, s_um, s_ur, s_up, s_ym, s_yn,
-        scale, thr: tl.int32, seed: tl.int64, seed_ptr, offset: tl.int64, K8,
-        HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, SEED_PTR: tl.constexpr, R_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
+        scale, thr: tl.int32, seed: tl.int64, seed_ptr, seed_in_mem: tl.int32, offset: tl.int64, K8,
+        HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
         U_GIVEN: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     ):
         DT = x_ptr.dtype.element_ty
@@ -269,7 +271,7 @@ if triton is not None:
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         uacc = tl.zeros((BM, R_PAD), dtype=tl.float32)
         if HAS_DROPOUT and not U_GIVEN:
-            seed = _load_seed(seed, seed_ptr, SEED_PTR)
+            seed = _load_seed(seed, seed_ptr, seed_in_mem)
         for k0 in range(0, K, BK):
             k_mask = (k0 + rk) < K
             xt = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
@@ -385,8 +387,8 @@ if triton is not None:
         g_ptr, x_ptr, dap_ptr,
         M, K, R, M_PER_SPLIT,
         s_gm, s_gr, s_xm, s_xk, s_pp, s_pr, s_pk,
-        scale, thr: tl.int32, seed: tl.int64, seed_ptr, offset: tl.int64, K8,
-        HAS_DROPOUT: tl.constexpr, SEED_PTR: tl.constexpr, R_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
+        scale, thr: tl.int32, seed: tl.int64, seed_ptr, seed_in_mem: tl.int32, offset: tl.int64, K8,
+        HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
         BM: tl.constexpr, BK: tl.constexpr,
     ):
         DT = x_ptr.dtype.element_ty
@@ -401,7 +403,7 @@ if triton is not None:
         m_start = pid_s * M_PER_SPLIT
         m_end = tl.minimum(m_start + M_PER_SPLIT, M)
         if HAS_DROPOUT:
-            seed = _load_seed(seed, seed_ptr, SEED_PTR)
+            seed = _load_seed(seed, seed_ptr, seed_in_mem)
         for m0 in range(m_start, m_end, BM):
             offs_m = m0 + rm
             m_mask = offs_m < m_end
@@ -596,14 +598,16 @@ def _launch(kernel, grid: tuple, args: tuple, kwargs: dict) -> None:
                  compiled.packed_metadata, None, None, None, *args, *[kwargs[n] for n in layout[3]])
 
 
-def _seed_args(seed, dummy: torch.Tensor) -> tuple:
-    """The kernels' (seed, seed_ptr, SEED_PTR) for a seed given as an int (passed by value: the 64 bits as a signed
-    int64) or as a 0-d int64 tensor on the device (read by the kernels at run time; ``dummy`` fills the unused
-    pointer slot otherwise)."""
+def _seed_args(seed, like: torch.Tensor) -> tuple:
+    """The kernels' (seed, seed_ptr, seed_in_mem) for a seed given as an int (passed by value: the 64 bits as a signed
+    int64; ``like``, an input of the launch, fills the unused pointer) or as a 0-d int64 tensor on the device (read by
+    the kernels at run time, through the pointer cast back to int64). The seed tensor is passed viewed in like's
+    dtype, so that both forms give the kernel the same signature and select the same compiled binary: a CUDA graph
+    captured after eager calls compiles nothing."""
     if isinstance(seed, torch.Tensor):
-        return 0, seed, True
+        return 0, seed.reshape(1).view(like.dtype), 1
     s = int(seed) & 0xFFFFFFFFFFFFFFFF
-    return (s - (1 << 64) if s >= (1 << 63) else s), dummy, False
+    return (s - (1 << 64) if s >= (1 << 63) else s), like, 0
 
 
 @functools.lru_cache(maxsize=None)
@@ -710,12 +714,12 @@ def _launch_shrink(x, lora_A, u, scale, p, seed, offset, kn: _Knobs, split_k: bo
     splits = _cdiv(K, k_per_split)
     out = u if splits == 1 else torch.empty((splits, M, R), dtype=torch.float32, device=x.device)
     s_us = 0 if splits == 1 else out.stride(0)
-    seed_v, seed_p, seed_is_ptr = _seed_args(seed, x)
+    seed_v, seed_p, seed_in_mem = _seed_args(seed, x)
     _launch(_shrink_kernel, (m_blocks, splits), (
         x, lora_A, out, M, K, R, k_per_split,
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), s_us, out.stride(-2), out.stride(-1),
-        scale, keep_threshold(p), seed_v, seed_p, int(offset), calls_per_row(K)),
-        dict(HAS_DROPOUT=p > 0.0, SEED_PTR=seed_is_ptr, R_PAD=r_pad, DOT_PREC=_dot_precision(x.dtype, kn), BM=BM,
+        scale, keep_threshold(p), seed_v, seed_p, seed_in_mem, int(offset), calls_per_row(K)),
+        dict(HAS_DROPOUT=p > 0.0, R_PAD=r_pad, DOT_PREC=_dot_precision(x.dtype, kn), BM=BM,
              BK=BK, num_warps=warps,
              num_stages=_stages(BM * BK * x.element_size() + BK * r_pad * lora_A.element_size(), kn)))
     return out, splits
@@ -732,13 +736,13 @@ def _forward_small_m(x, weight, bias, lora_A, lora_B, u, y, scale, p, seed, offs
     if u_given:  # the partial sums are added up by the kernel below
         up, u_splits = _launch_shrink(x, lora_A, u, scale, p, seed, offset, kn, split_k=True)
         scale = 1.0
-    seed_v, seed_p, seed_is_ptr = _seed_args(seed, x)
+    seed_v, seed_p, seed_in_mem = _seed_args(seed, x)
     args = (x, weight, lora_A, lora_B, bias if bias is not None else y, u, up, y, M, N, K, R, u_splits,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
             lora_B.stride(0), lora_B.stride(1), u.stride(0), u.stride(1), M * R, y.stride(0), y.stride(1),
-            scale, keep_threshold(p), seed_v, seed_p, int(offset), calls_per_row(K))
+            scale, keep_threshold(p), seed_v, seed_p, seed_in_mem, int(offset), calls_per_row(K))
     dot_prec = _dot_precision(x.dtype, kn)
-    meta = dict(HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0.0, SEED_PTR=seed_is_ptr, R_PAD=r_pad, DOT_PREC=dot_prec,
+    meta = dict(HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0.0, R_PAD=r_pad, DOT_PREC=dot_prec,
                 U_GIVEN=u_given, BM=bm)
     grid = lambda cfg: (_cdiv(N, cfg["BN"]), _cdiv(M, bm))  # noqa: E731
     elt, a_elt = x.element_size(), lora_A.element_size()
@@ -768,13 +772,13 @@ def _launch_gemm(a, b_strides, b, b_mat, l, lb_strides, lb, bias, c, N, K, R, lo
     has_bias = bias is not None
     has_dropout = p > 0.0
     m_bucket = min(_next_pow2(M), 4096)
-    seed_v, seed_p, seed_is_ptr = _seed_args(seed, a)
+    seed_v, seed_p, seed_in_mem = _seed_args(seed, a)
     args = (a, b, l, lb, bias if has_bias else c, c, M, N, K, R,
             a.stride(0), a.stride(1), b_strides[0], b_strides[1], l.stride(0), l.stride(1),
             lb_strides[0], lb_strides[1], c.stride(0), c.stride(1),
-            float(lora_scale), keep_threshold(p), seed_v, seed_p, int(offset), calls_per_row(N), m_bucket)
+            float(lora_scale), keep_threshold(p), seed_v, seed_p, seed_in_mem, int(offset), calls_per_row(N), m_bucket)
     dot_prec = _dot_precision(a.dtype, kn)
-    meta = dict(HAS_BIAS=has_bias, HAS_DROPOUT=has_dropout, SEED_PTR=seed_is_ptr, R_PAD=r_pad, DOT_PREC=dot_prec)
+    meta = dict(HAS_BIAS=has_bias, HAS_DROPOUT=has_dropout, R_PAD=r_pad, DOT_PREC=dot_prec)
     grid = lambda cfg: (_cdiv(M, cfg["BM"]) * _cdiv(N, cfg["BN"]),)  # noqa: E731
     if kn.interpret:
         cfg = dict(BM=16, BN=32, BK=32, GROUP_M=4)
@@ -883,7 +887,7 @@ def backward(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, need_dx
     BM, BN, warps = _helper_tiles(M, r_pad, kn)
     need_g = need_dx or need_dA
     scale = float(scaling) / (1.0 - float(p))
-    seed_v, seed_p, seed_is_ptr = _seed_args(seed, x)
+    seed_v, seed_p, seed_in_mem = _seed_args(seed, x)
 
     g = None
     if need_g:
@@ -919,8 +923,8 @@ def backward(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, need_dx
         _launch(_da_kernel, (k_blocks, S), (
             g, x, dap, M, K, R, per,
             g.stride(0), g.stride(1), x.stride(0), x.stride(1), *dap_s,
-            scale, keep_threshold(p), seed_v, seed_p, int(offset), calls_per_row(K)),
-            dict(HAS_DROPOUT=p > 0.0, SEED_PTR=seed_is_ptr, R_PAD=r_pad, DOT_PREC=prec, BM=BM, BK=BN, num_warps=warps,
+            scale, keep_threshold(p), seed_v, seed_p, seed_in_mem, int(offset), calls_per_row(K)),
+            dict(HAS_DROPOUT=p > 0.0, R_PAD=r_pad, DOT_PREC=prec, BM=BM, BK=BN, num_warps=warps,
                  num_stages=_stages(BM * BN * x.element_size() + BM * r_pad * 4, kn)))
         dA = _sum_partials(dap, lora_A.dtype)
 
