@@ -315,8 +315,10 @@ def compile_cfg(bm, bn, bk, stages, warps, xdt, adt, r, u_given, N, K=4096):
     # multiples of 16 marked divisible (what decides vectorized, pipelined loads)
     const = dict(HAS_BIAS=True, HAS_DROPOUT=False, R_PAD=tb._r_pad(r), DOT_PREC="ieee" if xdt == "fp32" else "tf32",
                  U_GIVEN=u_given, BM=bm, BN=bn, BK=bk, s_xk=1, s_wk=1, s_ak=1, s_br=1, s_ur=1, s_yn=1)
-    ptr = {"x_ptr": xdt, "w_ptr": xdt, "a_ptr": adt, "b_ptr": adt, "bias_ptr": xdt, "u_ptr": "fp32", "y_ptr": xdt}
-    ints = dict(M=bm, N=N, K=K, R=r, s_xm=K, s_wn=K, s_ar=K, s_bn=r, s_um=r, s_ym=N, K8=K // 8)
+    ptr = {"x_ptr": xdt, "w_ptr": xdt, "a_ptr": adt, "b_ptr": adt, "bias_ptr": xdt, "u_ptr": "fp32", "up_ptr": "fp32",
+           "y_ptr": xdt}
+    ints = dict(M=bm, N=N, K=K, R=r, U_SPLITS=32, s_xm=K, s_wn=K, s_ar=K, s_bn=r, s_um=r, s_up=bm * r, s_ym=N,
+                K8=K // 8)
     sig = {n: "constexpr" if n in const else "*" + ptr[n] if n in ptr else "fp32" if n in ("scale",)
            else "i64" if n in ("seed", "offset") else "i32" for n in names}
     div = list(ptr) + [n for n, v in ints.items() if v % 16 == 0]
