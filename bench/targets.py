@@ -77,6 +77,8 @@ def main():
     ap.add_argument("--shapes", default=None, help="KxN,... (default: the four Llama-3-8B layer shapes)")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--calls", type=int, default=5)
+    ap.add_argument("--adapter-dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="lora_A/lora_B dtype of the ours-* providers (float32: PEFT's default)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     provs = [p for p in args.providers.split(",") if p and p != FLOOR]
@@ -97,7 +99,7 @@ def main():
                     for prov in [FLOOR] + provs:
                         try:
                             cases[prov] = make_case(prov, M, K, N, r, p, dtype=torch.bfloat16, device="cuda",
-                                                    n_sets=2)
+                                                    n_sets=2, adapter_dtype=getattr(torch, args.adapter_dtype))
                         except Unavailable as e:
                             print(f"  {prov} unavailable: {e}", flush=True)
                     for mode in args.modes.split(","):

@@ -156,7 +156,7 @@ def _fwd_impl(x, weight, bias, lora_A, lora_B, g, scaling, p, seed, offset, back
     if p == 0.0:
         z, u = be.forward(x, weight, None, lora_A, lora_B, scaling, 0.0, 0, offset)
         return scale_bias(z, g, bias, fast), z, u
-    sd, q = ops._seed_int(seed, p), 1.0 - p
+    sd, q = ops._backend_seed(seed, p), 1.0 - p
     xk = masked(x, p, sd, offset, 1.0, 0.0, fast)  # keep ⊙ x
     z, u = be.forward(xk, weight, None, lora_A, lora_B, scaling, 0.0, 0, offset)
     y = scale_bias(z, g / q, bias, fast)
@@ -172,7 +172,7 @@ def _bwd_impl(dy, x, weight, lora_A, lora_B, g, z, u, scaling, p, seed, offset, 
         dg = torch.zeros(weight.shape[0], dtype=acc, device=x.device)
     else:
         be, fast = _dispatch.get(backend), _fast(backend, x)
-        sd, q = ops._seed_int(seed, p), 1.0 - p
+        sd, q = ops._backend_seed(seed, p), 1.0 - p
         c = g if p == 0.0 else (g - 1.0) / q
         dyc, dg = scale_colsum(dy, z, c, need_dx, need_dg, fast)
         if dg is not None and p > 0.0:
@@ -237,7 +237,7 @@ def _dweight(dy, x, weight, g, p, seed, offset):
     d = dy.to(acc)
     if p == 0.0:
         return ((d * g).t() @ x.to(acc)).to(weight.dtype)
-    sd, q = ops._seed_int(seed, p), 1.0 - p
+    sd, q = ops._backend_seed(seed, p), 1.0 - p
     xk = masked(x, p, sd, offset, 1.0, 0.0, False).to(acc)
     xc = masked(x, p, sd, offset, 1.0 - 1.0 / q, 1.0, False).to(acc)
     return (d.t() @ xc + (d * (g / q)).t() @ xk).to(weight.dtype)
@@ -307,7 +307,7 @@ def dora_linear(x, weight, bias, lora_A, lora_B, scaling, magnitude, dropout_p=0
     N = weight.shape[0]
     _check_magnitude(magnitude, x, N)
     _check_float64(x, lora_A, lora_B, magnitude)
-    name = ops._resolve(backend, x.device.type, x.dtype == torch.float64)
+    name = ops._resolve(backend, x.device.type, x.dtype == torch.float64, False)  # DoRA draws CPU seeds only
     p = float(dropout_p) if training else 0.0
     seed = ops._draw_seed() if p > 0.0 else ops._NO_SEED
     if p > 0.0 and ops._recorders:

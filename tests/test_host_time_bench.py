@@ -12,7 +12,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_host_time_bench_quick(tmp_path):
     out = tmp_path / "host_time.json"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    # ROOT after the caller's path: an installed build (the GPU run's wheel) must win over the source tree
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([p for p in (os.environ.get("PYTHONPATH"), ROOT) if p]))
     res = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "host_time.py"), "--quick", "--shape", "40x24",
                           "--ms", "3,17", "--ps", "0,0.2", "--r", "4", "--out", str(out)],
                          env=env, capture_output=True, text=True, timeout=600)

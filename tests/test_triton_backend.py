@@ -378,7 +378,7 @@ from lora_kernels.backends import triton_backend as tb
 kernel, constexprs, ptr_types = getattr(tb, sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3])
 names = kernel.arg_names
 sig = {n: "constexpr" if n in constexprs else ptr_types.get(n, "*fp32") if n.endswith("_ptr")
-       else "fp32" if n in ("scale", "lora_scale") else "i32" for n in names}
+       else "fp32" if n in ("scale", "lora_scale") else "i64" if n in ("seed", "offset") else "i32" for n in names}
 src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(n),): v for n, v in constexprs.items()})
 ir = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2)).asm["ttir"]
 dots = [l for l in ir.splitlines() if "tt.dot" in l]

@@ -638,6 +638,12 @@ def _launch(kernel, grid: tuple, args: tuple, kwargs: dict) -> None:
                  compiled.packed_metadata, None, None, None, *args, *[kwargs[n] for n in layout[3]])
 
 
+def _seed_arg(seed: int) -> int:
+    """The 64-bit seed as a signed int64 with the same bits (for kernels that take the seed by value only)."""
+    s = int(seed) & 0xFFFFFFFFFFFFFFFF
+    return s - (1 << 64) if s >= (1 << 63) else s
+
+
 def _seed_args(seed, like: torch.Tensor) -> tuple:
     """The kernels' (seed, seed_ptr, seed_in_mem) for a seed given as an int (passed by value: the 64 bits as a signed
     int64; ``like``, an input of the launch, fills the unused pointer) or as a 0-d int64 tensor on the device (read by
@@ -646,8 +652,7 @@ def _seed_args(seed, like: torch.Tensor) -> tuple:
     captured after eager calls compiles nothing."""
     if isinstance(seed, torch.Tensor):
         return 0, seed.reshape(1).view(like.dtype), 1
-    s = int(seed) & 0xFFFFFFFFFFFFFFFF
-    return (s - (1 << 64) if s >= (1 << 63) else s), like, 0
+    return _seed_arg(seed), like, 0
 
 
 @functools.lru_cache(maxsize=None)
