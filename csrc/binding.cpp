@@ -9,9 +9,14 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <optional>
+#include <string>
 #include <tuple>
 
+#include "gemm_sm90.h"
+#include "gemm_sm90_pack.h"
 #include "lora_autograd.h"
 #include "lora_kernels.cuh"
 
@@ -69,6 +74,81 @@ void check_common(const Tensor& x, const Tensor& weight, const Tensor& A, const 
   TORCH_CHECK(seed >= 0, "lora_kernels_cuda: seed must be in [0, 2^63), got ", seed);
 }
 
+// ------------------------------------------------------------------ the sm_90 path (csrc/gemm_sm90.h)
+// On a compute-capability-9.0 GPU with 16-bit x, the frozen GEMM and the rank-r term run as one GEMM: the
+// rank-r operands are packed into extra K-tiles (kx columns: r rounded up to the 64-wide K tile).
+// LORA_KERNELS_SM90_GEMM=0 turns the path off (read once).
+bool sm90_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("LORA_KERNELS_SM90_GEMM");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return on;
+}
+
+int64_t sm90_kx(int64_t r) { return (r + 63) / 64 * 64; }
+
+lk::GemmDType gemm_dtype(const Tensor& x) {
+  return x.scalar_type() == at::kHalf ? lk::GemmDType::kFloat16 : lk::GemmDType::kBFloat16;
+}
+
+// nullptr when a GEMM D (M, N) = a (M, K) op(b) (+ bias) can take the sm_90 path, else why not.
+const char* sm90_unsupported(const Tensor& a, const Tensor& b, const Tensor* bias, int64_t M, int64_t N, int64_t K,
+                             lk::GemmLayoutB layout) {
+  if (!sm90_enabled()) return "LORA_KERNELS_SM90_GEMM=0";
+  if (a.scalar_type() != at::kHalf && a.scalar_type() != at::kBFloat16) return "x is not float16 or bfloat16";
+  lk::LoraGemmArgs args;
+  args.M = M; args.N = N; args.K = K;
+  args.a = a.data_ptr(); args.b = b.data_ptr();
+  args.d = a.data_ptr();  // the output comes from the caching allocator: aligned like a
+  args.bias = bias ? bias->data_ptr() : nullptr;
+  args.layout_b = layout;
+  return lk::lora_gemm_sm90_unsupported(args, a.get_device());
+}
+
+// y (M, N) = x W^T + u B^T + bias on the sm_90 path. u_work holds u = s·dropout(x) A^T (M, r) fp32, or the
+// shrink's `partials` split-K parts of it; the pack launch sums them into u (kept for backward) on the way.
+void sm90_forward(const Tensor& x, const Tensor& weight, const Tensor* bias, const Tensor& u_work, int64_t partials,
+                  Tensor& u, const Tensor& lora_B, Tensor& y, cudaStream_t stream) {
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = u.size(1), kx = sm90_kx(r);
+  Tensor ux = at::empty({M, kx}, x.options());
+  Tensor bx = at::empty({N, kx}, x.options());
+  lk::PackJob ju{u_work.data_ptr(), lk::DType::kFloat32, M, r, ux.data_ptr(), M, kx, 1.f};
+  if (partials > 1) {
+    ju.partials = partials;
+    ju.partial_stride = M * r;
+    ju.sum_out = u.data_ptr<float>();
+  }
+  lk::PackJob jb{lora_B.data_ptr(), to_dtype(lora_B, "lora_B"), N, r, bx.data_ptr(), N, kx, 1.f};
+  check_cuda(lk::launch_pack_rank_operands(ju, jb, to_dtype(x, "x"), stream), "pack(u, B) launch");
+  lk::LoraGemmArgs g;
+  g.M = M; g.N = N; g.K = K; g.Kx = kx;
+  g.a = x.data_ptr(); g.b = weight.data_ptr(); g.ax = ux.data_ptr(); g.bx = bx.data_ptr();
+  g.bias = bias ? bias->data_ptr() : nullptr;
+  g.d = y.data_ptr();
+  g.dtype = gemm_dtype(x);
+  g.layout_b = lk::GemmLayoutB::kNK;
+  check_cuda(lk::launch_lora_gemm_sm90(g, stream), "sm90 GEMM launch (forward)");
+}
+
+// dx (M, K) = dy W + (s g) A on the sm_90 path (no dropout: the rank-r term is not masked).
+void sm90_dx(const Tensor& dy, const Tensor& weight, const Tensor& g, const Tensor& lora_A, double scaling,
+             Tensor& dx, cudaStream_t stream) {
+  const int64_t M = dy.size(0), N = dy.size(1), K = weight.size(1), r = g.size(1), kx = sm90_kx(r);
+  Tensor vx = at::empty({M, kx}, dy.options());
+  Tensor ax = at::empty({kx, K}, dy.options());
+  lk::PackJob jv{g.data_ptr(), lk::DType::kFloat32, M, r, vx.data_ptr(), M, kx, (float)scaling};
+  lk::PackJob ja{lora_A.data_ptr(), to_dtype(lora_A, "lora_A"), r, K, ax.data_ptr(), kx, K, 1.f};
+  check_cuda(lk::launch_pack_rank_operands(jv, ja, to_dtype(dy, "dy"), stream), "pack(g, A) launch");
+  lk::LoraGemmArgs a;
+  a.M = M; a.N = K; a.K = N; a.Kx = kx;
+  a.a = dy.data_ptr(); a.b = weight.data_ptr(); a.ax = vx.data_ptr(); a.bx = ax.data_ptr();
+  a.d = dx.data_ptr();
+  a.dtype = gemm_dtype(dy);
+  a.layout_b = lk::GemmLayoutB::kKN;
+  check_cuda(lk::launch_lora_gemm_sm90(a, stream), "sm90 GEMM launch (dx)");
+}
+
 std::tuple<Tensor, Tensor> lora_forward(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                                         const Tensor& lora_A, const Tensor& lora_B, double scaling, double p,
                                         int64_t seed, int64_t offset) {
@@ -92,14 +172,18 @@ std::tuple<Tensor, Tensor> lora_forward(const Tensor& x, const Tensor& weight, c
                                     u_work.data_ptr<float>(), M, K, r, shrink_plan, (float)scaling, pf,
                                     (uint64_t)seed, (uint64_t)offset, stream),
              "lora_shrink launch");
+  Tensor y = at::empty({M, N}, x.options());
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (sm90_unsupported(x, weight, has_bias ? &*bias : nullptr, M, N, K, lk::GemmLayoutB::kNK) == nullptr) {
+    sm90_forward(x, weight, has_bias ? &*bias : nullptr, u_work, shrink_plan.col_groups, u, lora_B, y, stream);
+    return {y, u};
+  }
   if (shrink_plan.col_groups > 1) {
     check_cuda(lk::launch_reduce_partials(u_work.data_ptr<float>(), shrink_plan.col_groups, M * r, u.data_ptr(),
                                           lk::DType::kFloat32, stream),
                "reduce(u) launch");
   }
   // y = u B^T + bias written once, then the frozen GEMM by cuBLAS (through ATen) accumulates into it (beta = 1).
-  Tensor y = at::empty({M, N}, x.options());
-  const bool has_bias = bias.has_value() && bias->defined();
   check_cuda(lk::launch_lora_expand_prefill(y.data_ptr(), to_dtype(y, "y"), u.data_ptr<float>(), lora_B.data_ptr(),
                                             to_dtype(lora_B, "lora_B"), has_bias ? bias->data_ptr() : nullptr, M, N,
                                             r, stream),
@@ -169,8 +253,9 @@ std::tuple<Tensor, Tensor, Tensor> lora_backward(const Tensor& dy, const Tensor&
   if (need_dA) {
     const lk::SplitPlan plan = lk::lora_dA_plan(M, K, r);
     Tensor dA_partial = at::empty({std::max<int64_t>(plan.row_splits, 1), r * K}, f32);
-    check_cuda(lk::launch_lora_dA(x.data_ptr(), to_dtype(x, "x"), g.data_ptr<float>(), dA_partial.data_ptr<float>(),
-                                  M, K, r, plan, (float)scaling, pf, (uint64_t)seed, (uint64_t)offset, stream),
+    check_cuda(lk::launch_lora_dA(x.data_ptr(), to_dtype(x, "x"), to_dtype(lora_A, "lora_A"), g.data_ptr<float>(),
+                                  dA_partial.data_ptr<float>(), M, K, r, plan, (float)scaling, pf, (uint64_t)seed,
+                                  (uint64_t)offset, stream),
                "lora_dA launch");
     dA = at::empty({r, K}, lora_A.options());
     check_cuda(lk::launch_reduce_partials(dA_partial.data_ptr<float>(), plan.row_splits, (int64_t)r * K,
@@ -179,11 +264,17 @@ std::tuple<Tensor, Tensor, Tensor> lora_backward(const Tensor& dy, const Tensor&
   }
   if (need_dx) {
     dx = at::empty({M, K}, x.options());
-    check_cuda(lk::launch_lora_dx_prefill(dx.data_ptr(), to_dtype(dx, "dx"), g.data_ptr<float>(), lora_A.data_ptr(),
-                                          to_dtype(lora_A, "lora_A"), M, K, r, (float)scaling, pf, (uint64_t)seed,
-                                          (uint64_t)offset, stream),
-               "lora_dx_prefill launch");
-    if (N > 0) dx.addmm_(dy, weight);  // cuBLAS, beta = 1
+    // Without dropout the rank-r term is unmasked and joins the GEMM's K axis on sm_90; with dropout it is
+    // masked per element, so it is written first (dx prefill) and cuBLAS accumulates dy W into it (beta = 1).
+    if (pf == 0.0f && N > 0 && sm90_unsupported(dy, weight, nullptr, M, K, N, lk::GemmLayoutB::kKN) == nullptr) {
+      sm90_dx(dy, weight, g, lora_A, scaling, dx, stream);
+    } else {
+      check_cuda(lk::launch_lora_dx_prefill(dx.data_ptr(), to_dtype(dx, "dx"), g.data_ptr<float>(),
+                                            lora_A.data_ptr(), to_dtype(lora_A, "lora_A"), M, K, r, (float)scaling,
+                                            pf, (uint64_t)seed, (uint64_t)offset, stream),
+                 "lora_dx_prefill launch");
+      if (N > 0) dx.addmm_(dy, weight);  // cuBLAS, beta = 1
+    }
   }
   // Grads not asked for come back as empty tensors (the Python side turns them into None).
   const Tensor none = at::empty({0}, x.options());
@@ -218,9 +309,20 @@ Tensor lora_linear_forward_only(const Tensor& x, const Tensor& weight, const std
   return std::get<0>(lora_forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset));
 }
 
+// Which GEMM path a forward (and its p = 0 dx) with these inputs takes: "sm90" or "cublas: <why not sm90>".
+std::string gemm_path(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && weight.dim() == 2, "lora_kernels_cuda: gemm_path takes 2-D CUDA x, weight");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const bool has_bias = bias.has_value() && bias->defined();
+  const char* why = sm90_unsupported(x, weight, has_bias ? &*bias : nullptr, x.size(0), weight.size(0), x.size(1),
+                                     lk::GemmLayoutB::kNK);
+  return why == nullptr ? std::string("sm90") : std::string("cublas: ") + why;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(lora_kernels_cuda, m) {
+  m.def("gemm_path(Tensor x, Tensor weight, Tensor? bias) -> str");
   m.def(
       "forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, float p, "
       "int seed, int offset) -> (Tensor, Tensor)");
@@ -236,6 +338,7 @@ TORCH_LIBRARY_IMPL(lora_kernels_cuda, CUDA, m) {
   m.impl("forward", &lora_forward);
   m.impl("backward", &lora_backward);
   m.impl("lora_linear", &lora_linear_forward_only);
+  m.impl("gemm_path", &gemm_path);
 }
 
 TORCH_LIBRARY_IMPL(lora_kernels_cuda, Autograd, m) { m.impl("lora_linear", &lora_linear_autograd); }

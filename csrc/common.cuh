@@ -31,6 +31,8 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 // bf16 mma.sync and cp.async need sm_80: a build for an older architecture compiles the tensor-core kernels to a
 // trap, and the launchers never pick them there (tc_supported()).
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
@@ -105,6 +107,7 @@ __device__ __forceinline__ void store4(T* p, int valid, const float v[4]) {
 }
 
 // Loads the 4-group (m, k..k+3) of x (M, K) as fp32, applies the dropout mask (one Philox call), zero outside.
+// A dropped element is multiplied by 0, as in the reference (x * keep): NaN and inf become NaN, not 0.
 template <typename T>
 __device__ __forceinline__ void load_x4_dropout(const T* __restrict__ x, int64_t M, int64_t K, int64_t m, int64_t k,
                                                 float p, uint64_t seed, uint64_t offset, float v[4]) {
@@ -115,7 +118,7 @@ __device__ __forceinline__ void load_x4_dropout(const T* __restrict__ x, int64_t
       bool keep[4];
       dropout_keep4(seed, offset, m, K, k, p, keep);
 #pragma unroll
-      for (int q = 0; q < 4; ++q) v[q] = keep[q] ? v[q] : 0.f;
+      for (int q = 0; q < 4; ++q) v[q] = keep[q] ? v[q] : v[q] * 0.f;
     }
   } else {
 #pragma unroll
@@ -225,9 +228,20 @@ __device__ __forceinline__ uint2 to_t4(const Vec4<TA>& v) {
   return t.u;
 }
 
-// Zeroes the dropped elements of the 8 elements x[m, k..k+7] (raw 16-bit bits; k a multiple of 4; elements at or
-// past k_lim are zero already). With k a multiple of 8 (every tile of the tensor-core kernels) they are one 8-group
-// of the mask: one Philox call. Same mask as load_x4_dropout.
+// A dropped 16-bit element (raw bits of T) times 0, as the reference computes x * keep: +0 for a finite value,
+// NaN for inf or NaN. (Used on x, and on dx's LoRA term already rounded to T: a finite term that overflowed T at a
+// dropped element also becomes NaN; that term overflows at the kept elements too.)
+template <typename T>
+__device__ __forceinline__ unsigned short dropped16(unsigned short h) {
+  constexpr unsigned short kExp = std::is_same<T, __half>::value ? 0x7C00 : 0x7F80;  // all-ones exponent: inf/NaN
+  constexpr unsigned short kNaN = std::is_same<T, __half>::value ? 0x7E00 : 0x7FC0;
+  return (h & kExp) == kExp ? kNaN : 0;
+}
+
+// Applies the dropout mask to the 8 elements x[m, k..k+7] of T (raw 16-bit bits; k a multiple of 4; elements at or
+// past k_lim are zero already): dropped ones become dropped16(). With k a multiple of 8 (every tile of the
+// tensor-core kernels) they are one 8-group of the mask: one Philox call. Same mask as load_x4_dropout.
+template <typename T>
 __device__ __forceinline__ uint4 dropout8(uint4 raw, int64_t m, int64_t K, int64_t k, int64_t k_lim, float p,
                                           uint64_t seed, uint64_t offset) {
   union { uint4 u; unsigned short h[8]; } t;
@@ -238,7 +252,7 @@ __device__ __forceinline__ uint4 dropout8(uint4 raw, int64_t m, int64_t K, int64
     dropout_keep8(seed, dropout_counter(offset, m, K, k / kDropoutGroup), dropout_threshold(p), keep);
 #pragma unroll
     for (int q = 0; q < 8; ++q)
-      if (!keep[q]) t.h[q] = 0;
+      if (!keep[q]) t.h[q] = dropped16<T>(t.h[q]);
     return t.u;
   }
 #pragma unroll
@@ -248,7 +262,7 @@ __device__ __forceinline__ uint4 dropout8(uint4 raw, int64_t m, int64_t K, int64
       dropout_keep4(seed, offset, m, K, k + 4 * half, p, keep);
 #pragma unroll
       for (int q = 0; q < 4; ++q)
-        if (!keep[q]) t.h[4 * half + q] = 0;
+        if (!keep[q]) t.h[4 * half + q] = dropped16<T>(t.h[4 * half + q]);
     }
   }
   return t.u;

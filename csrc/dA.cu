@@ -156,14 +156,14 @@ lora_dA_tc_kernel(const T* __restrict__ x, const float* __restrict__ g, float* _
 
 }  // namespace
 
-cudaError_t launch_lora_dA(const void* x, DType x_dtype, const float* g, float* dA_partial, int64_t M, int64_t K,
-                           int r, SplitPlan plan, float scaling, float p, uint64_t seed, uint64_t offset,
+cudaError_t launch_lora_dA(const void* x, DType x_dtype, DType a_dtype, const float* g, float* dA_partial, int64_t M,
+                           int64_t K, int r, SplitPlan plan, float scaling, float p, uint64_t seed, uint64_t offset,
                            cudaStream_t stream) {
   if (r < 1 || r > kMaxRank) return cudaErrorInvalidValue;
   if (M <= 0 || K <= 0 || plan.row_splits <= 0) return cudaSuccess;
   if (plan.col_groups > 65535) return cudaErrorInvalidConfiguration;
   const float scale = dropout_scale(scaling, p);
-  if (x_dtype != DType::kFloat32 && tc_supported()) {
+  if (x_dtype != DType::kFloat32 && a_dtype != DType::kFloat32 && tc_supported()) {
     if (plan.row_splits > 0x7fffffff) return cudaErrorInvalidConfiguration;
     const int nj = rank_frags(r);
     const dim3 grid((unsigned)plan.row_splits, (unsigned)plan.col_groups, (unsigned)ceil_div(round16(r), 16 * nj));

@@ -50,7 +50,7 @@ lora_dx_prefill_kernel(T* __restrict__ dx, const float* __restrict__ g, const TA
   if (p > 0.f) dropout_keep4(seed, offset, m, K, k, p, keep);
   float v[4];
 #pragma unroll
-  for (int q = 0; q < 4; ++q) v[q] = keep[q] ? acc[q] * scale : 0.f;
+  for (int q = 0; q < 4; ++q) v[q] = keep[q] ? acc[q] * scale : acc[q] * scale * 0.f;  // NaN/inf -> NaN
   store4<T>(dx + m * K + k, valid, v);
 }
 
@@ -136,7 +136,7 @@ lora_dx_prefill_tc_kernel(T* __restrict__ dx, const float* __restrict__ g, const
             pack2<T>(acc[n][2 * h] * scale, acc[n][2 * h + 1] * scale);
     store_staged_rows<TO_BN>(dx, K, os, TO_LDO, m0, k0, M, K, dx_vec && k0 + TO_BN <= K,
                              [&](uint4 v, int64_t m, int64_t k) {
-                               return p > 0.f ? dropout8(v, m, K, k, K, p, seed, offset) : v;
+                               return p > 0.f ? dropout8<T>(v, m, K, k, K, p, seed, offset) : v;
                              });
     pipeline_next(ch, c_end, fetch_a, stash_a);
   }

@@ -12,9 +12,12 @@
 //            launch_reduce_partials (dA), launch_lora_dx_prefill (dx = scaling*keep/(1-p) * g A), cuBLAS dx += dy W.
 // Every reduction is done in a fixed order (no atomics): results are bitwise deterministic run to run.
 //
-// Precision: with 16-bit x (fp16 / bf16) on sm_80+ the rank-r products run on tensor cores; every operand is cast to
-// x's dtype first (fp32 adapters A / B and the fp32 buffers u, g included) and accumulated in fp32 (the Triton
-// backend's policy). With fp32 x (or below sm_80) they are fp32 FFMA throughout. Outputs as documented per launcher.
+// Precision: each product is computed in the precision PyTorch would use for the same inputs, so that the error stays
+// within 2x of the same-precision PyTorch computation (the tolerance rule). With 16-bit x and 16-bit adapters on sm_80+
+// the rank-r products of the shrink, dy pass and dA run on tensor cores (the fp32 buffers u, g cast to x's dtype,
+// fp32 accumulation): PyTorch rounds those intermediates to 16 bits too. With fp32 adapters (PEFT's default) PyTorch
+// computes the adapter products in fp32, so they run as fp32 FFMA; so do they with fp32 x or below sm_80. The expand
+// and dx prefill write 16-bit outputs and stay on tensor cores. Outputs as documented per launcher.
 #pragma once
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -66,8 +69,9 @@ cudaError_t launch_lora_dy_pass(const void* dy, DType dy_dtype, const void* B, D
                                 cudaStream_t stream);
 
 // dA_partial[s] (r, K) = scaling * g[rows of s]^T @ dropout(x)[rows of s]. plan from lora_dA_plan(M, K, r).
-cudaError_t launch_lora_dA(const void* x, DType x_dtype, const float* g, float* dA_partial, int64_t M, int64_t K,
-                           int r, SplitPlan plan, float scaling, float p, uint64_t seed, uint64_t offset,
+// a_dtype (lora_A's) picks the precision as for the other passes.
+cudaError_t launch_lora_dA(const void* x, DType x_dtype, DType a_dtype, const float* g, float* dA_partial, int64_t M,
+                           int64_t K, int r, SplitPlan plan, float scaling, float p, uint64_t seed, uint64_t offset,
                            cudaStream_t stream);
 
 // out[i] = sum_{s=0}^{S-1} partial[s * count + i] in order s = 0, 1, ... (zeros when S == 0), cast to out_dtype.

@@ -150,7 +150,7 @@ cudaError_t launch_lora_shrink(const void* x, DType x_dtype, const void* A, DTyp
   if (M <= 0) return cudaSuccess;
   if (plan.col_groups > 65535 || plan.col_groups < 1) return cudaErrorInvalidConfiguration;
   const float scale = dropout_scale(scaling, p);
-  if (x_dtype != DType::kFloat32 && tc_supported()) {
+  if (x_dtype != DType::kFloat32 && a_dtype != DType::kFloat32 && tc_supported()) {
     const int nf = rank_frags(r);
     const dim3 grid((unsigned)ceil_div(M, TS_BM), (unsigned)plan.col_groups, (unsigned)ceil_div(round16(r), 16 * nf));
     return with_dtypes<true>(x_dtype, a_dtype, [&](auto xt, auto at) {

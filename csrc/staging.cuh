@@ -85,7 +85,7 @@ struct StreamTile {
     for (int i = 0; i < kGroups; ++i) {
       const int64_t m = m0 + row(i);
       uint4* q = reinterpret_cast<uint4*>(slot + row(i) * LD + col(i));
-      if (m < m_end) *q = dropout8(*q, m, K, k0 + col(i), k_lim, p, seed, offset);
+      if (m < m_end) *q = dropout8<T>(*q, m, K, k0 + col(i), k_lim, p, seed, offset);
     }
   }
 };

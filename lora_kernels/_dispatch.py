@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import warnings
 
 BACKENDS = ("torch", "triton", "cuda")
 _MODULES = {
@@ -16,6 +17,11 @@ _MODULES = {
 # launch path), which decides training steps (bench/results/h200_2026-11-28/session3/runB_profile.txt: fwd+bwd
 # 931 vs 1555 us at 8192x4096->4096). Triton stays the default where the extension is not built.
 AUTO_ORDER_CUDA = ("cuda", "triton", "torch")
+# Backends whose kernels can read the dropout seed from device memory (a 0-d int64 tensor), which CUDA graphs need
+# (see lora_kernels/ops.py). Under graph capture or torch.compile with dropout, backend=None picks the first of
+# AUTO_ORDER_CUDA among these; the cuda backend's kernels take the seed by value (csrc/), so it refuses to run
+# dropout under capture.
+DEVICE_SEED_BACKENDS = ("torch", "triton")
 ENV_VAR = "LORA_KERNELS_BACKEND"
 
 
@@ -60,16 +66,29 @@ def _check_device(name: str, device_type: str) -> None:
     )
 
 
+def _warn_no_cuda_backend(chosen: str) -> None:
+    """Auto picked another backend for CUDA tensors because the extension is missing or stale: say so (once per
+    process, as resolve() is cached), unless the build skipped it on request."""
+    reason = _load("cuda")[1]
+    if "LORA_KERNELS_SKIP_CUDA_BUILD=1" not in reason:
+        warnings.warn(f"lora_kernels: the cuda backend is unavailable ({reason}); CUDA tensors run on the "
+                      f"{chosen} backend", RuntimeWarning, stacklevel=4)
+
+
 @functools.lru_cache(maxsize=64)
-def resolve(requested, device_type: str, float64: bool = False) -> str:
-    """Name of the backend that runs a call with `requested` (None/'auto'/name) on a `device_type` tensor."""
+def resolve(requested, device_type: str, float64: bool = False, device_seed: bool = False) -> str:
+    """Name of the backend that runs a call with `requested` (None/'auto'/name) on a `device_type` tensor.
+    `device_seed`: the call's dropout seed lives on the device (CUDA graph capture, torch.compile); auto then picks
+    only among DEVICE_SEED_BACKENDS."""
     if requested in (None, "auto"):
         requested = os.environ.get(ENV_VAR) or "auto"
     if requested == "auto":
         if device_type != "cuda" or float64:
             return "torch"
         for name in AUTO_ORDER_CUDA:
-            if _load(name)[0] is not None:
+            if (not device_seed or name in DEVICE_SEED_BACKENDS) and _load(name)[0] is not None:
+                if name != "cuda" and not device_seed:
+                    _warn_no_cuda_backend(name)
                 return name
         return "torch"
     if requested not in BACKENDS:

@@ -5,6 +5,10 @@ running the fused ``lora_kernels.lora_linear`` op.
 
 Parameter names, shapes and initialisation follow PEFT: ``lora_A`` (r, in_features) kaiming-uniform with
 a = sqrt(5), ``lora_B`` (out_features, r) zeros, so a fresh layer computes exactly its base linear.
+
+With ``use_dora=True`` the layer is DoRA (``lora_kernels.dora_linear``, PEFT's semantics): a trainable
+``magnitude`` (out_features,) initialised like PEFT to the row norms of ``W + scaling · B A``, and
+``y = g ⊙ (x Wᵀ + scaling · x_d Aᵀ Bᵀ) + b`` without dropout, ``g = magnitude / ‖W + scaling · B A‖_row``.
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
+from . import dora, ops
 
 __all__ = ["LoRALinear"]
 
@@ -27,24 +31,27 @@ class LoRALinear(nn.Module):
         r: LoRA rank (``lora_A`` is (r, in_features), ``lora_B`` is (out_features, r)).
         alpha: LoRA alpha; ``scaling = alpha / r`` (or ``alpha / sqrt(r)`` when ``use_rslora``).
         dropout: dropout probability on the LoRA path only (PEFT semantics: inverted 1/(1-p) scaling,
-            active only in training mode).
+            active only in training mode; 1.0 drops the whole LoRA path).
         bias: whether the base layer has a bias.
         device, dtype: of the base weight and bias.
         adapter_dtype: dtype of ``lora_A``/``lora_B``; defaults to ``dtype``. ``torch.float32`` adapters on a
             bf16/fp16 base are supported (like PEFT's ``autocast_adapter_dtype``).
         backend: passed to ``lora_linear`` (None/'auto', 'torch', 'triton', 'cuda').
+        use_dora: DoRA (weight-decomposed LoRA, PEFT's ``use_dora=True``): adds the ``magnitude`` parameter
+            (in ``adapter_dtype``) and runs ``lora_kernels.dora_linear``.
 
-    The base weight and bias are frozen (``requires_grad=False``); only ``lora_A`` and ``lora_B`` train.
+    The base weight and bias are frozen (``requires_grad=False``); only ``lora_A`` and ``lora_B`` (and
+    ``magnitude``) train.
     """
 
     def __init__(self, in_features: int, out_features: int, r: int = 8, alpha: float = 16, dropout: float = 0.0,
                  bias: bool = True, use_rslora: bool = False, device=None, dtype=None, adapter_dtype=None,
-                 backend=None):
+                 backend=None, use_dora: bool = False):
         super().__init__()
         if r <= 0:
             raise ValueError(f"LoRALinear: r must be a positive integer, got {r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"LoRALinear: dropout must be in [0, 1), got {dropout}")
+        if not 0.0 <= dropout <= 1.0:
+            raise ValueError(f"LoRALinear: dropout must be in [0, 1], got {dropout}")
         self.in_features = in_features
         self.out_features = out_features
         self.r = r
@@ -52,6 +59,7 @@ class LoRALinear(nn.Module):
         self.dropout = float(dropout)
         self.use_rslora = use_rslora
         self.backend = backend
+        self.use_dora = bool(use_dora)
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
 
         factory = {"device": device, "dtype": dtype}
@@ -63,8 +71,12 @@ class LoRALinear(nn.Module):
         adapter_factory = {"device": device, "dtype": adapter_dtype if adapter_dtype is not None else dtype}
         self.lora_A = nn.Parameter(torch.empty(r, in_features, **adapter_factory))
         self.lora_B = nn.Parameter(torch.empty(out_features, r, **adapter_factory))
-        # The original weight while merged (see merge()); a non-persistent buffer so it follows .to()/.cuda()
-        # but never lands in the state_dict.
+        if self.use_dora:
+            self.magnitude = nn.Parameter(torch.empty(out_features, **adapter_factory))
+        else:
+            self.register_parameter("magnitude", None)
+        # The original weight while merged (see merge()); a non-persistent buffer so it follows .to()/.cuda().
+        # The state_dict of a merged layer carries it as "unmerged_weight" (see _save_to_state_dict).
         self.register_buffer("_unmerged_weight", None, persistent=False)
         self.reset_parameters()
 
@@ -80,13 +92,18 @@ class LoRALinear(nn.Module):
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
+        """``lora_A`` kaiming-uniform, ``lora_B`` zeros; with DoRA, ``magnitude`` = ‖W + scaling · B A‖_row (PEFT)."""
         with torch.no_grad():
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B)
+            if self.magnitude is not None and self.weight.device.type != "meta":
+                norm = dora.dora_weight_norm(self.weight, self.lora_A, self.lora_B, self.scaling)
+                self.magnitude.copy_(norm.to(self.magnitude.dtype))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0,
-                    use_rslora: bool = False, adapter_dtype=None, backend=None) -> "LoRALinear":
+                    use_rslora: bool = False, adapter_dtype=None, backend=None,
+                    use_dora: bool = False) -> "LoRALinear":
         """Wrap an existing ``nn.Linear``: the new layer *shares* ``linear.weight``/``linear.bias`` (the same
         Parameter objects, now frozen: ``requires_grad`` is set to False on them) and gets fresh adapters on
         the weight's device. ``merge()`` on the result updates the shared weight in place."""
@@ -95,7 +112,7 @@ class LoRALinear(nn.Module):
         w = linear.weight
         layer = cls(linear.in_features, linear.out_features, r=r, alpha=alpha, dropout=dropout,
                     bias=linear.bias is not None, use_rslora=use_rslora, device="meta", dtype=w.dtype,
-                    adapter_dtype=adapter_dtype, backend=backend)
+                    adapter_dtype=adapter_dtype, backend=backend, use_dora=use_dora)
         w.requires_grad_(False)
         layer.weight = w
         if linear.bias is not None:
@@ -104,6 +121,8 @@ class LoRALinear(nn.Module):
         adt = adapter_dtype if adapter_dtype is not None else w.dtype
         layer.lora_A = nn.Parameter(torch.empty(r, linear.in_features, device=w.device, dtype=adt))
         layer.lora_B = nn.Parameter(torch.empty(linear.out_features, r, device=w.device, dtype=adt))
+        if use_dora:
+            layer.magnitude = nn.Parameter(torch.empty(linear.out_features, device=w.device, dtype=adt))
         layer.reset_lora_parameters()
         return layer
 
@@ -111,6 +130,9 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return F.linear(x, self.weight, self.bias)
+        if self.use_dora:
+            return dora.dora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, self.magnitude,
+                                    dropout_p=self.dropout, training=self.training, backend=self.backend)
         return ops.lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
                                dropout_p=self.dropout, training=self.training, backend=self.backend)
 
@@ -131,17 +153,25 @@ class LoRALinear(nn.Module):
         in float32 and rounded once to the weight's dtype. A merged layer runs plain ``F.linear`` (eval semantics:
         no dropout), and its adapters get no gradient until ``unmerge()``.
 
-        Cost: merging keeps one extra copy of the original weight (a non-persistent buffer, not in the
-        state_dict) so that ``unmerge()`` restores it bit-exactly. Subtracting the delta again would not
-        round-trip: in bf16/fp16, ``round(round(W + D) - D) != W`` in general (the rounding of the merge loses the
-        low bits of W), and even in fp32 the sum is not exactly invertible. Merging an already merged layer is a
-        no-op.
+        Cost: merging keeps one extra copy of the original weight so that ``unmerge()`` restores it bit-exactly.
+        Subtracting the delta again would not round-trip: in bf16/fp16, ``round(round(W + D) - D) != W`` in
+        general (the rounding of the merge loses the low bits of W), and even in fp32 the sum is not exactly
+        invertible. While merged, the state_dict holds that copy too (key ``unmerged_weight``), so a layer that
+        loads it is merged as well and unmerges exactly; an unmerged layer's state_dict has only the usual keys.
+        Merging an already merged layer is a no-op.
+
+        DoRA (as PEFT): ``weight = round(g ⊙ (weight + scaling · B @ A))`` with ``g = magnitude / ‖weight +
+        scaling · B @ A‖_row`` (the bias is unchanged), which is the layer's output without dropout.
         """
         if self.merged:
             return
         original = self.weight.detach().clone()
         delta = self.delta_weight()
-        merged = (self.weight.detach().to(delta.dtype) + delta).to(self.weight.dtype)
+        merged = self.weight.detach().to(delta.dtype) + delta
+        if self.use_dora:
+            norm = dora.dora_weight_norm(self.weight, self.lora_A, self.lora_B, self.scaling).to(delta.dtype)
+            merged = (self.magnitude.detach().to(delta.dtype) / norm)[:, None] * merged
+        merged = merged.to(self.weight.dtype)
         self.weight.copy_(merged)
         self._unmerged_weight = original
 
@@ -153,11 +183,49 @@ class LoRALinear(nn.Module):
         self.weight.copy_(self._unmerged_weight)
         self._unmerged_weight = None
 
+    # ------------------------------------------------------------------------------------ state_dict
+    _UNMERGED_KEY = "unmerged_weight"
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.merged:  # "weight" is the merged one: record the original so loading restores the merged state
+            w = self._unmerged_weight
+            destination[prefix + self._UNMERGED_KEY] = w if keep_vars else w.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + self._UNMERGED_KEY
+        original = state_dict.get(key)  # present iff the saved layer was merged
+        has_weight = prefix + "weight" in state_dict
+        if self.merged and not has_weight:
+            raise RuntimeError(
+                f"LoRALinear ({prefix or 'root'}): loading a state_dict without 'weight' into a merged layer would "
+                "leave the old update folded into the weight; call unmerge() first")
+        if original is not None and not has_weight:
+            error_msgs.append(f"{key} (a merged layer's original weight) is given without {prefix}weight")
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if key in unexpected_keys:
+            unexpected_keys.remove(key)
+        if not has_weight:
+            return
+        if original is None:  # the loaded weight is an unmerged one
+            self._unmerged_weight = None
+        elif tuple(original.shape) != tuple(self.weight.shape):
+            error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(original.shape)}, "
+                              f"the weight in the current model has shape {tuple(self.weight.shape)}")
+        else:
+            with torch.no_grad():
+                self._unmerged_weight = original.detach().to(self.weight.device, self.weight.dtype, copy=True)
+
     def extra_repr(self) -> str:
         s = (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
              f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}")
         if self.use_rslora:
             s += ", use_rslora=True"
+        if self.use_dora:
+            s += ", use_dora=True"
         if self.dropout:
             s += f", dropout={self.dropout}"
         if self.lora_A.dtype != self.weight.dtype:

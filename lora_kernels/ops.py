@@ -10,13 +10,24 @@ Two ops are registered in the ``lora_kernels`` namespace:
         -> (dx, dA, dB)          (a grad that is not needed comes back as an empty tensor)
 
 with x and dy 2-D; ``u = scaling · dropout(x) Aᵀ`` (M, r) in float32 is the only activation saved besides x:
-the dropout mask is regenerated from ``seed`` (a CPU int64 scalar tensor, drawn from torch's RNG) and
-``offset``, never stored. The backends' math contract is in ``lora_kernels/backends/__init__.py``.
+the dropout mask is regenerated from ``seed`` (a 0-d int64 tensor drawn from torch's RNG) and ``offset``, never
+stored. The backends' math contract is in ``lora_kernels/backends/__init__.py``.
+
+Where the seed lives:
+- eager calls: on the CPU, drawn from torch's default CPU generator (``torch.manual_seed`` reproduces a run,
+  ``record_dropout`` reports it as an int); the backends get it as a Python int (no device read).
+- CUDA graph capture (``torch.cuda.graph``) and ``torch.compile`` (whose ``mode="reduce-overhead"`` records CUDA
+  graphs): on x's device, drawn by ``torch.randint`` from the device generator, and the kernels read it from device
+  memory when they run. Drawing on the device is graph-safe the way PyTorch's own dropout is: a captured draw
+  advances the generator's Philox offset on every replay, so each replay gets a fresh seed and a fresh mask. A value
+  baked into a captured kernel's arguments would repeat the same mask on every replay. Backends that cannot read
+  a device seed (``_dispatch.DEVICE_SEED_BACKENDS``) raise under capture instead, and ``backend=None`` skips them.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import math
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -39,6 +50,9 @@ def record_dropout():
             y = lora_linear(x, ..., dropout_p=0.1)
         seed, offset = calls[0]
         keep = lora_kernels.dropout_mask(seed, offset, x.shape, 0.1)
+
+    Calls captured into a CUDA graph record their seed as the 0-d int64 device tensor that each replay refills:
+    ``dropout_mask`` takes it as is, and ``int(seed)`` after a replay gives that replay's seed.
     """
     calls: list = []
     _recorders.append(calls)
@@ -51,9 +65,16 @@ def record_dropout():
 _NO_SEED = torch.zeros((), dtype=torch.int64)  # the seed argument of calls without dropout (never read)
 
 
-def _draw_seed() -> torch.Tensor:
-    """A fresh Philox key from torch's default CPU generator (torch.manual_seed reproduces a run)."""
-    return torch.randint(0, _SEED_HIGH, (), dtype=torch.int64)
+def _draw_seed(device=None) -> torch.Tensor:
+    """A fresh Philox key in [0, 2^62): from torch's default CPU generator (torch.manual_seed reproduces a run), or,
+    given a device, from that device's generator without a host round trip (the graph-safe form)."""
+    return torch.randint(0, _SEED_HIGH, (), dtype=torch.int64, device=device)
+
+
+def _graph_rng(x: torch.Tensor) -> bool:
+    """Whether this call's seed must be drawn on x's device: torch.compile is tracing, or a CUDA graph is being
+    captured on the current stream (see the module docstring)."""
+    return torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 # ----------------------------------------------------------------------------------------------- the ops
@@ -69,45 +90,57 @@ _lib.define(
 )
 
 
-def _seed_int(seed, p: float) -> int:
-    """The Philox key as a Python int for the backends (never read without dropout, so no .item() then)."""
-    return int(seed) if p > 0.0 else 0
+def _backend_seed(seed: torch.Tensor, p: float):
+    """The Philox key as the backends take it: a Python int for a CPU seed (reading a CPU tensor is no device
+    sync), the 0-d device tensor itself for a device seed (read by the kernels at run time), 0 without dropout."""
+    if p == 0.0:
+        return 0
+    return int(seed) if seed.is_cpu else seed
 
 
 def _fwd_impl(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset, backend):
     M, N, r = x.shape[0], weight.shape[0], lora_A.shape[0]
     if M == 0:
-        return x.new_empty(0, N), x.new_empty(0, r, dtype=torch.float32)
+        return x.new_empty(0, N), x.new_empty(0, r, dtype=_u_dtype(x))
     return _dispatch.get(backend).forward(
-        x, weight, bias, lora_A, lora_B, scaling, p, _seed_int(seed, p), offset)
+        x, weight, bias, lora_A, lora_B, scaling, p, _backend_seed(seed, p), offset)
+
+
+def _bwd_grads(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, backend, need_dx, need_dA, need_dB):
+    """(dx, dA, dB), each None when not needed."""
+    if x.shape[0] == 0:
+        return (torch.zeros_like(x) if need_dx else None, torch.zeros_like(lora_A) if need_dA else None,
+                torch.zeros_like(lora_B) if need_dB else None)
+    return _dispatch.get(backend).backward(
+        dy, x, weight, lora_A, lora_B, u, scaling, p, _backend_seed(seed, p), offset, need_dx, need_dA, need_dB)
 
 
 def _bwd_impl(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, backend, need_dx, need_dA, need_dB):
-    if x.shape[0] == 0:
-        dx, dA, dB = torch.zeros_like(x), torch.zeros_like(lora_A), torch.zeros_like(lora_B)
-    else:
-        dx, dA, dB = _dispatch.get(backend).backward(
-            dy, x, weight, lora_A, lora_B, u, scaling, p, _seed_int(seed, p), offset, need_dx, need_dA, need_dB)
-    if need_dx and need_dA and need_dB:
-        return dx, dA, dB
-    empty = x.new_empty(0)
-    return (dx if need_dx else empty), (dA if need_dA else empty), (dB if need_dB else empty)
+    dx, dA, dB = _bwd_grads(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, backend, need_dx, need_dA,
+                            need_dB)
+    # Grads not asked for come back as empty tensors, a distinct one per output (outputs of a custom op must not
+    # alias each other).
+    return (dx if need_dx else x.new_empty(0), dA if need_dA else x.new_empty(0), dB if need_dB else x.new_empty(0))
 
 
 _lib.impl("lora_fwd", _fwd_impl, "CompositeExplicitAutograd")
 _lib.impl("lora_bwd", _bwd_impl, "CompositeExplicitAutograd")
 
 
+def _u_dtype(x):
+    """dtype of the saved activation u: float32 (float64 for float64 inputs, on the torch backend)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 @torch.library.register_fake("lora_kernels::lora_fwd")
 def _fwd_fake(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset, backend):
-    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0], dtype=torch.float32)
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0], dtype=_u_dtype(x))
 
 
 @torch.library.register_fake("lora_kernels::lora_bwd")
 def _bwd_fake(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, backend, need_dx, need_dA, need_dB):
-    empty = x.new_empty(0)
-    return (torch.empty_like(x) if need_dx else empty, torch.empty_like(lora_A) if need_dA else empty,
-            torch.empty_like(lora_B) if need_dB else empty)
+    return (torch.empty_like(x) if need_dx else x.new_empty(0), torch.empty_like(lora_A) if need_dA else x.new_empty(0),
+            torch.empty_like(lora_B) if need_dB else x.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
@@ -152,7 +185,7 @@ class _EagerLoRA(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # the kernels record no graph: a double backward raises instead of giving wrong numbers
     def backward(ctx, dy):
-        return _backward(ctx, dy, None, bwd=_bwd_impl)
+        return _backward(ctx, dy, None, bwd=_bwd_grads)
 
 
 # ------------------------------------------------------------------------------------------ the public op
@@ -160,13 +193,19 @@ class _EagerLoRA(torch.autograd.Function):
 # import a backend module, which dynamo cannot trace: under torch.compile it runs once at trace time and its
 # result enters the graph as a constant.
 @torch.compiler.assume_constant_result
-def _resolve(requested, device_type: str, float64: bool) -> str:
-    return _dispatch.resolve(requested, device_type, float64)  # (a plain function: dynamo unwraps lru_cache)
+def _resolve(requested, device_type: str, float64: bool, device_seed: bool) -> str:
+    # (a plain function: dynamo unwraps lru_cache)
+    return _dispatch.resolve(requested, device_type, float64, device_seed)
 
 
-@functools.lru_cache(maxsize=256)
 def dtype_problem(x_dtype, weight_dtype, bias_dtype, lora_A_dtype, lora_B_dtype):
     """Why this dtype combination is not accepted by the op (a message), or None when it is."""
+    if torch.compiler.is_compiling():  # dynamo traces the plain function (it warns on every lru_cache call)
+        return _dtype_problem(x_dtype, weight_dtype, bias_dtype, lora_A_dtype, lora_B_dtype)
+    return _dtype_problem_cached(x_dtype, weight_dtype, bias_dtype, lora_A_dtype, lora_B_dtype)
+
+
+def _dtype_problem(x_dtype, weight_dtype, bias_dtype, lora_A_dtype, lora_B_dtype):
     for name, dt in (("x", x_dtype), ("weight", weight_dtype), ("lora_A", lora_A_dtype), ("lora_B", lora_B_dtype)):
         if dt not in SUPPORTED_DTYPES:
             return f"{name} has unsupported dtype {dt}; expected one of float16, bfloat16, float32 (float64 on the torch backend)"
@@ -178,6 +217,9 @@ def dtype_problem(x_dtype, weight_dtype, bias_dtype, lora_A_dtype, lora_B_dtype)
         if dt not in (torch.float32, x_dtype):
             return f"{name} dtype {dt} must be float32 or x's dtype {x_dtype}"
     return None
+
+
+_dtype_problem_cached = functools.lru_cache(maxsize=256)(_dtype_problem)
 
 
 def _check(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
@@ -212,10 +254,12 @@ def _check(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
     for name, t in (("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B)):
         if t is not None and t.device != dev:
             fail(f"{name} is on {t.device} but x is on {dev}; all tensors must be on one device")
-    if not 0.0 <= dropout_p < 1.0:
-        fail(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if not 0.0 <= dropout_p <= 1.0:
+        fail(f"dropout_p must be in [0, 1], got {dropout_p}")
     if not isinstance(scaling, (int, float)):
         fail(f"scaling must be a Python number, got {type(scaling).__name__}")
+    if not math.isfinite(scaling):
+        fail(f"scaling must be finite, got {scaling}")
 
 
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, training=True, backend=None):
@@ -224,19 +268,30 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     x: (..., K); weight: (N, K) (frozen in the fast path); bias: (N,) or None; lora_A: (r, K); lora_B: (N, r),
     adapters in float32 or x's dtype. Returns (..., N) in x's dtype. Dropout applies to the LoRA path only, with
     inverted scaling 1/(1-p), when ``training`` and ``dropout_p > 0``; its mask is ``dropout_mask(seed, offset, ...)``
-    for a seed drawn from torch's RNG (see ``record_dropout``). ``backend``: None/'auto', 'torch', 'triton', 'cuda'.
+    for a seed drawn from torch's RNG (see ``record_dropout``); ``dropout_p = 1`` drops everything (the LoRA path
+    and its grads are zero). ``scaling`` must be finite. Tensors on 'meta' propagate shapes (torch backend).
+    ``backend``: None/'auto', 'torch', 'triton', 'cuda'.
     """
-    if torch.is_autocast_enabled(x.device.type):  # behave like F.linear under autocast
+    # behave like F.linear under autocast ('meta' has no autocast: asking about it raises)
+    if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):
         dt = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dt), weight.to(dt)
         bias = bias.to(dt) if bias is not None else None
     _check(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
-    name = _resolve(backend, x.device.type, x.dtype == torch.float64)
     p = float(dropout_p) if training else 0.0
-    seed = _draw_seed() if p > 0.0 else _NO_SEED
+    if p == 1.0:  # everything dropped (PEFT allows p = 1): the LoRA path and its grads are zero
+        scaling, p = 0.0, 0.0
+    graph_rng = p > 0.0 and _graph_rng(x)
+    name = _resolve(backend, x.device.type, x.dtype == torch.float64, graph_rng)
+    if p == 0.0:
+        seed = _NO_SEED
+    elif graph_rng and name in _dispatch.DEVICE_SEED_BACKENDS:
+        seed = _draw_seed(x.device)
+    else:  # eager; or a backend without the device-seed path, which refuses to run under capture itself
+        seed = _draw_seed()
     if p > 0.0 and _recorders:
-        for calls in _recorders:
-            calls.append((int(seed), 0))
+        for calls in _recorders:  # a device seed is recorded as the tensor: its value is known once the call ran
+            calls.append((int(seed) if seed.is_cpu else seed, 0))
     two_d = x.dim() == 2
     x2 = x if two_d else x.reshape(-1, x.shape[-1])
     args = (x2.contiguous(), weight.contiguous(), bias.contiguous() if bias is not None else None,
@@ -247,7 +302,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
                                       or lora_B.requires_grad or (bias is not None and bias.requires_grad)):
         cpp = getattr(_dispatch.get(name), "linear_autograd", None) if x2.shape[0] else None
         if cpp is not None:  # the backend's own autograd node (C++): no Python in forward's wrapper or backward
-            y = cpp(*args[:6], p, _seed_int(seed, p), 0)
+            y = cpp(*args[:6], p, _backend_seed(seed, p), 0)
         else:
             y = _EagerLoRA.apply(*args)
     else:  # nothing to differentiate (inference, no_grad): the impl alone, without autograd.Function's overhead
@@ -256,7 +311,10 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
 
 
 def dropout_mask(seed, offset, shape, p, device=None):
-    """The keep-mask every backend uses for (seed, offset); see ``lora_kernels.philox``."""
+    """The keep-mask every backend uses for (seed, offset); see ``lora_kernels.philox``. ``seed``: an int, or a 0-d
+    int64 tensor (a device seed recorded under CUDA graph capture is read on its device, without a host sync)."""
     from .philox import dropout_mask as _mask
 
-    return _mask(int(seed), int(offset), shape, float(p), device=device)
+    if isinstance(seed, torch.Tensor) and seed.is_cpu:
+        seed = int(seed)
+    return _mask(seed if isinstance(seed, torch.Tensor) else int(seed), int(offset), shape, float(p), device=device)

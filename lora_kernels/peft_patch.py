@@ -8,7 +8,8 @@ Patching only sets an instance attribute ``forward`` (a bound method) on each su
 buffers, ``state_dict`` and ``save_pretrained`` output are untouched, and ``unpatch_peft`` deletes the attribute.
 
 Supported (checked at patch time, with a reason recorded for every skipped layer): exactly one active adapter
-that exists in ``lora_A``; not merged; no DoRA or other LoRA variant; no ``lora_bias``; ``fan_in_fan_out=False``;
+that exists in ``lora_A``; not merged; vanilla LoRA or DoRA (``use_dora=True``: runs ``lora_kernels.dora_linear``),
+no other LoRA variant; no ``lora_bias``; ``fan_in_fan_out=False``;
 dropout ``nn.Dropout`` or ``nn.Identity``; a plain (unquantized) ``nn.Linear`` base layer without hooks.
 The patched forward re-checks everything that can change at runtime (adapters disabled or switched, merged,
 DoRA/variants, ``adapter_names`` mixed batches, extra arguments, dtypes) and falls back to PEFT's forward
@@ -17,12 +18,13 @@ whenever the fast path does not apply, so results always match PEFT's semantics.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 
 import torch
 from torch import nn
 
-from . import ops
+from . import dora, ops
 
 __all__ = ["PatchReport", "patch_peft", "unpatch_peft"]
 
@@ -42,10 +44,12 @@ def _lora_linear_cls():
 
 @dataclasses.dataclass
 class PatchReport:
-    """What ``patch_peft`` did: ``patched`` module names and ``skipped`` {module name: reason}."""
+    """What ``patch_peft`` did: ``patched`` module names (``dora``: those of them that are DoRA layers) and
+    ``skipped`` {module name: reason}."""
 
     patched: list[str] = dataclasses.field(default_factory=list)
     skipped: dict[str, str] = dataclasses.field(default_factory=dict)
+    dora: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def num_patched(self) -> int:
@@ -56,7 +60,8 @@ class PatchReport:
         return len(self.skipped)
 
     def __str__(self) -> str:
-        lines = [f"lora_kernels.patch_peft: patched {self.num_patched} LoRA Linear layer(s), "
+        dora_note = f" ({len(self.dora)} of them DoRA)" if self.dora else ""
+        lines = [f"lora_kernels.patch_peft: patched {self.num_patched} LoRA Linear layer(s){dora_note}, "
                  f"skipped {self.num_skipped}"]
         by_reason: dict[str, list[str]] = {}
         for name, reason in self.skipped.items():
@@ -115,9 +120,11 @@ def _runtime_reason(module) -> str | None:
         return f"active adapter {name!r} has no lora_A on this layer"
     if module.merged:
         return "adapter is merged into the base weight"
-    if module.use_dora.get(name, False):
-        return "DoRA (use_dora=True) is not supported"
-    if name in getattr(module, "lora_variant", {}):
+    if _is_dora(module, name):
+        reason = _dora_reason(module, name)
+        if reason is not None:
+            return reason
+    elif name in getattr(module, "lora_variant", {}):
         return f"LoRA variant {type(module.lora_variant[name]).__name__} is not supported"
     if module.lora_bias.get(name, False):
         return "lora_bias=True is not supported"
@@ -126,7 +133,35 @@ def _runtime_reason(module) -> str | None:
         return "lora_A/lora_B are not bias-free nn.Linear"
     if not isinstance(module.lora_dropout[name], (nn.Dropout, nn.Identity)):
         return f"lora_dropout is {type(module.lora_dropout[name]).__name__}, not nn.Dropout/nn.Identity"
+    if not math.isfinite(module.scaling[name]):
+        return f"scaling {module.scaling[name]} is not finite"
     return _base_reason(module.base_layer)
+
+
+def _is_dora(module, name) -> bool:
+    return bool(module.use_dora.get(name, False)) or type(getattr(module, "lora_variant", {}).get(name)).__name__ \
+        == "DoraLinearVariant"
+
+
+def _dora_reason(module, name) -> str | None:
+    """Why the DoRA adapter ``name`` cannot run in the fast path (None if it can): PEFT's own DoRA variant and
+    magnitude layer, unmodified, with a (N,) magnitude."""
+    try:
+        from peft.tuners.lora.dora import DoraLinearLayer
+        from peft.tuners.lora.variants import DoraLinearVariant
+    except ImportError as e:
+        return f"DoRA classes not importable from peft ({e})"
+    if type(module.lora_variant.get(name)) is not DoraLinearVariant:
+        return f"DoRA variant {type(module.lora_variant.get(name)).__name__} is not PEFT's DoraLinearVariant"
+    mag = module.lora_magnitude_vector[name] if name in module.lora_magnitude_vector else None
+    if type(mag) is not DoraLinearLayer or mag._forward_hooks or mag._forward_pre_hooks:
+        return f"DoRA magnitude layer is {type(mag).__name__} (or has hooks), not PEFT's DoraLinearLayer"
+    w = getattr(mag, "weight", None)
+    N = module.base_layer.weight.shape[0] if isinstance(getattr(module.base_layer, "weight", None), torch.Tensor) \
+        else None
+    if not isinstance(w, torch.Tensor) or w.dim() != 1 or w.shape[0] != N:
+        return "DoRA magnitude is not a (out_features,) tensor"
+    return None
 
 
 # -------------------------------------------------------------------------------------- patched forward
@@ -159,6 +194,15 @@ def _patched_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         p, training = float(dropout.p), True
     else:
         p, training = 0.0, False
+    if _is_dora(self, name):
+        magnitude = self.lora_magnitude_vector[name].weight
+        compute = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        if magnitude.dtype not in (torch.float32, compute):
+            return cls_forward(self, x, *args, **kwargs)
+        # PEFT's DoRA drops x only when the layer itself is in training mode (DoraLinearVariant.forward)
+        return dora.dora_linear(x, base.weight, base.bias, lora_A, lora_B, float(self.scaling[name]), magnitude,
+                                dropout_p=p, training=training and self.training,
+                                backend=getattr(self, _BACKEND_ATTR, None))
 
     # PEFT returns the base layer's output dtype (x's dtype, or the autocast dtype); the op returns exactly that
     # (it casts x/weight to the autocast dtype itself, and its result is in x's (cast) dtype).
@@ -193,6 +237,8 @@ def patch_peft(model: nn.Module, backend=None) -> PatchReport:
         setattr(module, _BACKEND_ATTR, backend)
         module.forward = types.MethodType(_patched_forward, module)
         report.patched.append(name)
+        if _is_dora(module, module.active_adapters[0]):
+            report.dora.append(name)
     return report
 
 

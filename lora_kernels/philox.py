@@ -37,8 +37,13 @@ def _mul_hi_lo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, lo
 
 
-def philox4x32(seed: int, c0: torch.Tensor, c1: torch.Tensor) -> list[torch.Tensor]:
-    """Philox 4x32-10 on counters (c0, c1, 0, 0) with a 64-bit key; uint32 words held in int64 tensors."""
+def philox4x32(seed, c0: torch.Tensor, c1: torch.Tensor) -> list[torch.Tensor]:
+    """Philox 4x32-10 on counters (c0, c1, 0, 0) with a 64-bit key; uint32 words held in int64 tensors.
+
+    ``seed`` is a Python int or a 0-d int64 tensor (the same 64 bits give the same words). The tensor form keeps the
+    key on its device: no host read, so it can run inside a CUDA graph whose replays refill the seed tensor."""
+    if isinstance(seed, torch.Tensor):
+        seed = seed.to(device=c0.device, dtype=torch.int64)  # & and >> on int64 give the two's-complement words
     k0, k1 = seed & _M32, (seed >> 32) & _M32
     c2 = torch.zeros_like(c0)
     c3 = torch.zeros_like(c0)
@@ -62,24 +67,32 @@ def calls_per_row(K: int) -> int:
     return (K + ELEMS_PER_CALL - 1) // ELEMS_PER_CALL
 
 
-def dropout_bits(seed: int, offset: int, shape: tuple[int, int], device=None) -> torch.Tensor:
-    """The 16-bit random values (int64 tensor, in [0, 65536)) of the contract for an (M, K) input."""
+def dropout_bits(seed, offset: int, shape: tuple[int, int], device=None) -> torch.Tensor:
+    """The 16-bit random values (int64 tensor, in [0, 65536)) of the contract for an (M, K) input. ``seed``: an int,
+    or a 0-d int64 tensor (read on its device; ``device`` defaults to the seed's)."""
+    if isinstance(seed, torch.Tensor):
+        device = seed.device if device is None else device
+    else:
+        seed = int(seed)
     M, K = shape
     K8 = calls_per_row(K)
     rows = torch.arange(M, dtype=torch.int64, device=device).unsqueeze(1)
     cols = torch.arange(K8, dtype=torch.int64, device=device).unsqueeze(0)
     counter = offset + rows * K8 + cols  # (M, K8)
-    words = philox4x32(int(seed), counter & _M32, (counter >> 32) & _M32)
+    words = philox4x32(seed, counter & _M32, (counter >> 32) & _M32)
     halves = [h for w in words for h in (w & 0xFFFF, w >> 16)]  # element 2 * word + half
     return torch.stack(halves, dim=-1).reshape(M, K8 * ELEMS_PER_CALL)[:, :K]
 
 
-def dropout_mask(seed: int, offset: int, shape, p: float, device=None) -> torch.Tensor:
+def dropout_mask(seed, offset: int, shape, p: float, device=None) -> torch.Tensor:
     """The keep-mask (bool, shape (M, K)) every backend uses for this (seed, offset) and drop probability p.
 
     ``shape`` may be (..., K): the leading dims are flattened to M, as the op flattens its input, and the mask
-    comes back in the given shape.
+    comes back in the given shape. ``seed`` is an int or a 0-d int64 tensor holding the same 64 bits (a device
+    tensor is read on the device, without a host sync; the mask is then on that device unless ``device`` says).
     """
+    if isinstance(seed, torch.Tensor) and device is None:
+        device = seed.device
     shape = tuple(int(s) for s in shape)
     if len(shape) < 1:
         raise ValueError("dropout_mask: shape must have at least one dim (..., K)")

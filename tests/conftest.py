@@ -1,4 +1,5 @@
 """Shared test helpers: which (backend, device) pairs run here, the reference formula, the tolerance rule."""
+import ast
 import os
 import shutil
 import zlib
@@ -34,10 +35,28 @@ def nvcc_or_skip() -> str:
     return nvcc
 
 
+def setup_py_function(name):
+    """A function of setup.py, without running setup.py (which would build)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "setup.py")
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
+    ns = {"os": os}
+    exec(compile(ast.Module(body=[fn], type_ignores=[]), path, "exec"), ns)
+    return ns[name]
+
+
+def torch_cxx_std(torch_include=None) -> str:
+    """The C++ standard setup.py builds with for these torch headers (default: the installed torch's)."""
+    if torch_include is None:
+        from torch.utils.cpp_extension import include_paths
+
+        torch_include = include_paths()[0]
+    return setup_py_function("_cxx_std")(torch_include)
+
+
 def dtypes_for(backend, device):
-    # Triton's CPU interpreter mis-computes tl.dot on bf16 operands: fp16/fp32 only there.
-    if backend == "triton" and device == "cpu":
-        return [torch.float32, torch.float16]
+    # every backend, the interpreted Triton one included (its bf16 dots are widened to fp32, see triton_backend._mm)
     return [torch.float32, torch.float16, torch.bfloat16]
 
 

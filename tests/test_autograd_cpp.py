@@ -10,6 +10,8 @@ import shutil
 import pytest
 import torch
 
+from conftest import torch_cxx_std
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -26,7 +28,8 @@ def op(tmp_path_factory):
         pytest.skip("no host C++ compiler")
     build = tmp_path_factory.mktemp("autograd_shim")
     cpp_extension.load(name="lora_autograd_shim", sources=[os.path.join(ROOT, "tests", "cpp", "autograd_shim.cpp")],
-                       extra_include_paths=[os.path.join(ROOT, "csrc")], extra_cflags=["-O1", "-std=c++17"],
+                       extra_include_paths=[os.path.join(ROOT, "csrc")],
+                       extra_cflags=["-O1", f"-std={torch_cxx_std()}"],  # C++20 for torch >= 2.14
                        build_directory=str(build), is_python_module=False, verbose=False)
     return torch.ops.lora_autograd_shim.lora_linear
 

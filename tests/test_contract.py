@@ -80,9 +80,13 @@ def test_non_contiguous_x(backend, device, dtype):
 
 
 @pytest.mark.parametrize("backend,device", [c for c in backend_cases()], ids=lambda v: str(v))
-def test_fp32_adapters_on_half_base(backend, device):
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_fp32_adapters_on_half_base(backend, device, p):
+    # PEFT's default: fp32 adapters on a 16-bit base. PyTorch computes the adapter products in fp32, so dA and dB
+    # must be fp32-accurate; at p = 0 no dropout rounding of x hides a 16-bit shortcut in the baseline.
     dtype = torch.float16 if device == "cpu" else torch.bfloat16
-    run_and_check(backend, device, dtype, (5, 3), 56, 40, 16, bias=True, p=0.1, adapter_dtype=torch.float32)
+    run_and_check(backend, device, dtype, (5, 3), 56, 40, 16, bias=True, p=p, adapter_dtype=torch.float32)
+    run_and_check(backend, device, dtype, (300,), 1024, 264, 64, bias=False, p=p, adapter_dtype=torch.float32)
 
 
 def test_frozen_base_may_require_grad():
@@ -301,7 +305,7 @@ def test_bad_input(mutate, match):
 def test_bad_dropout_and_backend():
     args = _good()
     with pytest.raises(ValueError, match="dropout_p"):
-        lora_kernels.lora_linear(*args, 1.0, dropout_p=1.0)
+        lora_kernels.lora_linear(*args, 1.0, dropout_p=1.5)
     with pytest.raises(ValueError, match="unknown backend"):
         lora_kernels.lora_linear(*args, 1.0, backend="nope")
 

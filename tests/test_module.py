@@ -203,5 +203,5 @@ def test_extra_repr_and_validation():
     assert "r=2" in s and "alpha=4" in s and "dropout=0.1" in s and "use_rslora=True" in s
     with pytest.raises(ValueError):
         LoRALinear(8, 4, r=0)
-    with pytest.raises(ValueError):
-        LoRALinear(8, 4, dropout=1.0)
+    with pytest.raises(ValueError, match="dropout"):
+        LoRALinear(8, 4, dropout=1.5)

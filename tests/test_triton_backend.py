@@ -21,8 +21,7 @@ from lora_kernels.philox import dropout_mask  # noqa: E402
 pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 
 DEV = "cuda" if _CUDA else "cpu"
-# the interpreter miscomputes tl.dot on bf16: bf16 only on a GPU
-DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if _CUDA else [])
+DTYPES = [torch.float16, torch.float32, torch.bfloat16]
 SEED, OFFSET = 0x1234_5678_9ABC, (1 << 32) - 7  # counters cross the 32-bit boundary inside a tile
 
 
@@ -316,8 +315,10 @@ def compile_cfg(bm, bn, bk, stages, warps, xdt, adt, r, u_given, N, K=4096):
     # multiples of 16 marked divisible (what decides vectorized, pipelined loads)
     const = dict(HAS_BIAS=True, HAS_DROPOUT=False, R_PAD=tb._r_pad(r), DOT_PREC="ieee" if xdt == "fp32" else "tf32",
                  U_GIVEN=u_given, BM=bm, BN=bn, BK=bk, s_xk=1, s_wk=1, s_ak=1, s_br=1, s_ur=1, s_yn=1)
-    ptr = {"x_ptr": xdt, "w_ptr": xdt, "a_ptr": adt, "b_ptr": adt, "bias_ptr": xdt, "u_ptr": "fp32", "y_ptr": xdt}
-    ints = dict(M=bm, N=N, K=K, R=r, s_xm=K, s_wn=K, s_ar=K, s_bn=r, s_um=r, s_ym=N, K8=K // 8)
+    ptr = {"x_ptr": xdt, "w_ptr": xdt, "a_ptr": adt, "b_ptr": adt, "bias_ptr": xdt, "u_ptr": "fp32", "up_ptr": "fp32",
+           "y_ptr": xdt}
+    ints = dict(M=bm, N=N, K=K, R=r, U_SPLITS=32, s_xm=K, s_wn=K, s_ar=K, s_bn=r, s_um=r, s_up=bm * r, s_ym=N,
+                K8=K // 8)
     sig = {n: "constexpr" if n in const else "*" + ptr[n] if n in ptr else "fp32" if n in ("scale",)
            else "i64" if n in ("seed", "offset") else "i32" for n in names}
     div = list(ptr) + [n for n, v in ints.items() if v % 16 == 0]
@@ -365,3 +366,47 @@ def test_small_m_configs_fit():
     for row in rows:
         assert row["shared"] <= row["estimate"] and row["shared"] <= 227 * 1024, row
         assert row["pipelined"] or row["cfg"][7] == 1, row
+
+
+_RANK_DOT_SCRIPT = r"""
+import json, re, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from lora_kernels.backends import triton_backend as tb
+
+kernel, constexprs, ptr_types = getattr(tb, sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3])
+names = kernel.arg_names
+sig = {n: "constexpr" if n in constexprs else ptr_types.get(n, "*fp32") if n.endswith("_ptr")
+       else "fp32" if n in ("scale", "lora_scale") else "i64" if n in ("seed", "offset") else "i32" for n in names}
+src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(n),): v for n, v in constexprs.items()})
+ir = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2)).asm["ttir"]
+dots = [l for l in ir.splitlines() if "tt.dot" in l]
+# per dot: (no reduced-precision input mode, both operands fp32); TTIR prints inputPrecision only when not ieee
+print(json.dumps([("inputPrecision" not in l, bool(re.search(r"tensor<[0-9x]+xf32> \* tensor<[0-9x]+xf32>", l)))
+                  for l in dots]))
+"""
+
+
+@pytest.mark.parametrize("kernel,ptrs,extra", [
+    ("_shrink_kernel", {"x_ptr": "*bf16", "a_ptr": "*fp32"}, {"HAS_DROPOUT": True, "BK": 32}),
+    ("_g_db_kernel", {"dy_ptr": "*bf16", "b_ptr": "*fp32"}, {"NEED_DB": True, "BN": 32}),
+    ("_db_kernel", {"dy_ptr": "*bf16"}, {"BN": 32}),
+    ("_da_kernel", {"x_ptr": "*bf16"}, {"HAS_DROPOUT": True, "BK": 32})])
+@pytest.mark.parametrize("rank_f32", [True, False])
+def test_fp32_adapter_products_are_fp32(kernel, ptrs, extra, rank_f32):
+    """fp32 adapters on a bf16 x: every adapter product (u, g, dB, dA) is an fp32 "ieee" dot on fp32 operands,
+    as PyTorch computes it; with 16-bit adapters they stay 16-bit tensor-core dots. Compiled to Triton IR for sm_90
+    in a subprocess without the interpreter (no GPU needed)."""
+    import json
+    import subprocess
+    import sys
+
+    constexprs = dict(R_PAD=16, DOT_PREC="tf32", RANK_F32=rank_f32, BM=16, **extra)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _RANK_DOT_SCRIPT, kernel, json.dumps(constexprs), json.dumps(ptrs)],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    dots = json.loads(out.stdout.strip().splitlines()[-1])
+    assert dots and all(d[1] == rank_f32 for d in dots), dots  # operand types
+    assert not rank_f32 or all(d[0] for d in dots), dots  # fp32 operands multiply in full precision

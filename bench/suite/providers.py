@@ -16,6 +16,13 @@ Providers
                    dynamic=False: compiled per shape); with compile_dynamic, one dynamic=True graph for all shapes.
   addmm            out = F.linear(x, W, b); out.addmm_(x @ Aᵀ, Bᵀ, alpha=s)   -- NO dropout (p is ignored).
   cublas-base      the floor: fwd = F.linear(x, W); fwd_bwd = F.linear(x, W) then dy @ W (base dx GEMM).
+  lorafusion       the peer LoRAFusion (CentML/lorafusion c48d7fd) lora_v1.fused_linear_lora, adapters in x's dtype;
+                   loaded by bench/peer_lorafusion.py from $LORAFUSION_DIR or <repo>/.peers/lorafusion (git-ignored,
+                   filled by bench/get_lorafusion.sh).
+
+DoRA providers (``--dora``; same inputs, plus a magnitude set to PEFT's init value ‖W + s·B A‖_row)
+  ours-dora-<backend>  lora_kernels.dora_linear(..., backend=<backend>), adapters and magnitude in adapter_dtype.
+  peft-dora            a real peft lora.Linear with use_dora=True (default config: fp32 adapters), lora_dropout=p.
 
 Modes: ``fwd`` runs under torch.no_grad (training-mode dropout still applied); ``fwd_bwd`` has x, A, B
 requiring grad, W frozen, and back-propagates a fixed random dy with torch.autograd.grad (no .grad
@@ -31,9 +38,11 @@ import torch.nn.functional as F
 
 BACKENDS = ("torch", "triton", "cuda")
 PROVIDERS = tuple(f"ours-{b}" for b in BACKENDS) + (
-    "peft-layer", "formula-bf16", "compile-formula", "addmm", "cublas-base")
+    "peft-layer", "formula-bf16", "compile-formula", "addmm", "cublas-base", "lorafusion")
 FLOOR = "cublas-base"
 PEFT_REF = "peft-layer"
+DORA_PROVIDERS = tuple(f"ours-dora-{b}" for b in BACKENDS) + ("peft-dora",)
+DORA_PEFT_REF = "peft-dora"
 SCALING = 2.0  # lora_alpha = 2 r
 
 
@@ -115,7 +124,7 @@ def make_case(provider: str, M: int, K: int, N: int, r: int, p: float, dtype=tor
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     s, note = float(scaling), ""
-    if provider in ("formula-bf16", "compile-formula", "addmm", "cublas-base"):
+    if provider in ("formula-bf16", "compile-formula", "addmm", "cublas-base", "lorafusion"):
         adapter_dtype = dtype
     sets = [_make_tensors(M, K, N, r, dtype, adapter_dtype, device, bias, gen) for _ in range(max(1, n_sets))]
     fwds: list[Callable] = []
@@ -123,7 +132,11 @@ def make_case(provider: str, M: int, K: int, N: int, r: int, p: float, dtype=tor
     exclude: list = []
     flops = (lora_flops(M, K, N, r, "fwd"), lora_flops(M, K, N, r, "fwd_bwd"))
 
-    if provider.startswith("ours-"):
+    if provider.startswith("ours-dora-") or provider == "peft-dora":
+        _dora_case(provider, sets, fwds, fwd_bwds, exclude, K, N, r, p, s, bias, device)
+        note = f"DoRA, adapters {str(adapter_dtype).replace('torch.', '')}"
+
+    elif provider.startswith("ours-"):
         backend = provider[len("ours-"):]
         try:
             import lora_kernels
@@ -211,8 +224,66 @@ def make_case(provider: str, M: int, K: int, N: int, r: int, p: float, dtype=tor
             fwds.append(fwd)
             fwd_bwds.append(fwd_bwd)
             exclude += [t["W"]]
+    elif provider == "lorafusion":
+        import peer_lorafusion
+
+        try:
+            lf = peer_lorafusion.prepare(device, sets[0]["W"], sets[0]["A"], sets[0]["B"], s, p)
+        except peer_lorafusion.LoRAFusionUnavailable as e:
+            raise Unavailable(str(e)) from None
+        note = lf.note
+        for t in sets:
+            fwd, fwd_bwd, _ = lf.callables(t["x"], t["W"], t["A"], t["B"], t["dy"], t["b"])
+            fwds.append(fwd)
+            fwd_bwds.append(fwd_bwd)
+            exclude += [t["W"], t["b"], t["A"], t["B"]]
     else:
         raise ValueError(f"unknown provider {provider!r}; known: {PROVIDERS}")
 
     return Case(provider, fwds, fwd_bwds, flops[0], flops[1], [e for e in exclude if e is not None],
                 [sets[0]["x"]], note, str(adapter_dtype).replace("torch.", ""))
+
+
+def _dora_case(provider, sets, fwds, fwd_bwds, exclude, K, N, r, p, s, bias, device):
+    """DoRA providers: the magnitude is PEFT's init value for these W, A, B (so both compute the same layer)."""
+    try:
+        import lora_kernels
+        from lora_kernels.dora import dora_weight_norm
+    except Exception as e:  # pragma: no cover
+        raise Unavailable(f"import lora_kernels failed: {e}")
+    for t in sets:
+        t["m"] = dora_weight_norm(t["W"], t["A"], t["B"], s).to(t["A"].dtype).requires_grad_(True)
+    if provider.startswith("ours-dora-"):
+        backend = provider[len("ours-dora-"):]
+        if backend not in lora_kernels.available_backends():
+            raise Unavailable(f"backend {backend!r} not available (available: {lora_kernels.available_backends()})")
+        for t in sets:
+            _add_modes(fwds, fwd_bwds, lambda t=t: lora_kernels.dora_linear(
+                t["x"], t["W"], t["b"], t["A"], t["B"], s, t["m"], dropout_p=p, training=True, backend=backend),
+                (t["x"], t["A"], t["B"], t["m"]), t["dy"])
+            exclude += [t["W"], t["b"], t["A"], t["B"], t["m"]]
+        return
+    from peft import LoraConfig, get_peft_model
+
+    for t in sets:
+        class One(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.lin = torch.nn.Linear(K, N, bias=bias, device=device, dtype=t["W"].dtype)
+
+        cfg = LoraConfig(r=r, lora_alpha=int(round(s * r)), lora_dropout=p, target_modules=["lin"], use_dora=True)
+        pm = get_peft_model(One(), cfg)
+        layer = pm.base_model.model.lin
+        la, lb = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        mag = layer.lora_magnitude_vector["default"].weight
+        with torch.no_grad():
+            layer.base_layer.weight.copy_(t["W"])
+            if bias:
+                layer.base_layer.bias.copy_(t["b"])
+            la.copy_(t["A"])
+            lb.copy_(t["B"])
+            mag.copy_(t["m"])
+        pm.train()
+        t["_module"] = pm  # keep alive
+        _add_modes(fwds, fwd_bwds, lambda t=t, layer=layer: layer(t["x"]), (t["x"], la, lb, mag), t["dy"])
+        exclude += [pp for pp in pm.parameters()]

@@ -17,7 +17,7 @@ import os
 import pytest
 import torch
 
-from providers import FLOOR, PROVIDERS, Unavailable, make_case, set_bytes
+from providers import DORA_PROVIDERS, FLOOR, PROVIDERS, Unavailable, make_case, set_bytes
 from timing import bench_ms, measure_memory, n_rotation_sets
 
 CPU_SMOKE = os.environ.get("LK_BENCH_CPU_SMOKE") == "1"
@@ -35,6 +35,9 @@ QUICK = dict(shapes=[(4096, 4096), (4096, 14336)], ms=[16, 8192], rs=[16], ps=[0
 TARGETS = dict(mkn=[(8192, 4096, 4096), (8192, 4096, 14336), (8192, 14336, 4096), (2048, 4096, 4096),
                     (16, 4096, 4096)], rs=[16, 64], ps=[0.0, 0.1])
 SMOKE = dict(shapes=[(128, 96), (96, 256)], ms=[16, 64], rs=[16], ps=[0.0, 0.1])
+# --dora: the DoRA issue's grid (the four shapes at M = 8192), DoRA providers next to LoRA's own and the floor
+DORA = dict(shapes=SHAPES, ms=[8192], rs=[16, 64], ps=[0.0, 0.1])
+DORA_DEFAULT = ["ours-dora-cuda", "ours-dora-triton", "peft-dora", "ours-cuda", "ours-triton", "peft-layer", FLOOR]
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 DTYPE = torch.bfloat16 if HAS_CUDA else torch.float32
@@ -46,6 +49,8 @@ def pytest_generate_tests(metafunc):
     opt = metafunc.config.getoption
     if CPU_SMOKE and not HAS_CUDA:
         sel = SMOKE
+    elif opt("--dora"):
+        sel = DORA
     elif opt("--targets"):
         sel = TARGETS
     elif opt("--quick"):
@@ -53,10 +58,10 @@ def pytest_generate_tests(metafunc):
     else:
         sel = dict(shapes=SHAPES, ms=MS, rs=RS, ps=PS)
     mkn = sel.get("mkn") or [(M, K, N) for (K, N) in sel["shapes"] for M in sel["ms"]]
-    providers = list(PROVIDERS)
+    providers = list(DORA_DEFAULT if opt("--dora") else PROVIDERS)
     if opt("--providers"):
         want = [p.strip() for p in opt("--providers").split(",") if p.strip()]
-        providers = [p for p in providers if p in want]
+        providers = [p for p in list(PROVIDERS) + list(DORA_PROVIDERS) if p in want]
     shard, n_shards = 0, 1
     if opt("--shard"):
         shard, n_shards = (int(v) for v in opt("--shard").split("/"))

@@ -19,6 +19,13 @@ from collections import defaultdict
 ORDER = ["ours-cuda", "ours-triton", "ours-torch", "compile-formula", "formula-bf16", "addmm", "peft-layer",
          "cublas-base"]
 FLOOR = "cublas-base"
+ORDER[ORDER.index("peft-layer"):ORDER.index("peft-layer")] = ["ours-dora-cuda", "ours-dora-triton",
+                                                              "ours-dora-torch", "peft-dora"]
+
+
+def _peft_ref(prov: str) -> str:
+    """The PEFT provider a row's `vs PEFT` compares with: PEFT's DoRA layer for the DoRA providers."""
+    return "peft-dora" if prov.startswith("ours-dora-") or prov == "peft-dora" else "peft-layer"
 
 
 def _fmt(v, spec):
@@ -90,8 +97,8 @@ def _summaries(groups):
     """{(mode, provider, M or None for all M): {"ratio", "gpu", "vs": [values]}} over the groups."""
     summ = defaultdict(lambda: defaultdict(list))
     for (mode, _shape, M, _r, _p), g in groups.items():
-        peft = g.get("peft-layer", {}).get("median_ms")
         for prov, r in g.items():
+            peft = g.get(_peft_ref(prov), {}).get("median_ms")
             for key in ((mode, prov, None), (mode, prov, M)):
                 if r.get("ratio_to_floor"):
                     summ[key]["ratio"].append(r["ratio_to_floor"])
@@ -111,7 +118,7 @@ def markdown(rows, env):
            "queues each call behind a GPU sleep longer than its host time, so only the GPU's execution of the "
            "call is timed (the cost inside a model that keeps the GPU busy; compare it with the roofline). "
            "`GPU ok` = no rep's host enqueue outlasted its sleep; a row where most reps' did stays out of the GPU "
-           "means. `vs PEFT` = PEFT-layer wall time / wall time "
+           "means. `vs PEFT` = PEFT-layer wall time / wall time (DoRA rows: PEFT's DoRA layer, peft-dora) "
            "(>1 is faster than PEFT). TFLOP/s counts the LoRA layer's FLOPs (the floor: its own GEMM FLOPs). "
            "`addmm` applies no dropout. Memory columns (fwd_bwd): peak allocated above baseline during one "
            "fwd+bwd, and bytes saved for backward (x included; parameters excluded).", ""]
@@ -141,13 +148,13 @@ def markdown(rows, env):
             out.append("")
     out += ["## Per group", ""]
     for (mode, shape, M, r, p), g in groups.items():
-        peft = g.get("peft-layer", {}).get("median_ms")
         out += [f"### {mode} | {shape} | M={M} | r={r} | p={p}", "",
                 "| provider | wall ms | TFLOP/s | wall ratio | GPU ms | GPU ratio | GPU ok | vs PEFT | peak MiB | "
                 "saved MiB | note |",
                 "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---|"]
         for prov in _prov_order(g):
             x = g[prov]
+            peft = g.get(_peft_ref(prov), {}).get("median_ms")
             vs = peft / x["median_ms"] if peft and x.get("median_ms") else None
             ok = {True: "yes", False: "no"}.get(x.get("gpu_hidden_ok"), "-")
             if x.get("gpu_hidden_ok") is False and x.get("gpu_hidden_frac") is not None:

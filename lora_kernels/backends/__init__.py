@@ -19,6 +19,11 @@ The contract every backend implements (all tensors already validated and made 2-
     dropout(x) = x * keep / (1 - p), keep = lora_kernels.philox.dropout_mask(seed, offset, (M, K), p);
     with p == 0 there is no dropout and seed/offset are ignored.
 
+    seed: a Python int (eager calls), or, for the backends in ``lora_kernels._dispatch.DEVICE_SEED_BACKENDS``, a
+    0-d int64 tensor on x's device that the kernels read when they run (CUDA graphs and torch.compile: each replay
+    refills it). Either form must give the same mask for the same 64 bits, and neither may make the host wait for
+    the device: no .item(), no host copies, no data-dependent Python branches on device values.
+
 Optional: ``linear_autograd(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset) -> y`` (or None), the
 backend's own autograd node for eager calls that need grads (M >= 1), with the gradients of forward/backward
 above plus plain-math grads for a trainable weight and bias. The cuda backend provides one in C++

@@ -11,14 +11,18 @@ def is_available():
     return True, "pure PyTorch, any device"
 
 
-def _acc(t: torch.Tensor) -> torch.Tensor:
-    """Upcast to the accumulation dtype: float32, or float64 for float64 inputs (gradcheck)."""
-    return t.double() if t.dtype == torch.float64 else t.float()
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    """The accumulation dtype of a call: float32, or float64 for a float64 x (adapters may be float32 then)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _keep(x: torch.Tensor, p: float, seed: int, offset: int):
-    """The contract's keep-mask for x, or None without dropout."""
-    return None if p == 0.0 else dropout_mask(seed, offset, x.shape, p, device=x.device)
+    """The contract's keep-mask for x, or None without dropout (on 'meta' only its shape: no values to compute)."""
+    if p == 0.0:
+        return None
+    if x.device.type == "meta":
+        return torch.empty(x.shape, dtype=torch.bool, device="meta")
+    return dropout_mask(seed, offset, x.shape, p, device=x.device)
 
 
 def _dropped(t: torch.Tensor, keep, p: float) -> torch.Tensor:
@@ -27,24 +31,26 @@ def _dropped(t: torch.Tensor, keep, p: float) -> torch.Tensor:
 
 
 def forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset):
-    x32 = _acc(x)
-    u = scaling * (_dropped(x32, _keep(x, p, seed, offset), p) @ _acc(lora_A).t())  # (M, r)
-    y = x32 @ _acc(weight).t() + u @ _acc(lora_B).t()
+    acc = _acc_dtype(x)
+    x32 = x.to(acc)
+    u = scaling * (_dropped(x32, _keep(x, p, seed, offset), p) @ lora_A.to(acc).t())  # (M, r)
+    y = x32 @ weight.to(acc).t() + u @ lora_B.to(acc).t()
     if bias is not None:
-        y = y + _acc(bias)
+        y = y + bias.to(acc)
     return y.to(x.dtype), u
 
 
 def backward(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, need_dx, need_dA, need_dB):
-    dy32 = _acc(dy)
-    g = dy32 @ _acc(lora_B)  # (M, r)
+    acc = _acc_dtype(x)
+    dy32 = dy.to(acc)
+    g = dy32 @ lora_B.to(acc)  # (M, r)
     keep = _keep(x, p, seed, offset) if (need_dx or need_dA) else None  # generated once for dx and dA
     dx = dA = dB = None
     if need_dx:
-        lora_dx = _dropped(scaling * (g @ _acc(lora_A)), keep, p)
-        dx = (dy32 @ _acc(weight) + lora_dx).to(x.dtype)
+        lora_dx = _dropped(scaling * (g @ lora_A.to(acc)), keep, p)
+        dx = (dy32 @ weight.to(acc) + lora_dx).to(x.dtype)
     if need_dA:
-        dA = (scaling * (g.t() @ _dropped(_acc(x), keep, p))).to(lora_A.dtype)
+        dA = (scaling * (g.t() @ _dropped(x.to(acc), keep, p))).to(lora_A.dtype)
     if need_dB:
-        dB = (dy32.t() @ u).to(lora_B.dtype)
+        dB = (dy32.t() @ u.to(acc)).to(lora_B.dtype)
     return dx, dA, dB

@@ -1,0 +1,220 @@
+"""Host time per call of one LoRA layer: how long the CPU takes to enqueue a call, next to F.linear's own.
+
+    python3 bench/host_time.py [--out host_time.json] [--shape 4096x4096] [--ms 16,2048] [--ps 0,0.1] [--quick]
+
+Providers: ``F.linear`` (the floor: the linear a LoRA layer replaces), PEFT's ``lora.Linear`` (default config, fp32
+adapters) and ``lora_linear`` on every available backend (fp32 adapters, as PEFT and patch_peft hand them over).
+Modes: ``fwd`` under no_grad (training-mode dropout still applied) and ``fwd+bwd`` (x and the adapters require
+grad, the frozen weight does not; torch.autograd.grad of a fixed dy; for F.linear the grad of x).
+
+On a GPU every timed batch is queued behind a ``torch.cuda._sleep`` long enough that the GPU is still asleep when
+the host has enqueued the last call (checked with an event; a batch that outran its sleep is redone with a longer
+one), so the host clock measures enqueue time only: Python, autograd, allocations and launches, never a wait for
+the GPU. Without a GPU it runs the same providers on CPU tensors (the triton backend only under TRITON_INTERPRET=1,
+where it is not a host-time measurement, so it is left out) and measures plain wall time per call.
+
+Prints a table (host microseconds per call, median over batches, and the ratio to F.linear in the same mode and
+M) and writes JSON. Takes about a minute on a GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+SCALING = 2.0
+
+
+def _make(M, K, N, r, dtype, device, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def rn(*shape, dt=dtype, std=1.0):
+        return (torch.randn(*shape, generator=g, device=device) * std).to(dt)
+
+    return dict(x=rn(M, K), W=rn(N, K, std=K ** -0.5), A=rn(r, K, dt=torch.float32, std=K ** -0.5),
+                B=rn(N, r, dt=torch.float32, std=r ** -0.5), dy=rn(M, N))
+
+
+def providers(M, K, N, r, p, dtype, device):
+    """{name: (fwd callable, fwd+bwd callable)} for the providers that run here."""
+    import lora_kernels
+
+    t = _make(M, K, N, r, dtype, device)
+    x, W, A, B, dy = t["x"], t["W"], t["A"], t["B"], t["dy"]
+    xg = x.clone().requires_grad_()
+    Ag, Bg = A.clone().requires_grad_(), B.clone().requires_grad_()
+    out = {}
+    if p == 0.0:
+        def lin_fwd():
+            with torch.no_grad():
+                return F.linear(x, W)
+
+        out["F.linear"] = (lin_fwd, lambda: torch.autograd.grad(F.linear(xg, W), (xg,), dy))
+
+    try:
+        from peft import LoraConfig, get_peft_model
+
+        class One(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.lin = torch.nn.Linear(K, N, bias=False, device=device, dtype=dtype)
+
+        pm = get_peft_model(One(), LoraConfig(r=r, lora_alpha=int(SCALING * r), lora_dropout=p,
+                                              target_modules=["lin"]))
+        layer = pm.base_model.model.lin
+        with torch.no_grad():
+            layer.base_layer.weight.copy_(W)
+        pm.train()
+        la, lb = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+
+        def peft_fwd():
+            with torch.no_grad():
+                return layer(x)
+
+        out["peft lora.Linear"] = (peft_fwd, lambda: torch.autograd.grad(layer(xg), (xg, la, lb), dy))
+    except ImportError:
+        pass
+
+    for backend in lora_kernels.available_backends():
+        if device == "cpu" and backend != "torch":
+            continue  # the triton interpreter's time is not host time; cuda needs a GPU
+
+        def fwd(backend=backend):
+            with torch.no_grad():
+                return lora_kernels.lora_linear(x, W, None, A, B, SCALING, dropout_p=p, backend=backend)
+
+        def fwd_bwd(backend=backend):
+            y = lora_kernels.lora_linear(xg, W, None, Ag, Bg, SCALING, dropout_p=p, backend=backend)
+            return torch.autograd.grad(y, (xg, Ag, Bg), dy)
+
+        out[f"lora_kernels {backend}"] = (fwd, fwd_bwd)
+    return out
+
+
+class _GpuClock:
+    """Host time of n calls while the GPU sleeps behind them (see the module docstring)."""
+
+    def __init__(self):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(1000)  # load the sleep kernel
+        torch.cuda.synchronize()
+        start.record()
+        torch.cuda._sleep(20_000_000)
+        end.record()
+        torch.cuda.synchronize()
+        self.cycles_per_us = 20_000_000 / (start.elapsed_time(end) * 1000.0)
+
+    def batch_us(self, fn, n, guess_us):
+        sleep_us = max(2000.0, 3.0 * n * guess_us)
+        for _ in range(4):
+            torch.cuda.synchronize()
+            torch.cuda._sleep(int(sleep_us * self.cycles_per_us))
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            t1 = time.perf_counter()
+            done = torch.cuda.Event()
+            done.record()
+            busy = not done.query()  # the GPU has not reached the calls yet: nothing waited on it
+            torch.cuda.synchronize()
+            per_call = (t1 - t0) / n * 1e6
+            if busy:
+                return per_call
+            sleep_us = 3.0 * n * per_call + 2000.0
+        raise RuntimeError("the GPU finished its sleep before the host enqueued the calls; host time is not isolated")
+
+
+def _cpu_batch_us(fn, n):
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+def measure(fn, n, batches, warmup, gpu_clock):
+    for _ in range(warmup):  # compilation, autotuning, allocator warm-up
+        fn()
+    if gpu_clock is None:
+        runs = [_cpu_batch_us(fn, n) for _ in range(batches)]
+    else:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        guess = (time.perf_counter() - t0) / 3 * 1e6  # an upper bound of the host time: includes the GPU's
+        runs = [gpu_clock.batch_us(fn, n, guess) for _ in range(batches)]
+    return {"median_us": statistics.median(runs), "min_us": min(runs), "batches": runs, "calls_per_batch": n}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", default=None, help="KxN of the layer (default 4096x4096 on a GPU, 256x256 on CPU)")
+    ap.add_argument("--ms", default=None, help="token counts M, comma separated (default 16,2048; 16,128 on CPU)")
+    ap.add_argument("--r", type=int, default=16)
+    ap.add_argument("--ps", default="0,0.1", help="dropout probabilities, comma separated")
+    ap.add_argument("--calls", type=int, default=50, help="calls per timed batch")
+    ap.add_argument("--batches", type=int, default=7)
+    ap.add_argument("--quick", action="store_true", help="a few calls per batch (smoke test)")
+    ap.add_argument("--out", default="host_time.json")
+    args = ap.parse_args(argv)
+
+    gpu = torch.cuda.is_available()
+    device = "cuda" if gpu else "cpu"
+    dtype = torch.bfloat16 if gpu else torch.float32
+    K, N = (int(v) for v in (args.shape or ("4096x4096" if gpu else "256x256")).split("x"))
+    ms = [int(v) for v in (args.ms or ("16,2048" if gpu else "16,128")).split(",")]
+    if not gpu:
+        torch.set_num_threads(1)  # tiny CPU ops: threads only add scheduling noise
+    ps = [float(v) for v in args.ps.split(",")]
+    n, batches, warmup = (2, 1, 1) if args.quick else (args.calls, args.batches, 5)
+    clock = _GpuClock() if gpu else None
+
+    import lora_kernels
+
+    env = {"device": torch.cuda.get_device_name() if gpu else platform.processor() or platform.machine(),
+           "torch": torch.__version__, "python": platform.python_version(),
+           "backends": lora_kernels.backend_status(), "dtype": str(dtype).replace("torch.", ""),
+           "adapters": "float32", "K": K, "N": N, "r": args.r,
+           "method": "host enqueue time behind a GPU sleep" if gpu else "CPU wall time (no GPU)"}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
+    rows = []
+    for M in ms:
+        for p in ps:
+            for name, (fwd, fwd_bwd) in providers(M, K, N, args.r, p, dtype, device).items():
+                for mode, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+                    res = measure(fn, n, batches, warmup, clock)
+                    rows.append(dict(provider=name, mode=mode, M=M, p=p, **res))
+                    print(f"  {name:22s} {mode:8s} M={M:<5d} p={p:<4} {res['median_us']:9.1f} us", flush=True)
+    floor = {(r["mode"], r["M"]): r["median_us"] for r in rows if r["provider"] == "F.linear"}
+    for r in rows:
+        base = floor.get((r["mode"], r["M"]))
+        r["x_floor"] = r["median_us"] / base if base else None
+
+    print(f"\nhost us per call ({env['method']}; {env['device']}; {K}x{N}, r={args.r}, {env['dtype']})")
+    print(f"{'provider':22s} {'mode':8s} {'M':>5s} {'p':>5s} {'us':>9s} {'x F.linear':>10s}")
+    for r in rows:
+        ratio = f"{r['x_floor']:10.2f}" if r["x_floor"] is not None else f"{'':10s}"
+        print(f"{r['provider']:22s} {r['mode']:8s} {r['M']:5d} {r['p']:5.2f} {r['median_us']:9.1f} {ratio}")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"env": env, "rows": rows}, f, indent=1)
+    print(f"wrote {args.out}")
+    return rows
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    main()

@@ -1,0 +1,162 @@
+"""The GEMM issue's target grid, timed side by side: every provider of a group is measured round-robin with the
+cuBLAS floor, and each ratio is the median of per-round ratios, so that clock and power drift over the run (which
+moved single measurements of the same kernel by 10-15% on the H200) fall on the floor and the provider alike.
+
+    python3 bench/targets.py --providers ours-cuda,lorafusion --out results.json [--M 2048,8192] [--rounds 15]
+
+GPU time: CUDA events around one call (forward, or forward + backward), calls back to back. Wall time: a host clock
+around `calls` back-to-back calls with a synchronize at both ends, per call. Each group prints one line per
+provider: wall and GPU time with their ratios to the floor. The summary gives geometric means and worst cases by
+(mode, M) per provider.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from providers import FLOOR, Unavailable, make_case  # noqa: E402
+
+SHAPES = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]  # (K, N): the Llama-3-8B layer shapes
+
+
+def gpu_round(fns, i):
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    fns[i % len(fns)]()
+    e.record()
+    return s, e
+
+
+def wall_round(fns, calls):
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for i in range(calls):
+        fns[i % len(fns)]()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / calls * 1e3
+
+
+def measure_group(cases: dict, mode: str, rounds: int, calls: int) -> dict:
+    fns = {k: getattr(c, mode) for k, c in cases.items()}
+    for f in fns.values():  # warm-up (compiles, autotunes, allocator)
+        for i in range(3):
+            f[i % len(f)]()
+    torch.cuda.synchronize()
+    gpu = {k: [] for k in fns}
+    wall = {k: [] for k in fns}
+    for rnd in range(rounds):
+        evs = {k: gpu_round(f, rnd) for k, f in fns.items()}
+        torch.cuda.synchronize()
+        for k, (s, e) in evs.items():
+            gpu[k].append(s.elapsed_time(e))
+        for k, f in fns.items():
+            wall[k].append(wall_round(f, calls))
+    out = {}
+    for k in fns:
+        out[k] = dict(gpu_ms=statistics.median(gpu[k]), wall_ms=statistics.median(wall[k]),
+                      gpu_ratio=statistics.median(a / b for a, b in zip(gpu[k], gpu[FLOOR])),
+                      wall_ratio=statistics.median(a / b for a, b in zip(wall[k], wall[FLOOR])))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--providers", default="ours-cuda,lorafusion")
+    ap.add_argument("--M", default="2048,8192")
+    ap.add_argument("--r", default="16,64")
+    ap.add_argument("--p", default="0,0.1")
+    ap.add_argument("--modes", default="fwd,fwd_bwd")
+    ap.add_argument("--shapes", default=None, help="KxN,... (default: the four Llama-3-8B layer shapes)")
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--calls", type=int, default=5)
+    ap.add_argument("--adapter-dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="lora_A/lora_B dtype of the ours-* providers (float32: PEFT's default)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    provs = [p for p in args.providers.split(",") if p and p != FLOOR]
+    shapes = SHAPES if not args.shapes else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    for mod in ("triton", "peft"):
+        try:
+            env[mod] = __import__(mod).__version__
+        except Exception:
+            env[mod] = None
+    print(env, flush=True)
+    rows = []
+    for M in [int(v) for v in args.M.split(",")]:
+        for (K, N) in shapes:
+            for r in [int(v) for v in args.r.split(",")]:
+                for p in [float(v) for v in args.p.split(",")]:
+                    cases = {}
+                    for prov in [FLOOR] + provs:
+                        try:
+                            cases[prov] = make_case(prov, M, K, N, r, p, dtype=torch.bfloat16, device="cuda",
+                                                    n_sets=2, adapter_dtype=getattr(torch, args.adapter_dtype))
+                        except Unavailable as e:
+                            print(f"  {prov} unavailable: {e}", flush=True)
+                    for mode in args.modes.split(","):
+                        res = measure_group(cases, mode, args.rounds, args.calls)
+                        for prov, v in res.items():
+                            rows.append(dict(mode=mode, M=M, K=K, N=N, r=r, p=p, provider=prov,
+                                             note=cases[prov].note, **v))
+                            if prov != FLOOR:
+                                print(f"{mode:7s} M={M:5d} {K:5d}->{N:5d} r={r:2d} p={p:.1f} {prov:12s} "
+                                      f"wall {v['wall_ms']:.4f} ms ({v['wall_ratio']:.3f}x)  "
+                                      f"GPU {v['gpu_ms']:.4f} ms ({v['gpu_ratio']:.3f}x)", flush=True)
+                    del cases
+                    torch.cuda.empty_cache()
+    summary = []
+    for mode in args.modes.split(","):
+        for M in sorted({r["M"] for r in rows}):
+            for prov in provs:
+                sel = [r for r in rows if r["mode"] == mode and r["M"] == M and r["provider"] == prov]
+                if not sel:
+                    continue
+                g = lambda key: math.exp(sum(math.log(r[key]) for r in sel) / len(sel))
+                summary.append(dict(mode=mode, M=M, provider=prov, groups=len(sel),
+                                    gpu_geo=g("gpu_ratio"), gpu_worst=max(r["gpu_ratio"] for r in sel),
+                                    wall_geo=g("wall_ratio"), wall_worst=max(r["wall_ratio"] for r in sel)))
+    print("\n| mode | M | provider | GPU geomean | GPU worst | wall geomean | wall worst | groups |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for s in summary:
+        if "gpu_geo" not in s:
+            continue
+        print(f"| {s['mode']} | {s['M']} | {s['provider']} | {s['gpu_geo']:.3f} | {s['gpu_worst']:.3f} | "
+              f"{s['wall_geo']:.3f} | {s['wall_worst']:.3f} | {s['groups']} |")
+    # Head to head: how much faster each of our providers is than each peer, group by group (GPU and wall).
+    ours = [p for p in provs if p.startswith("ours-")]
+    peers = [p for p in provs if not p.startswith("ours-")]
+    for mode in args.modes.split(","):
+        for M in sorted({r["M"] for r in rows}):
+            for o in ours:
+                for peer in peers:
+                    pairs = []
+                    for r in rows:
+                        if r["mode"] == mode and r["M"] == M and r["provider"] == o:
+                            q = [x for x in rows if x["provider"] == peer and all(
+                                x[k] == r[k] for k in ("mode", "M", "K", "N", "r", "p"))]
+                            if q:
+                                pairs.append((q[0]["gpu_ratio"] / r["gpu_ratio"], q[0]["wall_ratio"] / r["wall_ratio"]))
+                    if pairs:
+                        geo = [math.exp(sum(math.log(v[i]) for v in pairs) / len(pairs)) for i in (0, 1)]
+                        worst = [min(v[i] for v in pairs) for i in (0, 1)]
+                        summary.append(dict(mode=mode, M=M, provider=f"{o} vs {peer}", groups=len(pairs),
+                                            speedup_gpu_geo=geo[0], speedup_gpu_worst=worst[0],
+                                            speedup_wall_geo=geo[1], speedup_wall_worst=worst[1]))
+                        print(f"{mode} M={M}: {o} is {geo[0]:.3f}x faster than {peer} in GPU time (worst group "
+                              f"{worst[0]:.3f}x), {geo[1]:.3f}x in wall time (worst {worst[1]:.3f}x)")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"env": env, "rows": rows, "summary": summary}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

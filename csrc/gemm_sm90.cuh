@@ -1,0 +1,315 @@
+// The Hopper GEMM of gemm_sm90.h, built from CUTLASS 3.x (CuTe) parts.
+//
+// Math:   D = A·op(B) + Ax·op(Bx) + bias, i.e. one GEMM over the concatenated K axis [K | Kx]:
+//         [A | Ax] · [op(B) ; op(Bx)]. The two halves live in different tensors, so the main loop's producer
+//         (one TMA thread) takes K-tile k from (A, B) for k < ceil(K/64) and from (Ax, Bx) after that. The
+//         consumer warpgroups and the epilogue are CUTLASS's own and never know there were two tensors.
+// Tiling: CUTLASS's warp-specialised persistent kernels (TMA loads into a multi-stage shared-memory ring, WGMMA
+//         into fp32 registers, a TMA-store epilogue that adds the bias per column). Configs in GemmConfig.
+// Launch: GemmUniversalAdapter-free: params are built on the host and the kernel is launched on the caller's
+//         stream with its cluster shape (cudaLaunchKernelEx via cutlass::ClusterLauncher).
+#pragma once
+
+#include "gemm_sm90.h"
+
+#include <cute/tensor.hpp>
+#include <cutlass/cutlass.h>
+#include <cutlass/cluster_launch.hpp>
+#include <cutlass/epilogue/collective/collective_builder.hpp>
+#include <cutlass/gemm/collective/collective_builder.hpp>
+#include <cutlass/gemm/dispatch_policy.hpp>
+#include <cutlass/gemm/kernel/gemm_universal.hpp>
+#include <cutlass/gemm/kernel/tile_scheduler.hpp>
+#include <cutlass/util/packed_stride.hpp>
+
+namespace lora_kernels {
+namespace sm90 {
+
+using namespace cute;
+
+// ------------------------------------------------------------------------------------------------ mainloop
+// CUTLASS's TMA + WGMMA warp-specialised mainloop with a second pair of TMA descriptors for the extension.
+// Base is the CollectiveMma the CollectiveBuilder picks; only the producer side (load_init, load) changes.
+template <class Base>
+struct KExtendedMainloop : Base {
+  using typename Base::ElementA;
+  using typename Base::ElementB;
+  using typename Base::StrideA;
+  using typename Base::StrideB;
+  using typename Base::TileShape;
+  using typename Base::SmemLayoutA;
+  using typename Base::SmemLayoutB;
+  using typename Base::GmemTiledCopyA;
+  using typename Base::GmemTiledCopyB;
+  using typename Base::MainloopPipeline;
+  using typename Base::PipelineState;
+  using typename Base::TensorStorage;
+  using typename Base::DispatchPolicy;
+  using InternalElementA = typename Base::InternalElementA;
+  using InternalElementB = typename Base::InternalElementB;
+  using TMA_A = typename Base::Params::TMA_A;
+  using TMA_B = typename Base::Params::TMA_B;
+  static constexpr int kTileK = size<2>(TileShape{});
+
+  struct Arguments {
+    ElementA const* ptr_A;   // (M, K)
+    StrideA dA;
+    ElementB const* ptr_B;   // (N, K) in CUTLASS's (N, K, L) view
+    StrideB dB;
+    ElementA const* ptr_Ax;  // (M, Kx)
+    StrideA dAx;
+    ElementB const* ptr_Bx;  // (N, Kx)
+    StrideB dBx;
+    int k_main;              // K of (A, B); the problem shape's K is k_tiles_main * kTileK + Kx
+    int k_ext;               // Kx (a multiple of kTileK, may be 0)
+    uint32_t mma_promotion_interval = 4;
+  };
+
+  struct Params : Base::Params {
+    TMA_A tma_load_ax;
+    TMA_B tma_load_bx;
+    int k_main;
+    int k_ext;
+    int k_tiles_main;
+  };
+
+  template <class ProblemShape>
+  static Params to_underlying_arguments(ProblemShape const& problem_shape, Arguments const& args, void*) {
+    auto shape = append<4>(problem_shape, 1);
+    int M = get<0>(shape), N = get<1>(shape), L = get<3>(shape);
+    auto make_a = [&](ElementA const* p, StrideA s, int k) {
+      auto t = make_tensor(reinterpret_cast<InternalElementA const*>(p), make_layout(make_shape(M, k, L), s));
+      return make_tma_copy_A_sm90(GmemTiledCopyA{}, t, SmemLayoutA{}(_, _, Int<0>{}), TileShape{},
+                                  typename DispatchPolicy::ClusterShape{});
+    };
+    auto make_b = [&](ElementB const* p, StrideB s, int k) {
+      auto t = make_tensor(reinterpret_cast<InternalElementB const*>(p), make_layout(make_shape(N, k, L), s));
+      return make_tma_copy_B_sm90(GmemTiledCopyB{}, t, SmemLayoutB{}(_, _, Int<0>{}), TileShape{},
+                                  typename DispatchPolicy::ClusterShape{});
+    };
+    Params p;
+    p.tma_load_a = make_a(args.ptr_A, args.dA, args.k_main);
+    p.tma_load_b = make_b(args.ptr_B, args.dB, args.k_main);
+    // Without an extension the second pair is never read; it still needs valid descriptors.
+    bool ext = args.k_ext > 0;
+    p.tma_load_ax = ext ? make_a(args.ptr_Ax, args.dAx, args.k_ext) : p.tma_load_a;
+    p.tma_load_bx = ext ? make_b(args.ptr_Bx, args.dBx, args.k_ext) : p.tma_load_b;
+    p.tma_transaction_bytes = Base::TmaTransactionBytes;
+    p.tma_transaction_bytes_mk = Base::TmaTransactionBytesMK;
+    p.tma_transaction_bytes_nk = Base::TmaTransactionBytesNK;
+    p.k_main = args.k_main;
+    p.k_ext = args.k_ext;
+    p.k_tiles_main = (args.k_main + kTileK - 1) / kTileK;
+    return p;
+  }
+
+  template <class ProblemShape>
+  static bool can_implement(ProblemShape const& problem_shape, Arguments const& args) {
+    auto [M, N, Kt, L] = append<4>(problem_shape, 1);
+    int tiles = (args.k_main + kTileK - 1) / kTileK;
+    return args.k_ext % kTileK == 0 && Kt == tiles * kTileK + args.k_ext &&
+           Base::can_implement(make_shape(M, N, args.k_main, L), typename Base::Arguments{}) &&
+           (args.k_ext == 0 || Base::can_implement(make_shape(M, N, args.k_ext, L), typename Base::Arguments{}));
+  }
+
+  CUTLASS_DEVICE static void prefetch_tma_descriptors(Params const& p) {
+    cute::prefetch_tma_descriptor(p.tma_load_a.get_tma_descriptor());
+    cute::prefetch_tma_descriptor(p.tma_load_b.get_tma_descriptor());
+    if (p.k_ext > 0) {
+      cute::prefetch_tma_descriptor(p.tma_load_ax.get_tma_descriptor());
+      cute::prefetch_tma_descriptor(p.tma_load_bx.get_tma_descriptor());
+    }
+  }
+
+  // (BLK_M, BLK_K, m, k, l) / (BLK_N, BLK_K, n, k, l) views of the four tensors, from their TMA descriptors.
+  // The first two span the whole concatenated K axis: the kernels take the K-tile count from the problem shape
+  // (cooperative) or from these views (ping-pong), and both must count the extension's tiles. load() reads the
+  // first two only at k < k_tiles_main, where they coincide with (A, B).
+  template <class ProblemShape_MNKL>
+  CUTLASS_DEVICE auto load_init(ProblemShape_MNKL const& problem_shape_MNKL, Params const& p) const {
+    using X = Underscore;
+    int M = get<0>(problem_shape_MNKL), N = get<1>(problem_shape_MNKL), Kt = get<2>(problem_shape_MNKL),
+        L = get<3>(problem_shape_MNKL);
+    auto tile = [&](auto const& tma, auto rows, int k, auto step) {
+      return local_tile(tma.get_tma_tensor(make_shape(rows, k, L)), TileShape{}, make_coord(_, _, _), step);
+    };
+    int kx = p.k_ext > 0 ? p.k_ext : p.k_main;
+    return cute::make_tuple(tile(p.tma_load_a, M, Kt, Step<_1, X, _1>{}),
+                            tile(p.tma_load_b, N, Kt, Step<X, _1, _1>{}),
+                            tile(p.tma_load_ax, M, kx, Step<_1, X, _1>{}),
+                            tile(p.tma_load_bx, N, kx, Step<X, _1, _1>{}));
+  }
+
+  // Producer: k_tile_count K-tiles starting at *k_tile_iter of the concatenated K axis.
+  template <class TensorA, class TensorB, class TensorAx, class TensorBx, class KTileIterator, class BlockCoord>
+  CUTLASS_DEVICE void load(Params const& p, MainloopPipeline pipeline, PipelineState smem_pipe_write,
+                           cute::tuple<TensorA, TensorB, TensorAx, TensorBx> const& load_inputs,
+                           BlockCoord const& blk_coord, KTileIterator k_tile_iter, int k_tile_count, int thread_idx,
+                           uint32_t block_rank_in_cluster, TensorStorage& shared_tensors) {
+    if (!cute::elect_one_sync()) return;
+    Tensor sA = make_tensor(make_smem_ptr(shared_tensors.smem_A.data()), SmemLayoutA{});  // (BLK_M,BLK_K,PIPE)
+    Tensor sB = make_tensor(make_smem_ptr(shared_tensors.smem_B.data()), SmemLayoutB{});  // (BLK_N,BLK_K,PIPE)
+
+    using ClusterShape = typename DispatchPolicy::ClusterShape;
+    constexpr uint32_t cluster_shape_x = get<0>(ClusterShape());
+    uint2 cluster_local_block_id = {block_rank_in_cluster % cluster_shape_x, block_rank_in_cluster / cluster_shape_x};
+    auto block_tma_a = p.tma_load_a.get_slice(cluster_local_block_id.y);
+    auto block_tma_b = p.tma_load_b.get_slice(cluster_local_block_id.x);
+    auto block_tma_ax = p.tma_load_ax.get_slice(cluster_local_block_id.y);
+    auto block_tma_bx = p.tma_load_bx.get_slice(cluster_local_block_id.x);
+
+    auto [m_coord, n_coord, k_coord, l_coord] = blk_coord;
+    Tensor tAgA = block_tma_a.partition_S(get<0>(load_inputs)(_, _, m_coord, _, l_coord));  // (TMA,TMA_M,TMA_K,k)
+    Tensor tBgB = block_tma_b.partition_S(get<1>(load_inputs)(_, _, n_coord, _, l_coord));
+    Tensor tAgAx = block_tma_ax.partition_S(get<2>(load_inputs)(_, _, m_coord, _, l_coord));
+    Tensor tBgBx = block_tma_bx.partition_S(get<3>(load_inputs)(_, _, n_coord, _, l_coord));
+    Tensor tAsA = block_tma_a.partition_D(sA);  // (TMA,TMA_M,TMA_K,PIPE); the same for either source
+    Tensor tBsB = block_tma_b.partition_D(sB);
+
+    // Multicast masks: the A tile goes to every block of the cluster's row, the B tile to its column.
+    uint16_t mcast_mask_a = 0, mcast_mask_b = 0;
+    if constexpr (cute::is_same_v<GmemTiledCopyA, SM90_TMA_LOAD_MULTICAST>) {
+      auto block_layout = Layout<ClusterShape>{};
+      for (int n = 0; n < size<1>(block_layout); ++n)
+        mcast_mask_a |= (uint16_t(1) << block_layout(cluster_local_block_id.x, n, Int<0>{}));
+    }
+    if constexpr (cute::is_same_v<GmemTiledCopyB, SM90_TMA_LOAD_MULTICAST>) {
+      auto block_layout = Layout<ClusterShape>{};
+      for (int m = 0; m < size<0>(block_layout); ++m)
+        mcast_mask_b |= (uint16_t(1) << block_layout(m, cluster_local_block_id.y, Int<0>{}));
+    }
+
+    int k = static_cast<int>(get<0>(*k_tile_iter));
+    CUTLASS_PRAGMA_NO_UNROLL
+    for (; k_tile_count > 0; --k_tile_count, ++k) {
+      pipeline.producer_acquire(smem_pipe_write);
+      auto* tma_barrier = pipeline.producer_get_barrier(smem_pipe_write);
+      int stage = smem_pipe_write.index();
+      if (k < p.k_tiles_main) {
+        copy(p.tma_load_a.with(*tma_barrier, mcast_mask_a), tAgA(_, _, _, k), tAsA(_, _, _, stage));
+        copy(p.tma_load_b.with(*tma_barrier, mcast_mask_b), tBgB(_, _, _, k), tBsB(_, _, _, stage));
+      } else {
+        int kx = k - p.k_tiles_main;
+        copy(p.tma_load_ax.with(*tma_barrier, mcast_mask_a), tAgAx(_, _, _, kx), tAsA(_, _, _, stage));
+        copy(p.tma_load_bx.with(*tma_barrier, mcast_mask_b), tBgBx(_, _, _, kx), tBsB(_, _, _, stage));
+      }
+      ++smem_pipe_write;
+    }
+  }
+};
+
+// ------------------------------------------------------------------------------------------------ kernels
+template <int TM, int TN, int CM, int CN, bool Coop>
+struct Config {
+  using Tile = Shape<Int<TM>, Int<TN>, _64>;
+  using Cluster = Shape<Int<CM>, Int<CN>, _1>;
+  // Cooperative: both consumer warpgroups work on one tile (split along M). Ping-pong: they alternate tiles, so
+  // one's epilogue overlaps the other's main loop.
+  using Mainloop = cute::conditional_t<Coop, cutlass::gemm::KernelTmaWarpSpecializedCooperative,
+                                       cutlass::gemm::KernelTmaWarpSpecializedPingpong>;
+  using Epilogue = cute::conditional_t<Coop, cutlass::epilogue::TmaWarpSpecializedCooperative,
+                                       cutlass::epilogue::TmaWarpSpecialized>;
+};
+// The configs, indexed by GemmConfig (gemm_sm90.h).
+template <int C> struct ConfigOf;
+template <> struct ConfigOf<0> { using type = Config<256, 128, 1, 2, true>; };
+template <> struct ConfigOf<1> { using type = Config<128, 128, 1, 2, false>; };
+template <> struct ConfigOf<2> { using type = Config<128, 256, 2, 1, true>; };
+template <> struct ConfigOf<3> { using type = Config<256, 128, 2, 1, true>; };
+template <> struct ConfigOf<4> { using type = Config<128, 256, 1, 2, true>; };
+template <> struct ConfigOf<5> { using type = Config<128, 128, 2, 1, false>; };
+
+template <class Element, class LayoutB, class Cfg>
+struct Gemm {
+  using LayoutA = cutlass::layout::RowMajor;
+  using LayoutD = cutlass::layout::RowMajor;
+  static constexpr int kAlign = 8;  // 16 bytes of a 16-bit type: TMA's alignment
+  using Fusion = cutlass::epilogue::fusion::LinCombPerColBias<Element, float, Element, void, float>;
+
+  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, typename Cfg::Tile, typename Cfg::Cluster,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, LayoutD, kAlign, Element, LayoutD, kAlign,
+      typename Cfg::Epilogue, Fusion>::CollectiveOp;
+
+  using BaseMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA, kAlign, Element, LayoutB, kAlign, float,
+      typename Cfg::Tile, typename Cfg::Cluster,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
+      typename Cfg::Mainloop>::CollectiveOp;
+  using Mainloop = KExtendedMainloop<BaseMainloop>;
+
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue,
+                                                      cutlass::gemm::PersistentScheduler>;
+
+  static cudaError_t run(const LoraGemmArgs& a, int swizzle, int raster, int sm_count, cudaStream_t stream) {
+    using StrideA = typename Kernel::StrideA;
+    using StrideB = typename Kernel::StrideB;
+    using StrideD = typename Kernel::StrideD;
+    using E = Element;
+    const int M = int(a.M), N = int(a.N), K = int(a.K), Kx = int(a.Kx);
+    typename Kernel::Arguments args;
+    args.mode = cutlass::gemm::GemmUniversalMode::kGemm;
+    args.problem_shape = {M, N, int((a.K + 63) / 64) * 64 + Kx, 1};  // the concatenated K axis
+    args.mainloop = {static_cast<E const*>(a.a), cutlass::make_cute_packed_stride(StrideA{}, {M, K, 1}),
+                     static_cast<E const*>(a.b), cutlass::make_cute_packed_stride(StrideB{}, {N, K, 1}),
+                     static_cast<E const*>(a.ax), cutlass::make_cute_packed_stride(StrideA{}, {M, Kx, 1}),
+                     static_cast<E const*>(a.bx), cutlass::make_cute_packed_stride(StrideB{}, {N, Kx, 1}),
+                     K, Kx};
+    args.epilogue.thread.alpha = 1.0f;
+    args.epilogue.thread.beta = 0.0f;
+    args.epilogue.thread.bias_ptr = static_cast<E const*>(a.bias);
+    args.epilogue.ptr_C = nullptr;
+    args.epilogue.ptr_D = static_cast<E*>(a.d);
+    args.epilogue.dD = cutlass::make_cute_packed_stride(StrideD{}, {M, N, 1});
+    args.epilogue.dC = args.epilogue.dD;
+    args.hw_info.device_id = 0;  // only read when sm_count <= 0
+    args.hw_info.sm_count = sm_count;
+    args.scheduler.max_swizzle_size = swizzle;
+    using Raster = cutlass::gemm::kernel::detail::RasterOrderOptions;
+    args.scheduler.raster_order = raster == 1 ? Raster::AlongM : raster == 2 ? Raster::AlongN : Raster::Heuristic;
+
+    if (!Kernel::can_implement(args)) return cudaErrorNotSupported;
+    if (Kernel::get_workspace_size(args) != 0) return cudaErrorNotSupported;  // persistent DP scheduler: none
+    typename Kernel::Params params = Kernel::to_underlying_arguments(args, nullptr);
+
+    // The shared-memory limit is a per-device attribute of each kernel: raise it once per device.
+    static bool smem_set[64] = {};
+    constexpr int smem = Kernel::SharedStorageSize;
+    int device = 0;
+    cudaError_t e = cudaGetDevice(&device);
+    if (e != cudaSuccess) return e;
+    if (device >= 64 || !smem_set[device]) {
+      e = cudaFuncSetAttribute(cutlass::device_kernel<Kernel>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+      if (e != cudaSuccess) return e;
+      if (device < 64) smem_set[device] = true;
+    }
+    dim3 grid = Kernel::get_grid_shape(params);
+    dim3 block = Kernel::get_block_shape();
+    dim3 cluster(cute::size<0>(typename Cfg::Cluster{}), cute::size<1>(typename Cfg::Cluster{}), 1);
+    cutlass::ClusterLaunchParams launch{grid, block, cluster, smem, stream};
+    void const* kernel = reinterpret_cast<void const*>(&cutlass::device_kernel<Kernel>);
+    cutlass::Status s = cutlass::launch_kernel_on_cluster(launch, kernel, params);
+    if (s != cutlass::Status::kSuccess) return cudaErrorLaunchFailure;
+    return cudaGetLastError();
+  }
+};
+
+// One config of one (dtype, layout): the unit that a translation unit instantiates.
+template <class Element, class LayoutB, int C>
+cudaError_t run_one(const LoraGemmArgs& a, int swizzle, int raster, int sm_count, cudaStream_t stream) {
+  return Gemm<Element, LayoutB, typename ConfigOf<C>::type>::run(a, swizzle, raster, sm_count, stream);
+}
+
+// The configs compiled into the extension, for one (dtype, layout): those lora_gemm_sm90_pick can return.
+// (Every entry of ConfigOf builds; bench/dev/gemm_sm90_probe.py times them all.)
+template <class Element, class LayoutB>
+cudaError_t run_config(const LoraGemmArgs& a, GemmConfig cfg, int swizzle, int raster, int sm_count,
+                       cudaStream_t stream) {
+  switch (cfg) {
+    case GemmConfig::kPing128x128_c12: return run_one<Element, LayoutB, 1>(a, swizzle, raster, sm_count, stream);
+    default: return cudaErrorNotSupported;
+  }
+}
+
+}  // namespace sm90
+}  // namespace lora_kernels

@@ -1,0 +1,65 @@
+// The Hopper (sm_90a) GEMM with the LoRA path inside its main loop. Plain CUDA/C++ API (no torch headers).
+//
+//   D (M, N) = A (M, K) · op(B) + Ax (M, Kx) · op(Bx) + bias (N,)          fp32 accumulation, D in A's dtype
+//
+// A, Ax, D row-major. B and Bx share one layout:
+//   kNK: B is (N, K) row-major, op(B) = Bᵀ     forward   y  = x Wᵀ  + (s·u) Bₗᵀ + b     (W, Bₗ = lora_B)
+//   kKN: B is (K, N) row-major, op(B) = B      backward  dx = dy W  + v Aₗ               (W, Aₗ = lora_A)
+// The extension (Ax, Bx) is the rank-r term, zero-padded to Kx = a multiple of 64 (the main loop's K tile): the
+// kernel runs ceil(K/64) K-tiles from (A, B) and Kx/64 more from (Ax, Bx) into the same accumulator, so the LoRA
+// expand costs one or a few extra K-tiles and no pass over D. Kx = 0 is a plain GEMM (+ bias).
+//
+// Requirements (else lora_gemm_sm90_supported() says why and the caller keeps its other path): a device of
+// compute capability 9.0, a build with the kernels (LORA_KERNELS_HAVE_SM90_GEMM), fp16 or bf16, K and N
+// multiples of 8 and every pointer 16-byte aligned (TMA), Kx a multiple of 64.
+#pragma once
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace lora_kernels {
+
+enum class GemmLayoutB : int { kNK = 0, kKN = 1 };
+enum class GemmDType : int { kFloat16 = 1, kBFloat16 = 2 };
+
+// Main-loop shapes (tile M x N x 64, cluster M x N); kAuto lets lora_gemm_sm90_pick choose per problem.
+enum class GemmConfig : int {
+  kAuto = -1,
+  kCoop256x128_c12 = 0,  // cooperative: 2 consumer warpgroups share one tile
+  kPing128x128_c12 = 1,  // ping-pong: 2 consumer warpgroups alternate tiles
+  kCoop128x256_c21 = 2,
+  kCoop256x128_c21 = 3,
+  kCoop128x256_c12 = 4,
+  kPing128x128_c21 = 5,
+  kNumConfigs = 6,
+};
+
+struct LoraGemmArgs {
+  int64_t M = 0, N = 0, K = 0, Kx = 0;
+  const void* a = nullptr;
+  const void* b = nullptr;
+  const void* ax = nullptr;  // (M, Kx), may be null when Kx == 0
+  const void* bx = nullptr;  // (N, Kx) for kNK, (Kx, N) for kKN
+  const void* bias = nullptr;
+  void* d = nullptr;
+  GemmDType dtype = GemmDType::kBFloat16;
+  GemmLayoutB layout_b = GemmLayoutB::kNK;
+  GemmConfig config = GemmConfig::kAuto;
+  int swizzle = 0;  // tile-order swizzle (1, 2, 4, 8); 0: the config's default
+  int raster = 0;   // 0: heuristic, 1: along M, 2: along N
+};
+
+// True when the kernels are compiled into this build.
+bool lora_gemm_sm90_built();
+// nullptr when `args` can run on `device`, else a static string saying why not.
+const char* lora_gemm_sm90_unsupported(const LoraGemmArgs& args, int device);
+// What runs a problem: args' own config, swizzle and raster where set, else the defaults.
+struct GemmChoice {
+  GemmConfig config;
+  int swizzle;
+  int raster;
+};
+GemmChoice lora_gemm_sm90_pick(const LoraGemmArgs& args);
+// Launches on `stream`; returns the launch's error (cudaErrorNotSupported when unsupported).
+cudaError_t launch_lora_gemm_sm90(const LoraGemmArgs& args, cudaStream_t stream);
+
+}  // namespace lora_kernels

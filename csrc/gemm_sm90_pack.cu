@@ -1,0 +1,126 @@
+// The rank-r operands of the sm_90 LoRA GEMM (gemm_sm90.h), packed into its K-extension layout.
+//
+// Math:   out (rows_out, cols_out) in the GEMM's 16-bit dtype, out[i, j] = scale · in[i, j] inside in's
+//         (rows_in, cols_in) and 0 outside: the forward's s·u (M, r) -> (M, Kx) and lora_B (N, r) -> (N, Kx), the
+//         backward's s·g (M, r) -> (M, Kx) and lora_A (r, K) -> (Kx, K). The zeros make the padded K columns add
+//         nothing to the accumulator. Rounding to 16 bits here is the same policy as the other tensor-core
+//         passes: every operand of a 16-bit product is cast to x's dtype, the sum is fp32.
+//         An fp32 input may come as split-K partials, summed here in a fixed order (the forward's u: this launch
+//         is also the shrink's reduction and writes the fp32 u kept for backward).
+// Tiling: one thread per 8 output elements (one 16-byte store); rows are independent. Two jobs share one launch
+//         (blocks [0, blocks_a) do job a, the rest job b), so the forward packs u and B in one launch.
+#include "gemm_sm90_pack.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace lora_kernels {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kVec = 8;  // 16-bit elements per 16-byte store
+
+template <typename T> __device__ __forceinline__ float load_f(const void* p, int64_t i);
+template <> __device__ __forceinline__ float load_f<__half>(const void* p, int64_t i) {
+  return __half2float(static_cast<const __half*>(p)[i]);
+}
+template <> __device__ __forceinline__ float load_f<__nv_bfloat16>(const void* p, int64_t i) {
+  return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+}
+
+template <typename TO> __device__ __forceinline__ TO store_cast(float v);
+template <> __device__ __forceinline__ __half store_cast<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 store_cast<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// The 8 input values of out[row, c0 .. c0+8) (row < rows_in), summed over the partials for fp32 input; zeros past
+// cols_in. Whole 8-groups inside cols_in take 16-byte loads.
+__device__ __forceinline__ void load8(const PackJob& j, int64_t row, int64_t c0, float (&f)[kVec]) {
+  const int64_t base = row * j.cols_in + c0;
+  const bool whole = c0 + kVec <= j.cols_in && j.cols_in % kVec == 0;
+  if (j.in_dtype == DType::kFloat32) {
+    const float* in = static_cast<const float*>(j.in);
+    if (whole) {
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) f[e] = 0.f;
+      for (int64_t t = 0; t < j.partials; ++t) {
+        const float4 a = *reinterpret_cast<const float4*>(in + t * j.partial_stride + base);
+        const float4 b = *reinterpret_cast<const float4*>(in + t * j.partial_stride + base + 4);
+        f[0] += a.x; f[1] += a.y; f[2] += a.z; f[3] += a.w;
+        f[4] += b.x; f[5] += b.y; f[6] += b.z; f[7] += b.w;
+      }
+      return;
+    }
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) {
+      f[e] = 0.f;
+      if (c0 + e < j.cols_in)
+        for (int64_t t = 0; t < j.partials; ++t) f[e] += in[t * j.partial_stride + base + e];
+    }
+    return;
+  }
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) {
+    f[e] = 0.f;
+    if (c0 + e < j.cols_in)
+      f[e] = j.in_dtype == DType::kFloat16 ? load_f<__half>(j.in, base + e) : load_f<__nv_bfloat16>(j.in, base + e);
+  }
+}
+
+template <typename TO>
+__device__ __forceinline__ void pack_job(const PackJob& j, int64_t t) {
+  const int64_t groups_per_row = j.cols_out / kVec;
+  const int64_t row = t / groups_per_row;
+  if (row >= j.rows_out) return;
+  const int64_t c0 = (t % groups_per_row) * kVec;
+  float f[kVec];
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) f[e] = 0.f;
+  if (row < j.rows_in && c0 < j.cols_in) {
+    load8(j, row, c0, f);
+    if (j.sum_out != nullptr) {
+#pragma unroll
+      for (int e = 0; e < kVec; ++e)
+        if (c0 + e < j.cols_in) j.sum_out[row * j.cols_in + c0 + e] = f[e];
+    }
+  }
+  alignas(16) TO v[kVec];
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) v[e] = store_cast<TO>(f[e] * j.scale);
+  *reinterpret_cast<uint4*>(static_cast<TO*>(j.out) + row * j.cols_out + c0) = *reinterpret_cast<const uint4*>(v);
+}
+
+template <typename TO>
+__global__ void __launch_bounds__(kThreads) pack_kernel(PackJob a, PackJob b, int64_t blocks_a) {
+  // Two calls rather than one on a selected job: selecting between two kernel parameters at run time would copy
+  // the struct to local memory.
+  if (blockIdx.x < blocks_a) {
+    pack_job<TO>(a, (int64_t)blockIdx.x * kThreads + threadIdx.x);
+  } else {
+    pack_job<TO>(b, ((int64_t)blockIdx.x - blocks_a) * kThreads + threadIdx.x);
+  }
+}
+
+int64_t job_blocks(const PackJob& j) {
+  if (j.out == nullptr || j.rows_out == 0) return 0;
+  return (j.rows_out * (j.cols_out / kVec) + kThreads - 1) / kThreads;
+}
+
+}  // namespace
+
+cudaError_t launch_pack_rank_operands(const PackJob& a, const PackJob& b, DType out_dtype, cudaStream_t stream) {
+  if (a.cols_out % kVec || b.cols_out % kVec) return cudaErrorInvalidValue;
+  const int64_t ba = job_blocks(a), bb = job_blocks(b);
+  if (ba + bb == 0) return cudaSuccess;
+  if (out_dtype == DType::kBFloat16) {
+    pack_kernel<__nv_bfloat16><<<(unsigned)(ba + bb), kThreads, 0, stream>>>(a, b, ba);
+  } else if (out_dtype == DType::kFloat16) {
+    pack_kernel<__half><<<(unsigned)(ba + bb), kThreads, 0, stream>>>(a, b, ba);
+  } else {
+    return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace lora_kernels

@@ -1,0 +1,29 @@
+// Packing of the rank-r operands into the sm_90 GEMM's K-extension layout (gemm_sm90_pack.cu).
+#pragma once
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "lora_kernels.cuh"  // DType
+
+namespace lora_kernels {
+
+// out (rows_out, cols_out), 16-bit, row-major = scale · in (rows_in, cols_in), row-major, zero outside it.
+// cols_out must be a multiple of 8 and out 16-byte aligned. A job with out == nullptr does nothing.
+// With partials > 1 the fp32 input is `partials` such blocks, partial_stride floats apart, summed in order (a
+// split-K pass's partial results), and sum_out (if set) receives the fp32 sum (rows_in, cols_in), unscaled.
+struct PackJob {
+  const void* in = nullptr;
+  DType in_dtype = DType::kFloat32;
+  int64_t rows_in = 0, cols_in = 0;
+  void* out = nullptr;
+  int64_t rows_out = 0, cols_out = 0;
+  float scale = 1.f;
+  int64_t partials = 1;
+  int64_t partial_stride = 0;
+  float* sum_out = nullptr;
+};
+
+// Runs both jobs in one launch; out_dtype is kFloat16 or kBFloat16.
+cudaError_t launch_pack_rank_operands(const PackJob& a, const PackJob& b, DType out_dtype, cudaStream_t stream);
+
+}  // namespace lora_kernels

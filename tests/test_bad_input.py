@@ -1,0 +1,260 @@
+"""Inputs at the edges of the contract: each either computes what the reference computes or raises a clear error.
+
+bf16 on the interpreted Triton backend (and CPU autocast to bf16), a float64 base with float32 adapters, tensors on
+'meta', NaN/inf in dropped elements, non-finite scaling, dropout p = 1, a merged LoRALinear's state_dict, and
+torch.compile without dynamo's lru_cache warning.
+"""
+import os
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lora_kernels
+from lora_kernels import LoRALinear
+from lora_kernels.backends import torch_ref
+
+from conftest import HAS_CUDA, INTERPRET, assert_tolerance, backend_cases, formula
+
+TRITON_CASES = [(b, d) for b, d in backend_cases() if b == "triton"]
+
+
+def _inputs(M, K, N, r, dtype=torch.float32, adapter_dtype=torch.float32, device="cpu"):
+    x = torch.randn(M, K, device=device).to(dtype)
+    W = (torch.randn(N, K, device=device) / K**0.5).to(dtype)
+    b = torch.randn(N, device=device).to(dtype)
+    A = (torch.randn(r, K, device=device) / K**0.5).to(adapter_dtype)
+    B = (torch.randn(N, r, device=device) / r**0.5).to(adapter_dtype)
+    return x, W, b, A, B
+
+
+# --------------------------------------------------------------------------------- bf16 on interpreted Triton
+@pytest.mark.parametrize("backend,device", TRITON_CASES)
+def test_triton_cpu_autocast_bf16(backend, device):
+    """Under autocast to bf16 the op casts x and W to bf16 (like F.linear); the Triton kernels must then compute
+    bf16 correctly (the interpreter needs its bf16 dots widened)."""
+    x, W, b, A, B = _inputs(37, 64, 40, 8, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        y = lora_kernels.lora_linear(x, W, b, A, B, 0.5, backend=backend)
+    assert y.dtype == torch.bfloat16
+    ref = formula(x.double(), W.double(), b.double(), A.double(), B.double(), 0.5)
+    same = formula(x.bfloat16(), W.bfloat16(), b.bfloat16(), A, B, 0.5)
+    assert_tolerance(y, ref, same)
+
+
+# ------------------------------------------------------------------------------- float64 base, fp32 adapters
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_float64_base_with_float32_adapters(p):
+    """Allowed by the dtype rule (adapters fp32 or x's dtype): runs in float64 on the torch backend."""
+    x, W, b, A, B = _inputs(6, 24, 12, 4, dtype=torch.float64, adapter_dtype=torch.float32)
+    xg, Ag, Bg = (t.clone().requires_grad_() for t in (x, A, B))
+    with lora_kernels.record_dropout() as calls:
+        y = lora_kernels.lora_linear(xg, W, b, Ag, Bg, 0.5, dropout_p=p)
+    keep = lora_kernels.dropout_mask(*calls[0], x.shape, p) if p else None
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    r = [t.double().requires_grad_() for t in (x, A, B)]
+    ref = formula(r[0], W, b, r[1], r[2], 0.5, keep, p)
+    ref.backward(dy)
+    assert y.dtype == torch.float64 and xg.grad.dtype == torch.float64
+    assert Ag.grad.dtype == Bg.grad.dtype == torch.float32
+    torch.testing.assert_close(y, ref.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(xg.grad, r[0].grad, rtol=1e-12, atol=1e-12)
+    for got, want in ((Ag.grad, r[1].grad), (Bg.grad, r[2].grad)):  # computed in float64, rounded once to fp32
+        torch.testing.assert_close(got, want.float(), rtol=2e-7, atol=1e-7 * want.abs().max().item())
+
+
+# ------------------------------------------------------------------------------------------------------ meta
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_meta_tensors_propagate_shapes(p):
+    x = torch.empty(2, 5, 24, device="meta", requires_grad=True)
+    W, b = torch.empty(12, 24, device="meta"), torch.empty(12, device="meta")
+    A = torch.empty(4, 24, device="meta", requires_grad=True)
+    B = torch.empty(12, 4, device="meta", requires_grad=True)
+    y = lora_kernels.lora_linear(x, W, b, A, B, 2.0, dropout_p=p)
+    assert y.device.type == "meta" and y.shape == (2, 5, 12) and y.dtype == torch.float32
+    y.sum().backward()
+    assert x.grad.shape == x.shape and A.grad.shape == A.shape and B.grad.shape == B.shape
+    assert x.grad.device.type == "meta"
+
+
+def test_lora_linear_module_on_meta():
+    layer = LoRALinear(24, 12, r=4, dropout=0.1, device="meta")
+    y = layer(torch.empty(3, 24, device="meta"))
+    assert y.device.type == "meta" and y.shape == (3, 12)
+
+
+# ---------------------------------------------------------------------------- NaN/inf in a dropped element
+def _kernel_backends():
+    """(backend name, device) whose kernels apply the dropout mask themselves."""
+    out = []
+    if INTERPRET or HAS_CUDA:
+        out.append(("triton", "cuda" if HAS_CUDA else "cpu"))
+    out.append(pytest.param("cuda", "cuda", marks=pytest.mark.skipif(
+        "cuda" not in lora_kernels.available_backends(), reason="needs the CUDA extension and a GPU")))
+    return out
+
+
+@pytest.mark.parametrize("backend,device", _kernel_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("M", [9, 100], ids=lambda m: f"M{m}")
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_dropped_elements_propagate_like_reference(backend, device, dtype, M, bad):
+    """The reference multiplies by the mask (NaN * 0 = inf * 0 = NaN); a select would drop the bad value.
+    M = 9 takes Triton's one-launch small-M forward, M = 100 the tiled one; fp32 takes the CUDA FFMA kernels,
+    16-bit the tensor-core ones."""
+    import importlib
+
+    mod = importlib.import_module(f"lora_kernels.backends.{backend}_backend")
+    K, N, r, p, s, seed = 40, 24, 4, 0.5, 0.75, 1234
+    x, W, b, A, B = _inputs(M, K, N, r, dtype=dtype, device=device)
+    keep = lora_kernels.dropout_mask(seed, 0, (M, K), p, device=device)
+    dropped = (~keep).nonzero()[0].tolist()
+    x[dropped[0], dropped[1]] = bad  # a dropped element of x: poisons u, so y, dA and dB (dB = dy^T u)
+    B[3, 1] = bad  # g = dy @ B has a non-finite column: dx's LoRA term is non-finite, also where it is dropped
+    dy = torch.randn(M, N, device=device).to(dtype)
+    out = {}
+    for name, m in (("reference", torch_ref), (backend, mod)):
+        y, u = m.forward(x, W, b, A, B, s, p, seed, 0)
+        dx, dA, dB = m.backward(dy, x, W, A, B, u, s, p, seed, 0, True, True, True)
+        out[name] = dict(u=u, y=y, dx=dx, dA=dA, dB=dB)
+    assert out["reference"]["dA"].isnan().any() and out["reference"]["dx"].isnan().any()  # it does propagate
+    for key, want in out["reference"].items():
+        got = out[backend][key]
+        assert torch.equal(got.isnan(), want.isnan()), f"{key}: NaN pattern differs from the reference"
+        assert torch.equal(got.isinf(), want.isinf()), f"{key}: inf pattern differs from the reference"
+
+
+@pytest.mark.parametrize("backend,device", backend_cases())
+@pytest.mark.parametrize("scaling", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_scaling_is_a_clear_error(backend, device, scaling):
+    x, W, b, A, B = _inputs(3, 16, 8, 4, device=device)
+    with pytest.raises(ValueError, match="scaling must be finite"):
+        lora_kernels.lora_linear(x, W, b, A, B, scaling, backend=backend)
+
+
+# ------------------------------------------------------------------------------------------------ p = 1
+@pytest.mark.parametrize("backend,device", backend_cases())
+def test_dropout_p_one_zeroes_the_lora_path(backend, device):
+    """PEFT accepts lora_dropout = 1.0: everything is dropped, so y is the base linear and the adapters' grads
+    are zero (training); in eval dropout does not apply."""
+    x, W, b, A, B = _inputs(5, 32, 16, 4, device=device)
+    xg, Ag, Bg = (t.clone().requires_grad_() for t in (x, A, B))
+    y = lora_kernels.lora_linear(xg, W, b, Ag, Bg, 2.0, dropout_p=1.0, backend=backend)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    x64 = x.double().requires_grad_()
+    base = F.linear(x64, W.double(), b.double())
+    base.backward(dy.double())
+    assert_tolerance(y, base.detach(), F.linear(x, W, b), "y")
+    assert_tolerance(xg.grad, x64.grad, dy @ W, "dx")
+    assert torch.equal(Ag.grad, torch.zeros_like(A)) and torch.equal(Bg.grad, torch.zeros_like(B))
+    y_eval = lora_kernels.lora_linear(x, W, b, A, B, 2.0, dropout_p=1.0, training=False, backend=backend)
+    assert_tolerance(y_eval, formula(x.double(), W.double(), b.double(), A.double(), B.double(), 2.0),
+                     formula(x, W, b, A, B, 2.0), "y (eval)")
+
+
+def test_dropout_p_above_one_is_a_clear_error():
+    x, W, b, A, B = _inputs(3, 16, 8, 4)
+    with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\]"):
+        lora_kernels.lora_linear(x, W, b, A, B, 1.0, dropout_p=1.5)
+
+
+# ---------------------------------------------------------------------------------- merged state_dict
+def _trained_layer(**kw):
+    layer = LoRALinear(32, 24, r=4, **kw)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    return layer
+
+
+def test_merged_state_dict_loads_as_merged():
+    """A merged layer's state_dict holds the merged weight and the original one: loading it into a fresh layer
+    gives the same outputs (the update is not applied twice) and unmerge() restores the original exactly."""
+    src = _trained_layer()
+    original = src.weight.detach().clone()
+    x = torch.randn(6, 32)
+    y_unmerged = src(x)
+    src.merge()
+    y_merged = src(x)
+    dst = _trained_layer()
+    dst.load_state_dict(src.state_dict())
+    assert dst.merged
+    torch.testing.assert_close(dst(x), y_merged, rtol=0, atol=0)
+    torch.testing.assert_close(dst(x), y_unmerged, rtol=1e-5, atol=1e-5)
+    dst.unmerge()
+    assert torch.equal(dst.weight, original)
+    torch.testing.assert_close(dst(x), y_unmerged, rtol=1e-5, atol=1e-5)
+
+
+def test_unmerged_state_dict_into_merged_layer_unmerges_it():
+    src = _trained_layer()
+    x = torch.randn(6, 32)
+    dst = _trained_layer()
+    dst.merge()
+    dst.load_state_dict(src.state_dict())
+    assert not dst.merged
+    torch.testing.assert_close(dst(x), src(x), rtol=0, atol=0)
+
+
+def test_unmerged_state_dict_has_no_extra_key():
+    """An unmerged layer's state_dict keeps its plain keys (loadable by older code and by nn.Linear-like users)."""
+    layer = _trained_layer()
+    assert list(layer.state_dict()) == ["weight", "bias", "lora_A", "lora_B"]
+
+
+def test_adapters_only_into_merged_layer_is_a_clear_error():
+    dst = _trained_layer()
+    dst.merge()
+    adapters = {k: v for k, v in _trained_layer().state_dict().items() if k.startswith("lora_")}
+    with pytest.raises(RuntimeError, match="merged"):
+        dst.load_state_dict(adapters, strict=False)
+
+
+# --------------------------------------------------------------------------------------- torch.compile
+def test_compile_gives_no_lru_cache_warning():
+    import torch._dynamo
+
+    clear = getattr(torch._dynamo.utils.warn_once, "cache_clear", None)
+    if clear is not None:
+        clear()  # warn_once warns once per process: another test may have triggered it already
+    torch._dynamo.reset()
+    x, W, b, A, B = _inputs(4, 16, 8, 4)
+    f = torch.compile(lambda x: lora_kernels.lora_linear(x, W, b, A, B, 0.5), backend="eager", fullgraph=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        f(x)
+    msgs = [str(w.message) for w in caught if "lru_cache" in str(w.message)]
+    assert not msgs, msgs[0]
+
+
+# ------------------------------------------------------------------------------------ PEFT lora_dropout = 1
+def test_patch_peft_lora_dropout_one_trains_like_peft():
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=64, max_position_embeddings=32)
+    model = peft.get_peft_model(transformers.LlamaForCausalLM(cfg),
+                                peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                lora_dropout=1.0))
+    with torch.no_grad():
+        for n, prm in model.named_parameters():
+            if "lora_B" in n:
+                prm.normal_()
+    model.train()
+    ids = torch.randint(0, 64, (2, 7))
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        logits = model(ids).logits
+        logits.float().square().mean().backward()
+        return logits.detach(), {n: prm.grad.clone() for n, prm in model.named_parameters() if "lora_" in n}
+
+    want, want_g = step()
+    report = lora_kernels.patch_peft(model)
+    assert report.num_patched == 2 and report.num_skipped == 0, str(report)
+    got, got_g = step()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for n, g in got_g.items():
+        assert torch.equal(g, torch.zeros_like(g)) and torch.equal(want_g[n], torch.zeros_like(g)), n

@@ -1,0 +1,547 @@
+"""DoRA (lora_kernels.dora_linear): every backend against float64 math, the op's registration (opcheck, gradcheck,
+compile), the norm cache, no N×K temporary, errors, and GPU-only checks. PEFT itself: tests/test_dora_peft.py."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+import lora_kernels
+from lora_kernels import dora
+from lora_kernels.ops import record_dropout
+
+from conftest import HAS_CUDA, assert_tolerance, backend_cases, dtypes_for
+
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")
+
+CASES = [(b, d, dt) for b, d in backend_cases() for dt in dtypes_for(b, d)]
+IDS = [f"{b}-{d}-{str(dt).split('.')[-1]}" for b, d, dt in CASES]
+
+# (lead shape, K, N, r): M = 0, 1, 3, 10, 37, 16; K, N not multiples of 16; r from 1 to 256.
+SHAPES = [((0,), 32, 16, 4), ((1,), 48, 40, 1), ((3,), 20, 24, 8), ((2, 5), 72, 36, 16), ((37,), 100, 50, 33),
+          ((4, 4), 64, 96, 256)]
+
+
+def peft_formula(x, W, b, A, B, s, m, keep=None, p=0.0, gemm_in_x_dtype=False):
+    """PEFT 0.21's DoRA forward (lora.Linear.forward -> DoraLinearVariant.forward -> DoraLinearLayer.forward)
+    written out: float64 inputs give the reference, the inputs' own dtypes the same-precision baseline.
+
+    With dropout PEFT runs a second GEMM, x_d Wᵀ, in the adapters' dtype (float32 for float32 adapters on a 16-bit
+    base: the up-cast GEMM that makes it slow). ``gemm_in_x_dtype`` runs that GEMM in x's dtype instead, like the
+    base GEMM: the same-precision baseline of the op, which computes both GEMMs over W in x's dtype."""
+    base = F.linear(x, W, b)  # base_layer(x)
+    xa = x.to(A.dtype)  # _cast_input_dtype to the adapters' dtype
+    norm = torch.linalg.norm(W.to(A.dtype) + s * (B @ A).detach(), dim=1).detach()
+    g = (m / norm).view(1, -1)
+    if keep is None:  # nn.Identity dropout or eval: base_result = base output minus bias
+        base_result = base - b if b is not None else base
+        lora = F.linear(F.linear(xa, A), B)
+    else:  # a second GEMM on the dropped x, in the adapters' dtype
+        xd = xa * keep.to(xa.dtype) / (1.0 - p)
+        if gemm_in_x_dtype:
+            base_result = F.linear(xd.to(x.dtype), W).to(A.dtype)
+        else:
+            base_result = F.linear(xd, W.to(A.dtype))
+        lora = F.linear(F.linear(xd, A), B)
+    return (base + ((g - 1) * base_result + g * lora * s)).to(x.dtype)
+
+
+def make(lead, K, N, r, dtype, device, bias=True, adapter_dtype=None, s=0.75):
+    adapter_dtype = adapter_dtype or dtype
+    x = torch.randn(*lead, K, device=device).to(dtype)
+    W = (torch.randn(N, K, device=device) / K**0.5).to(dtype)
+    b = torch.randn(N, device=device).to(dtype) if bias else None
+    A = (torch.randn(r, K, device=device) / K**0.5).to(adapter_dtype)
+    B = (torch.randn(N, r, device=device) / r**0.5).to(adapter_dtype)
+    # magnitude: the init value (the row norm) times a random factor, so that g = m / norm is not 1
+    norm = torch.linalg.norm(W.double() + s * (B.double() @ A.double()), dim=1)
+    m = (norm * (0.5 + torch.rand(N, device=device, dtype=torch.float64))).to(adapter_dtype)
+    return x, W, b, A, B, m
+
+
+def run_and_check(backend, device, dtype, lead, K, N, r, bias, p, adapter_dtype=None):
+    s = 0.75
+    x, W, b, A, B, m = make(lead, K, N, r, dtype, device, bias, adapter_dtype, s)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, A, B, m)]
+    with record_dropout() as calls:
+        y = lora_kernels.dora_linear(leaves[0], W, b, *leaves[1:3], s, leaves[3], dropout_p=p, backend=backend)
+    keep = None
+    if p > 0 and x.numel():
+        assert len(calls) == 1
+        keep = lora_kernels.dropout_mask(*calls[0], x.shape, p, device=device)
+        assert 0 < (~keep).sum() < keep.numel()
+    dy = torch.randn_like(y)
+    y.backward(dy)
+
+    def formula(cast):
+        ts = [cast(t).detach().clone().requires_grad_() for t in (x, A, B, m)]
+        out = peft_formula(ts[0], cast(W), None if b is None else cast(b), ts[1], ts[2], s, ts[3], keep, p,
+                           gemm_in_x_dtype=True)
+        out.backward(dy.to(out.dtype))
+        return out, [t.grad for t in ts]
+
+    ref, ref_g = formula(lambda t: t.double())
+    base, base_g = formula(lambda t: t)
+    assert y.dtype == dtype and y.shape == (*x.shape[:-1], N)
+    assert_tolerance(y, ref, base, "y")
+    # The fast backends cast adapter tiles to x's dtype for their rank-r GEMMs (their precision policy, as for
+    # lora_linear): with float32 adapters on a 16-bit x, the adapter grads carry x-dtype rounding, while PEFT's
+    # LoRA path is float32. There the floor is x's dtype's (as tests/test_peft_patch.py's 1e-3 floor).
+    mixed = backend != "torch" and A.dtype != dtype
+    for name, leaf, r64, b0 in zip(("dx", "dA", "dB", "dmagnitude"), leaves, ref_g, base_g):
+        assert leaf.grad.dtype == leaf.dtype, name
+        floor = 2 * torch.finfo(dtype).eps * r64.abs().max().item() if (mixed and name != "dx") else None
+        assert_tolerance(leaf.grad, r64, b0, name, floor=floor)
+    return y
+
+
+@pytest.mark.parametrize("backend,device,dtype", CASES, ids=IDS)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("lead,K,N,r", SHAPES)
+def test_against_float64(backend, device, dtype, lead, K, N, r, p):
+    run_and_check(backend, device, dtype, lead, K, N, r, bias=True, p=p)
+
+
+@pytest.mark.parametrize("backend,device,dtype", CASES, ids=IDS)
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_no_bias(backend, device, dtype, p):
+    run_and_check(backend, device, dtype, (3, 7), 36, 44, 8, bias=False, p=p)
+
+
+@pytest.mark.parametrize("backend,device", backend_cases(), ids=lambda v: str(v))
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_fp32_adapters_on_half_base(backend, device, p):
+    dtype = torch.float16 if device == "cpu" else torch.bfloat16
+    run_and_check(backend, device, dtype, (5, 3), 56, 40, 16, bias=True, p=p, adapter_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("backend,device", backend_cases(), ids=lambda v: str(v))
+def test_eval_has_no_dropout(backend, device):
+    x, W, b, A, B, m = make((6,), 24, 20, 4, torch.float32, device)
+    with record_dropout() as calls:
+        y_eval = lora_kernels.dora_linear(x, W, b, A, B, 2.0, m, dropout_p=0.5, training=False, backend=backend)
+    assert calls == []
+    y0 = lora_kernels.dora_linear(x, W, b, A, B, 2.0, m, backend=backend)
+    torch.testing.assert_close(y_eval, y0, rtol=0, atol=0)
+
+
+def test_dropout_is_seeded_by_torch_rng():
+    x, W, b, A, B, m = make((9,), 32, 16, 4, torch.float32, "cpu")
+    torch.manual_seed(5)
+    y1 = lora_kernels.dora_linear(x, W, b, A, B, 1.0, m, dropout_p=0.2)
+    torch.manual_seed(5)
+    y2 = lora_kernels.dora_linear(x, W, b, A, B, 1.0, m, dropout_p=0.2)
+    y3 = lora_kernels.dora_linear(x, W, b, A, B, 1.0, m, dropout_p=0.2)
+    assert torch.equal(y1, y2) and not torch.equal(y1, y3)
+
+
+def test_backends_agree_on_dropout_mask():
+    if "triton" not in [b for b, _ in backend_cases()]:
+        pytest.skip("no Triton backend here (needs a GPU or TRITON_INTERPRET=1)")
+    device = "cuda" if HAS_CUDA else "cpu"
+    x, W, b, A, B, m = make((11,), 40, 24, 8, torch.float32, device)
+    ys = []
+    for backend in ("torch", "triton"):
+        torch.manual_seed(9)
+        ys.append(lora_kernels.dora_linear(x, W, b, A, B, 1.5, m, dropout_p=0.4, backend=backend))
+    torch.testing.assert_close(ys[0], ys[1], rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------- the registered op and autograd
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_gradcheck_float64_registered_op(p):
+    # g enters the op as an input (the norm is computed outside it and detached), so every input can be checked
+    x, W, b, A, B, m = make((2, 3), 20, 12, 4, torch.float64, "cpu")
+    g = torch.rand(12, dtype=torch.float64) + 0.5
+    seed = torch.tensor(4321, dtype=torch.int64)
+    ins = [t.reshape(-1, 20) if i == 0 else t for i, t in enumerate((x, W, b, A, B, g))]
+    for t in ins:
+        t.requires_grad_()
+
+    def f(x, W, b, A, B, g):
+        return torch.ops.lora_kernels.dora_fwd(x, W, b, A, B, g, 1.5, p, seed, 0, "torch")[0]
+
+    assert torch.autograd.gradcheck(f, tuple(ins))
+
+
+def test_gradcheck_public_op_with_norm_held_fixed():
+    # through dora_linear: x, magnitude (the norm does not depend on them) are checked by gradcheck; A and B
+    # against float64 autograd of PEFT's formula (their grads exclude the detached norm) in test_against_float64
+    x, W, b, A, B, m = make((5,), 16, 10, 3, torch.float64, "cpu")
+    x.requires_grad_(), m.requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, m: lora_kernels.dora_linear(x, W, b, A, B, 1.25, m), (x, m))
+
+
+def test_trainable_base_weight_and_bias():
+    for p in (0.0, 0.3):
+        x, W, b, A, B, m = make((7,), 24, 12, 4, torch.float64, "cpu")
+        leaves = [t.clone().requires_grad_() for t in (x, W, b, A, B, m)]
+        with record_dropout() as calls:
+            y = lora_kernels.dora_linear(leaves[0], leaves[1], leaves[2], leaves[3], leaves[4], 1.5, leaves[5],
+                                         dropout_p=p)
+        keep = lora_kernels.dropout_mask(*calls[0], x.shape, p) if p else None
+        dy = torch.randn_like(y)
+        y.backward(dy)
+        refs = [t.clone().requires_grad_() for t in (x, W, b, A, B, m)]
+        peft_formula(refs[0], refs[1], refs[2], refs[3], refs[4], 1.5, refs[5], keep, p).backward(dy)
+        for got, want in zip(leaves, refs):
+            torch.testing.assert_close(got.grad, want.grad, rtol=1e-10, atol=1e-10)
+
+
+def test_opcheck():
+    x, W, b, A, B, m = make((9,), 24, 16, 4, torch.float32, "cpu")
+    g = torch.rand(16) + 0.5
+    seed = torch.tensor(1234, dtype=torch.int64)
+    A.requires_grad_(), B.requires_grad_(), g.requires_grad_()
+    for p in (0.0, 0.2):
+        torch.library.opcheck(torch.ops.lora_kernels.dora_fwd.default, (x, W, b, A, B, g, 0.5, p, seed, 0, "torch"))
+    z, u, dy = torch.randn(9, 16), torch.randn(9, 4), torch.randn(9, 16)
+    for p in (0.0, 0.2):
+        torch.library.opcheck(torch.ops.lora_kernels.dora_bwd.default,
+                              (dy, x, W, A.detach(), B.detach(), g.detach(), z, u, 0.5, p, seed, 0, "torch",
+                               True, True, True, True))
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self, p, dtype=torch.float32):
+        super().__init__()
+        self.w = torch.nn.Parameter((torch.randn(32, 24) / 5).to(dtype), requires_grad=False)
+        self.a = torch.nn.Parameter(torch.randn(4, 24) / 5)
+        self.b = torch.nn.Parameter(torch.randn(32, 4) / 2)
+        self.m = torch.nn.Parameter(torch.rand(32) + 0.5)
+        self.p = p
+
+    def forward(self, x):
+        h = lora_kernels.dora_linear(x, self.w, None, self.a, self.b, 2.0, self.m, dropout_p=self.p,
+                                     training=self.training)
+        return torch.relu(h).sum(-1)
+
+
+@pytest.mark.parametrize("p,dtype", [(0.0, torch.float32), (0.1, torch.float32), (0.0, torch.bfloat16)])
+def test_torch_compile_fullgraph(p, dtype):
+    # bf16 W: the norm's W Aᵀ takes the chunked up-cast path inside the graph
+    torch._dynamo.reset()
+    m = _Tiny(p, dtype)
+    x = torch.randn(3, 5, 24).to(dtype)
+    out = torch.compile(m, fullgraph=True)(x)
+    out.sum().backward()
+    grads = [t.grad.clone() for t in (m.a, m.b, m.m)]
+    assert all(torch.isfinite(g).all() for g in grads)
+    if p == 0.0:
+        m.zero_grad()
+        ref = m(x)
+        ref.sum().backward()
+        torch.testing.assert_close(out, ref)
+        for got, want in zip(grads, (m.a.grad, m.b.grad, m.m.grad)):
+            torch.testing.assert_close(got, want)
+
+
+def test_double_backward_raises():
+    x, W, b, A, B, m = make((4,), 16, 8, 2, torch.float32, "cpu")
+    x.requires_grad_()
+    y = lora_kernels.dora_linear(x, W, b, A, B, 1.0, m)
+    (gx,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        gx.sum().backward()
+
+
+# ------------------------------------------------------------------------------------------------- the norm
+def _norm64(W, A, B, s):
+    return torch.linalg.norm(W.double() + s * (B.double() @ A.double()), dim=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_weight_norm_matches_float64(dtype):
+    W = (torch.randn(70, 90) / 9).to(dtype)
+    A, B = torch.randn(6, 90) / 9, torch.randn(70, 6) / 3
+    got = dora.dora_weight_norm(W, A, B, 2.0)
+    assert got.dtype == torch.float32 and got.shape == (70,)
+    ref = _norm64(W, A, B, 2.0)
+    # PEFT's norm in fp32 (its default: W up-cast to the fp32 adapters' dtype) is the baseline
+    base = torch.linalg.norm(W.float() + 2.0 * (B @ A), dim=1)
+    # W Aᵀ is one GEMM in W's dtype (fp32 accumulation, rounded once): allow 16-bit rounding of the cross term
+    tol = 0.0 if dtype == torch.float32 else torch.finfo(dtype).eps
+    assert (got.double() - ref).abs().max() <= 2 * (base.double() - ref).abs().max() + tol * ref.abs().max()
+
+
+_TRITON_DEVICES = sorted({d for b, d in backend_cases() if b == "triton"})
+
+
+@pytest.mark.skipif(not _TRITON_DEVICES, reason="no Triton here (needs a GPU or TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("N,K,r", [(70, 90, 6), (33, 200, 256), (5, 17, 1), (300, 1000, 64)])
+def test_row_norm_kernel_matches_float64(dtype, N, K, r):
+    # the fast backends' norm: one Triton pass, tiles of W + s·B A in registers (3xTF32 dots on GPUs)
+    from lora_kernels.dora_kernels import row_norm
+
+    device = _TRITON_DEVICES[-1]  # cuda when there is one
+    if device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter mis-computes bf16")
+    W = (torch.randn(N, K, device=device) / K**0.5).to(dtype)
+    A, B = torch.randn(r, K, device=device) / K**0.5, torch.randn(N, r, device=device) / r**0.5
+    got = row_norm(W, A, B, 2.0)
+    ref = _norm64(W, A, B, 2.0)
+    base = torch.linalg.norm(W.float() + 2.0 * (B @ A), dim=1)  # PEFT's: float32, N×K temporaries
+    assert got.dtype == torch.float32 and got.shape == (N,)
+    e, e0 = (got.double() - ref).abs().max().item(), (base.double() - ref).abs().max().item()
+    assert e <= 2 * e0 + 2 * torch.finfo(torch.float32).eps * ref.abs().max().item(), (e, e0)
+
+
+def test_weight_norm_cancelling_row_is_clamped():
+    # a row where s·B A = −W: the expansion's rounding can go negative; the norm is clamped to 0, not NaN
+    W, A = torch.randn(3, 16), torch.randn(1, 16)
+    B = torch.zeros(3, 1)
+    W[1] = A[0] * 0.5
+    B[1, 0] = -0.25  # s = 2: s·B A row 1 = −0.5 A = −W[1]
+    n = dora.dora_weight_norm(W, A, B, 2.0)
+    assert torch.isfinite(n).all() and n[1] < 1e-3 and n[0] > 0.1
+
+
+def _count_wsq(monkeypatch):
+    calls = []
+    real = dora._weight_sq_compute
+
+    def counting(w, acc):
+        calls.append(w.shape)
+        return real(w, acc)
+
+    monkeypatch.setattr(dora, "_weight_sq_compute", counting)
+    return calls
+
+
+def test_norm_cache_hits_and_invalidation(monkeypatch):
+    calls = _count_wsq(monkeypatch)
+    W = torch.nn.Parameter(torch.randn(20, 30) / 5, requires_grad=False)
+    A, B = torch.randn(4, 30) / 5, torch.randn(20, 4) / 2
+
+    def check():
+        torch.testing.assert_close(dora.dora_weight_norm(W, A, B, 1.5).double(), _norm64(W, A, B, 1.5),
+                                   rtol=1e-5, atol=1e-6)
+
+    check()
+    assert len(calls) == 1
+    check()
+    B.add_(0.3)  # adapters change every step: not part of the cache
+    check()
+    assert len(calls) == 1, "cache hit expected while W is unchanged"
+    with torch.no_grad():
+        W.add_(0.5)  # in place: bumps W's version counter
+    check()
+    assert len(calls) == 2
+    with torch.no_grad():
+        W.copy_(torch.randn(20, 30))
+    check()
+    assert len(calls) == 3
+    W.data = torch.randn(20, 30)  # new storage, version counter untouched
+    check()
+    assert len(calls) == 4
+    W.data = W.data.t().contiguous().t()  # same values, other strides
+    check()
+    assert len(calls) == 5
+    # dora_linear follows a changed W too
+    x, m = torch.randn(5, 30), torch.rand(20) + 0.5
+    y1 = lora_kernels.dora_linear(x, W, None, A, B, 1.5, m)
+    with torch.no_grad():
+        W.mul_(2.0)
+    y2 = lora_kernels.dora_linear(x, W, None, A, B, 1.5, m)
+    ref2 = peft_formula(x.double(), W.double(), None, A.double(), B.double(), 1.5, m.double())
+    torch.testing.assert_close(y2.double(), ref2, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(y1, y2)
+
+
+def test_norm_cache_documented_blind_spot(monkeypatch):
+    # an in-place change through .data bypasses the version counter: the cache cannot see it (documented);
+    # clear_weight_norm_cache() is the remedy
+    calls = _count_wsq(monkeypatch)
+    W = torch.randn(8, 12)
+    A, B = torch.randn(2, 12), torch.randn(8, 2)
+    dora.dora_weight_norm(W, A, B, 1.0)
+    W.data.mul_(3.0)
+    dora.dora_weight_norm(W, A, B, 1.0)
+    assert len(calls) == 1
+    dora.clear_weight_norm_cache()
+    torch.testing.assert_close(dora.dora_weight_norm(W, A, B, 1.0).double(), _norm64(W, A, B, 1.0),
+                               rtol=1e-5, atol=1e-6)
+    assert len(calls) == 2
+
+
+def test_norm_cache_does_not_keep_weights_alive():
+    import gc
+    import weakref
+
+    W = torch.randn(16, 16)
+    dora.dora_weight_norm(W, torch.randn(2, 16), torch.randn(16, 2), 1.0)
+    ref = weakref.ref(W)
+    del W
+    gc.collect()
+    assert ref() is None
+
+
+# ----------------------------------------------------------------------------------- no N×K temporary
+class _Allocs(TorchDispatchMode):
+    """Records the element count of every tensor an ATen op returns in new memory (views and in-place results,
+    whose storage is an input's, are not allocations)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.sizes.append((str(func), t.untyped_storage().nbytes() // t.element_size()))
+        return out
+
+
+def _nk_allocations(fn, N, K):
+    mode = _Allocs()
+    with mode:
+        fn()
+    return [(f, n) for f, n in mode.sizes if n >= N * K]
+
+
+# the torch backend up-casts 16-bit operands (its reference math): fp32 there; Triton runs 16-bit as given
+_ALLOC_CASES = [("torch", torch.float32)] + (
+    [("triton", torch.float16)] if any(b == "triton" for b, _ in backend_cases()) else [])
+
+
+@pytest.mark.parametrize("backend,dtype", _ALLOC_CASES, ids=lambda v: str(v))
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_no_nk_temporary(monkeypatch, backend, dtype, p):
+    # M·N, M·K, N·r, ... are all far below N·K here, so any tensor of N·K elements or more is a weight-sized
+    # temporary. The ‖W‖² cache fill up-casts W in row chunks: made smaller than W to show that it chunks.
+    M, K, N, r = 6, 64, 48, 4
+    monkeypatch.setattr(dora, "_CHUNK_ELEMS", N * K // 4)
+    dora.clear_weight_norm_cache()
+    x, W, b, A, B, m = make((M,), K, N, r, dtype, "cpu", adapter_dtype=torch.float32)
+    x.requires_grad_(), A.requires_grad_(), B.requires_grad_(), m.requires_grad_()
+
+    def fwd_bwd():
+        y = lora_kernels.dora_linear(x, W, b, A, B, 2.0, m, dropout_p=p, backend=backend)
+        y.backward(torch.randn_like(y))
+
+    assert _nk_allocations(fwd_bwd, N, K) == []
+
+
+def test_nk_detector_sees_peft_dora():
+    # the same detector flags PEFT's DoRA layer, which builds the N×K LoRA weight each call
+    peft = pytest.importorskip("peft")
+    M, K, N = 6, 64, 48
+
+    class One(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(K, N)
+
+        def forward(self, x):
+            return self.lin(x)
+
+    model = peft.get_peft_model(One(), peft.LoraConfig(r=4, target_modules=["lin"], use_dora=True))
+    x = torch.randn(M, K, requires_grad=True)
+    assert _nk_allocations(lambda: model(x).sum().backward(), N, K) != []
+
+
+# ------------------------------------------------------------------------------------------------- errors
+def _good(dtype=torch.float32):
+    return make((4,), 16, 8, 2, dtype, "cpu")
+
+
+def test_bad_magnitude_errors():
+    x, W, b, A, B, m = _good()
+    cases = [
+        (torch.rand(9), "magnitude must have shape \\(N=8,\\)"),
+        (torch.rand(8, 1), "magnitude must have shape"),
+        (torch.rand(8, dtype=torch.float16), "magnitude dtype torch.float16 must be float32 or x's dtype"),
+        (torch.arange(8), "magnitude dtype torch.int64"),
+        ([1.0] * 8, "magnitude must be a Tensor"),
+        (torch.rand(8, device="meta"), "magnitude is on meta but x is on cpu"),
+    ]
+    for mag, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            lora_kernels.dora_linear(x, W, b, A, B, 1.0, mag)
+
+
+def test_shared_checks_name_dora_linear():
+    x, W, b, A, B, m = _good()
+    with pytest.raises(ValueError, match="dora_linear: lora_B must have shape"):
+        lora_kernels.dora_linear(x, W, b, A, B.t(), 1.0, m)
+    with pytest.raises(ValueError, match="dora_linear: dropout_p must be in"):
+        lora_kernels.dora_linear(x, W, b, A, B, 1.0, m, dropout_p=1.0)
+    with pytest.raises(ValueError, match="dora_linear: x's last dim"):
+        lora_kernels.dora_linear(x[:, :5], W, b, A, B, 1.0, m)
+    with pytest.raises(ValueError, match="unknown backend"):
+        lora_kernels.dora_linear(x, W, b, A, B, 1.0, m, backend="nope")
+
+
+def test_float64_needs_float64_adapters():
+    x, W, b, A, B, m = _good(torch.float64)
+    with pytest.raises(ValueError, match="float64 x needs float64 lora_A, lora_B and magnitude"):
+        lora_kernels.dora_linear(x, W, b, A.float(), B, 1.0, m)
+    with pytest.raises(ValueError, match="float64 x needs float64"):
+        lora_kernels.dora_linear(x, W, b, A, B, 1.0, m.float())
+
+
+def test_half_magnitude_on_half_x_is_accepted():
+    x, W, b, A, B, m = _good(torch.float16)
+    assert m.dtype == torch.float16
+    y = lora_kernels.dora_linear(x, W, b, A, B, 1.0, m)
+    assert y.dtype == torch.float16 and torch.isfinite(y).all()
+
+
+# ------------------------------------------------------------------------------------------------- GPU only
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+
+
+def _gpu_backends():
+    return [b for b in ("torch", "triton", "cuda") if b in lora_kernels.available_backends()]
+
+
+@gpu
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_gpu_bf16_fp32_adapters_every_backend(p):
+    for backend in _gpu_backends():
+        run_and_check(backend, "cuda", torch.bfloat16, (4, 128), 512, 384, 16, bias=True, p=p,
+                      adapter_dtype=torch.float32)
+        run_and_check(backend, "cuda", torch.bfloat16, (300,), 1024, 256, 64, bias=False, p=p)
+
+
+def _peak_fwd_bwd(fn):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+@gpu
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_gpu_peak_memory_against_lora(p):
+    # DoRA saves z (M×N) for the magnitude grad and, in backward, writes the scaled dy (M×N); at p > 0 its forward
+    # holds one M×K buffer (keep ⊙ x, then x − keep ⊙ x / q) and its backward one M×K product. Nothing N×K:
+    # with M = 512 an N×K bf16 temporary (32 MiB) would exceed the whole allowance.
+    M, K, N, r = 512, 4096, 4096, 16
+    dt, dev = torch.bfloat16, "cuda"
+    x = torch.randn(M, K, device=dev, dtype=dt, requires_grad=True)
+    W = (torch.randn(N, K, device=dev) / K**0.5).to(dt)
+    A = (torch.randn(r, K, device=dev) / K**0.5).requires_grad_()
+    B = torch.randn(N, r, device=dev).requires_grad_()
+    m = (torch.rand(N, device=dev) + 0.5).requires_grad_()
+    dy = torch.randn(M, N, device=dev, dtype=dt)
+    for backend in _gpu_backends():
+        def lora():
+            torch.autograd.grad(lora_kernels.lora_linear(x, W, None, A, B, 2.0, dropout_p=p, backend=backend),
+                                (x, A, B), dy)
+
+        def dora_():
+            torch.autograd.grad(lora_kernels.dora_linear(x, W, None, A, B, 2.0, m, dropout_p=p, backend=backend),
+                                (x, A, B, m), dy)
+
+        lora(), dora_()  # warm-up: kernels compiled, the ‖W‖² cache filled
+        extra = _peak_fwd_bwd(dora_) - _peak_fwd_bwd(lora)
+        allowance = 2 * M * N * 2 + (2 * M * K * 2 if p > 0 else 0) + 64 * N * (r + 8) + (1 << 20)
+        print(f"{backend} p={p}: DoRA peak - LoRA peak = {extra / 2**20:.1f} MiB (allowance {allowance / 2**20:.1f})")
+        assert extra <= allowance, (backend, extra, allowance)

@@ -1,0 +1,75 @@
+"""The cuda backend's sm_90 path (csrc/gemm_sm90.*): on a compute-capability-9.0 GPU with 16-bit x, the frozen GEMM
+and the rank-r expand run as one CUTLASS GEMM whose last K-tiles come from (s·u, B) (forward) or (s·g, A) (dx at
+p = 0). GPU-only (skips elsewhere): the path is the one taken where it should be (and is what the benchmarks time),
+it falls back with a reason where it cannot run, and its outputs and grads meet the float64 tolerance rule."""
+import pytest
+import torch
+
+import lora_kernels
+
+from conftest import HAS_CUDA
+from test_contract import run_and_check
+
+pytestmark = [
+    pytest.mark.usefixtures("poisoned_outputs"),
+    pytest.mark.skipif(not HAS_CUDA or "cuda" not in lora_kernels.available_backends(),
+                       reason="needs the cuda backend on a GPU"),
+]
+
+
+def _hopper():
+    return HAS_CUDA and torch.cuda.get_device_capability() == (9, 0)
+
+
+def _path(M, K, N, dtype=torch.bfloat16, bias=False):
+    from lora_kernels.backends import cuda_backend
+
+    x = torch.randn(M, K, device="cuda").to(dtype)
+    W = torch.randn(N, K, device="cuda").to(dtype)
+    b = torch.randn(N, device="cuda").to(dtype) if bias else None
+    return cuda_backend.gemm_path(x, W, b)
+
+
+@pytest.mark.skipif(not _hopper(), reason="the sm_90 GEMM runs on compute capability 9.0 only")
+@pytest.mark.parametrize("K,N", [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_benchmarked_shapes_take_the_sm90_path(K, N, dtype):
+    # The benchmark's Llama-3-8B layer shapes (forward x W^T and dx = dy W alike): the fused GEMM, not cuBLAS.
+    assert _path(64, K, N, dtype) == "sm90"
+    assert _path(64, N, K, dtype, bias=True) == "sm90"
+
+
+@pytest.mark.skipif(not _hopper(), reason="the sm_90 GEMM runs on compute capability 9.0 only")
+def test_fallback_says_why():
+    assert _path(8, 36, 64).startswith("cublas: K and N must be multiples of 8")
+    assert _path(8, 64, 36).startswith("cublas: K and N must be multiples of 8")
+    assert _path(8, 64, 64, torch.float32).startswith("cublas: x is not float16 or bfloat16")
+
+
+@pytest.mark.skipif(not _hopper(), reason="the sm_90 GEMM runs on compute capability 9.0 only")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("adapter_dtype", [torch.float32, None])
+@pytest.mark.parametrize("lead,K,N,r", [((1,), 64, 8, 1), ((7,), 200, 136, 16), ((3, 100), 520, 1024, 64),
+                                         ((300,), 4096, 264, 100), ((129,), 72, 4096, 256)])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_sm90_path_against_float64(dtype, adapter_dtype, lead, K, N, r, p):
+    # K, N multiples of 8 but not of the 64/128 tile; r from 1 to 256 (1 to 4 extension K-tiles); fp32 adapters
+    # (PEFT's default) and 16-bit ones; with dropout the dx GEMM has no extension (masked term written first).
+    assert _path(1, K, N, dtype) == "sm90"
+    run_and_check("cuda", "cuda", dtype, lead, K, N, r, bias=True, p=p, adapter_dtype=adapter_dtype)
+
+
+@pytest.mark.skipif(not _hopper(), reason="the sm_90 GEMM runs on compute capability 9.0 only")
+def test_sm90_path_is_deterministic():
+    x = torch.randn(333, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    W = torch.randn(512, 1024, device="cuda", dtype=torch.bfloat16) / 32
+    A = (torch.randn(16, 1024, device="cuda") / 32).requires_grad_()
+    B = torch.randn(512, 16, device="cuda").requires_grad_()
+    dy = torch.randn(333, 512, device="cuda", dtype=torch.bfloat16)
+    outs = []
+    for _ in range(2):
+        y = lora_kernels.lora_linear(x, W, None, A, B, 2.0, backend="cuda")
+        gx, gA, gB = torch.autograd.grad(y, (x, A, B), dy)
+        outs.append((y, gx, gA, gB))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
