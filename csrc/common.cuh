@@ -1,11 +1,12 @@
 // Device helpers shared by every kernel file: dtype conversion, vector loads and stores, the dropout mask applied
 // to loaded or stored groups, and the block shapes common to all kernels. No torch headers.
 //
-// Design of the kernels (the frozen GEMMs stay in cuBLAS, called by binding.cpp): the expand pass writes
-// y = u B^T + bias once, then cuBLAS runs y += x W^T with beta = 1 (it reads y in its epilogue, overlapped with its
-// compute-bound main loop); the same for dx (the dx pass, then dx += dy W). A GEMM main loop of our own was slower
-// than cuBLAS (bench/results/README.md), so the rank-r work is fused around cuBLAS rather than into it. Extra
-// traffic per layer: one write of y (M*N) and one read of x (shrink).
+// Design of the kernels around the frozen GEMMs (binding.cpp calls them): the expand pass writes y = u B^T + bias
+// once, then cuBLAS runs y += x W^T with beta = 1 (it reads y in its epilogue, overlapped with its compute-bound
+// main loop); the same for dx (the dx pass, then dx += dy W). Extra traffic per layer: one write of y (M*N) and one
+// read of x (shrink). On sm_90 with 16-bit x the forward and the dropout-free dx instead run as one CUTLASS GEMM
+// with the rank-r term in its K axis (gemm_sm90.*, fed by the shrink and gemm_sm90_pack.cu); these passes then
+// serve the other GPUs, dtypes and shapes, and the dx with dropout.
 //
 // Two implementations of every rank-r kernel, side by side in each pass's file:
 //  * 16-bit inputs (x dtype T = fp16 / bf16) on sm_80+: tensor cores, ldmatrix + mma.sync.m16n8k16 with fp32

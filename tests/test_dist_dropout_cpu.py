@@ -5,7 +5,7 @@ lora_kernels draws one Philox seed per dropout call from torch's default CPU gen
 rank and per-rank seeds (accelerate's set_seed(s, device_specific=True): s + process index) give per-rank masks.
 Checked for a patched PEFT model under DDP and FSDP2: the (seed, offset) of the first dropout call of a training
 step (lora_kernels.record_dropout) on each rank, next to plain torch dropout after the same seeding. Also: the
-same check as bench/fsdp_train.py --checks runs it on the GPUs (bench/two_gpu.sh), and that its verdicts fail
+same check as bench/train/fsdp_train.py --checks runs it on the GPUs (bench/train/two_gpu.sh), and that its verdicts fail
 when they should.
 """
 import json
@@ -102,7 +102,7 @@ if rank == 0:
 dist.barrier()
 dist.destroy_process_group()
 sys.stdout.flush()
-os._exit(0)  # skip gloo's C++ static teardown (see bench/fsdp_train.py)
+os._exit(0)  # skip gloo's C++ static teardown (see bench/train/fsdp_train.py)
 '''
 
 
@@ -153,14 +153,14 @@ def test_dropout_seeds_follow_each_ranks_torch_rng(tmp_path):
 
 
 def _fsdp_train():
-    for rel in ("bench/fsdp_train.py", "bench/train/fsdp_train.py"):
+    for rel in ("bench/train/fsdp_train.py",):
         if os.path.exists(os.path.join(ROOT, rel)):
             return os.path.join(ROOT, rel)
-    pytest.skip("bench/fsdp_train.py not found")
+    pytest.skip("bench/train/fsdp_train.py not found")
 
 
 def test_fsdp_train_checks_on_cpu(tmp_path):
-    """The checks bench/two_gpu.sh runs on the GPUs, here on CPU/gloo: FSDP2, 2 ranks, dropout 0.05."""
+    """The checks bench/train/two_gpu.sh runs on the GPUs, here on CPU/gloo: FSDP2, 2 ranks, dropout 0.05."""
     pytest.importorskip("peft")
     script = _fsdp_train()
     out = tmp_path / "fsdp.json"
@@ -183,7 +183,7 @@ def test_fsdp_train_checks_on_cpu(tmp_path):
 
 
 def test_verdicts_fail_when_they_should():
-    """bench/dist_checks.verdicts on hand-made per-rank dicts: each check can fail."""
+    """bench/train/dist_checks.verdicts on hand-made per-rank dicts: each check can fail."""
     bench = os.path.dirname(_fsdp_train())
     sys.path.insert(0, bench)
     try:
@@ -228,10 +228,10 @@ def test_verdicts_fail_when_they_should():
 
 
 def test_loss_rule_of_the_two_gpu_report():
-    """bench/two_gpu_report.loss_checks: ours may differ from 1 rank by 2x PEFT's own 2-vs-1-rank difference + floor."""
+    """bench/train/two_gpu_report.loss_checks: ours may differ from 1 rank by 2x PEFT's own 2-vs-1-rank difference + floor."""
     bench = os.path.dirname(_fsdp_train())
     if not os.path.exists(os.path.join(bench, "two_gpu_report.py")):
-        pytest.skip("bench/two_gpu_report.py not found")
+        pytest.skip("bench/train/two_gpu_report.py not found")
     sys.path.insert(0, bench)
     try:
         import two_gpu_report

@@ -476,9 +476,9 @@ def test_module_merge_unmerge(dtype):
 def test_bench_dora_providers_compute_the_same_layer():
     import sys
 
-    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "suite")
     if not os.path.exists(os.path.join(bench, "providers.py")):
-        pytest.skip("no bench/providers.py")
+        pytest.skip("no bench/suite/providers.py")
     sys.path.insert(0, bench)
     try:
         import providers

@@ -1,4 +1,4 @@
-"""bench/host_time.py runs (here on whatever device the machine has, in its quick mode) and writes its table as
+"""bench/tools/host_time.py runs (here on whatever device the machine has, in its quick mode) and writes its table as
 JSON: every provider in both modes, for every M and p, with the ratio to F.linear."""
 import json
 import os
@@ -14,7 +14,8 @@ def test_host_time_bench_quick(tmp_path):
     out = tmp_path / "host_time.json"
     # ROOT after the caller's path: an installed build (the GPU run's wheel) must win over the source tree
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([p for p in (os.environ.get("PYTHONPATH"), ROOT) if p]))
-    res = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "host_time.py"), "--quick", "--shape", "40x24",
+    script = os.path.join(ROOT, "bench", "tools", "host_time.py")
+    res = subprocess.run([sys.executable, script, "--quick", "--shape", "40x24",
                           "--ms", "3,17", "--ps", "0,0.2", "--r", "4", "--out", str(out)],
                          env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -1,7 +1,7 @@
-"""The "lorafusion" benchmark provider (bench/peer_lorafusion.py): LoRAFusion's lora_v1 imports from the git-ignored
+"""The "lorafusion" benchmark provider (bench/suite/peer_lorafusion.py): LoRAFusion's lora_v1 imports from the git-ignored
 .peers/lorafusion with its stand-ins and TMA placeholders, the provider says why it is unavailable, and (under
 TRITON_INTERPRET=1 on the CPU, or on a GPU) LoRAFusion's forward and gradients match the float64 formula, including
-the p == 0 backward that needs the dummy mask. Skipped where .peers/lorafusion is absent (CI: bench/get_lorafusion.sh
+the p == 0 backward that needs the dummy mask. Skipped where .peers/lorafusion is absent (CI: bench/tools/get_lorafusion.sh
 fills it). Checks that import LoRAFusion run in a subprocess: it registers modules, and Triton's interpreter mode is
 chosen when its kernels are defined."""
 import json
@@ -13,9 +13,9 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BENCH = os.path.join(ROOT, "bench")
+BENCH = os.path.join(ROOT, "bench", "suite")
 pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(BENCH, "peer_lorafusion.py")),
-                                reason="no bench/peer_lorafusion.py")
+                                reason="no bench/suite/peer_lorafusion.py")
 sys.path.insert(0, BENCH)
 
 
@@ -28,7 +28,7 @@ def _source_dir():
 def _need_source():
     src = _source_dir()
     if not (src / "lorafusion" / "ops" / "lora_v1.py").is_file():
-        pytest.skip(f"no LoRAFusion copy at {src} (bench/get_lorafusion.sh fills it)")
+        pytest.skip(f"no LoRAFusion copy at {src} (bench/tools/get_lorafusion.sh fills it)")
 
 
 def _run(code: str, interpret: bool = True) -> dict:

@@ -33,7 +33,7 @@ if ! skip probe; then
 fi
 if ! skip wheel; then
   stamp wheel
-  LORA_KERNELS_CUDA_ARCHS=90 timeout "${T_WHEEL:-420}" bash "$REPO/bench/gpu_build.sh" > "$OUT/wheel.txt" 2>&1; echo "wheel rc=$?"
+  LORA_KERNELS_CUDA_ARCHS=90 timeout "${T_WHEEL:-420}" bash "$REPO/bench/tools/gpu_build.sh" > "$OUT/wheel.txt" 2>&1; echo "wheel rc=$?"
   tail -5 "$OUT/wheel.txt"
 fi
 if [ -d /tmp/site/lora_kernels ]; then
@@ -52,16 +52,16 @@ print('gemm_path:', torch.ops.lora_kernels_cuda.gemm_path(x, w, None))"
   fi
   if ! skip profile; then
     stamp profile
-    timeout "${T_PROFILE:-120}" python3 "$REPO/bench/profile_layer.py" --backends cuda \
+    timeout "${T_PROFILE:-120}" python3 "$REPO/bench/tools/profile_layer.py" --backends cuda \
       --shapes "${PROFILE_SHAPES:-8192x4096x4096,8192x4096x1024}" --r 16 --p "${PROFILE_P:-0}" > "$OUT/profile.txt" 2>&1
     grep -E "us/call|lora|gemm|sm90|cutlass|Kernel|device_kernel|pack|shrink" "$OUT/profile.txt" | head -40
   fi
   if ! skip bench; then
     stamp bench
-    timeout "${T_BENCH:-200}" python3 -m pytest "$REPO/bench/test_bench_lora.py" -q -p no:cacheprovider --targets \
+    timeout "${T_BENCH:-200}" python3 -m pytest "$REPO/bench/suite/test_bench_lora.py" -q -p no:cacheprovider --targets \
       --providers "${PROVIDERS:-ours-cuda,cublas-base}" --benchmark-json "$OUT/bench.json" --rep-ms 40 --warmup-ms 10 \
       --gpu-reps 20 ${BENCH_K:+-k "$BENCH_K"} > "$OUT/bench_log.txt" 2>&1
-    python3 "$REPO/bench/make_table.py" "$OUT/bench.json" --out "$OUT/" > /dev/null 2>&1
+    python3 "$REPO/bench/tools/make_table.py" "$OUT/bench.json" --out "$OUT/" > /dev/null 2>&1
     sed -n '/## Summary/,/## Per group/p' "$OUT/bench_table.md" 2>/dev/null | head -30
   fi
 fi

@@ -17,8 +17,8 @@ Providers
   addmm            out = F.linear(x, W, b); out.addmm_(x @ Aᵀ, Bᵀ, alpha=s)   -- NO dropout (p is ignored).
   cublas-base      the floor: fwd = F.linear(x, W); fwd_bwd = F.linear(x, W) then dy @ W (base dx GEMM).
   lorafusion       the peer LoRAFusion (CentML/lorafusion c48d7fd) lora_v1.fused_linear_lora, adapters in x's dtype;
-                   loaded by bench/peer_lorafusion.py from $LORAFUSION_DIR or <repo>/.peers/lorafusion (git-ignored,
-                   filled by bench/get_lorafusion.sh).
+                   loaded by bench/suite/peer_lorafusion.py from $LORAFUSION_DIR or <repo>/.peers/lorafusion (git-ignored,
+                   filled by bench/tools/get_lorafusion.sh).
 
 DoRA providers (``--dora``; same inputs, plus a magnitude set to PEFT's init value ‖W + s·B A‖_row)
   ours-dora-<backend>  lora_kernels.dora_linear(..., backend=<backend>), adapters and magnitude in adapter_dtype.

@@ -9,8 +9,8 @@ instead of FSDP2 (fallback).
 
 --variants unpatched,patched trains plain PEFT and then the patched model in the same process (same init, data
 and RNG state; the model is built once on the CPU and each variant trains a copy) and writes them as "runs".
---checks adds per-rank checks (bench/dist_checks.py): NaNs, the device/backend/stream of the LoRA ops and the
-dropout masks across ranks. bench/two_gpu.sh runs the issue-18 set (FSDP2 and DDP on 2 GPUs) with both.
+--checks adds per-rank checks (bench/train/dist_checks.py): NaNs, the device/backend/stream of the LoRA ops and the
+dropout masks across ranks. bench/train/two_gpu.sh runs the issue-18 set (FSDP2 and DDP on 2 GPUs) with both.
 """
 import os
 
@@ -45,7 +45,7 @@ def main(argv=None):
     ap.add_argument("--no-patch", action="store_true", help="plain PEFT (no patch_peft)")
     ap.add_argument("--variants", default=None,
                     help="comma list of 'unpatched', 'patched': each in turn in this process, written as 'runs'")
-    ap.add_argument("--checks", action="store_true", help="per-rank checks (bench/dist_checks.py)")
+    ap.add_argument("--checks", action="store_true", help="per-rank checks (bench/train/dist_checks.py)")
     ap.add_argument("--expect-backend", default=None,
                     help="with --checks: the lora_kernels backend the patched layers must run")
     ap.add_argument("--cpu", action="store_true", help="force CPU/gloo")

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# One device call of named steps against the installed wheel:  STEPS="build tests two_gpu" bash bench/gpu_session.sh
-#   build     wheel with the CUDA extension (bench/gpu_build.sh, sm_90a, CUTLASS from LORA_KERNELS_CUTLASS_DIR or the
+# One device call of named steps against the installed wheel:  STEPS="build tests two_gpu" bash bench/tools/gpu_session.sh
+#   build     wheel with the CUDA extension (bench/tools/gpu_build.sh, sm_90a, CUTLASS from LORA_KERNELS_CUTLASS_DIR or the
 #             nvidia-cutlass wheel under .whl/) into /tmp/site; skipped when /tmp/site exists and REUSE_BUILD=1
 #   tests     the whole GPU suite (pytest-xdist), outcomes in tests.log
-#   two_gpu   bench/two_gpu.sh (FSDP2 and DDP on 2 GPUs, patched vs PEFT), reusing the build
-#   targets   bench/targets.py: the GEMM issue's grid, round-robin with the floor (ours-cuda, LoRAFusion if .peers/)
-#   host      bench/host_time.py: host microseconds per call
-#   dora      the DoRA grid of bench/test_bench_lora.py (--dora), with its table
-#   sanitize  compute-sanitizer memcheck on a small cuda-backend fwd+bwd (bench/sanitize_cuda.py)
+#   two_gpu   bench/train/two_gpu.sh (FSDP2 and DDP on 2 GPUs, patched vs PEFT), reusing the build
+#   targets   bench/suite/targets.py: the GEMM issue's grid, round-robin with the floor (ours-cuda, LoRAFusion if .peers/)
+#   host      bench/tools/host_time.py: host microseconds per call
+#   dora      the DoRA grid of bench/suite/test_bench_lora.py (--dora), with its table
+#   sanitize  compute-sanitizer memcheck on a small cuda-backend fwd+bwd (bench/tools/sanitize_cuda.py)
 # Knobs: T_<STEP> (seconds), TEST_ARGS, TARGETS_ARGS, DORA_ARGS. Files in $OUT (at most 8 come back).
 set -u
 OUT="${OUT:-$PWD/gpu_out}"; mkdir -p "$OUT"
@@ -37,7 +37,7 @@ for step in ${STEPS:-build tests}; do
   case "$step" in
     build)
       if [ -n "${REUSE_BUILD:-}" ] && [ -d /tmp/site/lora_kernels ]; then note "step build: reusing /tmp/site"; continue; fi
-      LORA_KERNELS_CUDA_ARCHS=90 run_step build "${T_BUILD:-300}" bash "$REPO/bench/gpu_build.sh" > "$OUT/build.log" 2>&1
+      LORA_KERNELS_CUDA_ARCHS=90 run_step build "${T_BUILD:-300}" bash "$REPO/bench/tools/gpu_build.sh" > "$OUT/build.log" 2>&1
       tail -3 "$OUT/build.log";;
     tests)
       XDIST=(); python3 -c "import xdist" 2>/dev/null && XDIST=(-n "${TEST_WORKERS:-16}")
@@ -46,28 +46,28 @@ for step in ${STEPS:-build tests}; do
       grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -30; tail -1 "$OUT/tests.log" | tee -a "$SUMMARY";;
     two_gpu)
       # two_gpu.sh has a STEPS knob of its own (training steps): this script's list must not reach it
-      REUSE_BUILD=1 run_step two_gpu "${T_TWO_GPU:-240}" env -u STEPS bash "$REPO/bench/two_gpu.sh" "$OUT" \
+      REUSE_BUILD=1 run_step two_gpu "${T_TWO_GPU:-240}" env -u STEPS bash "$REPO/bench/train/two_gpu.sh" "$OUT" \
         > "$OUT/two_gpu.log" 2>&1
       tail -25 "$OUT/two_gpu.log";;
     targets)
       (cd /tmp && PYTHONPATH=/tmp/site LORAFUSION_DIR="$REPO/.peers/lorafusion" run_step targets "${T_TARGETS:-300}" \
-        python3 "$REPO/bench/targets.py" --out "$OUT/targets.json" ${TARGETS_ARGS:-} > "$OUT/targets.txt" 2>&1)
+        python3 "$REPO/bench/suite/targets.py" --out "$OUT/targets.json" ${TARGETS_ARGS:-} > "$OUT/targets.txt" 2>&1)
       sed -n '/^| mode/,$p' "$OUT/targets.txt";;
     host)
-      (cd /tmp && PYTHONPATH=/tmp/site run_step host "${T_HOST:-120}" python3 "$REPO/bench/host_time.py" \
+      (cd /tmp && PYTHONPATH=/tmp/site run_step host "${T_HOST:-120}" python3 "$REPO/bench/tools/host_time.py" \
         --out "$OUT/host_time.json" > "$OUT/host_time.txt" 2>&1)
       tail -30 "$OUT/host_time.txt";;
     dora)
-      (cd /tmp && PYTHONPATH=/tmp/site run_step dora "${T_DORA:-240}" python3 -m pytest "$REPO/bench/test_bench_lora.py" \
+      (cd /tmp && PYTHONPATH=/tmp/site run_step dora "${T_DORA:-240}" python3 -m pytest "$REPO/bench/suite/test_bench_lora.py" \
         --dora -q -p no:cacheprovider --rep-ms 30 --warmup-ms 10 --gpu-reps 15 ${DORA_ARGS:-} \
         --benchmark-json "$OUT/dora.json" --jsonl /tmp/dora.jsonl > /tmp/dora.log 2>&1)
       if [ -s "$OUT/dora.json" ]; then IN="$OUT/dora.json"; else IN=/tmp/dora.jsonl; fi
-      (cd /tmp && PYTHONPATH=/tmp/site python3 "$REPO/bench/make_table.py" "$IN" --out /tmp/dora_table/ >/dev/null 2>&1)
+      (cd /tmp && PYTHONPATH=/tmp/site python3 "$REPO/bench/tools/make_table.py" "$IN" --out /tmp/dora_table/ >/dev/null 2>&1)
       cp /tmp/dora_table/bench_table.md "$OUT/dora_table.md" 2>/dev/null
       sed -n '/## Summary/,/## Per group/p' "$OUT/dora_table.md" 2>/dev/null | head -30;;
     sanitize)
       (cd /tmp && PYTHONPATH=/tmp/site run_step sanitize "${T_SANITIZE:-150}" compute-sanitizer --tool memcheck \
-        python3 "$REPO/bench/sanitize_cuda.py" > /tmp/sanitize.log 2>&1)
+        python3 "$REPO/bench/tools/sanitize_cuda.py" > /tmp/sanitize.log 2>&1)
       grep -h -E "ERROR SUMMARY|sanitize run done" /tmp/sanitize.log | tee -a "$SUMMARY";;
     *) note "unknown step $step";;
   esac

@@ -2,19 +2,19 @@
 # Put the files of LoRAFusion (CentML/lorafusion, commit c48d7fd) that the "lorafusion" benchmark provider needs
 # into a git-ignored folder (default <repo>/.peers/lorafusion). LoRAFusion's code is never committed here.
 #
-#   bench/get_lorafusion.sh SRC [DEST]
+#   bench/tools/get_lorafusion.sh SRC [DEST]
 #
 # SRC: a LoRAFusion checkout (a folder with lorafusion/ops/lora_v1.py), or a tar(.gz) made by `git archive` of
 #      commit c48d7fd (with or without a --prefix), e.g.
 #        git -C lorafusion archive -o /tmp/lorafusion.tar c48d7fd lorafusion
-# DEST: defaults to $LORAFUSION_DIR, else <repo>/.peers/lorafusion (what bench/peer_lorafusion.py looks for).
+# DEST: defaults to $LORAFUSION_DIR, else <repo>/.peers/lorafusion (what bench/suite/peer_lorafusion.py looks for).
 #
 # Only the lorafusion/ package files that lorafusion.ops.lora_v1 imports are copied (no tests, benchmarks,
 # training, solver or pipeline code): about 180 KB.
 set -euo pipefail
 WANT_COMMIT=c48d7fd
 here="$(cd "$(dirname "$0")" && pwd)"
-repo="$(git -C "$here" rev-parse --show-toplevel 2>/dev/null || (cd "$here/.." && pwd))"
+repo="$(git -C "$here" rev-parse --show-toplevel 2>/dev/null || (cd "$here/../.." && pwd))"
 src="${1:?usage: $0 SRC [DEST]   (SRC: LoRAFusion checkout or git-archive tar of commit $WANT_COMMIT)}"
 dest="${2:-${LORAFUSION_DIR:-$repo/.peers/lorafusion}}"
 
@@ -77,5 +77,5 @@ for f in $FILES; do
   mkdir -p "$dest/$(dirname "$f")"
   cp "$root/$f" "$dest/$f"
 done
-printf 'CentML/lorafusion commit %s, copied by bench/get_lorafusion.sh from %s\n' "$commit" "$src" > "$dest/SOURCE.txt"
+printf 'CentML/lorafusion commit %s, copied by bench/tools/get_lorafusion.sh from %s\n' "$commit" "$src" > "$dest/SOURCE.txt"
 echo "LoRAFusion ($commit) -> $dest ($(du -sk --apparent-size "$dest" | cut -f1) KB)"

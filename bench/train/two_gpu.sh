@@ -2,10 +2,10 @@
 # Issue 18 in one command: PEFT LoRA training of the small Llama under FSDP2 and DDP on 2 GPUs (NCCL), plain PEFT
 # and lora_kernels.patch_peft side by side in each launch, with the checks. README: "Distributed training".
 #
-#   bash bench/two_gpu.sh OUT_DIR            # on a 2-GPU machine (nvidia-h200-x2)
-#   bash bench/two_gpu.sh OUT_DIR --cpu      # the same plumbing on CPU/gloo with the tiny fp32 model
+#   bash bench/train/two_gpu.sh OUT_DIR            # on a 2-GPU machine (nvidia-h200-x2)
+#   bash bench/train/two_gpu.sh OUT_DIR --cpu      # the same plumbing on CPU/gloo with the tiny fp32 model
 #
-# Launches (bench/fsdp_train.py --variants unpatched,patched --checks, each under its own timeout; a launch that
+# Launches (bench/train/fsdp_train.py --variants unpatched,patched --checks, each under its own timeout; a launch that
 # fails or times out is recorded and the script goes on):
 #   one_ddp_p0   1 rank (DDP on one GPU), dropout 0: the 1-GPU reference for the loss comparison
 #   fsdp2_p0, fsdp2_p0.05   2 ranks, FSDP2 (fully_shard per decoder layer + root), dropout 0 and 0.05
@@ -14,7 +14,7 @@
 # archive). Prints the environment first, PASS/FAIL lines and the table last. Exit 0 iff every check passes.
 #
 # Knobs (environment):
-#   BUILD=1 (default on GPU): build the wheel with the CUDA extension into /tmp/site (bench/gpu_build.sh,
+#   BUILD=1 (default on GPU): build the wheel with the CUDA extension into /tmp/site (bench/tools/gpu_build.sh,
 #     LORA_KERNELS_CUDA_ARCHS=90; 1.5-2 min) unless /tmp/site holds a build of these sources (or REUSE_BUILD=1);
 #     the runs then use it and expect the cuda backend. BUILD=0: run the source tree (Triton backend expected).
 #   EXPECT_BACKEND   the backend the patched layers must run (default: cuda with the build, triton without it,
@@ -27,12 +27,12 @@ set -o pipefail
 OUT="${1:-${OUT:-$PWD/two_gpu_out}}"
 MODE=gpu
 [ "${2:-}" = "--cpu" ] && MODE=cpu
-REPO="$(cd "$(dirname "$0")/.." && pwd)"
+REPO="$(cd "$(dirname "$0")/../.." && pwd)"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 WORK="$(mktemp -d)"
 # NVLink multicast / NVLS off for NCCL and symmetric memory; exported, so torchrun and its ranks inherit them
-# (bench/fsdp_train.py also sets them itself).
+# (bench/train/fsdp_train.py also sets them itself).
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 T0=$(date +%s)
@@ -47,7 +47,7 @@ else
   COMMON=(${MODEL_ARGS:-})
 fi
 PY=python3
-REPORT="$REPO/bench/two_gpu_report.py"
+REPORT="$REPO/bench/train/two_gpu_report.py"
 elapsed() { echo $(( $(date +%s) - T0 )); }
 
 echo "=== two_gpu.sh mode=$MODE out=$OUT budget=${BUDGET}s per-launch ${T_RUN}s steps=$STEPS warmup=$WARMUP"
@@ -70,12 +70,12 @@ if [ "$MODE" = gpu ] && [ "${BUILD:-1}" != 0 ]; then
     echo "reused /tmp/site (sources $SRC_HASH)" > "$WORK/build.txt"
   else
     s=$(date +%s)
-    echo "=== build (timeout ${T_BUILD:-150}s): bench/gpu_build.sh"
+    echo "=== build (timeout ${T_BUILD:-150}s): bench/tools/gpu_build.sh"
     LORA_KERNELS_CUDA_ARCHS=${LORA_KERNELS_CUDA_ARCHS:-90} MAX_JOBS=${MAX_JOBS:-$(nproc)} \
-      timeout --kill-after=10 "${T_BUILD:-150}" bash "$REPO/bench/gpu_build.sh" > "$WORK/build.log" 2>&1
+      timeout --kill-after=10 "${T_BUILD:-150}" bash "$REPO/bench/tools/gpu_build.sh" > "$WORK/build.log" 2>&1
     rc=$?
     echo "=== build rc=$rc in $(( $(date +%s) - s ))s"; tail -3 "$WORK/build.log"
-    echo "bench/gpu_build.sh rc=$rc in $(( $(date +%s) - s )) s $(grep -a '^WHEEL=' "$WORK/build.log" | cut -c7-)" \
+    echo "bench/tools/gpu_build.sh rc=$rc in $(( $(date +%s) - s )) s $(grep -a '^WHEEL=' "$WORK/build.log" | cut -c7-)" \
       > "$WORK/build.txt"
     if [ "$rc" = 0 ] && ls /tmp/site/lora_kernels/_C*.so >/dev/null 2>&1; then
       echo "$SRC_HASH" > /tmp/site/.two_gpu_src_hash; USE_SITE=1
@@ -132,7 +132,7 @@ launch() {  # launch <name> <nproc> <fsdp_train.py args...>
   local s=$(date +%s)
   echo "=== [$name] $nproc rank(s), timeout ${t}s: fsdp_train.py $*"
   with_timeout "$t" $PY -m torch.distributed.run --standalone --nproc_per_node "$nproc" \
-    "$REPO/bench/fsdp_train.py" --variants unpatched,patched --checks --expect-backend "$EXPECT_BACKEND" \
+    "$REPO/bench/train/fsdp_train.py" --variants unpatched,patched --checks --expect-backend "$EXPECT_BACKEND" \
     --steps "$STEPS" --warmup "$WARMUP" ${COMMON[@]+"${COMMON[@]}"} "$@" --out "$WORK/$name.json" \
     > "$WORK/$name.log" 2>&1
   local rc=$? secs=$(( $(date +%s) - s ))

@@ -1,6 +1,6 @@
 """Host time per call of one LoRA layer: how long the CPU takes to enqueue a call, next to F.linear's own.
 
-    python3 bench/host_time.py [--out host_time.json] [--shape 4096x4096] [--ms 16,2048] [--ps 0,0.1] [--quick]
+    python3 bench/tools/host_time.py [--out host_time.json] [--shape 4096x4096] [--ms 16,2048] [--ps 0,0.1] [--quick]
 
 Providers: ``F.linear`` (the floor: the linear a LoRA layer replaces), PEFT's ``lora.Linear`` (default config, fp32
 adapters) and ``lora_linear`` on every available backend (fp32 adapters, as PEFT and patch_peft hand them over).

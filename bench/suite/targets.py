@@ -2,7 +2,7 @@
 cuBLAS floor, and each ratio is the median of per-round ratios, so that clock and power drift over the run (which
 moved single measurements of the same kernel by 10-15% on the H200) fall on the floor and the provider alike.
 
-    python3 bench/targets.py --providers ours-cuda,lorafusion --out results.json [--M 2048,8192] [--rounds 15]
+    python3 bench/suite/targets.py --providers ours-cuda,lorafusion --out results.json [--M 2048,8192] [--rounds 15]
 
 GPU time: CUDA events around one call (forward, or forward + backward), calls back to back. Wall time: a host clock
 around `calls` back-to-back calls with a synchronize at both ends, per call. Each group prints one line per

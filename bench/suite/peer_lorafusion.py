@@ -1,7 +1,7 @@
 """LoRAFusion (CentML/lorafusion, commit c48d7fd) as a benchmark peer: the loader and the timed callables of the
-"lorafusion" provider in bench/providers.py.
+"lorafusion" provider in bench/suite/providers.py.
 
-LoRAFusion's code is not part of this repository. ``bench/get_lorafusion.sh SRC`` copies the package files that
+LoRAFusion's code is not part of this repository. ``bench/tools/get_lorafusion.sh SRC`` copies the package files that
 ``lorafusion.ops.lora_v1`` needs into a git-ignored folder, by default ``<repo>/.peers/lorafusion`` (the one with
 ``lorafusion/ops/lora_v1.py`` inside); the environment variable ``LORAFUSION_DIR`` names another one.
 
@@ -29,7 +29,7 @@ What the loader does, none of it by editing LoRAFusion's files:
   ``HardwareConfig`` object at the start of every call (a few attribute stores), so that LoRAFusion's own lookup
   (``get_lora_kernel_config``) picks them up and its call path is otherwise unchanged.
 
-Conventions (those of bench/providers.py): x is passed as a (1, M, K) view (``fused_linear_lora`` needs a 3-D x;
+Conventions (those of bench/suite/providers.py): x is passed as a (1, M, K) view (``fused_linear_lora`` needs a 3-D x;
 the view is made once per input set, as a leaf sharing x's storage), W (N, K), no bias, A (r, K) and B (N, r) in x's
 dtype (LoRAFusion checks that x, W, s and B have one dtype), alpha = the PEFT scaling, a fixed dropout seed.
 ``fwd`` runs under torch.no_grad; ``fwd_bwd`` returns torch.autograd.grad(y, (x, A, B), dy).
@@ -129,7 +129,7 @@ def _harness_disabled(*args, **kwargs):
 
 def _placeholder_tma_modules() -> dict:
     base = "lorafusion.ops.triton_ops."
-    doc = "Inert placeholder for LoRAFusion's TMA module (registered by bench/peer_lorafusion.py)."
+    doc = "Inert placeholder for LoRAFusion's TMA module (registered by bench/suite/peer_lorafusion.py)."
     return {
         base + "tma_utils": _module(base + "tma_utils", doc, HAS_TMA_DESC=False, TmaAutoTuneHelper=None),
         base + "fused_lora_xw_sb_tma": _module(base + "fused_lora_xw_sb_tma", doc,
@@ -172,7 +172,7 @@ def load(root=None) -> LoRAFusion:
         return _LOADED[root]
     if not (root / "lorafusion" / "ops" / "lora_v1.py").is_file():
         raise LoRAFusionUnavailable(
-            f"LoRAFusion source not found: no {root}/lorafusion/ops/lora_v1.py (run bench/get_lorafusion.sh on a "
+            f"LoRAFusion source not found: no {root}/lorafusion/ops/lora_v1.py (run bench/tools/get_lorafusion.sh on a "
             f"checkout or git archive of CentML/lorafusion {COMMIT}, or set {ENV_DIR})")
     loaded = sys.modules.get("lorafusion")
     if loaded is not None:
@@ -188,7 +188,7 @@ def load(root=None) -> LoRAFusion:
         try:
             import loguru  # noqa: F401
         except ImportError:
-            sys.modules["loguru"] = _module("loguru", "Stand-in for loguru (bench/peer_lorafusion.py).",
+            sys.modules["loguru"] = _module("loguru", "Stand-in for loguru (bench/suite/peer_lorafusion.py).",
                                             logger=_Logger())
             added.append("loguru")
             standins.append("loguru")

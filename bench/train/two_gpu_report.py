@@ -1,10 +1,10 @@
-"""Helpers of bench/two_gpu.sh (issue 18): the environment, and the report over its fsdp_train.py launches.
+"""Helpers of bench/train/two_gpu.sh (issue 18): the environment, and the report over its fsdp_train.py launches.
 
-    python3 bench/two_gpu_report.py env WORK              # print the environment, write WORK/env.json
-    python3 bench/two_gpu_report.py backends WORK         # lora_kernels' backends here, WORK/backends.json
-    python3 bench/two_gpu_report.py report WORK OUT --expect-backend B   # OUT/two_gpu.json, OUT/two_gpu.md
+    python3 bench/train/two_gpu_report.py env WORK              # print the environment, write WORK/env.json
+    python3 bench/train/two_gpu_report.py backends WORK         # lora_kernels' backends here, WORK/backends.json
+    python3 bench/train/two_gpu_report.py report WORK OUT --expect-backend B   # OUT/two_gpu.json, OUT/two_gpu.md
 
-WORK holds one JSON per launch (<name>.json, written by bench/fsdp_train.py --variants unpatched,patched --checks)
+WORK holds one JSON per launch (<name>.json, written by bench/train/fsdp_train.py --variants unpatched,patched --checks)
 and launches.tsv (name, nproc, rc, seconds, status) from the shell. The report prints PASS/FAIL lines and the table
 and exits 1 when a check fails.
 

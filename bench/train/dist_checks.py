@@ -1,4 +1,4 @@
-"""Per-rank checks for `bench/fsdp_train.py --checks` (issue 18): NaNs, the device, backend and stream of the LoRA
+"""Per-rank checks for `bench/train/fsdp_train.py --checks` (issue 18): NaNs, the device, backend and stream of the LoRA
 ops, and the dropout RNG across ranks. Every function returns a JSON-able dict for this rank; fsdp_train gathers
 them and `verdicts` turns the gathered dicts into booleans (None: does not apply to this run).
 
