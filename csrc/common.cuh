@@ -49,8 +49,8 @@ constexpr int kThreads = 256;  // threads per block of the FFMA kernels
 
 __host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-// The items [begin, end) of 0 .. n that block `idx` owns when each block owns `per` of them (a row split, a column
-// group, a group of chunks).
+// The items [begin, end) of 0 .. n that block `idx` owns when each block owns `per` of them (a row split or a
+// column group of the split plans).
 struct Span {
   int64_t begin, end;
 };

@@ -76,8 +76,9 @@ lora_dx_prefill_tc_kernel(T* __restrict__ dx, const float* __restrict__ g, const
   const int tid = threadIdx.x, warp = tid >> 5;
   const LaneOffsets lo;
   const int64_t m0 = (int64_t)blockIdx.x * TO_BM;
-  const Span chunks = block_span(blockIdx.y, chunks_per_group, (K + TO_BN - 1) / TO_BN);
-  const int64_t c_begin = chunks.begin, c_end = chunks.end;
+  const int64_t n_chunks = (K + TO_BN - 1) / TO_BN;
+  const int64_t c_begin = (int64_t)blockIdx.y * chunks_per_group;
+  const int64_t c_end = min64(n_chunks, c_begin + chunks_per_group);
 
   load_tile_as_t<T, float>(gs, LDG, g + m0 * r, r, TO_BM, g4, M - m0, r);
   auto load_a = [&](int64_t k0, int gi) {

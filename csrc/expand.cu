@@ -100,8 +100,9 @@ lora_expand_prefill_tc_kernel(T* __restrict__ y, const float* __restrict__ u, co
   const int tid = threadIdx.x, warp = tid >> 5;
   const LaneOffsets lo;
   const int64_t m0 = (int64_t)blockIdx.x * TO_BM;
-  const Span chunks = block_span(blockIdx.y, chunks_per_group, (N + TO_BN - 1) / TO_BN);
-  const int64_t c_begin = chunks.begin, c_end = chunks.end;
+  const int64_t n_chunks = (N + TO_BN - 1) / TO_BN;
+  const int64_t c_begin = (int64_t)blockIdx.y * chunks_per_group;
+  const int64_t c_end = min64(n_chunks, c_begin + chunks_per_group);
 
   load_tile_as_t<T, float>(us, LDK, u + m0 * r, r, TO_BM, g4, M - m0, r);
   int pre_row[kPrefetch], pre_col[kPrefetch];  // this thread's prefetched 4-groups: chunk row, column

@@ -154,31 +154,13 @@ def make_case(provider: str, M: int, K: int, N: int, r: int, p: float, dtype=tor
             exclude += [t["W"], t["b"], t["A"], t["B"]]
 
     elif provider == "peft-layer":
-        from peft import LoraConfig, get_peft_model
-
         note = "real peft lora.Linear, default config (fp32 adapters)"
         for t in sets:
-            class One(torch.nn.Module):
-                def __init__(self):
-                    super().__init__()
-                    self.lin = torch.nn.Linear(K, N, bias=bias, device=device, dtype=dtype)
-
-            cfg = LoraConfig(r=r, lora_alpha=int(round(s * r)), lora_dropout=p, target_modules=["lin"])
-            pm = get_peft_model(One(), cfg)
-            layer = pm.base_model.model.lin
+            layer = _peft_layer(t, K, N, r, s, p, bias, device)
             la, lb = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-            with torch.no_grad():
-                layer.base_layer.weight.copy_(t["W"])
-                if bias:
-                    layer.base_layer.bias.copy_(t["b"])
-                la.copy_(t["A"])
-                lb.copy_(t["B"])
-            pm.train()
             note = f"real peft lora.Linear, adapters {str(la.dtype).replace('torch.', '')}"
-            t["_module"] = pm  # keep alive
-
             _add_modes(fwds, fwd_bwds, lambda t=t, layer=layer: layer(t["x"]), (t["x"], la, lb), t["dy"])
-            exclude += [pp for pp in pm.parameters()]
+            exclude += [pp for pp in t["_module"].parameters()]
 
     elif provider in ("formula-bf16", "compile-formula"):
         fn = formula
@@ -244,6 +226,32 @@ def make_case(provider: str, M: int, K: int, N: int, r: int, p: float, dtype=tor
                 [sets[0]["x"]], note, str(adapter_dtype).replace("torch.", ""))
 
 
+def _peft_layer(t, K, N, r, s, p, bias, device, use_dora=False):
+    """PEFT's own lora.Linear (default config; DoRA with use_dora) on a one-layer model, holding the case's W, b, A, B
+    (and magnitude t["m"]). The model is kept alive in t["_module"]; returns the layer."""
+    from peft import LoraConfig, get_peft_model
+
+    class One(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(K, N, bias=bias, device=device, dtype=t["W"].dtype)
+
+    cfg = LoraConfig(r=r, lora_alpha=int(round(s * r)), lora_dropout=p, target_modules=["lin"], use_dora=use_dora)
+    pm = get_peft_model(One(), cfg)
+    layer = pm.base_model.model.lin
+    with torch.no_grad():
+        layer.base_layer.weight.copy_(t["W"])
+        if bias:
+            layer.base_layer.bias.copy_(t["b"])
+        layer.lora_A["default"].weight.copy_(t["A"])
+        layer.lora_B["default"].weight.copy_(t["B"])
+        if use_dora:
+            layer.lora_magnitude_vector["default"].weight.copy_(t["m"])
+    pm.train()
+    t["_module"] = pm  # keep alive
+    return layer
+
+
 def _dora_case(provider, sets, fwds, fwd_bwds, exclude, K, N, r, p, s, bias, device):
     """DoRA providers: the magnitude is PEFT's init value for these W, A, B (so both compute the same layer)."""
     try:
@@ -263,27 +271,9 @@ def _dora_case(provider, sets, fwds, fwd_bwds, exclude, K, N, r, p, s, bias, dev
                 (t["x"], t["A"], t["B"], t["m"]), t["dy"])
             exclude += [t["W"], t["b"], t["A"], t["B"], t["m"]]
         return
-    from peft import LoraConfig, get_peft_model
-
     for t in sets:
-        class One(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.lin = torch.nn.Linear(K, N, bias=bias, device=device, dtype=t["W"].dtype)
-
-        cfg = LoraConfig(r=r, lora_alpha=int(round(s * r)), lora_dropout=p, target_modules=["lin"], use_dora=True)
-        pm = get_peft_model(One(), cfg)
-        layer = pm.base_model.model.lin
+        layer = _peft_layer(t, K, N, r, s, p, bias, device, use_dora=True)
         la, lb = layer.lora_A["default"].weight, layer.lora_B["default"].weight
         mag = layer.lora_magnitude_vector["default"].weight
-        with torch.no_grad():
-            layer.base_layer.weight.copy_(t["W"])
-            if bias:
-                layer.base_layer.bias.copy_(t["b"])
-            la.copy_(t["A"])
-            lb.copy_(t["B"])
-            mag.copy_(t["m"])
-        pm.train()
-        t["_module"] = pm  # keep alive
         _add_modes(fwds, fwd_bwds, lambda t=t, layer=layer: layer(t["x"]), (t["x"], la, lb, mag), t["dy"])
-        exclude += [pp for pp in pm.parameters()]
+        exclude += [pp for pp in t["_module"].parameters()]
