@@ -307,6 +307,8 @@ def dora_linear(x, weight, bias, lora_A, lora_B, scaling, magnitude, dropout_p=0
     N = weight.shape[0]
     _check_magnitude(magnitude, x, N)
     _check_float64(x, lora_A, lora_B, magnitude)
+    if not 0.0 <= dropout_p < 1.0:  # lora_linear takes p = 1 (its LoRA path is then zero); DoRA does not yet
+        raise ValueError(f"dora_linear: dropout_p must be in [0, 1), got {dropout_p}")
     name = ops._resolve(backend, x.device.type, x.dtype == torch.float64, False)  # DoRA draws CPU seeds only
     p = float(dropout_p) if training else 0.0
     seed = ops._draw_seed() if p > 0.0 else ops._NO_SEED
