@@ -71,10 +71,6 @@ def _draw_seed(device=None) -> torch.Tensor:
     return torch.randint(0, _SEED_HIGH, (), dtype=torch.int64, device=device)
 
 
-def _graph_rng(x: torch.Tensor) -> bool:
-    """Whether this call's seed must be drawn on x's device: torch.compile is tracing, or a CUDA graph is being
-    captured on the current stream (see the module docstring)."""
-    return torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 # ----------------------------------------------------------------------------------------------- the ops
@@ -281,7 +277,10 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     p = float(dropout_p) if training else 0.0
     if p == 1.0:  # everything dropped (PEFT allows p = 1): the LoRA path and its grads are zero
         scaling, p = 0.0, 0.0
-    graph_rng = p > 0.0 and _graph_rng(x)
+    # the seed must live on x's device when torch.compile is tracing or a CUDA graph is being captured (see the
+    # module docstring); is_compiling first: dynamo never sees the capture query
+    graph_rng = p > 0.0 and (torch.compiler.is_compiling()
+                             or (x.is_cuda and torch.cuda.is_current_stream_capturing()))
     name = _resolve(backend, x.device.type, x.dtype == torch.float64, graph_rng)
     if p == 0.0:
         seed = _NO_SEED

@@ -732,6 +732,7 @@ def _tuned_small_m(bm: int, elt: int, a_elt: int, r_pad: int, u_given: bool):
                            )(_small_m_fwd_kernel)
 
 
+@functools.lru_cache(maxsize=1024)  # a pure function of its arguments, called on every launch
 def _small_m_heuristic(N: int, bm: int, elt: int, a_elt: int, r_pad: int, u_given: bool, sms: int) -> dict:
     """BN as large as possible while the grid still covers every SM (the shape is bound by the read of W), then
     the deepest K tile and pipeline that fit in shared memory (bytes in flight per SM decide the read rate)."""
@@ -846,6 +847,7 @@ def _launch_gemm(a, b_strides, b, b_mat, l, lb_strides, lb, bias, c, N, K, R, lo
         c.addmm_(a, b_mat)
 
 
+@functools.lru_cache(maxsize=1024)  # a pure function of its arguments, called on every launch
 def _helper_tiles(M: int, r_pad: int, kn: _Knobs):
     """(BM, BN/BK, num_warps) for the rank-r helper kernels."""
     if kn.interpret:
@@ -855,6 +857,7 @@ def _helper_tiles(M: int, r_pad: int, kn: _Knobs):
     return bm, bn, (8 if r_pad >= 128 else 4)
 
 
+@functools.lru_cache(maxsize=1024)  # a pure function of its arguments, called on every launch
 def _stages(bytes_per_stage: int, kn: _Knobs) -> int:
     """Software-pipeline depth for a helper kernel: at most 3 stages within ~160 KB of shared memory."""
     if kn.interpret:
