@@ -74,6 +74,20 @@ void check_common(const Tensor& x, const Tensor& weight, const Tensor& A, const 
   TORCH_CHECK(seed >= 0, "lora_kernels_cuda: seed must be in [0, 2^63), got ", seed);
 }
 
+// The device seed of a call: seed_t, when given, is a one-element int64 tensor on x's device holding the Philox key
+// (the graph-safe seed drawn on the device under CUDA graph capture and torch.compile, lora_kernels/ops.py): the
+// kernels read it when they run, and `seed` is ignored. Returns the pointer the kernels take, null without seed_t or
+// without dropout (the by-value seed is used, or nothing is masked). No host read of the value: no sync.
+const int64_t* device_seed(const std::optional<Tensor>& seed_t, const Tensor& x, double p) {
+  if (!seed_t.has_value() || !seed_t->defined()) return nullptr;
+  TORCH_CHECK(seed_t->is_cuda() && seed_t->device() == x.device(), "lora_kernels_cuda: seed_t must be on x's device (",
+              x.device(), "), got ", seed_t->device());
+  TORCH_CHECK(seed_t->scalar_type() == at::kLong && seed_t->numel() == 1,
+              "lora_kernels_cuda: seed_t must hold one int64, got ", seed_t->scalar_type(), " of shape ",
+              seed_t->sizes());
+  return p > 0.0 ? seed_t->data_ptr<int64_t>() : nullptr;
+}
+
 // ------------------------------------------------------------------ the sm_90 path (csrc/gemm_sm90.h)
 // On a compute-capability-9.0 GPU with 16-bit x, the frozen GEMM and the rank-r term run as one GEMM: the
 // rank-r operands are packed into extra K-tiles (kx columns: r rounded up to the 64-wide K tile).
@@ -151,8 +165,9 @@ void sm90_dx(const Tensor& dy, const Tensor& weight, const Tensor& g, const Tens
 
 std::tuple<Tensor, Tensor> lora_forward(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                                         const Tensor& lora_A, const Tensor& lora_B, double scaling, double p,
-                                        int64_t seed, int64_t offset) {
+                                        int64_t seed, int64_t offset, const std::optional<Tensor>& seed_t) {
   check_common(x, weight, lora_A, lora_B, p, seed);
+  const int64_t* seed_ptr = device_seed(seed_t, x, p);
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   const int r = (int)lora_A.size(0);
   if (bias.has_value() && bias->defined()) {
@@ -170,7 +185,7 @@ std::tuple<Tensor, Tensor> lora_forward(const Tensor& x, const Tensor& weight, c
   Tensor u_work = shrink_plan.col_groups > 1 ? at::empty({shrink_plan.col_groups, M * r}, u.options()) : u;
   check_cuda(lk::launch_lora_shrink(x.data_ptr(), to_dtype(x, "x"), lora_A.data_ptr(), to_dtype(lora_A, "lora_A"),
                                     u_work.data_ptr<float>(), M, K, r, shrink_plan, (float)scaling, pf,
-                                    (uint64_t)seed, (uint64_t)offset, stream),
+                                    (uint64_t)seed, seed_ptr, (uint64_t)offset, stream),
              "lora_shrink launch");
   Tensor y = at::empty({M, N}, x.options());
   const bool has_bias = bias.has_value() && bias->defined();
@@ -195,8 +210,9 @@ std::tuple<Tensor, Tensor> lora_forward(const Tensor& x, const Tensor& weight, c
 std::tuple<Tensor, Tensor, Tensor> lora_backward(const Tensor& dy, const Tensor& x, const Tensor& weight,
                                                  const Tensor& lora_A, const Tensor& lora_B, const Tensor& u,
                                                  double scaling, double p, int64_t seed, int64_t offset, bool need_dx,
-                                                 bool need_dA, bool need_dB) {
+                                                 bool need_dA, bool need_dB, const std::optional<Tensor>& seed_t) {
   check_common(x, weight, lora_A, lora_B, p, seed);
+  const int64_t* seed_ptr = device_seed(seed_t, x, p);
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   const int r = (int)lora_A.size(0);
   check_tensor(dy, "dy", x, 2);
@@ -255,7 +271,7 @@ std::tuple<Tensor, Tensor, Tensor> lora_backward(const Tensor& dy, const Tensor&
     Tensor dA_partial = at::empty({std::max<int64_t>(plan.row_splits, 1), r * K}, f32);
     check_cuda(lk::launch_lora_dA(x.data_ptr(), to_dtype(x, "x"), to_dtype(lora_A, "lora_A"), g.data_ptr<float>(),
                                   dA_partial.data_ptr<float>(), M, K, r, plan, (float)scaling, pf, (uint64_t)seed,
-                                  (uint64_t)offset, stream),
+                                  seed_ptr, (uint64_t)offset, stream),
                "lora_dA launch");
     dA = at::empty({r, K}, lora_A.options());
     check_cuda(lk::launch_reduce_partials(dA_partial.data_ptr<float>(), plan.row_splits, (int64_t)r * K,
@@ -271,7 +287,7 @@ std::tuple<Tensor, Tensor, Tensor> lora_backward(const Tensor& dy, const Tensor&
     } else {
       check_cuda(lk::launch_lora_dx_prefill(dx.data_ptr(), to_dtype(dx, "dx"), g.data_ptr<float>(),
                                             lora_A.data_ptr(), to_dtype(lora_A, "lora_A"), M, K, r, (float)scaling,
-                                            pf, (uint64_t)seed, (uint64_t)offset, stream),
+                                            pf, (uint64_t)seed, seed_ptr, (uint64_t)offset, stream),
                  "lora_dx_prefill launch");
       if (N > 0) dx.addmm_(dy, weight);  // cuBLAS, beta = 1
     }
@@ -285,28 +301,31 @@ std::tuple<Tensor, Tensor, Tensor> lora_backward(const Tensor& dy, const Tensor&
 struct FusedKernels {
   static std::tuple<Tensor, Tensor> forward(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                                             const Tensor& lora_A, const Tensor& lora_B, double scaling, double p,
-                                            int64_t seed, int64_t offset) {
-    return lora_forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset);
+                                            int64_t seed, int64_t offset, const std::optional<Tensor>& seed_t) {
+    return lora_forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset, seed_t);
   }
   static std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dy, const Tensor& x, const Tensor& weight,
                                                      const Tensor& lora_A, const Tensor& lora_B, const Tensor& u,
                                                      double scaling, double p, int64_t seed, int64_t offset,
-                                                     bool need_dx, bool need_dA, bool need_dB) {
-    return lora_backward(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, need_dx, need_dA, need_dB);
+                                                     bool need_dx, bool need_dA, bool need_dB,
+                                                     const std::optional<Tensor>& seed_t) {
+    return lora_backward(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, need_dx, need_dA, need_dB,
+                         seed_t);
   }
 };
 
 Tensor lora_linear_autograd(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                             const Tensor& lora_A, const Tensor& lora_B, double scaling, double p, int64_t seed,
-                            int64_t offset) {
-  return lk::LoraLinearFunction<FusedKernels>::apply(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset);
+                            int64_t offset, const std::optional<Tensor>& seed_t) {
+  return lk::LoraLinearFunction<FusedKernels>::apply(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset,
+                                                     seed_t);
 }
 
 // Below autograd (inference mode): the forward alone.
 Tensor lora_linear_forward_only(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                                 const Tensor& lora_A, const Tensor& lora_B, double scaling, double p, int64_t seed,
-                                int64_t offset) {
-  return std::get<0>(lora_forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset));
+                                int64_t offset, const std::optional<Tensor>& seed_t) {
+  return std::get<0>(lora_forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset, seed_t));
 }
 
 // Which GEMM path a forward (and its p = 0 dx) with these inputs takes: "sm90" or "cublas: <why not sm90>".
@@ -321,17 +340,19 @@ std::string gemm_path(const Tensor& x, const Tensor& weight, const std::optional
 
 }  // namespace
 
+// seed_t (optional, last): the device seed (see device_seed); without it the kernels use `seed`.
 TORCH_LIBRARY(lora_kernels_cuda, m) {
   m.def("gemm_path(Tensor x, Tensor weight, Tensor? bias) -> str");
   m.def(
       "forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, float p, "
-      "int seed, int offset) -> (Tensor, Tensor)");
+      "int seed, int offset, Tensor? seed_t=None) -> (Tensor, Tensor)");
   m.def(
       "backward(Tensor dy, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor u, float scaling, "
-      "float p, int seed, int offset, bool need_dx, bool need_dA, bool need_dB) -> (Tensor, Tensor, Tensor)");
+      "float p, int seed, int offset, bool need_dx, bool need_dA, bool need_dB, Tensor? seed_t=None) "
+      "-> (Tensor, Tensor, Tensor)");
   m.def(
       "lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, float p, "
-      "int seed, int offset) -> Tensor");
+      "int seed, int offset, Tensor? seed_t=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lora_kernels_cuda, CUDA, m) {

@@ -107,6 +107,15 @@ __device__ __forceinline__ void store4(T* p, int valid, const float v[4]) {
   }
 }
 
+// The Philox key of a kernel with dropout: the seed passed by value, or, when seed_ptr is not null, the int64 at
+// seed_ptr (a 0-d device tensor: the graph-safe seed that a CUDA graph's replays refill, read when the kernel runs,
+// never baked into the captured arguments). The same 64 bits give the same mask either way. Kernels without dropout
+// never touch the pointer. Each kernel calls it either once at its start or where it generates the mask (an
+// L1-cached broadcast load), whichever ptxas gave fewer registers and no spills for, on sm_80 and sm_90.
+__device__ __forceinline__ uint64_t dropout_seed(uint64_t seed, const int64_t* seed_ptr) {
+  return seed_ptr != nullptr ? (uint64_t)*seed_ptr : seed;
+}
+
 // Loads the 4-group (m, k..k+3) of x (M, K) as fp32, applies the dropout mask (one Philox call), zero outside.
 // A dropped element is multiplied by 0, as in the reference (x * keep): NaN and inf become NaN, not 0.
 template <typename T>

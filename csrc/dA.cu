@@ -21,7 +21,8 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
 lora_dA_kernel(const T* __restrict__ x, const float* __restrict__ g, float* __restrict__ dA_partial, int64_t M,
                int64_t K, int r, int64_t rows_per_split, int64_t cols_per_group, float scale, float p,
-               uint64_t seed, uint64_t offset) {
+               uint64_t seed, const int64_t* seed_ptr, uint64_t offset) {
+  if (p > 0.f) seed = dropout_seed(seed, seed_ptr);
   extern __shared__ float smem[];
   float* xs = smem;               // [DA_BM][DA_KC]
   float* gs = xs + DA_BM * DA_KC;  // [DA_BM][r]
@@ -73,7 +74,7 @@ template <typename T, int NJ>
 __global__ void __launch_bounds__(kTcThreads, NJ == 1 ? kStreamMinBlocks : 2)
 lora_dA_tc_kernel(const T* __restrict__ x, const float* __restrict__ g, float* __restrict__ dA_partial, int64_t M,
                   int64_t K, int r, int64_t rows_per_split, int64_t cols_per_group, float scale, float p,
-                  uint64_t seed, uint64_t offset) {
+                  uint64_t seed, const int64_t* seed_ptr, uint64_t offset) {
 #if LK_TC_ARCH
   constexpr int RC = 16 * NJ, LDG = RC + 8;
   static_assert(TA_KC == 16 * (kTcThreads / 32), "one 16-column strip per warp");
@@ -113,7 +114,7 @@ lora_dA_tc_kernel(const T* __restrict__ x, const float* __restrict__ g, float* _
     T* slot = xs + (int)(t % kStages) * TA_BM * TA_LDX;
     const T* gb = gs + (int)(t % 2) * TA_BM * LDG;
     pipeline_wait(t, n_tiles, issue, [&] {
-      if (p > 0.f) XTile::dropout(slot, m0, row_end, K, k0, col_end, p, seed, offset);
+      if (p > 0.f) XTile::dropout(slot, m0, row_end, K, k0, col_end, p, dropout_seed(seed, seed_ptr), offset);
     });
     if (rt == 0) {
 #pragma unroll
@@ -157,8 +158,8 @@ lora_dA_tc_kernel(const T* __restrict__ x, const float* __restrict__ g, float* _
 }  // namespace
 
 cudaError_t launch_lora_dA(const void* x, DType x_dtype, DType a_dtype, const float* g, float* dA_partial, int64_t M,
-                           int64_t K, int r, SplitPlan plan, float scaling, float p, uint64_t seed, uint64_t offset,
-                           cudaStream_t stream) {
+                           int64_t K, int r, SplitPlan plan, float scaling, float p, uint64_t seed,
+                           const int64_t* seed_ptr, uint64_t offset, cudaStream_t stream) {
   if (r < 1 || r > kMaxRank) return cudaErrorInvalidValue;
   if (M <= 0 || K <= 0 || plan.row_splits <= 0) return cudaSuccess;
   if (plan.col_groups > 65535) return cudaErrorInvalidConfiguration;
@@ -172,7 +173,7 @@ cudaError_t launch_lora_dA(const void* x, DType x_dtype, DType a_dtype, const fl
       return with_rank_frags(nj, [&](auto njc) {
         return launch_kernel(lora_dA_tc_kernel<T, decltype(njc)::value>, grid, kTcThreads, dA_tc_smem(16 * nj), stream,
                              static_cast<const T*>(x), g, dA_partial, M, K, r, plan.rows_per_split,
-                             plan.cols_per_group, scale, p, seed, offset);
+                             plan.cols_per_group, scale, p, seed, seed_ptr, offset);
       });
     });
   }
@@ -181,7 +182,7 @@ cudaError_t launch_lora_dA(const void* x, DType x_dtype, DType a_dtype, const fl
   return with_dtype(x_dtype, [&](auto xt) {
     using T = decltype(xt);
     return launch_kernel(lora_dA_kernel<T>, grid, kThreads, smem, stream, static_cast<const T*>(x), g, dA_partial, M,
-                         K, r, plan.rows_per_split, plan.cols_per_group, scale, p, seed, offset);
+                         K, r, plan.rows_per_split, plan.cols_per_group, scale, p, seed, seed_ptr, offset);
   });
 }
 

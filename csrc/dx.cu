@@ -19,7 +19,7 @@ static_assert(DX_BM * DX_KC / 4 == kThreads, "one 4-group per thread");
 template <typename T, typename TA>
 __global__ void __launch_bounds__(kThreads)
 lora_dx_prefill_kernel(T* __restrict__ dx, const float* __restrict__ g, const TA* __restrict__ A, int64_t M, int64_t K,
-                   int r, float scale, float p, uint64_t seed, uint64_t offset) {
+                   int r, float scale, float p, uint64_t seed, const int64_t* seed_ptr, uint64_t offset) {
   __shared__ float gs[DX_BM][DX_RC + 1];
   __shared__ float as[DX_RC][DX_KC + 1];
   const int tid = threadIdx.x;
@@ -47,7 +47,7 @@ lora_dx_prefill_kernel(T* __restrict__ dx, const float* __restrict__ g, const TA
   if (m >= M || k >= K) return;
   const int valid = (K - k < 4 ? (int)(K - k) : 4);
   bool keep[4] = {true, true, true, true};
-  if (p > 0.f) dropout_keep4(seed, offset, m, K, k, p, keep);
+  if (p > 0.f) dropout_keep4(dropout_seed(seed, seed_ptr), offset, m, K, k, p, keep);
   float v[4];
 #pragma unroll
   for (int q = 0; q < 4; ++q) v[q] = keep[q] ? acc[q] * scale : acc[q] * scale * 0.f;  // NaN/inf -> NaN
@@ -64,9 +64,10 @@ template <typename T, typename TA>
 __global__ void __launch_bounds__(kTcThreads, kOutputMinBlocks)
 lora_dx_prefill_tc_kernel(T* __restrict__ dx, const float* __restrict__ g, const TA* __restrict__ A, int64_t M,
                           int64_t K, int r, int64_t chunks_per_group, float scale, float p, uint64_t seed,
-                          uint64_t offset) {
+                          const int64_t* seed_ptr, uint64_t offset) {
 #if LK_TC_ARCH
   static_assert(TO_BM == 16 * (kTcThreads / 32), "one 16-row strip per warp");
+  if (p > 0.f) seed = dropout_seed(seed, seed_ptr);
   constexpr int LDA = TO_BN + 8;
   const int RP = round16(r), LDG = RP + 8, g4 = RP / 4, na4 = RP * (TO_BN / 4);
   extern __shared__ __align__(128) unsigned char lk_smem[];
@@ -149,8 +150,8 @@ lora_dx_prefill_tc_kernel(T* __restrict__ dx, const float* __restrict__ g, const
 }  // namespace
 
 cudaError_t launch_lora_dx_prefill(void* dx, DType x_dtype, const float* g, const void* A, DType a_dtype, int64_t M,
-                               int64_t K, int r, float scaling, float p, uint64_t seed, uint64_t offset,
-                               cudaStream_t stream) {
+                               int64_t K, int r, float scaling, float p, uint64_t seed, const int64_t* seed_ptr,
+                               uint64_t offset, cudaStream_t stream) {
   if (r < 1 || r > kMaxRank) return cudaErrorInvalidValue;
   if (M <= 0 || K <= 0) return cudaSuccess;
   const float scale = dropout_scale(scaling, p);
@@ -162,7 +163,7 @@ cudaError_t launch_lora_dx_prefill(void* dx, DType x_dtype, const float* g, cons
       using TA = decltype(at);
       return launch_kernel(lora_dx_prefill_tc_kernel<T, TA>, og.grid, kTcThreads, dx_tc_smem(round16(r)), stream,
                            static_cast<T*>(dx), g, static_cast<const TA*>(A), M, K, r, og.chunks_per_group, scale,
-                           p, seed, offset);
+                           p, seed, seed_ptr, offset);
     });
   }
   if (ceil_div(K, DX_KC) > 65535) return cudaErrorInvalidConfiguration;
@@ -171,7 +172,7 @@ cudaError_t launch_lora_dx_prefill(void* dx, DType x_dtype, const float* g, cons
     using T = decltype(xt);
     using TA = decltype(at);
     return launch_kernel(lora_dx_prefill_kernel<T, TA>, grid, kThreads, 0, stream, static_cast<T*>(dx), g,
-                         static_cast<const TA*>(A), M, K, r, scale, p, seed, offset);
+                         static_cast<const TA*>(A), M, K, r, scale, p, seed, seed_ptr, offset);
   });
 }
 

@@ -5,9 +5,12 @@
 //   y = x Wᵀ + b + s · (dropout(x) Aᵀ) Bᵀ          saved for backward: x, W, A, B, u = s · dropout(x) Aᵀ (M×r, fp32)
 //
 // Impl provides the two fused passes, with the contract of lora_kernels/backends/__init__.py:
-//   static std::tuple<Tensor, Tensor> forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset)   -> (y, u)
+//   static std::tuple<Tensor, Tensor> forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset, seed_t)
+//                                                                                                   -> (y, u)
 //   static std::tuple<Tensor, Tensor, Tensor> backward(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset,
-//                                                      need_dx, need_dA, need_dB)                  -> (dx, dA, dB)
+//                                                      need_dx, need_dA, need_dB, seed_t)           -> (dx, dA, dB)
+// seed_t: std::optional<Tensor>, the dropout key as a device tensor (CUDA graphs) in place of the int `seed`; the
+// backward gets the same one as its forward (saved with the other tensors), so both regenerate one mask.
 // Why C++: Python's autograd.Function around forward / backward cost about 90 us of host time per fwd+bwd on the
 // H200 machine (torch.profiler self time, bench/results/h200_2026-11-28/session4/run2_targets/host_profile.txt);
 // with this node a training step's backward runs no Python for these layers (fwd+bwd 568.6 -> 402.0 us per call,
@@ -46,9 +49,11 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction<I
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, const at::Tensor& lora_A, const at::Tensor& lora_B,
-                            double scaling, double p, int64_t seed, int64_t offset) {
-    auto out = Impl::forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset);
-    ctx->save_for_backward({x, weight, lora_A, lora_B, std::get<1>(out)});
+                            double scaling, double p, int64_t seed, int64_t offset,
+                            const std::optional<at::Tensor>& seed_t) {
+    auto out = Impl::forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset, seed_t);
+    // An undefined tensor saves as undefined: the backward then has no device seed either.
+    ctx->save_for_backward({x, weight, lora_A, lora_B, std::get<1>(out), seed_t.value_or(at::Tensor())});
     ctx->saved_data["scaling"] = scaling;
     ctx->saved_data["p"] = p;
     ctx->saved_data["seed"] = seed;
@@ -60,6 +65,7 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction<I
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &weight = saved[1], &lora_A = saved[2], &lora_B = saved[3], &u = saved[4];
+    const std::optional<at::Tensor> seed_t = saved[5].defined() ? std::optional<at::Tensor>(saved[5]) : std::nullopt;
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     // needs_input_grad counts tensor inputs only: x, weight, [bias], lora_A, lora_B.
     const size_t a_edge = has_bias ? 3 : 2;
@@ -67,11 +73,11 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction<I
     const bool need_db = has_bias && ctx->needs_input_grad(2);
     const bool need_dA = ctx->needs_input_grad(a_edge), need_dB = ctx->needs_input_grad(a_edge + 1);
     const at::Tensor dy = grads[0].contiguous();  // materialized: defined even when y's grad is not
-    variable_list out(9);  // one per forward argument; undefined = no gradient
+    variable_list out(10);  // one per forward argument; undefined = no gradient
     if (need_dx || need_dA || need_dB) {
       auto g = Impl::backward(dy, x, weight, lora_A, lora_B, u, ctx->saved_data["scaling"].toDouble(),
                               ctx->saved_data["p"].toDouble(), ctx->saved_data["seed"].toInt(),
-                              ctx->saved_data["offset"].toInt(), need_dx, need_dA, need_dB);
+                              ctx->saved_data["offset"].toInt(), need_dx, need_dA, need_dB, seed_t);
       if (need_dx) out[0] = std::get<0>(g);
       if (need_dA) out[3] = std::get<1>(g);
       if (need_dB) out[4] = std::get<2>(g);

@@ -4,6 +4,9 @@
 //
 // All launchers take raw contiguous row-major pointers, return the cudaError_t of the launch (cudaGetLastError),
 // and do nothing (cudaSuccess) for empty problems. r must be in 1..kMaxRank.
+// The launchers with dropout take its Philox key as `seed` (by value) and `seed_ptr`: null, or a device pointer to an
+// int64 holding the key, which the kernels then read when they run (CUDA graphs: a replay refills that memory, so
+// each replay gets a fresh mask; a by-value seed would be baked into the captured launch). Same 64 bits, same mask.
 //
 // Forward  : launch_lora_shrink (u = scaling * dropout(x) A^T, fp32), launch_lora_expand_prefill (y = u B^T + bias),
 //            cuBLAS y += x W^T (beta = 1).
@@ -54,7 +57,7 @@ SplitPlan lora_shrink_plan(int64_t M, int64_t K);
 // with launch_reduce_partials. plan from lora_shrink_plan(M, K).
 cudaError_t launch_lora_shrink(const void* x, DType x_dtype, const void* A, DType a_dtype, float* u_out, int64_t M,
                                int64_t K, int r, SplitPlan plan, float scaling, float p, uint64_t seed,
-                               uint64_t offset, cudaStream_t stream);
+                               const int64_t* seed_ptr, uint64_t offset, cudaStream_t stream);
 
 // y (M, N) y_dtype = u (M, r) fp32 @ B^T + bias ; B (N, r) b_dtype, bias (N,) y_dtype or null. fp32 accumulation
 // (u and B cast to y_dtype first when it is 16-bit), bias added in fp32, one write of y (never read).
@@ -71,8 +74,8 @@ cudaError_t launch_lora_dy_pass(const void* dy, DType dy_dtype, const void* B, D
 // dA_partial[s] (r, K) = scaling * g[rows of s]^T @ dropout(x)[rows of s]. plan from lora_dA_plan(M, K, r).
 // a_dtype (lora_A's) picks the precision as for the other passes.
 cudaError_t launch_lora_dA(const void* x, DType x_dtype, DType a_dtype, const float* g, float* dA_partial, int64_t M,
-                           int64_t K, int r, SplitPlan plan, float scaling, float p, uint64_t seed, uint64_t offset,
-                           cudaStream_t stream);
+                           int64_t K, int r, SplitPlan plan, float scaling, float p, uint64_t seed,
+                           const int64_t* seed_ptr, uint64_t offset, cudaStream_t stream);
 
 // out[i] = sum_{s=0}^{S-1} partial[s * count + i] in order s = 0, 1, ... (zeros when S == 0), cast to out_dtype.
 cudaError_t launch_reduce_partials(const float* partial, int64_t num_splits, int64_t count, void* out,
@@ -80,7 +83,7 @@ cudaError_t launch_reduce_partials(const float* partial, int64_t num_splits, int
 
 // dx (M, K) x_dtype = scaling * keep / (1-p) * (g @ A) ; g (M, r) fp32, A (r, K) a_dtype. One write of dx.
 cudaError_t launch_lora_dx_prefill(void* dx, DType x_dtype, const float* g, const void* A, DType a_dtype, int64_t M,
-                               int64_t K, int r, float scaling, float p, uint64_t seed, uint64_t offset,
-                               cudaStream_t stream);
+                               int64_t K, int r, float scaling, float p, uint64_t seed, const int64_t* seed_ptr,
+                               uint64_t offset, cudaStream_t stream);
 
 }  // namespace lora_kernels

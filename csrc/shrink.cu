@@ -19,7 +19,9 @@ constexpr int SH_MAXO = SH_BM * kMaxRank / kThreads;  // outputs per thread at r
 template <typename T, typename TA>
 __global__ void __launch_bounds__(kThreads)
 lora_shrink_kernel(const T* __restrict__ x, const TA* __restrict__ A, float* __restrict__ u_out, int64_t M, int64_t K,
-                   int r, int64_t k_per_split, float scale, float p, uint64_t seed, uint64_t offset) {
+                   int r, int64_t k_per_split, float scale, float p, uint64_t seed, const int64_t* seed_ptr,
+                   uint64_t offset) {
+  if (p > 0.f) seed = dropout_seed(seed, seed_ptr);
   extern __shared__ float smem[];
   float* xs = smem;                  // [SH_BM][SH_KC]
   float* as = smem + SH_BM * SH_KC;  // [r][SH_KC + 1]
@@ -79,7 +81,8 @@ lora_shrink_kernel(const T* __restrict__ x, const TA* __restrict__ A, float* __r
 template <typename T, typename TA, int NF>
 __global__ void __launch_bounds__(kTcThreads, NF == 1 ? kStreamMinBlocks : 2)
 lora_shrink_tc_kernel(const T* __restrict__ x, const TA* __restrict__ A, float* __restrict__ u_out, int64_t M,
-                      int64_t K, int r, int64_t k_per_split, float scale, float p, uint64_t seed, uint64_t offset) {
+                      int64_t K, int r, int64_t k_per_split, float scale, float p, uint64_t seed,
+                      const int64_t* seed_ptr, uint64_t offset) {
 #if LK_TC_ARCH
   constexpr int RC = 16 * NF;
   static_assert(TS_BM == 16 * (kTcThreads / 32), "one 16-row strip per warp");
@@ -120,7 +123,7 @@ lora_shrink_tc_kernel(const T* __restrict__ x, const TA* __restrict__ A, float* 
     T* slot = xs + (int)(t % kStages) * TS_BM * TS_LD;
     const T* ab = as + (int)(t % 2) * RC * TS_LD;
     pipeline_wait(t, n_tiles, issue, [&] {
-      if (p > 0.f) XTile::dropout(slot, m0, M, K, k0, k_end, p, seed, offset);
+      if (p > 0.f) XTile::dropout(slot, m0, M, K, k0, k_end, p, dropout_seed(seed, seed_ptr), offset);
     });
     warp_rows_mma<T, RC, true, TS_KC / 16>(acc, slot, TS_LD, ab, TS_LD, TS_KC, lo, warp);
     pipeline_next(t, n_tiles, fetch_a, stash_a);
@@ -145,7 +148,7 @@ static_assert(TS_KC == SH_KC, "the shrink plan's K groups are whole chunks of bo
 
 cudaError_t launch_lora_shrink(const void* x, DType x_dtype, const void* A, DType a_dtype, float* u_out, int64_t M,
                                int64_t K, int r, SplitPlan plan, float scaling, float p, uint64_t seed,
-                               uint64_t offset, cudaStream_t stream) {
+                               const int64_t* seed_ptr, uint64_t offset, cudaStream_t stream) {
   if (r < 1 || r > kMaxRank) return cudaErrorInvalidValue;
   if (M <= 0) return cudaSuccess;
   if (plan.col_groups > 65535 || plan.col_groups < 1) return cudaErrorInvalidConfiguration;
@@ -159,7 +162,7 @@ cudaError_t launch_lora_shrink(const void* x, DType x_dtype, const void* A, DTyp
       return with_rank_frags(nf, [&](auto nfc) {
         return launch_kernel(lora_shrink_tc_kernel<T, TA, decltype(nfc)::value>, grid, kTcThreads, shrink_tc_smem(nf),
                              stream, static_cast<const T*>(x), static_cast<const TA*>(A), u_out, M, K, r,
-                             plan.cols_per_group, scale, p, seed, offset);
+                             plan.cols_per_group, scale, p, seed, seed_ptr, offset);
       });
     });
   }
@@ -169,7 +172,8 @@ cudaError_t launch_lora_shrink(const void* x, DType x_dtype, const void* A, DTyp
     using T = decltype(xt);
     using TA = decltype(at);
     return launch_kernel(lora_shrink_kernel<T, TA>, grid, kThreads, smem, stream, static_cast<const T*>(x),
-                         static_cast<const TA*>(A), u_out, M, K, r, plan.cols_per_group, scale, p, seed, offset);
+                         static_cast<const TA*>(A), u_out, M, K, r, plan.cols_per_group, scale, p, seed, seed_ptr,
+                         offset);
   });
 }
 

@@ -18,10 +18,9 @@ _MODULES = {
 # 931 vs 1555 us at 8192x4096->4096). Triton stays the default where the extension is not built.
 AUTO_ORDER_CUDA = ("cuda", "triton", "torch")
 # Backends whose kernels can read the dropout seed from device memory (a 0-d int64 tensor), which CUDA graphs need
-# (see lora_kernels/ops.py). Under graph capture or torch.compile with dropout, backend=None picks the first of
-# AUTO_ORDER_CUDA among these; the cuda backend's kernels take the seed by value (csrc/), so it refuses to run
-# dropout under capture.
-DEVICE_SEED_BACKENDS = ("torch", "triton")
+# (see lora_kernels/ops.py): all of them (the cuda backend's kernels take a seed pointer, csrc/lora_kernels.cuh).
+# Under graph capture or torch.compile with dropout, backend=None picks the first of AUTO_ORDER_CUDA among these.
+DEVICE_SEED_BACKENDS = ("torch", "triton", "cuda")
 ENV_VAR = "LORA_KERNELS_BACKEND"
 
 

@@ -123,3 +123,25 @@ def test_node_name(op):
     x, W, b, A, B = _inputs(True)
     y = op(x.requires_grad_(), W, b, A, B, 0.5, 0.0, 0, 0)
     assert "LoraLinearFunction" in y.grad_fn.name()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_device_seed_reaches_forward_and_backward(op, bias):
+    """The optional seed tensor (the graph-safe device seed; the shim's stand-in for the mask scales the LoRA term by
+    1 + its value) is passed to the forward and saved for the backward: every grad matches the formula with that
+    scaling, with and without a bias (the seed comes after the optional bias among the node's tensor inputs), and
+    it gets no grad itself."""
+    base = _inputs(bias)
+    seed_t = torch.tensor(2, dtype=torch.int64)
+    for req in ([True, False, False, True, True], [True, True, bias, True, True], [False, False, False, False, True]):
+        ts = [t.clone().requires_grad_(q) if t is not None else None for t, q in zip(base, req)]
+        ref = [t.clone().requires_grad_(q) if t is not None else None for t, q in zip(base, req)]
+        dy = torch.randn(5, 6, dtype=torch.float64)
+        y = op(*ts, 0.5, 0.0, 0, 0, seed_t)
+        torch.testing.assert_close(y, _formula(*[t.detach() if t is not None else None for t in ref], 1.5))
+        y.backward(dy)
+        _formula(*ref, 1.5).backward(dy)
+        for name, t, r in zip("xWbAB", ts, ref):
+            if t is not None and r.grad is not None:
+                torch.testing.assert_close(t.grad, r.grad, msg=f"{req} {name}")
+    assert seed_t.grad is None

@@ -141,22 +141,94 @@ def test_triton_tensor_seed_bit_identical(monkeypatch, small_m):
         assert_tolerance(y1, ref, base, "y")
 
 
-def test_cuda_backend_refuses_dropout_under_capture(monkeypatch):
-    """The cuda kernels take the seed by value: with dropout they must refuse a device seed and any CUDA graph
-    capture (a baked-in seed would repeat one mask on every replay); without dropout capture is fine."""
-    with pytest.raises(RuntimeError, match="cannot run dropout inside a CUDA graph"):
-        cuda_backend._check_seed(0.1, torch.tensor(5))
+@pytest.mark.skipif(not torch.cuda.is_available() or "cuda" not in lora_kernels.available_backends(),
+                    reason="needs the cuda backend on a GPU")
+@pytest.mark.usefixtures("poisoned_outputs")
+@pytest.mark.parametrize("dtype,adapter", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                           (torch.float16, torch.float16), (torch.float32, torch.float32)])
+@pytest.mark.parametrize("M", [5, 37, 300])
+def test_cuda_tensor_seed_bit_identical(monkeypatch, dtype, adapter, M):
+    """The cuda backend's kernels with the seed read from device memory (seed_t) give the by-value path's outputs bit
+    for bit, forward and backward, on every kernel family (tensor-core and FFMA shrink / dA / dx, the shrink's K
+    split at small M, the small-M forward), and the host never reads the seed."""
+    K, N, r, p, s = 136, 72, 8, 0.3, 0.75
+    g = torch.Generator(device="cuda").manual_seed(5)
+    rn = lambda *sh, dt=dtype: torch.randn(*sh, generator=g, device="cuda").to(dt)  # noqa: E731
+    x, W, b, dy = rn(M, K), rn(N, K) / K**0.5, rn(N), rn(M, N)
+    A, B = rn(r, K, dt=adapter) / K**0.5, rn(N, r, dt=adapter)
+    for seed, offset in [(0x1234_5678_9ABC, 2**32 - 7), (2**63 + 5, 0), (16, 5)]:
+        seed_t = _as_tensor(seed, "cuda")
+        if seed < 2**63:  # the by-value path takes seeds in [0, 2^63) (the op draws them below 2^62)
+            y0, u0 = cuda_backend.forward(x, W, b, A, B, s, p, seed, offset)
+            g0 = cuda_backend.backward(dy, x, W, A, B, u0, s, p, seed, offset, True, True, True)
+        with monkeypatch.context() as m:
+            def no_host_read(*_a, **_k):
+                raise AssertionError("the seed was read on the host")
+            m.setattr(torch.Tensor, "__int__", no_host_read)
+            m.setattr(torch.Tensor, "__index__", no_host_read)
+            m.setattr(torch.Tensor, "item", no_host_read)
+            y1, u1 = cuda_backend.forward(x, W, b, A, B, s, p, seed_t, offset)
+            g1 = cuda_backend.backward(dy, x, W, A, B, u1, s, p, seed_t, offset, True, True, True)
+        keep = dropout_mask(seed, offset, (M, K), p, device="cuda")
+        ref = (x.double() @ W.double().T + b.double()
+               + s * ((x.double() * keep / (1 - p)) @ A.double().T) @ B.double().T)
+        base = x @ W.T + b + s * ((x * keep / (1 - p)).to(adapter) @ A.T) @ B.T
+        assert_tolerance(y1, ref, base.to(dtype), "y")
+        if seed < 2**63:
+            assert torch.equal(y0, y1) and torch.equal(u0, u1)
+            for a, c in zip(g0, g1):
+                assert torch.equal(a, c)
+
+
+def test_cuda_backend_seed_args(monkeypatch):
+    """The cuda backend hands a device seed to its ops as the tensor (the kernels read it when they run) and an int
+    seed by value; an int seed with dropout under CUDA graph capture is refused (a baked-in seed would repeat one
+    mask on every replay); without dropout nothing is read and capture is fine."""
+    seed_t = torch.tensor(5)
+    assert cuda_backend._seed_args(0.1, seed_t) == (0, seed_t)
+    assert cuda_backend._seed_args(0.0, seed_t) == (0, None)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    cuda_backend._check_seed(0.1, 5)  # eager, not capturing
+    assert cuda_backend._seed_args(0.1, 5) == (5, None)  # eager, not capturing
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    with pytest.raises(RuntimeError, match="cannot run dropout inside a CUDA graph"):
-        cuda_backend._check_seed(0.1, 5)
-    cuda_backend._check_seed(0.0, 5)
+    with pytest.raises(RuntimeError, match="seed by value inside a CUDA graph capture"):
+        cuda_backend._seed_args(0.1, 5)
+    assert cuda_backend._seed_args(0.0, 5) == (5, None)
+    assert cuda_backend._seed_args(0.1, seed_t) == (0, seed_t)  # the device seed is capture-safe
+
+
+def test_cuda_backend_passes_device_seed_without_host_read(monkeypatch):
+    """forward, backward and the C++ autograd entry of the cuda backend pass a device seed to the extension's ops as
+    their seed_t argument (the int seed then 0), and never read its value on the host: checked with stand-in ops
+    and a meta seed, whose value cannot be read."""
+    calls = []
+
+    def fake(name, n_out):
+        def op(*args):
+            calls.append((name, args))
+            return tuple(torch.empty(0) for _ in range(n_out)) if n_out > 1 else torch.empty(0)
+        return op
+
+    monkeypatch.setattr(cuda_backend, "_OPS", (fake("forward", 2), fake("backward", 3)))
+    monkeypatch.setattr(cuda_backend, "_LINEAR", fake("lora_linear", 1))
+    seed = torch.empty((), dtype=torch.int64, device="meta")
+    x = W = A = B = u = dy = torch.empty(0)
+    cuda_backend.forward(x, W, None, A, B, 2.0, 0.25, seed, 3)
+    cuda_backend.backward(dy, x, W, A, B, u, 2.0, 0.25, seed, 3, True, False, True)
+    cuda_backend._linear_autograd(x, W, None, A, B, 2.0, 0.25, seed, 3)
+    (_, fa), (_, ba), (_, la) = calls
+    assert fa[-1] is seed and fa[7:9] == (0, 3)  # seed, offset by value; seed_t last
+    assert ba[-1] is seed and ba[8:13] == (0, 3, True, False, True)
+    assert la[-1] is seed and la[7:9] == (0, 3)
+    calls.clear()
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    cuda_backend.forward(x, W, None, A, B, 2.0, 0.25, 77, 0)  # eager: by value, no seed tensor
+    assert calls[0][1][7] == 77 and calls[0][1][-1] is None
 
 
 def test_auto_skips_backends_without_device_seed(monkeypatch):
     """backend=None with a device seed (capture / torch.compile, dropout on) picks the first backend that reads the
-    seed on the device; without one the usual order (cuda first) holds. An explicit name is never replaced."""
+    seed on the device (every backend does now: the cuda one too); with a backend that cannot, it is skipped. An
+    explicit name is never replaced."""
     class _Mod:
         pass
 
@@ -164,7 +236,11 @@ def test_auto_skips_backends_without_device_seed(monkeypatch):
     monkeypatch.delenv(_dispatch.ENV_VAR, raising=False)
     _dispatch.resolve.cache_clear()
     try:
+        assert "cuda" in _dispatch.DEVICE_SEED_BACKENDS
         assert _dispatch.resolve(None, "cuda", False, False) == "cuda"
+        assert _dispatch.resolve(None, "cuda", False, True) == "cuda"
+        monkeypatch.setattr(_dispatch, "DEVICE_SEED_BACKENDS", ("torch", "triton"))
+        _dispatch.resolve.cache_clear()
         assert _dispatch.resolve(None, "cuda", False, True) == "triton"
         assert _dispatch.resolve("cuda", "cuda", False, True) == "cuda"
         assert _dispatch.resolve(None, "cpu", False, True) == "torch"

@@ -24,6 +24,9 @@ if _IMPORT_ERROR is None:
 
 # The ops' overloads, looked up once: calling an OpOverload skips the packet's overload resolution on every call.
 _OPS = (torch.ops.lora_kernels_cuda.forward.default, torch.ops.lora_kernels_cuda.backward.default) if _C is not None else None
+# An extension compiled from older sources than this Python code (its ops take no device seed) is not used.
+if _OPS is not None and "seed_t" not in [a.name for a in _OPS[0]._schema.arguments]:
+    _IMPORT_ERROR, _OPS = f"built from older sources (its ops take no device seed); {_extension.REBUILD}", None
 
 
 def is_available() -> tuple[bool, str]:
@@ -35,31 +38,32 @@ def is_available() -> tuple[bool, str]:
     return True, f"{_extension.summary()}, on {torch.cuda.get_device_name()}"
 
 
-def _check_seed(p, seed) -> None:
-    """The kernels of csrc/ take the dropout seed by value, as a kernel argument. Inside a CUDA graph that value
-    would be baked into the graph and every replay would repeat one mask, so dropout under capture is refused
-    (with p == 0 the seed is never read and capture is fine)."""
-    if p > 0.0 and (isinstance(seed, torch.Tensor) or torch.cuda.is_current_stream_capturing()):
+def _seed_args(p, seed):
+    """(seed int, seed tensor or None) as the ops take them. A device seed (a 0-d int64 tensor on x's device: CUDA graph
+    capture and torch.compile, see lora_kernels/ops.py) goes to the kernels as a pointer that they read when they run,
+    so every replay of a graph uses the value its replay drew. An int seed is a kernel argument: under capture it
+    would be baked into the graph and every replay would repeat one mask, so dropout with an int seed under capture
+    is refused (with p == 0 the seed is never read and capture is fine)."""
+    if isinstance(seed, torch.Tensor):
+        return 0, (seed if p > 0.0 else None)
+    if p > 0.0 and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(
-            "lora_kernels: the cuda backend cannot run dropout inside a CUDA graph (torch.cuda.graph capture, or "
-            "torch.compile with mode='reduce-overhead'): its kernels take the seed by value, so every replay would "
-            "reuse one mask. Use backend='triton' or 'torch' (or backend=None, which picks one of them there), or "
-            "dropout_p=0.")
+            "lora_kernels: the cuda backend got a dropout seed by value inside a CUDA graph capture: every replay "
+            "would reuse one mask. Pass the seed as a 0-d int64 tensor on the device (lora_kernels.lora_linear does "
+            "so under capture and torch.compile).")
+    return int(seed), None
 
 
 def forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset):
-    _check_seed(p, seed)
-    y, u = _OPS[0](
-        x, weight, bias, lora_A, lora_B, float(scaling), float(p), int(seed), int(offset)
-    )
-    return y, u
+    seed_i, seed_t = _seed_args(p, seed)
+    return _OPS[0](x, weight, bias, lora_A, lora_B, float(scaling), float(p), seed_i, int(offset), seed_t)
 
 
 def backward(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, need_dx, need_dA, need_dB):
-    _check_seed(p, seed)
+    seed_i, seed_t = _seed_args(p, seed)
     dx, dA, dB = _OPS[1](
-        dy, x, weight, lora_A, lora_B, u, float(scaling), float(p), int(seed), int(offset),
-        bool(need_dx), bool(need_dA), bool(need_dB),
+        dy, x, weight, lora_A, lora_B, u, float(scaling), float(p), seed_i, int(offset),
+        bool(need_dx), bool(need_dA), bool(need_dB), seed_t,
     )
     return (dx if need_dx else None, dA if need_dA else None, dB if need_dB else None)
 
@@ -73,14 +77,13 @@ def gemm_path(x, weight, bias=None) -> str:
 def _linear_autograd(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset):
     """y of the op, with its autograd node in C++ (``lora_kernels_cuda::lora_linear``): eager calls that need
     grads skip Python's autograd.Function, forward and backward. Same kernels and math as forward/backward."""
-    _check_seed(p, seed)
-    return _LINEAR(
-        x, weight, bias, lora_A, lora_B, float(scaling), float(p), int(seed), int(offset))
+    seed_i, seed_t = _seed_args(p, seed)
+    return _LINEAR(x, weight, bias, lora_A, lora_B, float(scaling), float(p), seed_i, int(offset), seed_t)
 
 
 # ops.lora_linear uses this when present; LORA_KERNELS_CPP_AUTOGRAD=0 falls back to the Python autograd.Function.
 # An extension built before the op existed (a stale build) has no lora_linear: then the Python path too.
 _LINEAR = (torch.ops.lora_kernels_cuda.lora_linear.default
-           if _C is not None and hasattr(torch.ops.lora_kernels_cuda, "lora_linear") else None)
+           if _OPS is not None and hasattr(torch.ops.lora_kernels_cuda, "lora_linear") else None)
 linear_autograd = (_linear_autograd if _LINEAR is not None and os.environ.get("LORA_KERNELS_CPP_AUTOGRAD", "1") != "0"
                    else None)

@@ -1,6 +1,8 @@
 // CPU test shim for csrc/lora_autograd.h: the same autograd node as the CUDA binding, with reference ATen math in
 // place of the fused kernels (no dropout: the mask is not this test's subject). Registers
 // torch.ops.lora_autograd_shim.lora_linear with CPU (forward only) and Autograd kernels, like binding.cpp does.
+// The device seed seed_t (optional) stands in for the mask so that its routing can be tested: given one, the shim's
+// math uses scaling * (1 + seed_t), in forward and backward alike (a backward without it would give other grads).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -13,11 +15,16 @@ namespace {
 
 using at::Tensor;
 
+double seeded(double scaling, const std::optional<Tensor>& seed_t) {
+  return seed_t.has_value() ? scaling * (1.0 + (double)seed_t->item<int64_t>()) : scaling;
+}
+
 struct ReferenceMath {
   static std::tuple<Tensor, Tensor> forward(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                                             const Tensor& lora_A, const Tensor& lora_B, double scaling, double p,
-                                            int64_t /*seed*/, int64_t /*offset*/) {
+                                            int64_t /*seed*/, int64_t /*offset*/, const std::optional<Tensor>& seed_t) {
     TORCH_CHECK(p == 0.0, "the shim has no dropout");
+    scaling = seeded(scaling, seed_t);
     const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
     Tensor u = x.to(acc).mm(lora_A.to(acc).t()) * scaling;
     Tensor y = x.to(acc).mm(weight.to(acc).t()) + u.mm(lora_B.to(acc).t());
@@ -27,7 +34,9 @@ struct ReferenceMath {
   static std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dy, const Tensor& x, const Tensor& weight,
                                                      const Tensor& lora_A, const Tensor& lora_B, const Tensor& u,
                                                      double scaling, double /*p*/, int64_t /*seed*/,
-                                                     int64_t /*offset*/, bool need_dx, bool need_dA, bool need_dB) {
+                                                     int64_t /*offset*/, bool need_dx, bool need_dA, bool need_dB,
+                                                     const std::optional<Tensor>& seed_t) {
+    scaling = seeded(scaling, seed_t);
     const auto acc = u.scalar_type();
     Tensor g = dy.to(acc).mm(lora_B.to(acc));
     Tensor none = at::empty({0}, x.options());
@@ -39,21 +48,23 @@ struct ReferenceMath {
 };
 
 Tensor with_autograd(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& lora_A,
-                     const Tensor& lora_B, double scaling, double p, int64_t seed, int64_t offset) {
+                     const Tensor& lora_B, double scaling, double p, int64_t seed, int64_t offset,
+                     const std::optional<Tensor>& seed_t) {
   return lora_kernels::LoraLinearFunction<ReferenceMath>::apply(x, weight, bias, lora_A, lora_B, scaling, p, seed,
-                                                                offset);
+                                                                offset, seed_t);
 }
 
 Tensor forward_only(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& lora_A,
-                    const Tensor& lora_B, double scaling, double p, int64_t seed, int64_t offset) {
-  return std::get<0>(ReferenceMath::forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset));
+                    const Tensor& lora_B, double scaling, double p, int64_t seed, int64_t offset,
+                    const std::optional<Tensor>& seed_t) {
+  return std::get<0>(ReferenceMath::forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset, seed_t));
 }
 
 }  // namespace
 
 TORCH_LIBRARY(lora_autograd_shim, m) {
   m.def("lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, float p, "
-        "int seed, int offset) -> Tensor");
+        "int seed, int offset, Tensor? seed_t=None) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(lora_autograd_shim, CPU, m) { m.impl("lora_linear", &forward_only); }
 TORCH_LIBRARY_IMPL(lora_autograd_shim, Autograd, m) { m.impl("lora_linear", &with_autograd); }
