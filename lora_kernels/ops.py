@@ -5,13 +5,14 @@
 
 Two ops are registered in the ``lora_kernels`` namespace:
 
-    lora_fwd(x, weight, bias?, lora_A, lora_B, scaling, p, seed, offset, backend) -> (y, u)
-    lora_bwd(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, backend, need_dx, need_dA, need_dB)
+    lora_fwd(x, weight, bias?, lora_A, lora_B, scaling, p, seed?, offset, backend) -> (y, u)
+    lora_bwd(dy, x, weight, lora_A, lora_B, u, scaling, p, seed?, offset, backend, need_dx, need_dA, need_dB)
         -> (dx, dA, dB)          (a grad that is not needed comes back as an empty tensor)
 
 with x and dy 2-D; ``u = scaling · dropout(x) Aᵀ`` (M, r) in float32 is the only activation saved besides x:
 the dropout mask is regenerated from ``seed`` (a 0-d int64 tensor drawn from torch's RNG) and ``offset``, never
-stored. The backends' math contract is in ``lora_kernels/backends/__init__.py``.
+stored. Without dropout (p = 0) ``lora_linear`` passes no seed (None): no tensor that is not an input of the
+layer enters a compiled graph or is saved for backward (see ``lora_linear``). The backends' math contract is in ``lora_kernels/backends/__init__.py``.
 
 Where the seed lives:
 - eager calls: on the CPU, drawn from torch's default CPU generator (``torch.manual_seed`` reproduces a run,
@@ -20,8 +21,9 @@ Where the seed lives:
   graphs): on x's device, drawn by ``torch.randint`` from the device generator, and the kernels read it from device
   memory when they run. Drawing on the device is graph-safe the way PyTorch's own dropout is: a captured draw
   advances the generator's Philox offset on every replay, so each replay gets a fresh seed and a fresh mask. A value
-  baked into a captured kernel's arguments would repeat the same mask on every replay. Backends that cannot read
-  a device seed (``_dispatch.DEVICE_SEED_BACKENDS``) raise under capture instead, and ``backend=None`` skips them.
+  baked into a captured kernel's arguments would repeat the same mask on every replay. A backend that could not
+  read a device seed (not in ``_dispatch.DEVICE_SEED_BACKENDS``; today every backend can) would raise under capture
+  instead, and ``backend=None`` would skip it.
 """
 from __future__ import annotations
 
@@ -62,7 +64,7 @@ def record_dropout():
         _recorders.remove(calls)
 
 
-_NO_SEED = torch.zeros((), dtype=torch.int64)  # the seed argument of calls without dropout (never read)
+_NO_SEED = torch.zeros((), dtype=torch.int64)  # a seed for ops whose schema needs one without dropout (never read)
 
 
 def _draw_seed(device=None) -> torch.Tensor:
@@ -77,20 +79,23 @@ def _draw_seed(device=None) -> torch.Tensor:
 _lib = torch.library.Library("lora_kernels", "DEF")
 _lib.define(
     "lora_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, float p, "
-    "Tensor seed, int offset, str backend) -> (Tensor, Tensor)"
+    "Tensor? seed, int offset, str backend) -> (Tensor, Tensor)"
 )
 _lib.define(
     "lora_bwd(Tensor dy, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor u, float scaling, "
-    "float p, Tensor seed, int offset, str backend, bool need_dx, bool need_dA, bool need_dB) "
+    "float p, Tensor? seed, int offset, str backend, bool need_dx, bool need_dA, bool need_dB) "
     "-> (Tensor, Tensor, Tensor)"
 )
 
 
 def _backend_seed(seed: torch.Tensor, p: float):
     """The Philox key as the backends take it: a Python int for a CPU seed (reading a CPU tensor is no device
-    sync), the 0-d device tensor itself for a device seed (read by the kernels at run time), 0 without dropout."""
+    sync), the 0-d device tensor itself for a device seed (read by the kernels at run time), 0 without dropout
+    (where the seed may be None)."""
     if p == 0.0:
         return 0
+    if seed is None:
+        raise ValueError("lora_kernels: dropout (p > 0) needs a seed tensor, got None")
     return int(seed) if seed.is_cpu else seed
 
 
@@ -283,7 +288,10 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
                              or (x.is_cuda and torch.cuda.is_current_stream_capturing()))
     name = _resolve(backend, x.device.type, x.dtype == torch.float64, graph_rng)
     if p == 0.0:
-        seed = _NO_SEED
+        # No seed at all (not a constant tensor): under torch.compile a module-level CPU tensor here became an input
+        # of every compiled graph and, saved for backward, an output of the forward graph, and
+        # mode="reduce-overhead" failed on it ("storage data ptrs are not allocated in pool"; tests/test_compile_cpu.py)
+        seed = None
     elif graph_rng and name in _dispatch.DEVICE_SEED_BACKENDS:
         seed = _draw_seed(x.device)
     else:  # eager; or a backend without the device-seed path, which refuses to run under capture itself
