@@ -37,3 +37,50 @@ def test_host_time_bench_quick(tmp_path):
         assert r["median_us"] > 0 and r["min_us"] > 0 and len(r["batches"]) >= 1
         assert r["x_floor"] is not None and r["x_floor"] > 0
     assert "x F.linear" in res.stdout
+
+
+def _host_time_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("host_time", os.path.join(ROOT, "bench", "tools", "host_time.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _simulated_clock(mod, host_us, launches, queue=1024, syncs=False):
+    """_GpuClock with its GPU simulated: each call takes host_us of host time and queues `launches` kernels behind
+    the sleep; the launch queue holds `queue` of them, and a host that fills it (or a call that synchronises) waits
+    for the sleep to end."""
+
+    class Sim(mod._GpuClock):
+        def __init__(self):
+            self.cycles_per_us = 1.0
+            self.seen = []
+
+        def _batch(self, fn, n, sleep_us):
+            self.seen.append((n, sleep_us))
+            span = n * host_us
+            if syncs or n * launches > queue:
+                return max(span, sleep_us) + host_us, False  # waited for the sleep: the GPU woke
+            return span, span < sleep_us
+
+    return Sim()
+
+
+def test_gpu_clock_calibration():
+    """The calibration of the GPU clock (simulated here): a provider that would fill the launch queue within a batch
+    (PEFT's layer with dropout: the crash of bench/results/h200_2026-11-30 run 8) gets fewer calls per batch, a slow
+    one a longer sleep, and one that synchronises is reported as not isolatable instead of failing the run."""
+    mod = _host_time_module()
+    many = _simulated_clock(mod, host_us=300.0, launches=60)  # 50 calls x 60 kernels > 1024
+    n, sleep_us = many.calibrate(None, 50, guess_us=400.0)
+    assert n * 60 <= 1024 and sleep_us > n * 300.0
+    assert many.batch_us(None, n, sleep_us) == 300.0
+    slow = _simulated_clock(mod, host_us=5000.0, launches=4)  # the guess under-estimates the host time
+    n, sleep_us = slow.calibrate(None, 50, guess_us=100.0)
+    assert sleep_us > n * 5000.0 and slow.batch_us(None, n, sleep_us) == 5000.0
+    sync = _simulated_clock(mod, host_us=50.0, launches=2, syncs=True)
+    assert sync.calibrate(None, 50, guess_us=60.0) is None
+    assert sync.batch_us(None, 1, 1000.0) is None
+    assert all(s <= mod._GpuClock.MAX_SLEEP_US for _, s in sync.seen)

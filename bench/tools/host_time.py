@@ -8,9 +8,11 @@ Modes: ``fwd`` under no_grad (training-mode dropout still applied) and ``fwd+bwd
 grad, the frozen weight does not; torch.autograd.grad of a fixed dy; for F.linear the grad of x).
 
 On a GPU every timed batch is queued behind a ``torch.cuda._sleep`` long enough that the GPU is still asleep when
-the host has enqueued the last call (checked with an event; a batch that outran its sleep is redone with a longer
-one), so the host clock measures enqueue time only: Python, autograd, allocations and launches, never a wait for
-the GPU. Without a GPU it runs the same providers on CPU tensors (the triton backend only under TRITON_INTERPRET=1,
+the host has enqueued the last call (checked with an event), so the host clock measures enqueue time only: Python,
+autograd, allocations and launches, never a wait for the GPU. The calls per batch and the sleep are calibrated per
+provider and mode (``_GpuClock.calibrate``): a provider that launches many kernels per call fills the device's
+launch queue within a long batch and then waits for the GPU, so it gets fewer calls per batch; one that
+synchronises cannot be isolated and is reported with its wall time and a flag (``*`` in the table). Without a GPU it runs the same providers on CPU tensors (the triton backend only under TRITON_INTERPRET=1,
 where it is not a host-time measurement, so it is left out) and measures plain wall time per call.
 
 Prints a table (host microseconds per call, median over batches, and the ratio to F.linear in the same mode and
@@ -99,36 +101,82 @@ def providers(M, K, N, r, p, dtype, device):
 
 
 class _GpuClock:
-    """Host time of n calls while the GPU sleeps behind them (see the module docstring)."""
+    """Host time of n calls while the GPU sleeps behind them (see the module docstring).
+
+    A batch is isolated when the GPU is still asleep after the host has queued all n calls (checked with an event).
+    It can fail two ways. The sleep was too short for the host's time: a longer sleep fixes that. Or the host waited
+    for the GPU: the device's launch queue holds about a thousand pending kernels, and a provider that launches
+    dozens per call (PEFT's layer with dropout, fwd+bwd) fills it within a batch, after which every launch waits for
+    the sleeping GPU; the same happens to a provider that synchronises. There a longer sleep only lengthens the wait
+    (the host's time grows with the sleep), and fewer calls per batch are the fix. ``calibrate`` finds, per provider
+    and mode, calls per batch and a sleep that isolate the host time; a provider that cannot be isolated even one
+    call at a time (it synchronises) is timed without the sleep and flagged."""
+
+    MAX_SLEEP_US = 4_000_000.0  # one batch never sleeps longer than this
 
     def __init__(self):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda._sleep(1000)  # load the sleep kernel
         torch.cuda.synchronize()
-        start.record()
-        torch.cuda._sleep(20_000_000)
-        end.record()
-        torch.cuda.synchronize()
-        self.cycles_per_us = 20_000_000 / (start.elapsed_time(end) * 1000.0)
+        rates = []
+        for _ in range(3):  # the GPU clock may still be ramping up on the first one: the slowest rate is kept
+            start.record()
+            torch.cuda._sleep(20_000_000)
+            end.record()
+            torch.cuda.synchronize()
+            rates.append(20_000_000 / (start.elapsed_time(end) * 1000.0))
+        self.cycles_per_us = min(rates)  # fewer cycles per us -> sleeps at least as long as asked
 
-    def batch_us(self, fn, n, guess_us):
-        sleep_us = max(2000.0, 3.0 * n * guess_us)
-        for _ in range(4):
-            torch.cuda.synchronize()
-            torch.cuda._sleep(int(sleep_us * self.cycles_per_us))
-            t0 = time.perf_counter()
-            for _ in range(n):
-                fn()
-            t1 = time.perf_counter()
-            done = torch.cuda.Event()
-            done.record()
-            busy = not done.query()  # the GPU has not reached the calls yet: nothing waited on it
-            torch.cuda.synchronize()
-            per_call = (t1 - t0) / n * 1e6
-            if busy:
-                return per_call
-            sleep_us = 3.0 * n * per_call + 2000.0
-        raise RuntimeError("the GPU finished its sleep before the host enqueued the calls; host time is not isolated")
+    def _batch(self, fn, n, sleep_us):
+        """(host us for n calls queued behind a sleep of sleep_us, whether the GPU was still asleep at the end).
+
+        The test is an event recorded right after the sleep, before the calls: if it has not completed when the host
+        is done, the sleep was still running, so no call can have waited for the GPU (a wait for anything queued
+        after the sleep implies the sleep ended). An event recorded after the calls would not do: a host that
+        waited for the sleep to end (full launch queue) can still finish while the GPU runs the queued calls."""
+        torch.cuda.synchronize()
+        torch.cuda._sleep(int(sleep_us * self.cycles_per_us))
+        woke = torch.cuda.Event()
+        woke.record()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        t1 = time.perf_counter()
+        asleep = not woke.query()
+        torch.cuda.synchronize()
+        return (t1 - t0) * 1e6, asleep
+
+    def calibrate(self, fn, n, guess_us, attempts=16):
+        """(calls per batch, sleep us) that isolate fn's host time, or None when no batch of one call is isolated
+        under the longest sleep (fn waits for the GPU: a synchronisation). guess_us: an upper bound of one call's
+        host time (a synchronised call's wall time)."""
+        sleep_us = min(self.MAX_SLEEP_US, max(2000.0, 3.0 * n * guess_us))
+        for _ in range(attempts):
+            span_us, asleep = self._batch(fn, n, sleep_us)
+            if asleep:
+                return n, sleep_us
+            if span_us < 0.8 * sleep_us:  # the host was done well within the sleep, yet the GPU woke: sleep longer
+                if sleep_us >= self.MAX_SLEEP_US:
+                    return None
+                sleep_us = min(self.MAX_SLEEP_US, 2.0 * sleep_us)
+                continue
+            # The host took about as long as the sleep or longer: it was slow, or it waited for the GPU (a full launch
+            # queue, a sync). Fewer calls per batch and a sleep covering the time seen cover both.
+            if n == 1 and sleep_us >= self.MAX_SLEEP_US:
+                return None
+            n = max(1, n // 2)
+            sleep_us = min(self.MAX_SLEEP_US, max(2.0 * sleep_us, 3.0 * span_us))
+        return None
+
+    def batch_us(self, fn, n, sleep_us, retries=3):
+        """Host us per call of one isolated batch (a batch that outran its sleep is redone with a longer one), or
+        None when none was isolated."""
+        for _ in range(retries + 1):
+            span_us, asleep = self._batch(fn, n, sleep_us)
+            if asleep:
+                return span_us / n
+            sleep_us = min(self.MAX_SLEEP_US, 2.0 * sleep_us)
+        return None
 
 
 def _cpu_batch_us(fn, n):
@@ -139,19 +187,32 @@ def _cpu_batch_us(fn, n):
 
 
 def measure(fn, n, batches, warmup, gpu_clock):
+    """Median host us per call over `batches` batches of n calls (fewer calls per batch where the GPU clock needs
+    them: see _GpuClock), with how it was measured."""
     for _ in range(warmup):  # compilation, autotuning, allocator warm-up
         fn()
     if gpu_clock is None:
         runs = [_cpu_batch_us(fn, n) for _ in range(batches)]
-    else:
+        return {"median_us": statistics.median(runs), "min_us": min(runs), "batches": runs, "calls_per_batch": n,
+                "isolated": False}
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    guess = (time.perf_counter() - t0) / 3 * 1e6  # an upper bound of the host time: includes the GPU's
+    cal = gpu_clock.calibrate(fn, n, guess)
+    runs = []
+    if cal is not None:
+        n, sleep_us = cal
+        runs = [r for r in (gpu_clock.batch_us(fn, n, sleep_us) for _ in range(batches)) if r is not None]
+    if not runs:  # fn waits for the GPU (it synchronises): its host time cannot be isolated; wall time per call
         torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
-        guess = (time.perf_counter() - t0) / 3 * 1e6  # an upper bound of the host time: includes the GPU's
-        runs = [gpu_clock.batch_us(fn, n, guess) for _ in range(batches)]
-    return {"median_us": statistics.median(runs), "min_us": min(runs), "batches": runs, "calls_per_batch": n}
+        runs = [_cpu_batch_us(fn, n) for _ in range(batches)]
+        return {"median_us": statistics.median(runs), "min_us": min(runs), "batches": runs, "calls_per_batch": n,
+                "isolated": False, "note": "waits for the GPU (synchronises): wall time, not host time"}
+    return {"median_us": statistics.median(runs), "min_us": min(runs), "batches": runs, "calls_per_batch": n,
+            "sleep_us": sleep_us, "isolated": True}
 
 
 def main(argv=None):
@@ -160,7 +221,7 @@ def main(argv=None):
     ap.add_argument("--ms", default=None, help="token counts M, comma separated (default 16,2048; 16,128 on CPU)")
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--ps", default="0,0.1", help="dropout probabilities, comma separated")
-    ap.add_argument("--calls", type=int, default=50, help="calls per timed batch")
+    ap.add_argument("--calls", type=int, default=50, help="calls per timed batch (at most: see _GpuClock)")
     ap.add_argument("--batches", type=int, default=7)
     ap.add_argument("--quick", action="store_true", help="a few calls per batch (smoke test)")
     ap.add_argument("--out", default="host_time.json")
@@ -197,7 +258,9 @@ def main(argv=None):
                 for mode, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
                     res = measure(fn, n, batches, warmup, clock)
                     rows.append(dict(provider=name, mode=mode, M=M, p=p, **res))
-                    print(f"  {name:22s} {mode:8s} M={M:<5d} p={p:<4} {res['median_us']:9.1f} us", flush=True)
+                    flag = "" if res["isolated"] or clock is None else "  (not isolated: " + res["note"] + ")"
+                    print(f"  {name:22s} {mode:8s} M={M:<5d} p={p:<4} {res['median_us']:9.1f} us"
+                          f"  ({res['calls_per_batch']} calls/batch){flag}", flush=True)
     floor = {(r["mode"], r["M"]): r["median_us"] for r in rows if r["provider"] == "F.linear"}
     for r in rows:
         base = floor.get((r["mode"], r["M"]))
@@ -207,7 +270,10 @@ def main(argv=None):
     print(f"{'provider':22s} {'mode':8s} {'M':>5s} {'p':>5s} {'us':>9s} {'x F.linear':>10s}")
     for r in rows:
         ratio = f"{r['x_floor']:10.2f}" if r["x_floor"] is not None else f"{'':10s}"
-        print(f"{r['provider']:22s} {r['mode']:8s} {r['M']:5d} {r['p']:5.2f} {r['median_us']:9.1f} {ratio}")
+        star = " *" if gpu and not r["isolated"] else ""
+        print(f"{r['provider']:22s} {r['mode']:8s} {r['M']:5d} {r['p']:5.2f} {r['median_us']:9.1f} {ratio}{star}")
+    if gpu and any(not r["isolated"] for r in rows):
+        print("* waits for the GPU (synchronises): wall time per call, not host time")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"env": env, "rows": rows}, f, indent=1)
