@@ -9,6 +9,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <optional>
@@ -120,6 +121,24 @@ const char* sm90_unsupported(const Tensor& a, const Tensor& b, const Tensor* bia
   return lk::lora_gemm_sm90_unsupported(args, a.get_device());
 }
 
+// ------------------------------------------------------------------ the small-M forward (csrc/small_m.cu)
+// M <= 64: the whole forward in one launch. On unless LORA_KERNELS_SMALL_M=0 (read once); set_small_m switches it at
+// run time (tests of the other paths at small M, A/B timing).
+std::atomic<bool>& small_m_switch() {
+  static std::atomic<bool> on{[] {
+    const char* v = std::getenv("LORA_KERNELS_SMALL_M");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }()};
+  return on;
+}
+
+// nullptr when a forward with these inputs takes the small-M kernel, else why not.
+const char* small_m_unsupported(const Tensor& x, const Tensor& weight, const Tensor& lora_A, double p) {
+  if (!small_m_switch().load(std::memory_order_relaxed)) return "off (LORA_KERNELS_SMALL_M=0 or set_small_m)";
+  return lk::lora_small_m_unsupported(x.size(0), weight.size(0), x.size(1), (int)lora_A.size(0),
+                                      to_dtype(x, "x"), (float)p);
+}
+
 // y (M, N) = x W^T + u B^T + bias on the sm_90 path. u_work holds u = s·dropout(x) A^T (M, r) fp32, or the
 // shrink's `partials` split-K parts of it; the pack launch sums them into u (kept for backward) on the way.
 void sm90_forward(const Tensor& x, const Tensor& weight, const Tensor* bias, const Tensor& u_work, int64_t partials,
@@ -179,8 +198,20 @@ std::tuple<Tensor, Tensor> lora_forward(const Tensor& x, const Tensor& weight, c
   const c10::cuda::CUDAGuard guard(x.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const float pf = (float)p;
+  const bool has_bias = bias.has_value() && bias->defined();
 
   Tensor u = at::empty({M, r}, x.options().dtype(at::kFloat));
+  if (small_m_unsupported(x, weight, lora_A, p) == nullptr) {  // M <= 64: one launch
+    Tensor y = at::empty({M, N}, x.options());
+    check_cuda(lk::launch_lora_small_m_forward(x.data_ptr(), to_dtype(x, "x"), weight.data_ptr(),
+                                               has_bias ? bias->data_ptr() : nullptr, lora_A.data_ptr(),
+                                               to_dtype(lora_A, "lora_A"), lora_B.data_ptr(),
+                                               to_dtype(lora_B, "lora_B"), y.data_ptr(), u.data_ptr<float>(), M, N,
+                                               K, r, (float)scaling, pf, (uint64_t)seed, seed_ptr, (uint64_t)offset,
+                                               stream),
+               "small-M forward launch");
+    return {y, u};
+  }
   const lk::SplitPlan shrink_plan = lk::lora_shrink_plan(M, K);
   Tensor u_work = shrink_plan.col_groups > 1 ? at::empty({shrink_plan.col_groups, M * r}, u.options()) : u;
   check_cuda(lk::launch_lora_shrink(x.data_ptr(), to_dtype(x, "x"), lora_A.data_ptr(), to_dtype(lora_A, "lora_A"),
@@ -188,7 +219,6 @@ std::tuple<Tensor, Tensor> lora_forward(const Tensor& x, const Tensor& weight, c
                                     (uint64_t)seed, seed_ptr, (uint64_t)offset, stream),
              "lora_shrink launch");
   Tensor y = at::empty({M, N}, x.options());
-  const bool has_bias = bias.has_value() && bias->defined();
   if (sm90_unsupported(x, weight, has_bias ? &*bias : nullptr, M, N, K, lk::GemmLayoutB::kNK) == nullptr) {
     sm90_forward(x, weight, has_bias ? &*bias : nullptr, u_work, shrink_plan.col_groups, u, lora_B, y, stream);
     return {y, u};
@@ -338,11 +368,27 @@ std::string gemm_path(const Tensor& x, const Tensor& weight, const std::optional
   return why == nullptr ? std::string("sm90") : std::string("cublas: ") + why;
 }
 
+// Which path a forward with these inputs takes: "small_m" (one launch, csrc/small_m.cu), or gemm_path's answer
+// followed by " (small_m: <why not>)". Checks what lora_forward checks first (the call would fail otherwise).
+std::string forward_path(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                         const Tensor& lora_A, const Tensor& lora_B, double p) {
+  check_common(x, weight, lora_A, lora_B, p, 0);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const char* why = small_m_unsupported(x, weight, lora_A, p);
+  if (why == nullptr) return "small_m";
+  return gemm_path(x, weight, bias) + " (small_m: " + why + ")";
+}
+
+// Switches the small-M forward on or off for this process; returns the previous setting.
+bool set_small_m(bool enabled) { return small_m_switch().exchange(enabled); }
+
 }  // namespace
 
 // seed_t (optional, last): the device seed (see device_seed); without it the kernels use `seed`.
 TORCH_LIBRARY(lora_kernels_cuda, m) {
   m.def("gemm_path(Tensor x, Tensor weight, Tensor? bias) -> str");
+  m.def("forward_path(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float p) -> str");
+  m.def("set_small_m(bool enabled) -> bool", &set_small_m);  // no tensor arguments: a catch-all kernel
   m.def(
       "forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, float p, "
       "int seed, int offset, Tensor? seed_t=None) -> (Tensor, Tensor)");
@@ -360,6 +406,7 @@ TORCH_LIBRARY_IMPL(lora_kernels_cuda, CUDA, m) {
   m.impl("backward", &lora_backward);
   m.impl("lora_linear", &lora_linear_forward_only);
   m.impl("gemm_path", &gemm_path);
+  m.impl("forward_path", &forward_path);
 }
 
 TORCH_LIBRARY_IMPL(lora_kernels_cuda, Autograd, m) { m.impl("lora_linear", &lora_linear_autograd); }

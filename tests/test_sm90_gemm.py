@@ -55,8 +55,15 @@ def test_fallback_says_why():
 def test_sm90_path_against_float64(dtype, adapter_dtype, lead, K, N, r, p):
     # K, N multiples of 8 but not of the 64/128 tile; r from 1 to 256 (1 to 4 extension K-tiles); fp32 adapters
     # (PEFT's default) and 16-bit ones; with dropout the dx GEMM has no extension (masked term written first).
+    # The small-M forward (M <= 64, tests/test_small_m.py) is switched off so that small M runs this path too.
+    from lora_kernels.backends import cuda_backend
+
     assert _path(1, K, N, dtype) == "sm90"
-    run_and_check("cuda", "cuda", dtype, lead, K, N, r, bias=True, p=p, adapter_dtype=adapter_dtype)
+    previous = cuda_backend.set_small_m(False)
+    try:
+        run_and_check("cuda", "cuda", dtype, lead, K, N, r, bias=True, p=p, adapter_dtype=adapter_dtype)
+    finally:
+        cuda_backend.set_small_m(previous)
 
 
 @pytest.mark.skipif(not _hopper(), reason="the sm_90 GEMM runs on compute capability 9.0 only")

@@ -74,6 +74,18 @@ def gemm_path(x, weight, bias=None) -> str:
     return torch.ops.lora_kernels_cuda.gemm_path(x, weight, bias)
 
 
+def forward_path(x, weight, bias, lora_A, lora_B, p=0.0) -> str:
+    """Which path a forward with these 2-D inputs takes: "small_m" (M <= 64: the whole forward in one launch,
+    csrc/small_m.cu), or gemm_path's answer followed by " (small_m: <why not>)"."""
+    return torch.ops.lora_kernels_cuda.forward_path(x, weight, bias, lora_A, lora_B, float(p))
+
+
+def set_small_m(enabled: bool) -> bool:
+    """Switches the small-M forward on or off for this process (LORA_KERNELS_SMALL_M=0 starts it off); returns the
+    previous setting. For tests of the other paths at small M and A/B timing."""
+    return torch.ops.lora_kernels_cuda.set_small_m(bool(enabled))
+
+
 def _linear_autograd(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset):
     """y of the op, with its autograd node in C++ (``lora_kernels_cuda::lora_linear``): eager calls that need
     grads skip Python's autograd.Function, forward and backward. Same kernels and math as forward/backward."""

@@ -1,0 +1,160 @@
+"""The cuda backend's small-M forward (csrc/small_m.cu): for M <= 64 the whole forward, y = x W^T + b + s u B^T and the
+saved u = s dropout(x) A^T, is one kernel launch. GPU-only (skips elsewhere): the path is taken where it should be
+(forward_path, and a profiler count of one kernel), it says why where it is not, and y, u and the grads meet the
+float64 tolerance rule (error at most 2x the same-precision PyTorch computation's, plus a floor) with every output
+poisoned first, for K and N that are not multiples of any tile, every x dtype, fp32 and 16-bit adapters, with and
+without bias and dropout, misaligned inputs, and the "u-only" blocks of fp32 adapters (N smaller than M * r / 32)."""
+import pytest
+import torch
+
+import lora_kernels
+
+from conftest import HAS_CUDA, assert_tolerance
+from test_contract import run_and_check
+
+pytestmark = [
+    pytest.mark.usefixtures("poisoned_outputs"),
+    pytest.mark.skipif(not HAS_CUDA or "cuda" not in lora_kernels.available_backends(),
+                       reason="needs the cuda backend on a GPU"),
+]
+S = 0.75
+
+
+def _cb():
+    from lora_kernels.backends import cuda_backend
+
+    return cuda_backend
+
+
+def _inputs(M, K, N, r, dtype, adapter_dtype, bias, misaligned=False):
+    def rn(*shape, dt=dtype, std=1.0):
+        t = (torch.randn(*shape, device="cuda") * std).to(dt)
+        if misaligned:  # same values at an address 2 elements past an aligned one: no 16-byte vector loads
+            buf = torch.empty(t.numel() + 2, device="cuda", dtype=dt)
+            buf[2:].copy_(t.reshape(-1))
+            t = buf[2:].view(*shape)
+        return t
+
+    x = rn(M, K)
+    W = rn(N, K, std=K ** -0.5)
+    b = rn(N) if bias else None
+    A = rn(r, K, dt=adapter_dtype, std=K ** -0.5)
+    B = rn(N, r, dt=adapter_dtype, std=r ** -0.5)
+    return x, W, b, A, B
+
+
+def _check_forward(M, K, N, r, dtype, adapter_dtype, bias, p, misaligned=False, seed=1234):
+    cb = _cb()
+    x, W, b, A, B = _inputs(M, K, N, r, dtype, adapter_dtype, bias, misaligned)
+    assert cb.forward_path(x, W, b, A, B, p) == "small_m", cb.forward_path(x, W, b, A, B, p)
+    y, u = cb.forward(x, W, b, A, B, S, p, seed, 0)
+    keep = lora_kernels.dropout_mask(seed, 0, (M, K), p, device="cuda") if p > 0 else None
+
+    def formula(xx, WW, bb, AA, BB):
+        xd = xx if keep is None else xx * keep / (1.0 - p)
+        uu = S * (xd.to(AA.dtype) @ AA.t())
+        base = torch.nn.functional.linear(xx, WW, bb)
+        return (base + (uu @ BB.to(AA.dtype).t()).to(base.dtype)).to(xx.dtype), uu
+
+    ref_y, ref_u = formula(x.double(), W.double(), None if b is None else b.double(), A.double(), B.double())
+    base_y, base_u = formula(x, W, b, A, B)
+    assert y.dtype == dtype and y.shape == (M, N) and u.dtype == torch.float32 and u.shape == (M, r)
+    assert_tolerance(y, ref_y, base_y, "y")
+    assert_tolerance(u, ref_u, base_u.float(), "u")
+    y2, u2 = cb.forward(x, W, b, A, B, S, p, seed, 0)  # deterministic: fixed reduction orders, no atomics
+    assert torch.equal(y, y2) and torch.equal(u, u2)
+
+
+@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                 (torch.float16, torch.float32), (torch.float16, torch.float16),
+                                                 (torch.float32, torch.float32)])
+@pytest.mark.parametrize("M,K,N,r", [(1, 4096, 4096, 16), (16, 4096, 1000, 16), (64, 1000, 4104, 16),
+                                     (7, 37, 24, 8), (17, 200, 100, 32), (33, 72, 40, 1), (64, 130, 300, 32),
+                                     (32, 520, 264, 64), (5, 1, 3, 4), (64, 64, 24, 32)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_small_m_forward_against_float64(dtype, adapter_dtype, M, K, N, r, bias):
+    _check_forward(M, K, N, r, dtype, adapter_dtype, bias, 0.0)
+
+
+@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float16),
+                                                 (torch.float32, torch.float32)])
+@pytest.mark.parametrize("M,K,N,r", [(1, 4096, 512, 16), (8, 4096, 264, 16), (7, 37, 24, 8), (64, 500, 72, 32),
+                                     (3, 12, 1, 1)])
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_small_m_forward_dropout(dtype, adapter_dtype, M, K, N, r, p):
+    _check_forward(M, K, N, r, dtype, adapter_dtype, True, p, seed=2**61 + 12345)
+
+
+@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float16)])
+def test_small_m_misaligned_inputs(dtype, adapter_dtype):
+    # every operand 2 elements off a 16-byte boundary: the copies and A's float4 loads take their scalar fallbacks
+    _check_forward(19, 136, 72, 16, dtype, adapter_dtype, True, 0.0, misaligned=True)
+    _check_forward(5, 64, 40, 8, dtype, adapter_dtype, True, 0.2, misaligned=True)
+
+
+@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                 (torch.float32, torch.float32)])
+@pytest.mark.parametrize("lead,K,N,r,p", [((1,), 4096, 4096, 16, 0.0), ((4, 16), 136, 200, 16, 0.0),
+                                          ((3, 7), 36, 44, 8, 0.1), ((64,), 1000, 72, 32, 0.0)])
+def test_small_m_op_grads(dtype, adapter_dtype, lead, K, N, r, p):
+    # the public op end to end (forward by the small-M kernel, backward as before, the saved u included)
+    x = torch.empty(*lead, K)
+    cb = _cb()
+    assert cb.forward_path(x.reshape(-1, K).to("cuda", dtype), torch.empty(N, K, device="cuda", dtype=dtype), None,
+                           torch.empty(r, K, device="cuda", dtype=adapter_dtype),
+                           torch.empty(N, r, device="cuda", dtype=adapter_dtype), p) == "small_m"
+    run_and_check("cuda", "cuda", dtype, lead, K, N, r, bias=True, p=p, adapter_dtype=adapter_dtype)
+
+
+def test_small_m_is_one_launch():
+    """The forward of M <= 64 launches one kernel (no shrink, reduce, pack, prefill or cuBLAS GEMM)."""
+    cb = _cb()
+    for M, p, adapter_dtype in ((1, 0.0, torch.float32), (16, 0.0, torch.bfloat16), (64, 0.0, torch.float32),
+                                (4, 0.1, torch.float32)):
+        x, W, b, A, B = _inputs(M, 4096, 4096, 16, torch.bfloat16, adapter_dtype, True)
+        with torch.no_grad():
+            for _ in range(2):
+                lora_kernels.lora_linear(x, W, b, A, B, S, dropout_p=p, backend="cuda")
+            torch.cuda.synchronize()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                lora_kernels.lora_linear(x, W, b, A, B, S, dropout_p=p, backend="cuda")
+                torch.cuda.synchronize()
+        kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        assert len(kernels) == 1 and "small_m" in kernels[0], (M, p, kernels)
+
+
+def test_paths_say_why():
+    cb = _cb()
+
+    def path(M, K, N, r, p=0.0, dtype=torch.bfloat16):
+        x, W, b, A, B = _inputs(M, K, N, r, dtype, torch.float32, False)
+        return cb.forward_path(x, W, b, A, B, p)
+
+    assert path(64, 64, 64, 32) == "small_m"
+    assert path(65, 64, 64, 16).endswith("(small_m: M is not in 1..64)")
+    assert path(32, 64, 64, 64) == "small_m"
+    assert path(33, 64, 64, 64).endswith("(small_m: r is above 32 with M above 32)")
+    assert path(16, 64, 64, 65).endswith("(small_m: r is above 64)")
+    assert path(8, 4096, 64, 16, p=0.1) == "small_m"
+    assert "dropout" in path(9, 4096, 64, 16, p=0.1)
+    previous = cb.set_small_m(False)
+    try:
+        assert path(1, 64, 64, 16).endswith("(small_m: off (LORA_KERNELS_SMALL_M=0 or set_small_m))")
+    finally:
+        cb.set_small_m(previous)
+
+
+def test_small_m_matches_the_unfused_path():
+    """Against the multi-launch forward (the small-M kernel switched off): the same u to fp32 rounding and y within
+    a unit in the last place (one rounding of y instead of three)."""
+    cb = _cb()
+    x, W, b, A, B = _inputs(24, 1024, 520, 16, torch.bfloat16, torch.float32, True)
+    y1, u1 = cb.forward(x, W, b, A, B, S, 0.0, 0, 0)
+    previous = cb.set_small_m(False)
+    try:
+        assert not cb.forward_path(x, W, b, A, B, 0.0).startswith("small_m")
+        y0, u0 = cb.forward(x, W, b, A, B, S, 0.0, 0, 0)
+    finally:
+        cb.set_small_m(previous)
+    torch.testing.assert_close(u1, u0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y1.float(), y0.float(), rtol=2 ** -7, atol=1e-2)
