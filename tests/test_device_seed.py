@@ -149,8 +149,19 @@ def test_triton_tensor_seed_bit_identical(monkeypatch, small_m):
 @pytest.mark.parametrize("M", [5, 37, 300])
 def test_cuda_tensor_seed_bit_identical(monkeypatch, dtype, adapter, M):
     """The cuda backend's kernels with the seed read from device memory (seed_t) give the by-value path's outputs bit
-    for bit, forward and backward, on every kernel family (tensor-core and FFMA shrink / dA / dx, the shrink's K
-    split at small M, the small-M forward), and the host never reads the seed."""
+    for bit, forward and backward, on every kernel family (tensor-core and FFMA: the small-M forward at M = 5 and
+    37, the shrink at M = 300 and, with the small-M forward switched off, at M = 5; dA and dx always), and the host
+    never reads the seed."""
+    if M == 5:
+        previous = cuda_backend.set_small_m(False)
+        try:
+            _cuda_tensor_seed_check(monkeypatch, dtype, adapter, M)
+        finally:
+            cuda_backend.set_small_m(previous)
+    _cuda_tensor_seed_check(monkeypatch, dtype, adapter, M)
+
+
+def _cuda_tensor_seed_check(monkeypatch, dtype, adapter, M):
     K, N, r, p, s = 136, 72, 8, 0.3, 0.75
     g = torch.Generator(device="cuda").manual_seed(5)
     rn = lambda *sh, dt=dtype: torch.randn(*sh, generator=g, device="cuda").to(dt)  # noqa: E731
