@@ -136,7 +136,7 @@ std::atomic<bool>& small_m_switch() {
 const char* small_m_unsupported(const Tensor& x, const Tensor& weight, const Tensor& lora_A, double p) {
   if (!small_m_switch().load(std::memory_order_relaxed)) return "off (LORA_KERNELS_SMALL_M=0 or set_small_m)";
   return lk::lora_small_m_unsupported(x.size(0), weight.size(0), x.size(1), (int)lora_A.size(0),
-                                      to_dtype(x, "x"), (float)p);
+                                      to_dtype(x, "x"), to_dtype(lora_A, "lora_A"), (float)p);
 }
 
 // y (M, N) = x W^T + u B^T + bias on the sm_90 path. u_work holds u = s·dropout(x) A^T (M, r) fp32, or the

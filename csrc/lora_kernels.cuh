@@ -64,7 +64,8 @@ cudaError_t launch_lora_shrink(const void* x, DType x_dtype, const void* A, DTyp
 // u (M, r) fp32 = scaling * dropout(x) A^T (the shrink's u, saved for backward). W (N, K) and bias (N,) or null in
 // x_dtype; A (r, K) a_dtype, B (N, r) b_dtype, each float32 or x_dtype. lora_small_m_unsupported: null when the
 // launcher takes these sizes here, else why not (M above 64, r too large for M, dropout with a large M * K, ...).
-const char* lora_small_m_unsupported(int64_t M, int64_t N, int64_t K, int r, DType x_dtype, float p);
+const char* lora_small_m_unsupported(int64_t M, int64_t N, int64_t K, int r, DType x_dtype, DType a_dtype,
+                                     float p);
 cudaError_t launch_lora_small_m_forward(const void* x, DType x_dtype, const void* W, const void* bias, const void* A,
                                         DType a_dtype, const void* B, DType b_dtype, void* y, float* u, int64_t M,
                                         int64_t N, int64_t K, int r, float scaling, float p, uint64_t seed,

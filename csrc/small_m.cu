@@ -1,10 +1,10 @@
-// Small-M forward in one launch: y = x W^T + bias + u B^T with u = scaling * dropout(x) A^T, for M <= 64 rows (decoding,
-// small batches), where the usual forward (shrink with a K split, reduce or pack, GEMM) is three or four launches of
-// kernels that each take a few microseconds of launch and tail time for a few microseconds of work.
+// Small-M forward in one launch: y = x W^T + bias + u B^T with u = scaling * dropout(x) A^T, for M <= 64 rows
+// (decoding, small batches), where the usual forward (shrink with a K split, reduce or pack, GEMM) is three or four
+// launches of kernels that each take a few microseconds of launch and tail time for a few microseconds of work.
 // Tensor-core kernel (16-bit x, sm_80+), FFMA kernel (fp32 x), launch_lora_small_m_forward and its policy
 // lora_small_m_unsupported.
 //
-// Math   : every block owns SMM_BN (32) columns of y and all M rows, and recomputes the tiny u it needs for its epilogue
+// Math   : every block owns SMM_BN (32) columns of y and all M rows, and recomputes the tiny u its epilogue needs
 //          (M x r: x is small, so x and A are re-read from L2 by every block; W, the big operand, is streamed once):
 //            acc_y = x W[cols]^T (fp32 accumulation)          acc_u = dropout(x) A^T (fp32 accumulation)
 //            y[:, cols] = round(acc_y + T(scale * acc_u) T(B[cols])^T + bias[cols])      (one rounding of y)
@@ -16,7 +16,8 @@
 //          while the epilogue's acc_u uses A split into two T terms (A = hi + lo, about 16 bits: plenty for a value
 //          rounded to T; an infinite kept x times an A whose lo part is 0 gives NaN there, where fp32 gives inf).
 //          The dropout mask is the contract's (philox.cuh), regenerated per block for its x chunks.
-// Tiling : 256 threads, 8 warps. K in SMM_KC (128)-column chunks through a 3-slot cp.async ring holding the x chunk
+// Tiling : 256 threads, 8 warps. K in SMM_KC (128)-column chunks through a 3- or 6-slot cp.async ring (6 where it
+//          fits the GPU's shared memory: more of W in flight) holding the x chunk
 //          (MP = M rounded up to 16, 32 or 64 rows), the W chunk (32 rows), the A chunk (RP = r rounded up to 16
 //          rows; fp32 adapters: register-prefetched one chunk ahead and split into hi / lo) and, with dropout, the
 //          masked copy of the x chunk (written by the thread that copied each 8-group, once it landed). Warp w
@@ -25,11 +26,13 @@
 //          summed in warp order through shared memory at the end (deterministic), then the epilogue (one thread per
 //          column, 8 row phases) adds u B^T and the bias and writes y once.
 // Bytes  : W once (N*K*2), y once; x (M*K*2) and A (r*K) from L2 once per block.
-// Smem   : 3 slots x (MP + 32 + RP (x2 with fp32 adapters) + MP (dropout only)) x 136 x 2 B: 52 KB (M, r <= 16, no
-//          dropout) to 183 KB (M = 64, r = 32, fp32 adapters, dropout).
+// Smem   : S slots x (MP + 32 + RP (x2 with fp32 adapters) + MP (dropout only)) x 136 x 2 B: 104 KB (6 slots; M,
+//          r <= 16, no dropout) to 183 KB (3 slots; M = 64, r = 32, fp32 adapters, dropout: too much for an A100's
+//          163 KB, where that case takes the unfused forward).
 // Limits : M <= 64; r <= 64 with (MP/16) * (RP/16) <= 8 (the accumulators: M <= 64 with r <= 32, M <= 32 with
 //          r <= 64); with dropout M * ceil(K/8) <= 4096 (every block regenerates the mask of all of x: 4096 Philox
-//          calls per block, about a microsecond). Elsewhere the unfused forward runs (lora_small_m_unsupported says why).
+//          calls per block, about a microsecond). Elsewhere the unfused forward runs (lora_small_m_unsupported says
+//          why).
 #include "common.cuh"
 #include "plans.cuh"
 #include "ptx.cuh"
@@ -48,7 +51,9 @@ constexpr int64_t kSmallMDropoutGroups = 4096;  // M * ceil(K / 8) limit with dr
 constexpr int SMM_BN = 32;              // y columns per block
 constexpr int SMM_KC = 128;             // K chunk: one k16 step per warp
 constexpr int SMM_LD = SMM_KC + 8;      // shared-memory row pitch (elements): 16-byte rows, conflict-free ldmatrix
-constexpr int SMM_STAGES = 3;           // ring slots: two chunks in flight while the third is multiplied
+// Ring slots (S): S - 1 chunks in flight while one is multiplied. The kernel is bound by W's stream, which needs
+// bytes in flight; 6 slots where they fit in the GPU's shared memory per block (small M and r), else 3.
+constexpr int SMM_STAGES_DEEP = 6, SMM_STAGES = 3;
 constexpr int SMM_EW = 4;               // fp32 adapters: u elements per warp (FFMA dot products)
 constexpr int SMM_EPB = 8 * SMM_EW;     // ... per block
 static_assert(SMM_KC == 16 * (kTcThreads / 32), "one k16 step per warp and chunk");
@@ -56,6 +61,22 @@ static_assert(SMM_KC == 4 * 32, "one float4 of A per lane and chunk (the FFMA do
 
 // Row fragments (16 rows each) of the M rows: 1, 2 or 4 (M in 33..48 is padded to 64).
 inline int small_m_frags(int64_t M) { return M <= 16 ? 1 : M <= 32 ? 2 : 4; }
+
+// Bytes of one ring slot of the tensor-core kernel (see its layout).
+inline size_t small_m_slot_bytes(int mf, int nr, bool af32, bool drop) {
+  return (size_t)(16 * mf + SMM_BN + 16 * nr * (af32 ? 2 : 1) + (drop ? 16 * mf : 0)) * SMM_LD * 2;
+}
+
+// The current device's opt-in shared memory per block (227 KB on sm_90, 163 KB on an A100; 0 when unknown).
+inline size_t smem_optin_bytes() {
+  int dev = 0, bytes = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return (size_t)bytes;
+}
 
 #if LK_TC_ARCH
 // An fp32 4-group split into two T 4-groups, hi = T(v) and lo = T(v - hi): hi + lo carries about twice T's bits.
@@ -73,9 +94,10 @@ __device__ __forceinline__ void split_t4(const Vec4<float>& v, uint2& hi, uint2&
 #endif
 
 // lora_small_m (tensor cores): see the top of the file. T: x's dtype; kAF32: fp32 adapters (A); MF, NR: row and
-// rank fragments (MP = 16 MF, RP = 16 NR). B is fp32 (b_f32) or T. n_tiles: blocks with a y tile (the first ones);
-// the rest only compute their slice of u (fp32 adapters). elems_per_block: u elements per block (fp32 adapters).
-template <typename T, bool kAF32, int MF, int NR>
+// rank fragments (MP = 16 MF, RP = 16 NR); S: ring slots. B is fp32 (b_f32) or T. n_tiles: blocks with a y tile
+// (the first ones); the rest only compute their slice of u (fp32 adapters). elems_per_block: u elements per block
+// (fp32 adapters).
+template <typename T, bool kAF32, int MF, int NR, int S>
 __global__ void __launch_bounds__(kTcThreads, 1)
 lora_small_m_tc_kernel(const T* __restrict__ x, const T* __restrict__ W, const T* __restrict__ bias,
                        const void* __restrict__ A_, const void* __restrict__ B_, int b_f32, T* __restrict__ y,
@@ -98,7 +120,7 @@ lora_small_m_tc_kernel(const T* __restrict__ x, const T* __restrict__ W, const T
   // (dropout).
   constexpr int kW = MP * LD, kA = kW + SMM_BN * LD, kAL = kA + RP * LD, kXD = kAL + (kAF32 ? RP * LD : 0);
   const int slot_elems = kXD + (drop ? MP * LD : 0);
-  auto slot = [&](int64_t t) { return ring + (int)(t % SMM_STAGES) * slot_elems; };
+  auto slot = [&](int64_t t) { return ring + (int)(t % S) * slot_elems; };
 
   // cp.async of chunk t: x (MF 8-groups per thread), and for a tile W (2) and 16-bit A (NR). Rows past M, N or r
   // and columns past K read as zeros.
@@ -202,11 +224,12 @@ lora_small_m_tc_kernel(const T* __restrict__ x, const T* __restrict__ W, const T
     zero_acc(uacc[mf]);
   }
 
-  // Pipeline (one barrier per chunk): chunks 0 and 1 in flight; A chunk 0 staged, 1 in registers.
-  if (n_chunks > 0) issue(0);
-  cp_async_commit();
-  if (n_chunks > 1) issue(1);
-  cp_async_commit();
+  // Pipeline (one barrier per chunk): chunks 0 .. S-2 in flight; A chunk 0 staged, 1 in registers.
+#pragma unroll
+  for (int t = 0; t < S - 1; ++t) {
+    if (t < n_chunks) issue(t);
+    cp_async_commit();
+  }
   if (has_tile && n_chunks > 0) {
     fetch_a(0);
     stash_a(0);
@@ -214,10 +237,10 @@ lora_small_m_tc_kernel(const T* __restrict__ x, const T* __restrict__ W, const T
   }
   if (has_elems && n_chunks > 0) fetch_ue(0);
   for (int64_t t = 0; t < n_chunks; ++t) {
-    cp_async_wait<SMM_STAGES - 2>();
+    cp_async_wait<S - 2>();
     if (drop) mask_x(t);
     __syncthreads();  // chunk t (and its masked copy, A chunk t) complete; chunk t-1's slot free
-    if (t + SMM_STAGES - 1 < n_chunks) issue(t + SMM_STAGES - 1);
+    if (t + S - 1 < n_chunks) issue(t + S - 1);
     cp_async_commit();
     const T* s = slot(t);
     const int kk = 16 * warp;
@@ -263,7 +286,7 @@ lora_small_m_tc_kernel(const T* __restrict__ x, const T* __restrict__ W, const T
       }
       if (t + 1 < n_chunks) fetch_ue(t + 1);
     }
-    if (has_tile && t + 1 < n_chunks) {  // A chunk t+1 into its slot (last read in chunk t-2), t+2 to registers
+    if (has_tile && t + 1 < n_chunks) {  // A chunk t+1 into its slot (last read in chunk t+1-S), t+2 to registers
       stash_a(t + 1);
       if (t + 2 < n_chunks) fetch_a(t + 2);
     }
@@ -461,7 +484,8 @@ cudaError_t with_small_m_frags(int mf, int nr, F&& f) {
 
 }  // namespace
 
-const char* lora_small_m_unsupported(int64_t M, int64_t N, int64_t K, int r, DType x_dtype, float p) {
+const char* lora_small_m_unsupported(int64_t M, int64_t N, int64_t K, int r, DType x_dtype, DType a_dtype,
+                                     float p) {
   if (M < 1 || M > kSmallMMaxM) return "M is not in 1..64";
   if (N < 1) return "N is 0";
   if (K < 0) return "K is negative";
@@ -470,7 +494,11 @@ const char* lora_small_m_unsupported(int64_t M, int64_t N, int64_t K, int r, DTy
   if (p > 0.f && M * ((K + kDropoutGroup - 1) / kDropoutGroup) > kSmallMDropoutGroups)
     return "dropout with M * ceil(K / 8) above 4096 (every block would regenerate the whole mask)";
   if ((N + SMM_BN - 1) / SMM_BN > INT_MAX) return "N is too large for the grid";
-  if (x_dtype != DType::kFloat32 && !tc_supported()) return "16-bit x below sm_80";
+  if (x_dtype != DType::kFloat32) {
+    if (!tc_supported()) return "16-bit x below sm_80";
+    const size_t slot = small_m_slot_bytes(small_m_frags(M), rank_frags(r), a_dtype == DType::kFloat32, p > 0.f);
+    if (SMM_STAGES * slot > smem_optin_bytes()) return "its shared memory does not fit this GPU at this M and r";
+  }
   return nullptr;
 }
 
@@ -478,7 +506,7 @@ cudaError_t launch_lora_small_m_forward(const void* x, DType x_dtype, const void
                                         DType a_dtype, const void* B, DType b_dtype, void* y, float* u, int64_t M,
                                         int64_t N, int64_t K, int r, float scaling, float p, uint64_t seed,
                                         const int64_t* seed_ptr, uint64_t offset, cudaStream_t stream) {
-  if (lora_small_m_unsupported(M, N, K, r, x_dtype, p) != nullptr) return cudaErrorInvalidValue;
+  if (lora_small_m_unsupported(M, N, K, r, x_dtype, a_dtype, p) != nullptr) return cudaErrorInvalidValue;
   const float scale = dropout_scale(scaling, p);
   const int64_t n_tiles = (N + SMM_BN - 1) / SMM_BN;
   if (x_dtype == DType::kFloat32) {
@@ -497,13 +525,17 @@ cudaError_t launch_lora_small_m_forward(const void* x, DType x_dtype, const void
   const int64_t u_blocks = af32 ? (M * r + SMM_EPB - 1) / SMM_EPB : 0;
   const int64_t blocks = std::max<int64_t>(n_tiles, u_blocks);
   const int epb = af32 ? (int)((M * r + blocks - 1) / blocks) : 0;
-  const size_t slot = (size_t)(16 * mf + SMM_BN + 16 * nr * (af32 ? 2 : 1) + (p > 0.f ? 16 * mf : 0)) * SMM_LD * 2;
-  const size_t smem = SMM_STAGES * slot;
+  const size_t slot = small_m_slot_bytes(mf, nr, af32, p > 0.f);
+  const bool deep = SMM_STAGES_DEEP * slot <= smem_optin_bytes();
+  const size_t smem = (deep ? SMM_STAGES_DEEP : SMM_STAGES) * slot;
   return with_dtype16(x_dtype, [&](auto xt) {
     using T = decltype(xt);
     return with_small_m_frags(mf, nr, [&](auto mfc, auto nrc) {
       constexpr int MF = decltype(mfc)::value, NR = decltype(nrc)::value;
-      auto kernel = af32 ? lora_small_m_tc_kernel<T, true, MF, NR> : lora_small_m_tc_kernel<T, false, MF, NR>;
+      auto kernel = af32 ? (deep ? lora_small_m_tc_kernel<T, true, MF, NR, SMM_STAGES_DEEP>
+                                 : lora_small_m_tc_kernel<T, true, MF, NR, SMM_STAGES>)
+                         : (deep ? lora_small_m_tc_kernel<T, false, MF, NR, SMM_STAGES_DEEP>
+                                 : lora_small_m_tc_kernel<T, false, MF, NR, SMM_STAGES>);
       return launch_kernel(kernel, dim3((unsigned)blocks), kTcThreads, smem, stream, static_cast<const T*>(x),
                            static_cast<const T*>(W), static_cast<const T*>(bias), A, B,
                            b_dtype == DType::kFloat32 ? 1 : 0, static_cast<T*>(y), u, M, N, K, r, scale, p, seed,
