@@ -229,6 +229,22 @@ __device__ __forceinline__ uint2 to_t4(const Vec4<TA>& v) {
   return t.u;
 }
 
+// Piece `piece` of the split of fp32 values into bf16 pieces: v = p0 + p1 + p2 + e, p_i = bf16(v - p0 - .. - p_{i-1}).
+// Each subtraction is exact (the residual of a rounding fits in fp32), and three 8-bit pieces hold fp32's 24-bit
+// significand, so |e| <= 2^-24 |v|: a bf16 value times the three pieces, summed in fp32 on the tensor cores, is the
+// fp32 product (the "bf16x3" split). Piece 0 is the plain rounding (to_t4).
+template <typename T, typename TA>
+__device__ __forceinline__ uint2 to_t4_piece(const Vec4<TA>& v, int piece) {
+  union { uint2 u; T e[4]; } t;
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    float f = to_f<TA>(v.e[q]);
+    for (int i = 0; i < piece; ++i) f -= to_f<T>(from_f<T>(f));
+    t.e[q] = from_f<T>(f);
+  }
+  return t.u;
+}
+
 // A dropped 16-bit element (raw bits of T) times 0, as the reference computes x * keep: +0 for a finite value,
 // NaN for inf or NaN. (Used on x, and on dx's LoRA term already rounded to T: a finite term that overflowed T at a
 // dropped element also becomes NaN; that term overflows at the kept elements too.)
