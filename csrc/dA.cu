@@ -66,14 +66,15 @@ lora_dA_kernel(const T* __restrict__ x, const float* __restrict__ g, float* __re
 //          (mask applied in place), the g tile (-> T) register-prefetched two tiles ahead into a double buffer.
 //          Warp w owns columns 16w..16w+15 of the strip x all RC rows of dA (g^T = the g tile read by
 //          ldmatrix.trans), accumulators in registers across the rows, written once per strip (scaled).
-//          fp32 adapters on bf16 x (P = 3): the g tile is staged as its three bf16x3 pieces, each multiplied into
-//          the same accumulators, so dA is the fp32 product PyTorch computes.
+//          fp32 adapters on bf16 x (P = 3): the g tile is staged as its three bf16x3 pieces, multiplied into a
+//          per-tile accumulator added to the running one with fp32 adds (add_acc), so dA is the fp32 product
+//          PyTorch computes, to fp32 FFMA accuracy.
 // Bytes  : one read of x (M*K*2) per r-chunk; g re-read from L2 once per strip; partials row_splits*r*K*4.
 // Smem   : 3 * 64 * 136 * 2 + 2 * P * 64 * (RC + 8) * 2 = 58.4 KB at RC = 16, 70.7 KB at RC = 64 (P = 1); 70.7 /
 //          107.5 KB (P = 3).
 
 template <typename T, int NJ, int P>
-__global__ void __launch_bounds__(kTcThreads, NJ == 1 ? kStreamMinBlocks : 2)
+__global__ void __launch_bounds__(kTcThreads, NJ == 1 ? kStreamMinBlocks : (P > 1 && NJ == 4) ? 1 : 2)
 lora_dA_tc_kernel(const T* __restrict__ x, const float* __restrict__ g, float* __restrict__ dA_partial, int64_t M,
                   int64_t K, int r, int64_t rows_per_split, int64_t cols_per_group, float scale, float p,
                   uint64_t seed, uint64_t offset) {
@@ -126,6 +127,12 @@ lora_dA_tc_kernel(const T* __restrict__ x, const float* __restrict__ g, float* _
 #pragma unroll
           for (int q = 0; q < 4; ++q) acc[jf][n][q] = 0.f;
     }
+    // P > 1: the tile's product goes to `part` and is added to acc with fp32 adds (add_acc: one tile per chain).
+    float part[NJ][2][4];
+    float(&tgt)[NJ][2][4] = P > 1 ? part : acc;
+    if constexpr (P > 1)
+#pragma unroll
+      for (int jf = 0; jf < NJ; ++jf) zero_acc(part[jf]);
 #pragma unroll
     for (int mb = 0; mb < TA_BM / 16; ++mb) {
       uint32_t b[4];
@@ -136,9 +143,12 @@ lora_dA_tc_kernel(const T* __restrict__ x, const float* __restrict__ g, float* _
         for (int pc = 0; pc < P; ++pc) {
           uint32_t a[4];  // (g^T)[j, m]: the g tile (piece pc) read transposed
           ldsm4_t(a, gb + pc * TA_BM * LDG + (16 * mb + lo.r2) * LDG + 16 * jf + lo.c2);
-          mma16816x2<T>(acc[jf][0], acc[jf][1], a, b);
+          mma16816x2<T>(tgt[jf][0], tgt[jf][1], a, b);
         }
     }
+    if constexpr (P > 1)
+#pragma unroll
+      for (int jf = 0; jf < NJ; ++jf) add_acc(acc[jf], part[jf]);
     pipeline_next(t, n_tiles, fetch_g, stash_g);
     if (rt == n_rt - 1) {  // strip done: dA partial rows j0.., columns k0 + 16w.. written once
 #pragma unroll

@@ -92,15 +92,16 @@ lora_dy_pass_kernel(const T* __restrict__ dy, const TB* __restrict__ B, const fl
 //                       order), and are written once to the block's own partial at the end. No atomics.
 //          The B chunk (-> T) is register-prefetched two tiles ahead into a double buffer; the u tile (128 x RC,
 //          -> T, double-buffered) is loaded at the end of each row tile's last chunk for the next row tile.
-//          fp32 adapters on bf16 dy (P = 3): B and u are staged as their three bf16x3 pieces, each multiplied into
-//          the same accumulators (g and dB as PyTorch's fp32 products); r-chunks of at most 32 columns then.
+//          fp32 adapters on bf16 dy (P = 3): B and u are staged as their three bf16x3 pieces; g's per-tile product
+//          is added to its running accumulator with fp32 adds (add_acc), as dB's always is (g and dB as PyTorch's
+//          fp32 products, to fp32 FFMA accuracy); r-chunks of at most 32 columns, one block per SM then.
 // Bytes  : one read of dy (M*N*2) per r-chunk; partial writes row_splits*N*r*4 (+ col_groups*M*r*4 if > 1 group),
 //          read back once by launch_reduce_partials. lora_dy_pass_plan balances the two partial terms.
 // Smem   : 55.3 KB (dy ring) + 2*P*192*(RC+8)*2 + cols_per_group*(RC+8)*4 (dy_pass_tc_smem; the plan sizes the
 //          column groups with it): 110.6 KB at r = 16 with 384-column groups.
 
 template <typename T, typename TB, int NJ>
-__global__ void __launch_bounds__(kTcThreads, NJ == 4 ? 1 : 2)
+__global__ void __launch_bounds__(kTcThreads, NJ == 4 || kPieces<T, TB> > 1 ? 1 : 2)
 lora_dy_pass_tc_kernel(const T* __restrict__ dy, const TB* __restrict__ B, const float* __restrict__ u,
                        float* __restrict__ g_out, float* __restrict__ dB_partial, int64_t M, int64_t N, int r,
                        int64_t rows_per_split, int64_t cols_per_group) {
@@ -176,6 +177,13 @@ lora_dy_pass_tc_kernel(const T* __restrict__ dy, const TB* __restrict__ B, const
 #pragma unroll
             for (int q = 0; q < 4; ++q) acc[i][n][q] = 0.f;
       }
+      // P > 1: the tile's product goes to `part`, added to acc with fp32 adds (add_acc: one tile per chain).
+      float part[2][2 * NJ][4];
+      float(&tgt)[2][2 * NJ][4] = P > 1 ? part : acc;
+      if constexpr (P > 1) {
+        zero_acc(part[0]);
+        zero_acc(part[1]);
+      }
 #pragma unroll
       for (int nb = 0; nb < TD_BN / 16; ++nb) {
         uint32_t a0[4], a1[4];
@@ -187,9 +195,13 @@ lora_dy_pass_tc_kernel(const T* __restrict__ dy, const TB* __restrict__ B, const
           for (int pc = 0; pc < P; ++pc) {
             uint32_t b[4];
             ldsm4_t(b, bb + pc * TD_BN * LDR + (16 * nb + lo.r1) * LDR + 16 * jf + lo.c1);
-            mma16816x2<T>(acc[0][2 * jf], acc[0][2 * jf + 1], a0, b);
-            mma16816x2<T>(acc[1][2 * jf], acc[1][2 * jf + 1], a1, b);
+            mma16816x2<T>(tgt[0][2 * jf], tgt[0][2 * jf + 1], a0, b);
+            mma16816x2<T>(tgt[1][2 * jf], tgt[1][2 * jf + 1], a1, b);
           }
+      }
+      if constexpr (P > 1) {
+        add_acc(acc[0], part[0]);
+        add_acc(acc[1], part[1]);
       }
       if (ct == n_ct - 1) {  // row tile done: its g rows written once
 #pragma unroll
@@ -207,14 +219,12 @@ lora_dy_pass_tc_kernel(const T* __restrict__ dy, const TB* __restrict__ B, const
     } else if (do_dB) {
       const int nb = warp - 4;
       float* dacc = dBs + (n0 - col_begin + 16 * nb) * LDD;
+      // The tile's product starts from zero and is added to the shared accumulators with fp32 adds: the tensor
+      // cores' fp32 accumulation truncates, so chains through them are kept to one tile (128 rows).
 #pragma unroll
       for (int n = 0; n < 2 * NJ; ++n)
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const float2 v = *reinterpret_cast<const float2*>(dacc + (lo.g + 8 * h) * LDD + 8 * n + 2 * lo.t);
-          acc[0][n][2 * h] = v.x;
-          acc[0][n][2 * h + 1] = v.y;
-        }
+        for (int q = 0; q < 4; ++q) acc[0][n][q] = 0.f;
 #pragma unroll
       for (int mb = 0; mb < TD_BM / 16; ++mb) {
         uint32_t a[4];  // (dy^T)[n, m]: the dy tile read transposed
@@ -231,9 +241,11 @@ lora_dy_pass_tc_kernel(const T* __restrict__ dy, const TB* __restrict__ B, const
 #pragma unroll
       for (int n = 0; n < 2 * NJ; ++n)
 #pragma unroll
-        for (int h = 0; h < 2; ++h)
-          *reinterpret_cast<float2*>(dacc + (lo.g + 8 * h) * LDD + 8 * n + 2 * lo.t) =
-              make_float2(acc[0][n][2 * h], acc[0][n][2 * h + 1]);
+        for (int h = 0; h < 2; ++h) {
+          float2* d = reinterpret_cast<float2*>(dacc + (lo.g + 8 * h) * LDD + 8 * n + 2 * lo.t);
+          const float2 v = *d;
+          *d = make_float2(v.x + acc[0][n][2 * h], v.y + acc[0][n][2 * h + 1]);
+        }
     }
     pipeline_next(t, n_tiles, fetch_b, stash_b);
     if (do_dB && ct == n_ct - 1 && t + 1 < n_tiles) load_u(rt + 1);
@@ -277,10 +289,13 @@ cudaError_t launch_lora_dy_pass(const void* dy, DType dy_dtype, const void* B, D
       using T = decltype(dt);
       using TB = decltype(bt);
       return with_rank_frags(nj, [&](auto njc) {
-        return launch_kernel(lora_dy_pass_tc_kernel<T, TB, decltype(njc)::value>, grid, kTcThreads,
-                             dy_pass_tc_smem(16 * nj, plan.cols_per_group, pieces), stream, static_cast<const T*>(dy),
-                             static_cast<const TB*>(B), u, g_out, dB_partial, M, N, r, plan.rows_per_split,
-                             plan.cols_per_group);
+        if constexpr (kPieces<T, TB> > 1 && decltype(njc)::value > 2)  // not launched (dy_pass_rank_chunk)
+          return cudaErrorInvalidConfiguration;
+        else
+          return launch_kernel(lora_dy_pass_tc_kernel<T, TB, decltype(njc)::value>, grid, kTcThreads,
+                               dy_pass_tc_smem(16 * nj, plan.cols_per_group, pieces), stream,
+                               static_cast<const T*>(dy), static_cast<const TB*>(B), u, g_out, dB_partial, M, N, r,
+                               plan.rows_per_split, plan.cols_per_group);
       });
     });
   }

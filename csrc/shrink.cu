@@ -72,14 +72,15 @@ lora_shrink_kernel(const T* __restrict__ x, const TA* __restrict__ A, float* __r
 //          in place, one Philox call per 8-group), the A tile (cast to T) register-prefetched two tiles ahead into
 //          a double buffer. Warp w: rows 16w..16w+15 x all RC columns (2*NF m16n8 fp32 accumulators), written
 //          once at the end (scaled). fp32 A on bf16 x: the A tile is staged as its P = 3 bf16x3 pieces, each
-//          multiplied into the same accumulators (3x the mma work of 16-bit A, still bandwidth-bound at r <= 32).
+//          multiplied into a per-tile accumulator that is added to the running one with fp32 adds (add_acc), for
+//          fp32 FFMA accuracy; 3x the mma work of 16-bit A (still bandwidth-bound at r <= 32).
 // Bytes  : one read of x (M*K*2) per r-chunk; A re-read from L2 once per 128 rows; u (M*r*4) written once per
 //          K split (launch_reduce_partials sums the splits).
 // Smem   : (3 * 128 + 2 * P * RC) * 72 * 2 B = 59.9 / 64.5 / 73.7 KB for NF = 1 / 2 / 4 (P = 1), 64.5 / 78.3 /
 //          110.6 KB (P = 3).
 
 template <typename T, typename TA, int NF>
-__global__ void __launch_bounds__(kTcThreads, NF == 1 ? kStreamMinBlocks : 2)
+__global__ void __launch_bounds__(kTcThreads, NF == 1 ? kStreamMinBlocks : (kPieces<T, TA> > 1 && NF == 4) ? 1 : 2)
 lora_shrink_tc_kernel(const T* __restrict__ x, const TA* __restrict__ A, float* __restrict__ u_out, int64_t M,
                       int64_t K, int r, int64_t k_per_split, float scale, float p, uint64_t seed, uint64_t offset) {
 #if LK_TC_ARCH
@@ -124,7 +125,14 @@ lora_shrink_tc_kernel(const T* __restrict__ x, const TA* __restrict__ A, float* 
     pipeline_wait(t, n_tiles, issue, [&] {
       if (p > 0.f) XTile::dropout(slot, m0, M, K, k0, k_end, p, seed, offset);
     });
-    warp_rows_mma<T, RC, true, TS_KC / 16, P>(acc, slot, TS_LD, ab, TS_LD, TS_KC, lo, warp, RC * TS_LD);
+    if constexpr (P > 1) {  // one tile per mma chain (add_acc)
+      float part[2 * NF][4];
+      zero_acc(part);
+      warp_rows_mma<T, RC, true, TS_KC / 16, P>(part, slot, TS_LD, ab, TS_LD, TS_KC, lo, warp, RC * TS_LD);
+      add_acc(acc, part);
+    } else {
+      warp_rows_mma<T, RC, true, TS_KC / 16>(acc, slot, TS_LD, ab, TS_LD, TS_KC, lo, warp);
+    }
     pipeline_next(t, n_tiles, fetch_a, stash_a);
   }
 #pragma unroll
