@@ -66,9 +66,9 @@ lora_dA_kernel(const T* __restrict__ x, const float* __restrict__ g, float* __re
 //          (mask applied in place), the g tile (-> T) register-prefetched two tiles ahead into a double buffer.
 //          Warp w owns columns 16w..16w+15 of the strip x all RC rows of dA (g^T = the g tile read by
 //          ldmatrix.trans), accumulators in registers across the rows, written once per strip (scaled).
-//          fp32 adapters on bf16 x (P = 3): the g tile is staged as its three bf16x3 pieces, multiplied into a
-//          per-tile accumulator added to the running one with fp32 adds (add_acc), so dA is the fp32 product
-//          PyTorch computes, to fp32 FFMA accuracy.
+//          fp32 adapters on bf16 x (P = 3): the g tile is staged as its three bf16x3 pieces; per tile, piece 0
+//          and pieces 1-2 go to two fresh accumulators added to the running one with fp32 adds (add_acc), so dA
+//          is the fp32 product PyTorch computes, to fp32 FFMA accuracy.
 // Bytes  : one read of x (M*K*2) per r-chunk; g re-read from L2 once per strip; partials row_splits*r*K*4.
 // Smem   : 3 * 64 * 136 * 2 + 2 * P * 64 * (RC + 8) * 2 = 58.4 KB at RC = 16, 70.7 KB at RC = 64 (P = 1); 70.7 /
 //          107.5 KB (P = 3).
@@ -107,7 +107,9 @@ lora_dA_tc_kernel(const T* __restrict__ x, const float* __restrict__ g, float* _
     const int64_t m0 = row_begin + t % n_rt * TA_BM;
     g_regs.fetch(g, r, m0, j0, g_vec && m0 + TA_BM <= row_end, row_end, r);
   };
-  auto stash_g = [&](int64_t t) { g_regs.template stash<T, P>(gs + (int)(t % 2) * P * TA_BM * LDG, LDG, TA_BM * LDG); };
+  auto stash_g = [&](int64_t t) {
+    g_regs.template stash<T, P>(gs + (int)(t % 2) * P * TA_BM * LDG, LDG, TA_BM * LDG);
+  };
 
   float acc[NJ][2][4];
   pipeline_start(n_tiles, issue, fetch_g, stash_g, [] {});
@@ -127,28 +129,39 @@ lora_dA_tc_kernel(const T* __restrict__ x, const float* __restrict__ g, float* _
 #pragma unroll
           for (int q = 0; q < 4; ++q) acc[jf][n][q] = 0.f;
     }
-    // P > 1: the tile's product goes to `part` and is added to acc with fp32 adds (add_acc: one tile per chain).
-    float part[NJ][2][4];
-    float(&tgt)[NJ][2][4] = P > 1 ? part : acc;
-    if constexpr (P > 1)
+    // This tile's products into hi (piece 0) and low (pieces 1-2 of a bf16x3-split g; with P = 1 both are acc).
+    auto mma_tile = [&](float(&hi)[NJ][2][4], float(&low)[NJ][2][4]) {
 #pragma unroll
-      for (int jf = 0; jf < NJ; ++jf) zero_acc(part[jf]);
+      for (int mb = 0; mb < TA_BM / 16; ++mb) {
+        uint32_t b[4];
+        ldsm4_t(b, slot + (16 * mb + lo.r1) * TA_LDX + 16 * warp + lo.c1);
 #pragma unroll
-    for (int mb = 0; mb < TA_BM / 16; ++mb) {
-      uint32_t b[4];
-      ldsm4_t(b, slot + (16 * mb + lo.r1) * TA_LDX + 16 * warp + lo.c1);
+        for (int jf = 0; jf < NJ; ++jf)
 #pragma unroll
-      for (int jf = 0; jf < NJ; ++jf)
+          for (int pc = 0; pc < P; ++pc) {
+            uint32_t a[4];  // (g^T)[j, m]: the g tile (piece pc) read transposed
+            ldsm4_t(a, gb + pc * TA_BM * LDG + (16 * mb + lo.r2) * LDG + 16 * jf + lo.c2);
+            float(&d)[NJ][2][4] = pc == 0 ? hi : low;
+            mma16816x2<T>(d[jf][0], d[jf][1], a, b);
+          }
+      }
+    };
+    if constexpr (P > 1) {  // chains of one tile, piece 0 apart, added to acc with fp32 adds (add_acc)
+      float part[NJ][2][4], low[NJ][2][4];
 #pragma unroll
-        for (int pc = 0; pc < P; ++pc) {
-          uint32_t a[4];  // (g^T)[j, m]: the g tile (piece pc) read transposed
-          ldsm4_t(a, gb + pc * TA_BM * LDG + (16 * mb + lo.r2) * LDG + 16 * jf + lo.c2);
-          mma16816x2<T>(tgt[jf][0], tgt[jf][1], a, b);
-        }
+      for (int jf = 0; jf < NJ; ++jf) {
+        zero_acc(part[jf]);
+        zero_acc(low[jf]);
+      }
+      mma_tile(part, low);
+#pragma unroll
+      for (int jf = 0; jf < NJ; ++jf) {
+        add_acc(part[jf], low[jf]);
+        add_acc(acc[jf], part[jf]);
+      }
+    } else {
+      mma_tile(acc, acc);
     }
-    if constexpr (P > 1)
-#pragma unroll
-      for (int jf = 0; jf < NJ; ++jf) add_acc(acc[jf], part[jf]);
     pipeline_next(t, n_tiles, fetch_g, stash_g);
     if (rt == n_rt - 1) {  // strip done: dA partial rows j0.., columns k0 + 16w.. written once
 #pragma unroll

@@ -92,9 +92,10 @@ lora_dy_pass_kernel(const T* __restrict__ dy, const TB* __restrict__ B, const fl
 //                       order), and are written once to the block's own partial at the end. No atomics.
 //          The B chunk (-> T) is register-prefetched two tiles ahead into a double buffer; the u tile (128 x RC,
 //          -> T, double-buffered) is loaded at the end of each row tile's last chunk for the next row tile.
-//          fp32 adapters on bf16 dy (P = 3): B and u are staged as their three bf16x3 pieces; g's per-tile product
-//          is added to its running accumulator with fp32 adds (add_acc), as dB's always is (g and dB as PyTorch's
-//          fp32 products, to fp32 FFMA accuracy); r-chunks of at most 32 columns, one block per SM then.
+//          fp32 adapters on bf16 dy (P = 3): B and u are staged as their three bf16x3 pieces; per tile, piece 0
+//          and pieces 1-2 go to two fresh accumulators, added to the running ones with fp32 adds (add_acc; dB's
+//          tile product is always added so), for g and dB as PyTorch's fp32 products to fp32 FFMA accuracy;
+//          r-chunks of at most 32 columns, one block per SM then.
 // Bytes  : one read of dy (M*N*2) per r-chunk; partial writes row_splits*N*r*4 (+ col_groups*M*r*4 if > 1 group),
 //          read back once by launch_reduce_partials. lora_dy_pass_plan balances the two partial terms.
 // Smem   : 55.3 KB (dy ring) + 2*P*192*(RC+8)*2 + cols_per_group*(RC+8)*4 (dy_pass_tc_smem; the plan sizes the
@@ -142,13 +143,15 @@ lora_dy_pass_tc_kernel(const T* __restrict__ dy, const TB* __restrict__ B, const
     const int64_t n0 = col_begin + t % n_ct * TD_BN;
     b_regs.fetch(B, r, n0, j0, b_vec && n0 + TD_BN <= col_end, col_end, r);
   };
-  auto stash_b = [&](int64_t t) { b_regs.template stash<T, P>(bs + (int)(t % 2) * P * TD_BN * LDR, LDR, TD_BN * LDR); };
+  auto stash_b = [&](int64_t t) {
+    b_regs.template stash<T, P>(bs + (int)(t % 2) * P * TD_BN * LDR, LDR, TD_BN * LDR);
+  };
   auto load_u = [&](int64_t rt) {  // u rows of row tile rt -> us buffer rt % 2 (cast to T, or its P pieces)
     const int64_t m0 = row_begin + rt * TD_BM;
 #pragma unroll
     for (int pc = 0; pc < P; ++pc)
       load_tile_as_t<T, float>(us + ((int)(rt % 2) * P + pc) * TD_BM * LDR, LDR, u + m0 * r + j0, r, TD_BM, RC / 4,
-                               row_end - m0, r - j0, pc);
+                               row_end - m0, r - j0, P > 1 ? pc : -1);
   };
 
   // Warps 0-3: acc[i][n] = g rows 32w + 16i (+0..15) x columns j0 + 8n (+0..7). Warps 4-7: acc[0][n] = dB rows
@@ -177,31 +180,40 @@ lora_dy_pass_tc_kernel(const T* __restrict__ dy, const TB* __restrict__ B, const
 #pragma unroll
             for (int q = 0; q < 4; ++q) acc[i][n][q] = 0.f;
       }
-      // P > 1: the tile's product goes to `part`, added to acc with fp32 adds (add_acc: one tile per chain).
-      float part[2][2 * NJ][4];
-      float(&tgt)[2][2 * NJ][4] = P > 1 ? part : acc;
-      if constexpr (P > 1) {
-        zero_acc(part[0]);
-        zero_acc(part[1]);
-      }
+      // This tile's products into hi (piece 0) and low (pieces 1-2 of a bf16x3-split B; with P = 1 both are acc).
+      auto mma_g = [&](float(&hi)[2][2 * NJ][4], float(&low)[2][2 * NJ][4]) {
 #pragma unroll
-      for (int nb = 0; nb < TD_BN / 16; ++nb) {
-        uint32_t a0[4], a1[4];
-        ldsm4(a0, slot + (32 * warp + lo.r1) * TD_LDY + 16 * nb + lo.c1);
-        ldsm4(a1, slot + (32 * warp + 16 + lo.r1) * TD_LDY + 16 * nb + lo.c1);
+        for (int nb = 0; nb < TD_BN / 16; ++nb) {
+          uint32_t a0[4], a1[4];
+          ldsm4(a0, slot + (32 * warp + lo.r1) * TD_LDY + 16 * nb + lo.c1);
+          ldsm4(a1, slot + (32 * warp + 16 + lo.r1) * TD_LDY + 16 * nb + lo.c1);
 #pragma unroll
-        for (int jf = 0; jf < NJ; ++jf)
+          for (int jf = 0; jf < NJ; ++jf)
 #pragma unroll
-          for (int pc = 0; pc < P; ++pc) {
-            uint32_t b[4];
-            ldsm4_t(b, bb + pc * TD_BN * LDR + (16 * nb + lo.r1) * LDR + 16 * jf + lo.c1);
-            mma16816x2<T>(tgt[0][2 * jf], tgt[0][2 * jf + 1], a0, b);
-            mma16816x2<T>(tgt[1][2 * jf], tgt[1][2 * jf + 1], a1, b);
-          }
-      }
-      if constexpr (P > 1) {
-        add_acc(acc[0], part[0]);
-        add_acc(acc[1], part[1]);
+            for (int pc = 0; pc < P; ++pc) {
+              uint32_t b[4];
+              ldsm4_t(b, bb + pc * TD_BN * LDR + (16 * nb + lo.r1) * LDR + 16 * jf + lo.c1);
+              float(&d)[2][2 * NJ][4] = pc == 0 ? hi : low;
+              mma16816x2<T>(d[0][2 * jf], d[0][2 * jf + 1], a0, b);
+              mma16816x2<T>(d[1][2 * jf], d[1][2 * jf + 1], a1, b);
+            }
+        }
+      };
+      if constexpr (P > 1) {  // chains of one tile, piece 0 apart, added to acc with fp32 adds (add_acc)
+        float part[2][2 * NJ][4], low[2][2 * NJ][4];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          zero_acc(part[i]);
+          zero_acc(low[i]);
+        }
+        mma_g(part, low);
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          add_acc(part[i], low[i]);
+          add_acc(acc[i], part[i]);
+        }
+      } else {
+        mma_g(acc, acc);
       }
       if (ct == n_ct - 1) {  // row tile done: its g rows written once
 #pragma unroll
@@ -221,10 +233,9 @@ lora_dy_pass_tc_kernel(const T* __restrict__ dy, const TB* __restrict__ B, const
       float* dacc = dBs + (n0 - col_begin + 16 * nb) * LDD;
       // The tile's product starts from zero and is added to the shared accumulators with fp32 adds: the tensor
       // cores' fp32 accumulation truncates, so chains through them are kept to one tile (128 rows).
-#pragma unroll
-      for (int n = 0; n < 2 * NJ; ++n)
-#pragma unroll
-        for (int q = 0; q < 4; ++q) acc[0][n][q] = 0.f;
+      // P > 1: piece 0 into acc[0], pieces 1-2 into acc[1] (unused by these warps), added before the store.
+      zero_acc(acc[0]);
+      zero_acc(acc[1]);
 #pragma unroll
       for (int mb = 0; mb < TD_BM / 16; ++mb) {
         uint32_t a[4];  // (dy^T)[n, m]: the dy tile read transposed
@@ -235,9 +246,10 @@ lora_dy_pass_tc_kernel(const T* __restrict__ dy, const TB* __restrict__ B, const
           for (int pc = 0; pc < P; ++pc) {
             uint32_t b[4];
             ldsm4_t(b, ub + pc * TD_BM * LDR + (16 * mb + lo.r1) * LDR + 16 * jf + lo.c1);
-            mma16816x2<T>(acc[0][2 * jf], acc[0][2 * jf + 1], a, b);
+            mma16816x2<T>(acc[pc == 0 ? 0 : 1][2 * jf], acc[pc == 0 ? 0 : 1][2 * jf + 1], a, b);
           }
       }
+      if constexpr (P > 1) add_acc(acc[0], acc[1]);
 #pragma unroll
       for (int n = 0; n < 2 * NJ; ++n)
 #pragma unroll

@@ -71,9 +71,9 @@ lora_shrink_kernel(const T* __restrict__ x, const TA* __restrict__ A, float* __r
 //          (grid.y), looping over K in TS_KC (64)-column tiles: x tiles through the cp.async ring (mask applied
 //          in place, one Philox call per 8-group), the A tile (cast to T) register-prefetched two tiles ahead into
 //          a double buffer. Warp w: rows 16w..16w+15 x all RC columns (2*NF m16n8 fp32 accumulators), written
-//          once at the end (scaled). fp32 A on bf16 x: the A tile is staged as its P = 3 bf16x3 pieces, each
-//          multiplied into a per-tile accumulator that is added to the running one with fp32 adds (add_acc), for
-//          fp32 FFMA accuracy; 3x the mma work of 16-bit A (still bandwidth-bound at r <= 32).
+//          once at the end (scaled). fp32 A on bf16 x: the A tile is staged as its P = 3 bf16x3 pieces; per tile,
+//          piece 0 and pieces 1-2 go to two fresh accumulators, added to the running one with fp32 adds (add_acc),
+//          for fp32 FFMA accuracy; 3x the mma work of 16-bit A (still bandwidth-bound at r <= 32).
 // Bytes  : one read of x (M*K*2) per r-chunk; A re-read from L2 once per 128 rows; u (M*r*4) written once per
 //          K split (launch_reduce_partials sums the splits).
 // Smem   : (3 * 128 + 2 * P * RC) * 72 * 2 B = 59.9 / 64.5 / 73.7 KB for NF = 1 / 2 / 4 (P = 1), 64.5 / 78.3 /
@@ -113,7 +113,9 @@ lora_shrink_tc_kernel(const T* __restrict__ x, const TA* __restrict__ A, float* 
     const int64_t k0 = k_begin + t * TS_KC;
     a_regs.fetch(A, K, j0, k0, a_vec && j0 + RC <= r && k0 + TS_KC <= k_end, r, k_end);
   };
-  auto stash_a = [&](int64_t t) { a_regs.template stash<T, P>(as + (int)(t % 2) * P * RC * TS_LD, TS_LD, RC * TS_LD); };
+  auto stash_a = [&](int64_t t) {
+    a_regs.template stash<T, P>(as + (int)(t % 2) * P * RC * TS_LD, TS_LD, RC * TS_LD);
+  };
 
   float acc[2 * NF][4];
   zero_acc(acc);
@@ -125,11 +127,13 @@ lora_shrink_tc_kernel(const T* __restrict__ x, const TA* __restrict__ A, float* 
     pipeline_wait(t, n_tiles, issue, [&] {
       if (p > 0.f) XTile::dropout(slot, m0, M, K, k0, k_end, p, seed, offset);
     });
-    if constexpr (P > 1) {  // one tile per mma chain (add_acc)
-      float part[2 * NF][4];
-      zero_acc(part);
-      warp_rows_mma<T, RC, true, TS_KC / 16, P>(part, slot, TS_LD, ab, TS_LD, TS_KC, lo, warp, RC * TS_LD);
-      add_acc(acc, part);
+    if constexpr (P > 1) {  // chains of one tile, piece 0 apart from the others (add_acc)
+      float hi[2 * NF][4], low[2 * NF][4];
+      zero_acc(hi);
+      zero_acc(low);
+      warp_rows_mma<T, RC, true, TS_KC / 16, P>(hi, slot, TS_LD, ab, TS_LD, TS_KC, lo, warp, RC * TS_LD, low);
+      add_acc(hi, low);
+      add_acc(acc, hi);
     } else {
       warp_rows_mma<T, RC, true, TS_KC / 16>(acc, slot, TS_LD, ab, TS_LD, TS_KC, lo, warp);
     }
@@ -168,9 +172,9 @@ cudaError_t launch_lora_shrink(const void* x, DType x_dtype, const void* A, DTyp
       using T = decltype(xt);
       using TA = decltype(at);
       return with_rank_frags(nf, [&](auto nfc) {
-        return launch_kernel(lora_shrink_tc_kernel<T, TA, decltype(nfc)::value>, grid, kTcThreads, shrink_tc_smem(nf, pieces),
-                             stream, static_cast<const T*>(x), static_cast<const TA*>(A), u_out, M, K, r,
-                             plan.cols_per_group, scale, p, seed, offset);
+        return launch_kernel(lora_shrink_tc_kernel<T, TA, decltype(nfc)::value>, grid, kTcThreads,
+                             shrink_tc_smem(nf, pieces), stream, static_cast<const T*>(x), static_cast<const TA*>(A),
+                             u_out, M, K, r, plan.cols_per_group, scale, p, seed, offset);
       });
     });
   }
