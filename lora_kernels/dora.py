@@ -43,7 +43,8 @@ as LoRA's backward holds its dx.)
 
 ``LORA_KERNELS_DORA_SAVE_Z=1`` (or ``lora_kernels.dora.SAVE_Z = True``) trades the recompute for memory: the
 forward keeps z (M×N, x's dtype) for backward, as PEFT keeps its own M×N activations, and the backward skips one
-GEMM over W. Same results up to the recomputation's rounding.
+GEMM over W and runs in one chunk (its dy_c, M×N, is then transient). Same results up to the recomputation's
+rounding.
 
 Cost per pass (e = bytes of x's dtype, fp32 adapters, M×K → N, rank r; on the cuda backend every GEMM is one
 kernel with its rank-r term folded in; triton: an output prefill and cuBLAS with beta = 1):
@@ -61,8 +62,8 @@ kernel with its rank-r term folded in; triton: an output prefill and cuBLAS with
         dg, c ⊙ dy over z               3MN                         3MNe
         backend dx of (dy_c, B)         2MNK + 4MNr + 2MKr          MNe (its rank-r pass reads dy_c)
         dx chunk copied into dx         -                           2MKe (only with more than one chunk)
-    So over LoRA, p = 0: +1 GEMM (2MNK) in backward, +6MNe + MKe (+2MKe when chunked) + 2NKe bytes. With
-    SAVE_Z: no extra GEMM, +5MNe + 2NKe bytes (and z, MNe, saved).
+    So over LoRA, p = 0: +1 GEMM (2MNK) in backward, +7MNe + MKe (+2MKe when chunked) + NKe bytes (the norm's
+    pass over W; one more on a cache miss). With SAVE_Z: no extra GEMM, +6MNe + NKe bytes (and z, MNe, saved).
     p > 0 adds, in forward: x_k and x_c (4MKe) and the GEMM x_c Wᵀ (2MNK, y read and written by cuBLAS beta = 1:
     2MNe); in backward: x_k of each chunk again (2MKe), the GEMM dy_c W (2MNK, t = dy_c W written over x_k: MKe)
     and its masked add into dx (3MKe).
@@ -262,8 +263,9 @@ def _bwd_impl(dy, x, weight, lora_A, lora_B, g, u, z, scaling, p, seed, offset, 
         saved = z.numel() > 0
         c = g if p == 0.0 else (g - 1.0) / q
         dg = torch.zeros(N, dtype=acc, device=x.device) if need_dg else None
-        # per-row temporaries of a chunk: z (or the dy_c buffer) and, p = 0, the chunk's dx / p > 0, x_k then dy_c W
-        chunks = _row_chunks_of(M, (N + K) * x.element_size())
+        # per-row temporaries of a chunk: z (or the dy_c buffer) and, p = 0, the chunk's dx / p > 0, x_k then dy_c W.
+        # With z saved (the speed side of the trade) one chunk: no copy of chunk dx into dx.
+        chunks = [(0, M)] if saved else _row_chunks_of(M, (N + K) * x.element_size())
         if need_dx and p == 0.0 and len(chunks) > 1:
             dx = x.new_empty(M, K)
         k8 = calls_per_row(K)
