@@ -73,7 +73,7 @@ def _check_rule(got, peft_out, ref, floor, name=""):
 
 def _logits_and_grads(model, ids, gseed=3):
     out = model(ids).logits
-    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(gseed), dtype=torch.float64)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(gseed), dtype=torch.float64).to(out.device)
     model.zero_grad(set_to_none=True)
     (out.double() * w).sum().backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
