@@ -266,7 +266,8 @@ std::tuple<Tensor, Tensor, Tensor> lora_backward(const Tensor& dy, const Tensor&
   Tensor g;
   const bool need_g = need_dx || need_dA;
   {
-    const lk::SplitPlan plan = lk::lora_dy_pass_plan(M, N, r);
+    const lk::SplitPlan plan =
+        lk::lora_dy_pass_plan(M, N, r, lk::adapter_pieces(to_dtype(dy, "dy"), to_dtype(lora_B, "lora_B")));
     Tensor dB_partial;
     if (need_dB) dB_partial = at::empty({std::max<int64_t>(plan.row_splits, 1), N * r}, f32);
     const bool g_partial = plan.col_groups > 1;

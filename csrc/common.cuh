@@ -238,6 +238,37 @@ __device__ __forceinline__ uint2 to_t4(const Vec4<TA>& v) {
   return t.u;
 }
 
+// The bf16x3 split of an fp32 value v into three bf16 pieces, v = p0 + p1 + p2 exactly: each piece is the residual
+// so far truncated to bf16 (8 significant bits, so three hold fp32's 24), its subtraction exact. Truncation (round
+// toward zero) gives every piece v's sign, and a zero piece of a nonzero v becomes v's sign times bf16's smallest
+// normal (a change below 2^-125): then an infinite operand times the three pieces sums to the same infinity as times
+// v, where a piece of the other sign or a zero (inf * 0) would make a NaN. Infinite v: (v, tiny, tiny); NaN stays.
+// A bf16 value times the pieces, summed in fp32 on the tensor cores, is the fp32 product.
+__device__ __forceinline__ float bf16x3_piece(float v, int piece) {
+  float rest = v, pc = __bfloat162float(__float2bfloat16_rz(v));
+  for (int i = 0; i < piece; ++i) {
+    rest -= pc;
+    pc = __bfloat162float(__float2bfloat16_rz(rest));
+  }
+  constexpr float kTiny = 1.17549435e-38f;  // 2^-126
+  if (isinf(v)) return piece == 0 ? v : copysignf(kTiny, v);
+  return pc == 0.f && v != 0.f ? copysignf(kTiny, v) : pc;
+}
+
+// 4 values of TA as piece `piece` of their bf16x3 split, packed for one 8-byte shared-memory store (T = bf16; for
+// another T, which never takes pieces, the plain rounding to_t4).
+template <typename T, typename TA>
+__device__ __forceinline__ uint2 to_t4_piece(const Vec4<TA>& v, int piece) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    union { uint2 u; T e[4]; } t;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) t.e[q] = __float2bfloat16_rz(bf16x3_piece(to_f<TA>(v.e[q]), piece));
+    return t.u;
+  } else {
+    return to_t4<T, TA>(v);
+  }
+}
+
 // A dropped 16-bit element (raw bits of T) times 0, as the reference computes x * keep: +0 for a finite value,
 // NaN for inf or NaN. (Used on x, and on dx's LoRA term already rounded to T: a finite term that overflowed T at a
 // dropped element also becomes NaN; that term overflows at the kept elements too.)

@@ -67,11 +67,15 @@ lora_dA_kernel(const T* __restrict__ x, const float* __restrict__ g, float* __re
 //          (mask applied in place), the g tile (-> T) register-prefetched two tiles ahead into a double buffer.
 //          Warp w owns columns 16w..16w+15 of the strip x all RC rows of dA (g^T = the g tile read by
 //          ldmatrix.trans), accumulators in registers across the rows, written once per strip (scaled).
+//          fp32 adapters on bf16 x (P = 3): the g tile is staged as its three bf16x3 pieces; per tile, piece 0
+//          and pieces 1-2 go to two fresh accumulators added to the running one with fp32 adds (add_acc), so dA
+//          is the fp32 product PyTorch computes, to fp32 FFMA accuracy.
 // Bytes  : one read of x (M*K*2) per r-chunk; g re-read from L2 once per strip; partials row_splits*r*K*4.
-// Smem   : 3 * 64 * 136 * 2 + 2 * 64 * (RC + 8) * 2 = 58.4 KB at RC = 16, 70.7 KB at RC = 64.
+// Smem   : 3 * 64 * 136 * 2 + 2 * P * 64 * (RC + 8) * 2 = 58.4 KB at RC = 16, 70.7 KB at RC = 64 (P = 1); 70.7 /
+//          107.5 KB (P = 3).
 
-template <typename T, int NJ>
-__global__ void __launch_bounds__(kTcThreads, NJ == 1 ? kStreamMinBlocks : 2)
+template <typename T, int NJ, int P>
+__global__ void __launch_bounds__(kTcThreads, NJ == 1 ? kStreamMinBlocks : (P > 1 && NJ == 4) ? 1 : 2)
 lora_dA_tc_kernel(const T* __restrict__ x, const float* __restrict__ g, float* __restrict__ dA_partial, int64_t M,
                   int64_t K, int r, int64_t rows_per_split, int64_t cols_per_group, float scale, float p,
                   uint64_t seed, const int64_t* seed_ptr, uint64_t offset) {
@@ -80,7 +84,7 @@ lora_dA_tc_kernel(const T* __restrict__ x, const float* __restrict__ g, float* _
   static_assert(TA_KC == 16 * (kTcThreads / 32), "one 16-column strip per warp");
   extern __shared__ __align__(128) unsigned char lk_smem[];
   T* xs = reinterpret_cast<T*>(lk_smem);  // [kStages][TA_BM][TA_LDX]: x tiles (B operand stored [k][n])
-  T* gs = xs + kStages * TA_BM * TA_LDX;  // [2][TA_BM][LDG]: g tiles (A operand g^T stored [k][m]), double-buffered
+  T* gs = xs + kStages * TA_BM * TA_LDX;  // [2][P][TA_BM][LDG]: g tiles (A operand g^T stored [k][m]), double-buffered
   const int tid = threadIdx.x, warp = tid >> 5;
   const LaneOffsets lo;
   const Span rows = block_span(blockIdx.x, rows_per_split, M), cols = block_span(blockIdx.y, cols_per_group, K);
@@ -104,7 +108,9 @@ lora_dA_tc_kernel(const T* __restrict__ x, const float* __restrict__ g, float* _
     const int64_t m0 = row_begin + t % n_rt * TA_BM;
     g_regs.fetch(g, r, m0, j0, g_vec && m0 + TA_BM <= row_end, row_end, r);
   };
-  auto stash_g = [&](int64_t t) { g_regs.stash(gs + (int)(t % 2) * TA_BM * LDG, LDG); };
+  auto stash_g = [&](int64_t t) {
+    g_regs.template stash<T, P>(gs + (int)(t % 2) * P * TA_BM * LDG, LDG, TA_BM * LDG);
+  };
 
   float acc[NJ][2][4];
   pipeline_start(n_tiles, issue, fetch_g, stash_g, [] {});
@@ -112,7 +118,7 @@ lora_dA_tc_kernel(const T* __restrict__ x, const float* __restrict__ g, float* _
     const int64_t rt = t % n_rt;
     const int64_t m0 = row_begin + rt * TA_BM, k0 = col_begin + t / n_rt * TA_KC;
     T* slot = xs + (int)(t % kStages) * TA_BM * TA_LDX;
-    const T* gb = gs + (int)(t % 2) * TA_BM * LDG;
+    const T* gb = gs + (int)(t % 2) * P * TA_BM * LDG;
     pipeline_wait(t, n_tiles, issue, [&] {
       if (p > 0.f) XTile::dropout(slot, m0, row_end, K, k0, col_end, p, dropout_seed(seed, seed_ptr), offset);
     });
@@ -124,16 +130,38 @@ lora_dA_tc_kernel(const T* __restrict__ x, const float* __restrict__ g, float* _
 #pragma unroll
           for (int q = 0; q < 4; ++q) acc[jf][n][q] = 0.f;
     }
+    // This tile's products into hi (piece 0) and low (pieces 1-2 of a bf16x3-split g; with P = 1 both are acc).
+    auto mma_tile = [&](float(&hi)[NJ][2][4], float(&low)[NJ][2][4]) {
 #pragma unroll
-    for (int mb = 0; mb < TA_BM / 16; ++mb) {
-      uint32_t b[4];
-      ldsm4_t(b, slot + (16 * mb + lo.r1) * TA_LDX + 16 * warp + lo.c1);
+      for (int mb = 0; mb < TA_BM / 16; ++mb) {
+        uint32_t b[4];
+        ldsm4_t(b, slot + (16 * mb + lo.r1) * TA_LDX + 16 * warp + lo.c1);
+#pragma unroll
+        for (int jf = 0; jf < NJ; ++jf)
+#pragma unroll
+          for (int pc = 0; pc < P; ++pc) {
+            uint32_t a[4];  // (g^T)[j, m]: the g tile (piece pc) read transposed
+            ldsm4_t(a, gb + pc * TA_BM * LDG + (16 * mb + lo.r2) * LDG + 16 * jf + lo.c2);
+            float(&d)[NJ][2][4] = pc == 0 ? hi : low;
+            mma16816x2<T>(d[jf][0], d[jf][1], a, b);
+          }
+      }
+    };
+    if constexpr (P > 1) {  // chains of one tile, piece 0 apart, added to acc with fp32 adds (add_acc)
+      float part[NJ][2][4], low[NJ][2][4];
 #pragma unroll
       for (int jf = 0; jf < NJ; ++jf) {
-        uint32_t a[4];  // (g^T)[j, m]: the g tile read transposed
-        ldsm4_t(a, gb + (16 * mb + lo.r2) * LDG + 16 * jf + lo.c2);
-        mma16816x2<T>(acc[jf][0], acc[jf][1], a, b);
+        zero_acc(part[jf]);
+        zero_acc(low[jf]);
       }
+      mma_tile(part, low);
+#pragma unroll
+      for (int jf = 0; jf < NJ; ++jf) {
+        add_acc(part[jf], low[jf]);
+        add_acc(acc[jf], part[jf]);
+      }
+    } else {
+      mma_tile(acc, acc);
     }
     pipeline_next(t, n_tiles, fetch_g, stash_g);
     if (rt == n_rt - 1) {  // strip done: dA partial rows j0.., columns k0 + 16w.. written once
@@ -164,16 +192,19 @@ cudaError_t launch_lora_dA(const void* x, DType x_dtype, DType a_dtype, const fl
   if (M <= 0 || K <= 0 || plan.row_splits <= 0) return cudaSuccess;
   if (plan.col_groups > 65535) return cudaErrorInvalidConfiguration;
   const float scale = dropout_scale(scaling, p);
-  if (x_dtype != DType::kFloat32 && a_dtype != DType::kFloat32 && tc_supported()) {
+  const int pieces = adapter_pieces(x_dtype, a_dtype);
+  if (x_dtype != DType::kFloat32 && (a_dtype != DType::kFloat32 || pieces > 1) && tc_supported()) {
     if (plan.row_splits > 0x7fffffff) return cudaErrorInvalidConfiguration;
     const int nj = rank_frags(r);
     const dim3 grid((unsigned)plan.row_splits, (unsigned)plan.col_groups, (unsigned)ceil_div(round16(r), 16 * nj));
     return with_dtype16(x_dtype, [&](auto xt) {
       using T = decltype(xt);
       return with_rank_frags(nj, [&](auto njc) {
-        return launch_kernel(lora_dA_tc_kernel<T, decltype(njc)::value>, grid, kTcThreads, dA_tc_smem(16 * nj), stream,
-                             static_cast<const T*>(x), g, dA_partial, M, K, r, plan.rows_per_split,
-                             plan.cols_per_group, scale, p, seed, seed_ptr, offset);
+        return with_pieces<T>(pieces, [&](auto pc) {
+          return launch_kernel(lora_dA_tc_kernel<T, decltype(njc)::value, decltype(pc)::value>, grid, kTcThreads,
+                               dA_tc_smem(16 * nj, pc.value), stream, static_cast<const T*>(x), g, dA_partial, M, K,
+                               r, plan.rows_per_split, plan.cols_per_group, scale, p, seed, seed_ptr, offset);
+        });
       });
     });
   }

@@ -92,24 +92,28 @@ lora_dy_pass_kernel(const T* __restrict__ dy, const TB* __restrict__ B, const fl
 //                       order), and are written once to the block's own partial at the end. No atomics.
 //          The B chunk (-> T) is register-prefetched two tiles ahead into a double buffer; the u tile (128 x RC,
 //          -> T, double-buffered) is loaded at the end of each row tile's last chunk for the next row tile.
+//          fp32 adapters on bf16 dy (P = 3): B and u are staged as their three bf16x3 pieces; per tile, piece 0
+//          and pieces 1-2 go to two fresh accumulators, added to the running ones with fp32 adds (add_acc; dB's
+//          tile product is always added so), for g and dB as PyTorch's fp32 products to fp32 FFMA accuracy;
+//          r-chunks of at most 32 columns, one block per SM then.
 // Bytes  : one read of dy (M*N*2) per r-chunk; partial writes row_splits*N*r*4 (+ col_groups*M*r*4 if > 1 group),
 //          read back once by launch_reduce_partials. lora_dy_pass_plan balances the two partial terms.
-// Smem   : 55.3 KB (dy ring) + 2*192*(RC+8)*2 + cols_per_group*(RC+8)*4 (dy_pass_tc_smem; the plan sizes the
+// Smem   : 55.3 KB (dy ring) + 2*P*192*(RC+8)*2 + cols_per_group*(RC+8)*4 (dy_pass_tc_smem; the plan sizes the
 //          column groups with it): 110.6 KB at r = 16 with 384-column groups.
 
 template <typename T, typename TB, int NJ>
-__global__ void __launch_bounds__(kTcThreads, NJ == 4 ? 1 : 2)
+__global__ void __launch_bounds__(kTcThreads, NJ == 4 || kPieces<T, TB> > 1 ? 1 : 2)
 lora_dy_pass_tc_kernel(const T* __restrict__ dy, const TB* __restrict__ B, const float* __restrict__ u,
                        float* __restrict__ g_out, float* __restrict__ dB_partial, int64_t M, int64_t N, int r,
                        int64_t rows_per_split, int64_t cols_per_group) {
 #if LK_TC_ARCH
-  constexpr int RC = 16 * NJ, LDR = RC + 8, LDD = RC + 8;
+  constexpr int RC = 16 * NJ, LDR = RC + 8, LDD = RC + 8, P = kPieces<T, TB>;
   static_assert(TD_BM == 4 * 32 && TD_BN == 4 * 16, "warps 0-3 own 32 rows each, warps 4-7 16 columns each");
   extern __shared__ __align__(128) unsigned char lk_smem[];
   T* dys = reinterpret_cast<T*>(lk_smem);                   // [kStages][TD_BM][TD_LDY]: dy tiles
-  T* bs = dys + kStages * TD_BM * TD_LDY;  // [2][TD_BN][LDR]: B chunks (B operand stored [k][n]), per tile
-  T* us = bs + 2 * TD_BN * LDR;            // [2][TD_BM][LDR]: u tiles (B operand stored [k][n]), per row tile
-  float* dBs = reinterpret_cast<float*>(us + 2 * TD_BM * LDR);  // [cc][LDD]: dB accumulators of the column group
+  T* bs = dys + kStages * TD_BM * TD_LDY;  // [2][P][TD_BN][LDR]: B chunks (B operand stored [k][n]), per tile
+  T* us = bs + 2 * P * TD_BN * LDR;        // [2][P][TD_BM][LDR]: u tiles (B operand stored [k][n]), per row tile
+  float* dBs = reinterpret_cast<float*>(us + 2 * P * TD_BM * LDR);  // [cc][LDD]: dB accumulators of the group
   const int tid = threadIdx.x, warp = tid >> 5;
   const LaneOffsets lo;
   const Span rows = block_span(blockIdx.x, rows_per_split, M), cols = block_span(blockIdx.y, cols_per_group, N);
@@ -139,11 +143,15 @@ lora_dy_pass_tc_kernel(const T* __restrict__ dy, const TB* __restrict__ B, const
     const int64_t n0 = col_begin + t % n_ct * TD_BN;
     b_regs.fetch(B, r, n0, j0, b_vec && n0 + TD_BN <= col_end, col_end, r);
   };
-  auto stash_b = [&](int64_t t) { b_regs.stash(bs + (int)(t % 2) * TD_BN * LDR, LDR); };
-  auto load_u = [&](int64_t rt) {  // u rows of row tile rt -> us buffer rt % 2 (cast to T)
+  auto stash_b = [&](int64_t t) {
+    b_regs.template stash<T, P>(bs + (int)(t % 2) * P * TD_BN * LDR, LDR, TD_BN * LDR);
+  };
+  auto load_u = [&](int64_t rt) {  // u rows of row tile rt -> us buffer rt % 2 (cast to T, or its P pieces)
     const int64_t m0 = row_begin + rt * TD_BM;
-    load_tile_as_t<T, float>(us + (int)(rt % 2) * TD_BM * LDR, LDR, u + m0 * r + j0, r, TD_BM, RC / 4, row_end - m0,
-                             r - j0);
+#pragma unroll
+    for (int pc = 0; pc < P; ++pc)
+      load_tile_as_t<T, float>(us + ((int)(rt % 2) * P + pc) * TD_BM * LDR, LDR, u + m0 * r + j0, r, TD_BM, RC / 4,
+                               row_end - m0, r - j0, P > 1 ? pc : -1);
   };
 
   // Warps 0-3: acc[i][n] = g rows 32w + 16i (+0..15) x columns j0 + 8n (+0..7). Warps 4-7: acc[0][n] = dB rows
@@ -159,8 +167,8 @@ lora_dy_pass_tc_kernel(const T* __restrict__ dy, const TB* __restrict__ B, const
     const int64_t ct = t % n_ct, rt = t / n_ct;
     const int64_t m0 = row_begin + rt * TD_BM, n0 = col_begin + ct * TD_BN;
     const T* slot = dys + (int)(t % kStages) * TD_BM * TD_LDY;
-    const T* bb = bs + (int)(t % 2) * TD_BN * LDR;
-    const T* ub = us + (int)(rt % 2) * TD_BM * LDR;
+    const T* bb = bs + (int)(t % 2) * P * TD_BN * LDR;
+    const T* ub = us + (int)(rt % 2) * P * TD_BM * LDR;
     pipeline_wait(t, n_tiles, issue, [] {});
 
     if (warp < 4) {
@@ -172,18 +180,40 @@ lora_dy_pass_tc_kernel(const T* __restrict__ dy, const TB* __restrict__ B, const
 #pragma unroll
             for (int q = 0; q < 4; ++q) acc[i][n][q] = 0.f;
       }
+      // This tile's products into hi (piece 0) and low (pieces 1-2 of a bf16x3-split B; with P = 1 both are acc).
+      auto mma_g = [&](float(&hi)[2][2 * NJ][4], float(&low)[2][2 * NJ][4]) {
 #pragma unroll
-      for (int nb = 0; nb < TD_BN / 16; ++nb) {
-        uint32_t a0[4], a1[4];
-        ldsm4(a0, slot + (32 * warp + lo.r1) * TD_LDY + 16 * nb + lo.c1);
-        ldsm4(a1, slot + (32 * warp + 16 + lo.r1) * TD_LDY + 16 * nb + lo.c1);
+        for (int nb = 0; nb < TD_BN / 16; ++nb) {
+          uint32_t a0[4], a1[4];
+          ldsm4(a0, slot + (32 * warp + lo.r1) * TD_LDY + 16 * nb + lo.c1);
+          ldsm4(a1, slot + (32 * warp + 16 + lo.r1) * TD_LDY + 16 * nb + lo.c1);
 #pragma unroll
-        for (int jf = 0; jf < NJ; ++jf) {
-          uint32_t b[4];
-          ldsm4_t(b, bb + (16 * nb + lo.r1) * LDR + 16 * jf + lo.c1);
-          mma16816x2<T>(acc[0][2 * jf], acc[0][2 * jf + 1], a0, b);
-          mma16816x2<T>(acc[1][2 * jf], acc[1][2 * jf + 1], a1, b);
+          for (int jf = 0; jf < NJ; ++jf)
+#pragma unroll
+            for (int pc = 0; pc < P; ++pc) {
+              uint32_t b[4];
+              ldsm4_t(b, bb + pc * TD_BN * LDR + (16 * nb + lo.r1) * LDR + 16 * jf + lo.c1);
+              float(&d)[2][2 * NJ][4] = pc == 0 ? hi : low;
+              mma16816x2<T>(d[0][2 * jf], d[0][2 * jf + 1], a0, b);
+              mma16816x2<T>(d[1][2 * jf], d[1][2 * jf + 1], a1, b);
+            }
         }
+      };
+      if constexpr (P > 1) {  // chains of one tile, piece 0 apart, added to acc with fp32 adds (add_acc)
+        float part[2][2 * NJ][4], low[2][2 * NJ][4];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          zero_acc(part[i]);
+          zero_acc(low[i]);
+        }
+        mma_g(part, low);
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          add_acc(part[i], low[i]);
+          add_acc(acc[i], part[i]);
+        }
+      } else {
+        mma_g(acc, acc);
       }
       if (ct == n_ct - 1) {  // row tile done: its g rows written once
 #pragma unroll
@@ -201,31 +231,33 @@ lora_dy_pass_tc_kernel(const T* __restrict__ dy, const TB* __restrict__ B, const
     } else if (do_dB) {
       const int nb = warp - 4;
       float* dacc = dBs + (n0 - col_begin + 16 * nb) * LDD;
-#pragma unroll
-      for (int n = 0; n < 2 * NJ; ++n)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const float2 v = *reinterpret_cast<const float2*>(dacc + (lo.g + 8 * h) * LDD + 8 * n + 2 * lo.t);
-          acc[0][n][2 * h] = v.x;
-          acc[0][n][2 * h + 1] = v.y;
-        }
+      // The tile's product starts from zero and is added to the shared accumulators with fp32 adds: the tensor
+      // cores' fp32 accumulation truncates, so chains through them are kept to one tile (128 rows).
+      // P > 1: piece 0 into acc[0], pieces 1-2 into acc[1] (unused by these warps), added before the store.
+      zero_acc(acc[0]);
+      zero_acc(acc[1]);
 #pragma unroll
       for (int mb = 0; mb < TD_BM / 16; ++mb) {
         uint32_t a[4];  // (dy^T)[n, m]: the dy tile read transposed
         ldsm4_t(a, slot + (16 * mb + lo.r2) * TD_LDY + 16 * nb + lo.c2);
 #pragma unroll
-        for (int jf = 0; jf < NJ; ++jf) {
-          uint32_t b[4];
-          ldsm4_t(b, ub + (16 * mb + lo.r1) * LDR + 16 * jf + lo.c1);
-          mma16816x2<T>(acc[0][2 * jf], acc[0][2 * jf + 1], a, b);
-        }
+        for (int jf = 0; jf < NJ; ++jf)
+#pragma unroll
+          for (int pc = 0; pc < P; ++pc) {
+            uint32_t b[4];
+            ldsm4_t(b, ub + pc * TD_BM * LDR + (16 * mb + lo.r1) * LDR + 16 * jf + lo.c1);
+            mma16816x2<T>(acc[pc == 0 ? 0 : 1][2 * jf], acc[pc == 0 ? 0 : 1][2 * jf + 1], a, b);
+          }
       }
+      if constexpr (P > 1) add_acc(acc[0], acc[1]);
 #pragma unroll
       for (int n = 0; n < 2 * NJ; ++n)
 #pragma unroll
-        for (int h = 0; h < 2; ++h)
-          *reinterpret_cast<float2*>(dacc + (lo.g + 8 * h) * LDD + 8 * n + 2 * lo.t) =
-              make_float2(acc[0][n][2 * h], acc[0][n][2 * h + 1]);
+        for (int h = 0; h < 2; ++h) {
+          float2* d = reinterpret_cast<float2*>(dacc + (lo.g + 8 * h) * LDD + 8 * n + 2 * lo.t);
+          const float2 v = *d;
+          *d = make_float2(v.x + acc[0][n][2 * h], v.y + acc[0][n][2 * h + 1]);
+        }
     }
     pipeline_next(t, n_tiles, fetch_b, stash_b);
     if (do_dB && ct == n_ct - 1 && t + 1 < n_tiles) load_u(rt + 1);
@@ -258,20 +290,24 @@ cudaError_t launch_lora_dy_pass(const void* dy, DType dy_dtype, const void* B, D
   if (M <= 0 || plan.row_splits <= 0) return cudaSuccess;
   if (dB_partial && !u) return cudaErrorInvalidValue;
   if (plan.col_groups > 65535) return cudaErrorInvalidConfiguration;
-  if (dy_dtype != DType::kFloat32 && b_dtype != DType::kFloat32 && tc_supported()) {
+  const int pieces = adapter_pieces(dy_dtype, b_dtype);
+  if (dy_dtype != DType::kFloat32 && (b_dtype != DType::kFloat32 || pieces > 1) && tc_supported()) {
     if (N <= 0)  // g = dy B = 0; the dB partials have no elements
       return cudaMemsetAsync(g_out, 0, (size_t)std::max<int64_t>(plan.col_groups, 1) * M * r * sizeof(float), stream);
     if (plan.row_splits > 0x7fffffff) return cudaErrorInvalidConfiguration;
-    const int nj = rank_frags(r);
+    const int nj = dy_pass_rank_chunk(r, pieces) / 16;
     const dim3 grid((unsigned)plan.row_splits, (unsigned)plan.col_groups, (unsigned)ceil_div(round16(r), 16 * nj));
     return with_dtypes<true>(dy_dtype, b_dtype, [&](auto dt, auto bt) {
       using T = decltype(dt);
       using TB = decltype(bt);
       return with_rank_frags(nj, [&](auto njc) {
-        return launch_kernel(lora_dy_pass_tc_kernel<T, TB, decltype(njc)::value>, grid, kTcThreads,
-                             dy_pass_tc_smem(16 * nj, plan.cols_per_group), stream, static_cast<const T*>(dy),
-                             static_cast<const TB*>(B), u, g_out, dB_partial, M, N, r, plan.rows_per_split,
-                             plan.cols_per_group);
+        if constexpr (kPieces<T, TB> > 1 && decltype(njc)::value > 2)  // not launched (dy_pass_rank_chunk)
+          return cudaErrorInvalidConfiguration;
+        else
+          return launch_kernel(lora_dy_pass_tc_kernel<T, TB, decltype(njc)::value>, grid, kTcThreads,
+                               dy_pass_tc_smem(16 * nj, plan.cols_per_group, pieces), stream,
+                               static_cast<const T*>(dy), static_cast<const TB*>(B), u, g_out, dB_partial, M, N, r,
+                               plan.rows_per_split, plan.cols_per_group);
       });
     });
   }

@@ -20,8 +20,10 @@
 // within 2x of the same-precision PyTorch computation (the tolerance rule). With 16-bit x and 16-bit adapters on sm_80+
 // the rank-r products of the shrink, dy pass and dA run on tensor cores (the fp32 buffers u, g cast to x's dtype,
 // fp32 accumulation): PyTorch rounds those intermediates to 16 bits too. With fp32 adapters (PEFT's default) PyTorch
-// computes the adapter products in fp32, so they run as fp32 FFMA; so do they with fp32 x or below sm_80. The expand
-// and dx prefill write 16-bit outputs and stay on tensor cores. Outputs as documented per launcher.
+// computes the adapter products in fp32. On bf16 x they still run on tensor cores: the fp32 operand (A, B, u or g)
+// is split into three bf16 pieces (adapter_pieces; common.cuh to_t4_piece) whose products with the exact bf16 x or dy
+// sum to the fp32 product. On fp16 x (the pieces would underflow fp16's range), fp32 x or below sm_80 they run as
+// fp32 FFMA. The expand and dx write 16-bit outputs and stay on tensor cores. Outputs as documented per launcher.
 #pragma once
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -31,6 +33,12 @@ namespace lora_kernels {
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 constexpr int kMaxRank = 256;
+
+// Pieces of the fp32 operand in the tensor-core shrink, dy pass and dA (see Precision above): 3 for fp32 adapters on
+// bf16 x, else 1. The dy pass plan takes it (its shared memory grows with it).
+inline int adapter_pieces(DType x, DType adapter) {
+  return adapter == DType::kFloat32 && x == DType::kBFloat16 ? 3 : 1;
+}
 
 // Work split of the deterministic backward reductions over M. Row split s owns rows
 // [s * rows_per_split, min(M, (s+1) * rows_per_split)) (rows_per_split a multiple of 32); column group c owns
@@ -45,7 +53,7 @@ struct SplitPlan {
 };
 // dy pass over dy (M, N): dB partial buffer row_splits * N * r floats; when col_groups > 1 the g output of
 // launch_lora_dy_pass is a partial buffer of col_groups * M * r floats to reduce with launch_reduce_partials.
-SplitPlan lora_dy_pass_plan(int64_t M, int64_t N, int r);
+SplitPlan lora_dy_pass_plan(int64_t M, int64_t N, int r, int pieces = 1);
 // dA pass over x (M, K): dA partial buffer row_splits * r * K floats.
 SplitPlan lora_dA_plan(int64_t M, int64_t K, int r);
 

@@ -66,9 +66,10 @@ struct RankChunks {
   int r, rc;
   int64_t zc;
 };
-RankChunks rank_chunks(int r) {
+RankChunks rank_chunks(int r, int rc = 0) {  // rc: the kernel's chunk width (0: 64 or the rounded rank if smaller)
   r = std::min(std::max(r, 1), kMaxRank);
-  const int rp = round16(r), rc = std::min(rp, 64);
+  const int rp = round16(r);
+  if (rc <= 0) rc = std::min(rp, 64);
   return {r, rc, ceil_div(rp, rc)};
 }
 }  // namespace
@@ -77,10 +78,10 @@ RankChunks rank_chunks(int r) {
 // candidate column-group width (in chunks, bounded by the shared memory of the dB accumulators) gets the row
 // split count that makes about two blocks per SM; the plan with the smallest estimated time wins, counting the
 // dy read, the partials written here and read back by launch_reduce_partials, and how well the grid fills the GPU.
-SplitPlan lora_dy_pass_plan(int64_t M, int64_t N, int r) {
+SplitPlan lora_dy_pass_plan(int64_t M, int64_t N, int r, int pieces) {
   SplitPlan pl{0, TD_BM, 1, std::max<int64_t>(N, TD_BN)};
   if (M <= 0) return pl;
-  const RankChunks rk = rank_chunks(r);
+  const RankChunks rk = rank_chunks(r, dy_pass_rank_chunk(std::min(std::max(r, 1), kMaxRank), pieces));
   const int rc = rk.rc;
   const int64_t zc = rk.zc, sms = num_sms();
   r = rk.r;
@@ -92,7 +93,7 @@ SplitPlan lora_dy_pass_plan(int64_t M, int64_t N, int r) {
   for (int64_t ct = 1; ct <= tiles_n; ++ct) {
     const int64_t C = ceil_div(tiles_n, ct);
     if (ct > 1 && C == ceil_div(tiles_n, ct - 1)) continue;  // same group count with less shared memory before
-    const size_t smem = dy_pass_tc_smem(rc, ct * TD_BN);
+    const size_t smem = dy_pass_tc_smem(rc, ct * TD_BN, pieces);
     if (smem > kSmemPerBlockMax) break;
     if (C > 65535) continue;
     // Blocks per SM: shared memory, and registers (the 64-column r-chunk kernel holds one block per SM).

@@ -16,7 +16,9 @@ constexpr int TS_BM = 128;
 constexpr int TS_KC = 64;
 constexpr int TS_LD = TS_KC + 8;
 
-inline size_t shrink_tc_smem(int nf) { return (size_t)(kStages * TS_BM + 2 * 16 * nf) * TS_LD * 2; }
+inline size_t shrink_tc_smem(int nf, int pieces) {
+  return (size_t)(kStages * TS_BM + 2 * 16 * nf * pieces) * TS_LD * 2;
+}
 
 // expand and dx (expand.cu, dx.cu): the output-writing kernels, TO_BM-row blocks x groups of TO_BN-column chunks.
 constexpr int TO_BM = 128;
@@ -38,9 +40,10 @@ constexpr int TD_BM = 128;
 constexpr int TD_BN = 64;
 constexpr int TD_LDY = TD_BN + 8;
 
-inline size_t dy_pass_tc_smem(int rc, int64_t cols_per_group) {
+inline size_t dy_pass_tc_smem(int rc, int64_t cols_per_group, int pieces) {
   const int64_t cc = (cols_per_group + TD_BN - 1) / TD_BN * TD_BN;
-  return (size_t)kStages * TD_BM * TD_LDY * 2 + (size_t)2 * (TD_BN + TD_BM) * (rc + 8) * 2 + (size_t)cc * (rc + 8) * 4;
+  return (size_t)kStages * TD_BM * TD_LDY * 2 + (size_t)2 * pieces * (TD_BN + TD_BM) * (rc + 8) * 2 +
+         (size_t)cc * (rc + 8) * 4;
 }
 
 // dA (dA.cu): TA_BM-row tiles x TA_KC-column strips of x.
@@ -48,7 +51,9 @@ constexpr int TA_BM = 64;
 constexpr int TA_KC = 128;
 constexpr int TA_LDX = TA_KC + 8;
 
-inline size_t dA_tc_smem(int rc) { return (size_t)kStages * TA_BM * TA_LDX * 2 + (size_t)2 * TA_BM * (rc + 8) * 2; }
+inline size_t dA_tc_smem(int rc, int pieces) {
+  return (size_t)kStages * TA_BM * TA_LDX * 2 + (size_t)2 * pieces * TA_BM * (rc + 8) * 2;
+}
 
 // f(T{}) with T the element type of d.
 template <typename F>
@@ -85,6 +90,18 @@ cudaError_t with_dtypes(DType a, DType b, F&& f) {
 inline int rank_frags(int r) {
   const int rp = round16(r);
   return rp <= 16 ? 1 : rp <= 32 ? 2 : 4;
+}
+
+// The dy pass's r-chunk (columns; the kernel's RC): 16 * rank_frags(r), at most 32 with three pieces (its B and u
+// buffers would not fit in shared memory otherwise).
+inline int dy_pass_rank_chunk(int r, int pieces) { return 16 * std::min(rank_frags(r), pieces > 1 ? 2 : 4); }
+
+// f(std::integral_constant<int, P>{}) for P = pieces, instantiating P = 3 for bf16 T only (adapter_pieces).
+template <typename T, typename F>
+cudaError_t with_pieces(int pieces, F&& f) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value)
+    if (pieces == 3) return f(std::integral_constant<int, 3>{});
+  return f(std::integral_constant<int, 1>{});
 }
 
 // f(std::integral_constant<int, nf>{}) for nf = rank_frags(r).

@@ -57,6 +57,16 @@ __device__ __forceinline__ void zero_acc(float (&acc)[N][4]) {
     for (int q = 0; q < 4; ++q) acc[n][q] = 0.f;
 }
 
+// acc += part with fp32 adds (round to nearest). The tensor cores' fp32 accumulation truncates; kernels that must
+// match fp32 FFMA accuracy (the bf16x3 pieces) keep their mma chains to one tile in `part` and add it here.
+template <int N>
+__device__ __forceinline__ void add_acc(float (&acc)[N][4], const float (&part)[N][4]) {
+#pragma unroll
+  for (int n = 0; n < N; ++n)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) acc[n][q] += part[n][q];
+}
+
 // c0 += a b[0..1] and c1 += a b[2..3]: a 16 x 16 B block from one ldmatrix.x4, as its two 8-column halves.
 template <typename T>
 __device__ __forceinline__ void mma16816x2(float (&c0)[4], float (&c1)[4], const uint32_t (&a)[4],

@@ -73,22 +73,25 @@ lora_shrink_kernel(const T* __restrict__ x, const TA* __restrict__ A, float* __r
 //          (grid.y), looping over K in TS_KC (64)-column tiles: x tiles through the cp.async ring (mask applied
 //          in place, one Philox call per 8-group), the A tile (cast to T) register-prefetched two tiles ahead into
 //          a double buffer. Warp w: rows 16w..16w+15 x all RC columns (2*NF m16n8 fp32 accumulators), written
-//          once at the end (scaled).
+//          once at the end (scaled). fp32 A on bf16 x: the A tile is staged as its P = 3 bf16x3 pieces; per tile,
+//          piece 0 and pieces 1-2 go to two fresh accumulators, added to the running one with fp32 adds (add_acc),
+//          for fp32 FFMA accuracy; 3x the mma work of 16-bit A (still bandwidth-bound at r <= 32).
 // Bytes  : one read of x (M*K*2) per r-chunk; A re-read from L2 once per 128 rows; u (M*r*4) written once per
 //          K split (launch_reduce_partials sums the splits).
-// Smem   : (3 * 128 + 2 * RC) * 72 * 2 B = 59.9 / 64.5 / 73.7 KB for NF = 1 / 2 / 4.
+// Smem   : (3 * 128 + 2 * P * RC) * 72 * 2 B = 59.9 / 64.5 / 73.7 KB for NF = 1 / 2 / 4 (P = 1), 64.5 / 78.3 /
+//          110.6 KB (P = 3).
 
 template <typename T, typename TA, int NF>
-__global__ void __launch_bounds__(kTcThreads, NF == 1 ? kStreamMinBlocks : 2)
+__global__ void __launch_bounds__(kTcThreads, NF == 1 ? kStreamMinBlocks : (kPieces<T, TA> > 1 && NF == 4) ? 1 : 2)
 lora_shrink_tc_kernel(const T* __restrict__ x, const TA* __restrict__ A, float* __restrict__ u_out, int64_t M,
                       int64_t K, int r, int64_t k_per_split, float scale, float p, uint64_t seed,
                       const int64_t* seed_ptr, uint64_t offset) {
 #if LK_TC_ARCH
-  constexpr int RC = 16 * NF;
+  constexpr int RC = 16 * NF, P = kPieces<T, TA>;
   static_assert(TS_BM == 16 * (kTcThreads / 32), "one 16-row strip per warp");
   extern __shared__ __align__(128) unsigned char lk_smem[];
   T* xs = reinterpret_cast<T*>(lk_smem);  // [kStages][TS_BM][TS_LD]: x tiles (A operand, row-major)
-  T* as = xs + kStages * TS_BM * TS_LD;   // [2][RC][TS_LD]: A rows j0.. (B operand stored [n][k]), double-buffered
+  T* as = xs + kStages * TS_BM * TS_LD;   // [2][P][RC][TS_LD]: A rows j0.. (B operand stored [n][k]), double-buffered
   const int tid = threadIdx.x, warp = tid >> 5;
   const LaneOffsets lo;
   const int64_t m0 = (int64_t)blockIdx.x * TS_BM;
@@ -113,7 +116,9 @@ lora_shrink_tc_kernel(const T* __restrict__ x, const TA* __restrict__ A, float* 
     const int64_t k0 = k_begin + t * TS_KC;
     a_regs.fetch(A, K, j0, k0, a_vec && j0 + RC <= r && k0 + TS_KC <= k_end, r, k_end);
   };
-  auto stash_a = [&](int64_t t) { a_regs.stash(as + (int)(t % 2) * RC * TS_LD, TS_LD); };
+  auto stash_a = [&](int64_t t) {
+    a_regs.template stash<T, P>(as + (int)(t % 2) * P * RC * TS_LD, TS_LD, RC * TS_LD);
+  };
 
   float acc[2 * NF][4];
   zero_acc(acc);
@@ -121,11 +126,20 @@ lora_shrink_tc_kernel(const T* __restrict__ x, const TA* __restrict__ A, float* 
   for (int64_t t = 0; t < n_tiles; ++t) {
     const int64_t k0 = k_begin + t * TS_KC;
     T* slot = xs + (int)(t % kStages) * TS_BM * TS_LD;
-    const T* ab = as + (int)(t % 2) * RC * TS_LD;
+    const T* ab = as + (int)(t % 2) * P * RC * TS_LD;
     pipeline_wait(t, n_tiles, issue, [&] {
       if (p > 0.f) XTile::dropout(slot, m0, M, K, k0, k_end, p, dropout_seed(seed, seed_ptr), offset);
     });
-    warp_rows_mma<T, RC, true, TS_KC / 16>(acc, slot, TS_LD, ab, TS_LD, TS_KC, lo, warp);
+    if constexpr (P > 1) {  // chains of one tile, piece 0 apart from the others (add_acc)
+      float hi[2 * NF][4], low[2 * NF][4];
+      zero_acc(hi);
+      zero_acc(low);
+      warp_rows_mma<T, RC, true, TS_KC / 16, P>(hi, slot, TS_LD, ab, TS_LD, TS_KC, lo, warp, RC * TS_LD, low);
+      add_acc(hi, low);
+      add_acc(acc, hi);
+    } else {
+      warp_rows_mma<T, RC, true, TS_KC / 16>(acc, slot, TS_LD, ab, TS_LD, TS_KC, lo, warp);
+    }
     pipeline_next(t, n_tiles, fetch_a, stash_a);
   }
 #pragma unroll
@@ -153,16 +167,17 @@ cudaError_t launch_lora_shrink(const void* x, DType x_dtype, const void* A, DTyp
   if (M <= 0) return cudaSuccess;
   if (plan.col_groups > 65535 || plan.col_groups < 1) return cudaErrorInvalidConfiguration;
   const float scale = dropout_scale(scaling, p);
-  if (x_dtype != DType::kFloat32 && a_dtype != DType::kFloat32 && tc_supported()) {
+  const int pieces = adapter_pieces(x_dtype, a_dtype);
+  if (x_dtype != DType::kFloat32 && (a_dtype != DType::kFloat32 || pieces > 1) && tc_supported()) {
     const int nf = rank_frags(r);
     const dim3 grid((unsigned)ceil_div(M, TS_BM), (unsigned)plan.col_groups, (unsigned)ceil_div(round16(r), 16 * nf));
     return with_dtypes<true>(x_dtype, a_dtype, [&](auto xt, auto at) {
       using T = decltype(xt);
       using TA = decltype(at);
       return with_rank_frags(nf, [&](auto nfc) {
-        return launch_kernel(lora_shrink_tc_kernel<T, TA, decltype(nfc)::value>, grid, kTcThreads, shrink_tc_smem(nf),
-                             stream, static_cast<const T*>(x), static_cast<const TA*>(A), u_out, M, K, r,
-                             plan.cols_per_group, scale, p, seed, seed_ptr, offset);
+        return launch_kernel(lora_shrink_tc_kernel<T, TA, decltype(nfc)::value>, grid, kTcThreads,
+                             shrink_tc_smem(nf, pieces), stream, static_cast<const T*>(x), static_cast<const TA*>(A),
+                             u_out, M, K, r, plan.cols_per_group, scale, p, seed, seed_ptr, offset);
       });
     });
   }

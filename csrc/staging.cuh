@@ -16,6 +16,10 @@
 namespace lora_kernels {
 namespace detail {
 
+// Pieces of a side operand of type TS staged for mma type T: the bf16x3 split of fp32 on bf16 (adapter_pieces).
+template <typename T, typename TS>
+constexpr int kPieces = std::is_same<TS, float>::value && std::is_same<T, __nv_bfloat16>::value ? 3 : 1;
+
 #if LK_TC_ARCH
 // Copies the 16-bit 8-group src[0..valid-1] (zero-filled) to the 16-byte aligned shared dst: cp.async when src is
 // 16-byte aligned (a partial group is zero-filled by the copy), synchronous loads otherwise.
@@ -30,9 +34,10 @@ __device__ __forceinline__ void copy8_async(T* dst, const T* src, int valid) {
 // Block-wide copy of a rows x (4 * cols4) tile of TS (row stride lds; rows >= rows_valid and columns >= cols_valid
 // read as zeros) into shared memory as T (row pitch ldd). The loads of kBatch 4-groups per thread are all issued
 // before their results are stored, so their latencies overlap.
+// piece >= 0 stores that piece of the bf16x3 split instead (to_t4_piece).
 template <typename T, typename TS>
 __device__ __forceinline__ void load_tile_as_t(T* dst, int ldd, const TS* src, int64_t lds, int rows, int cols4,
-                                               int64_t rows_valid, int cols_valid) {
+                                               int64_t rows_valid, int cols_valid, int piece = -1) {
   constexpr int kBatch = 8;
   const int total = rows * cols4;
   for (int base = threadIdx.x; base < total; base += kTcThreads * kBatch) {
@@ -45,7 +50,9 @@ __device__ __forceinline__ void load_tile_as_t(T* dst, int ldd, const TS* src, i
 #pragma unroll
     for (int q = 0; q < kBatch; ++q) {
       const int gi = base + q * kTcThreads, rr = gi / cols4, c = gi % cols4 * 4;
-      if (gi < total) *reinterpret_cast<uint2*>(dst + rr * ldd + c) = to_t4<T, TS>(v[q]);
+      if (gi < total)
+        *reinterpret_cast<uint2*>(dst + rr * ldd + c) =
+            piece >= 0 ? to_t4_piece<T, TS>(v[q], piece) : to_t4<T, TS>(v[q]);
     }
   }
 }
@@ -118,11 +125,20 @@ struct SideTile {
                      row0 + row(i) < row_end ? n_valid(col_end - (col0 + col(i)), 4) : 0);
   }
 
-  // Into shared memory as T, row pitch ldd.
-  template <typename T>
-  __device__ __forceinline__ void stash(T* dst, int ldd) const {
+  // Into shared memory as T, row pitch ldd. P > 1 (fp32 side operand, bf16 T): the P pieces of the bf16x3 split,
+  // piece i at dst + i * piece_stride.
+  template <typename T, int P = 1>
+  __device__ __forceinline__ void stash(T* dst, int ldd, int piece_stride = 0) const {
 #pragma unroll
-    for (int i = 0; i < kGroups; ++i) *reinterpret_cast<uint2*>(dst + row(i) * ldd + col(i)) = to_t4<T, TS>(v[i]);
+    for (int i = 0; i < kGroups; ++i) {
+      T* d = dst + row(i) * ldd + col(i);
+      if constexpr (P == 1) {
+        *reinterpret_cast<uint2*>(d) = to_t4<T, TS>(v[i]);
+      } else {
+#pragma unroll
+        for (int pc = 0; pc < P; ++pc) *reinterpret_cast<uint2*>(d + pc * piece_stride) = to_t4_piece<T, TS>(v[i], pc);
+      }
+    }
   }
 };
 
@@ -167,21 +183,31 @@ __device__ __forceinline__ void pipeline_next(int64_t t, int64_t end, Fetch&& fe
 // acc += this warp's 16 rows (16 * warp..) of the left tile a (row-major, pitch lda) times the right tile b (COLS
 // columns; stored [n][k] with pitch ldb when kBT, else [k][n]) over k < kp (a multiple of 16), fp32 accumulators in
 // the mma.m16n8 layout; the k loop unrolled UNROLL times. The shrink and the output-writing kernels (expand, dx).
-template <typename T, int COLS, bool kBT, int UNROLL>
+// P > 1: b holds the P pieces of a bf16x3-split operand (piece i at b + i * b_piece); piece 0's products go to acc,
+// the smaller pieces' to acc_lo (a separate chain, so that the tensor cores' truncating accumulation of acc takes
+// as many steps as with one piece; the caller adds acc_lo in fp32).
+template <typename T, int COLS, bool kBT, int UNROLL, int P = 1>
 __device__ __forceinline__ void warp_rows_mma(float (&acc)[COLS / 8][4], const T* a, int lda, const T* b, int ldb,
-                                              int kp, const LaneOffsets& lo, int warp) {
+                                              int kp, const LaneOffsets& lo, int warp, int b_piece = 0,
+                                              float (*acc_lo)[4] = nullptr) {
 #pragma unroll UNROLL
   for (int ks = 0; ks < kp / 16; ++ks) {
     uint32_t af[4];
     ldsm4(af, a + (16 * warp + lo.r1) * lda + 16 * ks + lo.c1);
 #pragma unroll
     for (int f = 0; f < COLS / 16; ++f) {
-      uint32_t bf[4];
-      if constexpr (kBT)
-        ldsm4(bf, b + (16 * f + lo.r2) * ldb + 16 * ks + lo.c2);
-      else
-        ldsm4_t(bf, b + (16 * ks + lo.r1) * ldb + 16 * f + lo.c1);
-      mma16816x2<T>(acc[2 * f], acc[2 * f + 1], af, bf);
+#pragma unroll
+      for (int pc = 0; pc < P; ++pc) {
+        uint32_t bf[4];
+        if constexpr (kBT)
+          ldsm4(bf, b + pc * b_piece + (16 * f + lo.r2) * ldb + 16 * ks + lo.c2);
+        else
+          ldsm4_t(bf, b + pc * b_piece + (16 * ks + lo.r1) * ldb + 16 * f + lo.c1);
+        if (pc == 0)
+          mma16816x2<T>(acc[2 * f], acc[2 * f + 1], af, bf);
+        else
+          mma16816x2<T>(acc_lo[2 * f], acc_lo[2 * f + 1], af, bf);
+      }
     }
   }
 }

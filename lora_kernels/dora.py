@@ -8,33 +8,73 @@ DoRA (weight-decomposed LoRA) with PEFT 0.21's semantics (``peft/tuners/lora/dor
 where x_d = dropout(x). PEFT takes x_d = x when its dropout is ``nn.Identity`` or the layer is in eval mode; then
 y = g ⊙ (x Wᵀ + s·x Aᵀ Bᵀ) + b. Here that is ``dropout_p == 0`` or ``training=False``.
 
-How it is computed (q = 1 − p, keep = the contract's Philox mask, ``lora_kernels.dropout_mask``):
+How it is computed (q = 1 − p, keep = the contract's Philox mask, ``lora_kernels.dropout_mask``, z = the LoRA
+output without bias before the column scale):
 
     p = 0:   z = x Wᵀ + s·x Aᵀ Bᵀ                           the backend's LoRA forward (no bias)
-             y = g ⊙ z + b                                   one element-wise pass (dora_kernels.scale_bias)
+             y = g ⊙ z + b                                   one element-wise pass, written over z
     p > 0:   x_k = keep ⊙ x  (exact: no rounding)            one pass
              z = x_k Wᵀ + s·x_k Aᵀ Bᵀ                        the backend's LoRA forward on x_k
-             y = (g/q) ⊙ z + b,  then y += x_c Wᵀ            x_c = x − x_k/q written over x_k; cuBLAS beta = 1
+             y = (g/q) ⊙ z + b over z,  then y += x_c Wᵀ     x_c = x − x_k/q written over x_k; cuBLAS beta = 1
 
     (x_d = x_k/q, so x Wᵀ + (g−1)⊙(x_d Wᵀ) + g⊙(s·x_d Aᵀ Bᵀ) = x_c Wᵀ + (g/q)⊙z.) Two GEMMs over W at p > 0,
     as in PEFT, which runs its second one in the adapters' dtype (fp32).
 
     backward (dy; c = g at p = 0, c = (g − 1)/q at p > 0; Bg = g ⊙ B):
-             dg = Σ_m dy ⊙ z  (/q at p > 0)                  fused with dy_c = c ⊙ dy in one pass over dy, z
+             dA, dB·q/g [, p > 0: dx_b = dy W + keep ⊙ (s/q (dy Bg) A)]
+                                                             one backend backward of (dy, Bg): dy unrounded, so
+                                                             the adapters' grads keep the adapters' precision
+             then by row chunks (below): z recomputed (the backend's forward on x, or on x_k at p > 0), and
+             dg = Σ_m dy ⊙ z  (/q at p > 0)                  fused with dy_c = c ⊙ dy in one pass over dy, z;
+                                                             dy_c is written over z
              p = 0:  dx = backend dx of (dy_c, B)            = (g⊙dy) W + s·((g⊙dy) B) A
-                     dA, dB/g = backend dA, dB of (dy, Bg)  (dy unrounded: the adapters' precision)
-             p > 0:  dx, dA, dB·q/g = backend backward of (dy, Bg) with the mask, then dx += keep ⊙ (dy_c W)
+             p > 0:  dx = dx_b + keep ⊙ (dy_c W)             one more GEMM, masked add over dx_b
     The magnitude's grad dg/‖·‖ comes from autograd through g = magnitude / norm.
 
-Saved for backward: x, z (M×N in x's dtype: the output before the column scale, which the magnitude's grad
-needs), u (M×r float32) and the seed; no mask, no dropped copy of x, and nothing N×K. The norm needs no N×K
-temporary either:
-- triton/cuda backends (eager): ``dora_kernels.row_norm``, one Triton pass over W that forms each tile of
-  W + s·B A in registers and sums its squares. W is read anyway, so ‖W_n‖² is not cached there.
-- torch backend, torch.compile, non-unit-stride W (``dora_weight_norm``): ‖W_n + s(BA)_n‖² = ‖W_n‖² +
-  2s·B_n·(A W_nᵀ) + s²·B_n (A Aᵀ) B_nᵀ from ‖W_n‖² (cached per frozen W, see ``_weight_sq``), W Aᵀ (N×r, one pass
-  over W) and A Aᵀ (r×r). Rounding can make the sum slightly negative when the row nearly cancels; it is
-  clamped at 0.
+Memory. Saved for backward: x, u (M×r float32), g (N) and the seed: the same as ``lora_linear`` plus N floats. No
+mask, no dropped copy of x, nothing M×N and nothing N×K (tests/test_dora.py checks the saved tensors and every
+allocation). The magnitude's grad needs Σ_m dy ⊙ z over all of z (M×N); z is not kept but recomputed in backward,
+which costs one GEMM over W (2·M·N·K FLOPs): there is no cheaper exact way (Σ_m dy[m,n]·(x Wᵀ)[m,n] is a full
+contraction over m and k for each n). The backward's M×N temporaries (z, then dy_c over it) and M×K ones (dx of a
+chunk; x_k at p > 0) live only for one row chunk of at most ``BWD_CHUNK_BYTES`` (64 MiB by default,
+``LORA_KERNELS_DORA_CHUNK_MIB``): transient, never more than one chunk at a time, and they do not add up over the
+layers of a network the way saved tensors do. (The forward at p > 0 holds one M×K buffer, x_k then x_c, as long
+as LoRA's backward holds its dx.)
+
+``LORA_KERNELS_DORA_SAVE_Z=1`` (or ``lora_kernels.dora.SAVE_Z = True``) trades the recompute for memory: the
+forward keeps z (M×N, x's dtype) for backward, as PEFT keeps its own M×N activations, and the backward skips one
+GEMM over W and runs in one chunk (its dy_c, M×N, is then transient). Same results up to the recomputation's
+rounding.
+
+Cost per pass (e = bytes of x's dtype, fp32 adapters, M×K → N, rank r; on the cuda backend every GEMM is one
+kernel with its rank-r term folded in; triton: an output prefill and cuBLAS with beta = 1):
+
+    forward, p = 0                      FLOPs                       HBM bytes (besides what LoRA moves)
+      ‖W_n‖² (cache miss only)          2NK                         NKe
+      W Aᵀ (w_at, one pass over W)      6NKr (bf16 split) / 2NKr    NKe
+      A Aᵀ, B AAᵀ, combine              2Kr² + 2Nr² + 4Nr           O(Nr)
+      LoRA forward (no bias) → z        2MNK + 2MKr + 2MNr          (LoRA's own)
+      y = g ⊙ z + b over z              2MN                         2MNe
+    backward, p = 0
+      backend bwd of (dy, Bg): dA, dB   4MNr + 4MKr                 (LoRA's own: dy and x read once)
+      per chunk, all chunks together:
+        LoRA forward of x_c → z_c       2MNK + 2MKr + 2MNr          MKe (x again) + MNe (z written)
+        dg, c ⊙ dy over z               3MN                         3MNe
+        backend dx of (dy_c, B)         2MNK + 4MNr + 2MKr          MNe (its rank-r pass reads dy_c)
+        dx chunk copied into dx         -                           2MKe (only with more than one chunk)
+    So over LoRA, p = 0: +1 GEMM (2MNK) in backward, +7MNe + MKe (+2MKe when chunked) + NKe bytes (the norm's
+    pass over W; one more on a cache miss). With SAVE_Z: no extra GEMM, +6MNe + NKe bytes (and z, MNe, saved).
+    p > 0 adds, in forward: x_k and x_c (4MKe) and the GEMM x_c Wᵀ (2MNK, y read and written by cuBLAS beta = 1:
+    2MNe); in backward: x_k of each chunk again (2MKe), the GEMM dy_c W (2MNK, t = dy_c W written over x_k: MKe)
+    and its masked add into dx (3MKe).
+
+The norm needs no N×K temporary:
+- triton/cuda backends (eager): ‖W_n + s(BA)_n‖² = ‖W_n‖² + 2s·B_n·(A W_nᵀ) + s²·B_n (A Aᵀ) B_nᵀ with ‖W_n‖²
+  cached per frozen W (``_weight_sq``), W Aᵀ from one Triton pass over W (``dora_kernels.w_at``; W is read once
+  per call because A changes every step) and one combine kernel (``dora_kernels.weight_norm``).
+- torch backend, torch.compile, non-unit-stride W (``dora_weight_norm``): the same expansion with W Aᵀ from torch
+  (one GEMM, or W up-cast in row chunks).
+Rounding can make the sum slightly negative when the row nearly cancels; it is clamped at 0.
 
 The registered ops (``lora_kernels::dora_fwd`` / ``dora_bwd``) have fake impls and ``register_autograd``, so
 ``dora_linear`` works under ``torch.compile``; eager calls use a ``torch.autograd.Function`` twin (as
@@ -42,14 +82,22 @@ The registered ops (``lora_kernels::dora_fwd`` / ``dora_bwd``) have fake impls a
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch.autograd.function import once_differentiable
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _dispatch, ops
-from .dora_kernels import masked, row_norm, scale_bias, scale_colsum, triton_usable
+from .dora_kernels import masked, scale_bias, scale_colsum, triton_usable, weight_norm
+from .philox import calls_per_row
 
 __all__ = ["dora_linear", "dora_weight_norm", "clear_weight_norm_cache"]
+
+# The backward's memory/speed dial (see the module docstring). Read at import; tests and benchmarks set the attributes.
+SAVE_Z = os.environ.get("LORA_KERNELS_DORA_SAVE_Z", "0") == "1"
+BWD_CHUNK_BYTES = int(float(os.environ.get("LORA_KERNELS_DORA_CHUNK_MIB", "64")) * 2**20)
+_CHUNK_ALIGN = 64  # rows
 
 
 def _acc(*ts) -> torch.dtype:
@@ -62,8 +110,8 @@ _WSQ_CACHE = WeakIdKeyDictionary()  # weight tensor -> (key, storage weak ref, �
 
 
 def clear_weight_norm_cache() -> None:
-    """Forget every cached ‖W_n‖². Needed only after changing a weight in place through ``.data`` (which bypasses
-    the version counter the cache checks)."""
+    """Forget every cached ‖W_n‖². Needed only after changing a weight in place without bumping its version counter
+    (through ``W.data``, or under ``torch.autograd._unsafe_preserve_version_counter``) at the same address."""
     _WSQ_CACHE.clear()
 
 
@@ -84,23 +132,26 @@ def _weight_sq(weight: torch.Tensor, acc) -> torch.Tensor:
 
     The cache entry is keyed on the weight tensor object and checked against its storage (a weak reference to the
     StorageImpl: replacing ``W.data`` or the storage misses, and a freed storage's address cannot be mistaken for
-    the old one while the weak reference lives), storage offset, shape, strides, dtype and torch's version counter
-    (every in-place op on W, ``copy_`` included, bumps it). Not seen: in-place changes through ``W.data`` (no
-    version bump); call ``clear_weight_norm_cache()`` after those."""
+    the old one while the weak reference lives), its data pointer (a storage re-allocated in place, as
+    ``untyped_storage().resize_()`` and FSDP2's free/re-gather of unsharded parameters do, misses), storage offset,
+    shape, strides, dtype and torch's version counter (every in-place op on W, ``copy_`` included, bumps it). Not
+    seen: in-place changes at the same address that bypass the version counter (through ``W.data``, or under
+    ``torch.autograd._unsafe_preserve_version_counter``); call ``clear_weight_norm_cache()`` after those."""
     if torch.compiler.is_compiling():  # no Python-side cache inside a graph; the reduction fuses there
         return _weight_sq_compute(weight, acc)
     try:
         from torch.multiprocessing.reductions import StorageWeakRef
 
         storage = weight.untyped_storage()
-        key = (weight.storage_offset(), tuple(weight.shape), tuple(weight.stride()), weight.dtype, weight._version,
-               acc)
+        key = (weight.data_ptr(), weight.storage_offset(), tuple(weight.shape), tuple(weight.stride()),
+               weight.dtype, weight._version, acc)
     except Exception:  # tensors without a plain storage (subclasses): no caching
         return _weight_sq_compute(weight, acc)
     hit = _WSQ_CACHE.get(weight)
     if hit is not None and hit[0] == key and not hit[1].expired() and hit[1].cdata == storage._cdata:
         return hit[2]
-    wsq = _weight_sq_compute(weight, acc)
+    with torch.no_grad():
+        wsq = _weight_sq_compute(weight.detach(), acc)
     _WSQ_CACHE[weight] = (key, StorageWeakRef(storage), wsq)
     return wsq
 
@@ -108,7 +159,7 @@ def _weight_sq(weight: torch.Tensor, acc) -> torch.Tensor:
 def _w_at(weight: torch.Tensor, lora_A: torch.Tensor, acc) -> torch.Tensor:
     """W Aᵀ (N, r) in ``acc`` (float32 precision: the norm feeds g, and with float32 adapters PEFT computes it in
     float32) without an N×K temporary: one GEMM when W has the accumulation dtype, else W up-cast in row chunks of
-    at most ``_CHUNK_ELEMS`` elements. (The fast backends take ``dora_kernels.row_norm`` instead.)"""
+    at most ``_CHUNK_ELEMS`` elements. (The fast backends take ``dora_kernels.w_at`` instead.)"""
     A = lora_A.to(acc)
     if weight.dtype == acc:
         return weight @ A.t()
@@ -120,7 +171,7 @@ def _w_at(weight: torch.Tensor, lora_A: torch.Tensor, acc) -> torch.Tensor:
 
 def dora_weight_norm(weight, lora_A, lora_B, scaling) -> torch.Tensor:
     """‖W + scaling · B A‖ of every row (N,), detached, in float32 (float64 if any input is float64), computed
-    without an N×K temporary."""
+    without an N×K temporary (plain PyTorch; ``‖W_n‖²`` cached)."""
     acc = _acc(weight, lora_A, lora_B)
     with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
         A, B = lora_A.detach().to(acc), lora_B.detach().to(acc)
@@ -130,14 +181,25 @@ def dora_weight_norm(weight, lora_A, lora_B, scaling) -> torch.Tensor:
         return sq.clamp_min(0.0).sqrt()
 
 
+def _norm(weight, lora_A, lora_B, scaling, fast: bool) -> torch.Tensor:
+    """The detached row norm for a call: the Triton pass over W on the fast backends (eager, unit-stride W, A, B;
+    ‖W_n‖² from the cache), else ``dora_weight_norm``."""
+    if (fast and not torch.compiler.is_compiling() and weight.stride(-1) == 1 and lora_A.stride(-1) == 1
+            and lora_B.stride(-1) == 1 and weight.dtype != torch.float64):
+        with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
+            return weight_norm(weight.detach(), lora_A.detach(), lora_B.detach(), scaling,
+                               _weight_sq(weight, torch.float32))
+    return dora_weight_norm(weight, lora_A, lora_B, scaling)
+
+
 # ----------------------------------------------------------------------------------------------- the ops
 _lib = torch.library.Library("lora_kernels", "FRAGMENT")
 _lib.define(
     "dora_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, Tensor g, float scaling, "
-    "float p, Tensor seed, int offset, str backend) -> (Tensor, Tensor, Tensor)"
+    "float p, Tensor seed, int offset, str backend, bool save_z) -> (Tensor, Tensor, Tensor)"
 )
 _lib.define(
-    "dora_bwd(Tensor dy, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor g, Tensor z, Tensor u, "
+    "dora_bwd(Tensor dy, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor g, Tensor u, Tensor z, "
     "float scaling, float p, Tensor seed, int offset, str backend, bool need_dx, bool need_dA, bool need_dB, "
     "bool need_dg) -> (Tensor, Tensor, Tensor, Tensor)"
 )
@@ -148,47 +210,93 @@ def _fast(backend: str, t: torch.Tensor) -> bool:
     return backend != "torch" and triton_usable(t.device)
 
 
-def _fwd_impl(x, weight, bias, lora_A, lora_B, g, scaling, p, seed, offset, backend):
+def _fwd_impl(x, weight, bias, lora_A, lora_B, g, scaling, p, seed, offset, backend, save_z):
+    """(y, u, z): z (the output before the column scale and bias) only with ``save_z``, else an empty tensor."""
     M, N, r = x.shape[0], weight.shape[0], lora_A.shape[0]
     if M == 0:
-        return x.new_empty(0, N), x.new_empty(0, N), x.new_empty(0, r, dtype=_acc(x))
+        return x.new_empty(0, N), x.new_empty(0, r, dtype=_acc(x)), x.new_empty(0)
     be, fast = _dispatch.get(backend), _fast(backend, x)
     if p == 0.0:
         z, u = be.forward(x, weight, None, lora_A, lora_B, scaling, 0.0, 0, offset)
-        return scale_bias(z, g, bias, fast), z, u
+        return scale_bias(z, g, bias, fast, out=None if save_z else z), u, (z if save_z else x.new_empty(0))
     sd, q = ops._backend_seed(seed, p), 1.0 - p
     xk = masked(x, p, sd, offset, 1.0, 0.0, fast)  # keep ⊙ x
     z, u = be.forward(xk, weight, None, lora_A, lora_B, scaling, 0.0, 0, offset)
-    y = scale_bias(z, g / q, bias, fast)
+    y = scale_bias(z, g / q, bias, fast, out=None if save_z else z)
     xc = masked(x, p, sd, offset, 1.0 - 1.0 / q, 1.0, fast, out=xk)  # x − keep ⊙ x / q, over x_k
-    return y.addmm_(xc, weight.t()), z, u
+    return y.addmm_(xc, weight.t()), u, (z if save_z else x.new_empty(0))
 
 
-def _bwd_impl(dy, x, weight, lora_A, lora_B, g, z, u, scaling, p, seed, offset, backend,
+def _row_chunks_of(M: int, row_bytes: int):
+    """Row ranges with at most ``BWD_CHUNK_BYTES`` of per-row temporaries each: balanced, a multiple of 64 rows
+    when over 64 (whole tiles for the GEMMs)."""
+    n = max(1, -(-M * row_bytes // max(1, BWD_CHUNK_BYTES)))
+    if n == 1:
+        return [(0, M)]
+    rows = -(-M // n)
+    if rows > _CHUNK_ALIGN:
+        rows = -(-rows // _CHUNK_ALIGN) * _CHUNK_ALIGN
+    return [(i, min(i + rows, M)) for i in range(0, M, rows)]
+
+
+def _bwd_impl(dy, x, weight, lora_A, lora_B, g, u, z, scaling, p, seed, offset, backend,
               need_dx, need_dA, need_dB, need_dg):
     acc = _acc(x)
-    if x.shape[0] == 0:
-        dx, dA, dB = torch.zeros_like(x), torch.zeros_like(lora_A), torch.zeros_like(lora_B)
-        dg = torch.zeros(weight.shape[0], dtype=acc, device=x.device)
-    else:
-        be, fast = _dispatch.get(backend), _fast(backend, x)
-        sd, q = ops._backend_seed(seed, p), 1.0 - p
-        c = g if p == 0.0 else (g - 1.0) / q
-        dyc, dg = scale_colsum(dy, z, c, need_dx, need_dg, fast)
-        if dg is not None and p > 0.0:
-            dg = dg / q
-        dx = dA = dB = None
-        if need_dx and p == 0.0:
-            dx = be.backward(dyc, x, weight, lora_A, lora_B, u, scaling, 0.0, 0, offset, True, False, False)[0]
-        if need_dA or need_dB or (need_dx and p > 0.0):
-            bg = (lora_B.to(acc) * g[:, None]).to(lora_B.dtype)
-            dxb, dA, dB = be.backward(dy, x, weight, lora_A, bg, u, scaling, p, sd, offset,
-                                      need_dx and p > 0.0, need_dA, need_dB)
-            if need_dB:
-                dB = (dB.to(acc) * (g / q)[:, None]).to(lora_B.dtype)
-            if need_dx and p > 0.0:  # dx = dy W + keep ⊙ (s/q (dy Bg) A)  [backend]  + keep ⊙ (dy_c W)
-                dx = masked(torch.mm(dyc, weight), p, sd, offset, 1.0, 0.0, fast, base=dxb, out=dxb)
+    M, K = x.shape
+    N = weight.shape[0]
     empty = x.new_empty(0)
+    if M == 0:
+        return (torch.zeros_like(x) if need_dx else empty, torch.zeros_like(lora_A) if need_dA else empty,
+                torch.zeros_like(lora_B) if need_dB else empty,
+                torch.zeros(N, dtype=acc, device=x.device) if need_dg else empty)
+    be, fast = _dispatch.get(backend), _fast(backend, x)
+    sd, q = ops._backend_seed(seed, p), 1.0 - p
+    dx = dA = dB = dg = None
+    # The adapters' grads (and at p > 0 dx without the masked base-weight term) from unrounded dy, with Bg = g ⊙ B.
+    if need_dA or need_dB or (need_dx and p > 0.0):
+        bg = (lora_B.to(acc) * g[:, None]).to(lora_B.dtype)
+        dx, dA, dB = be.backward(dy, x, weight, lora_A, bg, u, scaling, p, sd, offset,
+                                 need_dx and p > 0.0, need_dA, need_dB)
+        if need_dB:
+            dB = (dB.to(acc) * (g / q)[:, None]).to(lora_B.dtype)
+    if need_dg or need_dx:
+        saved = z.numel() > 0
+        c = g if p == 0.0 else (g - 1.0) / q
+        dg = torch.zeros(N, dtype=acc, device=x.device) if need_dg else None
+        # per-row temporaries of a chunk: z (or the dy_c buffer) and, p = 0, the chunk's dx / p > 0, x_k then dy_c W.
+        # With z saved (the speed side of the trade) one chunk: no copy of chunk dx into dx.
+        chunks = [(0, M)] if saved else _row_chunks_of(M, (N + K) * x.element_size())
+        if need_dx and p == 0.0 and len(chunks) > 1:
+            dx = x.new_empty(M, K)
+        k8 = calls_per_row(K)
+        for m0, m1 in chunks:
+            xs, dys, off = x[m0:m1], dy[m0:m1], offset + m0 * k8
+            zs, xk = (z[m0:m1] if saved else None), None
+            if need_dg and not saved:  # recompute z of these rows: the backend's LoRA forward (no bias)
+                if p == 0.0:
+                    zs = be.forward(xs, weight, None, lora_A, lora_B, scaling, 0.0, 0, 0)[0]
+                else:
+                    xk = masked(xs, p, sd, off, 1.0, 0.0, fast)
+                    zs = be.forward(xk, weight, None, lora_A, lora_B, scaling, 0.0, 0, 0)[0]
+            # dg += Σ_m dy ⊙ z;  dy_c = c ⊙ dy, written over a recomputed z (the saved z is left alone)
+            dyc, part = scale_colsum(dys, zs, c, need_dx, need_dg, fast,
+                                     out=zs if (need_dg and not saved) else None)
+            if need_dg:
+                dg += part
+            if not need_dx:
+                continue
+            if p == 0.0:
+                dxs = be.backward(dyc, xs, weight, lora_A, lora_B, u[m0:m1], scaling, 0.0, 0, 0,
+                                  True, False, False)[0]
+                if len(chunks) > 1:
+                    dx[m0:m1].copy_(dxs)
+                else:
+                    dx = dxs
+            else:  # dx += keep ⊙ (dy_c W), the product written over x_k when there is one
+                t = torch.mm(dyc, weight, out=xk) if xk is not None else torch.mm(dyc, weight)
+                masked(t, p, sd, off, 1.0, 0.0, fast, base=dx[m0:m1], out=dx[m0:m1])
+        if need_dg and p > 0.0:
+            dg = dg / q
     return (dx if need_dx else empty, dA if need_dA else empty, dB if need_dB else empty,
             dg if need_dg else empty)
 
@@ -198,13 +306,14 @@ _lib.impl("dora_bwd", _bwd_impl, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("lora_kernels::dora_fwd")
-def _fwd_fake(x, weight, bias, lora_A, lora_B, g, scaling, p, seed, offset, backend):
+def _fwd_fake(x, weight, bias, lora_A, lora_B, g, scaling, p, seed, offset, backend, save_z):
     M, N = x.shape[0], weight.shape[0]
-    return x.new_empty(M, N), x.new_empty(M, N), x.new_empty(M, lora_A.shape[0], dtype=_acc(x))
+    return (x.new_empty(M, N), x.new_empty(M, lora_A.shape[0], dtype=_acc(x)),
+            x.new_empty(M, N) if save_z and M else x.new_empty(0))
 
 
 @torch.library.register_fake("lora_kernels::dora_bwd")
-def _bwd_fake(dy, x, weight, lora_A, lora_B, g, z, u, scaling, p, seed, offset, backend,
+def _bwd_fake(dy, x, weight, lora_A, lora_B, g, u, z, scaling, p, seed, offset, backend,
               need_dx, need_dA, need_dB, need_dg):
     empty = x.new_empty(0)
     return (torch.empty_like(x) if need_dx else empty, torch.empty_like(lora_A) if need_dA else empty,
@@ -212,22 +321,23 @@ def _bwd_fake(dy, x, weight, lora_A, lora_B, g, z, u, scaling, p, seed, offset, 
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, g, scaling, p, seed, offset, backend = inputs
+    x, weight, bias, lora_A, lora_B, g, scaling, p, seed, offset, backend, save_z = inputs
     ctx.save_for_backward(x, weight, lora_A, lora_B, g, output[1], output[2], seed)
     ctx.args = (scaling, p, offset, backend, bias is not None)
 
 
 def _backward(ctx, dy, *_unused, bwd=None):
-    x, weight, lora_A, lora_B, g, z, u, seed = ctx.saved_tensors
+    x, weight, lora_A, lora_B, g, u, z, seed = ctx.saved_tensors
     scaling, p, offset, backend, has_bias = ctx.args
     need_dx, need_dW, need_db, need_dA, need_dB, need_dg = ctx.needs_input_grad[:6]
     dy = dy.contiguous()
     dx, dA, dB, dg = (bwd or torch.ops.lora_kernels.dora_bwd)(
-        dy, x, weight, lora_A, lora_B, g, z, u, scaling, p, seed, offset, backend, need_dx, need_dA, need_dB, need_dg)
+        dy, x, weight, lora_A, lora_B, g, u, z, scaling, p, seed, offset, backend, need_dx, need_dA, need_dB,
+        need_dg)
     dW = _dweight(dy, x, weight, g, p, seed, offset) if need_dW else None
     db = dy.to(_acc(dy)).sum(0).to(dy.dtype) if (need_db and has_bias) else None
     return (dx if need_dx else None, dW, db, dA if need_dA else None, dB if need_dB else None,
-            dg if need_dg else None, None, None, None, None, None)
+            dg if need_dg else None, None, None, None, None, None, None)
 
 
 def _dweight(dy, x, weight, g, p, seed, offset):
@@ -251,9 +361,10 @@ class _EagerDoRA(torch.autograd.Function):
     autograd wrapper; see ``lora_kernels.ops._EagerLoRA``)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, g, scaling, p, seed, offset, backend):
-        y, z, u = _fwd_impl(x, weight, bias, lora_A, lora_B, g, scaling, p, seed, offset, backend)
-        _setup_context(ctx, (x, weight, bias, lora_A, lora_B, g, scaling, p, seed, offset, backend), (y, z, u))
+    def forward(ctx, x, weight, bias, lora_A, lora_B, g, scaling, p, seed, offset, backend, save_z):
+        y, u, z = _fwd_impl(x, weight, bias, lora_A, lora_B, g, scaling, p, seed, offset, backend, save_z)
+        _setup_context(ctx, (x, weight, bias, lora_A, lora_B, g, scaling, p, seed, offset, backend, save_z),
+                       (y, u, z))
         return y
 
     @staticmethod
@@ -315,20 +426,19 @@ def dora_linear(x, weight, bias, lora_A, lora_B, scaling, magnitude, dropout_p=0
     if p > 0.0 and ops._recorders:
         for calls in ops._recorders:
             calls.append((int(seed), 0))
-    if _fast(name, x) and not torch.compiler.is_compiling() and norm_weight.stride(-1) == 1:
-        with torch.no_grad():  # one Triton pass over W (no cache needed: W is read for B A's cross term anyway)
-            norm = row_norm(norm_weight, lora_A.contiguous(), lora_B.contiguous(), scaling)
-    else:
-        norm = dora_weight_norm(norm_weight, lora_A, lora_B, scaling)
+    norm = _norm(norm_weight, lora_A, lora_B, scaling, _fast(name, x))
     g = magnitude.to(_acc(x)) / norm.to(_acc(x))
     two_d = x.dim() == 2
     x2 = x if two_d else x.reshape(-1, x.shape[-1])
+    compiling = torch.compiler.is_compiling()
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (x, weight, bias, lora_A, lora_B, g))
     args = (x2.contiguous(), weight.contiguous(), bias.contiguous() if bias is not None else None,
-            lora_A.contiguous(), lora_B.contiguous(), g, float(scaling), p, seed, 0, name)
-    if torch.compiler.is_compiling():
+            lora_A.contiguous(), lora_B.contiguous(), g, float(scaling), p, seed, 0, name,
+            bool(SAVE_Z) and (grad or compiling))
+    if compiling:
         y = torch.ops.lora_kernels.dora_fwd(*args)[0]
-    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                         for t in (x, weight, bias, lora_A, lora_B, g)):
+    elif grad:
         y = _EagerDoRA.apply(*args)
     else:
         y = _fwd_impl(*args)[0]

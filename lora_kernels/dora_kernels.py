@@ -1,19 +1,25 @@
-"""The element-wise passes of the DoRA op (``lora_kernels.dora``) around the LoRA backends' forward/backward.
+"""The element-wise passes and the row-norm kernels of the DoRA op (``lora_kernels.dora``), around the LoRA
+backends' forward/backward.
 
 Each pass reads its inputs once and rounds once; math in float32 (float64 for float64 inputs):
 
-    scale_bias(z, c, bias)              -> c ⊙ z + b                           per-column scale c (N,)
-    scale_colsum(dy, z, c)              -> (c ⊙ dy, Σ_m dy ⊙ z)                 the magnitude grad's reduction,
-                                                                               fused with the pass that scales dy
+    scale_bias(z, c, bias, out=)        -> c ⊙ z + b                           per-column scale c (N,); out=z:
+                                                                               in place
+    scale_colsum(dy, z, c, out=)        -> (c ⊙ dy, Σ_m dy ⊙ z)                 the magnitude grad's reduction,
+                                                                               fused with the pass that scales dy;
+                                                                               out=z: c ⊙ dy written over z
     masked(t, p, seed, offset, ak, ad, base=None)
                                         -> base + where(keep, ak·t, ad·t)       keep = the contract's dropout mask
-    row_norm(W, A, B, s)                -> ‖W + s·B A‖_row (N,)                 Triton only: tiles of W + s·B A
-                                                                               formed in registers, never stored
+    w_at(W, A)                          -> W Aᵀ (N, r) float32                  Triton only: one pass over W
+    weight_norm(W, A, B, s, wsq)        -> ‖W + s·B A‖_row (N,) from ‖W_n‖²     Triton only (w_at + one combine)
 
 ``fast=True`` runs Triton kernels (on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1): one pass and no
 temporary. ``fast=False`` is plain PyTorch (the torch backend's reference, and the fallback where Triton cannot
 run); it materialises float32 temporaries of the tensors' size. The column sums are deterministic: each
 (column block, row split) program writes a partial sum, and the partials are summed with torch in a fixed order.
+
+Names used from ``lora_kernels.backends.triton_backend``: ``_keep_mask`` (the in-kernel Philox mask), ``_num_sms``,
+``_seed_arg``.
 """
 from __future__ import annotations
 
@@ -95,9 +101,12 @@ if triton is not None:
         if NEED_SUM:
             tl.store(part_ptr + tl.program_id(1).to(tl.int64) * N + offs_n, acc, mask=n_mask)
 
-    @triton.jit
+    # The per-call scalars (the seed, the counter offset of a row chunk, the threshold, the scales) are not
+    # specialized and have fixed types, so one compiled kernel serves every value (as triton_backend's kernels).
+    @triton.jit(do_not_specialize=["a_keep", "a_drop", "seed", "offset", "thr"])
     def _masked_kernel(t_ptr, base_ptr, out_ptr, M, K, s_tm, s_bm, s_om, a_keep, a_drop,
-                       seed, offset, K8, thr, HAS_BASE: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+                       seed: tl.int64, offset: tl.int64, K8, thr: tl.int32, HAS_BASE: tl.constexpr, BM: tl.constexpr,
+                       BK: tl.constexpr):
         offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
         k0 = tl.program_id(1) * BK  # a multiple of 8, as the mask's column groups need
         offs_k = k0 + tl.arange(0, BK)
@@ -112,67 +121,148 @@ if triton is not None:
 
 
     @triton.jit
-    def _row_norm_kernel(w_ptr, a_ptr, b_ptr, part_ptr, N, K, R, K_PER_SPLIT, s_wn, s_ar, s_bn, scaling,
-                         PREC: tl.constexpr, R_PAD: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        # grid (row blocks, K splits): partial Σ_k (W + s·B A)² over this program's K range
+    def _dot16(a, b, acc, WIDEN: tl.constexpr):
+        """acc + a @ b for 16-bit a, b with float32 accumulation; WIDEN (the interpreter, whose bf16 dots are wrong):
+        the operands widened to float32 first (exact), an "ieee" dot."""
+        if WIDEN:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        return tl.dot(a, b, acc)
+
+    @triton.jit
+    def _w_at_kernel(w_ptr, a_ptr, part_ptr, N, K, R, K_PER_SPLIT, s_wn, s_ar,
+                     MODE: tl.constexpr, WIDEN: tl.constexpr, R_PAD: tl.constexpr, BN: tl.constexpr,
+                     BK: tl.constexpr):
+        # grid (row blocks, K splits): partial W Aᵀ over this program's K range, float32 (BN, R_PAD) per program.
+        # MODE 1: one dot in W's dtype (16-bit A of W's dtype: exact products); 2: bf16 W, float32 A split into
+        # three bf16 pieces hi + mid + lo (8 + 8 + 8 bits: A to float32 rounding), three bf16 dots with exact
+        # products; 3: float32 operands as 3xTF32 (float32 W, or fp16 W with float32 A; "ieee" when WIDEN).
         offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
         n_mask = offs_n < N
         rr = tl.arange(0, R_PAD)
         r_mask = rr < R
-        bt = tl.load(b_ptr + offs_n.to(tl.int64)[:, None] * s_bn + rr[None, :],
-                     mask=n_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32) * scaling
         k_start = tl.program_id(1) * K_PER_SPLIT
-        acc = tl.zeros((BN,), dtype=tl.float32)
+        acc = tl.zeros((BN, R_PAD), dtype=tl.float32)
         for k0 in range(k_start, tl.minimum(k_start + K_PER_SPLIT, K), BK):
             offs_k = k0 + tl.arange(0, BK)
             k_mask = offs_k < K
             w = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * s_wn + offs_k[None, :],
-                        mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-            a = tl.load(a_ptr + rr[:, None] * s_ar + offs_k[None, :], mask=r_mask[:, None] & k_mask[None, :],
-                        other=0.0).to(tl.float32)
-            t = w + tl.dot(bt, a, input_precision=PREC)  # (W + s·B A) tile, float32
-            acc += tl.sum(t * t, axis=1)
-        tl.store(part_ptr + tl.program_id(1).to(tl.int64) * N + offs_n, acc, mask=n_mask)
+                        mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+            a = tl.trans(tl.load(a_ptr + rr[:, None] * s_ar + offs_k[None, :],
+                                 mask=r_mask[:, None] & k_mask[None, :], other=0.0))  # Aᵀ tile (BK, R_PAD)
+            if MODE == 1:
+                acc = _dot16(w, a.to(w.dtype), acc, WIDEN)
+            elif MODE == 2:
+                a32 = a.to(tl.float32)
+                hi = a32.to(tl.bfloat16)
+                rest = a32 - hi.to(tl.float32)
+                mid = rest.to(tl.bfloat16)
+                lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
+                acc = _dot16(w, hi, acc, WIDEN)
+                acc = _dot16(w, mid, acc, WIDEN)
+                acc = _dot16(w, lo, acc, WIDEN)
+            elif WIDEN:
+                acc = tl.dot(w.to(tl.float32), a.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(w.to(tl.float32), a.to(tl.float32), acc, input_precision="tf32x3")
+        p_ptrs = part_ptr + (tl.program_id(1).to(tl.int64) * N + offs_n)[:, None] * R + rr[None, :]
+        tl.store(p_ptrs, acc, mask=n_mask[:, None] & r_mask[None, :])
+
+    @triton.jit
+    def _norm_combine_kernel(part_ptr, wsq_ptr, b_ptr, baat_ptr, out_ptr, N, R, S, s_bn, scaling,
+                             R_PAD: tl.constexpr, BN: tl.constexpr):
+        # ‖W_n + s(BA)_n‖² = ‖W_n‖² + Σ_j B_nj (2s·(W Aᵀ)_nj + s²·(B AAᵀ)_nj), clamped at 0, square-rooted
+        offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
+        n_mask = offs_n < N
+        rr = tl.arange(0, R_PAD)
+        mask = n_mask[:, None] & (rr < R)[None, :]
+        wa = tl.zeros((BN, R_PAD), dtype=tl.float32)
+        for sp in range(0, S):  # the K splits' partial sums, in a fixed order
+            wa += tl.load(part_ptr + (sp * N + offs_n.to(tl.int64))[:, None] * R + rr[None, :], mask=mask,
+                          other=0.0)
+        rows = offs_n.to(tl.int64)[:, None]
+        b = tl.load(b_ptr + rows * s_bn + rr[None, :], mask=mask, other=0.0).to(tl.float32)
+        baat = tl.load(baat_ptr + rows * R + rr[None, :], mask=mask, other=0.0)
+        sq = tl.load(wsq_ptr + offs_n, mask=n_mask, other=0.0) + tl.sum(
+            b * (2.0 * scaling * wa + (scaling * scaling) * baat), axis=1)
+        tl.store(out_ptr + offs_n, tl.sqrt(tl.maximum(sq, 0.0)), mask=n_mask)
 
 
-def row_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """‖W + scaling · B A‖ per row (N,) in float32: one Triton pass over W; each (rows, columns) tile of
-    W + s·B A is formed in registers (B's rows stay loaded, A's columns stream). Same value as PEFT's norm, no
-    N×K temporary, no cancellation (the sum of squares is taken directly). float32 products run as 3xTF32 on
-    GPUs (about float32 accuracy on tensor cores); W, A, B must have unit stride along K / r."""
+_W_AT_TILES = {}  # (r_pad, mode) -> (BN, BK, num_warps), overridable for measurements
+
+
+def _w_at_tiles(r_pad: int, mode: int):
+    """(BN, BK, num_warps) of ``_w_at_kernel`` on GPUs: the (BN, R_PAD) float32 accumulator and, for 3xTF32, the
+    split operands stay in registers (checked for sm_90 by tests/test_dora_sm90.py: no spills)."""
+    if (r_pad, mode) in _W_AT_TILES:
+        return _W_AT_TILES[r_pad, mode]
+    if mode == 3:  # 3xTF32 keeps hi/lo copies of both operands
+        return (64, 32, 4) if r_pad <= 32 else ((64, 32, 8) if r_pad <= 64 else (32, 32, 8))
+    return (64, 64, 4) if r_pad <= 64 else (32, 64, 8)
+
+
+def w_at(weight: torch.Tensor, lora_A: torch.Tensor) -> torch.Tensor:
+    """W Aᵀ (N, r) in float32, one Triton pass over W (A's columns stream beside it, from L2). Products at float32
+    accuracy: exact 16-bit products for 16-bit W and A, an exact three-piece bf16 split of a float32 A on a bf16 W,
+    3xTF32 for float32 operands (float32 "ieee" under the interpreter). W and A must have unit stride along K."""
     N, K = weight.shape
     R = lora_A.shape[0]
-    if N == 0:
-        return torch.zeros(0, dtype=torch.float32, device=weight.device)
     r_pad = max(16, 1 << (R - 1).bit_length())
     interp = _interp(weight)
-    BN, BK = (16, 32) if interp else ((32, 32) if r_pad >= 128 else (64, 64))
+    if weight.dtype == lora_A.dtype and weight.dtype != torch.float32:
+        mode = 1
+    elif weight.dtype == torch.bfloat16:
+        mode = 2
+    else:
+        mode = 3
+    BN, BK, warps = (16, 32, 4) if interp else _w_at_tiles(r_pad, mode)
     n_blocks = _cdiv(N, BN)
     want = 1 if interp else max(1, 2 * _num_sms(weight.device) // n_blocks)
     per = _cdiv(_cdiv(K, BK), max(1, min(want, _cdiv(K, BK)))) * BK
     splits = max(1, _cdiv(K, per))
-    part = torch.empty((splits, N), dtype=torch.float32, device=weight.device)
-    _row_norm_kernel[(n_blocks, splits)](
-        weight, lora_A, lora_B, part, N, K, R, per, weight.stride(0), lora_A.stride(0), lora_B.stride(0),
-        float(scaling), PREC="ieee" if interp else "tf32x3", R_PAD=r_pad, BN=BN, BK=BK,
-        num_warps=8 if r_pad >= 128 else 4)
-    return part.sum(0).sqrt_()
+    part = torch.empty((splits, N, R), dtype=torch.float32, device=weight.device)
+    _w_at_kernel[(n_blocks, splits)](
+        weight, lora_A, part, N, K, R, per, weight.stride(0), lora_A.stride(0),
+        MODE=mode, WIDEN=interp, R_PAD=r_pad, BN=BN, BK=BK, num_warps=warps)
+    return part
+
+
+def weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                wsq: torch.Tensor) -> torch.Tensor:
+    """‖W + scaling · B A‖ per row (N,) in float32 from ‖W_n‖² (``wsq``, float32, cached by the caller):
+    ‖W_n‖² + 2s·B_n·(A W_nᵀ) + s²·B_n (A Aᵀ) B_nᵀ, with W Aᵀ from ``w_at`` (the one pass over W), A Aᵀ and
+    B (A Aᵀ) as float32 GEMMs of r×r and N×r, and one combine kernel (clamped at 0 before the root: rounding can
+    make a nearly cancelling row slightly negative). No N×K temporary."""
+    N = weight.shape[0]
+    if N == 0:
+        return torch.zeros(0, dtype=torch.float32, device=weight.device)
+    R = lora_A.shape[0]
+    part = w_at(weight, lora_A)
+    A32, B32 = lora_A.float(), lora_B.float()
+    baat = B32 @ (A32 @ A32.t())
+    out = torch.empty(N, dtype=torch.float32, device=weight.device)
+    r_pad = max(16, 1 << (R - 1).bit_length())
+    BN = 16 if _interp(weight) else max(1, min(128, 4096 // r_pad))
+    _norm_combine_kernel[(_cdiv(N, BN),)](
+        part, wsq, B32, baat, out, N, R, part.shape[0], B32.stride(0), float(scaling), R_PAD=r_pad, BN=BN)
+    return out
 
 
 def _tiles(t: torch.Tensor):
     return (16, 32) if _interp(t) else (32, 128)
 
 
-def scale_bias(z: torch.Tensor, c: torch.Tensor, bias, fast: bool) -> torch.Tensor:
-    """``c ⊙ z + bias`` (z (M, N) contiguous, c (N,) float32/64, bias (N,) or None), in z's dtype."""
+def scale_bias(z: torch.Tensor, c: torch.Tensor, bias, fast: bool, out=None) -> torch.Tensor:
+    """``c ⊙ z + bias`` (z (M, N) contiguous, c (N,) float32/64, bias (N,) or None), in z's dtype; ``out=z``
+    writes it over z."""
     if not fast:
         acc = _acc(z)
         y = z.to(acc) * c.to(acc)
         if bias is not None:
             y = y + bias.to(acc)
-        return y.to(z.dtype)
+        return y.to(z.dtype) if out is None else out.copy_(y)
     M, N = z.shape
-    out = torch.empty_like(z)
+    if out is None:
+        out = torch.empty_like(z)
     if M == 0 or N == 0:
         return out
     BM, BN = _tiles(z)
@@ -182,17 +272,22 @@ def scale_bias(z: torch.Tensor, c: torch.Tensor, bias, fast: bool) -> torch.Tens
     return out
 
 
-def scale_colsum(dy: torch.Tensor, z: torch.Tensor, c: torch.Tensor, need_out: bool, need_sum: bool, fast: bool):
-    """(``c ⊙ dy`` in dy's dtype or None, ``Σ_m dy ⊙ z`` (N,) in float32/64 or None); one pass over dy and z."""
+def scale_colsum(dy: torch.Tensor, z, c: torch.Tensor, need_out: bool, need_sum: bool, fast: bool, out=None):
+    """(``c ⊙ dy`` in dy's dtype or None, ``Σ_m dy ⊙ z`` (N,) in float32/64 or None); one pass over dy and z.
+    ``out`` (optional, may be z itself: each tile of z is read before its c ⊙ dy is written) receives c ⊙ dy."""
     acc = _acc(dy)
     M, N = dy.shape
     if not fast:
         d = dy.to(acc)
-        return ((d * c.to(acc)).to(dy.dtype) if need_out else None,
-                (d * z.to(acc)).sum(0) if need_sum else None)
-    out = torch.empty_like(dy) if need_out else None
+        colsum = (d * z.to(acc)).sum(0) if need_sum else None
+        if not need_out:
+            return None, colsum
+        scaled = d * c.to(acc)
+        return (scaled.to(dy.dtype) if out is None else out.copy_(scaled)), colsum
+    if need_out and out is None:
+        out = torch.empty_like(dy)
     if M == 0 or N == 0 or not (need_out or need_sum):
-        return out, (torch.zeros(N, dtype=acc, device=dy.device) if need_sum else None)
+        return (out if need_out else None), (torch.zeros(N, dtype=acc, device=dy.device) if need_sum else None)
     BM, BN = _tiles(dy)
     n_blocks = _cdiv(N, BN)
     want = 1 if _interp(dy) else max(1, 2 * _num_sms(dy.device) // n_blocks)  # about two programs per SM
@@ -200,9 +295,10 @@ def scale_colsum(dy: torch.Tensor, z: torch.Tensor, c: torch.Tensor, need_out: b
     splits = _cdiv(M, rows)
     part = torch.empty((splits, N), dtype=torch.float32, device=dy.device) if need_sum else c
     _scale_colsum_kernel[(n_blocks, splits)](
-        dy, z, c, out if need_out else dy, part, M, N, rows, dy.stride(0), z.stride(0),
+        dy, z if need_sum else dy, c, out if need_out else dy, part, M, N, rows, dy.stride(0),
+        z.stride(0) if need_sum else 0,
         out.stride(0) if need_out else 0, NEED_OUT=need_out, NEED_SUM=need_sum, BM=BM, BN=BN)
-    return out, (part.sum(0) if need_sum else None)
+    return (out if need_out else None), (part.sum(0) if need_sum else None)
 
 
 def masked(t: torch.Tensor, p: float, seed: int, offset: int, a_keep: float, a_drop: float, fast: bool,

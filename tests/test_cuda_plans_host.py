@@ -21,15 +21,21 @@ CSRC = ROOT / "csrc"
 
 DRIVER = r"""
 #include <cstdio>
-#include "lora_kernels.cuh"
+#include "plans.cuh"
 using namespace lora_kernels;
-int main() {  // stdin: "kind M cols r" lines (kind y: dy pass, a: dA, s: shrink); stdout: one plan per line
+// stdin: "kind M cols r" lines (kind y: dy pass, Y: dy pass with the three bf16x3 pieces of fp32 adapters, a: dA,
+// s: shrink); stdout: one plan per line, then the dy pass kernel's shared memory for that plan (0 for the others)
+int main() {
   char kind[8]; long long M, C; int r;
   while (scanf("%7s %lld %lld %d", kind, &M, &C, &r) == 4) {
-    const SplitPlan p = kind[0] == 'y' ? lora_dy_pass_plan(M, C, r)
+    const int pieces = kind[0] == 'Y' ? 3 : 1;
+    const bool dy = kind[0] == 'y' || kind[0] == 'Y';
+    const SplitPlan p = dy ? lora_dy_pass_plan(M, C, r, pieces)
                       : kind[0] == 'a' ? lora_dA_plan(M, C, r) : lora_shrink_plan(M, C);
-    printf("%lld %lld %lld %lld\n", (long long)p.row_splits, (long long)p.rows_per_split, (long long)p.col_groups,
-           (long long)p.cols_per_group);
+    const long long smem = dy ? (long long)detail::dy_pass_tc_smem(detail::dy_pass_rank_chunk(r, pieces),
+                                                                     p.cols_per_group, pieces) : 0;
+    printf("%lld %lld %lld %lld %lld\n", (long long)p.row_splits, (long long)p.rows_per_split,
+           (long long)p.col_groups, (long long)p.cols_per_group, smem);
   }
   return 0;
 }
@@ -69,12 +75,12 @@ def _check_cover(n, splits, per, what):
     assert (splits - 1) * per < n, f"{what}: {splits} x {per} for {n} (an empty split)"
 
 
-@pytest.mark.parametrize("kind", ["y", "a", "s"], ids=["dy_pass", "dA", "shrink"])
+@pytest.mark.parametrize("kind", ["y", "Y", "a", "s"], ids=["dy_pass", "dy_pass_bf16x3", "dA", "shrink"])
 def test_plans_cover_every_row_and_column(plans_bin, kind):
     cases = list(itertools.product(MS, COLS, RANKS if kind != "s" else [16]))
     plans = _plans(plans_bin, kind, cases)
     assert len(plans) == len(cases)
-    for (M, C, r), (S, rows, G, cols) in zip(cases, plans):
+    for (M, C, r), (S, rows, G, cols, smem) in zip(cases, plans):
         what = f"{kind} plan M={M} cols={C} r={r}: ({S}, {rows}, {G}, {cols})"
         _check_cover(M, S, rows, what + " rows")
         _check_cover(C, G, cols, what + " columns")
@@ -82,12 +88,14 @@ def test_plans_cover_every_row_and_column(plans_bin, kind):
         assert S == 1 or rows % 32 == 0, what
         assert G == 1 or cols % (64 if kind == "s" else 32) == 0, what  # shrink: whole 64-column K chunks
         assert G <= 65535, what  # a grid dimension
+        if kind in "yY" and M > 0:  # the dy pass kernel launches with this plan's shared memory
+            assert smem <= 227 * 1024, what + f" needs {smem} B of shared memory"
         if kind == "a" and S > 1:
             assert S * r * C * 4 <= 64 << 20, what  # dA partials within the 64 MiB budget
 
 
 def test_plans_for_empty_inputs(plans_bin):
     """M = 0: no row splits (the binding launches nothing); the column fields stay valid."""
-    for kind in "ya":
-        (S, rows, G, cols), = _plans(plans_bin, kind, [(0, 100, 16)])
+    for kind in "yYa":
+        (S, rows, G, cols, _), = _plans(plans_bin, kind, [(0, 100, 16)])
         assert S == 0 and rows >= 1 and G == 1 and cols >= 100

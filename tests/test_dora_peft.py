@@ -73,7 +73,7 @@ def _check_rule(got, peft_out, ref, floor, name=""):
 
 def _logits_and_grads(model, ids, gseed=3):
     out = model(ids).logits
-    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(gseed), dtype=torch.float64)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(gseed), dtype=torch.float64).to(out.device)
     model.zero_grad(set_to_none=True)
     (out.double() * w).sum().backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
@@ -484,11 +484,55 @@ def test_bench_dora_providers_compute_the_same_layer():
         import providers
     finally:
         sys.path.remove(bench)
-    outs = {}
-    for prov in ("ours-dora-torch", "peft-dora"):
+    outs, grads = {}, {}
+    for prov in ("ours-dora-torch", "ours-dora-torch-savez", "peft-dora"):
         case = providers.make_case(prov, 24, 40, 32, 4, 0.0, dtype=torch.float32, device="cpu", bias=True)
         outs[prov] = case.fwd[0]()
-        grads = case.fwd_bwd[0]()
-        assert len(grads) == 4 and all(torch.isfinite(g).all() for g in grads)  # x, A, B, magnitude
+        grads[prov] = case.fwd_bwd[0]()
+        assert len(grads[prov]) == 4 and all(torch.isfinite(g).all() for g in grads[prov])  # x, A, B, magnitude
         assert "DoRA" in case.note
-    torch.testing.assert_close(outs["ours-dora-torch"], outs["peft-dora"], rtol=1e-5, atol=1e-5)
+    assert dora.SAVE_Z is False  # the -savez provider sets it for its own calls only
+    for prov in ("ours-dora-torch", "ours-dora-torch-savez"):
+        torch.testing.assert_close(outs[prov], outs["peft-dora"], rtol=1e-5, atol=1e-5)
+        for a, b in zip(grads[prov], grads["peft-dora"]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_bench_dora_rows_in_the_table(tmp_path):
+    # the DoRA rows of the benchmark (--dora providers: ours, PEFT's DoRA, the floor) run through the suite and
+    # make_table.py on the CPU smoke grid, with their memory columns
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("pytest_benchmark")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    suite = os.path.join(root, "bench", "suite", "test_bench_lora.py")
+    if not os.path.exists(suite):
+        pytest.skip("no bench/suite")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST") and k != "TRITON_INTERPRET"}
+    env.update(LK_BENCH_CPU_SMOKE="1", CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=os.pathsep.join([root, env.get("PYTHONPATH", "")]))  # this tree's lora_kernels
+    path = tmp_path / "dora.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", suite, "--dora", "--benchmark-json",
+         str(path), "--providers", "ours-dora-torch,peft-dora,cublas-base", "--shard", "0/4", "--rep-ms", "2",
+         "--warmup-ms", "1"], env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = [b["extra_info"] for b in json.load(open(path))["benchmarks"]]
+    assert {r["provider"] for r in rows} == {"ours-dora-torch", "peft-dora", "cublas-base"}
+    for r in rows:
+        if r["mode"] == "fwd_bwd" and r["provider"] != "cublas-base":
+            assert r["saved_bytes"] > 0 and "peak_bytes" in r  # peak_bytes: None on the CPU
+    ours = {(r["shape"], r["M"], r["p"]): r["saved_bytes"] for r in rows
+            if r["mode"] == "fwd_bwd" and r["provider"] == "ours-dora-torch"}
+    theirs = {(r["shape"], r["M"], r["p"]): r["saved_bytes"] for r in rows
+              if r["mode"] == "fwd_bwd" and r["provider"] == "peft-dora"}
+    assert ours and all(ours[k] < theirs[k] for k in ours)  # PEFT's DoRA saves M×N activations, ours none
+    out = tmp_path / "table"
+    run = subprocess.run([sys.executable, os.path.join(root, "bench", "tools", "make_table.py"), str(path), "--out",
+                          str(out)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    table = (out / "bench_table.md").read_text()
+    dora_rows = [line for line in table.splitlines() if line.startswith("| ours-dora-torch |")]
+    assert dora_rows and "peak MiB" in table and "saved MiB" in table

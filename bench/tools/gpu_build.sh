@@ -7,7 +7,13 @@ REPO="$(cd "$(dirname "$0")/../.." && pwd)"
 SRC=/tmp/src; WHL=/tmp/whl; SITE=/tmp/site
 rm -rf "$SRC" "$WHL"; mkdir -p "$SRC" "$WHL"
 if git -C "$REPO" rev-parse --git-dir >/dev/null 2>&1 && git -C "$REPO" ls-files --error-unmatch setup.py >/dev/null 2>&1; then
-  (cd "$REPO" && git ls-files -z --cached --others --exclude-standard | xargs -0 -I{} cp --parents {} "$SRC"/)
+  # tracked and untracked-but-not-ignored files that exist (an index may still list a file deleted since)
+  (cd "$REPO" && git ls-files -z --cached --others --exclude-standard | python3 -c '
+import os, shutil, sys
+for f in sys.stdin.read().split("\0"):
+    if f and os.path.isfile(f):
+        os.makedirs(os.path.join(sys.argv[1], os.path.dirname(f)), exist_ok=True)
+        shutil.copy2(f, os.path.join(sys.argv[1], f))' "$SRC")
 else
   (cd "$REPO" && tar --exclude=.git --exclude='*.egg-info' --exclude=build --exclude=dist -cf - .) | tar -xf - -C "$SRC"
 fi
