@@ -12,7 +12,8 @@ Two ops are registered in the ``lora_kernels`` namespace:
 with x and dy 2-D; ``u = scaling · dropout(x) Aᵀ`` (M, r) in float32 is the only activation saved besides x:
 the dropout mask is regenerated from ``seed`` (a 0-d int64 tensor drawn from torch's RNG) and ``offset``, never
 stored. Without dropout (p = 0) ``lora_linear`` passes no seed (None): no tensor that is not an input of the
-layer enters a compiled graph or is saved for backward (see ``lora_linear``). The backends' math contract is in ``lora_kernels/backends/__init__.py``.
+layer enters a compiled graph or is saved for backward (see ``lora_linear``). The backends' math contract is in
+``lora_kernels/backends/__init__.py``.
 
 Where the seed lives:
 - eager calls: on the CPU, drawn from torch's default CPU generator (``torch.manual_seed`` reproduces a run,

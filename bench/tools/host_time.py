@@ -12,8 +12,10 @@ the host has enqueued the last call (checked with an event), so the host clock m
 autograd, allocations and launches, never a wait for the GPU. The calls per batch and the sleep are calibrated per
 provider and mode (``_GpuClock.calibrate``): a provider that launches many kernels per call fills the device's
 launch queue within a long batch and then waits for the GPU, so it gets fewer calls per batch; one that
-synchronises cannot be isolated and is reported with its wall time and a flag (``*`` in the table). Without a GPU it runs the same providers on CPU tensors (the triton backend only under TRITON_INTERPRET=1,
-where it is not a host-time measurement, so it is left out) and measures plain wall time per call.
+synchronises cannot be isolated and is reported with its wall time and a flag (``*`` in the table).
+
+Without a GPU it runs the same providers on CPU tensors (the triton backend only under TRITON_INTERPRET=1, where it
+is not a host-time measurement, so it is left out) and measures plain wall time per call.
 
 Prints a table (host microseconds per call, median over batches, and the ratio to F.linear in the same mode and
 M) and writes JSON. Takes about a minute on a GPU.
