@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import functools
 import importlib
-import os
 import warnings
+
+from . import _config
 
 BACKENDS = ("torch", "triton", "cuda")
 _MODULES = {
@@ -22,7 +23,6 @@ AUTO_ORDER_CUDA = ("cuda", "triton", "torch")
 # AUTO_ORDER_CUDA among these; the cuda backend's kernels take the seed by value (csrc/), so it refuses to run
 # dropout under capture.
 DEVICE_SEED_BACKENDS = ("torch", "triton")
-ENV_VAR = "LORA_KERNELS_BACKEND"
 
 
 @functools.cache
@@ -58,7 +58,7 @@ def _check_device(name: str, device_type: str) -> None:
         return
     if device_type == "cuda":
         return
-    if name == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+    if name == "triton" and _config.TRITON_INTERPRET:
         return  # Triton's interpreter runs kernels on CPU tensors
     raise RuntimeError(
         f"lora_kernels: backend '{name}' needs CUDA tensors, but x is on '{device_type}' "
@@ -68,20 +68,26 @@ def _check_device(name: str, device_type: str) -> None:
 
 def _warn_no_cuda_backend(chosen: str) -> None:
     """Auto picked another backend for CUDA tensors because the extension is missing or stale: say so (once per
-    process, as resolve() is cached), unless the build skipped it on request."""
+    process, as _resolve_name() is cached), unless the build skipped it on request."""
     reason = _load("cuda")[1]
     if "LORA_KERNELS_SKIP_CUDA_BUILD=1" not in reason:
         warnings.warn(f"lora_kernels: the cuda backend is unavailable ({reason}); CUDA tensors run on the "
-                      f"{chosen} backend", RuntimeWarning, stacklevel=4)
+                      f"{chosen} backend", RuntimeWarning, stacklevel=5)
 
 
-@functools.lru_cache(maxsize=64)
 def resolve(requested, device_type: str, float64: bool = False, device_seed: bool = False) -> str:
     """Name of the backend that runs a call with `requested` (None/'auto'/name) on a `device_type` tensor.
     `device_seed`: the call's dropout seed lives on the device (CUDA graph capture, torch.compile); auto then picks
-    only among DEVICE_SEED_BACKENDS."""
+    only among DEVICE_SEED_BACKENDS. None and 'auto' take LORA_KERNELS_BACKEND when it is set, read on every call
+    (lora_kernels/_config.py)."""
     if requested in (None, "auto"):
-        requested = os.environ.get(ENV_VAR) or "auto"
+        requested = _config.backend() or "auto"
+    return _resolve_name(requested, device_type, float64, device_seed)
+
+
+@functools.lru_cache(maxsize=64)
+def _resolve_name(requested, device_type: str, float64: bool, device_seed: bool) -> str:
+    """resolve() once the environment is read: a pure function of its arguments and of which backends load."""
     if requested == "auto":
         if device_type != "cuda" or float64:
             return "torch"

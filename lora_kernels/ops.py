@@ -32,7 +32,7 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import _dispatch
+from . import _config, _dispatch
 
 MAX_RANK = 256
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # float64: torch backend only
@@ -299,7 +299,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
         y = torch.ops.lora_kernels.lora_fwd(*args)[0]
     elif torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or lora_A.requires_grad
                                       or lora_B.requires_grad or (bias is not None and bias.requires_grad)):
-        cpp = getattr(_dispatch.get(name), "linear_autograd", None) if x2.shape[0] else None
+        cpp = getattr(_dispatch.get(name), "linear_autograd", None) if x2.shape[0] and _config.CPP_AUTOGRAD else None
         if cpp is not None:  # the backend's own autograd node (C++): no Python in forward's wrapper or backward
             y = cpp(*args[:6], p, _backend_seed(seed, p), 0)
         else:

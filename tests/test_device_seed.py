@@ -161,15 +161,15 @@ def test_auto_skips_backends_without_device_seed(monkeypatch):
         pass
 
     monkeypatch.setattr(_dispatch, "_load", lambda name: (_Mod(), "ok"))
-    monkeypatch.delenv(_dispatch.ENV_VAR, raising=False)
-    _dispatch.resolve.cache_clear()
+    monkeypatch.delenv("LORA_KERNELS_BACKEND", raising=False)
+    _dispatch._resolve_name.cache_clear()
     try:
         assert _dispatch.resolve(None, "cuda", False, False) == "cuda"
         assert _dispatch.resolve(None, "cuda", False, True) == "triton"
         assert _dispatch.resolve("cuda", "cuda", False, True) == "cuda"
         assert _dispatch.resolve(None, "cpu", False, True) == "torch"
     finally:
-        _dispatch.resolve.cache_clear()
+        _dispatch._resolve_name.cache_clear()
 
 
 def test_record_dropout_device_seed_and_eager_ints():

@@ -47,11 +47,11 @@ from __future__ import annotations
 
 import functools
 import operator
-import os
-from typing import NamedTuple
 
 import torch
 
+from .. import _config
+from .._config import TritonKnobs
 from ..philox import calls_per_row, keep_threshold
 
 try:  # the module must import (for is_available) even where triton is missing
@@ -65,15 +65,11 @@ except Exception as exc:  # pragma: no cover - depends on the environment
     _TRITON_IMPORT_ERROR = exc
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def is_available() -> tuple[bool, str]:
     """(True, "") when Triton imports and there is a CUDA device or TRITON_INTERPRET=1."""
     if triton is None:
         return False, f"triton does not import: {_TRITON_IMPORT_ERROR!r}"
-    if _interpreting():
+    if _config.TRITON_INTERPRET:
         return True, "triton interpreter (TRITON_INTERPRET=1)"
     if torch.cuda.is_available():
         return True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}"
@@ -93,7 +89,7 @@ if triton is not None:
     # gives 0). There, bf16 operands are widened to fp32: exact, and so are the products of two bf16 values in fp32,
     # so a dot still equals a bf16 MMA with fp32 accumulation. Compiled kernels are unchanged (the constant is False
     # and its branches are not compiled).
-    _WIDEN_BF16 = tl.constexpr(_interpreting())
+    _WIDEN_BF16 = tl.constexpr(_config.TRITON_INTERPRET)
 
     @triton.jit
     def _mm(t):
@@ -477,48 +473,7 @@ def _r_pad(r: int) -> int:
     return max(16, _next_pow2(r))
 
 
-class _Knobs(NamedTuple):
-    """The backend's environment settings, looked up on every op call (tests change them between calls)."""
-    interpret: bool  # TRITON_INTERPRET=1: kernels run on CPU tensors under the interpreter
-    autotune: bool  # LORA_KERNELS_TRITON_AUTOTUNE != 0 (GPU tests set 0: fixed configs, no tuning runs)
-    cublas: bool  # LORA_KERNELS_TRITON_MAINLOOP: cublas (default) or triton for the big frozen GEMM
-    fp32_prec: str  # LORA_KERNELS_TRITON_FP32_PRECISION: ieee (default) or tf32 for fp32 dots
-
-
-_KNOB_VARS = ("TRITON_INTERPRET", "LORA_KERNELS_TRITON_MAINLOOP", "LORA_KERNELS_TRITON_FP32_PRECISION",
-              "LORA_KERNELS_TRITON_AUTOTUNE")
-# os.environ.get encodes the name and decodes the value on every call (about 1 us each); CPython's os.environ keeps
-# the raw values in its _data dict, so the knobs are looked up there by their encoded names and parsed once per
-# distinct combination of values (a plain os.environ.get where that layout is missing).
-_RAW_ENV = getattr(os.environ, "_data", None)
-_KNOB_KEYS = (tuple(os.environ.encodekey(v) for v in _KNOB_VARS)
-              if isinstance(_RAW_ENV, dict) and hasattr(os.environ, "encodekey") else None)
-_KNOBS_BY_ENV: dict = {}
-
-
-def _knobs() -> _Knobs:
-    raw = (tuple(map(_RAW_ENV.get, _KNOB_KEYS)) if _KNOB_KEYS is not None and os.environ._data is _RAW_ENV
-           else tuple(map(os.environ.get, _KNOB_VARS)))
-    kn = _KNOBS_BY_ENV.get(raw)
-    if kn is None:
-        kn = _KNOBS_BY_ENV[raw] = _read_knobs()  # raises on an invalid value (then nothing is cached)
-    return kn
-
-
-def _read_knobs() -> _Knobs:
-    env = os.environ
-    mode = env.get("LORA_KERNELS_TRITON_MAINLOOP", "cublas")
-    if mode not in ("cublas", "triton"):
-        raise ValueError(f"LORA_KERNELS_TRITON_MAINLOOP must be cublas or triton, got {mode!r}")
-    prec = env.get("LORA_KERNELS_TRITON_FP32_PRECISION", "ieee").lower()
-    if prec not in ("tf32", "ieee"):
-        raise ValueError(f"LORA_KERNELS_TRITON_FP32_PRECISION must be tf32 or ieee, got {prec!r}")
-    interpret = _interpreting()
-    return _Knobs(interpret, env.get("LORA_KERNELS_TRITON_AUTOTUNE", "1") != "0", mode == "cublas" and not interpret,
-                  prec)
-
-
-def _dot_precision(dtype: torch.dtype, kn: _Knobs) -> str:
+def _dot_precision(dtype: torch.dtype, kn: TritonKnobs) -> str:
     return kn.fp32_prec if dtype == torch.float32 else "tf32"  # "tf32" is ignored for 16-bit operands
 
 
@@ -560,7 +515,7 @@ def _launch_tuned(key, tuner, kernel, grid, args, meta):
 # paths launch the same binary with the same arguments.
 # ----------------------------------------------------------------------------------------------------------
 def _fast_launch_enabled() -> bool:
-    if triton is None or os.environ.get("LORA_KERNELS_TRITON_FAST_LAUNCH", "1") == "0":
+    if triton is None or not _config.TRITON_FAST_LAUNCH:
         return False
     try:
         version = tuple(int(v) for v in triton.__version__.split(".")[:2])
@@ -743,7 +698,7 @@ def _small_m_heuristic(N: int, bm: int, elt: int, a_elt: int, r_pad: int, u_give
     return {"BN": bn, "BK": bk, "num_warps": 4, "num_stages": stages}
 
 
-def _launch_shrink(x, lora_A, u, scale, p, seed, offset, kn: _Knobs, split_k: bool):
+def _launch_shrink(x, lora_A, u, scale, p, seed, offset, kn: TritonKnobs, split_k: bool):
     """u (M, r) = scale * (keep * x) @ A^T. With split_k, K is split so that about two programs per SM run
     (small M has too few M blocks to fill the GPU): the splits' fp32 partial sums go to an (S, M, r) buffer for
     the caller to add up. Returns (buffer, S); with S == 1 the buffer is u, already complete."""
@@ -771,7 +726,7 @@ def _launch_shrink(x, lora_A, u, scale, p, seed, offset, kn: _Knobs, split_k: bo
     return out, splits
 
 
-def _forward_small_m(x, weight, bias, lora_A, lora_B, u, y, scale, p, seed, offset, kn: _Knobs):
+def _forward_small_m(x, weight, bias, lora_A, lora_B, u, y, scale, p, seed, offset, kn: TritonKnobs):
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
     r_pad = _r_pad(R)
@@ -805,7 +760,7 @@ def _forward_small_m(x, weight, bias, lora_A, lora_B, u, y, scale, p, seed, offs
 
 
 def _launch_gemm(a, b_strides, b, b_mat, l, lb_strides, lb, bias, c, N, K, R, lora_scale, p, seed, offset,
-                 kn: _Knobs):
+                 kn: TritonKnobs):
     """c (M, N) = a (M, K) @ b[k, n] + [keep] * lora_scale * l (M, R) @ lb[r, n] + bias.
 
     With the cuBLAS main loop, the kernel runs with no main K-steps (it writes the rank-r term and the bias) and
@@ -848,7 +803,7 @@ def _launch_gemm(a, b_strides, b, b_mat, l, lb_strides, lb, bias, c, N, K, R, lo
 
 
 @functools.lru_cache(maxsize=1024)  # a pure function of its arguments, called on every launch
-def _helper_tiles(M: int, r_pad: int, kn: _Knobs):
+def _helper_tiles(M: int, r_pad: int, kn: TritonKnobs):
     """(BM, BN/BK, num_warps) for the rank-r helper kernels."""
     if kn.interpret:
         return 16, 32, 4
@@ -858,7 +813,7 @@ def _helper_tiles(M: int, r_pad: int, kn: _Knobs):
 
 
 @functools.lru_cache(maxsize=1024)  # a pure function of its arguments, called on every launch
-def _stages(bytes_per_stage: int, kn: _Knobs) -> int:
+def _stages(bytes_per_stage: int, kn: TritonKnobs) -> int:
     """Software-pipeline depth for a helper kernel: at most 3 stages within ~160 KB of shared memory."""
     if kn.interpret:
         return 1
@@ -878,7 +833,7 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset):
     M, K = x.shape
     N = weight.shape[0]
     R = lora_A.shape[0]
-    kn = _knobs()
+    kn = _config.triton_knobs()
     u = torch.empty((M, R), dtype=torch.float32, device=x.device)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0:
@@ -930,7 +885,7 @@ def backward(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, need_dx
             dB = torch.zeros((N, R), dtype=lora_B.dtype, device=dev)
         return dx, dA, dB
 
-    kn = _knobs()
+    kn = _config.triton_knobs()
     r_pad = _r_pad(R)
     prec = _dot_precision(x.dtype, kn)
     rank_f32 = _rank_f32(x, lora_A, lora_B)
