@@ -10,7 +10,7 @@ from . import _config
 BACKENDS = ("torch", "triton", "cuda")
 _MODULES = {
     "torch": "lora_kernels.backends.torch_ref",
-    "triton": "lora_kernels.backends.triton_backend",
+    "triton": "lora_kernels.backends.triton",
     "cuda": "lora_kernels.backends.cuda_backend",
 }
 # Order tried by backend=None/"auto" for CUDA tensors (fastest first); CPU tensors always get "torch".

@@ -28,7 +28,7 @@ try:
     import triton
     import triton.language as tl
 
-    from .backends.triton_backend import _keep_mask, _num_sms, _seed_arg
+    from .backends.triton import _keep_mask, _num_sms, _seed_arg
 except Exception:  # no triton here: only the PyTorch versions run
     triton = None
 

@@ -105,7 +105,7 @@ def test_triton_tensor_seed_bit_identical(monkeypatch, small_m):
     """The Triton kernels with the seed read from a pointer (SEED_PTR) give the int path's outputs bit for bit. The
     host must not read the seed: int() and .item() of tensors raise during the pointer-path calls."""
     pytest.importorskip("triton")
-    from lora_kernels.backends import triton_backend as tb
+    from lora_kernels.backends.triton import launch as tb
 
     monkeypatch.setattr(tb, "SMALL_M", 64 if small_m else 0)
     M, K, N, r, p, s = 37, 44, 40, 8, 0.3, 0.75
