@@ -14,9 +14,9 @@ _MODULES = {
     "cuda": "lora_kernels.backends.cuda_backend",
 }
 # Order tried by backend=None/"auto" for CUDA tensors (fastest first); CPU tensors always get "torch".
-# cuda before triton: same kernel time at M >= 2048 but far less host time per call (C++ binding, no Triton
-# launch path), which decides training steps (bench/results/h200_2026-11-28/session3/runB_profile.txt: fwd+bwd
-# 931 vs 1555 us at 8192x4096->4096). Triton stays the default where the extension is not built.
+# cuda before triton: the same kernel time at M >= 2048, but far less host time per call (a C++ binding and autograd
+# node, no Triton launch path), which decides training steps. Triton stays the default where the extension is not
+# built.
 AUTO_ORDER_CUDA = ("cuda", "triton", "torch")
 # Backends whose kernels can read the dropout seed from device memory (a 0-d int64 tensor), which CUDA graphs need
 # (see lora_kernels/ops.py). Under graph capture or torch.compile with dropout, backend=None picks the first of
