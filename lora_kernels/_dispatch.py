@@ -3,25 +3,25 @@ from __future__ import annotations
 
 import functools
 import importlib
-import os
 import warnings
+
+from . import _config
 
 BACKENDS = ("torch", "triton", "cuda")
 _MODULES = {
     "torch": "lora_kernels.backends.torch_ref",
-    "triton": "lora_kernels.backends.triton_backend",
+    "triton": "lora_kernels.backends.triton",
     "cuda": "lora_kernels.backends.cuda_backend",
 }
 # Order tried by backend=None/"auto" for CUDA tensors (fastest first); CPU tensors always get "torch".
-# cuda before triton: same kernel time at M >= 2048 but far less host time per call (C++ binding, no Triton
-# launch path), which decides training steps (bench/results/h200_2026-11-28/session3/runB_profile.txt: fwd+bwd
-# 931 vs 1555 us at 8192x4096->4096). Triton stays the default where the extension is not built.
+# cuda before triton: the same kernel time at M >= 2048, but far less host time per call (a C++ binding and autograd
+# node, no Triton launch path), which decides training steps. Triton stays the default where the extension is not
+# built.
 AUTO_ORDER_CUDA = ("cuda", "triton", "torch")
 # Backends whose kernels can read the dropout seed from device memory (a 0-d int64 tensor), which CUDA graphs need
 # (see lora_kernels/ops.py): all of them (the cuda backend's kernels take a seed pointer, csrc/lora_kernels.cuh).
 # Under graph capture or torch.compile with dropout, backend=None picks the first of AUTO_ORDER_CUDA among these.
 DEVICE_SEED_BACKENDS = ("torch", "triton", "cuda")
-ENV_VAR = "LORA_KERNELS_BACKEND"
 
 
 @functools.cache
@@ -57,7 +57,7 @@ def _check_device(name: str, device_type: str) -> None:
         return
     if device_type == "cuda":
         return
-    if name == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+    if name == "triton" and _config.TRITON_INTERPRET:
         return  # Triton's interpreter runs kernels on CPU tensors
     raise RuntimeError(
         f"lora_kernels: backend '{name}' needs CUDA tensors, but x is on '{device_type}' "
@@ -67,20 +67,26 @@ def _check_device(name: str, device_type: str) -> None:
 
 def _warn_no_cuda_backend(chosen: str) -> None:
     """Auto picked another backend for CUDA tensors because the extension is missing or stale: say so (once per
-    process, as resolve() is cached), unless the build skipped it on request."""
+    process, as _resolve_name() is cached), unless the build skipped it on request."""
     reason = _load("cuda")[1]
     if "LORA_KERNELS_SKIP_CUDA_BUILD=1" not in reason:
         warnings.warn(f"lora_kernels: the cuda backend is unavailable ({reason}); CUDA tensors run on the "
-                      f"{chosen} backend", RuntimeWarning, stacklevel=4)
+                      f"{chosen} backend", RuntimeWarning, stacklevel=5)
 
 
-@functools.lru_cache(maxsize=64)
 def resolve(requested, device_type: str, float64: bool = False, device_seed: bool = False) -> str:
     """Name of the backend that runs a call with `requested` (None/'auto'/name) on a `device_type` tensor.
     `device_seed`: the call's dropout seed lives on the device (CUDA graph capture, torch.compile); auto then picks
-    only among DEVICE_SEED_BACKENDS."""
+    only among DEVICE_SEED_BACKENDS. None and 'auto' take LORA_KERNELS_BACKEND when it is set, read on every call
+    (lora_kernels/_config.py)."""
     if requested in (None, "auto"):
-        requested = os.environ.get(ENV_VAR) or "auto"
+        requested = _config.backend() or "auto"
+    return _resolve_name(requested, device_type, float64, device_seed)
+
+
+@functools.lru_cache(maxsize=64)
+def _resolve_name(requested, device_type: str, float64: bool, device_seed: bool) -> str:
+    """resolve() once the environment is read: a pure function of its arguments and of which backends load."""
     if requested == "auto":
         if device_type != "cuda" or float64:
             return "torch"

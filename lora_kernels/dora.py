@@ -82,21 +82,19 @@ The registered ops (``lora_kernels::dora_fwd`` / ``dora_bwd``) have fake impls a
 """
 from __future__ import annotations
 
-import os
-
 import torch
 from torch.autograd.function import once_differentiable
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import _dispatch, ops
+from . import _config, _dispatch, ops
 from .dora_kernels import masked, scale_bias, scale_colsum, triton_usable, weight_norm
 from .philox import calls_per_row
 
 __all__ = ["dora_linear", "dora_weight_norm", "clear_weight_norm_cache"]
 
 # The backward's memory/speed dial (see the module docstring). Read at import; tests and benchmarks set the attributes.
-SAVE_Z = os.environ.get("LORA_KERNELS_DORA_SAVE_Z", "0") == "1"
-BWD_CHUNK_BYTES = int(float(os.environ.get("LORA_KERNELS_DORA_CHUNK_MIB", "64")) * 2**20)
+SAVE_Z = _config.DORA_SAVE_Z
+BWD_CHUNK_BYTES = _config.DORA_CHUNK_BYTES
 _CHUNK_ALIGN = 64  # rows
 
 

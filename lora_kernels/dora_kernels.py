@@ -18,15 +18,14 @@ temporary. ``fast=False`` is plain PyTorch (the torch backend's reference, and t
 run); it materialises float32 temporaries of the tensors' size. The column sums are deterministic: each
 (column block, row split) program writes a partial sum, and the partials are summed with torch in a fixed order.
 
-Names used from ``lora_kernels.backends.triton_backend``: ``_keep_mask`` (the in-kernel Philox mask), ``_num_sms``,
+Names used from ``lora_kernels.backends.triton``: ``_keep_mask`` (the in-kernel Philox mask), ``_num_sms``,
 ``_seed_arg``.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
+from . import _config
 from .philox import calls_per_row, keep_threshold
 from .philox import dropout_mask as _ref_mask
 
@@ -34,7 +33,7 @@ try:
     import triton
     import triton.language as tl
 
-    from .backends.triton_backend import _keep_mask, _num_sms, _seed_arg
+    from .backends.triton import _keep_mask, _num_sms, _seed_arg
 except Exception:  # no triton here: only the PyTorch versions run
     triton = None
 
@@ -50,7 +49,7 @@ def triton_usable(device: torch.device) -> bool:
 
     if triton is None or _dispatch.get("triton") is None:
         return False
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    return device.type == "cuda" or _config.TRITON_INTERPRET
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -102,7 +101,7 @@ if triton is not None:
             tl.store(part_ptr + tl.program_id(1).to(tl.int64) * N + offs_n, acc, mask=n_mask)
 
     # The per-call scalars (the seed, the counter offset of a row chunk, the threshold, the scales) are not
-    # specialized and have fixed types, so one compiled kernel serves every value (as triton_backend's kernels).
+    # specialized and have fixed types, so one compiled kernel serves every value (as the triton backend's kernels).
     @triton.jit(do_not_specialize=["a_keep", "a_drop", "seed", "offset", "thr"])
     def _masked_kernel(t_ptr, base_ptr, out_ptr, M, K, s_tm, s_bm, s_om, a_keep, a_drop,
                        seed: tl.int64, offset: tl.int64, K8, thr: tl.int32, HAS_BASE: tl.constexpr, BM: tl.constexpr,

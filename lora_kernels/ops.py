@@ -35,7 +35,7 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import _dispatch
+from . import _config, _dispatch
 
 MAX_RANK = 256
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # float64: torch backend only
@@ -145,23 +145,37 @@ def _bwd_fake(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, backen
             torch.empty_like(lora_B) if need_dB else x.new_empty(0))
 
 
+# ------------------------------------------------------------------------------------------------ autograd
+# The autograd of lora_fwd, defined once: _setup_context saves what backward needs, _backward routes dy to the grads
+# each input needs. Two registrations run it: register_autograd on the op (what torch.compile records), and
+# _EagerLoRA for eager calls. The cuda backend's C++ node (csrc/lora_autograd.h) is the same routing written in C++,
+# so that its backward runs no Python; tests/test_contract.py checks that it gives the same grads bit for bit.
 def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_A, lora_B, scaling, p, seed, offset, backend = inputs
     ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], seed)
     ctx.args = (scaling, p, offset, backend, bias is not None)
 
 
+def _base_grads(dy, x, weight, need_dW: bool, need_db: bool):
+    """(dW, db) of a trainable base weight and bias, each None when not needed: dW = dyᵀ x, db = Σ_m dy, accumulated
+    in float32 (float64 for float64 inputs). Outside the fused fast path (the base is frozen in LoRA training):
+    plain PyTorch math, correct for every backend."""
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    dW = (dy.t().to(acc) @ x.to(acc)).to(weight.dtype) if need_dW else None
+    db = dy.to(acc).sum(0).to(dy.dtype) if need_db else None
+    return dW, db
+
+
 def _backward(ctx, dy, _du, bwd=None):
+    """The grads of lora_fwd's inputs. ``bwd`` computes (dx, dA, dB): the registered lora_bwd op by default (what
+    torch.compile records), ``_bwd_grads`` from eager calls."""
     x, weight, lora_A, lora_B, u, seed = ctx.saved_tensors
     scaling, p, offset, backend, has_bias = ctx.args
     need_dx, need_dW, need_db, need_dA, need_dB = ctx.needs_input_grad[:5]
     dy = dy.contiguous()
     dx, dA, dB = (bwd or torch.ops.lora_kernels.lora_bwd)(
         dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, backend, need_dx, need_dA, need_dB)
-    # A trainable base weight or bias is outside the fused fast path: plain (correct) PyTorch math.
-    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    dW = (dy.t().to(acc) @ x.to(acc)).to(weight.dtype) if need_dW else None
-    db = dy.to(acc).sum(0).to(dy.dtype) if (need_db and has_bias) else None
+    dW, db = _base_grads(dy, x, weight, need_dW, need_db and has_bias)
     return (dx if need_dx else None, dW, db, dA if need_dA else None, dB if need_dB else None,
             None, None, None, None, None)
 
@@ -170,13 +184,12 @@ torch.library.register_autograd("lora_kernels::lora_fwd", _backward, setup_conte
 
 
 class _EagerLoRA(torch.autograd.Function):
-    """Eager-mode twin of ``lora_fwd`` with its registered autograd: the same impls, setup and backward, called
-    without the dispatcher's Python autograd wrapper. That wrapper costs ~50 us of host time per call (measured on
-    CPU tensors: op with grad 88 us vs this Function 36 us around a 31 us backend call), which decides the speed
-    of small-M calls and of whole training steps. ``lora_linear`` uses it unless torch.compile is tracing, where
-    the registered op (fake impls, opaque to dynamo) is what the graph records, or the backend brings its own
-    autograd node (the cuda backend's, in C++: csrc/lora_autograd.h). tests/test_contract.py checks that all
-    paths give bit-identical outputs and grads."""
+    """Eager-mode registration of the same autograd: ``lora_fwd``'s impl, ``_setup_context`` and ``_backward``,
+    called without the dispatcher's Python autograd wrapper around the op. That wrapper costs more host time per
+    call than the backend call itself (tens of microseconds), which decides the speed of small-M calls and of whole
+    training steps. ``lora_linear`` uses it unless torch.compile is tracing, where the registered op (fake impls,
+    opaque to dynamo) is what the graph records, or the backend brings its own autograd node (the cuda backend's,
+    in C++). tests/test_contract.py checks that all paths give bit-identical outputs and grads."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, p, seed, offset, backend):
@@ -308,7 +321,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
         y = torch.ops.lora_kernels.lora_fwd(*args)[0]
     elif torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or lora_A.requires_grad
                                       or lora_B.requires_grad or (bias is not None and bias.requires_grad)):
-        cpp = getattr(_dispatch.get(name), "linear_autograd", None) if x2.shape[0] else None
+        cpp = getattr(_dispatch.get(name), "linear_autograd", None) if x2.shape[0] and _config.CPP_AUTOGRAD else None
         if cpp is not None:  # the backend's own autograd node (C++): no Python in forward's wrapper or backward
             y = cpp(*args[:6], p, _backend_seed(seed, p), 0)
         else:

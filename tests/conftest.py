@@ -56,7 +56,8 @@ def torch_cxx_std(torch_include=None) -> str:
 
 
 def dtypes_for(backend, device):
-    # every backend, the interpreted Triton one included (its bf16 dots are widened to fp32, see triton_backend._mm)
+    # every backend, the interpreted Triton one included (its bf16 dots are widened to fp32: _mm in
+    # lora_kernels/backends/triton/kernels.py)
     return [torch.float32, torch.float16, torch.bfloat16]
 
 

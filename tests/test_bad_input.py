@@ -104,9 +104,7 @@ def test_nonfinite_dropped_elements_propagate_like_reference(backend, device, dt
     """The reference multiplies by the mask (NaN * 0 = inf * 0 = NaN); a select would drop the bad value.
     M = 9 takes Triton's one-launch small-M forward, M = 100 the tiled one; fp32 takes the CUDA FFMA kernels,
     16-bit the tensor-core ones."""
-    import importlib
-
-    mod = importlib.import_module(f"lora_kernels.backends.{backend}_backend")
+    mod = lora_kernels._dispatch.get(backend)
     K, N, r, p, s, seed = 40, 24, 4, 0.5, 0.75, 1234
     x, W, b, A, B = _inputs(M, K, N, r, dtype=dtype, device=device)
     keep = lora_kernels.dropout_mask(seed, 0, (M, K), p, device=device)

@@ -1,5 +1,5 @@
 """The benchmark suite's plumbing on the CPU: sharded runs of the pytest-benchmark grid (tiny fp32 shapes,
-LK_BENCH_CPU_SMOKE=1) merge into one table with every group, and the floor's ratio is 1."""
+LORA_KERNELS_BENCH_CPU_SMOKE=1) merge into one table with every group, and the floor's ratio is 1."""
 import json
 import os
 import subprocess
@@ -15,7 +15,8 @@ MAKE_TABLE = os.path.join(ROOT, "bench", "tools", "make_table.py")
 @pytest.mark.skipif(not os.path.exists(SUITE), reason="no bench/")
 def test_sharded_grid_merges_into_one_table(tmp_path):
     pytest.importorskip("pytest_benchmark")
-    env = dict(os.environ, LK_BENCH_CPU_SMOKE="1", CUDA_VISIBLE_DEVICES="")  # the CPU smoke grid, also on GPU hosts
+    # the CPU smoke grid, also on GPU hosts
+    env = dict(os.environ, LORA_KERNELS_BENCH_CPU_SMOKE="1", CUDA_VISIBLE_DEVICES="")
     # Under pytest-xdist (the GPU runner) the worker's PYTEST_XDIST_* variables would reach the child, and
     # pytest-benchmark disables itself when it sees them: the child would write an empty JSON.
     env = {k: v for k, v in env.items() if not k.startswith("PYTEST_XDIST")}

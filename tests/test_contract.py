@@ -316,16 +316,23 @@ def test_cuda_backend_on_cpu_is_a_clear_error():
         lora_kernels.lora_linear(*_good(), 1.0, backend="cuda")
 
 
-def test_env_var_overrides_auto(monkeypatch):
-    from lora_kernels import _dispatch
-
-    _dispatch.resolve.cache_clear()
+def test_env_var_overrides_auto_on_every_call(monkeypatch):
+    """LORA_KERNELS_BACKEND replaces backend=None/'auto' and is read on every call (lora_kernels/_config.py):
+    changing it between two calls changes the second one. A backend named in the call wins."""
+    args = _good()
+    monkeypatch.delenv("LORA_KERNELS_BACKEND", raising=False)
+    y = lora_kernels.lora_linear(*args, 1.0)  # auto: torch for CPU tensors
     monkeypatch.setenv("LORA_KERNELS_BACKEND", "nope")
-    try:
-        with pytest.raises(ValueError, match="unknown backend 'nope'"):
-            lora_kernels.lora_linear(*_good(), 1.0)
-    finally:
-        _dispatch.resolve.cache_clear()
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+        lora_kernels.lora_linear(*args, 1.0)
+    assert torch.equal(lora_kernels.lora_linear(*args, 1.0, backend="torch"), y)
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "cuda")  # unavailable here, or not for CPU tensors
+    with pytest.raises(RuntimeError, match="backend 'cuda'"):
+        lora_kernels.lora_linear(*args, 1.0, backend="auto")
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "torch")
+    assert torch.equal(lora_kernels.lora_linear(*args, 1.0), y)
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "")  # empty: auto
+    assert torch.equal(lora_kernels.lora_linear(*args, 1.0), y)
 
 
 def test_available_backends_reports_reasons():

@@ -105,7 +105,7 @@ def test_triton_tensor_seed_bit_identical(monkeypatch, small_m):
     """The Triton kernels with the seed read from a pointer (SEED_PTR) give the int path's outputs bit for bit. The
     host must not read the seed: int() and .item() of tensors raise during the pointer-path calls."""
     pytest.importorskip("triton")
-    from lora_kernels.backends import triton_backend as tb
+    from lora_kernels.backends.triton import launch as tb
 
     monkeypatch.setattr(tb, "SMALL_M", 64 if small_m else 0)
     M, K, N, r, p, s = 37, 44, 40, 8, 0.3, 0.75
@@ -244,8 +244,8 @@ def test_auto_skips_backends_without_device_seed(monkeypatch):
         pass
 
     monkeypatch.setattr(_dispatch, "_load", lambda name: (_Mod(), "ok"))
-    monkeypatch.delenv(_dispatch.ENV_VAR, raising=False)
-    _dispatch.resolve.cache_clear()
+    monkeypatch.delenv("LORA_KERNELS_BACKEND", raising=False)
+    _dispatch._resolve_name.cache_clear()
     try:
         assert "cuda" in _dispatch.DEVICE_SEED_BACKENDS
         assert _dispatch.resolve(None, "cuda", False, False) == "cuda"
@@ -256,7 +256,7 @@ def test_auto_skips_backends_without_device_seed(monkeypatch):
         assert _dispatch.resolve("cuda", "cuda", False, True) == "cuda"
         assert _dispatch.resolve(None, "cpu", False, True) == "torch"
     finally:
-        _dispatch.resolve.cache_clear()
+        _dispatch._resolve_name.cache_clear()
 
 
 def test_record_dropout_device_seed_and_eager_ints():

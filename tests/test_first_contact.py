@@ -75,8 +75,8 @@ def test_auto_warns_when_cuda_tensors_fall_back(monkeypatch, reason, warns):
     skipped it on request)."""
     loaded = {"cuda": (None, reason), "triton": (object(), "ok"), "torch": (object(), "ok")}
     monkeypatch.setattr(_dispatch, "_load", lambda name: loaded[name])
-    monkeypatch.delenv(_dispatch.ENV_VAR, raising=False)
-    _dispatch.resolve.cache_clear()
+    monkeypatch.delenv("LORA_KERNELS_BACKEND", raising=False)
+    _dispatch._resolve_name.cache_clear()
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -86,7 +86,7 @@ def test_auto_warns_when_cuda_tensors_fall_back(monkeypatch, reason, warns):
         if warns:
             assert reason in msgs[0] and "triton" in msgs[0]
     finally:
-        _dispatch.resolve.cache_clear()
+        _dispatch._resolve_name.cache_clear()
 
 
 # ------------------------------------------------------------------------------------------ build backend

@@ -14,7 +14,7 @@ if not (_CUDA or _INTERP):
     pytest.skip("triton backend tests need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 pytest.importorskip("triton")
 
-from lora_kernels.backends import triton_backend as tb  # noqa: E402
+from lora_kernels.backends.triton import launch as tb  # noqa: E402
 from lora_kernels.philox import dropout_mask  # noqa: E402
 
 # Outputs start as NaN (conftest.poisoned_outputs): an unwritten element fails the finiteness checks.
@@ -182,7 +182,7 @@ def test_db_fused_and_two_pass_agree(monkeypatch, dtype):
     x, W, b, A, B, dy = _inputs(37, 20, 72, 8, dtype, False, True, gen)
     _, u = tb.forward(x, W, b, A, B, 1.0, 0.0, SEED, OFFSET)
     outs = []
-    for ratio in (0.0, float("inf")):  # two-pass (_db_kernel) and fused (_g_db_kernel partials)
+    for ratio in (0.0, float("inf")):  # two-pass (dB by _shrink_kernel) and fused (_g_db_kernel partials)
         monkeypatch.setattr(tb, "_FUSE_DB_PARTIAL_RATIO", ratio)
         outs.append(tb.backward(dy, x, W, A, B, u, 1.0, 0.0, SEED, OFFSET, True, True, True))
     ref = dy.double().cpu().T @ u.double().cpu()
@@ -264,9 +264,9 @@ import json, re, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from lora_kernels.backends import triton_backend as tb
+from lora_kernels.backends.triton import kernels
 
-kernel, constexprs = getattr(tb, sys.argv[1]), json.loads(sys.argv[2])
+kernel, constexprs = getattr(kernels, sys.argv[1]), json.loads(sys.argv[2])
 names = kernel.arg_names
 sig = {n: "constexpr" if n in constexprs else "*fp32" if n.endswith("_ptr")
        else "fp32" if n in ("scale", "lora_scale") else "i32" for n in names}
@@ -303,17 +303,18 @@ import itertools, json
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from lora_kernels.backends import triton_backend as tb
+from lora_kernels.backends.triton import configs as tc
+from lora_kernels.backends.triton import kernels
 
 ELT = {"fp16": 2, "bf16": 2, "fp32": 4}
-kernel = tb._small_m_fwd_kernel
+kernel = kernels._small_m_fwd_kernel
 names = kernel.arg_names
 
 
 def compile_cfg(bm, bn, bk, stages, warps, xdt, adt, r, u_given, N, K=4096):
     # the specialization a real launch gets: contiguous rows (unit inner strides), 16-byte aligned pointers and
     # multiples of 16 marked divisible (what decides vectorized, pipelined loads)
-    const = dict(HAS_BIAS=True, HAS_DROPOUT=False, R_PAD=tb._r_pad(r), DOT_PREC="ieee" if xdt == "fp32" else "tf32",
+    const = dict(HAS_BIAS=True, HAS_DROPOUT=False, R_PAD=tc._r_pad(r), DOT_PREC="ieee" if xdt == "fp32" else "tf32",
                  U_GIVEN=u_given, BM=bm, BN=bn, BK=bk, s_xk=1, s_wk=1, s_ak=1, s_br=1, s_ur=1, s_yn=1)
     ptr = {"x_ptr": xdt, "w_ptr": xdt, "a_ptr": adt, "b_ptr": adt, "bias_ptr": xdt, "u_ptr": "fp32", "up_ptr": "fp32",
            "y_ptr": xdt}
@@ -331,18 +332,18 @@ def compile_cfg(bm, bn, bk, stages, warps, xdt, adt, r, u_given, N, K=4096):
 rows = []
 for bm, (xdt, adt), r, u_given in itertools.product([16, 64], [("bf16", "fp32"), ("fp32", "fp32")], [16, 256],
                                                     [False, True]):
-    elt, a_elt, r_pad = ELT[xdt], ELT[adt], tb._r_pad(r)
+    elt, a_elt, r_pad = ELT[xdt], ELT[adt], tc._r_pad(r)
     N = 14336  # BN = 64 on a 132-SM GPU: the largest tiles the heuristic picks
-    h = tb._small_m_heuristic(N, bm, elt, a_elt, r_pad, u_given, 132)
+    h = tc._small_m_heuristic(N, bm, elt, a_elt, r_pad, u_given, 132)
     cands = [(h["BN"], h["BK"], h["num_stages"], h["num_warps"])]
     if (bm, xdt, r) in ((16, "bf16", 16), (64, "fp32", 256)):  # the largest autotune candidate, at both extremes
-        tuned = tb._small_m_configs(bm, elt, a_elt, r_pad, u_given)
-        big = max(tuned, key=lambda c: tb._small_m_smem(bm, c.kwargs["BN"], c.kwargs["BK"], c.num_stages, elt,
+        tuned = tc._small_m_configs(bm, elt, a_elt, r_pad, u_given)
+        big = max(tuned, key=lambda c: tc._small_m_smem(bm, c.kwargs["BN"], c.kwargs["BK"], c.num_stages, elt,
                                                         a_elt, r_pad, u_given))
         cands.append((big.kwargs["BN"], big.kwargs["BK"], big.num_stages, big.num_warps))
     for bn, bk, stages, warps in cands:
         shared, copies = compile_cfg(bm, bn, bk, stages, warps, xdt, adt, r, u_given, N)
-        est = tb._small_m_smem(bm, bn, bk, stages, elt, a_elt, r_pad, u_given)
+        est = tc._small_m_smem(bm, bn, bk, stages, elt, a_elt, r_pad, u_given)
         rows.append(dict(cfg=[bm, xdt, adt, r, u_given, bn, bk, stages, warps], shared=shared, estimate=est,
                          pipelined=copies > 0))
 print(json.dumps(rows))
@@ -352,8 +353,7 @@ print(json.dumps(rows))
 def test_small_m_configs_fit():
     """Every small-M config the heuristic picks (and the largest autotune candidate) compiles for sm_90 within its
     shared-memory estimate and the 227 KB limit, with pipelined (cp.async) loads. Compiled by Triton on the host,
-    with the specialization a real launch gets (no GPU needed). Session 3's GPU run found 9 configs that did not
-    fit; this checks the same on the CPU."""
+    with the specialization a real launch gets (no GPU needed)."""
     import json
     import subprocess
     import sys
@@ -373,9 +373,9 @@ import json, re, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from lora_kernels.backends import triton_backend as tb
+from lora_kernels.backends.triton import kernels
 
-kernel, constexprs, ptr_types = getattr(tb, sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3])
+kernel, constexprs, ptr_types = getattr(kernels, sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3])
 names = kernel.arg_names
 sig = {n: "constexpr" if n in constexprs else ptr_types.get(n, "*fp32") if n.endswith("_ptr")
        else "fp32" if n in ("scale", "lora_scale") else "i64" if n in ("seed", "offset") else "i32" for n in names}
@@ -389,10 +389,11 @@ print(json.dumps([("inputPrecision" not in l, bool(re.search(r"tensor<[0-9x]+xf3
 
 
 @pytest.mark.parametrize("kernel,ptrs,extra", [
-    ("_shrink_kernel", {"x_ptr": "*bf16", "a_ptr": "*fp32"}, {"HAS_DROPOUT": True, "BK": 32}),
-    ("_g_db_kernel", {"dy_ptr": "*bf16", "b_ptr": "*fp32"}, {"NEED_DB": True, "BN": 32}),
-    ("_db_kernel", {"dy_ptr": "*bf16"}, {"BN": 32}),
-    ("_da_kernel", {"x_ptr": "*bf16"}, {"HAS_DROPOUT": True, "BK": 32})])
+    ("_shrink_kernel", {"w_ptr": "*bf16", "rk_ptr": "*fp32"}, {"HAS_DROPOUT": True, "W_T": False, "BI": 16, "BJ": 32}),
+    ("_g_db_kernel", {"dy_ptr": "*bf16", "b_ptr": "*fp32"}, {"NEED_DB": True, "BM": 16, "BN": 32}),
+    ("_shrink_kernel", {"w_ptr": "*bf16"}, {"HAS_DROPOUT": False, "W_T": True, "BI": 32, "BJ": 16}),  # dB
+    ("_shrink_kernel", {"w_ptr": "*bf16"}, {"HAS_DROPOUT": True, "W_T": True, "BI": 32, "BJ": 16})],  # dA
+    ids=["shrink", "dy_pass", "dB", "dA"])
 @pytest.mark.parametrize("rank_f32", [True, False])
 def test_fp32_adapter_products_are_fp32(kernel, ptrs, extra, rank_f32):
     """fp32 adapters on a bf16 x: every adapter product (u, g, dB, dA) is an fp32 "ieee" dot on fp32 operands,
@@ -402,7 +403,7 @@ def test_fp32_adapter_products_are_fp32(kernel, ptrs, extra, rank_f32):
     import subprocess
     import sys
 
-    constexprs = dict(R_PAD=16, DOT_PREC="tf32", RANK_F32=rank_f32, BM=16, **extra)
+    constexprs = dict(R_PAD=16, DOT_PREC="tf32", RANK_F32=rank_f32, **extra)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", _RANK_DOT_SCRIPT, kernel, json.dumps(constexprs), json.dumps(ptrs)],
                          env=env, capture_output=True, text=True, timeout=300)

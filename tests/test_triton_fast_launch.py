@@ -1,4 +1,5 @@
-"""The Triton backend's fast launch path (triton_backend._launch) against triton's own JITFunction.run.
+"""The Triton backend's fast launch path (``_launch`` in lora_kernels/backends/triton/launch.py) against triton's
+own JITFunction.run.
 
 Runs on a CPU-only machine: a subprocess without TRITON_INTERPRET installs a stand-in GPU driver, so the kernels
 really compile for sm_90 (triton's compiler and ptxas) and "launch" into a launcher that records what it was given.
@@ -81,7 +82,7 @@ def jit_run(self, *args, **kwargs):  # marks launches that went through the JIT
 
 JITFunction.run = jit_run
 
-from lora_kernels.backends import triton_backend as tb  # noqa: E402
+from lora_kernels.backends.triton import launch as tb  # noqa: E402
 
 assert tb._FAST_LAUNCH, "fast launch is off for this triton version"
 

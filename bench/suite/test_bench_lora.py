@@ -5,7 +5,7 @@
 
 pytest-benchmark's own timer does not know about CUDA streams, so each test calls our CUDA-event timer
 (bench/suite/timing.py) once through ``benchmark.pedantic`` and stores the median in ``benchmark.extra_info``
-(the table script reads only extra_info). Skipped without CUDA, unless LK_BENCH_CPU_SMOKE=1 (tiny fp32
+(the table script reads only extra_info). Skipped without CUDA, unless LORA_KERNELS_BENCH_CPU_SMOKE=1 (tiny fp32
 shapes on CPU, to test the plumbing).
 """
 from __future__ import annotations
@@ -20,9 +20,9 @@ import torch
 from providers import DORA_PROVIDERS, FLOOR, PROVIDERS, Unavailable, make_case, set_bytes
 from timing import bench_ms, measure_memory, n_rotation_sets
 
-CPU_SMOKE = os.environ.get("LK_BENCH_CPU_SMOKE") == "1"
+CPU_SMOKE = os.environ.get("LORA_KERNELS_BENCH_CPU_SMOKE") == "1"
 HAS_CUDA = torch.cuda.is_available()
-pytestmark = pytest.mark.skipif(not (HAS_CUDA or CPU_SMOKE), reason="needs CUDA (or LK_BENCH_CPU_SMOKE=1)")
+pytestmark = pytest.mark.skipif(not (HAS_CUDA or CPU_SMOKE), reason="needs CUDA (or LORA_KERNELS_BENCH_CPU_SMOKE=1)")
 
 # Llama-3-8B: q/o 4096->4096, k/v 4096->1024, gate/up 4096->14336, down 14336->4096
 SHAPES = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]

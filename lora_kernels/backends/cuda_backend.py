@@ -6,11 +6,9 @@ exists in builds made with a CUDA torch and nvcc (see setup.py). Same contract a
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
-from lora_kernels import _extension
+from lora_kernels import _config, _extension
 
 # An extension that was not built, or was built for another torch or CUDA, is not imported (see _extension).
 _C = None
@@ -97,5 +95,5 @@ def _linear_autograd(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset):
 # An extension built before the op existed (a stale build) has no lora_linear: then the Python path too.
 _LINEAR = (torch.ops.lora_kernels_cuda.lora_linear.default
            if _OPS is not None and hasattr(torch.ops.lora_kernels_cuda, "lora_linear") else None)
-linear_autograd = (_linear_autograd if _LINEAR is not None and os.environ.get("LORA_KERNELS_CPP_AUTOGRAD", "1") != "0"
+linear_autograd = (_linear_autograd if _LINEAR is not None and _config.CPP_AUTOGRAD
                    else None)

@@ -1,0 +1,144 @@
+"""Every environment variable that lora_kernels reads: what it does and when it is read.
+
+Read on every call. Changing one between two calls changes the second call.
+
+    LORA_KERNELS_BACKEND                the backend of calls with backend=None or 'auto': auto (default), torch,
+                                        triton or cuda. A backend named in the call wins. Under torch.compile it is
+                                        read when the graph is traced.
+    LORA_KERNELS_TRITON_MAINLOOP        triton backend: who runs the frozen GEMM. cublas (default): cuBLAS
+                                        accumulates into the output that the LoRA kernel wrote. triton: the LoRA
+                                        kernel runs the main loop as well (always so under the interpreter).
+    LORA_KERNELS_TRITON_FP32_PRECISION  triton backend: ieee (default) or tf32, the dots of fp32 inputs.
+    LORA_KERNELS_TRITON_AUTOTUNE        triton backend: 1 (default) tunes each new problem once; 0 launches fixed
+                                        configs with no tuning runs (the GPU tests set 0).
+
+Read once, when lora_kernels is imported:
+
+    TRITON_INTERPRET                    Triton's own switch. With 1, Triton's interpreter runs the kernels on CPU
+                                        tensors, which is how the tests run without a GPU. Triton reads it when
+                                        the kernels are defined, so a later change has no effect.
+    LORA_KERNELS_TRITON_FAST_LAUNCH     triton backend: 1 (default) relaunches compiled kernels without triton's
+                                        JITFunction.run (host time); 0 launches every kernel through the JIT.
+    LORA_KERNELS_CPP_AUTOGRAD           cuda backend: 1 (default) runs eager calls that need grads through its C++
+                                        autograd node; 0 uses the Python autograd of lora_kernels.ops instead.
+    LORA_KERNELS_DORA_SAVE_Z            dora_linear: 1 saves z = x_d (W + s B A)^T (M x N) for the backward (faster,
+                                        more memory); 0 (default) recomputes it in row chunks.
+    LORA_KERNELS_DORA_CHUNK_MIB         dora_linear: the row chunks' temporary budget in MiB (default 64).
+
+Read by the CUDA extension (csrc/binding.cpp), once, when a GEMM first asks for it:
+
+    LORA_KERNELS_SM90_GEMM              0 turns off the sm_90 GEMM with the rank-r term in its K axis (cuBLAS runs
+                                        instead).
+
+Read when the package is built (setup.py and build_backend/):
+
+    LORA_KERNELS_SKIP_CUDA_BUILD        1 builds the pure-Python package, without the CUDA extension.
+    LORA_KERNELS_CUDA_ARCHS             the compute capabilities to build for (default "80;90"; 90 as sm_90a).
+    LORA_KERNELS_CUTLASS_DIR            a CUTLASS tree for the sm_90 GEMM, instead of the pinned nvidia-cutlass
+                                        wheel.
+    MAX_JOBS                            parallel compile jobs (torch's cpp_extension reads it).
+
+(LORA_KERNELS_TORCH_FROM passes a message from the build backend to setup.py; it is not a setting.)
+
+The scripts under bench/, tests/ and .ci/ take their own settings, each documented where it is read. Among them:
+LORA_KERNELS_BENCH_CPU_SMOKE=1 (bench/suite/test_bench_lora.py: the tiny grid on the CPU), LORAFUSION_DIR
+(bench/suite/peer_lorafusion.py: a LoRAFusion checkout), LORA_KERNELS_TRITON_ALT_PYTHON (tests/test_triton_*.py: a
+second interpreter, with another triton version, for the checks that compile kernels),
+LORA_KERNELS_NEWEST_TORCH_INCLUDE (tests/test_binding_host.py) and LORA_KERNELS_CACHE
+(.ci/newest_torch_headers.sh); the shell runners (bench/gpu_check.sh, bench/train/two_gpu.sh, bench/tools/*.sh) list
+theirs at the top.
+
+The per-call settings are read through ``_per_call``. os.environ.get encodes the name and decodes the value on every
+call, about 1 us each, and an op call needs several. ``_per_call`` looks the encoded names up in the table that
+CPython's os.environ keeps of the raw values, and parses the values once per distinct set of raw values.
+"""
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+BACKEND = "LORA_KERNELS_BACKEND"
+
+# ------------------------------------------------------------------------------------------ read at import
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+TRITON_FAST_LAUNCH = os.environ.get("LORA_KERNELS_TRITON_FAST_LAUNCH", "1") != "0"
+CPP_AUTOGRAD = os.environ.get("LORA_KERNELS_CPP_AUTOGRAD", "1") != "0"
+DORA_SAVE_Z = os.environ.get("LORA_KERNELS_DORA_SAVE_Z", "0") == "1"
+DORA_CHUNK_BYTES = int(float(os.environ.get("LORA_KERNELS_DORA_CHUNK_MIB", "64")) * 2**20)
+
+# ------------------------------------------------------------------------------------------ read per call
+_ENVIRON = os.environ
+_RAW_ENV = getattr(os.environ, "_data", None)
+_ENCODE = getattr(os.environ, "encodekey", None) if isinstance(_RAW_ENV, dict) else None
+_UNSET = object()
+
+
+def _raw_getter(keys: tuple):
+    """A function that returns the raw values of the encoded names ``keys`` (None for an unset one): one value, or
+    a tuple of them. Spelled out for up to three names: a tuple display is several times faster than tuple(map())."""
+    get = _RAW_ENV.get
+    if len(keys) == 1:
+        (a,) = keys
+        return lambda: get(a)
+    if len(keys) == 2:
+        a, b = keys
+        return lambda: (get(a), get(b))
+    if len(keys) == 3:
+        a, b, c = keys
+        return lambda: (get(a), get(b), get(c))
+    return lambda: tuple(map(get, keys))
+
+
+def _per_call(names: tuple, parse):
+    """A function that returns ``parse()`` for the current values of the variables ``names``, parsed once per
+    distinct set of their raw values. ``parse`` reads them with os.environ and raises on an invalid value (then
+    nothing is kept, and the next call raises again)."""
+    parsed: dict = {}
+    fast = _raw_getter(tuple(map(_ENCODE, names))) if _ENCODE is not None else None
+
+    def read(_fast=fast, _get=parsed.get, _unset=_UNSET):
+        if _fast is not None and os.environ is _ENVIRON:
+            raw = _fast()
+        else:  # no raw table (another Python), or os.environ was replaced
+            raw = tuple(map(os.environ.get, names))
+        value = _get(raw, _unset)
+        if value is _unset:
+            value = parsed[raw] = parse()
+        return value
+
+    return read
+
+
+def _parse_backend():
+    return os.environ.get(BACKEND) or None
+
+
+backend = _per_call((BACKEND,), _parse_backend)
+backend.__doc__ = "LORA_KERNELS_BACKEND as set now, or None where it is unset or empty (then: auto)."
+
+
+class TritonKnobs(NamedTuple):
+    """The triton backend's settings for one call."""
+    interpret: bool  # TRITON_INTERPRET=1 (read at import): kernels run on CPU tensors under the interpreter
+    autotune: bool  # LORA_KERNELS_TRITON_AUTOTUNE != 0
+    cublas: bool  # LORA_KERNELS_TRITON_MAINLOOP is cublas (and the interpreter is off)
+    fp32_prec: str  # LORA_KERNELS_TRITON_FP32_PRECISION: ieee or tf32
+
+
+_TRITON_VARS = ("LORA_KERNELS_TRITON_MAINLOOP", "LORA_KERNELS_TRITON_FP32_PRECISION", "LORA_KERNELS_TRITON_AUTOTUNE")
+
+
+def _parse_triton() -> TritonKnobs:
+    env = os.environ
+    mode = env.get("LORA_KERNELS_TRITON_MAINLOOP", "cublas")
+    if mode not in ("cublas", "triton"):
+        raise ValueError(f"LORA_KERNELS_TRITON_MAINLOOP must be cublas or triton, got {mode!r}")
+    prec = env.get("LORA_KERNELS_TRITON_FP32_PRECISION", "ieee").lower()
+    if prec not in ("tf32", "ieee"):
+        raise ValueError(f"LORA_KERNELS_TRITON_FP32_PRECISION must be tf32 or ieee, got {prec!r}")
+    return TritonKnobs(TRITON_INTERPRET, env.get("LORA_KERNELS_TRITON_AUTOTUNE", "1") != "0",
+                       mode == "cublas" and not TRITON_INTERPRET, prec)
+
+
+triton_knobs = _per_call(_TRITON_VARS, _parse_triton)
+triton_knobs.__doc__ = "The triton backend's settings as set now (a TritonKnobs)."

@@ -1,0 +1,64 @@
+"""Triton backend of the LoRA op (contract: ``lora_kernels/backends/__init__.py``).
+
+    kernels.py   the @triton.jit kernels: the shared tile math (dot operands, the dropout mask), then one kernel
+                 per pass
+    configs.py   tile shapes, pipeline stages, autotune candidates and their shared-memory budget, M splits
+    launch.py    forward and backward: each pass's launch, and the fast relaunch of compiled kernels
+
+Math (x: (M, K), W: (N, K), A: (r, K), B: (N, r), s = scaling, keep = dropout mask of (M, K), q = 1 - p), with the
+pass names of csrc/:
+
+    forward    shrink   u  = s/q * (keep * x) @ A^T              _shrink_kernel       (M, r) fp32
+               expand   y  = x @ W^T + u @ B^T + b               _gemm_lora_kernel    (M, N) x.dtype
+               (M <= SMALL_M: both in one launch                 _small_m_fwd_kernel)
+    backward   dy pass  g  = dy @ B     (and dB = dy^T @ u)      _g_db_kernel         (M, r) fp32, one read of dy
+               dA       dA = s/q * g^T @ (keep * x)              _shrink_kernel       (r, K)
+                        (the shrink of x^T by g: dA^T = s/q * (keep * x)^T @ g; likewise dB = dy^T @ u where
+                        the dy pass does not fuse it)
+               dx       dx = dy @ W + keep * s/q * (g @ A)       _gemm_lora_kernel    (M, K) x.dtype
+               reduce   the sum of split partials, in a fixed order: torch.sum (launch._sum_partials)
+
+Cost (2-byte dtype, r << N, K): the two big GEMMs are 2*M*N*K FLOPs each and move about
+2*(M*K + N*K + M*N) bytes (plus re-reads absorbed by L2 thanks to grouped tile order); the rank-r terms add
+2*M*r*(N + K) FLOPs per pass and read x or dy once more (2*M*K or 2*M*N bytes), so the LoRA overhead is
+an O(r/N + r/K) fraction of the FLOPs and roughly one extra read of the activations per pass.
+
+Tiling: the big GEMMs tile the output (BM, BN) in grouped (swizzled) order and loop over K with BK; the
+rank-r term is one more K-step of width R_PAD (r padded to a power of two >= 16 with masked loads) into the
+same fp32 accumulator. When dropout is on, the dx LoRA term must be masked per element, so it is a separate
+(BM, R_PAD) x (R_PAD, BN) dot in the epilogue with the mask regenerated for the output tile. The helper
+kernels loop over the long dimension; every reduction is deterministic (no atomics): partials are written
+to a buffer per M-chunk and summed with torch in a fixed order.
+
+Main loop: on GPUs the big frozen GEMM runs in cuBLAS and the LoRA work is fused around it, because the best
+Triton main loop found (TMA descriptors, persistent, 128x256x64 tiles, with or without warp specialization) reaches
+only 0.74-0.86x of cuBLAS's throughput on an H200, and the pointer-based loop of ``_gemm_lora_kernel`` 0.66-0.77x
+(bench/results/gemm_probe_h200.md); folding the rank-r step into such a loop costs nothing, but the loop itself
+loses 15-35%. So ``_gemm_lora_kernel`` runs with zero main K-steps to write ``[keep *] lora_scale * l @ lb + bias``
+(one write of the output), then ``c.addmm_(a, b)`` accumulates the GEMM into it with beta = 1, reading c in
+cuBLAS's epilogue, which overlaps the compute-bound main loop. Extra traffic per pass: one read of x (shrink) or
+dy (g, dB) and one write of the output. ``LORA_KERNELS_TRITON_MAINLOOP=triton`` selects the all-Triton main loop
+(always so on the CPU under the interpreter).
+
+Precision policy: each product runs in the precision PyTorch uses for the same inputs, accumulation is fp32. The
+big GEMMs and the rank-r expand into the 16-bit outputs cast their tiles to x's dtype. The adapter products (u, g,
+dA, dB) do too when the adapters have x's dtype; with fp32 adapters on a 16-bit x (PEFT's default) they run as fp32
+"ieee" dots (``configs._rank_f32``), since PyTorch computes them in fp32. fp32 inputs get full-fp32 dots
+(``input_precision="ieee"``) so that fp32 results meet the same error bound as PyTorch's fp32 matmul: TF32 dots
+give errors on y three to four orders of magnitude larger, far outside the tolerance rule.
+``LORA_KERNELS_TRITON_FP32_PRECISION=tf32`` opts into TF32 for speed. The big GEMM on GPUs is cuBLAS, which follows
+``torch.backends.cuda.matmul.allow_tf32``.
+
+Dropout mask: Philox 4x32-10 via ``tl.philox`` generated inside the kernels (``kernels._keep_mask``, one call per
+8 columns), bit-identical to ``lora_kernels.philox.dropout_mask``; with p == 0 no mask code is compiled (constexpr
+HAS_DROPOUT).
+
+Importing this package needs triton; where triton does not import, the dispatcher reports the import error as the
+reason the backend is unavailable. The settings it reads are listed in ``lora_kernels/_config.py``.
+"""
+from .configs import _num_sms
+from .kernels import _keep_mask
+from .launch import _seed_arg, backward, forward, is_available
+
+# _keep_mask, _num_sms and _seed_arg also serve the Triton passes of DoRA (lora_kernels/dora_kernels.py).
+__all__ = ["backward", "forward", "is_available", "_keep_mask", "_num_sms", "_seed_arg"]

@@ -1,0 +1,157 @@
+"""What each Triton launch runs with: tile shapes, pipeline stages, the autotune candidates and their shared-memory
+budget, the M splits of the reductions, the dot precision, and the SM count they are sized by. Every function here
+is a pure function of its arguments (the memoized ones are called on every launch)."""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+
+from ..._config import TritonKnobs
+from .kernels import _gemm_lora_kernel, _small_m_fwd_kernel
+
+_MAX_SMEM = 200 * 1024  # bytes of shared memory a config may plan for (H100 has 227 KB per block)
+
+
+def _cdiv(a: int, b: int) -> int:
+    """Host-side ceil division (triton.cdiv is a constexpr function whose host call costs microseconds)."""
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def _r_pad(r: int) -> int:
+    """The rank as the kernels tile it: a power of two >= 16 (tl.dot's smallest dimension), loads masked to r."""
+    return max(16, _next_pow2(r))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (4 for CPU tensors under the interpreter)."""
+    if device.type == "cuda":
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 4
+
+
+# ----------------------------------------------------------------------------------------------------- precision
+def _dot_precision(dtype: torch.dtype, kn: TritonKnobs) -> str:
+    return kn.fp32_prec if dtype == torch.float32 else "tf32"  # "tf32" is ignored for 16-bit operands
+
+
+def _rank_f32(x, *adapters) -> bool:
+    """fp32 adapters on a 16-bit x: the adapter products (u, g, dA, dB) then run in fp32 ("ieee" dots), as
+    PyTorch computes them for such inputs; rounding u, g, A or B to x's dtype would break the tolerance rule."""
+    return x.dtype != torch.float32 and any(a.dtype == torch.float32 for a in adapters)
+
+
+# ------------------------------------------------------------------------------ rank-r helper passes (M-tiled)
+@functools.lru_cache(maxsize=1024)
+def _helper_tiles(M: int, r_pad: int, kn: TritonKnobs):
+    """(BM, BN/BK, num_warps) for the rank-r helper kernels."""
+    if kn.interpret:
+        return 16, 32, 4
+    bm = 16 if M <= 16 else (32 if M <= 32 else 64)
+    bn = 64 if r_pad >= 128 else 128
+    return bm, bn, (8 if r_pad >= 128 else 4)
+
+
+@functools.lru_cache(maxsize=1024)
+def _stages(bytes_per_stage: int, kn: TritonKnobs) -> int:
+    """Software-pipeline depth for a helper kernel: at most 3 stages within ~160 KB of shared memory."""
+    if kn.interpret:
+        return 1
+    return max(1, min(3, (160 * 1024) // max(bytes_per_stage, 1)))
+
+
+def _splits(M: int, BM: int, n_blocks: int, device) -> tuple[int, int]:
+    """(number of M-chunks, rows per chunk) so that n_blocks * chunks fills the GPU about twice."""
+    m_blocks = _cdiv(M, BM)
+    want = max(1, (2 * _num_sms(device) + n_blocks - 1) // max(n_blocks, 1))
+    s = max(1, min(m_blocks, want))
+    per = _cdiv(m_blocks, s) * BM
+    return _cdiv(M, per), per
+
+
+# ----------------------------------------------------------------------------------- the output GEMM (expand, dx)
+@functools.lru_cache(maxsize=None)
+def _gemm_configs(small_m: bool, elt: int, r_pad: int):
+    """Autotune candidates of the all-Triton GEMM (LORA_KERNELS_TRITON_MAINLOOP=triton) that fit in shared memory;
+    the first one is the fixed config when tuning is off."""
+    if small_m:
+        shapes = [(16, 64, 128, 4, 4), (16, 128, 64, 4, 4), (32, 64, 64, 4, 4), (32, 128, 64, 4, 4),
+                  (64, 64, 64, 4, 4), (64, 128, 64, 4, 3)]
+    else:
+        shapes = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
+                  (256, 128, 64, 8, 3), (64, 256, 64, 8, 4), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4)]
+    configs = []
+    for bm, bn, bk, warps, stages in shapes:
+        smem = stages * (bm * bk + bk * bn) * elt
+        smem_epi = (bm + bn) * r_pad * elt
+        if max(smem, smem_epi) > _MAX_SMEM:
+            continue
+        configs.append(triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_warps=warps,
+                                     num_stages=stages))
+    if not configs:
+        configs.append(triton.Config({"BM": 64, "BN": 64, "BK": 32, "GROUP_M": 8}, num_warps=4, num_stages=2))
+    return configs
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_gemm(small_m: bool, elt: int, r_pad: int):
+    return triton.autotune(
+        configs=_gemm_configs(small_m, elt, r_pad),
+        key=["M_BUCKET", "N", "K", "HAS_BIAS", "HAS_DROPOUT", "R_PAD", "DOT_PREC"],
+    )(_gemm_lora_kernel)
+
+
+@functools.lru_cache(maxsize=None)
+def _prefill_config(r_pad: int):
+    """The fixed tile of the output kernel when cuBLAS runs the main loop (no main K-steps, a memory-bound write of
+    the output): 128x128, halved in M for r_pad >= 128 so the (BM, R_PAD) operand stays in registers."""
+    return triton.Config({"BM": 128 if r_pad < 128 else 64, "BN": 128, "BK": 64, "GROUP_M": 8}, num_warps=8,
+                         num_stages=1)
+
+
+# --------------------------------------------------------------------------------- the one-launch small-M forward
+def _small_m_smem(bm: int, bn: int, bk: int, stages: int, elt: int, a_elt: int, r_pad: int, u_given: bool) -> int:
+    """Shared-memory estimate of a _small_m_fwd_kernel config: `stages` buffers of the pipelined x, W^T and (unless
+    u is given) A^T tiles, plus the epilogue's u and B^T tiles; 30% headroom for layout-conversion scratch.
+    tests/test_triton_backend.py::test_small_m_configs_fit checks that triton's own allocation for sm_90 stays
+    under it."""
+    per_stage = bm * bk * elt + bk * bn * elt + (0 if u_given else bk * r_pad * a_elt)
+    rest = r_pad * bn * max(elt, a_elt) + bm * r_pad * 4
+    return int(1.3 * (stages * per_stage + rest))
+
+
+def _small_m_configs(bm: int, elt: int, a_elt: int, r_pad: int, u_given: bool):
+    shapes = [(32, 256, 4, 4), (16, 256, 4, 4), (64, 128, 4, 4), (32, 128, 4, 4), (64, 256, 8, 3), (16, 512, 4, 3),
+              (32, 64, 4, 3), (16, 64, 4, 2)]
+    configs = [triton.Config({"BN": bn, "BK": bk}, num_warps=warps, num_stages=stages)
+               for bn, bk, warps, stages in shapes
+               if _small_m_smem(bm, bn, bk, stages, elt, a_elt, r_pad, u_given) <= _MAX_SMEM]
+    return configs or [triton.Config({"BN": 16, "BK": 32}, num_warps=4, num_stages=1)]
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_small_m(bm: int, elt: int, a_elt: int, r_pad: int, u_given: bool):
+    return triton.autotune(configs=_small_m_configs(bm, elt, a_elt, r_pad, u_given),
+                           key=["N", "K", "HAS_BIAS", "HAS_DROPOUT", "R_PAD", "DOT_PREC", "U_GIVEN", "BM"],
+                           )(_small_m_fwd_kernel)
+
+
+@functools.lru_cache(maxsize=1024)
+def _small_m_heuristic(N: int, bm: int, elt: int, a_elt: int, r_pad: int, u_given: bool, sms: int) -> dict:
+    """BN as large as possible while the grid still covers every SM (the shape is bound by the read of W), then
+    the deepest K tile and pipeline that fit in shared memory (bytes in flight per SM decide the read rate)."""
+    bn = 64 if _cdiv(N, 64) >= sms else (32 if _cdiv(N, 32) >= sms else 16)
+    for bk, stages in ((256, 4), (256, 3), (128, 4), (128, 3), (64, 3), (64, 2), (32, 2), (32, 1)):
+        if _small_m_smem(bm, bn, bk, stages, elt, a_elt, r_pad, u_given) <= _MAX_SMEM:
+            break
+    return {"BN": bn, "BK": bk, "num_warps": 4, "num_stages": stages}
