@@ -251,7 +251,7 @@ def test_auto_skips_backends_without_device_seed(monkeypatch):
         assert _dispatch.resolve(None, "cuda", False, False) == "cuda"
         assert _dispatch.resolve(None, "cuda", False, True) == "cuda"
         monkeypatch.setattr(_dispatch, "DEVICE_SEED_BACKENDS", ("torch", "triton"))
-        _dispatch.resolve.cache_clear()
+        _dispatch._resolve_name.cache_clear()
         assert _dispatch.resolve(None, "cuda", False, True) == "triton"
         assert _dispatch.resolve("cuda", "cuda", False, True) == "cuda"
         assert _dispatch.resolve(None, "cpu", False, True) == "torch"
