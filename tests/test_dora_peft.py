@@ -511,7 +511,7 @@ def test_bench_dora_rows_in_the_table(tmp_path):
     if not os.path.exists(suite):
         pytest.skip("no bench/suite")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST") and k != "TRITON_INTERPRET"}
-    env.update(LK_BENCH_CPU_SMOKE="1", CUDA_VISIBLE_DEVICES="",
+    env.update(LORA_KERNELS_BENCH_CPU_SMOKE="1", CUDA_VISIBLE_DEVICES="",
                PYTHONPATH=os.pathsep.join([root, env.get("PYTHONPATH", "")]))  # this tree's lora_kernels
     path = tmp_path / "dora.json"
     run = subprocess.run(
