@@ -38,8 +38,8 @@ which costs one GEMM over W (2·M·N·K FLOPs): there is no cheaper exact way (�
 contraction over m and k for each n). The backward's M×N temporaries (z, then dy_c over it) and M×K ones (dx of a
 chunk; x_k at p > 0) live only for one row chunk of at most ``BWD_CHUNK_BYTES`` (64 MiB by default,
 ``LORA_KERNELS_DORA_CHUNK_MIB``): transient, never more than one chunk at a time, and they do not add up over the
-layers of a network the way saved tensors do. (The forward at p > 0 holds one M×K buffer, x_k then x_c, as long
-as LoRA's backward holds its dx.)
+layers of a network the way saved tensors do. The forward at p > 0 runs by the same row chunks: its x_k (then x_c)
+and z are transient per chunk too.
 
 ``LORA_KERNELS_DORA_SAVE_Z=1`` (or ``lora_kernels.dora.SAVE_Z = True``) trades the recompute for memory: the
 forward keeps z (M×N, x's dtype) for backward, as PEFT keeps its own M×N activations, and the backward skips one
@@ -218,11 +218,34 @@ def _fwd_impl(x, weight, bias, lora_A, lora_B, g, scaling, p, seed, offset, back
         z, u = be.forward(x, weight, None, lora_A, lora_B, scaling, 0.0, 0, offset)
         return scale_bias(z, g, bias, fast, out=None if save_z else z), u, (z if save_z else x.new_empty(0))
     sd, q = ops._backend_seed(seed, p), 1.0 - p
+    K = x.shape[1]
+    # By row chunks, so that the M×K x_k (then x_c) and the M×N z are transient per chunk, as in backward; with
+    # z saved (the speed side of the trade) one chunk.
+    chunks = [(0, M)] if save_z else _row_chunks_of(M, (N + K) * x.element_size())
+    if len(chunks) == 1:
+        y, u, z = _fwd_dropped_rows(x, weight, bias, lora_A, lora_B, g / q, scaling, p, sd, offset, fast, be,
+                                    None, keep_z=save_z)
+        return y, u, (z if save_z else x.new_empty(0))
+    y, u = x.new_empty(M, N), x.new_empty(M, r, dtype=_acc(x))
+    k8 = calls_per_row(K)
+    for m0, m1 in chunks:
+        _fwd_dropped_rows(x[m0:m1], weight, bias, lora_A, lora_B, g / q, scaling, p, sd, offset + m0 * k8, fast, be,
+                          (y[m0:m1], u[m0:m1]), keep_z=False)
+    return y, u, x.new_empty(0)
+
+
+def _fwd_dropped_rows(x, weight, bias, lora_A, lora_B, gq, scaling, p, sd, offset, fast, be, out, keep_z):
+    """y, u (and z) of rows x at p > 0: z = x_k Wᵀ + s·x_k Aᵀ Bᵀ, y = (g/q) ⊙ z + b + x_c Wᵀ. ``out`` = (y, u)
+    row slices to write, or None to allocate (y then over z unless ``keep_z``)."""
+    q = 1.0 - p
     xk = masked(x, p, sd, offset, 1.0, 0.0, fast)  # keep ⊙ x
     z, u = be.forward(xk, weight, None, lora_A, lora_B, scaling, 0.0, 0, offset)
-    y = scale_bias(z, g / q, bias, fast, out=None if save_z else z)
+    y = scale_bias(z, gq, bias, fast, out=out[0] if out is not None else (None if keep_z else z))
     xc = masked(x, p, sd, offset, 1.0 - 1.0 / q, 1.0, fast, out=xk)  # x − keep ⊙ x / q, over x_k
-    return y.addmm_(xc, weight.t()), u, (z if save_z else x.new_empty(0))
+    y.addmm_(xc, weight.t())
+    if out is not None:
+        out[1].copy_(u)
+    return y, u, z
 
 
 def _row_chunks_of(M: int, row_bytes: int):

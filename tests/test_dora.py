@@ -552,6 +552,22 @@ def test_backward_allocates_nothing_m_by_n(monkeypatch, p):
         assert torch.isfinite(t.grad).all()
 
 
+def test_forward_with_dropout_allocates_per_chunk(monkeypatch):
+    # at p > 0 the forward's dropped x (x_k, then x_c over it) and z live per row chunk of at most BWD_CHUNK_BYTES:
+    # here 16 rows of 256, so nothing of M×K elements or half of it is allocated
+    M, K, N, r = 256, 100, 40, 4
+    rows = 16
+    monkeypatch.setattr(dora, "BWD_CHUNK_BYTES", rows * (N + K) * 4)
+    x, W, b, A, B, m = make((M,), K, N, r, torch.float32, "cpu")
+    mode = _Allocs()
+    with mode, torch.no_grad():
+        y = lora_kernels.dora_linear(x, W, b, A, B, 2.0, m, dropout_p=0.3, backend="torch")
+    sizes = [n for _, n in mode.sizes]
+    assert max(sizes) < M * K // 2, mode.sizes  # one x_k of all rows would be M×K (y, M×N, and the norm's N×K are smaller)
+    assert M * N in sizes and rows * K in sizes  # y, and a chunk's x_k
+    assert torch.isfinite(y).all()
+
+
 @pytest.mark.parametrize("backend,device,dtype", CASES, ids=IDS)
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("save_z", [False, True])
