@@ -46,8 +46,9 @@ def _make(M, K, N, r, dtype, device, seed=0):
                 B=rn(N, r, dt=torch.float32, std=r ** -0.5), dy=rn(M, N))
 
 
-def providers(M, K, N, r, p, dtype, device):
-    """{name: (fwd callable, fwd+bwd callable)} for the providers that run here."""
+def providers(M, K, N, r, p, dtype, device, backends=None):
+    """{name: (fwd callable, fwd+bwd callable)} for the providers that run here (``backends``: the lora_kernels
+    backends to time, default all available)."""
     import lora_kernels
 
     t = _make(M, K, N, r, dtype, device)
@@ -87,6 +88,8 @@ def providers(M, K, N, r, p, dtype, device):
         pass
 
     for backend in lora_kernels.available_backends():
+        if backends is not None and backend not in backends:
+            continue
         if device == "cpu" and backend != "torch":
             continue  # the triton interpreter's time is not host time; cuda needs a GPU
 
@@ -225,6 +228,9 @@ def main(argv=None):
     ap.add_argument("--ps", default="0,0.1", help="dropout probabilities, comma separated")
     ap.add_argument("--calls", type=int, default=50, help="calls per timed batch (at most: see _GpuClock)")
     ap.add_argument("--batches", type=int, default=7)
+    ap.add_argument("--backends", default=None,
+                    help="lora_kernels backends, comma separated (default: triton,cuda on a GPU, where the torch "
+                         "reference backend is not a host-time contender; torch on CPU)")
     ap.add_argument("--quick", action="store_true", help="a few calls per batch (smoke test)")
     ap.add_argument("--out", default="host_time.json")
     args = ap.parse_args(argv)
@@ -237,6 +243,7 @@ def main(argv=None):
     if not gpu:
         torch.set_num_threads(1)  # tiny CPU ops: threads only add scheduling noise
     ps = [float(v) for v in args.ps.split(",")]
+    backends = (args.backends or ("triton,cuda" if gpu else "torch")).split(",")
     n, batches, warmup = (2, 1, 1) if args.quick else (args.calls, args.batches, 5)
     clock = _GpuClock() if gpu else None
 
@@ -256,7 +263,7 @@ def main(argv=None):
     rows = []
     for M in ms:
         for p in ps:
-            for name, (fwd, fwd_bwd) in providers(M, K, N, args.r, p, dtype, device).items():
+            for name, (fwd, fwd_bwd) in providers(M, K, N, args.r, p, dtype, device, backends).items():
                 for mode, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
                     res = measure(fn, n, batches, warmup, clock)
                     rows.append(dict(provider=name, mode=mode, M=M, p=p, **res))
