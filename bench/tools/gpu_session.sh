@@ -8,6 +8,11 @@
 #   host      bench/tools/host_time.py: host microseconds per call
 #   dora      the DoRA grid of bench/suite/test_bench_lora.py (--dora), with its table
 #   sanitize  compute-sanitizer memcheck on a small cuda-backend fwd+bwd (bench/tools/sanitize_cuda.py)
+#   e2e       bench/train/e2e_train.py on a 2-layer Llama of Llama-3-8B layer shapes, 8192 tokens a step, per backend
+#             (E2E_BACKENDS, default "cuda triton"), PEFT unpatched alongside, dropout 0 and 0.05
+#   small_m   bench/suite/targets.py at M = 1, 16, 64 (4096->4096, 4096->14336; r = 16, p = 0)
+#   save      /tmp/site as $OUT/site.tgz; a later call that carries it as .site/site.tgz reuses the build (build step
+#             with REUSE_BUILD=1 unpacks it instead of building)
 # Knobs: T_<STEP> (seconds), TEST_ARGS, TARGETS_ARGS, DORA_ARGS. Files in $OUT (at most 8 come back).
 set -u
 OUT="${OUT:-$PWD/gpu_out}"; mkdir -p "$OUT"
@@ -36,6 +41,9 @@ fi
 for step in ${STEPS:-build tests}; do
   case "$step" in
     build)
+      if [ -n "${REUSE_BUILD:-}" ] && [ ! -d /tmp/site/lora_kernels ] && [ -f "$REPO/.site/site.tgz" ]; then
+        tar -xzf "$REPO/.site/site.tgz" -C /tmp && note "step build: unpacked the carried .site/site.tgz"
+      fi
       if [ -n "${REUSE_BUILD:-}" ] && [ -d /tmp/site/lora_kernels ]; then note "step build: reusing /tmp/site"; continue; fi
       LORA_KERNELS_CUDA_ARCHS=90 run_step build "${T_BUILD:-300}" bash "$REPO/bench/tools/gpu_build.sh" > "$OUT/build.log" 2>&1
       tail -3 "$OUT/build.log";;
@@ -69,6 +77,20 @@ for step in ${STEPS:-build tests}; do
       (cd /tmp && PYTHONPATH=/tmp/site run_step sanitize "${T_SANITIZE:-150}" compute-sanitizer --tool memcheck \
         python3 "$REPO/bench/tools/sanitize_cuda.py" > /tmp/sanitize.log 2>&1)
       grep -h -E "ERROR SUMMARY|sanitize run done" /tmp/sanitize.log | tee -a "$SUMMARY";;
+    e2e)
+      for b in ${E2E_BACKENDS:-cuda triton}; do
+        (cd /tmp && PYTHONPATH=/tmp/site run_step "e2e_$b" "${T_E2E:-150}" python3 "$REPO/bench/train/e2e_train.py" \
+          --layers 2 --hidden 4096 --intermediate 14336 --heads 32 --kv-heads 8 --batch 8 --seq 1024 --rank 16 \
+          --steps 6 --warmup 3 --loss-steps 0 --backend "$b" --out "$OUT/e2e_$b.json" > "/tmp/e2e_$b.log" 2>&1)
+        grep "^\[e2e\]" "/tmp/e2e_$b.log" | tee -a "$SUMMARY"
+      done;;
+    small_m)
+      (cd /tmp && PYTHONPATH=/tmp/site run_step small_m "${T_SMALL_M:-120}" python3 "$REPO/bench/suite/targets.py" \
+        --providers ours-cuda,ours-triton --M 1,16,64 --shapes 4096x4096,4096x14336 --r 16 --p 0 --rounds 15 \
+        --calls 20 --out "$OUT/small_m.json" > "$OUT/small_m.txt" 2>&1)
+      sed -n '/^| mode/,$p' "$OUT/small_m.txt";;
+    save)
+      tar -czf "$OUT/site.tgz" -C /tmp site && note "saved /tmp/site as site.tgz ($(du -h "$OUT/site.tgz" | cut -f1))";;
     *) note "unknown step $step";;
   esac
 done
