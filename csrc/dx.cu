@@ -66,22 +66,13 @@ lora_dx_prefill_tc_kernel(T* __restrict__ dx, const float* __restrict__ g, const
                           int64_t K, int r, int64_t chunks_per_group, float scale, float p, uint64_t seed,
                           const int64_t* seed_ptr, uint64_t offset) {
 #if LK_TC_ARCH
-  static_assert(TO_BM == 16 * (kTcThreads / 32), "one 16-row strip per warp");
   if (p > 0.f) seed = dropout_seed(seed, seed_ptr);
   constexpr int LDA = TO_BN + 8;
-  const int RP = round16(r), LDG = RP + 8, g4 = RP / 4, na4 = RP * (TO_BN / 4);
-  extern __shared__ __align__(128) unsigned char lk_smem[];
-  T* gs = reinterpret_cast<T*>(lk_smem);  // [TO_BM][LDG]: g rows (A operand, row-major)
-  T* as = gs + TO_BM * LDG;               // [2][RP][LDA]: A chunk (B operand stored [k][n]), per chunk
-  T* os = as + 2 * RP * LDA;              // [TO_BM][TO_LDO]: output staging
+  const int RP = round16(r), na4 = RP * (TO_BN / 4);
+  // left: g rows (A operand, row-major); right: A chunks (B operand stored [k][n]), RP x LDA each.
+  const OutputBlock<T> blk(g, M, r, RP + 8, RP * LDA, K, chunks_per_group);
   const int tid = threadIdx.x, warp = tid >> 5;
   const LaneOffsets lo;
-  const int64_t m0 = (int64_t)blockIdx.x * TO_BM;
-  const int64_t n_chunks = (K + TO_BN - 1) / TO_BN;
-  const int64_t c_begin = (int64_t)blockIdx.y * chunks_per_group;
-  const int64_t c_end = min64(n_chunks, c_begin + chunks_per_group);
-
-  load_tile_as_t<T, float>(gs, LDG, g + m0 * r, r, TO_BM, g4, M - m0, r);
   auto load_a = [&](int64_t k0, int gi) {
     const int j = gi / (TO_BN / 4), c = gi % (TO_BN / 4) * 4;
     const int64_t k = k0 + c;
@@ -89,7 +80,7 @@ lora_dx_prefill_tc_kernel(T* __restrict__ dx, const float* __restrict__ g, const
   };
   // Full, aligned chunks take the fast paths (no per-group bounds / alignment checks).
   const bool a_vec = reinterpret_cast<uintptr_t>(A) % sizeof(Vec4<TA>) == 0 && K % 4 == 0;
-  const bool dx_vec = reinterpret_cast<uintptr_t>(dx) % 16 == 0 && K % 8 == 0 && m0 + TO_BM <= M;
+  const bool dx_vec = reinterpret_cast<uintptr_t>(dx) % 16 == 0 && K % 8 == 0 && blk.m0 + TO_BM <= M;
   Vec4<TA> ar[kPrefetch];
   auto fetch_a = [&](int64_t ch) {  // chunk ch's A columns into registers (the prefetched part)
     const int64_t k0 = ch * TO_BN;
@@ -105,8 +96,8 @@ lora_dx_prefill_tc_kernel(T* __restrict__ dx, const float* __restrict__ g, const
     for (int i = 0; i < kPrefetch; ++i)
       if (tid + i * kTcThreads < na4) ar[i] = load_a(k0, tid + i * kTcThreads);
   };
-  auto stash_a = [&](int64_t ch) {  // chunk ch's A -> as buffer (ch - c_begin) % 2 (prefetched part from registers)
-    T* ab = as + (int)((ch - c_begin) % 2) * RP * LDA;
+  auto stash_a = [&](int64_t ch) {  // chunk ch's A -> its buffer (prefetched part from registers)
+    T* ab = blk.right_buf(ch);
 #pragma unroll
     for (int i = 0; i < kPrefetch; ++i) {
       const int gi = tid + i * kTcThreads;
@@ -118,30 +109,18 @@ lora_dx_prefill_tc_kernel(T* __restrict__ dx, const float* __restrict__ g, const
                             r - row1, (int)min64(K - ch * TO_BN, TO_BN));
     }
   };
-  if (c_begin < c_end) {
-    fetch_a(c_begin);
-    stash_a(c_begin);
-    if (c_begin + 1 < c_end) fetch_a(c_begin + 1);
-  }
-  for (int64_t ch = c_begin; ch < c_end; ++ch) {  // same pipeline as lora_expand_prefill_tc_kernel
-    const int64_t k0 = ch * TO_BN;
-    const T* ab = as + (int)((ch - c_begin) % 2) * RP * LDA;
-    __syncthreads();
-    float acc[TO_BN / 8][4];
-    zero_acc(acc);
-    warp_rows_mma<T, TO_BN, false, 2>(acc, gs, LDG, ab, LDA, RP, lo, warp);
+  blk.template run<false>(LDA, RP, lo, warp, fetch_a, stash_a, [&](float(&acc)[TO_BN / 8][4], int64_t k0) {
 #pragma unroll
     for (int n = 0; n < TO_BN / 8; ++n)
 #pragma unroll
       for (int h = 0; h < 2; ++h)
-        *reinterpret_cast<uint32_t*>(os + (16 * warp + lo.g + 8 * h) * TO_LDO + 8 * n + 2 * lo.t) =
+        *reinterpret_cast<uint32_t*>(blk.os + (16 * warp + lo.g + 8 * h) * TO_LDO + 8 * n + 2 * lo.t) =
             pack2<T>(acc[n][2 * h] * scale, acc[n][2 * h + 1] * scale);
-    store_staged_rows<TO_BN>(dx, K, os, TO_LDO, m0, k0, M, K, dx_vec && k0 + TO_BN <= K,
+    store_staged_rows<TO_BN>(dx, K, blk.os, TO_LDO, blk.m0, k0, M, K, dx_vec && k0 + TO_BN <= K,
                              [&](uint4 v, int64_t m, int64_t k) {
                                return p > 0.f ? dropout8<T>(v, m, K, k, K, p, seed, offset) : v;
                              });
-    pipeline_next(ch, c_end, fetch_a, stash_a);
-  }
+  });
 #else
   __trap();
 #endif
@@ -155,24 +134,16 @@ cudaError_t launch_lora_dx_prefill(void* dx, DType x_dtype, const float* g, cons
   if (r < 1 || r > kMaxRank) return cudaErrorInvalidValue;
   if (M <= 0 || K <= 0) return cudaSuccess;
   const float scale = dropout_scale(scaling, p);
-  if (x_dtype != DType::kFloat32 && tc_supported()) {
-    const OutputGrid og = output_grid(M, K);
-    if (!og.ok) return cudaErrorInvalidConfiguration;
-    return with_dtypes<true>(x_dtype, a_dtype, [&](auto xt, auto at) {
-      using T = decltype(xt);
-      using TA = decltype(at);
-      return launch_kernel(lora_dx_prefill_tc_kernel<T, TA>, og.grid, kTcThreads, dx_tc_smem(round16(r)), stream,
-                           static_cast<T*>(dx), g, static_cast<const TA*>(A), M, K, r, og.chunks_per_group, scale,
-                           p, seed, seed_ptr, offset);
-    });
-  }
-  if (ceil_div(K, DX_KC) > 65535) return cudaErrorInvalidConfiguration;
-  const dim3 grid((unsigned)ceil_div(M, DX_BM), (unsigned)ceil_div(K, DX_KC));
-  return with_dtypes<false>(x_dtype, a_dtype, [&](auto xt, auto at) {
+  return launch_output_pass<DX_BM, DX_KC>(x_dtype, a_dtype, M, K, [&](auto xt, auto at, auto grid) {
     using T = decltype(xt);
     using TA = decltype(at);
-    return launch_kernel(lora_dx_prefill_kernel<T, TA>, grid, kThreads, 0, stream, static_cast<T*>(dx), g,
-                         static_cast<const TA*>(A), M, K, r, scale, p, seed, seed_ptr, offset);
+    if constexpr (std::is_same<decltype(grid), OutputGrid>::value)
+      return launch_kernel(lora_dx_prefill_tc_kernel<T, TA>, grid.grid, kTcThreads, dx_tc_smem(round16(r)), stream,
+                           static_cast<T*>(dx), g, static_cast<const TA*>(A), M, K, r, grid.chunks_per_group, scale,
+                           p, seed, seed_ptr, offset);
+    else
+      return launch_kernel(lora_dx_prefill_kernel<T, TA>, grid, kThreads, 0, stream, static_cast<T*>(dx), g,
+                           static_cast<const TA*>(A), M, K, r, scale, p, seed, seed_ptr, offset);
   });
 }
 

@@ -101,6 +101,23 @@ lora_dy_pass_kernel(const T* __restrict__ dy, const TB* __restrict__ B, const fl
 // Smem   : 55.3 KB (dy ring) + 2*P*192*(RC+8)*2 + cols_per_group*(RC+8)*4 (dy_pass_tc_smem; the plan sizes the
 //          column groups with it): 110.6 KB at r = 16 with 384-column groups.
 
+#if LK_TC_ARCH
+// The B fragments of the 16 rows 16 kb.. of a side tile stored [k][n] (row pitch ld; P pieces of a bf16x3 split,
+// piece_stride apart): for the NJ 16-column blocks jf and the pieces pc, mma(jf, pc, fragment) (ldsm4_t).
+template <int NJ, int P, typename T, typename F>
+__device__ __forceinline__ void side_frags(const T* tile, int piece_stride, int ld, int kb, const LaneOffsets& lo,
+                                           F&& mma) {
+#pragma unroll
+  for (int jf = 0; jf < NJ; ++jf)
+#pragma unroll
+    for (int pc = 0; pc < P; ++pc) {
+      uint32_t b[4];
+      ldsm4_t(b, tile + pc * piece_stride + (16 * kb + lo.r1) * ld + 16 * jf + lo.c1);
+      mma(jf, pc, b);
+    }
+}
+#endif
+
 template <typename T, typename TB, int NJ>
 __global__ void __launch_bounds__(kTcThreads, NJ == 4 || kPieces<T, TB> > 1 ? 1 : 2)
 lora_dy_pass_tc_kernel(const T* __restrict__ dy, const TB* __restrict__ B, const float* __restrict__ u,
@@ -187,16 +204,11 @@ lora_dy_pass_tc_kernel(const T* __restrict__ dy, const TB* __restrict__ B, const
           uint32_t a0[4], a1[4];
           ldsm4(a0, slot + (32 * warp + lo.r1) * TD_LDY + 16 * nb + lo.c1);
           ldsm4(a1, slot + (32 * warp + 16 + lo.r1) * TD_LDY + 16 * nb + lo.c1);
-#pragma unroll
-          for (int jf = 0; jf < NJ; ++jf)
-#pragma unroll
-            for (int pc = 0; pc < P; ++pc) {
-              uint32_t b[4];
-              ldsm4_t(b, bb + pc * TD_BN * LDR + (16 * nb + lo.r1) * LDR + 16 * jf + lo.c1);
-              float(&d)[2][2 * NJ][4] = pc == 0 ? hi : low;
-              mma16816x2<T>(d[0][2 * jf], d[0][2 * jf + 1], a0, b);
-              mma16816x2<T>(d[1][2 * jf], d[1][2 * jf + 1], a1, b);
-            }
+          side_frags<NJ, P>(bb, TD_BN * LDR, LDR, nb, lo, [&](int jf, int pc, const uint32_t(&b)[4]) {
+            float(&d)[2][2 * NJ][4] = pc == 0 ? hi : low;
+            mma16816x2<T>(d[0][2 * jf], d[0][2 * jf + 1], a0, b);
+            mma16816x2<T>(d[1][2 * jf], d[1][2 * jf + 1], a1, b);
+          });
         }
       };
       if constexpr (P > 1) {  // chains of one tile, piece 0 apart, added to acc with fp32 adds (add_acc)
@@ -240,14 +252,9 @@ lora_dy_pass_tc_kernel(const T* __restrict__ dy, const TB* __restrict__ B, const
       for (int mb = 0; mb < TD_BM / 16; ++mb) {
         uint32_t a[4];  // (dy^T)[n, m]: the dy tile read transposed
         ldsm4_t(a, slot + (16 * mb + lo.r2) * TD_LDY + 16 * nb + lo.c2);
-#pragma unroll
-        for (int jf = 0; jf < NJ; ++jf)
-#pragma unroll
-          for (int pc = 0; pc < P; ++pc) {
-            uint32_t b[4];
-            ldsm4_t(b, ub + pc * TD_BM * LDR + (16 * mb + lo.r1) * LDR + 16 * jf + lo.c1);
-            mma16816x2<T>(acc[pc == 0 ? 0 : 1][2 * jf], acc[pc == 0 ? 0 : 1][2 * jf + 1], a, b);
-          }
+        side_frags<NJ, P>(ub, TD_BM * LDR, LDR, mb, lo, [&](int jf, int pc, const uint32_t(&b)[4]) {
+          mma16816x2<T>(acc[pc == 0 ? 0 : 1][2 * jf], acc[pc == 0 ? 0 : 1][2 * jf + 1], a, b);
+        });
       }
       if constexpr (P > 1) add_acc(acc[0], acc[1]);
 #pragma unroll

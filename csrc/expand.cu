@@ -90,21 +90,12 @@ __global__ void __launch_bounds__(kTcThreads, kOutputMinBlocks)
 lora_expand_prefill_tc_kernel(T* __restrict__ y, const float* __restrict__ u, const TB* __restrict__ B,
                               const T* __restrict__ bias, int64_t M, int64_t N, int r, int64_t chunks_per_group) {
 #if LK_TC_ARCH
-  static_assert(TO_BM == 16 * (kTcThreads / 32), "one 16-row strip per warp");
   const int RP = round16(r), LDK = RP + 8, g4 = RP / 4, nb4 = TO_BN * g4;
   const int npre = min(nb4, kPrefetch * kTcThreads / g4 * g4);  // register-prefetched 4-groups: whole rows
-  extern __shared__ __align__(128) unsigned char lk_smem[];
-  T* us = reinterpret_cast<T*>(lk_smem);  // [TO_BM][LDK]: u rows (A operand, row-major)
-  T* bs = us + TO_BM * LDK;               // [2][TO_BN][LDK]: B rows n (B operand stored [n][k]), per chunk
-  T* os = bs + 2 * TO_BN * LDK;           // [TO_BM][TO_LDO]: output staging
+  // left: u rows (A operand, row-major); right: B rows n (B operand stored [n][k]), TO_BN x LDK each.
+  const OutputBlock<T> blk(u, M, r, LDK, TO_BN * LDK, N, chunks_per_group);
   const int tid = threadIdx.x, warp = tid >> 5;
   const LaneOffsets lo;
-  const int64_t m0 = (int64_t)blockIdx.x * TO_BM;
-  const int64_t n_chunks = (N + TO_BN - 1) / TO_BN;
-  const int64_t c_begin = (int64_t)blockIdx.y * chunks_per_group;
-  const int64_t c_end = min64(n_chunks, c_begin + chunks_per_group);
-
-  load_tile_as_t<T, float>(us, LDK, u + m0 * r, r, TO_BM, g4, M - m0, r);
   int pre_row[kPrefetch], pre_col[kPrefetch];  // this thread's prefetched 4-groups: chunk row, column
 #pragma unroll
   for (int i = 0; i < kPrefetch; ++i) {
@@ -113,7 +104,7 @@ lora_expand_prefill_tc_kernel(T* __restrict__ y, const float* __restrict__ u, co
   }
   // Full, aligned chunks take the fast paths (no per-group bounds / alignment checks).
   const bool b_vec = reinterpret_cast<uintptr_t>(B) % sizeof(Vec4<TB>) == 0 && r == RP;  // no padding columns
-  const bool y_vec = reinterpret_cast<uintptr_t>(y) % 16 == 0 && N % 8 == 0 && m0 + TO_BM <= M;
+  const bool y_vec = reinterpret_cast<uintptr_t>(y) % 16 == 0 && N % 8 == 0 && blk.m0 + TO_BM <= M;
   const bool bias_vec = bias != nullptr && reinterpret_cast<uintptr_t>(bias) % 4 == 0;
   Vec4<TB> br[kPrefetch];
   auto fetch_b = [&](int64_t ch) {  // chunk ch's B rows into registers (the prefetched part)
@@ -127,8 +118,8 @@ lora_expand_prefill_tc_kernel(T* __restrict__ y, const float* __restrict__ u, co
                    : ld4<TB>(src, n0 + pre_row[i] < N ? n_valid(r - pre_col[i], 4) : 0);
     }
   };
-  auto stash_b = [&](int64_t ch) {  // chunk ch's B -> bs buffer (ch - c_begin) % 2 (prefetched part from registers)
-    T* bb = bs + (int)((ch - c_begin) % 2) * TO_BN * LDK;
+  auto stash_b = [&](int64_t ch) {  // chunk ch's B -> its buffer (prefetched part from registers)
+    T* bb = blk.right_buf(ch);
 #pragma unroll
     for (int i = 0; i < kPrefetch; ++i) {
       if (tid + i * kTcThreads >= npre) break;
@@ -140,21 +131,8 @@ lora_expand_prefill_tc_kernel(T* __restrict__ y, const float* __restrict__ u, co
                             N - (ch * TO_BN + row1), r);
     }
   };
-  if (c_begin < c_end) {
-    fetch_b(c_begin);
-    stash_b(c_begin);
-    if (c_begin + 1 < c_end) fetch_b(c_begin + 1);
-  }
-  // Per chunk: one barrier (B chunk and u tile complete; every warp is done with the previous chunk), multiply
-  // into the warp's 16 rows of the staging tile, write them out (warp-local), stage the next B chunk into the
-  // other buffer.
-  for (int64_t ch = c_begin; ch < c_end; ++ch) {
-    const int64_t n0 = ch * TO_BN;
-    const T* bb = bs + (int)((ch - c_begin) % 2) * TO_BN * LDK;
-    __syncthreads();
-    float acc[TO_BN / 8][4];
-    zero_acc(acc);
-    warp_rows_mma<T, TO_BN, true, 2>(acc, us, LDK, bb, LDK, RP, lo, warp);
+  // Per chunk (OutputBlock::run): the bias added in fp32, the warp's 16 rows staged and written out (warp-local).
+  blk.template run<true>(LDK, RP, lo, warp, fetch_b, stash_b, [&](float(&acc)[TO_BN / 8][4], int64_t n0) {
     const bool chunk_full = n0 + TO_BN <= N;
 #pragma unroll
     for (int n = 0; n < TO_BN / 8; ++n) {
@@ -171,14 +149,12 @@ lora_expand_prefill_tc_kernel(T* __restrict__ y, const float* __restrict__ u, co
       }
 #pragma unroll
       for (int h = 0; h < 2; ++h)
-        *reinterpret_cast<uint32_t*>(os + (16 * warp + lo.g + 8 * h) * TO_LDO + col) =
+        *reinterpret_cast<uint32_t*>(blk.os + (16 * warp + lo.g + 8 * h) * TO_LDO + col) =
             pack2<T>(acc[n][2 * h] + b0, acc[n][2 * h + 1] + b1);
     }
-    store_staged_rows<TO_BN>(y, N, os, TO_LDO, m0, n0, M, N, y_vec && chunk_full, [](uint4 v, int64_t, int64_t) {
-      return v;
-    });
-    pipeline_next(ch, c_end, fetch_b, stash_b);
-  }
+    store_staged_rows<TO_BN>(y, N, blk.os, TO_LDO, blk.m0, n0, M, N, y_vec && chunk_full,
+                             [](uint4 v, int64_t, int64_t) { return v; });
+  });
 #else
   __trap();
 #endif
@@ -190,24 +166,16 @@ cudaError_t launch_lora_expand_prefill(void* y, DType y_dtype, const float* u, c
                                        const void* bias, int64_t M, int64_t N, int r, cudaStream_t stream) {
   if (r < 1 || r > kMaxRank) return cudaErrorInvalidValue;
   if (M <= 0 || N <= 0) return cudaSuccess;
-  if (y_dtype != DType::kFloat32 && tc_supported()) {
-    const OutputGrid og = output_grid(M, N);
-    if (!og.ok) return cudaErrorInvalidConfiguration;
-    return with_dtypes<true>(y_dtype, b_dtype, [&](auto yt, auto bt) {
-      using T = decltype(yt);
-      using TB = decltype(bt);
-      return launch_kernel(lora_expand_prefill_tc_kernel<T, TB>, og.grid, kTcThreads, expand_tc_smem(round16(r)),
-                           stream, static_cast<T*>(y), u, static_cast<const TB*>(B), static_cast<const T*>(bias), M, N,
-                           r, og.chunks_per_group);
-    });
-  }
-  if (ceil_div(N, EX_BN) > 65535) return cudaErrorInvalidConfiguration;
-  const dim3 grid((unsigned)ceil_div(M, EX_BM), (unsigned)ceil_div(N, EX_BN));
-  return with_dtypes<false>(y_dtype, b_dtype, [&](auto yt, auto bt) {
+  return launch_output_pass<EX_BM, EX_BN>(y_dtype, b_dtype, M, N, [&](auto yt, auto bt, auto grid) {
     using T = decltype(yt);
     using TB = decltype(bt);
-    return launch_kernel(lora_expand_prefill_kernel<T, TB>, grid, kThreads, 0, stream, static_cast<T*>(y), u,
-                         static_cast<const TB*>(B), static_cast<const T*>(bias), M, N, r);
+    if constexpr (std::is_same<decltype(grid), OutputGrid>::value)
+      return launch_kernel(lora_expand_prefill_tc_kernel<T, TB>, grid.grid, kTcThreads, expand_tc_smem(round16(r)),
+                           stream, static_cast<T*>(y), u, static_cast<const TB*>(B), static_cast<const T*>(bias), M, N,
+                           r, grid.chunks_per_group);
+    else
+      return launch_kernel(lora_expand_prefill_kernel<T, TB>, grid, kThreads, 0, stream, static_cast<T*>(y), u,
+                           static_cast<const TB*>(B), static_cast<const T*>(bias), M, N, r);
   });
 }
 

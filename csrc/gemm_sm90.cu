@@ -42,9 +42,8 @@ const char* lora_gemm_sm90_unsupported(const LoraGemmArgs& a, int device) {
 
 GemmChoice lora_gemm_sm90_pick(const LoraGemmArgs& a) {
   // One choice for every shape: a 128x128 ping-pong tile, clusters of 1x2 tiles along N, tile order along M
-  // with swizzle 4. Against cuBLAS on the H200 over the Llama-3-8B layer shapes at M = 2048 and 8192, forward
-  // and dx layouts, it was the best of six tile/cluster configs x 8 tile orders (geometric mean 1.02x cuBLAS's
-  // throughput, worst 0.97x; bench/results/h200_2026-11-30/sm90_probe).
+  // with swizzle 4: the best of the tile/cluster configs and tile orders against cuBLAS over the Llama-3-8B layer
+  // shapes, forward and dx layouts (about cuBLAS's throughput; bench/dev/gemm_sm90_probe.py times them all).
   GemmChoice c{GemmConfig::kPing128x128_c12, 4, 1};
   if (a.config != GemmConfig::kAuto) c.config = a.config;
   if (a.swizzle > 0) c.swizzle = a.swizzle;

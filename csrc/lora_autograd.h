@@ -11,10 +11,10 @@
 //                                                      need_dx, need_dA, need_dB, seed_t)           -> (dx, dA, dB)
 // seed_t: std::optional<Tensor>, the dropout key as a device tensor (CUDA graphs) in place of the int `seed`; the
 // backward gets the same one as its forward (saved with the other tensors), so both regenerate one mask.
-// Why C++: Python's autograd.Function around forward / backward cost about 90 us of host time per fwd+bwd on the
-// H200 machine (torch.profiler self time, bench/results/h200_2026-11-28/session4/run2_targets/host_profile.txt);
-// with this node a training step's backward runs no Python for these layers (fwd+bwd 568.6 -> 402.0 us per call,
-// session4/run5_cpp_autograd). Same math as lora_kernels/ops.py's _backward.
+// Why C++: Python's autograd.Function around forward / backward costs tens of microseconds of host time per
+// fwd+bwd, which decides the speed of small-M calls and of whole training steps; with this node a training step's
+// backward runs no Python for these layers. Same routing and math as lora_kernels/ops.py's _backward
+// (tests/test_contract.py checks that both give the same grads bit for bit).
 #pragma once
 
 #include <torch/autograd.h>

@@ -149,5 +149,20 @@ struct OutputGrid {
 };
 OutputGrid output_grid(int64_t M, int64_t cols);
 
+// Launch of an output-writing pass (expand, dx) over an (M, cols) output of dtype out, with side the dtype of its
+// right operand: the tensor-core kernel (16-bit output, sm_80+) on output_grid, else the FFMA kernel on BM x BN
+// tiles. launch(T{}, TS{}, grid) launches the kernel for grid's type: OutputGrid the tensor-core one, dim3 the FFMA one.
+template <int BM, int BN, typename F>
+cudaError_t launch_output_pass(DType out, DType side, int64_t M, int64_t cols, F&& launch) {
+  if (out != DType::kFloat32 && tc_supported()) {
+    const OutputGrid og = output_grid(M, cols);
+    if (!og.ok) return cudaErrorInvalidConfiguration;
+    return with_dtypes<true>(out, side, [&](auto t, auto ts) { return launch(t, ts, og); });
+  }
+  if (ceil_div(cols, BN) > 65535) return cudaErrorInvalidConfiguration;
+  const dim3 grid((unsigned)ceil_div(M, BM), (unsigned)ceil_div(cols, BN));
+  return with_dtypes<false>(out, side, [&](auto t, auto ts) { return launch(t, ts, grid); });
+}
+
 }  // namespace detail
 }  // namespace lora_kernels

@@ -122,17 +122,26 @@ lora_small_m_tc_kernel(const T* __restrict__ x, const T* __restrict__ W, const T
   const int slot_elems = kXD + (drop ? MP * LD : 0);
   auto slot = [&](int64_t t) { return ring + (int)(t % S) * slot_elems; };
 
-  // cp.async of chunk t: x (MF 8-groups per thread), and for a tile W (2) and 16-bit A (NR). Rows past M, N or r
-  // and columns past K read as zeros.
-  auto issue = [&](int64_t t) {
+  // This thread's x 8-groups of chunk t (MF of them): f(slot, k0, row, col) for the group at x's row, columns
+  // k0 + col .. k0 + col + 7. The thread that copies a group (issue) also masks it (mask_x).
+  auto x_groups = [&](int64_t t, auto&& f) {
     T* s = slot(t);
     const int64_t k0 = t * SMM_KC;
 #pragma unroll
     for (int i = 0; i < MF; ++i) {
-      const int g = tid + i * kTcThreads, row = g / (SMM_KC / 8), col = g % (SMM_KC / 8) * 8;
-      copy8_async<T>(s + row * LD + col, x + row * K + k0 + col, row < M ? n_valid(K - k0 - col, 8) : 0);
+      const int g = tid + i * kTcThreads;
+      f(s, k0, g / (SMM_KC / 8), g % (SMM_KC / 8) * 8);
     }
+  };
+  // cp.async of chunk t: x (MF 8-groups per thread), and for a tile W (2) and 16-bit A (NR). Rows past M, N or r
+  // and columns past K read as zeros.
+  auto issue = [&](int64_t t) {
+    x_groups(t, [&](T* s, int64_t k0, int row, int col) {
+      copy8_async<T>(s + row * LD + col, x + row * K + k0 + col, row < M ? n_valid(K - k0 - col, 8) : 0);
+    });
     if (!has_tile) return;
+    T* s = slot(t);
+    const int64_t k0 = t * SMM_KC;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const int g = tid + i * kTcThreads, row = g / (SMM_KC / 8), col = g % (SMM_KC / 8) * 8;
@@ -149,17 +158,13 @@ lora_small_m_tc_kernel(const T* __restrict__ x, const T* __restrict__ W, const T
     }
   };
   // With dropout: this thread's x 8-groups of chunk t (landed) masked into the slot's masked copy (rows past M stay
-  // zero). Same mapping as issue(): the thread that copied a group masks it.
+  // zero).
   auto mask_x = [&](int64_t t) {
-    T* s = slot(t);
-    const int64_t k0 = t * SMM_KC;
-#pragma unroll
-    for (int i = 0; i < MF; ++i) {
-      const int g = tid + i * kTcThreads, row = g / (SMM_KC / 8), col = g % (SMM_KC / 8) * 8;
+    x_groups(t, [&](T* s, int64_t k0, int row, int col) {
       const uint4 raw = *reinterpret_cast<const uint4*>(s + row * LD + col);
       *reinterpret_cast<uint4*>(s + kXD + row * LD + col) =
           row < M ? dropout8<T>(raw, row, K, k0 + col, K, p, seed, offset) : raw;
-    }
+    });
   };
 
   // fp32 adapters, tile blocks: the A chunk through registers (fetched a chunk ahead), split into hi / lo T parts.

@@ -11,6 +11,7 @@
 //   pipeline_next(t) : side tile t+1 to shared memory, side tile t+2 to registers.
 #pragma once
 #include "common.cuh"
+#include "plans.cuh"
 #include "ptx.cuh"
 
 namespace lora_kernels {
@@ -238,6 +239,62 @@ __device__ __forceinline__ void store_staged_rows(T* out, int64_t ld, const T* o
       st8_raw<T>(out + m * ld + n, n_valid(N - n, 8), xf(*reinterpret_cast<const uint4*>(os + mm * ldo + c), m, n));
   }
 }
+
+// One block of an output-writing kernel (expand, dx; the shape is described in expand.cu): output rows m0 .. m0 +
+// TO_BM - 1 of an (M, cols) output, chunks c_begin .. c_end - 1 of TO_BN columns (grid.y picks the group of
+// chunks_per_group). Dynamic shared memory: left, the left operand's TO_BM x r fp32 rows as T (row pitch ldl, r padded
+// to 16 with zeros; loaded by the constructor); right, the right operand's double buffer (two buffers of
+// right_stride T); os, the TO_BM x TO_LDO output staging tile.
+template <typename T>
+struct OutputBlock {
+  static_assert(TO_BM == 16 * (kTcThreads / 32), "one 16-row strip per warp");
+  T* left;
+  T* right;
+  T* os;
+  int ldl, right_stride;
+  int64_t m0, c_begin, c_end;
+
+  __device__ __forceinline__ OutputBlock(const float* src, int64_t M, int r, int ldl_, int right_stride_,
+                                         int64_t cols, int64_t chunks_per_group)
+      : ldl(ldl_), right_stride(right_stride_) {
+    extern __shared__ __align__(128) unsigned char lk_smem[];
+    left = reinterpret_cast<T*>(lk_smem);
+    right = left + TO_BM * ldl;
+    os = right + 2 * right_stride;
+    m0 = (int64_t)blockIdx.x * TO_BM;
+    const int64_t n_chunks = (cols + TO_BN - 1) / TO_BN;
+    c_begin = (int64_t)blockIdx.y * chunks_per_group;
+    c_end = min64(n_chunks, c_begin + chunks_per_group);
+    load_tile_as_t<T, float>(left, ldl, src + m0 * r, r, TO_BM, round16(r) / 4, M - m0, r);
+  }
+
+  // The right operand's buffer for chunk ch.
+  __device__ __forceinline__ T* right_buf(int64_t ch) const { return right + (int)((ch - c_begin) % 2) * right_stride; }
+
+  // The block's chunks: fetch(ch) loads the right operand's chunk ch into registers, stash(ch) stores them into
+  // right_buf(ch) (chunk c_begin staged and chunk c_begin + 1 fetched before the loop, then pipeline_next). Per chunk,
+  // one barrier (right chunk and left tile complete; every warp done with the previous chunk), acc = this warp's 16
+  // rows of left times the right chunk (warp_rows_mma over k < kp; kBT: stored [n][k], else [k][n]; pitch ldr), then
+  // epilogue(acc, c0) stages and writes the warp's rows (c0: the chunk's first output column).
+  template <bool kBT, typename Fetch, typename Stash, typename Epilogue>
+  __device__ __forceinline__ void run(int ldr, int kp, const LaneOffsets& lo, int warp, Fetch&& fetch, Stash&& stash,
+                                      Epilogue&& epilogue) const {
+    if (c_begin < c_end) {
+      fetch(c_begin);
+      stash(c_begin);
+      if (c_begin + 1 < c_end) fetch(c_begin + 1);
+    }
+    for (int64_t ch = c_begin; ch < c_end; ++ch) {
+      const T* rb = right_buf(ch);
+      __syncthreads();
+      float acc[TO_BN / 8][4];
+      zero_acc(acc);
+      warp_rows_mma<T, TO_BN, kBT, 2>(acc, left, ldl, rb, ldr, kp, lo, warp);
+      epilogue(acc, ch * TO_BN);
+      pipeline_next(ch, c_end, fetch, stash);
+    }
+  }
+};
 #endif  // LK_TC_ARCH
 
 }  // namespace detail

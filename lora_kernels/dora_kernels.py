@@ -250,6 +250,16 @@ def _tiles(t: torch.Tensor):
     return (16, 32) if _interp(t) else (32, 128)
 
 
+def _tiled(t: torch.Tensor, out):
+    """For an elementwise kernel over the (M, N) t: (out, or a new tensor like t when None; the grid of _tiles(t)
+    blocks, None when t is empty: nothing to launch; the tile sizes)."""
+    M, N = t.shape
+    if out is None:
+        out = torch.empty_like(t)
+    BM, BN = _tiles(t)
+    return out, ((_cdiv(M, BM), _cdiv(N, BN)) if M and N else None), BM, BN
+
+
 def scale_bias(z: torch.Tensor, c: torch.Tensor, bias, fast: bool, out=None) -> torch.Tensor:
     """``c ⊙ z + bias`` (z (M, N) contiguous, c (N,) float32/64, bias (N,) or None), in z's dtype; ``out=z``
     writes it over z."""
@@ -260,14 +270,11 @@ def scale_bias(z: torch.Tensor, c: torch.Tensor, bias, fast: bool, out=None) -> 
             y = y + bias.to(acc)
         return y.to(z.dtype) if out is None else out.copy_(y)
     M, N = z.shape
-    if out is None:
-        out = torch.empty_like(z)
-    if M == 0 or N == 0:
-        return out
-    BM, BN = _tiles(z)
-    _scale_bias_kernel[(_cdiv(M, BM), _cdiv(N, BN))](
-        z, c, bias if bias is not None else c, out, M, N, z.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, BM=BM, BN=BN)
+    out, grid, BM, BN = _tiled(z, out)
+    if grid is not None:
+        _scale_bias_kernel[grid](
+            z, c, bias if bias is not None else c, out, M, N, z.stride(0), out.stride(0),
+            HAS_BIAS=bias is not None, BM=BM, BN=BN)
     return out
 
 
@@ -315,14 +322,11 @@ def masked(t: torch.Tensor, p: float, seed: int, offset: int, a_keep: float, a_d
         if out is None:
             return r.to(t.dtype)
         return out.copy_(r)
-    if out is None:
-        out = torch.empty_like(t)
-    if M == 0 or K == 0:
-        return out
-    BM, BK = _tiles(t)
-    _masked_kernel[(_cdiv(M, BM), _cdiv(K, BK))](
-        t, base if base is not None else t, out, M, K, t.stride(0),
-        base.stride(0) if base is not None else 0, out.stride(0), float(a_keep), float(a_drop),
-        _seed_arg(seed), int(offset), calls_per_row(K), keep_threshold(p),
-        HAS_BASE=base is not None, BM=BM, BK=BK)
+    out, grid, BM, BK = _tiled(t, out)
+    if grid is not None:
+        _masked_kernel[grid](
+            t, base if base is not None else t, out, M, K, t.stride(0),
+            base.stride(0) if base is not None else 0, out.stride(0), float(a_keep), float(a_drop),
+            _seed_arg(seed), int(offset), calls_per_row(K), keep_threshold(p),
+            HAS_BASE=base is not None, BM=BM, BK=BK)
     return out
