@@ -229,10 +229,10 @@ std::tuple<Tensor, Tensor> lora_forward(const Tensor& x, const Tensor& weight, c
                "reduce(u) launch");
   }
   // y = u B^T + bias written once, then the frozen GEMM by cuBLAS (through ATen) accumulates into it (beta = 1).
-  check_cuda(lk::launch_lora_expand_prefill(y.data_ptr(), to_dtype(y, "y"), u.data_ptr<float>(), lora_B.data_ptr(),
+  check_cuda(lk::launch_lora_expand(y.data_ptr(), to_dtype(y, "y"), u.data_ptr<float>(), lora_B.data_ptr(),
                                             to_dtype(lora_B, "lora_B"), has_bias ? bias->data_ptr() : nullptr, M, N,
                                             r, stream),
-             "lora_expand_prefill launch");
+             "lora_expand launch");
   if (K > 0) y.addmm_(x, weight.t());
   return {y, u};
 }
@@ -312,14 +312,14 @@ std::tuple<Tensor, Tensor, Tensor> lora_backward(const Tensor& dy, const Tensor&
   if (need_dx) {
     dx = at::empty({M, K}, x.options());
     // Without dropout the rank-r term is unmasked and joins the GEMM's K axis on sm_90; with dropout it is
-    // masked per element, so it is written first (dx prefill) and cuBLAS accumulates dy W into it (beta = 1).
+    // masked per element, so it is written first (the rank-r term written first) and cuBLAS accumulates dy W into it (beta = 1).
     if (pf == 0.0f && N > 0 && sm90_unsupported(dy, weight, nullptr, M, K, N, lk::GemmLayoutB::kKN) == nullptr) {
       sm90_dx(dy, weight, g, lora_A, scaling, dx, stream);
     } else {
-      check_cuda(lk::launch_lora_dx_prefill(dx.data_ptr(), to_dtype(dx, "dx"), g.data_ptr<float>(),
+      check_cuda(lk::launch_lora_dx(dx.data_ptr(), to_dtype(dx, "dx"), g.data_ptr<float>(),
                                             lora_A.data_ptr(), to_dtype(lora_A, "lora_A"), M, K, r, (float)scaling,
                                             pf, (uint64_t)seed, seed_ptr, (uint64_t)offset, stream),
-                 "lora_dx_prefill launch");
+                 "lora_dx launch");
       if (N > 0) dx.addmm_(dy, weight);  // cuBLAS, beta = 1
     }
   }

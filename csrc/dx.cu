@@ -1,5 +1,5 @@
 // dx pass of the backward: dx = scaling * keep / (1 - p) * (g A) (M, K), written once before cuBLAS accumulates
-// dy W into it (beta = 1). FFMA kernel (fp32 x), tensor-core kernel (16-bit x, sm_80+), launch_lora_dx_prefill.
+// dy W into it (beta = 1). FFMA kernel (fp32 x), tensor-core kernel (16-bit x, sm_80+), launch_lora_dx.
 #include "common.cuh"
 #include "plans.cuh"
 #include "ptx.cuh"
@@ -10,7 +10,7 @@ using namespace detail;
 namespace {
 
 // ---------------------------------------------------------------------------------------------------------------
-// lora_dx_prefill: dx (M, K) = scale * keep * (g A), scale = scaling / (1 - p), written once (never read): cuBLAS
+// lora_dx: dx (M, K) = scale * keep * (g A), scale = scaling / (1 - p), written once (never read): cuBLAS
 // then accumulates dy W into it with beta = 1. Tile DX_BM x DX_KC; thread owns one 4-group (one Philox call,
 // vector store when aligned); r in chunks of DX_RC through shared memory.
 constexpr int DX_BM = 32, DX_KC = 32, DX_RC = 32;
@@ -18,7 +18,7 @@ static_assert(DX_BM * DX_KC / 4 == kThreads, "one 4-group per thread");
 
 template <typename T, typename TA>
 __global__ void __launch_bounds__(kThreads)
-lora_dx_prefill_kernel(T* __restrict__ dx, const float* __restrict__ g, const TA* __restrict__ A, int64_t M, int64_t K,
+lora_dx_kernel(T* __restrict__ dx, const float* __restrict__ g, const TA* __restrict__ A, int64_t M, int64_t K,
                    int r, float scale, float p, uint64_t seed, const int64_t* seed_ptr, uint64_t offset) {
   __shared__ float gs[DX_BM][DX_RC + 1];
   __shared__ float as[DX_RC][DX_KC + 1];
@@ -54,7 +54,7 @@ lora_dx_prefill_kernel(T* __restrict__ dx, const float* __restrict__ g, const TA
   store4<T>(dx + m * K + k, valid, v);
 }
 
-// lora_dx_prefill (tensor cores).
+// lora_dx (tensor cores).
 // Math   : dx (M, K) = scale * keep * (g A), scale = scaling / (1 - p); g and A cast to T, fp32 accumulation,
 //          round(acc * scale) then the dropped elements zeroed (one Philox call per 8-group); written once.
 // Tiling : the output-writing shape (expand.cu); A chunk stored [j][k] (row-major B operand).
@@ -62,7 +62,7 @@ lora_dx_prefill_kernel(T* __restrict__ dx, const float* __restrict__ g, const TA
 // Smem   : 128 * (RP + 8) * 2 + 2 * RP * 72 * 2 + 18 KB = 29.2 KB at r = 16, 55.3 KB at r = 64.
 template <typename T, typename TA>
 __global__ void __launch_bounds__(kTcThreads, kOutputMinBlocks)
-lora_dx_prefill_tc_kernel(T* __restrict__ dx, const float* __restrict__ g, const TA* __restrict__ A, int64_t M,
+lora_dx_tc_kernel(T* __restrict__ dx, const float* __restrict__ g, const TA* __restrict__ A, int64_t M,
                           int64_t K, int r, int64_t chunks_per_group, float scale, float p, uint64_t seed,
                           const int64_t* seed_ptr, uint64_t offset) {
 #if LK_TC_ARCH
@@ -128,7 +128,7 @@ lora_dx_prefill_tc_kernel(T* __restrict__ dx, const float* __restrict__ g, const
 
 }  // namespace
 
-cudaError_t launch_lora_dx_prefill(void* dx, DType x_dtype, const float* g, const void* A, DType a_dtype, int64_t M,
+cudaError_t launch_lora_dx(void* dx, DType x_dtype, const float* g, const void* A, DType a_dtype, int64_t M,
                                int64_t K, int r, float scaling, float p, uint64_t seed, const int64_t* seed_ptr,
                                uint64_t offset, cudaStream_t stream) {
   if (r < 1 || r > kMaxRank) return cudaErrorInvalidValue;
@@ -138,11 +138,11 @@ cudaError_t launch_lora_dx_prefill(void* dx, DType x_dtype, const float* g, cons
     using T = decltype(xt);
     using TA = decltype(at);
     if constexpr (std::is_same<decltype(grid), OutputGrid>::value)
-      return launch_kernel(lora_dx_prefill_tc_kernel<T, TA>, grid.grid, kTcThreads, dx_tc_smem(round16(r)), stream,
+      return launch_kernel(lora_dx_tc_kernel<T, TA>, grid.grid, kTcThreads, dx_tc_smem(round16(r)), stream,
                            static_cast<T*>(dx), g, static_cast<const TA*>(A), M, K, r, grid.chunks_per_group, scale,
                            p, seed, seed_ptr, offset);
     else
-      return launch_kernel(lora_dx_prefill_kernel<T, TA>, grid, kThreads, 0, stream, static_cast<T*>(dx), g,
+      return launch_kernel(lora_dx_kernel<T, TA>, grid, kThreads, 0, stream, static_cast<T*>(dx), g,
                            static_cast<const TA*>(A), M, K, r, scale, p, seed, seed_ptr, offset);
   });
 }

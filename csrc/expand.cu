@@ -1,5 +1,5 @@
 // Expand pass of the forward: y = u B^T + bias (M, N), written once before cuBLAS accumulates x W^T into it
-// (beta = 1). FFMA kernel (fp32 y), tensor-core kernel (16-bit y, sm_80+), launch_lora_expand_prefill.
+// (beta = 1). FFMA kernel (fp32 y), tensor-core kernel (16-bit y, sm_80+), launch_lora_expand.
 #include "common.cuh"
 #include "plans.cuh"
 #include "ptx.cuh"
@@ -10,7 +10,7 @@ using namespace detail;
 namespace {
 
 // ---------------------------------------------------------------------------------------------------------------
-// lora_expand_prefill: y (M, N) = u (M, r) B^T + bias, written once (never read): cuBLAS then accumulates x W^T into
+// lora_expand: y (M, N) = u (M, r) B^T + bias, written once (never read): cuBLAS then accumulates x W^T into
 // it with beta = 1. Tile EX_BM x EX_BN, r in chunks of EX_RC through shared memory. Each thread owns 2 neighbouring
 // columns of EX_BM / 8 rows: thread (mrow = tid / 32, c = tid % 32) covers columns n0 + 2c, n0 + 2c + 1 and rows
 // mrow + 8 i.
@@ -18,7 +18,7 @@ constexpr int EX_BM = 32, EX_BN = 64, EX_RC = 32;
 
 template <typename T, typename TB>
 __global__ void __launch_bounds__(kThreads)
-lora_expand_prefill_kernel(T* __restrict__ y, const float* __restrict__ u, const TB* __restrict__ B,
+lora_expand_kernel(T* __restrict__ y, const float* __restrict__ u, const TB* __restrict__ B,
                            const T* __restrict__ bias, int64_t M, int64_t N, int r) {
   __shared__ float us[EX_BM][EX_RC + 1];
   __shared__ float bs[EX_BN][EX_RC + 1];
@@ -79,7 +79,7 @@ lora_expand_prefill_kernel(T* __restrict__ y, const float* __restrict__ u, const
 // writes those rows out with 16-byte stores (each lane 4 x 16 B; a warp covers 4 full 128-byte row segments per
 // store). One block barrier per chunk.
 
-// lora_expand_prefill (tensor cores).
+// lora_expand (tensor cores).
 // Math   : y (M, N) = u (M, r) B^T + bias; u and B cast to T, fp32 accumulation, bias added in fp32, y rounded
 //          once and written once (never read).
 // Tiling : see above; B chunk stored [n][j] (B^T as a col-major operand).
@@ -87,7 +87,7 @@ lora_expand_prefill_kernel(T* __restrict__ y, const float* __restrict__ u, const
 // Smem   : 256 * (RP + 8) * 2 + 18 KB (RP = r padded to 16) = 30.7 KB at r = 16, 55.3 KB at r = 64.
 template <typename T, typename TB>
 __global__ void __launch_bounds__(kTcThreads, kOutputMinBlocks)
-lora_expand_prefill_tc_kernel(T* __restrict__ y, const float* __restrict__ u, const TB* __restrict__ B,
+lora_expand_tc_kernel(T* __restrict__ y, const float* __restrict__ u, const TB* __restrict__ B,
                               const T* __restrict__ bias, int64_t M, int64_t N, int r, int64_t chunks_per_group) {
 #if LK_TC_ARCH
   const int RP = round16(r), LDK = RP + 8, g4 = RP / 4, nb4 = TO_BN * g4;
@@ -162,7 +162,7 @@ lora_expand_prefill_tc_kernel(T* __restrict__ y, const float* __restrict__ u, co
 
 }  // namespace
 
-cudaError_t launch_lora_expand_prefill(void* y, DType y_dtype, const float* u, const void* B, DType b_dtype,
+cudaError_t launch_lora_expand(void* y, DType y_dtype, const float* u, const void* B, DType b_dtype,
                                        const void* bias, int64_t M, int64_t N, int r, cudaStream_t stream) {
   if (r < 1 || r > kMaxRank) return cudaErrorInvalidValue;
   if (M <= 0 || N <= 0) return cudaSuccess;
@@ -170,11 +170,11 @@ cudaError_t launch_lora_expand_prefill(void* y, DType y_dtype, const float* u, c
     using T = decltype(yt);
     using TB = decltype(bt);
     if constexpr (std::is_same<decltype(grid), OutputGrid>::value)
-      return launch_kernel(lora_expand_prefill_tc_kernel<T, TB>, grid.grid, kTcThreads, expand_tc_smem(round16(r)),
+      return launch_kernel(lora_expand_tc_kernel<T, TB>, grid.grid, kTcThreads, expand_tc_smem(round16(r)),
                            stream, static_cast<T*>(y), u, static_cast<const TB*>(B), static_cast<const T*>(bias), M, N,
                            r, grid.chunks_per_group);
     else
-      return launch_kernel(lora_expand_prefill_kernel<T, TB>, grid, kThreads, 0, stream, static_cast<T*>(y), u,
+      return launch_kernel(lora_expand_kernel<T, TB>, grid, kThreads, 0, stream, static_cast<T*>(y), u,
                            static_cast<const TB*>(B), static_cast<const T*>(bias), M, N, r);
   });
 }

@@ -9,11 +9,11 @@
 // each replay gets a fresh mask; a by-value seed would be baked into the captured launch). Same 64 bits, same mask.
 //
 // Forward  : launch_lora_small_m_forward for M <= 64 (one launch), else launch_lora_shrink (u = scaling * dropout(x)
-//            A^T, fp32), launch_lora_expand_prefill (y = u B^T + bias),
+//            A^T, fp32), launch_lora_expand (y = u B^T + bias),
 //            cuBLAS y += x W^T (beta = 1).
 // Backward : launch_lora_dy_pass (g = dy B, fp32, and per-split partials of dB = dy^T u, one pass over dy),
 //            launch_reduce_partials (dB), launch_lora_dA (partials of dA = scaling * g^T dropout(x)),
-//            launch_reduce_partials (dA), launch_lora_dx_prefill (dx = scaling*keep/(1-p) * g A), cuBLAS dx += dy W.
+//            launch_reduce_partials (dA), launch_lora_dx (dx = scaling*keep/(1-p) * g A), cuBLAS dx += dy W.
 // Every reduction is done in a fixed order (no atomics): results are bitwise deterministic run to run.
 //
 // Precision: each product is computed in the precision PyTorch would use for the same inputs, so that the error stays
@@ -81,7 +81,7 @@ cudaError_t launch_lora_small_m_forward(const void* x, DType x_dtype, const void
 
 // y (M, N) y_dtype = u (M, r) fp32 @ B^T + bias ; B (N, r) b_dtype, bias (N,) y_dtype or null. fp32 accumulation
 // (u and B cast to y_dtype first when it is 16-bit), bias added in fp32, one write of y (never read).
-cudaError_t launch_lora_expand_prefill(void* y, DType y_dtype, const float* u, const void* B, DType b_dtype,
+cudaError_t launch_lora_expand(void* y, DType y_dtype, const float* u, const void* B, DType b_dtype,
                                        const void* bias, int64_t M, int64_t N, int r, cudaStream_t stream);
 
 // g_out[c] (M, r) fp32 = dy[:, cols of c] @ B[cols of c] (g_out = g itself when plan.col_groups == 1);
@@ -102,7 +102,7 @@ cudaError_t launch_reduce_partials(const float* partial, int64_t num_splits, int
                                    DType out_dtype, cudaStream_t stream);
 
 // dx (M, K) x_dtype = scaling * keep / (1-p) * (g @ A) ; g (M, r) fp32, A (r, K) a_dtype. One write of dx.
-cudaError_t launch_lora_dx_prefill(void* dx, DType x_dtype, const float* g, const void* A, DType a_dtype, int64_t M,
+cudaError_t launch_lora_dx(void* dx, DType x_dtype, const float* g, const void* A, DType a_dtype, int64_t M,
                                int64_t K, int r, float scaling, float p, uint64_t seed, const int64_t* seed_ptr,
                                uint64_t offset, cudaStream_t stream);
 

@@ -47,7 +47,7 @@ GEMM over W and runs in one chunk (its dy_c, M×N, is then transient). Same resu
 rounding.
 
 Cost per pass (e = bytes of x's dtype, fp32 adapters, M×K → N, rank r; on the cuda backend every GEMM is one
-kernel with its rank-r term folded in; triton: an output prefill and cuBLAS with beta = 1):
+kernel with its rank-r term folded in; triton: the rank-r term written first, then cuBLAS with beta = 1):
 
     forward, p = 0                      FLOPs                       HBM bytes (besides what LoRA moves)
       ‖W_n‖² (cache miss only)          2NK                         NKe

@@ -9,13 +9,13 @@ Math (x: (M, K), W: (N, K), A: (r, K), B: (N, r), s = scaling, keep = dropout ma
 pass names of csrc/:
 
     forward    shrink   u  = s/q * (keep * x) @ A^T              _shrink_kernel       (M, r) fp32
-               expand   y  = x @ W^T + u @ B^T + b               _gemm_lora_kernel    (M, N) x.dtype
-               (M <= SMALL_M: both in one launch                 _small_m_fwd_kernel)
-    backward   dy pass  g  = dy @ B     (and dB = dy^T @ u)      _g_db_kernel         (M, r) fp32, one read of dy
+               expand   y  = x @ W^T + u @ B^T + b               _output_gemm_kernel    (M, N) x.dtype
+               (M <= SMALL_M: both in one launch                 _small_m_kernel)
+    backward   dy pass  g  = dy @ B     (and dB = dy^T @ u)      _dy_pass_kernel         (M, r) fp32, one read of dy
                dA       dA = s/q * g^T @ (keep * x)              _shrink_kernel       (r, K)
                         (the shrink of x^T by g: dA^T = s/q * (keep * x)^T @ g; likewise dB = dy^T @ u where
                         the dy pass does not fuse it)
-               dx       dx = dy @ W + keep * s/q * (g @ A)       _gemm_lora_kernel    (M, K) x.dtype
+               dx       dx = dy @ W + keep * s/q * (g @ A)       _output_gemm_kernel    (M, K) x.dtype
                reduce   the sum of split partials, in a fixed order: torch.sum (launch._sum_partials)
 
 Cost (2-byte dtype, r << N, K): the two big GEMMs are 2*M*N*K FLOPs each and move about
@@ -32,9 +32,9 @@ to a buffer per M-chunk and summed with torch in a fixed order.
 
 Main loop: on GPUs the big frozen GEMM runs in cuBLAS and the LoRA work is fused around it, because the best
 Triton main loop found (TMA descriptors, persistent, 128x256x64 tiles, with or without warp specialization) reaches
-only 0.74-0.86x of cuBLAS's throughput on an H200, and the pointer-based loop of ``_gemm_lora_kernel`` 0.66-0.77x
+only 0.74-0.86x of cuBLAS's throughput on an H200, and the pointer-based loop of ``_output_gemm_kernel`` 0.66-0.77x
 (bench/results/gemm_probe_h200.md); folding the rank-r step into such a loop costs nothing, but the loop itself
-loses 15-35%. So ``_gemm_lora_kernel`` runs with zero main K-steps to write ``[keep *] lora_scale * l @ lb + bias``
+loses 15-35%. So ``_output_gemm_kernel`` runs with zero main K-steps to write ``[keep *] lora_scale * l @ lb + bias``
 (one write of the output), then ``c.addmm_(a, b)`` accumulates the GEMM into it with beta = 1, reading c in
 cuBLAS's epilogue, which overlaps the compute-bound main loop. Extra traffic per pass: one read of x (shrink) or
 dy (g, dB) and one write of the output. ``LORA_KERNELS_TRITON_MAINLOOP=triton`` selects the all-Triton main loop

@@ -9,7 +9,7 @@ import torch
 import triton
 
 from ..._config import TritonKnobs
-from .kernels import _gemm_lora_kernel, _small_m_fwd_kernel
+from .kernels import _output_gemm_kernel, _small_m_kernel
 
 _MAX_SMEM = 200 * 1024  # bytes of shared memory a config may plan for (H100 has 227 KB per block)
 
@@ -108,11 +108,11 @@ def _tuned_gemm(small_m: bool, elt: int, r_pad: int):
     return triton.autotune(
         configs=_gemm_configs(small_m, elt, r_pad),
         key=["M_BUCKET", "N", "K", "HAS_BIAS", "HAS_DROPOUT", "R_PAD", "DOT_PREC"],
-    )(_gemm_lora_kernel)
+    )(_output_gemm_kernel)
 
 
 @functools.lru_cache(maxsize=None)
-def _prefill_config(r_pad: int):
+def _rank_term_config(r_pad: int):
     """The fixed tile of the output kernel when cuBLAS runs the main loop (no main K-steps, a memory-bound write of
     the output): 128x128, halved in M for r_pad >= 128 so the (BM, R_PAD) operand stays in registers."""
     return triton.Config({"BM": 128 if r_pad < 128 else 64, "BN": 128, "BK": 64, "GROUP_M": 8}, num_warps=8,
@@ -121,7 +121,7 @@ def _prefill_config(r_pad: int):
 
 # --------------------------------------------------------------------------------- the one-launch small-M forward
 def _small_m_smem(bm: int, bn: int, bk: int, stages: int, elt: int, a_elt: int, r_pad: int, u_given: bool) -> int:
-    """Shared-memory estimate of a _small_m_fwd_kernel config: `stages` buffers of the pipelined x, W^T and (unless
+    """Shared-memory estimate of a _small_m_kernel config: `stages` buffers of the pipelined x, W^T and (unless
     u is given) A^T tiles, plus the epilogue's u and B^T tiles; 30% headroom for layout-conversion scratch.
     tests/test_triton_backend.py::test_small_m_configs_fit checks that triton's own allocation for sm_90 stays
     under it."""
@@ -143,7 +143,7 @@ def _small_m_configs(bm: int, elt: int, a_elt: int, r_pad: int, u_given: bool):
 def _tuned_small_m(bm: int, elt: int, a_elt: int, r_pad: int, u_given: bool):
     return triton.autotune(configs=_small_m_configs(bm, elt, a_elt, r_pad, u_given),
                            key=["N", "K", "HAS_BIAS", "HAS_DROPOUT", "R_PAD", "DOT_PREC", "U_GIVEN", "BM"],
-                           )(_small_m_fwd_kernel)
+                           )(_small_m_kernel)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -170,7 +170,7 @@ def _shrink_kernel(
 #   dx:      a = dy, b = W,                    l = g, lb = A,   lora_scale = s/q, keep mask
 # ------------------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=_PER_CALL_SCALARS)
-def _gemm_lora_kernel(
+def _output_gemm_kernel(
     a_ptr, b_ptr, l_ptr, lb_ptr, bias_ptr, c_ptr,
     M, N, K, R,
     s_am, s_ak, s_bk, s_bn, s_lm, s_lr, s_lbr, s_lbn, s_cm, s_cn,
@@ -246,7 +246,7 @@ def _gemm_lora_kernel(
 # would read all of A). Summing here instead of in a separate torch.sum saves a launch and its output.
 # ------------------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=_PER_CALL_SCALARS)
-def _small_m_fwd_kernel(
+def _small_m_kernel(
     x_ptr, w_ptr, a_ptr, b_ptr, bias_ptr, u_ptr, up_ptr, y_ptr,
     M, N, K, R, U_SPLITS,
     s_xm, s_xk, s_wn, s_wk, s_ar, s_ak, s_bn, s_br, s_um, s_ur, s_up, s_ym, s_yn,
@@ -293,7 +293,7 @@ def _small_m_fwd_kernel(
         tl.store(u_ptrs, u, mask=u_mask)
     bt = tl.load(b_ptr + rr[:, None] * s_br + offs_n.to(tl.int64)[None, :] * s_bn,
                  mask=r_mask[:, None] & n_mask[None, :], other=0.0).to(DT)  # B^T tile (R_PAD, BN)
-    if DOT_PREC == "ieee":  # fp32: own accumulator, scaled after the dot (see _gemm_lora_kernel)
+    if DOT_PREC == "ieee":  # fp32: own accumulator, scaled after the dot (see _output_gemm_kernel)
         acc += tl.dot(uacc, bt, input_precision=DOT_PREC) * scale
     else:
         acc = tl.dot(_mm(u.to(DT)), _mm(bt), acc, input_precision=DOT_PREC)
@@ -308,7 +308,7 @@ def _small_m_fwd_kernel(
 # written to dbp[pid_m] (summed with torch afterwards): one pass over dy.
 # ------------------------------------------------------------------------------------------------------
 @triton.jit
-def _g_db_kernel(
+def _dy_pass_kernel(
     dy_ptr, b_ptr, u_ptr, g_ptr, dbp_ptr,
     M, N, R,
     s_dm, s_dn, s_bn, s_br, s_um, s_ur, s_gm, s_gr, s_pp, s_pn, s_pr,

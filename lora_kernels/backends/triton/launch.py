@@ -10,11 +10,11 @@ import triton
 from ... import _config
 from ..._config import TritonKnobs
 from ...philox import calls_per_row, keep_threshold
-from .configs import (_cdiv, _dot_precision, _gemm_configs, _helper_tiles, _next_pow2, _num_sms, _prefill_config,
+from .configs import (_cdiv, _dot_precision, _gemm_configs, _helper_tiles, _next_pow2, _num_sms, _rank_term_config,
                       _r_pad, _rank_f32, _small_m_heuristic, _splits, _stages, _tuned_gemm, _tuned_small_m)
-from .kernels import _PER_CALL_SCALARS, _g_db_kernel, _gemm_lora_kernel, _shrink_kernel, _small_m_fwd_kernel
+from .kernels import _PER_CALL_SCALARS, _dy_pass_kernel, _output_gemm_kernel, _shrink_kernel, _small_m_kernel
 
-SMALL_M = 64  # forward calls with M <= SMALL_M take the one-launch path (_small_m_fwd_kernel)
+SMALL_M = 64  # forward calls with M <= SMALL_M take the one-launch path (_small_m_kernel)
 # dB is fused into the g pass (per-M-block fp32 partials, written then read back by the sum) when the partial
 # buffer is at most this fraction of dy's bytes, i.e. when it costs no more than the second read of dy that
 # the separate dB pass (_launch_shrink_t) would. Tests set it to 0 / inf to exercise both paths.
@@ -226,14 +226,14 @@ def _forward_small_m(x, weight, bias, lora_A, lora_B, u, y, scale, p, seed, offs
     grid = lambda cfg: (_cdiv(N, cfg["BN"]), _cdiv(M, bm))  # noqa: E731
     elt, a_elt = x.element_size(), lora_A.element_size()
     if kn.interpret:
-        _launch(_small_m_fwd_kernel, grid({"BN": 32}), args, dict(meta, BN=32, BK=32))
+        _launch(_small_m_kernel, grid({"BN": 32}), args, dict(meta, BN=32, BK=32))
     elif not kn.autotune:
         cfg = _small_m_heuristic(N, bm, elt, a_elt, r_pad, u_given, _num_sms(x.device))
-        _launch(_small_m_fwd_kernel, grid(cfg), args, {**meta, **cfg})
+        _launch(_small_m_kernel, grid(cfg), args, {**meta, **cfg})
     else:
         key = ("small_m", bm, N, K, bias is not None, p > 0.0, r_pad, dot_prec, u_given, x.dtype, weight.dtype,
                lora_A.dtype, lora_B.dtype)
-        _launch_tuned(key, _tuned_small_m(bm, elt, a_elt, r_pad, u_given), _small_m_fwd_kernel, grid, args, meta)
+        _launch_tuned(key, _tuned_small_m(bm, elt, a_elt, r_pad, u_given), _small_m_kernel, grid, args, meta)
 
 
 def _launch_gemm(a, b_strides, b, b_mat, l, lb_strides, lb, bias, c, N, K, R, lora_scale, p, seed, offset,
@@ -261,20 +261,20 @@ def _launch_gemm(a, b_strides, b, b_mat, l, lb_strides, lb, bias, c, N, K, R, lo
     grid = lambda cfg: (_cdiv(M, cfg["BM"]) * _cdiv(N, cfg["BN"]),)  # noqa: E731
     if kn.interpret:
         cfg = dict(BM=16, BN=32, BK=32, GROUP_M=4)
-        _launch(_gemm_lora_kernel, grid(cfg), args, {**meta, **cfg})
+        _launch(_output_gemm_kernel, grid(cfg), args, {**meta, **cfg})
     elif cublas:
         # No main K-steps: a memory-bound write of c (plus the rank-r dot and, with dropout, the mask). One fixed
         # tile serves every shape near the memory bandwidth; tuning main-loop tiles for it would only cost compile
         # time on each new shape.
-        cfg = _prefill_config(r_pad)
-        _launch(_gemm_lora_kernel, grid(cfg.kwargs), args, {**meta, **cfg.all_kwargs()})
+        cfg = _rank_term_config(r_pad)
+        _launch(_output_gemm_kernel, grid(cfg.kwargs), args, {**meta, **cfg.all_kwargs()})
     elif not kn.autotune:  # first config, no tuning (GPU tests)
         cfg = _gemm_configs(M <= 64, a.element_size(), r_pad)[0]
-        _launch(_gemm_lora_kernel, grid(cfg.kwargs), args, {**meta, **cfg.all_kwargs()})
+        _launch(_output_gemm_kernel, grid(cfg.kwargs), args, {**meta, **cfg.all_kwargs()})
     else:
         key = ("gemm", M <= 64, m_bucket, N, K, has_bias, has_dropout, r_pad, dot_prec, a.dtype, b.dtype, l.dtype,
                lb.dtype)
-        _launch_tuned(key, _tuned_gemm(M <= 64, a.element_size(), r_pad), _gemm_lora_kernel, grid, args, meta)
+        _launch_tuned(key, _tuned_gemm(M <= 64, a.element_size(), r_pad), _output_gemm_kernel, grid, args, meta)
     if cublas:
         c.addmm_(a, b_mat)
 
@@ -359,7 +359,7 @@ def backward(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, need_dx
         # fuse dB into the g pass when the per-M-block partial buffer is small next to dy (2r/BM of it)
         fuse_db = need_dB and m_blocks * N * R * 4 <= _FUSE_DB_PARTIAL_RATIO * M * N * dy.element_size()
         dbp, dbp_s = _partials(m_blocks, N, R, dev) if fuse_db else (g, (0, 0, 0))
-        _launch(_g_db_kernel, (m_blocks,), (
+        _launch(_dy_pass_kernel, (m_blocks,), (
             dy, lora_B, u, g, dbp, M, N, R,
             dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), u.stride(0), u.stride(1),
             g.stride(0), g.stride(1), *dbp_s),
