@@ -328,7 +328,8 @@ std::tuple<Tensor, Tensor, Tensor> lora_backward(const Tensor& dy, const Tensor&
   return {need_dx ? dx : none, need_dA ? dA : none, need_dB ? dB : none};
 }
 
-// lora_linear: the op with its autograd node in C++ (csrc/lora_autograd.h), for eager mode.
+// lora_linear: the op with its autograd node in C++ (csrc/lora_autograd.h), for eager mode with a frozen weight and
+// bias (a trainable base goes to the Python autograd of lora_kernels/ops.py).
 struct FusedKernels {
   static std::tuple<Tensor, Tensor> forward(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                                             const Tensor& lora_A, const Tensor& lora_B, double scaling, double p,

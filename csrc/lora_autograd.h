@@ -13,8 +13,11 @@
 // backward gets the same one as its forward (saved with the other tensors), so both regenerate one mask.
 // Why C++: Python's autograd.Function around forward / backward costs tens of microseconds of host time per
 // fwd+bwd, which decides the speed of small-M calls and of whole training steps; with this node a training step's
-// backward runs no Python for these layers. Same routing and math as lora_kernels/ops.py's _backward
-// (tests/test_contract.py checks that both give the same grads bit for bit).
+// backward runs no Python for these layers. Same routing and math of (dx, dA, dB) as lora_kernels/ops.py's
+// _backward (tests/test_contract.py checks that both give the same grads bit for bit).
+// Scope: a frozen base weight and bias (LoRA's case, where the host time matters). A trainable weight or bias is
+// refused in forward: lora_linear routes it to its Python autograd, which holds the one definition of dW and db
+// (ops._base_grads), so this node does not repeat that math.
 #pragma once
 
 #include <torch/autograd.h>
@@ -51,6 +54,9 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction<I
                             const std::optional<at::Tensor>& bias, const at::Tensor& lora_A, const at::Tensor& lora_B,
                             double scaling, double p, int64_t seed, int64_t offset,
                             const std::optional<at::Tensor>& seed_t) {
+    TORCH_CHECK(!weight.requires_grad() && !(bias.has_value() && bias->defined() && bias->requires_grad()),
+                "lora_kernels: the C++ autograd node of lora_linear covers a frozen weight and bias; lora_linear "
+                "routes a trainable base weight or bias to its Python autograd (ops._backward)");
     auto out = Impl::forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset, seed_t);
     // An undefined tensor saves as undefined: the backward then has no device seed either.
     ctx->save_for_backward({x, weight, lora_A, lora_B, std::get<1>(out), seed_t.value_or(at::Tensor())});
@@ -67,10 +73,10 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction<I
     const at::Tensor &x = saved[0], &weight = saved[1], &lora_A = saved[2], &lora_B = saved[3], &u = saved[4];
     const std::optional<at::Tensor> seed_t = saved[5].defined() ? std::optional<at::Tensor>(saved[5]) : std::nullopt;
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    // needs_input_grad counts tensor inputs only: x, weight, [bias], lora_A, lora_B.
+    // needs_input_grad counts tensor inputs only: x, weight, [bias], lora_A, lora_B. The weight and bias are frozen
+    // (checked in forward): out[1] and out[2] stay undefined.
     const size_t a_edge = has_bias ? 3 : 2;
-    const bool need_dx = ctx->needs_input_grad(0), need_dW = ctx->needs_input_grad(1);
-    const bool need_db = has_bias && ctx->needs_input_grad(2);
+    const bool need_dx = ctx->needs_input_grad(0);
     const bool need_dA = ctx->needs_input_grad(a_edge), need_dB = ctx->needs_input_grad(a_edge + 1);
     const at::Tensor dy = grads[0].contiguous();  // materialized: defined even when y's grad is not
     variable_list out(10);  // one per forward argument; undefined = no gradient
@@ -82,11 +88,6 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction<I
       if (need_dA) out[3] = std::get<1>(g);
       if (need_dB) out[4] = std::get<2>(g);
     }
-    // A trainable base weight or bias is outside the fused fast path: plain (correct) ATen math, accumulated in
-    // fp32 (fp64 for fp64 inputs).
-    const auto acc = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    if (need_dW) out[1] = dy.t().to(acc).mm(x.to(acc)).to(weight.scalar_type());
-    if (need_db) out[2] = dy.to(acc).sum(0).to(dy.scalar_type());
     if (at::GradMode::is_enabled()) {  // create_graph=True: first-order values, second order a clear error
       for (auto& g : out) {
         if (g.defined()) g = NotTwiceDifferentiable::apply(g, dy, x, weight, lora_A, lora_B);

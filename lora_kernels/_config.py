@@ -19,8 +19,9 @@ Read once, when lora_kernels is imported:
                                         the kernels are defined, so a later change has no effect.
     LORA_KERNELS_TRITON_FAST_LAUNCH     triton backend: 1 (default) relaunches compiled kernels without triton's
                                         JITFunction.run (host time); 0 launches every kernel through the JIT.
-    LORA_KERNELS_CPP_AUTOGRAD           cuda backend: 1 (default) runs eager calls that need grads through its C++
-                                        autograd node; 0 uses the Python autograd of lora_kernels.ops instead.
+    LORA_KERNELS_CPP_AUTOGRAD           cuda backend: 1 (default) runs eager calls that need grads, with a frozen
+                                        weight and bias, through its C++ autograd node; 0 uses the Python autograd
+                                        of lora_kernels.ops instead (which a trainable weight or bias always uses).
     LORA_KERNELS_DORA_SAVE_Z            dora_linear: 1 saves z = x_d (W + s B A)^T (M x N) for the backward (faster,
                                         more memory); 0 (default) recomputes it in row chunks.
     LORA_KERNELS_DORA_CHUNK_MIB         dora_linear: the row chunks' temporary budget in MiB (default 64).

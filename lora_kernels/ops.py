@@ -148,8 +148,10 @@ def _bwd_fake(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, backen
 # ------------------------------------------------------------------------------------------------ autograd
 # The autograd of lora_fwd, defined once: _setup_context saves what backward needs, _backward routes dy to the grads
 # each input needs. Two registrations run it: register_autograd on the op (what torch.compile records), and
-# _EagerLoRA for eager calls. The cuda backend's C++ node (csrc/lora_autograd.h) is the same routing written in C++,
-# so that its backward runs no Python; tests/test_contract.py checks that it gives the same grads bit for bit.
+# _EagerLoRA for eager calls. The cuda backend's C++ node (csrc/lora_autograd.h) is the same routing of (dx, dA, dB)
+# written in C++, so that its backward runs no Python; it covers a frozen weight and bias only (lora_linear sends a
+# trainable base here, so dW and db are defined once, in _base_grads); tests/test_contract.py checks that it gives
+# the same grads bit for bit.
 def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_A, lora_B, scaling, p, seed, offset, backend = inputs
     ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], seed)
@@ -189,7 +191,7 @@ class _EagerLoRA(torch.autograd.Function):
     call than the backend call itself (tens of microseconds), which decides the speed of small-M calls and of whole
     training steps. ``lora_linear`` uses it unless torch.compile is tracing, where the registered op (fake impls,
     opaque to dynamo) is what the graph records, or the backend brings its own autograd node (the cuda backend's,
-    in C++). tests/test_contract.py checks that all paths give bit-identical outputs and grads."""
+    in C++) and the base weight and bias are frozen. tests/test_contract.py checks that all paths give bit-identical outputs and grads."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, p, seed, offset, backend):
@@ -321,8 +323,12 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
         y = torch.ops.lora_kernels.lora_fwd(*args)[0]
     elif torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or lora_A.requires_grad
                                       or lora_B.requires_grad or (bias is not None and bias.requires_grad)):
-        cpp = getattr(_dispatch.get(name), "linear_autograd", None) if x2.shape[0] and _config.CPP_AUTOGRAD else None
-        if cpp is not None:  # the backend's own autograd node (C++): no Python in forward's wrapper or backward
+        # the backend's own autograd node (C++) covers a frozen weight and bias (LoRA's case): a trainable base goes
+        # to _EagerLoRA, whose _backward holds the one definition of dW and db (_base_grads)
+        cpp = (getattr(_dispatch.get(name), "linear_autograd", None)
+               if x2.shape[0] and _config.CPP_AUTOGRAD and not weight.requires_grad
+               and (bias is None or not bias.requires_grad) else None)
+        if cpp is not None:  # no Python in forward's wrapper or backward
             y = cpp(*args[:6], p, _backend_seed(seed, p), 0)
         else:
             y = _EagerLoRA.apply(*args)

@@ -1,7 +1,8 @@
 """The CUDA backend's C++ autograd node (csrc/lora_autograd.h), tested on the CPU: the same header is built into a
 small CPU extension (tests/cpp/autograd_shim.cpp) with reference math in place of the fused kernels, so that the
-node's gradient routing (which inputs need grads, with and without a bias), its saved tensors, retain_graph,
-checkpointing, inference mode and the double-backward error are checked in CI. The GPU suite checks the real node
+node's gradient routing (which inputs need grads, with and without a bias), its refusal of a trainable base weight
+or bias (lora_linear sends those to its Python autograd), its saved tensors, retain_graph, checkpointing, inference
+mode and the double-backward error are checked in CI. The GPU suite checks the real node
 against the Python paths (test_contract.py::test_eager_paths_match_registered_op)."""
 import itertools
 import os
@@ -46,16 +47,26 @@ def _formula(x, W, b, A, B, s):
     return y + b if b is not None else y
 
 
+FROZEN_BASE = "covers a frozen weight and bias"
+
+
 @pytest.mark.parametrize("bias", [True, False])
 def test_grads_for_every_subset_of_inputs(op, bias):
-    """Each subset of (x, W, b, A, B) requiring grad gets exactly those grads, equal to autograd through the formula."""
+    """Each subset of (x, A, B) requiring grad, with W and b frozen, gets exactly those grads, equal to autograd
+    through the formula; every subset in which W or b requires grad is refused at the call with a clear error."""
     base = _inputs(bias)
+    refused = 0
     for req in itertools.product([False, True], repeat=5):
         if not any(req) or (req[2] and not bias):
             continue
         ts = [t.clone().requires_grad_(q) if t is not None else None for t, q in zip(base, req)]
         ref = [t.clone().requires_grad_(q) if t is not None else None for t, q in zip(base, req)]
         dy = torch.randn(5, 6, dtype=torch.float64)
+        if req[1] or req[2]:
+            with pytest.raises(RuntimeError, match=FROZEN_BASE):
+                op(*ts, 0.5, 0.0, 0, 0)
+            refused += 1
+            continue
         op(*ts, 0.5, 0.0, 0, 0).backward(dy)
         _formula(*ref, 0.5).backward(dy)
         for name, t, r in zip("xWbAB", ts, ref):
@@ -64,11 +75,25 @@ def test_grads_for_every_subset_of_inputs(op, bias):
             assert (t.grad is None) == (r.grad is None), (req, name)
             if t.grad is not None:
                 torch.testing.assert_close(t.grad, r.grad, msg=f"{req} {name}")
+    assert refused == (24 if bias else 8)  # the subsets with W (and, given a bias, b) requiring grad
 
 
-def test_gradcheck(op):
-    x, W, b, A, B = (t.requires_grad_() for t in _inputs(True))
-    assert torch.autograd.gradcheck(lambda *a: op(*a, 0.5, 0.0, 0, 0), (x, W, b, A, B))
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradcheck(op, bias):
+    """gradcheck over (x, A, B), with the base weight and bias frozen."""
+    x, W, b, A, B = _inputs(bias)
+    x, A, B = (t.requires_grad_() for t in (x, A, B))
+    assert torch.autograd.gradcheck(lambda x, A, B: op(x, W, b, A, B, 0.5, 0.0, 0, 0), (x, A, B))
+
+
+def test_trainable_base_is_refused_at_the_call(op):
+    """A weight or bias that requires grad (alone, or beside a non-leaf weight from a cast) fails in forward, at the
+    call, not later in backward; nothing else about the call matters."""
+    x, W, b, A, B = _inputs(True)
+    for w, bb in ((W.clone().requires_grad_(), b), (W, b.clone().requires_grad_()),
+                  (W.clone().requires_grad_().float().double(), None)):
+        with pytest.raises(RuntimeError, match=FROZEN_BASE):
+            op(x, w, bb, A.clone().requires_grad_(), B, 0.5, 0.0, 0, 0)
 
 
 def test_retain_graph_checkpoint_and_modes(op):
@@ -101,11 +126,11 @@ def test_retain_graph_checkpoint_and_modes(op):
 
 def test_fp32_adapters_grads_keep_their_dtypes(op):
     x, W, b, A, B = _inputs(True, dtype=torch.float32)
-    x, W, b = x.bfloat16().requires_grad_(), W.bfloat16().requires_grad_(), b.bfloat16().requires_grad_()
+    x, W, b = x.bfloat16().requires_grad_(), W.bfloat16(), b.bfloat16()
     A.requires_grad_(), B.requires_grad_()
     op(x, W, b, A, B, 0.5, 0.0, 0, 0).float().sum().backward()
-    assert (x.grad.dtype, W.grad.dtype, b.grad.dtype, A.grad.dtype, B.grad.dtype) == (
-        torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.float32, torch.float32)
+    assert (x.grad.dtype, A.grad.dtype, B.grad.dtype) == (torch.bfloat16, torch.float32, torch.float32)
+    assert W.grad is None and b.grad is None
 
 
 def test_double_backward_is_a_clear_error(op):
@@ -133,7 +158,7 @@ def test_device_seed_reaches_forward_and_backward(op, bias):
     it gets no grad itself."""
     base = _inputs(bias)
     seed_t = torch.tensor(2, dtype=torch.int64)
-    for req in ([True, False, False, True, True], [True, True, bias, True, True], [False, False, False, False, True]):
+    for req in ([True, False, False, True, True], [True, False, False, False, False], [False, False, False, False, True]):
         ts = [t.clone().requires_grad_(q) if t is not None else None for t, q in zip(base, req)]
         ref = [t.clone().requires_grad_(q) if t is not None else None for t, q in zip(base, req)]
         dy = torch.randn(5, 6, dtype=torch.float64)

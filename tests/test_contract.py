@@ -343,16 +343,20 @@ def test_available_backends_reports_reasons():
 
 @pytest.mark.parametrize("backend,device,dtype", CASES, ids=IDS)
 @pytest.mark.parametrize("p", [0.0, 0.25])
-def test_eager_paths_match_registered_op(backend, device, dtype, p, monkeypatch):
+@pytest.mark.parametrize("train_base", [False, True], ids=["frozen_base", "trained_base"])
+def test_eager_paths_match_registered_op(backend, device, dtype, p, train_base, monkeypatch):
     """Every way lora_linear runs autograd gives bit-identical outputs and grads for the same seed: the eager
-    path (for the cuda backend its C++ autograd node, else the Python autograd.Function that skips the
-    dispatcher's wrapper), the Python autograd.Function forced, and the registered op with its
-    register_autograd (what torch.compile records). The base weight and bias also train here."""
+    path (for the cuda backend with a frozen base its C++ autograd node, else the Python autograd.Function that
+    skips the dispatcher's wrapper), the Python autograd.Function forced, and the registered op with its
+    register_autograd (what torch.compile records). With train_base the base weight and bias train too: the cuda
+    backend's C++ node covers a frozen base only, so lora_linear must take the Python autograd (the one definition
+    of dW and db) instead."""
     x, W, b, A, B = make((11,), 40, 24, 8, dtype, device)
     dy = torch.randn(11, 24, device=device).to(dtype)
+    names = ("y", "dx", "dW", "db", "dA", "dB") if train_base else ("y", "dx", "dA", "dB")
 
     def run(path):
-        ts = [t.detach().clone().requires_grad_() for t in (x, W, b, A, B)]
+        ts = [t.detach().clone().requires_grad_(train_base or i not in (1, 2)) for i, t in enumerate((x, W, b, A, B))]
         if path == "registered":
             seed = torch.tensor(calls[0][0] if p > 0 else 0, dtype=torch.int64)
             y = torch.ops.lora_kernels.lora_fwd(*ts, 0.5, p, seed, 0, backend)[0]
@@ -363,15 +367,18 @@ def test_eager_paths_match_registered_op(backend, device, dtype, p, monkeypatch)
                 torch.manual_seed(7)
                 y = lora_kernels.lora_linear(*ts, 0.5, dropout_p=p, backend=backend)
         y.backward(dy)
-        return [y] + [t.grad for t in ts]
+        if not train_base:
+            assert ts[1].grad is None and ts[2].grad is None, path
+        return [y] + [t.grad for i, t in enumerate(ts) if train_base or i not in (1, 2)]
 
     with record_dropout() as calls:
         eager = run("eager")
-    if backend == "cuda":  # the C++ autograd node really ran
-        assert "LoraLinearFunction" in eager[0].grad_fn.name(), eager[0].grad_fn.name()
+    if backend == "cuda":  # the C++ autograd node ran exactly for a frozen base
+        assert ("LoraLinearFunction" in eager[0].grad_fn.name()) != train_base, eager[0].grad_fn.name()
     for path in ("python", "registered"):
         other = run(path)
-        for name, got, want in zip(("y", "dx", "dW", "db", "dA", "dB"), eager, other):
+        assert len(eager) == len(other) == len(names), path
+        for name, got, want in zip(names, eager, other):
             assert got is not None and want is not None, (path, name)
             assert torch.equal(got, want), (path, name)
 

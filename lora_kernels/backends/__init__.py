@@ -25,9 +25,10 @@ The contract every backend implements (all tensors already validated and made 2-
     the device: no .item(), no host copies, no data-dependent Python branches on device values.
 
 Optional: ``linear_autograd(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset) -> y`` (or None), the
-backend's own autograd node for eager calls that need grads (M >= 1), with the gradients of forward/backward
-above plus plain-math grads for a trainable weight and bias. The cuda backend provides one in C++
-(csrc/lora_autograd.h); without it ``lora_kernels.ops`` wraps forward/backward in a Python autograd.Function.
+backend's own autograd node for eager calls that need grads (M >= 1) with a frozen weight and bias, with the
+gradients of forward/backward above. The cuda backend provides one in C++ (csrc/lora_autograd.h); without it, or
+when the weight or bias requires grad, ``lora_kernels.ops`` wraps forward/backward in a Python autograd.Function
+(which holds the one definition of the base weight's and bias's grads).
 
 The mask (see ``lora_kernels/philox.py``): element (m, k) of the (M, K) input uses Philox 4x32-10 counter
 c = offset + m * ceil(K / 8) + k // 8 (c0 = low 32 bits, c1 = high 32 bits, c2 = c3 = 0; key = seed low/high
