@@ -440,26 +440,30 @@ def _nk_allocations(fn, N, K):
     return [(f, n) for f, n in mode.sizes if n >= N * K]
 
 
-# the torch backend up-casts 16-bit operands (its reference math): fp32 there; Triton runs 16-bit as given
-_ALLOC_CASES = [("torch", torch.float32)] + (
-    [("triton", torch.float16)] if any(b == "triton" for b, _ in backend_cases()) else [])
+# the torch backend up-casts 16-bit operands (its reference math): fp32 there; Triton runs 16-bit as given, on each
+# device backend_cases() runs it on (CUDA tensors on a GPU, CPU tensors under TRITON_INTERPRET=1)
+_ALLOC_CASES = [("torch", "cpu", torch.float32)] + [
+    ("triton", d, torch.float16) for b, d in backend_cases() if b == "triton"]
 
 
-@pytest.mark.parametrize("backend,dtype", _ALLOC_CASES, ids=lambda v: str(v))
+@pytest.mark.parametrize("backend,device,dtype", _ALLOC_CASES, ids=lambda v: str(v))
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_no_nk_temporary(monkeypatch, backend, dtype, p):
+def test_no_nk_temporary(monkeypatch, backend, device, dtype, p):
     # M·N, M·K, N·r, ... are all far below N·K here, so any tensor of N·K elements or more is a weight-sized
     # temporary. The ‖W‖² cache fill up-casts W in row chunks: made smaller than W to show that it chunks.
     M, K, N, r = 6, 64, 48, 4
     monkeypatch.setattr(dora, "_CHUNK_ELEMS", N * K // 4)
     dora.clear_weight_norm_cache()
-    x, W, b, A, B, m = make((M,), K, N, r, dtype, "cpu", adapter_dtype=torch.float32)
+    x, W, b, A, B, m = make((M,), K, N, r, dtype, device, adapter_dtype=torch.float32)
     x.requires_grad_(), A.requires_grad_(), B.requires_grad_(), m.requires_grad_()
 
     def fwd_bwd():
         y = lora_kernels.dora_linear(x, W, b, A, B, 2.0, m, dropout_p=p, backend=backend)
         y.backward(torch.randn_like(y))
 
+    # the detector works on this device: it sees an N×K temporary (the dispatch mode sees every ATen op's result,
+    # whatever the device's allocator)
+    assert _nk_allocations(lambda: W.float() * 2.0, N, K) != []
     assert _nk_allocations(fwd_bwd, N, K) == []
 
 
