@@ -1,7 +1,9 @@
 """Shared test helpers: which (backend, device) pairs run here, the reference formula, the tolerance rule."""
 import ast
+import importlib
 import os
 import shutil
+import sys
 import zlib
 
 import pytest
@@ -53,6 +55,56 @@ def torch_cxx_std(torch_include=None) -> str:
 
         torch_include = include_paths()[0]
     return setup_py_function("_cxx_std")(torch_include)
+
+
+# ------------------------------------------------------------------ helpers shared by several test files
+PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# the interpreters the Triton-compile subprocess tests run under: this one, and LORA_KERNELS_TRITON_ALT_PYTHON (a
+# second interpreter with another triton version) when set
+TRITON_PYTHONS = [sys.executable] + ([os.environ["LORA_KERNELS_TRITON_ALT_PYTHON"]]
+                                     if os.environ.get("LORA_KERNELS_TRITON_ALT_PYTHON") else [])
+
+
+def tiny_llama(dtype=torch.float32, seed=0):
+    """A tiny random-init Llama (2 layers, hidden 64) in eval mode; needs transformers."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                   max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def randomize_adapters(model, seed=1, magnitudes=False):
+    """lora_B random (PEFT inits it to zero) and, with ``magnitudes``, the DoRA magnitudes scaled by random factors
+    (so g != 1)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_((torch.randn(p.shape, generator=g) * 0.2).to(p.dtype))
+            elif magnitudes and "lora_magnitude_vector" in name:
+                p.mul_((0.5 + torch.rand(p.shape, generator=g)).to(p.dtype))
+
+
+def import_from(folder, module):
+    """Imports ``module`` from ``folder`` (a bench script directory, not a package) without leaving it on sys.path."""
+    sys.path.insert(0, folder)
+    try:
+        return importlib.import_module(module)
+    finally:
+        sys.path.remove(folder)
+
+
+def forbid_host_reads(m):
+    """With monkeypatch context ``m``: any read of a tensor's value on the host (int(), index, .item()) raises."""
+    def no_host_read(*_a, **_k):
+        raise AssertionError("the seed was read on the host")
+    m.setattr(torch.Tensor, "__int__", no_host_read)
+    m.setattr(torch.Tensor, "__index__", no_host_read)
+    m.setattr(torch.Tensor, "item", no_host_read)
 
 
 def dtypes_for(backend, device):
