@@ -1,7 +1,9 @@
 """Shared test helpers: which (backend, device) pairs run here, the reference formula, the tolerance rule."""
 import ast
+import importlib
 import os
 import shutil
+import sys
 import zlib
 
 import pytest
@@ -55,6 +57,56 @@ def torch_cxx_std(torch_include=None) -> str:
     return setup_py_function("_cxx_std")(torch_include)
 
 
+# ------------------------------------------------------------------ helpers shared by several test files
+PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# the interpreters the Triton-compile subprocess tests run under: this one, and LORA_KERNELS_TRITON_ALT_PYTHON (a
+# second interpreter with another triton version) when set
+TRITON_PYTHONS = [sys.executable] + ([os.environ["LORA_KERNELS_TRITON_ALT_PYTHON"]]
+                                     if os.environ.get("LORA_KERNELS_TRITON_ALT_PYTHON") else [])
+
+
+def tiny_llama(dtype=torch.float32, seed=0):
+    """A tiny random-init Llama (2 layers, hidden 64) in eval mode; needs transformers."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                   max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def randomize_adapters(model, seed=1, magnitudes=False):
+    """lora_B random (PEFT inits it to zero) and, with ``magnitudes``, the DoRA magnitudes scaled by random factors
+    (so g != 1)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_((torch.randn(p.shape, generator=g) * 0.2).to(p.dtype))
+            elif magnitudes and "lora_magnitude_vector" in name:
+                p.mul_((0.5 + torch.rand(p.shape, generator=g)).to(p.dtype))
+
+
+def import_from(folder, module):
+    """Imports ``module`` from ``folder`` (a bench script directory, not a package) without leaving it on sys.path."""
+    sys.path.insert(0, folder)
+    try:
+        return importlib.import_module(module)
+    finally:
+        sys.path.remove(folder)
+
+
+def forbid_host_reads(m):
+    """With monkeypatch context ``m``: any read of a tensor's value on the host (int(), index, .item()) raises."""
+    def no_host_read(*_a, **_k):
+        raise AssertionError("the seed was read on the host")
+    m.setattr(torch.Tensor, "__int__", no_host_read)
+    m.setattr(torch.Tensor, "__index__", no_host_read)
+    m.setattr(torch.Tensor, "item", no_host_read)
+
+
 def dtypes_for(backend, device):
     # every backend, the interpreted Triton one included (its bf16 dots are widened to fp32: _mm in
     # lora_kernels/backends/triton/kernels.py)
@@ -74,12 +126,42 @@ def err(a, ref):
     return (a.double() - ref.double()).abs().max().item() if a.numel() else 0.0
 
 
-def assert_tolerance(out, ref64, baseline, name="output", floor=None):
-    """FlashAttention's rule: error vs float64 <= 2x the same-precision PyTorch error + a small floor."""
+def abs_reference(fn, inputs, dy):
+    """The condition scale of a multilinear formula: ``fn`` evaluated in float64 on the absolute values of
+    ``inputs``, and its grads w.r.t. them for the cotangent ``|dy|``. ``fn`` is the float64 reference formula as a
+    function of the differentiated inputs, with every other operand already replaced by its absolute value (and
+    every scalar factor, such as s and a dropout keep/(1-p) mask, nonnegative). For a formula that is a sum of
+    products of its operands, each element of the result, and of each grad, is then exactly the sum of the absolute
+    values of the terms that the real computation adds up: the quantity an accumulated rounding error scales with.
+    Returns (out_abs, [grad_abs for each input])."""
+    ts = [t.detach().double().abs().requires_grad_() for t in inputs]
+    out = fn(*ts)
+    out.backward(dy.detach().double().abs())
+    return out.detach(), [t.grad for t in ts]
+
+
+def assert_tolerance(out, ref64, baseline, name="output", floor=None, abs_ref=None, eps_dtype=None):
+    """FlashAttention's rule: error vs float64 <= 2x the same-precision PyTorch error + a small floor.
+
+    The floor (unless given) is the larger of
+      * two roundings of the result: 2·eps·max|ref64| (eps of ``eps_dtype``, default the output's dtype), and
+      * with ``abs_ref`` (abs_reference: per element, the sum of the absolute values of the terms that were added
+        up), one rounding of that sum in the accumulation precision (float32 for 16-bit dtypes, which every
+        backend and PyTorch accumulate in float32): eps_acc·max|abs_ref|. A result that is small by cancellation
+        (one K-term dot product with M = 1, r = 1) has an error set by its terms, not by itself: with the first
+        term alone the rule would judge PyTorch's own summation-order luck. For 16-bit outputs the first term
+        dominates (the outputs' own rounding), so the rule is unchanged there; for float32 it is one ulp of the
+        absolute sum, below the accumulated error of any long sum."""
     assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
     assert torch.isfinite(out).all(), f"{name}: non-finite values"
     if floor is None:
-        floor = 2 * torch.finfo(out.dtype).eps * max(ref64.abs().max().item() if ref64.numel() else 0.0, 1e-3)
+        eps_dtype = eps_dtype or out.dtype
+        floor = 2 * torch.finfo(eps_dtype).eps * max(ref64.abs().max().item() if ref64.numel() else 0.0, 1e-3)
+        if abs_ref is not None:
+            assert abs_ref.shape == ref64.shape, f"{name}: abs_ref shape {tuple(abs_ref.shape)}"
+            assert (abs_ref >= ref64.abs() * (1 - 1e-12)).all(), f"{name}: abs_ref is not a bound of |ref64|"
+            eps_acc = torch.finfo(torch.promote_types(eps_dtype, torch.float32)).eps
+            floor = max(floor, eps_acc * (abs_ref.max().item() if abs_ref.numel() else 0.0))
     e, e0 = err(out, ref64), err(baseline, ref64)
     assert e <= 2 * e0 + floor, f"{name}: error {e:.3e} > 2 x baseline {e0:.3e} + floor {floor:.1e}"
 

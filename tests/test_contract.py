@@ -7,7 +7,7 @@ import torch
 import lora_kernels
 from lora_kernels.ops import record_dropout
 
-from conftest import HAS_CUDA, assert_tolerance, backend_cases, dtypes_for, formula
+from conftest import HAS_CUDA, abs_reference, assert_tolerance, backend_cases, dtypes_for, formula
 
 # Outputs start as NaN (conftest.poisoned_outputs): an unwritten element fails the finiteness checks.
 pytestmark = pytest.mark.usefixtures("poisoned_outputs")
@@ -53,17 +53,53 @@ def run_and_check(backend, device, dtype, lead, K, N, r, bias, p, adapter_dtype=
 
     ref, ref_g = grads(x.double(), A.double(), B.double())
     base, base_g = grads(x, A, B)
+    # the floor's scale: the sums of |terms| (s > 0, keep/(1-p) >= 0: the formula is multilinear in the rest)
+    Wa, ba = W.double().abs(), None if b is None else b.double().abs()
+    ref_abs, abs_g = abs_reference(lambda x, A, B: formula(x, Wa, ba, A, B, s, keep, p), (x, A, B), dy)
     assert y.dtype == dtype and y.shape == (*x.shape[:-1], N)
-    assert_tolerance(y, ref, base, "y")
-    for name, got, r64, b0 in zip(("dx", "dA", "dB"), (xg.grad, Ag.grad, Bg.grad), ref_g, base_g):
+    assert_tolerance(y, ref, base, "y", abs_ref=ref_abs)
+    for name, got, r64, b0, a64 in zip(("dx", "dA", "dB"), (xg.grad, Ag.grad, Bg.grad), ref_g, base_g, abs_g):
         assert got.dtype == {"dx": x, "dA": A, "dB": B}[name].dtype, name
-        assert_tolerance(got, r64, b0, name)
+        assert_tolerance(got, r64, b0, name, abs_ref=a64)
 
 
 @pytest.mark.parametrize("backend,device,dtype", CASES, ids=IDS)
 @pytest.mark.parametrize("lead,K,N,r", SHAPES)
 def test_against_float64(backend, device, dtype, lead, K, N, r):
     run_and_check(backend, device, dtype, lead, K, N, r, bias=True, p=0.0)
+
+
+@pytest.mark.parametrize("lead,K,N,r", [((1,), 48, 40, 1), ((1,), 64, 8, 1), ((37,), 100, 50, 33),
+                                         ((300,), 1024, 264, 64)])
+def test_tolerance_rule_accepts_reordered_and_rejects_wrong(lead, K, N, r):
+    """The rule with its condition-aware floor, on float32 CPU results: PyTorch's own computation with K summed in
+    reverse passes (for M = 1, r = 1 the floor of the result alone rejected it for a few seeds in a hundred: one dot
+    product's summation-order luck), while a result computed in bfloat16, or in float16, and the correct result
+    with its largest element off by 1e-3 relative, fail."""
+    x, W, b, A, B = make(lead, K, N, r, torch.float32, "cpu")
+    s, dy = 0.75, torch.randn(*lead, N)
+
+    def run(x, W, b, A, B):
+        ts = [t.detach().clone().requires_grad_() for t in (x, A, B)]
+        out = formula(ts[0], W, b, ts[1], ts[2], s)
+        out.backward(dy.to(out.dtype))
+        return [out.detach()] + [t.grad for t in ts]
+
+    ref = run(x.double(), W.double(), b.double(), A.double(), B.double())
+    base = run(x, W, b, A, B)
+    Wa, ba = W.double().abs(), b.double().abs()
+    out_abs, abs_g = abs_reference(lambda x, A, B: formula(x, Wa, ba, A, B, s), (x, A, B), dy)
+    rev = run(x.flip(-1), W.flip(-1), b, A.flip(-1), B)
+    rev[1:3] = [rev[1].flip(-1), rev[2].flip(-1)]
+    low = {dt: [t.float() for t in run(*(t.to(dt) for t in (x, W, b, A, B)))] for dt in (torch.bfloat16, torch.float16)}
+    for i, (name, a64) in enumerate(zip(("y", "dx", "dA", "dB"), [out_abs] + abs_g)):
+        assert_tolerance(rev[i], ref[i], base[i], name, abs_ref=a64)
+        off = base[i].clone().flatten()
+        j = ref[i].abs().argmax()
+        off[j] = ref[i].flatten()[j].float() * (1 + 1e-3)
+        for wrong in (low[torch.bfloat16][i], low[torch.float16][i], off.view_as(base[i])):
+            with pytest.raises(AssertionError, match="error"):
+                assert_tolerance(wrong, ref[i], base[i], name, abs_ref=a64)
 
 
 @pytest.mark.parametrize("backend,device,dtype", CASES, ids=IDS)

@@ -13,7 +13,7 @@ from lora_kernels import _dispatch, ops
 from lora_kernels.backends import cuda_backend, torch_ref
 from lora_kernels.philox import dropout_bits, dropout_mask
 
-from conftest import assert_tolerance
+from conftest import assert_tolerance, forbid_host_reads
 
 _INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -122,11 +122,7 @@ def test_triton_tensor_seed_bit_identical(monkeypatch, small_m):
         real_keep = tb._seed_args
         monkeypatch.setattr(tb, "_seed_args", lambda sd, dummy: launches.append(real_keep(sd, dummy)) or launches[-1])
         with monkeypatch.context() as m:
-            def no_host_read(*_a, **_k):
-                raise AssertionError("the seed was read on the host")
-            m.setattr(torch.Tensor, "__int__", no_host_read)
-            m.setattr(torch.Tensor, "__index__", no_host_read)
-            m.setattr(torch.Tensor, "item", no_host_read)
+            forbid_host_reads(m)
             y1, u1 = tb.forward(x, W, b, A, B, s, p, seed_t, offset)
             g1 = tb.backward(dy, x, W, A, B, u1, s, p, seed_t, offset, True, True, True)
         monkeypatch.setattr(tb, "_seed_args", real_keep)
@@ -173,11 +169,7 @@ def _cuda_tensor_seed_check(monkeypatch, dtype, adapter, M):
             y0, u0 = cuda_backend.forward(x, W, b, A, B, s, p, seed, offset)
             g0 = cuda_backend.backward(dy, x, W, A, B, u0, s, p, seed, offset, True, True, True)
         with monkeypatch.context() as m:
-            def no_host_read(*_a, **_k):
-                raise AssertionError("the seed was read on the host")
-            m.setattr(torch.Tensor, "__int__", no_host_read)
-            m.setattr(torch.Tensor, "__index__", no_host_read)
-            m.setattr(torch.Tensor, "item", no_host_read)
+            forbid_host_reads(m)
             y1, u1 = cuda_backend.forward(x, W, b, A, B, s, p, seed_t, offset)
             g1 = cuda_backend.backward(dy, x, W, A, B, u1, s, p, seed_t, offset, True, True, True)
         keep = dropout_mask(seed, offset, (M, K), p, device="cuda")

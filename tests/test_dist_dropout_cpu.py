@@ -17,6 +17,8 @@ import time
 import pytest
 import torch
 
+from conftest import import_from
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUDGET_S = 110  # both torchrun tests together (each ~20 s on a 2-core CPU)
 
@@ -185,11 +187,7 @@ def test_fsdp_train_checks_on_cpu(tmp_path):
 def test_verdicts_fail_when_they_should():
     """bench/train/dist_checks.verdicts on hand-made per-rank dicts: each check can fail."""
     bench = os.path.dirname(_fsdp_train())
-    sys.path.insert(0, bench)
-    try:
-        import dist_checks
-    finally:
-        sys.path.remove(bench)
+    dist_checks = import_from(bench, "dist_checks")
 
     def rank(i, seed_same=5, seed_per=None, backend="cuda", diff=0.0, stream_ok=True, dev=None):
         dev = dev or f"cuda:{i}"
@@ -232,11 +230,7 @@ def test_loss_rule_of_the_two_gpu_report():
     bench = os.path.dirname(_fsdp_train())
     if not os.path.exists(os.path.join(bench, "two_gpu_report.py")):
         pytest.skip("bench/train/two_gpu_report.py not found")
-    sys.path.insert(0, bench)
-    try:
-        import two_gpu_report
-    finally:
-        sys.path.remove(bench)
+    two_gpu_report = import_from(bench, "two_gpu_report")
 
     def launches(ours_2rank):
         one = [{"variant": "unpatched", "losses": [10.0, 9.0]}, {"variant": "patched", "losses": [10.0, 9.0]}]

@@ -18,37 +18,18 @@ from lora_kernels.peft_patch import is_patched, patch_peft, unpatch_peft  # noqa
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from peft.tuners.lora.layer import Linear as LoraLinearLayer  # noqa: E402
 
-from conftest import backend_cases  # noqa: E402
+from conftest import PEFT_TARGETS as TARGETS, backend_cases, import_from, randomize_adapters  # noqa: E402
+from conftest import tiny_llama as _tiny_llama  # noqa: E402
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 N_LORA = 2 * len(TARGETS)
 # backends that run on CPU tensors here (torch; triton under TRITON_INTERPRET=1)
 CPU_BACKENDS = [b for b, d in backend_cases() if d == "cpu"]
 
 
-def _tiny_llama(dtype=torch.float32, seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
-                                   max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(cfg).to(dtype).eval()
-
-
-def _randomize(model, seed=1):
-    """lora_B random (PEFT inits it to zero) and the magnitudes scaled by random factors (so g != 1)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_((torch.randn(p.shape, generator=g) * 0.2).to(p.dtype))
-            elif "lora_magnitude_vector" in name:
-                p.mul_((0.5 + torch.rand(p.shape, generator=g)).to(p.dtype))
-
-
 def _dora_llama(dtype=torch.float32, dropout=0.0, **kw):
     cfg = LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, lora_dropout=dropout, use_dora=True, **kw)
     model = get_peft_model(_tiny_llama(dtype), cfg)
-    _randomize(model)
+    randomize_adapters(model, magnitudes=True)
     return model.eval()
 
 
@@ -149,7 +130,7 @@ def _single(dropout=0.0, dtype=torch.float32, bias=True, K=48, N=40):
 
     model = get_peft_model(One(), LoraConfig(r=8, lora_alpha=16, target_modules=["lin"], lora_dropout=dropout,
                                              use_dora=True))
-    _randomize(model)
+    randomize_adapters(model, magnitudes=True)
     return model, model.base_model.model.lin
 
 
@@ -474,16 +455,10 @@ def test_module_merge_unmerge(dtype):
 
 # ----------------------------------------------------------------------------------- benchmark providers
 def test_bench_dora_providers_compute_the_same_layer():
-    import sys
-
     bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "suite")
     if not os.path.exists(os.path.join(bench, "providers.py")):
         pytest.skip("no bench/suite/providers.py")
-    sys.path.insert(0, bench)
-    try:
-        import providers
-    finally:
-        sys.path.remove(bench)
+    providers = import_from(bench, "providers")
     outs, grads = {}, {}
     for prov in ("ours-dora-torch", "ours-dora-torch-savez", "peft-dora"):
         case = providers.make_case(prov, 24, 40, 32, 4, 0.0, dtype=torch.float32, device="cpu", bias=True)

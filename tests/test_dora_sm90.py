@@ -11,9 +11,10 @@ version (e.g. 3.6, the GPU machine's) to run the same checks there.
 import json
 import os
 import subprocess
-import sys
 
 import pytest
+
+from conftest import TRITON_PYTHONS
 
 pytest.importorskip("triton")
 
@@ -96,9 +97,7 @@ print(json.dumps(rows))
 """
 
 
-@pytest.mark.parametrize("triton_python", [sys.executable] + ([os.environ["LORA_KERNELS_TRITON_ALT_PYTHON"]]
-                                                               if os.environ.get("LORA_KERNELS_TRITON_ALT_PYTHON")
-                                                               else []))
+@pytest.mark.parametrize("triton_python", TRITON_PYTHONS)
 def test_dora_kernels_compile_for_sm90_without_spills(triton_python):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),

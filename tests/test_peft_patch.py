@@ -17,30 +17,16 @@ from lora_kernels.peft_patch import PatchReport, is_patched, patch_peft, unpatch
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from peft.tuners.lora.layer import Linear as LoraLinearLayer  # noqa: E402
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from conftest import PEFT_TARGETS as TARGETS, randomize_adapters  # noqa: E402
+from conftest import tiny_llama as _tiny_llama  # noqa: E402
+
 N_LORA = 2 * len(TARGETS)
-
-
-def _tiny_llama(dtype=torch.float32, seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
-                                   max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(cfg).to(dtype).eval()
-
-
-def _randomize_lora_B(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_((torch.randn(p.shape, generator=g) * 0.2).to(p.dtype))
 
 
 def _peft_llama(dtype=torch.float32, dropout=0.0, **lora_kwargs):
     cfg = LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, lora_dropout=dropout, **lora_kwargs)
     model = get_peft_model(_tiny_llama(dtype), cfg)
-    _randomize_lora_B(model)
+    randomize_adapters(model)
     return model.eval()
 
 
@@ -161,7 +147,7 @@ def _single_layer(dropout=0.0, dtype=torch.float32, r=8, alpha=16, **kw):
     torch.manual_seed(0)
     model = get_peft_model(_Tiny(dtype=dtype), LoraConfig(r=r, lora_alpha=alpha, target_modules=["lin"],
                                                           lora_dropout=dropout, **kw))
-    _randomize_lora_B(model)
+    randomize_adapters(model)
     layer = model.base_model.model.lin
     assert isinstance(layer, LoraLinearLayer)
     return layer
@@ -233,7 +219,7 @@ def test_lora_bias_skipped():
 def _two_adapter_model():
     model = _peft_llama()
     model.add_adapter("other", LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
-    _randomize_lora_B(model, seed=5)
+    randomize_adapters(model, seed=5)
     return model
 
 

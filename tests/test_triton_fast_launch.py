@@ -10,9 +10,10 @@ specialization (a misaligned input pointer) must go back to the JIT; an installe
 import json
 import os
 import subprocess
-import sys
 
 import pytest
+
+from conftest import TRITON_PYTHONS
 
 pytest.importorskip("triton")
 
@@ -134,9 +135,7 @@ print(json.dumps(report))
 """
 
 
-@pytest.mark.parametrize("triton_python", [sys.executable] + ([os.environ["LORA_KERNELS_TRITON_ALT_PYTHON"]]
-                                                               if os.environ.get("LORA_KERNELS_TRITON_ALT_PYTHON")
-                                                               else []))
+@pytest.mark.parametrize("triton_python", TRITON_PYTHONS)
 def test_fast_launch_matches_jit(triton_python):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["LORA_KERNELS_TRITON_AUTOTUNE"] = "0"

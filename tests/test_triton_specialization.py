@@ -13,9 +13,10 @@ TRITON_INTERPRET): triton's real JITFunction objects build the binder.
 import json
 import os
 import subprocess
-import sys
 
 import pytest
+
+from conftest import TRITON_PYTHONS
 
 pytest.importorskip("triton")
 
@@ -78,9 +79,7 @@ print(json.dumps({k: len(v) for k, v in keys.items()}))
 """
 
 
-@pytest.mark.parametrize("triton_python", [sys.executable] + ([os.environ["LORA_KERNELS_TRITON_ALT_PYTHON"]]
-                                                               if os.environ.get("LORA_KERNELS_TRITON_ALT_PYTHON")
-                                                               else []))
+@pytest.mark.parametrize("triton_python", TRITON_PYTHONS)
 def test_seed_offset_threshold_scale_never_respecialize(triton_python):
     """Every kernel launch of one problem (shape, dtypes, p > 0) maps to one JIT cache key, whatever the seed
     (32/64-bit, == 1, divisible by 16, top bit set, or a device tensor as under CUDA graphs), offset, p and scaling.
@@ -149,9 +148,7 @@ print(json.dumps(rows))
 """
 
 
-@pytest.mark.parametrize("triton_python", [sys.executable] + ([os.environ["LORA_KERNELS_TRITON_ALT_PYTHON"]]
-                                                               if os.environ.get("LORA_KERNELS_TRITON_ALT_PYTHON")
-                                                               else []))
+@pytest.mark.parametrize("triton_python", TRITON_PYTHONS)
 def test_seed_pointer_kernels_compile_for_sm90(triton_python):
     """Every kernel that takes the seed compiles for sm_90 as a real launch would specialize it: the seed an i64
     argument, the flag an i32, the seed pointer typed like the input, and (where the kernel draws a mask) a load of

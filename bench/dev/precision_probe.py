@@ -5,17 +5,19 @@ tolerance rule's ratio; it must stay <= ~2), at training shapes: fp32 or bf16 ad
 """
 import argparse
 import json
+import os
+import sys
 
 import torch
-import torch.nn.functional as F
 
 import lora_kernels
 from lora_kernels.ops import record_dropout
 
+# the tolerance rule's reference and baseline formula (PEFT's unfused computation): tests/conftest.py's
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir, "tests"))
+from conftest import formula  # noqa: E402
 
-def formula(x, W, b, A, B, s, keep=None, p=0.0):  # as tests/conftest.py: PEFT's unfused computation
-    xd = x if keep is None else x * keep / (1.0 - p)
-    return (F.linear(x, W, b) + F.linear(F.linear(xd.to(A.dtype), A), B.to(A.dtype)) * s).to(x.dtype)
+
 
 
 def err(a, ref):
