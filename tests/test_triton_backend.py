@@ -182,7 +182,7 @@ def test_db_fused_and_two_pass_agree(monkeypatch, dtype):
     x, W, b, A, B, dy = _inputs(37, 20, 72, 8, dtype, False, True, gen)
     _, u = tb.forward(x, W, b, A, B, 1.0, 0.0, SEED, OFFSET)
     outs = []
-    for ratio in (0.0, float("inf")):  # two-pass (dB by _shrink_kernel) and fused (_g_db_kernel partials)
+    for ratio in (0.0, float("inf")):  # two-pass (dB by _shrink_kernel) and fused (_dy_pass_kernel partials)
         monkeypatch.setattr(tb, "_FUSE_DB_PARTIAL_RATIO", ratio)
         outs.append(tb.backward(dy, x, W, A, B, u, 1.0, 0.0, SEED, OFFSET, True, True, True))
     ref = dy.double().cpu().T @ u.double().cpu()
@@ -250,7 +250,7 @@ def test_poison_exposes_unwritten_outputs(monkeypatch):
         def __getitem__(self, grid):
             return lambda *args, **kwargs: None
 
-    monkeypatch.setattr(tb, "_small_m_fwd_kernel", _NoLaunch())
+    monkeypatch.setattr(tb, "_small_m_kernel", _NoLaunch())
     monkeypatch.setenv("LORA_KERNELS_TRITON_AUTOTUNE", "0")  # the autotuned path holds the real kernel
     gen = torch.Generator().manual_seed(8)
     x, W, b, A, B, _ = _inputs(3, 20, 24, 4, torch.float32, True, False, gen)
@@ -277,9 +277,9 @@ print(json.dumps([m.group(1) in zeros for m in re.finditer(r"= tt\.dot %[\w.#]+,
 """
 
 
-@pytest.mark.parametrize("kernel,extra,expected", [("_small_m_fwd_kernel", {"U_GIVEN": False}, [False, False, True]),
-                                                   ("_small_m_fwd_kernel", {"U_GIVEN": True}, [False, True]),
-                                                   ("_gemm_lora_kernel", {"GROUP_M": 4}, [False, True])])
+@pytest.mark.parametrize("kernel,extra,expected", [("_small_m_kernel", {"U_GIVEN": False}, [False, False, True]),
+                                                   ("_small_m_kernel", {"U_GIVEN": True}, [False, True]),
+                                                   ("_output_gemm_kernel", {"GROUP_M": 4}, [False, True])])
 def test_fp32_rank_term_keeps_own_accumulator(kernel, extra, expected):
     """fp32: the rank-r dot must start from zero, not from the x W^T accumulator. Triton's combine pass rewrites
     `acc + dot(a, b, 0)` into `dot(a, b, acc)`, which rounds each of the r terms against the large partial (4.6x
@@ -307,7 +307,7 @@ from lora_kernels.backends.triton import configs as tc
 from lora_kernels.backends.triton import kernels
 
 ELT = {"fp16": 2, "bf16": 2, "fp32": 4}
-kernel = kernels._small_m_fwd_kernel
+kernel = kernels._small_m_kernel
 names = kernel.arg_names
 
 
@@ -390,7 +390,7 @@ print(json.dumps([("inputPrecision" not in l, bool(re.search(r"tensor<[0-9x]+xf3
 
 @pytest.mark.parametrize("kernel,ptrs,extra", [
     ("_shrink_kernel", {"w_ptr": "*bf16", "rk_ptr": "*fp32"}, {"HAS_DROPOUT": True, "W_T": False, "BI": 16, "BJ": 32}),
-    ("_g_db_kernel", {"dy_ptr": "*bf16", "b_ptr": "*fp32"}, {"NEED_DB": True, "BM": 16, "BN": 32}),
+    ("_dy_pass_kernel", {"dy_ptr": "*bf16", "b_ptr": "*fp32"}, {"NEED_DB": True, "BM": 16, "BN": 32}),
     ("_shrink_kernel", {"w_ptr": "*bf16"}, {"HAS_DROPOUT": False, "W_T": True, "BI": 32, "BJ": 16}),  # dB
     ("_shrink_kernel", {"w_ptr": "*bf16"}, {"HAS_DROPOUT": True, "W_T": True, "BI": 32, "BJ": 16})],  # dA
     ids=["shrink", "dy_pass", "dB", "dA"])

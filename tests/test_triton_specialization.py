@@ -30,7 +30,7 @@ from triton.runtime.jit import create_function_from_signature
 from lora_kernels.backends.triton import launch as tb
 
 backend = make_backend(GPUTarget("cuda", 90, 32))
-KERNELS = ["_shrink_kernel", "_gemm_lora_kernel", "_small_m_fwd_kernel", "_g_db_kernel"]
+KERNELS = ["_shrink_kernel", "_output_gemm_kernel", "_small_m_kernel", "_dy_pass_kernel"]
 keys = {}  # launch site (kernel, problem, phase, index of the launch within the call) -> set of cache keys seen
 problem = None
 launches = []  # the kernels launched so far by the current forward or backward call
@@ -92,7 +92,7 @@ def test_seed_offset_threshold_scale_never_respecialize(triton_python):
     out = subprocess.run([triton_python, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     counts = json.loads(out.stdout.strip().splitlines()[-1])
-    seeded = {"_shrink_kernel", "_gemm_lora_kernel", "_small_m_fwd_kernel"}
+    seeded = {"_shrink_kernel", "_output_gemm_kernel", "_small_m_kernel"}
     assert seeded <= {k.split()[0] for k in counts}, counts  # every kernel that takes the seed was exercised
     assert all(n == 1 for n in counts.values()), counts
 
@@ -109,7 +109,7 @@ from lora_kernels.backends.triton import launch as tb
 
 target = GPUTarget("cuda", 90, 32)
 backend = make_backend(target)
-SEEDED = ["_shrink_kernel", "_gemm_lora_kernel", "_small_m_fwd_kernel"]
+SEEDED = ["_shrink_kernel", "_output_gemm_kernel", "_small_m_kernel"]
 first = {}  # (kernel, W_T) -> what the JIT would compile for its first launch with dropout
 
 
@@ -126,7 +126,7 @@ class Recorder:
         return launch
 
 
-for name in SEEDED + ["_g_db_kernel"]:
+for name in SEEDED + ["_dy_pass_kernel"]:
     setattr(tb, name, Recorder(name))
 g = torch.Generator().manual_seed(0)
 for M in (16, 300):
@@ -160,8 +160,8 @@ def test_seed_pointer_kernels_compile_for_sm90(triton_python):
     out = subprocess.run([triton_python, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = json.loads(out.stdout.strip().splitlines()[-1])
-    assert sorted(r["kernel"] for r in rows) == ["_gemm_lora_kernel", "_shrink_kernel", "_shrink_kernel",
-                                                 "_small_m_fwd_kernel"], rows  # the shrink as shrink and as dA
+    assert sorted(r["kernel"] for r in rows) == ["_output_gemm_kernel", "_shrink_kernel", "_shrink_kernel",
+                                                 "_small_m_kernel"], rows  # the shrink as shrink and as dA
     for r in rows:
         assert (r["seed_type"], r["flag_type"], r["seed_ptr_type"]) == ("i64", "i32", "*fp16"), r
         # with dropout the small-M forward reads u from the shrink (U_GIVEN) and draws no mask itself
