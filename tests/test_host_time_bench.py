@@ -16,7 +16,8 @@ def test_host_time_bench_quick(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([p for p in (os.environ.get("PYTHONPATH"), ROOT) if p]))
     script = os.path.join(ROOT, "bench", "tools", "host_time.py")
     res = subprocess.run([sys.executable, script, "--quick", "--shape", "40x24",
-                          "--ms", "3,17", "--ps", "0,0.2", "--r", "4", "--out", str(out)],
+                          "--ms", "3,17", "--ps", "0,0.2", "--r", "4", "--out", str(out),
+                          "--backends", ",".join(lora_kernels.available_backends())],
                          env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     data = json.loads(out.read_text())
