@@ -4,10 +4,11 @@ moved single measurements of the same kernel by 10-15% on the H200) fall on the 
 
     python3 bench/suite/targets.py --providers ours-cuda,lorafusion --out results.json [--M 2048,8192] [--rounds 15]
 
-GPU time: CUDA events around one call (forward, or forward + backward), queued behind a GPU sleep longer than the
-host's enqueue time (timing.py's method), so the events see the call's kernels and the gaps between them on the GPU,
-not the host's launch time. Wall time: a host clock around `calls` back-to-back calls with a synchronize at both
-ends, per call: what an isolated call costs, host included. Each group prints one line per
+GPU time: CUDA events around one call (forward, or forward + backward), calls back to back. (Not queued behind a GPU
+sleep as timing.py's gpu_ms is: on the H200 a call timed right after a sleep ran slower than the same call back to
+back, e.g. the floor at 8192x4096->4096 0.415 ms vs 0.364 ms, so the GPU clock after an idle spell would bias the
+ratios; bench/results/h200_2026-11-30/session3.) Wall time: a host clock
+around `calls` back-to-back calls with a synchronize at both ends, per call. Each group prints one line per
 provider: wall and GPU time with their ratios to the floor. The summary gives geometric means and worst cases by
 (mode, M) per provider.
 """
@@ -25,14 +26,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from providers import FLOOR, Unavailable, make_case  # noqa: E402
-from timing import cycles_per_ms  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]  # (K, N): the Llama-3-8B layer shapes
 
 
-def gpu_round(fns, i, sleep_cycles):
+def gpu_round(fns, i):
     s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda._sleep(sleep_cycles)  # the host enqueues the call while the GPU sleeps
     s.record()
     fns[i % len(fns)]()
     e.record()
@@ -54,12 +53,10 @@ def measure_group(cases: dict, mode: str, rounds: int, calls: int) -> dict:
         for i in range(3):
             f[i % len(f)]()
     torch.cuda.synchronize()
-    # each call's sleep: 2x its wall time (an upper bound of its host time) + 0.1 ms, as timing._gpu_time
-    sleep = {k: int((2.0 * wall_round(f, calls) + 0.1) * cycles_per_ms()) for k, f in fns.items()}
     gpu = {k: [] for k in fns}
     wall = {k: [] for k in fns}
     for rnd in range(rounds):
-        evs = {k: gpu_round(f, rnd, sleep[k]) for k, f in fns.items()}
+        evs = {k: gpu_round(f, rnd) for k, f in fns.items()}
         torch.cuda.synchronize()
         for k, (s, e) in evs.items():
             gpu[k].append(s.elapsed_time(e))
