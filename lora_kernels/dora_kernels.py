@@ -19,7 +19,8 @@ run); it materialises float32 temporaries of the tensors' size. The column sums 
 (column block, row split) program writes a partial sum, and the partials are summed with torch in a fixed order.
 
 Names used from ``lora_kernels.backends.triton``: ``_keep_mask`` (the in-kernel Philox mask), ``_num_sms``,
-``_seed_arg``.
+``_seed_arg``, and ``_launch`` (the triton backend's launch, with its fast relaunch that skips the JIT's per-call
+argument binding: tens of microseconds of host time per launch).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ try:
     import triton
     import triton.language as tl
 
-    from .backends.triton import _keep_mask, _num_sms, _seed_arg
+    from .backends.triton import _keep_mask, _launch, _num_sms, _seed_arg
 except Exception:  # no triton here: only the PyTorch versions run
     triton = None
 
@@ -219,9 +220,9 @@ def w_at(weight: torch.Tensor, lora_A: torch.Tensor) -> torch.Tensor:
     per = _cdiv(_cdiv(K, BK), max(1, min(want, _cdiv(K, BK)))) * BK
     splits = max(1, _cdiv(K, per))
     part = torch.empty((splits, N, R), dtype=torch.float32, device=weight.device)
-    _w_at_kernel[(n_blocks, splits)](
-        weight, lora_A, part, N, K, R, per, weight.stride(0), lora_A.stride(0),
-        MODE=mode, WIDEN=interp, R_PAD=r_pad, BN=BN, BK=BK, num_warps=warps)
+    _launch(_w_at_kernel, (n_blocks, splits),
+            (weight, lora_A, part, N, K, R, per, weight.stride(0), lora_A.stride(0)),
+            dict(MODE=mode, WIDEN=interp, R_PAD=r_pad, BN=BN, BK=BK, num_warps=warps))
     return part
 
 
@@ -241,8 +242,8 @@ def weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor
     out = torch.empty(N, dtype=torch.float32, device=weight.device)
     r_pad = max(16, 1 << (R - 1).bit_length())
     BN = 16 if _interp(weight) else max(1, min(128, 4096 // r_pad))
-    _norm_combine_kernel[(_cdiv(N, BN),)](
-        part, wsq, B32, baat, out, N, R, part.shape[0], B32.stride(0), float(scaling), R_PAD=r_pad, BN=BN)
+    _launch(_norm_combine_kernel, (_cdiv(N, BN),),
+            (part, wsq, B32, baat, out, N, R, part.shape[0], B32.stride(0), float(scaling)), dict(R_PAD=r_pad, BN=BN))
     return out
 
 
@@ -272,9 +273,8 @@ def scale_bias(z: torch.Tensor, c: torch.Tensor, bias, fast: bool, out=None) -> 
     M, N = z.shape
     out, grid, BM, BN = _tiled(z, out)
     if grid is not None:
-        _scale_bias_kernel[grid](
-            z, c, bias if bias is not None else c, out, M, N, z.stride(0), out.stride(0),
-            HAS_BIAS=bias is not None, BM=BM, BN=BN)
+        _launch(_scale_bias_kernel, grid, (z, c, bias if bias is not None else c, out, M, N, z.stride(0), out.stride(0)),
+                dict(HAS_BIAS=bias is not None, BM=BM, BN=BN))
     return out
 
 
@@ -300,10 +300,10 @@ def scale_colsum(dy: torch.Tensor, z, c: torch.Tensor, need_out: bool, need_sum:
     rows = _cdiv(_cdiv(M, BM), max(1, min(want, _cdiv(M, BM)))) * BM
     splits = _cdiv(M, rows)
     part = torch.empty((splits, N), dtype=torch.float32, device=dy.device) if need_sum else c
-    _scale_colsum_kernel[(n_blocks, splits)](
-        dy, z if need_sum else dy, c, out if need_out else dy, part, M, N, rows, dy.stride(0),
-        z.stride(0) if need_sum else 0,
-        out.stride(0) if need_out else 0, NEED_OUT=need_out, NEED_SUM=need_sum, BM=BM, BN=BN)
+    _launch(_scale_colsum_kernel, (n_blocks, splits),
+            (dy, z if need_sum else dy, c, out if need_out else dy, part, M, N, rows, dy.stride(0),
+             z.stride(0) if need_sum else 0, out.stride(0) if need_out else 0),
+            dict(NEED_OUT=need_out, NEED_SUM=need_sum, BM=BM, BN=BN))
     return (out if need_out else None), (part.sum(0) if need_sum else None)
 
 
@@ -324,9 +324,9 @@ def masked(t: torch.Tensor, p: float, seed: int, offset: int, a_keep: float, a_d
         return out.copy_(r)
     out, grid, BM, BK = _tiled(t, out)
     if grid is not None:
-        _masked_kernel[grid](
-            t, base if base is not None else t, out, M, K, t.stride(0),
-            base.stride(0) if base is not None else 0, out.stride(0), float(a_keep), float(a_drop),
-            _seed_arg(seed), int(offset), calls_per_row(K), keep_threshold(p),
-            HAS_BASE=base is not None, BM=BM, BK=BK)
+        _launch(_masked_kernel, grid,
+                (t, base if base is not None else t, out, M, K, t.stride(0),
+                 base.stride(0) if base is not None else 0, out.stride(0), float(a_keep), float(a_drop),
+                 _seed_arg(seed), int(offset), calls_per_row(K), keep_threshold(p)),
+                dict(HAS_BASE=base is not None, BM=BM, BK=BK))
     return out

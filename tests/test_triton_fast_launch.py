@@ -4,7 +4,8 @@ own JITFunction.run.
 Runs on a CPU-only machine: a subprocess without TRITON_INTERPRET installs a stand-in GPU driver, so the kernels
 really compile for sm_90 (triton's compiler and ptxas) and "launch" into a launcher that records what it was given.
 The first launch of each site takes the JIT's path; repeats must take the fast path and hand the launcher the same
-binary, grid and arguments (in the same order) that the JIT would, for every kernel of forward and backward; a new
+binary, grid and arguments (in the same order) that the JIT would, for every kernel of forward and backward (and
+DoRA's: norm, scale/bias, column sums, masks); a new
 specialization (a misaligned input pointer) must go back to the JIT; an installed launch hook disables the fast path.
 """
 import json
@@ -122,6 +123,27 @@ for M, K, N, r, p, dtype in [(16, 256, 320, 16, 0.0, torch.float16), (16, 256, 3
     report["problems"].append(dict(shape=[M, K, N, r, p, str(dtype)], first=first, second=second, third=third,
                                    misaligned=misaligned))
 
+# DoRA's element-wise and norm kernels (lora_kernels/dora_kernels.py) launch through the same _launch
+from lora_kernels import dora_kernels as dk  # noqa: E402
+
+M, K, N, r = 96, 256, 320, 16
+x, W = torch.randn(M, K, generator=g).half(), torch.randn(N, K, generator=g).bfloat16()
+A, B = torch.randn(r, K, generator=g), torch.randn(N, r, generator=g)
+z, dy, c, bias = (torch.randn(M, N, generator=g).half(), torch.randn(M, N, generator=g).half(),
+                  torch.rand(N, generator=g), torch.randn(N, generator=g).half())
+
+
+def dora_step(seed):
+    dk.weight_norm(W, A, B, 0.5, torch.rand(N, generator=g))
+    dk.scale_bias(z, c, bias, True)
+    dk.scale_colsum(dy, z, c, True, True, True)
+    dk.masked(x, 0.1, seed, 0, 1.0, 0.0, True)
+    dk.masked(x, 0.1, seed, 64, 1.0 - 1.0 / 0.9, 1.0, True, base=x.clone())
+
+
+report["dora"] = dict(first=run(lambda: dora_step(1234)), second=run(lambda: dora_step(1234)),
+                      third=run(lambda: dora_step(2**63 + 16)))
+
 # a launch hook (what profilers install) sends every launch through the JIT, and the hook sees it
 seen = []
 hook = lambda metadata: seen.append(metadata)  # noqa: E731
@@ -160,6 +182,13 @@ def test_fast_launch_matches_jit(triton_python):
             if x_read:  # a launch that takes the misaligned x: the JIT specializes anew, another binary
                 assert pm == "jit" and fm != f1, prob["shape"]
     assert kernels_seen >= 16
+    dora = report["dora"]
+    assert len(dora["first"]) == len(dora["second"]) == len(dora["third"]) == 6, dora["first"]
+    for (p1, f1, g1, a1), (p2, f2, g2, a2), (p3, f3, g3, a3) in zip(dora["first"], dora["second"], dora["third"]):
+        assert p2 == "fast" and p3 == "fast"  # DoRA's kernels take the fast path too, a new seed included
+        assert (f2, g2, a2) == (f1, g1, a1)
+        assert f3 == f1 and g3 == g1 and len(a3) == len(a1)
+        assert len([i for i, (u, v) in enumerate(zip(a1, a3)) if u != v]) <= 1  # only the seed changed
     hooked = report["hooked"]
     assert hooked["paths"] and all(p == "jit" for p in hooked["paths"]), hooked
     assert hooked["hook_calls"] == len(hooked["paths"])

@@ -58,7 +58,7 @@ reason the backend is unavailable. The settings it reads are listed in ``lora_ke
 """
 from .configs import _num_sms
 from .kernels import _keep_mask
-from .launch import _seed_arg, backward, forward, is_available
+from .launch import _launch, _seed_arg, backward, forward, is_available
 
-# _keep_mask, _num_sms and _seed_arg also serve the Triton passes of DoRA (lora_kernels/dora_kernels.py).
-__all__ = ["backward", "forward", "is_available", "_keep_mask", "_num_sms", "_seed_arg"]
+# _keep_mask, _launch, _num_sms and _seed_arg also serve the Triton passes of DoRA (lora_kernels/dora_kernels.py).
+__all__ = ["backward", "forward", "is_available", "_keep_mask", "_launch", "_num_sms", "_seed_arg"]

@@ -67,7 +67,8 @@ def _arg_layout(kernel, args: tuple):
     """How _launch reads a kernel's arguments: (number of runtime parameters, getter of the integer arguments that
     select the binary, positions of the tensor arguments, names of the constexpr parameters); None when the kernel
     does not fit the fast path (a constexpr before a runtime parameter, or a runtime argument that is neither a
-    tensor nor a number). Built from the first launch: every call site passes the same kinds at each position."""
+    tensor nor a number). Built from the first launch: every call site passes the same kinds at each position (a
+    float stays a float: the callers pass float(...))."""
     layout = _LAYOUTS.get(id(kernel), False)
     if layout is not False:
         return layout
@@ -76,7 +77,9 @@ def _arg_layout(kernel, args: tuple):
     layout = None
     if not any(p.is_constexpr for p in params[:n_runtime]) and len(args) == n_runtime:
         tensors = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
-        ints = tuple(i for i, a in enumerate(args) if i not in tensors and params[i].name not in _PER_CALL_SCALARS)
+        # floats are never specialized (always fp32 arguments): like the per-call scalars, they do not select a binary
+        ints = tuple(i for i, a in enumerate(args) if i not in tensors and params[i].name not in _PER_CALL_SCALARS
+                     and not isinstance(a, float))
         if all(isinstance(args[i], int) for i in ints) and len(ints) >= 2:
             layout = (n_runtime, operator.itemgetter(*ints), tensors, tuple(p.name for p in params[n_runtime:]))
     _LAYOUTS[id(kernel)] = layout
