@@ -13,7 +13,9 @@
 #   small_m   bench/suite/targets.py at M = 1, 16, 64 (4096->4096, 4096->14336; r = 16, p = 0)
 #   save      /tmp/site as $OUT/site.tgz; a later call that carries it as .site/site.tgz reuses the build (build step
 #             with REUSE_BUILD=1 unpacks it instead of building)
-# Knobs: T_<STEP> (seconds), TEST_ARGS, TARGETS_ARGS, DORA_ARGS. Files in $OUT (at most 8 come back).
+# Knobs: T_<STEP> (seconds), TEST_ARGS, TARGETS_ARGS, DORA_ARGS. Files in $OUT (at most 8 come back: past 7 they
+# are packed into results.tgz at the end). The whole GPU suite needs about 330 s on 16 workers: give it a call of its
+# own (T_TESTS=420) with a carried build.
 set -u
 OUT="${OUT:-$PWD/gpu_out}"; mkdir -p "$OUT"
 REPO="$PWD"
@@ -49,9 +51,12 @@ for step in ${STEPS:-build tests}; do
       tail -3 "$OUT/build.log";;
     tests)
       XDIST=(); python3 -c "import xdist" 2>/dev/null && XDIST=(-n "${TEST_WORKERS:-16}")
-      (cd /tmp && PYTHONPATH=/tmp/site LORA_KERNELS_TRITON_AUTOTUNE=0 run_step tests "${T_TESTS:-300}" \
+      (cd /tmp && PYTHONPATH=/tmp/site LORA_KERNELS_TRITON_AUTOTUNE=0 run_step tests "${T_TESTS:-420}" \
         python3 -m pytest -v -rfE -p no:cacheprovider "${XDIST[@]}" "$REPO/tests" ${TEST_ARGS:-} > "$OUT/tests.log" 2>&1)
-      grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -30; tail -1 "$OUT/tests.log" | tee -a "$SUMMARY";;
+      # per-test outcomes, also when the limit cut pytest before its summary
+      grep -aoE "(PASSED|FAILED|ERROR|SKIPPED) \S+::\S+" "$OUT/tests.log" | sort > "$OUT/tests_outcomes.txt"
+      grep -aE "^(FAILED|ERROR) |\] (FAILED|ERROR) " "$OUT/tests.log" | head -30
+      tail -1 "$OUT/tests.log" | tee -a "$SUMMARY";;
     two_gpu)
       # two_gpu.sh has a STEPS knob of its own (training steps): this script's list must not reach it
       REUSE_BUILD=1 run_step two_gpu "${T_TWO_GPU:-240}" env -u STEPS bash "$REPO/bench/train/two_gpu.sh" "$OUT" \
@@ -95,3 +100,9 @@ for step in ${STEPS:-build tests}; do
   esac
 done
 note "total $(( $(date +%s) - T0 ))s"
+# At most 8 files come back from a device call: past 7, everything but summary.txt goes into one archive.
+if [ "$(ls -1 "$OUT" | wc -l)" -gt 7 ]; then
+  (cd "$OUT" && tar -czf /tmp/results.tgz --exclude=summary.txt --exclude=site.tgz . && find . -type f \
+     ! -name summary.txt ! -name site.tgz -delete && mv /tmp/results.tgz results.tgz)
+  echo "files in $OUT packed into results.tgz (site.tgz and summary.txt apart)"
+fi
