@@ -194,11 +194,11 @@ def _norm(weight, lora_A, lora_B, scaling, fast: bool) -> torch.Tensor:
 _lib = torch.library.Library("lora_kernels", "FRAGMENT")
 _lib.define(
     "dora_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, Tensor g, float scaling, "
-    "float p, Tensor seed, int offset, str backend, bool save_z) -> (Tensor, Tensor, Tensor)"
+    "float p, Tensor? seed, int offset, str backend, bool save_z) -> (Tensor, Tensor, Tensor)"
 )
 _lib.define(
     "dora_bwd(Tensor dy, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor g, Tensor u, Tensor z, "
-    "float scaling, float p, Tensor seed, int offset, str backend, bool need_dx, bool need_dA, bool need_dB, "
+    "float scaling, float p, Tensor? seed, int offset, str backend, bool need_dx, bool need_dA, bool need_dB, "
     "bool need_dg) -> (Tensor, Tensor, Tensor, Tensor)"
 )
 
@@ -443,7 +443,10 @@ def dora_linear(x, weight, bias, lora_A, lora_B, scaling, magnitude, dropout_p=0
         raise ValueError(f"dora_linear: dropout_p must be in [0, 1), got {dropout_p}")
     name = ops._resolve(backend, x.device.type, x.dtype == torch.float64, False)  # DoRA draws CPU seeds only
     p = float(dropout_p) if training else 0.0
-    seed = ops._draw_seed() if p > 0.0 else ops._NO_SEED
+    # No seed at all without dropout (as lora_linear): a module-level tensor passed here would enter every compiled
+    # graph as an input and, saved for backward, leave the forward graph as an output, which CUDA graph trees
+    # (mode="reduce-overhead") refuse. With dropout the seed is drawn here, inside a compiled graph when compiling.
+    seed = ops._draw_seed() if p > 0.0 else None
     if p > 0.0 and ops._recorders:
         for calls in ops._recorders:
             calls.append((int(seed), 0))

@@ -65,7 +65,6 @@ def record_dropout():
         _recorders.remove(calls)
 
 
-_NO_SEED = torch.zeros((), dtype=torch.int64)  # a seed for ops whose schema needs one without dropout (never read)
 
 
 def _draw_seed(device=None) -> torch.Tensor:

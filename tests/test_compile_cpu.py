@@ -113,6 +113,39 @@ def test_no_seed_tensor_enters_the_graph_without_dropout(p):
             torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_dora_no_seed_tensor_enters_the_graph(p):
+    """dora_linear as lora_linear: without dropout its op gets no seed and no graph has a seed-like input; with
+    dropout the seed is drawn inside the forward graph and saved for backward as the graph's own activation."""
+    torch._dynamo.reset()
+    x, W, b, A, B = _inputs()
+    m = torch.rand(W.shape[0]) + 0.5
+    graphs = _Graphs()
+
+    def f(x, A, B, m):
+        return lora_kernels.dora_linear(x, W, b, A, B, S, m, dropout_p=p, backend="torch")
+
+    xg, Ag, Bg, mg = (t.clone().requires_grad_() for t in (x, A, B, m))
+    y = torch.compile(f, backend=graphs, fullgraph=True)(xg, Ag, Bg, mg)
+    y.sum().backward()
+    assert graphs.fw and graphs.bw
+    for gm in graphs.dynamo + graphs.fw:
+        assert not [n.name for n in _placeholders(gm) if _is_seed_like(_val(n))], "a seed entered the graph"
+    fwd_op, bwd_op = torch.ops.lora_kernels.dora_fwd.default, torch.ops.lora_kernels.dora_bwd.default
+    fwd_seeds = [n.args[8] for gm in graphs.fw for n in gm.graph.nodes if n.target is fwd_op]
+    bwd_seeds = [n.args[10] for gm in graphs.bw for n in gm.graph.nodes if n.target is bwd_op]
+    assert len(fwd_seeds) == len(bwd_seeds) == 1
+    if p == 0.0:
+        assert fwd_seeds == [None] and bwd_seeds == [None]
+        xe, Ae, Be, me = (t.clone().requires_grad_() for t in (x, A, B, m))
+        lora_kernels.dora_linear(xe, W, b, Ae, Be, S, me, backend="torch").sum().backward()
+        for got, want in ((xg.grad, xe.grad), (Ag.grad, Ae.grad), (Bg.grad, Be.grad), (mg.grad, me.grad)):
+            torch.testing.assert_close(got, want)
+    else:
+        assert fwd_seeds[0].op == "call_function" and "randint" in str(fwd_seeds[0].target)
+        assert bwd_seeds[0].op == "placeholder"
+
+
 def test_registered_op_accepts_no_seed_only_without_dropout():
     x, W, b, A, B = _inputs()
     y, u = torch.ops.lora_kernels.lora_fwd(x, W, b, A, B, S, 0.0, None, 0, "torch")
