@@ -8,9 +8,9 @@
   - ``median_ms`` (wall): back-to-back calls, events around each. When the host enqueues a call more slowly
     than the GPU runs it (Python, autograd, launch overhead), this is the host's time: what an isolated layer
     call costs.
-  - ``gpu_ms``: each rep is queued behind a GPU sleep kernel longer than the host's enqueue time, so the
-    events see only the GPU executing the call's kernels (with their gaps on the GPU side). This is the
-    time of a call in a model that keeps the GPU busy, and the one to compare with a roofline.
+  - ``gpu_ms``: each rep is a batch of back-to-back calls queued behind a GPU sleep kernel longer than the
+    host's enqueue time, so the events see only the GPU executing the calls' kernels (with their gaps on the GPU
+    side). This is the time of a call in a model that keeps the GPU busy, and the one to compare with a roofline.
   Without CUDA it falls back to a perf_counter timer (CPU smoke tests only).
 * ``n_rotation_sets(bytes_per_set)``: how many input sets to rotate among (enough to exceed 2x L2).
 * ``measure_memory(fwd_bwd, exclude)``: peak CUDA memory of one fwd+bwd above the baseline, and the bytes
@@ -127,16 +127,21 @@ def cycles_per_ms() -> float:
     return cycles / max(start.elapsed_time(end), 1e-3)
 
 
-def _gpu_time(fns, wall_est_ms: float, reps: int = 40) -> dict:
-    """Median GPU time of one call, its host enqueue hidden behind a sleep kernel queued before each rep.
+def _gpu_time(fns, wall_est_ms: float, reps: int = 40, batch_ms: float = 2.0, max_calls: int = 16) -> dict:
+    """Median GPU time of one call, the host's enqueue hidden behind a sleep kernel: each rep is a batch of calls
+    queued back to back behind one sleep, timed by events around the batch, divided by its calls.
 
-    The sleep lasts 2x the wall-time estimate plus 0.1 ms (the wall time of a host-bound call bounds its host
-    time), so the host has queued the whole call before the GPU reaches the start event. A rep whose host
-    enqueue outlasted its sleep (measured by the host clock) let the GPU wait on the host inside the timed
-    region: ``gpu_hidden_frac`` is the fraction of reps without that, ``gpu_hidden_ok`` whether all were. The
-    median is only trustworthy while most reps were hidden (fraction >= 0.5)."""
+    Why batches: on the H200 the call right after a sleep ran slower than the same call back to back (the floor at
+    8192x4096->4096: 0.415 ms against 0.364 ms; the clock drops while the GPU idles), so one call per sleep
+    overstated GPU time. A batch of about ``batch_ms`` of GPU work (at most ``max_calls`` calls) spreads that first
+    call's slowdown over the batch. The sleep lasts 2x the batch's wall-time estimate plus 0.1 ms (the wall time of
+    a host-bound call bounds its host time), so the host has queued the whole batch before the GPU reaches the start
+    event. A rep whose host enqueue outlasted its sleep let the GPU wait on the host inside the timed region:
+    ``gpu_hidden_frac`` is the fraction of reps without that, ``gpu_hidden_ok`` whether all were. The median is
+    only trustworthy while most reps were hidden (fraction >= 0.5). ``gpu_calls_per_rep`` says the batch size."""
     n = len(fns)
-    sleep_ms = 2.0 * wall_est_ms + 0.1
+    calls = max(1, min(max_calls, int(batch_ms / max(wall_est_ms, 1e-4))))
+    sleep_ms = 2.0 * wall_est_ms * calls + 0.1
     cycles = int(sleep_ms * cycles_per_ms())
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
@@ -146,13 +151,14 @@ def _gpu_time(fns, wall_est_ms: float, reps: int = 40) -> dict:
         torch.cuda._sleep(cycles)
         t0 = time.perf_counter()
         starts[i].record()
-        fns[i % n]()
+        for j in range(calls):
+            fns[(i * calls + j) % n]()
         ends[i].record()
         hidden += (time.perf_counter() - t0) * 1e3 <= 0.9 * sleep_ms
     _sync()
-    times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
+    times = sorted(s.elapsed_time(e) / calls for s, e in zip(starts, ends))
     return {"gpu_ms": float(statistics.median(times)), "gpu_hidden_ok": hidden == reps,
-            "gpu_hidden_frac": hidden / reps}
+            "gpu_hidden_frac": hidden / reps, "gpu_calls_per_rep": calls}
 
 
 def _bench_cpu(fns, warmup_ms, rep_ms, min_reps, max_reps):
