@@ -11,6 +11,8 @@
 #   e2e       bench/train/e2e_train.py on a 2-layer Llama of Llama-3-8B layer shapes, 8192 tokens a step, per backend
 #             (E2E_BACKENDS, default "cuda triton"), PEFT unpatched alongside, dropout 0 and 0.05
 #   small_m   bench/suite/targets.py at M = 1, 16, 64 (4096->4096, 4096->14336; r = 16, p = 0)
+#   profile   bench/tools/profile_layer.py: per-kernel GPU time and host time of one layer (PROFILE_ARGS)
+#   host_trace bench/dev/host_trace.py: torch.profiler CPU events of small calls (ATen ops, CUDA runtime calls)
 #   save      /tmp/site as $OUT/site.tgz; a later call that carries it as .site/site.tgz reuses the build (build step
 #             with REUSE_BUILD=1 unpacks it instead of building)
 # Knobs: T_<STEP> (seconds), TEST_ARGS, TARGETS_ARGS, DORA_ARGS. Files in $OUT (at most 8 come back: past 7 they
@@ -94,6 +96,15 @@ for step in ${STEPS:-build tests}; do
         --providers ours-cuda,ours-triton --M 1,16,64 --shapes 4096x4096,4096x14336 --r 16 --p 0 --rounds 15 \
         --calls 20 --out "$OUT/small_m.json" > "$OUT/small_m.txt" 2>&1)
       sed -n '/^| mode/,$p' "$OUT/small_m.txt";;
+    profile)
+      (cd /tmp && PYTHONPATH=/tmp/site run_step profile "${T_PROFILE:-120}" python3 "$REPO/bench/tools/profile_layer.py" \
+        ${PROFILE_ARGS:---backends cuda,triton --shapes 8192x4096x1024,8192x4096x14336 --r 16 --p 0.1} \
+        > "$OUT/profile.txt" 2>&1)
+      tail -40 "$OUT/profile.txt";;
+    host_trace)
+      (cd /tmp && PYTHONPATH=/tmp/site run_step host_trace "${T_HOST_TRACE:-90}" python3 "$REPO/bench/dev/host_trace.py" \
+        > "$OUT/host_trace.txt" 2>&1)
+      grep -E "^=====|Self CPU time total" "$OUT/host_trace.txt";;
     save)
       tar -czf "$OUT/site.tgz" -C /tmp site && note "saved /tmp/site as site.tgz ($(du -h "$OUT/site.tgz" | cut -f1))";;
     *) note "unknown step $step";;
