@@ -47,8 +47,8 @@ The scripts under bench/, tests/ and .ci/ take their own settings, each document
 LORA_KERNELS_BENCH_CPU_SMOKE=1 (bench/suite/test_bench_lora.py: the tiny grid on the CPU), LORAFUSION_DIR
 (bench/suite/peer_lorafusion.py: a LoRAFusion checkout), LORA_KERNELS_TRITON_ALT_PYTHON (tests/test_triton_*.py: a
 second interpreter, with another triton version, for the checks that compile kernels),
-LORA_KERNELS_NEWEST_TORCH_INCLUDE (tests/test_binding_host.py) and LORA_KERNELS_CACHE
-(.ci/newest_torch_headers.sh); the shell runners (bench/gpu_check.sh, bench/train/two_gpu.sh, bench/tools/*.sh) list
+LORA_KERNELS_NEWEST_TORCH_INCLUDE (tests/test_binding_host.py), LORA_KERNELS_TEST_WORKERS (tests/run.sh: pytest-xdist
+workers, default one per core) and LORA_KERNELS_CACHE (.ci/newest_torch_headers.sh); the shell runners (bench/gpu_check.sh, bench/train/two_gpu.sh, bench/tools/*.sh) list
 theirs at the top.
 
 The per-call settings are read through ``_per_call``. os.environ.get encodes the name and decodes the value on every
