@@ -383,8 +383,9 @@ src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(n),): v for n
 ir = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2)).asm["ttir"]
 dots = [l for l in ir.splitlines() if "tt.dot" in l]
 # per dot: (no reduced-precision input mode, both operands fp32); TTIR prints inputPrecision only when not ieee
-print(json.dumps([("inputPrecision" not in l, bool(re.search(r"tensor<[0-9x]+xf32> \* tensor<[0-9x]+xf32>", l)))
-                  for l in dots]))
+print(json.dumps({"dots": [("inputPrecision" not in l,
+                             bool(re.search(r"tensor<[0-9x]+xf32> \* tensor<[0-9x]+xf32>", l))) for l in dots],
+                  "opaque": sum("elementwise_inline_asm" in l for l in ir.splitlines())}))
 """
 
 
@@ -395,19 +396,30 @@ print(json.dumps([("inputPrecision" not in l, bool(re.search(r"tensor<[0-9x]+xf3
     ("_shrink_kernel", {"w_ptr": "*bf16"}, {"HAS_DROPOUT": True, "W_T": True, "BI": 32, "BJ": 16})],  # dA
     ids=["shrink", "dy_pass", "dB", "dA"])
 @pytest.mark.parametrize("rank_f32", [True, False])
-def test_fp32_adapter_products_are_fp32(kernel, ptrs, extra, rank_f32):
+@pytest.mark.parametrize("split", [False, True], ids=["ieee", "bf16x3"])
+def test_fp32_adapter_products_are_fp32(kernel, ptrs, extra, rank_f32, split):
     """fp32 adapters on a bf16 x: every adapter product (u, g, dB, dA) is an fp32 "ieee" dot on fp32 operands,
-    as PyTorch computes it; with 16-bit adapters they stay 16-bit tensor-core dots. Compiled to Triton IR for sm_90
-    in a subprocess without the interpreter (no GPU needed)."""
+    as PyTorch computes it; with 16-bit adapters they stay 16-bit tensor-core dots. With
+    LORA_KERNELS_TRITON_FP32_SPLIT=1 an fp32 product is three bf16 dots (the bf16x3 split), each pair of chains kept
+    out of the running sum by an opaque move (no fold into one tensor-core accumulation). Compiled for sm_90 in a
+    subprocess without the interpreter (no GPU needed)."""
     import json
     import subprocess
     import sys
 
     constexprs = dict(R_PAD=16, DOT_PREC="tf32", RANK_F32=rank_f32, **extra)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["LORA_KERNELS_TRITON_FP32_SPLIT"] = "1" if split else "0"
     out = subprocess.run([sys.executable, "-c", _RANK_DOT_SCRIPT, kernel, json.dumps(constexprs), json.dumps(ptrs)],
                          env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    dots = json.loads(out.stdout.strip().splitlines()[-1])
-    assert dots and all(d[1] == rank_f32 for d in dots), dots  # operand types
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    dots = res["dots"]
+    assert dots, res
+    if split and rank_f32:  # 3 bf16 dots per product, 2 opaque moves (piece 0's chain, pieces 1-2's) per product
+        assert len(dots) % 3 == 0 and not any(d[1] for d in dots), dots
+        assert res["opaque"] == 2 * len(dots) // 3, res
+        return
+    assert all(d[1] == rank_f32 for d in dots), dots  # operand types
     assert not rank_f32 or all(d[0] for d in dots), dots  # fp32 operands multiply in full precision
+    assert res["opaque"] == 0, res

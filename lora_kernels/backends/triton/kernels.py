@@ -23,6 +23,8 @@ _PER_CALL_SCALARS = ["scale", "lora_scale", "thr", "seed", "seed_in_mem", "offse
 # so a dot still equals a bf16 MMA with fp32 accumulation. Compiled kernels are unchanged (the constant is False
 # and its branches are not compiled).
 _WIDEN_BF16 = tl.constexpr(_config.TRITON_INTERPRET)
+# LORA_KERNELS_TRITON_FP32_SPLIT (_config): fp32 adapter products on a bf16 x through the bf16x3 split (_rank_dot).
+_FP32_SPLIT = tl.constexpr(_config.TRITON_FP32_SPLIT)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -52,11 +54,58 @@ def _rank_operand(t, DT: tl.constexpr, RANK_F32: tl.constexpr):
 
 
 @triton.jit
+def _trunc_bf16(v):
+    """fp32 v truncated (toward zero) to bf16's 8 significant bits, still as fp32; NaN stays NaN."""
+    t = (v.to(tl.uint32, bitcast=True) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    return tl.where(v == v, t, v)
+
+
+@triton.jit
+def _bf16x3(b):
+    """The bf16x3 split of fp32 b (csrc/common.cuh's bf16x3_piece): b = p0 + p1 + p2 exactly, each piece the
+    residual so far truncated to bf16, so every piece has b's sign; a zero piece of a nonzero b becomes b's sign
+    times 2^-126 and an infinite b gives (b, tiny, tiny), so that inf times the pieces sums to inf, not NaN."""
+    tiny = tl.where(b < 0, -1.1754943508222875e-38, 1.1754943508222875e-38)
+    finite = tl.abs(b) < float("inf")
+    p0 = _trunc_bf16(b)
+    r1 = tl.where(finite, b - p0, 0.0)
+    p1 = _trunc_bf16(r1)
+    p2 = r1 - p1  # at most 8 significant bits remain: exact in bf16
+    p1 = tl.where((p1 == 0) & (b != 0), tiny, p1)
+    p2 = tl.where((p2 == 0) & (b != 0), tiny, p2)
+    return p0.to(tl.bfloat16), p1.to(tl.bfloat16), p2.to(tl.bfloat16)
+
+
+@triton.jit
+def _opaque(t):
+    """t itself, through an instruction the compiler cannot see through: keeps `acc + dot(a, b)` from being folded
+    into `dot(a, b, acc)` (Triton's combine pass), which would chain a tile's product into the running sum on the
+    tensor cores, whose fp32 accumulation truncates. Under the interpreter (no inline PTX) t as is."""
+    if _WIDEN_BF16:
+        return t
+    return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [t], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
 def _rank_dot(a, b, acc, DT: tl.constexpr, RANK_F32: tl.constexpr, DOT_PREC: tl.constexpr):
     """acc + a @ b for the adapter products, on operands as ``_rank_operand`` makes them (an operand that already is
-    one is not converted again): an fp32 "ieee" dot with RANK_F32, else a dot in x's dtype DT. acc may be None."""
+    one is not converted again): with RANK_F32 an fp32 "ieee" dot, or (LORA_KERNELS_TRITON_FP32_SPLIT, bf16 x) the
+    bf16x3 split of b on the tensor cores; else a dot in x's dtype DT. acc may be None.
+    Every call site passes the x-side operand (x, dy, exact in DT) as a and the fp32 adapter side as b. The split:
+    a times each piece of b is exact, piece 0 in a fresh accumulator and pieces 1-2 in another (chains of one tile),
+    both added to acc with fp32 adds: fp32 FFMA accuracy, on 3 bf16 MMAs."""
     if RANK_F32:
-        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        if _FP32_SPLIT and DT == tl.bfloat16:
+            a16 = _mm(a.to(tl.bfloat16))
+            b0, b1, b2 = _bf16x3(b.to(tl.float32))
+            hi = _opaque(tl.dot(a16, _mm(b0)))
+            lo = _opaque(tl.dot(a16, _mm(b1), tl.dot(a16, _mm(b2))))
+            t = hi + lo
+            if acc is not None:
+                t = acc + t
+            acc = t
+        else:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
         acc = tl.dot(_mm(a.to(DT)), _mm(b.to(DT)), acc, input_precision=DOT_PREC)
     return acc
