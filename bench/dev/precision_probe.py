@@ -1,7 +1,8 @@
-"""Error of the cuda backend against float64, relative to the same-precision PyTorch computation's error (the
+"""Error of a backend (default cuda) against float64, relative to the same-precision PyTorch computation's error (the
 tolerance rule's ratio; it must stay <= ~2), at training shapes: fp32 or bf16 adapters on a bf16 base.
 
-    PYTHONPATH=<installed wheel> python bench/dev/precision_probe.py [--M 8192] [--adapter-dtype float32]
+    PYTHONPATH=<installed wheel> python bench/dev/precision_probe.py [--M 8192] [--adapter-dtype float32] \
+        [--backend cuda|triton]   (triton's bf16x3 products: LORA_KERNELS_TRITON_FP32_SPLIT=1)
 """
 import argparse
 import json
@@ -24,7 +25,7 @@ def err(a, ref):
     return (a.double() - ref).abs().max().item()
 
 
-def probe(M, K, N, r, p, adapter_dtype, dev="cuda"):
+def probe(M, K, N, r, p, adapter_dtype, dev="cuda", backend="cuda"):
     torch.manual_seed(M + K + N + r)
     x = torch.randn(M, K, device=dev).bfloat16()
     W = (torch.randn(N, K, device=dev) / K**0.5).bfloat16()
@@ -34,7 +35,7 @@ def probe(M, K, N, r, p, adapter_dtype, dev="cuda"):
     s = 2.0
     xg, Ag, Bg = (t.clone().requires_grad_() for t in (x, A, B))
     with record_dropout() as calls:
-        y = lora_kernels.lora_linear(xg, W, b, Ag, Bg, s, dropout_p=p, backend="cuda")
+        y = lora_kernels.lora_linear(xg, W, b, Ag, Bg, s, dropout_p=p, backend=backend)
     keep = lora_kernels.dropout_mask(*calls[0], x.shape, p, device=dev) if p > 0 else None
     dy = torch.randn_like(y)
     y.backward(dy)
@@ -56,16 +57,18 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--M", type=int, default=8192)
     ap.add_argument("--adapter-dtype", default="float32")
+    ap.add_argument("--backend", default="cuda")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     ad = getattr(torch, a.adapter_dtype)
     rows = []
-    print(f"{torch.cuda.get_device_name()} torch {torch.__version__}; error / same-precision PyTorch error")
+    print(f"{torch.cuda.get_device_name()} torch {torch.__version__}, backend {a.backend}; "
+          "error / same-precision PyTorch error")
     for K, N in ((4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)):
         for r in (16, 64, 100):
             for p in (0.0, 0.1):
-                o = probe(a.M, K, N, r, p, ad)
-                rows.append(dict(M=a.M, K=K, N=N, r=r, p=p, adapters=a.adapter_dtype, **o))
+                o = probe(a.M, K, N, r, p, ad, backend=a.backend)
+                rows.append(dict(M=a.M, K=K, N=N, r=r, p=p, adapters=a.adapter_dtype, backend=a.backend, **o))
                 worst = max(o.values())
                 print(f"M={a.M} {K}->{N} r={r} p={p}: " + " ".join(f"{k} {v:.2f}" for k, v in o.items())
                       + ("  <-- over 2" if worst > 2 else ""), flush=True)
