@@ -217,26 +217,26 @@ def _fwd_impl(x, weight, bias, lora_A, lora_B, g, scaling, p, seed, offset, back
     if p == 0.0:
         z, u = be.forward(x, weight, None, lora_A, lora_B, scaling, 0.0, 0, offset)
         return scale_bias(z, g, bias, fast, out=None if save_z else z), u, (z if save_z else x.new_empty(0))
-    sd, q = ops._backend_seed(seed, p), 1.0 - p
+    sd, gq = ops._backend_seed(seed, p), g / (1.0 - p)
     K = x.shape[1]
     # By row chunks, so that the M×K x_k (then x_c) and the M×N z are transient per chunk, as in backward; with
     # z saved (the speed side of the trade) one chunk.
     chunks = [(0, M)] if save_z else _row_chunks_of(M, (N + K) * x.element_size())
     if len(chunks) == 1:
-        y, u, z = _fwd_dropped_rows(x, weight, bias, lora_A, lora_B, g / q, scaling, p, sd, offset, fast, be,
-                                    None, keep_z=save_z)
+        y, u, z = _fwd_dropped_rows(x, weight, bias, lora_A, lora_B, gq, scaling, p, sd, offset, fast, be, None,
+                                    keep_z=save_z)
         return y, u, (z if save_z else x.new_empty(0))
     y, u = x.new_empty(M, N), x.new_empty(M, r, dtype=_acc(x))
     k8 = calls_per_row(K)
     for m0, m1 in chunks:
-        _fwd_dropped_rows(x[m0:m1], weight, bias, lora_A, lora_B, g / q, scaling, p, sd, offset + m0 * k8, fast, be,
+        _fwd_dropped_rows(x[m0:m1], weight, bias, lora_A, lora_B, gq, scaling, p, sd, offset + m0 * k8, fast, be,
                           (y[m0:m1], u[m0:m1]), keep_z=False)
     return y, u, x.new_empty(0)
 
 
 def _fwd_dropped_rows(x, weight, bias, lora_A, lora_B, gq, scaling, p, sd, offset, fast, be, out, keep_z):
-    """y, u (and z) of rows x at p > 0: z = x_k Wᵀ + s·x_k Aᵀ Bᵀ, y = (g/q) ⊙ z + b + x_c Wᵀ. ``out`` = (y, u)
-    row slices to write, or None to allocate (y then over z unless ``keep_z``)."""
+    """y, u (and z) of rows x at p > 0: z = x_k Wᵀ + s·x_k Aᵀ Bᵀ, y = (g/q) ⊙ z + b + x_c Wᵀ (gq = g/q).
+    ``out`` = (y, u) row slices to write, or None to allocate (y then over z unless ``keep_z``)."""
     q = 1.0 - p
     xk = masked(x, p, sd, offset, 1.0, 0.0, fast)  # keep ⊙ x
     z, u = be.forward(xk, weight, None, lora_A, lora_B, scaling, 0.0, 0, offset)

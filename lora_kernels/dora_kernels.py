@@ -273,7 +273,8 @@ def scale_bias(z: torch.Tensor, c: torch.Tensor, bias, fast: bool, out=None) -> 
     M, N = z.shape
     out, grid, BM, BN = _tiled(z, out)
     if grid is not None:
-        _launch(_scale_bias_kernel, grid, (z, c, bias if bias is not None else c, out, M, N, z.stride(0), out.stride(0)),
+        _launch(_scale_bias_kernel, grid,
+                (z, c, bias if bias is not None else c, out, M, N, z.stride(0), out.stride(0)),
                 dict(HAS_BIAS=bias is not None, BM=BM, BN=BN))
     return out
 

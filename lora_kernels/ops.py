@@ -65,8 +65,6 @@ def record_dropout():
         _recorders.remove(calls)
 
 
-
-
 def _draw_seed(device=None) -> torch.Tensor:
     """A fresh Philox key in [0, 2^62): from torch's default CPU generator (torch.manual_seed reproduces a run), or,
     given a device, from that device's generator without a host round trip (the graph-safe form)."""
@@ -190,7 +188,8 @@ class _EagerLoRA(torch.autograd.Function):
     call than the backend call itself (tens of microseconds), which decides the speed of small-M calls and of whole
     training steps. ``lora_linear`` uses it unless torch.compile is tracing, where the registered op (fake impls,
     opaque to dynamo) is what the graph records, or the backend brings its own autograd node (the cuda backend's,
-    in C++) and the base weight and bias are frozen. tests/test_contract.py checks that all paths give bit-identical outputs and grads."""
+    in C++) and the base weight and bias are frozen. tests/test_contract.py checks that all paths give
+    bit-identical outputs and grads."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, p, seed, offset, backend):

@@ -4,11 +4,11 @@ moved single measurements of the same kernel by 10-15% on the H200) fall on the 
 
     python3 bench/suite/targets.py --providers ours-cuda,lorafusion --out results.json [--M 2048,8192] [--rounds 15]
 
-GPU time: CUDA events around one call (forward, or forward + backward), calls back to back. (Not queued behind a GPU
-sleep as timing.py's gpu_ms is: on the H200 a call timed right after a sleep ran slower than the same call back to
-back, e.g. the floor at 8192x4096->4096 0.415 ms vs 0.364 ms, so the GPU clock after an idle spell would bias the
-ratios; bench/results/h200_2026-11-30/session3.) Wall time: a host clock
-around `calls` back-to-back calls with a synchronize at both ends, per call. Each group prints one line per
+GPU time: CUDA events around one call (forward, or forward + backward), calls back to back. (Not one call queued
+behind a GPU sleep: on the H200 a call timed right after a sleep ran slower than the same call back to back, e.g.
+the floor at 8192x4096->4096 0.415 ms vs 0.364 ms, which biased the ratios; timing.py's gpu_ms times a batch of
+calls behind one sleep for that reason.) Wall time: a host clock around `calls` back-to-back calls with a
+synchronize at both ends, per call. Each group prints one line per
 provider: wall and GPU time with their ratios to the floor. The summary gives geometric means and worst cases by
 (mode, M) per provider.
 """

@@ -115,7 +115,7 @@ def bench_ms(fns, warmup_ms: float = 25.0, rep_ms: float = 100.0, min_reps: int 
 
 
 @functools.cache
-def cycles_per_ms() -> float:
+def _cycles_per_ms() -> float:
     """GPU clock cycles of torch.cuda._sleep per millisecond (measured once)."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     cycles = 2_000_000
@@ -142,7 +142,7 @@ def _gpu_time(fns, wall_est_ms: float, reps: int = 40, batch_ms: float = 2.0, ma
     n = len(fns)
     calls = max(1, min(max_calls, int(batch_ms / max(wall_est_ms, 1e-4))))
     sleep_ms = 2.0 * wall_est_ms * calls + 0.1
-    cycles = int(sleep_ms * cycles_per_ms())
+    cycles = int(sleep_ms * _cycles_per_ms())
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     hidden = 0

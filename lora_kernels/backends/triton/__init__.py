@@ -9,13 +9,13 @@ Math (x: (M, K), W: (N, K), A: (r, K), B: (N, r), s = scaling, keep = dropout ma
 pass names of csrc/:
 
     forward    shrink   u  = s/q * (keep * x) @ A^T              _shrink_kernel       (M, r) fp32
-               expand   y  = x @ W^T + u @ B^T + b               _output_gemm_kernel    (M, N) x.dtype
+               expand   y  = x @ W^T + u @ B^T + b               _output_gemm_kernel  (M, N) x.dtype
                (M <= SMALL_M: both in one launch                 _small_m_kernel)
-    backward   dy pass  g  = dy @ B     (and dB = dy^T @ u)      _dy_pass_kernel         (M, r) fp32, one read of dy
+    backward   dy pass  g  = dy @ B     (and dB = dy^T @ u)      _dy_pass_kernel      (M, r) fp32, one read of dy
                dA       dA = s/q * g^T @ (keep * x)              _shrink_kernel       (r, K)
                         (the shrink of x^T by g: dA^T = s/q * (keep * x)^T @ g; likewise dB = dy^T @ u where
                         the dy pass does not fuse it)
-               dx       dx = dy @ W + keep * s/q * (g @ A)       _output_gemm_kernel    (M, K) x.dtype
+               dx       dx = dy @ W + keep * s/q * (g @ A)       _output_gemm_kernel  (M, K) x.dtype
                reduce   the sum of split partials, in a fixed order: torch.sum (launch._sum_partials)
 
 Cost (2-byte dtype, r << N, K): the two big GEMMs are 2*M*N*K FLOPs each and move about
