@@ -57,11 +57,13 @@ def _is_seed_like(v):
     return v is not None and v.dtype == torch.int64 and v.dim() == 0
 
 
+_SEED_ARG = {"lora_fwd": 7, "lora_bwd": 8, "dora_fwd": 8, "dora_bwd": 10}  # the seed's index in each op's schema
+
+
 def _op_seeds(gm, name):
-    """The seed argument (index 7 of lora_fwd, 8 of lora_bwd) of every call of the op in the graph."""
+    """The seed argument of every call of the op ``name`` in the graph."""
     op = getattr(torch.ops.lora_kernels, name).default
-    idx = 7 if name == "lora_fwd" else 8
-    return [n.args[idx] for n in gm.graph.nodes if n.op == "call_function" and n.target is op]
+    return [n.args[_SEED_ARG[name]] for n in gm.graph.nodes if n.op == "call_function" and n.target is op]
 
 
 def _inputs(M=12, K=40, N=24, r=4):
@@ -131,9 +133,8 @@ def test_dora_no_seed_tensor_enters_the_graph(p):
     assert graphs.fw and graphs.bw
     for gm in graphs.dynamo + graphs.fw:
         assert not [n.name for n in _placeholders(gm) if _is_seed_like(_val(n))], "a seed entered the graph"
-    fwd_op, bwd_op = torch.ops.lora_kernels.dora_fwd.default, torch.ops.lora_kernels.dora_bwd.default
-    fwd_seeds = [n.args[8] for gm in graphs.fw for n in gm.graph.nodes if n.target is fwd_op]
-    bwd_seeds = [n.args[10] for gm in graphs.bw for n in gm.graph.nodes if n.target is bwd_op]
+    fwd_seeds = [s for gm in graphs.fw for s in _op_seeds(gm, "dora_fwd")]
+    bwd_seeds = [s for gm in graphs.bw for s in _op_seeds(gm, "dora_bwd")]
     assert len(fwd_seeds) == len(bwd_seeds) == 1
     if p == 0.0:
         assert fwd_seeds == [None] and bwd_seeds == [None]
