@@ -14,7 +14,8 @@
 #   profile   bench/tools/profile_layer.py: per-kernel GPU time and host time of one layer (PROFILE_ARGS)
 #   host_trace bench/dev/host_trace.py: torch.profiler CPU events of small calls (ATen ops, CUDA runtime calls)
 #   save      /tmp/site as $OUT/site.tgz; a later call that carries it as .site/site.tgz reuses the build (build step
-#             with REUSE_BUILD=1 unpacks it instead of building)
+#             with REUSE_BUILD=1 unpacks it instead of building; OVERLAY_PY=1 then copies this tree's Python files
+#             over it, for a tree whose csrc/ and setup.py match the carried build)
 # Knobs: T_<STEP> (seconds), TEST_ARGS, TARGETS_ARGS, DORA_ARGS. Files in $OUT (at most 8 come back: past 7 they
 # are packed into results.tgz at the end). The whole GPU suite needs about 330 s on 16 workers: give it a call of its
 # own (T_TESTS=420) with a carried build.
@@ -48,7 +49,13 @@ for step in ${STEPS:-build tests}; do
       if [ -n "${REUSE_BUILD:-}" ] && [ ! -d /tmp/site/lora_kernels ] && [ -f "$REPO/.site/site.tgz" ]; then
         tar -xzf "$REPO/.site/site.tgz" -C /tmp && note "step build: unpacked the carried .site/site.tgz"
       fi
-      if [ -n "${REUSE_BUILD:-}" ] && [ -d /tmp/site/lora_kernels ]; then note "step build: reusing /tmp/site"; continue; fi
+      if [ -n "${REUSE_BUILD:-}" ] && [ -d /tmp/site/lora_kernels ]; then
+        if [ -n "${OVERLAY_PY:-}" ]; then  # csrc/ unchanged since the carried build: this tree's Python files over it
+          (cd "$REPO" && find lora_kernels -name '*.py' ! -name _build_info.py -exec cp --parents {} /tmp/site/ \;)
+          note "step build: Python files of this tree copied over the carried build"
+        fi
+        note "step build: reusing /tmp/site"; continue
+      fi
       LORA_KERNELS_CUDA_ARCHS=90 run_step build "${T_BUILD:-300}" bash "$REPO/bench/tools/gpu_build.sh" > "$OUT/build.log" 2>&1
       tail -3 "$OUT/build.log";;
     tests)
