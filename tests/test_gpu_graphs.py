@@ -376,16 +376,19 @@ def _train_step(model, ids, call=None):
 @pytest.mark.parametrize("backend", _gpu_backends())
 def test_peft_llama_training_step_reduce_overhead_matches_eager(backend):
     """A tiny random-init Llama with PEFT LoRA on every linear layer (dropout 0), patched with patch_peft: its
-    training step under torch.compile(mode="reduce-overhead") (after warm-up and recording, so a replay) gives the
-    loss and LoRA grads of the eager patched step within the tolerance rule: error vs the float64 PEFT model at most
-    2x the eager patched step's error, plus a floor."""
+    training step under torch.compile(mode="reduce-overhead") (after warm-up and recording, so a replay) meets the
+    tolerance rule: its error vs the float64 PEFT model is at most 2x the same-precision PyTorch computation's, plus
+    a floor. That baseline is the larger error of the eager fp32 steps, unpatched PEFT and patched: one of them alone
+    can be luckily small on some tensor (the compiled step reorders fp32 sums, as inductor fuses differently)."""
     import copy
 
     model = _peft_tiny_llama(0.0).cuda()
     ref64 = copy.deepcopy(model).double()
+    peft32 = copy.deepcopy(model)
     lora_kernels.patch_peft(model, backend=backend)
     ids = torch.randint(0, 256, (2, 64), device="cuda")
     ref_loss, ref_grads = _train_step(ref64, ids)
+    peft_loss, peft_grads = _train_step(peft32, ids)
     eager_loss, eager_grads = _train_step(model, ids)
     compiled = torch.compile(model, mode="reduce-overhead")
     for _ in range(3):  # warm-up, recording, replay
@@ -397,11 +400,14 @@ def test_peft_llama_training_step_reduce_overhead_matches_eager(backend):
     def err(a, ref):
         return (a.double() - ref.double()).abs().max().item()
 
-    assert err(loss, ref_loss) <= 2 * err(eager_loss, ref_loss) + floor * abs(ref_loss.item())
-    assert grads.keys() == ref_grads.keys()
+    def base(eager, peft, ref):
+        return max(err(eager, ref), err(peft, ref))
+
+    assert err(loss, ref_loss) <= 2 * base(eager_loss, peft_loss, ref_loss) + floor * abs(ref_loss.item())
+    assert grads.keys() == ref_grads.keys() == peft_grads.keys()
     for n in ref_grads:
         scale = ref_grads[n].abs().max().item()
-        assert err(grads[n], ref_grads[n]) <= 2 * err(eager_grads[n], ref_grads[n]) + floor * scale, n
+        assert err(grads[n], ref_grads[n]) <= 2 * base(eager_grads[n], peft_grads[n], ref_grads[n]) + floor * scale, n
 
 
 @gpu
