@@ -166,6 +166,40 @@ def assert_tolerance(out, ref64, baseline, name="output", floor=None, abs_ref=No
     assert e <= 2 * e0 + floor, f"{name}: error {e:.3e} > 2 x baseline {e0:.3e} + floor {floor:.1e}"
 
 
+def live_at_peak(fn, ours=("lora_kernels",)):
+    """GPU memory that ``fn`` itself allocates, at its peak: (peak bytes, [(bytes, where)] of the blocks live then,
+    largest first), from the CUDA caching allocator's history replayed event by event. Blocks that existed before
+    fn (and their frees during it) do not count, unlike max_memory_allocated() minus a start value, which a free of
+    an older block (a collected cycle of an earlier test) lowers. ``where`` is the innermost frames whose file path
+    contains one of ``ours``."""
+    import gc
+
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.memory._record_memory_history(max_entries=200000, stacks="python")
+    try:
+        fn()
+        torch.cuda.synchronize()
+        snap = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+
+    def where(frames):
+        mine = [f for f in frames if any(k in f.get("filename", "") for k in ours)]
+        return " <- ".join(f"{os.path.basename(f['filename'])}:{f['line']} {f['name']}" for f in mine[:4]) or "?"
+
+    live, total, peak, at_peak = {}, 0, 0, {}
+    for ev in snap["device_traces"][torch.cuda.current_device()]:
+        if ev["action"] == "alloc":
+            live[ev["addr"]] = (ev["size"], ev.get("frames", []))
+            total += ev["size"]
+            if total > peak:
+                peak, at_peak = total, dict(live)
+        elif ev["action"] == "free_requested" and ev["addr"] in live:
+            total -= live.pop(ev["addr"])[0]
+    return peak, sorted(((size, where(frames)) for size, frames in at_peak.values()), reverse=True)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
     # Fresh random inputs for every test, reproducible from the test's name.

@@ -8,41 +8,16 @@ test that bounds DoRA's peak by LoRA's), so a failure of that test can be read b
 """
 import argparse
 import os
+import sys
 
 import torch
 
 import lora_kernels
 from lora_kernels import dora
 
-_OURS = ("lora_kernels", "peak_trace")
-
-
-def _where(frames, depth=4):
-    """The innermost frames of our code (the package or this script), as file:line name."""
-    ours = [f for f in frames if any(k in f.get("filename", "") for k in _OURS)]
-    return " <- ".join(f"{os.path.basename(f['filename'])}:{f['line']} {f['name']}" for f in ours[:depth]) or "?"
-
-
-def live_at_peak(fn):
-    """(peak bytes above the start, [(bytes, where)] of the blocks allocated by fn and live at the peak)."""
-    torch.cuda.synchronize()
-    torch.cuda.memory._record_memory_history(max_entries=200000, stacks="python")
-    try:
-        fn()
-        torch.cuda.synchronize()
-        snap = torch.cuda.memory._snapshot()
-    finally:
-        torch.cuda.memory._record_memory_history(enabled=None)
-    live, total, peak, at_peak = {}, 0, 0, {}
-    for ev in snap["device_traces"][torch.cuda.current_device()]:
-        if ev["action"] == "alloc":
-            live[ev["addr"]] = (ev["size"], ev.get("frames", []))
-            total += ev["size"]
-            if total > peak:
-                peak, at_peak = total, dict(live)
-        elif ev["action"] in ("free_requested",) and ev["addr"] in live:
-            total -= live.pop(ev["addr"])[0]
-    return peak, sorted(((s, _where(f)) for s, f in at_peak.values()), reverse=True)
+# the replay of the allocator's history: tests/conftest.py's (the peak-memory test uses it too)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir, "tests"))
+from conftest import live_at_peak  # noqa: E402
 
 
 def main():
@@ -74,7 +49,7 @@ def main():
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__}; M={M} K={K} N={N} r={r} p={a.p} "
           f"backend={a.backend} chunk budget {a.budget_mib} MiB; one M×N buffer = {M * N * 2 / 2**20:.2f} MiB")
     for name, fn in (("lora", lora), ("dora", dora_)):
-        peak, blocks = live_at_peak(fn)
+        peak, blocks = live_at_peak(fn, ours=("lora_kernels", "peak_trace"))
         print(f"== {name}: peak {peak / 2**20:.2f} MiB above the start; live blocks at the peak:")
         for s, w in blocks[:12]:
             print(f"   {s / 2**20:8.3f} MiB  {w}")

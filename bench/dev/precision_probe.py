@@ -2,7 +2,7 @@
 tolerance rule's ratio; it must stay <= ~2), at training shapes: fp32 or bf16 adapters on a bf16 base.
 
     PYTHONPATH=<installed wheel> python bench/dev/precision_probe.py [--M 8192] [--adapter-dtype float32] \
-        [--backend cuda|triton]   (triton's bf16x3 products: LORA_KERNELS_TRITON_FP32_SPLIT=1)
+        [--backend cuda|triton]   (triton's "ieee" dots instead of bf16x3: LORA_KERNELS_TRITON_FP32_SPLIT=0)
 """
 import argparse
 import json
