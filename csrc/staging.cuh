@@ -5,8 +5,7 @@
 // arrives through a kStages-deep cp.async ring, and a small side operand (A, B or g: SideTile) that is loaded into
 // registers two tiles ahead and stored into a double buffer one tile ahead. Per tile, one block barrier:
 //   pipeline_start   : issue tiles 0 .. kStages-2; side tile 0 to shared memory, side tile 1 to registers.
-//   pipeline_wait(t) : wait for this thread's copies of tile t, `landed()` (the dropout mask, in place, from keep
-//                      bits computed before the wait), barrier
+//   pipeline_wait(t) : wait for this thread's copies of tile t, `landed()` (the dropout mask, in place), barrier
 //                      (tile t and side buffer t % 2 complete, tile t-1's reads done), refill the freed ring slot.
 //   (the kernel multiplies tile t)
 //   pipeline_next(t) : side tile t+1 to shared memory, side tile t+2 to registers.
@@ -86,24 +85,15 @@ struct StreamTile {
     }
   }
 
-  // Dropout of a landed x tile whose element (0, 0) is x[m0, k0], in two steps so that the Philox work overlaps the
-  // tile's copies in flight: keep_bits before the wait (bit q of bits[i]: element q of this thread's group i is
-  // kept; rows from m_end and columns from k_lim on keep all, they are zeros already), apply_keep once it landed.
-  static __device__ __forceinline__ void keep_bits(uint32_t bits[kGroups], int64_t m0, int64_t m_end, int64_t K,
-                                                   int64_t k0, int64_t k_lim, uint32_t thr, uint64_t seed,
-                                                   uint64_t offset) {
+  // Zeroes the dropped elements of this thread's groups of a landed x tile whose element (0, 0) is x[m0, k0]: rows
+  // m0 + row < m_end, columns below k_lim (the rest are zeros already).
+  static __device__ __forceinline__ void dropout(T* slot, int64_t m0, int64_t m_end, int64_t K, int64_t k0,
+                                                 int64_t k_lim, float p, uint64_t seed, uint64_t offset) {
 #pragma unroll
     for (int i = 0; i < kGroups; ++i) {
-      const int64_t m = m0 + row(i), k = k0 + col(i);
-      bits[i] = m < m_end && k < k_lim ? keep_bits8(seed, offset, m, K, k, thr) : 0xFFu;
-    }
-  }
-  static __device__ __forceinline__ void apply_keep(T* slot, const uint32_t bits[kGroups]) {
-#pragma unroll
-    for (int i = 0; i < kGroups; ++i) {
-      if (bits[i] == 0xFFu) continue;
+      const int64_t m = m0 + row(i);
       uint4* q = reinterpret_cast<uint4*>(slot + row(i) * LD + col(i));
-      *q = drop8<T>(*q, bits[i]);
+      if (m < m_end) *q = dropout8<T>(*q, m, K, k0 + col(i), k_lim, p, seed, offset);
     }
   }
 };
