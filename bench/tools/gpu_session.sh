@@ -46,8 +46,13 @@ fi
 for step in ${STEPS:-build tests}; do
   case "$step" in
     build)
-      if [ -n "${REUSE_BUILD:-}" ] && [ ! -d /tmp/site/lora_kernels ] && [ -f "$REPO/.site/site.tgz" ]; then
-        tar -xzf "$REPO/.site/site.tgz" -C /tmp && note "step build: unpacked the carried .site/site.tgz"
+      # A warm machine may hold another build in /tmp/site: the carried archive wins unless /tmp/site came from it.
+      if [ -n "${REUSE_BUILD:-}" ] && [ -f "$REPO/.site/site.tgz" ]; then
+        SUM=$(sha256sum "$REPO/.site/site.tgz" | cut -c1-16)
+        if [ "$(cat /tmp/site.from 2>/dev/null)" != "$SUM" ]; then
+          rm -rf /tmp/site && tar -xzf "$REPO/.site/site.tgz" -C /tmp && echo "$SUM" > /tmp/site.from &&
+            note "step build: unpacked the carried .site/site.tgz ($SUM)"
+        fi
       fi
       if [ -n "${REUSE_BUILD:-}" ] && [ -d /tmp/site/lora_kernels ]; then
         if [ -n "${OVERLAY_PY:-}" ]; then  # csrc/ unchanged since the carried build: this tree's Python files over it
@@ -56,6 +61,7 @@ for step in ${STEPS:-build tests}; do
         fi
         note "step build: reusing /tmp/site"; continue
       fi
+      rm -f /tmp/site.from
       LORA_KERNELS_CUDA_ARCHS=90 run_step build "${T_BUILD:-300}" bash "$REPO/bench/tools/gpu_build.sh" > "$OUT/build.log" 2>&1
       tail -3 "$OUT/build.log";;
     tests)
