@@ -3,12 +3,17 @@ calls such as cudaLaunchKernel / cudaLaunchKernelExC / cudaFuncSetAttribute) ove
 of bench/tools/host_time.py (F.linear, PEFT's layer, the lora_kernels backends). Run on the GPU machine:
 
     python3 bench/dev/host_trace.py [--backends cuda,triton] [--M 16] [--p 0] [--calls 50] [--row-limit 25]
+
+Then, for the triton backend, a breakdown of its host time per call without the profiler: the whole call; the same
+with every Triton launch replaced by a no-op (the Python and torch work around the launches); and how many launches
+per call took triton's JIT path (JITFunction.run) instead of the backend's fast relaunch.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -42,6 +47,58 @@ def main():
                   f"calls (self CPU total / {args.calls} = us per call)")
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.row_limit,
                                             max_name_column_width=60))
+    if "lora_kernels triton" in provs:
+        triton_breakdown(provs["lora_kernels triton"], args.calls)
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _us_per_call(fn, calls):
+    _sync()
+    t = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = (time.perf_counter() - t) / calls * 1e6
+    _sync()
+    return host
+
+
+def triton_breakdown(fns, calls):
+    """Host microseconds per call of the triton backend: as is, with its launches made no-ops, and the number of
+    launches per call that went through triton's JIT (the slow path) after warm-up."""
+    import triton
+
+    from lora_kernels.backends.triton import launch
+
+    jit_calls = [0]
+    real_run = triton.runtime.JITFunction.run
+
+    def counting_run(self, *a, **k):
+        jit_calls[0] += 1
+        return real_run(self, *a, **k)
+
+    print("\n===== triton backend host time per call (us), no profiler")
+    for mode, fn in zip(("fwd", "fwd+bwd"), fns):
+        for _ in range(10):
+            fn()
+        full = _us_per_call(fn, calls)
+        triton.runtime.JITFunction.run = counting_run
+        try:
+            _us_per_call(fn, calls)
+        finally:
+            triton.runtime.JITFunction.run = real_run
+        real_launch, real_tuned = launch._launch, launch._launch_tuned
+        launch._launch = launch._launch_tuned = lambda *a, **k: None
+        try:
+            bare = _us_per_call(fn, calls)
+        finally:
+            launch._launch, launch._launch_tuned = real_launch, real_tuned
+        print(f"{mode:8s} whole call {full:8.1f} | launches made no-ops {bare:8.1f} | launches {full - bare:8.1f} | "
+              f"JIT-path launches per call after warm-up {jit_calls[0] / calls:.2f}")
+        jit_calls[0] = 0
 
 
 if __name__ == "__main__":

@@ -117,7 +117,7 @@ for step in ${STEPS:-build tests}; do
     host_trace)
       (cd /tmp && PYTHONPATH=/tmp/site run_step host_trace "${T_HOST_TRACE:-90}" python3 "$REPO/bench/dev/host_trace.py" \
         > "$OUT/host_trace.txt" 2>&1)
-      grep -E "^=====|Self CPU time total" "$OUT/host_trace.txt";;
+      grep -E "^=====|Self CPU time total|whole call" "$OUT/host_trace.txt";;
     save)
       tar -czf "$OUT/site.tgz" -C /tmp site && note "saved /tmp/site as site.tgz ($(du -h "$OUT/site.tgz" | cut -f1))";;
     *) note "unknown step $step";;
