@@ -32,7 +32,7 @@ output without bias before the column scale):
     The magnitude's grad dg/‖·‖ comes from autograd through g = magnitude / norm.
 
 Memory. Saved for backward: x, u (M×r float32), g (N) and the seed: the same as ``lora_linear`` plus N floats. No
-mask, no dropped copy of x, nothing M×N and nothing N×K (tests/test_dora.py checks the saved tensors and every
+mask, no dropped copy of x, nothing M×N and nothing N×K (tests/test_dora_memory.py checks the saved tensors and every
 allocation). The magnitude's grad needs Σ_m dy ⊙ z over all of z (M×N); z is not kept but recomputed in backward,
 which costs one GEMM over W (2·M·N·K FLOPs): there is no cheaper exact way (Σ_m dy[m,n]·(x Wᵀ)[m,n] is a full
 contraction over m and k for each n). The backward's M×N temporaries (z, then dy_c over it) and M×K ones (dx of a
