@@ -185,6 +185,32 @@ def test_chunked_backward_and_saved_z(monkeypatch, backend, device, dtype, p, sa
     run_and_check(backend, device, dtype, (37,), 100, 50, 33, bias=True, p=p)
 
 
+PEAK_SHAPE = (4096, 1024, 1024, 16)  # M, K, N, r: one M×N bf16 buffer is 8 MiB
+
+
+def peak_case(p, backend, dev="cuda"):
+    """(lora, dora) fwd+bwd callables on fresh inputs of PEAK_SHAPE (bf16 x and W, fp32 adapters and magnitude),
+    as the peak-memory test and bench/dev/peak_trace.py run them."""
+    M, K, N, r = PEAK_SHAPE
+    dt = torch.bfloat16
+    x = torch.randn(M, K, device=dev, dtype=dt, requires_grad=True)
+    W = (torch.randn(N, K, device=dev) / K**0.5).to(dt)
+    A = (torch.randn(r, K, device=dev) / K**0.5).requires_grad_()
+    B = torch.randn(N, r, device=dev).requires_grad_()
+    m = (torch.rand(N, device=dev) + 0.5).requires_grad_()
+    dy = torch.randn(M, N, device=dev, dtype=dt)
+
+    def lora():
+        torch.autograd.grad(lora_kernels.lora_linear(x, W, None, A, B, 2.0, dropout_p=p, backend=backend),
+                            (x, A, B), dy)
+
+    def dora_():
+        torch.autograd.grad(lora_kernels.dora_linear(x, W, None, A, B, 2.0, m, dropout_p=p, backend=backend),
+                            (x, A, B, m), dy)
+
+    return lora, dora_
+
+
 @gpu
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_gpu_peak_memory_against_lora(monkeypatch, p):
@@ -192,28 +218,14 @@ def test_gpu_peak_memory_against_lora(monkeypatch, p):
     # temporaries, here set to 1 MiB) + 1 MiB, far below one M×N buffer (8 MiB here): nothing M×N is saved or held
     # for the whole backward, nothing N×K is built. The fast backends only (the torch reference backend makes fp32
     # copies of its operands).
-    M, K, N, r = 4096, 1024, 1024, 16
+    M, K, N, r = PEAK_SHAPE
     budget = 1 << 20
     monkeypatch.setattr(dora, "BWD_CHUNK_BYTES", budget)
-    dt, dev = torch.bfloat16, "cuda"
-    x = torch.randn(M, K, device=dev, dtype=dt, requires_grad=True)
-    W = (torch.randn(N, K, device=dev) / K**0.5).to(dt)
-    A = (torch.randn(r, K, device=dev) / K**0.5).requires_grad_()
-    B = torch.randn(N, r, device=dev).requires_grad_()
-    m = (torch.rand(N, device=dev) + 0.5).requires_grad_()
-    dy = torch.randn(M, N, device=dev, dtype=dt)
     backends = [b for b in _gpu_backends() if b != "torch"]
     if not backends:
         pytest.skip("no fast backend")
     for backend in backends:
-        def lora():
-            torch.autograd.grad(lora_kernels.lora_linear(x, W, None, A, B, 2.0, dropout_p=p, backend=backend),
-                                (x, A, B), dy)
-
-        def dora_():
-            torch.autograd.grad(lora_kernels.dora_linear(x, W, None, A, B, 2.0, m, dropout_p=p, backend=backend),
-                                (x, A, B, m), dy)
-
+        lora, dora_ = peak_case(p, backend)
         lora(), dora_()  # warm-up: kernels compiled, the ‖W‖² cache filled
         (peak_d, live_d), (peak_l, live_l) = live_at_peak(dora_), live_at_peak(lora)
         extra = peak_d - peak_l

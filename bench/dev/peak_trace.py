@@ -12,12 +12,12 @@ import sys
 
 import torch
 
-import lora_kernels
 from lora_kernels import dora
 
-# the replay of the allocator's history: tests/conftest.py's (the peak-memory test uses it too)
+# the replay of the allocator's history (tests/conftest.py) and the peak-memory test's case (tests/test_dora_memory.py)
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir, "tests"))
 from conftest import live_at_peak  # noqa: E402
+from test_dora_memory import PEAK_SHAPE, peak_case  # noqa: E402
 
 
 def main():
@@ -26,30 +26,15 @@ def main():
     ap.add_argument("--backend", default="cuda")
     ap.add_argument("--budget-mib", type=float, default=1.0)
     a = ap.parse_args()
-    M, K, N, r = 4096, 1024, 1024, 16
+    M, K, N, r = PEAK_SHAPE
     dora.BWD_CHUNK_BYTES = int(a.budget_mib * 2**20)
-    dt, dev = torch.bfloat16, "cuda"
     torch.manual_seed(0)
-    x = torch.randn(M, K, device=dev, dtype=dt, requires_grad=True)
-    W = (torch.randn(N, K, device=dev) / K**0.5).to(dt)
-    A = (torch.randn(r, K, device=dev) / K**0.5).requires_grad_()
-    B = torch.randn(N, r, device=dev).requires_grad_()
-    m = (torch.rand(N, device=dev) + 0.5).requires_grad_()
-    dy = torch.randn(M, N, device=dev, dtype=dt)
-
-    def lora():
-        torch.autograd.grad(lora_kernels.lora_linear(x, W, None, A, B, 2.0, dropout_p=a.p, backend=a.backend),
-                            (x, A, B), dy)
-
-    def dora_():
-        torch.autograd.grad(lora_kernels.dora_linear(x, W, None, A, B, 2.0, m, dropout_p=a.p, backend=a.backend),
-                            (x, A, B, m), dy)
-
+    lora, dora_ = peak_case(a.p, a.backend)
     lora(), dora_()
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__}; M={M} K={K} N={N} r={r} p={a.p} "
           f"backend={a.backend} chunk budget {a.budget_mib} MiB; one M×N buffer = {M * N * 2 / 2**20:.2f} MiB")
     for name, fn in (("lora", lora), ("dora", dora_)):
-        peak, blocks = live_at_peak(fn, ours=("lora_kernels", "peak_trace"))
+        peak, blocks = live_at_peak(fn, ours=("lora_kernels", "peak_trace", "test_dora_memory"))
         print(f"== {name}: peak {peak / 2**20:.2f} MiB above the start; live blocks at the peak:")
         for s, w in blocks[:12]:
             print(f"   {s / 2**20:8.3f} MiB  {w}")
