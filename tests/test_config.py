@@ -4,6 +4,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 import lora_kernels
 from lora_kernels import _config
 
@@ -91,3 +93,17 @@ def test_import_time_settings():
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["True", "False", "False"]
     assert lora_kernels._config is _config
+
+
+@pytest.mark.parametrize("value,expected", [(None, "True"), ("1", "True"), ("0", "False")])
+def test_triton_fp32_split_default_on(value, expected):
+    """LORA_KERNELS_TRITON_FP32_SPLIT (read at import): the bf16x3 adapter products are on unless it is "0"."""
+    code = "from lora_kernels import _config\nprint(_config.TRITON_FP32_SPLIT)"
+    path = [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = {k: v for k, v in os.environ.items() if k != "LORA_KERNELS_TRITON_FP32_SPLIT"}
+    env["PYTHONPATH"] = os.pathsep.join(path)
+    if value is not None:
+        env["LORA_KERNELS_TRITON_FP32_SPLIT"] = value
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == [expected]
