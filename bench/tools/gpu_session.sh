@@ -13,10 +13,11 @@
 #   small_m   bench/suite/targets.py at M = 1, 16, 64 (4096->4096, 4096->14336; r = 16, p = 0)
 #   profile   bench/tools/profile_layer.py: per-kernel GPU time and host time of one layer (PROFILE_ARGS)
 #   host_trace bench/dev/host_trace.py: torch.profiler CPU events of small calls (ATen ops, CUDA runtime calls)
+#   ncu       Nsight Compute on the lora_ kernels of one cuda fwd+bwd (bench/dev/ncu_passes.py, NCU_ARGS)
 #   save      /tmp/site as $OUT/site.tgz; a later call that carries it as .site/site.tgz reuses the build (build step
 #             with REUSE_BUILD=1 unpacks it instead of building; OVERLAY_PY=1 then copies this tree's Python files
 #             over it, for a tree whose csrc/ and setup.py match the carried build)
-# Knobs: T_<STEP> (seconds), TEST_ARGS, TARGETS_ARGS, DORA_ARGS. Files in $OUT (at most 8 come back: past 7 they
+# Knobs: T_<STEP> (seconds), TEST_ARGS, TARGETS_ARGS, DORA_ARGS, PROFILE_ARGS, NCU_ARGS. Files in $OUT (at most 8 come back: past 7 they
 # are packed into results.tgz at the end). The whole GPU suite needs about 330 s on 16 workers: give it a call of its
 # own (T_TESTS=420) with a carried build.
 set -u
@@ -118,6 +119,13 @@ for step in ${STEPS:-build tests}; do
       (cd /tmp && PYTHONPATH=/tmp/site run_step host_trace "${T_HOST_TRACE:-90}" python3 "$REPO/bench/dev/host_trace.py" \
         > "$OUT/host_trace.txt" 2>&1)
       grep -E "^=====|Self CPU time total|whole call" "$OUT/host_trace.txt";;
+    ncu)
+      # Nsight Compute on one fwd+bwd (bench/dev/ncu_passes.py; NCU_ARGS passes its --shape/--r/--p): speed of light,
+      # warp stall reasons, occupancy and memory of each lora_ kernel (clocks left alone: METHOD.md)
+      (cd /tmp && PYTHONPATH=/tmp/site run_step ncu "${T_NCU:-150}" ncu --clock-control none --profile-from-start off \
+        --kernel-name regex:lora_ --section SpeedOfLight --section WarpStateStats --section Occupancy \
+        --section MemoryWorkloadAnalysis python3 "$REPO/bench/dev/ncu_passes.py" ${NCU_ARGS:-} > "$OUT/ncu.txt" 2>&1)
+      grep -E "lora_|Duration|Memory Throughput|DRAM Throughput|Achieved Occupancy|Stall" "$OUT/ncu.txt" | head -60;;
     save)
       tar -czf "$OUT/site.tgz" -C /tmp site && note "saved /tmp/site as site.tgz ($(du -h "$OUT/site.tgz" | cut -f1))";;
     *) note "unknown step $step";;
