@@ -17,9 +17,9 @@
 #   save      /tmp/site as $OUT/site.tgz; a later call that carries it as .site/site.tgz reuses the build (build step
 #             with REUSE_BUILD=1 unpacks it instead of building; OVERLAY_PY=1 then copies this tree's Python files
 #             over it, for a tree whose csrc/ and setup.py match the carried build)
-# Knobs: T_<STEP> (seconds), TEST_ARGS, TARGETS_ARGS, DORA_ARGS, PROFILE_ARGS, NCU_ARGS. Files in $OUT (at most 8 come back: past 7 they
-# are packed into results.tgz at the end). The whole GPU suite needs about 330 s on 16 workers: give it a call of its
-# own (T_TESTS=420) with a carried build.
+# Knobs: T_<STEP> (seconds), TEST_ARGS, TARGETS_ARGS, DORA_ARGS, PROFILE_ARGS, NCU_ARGS. Files in $OUT (at most 8
+# come back: past 7 they are packed into results.tgz at the end). The whole GPU suite needs about 280 s on 16 workers:
+# give it a call of its own (T_TESTS=420) with a carried build.
 set -u
 OUT="${OUT:-$PWD/gpu_out}"; mkdir -p "$OUT"
 REPO="$PWD"
