@@ -238,6 +238,30 @@ _dtype_problem_cached = functools.lru_cache(maxsize=256)(_dtype_problem)
 
 
 def _check(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
+    """Raises ValueError with the reason when the arguments are not a valid call. A valid call's common form (tensors
+    of matching shapes on one device, a float or int scaling) passes one chain of cheap comparisons, a few
+    microseconds of host time less per call; anything else, valid or not, goes through ``_explain``'s checks."""
+    T = torch.Tensor
+    try:
+        ws, As = weight.shape, lora_A.shape
+        if (type(scaling) in (float, int) and math.isfinite(scaling) and 0.0 <= dropout_p <= 1.0
+                and isinstance(x, T) and isinstance(weight, T) and isinstance(lora_A, T) and isinstance(lora_B, T)
+                and len(ws) == 2 and len(As) == 2 and x.dim() >= 1 and x.shape[-1] == ws[1] == As[1]
+                and 1 <= As[0] <= MAX_RANK and lora_B.shape == (ws[0], As[0])
+                and (bias is None or (isinstance(bias, T) and bias.shape == (ws[0],)))):
+            dev = x.device
+            if (weight.device == dev and lora_A.device == dev and lora_B.device == dev
+                    and (bias is None or bias.device == dev)
+                    and dtype_problem(x.dtype, weight.dtype, None if bias is None else bias.dtype, lora_A.dtype,
+                                      lora_B.dtype) is None):
+                return
+    except Exception:  # an argument of another kind: _explain names it
+        pass
+    _explain(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+
+
+def _explain(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
+    """_check's full checks, one by one, each with its message."""
     def fail(msg):
         raise ValueError(f"lora_linear: {msg}")
 
@@ -288,8 +312,9 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     ``backend``: None/'auto', 'torch', 'triton', 'cuda'.
     """
     # behave like F.linear under autocast ('meta' has no autocast: asking about it raises)
-    if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):
-        dt = torch.get_autocast_dtype(x.device.type)
+    device_type = x.device.type
+    if device_type != "meta" and torch.is_autocast_enabled(device_type):
+        dt = torch.get_autocast_dtype(device_type)
         x, weight = x.to(dt), weight.to(dt)
         bias = bias.to(dt) if bias is not None else None
     _check(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
@@ -298,9 +323,9 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
         scaling, p = 0.0, 0.0
     # the seed must live on x's device when torch.compile is tracing or a CUDA graph is being captured (see the
     # module docstring); is_compiling first: dynamo never sees the capture query
-    graph_rng = p > 0.0 and (torch.compiler.is_compiling()
-                             or (x.is_cuda and torch.cuda.is_current_stream_capturing()))
-    name = _resolve(backend, x.device.type, x.dtype == torch.float64, graph_rng)
+    compiling = torch.compiler.is_compiling()
+    graph_rng = p > 0.0 and (compiling or (x.is_cuda and torch.cuda.is_current_stream_capturing()))
+    name = _resolve(backend, device_type, x.dtype == torch.float64, graph_rng)
     if p == 0.0:
         # No seed at all (not a constant tensor): under torch.compile a module-level CPU tensor here became an input
         # of every compiled graph and, saved for backward, an output of the forward graph, and
@@ -317,7 +342,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     x2 = x if two_d else x.reshape(-1, x.shape[-1])
     args = (x2.contiguous(), weight.contiguous(), bias.contiguous() if bias is not None else None,
             lora_A.contiguous(), lora_B.contiguous(), float(scaling), p, seed, 0, name)
-    if torch.compiler.is_compiling():
+    if compiling:
         y = torch.ops.lora_kernels.lora_fwd(*args)[0]
     elif torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or lora_A.requires_grad
                                       or lora_B.requires_grad or (bias is not None and bias.requires_grad)):

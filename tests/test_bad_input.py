@@ -256,3 +256,53 @@ def test_patch_peft_lora_dropout_one_trains_like_peft():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for n, g in got_g.items():
         assert torch.equal(g, torch.zeros_like(g)) and torch.equal(want_g[n], torch.zeros_like(g)), n
+
+
+def _check_cases():
+    """(name, args of ops._check) over valid forms (Parameters, bias, 3-D and non-contiguous x, int, bool and numpy
+    scaling, p = 0 and 1) and invalid ones (each argument wrong in turn)."""
+    import numpy as np
+
+    x, W, b, A, B = _inputs(5, 12, 8, 3)
+    P = torch.nn.Parameter
+    ok = dict(x=x, weight=W, bias=b, lora_A=A, lora_B=B, scaling=0.5, dropout_p=0.1)
+    variants = {
+        "plain": {}, "no bias": dict(bias=None), "parameters": dict(weight=P(W, requires_grad=False), lora_A=P(A),
+                                                                    lora_B=P(B), bias=P(b)),
+        "3-D x": dict(x=x.reshape(1, 5, 12)), "non-contiguous x": dict(x=torch.randn(12, 5).t()),
+        "int scaling": dict(scaling=2), "bool scaling": dict(scaling=True),
+        "numpy scaling": dict(scaling=np.float64(0.5)),
+        "p = 0": dict(dropout_p=0.0), "p = 1": dict(dropout_p=1), "bf16 adapters on bf16": dict(
+            x=x.bfloat16(), weight=W.bfloat16(), bias=b.bfloat16(), lora_A=A.bfloat16(), lora_B=B.bfloat16()),
+        "0-d x": dict(x=torch.tensor(1.0)), "x not a tensor": dict(x=[1.0]), "K mismatch": dict(x=torch.randn(5, 11)),
+        "A's K": dict(lora_A=torch.randn(3, 11)), "B's shape": dict(lora_B=torch.randn(8, 4)),
+        "B transposed": dict(lora_B=B.t().contiguous()), "rank 0": dict(lora_A=torch.randn(0, 12),
+                                                                         lora_B=torch.randn(8, 0)),
+        "1-D weight": dict(weight=W.reshape(-1)), "bias shape": dict(bias=torch.randn(9)),
+        "bias not a tensor": dict(bias=1.0), "weight dtype": dict(weight=W.double()),
+        "int adapters": dict(lora_A=A.int()), "meta weight": dict(weight=W.to("meta")),
+        "nan scaling": dict(scaling=float("nan")), "inf scaling": dict(scaling=float("inf")),
+        "tensor scaling": dict(scaling=torch.tensor(0.5)), "p > 1": dict(dropout_p=1.5),
+        "p < 0": dict(dropout_p=-0.1), "nan p": dict(dropout_p=float("nan")),
+    }
+    return [(name, {**ok, **v}) for name, v in variants.items()]
+
+
+@pytest.mark.parametrize("name,kw", _check_cases(), ids=[c[0] for c in _check_cases()])
+def test_fast_check_agrees_with_full_checks(name, kw):
+    # ops._check's one-chain fast path accepts exactly what _explain's full checks accept, and otherwise raises
+    # _explain's message
+    from lora_kernels import ops
+
+    def outcome(fn):
+        try:
+            fn(**kw)
+            return None
+        except ValueError as e:
+            return str(e)
+
+    full = outcome(ops._explain)
+    assert outcome(ops._check) == full, name
+    valid = name in ("plain", "no bias", "parameters", "3-D x", "non-contiguous x", "int scaling", "bool scaling",
+                     "numpy scaling", "p = 0", "p = 1", "bf16 adapters on bf16")
+    assert (full is None) == valid, (name, full)
