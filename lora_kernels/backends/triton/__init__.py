@@ -44,9 +44,10 @@ Precision policy: each product runs in the precision PyTorch uses for the same i
 big GEMMs and the rank-r expand into the 16-bit outputs cast their tiles to x's dtype. The adapter products (u, g,
 dA, dB) do too when the adapters have x's dtype; with fp32 adapters on a 16-bit x (PEFT's default) they run in fp32
 (``configs._rank_f32``), since PyTorch computes them in fp32: on a bf16 x as the bf16x3 split on tensor cores
-(``kernels._rank_dot``; ``LORA_KERNELS_TRITON_FP32_SPLIT=0`` turns it off), on an fp16 x as fp32 "ieee" dots. fp32 inputs get full-fp32 dots
-(``input_precision="ieee"``) so that fp32 results meet the same error bound as PyTorch's fp32 matmul: TF32 dots
-give errors on y three to four orders of magnitude larger, far outside the tolerance rule.
+(``kernels._rank_dot``; ``LORA_KERNELS_TRITON_FP32_SPLIT=0`` turns it off), on an fp16 x as fp32 "ieee" dots.
+fp32 inputs get full-fp32 dots (``input_precision="ieee"``) so that fp32 results meet the same error bound as
+PyTorch's fp32 matmul: TF32 dots give errors on y three to four orders of magnitude larger, far outside the
+tolerance rule.
 ``LORA_KERNELS_TRITON_FP32_PRECISION=tf32`` opts into TF32 for speed. The big GEMM on GPUs is cuBLAS, which follows
 ``torch.backends.cuda.matmul.allow_tf32``.
 

@@ -47,7 +47,8 @@ def _dot_precision(dtype: torch.dtype, kn: TritonKnobs) -> str:
 
 def _rank_f32(x, *adapters) -> bool:
     """fp32 adapters on a 16-bit x: the adapter products (u, g, dA, dB) then run in fp32 (bf16x3 or "ieee" dots,
-    kernels._rank_dot), as PyTorch computes them for such inputs; rounding u, g, A or B to x's dtype would break the tolerance rule."""
+    kernels._rank_dot), as PyTorch computes them for such inputs; rounding u, g, A or B to x's dtype would break
+    the tolerance rule."""
     return x.dtype != torch.float32 and any(a.dtype == torch.float32 for a in adapters)
 
 
