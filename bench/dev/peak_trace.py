@@ -3,8 +3,8 @@ replayed to the moment of its highest allocated total, printed as the live block
 
     PYTHONPATH=<installed wheel> python bench/dev/peak_trace.py [--p 0.1] [--backend cuda]
 
-It traces LoRA's and DoRA's fwd+bwd at the shape of tests/test_dora_memory.py::test_gpu_peak_memory_against_lora (the
-test that bounds DoRA's peak by LoRA's), so a failure of that test can be read block by block.
+It traces LoRA's and DoRA's fwd+bwd at the shape of the test that bounds DoRA's peak by LoRA's
+(tests/test_dora_memory.py::test_gpu_peak_memory_against_lora), so a failure of that test can be read block by block.
 """
 import argparse
 import os
