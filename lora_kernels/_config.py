@@ -52,8 +52,8 @@ LORA_KERNELS_BENCH_CPU_SMOKE=1 (bench/suite/test_bench_lora.py: the tiny grid on
 (bench/suite/peer_lorafusion.py: a LoRAFusion checkout), LORA_KERNELS_TRITON_ALT_PYTHON (tests/test_triton_*.py: a
 second interpreter, with another triton version, for the checks that compile kernels),
 LORA_KERNELS_NEWEST_TORCH_INCLUDE (tests/test_binding_host.py), LORA_KERNELS_TEST_WORKERS (tests/run.sh: pytest-xdist
-workers, default one per core) and LORA_KERNELS_CACHE (.ci/newest_torch_headers.sh); the shell runners (bench/gpu_check.sh, bench/train/two_gpu.sh, bench/tools/*.sh) list
-theirs at the top.
+workers, default one per core) and LORA_KERNELS_CACHE (.ci/newest_torch_headers.sh); the shell runners
+(bench/gpu_check.sh, bench/train/two_gpu.sh, bench/tools/*.sh) list theirs at the top.
 
 The per-call settings are read through ``_per_call``. os.environ.get encodes the name and decodes the value on every
 call, about 1 us each, and an op call needs several. ``_per_call`` looks the encoded names up in the table that

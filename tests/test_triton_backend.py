@@ -400,9 +400,9 @@ print(json.dumps({"dots": [("inputPrecision" not in l,
 def test_fp32_adapter_products_are_fp32(kernel, ptrs, extra, rank_f32, split):
     """fp32 adapters on a bf16 x: every adapter product (u, g, dB, dA) is an fp32 "ieee" dot on fp32 operands,
     as PyTorch computes it; with 16-bit adapters they stay 16-bit tensor-core dots. With
-    LORA_KERNELS_TRITON_FP32_SPLIT=1 (the default; 0 gives the "ieee" dots) an fp32 product is three bf16 dots (the bf16x3 split), each pair of chains kept
-    out of the running sum by an opaque move (no fold into one tensor-core accumulation). Compiled for sm_90 in a
-    subprocess without the interpreter (no GPU needed)."""
+    LORA_KERNELS_TRITON_FP32_SPLIT=1 (the default; 0 gives the "ieee" dots) an fp32 product is three bf16 dots (the
+    bf16x3 split), each pair of chains kept out of the running sum by an opaque move (no fold into one tensor-core
+    accumulation). Compiled for sm_90 in a subprocess without the interpreter (no GPU needed)."""
     import json
     import subprocess
     import sys

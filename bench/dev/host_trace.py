@@ -13,13 +13,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+_BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [os.path.join(_BENCH, "tools"), os.path.join(_BENCH, "suite")]
 from host_time import providers  # noqa: E402
+from timing import host_us  # noqa: E402
 
 
 def main():
@@ -51,21 +52,6 @@ def main():
         triton_breakdown(provs["lora_kernels triton"], args.calls)
 
 
-def _sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def _us_per_call(fn, calls):
-    _sync()
-    t = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    host = (time.perf_counter() - t) / calls * 1e6
-    _sync()
-    return host
-
-
 def triton_breakdown(fns, calls):
     """Host microseconds per call of the triton backend: as is, with its launches made no-ops, and the number of
     launches per call that went through triton's JIT (the slow path) after warm-up."""
@@ -84,16 +70,16 @@ def triton_breakdown(fns, calls):
     for mode, fn in zip(("fwd", "fwd+bwd"), fns):
         for _ in range(10):
             fn()
-        full = _us_per_call(fn, calls)
+        full = host_us(fn, calls, warmup=0)
         triton.runtime.JITFunction.run = counting_run
         try:
-            _us_per_call(fn, calls)
+            host_us(fn, calls, warmup=0)
         finally:
             triton.runtime.JITFunction.run = real_run
         real_launch, real_tuned = launch._launch, launch._launch_tuned
         launch._launch = launch._launch_tuned = lambda *a, **k: None
         try:
-            bare = _us_per_call(fn, calls)
+            bare = host_us(fn, calls, warmup=0)
         finally:
             launch._launch, launch._launch_tuned = real_launch, real_tuned
         print(f"{mode:8s} whole call {full:8.1f} | launches made no-ops {bare:8.1f} | launches {full - bare:8.1f} | "
