@@ -64,7 +64,7 @@ lora_dA_kernel(const T* __restrict__ x, const float* __restrict__ g, float* __re
 //          scale = scaling / (1 - p); g and masked x as T, fp32 accumulation, scale applied to the fp32 result.
 // Tiling : block (s, c, z) = row split s x column group c (TA_KC (128)-column strips) x r-chunk z (RC = 16*NJ).
 //          For each strip it walks the split's rows in TA_BM (64)-row tiles: x tiles through the cp.async ring
-//          (mask applied in place), the g tile (-> T) register-prefetched two tiles ahead into a double buffer.
+//          (mask applied in place, its Philox work done before the tile lands), the g tile (-> T) register-prefetched two tiles ahead into a double buffer.
 //          Warp w owns columns 16w..16w+15 of the strip x all RC rows of dA (g^T = the g tile read by
 //          ldmatrix.trans), accumulators in registers across the rows, written once per strip (scaled).
 //          fp32 adapters on bf16 x (P = 3): the g tile is staged as its three bf16x3 pieces; per tile, piece 0
@@ -112,6 +112,8 @@ lora_dA_tc_kernel(const T* __restrict__ x, const float* __restrict__ g, float* _
     g_regs.template stash<T, P>(gs + (int)(t % 2) * P * TA_BM * LDG, LDG, TA_BM * LDG);
   };
 
+  const uint64_t sd = p > 0.f ? dropout_seed(seed, seed_ptr) : 0;
+  const uint32_t thr = dropout_threshold(p);
   float acc[NJ][2][4];
   pipeline_start(n_tiles, issue, fetch_g, stash_g, [] {});
   for (int64_t t = 0; t < n_tiles; ++t) {
@@ -119,8 +121,10 @@ lora_dA_tc_kernel(const T* __restrict__ x, const float* __restrict__ g, float* _
     const int64_t m0 = row_begin + rt * TA_BM, k0 = col_begin + t / n_rt * TA_KC;
     T* slot = xs + (int)(t % kStages) * TA_BM * TA_LDX;
     const T* gb = gs + (int)(t % 2) * P * TA_BM * LDG;
+    uint32_t keep[XTile::kGroups];  // the mask's Philox work before the wait: it overlaps the copies in flight
+    if (p > 0.f) XTile::keep_bits(keep, m0, K, k0, thr, sd, offset);
     pipeline_wait(t, n_tiles, issue, [&] {
-      if (p > 0.f) XTile::dropout(slot, m0, row_end, K, k0, col_end, p, dropout_seed(seed, seed_ptr), offset);
+      if (p > 0.f) XTile::apply_keep(slot, keep);
     });
     if (rt == 0) {
 #pragma unroll

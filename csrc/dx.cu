@@ -56,7 +56,8 @@ lora_dx_kernel(T* __restrict__ dx, const float* __restrict__ g, const TA* __rest
 
 // lora_dx (tensor cores).
 // Math   : dx (M, K) = scale * keep * (g A), scale = scaling / (1 - p); g and A cast to T, fp32 accumulation,
-//          round(acc * scale) then the dropped elements zeroed (one Philox call per 8-group); written once.
+//          round(acc * scale) then the dropped elements zeroed (one Philox call per 8-group, straight-line code for
+//          all of a thread's groups, so that their Philox chains interleave); written once.
 // Tiling : the output-writing shape (expand.cu); A chunk stored [j][k] (row-major B operand).
 // Bytes  : one write of dx (M*K*2); g read once per column group, A once per 128 rows (L2).
 // Smem   : 128 * (RP + 8) * 2 + 2 * RP * 72 * 2 + 18 KB = 29.2 KB at r = 16, 55.3 KB at r = 64.
@@ -109,6 +110,7 @@ lora_dx_tc_kernel(T* __restrict__ dx, const float* __restrict__ g, const TA* __r
                             r - row1, (int)min64(K - ch * TO_BN, TO_BN));
     }
   };
+  const uint32_t thr = dropout_threshold(p);
   blk.template run<false>(LDA, RP, lo, warp, fetch_a, stash_a, [&](float(&acc)[TO_BN / 8][4], int64_t k0) {
 #pragma unroll
     for (int n = 0; n < TO_BN / 8; ++n)
@@ -116,10 +118,14 @@ lora_dx_tc_kernel(T* __restrict__ dx, const float* __restrict__ g, const TA* __r
       for (int h = 0; h < 2; ++h)
         *reinterpret_cast<uint32_t*>(blk.os + (16 * warp + lo.g + 8 * h) * TO_LDO + 8 * n + 2 * lo.t) =
             pack2<T>(acc[n][2 * h] * scale, acc[n][2 * h + 1] * scale);
-    store_staged_rows<TO_BN>(dx, K, blk.os, TO_LDO, blk.m0, k0, M, K, dx_vec && k0 + TO_BN <= K,
-                             [&](uint4 v, int64_t m, int64_t k) {
-                               return p > 0.f ? dropout8<T>(v, m, K, k, K, p, seed, offset) : v;
-                             });
+    const bool full = dx_vec && k0 + TO_BN <= K;
+    if (p > 0.f) {  // k (a chunk's column, k0 + 8j) starts an 8-group: one Philox call, no branch between the groups
+      store_staged_rows<TO_BN>(dx, K, blk.os, TO_LDO, blk.m0, k0, M, K, full, [&](uint4 v, int64_t m, int64_t k) {
+        return drop8<T>(v, dropout_keep_bits8(seed, dropout_counter(offset, m, K, k / kDropoutGroup), thr));
+      });
+    } else {
+      store_staged_rows<TO_BN>(dx, K, blk.os, TO_LDO, blk.m0, k0, M, K, full, [](uint4 v, int64_t, int64_t) { return v; });
+    }
   });
 #else
   __trap();

@@ -80,6 +80,16 @@ LK_HD void dropout_keep8(uint64_t seed, uint64_t counter, uint32_t thr, bool kee
   for (int q = 0; q < 8; ++q) keep[q] = dropout_kept(w, q, thr);
 }
 
+// Keep bits of the 8-group of `counter`: bit q set iff element q is kept (dropout_keep8 as one word, for kernels
+// that compute a tile's bits before they apply them).
+LK_HD uint32_t dropout_keep_bits8(uint64_t seed, uint64_t counter, uint32_t thr) {
+  uint32_t w[4], bits = 0;
+  dropout_words(seed, counter, w);
+#pragma unroll
+  for (int q = 0; q < 8; ++q) bits |= (uint32_t)dropout_kept(w, q, thr) << q;
+  return bits;
+}
+
 // Keep flags of the 4 elements (m, k .. k+3), k a multiple of 4: one half of an 8-group (one Philox call).
 LK_HD void dropout_keep4(uint64_t seed, uint64_t offset, int64_t m, int64_t K, int64_t k, float p, bool keep[4]) {
   uint32_t w[4];

@@ -71,7 +71,7 @@ lora_shrink_kernel(const T* __restrict__ x, const TA* __restrict__ A, float* __r
 // Math   : u[c] (M, r) = scale * (keep * x)[:, K-split c] A^T[K-split c], scale = scaling / (1 - p).
 // Tiling : block = TS_BM (128) rows x RC = 16*NF (<= 64) columns of u (grid.z walks r in RC-chunks) x one K split
 //          (grid.y), looping over K in TS_KC (64)-column tiles: x tiles through the cp.async ring (mask applied
-//          in place, one Philox call per 8-group), the A tile (cast to T) register-prefetched two tiles ahead into
+//          in place, one Philox call per 8-group, computed before the tile lands), the A tile (cast to T) register-prefetched two tiles ahead into
 //          a double buffer. Warp w: rows 16w..16w+15 x all RC columns (2*NF m16n8 fp32 accumulators), written
 //          once at the end (scaled). fp32 A on bf16 x: the A tile is staged as its P = 3 bf16x3 pieces; per tile,
 //          piece 0 and pieces 1-2 go to two fresh accumulators, added to the running one with fp32 adds (add_acc),
@@ -120,6 +120,8 @@ lora_shrink_tc_kernel(const T* __restrict__ x, const TA* __restrict__ A, float* 
     a_regs.template stash<T, P>(as + (int)(t % 2) * P * RC * TS_LD, TS_LD, RC * TS_LD);
   };
 
+  const uint64_t sd = p > 0.f ? dropout_seed(seed, seed_ptr) : 0;
+  const uint32_t thr = dropout_threshold(p);
   float acc[2 * NF][4];
   zero_acc(acc);
   pipeline_start(n_tiles, issue, fetch_a, stash_a, [] {});
@@ -127,8 +129,10 @@ lora_shrink_tc_kernel(const T* __restrict__ x, const TA* __restrict__ A, float* 
     const int64_t k0 = k_begin + t * TS_KC;
     T* slot = xs + (int)(t % kStages) * TS_BM * TS_LD;
     const T* ab = as + (int)(t % 2) * P * RC * TS_LD;
+    uint32_t keep[XTile::kGroups];  // the mask's Philox work before the wait: it overlaps the copies in flight
+    if (p > 0.f) XTile::keep_bits(keep, m0, K, k0, thr, sd, offset);
     pipeline_wait(t, n_tiles, issue, [&] {
-      if (p > 0.f) XTile::dropout(slot, m0, M, K, k0, k_end, p, dropout_seed(seed, seed_ptr), offset);
+      if (p > 0.f) XTile::apply_keep(slot, keep);
     });
     if constexpr (P > 1) {  // chains of one tile, piece 0 apart from the others (add_acc)
       float hi[2 * NF][4], low[2 * NF][4];

@@ -5,7 +5,8 @@
 // arrives through a kStages-deep cp.async ring, and a small side operand (A, B or g: SideTile) that is loaded into
 // registers two tiles ahead and stored into a double buffer one tile ahead. Per tile, one block barrier:
 //   pipeline_start   : issue tiles 0 .. kStages-2; side tile 0 to shared memory, side tile 1 to registers.
-//   pipeline_wait(t) : wait for this thread's copies of tile t, `landed()` (the dropout mask, in place), barrier
+//   pipeline_wait(t) : wait for this thread's copies of tile t, `landed()` (the dropout mask, in place, from keep
+//                      bits computed before the wait), barrier
 //                      (tile t and side buffer t % 2 complete, tile t-1's reads done), refill the freed ring slot.
 //   (the kernel multiplies tile t)
 //   pipeline_next(t) : side tile t+1 to shared memory, side tile t+2 to registers.
@@ -85,15 +86,24 @@ struct StreamTile {
     }
   }
 
-  // Zeroes the dropped elements of this thread's groups of a landed x tile whose element (0, 0) is x[m0, k0]: rows
-  // m0 + row < m_end, columns below k_lim (the rest are zeros already).
-  static __device__ __forceinline__ void dropout(T* slot, int64_t m0, int64_t m_end, int64_t K, int64_t k0,
-                                                 int64_t k_lim, float p, uint64_t seed, uint64_t offset) {
+  // Dropout of a landed x tile whose element (0, 0) is x[m0, k0] (k0 a multiple of 8), in two steps: keep_bits
+  // (bit q of bits[i]: element q of this thread's group i is kept) then apply_keep once the tile landed. Neither
+  // step branches: each of the kGroups Philox calls is one dependent chain of 10 rounds, and only with no branch
+  // between them can the compiler interleave the chains (a branch per group runs them one after the other, and the
+  // pass waits on their latency). Groups past the rows or columns of x hold zeros, which any mask keeps zero.
+  static __device__ __forceinline__ void keep_bits(uint32_t bits[kGroups], int64_t m0, int64_t K, int64_t k0,
+                                                   uint32_t thr, uint64_t seed, uint64_t offset) {
+    const uint64_t K8 = (uint64_t)((K + kDropoutGroup - 1) / kDropoutGroup);
+    const uint64_t base = offset + (uint64_t)m0 * K8 + (uint64_t)(k0 / kDropoutGroup);
+#pragma unroll
+    for (int i = 0; i < kGroups; ++i)
+      bits[i] = dropout_keep_bits8(seed, base + (uint64_t)row(i) * K8 + (uint64_t)(col(i) / kDropoutGroup), thr);
+  }
+  static __device__ __forceinline__ void apply_keep(T* slot, const uint32_t bits[kGroups]) {
 #pragma unroll
     for (int i = 0; i < kGroups; ++i) {
-      const int64_t m = m0 + row(i);
       uint4* q = reinterpret_cast<uint4*>(slot + row(i) * LD + col(i));
-      if (m < m_end) *q = dropout8<T>(*q, m, K, k0 + col(i), k_lim, p, seed, offset);
+      *q = drop8<T>(*q, bits[i]);
     }
   }
 };

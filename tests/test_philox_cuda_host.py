@@ -18,8 +18,9 @@ PROGRAM = r"""
 #include <cstdio>
 #include <cstdlib>
 #include "philox.cuh"
-// Prints the mask twice per row: from dropout_keep8 (one call per 8-group, the tensor-core kernels) and from
-// dropout_keep4 (one call per 4-group, the FFMA kernels), separated by a space.
+// Prints the mask three times per row: from dropout_keep8 (one call per 8-group, the tensor-core kernels), from
+// dropout_keep4 (one call per 4-group, the FFMA kernels) and from dropout_keep_bits8 (an 8-group as one word, the
+// kernels that compute a tile's bits before applying them), separated by spaces.
 int main(int argc, char** argv) {
   unsigned long long seed = strtoull(argv[1], nullptr, 10), offset = strtoull(argv[2], nullptr, 10);
   long long M = atoll(argv[3]), K = atoll(argv[4]);
@@ -36,6 +37,12 @@ int main(int argc, char** argv) {
       bool keep[4];
       lora_kernels::dropout_keep4(seed, offset, m, K, k, p, keep);
       for (int q = 0; q < 4 && k + q < K; ++q) putchar(keep[q] ? '1' : '0');
+    }
+    putchar(' ');
+    for (long long k8 = 0; 8 * k8 < K; ++k8) {
+      const unsigned bits = lora_kernels::dropout_keep_bits8(seed, lora_kernels::dropout_counter(offset, m, K, k8),
+                                                             lora_kernels::dropout_threshold(p));
+      for (int q = 0; q < 8 && 8 * k8 + q < K; ++q) putchar((bits >> q) & 1u ? '1' : '0');
     }
     putchar('\n');
   }
@@ -80,6 +87,6 @@ def test_mask_matches_reference(philox_bin, seed, offset, M, K, p):
                          capture_output=True, text=True, check=True).stdout.splitlines()
     assert len(out) == M
     ref = philox.dropout_mask(seed, offset, (M, K), p)
-    for col, name in ((0, "dropout_keep8"), (1, "dropout_keep4")):
+    for col, name in ((0, "dropout_keep8"), (1, "dropout_keep4"), (2, "dropout_keep_bits8")):
         got = torch.tensor([[c == "1" for c in row.split(" ")[col]] for row in out], dtype=torch.bool).reshape(M, K)
         assert torch.equal(got, ref), (name, (got.int() - ref.int()).nonzero()[:10])
