@@ -158,12 +158,19 @@ lora_small_m_tc_kernel(const T* __restrict__ x, const T* __restrict__ W, const T
     }
   };
   // With dropout: this thread's x 8-groups of chunk t (landed) masked into the slot's masked copy (rows past M stay
-  // zero).
+  // zero). The keep bits of all MF groups first, in straight-line code, so that their Philox chains interleave;
+  // groups past M or K hold zeros, which any mask keeps zero.
+  const uint32_t thr = dropout_threshold(p);
   auto mask_x = [&](int64_t t) {
-    x_groups(t, [&](T* s, int64_t k0, int row, int col) {
+    uint32_t keep[MF];
+    int i = 0;
+    x_groups(t, [&](T*, int64_t k0, int row, int col) {
+      keep[i++] = dropout_keep_bits8(seed, dropout_counter(offset, row, K, (k0 + col) / kDropoutGroup), thr);
+    });
+    i = 0;
+    x_groups(t, [&](T* s, int64_t, int row, int col) {
       const uint4 raw = *reinterpret_cast<const uint4*>(s + row * LD + col);
-      *reinterpret_cast<uint4*>(s + kXD + row * LD + col) =
-          row < M ? dropout8<T>(raw, row, K, k0 + col, K, p, seed, offset) : raw;
+      *reinterpret_cast<uint4*>(s + kXD + row * LD + col) = drop8<T>(raw, keep[i++]);
     });
   };
 
