@@ -30,8 +30,9 @@
 //          r <= 16, no dropout) to 183 KB (3 slots; M = 64, r = 32, fp32 adapters, dropout: too much for an A100's
 //          163 KB, where that case takes the unfused forward).
 // Limits : M <= 64; r <= 64 with (MP/16) * (RP/16) <= 8 (the accumulators: M <= 64 with r <= 32, M <= 32 with
-//          r <= 64); with dropout M * ceil(K/8) <= 4096 (every block regenerates the mask of all of x: 4096 Philox
-//          calls per block, about a microsecond). Elsewhere the unfused forward runs (lora_small_m_unsupported says
+//          r <= 64); with dropout M * ceil(K/8) <= 32768 (every block regenerates the mask of all of x: up to 32768
+//          Philox calls per block, 128 per thread in chains interleaved 4 at a time, a few microseconds; so M <= 64
+//          at K <= 4096). Elsewhere the unfused forward runs (lora_small_m_unsupported says
 //          why).
 #include "common.cuh"
 #include "plans.cuh"
@@ -46,7 +47,7 @@ namespace {
 
 constexpr int kSmallMMaxM = 64;
 constexpr int kSmallMMaxR = 64;
-constexpr int64_t kSmallMDropoutGroups = 4096;  // M * ceil(K / 8) limit with dropout (see Limits above)
+constexpr int64_t kSmallMDropoutGroups = 32768;  // M * ceil(K / 8) limit with dropout (see Limits above)
 
 constexpr int SMM_BN = 32;              // y columns per block
 constexpr int SMM_KC = 128;             // K chunk: one k16 step per warp
@@ -504,7 +505,7 @@ const char* lora_small_m_unsupported(int64_t M, int64_t N, int64_t K, int r, DTy
   if (r < 1 || r > kSmallMMaxR) return "r is above 64";
   if (small_m_frags(M) * rank_frags(r) > 8) return "r is above 32 with M above 32";
   if (p > 0.f && M * ((K + kDropoutGroup - 1) / kDropoutGroup) > kSmallMDropoutGroups)
-    return "dropout with M * ceil(K / 8) above 4096 (every block would regenerate the whole mask)";
+    return "dropout with M * ceil(K / 8) above 32768 (every block would regenerate the whole mask)";
   if ((N + SMM_BN - 1) / SMM_BN > INT_MAX) return "N is too large for the grid";
   if (x_dtype != DType::kFloat32) {
     if (!tc_supported()) return "16-bit x below sm_80";

@@ -135,8 +135,9 @@ def test_paths_say_why():
     assert path(32, 64, 64, 64) == "small_m"
     assert path(33, 64, 64, 64).endswith("(small_m: r is above 32 with M above 32)")
     assert path(16, 64, 64, 65).endswith("(small_m: r is above 64)")
-    assert path(8, 4096, 64, 16, p=0.1) == "small_m"
-    assert "dropout" in path(9, 4096, 64, 16, p=0.1)
+    assert path(64, 4096, 64, 16, p=0.1) == "small_m"
+    assert path(8, 32768, 64, 16, p=0.1) == "small_m"
+    assert "dropout" in path(9, 32768, 64, 16, p=0.1)
     previous = cb.set_small_m(False)
     try:
         assert path(1, 64, 64, 16).endswith("(small_m: off (LORA_KERNELS_SMALL_M=0 or set_small_m))")
