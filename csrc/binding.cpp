@@ -212,9 +212,10 @@ std::tuple<Tensor, Tensor> lora_forward(const Tensor& x, const Tensor& weight, c
                "small-M forward launch");
     return {y, u};
   }
-  const lk::SplitPlan shrink_plan = lk::lora_shrink_plan(M, K);
+  const lk::DType x_dt = to_dtype(x, "x"), a_dt = to_dtype(lora_A, "lora_A");
+  const lk::SplitPlan shrink_plan = lk::lora_shrink_plan(M, K, r, lk::lora_shrink_resident_blocks(x_dt, a_dt, r));
   Tensor u_work = shrink_plan.col_groups > 1 ? at::empty({shrink_plan.col_groups, M * r}, u.options()) : u;
-  check_cuda(lk::launch_lora_shrink(x.data_ptr(), to_dtype(x, "x"), lora_A.data_ptr(), to_dtype(lora_A, "lora_A"),
+  check_cuda(lk::launch_lora_shrink(x.data_ptr(), x_dt, lora_A.data_ptr(), a_dt,
                                     u_work.data_ptr<float>(), M, K, r, shrink_plan, (float)scaling, pf,
                                     (uint64_t)seed, seed_ptr, (uint64_t)offset, stream),
              "lora_shrink launch");
@@ -298,7 +299,8 @@ std::tuple<Tensor, Tensor, Tensor> lora_backward(const Tensor& dy, const Tensor&
     }
   }
   if (need_dA) {
-    const lk::SplitPlan plan = lk::lora_dA_plan(M, K, r);
+    const lk::SplitPlan plan =
+        lk::lora_dA_plan(M, K, r, lk::lora_dA_resident_blocks(to_dtype(x, "x"), to_dtype(lora_A, "lora_A"), r));
     Tensor dA_partial = at::empty({std::max<int64_t>(plan.row_splits, 1), r * K}, f32);
     check_cuda(lk::launch_lora_dA(x.data_ptr(), to_dtype(x, "x"), to_dtype(lora_A, "lora_A"), g.data_ptr<float>(),
                                   dA_partial.data_ptr<float>(), M, K, r, plan, (float)scaling, pf, (uint64_t)seed,

@@ -189,6 +189,38 @@ lora_dA_tc_kernel(const T* __restrict__ x, const float* __restrict__ g, float* _
 
 }  // namespace
 
+namespace {
+// Whether launch_lora_dA runs the tensor-core kernel for these dtypes (as the shrink: 16-bit x on sm_80+).
+bool dA_on_tc(DType x_dtype, DType a_dtype) {
+  return x_dtype != DType::kFloat32 && (a_dtype != DType::kFloat32 || adapter_pieces(x_dtype, a_dtype) > 1) &&
+         tc_supported();
+}
+
+// f(kernel, smem, T{}): the tensor-core dA kernel for these dtypes and rank, with its shared memory.
+template <typename F>
+cudaError_t with_dA_tc_kernel(DType x_dtype, DType a_dtype, int r, F&& f) {
+  const int nj = rank_frags(r), pieces = adapter_pieces(x_dtype, a_dtype);
+  return with_dtype16(x_dtype, [&](auto xt) {
+    using T = decltype(xt);
+    return with_rank_frags(nj, [&](auto njc) {
+      return with_pieces<T>(pieces, [&](auto pc) {
+        return f(lora_dA_tc_kernel<T, decltype(njc)::value, decltype(pc)::value>, dA_tc_smem(16 * nj, pc.value), xt);
+      });
+    });
+  });
+}
+}  // namespace
+
+int lora_dA_resident_blocks(DType x_dtype, DType a_dtype, int r) {
+  if (r < 1 || r > kMaxRank || !dA_on_tc(x_dtype, a_dtype)) return 2;  // the FFMA kernel: about two
+  int n = 1;
+  with_dA_tc_kernel(x_dtype, a_dtype, r, [&](auto kernel, size_t smem, auto) {
+    n = resident_blocks(reinterpret_cast<const void*>(kernel), kTcThreads, smem);
+    return cudaSuccess;
+  });
+  return n;
+}
+
 cudaError_t launch_lora_dA(const void* x, DType x_dtype, DType a_dtype, const float* g, float* dA_partial, int64_t M,
                            int64_t K, int r, SplitPlan plan, float scaling, float p, uint64_t seed,
                            const int64_t* seed_ptr, uint64_t offset, cudaStream_t stream) {
@@ -196,20 +228,14 @@ cudaError_t launch_lora_dA(const void* x, DType x_dtype, DType a_dtype, const fl
   if (M <= 0 || K <= 0 || plan.row_splits <= 0) return cudaSuccess;
   if (plan.col_groups > 65535) return cudaErrorInvalidConfiguration;
   const float scale = dropout_scale(scaling, p);
-  const int pieces = adapter_pieces(x_dtype, a_dtype);
-  if (x_dtype != DType::kFloat32 && (a_dtype != DType::kFloat32 || pieces > 1) && tc_supported()) {
+  if (dA_on_tc(x_dtype, a_dtype)) {
     if (plan.row_splits > 0x7fffffff) return cudaErrorInvalidConfiguration;
     const int nj = rank_frags(r);
     const dim3 grid((unsigned)plan.row_splits, (unsigned)plan.col_groups, (unsigned)ceil_div(round16(r), 16 * nj));
-    return with_dtype16(x_dtype, [&](auto xt) {
+    return with_dA_tc_kernel(x_dtype, a_dtype, r, [&](auto kernel, size_t smem, auto xt) {
       using T = decltype(xt);
-      return with_rank_frags(nj, [&](auto njc) {
-        return with_pieces<T>(pieces, [&](auto pc) {
-          return launch_kernel(lora_dA_tc_kernel<T, decltype(njc)::value, decltype(pc)::value>, grid, kTcThreads,
-                               dA_tc_smem(16 * nj, pc.value), stream, static_cast<const T*>(x), g, dA_partial, M, K,
-                               r, plan.rows_per_split, plan.cols_per_group, scale, p, seed, seed_ptr, offset);
-        });
-      });
+      return launch_kernel(kernel, grid, kTcThreads, smem, stream, static_cast<const T*>(x), g, dA_partial, M, K, r,
+                           plan.rows_per_split, plan.cols_per_group, scale, p, seed, seed_ptr, offset);
     });
   }
   const size_t smem = (size_t)(DA_BM * DA_KC + DA_BM * r) * sizeof(float);

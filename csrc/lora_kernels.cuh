@@ -54,16 +54,19 @@ struct SplitPlan {
 // dy pass over dy (M, N): dB partial buffer row_splits * N * r floats; when col_groups > 1 the g output of
 // launch_lora_dy_pass is a partial buffer of col_groups * M * r floats to reduce with launch_reduce_partials.
 SplitPlan lora_dy_pass_plan(int64_t M, int64_t N, int r, int pieces = 1);
-// dA pass over x (M, K): dA partial buffer row_splits * r * K floats.
-SplitPlan lora_dA_plan(int64_t M, int64_t K, int r);
+// dA pass over x (M, K): dA partial buffer row_splits * r * K floats. blocks_per_sm: lora_dA_resident_blocks.
+SplitPlan lora_dA_plan(int64_t M, int64_t K, int r, int blocks_per_sm);
+int lora_dA_resident_blocks(DType x_dtype, DType a_dtype, int r);
 
-// Shrink work split: row blocks, and (small M) K split into plan.col_groups groups of plan.cols_per_group columns
-// (whole 64-column chunks).
-SplitPlan lora_shrink_plan(int64_t M, int64_t K);
+// Shrink work split: row blocks, and K split into plan.col_groups groups of plan.cols_per_group columns (whole
+// 64-column chunks) when the row blocks alone leave the GPU short. blocks_per_sm: lora_shrink_resident_blocks, the
+// blocks of the kernel that launch_lora_shrink runs for these dtypes and rank that one SM holds.
+SplitPlan lora_shrink_plan(int64_t M, int64_t K, int r, int blocks_per_sm);
+int lora_shrink_resident_blocks(DType x_dtype, DType a_dtype, int r);
 
 // u_out[c] (M, r) fp32 = scaling * dropout(x)[:, cols of c] @ A^T[cols of c] ; x (M, K) x_dtype, A (r, K) a_dtype.
 // With plan.col_groups == 1, u_out is u itself; otherwise a partial buffer of col_groups * M * r floats to sum
-// with launch_reduce_partials. plan from lora_shrink_plan(M, K).
+// with launch_reduce_partials. plan from lora_shrink_plan.
 cudaError_t launch_lora_shrink(const void* x, DType x_dtype, const void* A, DType a_dtype, float* u_out, int64_t M,
                                int64_t K, int r, SplitPlan plan, float scaling, float p, uint64_t seed,
                                const int64_t* seed_ptr, uint64_t offset, cudaStream_t stream);
@@ -91,7 +94,7 @@ cudaError_t launch_lora_dy_pass(const void* dy, DType dy_dtype, const void* B, D
                                 float* g_out, float* dB_partial, int64_t M, int64_t N, int r, SplitPlan plan,
                                 cudaStream_t stream);
 
-// dA_partial[s] (r, K) = scaling * g[rows of s]^T @ dropout(x)[rows of s]. plan from lora_dA_plan(M, K, r).
+// dA_partial[s] (r, K) = scaling * g[rows of s]^T @ dropout(x)[rows of s]. plan from lora_dA_plan.
 // a_dtype (lora_A's) picks the precision as for the other passes.
 cudaError_t launch_lora_dA(const void* x, DType x_dtype, DType a_dtype, const float* g, float* dA_partial, int64_t M,
                            int64_t K, int r, SplitPlan plan, float scaling, float p, uint64_t seed,

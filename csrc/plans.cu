@@ -5,6 +5,7 @@
 
 #include <map>
 #include <mutex>
+#include <tuple>
 
 namespace lora_kernels {
 namespace detail {
@@ -22,6 +23,29 @@ cudaError_t set_smem_once(const void* kernel, size_t bytes) {
   e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
   if (e == cudaSuccess) have = bytes;
   return e;
+}
+
+int resident_blocks(const void* kernel, int threads, size_t smem) {
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) {
+    cudaGetLastError();
+    return 1;
+  }
+  static std::mutex mu;
+  static std::map<std::tuple<const void*, size_t, int>, int> known;
+  std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_tuple(kernel, smem, dev);
+  const auto it = known.find(key);
+  if (it != known.end()) return it->second;
+  int n = 0;
+  if (set_smem_once(kernel, smem) != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, smem) != cudaSuccess) {
+    cudaGetLastError();
+    n = 1;
+  }
+  n = std::max(n, 1);
+  known[key] = n;
+  return n;
 }
 
 int num_sms() {
@@ -72,6 +96,18 @@ RankChunks rank_chunks(int r, int rc = 0) {  // rc: the kernel's chunk width (0:
   if (rc <= 0) rc = std::min(rp, 64);
   return {r, rc, ceil_div(rp, rc)};
 }
+
+// Time estimate of a split of a bandwidth pass, in units of one block's tile: the blocks run in waves of `wave`
+// (blocks_per_sm per SM, as the occupancy calculator says), each wave as long as a block's tiles; the partials
+// written and read back count as tiles of tile_bytes spread over a wave. A grid under one wave leaves SMs idle or
+// short of latency hiding, which is what the estimate steers away from.
+struct SplitCost {
+  int64_t wave;
+  double tile_bytes;
+  double estimate(int64_t blocks, double tiles_per_block, double partial_bytes) const {
+    return (double)ceil_div(blocks, wave) * tiles_per_block + partial_bytes / (tile_bytes * (double)wave);
+  }
+};
 }  // namespace
 
 // dy pass plan (tensor-core tiling: TD_BM-row tiles, TD_BN-column chunks; the fp32 kernel runs any plan). Each
@@ -129,33 +165,56 @@ SplitPlan lora_dy_pass_plan(int64_t M, int64_t N, int r, int pieces) {
   return best >= 0 ? pl : pl_any;  // the budget is a preference: a plan always comes back
 }
 
-// dA plan: column groups of one TA_KC-column strip (no partial cost); row splits so that about two blocks run per
-// SM (partials row_splits * r * K floats, within the budget).
-SplitPlan lora_dA_plan(int64_t M, int64_t K, int r) {
+// dA plan: column groups of one TA_KC-column strip (no partial cost); the row split count that finishes soonest
+// when blocks_per_sm blocks run on each SM (waves x row tiles per block, plus the partials written here and read back
+// by launch_reduce_partials; partials row_splits * r * K floats, within the budget).
+SplitPlan lora_dA_plan(int64_t M, int64_t K, int r, int blocks_per_sm) {
   SplitPlan pl{0, TA_BM, 1, std::max<int64_t>(K, TA_KC)};
   if (M <= 0) return pl;
   const RankChunks rk = rank_chunks(r);
   const int64_t tiles_m = ceil_div(M, TA_BM), tiles_k = std::max<int64_t>(1, ceil_div(K, TA_KC));
   const int64_t ct = ceil_div(tiles_k, std::min<int64_t>(tiles_k, 65535));
   const int64_t C = ceil_div(tiles_k, ct);
-  int64_t S = std::min(tiles_m, ceil_div(std::max<int64_t>(1, 2 * (int64_t)num_sms() / rk.zc), C));
-  S = std::min(S, std::max<int64_t>(1, kPartialBudgetBytes / (std::max<int64_t>(K, 1) * rk.r * 4)));
-  const int64_t rt = ceil_div(tiles_m, std::max<int64_t>(S, 1));
-  return SplitPlan{ceil_div(tiles_m, rt), rt * TA_BM, C, ct * TA_KC};
+  const int64_t s_max = std::min(tiles_m, std::max<int64_t>(1, kPartialBudgetBytes / (std::max<int64_t>(K, 1) * rk.r * 4)));
+  const SplitCost cost{std::max(blocks_per_sm, 1) * (int64_t)num_sms(), (double)TA_BM * TA_KC * 2};
+  // Past four waves a finer split only trims the rounding of the row tiles: the search stops there.
+  const int64_t s_last = std::min(s_max, 4 * cost.wave / (C * rk.zc) + 1);
+  double best = -1.0;
+  for (int64_t s = 1; s <= s_last; ++s) {
+    const int64_t rt = ceil_div(tiles_m, s), S = ceil_div(tiles_m, rt);
+    if (S != s) continue;  // the same split as a smaller s, or none
+    const double est = cost.estimate(S * C * rk.zc, (double)rt * ct, 8.0 * S * rk.r * (double)K);
+    if (best < 0 || est < best) {
+      best = est;
+      pl = SplitPlan{S, rt * TA_BM, C, ct * TA_KC};
+    }
+  }
+  return pl;
 }
 
-SplitPlan lora_shrink_plan(int64_t M, int64_t K) {
+SplitPlan lora_shrink_plan(int64_t M, int64_t K, int r, int blocks_per_sm) {
   // Row blocks of TS_BM (the tensor-core kernel's; the fp32 kernel has its own row blocks and reads only the K
-  // split). When they do not make two blocks per SM (small M), K is split into groups of whole TS_KC (= SH_KC)
-  // chunks, each writing a partial u.
-  SplitPlan pl{ceil_div(std::max<int64_t>(M, 1), TS_BM), TS_BM, 1, std::max<int64_t>(K, TS_KC)};
-  const int64_t target = 2 * (int64_t)num_sms();
+  // split). K is split into groups of whole TS_KC (= SH_KC) chunks, each writing a partial u, when that finishes
+  // sooner: the count with the smallest estimate (waves x chunks per block, plus the partials).
+  const int64_t rows = ceil_div(std::max<int64_t>(M, 1), TS_BM);
+  SplitPlan pl{rows, TS_BM, 1, std::max<int64_t>(K, TS_KC)};
+  const RankChunks rk = rank_chunks(r, 16 * rank_frags(std::min(std::max(r, 1), kMaxRank)));
   const int64_t k_chunks = ceil_div(std::max<int64_t>(K, 1), TS_KC);
-  if (pl.row_splits < target && k_chunks > 1) {
-    const int64_t want = std::min(k_chunks, ceil_div(target, pl.row_splits));
-    pl.cols_per_group = ceil_div(k_chunks, want) * TS_KC;
-    pl.col_groups = ceil_div(K, pl.cols_per_group);
+  const SplitCost cost{std::max(blocks_per_sm, 1) * (int64_t)num_sms(), (double)TS_BM * TS_KC * 2};
+  double best = -1.0;
+  const int64_t last = std::min<int64_t>({k_chunks, 65535, 4 * cost.wave / (rows * rk.zc) + 1});
+  for (int64_t want = 1; want <= last; ++want) {
+    const int64_t cpg = ceil_div(k_chunks, want), groups = ceil_div(k_chunks, cpg);
+    if (groups != want) continue;  // the same split as a smaller count
+    const double partial = groups > 1 ? 8.0 * groups * (double)std::max<int64_t>(M, 1) * rk.r : 0.0;
+    const double est = cost.estimate(rows * groups * rk.zc, (double)cpg, partial);
+    if (best < 0 || est < best) {
+      best = est;
+      pl.cols_per_group = cpg * TS_KC;
+      pl.col_groups = groups;
+    }
   }
+  if (pl.col_groups == 1) pl.cols_per_group = std::max<int64_t>(K, TS_KC);
   return pl;
 }
 

@@ -118,6 +118,11 @@ cudaError_t with_rank_frags(int nf, F&& f) {
 // (kernel, device) and remembered: cudaFuncSetAttribute is a driver call that would otherwise run on every launch.
 cudaError_t set_smem_once(const void* kernel, size_t bytes);
 
+// Blocks of `kernel` one SM holds at `threads` threads and `smem` bytes of dynamic shared memory: the occupancy
+// calculator after the shared-memory opt-in, cached per (kernel, smem, device) as set_smem_once is; at least 1. The
+// split plans size their grids with it.
+int resident_blocks(const void* kernel, int threads, size_t smem);
+
 // Launches kernel with `smem` bytes of dynamic shared memory (opted in first where above 48 KB); returns the error
 // of the opt-in or of the launch.
 template <typename... P, typename... Args>
