@@ -207,8 +207,7 @@ std::tuple<Tensor, Tensor> lora_forward(const Tensor& x, const Tensor& weight, c
                                                has_bias ? bias->data_ptr() : nullptr, lora_A.data_ptr(),
                                                to_dtype(lora_A, "lora_A"), lora_B.data_ptr(),
                                                to_dtype(lora_B, "lora_B"), y.data_ptr(), u.data_ptr<float>(), M, N,
-                                               K, r, (float)scaling, pf, (uint64_t)seed, seed_ptr, (uint64_t)offset,
-                                               stream),
+                                               K, r, (float)scaling, stream),
                "small-M forward launch");
     return {y, u};
   }

@@ -1,39 +1,36 @@
-// Small-M forward in one launch: y = x W^T + bias + u B^T with u = scaling * dropout(x) A^T, for M <= 64 rows
-// (decoding, small batches), where the usual forward (shrink with a K split, reduce or pack, GEMM) is three or four
-// launches of kernels that each take a few microseconds of launch and tail time for a few microseconds of work.
+// Small-M forward in one launch: y = x W^T + bias + u B^T with u = scaling * x A^T, for M <= 64 rows and no
+// dropout (decoding, small batches, evaluation), where the usual forward (shrink with a K split, reduce or pack,
+// GEMM) is three or four launches of kernels that each take a few microseconds of launch and tail time for a few
+// microseconds of work.
 // Tensor-core kernel (16-bit x, sm_80+), FFMA kernel (fp32 x), launch_lora_small_m_forward and its policy
 // lora_small_m_unsupported.
 //
 // Math   : every block owns SMM_BN (32) columns of y and all M rows, and recomputes the tiny u its epilogue needs
 //          (M x r: x is small, so x and A are re-read from L2 by every block; W, the big operand, is streamed once):
-//            acc_y = x W[cols]^T (fp32 accumulation)          acc_u = dropout(x) A^T (fp32 accumulation)
-//            y[:, cols] = round(acc_y + T(scale * acc_u) T(B[cols])^T + bias[cols])      (one rounding of y)
-//          scale = scaling / (1 - p). The LoRA term follows the expand pass's precision (u and B cast to x's dtype T,
+//            acc_y = x W[cols]^T (fp32 accumulation)          acc_u = x A^T (fp32 accumulation)
+//            y[:, cols] = round(acc_y + T(scaling * acc_u) T(B[cols])^T + bias[cols])      (one rounding of y)
+//          The LoRA term follows the expand pass's precision (u and B cast to x's dtype T,
 //          fp32 accumulation); unlike the unfused path, y is rounded once. The saved u (fp32, for backward) follows
 //          the shrink's policy: with 16-bit adapters the tensor-core acc_u itself (block 0 writes it); with fp32
 //          adapters an fp32 FFMA dot product per element, each element computed by exactly one block (blocks own
 //          contiguous slices of u's elements; extra "u-only" blocks join when the y tiles are fewer than needed),
 //          while the epilogue's acc_u uses A split into two T terms (A = hi + lo, about 16 bits: plenty for a value
 //          rounded to T; an infinite kept x times an A whose lo part is 0 gives NaN there, where fp32 gives inf).
-//          The dropout mask is the contract's (philox.cuh), regenerated per block for its x chunks.
 // Tiling : 256 threads, 8 warps. K in SMM_KC (128)-column chunks through a 3- or 6-slot cp.async ring (6 where it
 //          fits the GPU's shared memory: more of W in flight) holding the x chunk
 //          (MP = M rounded up to 16, 32 or 64 rows), the W chunk (32 rows), the A chunk (RP = r rounded up to 16
-//          rows; fp32 adapters: register-prefetched one chunk ahead and split into hi / lo) and, with dropout, the
-//          masked copy of the x chunk (written by the thread that copied each 8-group, once it landed). Warp w
+//          rows; fp32 adapters: register-prefetched one chunk ahead and split into hi / lo). Warp w
 //          takes k16-step w of every chunk (an in-block K split: each x / W / A fragment is read from shared
 //          memory once) for the whole MP x 32 y tile and MP x RP u tile; the 8 warps' partial accumulators are
 //          summed in warp order through shared memory at the end (deterministic), then the epilogue (one thread per
 //          column, 8 row phases) adds u B^T and the bias and writes y once.
 // Bytes  : W once (N*K*2), y once; x (M*K*2) and A (r*K) from L2 once per block.
-// Smem   : S slots x (MP + 32 + RP (x2 with fp32 adapters) + MP (dropout only)) x 136 x 2 B: 104 KB (6 slots; M,
-//          r <= 16, no dropout) to 183 KB (3 slots; M = 64, r = 32, fp32 adapters, dropout: too much for an A100's
-//          163 KB, where that case takes the unfused forward).
+// Smem   : S slots x (MP + 32 + RP (x2 with fp32 adapters)) x 136 x 2 B: 104 KB (6 slots; M, r <= 16) to 131 KB
+//          (3 slots; M = 64, r = 32, fp32 adapters).
 // Limits : M <= 64; r <= 64 with (MP/16) * (RP/16) <= 8 (the accumulators: M <= 64 with r <= 32, M <= 32 with
-//          r <= 64); with dropout M * ceil(K/8) <= 32768 (every block regenerates the mask of all of x: up to 32768
-//          Philox calls per block, 128 per thread in chains interleaved 4 at a time, a few microseconds; so M <= 64
-//          at K <= 4096). Elsewhere the unfused forward runs (lora_small_m_unsupported says
-//          why).
+//          r <= 64); no dropout. With dropout every block would mask its own copy of x, which takes ring slots from
+//          W's stream: on the H200 that version took 1.3-6.1x the unfused forward's wall time at M = 1, 16 and 64,
+//          so the unfused forward runs there. Elsewhere too (lora_small_m_unsupported says why).
 #include "common.cuh"
 #include "plans.cuh"
 #include "ptx.cuh"
@@ -47,7 +44,6 @@ namespace {
 
 constexpr int kSmallMMaxM = 64;
 constexpr int kSmallMMaxR = 64;
-constexpr int64_t kSmallMDropoutGroups = 32768;  // M * ceil(K / 8) limit with dropout (see Limits above)
 
 constexpr int SMM_BN = 32;              // y columns per block
 constexpr int SMM_KC = 128;             // K chunk: one k16 step per warp
@@ -64,8 +60,8 @@ static_assert(SMM_KC == 4 * 32, "one float4 of A per lane and chunk (the FFMA do
 inline int small_m_frags(int64_t M) { return M <= 16 ? 1 : M <= 32 ? 2 : 4; }
 
 // Bytes of one ring slot of the tensor-core kernel (see its layout).
-inline size_t small_m_slot_bytes(int mf, int nr, bool af32, bool drop) {
-  return (size_t)(16 * mf + SMM_BN + 16 * nr * (af32 ? 2 : 1) + (drop ? 16 * mf : 0)) * SMM_LD * 2;
+inline size_t small_m_slot_bytes(int mf, int nr, bool af32) {
+  return (size_t)(16 * mf + SMM_BN + 16 * nr * (af32 ? 2 : 1)) * SMM_LD * 2;
 }
 
 // The current device's opt-in shared memory per block (227 KB on sm_90, 163 KB on an A100; 0 when unknown).
@@ -102,14 +98,12 @@ template <typename T, bool kAF32, int MF, int NR, int S>
 __global__ void __launch_bounds__(kTcThreads, 1)
 lora_small_m_tc_kernel(const T* __restrict__ x, const T* __restrict__ W, const T* __restrict__ bias,
                        const void* __restrict__ A_, const void* __restrict__ B_, int b_f32, T* __restrict__ y,
-                       float* __restrict__ u_out, int64_t M, int64_t N, int64_t K, int r, float scale, float p,
-                       uint64_t seed, const int64_t* seed_ptr, uint64_t offset, int64_t n_tiles, int elems_per_block) {
+                       float* __restrict__ u_out, int64_t M, int64_t N, int64_t K, int r, float scale,
+                       int64_t n_tiles, int elems_per_block) {
 #if LK_TC_ARCH
   constexpr int MP = 16 * MF, RP = 16 * NR, LD = SMM_LD;
   using TA = typename std::conditional<kAF32, float, T>::type;
   const TA* A = static_cast<const TA*>(A_);
-  if (p > 0.f) seed = dropout_seed(seed, seed_ptr);
-  const bool drop = p > 0.f;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const LaneOffsets lo;
   const bool has_tile = (int64_t)blockIdx.x < n_tiles;
@@ -117,32 +111,22 @@ lora_small_m_tc_kernel(const T* __restrict__ x, const T* __restrict__ W, const T
   const int64_t n_chunks = (K + SMM_KC - 1) / SMM_KC;
   extern __shared__ __align__(128) unsigned char lk_smem[];
   T* const ring = reinterpret_cast<T*>(lk_smem);
-  // One ring slot: x [MP][LD] | W [32][LD] | A (hi) [RP][LD] | A lo [RP][LD] (fp32 adapters) | masked x [MP][LD]
-  // (dropout).
-  constexpr int kW = MP * LD, kA = kW + SMM_BN * LD, kAL = kA + RP * LD, kXD = kAL + (kAF32 ? RP * LD : 0);
-  const int slot_elems = kXD + (drop ? MP * LD : 0);
+  // One ring slot: x [MP][LD] | W [32][LD] | A (hi) [RP][LD] | A lo [RP][LD] (fp32 adapters).
+  constexpr int kW = MP * LD, kA = kW + SMM_BN * LD, kAL = kA + RP * LD;
+  constexpr int slot_elems = kAL + (kAF32 ? RP * LD : 0);
   auto slot = [&](int64_t t) { return ring + (int)(t % S) * slot_elems; };
 
-  // This thread's x 8-groups of chunk t (MF of them): f(slot, k0, row, col) for the group at x's row, columns
-  // k0 + col .. k0 + col + 7. The thread that copies a group (issue) also masks it (mask_x).
-  auto x_groups = [&](int64_t t, auto&& f) {
+  // cp.async of chunk t: x (MF 8-groups per thread), and for a tile W (2) and 16-bit A (NR). Rows past M, N or r
+  // and columns past K read as zeros.
+  auto issue = [&](int64_t t) {
     T* s = slot(t);
     const int64_t k0 = t * SMM_KC;
 #pragma unroll
     for (int i = 0; i < MF; ++i) {
-      const int g = tid + i * kTcThreads;
-      f(s, k0, g / (SMM_KC / 8), g % (SMM_KC / 8) * 8);
-    }
-  };
-  // cp.async of chunk t: x (MF 8-groups per thread), and for a tile W (2) and 16-bit A (NR). Rows past M, N or r
-  // and columns past K read as zeros.
-  auto issue = [&](int64_t t) {
-    x_groups(t, [&](T* s, int64_t k0, int row, int col) {
+      const int g = tid + i * kTcThreads, row = g / (SMM_KC / 8), col = g % (SMM_KC / 8) * 8;
       copy8_async<T>(s + row * LD + col, x + row * K + k0 + col, row < M ? n_valid(K - k0 - col, 8) : 0);
-    });
+    }
     if (!has_tile) return;
-    T* s = slot(t);
-    const int64_t k0 = t * SMM_KC;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const int g = tid + i * kTcThreads, row = g / (SMM_KC / 8), col = g % (SMM_KC / 8) * 8;
@@ -158,23 +142,6 @@ lora_small_m_tc_kernel(const T* __restrict__ x, const T* __restrict__ W, const T
       }
     }
   };
-  // With dropout: this thread's x 8-groups of chunk t (landed) masked into the slot's masked copy (rows past M stay
-  // zero). The keep bits of all MF groups first, in straight-line code, so that their Philox chains interleave;
-  // groups past M or K hold zeros, which any mask keeps zero.
-  const uint32_t thr = dropout_threshold(p);
-  auto mask_x = [&](int64_t t) {
-    uint32_t keep[MF];
-    int i = 0;
-    x_groups(t, [&](T*, int64_t k0, int row, int col) {
-      keep[i++] = dropout_keep_bits8(seed, dropout_counter(offset, row, K, (k0 + col) / kDropoutGroup), thr);
-    });
-    i = 0;
-    x_groups(t, [&](T* s, int64_t, int row, int col) {
-      const uint4 raw = *reinterpret_cast<const uint4*>(s + row * LD + col);
-      *reinterpret_cast<uint4*>(s + kXD + row * LD + col) = drop8<T>(raw, keep[i++]);
-    });
-  };
-
   // fp32 adapters, tile blocks: the A chunk through registers (fetched a chunk ahead), split into hi / lo T parts.
   Vec4<float> a_regs[kAF32 ? 2 * NR : 1];
   auto fetch_a = [&](int64_t t) {
@@ -251,8 +218,7 @@ lora_small_m_tc_kernel(const T* __restrict__ x, const T* __restrict__ W, const T
   if (has_elems && n_chunks > 0) fetch_ue(0);
   for (int64_t t = 0; t < n_chunks; ++t) {
     cp_async_wait<S - 2>();
-    if (drop) mask_x(t);
-    __syncthreads();  // chunk t (and its masked copy, A chunk t) complete; chunk t-1's slot free
+    __syncthreads();  // chunk t (and A chunk t) complete; chunk t-1's slot free
     if (t + S - 1 < n_chunks) issue(t + S - 1);
     cp_async_commit();
     const T* s = slot(t);
@@ -268,10 +234,6 @@ lora_small_m_tc_kernel(const T* __restrict__ x, const T* __restrict__ W, const T
 #pragma unroll
         for (int mf = 0; mf < MF; ++mf) mma16816x2<T>(acc[mf][2 * f], acc[mf][2 * f + 1], xa[mf], wb);
       }
-      if (drop) {
-#pragma unroll
-        for (int mf = 0; mf < MF; ++mf) ldsm4(xa[mf], s + kXD + (16 * mf + lo.r1) * LD + kk + lo.c1);
-      }
 #pragma unroll
       for (int f = 0; f < NR; ++f) {
         uint32_t ab[4];
@@ -285,8 +247,8 @@ lora_small_m_tc_kernel(const T* __restrict__ x, const T* __restrict__ W, const T
         }
       }
     }
-    if (has_elems) {  // fp32 dot products of this block's u elements over the chunk (masked x)
-      const T* xr = s + (drop ? kXD : 0) + 4 * lane;
+    if (has_elems) {  // fp32 dot products of this block's u elements over the chunk
+      const T* xr = s + 4 * lane;
 #pragma unroll
       for (int s_ = 0; s_ < SMM_EW; ++s_) {
         if (ue_m[s_] < 0) continue;
@@ -379,7 +341,7 @@ lora_small_m_tc_kernel(const T* __restrict__ x, const T* __restrict__ W, const T
 
 // ---------------------------------------------------------------------------------------------------------------
 // lora_small_m (FFMA, fp32 x and adapters): the same block shape, all in fp32. K in SMF_KC (32)-column chunks through
-// shared memory (raw x, masked x, W, A); thread (n = tid % 32, row phase tid / 32) accumulates y at rows phase + 8 i,
+// shared memory (x, W, A); thread (n = tid % 32, row phase tid / 32) accumulates y at rows phase + 8 i,
 // and u elements tid + 256 i (every block computes all of u for its epilogue; block 0 writes it); each chunk's dot
 // product is summed on its own and then added (a shorter rounding chain than one running sum over K, as blocked
 // GEMMs have). Then y = acc_y + u B^T + bias (fp32), written once.
@@ -390,13 +352,10 @@ constexpr int SMF_MAXU = kSmallMMaxM * 32 / kThreads;  // u elements per thread 
 __global__ void __launch_bounds__(kThreads, 1)
 lora_small_m_ffma_kernel(const float* __restrict__ x, const float* __restrict__ W, const float* __restrict__ bias,
                          const float* __restrict__ A, const float* __restrict__ B, float* __restrict__ y,
-                         float* __restrict__ u_out, int64_t M, int64_t N, int64_t K, int r, float scale, float p,
-                         uint64_t seed, const int64_t* seed_ptr, uint64_t offset) {
-  if (p > 0.f) seed = dropout_seed(seed, seed_ptr);
+                         float* __restrict__ u_out, int64_t M, int64_t N, int64_t K, int r, float scale) {
   extern __shared__ float smem[];
-  float* xs = smem;                           // [64][SMF_LD] raw x chunk
-  float* xd = xs + kSmallMMaxM * SMF_LD;      // [64][SMF_LD] masked x chunk
-  float* ws = xd + kSmallMMaxM * SMF_LD;      // [32][SMF_LD]
+  float* xs = smem;                           // [64][SMF_LD] x chunk
+  float* ws = xs + kSmallMMaxM * SMF_LD;      // [32][SMF_LD]
   float* as = ws + SMM_BN * SMF_LD;           // [r][SMF_LD]
   const int tid = threadIdx.x, lane = tid & 31, phase = tid >> 5;
   const int64_t n0 = (int64_t)blockIdx.x * SMM_BN;
@@ -407,27 +366,13 @@ lora_small_m_ffma_kernel(const float* __restrict__ x, const float* __restrict__ 
 #pragma unroll
   for (int i = 0; i < SMF_MAXU; ++i) uacc[i] = 0.f;
   for (int64_t k0 = 0; k0 < K; k0 += SMF_KC) {
-    for (int gi = tid; gi < kSmallMMaxM * (SMF_KC / 4); gi += kThreads) {  // x: raw and masked
+    for (int gi = tid; gi < kSmallMMaxM * (SMF_KC / 4); gi += kThreads) {
       const int mm = gi / (SMF_KC / 4), c = gi % (SMF_KC / 4) * 4;
       const int64_t k = k0 + c;
       float v[4] = {0.f, 0.f, 0.f, 0.f};
-      const bool in = mm < M && k < K;
-      if (in) load4<float>(x + mm * K + k, K - k < 4 ? (int)(K - k) : 4, v);
+      if (mm < M && k < K) load4<float>(x + mm * K + k, K - k < 4 ? (int)(K - k) : 4, v);
 #pragma unroll
       for (int q = 0; q < 4; ++q) xs[mm * SMF_LD + c + q] = v[q];
-      if (p > 0.f && in) {
-        uint32_t w[4];
-        dropout_words(seed, dropout_counter(offset, mm, K, k / kDropoutGroup), w);
-        const uint32_t thr = dropout_threshold(p);
-        const bool upper = k % kDropoutGroup != 0;  // elements 4..7 of the 8-group: words 2, 3 (no dynamic index)
-        const uint32_t w01 = upper ? w[2] : w[0], w23 = upper ? w[3] : w[1];
-        const uint32_t h[4] = {w01 & 0xFFFFu, w01 >> 16, w23 & 0xFFFFu, w23 >> 16};
-#pragma unroll
-        for (int q = 0; q < 4; ++q)  // as dropout_kept; NaN / inf stay NaN, as x * keep
-          if (h[q] < thr) v[q] *= 0.f;
-      }
-#pragma unroll
-      for (int q = 0; q < 4; ++q) xd[mm * SMF_LD + c + q] = v[q];
     }
     for (int i = tid; i < SMM_BN * SMF_KC; i += kThreads) {
       const int nn = i / SMF_KC, kk = i % SMF_KC;
@@ -448,7 +393,7 @@ lora_small_m_ffma_kernel(const float* __restrict__ x, const float* __restrict__ 
 #pragma unroll
     for (int i = 0; i < SMF_MAXU; ++i) {
       const int e = tid + i * kThreads;
-      if (e < MR) uacc[i] += fma_dot<SMF_KC>(0.f, xd, e / r * SMF_LD, 1, as, e % r * SMF_LD, 1);
+      if (e < MR) uacc[i] += fma_dot<SMF_KC>(0.f, xs, e / r * SMF_LD, 1, as, e % r * SMF_LD, 1);
     }
     __syncthreads();
   }
@@ -504,12 +449,11 @@ const char* lora_small_m_unsupported(int64_t M, int64_t N, int64_t K, int r, DTy
   if (K < 0) return "K is negative";
   if (r < 1 || r > kSmallMMaxR) return "r is above 64";
   if (small_m_frags(M) * rank_frags(r) > 8) return "r is above 32 with M above 32";
-  if (p > 0.f && M * ((K + kDropoutGroup - 1) / kDropoutGroup) > kSmallMDropoutGroups)
-    return "dropout with M * ceil(K / 8) above 32768 (every block would regenerate the whole mask)";
+  if (p > 0.f) return "dropout (the unfused forward is faster: see Limits above)";
   if ((N + SMM_BN - 1) / SMM_BN > INT_MAX) return "N is too large for the grid";
   if (x_dtype != DType::kFloat32) {
     if (!tc_supported()) return "16-bit x below sm_80";
-    const size_t slot = small_m_slot_bytes(small_m_frags(M), rank_frags(r), a_dtype == DType::kFloat32, p > 0.f);
+    const size_t slot = small_m_slot_bytes(small_m_frags(M), rank_frags(r), a_dtype == DType::kFloat32);
     if (SMM_STAGES * slot > smem_optin_bytes()) return "its shared memory does not fit this GPU at this M and r";
   }
   return nullptr;
@@ -517,18 +461,16 @@ const char* lora_small_m_unsupported(int64_t M, int64_t N, int64_t K, int r, DTy
 
 cudaError_t launch_lora_small_m_forward(const void* x, DType x_dtype, const void* W, const void* bias, const void* A,
                                         DType a_dtype, const void* B, DType b_dtype, void* y, float* u, int64_t M,
-                                        int64_t N, int64_t K, int r, float scaling, float p, uint64_t seed,
-                                        const int64_t* seed_ptr, uint64_t offset, cudaStream_t stream) {
-  if (lora_small_m_unsupported(M, N, K, r, x_dtype, a_dtype, p) != nullptr) return cudaErrorInvalidValue;
-  const float scale = dropout_scale(scaling, p);
+                                        int64_t N, int64_t K, int r, float scaling, cudaStream_t stream) {
+  if (lora_small_m_unsupported(M, N, K, r, x_dtype, a_dtype, 0.f) != nullptr) return cudaErrorInvalidValue;
   const int64_t n_tiles = (N + SMM_BN - 1) / SMM_BN;
   if (x_dtype == DType::kFloat32) {
     if (a_dtype != DType::kFloat32 || b_dtype != DType::kFloat32) return cudaErrorInvalidValue;
-    const size_t smem = (size_t)((2 * kSmallMMaxM + SMM_BN + r) * SMF_LD) * sizeof(float);
+    const size_t smem = (size_t)((kSmallMMaxM + SMM_BN + r) * SMF_LD) * sizeof(float);
     return launch_kernel(lora_small_m_ffma_kernel, dim3((unsigned)n_tiles), kThreads, smem, stream,
                          static_cast<const float*>(x), static_cast<const float*>(W), static_cast<const float*>(bias),
                          static_cast<const float*>(A), static_cast<const float*>(B), static_cast<float*>(y), u, M, N,
-                         K, r, scale, p, seed, seed_ptr, offset);
+                         K, r, scaling);
   }
   if ((a_dtype != DType::kFloat32 && a_dtype != x_dtype) || (b_dtype != DType::kFloat32 && b_dtype != x_dtype))
     return cudaErrorInvalidValue;
@@ -538,7 +480,7 @@ cudaError_t launch_lora_small_m_forward(const void* x, DType x_dtype, const void
   const int64_t u_blocks = af32 ? (M * r + SMM_EPB - 1) / SMM_EPB : 0;
   const int64_t blocks = std::max<int64_t>(n_tiles, u_blocks);
   const int epb = af32 ? (int)((M * r + blocks - 1) / blocks) : 0;
-  const size_t slot = small_m_slot_bytes(mf, nr, af32, p > 0.f);
+  const size_t slot = small_m_slot_bytes(mf, nr, af32);
   const bool deep = SMM_STAGES_DEEP * slot <= smem_optin_bytes();
   const size_t smem = (deep ? SMM_STAGES_DEEP : SMM_STAGES) * slot;
   return with_dtype16(x_dtype, [&](auto xt) {
@@ -551,8 +493,8 @@ cudaError_t launch_lora_small_m_forward(const void* x, DType x_dtype, const void
                                  : lora_small_m_tc_kernel<T, false, MF, NR, SMM_STAGES>);
       return launch_kernel(kernel, dim3((unsigned)blocks), kTcThreads, smem, stream, static_cast<const T*>(x),
                            static_cast<const T*>(W), static_cast<const T*>(bias), A, B,
-                           b_dtype == DType::kFloat32 ? 1 : 0, static_cast<T*>(y), u, M, N, K, r, scale, p, seed,
-                           seed_ptr, offset, n_tiles, epb);
+                           b_dtype == DType::kFloat32 ? 1 : 0, static_cast<T*>(y), u, M, N, K, r, scaling, n_tiles,
+                           epb);
     });
   });
 }

@@ -145,15 +145,8 @@ def test_triton_tensor_seed_bit_identical(monkeypatch, small_m):
 @pytest.mark.parametrize("M", [5, 37, 300])
 def test_cuda_tensor_seed_bit_identical(monkeypatch, dtype, adapter, M):
     """The cuda backend's kernels with the seed read from device memory (seed_t) give the by-value path's outputs bit
-    for bit, forward and backward, on every kernel family (tensor-core and FFMA: the small-M forward at M = 5 and
-    37, the shrink at M = 300 and, with the small-M forward switched off, at M = 5; dA and dx always), and the host
-    never reads the seed."""
-    if M == 5:
-        previous = cuda_backend.set_small_m(False)
-        try:
-            _cuda_tensor_seed_check(monkeypatch, dtype, adapter, M)
-        finally:
-            cuda_backend.set_small_m(previous)
+    for bit, forward and backward, on every kernel family (tensor-core and FFMA: the shrink at M = 5, 37 and 300 (the
+    small-M forward takes no dropout); dA and dx always), and the host never reads the seed."""
     _cuda_tensor_seed_check(monkeypatch, dtype, adapter, M)
 
 
