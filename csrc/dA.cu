@@ -190,12 +190,6 @@ lora_dA_tc_kernel(const T* __restrict__ x, const float* __restrict__ g, float* _
 }  // namespace
 
 namespace {
-// Whether launch_lora_dA runs the tensor-core kernel for these dtypes (as the shrink: 16-bit x on sm_80+).
-bool dA_on_tc(DType x_dtype, DType a_dtype) {
-  return x_dtype != DType::kFloat32 && (a_dtype != DType::kFloat32 || adapter_pieces(x_dtype, a_dtype) > 1) &&
-         tc_supported();
-}
-
 // f(kernel, smem, T{}): the tensor-core dA kernel for these dtypes and rank, with its shared memory.
 template <typename F>
 cudaError_t with_dA_tc_kernel(DType x_dtype, DType a_dtype, int r, F&& f) {
@@ -212,13 +206,8 @@ cudaError_t with_dA_tc_kernel(DType x_dtype, DType a_dtype, int r, F&& f) {
 }  // namespace
 
 int lora_dA_resident_blocks(DType x_dtype, DType a_dtype, int r) {
-  if (r < 1 || r > kMaxRank || !dA_on_tc(x_dtype, a_dtype)) return 2;  // the FFMA kernel: about two
-  int n = 1;
-  with_dA_tc_kernel(x_dtype, a_dtype, r, [&](auto kernel, size_t smem, auto) {
-    n = resident_blocks(reinterpret_cast<const void*>(kernel), kTcThreads, smem);
-    return cudaSuccess;
-  });
-  return n;
+  if (r < 1 || r > kMaxRank || !stream_pass_on_tc(x_dtype, a_dtype)) return 2;  // the FFMA kernel: about two
+  return tc_resident_blocks([&](auto&& f) { return with_dA_tc_kernel(x_dtype, a_dtype, r, f); });
 }
 
 cudaError_t launch_lora_dA(const void* x, DType x_dtype, DType a_dtype, const float* g, float* dA_partial, int64_t M,
@@ -228,7 +217,7 @@ cudaError_t launch_lora_dA(const void* x, DType x_dtype, DType a_dtype, const fl
   if (M <= 0 || K <= 0 || plan.row_splits <= 0) return cudaSuccess;
   if (plan.col_groups > 65535) return cudaErrorInvalidConfiguration;
   const float scale = dropout_scale(scaling, p);
-  if (dA_on_tc(x_dtype, a_dtype)) {
+  if (stream_pass_on_tc(x_dtype, a_dtype)) {
     if (plan.row_splits > 0x7fffffff) return cudaErrorInvalidConfiguration;
     const int nj = rank_frags(r);
     const dim3 grid((unsigned)plan.row_splits, (unsigned)plan.col_groups, (unsigned)ceil_div(round16(r), 16 * nj));

@@ -298,7 +298,7 @@ cudaError_t launch_lora_dy_pass(const void* dy, DType dy_dtype, const void* B, D
   if (dB_partial && !u) return cudaErrorInvalidValue;
   if (plan.col_groups > 65535) return cudaErrorInvalidConfiguration;
   const int pieces = adapter_pieces(dy_dtype, b_dtype);
-  if (dy_dtype != DType::kFloat32 && (b_dtype != DType::kFloat32 || pieces > 1) && tc_supported()) {
+  if (stream_pass_on_tc(dy_dtype, b_dtype)) {
     if (N <= 0)  // g = dy B = 0; the dB partials have no elements
       return cudaMemsetAsync(g_out, 0, (size_t)std::max<int64_t>(plan.col_groups, 1) * M * r * sizeof(float), stream);
     if (plan.row_splits > 0x7fffffff) return cudaErrorInvalidConfiguration;

@@ -123,6 +123,18 @@ cudaError_t set_smem_once(const void* kernel, size_t bytes);
 // split plans size their grids with it.
 int resident_blocks(const void* kernel, int threads, size_t smem);
 
+// Resident blocks per SM of the tensor-core kernel that with_kernel(f) hands to f(kernel, smem, dtype tags...)
+// (kTcThreads threads; resident_blocks).
+template <typename With>
+int tc_resident_blocks(With&& with_kernel) {
+  int n = 1;
+  with_kernel([&](auto kernel, size_t smem, auto...) {
+    n = resident_blocks(reinterpret_cast<const void*>(kernel), kTcThreads, smem);
+    return cudaSuccess;
+  });
+  return n;
+}
+
 // Launches kernel with `smem` bytes of dynamic shared memory (opted in first where above 48 KB); returns the error
 // of the opt-in or of the launch.
 template <typename... P, typename... Args>
@@ -144,6 +156,13 @@ int num_sms();
 
 // Whether the current device runs the tensor-core kernels (bf16 mma.sync, cp.async: sm_80+).
 bool tc_supported();
+
+// Whether the streaming passes (shrink and dA over x, the dy pass over dy) take their tensor-core kernels: a 16-bit
+// streamed operand on sm_80+, with the side operand (A, B) in its dtype or fp32 through the bf16x3 pieces.
+inline bool stream_pass_on_tc(DType streamed, DType side) {
+  return streamed != DType::kFloat32 && (side != DType::kFloat32 || adapter_pieces(streamed, side) > 1) &&
+         tc_supported();
+}
 
 // Grid of the output-writing kernels (expand, dx) over an (M, cols) output: row blocks of TO_BM rows x groups of
 // chunks_per_group TO_BN-column chunks, about four blocks per SM. ok is false when the groups exceed grid.y's limit.

@@ -165,13 +165,6 @@ lora_shrink_tc_kernel(const T* __restrict__ x, const TA* __restrict__ A, float* 
 static_assert(TS_KC == SH_KC, "the shrink plan's K groups are whole chunks of both shrink kernels");
 
 namespace {
-// Whether launch_lora_shrink runs the tensor-core kernel for these dtypes (16-bit x on sm_80+, A in x's dtype or
-// fp32 through the bf16x3 pieces).
-bool shrink_on_tc(DType x_dtype, DType a_dtype) {
-  return x_dtype != DType::kFloat32 && (a_dtype != DType::kFloat32 || adapter_pieces(x_dtype, a_dtype) > 1) &&
-         tc_supported();
-}
-
 // f(kernel, smem, T{}, TA{}): the tensor-core shrink kernel for these dtypes and rank, with its shared memory.
 template <typename F>
 cudaError_t with_shrink_tc_kernel(DType x_dtype, DType a_dtype, int r, F&& f) {
@@ -187,13 +180,8 @@ cudaError_t with_shrink_tc_kernel(DType x_dtype, DType a_dtype, int r, F&& f) {
 }  // namespace
 
 int lora_shrink_resident_blocks(DType x_dtype, DType a_dtype, int r) {
-  if (r < 1 || r > kMaxRank || !shrink_on_tc(x_dtype, a_dtype)) return 2;  // the FFMA kernel: about two
-  int n = 1;
-  with_shrink_tc_kernel(x_dtype, a_dtype, r, [&](auto kernel, size_t smem, auto, auto) {
-    n = resident_blocks(reinterpret_cast<const void*>(kernel), kTcThreads, smem);
-    return cudaSuccess;
-  });
-  return n;
+  if (r < 1 || r > kMaxRank || !stream_pass_on_tc(x_dtype, a_dtype)) return 2;  // the FFMA kernel: about two
+  return tc_resident_blocks([&](auto&& f) { return with_shrink_tc_kernel(x_dtype, a_dtype, r, f); });
 }
 
 cudaError_t launch_lora_shrink(const void* x, DType x_dtype, const void* A, DType a_dtype, float* u_out, int64_t M,
@@ -203,7 +191,7 @@ cudaError_t launch_lora_shrink(const void* x, DType x_dtype, const void* A, DTyp
   if (M <= 0) return cudaSuccess;
   if (plan.col_groups > 65535 || plan.col_groups < 1) return cudaErrorInvalidConfiguration;
   const float scale = dropout_scale(scaling, p);
-  if (shrink_on_tc(x_dtype, a_dtype)) {
+  if (stream_pass_on_tc(x_dtype, a_dtype)) {
     const int nf = rank_frags(r);
     const dim3 grid((unsigned)ceil_div(M, TS_BM), (unsigned)plan.col_groups, (unsigned)ceil_div(round16(r), 16 * nf));
     return with_shrink_tc_kernel(x_dtype, a_dtype, r, [&](auto kernel, size_t smem, auto xt, auto at) {
