@@ -279,26 +279,6 @@ __device__ __forceinline__ unsigned short dropped16(unsigned short h) {
   return (h & kExp) == kExp ? kNaN : 0;
 }
 
-// Keep bits of the 8 elements (m, k .. k+7), k a multiple of 4: bit q set iff element k+q is kept. With k a multiple
-// of 8 (every tile of the tensor-core kernels) they are one 8-group of the mask: one Philox call (dropout_keep_bits8);
-// otherwise the group straddles two 8-groups: one call per half. thr =
-// dropout_threshold(p). Same mask as load_x4_dropout.
-__device__ __forceinline__ uint32_t keep_bits8(uint64_t seed, uint64_t offset, int64_t m, int64_t K, int64_t k,
-                                               uint32_t thr) {
-  if (k % kDropoutGroup == 0) return dropout_keep_bits8(seed, dropout_counter(offset, m, K, k / kDropoutGroup), thr);
-  uint32_t bits = 0;
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int64_t kh = k + 4 * half;
-    uint32_t w[4];
-    dropout_words(seed, dropout_counter(offset, m, K, kh / kDropoutGroup), w);
-    const int e0 = (int)(kh % kDropoutGroup);  // 0 or 4
-#pragma unroll
-    for (int q = 0; q < 4; ++q) bits |= (uint32_t)dropout_kept(w, e0 + q, thr) << (4 * half + q);
-  }
-  return bits;
-}
-
 // The 8 elements of T (raw 16-bit bits) with the dropped ones (bit q clear in keep) made dropped16().
 template <typename T>
 __device__ __forceinline__ uint4 drop8(uint4 raw, uint32_t keep) {
@@ -308,15 +288,6 @@ __device__ __forceinline__ uint4 drop8(uint4 raw, uint32_t keep) {
   for (int q = 0; q < 8; ++q)
     if (!((keep >> q) & 1u)) t.h[q] = dropped16<T>(t.h[q]);
   return t.u;
-}
-
-// Applies the dropout mask to the 8 elements x[m, k..k+7] of T (raw 16-bit bits; k a multiple of 4; elements at or
-// past k_lim are zero already, and a zero stays zero): dropped ones become dropped16().
-template <typename T>
-__device__ __forceinline__ uint4 dropout8(uint4 raw, int64_t m, int64_t K, int64_t k, int64_t k_lim, float p,
-                                          uint64_t seed, uint64_t offset) {
-  if (k >= k_lim) return raw;
-  return drop8<T>(raw, keep_bits8(seed, offset, m, K, k, dropout_threshold(p)));
 }
 
 // Raw 16-bit bits of the 8-group p[0..valid-1] (zero-filled) stored at p (8 elements, 2-byte aligned): one 16-byte

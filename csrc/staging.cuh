@@ -93,11 +93,9 @@ struct StreamTile {
   // pass waits on their latency). Groups past the rows or columns of x hold zeros, which any mask keeps zero.
   static __device__ __forceinline__ void keep_bits(uint32_t bits[kGroups], int64_t m0, int64_t K, int64_t k0,
                                                    uint32_t thr, uint64_t seed, uint64_t offset) {
-    const uint64_t K8 = (uint64_t)((K + kDropoutGroup - 1) / kDropoutGroup);
-    const uint64_t base = offset + (uint64_t)m0 * K8 + (uint64_t)(k0 / kDropoutGroup);
 #pragma unroll
     for (int i = 0; i < kGroups; ++i)
-      bits[i] = dropout_keep_bits8(seed, base + (uint64_t)row(i) * K8 + (uint64_t)(col(i) / kDropoutGroup), thr);
+      bits[i] = dropout_keep_bits8(seed, dropout_counter(offset, m0 + row(i), K, (k0 + col(i)) / kDropoutGroup), thr);
   }
   static __device__ __forceinline__ void apply_keep(T* slot, const uint32_t bits[kGroups]) {
 #pragma unroll
