@@ -64,7 +64,8 @@ lora_dA_kernel(const T* __restrict__ x, const float* __restrict__ g, float* __re
 //          scale = scaling / (1 - p); g and masked x as T, fp32 accumulation, scale applied to the fp32 result.
 // Tiling : block (s, c, z) = row split s x column group c (TA_KC (128)-column strips) x r-chunk z (RC = 16*NJ).
 //          For each strip it walks the split's rows in TA_BM (64)-row tiles: x tiles through the cp.async ring
-//          (mask applied in place, its Philox work done before the tile lands), the g tile (-> T) register-prefetched two tiles ahead into a double buffer.
+//          (mask applied in place, its Philox work done before the tile lands), the g tile (-> T)
+//          register-prefetched two tiles ahead into a double buffer.
 //          Warp w owns columns 16w..16w+15 of the strip x all RC rows of dA (g^T = the g tile read by
 //          ldmatrix.trans), accumulators in registers across the rows, written once per strip (scaled).
 //          fp32 adapters on bf16 x (P = 3): the g tile is staged as its three bf16x3 pieces; per tile, piece 0

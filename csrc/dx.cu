@@ -124,7 +124,8 @@ lora_dx_tc_kernel(T* __restrict__ dx, const float* __restrict__ g, const TA* __r
         return drop8<T>(v, dropout_keep_bits8(seed, dropout_counter(offset, m, K, k / kDropoutGroup), thr));
       });
     } else {
-      store_staged_rows<TO_BN>(dx, K, blk.os, TO_LDO, blk.m0, k0, M, K, full, [](uint4 v, int64_t, int64_t) { return v; });
+      store_staged_rows<TO_BN>(dx, K, blk.os, TO_LDO, blk.m0, k0, M, K, full,
+                               [](uint4 v, int64_t, int64_t) { return v; });
     }
   });
 #else

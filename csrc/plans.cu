@@ -175,7 +175,8 @@ SplitPlan lora_dA_plan(int64_t M, int64_t K, int r, int blocks_per_sm) {
   const int64_t tiles_m = ceil_div(M, TA_BM), tiles_k = std::max<int64_t>(1, ceil_div(K, TA_KC));
   const int64_t ct = ceil_div(tiles_k, std::min<int64_t>(tiles_k, 65535));
   const int64_t C = ceil_div(tiles_k, ct);
-  const int64_t s_max = std::min(tiles_m, std::max<int64_t>(1, kPartialBudgetBytes / (std::max<int64_t>(K, 1) * rk.r * 4)));
+  const int64_t s_max =
+      std::min(tiles_m, std::max<int64_t>(1, kPartialBudgetBytes / (std::max<int64_t>(K, 1) * rk.r * 4)));
   const SplitCost cost{std::max(blocks_per_sm, 1) * (int64_t)num_sms(), (double)TA_BM * TA_KC * 2};
   // Past four waves a finer split only trims the rounding of the row tiles: the search stops there.
   const int64_t s_last = std::min(s_max, 4 * cost.wave / (C * rk.zc) + 1);

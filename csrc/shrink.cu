@@ -71,11 +71,11 @@ lora_shrink_kernel(const T* __restrict__ x, const TA* __restrict__ A, float* __r
 // Math   : u[c] (M, r) = scale * (keep * x)[:, K-split c] A^T[K-split c], scale = scaling / (1 - p).
 // Tiling : block = TS_BM (128) rows x RC = 16*NF (<= 64) columns of u (grid.z walks r in RC-chunks) x one K split
 //          (grid.y), looping over K in TS_KC (64)-column tiles: x tiles through the cp.async ring (mask applied
-//          in place, one Philox call per 8-group, computed before the tile lands), the A tile (cast to T) register-prefetched two tiles ahead into
-//          a double buffer. Warp w: rows 16w..16w+15 x all RC columns (2*NF m16n8 fp32 accumulators), written
-//          once at the end (scaled). fp32 A on bf16 x: the A tile is staged as its P = 3 bf16x3 pieces; per tile,
-//          piece 0 and pieces 1-2 go to two fresh accumulators, added to the running one with fp32 adds (add_acc),
-//          for fp32 FFMA accuracy; 3x the mma work of 16-bit A (still bandwidth-bound at r <= 32).
+//          in place, one Philox call per 8-group, computed before the tile lands), the A tile (cast to T)
+//          register-prefetched two tiles ahead into a double buffer. Warp w: rows 16w..16w+15 x all RC columns
+//          (2*NF m16n8 fp32 accumulators), written once at the end (scaled). fp32 A on bf16 x: the A tile is
+//          staged as its P = 3 bf16x3 pieces; per tile, piece 0 and pieces 1-2 go to two fresh accumulators, added
+//          to the running one with fp32 adds (add_acc), for fp32 FFMA accuracy; 3x the mma work of 16-bit A.
 // Bytes  : one read of x (M*K*2) per r-chunk; A re-read from L2 once per 128 rows; u (M*r*4) written once per
 //          K split (launch_reduce_partials sums the splits).
 // Smem   : (3 * 128 + 2 * P * RC) * 72 * 2 B = 59.9 / 64.5 / 73.7 KB for NF = 1 / 2 / 4 (P = 1), 64.5 / 78.3 /
