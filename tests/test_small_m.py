@@ -96,7 +96,7 @@ def test_small_m_with_dropout_takes_the_unfused_forward(dtype, adapter_dtype, M,
 def test_small_m_misaligned_inputs(dtype, adapter_dtype):
     # every operand 2 elements off a 16-byte boundary: the copies and A's float4 loads take their scalar fallbacks
     _check_forward(19, 136, 72, 16, dtype, adapter_dtype, True, 0.0, misaligned=True)
-    _check_forward(5, 64, 40, 8, dtype, adapter_dtype, True, 0.0, misaligned=True)
+    _check_forward(5, 64, 40, 8, dtype, adapter_dtype, True, 0.2, misaligned=True)  # dropout: the unfused forward
 
 
 @pytest.mark.parametrize("dtype,adapter_dtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
