@@ -4,7 +4,9 @@ moved single measurements of the same kernel by 10-15% on the H200) fall on the 
 
     python3 bench/suite/targets.py --providers ours-cuda,lorafusion --out results.json [--M 2048,8192] [--rounds 15]
 
-GPU time: CUDA events around one call (forward, or forward + backward), calls back to back. (Not one call queued
+GPU time: CUDA events around one call (forward, or forward + backward), calls back to back; with --gpu-batch n, events
+around n calls queued behind a GPU sleep, per call (at small M one call's events include the host's enqueue time,
+since the GPU waits for the host). (Not one call queued
 behind a GPU sleep: on the H200 a call timed right after a sleep ran slower than the same call back to back, e.g.
 the floor at 8192x4096->4096 0.415 ms vs 0.364 ms, which biased the ratios; timing.py's gpu_ms times a batch of
 calls behind one sleep for that reason.) Wall time: a host clock around `calls` back-to-back calls with a
@@ -38,6 +40,21 @@ def gpu_round(fns, i):
     return s, e
 
 
+def gpu_batch_round(fns, i, n, sleep_cycles):
+    """Events around n back-to-back calls queued behind a GPU sleep: GPU time without the host's enqueue time
+    (which a single call's events include when the host is slower than the GPU, as at small M). Returns the event
+    pair and an event recorded right after the sleep, to check that the sleep outlasted the host's enqueue."""
+    torch.cuda.synchronize()
+    torch.cuda._sleep(sleep_cycles)
+    woke, s, e = torch.cuda.Event(), torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    woke.record()
+    s.record()
+    for j in range(n):
+        fns[(i + j) % len(fns)]()
+    e.record()
+    return s, e, not woke.query()
+
+
 def wall_round(fns, calls):
     torch.cuda.synchronize()
     t = time.perf_counter()
@@ -47,8 +64,9 @@ def wall_round(fns, calls):
     return (time.perf_counter() - t) / calls * 1e3
 
 
-def measure_group(cases: dict, mode: str, rounds: int, calls: int) -> dict:
+def measure_group(cases: dict, mode: str, rounds: int, calls: int, gpu_batch: int = 0) -> dict:
     fns = {k: getattr(c, mode) for k, c in cases.items()}
+    isolated = {k: 0 for k in fns}
     for f in fns.values():  # warm-up (compiles, autotunes, allocator)
         for i in range(3):
             f[i % len(f)]()
@@ -56,6 +74,15 @@ def measure_group(cases: dict, mode: str, rounds: int, calls: int) -> dict:
     gpu = {k: [] for k in fns}
     wall = {k: [] for k in fns}
     for rnd in range(rounds):
+        if gpu_batch > 0:  # 2 ms of sleep per call: more than any provider's host time per call
+            for k, f in fns.items():
+                s, e, ok = gpu_batch_round(f, rnd, gpu_batch, gpu_batch * 4_000_000)
+                torch.cuda.synchronize()
+                gpu[k].append(s.elapsed_time(e) / gpu_batch)
+                isolated[k] += ok
+            for k, f in fns.items():
+                wall[k].append(wall_round(f, calls))
+            continue
         evs = {k: gpu_round(f, rnd) for k, f in fns.items()}
         torch.cuda.synchronize()
         for k, (s, e) in evs.items():
@@ -67,6 +94,9 @@ def measure_group(cases: dict, mode: str, rounds: int, calls: int) -> dict:
         out[k] = dict(gpu_ms=statistics.median(gpu[k]), wall_ms=statistics.median(wall[k]),
                       gpu_ratio=statistics.median(a / b for a, b in zip(gpu[k], gpu[FLOOR])),
                       wall_ratio=statistics.median(a / b for a, b in zip(wall[k], wall[FLOOR])))
+        if gpu_batch > 0:
+            out[k]["gpu_batch"] = gpu_batch
+            out[k]["gpu_isolated_rounds"] = isolated[k]
     return out
 
 
@@ -80,6 +110,9 @@ def main():
     ap.add_argument("--shapes", default=None, help="KxN,... (default: the four Llama-3-8B layer shapes)")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--calls", type=int, default=5)
+    ap.add_argument("--gpu-batch", type=int, default=0,
+                    help="GPU time from events around this many calls queued behind a GPU sleep (host enqueue time "
+                         "excluded: for small M, where one call's events would include it); 0: one call's events")
     ap.add_argument("--adapter-dtype", default="float32", choices=["float32", "bfloat16"],
                     help="lora_A/lora_B dtype of the ours-* providers (float32: PEFT's default)")
     ap.add_argument("--out", default=None)
@@ -106,7 +139,7 @@ def main():
                         except Unavailable as e:
                             print(f"  {prov} unavailable: {e}", flush=True)
                     for mode in args.modes.split(","):
-                        res = measure_group(cases, mode, args.rounds, args.calls)
+                        res = measure_group(cases, mode, args.rounds, args.calls, args.gpu_batch)
                         for prov, v in res.items():
                             rows.append(dict(mode=mode, M=M, K=K, N=N, r=r, p=p, provider=prov,
                                              note=cases[prov].note, **v))

@@ -107,7 +107,7 @@ for step in ${STEPS:-build tests}; do
       done;;
     small_m)
       (cd /tmp && PYTHONPATH=/tmp/site run_step small_m "${T_SMALL_M:-120}" python3 "$REPO/bench/suite/targets.py" \
-        --providers ours-cuda,ours-triton --M 1,16,64 --shapes 4096x4096,4096x14336 --r 16 --p 0 --rounds 15 \
+        --providers ours-cuda,ours-triton --M 1,16,64 --shapes 4096x4096,4096x14336 --r 16 --p 0 --rounds 15 --gpu-batch 20 \
         --calls 20 --out "$OUT/small_m.json" > "$OUT/small_m.txt" 2>&1)
       sed -n '/^| mode/,$p' "$OUT/small_m.txt";;
     profile)
