@@ -247,7 +247,7 @@ def _launch_gemm(a, b_strides, b, b_mat, l, lb_strides, lb, bias, c, N, K, R, lo
     cuBLAS then accumulates a @ b_mat into c with beta = 1 (c.addmm_), reading c in its epilogue.
     """
     M = a.shape[0]
-    cublas = kn.cublas and a.is_cuda
+    cublas = kn.cublas
     if cublas:
         K = 0
     r_pad = _r_pad(R)
