@@ -45,14 +45,18 @@ def is_available() -> tuple[bool, str]:
 # off; it is on only for the triton versions whose launcher convention was checked (3.6 to 3.9).
 # tests/test_triton_fast_launch.py checks that both paths launch the same binary with the same arguments.
 # ----------------------------------------------------------------------------------------------------------
-def _fast_launch_enabled() -> bool:
-    if not _config.TRITON_FAST_LAUNCH:
-        return False
+def _triton_version() -> tuple:
     try:
-        version = tuple(int(v) for v in triton.__version__.split(".")[:2])
+        return tuple(int(v) for v in triton.__version__.split(".")[:2])
     except ValueError:
-        return False
-    return (3, 6) <= version <= (3, 9)
+        return ()
+
+
+_TRITON_VERSION = _triton_version()
+
+
+def _fast_launch_enabled() -> bool:
+    return _config.TRITON_FAST_LAUNCH and (3, 6) <= _TRITON_VERSION <= (3, 9)
 
 
 _FAST_LAUNCH = _fast_launch_enabled()
@@ -190,9 +194,8 @@ def _contiguous_strides(shape: tuple) -> tuple:
 
 def _getter(slots: list):
     """A function of a value list that returns the values at `slots`, as a tuple."""
-    if len(slots) == 1:
-        (i,) = slots
-        return lambda v: (v[i],)
+    if len(slots) <= 1:
+        return (lambda v: ()) if not slots else (lambda v, i=slots[0]: (v[i],))
     return operator.itemgetter(*slots)
 
 
@@ -224,10 +227,39 @@ def _fast_launch_op(c, grid: tuple, args):
     g0 = grid[0]
     g1 = grid[1] if len(grid) > 1 else 1
     g2 = grid[2] if len(grid) > 2 else 1
+    direct = _c_launch(run)
+    if direct is not None:  # what run(...) itself would call, without its Python frame
+        launch, cooperative, pdl = direct
+
+        def op(v):
+            launch(g0, g1, g2, v[_STREAM], function, cooperative, pdl, None, None, packed, None, None, None,
+                   *args(v))
+        return op
 
     def op(v):
         run(g0, g1, g2, v[_STREAM], function, packed, None, None, None, *args(v))
     return op
+
+
+def _c_launch(launcher):
+    """(launch, cooperative grid, PDL) of a triton 3.6 CudaLauncher that needs no scratch buffers, else None.
+
+    Its __call__(gx, gy, gz, stream, function, *rest) allocates the global and profile scratch buffers (none when
+    the kernel's sizes are 0, as for every kernel here) and then calls its C launch function as
+    launch(gx, gy, gz, stream, function, cooperative, pdl, global_scratch, profile_scratch, *rest): a Python frame,
+    a closure and two calls, a few microseconds of host time per launch. Other triton versions arrange these
+    arguments differently (3.9 passes the kernel's arguments as one tuple, after its signature): their launchers
+    are called as they are."""
+    if _TRITON_VERSION != (3, 6) or type(launcher).__name__ != "CudaLauncher":
+        return None
+    if type(launcher).__module__ != "triton.backends.nvidia.driver":
+        return None
+    try:
+        if launcher.global_scratch_size or launcher.profile_scratch_size:
+            return None
+        return launcher.launch, launcher.launch_cooperative_grid, launcher.launch_pdl
+    except AttributeError:
+        return None
 
 
 def _tune_op(key, tuner, grid, args, meta: dict):
