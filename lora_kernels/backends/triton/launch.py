@@ -1,5 +1,6 @@
-"""The host side of the Triton backend: ``forward`` and ``backward`` (the backend contract), the launch of each pass
-with its arguments, and ``_launch``, which relaunches compiled kernels without triton's per-launch JIT work."""
+"""The host side of the Triton backend: ``forward`` and ``backward`` (the backend contract), whose passes (their
+allocations, launches and torch ops) are recorded once per distinct call as a plan and replayed by later calls, and
+``_launch`` (DoRA's passes), which relaunches compiled kernels without triton's per-launch JIT work."""
 from __future__ import annotations
 
 import operator
@@ -161,8 +162,11 @@ _THRESHOLDS: dict = {}  # p -> keep_threshold(p)
 
 # Slots of a call's value list: the call's values first (forward leaves _DY and _U empty), then the plan's tail
 # (its temporaries, then its constants). _SEED_P is the seed's view in x's dtype (a device seed) or x (an int seed).
-(_X, _W, _BIAS, _A, _B, _DY, _U, _SCALE, _THR, _SEED, _SEED_P, _SEED_IN_MEM, _OFFSET, _STREAM, _SEED_RAW) = range(15)
-_N_VALUES = 15
+# _COMPILED: in a run through the JIT, the list where its launches put the CompiledKernels they ran (one per run:
+# threads running a plan's first launches on different devices each get their own device's kernels).
+(_X, _W, _BIAS, _A, _B, _DY, _U, _SCALE, _THR, _SEED, _SEED_P, _SEED_IN_MEM, _OFFSET, _STREAM, _SEED_RAW,
+ _COMPILED) = range(16)
+_N_VALUES = 16
 
 
 class _Val:
@@ -213,10 +217,11 @@ def _constexpr_names(kernel, n_args: int, kwargs: dict):
     return names if all(n in kwargs for n in names) else None
 
 
-def _jit_launch_op(kernel, grid: tuple, args, kwargs: dict, compiled: list, i: int):
-    """A step that launches through the JIT (kernel[grid](*args, **kwargs)) and keeps the CompiledKernel it ran."""
+def _jit_launch_op(kernel, grid: tuple, args, kwargs: dict, i: int):
+    """A step that launches through the JIT (kernel[grid](*args, **kwargs)) and keeps the CompiledKernel it ran, as
+    the run's i-th."""
     def op(v):
-        compiled[i] = kernel[grid](*args(v), **kwargs)
+        v[_COMPILED][i] = kernel[grid](*args(v), **kwargs)
     return op
 
 
@@ -312,9 +317,9 @@ def _seed_view_op(o, dtype):
 class _Plan:
     """A call's steps: ``jit`` launches through the JIT (the first run on a device, launch hooks, the interpreter),
     ``fast[device]`` (once every launch has its CompiledKernel on that current device) relaunches the compiled kernels
-    directly. ``tail`` is appended to the call's values (slots of the temporaries, then the constants); ``out`` reads
+    directly; ``fast`` is None where the JIT's path is the only one. ``tail`` is appended to the call's values (slots of the temporaries, then the constants); ``out`` reads
     the outputs off the value list."""
-    __slots__ = ("tail", "jit", "fast", "out", "compiled", "launches", "keep")
+    __slots__ = ("tail", "jit", "fast", "out", "launches", "keep")
 
     def run(self, v: list):
         fast = self.fast
@@ -327,22 +332,24 @@ class _Plan:
                 for op in ops:
                     op(v)
                 return self.out(v)
+        compiled = v[_COMPILED] = [None] * len(self.launches)
         for op in self.jit:
             op(v)
-        if self.launches is not None and self.keep:
-            self._go_fast()
+        if fast is not None and self.keep:
+            self._go_fast(compiled)
         return self.out(v)
 
-    def _go_fast(self):
+    def _go_fast(self, compiled: list):
         """After a run through the JIT: the steps that relaunch the kernels it ran, for the current device."""
         ops = list(self.jit)
-        for i, (pos, grid, args) in enumerate(self.launches):
-            c = self.compiled[i]
+        for (pos, grid, args), c in zip(self.launches, compiled):
             if args is None or getattr(c, "function", None) is None:
-                self.launches = None  # the JIT's path for good (the interpreter, a launch that does not fit)
+                self.fast = None  # the JIT's path for good (the interpreter, a launch that does not fit)
                 return
             ops[pos] = _fast_launch_op(c, grid, args)
-        self.fast.setdefault(_DRIVER.active.get_current_device(), ops)
+        fast = self.fast
+        if fast is not None:
+            fast.setdefault(_DRIVER.active.get_current_device(), ops)
 
 
 class _Planner:
@@ -422,6 +429,7 @@ class _Planner:
         def ref(a) -> int:
             if isinstance(a, _Val):
                 return a.slot
+            assert not isinstance(a, torch.Tensor), "a plan holds no tensors: they are the call's values"
             k = (type(a), a)
             slot = consts.get(k)
             if slot is None:
@@ -430,7 +438,7 @@ class _Planner:
             return slot
 
         plan = _Plan()
-        plan.compiled, launches, jit = [], [], []
+        launches, jit = [], []
         for step in self.steps:
             kind = step[0]
             if kind == "launch":
@@ -439,8 +447,7 @@ class _Planner:
                 names = _constexpr_names(kernel, len(args), kwargs)
                 full = None if names is None else _getter(slots + [ref(kwargs[n]) for n in names])
                 launches.append((len(jit), grid, full))
-                plan.compiled.append(None)
-                jit.append(_jit_launch_op(kernel, grid, _getter(slots), kwargs, plan.compiled, len(launches) - 1))
+                jit.append(_jit_launch_op(kernel, grid, _getter(slots), kwargs, len(launches) - 1))
             elif kind == "tune":
                 _, key, tuner, grid, args, meta = step
                 jit.append(_tune_op(key, tuner, grid, _getter([ref(a) for a in args]), meta))
@@ -731,7 +738,7 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset):
         plan = _plan_forward(x, weight, bias, lora_A, lora_B, p > 0.0, seed_in_mem, kn)
         _keep_plan(key, plan)
     v = [x, weight, bias, lora_A, lora_B, None, None, float(scaling) / (1.0 - float(p)), _threshold(p), seed_v,
-         seed_p, seed_in_mem, int(offset), None, seed]
+         seed_p, seed_in_mem, int(offset), None, seed, None]
     v += plan.tail
     return plan.run(v)
 
@@ -762,6 +769,6 @@ def backward(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, need_dx
         plan = _plan_backward(dy, x, weight, lora_A, lora_B, u, p > 0.0, seed_in_mem, need_dx, need_dA, need_dB, kn)
         _keep_plan(key, plan)
     v = [x, weight, None, lora_A, lora_B, dy, u, float(scaling) / (1.0 - float(p)), _threshold(p), seed_v, seed_p,
-         seed_in_mem, int(offset), None, seed]
+         seed_in_mem, int(offset), None, seed, None]
     v += plan.tail
     return plan.run(v)
