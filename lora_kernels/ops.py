@@ -98,9 +98,8 @@ def _backend_seed(seed: torch.Tensor, p: float):
 
 
 def _fwd_impl(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset, backend):
-    M, N, r = x.shape[0], weight.shape[0], lora_A.shape[0]
-    if M == 0:
-        return x.new_empty(0, N), x.new_empty(0, r, dtype=_u_dtype(x))
+    if x.shape[0] == 0:
+        return x.new_empty(0, weight.shape[0]), x.new_empty(0, lora_A.shape[0], dtype=_u_dtype(x))
     return _dispatch.get(backend).forward(
         x, weight, bias, lora_A, lora_B, scaling, p, _backend_seed(seed, p), offset)
 
@@ -159,6 +158,8 @@ def _base_grads(dy, x, weight, need_dW: bool, need_db: bool):
     """(dW, db) of a trainable base weight and bias, each None when not needed: dW = dyᵀ x, db = Σ_m dy, accumulated
     in float32 (float64 for float64 inputs). Outside the fused fast path (the base is frozen in LoRA training):
     plain PyTorch math, correct for every backend."""
+    if not (need_dW or need_db):  # the frozen base of LoRA training
+        return None, None
     acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
     dW = (dy.t().to(acc) @ x.to(acc)).to(weight.dtype) if need_dW else None
     db = dy.to(acc).sum(0).to(dy.dtype) if need_db else None
@@ -186,10 +187,10 @@ class _EagerLoRA(torch.autograd.Function):
     """Eager-mode registration of the same autograd: ``lora_fwd``'s impl, ``_setup_context`` and ``_backward``,
     called without the dispatcher's Python autograd wrapper around the op. That wrapper costs more host time per
     call than the backend call itself (tens of microseconds), which decides the speed of small-M calls and of whole
-    training steps. ``lora_linear`` uses it unless torch.compile is tracing, where the registered op (fake impls,
-    opaque to dynamo) is what the graph records, or the backend brings its own autograd node (the cuda backend's,
-    in C++) and the base weight and bias are frozen. tests/test_contract.py checks that all paths give
-    bit-identical outputs and grads."""
+    training steps. ``lora_linear`` uses it (through ``_eager_apply``) unless torch.compile is tracing, where the
+    registered op (fake impls, opaque to dynamo) is what the graph records, or the backend brings its own autograd
+    node (the cuda backend's, in C++) and the base weight and bias are frozen. tests/test_contract.py checks that all
+    paths give bit-identical outputs and grads."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, p, seed, offset, backend):
@@ -198,9 +199,40 @@ class _EagerLoRA(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable  # the kernels record no graph: a double backward raises instead of giving wrong numbers
     def backward(ctx, dy):
+        # The kernels record no graph: under create_graph=True the grads get once_differentiable's error node, so a
+        # double backward raises instead of giving wrong numbers. Otherwise (grad mode is off in a plain backward)
+        # once_differentiable would only add its no_grad block, a microsecond or two of host time per call.
+        if torch.is_grad_enabled():
+            return _once_differentiable_backward(ctx, dy)
         return _backward(ctx, dy, None, bwd=_bwd_grads)
+
+
+@once_differentiable
+def _once_differentiable_backward(ctx, dy):
+    return _backward(ctx, dy, None, bwd=_bwd_grads)
+
+
+# autograd.Function.apply is a Python wrapper around the C apply: it binds default arguments (only for a Function
+# with its own setup_context, which _EagerLoRA has not), routes calls under functorch transforms, and otherwise
+# unwraps the "dead" functorch wrappers among the arguments (tensors that escaped an earlier transform) before the C
+# apply. _eager_apply does the same with one C call per tensor instead of a generator over all ten arguments: a few
+# microseconds of host time per call. Where this torch lacks the pieces, Function.apply itself.
+_C_APPLY = super(torch.autograd.Function, _EagerLoRA).apply
+try:  # the unwrapping that Function.apply does (torch._functorch.utils.unwrap_dead_wrappers), one tensor at a time
+    from torch._functorch.utils import unwrap_if_dead as _UNWRAP_IF_DEAD
+except ImportError:
+    _UNWRAP_IF_DEAD = None
+_FUNCTORCH_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", None)
+
+
+def _eager_apply(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset, backend):
+    """_EagerLoRA.apply(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset, backend)."""
+    if _UNWRAP_IF_DEAD is None or _FUNCTORCH_ACTIVE is None or _FUNCTORCH_ACTIVE():
+        return _EagerLoRA.apply(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset, backend)
+    un = _UNWRAP_IF_DEAD
+    return _C_APPLY(un(x), un(weight), None if bias is None else un(bias), un(lora_A), un(lora_B), scaling, p,
+                    None if seed is None else un(seed), offset, backend)
 
 
 # ------------------------------------------------------------------------------------------ the public op
@@ -354,7 +386,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
         if cpp is not None:  # no Python in forward's wrapper or backward
             y = cpp(*args[:6], p, _backend_seed(seed, p), 0)
         else:
-            y = _EagerLoRA.apply(*args)
+            y = _eager_apply(*args)
     else:  # nothing to differentiate (inference, no_grad): the impl alone, without autograd.Function's overhead
         y = _fwd_impl(*args)[0]
     return y if two_d else y.reshape(*x.shape[:-1], weight.shape[0])

@@ -5,8 +5,9 @@ of bench/tools/host_time.py (F.linear, PEFT's layer, the lora_kernels backends).
     python3 bench/dev/host_trace.py [--backends cuda,triton] [--M 16] [--p 0] [--calls 50] [--row-limit 25]
 
 Then, for the triton backend, a breakdown of its host time per call without the profiler: the whole call; the same
-with every Triton launch replaced by a no-op (the Python and torch work around the launches); and how many launches
-per call took triton's JIT path (JITFunction.run) instead of the backend's fast relaunch.
+with every Triton launch replaced by a no-op (the Python and torch work around the launches; the plans' relaunches
+of compiled kernels, launch._fast_launch_op, made no-ops); and how many launches per call took triton's JIT path
+(JITFunction.run) instead of the backend's fast relaunch.
 """
 from __future__ import annotations
 
@@ -76,12 +77,16 @@ def triton_breakdown(fns, calls):
             host_us(fn, calls, warmup=0)
         finally:
             triton.runtime.JITFunction.run = real_run
-        real_launch, real_tuned = launch._launch, launch._launch_tuned
-        launch._launch = launch._launch_tuned = lambda *a, **k: None
+        # the plans' direct relaunches made no-ops: new plans, whose first run (in the warm-up) launches through the
+        # JIT and whose later runs launch nothing
+        real_op = launch._fast_launch_op
+        launch._fast_launch_op = lambda *a: (lambda v: None)
+        launch._PLANS.clear()
         try:
-            bare = host_us(fn, calls, warmup=0)
+            bare = host_us(fn, calls, warmup=2)
         finally:
-            launch._launch, launch._launch_tuned = real_launch, real_tuned
+            launch._fast_launch_op = real_op
+            launch._PLANS.clear()
         print(f"{mode:8s} whole call {full:8.1f} | launches made no-ops {bare:8.1f} | launches {full - bare:8.1f} | "
               f"JIT-path launches per call after warm-up {jit_calls[0] / calls:.2f}")
         jit_calls[0] = 0

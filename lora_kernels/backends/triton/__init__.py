@@ -3,7 +3,8 @@
     kernels.py   the @triton.jit kernels: the shared tile math (dot operands, the dropout mask), then one kernel
                  per pass
     configs.py   tile shapes, pipeline stages, autotune candidates and their shared-memory budget, M splits
-    launch.py    forward and backward: each pass's launch, and the fast relaunch of compiled kernels
+    launch.py    forward and backward: each pass's launches, recorded once per distinct call (a plan) and
+                 replayed, and the fast relaunch of compiled kernels
 
 Math (x: (M, K), W: (N, K), A: (r, K), B: (N, r), s = scaling, keep = dropout mask of (M, K), q = 1 - p), with the
 pass names of csrc/:

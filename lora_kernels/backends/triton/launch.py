@@ -1,5 +1,6 @@
-"""The host side of the Triton backend: ``forward`` and ``backward`` (the backend contract), the launch of each pass
-with its arguments, and ``_launch``, which relaunches compiled kernels without triton's per-launch JIT work."""
+"""The host side of the Triton backend: ``forward`` and ``backward`` (the backend contract), whose passes (their
+allocations, launches and torch ops) are recorded once per distinct call as a plan and replayed by later calls, and
+``_launch`` (DoRA's passes), which relaunches compiled kernels without triton's per-launch JIT work."""
 from __future__ import annotations
 
 import operator
@@ -45,14 +46,18 @@ def is_available() -> tuple[bool, str]:
 # off; it is on only for the triton versions whose launcher convention was checked (3.6 to 3.9).
 # tests/test_triton_fast_launch.py checks that both paths launch the same binary with the same arguments.
 # ----------------------------------------------------------------------------------------------------------
-def _fast_launch_enabled() -> bool:
-    if not _config.TRITON_FAST_LAUNCH:
-        return False
+def _triton_version() -> tuple:
     try:
-        version = tuple(int(v) for v in triton.__version__.split(".")[:2])
+        return tuple(int(v) for v in triton.__version__.split(".")[:2])
     except ValueError:
-        return False
-    return (3, 6) <= version <= (3, 9)
+        return ()
+
+
+_TRITON_VERSION = _triton_version()
+
+
+def _fast_launch_enabled() -> bool:
+    return _config.TRITON_FAST_LAUNCH and (3, 6) <= _TRITON_VERSION <= (3, 9)
 
 
 _FAST_LAUNCH = _fast_launch_enabled()
@@ -123,20 +128,362 @@ def _launch(kernel, grid: tuple, args: tuple, kwargs: dict) -> None:
                  compiled.packed_metadata, None, None, None, *args, *[kwargs[n] for n in layout[3]])
 
 
-# Autotuned configs by problem key. The first call of a key runs triton's autotuner; later calls launch the JIT
-# kernel with the chosen config directly, skipping the autotuner's own per-call work (tens of microseconds of host
-# time per launch).
+# Autotuned configs by problem key. The first call of a key runs triton's autotuner (a plan that does so is run once
+# and not kept); the plans made later launch the chosen config directly, without the autotuner's per-call work.
 _TUNED: dict = {}
 
 
-def _launch_tuned(key, tuner, kernel, grid, args, meta):
-    """kernel[grid(config kwargs)](*args, **meta, **config): the tuned config for `key`, tuning on first use."""
-    cfg = _TUNED.get(key)
-    if cfg is None:  # the autotuner benchmarks the configs, then runs the best one: that is this call's launch
-        tuner[grid](*args, **meta)
+# ----------------------------------------------------------------------------------------------------------
+# Plans. What a call does (its allocations, its launches with their grids, arguments, constexprs and options, and
+# the torch ops between them) is a function of its plan key alone: the shapes, strides, dtypes and 16-byte alignment
+# of the tensors, the bias, dropout (p > 0), the grads needed, the knobs, x's device (the SM count sizes the splits;
+# the outputs are allocated there), the kind of seed, and the module settings that tests patch (SMALL_M,
+# _FUSE_DB_PARTIAL_RATIO, _TUNED and the kernels). The rest are the call's values: its tensors, the scale s/q, the
+# dropout threshold, the seed, the offset (the per-call scalars of kernels._PER_CALL_SCALARS: no binary depends on
+# them) and the stream.
+#
+# forward and backward look the key up, one dict lookup per call. On a miss, the planner (the passes below, written
+# against _Planner) records the call's steps, each argument either a slot of the call's value list or a constant.
+# Running a plan puts the call's values in the list and runs the steps. The first run on a (current) device
+# launches through the JIT (kernel[grid](...)), which compiles or finds each binary; once every launch of the plan
+# has its CompiledKernel there, later runs on that device hand each launcher its binary, grid and arguments
+# directly, in the order the JIT passes them, as _launch's fast path does but without building a key per launch.
+# The plan key and the device hold everything the JIT specializes on (every integer argument that is not a per-call
+# scalar follows from the shapes, strides, knobs and SM count; the tensors are the inputs, whose dtype and alignment
+# are in the key, fresh allocations, always aligned, and the seed's view, whose alignment is in the key), so a
+# plan's binaries are the ones the JIT would pick (tests/test_triton_fast_launch.py). While a launch hook is
+# installed (profilers do that) every launch takes the JIT's path, and so do the interpreter's and those of
+# LORA_KERNELS_TRITON_FAST_LAUNCH=0.
+# ----------------------------------------------------------------------------------------------------------
+_PLAN_FAST = _FAST_LAUNCH and not _config.TRITON_INTERPRET  # plans may relaunch compiled kernels directly
+_PLANS: dict = {}  # plan key -> _Plan
+_MAX_PLANS = 4096  # distinct plan keys kept; beyond that the table restarts
+_THRESHOLDS: dict = {}  # p -> keep_threshold(p)
+
+# Slots of a call's value list: the call's values first (forward leaves _DY and _U empty), then the plan's tail
+# (its temporaries, then its constants). _SEED_P is the seed's view in x's dtype (a device seed) or x (an int seed).
+# _COMPILED: in a run through the JIT, the list where its launches put the CompiledKernels they ran (one per run:
+# threads running a plan's first launches on different devices each get their own device's kernels).
+(_X, _W, _BIAS, _A, _B, _DY, _U, _SCALE, _THR, _SEED, _SEED_P, _SEED_IN_MEM, _OFFSET, _STREAM, _SEED_RAW,
+ _COMPILED) = range(16)
+_N_VALUES = 16
+
+
+class _Val:
+    """A value of a call as the planner sees it: its slot in the call's value list and, for a tensor, what the plan
+    key fixes of it (shape, strides, dtype, device)."""
+    __slots__ = ("slot", "shape", "_strides", "dtype", "device")
+
+    def __init__(self, slot: int, shape=None, strides=None, dtype=None, device=None):
+        self.slot, self.shape, self._strides, self.dtype, self.device = slot, shape, strides, dtype, device
+
+    @classmethod
+    def of(cls, slot: int, t: torch.Tensor) -> "_Val":
+        return cls(slot, tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
+
+    def stride(self, dim=None):
+        return self._strides if dim is None else self._strides[dim]
+
+    def element_size(self) -> int:
+        return self.dtype.itemsize
+
+
+def _contiguous_strides(shape: tuple) -> tuple:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
+
+
+def _getter(slots: list):
+    """A function of a value list that returns the values at `slots`, as a tuple."""
+    if len(slots) <= 1:
+        return (lambda v: ()) if not slots else (lambda v, i=slots[0]: (v[i],))
+    return operator.itemgetter(*slots)
+
+
+def _constexpr_names(kernel, n_args: int, kwargs: dict):
+    """The names of `kernel`'s constexpr parameters, in order, when a launch with `n_args` runtime arguments and
+    `kwargs` can take the fast path (a JIT kernel whose constexprs all follow its runtime parameters and are all
+    given), else None."""
+    if not (_PLAN_FAST and isinstance(kernel, _JIT_FUNCTION)):
+        return None
+    params = kernel.params
+    n_runtime = sum(not p.is_constexpr for p in params)
+    if n_runtime != n_args or any(p.is_constexpr for p in params[:n_runtime]):
+        return None
+    names = tuple(p.name for p in params[n_runtime:])
+    return names if all(n in kwargs for n in names) else None
+
+
+def _jit_launch_op(kernel, grid: tuple, args, kwargs: dict, i: int):
+    """A step that launches through the JIT (kernel[grid](*args, **kwargs)) and keeps the CompiledKernel it ran, as
+    the run's i-th."""
+    def op(v):
+        v[_COMPILED][i] = kernel[grid](*args(v), **kwargs)
+    return op
+
+
+def _fast_launch_op(c, grid: tuple, args):
+    """A step that hands the compiled kernel `c` to its launcher directly: the JIT's launch of it, with the runtime
+    arguments and then the constexprs (``args``), without launch metadata or hooks."""
+    run, function, packed = c.run, c.function, c.packed_metadata
+    g0 = grid[0]
+    g1 = grid[1] if len(grid) > 1 else 1
+    g2 = grid[2] if len(grid) > 2 else 1
+    direct = _c_launch(run)
+    if direct is not None:  # what run(...) itself would call, without its Python frame
+        launch, cooperative, pdl = direct
+
+        def op(v):
+            launch(g0, g1, g2, v[_STREAM], function, cooperative, pdl, None, None, packed, None, None, None,
+                   *args(v))
+        return op
+
+    def op(v):
+        run(g0, g1, g2, v[_STREAM], function, packed, None, None, None, *args(v))
+    return op
+
+
+def _c_launch(launcher):
+    """(launch, cooperative grid, PDL) of a triton 3.6 CudaLauncher that needs no scratch buffers, else None.
+
+    Its __call__(gx, gy, gz, stream, function, *rest) allocates the global and profile scratch buffers (none when
+    the kernel's sizes are 0, as for every kernel here) and then calls its C launch function as
+    launch(gx, gy, gz, stream, function, cooperative, pdl, global_scratch, profile_scratch, *rest): a Python frame,
+    a closure and two calls, a few microseconds of host time per launch. Other triton versions arrange these
+    arguments differently (3.9 passes the kernel's arguments as one tuple, after its signature): their launchers
+    are called as they are."""
+    if _TRITON_VERSION != (3, 6) or type(launcher).__name__ != "CudaLauncher":
+        return None
+    if type(launcher).__module__ != "triton.backends.nvidia.driver":
+        return None
+    try:
+        if launcher.global_scratch_size or launcher.profile_scratch_size:
+            return None
+        return launcher.launch, launcher.launch_cooperative_grid, launcher.launch_pdl
+    except AttributeError:
+        return None
+
+
+def _tune_op(key, tuner, grid, args, meta: dict):
+    def op(v):  # the autotuner benchmarks the configs, then runs the best one: that is this call's launch
+        tuner[grid](*args(v), **meta)
         _TUNED[key] = tuner.best_config
-        return
-    _launch(kernel, grid(cfg.kwargs), args, {**meta, **cfg.all_kwargs()})
+    return op
+
+
+def _empty_op(i, shape, dtype, device):
+    def op(v):
+        v[i] = torch.empty(shape, dtype=dtype, device=device)
+    return op
+
+
+def _zero_op(i):
+    def op(v):
+        v[i].zero_()
+    return op
+
+
+def _sum_op(o, i):
+    def op(v):
+        v[o] = v[i].sum(0)
+    return op
+
+
+def _to_op(o, i, dtype):
+    def op(v):
+        v[o] = v[i].to(dtype)
+    return op
+
+
+def _addmm_op(c, a, b, transpose: bool):
+    if transpose:
+        def op(v):
+            v[c].addmm_(v[a], v[b].t())
+    else:
+        def op(v):
+            v[c].addmm_(v[a], v[b])
+    return op
+
+
+def _seed_view_op(o, dtype):
+    def op(v):  # a device seed's view in another dtype than x's, as _seed_args makes it
+        v[o] = v[_SEED_RAW].reshape(1).view(dtype)
+    return op
+
+
+class _Plan:
+    """A call's steps: ``jit`` launches through the JIT (the first run on a device, launch hooks, the interpreter),
+    ``fast[device]`` (once every launch has its CompiledKernel on that current device) relaunches the compiled kernels
+    directly; ``fast`` is None where the JIT's path is the only one. ``tail`` is appended to the call's values (slots of the temporaries, then the constants); ``out`` reads
+    the outputs off the value list."""
+    __slots__ = ("tail", "jit", "fast", "out", "launches", "keep")
+
+    def run(self, v: list):
+        fast = self.fast
+        if fast and not _launch_hooks_set():
+            drv = _DRIVER.active
+            dev = drv.get_current_device()
+            ops = fast.get(dev)
+            if ops is not None:
+                v[_STREAM] = drv.get_current_stream(dev)
+                for op in ops:
+                    op(v)
+                return self.out(v)
+        compiled = v[_COMPILED] = [None] * len(self.launches)
+        for op in self.jit:
+            op(v)
+        if fast is not None and self.keep:
+            self._go_fast(compiled)
+        return self.out(v)
+
+    def _go_fast(self, compiled: list):
+        """After a run through the JIT: the steps that relaunch the kernels it ran, for the current device."""
+        ops = list(self.jit)
+        for (pos, grid, args), c in zip(self.launches, compiled):
+            if args is None or getattr(c, "function", None) is None:
+                self.fast = None  # the JIT's path for good (the interpreter, a launch that does not fit)
+                return
+            ops[pos] = _fast_launch_op(c, grid, args)
+        fast = self.fast
+        if fast is not None:
+            fast.setdefault(_DRIVER.active.get_current_device(), ops)
+
+
+class _Planner:
+    """Records a call's steps: allocations, launches, the torch ops between them, and the outputs (finish)."""
+
+    def __init__(self, x: torch.Tensor, seed_in_mem: bool, p_positive: bool):
+        self.device, self.x_dtype, self.seed_in_mem = x.device, x.dtype, bool(seed_in_mem)
+        self.n = _N_VALUES
+        self.steps: list = []
+        self.keep = True
+        self._seed_views: dict = {}
+        self.scale, self.offset = _Val(_SCALE), _Val(_OFFSET)
+        self.drop = (_Val(_THR), p_positive)  # the call's dropout: (threshold, HAS_DROPOUT)
+
+    def value(self, slot: int, t):
+        return None if t is None else _Val.of(slot, t)
+
+    def _tmp(self, shape: tuple, dtype) -> _Val:
+        val = _Val(self.n, tuple(shape), _contiguous_strides(shape), dtype, self.device)
+        self.n += 1
+        return val
+
+    def empty(self, shape: tuple, dtype) -> _Val:
+        val = self._tmp(shape, dtype)
+        self.steps.append(("empty", val.slot, val.shape, dtype, self.device))
+        return val
+
+    def zero_(self, val: _Val) -> None:
+        self.steps.append(("zero_", val.slot))
+
+    def seed_args(self, like: _Val) -> tuple:
+        """_seed_args(seed, like) of the call's seed: the kernels' (seed, seed_ptr, seed_in_mem)."""
+        seed, seed_in_mem = _Val(_SEED), _Val(_SEED_IN_MEM)
+        if not self.seed_in_mem:
+            return seed, like, seed_in_mem
+        if like.dtype == self.x_dtype:
+            return seed, _Val(_SEED_P), seed_in_mem
+        view = self._seed_views.get(like.dtype)
+        if view is None:
+            view = self._seed_views[like.dtype] = self._tmp((), like.dtype)
+            self.steps.append(("seed_view", view.slot, like.dtype))
+        return seed, view, seed_in_mem
+
+    def launch(self, kernel, grid: tuple, args: tuple, kwargs: dict) -> None:
+        """kernel[grid](*args, **kwargs): runtime arguments positionally, constexprs and options by keyword."""
+        self.steps.append(("launch", kernel, tuple(grid), tuple(args), dict(kwargs)))
+
+    def launch_tuned(self, key, tuner, kernel, grid, args: tuple, meta: dict) -> None:
+        """kernel[grid(config kwargs)](*args, **meta, **config) with the tuned config for `key`; where there is none
+        yet, this call tunes (and its plan is not kept)."""
+        cfg = _TUNED.get(key)
+        if cfg is None:
+            self.keep = False
+            self.steps.append(("tune", key, tuner, grid, tuple(args), dict(meta)))
+        else:
+            self.launch(kernel, grid(cfg.kwargs), args, {**meta, **cfg.all_kwargs()})
+
+    def sum_partials(self, part: _Val, dtype) -> _Val:
+        """The sum of the fp32 partials of _partials over the split dim (fixed order: deterministic), in `dtype`."""
+        out = part
+        if len(part.shape) == 3:
+            out = self._tmp(part.shape[1:], torch.float32)
+            self.steps.append(("sum", out.slot, part.slot))
+        if dtype != torch.float32:
+            src, out = out, self._tmp(out.shape, dtype)
+            self.steps.append(("to", out.slot, src.slot, dtype))
+        return out
+
+    def addmm_(self, c: _Val, a: _Val, b: _Val, transpose: bool) -> None:
+        """c.addmm_(a, b.t() if transpose else b)."""
+        self.steps.append(("addmm", c.slot, a.slot, b.slot, transpose))
+
+    def finish(self, outputs: tuple) -> _Plan:
+        tail = [None] * (self.n - _N_VALUES)
+        consts: dict = {}
+
+        def ref(a) -> int:
+            if isinstance(a, _Val):
+                return a.slot
+            assert not isinstance(a, torch.Tensor), "a plan holds no tensors: they are the call's values"
+            k = (type(a), a)
+            slot = consts.get(k)
+            if slot is None:
+                slot = consts[k] = _N_VALUES + len(tail)
+                tail.append(a)
+            return slot
+
+        plan = _Plan()
+        launches, jit = [], []
+        for step in self.steps:
+            kind = step[0]
+            if kind == "launch":
+                _, kernel, grid, args, kwargs = step
+                slots = [ref(a) for a in args]
+                names = _constexpr_names(kernel, len(args), kwargs)
+                full = None if names is None else _getter(slots + [ref(kwargs[n]) for n in names])
+                launches.append((len(jit), grid, full))
+                jit.append(_jit_launch_op(kernel, grid, _getter(slots), kwargs, len(launches) - 1))
+            elif kind == "tune":
+                _, key, tuner, grid, args, meta = step
+                jit.append(_tune_op(key, tuner, grid, _getter([ref(a) for a in args]), meta))
+            elif kind == "empty":
+                jit.append(_empty_op(*step[1:]))
+            elif kind == "zero_":
+                jit.append(_zero_op(step[1]))
+            elif kind == "sum":
+                jit.append(_sum_op(*step[1:]))
+            elif kind == "to":
+                jit.append(_to_op(*step[1:]))
+            elif kind == "addmm":
+                jit.append(_addmm_op(*step[1:]))
+            elif kind == "seed_view":
+                jit.append(_seed_view_op(*step[1:]))
+            else:
+                raise AssertionError(kind)
+        plan.out = _getter([ref(o) for o in outputs])
+        plan.tail, plan.jit, plan.fast, plan.launches, plan.keep = tail, jit, {}, launches, self.keep
+        return plan
+
+
+def _keep_plan(key, plan: _Plan) -> None:
+    if plan.keep:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        _PLANS[key] = plan
+
+
+def _threshold(p) -> int:
+    thr = _THRESHOLDS.get(p)
+    if thr is None:
+        if len(_THRESHOLDS) >= 1024:
+            _THRESHOLDS.clear()
+        thr = _THRESHOLDS[p] = keep_threshold(p)
+    return thr
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -148,7 +495,7 @@ def _seed_arg(seed: int) -> int:
     return s - (1 << 64) if s >= (1 << 63) else s
 
 
-def _seed_args(seed, like: torch.Tensor) -> tuple:
+def _seed_args(seed, like) -> tuple:
     """The kernels' (seed, seed_ptr, seed_in_mem) for a seed given as an int (passed by value: the 64 bits as a signed
     int64; ``like``, an input of the launch, fills the unused pointer) or as a 0-d int64 tensor on the device (read by
     the kernels at run time, through the pointer cast back to int64). The seed tensor is passed viewed in like's
@@ -159,26 +506,21 @@ def _seed_args(seed, like: torch.Tensor) -> tuple:
     return _seed_arg(seed), like, 0
 
 
-def _partials(S: int, rows: int, cols: int, device) -> tuple:
+_NO_DROPOUT = (keep_threshold(0.0), False)  # (threshold, HAS_DROPOUT) of the passes that apply no mask
+
+
+def _partials(pl: _Planner, S: int, rows: int, cols: int) -> tuple:
     """(buffer, its 3 strides) for S fp32 partial sums of a (rows, cols) result that a kernel writes at
     pid * stride0: an (S, rows, cols) tensor, or with S == 1 the (rows, cols) result itself (no sum, no view)."""
     if S == 1:
-        buf = torch.empty((rows, cols), dtype=torch.float32, device=device)
-        return buf, (0, cols, 1)
-    buf = torch.empty((S, rows, cols), dtype=torch.float32, device=device)
-    return buf, (rows * cols, cols, 1)
-
-
-def _sum_partials(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Sum of the fp32 partials of ``_partials`` over the split dim (fixed order: deterministic), in `dtype`."""
-    out = part.sum(0) if part.dim() == 3 else part
-    return out if dtype == torch.float32 else out.to(dtype)
+        return pl.empty((rows, cols), torch.float32), (0, cols, 1)
+    return pl.empty((S, rows, cols), torch.float32), (rows * cols, cols, 1)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The passes
+# The passes, as planner steps. `drop` is (threshold, HAS_DROPOUT): the call's (pl.drop) or none (_NO_DROPOUT).
 # ----------------------------------------------------------------------------------------------------------
-def _launch_shrink(x, lora_A, u, scale, p, seed, offset, kn: TritonKnobs, split_k: bool):
+def _launch_shrink(pl: _Planner, x, lora_A, u, scale, drop, kn: TritonKnobs, split_k: bool):
     """u (M, r) = scale * (keep * x) @ A^T. With split_k, K is split so that about two programs per SM run
     (small M has too few M blocks to fill the GPU): the splits' fp32 partial sums go to an (S, M, r) buffer for
     the caller to add up. Returns (buffer, S); with S == 1 the buffer is u, already complete."""
@@ -193,96 +535,99 @@ def _launch_shrink(x, lora_A, u, scale, p, seed, offset, kn: TritonKnobs, split_
         splits = max(1, min(k_blocks, want // m_blocks))
     k_per_split = _cdiv(k_blocks, splits) * BK
     splits = _cdiv(K, k_per_split)
-    out = u if splits == 1 else torch.empty((splits, M, R), dtype=torch.float32, device=x.device)
+    out = u if splits == 1 else pl.empty((splits, M, R), torch.float32)
     s_us = 0 if splits == 1 else out.stride(0)
-    seed_v, seed_p, seed_in_mem = _seed_args(seed, x)
-    _launch(_shrink_kernel, (m_blocks, splits), (
+    thr, has_dropout = drop
+    seed_v, seed_p, seed_in_mem = pl.seed_args(x)
+    pl.launch(_shrink_kernel, (m_blocks, splits), (
         x, lora_A, out, M, K, R, k_per_split,
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), s_us, out.stride(-2), out.stride(-1),
-        scale, keep_threshold(p), seed_v, seed_p, seed_in_mem, int(offset), calls_per_row(K)),
-        dict(HAS_DROPOUT=p > 0.0, W_T=False, R_PAD=r_pad, DOT_PREC=_dot_precision(x.dtype, kn),
+        scale, thr, seed_v, seed_p, seed_in_mem, pl.offset, calls_per_row(K)),
+        dict(HAS_DROPOUT=has_dropout, W_T=False, R_PAD=r_pad, DOT_PREC=_dot_precision(x.dtype, kn),
              RANK_F32=_rank_f32(x, lora_A), BI=BM, BJ=BK, num_warps=warps,
              num_stages=_stages(BM * BK * x.element_size() + BK * r_pad * lora_A.element_size(), kn)))
     return out, splits
 
 
-def _forward_small_m(x, weight, bias, lora_A, lora_B, u, y, scale, p, seed, offset, kn: TritonKnobs):
+def _forward_small_m(pl: _Planner, x, weight, bias, lora_A, lora_B, u, y, scale, drop, kn: TritonKnobs):
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
     r_pad = _r_pad(R)
     bm = max(16, _next_pow2(M))
+    thr, has_dropout = drop
     # Recomputing u in every program is free at small rank without dropout; otherwise u comes first (see kernel).
     # fp32 adapters on a 16-bit x: u comes from the shrink, which computes it in fp32.
-    u_given = p > 0.0 or r_pad >= 64 or _rank_f32(x, lora_A)
+    u_given = has_dropout or r_pad >= 64 or _rank_f32(x, lora_A)
     up, u_splits = u, 1
     if u_given:  # the partial sums are added up by the kernel below
-        up, u_splits = _launch_shrink(x, lora_A, u, scale, p, seed, offset, kn, split_k=True)
+        up, u_splits = _launch_shrink(pl, x, lora_A, u, scale, drop, kn, split_k=True)
         scale = 1.0
-    seed_v, seed_p, seed_in_mem = _seed_args(seed, x)
+    seed_v, seed_p, seed_in_mem = pl.seed_args(x)
     args = (x, weight, lora_A, lora_B, bias if bias is not None else y, u, up, y, M, N, K, R, u_splits,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
             lora_B.stride(0), lora_B.stride(1), u.stride(0), u.stride(1), M * R, y.stride(0), y.stride(1),
-            scale, keep_threshold(p), seed_v, seed_p, seed_in_mem, int(offset), calls_per_row(K))
+            scale, thr, seed_v, seed_p, seed_in_mem, pl.offset, calls_per_row(K))
     dot_prec = _dot_precision(x.dtype, kn)
-    meta = dict(HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0.0, R_PAD=r_pad, DOT_PREC=dot_prec,
+    meta = dict(HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout, R_PAD=r_pad, DOT_PREC=dot_prec,
                 U_GIVEN=u_given, BM=bm)
     grid = lambda cfg: (_cdiv(N, cfg["BN"]), _cdiv(M, bm))  # noqa: E731
     elt, a_elt = x.element_size(), lora_A.element_size()
     if kn.interpret:
-        _launch(_small_m_kernel, grid({"BN": 32}), args, dict(meta, BN=32, BK=32))
+        pl.launch(_small_m_kernel, grid({"BN": 32}), args, dict(meta, BN=32, BK=32))
     elif not kn.autotune:
         cfg = _small_m_heuristic(N, bm, elt, a_elt, r_pad, u_given, _num_sms(x.device))
-        _launch(_small_m_kernel, grid(cfg), args, {**meta, **cfg})
+        pl.launch(_small_m_kernel, grid(cfg), args, {**meta, **cfg})
     else:
-        key = ("small_m", bm, N, K, bias is not None, p > 0.0, r_pad, dot_prec, u_given, x.dtype, weight.dtype,
+        key = ("small_m", bm, N, K, bias is not None, has_dropout, r_pad, dot_prec, u_given, x.dtype, weight.dtype,
                lora_A.dtype, lora_B.dtype)
-        _launch_tuned(key, _tuned_small_m(bm, elt, a_elt, r_pad, u_given), _small_m_kernel, grid, args, meta)
+        pl.launch_tuned(key, _tuned_small_m(bm, elt, a_elt, r_pad, u_given), _small_m_kernel, grid, args, meta)
 
 
-def _launch_gemm(a, b_strides, b, b_mat, l, lb_strides, lb, bias, c, N, K, R, lora_scale, p, seed, offset,
+def _launch_gemm(pl: _Planner, a, b_strides, b, b_mat, l, lb_strides, lb, bias, c, N, K, R, lora_scale, drop,
                  kn: TritonKnobs):
     """c (M, N) = a (M, K) @ b[k, n] + [keep] * lora_scale * l (M, R) @ lb[r, n] + bias.
 
     With the cuBLAS main loop, the kernel runs with no main K-steps (it writes the rank-r term and the bias) and
-    cuBLAS then accumulates a @ b_mat into c with beta = 1 (c.addmm_), reading c in its epilogue.
+    cuBLAS then accumulates a @ b_mat into c with beta = 1 (c.addmm_), reading c in its epilogue. ``b_mat`` is
+    (tensor, transpose): b_mat is that tensor, or its transpose.
     """
     M = a.shape[0]
-    cublas = kn.cublas and a.is_cuda
+    cublas = kn.cublas  # (off under the interpreter; the backend gets CUDA tensors otherwise)
     if cublas:
         K = 0
     r_pad = _r_pad(R)
     has_bias = bias is not None
-    has_dropout = p > 0.0
+    thr, has_dropout = drop
     m_bucket = min(_next_pow2(M), 4096)
-    seed_v, seed_p, seed_in_mem = _seed_args(seed, a)
+    seed_v, seed_p, seed_in_mem = pl.seed_args(a)
     args = (a, b, l, lb, bias if has_bias else c, c, M, N, K, R,
             a.stride(0), a.stride(1), b_strides[0], b_strides[1], l.stride(0), l.stride(1),
             lb_strides[0], lb_strides[1], c.stride(0), c.stride(1),
-            float(lora_scale), keep_threshold(p), seed_v, seed_p, seed_in_mem, int(offset), calls_per_row(N), m_bucket)
+            lora_scale, thr, seed_v, seed_p, seed_in_mem, pl.offset, calls_per_row(N), m_bucket)
     dot_prec = _dot_precision(a.dtype, kn)
     meta = dict(HAS_BIAS=has_bias, HAS_DROPOUT=has_dropout, R_PAD=r_pad, DOT_PREC=dot_prec)
     grid = lambda cfg: (_cdiv(M, cfg["BM"]) * _cdiv(N, cfg["BN"]),)  # noqa: E731
     if kn.interpret:
         cfg = dict(BM=16, BN=32, BK=32, GROUP_M=4)
-        _launch(_output_gemm_kernel, grid(cfg), args, {**meta, **cfg})
+        pl.launch(_output_gemm_kernel, grid(cfg), args, {**meta, **cfg})
     elif cublas:
         # No main K-steps: a memory-bound write of c (plus the rank-r dot and, with dropout, the mask). One fixed
         # tile serves every shape near the memory bandwidth; tuning main-loop tiles for it would only cost compile
         # time on each new shape.
         cfg = _rank_term_config(r_pad)
-        _launch(_output_gemm_kernel, grid(cfg.kwargs), args, {**meta, **cfg.all_kwargs()})
+        pl.launch(_output_gemm_kernel, grid(cfg.kwargs), args, {**meta, **cfg.all_kwargs()})
     elif not kn.autotune:  # first config, no tuning (GPU tests)
         cfg = _gemm_configs(M <= 64, a.element_size(), r_pad)[0]
-        _launch(_output_gemm_kernel, grid(cfg.kwargs), args, {**meta, **cfg.all_kwargs()})
+        pl.launch(_output_gemm_kernel, grid(cfg.kwargs), args, {**meta, **cfg.all_kwargs()})
     else:
         key = ("gemm", M <= 64, m_bucket, N, K, has_bias, has_dropout, r_pad, dot_prec, a.dtype, b.dtype, l.dtype,
                lb.dtype)
-        _launch_tuned(key, _tuned_gemm(M <= 64, a.element_size(), r_pad), _output_gemm_kernel, grid, args, meta)
+        pl.launch_tuned(key, _tuned_gemm(M <= 64, a.element_size(), r_pad), _output_gemm_kernel, grid, args, meta)
     if cublas:
-        c.addmm_(a, b_mat)
+        pl.addmm_(c, a, *b_mat)
 
 
-def _launch_shrink_t(w, rk, out_dtype, out_t, scale, p, seed, offset, r_pad, prec, rank_f32, kn: TritonKnobs):
+def _launch_shrink_t(pl: _Planner, w, rk, out_dtype, out_t, scale, drop, r_pad, prec, rank_f32, kn: TritonKnobs):
     """The shrink of w^T: scale * ([keep *] w)^T @ rk (C, R), for w (M, C) and rk (M, R), the dropout mask being
     w's. dB from w = dy, rk = u; dA^T from w = x, rk = g, written as dA (R, C) when `out_t`. M is split into chunks
     that fill the GPU; each chunk writes fp32 partials, summed in a fixed order."""
@@ -292,91 +637,138 @@ def _launch_shrink_t(w, rk, out_dtype, out_t, scale, p, seed, offset, r_pad, pre
     n_blocks = _cdiv(C, BN)
     S, per = _splits(M, BM, n_blocks, w.device)
     if out_t:
-        part, (s_os, s_or, s_oi) = _partials(S, R, C, w.device)
+        part, (s_os, s_or, s_oi) = _partials(pl, S, R, C)
     else:
-        part, (s_os, s_oi, s_or) = _partials(S, C, R, w.device)
-    seed_v, seed_p, seed_in_mem = _seed_args(seed, w)
-    _launch(_shrink_kernel, (n_blocks, S), (
+        part, (s_os, s_oi, s_or) = _partials(pl, S, C, R)
+    thr, has_dropout = drop
+    seed_v, seed_p, seed_in_mem = pl.seed_args(w)
+    pl.launch(_shrink_kernel, (n_blocks, S), (
         w, rk, part, C, M, R, per,
         w.stride(1), w.stride(0), rk.stride(1), rk.stride(0), s_os, s_oi, s_or,
-        scale, keep_threshold(p), seed_v, seed_p, seed_in_mem, int(offset), calls_per_row(C)),
-        dict(HAS_DROPOUT=p > 0.0, W_T=True, R_PAD=r_pad, DOT_PREC=prec, RANK_F32=rank_f32, BI=BN, BJ=BM,
+        scale, thr, seed_v, seed_p, seed_in_mem, pl.offset, calls_per_row(C)),
+        dict(HAS_DROPOUT=has_dropout, W_T=True, R_PAD=r_pad, DOT_PREC=prec, RANK_F32=rank_f32, BI=BN, BJ=BM,
              num_warps=warps, num_stages=_stages(BM * BN * w.element_size() + BM * r_pad * 4, kn)))
-    return _sum_partials(part, out_dtype)
+    return pl.sum_partials(part, out_dtype)
+
+
+def _plan_forward(x, weight, bias, lora_A, lora_B, p_positive: bool, seed_in_mem, kn: TritonKnobs) -> _Plan:
+    pl = _Planner(x, seed_in_mem, p_positive)
+    xv, wv, bv, av, bbv = (pl.value(_X, x), pl.value(_W, weight), pl.value(_BIAS, bias), pl.value(_A, lora_A),
+                           pl.value(_B, lora_B))
+    M, K = x.shape
+    N = weight.shape[0]
+    R = lora_A.shape[0]
+    u = pl.empty((M, R), torch.float32)
+    y = pl.empty((M, N), x.dtype)
+    if M <= SMALL_M and K > 0 and N > 0:
+        _forward_small_m(pl, xv, wv, bv, av, bbv, u, y, pl.scale, pl.drop, kn)
+    else:
+        if K == 0:
+            pl.zero_(u)
+        else:
+            _launch_shrink(pl, xv, av, u, pl.scale, pl.drop, kn, split_k=False)  # 1 split
+        if N > 0:
+            # y = x @ W^T + u @ B^T + b: b operand W^T[k, n] = W[n, k]; lb operand B^T[r, n] = B[n, r]
+            _launch_gemm(pl, xv, (wv.stride(1), wv.stride(0)), wv, (wv, True), u, (bbv.stride(1), bbv.stride(0)),
+                         bbv, bv, y, N, K, R, 1.0, _NO_DROPOUT, kn)
+    return pl.finish((y, u))
+
+
+def _plan_backward(dy, x, weight, lora_A, lora_B, u, p_positive: bool, seed_in_mem, need_dx, need_dA, need_dB,
+                   kn: TritonKnobs) -> _Plan:
+    pl = _Planner(x, seed_in_mem, p_positive)
+    dyv, xv, wv, av, bbv, uv = (pl.value(_DY, dy), pl.value(_X, x), pl.value(_W, weight), pl.value(_A, lora_A),
+                                pl.value(_B, lora_B), pl.value(_U, u))
+    M, K = x.shape
+    N = weight.shape[0]
+    R = lora_A.shape[0]
+    dx = pl.empty((M, K), x.dtype) if need_dx else None
+    dA = dB = None
+    r_pad = _r_pad(R)
+    prec = _dot_precision(x.dtype, kn)
+    rank_f32 = _rank_f32(x, lora_A, lora_B)
+
+    g = None
+    if need_dx or need_dA:
+        BM, BN, warps = _helper_tiles(M, r_pad, kn)
+        g = pl.empty((M, R), torch.float32)
+        m_blocks = _cdiv(M, BM)
+        # fuse dB into the g pass when the per-M-block partial buffer is small next to dy (2r/BM of it)
+        fuse_db = need_dB and m_blocks * N * R * 4 <= _FUSE_DB_PARTIAL_RATIO * M * N * dy.element_size()
+        dbp, dbp_s = _partials(pl, m_blocks, N, R) if fuse_db else (g, (0, 0, 0))
+        pl.launch(_dy_pass_kernel, (m_blocks,), (
+            dyv, bbv, uv, g, dbp, M, N, R,
+            dyv.stride(0), dyv.stride(1), bbv.stride(0), bbv.stride(1), uv.stride(0), uv.stride(1),
+            g.stride(0), g.stride(1), *dbp_s),
+            dict(NEED_DB=fuse_db, R_PAD=r_pad, DOT_PREC=prec, RANK_F32=rank_f32, BM=BM, BN=BN, num_warps=warps,
+                 num_stages=_stages(BM * BN * dy.element_size() * (2 if fuse_db else 1)
+                                    + BN * r_pad * lora_B.element_size() + (BM * r_pad * 4 if fuse_db else 0), kn)))
+        if fuse_db:
+            dB = pl.sum_partials(dbp, lora_B.dtype)
+    if need_dB and dB is None:  # dB = dy^T u: no mask (p = 0), no scale
+        dB = _launch_shrink_t(pl, dyv, uv, lora_B.dtype, False, 1.0, _NO_DROPOUT, r_pad, prec, rank_f32, kn)
+    if need_dA:  # dA = s/q * g^T (keep * x), the transpose of s/q * (keep * x)^T g
+        dA = _launch_shrink_t(pl, xv, g, lora_A.dtype, True, pl.scale, pl.drop, r_pad, prec, rank_f32, kn)
+    if need_dx:
+        # dx = dy @ W + keep * s/q * (g @ A): b operand W[n, k] (rows = reduction dim n); lb operand A[r, k]
+        _launch_gemm(pl, dyv, (wv.stride(0), wv.stride(1)), wv, (wv, False), g, (av.stride(0), av.stride(1)), av,
+                     None, dx, K, N, R, pl.scale, pl.drop, kn)
+    return pl.finish((dx, dA, dB))
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The backend contract (lora_kernels/backends/__init__.py)
 # ----------------------------------------------------------------------------------------------------------
 def forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset):
-    M, K = x.shape
-    N = weight.shape[0]
-    R = lora_A.shape[0]
-    kn = _config.triton_knobs()
-    u = torch.empty((M, R), dtype=torch.float32, device=x.device)
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    M = x.shape[0]
     if M == 0:
-        return y, u
-    if M <= SMALL_M and K > 0 and N > 0:
-        _forward_small_m(x, weight, bias, lora_A, lora_B, u, y, float(scaling) / (1.0 - float(p)), p, seed, offset, kn)
-        return y, u
-    if K == 0:
-        u.zero_()
-    else:
-        _launch_shrink(x, lora_A, u, float(scaling) / (1.0 - float(p)), p, seed, offset, kn, split_k=False)  # 1 split
-    if N == 0:
-        return y, u
-    # y = x @ W^T + u @ B^T + b: b operand W^T[k, n] = W[n, k]; lb operand B^T[r, n] = B[n, r]
-    _launch_gemm(x, (weight.stride(1), weight.stride(0)), weight, weight.t(), u, (lora_B.stride(1), lora_B.stride(0)),
-                 lora_B, bias, y, N, K, R, 1.0, 0.0, seed, offset, kn)
-    return y, u
+        return (torch.empty((0, weight.shape[0]), dtype=x.dtype, device=x.device),
+                torch.empty((0, lora_A.shape[0]), dtype=torch.float32, device=x.device))
+    kn = _config.triton_knobs()
+    seed_v, seed_p, seed_in_mem = _seed_args(seed, x)
+    key = (kn, p > 0.0, seed_in_mem, seed_in_mem and seed_p.data_ptr() % 16, x.get_device(), SMALL_M,
+           id(_TUNED), id(_small_m_kernel), id(_shrink_kernel), id(_output_gemm_kernel),
+           x.shape, x.stride(), x.dtype, x.data_ptr() % 16,
+           weight.shape, weight.stride(), weight.dtype, weight.data_ptr() % 16,
+           lora_A.shape, lora_A.stride(), lora_A.dtype, lora_A.data_ptr() % 16,
+           lora_B.shape, lora_B.stride(), lora_B.dtype, lora_B.data_ptr() % 16,
+           None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.data_ptr() % 16))
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _plan_forward(x, weight, bias, lora_A, lora_B, p > 0.0, seed_in_mem, kn)
+        _keep_plan(key, plan)
+    v = [x, weight, bias, lora_A, lora_B, None, None, float(scaling) / (1.0 - float(p)), _threshold(p), seed_v,
+         seed_p, seed_in_mem, int(offset), None, seed, None]
+    v += plan.tail
+    return plan.run(v)
 
 
 def backward(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, need_dx, need_dA, need_dB):
     M, K = x.shape
     N = weight.shape[0]
-    R = lora_A.shape[0]
-    dev = x.device
-    dx = torch.empty((M, K), dtype=x.dtype, device=dev) if need_dx else None
-    dA = dB = None
-    if M == 0 or N == 0 or K == 0:
-        if need_dx:
-            dx.zero_()
-        if need_dA:
-            dA = torch.zeros((R, K), dtype=lora_A.dtype, device=dev)
-        if need_dB:
-            dB = torch.zeros((N, R), dtype=lora_B.dtype, device=dev)
+    if M == 0 or N == 0 or K == 0:  # nothing to launch
+        R = lora_A.shape[0]
+        dev = x.device
+        dx = torch.zeros((M, K), dtype=x.dtype, device=dev) if need_dx else None
+        dA = torch.zeros((R, K), dtype=lora_A.dtype, device=dev) if need_dA else None
+        dB = torch.zeros((N, R), dtype=lora_B.dtype, device=dev) if need_dB else None
         return dx, dA, dB
-
     kn = _config.triton_knobs()
-    r_pad = _r_pad(R)
-    prec = _dot_precision(x.dtype, kn)
-    rank_f32 = _rank_f32(x, lora_A, lora_B)
-    scale = float(scaling) / (1.0 - float(p))
-
-    g = None
-    if need_dx or need_dA:
-        BM, BN, warps = _helper_tiles(M, r_pad, kn)
-        g = torch.empty((M, R), dtype=torch.float32, device=dev)
-        m_blocks = _cdiv(M, BM)
-        # fuse dB into the g pass when the per-M-block partial buffer is small next to dy (2r/BM of it)
-        fuse_db = need_dB and m_blocks * N * R * 4 <= _FUSE_DB_PARTIAL_RATIO * M * N * dy.element_size()
-        dbp, dbp_s = _partials(m_blocks, N, R, dev) if fuse_db else (g, (0, 0, 0))
-        _launch(_dy_pass_kernel, (m_blocks,), (
-            dy, lora_B, u, g, dbp, M, N, R,
-            dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), u.stride(0), u.stride(1),
-            g.stride(0), g.stride(1), *dbp_s),
-            dict(NEED_DB=fuse_db, R_PAD=r_pad, DOT_PREC=prec, RANK_F32=rank_f32, BM=BM, BN=BN, num_warps=warps,
-                 num_stages=_stages(BM * BN * dy.element_size() * (2 if fuse_db else 1)
-                                    + BN * r_pad * lora_B.element_size() + (BM * r_pad * 4 if fuse_db else 0), kn)))
-        if fuse_db:
-            dB = _sum_partials(dbp, lora_B.dtype)
-    if need_dB and dB is None:  # dB = dy^T u: no mask (p = 0), no scale
-        dB = _launch_shrink_t(dy, u, lora_B.dtype, False, 1.0, 0.0, seed, offset, r_pad, prec, rank_f32, kn)
-    if need_dA:  # dA = s/q * g^T (keep * x), the transpose of s/q * (keep * x)^T g
-        dA = _launch_shrink_t(x, g, lora_A.dtype, True, scale, p, seed, offset, r_pad, prec, rank_f32, kn)
-    if need_dx:
-        # dx = dy @ W + keep * s/q * (g @ A): b operand W[n, k] (rows = reduction dim n); lb operand A[r, k]
-        _launch_gemm(dy, (weight.stride(0), weight.stride(1)), weight, weight, g, (lora_A.stride(0), lora_A.stride(1)),
-                     lora_A, None, dx, K, N, R, scale, p, seed, offset, kn)
-    return dx, dA, dB
+    seed_v, seed_p, seed_in_mem = _seed_args(seed, x)
+    key = (kn, p > 0.0, seed_in_mem, seed_in_mem and seed_p.data_ptr() % 16, x.get_device(),
+           _FUSE_DB_PARTIAL_RATIO, id(_TUNED), id(_dy_pass_kernel), id(_shrink_kernel), id(_output_gemm_kernel),
+           need_dx, need_dA, need_dB,
+           dy.shape, dy.stride(), dy.dtype, dy.data_ptr() % 16,
+           x.shape, x.stride(), x.dtype, x.data_ptr() % 16,
+           weight.shape, weight.stride(), weight.dtype, weight.data_ptr() % 16,
+           lora_A.shape, lora_A.stride(), lora_A.dtype, lora_A.data_ptr() % 16,
+           lora_B.shape, lora_B.stride(), lora_B.dtype, lora_B.data_ptr() % 16,
+           u.shape, u.stride(), u.dtype, u.data_ptr() % 16)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _plan_backward(dy, x, weight, lora_A, lora_B, u, p > 0.0, seed_in_mem, need_dx, need_dA, need_dB, kn)
+        _keep_plan(key, plan)
+    v = [x, weight, None, lora_A, lora_B, dy, u, float(scaling) / (1.0 - float(p)), _threshold(p), seed_v, seed_p,
+         seed_in_mem, int(offset), None, seed, None]
+    v += plan.tail
+    return plan.run(v)

@@ -1,0 +1,158 @@
+"""The Triton backend's plans (lora_kernels/backends/triton/launch.py): a call's steps, recorded once per plan key and
+replayed by later calls with the same key.
+
+A plan is reused by a call that differs only in its per-call values (the tensors' contents, the scale, p's value,
+the seed and the offset), and a new one is made when anything that selects the launches changes: a stride, a dtype,
+a pointer's 16-byte alignment, p > 0, the bias, the grads needed, the seed's kind. A replayed plan gives bit for bit
+what a fresh plan gives for the same call. Runs on the CPU under TRITON_INTERPRET=1 (or on a GPU); the direct
+relaunch of compiled kernels that replayed plans do on a GPU is checked against triton's JIT in
+tests/test_triton_fast_launch.py.
+"""
+import os
+
+import pytest
+import torch
+
+_CUDA = torch.cuda.is_available()
+_INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+if not (_CUDA or _INTERP):
+    pytest.skip("triton backend tests need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+pytest.importorskip("triton")
+
+from lora_kernels.backends.triton import launch as tb  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")
+
+DEV = "cuda" if _CUDA else "cpu"
+M, K, N, R = 37, 40, 24, 8  # M > SMALL_M is not needed: both forward paths are planned the same way
+
+
+@pytest.fixture
+def planned(monkeypatch):
+    """Counts the plans made (forward, backward) from here on, with an empty plan table."""
+    monkeypatch.setattr(tb, "_PLANS", {})
+    made = {"fwd": 0, "bwd": 0}
+    real_fwd, real_bwd = tb._plan_forward, tb._plan_backward
+
+    def plan_forward(*args, **kwargs):
+        made["fwd"] += 1
+        return real_fwd(*args, **kwargs)
+
+    def plan_backward(*args, **kwargs):
+        made["bwd"] += 1
+        return real_bwd(*args, **kwargs)
+
+    monkeypatch.setattr(tb, "_plan_forward", plan_forward)
+    monkeypatch.setattr(tb, "_plan_backward", plan_backward)
+    return made
+
+
+def _inputs(dtype=torch.float16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    W = (torch.randn(N, K, generator=g) / K**0.5).to(dtype)
+    b = torch.randn(N, generator=g).to(dtype)
+    A, B = torch.randn(R, K, generator=g) / K**0.5, torch.randn(N, R, generator=g) / R**0.5
+    dy = torch.randn(M, N, generator=g).to(dtype)
+    return [t.to(DEV) for t in (x, W, b, A, B, dy)]
+
+
+def _step(x, W, b, A, B, dy, s=0.5, p=0.0, seed=1234, offset=0, need=(True, True, True)):
+    y, u = tb.forward(x, W, b, A, B, s, p, seed, offset)
+    return (y, u) + tuple(tb.backward(dy, x, W, A, B, u, s, p, seed, offset, *need))
+
+
+def _misaligned(t):
+    """t's values at a pointer 2 bytes past a 16-byte boundary (another specialization for the JIT)."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    out = buf[1:].view(t.shape)
+    out.copy_(t)
+    return out
+
+
+def test_plan_is_reused(planned):
+    x, W, b, A, B, dy = _inputs()
+    _step(x, W, b, A, B, dy)
+    assert planned == {"fwd": 1, "bwd": 1}
+    plans = dict(tb._PLANS)
+    # new tensors of the same kind, new scale, p, seed and offset: the same plans
+    x2, W2, b2, A2, B2, dy2 = _inputs(seed=1)
+    _step(x2, W2, b2, A2, B2, dy2, s=2.0, seed=2**63 + 5, offset=64)
+    assert planned == {"fwd": 1, "bwd": 1}
+    assert tb._PLANS == plans
+    _step(x, W, b, A, B, dy, p=0.25)  # p > 0: new plans, reused for another p > 0
+    _step(x, W, b, A, B, dy, p=0.5, seed=7)
+    assert planned == {"fwd": 2, "bwd": 2}
+
+
+def test_new_plan_for_each_specialization(planned):
+    x, W, b, A, B, dy = _inputs()
+    _step(x, W, b, A, B, dy)
+    made = dict(planned)
+    variants = {
+        "x strides": lambda: _step(x.t().contiguous().t(), W, b, A, B, dy),
+        "W misaligned": lambda: _step(x, _misaligned(W), b, A, B, dy),
+        "x misaligned": lambda: _step(_misaligned(x), W, b, A, B, dy),
+        "dtype": lambda: _step(*_inputs(torch.float32)),
+        "p > 0": lambda: _step(x, W, b, A, B, dy, p=0.1),
+        "no bias": lambda: _step(x, W, None, A, B, dy),
+        "adapters in x's dtype": lambda: _step(x, W, b, A.half(), B.half(), dy),
+        "seed in memory": lambda: _step(x, W, b, A, B, dy, p=0.1, seed=torch.tensor(1234, device=DEV)),
+    }
+    for name, call in variants.items():
+        call()
+        assert planned["fwd"] == made["fwd"] + 1, name
+        made = dict(planned)
+    for need in ((True, False, False), (False, True, True), (True, True, False)):  # the grads needed: backward only
+        _step(x, W, b, A, B, dy, need=need)
+        assert planned == {"fwd": made["fwd"], "bwd": made["bwd"] + 1}, need
+        made = dict(planned)
+    count = len(tb._PLANS)
+    for call in variants.values():  # every one of them is kept: the repeats plan nothing
+        call()
+    assert planned == made and len(tb._PLANS) == count
+
+
+@pytest.mark.parametrize("small_m", [True, False], ids=["small_m", "tiled"])
+def test_replayed_plan_matches_fresh_plan(monkeypatch, small_m):
+    """Per-call values (contents, scale, p, seed as an int or in memory, offset) reach a replayed plan's launches: each
+    call gives bit for bit what a plan made for it alone gives."""
+    monkeypatch.setattr(tb, "SMALL_M", 64 if small_m else 0)
+    monkeypatch.setattr(tb, "_PLANS", {})
+    calls = [dict(s=0.5, p=0.0, seed=0, offset=0), dict(s=2.0, p=0.3, seed=0x1234_5678_9ABC, offset=2**32 - 7),
+             dict(s=0.75, p=0.1, seed=2**63 + 48, offset=5), dict(s=1.5, p=0.3, seed=16, offset=64)]
+    replayed, fresh = [], []
+    for i, kw in enumerate(calls):
+        for seed_in_mem in (False, True):
+            args = _inputs(seed=i)
+            kw = dict(kw, seed=torch.tensor(kw["seed"] - 2**64 if kw["seed"] >= 2**63 else kw["seed"], device=DEV)
+                      if seed_in_mem else kw["seed"])
+            replayed.append(_step(*args, **kw))
+            saved = tb._PLANS
+            monkeypatch.setattr(tb, "_PLANS", {})  # a plan made for this call alone, run once
+            fresh.append(_step(*args, **kw))
+            monkeypatch.setattr(tb, "_PLANS", saved)
+    assert len(tb._PLANS) == 2 * 2 * 2  # (p = 0, p > 0) x (int seed, seed in memory) x (forward, backward)
+    for a, b in zip(replayed, fresh):
+        for got, want in zip(a, b):
+            assert torch.equal(got, want)
+
+
+def test_degenerate_shapes_plan_nothing(planned):
+    x, W, b, A, B, dy = _inputs()
+    y, u = tb.forward(x[:0], W, b, A, B, 0.5, 0.0, 0, 0)
+    assert y.shape == (0, N) and u.shape == (0, R)
+    dx, dA, dB = tb.backward(dy[:, :0], x, W[:0], A, B[:0], u, 0.5, 0.0, 0, 0, True, True, True)
+    assert (dx == 0).all() and (dA == 0).all() and dB.shape == (0, R)
+    assert planned == {"fwd": 0, "bwd": 0}
+
+
+def test_tuning_plan_is_not_kept():
+    """A plan whose launch tunes runs once: the next call plans again, with the tuned config."""
+    x, W, b, A, B, dy = _inputs()
+    pl = tb._Planner(x, False, False)
+    pl.launch_tuned(("no such key",), None, None, lambda cfg: (1,), (), {})
+    assert not pl.finish(()).keep
+    pl = tb._Planner(x, False, False)
+    pl.launch(tb._shrink_kernel, (1,), (), {})
+    assert pl.finish(()).keep
