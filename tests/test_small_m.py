@@ -3,8 +3,9 @@ s u B^T and the saved u = s x A^T, is one kernel launch. GPU-only (skips elsewhe
 be (forward_path, and a profiler count of one kernel), it says why where it is not (dropout among the reasons: the
 unfused forward is faster there), and y, u and the grads meet the float64 tolerance rule (error at most 2x the
 same-precision PyTorch computation's, plus a floor) with every output poisoned first, for K and N that are not
-multiples of any tile, every x dtype, fp32 and 16-bit adapters, with and without bias, misaligned inputs, and the
-"u-only" blocks of fp32 adapters (N smaller than M * r / 32). With dropout, the same checks hold for the forward that
+multiples of any tile, every x dtype, fp32 and 16-bit adapters, with and without bias, misaligned inputs, and grids with
+fewer y tiles than u items (N small next to M * r / 32: the blocks compute the unclaimed items at their epilogue). The
+kernel's grid-wide counters are checked across streams and CUDA graph replays. With dropout, the same checks hold for the forward that
 small M takes instead."""
 import pytest
 import torch
@@ -77,7 +78,8 @@ def _check_forward(M, K, N, r, dtype, adapter_dtype, bias, p, misaligned=False, 
                                                  (torch.float32, torch.float32)])
 @pytest.mark.parametrize("M,K,N,r", [(1, 4096, 4096, 16), (16, 4096, 1000, 16), (64, 1000, 4104, 16),
                                      (7, 37, 24, 8), (17, 200, 100, 32), (33, 72, 40, 1), (64, 130, 300, 32),
-                                     (32, 520, 264, 64), (5, 1, 3, 4), (64, 64, 24, 32)])
+                                     (32, 520, 264, 64), (5, 1, 3, 4), (64, 64, 24, 32),
+                                     (64, 300, 40, 64), (48, 4096, 16, 64)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_small_m_forward_against_float64(dtype, adapter_dtype, M, K, N, r, bias):
     _check_forward(M, K, N, r, dtype, adapter_dtype, bias, 0.0)
@@ -140,8 +142,9 @@ def test_paths_say_why():
     assert path(64, 64, 64, 32) == "small_m"
     assert path(65, 64, 64, 16).endswith("(small_m: M is not in 1..64)")
     assert path(32, 64, 64, 64) == "small_m"
-    assert path(33, 64, 64, 64).endswith("(small_m: r is above 32 with M above 32)")
+    assert path(64, 64, 64, 64) == "small_m"
     assert path(16, 64, 64, 65).endswith("(small_m: r is above 64)")
+    assert path(64, 64, 64, 64, dtype=torch.float32).endswith("(small_m: M * r is above 2048 with fp32 x)")
     assert path(1, 64, 64, 16, p=0.1).endswith(DROPOUT_WHY)
     assert path(64, 4096, 64, 16, p=0.5).endswith(DROPOUT_WHY)
     previous = cb.set_small_m(False)
@@ -165,3 +168,34 @@ def test_small_m_matches_the_unfused_path():
         cb.set_small_m(previous)
     torch.testing.assert_close(u1, u0, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(y1.float(), y0.float(), rtol=2 ** -7, atol=1e-2)
+
+
+def test_small_m_streams_and_graph_replays():
+    """The kernel's claim / done / exit counters (one buffer per stream, reset by the last block of each launch):
+    back-to-back launches on two streams, and a captured graph replayed several times, give the eager result."""
+    cb = _cb()
+    x, W, b, A, B = _inputs(16, 1024, 4096, 16, torch.bfloat16, torch.float32, True)
+    y_ref, u_ref = cb.forward(x, W, b, A, B, S, 0.0, 0, 0)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    outs = []
+    for i in range(6):
+        with torch.cuda.stream(side if i % 2 else torch.cuda.current_stream()):
+            outs.append(cb.forward(x, W, b, A, B, S, 0.0, 0, 0))
+    torch.cuda.current_stream().wait_stream(side)
+    for y, u in outs:
+        assert torch.equal(y, y_ref) and torch.equal(u, u_ref)
+    g = torch.cuda.CUDAGraph()
+    cap = torch.cuda.Stream()
+    cap.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(cap):
+        cb.forward(x, W, b, A, B, S, 0.0, 0, 0)  # warm-up on the capture stream (its counters made outside capture)
+        with torch.cuda.graph(g, stream=cap):
+            y_g, u_g = cb.forward(x, W, b, A, B, S, 0.0, 0, 0)
+    torch.cuda.current_stream().wait_stream(cap)
+    for _ in range(3):
+        y_g.fill_(float("nan"))
+        u_g.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y_g, y_ref) and torch.equal(u_g, u_ref)
