@@ -139,24 +139,73 @@ const char* small_m_unsupported(const Tensor& x, const Tensor& weight, const Ten
                                       to_dtype(x, "x"), to_dtype(lora_A, "lora_A"), (float)p);
 }
 
+// ------------------------------------------------------------------ the temporaries of a call
+// Every buffer of a call that is not returned (split-K and split-M partials, g, the sm_90 GEMM's packed rank-r
+// operands) is a piece of one byte allocation: one at::empty per call instead of one per buffer, each of which costs
+// microseconds of host time (what decides the speed of small-M calls). Pieces start at multiples of kAlign bytes: the
+// sm_90 GEMM's TMA operands and the kernels' 16-byte vector loads and stores need 16. A piece of zero bytes is a null
+// pointer, as the data_ptr() of a zero-element tensor is (the launchers take both alike). The buffer is freed when
+// the Workspace goes out of scope, after the launches that use it are queued: the caching allocator reuses it in
+// stream order, as it does any temporary tensor.
+class Workspace {
+ public:
+  static constexpr int64_t kAlign = 256;
+
+  // Reserves a piece of `bytes` bytes; returns its handle for ptr() (-1: an empty piece).
+  int64_t reserve(int64_t bytes) {
+    if (bytes <= 0) return -1;
+    const int64_t offset = end_;
+    end_ += (bytes + kAlign - 1) / kAlign * kAlign;
+    size_ = std::max(size_, end_);
+    return offset;
+  }
+  int64_t reserve_floats(int64_t count) { return reserve(count * (int64_t)sizeof(float)); }
+
+  // Pieces reserved after rewind(mark()) start again where mark() was taken, over the pieces reserved since: for
+  // buffers whose last use comes, in stream order, before the first write of the new ones (all the launches of a
+  // call are on one stream). It keeps a call's peak memory what it was with one tensor per buffer, each freed after
+  // its last use.
+  int64_t mark() const { return end_; }
+  void rewind(int64_t mark) { end_ = mark; }
+
+  // One allocation for every piece reserved so far, on options' device and its current stream (at::empty). The
+  // kAlign - 1 bytes of slack align the first piece whatever the base (the caching allocator's is already 512-byte
+  // aligned).
+  void allocate(const at::TensorOptions& options) {
+    if (size_ == 0) return;
+    buffer_ = at::empty({size_ + kAlign - 1}, options.dtype(at::kByte));
+    const uintptr_t base = reinterpret_cast<uintptr_t>(buffer_.data_ptr());
+    base_ = reinterpret_cast<char*>((base + kAlign - 1) / (uintptr_t)kAlign * (uintptr_t)kAlign);
+  }
+
+  template <typename T = void>
+  T* ptr(int64_t handle) const {
+    return handle < 0 ? nullptr : reinterpret_cast<T*>(base_ + handle);
+  }
+
+ private:
+  int64_t end_ = 0, size_ = 0;
+  Tensor buffer_;
+  char* base_ = nullptr;
+};
+
 // y (M, N) = x W^T + u B^T + bias on the sm_90 path. u_work holds u = s·dropout(x) A^T (M, r) fp32, or the
-// shrink's `partials` split-K parts of it; the pack launch sums them into u (kept for backward) on the way.
-void sm90_forward(const Tensor& x, const Tensor& weight, const Tensor* bias, const Tensor& u_work, int64_t partials,
-                  Tensor& u, const Tensor& lora_B, Tensor& y, cudaStream_t stream) {
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = u.size(1), kx = sm90_kx(r);
-  Tensor ux = at::empty({M, kx}, x.options());
-  Tensor bx = at::empty({N, kx}, x.options());
-  lk::PackJob ju{u_work.data_ptr(), lk::DType::kFloat32, M, r, ux.data_ptr(), M, kx, 1.f};
+// shrink's `partials` split-K parts of it; the pack launch sums them on the way, into u (kept for backward) when u is
+// not null. ux (M, kx) and bx (N, kx) in x's dtype: the packed rank-r operands (workspace pieces).
+void sm90_forward(const Tensor& x, const Tensor& weight, const Tensor* bias, const float* u_work, int64_t partials,
+                  float* u, int r, const Tensor& lora_B, void* ux, void* bx, Tensor& y, cudaStream_t stream) {
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), kx = sm90_kx(r);
+  lk::PackJob ju{u_work, lk::DType::kFloat32, M, r, ux, M, kx, 1.f};
   if (partials > 1) {
     ju.partials = partials;
     ju.partial_stride = M * r;
-    ju.sum_out = u.data_ptr<float>();
+    ju.sum_out = u;
   }
-  lk::PackJob jb{lora_B.data_ptr(), to_dtype(lora_B, "lora_B"), N, r, bx.data_ptr(), N, kx, 1.f};
+  lk::PackJob jb{lora_B.data_ptr(), to_dtype(lora_B, "lora_B"), N, r, bx, N, kx, 1.f};
   check_cuda(lk::launch_pack_rank_operands(ju, jb, to_dtype(x, "x"), stream), "pack(u, B) launch");
   lk::LoraGemmArgs g;
   g.M = M; g.N = N; g.K = K; g.Kx = kx;
-  g.a = x.data_ptr(); g.b = weight.data_ptr(); g.ax = ux.data_ptr(); g.bx = bx.data_ptr();
+  g.a = x.data_ptr(); g.b = weight.data_ptr(); g.ax = ux; g.bx = bx;
   g.bias = bias ? bias->data_ptr() : nullptr;
   g.d = y.data_ptr();
   g.dtype = gemm_dtype(x);
@@ -164,80 +213,117 @@ void sm90_forward(const Tensor& x, const Tensor& weight, const Tensor* bias, con
   check_cuda(lk::launch_lora_gemm_sm90(g, stream), "sm90 GEMM launch (forward)");
 }
 
-// dx (M, K) = dy W + (s g) A on the sm_90 path (no dropout: the rank-r term is not masked).
-void sm90_dx(const Tensor& dy, const Tensor& weight, const Tensor& g, const Tensor& lora_A, double scaling,
-             Tensor& dx, cudaStream_t stream) {
-  const int64_t M = dy.size(0), N = dy.size(1), K = weight.size(1), r = g.size(1), kx = sm90_kx(r);
-  Tensor vx = at::empty({M, kx}, dy.options());
-  Tensor ax = at::empty({kx, K}, dy.options());
-  lk::PackJob jv{g.data_ptr(), lk::DType::kFloat32, M, r, vx.data_ptr(), M, kx, (float)scaling};
-  lk::PackJob ja{lora_A.data_ptr(), to_dtype(lora_A, "lora_A"), r, K, ax.data_ptr(), kx, K, 1.f};
+// The rank-r operands of dx on the sm_90 path, packed: vx (M, kx) = s·g and ax (kx, K) = lora_A in dy's dtype
+// (workspace pieces). g_work holds g = dy B (M, r) fp32, or the dy pass's `partials` column-group parts of it: the
+// pack sums them on the way (the same fp32 sums in the same order as launch_reduce_partials), into g_sum when it
+// is not null (the reduced g, for dA).
+void sm90_dx_pack(const Tensor& dy, const float* g_work, int64_t partials, float* g_sum, int r,
+                  const Tensor& lora_A, double scaling, void* vx, void* ax, cudaStream_t stream) {
+  const int64_t M = dy.size(0), K = lora_A.size(1), kx = sm90_kx(r);
+  lk::PackJob jv{g_work, lk::DType::kFloat32, M, r, vx, M, kx, (float)scaling};
+  if (partials > 1) {
+    jv.partials = partials;
+    jv.partial_stride = M * r;
+    jv.sum_out = g_sum;
+  }
+  lk::PackJob ja{lora_A.data_ptr(), to_dtype(lora_A, "lora_A"), r, K, ax, kx, K, 1.f};
   check_cuda(lk::launch_pack_rank_operands(jv, ja, to_dtype(dy, "dy"), stream), "pack(g, A) launch");
+}
+
+// dx (M, K) = dy W + (s g) A on the sm_90 path (no dropout: the rank-r term is not masked), from the operands
+// that sm90_dx_pack packed.
+void sm90_dx_gemm(const Tensor& dy, const Tensor& weight, int r, const void* vx, const void* ax, Tensor& dx,
+                  cudaStream_t stream) {
+  const int64_t M = dy.size(0), N = dy.size(1), K = weight.size(1), kx = sm90_kx(r);
   lk::LoraGemmArgs a;
   a.M = M; a.N = K; a.K = N; a.Kx = kx;
-  a.a = dy.data_ptr(); a.b = weight.data_ptr(); a.ax = vx.data_ptr(); a.bx = ax.data_ptr();
+  a.a = dy.data_ptr(); a.b = weight.data_ptr(); a.ax = vx; a.bx = ax;
   a.d = dx.data_ptr();
   a.dtype = gemm_dtype(dy);
   a.layout_b = lk::GemmLayoutB::kKN;
   check_cuda(lk::launch_lora_gemm_sm90(a, stream), "sm90 GEMM launch (dx)");
 }
 
-std::tuple<Tensor, Tensor> lora_forward(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+// The forward. keep_u: u comes back as the second output (saved for backward); without it u is a temporary and
+// the second output is undefined (the forward alone, lora_linear below autograd).
+std::tuple<Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                                         const Tensor& lora_A, const Tensor& lora_B, double scaling, double p,
-                                        int64_t seed, int64_t offset, const std::optional<Tensor>& seed_t) {
+                                        int64_t seed, int64_t offset, const std::optional<Tensor>& seed_t,
+                                        bool keep_u) {
   check_common(x, weight, lora_A, lora_B, p, seed);
   const int64_t* seed_ptr = device_seed(seed_t, x, p);
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   const int r = (int)lora_A.size(0);
-  if (bias.has_value() && bias->defined()) {
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) {
     check_tensor(*bias, "bias", x, 1);
     TORCH_CHECK(bias->scalar_type() == x.scalar_type(), "lora_kernels_cuda: bias must have x's dtype (",
                 x.scalar_type(), "), got ", bias->scalar_type());
     TORCH_CHECK(bias->size(0) == N, "lora_kernels_cuda: bias must be (N=", N, ",), got ", bias->sizes());
   }
+  const Tensor* bias_t = has_bias ? &*bias : nullptr;
   const c10::cuda::CUDAGuard guard(x.device());
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index());
   const float pf = (float)p;
-  const bool has_bias = bias.has_value() && bias->defined();
+  const lk::DType x_dt = to_dtype(x, "x"), a_dt = to_dtype(lora_A, "lora_A"), b_dt = to_dtype(lora_B, "lora_B");
+  // u: the output (keep_u), else undefined and the kernels write a workspace piece where they need one.
+  const Tensor u = keep_u ? at::empty({M, r}, x.options().dtype(at::kFloat)) : Tensor();
+  Workspace ws;
 
-  Tensor u = at::empty({M, r}, x.options().dtype(at::kFloat));
   if (small_m_unsupported(x, weight, lora_A, p) == nullptr) {  // M <= 64: one launch
+    const int64_t u_piece = keep_u ? -1 : ws.reserve_floats(M * r);
+    ws.allocate(x.options());
     Tensor y = at::empty({M, N}, x.options());
-    check_cuda(lk::launch_lora_small_m_forward(x.data_ptr(), to_dtype(x, "x"), weight.data_ptr(),
-                                               has_bias ? bias->data_ptr() : nullptr, lora_A.data_ptr(),
-                                               to_dtype(lora_A, "lora_A"), lora_B.data_ptr(),
-                                               to_dtype(lora_B, "lora_B"), y.data_ptr(), u.data_ptr<float>(), M, N,
-                                               K, r, (float)scaling, stream),
+    check_cuda(lk::launch_lora_small_m_forward(x.data_ptr(), x_dt, weight.data_ptr(),
+                                               has_bias ? bias->data_ptr() : nullptr, lora_A.data_ptr(), a_dt,
+                                               lora_B.data_ptr(), b_dt, y.data_ptr(),
+                                               keep_u ? u.data_ptr<float>() : ws.ptr<float>(u_piece), M, N, K, r,
+                                               (float)scaling, stream),
                "small-M forward launch");
     return {y, u};
   }
-  const lk::DType x_dt = to_dtype(x, "x"), a_dt = to_dtype(lora_A, "lora_A");
   const lk::SplitPlan shrink_plan = lk::lora_shrink_plan(M, K, r, lk::lora_shrink_resident_blocks(x_dt, a_dt, r));
-  Tensor u_work = shrink_plan.col_groups > 1 ? at::empty({shrink_plan.col_groups, M * r}, u.options()) : u;
-  check_cuda(lk::launch_lora_shrink(x.data_ptr(), x_dt, lora_A.data_ptr(), a_dt,
-                                    u_work.data_ptr<float>(), M, K, r, shrink_plan, (float)scaling, pf,
-                                    (uint64_t)seed, seed_ptr, (uint64_t)offset, stream),
+  const bool partial = shrink_plan.col_groups > 1;  // u comes as split-K partials, summed by pack or reduce
+  const bool sm90 = sm90_unsupported(x, weight, bias_t, M, N, K, lk::GemmLayoutB::kNK) == nullptr;
+  // Without keep_u, u is a temporary, needed unless the sm_90 pack sums the partials (which it can do without
+  // writing u).
+  const int64_t u_piece = !keep_u && (!partial || !sm90) ? ws.reserve_floats(M * r) : -1;
+  const int64_t u_work_piece = partial ? ws.reserve_floats(shrink_plan.col_groups * M * r) : -1;
+  const int64_t kx = sm90_kx(r), elem = (int64_t)x.element_size();
+  const int64_t ux_piece = sm90 ? ws.reserve(M * kx * elem) : -1;
+  const int64_t bx_piece = sm90 ? ws.reserve(N * kx * elem) : -1;
+  ws.allocate(x.options());
+  float* const u_out = keep_u ? u.data_ptr<float>() : ws.ptr<float>(u_piece);  // null where not needed
+  float* const u_work = partial ? ws.ptr<float>(u_work_piece) : u_out;
+  check_cuda(lk::launch_lora_shrink(x.data_ptr(), x_dt, lora_A.data_ptr(), a_dt, u_work, M, K, r, shrink_plan,
+                                    (float)scaling, pf, (uint64_t)seed, seed_ptr, (uint64_t)offset, stream),
              "lora_shrink launch");
   Tensor y = at::empty({M, N}, x.options());
-  if (sm90_unsupported(x, weight, has_bias ? &*bias : nullptr, M, N, K, lk::GemmLayoutB::kNK) == nullptr) {
-    sm90_forward(x, weight, has_bias ? &*bias : nullptr, u_work, shrink_plan.col_groups, u, lora_B, y, stream);
+  if (sm90) {
+    sm90_forward(x, weight, bias_t, u_work, shrink_plan.col_groups, u_out, r, lora_B, ws.ptr(ux_piece),
+                 ws.ptr(bx_piece), y, stream);
     return {y, u};
   }
-  if (shrink_plan.col_groups > 1) {
-    check_cuda(lk::launch_reduce_partials(u_work.data_ptr<float>(), shrink_plan.col_groups, M * r, u.data_ptr(),
-                                          lk::DType::kFloat32, stream),
+  if (partial) {
+    check_cuda(lk::launch_reduce_partials(u_work, shrink_plan.col_groups, M * r, u_out, lk::DType::kFloat32, stream),
                "reduce(u) launch");
   }
   // y = u B^T + bias written once, then the frozen GEMM by cuBLAS (through ATen) accumulates into it (beta = 1).
-  check_cuda(lk::launch_lora_expand(y.data_ptr(), to_dtype(y, "y"), u.data_ptr<float>(), lora_B.data_ptr(),
-                                            to_dtype(lora_B, "lora_B"), has_bias ? bias->data_ptr() : nullptr, M, N,
-                                            r, stream),
+  check_cuda(lk::launch_lora_expand(y.data_ptr(), x_dt, u_out, lora_B.data_ptr(), b_dt,
+                                    has_bias ? bias->data_ptr() : nullptr, M, N, r, stream),
              "lora_expand launch");
   if (K > 0) y.addmm_(x, weight.t());
   return {y, u};
 }
 
-std::tuple<Tensor, Tensor, Tensor> lora_backward(const Tensor& dy, const Tensor& x, const Tensor& weight,
+std::tuple<Tensor, Tensor> lora_forward(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                                        const Tensor& lora_A, const Tensor& lora_B, double scaling, double p,
+                                        int64_t seed, int64_t offset, const std::optional<Tensor>& seed_t) {
+  return forward_impl(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset, seed_t, /*keep_u=*/true);
+}
+
+// The backward's grads (dx, dA, dB); a grad not asked for is undefined (lora_backward gives the op's outputs).
+std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor& x, const Tensor& weight,
                                                  const Tensor& lora_A, const Tensor& lora_B, const Tensor& u,
                                                  double scaling, double p, int64_t seed, int64_t offset, bool need_dx,
                                                  bool need_dA, bool need_dB, const std::optional<Tensor>& seed_t) {
@@ -254,79 +340,101 @@ std::tuple<Tensor, Tensor, Tensor> lora_backward(const Tensor& dy, const Tensor&
   TORCH_CHECK(u.scalar_type() == at::kFloat, "lora_kernels_cuda: u must be float32, got ", u.scalar_type());
   TORCH_CHECK(u.size(0) == M && u.size(1) == r, "lora_kernels_cuda: u must be (M=", M, ", r=", r, "), got ",
               u.sizes());
+  Tensor dx, dA, dB;
+  if (!need_dx && !need_dA && !need_dB) return {dx, dA, dB};
 
   const c10::cuda::CUDAGuard guard(x.device());
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index());
   const float pf = (float)p;
-  const auto f32 = x.options().dtype(at::kFloat);
-  Tensor dx, dA, dB;
-  if (!need_dx && !need_dA && !need_dB) return {at::empty({0}, x.options()), at::empty({0}, x.options()), at::empty({0}, x.options())};
+  const lk::DType x_dt = to_dtype(x, "x"), a_dt = to_dtype(lora_A, "lora_A"), b_dt = to_dtype(lora_B, "lora_B");
+  const bool need_g = need_dx || need_dA;  // g = dy B (fp32); also computed when only dB is needed (one dy pass)
 
-  // g = dy B (fp32) and the dB partials, one pass over dy.
-  Tensor g;
-  const bool need_g = need_dx || need_dA;
-  {
-    const lk::SplitPlan plan =
-        lk::lora_dy_pass_plan(M, N, r, lk::adapter_pieces(to_dtype(dy, "dy"), to_dtype(lora_B, "lora_B")));
-    Tensor dB_partial;
-    if (need_dB) dB_partial = at::empty({std::max<int64_t>(plan.row_splits, 1), N * r}, f32);
-    const bool g_partial = plan.col_groups > 1;
-    // g is also computed when only dB is needed (it is cheap and shares the dy pass).
-    Tensor g_work = g_partial ? at::empty({plan.col_groups, M * r}, f32) : at::empty({M, r}, f32);
-    if (M > 0) {
-      check_cuda(lk::launch_lora_dy_pass(dy.data_ptr(), to_dtype(dy, "dy"), lora_B.data_ptr(),
-                                         to_dtype(lora_B, "lora_B"), u.data_ptr<float>(), g_work.data_ptr<float>(),
-                                         need_dB ? dB_partial.data_ptr<float>() : nullptr, M, N, r, plan, stream),
-                 "lora_dy_pass launch");
-    }
-    if (need_g) {
-      if (g_partial) {
-        g = at::empty({M, r}, f32);
-        check_cuda(lk::launch_reduce_partials(g_work.data_ptr<float>(), plan.col_groups, M * r, g.data_ptr(),
-                                              lk::DType::kFloat32, stream),
-                   "reduce(g) launch");
-      } else {
-        g = g_work;
-        if (M > 0 && N == 0) g.zero_();
-      }
-    }
-    if (need_dB) {
-      dB = at::empty({N, r}, lora_B.options());
-      check_cuda(lk::launch_reduce_partials(dB_partial.data_ptr<float>(), plan.row_splits, N * r, dB.data_ptr(),
-                                            to_dtype(dB, "dB"), stream),
-                 "reduce(dB) launch");
+  // g = dy B (fp32) and the dB partials, one pass over dy; g comes as col_groups parts when g_partial.
+  const lk::SplitPlan dy_plan = lk::lora_dy_pass_plan(M, N, r, lk::adapter_pieces(x_dt, b_dt));
+  const bool g_partial = dy_plan.col_groups > 1;
+  const lk::SplitPlan dA_plan =
+      need_dA ? lk::lora_dA_plan(M, K, r, lk::lora_dA_resident_blocks(x_dt, a_dt, r)) : lk::SplitPlan{0, 1, 1, 1};
+  // Without dropout the rank-r term of dx is unmasked and joins the GEMM's K axis on sm_90; with dropout it is
+  // masked per element, so it is written first and cuBLAS accumulates dy W into it (beta = 1).
+  const bool dx_sm90 = need_dx && pf == 0.0f && N > 0 &&
+                       sm90_unsupported(dy, weight, nullptr, M, K, N, lk::GemmLayoutB::kKN) == nullptr;
+
+  // The workspace: g lives from its dy pass (or reduce) to the last launch; the other pieces live in three phases of
+  // the stream order that take turns in one region: the dB partials and g's parts up to their reduces, then dA's
+  // partials up to theirs, then the sm_90 GEMM's (vx, ax).
+  Workspace ws;
+  // g: the dy pass's output itself without parts (also when only dB is needed), else their sum where it is read
+  const int64_t g_piece = need_g || !g_partial ? ws.reserve_floats(M * r) : -1;
+  const int64_t phases = ws.mark();
+  const int64_t dB_partial_piece =
+      need_dB ? ws.reserve_floats(std::max<int64_t>(dy_plan.row_splits, 1) * N * r) : -1;
+  const int64_t g_parts_piece = g_partial ? ws.reserve_floats(dy_plan.col_groups * M * r) : -1;
+  ws.rewind(phases);
+  const int64_t dA_partial_piece =
+      need_dA ? ws.reserve_floats(std::max<int64_t>(dA_plan.row_splits, 1) * r * K) : -1;
+  ws.rewind(phases);
+  const int64_t kx = sm90_kx(r), elem = (int64_t)dy.element_size();
+  const int64_t vx_piece = dx_sm90 ? ws.reserve(M * kx * elem) : -1;
+  const int64_t ax_piece = dx_sm90 ? ws.reserve(kx * K * elem) : -1;
+  ws.allocate(x.options());
+  float* const g = ws.ptr<float>(g_piece);  // the reduced g (null where it is not needed)
+  float* const g_work = g_partial ? ws.ptr<float>(g_parts_piece) : g;  // what the dy pass writes
+
+  if (M > 0) {
+    check_cuda(lk::launch_lora_dy_pass(dy.data_ptr(), x_dt, lora_B.data_ptr(), b_dt, u.data_ptr<float>(), g_work,
+                                       ws.ptr<float>(dB_partial_piece), M, N, r, dy_plan, stream),
+               "lora_dy_pass launch");
+  }
+  if (need_g) {
+    if (g_partial) {
+      check_cuda(lk::launch_reduce_partials(g_work, dy_plan.col_groups, M * r, g, lk::DType::kFloat32, stream),
+                 "reduce(g) launch");
+    } else if (M > 0 && N == 0) {  // g = dy B = 0
+      check_cuda(cudaMemsetAsync(g, 0, (size_t)(M * r) * sizeof(float), stream), "memset(g)");
     }
   }
+  if (need_dB) {
+    dB = at::empty({N, r}, lora_B.options());
+    check_cuda(lk::launch_reduce_partials(ws.ptr<float>(dB_partial_piece), dy_plan.row_splits, N * r, dB.data_ptr(),
+                                          b_dt, stream),
+               "reduce(dB) launch");
+  }
   if (need_dA) {
-    const lk::SplitPlan plan =
-        lk::lora_dA_plan(M, K, r, lk::lora_dA_resident_blocks(to_dtype(x, "x"), to_dtype(lora_A, "lora_A"), r));
-    Tensor dA_partial = at::empty({std::max<int64_t>(plan.row_splits, 1), r * K}, f32);
-    check_cuda(lk::launch_lora_dA(x.data_ptr(), to_dtype(x, "x"), to_dtype(lora_A, "lora_A"), g.data_ptr<float>(),
-                                  dA_partial.data_ptr<float>(), M, K, r, plan, (float)scaling, pf, (uint64_t)seed,
-                                  seed_ptr, (uint64_t)offset, stream),
+    float* const dA_partial = ws.ptr<float>(dA_partial_piece);
+    check_cuda(lk::launch_lora_dA(x.data_ptr(), x_dt, a_dt, g, dA_partial, M, K, r, dA_plan, (float)scaling, pf,
+                                  (uint64_t)seed, seed_ptr, (uint64_t)offset, stream),
                "lora_dA launch");
     dA = at::empty({r, K}, lora_A.options());
-    check_cuda(lk::launch_reduce_partials(dA_partial.data_ptr<float>(), plan.row_splits, (int64_t)r * K,
-                                          dA.data_ptr(), to_dtype(dA, "dA"), stream),
+    check_cuda(lk::launch_reduce_partials(dA_partial, dA_plan.row_splits, (int64_t)r * K, dA.data_ptr(), a_dt, stream),
                "reduce(dA) launch");
   }
   if (need_dx) {
     dx = at::empty({M, K}, x.options());
-    // Without dropout the rank-r term is unmasked and joins the GEMM's K axis on sm_90; with dropout it is
-    // masked per element, so it is written first (the rank-r term written first) and cuBLAS accumulates dy W into it (beta = 1).
-    if (pf == 0.0f && N > 0 && sm90_unsupported(dy, weight, nullptr, M, K, N, lk::GemmLayoutB::kKN) == nullptr) {
-      sm90_dx(dy, weight, g, lora_A, scaling, dx, stream);
+    if (dx_sm90) {
+      sm90_dx_pack(dy, g, 1, nullptr, r, lora_A, scaling, ws.ptr(vx_piece), ws.ptr(ax_piece), stream);
+      sm90_dx_gemm(dy, weight, r, ws.ptr(vx_piece), ws.ptr(ax_piece), dx, stream);
     } else {
-      check_cuda(lk::launch_lora_dx(dx.data_ptr(), to_dtype(dx, "dx"), g.data_ptr<float>(),
-                                            lora_A.data_ptr(), to_dtype(lora_A, "lora_A"), M, K, r, (float)scaling,
-                                            pf, (uint64_t)seed, seed_ptr, (uint64_t)offset, stream),
+      check_cuda(lk::launch_lora_dx(dx.data_ptr(), x_dt, g, lora_A.data_ptr(), a_dt, M, K, r, (float)scaling, pf,
+                                    (uint64_t)seed, seed_ptr, (uint64_t)offset, stream),
                  "lora_dx launch");
       if (N > 0) dx.addmm_(dy, weight);  // cuBLAS, beta = 1
     }
   }
-  // Grads not asked for come back as empty tensors (the Python side turns them into None).
-  const Tensor none = at::empty({0}, x.options());
-  return {need_dx ? dx : none, need_dA ? dA : none, need_dB ? dB : none};
+  return {dx, dA, dB};
+}
+
+// The op: grads not asked for come back as empty tensors, a distinct one per output (the outputs of an op must not
+// alias each other); the Python side turns them into None.
+std::tuple<Tensor, Tensor, Tensor> lora_backward(const Tensor& dy, const Tensor& x, const Tensor& weight,
+                                                 const Tensor& lora_A, const Tensor& lora_B, const Tensor& u,
+                                                 double scaling, double p, int64_t seed, int64_t offset, bool need_dx,
+                                                 bool need_dA, bool need_dB, const std::optional<Tensor>& seed_t) {
+  auto grads = backward_impl(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, need_dx, need_dA, need_dB,
+                             seed_t);
+  for (Tensor* t : {&std::get<0>(grads), &std::get<1>(grads), &std::get<2>(grads)}) {
+    if (!t->defined()) *t = at::empty({0}, x.options());
+  }
+  return grads;
 }
 
 // lora_linear: the op with its autograd node in C++ (csrc/lora_autograd.h), for eager mode with a frozen weight and
@@ -342,7 +450,8 @@ struct FusedKernels {
                                                      double scaling, double p, int64_t seed, int64_t offset,
                                                      bool need_dx, bool need_dA, bool need_dB,
                                                      const std::optional<Tensor>& seed_t) {
-    return lora_backward(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, need_dx, need_dA, need_dB,
+    // The node reads the grads it asked for only: no empty tensors for the others.
+    return backward_impl(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, need_dx, need_dA, need_dB,
                          seed_t);
   }
 };
@@ -358,7 +467,8 @@ Tensor lora_linear_autograd(const Tensor& x, const Tensor& weight, const std::op
 Tensor lora_linear_forward_only(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                                 const Tensor& lora_A, const Tensor& lora_B, double scaling, double p, int64_t seed,
                                 int64_t offset, const std::optional<Tensor>& seed_t) {
-  return std::get<0>(lora_forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset, seed_t));
+  return std::get<0>(forward_impl(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset, seed_t,
+                                  /*keep_u=*/false));
 }
 
 // Which GEMM path a forward (and its p = 0 dx) with these inputs takes: "sm90" or "cublas: <why not sm90>".
