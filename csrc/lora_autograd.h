@@ -9,6 +9,8 @@
 //                                                                                                   -> (y, u)
 //   static std::tuple<Tensor, Tensor, Tensor> backward(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset,
 //                                                      need_dx, need_dA, need_dB, seed_t)           -> (dx, dA, dB)
+// A grad not asked for may come back undefined (the node reads only those it asked for): no empty tensor is made
+// for it (each allocation costs host time).
 // seed_t: std::optional<Tensor>, the dropout key as a device tensor (CUDA graphs) in place of the int `seed`; the
 // backward gets the same one as its forward (saved with the other tensors), so both regenerate one mask.
 // Why C++: Python's autograd.Function around forward / backward costs tens of microseconds of host time per
