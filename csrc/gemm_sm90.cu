@@ -2,6 +2,9 @@
 // the (dtype, layout) instances. No CUTLASS here, so this file compiles quickly and everywhere.
 #include "gemm_sm90_instances.h"
 
+#include <atomic>
+#include <mutex>
+
 namespace lora_kernels {
 
 bool lora_gemm_sm90_built() { return LORA_KERNELS_HAVE_SM90_GEMM != 0; }
@@ -10,16 +13,29 @@ namespace {
 struct DeviceInfo {
   int major = 0, minor = 0, sms = 0;
 };
-// Device properties, read once per device.
+constexpr int kCachedDevices = 64;
+
+// Device properties, read once per device (every launch asks). A device past the cache, or one whose properties
+// cannot be read, gets zeros: not compute capability 9.0, so the callers keep their other path.
 const DeviceInfo& device_info(int device) {
-  static DeviceInfo info[64];
-  static bool read[64] = {};
-  if (device < 0 || device >= 64) return info[0];
-  if (!read[device]) {
-    cudaDeviceGetAttribute(&info[device].major, cudaDevAttrComputeCapabilityMajor, device);
-    cudaDeviceGetAttribute(&info[device].minor, cudaDevAttrComputeCapabilityMinor, device);
-    cudaDeviceGetAttribute(&info[device].sms, cudaDevAttrMultiProcessorCount, device);
-    read[device] = true;
+  static DeviceInfo info[kCachedDevices];
+  static std::atomic<bool> read[kCachedDevices];
+  static std::mutex mu;
+  static const DeviceInfo none;
+  if (device < 0 || device >= kCachedDevices) return none;
+  if (!read[device].load(std::memory_order_acquire)) {
+    std::lock_guard<std::mutex> lock(mu);
+    if (!read[device].load(std::memory_order_relaxed)) {
+      DeviceInfo d;
+      if (cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+          cudaDeviceGetAttribute(&d.minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess ||
+          cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+        cudaGetLastError();  // not left for the next launch's error check to find
+        d = DeviceInfo{};
+      }
+      info[device] = d;
+      read[device].store(true, std::memory_order_release);
+    }
   }
   return info[device];
 }

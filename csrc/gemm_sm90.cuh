@@ -12,6 +12,8 @@
 
 #include "gemm_sm90.h"
 
+#include <atomic>
+
 #include <cute/tensor.hpp>
 #include <cutlass/cutlass.h>
 #include <cutlass/cluster_launch.hpp>
@@ -272,16 +274,17 @@ struct Gemm {
     if (Kernel::get_workspace_size(args) != 0) return cudaErrorNotSupported;  // persistent DP scheduler: none
     typename Kernel::Params params = Kernel::to_underlying_arguments(args, nullptr);
 
-    // The shared-memory limit is a per-device attribute of each kernel: raise it once per device.
-    static bool smem_set[64] = {};
+    // The shared-memory limit is a per-device attribute of each kernel: raise it once per device (two threads that
+    // both find it unset both set it, to the same value).
+    static std::atomic<bool> smem_set[64];
     constexpr int smem = Kernel::SharedStorageSize;
     int device = 0;
     cudaError_t e = cudaGetDevice(&device);
     if (e != cudaSuccess) return e;
-    if (device >= 64 || !smem_set[device]) {
+    if (device >= 64 || !smem_set[device].load(std::memory_order_acquire)) {
       e = cudaFuncSetAttribute(cutlass::device_kernel<Kernel>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
       if (e != cudaSuccess) return e;
-      if (device < 64) smem_set[device] = true;
+      if (device < 64) smem_set[device].store(true, std::memory_order_release);
     }
     dim3 grid = Kernel::get_grid_shape(params);
     dim3 block = Kernel::get_block_shape();

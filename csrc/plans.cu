@@ -3,12 +3,45 @@
 // groups. No torch headers.
 #include "plans.cuh"
 
+#include <atomic>
 #include <map>
 #include <mutex>
 #include <tuple>
 
 namespace lora_kernels {
 namespace detail {
+
+namespace {
+constexpr int kCachedDevices = 64;
+
+// The current device, or -1 (its error cleared) when there is none.
+int current_device() {
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) {
+    cudaGetLastError();
+    return -1;
+  }
+  return dev;
+}
+
+// A positive attribute of the current device, read once per device and kept in `cache` (the launchers and plans ask
+// on every call: a driver call each time otherwise); `fallback` when it cannot be read (no device; not kept).
+int device_attribute(std::atomic<int> (&cache)[kCachedDevices], cudaDeviceAttr attr, int fallback) {
+  const int dev = current_device();
+  if (dev < 0) return fallback;
+  if (dev < kCachedDevices) {
+    const int known = cache[dev].load(std::memory_order_relaxed);
+    if (known > 0) return known;
+  }
+  int v = 0;
+  if (cudaDeviceGetAttribute(&v, attr, dev) != cudaSuccess || v <= 0) {
+    cudaGetLastError();
+    return fallback;
+  }
+  if (dev < kCachedDevices) cache[dev].store(v, std::memory_order_relaxed);
+  return v;
+}
+}  // namespace
 
 cudaError_t set_smem_once(const void* kernel, size_t bytes) {
   if (bytes <= 48 * 1024) return cudaSuccess;
@@ -26,11 +59,8 @@ cudaError_t set_smem_once(const void* kernel, size_t bytes) {
 }
 
 int resident_blocks(const void* kernel, int threads, size_t smem) {
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) {
-    cudaGetLastError();
-    return 1;
-  }
+  const int dev = current_device();
+  if (dev < 0) return 1;
   static std::mutex mu;
   static std::map<std::tuple<const void*, size_t, int>, int> known;
   std::lock_guard<std::mutex> lock(mu);
@@ -49,23 +79,14 @@ int resident_blocks(const void* kernel, int threads, size_t smem) {
 }
 
 int num_sms() {
-  int dev = 0, sms = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) !=
-                                               cudaSuccess || sms <= 0) {
-    cudaGetLastError();
-    sms = 132;
-  }
-  return sms;
+  static std::atomic<int> cache[kCachedDevices];
+  return device_attribute(cache, cudaDevAttrMultiProcessorCount, 132);
 }
 
 bool tc_supported() {
-  int dev = 0, major = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
-    cudaGetLastError();
-    return true;  // the launch itself will report the problem
-  }
-  return major >= 8;
+  static std::atomic<int> cache[kCachedDevices];
+  // Without a device: true, and the launch itself will report the problem.
+  return device_attribute(cache, cudaDevAttrComputeCapabilityMajor, 8) >= 8;
 }
 
 OutputGrid output_grid(int64_t M, int64_t cols) {

@@ -151,7 +151,8 @@ inline float dropout_scale(float scaling, float p) { return (float)((double)scal
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Streaming multiprocessors of the current device (132, as on an H100 / H200, when there is none).
+// Streaming multiprocessors of the current device (132, as on an H100 / H200, when there is none). Read once per
+// device, as tc_supported's compute capability is.
 int num_sms();
 
 // Whether the current device runs the tensor-core kernels (bf16 mma.sync, cp.async: sm_80+).
