@@ -349,55 +349,81 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   const lk::DType x_dt = to_dtype(x, "x"), a_dt = to_dtype(lora_A, "lora_A"), b_dt = to_dtype(lora_B, "lora_B");
   const bool need_g = need_dx || need_dA;  // g = dy B (fp32); also computed when only dB is needed (one dy pass)
 
-  // g = dy B (fp32) and the dB partials, one pass over dy; g comes as col_groups parts when g_partial.
+  // The passes, in stream order:
+  //  1. the dy pass: g = dy B (fp32), as col_groups parts when g_partial, and the dB partials, one pass over dy;
+  //  2. the reduces of g (where the sm_90 pack does not sum it) and of dB;
+  //  3. dx. Without dropout the rank-r term is unmasked and joins the GEMM's K axis on sm_90: the pack of (s g, A)
+  //     sums g's parts on the way (the fp32 sums of the reduce, in its order) and writes the reduced g where dA
+  //     reads it, so that g needs no reduce launch. With dropout the term is masked per element, so it is written
+  //     first and cuBLAS accumulates dy W into it (beta = 1);
+  //  4. dA and its reduce.
+  // When the dy pass runs as one row split (small M), dB is that split's partial: in fp32 the pass writes it into
+  // the output, and the reduce launch, which would only add it to zero, is left out (the same values bit for bit:
+  // the partial's sums start at +0 and hold no -0 for that add to turn into +0).
   const lk::SplitPlan dy_plan = lk::lora_dy_pass_plan(M, N, r, lk::adapter_pieces(x_dt, b_dt));
   const bool g_partial = dy_plan.col_groups > 1;
-  const lk::SplitPlan dA_plan =
-      need_dA ? lk::lora_dA_plan(M, K, r, lk::lora_dA_resident_blocks(x_dt, a_dt, r)) : lk::SplitPlan{0, 1, 1, 1};
-  // Without dropout the rank-r term of dx is unmasked and joins the GEMM's K axis on sm_90; with dropout it is
-  // masked per element, so it is written first and cuBLAS accumulates dy W into it (beta = 1).
   const bool dx_sm90 = need_dx && pf == 0.0f && N > 0 &&
                        sm90_unsupported(dy, weight, nullptr, M, K, N, lk::GemmLayoutB::kKN) == nullptr;
+  const bool g_in_pack = dx_sm90 && g_partial;  // the pack sums g's parts
+  // The reduced g as a buffer of its own: read by dA, or by the dx kernel off the sm_90 path.
+  const bool g_reduced = g_partial && (need_dA || (need_dx && !dx_sm90));
+  const lk::SplitPlan dA_plan =
+      need_dA ? lk::lora_dA_plan(M, K, r, lk::lora_dA_resident_blocks(x_dt, a_dt, r)) : lk::SplitPlan{0, 1, 1, 1};
+  const bool dB_direct = need_dB && dy_plan.row_splits == 1 && b_dt == lk::DType::kFloat32;
 
-  // The workspace: g lives from its dy pass (or reduce) to the last launch; the other pieces live in three phases of
-  // the stream order that take turns in one region: the dB partials and g's parts up to their reduces, then dA's
-  // partials up to theirs, then the sm_90 GEMM's (vx, ax).
+  // The workspace: g lives from the dy pass (or its reduce, or the pack) to the last launch. The other pieces take
+  // turns in one region, in the stream order above: g's parts up to the pack or reduce that sums them, the dB
+  // partials up to their reduce and then (vx, ax) over them up to the dx GEMM, then the dA partials over all of it.
   Workspace ws;
   // g: the dy pass's output itself without parts (also when only dB is needed), else their sum where it is read
-  const int64_t g_piece = need_g || !g_partial ? ws.reserve_floats(M * r) : -1;
+  const int64_t g_piece = g_reduced || !g_partial ? ws.reserve_floats(M * r) : -1;
   const int64_t phases = ws.mark();
-  const int64_t dB_partial_piece =
-      need_dB ? ws.reserve_floats(std::max<int64_t>(dy_plan.row_splits, 1) * N * r) : -1;
   const int64_t g_parts_piece = g_partial ? ws.reserve_floats(dy_plan.col_groups * M * r) : -1;
-  ws.rewind(phases);
-  const int64_t dA_partial_piece =
-      need_dA ? ws.reserve_floats(std::max<int64_t>(dA_plan.row_splits, 1) * r * K) : -1;
-  ws.rewind(phases);
+  const int64_t after_g_parts = ws.mark();
+  const int64_t dB_partial_piece =
+      need_dB && !dB_direct ? ws.reserve_floats(std::max<int64_t>(dy_plan.row_splits, 1) * N * r) : -1;
+  ws.rewind(after_g_parts);
   const int64_t kx = sm90_kx(r), elem = (int64_t)dy.element_size();
   const int64_t vx_piece = dx_sm90 ? ws.reserve(M * kx * elem) : -1;
   const int64_t ax_piece = dx_sm90 ? ws.reserve(kx * K * elem) : -1;
+  ws.rewind(phases);
+  const int64_t dA_partial_piece =
+      need_dA ? ws.reserve_floats(std::max<int64_t>(dA_plan.row_splits, 1) * r * K) : -1;
   ws.allocate(x.options());
   float* const g = ws.ptr<float>(g_piece);  // the reduced g (null where it is not needed)
   float* const g_work = g_partial ? ws.ptr<float>(g_parts_piece) : g;  // what the dy pass writes
+  if (need_dB) dB = at::empty({N, r}, lora_B.options());
 
   if (M > 0) {
     check_cuda(lk::launch_lora_dy_pass(dy.data_ptr(), x_dt, lora_B.data_ptr(), b_dt, u.data_ptr<float>(), g_work,
-                                       ws.ptr<float>(dB_partial_piece), M, N, r, dy_plan, stream),
+                                       dB_direct ? dB.data_ptr<float>() : ws.ptr<float>(dB_partial_piece), M, N, r,
+                                       dy_plan, stream),
                "lora_dy_pass launch");
   }
-  if (need_g) {
-    if (g_partial) {
-      check_cuda(lk::launch_reduce_partials(g_work, dy_plan.col_groups, M * r, g, lk::DType::kFloat32, stream),
-                 "reduce(g) launch");
-    } else if (M > 0 && N == 0) {  // g = dy B = 0
-      check_cuda(cudaMemsetAsync(g, 0, (size_t)(M * r) * sizeof(float), stream), "memset(g)");
-    }
+  if (need_g && !g_partial && M > 0 && N == 0) {  // g = dy B = 0
+    check_cuda(cudaMemsetAsync(g, 0, (size_t)(M * r) * sizeof(float), stream), "memset(g)");
   }
-  if (need_dB) {
-    dB = at::empty({N, r}, lora_B.options());
+  if (g_reduced && !g_in_pack) {
+    check_cuda(lk::launch_reduce_partials(g_work, dy_plan.col_groups, M * r, g, lk::DType::kFloat32, stream),
+               "reduce(g) launch");
+  }
+  if (need_dB && !dB_direct) {
     check_cuda(lk::launch_reduce_partials(ws.ptr<float>(dB_partial_piece), dy_plan.row_splits, N * r, dB.data_ptr(),
                                           b_dt, stream),
                "reduce(dB) launch");
+  }
+  if (need_dx) {
+    dx = at::empty({M, K}, x.options());
+    if (dx_sm90) {
+      sm90_dx_pack(dy, g_work, dy_plan.col_groups, g_reduced ? g : nullptr, r, lora_A, scaling,
+                   ws.ptr(vx_piece), ws.ptr(ax_piece), stream);
+      sm90_dx_gemm(dy, weight, r, ws.ptr(vx_piece), ws.ptr(ax_piece), dx, stream);
+    } else {
+      check_cuda(lk::launch_lora_dx(dx.data_ptr(), x_dt, g, lora_A.data_ptr(), a_dt, M, K, r, (float)scaling, pf,
+                                    (uint64_t)seed, seed_ptr, (uint64_t)offset, stream),
+                 "lora_dx launch");
+      if (N > 0) dx.addmm_(dy, weight);  // cuBLAS, beta = 1
+    }
   }
   if (need_dA) {
     float* const dA_partial = ws.ptr<float>(dA_partial_piece);
@@ -407,18 +433,6 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
     dA = at::empty({r, K}, lora_A.options());
     check_cuda(lk::launch_reduce_partials(dA_partial, dA_plan.row_splits, (int64_t)r * K, dA.data_ptr(), a_dt, stream),
                "reduce(dA) launch");
-  }
-  if (need_dx) {
-    dx = at::empty({M, K}, x.options());
-    if (dx_sm90) {
-      sm90_dx_pack(dy, g, 1, nullptr, r, lora_A, scaling, ws.ptr(vx_piece), ws.ptr(ax_piece), stream);
-      sm90_dx_gemm(dy, weight, r, ws.ptr(vx_piece), ws.ptr(ax_piece), dx, stream);
-    } else {
-      check_cuda(lk::launch_lora_dx(dx.data_ptr(), x_dt, g, lora_A.data_ptr(), a_dt, M, K, r, (float)scaling, pf,
-                                    (uint64_t)seed, seed_ptr, (uint64_t)offset, stream),
-                 "lora_dx launch");
-      if (N > 0) dx.addmm_(dy, weight);  // cuBLAS, beta = 1
-    }
   }
   return {dx, dA, dB};
 }
