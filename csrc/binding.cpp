@@ -359,7 +359,10 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   //  4. dA and its reduce.
   // When the dy pass runs as one row split (small M), dB is that split's partial: in fp32 the pass writes it into
   // the output, and the reduce launch, which would only add it to zero, is left out (the same values bit for bit:
-  // the partial's sums start at +0 and hold no -0 for that add to turn into +0).
+  // the partial's sums start at +0 and hold no -0 for that add to turn into +0). The same for dA and its pass, with
+  // the same values, where the one bit that can differ is the sign of a zero: the tensor-core dA kernel scales its
+  // sums at the end, so that a zero it writes can be -0 (a negative sum that underflows, a scale <= 0), which the
+  // reduce's add made +0.
   const lk::SplitPlan dy_plan = lk::lora_dy_pass_plan(M, N, r, lk::adapter_pieces(x_dt, b_dt));
   const bool g_partial = dy_plan.col_groups > 1;
   const bool dx_sm90 = need_dx && pf == 0.0f && N > 0 &&
@@ -370,6 +373,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   const lk::SplitPlan dA_plan =
       need_dA ? lk::lora_dA_plan(M, K, r, lk::lora_dA_resident_blocks(x_dt, a_dt, r)) : lk::SplitPlan{0, 1, 1, 1};
   const bool dB_direct = need_dB && dy_plan.row_splits == 1 && b_dt == lk::DType::kFloat32;
+  const bool dA_direct = need_dA && dA_plan.row_splits == 1 && a_dt == lk::DType::kFloat32;
 
   // The workspace: g lives from the dy pass (or its reduce, or the pack) to the last launch. The other pieces take
   // turns in one region, in the stream order above: g's parts up to the pack or reduce that sums them, the dB
@@ -388,11 +392,12 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   const int64_t ax_piece = dx_sm90 ? ws.reserve(kx * K * elem) : -1;
   ws.rewind(phases);
   const int64_t dA_partial_piece =
-      need_dA ? ws.reserve_floats(std::max<int64_t>(dA_plan.row_splits, 1) * r * K) : -1;
+      need_dA && !dA_direct ? ws.reserve_floats(std::max<int64_t>(dA_plan.row_splits, 1) * r * K) : -1;
   ws.allocate(x.options());
   float* const g = ws.ptr<float>(g_piece);  // the reduced g (null where it is not needed)
   float* const g_work = g_partial ? ws.ptr<float>(g_parts_piece) : g;  // what the dy pass writes
   if (need_dB) dB = at::empty({N, r}, lora_B.options());
+  if (need_dA) dA = at::empty({r, K}, lora_A.options());
 
   if (M > 0) {
     check_cuda(lk::launch_lora_dy_pass(dy.data_ptr(), x_dt, lora_B.data_ptr(), b_dt, u.data_ptr<float>(), g_work,
@@ -426,13 +431,15 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
     }
   }
   if (need_dA) {
-    float* const dA_partial = ws.ptr<float>(dA_partial_piece);
+    float* const dA_partial = dA_direct ? dA.data_ptr<float>() : ws.ptr<float>(dA_partial_piece);
     check_cuda(lk::launch_lora_dA(x.data_ptr(), x_dt, a_dt, g, dA_partial, M, K, r, dA_plan, (float)scaling, pf,
                                   (uint64_t)seed, seed_ptr, (uint64_t)offset, stream),
                "lora_dA launch");
-    dA = at::empty({r, K}, lora_A.options());
-    check_cuda(lk::launch_reduce_partials(dA_partial, dA_plan.row_splits, (int64_t)r * K, dA.data_ptr(), a_dt, stream),
-               "reduce(dA) launch");
+    if (!dA_direct) {
+      check_cuda(lk::launch_reduce_partials(dA_partial, dA_plan.row_splits, (int64_t)r * K, dA.data_ptr(), a_dt,
+                                            stream),
+                 "reduce(dA) launch");
+    }
   }
   return {dx, dA, dB};
 }
