@@ -14,6 +14,7 @@
 // Backward : launch_lora_dy_pass (g = dy B, fp32, and per-split partials of dB = dy^T u, one pass over dy),
 //            launch_reduce_partials (dB), launch_lora_dA (partials of dA = scaling * g^T dropout(x)),
 //            launch_reduce_partials (dA), launch_lora_dx (dx = scaling*keep/(1-p) * g A), cuBLAS dx += dy W.
+//            (csrc/binding.cpp runs dx before dA, and leaves out a reduce where it would only copy one fp32 split.)
 // Every reduction is done in a fixed order (no atomics): results are bitwise deterministic run to run.
 //
 // Precision: each product is computed in the precision PyTorch would use for the same inputs, so that the error stays
