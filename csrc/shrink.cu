@@ -85,7 +85,7 @@ template <typename T, typename TA, int NF>
 __global__ void __launch_bounds__(kTcThreads, NF == 1 ? kStreamMinBlocks : (kPieces<T, TA> > 1 && NF == 4) ? 1 : 2)
 lora_shrink_tc_kernel(const T* __restrict__ x, const TA* __restrict__ A, float* __restrict__ u_out, int64_t M,
                       int64_t K, int r, int64_t k_per_split, float scale, float p, uint64_t seed,
-                      const int64_t* seed_ptr, uint64_t offset) {
+                      const int64_t* seed_ptr, uint64_t offset, const uint8_t* __restrict__ keep8) {
 #if LK_TC_ARCH
   constexpr int RC = 16 * NF, P = kPieces<T, TA>;
   static_assert(TS_BM == 16 * (kTcThreads / 32), "one 16-row strip per warp");
@@ -129,8 +129,11 @@ lora_shrink_tc_kernel(const T* __restrict__ x, const TA* __restrict__ A, float* 
     const int64_t k0 = k_begin + t * TS_KC;
     T* slot = xs + (int)(t % kStages) * TS_BM * TS_LD;
     const T* ab = as + (int)(t % 2) * P * RC * TS_LD;
-    uint32_t keep[XTile::kGroups];  // the mask's Philox work before the wait: it overlaps the copies in flight
-    if (p > 0.f) XTile::keep_bits(keep, m0, K, k0, thr, sd, offset);
+    uint32_t keep[XTile::kGroups];  // the mask's loads or Philox work before the wait: it overlaps the copies in flight
+    if (p > 0.f) {
+      if (keep8 != nullptr) XTile::load_keep_bits(keep, keep8, m0, M, K, k0);
+      else XTile::keep_bits(keep, m0, K, k0, thr, sd, offset);
+    }
     pipeline_wait(t, n_tiles, issue, [&] {
       if (p > 0.f) XTile::apply_keep(slot, keep);
     });
@@ -186,7 +189,7 @@ int lora_shrink_resident_blocks(DType x_dtype, DType a_dtype, int r) {
 
 cudaError_t launch_lora_shrink(const void* x, DType x_dtype, const void* A, DType a_dtype, float* u_out, int64_t M,
                                int64_t K, int r, SplitPlan plan, float scaling, float p, uint64_t seed,
-                               const int64_t* seed_ptr, uint64_t offset, cudaStream_t stream) {
+                               const int64_t* seed_ptr, uint64_t offset, const uint8_t* keep8, cudaStream_t stream) {
   if (r < 1 || r > kMaxRank) return cudaErrorInvalidValue;
   if (M <= 0) return cudaSuccess;
   if (plan.col_groups > 65535 || plan.col_groups < 1) return cudaErrorInvalidConfiguration;
@@ -199,7 +202,7 @@ cudaError_t launch_lora_shrink(const void* x, DType x_dtype, const void* A, DTyp
       using TA = decltype(at);
       return launch_kernel(kernel, grid, kTcThreads, smem, stream, static_cast<const T*>(x),
                            static_cast<const TA*>(A), u_out, M, K, r, plan.cols_per_group, scale, p, seed, seed_ptr,
-                           offset);
+                           offset, keep8);
     });
   }
   const size_t smem = (size_t)(SH_BM * SH_KC + r * (SH_KC + 1)) * sizeof(float);

@@ -97,6 +97,17 @@ struct StreamTile {
     for (int i = 0; i < kGroups; ++i)
       bits[i] = dropout_keep_bits8(seed, dropout_counter(offset, m0 + row(i), K, (k0 + col(i)) / kDropoutGroup), thr);
   }
+  // keep_bits from the keep bytes of launch_dropout_keep_bits (row pitch K8 = ceil(K / 8)) instead of Philox: one
+  // byte load per group. Groups past the rows or columns of x (zeros in the tile) read nothing.
+  static __device__ __forceinline__ void load_keep_bits(uint32_t bits[kGroups], const uint8_t* __restrict__ keep8,
+                                                        int64_t m0, int64_t M, int64_t K, int64_t k0) {
+    const int64_t K8 = (K + kDropoutGroup - 1) / kDropoutGroup;
+#pragma unroll
+    for (int i = 0; i < kGroups; ++i) {
+      const int64_t m = m0 + row(i), k8 = (k0 + col(i)) / kDropoutGroup;
+      bits[i] = m < M && k8 < K8 ? (uint32_t)__ldg(keep8 + m * K8 + k8) : 0xFFu;
+    }
+  }
   static __device__ __forceinline__ void apply_keep(T* slot, const uint32_t bits[kGroups]) {
 #pragma unroll
     for (int i = 0; i < kGroups; ++i) {
