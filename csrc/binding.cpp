@@ -292,11 +292,20 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& weight, c
   const int64_t kx = sm90_kx(r), elem = (int64_t)x.element_size();
   const int64_t ux_piece = sm90 ? ws.reserve(M * kx * elem) : -1;
   const int64_t bx_piece = sm90 ? ws.reserve(N * kx * elem) : -1;
+  // with dropout, the mask as keep bits where the shrink's kernel reads them (csrc/dropout_bits.cu says why)
+  const bool bits = pf > 0.0f && K > 0 && lk::dropout_bits_used(x_dt, a_dt);
+  const int64_t bits_piece = bits ? ws.reserve(M * ((K + 7) / 8)) : -1;
   ws.allocate(x.options());
+  if (bits) {
+    check_cuda(lk::launch_dropout_keep_bits(ws.ptr<uint8_t>(bits_piece), M, K, pf, (uint64_t)seed, seed_ptr,
+                                            (uint64_t)offset, stream),
+               "dropout keep bits launch");
+  }
   float* const u_out = keep_u ? u.data_ptr<float>() : ws.ptr<float>(u_piece);  // null where not needed
   float* const u_work = partial ? ws.ptr<float>(u_work_piece) : u_out;
   check_cuda(lk::launch_lora_shrink(x.data_ptr(), x_dt, lora_A.data_ptr(), a_dt, u_work, M, K, r, shrink_plan,
-                                    (float)scaling, pf, (uint64_t)seed, seed_ptr, (uint64_t)offset, stream),
+                                    (float)scaling, pf, (uint64_t)seed, seed_ptr, (uint64_t)offset,
+                                    ws.ptr<uint8_t>(bits_piece), stream),
              "lora_shrink launch");
   Tensor y = at::empty({M, N}, x.options());
   if (sm90) {
@@ -355,7 +364,8 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   //  3. dx. Without dropout the rank-r term is unmasked and joins the GEMM's K axis on sm_90: the pack of (s g, A)
   //     sums g's parts on the way (the fp32 sums of the reduce, in its order) and writes the reduced g where dA
   //     reads it, so that g needs no reduce launch. With dropout the term is masked per element, so it is written
-  //     first and cuBLAS accumulates dy W into it (beta = 1);
+  //     first and cuBLAS accumulates dy W into it (beta = 1); the mask's keep bits are made before, once for dx
+  //     and dA;
   //  4. dA and its reduce.
   // When the dy pass runs as one row split (small M), dB is that split's partial: in fp32 the pass writes it into
   // the output, and the reduce launch, which would only add it to zero, is left out (the same values bit for bit:
@@ -381,6 +391,9 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   Workspace ws;
   // g: the dy pass's output itself without parts (also when only dB is needed), else their sum where it is read
   const int64_t g_piece = g_reduced || !g_partial ? ws.reserve_floats(M * r) : -1;
+  // with dropout, the mask as keep bits for dx and dA where their kernels read them, made once (dropout_bits.cu)
+  const bool bits = pf > 0.0f && K > 0 && M > 0 && (need_dx || need_dA) && lk::dropout_bits_used(x_dt, a_dt);
+  const int64_t bits_piece = bits ? ws.reserve(M * ((K + 7) / 8)) : -1;
   const int64_t phases = ws.mark();
   const int64_t g_parts_piece = g_partial ? ws.reserve_floats(dy_plan.col_groups * M * r) : -1;
   const int64_t after_g_parts = ws.mark();
@@ -417,6 +430,11 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
                                           b_dt, stream),
                "reduce(dB) launch");
   }
+  if (bits) {
+    check_cuda(lk::launch_dropout_keep_bits(ws.ptr<uint8_t>(bits_piece), M, K, pf, (uint64_t)seed, seed_ptr,
+                                            (uint64_t)offset, stream),
+               "dropout keep bits launch");
+  }
   if (need_dx) {
     dx = at::empty({M, K}, x.options());
     if (dx_sm90) {
@@ -425,7 +443,8 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
       sm90_dx_gemm(dy, weight, r, ws.ptr(vx_piece), ws.ptr(ax_piece), dx, stream);
     } else {
       check_cuda(lk::launch_lora_dx(dx.data_ptr(), x_dt, g, lora_A.data_ptr(), a_dt, M, K, r, (float)scaling, pf,
-                                    (uint64_t)seed, seed_ptr, (uint64_t)offset, stream),
+                                    (uint64_t)seed, seed_ptr, (uint64_t)offset, ws.ptr<uint8_t>(bits_piece),
+                                    stream),
                  "lora_dx launch");
       if (N > 0) dx.addmm_(dy, weight);  // cuBLAS, beta = 1
     }
@@ -433,7 +452,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   if (need_dA) {
     float* const dA_partial = dA_direct ? dA.data_ptr<float>() : ws.ptr<float>(dA_partial_piece);
     check_cuda(lk::launch_lora_dA(x.data_ptr(), x_dt, a_dt, g, dA_partial, M, K, r, dA_plan, (float)scaling, pf,
-                                  (uint64_t)seed, seed_ptr, (uint64_t)offset, stream),
+                                  (uint64_t)seed, seed_ptr, (uint64_t)offset, ws.ptr<uint8_t>(bits_piece), stream),
                "lora_dA launch");
     if (!dA_direct) {
       check_cuda(lk::launch_reduce_partials(dA_partial, dA_plan.row_splits, (int64_t)r * K, dA.data_ptr(), a_dt,

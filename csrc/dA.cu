@@ -79,7 +79,7 @@ template <typename T, int NJ, int P>
 __global__ void __launch_bounds__(kTcThreads, NJ == 1 ? kStreamMinBlocks : (P > 1 && NJ == 4) ? 1 : 2)
 lora_dA_tc_kernel(const T* __restrict__ x, const float* __restrict__ g, float* __restrict__ dA_partial, int64_t M,
                   int64_t K, int r, int64_t rows_per_split, int64_t cols_per_group, float scale, float p,
-                  uint64_t seed, const int64_t* seed_ptr, uint64_t offset) {
+                  uint64_t seed, const int64_t* seed_ptr, uint64_t offset, const uint8_t* __restrict__ keep8) {
 #if LK_TC_ARCH
   constexpr int RC = 16 * NJ, LDG = RC + 8;
   static_assert(TA_KC == 16 * (kTcThreads / 32), "one 16-column strip per warp");
@@ -122,8 +122,11 @@ lora_dA_tc_kernel(const T* __restrict__ x, const float* __restrict__ g, float* _
     const int64_t m0 = row_begin + rt * TA_BM, k0 = col_begin + t / n_rt * TA_KC;
     T* slot = xs + (int)(t % kStages) * TA_BM * TA_LDX;
     const T* gb = gs + (int)(t % 2) * P * TA_BM * LDG;
-    uint32_t keep[XTile::kGroups];  // the mask's Philox work before the wait: it overlaps the copies in flight
-    if (p > 0.f) XTile::keep_bits(keep, m0, K, k0, thr, sd, offset);
+    uint32_t keep[XTile::kGroups];  // the mask's loads or Philox work before the wait: it overlaps the copies in flight
+    if (p > 0.f) {
+      if (keep8 != nullptr) XTile::load_keep_bits(keep, keep8, m0, M, K, k0);
+      else XTile::keep_bits(keep, m0, K, k0, thr, sd, offset);
+    }
     pipeline_wait(t, n_tiles, issue, [&] {
       if (p > 0.f) XTile::apply_keep(slot, keep);
     });
@@ -213,7 +216,7 @@ int lora_dA_resident_blocks(DType x_dtype, DType a_dtype, int r) {
 
 cudaError_t launch_lora_dA(const void* x, DType x_dtype, DType a_dtype, const float* g, float* dA_partial, int64_t M,
                            int64_t K, int r, SplitPlan plan, float scaling, float p, uint64_t seed,
-                           const int64_t* seed_ptr, uint64_t offset, cudaStream_t stream) {
+                           const int64_t* seed_ptr, uint64_t offset, const uint8_t* keep8, cudaStream_t stream) {
   if (r < 1 || r > kMaxRank) return cudaErrorInvalidValue;
   if (M <= 0 || K <= 0 || plan.row_splits <= 0) return cudaSuccess;
   if (plan.col_groups > 65535) return cudaErrorInvalidConfiguration;
@@ -225,7 +228,7 @@ cudaError_t launch_lora_dA(const void* x, DType x_dtype, DType a_dtype, const fl
     return with_dA_tc_kernel(x_dtype, a_dtype, r, [&](auto kernel, size_t smem, auto xt) {
       using T = decltype(xt);
       return launch_kernel(kernel, grid, kTcThreads, smem, stream, static_cast<const T*>(x), g, dA_partial, M, K, r,
-                           plan.rows_per_split, plan.cols_per_group, scale, p, seed, seed_ptr, offset);
+                           plan.rows_per_split, plan.cols_per_group, scale, p, seed, seed_ptr, offset, keep8);
     });
   }
   const size_t smem = (size_t)(DA_BM * DA_KC + DA_BM * r) * sizeof(float);

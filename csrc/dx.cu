@@ -65,7 +65,7 @@ template <typename T, typename TA>
 __global__ void __launch_bounds__(kTcThreads, kOutputMinBlocks)
 lora_dx_tc_kernel(T* __restrict__ dx, const float* __restrict__ g, const TA* __restrict__ A, int64_t M,
                           int64_t K, int r, int64_t chunks_per_group, float scale, float p, uint64_t seed,
-                          const int64_t* seed_ptr, uint64_t offset) {
+                          const int64_t* seed_ptr, uint64_t offset, const uint8_t* __restrict__ keep8) {
 #if LK_TC_ARCH
   if (p > 0.f) seed = dropout_seed(seed, seed_ptr);
   constexpr int LDA = TO_BN + 8;
@@ -119,7 +119,12 @@ lora_dx_tc_kernel(T* __restrict__ dx, const float* __restrict__ g, const TA* __r
         *reinterpret_cast<uint32_t*>(blk.os + (16 * warp + lo.g + 8 * h) * TO_LDO + 8 * n + 2 * lo.t) =
             pack2<T>(acc[n][2 * h] * scale, acc[n][2 * h + 1] * scale);
     const bool full = dx_vec && k0 + TO_BN <= K;
-    if (p > 0.f) {  // k (a chunk's column, k0 + 8j) starts an 8-group: one Philox call, no branch between the groups
+    if (p > 0.f && keep8 != nullptr) {  // k starts an 8-group: its keep byte (launch_dropout_keep_bits)
+      const int64_t K8 = (K + kDropoutGroup - 1) / kDropoutGroup;
+      store_staged_rows<TO_BN>(dx, K, blk.os, TO_LDO, blk.m0, k0, M, K, full, [&](uint4 v, int64_t m, int64_t k) {
+        return drop8<T>(v, m < M && k < K ? (uint32_t)__ldg(keep8 + m * K8 + k / kDropoutGroup) : 0xFFu);
+      });
+    } else if (p > 0.f) {  // k (a chunk's column, k0 + 8j) starts an 8-group: one Philox call, no branch between the groups
       store_staged_rows<TO_BN>(dx, K, blk.os, TO_LDO, blk.m0, k0, M, K, full, [&](uint4 v, int64_t m, int64_t k) {
         return drop8<T>(v, dropout_keep_bits8(seed, dropout_counter(offset, m, K, k / kDropoutGroup), thr));
       });
@@ -137,7 +142,7 @@ lora_dx_tc_kernel(T* __restrict__ dx, const float* __restrict__ g, const TA* __r
 
 cudaError_t launch_lora_dx(void* dx, DType x_dtype, const float* g, const void* A, DType a_dtype, int64_t M,
                                int64_t K, int r, float scaling, float p, uint64_t seed, const int64_t* seed_ptr,
-                               uint64_t offset, cudaStream_t stream) {
+                               uint64_t offset, const uint8_t* keep8, cudaStream_t stream) {
   if (r < 1 || r > kMaxRank) return cudaErrorInvalidValue;
   if (M <= 0 || K <= 0) return cudaSuccess;
   const float scale = dropout_scale(scaling, p);
@@ -147,7 +152,7 @@ cudaError_t launch_lora_dx(void* dx, DType x_dtype, const float* g, const void* 
     if constexpr (std::is_same<decltype(grid), OutputGrid>::value)
       return launch_kernel(lora_dx_tc_kernel<T, TA>, grid.grid, kTcThreads, dx_tc_smem(round16(r)), stream,
                            static_cast<T*>(dx), g, static_cast<const TA*>(A), M, K, r, grid.chunks_per_group, scale,
-                           p, seed, seed_ptr, offset);
+                           p, seed, seed_ptr, offset, keep8);
     else
       return launch_kernel(lora_dx_kernel<T, TA>, grid, kThreads, 0, stream, static_cast<T*>(dx), g,
                            static_cast<const TA*>(A), M, K, r, scale, p, seed, seed_ptr, offset);

@@ -8,12 +8,13 @@
 // int64 holding the key, which the kernels then read when they run (CUDA graphs: a replay refills that memory, so
 // each replay gets a fresh mask; a by-value seed would be baked into the captured launch). Same 64 bits, same mask.
 //
-// Forward  : launch_lora_small_m_forward for M <= 64 (one launch), else launch_lora_shrink (u = scaling * dropout(x)
-//            A^T, fp32), launch_lora_expand (y = u B^T + bias),
+// Forward  : launch_lora_small_m_forward for M <= 64 (one launch), else launch_dropout_keep_bits (p > 0),
+//            launch_lora_shrink (u = scaling * dropout(x) A^T, fp32), launch_lora_expand (y = u B^T + bias),
 //            cuBLAS y += x W^T (beta = 1).
 // Backward : launch_lora_dy_pass (g = dy B, fp32, and per-split partials of dB = dy^T u, one pass over dy),
-//            launch_reduce_partials (dB), launch_lora_dA (partials of dA = scaling * g^T dropout(x)),
-//            launch_reduce_partials (dA), launch_lora_dx (dx = scaling*keep/(1-p) * g A), cuBLAS dx += dy W.
+//            launch_reduce_partials (dB), launch_dropout_keep_bits (p > 0: once, for dA and dx), launch_lora_dA
+//            (partials of dA = scaling * g^T dropout(x)), launch_reduce_partials (dA), launch_lora_dx
+//            (dx = scaling*keep/(1-p) * g A), cuBLAS dx += dy W.
 //            (csrc/binding.cpp runs dx before dA, and leaves out a reduce where it would only copy one fp32 split.)
 // Every reduction is done in a fixed order (no atomics): results are bitwise deterministic run to run.
 //
@@ -70,7 +71,15 @@ int lora_shrink_resident_blocks(DType x_dtype, DType a_dtype, int r);
 // with launch_reduce_partials. plan from lora_shrink_plan.
 cudaError_t launch_lora_shrink(const void* x, DType x_dtype, const void* A, DType a_dtype, float* u_out, int64_t M,
                                int64_t K, int r, SplitPlan plan, float scaling, float p, uint64_t seed,
-                               const int64_t* seed_ptr, uint64_t offset, cudaStream_t stream);
+                               const int64_t* seed_ptr, uint64_t offset, const uint8_t* keep8, cudaStream_t stream);
+
+// Dropout keep bits (csrc/dropout_bits.cu): bits (M, ceil(K/8)) bytes, bit q of bits[m, k8] set iff element
+// (m, 8*k8 + q) is kept; the contract's mask (philox.cuh), computed in a pass of its own. The shrink, dA and dx take
+// them as keep8 (null: each computes the mask itself); dropout_bits_used says whether their kernels for these dtypes
+// read them (the tensor-core kernels do, the FFMA kernels compute the mask themselves).
+bool dropout_bits_used(DType x_dtype, DType a_dtype);
+cudaError_t launch_dropout_keep_bits(uint8_t* bits, int64_t M, int64_t K, float p, uint64_t seed,
+                                     const int64_t* seed_ptr, uint64_t offset, cudaStream_t stream);
 
 // Small M (csrc/small_m.cu): the whole forward without dropout in one launch, y (M, N) x_dtype = x W^T + bias +
 // u B^T and u (M, r) fp32 = scaling * x A^T (the shrink's u, saved for backward). W (N, K) and bias (N,) or null in
@@ -98,7 +107,7 @@ cudaError_t launch_lora_dy_pass(const void* dy, DType dy_dtype, const void* B, D
 // a_dtype (lora_A's) picks the precision as for the other passes.
 cudaError_t launch_lora_dA(const void* x, DType x_dtype, DType a_dtype, const float* g, float* dA_partial, int64_t M,
                            int64_t K, int r, SplitPlan plan, float scaling, float p, uint64_t seed,
-                           const int64_t* seed_ptr, uint64_t offset, cudaStream_t stream);
+                           const int64_t* seed_ptr, uint64_t offset, const uint8_t* keep8, cudaStream_t stream);
 
 // out[i] = sum_{s=0}^{S-1} partial[s * count + i] in order s = 0, 1, ... (zeros when S == 0), cast to out_dtype.
 cudaError_t launch_reduce_partials(const float* partial, int64_t num_splits, int64_t count, void* out,
@@ -107,6 +116,6 @@ cudaError_t launch_reduce_partials(const float* partial, int64_t num_splits, int
 // dx (M, K) x_dtype = scaling * keep / (1-p) * (g @ A) ; g (M, r) fp32, A (r, K) a_dtype. One write of dx.
 cudaError_t launch_lora_dx(void* dx, DType x_dtype, const float* g, const void* A, DType a_dtype, int64_t M,
                                int64_t K, int r, float scaling, float p, uint64_t seed, const int64_t* seed_ptr,
-                               uint64_t offset, cudaStream_t stream);
+                               uint64_t offset, const uint8_t* keep8, cudaStream_t stream);
 
 }  // namespace lora_kernels

@@ -71,7 +71,8 @@ lora_shrink_kernel(const T* __restrict__ x, const TA* __restrict__ A, float* __r
 // Math   : u[c] (M, r) = scale * (keep * x)[:, K-split c] A^T[K-split c], scale = scaling / (1 - p).
 // Tiling : block = TS_BM (128) rows x RC = 16*NF (<= 64) columns of u (grid.z walks r in RC-chunks) x one K split
 //          (grid.y), looping over K in TS_KC (64)-column tiles: x tiles through the cp.async ring (mask applied
-//          in place, one Philox call per 8-group, computed before the tile lands), the A tile (cast to T)
+//          in place, one Philox call per 8-group, computed before the tile lands; or, given the keep bits of
+//          launch_dropout_keep_bits, applied to each warp's A fragments: FragKeep), the A tile (cast to T)
 //          register-prefetched two tiles ahead into a double buffer. Warp w: rows 16w..16w+15 x all RC columns
 //          (2*NF m16n8 fp32 accumulators), written once at the end (scaled). fp32 A on bf16 x: the A tile is
 //          staged as its P = 3 bf16x3 pieces; per tile, piece 0 and pieces 1-2 go to two fresh accumulators, added
@@ -85,7 +86,7 @@ template <typename T, typename TA, int NF>
 __global__ void __launch_bounds__(kTcThreads, NF == 1 ? kStreamMinBlocks : (kPieces<T, TA> > 1 && NF == 4) ? 1 : 2)
 lora_shrink_tc_kernel(const T* __restrict__ x, const TA* __restrict__ A, float* __restrict__ u_out, int64_t M,
                       int64_t K, int r, int64_t k_per_split, float scale, float p, uint64_t seed,
-                      const int64_t* seed_ptr, uint64_t offset) {
+                      const int64_t* seed_ptr, uint64_t offset, const uint8_t* __restrict__ keep8) {
 #if LK_TC_ARCH
   constexpr int RC = 16 * NF, P = kPieces<T, TA>;
   static_assert(TS_BM == 16 * (kTcThreads / 32), "one 16-row strip per warp");
@@ -125,24 +126,47 @@ lora_shrink_tc_kernel(const T* __restrict__ x, const TA* __restrict__ A, float* 
   float acc[2 * NF][4];
   zero_acc(acc);
   pipeline_start(n_tiles, issue, fetch_a, stash_a, [] {});
-  for (int64_t t = 0; t < n_tiles; ++t) {
-    const int64_t k0 = k_begin + t * TS_KC;
-    T* slot = xs + (int)(t % kStages) * TS_BM * TS_LD;
-    const T* ab = as + (int)(t % 2) * P * RC * TS_LD;
-    uint32_t keep[XTile::kGroups];  // the mask's Philox work before the wait: it overlaps the copies in flight
-    if (p > 0.f) XTile::keep_bits(keep, m0, K, k0, thr, sd, offset);
-    pipeline_wait(t, n_tiles, issue, [&] {
-      if (p > 0.f) XTile::apply_keep(slot, keep);
-    });
+  // The products of one tile, its A fragments transformed by a_op (the keep bits' dropout, or nothing). The
+  // fragment dropout (FragKeep) where its registers fit: one r-chunk of 16 columns, or the fp32 adapters' kernels
+  // (one block per SM); elsewhere (16-bit adapters at r > 16, 128 registers) it spilled, and the keep bytes mask the
+  // tile in shared memory instead.
+  constexpr bool kFragKeep = NF == 1 || P > 1;
+  auto mma_tile = [&](const T* slot, const T* ab, const auto& a_op) {
     if constexpr (P > 1) {  // chains of one tile, piece 0 apart from the others (add_acc)
       float hi[2 * NF][4], low[2 * NF][4];
       zero_acc(hi);
       zero_acc(low);
-      warp_rows_mma<T, RC, true, TS_KC / 16, P>(hi, slot, TS_LD, ab, TS_LD, TS_KC, lo, warp, RC * TS_LD, low);
+      warp_rows_mma<T, RC, true, TS_KC / 16, P>(hi, slot, TS_LD, ab, TS_LD, TS_KC, lo, warp, RC * TS_LD, low, a_op);
       add_acc(hi, low);
       add_acc(acc, hi);
     } else {
-      warp_rows_mma<T, RC, true, TS_KC / 16>(acc, slot, TS_LD, ab, TS_LD, TS_KC, lo, warp);
+      warp_rows_mma<T, RC, true, TS_KC / 16>(acc, slot, TS_LD, ab, TS_LD, TS_KC, lo, warp, 0, nullptr, a_op);
+    }
+  };
+  for (int64_t t = 0; t < n_tiles; ++t) {
+    const int64_t k0 = k_begin + t * TS_KC;
+    T* slot = xs + (int)(t % kStages) * TS_BM * TS_LD;
+    const T* ab = as + (int)(t % 2) * P * RC * TS_LD;
+    bool done = false;
+    if constexpr (kFragKeep) {
+      if (p > 0.f && keep8 != nullptr) {  // the keep bits of this warp's rows, loaded before the wait
+        FragKeep<T, TS_KC> fk;
+        fk.load(keep8, m0 + 16 * warp + lo.g, M, K, k0, lo.t);
+        pipeline_wait(t, n_tiles, issue, [] {});
+        mma_tile(slot, ab, fk);
+        done = true;
+      }
+    }
+    if (!done) {
+      uint32_t keep[XTile::kGroups];  // the mask's loads or Philox work before the wait: they overlap the copies
+      if (p > 0.f) {
+        if (keep8 != nullptr) XTile::load_keep_bits(keep, keep8, m0, M, K, k0);
+        else XTile::keep_bits(keep, m0, K, k0, thr, sd, offset);
+      }
+      pipeline_wait(t, n_tiles, issue, [&] {
+        if (p > 0.f) XTile::apply_keep(slot, keep);
+      });
+      mma_tile(slot, ab, NoFragOp{});
     }
     pipeline_next(t, n_tiles, fetch_a, stash_a);
   }
@@ -186,7 +210,7 @@ int lora_shrink_resident_blocks(DType x_dtype, DType a_dtype, int r) {
 
 cudaError_t launch_lora_shrink(const void* x, DType x_dtype, const void* A, DType a_dtype, float* u_out, int64_t M,
                                int64_t K, int r, SplitPlan plan, float scaling, float p, uint64_t seed,
-                               const int64_t* seed_ptr, uint64_t offset, cudaStream_t stream) {
+                               const int64_t* seed_ptr, uint64_t offset, const uint8_t* keep8, cudaStream_t stream) {
   if (r < 1 || r > kMaxRank) return cudaErrorInvalidValue;
   if (M <= 0) return cudaSuccess;
   if (plan.col_groups > 65535 || plan.col_groups < 1) return cudaErrorInvalidConfiguration;
@@ -199,7 +223,7 @@ cudaError_t launch_lora_shrink(const void* x, DType x_dtype, const void* A, DTyp
       using TA = decltype(at);
       return launch_kernel(kernel, grid, kTcThreads, smem, stream, static_cast<const T*>(x),
                            static_cast<const TA*>(A), u_out, M, K, r, plan.cols_per_group, scale, p, seed, seed_ptr,
-                           offset);
+                           offset, keep8);
     });
   }
   const size_t smem = (size_t)(SH_BM * SH_KC + r * (SH_KC + 1)) * sizeof(float);

@@ -97,11 +97,63 @@ struct StreamTile {
     for (int i = 0; i < kGroups; ++i)
       bits[i] = dropout_keep_bits8(seed, dropout_counter(offset, m0 + row(i), K, (k0 + col(i)) / kDropoutGroup), thr);
   }
+  // keep_bits from the keep bytes of launch_dropout_keep_bits (row pitch K8 = ceil(K / 8)) instead of Philox: one
+  // byte load per group. Groups past the rows or columns of x (zeros in the tile) read nothing.
+  static __device__ __forceinline__ void load_keep_bits(uint32_t bits[kGroups], const uint8_t* __restrict__ keep8,
+                                                        int64_t m0, int64_t M, int64_t K, int64_t k0) {
+    const int64_t K8 = (K + kDropoutGroup - 1) / kDropoutGroup;
+#pragma unroll
+    for (int i = 0; i < kGroups; ++i) {
+      const int64_t m = m0 + row(i), k8 = (k0 + col(i)) / kDropoutGroup;
+      bits[i] = m < M && k8 < K8 ? (uint32_t)__ldg(keep8 + m * K8 + k8) : 0xFFu;
+    }
+  }
   static __device__ __forceinline__ void apply_keep(T* slot, const uint32_t bits[kGroups]) {
 #pragma unroll
     for (int i = 0; i < kGroups; ++i) {
       uint4* q = reinterpret_cast<uint4*>(slot + row(i) * LD + col(i));
       *q = drop8<T>(*q, bits[i]);
+    }
+  }
+};
+
+// Dropout applied to a warp's A fragments (warp_rows_mma's a_op) from launch_dropout_keep_bits' keep bytes,
+// instead of to the tile in shared memory: no read-modify-write of the tile and no work between the copy's wait and
+// the barrier. A lane's fragment of k16 step ks holds rows g and g+8 of the warp's 16 x columns 16ks+2t, +1 (af[0],
+// af[1]) and 16ks+8+2t, +1 (af[2], af[3]): bits 2t and 2t+1 of the keep bytes of groups 2ks and 2ks+1 of its two
+// rows. Those 8 bytes per row (a 64-column tile) are loaded before the wait. A pair is multiplied by 1 or 0 (one
+// fma.rn with -0 added: x * keep exactly, as the reference: a dropped inf or NaN gives NaN, a dropped -x gives -0).
+template <typename T, int KC>
+struct FragKeep {
+  static_assert(KC == 64, "8 keep bytes per row and tile");
+  uint64_t rows[2];
+  int t;
+  // Rows m (row g of the warp's 16) and m + 8 of x (M, K), columns k0.. (k0 a multiple of 64).
+  __device__ __forceinline__ void load(const uint8_t* __restrict__ keep8, int64_t m, int64_t M, int64_t K,
+                                       int64_t k0, int lane_t) {
+    t = lane_t;
+    const int64_t K8 = (K + kDropoutGroup - 1) / kDropoutGroup, k8 = k0 / kDropoutGroup;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t mm = m + 8 * h;
+      const uint8_t* src = keep8 + mm * K8 + k8;
+      if (mm < M && k8 + 8 <= K8 && reinterpret_cast<uintptr_t>(src) % 8 == 0) {
+        rows[h] = __ldg(reinterpret_cast<const unsigned long long*>(src));
+      } else {
+        uint64_t v = ~0ull;  // rows and groups past x's end hold zeros: any mask keeps them
+        if (mm < M)
+#pragma unroll
+          for (int j = 0; j < 8; ++j)
+            if (k8 + j < K8) v = (v & ~(0xFFull << (8 * j))) | ((uint64_t)__ldg(src + j) << (8 * j));
+        rows[h] = v;
+      }
+    }
+  }
+  __device__ __forceinline__ void operator()(int ks, uint32_t (&af)[4]) const {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {  // af[i]: row h = i % 2, group 2ks + i / 2
+      const uint32_t two = (uint32_t)(rows[i % 2] >> (8 * (2 * ks + i / 2) + 2 * t)) & 3u;
+      af[i] = mul_keep2<T>(af[i], two);
     }
   }
 };
@@ -195,14 +247,19 @@ __device__ __forceinline__ void pipeline_next(int64_t t, int64_t end, Fetch&& fe
 // P > 1: b holds the P pieces of a bf16x3-split operand (piece i at b + i * b_piece); piece 0's products go to acc,
 // the smaller pieces' to acc_lo (a separate chain, so that the tensor cores' truncating accumulation of acc takes
 // as many steps as with one piece; the caller adds acc_lo in fp32).
-template <typename T, int COLS, bool kBT, int UNROLL, int P = 1>
+// a_op(ks, af), where given, transforms each k16 step's A fragment before its products (the shrink's dropout).
+struct NoFragOp {
+  __device__ __forceinline__ void operator()(int, uint32_t (&)[4]) const {}
+};
+template <typename T, int COLS, bool kBT, int UNROLL, int P = 1, typename AOp = NoFragOp>
 __device__ __forceinline__ void warp_rows_mma(float (&acc)[COLS / 8][4], const T* a, int lda, const T* b, int ldb,
                                               int kp, const LaneOffsets& lo, int warp, int b_piece = 0,
-                                              float (*acc_lo)[4] = nullptr) {
+                                              float (*acc_lo)[4] = nullptr, const AOp& a_op = AOp{}) {
 #pragma unroll UNROLL
   for (int ks = 0; ks < kp / 16; ++ks) {
     uint32_t af[4];
     ldsm4(af, a + (16 * warp + lo.r1) * lda + 16 * ks + lo.c1);
+    a_op(ks, af);
 #pragma unroll
     for (int f = 0; f < COLS / 16; ++f) {
 #pragma unroll
