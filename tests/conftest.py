@@ -37,6 +37,15 @@ def nvcc_or_skip() -> str:
     return nvcc
 
 
+def triton_device_or_skip() -> str:
+    """The device the Triton backend's tests run on ("cuda", or "cpu" under TRITON_INTERPRET=1); skips the calling
+    test module when there is neither, or no triton. Call it at module level, before importing the backend."""
+    if not (HAS_CUDA or INTERPRET):
+        pytest.skip("triton backend tests need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+    pytest.importorskip("triton")
+    return "cuda" if HAS_CUDA else "cpu"
+
+
 def setup_py_function(name):
     """A function of setup.py, without running setup.py (which would build)."""
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "setup.py")

@@ -8,11 +8,9 @@ import os
 import pytest
 import torch
 
-_CUDA = torch.cuda.is_available()
-_INTERP = os.environ.get("TRITON_INTERPRET") == "1"
-if not (_CUDA or _INTERP):
-    pytest.skip("triton backend tests need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
-pytest.importorskip("triton")
+from conftest import HAS_CUDA, triton_device_or_skip
+
+DEV = triton_device_or_skip()
 
 from lora_kernels.backends.triton import launch as tb  # noqa: E402
 from lora_kernels.philox import dropout_mask  # noqa: E402
@@ -20,7 +18,6 @@ from lora_kernels.philox import dropout_mask  # noqa: E402
 # Outputs start as NaN (conftest.poisoned_outputs): an unwritten element fails the finiteness checks.
 pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 
-DEV = "cuda" if _CUDA else "cpu"
 DTYPES = [torch.float16, torch.float32, torch.bfloat16]
 SEED, OFFSET = 0x1234_5678_9ABC, (1 << 32) - 7  # counters cross the 32-bit boundary inside a tile
 
@@ -217,7 +214,7 @@ def test_fp32_precision_env(monkeypatch):
         tb.forward(x, W, b, A, B, 1.0, 0.0, SEED, OFFSET)
 
 
-@pytest.mark.skipif(not _CUDA, reason="the autotuner runs on a GPU only")
+@pytest.mark.skipif(not HAS_CUDA, reason="the autotuner runs on a GPU only")
 @pytest.mark.parametrize("M,mainloop", [(5, "cublas"), (100, "triton")])
 def test_autotuned_configs_are_reused(monkeypatch, M, mainloop):
     """With autotuning on (the default outside tests), the first call of a problem key tunes and records the

@@ -22,9 +22,10 @@ _SCRIPT = r"""
 import itertools, json, sys
 import torch
 import triton
-from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 from triton.runtime.jit import JITFunction
+
+import fake_triton_driver  # tests/fake_triton_driver.py (tests/ is on PYTHONPATH)
 
 LAUNCHES = []  # (path, function handle, grid, args) of every launch
 loaded = itertools.count(1)
@@ -52,21 +53,9 @@ class _Launcher:
         LAUNCHES.append((path[0], function, (gx, gy, gz), args))
 
 
-class FakeDriver:
+class FakeDriver(fake_triton_driver.FakeDriver):
     utils = _Utils()
     launcher_cls = _Launcher
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
-
-    def get_current_target(self):
-        return GPUTarget("cuda", 90, 32)
-
-    def get_active_torch_device(self):
-        return torch.device("cpu")
 
 
 driver.set_active(FakeDriver())
@@ -162,8 +151,8 @@ def test_fast_launch_matches_jit(triton_python):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["LORA_KERNELS_TRITON_AUTOTUNE"] = "0"
     env.pop("LORA_KERNELS_TRITON_FAST_LAUNCH", None)
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                         env.get("PYTHONPATH", "")])
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(tests), tests, env.get("PYTHONPATH", "")])
     out = subprocess.run([triton_python, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])

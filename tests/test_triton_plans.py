@@ -8,22 +8,17 @@ what a fresh plan gives for the same call. Runs on the CPU under TRITON_INTERPRE
 relaunch of compiled kernels that replayed plans do on a GPU is checked against triton's JIT in
 tests/test_triton_fast_launch.py.
 """
-import os
-
 import pytest
 import torch
 
-_CUDA = torch.cuda.is_available()
-_INTERP = os.environ.get("TRITON_INTERPRET") == "1"
-if not (_CUDA or _INTERP):
-    pytest.skip("triton backend tests need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
-pytest.importorskip("triton")
+from conftest import triton_device_or_skip
+
+DEV = triton_device_or_skip()
 
 from lora_kernels.backends.triton import launch as tb  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 
-DEV = "cuda" if _CUDA else "cpu"
 M, K, N, R = 37, 40, 24, 8  # M > SMALL_M is not needed: both forward paths are planned the same way
 
 

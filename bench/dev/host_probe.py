@@ -8,31 +8,29 @@ Prints microseconds per call (median of batches), to compare with F.linear's own
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
-import time
+import sys
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+from host_time import _cpu_batch_us, _GpuClock  # noqa: E402
 
-def host_us(fn, n=100, batches=7, sleep_cycles=200_000_000):
+SLEEP_US = 100_000.0  # each batch queued behind ~100 ms of GPU sleep: the GPU is still asleep when the host is done
+
+
+def host_us(clock, fn, n=100, batches=7):
+    """(median host us per call over the batches that the GPU sleep isolated, whether any was); when none was (fn
+    waits for the GPU), its wall time per call instead, as bench/tools/host_time.py reports it."""
     for _ in range(5):
         fn()
-    runs = []
-    for _ in range(batches):
-        torch.cuda.synchronize()
-        torch.cuda._sleep(sleep_cycles)  # ~100 ms: the GPU is still asleep when the host is done
-        woke = torch.cuda.Event()
-        woke.record()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        t1 = time.perf_counter()
-        asleep = not woke.query()
-        torch.cuda.synchronize()
-        runs.append(((t1 - t0) / n * 1e6, asleep))
-    ok = [r for r, a in runs if a]
-    return statistics.median(ok or [r for r, _ in runs]), bool(ok)
+    runs = [us for us in (clock.batch_us(fn, n, SLEEP_US) for _ in range(batches)) if us is not None]
+    if runs:
+        return statistics.median(runs), True
+    torch.cuda.synchronize()
+    return statistics.median(_cpu_batch_us(fn, n) for _ in range(batches)), False
 
 
 def main():
@@ -47,9 +45,10 @@ def main():
     K, N = (int(v) for v in a.shape.split("x"))
     dev = "cuda"
     rows = []
+    clock = _GpuClock()
 
     def probe(name, fn):
-        us, iso = host_us(fn)
+        us, iso = host_us(clock, fn)
         rows.append((name, us, iso))
         print(f"  {name:58s} {us:8.1f} us{'' if iso else '  (not isolated)'}", flush=True)
 

@@ -36,28 +36,14 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 SMS = 132
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # this checkout
-
-
-class _FakeDriver:
-    """triton's active driver, stood in: device 0, stream 0, an sm_90 target."""
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
-
-    def get_current_target(self):
-        return GPUTarget("cuda", 90, 32)
-
-    def get_active_torch_device(self):
-        return torch.device("cpu")
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path[:0] = [_ROOT, os.path.join(_ROOT, "tests")]  # this checkout; tests/ for the stand-in driver
+from fake_triton_driver import FakeDriver  # noqa: E402
 
 
 def _no_launch(*args):
@@ -87,7 +73,7 @@ def _tune_first(self, *args, **kwargs):  # the autotuner without benchmarks: its
 
 def install(no_launch: bool = False):
     """Installs the stand-ins and returns lora_kernels, ready for backend="triton" on CPU tensors."""
-    driver.set_active(_FakeDriver())
+    driver.set_active(FakeDriver())
     JITFunction.run = _jit_run
     Autotuner.run = _tune_first
     torch.Tensor.addmm_ = lambda self, a, b: self  # cuBLAS's main loop (see the module docstring)
