@@ -72,7 +72,8 @@ for step in ${STEPS:-build tests}; do
       # per-test outcomes, also when the limit cut pytest before its summary
       grep -aoE "(PASSED|FAILED|ERROR|SKIPPED) \S+::\S+" "$OUT/tests.log" | sort > "$OUT/tests_outcomes.txt"
       grep -aE "^(FAILED|ERROR) |\] (FAILED|ERROR) " "$OUT/tests.log" | head -30
-      tail -1 "$OUT/tests.log" | tee -a "$SUMMARY";;
+      # pytest's closing line ("N passed, ..."; the log ends with run_step's own note, so not its last line)
+      grep -aE "^=+ .*[0-9]+ (passed|failed|error)" "$OUT/tests.log" | tail -1 | tee -a "$SUMMARY";;
     two_gpu)
       # two_gpu.sh has a STEPS knob of its own (training steps): this script's list must not reach it
       REUSE_BUILD=1 run_step two_gpu "${T_TWO_GPU:-240}" env -u STEPS bash "$REPO/bench/train/two_gpu.sh" "$OUT" \
