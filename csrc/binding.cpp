@@ -294,7 +294,7 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& weight, c
   const int64_t bx_piece = sm90 ? ws.reserve(N * kx * elem) : -1;
   // with dropout, the mask as keep bits where the shrink's kernel reads them (csrc/dropout_bits.cu says why)
   const bool bits = pf > 0.0f && K > 0 && lk::dropout_bits_used(x_dt, a_dt);
-  const int64_t bits_piece = bits ? ws.reserve(M * ((K + 7) / 8)) : -1;
+  const int64_t bits_piece = bits ? ws.reserve(lk::dropout_keep_bits_bytes(M, K)) : -1;
   ws.allocate(x.options());
   if (bits) {
     check_cuda(lk::launch_dropout_keep_bits(ws.ptr<uint8_t>(bits_piece), M, K, pf, (uint64_t)seed, seed_ptr,
@@ -393,7 +393,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   const int64_t g_piece = g_reduced || !g_partial ? ws.reserve_floats(M * r) : -1;
   // with dropout, the mask as keep bits for dx and dA where their kernels read them, made once (dropout_bits.cu)
   const bool bits = pf > 0.0f && K > 0 && M > 0 && (need_dx || need_dA) && lk::dropout_bits_used(x_dt, a_dt);
-  const int64_t bits_piece = bits ? ws.reserve(M * ((K + 7) / 8)) : -1;
+  const int64_t bits_piece = bits ? ws.reserve(lk::dropout_keep_bits_bytes(M, K)) : -1;
   const int64_t phases = ws.mark();
   const int64_t g_parts_piece = g_partial ? ws.reserve_floats(dy_plan.col_groups * M * r) : -1;
   const int64_t after_g_parts = ws.mark();

@@ -23,7 +23,7 @@ __global__ void __launch_bounds__(kThreads)
 dropout_keep_bits_kernel(uint8_t* __restrict__ bits, int64_t M, int64_t K, uint32_t thr, uint64_t seed,
                          const int64_t* seed_ptr, uint64_t offset) {
   seed = dropout_seed(seed, seed_ptr);
-  const int64_t K8 = (K + kDropoutGroup - 1) / kDropoutGroup, total = M * K8;
+  const int64_t K8 = dropout_groups(K), total = M * K8;
   const int64_t stride = (int64_t)gridDim.x * blockDim.x * DB_GROUPS;
   const bool vec = K8 % DB_GROUPS == 0;  // each 4-byte word lies in one row, and is 4-byte aligned
   for (int64_t e0 = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) * DB_GROUPS; e0 < total; e0 += stride) {
@@ -48,10 +48,12 @@ dropout_keep_bits_kernel(uint8_t* __restrict__ bits, int64_t M, int64_t K, uint3
 
 bool dropout_bits_used(DType x_dtype, DType a_dtype) { return stream_pass_on_tc(x_dtype, a_dtype); }
 
+int64_t dropout_keep_bits_bytes(int64_t M, int64_t K) { return M * dropout_groups(K); }
+
 cudaError_t launch_dropout_keep_bits(uint8_t* bits, int64_t M, int64_t K, float p, uint64_t seed,
                                      const int64_t* seed_ptr, uint64_t offset, cudaStream_t stream) {
   if (M <= 0 || K <= 0) return cudaSuccess;
-  const int64_t words = ceil_div(M * ceil_div(K, kDropoutGroup), DB_GROUPS);
+  const int64_t words = ceil_div(dropout_keep_bits_bytes(M, K), DB_GROUPS);
   // enough blocks to fill every SM at full occupancy, fewer where there is less work
   const int64_t blocks = std::min<int64_t>(ceil_div(words, kThreads), (int64_t)num_sms() * (2048 / kThreads));
   return launch_kernel(dropout_keep_bits_kernel, dim3((unsigned)blocks), kThreads, 0, stream, bits, M, K,

@@ -120,7 +120,7 @@ lora_dx_tc_kernel(T* __restrict__ dx, const float* __restrict__ g, const TA* __r
             pack2<T>(acc[n][2 * h] * scale, acc[n][2 * h + 1] * scale);
     const bool full = dx_vec && k0 + TO_BN <= K;
     if (p > 0.f && keep8 != nullptr) {  // k starts an 8-group: its keep byte (launch_dropout_keep_bits)
-      const int64_t K8 = (K + kDropoutGroup - 1) / kDropoutGroup;
+      const int64_t K8 = dropout_groups(K);
       store_staged_rows<TO_BN>(dx, K, blk.os, TO_LDO, blk.m0, k0, M, K, full, [&](uint4 v, int64_t m, int64_t k) {
         return drop8<T>(v, m < M && k < K ? (uint32_t)__ldg(keep8 + m * K8 + k / kDropoutGroup) : 0xFFu);
       });

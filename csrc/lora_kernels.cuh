@@ -78,6 +78,7 @@ cudaError_t launch_lora_shrink(const void* x, DType x_dtype, const void* A, DTyp
 // them as keep8 (null: each computes the mask itself); dropout_bits_used says whether their kernels for these dtypes
 // read them (the tensor-core kernels do, the FFMA kernels compute the mask themselves).
 bool dropout_bits_used(DType x_dtype, DType a_dtype);
+int64_t dropout_keep_bits_bytes(int64_t M, int64_t K);  // M * ceil(K / 8)
 cudaError_t launch_dropout_keep_bits(uint8_t* bits, int64_t M, int64_t K, float p, uint64_t seed,
                                      const int64_t* seed_ptr, uint64_t offset, cudaStream_t stream);
 

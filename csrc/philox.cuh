@@ -55,10 +55,12 @@ constexpr int kDropoutGroup = 8;  // elements per Philox call: 4 words x 2 halve
 // ceil(p * 65536): an element is kept iff its 16 random bits are >= this (p * 65536 and its ceil are exact).
 LK_HD uint32_t dropout_threshold(float p) { return (uint32_t)ceilf(p * 65536.0f); }
 
+// 8-groups per row of an (M, K) input: ceil(K / 8), the counter stride of a row and the row pitch of the keep bytes.
+LK_HD int64_t dropout_groups(int64_t K) { return (K + kDropoutGroup - 1) / kDropoutGroup; }
+
 // Counter of the 8-group holding (m, k) of an (M, K) input (k8 = k / 8).
 LK_HD uint64_t dropout_counter(uint64_t offset, int64_t m, int64_t K, int64_t k8) {
-  const uint64_t K8 = (uint64_t)((K + kDropoutGroup - 1) / kDropoutGroup);
-  return offset + (uint64_t)m * K8 + (uint64_t)k8;
+  return offset + (uint64_t)m * (uint64_t)dropout_groups(K) + (uint64_t)k8;
 }
 
 LK_HD void dropout_words(uint64_t seed, uint64_t counter, uint32_t w[4]) {

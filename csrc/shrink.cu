@@ -147,17 +147,12 @@ lora_shrink_tc_kernel(const T* __restrict__ x, const TA* __restrict__ A, float* 
     const int64_t k0 = k_begin + t * TS_KC;
     T* slot = xs + (int)(t % kStages) * TS_BM * TS_LD;
     const T* ab = as + (int)(t % 2) * P * RC * TS_LD;
-    bool done = false;
-    if constexpr (kFragKeep) {
-      if (p > 0.f && keep8 != nullptr) {  // the keep bits of this warp's rows, loaded before the wait
-        FragKeep<T, TS_KC> fk;
-        fk.load(keep8, m0 + 16 * warp + lo.g, M, K, k0, lo.t);
-        pipeline_wait(t, n_tiles, issue, [] {});
-        mma_tile(slot, ab, fk);
-        done = true;
-      }
-    }
-    if (!done) {
+    if (kFragKeep && p > 0.f && keep8 != nullptr) {  // the keep bits of this warp's rows, loaded before the wait
+      FragKeep<T, TS_KC> fk;
+      fk.load(keep8, m0 + 16 * warp + lo.g, M, K, k0, lo.t);
+      pipeline_wait(t, n_tiles, issue, [] {});
+      mma_tile(slot, ab, fk);
+    } else {
       uint32_t keep[XTile::kGroups];  // the mask's loads or Philox work before the wait: they overlap the copies
       if (p > 0.f) {
         if (keep8 != nullptr) XTile::load_keep_bits(keep, keep8, m0, M, K, k0);

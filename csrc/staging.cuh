@@ -101,7 +101,7 @@ struct StreamTile {
   // byte load per group. Groups past the rows or columns of x (zeros in the tile) read nothing.
   static __device__ __forceinline__ void load_keep_bits(uint32_t bits[kGroups], const uint8_t* __restrict__ keep8,
                                                         int64_t m0, int64_t M, int64_t K, int64_t k0) {
-    const int64_t K8 = (K + kDropoutGroup - 1) / kDropoutGroup;
+    const int64_t K8 = dropout_groups(K);
 #pragma unroll
     for (int i = 0; i < kGroups; ++i) {
       const int64_t m = m0 + row(i), k8 = (k0 + col(i)) / kDropoutGroup;
@@ -132,7 +132,7 @@ struct FragKeep {
   __device__ __forceinline__ void load(const uint8_t* __restrict__ keep8, int64_t m, int64_t M, int64_t K,
                                        int64_t k0, int lane_t) {
     t = lane_t;
-    const int64_t K8 = (K + kDropoutGroup - 1) / kDropoutGroup, k8 = k0 / kDropoutGroup;
+    const int64_t K8 = dropout_groups(K), k8 = k0 / kDropoutGroup;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int64_t mm = m + 8 * h;
