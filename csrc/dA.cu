@@ -115,6 +115,8 @@ lora_dA_tc_kernel(const T* __restrict__ x, const float* __restrict__ g, float* _
 
   const uint64_t sd = p > 0.f ? dropout_seed(seed, seed_ptr) : 0;
   const uint32_t thr = dropout_threshold(p);
+  // Fragment dropout where its registers fit (as in the shrink): one r-chunk of 16, or fp32 adapters.
+  constexpr bool kFragKeep = NJ == 1 || P > 1;
   float acc[NJ][2][4];
   pipeline_start(n_tiles, issue, fetch_g, stash_g, [] {});
   for (int64_t t = 0; t < n_tiles; ++t) {
@@ -122,14 +124,23 @@ lora_dA_tc_kernel(const T* __restrict__ x, const float* __restrict__ g, float* _
     const int64_t m0 = row_begin + rt * TA_BM, k0 = col_begin + t / n_rt * TA_KC;
     T* slot = xs + (int)(t % kStages) * TA_BM * TA_LDX;
     const T* gb = gs + (int)(t % 2) * P * TA_BM * LDG;
-    uint32_t keep[XTile::kGroups];  // the mask's loads or Philox work before the wait: it overlaps the copies in flight
-    if (p > 0.f) {
-      if (keep8 != nullptr) XTile::load_keep_bits(keep, keep8, m0, M, K, k0);
-      else XTile::keep_bits(keep, m0, K, k0, thr, sd, offset);
+    // The mask: from the keep bits on this warp's fragments (FragKeepT, loaded before the wait), else Philox work
+    // before the wait (it overlaps the copies in flight) applied to the landed tile.
+    const bool frag_keep = kFragKeep && p > 0.f && keep8 != nullptr;
+    FragKeepT<T, TA_BM> fk;
+    if (frag_keep) {
+      fk.load(keep8, m0, M, K, k0, warp, tid & 31);
+      pipeline_wait(t, n_tiles, issue, [] {});
+    } else {
+      uint32_t keep[XTile::kGroups];
+      if (p > 0.f) {
+        if (keep8 != nullptr) XTile::load_keep_bits(keep, keep8, m0, M, K, k0);
+        else XTile::keep_bits(keep, m0, K, k0, thr, sd, offset);
+      }
+      pipeline_wait(t, n_tiles, issue, [&] {
+        if (p > 0.f) XTile::apply_keep(slot, keep);
+      });
     }
-    pipeline_wait(t, n_tiles, issue, [&] {
-      if (p > 0.f) XTile::apply_keep(slot, keep);
-    });
     if (rt == 0) {
 #pragma unroll
       for (int jf = 0; jf < NJ; ++jf)
@@ -144,6 +155,8 @@ lora_dA_tc_kernel(const T* __restrict__ x, const float* __restrict__ g, float* _
       for (int mb = 0; mb < TA_BM / 16; ++mb) {
         uint32_t b[4];
         ldsm4_t(b, slot + (16 * mb + lo.r1) * TA_LDX + 16 * warp + lo.c1);
+        if constexpr (kFragKeep)
+          if (frag_keep) fk.apply(mb, b);
 #pragma unroll
         for (int jf = 0; jf < NJ; ++jf)
 #pragma unroll

@@ -158,6 +158,50 @@ struct FragKeep {
   }
 };
 
+// Dropout applied to the dA pass's x fragments (the B operand, read transposed: ldsm4_t) from the keep bytes. Warp w
+// reads columns 16w..16w+15 of a 64-row tile, the keep bytes of groups 2w and 2w+1: lane L loads them for rows 2L and
+// 2L+1 (one word), and the lanes take the words they need by shuffles. In k16 step mb a lane's fragment b[i] holds
+// rows 16mb+2t and +1 (i = 0, 2) or 16mb+8+2t and +1 (i = 1, 3) of column g (i < 2) or 8+g (i >= 2): bit g of the
+// group's byte of each of its two rows. A pair is multiplied by 1 or 0 as in FragKeep.
+template <typename T, int BM>
+struct FragKeepT {
+  static_assert(BM == 64, "two rows per lane");
+  uint32_t word;  // bytes: (row 2L, group 2w), (2L, 2w+1), (2L+1, 2w), (2L+1, 2w+1)
+  int g, t;
+  // Tile rows m0.. of x (M, K), columns k0.. (k0 a multiple of 128), warp w's 16 columns.
+  __device__ __forceinline__ void load(const uint8_t* __restrict__ keep8, int64_t m0, int64_t M, int64_t K,
+                                       int64_t k0, int warp, int lane) {
+    g = lane >> 2;
+    t = lane & 3;
+    const int64_t K8 = (K + kDropoutGroup - 1) / kDropoutGroup, k8 = k0 / kDropoutGroup + 2 * warp;
+    uint32_t w = 0;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t m = m0 + 2 * lane + h;
+      uint32_t two = 0xFFFFu;  // rows and groups past x's end hold zeros: any mask keeps them
+      if (m < M) {
+        const uint8_t* src = keep8 + m * K8 + k8;
+        if (k8 + 2 <= K8 && reinterpret_cast<uintptr_t>(src) % 2 == 0)
+          two = __ldg(reinterpret_cast<const unsigned short*>(src));
+        else
+          two = (uint32_t)(k8 < K8 ? __ldg(src) : 0xFF) | (uint32_t)(k8 + 1 < K8 ? __ldg(src + 1) : 0xFF) << 8;
+      }
+      w |= two << (16 * h);
+    }
+    word = w;
+  }
+  // k16 step mb's fragment b (warp-wide: every lane calls it).
+  __device__ __forceinline__ void apply(int mb, uint32_t (&b)[4]) const {
+    const uint32_t lo = __shfl_sync(0xffffffffu, word, 8 * mb + t), hi = __shfl_sync(0xffffffffu, word, 8 * mb + 4 + t);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const uint32_t src = i % 2 == 0 ? lo : hi, sh = 8 * (i / 2) + g;  // byte of group 2w + i / 2, bit g
+      const uint32_t two = ((src >> sh) & 1u) | ((src >> (sh + 16)) & 1u) << 1;
+      b[i] = mul_keep2<T>(b[i], two);
+    }
+  }
+};
+
 // A side operand's ROWS x COLS tile of TS (fp32 or 16-bit) in registers, 4-groups spread over the block, between
 // its global loads (fetch) and its store to shared memory as T (stash).
 template <typename TS, int ROWS, int COLS>
