@@ -173,7 +173,7 @@ struct FragKeepT {
                                        int64_t k0, int warp, int lane) {
     g = lane >> 2;
     t = lane & 3;
-    const int64_t K8 = (K + kDropoutGroup - 1) / kDropoutGroup, k8 = k0 / kDropoutGroup + 2 * warp;
+    const int64_t K8 = dropout_groups(K), k8 = k0 / kDropoutGroup + 2 * warp;
     uint32_t w = 0;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
