@@ -107,9 +107,10 @@ lk::GemmDType gemm_dtype(const Tensor& x) {
   return x.scalar_type() == at::kHalf ? lk::GemmDType::kFloat16 : lk::GemmDType::kBFloat16;
 }
 
-// nullptr when a GEMM D (M, N) = a (M, K) op(b) (+ bias) can take the sm_90 path, else why not.
+// nullptr when a GEMM D (M, N) = a (M, K) op(b) (+ bias) can take the sm_90 path, else why not. masked: with an
+// extension masked by keep bits (dx with dropout; the operands and bits are workspace pieces, aligned like a).
 const char* sm90_unsupported(const Tensor& a, const Tensor& b, const Tensor* bias, int64_t M, int64_t N, int64_t K,
-                             lk::GemmLayoutB layout) {
+                             lk::GemmLayoutB layout, bool masked = false) {
   if (!sm90_enabled()) return "LORA_KERNELS_SM90_GEMM=0";
   if (a.scalar_type() != at::kHalf && a.scalar_type() != at::kBFloat16) return "x is not float16 or bfloat16";
   lk::LoraGemmArgs args;
@@ -118,6 +119,11 @@ const char* sm90_unsupported(const Tensor& a, const Tensor& b, const Tensor* bia
   args.d = a.data_ptr();  // the output comes from the caching allocator: aligned like a
   args.bias = bias ? bias->data_ptr() : nullptr;
   args.layout_b = layout;
+  if (masked) {
+    args.Kx = 64;
+    args.ax = args.bx = a.data_ptr();
+    args.keep = static_cast<const uint8_t*>(a.data_ptr());
+  }
   return lk::lora_gemm_sm90_unsupported(args, a.get_device());
 }
 
@@ -213,6 +219,14 @@ void sm90_forward(const Tensor& x, const Tensor& weight, const Tensor* bias, con
   check_cuda(lk::launch_lora_gemm_sm90(g, stream), "sm90 GEMM launch (forward)");
 }
 
+// nullptr when dx = dy W + (s g) A (M, K) can take the sm_90 path, else why not. With dropout the GEMM masks the
+// rank-r term with the keep bits, so it needs them (bits: the backward makes them) and their layout (K % 128).
+const char* dx_sm90_unsupported(const Tensor& dy, const Tensor& weight, float p, bool bits) {
+  if (p > 0.0f && !bits) return "no keep bits for these dtypes (dropout_bits_used)";
+  return sm90_unsupported(dy, weight, nullptr, dy.size(0), weight.size(1), weight.size(0), lk::GemmLayoutB::kKN,
+                          p > 0.0f);
+}
+
 // The rank-r operands of dx on the sm_90 path, packed: vx (M, kx) = s·g and ax (kx, K) = lora_A in dy's dtype
 // (workspace pieces). g_work holds g = dy B (M, r) fp32, or the dy pass's `partials` column-group parts of it: the
 // pack sums them on the way (the same fp32 sums in the same order as launch_reduce_partials), into g_sum when it
@@ -230,14 +244,15 @@ void sm90_dx_pack(const Tensor& dy, const float* g_work, int64_t partials, float
   check_cuda(lk::launch_pack_rank_operands(jv, ja, to_dtype(dy, "dy"), stream), "pack(g, A) launch");
 }
 
-// dx (M, K) = dy W + (s g) A on the sm_90 path (no dropout: the rank-r term is not masked), from the operands
-// that sm90_dx_pack packed.
-void sm90_dx_gemm(const Tensor& dy, const Tensor& weight, int r, const void* vx, const void* ax, Tensor& dx,
-                  cudaStream_t stream) {
+// dx (M, K) = dy W + (s g) A on the sm_90 path, from the operands that sm90_dx_pack packed; with dropout
+// (keep = the mask's keep bits) dx = dy W + keep ⊙ (s / (1 - p) g) A, the pack having scaled g by s / (1 - p).
+void sm90_dx_gemm(const Tensor& dy, const Tensor& weight, int r, const void* vx, const void* ax, const uint8_t* keep,
+                  Tensor& dx, cudaStream_t stream) {
   const int64_t M = dy.size(0), N = dy.size(1), K = weight.size(1), kx = sm90_kx(r);
   lk::LoraGemmArgs a;
   a.M = M; a.N = K; a.K = N; a.Kx = kx;
   a.a = dy.data_ptr(); a.b = weight.data_ptr(); a.ax = vx; a.bx = ax;
+  a.keep = keep;
   a.d = dx.data_ptr();
   a.dtype = gemm_dtype(dy);
   a.layout_b = lk::GemmLayoutB::kKN;
@@ -361,11 +376,11 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   // The passes, in stream order:
   //  1. the dy pass: g = dy B (fp32), as col_groups parts when g_partial, and the dB partials, one pass over dy;
   //  2. the reduces of g (where the sm_90 pack does not sum it) and of dB;
-  //  3. dx. Without dropout the rank-r term is unmasked and joins the GEMM's K axis on sm_90: the pack of (s g, A)
-  //     sums g's parts on the way (the fp32 sums of the reduce, in its order) and writes the reduced g where dA
-  //     reads it, so that g needs no reduce launch. With dropout the term is masked per element, so it is written
-  //     first and cuBLAS accumulates dy W into it (beta = 1); the mask's keep bits are made before, once for dx
-  //     and dA;
+  //  3. dx. On sm_90 the rank-r term joins the GEMM's K axis: the pack of (s g, A) sums g's parts on the way (the
+  //     fp32 sums of the reduce, in its order) and writes the reduced g where dA reads it, so that g needs no
+  //     reduce launch. With dropout the pack scales g by s / (1 - p) and the GEMM masks the term with the keep
+  //     bits (made once, for dx and dA) before it accumulates dy W. Off sm_90 the term is written first (dropout
+  //     applied) and cuBLAS accumulates dy W into it (beta = 1);
   //  4. dA and its reduce.
   // When the dy pass runs as one row split (small M), dB is that split's partial: in fp32 the pass writes it into
   // the output, and the reduce launch, which would only add it to zero, is left out (the same values bit for bit:
@@ -375,8 +390,9 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   // reduce's add made +0.
   const lk::SplitPlan dy_plan = lk::lora_dy_pass_plan(M, N, r, lk::adapter_pieces(x_dt, b_dt));
   const bool g_partial = dy_plan.col_groups > 1;
-  const bool dx_sm90 = need_dx && pf == 0.0f && N > 0 &&
-                       sm90_unsupported(dy, weight, nullptr, M, K, N, lk::GemmLayoutB::kKN) == nullptr;
+  // with dropout, the mask as keep bits for dx and dA where their kernels read them, made once (dropout_bits.cu)
+  const bool bits = pf > 0.0f && K > 0 && M > 0 && (need_dx || need_dA) && lk::dropout_bits_used(x_dt, a_dt);
+  const bool dx_sm90 = need_dx && N > 0 && dx_sm90_unsupported(dy, weight, pf, bits) == nullptr;
   const bool g_in_pack = dx_sm90 && g_partial;  // the pack sums g's parts
   // The reduced g as a buffer of its own: read by dA, or by the dx kernel off the sm_90 path.
   const bool g_reduced = g_partial && (need_dA || (need_dx && !dx_sm90));
@@ -391,8 +407,6 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   Workspace ws;
   // g: the dy pass's output itself without parts (also when only dB is needed), else their sum where it is read
   const int64_t g_piece = g_reduced || !g_partial ? ws.reserve_floats(M * r) : -1;
-  // with dropout, the mask as keep bits for dx and dA where their kernels read them, made once (dropout_bits.cu)
-  const bool bits = pf > 0.0f && K > 0 && M > 0 && (need_dx || need_dA) && lk::dropout_bits_used(x_dt, a_dt);
   const int64_t bits_piece = bits ? ws.reserve(lk::dropout_keep_bits_bytes(M, K)) : -1;
   const int64_t phases = ws.mark();
   const int64_t g_parts_piece = g_partial ? ws.reserve_floats(dy_plan.col_groups * M * r) : -1;
@@ -438,9 +452,11 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   if (need_dx) {
     dx = at::empty({M, K}, x.options());
     if (dx_sm90) {
-      sm90_dx_pack(dy, g_work, dy_plan.col_groups, g_reduced ? g : nullptr, r, lora_A, scaling,
+      // scaling / (1 - p) as the dx kernel computes it (plans.cuh dropout_scale)
+      const float dx_scale = (float)((double)(float)scaling / (1.0 - (double)pf));
+      sm90_dx_pack(dy, g_work, dy_plan.col_groups, g_reduced ? g : nullptr, r, lora_A, dx_scale,
                    ws.ptr(vx_piece), ws.ptr(ax_piece), stream);
-      sm90_dx_gemm(dy, weight, r, ws.ptr(vx_piece), ws.ptr(ax_piece), dx, stream);
+      sm90_dx_gemm(dy, weight, r, ws.ptr(vx_piece), ws.ptr(ax_piece), ws.ptr<uint8_t>(bits_piece), dx, stream);
     } else {
       check_cuda(lk::launch_lora_dx(dx.data_ptr(), x_dt, g, lora_A.data_ptr(), a_dt, M, K, r, (float)scaling, pf,
                                     (uint64_t)seed, seed_ptr, (uint64_t)offset, ws.ptr<uint8_t>(bits_piece),
@@ -521,6 +537,18 @@ std::string gemm_path(const Tensor& x, const Tensor& weight, const std::optional
   return why == nullptr ? std::string("sm90") : std::string("cublas: ") + why;
 }
 
+// Which GEMM path dx of a backward with these inputs takes: "sm90", "sm90 masked" (dropout: the keep bits mask the
+// rank-r term inside the GEMM) or "cublas: <why not sm90>" (the dx kernel writes the term, cuBLAS adds dy W).
+std::string dx_path(const Tensor& x, const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B, double p) {
+  check_common(x, weight, lora_A, lora_B, p, 0);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const float pf = (float)p;
+  const bool bits = pf > 0.0f && lk::dropout_bits_used(to_dtype(x, "x"), to_dtype(lora_A, "lora_A"));
+  const char* why = dx_sm90_unsupported(x, weight, pf, bits);
+  if (why != nullptr) return std::string("cublas: ") + why;
+  return pf > 0.0f ? "sm90 masked" : "sm90";
+}
+
 // Which path a forward with these inputs takes: "small_m" (one launch, csrc/small_m.cu), or gemm_path's answer
 // followed by " (small_m: <why not>)". Checks what lora_forward checks first (the call would fail otherwise).
 std::string forward_path(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
@@ -540,6 +568,7 @@ bool set_small_m(bool enabled) { return small_m_switch().exchange(enabled); }
 // seed_t (optional, last): the device seed (see device_seed); without it the kernels use `seed`.
 TORCH_LIBRARY(lora_kernels_cuda, m) {
   m.def("gemm_path(Tensor x, Tensor weight, Tensor? bias) -> str");
+  m.def("dx_path(Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, float p) -> str");
   m.def("forward_path(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float p) -> str");
   m.def("set_small_m(bool enabled) -> bool", &set_small_m);  // no tensor arguments: a catch-all kernel
   m.def(
@@ -559,6 +588,7 @@ TORCH_LIBRARY_IMPL(lora_kernels_cuda, CUDA, m) {
   m.impl("backward", &lora_backward);
   m.impl("lora_linear", &lora_linear_forward_only);
   m.impl("gemm_path", &gemm_path);
+  m.impl("dx_path", &dx_path);
   m.impl("forward_path", &forward_path);
 }
 

@@ -53,6 +53,11 @@ const char* lora_gemm_sm90_unsupported(const LoraGemmArgs& a, int device) {
   if (!aligned16(a.a) || !aligned16(a.b) || !aligned16(a.d) || (a.bias && !aligned16(a.bias)))
     return "pointers must be 16-byte aligned";
   if (a.Kx > 0 && (!a.ax || !a.bx || !aligned16(a.ax) || !aligned16(a.bx))) return "extension pointers missing";
+  if (a.keep) {
+    if (a.Kx == 0 || a.layout_b != GemmLayoutB::kKN) return "keep bits need the dx layout and an extension";
+    if (a.N % 128) return "keep bits need N a multiple of 128 (16-byte rows of bits for TMA)";
+    if (!aligned16(a.keep)) return "keep bits must be 16-byte aligned";
+  }
   return nullptr;
 }
 

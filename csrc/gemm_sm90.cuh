@@ -30,8 +30,13 @@ namespace sm90 {
 using namespace cute;
 
 // ------------------------------------------------------------------------------------------------ mainloop
-// CUTLASS's TMA + WGMMA warp-specialised mainloop with a second pair of TMA descriptors for the extension.
-// Base is the CollectiveMma the CollectiveBuilder picks; only the producer side (load_init, load) changes.
+// CUTLASS's TMA + WGMMA warp-specialised mainloop with a second pair of TMA descriptors for the extension, and
+// optional keep bits that mask the extension's term (gemm_sm90.h). Base is the CollectiveMma the CollectiveBuilder
+// picks. The producer (load) chooses the source of each K-tile; the consumer (mma) is Base's loop plus one step.
+//   Unmasked: K-tiles [0, kt_main) from (A, B), then [kt_main, kt_main + kt_ext) from (Ax, Bx).
+//   Masked:   the extension's K-tiles first, the keep bits of the output tile loaded by TMA with the last of them
+//             (into that stage's keep slot, counted on the same barrier); after that tile's MMAs the consumer zeroes
+//             the dropped accumulator elements, then the main K-tiles accumulate on top.
 template <class Base>
 struct KExtendedMainloop : Base {
   using typename Base::ElementA;
@@ -39,19 +44,39 @@ struct KExtendedMainloop : Base {
   using typename Base::StrideA;
   using typename Base::StrideB;
   using typename Base::TileShape;
+  using typename Base::TiledMma;
   using typename Base::SmemLayoutA;
   using typename Base::SmemLayoutB;
   using typename Base::GmemTiledCopyA;
   using typename Base::GmemTiledCopyB;
   using typename Base::MainloopPipeline;
   using typename Base::PipelineState;
-  using typename Base::TensorStorage;
   using typename Base::DispatchPolicy;
   using InternalElementA = typename Base::InternalElementA;
   using InternalElementB = typename Base::InternalElementB;
   using TMA_A = typename Base::Params::TMA_A;
   using TMA_B = typename Base::Params::TMA_B;
+  static constexpr int kTileM = size<0>(TileShape{});
+  static constexpr int kTileN = size<1>(TileShape{});
   static constexpr int kTileK = size<2>(TileShape{});
+  static constexpr int kStages = DispatchPolicy::Stages;
+  // Keep bits of one output tile: kTileM rows of kTileN / 8 bytes, one slot per pipeline stage.
+  static constexpr int kKeepRowBytes = kTileN / 8;
+  static constexpr int kKeepBytes = kTileM * kKeepRowBytes;
+  static_assert(kKeepRowBytes % 16 == 0, "a TMA box row of keep bits is a multiple of 16 bytes");
+  using KeepTile = Shape<Int<kTileM>, Int<kKeepRowBytes>>;
+  using SmemLayoutKeepStage = Layout<KeepTile, Stride<Int<kKeepRowBytes>, _1>>;
+  using SmemLayoutKeep = Layout<Shape<Int<kTileM>, Int<kKeepRowBytes>, Int<kStages>>,
+                                Stride<Int<kKeepRowBytes>, _1, Int<kKeepBytes>>>;
+  using GmemLayoutKeep = Layout<Shape<int, int>, Stride<int, _1>>;  // (M, N/8) row-major
+  using TMA_Keep = decltype(make_tma_copy(SM90_TMA_LOAD{},
+                                          make_tensor(make_gmem_ptr(static_cast<uint8_t const*>(nullptr)),
+                                                      GmemLayoutKeep{}),
+                                          SmemLayoutKeepStage{}));
+
+  struct TensorStorage : Base::TensorStorage {
+    alignas(128) cute::array_aligned<uint8_t, cute::cosize_v<SmemLayoutKeep>> smem_keep;
+  };
 
   struct Arguments {
     ElementA const* ptr_A;   // (M, K)
@@ -64,15 +89,20 @@ struct KExtendedMainloop : Base {
     StrideB dBx;
     int k_main;              // K of (A, B); the problem shape's K is k_tiles_main * kTileK + Kx
     int k_ext;               // Kx (a multiple of kTileK, may be 0)
+    uint8_t const* ptr_keep = nullptr;  // (M, N/8) keep bits, or null
     uint32_t mma_promotion_interval = 4;
   };
 
   struct Params : Base::Params {
     TMA_A tma_load_ax;
     TMA_B tma_load_bx;
+    TMA_Keep tma_load_keep;
     int k_main;
     int k_ext;
     int k_tiles_main;
+    int k_tiles_ext;
+    int masked;
+    int keep_rows, keep_cols;  // the keep descriptor's (M, N/8), or (M, kKeepRowBytes) when unmasked
   };
 
   template <class ProblemShape>
@@ -102,6 +132,18 @@ struct KExtendedMainloop : Base {
     p.k_main = args.k_main;
     p.k_ext = args.k_ext;
     p.k_tiles_main = (args.k_main + kTileK - 1) / kTileK;
+    p.k_tiles_ext = args.k_ext / kTileK;
+    // Unmasked, the keep descriptor is never used; it still needs a valid one: A's first 16 bytes of each row.
+    p.masked = args.ptr_keep != nullptr && args.k_ext > 0;
+    auto keep_src = p.masked ? args.ptr_keep : reinterpret_cast<uint8_t const*>(args.ptr_A);
+    int keep_pitch = p.masked ? N / 8 : args.k_main * int(sizeof(ElementA));
+    p.keep_rows = M;
+    p.keep_cols = p.masked ? N / 8 : kKeepRowBytes;
+    p.tma_load_keep = make_tma_copy(
+        SM90_TMA_LOAD{},
+        make_tensor(make_gmem_ptr(keep_src),
+                    GmemLayoutKeep{make_shape(p.keep_rows, p.keep_cols), make_stride(keep_pitch, _1{})}),
+        SmemLayoutKeepStage{});
     return p;
   }
 
@@ -121,6 +163,7 @@ struct KExtendedMainloop : Base {
       cute::prefetch_tma_descriptor(p.tma_load_ax.get_tma_descriptor());
       cute::prefetch_tma_descriptor(p.tma_load_bx.get_tma_descriptor());
     }
+    if (p.masked) cute::prefetch_tma_descriptor(p.tma_load_keep.get_tma_descriptor());
   }
 
   // (BLK_M, BLK_K, m, k, l) / (BLK_N, BLK_K, n, k, l) views of the four tensors, from their TMA descriptors.
@@ -181,22 +224,113 @@ struct KExtendedMainloop : Base {
         mcast_mask_b |= (uint16_t(1) << block_layout(m, cluster_local_block_id.y, Int<0>{}));
     }
 
+    // The keep bits of this output tile (read only when masked)
+    Tensor gKeep = local_tile(p.tma_load_keep.get_tma_tensor(make_shape(p.keep_rows, p.keep_cols)), KeepTile{},
+                              make_coord(m_coord, n_coord));  // (BLK_M, BLK_N / 8)
+    auto thr_keep = p.tma_load_keep.get_slice(0);
+    Tensor tKgK = thr_keep.partition_S(gKeep);
+    Tensor tKsK = thr_keep.partition_D(make_tensor(make_smem_ptr(shared_tensors.smem_keep.data()), SmemLayoutKeep{}));
+
+    // Tile k of this tile's K axis: masked, the extension's tiles come first (the mask applies to their sum only).
+    const int kt_ext = p.k_tiles_ext, kt_main = p.k_tiles_main;
     int k = static_cast<int>(get<0>(*k_tile_iter));
     CUTLASS_PRAGMA_NO_UNROLL
     for (; k_tile_count > 0; --k_tile_count, ++k) {
       pipeline.producer_acquire(smem_pipe_write);
       auto* tma_barrier = pipeline.producer_get_barrier(smem_pipe_write);
       int stage = smem_pipe_write.index();
-      if (k < p.k_tiles_main) {
-        copy(p.tma_load_a.with(*tma_barrier, mcast_mask_a), tAgA(_, _, _, k), tAsA(_, _, _, stage));
-        copy(p.tma_load_b.with(*tma_barrier, mcast_mask_b), tBgB(_, _, _, k), tBsB(_, _, _, stage));
-      } else {
-        int kx = k - p.k_tiles_main;
+      const int kx = p.masked ? k : k - kt_main;  // index into the extension when in [0, kt_ext)
+      if (kx >= 0 && kx < kt_ext) {
+        if (p.masked && kx == kt_ext - 1) {
+          // more bytes on this stage's barrier, declared before any of its copies is issued
+          pipeline.producer_expect_transaction(smem_pipe_write, kKeepBytes);
+          copy(p.tma_load_keep.with(*tma_barrier), tKgK, tKsK(_, _, _, stage));
+        }
         copy(p.tma_load_ax.with(*tma_barrier, mcast_mask_a), tAgAx(_, _, _, kx), tAsA(_, _, _, stage));
         copy(p.tma_load_bx.with(*tma_barrier, mcast_mask_b), tBgBx(_, _, _, kx), tBsB(_, _, _, stage));
+      } else {
+        const int km = p.masked ? k - kt_ext : k;
+        copy(p.tma_load_a.with(*tma_barrier, mcast_mask_a), tAgA(_, _, _, km), tAsA(_, _, _, stage));
+        copy(p.tma_load_b.with(*tma_barrier, mcast_mask_b), tBgB(_, _, _, km), tBsB(_, _, _, stage));
       }
       ++smem_pipe_write;
     }
+  }
+
+  // Consumer: Base's pipelined WGMMA loop over k_tile_count K-tiles (one MMA batch in flight, each stage released
+  // once the batch after it is issued), plus, when masked, the keep step after the last extension tile: wait for
+  // its MMAs, zero the dropped accumulator elements (x 0, so that a NaN or inf stays NaN, as in the reference's
+  // keep * term), and go on with the main K-tiles.
+  template <class FrgTensorC>
+  CUTLASS_DEVICE void mma(MainloopPipeline pipeline, PipelineState smem_pipe_read, FrgTensorC& accum,
+                          int k_tile_count, int thread_idx, TensorStorage& shared_tensors, Params const& p) {
+    static_assert(Base::K_PIPE_MMAS == 1, "this loop keeps one MMA batch in flight");
+    Tensor sA = make_tensor(make_smem_ptr(shared_tensors.smem_A.data()), SmemLayoutA{});  // (BLK_M,BLK_K,PIPE)
+    Tensor sB = make_tensor(make_smem_ptr(shared_tensors.smem_B.data()), SmemLayoutB{});  // (BLK_N,BLK_K,PIPE)
+    Tensor sKeep = make_tensor(make_smem_ptr(shared_tensors.smem_keep.data()), SmemLayoutKeep{});
+
+    constexpr int MmaWarpGroups = size(TiledMma{}) / cutlass::NumThreadsPerWarpGroup;
+    Layout warp_group_thread_layout = make_layout(Int<MmaWarpGroups>{}, Int<cutlass::NumThreadsPerWarpGroup>{});
+    int warp_group_idx = __shfl_sync(0xFFFFFFFF, thread_idx / cutlass::NumThreadsPerWarpGroup, 0);
+    TiledMma tiled_mma;
+    auto thread_mma = tiled_mma.get_slice(warp_group_thread_layout(warp_group_idx));
+    Tensor tCsA = thread_mma.partition_A(sA);  // (MMA,MMA_M,MMA_K,PIPE)
+    Tensor tCsB = thread_mma.partition_B(sB);  // (MMA,MMA_N,MMA_K,PIPE)
+    Tensor tCrA = thread_mma.make_fragment_A(tCsA);
+    Tensor tCrB = thread_mma.make_fragment_B(tCsB);
+    // (m, n) in the tile of each of this thread's accumulator elements
+    Tensor tCcC = tiled_mma.get_thread_slice(thread_idx).partition_C(make_identity_tensor(take<0, 2>(TileShape{})));
+    CUTE_STATIC_ASSERT_V(size(tCcC) == size(accum));
+
+    const int keep_tile = p.masked ? p.k_tiles_ext - 1 : -1;  // the K-tile after which the mask applies
+    auto apply_keep = [&](int stage) {
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(accum);
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < size(accum); ++i) {
+        const int m = get<0>(tCcC(i)), n = get<1>(tCcC(i));
+        if (!((sKeep(m, n / 8, stage) >> (n % 8)) & 1)) accum(i) = accum(i) * 0.f;
+      }
+      warpgroup_fence_operand(accum);
+    };
+
+    PipelineState smem_pipe_release = smem_pipe_read;
+    tiled_mma.accumulate_ = GMMA::ScaleOut::Zero;
+    warpgroup_fence_operand(accum);
+    {  // K-tile 0: the first MMA of each k_block zero-initialises the accumulator
+      auto barrier_token = pipeline.consumer_try_wait(smem_pipe_read);
+      pipeline.consumer_wait(smem_pipe_read, barrier_token);
+      int read_stage = smem_pipe_read.index();
+      warpgroup_arrive();
+      CUTLASS_PRAGMA_UNROLL
+      for (int k_block = 0; k_block < size<2>(tCrA); ++k_block) {
+        cute::gemm(tiled_mma, tCrA(_, _, k_block, read_stage), tCrB(_, _, k_block, read_stage), accum);
+        tiled_mma.accumulate_ = GMMA::ScaleOut::One;
+      }
+      warpgroup_commit_batch();
+      if (keep_tile == 0) apply_keep(read_stage);
+      ++smem_pipe_read;
+    }
+    tiled_mma.accumulate_ = GMMA::ScaleOut::One;
+    warpgroup_fence_operand(accum);
+
+    CUTLASS_PRAGMA_NO_UNROLL
+    for (int t = 1; t < k_tile_count; ++t) {
+      auto barrier_token = pipeline.consumer_try_wait(smem_pipe_read);
+      pipeline.consumer_wait(smem_pipe_read, barrier_token);
+      int read_stage = smem_pipe_read.index();
+      warpgroup_fence_operand(accum);
+      warpgroup_arrive();
+      cute::gemm(tiled_mma, tCrA(_, _, _, read_stage), tCrB(_, _, _, read_stage), accum);
+      warpgroup_commit_batch();
+      if (t == keep_tile) apply_keep(read_stage);
+      warpgroup_wait<1>();  // the batch of K-tile t - 1 is done: release its stage
+      warpgroup_fence_operand(accum);
+      pipeline.consumer_release(smem_pipe_release);
+      ++smem_pipe_read;
+      ++smem_pipe_release;
+    }
+    warpgroup_fence_operand(accum);
   }
 };
 
@@ -233,12 +367,17 @@ struct Gemm {
       cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, LayoutD, kAlign, Element, LayoutD, kAlign,
       typename Cfg::Epilogue, Fusion>::CollectiveOp;
 
+  // The stage count leaves room for the epilogue and for one keep-bits slot per stage (at most 8 stages: a stage of
+  // 64-deep 16-bit A and B tiles is at least 24 KB of the 227 KB).
+  static constexpr int kKeepCarveout = 8 * size<0>(typename Cfg::Tile{}) * size<1>(typename Cfg::Tile{}) / 8;
   using BaseMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA, kAlign, Element, LayoutB, kAlign, float,
       typename Cfg::Tile, typename Cfg::Cluster,
-      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
+      cutlass::gemm::collective::StageCountAutoCarveout<
+          static_cast<int>(sizeof(typename Epilogue::SharedStorage)) + kKeepCarveout>,
       typename Cfg::Mainloop>::CollectiveOp;
   using Mainloop = KExtendedMainloop<BaseMainloop>;
+  static_assert(Mainloop::kStages <= 8, "the keep-bits carveout counts 8 stages");
 
   using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue,
                                                       cutlass::gemm::PersistentScheduler>;
@@ -256,7 +395,7 @@ struct Gemm {
                      static_cast<E const*>(a.b), cutlass::make_cute_packed_stride(StrideB{}, {N, K, 1}),
                      static_cast<E const*>(a.ax), cutlass::make_cute_packed_stride(StrideA{}, {M, Kx, 1}),
                      static_cast<E const*>(a.bx), cutlass::make_cute_packed_stride(StrideB{}, {N, Kx, 1}),
-                     K, Kx};
+                     K, Kx, a.keep};
     args.epilogue.thread.alpha = 1.0f;
     args.epilogue.thread.beta = 0.0f;
     args.epilogue.thread.bias_ptr = static_cast<E const*>(a.bias);
@@ -278,6 +417,7 @@ struct Gemm {
     // both find it unset both set it, to the same value).
     static std::atomic<bool> smem_set[64];
     constexpr int smem = Kernel::SharedStorageSize;
+    static_assert(smem <= 232448, "over the 227 KB of shared memory an sm_90 block can have");
     int device = 0;
     cudaError_t e = cudaGetDevice(&device);
     if (e != cudaSuccess) return e;

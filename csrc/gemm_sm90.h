@@ -9,9 +9,15 @@
 // kernel runs ceil(K/64) K-tiles from (A, B) and Kx/64 more from (Ax, Bx) into the same accumulator, so the LoRA
 // expand costs one or a few extra K-tiles and no pass over D. Kx = 0 is a plain GEMM (+ bias).
 //
-// Requirements (else lora_gemm_sm90_supported() says why and the caller keeps its other path): a device of
+// With keep bits (`keep`, kKN only: dx with dropout) the rank-r term is masked per element:
+//   D = A · op(B) + keep ⊙ (Ax · op(Bx)) + bias,    keep (M, N) as bits, row m at keep + m * N/8, bit n % 8 of
+// byte n / 8 (dropout_bits.cu's layout of an (M, N) input). The kernel runs the extension's K-tiles first, zeroes the
+// dropped elements of the accumulator, then runs the main K-tiles into it: the masked term costs no pass over D.
+//
+// Requirements (else lora_gemm_sm90_unsupported() says why and the caller keeps its other path): a device of
 // compute capability 9.0, a build with the kernels (LORA_KERNELS_HAVE_SM90_GEMM), fp16 or bf16, K and N
-// multiples of 8 and every pointer 16-byte aligned (TMA), Kx a multiple of 64.
+// multiples of 8 and every pointer 16-byte aligned (TMA), Kx a multiple of 64; with keep bits also Kx > 0, kKN
+// and N a multiple of 128 (the bits' rows 16-byte aligned for TMA).
 #pragma once
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -40,6 +46,7 @@ struct LoraGemmArgs {
   const void* ax = nullptr;  // (M, Kx), may be null when Kx == 0
   const void* bx = nullptr;  // (N, Kx) for kNK, (Kx, N) for kKN
   const void* bias = nullptr;
+  const uint8_t* keep = nullptr;  // (M, N/8) keep bits masking the extension's term, or null (no mask)
   void* d = nullptr;
   GemmDType dtype = GemmDType::kBFloat16;
   GemmLayoutB layout_b = GemmLayoutB::kNK;

@@ -1,6 +1,6 @@
 """The cuda backend's sm_90 path (csrc/gemm_sm90.*): on a compute-capability-9.0 GPU with 16-bit x, the frozen GEMM
 and the rank-r expand run as one CUTLASS GEMM whose last K-tiles come from (s·u, B) (forward) or (s·g, A) (dx at
-p = 0). GPU-only (skips elsewhere): the path is the one taken where it should be (and is what the benchmarks time),
+p = 0); with dropout, dx's GEMM runs the (s/(1-p)·g, A) K-tiles first and masks them with the keep bits. GPU-only (skips elsewhere): the path is the one taken where it should be (and is what the benchmarks time),
 it falls back with a reason where it cannot run, and its outputs and grads meet the float64 tolerance rule."""
 import pytest
 import torch
@@ -39,6 +39,33 @@ def test_benchmarked_shapes_take_the_sm90_path(K, N, dtype):
     assert _path(64, N, K, dtype, bias=True) == "sm90"
 
 
+def _dx_path(M, K, N, r, p, dtype=torch.bfloat16, adapter_dtype=torch.float32):
+    from lora_kernels.backends import cuda_backend
+
+    x = torch.randn(M, K, device="cuda").to(dtype)
+    W = torch.randn(N, K, device="cuda").to(dtype)
+    A = torch.randn(r, K, device="cuda").to(adapter_dtype)
+    B = torch.randn(N, r, device="cuda").to(adapter_dtype)
+    return cuda_backend.dx_path(x, W, A, B, p)
+
+
+@pytest.mark.skipif(not _hopper(), reason="the sm_90 GEMM runs on compute capability 9.0 only")
+@pytest.mark.parametrize("K,N", [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)])
+@pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.bfloat16])
+def test_benchmarked_shapes_take_the_sm90_dx_path(K, N, adapter_dtype):
+    # dx of the benchmarked shapes: the rank-r term inside the GEMM, masked there with dropout (no dx kernel, no
+    # cuBLAS beta = 1)
+    assert _dx_path(64, K, N, 16, 0.0, adapter_dtype=adapter_dtype) == "sm90"
+    assert _dx_path(64, K, N, 64, 0.1, adapter_dtype=adapter_dtype) == "sm90 masked"
+
+
+@pytest.mark.skipif(not _hopper(), reason="the sm_90 GEMM runs on compute capability 9.0 only")
+def test_masked_dx_fallback_says_why():
+    # the keep bits' rows must be 16-byte aligned for TMA: K % 128
+    assert _dx_path(8, 200, 64, 4, 0.1).startswith("cublas: keep bits need N a multiple of 128")
+    assert _dx_path(8, 200, 64, 4, 0.0) == "sm90"
+
+
 @pytest.mark.skipif(not _hopper(), reason="the sm_90 GEMM runs on compute capability 9.0 only")
 def test_fallback_says_why():
     assert _path(8, 36, 64).startswith("cublas: K and N must be multiples of 8")
@@ -50,15 +77,27 @@ def test_fallback_says_why():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("adapter_dtype", [torch.float32, None])
 @pytest.mark.parametrize("lead,K,N,r", [((1,), 64, 8, 1), ((7,), 200, 136, 16), ((3, 100), 520, 1024, 64),
-                                         ((300,), 4096, 264, 100), ((129,), 72, 4096, 256)])
+                                         ((300,), 4096, 264, 100), ((129,), 72, 4096, 256),
+                                         ((5, 77), 384, 200, 8), ((131,), 1024, 72, 256), ((257,), 128, 136, 64)])
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_sm90_path_against_float64(dtype, adapter_dtype, lead, K, N, r, p):
     # K, N multiples of 8 but not of the 64/128 tile; r from 1 to 256 (1 to 4 extension K-tiles); fp32 adapters
-    # (PEFT's default) and 16-bit ones; with dropout the dx GEMM has no extension (masked term written first).
+    # (PEFT's default) and 16-bit ones. With dropout and K % 128 == 0 (384, 1024, 128, 4096) the dx GEMM masks its
+    # extension with the keep bits (1 to 4 extension K-tiles before the mask, M not a multiple of the 128-row tile);
+    # other K fall back to the dx kernel and cuBLAS.
     # The small-M forward (M <= 64, tests/test_small_m.py) is switched off so that small M runs this path too.
     from lora_kernels.backends import cuda_backend
 
     assert _path(1, K, N, dtype) == "sm90"
+    dx_path = _dx_path(1, K, N, r, p, dtype, adapter_dtype or dtype)
+    if p == 0:
+        assert dx_path == "sm90"
+    elif dtype == torch.float16 and adapter_dtype == torch.float32:  # the streaming passes' FFMA kernels: no bits
+        assert dx_path.startswith("cublas: no keep bits")
+    elif K % 128:
+        assert dx_path.startswith("cublas: keep bits need N a multiple of 128")
+    else:
+        assert dx_path == "sm90 masked"
     previous = cuda_backend.set_small_m(False)
     try:
         run_and_check("cuda", "cuda", dtype, lead, K, N, r, bias=True, p=p, adapter_dtype=adapter_dtype)

@@ -4,12 +4,13 @@ moved single measurements of the same kernel by 10-15% on the H200) fall on the 
 
     python3 bench/suite/targets.py --providers ours-cuda,lorafusion --out results.json [--M 2048,8192] [--rounds 15]
 
-GPU time: CUDA events around one call (forward, or forward + backward), calls back to back; with --gpu-batch n, events
-around n calls queued behind a GPU sleep, per call (at small M one call's events include the host's enqueue time,
-since the GPU waits for the host). (Not one call queued
-behind a GPU sleep: on the H200 a call timed right after a sleep ran slower than the same call back to back, e.g.
-the floor at 8192x4096->4096 0.415 ms vs 0.364 ms, which biased the ratios; timing.py's gpu_ms times a batch of
-calls behind one sleep for that reason.) Wall time: a host clock around `calls` back-to-back calls with a
+GPU time: each round queues a GPU sleep (long enough for the host to enqueue the whole round), one untimed call,
+then one call per provider with CUDA events around each, back to back, the providers' order rotating between
+rounds. The sleep keeps the host's enqueue time out of the events; the untimed call brings the clocks up, so that
+no provider is timed first after the GPU idled (the first call after an idle GPU ran up to 25% slower on the H200:
+the floor at 8192x4096->4096 0.415-0.456 ms against 0.364 ms back to back, which, when the floor went first after
+each round's synchronize, biased the ratios in our favour). With --gpu-batch n, events around n calls of one
+provider queued behind a sleep and an untimed call, per call (for small M, where one call is short). Wall time: a host clock around `calls` back-to-back calls with a
 synchronize at both ends, per call. Each group prints one line per
 provider: wall and GPU time with their ratios to the floor. The summary gives geometric means and worst cases by
 (mode, M) per provider.
@@ -32,12 +33,25 @@ from providers import FLOOR, Unavailable, make_case  # noqa: E402
 SHAPES = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]  # (K, N): the Llama-3-8B layer shapes
 
 
-def gpu_round(fns, i):
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    fns[i % len(fns)]()
-    e.record()
-    return s, e
+def gpu_round(fns: dict, i, sleep_cycles):
+    """One round of single-call GPU times: a sleep, an untimed call, then each provider's call between events, in
+    an order rotated by i. Returns {provider: (start, end)} and whether the sleep outlasted the host's enqueue."""
+    keys = list(fns)
+    keys = keys[i % len(keys):] + keys[:i % len(keys)]
+    torch.cuda.synchronize()
+    torch.cuda._sleep(sleep_cycles)
+    woke = torch.cuda.Event()
+    woke.record()
+    warm = fns[keys[-1]]
+    warm[(i + 1) % len(warm)]()
+    evs = {}
+    for k in keys:
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fns[k][i % len(fns[k])]()
+        e.record()
+        evs[k] = (s, e)
+    return evs, not woke.query()
 
 
 def gpu_batch_round(fns, i, n, sleep_cycles):
@@ -48,6 +62,7 @@ def gpu_batch_round(fns, i, n, sleep_cycles):
     torch.cuda._sleep(sleep_cycles)
     woke, s, e = torch.cuda.Event(), torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     woke.record()
+    fns[(i + n) % len(fns)]()  # untimed: the clocks up before the timed calls
     s.record()
     for j in range(n):
         fns[(i + j) % len(fns)]()
@@ -83,10 +98,12 @@ def measure_group(cases: dict, mode: str, rounds: int, calls: int, gpu_batch: in
             for k, f in fns.items():
                 wall[k].append(wall_round(f, calls))
             continue
-        evs = {k: gpu_round(f, rnd) for k, f in fns.items()}
+        # sleep: 4 ms per provider, more than any provider's host time per call at these sizes
+        evs, ok = gpu_round(fns, rnd, len(fns) * 8_000_000)
         torch.cuda.synchronize()
         for k, (s, e) in evs.items():
             gpu[k].append(s.elapsed_time(e))
+            isolated[k] += ok
         for k, f in fns.items():
             wall[k].append(wall_round(f, calls))
     out = {}
@@ -94,9 +111,8 @@ def measure_group(cases: dict, mode: str, rounds: int, calls: int, gpu_batch: in
         out[k] = dict(gpu_ms=statistics.median(gpu[k]), wall_ms=statistics.median(wall[k]),
                       gpu_ratio=statistics.median(a / b for a, b in zip(gpu[k], gpu[FLOOR])),
                       wall_ratio=statistics.median(a / b for a, b in zip(wall[k], wall[FLOOR])))
-        if gpu_batch > 0:
-            out[k]["gpu_batch"] = gpu_batch
-            out[k]["gpu_isolated_rounds"] = isolated[k]
+        out[k]["gpu_batch"] = gpu_batch
+        out[k]["gpu_isolated_rounds"] = isolated[k]
     return out
 
 

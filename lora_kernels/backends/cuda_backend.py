@@ -72,6 +72,13 @@ def gemm_path(x, weight, bias=None) -> str:
     return torch.ops.lora_kernels_cuda.gemm_path(x, weight, bias)
 
 
+def dx_path(x, weight, lora_A, lora_B, p=0.0) -> str:
+    """Which GEMM dx of a backward with these 2-D inputs runs: "sm90" (the rank-r term in the GEMM's K axis),
+    "sm90 masked" (with dropout: the term's K-tiles first, masked by the keep bits inside the GEMM, then dy W) or
+    "cublas: <why not sm90>" (the dx kernel writes the masked term, cuBLAS accumulates dy W into it)."""
+    return torch.ops.lora_kernels_cuda.dx_path(x, weight, lora_A, lora_B, float(p))
+
+
 def forward_path(x, weight, bias, lora_A, lora_B, p=0.0) -> str:
     """Which path a forward with these 2-D inputs takes: "small_m" (M <= 64: the whole forward in one launch,
     csrc/small_m.cu), or gemm_path's answer followed by " (small_m: <why not>)"."""
