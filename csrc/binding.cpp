@@ -221,7 +221,13 @@ void sm90_forward(const Tensor& x, const Tensor& weight, const Tensor* bias, con
 
 // nullptr when dx = dy W + (s g) A (M, K) can take the sm_90 path, else why not. With dropout the GEMM masks the
 // rank-r term with the keep bits, so it needs them (bits: the backward makes them) and their layout (K % 128).
+// LORA_KERNELS_SM90_DX_MASK=0 (read once) keeps dx with dropout off the sm_90 path (for A/B timing).
 const char* dx_sm90_unsupported(const Tensor& dy, const Tensor& weight, float p, bool bits) {
+  static const bool mask_on = [] {
+    const char* v = std::getenv("LORA_KERNELS_SM90_DX_MASK");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  if (p > 0.0f && !mask_on) return "LORA_KERNELS_SM90_DX_MASK=0";
   if (p > 0.0f && !bits) return "no keep bits for these dtypes (dropout_bits_used)";
   return sm90_unsupported(dy, weight, nullptr, dy.size(0), weight.size(1), weight.size(0), lk::GemmLayoutB::kKN,
                           p > 0.0f);

@@ -267,7 +267,6 @@ struct KExtendedMainloop : Base {
     static_assert(Base::K_PIPE_MMAS == 1, "this loop keeps one MMA batch in flight");
     Tensor sA = make_tensor(make_smem_ptr(shared_tensors.smem_A.data()), SmemLayoutA{});  // (BLK_M,BLK_K,PIPE)
     Tensor sB = make_tensor(make_smem_ptr(shared_tensors.smem_B.data()), SmemLayoutB{});  // (BLK_N,BLK_K,PIPE)
-    Tensor sKeep = make_tensor(make_smem_ptr(shared_tensors.smem_keep.data()), SmemLayoutKeep{});
 
     constexpr int MmaWarpGroups = size(TiledMma{}) / cutlass::NumThreadsPerWarpGroup;
     Layout warp_group_thread_layout = make_layout(Int<MmaWarpGroups>{}, Int<cutlass::NumThreadsPerWarpGroup>{});
@@ -284,12 +283,15 @@ struct KExtendedMainloop : Base {
 
     const int keep_tile = p.masked ? p.k_tiles_ext - 1 : -1;  // the K-tile after which the mask applies
     auto apply_keep = [&](int stage) {
+      // keep bits as 32-bit words: bit n % 32 of word n / 32 of a row is column n (a thread's elements share a few
+      // words, so that few loads remain)
+      uint32_t const* words = reinterpret_cast<uint32_t const*>(shared_tensors.smem_keep.data() + stage * kKeepBytes);
       warpgroup_wait<0>();
       warpgroup_fence_operand(accum);
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < size(accum); ++i) {
         const int m = get<0>(tCcC(i)), n = get<1>(tCcC(i));
-        if (!((sKeep(m, n / 8, stage) >> (n % 8)) & 1)) accum(i) = accum(i) * 0.f;
+        if (!((words[m * (kKeepRowBytes / 4) + n / 32] >> (n % 32)) & 1u)) accum(i) = accum(i) * 0.f;
       }
       warpgroup_fence_operand(accum);
     };
