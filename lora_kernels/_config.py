@@ -34,6 +34,8 @@ Read by the CUDA extension (csrc/binding.cpp), once, when a GEMM first asks for 
 
     LORA_KERNELS_SM90_GEMM              0 turns off the sm_90 GEMM with the rank-r term in its K axis (cuBLAS runs
                                         instead).
+    LORA_KERNELS_SM90_DX_MASK           0 keeps dx with dropout off the sm_90 GEMM (the dx kernel writes the masked
+                                        term, cuBLAS adds dy W): for A/B timing.
     LORA_KERNELS_SMALL_M                0 turns off the one-launch forward at M <= 64 (csrc/small_m.cu); it starts
                                         the switch that cuda_backend.set_small_m changes at run time.
 
