@@ -23,18 +23,24 @@ constexpr uint32_t kPhiloxRoundA = 0xD2511F53u;
 constexpr uint32_t kPhiloxRoundB = 0xCD9E8D57u;
 constexpr int kPhiloxRounds = 10;
 
+LK_HD uint32_t lk_umulhi(uint32_t a, uint32_t b) {
+#if defined(__CUDA_ARCH__)
+  return __umulhi(a, b);
+#else
+  return (uint32_t)(((uint64_t)a * (uint64_t)b) >> 32);
+#endif
+}
+
 // Philox 4x32-10 on (c0, c1, c2, c3) with key (k0, k1); writes the four output words.
 LK_HD void philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1,
                          uint32_t out[4]) {
 #pragma unroll
   for (int i = 0; i < kPhiloxRounds; ++i) {
-    // Each round's two products as 64-bit ones: high and low words from one multiply (IMAD.WIDE.U32 on the GPU,
-    // instead of IMAD.HI.U32 plus IMAD: the 32-bit multiplies bound the keep-bits pass).
-    const uint64_t pb = (uint64_t)kPhiloxRoundB * c2, pa = (uint64_t)kPhiloxRoundA * c0;
-    c0 = (uint32_t)(pb >> 32) ^ c1 ^ k0;
-    c2 = (uint32_t)(pa >> 32) ^ c3 ^ k1;
-    c1 = (uint32_t)pb;
-    c3 = (uint32_t)pa;
+    const uint32_t _c0 = c0, _c2 = c2;
+    c0 = lk_umulhi(kPhiloxRoundB, _c2) ^ c1 ^ k0;
+    c2 = lk_umulhi(kPhiloxRoundA, _c0) ^ c3 ^ k1;
+    c1 = kPhiloxRoundB * _c2;
+    c3 = kPhiloxRoundA * _c0;
     k0 += kPhiloxKeyA;
     k1 += kPhiloxKeyB;
   }

@@ -1,7 +1,8 @@
 // The keep-bits pass (csrc/dropout_bits.cu) with two forms of Philox 4x32-10's round multiplies, timed interleaved in
-// one process: "hi+lo" (__umulhi and a 32-bit multiply: IMAD.HI.U32 + IMAD in SASS) and "wide" (one 64-bit product:
-// IMAD.WIDE.U32), which philox.cuh now uses. Both must give the same bits. Sizes: the bits of 8192 x 4096 and of
-// 8192 x 14336 inputs. No torch:  nvcc -arch=sm_90a -O3 -std=c++17 -Icsrc bench/dev/philox_bits.cu -o /tmp/philox_bits && /tmp/philox_bits
+// one process: "hi+lo" (philox.cuh's: __umulhi and a 32-bit multiply, IMAD.HI.U32 + IMAD in SASS) and "wide" (one
+// 64-bit product, IMAD.WIDE.U32). Both must give the same bits. Sizes: the bits of 8192 x 4096 and of 8192 x 14336
+// inputs. On the H200 (2026-12-01) wide ran at 0.96-0.98x hi+lo's speed (IMAD.WIDE issues as two multiplies), so
+// philox.cuh keeps hi+lo. No torch:  nvcc -arch=sm_90a -O3 -std=c++17 -Icsrc bench/dev/philox_bits.cu -o /tmp/philox_bits && /tmp/philox_bits
 #include <cstdint>
 #include <cstdio>
 #include <cuda_runtime.h>
@@ -11,16 +12,16 @@
 
 using namespace lora_kernels;
 
-// philox4x32_10 as it was: the two halves of each product from two instructions
-__device__ __forceinline__ void philox_hilo(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
+// Philox 4x32-10 with each round's two products as one 64-bit multiply
+__device__ __forceinline__ void philox_wide(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
                                             uint32_t k1, uint32_t out[4]) {
 #pragma unroll
   for (int i = 0; i < kPhiloxRounds; ++i) {
-    const uint32_t _c0 = c0, _c2 = c2;
-    c0 = __umulhi(kPhiloxRoundB, _c2) ^ c1 ^ k0;
-    c2 = __umulhi(kPhiloxRoundA, _c0) ^ c3 ^ k1;
-    c1 = kPhiloxRoundB * _c2;
-    c3 = kPhiloxRoundA * _c0;
+    const uint64_t pb = (uint64_t)kPhiloxRoundB * c2, pa = (uint64_t)kPhiloxRoundA * c0;
+    c0 = (uint32_t)(pb >> 32) ^ c1 ^ k0;
+    c2 = (uint32_t)(pa >> 32) ^ c3 ^ k1;
+    c1 = (uint32_t)pb;
+    c3 = (uint32_t)pa;
     k0 += kPhiloxKeyA;
     k1 += kPhiloxKeyB;
   }
@@ -40,8 +41,8 @@ __global__ void __launch_bounds__(256) bits_kernel(uint8_t* bits, int64_t M, int
     for (int q = 0; q < 4; ++q) {
       const uint64_t c = dropout_counter(offset, m, K, k8 + q);
       uint32_t r[4];
-      if (kWide) philox4x32_10((uint32_t)c, (uint32_t)(c >> 32), 0u, 0u, (uint32_t)seed, (uint32_t)(seed >> 32), r);
-      else philox_hilo((uint32_t)c, (uint32_t)(c >> 32), 0u, 0u, (uint32_t)seed, (uint32_t)(seed >> 32), r);
+      if (kWide) philox_wide((uint32_t)c, (uint32_t)(c >> 32), 0u, 0u, (uint32_t)seed, (uint32_t)(seed >> 32), r);
+      else philox4x32_10((uint32_t)c, (uint32_t)(c >> 32), 0u, 0u, (uint32_t)seed, (uint32_t)(seed >> 32), r);
       uint32_t b = 0;
 #pragma unroll
       for (int e = 0; e < 8; ++e) b |= (uint32_t)dropout_kept(r, e, thr) << e;
