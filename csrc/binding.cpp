@@ -458,8 +458,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   if (need_dx) {
     dx = at::empty({M, K}, x.options());
     if (dx_sm90) {
-      // scaling / (1 - p) as the dx kernel computes it (plans.cuh dropout_scale)
-      const float dx_scale = (float)((double)(float)scaling / (1.0 - (double)pf));
+      const float dx_scale = lk::dropout_scale((float)scaling, pf);  // the dx kernel's factor
       sm90_dx_pack(dy, g_work, dy_plan.col_groups, g_reduced ? g : nullptr, r, lora_A, dx_scale,
                    ws.ptr(vx_piece), ws.ptr(ax_piece), stream);
       sm90_dx_gemm(dy, weight, r, ws.ptr(vx_piece), ws.ptr(ax_piece), ws.ptr<uint8_t>(bits_piece), dx, stream);

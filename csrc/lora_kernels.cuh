@@ -36,6 +36,10 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 constexpr int kMaxRank = 256;
 
+// The factor of the kept elements of dropout(x) times the LoRA scaling: scaling / (1 - p), rounded once to fp32
+// (the shrink, dA and dx launches, and the binding's pack of dx's rank-r operand on the sm_90 path).
+inline float dropout_scale(float scaling, float p) { return (float)((double)scaling / (1.0 - (double)p)); }
+
 // Pieces of the fp32 operand in the tensor-core shrink, dy pass and dA (see Precision above): 3 for fp32 adapters on
 // bf16 x, else 1. The dy pass plan takes it (its shared memory grows with it).
 inline int adapter_pieces(DType x, DType adapter) {

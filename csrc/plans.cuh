@@ -146,9 +146,6 @@ cudaError_t launch_kernel(void (*kernel)(P...), dim3 grid, int threads, size_t s
   return cudaGetLastError();
 }
 
-// The factor of the kept elements of dropout(x) times the LoRA scaling: scaling / (1 - p), rounded once to fp32.
-inline float dropout_scale(float scaling, float p) { return (float)((double)scaling / (1.0 - (double)p)); }
-
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Streaming multiprocessors of the current device (132, as on an H100 / H200, when there is none). Read once per
