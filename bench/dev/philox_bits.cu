@@ -72,22 +72,23 @@ int main() {
     cudaEvent_t e0, e1;
     CK(cudaEventCreate(&e0));
     CK(cudaEventCreate(&e1));
-    float t_hilo = 0, t_wide = 0, ms;
+    // one launch of either form into out with rep it's seed, its time added to *total after 5 warm-up reps
+    auto timed = [&](bool wide, uint8_t* out, int it, float* total) -> int {
+      float ms;
+      const uint64_t seed = 0x123456789abcdefull + it;
+      CK(cudaEventRecord(e0));
+      if (wide) bits_kernel<true><<<blocks, 256>>>(out, M, K, thr, seed, 1000);
+      else bits_kernel<false><<<blocks, 256>>>(out, M, K, thr, seed, 1000);
+      CK(cudaEventRecord(e1));
+      CK(cudaEventSynchronize(e1));
+      CK(cudaEventElapsedTime(&ms, e0, e1));
+      if (it >= 5) *total += ms;
+      return 0;
+    };
+    float t_hilo = 0, t_wide = 0;
     const int reps = 50;
-    for (int it = 0; it < reps + 5; ++it) {  // interleaved; the first 5 are warm-up
-      CK(cudaEventRecord(e0));
-      bits_kernel<false><<<blocks, 256>>>(a, M, K, thr, 0x123456789abcdefull + it, 1000);
-      CK(cudaEventRecord(e1));
-      CK(cudaEventSynchronize(e1));
-      CK(cudaEventElapsedTime(&ms, e0, e1));
-      if (it >= 5) t_hilo += ms;
-      CK(cudaEventRecord(e0));
-      bits_kernel<true><<<blocks, 256>>>(b, M, K, thr, 0x123456789abcdefull + it, 1000);
-      CK(cudaEventRecord(e1));
-      CK(cudaEventSynchronize(e1));
-      CK(cudaEventElapsedTime(&ms, e0, e1));
-      if (it >= 5) t_wide += ms;
-    }
+    for (int it = 0; it < reps + 5; ++it)  // interleaved
+      if (timed(false, a, it, &t_hilo) || timed(true, b, it, &t_wide)) return 1;
     CK(cudaGetLastError());
     // the last rep of each used the same seed: the bits must be equal byte for byte
     uint8_t *ha = new uint8_t[bytes], *hb = new uint8_t[bytes];
