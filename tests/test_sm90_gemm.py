@@ -1,7 +1,8 @@
-"""The cuda backend's sm_90 path (csrc/gemm_sm90.*): on a compute-capability-9.0 GPU with 16-bit x, the frozen GEMM
-and the rank-r expand run as one CUTLASS GEMM whose last K-tiles come from (s·u, B) (forward) or (s·g, A) (dx at
-p = 0); with dropout, dx's GEMM runs the (s/(1-p)·g, A) K-tiles first and masks them with the keep bits. GPU-only (skips elsewhere): the path is the one taken where it should be (and is what the benchmarks time),
-it falls back with a reason where it cannot run, and its outputs and grads meet the float64 tolerance rule."""
+"""The cuda backend's sm_90 path (csrc/gemm_sm90.*): on a compute-capability-9.0 GPU with 16-bit x, the frozen GEMM and
+the rank-r expand run as one CUTLASS GEMM whose last K-tiles come from (s·u, B) (forward) or (s·g, A) (dx at p = 0);
+with dropout, dx's GEMM runs the (s/(1-p)·g, A) K-tiles first and masks them with the keep bits. GPU-only (skips
+elsewhere): the path is the one taken where it should be (and is what the benchmarks time), it falls back with a
+reason where it cannot run, and its outputs and grads meet the float64 tolerance rule."""
 import pytest
 import torch
 

@@ -5,13 +5,13 @@ moved single measurements of the same kernel by 10-15% on the H200) fall on the 
     python3 bench/suite/targets.py --providers ours-cuda,lorafusion --out results.json [--M 2048,8192] [--rounds 15]
 
 GPU time: each round queues a GPU sleep (long enough for the host to enqueue the whole round), one untimed call,
-then one call per provider with CUDA events around each, back to back, the providers' order rotating between
-rounds. The sleep keeps the host's enqueue time out of the events; the untimed call brings the clocks up, so that
-no provider is timed first after the GPU idled (the first call after an idle GPU ran up to 25% slower on the H200:
-the floor at 8192x4096->4096 0.415-0.456 ms against 0.364 ms back to back, which, when the floor went first after
-each round's synchronize, biased the ratios in our favour). With --gpu-batch n, events around n calls of one
-provider queued behind a sleep and an untimed call, per call (for small M, where one call is short). Wall time: a host clock around `calls` back-to-back calls with a
-synchronize at both ends, per call. Each group prints one line per
+then one call per provider with CUDA events around each, back to back, the providers' order rotating between rounds.
+The sleep keeps the host's enqueue time out of the events; the untimed call brings the clocks up, so that no
+provider is timed first after the GPU idled (the first call after an idle GPU ran up to 25% slower on the H200: the
+floor at 8192x4096->4096 0.415-0.456 ms against 0.364 ms back to back, which, when the floor went first after each
+round's synchronize, biased the ratios in our favour). With --gpu-batch n, events around n calls of one provider
+queued behind a sleep and an untimed call, per call (for small M, where one call is short). Wall time: a host clock
+around `calls` back-to-back calls with a synchronize at both ends, per call. Each group prints one line per
 provider: wall and GPU time with their ratios to the floor. The summary gives geometric means and worst cases by
 (mode, M) per provider.
 """
