@@ -282,16 +282,42 @@ struct KExtendedMainloop : Base {
     CUTE_STATIC_ASSERT_V(size(tCcC) == size(accum));
 
     const int keep_tile = p.masked ? p.k_tiles_ext - 1 : -1;  // the K-tile after which the mask applies
+    // A thread's WGMMA accumulators (PTX ISA, wgmma D fragments): mode 0 is (2 adjacent columns, 2 rows 8 apart,
+    // G column groups 8 apart), so for each row (mode-0 row h, MMA_M index, MMA_N index) the thread holds columns
+    // n0 + c + 8 j (c < 2, j < G) with n0 % 8 in {0, 2, 4, 6}: the bits of 32 of its columns sit in one 32-bit word
+    // of the row, shifted by n0 % 32 (< 8 while the atom's N is a multiple of 32).
+    using Frag0 = decltype(shape<0>(accum));
+    static_assert(rank(Frag0{}) == 3 && size<0>(Frag0{}) == 2 && size<1>(Frag0{}) == 2, "a WGMMA D fragment");
+    constexpr int kGroups = size<2>(Frag0{});
+    static_assert(kGroups % 4 == 0, "whole 32-column words per row");
     auto apply_keep = [&](int stage) {
-      // keep bits as 32-bit words: bit n % 32 of word n / 32 of a row is column n (a thread's elements share a few
-      // words, so that few loads remain)
       uint32_t const* words = reinterpret_cast<uint32_t const*>(shared_tensors.smem_keep.data() + stage * kKeepBytes);
       warpgroup_wait<0>();
       warpgroup_fence_operand(accum);
       CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < size(accum); ++i) {
-        const int m = get<0>(tCcC(i)), n = get<1>(tCcC(i));
-        if (!((words[m * (kKeepRowBytes / 4) + n / 32] >> (n % 32)) & 1u)) accum(i) = accum(i) * 0.f;
+      for (int mm = 0; mm < size<1>(accum); ++mm) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int nn = 0; nn < size<2>(accum); ++nn) {
+          CUTLASS_PRAGMA_UNROLL
+          for (int h = 0; h < 2; ++h) {
+            const auto c0 = tCcC(make_coord(0, h, 0), mm, nn);
+            const int m = get<0>(c0), n0 = get<1>(c0);
+            uint32_t const* row = words + m * (kKeepRowBytes / 4) + n0 / 32;
+            const int sh = n0 % 32;
+            CUTLASS_PRAGMA_UNROLL
+            for (int q = 0; q < kGroups / 4; ++q) {  // one word: column groups 4q .. 4q + 3
+              const uint32_t w = row[q] >> sh;
+              CUTLASS_PRAGMA_UNROLL
+              for (int j = 0; j < 4; ++j) {
+                CUTLASS_PRAGMA_UNROLL
+                for (int c = 0; c < 2; ++c) {
+                  auto& a = accum(make_coord(c, h, 4 * q + j), mm, nn);
+                  if (!((w >> (8 * j + c)) & 1u)) a = a * 0.f;  // x 0: NaN and inf stay NaN, as in keep * term
+                }
+              }
+            }
+          }
+        }
       }
       warpgroup_fence_operand(accum);
     };
