@@ -53,44 +53,35 @@ size_t ds_smem(const DsShape& s, int64_t tiles_per_group) {
          (size_t)tiles_per_group * DS_BN * ds_ldd(s.rj) * 4;
 }
 
-// Bp / Up rows: row (z, pc, j) of Bp holds piece pc of B[:, z*RJ + j] (zero past N and r), of Up piece pc of u[:, ..].
+// Bp / Up: row (z, pc, j) of Bp holds piece pc of B[:, z*RJ + j] (zero past N and r), of Up piece pc of u[:, ..].
+// A thread per element e (a column of Bp, then of Up) reads row e of B (or u) and writes its column of every row:
+// a warp's stores to a row are contiguous.
 template <typename T, typename TB, int P>
 __global__ void __launch_bounds__(256)
 dy_sm90_prep_kernel(const TB* __restrict__ B, const float* __restrict__ u, T* __restrict__ bp, T* __restrict__ up,
                     int64_t M, int64_t N, int r, int rj, int rows, int64_t npad, int64_t mpad, bool with_u) {
 #if LK_TC_ARCH
-  const int64_t bp_items = (int64_t)rows * (npad / 8), items = bp_items + (with_u ? (int64_t)rows * (mpad / 8) : 0);
+  const int64_t items = npad + (with_u ? mpad : 0);
   for (int64_t it = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; it < items; it += (int64_t)gridDim.x * blockDim.x) {
-    const bool is_b = it < bp_items;
-    const int64_t i = is_b ? it : it - bp_items, len = is_b ? npad : mpad, valid = is_b ? N : M;
-    const int row = (int)(i / (len / 8));
-    const int64_t e0 = i % (len / 8) * 8;
-    const int pc = row / rj % P, j = row / (P * rj) * rj + row % rj;
-    union { uint4 v; T e[8]; } o;
-#pragma unroll
-    for (int q = 0; q < 8; ++q) {
-      const int64_t e = e0 + q;
+    const bool is_b = it < npad;
+    const int64_t e = is_b ? it : it - npad, len = is_b ? npad : mpad;
+    const bool in = e < (is_b ? N : M);
+    T* out = (is_b ? bp : up) + e;
+    for (int row = 0; row < rows; ++row) {
+      const int pc = row / rj % P, j = row / (P * rj) * rj + row % rj;
       float v = 0.f;
-      if (e < valid && j < r) v = is_b ? to_f<TB>(B[e * r + j]) : u[e * r + j];
+      if (in && j < r) v = is_b ? to_f<TB>(B[e * r + j]) : u[e * r + j];
       if constexpr (P > 1)
-        o.e[q] = __float2bfloat16_rz(bf16x3_piece(v, pc));
+        out[(int64_t)row * len] = __float2bfloat16_rz(bf16x3_piece(v, pc));
       else
-        o.e[q] = from_f<T>(v);
+        out[(int64_t)row * len] = from_f<T>(v);
     }
-    *reinterpret_cast<uint4*>((is_b ? bp : up) + (int64_t)row * len + e0) = o.v;
   }
 #else
   __trap();
 #endif
 }
 
-#if LK_WGMMA
-
-// 16 bytes from src (or zeros when !ok) to the swizzled chunk c of row i of a tile at shared address base.
-__device__ __forceinline__ void ds_copy(uint32_t base, int i, int c, const void* src, bool ok) {
-  cp_async16(base + i * 128 + ((c ^ (i & 7)) << 4), src, ok ? 16 : 0);
-}
-#endif
 
 template <typename T, int P, int RJ>
 __global__ void __launch_bounds__(DS_THREADS, 1)
@@ -112,7 +103,7 @@ lora_dy_pass_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, con
   const int64_t row_begin = rt0 * DS_BM, row_end = min64(M, rt1 * DS_BM);
   const int64_t col_begin = ct0 * DS_BN, col_end = min64(N, ct1 * DS_BN);
   const int n_ct = (int)(ct1 - ct0);
-  const int64_t n_tiles = (rt1 - rt0) * n_ct;
+  const int n_tiles = (int)(rt1 - rt0) * n_ct;
   const int j0 = blockIdx.z * RJ;
   const bool do_dB = dB_partial != nullptr;
   const T* bpz = bp + (int64_t)blockIdx.z * NW * npad;
@@ -123,26 +114,54 @@ lora_dy_pass_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, con
   if (do_dB)
     for (int i = tid; i < n_ct * DS_BN * LDD; i += DS_THREADS) dBs[i] = 0.f;
 
-  // Tile t's loads (every thread takes part), one cp.async group per tile (empty past the end).
-  auto issue = [&](int64_t t) {
-    if (t < n_tiles) {
-      const int64_t rt = t / n_ct, m0 = row_begin + rt * DS_BM;
-      const int ct = (int)(t % n_ct);
-      const int64_t n0 = col_begin + (int64_t)ct * DS_BN;
-      const uint32_t s_dy = s_ring + (int)(t % DS_STAGES) * STAGE, s_bp = s_dy + DY_BYTES;
-      for (int i = tid; i < DS_BM * 8; i += DS_THREADS) {  // dy rows past the split or columns past the group: 0
-        const int row = i >> 3, c = i & 7;
-        const int64_t m = m0 + row, n = n0 + 8 * c;
-        const bool ok = m < row_end && n < col_end;
-        ds_copy(s_dy, row, c, ok ? dy + m * N + n : dy, ok);
+  // Loads. Each thread's 16-byte chunks sit at fixed offsets from a tile's corner, computed once here: a tile costs
+  // one base address and one copy per chunk (a partial tile also checks each chunk's row and column).
+  constexpr int DY_CH = (DS_BM * 8 + DS_THREADS - 1) / DS_THREADS, BP_CH = (NW * 8 + DS_THREADS - 1) / DS_THREADS;
+  constexpr int UP_CH = (NW * 16 + DS_THREADS - 1) / DS_THREADS;
+  uint32_t dy_dst[DY_CH], bp_dst[BP_CH], up_dst[UP_CH];
+  int64_t dy_src[DY_CH], bp_src[BP_CH], up_src[UP_CH];
+  int dy_row[DY_CH], dy_col[DY_CH];
+#pragma unroll
+  for (int q = 0; q < DY_CH; ++q) {
+    const int i = tid + q * DS_THREADS, row = i >> 3, c = i & 7;
+    dy_dst[q] = row * 128 + ((c ^ (row & 7)) << 4);
+    dy_src[q] = (int64_t)row * N + 8 * c;
+    dy_row[q] = i < DS_BM * 8 ? row : DS_BM;  // a chunk index past the tile is never copied
+    dy_col[q] = 8 * c;
+  }
+#pragma unroll
+  for (int q = 0; q < BP_CH; ++q) {
+    const int i = tid + q * DS_THREADS, row = i >> 3, c = i & 7;
+    bp_dst[q] = DY_BYTES + row * 128 + ((c ^ (row & 7)) << 4);
+    bp_src[q] = (int64_t)row * npad + 8 * c;
+  }
+#pragma unroll
+  for (int q = 0; q < UP_CH; ++q) {
+    const int i = tid + q * DS_THREADS, row = i >> 4, c = i & 15;
+    up_dst[q] = (c >> 3) * NW * 128 + row * 128 + (((c & 7) ^ (row & 7)) << 4);
+    up_src[q] = (int64_t)row * mpad + 8 * c;
+  }
+  // Tile (rt, ct) into ring slot `slot` (and its row tile's Up tile when ct == 0): one cp.async group, empty when
+  // the tile is past the end.
+  auto issue = [&](bool live, int rt, int ct, int slot) {
+    if (live) {
+      const int64_t m0 = row_begin + (int64_t)rt * DS_BM, n0 = col_begin + (int64_t)ct * DS_BN;
+      const uint32_t s_st = s_ring + slot * STAGE;
+      const T* dy0 = dy + m0 * N + n0;
+      const int rows = (int)min64(DS_BM, row_end - m0), cols = (int)min64(DS_BN, col_end - n0);
+#pragma unroll
+      for (int q = 0; q < DY_CH; ++q) {
+        const bool ok = dy_row[q] < rows && dy_col[q] < cols;
+        if (dy_row[q] < DS_BM) cp_async16(s_st + dy_dst[q], ok ? dy0 + dy_src[q] : dy, ok ? 16 : 0);
       }
-      for (int i = tid; i < NW * 8; i += DS_THREADS) ds_copy(s_bp, i >> 3, i & 7, bpz + (i >> 3) * npad + n0 + 8 * (i & 7), true);
+#pragma unroll
+      for (int q = 0; q < BP_CH; ++q)
+        if (tid + q * DS_THREADS < NW * 8) cp_async16(s_st + bp_dst[q], bpz + n0 + bp_src[q], 16);
       if (do_dB && ct == 0) {
-        const uint32_t s_u = s_up + (int)(rt & 1) * UP_BYTES;
-        for (int i = tid; i < NW * 16; i += DS_THREADS) {
-          const int row = i >> 4, c = i & 15;
-          ds_copy(s_u + (c >> 3) * NW * 128, row, c & 7, upz + (int64_t)row * mpad + m0 + 8 * c, true);
-        }
+        const uint32_t s_u = s_up + (rt & 1) * UP_BYTES;
+#pragma unroll
+        for (int q = 0; q < UP_CH; ++q)
+          if (tid + q * DS_THREADS < NW * 16) cp_async16(s_u + up_dst[q], upz + m0 + up_src[q], 16);
       }
     }
     cp_async_commit();
@@ -153,16 +172,29 @@ lora_dy_pass_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, con
 #pragma unroll
   for (int i = 0; i < RJ / 2; ++i) run[i] = 0.f;
 
+  // (rt, ct, slot): the tile computed; (irt, ict, islot): the tile loaded DS_STAGES - 1 ahead. Counters, so that a
+  // tile costs no integer division.
+  auto advance = [&](int& rt_, int& ct_, int& slot_) {
+    if (++ct_ == n_ct) {
+      ct_ = 0;
+      ++rt_;
+    }
+    slot_ = slot_ + 1 == DS_STAGES ? 0 : slot_ + 1;
+  };
+  int irt = 0, ict = 0, islot = 0;
 #pragma unroll
-  for (int s = 0; s < DS_STAGES - 1; ++s) issue(s);
-  for (int64_t t = 0; t < n_tiles; ++t) {
+  for (int s = 0; s < DS_STAGES - 1; ++s) {
+    issue(s < n_tiles, irt, ict, islot);
+    advance(irt, ict, islot);
+  }
+  int rt = 0, ct = 0, slot = 0;
+  for (int t = 0; t < n_tiles; ++t) {
     cp_async_wait<DS_STAGES - 2>();
     fence_proxy_async();
     __syncthreads();  // tile t landed for all; tile t - 1's products done (its slot is refilled next)
-    issue(t + DS_STAGES - 1);
-    const int64_t rt = t / n_ct;
-    const int ct = (int)(t % n_ct);
-    const uint32_t s_dy = s_ring + (int)(t % DS_STAGES) * STAGE, s_bp = s_dy + DY_BYTES;
+    issue(t + DS_STAGES - 1 < n_tiles, irt, ict, islot);
+    advance(irt, ict, islot);
+    const uint32_t s_dy = s_ring + slot * STAGE, s_bp = s_dy + DY_BYTES;
     if (wg < 2) {  // G rows 64 wg .. 64 wg + 63: K = the tile's 64 columns, 4 steps of 16
       wgmma_fence();
 #pragma unroll
@@ -184,14 +216,14 @@ lora_dy_pass_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, con
         for (int c8 = 0; c8 < RJ / 8; ++c8)
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
-            const int64_t m = row_begin + rt * DS_BM + 64 * wg + 16 * warp + (lane >> 2) + 8 * h;
+            const int64_t m = row_begin + (int64_t)rt * DS_BM + 64 * wg + 16 * warp + (lane >> 2) + 8 * h;
             const int j = j0 + 8 * c8 + 2 * (lane & 3);
             if (m < row_end) st2f(g + m * r + j, r - j, run[4 * c8 + 2 * h], run[4 * c8 + 2 * h + 1]);
             run[4 * c8 + 2 * h] = run[4 * c8 + 2 * h + 1] = 0.f;
           }
       }
     } else if (do_dB) {  // D: the tile's 64 columns x NW, K = the tile's 128 rows, 8 steps of 16
-      const uint32_t s_u = s_up + (int)(rt & 1) * UP_BYTES;
+      const uint32_t s_u = s_up + (rt & 1) * UP_BYTES;
       wgmma_fence();
 #pragma unroll
       for (int ks = 0; ks < DS_BM / 16; ++ks)
@@ -200,6 +232,7 @@ lora_dy_pass_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, con
       wgmma_commit();
       wgmma_wait<0>();
       fence_regs(part);
+      float* drow = dBs + (ct * DS_BN + 16 * warp + (lane >> 2)) * LDD + 2 * (lane & 3);
 #pragma unroll
       for (int c8 = 0; c8 < RJ / 8; ++c8)
 #pragma unroll
@@ -211,12 +244,12 @@ lora_dy_pass_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, con
                             part[i + 1] + (part[i + 1 + RJ / 2] + part[i + 1 + RJ]));
           else
             v = make_float2(part[i], part[i + 1]);
-          float2* d = reinterpret_cast<float2*>(dBs + (ct * DS_BN + 16 * warp + (lane >> 2) + 8 * h) * LDD + 8 * c8 +
-                                                2 * (lane & 3));
+          float2* d = reinterpret_cast<float2*>(drow + 8 * h * LDD + 8 * c8);
           const float2 o = *d;
           *d = make_float2(o.x + v.x, o.y + v.y);
         }
     }
+    advance(rt, ct, slot);
   }
   cp_async_wait<0>();
   if (do_dB) {  // the block's dB partial rows, columns of the r-chunk: written once
@@ -342,7 +375,7 @@ cudaError_t launch_lora_dy_pass_sm90(const void* dy, DType dy_dtype, const void*
     T* bp = static_cast<T*>(scratch);
     T* up = bp + (int64_t)sh.z * sh.nw * npad;
     const int rows = sh.z * sh.nw;
-    const int64_t items = (int64_t)rows * (npad + (dB_partial ? mpad : 0)) / 8;
+    const int64_t items = npad + (dB_partial ? mpad : 0);
     const unsigned prep_blocks = (unsigned)std::min<int64_t>(ceil_div(items, 256), (int64_t)num_sms() * 8);
     cudaError_t e = with_pieces<T>(pieces, [&](auto pc) {
       return launch_kernel(dy_sm90_prep_kernel<T, TB, decltype(pc)::value>, dim3(prep_blocks), 256, 0, stream,
