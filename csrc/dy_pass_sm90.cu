@@ -11,7 +11,7 @@
 //          and the dB of the column group (shared memory). Tensor-core chains stay one tile long, as in dy_pass.cu
 //          (their fp32 accumulation truncates).
 // Prep   : one launch writes Bp [Z][NW][Npad] and Up [Z][NW][Mpad] in dy's type (the pieces, K contiguous, zero
-//          padded to Npad = N rounded up to 64, Mpad = M rounded up to 128), so that every operand tile is a copy of
+//          padded to Npad = N and Mpad = M rounded up to 128), so that every operand tile is a copy of
 //          16-byte chunks (scratch: lora_dy_pass_sm90_scratch_bytes).
 // Tiling : block (s, c, z) = row split s x column group c x r-chunk z, spans balanced in whole tiles; tiles of 128
 //          rows x 64 columns, rows outer, columns inner. 384 threads: warpgroups 0 and 1 compute G of rows 0-63 and
@@ -54,34 +54,41 @@ size_t ds_smem(const DsShape& s, int64_t tiles_per_group) {
 }
 
 // Bp / Up: row (z, pc, j) of Bp holds piece pc of B[:, z*RJ + j] (zero past N and r), of Up piece pc of u[:, ..].
-// A thread per element e (a column of Bp, then of Up) reads row e of B (or u) and writes its column of every row:
-// a warp's stores to a row are contiguous.
+// Block (x, z): DS_PREP consecutive elements e (columns of Bp, then of Up) of r-chunk z. Their rows of B (or u) are
+// staged through shared memory with coalesced loads; then thread e writes its column of every row (a warp's stores
+// to a row are contiguous).
+constexpr int DS_PREP = 128;
 template <typename T, typename TB, int P>
-__global__ void __launch_bounds__(256)
+__global__ void __launch_bounds__(DS_PREP)
 dy_sm90_prep_kernel(const TB* __restrict__ B, const float* __restrict__ u, T* __restrict__ bp, T* __restrict__ up,
-                    int64_t M, int64_t N, int r, int rj, int rows, int64_t npad, int64_t mpad, bool with_u) {
+                    int64_t M, int64_t N, int r, int rj, int64_t npad, int64_t mpad) {
 #if LK_TC_ARCH
-  const int64_t items = npad + (with_u ? mpad : 0);
-  for (int64_t it = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; it < items; it += (int64_t)gridDim.x * blockDim.x) {
-    const bool is_b = it < npad;
-    const int64_t e = is_b ? it : it - npad, len = is_b ? npad : mpad;
-    const bool in = e < (is_b ? N : M);
-    T* out = (is_b ? bp : up) + e;
-    for (int row = 0; row < rows; ++row) {
-      const int pc = row / rj % P, j = row / (P * rj) * rj + row % rj;
-      float v = 0.f;
-      if (in && j < r) v = is_b ? to_f<TB>(B[e * r + j]) : u[e * r + j];
-      if constexpr (P > 1)
-        out[(int64_t)row * len] = __float2bfloat16_rz(bf16x3_piece(v, pc));
-      else
-        out[(int64_t)row * len] = from_f<T>(v);
-    }
+  extern __shared__ float prep_tile[];  // [DS_PREP][rj + 1]
+  const int64_t bp_blocks = npad / DS_PREP;
+  const bool is_b = blockIdx.x < bp_blocks;
+  const int64_t e0 = (is_b ? blockIdx.x : blockIdx.x - bp_blocks) * (int64_t)DS_PREP;
+  const int64_t len = is_b ? npad : mpad, valid = is_b ? N : M;
+  const int j0 = blockIdx.y * rj, ld = rj + 1;
+  for (int i = threadIdx.x; i < DS_PREP * rj; i += DS_PREP) {
+    const int ee = i / rj, jj = i % rj;
+    const int64_t e = e0 + ee;
+    float v = 0.f;
+    if (e < valid && j0 + jj < r) v = is_b ? to_f<TB>(B[e * r + j0 + jj]) : u[e * r + j0 + jj];
+    prep_tile[ee * ld + jj] = v;
+  }
+  __syncthreads();
+  T* out = (is_b ? bp : up) + (int64_t)blockIdx.y * P * rj * len + e0 + threadIdx.x;
+  for (int row = 0; row < P * rj; ++row) {
+    const float v = prep_tile[threadIdx.x * ld + row % rj];
+    if constexpr (P > 1)
+      out[(int64_t)row * len] = __float2bfloat16_rz(bf16x3_piece(v, row / rj));
+    else
+      out[(int64_t)row * len] = from_f<T>(v);
   }
 #else
   __trap();
 #endif
 }
-
 
 template <typename T, int P, int RJ>
 __global__ void __launch_bounds__(DS_THREADS, 1)
@@ -354,7 +361,7 @@ const char* lora_dy_pass_sm90_unsupported(const void* dy, DType dy_dtype, DType 
 
 size_t lora_dy_pass_sm90_scratch_bytes(int64_t M, int64_t N, int r, int pieces) {
   const DsShape sh = ds_shape(r, pieces);
-  return (size_t)sh.z * sh.nw * (size_t)(ceil_div(N, DS_BN) * DS_BN + ceil_div(M, DS_BM) * DS_BM) * 2;
+  return (size_t)sh.z * sh.nw * (size_t)(ceil_div(N, DS_PREP) * DS_PREP + ceil_div(M, DS_BM) * DS_BM) * 2;
 }
 
 cudaError_t launch_lora_dy_pass_sm90(const void* dy, DType dy_dtype, const void* B, DType b_dtype, const float* u,
@@ -364,7 +371,7 @@ cudaError_t launch_lora_dy_pass_sm90(const void* dy, DType dy_dtype, const void*
     return cudaErrorInvalidValue;
   const int pieces = adapter_pieces(dy_dtype, b_dtype);
   const DsShape sh = ds_shape(r, pieces);
-  const int64_t npad = ceil_div(N, DS_BN) * DS_BN, mpad = ceil_div(M, DS_BM) * DS_BM;
+  const int64_t npad = ceil_div(N, DS_PREP) * DS_PREP, mpad = ceil_div(M, DS_BM) * DS_BM;
   const int64_t tpg = ceil_div(ceil_div(N, DS_BN), plan.col_groups);
   if (plan.col_groups > 65535 || plan.row_splits > 0x7fffffff || sh.z > 65535) return cudaErrorInvalidConfiguration;
   const size_t smem = ds_smem(sh, tpg);
@@ -374,13 +381,11 @@ cudaError_t launch_lora_dy_pass_sm90(const void* dy, DType dy_dtype, const void*
     using TB = decltype(bt);
     T* bp = static_cast<T*>(scratch);
     T* up = bp + (int64_t)sh.z * sh.nw * npad;
-    const int rows = sh.z * sh.nw;
-    const int64_t items = npad + (dB_partial ? mpad : 0);
-    const unsigned prep_blocks = (unsigned)std::min<int64_t>(ceil_div(items, 256), (int64_t)num_sms() * 8);
+    const dim3 prep_grid((unsigned)((npad + (dB_partial ? mpad : 0)) / DS_PREP), (unsigned)sh.z);
+    const size_t prep_smem = (size_t)DS_PREP * (sh.rj + 1) * sizeof(float);
     cudaError_t e = with_pieces<T>(pieces, [&](auto pc) {
-      return launch_kernel(dy_sm90_prep_kernel<T, TB, decltype(pc)::value>, dim3(prep_blocks), 256, 0, stream,
-                           static_cast<const TB*>(B), u, bp, up, M, N, r, sh.rj, rows, npad, mpad,
-                           dB_partial != nullptr);
+      return launch_kernel(dy_sm90_prep_kernel<T, TB, decltype(pc)::value>, prep_grid, DS_PREP, prep_smem, stream,
+                           static_cast<const TB*>(B), u, bp, up, M, N, r, sh.rj, npad, mpad);
     });
     if (e != cudaSuccess) return e;
     return with_ds_kernel<T>(pieces, sh.rj, [&](auto kernel) {
