@@ -394,7 +394,11 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   // the same values, where the one bit that can differ is the sign of a zero: the tensor-core dA kernel scales its
   // sums at the end, so that a zero it writes can be -0 (a negative sum that underflows, a scale <= 0), which the
   // reduce's add made +0.
-  const lk::SplitPlan dy_plan = lk::lora_dy_pass_plan(M, N, r, lk::adapter_pieces(x_dt, b_dt));
+  // On Hopper the dy pass runs on wgmma (dy_pass_sm90.cu), with its adapters' pieces staged in a scratch piece
+  const int pieces = lk::adapter_pieces(x_dt, b_dt);
+  const bool dy_sm90 = M > 0 && N > 0 && lk::lora_dy_pass_sm90_unsupported(dy.data_ptr(), x_dt, b_dt, M, N, r) == nullptr;
+  const lk::SplitPlan dy_plan =
+      dy_sm90 ? lk::lora_dy_pass_sm90_plan(M, N, r, pieces) : lk::lora_dy_pass_plan(M, N, r, pieces);
   const bool g_partial = dy_plan.col_groups > 1;
   // with dropout, the mask as keep bits for dx and dA where their kernels read them, made once (dropout_bits.cu)
   const bool bits = pf > 0.0f && K > 0 && M > 0 && (need_dx || need_dA) && lk::dropout_bits_used(x_dt, a_dt);
@@ -419,6 +423,8 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   const int64_t after_g_parts = ws.mark();
   const int64_t dB_partial_piece =
       need_dB && !dB_direct ? ws.reserve_floats(std::max<int64_t>(dy_plan.row_splits, 1) * N * r) : -1;
+  const int64_t dy_scratch_piece =
+      dy_sm90 ? ws.reserve((int64_t)lk::lora_dy_pass_sm90_scratch_bytes(M, N, r, pieces)) : -1;
   ws.rewind(after_g_parts);
   const int64_t kx = sm90_kx(r), elem = (int64_t)dy.element_size();
   const int64_t vx_piece = dx_sm90 ? ws.reserve(M * kx * elem) : -1;
@@ -432,10 +438,14 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   if (need_dB) dB = at::empty({N, r}, lora_B.options());
   if (need_dA) dA = at::empty({r, K}, lora_A.options());
 
-  if (M > 0) {
+  float* const dB_out = dB_direct ? dB.data_ptr<float>() : ws.ptr<float>(dB_partial_piece);
+  if (dy_sm90) {
+    check_cuda(lk::launch_lora_dy_pass_sm90(dy.data_ptr(), x_dt, lora_B.data_ptr(), b_dt, u.data_ptr<float>(), g_work,
+                                            dB_out, M, N, r, dy_plan, ws.ptr(dy_scratch_piece), stream),
+               "lora_dy_pass (sm90) launch");
+  } else if (M > 0) {
     check_cuda(lk::launch_lora_dy_pass(dy.data_ptr(), x_dt, lora_B.data_ptr(), b_dt, u.data_ptr<float>(), g_work,
-                                       dB_direct ? dB.data_ptr<float>() : ws.ptr<float>(dB_partial_piece), M, N, r,
-                                       dy_plan, stream),
+                                       dB_out, M, N, r, dy_plan, stream),
                "lora_dy_pass launch");
   }
   if (need_g && !g_partial && M > 0 && N == 0) {  // g = dy B = 0
@@ -554,6 +564,18 @@ std::string dx_path(const Tensor& x, const Tensor& weight, const Tensor& lora_A,
   return pf > 0.0f ? "sm90 masked" : "sm90";
 }
 
+// Which kernel the dy pass of a backward with this dy (M, N) and lora_B (N, r) runs: "sm90" (wgmma,
+// dy_pass_sm90.cu) or "mma.sync: <why not sm90>" (dy_pass.cu; the FFMA kernel where the tensor cores are not used).
+std::string dy_path(const Tensor& dy, const Tensor& lora_B) {
+  TORCH_CHECK(dy.is_cuda() && dy.dim() == 2 && lora_B.dim() == 2 && dy.size(1) == lora_B.size(0),
+              "lora_kernels_cuda: dy_path takes a 2-D CUDA dy (M, N) and lora_B (N, r)");
+  const c10::cuda::CUDAGuard guard(dy.device());
+  const Tensor d = dy.contiguous();
+  const char* why = lk::lora_dy_pass_sm90_unsupported(d.data_ptr(), to_dtype(d, "dy"), to_dtype(lora_B, "lora_B"),
+                                                      d.size(0), d.size(1), (int)lora_B.size(1));
+  return why == nullptr ? std::string("sm90") : std::string("mma.sync: ") + why;
+}
+
 // Which path a forward with these inputs takes: "small_m" (one launch, csrc/small_m.cu), or gemm_path's answer
 // followed by " (small_m: <why not>)". Checks what lora_forward checks first (the call would fail otherwise).
 std::string forward_path(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
@@ -575,6 +597,7 @@ TORCH_LIBRARY(lora_kernels_cuda, m) {
   m.def("gemm_path(Tensor x, Tensor weight, Tensor? bias) -> str");
   m.def("dx_path(Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, float p) -> str");
   m.def("forward_path(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float p) -> str");
+  m.def("dy_path(Tensor dy, Tensor lora_B) -> str");
   m.def("set_small_m(bool enabled) -> bool", &set_small_m);  // no tensor arguments: a catch-all kernel
   m.def(
       "forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, float p, "
@@ -595,6 +618,7 @@ TORCH_LIBRARY_IMPL(lora_kernels_cuda, CUDA, m) {
   m.impl("gemm_path", &gemm_path);
   m.impl("dx_path", &dx_path);
   m.impl("forward_path", &forward_path);
+  m.impl("dy_path", &dy_path);
 }
 
 TORCH_LIBRARY_IMPL(lora_kernels_cuda, Autograd, m) { m.impl("lora_linear", &lora_linear_autograd); }

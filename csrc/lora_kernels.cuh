@@ -107,6 +107,15 @@ cudaError_t launch_lora_expand(void* y, DType y_dtype, const float* u, const voi
 cudaError_t launch_lora_dy_pass(const void* dy, DType dy_dtype, const void* B, DType b_dtype, const float* u,
                                 float* g_out, float* dB_partial, int64_t M, int64_t N, int r, SplitPlan plan,
                                 cudaStream_t stream);
+// The same pass on Hopper (dy_pass_sm90.cu: wgmma, one more launch that stages the adapters' pieces in `scratch`,
+// lora_dy_pass_sm90_scratch_bytes long): same outputs and partial layout, for lora_dy_pass_sm90_plan's plan.
+// lora_dy_pass_sm90_unsupported: nullptr where it runs, else why not (then launch_lora_dy_pass).
+const char* lora_dy_pass_sm90_unsupported(const void* dy, DType dy_dtype, DType b_dtype, int64_t M, int64_t N, int r);
+SplitPlan lora_dy_pass_sm90_plan(int64_t M, int64_t N, int r, int pieces);
+size_t lora_dy_pass_sm90_scratch_bytes(int64_t M, int64_t N, int r, int pieces);
+cudaError_t launch_lora_dy_pass_sm90(const void* dy, DType dy_dtype, const void* B, DType b_dtype, const float* u,
+                                     float* g_out, float* dB_partial, int64_t M, int64_t N, int r, SplitPlan plan,
+                                     void* scratch, cudaStream_t stream);
 
 // dA_partial[s] (r, K) = scaling * g[rows of s]^T @ dropout(x)[rows of s]. plan from lora_dA_plan.
 // a_dtype (lora_A's) picks the precision as for the other passes.

@@ -36,6 +36,8 @@ Read by the CUDA extension (csrc/binding.cpp), once, when a GEMM first asks for 
                                         instead).
     LORA_KERNELS_SM90_DX_MASK           0 keeps dx with dropout off the sm_90 GEMM (the dx kernel writes the masked
                                         term, cuBLAS adds dy W): for A/B timing.
+    LORA_KERNELS_SM90_DY                0 keeps the backward's dy pass on its mma.sync kernel (csrc/dy_pass.cu)
+                                        instead of the wgmma one on Hopper (csrc/dy_pass_sm90.cu): for A/B timing.
     LORA_KERNELS_SMALL_M                0 turns off the one-launch forward at M <= 64 (csrc/small_m.cu); it starts
                                         the switch that cuda_backend.set_small_m changes at run time.
 

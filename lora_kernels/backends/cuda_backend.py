@@ -79,6 +79,12 @@ def dx_path(x, weight, lora_A, lora_B, p=0.0) -> str:
     return torch.ops.lora_kernels_cuda.dx_path(x, weight, lora_A, lora_B, float(p))
 
 
+def dy_path(dy, lora_B) -> str:
+    """Which kernel the backward's dy pass (g = dy B and dB = dyᵀ u in one read of dy) runs for a 2-D dy (M, N):
+    "sm90" (wgmma, csrc/dy_pass_sm90.cu) or "mma.sync: <why not sm90>" (csrc/dy_pass.cu)."""
+    return torch.ops.lora_kernels_cuda.dy_path(dy, lora_B)
+
+
 def forward_path(x, weight, bias, lora_A, lora_B, p=0.0) -> str:
     """Which path a forward with these 2-D inputs takes: "small_m" (M <= 64: the whole forward in one launch,
     csrc/small_m.cu), or gemm_path's answer followed by " (small_m: <why not>)"."""

@@ -1,0 +1,75 @@
+"""Writes csrc/wgmma.cuh, the wgmma wrappers of the hand-written sm_90 kernels (one per dtype and N: each asm
+statement lists its N / 2 accumulator registers).  python3 bench/dev/gen_wgmma.py"""
+import os
+NS = [16, 32, 48, 64, 96]
+TYPES = [("__nv_bfloat16", "bf16"), ("__half", "f16")]
+out = []
+out.append("""// wgmma (sm_90a) wrappers of the hand-written Hopper kernels: warpgroup-wide D (64 x N, fp32) = A (64 x 16) B (16 x N)
+// (+ D when scale_d != 0), both operands in shared memory through their descriptors, for the N of those kernels.
+// Written by bench/dev/gen_wgmma.py.
+// TnspA = 0: A is K-major; 1: A is MN-major (a tile read transposed). B is always K-major. Each asm statement
+// lists its N / 2 accumulator registers, so every N is written out (this header is generated, one function per
+// (type, N); the register order is the PTX fragment order: d[4 c + 2 h + e] = row 16 w + lane / 4 + 8 h of the
+// warpgroup's warp w, column 8 c + 2 (lane % 4) + e).
+// Also: the descriptor of a 128-byte-swizzled tile, the fences and the group commit / wait.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace lora_kernels {
+namespace detail {
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define LK_WGMMA 1
+#else
+#define LK_WGMMA 0
+#endif
+
+#if LK_WGMMA
+// Descriptor of an operand tile at shared address `addr` in the canonical 128-byte-swizzle layout: rows of 128
+// bytes (64 16-bit elements), 16-byte chunk c of row i stored at chunk c ^ (i % 8), 8-row groups 1024 bytes apart
+// (the group stride, SBO), base 1024-byte aligned. K-major: a row per M (or N) index, K along the row; MN-major:
+// a row per K index. Advancing `addr` by 32 bytes moves a K-major operand 16 elements along K.
+__device__ __forceinline__ uint64_t sw128_desc(uint32_t addr) {
+  return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)(1024 >> 4) << 32) | ((uint64_t)1 << 62);
+}
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\\n" ::"n"(N) : "memory"); }
+// Generic-proxy writes to shared memory (cp.async, st.shared) made visible to wgmma's async proxy.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\\n" ::: "memory"); }
+// Keeps the compiler from moving accesses of the accumulators across a wgmma_wait.
+template <int R>
+__device__ __forceinline__ void fence_regs(float (&d)[R]) {
+#pragma unroll
+  for (int i = 0; i < R; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+template <typename T, int N>
+struct Wgmma;
+""")
+for T, s in TYPES:
+    for N in NS:
+        R = N // 2
+        regs = ", ".join(f"%{i}" for i in range(R))
+        outs = ", ".join(f'"+f"(d[{i}])' for i in range(R))
+        out.append(f"""template <>
+struct Wgmma<{T}, {N}> {{
+  template <int TnspA>
+  __device__ __forceinline__ static void mma(float (&d)[{R}], uint64_t a, uint64_t b, int scale_d) {{
+    asm volatile(
+        "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{R + 2}, 0;\\n"
+        "wgmma.mma_async.sync.aligned.m64n{N}k16.f32.{s}.{s} {{{regs}}}, %{R}, %{R + 1}, p, 1, 1, %{R + 3}, 0;\\n}}\\n"
+        : {outs}
+        : "l"(a), "l"(b), "r"(scale_d), "n"(TnspA));
+  }}
+}};
+""")
+out.append("""#endif  // LK_WGMMA
+
+}  // namespace detail
+}  // namespace lora_kernels
+""")
+open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "csrc", "wgmma.cuh"), "w").write("\n".join(out))

@@ -1,0 +1,72 @@
+"""The backward's dy pass on Hopper (csrc/dy_pass_sm90.cu: g = dy B and the dB partials on wgmma, one read of dy).
+GPU-only (skips elsewhere): the benchmarked shapes take it, the fallback says why, and backward grads through it meet
+the float64 tolerance rule on shapes that exercise its edges (partial row and column tiles, uneven column groups,
+several r-chunks, the bf16x3 pieces of fp32 adapters) and are deterministic."""
+import pytest
+import torch
+
+import lora_kernels
+
+from conftest import HAS_CUDA
+from test_contract import run_and_check
+
+pytestmark = [
+    pytest.mark.usefixtures("poisoned_outputs"),
+    pytest.mark.skipif(not HAS_CUDA or "cuda" not in lora_kernels.available_backends(),
+                       reason="needs the cuda backend on a GPU"),
+    pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability() != (9, 0),
+                       reason="the wgmma dy pass runs on compute capability 9.0 only"),
+]
+
+
+def _dy_path(M, N, r, dtype=torch.bfloat16, adapter_dtype=torch.float32):
+    from lora_kernels.backends import cuda_backend
+
+    dy = torch.randn(M, N, device="cuda").to(dtype)
+    B = torch.randn(N, r, device="cuda").to(adapter_dtype)
+    return cuda_backend.dy_path(dy, B)
+
+
+@pytest.mark.parametrize("N", [4096, 1024, 14336])
+@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                 (torch.float16, torch.float16)])
+@pytest.mark.parametrize("r", [16, 64])
+def test_benchmarked_shapes_take_the_sm90_dy_pass(N, dtype, adapter_dtype, r):
+    # the Llama-3-8B layer widths the benchmark's backward reads dy of
+    assert _dy_path(8192, N, r, dtype, adapter_dtype) == "sm90"
+
+
+def test_dy_pass_fallback_says_why():
+    assert _dy_path(64, 128, 16).startswith("mma.sync: N below 3 column tiles")
+    assert _dy_path(64, 1028, 16).startswith("mma.sync: N must be a multiple of 8")
+    assert _dy_path(64, 1024, 16, torch.float16, torch.float32).startswith("mma.sync: dy and the adapters take")
+
+
+@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, None),
+                                                 (torch.float16, None)])
+@pytest.mark.parametrize("lead,K,N,r", [((777,), 264, 1000, 48), ((3, 61), 136, 200, 5), ((1,), 64, 4096, 16),
+                                         ((2049,), 72, 520, 64), ((130,), 128, 2056, 100)])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_sm90_dy_pass_against_float64(dtype, adapter_dtype, lead, K, N, r, p):
+    # M with a partial 128-row tile, N with a partial 64-column tile (1000, 200, 520, 2056), uneven column groups,
+    # r not a multiple of 16 and above one r-chunk (48, 64 and 100: two to seven chunks of 16, 32 or 64).
+    M = 1
+    for s in lead:
+        M *= s
+    assert _dy_path(M, N, r, dtype, adapter_dtype or dtype) == "sm90"
+    run_and_check("cuda", "cuda", dtype, lead, K, N, r, bias=True, p=p, adapter_dtype=adapter_dtype)
+
+
+def test_sm90_dy_pass_is_deterministic():
+    x = torch.randn(1500, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    W = torch.randn(3000, 256, device="cuda", dtype=torch.bfloat16) / 16
+    A = (torch.randn(24, 256, device="cuda") / 16).requires_grad_()
+    B = torch.randn(3000, 24, device="cuda").requires_grad_()
+    dy = torch.randn(1500, 3000, device="cuda", dtype=torch.bfloat16)
+    assert _dy_path(1500, 3000, 24) == "sm90"
+    outs = []
+    for _ in range(2):
+        y = lora_kernels.lora_linear(x, W, None, A, B, 2.0, backend="cuda")
+        outs.append(torch.autograd.grad(y, (x, A, B), dy))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
