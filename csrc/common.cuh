@@ -255,6 +255,19 @@ __device__ __forceinline__ float bf16x3_piece(float v, int piece) {
   return pc == 0.f && v != 0.f ? copysignf(kTiny, v) : pc;
 }
 
+// All three pieces of v's bf16x3 split at once: p[i] == bf16x3_piece(v, i).
+__device__ __forceinline__ void bf16x3_split(float v, __nv_bfloat16 (&p)[3]) {
+  constexpr float kTiny = 1.17549435e-38f;  // 2^-126
+  float rest = v;
+#pragma unroll
+  for (int i = 0; i < 3; ++i) {
+    const float pc = __bfloat162float(__float2bfloat16_rz(rest));
+    rest -= pc;
+    const float out = isinf(v) ? (i == 0 ? v : copysignf(kTiny, v)) : (pc == 0.f && v != 0.f ? copysignf(kTiny, v) : pc);
+    p[i] = __float2bfloat16_rz(out);
+  }
+}
+
 // 4 values of TA as piece `piece` of their bf16x3 split, packed for one 8-byte shared-memory store (T = bf16; for
 // another T, which never takes pieces, the plain rounding to_t4).
 template <typename T, typename TA>

@@ -14,12 +14,13 @@
 //          padded to Npad = N and Mpad = M rounded up to 128), so that every operand tile is a copy of
 //          16-byte chunks (scratch: lora_dy_pass_sm90_scratch_bytes).
 // Tiling : block (s, c, z) = row split s x column group c x r-chunk z, spans balanced in whole tiles; tiles of 128
-//          rows x 64 columns, rows outer, columns inner. 384 threads: warpgroups 0 and 1 compute G of rows 0-63 and
-//          64-127, warpgroup 2 computes D. A 4-stage cp.async ring holds {dy tile, Bp chunk}; the Up tile of a row
-//          tile (128 rows of u, two 64-row K blocks) sits in a double buffer, loaded with that row tile's first
-//          stage: a column group spans at least 3 tiles, so the buffer's previous row tile is done by then. Tiles
-//          use the 128-byte swizzle (16-byte chunk c of row i at chunk c ^ (i % 8)): the dy tile is the K-major A
-//          of G and, as it stands, the MN-major A of D.
+//          rows x 64 columns, rows outer, columns inner. 384 threads, warp-specialised: warpgroup 0 loads (cp.async
+//          into a 4-stage ring of {dy tile, Bp chunk}, plus a row tile's Up tile, two 64-row K blocks, into a double
+//          buffer), warpgroup 1 computes G (both 64-row halves), warpgroup 2 computes D. mbarriers pass the stages:
+//          full (every loader thread's copies landed), empty (lane 0 of each consumer warp, once its products are
+//          done), up_free (the dB warps, at a row tile's end). No block-wide barrier inside the loop. Tiles use the
+//          128-byte swizzle (16-byte chunk c of row i at chunk c ^ (i % 8)): the dy tile is the K-major A of G and,
+//          as it stands, the MN-major A of D.
 // Bytes  : dy once per r-chunk; Bp and Up from L2 (a chunk per tile, a u tile per row tile); the partials as
 //          dy_pass.cu (row_splits * N * r + col_groups * M * r floats, written once, summed by the reduce).
 #include "common.cuh"
@@ -49,41 +50,43 @@ DsShape ds_shape(int r, int pieces) {
 }
 constexpr int ds_ldd(int rj) { return rj + 4; }  // dB row pitch (floats) in shared memory
 size_t ds_smem(const DsShape& s, int64_t tiles_per_group) {
-  return 1024 + (size_t)DS_STAGES * (DS_BM * DS_BN * 2 + 128 * s.nw) + (size_t)2 * 2 * 128 * s.nw +
+  return 16 * DS_STAGES + 16 + 1024 + (size_t)DS_STAGES * (DS_BM * DS_BN * 2 + 128 * s.nw) + (size_t)2 * 2 * 128 * s.nw +
          (size_t)tiles_per_group * DS_BN * ds_ldd(s.rj) * 4;
 }
 
 // Bp / Up: row (z, pc, j) of Bp holds piece pc of B[:, z*RJ + j] (zero past N and r), of Up piece pc of u[:, ..].
-// Block (x, z): DS_PREP consecutive elements e (columns of Bp, then of Up) of r-chunk z. Their rows of B (or u) are
-// staged through shared memory with coalesced loads; then thread e writes its column of every row (a warp's stores
-// to a row are contiguous).
+// Block (x, y): DS_PREP consecutive elements e (columns of Bp, then of Up) x 8 columns j of B (or u), j = 8 y ..
+// (r-chunk y / (RJ / 8)). Thread e reads its 8 values (32 contiguous bytes) and writes their P pieces, one row
+// each: a warp's stores to a row are contiguous.
 constexpr int DS_PREP = 128;
 template <typename T, typename TB, int P>
 __global__ void __launch_bounds__(DS_PREP)
 dy_sm90_prep_kernel(const TB* __restrict__ B, const float* __restrict__ u, T* __restrict__ bp, T* __restrict__ up,
                     int64_t M, int64_t N, int r, int rj, int64_t npad, int64_t mpad) {
 #if LK_TC_ARCH
-  extern __shared__ float prep_tile[];  // [DS_PREP][rj + 1]
   const int64_t bp_blocks = npad / DS_PREP;
   const bool is_b = blockIdx.x < bp_blocks;
-  const int64_t e0 = (is_b ? blockIdx.x : blockIdx.x - bp_blocks) * (int64_t)DS_PREP;
-  const int64_t len = is_b ? npad : mpad, valid = is_b ? N : M;
-  const int j0 = blockIdx.y * rj, ld = rj + 1;
-  for (int i = threadIdx.x; i < DS_PREP * rj; i += DS_PREP) {
-    const int ee = i / rj, jj = i % rj;
-    const int64_t e = e0 + ee;
-    float v = 0.f;
-    if (e < valid && j0 + jj < r) v = is_b ? to_f<TB>(B[e * r + j0 + jj]) : u[e * r + j0 + jj];
-    prep_tile[ee * ld + jj] = v;
+  const int64_t e = (is_b ? blockIdx.x : blockIdx.x - bp_blocks) * (int64_t)DS_PREP + threadIdx.x;
+  const int64_t len = is_b ? npad : mpad;
+  const bool in = e < (is_b ? N : M);
+  const int j8 = 8 * blockIdx.y, z = j8 / rj, jr = j8 % rj;  // global column j8 + q; row (z, pc, jr + q)
+  float v[8];
+#pragma unroll
+  for (int q = 0; q < 8; ++q) {
+    const int j = j8 + q;
+    v[q] = in && j < r ? (is_b ? to_f<TB>(B[e * r + j]) : u[e * r + j]) : 0.f;
   }
-  __syncthreads();
-  T* out = (is_b ? bp : up) + (int64_t)blockIdx.y * P * rj * len + e0 + threadIdx.x;
-  for (int row = 0; row < P * rj; ++row) {
-    const float v = prep_tile[threadIdx.x * ld + row % rj];
-    if constexpr (P > 1)
-      out[(int64_t)row * len] = __float2bfloat16_rz(bf16x3_piece(v, row / rj));
-    else
-      out[(int64_t)row * len] = from_f<T>(v);
+  T* out = (is_b ? bp : up) + ((int64_t)z * P * rj + jr) * len + e;
+#pragma unroll
+  for (int q = 0; q < 8; ++q) {
+    if constexpr (P > 1) {
+      __nv_bfloat16 pc[3];
+      bf16x3_split(v[q], pc);
+#pragma unroll
+      for (int i = 0; i < 3; ++i) out[((int64_t)i * rj + q) * len] = pc[i];
+    } else {
+      out[(int64_t)q * len] = from_f<T>(v[q]);
+    }
   }
 #else
   __trap();
@@ -98,10 +101,15 @@ lora_dy_pass_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, con
 #if LK_WGMMA
   constexpr int NW = P * RJ, LDD = ds_ldd(RJ), DY_BYTES = DS_BM * DS_BN * 2, STAGE = DY_BYTES + NW * 128;
   constexpr int UP_BYTES = 2 * NW * 128;  // one row tile of Up: two 64-row K blocks
+  constexpr int PT = 128;                 // producer threads (warpgroup 0)
   extern __shared__ unsigned char ds_smem_raw[];
-  const uint32_t raw = smem_addr(ds_smem_raw), pad = (1024 - (raw & 1023)) & 1023;
-  const uint32_t s_ring = raw + pad, s_up = s_ring + DS_STAGES * STAGE;
-  float* dBs = reinterpret_cast<float*>(ds_smem_raw + pad + DS_STAGES * STAGE + 2 * UP_BYTES);  // [tiles*64][LDD]
+  // mbarriers first: full[s] (the stage's copies landed), empty[s] (its products done), up_free[b] (the Up buffer's
+  // row tile done); then the 1024-byte-aligned tiles.
+  const uint32_t raw = smem_addr(ds_smem_raw);
+  const uint32_t bar_full = raw, bar_empty = raw + 8 * DS_STAGES, bar_up = raw + 16 * DS_STAGES;
+  const uint32_t tiles = raw + 16 * DS_STAGES + 16, pad = (1024 - (tiles & 1023)) & 1023;
+  const uint32_t s_ring = tiles + pad, s_up = s_ring + DS_STAGES * STAGE;
+  float* dBs = reinterpret_cast<float*>(ds_smem_raw + (s_up + 2 * UP_BYTES - raw));  // [tiles*64][LDD]
 
   const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
   const int64_t tiles_m = (M + DS_BM - 1) / DS_BM, tiles_n = (N + DS_BN - 1) / DS_BN;
@@ -113,154 +121,161 @@ lora_dy_pass_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, con
   const int n_tiles = (int)(rt1 - rt0) * n_ct;
   const int j0 = blockIdx.z * RJ;
   const bool do_dB = dB_partial != nullptr;
-  const T* bpz = bp + (int64_t)blockIdx.z * NW * npad;
-  const T* upz = up + (int64_t)blockIdx.z * NW * mpad;
-  float* g = g_out + (int64_t)blockIdx.y * M * r;
-  float* dBp = do_dB ? dB_partial + (int64_t)blockIdx.x * N * r : nullptr;
 
+  if (tid == 0) {
+    for (int s = 0; s < DS_STAGES; ++s) {
+      mbar_init(bar_full + 8 * s, PT);  // every producer thread's copies
+      mbar_init(bar_empty + 8 * s, 8);  // lane 0 of each consumer warp
+    }
+    mbar_init(bar_up, 4);  // lane 0 of each dB warp
+    mbar_init(bar_up + 8, 4);
+  }
   if (do_dB)
     for (int i = tid; i < n_ct * DS_BN * LDD; i += DS_THREADS) dBs[i] = 0.f;
+  __syncthreads();
 
-  // Loads. Each thread's 16-byte chunks sit at fixed offsets from a tile's corner, computed once here: a tile costs
-  // one base address and one copy per chunk (a partial tile also checks each chunk's row and column).
-  constexpr int DY_CH = (DS_BM * 8 + DS_THREADS - 1) / DS_THREADS, BP_CH = (NW * 8 + DS_THREADS - 1) / DS_THREADS;
-  constexpr int UP_CH = (NW * 16 + DS_THREADS - 1) / DS_THREADS;
-  uint32_t dy_dst[DY_CH], bp_dst[BP_CH], up_dst[UP_CH];
-  int64_t dy_src[DY_CH], bp_src[BP_CH], up_src[UP_CH];
-  int dy_row[DY_CH], dy_col[DY_CH];
-#pragma unroll
-  for (int q = 0; q < DY_CH; ++q) {
-    const int i = tid + q * DS_THREADS, row = i >> 3, c = i & 7;
-    dy_dst[q] = row * 128 + ((c ^ (row & 7)) << 4);
-    dy_src[q] = (int64_t)row * N + 8 * c;
-    dy_row[q] = i < DS_BM * 8 ? row : DS_BM;  // a chunk index past the tile is never copied
-    dy_col[q] = 8 * c;
-  }
-#pragma unroll
-  for (int q = 0; q < BP_CH; ++q) {
-    const int i = tid + q * DS_THREADS, row = i >> 3, c = i & 7;
-    bp_dst[q] = DY_BYTES + row * 128 + ((c ^ (row & 7)) << 4);
-    bp_src[q] = (int64_t)row * npad + 8 * c;
-  }
-#pragma unroll
-  for (int q = 0; q < UP_CH; ++q) {
-    const int i = tid + q * DS_THREADS, row = i >> 4, c = i & 15;
-    up_dst[q] = (c >> 3) * NW * 128 + row * 128 + (((c & 7) ^ (row & 7)) << 4);
-    up_src[q] = (int64_t)row * mpad + 8 * c;
-  }
-  // Tile (rt, ct) into ring slot `slot` (and its row tile's Up tile when ct == 0): one cp.async group, empty when
-  // the tile is past the end.
-  auto issue = [&](bool live, int rt, int ct, int slot) {
-    if (live) {
+  // Tiles go round the ring in order: tile t in stage t % DS_STAGES, its round t / DS_STAGES picks the parity.
+  // Counters (tile row, column, stage, round parity) advance by one per tile, so a tile costs no division.
+  if (wg == 0) {
+    // Producer: each thread's 16-byte chunks sit at fixed offsets from a tile's corner.
+    constexpr int DY_CH = DS_BM * 8 / PT, BP_CH = (NW * 8 + PT - 1) / PT, UP_CH = (NW * 16 + PT - 1) / PT;
+    const T* bpz = bp + (int64_t)blockIdx.z * NW * npad;
+    const T* upz = up + (int64_t)blockIdx.z * NW * mpad;
+    int rt = 0, ct = 0, stage = 0, round = 0;
+    for (int t = 0; t < n_tiles; ++t) {
+      mbar_wait(bar_empty + 8 * stage, (round & 1) ^ 1);  // the stage's previous tile consumed
       const int64_t m0 = row_begin + (int64_t)rt * DS_BM, n0 = col_begin + (int64_t)ct * DS_BN;
-      const uint32_t s_st = s_ring + slot * STAGE;
+      const uint32_t s_st = s_ring + stage * STAGE;
       const T* dy0 = dy + m0 * N + n0;
       const int rows = (int)min64(DS_BM, row_end - m0), cols = (int)min64(DS_BN, col_end - n0);
 #pragma unroll
-      for (int q = 0; q < DY_CH; ++q) {
-        const bool ok = dy_row[q] < rows && dy_col[q] < cols;
-        if (dy_row[q] < DS_BM) cp_async16(s_st + dy_dst[q], ok ? dy0 + dy_src[q] : dy, ok ? 16 : 0);
+      for (int q = 0; q < DY_CH; ++q) {  // rows past the split or columns past the group: zeros
+        const int i = tid + q * PT, row = i >> 3, c = i & 7;
+        const bool ok = row < rows && 8 * c < cols;
+        cp_async16(s_st + row * 128 + ((c ^ (row & 7)) << 4), ok ? dy0 + (int64_t)row * N + 8 * c : dy, ok ? 16 : 0);
       }
 #pragma unroll
-      for (int q = 0; q < BP_CH; ++q)
-        if (tid + q * DS_THREADS < NW * 8) cp_async16(s_st + bp_dst[q], bpz + n0 + bp_src[q], 16);
-      if (do_dB && ct == 0) {
+      for (int q = 0; q < BP_CH; ++q) {
+        const int i = tid + q * PT, row = i >> 3, c = i & 7;
+        if (i < NW * 8)
+          cp_async16(s_st + DY_BYTES + row * 128 + ((c ^ (row & 7)) << 4), bpz + (int64_t)row * npad + n0 + 8 * c, 16);
+      }
+      if (do_dB && ct == 0) {  // the row tile's Up tile, once the buffer's row tile two back is done
+        mbar_wait(bar_up + 8 * (rt & 1), ((rt >> 1) & 1) ^ 1);
         const uint32_t s_u = s_up + (rt & 1) * UP_BYTES;
 #pragma unroll
-        for (int q = 0; q < UP_CH; ++q)
-          if (tid + q * DS_THREADS < NW * 16) cp_async16(s_u + up_dst[q], upz + m0 + up_src[q], 16);
+        for (int q = 0; q < UP_CH; ++q) {
+          const int i = tid + q * PT, row = i >> 4, c = i & 15;
+          if (i < NW * 16)
+            cp_async16(s_u + (c >> 3) * NW * 128 + row * 128 + (((c & 7) ^ (row & 7)) << 4),
+                       upz + (int64_t)row * mpad + m0 + 8 * c, 16);
+        }
+      }
+      cp_async_mbar_arrive(bar_full + 8 * stage);
+      if (++ct == n_ct) {
+        ct = 0;
+        ++rt;
+      }
+      if (++stage == DS_STAGES) {
+        stage = 0;
+        ++round;
       }
     }
-    cp_async_commit();
-  };
-
-  float part[NW / 2];  // this tile's product (fresh per tile)
-  float run[RJ / 2];   // g of the row tile (warpgroups 0-1)
+  } else {
+    // Consumers: warpgroup 1 computes G (both 64-row halves), warpgroup 2 computes D.
+    float part[2][NW / 2];  // this tile's products (fresh per tile; D uses part[0])
+    float run[2][RJ / 2];   // g of the row tile
 #pragma unroll
-  for (int i = 0; i < RJ / 2; ++i) run[i] = 0.f;
-
-  // (rt, ct, slot): the tile computed; (irt, ict, islot): the tile loaded DS_STAGES - 1 ahead. Counters, so that a
-  // tile costs no integer division.
-  auto advance = [&](int& rt_, int& ct_, int& slot_) {
-    if (++ct_ == n_ct) {
-      ct_ = 0;
-      ++rt_;
-    }
-    slot_ = slot_ + 1 == DS_STAGES ? 0 : slot_ + 1;
-  };
-  int irt = 0, ict = 0, islot = 0;
+    for (int h = 0; h < 2; ++h)
 #pragma unroll
-  for (int s = 0; s < DS_STAGES - 1; ++s) {
-    issue(s < n_tiles, irt, ict, islot);
-    advance(irt, ict, islot);
-  }
-  int rt = 0, ct = 0, slot = 0;
-  for (int t = 0; t < n_tiles; ++t) {
-    cp_async_wait<DS_STAGES - 2>();
-    fence_proxy_async();
-    __syncthreads();  // tile t landed for all; tile t - 1's products done (its slot is refilled next)
-    issue(t + DS_STAGES - 1 < n_tiles, irt, ict, islot);
-    advance(irt, ict, islot);
-    const uint32_t s_dy = s_ring + slot * STAGE, s_bp = s_dy + DY_BYTES;
-    if (wg < 2) {  // G rows 64 wg .. 64 wg + 63: K = the tile's 64 columns, 4 steps of 16
-      wgmma_fence();
+      for (int i = 0; i < RJ / 2; ++i) run[h][i] = 0.f;
+    int rt = 0, ct = 0, stage = 0, round = 0;
+    for (int t = 0; t < n_tiles; ++t) {
+      mbar_wait(bar_full + 8 * stage, round & 1);
+      fence_proxy_async();  // the copies (generic proxy) before wgmma's reads (async proxy)
+      const uint32_t s_dy = s_ring + stage * STAGE, s_bp = s_dy + DY_BYTES;
+      if (wg == 1) {  // G: K = the tile's 64 columns, 4 steps of 16, for rows 0-63 and 64-127
+        wgmma_fence();
 #pragma unroll
-      for (int ks = 0; ks < DS_BN / 16; ++ks)
-        Wgmma<T, NW>::template mma<0>(part, sw128_desc(s_dy + wg * 64 * 128 + 32 * ks), sw128_desc(s_bp + 32 * ks),
-                                      ks);
-      wgmma_commit();
-      wgmma_wait<0>();
-      fence_regs(part);
+        for (int ks = 0; ks < DS_BN / 16; ++ks)
 #pragma unroll
-      for (int i = 0; i < RJ / 2; ++i) {
-        if constexpr (P > 1)
-          run[i] += part[i] + (part[i + RJ / 2] + part[i + RJ]);
-        else
-          run[i] += part[i];
-      }
-      if (ct == n_ct - 1) {  // row tile done: its g rows written once
+          for (int h = 0; h < 2; ++h)
+            Wgmma<T, NW>::template mma<0>(part[h], sw128_desc(s_dy + h * 64 * 128 + 32 * ks),
+                                          sw128_desc(s_bp + 32 * ks), ks);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs(part[0]);
+        fence_regs(part[1]);
+        if (lane == 0) mbar_arrive(bar_empty + 8 * stage);
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+          for (int i = 0; i < RJ / 2; ++i) {
+            if constexpr (P > 1)
+              run[h][i] += part[h][i] + (part[h][i + RJ / 2] + part[h][i + RJ]);
+            else
+              run[h][i] += part[h][i];
+          }
+        if (ct == n_ct - 1) {  // row tile done: its g rows written once
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+#pragma unroll
+            for (int c8 = 0; c8 < RJ / 8; ++c8)
+#pragma unroll
+              for (int hh = 0; hh < 2; ++hh) {
+                const int64_t m = row_begin + (int64_t)rt * DS_BM + 64 * h + 16 * warp + (lane >> 2) + 8 * hh;
+                const int j = j0 + 8 * c8 + 2 * (lane & 3);
+                float* v = &run[h][4 * c8 + 2 * hh];
+                if (m < row_end) st2f(g_out + (int64_t)blockIdx.y * M * r + m * r + j, r - j, v[0], v[1]);
+                v[0] = v[1] = 0.f;
+              }
+        }
+      } else if (do_dB) {  // D: the tile's 64 columns x NW, K = the tile's 128 rows, 8 steps of 16
+        const uint32_t s_u = s_up + (rt & 1) * UP_BYTES;
+        wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < DS_BM / 16; ++ks)
+          Wgmma<T, NW>::template mma<1>(part[0], sw128_desc(s_dy + 2048 * ks),
+                                        sw128_desc(s_u + (ks >> 2) * NW * 128 + 32 * (ks & 3)), ks);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs(part[0]);
+        if (lane == 0) {
+          mbar_arrive(bar_empty + 8 * stage);
+          if (ct == n_ct - 1) mbar_arrive(bar_up + 8 * (rt & 1));  // the Up buffer's row tile done
+        }
+        float* drow = dBs + (ct * DS_BN + 16 * warp + (lane >> 2)) * LDD + 2 * (lane & 3);
 #pragma unroll
         for (int c8 = 0; c8 < RJ / 8; ++c8)
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int64_t m = row_begin + (int64_t)rt * DS_BM + 64 * wg + 16 * warp + (lane >> 2) + 8 * h;
-            const int j = j0 + 8 * c8 + 2 * (lane & 3);
-            if (m < row_end) st2f(g + m * r + j, r - j, run[4 * c8 + 2 * h], run[4 * c8 + 2 * h + 1]);
-            run[4 * c8 + 2 * h] = run[4 * c8 + 2 * h + 1] = 0.f;
+          for (int hh = 0; hh < 2; ++hh) {
+            const int i = 4 * c8 + 2 * hh;
+            float2 v;
+            if constexpr (P > 1)
+              v = make_float2(part[0][i] + (part[0][i + RJ / 2] + part[0][i + RJ]),
+                              part[0][i + 1] + (part[0][i + 1 + RJ / 2] + part[0][i + 1 + RJ]));
+            else
+              v = make_float2(part[0][i], part[0][i + 1]);
+            float2* d = reinterpret_cast<float2*>(drow + 8 * hh * LDD + 8 * c8);
+            const float2 o = *d;
+            *d = make_float2(o.x + v.x, o.y + v.y);
           }
+      } else if (lane == 0) {  // no dB asked for: this warpgroup only keeps the ring turning
+        mbar_arrive(bar_empty + 8 * stage);
       }
-    } else if (do_dB) {  // D: the tile's 64 columns x NW, K = the tile's 128 rows, 8 steps of 16
-      const uint32_t s_u = s_up + (rt & 1) * UP_BYTES;
-      wgmma_fence();
-#pragma unroll
-      for (int ks = 0; ks < DS_BM / 16; ++ks)
-        Wgmma<T, NW>::template mma<1>(part, sw128_desc(s_dy + 2048 * ks),
-                                      sw128_desc(s_u + (ks >> 2) * NW * 128 + 32 * (ks & 3)), ks);
-      wgmma_commit();
-      wgmma_wait<0>();
-      fence_regs(part);
-      float* drow = dBs + (ct * DS_BN + 16 * warp + (lane >> 2)) * LDD + 2 * (lane & 3);
-#pragma unroll
-      for (int c8 = 0; c8 < RJ / 8; ++c8)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int i = 4 * c8 + 2 * h;
-          float2 v;
-          if constexpr (P > 1)
-            v = make_float2(part[i] + (part[i + RJ / 2] + part[i + RJ]),
-                            part[i + 1] + (part[i + 1 + RJ / 2] + part[i + 1 + RJ]));
-          else
-            v = make_float2(part[i], part[i + 1]);
-          float2* d = reinterpret_cast<float2*>(drow + 8 * h * LDD + 8 * c8);
-          const float2 o = *d;
-          *d = make_float2(o.x + v.x, o.y + v.y);
-        }
+      if (++ct == n_ct) {
+        ct = 0;
+        ++rt;
+      }
+      if (++stage == DS_STAGES) {
+        stage = 0;
+        ++round;
+      }
     }
-    advance(rt, ct, slot);
   }
-  cp_async_wait<0>();
   if (do_dB) {  // the block's dB partial rows, columns of the r-chunk: written once
     __syncthreads();
+    float* dBp = dB_partial + (int64_t)blockIdx.x * N * r;
     for (int i = tid; i < n_ct * DS_BN * RJ; i += DS_THREADS) {
       const int nn = i / RJ, jj = i % RJ;
       const int64_t n = col_begin + nn;
@@ -381,10 +396,9 @@ cudaError_t launch_lora_dy_pass_sm90(const void* dy, DType dy_dtype, const void*
     using TB = decltype(bt);
     T* bp = static_cast<T*>(scratch);
     T* up = bp + (int64_t)sh.z * sh.nw * npad;
-    const dim3 prep_grid((unsigned)((npad + (dB_partial ? mpad : 0)) / DS_PREP), (unsigned)sh.z);
-    const size_t prep_smem = (size_t)DS_PREP * (sh.rj + 1) * sizeof(float);
+    const dim3 prep_grid((unsigned)((npad + (dB_partial ? mpad : 0)) / DS_PREP), (unsigned)(sh.z * sh.rj / 8));
     cudaError_t e = with_pieces<T>(pieces, [&](auto pc) {
-      return launch_kernel(dy_sm90_prep_kernel<T, TB, decltype(pc)::value>, prep_grid, DS_PREP, prep_smem, stream,
+      return launch_kernel(dy_sm90_prep_kernel<T, TB, decltype(pc)::value>, prep_grid, DS_PREP, 0, stream,
                            static_cast<const TB*>(B), u, bp, up, M, N, r, sh.rj, npad, mpad);
     });
     if (e != cudaSuccess) return e;

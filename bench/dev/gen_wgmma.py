@@ -11,7 +11,7 @@ out.append("""// wgmma (sm_90a) wrappers of the hand-written Hopper kernels: war
 // lists its N / 2 accumulator registers, so every N is written out (this header is generated, one function per
 // (type, N); the register order is the PTX fragment order: d[4 c + 2 h + e] = row 16 w + lane / 4 + 8 h of the
 // warpgroup's warp w, column 8 c + 2 (lane % 4) + e).
-// Also: the descriptor of a 128-byte-swizzled tile, the fences and the group commit / wait.
+// Also: the descriptor of a 128-byte-swizzled tile, the fences, the group commit / wait and the mbarrier calls.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -45,6 +45,25 @@ template <int R>
 __device__ __forceinline__ void fence_regs(float (&d)[R]) {
 #pragma unroll
   for (int i = 0; i < R; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// mbarrier (shared::cta): init with an arrival count, arrive, wait for the completion of the phase of a parity
+// (a fresh barrier counts as having completed the phase of parity 1), and an arrival made when all of this thread's
+// earlier cp.async copies have landed (noinc: it is one of the counted arrivals).
+__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, int parity) {
+  asm volatile(
+      "{\\n.reg .pred done;\\nLK_WAIT:\\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\\n"
+      "@!done bra LK_WAIT;\\n}\\n" ::"r"(bar), "r"(parity) : "memory");
+}
+__device__ __forceinline__ void cp_async_mbar_arrive(uint32_t bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\\n" ::"r"(bar) : "memory");
 }
 
 template <typename T, int N>
