@@ -406,8 +406,14 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   const bool g_in_pack = dx_sm90 && g_partial;  // the pack sums g's parts
   // The reduced g as a buffer of its own: read by dA, or by the dx kernel off the sm_90 path.
   const bool g_reduced = g_partial && (need_dA || (need_dx && !dx_sm90));
+  // On Hopper dA runs on the same wgmma streaming kernel as the dy pass (dA_sm90.cu), g's pieces in a scratch piece
+  const int a_pieces = lk::adapter_pieces(x_dt, a_dt);
+  const bool dA_sm90 = need_dA && M > 0 && K > 0 &&
+                       lk::lora_dA_sm90_unsupported(x.data_ptr(), x_dt, a_dt, M, K, r, pf, bits) == nullptr;
   const lk::SplitPlan dA_plan =
-      need_dA ? lk::lora_dA_plan(M, K, r, lk::lora_dA_resident_blocks(x_dt, a_dt, r)) : lk::SplitPlan{0, 1, 1, 1};
+      !need_dA ? lk::SplitPlan{0, 1, 1, 1}
+      : dA_sm90 ? lk::lora_dA_sm90_plan(M, K, r, a_pieces)
+                : lk::lora_dA_plan(M, K, r, lk::lora_dA_resident_blocks(x_dt, a_dt, r));
   const bool dB_direct = need_dB && dy_plan.row_splits == 1 && b_dt == lk::DType::kFloat32;
   const bool dA_direct = need_dA && dA_plan.row_splits == 1 && a_dt == lk::DType::kFloat32;
 
@@ -432,6 +438,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   ws.rewind(phases);
   const int64_t dA_partial_piece =
       need_dA && !dA_direct ? ws.reserve_floats(std::max<int64_t>(dA_plan.row_splits, 1) * r * K) : -1;
+  const int64_t dA_scratch_piece = dA_sm90 ? ws.reserve((int64_t)lk::lora_dA_sm90_scratch_bytes(M, r, a_pieces)) : -1;
   ws.allocate(x.options());
   float* const g = ws.ptr<float>(g_piece);  // the reduced g (null where it is not needed)
   float* const g_work = g_partial ? ws.ptr<float>(g_parts_piece) : g;  // what the dy pass writes
@@ -482,9 +489,15 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   }
   if (need_dA) {
     float* const dA_partial = dA_direct ? dA.data_ptr<float>() : ws.ptr<float>(dA_partial_piece);
-    check_cuda(lk::launch_lora_dA(x.data_ptr(), x_dt, a_dt, g, dA_partial, M, K, r, dA_plan, (float)scaling, pf,
-                                  (uint64_t)seed, seed_ptr, (uint64_t)offset, ws.ptr<uint8_t>(bits_piece), stream),
-               "lora_dA launch");
+    if (dA_sm90) {
+      check_cuda(lk::launch_lora_dA_sm90(x.data_ptr(), x_dt, a_dt, g, dA_partial, M, K, r, dA_plan, (float)scaling, pf,
+                                         ws.ptr<uint8_t>(bits_piece), ws.ptr(dA_scratch_piece), stream),
+                 "lora_dA (sm90) launch");
+    } else {
+      check_cuda(lk::launch_lora_dA(x.data_ptr(), x_dt, a_dt, g, dA_partial, M, K, r, dA_plan, (float)scaling, pf,
+                                    (uint64_t)seed, seed_ptr, (uint64_t)offset, ws.ptr<uint8_t>(bits_piece), stream),
+                 "lora_dA launch");
+    }
     if (!dA_direct) {
       check_cuda(lk::launch_reduce_partials(dA_partial, dA_plan.row_splits, (int64_t)r * K, dA.data_ptr(), a_dt,
                                             stream),
@@ -576,6 +589,21 @@ std::string dy_path(const Tensor& dy, const Tensor& lora_B) {
   return why == nullptr ? std::string("sm90") : std::string("mma.sync: ") + why;
 }
 
+// Which kernel the dA pass of a backward with this x (M, K), lora_A (r, K) and p runs: "sm90" (wgmma, dA_sm90.cu)
+// or "mma.sync: <why not sm90>" (dA.cu; the FFMA kernel where the tensor cores are not used).
+std::string dA_path(const Tensor& x, const Tensor& lora_A, double p) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && lora_A.dim() == 2 && x.size(1) == lora_A.size(1),
+              "lora_kernels_cuda: dA_path takes a 2-D CUDA x (M, K) and lora_A (r, K)");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Tensor xc = x.contiguous();
+  const lk::DType x_dt = to_dtype(xc, "x"), a_dt = to_dtype(lora_A, "lora_A");
+  const float pf = (float)p;
+  const bool bits = pf > 0.0f && lk::dropout_bits_used(x_dt, a_dt);
+  const char* why = lk::lora_dA_sm90_unsupported(xc.data_ptr(), x_dt, a_dt, xc.size(0), xc.size(1),
+                                                 (int)lora_A.size(0), pf, bits);
+  return why == nullptr ? std::string("sm90") : std::string("mma.sync: ") + why;
+}
+
 // Which path a forward with these inputs takes: "small_m" (one launch, csrc/small_m.cu), or gemm_path's answer
 // followed by " (small_m: <why not>)". Checks what lora_forward checks first (the call would fail otherwise).
 std::string forward_path(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
@@ -598,6 +626,7 @@ TORCH_LIBRARY(lora_kernels_cuda, m) {
   m.def("dx_path(Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, float p) -> str");
   m.def("forward_path(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float p) -> str");
   m.def("dy_path(Tensor dy, Tensor lora_B) -> str");
+  m.def("dA_path(Tensor x, Tensor lora_A, float p) -> str");
   m.def("set_small_m(bool enabled) -> bool", &set_small_m);  // no tensor arguments: a catch-all kernel
   m.def(
       "forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, float p, "
@@ -619,6 +648,7 @@ TORCH_LIBRARY_IMPL(lora_kernels_cuda, CUDA, m) {
   m.impl("dx_path", &dx_path);
   m.impl("forward_path", &forward_path);
   m.impl("dy_path", &dy_path);
+  m.impl("dA_path", &dA_path);
 }
 
 TORCH_LIBRARY_IMPL(lora_kernels_cuda, Autograd, m) { m.impl("lora_linear", &lora_linear_autograd); }

@@ -23,308 +23,18 @@
 //          as it stands, the MN-major A of D.
 // Bytes  : dy once per r-chunk; Bp and Up from L2 (a chunk per tile, a u tile per row tile); the partials as
 //          dy_pass.cu (row_splits * N * r + col_groups * M * r floats, written once, summed by the reduce).
-#include "common.cuh"
-#include "plans.cuh"
-#include "ptx.cuh"
-#include "wgmma.cuh"
+#include "stream_sm90.cuh"
 
-#include <atomic>
 #include <cstdlib>
 #include <cstring>
-#include <mutex>
 
 namespace lora_kernels {
 using namespace detail;
 namespace {
 
-constexpr int DS_BM = 128, DS_BN = 64, DS_STAGES = 4, DS_THREADS = 384;
-constexpr size_t kSmemOptin = 232448;  // 227 KB: sm_90's dynamic shared memory per block
-
-struct DsShape {
-  int pieces, rj, z, nw;
-};
-// r-chunk of RJ columns (16 or 32 with three pieces; 16, 32 or 64 with one) and the chunk count.
-DsShape ds_shape(int r, int pieces) {
-  const int rj = pieces > 1 ? (r <= 16 ? 16 : 32) : (r <= 16 ? 16 : r <= 32 ? 32 : 64);
-  return DsShape{pieces, rj, (int)ceil_div(r, rj), pieces * rj};
-}
-constexpr int ds_ldd(int rj) { return rj + 4; }  // dB row pitch (floats) in shared memory
-size_t ds_smem(const DsShape& s, int64_t tiles_per_group) {
-  return 16 * DS_STAGES + 16 + 1024 + (size_t)DS_STAGES * (DS_BM * DS_BN * 2 + 128 * s.nw) + (size_t)2 * 2 * 128 * s.nw +
-         (size_t)tiles_per_group * DS_BN * ds_ldd(s.rj) * 4;
-}
-
-// Bp / Up: row (z, pc, j) of Bp holds piece pc of B[:, z*RJ + j] (zero past N and r), of Up piece pc of u[:, ..].
-// Block (x, y): DS_PREP consecutive elements e (columns of Bp, then of Up) x 8 columns j of B (or u), j = 8 y ..
-// (r-chunk y / (RJ / 8)). Thread e reads its 8 values (32 contiguous bytes) and writes their P pieces, one row
-// each: a warp's stores to a row are contiguous.
-constexpr int DS_PREP = 128;
-template <typename T, typename TB, int P>
-__global__ void __launch_bounds__(DS_PREP)
-dy_sm90_prep_kernel(const TB* __restrict__ B, const float* __restrict__ u, T* __restrict__ bp, T* __restrict__ up,
-                    int64_t M, int64_t N, int r, int rj, int64_t npad, int64_t mpad) {
-#if LK_TC_ARCH
-  const int64_t bp_blocks = npad / DS_PREP;
-  const bool is_b = blockIdx.x < bp_blocks;
-  const int64_t e = (is_b ? blockIdx.x : blockIdx.x - bp_blocks) * (int64_t)DS_PREP + threadIdx.x;
-  const int64_t len = is_b ? npad : mpad;
-  const bool in = e < (is_b ? N : M);
-  const int j8 = 8 * blockIdx.y, z = j8 / rj, jr = j8 % rj;  // global column j8 + q; row (z, pc, jr + q)
-  float v[8];
-#pragma unroll
-  for (int q = 0; q < 8; ++q) {
-    const int j = j8 + q;
-    v[q] = in && j < r ? (is_b ? to_f<TB>(B[e * r + j]) : u[e * r + j]) : 0.f;
-  }
-  T* out = (is_b ? bp : up) + ((int64_t)z * P * rj + jr) * len + e;
-#pragma unroll
-  for (int q = 0; q < 8; ++q) {
-    if constexpr (P > 1) {
-      __nv_bfloat16 pc[3];
-      bf16x3_split(v[q], pc);
-#pragma unroll
-      for (int i = 0; i < 3; ++i) out[((int64_t)i * rj + q) * len] = pc[i];
-    } else {
-      out[(int64_t)q * len] = from_f<T>(v[q]);
-    }
-  }
-#else
-  __trap();
-#endif
-}
-
-template <typename T, int P, int RJ>
-__global__ void __launch_bounds__(DS_THREADS, 1)
-lora_dy_pass_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* __restrict__ up,
-                         float* __restrict__ g_out, float* __restrict__ dB_partial, int64_t M, int64_t N, int r,
-                         int64_t npad, int64_t mpad) {
-#if LK_WGMMA
-  constexpr int NW = P * RJ, LDD = ds_ldd(RJ), DY_BYTES = DS_BM * DS_BN * 2, STAGE = DY_BYTES + NW * 128;
-  constexpr int UP_BYTES = 2 * NW * 128;  // one row tile of Up: two 64-row K blocks
-  constexpr int PT = 128;                 // producer threads (warpgroup 0)
-  extern __shared__ unsigned char ds_smem_raw[];
-  // mbarriers first: full[s] (the stage's copies landed), empty[s] (its products done), up_free[b] (the Up buffer's
-  // row tile done); then the 1024-byte-aligned tiles.
-  const uint32_t raw = smem_addr(ds_smem_raw);
-  const uint32_t bar_full = raw, bar_empty = raw + 8 * DS_STAGES, bar_up = raw + 16 * DS_STAGES;
-  const uint32_t tiles = raw + 16 * DS_STAGES + 16, pad = (1024 - (tiles & 1023)) & 1023;
-  const uint32_t s_ring = tiles + pad, s_up = s_ring + DS_STAGES * STAGE;
-  float* dBs = reinterpret_cast<float*>(ds_smem_raw + (s_up + 2 * UP_BYTES - raw));  // [tiles*64][LDD]
-
-  const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
-  const int64_t tiles_m = (M + DS_BM - 1) / DS_BM, tiles_n = (N + DS_BN - 1) / DS_BN;
-  const int64_t rt0 = tiles_m * blockIdx.x / gridDim.x, rt1 = tiles_m * (blockIdx.x + 1) / gridDim.x;
-  const int64_t ct0 = tiles_n * blockIdx.y / gridDim.y, ct1 = tiles_n * (blockIdx.y + 1) / gridDim.y;
-  const int64_t row_begin = rt0 * DS_BM, row_end = min64(M, rt1 * DS_BM);
-  const int64_t col_begin = ct0 * DS_BN, col_end = min64(N, ct1 * DS_BN);
-  const int n_ct = (int)(ct1 - ct0);
-  const int n_tiles = (int)(rt1 - rt0) * n_ct;
-  const int j0 = blockIdx.z * RJ;
-  const bool do_dB = dB_partial != nullptr;
-
-  if (tid == 0) {
-    for (int s = 0; s < DS_STAGES; ++s) {
-      mbar_init(bar_full + 8 * s, PT);  // every producer thread's copies
-      mbar_init(bar_empty + 8 * s, 8);  // lane 0 of each consumer warp
-    }
-    mbar_init(bar_up, 4);  // lane 0 of each dB warp
-    mbar_init(bar_up + 8, 4);
-  }
-  if (do_dB)
-    for (int i = tid; i < n_ct * DS_BN * LDD; i += DS_THREADS) dBs[i] = 0.f;
-  __syncthreads();
-
-  // Tiles go round the ring in order: tile t in stage t % DS_STAGES, its round t / DS_STAGES picks the parity.
-  // Counters (tile row, column, stage, round parity) advance by one per tile, so a tile costs no division.
-  if (wg == 0) {
-    // Producer: each thread's 16-byte chunks sit at fixed offsets from a tile's corner.
-    constexpr int DY_CH = DS_BM * 8 / PT, BP_CH = (NW * 8 + PT - 1) / PT, UP_CH = (NW * 16 + PT - 1) / PT;
-    const T* bpz = bp + (int64_t)blockIdx.z * NW * npad;
-    const T* upz = up + (int64_t)blockIdx.z * NW * mpad;
-    int rt = 0, ct = 0, stage = 0, round = 0;
-    for (int t = 0; t < n_tiles; ++t) {
-      mbar_wait(bar_empty + 8 * stage, (round & 1) ^ 1);  // the stage's previous tile consumed
-      const int64_t m0 = row_begin + (int64_t)rt * DS_BM, n0 = col_begin + (int64_t)ct * DS_BN;
-      const uint32_t s_st = s_ring + stage * STAGE;
-      const T* dy0 = dy + m0 * N + n0;
-      const int rows = (int)min64(DS_BM, row_end - m0), cols = (int)min64(DS_BN, col_end - n0);
-#pragma unroll
-      for (int q = 0; q < DY_CH; ++q) {  // rows past the split or columns past the group: zeros
-        const int i = tid + q * PT, row = i >> 3, c = i & 7;
-        const bool ok = row < rows && 8 * c < cols;
-        cp_async16(s_st + row * 128 + ((c ^ (row & 7)) << 4), ok ? dy0 + (int64_t)row * N + 8 * c : dy, ok ? 16 : 0);
-      }
-#pragma unroll
-      for (int q = 0; q < BP_CH; ++q) {
-        const int i = tid + q * PT, row = i >> 3, c = i & 7;
-        if (i < NW * 8)
-          cp_async16(s_st + DY_BYTES + row * 128 + ((c ^ (row & 7)) << 4), bpz + (int64_t)row * npad + n0 + 8 * c, 16);
-      }
-      if (do_dB && ct == 0) {  // the row tile's Up tile, once the buffer's row tile two back is done
-        mbar_wait(bar_up + 8 * (rt & 1), ((rt >> 1) & 1) ^ 1);
-        const uint32_t s_u = s_up + (rt & 1) * UP_BYTES;
-#pragma unroll
-        for (int q = 0; q < UP_CH; ++q) {
-          const int i = tid + q * PT, row = i >> 4, c = i & 15;
-          if (i < NW * 16)
-            cp_async16(s_u + (c >> 3) * NW * 128 + row * 128 + (((c & 7) ^ (row & 7)) << 4),
-                       upz + (int64_t)row * mpad + m0 + 8 * c, 16);
-        }
-      }
-      cp_async_mbar_arrive(bar_full + 8 * stage);
-      if (++ct == n_ct) {
-        ct = 0;
-        ++rt;
-      }
-      if (++stage == DS_STAGES) {
-        stage = 0;
-        ++round;
-      }
-    }
-  } else {
-    // Consumers: warpgroup 1 computes G (both 64-row halves), warpgroup 2 computes D.
-    float part[2][NW / 2];  // this tile's products (fresh per tile; D uses part[0])
-    float run[2][RJ / 2];   // g of the row tile
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-#pragma unroll
-      for (int i = 0; i < RJ / 2; ++i) run[h][i] = 0.f;
-    int rt = 0, ct = 0, stage = 0, round = 0;
-    for (int t = 0; t < n_tiles; ++t) {
-      mbar_wait(bar_full + 8 * stage, round & 1);
-      fence_proxy_async();  // the copies (generic proxy) before wgmma's reads (async proxy)
-      const uint32_t s_dy = s_ring + stage * STAGE, s_bp = s_dy + DY_BYTES;
-      if (wg == 1) {  // G: K = the tile's 64 columns, 4 steps of 16, for rows 0-63 and 64-127
-        wgmma_fence();
-#pragma unroll
-        for (int ks = 0; ks < DS_BN / 16; ++ks)
-#pragma unroll
-          for (int h = 0; h < 2; ++h)
-            Wgmma<T, NW>::template mma<0>(part[h], sw128_desc(s_dy + h * 64 * 128 + 32 * ks),
-                                          sw128_desc(s_bp + 32 * ks), ks);
-        wgmma_commit();
-        wgmma_wait<0>();
-        fence_regs(part[0]);
-        fence_regs(part[1]);
-        if (lane == 0) mbar_arrive(bar_empty + 8 * stage);
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-#pragma unroll
-          for (int i = 0; i < RJ / 2; ++i) {
-            if constexpr (P > 1)
-              run[h][i] += part[h][i] + (part[h][i + RJ / 2] + part[h][i + RJ]);
-            else
-              run[h][i] += part[h][i];
-          }
-        if (ct == n_ct - 1) {  // row tile done: its g rows written once
-#pragma unroll
-          for (int h = 0; h < 2; ++h)
-#pragma unroll
-            for (int c8 = 0; c8 < RJ / 8; ++c8)
-#pragma unroll
-              for (int hh = 0; hh < 2; ++hh) {
-                const int64_t m = row_begin + (int64_t)rt * DS_BM + 64 * h + 16 * warp + (lane >> 2) + 8 * hh;
-                const int j = j0 + 8 * c8 + 2 * (lane & 3);
-                float* v = &run[h][4 * c8 + 2 * hh];
-                if (m < row_end) st2f(g_out + (int64_t)blockIdx.y * M * r + m * r + j, r - j, v[0], v[1]);
-                v[0] = v[1] = 0.f;
-              }
-        }
-      } else if (do_dB) {  // D: the tile's 64 columns x NW, K = the tile's 128 rows, 8 steps of 16
-        const uint32_t s_u = s_up + (rt & 1) * UP_BYTES;
-        wgmma_fence();
-#pragma unroll
-        for (int ks = 0; ks < DS_BM / 16; ++ks)
-          Wgmma<T, NW>::template mma<1>(part[0], sw128_desc(s_dy + 2048 * ks),
-                                        sw128_desc(s_u + (ks >> 2) * NW * 128 + 32 * (ks & 3)), ks);
-        wgmma_commit();
-        wgmma_wait<0>();
-        fence_regs(part[0]);
-        if (lane == 0) {
-          mbar_arrive(bar_empty + 8 * stage);
-          if (ct == n_ct - 1) mbar_arrive(bar_up + 8 * (rt & 1));  // the Up buffer's row tile done
-        }
-        float* drow = dBs + (ct * DS_BN + 16 * warp + (lane >> 2)) * LDD + 2 * (lane & 3);
-#pragma unroll
-        for (int c8 = 0; c8 < RJ / 8; ++c8)
-#pragma unroll
-          for (int hh = 0; hh < 2; ++hh) {
-            const int i = 4 * c8 + 2 * hh;
-            float2 v;
-            if constexpr (P > 1)
-              v = make_float2(part[0][i] + (part[0][i + RJ / 2] + part[0][i + RJ]),
-                              part[0][i + 1] + (part[0][i + 1 + RJ / 2] + part[0][i + 1 + RJ]));
-            else
-              v = make_float2(part[0][i], part[0][i + 1]);
-            float2* d = reinterpret_cast<float2*>(drow + 8 * hh * LDD + 8 * c8);
-            const float2 o = *d;
-            *d = make_float2(o.x + v.x, o.y + v.y);
-          }
-      } else if (lane == 0) {  // no dB asked for: this warpgroup only keeps the ring turning
-        mbar_arrive(bar_empty + 8 * stage);
-      }
-      if (++ct == n_ct) {
-        ct = 0;
-        ++rt;
-      }
-      if (++stage == DS_STAGES) {
-        stage = 0;
-        ++round;
-      }
-    }
-  }
-  if (do_dB) {  // the block's dB partial rows, columns of the r-chunk: written once
-    __syncthreads();
-    float* dBp = dB_partial + (int64_t)blockIdx.x * N * r;
-    for (int i = tid; i < n_ct * DS_BN * RJ; i += DS_THREADS) {
-      const int nn = i / RJ, jj = i % RJ;
-      const int64_t n = col_begin + nn;
-      if (n < col_end && j0 + jj < r) dBp[n * r + j0 + jj] = dBs[nn * LDD + jj];
-    }
-  }
-#else
-  __trap();
-#endif
-}
-
-template <typename T, int P, int RJ>
-constexpr auto ds_kernel() {
-  return &lora_dy_pass_sm90_kernel<T, P, RJ>;
-}
-
-// f(kernel) for the (T, P, RJ) of a call (P = 3 only for bf16).
-template <typename T, typename F>
-cudaError_t with_ds_kernel(int pieces, int rj, F&& f) {
-  if constexpr (std::is_same<T, __nv_bfloat16>::value)
-    if (pieces == 3) return rj == 16 ? f(ds_kernel<T, 3, 16>()) : f(ds_kernel<T, 3, 32>());
-  return rj == 16 ? f(ds_kernel<T, 1, 16>()) : rj == 32 ? f(ds_kernel<T, 1, 32>()) : f(ds_kernel<T, 1, 64>());
-}
-
-// Whether the current device is compute capability 9.0 and this build holds the wgmma kernel's sm_90a code (not
-// a trap compiled for another architecture): read once per device.
+std::atomic<int> ds_state[64];
 bool ds_device_ok() {
-  constexpr int kDevices = 64;
-  static std::atomic<int> state[kDevices];  // 0 unknown, 1 yes, 2 no
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kDevices) {
-    cudaGetLastError();
-    return false;
-  }
-  int s = state[dev].load(std::memory_order_acquire);
-  if (s == 0) {
-    int major = 0, minor = 0;
-    cudaFuncAttributes attr{};
-    const bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
-                    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess &&
-                    major == 9 && minor == 0 &&
-                    cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(ds_kernel<__nv_bfloat16, 1, 16>())) ==
-                        cudaSuccess &&
-                    attr.ptxVersion >= 90 && attr.binaryVersion == 90;
-    cudaGetLastError();
-    s = ok ? 1 : 2;
-    state[dev].store(s, std::memory_order_release);
-  }
-  return s == 1;
+  return sm90_kernel_ok(reinterpret_cast<const void*>(&stream_sm90_kernel<kDy, __nv_bfloat16, 1, 16>), ds_state);
 }
 
 bool ds_enabled() {
@@ -338,25 +48,7 @@ bool ds_enabled() {
 }  // namespace
 
 SplitPlan lora_dy_pass_sm90_plan(int64_t M, int64_t N, int r, int pieces) {
-  const DsShape sh = ds_shape(r, pieces);
-  const int64_t tiles_m = ceil_div(M, DS_BM), tiles_n = ceil_div(N, DS_BN), sms = num_sms();
-  SplitPlan best{0, 0, 0, 0};
-  double best_est = -1.0;
-  // Column groups of at least DS_STAGES - 1 tiles (the Up double buffer), their dB in shared memory.
-  for (int64_t C = 1; C <= tiles_n / (DS_STAGES - 1) && C <= 65535; ++C) {
-    const int64_t tpg = ceil_div(tiles_n, C);
-    if (ds_smem(sh, tpg) > kSmemOptin) continue;
-    const int64_t S = std::max<int64_t>(1, std::min<int64_t>(tiles_m, sms / (C * sh.z)));
-    const int64_t blocks = S * C * sh.z, waves = ceil_div(blocks, sms);
-    const double fill = (double)blocks / (double)(waves * sms);
-    const double partial = 8.0 * r * ((double)S * N + (C > 1 ? (double)C * M : 0.0));
-    const double est = 2.0 * (double)M * (double)N * sh.z / fill + partial;
-    if (best_est < 0 || est < best_est) {
-      best_est = est;
-      best = SplitPlan{S, ceil_div(tiles_m, S) * DS_BM, C, tpg * DS_BN};
-    }
-  }
-  return best;
+  return stream_sm90_plan(M, N, r, pieces, /*with_g=*/true);
 }
 
 const char* lora_dy_pass_sm90_unsupported(const void* dy, DType dy_dtype, DType b_dtype, int64_t M, int64_t N,
@@ -402,10 +94,10 @@ cudaError_t launch_lora_dy_pass_sm90(const void* dy, DType dy_dtype, const void*
                            static_cast<const TB*>(B), u, bp, up, M, N, r, sh.rj, npad, mpad);
     });
     if (e != cudaSuccess) return e;
-    return with_ds_kernel<T>(pieces, sh.rj, [&](auto kernel) {
+    return with_stream_kernel<kDy, T>(pieces, sh.rj, [&](auto kernel) {
       return launch_kernel(kernel, grid, DS_THREADS, smem, stream, static_cast<const T*>(dy),
                            static_cast<const T*>(bp), static_cast<const T*>(up), g_out, dB_partial, M, N, r, npad,
-                           mpad);
+                           mpad, static_cast<const uint8_t*>(nullptr), 1.0f);
     });
   });
 }

@@ -116,6 +116,16 @@ size_t lora_dy_pass_sm90_scratch_bytes(int64_t M, int64_t N, int r, int pieces);
 cudaError_t launch_lora_dy_pass_sm90(const void* dy, DType dy_dtype, const void* B, DType b_dtype, const float* u,
                                      float* g_out, float* dB_partial, int64_t M, int64_t N, int r, SplitPlan plan,
                                      void* scratch, cudaStream_t stream);
+// The dA pass on Hopper (dA_sm90.cu: the same streaming kernel, D product only, x masked in shared memory from the
+// keep bits): same outputs and partial layout as launch_lora_dA, for lora_dA_sm90_plan's plan; g's pieces staged in
+// `scratch` (lora_dA_sm90_scratch_bytes). With dropout it needs the keep bits.
+const char* lora_dA_sm90_unsupported(const void* x, DType x_dtype, DType a_dtype, int64_t M, int64_t K, int r, float p,
+                                     bool keep_bits);
+SplitPlan lora_dA_sm90_plan(int64_t M, int64_t K, int r, int pieces);
+size_t lora_dA_sm90_scratch_bytes(int64_t M, int r, int pieces);
+cudaError_t launch_lora_dA_sm90(const void* x, DType x_dtype, DType a_dtype, const float* g, float* dA_partial,
+                                int64_t M, int64_t K, int r, SplitPlan plan, float scaling, float p,
+                                const uint8_t* keep8, void* scratch, cudaStream_t stream);
 
 // dA_partial[s] (r, K) = scaling * g[rows of s]^T @ dropout(x)[rows of s]. plan from lora_dA_plan.
 // a_dtype (lora_A's) picks the precision as for the other passes.

@@ -1,7 +1,8 @@
-"""The backward's dy pass on Hopper (csrc/dy_pass_sm90.cu: g = dy B and the dB partials on wgmma, one read of dy).
-GPU-only (skips elsewhere): the benchmarked shapes take it, the fallback says why, and backward grads through it meet
-the float64 tolerance rule on shapes that exercise its edges (partial row and column tiles, uneven column groups,
-several r-chunks, the bf16x3 pieces of fp32 adapters) and are deterministic."""
+"""The backward's streaming passes on Hopper (csrc/stream_sm90.cuh on wgmma): the dy pass (dy_pass_sm90.cu: g = dy B
+and the dB partials, one read of dy) and the dA pass (dA_sm90.cu: one read of x, masked by the keep bits).
+GPU-only (skips elsewhere): the benchmarked shapes take them, the fallback says why, and backward grads through them
+meet the float64 tolerance rule on shapes that exercise their edges (partial row and column tiles, uneven column
+groups, several r-chunks, the bf16x3 pieces of fp32 adapters, dropout) and are deterministic."""
 import pytest
 import torch
 
@@ -36,6 +37,29 @@ def test_benchmarked_shapes_take_the_sm90_dy_pass(N, dtype, adapter_dtype, r):
     assert _dy_path(8192, N, r, dtype, adapter_dtype) == "sm90"
 
 
+def _dA_path(M, K, r, p, dtype=torch.bfloat16, adapter_dtype=torch.float32):
+    from lora_kernels.backends import cuda_backend
+
+    x = torch.randn(M, K, device="cuda").to(dtype)
+    A = torch.randn(r, K, device="cuda").to(adapter_dtype)
+    return cuda_backend.dA_path(x, A, p)
+
+
+@pytest.mark.parametrize("K", [4096, 14336])
+@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                 (torch.float16, torch.float16)])
+@pytest.mark.parametrize("r", [16, 64])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_benchmarked_shapes_take_the_sm90_dA_pass(K, dtype, adapter_dtype, r, p):
+    assert _dA_path(8192, K, r, p, dtype, adapter_dtype) == "sm90"
+
+
+def test_dA_pass_fallback_says_why():
+    assert _dA_path(64, 128, 16, 0.0).startswith("mma.sync: K below 3 column tiles")
+    assert _dA_path(64, 1028, 16, 0.1).startswith("mma.sync: K must be a multiple of 8")
+    assert _dA_path(64, 1024, 16, 0.1, torch.float16, torch.float32).startswith("mma.sync: x and the adapters take")
+
+
 def test_dy_pass_fallback_says_why():
     assert _dy_path(64, 128, 16).startswith("mma.sync: N below 3 column tiles")
     assert _dy_path(64, 1028, 16).startswith("mma.sync: N must be a multiple of 8")
@@ -44,16 +68,19 @@ def test_dy_pass_fallback_says_why():
 
 @pytest.mark.parametrize("dtype,adapter_dtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, None),
                                                  (torch.float16, None)])
-@pytest.mark.parametrize("lead,K,N,r", [((777,), 264, 1000, 48), ((3, 61), 136, 200, 5), ((1,), 64, 4096, 16),
-                                         ((2049,), 72, 520, 64), ((130,), 128, 2056, 100)])
+@pytest.mark.parametrize("lead,K,N,r", [((777,), 264, 1000, 48), ((3, 61), 136, 200, 5), ((1,), 520, 4096, 16),
+                                         ((2049,), 1000, 520, 64), ((130,), 2056, 2056, 100), ((300,), 72, 136, 8)])
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_sm90_dy_pass_against_float64(dtype, adapter_dtype, lead, K, N, r, p):
-    # M with a partial 128-row tile, N with a partial 64-column tile (1000, 200, 520, 2056), uneven column groups,
-    # r not a multiple of 16 and above one r-chunk (48, 64 and 100: two to seven chunks of 16, 32 or 64).
+    # M with a partial 128-row tile, N and K with a partial 64-column tile (1000, 200, 520, 2056, 264, 136), uneven
+    # column groups, r not a multiple of 16 and above one r-chunk (48, 64 and 100: two to seven chunks of 16, 32 or
+    # 64); K = 72 keeps dA on its mma.sync kernel beside the wgmma dy pass.
     M = 1
     for s in lead:
         M *= s
     assert _dy_path(M, N, r, dtype, adapter_dtype or dtype) == "sm90"
+    dA_path = _dA_path(M, K, r, p, dtype, adapter_dtype or dtype)
+    assert dA_path == "sm90" if K > 128 else dA_path.startswith("mma.sync: K below 3 column tiles")
     run_and_check("cuda", "cuda", dtype, lead, K, N, r, bias=True, p=p, adapter_dtype=adapter_dtype)
 
 

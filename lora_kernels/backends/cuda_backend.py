@@ -85,6 +85,12 @@ def dy_path(dy, lora_B) -> str:
     return torch.ops.lora_kernels_cuda.dy_path(dy, lora_B)
 
 
+def dA_path(x, lora_A, p=0.0) -> str:
+    """Which kernel the backward's dA pass (dA = s/(1-p) · gᵀ (keep ⊙ x), one read of x) runs for a 2-D x (M, K):
+    "sm90" (wgmma, csrc/dA_sm90.cu) or "mma.sync: <why not sm90>" (csrc/dA.cu)."""
+    return torch.ops.lora_kernels_cuda.dA_path(x, lora_A, float(p))
+
+
 def forward_path(x, weight, bias, lora_A, lora_B, p=0.0) -> str:
     """Which path a forward with these 2-D inputs takes: "small_m" (M <= 64: the whole forward in one launch,
     csrc/small_m.cu), or gemm_path's answer followed by " (small_m: <why not>)"."""

@@ -1,0 +1,96 @@
+// dA pass on Hopper (sm_90a, wgmma): the row-split partials of dA = scaling/(1-p) · gᵀ (keep ⊙ x) (r, K) from one
+// read of x. The same outputs, partial layout and reduce as launch_lora_dA (dA.cu), whose mma.sync kernel runs
+// wherever this one does not (lora_dA_sm90_unsupported says why).
+//
+// Math   : the D product of the streaming kernel (stream_sm90.cuh, MODE kDA): per r-chunk z and 128 x 64 tile of x,
+//            D (64 x NW) = (keep ⊙ x)_tile^T . Gp_tile^T        K = the tile's 128 rows
+//          with g's P pieces (bf16x3 of the fp32 g on bf16 x, else cast) stacked as NW = P*RJ columns; each tile's
+//          pieces are added in fp32 into the column group's sums in shared memory, scaled once at the end.
+// Mask   : with dropout the dB warpgroup zeroes the dropped elements of each landed x tile in shared memory from the
+//          keep bits (dropout_bits.cu's layout), then runs its wgmma on it.
+// Prep   : g's pieces Gp [Z][NW][Mpad] in x's type (scratch: lora_dA_sm90_scratch_bytes), as the dy pass's Up.
+// Tiling : as the dy pass (dy_pass_sm90.cu) without its G warpgroup's work: a loader warpgroup, a 4-stage ring of
+//          x tiles, Gp tiles per row tile in a double buffer, mbarriers between them.
+// Bytes  : x once per r-chunk; Gp from L2 once per row tile; partials row_splits * r * K floats.
+#include "stream_sm90.cuh"
+
+#include <cstdlib>
+#include <cstring>
+
+namespace lora_kernels {
+using namespace detail;
+namespace {
+
+std::atomic<int> da_state[64];
+bool da_device_ok() {
+  return sm90_kernel_ok(reinterpret_cast<const void*>(&stream_sm90_kernel<kDA, __nv_bfloat16, 1, 16>), da_state);
+}
+
+bool da_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("LORA_KERNELS_SM90_DA");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return on;
+}
+
+}  // namespace
+
+SplitPlan lora_dA_sm90_plan(int64_t M, int64_t K, int r, int pieces) {
+  return stream_sm90_plan(M, K, r, pieces, /*with_g=*/false);
+}
+
+const char* lora_dA_sm90_unsupported(const void* x, DType x_dtype, DType a_dtype, int64_t M, int64_t K, int r, float p,
+                                     bool keep_bits) {
+  if (!da_enabled()) return "LORA_KERNELS_SM90_DA=0";
+  if (x_dtype == DType::kFloat32 || !stream_pass_on_tc(x_dtype, a_dtype))
+    return "x and the adapters take the FFMA kernel (fp32 x, or fp32 adapters on fp16)";
+  if (!da_device_ok()) return "not a compute capability 9.0 device with this build's sm_90a code";
+  if (M < 1 || r < 1 || r > kMaxRank) return "empty problem or rank out of range";
+  if (p > 0.f && !keep_bits) return "dropout without keep bits";
+  if (K % 8 || reinterpret_cast<uintptr_t>(x) % 16) return "K must be a multiple of 8 and x 16-byte aligned";
+  if (ceil_div(K, DS_BN) < DS_STAGES - 1) return "K below 3 column tiles (129)";
+  if (ceil_div(M, DS_BM) > 0x7fffffff) return "M too large";
+  if (lora_dA_sm90_plan(M, K, r, adapter_pieces(x_dtype, a_dtype)).row_splits < 1)
+    return "no column grouping fits in shared memory";
+  return nullptr;
+}
+
+size_t lora_dA_sm90_scratch_bytes(int64_t M, int r, int pieces) {
+  const DsShape sh = ds_shape(r, pieces);
+  return (size_t)sh.z * sh.nw * (size_t)(ceil_div(M, DS_BM) * DS_BM) * 2;
+}
+
+cudaError_t launch_lora_dA_sm90(const void* x, DType x_dtype, DType a_dtype, const float* g, float* dA_partial,
+                                int64_t M, int64_t K, int r, SplitPlan plan, float scaling, float p,
+                                const uint8_t* keep8, void* scratch, cudaStream_t stream) {
+  if (lora_dA_sm90_unsupported(x, x_dtype, a_dtype, M, K, r, p, keep8 != nullptr) != nullptr || plan.row_splits < 1 || !scratch ||
+      !dA_partial)
+    return cudaErrorInvalidValue;
+  const int pieces = adapter_pieces(x_dtype, a_dtype);
+  const DsShape sh = ds_shape(r, pieces);
+  const int64_t mpad = ceil_div(M, DS_BM) * DS_BM;
+  const int64_t tpg = ceil_div(ceil_div(K, DS_BN), plan.col_groups);
+  if (plan.col_groups > 65535 || plan.row_splits > 0x7fffffff || sh.z > 65535) return cudaErrorInvalidConfiguration;
+  const size_t smem = ds_smem(sh, tpg);
+  const dim3 grid((unsigned)plan.row_splits, (unsigned)plan.col_groups, (unsigned)sh.z);
+  const float scale = dropout_scale(scaling, p);
+  return with_dtype16(x_dtype, [&](auto xt) -> cudaError_t {
+    using T = decltype(xt);
+    T* gp = static_cast<T*>(scratch);
+    const dim3 prep_grid((unsigned)(mpad / DS_PREP), (unsigned)(sh.z * sh.rj / 8));
+    cudaError_t e = with_pieces<T>(pieces, [&](auto pc) {  // npad = 0: every prep block writes Gp
+      return launch_kernel(dy_sm90_prep_kernel<T, float, decltype(pc)::value>, prep_grid, DS_PREP, 0, stream,
+                           static_cast<const float*>(nullptr), g, static_cast<T*>(nullptr), gp, M, (int64_t)0, r,
+                           sh.rj, (int64_t)0, mpad);
+    });
+    if (e != cudaSuccess) return e;
+    return with_stream_kernel<kDA, T>(pieces, sh.rj, [&](auto kernel) {
+      return launch_kernel(kernel, grid, DS_THREADS, smem, stream, static_cast<const T*>(x),
+                           static_cast<const T*>(nullptr), static_cast<const T*>(gp), static_cast<float*>(nullptr),
+                           dA_partial, M, K, r, (int64_t)0, mpad, keep8, scale);
+    });
+  });
+}
+
+}  // namespace lora_kernels
