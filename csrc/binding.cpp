@@ -303,7 +303,14 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& weight, c
                "small-M forward launch");
     return {y, u};
   }
-  const lk::SplitPlan shrink_plan = lk::lora_shrink_plan(M, K, r, lk::lora_shrink_resident_blocks(x_dt, a_dt, r));
+  // with dropout, the mask as keep bits where the shrink's kernel reads them (csrc/dropout_bits.cu says why)
+  const bool bits = pf > 0.0f && K > 0 && lk::dropout_bits_used(x_dt, a_dt);
+  // On Hopper the shrink runs on the wgmma streaming kernel (shrink_sm90.cu), lora_A's pieces in a scratch piece
+  const int a_pieces = lk::adapter_pieces(x_dt, a_dt);
+  const bool shrink_sm90 = K > 0 && lk::lora_shrink_sm90_unsupported(x.data_ptr(), x_dt, a_dt, M, K, r, pf, bits) == nullptr;
+  const lk::SplitPlan shrink_plan =
+      shrink_sm90 ? lk::lora_shrink_sm90_plan(M, K, r, a_pieces)
+                  : lk::lora_shrink_plan(M, K, r, lk::lora_shrink_resident_blocks(x_dt, a_dt, r));
   const bool partial = shrink_plan.col_groups > 1;  // u comes as split-K partials, summed by pack or reduce
   const bool sm90 = sm90_unsupported(x, weight, bias_t, M, N, K, lk::GemmLayoutB::kNK) == nullptr;
   // Without keep_u, u is a temporary, needed unless the sm_90 pack sums the partials (which it can do without
@@ -313,9 +320,9 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& weight, c
   const int64_t kx = sm90_kx(r), elem = (int64_t)x.element_size();
   const int64_t ux_piece = sm90 ? ws.reserve(M * kx * elem) : -1;
   const int64_t bx_piece = sm90 ? ws.reserve(N * kx * elem) : -1;
-  // with dropout, the mask as keep bits where the shrink's kernel reads them (csrc/dropout_bits.cu says why)
-  const bool bits = pf > 0.0f && K > 0 && lk::dropout_bits_used(x_dt, a_dt);
   const int64_t bits_piece = bits ? ws.reserve(lk::dropout_keep_bits_bytes(M, K)) : -1;
+  const int64_t shrink_scratch_piece =
+      shrink_sm90 ? ws.reserve((int64_t)lk::lora_shrink_sm90_scratch_bytes(K, r, a_pieces)) : -1;
   ws.allocate(x.options());
   if (bits) {
     check_cuda(lk::launch_dropout_keep_bits(ws.ptr<uint8_t>(bits_piece), M, K, pf, (uint64_t)seed, seed_ptr,
@@ -324,10 +331,17 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& weight, c
   }
   float* const u_out = keep_u ? u.data_ptr<float>() : ws.ptr<float>(u_piece);  // null where not needed
   float* const u_work = partial ? ws.ptr<float>(u_work_piece) : u_out;
-  check_cuda(lk::launch_lora_shrink(x.data_ptr(), x_dt, lora_A.data_ptr(), a_dt, u_work, M, K, r, shrink_plan,
-                                    (float)scaling, pf, (uint64_t)seed, seed_ptr, (uint64_t)offset,
-                                    ws.ptr<uint8_t>(bits_piece), stream),
-             "lora_shrink launch");
+  if (shrink_sm90) {
+    check_cuda(lk::launch_lora_shrink_sm90(x.data_ptr(), x_dt, lora_A.data_ptr(), a_dt, u_work, M, K, r, shrink_plan,
+                                           (float)scaling, pf, ws.ptr<uint8_t>(bits_piece),
+                                           ws.ptr(shrink_scratch_piece), stream),
+               "lora_shrink (sm90) launch");
+  } else {
+    check_cuda(lk::launch_lora_shrink(x.data_ptr(), x_dt, lora_A.data_ptr(), a_dt, u_work, M, K, r, shrink_plan,
+                                      (float)scaling, pf, (uint64_t)seed, seed_ptr, (uint64_t)offset,
+                                      ws.ptr<uint8_t>(bits_piece), stream),
+               "lora_shrink launch");
+  }
   Tensor y = at::empty({M, N}, x.options());
   if (sm90) {
     sm90_forward(x, weight, bias_t, u_work, shrink_plan.col_groups, u_out, r, lora_B, ws.ptr(ux_piece),
@@ -604,6 +618,21 @@ std::string dA_path(const Tensor& x, const Tensor& lora_A, double p) {
   return why == nullptr ? std::string("sm90") : std::string("mma.sync: ") + why;
 }
 
+// Which kernel the forward's shrink with this x (M, K), lora_A (r, K) and p runs (when the forward is not the small-M
+// one): "sm90" (wgmma, shrink_sm90.cu) or "mma.sync: <why not sm90>" (shrink.cu).
+std::string shrink_path(const Tensor& x, const Tensor& lora_A, double p) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && lora_A.dim() == 2 && x.size(1) == lora_A.size(1),
+              "lora_kernels_cuda: shrink_path takes a 2-D CUDA x (M, K) and lora_A (r, K)");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Tensor xc = x.contiguous();
+  const lk::DType x_dt = to_dtype(xc, "x"), a_dt = to_dtype(lora_A, "lora_A");
+  const float pf = (float)p;
+  const bool bits = pf > 0.0f && lk::dropout_bits_used(x_dt, a_dt);
+  const char* why = lk::lora_shrink_sm90_unsupported(xc.data_ptr(), x_dt, a_dt, xc.size(0), xc.size(1),
+                                                     (int)lora_A.size(0), pf, bits);
+  return why == nullptr ? std::string("sm90") : std::string("mma.sync: ") + why;
+}
+
 // Which path a forward with these inputs takes: "small_m" (one launch, csrc/small_m.cu), or gemm_path's answer
 // followed by " (small_m: <why not>)". Checks what lora_forward checks first (the call would fail otherwise).
 std::string forward_path(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
@@ -627,6 +656,7 @@ TORCH_LIBRARY(lora_kernels_cuda, m) {
   m.def("forward_path(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float p) -> str");
   m.def("dy_path(Tensor dy, Tensor lora_B) -> str");
   m.def("dA_path(Tensor x, Tensor lora_A, float p) -> str");
+  m.def("shrink_path(Tensor x, Tensor lora_A, float p) -> str");
   m.def("set_small_m(bool enabled) -> bool", &set_small_m);  // no tensor arguments: a catch-all kernel
   m.def(
       "forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, float p, "
@@ -649,6 +679,7 @@ TORCH_LIBRARY_IMPL(lora_kernels_cuda, CUDA, m) {
   m.impl("forward_path", &forward_path);
   m.impl("dy_path", &dy_path);
   m.impl("dA_path", &dA_path);
+  m.impl("shrink_path", &shrink_path);
 }
 
 TORCH_LIBRARY_IMPL(lora_kernels_cuda, Autograd, m) { m.impl("lora_linear", &lora_linear_autograd); }

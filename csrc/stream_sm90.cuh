@@ -1,4 +1,5 @@
-// The Hopper (sm_90a) streaming kernel shared by the backward's dy pass (dy_pass_sm90.cu) and dA pass (dA_sm90.cu):
+// The Hopper (sm_90a) streaming kernel of the backward's dy pass (dy_pass_sm90.cu) and dA pass (dA_sm90.cu) and of
+// the forward's shrink (shrink_sm90.cu):
 // one read of a 16-bit (M, N) matrix `a` in 128 x 64 tiles, each tile multiplied on wgmma by thin side operands
 // staged as P bf16x3 pieces (or cast, P = 1) by the prep kernel. See dy_pass_sm90.cu for the math and the tiling.
 #pragma once
@@ -30,7 +31,8 @@ size_t ds_smem(const DsShape& s, int64_t tiles_per_group) {
          (size_t)tiles_per_group * DS_BN * ds_ldd(s.rj) * 4;
 }
 
-// Bp / Up: row (z, pc, j) of Bp holds piece pc of B[:, z*RJ + j] (zero past N and r), of Up piece pc of u[:, ..].
+// Bp / Up: row (z, pc, j) of Bp holds piece pc of B[:, z*RJ + j] (zero past N and r; b_rows: of the row z*RJ + j of
+// an (r, N) B, as lora_A is), of Up piece pc of u[:, ..].
 // Block (x, y): DS_PREP consecutive elements e (columns of Bp, then of Up) x 8 columns j of B (or u), j = 8 y ..
 // (r-chunk y / (RJ / 8)). Thread e reads its 8 values (32 contiguous bytes) and writes their P pieces, one row
 // each: a warp's stores to a row are contiguous.
@@ -38,7 +40,7 @@ constexpr int DS_PREP = 128;
 template <typename T, typename TB, int P>
 __global__ void __launch_bounds__(DS_PREP)
 dy_sm90_prep_kernel(const TB* __restrict__ B, const float* __restrict__ u, T* __restrict__ bp, T* __restrict__ up,
-                    int64_t M, int64_t N, int r, int rj, int64_t npad, int64_t mpad) {
+                    int64_t M, int64_t N, int r, int rj, int64_t npad, int64_t mpad, bool b_rows = false) {
 #if LK_TC_ARCH
   const int64_t bp_blocks = npad / DS_PREP;
   const bool is_b = blockIdx.x < bp_blocks;
@@ -50,7 +52,7 @@ dy_sm90_prep_kernel(const TB* __restrict__ B, const float* __restrict__ u, T* __
 #pragma unroll
   for (int q = 0; q < 8; ++q) {
     const int j = j8 + q;
-    v[q] = in && j < r ? (is_b ? to_f<TB>(B[e * r + j]) : u[e * r + j]) : 0.f;
+    v[q] = in && j < r ? (is_b ? to_f<TB>(b_rows ? B[j * N + e] : B[e * r + j]) : u[e * r + j]) : 0.f;
   }
   T* out = (is_b ? bp : up) + ((int64_t)z * P * rj + jr) * len + e;
 #pragma unroll
@@ -72,7 +74,9 @@ dy_sm90_prep_kernel(const TB* __restrict__ B, const float* __restrict__ u, T* __
 // MODE kDy: a = dy (M, N), G with Bp into g_out, D with Up into d_out = the dB partials [s][n][j].
 // MODE kDA: a = x (M, N = K), D with Up = g's pieces into d_out = the dA partials [s][j][k], times `scale`, x masked
 //           first by the keep bits (keep8: row m at keep8 + m * ceil(N / 8), bit k % 8 of byte k / 8) when given.
-enum StreamMode : int { kDy = 0, kDA = 1 };
+// MODE kShrink: a = x (M, N = K), G with Bp = lora_A's pieces into g_out = u's K-split partials [c][m][j] times
+//           `scale`, x masked first by the keep bits when given.
+enum StreamMode : int { kDy = 0, kDA = 1, kShrink = 2 };
 
 template <int MODE, typename T, int P, int RJ>
 __global__ void __launch_bounds__(DS_THREADS, 1)
@@ -102,7 +106,28 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
   const int n_tiles = (int)(rt1 - rt0) * n_ct;
   const int j0 = blockIdx.z * RJ;
   const bool do_dB = dB_partial != nullptr;
-  constexpr bool kG = MODE == kDy;  // the G product (dy pass only)
+  constexpr bool kG = MODE != kDA;  // the G product (dy pass, shrink)
+  // keep ⊙ a in place in a landed tile, by one consumer warpgroup (128 threads, 8 chunks of 8 elements each), made
+  // visible to wgmma and to the warpgroup's other threads (named barrier 1) before its products.
+  auto mask_tile = [&](uint32_t s_a, int rt_, int ct_) {
+    const int64_t m0 = row_begin + (int64_t)rt_ * DS_BM, n0 = col_begin + (int64_t)ct_ * DS_BN;
+    const int64_t kb = (N + 7) / 8;
+#pragma unroll
+    for (int q = 0; q < DS_BM * 8 / 128; ++q) {
+      const int i = (tid & 127) + 128 * q, row = i >> 3, c = i & 7;
+      const int64_t m = m0 + row, n = n0 + 8 * c;
+      if (m < row_end && n < col_end) {
+        const uint32_t addr = s_a + row * 128 + ((c ^ (row & 7)) << 4);
+        uint4 v;
+        asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr));
+        v = drop8<T>(v, keep8[m * kb + n / 8]);
+        asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+                     : "memory");
+      }
+    }
+    fence_proxy_async();
+    asm volatile("bar.sync 1, 128;\n" ::: "memory");
+  };
 
   if (tid == 0) {
     for (int s = 0; s < DS_STAGES; ++s) {
@@ -177,6 +202,7 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
       fence_proxy_async();  // the copies (generic proxy) before wgmma's reads (async proxy)
       const uint32_t s_dy = s_ring + stage * STAGE, s_bp = s_dy + DY_BYTES;
       if (kG && wg == 1) {  // G: K = the tile's 64 columns, 4 steps of 16, for rows 0-63 and 64-127
+        if (MODE == kShrink && keep8 != nullptr) mask_tile(s_dy, rt, ct);
         wgmma_fence();
 #pragma unroll
         for (int ks = 0; ks < DS_BN / 16; ++ks)
@@ -208,32 +234,14 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
                 const int64_t m = row_begin + (int64_t)rt * DS_BM + 64 * h + 16 * warp + (lane >> 2) + 8 * hh;
                 const int j = j0 + 8 * c8 + 2 * (lane & 3);
                 float* v = &run[h][4 * c8 + 2 * hh];
-                if (m < row_end) st2f(g_out + (int64_t)blockIdx.y * M * r + m * r + j, r - j, v[0], v[1]);
+                if (m < row_end)
+                  st2f(g_out + (int64_t)blockIdx.y * M * r + m * r + j, r - j, scale * v[0], scale * v[1]);
                 v[0] = v[1] = 0.f;
               }
         }
       } else if (wg == 2 && do_dB) {  // D: the tile's 64 columns x NW, K = the tile's 128 rows, 8 steps of 16
         const uint32_t s_u = s_up + (rt & 1) * UP_BYTES;
-        if (MODE == kDA && keep8 != nullptr) {  // keep ⊙ x in place: 8 chunks of 8 elements per thread
-          const int64_t m0 = row_begin + (int64_t)rt * DS_BM, n0 = col_begin + (int64_t)ct * DS_BN;
-          const int64_t kb = (N + 7) / 8;
-#pragma unroll
-          for (int q = 0; q < DS_BM * 8 / 128; ++q) {
-            const int i = (tid & 127) + 128 * q, row = i >> 3, c = i & 7;
-            const int64_t m = m0 + row, n = n0 + 8 * c;
-            if (m < row_end && n < col_end) {
-              const uint32_t addr = s_dy + row * 128 + ((c ^ (row & 7)) << 4);
-              uint4 v;
-              asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-                           : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr));
-              v = drop8<T>(v, keep8[m * kb + n / 8]);
-              asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(v.x), "r"(v.y), "r"(v.z),
-                           "r"(v.w) : "memory");
-            }
-          }
-          fence_proxy_async();
-          asm volatile("bar.sync 1, 128;\n" ::: "memory");  // the dB warpgroup's masking done
-        }
+        if (MODE == kDA && keep8 != nullptr) mask_tile(s_dy, rt, ct);
         wgmma_fence();
 #pragma unroll
         for (int ks = 0; ks < DS_BM / 16; ++ks)
@@ -330,19 +338,19 @@ cudaError_t with_stream_kernel(int pieces, int rj, F&& f) {
 
 // The split plan: row splits x column groups (at least DS_STAGES - 1 tiles each, their D sums in shared memory) x
 // r-chunks, one wave where it fits; cost = bytes of `a` per achieved fill + the partials written and read back
-// (row_splits * N * r, plus col_groups * M * r when the G partials exist: with_g).
-inline SplitPlan stream_sm90_plan(int64_t M, int64_t N, int r, int pieces, bool with_g) {
+// (row_splits * N * r where the D partials exist, with_d; col_groups * M * r where the G partials do, with_g).
+inline SplitPlan stream_sm90_plan(int64_t M, int64_t N, int r, int pieces, bool with_g, bool with_d = true) {
   const DsShape sh = ds_shape(r, pieces);
   const int64_t tiles_m = ceil_div(M, DS_BM), tiles_n = ceil_div(N, DS_BN), sms = num_sms();
   SplitPlan best{0, 0, 0, 0};
   double best_est = -1.0;
   for (int64_t C = 1; C <= tiles_n / (DS_STAGES - 1) && C <= 65535; ++C) {
     const int64_t tpg = ceil_div(tiles_n, C);
-    if (ds_smem(sh, tpg) > kSmemOptin) continue;
+    if (ds_smem(sh, with_d ? tpg : 0) > kSmemOptin) continue;
     const int64_t S = std::max<int64_t>(1, std::min<int64_t>(tiles_m, sms / (C * sh.z)));
     const int64_t blocks = S * C * sh.z, waves = ceil_div(blocks, sms);
     const double fill = (double)blocks / (double)(waves * sms);
-    const double partial = 8.0 * r * ((double)S * N + (with_g && C > 1 ? (double)C * M : 0.0));
+    const double partial = 8.0 * r * ((with_d ? (double)S * N : 0.0) + (with_g && C > 1 ? (double)C * M : 0.0));
     const double est = 2.0 * (double)M * (double)N * sh.z / fill + partial;
     if (best_est < 0 || est < best_est) {
       best_est = est;

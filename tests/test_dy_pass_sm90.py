@@ -1,5 +1,6 @@
-"""The backward's streaming passes on Hopper (csrc/stream_sm90.cuh on wgmma): the dy pass (dy_pass_sm90.cu: g = dy B
-and the dB partials, one read of dy) and the dA pass (dA_sm90.cu: one read of x, masked by the keep bits).
+"""The streaming passes on Hopper (csrc/stream_sm90.cuh on wgmma): the backward's dy pass (dy_pass_sm90.cu: g = dy B
+and the dB partials, one read of dy) and dA pass (dA_sm90.cu), the forward's shrink (shrink_sm90.cu; both read x once,
+masked by the keep bits).
 GPU-only (skips elsewhere): the benchmarked shapes take them, the fallback says why, and backward grads through them
 meet the float64 tolerance rule on shapes that exercise their edges (partial row and column tiles, uneven column
 groups, several r-chunks, the bf16x3 pieces of fp32 adapters, dropout) and are deterministic."""
@@ -54,6 +55,29 @@ def test_benchmarked_shapes_take_the_sm90_dA_pass(K, dtype, adapter_dtype, r, p)
     assert _dA_path(8192, K, r, p, dtype, adapter_dtype) == "sm90"
 
 
+def _shrink_path(M, K, r, p, dtype=torch.bfloat16, adapter_dtype=torch.float32):
+    from lora_kernels.backends import cuda_backend
+
+    x = torch.randn(M, K, device="cuda").to(dtype)
+    A = torch.randn(r, K, device="cuda").to(adapter_dtype)
+    return cuda_backend.shrink_path(x, A, p)
+
+
+@pytest.mark.parametrize("K", [4096, 14336])
+@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                 (torch.float16, torch.float16)])
+@pytest.mark.parametrize("r", [16, 64])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_benchmarked_shapes_take_the_sm90_shrink(K, dtype, adapter_dtype, r, p):
+    assert _shrink_path(8192, K, r, p, dtype, adapter_dtype) == "sm90"
+
+
+def test_shrink_fallback_says_why():
+    assert _shrink_path(64, 128, 16, 0.0).startswith("mma.sync: K below 3 column tiles")
+    assert _shrink_path(64, 1028, 16, 0.1).startswith("mma.sync: K must be a multiple of 8")
+    assert _shrink_path(64, 1024, 16, 0.1, torch.float16, torch.float32).startswith("mma.sync: x and the adapters")
+
+
 def test_dA_pass_fallback_says_why():
     assert _dA_path(64, 128, 16, 0.0).startswith("mma.sync: K below 3 column tiles")
     assert _dA_path(64, 1028, 16, 0.1).startswith("mma.sync: K must be a multiple of 8")
@@ -79,8 +103,9 @@ def test_sm90_dy_pass_against_float64(dtype, adapter_dtype, lead, K, N, r, p):
     for s in lead:
         M *= s
     assert _dy_path(M, N, r, dtype, adapter_dtype or dtype) == "sm90"
-    dA_path = _dA_path(M, K, r, p, dtype, adapter_dtype or dtype)
-    assert dA_path == "sm90" if K > 128 else dA_path.startswith("mma.sync: K below 3 column tiles")
+    for path in (_dA_path(M, K, r, p, dtype, adapter_dtype or dtype),
+                 _shrink_path(M, K, r, p, dtype, adapter_dtype or dtype)):
+        assert path == "sm90" if K > 128 else path.startswith("mma.sync: K below 3 column tiles")
     run_and_check("cuda", "cuda", dtype, lead, K, N, r, bias=True, p=p, adapter_dtype=adapter_dtype)
 
 

@@ -85,6 +85,12 @@ def dy_path(dy, lora_B) -> str:
     return torch.ops.lora_kernels_cuda.dy_path(dy, lora_B)
 
 
+def shrink_path(x, lora_A, p=0.0) -> str:
+    """Which kernel a forward's shrink (u = s/(1-p) · (keep ⊙ x) Aᵀ, one read of x) runs for a 2-D x (M, K) where the
+    forward is not the small-M one: "sm90" (wgmma, csrc/shrink_sm90.cu) or "mma.sync: <why not sm90>" (csrc/shrink.cu)."""
+    return torch.ops.lora_kernels_cuda.shrink_path(x, lora_A, float(p))
+
+
 def dA_path(x, lora_A, p=0.0) -> str:
     """Which kernel the backward's dA pass (dA = s/(1-p) · gᵀ (keep ⊙ x), one read of x) runs for a 2-D x (M, K):
     "sm90" (wgmma, csrc/dA_sm90.cu) or "mma.sync: <why not sm90>" (csrc/dA.cu)."""
