@@ -82,7 +82,7 @@ cudaError_t launch_lora_dA_sm90(const void* x, DType x_dtype, DType a_dtype, con
     cudaError_t e = with_pieces<T>(pieces, [&](auto pc) {  // npad = 0: every prep block writes Gp
       return launch_kernel(dy_sm90_prep_kernel<T, float, decltype(pc)::value>, prep_grid, DS_PREP, 0, stream,
                            static_cast<const float*>(nullptr), g, static_cast<T*>(nullptr), gp, M, (int64_t)0, r,
-                           sh.rj, (int64_t)0, mpad);
+                           sh.rj, (int64_t)0, mpad, false);
     });
     if (e != cudaSuccess) return e;
     return with_stream_kernel<kDA, T>(pieces, sh.rj, [&](auto kernel) {

@@ -91,7 +91,7 @@ cudaError_t launch_lora_dy_pass_sm90(const void* dy, DType dy_dtype, const void*
     const dim3 prep_grid((unsigned)((npad + (dB_partial ? mpad : 0)) / DS_PREP), (unsigned)(sh.z * sh.rj / 8));
     cudaError_t e = with_pieces<T>(pieces, [&](auto pc) {
       return launch_kernel(dy_sm90_prep_kernel<T, TB, decltype(pc)::value>, prep_grid, DS_PREP, 0, stream,
-                           static_cast<const TB*>(B), u, bp, up, M, N, r, sh.rj, npad, mpad);
+                           static_cast<const TB*>(B), u, bp, up, M, N, r, sh.rj, npad, mpad, false);
     });
     if (e != cudaSuccess) return e;
     return with_stream_kernel<kDy, T>(pieces, sh.rj, [&](auto kernel) {

@@ -40,7 +40,7 @@ constexpr int DS_PREP = 128;
 template <typename T, typename TB, int P>
 __global__ void __launch_bounds__(DS_PREP)
 dy_sm90_prep_kernel(const TB* __restrict__ B, const float* __restrict__ u, T* __restrict__ bp, T* __restrict__ up,
-                    int64_t M, int64_t N, int r, int rj, int64_t npad, int64_t mpad, bool b_rows = false) {
+                    int64_t M, int64_t N, int r, int rj, int64_t npad, int64_t mpad, bool b_rows) {
 #if LK_TC_ARCH
   const int64_t bp_blocks = npad / DS_PREP;
   const bool is_b = blockIdx.x < bp_blocks;
