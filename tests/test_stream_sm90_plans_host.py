@@ -1,0 +1,108 @@
+"""The Hopper streaming kernel's plans (csrc/stream_sm90.cuh: stream_sm90_plan, behind lora_dy_pass_sm90_plan,
+lora_dA_sm90_plan and lora_shrink_sm90_plan) and its balanced spans, checked on the CPU.
+
+The kernel splits the rows and the 64-column tiles of the streamed matrix evenly (split b of S takes tiles
+[n * b / S, n * (b + 1) / S)), needs every column group to span at least 3 tiles (the Up / Gp double buffer of the
+warp-specialised loader) and its D sums (dy pass, dA) to fit in shared memory with the ring. nvcc builds the header's
+host code (PTX only, no GPU); with no GPU present the plans assume 132 SMs, as on an H100/H200.
+"""
+from __future__ import annotations
+
+import itertools
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import nvcc_or_skip
+
+ROOT = Path(__file__).resolve().parents[1]
+CSRC = ROOT / "csrc"
+
+DRIVER = r"""
+#include <cstdio>
+#include "stream_sm90.cuh"
+using namespace lora_kernels;
+using namespace lora_kernels::detail;
+// stdin: "M cols r pieces with_g with_d" lines; stdout: the plan (row splits, rows per split, column groups, columns
+// per group), the r-chunk count and the kernel's shared memory for the plan
+int main() {
+  long long M, C;
+  int r, pieces, with_g, with_d;
+  while (scanf("%lld %lld %d %d %d %d", &M, &C, &r, &pieces, &with_g, &with_d) == 6) {
+    const SplitPlan p = stream_sm90_plan(M, C, r, pieces, with_g != 0, with_d != 0);
+    const DsShape sh = ds_shape(r, pieces);
+    const long long tiles_n = (C + DS_BN - 1) / DS_BN;
+    const long long tpg = p.col_groups > 0 ? (tiles_n + p.col_groups - 1) / p.col_groups : 0;
+    printf("%lld %lld %lld %lld %d %lld\n", (long long)p.row_splits, (long long)p.rows_per_split,
+           (long long)p.col_groups, (long long)p.cols_per_group, sh.z, (long long)ds_smem(sh, with_d ? tpg : 0));
+  }
+  return 0;
+}
+"""
+
+MS = [1, 127, 128, 129, 1000, 2048, 8192, 65537]
+COLS = [136, 192, 200, 1000, 1024, 4096, 14336, 100_000]
+RANKS = [1, 16, 33, 64, 100, 256]
+MODES = {"dy": (1, 1), "dA": (0, 1), "shrink": (1, 0)}  # (with_g, with_d)
+
+
+@pytest.fixture(scope="module")
+def plans_bin(tmp_path_factory):
+    nvcc = nvcc_or_skip()
+    d = tmp_path_factory.mktemp("stream_plans")
+    (d / "driver.cu").write_text(DRIVER)
+    ptx_only = ["-std=c++17", "-arch=compute_90", "-code=compute_90", "--expt-relaxed-constexpr", f"-I{CSRC}"]
+    for src, obj in ((CSRC / "plans.cu", d / "plans.o"), (d / "driver.cu", d / "driver.o")):
+        res = subprocess.run([nvcc, *ptx_only, "-c", str(src), "-o", str(obj)], capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
+    exe = d / "plans"
+    res = subprocess.run([nvcc, *ptx_only, str(d / "driver.o"), str(d / "plans.o"), "-o", str(exe)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    return exe
+
+
+def _plans(exe, cases):
+    stdin = "".join(f"{M} {C} {r} {p} {g} {dd}\n" for M, C, r, p, g, dd in cases)
+    out = subprocess.run([str(exe)], input=stdin, capture_output=True, text=True, check=True).stdout.split("\n")
+    return [tuple(int(v) for v in line.split()) for line in out if line.strip()]
+
+
+def _spans(n, splits):
+    """The kernel's balanced spans: split b takes [n * b // splits, n * (b + 1) // splits)."""
+    return [(n * b // splits, n * (b + 1) // splits) for b in range(splits)]
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("pieces", [1, 3])
+def test_stream_plans_cover_and_fit(plans_bin, mode, pieces):
+    with_g, with_d = MODES[mode]
+    cases = [(M, C, r, pieces, with_g, with_d) for M, C, r in itertools.product(MS, COLS, RANKS)]
+    plans = _plans(plans_bin, cases)
+    assert len(plans) == len(cases)
+    for (M, C, r, *_), (S, rows, G, cols, z, smem) in zip(cases, plans):
+        what = f"{mode} P={pieces} M={M} cols={C} r={r}: ({S}, {rows}, {G}, {cols}), z={z}"
+        tiles_m, tiles_n = -(-M // 128), -(-C // 64)
+        assert 1 <= S <= tiles_m and 1 <= G <= 65535, what
+        # every row tile and column tile in exactly one span, no span empty; column groups of >= 3 tiles
+        for n, k in ((tiles_m, S), (tiles_n, G)):
+            spans = _spans(n, k)
+            assert spans[0][0] == 0 and spans[-1][1] == n and all(a < b for a, b in spans), what
+            assert all(spans[i][1] == spans[i + 1][0] for i in range(k - 1)), what
+        assert min(b - a for a, b in _spans(tiles_n, G)) >= 3, what
+        assert smem <= 232448, what + f" needs {smem} B of shared memory"
+        # r-chunks of 16 or 32 columns with three pieces, up to 64 with one
+        rj = -(-r // z)
+        assert rj <= (32 if pieces == 3 else 64), what
+        # one wave of 132 SMs unless the column groups and r-chunks alone exceed it
+        assert S * G * z <= max(132, G * z), what
+
+
+def test_stream_plan_at_llama_shapes_fills_the_gpu(plans_bin):
+    """At 8192 tokens the dy pass (N = 4096, 14336, 1024), dA and the shrink (K = 4096, 14336) fill most of the 132 SMs
+    with one block each."""
+    for mode, (with_g, with_d) in MODES.items():
+        for C in (1024, 4096, 14336):
+            (S, rows, G, cols, z, smem), = _plans(plans_bin, [(8192, C, 16, 3, with_g, with_d)])
+            assert S * G * z >= 0.75 * 132, (mode, C, S, G, z)
