@@ -303,11 +303,12 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& weight, c
                "small-M forward launch");
     return {y, u};
   }
-  // with dropout, the mask as keep bits where the shrink's kernel reads them (csrc/dropout_bits.cu says why)
-  const bool bits = pf > 0.0f && K > 0 && lk::dropout_bits_used(x_dt, a_dt);
-  // On Hopper the shrink runs on the wgmma streaming kernel (shrink_sm90.cu), lora_A's pieces in a scratch piece
+  // On Hopper the shrink runs on the wgmma streaming kernel (shrink_sm90.cu), lora_A's pieces in a scratch piece and
+  // the dropout mask made inside it; elsewhere, with dropout, the mask as keep bits where the shrink's kernel reads
+  // them (csrc/dropout_bits.cu says why)
   const int a_pieces = lk::adapter_pieces(x_dt, a_dt);
-  const bool shrink_sm90 = K > 0 && lk::lora_shrink_sm90_unsupported(x.data_ptr(), x_dt, a_dt, M, K, r, pf, bits) == nullptr;
+  const bool shrink_sm90 = K > 0 && lk::lora_shrink_sm90_unsupported(x.data_ptr(), x_dt, a_dt, M, K, r) == nullptr;
+  const bool bits = !shrink_sm90 && pf > 0.0f && K > 0 && lk::dropout_bits_used(x_dt, a_dt);
   const lk::SplitPlan shrink_plan =
       shrink_sm90 ? lk::lora_shrink_sm90_plan(M, K, r, a_pieces)
                   : lk::lora_shrink_plan(M, K, r, lk::lora_shrink_resident_blocks(x_dt, a_dt, r));
@@ -333,7 +334,7 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& weight, c
   float* const u_work = partial ? ws.ptr<float>(u_work_piece) : u_out;
   if (shrink_sm90) {
     check_cuda(lk::launch_lora_shrink_sm90(x.data_ptr(), x_dt, lora_A.data_ptr(), a_dt, u_work, M, K, r, shrink_plan,
-                                           (float)scaling, pf, ws.ptr<uint8_t>(bits_piece),
+                                           (float)scaling, pf, (uint64_t)seed, seed_ptr, (uint64_t)offset, nullptr,
                                            ws.ptr(shrink_scratch_piece), stream),
                "lora_shrink (sm90) launch");
   } else {
@@ -626,10 +627,9 @@ std::string shrink_path(const Tensor& x, const Tensor& lora_A, double p) {
   const c10::cuda::CUDAGuard guard(x.device());
   const Tensor xc = x.contiguous();
   const lk::DType x_dt = to_dtype(xc, "x"), a_dt = to_dtype(lora_A, "lora_A");
-  const float pf = (float)p;
-  const bool bits = pf > 0.0f && lk::dropout_bits_used(x_dt, a_dt);
+  (void)p;  // the same answer with and without dropout: the sm90 shrink makes its mask itself
   const char* why = lk::lora_shrink_sm90_unsupported(xc.data_ptr(), x_dt, a_dt, xc.size(0), xc.size(1),
-                                                     (int)lora_A.size(0), pf, bits);
+                                                     (int)lora_A.size(0));
   return why == nullptr ? std::string("sm90") : std::string("mma.sync: ") + why;
 }
 

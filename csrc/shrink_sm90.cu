@@ -6,8 +6,10 @@
 //          x,   G (128 x NW) = (keep ⊙ x)_tile . Ap_chunk^T        K = the tile's 64 columns
 //          with lora_A's P pieces (bf16x3 of fp32 A on bf16 x, else cast) stacked as NW = P*RJ columns; each tile's
 //          pieces are added in fp32 into the row tile's running u, scaled when written.
-// Mask   : with dropout the G warpgroup zeroes the dropped elements of each landed x tile in shared memory from the
-//          keep bits (dropout_bits.cu's layout), then runs its wgmma on it.
+// Mask   : with dropout the G warpgroup zeroes the dropped elements of each landed x tile in shared memory, then runs
+//          its wgmma on it. The keep bits come from warpgroup 2, which runs Philox for each tile (the contract's
+//          mask, philox.cuh) while warpgroup 1 multiplies the one before: the forward makes no keep-bits pass. (Given
+//          keep bits, the kernel reads them instead.)
 // Prep   : A's pieces Ap [Z][NW][Kpad] in x's type (scratch: lora_shrink_sm90_scratch_bytes), as the dy pass's Bp.
 // Tiling : as the dy pass (dy_pass_sm90.cu) without its dB warpgroup's work: a loader warpgroup, a 4-stage ring of
 //          {x tile, Ap chunk}, mbarriers between them.
@@ -41,14 +43,12 @@ SplitPlan lora_shrink_sm90_plan(int64_t M, int64_t K, int r, int pieces) {
   return stream_sm90_plan(M, K, r, pieces, /*with_g=*/true, /*with_d=*/false);
 }
 
-const char* lora_shrink_sm90_unsupported(const void* x, DType x_dtype, DType a_dtype, int64_t M, int64_t K, int r,
-                                         float p, bool keep_bits) {
+const char* lora_shrink_sm90_unsupported(const void* x, DType x_dtype, DType a_dtype, int64_t M, int64_t K, int r) {
   if (!sh_enabled()) return "LORA_KERNELS_SM90_SHRINK=0";
   if (x_dtype == DType::kFloat32 || !stream_pass_on_tc(x_dtype, a_dtype))
     return "x and the adapters take the FFMA kernel (fp32 x, or fp32 adapters on fp16)";
   if (!sh_device_ok()) return "not a compute capability 9.0 device with this build's sm_90a code";
   if (M < 1 || r < 1 || r > kMaxRank) return "empty problem or rank out of range";
-  if (p > 0.f && !keep_bits) return "dropout without keep bits";
   if (K % 8 || reinterpret_cast<uintptr_t>(x) % 16) return "K must be a multiple of 8 and x 16-byte aligned";
   if (ceil_div(K, DS_BN) < DS_STAGES - 1) return "K below 3 column tiles (129)";
   if (ceil_div(M, DS_BM) > 0x7fffffff) return "M too large";
@@ -64,8 +64,9 @@ size_t lora_shrink_sm90_scratch_bytes(int64_t K, int r, int pieces) {
 
 cudaError_t launch_lora_shrink_sm90(const void* x, DType x_dtype, const void* A, DType a_dtype, float* u_out,
                                     int64_t M, int64_t K, int r, SplitPlan plan, float scaling, float p,
-                                    const uint8_t* keep8, void* scratch, cudaStream_t stream) {
-  if (lora_shrink_sm90_unsupported(x, x_dtype, a_dtype, M, K, r, p, keep8 != nullptr) != nullptr ||
+                                    uint64_t seed, const int64_t* seed_ptr, uint64_t offset, const uint8_t* keep8,
+                                    void* scratch, cudaStream_t stream) {
+  if (lora_shrink_sm90_unsupported(x, x_dtype, a_dtype, M, K, r) != nullptr ||
       plan.row_splits < 1 || !scratch || !u_out)
     return cudaErrorInvalidValue;
   const int pieces = adapter_pieces(x_dtype, a_dtype);
@@ -75,6 +76,13 @@ cudaError_t launch_lora_shrink_sm90(const void* x, DType x_dtype, const void* A,
   const size_t smem = ds_smem(sh, 0);
   const dim3 grid((unsigned)plan.row_splits, (unsigned)plan.col_groups, (unsigned)sh.z);
   const float scale = dropout_scale(scaling, p);
+  StreamDropout drop;
+  if (p > 0.f) {
+    drop.seed = seed;
+    drop.seed_ptr = seed_ptr;
+    drop.offset = offset;
+    drop.thr = dropout_threshold(p);
+  }
   return with_dtypes<true>(x_dtype, a_dtype, [&](auto xt, auto at) -> cudaError_t {
     using T = decltype(xt);
     using TA = decltype(at);
@@ -89,7 +97,7 @@ cudaError_t launch_lora_shrink_sm90(const void* x, DType x_dtype, const void* A,
     return with_stream_kernel<kShrink, T>(pieces, sh.rj, [&](auto kernel) {
       return launch_kernel(kernel, grid, DS_THREADS, smem, stream, static_cast<const T*>(x), static_cast<const T*>(ap),
                            static_cast<const T*>(nullptr), u_out, static_cast<float*>(nullptr), M, K, r, kpad,
-                           (int64_t)0, keep8, scale);
+                           (int64_t)0, keep8, scale, drop);
     });
   });
 }

@@ -27,7 +27,7 @@ DsShape ds_shape(int r, int pieces) {
 }
 constexpr int ds_ldd(int rj) { return rj + 4; }  // dB row pitch (floats) in shared memory
 size_t ds_smem(const DsShape& s, int64_t tiles_per_group) {
-  return 16 * DS_STAGES + 16 + 1024 + (size_t)DS_STAGES * (DS_BM * DS_BN * 2 + 128 * s.nw) + (size_t)2 * 2 * 128 * s.nw +
+  return 24 * DS_STAGES + 16 + 1024 + (size_t)DS_STAGES * 1024 + (size_t)DS_STAGES * (DS_BM * DS_BN * 2 + 128 * s.nw) + (size_t)2 * 2 * 128 * s.nw +
          (size_t)tiles_per_group * DS_BN * ds_ldd(s.rj) * 4;
 }
 
@@ -76,13 +76,21 @@ dy_sm90_prep_kernel(const TB* __restrict__ B, const float* __restrict__ u, T* __
 //           first by the keep bits (keep8: row m at keep8 + m * ceil(N / 8), bit k % 8 of byte k / 8) when given.
 // MODE kShrink: a = x (M, N = K), G with Bp = lora_A's pieces into g_out = u's K-split partials [c][m][j] times
 //           `scale`, x masked first by the keep bits when given.
+//           Without keep bits and with drop.thr > 0 the mask comes from Philox inside the kernel: warpgroup 2 makes
+//           each tile's keep bits (the contract's, philox.cuh) in shared memory while warpgroup 1 multiplies.
 enum StreamMode : int { kDy = 0, kDA = 1, kShrink = 2 };
+struct StreamDropout {
+  uint64_t seed = 0;
+  const int64_t* seed_ptr = nullptr;  // a device seed, read when the kernel runs (CUDA graphs)
+  uint64_t offset = 0;
+  uint32_t thr = 0;  // dropout_threshold(p); 0: no dropout
+};
 
 template <int MODE, typename T, int P, int RJ>
 __global__ void __launch_bounds__(DS_THREADS, 1)
 stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* __restrict__ up,
                    float* __restrict__ g_out, float* __restrict__ dB_partial, int64_t M, int64_t N, int r,
-                   int64_t npad, int64_t mpad, const uint8_t* __restrict__ keep8, float scale) {
+                   int64_t npad, int64_t mpad, const uint8_t* __restrict__ keep8, float scale, StreamDropout drop) {
 #if LK_WGMMA
   constexpr int NW = P * RJ, LDD = ds_ldd(RJ), DY_BYTES = DS_BM * DS_BN * 2, STAGE = DY_BYTES + NW * 128;
   constexpr int UP_BYTES = 2 * NW * 128;  // one row tile of Up: two 64-row K blocks
@@ -92,9 +100,12 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
   // row tile done); then the 1024-byte-aligned tiles.
   const uint32_t raw = smem_addr(ds_smem_raw);
   const uint32_t bar_full = raw, bar_empty = raw + 8 * DS_STAGES, bar_up = raw + 16 * DS_STAGES;
-  const uint32_t tiles = raw + 16 * DS_STAGES + 16, pad = (1024 - (tiles & 1023)) & 1023;
+  const uint32_t bar_bits = raw + 16 * DS_STAGES + 16;  // [s]: the stage's keep bits made (Philox shrink)
+  const uint32_t tiles = raw + 24 * DS_STAGES + 16, pad = (1024 - (tiles & 1023)) & 1023;
   const uint32_t s_ring = tiles + pad, s_up = s_ring + DS_STAGES * STAGE;
   float* dBs = reinterpret_cast<float*>(ds_smem_raw + (s_up + 2 * UP_BYTES - raw));  // [tiles*64][LDD]
+  // the Philox shrink's keep bits, [s][128 rows][8 bytes], where the dy pass and dA keep their D sums
+  uint8_t* sbits = reinterpret_cast<uint8_t*>(dBs);
 
   const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
   const int64_t tiles_m = (M + DS_BM - 1) / DS_BM, tiles_n = (N + DS_BN - 1) / DS_BN;
@@ -107,9 +118,11 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
   const int j0 = blockIdx.z * RJ;
   const bool do_dB = dB_partial != nullptr;
   constexpr bool kG = MODE != kDA;  // the G product (dy pass, shrink)
+  const bool philox = MODE == kShrink && keep8 == nullptr && drop.thr > 0;
   // keep ⊙ a in place in a landed tile, by one consumer warpgroup (128 threads, 8 chunks of 8 elements each), made
-  // visible to wgmma and to the warpgroup's other threads (named barrier 1) before its products.
-  auto mask_tile = [&](uint32_t s_a, int rt_, int ct_) {
+  // visible to wgmma and to the warpgroup's other threads (named barrier 1) before its products. The keep byte of
+  // chunk i (row i / 8, columns 8 (i % 8) ..) comes from tile_bits[i] (the Philox shrink's) or from keep8.
+  auto mask_tile = [&](uint32_t s_a, int rt_, int ct_, const uint8_t* tile_bits) {
     const int64_t m0 = row_begin + (int64_t)rt_ * DS_BM, n0 = col_begin + (int64_t)ct_ * DS_BN;
     const int64_t kb = (N + 7) / 8;
 #pragma unroll
@@ -120,7 +133,7 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
         const uint32_t addr = s_a + row * 128 + ((c ^ (row & 7)) << 4);
         uint4 v;
         asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr));
-        v = drop8<T>(v, keep8[m * kb + n / 8]);
+        v = drop8<T>(v, tile_bits != nullptr ? tile_bits[i] : keep8[m * kb + n / 8]);
         asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
                      : "memory");
       }
@@ -132,7 +145,8 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
   if (tid == 0) {
     for (int s = 0; s < DS_STAGES; ++s) {
       mbar_init(bar_full + 8 * s, PT);  // every producer thread's copies
-      mbar_init(bar_empty + 8 * s, 8);  // lane 0 of each consumer warp
+      mbar_init(bar_empty + 8 * s, MODE == kShrink ? 4 : 8);  // lane 0 of each consumer warp (G only: shrink)
+      mbar_init(bar_bits + 8 * s, 128);                          // every thread of warpgroup 2 (Philox shrink)
     }
     mbar_init(bar_up, 4);  // lane 0 of each dB warp
     mbar_init(bar_up + 8, 4);
@@ -188,6 +202,34 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
         ++round;
       }
     }
+  } else if (MODE == kShrink && wg == 2) {
+    // The Philox shrink's mask maker: tile t's keep bits into stage t's slot once G is done with the slot's last
+    // tile (the loader's empty barrier); without Philox this warpgroup has nothing to do.
+    if (philox) {
+      const uint64_t seed = dropout_seed(drop.seed, drop.seed_ptr);
+      int rt = 0, ct = 0, stage = 0, round = 0;
+      for (int t = 0; t < n_tiles; ++t) {
+        mbar_wait(bar_empty + 8 * stage, (round & 1) ^ 1);
+        const int64_t m0 = row_begin + (int64_t)rt * DS_BM, k80 = (col_begin + (int64_t)ct * DS_BN) / 8;
+#pragma unroll 2
+        for (int q = 0; q < DS_BM * 8 / 128; ++q) {
+          const int i = (tid & 127) + 128 * q;
+          const int64_t m = m0 + (i >> 3), k8 = k80 + (i & 7);
+          sbits[stage * 1024 + i] =
+              m < row_end && 8 * k8 < col_end ? (uint8_t)dropout_keep_bits8(seed, dropout_counter(drop.offset, m, N, k8), drop.thr)
+                                              : (uint8_t)0xFF;
+        }
+        mbar_arrive(bar_bits + 8 * stage);
+        if (++ct == n_ct) {
+          ct = 0;
+          ++rt;
+        }
+        if (++stage == DS_STAGES) {
+          stage = 0;
+          ++round;
+        }
+      }
+    }
   } else {
     // Consumers: warpgroup 1 computes G (both 64-row halves), warpgroup 2 computes D.
     float part[2][NW / 2];  // this tile's products (fresh per tile; D uses part[0])
@@ -202,7 +244,12 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
       fence_proxy_async();  // the copies (generic proxy) before wgmma's reads (async proxy)
       const uint32_t s_dy = s_ring + stage * STAGE, s_bp = s_dy + DY_BYTES;
       if (kG && wg == 1) {  // G: K = the tile's 64 columns, 4 steps of 16, for rows 0-63 and 64-127
-        if (MODE == kShrink && keep8 != nullptr) mask_tile(s_dy, rt, ct);
+        if (philox) {
+          mbar_wait(bar_bits + 8 * stage, round & 1);
+          mask_tile(s_dy, rt, ct, sbits + stage * 1024);
+        } else if (MODE == kShrink && keep8 != nullptr) {
+          mask_tile(s_dy, rt, ct, nullptr);
+        }
         wgmma_fence();
 #pragma unroll
         for (int ks = 0; ks < DS_BN / 16; ++ks)
@@ -241,7 +288,7 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
         }
       } else if (wg == 2 && do_dB) {  // D: the tile's 64 columns x NW, K = the tile's 128 rows, 8 steps of 16
         const uint32_t s_u = s_up + (rt & 1) * UP_BYTES;
-        if (MODE == kDA && keep8 != nullptr) mask_tile(s_dy, rt, ct);
+        if (MODE == kDA && keep8 != nullptr) mask_tile(s_dy, rt, ct, nullptr);
         wgmma_fence();
 #pragma unroll
         for (int ks = 0; ks < DS_BM / 16; ++ks)
