@@ -211,7 +211,7 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
       for (int t = 0; t < n_tiles; ++t) {
         mbar_wait(bar_empty + 8 * stage, (round & 1) ^ 1);
         const int64_t m0 = row_begin + (int64_t)rt * DS_BM, k80 = (col_begin + (int64_t)ct * DS_BN) / 8;
-#pragma unroll 2
+#pragma unroll
         for (int q = 0; q < DS_BM * 8 / 128; ++q) {
           const int i = (tid & 127) + 128 * q;
           const int64_t m = m0 + (i >> 3), k8 = k80 + (i & 7);
