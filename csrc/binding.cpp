@@ -415,16 +415,20 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   const lk::SplitPlan dy_plan =
       dy_sm90 ? lk::lora_dy_pass_sm90_plan(M, N, r, pieces) : lk::lora_dy_pass_plan(M, N, r, pieces);
   const bool g_partial = dy_plan.col_groups > 1;
-  // with dropout, the mask as keep bits for dx and dA where their kernels read them, made once (dropout_bits.cu)
-  const bool bits = pf > 0.0f && K > 0 && M > 0 && (need_dx || need_dA) && lk::dropout_bits_used(x_dt, a_dt);
-  const bool dx_sm90 = need_dx && N > 0 && dx_sm90_unsupported(dy, weight, pf, bits) == nullptr;
-  const bool g_in_pack = dx_sm90 && g_partial;  // the pack sums g's parts
-  // The reduced g as a buffer of its own: read by dA, or by the dx kernel off the sm_90 path.
-  const bool g_reduced = g_partial && (need_dA || (need_dx && !dx_sm90));
-  // On Hopper dA runs on the same wgmma streaming kernel as the dy pass (dA_sm90.cu), g's pieces in a scratch piece
+  // On Hopper dA runs on the same wgmma streaming kernel as the dy pass (dA_sm90.cu), g's pieces in a scratch piece;
+  // with dropout it makes the mask inside its kernel (Philox)
   const int a_pieces = lk::adapter_pieces(x_dt, a_dt);
   const bool dA_sm90 = need_dA && M > 0 && K > 0 &&
-                       lk::lora_dA_sm90_unsupported(x.data_ptr(), x_dt, a_dt, M, K, r, pf, bits) == nullptr;
+                       lk::lora_dA_sm90_unsupported(x.data_ptr(), x_dt, a_dt, M, K, r) == nullptr;
+  // with dropout, the mask as keep bits for dx (and dA off Hopper) where their kernels read them, made once
+  // (dropout_bits.cu); on Hopper dA makes them and runs first (dA_first), else a pass of their own does
+  const bool bits = pf > 0.0f && K > 0 && M > 0 && (need_dx || (need_dA && !dA_sm90)) &&
+                    lk::dropout_bits_used(x_dt, a_dt);
+  const bool dA_first = dA_sm90 && bits;
+  const bool dx_sm90 = need_dx && N > 0 && dx_sm90_unsupported(dy, weight, pf, bits) == nullptr;
+  const bool g_in_pack = dx_sm90 && g_partial && !dA_first;  // the pack sums g's parts (dA first: reduced before)
+  // The reduced g as a buffer of its own: read by dA, or by the dx kernel off the sm_90 path.
+  const bool g_reduced = g_partial && (need_dA || (need_dx && !dx_sm90));
   const lk::SplitPlan dA_plan =
       !need_dA ? lk::SplitPlan{0, 1, 1, 1}
       : dA_sm90 ? lk::lora_dA_sm90_plan(M, K, r, a_pieces)
@@ -482,31 +486,14 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
                                           b_dt, stream),
                "reduce(dB) launch");
   }
-  if (bits) {
-    check_cuda(lk::launch_dropout_keep_bits(ws.ptr<uint8_t>(bits_piece), M, K, pf, (uint64_t)seed, seed_ptr,
-                                            (uint64_t)offset, stream),
-               "dropout keep bits launch");
-  }
-  if (need_dx) {
-    dx = at::empty({M, K}, x.options());
-    if (dx_sm90) {
-      const float dx_scale = lk::dropout_scale((float)scaling, pf);  // the dx kernel's factor
-      sm90_dx_pack(dy, g_work, dy_plan.col_groups, g_reduced ? g : nullptr, r, lora_A, dx_scale,
-                   ws.ptr(vx_piece), ws.ptr(ax_piece), stream);
-      sm90_dx_gemm(dy, weight, r, ws.ptr(vx_piece), ws.ptr(ax_piece), ws.ptr<uint8_t>(bits_piece), dx, stream);
-    } else {
-      check_cuda(lk::launch_lora_dx(dx.data_ptr(), x_dt, g, lora_A.data_ptr(), a_dt, M, K, r, (float)scaling, pf,
-                                    (uint64_t)seed, seed_ptr, (uint64_t)offset, ws.ptr<uint8_t>(bits_piece),
-                                    stream),
-                 "lora_dx launch");
-      if (N > 0) dx.addmm_(dy, weight);  // cuBLAS, beta = 1
-    }
-  }
-  if (need_dA) {
+  // dA and its reduce (first when it makes the keep bits for dx, else last)
+  auto run_dA = [&] {
     float* const dA_partial = dA_direct ? dA.data_ptr<float>() : ws.ptr<float>(dA_partial_piece);
     if (dA_sm90) {
       check_cuda(lk::launch_lora_dA_sm90(x.data_ptr(), x_dt, a_dt, g, dA_partial, M, K, r, dA_plan, (float)scaling, pf,
-                                         ws.ptr<uint8_t>(bits_piece), ws.ptr(dA_scratch_piece), stream),
+                                         (uint64_t)seed, seed_ptr, (uint64_t)offset, nullptr,
+                                         dA_first ? ws.ptr<uint8_t>(bits_piece) : nullptr, ws.ptr(dA_scratch_piece),
+                                         stream),
                  "lora_dA (sm90) launch");
     } else {
       check_cuda(lk::launch_lora_dA(x.data_ptr(), x_dt, a_dt, g, dA_partial, M, K, r, dA_plan, (float)scaling, pf,
@@ -518,7 +505,33 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
                                             stream),
                  "reduce(dA) launch");
     }
+  };
+  if (dA_first) {
+    run_dA();
+  } else if (bits) {
+    check_cuda(lk::launch_dropout_keep_bits(ws.ptr<uint8_t>(bits_piece), M, K, pf, (uint64_t)seed, seed_ptr,
+                                            (uint64_t)offset, stream),
+               "dropout keep bits launch");
   }
+  if (need_dx) {
+    dx = at::empty({M, K}, x.options());
+    if (dx_sm90) {
+      const float dx_scale = lk::dropout_scale((float)scaling, pf);  // the dx kernel's factor
+      if (g_partial && !g_in_pack)  // g already reduced (dA ran first)
+        sm90_dx_pack(dy, g, 1, nullptr, r, lora_A, dx_scale, ws.ptr(vx_piece), ws.ptr(ax_piece), stream);
+      else
+        sm90_dx_pack(dy, g_work, dy_plan.col_groups, g_reduced ? g : nullptr, r, lora_A, dx_scale,
+                     ws.ptr(vx_piece), ws.ptr(ax_piece), stream);
+      sm90_dx_gemm(dy, weight, r, ws.ptr(vx_piece), ws.ptr(ax_piece), ws.ptr<uint8_t>(bits_piece), dx, stream);
+    } else {
+      check_cuda(lk::launch_lora_dx(dx.data_ptr(), x_dt, g, lora_A.data_ptr(), a_dt, M, K, r, (float)scaling, pf,
+                                    (uint64_t)seed, seed_ptr, (uint64_t)offset, ws.ptr<uint8_t>(bits_piece),
+                                    stream),
+                 "lora_dx launch");
+      if (N > 0) dx.addmm_(dy, weight);  // cuBLAS, beta = 1
+    }
+  }
+  if (need_dA && !dA_first) run_dA();
   return {dx, dA, dB};
 }
 
@@ -612,10 +625,9 @@ std::string dA_path(const Tensor& x, const Tensor& lora_A, double p) {
   const c10::cuda::CUDAGuard guard(x.device());
   const Tensor xc = x.contiguous();
   const lk::DType x_dt = to_dtype(xc, "x"), a_dt = to_dtype(lora_A, "lora_A");
-  const float pf = (float)p;
-  const bool bits = pf > 0.0f && lk::dropout_bits_used(x_dt, a_dt);
+  (void)p;  // the same answer with and without dropout: the sm90 dA makes its mask itself
   const char* why = lk::lora_dA_sm90_unsupported(xc.data_ptr(), x_dt, a_dt, xc.size(0), xc.size(1),
-                                                 (int)lora_A.size(0), pf, bits);
+                                                 (int)lora_A.size(0));
   return why == nullptr ? std::string("sm90") : std::string("mma.sync: ") + why;
 }
 

@@ -6,8 +6,10 @@
 //            D (64 x NW) = (keep ⊙ x)_tile^T . Gp_tile^T        K = the tile's 128 rows
 //          with g's P pieces (bf16x3 of the fp32 g on bf16 x, else cast) stacked as NW = P*RJ columns; each tile's
 //          pieces are added in fp32 into the column group's sums in shared memory, scaled once at the end.
-// Mask   : with dropout the dB warpgroup zeroes the dropped elements of each landed x tile in shared memory from the
-//          keep bits (dropout_bits.cu's layout), then runs its wgmma on it.
+// Mask   : with dropout the D warpgroup zeroes the dropped elements of each landed x tile in shared memory, then runs
+//          its wgmma on it. The keep bits come from warpgroup 1 (which has no product here): it runs Philox for each
+//          tile (the contract's mask, philox.cuh) and also writes the bits to keep_out, where the dx GEMM that runs
+//          after dA reads them: the backward makes no keep-bits pass. (Given keep bits, the kernel reads them.)
 // Prep   : g's pieces Gp [Z][NW][Mpad] in x's type (scratch: lora_dA_sm90_scratch_bytes), as the dy pass's Up.
 // Tiling : as the dy pass (dy_pass_sm90.cu) without its G warpgroup's work: a loader warpgroup, a 4-stage ring of
 //          x tiles, Gp tiles per row tile in a double buffer, mbarriers between them.
@@ -40,14 +42,12 @@ SplitPlan lora_dA_sm90_plan(int64_t M, int64_t K, int r, int pieces) {
   return stream_sm90_plan(M, K, r, pieces, /*with_g=*/false);
 }
 
-const char* lora_dA_sm90_unsupported(const void* x, DType x_dtype, DType a_dtype, int64_t M, int64_t K, int r, float p,
-                                     bool keep_bits) {
+const char* lora_dA_sm90_unsupported(const void* x, DType x_dtype, DType a_dtype, int64_t M, int64_t K, int r) {
   if (!da_enabled()) return "LORA_KERNELS_SM90_DA=0";
   if (x_dtype == DType::kFloat32 || !stream_pass_on_tc(x_dtype, a_dtype))
     return "x and the adapters take the FFMA kernel (fp32 x, or fp32 adapters on fp16)";
   if (!da_device_ok()) return "not a compute capability 9.0 device with this build's sm_90a code";
   if (M < 1 || r < 1 || r > kMaxRank) return "empty problem or rank out of range";
-  if (p > 0.f && !keep_bits) return "dropout without keep bits";
   if (K % 8 || reinterpret_cast<uintptr_t>(x) % 16) return "K must be a multiple of 8 and x 16-byte aligned";
   if (ceil_div(K, DS_BN) < DS_STAGES - 1) return "K below 3 column tiles (129)";
   if (ceil_div(M, DS_BM) > 0x7fffffff) return "M too large";
@@ -62,9 +62,10 @@ size_t lora_dA_sm90_scratch_bytes(int64_t M, int r, int pieces) {
 }
 
 cudaError_t launch_lora_dA_sm90(const void* x, DType x_dtype, DType a_dtype, const float* g, float* dA_partial,
-                                int64_t M, int64_t K, int r, SplitPlan plan, float scaling, float p,
-                                const uint8_t* keep8, void* scratch, cudaStream_t stream) {
-  if (lora_dA_sm90_unsupported(x, x_dtype, a_dtype, M, K, r, p, keep8 != nullptr) != nullptr || plan.row_splits < 1 || !scratch ||
+                                int64_t M, int64_t K, int r, SplitPlan plan, float scaling, float p, uint64_t seed,
+                                const int64_t* seed_ptr, uint64_t offset, const uint8_t* keep8, uint8_t* keep_out,
+                                void* scratch, cudaStream_t stream) {
+  if (lora_dA_sm90_unsupported(x, x_dtype, a_dtype, M, K, r) != nullptr || plan.row_splits < 1 || !scratch ||
       !dA_partial)
     return cudaErrorInvalidValue;
   const int pieces = adapter_pieces(x_dtype, a_dtype);
@@ -75,6 +76,14 @@ cudaError_t launch_lora_dA_sm90(const void* x, DType x_dtype, DType a_dtype, con
   const size_t smem = ds_smem(sh, tpg);
   const dim3 grid((unsigned)plan.row_splits, (unsigned)plan.col_groups, (unsigned)sh.z);
   const float scale = dropout_scale(scaling, p);
+  StreamDropout drop;
+  if (p > 0.f && keep8 == nullptr) {
+    drop.seed = seed;
+    drop.seed_ptr = seed_ptr;
+    drop.offset = offset;
+    drop.thr = dropout_threshold(p);
+    drop.keep_out = keep_out;
+  }
   return with_dtype16(x_dtype, [&](auto xt) -> cudaError_t {
     using T = decltype(xt);
     T* gp = static_cast<T*>(scratch);
@@ -88,7 +97,7 @@ cudaError_t launch_lora_dA_sm90(const void* x, DType x_dtype, DType a_dtype, con
     return with_stream_kernel<kDA, T>(pieces, sh.rj, [&](auto kernel) {
       return launch_kernel(kernel, grid, DS_THREADS, smem, stream, static_cast<const T*>(x),
                            static_cast<const T*>(nullptr), static_cast<const T*>(gp), static_cast<float*>(nullptr),
-                           dA_partial, M, K, r, (int64_t)0, mpad, keep8, scale, StreamDropout{});
+                           dA_partial, M, K, r, (int64_t)0, mpad, p > 0.f ? keep8 : nullptr, scale, drop);
     });
   });
 }

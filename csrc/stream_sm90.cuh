@@ -76,14 +76,17 @@ dy_sm90_prep_kernel(const TB* __restrict__ B, const float* __restrict__ u, T* __
 //           first by the keep bits (keep8: row m at keep8 + m * ceil(N / 8), bit k % 8 of byte k / 8) when given.
 // MODE kShrink: a = x (M, N = K), G with Bp = lora_A's pieces into g_out = u's K-split partials [c][m][j] times
 //           `scale`, x masked first by the keep bits when given.
-//           Without keep bits and with drop.thr > 0 the mask comes from Philox inside the kernel: warpgroup 2 makes
-//           each tile's keep bits (the contract's, philox.cuh) in shared memory while warpgroup 1 multiplies.
+//           Without keep bits and with drop.thr > 0 (shrink and dA) the mask comes from Philox inside the kernel: the
+//           warpgroup that has no product to compute (2 in the shrink, 1 in dA) makes each tile's keep bits (the
+//           contract's, philox.cuh) in shared memory while the other multiplies, and writes them to drop.keep_out
+//           when given (dA: for the dx GEMM that runs after it).
 enum StreamMode : int { kDy = 0, kDA = 1, kShrink = 2 };
 struct StreamDropout {
   uint64_t seed = 0;
   const int64_t* seed_ptr = nullptr;  // a device seed, read when the kernel runs (CUDA graphs)
   uint64_t offset = 0;
   uint32_t thr = 0;  // dropout_threshold(p); 0: no dropout
+  uint8_t* keep_out = nullptr;  // where the Philox mask maker also writes the keep bits (dA: for dx), or null
 };
 
 template <int MODE, typename T, int P, int RJ>
@@ -103,9 +106,9 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
   const uint32_t bar_bits = raw + 16 * DS_STAGES + 16;  // [s]: the stage's keep bits made (Philox shrink)
   const uint32_t tiles = raw + 24 * DS_STAGES + 16, pad = (1024 - (tiles & 1023)) & 1023;
   const uint32_t s_ring = tiles + pad, s_up = s_ring + DS_STAGES * STAGE;
-  float* dBs = reinterpret_cast<float*>(ds_smem_raw + (s_up + 2 * UP_BYTES - raw));  // [tiles*64][LDD]
-  // the Philox shrink's keep bits, [s][128 rows][8 bytes], where the dy pass and dA keep their D sums
-  uint8_t* sbits = reinterpret_cast<uint8_t*>(dBs);
+  // the Philox mask maker's keep bits, [s][128 rows][8 bytes], then the D sums
+  uint8_t* sbits = ds_smem_raw + (s_up + 2 * UP_BYTES - raw);
+  float* dBs = reinterpret_cast<float*>(sbits + DS_STAGES * 1024);  // [tiles*64][LDD]
 
   const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
   const int64_t tiles_m = (M + DS_BM - 1) / DS_BM, tiles_n = (N + DS_BN - 1) / DS_BN;
@@ -118,7 +121,8 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
   const int j0 = blockIdx.z * RJ;
   const bool do_dB = dB_partial != nullptr;
   constexpr bool kG = MODE != kDA;  // the G product (dy pass, shrink)
-  const bool philox = MODE == kShrink && keep8 == nullptr && drop.thr > 0;
+  const bool philox = MODE != kDy && keep8 == nullptr && drop.thr > 0;
+  const int mask_wg = MODE == kShrink ? 2 : 1;  // the warpgroup without a product: the Philox mask maker
   // keep ⊙ a in place in a landed tile, by one consumer warpgroup (128 threads, 8 chunks of 8 elements each), made
   // visible to wgmma and to the warpgroup's other threads (named barrier 1) before its products. The keep byte of
   // chunk i (row i / 8, columns 8 (i % 8) ..) comes from tile_bits[i] (the Philox shrink's) or from keep8.
@@ -145,7 +149,7 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
   if (tid == 0) {
     for (int s = 0; s < DS_STAGES; ++s) {
       mbar_init(bar_full + 8 * s, PT);  // every producer thread's copies
-      mbar_init(bar_empty + 8 * s, MODE == kShrink ? 4 : 8);  // lane 0 of each consumer warp (G only: shrink)
+      mbar_init(bar_empty + 8 * s, MODE == kShrink || philox ? 4 : 8);  // lane 0 of each multiplying warp
       mbar_init(bar_bits + 8 * s, 128);                          // every thread of warpgroup 2 (Philox shrink)
     }
     mbar_init(bar_up, 4);  // lane 0 of each dB warp
@@ -202,9 +206,9 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
         ++round;
       }
     }
-  } else if (MODE == kShrink && wg == 2) {
-    // The Philox shrink's mask maker: tile t's keep bits into stage t's slot once G is done with the slot's last
-    // tile (the loader's empty barrier); without Philox this warpgroup has nothing to do.
+  } else if ((MODE == kShrink || philox) && wg == mask_wg) {
+    // The Philox mask maker: tile t's keep bits into stage t's slot once the product is done with the slot's last
+    // tile (the loader's empty barrier); in the shrink without dropout this warpgroup has nothing to do.
     if (philox) {
       const uint64_t seed = dropout_seed(drop.seed, drop.seed_ptr);
       int rt = 0, ct = 0, stage = 0, round = 0;
@@ -215,9 +219,11 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
         for (int q = 0; q < DS_BM * 8 / 128; ++q) {
           const int i = (tid & 127) + 128 * q;
           const int64_t m = m0 + (i >> 3), k8 = k80 + (i & 7);
-          sbits[stage * 1024 + i] =
-              m < row_end && 8 * k8 < col_end ? (uint8_t)dropout_keep_bits8(seed, dropout_counter(drop.offset, m, N, k8), drop.thr)
-                                              : (uint8_t)0xFF;
+          const bool in = m < row_end && 8 * k8 < col_end;
+          const uint8_t b = in ? (uint8_t)dropout_keep_bits8(seed, dropout_counter(drop.offset, m, N, k8), drop.thr)
+                               : (uint8_t)0xFF;
+          sbits[stage * 1024 + i] = b;
+          if (in && drop.keep_out != nullptr) drop.keep_out[m * ((N + 7) / 8) + k8] = b;
         }
         mbar_arrive(bar_bits + 8 * stage);
         if (++ct == n_ct) {
@@ -288,7 +294,12 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
         }
       } else if (wg == 2 && do_dB) {  // D: the tile's 64 columns x NW, K = the tile's 128 rows, 8 steps of 16
         const uint32_t s_u = s_up + (rt & 1) * UP_BYTES;
-        if (MODE == kDA && keep8 != nullptr) mask_tile(s_dy, rt, ct, nullptr);
+        if (philox) {
+          mbar_wait(bar_bits + 8 * stage, round & 1);
+          mask_tile(s_dy, rt, ct, sbits + stage * 1024);
+        } else if (MODE == kDA && keep8 != nullptr) {
+          mask_tile(s_dy, rt, ct, nullptr);
+        }
         wgmma_fence();
 #pragma unroll
         for (int ks = 0; ks < DS_BM / 16; ++ks)
