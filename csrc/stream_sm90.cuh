@@ -150,7 +150,7 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
     for (int s = 0; s < DS_STAGES; ++s) {
       mbar_init(bar_full + 8 * s, PT);  // every producer thread's copies
       mbar_init(bar_empty + 8 * s, MODE == kShrink || philox ? 4 : 8);  // lane 0 of each multiplying warp
-      mbar_init(bar_bits + 8 * s, 128);                          // every thread of warpgroup 2 (Philox shrink)
+      mbar_init(bar_bits + 8 * s, 128);  // every thread of the Philox mask maker (warpgroup 2, or 1 in dA)
     }
     mbar_init(bar_up, 4);  // lane 0 of each dB warp
     mbar_init(bar_up + 8, 4);
