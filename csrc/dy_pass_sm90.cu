@@ -27,17 +27,12 @@
 #include "ptx.cuh"
 #include "wgmma.cuh"
 
-#include <atomic>
-#include <cstdlib>
-#include <cstring>
-#include <mutex>
 
 namespace lora_kernels {
 using namespace detail;
 namespace {
 
 constexpr int DS_BM = 128, DS_BN = 64, DS_STAGES = 4, DS_THREADS = 384;
-constexpr size_t kSmemOptin = 232448;  // 227 KB: sm_90's dynamic shared memory per block
 
 struct DsShape {
   int pieces, rj, z, nw;
@@ -272,51 +267,32 @@ lora_dy_pass_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, con
 #endif
 }
 
-template <typename T, int P, int RJ>
-constexpr auto ds_kernel() {
-  return &lora_dy_pass_sm90_kernel<T, P, RJ>;
-}
-
 // f(kernel) for the (T, P, RJ) of a call (P = 3 only for bf16).
 template <typename T, typename F>
 cudaError_t with_ds_kernel(int pieces, int rj, F&& f) {
   if constexpr (std::is_same<T, __nv_bfloat16>::value)
-    if (pieces == 3) return rj == 16 ? f(ds_kernel<T, 3, 16>()) : f(ds_kernel<T, 3, 32>());
-  return rj == 16 ? f(ds_kernel<T, 1, 16>()) : rj == 32 ? f(ds_kernel<T, 1, 32>()) : f(ds_kernel<T, 1, 64>());
+    if (pieces == 3) return rj == 16 ? f(&lora_dy_pass_sm90_kernel<T, 3, 16>) : f(&lora_dy_pass_sm90_kernel<T, 3, 32>);
+  return rj == 16 ? f(&lora_dy_pass_sm90_kernel<T, 1, 16>)
+                  : rj == 32 ? f(&lora_dy_pass_sm90_kernel<T, 1, 32>) : f(&lora_dy_pass_sm90_kernel<T, 1, 64>);
 }
 
 // Whether the current device is compute capability 9.0 and this build holds the wgmma kernel's sm_90a code (not
-// a trap compiled for another architecture): read once per device.
+// a trap compiled for another architecture; read once, on the first 9.0 device asked about).
 bool ds_device_ok() {
-  constexpr int kDevices = 64;
-  static std::atomic<int> state[kDevices];  // 0 unknown, 1 yes, 2 no
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kDevices) {
-    cudaGetLastError();
-    return false;
-  }
-  int s = state[dev].load(std::memory_order_acquire);
-  if (s == 0) {
-    int major = 0, minor = 0;
+  if (compute_capability() != 90) return false;
+  static const bool has_sm90a = [] {
     cudaFuncAttributes attr{};
-    const bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
-                    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess &&
-                    major == 9 && minor == 0 &&
-                    cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(ds_kernel<__nv_bfloat16, 1, 16>())) ==
+    const bool ok = cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(&lora_dy_pass_sm90_kernel<__nv_bfloat16, 1, 16>)) ==
                         cudaSuccess &&
                     attr.ptxVersion >= 90 && attr.binaryVersion == 90;
     cudaGetLastError();
-    s = ok ? 1 : 2;
-    state[dev].store(s, std::memory_order_release);
-  }
-  return s == 1;
+    return ok;
+  }();
+  return has_sm90a;
 }
 
 bool ds_enabled() {
-  static const bool on = [] {
-    const char* v = std::getenv("LORA_KERNELS_SM90_DY");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
+  static const bool on = env_switch_on("LORA_KERNELS_SM90_DY");
   return on;
 }
 
@@ -330,7 +306,7 @@ SplitPlan lora_dy_pass_sm90_plan(int64_t M, int64_t N, int r, int pieces) {
   // Column groups of at least DS_STAGES - 1 tiles (the Up double buffer), their dB in shared memory.
   for (int64_t C = 1; C <= tiles_n / (DS_STAGES - 1) && C <= 65535; ++C) {
     const int64_t tpg = ceil_div(tiles_n, C);
-    if (ds_smem(sh, tpg) > kSmemOptin) continue;
+    if (ds_smem(sh, tpg) > kSmemPerBlockMax) continue;
     const int64_t S = std::max<int64_t>(1, std::min<int64_t>(tiles_m, sms / (C * sh.z)));
     const int64_t blocks = S * C * sh.z, waves = ceil_div(blocks, sms);
     const double fill = (double)blocks / (double)(waves * sms);
