@@ -10,8 +10,6 @@
 #include <torch/library.h>
 
 #include <atomic>
-#include <cstdlib>
-#include <cstring>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -94,10 +92,7 @@ const int64_t* device_seed(const std::optional<Tensor>& seed_t, const Tensor& x,
 // rank-r operands are packed into extra K-tiles (kx columns: r rounded up to the 64-wide K tile).
 // LORA_KERNELS_SM90_GEMM=0 turns the path off (read once).
 bool sm90_enabled() {
-  static const bool on = [] {
-    const char* v = std::getenv("LORA_KERNELS_SM90_GEMM");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
+  static const bool on = lk::env_switch_on("LORA_KERNELS_SM90_GEMM");
   return on;
 }
 
@@ -131,10 +126,7 @@ const char* sm90_unsupported(const Tensor& a, const Tensor& b, const Tensor* bia
 // M <= 64: the whole forward in one launch. On unless LORA_KERNELS_SMALL_M=0 (read once); set_small_m switches it at
 // run time (tests of the other paths at small M, A/B timing).
 std::atomic<bool>& small_m_switch() {
-  static std::atomic<bool> on{[] {
-    const char* v = std::getenv("LORA_KERNELS_SMALL_M");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }()};
+  static std::atomic<bool> on{lk::env_switch_on("LORA_KERNELS_SMALL_M")};
   return on;
 }
 
@@ -223,10 +215,7 @@ void sm90_forward(const Tensor& x, const Tensor& weight, const Tensor* bias, con
 // rank-r term with the keep bits, so it needs them (bits: the backward makes them) and their layout (K % 128).
 // LORA_KERNELS_SM90_DX_MASK=0 (read once) keeps dx with dropout off the sm_90 path (for A/B timing).
 const char* dx_sm90_unsupported(const Tensor& dy, const Tensor& weight, float p, bool bits) {
-  static const bool mask_on = [] {
-    const char* v = std::getenv("LORA_KERNELS_SM90_DX_MASK");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
+  static const bool mask_on = lk::env_switch_on("LORA_KERNELS_SM90_DX_MASK");
   if (p > 0.0f && !mask_on) return "LORA_KERNELS_SM90_DX_MASK=0";
   if (p > 0.0f && !bits) return "no keep bits for these dtypes (dropout_bits_used)";
   return sm90_unsupported(dy, weight, nullptr, dy.size(0), weight.size(1), weight.size(0), lk::GemmLayoutB::kKN,

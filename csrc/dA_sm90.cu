@@ -16,23 +16,18 @@
 // Bytes  : x once per r-chunk; Gp from L2 once per row tile; partials row_splits * r * K floats.
 #include "stream_sm90.cuh"
 
-#include <cstdlib>
-#include <cstring>
 
 namespace lora_kernels {
 using namespace detail;
 namespace {
 
-std::atomic<int> da_state[64];
+std::atomic<int> da_state{0};
 bool da_device_ok() {
   return sm90_kernel_ok(reinterpret_cast<const void*>(&stream_sm90_kernel<kDA, __nv_bfloat16, 1, 16>), da_state);
 }
 
 bool da_enabled() {
-  static const bool on = [] {
-    const char* v = std::getenv("LORA_KERNELS_SM90_DA");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
+  static const bool on = env_switch_on("LORA_KERNELS_SM90_DA");
   return on;
 }
 

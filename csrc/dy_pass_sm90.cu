@@ -25,23 +25,18 @@
 //          dy_pass.cu (row_splits * N * r + col_groups * M * r floats, written once, summed by the reduce).
 #include "stream_sm90.cuh"
 
-#include <cstdlib>
-#include <cstring>
 
 namespace lora_kernels {
 using namespace detail;
 namespace {
 
-std::atomic<int> ds_state[64];
+std::atomic<int> ds_state{0};
 bool ds_device_ok() {
   return sm90_kernel_ok(reinterpret_cast<const void*>(&stream_sm90_kernel<kDy, __nv_bfloat16, 1, 16>), ds_state);
 }
 
 bool ds_enabled() {
-  static const bool on = [] {
-    const char* v = std::getenv("LORA_KERNELS_SM90_DY");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
+  static const bool on = env_switch_on("LORA_KERNELS_SM90_DY");
   return on;
 }
 

@@ -29,12 +29,20 @@
 #pragma once
 #include <cuda_runtime.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
 namespace lora_kernels {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 constexpr int kMaxRank = 256;
+
+// An on/off switch from the environment: on unless the variable `name` is set to "0". Callers read it once (a static).
+inline bool env_switch_on(const char* name) {
+  const char* v = getenv(name);
+  return v == nullptr || strcmp(v, "0") != 0;
+}
 
 // The factor of the kept elements of dropout(x) times the LoRA scaling: scaling / (1 - p), rounded once to fp32
 // (the shrink, dA and dx launches, and the binding's pack of dx's rank-r operand on the sm_90 path).

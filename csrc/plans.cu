@@ -24,9 +24,10 @@ int current_device() {
   return dev;
 }
 
-// A positive attribute of the current device, read once per device and kept in `cache` (the launchers and plans ask
-// on every call: a driver call each time otherwise); `fallback` when it cannot be read (no device; not kept).
-int device_attribute(std::atomic<int> (&cache)[kCachedDevices], cudaDeviceAttr attr, int fallback) {
+// A positive value of the current device, read(dev, &v) once per device and kept in `cache` (the launchers and plans
+// ask on every call: driver calls each time otherwise); `fallback` when it cannot be read (no device; not kept).
+template <typename Read>
+int device_value(std::atomic<int> (&cache)[kCachedDevices], int fallback, Read&& read) {
   const int dev = current_device();
   if (dev < 0) return fallback;
   if (dev < kCachedDevices) {
@@ -34,12 +35,17 @@ int device_attribute(std::atomic<int> (&cache)[kCachedDevices], cudaDeviceAttr a
     if (known > 0) return known;
   }
   int v = 0;
-  if (cudaDeviceGetAttribute(&v, attr, dev) != cudaSuccess || v <= 0) {
+  if (!read(dev, v) || v <= 0) {
     cudaGetLastError();
     return fallback;
   }
   if (dev < kCachedDevices) cache[dev].store(v, std::memory_order_relaxed);
   return v;
+}
+
+// A positive attribute of the current device (device_value).
+int device_attribute(std::atomic<int> (&cache)[kCachedDevices], cudaDeviceAttr attr, int fallback) {
+  return device_value(cache, fallback, [&](int dev, int& v) { return cudaDeviceGetAttribute(&v, attr, dev) == cudaSuccess; });
 }
 }  // namespace
 
@@ -83,10 +89,22 @@ int num_sms() {
   return device_attribute(cache, cudaDevAttrMultiProcessorCount, 132);
 }
 
-bool tc_supported() {
+int compute_capability() {
   static std::atomic<int> cache[kCachedDevices];
+  return device_value(cache, 0, [](int dev, int& v) {
+    int major = 0, minor = 0;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess)
+      return false;
+    v = 10 * major + minor;
+    return true;
+  });
+}
+
+bool tc_supported() {
   // Without a device: true, and the launch itself will report the problem.
-  return device_attribute(cache, cudaDevAttrComputeCapabilityMajor, 8) >= 8;
+  const int cc = compute_capability();
+  return cc == 0 || cc >= 80;
 }
 
 OutputGrid output_grid(int64_t M, int64_t cols) {
@@ -102,7 +120,6 @@ using namespace detail;
 
 namespace {
 constexpr int64_t kPartialBudgetBytes = 64ll << 20;
-constexpr size_t kSmemPerBlockMax = 227 * 1024;  // sm_80 / sm_90 opt-in maximum per block
 constexpr size_t kSmemPerSm = 228 * 1024;
 
 // The r-chunks of the backward kernels as the plans count them: r clamped to 1..kMaxRank, chunk width rc (at most

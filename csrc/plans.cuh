@@ -148,9 +148,15 @@ cudaError_t launch_kernel(void (*kernel)(P...), dim3 grid, int threads, size_t s
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+constexpr size_t kSmemPerBlockMax = 227 * 1024;  // sm_80 / sm_90 dynamic shared memory opt-in maximum per block
+
 // Streaming multiprocessors of the current device (132, as on an H100 / H200, when there is none). Read once per
 // device, as tc_supported's compute capability is.
 int num_sms();
+
+// The current device's compute capability as 10 * major + minor (90 on an H100 / H200), read once per device; 0 when
+// it cannot be read (no device).
+int compute_capability();
 
 // Whether the current device runs the tensor-core kernels (bf16 mma.sync, cp.async: sm_80+).
 bool tc_supported();

@@ -17,23 +17,18 @@
 //          the reduce).
 #include "stream_sm90.cuh"
 
-#include <cstdlib>
-#include <cstring>
 
 namespace lora_kernels {
 using namespace detail;
 namespace {
 
-std::atomic<int> sh_state[64];
+std::atomic<int> sh_state{0};
 bool sh_device_ok() {
   return sm90_kernel_ok(reinterpret_cast<const void*>(&stream_sm90_kernel<kShrink, __nv_bfloat16, 1, 16>), sh_state);
 }
 
 bool sh_enabled() {
-  static const bool on = [] {
-    const char* v = std::getenv("LORA_KERNELS_SM90_SHRINK");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
+  static const bool on = env_switch_on("LORA_KERNELS_SM90_SHRINK");
   return on;
 }
 

@@ -15,7 +15,6 @@ namespace detail {
 namespace {
 
 constexpr int DS_BM = 128, DS_BN = 64, DS_STAGES = 4, DS_THREADS = 384;
-constexpr size_t kSmemOptin = 232448;  // 227 KB: sm_90's dynamic shared memory per block
 
 struct DsShape {
   int pieces, rj, z, nw;
@@ -363,24 +362,18 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
 
 
 // Whether the current device is compute capability 9.0 and `kernel` holds this build's sm_90a code (not a trap
-// compiled for another architecture): read once per device into `state` (0 unknown, 1 yes, 2 no).
-inline bool sm90_kernel_ok(const void* kernel, std::atomic<int> (&state)[64]) {
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) {
-    cudaGetLastError();
-    return false;
-  }
-  int s = state[dev].load(std::memory_order_acquire);
+// compiled for another architecture): `has_sm90a` (one per pass, 0 unknown, 1 yes, 2 no) is read on the first 9.0
+// device asked about.
+inline bool sm90_kernel_ok(const void* kernel, std::atomic<int>& has_sm90a) {
+  if (compute_capability() != 90) return false;
+  int s = has_sm90a.load(std::memory_order_acquire);
   if (s == 0) {
-    int major = 0, minor = 0;
     cudaFuncAttributes attr{};
-    const bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
-                    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess &&
-                    major == 9 && minor == 0 && cudaFuncGetAttributes(&attr, kernel) == cudaSuccess &&
-                    attr.ptxVersion >= 90 && attr.binaryVersion == 90;
+    const bool ok = cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.ptxVersion >= 90 &&
+                    attr.binaryVersion == 90;
     cudaGetLastError();
     s = ok ? 1 : 2;
-    state[dev].store(s, std::memory_order_release);
+    has_sm90a.store(s, std::memory_order_release);
   }
   return s == 1;
 }
@@ -404,7 +397,7 @@ inline SplitPlan stream_sm90_plan(int64_t M, int64_t N, int r, int pieces, bool 
   double best_est = -1.0;
   for (int64_t C = 1; C <= tiles_n / (DS_STAGES - 1) && C <= 65535; ++C) {
     const int64_t tpg = ceil_div(tiles_n, C);
-    if (ds_smem(sh, with_d ? tpg : 0) > kSmemOptin) continue;
+    if (ds_smem(sh, with_d ? tpg : 0) > kSmemPerBlockMax) continue;
     const int64_t S = std::max<int64_t>(1, std::min<int64_t>(tiles_m, sms / (C * sh.z)));
     const int64_t blocks = S * C * sh.z, waves = ceil_div(blocks, sms);
     const double fill = (double)blocks / (double)(waves * sms);

@@ -8,7 +8,7 @@ import torch
 
 import lora_kernels
 
-from conftest import HAS_CUDA
+from conftest import HAS_CUDA, assert_cuda_backend_deterministic
 from test_contract import run_and_check
 
 pytestmark = [
@@ -108,15 +108,4 @@ def test_sm90_path_against_float64(dtype, adapter_dtype, lead, K, N, r, p):
 
 @pytest.mark.skipif(not _hopper(), reason="the sm_90 GEMM runs on compute capability 9.0 only")
 def test_sm90_path_is_deterministic():
-    x = torch.randn(333, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    W = torch.randn(512, 1024, device="cuda", dtype=torch.bfloat16) / 32
-    A = (torch.randn(16, 1024, device="cuda") / 32).requires_grad_()
-    B = torch.randn(512, 16, device="cuda").requires_grad_()
-    dy = torch.randn(333, 512, device="cuda", dtype=torch.bfloat16)
-    outs = []
-    for _ in range(2):
-        y = lora_kernels.lora_linear(x, W, None, A, B, 2.0, backend="cuda")
-        gx, gA, gB = torch.autograd.grad(y, (x, A, B), dy)
-        outs.append((y, gx, gA, gB))
-    for a, b in zip(*outs):
-        assert torch.equal(a, b)
+    assert_cuda_backend_deterministic(333, 1024, 512, 16)
