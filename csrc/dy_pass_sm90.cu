@@ -126,7 +126,7 @@ lora_dy_pass_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, con
 #pragma unroll
   for (int q = 0; q < DY_CH; ++q) {
     const int i = tid + q * DS_THREADS, row = i >> 3, c = i & 7;
-    dy_dst[q] = row * 128 + ((c ^ (row & 7)) << 4);
+    dy_dst[q] = sw128_offset(row, c);
     dy_src[q] = (int64_t)row * N + 8 * c;
     dy_row[q] = i < DS_BM * 8 ? row : DS_BM;  // a chunk index past the tile is never copied
     dy_col[q] = 8 * c;
@@ -134,13 +134,13 @@ lora_dy_pass_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, con
 #pragma unroll
   for (int q = 0; q < BP_CH; ++q) {
     const int i = tid + q * DS_THREADS, row = i >> 3, c = i & 7;
-    bp_dst[q] = DY_BYTES + row * 128 + ((c ^ (row & 7)) << 4);
+    bp_dst[q] = DY_BYTES + sw128_offset(row, c);
     bp_src[q] = (int64_t)row * npad + 8 * c;
   }
 #pragma unroll
   for (int q = 0; q < UP_CH; ++q) {
     const int i = tid + q * DS_THREADS, row = i >> 4, c = i & 15;
-    up_dst[q] = (c >> 3) * NW * 128 + row * 128 + (((c & 7) ^ (row & 7)) << 4);
+    up_dst[q] = (c >> 3) * NW * 128 + sw128_offset(row, c & 7);
     up_src[q] = (int64_t)row * mpad + 8 * c;
   }
   // Tile (rt, ct) into ring slot `slot` (and its row tile's Up tile when ct == 0): one cp.async group, empty when
