@@ -133,7 +133,7 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
       const int i = (tid & 127) + 128 * q, row = i >> 3, c = i & 7;
       const int64_t m = m0 + row, n = n0 + 8 * c;
       if (m < row_end && n < col_end) {
-        const uint32_t addr = s_a + row * 128 + ((c ^ (row & 7)) << 4);
+        const uint32_t addr = s_a + sw128_offset(row, c);
         uint4 v;
         asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr));
         v = drop8<T>(v, tile_bits != nullptr ? tile_bits[i] : keep8[m * kb + n / 8]);
@@ -176,13 +176,13 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
       for (int q = 0; q < DY_CH; ++q) {  // rows past the split or columns past the group: zeros
         const int i = tid + q * PT, row = i >> 3, c = i & 7;
         const bool ok = row < rows && 8 * c < cols;
-        cp_async16(s_st + row * 128 + ((c ^ (row & 7)) << 4), ok ? dy0 + (int64_t)row * N + 8 * c : dy, ok ? 16 : 0);
+        cp_async16(s_st + sw128_offset(row, c), ok ? dy0 + (int64_t)row * N + 8 * c : dy, ok ? 16 : 0);
       }
 #pragma unroll
       for (int q = 0; q < BP_CH; ++q) {
         const int i = tid + q * PT, row = i >> 3, c = i & 7;
         if (kG && i < NW * 8)
-          cp_async16(s_st + DY_BYTES + row * 128 + ((c ^ (row & 7)) << 4), bpz + (int64_t)row * npad + n0 + 8 * c, 16);
+          cp_async16(s_st + DY_BYTES + sw128_offset(row, c), bpz + (int64_t)row * npad + n0 + 8 * c, 16);
       }
       if (do_dB && ct == 0) {  // the row tile's Up tile, once the buffer's row tile two back is done
         mbar_wait(bar_up + 8 * (rt & 1), ((rt >> 1) & 1) ^ 1);
@@ -191,7 +191,7 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
         for (int q = 0; q < UP_CH; ++q) {
           const int i = tid + q * PT, row = i >> 4, c = i & 15;
           if (i < NW * 16)
-            cp_async16(s_u + (c >> 3) * NW * 128 + row * 128 + (((c & 7) ^ (row & 7)) << 4),
+            cp_async16(s_u + (c >> 3) * NW * 128 + sw128_offset(row, c & 7),
                        upz + (int64_t)row * mpad + m0 + 8 * c, 16);
         }
       }

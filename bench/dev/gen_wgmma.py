@@ -34,6 +34,8 @@ namespace detail {
 __device__ __forceinline__ uint64_t sw128_desc(uint32_t addr) {
   return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)(1024 >> 4) << 32) | ((uint64_t)1 << 62);
 }
+// Byte offset of 16-byte chunk c (0..7) of row i in such a tile: the 128-byte swizzle the descriptor describes.
+__device__ __forceinline__ uint32_t sw128_offset(int i, int c) { return i * 128 + ((c ^ (i & 7)) << 4); }
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\\n" ::: "memory"); }
 template <int N>
