@@ -292,12 +292,11 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& weight, c
                "small-M forward launch");
     return {y, u};
   }
-  // On Hopper the shrink runs on the wgmma streaming kernel (shrink_sm90.cu), lora_A's pieces in a scratch piece and
-  // the dropout mask made inside it; elsewhere, with dropout, the mask as keep bits where the shrink's kernel reads
-  // them (csrc/dropout_bits.cu says why)
+  // On Hopper the shrink runs on the wgmma streaming kernel (shrink_sm90.cu), lora_A's pieces in a scratch piece.
+  // With dropout, the mask as keep bits where the shrink's kernel reads them (csrc/dropout_bits.cu says why).
   const int a_pieces = lk::adapter_pieces(x_dt, a_dt);
   const bool shrink_sm90 = K > 0 && lk::lora_shrink_sm90_unsupported(x.data_ptr(), x_dt, a_dt, M, K, r) == nullptr;
-  const bool bits = !shrink_sm90 && pf > 0.0f && K > 0 && lk::dropout_bits_used(x_dt, a_dt);
+  const bool bits = pf > 0.0f && K > 0 && lk::dropout_bits_used(x_dt, a_dt);
   const lk::SplitPlan shrink_plan =
       shrink_sm90 ? lk::lora_shrink_sm90_plan(M, K, r, a_pieces)
                   : lk::lora_shrink_plan(M, K, r, lk::lora_shrink_resident_blocks(x_dt, a_dt, r));
@@ -323,7 +322,7 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& weight, c
   float* const u_work = partial ? ws.ptr<float>(u_work_piece) : u_out;
   if (shrink_sm90) {
     check_cuda(lk::launch_lora_shrink_sm90(x.data_ptr(), x_dt, lora_A.data_ptr(), a_dt, u_work, M, K, r, shrink_plan,
-                                           (float)scaling, pf, (uint64_t)seed, seed_ptr, (uint64_t)offset, nullptr,
+                                           (float)scaling, pf, ws.ptr<uint8_t>(bits_piece),
                                            ws.ptr(shrink_scratch_piece), stream),
                "lora_shrink (sm90) launch");
   } else {
@@ -404,18 +403,14 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   const lk::SplitPlan dy_plan =
       dy_sm90 ? lk::lora_dy_pass_sm90_plan(M, N, r, pieces) : lk::lora_dy_pass_plan(M, N, r, pieces);
   const bool g_partial = dy_plan.col_groups > 1;
-  // On Hopper dA runs on the same wgmma streaming kernel as the dy pass (dA_sm90.cu), g's pieces in a scratch piece;
-  // with dropout it makes the mask inside its kernel (Philox)
+  // On Hopper dA runs on the same wgmma streaming kernel as the dy pass (dA_sm90.cu), g's pieces in a scratch piece
   const int a_pieces = lk::adapter_pieces(x_dt, a_dt);
   const bool dA_sm90 = need_dA && M > 0 && K > 0 &&
                        lk::lora_dA_sm90_unsupported(x.data_ptr(), x_dt, a_dt, M, K, r) == nullptr;
-  // with dropout, the mask as keep bits for dx (and dA off Hopper) where their kernels read them, made once
-  // (dropout_bits.cu); on Hopper dA makes them and runs first (dA_first), else a pass of their own does
-  const bool bits = pf > 0.0f && K > 0 && M > 0 && (need_dx || (need_dA && !dA_sm90)) &&
-                    lk::dropout_bits_used(x_dt, a_dt);
-  const bool dA_first = dA_sm90 && bits;
+  // with dropout, the mask as keep bits for dx and dA where their kernels read them, made once (dropout_bits.cu)
+  const bool bits = pf > 0.0f && K > 0 && M > 0 && (need_dx || need_dA) && lk::dropout_bits_used(x_dt, a_dt);
   const bool dx_sm90 = need_dx && N > 0 && dx_sm90_unsupported(dy, weight, pf, bits) == nullptr;
-  const bool g_in_pack = dx_sm90 && g_partial && !dA_first;  // the pack sums g's parts (dA first: reduced before)
+  const bool g_in_pack = dx_sm90 && g_partial;  // the pack sums g's parts
   // The reduced g as a buffer of its own: read by dA, or by the dx kernel off the sm_90 path.
   const bool g_reduced = g_partial && (need_dA || (need_dx && !dx_sm90));
   const lk::SplitPlan dA_plan =
@@ -475,14 +470,31 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
                                           b_dt, stream),
                "reduce(dB) launch");
   }
-  // dA and its reduce (first when it makes the keep bits for dx, else last)
-  auto run_dA = [&] {
+  if (bits) {
+    check_cuda(lk::launch_dropout_keep_bits(ws.ptr<uint8_t>(bits_piece), M, K, pf, (uint64_t)seed, seed_ptr,
+                                            (uint64_t)offset, stream),
+               "dropout keep bits launch");
+  }
+  if (need_dx) {
+    dx = at::empty({M, K}, x.options());
+    if (dx_sm90) {
+      const float dx_scale = lk::dropout_scale((float)scaling, pf);  // the dx kernel's factor
+      sm90_dx_pack(dy, g_work, dy_plan.col_groups, g_reduced ? g : nullptr, r, lora_A, dx_scale,
+                   ws.ptr(vx_piece), ws.ptr(ax_piece), stream);
+      sm90_dx_gemm(dy, weight, r, ws.ptr(vx_piece), ws.ptr(ax_piece), ws.ptr<uint8_t>(bits_piece), dx, stream);
+    } else {
+      check_cuda(lk::launch_lora_dx(dx.data_ptr(), x_dt, g, lora_A.data_ptr(), a_dt, M, K, r, (float)scaling, pf,
+                                    (uint64_t)seed, seed_ptr, (uint64_t)offset, ws.ptr<uint8_t>(bits_piece),
+                                    stream),
+                 "lora_dx launch");
+      if (N > 0) dx.addmm_(dy, weight);  // cuBLAS, beta = 1
+    }
+  }
+  if (need_dA) {
     float* const dA_partial = dA_direct ? dA.data_ptr<float>() : ws.ptr<float>(dA_partial_piece);
     if (dA_sm90) {
       check_cuda(lk::launch_lora_dA_sm90(x.data_ptr(), x_dt, a_dt, g, dA_partial, M, K, r, dA_plan, (float)scaling, pf,
-                                         (uint64_t)seed, seed_ptr, (uint64_t)offset, nullptr,
-                                         dA_first ? ws.ptr<uint8_t>(bits_piece) : nullptr, ws.ptr(dA_scratch_piece),
-                                         stream),
+                                         ws.ptr<uint8_t>(bits_piece), ws.ptr(dA_scratch_piece), stream),
                  "lora_dA (sm90) launch");
     } else {
       check_cuda(lk::launch_lora_dA(x.data_ptr(), x_dt, a_dt, g, dA_partial, M, K, r, dA_plan, (float)scaling, pf,
@@ -494,33 +506,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
                                             stream),
                  "reduce(dA) launch");
     }
-  };
-  if (dA_first) {
-    run_dA();
-  } else if (bits) {
-    check_cuda(lk::launch_dropout_keep_bits(ws.ptr<uint8_t>(bits_piece), M, K, pf, (uint64_t)seed, seed_ptr,
-                                            (uint64_t)offset, stream),
-               "dropout keep bits launch");
   }
-  if (need_dx) {
-    dx = at::empty({M, K}, x.options());
-    if (dx_sm90) {
-      const float dx_scale = lk::dropout_scale((float)scaling, pf);  // the dx kernel's factor
-      if (g_partial && !g_in_pack)  // g already reduced (dA ran first)
-        sm90_dx_pack(dy, g, 1, nullptr, r, lora_A, dx_scale, ws.ptr(vx_piece), ws.ptr(ax_piece), stream);
-      else
-        sm90_dx_pack(dy, g_work, dy_plan.col_groups, g_reduced ? g : nullptr, r, lora_A, dx_scale,
-                     ws.ptr(vx_piece), ws.ptr(ax_piece), stream);
-      sm90_dx_gemm(dy, weight, r, ws.ptr(vx_piece), ws.ptr(ax_piece), ws.ptr<uint8_t>(bits_piece), dx, stream);
-    } else {
-      check_cuda(lk::launch_lora_dx(dx.data_ptr(), x_dt, g, lora_A.data_ptr(), a_dt, M, K, r, (float)scaling, pf,
-                                    (uint64_t)seed, seed_ptr, (uint64_t)offset, ws.ptr<uint8_t>(bits_piece),
-                                    stream),
-                 "lora_dx launch");
-      if (N > 0) dx.addmm_(dy, weight);  // cuBLAS, beta = 1
-    }
-  }
-  if (need_dA && !dA_first) run_dA();
   return {dx, dA, dB};
 }
 
@@ -614,7 +600,7 @@ std::string dA_path(const Tensor& x, const Tensor& lora_A, double p) {
   const c10::cuda::CUDAGuard guard(x.device());
   const Tensor xc = x.contiguous();
   const lk::DType x_dt = to_dtype(xc, "x"), a_dt = to_dtype(lora_A, "lora_A");
-  (void)p;  // the same answer with and without dropout: the sm90 dA makes its mask itself
+  (void)p;  // the same answer with and without dropout (the kernel reads the backward's keep bits)
   const char* why = lk::lora_dA_sm90_unsupported(xc.data_ptr(), x_dt, a_dt, xc.size(0), xc.size(1),
                                                  (int)lora_A.size(0));
   return why == nullptr ? std::string("sm90") : std::string("mma.sync: ") + why;
@@ -628,7 +614,7 @@ std::string shrink_path(const Tensor& x, const Tensor& lora_A, double p) {
   const c10::cuda::CUDAGuard guard(x.device());
   const Tensor xc = x.contiguous();
   const lk::DType x_dt = to_dtype(xc, "x"), a_dt = to_dtype(lora_A, "lora_A");
-  (void)p;  // the same answer with and without dropout: the sm90 shrink makes its mask itself
+  (void)p;  // the same answer with and without dropout (the kernel reads the forward's keep bits)
   const char* why = lk::lora_shrink_sm90_unsupported(xc.data_ptr(), x_dt, a_dt, xc.size(0), xc.size(1),
                                                      (int)lora_A.size(0));
   return why == nullptr ? std::string("sm90") : std::string("mma.sync: ") + why;

@@ -6,10 +6,8 @@
 //            D (64 x NW) = (keep ⊙ x)_tile^T . Gp_tile^T        K = the tile's 128 rows
 //          with g's P pieces (bf16x3 of the fp32 g on bf16 x, else cast) stacked as NW = P*RJ columns; each tile's
 //          pieces are added in fp32 into the column group's sums in shared memory, scaled once at the end.
-// Mask   : with dropout the D warpgroup zeroes the dropped elements of each landed x tile in shared memory, then runs
-//          its wgmma on it. The keep bits come from warpgroup 1 (which has no product here): it runs Philox for each
-//          tile (the contract's mask, philox.cuh) and also writes the bits to keep_out, where the dx GEMM that runs
-//          after dA reads them: the backward makes no keep-bits pass. (Given keep bits, the kernel reads them.)
+// Mask   : with dropout the D warpgroup zeroes the dropped elements of each landed x tile in shared memory, from the
+//          backward's keep bits (dropout_bits.cu, the contract's mask), then runs its wgmma on it.
 // Prep   : g's pieces Gp [Z][NW][Mpad] in x's type (scratch: lora_dA_sm90_scratch_bytes), as the dy pass's Up.
 // Tiling : as the dy pass (dy_pass_sm90.cu) without its G warpgroup's work: a loader warpgroup, a 4-stage ring of
 //          x tiles, Gp tiles per row tile in a double buffer, mbarriers between them.
@@ -34,7 +32,7 @@ bool da_enabled() {
 }  // namespace
 
 SplitPlan lora_dA_sm90_plan(int64_t M, int64_t K, int r, int pieces) {
-  return stream_sm90_plan(M, K, r, pieces, /*with_g=*/false);
+  return stream_sm90_plan(M, K, r, pieces, kDA);
 }
 
 const char* lora_dA_sm90_unsupported(const void* x, DType x_dtype, DType a_dtype, int64_t M, int64_t K, int r) {
@@ -52,33 +50,24 @@ const char* lora_dA_sm90_unsupported(const void* x, DType x_dtype, DType a_dtype
 }
 
 size_t lora_dA_sm90_scratch_bytes(int64_t M, int r, int pieces) {
-  const DsShape sh = ds_shape(r, pieces);
+  const DsShape sh = ds_shape(r, pieces, kDA);
   return (size_t)sh.z * sh.nw * (size_t)(ceil_div(M, DS_BM) * DS_BM) * 2;
 }
 
 cudaError_t launch_lora_dA_sm90(const void* x, DType x_dtype, DType a_dtype, const float* g, float* dA_partial,
-                                int64_t M, int64_t K, int r, SplitPlan plan, float scaling, float p, uint64_t seed,
-                                const int64_t* seed_ptr, uint64_t offset, const uint8_t* keep8, uint8_t* keep_out,
-                                void* scratch, cudaStream_t stream) {
+                                int64_t M, int64_t K, int r, SplitPlan plan, float scaling, float p,
+                                const uint8_t* keep8, void* scratch, cudaStream_t stream) {
   if (lora_dA_sm90_unsupported(x, x_dtype, a_dtype, M, K, r) != nullptr || plan.row_splits < 1 || !scratch ||
-      !dA_partial)
+      !dA_partial || (p > 0.f && keep8 == nullptr))
     return cudaErrorInvalidValue;
   const int pieces = adapter_pieces(x_dtype, a_dtype);
-  const DsShape sh = ds_shape(r, pieces);
+  const DsShape sh = ds_shape(r, pieces, kDA);
   const int64_t mpad = ceil_div(M, DS_BM) * DS_BM;
   const int64_t tpg = ceil_div(ceil_div(K, DS_BN), plan.col_groups);
   if (plan.col_groups > 65535 || plan.row_splits > 0x7fffffff || sh.z > 65535) return cudaErrorInvalidConfiguration;
-  const size_t smem = ds_smem(sh, tpg);
+  const size_t smem = ds_smem(sh, kDA, tpg);
   const dim3 grid((unsigned)plan.row_splits, (unsigned)plan.col_groups, (unsigned)sh.z);
   const float scale = dropout_scale(scaling, p);
-  StreamDropout drop;
-  if (p > 0.f && keep8 == nullptr) {
-    drop.seed = seed;
-    drop.seed_ptr = seed_ptr;
-    drop.offset = offset;
-    drop.thr = dropout_threshold(p);
-    drop.keep_out = keep_out;
-  }
   return with_dtype16(x_dtype, [&](auto xt) -> cudaError_t {
     using T = decltype(xt);
     T* gp = static_cast<T*>(scratch);
@@ -92,7 +81,7 @@ cudaError_t launch_lora_dA_sm90(const void* x, DType x_dtype, DType a_dtype, con
     return with_stream_kernel<kDA, T>(pieces, sh.rj, [&](auto kernel) {
       return launch_kernel(kernel, grid, DS_THREADS, smem, stream, static_cast<const T*>(x),
                            static_cast<const T*>(nullptr), static_cast<const T*>(gp), static_cast<float*>(nullptr),
-                           dA_partial, M, K, r, (int64_t)0, mpad, p > 0.f ? keep8 : nullptr, scale, drop);
+                           dA_partial, M, K, r, (int64_t)0, mpad, p > 0.f ? keep8 : nullptr, scale);
     });
   });
 }

@@ -43,7 +43,7 @@ bool ds_enabled() {
 }  // namespace
 
 SplitPlan lora_dy_pass_sm90_plan(int64_t M, int64_t N, int r, int pieces) {
-  return stream_sm90_plan(M, N, r, pieces, /*with_g=*/true);
+  return stream_sm90_plan(M, N, r, pieces, kDy);
 }
 
 const char* lora_dy_pass_sm90_unsupported(const void* dy, DType dy_dtype, DType b_dtype, int64_t M, int64_t N,
@@ -62,7 +62,7 @@ const char* lora_dy_pass_sm90_unsupported(const void* dy, DType dy_dtype, DType 
 }
 
 size_t lora_dy_pass_sm90_scratch_bytes(int64_t M, int64_t N, int r, int pieces) {
-  const DsShape sh = ds_shape(r, pieces);
+  const DsShape sh = ds_shape(r, pieces, kDy);
   return (size_t)sh.z * sh.nw * (size_t)(ceil_div(N, DS_PREP) * DS_PREP + ceil_div(M, DS_BM) * DS_BM) * 2;
 }
 
@@ -72,11 +72,11 @@ cudaError_t launch_lora_dy_pass_sm90(const void* dy, DType dy_dtype, const void*
   if (lora_dy_pass_sm90_unsupported(dy, dy_dtype, b_dtype, M, N, r) != nullptr || plan.row_splits < 1 || !scratch)
     return cudaErrorInvalidValue;
   const int pieces = adapter_pieces(dy_dtype, b_dtype);
-  const DsShape sh = ds_shape(r, pieces);
+  const DsShape sh = ds_shape(r, pieces, kDy);
   const int64_t npad = ceil_div(N, DS_PREP) * DS_PREP, mpad = ceil_div(M, DS_BM) * DS_BM;
   const int64_t tpg = ceil_div(ceil_div(N, DS_BN), plan.col_groups);
   if (plan.col_groups > 65535 || plan.row_splits > 0x7fffffff || sh.z > 65535) return cudaErrorInvalidConfiguration;
-  const size_t smem = ds_smem(sh, tpg);
+  const size_t smem = ds_smem(sh, kDy, tpg);
   const dim3 grid((unsigned)plan.row_splits, (unsigned)plan.col_groups, (unsigned)sh.z);
   return with_dtypes<true>(dy_dtype, b_dtype, [&](auto dt, auto bt) -> cudaError_t {
     using T = decltype(dt);
@@ -92,7 +92,7 @@ cudaError_t launch_lora_dy_pass_sm90(const void* dy, DType dy_dtype, const void*
     return with_stream_kernel<kDy, T>(pieces, sh.rj, [&](auto kernel) {
       return launch_kernel(kernel, grid, DS_THREADS, smem, stream, static_cast<const T*>(dy),
                            static_cast<const T*>(bp), static_cast<const T*>(up), g_out, dB_partial, M, N, r, npad,
-                           mpad, static_cast<const uint8_t*>(nullptr), 1.0f, StreamDropout{});
+                           mpad, static_cast<const uint8_t*>(nullptr), 1.0f);
     });
   });
 }

@@ -125,27 +125,23 @@ cudaError_t launch_lora_dy_pass_sm90(const void* dy, DType dy_dtype, const void*
                                      float* g_out, float* dB_partial, int64_t M, int64_t N, int r, SplitPlan plan,
                                      void* scratch, cudaStream_t stream);
 // The dA pass on Hopper (dA_sm90.cu: the same streaming kernel, D product only, x masked in shared memory by the
-// contract's Philox mask, made inside the kernel and also written to keep_out when given; or by keep8 when given):
-// same outputs and partial layout as launch_lora_dA, for lora_dA_sm90_plan's plan; g's pieces staged in `scratch`
-// (lora_dA_sm90_scratch_bytes).
+// keep bits keep8, which a call with p > 0 must give): same outputs and partial layout as launch_lora_dA, for
+// lora_dA_sm90_plan's plan; g's pieces staged in `scratch` (lora_dA_sm90_scratch_bytes).
 const char* lora_dA_sm90_unsupported(const void* x, DType x_dtype, DType a_dtype, int64_t M, int64_t K, int r);
 SplitPlan lora_dA_sm90_plan(int64_t M, int64_t K, int r, int pieces);
 size_t lora_dA_sm90_scratch_bytes(int64_t M, int r, int pieces);
 cudaError_t launch_lora_dA_sm90(const void* x, DType x_dtype, DType a_dtype, const float* g, float* dA_partial,
-                                int64_t M, int64_t K, int r, SplitPlan plan, float scaling, float p, uint64_t seed,
-                                const int64_t* seed_ptr, uint64_t offset, const uint8_t* keep8, uint8_t* keep_out,
-                                void* scratch, cudaStream_t stream);
+                                int64_t M, int64_t K, int r, SplitPlan plan, float scaling, float p,
+                                const uint8_t* keep8, void* scratch, cudaStream_t stream);
 // The shrink on Hopper (shrink_sm90.cu: the same streaming kernel, G product only, x masked in shared memory by the
-// contract's Philox mask, made inside the kernel; or by keep8 when given): same outputs and partial layout as
-// launch_lora_shrink, for lora_shrink_sm90_plan's plan; lora_A's pieces staged in `scratch`
-// (lora_shrink_sm90_scratch_bytes).
+// keep bits keep8, which a call with p > 0 must give): same outputs and partial layout as launch_lora_shrink, for
+// lora_shrink_sm90_plan's plan; lora_A's pieces staged in `scratch` (lora_shrink_sm90_scratch_bytes).
 const char* lora_shrink_sm90_unsupported(const void* x, DType x_dtype, DType a_dtype, int64_t M, int64_t K, int r);
 SplitPlan lora_shrink_sm90_plan(int64_t M, int64_t K, int r, int pieces);
 size_t lora_shrink_sm90_scratch_bytes(int64_t K, int r, int pieces);
 cudaError_t launch_lora_shrink_sm90(const void* x, DType x_dtype, const void* A, DType a_dtype, float* u_out,
                                     int64_t M, int64_t K, int r, SplitPlan plan, float scaling, float p,
-                                    uint64_t seed, const int64_t* seed_ptr, uint64_t offset, const uint8_t* keep8,
-                                    void* scratch, cudaStream_t stream);
+                                    const uint8_t* keep8, void* scratch, cudaStream_t stream);
 
 // dA_partial[s] (r, K) = scaling * g[rows of s]^T @ dropout(x)[rows of s]. plan from lora_dA_plan.
 // a_dtype (lora_A's) picks the precision as for the other passes.

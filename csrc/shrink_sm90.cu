@@ -6,14 +6,13 @@
 //          x,   G (128 x NW) = (keep ⊙ x)_tile . Ap_chunk^T        K = the tile's 64 columns
 //          with lora_A's P pieces (bf16x3 of fp32 A on bf16 x, else cast) stacked as NW = P*RJ columns; each tile's
 //          pieces are added in fp32 into the row tile's running u, scaled when written.
-// Mask   : with dropout the G warpgroup zeroes the dropped elements of each landed x tile in shared memory, then runs
-//          its wgmma on it. The keep bits come from warpgroup 2, which runs Philox for each tile (the contract's
-//          mask, philox.cuh) while warpgroup 1 multiplies the one before: the forward makes no keep-bits pass. (Given
-//          keep bits, the kernel reads them instead.)
+// Mask   : with dropout each G warpgroup zeroes the dropped elements of its half of each landed x tile in shared
+//          memory, from the forward's keep bits (dropout_bits.cu, the contract's mask), then runs its wgmma on it.
 // Prep   : A's pieces Ap [Z][NW][Kpad] in x's type (scratch: lora_shrink_sm90_scratch_bytes), as the dy pass's Bp.
-// Tiling : as the dy pass (dy_pass_sm90.cu) without its dB warpgroup's work: a loader warpgroup, a 4-stage ring of
-//          {x tile, Ap chunk}, mbarriers between them.
-// Bytes  : x once per r-chunk; Ap from L2 once per tile; partials col_groups * M * r floats (summed by the pack or
+// Tiling : as the dy pass (dy_pass_sm90.cu) without D: a loader warpgroup, a 4-stage ring of {x tile, Ap chunk},
+//          mbarriers between them; warpgroup 1 multiplies the tile's rows 0-63, warpgroup 2 rows 64-127, so one
+//          warpgroup holds the accumulators of a 64-row half and r up to 64 is one r-chunk even with three pieces.
+// Bytes  : x once per r-chunk (once for r <= 64); Ap from L2 once per tile; partials col_groups * M * r floats (summed by the pack or
 //          the reduce).
 #include "stream_sm90.cuh"
 
@@ -35,7 +34,7 @@ bool sh_enabled() {
 }  // namespace
 
 SplitPlan lora_shrink_sm90_plan(int64_t M, int64_t K, int r, int pieces) {
-  return stream_sm90_plan(M, K, r, pieces, /*with_g=*/true, /*with_d=*/false);
+  return stream_sm90_plan(M, K, r, pieces, kShrink);
 }
 
 const char* lora_shrink_sm90_unsupported(const void* x, DType x_dtype, DType a_dtype, int64_t M, int64_t K, int r) {
@@ -53,31 +52,23 @@ const char* lora_shrink_sm90_unsupported(const void* x, DType x_dtype, DType a_d
 }
 
 size_t lora_shrink_sm90_scratch_bytes(int64_t K, int r, int pieces) {
-  const DsShape sh = ds_shape(r, pieces);
+  const DsShape sh = ds_shape(r, pieces, kShrink);
   return (size_t)sh.z * sh.nw * (size_t)(ceil_div(K, DS_PREP) * DS_PREP) * 2;
 }
 
 cudaError_t launch_lora_shrink_sm90(const void* x, DType x_dtype, const void* A, DType a_dtype, float* u_out,
                                     int64_t M, int64_t K, int r, SplitPlan plan, float scaling, float p,
-                                    uint64_t seed, const int64_t* seed_ptr, uint64_t offset, const uint8_t* keep8,
-                                    void* scratch, cudaStream_t stream) {
+                                    const uint8_t* keep8, void* scratch, cudaStream_t stream) {
   if (lora_shrink_sm90_unsupported(x, x_dtype, a_dtype, M, K, r) != nullptr ||
-      plan.row_splits < 1 || !scratch || !u_out)
+      plan.row_splits < 1 || !scratch || !u_out || (p > 0.f && keep8 == nullptr))
     return cudaErrorInvalidValue;
   const int pieces = adapter_pieces(x_dtype, a_dtype);
-  const DsShape sh = ds_shape(r, pieces);
+  const DsShape sh = ds_shape(r, pieces, kShrink);
   const int64_t kpad = ceil_div(K, DS_PREP) * DS_PREP;
   if (plan.col_groups > 65535 || plan.row_splits > 0x7fffffff || sh.z > 65535) return cudaErrorInvalidConfiguration;
-  const size_t smem = ds_smem(sh, 0);
+  const size_t smem = ds_smem(sh, kShrink, 0);
   const dim3 grid((unsigned)plan.row_splits, (unsigned)plan.col_groups, (unsigned)sh.z);
   const float scale = dropout_scale(scaling, p);
-  StreamDropout drop;
-  if (p > 0.f) {
-    drop.seed = seed;
-    drop.seed_ptr = seed_ptr;
-    drop.offset = offset;
-    drop.thr = dropout_threshold(p);
-  }
   return with_dtypes<true>(x_dtype, a_dtype, [&](auto xt, auto at) -> cudaError_t {
     using T = decltype(xt);
     using TA = decltype(at);
@@ -92,7 +83,7 @@ cudaError_t launch_lora_shrink_sm90(const void* x, DType x_dtype, const void* A,
     return with_stream_kernel<kShrink, T>(pieces, sh.rj, [&](auto kernel) {
       return launch_kernel(kernel, grid, DS_THREADS, smem, stream, static_cast<const T*>(x), static_cast<const T*>(ap),
                            static_cast<const T*>(nullptr), u_out, static_cast<float*>(nullptr), M, K, r, kpad,
-                           (int64_t)0, keep8, scale, drop);
+                           (int64_t)0, p > 0.f ? keep8 : nullptr, scale);
     });
   });
 }

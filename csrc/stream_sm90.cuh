@@ -9,6 +9,7 @@
 #include "wgmma.cuh"
 
 #include <atomic>
+#include <type_traits>
 
 namespace lora_kernels {
 namespace detail {
@@ -16,18 +17,25 @@ namespace {
 
 constexpr int DS_BM = 128, DS_BN = 64, DS_STAGES = 4, DS_THREADS = 384;
 
+enum StreamMode : int { kDy = 0, kDA = 1, kShrink = 2 };
+
 struct DsShape {
   int pieces, rj, z, nw;
 };
-// r-chunk of RJ columns (16 or 32 with three pieces; 16, 32 or 64 with one) and the chunk count.
-DsShape ds_shape(int r, int pieces) {
-  const int rj = pieces > 1 ? (r <= 16 ? 16 : 32) : (r <= 16 ? 16 : r <= 32 ? 32 : 64);
+// r-chunk of RJ columns and the chunk count. The shrink splits G's two 64-row halves over two warpgroups, so one
+// warpgroup's accumulators hold NW / 2 of one half and r up to 64 is one chunk (one read of x) at any P; the dy pass
+// keeps both halves in one warpgroup (RJ 16 or 32 with three pieces).
+DsShape ds_shape(int r, int pieces, StreamMode mode) {
+  const int rj = (pieces > 1 && mode != kShrink) ? (r <= 16 ? 16 : 32) : (r <= 16 ? 16 : r <= 32 ? 32 : 64);
   return DsShape{pieces, rj, (int)ceil_div(r, rj), pieces * rj};
 }
 constexpr int ds_ldd(int rj) { return rj + 4; }  // dB row pitch (floats) in shared memory
-size_t ds_smem(const DsShape& s, int64_t tiles_per_group) {
-  return 24 * DS_STAGES + 16 + 1024 + (size_t)DS_STAGES * 1024 + (size_t)DS_STAGES * (DS_BM * DS_BN * 2 + 128 * s.nw) + (size_t)2 * 2 * 128 * s.nw +
-         (size_t)tiles_per_group * DS_BN * ds_ldd(s.rj) * 4;
+// mbarriers, alignment, the ring of {a tile, side chunk}; with the D product (dy pass, dA) also the double-buffered
+// Up row tile and the column group's D sums.
+size_t ds_smem(const DsShape& s, StreamMode mode, int64_t tiles_per_group) {
+  const size_t ring = 16 * DS_STAGES + 16 + 1024 + (size_t)DS_STAGES * (DS_BM * DS_BN * 2 + 128 * s.nw);
+  if (mode == kShrink) return ring;
+  return ring + (size_t)2 * 2 * 128 * s.nw + (size_t)tiles_per_group * DS_BN * ds_ldd(s.rj) * 4;
 }
 
 // Bp / Up: row (z, pc, j) of Bp holds piece pc of B[:, z*RJ + j] (zero past N and r; b_rows: of the row z*RJ + j of
@@ -74,25 +82,12 @@ dy_sm90_prep_kernel(const TB* __restrict__ B, const float* __restrict__ u, T* __
 // MODE kDA: a = x (M, N = K), D with Up = g's pieces into d_out = the dA partials [s][j][k], times `scale`, x masked
 //           first by the keep bits (keep8: row m at keep8 + m * ceil(N / 8), bit k % 8 of byte k / 8) when given.
 // MODE kShrink: a = x (M, N = K), G with Bp = lora_A's pieces into g_out = u's K-split partials [c][m][j] times
-//           `scale`, x masked first by the keep bits when given.
-//           Without keep bits and with drop.thr > 0 (shrink and dA) the mask comes from Philox inside the kernel: the
-//           warpgroup that has no product to compute (2 in the shrink, 1 in dA) makes each tile's keep bits (the
-//           contract's, philox.cuh) in shared memory while the other multiplies, and writes them to drop.keep_out
-//           when given (dA: for the dx GEMM that runs after it).
-enum StreamMode : int { kDy = 0, kDA = 1, kShrink = 2 };
-struct StreamDropout {
-  uint64_t seed = 0;
-  const int64_t* seed_ptr = nullptr;  // a device seed, read when the kernel runs (CUDA graphs)
-  uint64_t offset = 0;
-  uint32_t thr = 0;  // dropout_threshold(p); 0: no dropout
-  uint8_t* keep_out = nullptr;  // where the Philox mask maker also writes the keep bits (dA: for dx), or null
-};
-
+//           `scale`, x masked first by the keep bits when given; warpgroup 1 takes the tile's rows 0-63, 2 rows 64-127.
 template <int MODE, typename T, int P, int RJ>
 __global__ void __launch_bounds__(DS_THREADS, 1)
 stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* __restrict__ up,
                    float* __restrict__ g_out, float* __restrict__ dB_partial, int64_t M, int64_t N, int r,
-                   int64_t npad, int64_t mpad, const uint8_t* __restrict__ keep8, float scale, StreamDropout drop) {
+                   int64_t npad, int64_t mpad, const uint8_t* __restrict__ keep8, float scale) {
 #if LK_WGMMA
   constexpr int NW = P * RJ, LDD = ds_ldd(RJ), DY_BYTES = DS_BM * DS_BN * 2, STAGE = DY_BYTES + NW * 128;
   constexpr int UP_BYTES = 2 * NW * 128;  // one row tile of Up: two 64-row K blocks
@@ -102,12 +97,9 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
   // row tile done); then the 1024-byte-aligned tiles.
   const uint32_t raw = smem_addr(ds_smem_raw);
   const uint32_t bar_full = raw, bar_empty = raw + 8 * DS_STAGES, bar_up = raw + 16 * DS_STAGES;
-  const uint32_t bar_bits = raw + 16 * DS_STAGES + 16;  // [s]: the stage's keep bits made (Philox shrink)
-  const uint32_t tiles = raw + 24 * DS_STAGES + 16, pad = (1024 - (tiles & 1023)) & 1023;
+  const uint32_t tiles = raw + 16 * DS_STAGES + 16, pad = (1024 - (tiles & 1023)) & 1023;
   const uint32_t s_ring = tiles + pad, s_up = s_ring + DS_STAGES * STAGE;
-  // the Philox mask maker's keep bits, [s][128 rows][8 bytes], then the D sums
-  uint8_t* sbits = ds_smem_raw + (s_up + 2 * UP_BYTES - raw);
-  float* dBs = reinterpret_cast<float*>(sbits + DS_STAGES * 1024);  // [tiles*64][LDD]
+  float* dBs = reinterpret_cast<float*>(ds_smem_raw + (s_up + 2 * UP_BYTES - raw));  // [tiles*64][LDD]: D sums
 
   const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
   const int64_t tiles_m = (M + DS_BM - 1) / DS_BM, tiles_n = (N + DS_BN - 1) / DS_BN;
@@ -118,38 +110,36 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
   const int n_ct = (int)(ct1 - ct0);
   const int n_tiles = (int)(rt1 - rt0) * n_ct;
   const int j0 = blockIdx.z * RJ;
-  const bool do_dB = dB_partial != nullptr;
+  const bool do_dB = MODE != kShrink && dB_partial != nullptr;
   constexpr bool kG = MODE != kDA;  // the G product (dy pass, shrink)
-  const bool philox = MODE != kDy && keep8 == nullptr && drop.thr > 0;
-  const int mask_wg = MODE == kShrink ? 2 : 1;  // the warpgroup without a product: the Philox mask maker
-  // keep ⊙ a in place in a landed tile, by one consumer warpgroup (128 threads, 8 chunks of 8 elements each), made
-  // visible to wgmma and to the warpgroup's other threads (named barrier 1) before its products. The keep byte of
-  // chunk i (row i / 8, columns 8 (i % 8) ..) comes from tile_bits[i] (the Philox shrink's) or from keep8.
-  auto mask_tile = [&](uint32_t s_a, int rt_, int ct_, const uint8_t* tile_bits) {
+  // keep ⊙ a in place for rows [row0, row0 + ROWS) of a landed tile, by this consumer warpgroup (its 128 threads,
+  // 16-byte chunks of 8 elements, keep byte from keep8), made visible to wgmma and to the warpgroup's other threads
+  // (named barrier `wg`) before its products.
+  auto mask_rows = [&](auto rows_c, uint32_t s_a, int rt_, int ct_, int row0) {
+    constexpr int ROWS = decltype(rows_c)::value;
     const int64_t m0 = row_begin + (int64_t)rt_ * DS_BM, n0 = col_begin + (int64_t)ct_ * DS_BN;
     const int64_t kb = (N + 7) / 8;
 #pragma unroll
-    for (int q = 0; q < DS_BM * 8 / 128; ++q) {
-      const int i = (tid & 127) + 128 * q, row = i >> 3, c = i & 7;
+    for (int q = 0; q < ROWS * 8 / 128; ++q) {
+      const int i = (tid & 127) + 128 * q, row = row0 + (i >> 3), c = i & 7;
       const int64_t m = m0 + row, n = n0 + 8 * c;
       if (m < row_end && n < col_end) {
         const uint32_t addr = s_a + sw128_offset(row, c);
         uint4 v;
         asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr));
-        v = drop8<T>(v, tile_bits != nullptr ? tile_bits[i] : keep8[m * kb + n / 8]);
+        v = drop8<T>(v, keep8[m * kb + n / 8]);
         asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
                      : "memory");
       }
     }
     fence_proxy_async();
-    asm volatile("bar.sync 1, 128;\n" ::: "memory");
+    asm volatile("bar.sync %0, 128;\n" ::"r"(wg) : "memory");
   };
 
   if (tid == 0) {
     for (int s = 0; s < DS_STAGES; ++s) {
       mbar_init(bar_full + 8 * s, PT);  // every producer thread's copies
-      mbar_init(bar_empty + 8 * s, MODE == kShrink || philox ? 4 : 8);  // lane 0 of each multiplying warp
-      mbar_init(bar_bits + 8 * s, 128);  // every thread of the Philox mask maker (warpgroup 2, or 1 in dA)
+      mbar_init(bar_empty + 8 * s, 8);  // lane 0 of each consumer warp
     }
     mbar_init(bar_up, 4);  // lane 0 of each dB warp
     mbar_init(bar_up + 8, 4);
@@ -205,42 +195,16 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
         ++round;
       }
     }
-  } else if ((MODE == kShrink || philox) && wg == mask_wg) {
-    // The Philox mask maker: tile t's keep bits into stage t's slot once the product is done with the slot's last
-    // tile (the loader's empty barrier); in the shrink without dropout this warpgroup has nothing to do.
-    if (philox) {
-      const uint64_t seed = dropout_seed(drop.seed, drop.seed_ptr);
-      int rt = 0, ct = 0, stage = 0, round = 0;
-      for (int t = 0; t < n_tiles; ++t) {
-        mbar_wait(bar_empty + 8 * stage, (round & 1) ^ 1);
-        const int64_t m0 = row_begin + (int64_t)rt * DS_BM, k80 = (col_begin + (int64_t)ct * DS_BN) / 8;
-#pragma unroll
-        for (int q = 0; q < DS_BM * 8 / 128; ++q) {
-          const int i = (tid & 127) + 128 * q;
-          const int64_t m = m0 + (i >> 3), k8 = k80 + (i & 7);
-          const bool in = m < row_end && 8 * k8 < col_end;
-          const uint8_t b = in ? (uint8_t)dropout_keep_bits8(seed, dropout_counter(drop.offset, m, N, k8), drop.thr)
-                               : (uint8_t)0xFF;
-          sbits[stage * 1024 + i] = b;
-          if (in && drop.keep_out != nullptr) drop.keep_out[m * ((N + 7) / 8) + k8] = b;
-        }
-        mbar_arrive(bar_bits + 8 * stage);
-        if (++ct == n_ct) {
-          ct = 0;
-          ++rt;
-        }
-        if (++stage == DS_STAGES) {
-          stage = 0;
-          ++round;
-        }
-      }
-    }
   } else {
-    // Consumers: warpgroup 1 computes G (both 64-row halves), warpgroup 2 computes D.
-    float part[2][NW / 2];  // this tile's products (fresh per tile; D uses part[0])
-    float run[2][RJ / 2];   // g of the row tile
+    // Consumers. dy pass: warpgroup 1 computes G (both 64-row halves), warpgroup 2 computes D. dA: warpgroup 2
+    // computes D. Shrink: warpgroup 1 computes G of rows 0-63, warpgroup 2 of rows 64-127.
+    constexpr int GH = MODE == kShrink ? 1 : 2;  // G halves per warpgroup
+    const int h0 = MODE == kShrink ? wg - 1 : 0;  // its first half
+    const bool g_here = kG && (MODE == kShrink || wg == 1);
+    float part[GH][NW / 2];  // this tile's products (fresh per tile; D uses part[0])
+    float run[GH][RJ / 2];   // g of the row tile
 #pragma unroll
-    for (int h = 0; h < 2; ++h)
+    for (int h = 0; h < GH; ++h)
 #pragma unroll
       for (int i = 0; i < RJ / 2; ++i) run[h][i] = 0.f;
     int rt = 0, ct = 0, stage = 0, round = 0;
@@ -248,27 +212,22 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
       mbar_wait(bar_full + 8 * stage, round & 1);
       fence_proxy_async();  // the copies (generic proxy) before wgmma's reads (async proxy)
       const uint32_t s_dy = s_ring + stage * STAGE, s_bp = s_dy + DY_BYTES;
-      if (kG && wg == 1) {  // G: K = the tile's 64 columns, 4 steps of 16, for rows 0-63 and 64-127
-        if (philox) {
-          mbar_wait(bar_bits + 8 * stage, round & 1);
-          mask_tile(s_dy, rt, ct, sbits + stage * 1024);
-        } else if (MODE == kShrink && keep8 != nullptr) {
-          mask_tile(s_dy, rt, ct, nullptr);
-        }
+      if (g_here) {  // G: K = the tile's 64 columns, 4 steps of 16, for this warpgroup's 64-row halves
+        if (MODE == kShrink && keep8 != nullptr) mask_rows(std::integral_constant<int, 64>{}, s_dy, rt, ct, 64 * h0);
         wgmma_fence();
 #pragma unroll
         for (int ks = 0; ks < DS_BN / 16; ++ks)
 #pragma unroll
-          for (int h = 0; h < 2; ++h)
-            Wgmma<T, NW>::template mma<0>(part[h], sw128_desc(s_dy + h * 64 * 128 + 32 * ks),
+          for (int h = 0; h < GH; ++h)
+            Wgmma<T, NW>::template mma<0>(part[h], sw128_desc(s_dy + (h0 + h) * 64 * 128 + 32 * ks),
                                           sw128_desc(s_bp + 32 * ks), ks);
         wgmma_commit();
         wgmma_wait<0>();
-        fence_regs(part[0]);
-        fence_regs(part[1]);
+#pragma unroll
+        for (int h = 0; h < GH; ++h) fence_regs(part[h]);
         if (lane == 0) mbar_arrive(bar_empty + 8 * stage);
 #pragma unroll
-        for (int h = 0; h < 2; ++h)
+        for (int h = 0; h < GH; ++h)
 #pragma unroll
           for (int i = 0; i < RJ / 2; ++i) {
             if constexpr (P > 1)
@@ -278,12 +237,13 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
           }
         if (ct == n_ct - 1) {  // row tile done: its g rows written once
 #pragma unroll
-          for (int h = 0; h < 2; ++h)
+          for (int h = 0; h < GH; ++h)
 #pragma unroll
             for (int c8 = 0; c8 < RJ / 8; ++c8)
 #pragma unroll
               for (int hh = 0; hh < 2; ++hh) {
-                const int64_t m = row_begin + (int64_t)rt * DS_BM + 64 * h + 16 * warp + (lane >> 2) + 8 * hh;
+                const int64_t m =
+                    row_begin + (int64_t)rt * DS_BM + 64 * (h0 + h) + 16 * warp + (lane >> 2) + 8 * hh;
                 const int j = j0 + 8 * c8 + 2 * (lane & 3);
                 float* v = &run[h][4 * c8 + 2 * hh];
                 if (m < row_end)
@@ -293,12 +253,7 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
         }
       } else if (wg == 2 && do_dB) {  // D: the tile's 64 columns x NW, K = the tile's 128 rows, 8 steps of 16
         const uint32_t s_u = s_up + (rt & 1) * UP_BYTES;
-        if (philox) {
-          mbar_wait(bar_bits + 8 * stage, round & 1);
-          mask_tile(s_dy, rt, ct, sbits + stage * 1024);
-        } else if (MODE == kDA && keep8 != nullptr) {
-          mask_tile(s_dy, rt, ct, nullptr);
-        }
+        if (MODE == kDA && keep8 != nullptr) mask_rows(std::integral_constant<int, DS_BM>{}, s_dy, rt, ct, 0);
         wgmma_fence();
 #pragma unroll
         for (int ks = 0; ks < DS_BM / 16; ++ks)
@@ -327,7 +282,7 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
             const float2 o = *d;
             *d = make_float2(o.x + v.x, o.y + v.y);
           }
-      } else if (lane == 0) {  // no dB asked for: this warpgroup only keeps the ring turning
+      } else if (lane == 0) {  // no product here (dA's warpgroup 1, or no dB asked for): keep the ring turning
         mbar_arrive(bar_empty + 8 * stage);
       }
       if (++ct == n_ct) {
@@ -378,26 +333,33 @@ inline bool sm90_kernel_ok(const void* kernel, std::atomic<int>& has_sm90a) {
   return s == 1;
 }
 
-// f(kernel) for the (T, P, RJ) of a call (P = 3 only for bf16).
+// f(kernel) for the (T, P, RJ) of a call (P = 3 only for bf16; RJ = 64 with P = 3 only in the shrink).
 template <int MODE, typename T, typename F>
 cudaError_t with_stream_kernel(int pieces, int rj, F&& f) {
-  if constexpr (std::is_same<T, __nv_bfloat16>::value)
-    if (pieces == 3) return rj == 16 ? f(&stream_sm90_kernel<MODE, T, 3, 16>) : f(&stream_sm90_kernel<MODE, T, 3, 32>);
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    if (pieces == 3) {
+      if constexpr (MODE == kShrink)
+        if (rj == 64) return f(&stream_sm90_kernel<MODE, T, 3, 64>);
+      return rj == 16 ? f(&stream_sm90_kernel<MODE, T, 3, 16>) : f(&stream_sm90_kernel<MODE, T, 3, 32>);
+    }
+  }
   return rj == 16 ? f(&stream_sm90_kernel<MODE, T, 1, 16>)
                   : rj == 32 ? f(&stream_sm90_kernel<MODE, T, 1, 32>) : f(&stream_sm90_kernel<MODE, T, 1, 64>);
 }
 
 // The split plan: row splits x column groups (at least DS_STAGES - 1 tiles each, their D sums in shared memory) x
 // r-chunks, one wave where it fits; cost = bytes of `a` per achieved fill + the partials written and read back
-// (row_splits * N * r where the D partials exist, with_d; col_groups * M * r where the G partials do, with_g).
-inline SplitPlan stream_sm90_plan(int64_t M, int64_t N, int r, int pieces, bool with_g, bool with_d = true) {
-  const DsShape sh = ds_shape(r, pieces);
+// (row_splits * N * r where the D partials exist: dy pass, dA; col_groups * M * r where the G partials do: dy pass,
+// shrink).
+inline SplitPlan stream_sm90_plan(int64_t M, int64_t N, int r, int pieces, StreamMode mode) {
+  const bool with_g = mode != kDA, with_d = mode != kShrink;
+  const DsShape sh = ds_shape(r, pieces, mode);
   const int64_t tiles_m = ceil_div(M, DS_BM), tiles_n = ceil_div(N, DS_BN), sms = num_sms();
   SplitPlan best{0, 0, 0, 0};
   double best_est = -1.0;
   for (int64_t C = 1; C <= tiles_n / (DS_STAGES - 1) && C <= 65535; ++C) {
     const int64_t tpg = ceil_div(tiles_n, C);
-    if (ds_smem(sh, with_d ? tpg : 0) > kSmemPerBlockMax) continue;
+    if (ds_smem(sh, mode, tpg) > kSmemPerBlockMax) continue;
     const int64_t S = std::max<int64_t>(1, std::min<int64_t>(tiles_m, sms / (C * sh.z)));
     const int64_t blocks = S * C * sh.z, waves = ceil_div(blocks, sms);
     const double fill = (double)blocks / (double)(waves * sms);

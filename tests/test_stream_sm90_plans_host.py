@@ -24,18 +24,19 @@ DRIVER = r"""
 #include "stream_sm90.cuh"
 using namespace lora_kernels;
 using namespace lora_kernels::detail;
-// stdin: "M cols r pieces with_g with_d" lines; stdout: the plan (row splits, rows per split, column groups, columns
-// per group), the r-chunk count and the kernel's shared memory for the plan
+// stdin: "M cols r pieces mode" lines (mode: 0 dy pass, 1 dA, 2 shrink); stdout: the plan (row splits, rows per
+// split, column groups, columns per group), the r-chunk count and the kernel's shared memory for the plan
 int main() {
   long long M, C;
-  int r, pieces, with_g, with_d;
-  while (scanf("%lld %lld %d %d %d %d", &M, &C, &r, &pieces, &with_g, &with_d) == 6) {
-    const SplitPlan p = stream_sm90_plan(M, C, r, pieces, with_g != 0, with_d != 0);
-    const DsShape sh = ds_shape(r, pieces);
+  int r, pieces, mode;
+  while (scanf("%lld %lld %d %d %d", &M, &C, &r, &pieces, &mode) == 5) {
+    const StreamMode m = static_cast<StreamMode>(mode);
+    const SplitPlan p = stream_sm90_plan(M, C, r, pieces, m);
+    const DsShape sh = ds_shape(r, pieces, m);
     const long long tiles_n = (C + DS_BN - 1) / DS_BN;
     const long long tpg = p.col_groups > 0 ? (tiles_n + p.col_groups - 1) / p.col_groups : 0;
     printf("%lld %lld %lld %lld %d %lld\n", (long long)p.row_splits, (long long)p.rows_per_split,
-           (long long)p.col_groups, (long long)p.cols_per_group, sh.z, (long long)ds_smem(sh, with_d ? tpg : 0));
+           (long long)p.col_groups, (long long)p.cols_per_group, sh.z, (long long)ds_smem(sh, m, tpg));
   }
   return 0;
 }
@@ -44,7 +45,7 @@ int main() {
 MS = [1, 127, 128, 129, 1000, 2048, 8192, 65537]
 COLS = [136, 192, 200, 1000, 1024, 4096, 14336, 100_000]
 RANKS = [1, 16, 33, 64, 100, 256]
-MODES = {"dy": (1, 1), "dA": (0, 1), "shrink": (1, 0)}  # (with_g, with_d)
+MODES = {"dy": 0, "dA": 1, "shrink": 2}  # csrc/stream_sm90.cuh StreamMode
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,7 @@ def plans_bin(tmp_path_factory):
 
 
 def _plans(exe, cases):
-    stdin = "".join(f"{M} {C} {r} {p} {g} {dd}\n" for M, C, r, p, g, dd in cases)
+    stdin = "".join(f"{M} {C} {r} {p} {m}\n" for M, C, r, p, m in cases)
     out = subprocess.run([str(exe)], input=stdin, capture_output=True, text=True, check=True).stdout.split("\n")
     return [tuple(int(v) for v in line.split()) for line in out if line.strip()]
 
@@ -77,8 +78,7 @@ def _spans(n, splits):
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("pieces", [1, 3])
 def test_stream_plans_cover_and_fit(plans_bin, mode, pieces):
-    with_g, with_d = MODES[mode]
-    cases = [(M, C, r, pieces, with_g, with_d) for M, C, r in itertools.product(MS, COLS, RANKS)]
+    cases = [(M, C, r, pieces, MODES[mode]) for M, C, r in itertools.product(MS, COLS, RANKS)]
     plans = _plans(plans_bin, cases)
     assert len(plans) == len(cases)
     for (M, C, r, *_), (S, rows, G, cols, z, smem) in zip(cases, plans):
@@ -92,9 +92,12 @@ def test_stream_plans_cover_and_fit(plans_bin, mode, pieces):
             assert all(spans[i][1] == spans[i + 1][0] for i in range(k - 1)), what
         assert min(b - a for a, b in _spans(tiles_n, G)) >= 3, what
         assert smem <= 232448, what + f" needs {smem} B of shared memory"
-        # r-chunks of 16 or 32 columns with three pieces, up to 64 with one
+        # r-chunks of 16 or 32 columns with three pieces (the shrink, whose warpgroups split G's halves: up to 64),
+        # up to 64 with one; r <= 64 is one read of the streamed matrix in the shrink
         rj = -(-r // z)
-        assert rj <= (32 if pieces == 3 else 64), what
+        assert rj <= (32 if pieces == 3 and mode != "shrink" else 64), what
+        if mode == "shrink" and r <= 64:
+            assert z == 1, what
         # one wave of 132 SMs unless the column groups and r-chunks alone exceed it
         assert S * G * z <= max(132, G * z), what
 
@@ -102,7 +105,7 @@ def test_stream_plans_cover_and_fit(plans_bin, mode, pieces):
 def test_stream_plan_at_llama_shapes_fills_the_gpu(plans_bin):
     """At 8192 tokens the dy pass (N = 4096, 14336, 1024), dA and the shrink (K = 4096, 14336) fill most of the 132 SMs
     with one block each."""
-    for mode, (with_g, with_d) in MODES.items():
+    for mode, m in MODES.items():
         for C in (1024, 4096, 14336):
-            (S, rows, G, cols, z, smem), = _plans(plans_bin, [(8192, C, 16, 3, with_g, with_d)])
+            (S, rows, G, cols, z, smem), = _plans(plans_bin, [(8192, C, 16, 3, m)])
             assert S * G * z >= 0.75 * 132, (mode, C, S, G, z)

@@ -1,7 +1,7 @@
 """Writes csrc/wgmma.cuh, the wgmma wrappers of the hand-written sm_90 kernels (one per dtype and N: each asm
 statement lists its N / 2 accumulator registers).  python3 bench/dev/gen_wgmma.py"""
 import os
-NS = [16, 32, 48, 64, 96]
+NS = [16, 32, 48, 64, 96, 192]
 TYPES = [("__nv_bfloat16", "bf16"), ("__half", "f16")]
 out = []
 out.append("""// wgmma (sm_90a) wrappers of the hand-written Hopper kernels: warpgroup-wide D (64 x N, fp32) = A (64 x 16) B (16 x N)
