@@ -16,6 +16,7 @@ namespace detail {
 namespace {
 
 constexpr int DS_BM = 128, DS_BN = 64, DS_STAGES = 4, DS_THREADS = 384;
+constexpr int DS_BITS = DS_BM * DS_BN / 8;  // a tile's keep bits: 128 rows of 8 bytes
 
 enum StreamMode : int { kDy = 0, kDA = 1, kShrink = 2 };
 
@@ -33,7 +34,7 @@ constexpr int ds_ldd(int rj) { return rj + 4; }  // dB row pitch (floats) in sha
 // mbarriers, alignment, the ring of {a tile, side chunk}; with the D product (dy pass, dA) also the double-buffered
 // Up row tile and the column group's D sums.
 size_t ds_smem(const DsShape& s, StreamMode mode, int64_t tiles_per_group) {
-  const size_t ring = 16 * DS_STAGES + 16 + 1024 + (size_t)DS_STAGES * (DS_BM * DS_BN * 2 + 128 * s.nw);
+  const size_t ring = 16 * DS_STAGES + 16 + 1024 + (size_t)DS_STAGES * (DS_BM * DS_BN * 2 + 128 * s.nw + DS_BITS);
   if (mode == kShrink) return ring;
   return ring + (size_t)2 * 2 * 128 * s.nw + (size_t)tiles_per_group * DS_BN * ds_ldd(s.rj) * 4;
 }
@@ -89,7 +90,7 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
                    float* __restrict__ g_out, float* __restrict__ dB_partial, int64_t M, int64_t N, int r,
                    int64_t npad, int64_t mpad, const uint8_t* __restrict__ keep8, float scale) {
 #if LK_WGMMA
-  constexpr int NW = P * RJ, LDD = ds_ldd(RJ), DY_BYTES = DS_BM * DS_BN * 2, STAGE = DY_BYTES + NW * 128;
+  constexpr int NW = P * RJ, LDD = ds_ldd(RJ), DY_BYTES = DS_BM * DS_BN * 2, STAGE = DY_BYTES + NW * 128 + DS_BITS;
   constexpr int UP_BYTES = 2 * NW * 128;  // one row tile of Up: two 64-row K blocks
   constexpr int PT = 128;                 // producer threads (warpgroup 0)
   extern __shared__ unsigned char ds_smem_raw[];
@@ -112,13 +113,24 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
   const int j0 = blockIdx.z * RJ;
   const bool do_dB = MODE != kShrink && dB_partial != nullptr;
   constexpr bool kG = MODE != kDA;  // the G product (dy pass, shrink)
+  // With N % 32 == 0 the loader copies each tile's keep bits into the stage (4-byte copies, each wholly inside or
+  // past the row); otherwise the masking warpgroup reads them from global memory.
+  const bool bits_staged = MODE != kDy && keep8 != nullptr && N % 32 == 0;
+  const int64_t kb = (N + 7) / 8;  // keep bytes per row
   // keep ⊙ a in place for rows [row0, row0 + ROWS) of a landed tile, by this consumer warpgroup (its 128 threads,
-  // 16-byte chunks of 8 elements, keep byte from keep8), made visible to wgmma and to the warpgroup's other threads
-  // (named barrier `wg`) before its products.
+  // 16-byte chunks of 8 elements, keep byte from the stage's copy or keep8), made visible to wgmma and to the
+  // warpgroup's other threads (named barrier `wg`) before its products.
   auto mask_rows = [&](auto rows_c, uint32_t s_a, int rt_, int ct_, int row0) {
     constexpr int ROWS = decltype(rows_c)::value;
     const int64_t m0 = row_begin + (int64_t)rt_ * DS_BM, n0 = col_begin + (int64_t)ct_ * DS_BN;
-    const int64_t kb = (N + 7) / 8;
+    const unsigned char* sb = ds_smem_raw + (s_a + DY_BYTES + NW * 128 - raw);  // the stage's keep bits
+    uint8_t keep[ROWS * 8 / 128];
+#pragma unroll
+    for (int q = 0; q < ROWS * 8 / 128; ++q) {  // every keep byte first: the global loads overlap
+      const int i = (tid & 127) + 128 * q, row = row0 + (i >> 3), c = i & 7;
+      const int64_t m = m0 + row, n = n0 + 8 * c;
+      keep[q] = bits_staged ? sb[row * 8 + c] : (m < row_end && n < col_end ? keep8[m * kb + n / 8] : (uint8_t)0);
+    }
 #pragma unroll
     for (int q = 0; q < ROWS * 8 / 128; ++q) {
       const int i = (tid & 127) + 128 * q, row = row0 + (i >> 3), c = i & 7;
@@ -127,7 +139,7 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
         const uint32_t addr = s_a + sw128_offset(row, c);
         uint4 v;
         asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr));
-        v = drop8<T>(v, keep8[m * kb + n / 8]);
+        v = drop8<T>(v, keep[q]);
         asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
                      : "memory");
       }
@@ -173,6 +185,14 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
         const int i = tid + q * PT, row = i >> 3, c = i & 7;
         if (kG && i < NW * 8)
           cp_async16(s_st + DY_BYTES + sw128_offset(row, c), bpz + (int64_t)row * npad + n0 + 8 * c, 16);
+      }
+      if (bits_staged) {  // the tile's keep bits: row `tid`, two 4-byte words (zero-filled past the rows or columns)
+#pragma unroll
+        for (int w = 0; w < 2; ++w) {
+          const bool ok = tid < rows && 32 * w < cols;
+          cp_async4(s_st + DY_BYTES + NW * 128 + tid * 8 + 4 * w,
+                    ok ? keep8 + (m0 + tid) * kb + n0 / 8 + 4 * w : keep8, ok ? 4 : 0);
+        }
       }
       if (do_dB && ct == 0) {  // the row tile's Up tile, once the buffer's row tile two back is done
         mbar_wait(bar_up + 8 * (rt & 1), ((rt >> 1) & 1) ^ 1);

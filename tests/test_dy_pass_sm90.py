@@ -95,12 +95,14 @@ def test_dy_pass_fallback_says_why():
 @pytest.mark.parametrize("dtype,adapter_dtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, None),
                                                  (torch.float16, None)])
 @pytest.mark.parametrize("lead,K,N,r", [((777,), 264, 1000, 48), ((3, 61), 136, 200, 5), ((1,), 520, 4096, 16),
-                                         ((2049,), 1000, 520, 64), ((130,), 2056, 2056, 100), ((300,), 72, 136, 8)])
+                                         ((2049,), 1000, 520, 64), ((130,), 2056, 2056, 100), ((300,), 72, 136, 8),
+                                         ((513,), 1056, 1000, 48)])
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_sm90_dy_pass_against_float64(dtype, adapter_dtype, lead, K, N, r, p):
     # M with a partial 128-row tile, N and K with a partial 64-column tile (1000, 200, 520, 2056, 264, 136), uneven
     # column groups, r not a multiple of 16 and above one r-chunk (48, 64 and 100: two to seven chunks of 16, 32 or
-    # 64); K = 72 keeps dA on its mma.sync kernel beside the wgmma dy pass.
+    # 64); K = 72 keeps dA on its mma.sync kernel beside the wgmma dy pass. With dropout, K % 32 == 0 (1056, its last
+    # column tile half full) has the loader stage the keep bits; the other K have the masking warpgroup read them.
     M = math.prod(lead)
     assert _dy_path(M, N, r, dtype, adapter_dtype or dtype) == "sm90"
     for path in (_dA_path(M, K, r, p, dtype, adapter_dtype or dtype),
