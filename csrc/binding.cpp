@@ -295,7 +295,8 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& weight, c
   // On Hopper the shrink runs on the wgmma streaming kernel (shrink_sm90.cu), lora_A's pieces in a scratch piece.
   // With dropout, the mask as keep bits where the shrink's kernel reads them (csrc/dropout_bits.cu says why).
   const int a_pieces = lk::adapter_pieces(x_dt, a_dt);
-  const bool shrink_sm90 = K > 0 && lk::lora_shrink_sm90_unsupported(x.data_ptr(), x_dt, a_dt, M, K, r) == nullptr;
+  const bool shrink_sm90 =
+      K > 0 && lk::lora_shrink_sm90_unsupported(x.data_ptr(), x_dt, a_dt, M, K, r, pf) == nullptr;
   const bool bits = pf > 0.0f && K > 0 && lk::dropout_bits_used(x_dt, a_dt);
   const lk::SplitPlan shrink_plan =
       shrink_sm90 ? lk::lora_shrink_sm90_plan(M, K, r, a_pieces)
@@ -406,7 +407,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   // On Hopper dA runs on the same wgmma streaming kernel as the dy pass (dA_sm90.cu), g's pieces in a scratch piece
   const int a_pieces = lk::adapter_pieces(x_dt, a_dt);
   const bool dA_sm90 = need_dA && M > 0 && K > 0 &&
-                       lk::lora_dA_sm90_unsupported(x.data_ptr(), x_dt, a_dt, M, K, r) == nullptr;
+                       lk::lora_dA_sm90_unsupported(x.data_ptr(), x_dt, a_dt, M, K, r, pf) == nullptr;
   // with dropout, the mask as keep bits for dx and dA where their kernels read them, made once (dropout_bits.cu)
   const bool bits = pf > 0.0f && K > 0 && M > 0 && (need_dx || need_dA) && lk::dropout_bits_used(x_dt, a_dt);
   const bool dx_sm90 = need_dx && N > 0 && dx_sm90_unsupported(dy, weight, pf, bits) == nullptr;
@@ -493,8 +494,8 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   if (need_dA) {
     float* const dA_partial = dA_direct ? dA.data_ptr<float>() : ws.ptr<float>(dA_partial_piece);
     if (dA_sm90) {
-      check_cuda(lk::launch_lora_dA_sm90(x.data_ptr(), x_dt, a_dt, g, dA_partial, M, K, r, dA_plan, (float)scaling, pf,
-                                         ws.ptr<uint8_t>(bits_piece), ws.ptr(dA_scratch_piece), stream),
+      check_cuda(lk::launch_lora_dA_sm90(x.data_ptr(), x_dt, a_dt, g, dA_partial, M, K, r, dA_plan, (float)scaling,
+                                         ws.ptr(dA_scratch_piece), stream),
                  "lora_dA (sm90) launch");
     } else {
       check_cuda(lk::launch_lora_dA(x.data_ptr(), x_dt, a_dt, g, dA_partial, M, K, r, dA_plan, (float)scaling, pf,
@@ -600,9 +601,8 @@ std::string dA_path(const Tensor& x, const Tensor& lora_A, double p) {
   const c10::cuda::CUDAGuard guard(x.device());
   const Tensor xc = x.contiguous();
   const lk::DType x_dt = to_dtype(xc, "x"), a_dt = to_dtype(lora_A, "lora_A");
-  (void)p;  // the same answer with and without dropout (the kernel reads the backward's keep bits)
   const char* why = lk::lora_dA_sm90_unsupported(xc.data_ptr(), x_dt, a_dt, xc.size(0), xc.size(1),
-                                                 (int)lora_A.size(0));
+                                                 (int)lora_A.size(0), (float)p);
   return why == nullptr ? std::string("sm90") : std::string("mma.sync: ") + why;
 }
 
@@ -614,9 +614,8 @@ std::string shrink_path(const Tensor& x, const Tensor& lora_A, double p) {
   const c10::cuda::CUDAGuard guard(x.device());
   const Tensor xc = x.contiguous();
   const lk::DType x_dt = to_dtype(xc, "x"), a_dt = to_dtype(lora_A, "lora_A");
-  (void)p;  // the same answer with and without dropout (the kernel reads the forward's keep bits)
   const char* why = lk::lora_shrink_sm90_unsupported(xc.data_ptr(), x_dt, a_dt, xc.size(0), xc.size(1),
-                                                     (int)lora_A.size(0));
+                                                     (int)lora_A.size(0), (float)p);
   return why == nullptr ? std::string("sm90") : std::string("mma.sync: ") + why;
 }
 

@@ -3,11 +3,10 @@
 // wherever this one does not (lora_dA_sm90_unsupported says why).
 //
 // Math   : the D product of the streaming kernel (stream_sm90.cuh, MODE kDA): per r-chunk z and 128 x 64 tile of x,
-//            D (64 x NW) = (keep ⊙ x)_tile^T . Gp_tile^T        K = the tile's 128 rows
+//            D (64 x NW) = x_tile^T . Gp_tile^T        K = the tile's 128 rows
 //          with g's P pieces (bf16x3 of the fp32 g on bf16 x, else cast) stacked as NW = P*RJ columns; each tile's
 //          pieces are added in fp32 into the column group's sums in shared memory, scaled once at the end.
-// Mask   : with dropout the D warpgroup zeroes the dropped elements of each landed x tile in shared memory, from the
-//          backward's keep bits (dropout_bits.cu, the contract's mask), then runs its wgmma on it.
+// Mask   : none: with dropout dA runs on the mma.sync kernel (lora_dA_sm90_unsupported says why).
 // Prep   : g's pieces Gp [Z][NW][Mpad] in x's type (scratch: lora_dA_sm90_scratch_bytes), as the dy pass's Up.
 // Tiling : as the dy pass (dy_pass_sm90.cu) without its G warpgroup's work: a loader warpgroup, a 4-stage ring of
 //          x tiles, Gp tiles per row tile in a double buffer, mbarriers between them.
@@ -35,7 +34,8 @@ SplitPlan lora_dA_sm90_plan(int64_t M, int64_t K, int r, int pieces) {
   return stream_sm90_plan(M, K, r, pieces, kDA);
 }
 
-const char* lora_dA_sm90_unsupported(const void* x, DType x_dtype, DType a_dtype, int64_t M, int64_t K, int r) {
+const char* lora_dA_sm90_unsupported(const void* x, DType x_dtype, DType a_dtype, int64_t M, int64_t K, int r,
+                                     float p) {
   if (!da_enabled()) return "LORA_KERNELS_SM90_DA=0";
   if (x_dtype == DType::kFloat32 || !stream_pass_on_tc(x_dtype, a_dtype))
     return "x and the adapters take the FFMA kernel (fp32 x, or fp32 adapters on fp16)";
@@ -46,6 +46,10 @@ const char* lora_dA_sm90_unsupported(const void* x, DType x_dtype, DType a_dtype
   if (ceil_div(M, DS_BM) > 0x7fffffff) return "M too large";
   if (lora_dA_sm90_plan(M, K, r, adapter_pieces(x_dtype, a_dtype)).row_splits < 1)
     return "no column grouping fits in shared memory";
+  // With dropout, masking each x tile in shared memory before the wgmma (on the D warpgroup's critical path) made the
+  // pass slower than the mma.sync kernel: 86 against 55 us (r = 16) and 215 against 143 us (r = 64) at 8192x4096 on
+  // the H200 (tenth session). So dA with dropout stays there.
+  if (p > 0.f) return "dropout: the mma.sync kernel masks faster (measured)";
   return nullptr;
 }
 
@@ -55,10 +59,10 @@ size_t lora_dA_sm90_scratch_bytes(int64_t M, int r, int pieces) {
 }
 
 cudaError_t launch_lora_dA_sm90(const void* x, DType x_dtype, DType a_dtype, const float* g, float* dA_partial,
-                                int64_t M, int64_t K, int r, SplitPlan plan, float scaling, float p,
-                                const uint8_t* keep8, void* scratch, cudaStream_t stream) {
-  if (lora_dA_sm90_unsupported(x, x_dtype, a_dtype, M, K, r) != nullptr || plan.row_splits < 1 || !scratch ||
-      !dA_partial || (p > 0.f && keep8 == nullptr))
+                                int64_t M, int64_t K, int r, SplitPlan plan, float scaling, void* scratch,
+                                cudaStream_t stream) {
+  if (lora_dA_sm90_unsupported(x, x_dtype, a_dtype, M, K, r, 0.f) != nullptr || plan.row_splits < 1 || !scratch ||
+      !dA_partial)
     return cudaErrorInvalidValue;
   const int pieces = adapter_pieces(x_dtype, a_dtype);
   const DsShape sh = ds_shape(r, pieces, kDA);
@@ -67,7 +71,7 @@ cudaError_t launch_lora_dA_sm90(const void* x, DType x_dtype, DType a_dtype, con
   if (plan.col_groups > 65535 || plan.row_splits > 0x7fffffff || sh.z > 65535) return cudaErrorInvalidConfiguration;
   const size_t smem = ds_smem(sh, kDA, tpg);
   const dim3 grid((unsigned)plan.row_splits, (unsigned)plan.col_groups, (unsigned)sh.z);
-  const float scale = dropout_scale(scaling, p);
+  const float scale = scaling;
   return with_dtype16(x_dtype, [&](auto xt) -> cudaError_t {
     using T = decltype(xt);
     T* gp = static_cast<T*>(scratch);
@@ -81,7 +85,7 @@ cudaError_t launch_lora_dA_sm90(const void* x, DType x_dtype, DType a_dtype, con
     return with_stream_kernel<kDA, T>(pieces, sh.rj, [&](auto kernel) {
       return launch_kernel(kernel, grid, DS_THREADS, smem, stream, static_cast<const T*>(x),
                            static_cast<const T*>(nullptr), static_cast<const T*>(gp), static_cast<float*>(nullptr),
-                           dA_partial, M, K, r, (int64_t)0, mpad, p > 0.f ? keep8 : nullptr, scale);
+                           dA_partial, M, K, r, (int64_t)0, mpad, static_cast<const uint8_t*>(nullptr), scale);
     });
   });
 }

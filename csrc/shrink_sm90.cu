@@ -12,8 +12,8 @@
 // Tiling : as the dy pass (dy_pass_sm90.cu) without D: a loader warpgroup, a 4-stage ring of {x tile, Ap chunk},
 //          mbarriers between them; warpgroup 1 multiplies the tile's rows 0-63, warpgroup 2 rows 64-127, so one
 //          warpgroup holds the accumulators of a 64-row half and r up to 64 is one r-chunk even with three pieces.
-// Bytes  : x once per r-chunk (once for r <= 64); Ap from L2 once per tile; partials col_groups * M * r floats (summed by the pack or
-//          the reduce).
+// Bytes  : x once per r-chunk (once for r <= 64); Ap from L2 once per tile; partials col_groups * M * r floats
+//          (summed by the pack or the reduce).
 #include "stream_sm90.cuh"
 
 
@@ -37,7 +37,8 @@ SplitPlan lora_shrink_sm90_plan(int64_t M, int64_t K, int r, int pieces) {
   return stream_sm90_plan(M, K, r, pieces, kShrink);
 }
 
-const char* lora_shrink_sm90_unsupported(const void* x, DType x_dtype, DType a_dtype, int64_t M, int64_t K, int r) {
+const char* lora_shrink_sm90_unsupported(const void* x, DType x_dtype, DType a_dtype, int64_t M, int64_t K, int r,
+                                         float p) {
   if (!sh_enabled()) return "LORA_KERNELS_SM90_SHRINK=0";
   if (x_dtype == DType::kFloat32 || !stream_pass_on_tc(x_dtype, a_dtype))
     return "x and the adapters take the FFMA kernel (fp32 x, or fp32 adapters on fp16)";
@@ -48,6 +49,10 @@ const char* lora_shrink_sm90_unsupported(const void* x, DType x_dtype, DType a_d
   if (ceil_div(M, DS_BM) > 0x7fffffff) return "M too large";
   if (lora_shrink_sm90_plan(M, K, r, adapter_pieces(x_dtype, a_dtype)).row_splits < 1)
     return "no column grouping fits in shared memory";
+  // With dropout each G warpgroup masks its half of the x tile in shared memory before its wgmma: at r = 16 that
+  // costs more than the mma.sync kernel's whole pass (77 against 43 us at 8192x4096 on the H200, tenth session); at
+  // r = 64, where the mma.sync kernel is compute-bound, this one still wins (74-82 against 116 us).
+  if (p > 0.f && r <= 16) return "dropout at r <= 16: the mma.sync kernel masks faster (measured)";
   return nullptr;
 }
 
@@ -59,7 +64,7 @@ size_t lora_shrink_sm90_scratch_bytes(int64_t K, int r, int pieces) {
 cudaError_t launch_lora_shrink_sm90(const void* x, DType x_dtype, const void* A, DType a_dtype, float* u_out,
                                     int64_t M, int64_t K, int r, SplitPlan plan, float scaling, float p,
                                     const uint8_t* keep8, void* scratch, cudaStream_t stream) {
-  if (lora_shrink_sm90_unsupported(x, x_dtype, a_dtype, M, K, r) != nullptr ||
+  if (lora_shrink_sm90_unsupported(x, x_dtype, a_dtype, M, K, r, p) != nullptr ||
       plan.row_splits < 1 || !scratch || !u_out || (p > 0.f && keep8 == nullptr))
     return cudaErrorInvalidValue;
   const int pieces = adapter_pieces(x_dtype, a_dtype);

@@ -80,10 +80,10 @@ dy_sm90_prep_kernel(const TB* __restrict__ B, const float* __restrict__ u, T* __
 }
 
 // MODE kDy: a = dy (M, N), G with Bp into g_out, D with Up into d_out = the dB partials [s][n][j].
-// MODE kDA: a = x (M, N = K), D with Up = g's pieces into d_out = the dA partials [s][j][k], times `scale`, x masked
-//           first by the keep bits (keep8: row m at keep8 + m * ceil(N / 8), bit k % 8 of byte k / 8) when given.
+// MODE kDA: a = x (M, N = K), D with Up = g's pieces into d_out = the dA partials [s][j][k], times `scale`.
 // MODE kShrink: a = x (M, N = K), G with Bp = lora_A's pieces into g_out = u's K-split partials [c][m][j] times
-//           `scale`, x masked first by the keep bits when given; warpgroup 1 takes the tile's rows 0-63, 2 rows 64-127.
+//           `scale`, x masked first by the keep bits when given (keep8: row m at keep8 + m * ceil(N / 8), bit k % 8 of
+//           byte k / 8); warpgroup 1 takes the tile's rows 0-63, warpgroup 2 rows 64-127.
 template <int MODE, typename T, int P, int RJ>
 __global__ void __launch_bounds__(DS_THREADS, 1)
 stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* __restrict__ up,
@@ -115,7 +115,7 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
   constexpr bool kG = MODE != kDA;  // the G product (dy pass, shrink)
   // With N % 32 == 0 the loader copies each tile's keep bits into the stage (4-byte copies, each wholly inside or
   // past the row); otherwise the masking warpgroup reads them from global memory.
-  const bool bits_staged = MODE != kDy && keep8 != nullptr && N % 32 == 0;
+  const bool bits_staged = MODE == kShrink && keep8 != nullptr && N % 32 == 0;
   const int64_t kb = (N + 7) / 8;  // keep bytes per row
   // keep ⊙ a in place for rows [row0, row0 + ROWS) of a landed tile, by this consumer warpgroup (its 128 threads,
   // 16-byte chunks of 8 elements, keep byte from the stage's copy or keep8), made visible to wgmma and to the
@@ -273,7 +273,6 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
         }
       } else if (wg == 2 && do_dB) {  // D: the tile's 64 columns x NW, K = the tile's 128 rows, 8 steps of 16
         const uint32_t s_u = s_up + (rt & 1) * UP_BYTES;
-        if (MODE == kDA && keep8 != nullptr) mask_rows(std::integral_constant<int, DS_BM>{}, s_dy, rt, ct, 0);
         wgmma_fence();
 #pragma unroll
         for (int ks = 0; ks < DS_BM / 16; ++ks)
