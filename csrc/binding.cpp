@@ -593,30 +593,25 @@ std::string dy_path(const Tensor& dy, const Tensor& lora_B) {
   return why == nullptr ? std::string("sm90") : std::string("mma.sync: ") + why;
 }
 
-// Which kernel the dA pass of a backward with this x (M, K), lora_A (r, K) and p runs: "sm90" (wgmma, dA_sm90.cu)
-// or "mma.sync: <why not sm90>" (dA.cu; the FFMA kernel where the tensor cores are not used).
-std::string dA_path(const Tensor& x, const Tensor& lora_A, double p) {
-  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && lora_A.dim() == 2 && x.size(1) == lora_A.size(1),
-              "lora_kernels_cuda: dA_path takes a 2-D CUDA x (M, K) and lora_A (r, K)");
+// Which kernel a pass over x (M, K) with lora_A (r, K) and p runs, from its sm_90 support check: "sm90" (wgmma) or
+// "mma.sync: <why not sm90>" (the FFMA kernel where the tensor cores are not used).
+using XPassCheck = const char* (*)(const void*, lk::DType, lk::DType, int64_t, int64_t, int, float);
+std::string x_pass_path(const char* name, XPassCheck unsupported, const Tensor& x, const Tensor& lora_A, double p) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && lora_A.dim() == 2 && x.size(1) == lora_A.size(1), "lora_kernels_cuda: ",
+              name, " takes a 2-D CUDA x (M, K) and lora_A (r, K)");
   const c10::cuda::CUDAGuard guard(x.device());
   const Tensor xc = x.contiguous();
-  const lk::DType x_dt = to_dtype(xc, "x"), a_dt = to_dtype(lora_A, "lora_A");
-  const char* why = lk::lora_dA_sm90_unsupported(xc.data_ptr(), x_dt, a_dt, xc.size(0), xc.size(1),
-                                                 (int)lora_A.size(0), (float)p);
+  const char* why = unsupported(xc.data_ptr(), to_dtype(xc, "x"), to_dtype(lora_A, "lora_A"), xc.size(0), xc.size(1),
+                                (int)lora_A.size(0), (float)p);
   return why == nullptr ? std::string("sm90") : std::string("mma.sync: ") + why;
 }
-
-// Which kernel the forward's shrink with this x (M, K), lora_A (r, K) and p runs (when the forward is not the small-M
-// one): "sm90" (wgmma, shrink_sm90.cu) or "mma.sync: <why not sm90>" (shrink.cu).
+// The backward's dA pass (dA_sm90.cu, else dA.cu).
+std::string dA_path(const Tensor& x, const Tensor& lora_A, double p) {
+  return x_pass_path("dA_path", &lk::lora_dA_sm90_unsupported, x, lora_A, p);
+}
+// The forward's shrink when the forward is not the small-M one (shrink_sm90.cu, else shrink.cu).
 std::string shrink_path(const Tensor& x, const Tensor& lora_A, double p) {
-  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && lora_A.dim() == 2 && x.size(1) == lora_A.size(1),
-              "lora_kernels_cuda: shrink_path takes a 2-D CUDA x (M, K) and lora_A (r, K)");
-  const c10::cuda::CUDAGuard guard(x.device());
-  const Tensor xc = x.contiguous();
-  const lk::DType x_dt = to_dtype(xc, "x"), a_dt = to_dtype(lora_A, "lora_A");
-  const char* why = lk::lora_shrink_sm90_unsupported(xc.data_ptr(), x_dt, a_dt, xc.size(0), xc.size(1),
-                                                     (int)lora_A.size(0), (float)p);
-  return why == nullptr ? std::string("sm90") : std::string("mma.sync: ") + why;
+  return x_pass_path("shrink_path", &lk::lora_shrink_sm90_unsupported, x, lora_A, p);
 }
 
 // Which path a forward with these inputs takes: "small_m" (one launch, csrc/small_m.cu), or gemm_path's answer

@@ -40,12 +40,21 @@ def test_benchmarked_shapes_take_the_sm90_dy_pass(N, dtype, adapter_dtype, r):
     assert _dy_path(8192, N, r, dtype, adapter_dtype) == "sm90"
 
 
-def _dA_path(M, K, r, p, dtype=torch.bfloat16, adapter_dtype=torch.float32):
+def _x_pass_path(which, M, K, r, p, dtype=torch.bfloat16, adapter_dtype=torch.float32):
+    """cuda_backend.dA_path or shrink_path (`which`) for a fresh x (M, K) and lora_A (r, K)."""
     from lora_kernels.backends import cuda_backend
 
     x = torch.randn(M, K, device="cuda").to(dtype)
     A = torch.randn(r, K, device="cuda").to(adapter_dtype)
-    return cuda_backend.dA_path(x, A, p)
+    return getattr(cuda_backend, f"{which}_path")(x, A, p)
+
+
+def _dA_path(*args):
+    return _x_pass_path("dA", *args)
+
+
+def _shrink_path(*args):
+    return _x_pass_path("shrink", *args)
 
 
 @pytest.mark.parametrize("K", [4096, 14336])
@@ -53,27 +62,11 @@ def _dA_path(M, K, r, p, dtype=torch.bfloat16, adapter_dtype=torch.float32):
                                                  (torch.float16, torch.float16)])
 @pytest.mark.parametrize("r", [16, 64])
 @pytest.mark.parametrize("p", [0.0, 0.1])
-def test_benchmarked_shapes_take_the_sm90_dA_pass(K, dtype, adapter_dtype, r, p):
-    # with dropout dA stays on its mma.sync kernel (measured faster; csrc/dA_sm90.cu says why)
+def test_benchmarked_shapes_take_the_sm90_dA_pass_and_shrink(K, dtype, adapter_dtype, r, p):
+    # with dropout dA stays on its mma.sync kernel, and so does the shrink at r <= 16 (measured faster;
+    # csrc/dA_sm90.cu and csrc/shrink_sm90.cu say why)
     assert _dA_path(8192, K, r, p, dtype, adapter_dtype) == (
         "sm90" if p == 0 else "mma.sync: dropout: the mma.sync kernel masks faster (measured)")
-
-
-def _shrink_path(M, K, r, p, dtype=torch.bfloat16, adapter_dtype=torch.float32):
-    from lora_kernels.backends import cuda_backend
-
-    x = torch.randn(M, K, device="cuda").to(dtype)
-    A = torch.randn(r, K, device="cuda").to(adapter_dtype)
-    return cuda_backend.shrink_path(x, A, p)
-
-
-@pytest.mark.parametrize("K", [4096, 14336])
-@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
-                                                 (torch.float16, torch.float16)])
-@pytest.mark.parametrize("r", [16, 64])
-@pytest.mark.parametrize("p", [0.0, 0.1])
-def test_benchmarked_shapes_take_the_sm90_shrink(K, dtype, adapter_dtype, r, p):
-    # with dropout at r <= 16 the shrink stays on its mma.sync kernel (measured faster; csrc/shrink_sm90.cu)
     assert _shrink_path(8192, K, r, p, dtype, adapter_dtype) == (
         "sm90" if p == 0 or r > 16 else "mma.sync: dropout at r <= 16: the mma.sync kernel masks faster (measured)")
 
