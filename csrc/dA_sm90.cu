@@ -71,7 +71,6 @@ cudaError_t launch_lora_dA_sm90(const void* x, DType x_dtype, DType a_dtype, con
   if (plan.col_groups > 65535 || plan.row_splits > 0x7fffffff || sh.z > 65535) return cudaErrorInvalidConfiguration;
   const size_t smem = ds_smem(sh, kDA, tpg);
   const dim3 grid((unsigned)plan.row_splits, (unsigned)plan.col_groups, (unsigned)sh.z);
-  const float scale = scaling;
   return with_dtype16(x_dtype, [&](auto xt) -> cudaError_t {
     using T = decltype(xt);
     T* gp = static_cast<T*>(scratch);
@@ -85,7 +84,7 @@ cudaError_t launch_lora_dA_sm90(const void* x, DType x_dtype, DType a_dtype, con
     return with_stream_kernel<kDA, T>(pieces, sh.rj, [&](auto kernel) {
       return launch_kernel(kernel, grid, DS_THREADS, smem, stream, static_cast<const T*>(x),
                            static_cast<const T*>(nullptr), static_cast<const T*>(gp), static_cast<float*>(nullptr),
-                           dA_partial, M, K, r, (int64_t)0, mpad, static_cast<const uint8_t*>(nullptr), scale);
+                           dA_partial, M, K, r, (int64_t)0, mpad, static_cast<const uint8_t*>(nullptr), scaling);
     });
   });
 }
