@@ -12,6 +12,8 @@
 #             (E2E_BACKENDS, default "cuda triton"), PEFT unpatched alongside, dropout 0 and 0.05
 #   small_m   bench/suite/targets.py at M = 1, 16, 64 (4096->4096, 4096->14336; r = 16, p = 0)
 #   profile   bench/tools/profile_layer.py: per-kernel GPU time and host time of one layer (PROFILE_ARGS)
+#   timeline  bench/dev/timeline.py: the kernels of one call and the GPU's idle time between them, floor alongside
+#             (TIMELINE_ARGS)
 #   host_trace bench/dev/host_trace.py: torch.profiler CPU events of small calls (ATen ops, CUDA runtime calls)
 #   ncu       Nsight Compute on the lora_ kernels of one cuda fwd+bwd (bench/dev/ncu_passes.py, NCU_ARGS)
 #   save      /tmp/site as $OUT/site.tgz; a later call that carries it as .site/site.tgz reuses the build (build step
@@ -116,8 +118,12 @@ for step in ${STEPS:-build tests}; do
         ${PROFILE_ARGS:---backends cuda,triton --shapes 8192x4096x1024,8192x4096x14336 --r 16 --p 0.1} \
         > "$OUT/profile.txt" 2>&1)
       tail -40 "$OUT/profile.txt";;
+    timeline)
+      (cd /tmp && PYTHONPATH=/tmp/site run_step timeline "${T_TIMELINE:-120}" python3 "$REPO/bench/dev/timeline.py" \
+        ${TIMELINE_ARGS:-} > "$OUT/timeline.txt" 2>&1)
+      grep -E "^===|span" "$OUT/timeline.txt" | head -60;;
     host_trace)
-      (cd /tmp && PYTHONPATH=/tmp/site run_step host_trace "${T_HOST_TRACE:-90}" python3 "$REPO/bench/dev/host_trace.py" \
+      (cd /tmp && PYTHONPATH=/tmp/site run_step host_trace "${T_HOST_TRACE:-90}" python3 "$REPO/bench/dev/host_trace.py" ${HOST_TRACE_ARGS:-} \
         > "$OUT/host_trace.txt" 2>&1)
       grep -E "^=====|Self CPU time total|whole call" "$OUT/host_trace.txt";;
     ncu)
