@@ -7,7 +7,7 @@
 // Tiling: CUTLASS's warp-specialised persistent kernels (TMA loads into a multi-stage shared-memory ring, WGMMA
 //         into fp32 registers, a TMA-store epilogue that adds the bias per column). Configs in GemmConfig.
 // Launch: GemmUniversalAdapter-free: params are built on the host and the kernel is launched on the caller's
-//         stream with its cluster shape (cudaLaunchKernelEx via cutlass::ClusterLauncher).
+//         stream with its cluster shape (cudaLaunchKernelExC).
 #pragma once
 
 #include "gemm_sm90.h"
@@ -456,12 +456,24 @@ struct Gemm {
     }
     dim3 grid = Kernel::get_grid_shape(params);
     dim3 block = Kernel::get_block_shape();
-    dim3 cluster(cute::size<0>(typename Cfg::Cluster{}), cute::size<1>(typename Cfg::Cluster{}), 1);
-    cutlass::ClusterLaunchParams launch{grid, block, cluster, smem, stream};
-    void const* kernel = reinterpret_cast<void const*>(&cutlass::device_kernel<Kernel>);
-    cutlass::Status s = cutlass::launch_kernel_on_cluster(launch, kernel, params);
-    if (s != cutlass::Status::kSuccess) return cudaErrorLaunchFailure;
-    return cudaGetLastError();
+    // The launch with its cluster shape, done here rather than by cutlass::launch_kernel_on_cluster, which sets the
+    // kernel's non-portable-cluster attribute (a driver call) on every launch: our clusters are 2 blocks, portable.
+    static_assert(cute::size(typename Cfg::Cluster{}) <= 8, "a portable cluster size");
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = cute::size<0>(typename Cfg::Cluster{});
+    attr[0].val.clusterDim.y = cute::size<1>(typename Cfg::Cluster{});
+    attr[0].val.clusterDim.z = 1;
+    if (grid.x % attr[0].val.clusterDim.x || grid.y % attr[0].val.clusterDim.y) return cudaErrorInvalidConfiguration;
+    cudaLaunchConfig_t config{};
+    config.gridDim = grid;
+    config.blockDim = block;
+    config.dynamicSmemBytes = smem;
+    config.stream = stream;
+    config.attrs = attr;
+    config.numAttrs = 1;
+    void* kernel_params[] = {&params};
+    return cudaLaunchKernelExC(&config, reinterpret_cast<void const*>(&cutlass::device_kernel<Kernel>), kernel_params);
   }
 };
 
