@@ -6,7 +6,9 @@
 //            D (64 x NW) = x_tile^T . Gp_tile^T        K = the tile's 128 rows
 //          with g's P pieces (bf16x3 of the fp32 g on bf16 x, else cast) stacked as NW = P*RJ columns; each tile's
 //          pieces are added in fp32 into the column group's sums in shared memory, scaled once at the end.
-// Mask   : none: with dropout dA runs on the mma.sync kernel (lora_dA_sm90_unsupported says why).
+// Mask   : none. With dropout at r > 16 the backward's dropout pass also writes kept = keep ⊙ x (dropout_bits.cu)
+//          and this kernel reads kept with scaling/(1-p) (lora_dA_sm90_kept); otherwise dA with dropout runs on the
+//          mma.sync kernel (lora_dA_sm90_unsupported says why).
 // Prep   : g's pieces Gp [Z][NW][Mpad] in x's type (scratch: lora_dA_sm90_scratch_bytes), as the dy pass's Up.
 // Tiling : as the dy pass (dy_pass_sm90.cu) without its G warpgroup's work: a loader warpgroup, a 4-stage ring of
 //          x tiles, Gp tiles per row tile in a double buffer, mbarriers between them.
@@ -48,9 +50,24 @@ const char* lora_dA_sm90_unsupported(const void* x, DType x_dtype, DType a_dtype
     return "no column grouping fits in shared memory";
   // With dropout, masking each x tile in shared memory before the wgmma (on the D warpgroup's critical path) made the
   // pass slower than the mma.sync kernel: 86 against 55 us (r = 16) and 215 against 143 us (r = 64) at 8192x4096 on
-  // the H200 (tenth session). So dA with dropout stays there.
+  // the H200 (tenth session). So the masked x comes from the dropout pass instead (lora_dA_sm90_kept), or dA with
+  // dropout stays on the mma.sync kernel.
   if (p > 0.f) return "dropout: the mma.sync kernel masks faster (measured)";
   return nullptr;
+}
+
+// Why the wgmma kernel does not take dA with dropout from the kept x, or nullptr where it does. The dropout pass
+// writing kept (M x K, x's type) costs one more write and read of x's bytes; the mma.sync kernel masking x in its
+// fragments costs more than that above r = 16, where its work per x tile grows with r: at 8192 x 4096, p = 0.1 it
+// took 126 us at r = 64 and 46 us at r = 16, the wgmma kernel 48 and 25 us at p = 0 (eleventh session).
+// LORA_KERNELS_DA_KEPT=0 turns this route off, =2 takes it at every r (for A/B timing).
+const char* lora_dA_sm90_kept(const void* x, DType x_dtype, DType a_dtype, int64_t M, int64_t K, int r, float p) {
+  static const char* const mode = getenv("LORA_KERNELS_DA_KEPT");
+  if (!(p > 0.f)) return "no dropout";
+  if (mode != nullptr && strcmp(mode, "0") == 0) return "LORA_KERNELS_DA_KEPT=0";
+  if (r <= 16 && !(mode != nullptr && strcmp(mode, "2") == 0))
+    return "dropout at r <= 16: the mma.sync kernel masks faster (measured)";
+  return lora_dA_sm90_unsupported(x, x_dtype, a_dtype, M, K, r, 0.f);
 }
 
 size_t lora_dA_sm90_scratch_bytes(int64_t M, int r, int pieces) {

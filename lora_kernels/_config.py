@@ -40,6 +40,9 @@ Read by the CUDA extension (csrc/binding.cpp), once, when a GEMM first asks for 
                                         instead of the wgmma one on Hopper (csrc/dy_pass_sm90.cu): for A/B timing.
     LORA_KERNELS_SM90_DA                0 keeps the backward's dA pass on its mma.sync kernel (csrc/dA.cu) instead of
                                         the wgmma one on Hopper (csrc/dA_sm90.cu): for A/B timing.
+    LORA_KERNELS_DA_KEPT                0 keeps dA with dropout on its mma.sync kernel (csrc/dA.cu) at every rank; 2
+                                        sends it to the wgmma kernel on the x kept by the dropout pass at every rank
+                                        (by default above r = 16, csrc/dA_sm90.cu): for A/B timing.
     LORA_KERNELS_SM90_SHRINK            0 keeps the forward's shrink on its mma.sync kernel (csrc/shrink.cu) instead of
                                         the wgmma one on Hopper (csrc/shrink_sm90.cu): for A/B timing.
     LORA_KERNELS_SMALL_M                0 turns off the one-launch forward at M <= 64 (csrc/small_m.cu); it starts

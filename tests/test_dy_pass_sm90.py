@@ -63,10 +63,10 @@ def _shrink_path(*args):
 @pytest.mark.parametrize("r", [16, 64])
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_benchmarked_shapes_take_the_sm90_dA_pass_and_shrink(K, dtype, adapter_dtype, r, p):
-    # with dropout dA stays on its mma.sync kernel, and so does the shrink at r <= 16 (measured faster;
-    # csrc/dA_sm90.cu and csrc/shrink_sm90.cu say why)
+    # with dropout at r <= 16 dA stays on its mma.sync kernel, and so does the shrink (measured faster); above it dA
+    # runs the wgmma kernel on the x that the dropout pass kept (csrc/dA_sm90.cu and csrc/shrink_sm90.cu say why)
     assert _dA_path(8192, K, r, p, dtype, adapter_dtype) == (
-        "sm90" if p == 0 else "mma.sync: dropout: the mma.sync kernel masks faster (measured)")
+        "sm90" if p == 0 else "sm90 kept" if r > 16 else "mma.sync: dropout: the mma.sync kernel masks faster (measured)")
     assert _shrink_path(8192, K, r, p, dtype, adapter_dtype) == (
         "sm90" if p == 0 or r > 16 else "mma.sync: dropout at r <= 16: the mma.sync kernel masks faster (measured)")
 
@@ -84,6 +84,8 @@ def test_dA_pass_fallback_says_why():
     assert _dA_path(64, 1028, 16, 0.1).startswith("mma.sync: K must be a multiple of 8")
     assert _dA_path(64, 1024, 16, 0.1, torch.float16, torch.float32).startswith("mma.sync: x and the adapters take")
     assert _dA_path(64, 1024, 16, 0.1).startswith("mma.sync: dropout")
+    assert _dA_path(64, 1024, 17, 0.1) == "sm90 kept"
+    assert _dA_path(64, 1028, 17, 0.1).startswith("mma.sync: K must be a multiple of 8")
 
 
 def test_dy_pass_fallback_says_why():
@@ -105,12 +107,13 @@ def test_sm90_dy_pass_against_float64(dtype, adapter_dtype, lead, K, N, r, p):
     # column tile half full) has the loader stage the keep bits; the other K have the masking warpgroup read them.
     M = math.prod(lead)
     assert _dy_path(M, N, r, dtype, adapter_dtype or dtype) == "sm90"
-    for path, sm90 in ((_dA_path(M, K, r, p, dtype, adapter_dtype or dtype), p == 0),
+    # dA with dropout above r = 16 reads the x kept by the dropout pass ("sm90 kept")
+    for path, sm90 in ((_dA_path(M, K, r, p, dtype, adapter_dtype or dtype), p == 0 or r > 16),
                        (_shrink_path(M, K, r, p, dtype, adapter_dtype or dtype), p == 0 or r > 16)):
         if K <= 128:
             assert path.startswith("mma.sync: K below 3 column tiles"), path
         else:
-            assert path == "sm90" if sm90 else path.startswith("mma.sync: dropout"), path
+            assert path.startswith("sm90") if sm90 else path.startswith("mma.sync: dropout"), path
     run_and_check("cuda", "cuda", dtype, lead, K, N, r, bias=True, p=p, adapter_dtype=adapter_dtype)
 
 

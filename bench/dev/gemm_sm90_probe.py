@@ -140,6 +140,8 @@ def main():
     ap.add_argument("--lib", required=True)
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--layouts", default="0,1", help="0: the forward (B as N x K), 1: dx (B as K x N)")
+    ap.add_argument("--no-checks", action="store_true", help="timing only (the library's configs were checked before)")
     args = ap.parse_args()
     lib = Lib(args.lib)
     print("device", torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
@@ -148,8 +150,9 @@ def main():
     fails = 0
     cases = [(1, 8, 64, 0), (1, 136, 72, 64), (7, 136, 200, 64), (300, 264, 4096, 192), (257, 1024, 520, 128),
              (2048, 4096, 4096, 64), (513, 14336, 128, 64)]
-    for dtype in (torch.bfloat16, torch.float16):
-        for layout in (0, 1):
+    layouts = tuple(int(v) for v in args.layouts.split(","))
+    for dtype in (() if args.no_checks else (torch.bfloat16, torch.float16)):
+        for layout in layouts:
             for (M, N, K, Kx) in cases:
                 for bias_on in ((False, True) if layout == 0 else (False,)):
                     for config in (-1, 0, 1, 2, 3, 4, 5) if (M, N) == (300, 264) else (-1, 1):
@@ -172,7 +175,7 @@ def main():
         swizzles, rasters = (1, 4), (0,)
     for M in Ms:
         for (K, N) in shapes:
-            for layout in (0, 1):
+            for layout in layouts:
                 if layout == 1:  # backward dx = dy W: (M, N) x (N, K) -> (M, K)
                     r = bench_shape(lib, M, K, N, 1, torch.bfloat16, configs, swizzles, rasters, (64, 192))
                 else:

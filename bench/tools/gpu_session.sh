@@ -19,7 +19,7 @@
 #   save      /tmp/site as $OUT/site.tgz; a later call that carries it as .site/site.tgz reuses the build (build step
 #             with REUSE_BUILD=1 unpacks it instead of building; OVERLAY_PY=1 then copies this tree's Python files
 #             over it, for a tree whose csrc/ and setup.py match the carried build)
-# Knobs: T_<STEP> (seconds), TEST_ARGS, TARGETS_ARGS, DORA_ARGS, PROFILE_ARGS, NCU_ARGS. Files in $OUT (at most 8
+# Knobs: T_<STEP> (seconds), TEST_FILES (paths in place of tests/), TEST_ARGS, TARGETS_ARGS, DORA_ARGS, PROFILE_ARGS, NCU_ARGS. Files in $OUT (at most 8
 # come back: past 7 they are packed into results.tgz at the end). The whole GPU suite needs about 280 s on 16 workers:
 # give it a call of its own (T_TESTS=420) with a carried build.
 set -u
@@ -70,7 +70,8 @@ for step in ${STEPS:-build tests}; do
     tests)
       XDIST=(); python3 -c "import xdist" 2>/dev/null && XDIST=(-n "${TEST_WORKERS:-16}")
       (cd /tmp && PYTHONPATH=/tmp/site LORA_KERNELS_TRITON_AUTOTUNE=0 run_step tests "${T_TESTS:-420}" \
-        python3 -m pytest -v -rfE -p no:cacheprovider "${XDIST[@]}" "$REPO/tests" ${TEST_ARGS:-} > "$OUT/tests.log" 2>&1)
+        python3 -m pytest -v -rfE -p no:cacheprovider "${XDIST[@]}" ${TEST_FILES:-"$REPO/tests"} ${TEST_ARGS:-} \
+        > "$OUT/tests.log" 2>&1)
       # per-test outcomes, also when the limit cut pytest before its summary
       grep -aoE "(PASSED|FAILED|ERROR|SKIPPED) \S+::\S+" "$OUT/tests.log" | sort > "$OUT/tests_outcomes.txt"
       grep -aE "^(FAILED|ERROR) |\] (FAILED|ERROR) " "$OUT/tests.log" | head -30
