@@ -58,11 +58,17 @@ dropout_keep_bits_kept_kernel(uint8_t* __restrict__ bits, const T* __restrict__ 
   seed = dropout_seed(seed, seed_ptr);
   const int64_t K8 = K / 8, total = M * K8;
   const int64_t stride = (int64_t)gridDim.x * blockDim.x * DB_GROUPS;
-  for (int64_t e0 = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) * DB_GROUPS; e0 < total; e0 += stride) {
-    uint4 v[DB_GROUPS];
+  auto load = [&](uint4 (&v)[DB_GROUPS], int64_t e0) {
 #pragma unroll
-    for (int q = 0; q < DB_GROUPS; ++q)  // the loads first: their latencies overlap the Philox work
+    for (int q = 0; q < DB_GROUPS; ++q)
       if (e0 + q < total) v[q] = __ldcs(reinterpret_cast<const uint4*>(x) + e0 + q);
+  };
+  // Software-pipelined by one step: the loads of the next 4 groups are in flight during this step's Philox work.
+  int64_t e0 = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) * DB_GROUPS;
+  uint4 v[DB_GROUPS], next[DB_GROUPS];
+  if (e0 < total) load(v, e0);
+  for (; e0 < total; e0 += stride) {
+    if (e0 + stride < total) load(next, e0 + stride);
     uint32_t w = 0;
 #pragma unroll
     for (int q = 0; q < DB_GROUPS; ++q) {
@@ -81,6 +87,8 @@ dropout_keep_bits_kept_kernel(uint8_t* __restrict__ bits, const T* __restrict__ 
     } else {
       for (int q = 0; q < DB_GROUPS && e0 + q < total; ++q) bits[e0 + q] = (uint8_t)(w >> (8 * q));
     }
+#pragma unroll
+    for (int q = 0; q < DB_GROUPS; ++q) v[q] = next[q];
   }
 }
 
@@ -108,9 +116,11 @@ cudaError_t launch_dropout_keep_bits_kept(uint8_t* bits, const void* x, void* ke
       x_dtype == DType::kFloat32)
     return cudaErrorInvalidValue;
   const int64_t words = ceil_div(dropout_keep_bits_bytes(M, K), DB_GROUPS);
-  const int64_t blocks = std::min<int64_t>(ceil_div(words, kThreads), (int64_t)num_sms() * (2048 / kThreads));
   return with_dtype16(x_dtype, [&](auto xt) -> cudaError_t {
     using T = decltype(xt);
+    // one resident wave (its registers allow fewer blocks per SM than the bits kernel's), each thread looping
+    const int resident = resident_blocks(reinterpret_cast<const void*>(dropout_keep_bits_kept_kernel<T>), kThreads, 0);
+    const int64_t blocks = std::min<int64_t>(ceil_div(words, kThreads), (int64_t)num_sms() * resident);
     return launch_kernel(dropout_keep_bits_kept_kernel<T>, dim3((unsigned)blocks), kThreads, 0, stream, bits,
                          static_cast<const T*>(x), static_cast<T*>(kept), M, K, dropout_threshold(p), seed, seed_ptr,
                          offset);

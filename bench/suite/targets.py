@@ -11,7 +11,10 @@ provider is timed first after the GPU idled (the first call after an idle GPU ra
 floor at 8192x4096->4096 0.415-0.456 ms against 0.364 ms back to back, which, when the floor went first after each
 round's synchronize, biased the ratios in our favour). With --gpu-batch n, events around n calls of one provider
 queued behind a sleep and an untimed call, per call (for small M, where one call is short). Wall time: a host clock
-around `calls` back-to-back calls with a synchronize at both ends, per call. Each group prints one line per
+around `calls` back-to-back calls with a synchronize at both ends, per call. --regime sustained replaces each round's
+sleep by 50 ms of the floor's own calls: the round then runs at the clocks of a GPU under steady load (power-capped,
+as in a training run), where the H200 ran cuBLAS's 8192x4096->4096 GEMM at 0.42 ms against 0.34 ms after an idle
+spell (eleventh session). Each group prints one line per
 provider: wall and GPU time with their ratios to the floor. The summary gives geometric means and worst cases by
 (mode, M) per provider.
 """
@@ -33,13 +36,19 @@ from providers import FLOOR, Unavailable, make_case  # noqa: E402
 SHAPES = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]  # (K, N): the Llama-3-8B layer shapes
 
 
-def gpu_round(fns: dict, i, sleep_cycles):
+def gpu_round(fns: dict, i, sleep_cycles, heat=None):
     """One round of single-call GPU times: a sleep, an untimed call, then each provider's call between events, in
-    an order rotated by i. Returns {provider: (start, end)} and whether the sleep outlasted the host's enqueue."""
+    an order rotated by i. Returns {provider: (start, end)} and whether the sleep outlasted the host's enqueue.
+    heat: (fn, n) in place of the sleep: n back-to-back calls of fn (the floor), so that the round runs at the clocks
+    of a GPU under sustained load rather than after an idle spell (--regime sustained)."""
     keys = list(fns)
     keys = keys[i % len(keys):] + keys[:i % len(keys)]
     torch.cuda.synchronize()
-    torch.cuda._sleep(sleep_cycles)
+    if heat is None:
+        torch.cuda._sleep(sleep_cycles)
+    else:
+        for _ in range(heat[1]):
+            heat[0]()
     woke = torch.cuda.Event()
     woke.record()
     warm = fns[keys[-1]]
@@ -79,7 +88,19 @@ def wall_round(fns, calls):
     return (time.perf_counter() - t) / calls * 1e3
 
 
-def measure_group(cases: dict, mode: str, rounds: int, calls: int, gpu_batch: int = 0) -> dict:
+def heat_calls(fn, ms: float) -> int:
+    """How many back-to-back calls of fn keep the GPU busy for about `ms` milliseconds."""
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    for _ in range(5):
+        fn()
+    e.record()
+    torch.cuda.synchronize()
+    return max(1, math.ceil(ms / (s.elapsed_time(e) / 5)))
+
+
+def measure_group(cases: dict, mode: str, rounds: int, calls: int, gpu_batch: int = 0,
+                  regime: str = "burst") -> dict:
     fns = {k: getattr(c, mode) for k, c in cases.items()}
     isolated = {k: 0 for k in fns}
     for f in fns.values():  # warm-up (compiles, autotunes, allocator)
@@ -98,8 +119,14 @@ def measure_group(cases: dict, mode: str, rounds: int, calls: int, gpu_batch: in
             for k, f in fns.items():
                 wall[k].append(wall_round(f, calls))
             continue
-        # sleep: 4 ms per provider, more than any provider's host time per call at these sizes
-        evs, ok = gpu_round(fns, rnd, len(fns) * 8_000_000)
+        # sleep: 4 ms per provider, more than any provider's host time per call at these sizes; sustained: 50 ms
+        # of the floor's calls instead (the host enqueues the round meanwhile)
+        heat = None
+        if regime == "sustained":
+            if rnd == 0:
+                n_heat = heat_calls(fns[FLOOR][0], 50.0)
+            heat = (fns[FLOOR][0], n_heat)
+        evs, ok = gpu_round(fns, rnd, len(fns) * 8_000_000, heat)
         torch.cuda.synchronize()
         for k, (s, e) in evs.items():
             gpu[k].append(s.elapsed_time(e))
@@ -129,13 +156,18 @@ def main():
     ap.add_argument("--gpu-batch", type=int, default=0,
                     help="GPU time from events around this many calls queued behind a GPU sleep (host enqueue time "
                          "excluded: for small M, where one call's events would include it); 0: one call's events")
+    ap.add_argument("--regime", default="burst", choices=["burst", "sustained"],
+                    help="burst: each round after a GPU sleep (clocks of a GPU that was idle, then one untimed call); "
+                         "sustained: each round after 50 ms of the floor's GEMMs (the clocks and power state of a GPU "
+                         "under steady load, as in training)")
     ap.add_argument("--adapter-dtype", default="float32", choices=["float32", "bfloat16"],
                     help="lora_A/lora_B dtype of the ours-* providers (float32: PEFT's default)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     provs = [p for p in args.providers.split(",") if p and p != FLOOR]
     shapes = SHAPES if not args.shapes else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
+           "regime": args.regime}
     for mod in ("triton", "peft"):
         try:
             env[mod] = __import__(mod).__version__
@@ -155,7 +187,7 @@ def main():
                         except Unavailable as e:
                             print(f"  {prov} unavailable: {e}", flush=True)
                     for mode in args.modes.split(","):
-                        res = measure_group(cases, mode, args.rounds, args.calls, args.gpu_batch)
+                        res = measure_group(cases, mode, args.rounds, args.calls, args.gpu_batch, args.regime)
                         for prov, v in res.items():
                             rows.append(dict(mode=mode, M=M, K=K, N=N, r=r, p=p, provider=prov,
                                              note=cases[prov].note, **v))
