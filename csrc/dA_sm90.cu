@@ -56,10 +56,11 @@ const char* lora_dA_sm90_unsupported(const void* x, DType x_dtype, DType a_dtype
   return nullptr;
 }
 
-// Why the wgmma kernel does not take dA with dropout from the kept x, or nullptr where it does. The dropout pass
-// writing kept (M x K, x's type) costs one more write and read of x's bytes; the mma.sync kernel masking x in its
-// fragments costs more than that above r = 16, where its work per x tile grows with r: at 8192 x 4096, p = 0.1 it
-// took 126 us at r = 64 and 46 us at r = 16, the wgmma kernel 48 and 25 us at p = 0 (eleventh session).
+// Why the wgmma kernel does not take dA with dropout from the kept x, or nullptr where it does. Writing kept makes
+// the dropout pass 60 us instead of 19 at 8192 x 4096 (225 instead of 61 at K = 14336); the mma.sync kernel's
+// masking costs more than that above r = 16, where its work per x tile grows with r: at p = 0.1 it took 126 us at
+// r = 64 and 46 us at r = 16, the wgmma kernel 48 and 25 us. Fwd+bwd at 8192 x 4096 -> 4096, p = 0.1: 1044 against
+// 1071 us at r = 64, 928 against 902 us at r = 16 (H200, eleventh session).
 // LORA_KERNELS_DA_KEPT=0 turns this route off, =2 takes it at every r (for A/B timing).
 const char* lora_dA_sm90_kept(const void* x, DType x_dtype, DType a_dtype, int64_t M, int64_t K, int r, float p) {
   static const char* const mode = getenv("LORA_KERNELS_DA_KEPT");
