@@ -52,3 +52,22 @@ def test_sharded_grid_merges_into_one_table(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert (out2 / "bench_table.md").read_text().count("\n### ") == 16
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, "bench", "dev", "timeline.py")), reason="no bench/")
+def test_timeline_splits_calls_and_measures_idle_time(capsys):
+    # bench/dev/timeline.py on a synthetic trace: 3 calls of 2 kernels each, the middle call's span runs from its
+    # first kernel's start to the next call's, and its idle time is that span less its kernels
+    sys.path.insert(0, os.path.join(ROOT, "bench", "dev"))
+    try:
+        import timeline
+    finally:
+        sys.path.pop(0)
+    ks = [(0.0, 5.0, "a"), (6.0, 16.0, "b"),      # call 1
+          (18.0, 23.0, "a"), (25.0, 35.0, "b"),   # call 2: kernels 15 us, span 18 -> 37
+          (37.0, 42.0, "a"), (43.0, 53.0, "b")]   # call 3
+    assert timeline.report("x", ks, 3) == pytest.approx(19.0)
+    out = capsys.readouterr().out
+    assert "span     19.0 us  kernels     15.0 us  idle    4.0 us  (2 kernels)" in out
+    assert "gap    2.0       5.0  a" in out and "gap    2.0      10.0  b" in out
+    assert timeline.report("x", ks[:5], 3) is None  # 5 kernels do not split into 3 calls
