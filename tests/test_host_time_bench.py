@@ -85,3 +85,15 @@ def test_gpu_clock_calibration():
     assert sync.calibrate(None, 50, guess_us=60.0) is None
     assert sync.batch_us(None, 1, 1000.0) is None
     assert all(s <= mod._GpuClock.MAX_SLEEP_US for _, s in sync.seen)
+
+
+def test_rounds_are_round_robin():
+    """measure_rounds times one batch of every callable per round, the order rotated between rounds, so that drift of
+    the machine falls on every provider alike (the ratio to F.linear is then taken within each round)."""
+    mod = _host_time_module()
+    calls = []
+    fns = [lambda i=i: calls.append(i) for i in range(3)]
+    res = mod.measure_rounds(fns, 2, 3, None)
+    assert calls == [0, 0, 1, 1, 2, 2, 1, 1, 2, 2, 0, 0, 2, 2, 0, 0, 1, 1]
+    for r in res:
+        assert len(r["batches"]) == 3 and all(v > 0 for v in r["batches"]) and r["calls_per_batch"] == 2

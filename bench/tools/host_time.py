@@ -17,8 +17,11 @@ synchronises cannot be isolated and is reported with its wall time and a flag (`
 Without a GPU it runs the same providers on CPU tensors (the triton backend only under TRITON_INTERPRET=1, where it
 is not a host-time measurement, so it is left out) and measures plain wall time per call.
 
-Prints a table (host microseconds per call, median over batches, and the ratio to F.linear in the same mode and
-M) and writes JSON. Takes about a minute on a GPU.
+Every case (provider, mode, M, p) is timed once per round, round-robin, the order rotated between rounds, and the
+ratio to F.linear (same mode and M) is the median over rounds of the ratio within a round: drift of the machine over
+the run falls on every provider alike (two runs of the same code, timed one case after another, gave ratios 1.7x
+apart on the H200's host, eleventh session). Prints a table (host microseconds per call, median over rounds, and that
+ratio) and writes JSON. Takes about a minute on a GPU.
 """
 from __future__ import annotations
 
@@ -191,15 +194,11 @@ def _cpu_batch_us(fn, n):
     return (time.perf_counter() - t0) / n * 1e6
 
 
-def measure(fn, n, batches, warmup, gpu_clock):
-    """Median host us per call over `batches` batches of n calls (fewer calls per batch where the GPU clock needs
-    them: see _GpuClock), with how it was measured."""
-    for _ in range(warmup):  # compilation, autotuning, allocator warm-up
-        fn()
+def plan(fn, n, gpu_clock) -> dict:
+    """How fn's batches are timed: without a GPU, n calls of CPU wall time; on a GPU, the calls per batch and the
+    sleep that isolate its host time (see _GpuClock), or, for a provider that synchronises, wall time per call."""
     if gpu_clock is None:
-        runs = [_cpu_batch_us(fn, n) for _ in range(batches)]
-        return {"median_us": statistics.median(runs), "min_us": min(runs), "batches": runs, "calls_per_batch": n,
-                "isolated": False}
+        return {"calls_per_batch": n, "isolated": False}
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(3):
@@ -207,17 +206,39 @@ def measure(fn, n, batches, warmup, gpu_clock):
     torch.cuda.synchronize()
     guess = (time.perf_counter() - t0) / 3 * 1e6  # an upper bound of the host time: includes the GPU's
     cal = gpu_clock.calibrate(fn, n, guess)
-    runs = []
-    if cal is not None:
-        n, sleep_us = cal
-        runs = [r for r in (gpu_clock.batch_us(fn, n, sleep_us) for _ in range(batches)) if r is not None]
-    if not runs:  # fn waits for the GPU (it synchronises): its host time cannot be isolated; wall time per call
-        torch.cuda.synchronize()
-        runs = [_cpu_batch_us(fn, n) for _ in range(batches)]
-        return {"median_us": statistics.median(runs), "min_us": min(runs), "batches": runs, "calls_per_batch": n,
-                "isolated": False, "note": "waits for the GPU (synchronises): wall time, not host time"}
-    return {"median_us": statistics.median(runs), "min_us": min(runs), "batches": runs, "calls_per_batch": n,
-            "sleep_us": sleep_us, "isolated": True}
+    if cal is None:
+        return {"calls_per_batch": n, "isolated": False,
+                "note": "waits for the GPU (synchronises): wall time, not host time"}
+    return {"calls_per_batch": cal[0], "sleep_us": cal[1], "isolated": True}
+
+
+def one_batch(fn, how: dict, gpu_clock):
+    """Host us per call of one batch timed as plan() decided, or None when a GPU batch could not be isolated."""
+    n = how["calls_per_batch"]
+    if gpu_clock is None or not how["isolated"]:
+        if gpu_clock is not None:
+            torch.cuda.synchronize()
+        us = _cpu_batch_us(fn, n)
+        if gpu_clock is not None:
+            torch.cuda.synchronize()
+        return us
+    return gpu_clock.batch_us(fn, n, how["sleep_us"])
+
+
+def measure_rounds(fns: list, n: int, batches: int, gpu_clock) -> list:
+    """Every callable's batches, round-robin: each round times one batch of each, in an order rotated by the round,
+    so that drift of the machine over the run (clocks, other processes) falls on every provider alike and a ratio
+    taken within a round cancels it. Returns, per callable, plan()'s dict with "batches" (host us per call of each
+    round, None where a GPU batch was not isolated)."""
+    hows = [plan(fn, n, gpu_clock) for fn in fns]
+    for how in hows:
+        how["batches"] = [None] * batches
+    for b in range(batches):
+        order = list(range(len(fns)))
+        order = order[b % len(order):] + order[:b % len(order)]
+        for i in order:
+            hows[i]["batches"][b] = one_batch(fns[i], hows[i], gpu_clock)
+    return hows
 
 
 def main(argv=None):
@@ -270,16 +291,22 @@ def main(argv=None):
         for _ in range(warmup):
             fn()
     rows = []
-    for M, p, name, mode, fn in cases:
-        res = measure(fn, n, batches, warmup, clock)
-        rows.append(dict(provider=name, mode=mode, M=M, p=p, **res))
-        flag = "" if res["isolated"] or clock is None else "  (not isolated: " + res["note"] + ")"
-        print(f"  {name:22s} {mode:8s} M={M:<5d} p={p:<4} {res['median_us']:9.1f} us"
+    for M, p, name, mode, _ in cases:
+        rows.append(dict(provider=name, mode=mode, M=M, p=p))
+    for res, row in zip(measure_rounds([c[-1] for c in cases], n, batches, clock), rows):
+        runs = [v for v in res["batches"] if v is not None]
+        row.update(res, median_us=statistics.median(runs) if runs else float("nan"),
+                   min_us=min(runs) if runs else float("nan"))
+        flag = "" if res["isolated"] or clock is None else "  (not isolated: " + res.get("note", "") + ")"
+        print(f"  {row['provider']:22s} {row['mode']:8s} M={row['M']:<5d} p={row['p']:<4} {row['median_us']:9.1f} us"
               f"  ({res['calls_per_batch']} calls/batch){flag}", flush=True)
-    floor = {(r["mode"], r["M"]): r["median_us"] for r in rows if r["provider"] == "F.linear"}
+    # The ratio to F.linear (same mode and M, F.linear runs at p = 0 only): the median over rounds of the ratio within
+    # each round.
+    floor = {(r["mode"], r["M"]): r for r in rows if r["provider"] == "F.linear"}
     for r in rows:
         base = floor.get((r["mode"], r["M"]))
-        r["x_floor"] = r["median_us"] / base if base else None
+        ratios = [a / b for a, b in zip(r["batches"], base["batches"]) if a is not None and b] if base else []
+        r["x_floor"] = statistics.median(ratios) if ratios else None
 
     print(f"\nhost us per call ({env['method']}; {env['device']}; {K}x{N}, r={args.r}, {env['dtype']})")
     print(f"{'provider':22s} {'mode':8s} {'M':>5s} {'p':>5s} {'us':>9s} {'x F.linear':>10s}")
