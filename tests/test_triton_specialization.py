@@ -53,6 +53,9 @@ class Recorder:
 
 for name in KERNELS:
     setattr(tb, name, Recorder(name))
+# cuBLAS's main loop (the plans' Tensor.addmm_) selects no Triton kernel: a no-op here, so that the check does not
+# spend minutes in half-precision CPU matmuls (it timed out at 600 s on a 2-core CI machine)
+torch.Tensor.addmm_ = lambda self, *args, **kwargs: self
 
 gen = torch.Generator().manual_seed(0)
 seeds = [7, 16, 1, 0, 2**31 + 5, 2**40, 2**40 + 3, 2**62 - 1, 2**63 + 48, 2**64 - 1,
