@@ -616,14 +616,11 @@ std::string x_pass_path(const char* name, XPassCheck unsupported, const Tensor& 
   return why == nullptr ? std::string("sm90") : std::string("mma.sync: ") + why;
 }
 // The backward's dA pass (dA_sm90.cu, else dA.cu); with dropout "sm90 kept" where it reads the dropout pass's kept x.
+// (lora_dA_sm90_kept passes only where the tensor cores take these dtypes, which is where the keep bits are made.)
 std::string dA_path(const Tensor& x, const Tensor& lora_A, double p) {
   const std::string path = x_pass_path("dA_path", &lk::lora_dA_sm90_unsupported, x, lora_A, p);
-  if (path == "sm90" || !(p > 0.0)) return path;
-  const Tensor xc = x.contiguous();
-  const bool kept = lk::dropout_bits_used(to_dtype(xc, "x"), to_dtype(lora_A, "lora_A")) &&
-                    lk::lora_dA_sm90_kept(xc.data_ptr(), to_dtype(xc, "x"), to_dtype(lora_A, "lora_A"), xc.size(0),
-                                          xc.size(1), (int)lora_A.size(0), (float)p) == nullptr;
-  return kept ? std::string("sm90 kept") : path;
+  if (path == "sm90") return path;
+  return x_pass_path("dA_path", &lk::lora_dA_sm90_kept, x, lora_A, p) == "sm90" ? "sm90 kept" : path;
 }
 // The forward's shrink when the forward is not the small-M one (shrink_sm90.cu, else shrink.cu).
 std::string shrink_path(const Tensor& x, const Tensor& lora_A, double p) {

@@ -109,6 +109,7 @@ def measure_group(cases: dict, mode: str, rounds: int, calls: int, gpu_batch: in
     torch.cuda.synchronize()
     gpu = {k: [] for k in fns}
     wall = {k: [] for k in fns}
+    heat = (fns[FLOOR][0], heat_calls(fns[FLOOR][0], 50.0)) if regime == "sustained" and gpu_batch <= 0 else None
     for rnd in range(rounds):
         if gpu_batch > 0:  # 2 ms of sleep per call: more than any provider's host time per call
             for k, f in fns.items():
@@ -121,11 +122,6 @@ def measure_group(cases: dict, mode: str, rounds: int, calls: int, gpu_batch: in
             continue
         # sleep: 4 ms per provider, more than any provider's host time per call at these sizes; sustained: 50 ms
         # of the floor's calls instead (the host enqueues the round meanwhile)
-        heat = None
-        if regime == "sustained":
-            if rnd == 0:
-                n_heat = heat_calls(fns[FLOOR][0], 50.0)
-            heat = (fns[FLOOR][0], n_heat)
         evs, ok = gpu_round(fns, rnd, len(fns) * 8_000_000, heat)
         torch.cuda.synchronize()
         for k, (s, e) in evs.items():
