@@ -22,7 +22,7 @@ for f in csrc/*.cu; do
 done
 # The sm_90 GEMM's instances need the CUTLASS headers (the pinned nvidia-cutlass wheel, unpacked without its
 # Python dependencies) and sm_90a: above they compiled without the kernels (LORA_KERNELS_HAVE_SM90_GEMM unset).
-# One layout per C++ standard keeps this to two translation units.
+# One layout per C++ standard, and the fused forward's bf16 instance: three translation units.
 CUT=/tmp/compile_cu_cutlass
 if [ ! -f "$CUT/cutlass_library/source/include/cute/tensor.hpp" ]; then
   rm -rf "$CUT" && mkdir -p "$CUT/whl"
@@ -31,7 +31,7 @@ if [ ! -f "$CUT/cutlass_library/source/include/cute/tensor.hpp" ]; then
 fi
 if [ -f "$CUT/cutlass_library/source/include/cute/tensor.hpp" ]; then
   INC=(-I"$CUT/cutlass_library/source/include" -I"$CUT/cutlass_library/source/tools/util/include")
-  for pair in "c++20 csrc/gemm_sm90_bf16_nk.cu" "c++17 csrc/gemm_sm90_bf16_kn.cu"; do
+  for pair in "c++20 csrc/gemm_sm90_bf16_nk.cu" "c++17 csrc/gemm_sm90_bf16_kn.cu" "c++17 csrc/fused_fwd_sm90_bf16.cu"; do
     set -- $pair
     if "$NVCC" -std=$1 -O3 -DNDEBUG --expt-relaxed-constexpr -c -gencode=arch=compute_90a,code=sm_90a \
          -DLORA_KERNELS_HAVE_SM90_GEMM=1 "${INC[@]}" -Icsrc "$2" -o "$tmp/sm90.o"; then

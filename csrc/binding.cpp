@@ -14,6 +14,7 @@
 #include <string>
 #include <tuple>
 
+#include "fused_fwd_sm90.h"
 #include "gemm_sm90.h"
 #include "gemm_sm90_pack.h"
 #include "lora_autograd.h"
@@ -120,6 +121,30 @@ const char* sm90_unsupported(const Tensor& a, const Tensor& b, const Tensor* bia
     args.keep = static_cast<const uint8_t*>(a.data_ptr());
   }
   return lk::lora_gemm_sm90_unsupported(args, a.get_device());
+}
+
+// ------------------------------------------------------------------ the fused sm_90 forward (csrc/fused_fwd_sm90.h)
+// The forward as one GEMM launch with the shrink inside it (plus a prep launch): on the sm_90 GEMM's devices and
+// dtypes, without dropout, r <= 64. LORA_KERNELS_FUSED_FWD=0 (read once) keeps the forward on the shrink + pack + GEMM
+// path (A/B timing); LORA_KERNELS_SM90_GEMM=0 turns both off.
+lk::FusedFwdArgs fused_args(const Tensor& x, const Tensor& weight, const Tensor* bias, const Tensor& lora_A,
+                            const Tensor& lora_B, double scaling) {
+  lk::FusedFwdArgs a;
+  a.M = x.size(0); a.N = weight.size(0); a.K = x.size(1); a.r = (int)lora_A.size(0);
+  a.x_dtype = to_dtype(x, "x"); a.a_dtype = to_dtype(lora_A, "lora_A"); a.b_dtype = to_dtype(lora_B, "lora_B");
+  a.x = x.data_ptr(); a.w = weight.data_ptr(); a.bias = bias ? bias->data_ptr() : nullptr;
+  a.lora_A = lora_A.data_ptr(); a.lora_B = lora_B.data_ptr();
+  a.scale = (float)scaling;
+  return a;
+}
+
+const char* fused_forward_unsupported(const Tensor& x, const Tensor& weight, const Tensor* bias, const Tensor& lora_A,
+                                      const Tensor& lora_B, double p) {
+  if (!sm90_enabled()) return "LORA_KERNELS_SM90_GEMM=0";
+  if (p > 0.0) return "dropout (the u tiles do not mask x)";
+  lk::FusedFwdArgs a = fused_args(x, weight, bias, lora_A, lora_B, 1.0);
+  a.y = x.data_ptr();  // the output comes from the caching allocator: aligned
+  return lk::lora_fused_fwd_sm90_unsupported(a, x.get_device());
 }
 
 // ------------------------------------------------------------------ the small-M forward (csrc/small_m.cu)
@@ -290,6 +315,18 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& weight, c
                                                keep_u ? u.data_ptr<float>() : ws.ptr<float>(u_piece), M, N, K, r,
                                                (float)scaling, stream),
                "small-M forward launch");
+    return {y, u};
+  }
+  if (fused_forward_unsupported(x, weight, bias_t, lora_A, lora_B, p) == nullptr) {  // one GEMM launch (+ prep)
+    lk::FusedFwdArgs a = fused_args(x, weight, bias_t, lora_A, lora_B, scaling);
+    const int64_t u_piece = keep_u ? -1 : ws.reserve_floats(M * r);
+    const int64_t f_piece = ws.reserve((int64_t)lk::lora_fused_fwd_sm90_workspace_bytes(M, N, K, r, x_dt, a_dt));
+    ws.allocate(x.options());
+    Tensor y = at::empty({M, N}, x.options());
+    a.y = y.data_ptr();
+    a.u = keep_u ? u.data_ptr<float>() : ws.ptr<float>(u_piece);
+    a.workspace = ws.ptr(f_piece);
+    check_cuda(lk::launch_lora_fused_fwd_sm90(a, stream), "fused sm90 forward launch");
     return {y, u};
   }
   // On Hopper the shrink runs on the wgmma streaming kernel (shrink_sm90.cu), lora_A's pieces in a scratch piece.
@@ -627,15 +664,19 @@ std::string shrink_path(const Tensor& x, const Tensor& lora_A, double p) {
   return x_pass_path("shrink_path", &lk::lora_shrink_sm90_unsupported, x, lora_A, p);
 }
 
-// Which path a forward with these inputs takes: "small_m" (one launch, csrc/small_m.cu), or gemm_path's answer
-// followed by " (small_m: <why not>)". Checks what lora_forward checks first (the call would fail otherwise).
+// Which path a forward with these inputs takes: "small_m" (one launch, csrc/small_m.cu), "sm90 fused (small_m: <why
+// not>)" (csrc/fused_fwd_sm90.h), or gemm_path's answer followed by " (fused: <why not>) (small_m: <why not>)".
+// Checks what lora_forward checks first (the call would fail otherwise).
 std::string forward_path(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                          const Tensor& lora_A, const Tensor& lora_B, double p) {
   check_common(x, weight, lora_A, lora_B, p, 0);
   const c10::cuda::CUDAGuard guard(x.device());
   const char* why = small_m_unsupported(x, weight, lora_A, p);
   if (why == nullptr) return "small_m";
-  return gemm_path(x, weight, bias) + " (small_m: " + why + ")";
+  const bool has_bias = bias.has_value() && bias->defined();
+  const char* why_fused = fused_forward_unsupported(x, weight, has_bias ? &*bias : nullptr, lora_A, lora_B, p);
+  if (why_fused == nullptr) return std::string("sm90 fused (small_m: ") + why + ")";
+  return gemm_path(x, weight, bias) + " (fused: " + why_fused + ") (small_m: " + why + ")";
 }
 
 // Switches the small-M forward on or off for this process; returns the previous setting.

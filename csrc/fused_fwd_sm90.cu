@@ -1,0 +1,169 @@
+// Host side of the fused sm_90 LoRA forward (fused_fwd_sm90.h): support checks, the workspace, the prep launch that
+// lays out the rank-r operands for the GEMM's TMA loads, and the dispatch to the dtype instances. No CUTLASS here.
+//
+// Prep (one launch, three jobs by block range):
+//   Ap [2][nw][K]   lora_A's rows as the u tiles read them: u tile t, column block b (u columns t rc + 8 b + 0..7)
+//                   piece p at rows 8 (pieces b + p) + 0..7; the bf16x3 pieces of fp32 A on bf16 x, else A cast
+//                   to x's dtype; zero rows for columns >= r.
+//   Bx [N][width]   lora_B cast to x's dtype, zero columns r .. width.
+//   ready [Mt]      zeroed: the u tiles count themselves in, the output tiles' loads wait for 2.
+#include "fused_fwd_sm90.h"
+
+#include "gemm_sm90.h"
+#include "gemm_sm90_instances.h"
+#include "plans.cuh"
+
+namespace lora_kernels {
+using namespace detail;
+namespace {
+
+constexpr int kPrepThreads = 256;
+constexpr int64_t kAlignBytes = 256;
+
+int64_t align_up(int64_t v) { return (v + kAlignBytes - 1) / kAlignBytes * kAlignBytes; }
+
+struct Carve {
+  int64_t ap, bx, su, ready, total;
+};
+Carve carve(int64_t M, int64_t N, int64_t K, const sm90fused::Split& sp) {
+  Carve c;
+  c.ap = 0;
+  c.bx = c.ap + align_up(2 * (int64_t)sp.nw() * K * 2);
+  c.su = c.bx + align_up(N * sp.width() * 2);
+  c.ready = c.su + align_up(M * sp.width() * 2);
+  c.total = c.ready + align_up(ceil_div(M, 128) * 4);
+  return c;
+}
+
+bool fused_enabled() {
+  static const bool on = env_switch_on("LORA_KERNELS_FUSED_FWD");
+  return on;
+}
+
+template <typename TIn>
+__device__ __forceinline__ float load_f(const TIn* p, int64_t i) {
+  return to_f<TIn>(p[i]);
+}
+
+template <typename T, typename TA, typename TB, int P>
+__global__ void __launch_bounds__(kPrepThreads)
+fused_prep_kernel(const TA* __restrict__ A, const TB* __restrict__ B, T* __restrict__ ap, T* __restrict__ bx,
+                  int* __restrict__ ready, int64_t N, int64_t K, int r, int rc, int nw, int width, int64_t mt,
+                  int64_t blocks_ap, int64_t blocks_bx) {
+  const int64_t blk = blockIdx.x;
+  if (blk < blocks_ap) {  // one thread per (u column j < 2 rc, k)
+    const int64_t t = blk * kPrepThreads + threadIdx.x;
+    if (t >= 2 * (int64_t)rc * K) return;
+    const int j = (int)(t / K);
+    const int64_t k = t % K;
+    const int tile = j / rc, b = (j % rc) / 8, jj = j % 8;
+    const float v = j < r ? load_f(A, (int64_t)j * K + k) : 0.f;
+    T* out = ap + ((int64_t)tile * nw + 8 * P * b + jj) * K + k;
+    if constexpr (P > 1) {
+      __nv_bfloat16 pc[3];
+      bf16x3_split(v, pc);
+#pragma unroll
+      for (int p = 0; p < 3; ++p) out[(int64_t)8 * p * K] = pc[p];
+    } else {
+      out[0] = from_f<T>(v);
+    }
+    return;
+  }
+  if (blk < blocks_ap + blocks_bx) {  // one thread per 8 columns of a row of Bx
+    const int64_t t = (blk - blocks_ap) * kPrepThreads + threadIdx.x;
+    const int groups = width / 8;
+    if (t >= N * groups) return;
+    const int64_t n = t / groups;
+    const int c0 = (int)(t % groups) * 8;
+    alignas(16) T v[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) v[e] = from_f<T>(c0 + e < r ? load_f(B, n * r + c0 + e) : 0.f);
+    *reinterpret_cast<uint4*>(bx + n * width + c0) = *reinterpret_cast<const uint4*>(v);
+    return;
+  }
+  const int64_t t = (blk - blocks_ap - blocks_bx) * kPrepThreads + threadIdx.x;
+  if (t < mt) ready[t] = 0;
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+}  // namespace
+
+size_t lora_fused_fwd_sm90_workspace_bytes(int64_t M, int64_t N, int64_t K, int r, DType x_dtype, DType a_dtype) {
+  return (size_t)carve(M, N, K, sm90fused::split_for(r, adapter_pieces(x_dtype, a_dtype))).total;
+}
+
+const char* lora_fused_fwd_sm90_unsupported(const FusedFwdArgs& a, int device) {
+  (void)device;
+  if (!fused_enabled()) return "LORA_KERNELS_FUSED_FWD=0";
+  if (!lora_gemm_sm90_built()) return "the sm_90 kernels were not compiled into this build (no CUTLASS headers)";
+  if (compute_capability() != 90) return "the device is not compute capability 9.0";
+  if (a.x_dtype == DType::kFloat32) return "x is not float16 or bfloat16";
+  if (a.a_dtype != a.x_dtype && !(a.a_dtype == DType::kFloat32 && a.x_dtype == DType::kBFloat16))
+    return "lora_A must have x's dtype, or be fp32 on bf16 x";
+  if (a.M < 1 || a.N < 1 || a.K < 1) return "empty problem";
+  if (a.M > INT32_MAX / 2 || a.N > INT32_MAX / 2 || a.K > INT32_MAX / 2) return "a dimension exceeds 2^30";
+  if (a.r < 1 || a.r > 64) return "r above 64";
+  if (a.K % 8 || a.N % 8) return "K and N must be multiples of 8 (16-byte rows for TMA)";
+  if (!aligned16(a.x) || !aligned16(a.w) || (a.bias && !aligned16(a.bias)) || (a.y && !aligned16(a.y)))
+    return "x, weight, bias and y must be 16-byte aligned";
+  return nullptr;
+}
+
+cudaError_t launch_lora_fused_fwd_sm90(const FusedFwdArgs& a, cudaStream_t stream) {
+  int device = 0;
+  cudaError_t e = cudaGetDevice(&device);
+  if (e != cudaSuccess) return e;
+  if (lora_fused_fwd_sm90_unsupported(a, device) != nullptr || !a.workspace || !a.y || !a.u ||
+      !aligned16(a.workspace))
+    return cudaErrorNotSupported;
+#if LORA_KERNELS_HAVE_SM90_GEMM
+  const int pieces = adapter_pieces(a.x_dtype, a.a_dtype);
+  const sm90fused::Split sp = sm90fused::split_for(a.r, pieces);
+  const Carve c = carve(a.M, a.N, a.K, sp);
+  char* ws = static_cast<char*>(a.workspace);
+  const int64_t mt = ceil_div(a.M, 128);
+  const int64_t blocks_ap = ceil_div(2 * (int64_t)sp.rc() * a.K, kPrepThreads);
+  const int64_t blocks_bx = ceil_div(a.N * (sp.width() / 8), kPrepThreads);
+  const int64_t blocks_ready = ceil_div(mt, kPrepThreads);
+  if (blocks_ap + blocks_bx + blocks_ready > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  e = with_dtype16(a.x_dtype, [&](auto xt) {
+    using T = decltype(xt);
+    return with_dtype(a.a_dtype, [&](auto at) {
+      using TA = decltype(at);
+      return with_dtype(a.b_dtype, [&](auto bt) {
+        using TB = decltype(bt);
+        return with_pieces<T>(pieces, [&](auto pc) {
+          fused_prep_kernel<T, TA, TB, decltype(pc)::value>
+              <<<(unsigned)(blocks_ap + blocks_bx + blocks_ready), kPrepThreads, 0, stream>>>(
+                  static_cast<const TA*>(a.lora_A), static_cast<const TB*>(a.lora_B),
+                  reinterpret_cast<T*>(ws + c.ap), reinterpret_cast<T*>(ws + c.bx),
+                  reinterpret_cast<int*>(ws + c.ready), a.N, a.K, a.r, sp.rc(), sp.nw(), sp.width(), mt, blocks_ap,
+                  blocks_bx);
+          return cudaGetLastError();
+        });
+      });
+    });
+  });
+  if (e != cudaSuccess) return e;
+  sm90fused::FusedParams f;
+  f.M = (int)a.M;
+  f.N = (int)a.N;
+  f.r = a.r;
+  f.blocks = sp.blocks;
+  f.pieces = pieces;
+  f.k_tiles_main = (int)ceil_div(a.K, 64);
+  f.kb_ext = (a.r + 15) / 16;
+  f.scale = a.scale;
+  f.u = a.u;
+  f.su = ws + c.su;
+  f.ready = reinterpret_cast<int*>(ws + c.ready);
+  const sm90fused::Operands o{a.x, a.w, a.bias, ws + c.ap, ws + c.bx, a.y};
+  return a.x_dtype == DType::kBFloat16 ? sm90fused::run_fused_bf16(o, f, a.K, num_sms(), stream)
+                                       : sm90fused::run_fused_fp16(o, f, a.K, num_sms(), stream);
+#else
+  return cudaErrorNotSupported;
+#endif
+}
+
+}  // namespace lora_kernels

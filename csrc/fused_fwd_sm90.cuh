@@ -1,0 +1,537 @@
+// The fused LoRA forward GEMM of fused_fwd_sm90.h, from CUTLASS 3.x (CuTe) parts: its collective main loop's TMA
+// descriptors, shared-memory layouts and pipeline, its TMA-store epilogue and its persistent tile scheduler, with
+// our own kernel body (the ping-pong schedule of sm90_gemm_tma_warpspecialized_pingpong.hpp, reduced to what this
+// kernel uses and given the u tiles).
+//
+// Math:   per 128-row block m of x (the scheduler's tile row), 2 "u tiles" and ceil(N / 128) output tiles:
+//           u tile j (j = 0, 1):  C (128 x nw) = x_m · Apⱼᵀ over K, Apⱼ = lora_A's pieces for u columns
+//                                 [j rc, (j+1) rc); the pieces of each column summed in fp32, times scale, are u's
+//                                 columns: written to u (fp32) and su = bf16(u) (x's dtype), then ready[m] += 1.
+//           output tile n:        y_mn = x_m W_nᵀ + su_m Bx_nᵀ + bias_n, the last K-tile from (su, Bx), loaded
+//                                 once ready[m] == 2.
+// Tiling: 128 x 128 x 64 tiles, clusters of 1 x 2 along N (the x tile multicast to both), a TMA producer warp, two
+//         consumer warpgroups taking tiles in turn (ping-pong: one's epilogue under the other's main loop). The
+//         scheduler sees N' = N + 256 columns: tiles n = 0, 1 of each row are its u tiles (one cluster), n >= 2 the
+//         output tiles n - 2. A u tile runs a narrow wgmma (64 x nw_mma x 16) on the x tile and Ap's tile in place of
+//         W's, and stores nothing through the epilogue. Every tile takes k_tiles_main + 1 pipeline stages; the last
+//         stage of a u tile is not multiplied (its loads repeat K-tile 0).
+// Order:  the producer waits for ready[m] before the extension stage of an output tile. No wait can deadlock: the
+//         scheduler's tile order (along M or N, any swizzle) puts a row's u tiles, n = 0 and 1, before every other
+//         tile of the row, the u tiles wait for nothing, and every tile that precedes them in the order is either
+//         running on a resident block or done.
+// Launch: params built on the host; the kernel launched on the caller's stream with its cluster shape.
+#pragma once
+
+#include "fused_fwd_sm90.h"
+
+#include <atomic>
+
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/cutlass.h>
+#include <cutlass/epilogue/collective/collective_builder.hpp>
+#include <cutlass/gemm/collective/collective_builder.hpp>
+#include <cutlass/gemm/dispatch_policy.hpp>
+#include <cutlass/gemm/kernel/gemm_universal.hpp>
+#include <cutlass/gemm/kernel/tile_scheduler.hpp>
+#include <cutlass/util/packed_stride.hpp>
+
+namespace lora_kernels {
+namespace sm90fused {
+
+using namespace cute;
+
+__device__ __forceinline__ int ld_acquire(const int* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+// Generic-proxy global writes (the u tiles' su) ordered with async-proxy reads (another block's TMA of su).
+__device__ __forceinline__ void fence_proxy_async_global() { asm volatile("fence.proxy.async.global;" ::: "memory"); }
+
+template <class Element>
+struct FusedFwd {
+  // ---------------------------------------------------------------------------------------------- types
+  using Tile = Shape<_128, _128, _64>;
+  using Cluster = Shape<_1, _2, _1>;
+  using LayoutA = cutlass::layout::RowMajor;
+  using LayoutB = cutlass::layout::ColumnMajor;  // W (N, K) row-major
+  using LayoutD = cutlass::layout::RowMajor;
+  static constexpr int kAlign = 8;
+  static constexpr int kUTiles = 2;  // u tiles per row block: one cluster
+  using Fusion = cutlass::epilogue::fusion::LinCombPerColBias<Element, float, Element, void, float>;
+  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Tile, Cluster, cutlass::epilogue::collective::EpilogueTileAuto,
+      float, float, void, LayoutD, kAlign, Element, LayoutD, kAlign, cutlass::epilogue::TmaWarpSpecialized,
+      Fusion>::CollectiveOp;
+  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA, kAlign, Element, LayoutB, kAlign, float,
+      Tile, Cluster,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
+      cutlass::gemm::KernelTmaWarpSpecializedPingpong>::CollectiveOp;
+  using Base = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue,
+                                                    cutlass::gemm::PersistentScheduler>;
+  using TileScheduler = typename Base::TileScheduler;
+  using TiledMma = typename Mainloop::TiledMma;
+  using SmemLayoutA = typename Mainloop::SmemLayoutA;
+  using SmemLayoutB = typename Mainloop::SmemLayoutB;
+  using StrideA = typename Mainloop::StrideA;
+  using StrideB = typename Mainloop::StrideB;
+  using TMA_A = typename Mainloop::Params::TMA_A;
+  using TMA_B = typename Mainloop::Params::TMA_B;
+  using MainloopPipeline = typename Mainloop::MainloopPipeline;
+  using PipelineState = typename Mainloop::PipelineState;
+  using SharedStorage = typename Base::SharedStorage;
+  static constexpr int kStages = Mainloop::DispatchPolicy::Stages;
+  static constexpr int kTileK = 64;
+  static_assert(Mainloop::K_PIPE_MMAS == 1, "the consumer loops keep one MMA batch in flight");
+  static_assert(!cute::is_same_v<typename Mainloop::GmemTiledCopyB, SM90_TMA_LOAD_MULTICAST>,
+                "B tiles differ across the cluster (1 x 2 along N)");
+
+  struct Params {
+    typename Base::Params gemm;  // problem_shape: the real (M, N, Kt); scheduler: over N' = N + 256
+    TMA_B tma_ap;                // (nw, K, 2) lora_A's pieces, one batch per u tile
+    TMA_A tma_su;                // (M, width, 1) bf16(u)
+    TMA_B tma_bx;                // (N, width, 1) lora_B padded
+    FusedParams f;
+  };
+
+  static constexpr int SharedStorageSize = Base::SharedStorageSize;
+  static constexpr uint32_t MaxThreadsPerBlock = Base::MaxThreadsPerBlock;
+  static constexpr uint32_t MinBlocksPerMultiprocessor = 1;
+
+  // ---------------------------------------------------------------------------------------------- consumers
+  // An output tile: K-tiles [0, kt) from (x, W), then the extension stage from (su, Bx), of whose 4 k-blocks the
+  // first kb_ext hold u's columns (the rest are zeros on both sides and are skipped).
+  template <class Accum>
+  CUTLASS_DEVICE static void mma_output(MainloopPipeline& pipeline, PipelineState read, Accum& accum, int k_tiles,
+                                        int kb_ext, int thread_idx, typename Mainloop::TensorStorage& smem) {
+    Tensor sA = make_tensor(make_smem_ptr(smem.smem_A.data()), SmemLayoutA{});
+    Tensor sB = make_tensor(make_smem_ptr(smem.smem_B.data()), SmemLayoutB{});
+    TiledMma tiled_mma;
+    auto thr = tiled_mma.get_slice(thread_idx);
+    Tensor tCrA = thr.make_fragment_A(thr.partition_A(sA));  // (MMA, MMA_M, MMA_K, PIPE)
+    Tensor tCrB = thr.make_fragment_B(thr.partition_B(sB));
+    PipelineState release = read;
+    // one K-tile's batch: k-blocks [0, KB) of the stage (KB = 4: the whole 64-deep tile)
+    auto issue = [&](auto kb_count, int stage) {
+      warpgroup_fence_operand(accum);
+      warpgroup_arrive();
+      CUTLASS_PRAGMA_UNROLL
+      for (int k_block = 0; k_block < decltype(kb_count)::value; ++k_block) {
+        cute::gemm(tiled_mma, tCrA(_, _, k_block, stage), tCrB(_, _, k_block, stage), accum);
+        tiled_mma.accumulate_ = GMMA::ScaleOut::One;
+      }
+      warpgroup_commit_batch();
+    };
+    tiled_mma.accumulate_ = GMMA::ScaleOut::Zero;
+    for (int t = 0; t < k_tiles; ++t) {
+      auto token = pipeline.consumer_try_wait(read);
+      pipeline.consumer_wait(read, token);
+      const int stage = read.index();
+      if (t < k_tiles - 1) {
+        issue(Int<4>{}, stage);
+      } else {  // the extension: its first kb_ext k-blocks
+        switch (kb_ext) {
+          case 1: issue(Int<1>{}, stage); break;
+          case 2: issue(Int<2>{}, stage); break;
+          case 3: issue(Int<3>{}, stage); break;
+          default: issue(Int<4>{}, stage); break;
+        }
+      }
+      if (t > 0) {
+        warpgroup_wait<1>();  // the batch of K-tile t - 1 is done: release its stage
+        warpgroup_fence_operand(accum);
+        pipeline.consumer_release(release);
+        ++release;
+      }
+      ++read;
+    }
+    warpgroup_fence_operand(accum);
+  }
+
+  // A u tile: x_m · Apⱼᵀ over the k_tiles - 1 main K-tiles with a 64 x NW x 16 wgmma on the first NW rows of the B
+  // slot (Ap's tile), then the stage of the extension slot (not multiplied); then, out of the ordered section, the
+  // pieces summed and u written. Returns after the ready count is raised.
+  template <int Blocks, int Pieces, class Arrive>
+  CUTLASS_DEVICE static void u_tile(MainloopPipeline& pipeline, PipelineState read, int k_tiles, int thread_idx,
+                                    typename Mainloop::TensorStorage& smem, FusedParams const& f, int m_blk, int j,
+                                    int wg, Arrive&& arrive_ordered) {
+    constexpr int kNW = 8 * Blocks * Pieces;                   // rows of Ap that hold pieces
+    constexpr int kNWm = kNW <= 8 ? 8 : kNW <= 16 ? 16 : kNW <= 32 ? 32 : kNW <= 64 ? 64 : 96;  // wgmma N
+    static_assert(kNW <= 96, "at most 4 column blocks of 3 pieces");
+    using Atom = decltype(GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kNWm>, _64>, GMMA::Major::K,
+                                               GMMA::Major::K>());
+    using UMma = decltype(make_tiled_mma(Atom{}));
+    using SmemLayoutU = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{}, Shape<Int<kNWm>, _64>{}));
+    static_assert(cute::is_same_v<typename Mainloop::SmemLayoutAtomB, GMMA::Layout_K_SW128_Atom<Element>>,
+                  "Ap's rows are the first rows of the B slot's layout");
+    constexpr int kStageElems = size<0>(Tile{}) * kTileK;  // B slot stage stride (elements)
+
+    Tensor sA = make_tensor(make_smem_ptr(smem.smem_A.data()), SmemLayoutA{});
+    UMma umma;
+    auto thr = umma.get_slice(thread_idx);
+    Tensor tUrA = thr.make_fragment_A(thr.partition_A(sA));  // (MMA, MMA_M, MMA_K, PIPE)
+    Tensor acc = partition_fragment_C(umma, Shape<_128, Int<kNWm>>{});
+    PipelineState release = read;
+    umma.accumulate_ = GMMA::ScaleOut::Zero;
+    warpgroup_fence_operand(acc);
+    for (int t = 0; t < k_tiles; ++t) {
+      auto token = pipeline.consumer_try_wait(read);
+      pipeline.consumer_wait(read, token);
+      const int stage = read.index();
+      if (t < k_tiles - 1) {
+        Tensor sU = make_tensor(make_smem_ptr(smem.smem_B.data() + stage * kStageElems), SmemLayoutU{});
+        Tensor tUrB = thr.make_fragment_B(thr.partition_B(sU));  // (MMA, MMA_N, MMA_K)
+        warpgroup_fence_operand(acc);
+        warpgroup_arrive();
+        CUTLASS_PRAGMA_UNROLL
+        for (int k_block = 0; k_block < size<2>(tUrA); ++k_block) {
+          cute::gemm(umma, tUrA(_, _, k_block, stage), tUrB(_, _, k_block), acc);
+          umma.accumulate_ = GMMA::ScaleOut::One;
+        }
+        warpgroup_commit_batch();
+        if (t > 0) warpgroup_wait<1>();
+      } else {
+        warpgroup_wait<0>();  // nothing issued on this stage: the previous batch must be done before its release
+      }
+      if (t > 0) {
+        pipeline.consumer_release(release);
+        ++release;
+      }
+      warpgroup_fence_operand(acc);
+      ++read;
+    }
+    warpgroup_wait<0>();
+    pipeline.consumer_release(release);  // the last stage
+    arrive_ordered();
+
+    // acc's mode 0 is (2 adjacent columns, 2 rows 8 apart, kNWm / 8 column groups 8 apart): column group
+    // Pieces * b + p holds piece p of u's column block b, so a thread sums its own registers.
+    Tensor cU = thr.partition_C(make_identity_tensor(Shape<_128, Int<kNWm>>{}));
+    const int width = 2 * 8 * Blocks;
+    Element* su = static_cast<Element*>(f.su);
+    CUTLASS_PRAGMA_UNROLL
+    for (int mm = 0; mm < size<1>(acc); ++mm) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int h = 0; h < 2; ++h) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int b = 0; b < Blocks; ++b) {
+          CUTLASS_PRAGMA_UNROLL
+          for (int c = 0; c < 2; ++c) {
+            float v = 0.f;
+            CUTLASS_PRAGMA_UNROLL
+            for (int p = 0; p < Pieces; ++p) v += acc(make_coord(c, h, Pieces * b + p), mm, 0);
+            v *= f.scale;
+            const auto rc = cU(make_coord(c, h, Pieces * b), mm, 0);
+            const int row = m_blk * 128 + get<0>(rc);
+            const int col = j * 8 * Blocks + 8 * b + get<1>(rc) % 8;
+            if (row < f.M) {
+              if (col < f.r) f.u[(int64_t)row * f.r + col] = v;
+              su[(int64_t)row * width + col] = Element(v);
+            }
+          }
+        }
+      }
+    }
+    fence_proxy_async_global();
+    __threadfence();
+    cutlass::arch::NamedBarrier::sync(128, wg);  // every thread's u written and fenced
+    if (thread_idx == 0) atomicAdd(f.ready + m_blk, 1);
+  }
+
+  template <class Fn>
+  CUTLASS_DEVICE static void with_split(int blocks, int pieces, Fn&& fn) {
+    if (pieces == 3) {
+      if constexpr (cute::is_same_v<Element, cutlass::bfloat16_t>) {
+        if (blocks == 1) fn(Int<1>{}, Int<3>{});
+        else if (blocks == 2) fn(Int<2>{}, Int<3>{});
+        else fn(Int<4>{}, Int<3>{});
+      }
+    } else {
+      if (blocks == 1) fn(Int<1>{}, Int<1>{});
+      else if (blocks == 2) fn(Int<2>{}, Int<1>{});
+      else fn(Int<4>{}, Int<1>{});
+    }
+  }
+
+  // ---------------------------------------------------------------------------------------------- kernel
+  CUTLASS_DEVICE void operator()(Params const& params, char* smem_buf) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    enum class Role { Producer = 0, Consumer0 = 1, Consumer1 = 2 };
+    SharedStorage& shared = *reinterpret_cast<SharedStorage*>(smem_buf);
+    const int thread_idx = int(threadIdx.x);
+    const int warp_idx = cutlass::canonical_warp_idx_sync();
+    const int wg_thread = thread_idx % cutlass::NumThreadsPerWarpGroup;
+    const auto role = Role(cutlass::canonical_warp_group_idx());
+    const int lane_predicate = cute::elect_one_sync();
+    const uint32_t block_rank = cute::block_rank_in_cluster();
+    auto const& mp = params.gemm.mainloop;
+    FusedParams const& f = params.f;
+
+    if (warp_idx == 0 && lane_predicate) {
+      cute::prefetch_tma_descriptor(mp.tma_load_a.get_tma_descriptor());
+      cute::prefetch_tma_descriptor(mp.tma_load_b.get_tma_descriptor());
+      cute::prefetch_tma_descriptor(params.tma_ap.get_tma_descriptor());
+      cute::prefetch_tma_descriptor(params.tma_su.get_tma_descriptor());
+      cute::prefetch_tma_descriptor(params.tma_bx.get_tma_descriptor());
+      Epilogue::prefetch_tma_descriptors(params.gemm.epilogue);
+    }
+
+    typename MainloopPipeline::Params pp;
+    if (role == Role::Producer && warp_idx % 4 == 0) pp.role = MainloopPipeline::ThreadCategory::Producer;
+    if (role != Role::Producer) pp.role = MainloopPipeline::ThreadCategory::Consumer;
+    pp.is_leader = wg_thread == 0;
+    pp.num_consumers = cutlass::NumThreadsPerWarpGroup;
+    pp.transaction_bytes = mp.tma_transaction_bytes;
+    MainloopPipeline pipeline(shared.pipelines.mainloop, pp, Cluster{});
+
+    using EpiLoadPipeline = typename Epilogue::LoadPipeline;
+    typename EpiLoadPipeline::Params elp;
+    if (role != Role::Producer) elp.role = EpiLoadPipeline::ThreadCategory::Consumer;
+    elp.dst_blockid = block_rank;
+    elp.producer_arv_count = cutlass::NumThreadsPerWarp;
+    elp.consumer_arv_count = cutlass::NumThreadsPerWarpGroup;
+    if constexpr (Epilogue::RequiresTransactionBytes) elp.transaction_bytes = params.gemm.epilogue.tma_transaction_bytes;
+    EpiLoadPipeline epi_load_pipeline(shared.pipelines.epi_load, elp);
+    using EpiStorePipeline = typename Epilogue::StorePipeline;
+    typename EpiStorePipeline::Params esp;
+    esp.always_wait = true;
+    EpiStorePipeline epi_store_pipeline(esp);
+
+    typename Base::MathWarpGroupOrderBarrier::Params obp;
+    obp.group_id = cutlass::canonical_warp_group_idx() - 1;
+    obp.group_size = cutlass::NumThreadsPerWarpGroup;
+    typename Base::MathWarpGroupOrderBarrier order(shared.pipelines.math_wg_order, obp);
+
+    PipelineState consumer_state;
+    typename Epilogue::LoadPipelineState epi_load_state;
+    PipelineState producer_state = cutlass::make_producer_start_state<MainloopPipeline>();
+    auto epi_store_state = cutlass::make_producer_start_state<EpiStorePipeline>();
+
+    // problem_shape is the real (M, N, Kt); the scheduler's N' covers the u tiles as tile columns 0 and 1
+    auto problem = params.gemm.problem_shape;
+    const int M = get<0>(problem), N = get<1>(problem), L = 1;
+    const int k_tiles = f.k_tiles_main + 1;
+    auto blk_shape = Tile{};
+    auto c_tile_count = Epilogue::get_load_pipe_increment(blk_shape);
+    auto d_tile_count = Epilogue::get_store_pipe_increment(blk_shape);
+
+    TileScheduler scheduler{params.gemm.scheduler};
+    if (role == Role::Consumer1) {
+      scheduler.advance_to_next_work();
+      consumer_state.advance(k_tiles);
+      epi_load_state.advance(c_tile_count);
+      epi_store_state.advance(d_tile_count);
+    }
+    auto work = scheduler.initial_work_tile_info(Cluster{});
+
+    // cluster-wide barrier: the pipelines' initialisation visible to the other block
+    cute::cluster_arrive_relaxed();
+    cute::cluster_wait();
+
+    if (role == Role::Producer) {
+      cutlass::arch::warpgroup_reg_dealloc<Base::LoadRegisterRequirement>();
+      if (warp_idx % 4 != 0 || !cute::elect_one_sync()) return;
+      // (BLK, BLK_K, tile, k, l) views of each operand's TMA tensor
+      auto tile_view = [&](auto const& tma, int rows, int cols, int batches, auto step) {
+        return local_tile(tma.get_tma_tensor(make_shape(rows, cols, batches)), Tile{}, make_coord(_, _, _), step);
+      };
+      using X = Underscore;
+      const int K = f.k_tiles_main * kTileK;  // the K-tile grid (TMA fills past the real K with zeros)
+      const int width = 2 * 8 * f.blocks;
+      Tensor gX = tile_view(mp.tma_load_a, M, K, L, Step<_1, X, _1>{});
+      Tensor gW = tile_view(mp.tma_load_b, N, K, L, Step<X, _1, _1>{});
+      Tensor gAp = tile_view(params.tma_ap, 8 * f.blocks * f.pieces, K, kUTiles, Step<X, _1, _1>{});
+      Tensor gSu = tile_view(params.tma_su, M, width, L, Step<_1, X, _1>{});
+      Tensor gBx = tile_view(params.tma_bx, N, width, L, Step<X, _1, _1>{});
+      Tensor sA = make_tensor(make_smem_ptr(shared.tensors.mainloop.smem_A.data()), SmemLayoutA{});
+      Tensor sB = make_tensor(make_smem_ptr(shared.tensors.mainloop.smem_B.data()), SmemLayoutB{});
+      // x and su multicast to both blocks of the cluster (one row block); W, Ap, Bx per block
+      const uint2 cid = {block_rank % size<0>(Cluster{}), block_rank / size<0>(Cluster{})};
+      auto ta_x = mp.tma_load_a.get_slice(cid.y);
+      auto ta_su = params.tma_su.get_slice(cid.y);
+      auto tb_w = mp.tma_load_b.get_slice(cid.x);
+      auto tb_ap = params.tma_ap.get_slice(cid.x);
+      auto tb_bx = params.tma_bx.get_slice(cid.x);
+      Tensor tAsA = ta_x.partition_D(sA);
+      Tensor tBsB = tb_w.partition_D(sB);
+      uint16_t mcast_a = 0;
+      {
+        auto block_layout = Layout<Cluster>{};
+        for (int n = 0; n < size<1>(block_layout); ++n) mcast_a |= uint16_t(1) << block_layout(cid.x, n, Int<0>{});
+      }
+      while (work.is_valid()) {
+        const int m_blk = work.M_idx, n_tile = work.N_idx;
+        const bool u_tile = n_tile < kUTiles;
+        Tensor tAgX = ta_x.partition_S(gX(_, _, m_blk, _, 0));     // (TMA, TMA_M, TMA_K, k)
+        Tensor tAgSu = ta_su.partition_S(gSu(_, _, m_blk, _, 0));
+        Tensor tBgW = tb_w.partition_S(gW(_, _, u_tile ? 0 : n_tile - kUTiles, _, 0));
+        Tensor tBgAp = tb_ap.partition_S(gAp(_, _, 0, _, u_tile ? n_tile : 0));
+        Tensor tBgBx = tb_bx.partition_S(gBx(_, _, u_tile ? 0 : n_tile - kUTiles, _, 0));
+        for (int k = 0; k < k_tiles; ++k) {
+          const bool ext = k == f.k_tiles_main;
+          if (ext && !u_tile) {  // bf16(u) of this row block: wait until both u tiles wrote it
+            while (ld_acquire(f.ready + m_blk) < kUTiles) __nanosleep(128);
+            fence_proxy_async_global();
+          }
+          pipeline.producer_acquire(producer_state);
+          auto* bar = pipeline.producer_get_barrier(producer_state);
+          const int stage = producer_state.index();
+          const int kk = ext ? 0 : k;
+          if (ext && !u_tile) {
+            copy(params.tma_su.with(*bar, mcast_a), tAgSu(_, _, _, 0), tAsA(_, _, _, stage));
+            copy(params.tma_bx.with(*bar), tBgBx(_, _, _, 0), tBsB(_, _, _, stage));
+          } else {
+            copy(mp.tma_load_a.with(*bar, mcast_a), tAgX(_, _, _, kk), tAsA(_, _, _, stage));
+            if (u_tile) copy(params.tma_ap.with(*bar), tBgAp(_, _, _, kk), tBsB(_, _, _, stage));
+            else copy(mp.tma_load_b.with(*bar), tBgW(_, _, _, kk), tBsB(_, _, _, stage));
+          }
+          ++producer_state;
+        }
+        scheduler.advance_to_next_work();
+        work = scheduler.get_current_work();
+      }
+      pipeline.producer_tail(producer_state);  // the other block's consumers are done with our multicasts
+      return;
+    }
+
+    // consumers
+    cutlass::arch::warpgroup_reg_alloc<Base::MmaRegisterRequirement>();
+    Epilogue epilogue(params.gemm.epilogue, shared.tensors.epilogue);
+    TiledMma tiled_mma;
+    const int wg = cutlass::canonical_warp_group_idx() - 1;
+    auto problem_mnkl = make_shape(M, N, get<2>(problem), L);
+    while (work.is_valid()) {
+      const int m_blk = work.M_idx, n_tile = work.N_idx;
+      order.wait();
+      if (n_tile < kUTiles) {
+        with_split(f.blocks, f.pieces, [&](auto blocks, auto pieces) {
+          u_tile<decltype(blocks)::value, decltype(pieces)::value>(pipeline, consumer_state, k_tiles, wg_thread,
+                                                                   shared.tensors.mainloop, f, m_blk, n_tile, wg,
+                                                                   [&] { order.arrive(); });
+        });
+        consumer_state.advance(k_tiles * 2);
+        order.wait();  // the epilogue's turn: nothing to store
+        epi_load_state.advance(c_tile_count * 2);
+        epi_store_state.advance(d_tile_count * 2);
+        order.arrive();
+      } else {
+        Tensor accum = partition_fragment_C(tiled_mma, take<0, 2>(blk_shape));
+        mma_output(pipeline, consumer_state, accum, k_tiles, f.kb_ext, wg_thread, shared.tensors.mainloop);
+        order.arrive();
+        // the last stage's batch: wait, release
+        {
+          PipelineState last = consumer_state;
+          last.advance(k_tiles - 1);
+          warpgroup_wait<0>();
+          pipeline.consumer_release(last);
+        }
+        consumer_state.advance(k_tiles * 2);
+        order.wait();
+        auto blk_coord = make_coord(m_blk, n_tile - kUTiles, _, 0);
+        auto [el, es] = epilogue.store(epi_load_pipeline, epi_load_state, epi_store_pipeline, epi_store_state,
+                                       problem_mnkl, blk_shape, blk_coord, accum, tiled_mma, wg_thread,
+                                       shared.tensors.epilogue);
+        auto [el2, es2] = epilogue.store_tail(epi_load_pipeline, el, epi_store_pipeline, es);
+        epi_load_state = el2;
+        epi_store_state = es2;
+        epi_load_state.advance(c_tile_count);
+        epi_store_state.advance(d_tile_count);
+        order.arrive();
+      }
+      scheduler.advance_to_next_work(2);
+      work = scheduler.get_current_work();
+    }
+#endif
+  }
+
+  // ---------------------------------------------------------------------------------------------- host
+  static cudaError_t run(const Operands& o, const FusedParams& f, int64_t K64, int sms, cudaStream_t stream) {
+    using E = Element;
+    const int M = f.M, N = f.N, K = int(K64);
+    const Split sp{f.blocks, f.pieces};
+    const int nw = sp.nw(), width = sp.width();
+    const int kt = f.k_tiles_main + 1;
+    typename Base::Arguments args;
+    args.mode = cutlass::gemm::GemmUniversalMode::kGemm;
+    args.problem_shape = {M, N, kt * kTileK, 1};
+    args.mainloop = {static_cast<E const*>(o.x), cutlass::make_cute_packed_stride(StrideA{}, {M, K, 1}),
+                     static_cast<E const*>(o.w), cutlass::make_cute_packed_stride(StrideB{}, {N, K, 1})};
+    args.epilogue.thread.alpha = 1.0f;
+    args.epilogue.thread.beta = 0.0f;
+    args.epilogue.thread.bias_ptr = static_cast<E const*>(o.bias);
+    args.epilogue.ptr_C = nullptr;
+    args.epilogue.ptr_D = static_cast<E*>(o.y);
+    args.epilogue.dD = cutlass::make_cute_packed_stride(typename Base::StrideD{}, {M, N, 1});
+    args.epilogue.dC = args.epilogue.dD;
+    args.hw_info.device_id = 0;
+    args.hw_info.sm_count = sms;
+    args.scheduler.max_swizzle_size = 4;
+    args.scheduler.raster_order = cutlass::gemm::kernel::detail::RasterOrderOptions::AlongM;
+    if (!Base::can_implement(args)) return cudaErrorNotSupported;
+
+    Params p;
+    // (x, W) main loop and epilogue over the real problem; the x and W descriptors span the real K
+    args.problem_shape = {M, N, K, 1};
+    p.gemm = Base::to_underlying_arguments(args, nullptr);
+    p.gemm.problem_shape = {M, N, kt * kTileK, 1};
+    // the scheduler over N' = the output tiles' columns plus the u tiles' two
+    const int np = int((N + 127) / 128 + kUTiles) * 128;
+    auto shape_sched = make_shape(M, np, kt * kTileK, 1);
+    p.gemm.scheduler = TileScheduler::to_underlying_arguments(
+        shape_sched, Tile{}, Cluster{}, p.gemm.hw_info, args.scheduler, nullptr,
+        Epilogue::get_store_pipe_increment(Tile{}));
+    using IA = typename Mainloop::InternalElementA;
+    using IB = typename Mainloop::InternalElementB;
+    auto make_a = [&](void const* ptr, int rows, int cols) {
+      auto t = make_tensor(static_cast<IA const*>(ptr), make_layout(make_shape(rows, cols, 1),
+                                            cutlass::make_cute_packed_stride(StrideA{}, {rows, cols, 1})));
+      return make_tma_copy_A_sm90(typename Mainloop::GmemTiledCopyA{}, t, SmemLayoutA{}(_, _, Int<0>{}), Tile{},
+                                  Cluster{});
+    };
+    auto make_b = [&](void const* ptr, int rows, int cols, int batches) {
+      auto t = make_tensor(static_cast<IB const*>(ptr), make_layout(make_shape(rows, cols, batches),
+                                            cutlass::make_cute_packed_stride(StrideB{}, {rows, cols, batches})));
+      return make_tma_copy_B_sm90(typename Mainloop::GmemTiledCopyB{}, t, SmemLayoutB{}(_, _, Int<0>{}), Tile{},
+                                  Cluster{});
+    };
+    p.tma_ap = make_b(o.ap, nw, K, kUTiles);
+    p.tma_su = make_a(f.su, M, width);
+    p.tma_bx = make_b(o.bx, N, width, 1);
+    p.f = f;
+
+    static std::atomic<bool> smem_set[64];
+    constexpr int smem = SharedStorageSize;
+    static_assert(smem <= 232448, "over the 227 KB of shared memory an sm_90 block can have");
+    int device = 0;
+    cudaError_t e = cudaGetDevice(&device);
+    if (e != cudaSuccess) return e;
+    if (device >= 64 || !smem_set[device].load(std::memory_order_acquire)) {
+      e = cudaFuncSetAttribute(cutlass::device_kernel<FusedFwd>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+      if (e != cudaSuccess) return e;
+      if (device < 64) smem_set[device].store(true, std::memory_order_release);
+    }
+    typename TileScheduler::Arguments sa = args.scheduler;
+    dim3 grid = TileScheduler::get_grid_shape(p.gemm.scheduler, shape_sched, Tile{}, Cluster{}, p.gemm.hw_info, sa);
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = size<0>(Cluster{});
+    attr[0].val.clusterDim.y = size<1>(Cluster{});
+    attr[0].val.clusterDim.z = 1;
+    if (grid.x % attr[0].val.clusterDim.x || grid.y % attr[0].val.clusterDim.y) return cudaErrorInvalidConfiguration;
+    cudaLaunchConfig_t config{};
+    config.gridDim = grid;
+    config.blockDim = dim3(MaxThreadsPerBlock, 1, 1);
+    config.dynamicSmemBytes = smem;
+    config.stream = stream;
+    config.attrs = attr;
+    config.numAttrs = 1;
+    void* kernel_params[] = {&p};
+    return cudaLaunchKernelExC(&config, reinterpret_cast<void const*>(&cutlass::device_kernel<FusedFwd>),
+                               kernel_params);
+  }
+};
+
+}  // namespace sm90fused
+}  // namespace lora_kernels

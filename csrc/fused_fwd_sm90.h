@@ -1,0 +1,85 @@
+// The Hopper (sm_90a) LoRA forward in one GEMM launch, the shrink included. Plain CUDA/C++ API (no torch headers).
+//
+//   y (M, N) = x Wᵀ + bias + bf16(u) Bᵀ,    u (M, r) = scale · x Aᵀ  (fp32, returned: the backward reads it)
+//
+// x (M, K), W (N, K), y row-major, in one 16-bit dtype; lora_A (r, K) and lora_B (N, r) row-major in x's dtype or
+// fp32 (then A takes the bf16x3 pieces, as the streaming shrink does: the u sums are the fp32 products).
+// The kernel (fused_fwd_sm90.cuh) is the sm_90 GEMM's warp-specialised ping-pong main loop with two more tiles per
+// 128-row block of x, the "u tiles", which multiply that block by lora_A's pieces instead of W and write u; every
+// output tile of the block then runs one more K-tile from (bf16(u), B). The separate shrink pass over x, the pack
+// of (u, B) and the idle gaps between their launches are gone: a forward is this launch and a small prep launch.
+//
+// Workspace (lora_fused_fwd_sm90_workspace_bytes, 256-byte aligned, no initial contents needed): lora_A's pieces,
+// lora_B in x's dtype padded, bf16(u), and one ready counter per 128-row block (the prep zeroes them).
+// Requirements (else lora_fused_fwd_sm90_unsupported() says why and the caller keeps its other path): as the sm_90
+// GEMM (gemm_sm90.h) plus r <= 64 and adapters on the tensor cores (16-bit, or fp32 with bf16 x). No dropout.
+#pragma once
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "lora_kernels.cuh"  // DType
+
+namespace lora_kernels {
+
+struct FusedFwdArgs {
+  int64_t M = 0, N = 0, K = 0;
+  int r = 0;
+  DType x_dtype = DType::kBFloat16;  // x, W, bias, y
+  DType a_dtype = DType::kBFloat16;  // lora_A
+  DType b_dtype = DType::kBFloat16;  // lora_B
+  const void* x = nullptr;
+  const void* w = nullptr;
+  const void* bias = nullptr;  // (N,) or null
+  const void* lora_A = nullptr;
+  const void* lora_B = nullptr;
+  float scale = 1.f;  // scaling (no dropout here)
+  void* y = nullptr;
+  float* u = nullptr;  // (M, r) fp32, scale · x Aᵀ
+  void* workspace = nullptr;
+};
+
+// Bytes of workspace a call needs.
+size_t lora_fused_fwd_sm90_workspace_bytes(int64_t M, int64_t N, int64_t K, int r, DType x_dtype, DType a_dtype);
+// nullptr when `args` can run on `device`, else a static string saying why not (workspace and outputs not checked).
+const char* lora_fused_fwd_sm90_unsupported(const FusedFwdArgs& args, int device);
+// The prep launch and the fused GEMM launch, on `stream`.
+cudaError_t launch_lora_fused_fwd_sm90(const FusedFwdArgs& args, cudaStream_t stream);
+
+namespace sm90fused {
+// The split of the rank-r operands: 2 u tiles per 128-row block (one cluster of 1 x 2 tiles), each computing
+// rc = 8 * blocks columns of u; each u tile multiplies x by nw = 8 * blocks * pieces rows of lora_A's pieces (the
+// u column block b's pieces at rows 8 (pieces b + p) + 0..7), padded to the wgmma width nw_mma.
+struct Split {
+  int blocks;  // 1, 2, 4: r <= 16, 32, 64
+  int pieces;  // 1 (16-bit adapters) or 3 (fp32 adapters on bf16)
+  int rc() const { return 8 * blocks; }
+  int width() const { return 2 * rc(); }  // columns of bf16(u) and of padded lora_B: >= r, a multiple of 16
+  int nw() const { return 8 * blocks * pieces; }
+};
+inline Split split_for(int r, int pieces) {
+  const int blocks = r <= 16 ? 1 : r <= 32 ? 2 : 4;
+  return Split{blocks, pieces};
+}
+// Device-side parameters beyond the GEMM's (fused_fwd_sm90.cuh).
+struct FusedParams {
+  int M, N, r;
+  int blocks, pieces;
+  int k_tiles_main;
+  int kb_ext;  // 16-deep k-blocks of the extension tile that hold u's columns: ceil(r / 16)
+  float scale;
+  float* u;
+  void* su;  // (M, width) bf16(u) in x's dtype
+  int* ready;  // (ceil(M / 128),) u tiles done per row block
+};
+#if LORA_KERNELS_HAVE_SM90_GEMM
+// The instances (fused_fwd_sm90_<dtype>.cu): launch the GEMM on prepared operands.
+struct Operands {
+  const void *x, *w, *bias, *ap, *bx;
+  void* y;
+};
+cudaError_t run_fused_bf16(const Operands&, const FusedParams&, int64_t K, int sms, cudaStream_t);
+cudaError_t run_fused_fp16(const Operands&, const FusedParams&, int64_t K, int sms, cudaStream_t);
+#endif
+}  // namespace sm90fused
+
+}  // namespace lora_kernels

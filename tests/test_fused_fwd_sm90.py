@@ -1,0 +1,117 @@
+"""The cuda backend's fused forward on Hopper (csrc/fused_fwd_sm90.*): one GEMM launch (after a small prep launch)
+whose u tiles compute the shrink u = s·x Aᵀ from the x tiles the GEMM loads anyway, and whose output tiles add
+bf16(u) Bᵀ as one more K-tile. GPU-only (skips elsewhere): the path is taken where it should be (the benchmarked
+shapes, p = 0, r <= 64), says why where it is not, and its y, saved u and grads meet the float64 tolerance rule on
+odd shapes (M not a multiple of the 128-row tile, an odd number of output tile columns, K not a multiple of the
+64-wide K tile, every u-column split)."""
+import pytest
+import torch
+
+import lora_kernels
+
+from conftest import HAS_CUDA, assert_cuda_backend_deterministic, assert_tolerance
+from test_contract import run_and_check
+
+pytestmark = [
+    pytest.mark.usefixtures("poisoned_outputs"),
+    pytest.mark.skipif(not HAS_CUDA or "cuda" not in lora_kernels.available_backends(),
+                       reason="needs the cuda backend on a GPU"),
+    pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability() != (9, 0),
+                       reason="the fused forward runs on compute capability 9.0 only"),
+]
+
+S = 0.75
+
+
+def _cb():
+    from lora_kernels.backends import cuda_backend
+
+    return cuda_backend
+
+
+def _inputs(M, K, N, r, dtype, adapter_dtype, bias):
+    def rn(*shape, dt=dtype, std=1.0):
+        return (torch.randn(*shape, device="cuda") * std).to(dt)
+
+    return (rn(M, K), rn(N, K, std=K ** -0.5), rn(N) if bias else None, rn(r, K, dt=adapter_dtype, std=K ** -0.5),
+            rn(N, r, dt=adapter_dtype, std=r ** -0.5))
+
+
+def _path(M, K, N, r, p=0.0, dtype=torch.bfloat16, adapter_dtype=torch.float32):
+    x, W, b, A, B = _inputs(M, K, N, r, dtype, adapter_dtype, True)
+    return _cb().forward_path(x, W, b, A, B, p)
+
+
+@pytest.mark.parametrize("K,N", [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)])
+@pytest.mark.parametrize("r", [16, 64])
+@pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.bfloat16])
+def test_benchmarked_shapes_take_the_fused_forward(K, N, r, adapter_dtype):
+    # what bench/suite and targets.py time at p = 0: the fused kernel
+    assert _path(256, K, N, r, adapter_dtype=adapter_dtype).startswith("sm90 fused"), (K, N, r)
+    assert _path(256, K, N, r, dtype=torch.float16, adapter_dtype=torch.float16).startswith("sm90 fused")
+
+
+def test_fused_forward_fallback_says_why():
+    assert "(fused: dropout" in _path(256, 4096, 4096, 16, p=0.1)
+    assert "(fused: r above 64)" in _path(256, 512, 512, 65)
+    assert "(fused: K and N must be multiples of 8" in _path(256, 516, 512, 16)
+    assert "(fused: lora_A must have x's dtype, or be fp32 on bf16 x)" in _path(
+        256, 512, 512, 16, dtype=torch.float16, adapter_dtype=torch.float32)
+    assert "(fused: x is not float16 or bfloat16)" in _path(256, 512, 512, 16, dtype=torch.float32)
+
+
+def _check_forward(M, K, N, r, dtype, adapter_dtype, bias):
+    cb = _cb()
+    x, W, b, A, B = _inputs(M, K, N, r, dtype, adapter_dtype, bias)
+    assert cb.forward_path(x, W, b, A, B, 0.0).startswith("sm90 fused")
+    y, u = cb.forward(x, W, b, A, B, S, 0.0, 0, 0)
+
+    def formula(xx, WW, bb, AA, BB):
+        uu = S * (xx.to(AA.dtype) @ AA.t())
+        base = torch.nn.functional.linear(xx, WW, bb)
+        return (base + (uu @ BB.to(AA.dtype).t()).to(base.dtype)).to(xx.dtype), uu
+
+    ref_y, ref_u = formula(x.double(), W.double(), None if b is None else b.double(), A.double(), B.double())
+    base_y, base_u = formula(x, W, b, A, B)
+    assert y.dtype == dtype and y.shape == (M, N) and u.dtype == torch.float32 and u.shape == (M, r)
+    assert_tolerance(y, ref_y, base_y, "y")
+    assert_tolerance(u, ref_u, base_u.float(), "u")
+    y2, u2 = cb.forward(x, W, b, A, B, S, 0.0, 0, 0)  # deterministic: each u element has one owner and one order
+    assert torch.equal(y, y2) and torch.equal(u, u2)
+
+
+@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                 (torch.float16, torch.float16)])
+@pytest.mark.parametrize("M,K,N,r", [(65, 64, 8, 1), (300, 200, 136, 16), (1000, 520, 1032, 17), (129, 4096, 264, 33),
+                                     (257, 72, 4096, 64), (777, 1024, 72, 48), (8192, 4096, 1024, 16),
+                                     (2048, 4096, 4096, 64), (4099, 1000, 392, 8)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_forward_against_float64(dtype, adapter_dtype, M, K, N, r, bias):
+    # every u-column split (r <= 16, 32, 64 with 1 or 3 pieces), partial tiles in M, N and K, an odd number of
+    # output tile columns (the scheduler's padding tile), many row blocks waiting on their u tiles
+    _check_forward(M, K, N, r, dtype, adapter_dtype, bias)
+
+
+@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float16)])
+@pytest.mark.parametrize("lead,K,N,r", [((3, 100), 520, 1024, 64), ((300,), 4096, 264, 16), ((5, 77), 384, 200, 8)])
+def test_fused_forward_op_grads(dtype, adapter_dtype, lead, K, N, r):
+    # the public op end to end: the fused forward's saved u feeds the backward
+    run_and_check("cuda", "cuda", dtype, lead, K, N, r, bias=True, p=0.0, adapter_dtype=adapter_dtype)
+
+
+def test_fused_forward_is_two_launches():
+    """The forward at p = 0 launches the prep and the fused GEMM: no shrink, pack or cuBLAS kernel."""
+    x, W, b, A, B = _inputs(1024, 4096, 4096, 16, torch.bfloat16, torch.float32, True)
+    with torch.no_grad():
+        for _ in range(2):
+            lora_kernels.lora_linear(x, W, b, A, B, S, backend="cuda")
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            lora_kernels.lora_linear(x, W, b, A, B, S, backend="cuda")
+            torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert len(kernels) == 2 and "fused_prep" in kernels[0] and "FusedFwd" in kernels[1], kernels
+
+
+def test_fused_forward_is_deterministic():
+    assert_cuda_backend_deterministic(1333, 1024, 520, 16)
