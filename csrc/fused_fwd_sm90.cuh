@@ -180,7 +180,7 @@ struct FusedFwd {
       auto token = pipeline.consumer_try_wait(read);
       pipeline.consumer_wait(read, token);
       const int stage = read.index();
-      if (t < k_tiles - 1) {
+      if (t < k_tiles - 1 && !(f.debug & 2)) {
         Tensor sU = make_tensor(make_smem_ptr(smem.smem_B.data() + stage * kStageElems), SmemLayoutU{});
         Tensor tUrB = thr.make_fragment_B(thr.partition_B(sU));  // (MMA, MMA_N, MMA_K)
         warpgroup_fence_operand(acc);
@@ -371,7 +371,7 @@ struct FusedFwd {
         Tensor tBgBx = tb_bx.partition_S(gBx(_, _, u_tile ? 0 : n_tile - kUTiles, _, 0));
         for (int k = 0; k < k_tiles; ++k) {
           const bool ext = k == f.k_tiles_main;
-          if (ext && !u_tile) {  // bf16(u) of this row block: wait until both u tiles wrote it
+          if (ext && !u_tile && !(f.debug & 1)) {  // bf16(u) of this row block: wait until both u tiles wrote it
             while (ld_acquire(f.ready + m_blk) < kUTiles) __nanosleep(128);
             fence_proxy_async_global();
           }
@@ -467,8 +467,9 @@ struct FusedFwd {
     args.epilogue.dC = args.epilogue.dD;
     args.hw_info.device_id = 0;
     args.hw_info.sm_count = sms;
-    args.scheduler.max_swizzle_size = 4;
-    args.scheduler.raster_order = cutlass::gemm::kernel::detail::RasterOrderOptions::AlongM;
+    using Raster = cutlass::gemm::kernel::detail::RasterOrderOptions;
+    args.scheduler.max_swizzle_size = f.swizzle > 0 ? f.swizzle : 4;
+    args.scheduler.raster_order = f.raster == 2 ? Raster::AlongN : Raster::AlongM;
     if (!Base::can_implement(args)) return cudaErrorNotSupported;
 
     Params p;

@@ -70,6 +70,10 @@ struct FusedParams {
   float* u;
   void* su;  // (M, width) bf16(u) in x's dtype
   int* ready;  // (ceil(M / 128),) u tiles done per row block
+  // Development switches (LORA_KERNELS_FUSED_DEBUG, read once; 0 in use): bit 0, output tiles do not wait for their
+  // u tiles (wrong results: timing only); bit 1, u tiles multiply nothing. And the tile order (0: along M, swizzle 4).
+  int debug = 0;
+  int raster = 0, swizzle = 0;
 };
 #if LORA_KERNELS_HAVE_SM90_GEMM
 // The instances (fused_fwd_sm90_<dtype>.cu): launch the GEMM on prepared operands.
