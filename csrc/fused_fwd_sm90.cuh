@@ -41,6 +41,17 @@ namespace sm90fused {
 
 using namespace cute;
 
+__device__ __forceinline__ uint32_t globaltimer_lo() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
+  return uint32_t(t);
+}
+__device__ __forceinline__ uint32_t smid() {
+  uint32_t s;
+  asm volatile("mov.u32 %0, %smid;" : "=r"(s));
+  return s;
+}
+
 __device__ __forceinline__ int ld_acquire(const int* p) {
   int v;
   asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
@@ -151,8 +162,8 @@ struct FusedFwd {
   }
 
   // A u tile: x_m · Apⱼᵀ over the k_tiles - 1 main K-tiles with a 64 x NW x 16 wgmma on the first NW rows of the B
-  // slot (Ap's tile), then the stage of the extension slot (not multiplied); then, out of the ordered section, the
-  // pieces summed and u written. Returns after the ready count is raised.
+  // slot (Ap's tile), then the stage of the extension slot (not multiplied); then, out of the ordered section, u
+  // written. Returns after the ready count is raised.
   template <int Blocks, int Pieces, class Arrive>
   CUTLASS_DEVICE static void u_tile(MainloopPipeline& pipeline, PipelineState read, int k_tiles, int thread_idx,
                                     typename Mainloop::TensorStorage& smem, FusedParams const& f, int m_blk, int j,
@@ -173,9 +184,12 @@ struct FusedFwd {
     auto thr = umma.get_slice(thread_idx);
     Tensor tUrA = thr.make_fragment_A(thr.partition_A(sA));  // (MMA, MMA_M, MMA_K, PIPE)
     Tensor acc = partition_fragment_C(umma, Shape<_128, Int<kNWm>>{});
-    PipelineState release = read;
-    umma.accumulate_ = GMMA::ScaleOut::Zero;
-    warpgroup_fence_operand(acc);
+    // Each K-tile's products are summed in the wgmma accumulator and then added, in fp32 and per u column, into
+    // tot: the tensor cores' accumulation is not an IEEE fp32 sum, and a 4096-long chain of it misses the tolerance
+    // rule for u (the streaming shrink sums the same way, per 64-wide K tile). The wait per K-tile costs little: a u
+    // tile is bound by its loads.
+    float tot[2][2][Blocks][2] = {};
+    static_assert(size<1>(decltype(acc){}) == 2, "two 64-row halves of the 128-row tile");
     for (int t = 0; t < k_tiles; ++t) {
       auto token = pipeline.consumer_try_wait(read);
       pipeline.consumer_wait(read, token);
@@ -183,6 +197,7 @@ struct FusedFwd {
       if (t < k_tiles - 1 && !(f.debug & 2)) {
         Tensor sU = make_tensor(make_smem_ptr(smem.smem_B.data() + stage * kStageElems), SmemLayoutU{});
         Tensor tUrB = thr.make_fragment_B(thr.partition_B(sU));  // (MMA, MMA_N, MMA_K)
+        umma.accumulate_ = GMMA::ScaleOut::Zero;
         warpgroup_fence_operand(acc);
         warpgroup_arrive();
         CUTLASS_PRAGMA_UNROLL
@@ -191,19 +206,25 @@ struct FusedFwd {
           umma.accumulate_ = GMMA::ScaleOut::One;
         }
         warpgroup_commit_batch();
-        if (t > 0) warpgroup_wait<1>();
-      } else {
-        warpgroup_wait<0>();  // nothing issued on this stage: the previous batch must be done before its release
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(acc);
+        CUTLASS_PRAGMA_UNROLL
+        for (int mm = 0; mm < 2; ++mm)
+          CUTLASS_PRAGMA_UNROLL
+          for (int h = 0; h < 2; ++h)
+            CUTLASS_PRAGMA_UNROLL
+            for (int b = 0; b < Blocks; ++b)
+              CUTLASS_PRAGMA_UNROLL
+              for (int c = 0; c < 2; ++c) {
+                float v = 0.f;
+                CUTLASS_PRAGMA_UNROLL
+                for (int p = 0; p < Pieces; ++p) v += acc(make_coord(c, h, Pieces * b + p), mm, 0);
+                tot[mm][h][b][c] += v;
+              }
       }
-      if (t > 0) {
-        pipeline.consumer_release(release);
-        ++release;
-      }
-      warpgroup_fence_operand(acc);
+      pipeline.consumer_release(read);  // its MMAs are done (or there were none)
       ++read;
     }
-    warpgroup_wait<0>();
-    pipeline.consumer_release(release);  // the last stage
     arrive_ordered();
 
     // acc's mode 0 is (2 adjacent columns, 2 rows 8 apart, kNWm / 8 column groups 8 apart): column group
@@ -219,15 +240,12 @@ struct FusedFwd {
         for (int b = 0; b < Blocks; ++b) {
           CUTLASS_PRAGMA_UNROLL
           for (int c = 0; c < 2; ++c) {
-            float v = 0.f;
-            CUTLASS_PRAGMA_UNROLL
-            for (int p = 0; p < Pieces; ++p) v += acc(make_coord(c, h, Pieces * b + p), mm, 0);
-            v *= f.scale;
+            const float v = tot[mm][h][b][c] * f.scale;
             const auto rc = cU(make_coord(c, h, Pieces * b), mm, 0);
             const int row = m_blk * 128 + get<0>(rc);
             const int col = j * 8 * Blocks + 8 * b + get<1>(rc) % 8;
             if (row < f.M) {
-              if (col < f.r) f.u[(int64_t)row * f.r + col] = v;
+              if (col < f.r && !(f.debug & 16)) f.u[(int64_t)row * f.r + col] = v;
               su[(int64_t)row * width + col] = Element(v);
             }
           }
@@ -313,6 +331,7 @@ struct FusedFwd {
     auto problem = params.gemm.problem_shape;
     const int M = get<0>(problem), N = get<1>(problem), L = 1;
     const int k_tiles = f.k_tiles_main + 1;
+    const int n_tiles_sched = (N + 127) / 128 + kUTiles;  // tile columns the scheduler sees (trace records)
     auto blk_shape = Tile{};
     auto c_tile_count = Epilogue::get_load_pipe_increment(blk_shape);
     auto d_tile_count = Epilogue::get_store_pipe_increment(blk_shape);
@@ -372,8 +391,15 @@ struct FusedFwd {
         for (int k = 0; k < k_tiles; ++k) {
           const bool ext = k == f.k_tiles_main;
           if (ext && !u_tile && !(f.debug & 1)) {  // bf16(u) of this row block: wait until both u tiles wrote it
+            const uint32_t w0 = (f.debug & 16) ? globaltimer_lo() : 0;
             while (ld_acquire(f.ready + m_blk) < kUTiles) __nanosleep(128);
             fence_proxy_async_global();
+            if (f.debug & 16) {  // trace: the producer's wait, records 16384 + tile
+              uint32_t* rec = reinterpret_cast<uint32_t*>(f.u) + 4 * (16384 + m_blk * n_tiles_sched + n_tile);
+              rec[0] = smid();
+              rec[1] = w0;
+              rec[2] = globaltimer_lo();
+            }
           }
           pipeline.producer_acquire(producer_state);
           auto* bar = pipeline.producer_get_barrier(producer_state);
@@ -402,14 +428,24 @@ struct FusedFwd {
     TiledMma tiled_mma;
     const int wg = cutlass::canonical_warp_group_idx() - 1;
     auto problem_mnkl = make_shape(M, N, get<2>(problem), L);
+    const bool trace = f.debug & 16;  // per tile: SM, start, main loop end, end (u as uint32 records)
     while (work.is_valid()) {
       const int m_blk = work.M_idx, n_tile = work.N_idx;
+      uint32_t* rec = reinterpret_cast<uint32_t*>(f.u) + 4 * (m_blk * n_tiles_sched + n_tile);
+      if (trace && wg_thread == 0) {
+        rec[0] = smid() | (wg << 16);
+        rec[1] = globaltimer_lo();
+      }
       order.wait();
       if (n_tile < kUTiles) {
         with_split(f.blocks, f.pieces, [&](auto blocks, auto pieces) {
           u_tile<decltype(blocks)::value, decltype(pieces)::value>(pipeline, consumer_state, k_tiles, wg_thread,
                                                                    shared.tensors.mainloop, f, m_blk, n_tile, wg,
-                                                                   [&] { order.arrive(); });
+                                                                   [&] {
+                                                                     order.arrive();
+                                                                     if (trace && wg_thread == 0)
+                                                                       rec[2] = globaltimer_lo();
+                                                                   });
         });
         consumer_state.advance(k_tiles * 2);
         order.wait();  // the epilogue's turn: nothing to store
@@ -420,6 +456,7 @@ struct FusedFwd {
         Tensor accum = partition_fragment_C(tiled_mma, take<0, 2>(blk_shape));
         mma_output(pipeline, consumer_state, accum, k_tiles, f.kb_ext, wg_thread, shared.tensors.mainloop);
         order.arrive();
+        if (trace && wg_thread == 0) rec[2] = globaltimer_lo();
         // the last stage's batch: wait, release
         {
           PipelineState last = consumer_state;
@@ -440,6 +477,7 @@ struct FusedFwd {
         epi_store_state.advance(d_tile_count);
         order.arrive();
       }
+      if (trace && wg_thread == 0) rec[3] = globaltimer_lo();
       scheduler.advance_to_next_work(2);
       work = scheduler.get_current_work();
     }
