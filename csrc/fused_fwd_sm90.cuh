@@ -1,24 +1,24 @@
 // The fused LoRA forward GEMM of fused_fwd_sm90.h, from CUTLASS 3.x (CuTe) parts: its collective main loop's TMA
-// descriptors, shared-memory layouts and pipeline, its TMA-store epilogue and its persistent tile scheduler, with
-// our own kernel body (the ping-pong schedule of sm90_gemm_tma_warpspecialized_pingpong.hpp, reduced to what this
-// kernel uses and given the u tiles).
+// descriptors, shared-memory layouts and pipeline, and its TMA-store epilogue, with our own kernel body (the ping-pong
+// schedule of sm90_gemm_tma_warpspecialized_pingpong.hpp, reduced to what this kernel uses and given the u tiles)
+// and our own persistent tile order (TileOrder).
 //
-// Math:   per 128-row block m of x (the scheduler's tile row), 2 "u tiles" and ceil(N / 128) output tiles:
+// Math:   per 128-row block m of x, 2 "u tiles" and ceil(N / 128) output tiles:
 //           u tile j (j = 0, 1):  C (128 x nw) = x_m · Apⱼᵀ over K, Apⱼ = lora_A's pieces for u columns
-//                                 [j rc, (j+1) rc); the pieces of each column summed in fp32, times scale, are u's
-//                                 columns: written to u (fp32) and su = bf16(u) (x's dtype), then ready[m] += 1.
+//                                 [j rc, (j+1) rc); each K-tile's products summed into fp32 registers per u column,
+//                                 times scale: u (fp32) and su = bf16(u) (x's dtype), then ready[m] += 1.
 //           output tile n:        y_mn = x_m W_nᵀ + su_m Bx_nᵀ + bias_n, the last K-tile from (su, Bx), loaded
 //                                 once ready[m] == 2.
 // Tiling: 128 x 128 x 64 tiles, clusters of 1 x 2 along N (the x tile multicast to both), a TMA producer warp, two
-//         consumer warpgroups taking tiles in turn (ping-pong: one's epilogue under the other's main loop). The
-//         scheduler sees N' = N + 256 columns: tiles n = 0, 1 of each row are its u tiles (one cluster), n >= 2 the
-//         output tiles n - 2. A u tile runs a narrow wgmma (64 x nw_mma x 16) on the x tile and Ap's tile in place of
-//         W's, and stores nothing through the epilogue. Every tile takes k_tiles_main + 1 pipeline stages; the last
-//         stage of a u tile is not multiplied (its loads repeat K-tile 0).
-// Order:  the producer waits for ready[m] before the extension stage of an output tile. No wait can deadlock: the
-//         scheduler's tile order (along M or N, any swizzle) puts a row's u tiles, n = 0 and 1, before every other
-//         tile of the row, the u tiles wait for nothing, and every tile that precedes them in the order is either
-//         running on a resident block or done.
+//         consumer warpgroups taking tiles in turn (ping-pong: one's epilogue under the other's main loop). Tile
+//         columns n = 0, 1 of a row block are its u tiles (one cluster), n >= 2 the output tiles n - 2. A u tile
+//         runs a narrow wgmma (64 x nw_mma x 16) on the x tile and Ap's tile in place of W's, and stores nothing
+//         through the epilogue. Every tile takes k_tiles_main + 1 pipeline stages; the last stage of a u tile is
+//         not multiplied (its loads repeat K-tile 0).
+// Order:  TileOrder puts every u cluster first, then the output clusters. The producer waits for ready[m] before the
+//         extension stage of an output tile. No wait can deadlock: the grid is no larger than the clusters the device
+//         holds at once, each block walks its items in increasing order, the u items wait for nothing, and every
+//         item before an output item is running on a resident block or done.
 // Launch: params built on the host; the kernel launched on the caller's stream with its cluster shape.
 #pragma once
 
@@ -59,6 +59,28 @@ __device__ __forceinline__ int ld_acquire(const int* p) {
 }
 // Generic-proxy global writes (the u tiles' su) ordered with async-proxy reads (another block's TMA of su).
 __device__ __forceinline__ void fence_proxy_async_global() { asm volatile("fence.proxy.async.global;" ::: "memory"); }
+
+// The tile order: cluster-sized work items (1 x 2 tiles) in one linear order that every block walks with stride
+// gridDim.x (a persistent grid, one cluster per item): first the Mt u clusters (row block m = item), then the output
+// clusters in strips of `strip` cluster columns, row block by row block within a strip (x's row block and a strip of
+// W stay in L2 together). No item past the problem: CUTLASS's scheduler rounds the tile grid up to its swizzle, which
+// with the two u columns would add up to 6 empty tile columns per row block.
+struct TileOrder {
+  int mt, ncl, strip;  // row blocks, output cluster columns, strip width (clusters)
+  __host__ __device__ int items() const { return mt * (1 + ncl); }
+  // (row block, tile column as the kernel counts them: 0, 1 the u tiles, 2 + n the output tile n) of item i, rank r
+  __device__ void tile(int i, int rank, int& m, int& n) const {
+    if (i < mt) {
+      m = i;
+      n = rank;
+      return;
+    }
+    const int j = i - mt, per_strip = mt * strip;
+    const int g = j / per_strip, w = min(strip, ncl - g * strip), jj = j - g * per_strip;
+    m = jj / w;
+    n = 2 + 2 * (g * strip + jj % w) + rank;
+  }
+};
 
 template <class Element>
 struct FusedFwd {
@@ -105,6 +127,7 @@ struct FusedFwd {
     TMA_A tma_su;                // (M, width, 1) bf16(u)
     TMA_B tma_bx;                // (N, width, 1) lora_B padded
     FusedParams f;
+    TileOrder order;
   };
 
   static constexpr int SharedStorageSize = Base::SharedStorageSize;
@@ -331,19 +354,21 @@ struct FusedFwd {
     auto problem = params.gemm.problem_shape;
     const int M = get<0>(problem), N = get<1>(problem), L = 1;
     const int k_tiles = f.k_tiles_main + 1;
-    const int n_tiles_sched = (N + 127) / 128 + kUTiles;  // tile columns the scheduler sees (trace records)
+    const int n_tiles_sched = 2 * params.order.ncl + kUTiles;  // tile columns (trace records)
     auto blk_shape = Tile{};
     auto c_tile_count = Epilogue::get_load_pipe_increment(blk_shape);
     auto d_tile_count = Epilogue::get_store_pipe_increment(blk_shape);
 
-    TileScheduler scheduler{params.gemm.scheduler};
+    // this block's items: blockIdx.x, + gridDim.x, ...; the producer takes each, the consumers every other one
+    TileOrder const& to = params.order;
+    const int items = to.items(), stride = int(gridDim.x), rank = int(block_rank);
+    int item = int(blockIdx.x);
     if (role == Role::Consumer1) {
-      scheduler.advance_to_next_work();
+      item += stride;
       consumer_state.advance(k_tiles);
       epi_load_state.advance(c_tile_count);
       epi_store_state.advance(d_tile_count);
     }
-    auto work = scheduler.initial_work_tile_info(Cluster{});
 
     // cluster-wide barrier: the pipelines' initialisation visible to the other block
     cute::cluster_arrive_relaxed();
@@ -380,8 +405,9 @@ struct FusedFwd {
         auto block_layout = Layout<Cluster>{};
         for (int n = 0; n < size<1>(block_layout); ++n) mcast_a |= uint16_t(1) << block_layout(cid.x, n, Int<0>{});
       }
-      while (work.is_valid()) {
-        const int m_blk = work.M_idx, n_tile = work.N_idx;
+      for (; item < items; item += stride) {
+        int m_blk, n_tile;
+        to.tile(item, rank, m_blk, n_tile);
         const bool u_tile = n_tile < kUTiles;
         Tensor tAgX = ta_x.partition_S(gX(_, _, m_blk, _, 0));     // (TMA, TMA_M, TMA_K, k)
         Tensor tAgSu = ta_su.partition_S(gSu(_, _, m_blk, _, 0));
@@ -415,8 +441,6 @@ struct FusedFwd {
           }
           ++producer_state;
         }
-        scheduler.advance_to_next_work();
-        work = scheduler.get_current_work();
       }
       pipeline.producer_tail(producer_state);  // the other block's consumers are done with our multicasts
       return;
@@ -429,8 +453,9 @@ struct FusedFwd {
     const int wg = cutlass::canonical_warp_group_idx() - 1;
     auto problem_mnkl = make_shape(M, N, get<2>(problem), L);
     const bool trace = f.debug & 16;  // per tile: SM, start, main loop end, end (u as uint32 records)
-    while (work.is_valid()) {
-      const int m_blk = work.M_idx, n_tile = work.N_idx;
+    for (; item < items; item += 2 * stride) {
+      int m_blk, n_tile;
+      to.tile(item, rank, m_blk, n_tile);
       uint32_t* rec = reinterpret_cast<uint32_t*>(f.u) + 4 * (m_blk * n_tiles_sched + n_tile);
       if (trace && wg_thread == 0) {
         rec[0] = smid() | (wg << 16);
@@ -478,8 +503,6 @@ struct FusedFwd {
         order.arrive();
       }
       if (trace && wg_thread == 0) rec[3] = globaltimer_lo();
-      scheduler.advance_to_next_work(2);
-      work = scheduler.get_current_work();
     }
 #endif
   }
@@ -505,9 +528,6 @@ struct FusedFwd {
     args.epilogue.dC = args.epilogue.dD;
     args.hw_info.device_id = 0;
     args.hw_info.sm_count = sms;
-    using Raster = cutlass::gemm::kernel::detail::RasterOrderOptions;
-    args.scheduler.max_swizzle_size = f.swizzle > 0 ? f.swizzle : 4;
-    args.scheduler.raster_order = f.raster == 2 ? Raster::AlongN : Raster::AlongM;
     if (!Base::can_implement(args)) return cudaErrorNotSupported;
 
     Params p;
@@ -515,12 +535,9 @@ struct FusedFwd {
     args.problem_shape = {M, N, K, 1};
     p.gemm = Base::to_underlying_arguments(args, nullptr);
     p.gemm.problem_shape = {M, N, kt * kTileK, 1};
-    // the scheduler over N' = the output tiles' columns plus the u tiles' two
-    const int np = int((N + 127) / 128 + kUTiles) * 128;
-    auto shape_sched = make_shape(M, np, kt * kTileK, 1);
-    p.gemm.scheduler = TileScheduler::to_underlying_arguments(
-        shape_sched, Tile{}, Cluster{}, p.gemm.hw_info, args.scheduler, nullptr,
-        Epilogue::get_store_pipe_increment(Tile{}));
+    p.order.mt = int((M + 127) / 128);
+    p.order.ncl = int((N + 255) / 256);
+    p.order.strip = f.swizzle > 0 ? f.swizzle : 4;
     using IA = typename Mainloop::InternalElementA;
     using IB = typename Mainloop::InternalElementB;
     auto make_a = [&](void const* ptr, int rows, int cols) {
@@ -551,21 +568,31 @@ struct FusedFwd {
       if (e != cudaSuccess) return e;
       if (device < 64) smem_set[device].store(true, std::memory_order_release);
     }
-    typename TileScheduler::Arguments sa = args.scheduler;
-    dim3 grid = TileScheduler::get_grid_shape(p.gemm.scheduler, shape_sched, Tile{}, Cluster{}, p.gemm.hw_info, sa);
     cudaLaunchAttribute attr[1];
     attr[0].id = cudaLaunchAttributeClusterDimension;
     attr[0].val.clusterDim.x = size<0>(Cluster{});
     attr[0].val.clusterDim.y = size<1>(Cluster{});
     attr[0].val.clusterDim.z = 1;
-    if (grid.x % attr[0].val.clusterDim.x || grid.y % attr[0].val.clusterDim.y) return cudaErrorInvalidConfiguration;
     cudaLaunchConfig_t config{};
-    config.gridDim = grid;
     config.blockDim = dim3(MaxThreadsPerBlock, 1, 1);
     config.dynamicSmemBytes = smem;
     config.stream = stream;
     config.attrs = attr;
     config.numAttrs = 1;
+    // A persistent grid of as many clusters as the device holds at once (an output tile's loads wait for u tiles
+    // of earlier items: every item's block must be resident or done, never queued behind a waiting one), at most one
+    // per item. The count is the occupancy calculator's for this kernel, read once per device.
+    static std::atomic<int> resident[64];
+    int clusters = device < 64 ? resident[device].load(std::memory_order_acquire) : 0;
+    if (clusters <= 0) {
+      config.gridDim = dim3(1, unsigned(size<1>(Cluster{})), 1);  // one cluster: the shape the query asks about
+      e = cudaOccupancyMaxActiveClusters(&clusters, reinterpret_cast<void const*>(&cutlass::device_kernel<FusedFwd>),
+                                         &config);
+      if (e != cudaSuccess) return e;
+      if (clusters <= 0) return cudaErrorInvalidConfiguration;
+      if (device < 64) resident[device].store(clusters, std::memory_order_release);
+    }
+    config.gridDim = dim3(unsigned(std::min(clusters, p.order.items())), unsigned(size<1>(Cluster{})), 1);
     void* kernel_params[] = {&p};
     return cudaLaunchKernelExC(&config, reinterpret_cast<void const*>(&cutlass::device_kernel<FusedFwd>),
                                kernel_params);
