@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <cstdlib>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -125,8 +126,19 @@ const char* sm90_unsupported(const Tensor& a, const Tensor& b, const Tensor* bia
 
 // ------------------------------------------------------------------ the fused sm_90 forward (csrc/fused_fwd_sm90.h)
 // The forward as one GEMM launch with the shrink inside it (plus a prep launch): on the sm_90 GEMM's devices and
-// dtypes, without dropout, r <= 64. LORA_KERNELS_FUSED_FWD=0 (read once) keeps the forward on the shrink + pack + GEMM
-// path (A/B timing); LORA_KERNELS_SM90_GEMM=0 turns both off.
+// dtypes, without dropout, r <= 64. Mode (LORA_KERNELS_FUSED_FWD, read once; set_fused_forward at run time): 1 on,
+// 0 off (the shrink + pack + GEMM path), unset: on for r > 16. At r <= 16 the separate shrink pass measured faster
+// than the fused kernel's first wave of u tiles on 3 of the 4 Llama-3-8B shapes, at r = 64 slower on 3 of 4
+// (twelfth session, bench/results). LORA_KERNELS_SM90_GEMM=0 turns both off.
+std::atomic<int>& fused_mode() {
+  static std::atomic<int> mode{[] {
+    const char* v = std::getenv("LORA_KERNELS_FUSED_FWD");
+    if (v == nullptr || *v == '\0') return -1;
+    return std::string(v) == "0" ? 0 : 1;
+  }()};
+  return mode;
+}
+
 lk::FusedFwdArgs fused_args(const Tensor& x, const Tensor& weight, const Tensor* bias, const Tensor& lora_A,
                             const Tensor& lora_B, double scaling) {
   lk::FusedFwdArgs a;
@@ -142,6 +154,9 @@ const char* fused_forward_unsupported(const Tensor& x, const Tensor& weight, con
                                       const Tensor& lora_B, double p) {
   if (!sm90_enabled()) return "LORA_KERNELS_SM90_GEMM=0";
   if (p > 0.0) return "dropout (the u tiles do not mask x)";
+  const int mode = fused_mode().load(std::memory_order_relaxed);
+  if (mode == 0) return "off (LORA_KERNELS_FUSED_FWD=0 or set_fused_forward)";
+  if (mode < 0 && lora_A.size(0) <= 16) return "r <= 16: the separate shrink pass is faster (measured)";
   lk::FusedFwdArgs a = fused_args(x, weight, bias, lora_A, lora_B, 1.0);
   a.y = x.data_ptr();  // the output comes from the caching allocator: aligned
   return lk::lora_fused_fwd_sm90_unsupported(a, x.get_device());
@@ -682,6 +697,9 @@ std::string forward_path(const Tensor& x, const Tensor& weight, const std::optio
 // Switches the small-M forward on or off for this process; returns the previous setting.
 bool set_small_m(bool enabled) { return small_m_switch().exchange(enabled); }
 
+// Sets the fused forward's mode for this process (1 on, 0 off, -1 on for r > 16); returns the previous one.
+int64_t set_fused_forward(int64_t mode) { return fused_mode().exchange(mode > 0 ? 1 : mode == 0 ? 0 : -1); }
+
 }  // namespace
 
 // seed_t (optional, last): the device seed (see device_seed); without it the kernels use `seed`.
@@ -693,6 +711,7 @@ TORCH_LIBRARY(lora_kernels_cuda, m) {
   m.def("dA_path(Tensor x, Tensor lora_A, float p) -> str");
   m.def("shrink_path(Tensor x, Tensor lora_A, float p) -> str");
   m.def("set_small_m(bool enabled) -> bool", &set_small_m);  // no tensor arguments: a catch-all kernel
+  m.def("set_fused_forward(int mode) -> int", &set_fused_forward);
   m.def(
       "forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, float p, "
       "int seed, int offset, Tensor? seed_t=None) -> (Tensor, Tensor)");

@@ -38,11 +38,6 @@ Carve carve(int64_t M, int64_t N, int64_t K, const sm90fused::Split& sp) {
   return c;
 }
 
-bool fused_enabled() {
-  static const bool on = env_switch_on("LORA_KERNELS_FUSED_FWD");
-  return on;
-}
-
 template <typename TIn>
 __device__ __forceinline__ float load_f(const TIn* p, int64_t i) {
   return to_f<TIn>(p[i]);
@@ -113,7 +108,6 @@ size_t lora_fused_fwd_sm90_workspace_bytes(int64_t M, int64_t N, int64_t K, int 
 
 const char* lora_fused_fwd_sm90_unsupported(const FusedFwdArgs& a, int device) {
   (void)device;
-  if (!fused_enabled()) return "LORA_KERNELS_FUSED_FWD=0";
   if (!lora_gemm_sm90_built()) return "the sm_90 kernels were not compiled into this build (no CUTLASS headers)";
   if (compute_capability() != 90) return "the device is not compute capability 9.0";
   if (a.x_dtype == DType::kFloat32) return "x is not float16 or bfloat16";

@@ -1,9 +1,9 @@
 """The cuda backend's fused forward on Hopper (csrc/fused_fwd_sm90.*): one GEMM launch (after a small prep launch)
-whose u tiles compute the shrink u = s·x Aᵀ from the x tiles the GEMM loads anyway, and whose output tiles add
-bf16(u) Bᵀ as one more K-tile. GPU-only (skips elsewhere): the path is taken where it should be (the benchmarked
-shapes, p = 0, r <= 64), says why where it is not, and its y, saved u and grads meet the float64 tolerance rule on
-odd shapes (M not a multiple of the 128-row tile, an odd number of output tile columns, K not a multiple of the
-64-wide K tile, every u-column split)."""
+whose u tiles compute the shrink u = s·x Aᵀ, and whose output tiles add bf16(u) Bᵀ as one more K-tile. GPU-only
+(skips elsewhere): the path is taken where it should be (by default p = 0 and 16 < r <= 64; every r <= 64 when
+switched on), says why where it is not, and its y, saved u and grads meet the float64 tolerance rule on odd shapes (M
+not a multiple of the 128-row tile, an odd number of output tile columns, K not a multiple of the 64-wide K tile,
+every u-column split)."""
 import pytest
 import torch
 
@@ -29,6 +29,14 @@ def _cb():
     return cuda_backend
 
 
+@pytest.fixture
+def fused_on():
+    """The fused forward for every r <= 64 (the default takes it above r = 16 only)."""
+    previous = _cb().set_fused_forward(1)
+    yield
+    _cb().set_fused_forward(previous)
+
+
 def _inputs(M, K, N, r, dtype, adapter_dtype, bias):
     def rn(*shape, dt=dtype, std=1.0):
         return (torch.randn(*shape, device="cuda") * std).to(dt)
@@ -43,14 +51,29 @@ def _path(M, K, N, r, p=0.0, dtype=torch.bfloat16, adapter_dtype=torch.float32):
 
 
 @pytest.mark.parametrize("K,N", [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)])
-@pytest.mark.parametrize("r", [16, 64])
 @pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.bfloat16])
-def test_benchmarked_shapes_take_the_fused_forward(K, N, r, adapter_dtype):
-    # what bench/suite and targets.py time at p = 0: the fused kernel
-    assert _path(256, K, N, r, adapter_dtype=adapter_dtype).startswith("sm90 fused"), (K, N, r)
-    assert _path(256, K, N, r, dtype=torch.float16, adapter_dtype=torch.float16).startswith("sm90 fused")
+def test_benchmarked_shapes_take_the_default_path(K, N, adapter_dtype):
+    # what bench/suite and targets.py time at p = 0: the fused kernel at r = 64, the shrink + GEMM path at r = 16
+    assert _path(256, K, N, 64, adapter_dtype=adapter_dtype).startswith("sm90 fused"), (K, N)
+    assert _path(256, K, N, 64, dtype=torch.float16, adapter_dtype=torch.float16).startswith("sm90 fused")
+    assert "(fused: r <= 16: the separate shrink pass is faster (measured))" in _path(256, K, N, 16)
 
 
+def test_fused_forward_mode_switch():
+    cb = _cb()
+    previous = cb.set_fused_forward(0)
+    try:
+        assert "(fused: off (LORA_KERNELS_FUSED_FWD=0 or set_fused_forward))" in _path(256, 512, 512, 32)
+        assert cb.set_fused_forward(1) == 0
+        assert _path(256, 512, 512, 16).startswith("sm90 fused")
+        assert cb.set_fused_forward(-1) == 1
+        assert _path(256, 512, 512, 17).startswith("sm90 fused")
+        assert not _path(256, 512, 512, 16).startswith("sm90 fused")
+    finally:
+        cb.set_fused_forward(previous)
+
+
+@pytest.mark.usefixtures("fused_on")
 def test_fused_forward_fallback_says_why():
     assert "(fused: dropout" in _path(256, 4096, 4096, 16, p=0.1)
     assert "(fused: r above 64)" in _path(256, 512, 512, 65)
@@ -86,6 +109,7 @@ def _check_forward(M, K, N, r, dtype, adapter_dtype, bias):
                                      (257, 72, 4096, 64), (777, 1024, 72, 48), (8192, 4096, 1024, 16),
                                      (2048, 4096, 4096, 64), (4099, 1000, 392, 8)])
 @pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.usefixtures("fused_on")
 def test_fused_forward_against_float64(dtype, adapter_dtype, M, K, N, r, bias):
     # every u-column split (r <= 16, 32, 64 with 1 or 3 pieces), partial tiles in M, N and K, an odd number of
     # output tile columns (the scheduler's padding tile), many row blocks waiting on their u tiles
@@ -94,11 +118,13 @@ def test_fused_forward_against_float64(dtype, adapter_dtype, M, K, N, r, bias):
 
 @pytest.mark.parametrize("dtype,adapter_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float16)])
 @pytest.mark.parametrize("lead,K,N,r", [((3, 100), 520, 1024, 64), ((300,), 4096, 264, 16), ((5, 77), 384, 200, 8)])
+@pytest.mark.usefixtures("fused_on")
 def test_fused_forward_op_grads(dtype, adapter_dtype, lead, K, N, r):
     # the public op end to end: the fused forward's saved u feeds the backward
     run_and_check("cuda", "cuda", dtype, lead, K, N, r, bias=True, p=0.0, adapter_dtype=adapter_dtype)
 
 
+@pytest.mark.usefixtures("fused_on")
 def test_fused_forward_is_two_launches():
     """The forward at p = 0 launches the prep and the fused GEMM: no shrink, pack or cuBLAS kernel."""
     x, W, b, A, B = _inputs(1024, 4096, 4096, 16, torch.bfloat16, torch.float32, True)
@@ -113,5 +139,6 @@ def test_fused_forward_is_two_launches():
     assert len(kernels) == 2 and "fused_prep" in kernels[0] and "FusedFwd" in kernels[1], kernels
 
 
+@pytest.mark.usefixtures("fused_on")
 def test_fused_forward_is_deterministic():
     assert_cuda_backend_deterministic(1333, 1024, 520, 16)

@@ -99,7 +99,8 @@ def dA_path(x, lora_A, p=0.0) -> str:
 
 def forward_path(x, weight, bias, lora_A, lora_B, p=0.0) -> str:
     """Which path a forward with these 2-D inputs takes: "small_m" (M <= 64: the whole forward in one launch,
-    csrc/small_m.cu), or gemm_path's answer followed by " (small_m: <why not>)"."""
+    csrc/small_m.cu), "sm90 fused (small_m: <why not>)" (the shrink inside the GEMM, csrc/fused_fwd_sm90.h), or
+    gemm_path's answer followed by " (fused: <why not>) (small_m: <why not>)"."""
     return torch.ops.lora_kernels_cuda.forward_path(x, weight, bias, lora_A, lora_B, float(p))
 
 
@@ -107,6 +108,13 @@ def set_small_m(enabled: bool) -> bool:
     """Switches the small-M forward on or off for this process (LORA_KERNELS_SMALL_M=0 starts it off); returns the
     previous setting. For tests of the other paths at small M and A/B timing."""
     return torch.ops.lora_kernels_cuda.set_small_m(bool(enabled))
+
+
+def set_fused_forward(mode: int) -> int:
+    """Sets the fused sm_90 forward's mode for this process (csrc/fused_fwd_sm90.h): 1 on, 0 off, -1 on for r > 16
+    (the default; LORA_KERNELS_FUSED_FWD=0 or 1 starts it off or on). Returns the previous mode. For tests of either
+    path and A/B timing."""
+    return int(torch.ops.lora_kernels_cuda.set_fused_forward(int(mode)))
 
 
 def _linear_autograd(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset):
