@@ -13,7 +13,6 @@
 #include "gemm_sm90_instances.h"
 #include "plans.cuh"
 
-#include <cstdio>
 #include <cstdlib>
 
 namespace lora_kernels {
@@ -83,16 +82,16 @@ fused_prep_kernel(const TA* __restrict__ A, const TB* __restrict__ B, T* __restr
   if (t < mt) ready[t] = 0;
 }
 
-// Development switches: LORA_KERNELS_FUSED_DEBUG (FusedParams::debug) and LORA_KERNELS_FUSED_ORDER="raster,swizzle"
-// (read once).
+// Development switches, read once: LORA_KERNELS_FUSED_DEBUG (FusedParams::debug) and LORA_KERNELS_FUSED_STRIP
+// (FusedParams::strip).
 struct DevKnobs {
-  int debug = 0, raster = 0, swizzle = 0;
+  int debug = 0, strip = 0;
 };
-const DevKnobs& dev_knobs() {
+[[maybe_unused]] const DevKnobs& dev_knobs() {
   static const DevKnobs k = [] {
     DevKnobs d;
     if (const char* s = std::getenv("LORA_KERNELS_FUSED_DEBUG")) d.debug = std::atoi(s);
-    if (const char* s = std::getenv("LORA_KERNELS_FUSED_ORDER")) std::sscanf(s, "%d,%d", &d.raster, &d.swizzle);
+    if (const char* s = std::getenv("LORA_KERNELS_FUSED_STRIP")) d.strip = std::atoi(s);
     return d;
   }();
   return k;
@@ -171,8 +170,7 @@ cudaError_t launch_lora_fused_fwd_sm90(const FusedFwdArgs& a, cudaStream_t strea
   f.su = ws + c.su;
   f.ready = reinterpret_cast<int*>(ws + c.ready);
   f.debug = dev_knobs().debug;
-  f.raster = dev_knobs().raster;
-  f.swizzle = dev_knobs().swizzle;
+  f.strip = dev_knobs().strip;
   const sm90fused::Operands o{a.x, a.w, a.bias, ws + c.ap, ws + c.bx, a.y};
   return a.x_dtype == DType::kBFloat16 ? sm90fused::run_fused_bf16(o, f, a.K, num_sms(), stream)
                                        : sm90fused::run_fused_fp16(o, f, a.K, num_sms(), stream);

@@ -104,7 +104,6 @@ struct FusedFwd {
       cutlass::gemm::KernelTmaWarpSpecializedPingpong>::CollectiveOp;
   using Base = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue,
                                                     cutlass::gemm::PersistentScheduler>;
-  using TileScheduler = typename Base::TileScheduler;
   using TiledMma = typename Mainloop::TiledMma;
   using SmemLayoutA = typename Mainloop::SmemLayoutA;
   using SmemLayoutB = typename Mainloop::SmemLayoutB;
@@ -537,7 +536,7 @@ struct FusedFwd {
     p.gemm.problem_shape = {M, N, kt * kTileK, 1};
     p.order.mt = int((M + 127) / 128);
     p.order.ncl = int((N + 255) / 256);
-    p.order.strip = f.swizzle > 0 ? f.swizzle : 4;
+    p.order.strip = f.strip > 0 ? f.strip : 4;
     using IA = typename Mainloop::InternalElementA;
     using IB = typename Mainloop::InternalElementB;
     auto make_a = [&](void const* ptr, int rows, int cols) {

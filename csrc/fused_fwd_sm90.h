@@ -72,9 +72,9 @@ struct FusedParams {
   int* ready;  // (ceil(M / 128),) u tiles done per row block
   // Development switches (LORA_KERNELS_FUSED_DEBUG, read once; 0 in use): bit 0, output tiles do not wait for their
   // u tiles (wrong results: timing only); bit 1, u tiles multiply nothing; bit 4, a trace of every tile in u's place
-  // (uint32 records of 4: SM, start, main loop end, end; the producers' waits at 16384 + tile). And the tile order (0: along M, swizzle 4).
+  // (uint32 records of 4: SM, start, main loop end, end; the producers' waits at 16384 + tile).
   int debug = 0;
-  int raster = 0, swizzle = 0;
+  int strip = 0;  // output cluster columns per strip of the tile order (LORA_KERNELS_FUSED_STRIP; 0: 4)
 };
 #if LORA_KERNELS_HAVE_SM90_GEMM
 // The instances (fused_fwd_sm90_<dtype>.cu): launch the GEMM on prepared operands.
