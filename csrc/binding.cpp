@@ -127,14 +127,16 @@ const char* sm90_unsupported(const Tensor& a, const Tensor& b, const Tensor* bia
 // ------------------------------------------------------------------ the fused sm_90 forward (csrc/fused_fwd_sm90.h)
 // The forward as one GEMM launch with the shrink inside it (plus a prep launch): on the sm_90 GEMM's devices and
 // dtypes, without dropout, r <= 64. Mode (LORA_KERNELS_FUSED_FWD, read once; set_fused_forward at run time): 1 on,
-// 0 off (the shrink + pack + GEMM path), unset: on for r > 16. At r <= 16 the separate shrink pass measured faster
+// 0 off (the shrink + pack + GEMM path), unset: on for r > 16; 2 on with u computed by lead tiles (not yet run on a
+// GPU: fused_fwd_sm90.h). At r <= 16 the separate shrink pass measured faster
 // than the fused kernel's first wave of u tiles on 3 of the 4 Llama-3-8B shapes, at r = 64 slower on 3 of 4
 // (twelfth session, bench/results). LORA_KERNELS_SM90_GEMM=0 turns both off.
 std::atomic<int>& fused_mode() {
   static std::atomic<int> mode{[] {
     const char* v = std::getenv("LORA_KERNELS_FUSED_FWD");
     if (v == nullptr || *v == '\0') return -1;
-    return std::string(v) == "0" ? 0 : 1;
+    const std::string s(v);
+    return s == "0" ? 0 : s == "2" ? 2 : 1;
   }()};
   return mode;
 }
@@ -142,6 +144,7 @@ std::atomic<int>& fused_mode() {
 lk::FusedFwdArgs fused_args(const Tensor& x, const Tensor& weight, const Tensor* bias, const Tensor& lora_A,
                             const Tensor& lora_B, double scaling) {
   lk::FusedFwdArgs a;
+  a.lead = fused_mode().load(std::memory_order_relaxed) == 2;
   a.M = x.size(0); a.N = weight.size(0); a.K = x.size(1); a.r = (int)lora_A.size(0);
   a.x_dtype = to_dtype(x, "x"); a.a_dtype = to_dtype(lora_A, "lora_A"); a.b_dtype = to_dtype(lora_B, "lora_B");
   a.x = x.data_ptr(); a.w = weight.data_ptr(); a.bias = bias ? bias->data_ptr() : nullptr;
@@ -335,7 +338,8 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& weight, c
   if (fused_forward_unsupported(x, weight, bias_t, lora_A, lora_B, p) == nullptr) {  // one GEMM launch (+ prep)
     lk::FusedFwdArgs a = fused_args(x, weight, bias_t, lora_A, lora_B, scaling);
     const int64_t u_piece = keep_u ? -1 : ws.reserve_floats(M * r);
-    const int64_t f_piece = ws.reserve((int64_t)lk::lora_fused_fwd_sm90_workspace_bytes(M, N, K, r, x_dt, a_dt));
+    const int64_t f_piece =
+        ws.reserve((int64_t)lk::lora_fused_fwd_sm90_workspace_bytes(M, N, K, r, x_dt, a_dt, a.lead));
     ws.allocate(x.options());
     Tensor y = at::empty({M, N}, x.options());
     a.y = y.data_ptr();
@@ -690,15 +694,20 @@ std::string forward_path(const Tensor& x, const Tensor& weight, const std::optio
   if (why == nullptr) return "small_m";
   const bool has_bias = bias.has_value() && bias->defined();
   const char* why_fused = fused_forward_unsupported(x, weight, has_bias ? &*bias : nullptr, lora_A, lora_B, p);
-  if (why_fused == nullptr) return std::string("sm90 fused (small_m: ") + why + ")";
+  if (why_fused == nullptr)
+    return std::string(fused_mode().load(std::memory_order_relaxed) == 2 ? "sm90 fused lead" : "sm90 fused") +
+           " (small_m: " + why + ")";
   return gemm_path(x, weight, bias) + " (fused: " + why_fused + ") (small_m: " + why + ")";
 }
 
 // Switches the small-M forward on or off for this process; returns the previous setting.
 bool set_small_m(bool enabled) { return small_m_switch().exchange(enabled); }
 
-// Sets the fused forward's mode for this process (1 on, 0 off, -1 on for r > 16); returns the previous one.
-int64_t set_fused_forward(int64_t mode) { return fused_mode().exchange(mode > 0 ? 1 : mode == 0 ? 0 : -1); }
+// Sets the fused forward's mode for this process (1 on, 0 off, -1 on for r > 16, 2 on with lead tiles); returns the
+// previous one.
+int64_t set_fused_forward(int64_t mode) {
+  return fused_mode().exchange(mode == 2 ? 2 : mode > 0 ? 1 : mode == 0 ? 0 : -1);
+}
 
 }  // namespace
 

@@ -2,9 +2,9 @@
 // lays out the rank-r operands for the GEMM's TMA loads, and the dispatch to the dtype instances. No CUTLASS here.
 //
 // Prep (one launch, three jobs by block range):
-//   Ap [2][nw][K]   lora_A's rows as the u tiles read them: u tile t, column block b (u columns t rc + 8 b + 0..7)
-//                   piece p at rows 8 (pieces b + p) + 0..7; the bf16x3 pieces of fp32 A on bf16 x, else A cast
-//                   to x's dtype; zero rows for columns >= r.
+//   Ap [tiles][rows][K]  lora_A's rows as the tiles computing u read them (Split): tile t, column block b (u columns
+//                   t rc + 8 b + 0..7) piece p at rows 8 (pieces b + p) + 0..7; the bf16x3 pieces of fp32 A on
+//                   bf16 x, else A cast to x's dtype; zero rows for columns >= r and past nw.
 //   Bx [N][width]   lora_B cast to x's dtype, zero columns r .. width.
 //   ready [Mt]      zeroed: the u tiles count themselves in, the output tiles' loads wait for 2.
 #include "fused_fwd_sm90.h"
@@ -30,7 +30,7 @@ struct Carve {
 Carve carve(int64_t M, int64_t N, int64_t K, const sm90fused::Split& sp) {
   Carve c;
   c.ap = 0;
-  c.bx = c.ap + align_up(2 * (int64_t)sp.nw() * K * 2);
+  c.bx = c.ap + align_up((int64_t)sp.tiles * sp.rows * K * 2);
   c.su = c.bx + align_up(N * sp.width() * 2);
   c.ready = c.su + align_up(M * sp.width() * 2);
   c.total = c.ready + align_up(ceil_div(M, 128) * 4);
@@ -45,24 +45,22 @@ __device__ __forceinline__ float load_f(const TIn* p, int64_t i) {
 template <typename T, typename TA, typename TB, int P>
 __global__ void __launch_bounds__(kPrepThreads)
 fused_prep_kernel(const TA* __restrict__ A, const TB* __restrict__ B, T* __restrict__ ap, T* __restrict__ bx,
-                  int* __restrict__ ready, int64_t N, int64_t K, int r, int rc, int nw, int width, int64_t mt,
+                  int* __restrict__ ready, int64_t N, int64_t K, int r, sm90fused::Split sp, int64_t mt,
                   int64_t blocks_ap, int64_t blocks_bx) {
   const int64_t blk = blockIdx.x;
-  if (blk < blocks_ap) {  // one thread per (u column j < 2 rc, k)
+  const int width = sp.width();
+  if (blk < blocks_ap) {  // one thread per element of Ap: (tile, row, k)
     const int64_t t = blk * kPrepThreads + threadIdx.x;
-    if (t >= 2 * (int64_t)rc * K) return;
-    const int j = (int)(t / K);
-    const int64_t k = t % K;
-    const int tile = j / rc, b = (j % rc) / 8, jj = j % 8;
-    const float v = j < r ? load_f(A, (int64_t)j * K + k) : 0.f;
-    T* out = ap + ((int64_t)tile * nw + 8 * P * b + jj) * K + k;
+    if (t >= (int64_t)sp.tiles * sp.rows * K) return;
+    const int64_t row_all = t / K, k = t % K;
+    const int tile = (int)(row_all / sp.rows), row = (int)(row_all % sp.rows);
+    const int group = row / 8, b = group / P, p = group % P;
+    const int j = tile * sp.rc() + 8 * b + row % 8;  // the u column this row serves
+    const float v = group < sp.blocks * P && j < r ? load_f(A, (int64_t)j * K + k) : 0.f;
     if constexpr (P > 1) {
-      __nv_bfloat16 pc[3];
-      bf16x3_split(v, pc);
-#pragma unroll
-      for (int p = 0; p < 3; ++p) out[(int64_t)8 * p * K] = pc[p];
+      ap[t] = __float2bfloat16_rz(bf16x3_piece(v, p));
     } else {
-      out[0] = from_f<T>(v);
+      ap[t] = from_f<T>(v);
     }
     return;
   }
@@ -101,8 +99,9 @@ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 
 
 }  // namespace
 
-size_t lora_fused_fwd_sm90_workspace_bytes(int64_t M, int64_t N, int64_t K, int r, DType x_dtype, DType a_dtype) {
-  return (size_t)carve(M, N, K, sm90fused::split_for(r, adapter_pieces(x_dtype, a_dtype))).total;
+size_t lora_fused_fwd_sm90_workspace_bytes(int64_t M, int64_t N, int64_t K, int r, DType x_dtype, DType a_dtype,
+                                           bool lead) {
+  return (size_t)carve(M, N, K, sm90fused::split_for(r, adapter_pieces(x_dtype, a_dtype), lead)).total;
 }
 
 const char* lora_fused_fwd_sm90_unsupported(const FusedFwdArgs& a, int device) {
@@ -116,6 +115,7 @@ const char* lora_fused_fwd_sm90_unsupported(const FusedFwdArgs& a, int device) {
   if (a.M > INT32_MAX / 2 || a.N > INT32_MAX / 2 || a.K > INT32_MAX / 2) return "a dimension exceeds 2^30";
   if (a.r < 1 || a.r > 64) return "r above 64";
   if (a.K % 8 || a.N % 8) return "K and N must be multiples of 8 (16-byte rows for TMA)";
+  if (a.lead && (a.N + 127) / 128 < (a.r + 7) / 8) return "lead tiles: fewer output tile columns than ceil(r / 8)";
   if (!aligned16(a.x) || !aligned16(a.w) || (a.bias && !aligned16(a.bias)) || (a.y && !aligned16(a.y)))
     return "x, weight, bias and y must be 16-byte aligned";
   return nullptr;
@@ -130,11 +130,11 @@ cudaError_t launch_lora_fused_fwd_sm90(const FusedFwdArgs& a, cudaStream_t strea
     return cudaErrorNotSupported;
 #if LORA_KERNELS_HAVE_SM90_GEMM
   const int pieces = adapter_pieces(a.x_dtype, a.a_dtype);
-  const sm90fused::Split sp = sm90fused::split_for(a.r, pieces);
+  const sm90fused::Split sp = sm90fused::split_for(a.r, pieces, a.lead);
   const Carve c = carve(a.M, a.N, a.K, sp);
   char* ws = static_cast<char*>(a.workspace);
   const int64_t mt = ceil_div(a.M, 128);
-  const int64_t blocks_ap = ceil_div(2 * (int64_t)sp.rc() * a.K, kPrepThreads);
+  const int64_t blocks_ap = ceil_div((int64_t)sp.tiles * sp.rows * a.K, kPrepThreads);
   const int64_t blocks_bx = ceil_div(a.N * (sp.width() / 8), kPrepThreads);
   const int64_t blocks_ready = ceil_div(mt, kPrepThreads);
   if (blocks_ap + blocks_bx + blocks_ready > 0x7fffffff) return cudaErrorInvalidConfiguration;
@@ -149,7 +149,7 @@ cudaError_t launch_lora_fused_fwd_sm90(const FusedFwdArgs& a, cudaStream_t strea
               <<<(unsigned)(blocks_ap + blocks_bx + blocks_ready), kPrepThreads, 0, stream>>>(
                   static_cast<const TA*>(a.lora_A), static_cast<const TB*>(a.lora_B),
                   reinterpret_cast<T*>(ws + c.ap), reinterpret_cast<T*>(ws + c.bx),
-                  reinterpret_cast<int*>(ws + c.ready), a.N, a.K, a.r, sp.rc(), sp.nw(), sp.width(), mt, blocks_ap,
+                  reinterpret_cast<int*>(ws + c.ready), a.N, a.K, a.r, sp, mt, blocks_ap,
                   blocks_bx);
           return cudaGetLastError();
         });
@@ -162,6 +162,9 @@ cudaError_t launch_lora_fused_fwd_sm90(const FusedFwdArgs& a, cudaStream_t strea
   f.N = (int)a.N;
   f.r = a.r;
   f.blocks = sp.blocks;
+  f.lead = a.lead ? sp.tiles : 0;
+  f.ready_target = sp.tiles;
+  f.width = sp.width();
   f.pieces = pieces;
   f.k_tiles_main = (int)ceil_div(a.K, 64);
   f.kb_ext = (a.r + 15) / 16;
@@ -172,6 +175,9 @@ cudaError_t launch_lora_fused_fwd_sm90(const FusedFwdArgs& a, cudaStream_t strea
   f.debug = dev_knobs().debug;
   f.strip = dev_knobs().strip;
   const sm90fused::Operands o{a.x, a.w, a.bias, ws + c.ap, ws + c.bx, a.y};
+  if (a.lead)
+    return a.x_dtype == DType::kBFloat16 ? sm90fused::run_fused_lead_bf16(o, f, a.K, num_sms(), stream)
+                                         : sm90fused::run_fused_lead_fp16(o, f, a.K, num_sms(), stream);
   return a.x_dtype == DType::kBFloat16 ? sm90fused::run_fused_bf16(o, f, a.K, num_sms(), stream)
                                        : sm90fused::run_fused_fp16(o, f, a.K, num_sms(), stream);
 #else

@@ -15,7 +15,11 @@
 //         runs a narrow wgmma (64 x nw_mma x 16) on the x tile and Ap's tile in place of W's, and stores nothing
 //         through the epilogue. Every tile takes k_tiles_main + 1 pipeline stages; the last stage of a u tile is
 //         not multiplied (its loads repeat K-tile 0).
-// Order:  TileOrder puts every u cluster first, then the output clusters. The producer waits for ready[m] before the
+// Lead:   the kLead variant (LORA_KERNELS_FUSED_FWD=2; not yet run on a GPU) has no u tiles: each row block's first
+//         S = ceil(r / 8) output tiles ("lead tiles", scheduled first) load a 32-row slot of lora_A's pieces with
+//         each stage and run the narrow wgmma on the x tile they already hold, each writing u's columns 8 j .. 8 j + 7;
+//         every output tile of the block, lead tiles included, waits for ready[m] == S. No second read of x.
+// Order:  TileOrder puts every u cluster (or lead cluster) first, then the output clusters. The producer waits for ready[m] before the
 //         extension stage of an output tile. No wait can deadlock: the grid is no larger than the clusters the device
 //         holds at once, each block walks its items in increasing order, the u items wait for nothing, and every
 //         item before an output item is running on a resident block or done.
@@ -61,28 +65,34 @@ __device__ __forceinline__ int ld_acquire(const int* p) {
 __device__ __forceinline__ void fence_proxy_async_global() { asm volatile("fence.proxy.async.global;" ::: "memory"); }
 
 // The tile order: cluster-sized work items (1 x 2 tiles) in one linear order that every block walks with stride
-// gridDim.x (a persistent grid, one cluster per item): first the Mt u clusters (row block m = item), then the output
+// gridDim.x (a persistent grid, one cluster per item): first the clusters that compute u, row block by row block
+// (u tiles: the Mt u clusters; lead tiles: each row block's first `lead` output clusters), then the other output
 // clusters in strips of `strip` cluster columns, row block by row block within a strip (x's row block and a strip of
 // W stay in L2 together). No item past the problem: CUTLASS's scheduler rounds the tile grid up to its swizzle, which
 // with the two u columns would add up to 6 empty tile columns per row block.
 struct TileOrder {
   int mt, ncl, strip;  // row blocks, output cluster columns, strip width (clusters)
-  __host__ __device__ int items() const { return mt * (1 + ncl); }
+  int lead;            // lead clusters per row block (lead tiles), 0 with u tiles
+  __host__ __device__ int items() const { return lead ? mt * ncl : mt * (1 + ncl); }
   // (row block, tile column as the kernel counts them: 0, 1 the u tiles, 2 + n the output tile n) of item i, rank r
   __device__ void tile(int i, int rank, int& m, int& n) const {
-    if (i < mt) {
-      m = i;
-      n = rank;
+    const int first = lead ? mt * lead : mt;  // the items that compute u
+    if (i < first) {
+      m = lead ? i / lead : i;
+      n = lead ? 2 + 2 * (i % lead) + rank : rank;
       return;
     }
-    const int j = i - mt, per_strip = mt * strip;
-    const int g = j / per_strip, w = min(strip, ncl - g * strip), jj = j - g * per_strip;
+    const int c0 = lead, cols = ncl - lead;  // the other output cluster columns: [c0, ncl)
+    const int j = i - first, per_strip = mt * strip;
+    const int g = j / per_strip, w = min(strip, cols - g * strip), jj = j - g * per_strip;
     m = jj / w;
-    n = 2 + 2 * (g * strip + jj % w) + rank;
+    n = 2 + 2 * (c0 + g * strip + jj % w) + rank;
   }
 };
 
-template <class Element>
+// kLead: the lead-tile variant (u computed by each row block's first output tiles), a kernel of its own so that the
+// u-tile kernel's code is what was measured.
+template <class Element, bool kLead>
 struct FusedFwd {
   // ---------------------------------------------------------------------------------------------- types
   using Tile = Shape<_128, _128, _64>;
@@ -92,6 +102,10 @@ struct FusedFwd {
   using LayoutD = cutlass::layout::RowMajor;
   static constexpr int kAlign = 8;
   static constexpr int kUTiles = 2;  // u tiles per row block: one cluster
+  // Lead tiles: a kApRows x 64 slot of lora_A's pieces next to each stage's x and W tiles (4 KB), for at most 6
+  // stages (the count the carveout leaves for 128 x 128 x 64 16-bit tiles: 6 with or without the slots).
+  static constexpr int kApSlotElems = kApRows * 64;
+  static constexpr int kApSlotCarveout = kLead ? 6 * kApSlotElems * 2 : 0;
   using Fusion = cutlass::epilogue::fusion::LinCombPerColBias<Element, float, Element, void, float>;
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Tile, Cluster, cutlass::epilogue::collective::EpilogueTileAuto,
@@ -100,7 +114,8 @@ struct FusedFwd {
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA, kAlign, Element, LayoutB, kAlign, float,
       Tile, Cluster,
-      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage)) +
+                                                         kApSlotCarveout>,
       cutlass::gemm::KernelTmaWarpSpecializedPingpong>::CollectiveOp;
   using Base = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue,
                                                     cutlass::gemm::PersistentScheduler>;
@@ -113,8 +128,20 @@ struct FusedFwd {
   using TMA_B = typename Mainloop::Params::TMA_B;
   using MainloopPipeline = typename Mainloop::MainloopPipeline;
   using PipelineState = typename Mainloop::PipelineState;
-  using SharedStorage = typename Base::SharedStorage;
   static constexpr int kStages = Mainloop::DispatchPolicy::Stages;
+  static_assert(kStages <= 6, "the lead tiles' slots are carved out for 6 stages");
+  using IB = typename Mainloop::InternalElementB;
+  using SmemLayoutApStage = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{}, Shape<Int<kApRows>, _64>{}));
+  using SmemLayoutAp = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{},
+                                              Shape<Int<kApRows>, _64, Int<kStages>>{}));
+  using GmemLayoutAp = Layout<Shape<int, int>, Stride<int64_t, _1>>;  // (tiles * kApRows, K) row-major
+  using TMA_Ap = decltype(make_tma_copy(SM90_TMA_LOAD{},
+                                        make_tensor(make_gmem_ptr(static_cast<IB const*>(nullptr)), GmemLayoutAp{}),
+                                        SmemLayoutApStage{}));
+  struct SharedStorage {
+    typename Base::SharedStorage base;
+    alignas(1024) cute::array_aligned<Element, kLead ? kApSlotElems * kStages : 8> ap;  // the lead tiles' slots
+  };
   static constexpr int kTileK = 64;
   static_assert(Mainloop::K_PIPE_MMAS == 1, "the consumer loops keep one MMA batch in flight");
   static_assert(!cute::is_same_v<typename Mainloop::GmemTiledCopyB, SM90_TMA_LOAD_MULTICAST>,
@@ -125,11 +152,12 @@ struct FusedFwd {
     TMA_B tma_ap;                // (nw, K, 2) lora_A's pieces, one batch per u tile
     TMA_A tma_su;                // (M, width, 1) bf16(u)
     TMA_B tma_bx;                // (N, width, 1) lora_B padded
+    TMA_Ap tma_apl;              // (tiles * kApRows, K) lora_A's pieces for the lead tiles
     FusedParams f;
     TileOrder order;
   };
 
-  static constexpr int SharedStorageSize = Base::SharedStorageSize;
+  static constexpr int SharedStorageSize = sizeof(SharedStorage);
   static constexpr uint32_t MaxThreadsPerBlock = Base::MaxThreadsPerBlock;
   static constexpr uint32_t MinBlocksPerMultiprocessor = 1;
 
@@ -179,6 +207,141 @@ struct FusedFwd {
         ++release;
       }
       ++read;
+    }
+    warpgroup_fence_operand(accum);
+  }
+
+  // An output tile of the lead kernel. A lead tile (j < lead of its row block) runs, with each main K-tile, a
+  // second, narrow batch (64 x 32 x 16 wgmma) of the same x tile by the stage's slot of lora_A's pieces into a u
+  // accumulator, waits for both, and adds the u products into fp32 registers (tot, per u column): the tensor cores'
+  // accumulation is not an IEEE fp32 sum, and a K-long chain of it misses the tolerance rule for u. After the main
+  // K-tiles it writes u's columns 8 j .. 8 j + 7 of the row block and raises the ready count, before the extension
+  // stage is waited for (its load waits for every lead tile of the row block, this one included). Other tiles run
+  // mma_output's loop. One function, one loop for both, so that the compiler keeps a single accumulator (two
+  // loops merged an undefined accumulator into zeros inside a wgmma batch, which makes ptxas serialize every
+  // wgmma of the kernel). The last stage is released by the caller, as after mma_output.
+  template <class Accum>
+  CUTLASS_DEVICE static void mma_lead(MainloopPipeline& pipeline, PipelineState read, Accum& accum, int k_tiles,
+                                      int thread_idx, typename Mainloop::TensorStorage& smem, Element* ap_slots,
+                                      FusedParams const& f, int m_blk, int j, bool is_lead, int wg) {
+    using UAtom = decltype(GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kApRows>, _64>,
+                                                GMMA::Major::K, GMMA::Major::K>());
+    using UMma = decltype(make_tiled_mma(UAtom{}));
+    Tensor sA = make_tensor(make_smem_ptr(smem.smem_A.data()), SmemLayoutA{});
+    Tensor sB = make_tensor(make_smem_ptr(smem.smem_B.data()), SmemLayoutB{});
+    Tensor sAp = make_tensor(make_smem_ptr(ap_slots), SmemLayoutAp{});  // (kApRows, 64, PIPE)
+    TiledMma tiled_mma;
+    auto thr = tiled_mma.get_slice(thread_idx);
+    Tensor tCrA = thr.make_fragment_A(thr.partition_A(sA));
+    Tensor tCrB = thr.make_fragment_B(thr.partition_B(sB));
+    UMma umma;
+    auto thr_u = umma.get_slice(thread_idx);
+    Tensor tUrA = thr_u.make_fragment_A(thr_u.partition_A(sA));
+    Tensor tUrB = thr_u.make_fragment_B(thr_u.partition_B(sAp));
+    Tensor acc = partition_fragment_C(umma, Shape<_128, Int<kApRows>>{});
+    static_assert(size<1>(decltype(acc){}) == 2, "two 64-row halves of the 128-row tile");
+    float tot[2][2][2] = {};
+    const int pieces = f.pieces;
+    auto drain = [&]() {  // column group p of acc holds piece p of u's 8 columns
+      warpgroup_fence_operand(acc);
+      CUTLASS_PRAGMA_UNROLL
+      for (int mm = 0; mm < 2; ++mm)
+        CUTLASS_PRAGMA_UNROLL
+        for (int h = 0; h < 2; ++h)
+          CUTLASS_PRAGMA_UNROLL
+          for (int c = 0; c < 2; ++c) {
+            float v = acc(make_coord(c, h, 0), mm, 0);
+            if (pieces == 3) v += acc(make_coord(c, h, 1), mm, 0) + acc(make_coord(c, h, 2), mm, 0);
+            tot[mm][h][c] += v;
+          }
+    };
+    const int kt_main = k_tiles - 1;
+    clear(acc);
+    PipelineState release = read;
+    tiled_mma.accumulate_ = GMMA::ScaleOut::Zero;
+    for (int t = 0; t < kt_main; ++t) {
+      auto token = pipeline.consumer_try_wait(read);
+      pipeline.consumer_wait(read, token);
+      const int stage = read.index();
+      warpgroup_fence_operand(accum);
+      warpgroup_arrive();
+      CUTLASS_PRAGMA_UNROLL
+      for (int k_block = 0; k_block < size<2>(tCrA); ++k_block) {
+        cute::gemm(tiled_mma, tCrA(_, _, k_block, stage), tCrB(_, _, k_block, stage), accum);
+        tiled_mma.accumulate_ = GMMA::ScaleOut::One;
+      }
+      warpgroup_commit_batch();
+      if (is_lead) {  // the u batch, then both done: drain, release this stage
+        warpgroup_fence_operand(acc);
+        warpgroup_arrive();
+        umma.accumulate_ = GMMA::ScaleOut::Zero;
+        CUTLASS_PRAGMA_UNROLL
+        for (int k_block = 0; k_block < size<2>(tUrA); ++k_block) {
+          cute::gemm(umma, tUrA(_, _, k_block, stage), tUrB(_, _, k_block, stage), acc);
+          umma.accumulate_ = GMMA::ScaleOut::One;
+        }
+        warpgroup_commit_batch();
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(accum);
+        drain();
+        pipeline.consumer_release(release);
+        ++release;
+      } else if (t > 0) {  // the batch of K-tile t - 1 done: release its stage
+        warpgroup_wait<1>();
+        warpgroup_fence_operand(accum);
+        pipeline.consumer_release(release);
+        ++release;
+      }
+      ++read;
+    }
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(accum);
+    if (!is_lead) {  // the last main K-tile's stage
+      pipeline.consumer_release(release);
+      ++release;
+    }
+
+    if (is_lead) {  // u's columns 8 j .. 8 j + 7 of the row block: fp32 u and bf16(u), then the ready count
+      Tensor cU = thr_u.partition_C(make_identity_tensor(Shape<_128, Int<kApRows>>{}));
+      Element* su = static_cast<Element*>(f.su);
+      CUTLASS_PRAGMA_UNROLL
+      for (int mm = 0; mm < 2; ++mm)
+        CUTLASS_PRAGMA_UNROLL
+        for (int h = 0; h < 2; ++h)
+          CUTLASS_PRAGMA_UNROLL
+          for (int c = 0; c < 2; ++c) {
+            const float v = tot[mm][h][c] * f.scale;
+            const auto rc = cU(make_coord(c, h, 0), mm, 0);
+            const int row = m_blk * 128 + get<0>(rc);
+            const int col = 8 * j + get<1>(rc);
+            if (row < f.M) {
+              if (col < f.r && !(f.debug & 16)) f.u[(int64_t)row * f.r + col] = v;
+              su[(int64_t)row * f.width + col] = Element(v);
+            }
+          }
+      fence_proxy_async_global();
+      __threadfence();
+      cutlass::arch::NamedBarrier::sync(128, wg);
+      if (thread_idx == 0) atomicAdd(f.ready + m_blk, 1);
+    }
+
+    // the extension stage: (su, Bx), its first kb_ext k-blocks
+    auto token = pipeline.consumer_try_wait(read);
+    pipeline.consumer_wait(read, token);
+    const int stage = read.index();
+    auto ext = [&](auto kb_count) {
+      warpgroup_fence_operand(accum);
+      warpgroup_arrive();
+      CUTLASS_PRAGMA_UNROLL
+      for (int k_block = 0; k_block < decltype(kb_count)::value; ++k_block)
+        cute::gemm(tiled_mma, tCrA(_, _, k_block, stage), tCrB(_, _, k_block, stage), accum);
+      warpgroup_commit_batch();
+    };
+    switch (f.kb_ext) {
+      case 1: ext(Int<1>{}); break;
+      case 2: ext(Int<2>{}); break;
+      case 3: ext(Int<3>{}); break;
+      default: ext(Int<4>{}); break;
     }
     warpgroup_fence_operand(accum);
   }
@@ -252,7 +415,7 @@ struct FusedFwd {
     // acc's mode 0 is (2 adjacent columns, 2 rows 8 apart, kNWm / 8 column groups 8 apart): column group
     // Pieces * b + p holds piece p of u's column block b, so a thread sums its own registers.
     Tensor cU = thr.partition_C(make_identity_tensor(Shape<_128, Int<kNWm>>{}));
-    const int width = 2 * 8 * Blocks;
+    const int width = f.width;
     Element* su = static_cast<Element*>(f.su);
     CUTLASS_PRAGMA_UNROLL
     for (int mm = 0; mm < size<1>(acc); ++mm) {
@@ -315,6 +478,7 @@ struct FusedFwd {
       cute::prefetch_tma_descriptor(params.tma_ap.get_tma_descriptor());
       cute::prefetch_tma_descriptor(params.tma_su.get_tma_descriptor());
       cute::prefetch_tma_descriptor(params.tma_bx.get_tma_descriptor());
+      if (f.lead > 0) cute::prefetch_tma_descriptor(params.tma_apl.get_tma_descriptor());
       Epilogue::prefetch_tma_descriptors(params.gemm.epilogue);
     }
 
@@ -324,7 +488,7 @@ struct FusedFwd {
     pp.is_leader = wg_thread == 0;
     pp.num_consumers = cutlass::NumThreadsPerWarpGroup;
     pp.transaction_bytes = mp.tma_transaction_bytes;
-    MainloopPipeline pipeline(shared.pipelines.mainloop, pp, Cluster{});
+    MainloopPipeline pipeline(shared.base.pipelines.mainloop, pp, Cluster{});
 
     using EpiLoadPipeline = typename Epilogue::LoadPipeline;
     typename EpiLoadPipeline::Params elp;
@@ -333,7 +497,7 @@ struct FusedFwd {
     elp.producer_arv_count = cutlass::NumThreadsPerWarp;
     elp.consumer_arv_count = cutlass::NumThreadsPerWarpGroup;
     if constexpr (Epilogue::RequiresTransactionBytes) elp.transaction_bytes = params.gemm.epilogue.tma_transaction_bytes;
-    EpiLoadPipeline epi_load_pipeline(shared.pipelines.epi_load, elp);
+    EpiLoadPipeline epi_load_pipeline(shared.base.pipelines.epi_load, elp);
     using EpiStorePipeline = typename Epilogue::StorePipeline;
     typename EpiStorePipeline::Params esp;
     esp.always_wait = true;
@@ -342,7 +506,7 @@ struct FusedFwd {
     typename Base::MathWarpGroupOrderBarrier::Params obp;
     obp.group_id = cutlass::canonical_warp_group_idx() - 1;
     obp.group_size = cutlass::NumThreadsPerWarpGroup;
-    typename Base::MathWarpGroupOrderBarrier order(shared.pipelines.math_wg_order, obp);
+    typename Base::MathWarpGroupOrderBarrier order(shared.base.pipelines.math_wg_order, obp);
 
     PipelineState consumer_state;
     typename Epilogue::LoadPipelineState epi_load_state;
@@ -382,14 +546,20 @@ struct FusedFwd {
       };
       using X = Underscore;
       const int K = f.k_tiles_main * kTileK;  // the K-tile grid (TMA fills past the real K with zeros)
-      const int width = 2 * 8 * f.blocks;
+      const int width = f.width;
       Tensor gX = tile_view(mp.tma_load_a, M, K, L, Step<_1, X, _1>{});
       Tensor gW = tile_view(mp.tma_load_b, N, K, L, Step<X, _1, _1>{});
       Tensor gAp = tile_view(params.tma_ap, 8 * f.blocks * f.pieces, K, kUTiles, Step<X, _1, _1>{});
       Tensor gSu = tile_view(params.tma_su, M, width, L, Step<_1, X, _1>{});
       Tensor gBx = tile_view(params.tma_bx, N, width, L, Step<X, _1, _1>{});
-      Tensor sA = make_tensor(make_smem_ptr(shared.tensors.mainloop.smem_A.data()), SmemLayoutA{});
-      Tensor sB = make_tensor(make_smem_ptr(shared.tensors.mainloop.smem_B.data()), SmemLayoutB{});
+      Tensor sA = make_tensor(make_smem_ptr(shared.base.tensors.mainloop.smem_A.data()), SmemLayoutA{});
+      Tensor sB = make_tensor(make_smem_ptr(shared.base.tensors.mainloop.smem_B.data()), SmemLayoutB{});
+      // the lead tiles' slots of lora_A's pieces: (kApRows, 64, lead tile, k) in global memory
+      auto ta_apl = params.tma_apl.get_slice(0);
+      Tensor gApl = local_tile(params.tma_apl.get_tma_tensor(make_shape(max(f.lead, 1) * kApRows, K)),
+                               Shape<Int<kApRows>, _64>{}, make_coord(_, _));
+      Tensor tAplS = ta_apl.partition_D(
+          make_tensor(make_smem_ptr(reinterpret_cast<IB*>(shared.ap.data())), SmemLayoutAp{}));
       // x and su multicast to both blocks of the cluster (one row block); W, Ap, Bx per block
       const uint2 cid = {block_rank % size<0>(Cluster{}), block_rank / size<0>(Cluster{})};
       auto ta_x = mp.tma_load_a.get_slice(cid.y);
@@ -408,6 +578,9 @@ struct FusedFwd {
         int m_blk, n_tile;
         to.tile(item, rank, m_blk, n_tile);
         const bool u_tile = n_tile < kUTiles;
+        const int n_out = n_tile - kUTiles;
+        const bool lead_tile = f.lead > 0 && !u_tile && n_out < f.lead;
+        Tensor tAplG = ta_apl.partition_S(gApl(_, _, lead_tile ? n_out : 0, _));  // (TMA, TMA_M, TMA_K, k)
         Tensor tAgX = ta_x.partition_S(gX(_, _, m_blk, _, 0));     // (TMA, TMA_M, TMA_K, k)
         Tensor tAgSu = ta_su.partition_S(gSu(_, _, m_blk, _, 0));
         Tensor tBgW = tb_w.partition_S(gW(_, _, u_tile ? 0 : n_tile - kUTiles, _, 0));
@@ -417,7 +590,7 @@ struct FusedFwd {
           const bool ext = k == f.k_tiles_main;
           if (ext && !u_tile && !(f.debug & 1)) {  // bf16(u) of this row block: wait until both u tiles wrote it
             const uint32_t w0 = (f.debug & 16) ? globaltimer_lo() : 0;
-            while (ld_acquire(f.ready + m_blk) < kUTiles) __nanosleep(128);
+            while (ld_acquire(f.ready + m_blk) < f.ready_target) __nanosleep(128);
             fence_proxy_async_global();
             if (f.debug & 16) {  // trace: the producer's wait, records 16384 + tile
               uint32_t* rec = reinterpret_cast<uint32_t*>(f.u) + 4 * (16384 + m_blk * n_tiles_sched + n_tile);
@@ -429,6 +602,10 @@ struct FusedFwd {
           pipeline.producer_acquire(producer_state);
           auto* bar = pipeline.producer_get_barrier(producer_state);
           const int stage = producer_state.index();
+          if (kLead && lead_tile && !ext) {  // the slot's bytes on the stage's barrier, declared before any copy
+            pipeline.producer_expect_transaction(producer_state, kApSlotElems * 2);
+            copy(params.tma_apl.with(*bar), tAplG(_, _, _, k), tAplS(_, _, _, stage));
+          }
           const int kk = ext ? 0 : k;
           if (ext && !u_tile) {
             copy(params.tma_su.with(*bar, mcast_a), tAgSu(_, _, _, 0), tAsA(_, _, _, stage));
@@ -447,7 +624,7 @@ struct FusedFwd {
 
     // consumers
     cutlass::arch::warpgroup_reg_alloc<Base::MmaRegisterRequirement>();
-    Epilogue epilogue(params.gemm.epilogue, shared.tensors.epilogue);
+    Epilogue epilogue(params.gemm.epilogue, shared.base.tensors.epilogue);
     TiledMma tiled_mma;
     const int wg = cutlass::canonical_warp_group_idx() - 1;
     auto problem_mnkl = make_shape(M, N, get<2>(problem), L);
@@ -461,10 +638,10 @@ struct FusedFwd {
         rec[1] = globaltimer_lo();
       }
       order.wait();
-      if (n_tile < kUTiles) {
+      if (!kLead && n_tile < kUTiles) {
         with_split(f.blocks, f.pieces, [&](auto blocks, auto pieces) {
           u_tile<decltype(blocks)::value, decltype(pieces)::value>(pipeline, consumer_state, k_tiles, wg_thread,
-                                                                   shared.tensors.mainloop, f, m_blk, n_tile, wg,
+                                                                   shared.base.tensors.mainloop, f, m_blk, n_tile, wg,
                                                                    [&] {
                                                                      order.arrive();
                                                                      if (trace && wg_thread == 0)
@@ -478,7 +655,13 @@ struct FusedFwd {
         order.arrive();
       } else {
         Tensor accum = partition_fragment_C(tiled_mma, take<0, 2>(blk_shape));
-        mma_output(pipeline, consumer_state, accum, k_tiles, f.kb_ext, wg_thread, shared.tensors.mainloop);
+        const int n_out = n_tile - kUTiles;
+        if constexpr (kLead) {
+          mma_lead(pipeline, consumer_state, accum, k_tiles, wg_thread, shared.base.tensors.mainloop,
+                   shared.ap.data(), f, m_blk, n_out, n_out < f.lead, wg);
+        } else {
+          mma_output(pipeline, consumer_state, accum, k_tiles, f.kb_ext, wg_thread, shared.base.tensors.mainloop);
+        }
         order.arrive();
         if (trace && wg_thread == 0) rec[2] = globaltimer_lo();
         // the last stage's batch: wait, release
@@ -493,7 +676,7 @@ struct FusedFwd {
         auto blk_coord = make_coord(m_blk, n_tile - kUTiles, _, 0);
         auto [el, es] = epilogue.store(epi_load_pipeline, epi_load_state, epi_store_pipeline, epi_store_state,
                                        problem_mnkl, blk_shape, blk_coord, accum, tiled_mma, wg_thread,
-                                       shared.tensors.epilogue);
+                                       shared.base.tensors.epilogue);
         auto [el2, es2] = epilogue.store_tail(epi_load_pipeline, el, epi_store_pipeline, es);
         epi_load_state = el2;
         epi_store_state = es2;
@@ -510,8 +693,7 @@ struct FusedFwd {
   static cudaError_t run(const Operands& o, const FusedParams& f, int64_t K64, int sms, cudaStream_t stream) {
     using E = Element;
     const int M = f.M, N = f.N, K = int(K64);
-    const Split sp{f.blocks, f.pieces};
-    const int nw = sp.nw(), width = sp.width();
+    const int nw = 8 * f.blocks * f.pieces, width = f.width;
     const int kt = f.k_tiles_main + 1;
     typename Base::Arguments args;
     args.mode = cutlass::gemm::GemmUniversalMode::kGemm;
@@ -537,8 +719,8 @@ struct FusedFwd {
     p.order.mt = int((M + 127) / 128);
     p.order.ncl = int((N + 255) / 256);
     p.order.strip = f.strip > 0 ? f.strip : 4;
+    p.order.lead = f.lead > 0 ? (f.lead + 1) / 2 : 0;
     using IA = typename Mainloop::InternalElementA;
-    using IB = typename Mainloop::InternalElementB;
     auto make_a = [&](void const* ptr, int rows, int cols) {
       auto t = make_tensor(static_cast<IA const*>(ptr), make_layout(make_shape(rows, cols, 1),
                                             cutlass::make_cute_packed_stride(StrideA{}, {rows, cols, 1})));
@@ -552,6 +734,14 @@ struct FusedFwd {
                                   Cluster{});
     };
     p.tma_ap = make_b(o.ap, nw, K, kUTiles);
+    {  // the lead tiles' Ap (u tiles: the same buffer, 2 nw rows; never read)
+      const int rows = f.lead > 0 ? f.lead * kApRows : kUTiles * nw;
+      p.tma_apl = make_tma_copy(
+          SM90_TMA_LOAD{},
+          make_tensor(make_gmem_ptr(static_cast<IB const*>(o.ap)),
+                      GmemLayoutAp{make_shape(rows, K), make_stride(int64_t(K), _1{})}),
+          SmemLayoutApStage{});
+    }
     p.tma_su = make_a(f.su, M, width);
     p.tma_bx = make_b(o.bx, N, width, 1);
     p.f = f;
@@ -563,7 +753,7 @@ struct FusedFwd {
     cudaError_t e = cudaGetDevice(&device);
     if (e != cudaSuccess) return e;
     if (device >= 64 || !smem_set[device].load(std::memory_order_acquire)) {
-      e = cudaFuncSetAttribute(cutlass::device_kernel<FusedFwd>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+      e = cudaFuncSetAttribute(cutlass::device_kernel<FusedFwd<Element, kLead>>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
       if (e != cudaSuccess) return e;
       if (device < 64) smem_set[device].store(true, std::memory_order_release);
     }
@@ -585,7 +775,7 @@ struct FusedFwd {
     int clusters = device < 64 ? resident[device].load(std::memory_order_acquire) : 0;
     if (clusters <= 0) {
       config.gridDim = dim3(1, unsigned(size<1>(Cluster{})), 1);  // one cluster: the shape the query asks about
-      e = cudaOccupancyMaxActiveClusters(&clusters, reinterpret_cast<void const*>(&cutlass::device_kernel<FusedFwd>),
+      e = cudaOccupancyMaxActiveClusters(&clusters, reinterpret_cast<void const*>(&cutlass::device_kernel<FusedFwd<Element, kLead>>),
                                          &config);
       if (e != cudaSuccess) return e;
       if (clusters <= 0) return cudaErrorInvalidConfiguration;
@@ -593,7 +783,7 @@ struct FusedFwd {
     }
     config.gridDim = dim3(unsigned(std::min(clusters, p.order.items())), unsigned(size<1>(Cluster{})), 1);
     void* kernel_params[] = {&p};
-    return cudaLaunchKernelExC(&config, reinterpret_cast<void const*>(&cutlass::device_kernel<FusedFwd>),
+    return cudaLaunchKernelExC(&config, reinterpret_cast<void const*>(&cutlass::device_kernel<FusedFwd<Element, kLead>>),
                                kernel_params);
   }
 };

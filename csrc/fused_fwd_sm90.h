@@ -13,6 +13,7 @@
 // lora_B in x's dtype padded, bf16(u), and one ready counter per 128-row block (the prep zeroes them).
 // Requirements (else lora_fused_fwd_sm90_unsupported() says why and the caller keeps its other path): as the sm_90
 // GEMM (gemm_sm90.h) plus r <= 64 and adapters on the tensor cores (16-bit, or fp32 with bf16 x). No dropout.
+// FusedFwdArgs::lead selects the lead-tile variant (fused_fwd_sm90.cuh), which needs N >= 128 ceil(r / 8).
 #pragma once
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -36,34 +37,48 @@ struct FusedFwdArgs {
   void* y = nullptr;
   float* u = nullptr;  // (M, r) fp32, scale · x Aᵀ
   void* workspace = nullptr;
+  // Where u is computed: false, in 2 u tiles per row block (measured); true, in the first ceil(r / 8) output tiles
+  // of each row block ("lead tiles", not yet run on a GPU: LORA_KERNELS_FUSED_FWD=2).
+  bool lead = false;
 };
 
 // Bytes of workspace a call needs.
-size_t lora_fused_fwd_sm90_workspace_bytes(int64_t M, int64_t N, int64_t K, int r, DType x_dtype, DType a_dtype);
+size_t lora_fused_fwd_sm90_workspace_bytes(int64_t M, int64_t N, int64_t K, int r, DType x_dtype, DType a_dtype,
+                                           bool lead);
 // nullptr when `args` can run on `device`, else a static string saying why not (workspace and outputs not checked).
 const char* lora_fused_fwd_sm90_unsupported(const FusedFwdArgs& args, int device);
 // The prep launch and the fused GEMM launch, on `stream`.
 cudaError_t launch_lora_fused_fwd_sm90(const FusedFwdArgs& args, cudaStream_t stream);
 
 namespace sm90fused {
-// The split of the rank-r operands: 2 u tiles per 128-row block (one cluster of 1 x 2 tiles), each computing
-// rc = 8 * blocks columns of u; each u tile multiplies x by nw = 8 * blocks * pieces rows of lora_A's pieces (the
-// u column block b's pieces at rows 8 (pieces b + p) + 0..7), padded to the wgmma width nw_mma.
+// The split of the rank-r operands among the tiles that compute u ("u tiles" or lead tiles): `tiles` of them per
+// 128-row block, each computing rc = 8 * blocks columns of u by multiplying x by nw = 8 * blocks * pieces rows of
+// lora_A's pieces (u column block b's pieces at rows 8 (pieces b + p) + 0..7), each tile's rows `rows` apart in Ap.
+//   u tiles:    tiles = 2 (one cluster), blocks 1, 2, 4 (r <= 16, 32, 64), rows = nw;
+//   lead tiles: tiles = ceil(r / 8), blocks 1, rows = 32 (the shared-memory slot a stage gives them, kApRows).
 struct Split {
-  int blocks;  // 1, 2, 4: r <= 16, 32, 64
+  int blocks;  // u column blocks of 8 per tile
   int pieces;  // 1 (16-bit adapters) or 3 (fp32 adapters on bf16)
-  int rc() const { return 8 * blocks; }
-  int width() const { return 2 * rc(); }  // columns of bf16(u) and of padded lora_B: >= r, a multiple of 16
-  int nw() const { return 8 * blocks * pieces; }
+  int tiles;
+  int rows;
+  __host__ __device__ int rc() const { return 8 * blocks; }
+  // columns of bf16(u) and of the padded lora_B: tiles * rc (>= r) rounded up to 16
+  __host__ __device__ int width() const { return (tiles * rc() + 15) / 16 * 16; }
+  __host__ __device__ int nw() const { return 8 * blocks * pieces; }
 };
-inline Split split_for(int r, int pieces) {
+constexpr int kApRows = 32;
+inline Split split_for(int r, int pieces, bool lead) {
+  if (lead) return Split{1, pieces, (r + 7) / 8, kApRows};
   const int blocks = r <= 16 ? 1 : r <= 32 ? 2 : 4;
-  return Split{blocks, pieces};
+  return Split{blocks, pieces, 2, 8 * blocks * pieces};
 }
 // Device-side parameters beyond the GEMM's (fused_fwd_sm90.cuh).
 struct FusedParams {
   int M, N, r;
   int blocks, pieces;
+  int lead;          // 0: u tiles; else the lead tiles per row block
+  int ready_target;  // the ready count at which a row block's bf16(u) is complete: the tiles computing it
+  int width;         // columns of su and Bx (Split::width)
   int k_tiles_main;
   int kb_ext;  // 16-deep k-blocks of the extension tile that hold u's columns: ceil(r / 16)
   float scale;
@@ -77,13 +92,15 @@ struct FusedParams {
   int strip = 0;  // output cluster columns per strip of the tile order (LORA_KERNELS_FUSED_STRIP; 0: 4)
 };
 #if LORA_KERNELS_HAVE_SM90_GEMM
-// The instances (fused_fwd_sm90_<dtype>.cu): launch the GEMM on prepared operands.
+// The instances (fused_fwd_sm90_<dtype>.cu, fused_fwd_sm90_lead_<dtype>.cu): launch the GEMM on prepared operands.
 struct Operands {
   const void *x, *w, *bias, *ap, *bx;
   void* y;
 };
 cudaError_t run_fused_bf16(const Operands&, const FusedParams&, int64_t K, int sms, cudaStream_t);
 cudaError_t run_fused_fp16(const Operands&, const FusedParams&, int64_t K, int sms, cudaStream_t);
+cudaError_t run_fused_lead_bf16(const Operands&, const FusedParams&, int64_t K, int sms, cudaStream_t);
+cudaError_t run_fused_lead_fp16(const Operands&, const FusedParams&, int64_t K, int sms, cudaStream_t);
 #endif
 }  // namespace sm90fused
 

@@ -7,7 +7,7 @@
 
 namespace lora_kernels::sm90fused {
 cudaError_t run_fused_fp16(const Operands& o, const FusedParams& f, int64_t K, int sms, cudaStream_t s) {
-  return FusedFwd<cutlass::half_t>::run(o, f, K, sms, s);
+  return FusedFwd<cutlass::half_t, false>::run(o, f, K, sms, s);
 }
 }  // namespace lora_kernels::sm90fused
 #endif

@@ -30,6 +30,14 @@ def _cb():
 
 
 @pytest.fixture
+def fused_lead():
+    """The lead-tile kernel (mode 2): u computed by each row block's first ceil(r / 8) output tiles."""
+    previous = _cb().set_fused_forward(2)
+    yield
+    _cb().set_fused_forward(previous)
+
+
+@pytest.fixture
 def fused_on():
     """The fused forward for every r <= 64 (the default takes it above r = 16 only)."""
     previous = _cb().set_fused_forward(1)
@@ -83,10 +91,10 @@ def test_fused_forward_fallback_says_why():
     assert "(fused: x is not float16 or bfloat16)" in _path(256, 512, 512, 16, dtype=torch.float32)
 
 
-def _check_forward(M, K, N, r, dtype, adapter_dtype, bias):
+def _check_forward(M, K, N, r, dtype, adapter_dtype, bias, path="sm90 fused"):
     cb = _cb()
     x, W, b, A, B = _inputs(M, K, N, r, dtype, adapter_dtype, bias)
-    assert cb.forward_path(x, W, b, A, B, 0.0).startswith("sm90 fused")
+    assert cb.forward_path(x, W, b, A, B, 0.0).startswith(path)
     y, u = cb.forward(x, W, b, A, B, S, 0.0, 0, 0)
 
     def formula(xx, WW, bb, AA, BB):
@@ -141,4 +149,28 @@ def test_fused_forward_is_two_launches():
 
 @pytest.mark.usefixtures("fused_on")
 def test_fused_forward_is_deterministic():
+    assert_cuda_backend_deterministic(1333, 1024, 520, 16)
+
+
+@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                 (torch.float16, torch.float16)])
+@pytest.mark.parametrize("M,K,N,r", [(65, 64, 8, 1), (300, 200, 136, 16), (1000, 520, 1032, 17), (129, 4096, 264, 24),
+                                     (257, 72, 4096, 64), (2048, 4096, 1024, 64), (4099, 1000, 392, 8)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.usefixtures("fused_lead")
+def test_lead_tiles_against_float64(dtype, adapter_dtype, M, K, N, r, bias):
+    # every lead-tile count (1 to 8 per row block, odd ones leaving a cluster's second tile an ordinary one), partial
+    # tiles in M, N and K, all tiles of a row block lead tiles (2048 x 4096 -> 1024, r = 64)
+    _check_forward(M, K, N, r, dtype, adapter_dtype, bias, path="sm90 fused lead")
+
+
+@pytest.mark.usefixtures("fused_lead")
+def test_lead_tiles_fallback_says_why():
+    assert "(fused: lead tiles: fewer output tile columns than ceil(r / 8))" in _path(256, 512, 72, 48)
+
+
+@pytest.mark.usefixtures("fused_lead")
+def test_lead_tiles_op_grads_and_determinism():
+    run_and_check("cuda", "cuda", torch.bfloat16, (3, 100), 520, 1024, 64, bias=True, p=0.0,
+                  adapter_dtype=torch.float32)
     assert_cuda_backend_deterministic(1333, 1024, 520, 16)

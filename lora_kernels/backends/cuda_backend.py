@@ -112,8 +112,9 @@ def set_small_m(enabled: bool) -> bool:
 
 def set_fused_forward(mode: int) -> int:
     """Sets the fused sm_90 forward's mode for this process (csrc/fused_fwd_sm90.h): 1 on, 0 off, -1 on for r > 16
-    (the default; LORA_KERNELS_FUSED_FWD=0 or 1 starts it off or on). Returns the previous mode. For tests of either
-    path and A/B timing."""
+    (the default; LORA_KERNELS_FUSED_FWD=0, 1 or 2 starts it off, on or lead), 2 on with u computed by each row
+    block's first output tiles (the lead-tile kernel, not yet run on a GPU). Returns the previous mode. For tests of
+    the paths and A/B timing."""
     return int(torch.ops.lora_kernels_cuda.set_fused_forward(int(mode)))
 
 
