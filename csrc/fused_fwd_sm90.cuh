@@ -721,9 +721,9 @@ struct FusedFwd {
     p.order.strip = f.strip > 0 ? f.strip : 4;
     p.order.lead = f.lead > 0 ? (f.lead + 1) / 2 : 0;
     using IA = typename Mainloop::InternalElementA;
-    auto make_a = [&](void const* ptr, int rows, int cols) {
+    auto make_a = [&](void const* ptr, int rows, int cols, int ld) {  // (rows, cols) of a row pitch of ld
       auto t = make_tensor(static_cast<IA const*>(ptr), make_layout(make_shape(rows, cols, 1),
-                                            cutlass::make_cute_packed_stride(StrideA{}, {rows, cols, 1})));
+                                            cutlass::make_cute_packed_stride(StrideA{}, {rows, ld, 1})));
       return make_tma_copy_A_sm90(typename Mainloop::GmemTiledCopyA{}, t, SmemLayoutA{}(_, _, Int<0>{}), Tile{},
                                   Cluster{});
     };
@@ -742,7 +742,9 @@ struct FusedFwd {
                       GmemLayoutAp{make_shape(rows, K), make_stride(int64_t(K), _1{})}),
           SmemLayoutApStage{});
     }
-    p.tma_su = make_a(f.su, M, width);
+    // su's columns past those the tiles write (lead tiles: 8 per tile, the row pitch rounded up to 16) come in as
+    // TMA's zeros, never as memory nobody wrote
+    p.tma_su = make_a(f.su, M, f.lead > 0 ? 8 * f.lead : width, width);
     p.tma_bx = make_b(o.bx, N, width, 1);
     p.f = f;
 
