@@ -19,10 +19,11 @@
 //         S = ceil(r / 8) output tiles ("lead tiles", scheduled first) load a 32-row slot of lora_A's pieces with
 //         each stage and run the narrow wgmma on the x tile they already hold, each writing u's columns 8 j .. 8 j + 7;
 //         every output tile of the block, lead tiles included, waits for ready[m] == S. No second read of x.
-// Order:  TileOrder puts every u cluster (or lead cluster) first, then the output clusters. The producer waits for ready[m] before the
-//         extension stage of an output tile. No wait can deadlock: the grid is no larger than the clusters the device
-//         holds at once, each block walks its items in increasing order, the u items wait for nothing, and every
-//         item before an output item is running on a resident block or done.
+// Order:  TileOrder puts every u cluster (or lead cluster) first, then the output clusters. The producer waits for
+//         ready[m] before the extension stage of an output tile. No wait can deadlock: the grid is no larger than the
+//         clusters the device holds at once, each block walks its items in increasing order, the u items wait for
+//         nothing (lead tiles write their u columns before they wait, and a row block's lead items are a few
+//         consecutive ones), and every item before an output item is running on a resident block or done.
 // Launch: params built on the host; the kernel launched on the caller's stream with its cluster shape.
 #pragma once
 
@@ -148,7 +149,7 @@ struct FusedFwd {
                 "B tiles differ across the cluster (1 x 2 along N)");
 
   struct Params {
-    typename Base::Params gemm;  // problem_shape: the real (M, N, Kt); scheduler: over N' = N + 256
+    typename Base::Params gemm;  // main loop (x, W), epilogue, problem_shape (M, N, Kt); scheduler unused
     TMA_B tma_ap;                // (nw, K, 2) lora_A's pieces, one batch per u tile
     TMA_A tma_su;                // (M, width, 1) bf16(u)
     TMA_B tma_bx;                // (N, width, 1) lora_B padded
@@ -513,7 +514,7 @@ struct FusedFwd {
     PipelineState producer_state = cutlass::make_producer_start_state<MainloopPipeline>();
     auto epi_store_state = cutlass::make_producer_start_state<EpiStorePipeline>();
 
-    // problem_shape is the real (M, N, Kt); the scheduler's N' covers the u tiles as tile columns 0 and 1
+    // problem_shape is the real (M, N, Kt): the epilogue's bounds
     auto problem = params.gemm.problem_shape;
     const int M = get<0>(problem), N = get<1>(problem), L = 1;
     const int k_tiles = f.k_tiles_main + 1;
