@@ -37,11 +37,6 @@ Carve carve(int64_t M, int64_t N, int64_t K, const sm90fused::Split& sp) {
   return c;
 }
 
-template <typename TIn>
-__device__ __forceinline__ float load_f(const TIn* p, int64_t i) {
-  return to_f<TIn>(p[i]);
-}
-
 template <typename T, typename TA, typename TB, int P>
 __global__ void __launch_bounds__(kPrepThreads)
 fused_prep_kernel(const TA* __restrict__ A, const TB* __restrict__ B, T* __restrict__ ap, T* __restrict__ bx,
@@ -56,7 +51,7 @@ fused_prep_kernel(const TA* __restrict__ A, const TB* __restrict__ B, T* __restr
     const int tile = (int)(row_all / sp.rows), row = (int)(row_all % sp.rows);
     const int group = row / 8, b = group / P, p = group % P;
     const int j = tile * sp.rc() + 8 * b + row % 8;  // the u column this row serves
-    const float v = group < sp.blocks * P && j < r ? load_f(A, (int64_t)j * K + k) : 0.f;
+    const float v = group < sp.blocks * P && j < r ? to_f<TA>(A[(int64_t)j * K + k]) : 0.f;
     if constexpr (P > 1) {
       ap[t] = __float2bfloat16_rz(bf16x3_piece(v, p));
     } else {
@@ -72,7 +67,7 @@ fused_prep_kernel(const TA* __restrict__ A, const TB* __restrict__ B, T* __restr
     const int c0 = (int)(t % groups) * 8;
     alignas(16) T v[8];
 #pragma unroll
-    for (int e = 0; e < 8; ++e) v[e] = from_f<T>(c0 + e < r ? load_f(B, n * r + c0 + e) : 0.f);
+    for (int e = 0; e < 8; ++e) v[e] = from_f<T>(c0 + e < r ? to_f<TB>(B[n * r + c0 + e]) : 0.f);
     *reinterpret_cast<uint4*>(bx + n * width + c0) = *reinterpret_cast<const uint4*>(v);
     return;
   }

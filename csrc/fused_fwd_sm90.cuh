@@ -212,6 +212,37 @@ struct FusedFwd {
     warpgroup_fence_operand(accum);
   }
 
+  // A row block's u columns col0 + 8 b + 0..7 (b < Blocks) from a warpgroup's fp32 sums tot[64-row half][row h]
+  // [b][column c] (the wgmma D fragment's (2 adjacent columns, 2 rows 8 apart) of its first column group; cU: the
+  // (row, column) of each accumulator element): u (fp32) and su = bf16(u), times scale, written; fenced for other
+  // blocks' TMA of su; then, once every thread of the warpgroup has written, the row block's ready count raised.
+  template <int Blocks, class CoordTensor>
+  CUTLASS_DEVICE static void publish_u(float const (&tot)[2][2][Blocks][2], CoordTensor const& cU,
+                                       FusedParams const& f, int m_blk, int col0, int thread_idx, int wg) {
+    Element* su = static_cast<Element*>(f.su);
+    CUTLASS_PRAGMA_UNROLL
+    for (int mm = 0; mm < 2; ++mm)
+      CUTLASS_PRAGMA_UNROLL
+      for (int h = 0; h < 2; ++h)
+        CUTLASS_PRAGMA_UNROLL
+        for (int b = 0; b < Blocks; ++b)
+          CUTLASS_PRAGMA_UNROLL
+          for (int c = 0; c < 2; ++c) {
+            const float v = tot[mm][h][b][c] * f.scale;
+            const auto rc = cU(make_coord(c, h, 0), mm, 0);  // group 0: its column is n0 + c < 8
+            const int row = m_blk * 128 + get<0>(rc);
+            const int col = col0 + 8 * b + get<1>(rc);
+            if (row < f.M) {
+              if (col < f.r && !(f.debug & 16)) f.u[(int64_t)row * f.r + col] = v;
+              su[(int64_t)row * f.width + col] = Element(v);
+            }
+          }
+    fence_proxy_async_global();
+    __threadfence();
+    cutlass::arch::NamedBarrier::sync(128, wg);  // every thread's u written and fenced
+    if (thread_idx == 0) atomicAdd(f.ready + m_blk, 1);
+  }
+
   // An output tile of the lead kernel. A lead tile (j < lead of its row block) runs, with each main K-tile, a
   // second, narrow batch (64 x 32 x 16 wgmma) of the same x tile by the stage's slot of lora_A's pieces into a u
   // accumulator, waits for both, and adds the u products into fp32 registers (tot, per u column): the tensor cores'
@@ -241,7 +272,7 @@ struct FusedFwd {
     Tensor tUrB = thr_u.make_fragment_B(thr_u.partition_B(sAp));
     Tensor acc = partition_fragment_C(umma, Shape<_128, Int<kApRows>>{});
     static_assert(size<1>(decltype(acc){}) == 2, "two 64-row halves of the 128-row tile");
-    float tot[2][2][2] = {};
+    float tot[2][2][1][2] = {};
     const int pieces = f.pieces;
     auto drain = [&]() {  // column group p of acc holds piece p of u's 8 columns
       warpgroup_fence_operand(acc);
@@ -253,7 +284,7 @@ struct FusedFwd {
           for (int c = 0; c < 2; ++c) {
             float v = acc(make_coord(c, h, 0), mm, 0);
             if (pieces == 3) v += acc(make_coord(c, h, 1), mm, 0) + acc(make_coord(c, h, 2), mm, 0);
-            tot[mm][h][c] += v;
+            tot[mm][h][0][c] += v;
           }
     };
     const int kt_main = k_tiles - 1;
@@ -302,29 +333,9 @@ struct FusedFwd {
       ++release;
     }
 
-    if (is_lead) {  // u's columns 8 j .. 8 j + 7 of the row block: fp32 u and bf16(u), then the ready count
-      Tensor cU = thr_u.partition_C(make_identity_tensor(Shape<_128, Int<kApRows>>{}));
-      Element* su = static_cast<Element*>(f.su);
-      CUTLASS_PRAGMA_UNROLL
-      for (int mm = 0; mm < 2; ++mm)
-        CUTLASS_PRAGMA_UNROLL
-        for (int h = 0; h < 2; ++h)
-          CUTLASS_PRAGMA_UNROLL
-          for (int c = 0; c < 2; ++c) {
-            const float v = tot[mm][h][c] * f.scale;
-            const auto rc = cU(make_coord(c, h, 0), mm, 0);
-            const int row = m_blk * 128 + get<0>(rc);
-            const int col = 8 * j + get<1>(rc);
-            if (row < f.M) {
-              if (col < f.r && !(f.debug & 16)) f.u[(int64_t)row * f.r + col] = v;
-              su[(int64_t)row * f.width + col] = Element(v);
-            }
-          }
-      fence_proxy_async_global();
-      __threadfence();
-      cutlass::arch::NamedBarrier::sync(128, wg);
-      if (thread_idx == 0) atomicAdd(f.ready + m_blk, 1);
-    }
+    if (is_lead)  // u's columns 8 j .. 8 j + 7 of the row block
+      publish_u<1>(tot, thr_u.partition_C(make_identity_tensor(Shape<_128, Int<kApRows>>{})), f, m_blk, 8 * j,
+                   thread_idx, wg);
 
     // the extension stage: (su, Bx), its first kb_ext k-blocks
     auto token = pipeline.consumer_try_wait(read);
@@ -404,7 +415,8 @@ struct FusedFwd {
               for (int c = 0; c < 2; ++c) {
                 float v = 0.f;
                 CUTLASS_PRAGMA_UNROLL
-                for (int p = 0; p < Pieces; ++p) v += acc(make_coord(c, h, Pieces * b + p), mm, 0);
+                for (int p = 0; p < Pieces; ++p)  // column group Pieces b + p: piece p of u's column block b
+                  v += acc(make_coord(c, h, Pieces * b + p), mm, 0);
                 tot[mm][h][b][c] += v;
               }
       }
@@ -413,35 +425,8 @@ struct FusedFwd {
     }
     arrive_ordered();
 
-    // acc's mode 0 is (2 adjacent columns, 2 rows 8 apart, kNWm / 8 column groups 8 apart): column group
-    // Pieces * b + p holds piece p of u's column block b, so a thread sums its own registers.
-    Tensor cU = thr.partition_C(make_identity_tensor(Shape<_128, Int<kNWm>>{}));
-    const int width = f.width;
-    Element* su = static_cast<Element*>(f.su);
-    CUTLASS_PRAGMA_UNROLL
-    for (int mm = 0; mm < size<1>(acc); ++mm) {
-      CUTLASS_PRAGMA_UNROLL
-      for (int h = 0; h < 2; ++h) {
-        CUTLASS_PRAGMA_UNROLL
-        for (int b = 0; b < Blocks; ++b) {
-          CUTLASS_PRAGMA_UNROLL
-          for (int c = 0; c < 2; ++c) {
-            const float v = tot[mm][h][b][c] * f.scale;
-            const auto rc = cU(make_coord(c, h, Pieces * b), mm, 0);
-            const int row = m_blk * 128 + get<0>(rc);
-            const int col = j * 8 * Blocks + 8 * b + get<1>(rc) % 8;
-            if (row < f.M) {
-              if (col < f.r && !(f.debug & 16)) f.u[(int64_t)row * f.r + col] = v;
-              su[(int64_t)row * width + col] = Element(v);
-            }
-          }
-        }
-      }
-    }
-    fence_proxy_async_global();
-    __threadfence();
-    cutlass::arch::NamedBarrier::sync(128, wg);  // every thread's u written and fenced
-    if (thread_idx == 0) atomicAdd(f.ready + m_blk, 1);
+    publish_u<Blocks>(tot, thr.partition_C(make_identity_tensor(Shape<_128, Int<kNWm>>{})), f, m_blk,
+                      j * 8 * Blocks, thread_idx, wg);
   }
 
   template <class Fn>

@@ -209,6 +209,29 @@ def live_at_peak(fn, ours=("lora_kernels",)):
     return peak, sorted(((size, where(frames)) for size, frames in at_peak.values()), reverse=True)
 
 
+def assert_cuda_forward(cb, x, W, b, A, B, s, p=0.0, seed=0):
+    """The cuda backend's forward (cuda_backend `cb`, 2-D inputs): y and the saved u against the float64 formula with
+    the same dropout mask, the same-precision formula as the baseline; a second call gives the same bits (fixed
+    reduction orders, one owner per element)."""
+    M, N, r = x.shape[0], W.shape[0], A.shape[0]
+    y, u = cb.forward(x, W, b, A, B, s, p, seed, 0)
+    keep = lora_kernels.dropout_mask(seed, 0, tuple(x.shape), p, device=x.device) if p > 0 else None
+
+    def formula(xx, WW, bb, AA, BB):
+        xd = xx if keep is None else xx * keep / (1.0 - p)
+        uu = s * (xd.to(AA.dtype) @ AA.t())
+        base = F.linear(xx, WW, bb)
+        return (base + (uu @ BB.to(AA.dtype).t()).to(base.dtype)).to(xx.dtype), uu
+
+    ref_y, ref_u = formula(x.double(), W.double(), None if b is None else b.double(), A.double(), B.double())
+    base_y, base_u = formula(x, W, b, A, B)
+    assert y.dtype == x.dtype and y.shape == (M, N) and u.dtype == torch.float32 and u.shape == (M, r)
+    assert_tolerance(y, ref_y, base_y, "y")
+    assert_tolerance(u, ref_u, base_u.float(), "u")
+    y2, u2 = cb.forward(x, W, b, A, B, s, p, seed, 0)
+    assert torch.equal(y, y2) and torch.equal(u, u2)
+
+
 def assert_cuda_backend_deterministic(M, K, N, r, scaling=2.0):
     """Two identical fwd+bwd calls of the cuda backend (bf16 x, fp32 adapters) give bit-identical y and grads."""
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)

@@ -12,7 +12,7 @@ import torch
 
 import lora_kernels
 
-from conftest import HAS_CUDA, assert_tolerance
+from conftest import HAS_CUDA, assert_cuda_forward
 from test_contract import run_and_check
 
 pytestmark = [
@@ -58,22 +58,7 @@ def _check_forward(M, K, N, r, dtype, adapter_dtype, bias, p, misaligned=False, 
         assert path == "small_m", path
     else:
         assert path.endswith(DROPOUT_WHY), path
-    y, u = cb.forward(x, W, b, A, B, S, p, seed, 0)
-    keep = lora_kernels.dropout_mask(seed, 0, (M, K), p, device="cuda") if p > 0 else None
-
-    def formula(xx, WW, bb, AA, BB):
-        xd = xx if keep is None else xx * keep / (1.0 - p)
-        uu = S * (xd.to(AA.dtype) @ AA.t())
-        base = torch.nn.functional.linear(xx, WW, bb)
-        return (base + (uu @ BB.to(AA.dtype).t()).to(base.dtype)).to(xx.dtype), uu
-
-    ref_y, ref_u = formula(x.double(), W.double(), None if b is None else b.double(), A.double(), B.double())
-    base_y, base_u = formula(x, W, b, A, B)
-    assert y.dtype == dtype and y.shape == (M, N) and u.dtype == torch.float32 and u.shape == (M, r)
-    assert_tolerance(y, ref_y, base_y, "y")
-    assert_tolerance(u, ref_u, base_u.float(), "u")
-    y2, u2 = cb.forward(x, W, b, A, B, S, p, seed, 0)  # deterministic: fixed reduction orders, no atomics
-    assert torch.equal(y, y2) and torch.equal(u, u2)
+    assert_cuda_forward(cb, x, W, b, A, B, S, p, seed)
 
 
 @pytest.mark.parametrize("dtype,adapter_dtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
