@@ -126,11 +126,13 @@ const char* sm90_unsupported(const Tensor& a, const Tensor& b, const Tensor* bia
 
 // ------------------------------------------------------------------ the fused sm_90 forward (csrc/fused_fwd_sm90.h)
 // The forward as one GEMM launch with the shrink inside it (plus a prep launch): on the sm_90 GEMM's devices and
-// dtypes, without dropout, r <= 64. Mode (LORA_KERNELS_FUSED_FWD, read once; set_fused_forward at run time): 1 on,
-// 0 off (the shrink + pack + GEMM path), unset: on for r > 16; 2 on with u computed by lead tiles (not yet run on a
-// GPU: fused_fwd_sm90.h). At r <= 16 the separate shrink pass measured faster
-// than the fused kernel's first wave of u tiles on 3 of the 4 Llama-3-8B shapes, at r = 64 slower on 3 of 4
-// (twelfth session, bench/results). LORA_KERNELS_SM90_GEMM=0 turns both off.
+// dtypes, without dropout, r <= 64. Mode (LORA_KERNELS_FUSED_FWD, read once; set_fused_forward at run time):
+//   -1 (unset, the default)  u computed by each row block's lead tiles, or by u tiles where the lead tiles do not
+//                            fit (fewer output tile columns than lead tiles);
+//    1                       u tiles only;   2  lead tiles only;   0  off (the shrink + pack + GEMM path).
+// The lead tiles measured faster than the u tiles and than the separate shrink pass on the Llama-3-8B shapes at
+// r = 16 and 32, within a few percent of the better one at r = 64 (thirteenth session, bench/results).
+// LORA_KERNELS_SM90_GEMM=0 turns the fused forward off with the rest of the sm_90 GEMM.
 std::atomic<int>& fused_mode() {
   static std::atomic<int> mode{[] {
     const char* v = std::getenv("LORA_KERNELS_FUSED_FWD");
@@ -142,9 +144,9 @@ std::atomic<int>& fused_mode() {
 }
 
 lk::FusedFwdArgs fused_args(const Tensor& x, const Tensor& weight, const Tensor* bias, const Tensor& lora_A,
-                            const Tensor& lora_B, double scaling) {
+                            const Tensor& lora_B, double scaling, bool lead) {
   lk::FusedFwdArgs a;
-  a.lead = fused_mode().load(std::memory_order_relaxed) == 2;
+  a.lead = lead;
   a.M = x.size(0); a.N = weight.size(0); a.K = x.size(1); a.r = (int)lora_A.size(0);
   a.x_dtype = to_dtype(x, "x"); a.a_dtype = to_dtype(lora_A, "lora_A"); a.b_dtype = to_dtype(lora_B, "lora_B");
   a.x = x.data_ptr(); a.w = weight.data_ptr(); a.bias = bias ? bias->data_ptr() : nullptr;
@@ -153,16 +155,22 @@ lk::FusedFwdArgs fused_args(const Tensor& x, const Tensor& weight, const Tensor*
   return a;
 }
 
+// nullptr when the forward takes the fused kernel (*lead: its lead-tile variant), else why not.
 const char* fused_forward_unsupported(const Tensor& x, const Tensor& weight, const Tensor* bias, const Tensor& lora_A,
-                                      const Tensor& lora_B, double p) {
+                                      const Tensor& lora_B, double p, bool* lead = nullptr) {
   if (!sm90_enabled()) return "LORA_KERNELS_SM90_GEMM=0";
-  if (p > 0.0) return "dropout (the u tiles do not mask x)";
+  if (p > 0.0) return "dropout (the fused kernel does not mask x)";
   const int mode = fused_mode().load(std::memory_order_relaxed);
   if (mode == 0) return "off (LORA_KERNELS_FUSED_FWD=0 or set_fused_forward)";
-  if (mode < 0 && lora_A.size(0) <= 16) return "r <= 16: the separate shrink pass is faster (measured)";
-  lk::FusedFwdArgs a = fused_args(x, weight, bias, lora_A, lora_B, 1.0);
+  lk::FusedFwdArgs a = fused_args(x, weight, bias, lora_A, lora_B, 1.0, mode != 1);
   a.y = x.data_ptr();  // the output comes from the caching allocator: aligned
-  return lk::lora_fused_fwd_sm90_unsupported(a, x.get_device());
+  const char* why = lk::lora_fused_fwd_sm90_unsupported(a, x.get_device());
+  if (why != nullptr && mode < 0) {  // the default: u tiles where the lead tiles do not fit
+    a.lead = false;
+    why = lk::lora_fused_fwd_sm90_unsupported(a, x.get_device());
+  }
+  if (lead != nullptr) *lead = a.lead;
+  return why;
 }
 
 // ------------------------------------------------------------------ the small-M forward (csrc/small_m.cu)
@@ -335,8 +343,9 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& weight, c
                "small-M forward launch");
     return {y, u};
   }
-  if (fused_forward_unsupported(x, weight, bias_t, lora_A, lora_B, p) == nullptr) {  // one GEMM launch (+ prep)
-    lk::FusedFwdArgs a = fused_args(x, weight, bias_t, lora_A, lora_B, scaling);
+  bool lead = false;
+  if (fused_forward_unsupported(x, weight, bias_t, lora_A, lora_B, p, &lead) == nullptr) {  // one GEMM launch (+ prep)
+    lk::FusedFwdArgs a = fused_args(x, weight, bias_t, lora_A, lora_B, scaling, lead);
     const int64_t u_piece = keep_u ? -1 : ws.reserve_floats(M * r);
     const int64_t f_piece =
         ws.reserve((int64_t)lk::lora_fused_fwd_sm90_workspace_bytes(M, N, K, r, x_dt, a_dt, a.lead));
@@ -693,18 +702,17 @@ std::string forward_path(const Tensor& x, const Tensor& weight, const std::optio
   const char* why = small_m_unsupported(x, weight, lora_A, p);
   if (why == nullptr) return "small_m";
   const bool has_bias = bias.has_value() && bias->defined();
-  const char* why_fused = fused_forward_unsupported(x, weight, has_bias ? &*bias : nullptr, lora_A, lora_B, p);
-  if (why_fused == nullptr)
-    return std::string(fused_mode().load(std::memory_order_relaxed) == 2 ? "sm90 fused lead" : "sm90 fused") +
-           " (small_m: " + why + ")";
+  bool lead = false;
+  const char* why_fused = fused_forward_unsupported(x, weight, has_bias ? &*bias : nullptr, lora_A, lora_B, p, &lead);
+  if (why_fused == nullptr) return std::string(lead ? "sm90 fused lead" : "sm90 fused") + " (small_m: " + why + ")";
   return gemm_path(x, weight, bias) + " (fused: " + why_fused + ") (small_m: " + why + ")";
 }
 
 // Switches the small-M forward on or off for this process; returns the previous setting.
 bool set_small_m(bool enabled) { return small_m_switch().exchange(enabled); }
 
-// Sets the fused forward's mode for this process (1 on, 0 off, -1 on for r > 16, 2 on with lead tiles); returns the
-// previous one.
+// Sets the fused forward's mode for this process (-1 the default: lead tiles, else u tiles; 1 u tiles; 2 lead tiles;
+// 0 off); returns the previous one.
 int64_t set_fused_forward(int64_t mode) {
   return fused_mode().exchange(mode == 2 ? 2 : mode > 0 ? 1 : mode == 0 ? 0 : -1);
 }

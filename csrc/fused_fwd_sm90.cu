@@ -110,7 +110,8 @@ const char* lora_fused_fwd_sm90_unsupported(const FusedFwdArgs& a, int device) {
   if (a.M > INT32_MAX / 2 || a.N > INT32_MAX / 2 || a.K > INT32_MAX / 2) return "a dimension exceeds 2^30";
   if (a.r < 1 || a.r > 64) return "r above 64";
   if (a.K % 8 || a.N % 8) return "K and N must be multiples of 8 (16-byte rows for TMA)";
-  if (a.lead && (a.N + 127) / 128 < (a.r + 7) / 8) return "lead tiles: fewer output tile columns than ceil(r / 8)";
+  if (a.lead && (a.N + 127) / 128 < sm90fused::split_for(a.r, adapter_pieces(a.x_dtype, a.a_dtype), true).tiles)
+    return "lead tiles: fewer output tile columns than lead tiles (ceil(r / 8), 16-bit adapters ceil(r / 32))";
   if (!aligned16(a.x) || !aligned16(a.w) || (a.bias && !aligned16(a.bias)) || (a.y && !aligned16(a.y)))
     return "x, weight, bias and y must be 16-byte aligned";
   return nullptr;

@@ -40,6 +40,10 @@
 #include <cutlass/gemm/kernel/gemm_universal.hpp>
 #include <cutlass/gemm/kernel/tile_scheduler.hpp>
 #include <cutlass/util/packed_stride.hpp>
+// the 64 x 24 x 16 wgmma of the lead tiles (3 pieces of 8 u columns): CuTe keeps the wgmma shapes whose N is not a
+// multiple of 16 in these headers, outside its default set
+#include <cute/arch/mma_sm90_gmma_ext.hpp>
+#include <cute/atom/mma_traits_sm90_gmma_ext.hpp>
 
 namespace lora_kernels {
 namespace sm90fused {
@@ -243,25 +247,36 @@ struct FusedFwd {
     if (thread_idx == 0) atomicAdd(f.ready + m_blk, 1);
   }
 
-  // An output tile of the lead kernel. A lead tile (j < lead of its row block) runs, with each main K-tile, a
-  // second, narrow batch (64 x 32 x 16 wgmma) of the same x tile by the stage's slot of lora_A's pieces into a u
-  // accumulator, waits for both, and adds the u products into fp32 registers (tot, per u column): the tensor cores'
-  // accumulation is not an IEEE fp32 sum, and a K-long chain of it misses the tolerance rule for u. After the main
-  // K-tiles it writes u's columns 8 j .. 8 j + 7 of the row block and raises the ready count, before the extension
-  // stage is waited for (its load waits for every lead tile of the row block, this one included). Other tiles run
-  // mma_output's loop. One function, one loop for both, so that the compiler keeps a single accumulator (two
-  // loops merged an undefined accumulator into zeros inside a wgmma batch, which makes ptxas serialize every
-  // wgmma of the kernel). The last stage is released by the caller, as after mma_output.
-  template <class Accum>
+  // An output tile of the lead kernel. A lead tile (j < lead of its row block) runs, before each main K-tile's
+  // batch, a narrow batch (64 x NW x 16 wgmma, NW = 8 Blocks Pieces: 24 for fp32 adapters' 3 pieces of 8 u columns,
+  // 32 for 16-bit adapters' 32 u columns) of the same x tile by the first NW rows of the stage's slot of lora_A's
+  // pieces into a u accumulator, and adds its products into fp32 registers (tot, per u column) while the main batch
+  // runs: the tensor cores' accumulation is not an IEEE fp32 sum, and a K-long chain of it misses the tolerance
+  // rule for u. After the main K-tiles it writes u's columns rc j .. rc j + rc - 1 (rc = 8 Blocks) of the row block
+  // and raises the ready count, before the extension stage is waited for (its load waits for every lead tile of the
+  // row block, this one included). Other tiles run mma_output's loop. One function, one loop for both, so that the
+  // compiler keeps a single accumulator (two loops merged an undefined accumulator into zeros inside a wgmma batch,
+  // which makes ptxas serialize every wgmma of the kernel). The last stage is released by the caller, as after
+  // mma_output.
+  template <int Blocks, int Pieces, class Accum>
   CUTLASS_DEVICE static void mma_lead(MainloopPipeline& pipeline, PipelineState read, Accum& accum, int k_tiles,
                                       int thread_idx, typename Mainloop::TensorStorage& smem, Element* ap_slots,
                                       FusedParams const& f, int m_blk, int j, bool is_lead, int wg) {
-    using UAtom = decltype(GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kApRows>, _64>,
-                                                GMMA::Major::K, GMMA::Major::K>());
+    constexpr int kNW = 8 * Blocks * Pieces;
+    static_assert(kNW <= kApRows, "a lead tile's pieces fit its slot");
+    static_assert(kNW == 24 || kNW == 32, "one wgmma per 64 x 16 block of x: N = 24 or 32");
+    using Atom24 = cute::conditional_t<cute::is_same_v<Element, cutlass::bfloat16_t>,
+                                       SM90_64x24x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::K>,
+                                       SM90_64x24x16_F32F16F16_SS<GMMA::Major::K, GMMA::Major::K>>;
+    using UAtom = cute::conditional_t<kNW == 24, Atom24,
+                                      decltype(GMMA::ss_op_selector<Element, Element, float, Shape<_64, _32, _64>,
+                                                                    GMMA::Major::K, GMMA::Major::K>())>;
     using UMma = decltype(make_tiled_mma(UAtom{}));
+    static_assert(size<1>(typename UMma::AtomShape_MNK{}) == kNW, "one atom spans the kNW columns");
+    // the slot's first kNW rows: the same swizzled 8-row atoms as the slot's own layout
+    using SmemLayoutU = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{}, Shape<Int<kNW>, _64>{}));
     Tensor sA = make_tensor(make_smem_ptr(smem.smem_A.data()), SmemLayoutA{});
     Tensor sB = make_tensor(make_smem_ptr(smem.smem_B.data()), SmemLayoutB{});
-    Tensor sAp = make_tensor(make_smem_ptr(ap_slots), SmemLayoutAp{});  // (kApRows, 64, PIPE)
     TiledMma tiled_mma;
     auto thr = tiled_mma.get_slice(thread_idx);
     Tensor tCrA = thr.make_fragment_A(thr.partition_A(sA));
@@ -269,23 +284,24 @@ struct FusedFwd {
     UMma umma;
     auto thr_u = umma.get_slice(thread_idx);
     Tensor tUrA = thr_u.make_fragment_A(thr_u.partition_A(sA));
-    Tensor tUrB = thr_u.make_fragment_B(thr_u.partition_B(sAp));
-    Tensor acc = partition_fragment_C(umma, Shape<_128, Int<kApRows>>{});
+    Tensor acc = partition_fragment_C(umma, Shape<_128, Int<kNW>>{});
     static_assert(size<1>(decltype(acc){}) == 2, "two 64-row halves of the 128-row tile");
-    float tot[2][2][1][2] = {};
-    const int pieces = f.pieces;
-    auto drain = [&]() {  // column group p of acc holds piece p of u's 8 columns
+    float tot[2][2][Blocks][2] = {};
+    auto drain = [&]() {  // column group Pieces b + p of acc holds piece p of u's column block b
       warpgroup_fence_operand(acc);
       CUTLASS_PRAGMA_UNROLL
       for (int mm = 0; mm < 2; ++mm)
         CUTLASS_PRAGMA_UNROLL
         for (int h = 0; h < 2; ++h)
           CUTLASS_PRAGMA_UNROLL
-          for (int c = 0; c < 2; ++c) {
-            float v = acc(make_coord(c, h, 0), mm, 0);
-            if (pieces == 3) v += acc(make_coord(c, h, 1), mm, 0) + acc(make_coord(c, h, 2), mm, 0);
-            tot[mm][h][0][c] += v;
-          }
+          for (int b = 0; b < Blocks; ++b)
+            CUTLASS_PRAGMA_UNROLL
+            for (int c = 0; c < 2; ++c) {
+              float v = 0.f;
+              CUTLASS_PRAGMA_UNROLL
+              for (int p = 0; p < Pieces; ++p) v += acc(make_coord(c, h, Pieces * b + p), mm, 0);
+              tot[mm][h][b][c] += v;
+            }
     };
     const int kt_main = k_tiles - 1;
     clear(acc);
@@ -295,6 +311,19 @@ struct FusedFwd {
       auto token = pipeline.consumer_try_wait(read);
       pipeline.consumer_wait(read, token);
       const int stage = read.index();
+      if (is_lead) {  // the u batch first: it completes before this K-tile's main batch
+        Tensor sU = make_tensor(make_smem_ptr(ap_slots + stage * kApSlotElems), SmemLayoutU{});
+        Tensor tUrB = thr_u.make_fragment_B(thr_u.partition_B(sU));  // (MMA, MMA_N, MMA_K)
+        warpgroup_fence_operand(acc);
+        warpgroup_arrive();
+        umma.accumulate_ = GMMA::ScaleOut::Zero;
+        CUTLASS_PRAGMA_UNROLL
+        for (int k_block = 0; k_block < size<2>(tUrA); ++k_block) {
+          cute::gemm(umma, tUrA(_, _, k_block, stage), tUrB(_, _, k_block), acc);
+          umma.accumulate_ = GMMA::ScaleOut::One;
+        }
+        warpgroup_commit_batch();
+      }
       warpgroup_fence_operand(accum);
       warpgroup_arrive();
       CUTLASS_PRAGMA_UNROLL
@@ -303,24 +332,12 @@ struct FusedFwd {
         tiled_mma.accumulate_ = GMMA::ScaleOut::One;
       }
       warpgroup_commit_batch();
-      if (is_lead) {  // the u batch, then both done: drain, release this stage
-        warpgroup_fence_operand(acc);
-        warpgroup_arrive();
-        umma.accumulate_ = GMMA::ScaleOut::Zero;
-        CUTLASS_PRAGMA_UNROLL
-        for (int k_block = 0; k_block < size<2>(tUrA); ++k_block) {
-          cute::gemm(umma, tUrA(_, _, k_block, stage), tUrB(_, _, k_block, stage), acc);
-          umma.accumulate_ = GMMA::ScaleOut::One;
-        }
-        warpgroup_commit_batch();
-        warpgroup_wait<0>();
-        warpgroup_fence_operand(accum);
-        drain();
-        pipeline.consumer_release(release);
-        ++release;
-      } else if (t > 0) {  // the batch of K-tile t - 1 done: release its stage
-        warpgroup_wait<1>();
-        warpgroup_fence_operand(accum);
+      // One batch left in flight (this K-tile's main batch): the u batch and K-tile t - 1's main batch are done.
+      // The u sums are drained under the main batch, so the tensor cores do not wait for the drain.
+      warpgroup_wait<1>();
+      warpgroup_fence_operand(accum);
+      if (is_lead) drain();
+      if (t > 0) {  // K-tile t - 1's stage
         pipeline.consumer_release(release);
         ++release;
       }
@@ -328,14 +345,14 @@ struct FusedFwd {
     }
     warpgroup_wait<0>();
     warpgroup_fence_operand(accum);
-    if (!is_lead) {  // the last main K-tile's stage
+    if (kt_main > 0) {  // the last main K-tile's stage
       pipeline.consumer_release(release);
       ++release;
     }
 
-    if (is_lead)  // u's columns 8 j .. 8 j + 7 of the row block
-      publish_u<1>(tot, thr_u.partition_C(make_identity_tensor(Shape<_128, Int<kApRows>>{})), f, m_blk, 8 * j,
-                   thread_idx, wg);
+    if (is_lead)  // u's columns rc j .. rc j + rc - 1 of the row block
+      publish_u<Blocks>(tot, thr_u.partition_C(make_identity_tensor(Shape<_128, Int<kNW>>{})), f, m_blk,
+                        8 * Blocks * j, thread_idx, wg);
 
     // the extension stage: (su, Bx), its first kb_ext k-blocks
     auto token = pipeline.consumer_try_wait(read);
@@ -643,8 +660,15 @@ struct FusedFwd {
         Tensor accum = partition_fragment_C(tiled_mma, take<0, 2>(blk_shape));
         const int n_out = n_tile - kUTiles;
         if constexpr (kLead) {
-          mma_lead(pipeline, consumer_state, accum, k_tiles, wg_thread, shared.base.tensors.mainloop,
-                   shared.ap.data(), f, m_blk, n_out, n_out < f.lead, wg);
+          // fp32 adapters on bf16 x: 8 u columns of 3 pieces per lead tile; 16-bit adapters: 32 columns of 1
+          bool three = false;
+          if constexpr (cute::is_same_v<Element, cutlass::bfloat16_t>) three = f.pieces == 3;
+          if (three)
+            mma_lead<1, 3>(pipeline, consumer_state, accum, k_tiles, wg_thread, shared.base.tensors.mainloop,
+                           shared.ap.data(), f, m_blk, n_out, n_out < f.lead, wg);
+          else
+            mma_lead<4, 1>(pipeline, consumer_state, accum, k_tiles, wg_thread, shared.base.tensors.mainloop,
+                           shared.ap.data(), f, m_blk, n_out, n_out < f.lead, wg);
         } else {
           mma_output(pipeline, consumer_state, accum, k_tiles, f.kb_ext, wg_thread, shared.base.tensors.mainloop);
         }
@@ -728,9 +752,9 @@ struct FusedFwd {
                       GmemLayoutAp{make_shape(rows, K), make_stride(int64_t(K), _1{})}),
           SmemLayoutApStage{});
     }
-    // su's columns past those the tiles write (lead tiles: 8 per tile, the row pitch rounded up to 16) come in as
+    // su's columns past those the tiles write (lead tiles: rc per tile, the row pitch rounded up to 16) come in as
     // TMA's zeros, never as memory nobody wrote
-    p.tma_su = make_a(f.su, M, f.lead > 0 ? 8 * f.lead : width, width);
+    p.tma_su = make_a(f.su, M, f.lead > 0 ? 8 * f.blocks * f.lead : width, width);
     p.tma_bx = make_b(o.bx, N, width, 1);
     p.f = f;
 

@@ -55,7 +55,8 @@ namespace sm90fused {
 // 128-row block, each computing rc = 8 * blocks columns of u by multiplying x by nw = 8 * blocks * pieces rows of
 // lora_A's pieces (u column block b's pieces at rows 8 (pieces b + p) + 0..7), each tile's rows `rows` apart in Ap.
 //   u tiles:    tiles = 2 (one cluster), blocks 1, 2, 4 (r <= 16, 32, 64), rows = nw;
-//   lead tiles: tiles = ceil(r / 8), blocks 1, rows = 32 (the shared-memory slot a stage gives them, kApRows).
+//   lead tiles: rows = 32 (the shared-memory slot a stage gives them, kApRows); 3 pieces: blocks 1, tiles = ceil(r / 8)
+//               (24 rows used); 1 piece: blocks 4, tiles = ceil(r / 32).
 struct Split {
   int blocks;  // u column blocks of 8 per tile
   int pieces;  // 1 (16-bit adapters) or 3 (fp32 adapters on bf16)
@@ -68,7 +69,7 @@ struct Split {
 };
 constexpr int kApRows = 32;
 inline Split split_for(int r, int pieces, bool lead) {
-  if (lead) return Split{1, pieces, (r + 7) / 8, kApRows};
+  if (lead) return pieces == 3 ? Split{1, 3, (r + 7) / 8, kApRows} : Split{4, 1, (r + 31) / 32, kApRows};
   const int blocks = r <= 16 ? 1 : r <= 32 ? 2 : 4;
   return Split{blocks, pieces, 2, 8 * blocks * pieces};
 }

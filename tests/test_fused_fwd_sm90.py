@@ -1,9 +1,10 @@
 """The cuda backend's fused forward on Hopper (csrc/fused_fwd_sm90.*): one GEMM launch (after a small prep launch)
-whose u tiles compute the shrink u = s·x Aᵀ, and whose output tiles add bf16(u) Bᵀ as one more K-tile. GPU-only
-(skips elsewhere): the path is taken where it should be (by default p = 0 and 16 < r <= 64; every r <= 64 when
-switched on), says why where it is not, and its y, saved u and grads meet the float64 tolerance rule on odd shapes (M
-not a multiple of the 128-row tile, an odd number of output tile columns, K not a multiple of the 64-wide K tile,
-every u-column split)."""
+in which u = s·x Aᵀ is computed by each row block's lead tiles (output tiles that also multiply their x tiles by
+lora_A's pieces) or by u tiles of their own, and whose output tiles add bf16(u) Bᵀ as one more K-tile. GPU-only
+(skips elsewhere): the path is taken where it should be (by default at p = 0 and r <= 64: lead tiles, u tiles where
+the lead tiles do not fit), says why where it is not, and its y, saved u and grads meet the float64 tolerance rule on
+odd shapes (M not a multiple of the 128-row tile, an odd number of output tile columns, K not a multiple of the
+64-wide K tile, every u-column split) in both variants."""
 import pytest
 import torch
 
@@ -31,7 +32,8 @@ def _cb():
 
 @pytest.fixture
 def fused_lead():
-    """The lead-tile kernel (mode 2): u computed by each row block's first ceil(r / 8) output tiles."""
+    """The lead-tile kernel (mode 2): u computed by each row block's first output tiles (ceil(r / 8) of them for fp32
+    adapters on bf16, ceil(r / 32) for 16-bit adapters)."""
     previous = _cb().set_fused_forward(2)
     yield
     _cb().set_fused_forward(previous)
@@ -39,7 +41,7 @@ def fused_lead():
 
 @pytest.fixture
 def fused_on():
-    """The fused forward for every r <= 64 (the default takes it above r = 16 only)."""
+    """The u-tile kernel (mode 1): u computed by 2 u tiles per row block (the default takes the lead tiles)."""
     previous = _cb().set_fused_forward(1)
     yield
     _cb().set_fused_forward(previous)
@@ -61,10 +63,11 @@ def _path(M, K, N, r, p=0.0, dtype=torch.bfloat16, adapter_dtype=torch.float32):
 @pytest.mark.parametrize("K,N", [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)])
 @pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.bfloat16])
 def test_benchmarked_shapes_take_the_default_path(K, N, adapter_dtype):
-    # what bench/suite and targets.py time at p = 0: the fused kernel at r = 64, the shrink + GEMM path at r = 16
-    assert _path(256, K, N, 64, adapter_dtype=adapter_dtype).startswith("sm90 fused"), (K, N)
-    assert _path(256, K, N, 64, dtype=torch.float16, adapter_dtype=torch.float16).startswith("sm90 fused")
-    assert "(fused: r <= 16: the separate shrink pass is faster (measured))" in _path(256, K, N, 16)
+    # what bench/suite and targets.py time at p = 0: the lead-tile kernel at r = 16 and 64
+    for r in (16, 64):
+        assert _path(256, K, N, r, adapter_dtype=adapter_dtype).startswith("sm90 fused lead ("), (K, N, r)
+        assert _path(256, K, N, r, dtype=torch.float16, adapter_dtype=torch.float16).startswith("sm90 fused lead (")
+    assert "(fused: dropout" in _path(256, K, N, 16, p=0.1)
 
 
 def test_fused_forward_mode_switch():
@@ -73,10 +76,13 @@ def test_fused_forward_mode_switch():
     try:
         assert "(fused: off (LORA_KERNELS_FUSED_FWD=0 or set_fused_forward))" in _path(256, 512, 512, 32)
         assert cb.set_fused_forward(1) == 0
-        assert _path(256, 512, 512, 16).startswith("sm90 fused")
+        assert _path(256, 512, 512, 16).startswith("sm90 fused (")
         assert cb.set_fused_forward(-1) == 1
-        assert _path(256, 512, 512, 17).startswith("sm90 fused")
-        assert not _path(256, 512, 512, 16).startswith("sm90 fused")
+        assert _path(256, 512, 512, 17).startswith("sm90 fused lead (")
+        # the default's fallback: 6 lead tiles (fp32 adapters, r = 48) do not fit 2 output tile columns, u tiles do
+        assert _path(256, 512, 136, 48).startswith("sm90 fused (")
+        assert cb.set_fused_forward(2) == -1
+        assert "(fused: lead tiles: fewer output tile columns than lead tiles" in _path(256, 512, 136, 48)
     finally:
         cb.set_fused_forward(previous)
 
@@ -91,7 +97,7 @@ def test_fused_forward_fallback_says_why():
     assert "(fused: x is not float16 or bfloat16)" in _path(256, 512, 512, 16, dtype=torch.float32)
 
 
-def _check_forward(M, K, N, r, dtype, adapter_dtype, bias, path="sm90 fused"):
+def _check_forward(M, K, N, r, dtype, adapter_dtype, bias, path="sm90 fused ("):
     cb = _cb()
     x, W, b, A, B = _inputs(M, K, N, r, dtype, adapter_dtype, bias)
     assert cb.forward_path(x, W, b, A, B, 0.0).startswith(path)
@@ -119,10 +125,20 @@ def test_fused_forward_op_grads(dtype, adapter_dtype, lead, K, N, r):
     run_and_check("cuda", "cuda", dtype, lead, K, N, r, bias=True, p=0.0, adapter_dtype=adapter_dtype)
 
 
-@pytest.mark.usefixtures("fused_on")
-def test_fused_forward_is_two_launches():
-    """The forward at p = 0 launches the prep and the fused GEMM: no shrink, pack or cuBLAS kernel."""
+@pytest.mark.parametrize("mode", [-1, 1])
+def test_fused_forward_is_two_launches(mode):
+    """The forward at p = 0 launches the prep and the fused GEMM: no shrink, pack or cuBLAS kernel (default mode:
+    lead tiles; mode 1: u tiles)."""
     x, W, b, A, B = _inputs(1024, 4096, 4096, 16, torch.bfloat16, torch.float32, True)
+    previous = _cb().set_fused_forward(mode)
+    try:
+        kernels = _kernels_of_one_forward(x, W, b, A, B)
+    finally:
+        _cb().set_fused_forward(previous)
+    assert len(kernels) == 2 and "fused_prep" in kernels[0] and "FusedFwd" in kernels[1], kernels
+
+
+def _kernels_of_one_forward(x, W, b, A, B):
     with torch.no_grad():
         for _ in range(2):
             lora_kernels.lora_linear(x, W, b, A, B, S, backend="cuda")
@@ -130,8 +146,7 @@ def test_fused_forward_is_two_launches():
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             lora_kernels.lora_linear(x, W, b, A, B, S, backend="cuda")
             torch.cuda.synchronize()
-    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    assert len(kernels) == 2 and "fused_prep" in kernels[0] and "FusedFwd" in kernels[1], kernels
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
 @pytest.mark.usefixtures("fused_on")
@@ -146,14 +161,18 @@ def test_fused_forward_is_deterministic():
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.usefixtures("fused_lead")
 def test_lead_tiles_against_float64(dtype, adapter_dtype, M, K, N, r, bias):
-    # every lead-tile count (1 to 8 per row block, odd ones leaving a cluster's second tile an ordinary one), partial
-    # tiles in M, N and K, all tiles of a row block lead tiles (2048 x 4096 -> 1024, r = 64)
-    _check_forward(M, K, N, r, dtype, adapter_dtype, bias, path="sm90 fused lead")
+    # every lead-tile count (fp32 adapters: 1 to 8 per row block, ceil(r / 8); 16-bit adapters: 1 or 2, ceil(r / 32);
+    # odd ones leaving a cluster's second tile an ordinary one), partial tiles in M, N and K, all tiles of a row block
+    # lead tiles (2048 x 4096 -> 1024, r = 64, fp32 adapters)
+    _check_forward(M, K, N, r, dtype, adapter_dtype, bias, path="sm90 fused lead (")
 
 
 @pytest.mark.usefixtures("fused_lead")
 def test_lead_tiles_fallback_says_why():
-    assert "(fused: lead tiles: fewer output tile columns than ceil(r / 8))" in _path(256, 512, 72, 48)
+    assert "(fused: lead tiles: fewer output tile columns than lead tiles" in _path(256, 512, 72, 48)
+    # 2 output tile columns: enough for 16-bit adapters' 2 lead tiles at r = 48, not for fp32 adapters' 6
+    assert _path(256, 512, 136, 48, adapter_dtype=torch.bfloat16).startswith("sm90 fused lead")
+    assert "(fused: lead tiles: fewer output tile columns than lead tiles" in _path(256, 512, 136, 48)
 
 
 @pytest.mark.usefixtures("fused_lead")

@@ -1,8 +1,11 @@
-"""GPU time of the cuda backend's forward and of the cuBLAS floor (F.linear) on a few shapes, CUDA events around
-`calls` back-to-back calls after a warm-up. For A/B runs of the forward's development switches, one process per
-setting (they are read once):
+"""GPU time of the cuda backend's forward in each fused-forward mode and of the cuBLAS floor (F.linear), CUDA events
+around `calls` back-to-back calls after a warm-up, round-robin over `rounds` rounds (floor, then each mode) so that
+clock drift over a long run (power limits at the large shapes) reaches every column alike; medians of the rounds.
+Modes are switched in-process (cuda_backend.set_fused_forward); development switches (LORA_KERNELS_FUSED_DEBUG) are
+read once, so one process per setting:
 
-    LORA_KERNELS_FUSED_DEBUG=1 python3 bench/dev/fused_ab.py --tag nowait
+    python3 bench/dev/fused_ab.py --modes 0,1,2 --r 16,64
+    LORA_KERNELS_FUSED_DEBUG=16 python3 bench/dev/fused_ab.py --modes 1 --trace
 """
 import argparse
 
@@ -15,7 +18,10 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--tag", default="")
 ap.add_argument("--shapes", default="8192x4096x4096,8192x4096x1024")
 ap.add_argument("--r", default="16,64")
-ap.add_argument("--calls", type=int, default=20)
+ap.add_argument("--calls", type=int, default=10)
+ap.add_argument("--rounds", type=int, default=5)
+ap.add_argument("--modes", default="0,2", help="fused-forward modes (set_fused_forward): 0 off, 1 u tiles, 2 lead tiles")
+ap.add_argument("--adapter-dtype", default="fp32", choices=("fp32", "bf16"))
 ap.add_argument("--trace", action="store_true",
                 help="with LORA_KERNELS_FUSED_DEBUG=16: summarise the kernel's per-tile trace (returned in u's place)")
 args = ap.parse_args()
@@ -61,16 +67,32 @@ def summarise(u, N):
     print(f"    SMs used {len(torch.unique(sms))}, tiles per SM max {torch.bincount(sms).max().item()}")
 
 
+ADT = torch.float32 if args.adapter_dtype == "fp32" else torch.bfloat16
+modes = [int(m) for m in args.modes.split(",")]
 for shape in args.shapes.split(","):
     M, K, N = map(int, shape.split("x"))
     x = torch.randn(M, K, device="cuda").bfloat16()
     W = (torch.randn(N, K, device="cuda") * K ** -0.5).bfloat16()
-    floor = gpu_us(lambda: F.linear(x, W), args.calls)
     for r in map(int, args.r.split(",")):
-        A = torch.randn(r, K, device="cuda") * K ** -0.5
-        B = torch.randn(N, r, device="cuda") * r ** -0.5
-        t = gpu_us(lambda: cb.forward(x, W, None, A, B, 0.5, 0.0, 0, 0), args.calls)
-        if args.trace:
-            summarise(cb.forward(x, W, None, A, B, 0.5, 0.0, 0, 0)[1], N)
-        print(f"{args.tag:10s} {shape} r={r}: ours {t:7.1f} us  floor {floor:7.1f} us  ratio {t / floor:.3f}  "
-              f"({cb.forward_path(x, W, None, A, B, 0.0).split(' (')[0]})", flush=True)
+        A = (torch.randn(r, K, device="cuda") * K ** -0.5).to(ADT)
+        B = (torch.randn(N, r, device="cuda") * r ** -0.5).to(ADT)
+        fns = {"floor": lambda: F.linear(x, W)}
+        paths = {}
+        for m in modes:
+            def run(m=m):
+                cb.set_fused_forward(m)
+                return cb.forward(x, W, None, A, B, 0.5, 0.0, 0, 0)
+            fns[m] = run
+            cb.set_fused_forward(m)
+            paths[m] = cb.forward_path(x, W, None, A, B, 0.0).split(" (")[0]
+        times = {k: [] for k in fns}
+        for _ in range(args.rounds):
+            for k, fn in fns.items():
+                times[k].append(gpu_us(fn, args.calls))
+        med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+        for m in modes:
+            if args.trace:
+                cb.set_fused_forward(m)
+                summarise(cb.forward(x, W, None, A, B, 0.5, 0.0, 0, 0)[1], N)
+            print(f"{args.tag:8s} {shape} r={r} {args.adapter_dtype} mode {m}: ours {med[m]:7.1f} us  floor "
+                  f"{med['floor']:7.1f} us  ratio {med[m] / med['floor']:.3f}  ({paths[m]})", flush=True)

@@ -8,7 +8,8 @@ for dtype, adapter in ((torch.bfloat16, torch.float32), (torch.float16, torch.fl
     # K % 128 == 0 with dropout: dx's sm_90 GEMM masks its extension with the keep bits (TMA of the bits)
     for M, K, N, r, p in ((1, 40, 24, 1, 0.0), (37, 100, 72, 33, 0.3), (130, 264, 136, 256, 0.1),
                           (131, 384, 136, 64, 0.1), (70, 256, 200, 16, 0.2),
-                          # p = 0, M > 64: the fused sm_90 forward (with LORA_KERNELS_FUSED_FWD=1 at r = 16 too)
+                          # p = 0, M > 64: the fused sm_90 forward, u tiles (fp32 adapters at r = 33: 5 lead tiles
+                          # do not fit N = 136's 2 tile columns) and lead tiles (the rest)
                           (300, 264, 136, 33, 0.0), (200, 72, 264, 16, 0.0)):
         x = torch.randn(M, K, device="cuda", dtype=dtype, requires_grad=True)
         W = torch.randn(N, K, device="cuda", dtype=dtype)

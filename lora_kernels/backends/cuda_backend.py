@@ -99,7 +99,8 @@ def dA_path(x, lora_A, p=0.0) -> str:
 
 def forward_path(x, weight, bias, lora_A, lora_B, p=0.0) -> str:
     """Which path a forward with these 2-D inputs takes: "small_m" (M <= 64: the whole forward in one launch,
-    csrc/small_m.cu), "sm90 fused (small_m: <why not>)" (the shrink inside the GEMM, csrc/fused_fwd_sm90.h), or
+    csrc/small_m.cu), "sm90 fused lead (small_m: <why not>)" or "sm90 fused (...)" (the shrink inside the GEMM,
+    computed by lead tiles or by u tiles, csrc/fused_fwd_sm90.h), or
     gemm_path's answer followed by " (fused: <why not>) (small_m: <why not>)"."""
     return torch.ops.lora_kernels_cuda.forward_path(x, weight, bias, lora_A, lora_B, float(p))
 
@@ -111,10 +112,10 @@ def set_small_m(enabled: bool) -> bool:
 
 
 def set_fused_forward(mode: int) -> int:
-    """Sets the fused sm_90 forward's mode for this process (csrc/fused_fwd_sm90.h): 1 on, 0 off, -1 on for r > 16
-    (the default; LORA_KERNELS_FUSED_FWD=0, 1 or 2 starts it off, on or lead), 2 on with u computed by each row
-    block's first output tiles (the lead-tile kernel, not yet run on a GPU). Returns the previous mode. For tests of
-    the paths and A/B timing."""
+    """Sets the fused sm_90 forward's mode for this process (csrc/fused_fwd_sm90.h): -1 the default (u computed by
+    each row block's first output tiles, the lead tiles, or by u tiles where the lead tiles do not fit), 1 u tiles
+    only, 2 lead tiles only, 0 off (the shrink + GEMM path); LORA_KERNELS_FUSED_FWD=1, 2 or 0 starts the process in
+    that mode. Returns the previous mode. For tests of the paths and A/B timing."""
     return int(torch.ops.lora_kernels_cuda.set_fused_forward(int(mode)))
 
 
