@@ -127,11 +127,12 @@ const char* sm90_unsupported(const Tensor& a, const Tensor& b, const Tensor* bia
 // ------------------------------------------------------------------ the fused sm_90 forward (csrc/fused_fwd_sm90.h)
 // The forward as one GEMM launch with the shrink inside it (plus a prep launch): on the sm_90 GEMM's devices and
 // dtypes, without dropout, r <= 64. Mode (LORA_KERNELS_FUSED_FWD, read once; set_fused_forward at run time):
-//   -1 (unset, the default)  u computed by each row block's lead tiles, or by u tiles where the lead tiles do not
-//                            fit (fewer output tile columns than lead tiles);
+//   -1 (unset, the default)  r <= 32: u computed by each row block's lead tiles (by u tiles where the lead tiles
+//                            do not fit: fewer output tile columns than lead tiles); r > 32: by u tiles;
 //    1                       u tiles only;   2  lead tiles only;   0  off (the shrink + pack + GEMM path).
-// The lead tiles measured faster than the u tiles and than the separate shrink pass on the Llama-3-8B shapes at
-// r = 16 and 32, within a few percent of the better one at r = 64 (thirteenth session, bench/results).
+// Measured on the Llama-3-8B shapes at 8192 tokens (thirteenth session, bench/results): the lead tiles beat the u
+// tiles and the separate shrink pass at r = 16 and 32 (or tie within 1%); at r = 64 the u tiles beat both (fp32
+// adapters' 3 pieces make 8 lead tiles per row block, each with a quarter more MMA work).
 // LORA_KERNELS_SM90_GEMM=0 turns the fused forward off with the rest of the sm_90 GEMM.
 std::atomic<int>& fused_mode() {
   static std::atomic<int> mode{[] {
@@ -162,10 +163,10 @@ const char* fused_forward_unsupported(const Tensor& x, const Tensor& weight, con
   if (p > 0.0) return "dropout (the fused kernel does not mask x)";
   const int mode = fused_mode().load(std::memory_order_relaxed);
   if (mode == 0) return "off (LORA_KERNELS_FUSED_FWD=0 or set_fused_forward)";
-  lk::FusedFwdArgs a = fused_args(x, weight, bias, lora_A, lora_B, 1.0, mode != 1);
+  lk::FusedFwdArgs a = fused_args(x, weight, bias, lora_A, lora_B, 1.0, mode == 2 || (mode < 0 && lora_A.size(0) <= 32));
   a.y = x.data_ptr();  // the output comes from the caching allocator: aligned
   const char* why = lk::lora_fused_fwd_sm90_unsupported(a, x.get_device());
-  if (why != nullptr && mode < 0) {  // the default: u tiles where the lead tiles do not fit
+  if (why != nullptr && mode < 0 && a.lead) {  // the default: u tiles where the lead tiles do not fit
     a.lead = false;
     why = lk::lora_fused_fwd_sm90_unsupported(a, x.get_device());
   }
@@ -711,8 +712,8 @@ std::string forward_path(const Tensor& x, const Tensor& weight, const std::optio
 // Switches the small-M forward on or off for this process; returns the previous setting.
 bool set_small_m(bool enabled) { return small_m_switch().exchange(enabled); }
 
-// Sets the fused forward's mode for this process (-1 the default: lead tiles, else u tiles; 1 u tiles; 2 lead tiles;
-// 0 off); returns the previous one.
+// Sets the fused forward's mode for this process (-1 the default: lead tiles up to r = 32, else u tiles; 1 u tiles;
+// 2 lead tiles; 0 off); returns the previous one.
 int64_t set_fused_forward(int64_t mode) {
   return fused_mode().exchange(mode == 2 ? 2 : mode > 0 ? 1 : mode == 0 ? 0 : -1);
 }

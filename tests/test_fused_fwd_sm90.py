@@ -1,10 +1,10 @@
 """The cuda backend's fused forward on Hopper (csrc/fused_fwd_sm90.*): one GEMM launch (after a small prep launch)
 in which u = s·x Aᵀ is computed by each row block's lead tiles (output tiles that also multiply their x tiles by
 lora_A's pieces) or by u tiles of their own, and whose output tiles add bf16(u) Bᵀ as one more K-tile. GPU-only
-(skips elsewhere): the path is taken where it should be (by default at p = 0 and r <= 64: lead tiles, u tiles where
-the lead tiles do not fit), says why where it is not, and its y, saved u and grads meet the float64 tolerance rule on
-odd shapes (M not a multiple of the 128-row tile, an odd number of output tile columns, K not a multiple of the
-64-wide K tile, every u-column split) in both variants."""
+(skips elsewhere): the path is taken where it should be (by default at p = 0: lead tiles up to r = 32, u tiles where
+they do not fit and above r = 32), says why where it is not, and its y, saved u and grads meet the float64 tolerance
+rule on odd shapes (M not a multiple of the 128-row tile, an odd number of output tile columns, K not a multiple of
+the 64-wide K tile, every u-column split) in both variants."""
 import pytest
 import torch
 
@@ -63,10 +63,10 @@ def _path(M, K, N, r, p=0.0, dtype=torch.bfloat16, adapter_dtype=torch.float32):
 @pytest.mark.parametrize("K,N", [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)])
 @pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.bfloat16])
 def test_benchmarked_shapes_take_the_default_path(K, N, adapter_dtype):
-    # what bench/suite and targets.py time at p = 0: the lead-tile kernel at r = 16 and 64
-    for r in (16, 64):
-        assert _path(256, K, N, r, adapter_dtype=adapter_dtype).startswith("sm90 fused lead ("), (K, N, r)
-        assert _path(256, K, N, r, dtype=torch.float16, adapter_dtype=torch.float16).startswith("sm90 fused lead (")
+    # what bench/suite and targets.py time at p = 0: the lead-tile kernel at r = 16 (and 32), the u tiles at r = 64
+    for r, path in ((16, "sm90 fused lead ("), (32, "sm90 fused lead ("), (64, "sm90 fused (")):
+        assert _path(256, K, N, r, adapter_dtype=adapter_dtype).startswith(path), (K, N, r)
+        assert _path(256, K, N, r, dtype=torch.float16, adapter_dtype=torch.float16).startswith(path), (K, N, r)
     assert "(fused: dropout" in _path(256, K, N, 16, p=0.1)
 
 
@@ -79,10 +79,12 @@ def test_fused_forward_mode_switch():
         assert _path(256, 512, 512, 16).startswith("sm90 fused (")
         assert cb.set_fused_forward(-1) == 1
         assert _path(256, 512, 512, 17).startswith("sm90 fused lead (")
-        # the default's fallback: 6 lead tiles (fp32 adapters, r = 48) do not fit 2 output tile columns, u tiles do
-        assert _path(256, 512, 136, 48).startswith("sm90 fused (")
+        assert _path(256, 512, 512, 33).startswith("sm90 fused (")
+        # the default's fallback: 3 lead tiles (fp32 adapters, r = 24) do not fit 2 output tile columns, u tiles do
+        assert _path(256, 512, 136, 24).startswith("sm90 fused (")
         assert cb.set_fused_forward(2) == -1
-        assert "(fused: lead tiles: fewer output tile columns than lead tiles" in _path(256, 512, 136, 48)
+        assert "(fused: lead tiles: fewer output tile columns than lead tiles" in _path(256, 512, 136, 24)
+        assert _path(256, 512, 512, 64).startswith("sm90 fused lead (")
     finally:
         cb.set_fused_forward(previous)
 
