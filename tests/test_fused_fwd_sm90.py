@@ -84,7 +84,7 @@ def test_fused_forward_mode_switch():
         assert _path(256, 512, 136, 24).startswith("sm90 fused (")
         assert cb.set_fused_forward(2) == -1
         assert "(fused: lead tiles: fewer output tile columns than lead tiles" in _path(256, 512, 136, 24)
-        assert _path(256, 512, 512, 64).startswith("sm90 fused lead (")
+        assert _path(256, 512, 1024, 64).startswith("sm90 fused lead (")  # 8 lead tiles in 8 tile columns
     finally:
         cb.set_fused_forward(previous)
 
