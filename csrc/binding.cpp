@@ -126,10 +126,12 @@ const char* sm90_unsupported(const Tensor& a, const Tensor& b, const Tensor* bia
 
 // ------------------------------------------------------------------ the fused sm_90 forward (csrc/fused_fwd_sm90.h)
 // The forward as one GEMM launch with the shrink inside it (plus a prep launch): on the sm_90 GEMM's devices and
-// dtypes, without dropout, r <= 64. Mode (LORA_KERNELS_FUSED_FWD, read once; set_fused_forward at run time):
-//   -1 (unset, the default)  r <= 32: u computed by each row block's lead tiles (by u tiles where the lead tiles
-//                            do not fit: fewer output tile columns than lead tiles); r > 32: by u tiles;
-//    1                       u tiles only;   2  lead tiles only;   0  off (the shrink + pack + GEMM path).
+// dtypes, r <= 64. Mode (LORA_KERNELS_FUSED_FWD, read once; set_fused_forward at run time):
+//   -1 (unset, the default)  p = 0 only. r <= 32: u computed by each row block's lead tiles (by u tiles where the
+//                            lead tiles do not fit: fewer output tile columns than lead tiles); r > 32: by u tiles;
+//    1                       u tiles only, with dropout too (they mask their copy of x: not yet measured, hence
+//                            not yet the default at p > 0);
+//    2                       lead tiles only (p = 0);   0  off (the shrink + pack + GEMM path).
 // Measured on the Llama-3-8B shapes at 8192 tokens (thirteenth session, bench/results): the lead tiles beat the u
 // tiles and the separate shrink pass at r = 16 and 32 (or tie within 1%); at r = 64 the u tiles beat both (fp32
 // adapters' 3 pieces make 8 lead tiles per row block, each with a quarter more MMA work).
@@ -145,9 +147,10 @@ std::atomic<int>& fused_mode() {
 }
 
 lk::FusedFwdArgs fused_args(const Tensor& x, const Tensor& weight, const Tensor* bias, const Tensor& lora_A,
-                            const Tensor& lora_B, double scaling, bool lead) {
+                            const Tensor& lora_B, double scaling, double p, bool lead) {
   lk::FusedFwdArgs a;
   a.lead = lead;
+  a.p = (float)p;
   a.M = x.size(0); a.N = weight.size(0); a.K = x.size(1); a.r = (int)lora_A.size(0);
   a.x_dtype = to_dtype(x, "x"); a.a_dtype = to_dtype(lora_A, "lora_A"); a.b_dtype = to_dtype(lora_B, "lora_B");
   a.x = x.data_ptr(); a.w = weight.data_ptr(); a.bias = bias ? bias->data_ptr() : nullptr;
@@ -160,10 +163,11 @@ lk::FusedFwdArgs fused_args(const Tensor& x, const Tensor& weight, const Tensor*
 const char* fused_forward_unsupported(const Tensor& x, const Tensor& weight, const Tensor* bias, const Tensor& lora_A,
                                       const Tensor& lora_B, double p, bool* lead = nullptr) {
   if (!sm90_enabled()) return "LORA_KERNELS_SM90_GEMM=0";
-  if (p > 0.0) return "dropout (the fused kernel does not mask x)";
   const int mode = fused_mode().load(std::memory_order_relaxed);
   if (mode == 0) return "off (LORA_KERNELS_FUSED_FWD=0 or set_fused_forward)";
-  lk::FusedFwdArgs a = fused_args(x, weight, bias, lora_A, lora_B, 1.0, mode == 2 || (mode < 0 && lora_A.size(0) <= 32));
+  if (p > 0.0 && mode < 0) return "dropout (the u tiles' masking is not yet the default: set_fused_forward(1))";
+  lk::FusedFwdArgs a =
+      fused_args(x, weight, bias, lora_A, lora_B, 1.0, p, mode == 2 || (mode < 0 && lora_A.size(0) <= 32));
   a.y = x.data_ptr();  // the output comes from the caching allocator: aligned
   const char* why = lk::lora_fused_fwd_sm90_unsupported(a, x.get_device());
   if (why != nullptr && mode < 0 && a.lead) {  // the default: u tiles where the lead tiles do not fit
@@ -346,7 +350,10 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& weight, c
   }
   bool lead = false;
   if (fused_forward_unsupported(x, weight, bias_t, lora_A, lora_B, p, &lead) == nullptr) {  // one GEMM launch (+ prep)
-    lk::FusedFwdArgs a = fused_args(x, weight, bias_t, lora_A, lora_B, scaling, lead);
+    lk::FusedFwdArgs a = fused_args(x, weight, bias_t, lora_A, lora_B, scaling, p, lead);
+    a.seed = (uint64_t)seed;
+    a.seed_ptr = seed_ptr;
+    a.offset = (uint64_t)offset;
     const int64_t u_piece = keep_u ? -1 : ws.reserve_floats(M * r);
     const int64_t f_piece =
         ws.reserve((int64_t)lk::lora_fused_fwd_sm90_workspace_bytes(M, N, K, r, x_dt, a_dt, a.lead));
@@ -712,8 +719,8 @@ std::string forward_path(const Tensor& x, const Tensor& weight, const std::optio
 // Switches the small-M forward on or off for this process; returns the previous setting.
 bool set_small_m(bool enabled) { return small_m_switch().exchange(enabled); }
 
-// Sets the fused forward's mode for this process (-1 the default: lead tiles up to r = 32, else u tiles; 1 u tiles;
-// 2 lead tiles; 0 off); returns the previous one.
+// Sets the fused forward's mode for this process (-1 the default: lead tiles up to r = 32, else u tiles, p = 0; 1 u
+// tiles, dropout included; 2 lead tiles; 0 off); returns the previous one.
 int64_t set_fused_forward(int64_t mode) {
   return fused_mode().exchange(mode == 2 ? 2 : mode > 0 ? 1 : mode == 0 ? 0 : -1);
 }

@@ -11,6 +11,7 @@
 
 #include "gemm_sm90.h"
 #include "gemm_sm90_instances.h"
+#include "philox.cuh"
 #include "plans.cuh"
 
 #include <cstdlib>
@@ -109,6 +110,8 @@ const char* lora_fused_fwd_sm90_unsupported(const FusedFwdArgs& a, int device) {
   if (a.M < 1 || a.N < 1 || a.K < 1) return "empty problem";
   if (a.M > INT32_MAX / 2 || a.N > INT32_MAX / 2 || a.K > INT32_MAX / 2) return "a dimension exceeds 2^30";
   if (a.r < 1 || a.r > 64) return "r above 64";
+  if (!(a.p >= 0.f && a.p < 1.f)) return "dropout p outside [0, 1)";
+  if (a.p > 0.f && a.lead) return "lead tiles: dropout (their x tiles feed the output too; the u tiles mask theirs)";
   if (a.K % 8 || a.N % 8) return "K and N must be multiples of 8 (16-byte rows for TMA)";
   if (a.lead && (a.N + 127) / 128 < sm90fused::split_for(a.r, adapter_pieces(a.x_dtype, a.a_dtype), true).tiles)
     return "lead tiles: fewer output tile columns than lead tiles (ceil(r / 8), 16-bit adapters ceil(r / 32))";
@@ -164,7 +167,12 @@ cudaError_t launch_lora_fused_fwd_sm90(const FusedFwdArgs& a, cudaStream_t strea
   f.pieces = pieces;
   f.k_tiles_main = (int)ceil_div(a.K, 64);
   f.kb_ext = (a.r + 15) / 16;
-  f.scale = a.scale;
+  f.scale = a.p > 0.f ? dropout_scale(a.scale, a.p) : a.scale;
+  f.drop_thr = a.p > 0.f ? dropout_threshold(a.p) : 0u;
+  f.seed = a.seed;
+  f.seed_ptr = a.seed_ptr;
+  f.offset = a.offset;
+  f.groups = dropout_groups(a.K);
   f.u = a.u;
   f.su = ws + c.su;
   f.ready = reinterpret_cast<int*>(ws + c.ready);

@@ -6,7 +6,9 @@
 // Math:   per 128-row block m of x, 2 "u tiles" and ceil(N / 128) output tiles:
 //           u tile j (j = 0, 1):  C (128 x nw) = x_m · Apⱼᵀ over K, Apⱼ = lora_A's pieces for u columns
 //                                 [j rc, (j+1) rc); each K-tile's products summed into fp32 registers per u column,
-//                                 times scale: u (fp32) and su = bf16(u) (x's dtype), then ready[m] += 1.
+//                                 times scale: u (fp32) and su = bf16(u) (x's dtype), then ready[m] += 1. With
+//                                 dropout x_m is keep ⊙ x_m (its copy in shared memory masked, mask_x_tile) and
+//                                 scale = scaling / (1 - p).
 //           output tile n:        y_mn = x_m W_nᵀ + su_m Bx_nᵀ + bias_n, the last K-tile from (su, Bx), loaded
 //                                 once ready[m] == 2.
 // Tiling: 128 x 128 x 64 tiles, clusters of 1 x 2 along N (the x tile multicast to both), a TMA producer warp, two
@@ -15,10 +17,11 @@
 //         runs a narrow wgmma (64 x nw_mma x 16) on the x tile and Ap's tile in place of W's, and stores nothing
 //         through the epilogue. Every tile takes k_tiles_main + 1 pipeline stages; the last stage of a u tile is
 //         not multiplied (its loads repeat K-tile 0).
-// Lead:   the kLead variant (LORA_KERNELS_FUSED_FWD=2; not yet run on a GPU) has no u tiles: each row block's first
-//         S = ceil(r / 8) output tiles ("lead tiles", scheduled first) load a 32-row slot of lora_A's pieces with
-//         each stage and run the narrow wgmma on the x tile they already hold, each writing u's columns 8 j .. 8 j + 7;
-//         every output tile of the block, lead tiles included, waits for ready[m] == S. No second read of x.
+// Lead:   the kLead variant has no u tiles: each row block's first S output tiles ("lead tiles", scheduled first;
+//         S = ceil(r / 8) for fp32 adapters' 3 pieces, ceil(r / 32) for 16-bit adapters) load a 32-row slot of
+//         lora_A's pieces with each stage and run a narrow wgmma (N = 24 or 32) on the x tile they already hold,
+//         each writing its u columns; every output tile of the block, lead tiles included, waits for ready[m] == S.
+//         No second read of x; no dropout (the x tile feeds the output tile's own product too).
 // Order:  TileOrder puts every u cluster (or lead cluster) first, then the output clusters. The producer waits for
 //         ready[m] before the extension stage of an output tile. No wait can deadlock: the grid is no larger than the
 //         clusters the device holds at once, each block walks its items in increasing order, the u items wait for
@@ -28,6 +31,7 @@
 #pragma once
 
 #include "fused_fwd_sm90.h"
+#include "philox.cuh"
 
 #include <atomic>
 
@@ -375,9 +379,50 @@ struct FusedFwd {
     warpgroup_fence_operand(accum);
   }
 
+  // Dropout in a u tile: its copy of x's K-tile t (128 x 64 in the stage's A slot, swizzled in 16-byte chunks of 8
+  // elements) masked in place. Chunk (row, c) is the 8-group (m, k8) = (128 m_blk + row, 8 t + c) of the contract's
+  // mask: one Philox call, word q's low / high 16 bits for elements 2q / 2q + 1 (philox.cuh); a dropped element is
+  // multiplied by 0 (bf16x2 / f16x2 multiplies), so NaN and inf stay NaN, as in the reference's x * keep. Rows past
+  // M and groups past K hold TMA's zeros and are left alone. Then the writes are made visible to the wgmma (async
+  // proxy) and every thread of the warpgroup waits for all of them.
+  template <class SmemTensor>
+  CUTLASS_DEVICE static void mask_x_tile(SmemTensor& sA, int stage, FusedParams const& f, int m_blk, int t,
+                                         int thread_idx, int wg) {
+    const uint64_t seed = f.seed_ptr != nullptr ? static_cast<uint64_t>(*f.seed_ptr) : f.seed;
+    constexpr uint32_t kOne = cute::is_same_v<Element, cutlass::bfloat16_t> ? 0x3F80u : 0x3C00u;  // 1.0
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < 8; ++i) {  // 1024 chunks per tile, 8 per thread
+      const int g = thread_idx + 128 * i;
+      const int row = g >> 3, c = g & 7;
+      const int64_t m = int64_t(m_blk) * 128 + row, k8 = int64_t(t) * 8 + c;
+      if (m >= f.M || k8 >= f.groups) continue;
+      uint32_t w[4];
+      dropout_words(seed, f.offset + uint64_t(m) * uint64_t(f.groups) + uint64_t(k8), w);
+      uint4* chunk = reinterpret_cast<uint4*>(raw_pointer_cast(&sA(row, 8 * c, stage)));
+      uint4 v = *chunk;
+      uint32_t* vw = &v.x;
+      CUTLASS_PRAGMA_UNROLL
+      for (int q = 0; q < 4; ++q) {
+        const uint32_t keep2 = ((w[q] & 0xFFFFu) >= f.drop_thr ? kOne : 0u) |
+                               ((w[q] >> 16) >= f.drop_thr ? kOne << 16 : 0u);
+        if constexpr (cute::is_same_v<Element, cutlass::bfloat16_t>) {
+          __nv_bfloat162 r = __hmul2(*reinterpret_cast<__nv_bfloat162 const*>(&vw[q]),
+                                     *reinterpret_cast<__nv_bfloat162 const*>(&keep2));
+          vw[q] = *reinterpret_cast<uint32_t*>(&r);
+        } else {
+          __half2 r = __hmul2(*reinterpret_cast<__half2 const*>(&vw[q]), *reinterpret_cast<__half2 const*>(&keep2));
+          vw[q] = *reinterpret_cast<uint32_t*>(&r);
+        }
+      }
+      *chunk = v;
+    }
+    cutlass::arch::fence_view_async_shared();
+    cutlass::arch::NamedBarrier::sync(128, wg);
+  }
+
   // A u tile: x_m · Apⱼᵀ over the k_tiles - 1 main K-tiles with a 64 x NW x 16 wgmma on the first NW rows of the B
-  // slot (Ap's tile), then the stage of the extension slot (not multiplied); then, out of the ordered section, u
-  // written. Returns after the ready count is raised.
+  // slot (Ap's tile), x masked first with dropout, then the stage of the extension slot (not multiplied); then, out
+  // of the ordered section, u written. Returns after the ready count is raised.
   template <int Blocks, int Pieces, class Arrive>
   CUTLASS_DEVICE static void u_tile(MainloopPipeline& pipeline, PipelineState read, int k_tiles, int thread_idx,
                                     typename Mainloop::TensorStorage& smem, FusedParams const& f, int m_blk, int j,
@@ -409,6 +454,7 @@ struct FusedFwd {
       pipeline.consumer_wait(read, token);
       const int stage = read.index();
       if (t < k_tiles - 1 && !(f.debug & 2)) {
+        if (f.drop_thr != 0u) mask_x_tile(sA, stage, f, m_blk, t, thread_idx, wg);
         Tensor sU = make_tensor(make_smem_ptr(smem.smem_B.data() + stage * kStageElems), SmemLayoutU{});
         Tensor tUrB = thr.make_fragment_B(thr.partition_B(sU));  // (MMA, MMA_N, MMA_K)
         umma.accumulate_ = GMMA::ScaleOut::Zero;

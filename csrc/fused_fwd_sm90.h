@@ -12,8 +12,12 @@
 // Workspace (lora_fused_fwd_sm90_workspace_bytes, 256-byte aligned, no initial contents needed): lora_A's pieces,
 // lora_B in x's dtype padded, bf16(u), and one ready counter per 128-row block (the prep zeroes them).
 // Requirements (else lora_fused_fwd_sm90_unsupported() says why and the caller keeps its other path): as the sm_90
-// GEMM (gemm_sm90.h) plus r <= 64 and adapters on the tensor cores (16-bit, or fp32 with bf16 x). No dropout.
-// FusedFwdArgs::lead selects the lead-tile variant (fused_fwd_sm90.cuh), which needs N >= 128 ceil(r / 8).
+// GEMM (gemm_sm90.h) plus r <= 64 and adapters on the tensor cores (16-bit, or fp32 with bf16 x).
+// Dropout (p > 0, the u tiles only): u = scale / (1 - p) · (keep ⊙ x) Aᵀ with keep the contract's Philox mask
+// (philox.cuh) of the seed (or *seed_ptr, read when the kernel runs) and offset; the u tiles mask their own copy of
+// each x tile in shared memory before multiplying it, and the output tiles multiply the unmasked x by W.
+// FusedFwdArgs::lead selects the lead-tile variant (fused_fwd_sm90.cuh), which needs at least as many output tile
+// columns (ceil(N / 128)) as lead tiles (ceil(r / 8) for fp32 adapters, ceil(r / 32) for 16-bit ones) and p = 0.
 #pragma once
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -33,12 +37,16 @@ struct FusedFwdArgs {
   const void* bias = nullptr;  // (N,) or null
   const void* lora_A = nullptr;
   const void* lora_B = nullptr;
-  float scale = 1.f;  // scaling (no dropout here)
+  float scale = 1.f;  // scaling
+  float p = 0.f;      // dropout probability, [0, 1); p > 0 needs lead = false
+  uint64_t seed = 0;  // the Philox key, or
+  const int64_t* seed_ptr = nullptr;  // a device int64 holding it (graph-safe; read by the kernel), or null
+  uint64_t offset = 0;  // Philox counter offset
   void* y = nullptr;
   float* u = nullptr;  // (M, r) fp32, scale · x Aᵀ
   void* workspace = nullptr;
-  // Where u is computed: false, in 2 u tiles per row block (measured); true, in the first ceil(r / 8) output tiles
-  // of each row block ("lead tiles", not yet run on a GPU: LORA_KERNELS_FUSED_FWD=2).
+  // Where u is computed: false, in 2 u tiles per row block; true, in the first output tiles of each row block
+  // ("lead tiles", Split).
   bool lead = false;
 };
 
@@ -82,7 +90,14 @@ struct FusedParams {
   int width;         // columns of su and Bx (Split::width)
   int k_tiles_main;
   int kb_ext;  // 16-deep k-blocks of the extension tile that hold u's columns: ceil(r / 16)
-  float scale;
+  float scale;  // scaling / (1 - p)
+  // Dropout in the u tiles: keep (m, k) iff its 16 random bits >= drop_thr (0: no dropout); counter offset +
+  // m * groups + k / 8 (philox.cuh)
+  uint32_t drop_thr;
+  uint64_t seed;
+  const int64_t* seed_ptr;
+  uint64_t offset;
+  int64_t groups;  // ceil(K / 8)
   float* u;
   void* su;  // (M, width) bf16(u) in x's dtype
   int* ready;  // (ceil(M / 128),) u tiles done per row block

@@ -209,13 +209,13 @@ def live_at_peak(fn, ours=("lora_kernels",)):
     return peak, sorted(((size, where(frames)) for size, frames in at_peak.values()), reverse=True)
 
 
-def assert_cuda_forward(cb, x, W, b, A, B, s, p=0.0, seed=0):
+def assert_cuda_forward(cb, x, W, b, A, B, s, p=0.0, seed=0, offset=0):
     """The cuda backend's forward (cuda_backend `cb`, 2-D inputs): y and the saved u against the float64 formula with
-    the same dropout mask, the same-precision formula as the baseline; a second call gives the same bits (fixed
-    reduction orders, one owner per element)."""
+    the same dropout mask (the contract's, lora_kernels.dropout_mask of seed and offset), the same-precision formula
+    as the baseline; a second call gives the same bits (fixed reduction orders, one owner per element)."""
     M, N, r = x.shape[0], W.shape[0], A.shape[0]
-    y, u = cb.forward(x, W, b, A, B, s, p, seed, 0)
-    keep = lora_kernels.dropout_mask(seed, 0, tuple(x.shape), p, device=x.device) if p > 0 else None
+    y, u = cb.forward(x, W, b, A, B, s, p, seed, offset)
+    keep = lora_kernels.dropout_mask(seed, offset, tuple(x.shape), p, device=x.device) if p > 0 else None
 
     def formula(xx, WW, bb, AA, BB):
         xd = xx if keep is None else xx * keep / (1.0 - p)
@@ -228,7 +228,7 @@ def assert_cuda_forward(cb, x, W, b, A, B, s, p=0.0, seed=0):
     assert y.dtype == x.dtype and y.shape == (M, N) and u.dtype == torch.float32 and u.shape == (M, r)
     assert_tolerance(y, ref_y, base_y, "y")
     assert_tolerance(u, ref_u, base_u.float(), "u")
-    y2, u2 = cb.forward(x, W, b, A, B, s, p, seed, 0)
+    y2, u2 = cb.forward(x, W, b, A, B, s, p, seed, offset)
     assert torch.equal(y, y2) and torch.equal(u, u2)
 
 

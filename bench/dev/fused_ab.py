@@ -22,6 +22,7 @@ ap.add_argument("--calls", type=int, default=10)
 ap.add_argument("--rounds", type=int, default=5)
 ap.add_argument("--modes", default="0,2", help="fused-forward modes (set_fused_forward): 0 off, 1 u tiles, 2 lead tiles")
 ap.add_argument("--adapter-dtype", default="fp32", choices=("fp32", "bf16"))
+ap.add_argument("--p", type=float, default=0.0, help="dropout (mode 1's u tiles mask x; the default mode does not)")
 ap.add_argument("--trace", action="store_true",
                 help="with LORA_KERNELS_FUSED_DEBUG=16: summarise the kernel's per-tile trace (returned in u's place)")
 args = ap.parse_args()
@@ -81,10 +82,10 @@ for shape in args.shapes.split(","):
         for m in modes:
             def run(m=m):
                 cb.set_fused_forward(m)
-                return cb.forward(x, W, None, A, B, 0.5, 0.0, 0, 0)
+                return cb.forward(x, W, None, A, B, 0.5, args.p, 1234, 0)
             fns[m] = run
             cb.set_fused_forward(m)
-            paths[m] = cb.forward_path(x, W, None, A, B, 0.0).split(" (")[0]
+            paths[m] = cb.forward_path(x, W, None, A, B, args.p).split(" (")[0]
         times = {k: [] for k in fns}
         for _ in range(args.rounds):
             for k, fn in fns.items():
@@ -94,5 +95,5 @@ for shape in args.shapes.split(","):
             if args.trace:
                 cb.set_fused_forward(m)
                 summarise(cb.forward(x, W, None, A, B, 0.5, 0.0, 0, 0)[1], N)
-            print(f"{args.tag:8s} {shape} r={r} {args.adapter_dtype} mode {m}: ours {med[m]:7.1f} us  floor "
+            print(f"{args.tag:8s} {shape} r={r} {args.adapter_dtype} p={args.p} mode {m}: ours {med[m]:7.1f} us  floor "
                   f"{med['floor']:7.1f} us  ratio {med[m] / med['floor']:.3f}  ({paths[m]})", flush=True)
