@@ -1,48 +1,59 @@
 #!/usr/bin/env bash
 # Compile-check every csrc/*.cu that does not include torch headers, with plain nvcc for sm_90 (no GPU needed), as
-# C++17 and as C++20.
+# C++17 and as C++20; then the CUTLASS translation units (sm_90a, the pinned nvidia-cutlass headers). The jobs run
+# $(nproc) at a time, the slow CUTLASS ones first, so that CI's two cores finish together.
 set -u
 cd "$(dirname "$0")/.."
 NVCC="${NVCC:-nvcc}"
 command -v "$NVCC" >/dev/null || { echo "compile_cu: nvcc not found" >&2; exit 1; }
-fail=0
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
-for f in csrc/*.cu; do
-  [ -e "$f" ] || continue
-  if grep -qE '#include\s*[<"](torch/|ATen/|c10/)' "$f"; then echo "skip (includes torch): $f"; continue; fi
-  out="$tmp/$(basename "$f" .cu).o"
-  for std in c++17 c++20; do  # setup.py builds with C++20 for torch >= 2.14, with C++17 before
-    if "$NVCC" -std=$std -O3 -c -gencode=arch=compute_90,code=sm_90 -Icsrc "$f" -o "$out"; then
-      echo "ok ($std): $f"
-    else
-      echo "FAILED ($std): $f" >&2; fail=1
-    fi
-  done
-done
+export NVCC tmp
+
 # The sm_90 GEMM's instances need the CUTLASS headers (the pinned nvidia-cutlass wheel, unpacked without its
-# Python dependencies) and sm_90a: above they compiled without the kernels (LORA_KERNELS_HAVE_SM90_GEMM unset).
-# One layout per C++ standard, and the fused forward's two bf16 instances: four translation units.
+# Python dependencies) and sm_90a: in the plain jobs they compile without the kernels (LORA_KERNELS_HAVE_SM90_GEMM
+# unset). One layout per C++ standard and the fused forward's two bf16 instances: four translation units (the
+# u-tile one to PTX only: the front end's checks at half the time; the lead-tile one, the default up to r = 32,
+# through ptxas).
 CUT=/tmp/compile_cu_cutlass
 if [ ! -f "$CUT/cutlass_library/source/include/cute/tensor.hpp" ]; then
   rm -rf "$CUT" && mkdir -p "$CUT/whl"
   python3 -m pip download -q --no-deps -d "$CUT/whl" "nvidia-cutlass==4.2.0.0" \
     && (cd "$CUT" && python3 -m zipfile -e whl/nvidia_cutlass-*.whl . >/dev/null)
 fi
+jobs=()  # "kind std mode file"
+fail=0
 if [ -f "$CUT/cutlass_library/source/include/cute/tensor.hpp" ]; then
-  INC=(-I"$CUT/cutlass_library/source/include" -I"$CUT/cutlass_library/source/tools/util/include")
-  # (the fused forward's lead-tile instance to PTX only: the front end's checks at half the time)
-  for pair in "c++20 -c csrc/gemm_sm90_bf16_nk.cu" "c++17 -c csrc/gemm_sm90_bf16_kn.cu" \
-              "c++17 -c csrc/fused_fwd_sm90_bf16.cu" "c++17 -ptx csrc/fused_fwd_sm90_lead_bf16.cu"; do
-    set -- $pair
-    if "$NVCC" -std=$1 -O3 -DNDEBUG --expt-relaxed-constexpr $2 -gencode=arch=compute_90a,code=sm_90a \
-         -DLORA_KERNELS_HAVE_SM90_GEMM=1 "${INC[@]}" -Icsrc "$3" -o "$tmp/sm90.out"; then
-      echo "ok ($1 $2, sm_90a, CUTLASS): $3"
-    else
-      echo "FAILED ($1 $2, sm_90a, CUTLASS): $3" >&2; fail=1
-    fi
-  done
+  export CUT
+  jobs+=("cutlass c++17 -c csrc/fused_fwd_sm90_lead_bf16.cu" "cutlass c++20 -c csrc/gemm_sm90_bf16_nk.cu"
+         "cutlass c++17 -c csrc/gemm_sm90_bf16_kn.cu" "cutlass c++17 -ptx csrc/fused_fwd_sm90_bf16.cu")
 else
   echo "FAILED: could not fetch the CUTLASS headers (nvidia-cutlass==4.2.0.0)" >&2; fail=1
 fi
+for f in csrc/*.cu; do
+  [ -e "$f" ] || continue
+  if grep -qE '#include\s*[<"](torch/|ATen/|c10/)' "$f"; then echo "skip (includes torch): $f"; continue; fi
+  for std in c++17 c++20; do jobs+=("plain $std -c $f"); done  # setup.py: C++20 for torch >= 2.14, C++17 before
+done
+
+one() {  # one job: kind std mode file; prints ok/FAILED, exits non-zero on failure
+  set -- $1
+  local kind=$1 std=$2 mode=$3 f=$4 out
+  out="$tmp/$(basename "$f" .cu).$std.$kind.out"
+  if [ "$kind" = cutlass ]; then
+    if "$NVCC" -std=$std -O3 -DNDEBUG --expt-relaxed-constexpr $mode -gencode=arch=compute_90a,code=sm_90a \
+         -DLORA_KERNELS_HAVE_SM90_GEMM=1 -I"$CUT/cutlass_library/source/include" \
+         -I"$CUT/cutlass_library/source/tools/util/include" -Icsrc "$f" -o "$out" 2>"$out.err"; then
+      echo "ok ($std $mode, sm_90a, CUTLASS): $f"
+    else
+      cat "$out.err" >&2; echo "FAILED ($std $mode, sm_90a, CUTLASS): $f" >&2; return 1
+    fi
+  elif "$NVCC" -std=$std -O3 -c -gencode=arch=compute_90,code=sm_90 -Icsrc "$f" -o "$out" 2>"$out.err"; then
+    echo "ok ($std): $f"
+  else
+    cat "$out.err" >&2; echo "FAILED ($std): $f" >&2; return 1
+  fi
+}
+export -f one
+printf '%s\n' "${jobs[@]}" | xargs -P "$(nproc)" -I{} bash -c 'one "{}"' || fail=1
 exit $fail

@@ -129,8 +129,8 @@ const char* sm90_unsupported(const Tensor& a, const Tensor& b, const Tensor* bia
 // dtypes, r <= 64. Mode (LORA_KERNELS_FUSED_FWD, read once; set_fused_forward at run time):
 //   -1 (unset, the default)  p = 0 only. r <= 32: u computed by each row block's lead tiles (by u tiles where the
 //                            lead tiles do not fit: fewer output tile columns than lead tiles); r > 32: by u tiles;
-//    1                       u tiles only, with dropout too (they mask their copy of x: not yet measured, hence
-//                            not yet the default at p > 0);
+//    1                       u tiles only, with dropout too (they mask their copy of x from the keep bits: not yet
+//                            measured, hence not yet the default at p > 0);
 //    2                       lead tiles only (p = 0);   0  off (the shrink + pack + GEMM path).
 // Measured on the Llama-3-8B shapes at 8192 tokens (thirteenth session, bench/results): the lead tiles beat the u
 // tiles and the separate shrink pass at r = 16 and 32 (or tie within 1%); at r = 64 the u tiles beat both (fp32
@@ -351,17 +351,21 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& weight, c
   bool lead = false;
   if (fused_forward_unsupported(x, weight, bias_t, lora_A, lora_B, p, &lead) == nullptr) {  // one GEMM launch (+ prep)
     lk::FusedFwdArgs a = fused_args(x, weight, bias_t, lora_A, lora_B, scaling, p, lead);
-    a.seed = (uint64_t)seed;
-    a.seed_ptr = seed_ptr;
-    a.offset = (uint64_t)offset;
     const int64_t u_piece = keep_u ? -1 : ws.reserve_floats(M * r);
     const int64_t f_piece =
         ws.reserve((int64_t)lk::lora_fused_fwd_sm90_workspace_bytes(M, N, K, r, x_dt, a_dt, a.lead));
+    const int64_t bits_piece = pf > 0.0f ? ws.reserve(lk::dropout_keep_bits_bytes(M, K)) : -1;
     ws.allocate(x.options());
     Tensor y = at::empty({M, N}, x.options());
     a.y = y.data_ptr();
     a.u = keep_u ? u.data_ptr<float>() : ws.ptr<float>(u_piece);
     a.workspace = ws.ptr(f_piece);
+    if (pf > 0.0f) {  // the mask as keep bits (a pass over the whole GPU), read by the u tiles
+      a.keep = ws.ptr<uint8_t>(bits_piece);
+      check_cuda(lk::launch_dropout_keep_bits(ws.ptr<uint8_t>(bits_piece), M, K, pf, (uint64_t)seed, seed_ptr,
+                                              (uint64_t)offset, stream),
+                 "dropout keep bits launch");
+    }
     check_cuda(lk::launch_lora_fused_fwd_sm90(a, stream), "fused sm90 forward launch");
     return {y, u};
   }

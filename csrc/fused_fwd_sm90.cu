@@ -125,7 +125,7 @@ cudaError_t launch_lora_fused_fwd_sm90(const FusedFwdArgs& a, cudaStream_t strea
   cudaError_t e = cudaGetDevice(&device);
   if (e != cudaSuccess) return e;
   if (lora_fused_fwd_sm90_unsupported(a, device) != nullptr || !a.workspace || !a.y || !a.u ||
-      !aligned16(a.workspace))
+      !aligned16(a.workspace) || (a.p > 0.f && a.keep == nullptr))
     return cudaErrorNotSupported;
 #if LORA_KERNELS_HAVE_SM90_GEMM
   const int pieces = adapter_pieces(a.x_dtype, a.a_dtype);
@@ -168,10 +168,7 @@ cudaError_t launch_lora_fused_fwd_sm90(const FusedFwdArgs& a, cudaStream_t strea
   f.k_tiles_main = (int)ceil_div(a.K, 64);
   f.kb_ext = (a.r + 15) / 16;
   f.scale = a.p > 0.f ? dropout_scale(a.scale, a.p) : a.scale;
-  f.drop_thr = a.p > 0.f ? dropout_threshold(a.p) : 0u;
-  f.seed = a.seed;
-  f.seed_ptr = a.seed_ptr;
-  f.offset = a.offset;
+  f.keep = a.p > 0.f ? a.keep : nullptr;
   f.groups = dropout_groups(a.K);
   f.u = a.u;
   f.su = ws + c.su;

@@ -7,8 +7,8 @@
 //           u tile j (j = 0, 1):  C (128 x nw) = x_m · Apⱼᵀ over K, Apⱼ = lora_A's pieces for u columns
 //                                 [j rc, (j+1) rc); each K-tile's products summed into fp32 registers per u column,
 //                                 times scale: u (fp32) and su = bf16(u) (x's dtype), then ready[m] += 1. With
-//                                 dropout x_m is keep ⊙ x_m (its copy in shared memory masked, mask_x_tile) and
-//                                 scale = scaling / (1 - p).
+//                                 dropout x_m is keep ⊙ x_m (its copy in shared memory masked from the keep
+//                                 bits, mask_x_tile) and scale = scaling / (1 - p).
 //           output tile n:        y_mn = x_m W_nᵀ + su_m Bx_nᵀ + bias_n, the last K-tile from (su, Bx), loaded
 //                                 once ready[m] == 2.
 // Tiling: 128 x 128 x 64 tiles, clusters of 1 x 2 along N (the x tile multicast to both), a TMA producer warp, two
@@ -31,7 +31,6 @@
 #pragma once
 
 #include "fused_fwd_sm90.h"
-#include "philox.cuh"
 
 #include <atomic>
 
@@ -380,31 +379,33 @@ struct FusedFwd {
   }
 
   // Dropout in a u tile: its copy of x's K-tile t (128 x 64 in the stage's A slot, swizzled in 16-byte chunks of 8
-  // elements) masked in place. Chunk (row, c) is the 8-group (m, k8) = (128 m_blk + row, 8 t + c) of the contract's
-  // mask: one Philox call, word q's low / high 16 bits for elements 2q / 2q + 1 (philox.cuh); a dropped element is
-  // multiplied by 0 (bf16x2 / f16x2 multiplies), so NaN and inf stay NaN, as in the reference's x * keep. Rows past
-  // M and groups past K hold TMA's zeros and are left alone. Then the writes are made visible to the wgmma (async
-  // proxy) and every thread of the warpgroup waits for all of them.
+  // elements) masked in place. Chunk (row, c) of thread chunk i (g = thread + 128 i: row g / 8, c = g % 8) is the
+  // 8-group (m, k8) = (128 m_blk + row, 8 t + c), whose keep byte the caller loaded into kb[i] (load_keep: one K-tile
+  // ahead, under the MMAs of the one before); a dropped element is multiplied by 0 (bf16x2 / f16x2 multiplies), so
+  // NaN and inf stay NaN, as in the reference's x * keep. Rows past M and groups past K hold TMA's zeros (their byte
+  // reads 0xFF: left alone). Then the writes are made visible to the wgmma (async proxy) and every thread of the
+  // warpgroup waits for all of them.
+  CUTLASS_DEVICE static void load_keep(uint32_t (&kb)[8], FusedParams const& f, int m_blk, int t, int thread_idx) {
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < 8; ++i) {
+      const int g = thread_idx + 128 * i;
+      const int64_t m = int64_t(m_blk) * 128 + (g >> 3), k8 = int64_t(t) * 8 + (g & 7);
+      kb[i] = (m < f.M && k8 < f.groups) ? uint32_t(__ldg(f.keep + m * f.groups + k8)) : 0xFFu;
+    }
+  }
   template <class SmemTensor>
-  CUTLASS_DEVICE static void mask_x_tile(SmemTensor& sA, int stage, FusedParams const& f, int m_blk, int t,
-                                         int thread_idx, int wg) {
-    const uint64_t seed = f.seed_ptr != nullptr ? static_cast<uint64_t>(*f.seed_ptr) : f.seed;
+  CUTLASS_DEVICE static void mask_x_tile(SmemTensor& sA, int stage, uint32_t const (&kb)[8], int thread_idx, int wg) {
     constexpr uint32_t kOne = cute::is_same_v<Element, cutlass::bfloat16_t> ? 0x3F80u : 0x3C00u;  // 1.0
     CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < 8; ++i) {  // 1024 chunks per tile, 8 per thread
+    for (int i = 0; i < 8; ++i) {
+      if (kb[i] == 0xFFu) continue;  // all kept (or outside the problem)
       const int g = thread_idx + 128 * i;
-      const int row = g >> 3, c = g & 7;
-      const int64_t m = int64_t(m_blk) * 128 + row, k8 = int64_t(t) * 8 + c;
-      if (m >= f.M || k8 >= f.groups) continue;
-      uint32_t w[4];
-      dropout_words(seed, f.offset + uint64_t(m) * uint64_t(f.groups) + uint64_t(k8), w);
-      uint4* chunk = reinterpret_cast<uint4*>(raw_pointer_cast(&sA(row, 8 * c, stage)));
+      uint4* chunk = reinterpret_cast<uint4*>(raw_pointer_cast(&sA(g >> 3, 8 * (g & 7), stage)));
       uint4 v = *chunk;
       uint32_t* vw = &v.x;
       CUTLASS_PRAGMA_UNROLL
-      for (int q = 0; q < 4; ++q) {
-        const uint32_t keep2 = ((w[q] & 0xFFFFu) >= f.drop_thr ? kOne : 0u) |
-                               ((w[q] >> 16) >= f.drop_thr ? kOne << 16 : 0u);
+      for (int q = 0; q < 4; ++q) {  // elements 2q (low half) and 2q + 1 (high half)
+        const uint32_t keep2 = ((kb[i] >> (2 * q)) & 1u ? kOne : 0u) | ((kb[i] >> (2 * q + 1)) & 1u ? kOne << 16 : 0u);
         if constexpr (cute::is_same_v<Element, cutlass::bfloat16_t>) {
           __nv_bfloat162 r = __hmul2(*reinterpret_cast<__nv_bfloat162 const*>(&vw[q]),
                                      *reinterpret_cast<__nv_bfloat162 const*>(&keep2));
@@ -449,12 +450,15 @@ struct FusedFwd {
     // tile is bound by its loads.
     float tot[2][2][Blocks][2] = {};
     static_assert(size<1>(decltype(acc){}) == 2, "two 64-row halves of the 128-row tile");
+    const bool dropout = f.keep != nullptr;
+    uint32_t kb[8];  // with dropout: this K-tile's keep bytes, loaded during the previous one
+    if (dropout) load_keep(kb, f, m_blk, 0, thread_idx);
     for (int t = 0; t < k_tiles; ++t) {
       auto token = pipeline.consumer_try_wait(read);
       pipeline.consumer_wait(read, token);
       const int stage = read.index();
       if (t < k_tiles - 1 && !(f.debug & 2)) {
-        if (f.drop_thr != 0u) mask_x_tile(sA, stage, f, m_blk, t, thread_idx, wg);
+        if (dropout) mask_x_tile(sA, stage, kb, thread_idx, wg);
         Tensor sU = make_tensor(make_smem_ptr(smem.smem_B.data() + stage * kStageElems), SmemLayoutU{});
         Tensor tUrB = thr.make_fragment_B(thr.partition_B(sU));  // (MMA, MMA_N, MMA_K)
         umma.accumulate_ = GMMA::ScaleOut::Zero;
@@ -466,6 +470,7 @@ struct FusedFwd {
           umma.accumulate_ = GMMA::ScaleOut::One;
         }
         warpgroup_commit_batch();
+        if (dropout && t + 1 < k_tiles - 1) load_keep(kb, f, m_blk, t + 1, thread_idx);  // under the MMAs
         warpgroup_wait<0>();
         warpgroup_fence_operand(acc);
         CUTLASS_PRAGMA_UNROLL

@@ -13,9 +13,9 @@
 // lora_B in x's dtype padded, bf16(u), and one ready counter per 128-row block (the prep zeroes them).
 // Requirements (else lora_fused_fwd_sm90_unsupported() says why and the caller keeps its other path): as the sm_90
 // GEMM (gemm_sm90.h) plus r <= 64 and adapters on the tensor cores (16-bit, or fp32 with bf16 x).
-// Dropout (p > 0, the u tiles only): u = scale / (1 - p) · (keep ⊙ x) Aᵀ with keep the contract's Philox mask
-// (philox.cuh) of the seed (or *seed_ptr, read when the kernel runs) and offset; the u tiles mask their own copy of
-// each x tile in shared memory before multiplying it, and the output tiles multiply the unmasked x by W.
+// Dropout (p > 0, the u tiles only): u = scale / (1 - p) · (keep ⊙ x) Aᵀ with keep the contract's mask as the keep
+// bits of launch_dropout_keep_bits (lora_kernels.cuh, one byte per 8-group); the u tiles mask their own copy of each
+// x tile in shared memory before multiplying it, and the output tiles multiply the unmasked x by W.
 // FusedFwdArgs::lead selects the lead-tile variant (fused_fwd_sm90.cuh), which needs at least as many output tile
 // columns (ceil(N / 128)) as lead tiles (ceil(r / 8) for fp32 adapters, ceil(r / 32) for 16-bit ones) and p = 0.
 #pragma once
@@ -38,10 +38,8 @@ struct FusedFwdArgs {
   const void* lora_A = nullptr;
   const void* lora_B = nullptr;
   float scale = 1.f;  // scaling
-  float p = 0.f;      // dropout probability, [0, 1); p > 0 needs lead = false
-  uint64_t seed = 0;  // the Philox key, or
-  const int64_t* seed_ptr = nullptr;  // a device int64 holding it (graph-safe; read by the kernel), or null
-  uint64_t offset = 0;  // Philox counter offset
+  float p = 0.f;  // dropout probability, [0, 1); p > 0 needs lead = false and keep
+  const uint8_t* keep = nullptr;  // with dropout: the keep bits (M, ceil(K / 8)) of launch_dropout_keep_bits
   void* y = nullptr;
   float* u = nullptr;  // (M, r) fp32, scale · x Aᵀ
   void* workspace = nullptr;
@@ -91,12 +89,8 @@ struct FusedParams {
   int k_tiles_main;
   int kb_ext;  // 16-deep k-blocks of the extension tile that hold u's columns: ceil(r / 16)
   float scale;  // scaling / (1 - p)
-  // Dropout in the u tiles: keep (m, k) iff its 16 random bits >= drop_thr (0: no dropout); counter offset +
-  // m * groups + k / 8 (philox.cuh)
-  uint32_t drop_thr;
-  uint64_t seed;
-  const int64_t* seed_ptr;
-  uint64_t offset;
+  // Dropout in the u tiles: bit q of keep[m * groups + k8] set iff x (m, 8 k8 + q) is kept; null: no dropout
+  const uint8_t* keep;
   int64_t groups;  // ceil(K / 8)
   float* u;
   void* su;  // (M, width) bf16(u) in x's dtype
