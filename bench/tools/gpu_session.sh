@@ -7,6 +7,9 @@
 #   targets   bench/suite/targets.py: the GEMM issue's grid, round-robin with the floor (ours-cuda, LoRAFusion if .peers/)
 #   host      bench/tools/host_time.py: host microseconds per call
 #   dora      the DoRA grid of bench/suite/test_bench_lora.py (--dora), with its table
+#   fused     tests/test_fused_fwd_sm90.py, then bench/dev/fused_ab.py: the fused forward's modes round-robin with the
+#             floor on the four Llama-3-8B shapes at 8192 tokens (modes 0,1,2 at p = 0, r = 16,32,64; modes 0,1 at
+#             p = 0.1, r = 16,64; FUSED_AB_ARGS adds arguments to both)
 #   sanitize  compute-sanitizer memcheck on a small cuda-backend fwd+bwd (bench/tools/sanitize_cuda.py)
 #   e2e       bench/train/e2e_train.py on a 2-layer Llama of Llama-3-8B layer shapes, 8192 tokens a step, per backend
 #             (E2E_BACKENDS, default "cuda triton"), PEFT unpatched alongside, dropout 0 and 0.05
@@ -98,6 +101,16 @@ for step in ${STEPS:-build tests}; do
       (cd /tmp && PYTHONPATH=/tmp/site python3 "$REPO/bench/tools/make_table.py" "$IN" --out /tmp/dora_table/ >/dev/null 2>&1)
       cp /tmp/dora_table/bench_table.md "$OUT/dora_table.md" 2>/dev/null
       sed -n '/## Summary/,/## Per group/p' "$OUT/dora_table.md" 2>/dev/null | head -30;;
+    fused)
+      (cd /tmp && PYTHONPATH=/tmp/site run_step fused_tests "${T_FUSED_TESTS:-90}" python3 -m pytest -q -p no:cacheprovider \
+        -n "${TEST_WORKERS:-16}" "$REPO/tests/test_fused_fwd_sm90.py" > "$OUT/tests_fused.log" 2>&1)
+      tail -1 "$OUT/tests_fused.log" | tee -a "$SUMMARY"; grep -aE "^FAILED" "$OUT/tests_fused.log" | head -8
+      S=8192x4096x4096,8192x4096x1024,8192x4096x14336,8192x14336x4096
+      (cd /tmp && PYTHONPATH=/tmp/site run_step fused_ab "${T_FUSED_AB:-150}" bash -c "
+        python3 '$REPO/bench/dev/fused_ab.py' --modes 0,1,2 --shapes $S --r 16,32,64 ${FUSED_AB_ARGS:-} &&
+        python3 '$REPO/bench/dev/fused_ab.py' --modes 0,1 --p 0.1 --shapes $S --r 16,64 ${FUSED_AB_ARGS:-}" \
+        > "$OUT/fused_ab.txt" 2>&1)
+      cat "$OUT/fused_ab.txt";;
     sanitize)
       (cd /tmp && PYTHONPATH=/tmp/site run_step sanitize "${T_SANITIZE:-150}" compute-sanitizer --tool memcheck \
         python3 "$REPO/bench/tools/sanitize_cuda.py" > /tmp/sanitize.log 2>&1)

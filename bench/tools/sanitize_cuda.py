@@ -18,5 +18,17 @@ for dtype, adapter in ((torch.bfloat16, torch.float32), (torch.float16, torch.fl
         B = torch.randn(N, r, device="cuda", dtype=adapter, requires_grad=True)
         y = lora_kernels.lora_linear(x, W, b, A, B, 0.5, dropout_p=p, backend="cuda")
         y.float().sum().backward()
+if torch.cuda.get_device_capability() == (9, 0):  # the fused forward's u tiles with dropout (mode 1, opt-in)
+    from lora_kernels.backends import cuda_backend
+
+    previous = cuda_backend.set_fused_forward(1)
+    for dtype, adapter in ((torch.bfloat16, torch.float32), (torch.float16, torch.float16)):
+        for M, K, N, r, p in ((300, 264, 136, 33, 0.2), (131, 1000, 264, 16, 0.5)):
+            x = torch.randn(M, K, device="cuda", dtype=dtype, requires_grad=True)
+            W = torch.randn(N, K, device="cuda", dtype=dtype)
+            A = torch.randn(r, K, device="cuda", dtype=adapter, requires_grad=True)
+            B = torch.randn(N, r, device="cuda", dtype=adapter, requires_grad=True)
+            lora_kernels.lora_linear(x, W, None, A, B, 0.5, dropout_p=p, backend="cuda").float().sum().backward()
+    cuda_backend.set_fused_forward(previous)
 torch.cuda.synchronize()
 print("sanitize run done")
