@@ -4,10 +4,12 @@
 //
 // x (M, K), W (N, K), y row-major, in one 16-bit dtype; lora_A (r, K) and lora_B (N, r) row-major in x's dtype or
 // fp32 (then A takes the bf16x3 pieces, as the streaming shrink does: the u sums are the fp32 products).
-// The kernel (fused_fwd_sm90.cuh) is the sm_90 GEMM's warp-specialised ping-pong main loop with two more tiles per
-// 128-row block of x, the "u tiles", which multiply that block by lora_A's pieces instead of W and write u; every
-// output tile of the block then runs one more K-tile from (bf16(u), B). The separate shrink pass over x, the pack
-// of (u, B) and the idle gaps between their launches are gone: a forward is this launch and a small prep launch.
+// The kernel (fused_fwd_sm90.cuh) is the sm_90 GEMM's warp-specialised ping-pong main loop in which u is computed
+// either by the first output tiles of each 128-row block of x ("lead tiles": they also multiply the x tiles they
+// load by lora_A's pieces, so x is read once) or by two more tiles per block ("u tiles", which multiply that block
+// by lora_A's pieces instead of W); every output tile of the block then runs one more K-tile from (bf16(u), B). The
+// separate shrink pass over x, the pack of (u, B) and the idle gaps between their launches are gone: a forward is
+// this launch and a small prep launch (and, with dropout, the keep-bits pass).
 //
 // Workspace (lora_fused_fwd_sm90_workspace_bytes, 256-byte aligned, no initial contents needed): lora_A's pieces,
 // lora_B in x's dtype padded, bf16(u), and one ready counter per 128-row block (the prep zeroes them).
