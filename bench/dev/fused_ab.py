@@ -41,9 +41,10 @@ def gpu_us(fn, calls):
     return a.elapsed_time(b) * 1e3 / calls
 
 
-def summarise(u, N):
+def summarise(u, N, lead=0):
     """Per-tile durations from the trace records: [SM | WG << 16, start, main loop end, end] per tile (m, n), tile
-    columns n = 0, 1 the u tiles; the producers' waits for u at record 16384 + tile: [SM, start, end]."""
+    columns n = 0, 1 the u tiles (unused by the lead-tile kernel), 2 .. 2 + lead - 1 the lead tiles; the producers'
+    waits for u at record 16384 + tile: [SM, start, end]."""
     nt = (N + 127) // 128 + 2
     rec = u.view(torch.int32).reshape(-1)[: 4 * (16384 + 4096)].reshape(-1, 4).cpu().long() & 0xFFFFFFFF
     tiles = rec[:16384]
@@ -51,7 +52,8 @@ def summarise(u, N):
     valid = tiles[:, 3] != 0
     t0 = tiles[valid, 1].min()
     rel = (tiles[:, 1:] - t0).float() / 1e3  # us
-    for name, sel in (("u tiles", valid & (n_idx < 2)), ("output tiles", valid & (n_idx >= 2))):
+    for name, sel in (("u tiles", valid & (n_idx < 2)), ("lead tiles", valid & (n_idx >= 2) & (n_idx < 2 + lead)),
+                      ("output tiles", valid & (n_idx >= 2 + lead))):
         if sel.any():
             main = rel[sel, 1] - rel[sel, 0]
             epi = rel[sel, 2] - rel[sel, 1]
@@ -94,6 +96,9 @@ for shape in args.shapes.split(","):
         for m in modes:
             if args.trace:
                 cb.set_fused_forward(m)
-                summarise(cb.forward(x, W, None, A, B, 0.5, 0.0, 0, 0)[1], N)
+                lead = 0
+                if cb.forward_path(x, W, None, A, B, 0.0).startswith("sm90 fused lead"):  # csrc/fused_fwd_sm90.h Split
+                    lead = -(-r // 8) if ADT == torch.float32 else -(-r // 32)
+                summarise(cb.forward(x, W, None, A, B, 0.5, 0.0, 0, 0)[1], N, lead)
             print(f"{args.tag:8s} {shape} r={r} {args.adapter_dtype} p={args.p} mode {m}: ours {med[m]:7.1f} us  floor "
                   f"{med['floor']:7.1f} us  ratio {med[m] / med['floor']:.3f}  ({paths[m]})", flush=True)
