@@ -6,7 +6,8 @@
 //                   t rc + 8 b + 0..7) piece p at rows 8 (pieces b + p) + 0..7; the bf16x3 pieces of fp32 A on
 //                   bf16 x, else A cast to x's dtype; zero rows for columns >= r and past nw.
 //   Bx [N][width]   lora_B cast to x's dtype, zero columns r .. width.
-//   ready [Mt]      zeroed: the u tiles count themselves in, the output tiles' loads wait for 2.
+//   ready [Mt]      zeroed: the tiles computing u (2 u tiles, or the lead tiles) count themselves in; the output
+//                   tiles' loads wait for that count (FusedParams::ready_target).
 #include "fused_fwd_sm90.h"
 
 #include "gemm_sm90.h"

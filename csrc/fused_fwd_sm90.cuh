@@ -219,6 +219,26 @@ struct FusedFwd {
     warpgroup_fence_operand(accum);
   }
 
+  // One K-tile's u products (a u or lead tile's narrow wgmma accumulator, whose column group Pieces b + p holds piece
+  // p of u's column block b) added, in fp32 and per u column, into the warpgroup's sums tot[64-row half][row h][b]
+  // [column c] (the D fragment's 2 adjacent columns and 2 rows 8 apart). The caller has waited for the batch.
+  template <int Blocks, int Pieces, class Acc>
+  CUTLASS_DEVICE static void add_u_products(Acc const& acc, float (&tot)[2][2][Blocks][2]) {
+    CUTLASS_PRAGMA_UNROLL
+    for (int mm = 0; mm < 2; ++mm)
+      CUTLASS_PRAGMA_UNROLL
+      for (int h = 0; h < 2; ++h)
+        CUTLASS_PRAGMA_UNROLL
+        for (int b = 0; b < Blocks; ++b)
+          CUTLASS_PRAGMA_UNROLL
+          for (int c = 0; c < 2; ++c) {
+            float v = 0.f;
+            CUTLASS_PRAGMA_UNROLL
+            for (int p = 0; p < Pieces; ++p) v += acc(make_coord(c, h, Pieces * b + p), mm, 0);
+            tot[mm][h][b][c] += v;
+          }
+  }
+
   // A row block's u columns col0 + 8 b + 0..7 (b < Blocks) from a warpgroup's fp32 sums tot[64-row half][row h]
   // [b][column c] (the wgmma D fragment's (2 adjacent columns, 2 rows 8 apart) of its first column group; cU: the
   // (row, column) of each accumulator element): u (fp32) and su = bf16(u), times scale, written; fenced for other
@@ -290,22 +310,6 @@ struct FusedFwd {
     Tensor acc = partition_fragment_C(umma, Shape<_128, Int<kNW>>{});
     static_assert(size<1>(decltype(acc){}) == 2, "two 64-row halves of the 128-row tile");
     float tot[2][2][Blocks][2] = {};
-    auto drain = [&]() {  // column group Pieces b + p of acc holds piece p of u's column block b
-      warpgroup_fence_operand(acc);
-      CUTLASS_PRAGMA_UNROLL
-      for (int mm = 0; mm < 2; ++mm)
-        CUTLASS_PRAGMA_UNROLL
-        for (int h = 0; h < 2; ++h)
-          CUTLASS_PRAGMA_UNROLL
-          for (int b = 0; b < Blocks; ++b)
-            CUTLASS_PRAGMA_UNROLL
-            for (int c = 0; c < 2; ++c) {
-              float v = 0.f;
-              CUTLASS_PRAGMA_UNROLL
-              for (int p = 0; p < Pieces; ++p) v += acc(make_coord(c, h, Pieces * b + p), mm, 0);
-              tot[mm][h][b][c] += v;
-            }
-    };
     const int kt_main = k_tiles - 1;
     clear(acc);
     PipelineState release = read;
@@ -339,7 +343,10 @@ struct FusedFwd {
       // The u sums are drained under the main batch, so the tensor cores do not wait for the drain.
       warpgroup_wait<1>();
       warpgroup_fence_operand(accum);
-      if (is_lead) drain();
+      if (is_lead) {
+        warpgroup_fence_operand(acc);
+        add_u_products<Blocks, Pieces>(acc, tot);
+      }
       if (t > 0) {  // K-tile t - 1's stage
         pipeline.consumer_release(release);
         ++release;
@@ -473,20 +480,7 @@ struct FusedFwd {
         if (dropout && t + 1 < k_tiles - 1) load_keep(kb, f, m_blk, t + 1, thread_idx);  // under the MMAs
         warpgroup_wait<0>();
         warpgroup_fence_operand(acc);
-        CUTLASS_PRAGMA_UNROLL
-        for (int mm = 0; mm < 2; ++mm)
-          CUTLASS_PRAGMA_UNROLL
-          for (int h = 0; h < 2; ++h)
-            CUTLASS_PRAGMA_UNROLL
-            for (int b = 0; b < Blocks; ++b)
-              CUTLASS_PRAGMA_UNROLL
-              for (int c = 0; c < 2; ++c) {
-                float v = 0.f;
-                CUTLASS_PRAGMA_UNROLL
-                for (int p = 0; p < Pieces; ++p)  // column group Pieces b + p: piece p of u's column block b
-                  v += acc(make_coord(c, h, Pieces * b + p), mm, 0);
-                tot[mm][h][b][c] += v;
-              }
+        add_u_products<Blocks, Pieces>(acc, tot);
       }
       pipeline.consumer_release(read);  // its MMAs are done (or there were none)
       ++read;

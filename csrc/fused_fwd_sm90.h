@@ -96,7 +96,7 @@ struct FusedParams {
   int64_t groups;  // ceil(K / 8)
   float* u;
   void* su;  // (M, width) bf16(u) in x's dtype
-  int* ready;  // (ceil(M / 128),) u tiles done per row block
+  int* ready;  // (ceil(M / 128),) tiles done computing u, per row block
   // Development switches (LORA_KERNELS_FUSED_DEBUG, read once; 0 in use): bit 0, output tiles do not wait for their
   // u tiles (wrong results: timing only); bit 1, u tiles multiply nothing; bit 4, a trace of every tile in u's place
   // (uint32 records of 4: SM, start, main loop end, end; the producers' waits at 16384 + tile).
