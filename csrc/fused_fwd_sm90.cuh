@@ -809,8 +809,9 @@ struct FusedFwd {
     int device = 0;
     cudaError_t e = cudaGetDevice(&device);
     if (e != cudaSuccess) return e;
+    void const* kernel = reinterpret_cast<void const*>(&cutlass::device_kernel<FusedFwd>);
     if (device >= 64 || !smem_set[device].load(std::memory_order_acquire)) {
-      e = cudaFuncSetAttribute(cutlass::device_kernel<FusedFwd<Element, kLead>>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+      e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
       if (e != cudaSuccess) return e;
       if (device < 64) smem_set[device].store(true, std::memory_order_release);
     }
@@ -832,16 +833,14 @@ struct FusedFwd {
     int clusters = device < 64 ? resident[device].load(std::memory_order_acquire) : 0;
     if (clusters <= 0) {
       config.gridDim = dim3(1, unsigned(size<1>(Cluster{})), 1);  // one cluster: the shape the query asks about
-      e = cudaOccupancyMaxActiveClusters(&clusters, reinterpret_cast<void const*>(&cutlass::device_kernel<FusedFwd<Element, kLead>>),
-                                         &config);
+      e = cudaOccupancyMaxActiveClusters(&clusters, kernel, &config);
       if (e != cudaSuccess) return e;
       if (clusters <= 0) return cudaErrorInvalidConfiguration;
       if (device < 64) resident[device].store(clusters, std::memory_order_release);
     }
     config.gridDim = dim3(unsigned(std::min(clusters, p.order.items())), unsigned(size<1>(Cluster{})), 1);
     void* kernel_params[] = {&p};
-    return cudaLaunchKernelExC(&config, reinterpret_cast<void const*>(&cutlass::device_kernel<FusedFwd<Element, kLead>>),
-                               kernel_params);
+    return cudaLaunchKernelExC(&config, kernel, kernel_params);
   }
 };
 

@@ -51,8 +51,7 @@ Read by the CUDA extension (csrc/binding.cpp), once, when a GEMM first asks for 
                                         unset, on at p = 0 and r <= 64, u computed by lead tiles up to r = 32 (u
                                         tiles where they do not fit) and by u tiles above; 1 u tiles only, dropout
                                         included (they mask their copy of x); 2 lead tiles only; 0 off. It starts
-                                        the mode
-                                        that cuda_backend.set_fused_forward changes at run time.
+                                        the mode that cuda_backend.set_fused_forward changes at run time.
     LORA_KERNELS_FUSED_DEBUG            development only (csrc/fused_fwd_sm90.h, FusedParams::debug): bits that make
                                         the fused forward skip its waits or its u products (wrong results, for
                                         timing) or write a per-tile trace in u's place (bench/dev/fused_ab.py).

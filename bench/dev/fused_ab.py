@@ -20,7 +20,8 @@ ap.add_argument("--shapes", default="8192x4096x4096,8192x4096x1024")
 ap.add_argument("--r", default="16,64")
 ap.add_argument("--calls", type=int, default=10)
 ap.add_argument("--rounds", type=int, default=5)
-ap.add_argument("--modes", default="0,2", help="fused-forward modes (set_fused_forward): 0 off, 1 u tiles, 2 lead tiles")
+ap.add_argument("--modes", default="0,2",
+                help="fused-forward modes (set_fused_forward): 0 off, 1 u tiles, 2 lead tiles")
 ap.add_argument("--adapter-dtype", default="fp32", choices=("fp32", "bf16"))
 ap.add_argument("--p", type=float, default=0.0, help="dropout (mode 1's u tiles mask x; the default mode does not)")
 ap.add_argument("--trace", action="store_true",

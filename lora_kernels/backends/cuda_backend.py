@@ -116,7 +116,8 @@ def set_fused_forward(mode: int) -> int:
     computed by each row block's first output tiles, the lead tiles, or by u tiles where the lead tiles do not fit;
     above r = 32 by u tiles; p = 0 only), 1 u tiles only, with dropout too (the u tiles mask their copy of x from the
     keep bits; not yet the default at p > 0), 2 lead tiles only (p = 0), 0 off (the shrink + GEMM path);
-    LORA_KERNELS_FUSED_FWD=1, 2 or 0 starts the process in that mode. Returns the previous mode. For tests of the paths and A/B timing."""
+    LORA_KERNELS_FUSED_FWD=1, 2 or 0 starts the process in that mode. Returns the previous mode. For tests of the
+    paths and A/B timing."""
     return int(torch.ops.lora_kernels_cuda.set_fused_forward(int(mode)))
 
 
