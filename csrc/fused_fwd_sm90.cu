@@ -112,7 +112,8 @@ const char* lora_fused_fwd_sm90_unsupported(const FusedFwdArgs& a, int device) {
   if (a.M > INT32_MAX / 2 || a.N > INT32_MAX / 2 || a.K > INT32_MAX / 2) return "a dimension exceeds 2^30";
   if (a.r < 1 || a.r > 64) return "r above 64";
   if (!(a.p >= 0.f && a.p < 1.f)) return "dropout p outside [0, 1)";
-  if (a.p > 0.f && a.lead) return "lead tiles: dropout (their x tiles feed the output too; the u tiles mask theirs)";
+  if (a.lead && a.p > 0.f && adapter_pieces(a.x_dtype, a.a_dtype) != 3)
+    return "lead tiles with dropout: fp32 adapters on bf16 x only (16-bit adapters: no registers for x's masked copy)";
   if (a.K % 8 || a.N % 8) return "K and N must be multiples of 8 (16-byte rows for TMA)";
   if (a.lead && (a.N + 127) / 128 < sm90fused::split_for(a.r, adapter_pieces(a.x_dtype, a.a_dtype), true).tiles)
     return "lead tiles: fewer output tile columns than lead tiles (ceil(r / 8), 16-bit adapters ceil(r / 32))";
@@ -177,6 +178,7 @@ cudaError_t launch_lora_fused_fwd_sm90(const FusedFwdArgs& a, cudaStream_t strea
   f.debug = dev_knobs().debug;
   f.strip = dev_knobs().strip;
   const sm90fused::Operands o{a.x, a.w, a.bias, ws + c.ap, ws + c.bx, a.y};
+  if (a.lead && f.keep != nullptr) return sm90fused::run_fused_lead_drop_bf16(o, f, a.K, num_sms(), stream);
   if (a.lead)
     return a.x_dtype == DType::kBFloat16 ? sm90fused::run_fused_lead_bf16(o, f, a.K, num_sms(), stream)
                                          : sm90fused::run_fused_lead_fp16(o, f, a.K, num_sms(), stream);

@@ -99,9 +99,13 @@ struct TileOrder {
 };
 
 // kLead: the lead-tile variant (u computed by each row block's first output tiles), a kernel of its own so that the
-// u-tile kernel's code is what was measured.
-template <class Element, bool kLead>
+// u-tile kernel's code is what was measured. kDrop: the lead tiles with dropout (fp32 adapters on bf16 x), also a
+// kernel of its own: x's masked copy in registers takes 32 more per consumer thread, which the other lead variants'
+// register allocation must not pay for.
+template <class Element, bool kLead, bool kDrop = false>
 struct FusedFwd {
+  static_assert(!kDrop || (kLead && cute::is_same_v<Element, cutlass::bfloat16_t>),
+                "dropout lead tiles: bf16 x with fp32 adapters' 3 pieces");
   // ---------------------------------------------------------------------------------------------- types
   using Tile = Shape<_128, _128, _64>;
   using Cluster = Shape<_1, _2, _1>;
@@ -270,6 +274,77 @@ struct FusedFwd {
     if (thread_idx == 0) atomicAdd(f.ready + m_blk, 1);
   }
 
+  // Dropout on a lead tile: x's tile is copied from the stage into the registers of the u batch's A operand (the
+  // stage's own tile feeds the output's product unmasked) and masked there. The RS wgmma's A fragment
+  // (GMMA::ALayout_64x16 per 64 x 16 block) gives warpgroup thread t rows base + 8 v1 + 64 mm (base = (t / 4) % 8 +
+  // 16 (t / 32); mm: the 64-row half) and columns 16 kb + 2 (t % 4) + v0 + 8 v2 of the K-tile: so, of each row's 8
+  // keep bytes (one per 8-group), the thread needs bits 2 (t % 4) and 2 (t % 4) + 1 of byte 2 kb + v2.
+  // lead_keep_load reads the 8 bytes of the thread's 4 rows for K-tile t and keeps those 2 bits of each (rows 2 i'
+  // and 2 i' + 1 in bits[i']); rows past M read as all kept (their x is TMA's zeros).
+  CUTLASS_DEVICE static int lead_row(int thread_idx, int i) {  // i = 2 mm + v1
+    return ((thread_idx >> 2) & 7) + 16 * (thread_idx >> 5) + 8 * (i & 1) + 64 * (i >> 1);
+  }
+  CUTLASS_DEVICE static void lead_keep_load(uint32_t (&bits)[2], FusedParams const& f, int m_blk, int t,
+                                             int thread_idx) {
+    const int q = 2 * (thread_idx & 3);
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < 4; ++i) {
+      const int64_t m = int64_t(m_blk) * 128 + lead_row(thread_idx, i), g0 = int64_t(t) * 8;
+      uint2 w = make_uint2(~0u, ~0u);
+      if (m < f.M) {
+        const uint8_t* row = f.keep + m * f.groups + g0;
+        if ((f.groups & 7) == 0) {  // K % 64 == 0: the K-tile's 8 bytes, 8-byte aligned (the bits' piece is aligned)
+          w = __ldg(reinterpret_cast<const uint2*>(row));
+        } else {
+          uint32_t b8[2] = {0u, 0u};
+          CUTLASS_PRAGMA_UNROLL
+          for (int b = 0; b < 8; ++b)
+            b8[b >> 2] |= uint32_t(g0 + b < f.groups ? __ldg(row + b) : 0xFF) << (8 * (b & 3));
+          w = make_uint2(b8[0], b8[1]);
+        }
+      }
+      // bits q, q + 1 of each byte, packed: bits 2 g, 2 g + 1 of the row's 16 are those of 8-group g
+      auto pack4 = [](uint32_t v) {
+        v &= 0x03030303u;
+        v = (v | (v >> 6)) & 0x000F000Fu;
+        return (v | (v >> 12)) & 0xFFu;
+      };
+      const uint32_t row16 = pack4(w.x >> q) | (pack4(w.y >> q) << 8);
+      if (i & 1) bits[i >> 1] |= row16 << 16;
+      else bits[i >> 1] = row16;
+    }
+  }
+  // x's registers (the RS A fragment of one K-tile) times the keep mask: bf16x2 / f16x2 multiplies by 1 or 0, so
+  // NaN and inf stay NaN, as in the reference's x * keep.
+  template <class Frag>
+  CUTLASS_DEVICE static void lead_mask(Frag& frag, uint32_t const (&bits)[2]) {
+    static_assert(decltype(size<0>(frag))::value == 8 && decltype(size<1>(frag))::value == 2 &&
+                      decltype(size<2>(frag))::value == 4,
+                  "(8 values, 2 halves of 64 rows, 4 k-blocks of 16) per thread");
+    constexpr uint32_t kOne = cute::is_same_v<Element, cutlass::bfloat16_t> ? 0x3F80u : 0x3C00u;  // 1.0
+    Tensor w = recast<uint32_t>(frag);  // (4 pairs, 2, 4): pair v1 + 2 v2 holds values v0 = 0, 1
+    CUTLASS_PRAGMA_UNROLL
+    for (int mm = 0; mm < 2; ++mm)
+      CUTLASS_PRAGMA_UNROLL
+      for (int kb = 0; kb < 4; ++kb)
+        CUTLASS_PRAGMA_UNROLL
+        for (int r = 0; r < 4; ++r) {
+          const int i = 2 * mm + (r & 1), g = 2 * kb + (r >> 1);
+          const uint32_t two = bits[i >> 1] >> (16 * (i & 1) + 2 * g);
+          const uint32_t keep2 = (two & 1u ? kOne : 0u) | (two & 2u ? kOne << 16 : 0u);
+          uint32_t v = w(r, mm, kb);
+          if constexpr (cute::is_same_v<Element, cutlass::bfloat16_t>) {
+            __nv_bfloat162 p = __hmul2(*reinterpret_cast<__nv_bfloat162 const*>(&v),
+                                       *reinterpret_cast<__nv_bfloat162 const*>(&keep2));
+            v = *reinterpret_cast<uint32_t*>(&p);
+          } else {
+            __half2 p = __hmul2(*reinterpret_cast<__half2 const*>(&v), *reinterpret_cast<__half2 const*>(&keep2));
+            v = *reinterpret_cast<uint32_t*>(&p);
+          }
+          w(r, mm, kb) = v;
+        }
+  }
+
   // An output tile of the lead kernel. A lead tile (j < lead of its row block) runs, before each main K-tile's
   // batch, a narrow batch (64 x NW x 16 wgmma, NW = 8 Blocks Pieces: 24 for fp32 adapters' 3 pieces of 8 u columns,
   // 32 for 16-bit adapters' 32 u columns) of the same x tile by the first NW rows of the stage's slot of lora_A's
@@ -281,19 +356,28 @@ struct FusedFwd {
   // compiler keeps a single accumulator (two loops merged an undefined accumulator into zeros inside a wgmma batch,
   // which makes ptxas serialize every wgmma of the kernel). The last stage is released by the caller, as after
   // mma_output.
-  template <int Blocks, int Pieces, class Accum>
+  template <int Blocks, int Pieces, bool kMask, class Accum>
   CUTLASS_DEVICE static void mma_lead(MainloopPipeline& pipeline, PipelineState read, Accum& accum, int k_tiles,
                                       int thread_idx, typename Mainloop::TensorStorage& smem, Element* ap_slots,
                                       FusedParams const& f, int m_blk, int j, bool is_lead, int wg) {
     constexpr int kNW = 8 * Blocks * Pieces;
     static_assert(kNW <= kApRows, "a lead tile's pieces fit its slot");
     static_assert(kNW == 24 || kNW == 32, "one wgmma per 64 x 16 block of x: N = 24 or 32");
-    using Atom24 = cute::conditional_t<cute::is_same_v<Element, cutlass::bfloat16_t>,
-                                       SM90_64x24x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::K>,
-                                       SM90_64x24x16_F32F16F16_SS<GMMA::Major::K, GMMA::Major::K>>;
-    using UAtom = cute::conditional_t<kNW == 24, Atom24,
-                                      decltype(GMMA::ss_op_selector<Element, Element, float, Shape<_64, _32, _64>,
-                                                                    GMMA::Major::K, GMMA::Major::K>())>;
+    constexpr bool kBf16 = cute::is_same_v<Element, cutlass::bfloat16_t>;
+    // without dropout both operands come from shared memory (SS); with it x comes from registers (RS), masked there
+    using Atom24 = cute::conditional_t<
+        kMask,
+        cute::conditional_t<kBf16, SM90_64x24x16_F32BF16BF16_RS<GMMA::Major::K, GMMA::Major::K>,
+                            SM90_64x24x16_F32F16F16_RS<GMMA::Major::K, GMMA::Major::K>>,
+        cute::conditional_t<kBf16, SM90_64x24x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::K>,
+                            SM90_64x24x16_F32F16F16_SS<GMMA::Major::K, GMMA::Major::K>>>;
+    using Atom32 = cute::conditional_t<
+        kMask,
+        decltype(GMMA::rs_op_selector<Element, Element, float, Shape<_64, _32, _64>, GMMA::Major::K,
+                                      GMMA::Major::K>()),
+        decltype(GMMA::ss_op_selector<Element, Element, float, Shape<_64, _32, _64>, GMMA::Major::K,
+                                      GMMA::Major::K>())>;
+    using UAtom = cute::conditional_t<kNW == 24, Atom24, Atom32>;
     using UMma = decltype(make_tiled_mma(UAtom{}));
     static_assert(size<1>(typename UMma::AtomShape_MNK{}) == kNW, "one atom spans the kNW columns");
     // the slot's first kNW rows: the same swizzled 8-row atoms as the slot's own layout
@@ -306,7 +390,11 @@ struct FusedFwd {
     Tensor tCrB = thr.make_fragment_B(thr.partition_B(sB));
     UMma umma;
     auto thr_u = umma.get_slice(thread_idx);
-    Tensor tUrA = thr_u.make_fragment_A(thr_u.partition_A(sA));
+    // SS: x's tile in the stage as the wgmma's A; RS: its registers (the stage's tile copied in, then masked)
+    auto tUrA = [&] {
+      if constexpr (kMask) return thr_u.partition_fragment_A(sA(_, _, 0));  // (MMA, MMA_M, MMA_K)
+      else return thr_u.make_fragment_A(thr_u.partition_A(sA));           // (MMA, MMA_M, MMA_K, PIPE)
+    }();
     Tensor acc = partition_fragment_C(umma, Shape<_128, Int<kNW>>{});
     static_assert(size<1>(decltype(acc){}) == 2, "two 64-row halves of the 128-row tile");
     float tot[2][2][Blocks][2] = {};
@@ -315,18 +403,32 @@ struct FusedFwd {
     PipelineState release = read;
     tiled_mma.accumulate_ = GMMA::ScaleOut::Zero;
     for (int t = 0; t < kt_main; ++t) {
+      // with dropout: this K-tile's keep bytes, loaded while the previous K-tile's main batch runs
+      uint32_t keep[2];
+      if constexpr (kMask) {
+        if (is_lead) lead_keep_load(keep, f, m_blk, t, thread_idx);
+      }
       auto token = pipeline.consumer_try_wait(read);
       pipeline.consumer_wait(read, token);
       const int stage = read.index();
       if (is_lead) {  // the u batch first: it completes before this K-tile's main batch
         Tensor sU = make_tensor(make_smem_ptr(ap_slots + stage * kApSlotElems), SmemLayoutU{});
         Tensor tUrB = thr_u.make_fragment_B(thr_u.partition_B(sU));  // (MMA, MMA_N, MMA_K)
+        if constexpr (kMask) {
+          auto x_copy = make_tiled_copy_A(Copy_Atom<SM75_U32x4_LDSM_N, Element>{}, umma);
+          auto thr_copy = x_copy.get_slice(thread_idx);
+          warpgroup_fence_operand(tUrA);
+          copy(x_copy, thr_copy.partition_S(sA)(_, _, _, stage), thr_copy.retile_D(tUrA));
+          lead_mask(tUrA, keep);
+          warpgroup_fence_operand(tUrA);
+        }
         warpgroup_fence_operand(acc);
         warpgroup_arrive();
         umma.accumulate_ = GMMA::ScaleOut::Zero;
         CUTLASS_PRAGMA_UNROLL
         for (int k_block = 0; k_block < size<2>(tUrA); ++k_block) {
-          cute::gemm(umma, tUrA(_, _, k_block, stage), tUrB(_, _, k_block), acc);
+          if constexpr (kMask) cute::gemm(umma, tUrA(_, _, k_block), tUrB(_, _, k_block), acc);
+          else cute::gemm(umma, tUrA(_, _, k_block, stage), tUrB(_, _, k_block), acc);
           umma.accumulate_ = GMMA::ScaleOut::One;
         }
         warpgroup_commit_batch();
@@ -345,6 +447,7 @@ struct FusedFwd {
       warpgroup_fence_operand(accum);
       if (is_lead) {
         warpgroup_fence_operand(acc);
+        if constexpr (kMask) warpgroup_fence_operand(tUrA);  // read by the u batch, now done: free to reload
         add_u_products<Blocks, Pieces>(acc, tot);
       }
       if (t > 0) {  // K-tile t - 1's stage
@@ -708,12 +811,19 @@ struct FusedFwd {
           // fp32 adapters on bf16 x: 8 u columns of 3 pieces per lead tile; 16-bit adapters: 32 columns of 1
           bool three = false;
           if constexpr (cute::is_same_v<Element, cutlass::bfloat16_t>) three = f.pieces == 3;
-          if (three)
-            mma_lead<1, 3>(pipeline, consumer_state, accum, k_tiles, wg_thread, shared.base.tensors.mainloop,
-                           shared.ap.data(), f, m_blk, n_out, n_out < f.lead, wg);
-          else
-            mma_lead<4, 1>(pipeline, consumer_state, accum, k_tiles, wg_thread, shared.base.tensors.mainloop,
-                           shared.ap.data(), f, m_blk, n_out, n_out < f.lead, wg);
+          auto& sm = shared.base.tensors.mainloop;
+          const bool is_lead = n_out < f.lead;
+          if constexpr (kDrop) {  // dropout (fp32 adapters): the lead tiles mask x in registers
+            mma_lead<1, 3, true>(pipeline, consumer_state, accum, k_tiles, wg_thread, sm, shared.ap.data(), f, m_blk,
+                                 n_out, is_lead, wg);
+          } else {
+            if (three)
+              mma_lead<1, 3, false>(pipeline, consumer_state, accum, k_tiles, wg_thread, sm, shared.ap.data(), f,
+                                    m_blk, n_out, is_lead, wg);
+            else
+              mma_lead<4, 1, false>(pipeline, consumer_state, accum, k_tiles, wg_thread, sm, shared.ap.data(), f,
+                                    m_blk, n_out, is_lead, wg);
+          }
         } else {
           mma_output(pipeline, consumer_state, accum, k_tiles, f.kb_ext, wg_thread, shared.base.tensors.mainloop);
         }

@@ -15,11 +15,13 @@
 // lora_B in x's dtype padded, bf16(u), and one ready counter per 128-row block (the prep zeroes them).
 // Requirements (else lora_fused_fwd_sm90_unsupported() says why and the caller keeps its other path): as the sm_90
 // GEMM (gemm_sm90.h) plus r <= 64 and adapters on the tensor cores (16-bit, or fp32 with bf16 x).
-// Dropout (p > 0, the u tiles only): u = scale / (1 - p) · (keep ⊙ x) Aᵀ with keep the contract's mask as the keep
-// bits of launch_dropout_keep_bits (lora_kernels.cuh, one byte per 8-group); the u tiles mask their own copy of each
-// x tile in shared memory before multiplying it, and the output tiles multiply the unmasked x by W.
+// Dropout (p > 0): u = scale / (1 - p) · (keep ⊙ x) Aᵀ with keep the contract's mask as the keep bits of
+// launch_dropout_keep_bits (lora_kernels.cuh, one byte per 8-group); the u tiles mask their own copy of each x tile in
+// shared memory, the lead tiles a copy in registers (a wgmma with A from registers), and the output tiles multiply
+// the unmasked x by W.
 // FusedFwdArgs::lead selects the lead-tile variant (fused_fwd_sm90.cuh), which needs at least as many output tile
-// columns (ceil(N / 128)) as lead tiles (ceil(r / 8) for fp32 adapters, ceil(r / 32) for 16-bit ones) and p = 0.
+// columns (ceil(N / 128)) as lead tiles (ceil(r / 8) for fp32 adapters, ceil(r / 32) for 16-bit ones); with dropout,
+// fp32 adapters on bf16 x (16-bit adapters' 32 u columns per lead tile leave no registers for x's masked copy).
 #pragma once
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -40,7 +42,7 @@ struct FusedFwdArgs {
   const void* lora_A = nullptr;
   const void* lora_B = nullptr;
   float scale = 1.f;  // scaling
-  float p = 0.f;  // dropout probability, [0, 1); p > 0 needs lead = false and keep
+  float p = 0.f;  // dropout probability, [0, 1); p > 0 needs keep
   const uint8_t* keep = nullptr;  // with dropout: the keep bits (M, ceil(K / 8)) of launch_dropout_keep_bits
   void* y = nullptr;
   float* u = nullptr;  // (M, r) fp32, scale · x Aᵀ
@@ -91,7 +93,7 @@ struct FusedParams {
   int k_tiles_main;
   int kb_ext;  // 16-deep k-blocks of the extension tile that hold u's columns: ceil(r / 16)
   float scale;  // scaling / (1 - p)
-  // Dropout in the u tiles: bit q of keep[m * groups + k8] set iff x (m, 8 k8 + q) is kept; null: no dropout
+  // Dropout (u or lead tiles): bit q of keep[m * groups + k8] set iff x (m, 8 k8 + q) is kept; null: no dropout
   const uint8_t* keep;
   int64_t groups;  // ceil(K / 8)
   float* u;
@@ -104,7 +106,8 @@ struct FusedParams {
   int strip = 0;  // output cluster columns per strip of the tile order (LORA_KERNELS_FUSED_STRIP; 0: 4)
 };
 #if LORA_KERNELS_HAVE_SM90_GEMM
-// The instances (fused_fwd_sm90_<dtype>.cu, fused_fwd_sm90_lead_<dtype>.cu): launch the GEMM on prepared operands.
+// The instances (fused_fwd_sm90_<dtype>.cu, fused_fwd_sm90_lead_<dtype>.cu, fused_fwd_sm90_lead_drop_bf16.cu): launch
+// the GEMM on prepared operands.
 struct Operands {
   const void *x, *w, *bias, *ap, *bx;
   void* y;
@@ -113,6 +116,7 @@ cudaError_t run_fused_bf16(const Operands&, const FusedParams&, int64_t K, int s
 cudaError_t run_fused_fp16(const Operands&, const FusedParams&, int64_t K, int sms, cudaStream_t);
 cudaError_t run_fused_lead_bf16(const Operands&, const FusedParams&, int64_t K, int sms, cudaStream_t);
 cudaError_t run_fused_lead_fp16(const Operands&, const FusedParams&, int64_t K, int sms, cudaStream_t);
+cudaError_t run_fused_lead_drop_bf16(const Operands&, const FusedParams&, int64_t K, int sms, cudaStream_t);
 #endif
 }  // namespace sm90fused
 

@@ -2,7 +2,7 @@
 in which u = s·x Aᵀ is computed by each row block's lead tiles (output tiles that also multiply their x tiles by
 lora_A's pieces) or by u tiles of their own, and whose output tiles add bf16(u) Bᵀ as one more K-tile. GPU-only
 (skips elsewhere): the path is taken where it should be (by default at p = 0: lead tiles up to r = 32, u tiles where
-they do not fit and above r = 32), says why where it is not, and its y, saved u and grads meet the float64 tolerance
+they do not fit and above r = 32; at p > 0 the lead tiles with fp32 adapters up to r = 32), says why where it is not, and its y, saved u and grads meet the float64 tolerance
 rule on odd shapes (M not a multiple of the 128-row tile, an odd number of output tile columns, K not a multiple of
 the 64-wide K tile, every u-column split) in both variants."""
 import pytest
@@ -63,11 +63,14 @@ def _path(M, K, N, r, p=0.0, dtype=torch.bfloat16, adapter_dtype=torch.float32):
 @pytest.mark.parametrize("K,N", [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)])
 @pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.bfloat16])
 def test_benchmarked_shapes_take_the_default_path(K, N, adapter_dtype):
-    # what bench/suite and targets.py time at p = 0: the lead-tile kernel at r = 16 (and 32), the u tiles at r = 64
+    # what bench/suite and targets.py time at p = 0: the lead-tile kernel at r = 16 (and 32), the u tiles at r = 64;
+    # at p > 0 with fp32 adapters the lead tiles up to r = 32, the shrink + GEMM path above
     for r, path in ((16, "sm90 fused lead ("), (32, "sm90 fused lead ("), (64, "sm90 fused (")):
         assert _path(256, K, N, r, adapter_dtype=adapter_dtype).startswith(path), (K, N, r)
         assert _path(256, K, N, r, dtype=torch.float16, adapter_dtype=torch.float16).startswith(path), (K, N, r)
-    assert "(fused: dropout" in _path(256, K, N, 16, p=0.1)
+    if adapter_dtype == torch.float32:
+        assert _path(256, K, N, 16, p=0.1).startswith("sm90 fused lead ("), (K, N)
+    assert "(fused: dropout with r above 32" in _path(256, K, N, 64, p=0.1)
 
 
 def test_fused_forward_mode_switch():
@@ -181,13 +184,50 @@ def test_fused_forward_dropout_device_seed_and_grads():
 
 
 def test_fused_forward_dropout_paths():
+    """The default with dropout: the lead tiles (fp32 adapters, r <= 32, enough output tile columns), else the shrink
+    + GEMM path, which says why."""
     cb = _cb()
-    assert "(fused: dropout (the u tiles' masking is not yet the default" in _path(256, 512, 512, 16, p=0.1)
+    assert _path(256, 512, 512, 16, p=0.1).startswith("sm90 fused lead (")
+    assert _path(256, 512, 512, 32, p=0.1).startswith("sm90 fused lead (")
+    assert "(fused: dropout with r above 32" in _path(256, 512, 512, 33, p=0.1)
+    assert "(fused: lead tiles with dropout: fp32 adapters on bf16 x only" in _path(
+        256, 512, 512, 16, p=0.1, adapter_dtype=torch.bfloat16)
+    assert "(fused: lead tiles: fewer output tile columns than lead tiles" in _path(256, 512, 136, 24, p=0.1)
     previous = cb.set_fused_forward(2)
     try:
-        assert "(fused: lead tiles: dropout" in _path(256, 512, 512, 16, p=0.1)
+        assert _path(256, 512, 512, 64, p=0.1).startswith("sm90 fused lead (")
+        assert "(fused: lead tiles with dropout: fp32 adapters on bf16 x only" in _path(
+            256, 512, 512, 16, p=0.1, dtype=torch.float16, adapter_dtype=torch.float16)
     finally:
         cb.set_fused_forward(previous)
+
+
+@pytest.mark.parametrize("M,K,N,r,p,offset", [(300, 200, 136, 16, 0.1, 0), (1000, 520, 1032, 33, 0.3, 12345),
+                                              (129, 4096, 264, 24, 0.5, 7), (4099, 1000, 392, 8, 0.05, 0),
+                                              (65, 72, 8, 1, 0.9, 3), (2048, 4096, 1024, 64, 0.1, 5),
+                                              (1025, 1024, 4096, 16, 0.2, 1 << 33)])
+@pytest.mark.usefixtures("fused_lead")
+def test_lead_tiles_dropout_against_float64(M, K, N, r, p, offset):
+    # the lead tiles mask x's copy in registers with the contract's mask (64-bit seed and offset; rows of the last
+    # row block past M; K % 64 == 0, whose keep bytes load 8 at a time, and K's partial tiles and 8-groups byte by
+    # byte); every lead-tile count from 1 to 8 (all tiles of a row block at 2048 x 4096 -> 1024, r = 64); y's base
+    # GEMM reads the unmasked x
+    cb = _cb()
+    x, W, b, A, B = _inputs(M, K, N, r, torch.bfloat16, torch.float32, True)
+    assert cb.forward_path(x, W, b, A, B, p).startswith("sm90 fused lead (")
+    assert_cuda_forward(cb, x, W, b, A, B, S, p=p, seed=(1 << 40) + 987654321, offset=offset)
+
+
+@pytest.mark.usefixtures("fused_lead")
+def test_lead_tiles_dropout_device_seed_and_grads():
+    cb = _cb()
+    x, W, b, A, B = _inputs(777, 1024, 520, 24, torch.bfloat16, torch.float32, True)
+    seed = (1 << 33) + 5
+    y1, u1 = cb.forward(x, W, b, A, B, S, 0.2, seed, 99)
+    y2, u2 = cb.forward(x, W, b, A, B, S, 0.2, torch.tensor(seed, dtype=torch.int64, device="cuda"), 99)
+    assert torch.equal(y1, y2) and torch.equal(u1, u2)
+    run_and_check("cuda", "cuda", torch.bfloat16, (3, 100), 520, 1024, 16, bias=True, p=0.2,
+                  adapter_dtype=torch.float32)
 
 
 @pytest.mark.usefixtures("fused_on")

@@ -10,7 +10,10 @@ for dtype, adapter in ((torch.bfloat16, torch.float32), (torch.float16, torch.fl
                           (131, 384, 136, 64, 0.1), (70, 256, 200, 16, 0.2),
                           # p = 0, M > 64: the fused sm_90 forward, u tiles (fp32 adapters at r = 33: 5 lead tiles
                           # do not fit N = 136's 2 tile columns) and lead tiles (the rest)
-                          (300, 264, 136, 33, 0.0), (200, 72, 264, 16, 0.0)):
+                          (300, 264, 136, 33, 0.0), (200, 72, 264, 16, 0.0),
+                          # p > 0, fp32 adapters: the lead tiles with dropout (keep bytes 8 at a time at K = 1024,
+                          # one at a time at K = 1000)
+                          (200, 1024, 264, 16, 0.1), (131, 1000, 392, 24, 0.3)):
         x = torch.randn(M, K, device="cuda", dtype=dtype, requires_grad=True)
         W = torch.randn(N, K, device="cuda", dtype=dtype)
         b = torch.randn(N, device="cuda", dtype=dtype)
