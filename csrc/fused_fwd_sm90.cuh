@@ -279,37 +279,42 @@ struct FusedFwd {
   // (GMMA::ALayout_64x16 per 64 x 16 block) gives warpgroup thread t rows base + 8 v1 + 64 mm (base = (t / 4) % 8 +
   // 16 (t / 32); mm: the 64-row half) and columns 16 kb + 2 (t % 4) + v0 + 8 v2 of the K-tile: so, of each row's 8
   // keep bytes (one per 8-group), the thread needs bits 2 (t % 4) and 2 (t % 4) + 1 of byte 2 kb + v2.
-  // lead_keep_load reads the 8 bytes of the thread's 4 rows for K-tile t and keeps those 2 bits of each (rows 2 i'
-  // and 2 i' + 1 in bits[i']); rows past M read as all kept (their x is TMA's zeros).
+  // lead_keep_fetch reads the 8 bytes of the thread's 4 rows for K-tile t (one K-tile ahead), lead_keep_pack keeps
+  // those 2 bits of each (rows 2 i' and 2 i' + 1 in bits[i']); rows past M read as all kept (their x is TMA's
+  // zeros). Debug bit 32 (FusedParams::debug): no loads, everything kept (timing only).
   CUTLASS_DEVICE static int lead_row(int thread_idx, int i) {  // i = 2 mm + v1
     return ((thread_idx >> 2) & 7) + 16 * (thread_idx >> 5) + 8 * (i & 1) + 64 * (i >> 1);
   }
-  CUTLASS_DEVICE static void lead_keep_load(uint32_t (&bits)[2], FusedParams const& f, int m_blk, int t,
-                                             int thread_idx) {
-    const int q = 2 * (thread_idx & 3);
+  CUTLASS_DEVICE static void lead_keep_fetch(uint2 (&raw)[4], FusedParams const& f, int m_blk, int t,
+                                              int thread_idx) {
     CUTLASS_PRAGMA_UNROLL
     for (int i = 0; i < 4; ++i) {
       const int64_t m = int64_t(m_blk) * 128 + lead_row(thread_idx, i), g0 = int64_t(t) * 8;
-      uint2 w = make_uint2(~0u, ~0u);
-      if (m < f.M) {
-        const uint8_t* row = f.keep + m * f.groups + g0;
-        if ((f.groups & 7) == 0) {  // K % 64 == 0: the K-tile's 8 bytes, 8-byte aligned (the bits' piece is aligned)
-          w = __ldg(reinterpret_cast<const uint2*>(row));
-        } else {
-          uint32_t b8[2] = {0u, 0u};
-          CUTLASS_PRAGMA_UNROLL
-          for (int b = 0; b < 8; ++b)
-            b8[b >> 2] |= uint32_t(g0 + b < f.groups ? __ldg(row + b) : 0xFF) << (8 * (b & 3));
-          w = make_uint2(b8[0], b8[1]);
-        }
+      raw[i] = make_uint2(~0u, ~0u);
+      if (m >= f.M || (f.debug & 32)) continue;
+      const uint8_t* row = f.keep + m * f.groups + g0;
+      if ((f.groups & 7) == 0) {  // K % 64 == 0: the K-tile's 8 bytes, 8-byte aligned (the bits' piece is aligned)
+        raw[i] = __ldg(reinterpret_cast<const uint2*>(row));
+      } else {
+        uint32_t b8[2] = {0u, 0u};
+        CUTLASS_PRAGMA_UNROLL
+        for (int b = 0; b < 8; ++b)
+          b8[b >> 2] |= uint32_t(g0 + b < f.groups ? __ldg(row + b) : 0xFF) << (8 * (b & 3));
+        raw[i] = make_uint2(b8[0], b8[1]);
       }
-      // bits q, q + 1 of each byte, packed: bits 2 g, 2 g + 1 of the row's 16 are those of 8-group g
-      auto pack4 = [](uint32_t v) {
-        v &= 0x03030303u;
-        v = (v | (v >> 6)) & 0x000F000Fu;
-        return (v | (v >> 12)) & 0xFFu;
-      };
-      const uint32_t row16 = pack4(w.x >> q) | (pack4(w.y >> q) << 8);
+    }
+  }
+  // bits q, q + 1 of each byte, packed: bits 2 g, 2 g + 1 of a row's 16 are those of 8-group g
+  CUTLASS_DEVICE static void lead_keep_pack(uint32_t (&bits)[2], uint2 const (&raw)[4], int thread_idx) {
+    const int q = 2 * (thread_idx & 3);
+    auto pack4 = [](uint32_t v) {
+      v &= 0x03030303u;
+      v = (v | (v >> 6)) & 0x000F000Fu;
+      return (v | (v >> 12)) & 0xFFu;
+    };
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < 4; ++i) {
+      const uint32_t row16 = pack4(raw[i].x >> q) | (pack4(raw[i].y >> q) << 8);
       if (i & 1) bits[i >> 1] |= row16 << 16;
       else bits[i >> 1] = row16;
     }
@@ -402,12 +407,11 @@ struct FusedFwd {
     clear(acc);
     PipelineState release = read;
     tiled_mma.accumulate_ = GMMA::ScaleOut::Zero;
+    uint2 keep_raw[4];  // with dropout: the next K-tile's keep bytes, loaded under this one's MMAs
+    if constexpr (kMask) {
+      if (is_lead) lead_keep_fetch(keep_raw, f, m_blk, 0, thread_idx);
+    }
     for (int t = 0; t < kt_main; ++t) {
-      // with dropout: this K-tile's keep bytes, loaded while the previous K-tile's main batch runs
-      uint32_t keep[2];
-      if constexpr (kMask) {
-        if (is_lead) lead_keep_load(keep, f, m_blk, t, thread_idx);
-      }
       auto token = pipeline.consumer_try_wait(read);
       pipeline.consumer_wait(read, token);
       const int stage = read.index();
@@ -419,6 +423,8 @@ struct FusedFwd {
           auto thr_copy = x_copy.get_slice(thread_idx);
           warpgroup_fence_operand(tUrA);
           copy(x_copy, thr_copy.partition_S(sA)(_, _, _, stage), thr_copy.retile_D(tUrA));
+          uint32_t keep[2];
+          lead_keep_pack(keep, keep_raw, thread_idx);
           lead_mask(tUrA, keep);
           warpgroup_fence_operand(tUrA);
         }
@@ -441,6 +447,9 @@ struct FusedFwd {
         tiled_mma.accumulate_ = GMMA::ScaleOut::One;
       }
       warpgroup_commit_batch();
+      if constexpr (kMask) {
+        if (is_lead && t + 1 < kt_main) lead_keep_fetch(keep_raw, f, m_blk, t + 1, thread_idx);
+      }
       // One batch left in flight (this K-tile's main batch): the u batch and K-tile t - 1's main batch are done.
       // The u sums are drained under the main batch, so the tensor cores do not wait for the drain.
       warpgroup_wait<1>();

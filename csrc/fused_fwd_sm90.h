@@ -101,7 +101,8 @@ struct FusedParams {
   int* ready;  // (ceil(M / 128),) tiles done computing u, per row block
   // Development switches (LORA_KERNELS_FUSED_DEBUG, read once; 0 in use): bit 0, output tiles do not wait for their
   // u tiles (wrong results: timing only); bit 1, u tiles multiply nothing; bit 4, a trace of every tile in u's place
-  // (uint32 records of 4: SM, start, main loop end, end; the producers' waits at 16384 + tile).
+  // (uint32 records of 4: SM, start, main loop end, end; the producers' waits at 16384 + tile); bit 5, the dropout
+  // lead tiles load no keep bits (everything kept: timing only).
   int debug = 0;
   int strip = 0;  // output cluster columns per strip of the tile order (LORA_KERNELS_FUSED_STRIP; 0: 4)
 };

@@ -195,7 +195,7 @@ def test_fused_forward_dropout_paths():
     assert "(fused: lead tiles: fewer output tile columns than lead tiles" in _path(256, 512, 136, 24, p=0.1)
     previous = cb.set_fused_forward(2)
     try:
-        assert _path(256, 512, 512, 64, p=0.1).startswith("sm90 fused lead (")
+        assert _path(256, 512, 1024, 64, p=0.1).startswith("sm90 fused lead (")
         assert "(fused: lead tiles with dropout: fp32 adapters on bf16 x only" in _path(
             256, 512, 512, 16, p=0.1, dtype=torch.float16, adapter_dtype=torch.float16)
     finally:
