@@ -2,7 +2,7 @@
 in which u = s·x Aᵀ is computed by each row block's lead tiles (output tiles that also multiply their x tiles by
 lora_A's pieces) or by u tiles of their own, and whose output tiles add bf16(u) Bᵀ as one more K-tile. GPU-only
 (skips elsewhere): the path is taken where it should be (by default at p = 0: lead tiles up to r = 32, u tiles where
-they do not fit and above r = 32; at p > 0 the lead tiles with fp32 adapters up to r = 32), says why where it is not, and its y, saved u and grads meet the float64 tolerance
+they do not fit and above r = 32; at p > 0 the shrink + GEMM path), says why where it is not, and its y, saved u and grads meet the float64 tolerance
 rule on odd shapes (M not a multiple of the 128-row tile, an odd number of output tile columns, K not a multiple of
 the 64-wide K tile, every u-column split) in both variants."""
 import pytest
@@ -64,13 +64,11 @@ def _path(M, K, N, r, p=0.0, dtype=torch.bfloat16, adapter_dtype=torch.float32):
 @pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.bfloat16])
 def test_benchmarked_shapes_take_the_default_path(K, N, adapter_dtype):
     # what bench/suite and targets.py time at p = 0: the lead-tile kernel at r = 16 (and 32), the u tiles at r = 64;
-    # at p > 0 with fp32 adapters the lead tiles up to r = 32, the shrink + GEMM path above
+    # at p > 0 the shrink + GEMM path
     for r, path in ((16, "sm90 fused lead ("), (32, "sm90 fused lead ("), (64, "sm90 fused (")):
         assert _path(256, K, N, r, adapter_dtype=adapter_dtype).startswith(path), (K, N, r)
         assert _path(256, K, N, r, dtype=torch.float16, adapter_dtype=torch.float16).startswith(path), (K, N, r)
-    if adapter_dtype == torch.float32:
-        assert _path(256, K, N, 16, p=0.1).startswith("sm90 fused lead ("), (K, N)
-    assert "(fused: dropout with r above 32" in _path(256, K, N, 64, p=0.1)
+        assert "(fused: dropout (the fused kernel's masking is slower" in _path(256, K, N, r, p=0.1), (K, N, r)
 
 
 def test_fused_forward_mode_switch():
@@ -184,20 +182,20 @@ def test_fused_forward_dropout_device_seed_and_grads():
 
 
 def test_fused_forward_dropout_paths():
-    """The default with dropout: the lead tiles (fp32 adapters, r <= 32, enough output tile columns), else the shrink
-    + GEMM path, which says why."""
+    """With dropout the default takes the shrink + GEMM path and says why; mode 2 takes the lead tiles with fp32
+    adapters on bf16 x, and says why not otherwise."""
     cb = _cb()
-    assert _path(256, 512, 512, 16, p=0.1).startswith("sm90 fused lead (")
-    assert _path(256, 512, 512, 32, p=0.1).startswith("sm90 fused lead (")
-    assert "(fused: dropout with r above 32" in _path(256, 512, 512, 33, p=0.1)
-    assert "(fused: lead tiles with dropout: fp32 adapters on bf16 x only" in _path(
-        256, 512, 512, 16, p=0.1, adapter_dtype=torch.bfloat16)
-    assert "(fused: lead tiles: fewer output tile columns than lead tiles" in _path(256, 512, 136, 24, p=0.1)
+    assert "(fused: dropout (the fused kernel's masking is slower than the shrink pass" in _path(
+        256, 512, 512, 16, p=0.1)
     previous = cb.set_fused_forward(2)
     try:
+        assert _path(256, 512, 512, 16, p=0.1).startswith("sm90 fused lead (")
         assert _path(256, 512, 1024, 64, p=0.1).startswith("sm90 fused lead (")
         assert "(fused: lead tiles with dropout: fp32 adapters on bf16 x only" in _path(
+            256, 512, 512, 16, p=0.1, adapter_dtype=torch.bfloat16)
+        assert "(fused: lead tiles with dropout: fp32 adapters on bf16 x only" in _path(
             256, 512, 512, 16, p=0.1, dtype=torch.float16, adapter_dtype=torch.float16)
+        assert "(fused: lead tiles: fewer output tile columns than lead tiles" in _path(256, 512, 136, 24, p=0.1)
     finally:
         cb.set_fused_forward(previous)
 

@@ -10,10 +10,7 @@ for dtype, adapter in ((torch.bfloat16, torch.float32), (torch.float16, torch.fl
                           (131, 384, 136, 64, 0.1), (70, 256, 200, 16, 0.2),
                           # p = 0, M > 64: the fused sm_90 forward, u tiles (fp32 adapters at r = 33: 5 lead tiles
                           # do not fit N = 136's 2 tile columns) and lead tiles (the rest)
-                          (300, 264, 136, 33, 0.0), (200, 72, 264, 16, 0.0),
-                          # p > 0, fp32 adapters: the lead tiles with dropout (keep bytes 8 at a time at K = 1024,
-                          # one at a time at K = 1000)
-                          (200, 1024, 264, 16, 0.1), (131, 1000, 392, 24, 0.3)):
+                          (300, 264, 136, 33, 0.0), (200, 72, 264, 16, 0.0)):
         x = torch.randn(M, K, device="cuda", dtype=dtype, requires_grad=True)
         W = torch.randn(N, K, device="cuda", dtype=dtype)
         b = torch.randn(N, device="cuda", dtype=dtype)
@@ -21,12 +18,18 @@ for dtype, adapter in ((torch.bfloat16, torch.float32), (torch.float16, torch.fl
         B = torch.randn(N, r, device="cuda", dtype=adapter, requires_grad=True)
         y = lora_kernels.lora_linear(x, W, b, A, B, 0.5, dropout_p=p, backend="cuda")
         y.float().sum().backward()
-if torch.cuda.get_device_capability() == (9, 0):  # the fused forward's u tiles with dropout (mode 1, opt-in)
+if torch.cuda.get_device_capability() == (9, 0):  # the fused forward with dropout (opt-in): u tiles, lead tiles
     from lora_kernels.backends import cuda_backend
 
+    # mode 1 (u tiles) for both 16-bit x dtypes; mode 2 (lead tiles: fp32 adapters on bf16 x), whose keep bytes load
+    # 8 at a time at K = 1024 and one at a time at K = 1000
     previous = cuda_backend.set_fused_forward(1)
-    for dtype, adapter in ((torch.bfloat16, torch.float32), (torch.float16, torch.float16)):
-        for M, K, N, r, p in ((300, 264, 136, 33, 0.2), (131, 1000, 264, 16, 0.5)):
+    for mode, dtype, adapter, cases in (
+            (1, torch.bfloat16, torch.float32, ((300, 264, 136, 33, 0.2), (131, 1000, 264, 16, 0.5))),
+            (1, torch.float16, torch.float16, ((300, 264, 136, 33, 0.2), (131, 1000, 264, 16, 0.5))),
+            (2, torch.bfloat16, torch.float32, ((200, 1024, 264, 16, 0.1), (131, 1000, 392, 24, 0.3)))):
+        cuda_backend.set_fused_forward(mode)
+        for M, K, N, r, p in cases:
             x = torch.randn(M, K, device="cuda", dtype=dtype, requires_grad=True)
             W = torch.randn(N, K, device="cuda", dtype=dtype)
             A = torch.randn(r, K, device="cuda", dtype=adapter, requires_grad=True)

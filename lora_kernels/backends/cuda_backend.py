@@ -112,12 +112,12 @@ def set_small_m(enabled: bool) -> bool:
 
 
 def set_fused_forward(mode: int) -> int:
-    """Sets the fused sm_90 forward's mode for this process (csrc/fused_fwd_sm90.h): -1 the default (up to r = 32, u
-    computed by each row block's first output tiles, the lead tiles, or at p = 0 by u tiles where the lead tiles do
-    not fit; above r = 32 by u tiles at p = 0 and by the shrink + GEMM path at p > 0), 1 u tiles only (with dropout
-    they mask their copy of x from the keep bits), 2 lead tiles only (with dropout: fp32 adapters on bf16 x), 0 off
-    (the shrink + GEMM path); LORA_KERNELS_FUSED_FWD=1, 2 or 0 starts the process in that mode. Returns the previous
-    mode. For tests of the paths and A/B timing."""
+    """Sets the fused sm_90 forward's mode for this process (csrc/fused_fwd_sm90.h): -1 the default (p = 0 only; up
+    to r = 32, u computed by each row block's first output tiles, the lead tiles, or by u tiles where the lead tiles
+    do not fit; above r = 32 by u tiles), 1 u tiles only (with dropout they mask their copy of x from the keep bits),
+    2 lead tiles only (with dropout: fp32 adapters on bf16 x, masking x's copy in registers), 0 off (the shrink +
+    GEMM path); LORA_KERNELS_FUSED_FWD=1, 2 or 0 starts the process in that mode. Returns the previous mode. For
+    tests of the paths and A/B timing."""
     return int(torch.ops.lora_kernels_cuda.set_fused_forward(int(mode)))
 
 
