@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call of named steps against the installed wheel:  STEPS="build tests two_gpu" bash bench/tools/gpu_session.sh
 #   build     wheel with the CUDA extension (bench/tools/gpu_build.sh, sm_90a, CUTLASS from LORA_KERNELS_CUTLASS_DIR or the
-#             nvidia-cutlass wheel under .whl/) into /tmp/site; skipped when /tmp/site exists and REUSE_BUILD=1
+#             nvidia-cutlass wheel under .whl/) into /tmp/site; skipped when REUSE_BUILD=1 and /tmp/site exists, built
+#             from this tree's sources
 #   tests     the whole GPU suite (pytest-xdist), outcomes in tests.log
 #   two_gpu   bench/train/two_gpu.sh (FSDP2 and DDP on 2 GPUs, patched vs PEFT), reusing the build
 #   targets   bench/suite/targets.py: the GEMM issue's grid, round-robin with the floor (ours-cuda, LoRAFusion if .peers/)
@@ -49,6 +50,15 @@ if [ -z "${LORA_KERNELS_CUTLASS_DIR:-}" ] && ls "$REPO"/.whl/nvidia_cutlass-*.wh
   export LORA_KERNELS_CUTLASS_DIR=/tmp/cutlass/cutlass_library/source
 fi
 
+# sha256 (16 hex digits) of the sources a build comes from: everything the wheel holds, or ("compiled") only what
+# nvcc and the C++ compiler see
+src_hash() {
+  local dirs="csrc setup.py pyproject.toml build_backend"
+  [ "${1:-}" = compiled ] || dirs="$dirs lora_kernels"
+  (cd "$REPO" && find $dirs -type f ! -name _build_info.py ! -name '*.pyc' 2>/dev/null | LC_ALL=C sort |
+    xargs sha256sum | sha256sum | cut -c1-16)
+}
+
 for step in ${STEPS:-build tests}; do
   case "$step" in
     build)
@@ -60,15 +70,25 @@ for step in ${STEPS:-build tests}; do
             note "step build: unpacked the carried .site/site.tgz ($SUM)"
         fi
       fi
+      # A build records the hashes of the sources it came from (src_hash): a reused one whose sources differ from
+      # this tree's is rebuilt, not run (a stale carried archive once timed a discarded default). With OVERLAY_PY
+      # only the compiled sources must match.
       if [ -n "${REUSE_BUILD:-}" ] && [ -d /tmp/site/lora_kernels ]; then
-        if [ -n "${OVERLAY_PY:-}" ]; then  # csrc/ unchanged since the carried build: this tree's Python files over it
-          (cd "$REPO" && find lora_kernels -name '*.py' ! -name _build_info.py -exec cp --parents {} /tmp/site/ \;)
-          note "step build: Python files of this tree copied over the carried build"
+        want=$(src_hash "${OVERLAY_PY:+compiled}"); have=$(cat /tmp/site/.lk_src_${OVERLAY_PY:+compiled} 2>/dev/null)
+        if [ "$want" != "$have" ]; then
+          note "step build: /tmp/site was built from other sources (${have:-unknown} != $want): rebuilding"
+          rm -rf /tmp/site /tmp/site.from
+        else
+          if [ -n "${OVERLAY_PY:-}" ]; then  # csrc/ unchanged since the carried build: this tree's Python files
+            (cd "$REPO" && find lora_kernels -name '*.py' ! -name _build_info.py -exec cp --parents {} /tmp/site/ \;)
+            note "step build: Python files of this tree copied over the carried build"
+          fi
+          note "step build: reusing /tmp/site (sources $want)"; continue
         fi
-        note "step build: reusing /tmp/site"; continue
       fi
       rm -f /tmp/site.from
       LORA_KERNELS_CUDA_ARCHS=90 run_step build "${T_BUILD:-300}" bash "$REPO/bench/tools/gpu_build.sh" > "$OUT/build.log" 2>&1
+      if [ -d /tmp/site/lora_kernels ]; then src_hash > /tmp/site/.lk_src_; src_hash compiled > /tmp/site/.lk_src_compiled; fi
       tail -3 "$OUT/build.log";;
     tests)
       XDIST=(); python3 -c "import xdist" 2>/dev/null && XDIST=(-n "${TEST_WORKERS:-16}")
