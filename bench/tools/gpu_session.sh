@@ -21,8 +21,8 @@
 #   host_trace bench/dev/host_trace.py: torch.profiler CPU events of small calls (ATen ops, CUDA runtime calls)
 #   ncu       Nsight Compute on the lora_ kernels of one cuda fwd+bwd (bench/dev/ncu_passes.py, NCU_ARGS)
 #   save      /tmp/site as $OUT/site.tgz; a later call that carries it as .site/site.tgz reuses the build (build step
-#             with REUSE_BUILD=1 unpacks it instead of building; OVERLAY_PY=1 then copies this tree's Python files
-#             over it, for a tree whose csrc/ and setup.py match the carried build)
+#             with REUSE_BUILD=1 unpacks it when it was built from this tree's sources, else builds; OVERLAY_PY=1
+#             asks only the compiled sources (csrc/, setup.py) to match and copies this tree's Python files over it)
 # Knobs: T_<STEP> (seconds), TEST_FILES (paths in place of tests/), TEST_ARGS, TARGETS_ARGS, DORA_ARGS, PROFILE_ARGS, NCU_ARGS. Files in $OUT (at most 8
 # come back: past 7 they are packed into results.tgz at the end). The whole GPU suite needs about 280 s on 16 workers:
 # give it a call of its own (T_TESTS=420) with a carried build.
@@ -62,31 +62,25 @@ src_hash() {
 for step in ${STEPS:-build tests}; do
   case "$step" in
     build)
-      # A warm machine may hold another build in /tmp/site: the carried archive wins unless /tmp/site came from it.
-      if [ -n "${REUSE_BUILD:-}" ] && [ -f "$REPO/.site/site.tgz" ]; then
-        SUM=$(sha256sum "$REPO/.site/site.tgz" | cut -c1-16)
-        if [ "$(cat /tmp/site.from 2>/dev/null)" != "$SUM" ]; then
-          rm -rf /tmp/site && tar -xzf "$REPO/.site/site.tgz" -C /tmp && echo "$SUM" > /tmp/site.from &&
-            note "step build: unpacked the carried .site/site.tgz ($SUM)"
+      # A build records the hashes of the sources it came from (src_hash), and only a build of this tree's sources is
+      # reused (with OVERLAY_PY, of its compiled sources): a warm machine's /tmp/site, else the carried
+      # .site/site.tgz; anything else is rebuilt (a stale carried archive once timed a discarded default).
+      if [ -n "${REUSE_BUILD:-}" ]; then
+        want=$(src_hash "${OVERLAY_PY:+compiled}"); tag=.lk_src_${OVERLAY_PY:+compiled}
+        if [ "$(cat /tmp/site/$tag 2>/dev/null)" != "$want" ] && [ -f "$REPO/.site/site.tgz" ]; then
+          rm -rf /tmp/site && tar -xzf "$REPO/.site/site.tgz" -C /tmp &&
+            note "step build: unpacked the carried .site/site.tgz ($(sha256sum "$REPO/.site/site.tgz" | cut -c1-16))"
         fi
-      fi
-      # A build records the hashes of the sources it came from (src_hash): a reused one whose sources differ from
-      # this tree's is rebuilt, not run (a stale carried archive once timed a discarded default). With OVERLAY_PY
-      # only the compiled sources must match.
-      if [ -n "${REUSE_BUILD:-}" ] && [ -d /tmp/site/lora_kernels ]; then
-        want=$(src_hash "${OVERLAY_PY:+compiled}"); have=$(cat /tmp/site/.lk_src_${OVERLAY_PY:+compiled} 2>/dev/null)
-        if [ "$want" != "$have" ]; then
-          note "step build: /tmp/site was built from other sources (${have:-unknown} != $want): rebuilding"
-          rm -rf /tmp/site /tmp/site.from
-        else
-          if [ -n "${OVERLAY_PY:-}" ]; then  # csrc/ unchanged since the carried build: this tree's Python files
+        have=$(cat /tmp/site/$tag 2>/dev/null)
+        if [ -d /tmp/site/lora_kernels ] && [ "$have" = "$want" ]; then
+          if [ -n "${OVERLAY_PY:-}" ]; then  # compiled sources unchanged: this tree's Python files over the build
             (cd "$REPO" && find lora_kernels -name '*.py' ! -name _build_info.py -exec cp --parents {} /tmp/site/ \;)
-            note "step build: Python files of this tree copied over the carried build"
+            note "step build: Python files of this tree copied over the build"
           fi
           note "step build: reusing /tmp/site (sources $want)"; continue
         fi
+        note "step build: no build of this tree's sources to reuse (${have:-none} != $want): building"
       fi
-      rm -f /tmp/site.from
       LORA_KERNELS_CUDA_ARCHS=90 run_step build "${T_BUILD:-300}" bash "$REPO/bench/tools/gpu_build.sh" > "$OUT/build.log" 2>&1
       if [ -d /tmp/site/lora_kernels ]; then src_hash > /tmp/site/.lk_src_; src_hash compiled > /tmp/site/.lk_src_compiled; fi
       tail -3 "$OUT/build.log";;
