@@ -167,18 +167,24 @@ def test_fused_forward_dropout_against_float64(dtype, adapter_dtype, M, K, N, r,
     assert_cuda_forward(cb, x, W, b, A, B, S, p=p, seed=(1 << 40) + 987654321, offset=offset)
 
 
-@pytest.mark.usefixtures("fused_on")
-def test_fused_forward_dropout_device_seed_and_grads():
+@pytest.mark.parametrize("mode,r", [(1, 64), (2, 16)])
+def test_fused_forward_dropout_device_seed_and_grads(mode, r):
     """A device seed (0-d int64 tensor, read by the kernel) gives the mask of the same 64 bits by value; the public
-    op's grads with the fused forward's u at p > 0 (the backward regenerates the mask) meet the rule."""
+    op's grads with the fused forward's u at p > 0 (the backward regenerates the mask) meet the rule. Mode 1: the u
+    tiles; mode 2: the lead tiles (r = 16: 2 of them per row block)."""
     cb = _cb()
-    x, W, b, A, B = _inputs(777, 1024, 520, 24, torch.bfloat16, torch.float32, True)
-    seed = (1 << 33) + 5
-    y1, u1 = cb.forward(x, W, b, A, B, S, 0.2, seed, 99)
-    y2, u2 = cb.forward(x, W, b, A, B, S, 0.2, torch.tensor(seed, dtype=torch.int64, device="cuda"), 99)
-    assert torch.equal(y1, y2) and torch.equal(u1, u2)
-    run_and_check("cuda", "cuda", torch.bfloat16, (3, 100), 520, 1024, 64, bias=True, p=0.2,
-                  adapter_dtype=torch.float32)
+    previous = cb.set_fused_forward(mode)
+    try:
+        x, W, b, A, B = _inputs(777, 1024, 520, 24, torch.bfloat16, torch.float32, True)
+        assert cb.forward_path(x, W, b, A, B, 0.2).startswith("sm90 fused lead (" if mode == 2 else "sm90 fused (")
+        seed = (1 << 33) + 5
+        y1, u1 = cb.forward(x, W, b, A, B, S, 0.2, seed, 99)
+        y2, u2 = cb.forward(x, W, b, A, B, S, 0.2, torch.tensor(seed, dtype=torch.int64, device="cuda"), 99)
+        assert torch.equal(y1, y2) and torch.equal(u1, u2)
+        run_and_check("cuda", "cuda", torch.bfloat16, (3, 100), 520, 1024, r, bias=True, p=0.2,
+                      adapter_dtype=torch.float32)
+    finally:
+        cb.set_fused_forward(previous)
 
 
 def test_fused_forward_dropout_paths():
@@ -214,18 +220,6 @@ def test_lead_tiles_dropout_against_float64(M, K, N, r, p, offset):
     x, W, b, A, B = _inputs(M, K, N, r, torch.bfloat16, torch.float32, True)
     assert cb.forward_path(x, W, b, A, B, p).startswith("sm90 fused lead (")
     assert_cuda_forward(cb, x, W, b, A, B, S, p=p, seed=(1 << 40) + 987654321, offset=offset)
-
-
-@pytest.mark.usefixtures("fused_lead")
-def test_lead_tiles_dropout_device_seed_and_grads():
-    cb = _cb()
-    x, W, b, A, B = _inputs(777, 1024, 520, 24, torch.bfloat16, torch.float32, True)
-    seed = (1 << 33) + 5
-    y1, u1 = cb.forward(x, W, b, A, B, S, 0.2, seed, 99)
-    y2, u2 = cb.forward(x, W, b, A, B, S, 0.2, torch.tensor(seed, dtype=torch.int64, device="cuda"), 99)
-    assert torch.equal(y1, y2) and torch.equal(u1, u2)
-    run_and_check("cuda", "cuda", torch.bfloat16, (3, 100), 520, 1024, 16, bias=True, p=0.2,
-                  adapter_dtype=torch.float32)
 
 
 @pytest.mark.usefixtures("fused_on")
