@@ -21,7 +21,8 @@
 //         S = ceil(r / 8) for fp32 adapters' 3 pieces, ceil(r / 32) for 16-bit adapters) load a 32-row slot of
 //         lora_A's pieces with each stage and run a narrow wgmma (N = 24 or 32) on the x tile they already hold,
 //         each writing its u columns; every output tile of the block, lead tiles included, waits for ready[m] == S.
-//         No second read of x; no dropout (the x tile feeds the output tile's own product too).
+//         No second read of x. With dropout (the kDrop variant: fp32 adapters on bf16 x) the x tile, which feeds the
+//         output tile's own product too, is copied into registers and masked there for the u batch (lead_mask).
 // Order:  TileOrder puts every u cluster (or lead cluster) first, then the output clusters. The producer waits for
 //         ready[m] before the extension stage of an output tile. No wait can deadlock: the grid is no larger than the
 //         clusters the device holds at once, each block walks its items in increasing order, the u items wait for
@@ -360,7 +361,8 @@ struct FusedFwd {
   // row block, this one included). Other tiles run mma_output's loop. One function, one loop for both, so that the
   // compiler keeps a single accumulator (two loops merged an undefined accumulator into zeros inside a wgmma batch,
   // which makes ptxas serialize every wgmma of the kernel). The last stage is released by the caller, as after
-  // mma_output.
+  // mma_output. kMask (dropout): the u batch's x comes from registers, the stage's tile copied in and masked from
+  // the keep bits fetched a K-tile ahead (lead_keep_fetch, lead_keep_pack, lead_mask).
   template <int Blocks, int Pieces, bool kMask, class Accum>
   CUTLASS_DEVICE static void mma_lead(MainloopPipeline& pipeline, PipelineState read, Accum& accum, int k_tiles,
                                       int thread_idx, typename Mainloop::TensorStorage& smem, Element* ap_slots,
