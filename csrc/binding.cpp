@@ -40,6 +40,13 @@ void check_cuda(cudaError_t e, const char* what) {
   TORCH_CHECK(e == cudaSuccess, "lora_kernels_cuda: ", what, " failed: ", cudaGetErrorString(e));
 }
 
+// The dropout mask of an (M, K) input as keep bits (csrc/dropout_bits.cu), the seed by value or device pointer.
+void make_keep_bits(uint8_t* bits, int64_t M, int64_t K, float p, int64_t seed, const int64_t* seed_ptr,
+                    int64_t offset, cudaStream_t stream) {
+  check_cuda(lk::launch_dropout_keep_bits(bits, M, K, p, (uint64_t)seed, seed_ptr, (uint64_t)offset, stream),
+             "dropout keep bits launch");
+}
+
 void check_tensor(const Tensor& t, const char* name, const Tensor& ref, int64_t dim) {
   TORCH_CHECK(t.is_cuda(), "lora_kernels_cuda: ", name, " must be a CUDA tensor");
   TORCH_CHECK(t.device() == ref.device(), "lora_kernels_cuda: ", name, " is on ", t.device(), " but x is on ",
@@ -365,11 +372,9 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& weight, c
     a.y = y.data_ptr();
     a.u = keep_u ? u.data_ptr<float>() : ws.ptr<float>(u_piece);
     a.workspace = ws.ptr(f_piece);
-    if (pf > 0.0f) {  // the mask as keep bits (a pass over the whole GPU), read by the u tiles
+    if (pf > 0.0f) {  // the mask as keep bits (a pass over the whole GPU), read by the u or lead tiles
       a.keep = ws.ptr<uint8_t>(bits_piece);
-      check_cuda(lk::launch_dropout_keep_bits(ws.ptr<uint8_t>(bits_piece), M, K, pf, (uint64_t)seed, seed_ptr,
-                                              (uint64_t)offset, stream),
-                 "dropout keep bits launch");
+      make_keep_bits(ws.ptr<uint8_t>(bits_piece), M, K, pf, seed, seed_ptr, offset, stream);
     }
     check_cuda(lk::launch_lora_fused_fwd_sm90(a, stream), "fused sm90 forward launch");
     return {y, u};
@@ -396,11 +401,7 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& weight, c
   const int64_t shrink_scratch_piece =
       shrink_sm90 ? ws.reserve((int64_t)lk::lora_shrink_sm90_scratch_bytes(K, r, a_pieces)) : -1;
   ws.allocate(x.options());
-  if (bits) {
-    check_cuda(lk::launch_dropout_keep_bits(ws.ptr<uint8_t>(bits_piece), M, K, pf, (uint64_t)seed, seed_ptr,
-                                            (uint64_t)offset, stream),
-               "dropout keep bits launch");
-  }
+  if (bits) make_keep_bits(ws.ptr<uint8_t>(bits_piece), M, K, pf, seed, seed_ptr, offset, stream);
   float* const u_out = keep_u ? u.data_ptr<float>() : ws.ptr<float>(u_piece);  // null where not needed
   float* const u_work = partial ? ws.ptr<float>(u_work_piece) : u_out;
   if (shrink_sm90) {
@@ -563,9 +564,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
                                                  M, K, pf, (uint64_t)seed, seed_ptr, (uint64_t)offset, stream),
                "dropout keep bits and kept x launch");
   } else if (bits) {
-    check_cuda(lk::launch_dropout_keep_bits(ws.ptr<uint8_t>(bits_piece), M, K, pf, (uint64_t)seed, seed_ptr,
-                                            (uint64_t)offset, stream),
-               "dropout keep bits launch");
+    make_keep_bits(ws.ptr<uint8_t>(bits_piece), M, K, pf, seed, seed_ptr, offset, stream);
   }
   if (need_dx) {
     dx = at::empty({M, K}, x.options());

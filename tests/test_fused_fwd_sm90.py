@@ -2,9 +2,9 @@
 in which u = s·x Aᵀ is computed by each row block's lead tiles (output tiles that also multiply their x tiles by
 lora_A's pieces) or by u tiles of their own, and whose output tiles add bf16(u) Bᵀ as one more K-tile. GPU-only
 (skips elsewhere): the path is taken where it should be (by default at p = 0: lead tiles up to r = 32, u tiles where
-they do not fit and above r = 32; at p > 0 the shrink + GEMM path), says why where it is not, and its y, saved u and grads meet the float64 tolerance
-rule on odd shapes (M not a multiple of the 128-row tile, an odd number of output tile columns, K not a multiple of
-the 64-wide K tile, every u-column split) in both variants."""
+they do not fit and above r = 32; at p > 0 the shrink + GEMM path), says why where it is not, and its y, saved u
+and grads meet the float64 tolerance rule on odd shapes (M not a multiple of the 128-row tile, an odd number of
+output tile columns, K not a multiple of the 64-wide K tile, every u-column split) in both variants."""
 import pytest
 import torch
 
