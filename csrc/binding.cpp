@@ -619,6 +619,20 @@ std::tuple<Tensor, Tensor, Tensor> lora_backward(const Tensor& dy, const Tensor&
 // lora_linear: the op with its autograd node in C++ (csrc/lora_autograd.h), for eager mode with a frozen weight and
 // bias (a trainable base goes to the Python autograd of lora_kernels/ops.py).
 struct FusedKernels {
+  static constexpr int64_t kMaxRank = lk::kMaxRank;
+  static bool on_device(const Tensor& x) { return x.is_cuda(); }
+  static bool capturing(const Tensor& x) {
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    check_cuda(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(x.device().index()), &status),
+               "cudaStreamIsCapturing");
+    return status != cudaStreamCaptureStatusNone;
+  }
+  static Tensor forward_only(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                             const Tensor& lora_A, const Tensor& lora_B, double scaling, double p, int64_t seed,
+                             int64_t offset, const std::optional<Tensor>& seed_t) {
+    return std::get<0>(forward_impl(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset, seed_t,
+                                    /*keep_u=*/false));
+  }
   static std::tuple<Tensor, Tensor> forward(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                                             const Tensor& lora_A, const Tensor& lora_B, double scaling, double p,
                                             int64_t seed, int64_t offset, const std::optional<Tensor>& seed_t) {
@@ -646,8 +660,14 @@ Tensor lora_linear_autograd(const Tensor& x, const Tensor& weight, const std::op
 Tensor lora_linear_forward_only(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                                 const Tensor& lora_A, const Tensor& lora_B, double scaling, double p, int64_t seed,
                                 int64_t offset, const std::optional<Tensor>& seed_t) {
-  return std::get<0>(forward_impl(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset, seed_t,
-                                  /*keep_u=*/false));
+  return FusedKernels::forward_only(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset, seed_t);
+}
+
+// lora_linear's eager call in C++ (csrc/lora_autograd.h, lora_linear_entry): y, or undefined (None) for a call that
+// the Python path of lora_kernels/ops.py must run.
+Tensor linear_entry(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& lora_A,
+                    const Tensor& lora_B, double scaling, double dropout_p, bool training) {
+  return lk::lora_linear_entry<FusedKernels>(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training);
 }
 
 // Which GEMM path a forward (and its p = 0 dx) with these inputs takes: "sm90" or "cublas: <why not sm90>".
@@ -752,6 +772,11 @@ TORCH_LIBRARY(lora_kernels_cuda, m) {
       "backward(Tensor dy, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor u, float scaling, "
       "float p, int seed, int offset, bool need_dx, bool need_dA, bool need_dB, Tensor? seed_t=None) "
       "-> (Tensor, Tensor, Tensor)");
+  // a catch-all (CompositeImplicitAutograd) kernel: it runs above autograd, and the node it makes records the graph
+  m.def(
+      "linear_entry(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
+      "float dropout_p, bool training) -> Tensor",
+      &linear_entry);
   m.def(
       "lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, float p, "
       "int seed, int offset, Tensor? seed_t=None) -> Tensor");

@@ -22,10 +22,16 @@
 // (ops._base_grads), so this node does not repeat that math.
 #pragma once
 
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/autocast_mode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
 
+#include <cmath>
+#include <mutex>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace lora_kernels {
 
@@ -98,5 +104,96 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction<I
     return out;
   }
 };
+
+// ---------------------------------------------------------------------------------------------- the eager entry
+// lora_linear's eager call, whole in C++: lora_kernels/ops.py's lora_linear hands its arguments here first (cuda
+// backend, no backend or record_dropout block in the way, not under torch.compile), and this function either runs
+// the call or returns an undefined tensor (None in Python), after which the Python path runs it. Why: the Python
+// wrapper (autocast, checks, backend resolution, seed, reshapes, autograd routing) cost 12 us of the forward's host
+// time and 30 us of a forward+backward's on the H200's host (fourteenth session, bench/dev/host_probe.py), more
+// than the fused op itself adds to F.linear's.
+// It takes a call only where the Python path would take the same route with the same result: plain dense tensors on
+// Impl's device (no tensor subclass, functorch wrapper, dispatch mode or autocast), shapes and dtypes that the
+// contract accepts (lora_kernels/ops.py: _check), a frozen weight and bias, a finite scaling, p in [0, 1], no
+// empty problem, and no dropout under CUDA graph capture (the device seed is the Python path's). Every other call,
+// valid or not, goes to the Python path, which holds the error messages: nothing is checked twice with different
+// words. The seed is drawn as ops._draw_seed draws it (draw_seed), so that torch.manual_seed reproduces a run
+// whichever path took the calls.
+// Impl adds to the kernels of LoraLinearFunction:
+//   static constexpr int64_t kMaxRank                the largest rank (ops.MAX_RANK)
+//   static bool on_device(const at::Tensor& x)       x is on the device whose kernels Impl runs
+//   static bool capturing(const at::Tensor& x)       a CUDA graph capture is under way on x's current stream
+//   static at::Tensor forward_only(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset, seed_t)
+//                                                    y alone (u a temporary): the call with nothing to differentiate
+inline bool plain_tensor(const at::Tensor& t) {
+  constexpr c10::DispatchKeySet foreign =
+      c10::python_ks | c10::functorch_transforms_ks |
+      c10::DispatchKeySet({c10::DispatchKey::Functionalize, c10::DispatchKey::FuncTorchDynamicLayerFrontMode,
+                           c10::DispatchKey::FuncTorchDynamicLayerBackMode});
+  return t.defined() && t.layout() == at::kStrided && !t.key_set().has_any(foreign);
+}
+
+inline bool contract_dtype(at::ScalarType x, at::ScalarType adapter) {
+  return adapter == at::kFloat || adapter == x;
+}
+
+// ops._draw_seed's draw, torch.randint(0, 2^62, ()) on the default CPU generator, without a tensor: randint's CPU
+// kernel for a range of 2^28 or more takes one random64() of the generator, under its lock, modulo the range
+// (ATen/core/DistributionsHelper.h, uniform_int_from_to_distribution). tests/test_autograd_cpp.py checks that both
+// give the same value and leave the same generator state.
+inline int64_t draw_seed() {
+  at::Generator gen = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  return (int64_t)(at::check_generator<at::CPUGeneratorImpl>(gen)->random64() % (uint64_t(1) << 62));
+}
+
+template <typename Impl>
+at::Tensor lora_linear_entry(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias_opt,
+                             const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling, double dropout_p,
+                             bool training) {
+  const at::Tensor none;
+  constexpr c10::DispatchKeySet modes = c10::python_ks | c10::DispatchKeySet(
+      {c10::DispatchKey::FuncTorchDynamicLayerFrontMode, c10::DispatchKey::FuncTorchDynamicLayerBackMode,
+       c10::DispatchKey::Functionalize});
+  if (c10::impl::tls_local_dispatch_key_set().included_.has_any(modes)) return none;  // a dispatch mode, functorch
+  const bool has_bias = bias_opt.has_value() && bias_opt->defined();
+  if (!plain_tensor(x) || !plain_tensor(weight) || !plain_tensor(lora_A) || !plain_tensor(lora_B) ||
+      (has_bias && !plain_tensor(*bias_opt)) || !Impl::on_device(x))
+    return none;
+  const c10::Device dev = x.device();
+  if (weight.device() != dev || lora_A.device() != dev || lora_B.device() != dev ||
+      (has_bias && bias_opt->device() != dev))
+    return none;
+  if (x.dim() < 1 || weight.dim() != 2 || lora_A.dim() != 2 || lora_B.dim() != 2) return none;
+  const int64_t N = weight.size(0), K = weight.size(1), r = lora_A.size(0);
+  if (x.size(-1) != K || lora_A.size(1) != K || r < 1 || r > Impl::kMaxRank || lora_B.size(0) != N || lora_B.size(1) != r ||
+      (has_bias && (bias_opt->dim() != 1 || bias_opt->size(0) != N)))
+    return none;
+  const at::ScalarType dt = x.scalar_type();
+  if ((dt != at::kHalf && dt != at::kBFloat16 && dt != at::kFloat) || weight.scalar_type() != dt ||
+      (has_bias && bias_opt->scalar_type() != dt) || !contract_dtype(dt, lora_A.scalar_type()) ||
+      !contract_dtype(dt, lora_B.scalar_type()))
+    return none;
+  if (weight.requires_grad() || (has_bias && bias_opt->requires_grad())) return none;  // ops._base_grads' case
+  if (!std::isfinite(scaling) || !(dropout_p >= 0.0 && dropout_p <= 1.0)) return none;
+  if (at::autocast::is_autocast_enabled(dev.type())) return none;
+  if (K == 0 || x.numel() == 0) return none;  // the empty problems (ops._fwd_impl)
+  double p = training ? dropout_p : 0.0;
+  if (p == 1.0) scaling = 0.0, p = 0.0;  // everything dropped: the LoRA path and its grads are zero
+  if (p > 0.0 && Impl::capturing(x)) return none;  // the graph-safe device seed: ops.lora_linear
+  const int64_t seed = p > 0.0 ? draw_seed() : 0;
+  const at::Tensor x2 = (x.dim() == 2 ? x : x.reshape({-1, K})).contiguous();
+  const std::optional<at::Tensor> bias = has_bias ? std::optional<at::Tensor>(bias_opt->contiguous()) : std::nullopt;
+  const bool grad = at::GradMode::is_enabled() &&
+                    (x.requires_grad() || lora_A.requires_grad() || lora_B.requires_grad());
+  at::Tensor y = grad ? LoraLinearFunction<Impl>::apply(x2, weight.contiguous(), bias, lora_A.contiguous(),
+                                                         lora_B.contiguous(), scaling, p, seed, 0, std::nullopt)
+                      : Impl::forward_only(x2, weight.contiguous(), bias, lora_A.contiguous(), lora_B.contiguous(),
+                                           scaling, p, seed, 0, std::nullopt);
+  if (x.dim() == 2) return y;
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  return y.reshape(shape);
+}
 
 }  // namespace lora_kernels

@@ -107,6 +107,24 @@ def _resolve_name(requested, device_type: str, float64: bool, device_seed: bool)
     return requested
 
 
+def eager_entry(requested):
+    """The C++ entry that runs a whole eager lora_linear call (csrc/lora_autograd.h, lora_linear_entry) of the
+    backend that calls with ``requested`` (None/'auto'/name) on CUDA tensors run on, where that backend has one (the
+    cuda backend), else None. The entry itself declines the calls it does not take (CPU tensors among them)."""
+    if requested in (None, "auto"):
+        requested = _config.backend() or "auto"
+    mod = _entry_backend(requested)
+    return None if mod is None else mod.linear_entry  # read per call: tests switch it off
+
+
+@functools.lru_cache(maxsize=8)
+def _entry_backend(requested):
+    if requested not in ("auto", "cuda"):  # auto: cuda comes first in AUTO_ORDER_CUDA
+        return None
+    mod = _load("cuda")[0]
+    return mod if getattr(mod, "linear_entry", None) is not None else None
+
+
 def get(name: str):
     """The backend module for a resolved name."""
     return _load(name)[0]

@@ -170,3 +170,176 @@ def test_device_seed_reaches_forward_and_backward(op, bias):
             if t is not None and r.grad is not None:
                 torch.testing.assert_close(t.grad, r.grad, msg=f"{req} {name}")
     assert seed_t.grad is None
+
+
+# ---------------------------------------------------------------------------------------------- the eager entry
+# lora_linear_entry (csrc/lora_autograd.h) runs a whole eager lora_linear call in C++, or declines it (None) for the
+# Python path to run. Here with the shim's reference math on CPU tensors; the GPU suite checks the cuda backend's
+# entry against the Python path bit for bit (test_contract.py::test_eager_paths_match_registered_op).
+@pytest.fixture(scope="module")
+def entry(op):
+    return torch.ops.lora_autograd_shim.linear_entry
+
+
+def _fresh(dtype=torch.float32, adapters=torch.float32, x_shape=(5, 7), N=6, r=3, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    K = x_shape[-1]
+    x = torch.randn(*x_shape, generator=g).to(dtype)
+    W = (torch.randn(N, K, generator=g) * max(K, 1) ** -0.5).to(dtype)
+    b = torch.randn(N, generator=g).to(dtype) if bias else None
+    A = (torch.randn(r, K, generator=g) * max(K, 1) ** -0.5).to(adapters)
+    B = (torch.randn(N, r, generator=g) * max(r, 1) ** -0.5).to(adapters)
+    return x, W, b, A, B
+
+
+@pytest.mark.parametrize("case", ["2d", "3d", "1d", "noncontig", "nobias", "bf16_fp32_adapters", "rank256"])
+@pytest.mark.parametrize("grad", [True, False])
+def test_entry_matches_the_node(op, entry, case, grad):
+    """A call the entry takes gives the same output and grads, bit for bit, as the node called on the 2-D contiguous
+    arguments the Python path would hand it (reshape back included), with and without grad mode."""
+    kw = dict(x_shape=(5, 7))
+    if case == "3d":
+        kw["x_shape"] = (2, 3, 7)
+    elif case == "1d":
+        kw["x_shape"] = (7,)
+    elif case == "nobias":
+        kw["bias"] = False
+    elif case == "bf16_fp32_adapters":
+        kw.update(dtype=torch.bfloat16)
+    elif case == "rank256":
+        kw.update(r=256)
+    x, W, b, A, B = _fresh(**kw)
+    if case == "noncontig":
+        x = torch.randn(7, 5).t()
+    ins = [x, A, B]
+    mine = [t.clone().requires_grad_(grad) for t in ins]
+    ref = [t.clone().requires_grad_(grad) for t in ins]
+    y = entry(mine[0], W, b, mine[1], mine[2], 0.75, 0.0, True)
+    assert y is not None, "declined a call it should take"
+    assert y.shape == (*x.shape[:-1], W.shape[0]) and y.dtype == x.dtype
+    x2 = ref[0].reshape(-1, x.shape[-1]).contiguous()
+    want = op(x2, W, b, ref[1].contiguous(), ref[2].contiguous(), 0.75, 0.0, 0, 0).reshape(y.shape)
+    assert torch.equal(y, want)
+    assert y.requires_grad == grad and (y.grad_fn is not None) == grad
+    if grad:
+        dy = torch.randn_like(y)
+        y.backward(dy)
+        want.backward(dy)
+        for name, a, w in zip(("x", "A", "B"), mine, ref):
+            assert torch.equal(a.grad, w.grad), name
+            assert a.grad.dtype == a.dtype, name
+
+
+def test_entry_no_grad_and_inference_mode(op, entry):
+    """Nothing to differentiate (no_grad, inference_mode, or no input requiring grad): the forward alone, no node."""
+    x, W, b, A, B = _fresh()
+    want = op(x, W, b, A, B, 0.5, 0.0, 0, 0)
+    Ag = A.clone().requires_grad_()
+    with torch.no_grad():
+        y1 = entry(x, W, b, Ag, B, 0.5, 0.0, True)
+    with torch.inference_mode():
+        y2 = entry(x, W, b, Ag, B, 0.5, 0.0, True)
+    y3 = entry(x, W, b, A, B, 0.5, 0.0, True)
+    for y in (y1, y2, y3):
+        assert y is not None and y.grad_fn is None and torch.equal(y, want)
+
+
+class _Mode(torch.utils._python_dispatch.TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def _declined_cases():
+    """(name, args builder) for calls the entry must leave to the Python path: each builds (args, context)."""
+    def base(**kw):
+        x, W, b, A, B = _fresh(**kw)
+        return [x, W, b, A, B, 0.5, 0.1, True]
+
+    def edit(i, fn, **kw):
+        def build():
+            a = base(**kw)
+            a[i] = fn(a[i])
+            return a
+        return build
+
+    return {
+        "trainable_weight": edit(1, lambda W: W.requires_grad_()),
+        "trainable_bias": edit(2, lambda b: b.requires_grad_()),
+        "nan_p": edit(6, lambda p: float("nan")),
+        "p_above_1": edit(6, lambda p: 1.5),
+        "p_below_0": edit(6, lambda p: -0.1),
+        "inf_scaling": edit(5, lambda s: float("inf")),
+        "nan_scaling": edit(5, lambda s: float("nan")),
+        "K_mismatch": edit(0, lambda x: torch.randn(5, 8)),
+        "A_K_mismatch": edit(3, lambda A: torch.randn(3, 8)),
+        "B_shape": edit(4, lambda B: torch.randn(6, 4)),
+        "bias_shape": edit(2, lambda b: torch.randn(5)),
+        "weight_dtype": edit(1, lambda W: W.double()),
+        "float64": lambda: base(dtype=torch.float64, adapters=torch.float64),
+        "adapter_dtype": edit(3, lambda A: A.half()),
+        "int_x": edit(0, lambda x: x.to(torch.int32)),
+        "rank_0": lambda: base(r=0),
+        "rank_257": lambda: base(r=257),
+        "M_0": lambda: base(x_shape=(0, 7)),
+        "K_0": lambda: base(x_shape=(5, 0)),
+        "x_0d": edit(0, lambda x: torch.tensor(1.0)),
+        "weight_1d": edit(1, lambda W: W[0]),
+        "meta_weight": edit(1, lambda W: W.to("meta")),
+        "meta_x": edit(0, lambda x: x.to("meta")),
+        "sparse_weight": edit(1, lambda W: W.to_sparse()),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_declined_cases()))
+def test_entry_declines_what_the_python_path_handles(entry, name):
+    """Invalid calls, float64, the empty problems, meta and sparse tensors, a trainable base: None, and the RNG
+    untouched (no seed drawn for a call the Python path then runs, which draws its own)."""
+    args = _declined_cases()[name]()
+    state = torch.get_rng_state()
+    assert entry(*args) is None
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_entry_declines_under_autocast_modes_and_transforms(entry):
+    """Autocast (the Python path casts like F.linear), a TorchDispatchMode, a __torch_dispatch__ tensor subclass and
+    functorch's grad transform are the Python path's: the entry declines them."""
+    x, W, b, A, B = _fresh()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert entry(x, W, b, A, B, 0.5, 0.0, True) is None
+    with _Mode():
+        assert entry(x, W, b, A, B, 0.5, 0.0, True) is None
+    from torch.testing._internal.two_tensor import TwoTensor  # a __torch_dispatch__ subclass
+
+    tt = TwoTensor(x, x.clone())
+    assert entry(tt, W, b, A, B, 0.5, 0.0, True) is None
+    seen = []
+
+    def f(xr):
+        y = entry(xr, W, b, A, B, 0.5, 0.0, True)
+        seen.append(y is None)
+        return xr.sum() * 0 if y is None else y.sum()
+
+    torch.func.grad(f)(x[0].clone())
+    assert seen == [True]
+    # (under vmap the batching fallback hands the op one plain sample at a time: ops.lora_linear does not call the
+    # entry while a functorch transform is active)
+
+
+@pytest.mark.parametrize("training,p", [(True, 0.3), (True, 0.0), (False, 0.3), (True, 1.0)])
+def test_entry_draws_the_seed_as_the_python_path(op, entry, training, p):
+    """With dropout the entry draws its seed as ops._draw_seed does, from the default CPU generator: the same value
+    and the same generator state after it, so torch.manual_seed reproduces a run whichever path took its calls.
+    Without dropout (p = 0, eval, or p = 1, which drops the whole LoRA path) nothing is drawn, and p = 1 gives the
+    base linear alone."""
+    import lora_kernels.ops as ops
+
+    x, W, b, A, B = _fresh()
+    torch.manual_seed(123)
+    y = entry(x, W, b, A, B, 0.5, p, training)
+    after = torch.get_rng_state()
+    torch.manual_seed(123)
+    if training and 0.0 < p < 1.0:
+        assert torch.ops.lora_autograd_shim.last_seed() == int(ops._draw_seed())
+    assert torch.equal(torch.get_rng_state(), after)
+    if p == 1.0:
+        assert torch.equal(y, op(x, W, b, A, B, 0.0, 0.0, 0, 0))

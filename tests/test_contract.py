@@ -382,8 +382,9 @@ def test_available_backends_reports_reasons():
 @pytest.mark.parametrize("train_base", [False, True], ids=["frozen_base", "trained_base"])
 def test_eager_paths_match_registered_op(backend, device, dtype, p, train_base, monkeypatch):
     """Every way lora_linear runs autograd gives bit-identical outputs and grads for the same seed: the eager
-    path (for the cuda backend with a frozen base its C++ autograd node, else the Python autograd.Function that
-    skips the dispatcher's wrapper), the Python autograd.Function forced, and the registered op with its
+    path (for the cuda backend with a frozen base its C++ entry, csrc/lora_autograd.h, else the Python
+    autograd.Function that skips the dispatcher's wrapper), the C++ autograd node called from Python (the entry
+    off), the Python autograd.Function forced, and the registered op with its
     register_autograd (what torch.compile records). With train_base the base weight and bias train too: the cuda
     backend's C++ node covers a frozen base only, so lora_linear must take the Python autograd (the one definition
     of dW and db) instead."""
@@ -393,11 +394,14 @@ def test_eager_paths_match_registered_op(backend, device, dtype, p, train_base, 
 
     def run(path):
         ts = [t.detach().clone().requires_grad_(train_base or i not in (1, 2)) for i, t in enumerate((x, W, b, A, B))]
-        if path == "registered":
-            seed = torch.tensor(calls[0][0] if p > 0 else 0, dtype=torch.int64)
+        if path == "registered":  # the seed that every eager path drew after torch.manual_seed(7)
+            torch.manual_seed(7)
+            seed = torch.tensor(int(lora_kernels.ops._draw_seed()) if p > 0 else 0, dtype=torch.int64)
             y = torch.ops.lora_kernels.lora_fwd(*ts, 0.5, p, seed, 0, backend)[0]
         else:
             with monkeypatch.context() as m:
+                if path in ("node", "python"):  # the C++ entry off (it runs the node or declines)
+                    m.setattr(lora_kernels._dispatch.get(backend), "linear_entry", None, raising=False)
                 if path == "python":
                     m.setattr(lora_kernels._dispatch.get(backend), "linear_autograd", None, raising=False)
                 torch.manual_seed(7)
@@ -407,11 +411,13 @@ def test_eager_paths_match_registered_op(backend, device, dtype, p, train_base, 
             assert ts[1].grad is None and ts[2].grad is None, path
         return [y] + [t.grad for i, t in enumerate(ts) if train_base or i not in (1, 2)]
 
-    with record_dropout() as calls:
-        eager = run("eager")
-    if backend == "cuda":  # the C++ autograd node ran exactly for a frozen base
+    eager = run("eager")  # (not inside record_dropout: its calls take the Python path)
+    if backend == "cuda":  # the C++ autograd node ran exactly for a frozen base, through the entry
         assert ("LoraLinearFunction" in eager[0].grad_fn.name()) != train_base, eager[0].grad_fn.name()
-    for path in ("python", "registered"):
+        ts = [t.detach().clone().requires_grad_(train_base or i not in (1, 2)) for i, t in enumerate((x, W, b, A, B))]
+        took = lora_kernels._dispatch.eager_entry(backend)(*ts, 0.5, p, True)
+        assert (took is not None) != train_base
+    for path in ("node", "python", "registered"):
         other = run(path)
         assert len(eager) == len(other) == len(names), path
         for name, got, want in zip(names, eager, other):

@@ -134,3 +134,9 @@ _LINEAR = (torch.ops.lora_kernels_cuda.lora_linear.default
            if _OPS is not None and hasattr(torch.ops.lora_kernels_cuda, "lora_linear") else None)
 linear_autograd = (_linear_autograd if _LINEAR is not None and _config.CPP_AUTOGRAD
                    else None)
+
+# lora_linear's whole eager call in C++ (``lora_kernels_cuda::linear_entry``, csrc/lora_autograd.h): the checks, the
+# seed, the reshapes and the autograd routing of ops.lora_linear without Python, for the calls it takes; it returns
+# None for the others, which ops.lora_linear then runs itself. Off with LORA_KERNELS_CPP_AUTOGRAD=0, like the node.
+linear_entry = (torch.ops.lora_kernels_cuda.linear_entry.default
+                if linear_autograd is not None and hasattr(torch.ops.lora_kernels_cuda, "linear_entry") else None)

@@ -1,6 +1,8 @@
-// CPU test shim for csrc/lora_autograd.h: the same autograd node as the CUDA binding, with reference ATen math in
-// place of the fused kernels (no dropout: the mask is not this test's subject). Registers
-// torch.ops.lora_autograd_shim.lora_linear with CPU (forward only) and Autograd kernels, like binding.cpp does.
+// CPU test shim for csrc/lora_autograd.h: the same autograd node and eager entry as the CUDA binding, with reference
+// ATen math in place of the fused kernels (no dropout: the mask is not this test's subject; a forward with p > 0
+// keeps its seed for last_seed(), so that the entry's seed draw can be checked). Registers
+// torch.ops.lora_autograd_shim.lora_linear with CPU (forward only) and Autograd kernels, and linear_entry as a
+// catch-all, like binding.cpp does.
 // The device seed seed_t (optional) stands in for the mask so that its routing can be tested: given one, the shim's
 // math uses scaling * (1 + seed_t), in forward and backward alike (a backward without it would give other grads).
 #include <ATen/ATen.h>
@@ -19,17 +21,27 @@ double seeded(double scaling, const std::optional<Tensor>& seed_t) {
   return seed_t.has_value() ? scaling * (1.0 + (double)seed_t->item<int64_t>()) : scaling;
 }
 
+int64_t g_last_seed = -1;  // the seed of the last forward with p > 0 (its dropout is not applied: see the top)
+
 struct ReferenceMath {
+  static constexpr int64_t kMaxRank = 256;
+  static bool on_device(const Tensor& x) { return x.is_cpu(); }
+  static bool capturing(const Tensor&) { return false; }
   static std::tuple<Tensor, Tensor> forward(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                                             const Tensor& lora_A, const Tensor& lora_B, double scaling, double p,
-                                            int64_t /*seed*/, int64_t /*offset*/, const std::optional<Tensor>& seed_t) {
-    TORCH_CHECK(p == 0.0, "the shim has no dropout");
+                                            int64_t seed, int64_t /*offset*/, const std::optional<Tensor>& seed_t) {
+    if (p > 0.0) g_last_seed = seed;
     scaling = seeded(scaling, seed_t);
     const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
     Tensor u = x.to(acc).mm(lora_A.to(acc).t()) * scaling;
     Tensor y = x.to(acc).mm(weight.to(acc).t()) + u.mm(lora_B.to(acc).t());
     if (bias.has_value() && bias->defined()) y = y + bias->to(acc);
     return {y.to(x.scalar_type()), u};
+  }
+  static Tensor forward_only(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                             const Tensor& lora_A, const Tensor& lora_B, double scaling, double p, int64_t seed,
+                             int64_t offset, const std::optional<Tensor>& seed_t) {
+    return std::get<0>(forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset, seed_t));
   }
   static std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dy, const Tensor& x, const Tensor& weight,
                                                      const Tensor& lora_A, const Tensor& lora_B, const Tensor& u,
@@ -60,9 +72,19 @@ Tensor forward_only(const Tensor& x, const Tensor& weight, const std::optional<T
   return std::get<0>(ReferenceMath::forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset, seed_t));
 }
 
+Tensor entry(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& lora_A,
+             const Tensor& lora_B, double scaling, double dropout_p, bool training) {
+  return lora_kernels::lora_linear_entry<ReferenceMath>(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training);
+}
+
+int64_t last_seed() { return g_last_seed; }
+
 }  // namespace
 
 TORCH_LIBRARY(lora_autograd_shim, m) {
+  m.def("linear_entry(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
+        "float dropout_p, bool training) -> Tensor", &entry);
+  m.def("last_seed() -> int", &last_seed);
   m.def("lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, float p, "
         "int seed, int offset, Tensor? seed_t=None) -> Tensor");
 }
