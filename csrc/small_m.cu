@@ -22,10 +22,10 @@
 //          cores' own accumulation truncates. Y is accumulated as a GEMM's is.
 // Tiling : 256 threads (8 warps), one block per SM. K in SMK_KC (64)-column chunks through an S-slot cp.async ring
 //          (S = 5 or 6: about 90 KB of W in flight per SM), a slot holding the x chunk (MP = M rounded up to 16, 32
-//          or 64 rows; rows past M zero-filled) and the W chunk (BN rows). Warp w owns columns 16 w .. 16 w + 15 of
-//          the tile for all K steps. U's work, NT n8-tiles (ceil(r / 8) rounded up to 1, 2, 4, 8) x 4 k16 steps
-//          per chunk, is dealt to the warps as units (unit = step * NT + n8-tile, warp = unit % 8): every warp then
-//          holds one n8-tile of U; A's values for a unit are loaded from global memory one chunk ahead.
+//          or 64 rows; rows past M zero-filled), the W chunk (BN rows) and A's chunk (8 NT rows, in A's type). Warp w
+//          owns columns 16 w .. 16 w + 15 of the tile for all K steps. U's work, NT n8-tiles (ceil(r / 8) rounded up
+//          to 1, 2, 4, 8) x 4 k16 steps per chunk, is dealt to the warps as units (unit = step * NT + n8-tile, warp =
+//          unit % 8): every warp then holds one n8-tile of U.
 // Epilogue: the warps' Y columns and (in warp order) their U parts go through shared memory (the ring, free by
 //          then); partials through a workspace (splits x M x N and tiles x splits x M x r floats); the per-tile
 //          counters live in a per-stream buffer (small_m_counters) and the last block resets its tile's counter, so
@@ -63,23 +63,32 @@ static_assert(SMK_BN == 16 * (kTcThreads / 32), "16 columns per warp");
 // Row fragments (16 rows each) of the M rows: 1, 2 or 4 (M in 33..48 is padded to 64).
 inline int small_m_frags(int64_t M) { return M <= 16 ? 1 : M <= 32 ? 2 : 4; }
 
-// Ring slots and bytes of the tensor-core kernel for MF row fragments (at most 138 KB: an A100 takes it too).
-__host__ __device__ constexpr int small_m_stages(int mf) { return mf == 4 ? 5 : 6; }
-__host__ __device__ constexpr size_t small_m_slot_elems(int mf) { return (size_t)(16 * mf + SMK_BN) * SMK_LD; }
-__host__ __device__ constexpr size_t small_m_smem(int mf) { return small_m_stages(mf) * small_m_slot_elems(mf) * 2; }
-// After the main loop the ring holds Y [MP][SMK_LDT], the U part [MP][65], u [64][64] and the B tile [BN][65].
-__host__ __device__ constexpr size_t small_m_epilogue_bytes(int mf) {
-  return (size_t)(16 * mf * SMK_LDT + 16 * mf * 65 + kSmallMMaxM * kSmallMMaxR + SMK_BN * 65) * 4;
-}
-static_assert(small_m_smem(1) >= small_m_epilogue_bytes(1) && small_m_smem(2) >= small_m_epilogue_bytes(2) &&
-                  small_m_smem(4) >= small_m_epilogue_bytes(4),
-              "epilogue buffers fit in the ring");
-
 // U's n8-tiles: ceil(r / 8) rounded up to a power of two (1, 2, 4, 8), so that the units deal evenly to 8 warps.
 __host__ __device__ inline int small_m_u_tiles(int r) {
   const int t = (r + 7) / 8;
   return t <= 1 ? 1 : t <= 2 ? 2 : t <= 4 ? 4 : 8;
 }
+
+// Ring slots of the tensor-core kernel for MF row fragments: x [MP][SMK_LD] and W [BN][SMK_LD] in x's 16-bit type,
+// then A's chunk [8 NT][lda] in A's type (a_bytes per element; lda = SMK_KC + 16 bytes of padding). A travels with
+// x and W because its loads, issued from registers, waited behind the whole stream's queue every chunk: about 2.5 us
+// each under full load (fifteenth session, 3.3x the floor at M = 1).
+__host__ __device__ constexpr int small_m_stages(int mf) { return mf == 4 ? 5 : 6; }
+__host__ __device__ constexpr int small_m_lda(int a_bytes) { return SMK_KC + 16 / a_bytes; }
+__host__ __device__ inline size_t small_m_slot_bytes(int mf, int r, int a_bytes) {
+  return (size_t)(16 * mf + SMK_BN) * SMK_LD * 2 + (size_t)8 * small_m_u_tiles(r) * small_m_lda(a_bytes) * a_bytes;
+}
+__host__ __device__ inline size_t small_m_smem(int mf, int r, int a_bytes) {
+  return small_m_stages(mf) * small_m_slot_bytes(mf, r, a_bytes);
+}
+// After the main loop the ring holds Y [MP][SMK_LDT], the U part [MP][65], u [64][64] and the B tile [BN][65].
+__host__ __device__ constexpr size_t small_m_epilogue_bytes(int mf) {
+  return (size_t)(16 * mf * SMK_LDT + 16 * mf * 65 + kSmallMMaxM * kSmallMMaxR + SMK_BN * 65) * 4;
+}
+static_assert(5 * (size_t)(64 + SMK_BN) * SMK_LD * 2 >= small_m_epilogue_bytes(4) &&
+                  6 * (size_t)(32 + SMK_BN) * SMK_LD * 2 >= small_m_epilogue_bytes(2) &&
+                  6 * (size_t)(16 + SMK_BN) * SMK_LD * 2 >= small_m_epilogue_bytes(1),
+              "epilogue buffers fit in the ring");
 
 // The current device's opt-in shared memory per block (227 KB on sm_90, 163 KB on an A100; 0 when unknown).
 inline size_t smem_optin_bytes() {
@@ -229,14 +238,31 @@ __global__ void __launch_bounds__(kTcThreads, 1) lora_small_m_tc_kernel(const Sm
   const int r = a.r, NT = small_m_u_tiles(r), nt = warp % NT, j_row = 8 * nt + lo.g;
   extern __shared__ __align__(128) unsigned char lk_smem[];
   __shared__ int is_last;
-  T* const ring = reinterpret_cast<T*>(lk_smem);
-  constexpr int kX = MP * LD, slot_elems = (MP + BN) * LD;  // one slot: x [MP][LD] | W [BN][LD]
-  auto slot = [&](int64_t t) { return ring + (int)(t % S) * slot_elems; };
+  // One slot: x [MP][LD] | W [BN][LD] | A [RP][LDA] (RP = 8 NT rows, zero past r).
+  constexpr int kX = MP * LD, LDA = small_m_lda(sizeof(TA)), kAPer = 16 / sizeof(TA);
+  const int RP = 8 * NT;
+  const size_t slot_bytes = small_m_slot_bytes(MF, r, sizeof(TA));
+  auto slot = [&](int64_t t) { return reinterpret_cast<T*>(lk_smem + (size_t)(t % S) * slot_bytes); };
+  auto slot_a = [&](int64_t t) { return reinterpret_cast<TA*>(slot(t) + (MP + BN) * LD); };
 
-  // cp.async of chunk t: x and W rows in 8-groups; rows past M or N and columns past the slice read as zeros.
+  // cp.async of chunk t: x, W and A rows in 16-byte groups; rows past M, N or r and columns past the slice read as
+  // zeros.
   auto issue = [&](int64_t t) {
     T* s = slot(t);
+    TA* sa = slot_a(t);
     const int64_t k0 = k_begin + t * SMK_KC;
+    for (int g = tid; g < RP * (SMK_KC / kAPer); g += kTcThreads) {
+      const int row = g / (SMK_KC / kAPer), col = g % (SMK_KC / kAPer) * kAPer;
+      const TA* src = a.A + (int64_t)row * K + k0 + col;
+      const int valid = row < r ? n_valid(k_end - k0 - col, kAPer) : 0;
+      TA* dst = sa + row * LDA + col;
+      if (valid > 0 && (reinterpret_cast<uintptr_t>(src) & 15) == 0) {
+        cp_async16(smem_addr(dst), src, valid * (int)sizeof(TA));
+      } else {
+#pragma unroll
+        for (int q = 0; q < kAPer; ++q) dst[q] = q < valid ? src[q] : TA(0.f);
+      }
+    }
     for (int g = tid; g < MP * (SMK_KC / 8); g += kTcThreads) {
       const int row = g / (SMK_KC / 8), col = g % (SMK_KC / 8) * 8;
       copy8_async<T>(s + row * LD + col, a.x + row * K + k0 + col, row < M ? n_valid(k_end - k0 - col, 8) : 0);
@@ -248,22 +274,8 @@ __global__ void __launch_bounds__(kTcThreads, 1) lora_small_m_tc_kernel(const Sm
                      n0 + row < N ? n_valid(k_end - k0 - col, 8) : 0);
     }
   };
-  // This warp's U units of chunk t: step s is one when (s * NT + nt) % 8 == warp. A[j_row][k], k = the step's
-  // columns 2t, 2t + 1, 2t + 8, 2t + 9 of this lane (zero past r and the slice).
+  // This warp's U units: k16 step s of a chunk is one when (s * NT + nt) % 8 == warp.
   auto mine = [&](int s) { return ((s * NT + nt) & 7) == warp; };
-  auto load_a = [&](int64_t t, float (&v)[4][4]) {
-#pragma unroll
-    for (int s = 0; s < 4; ++s) {
-      if (!mine(s)) continue;
-      const int64_t k = k_begin + t * SMK_KC + 16 * s + 2 * lo.t;
-      const TA* row = a.A + (int64_t)j_row * K;
-      const bool ok = j_row < r;
-      v[s][0] = ok && k < k_end ? to_f<TA>(row[k]) : 0.f;
-      v[s][1] = ok && k + 1 < k_end ? to_f<TA>(row[k + 1]) : 0.f;
-      v[s][2] = ok && k + 8 < k_end ? to_f<TA>(row[k + 8]) : 0.f;
-      v[s][3] = ok && k + 9 < k_end ? to_f<TA>(row[k + 9]) : 0.f;
-    }
-  };
 
   float acc[MF][2][4], uacc[MF][4];
 #pragma unroll
@@ -272,21 +284,19 @@ __global__ void __launch_bounds__(kTcThreads, 1) lora_small_m_tc_kernel(const Sm
 #pragma unroll
     for (int q = 0; q < 4; ++q) uacc[mf][q] = 0.f;
   }
-  float a_cur[4][4] = {}, a_nxt[4][4] = {};
 
 #pragma unroll
   for (int t = 0; t < S - 1; ++t) {
     if (t < n_chunks) issue(t);
     cp_async_commit();
   }
-  if (n_chunks > 0) load_a(0, a_cur);
   for (int64_t t = 0; t < n_chunks; ++t) {
     cp_async_wait<S - 2>();
     __syncthreads();  // chunk t complete; chunk t-1's slot free
     if (t + S - 1 < n_chunks) issue(t + S - 1);
     cp_async_commit();
-    if (t + 1 < n_chunks) load_a(t + 1, a_nxt);
     const T* sx = slot(t);
+    const TA* arow = slot_a(t) + j_row * LDA + 2 * lo.t;  // A[j_row][2t ...] of the chunk
 #pragma unroll
     for (int s = 0; s < 4; ++s) {
       const int kk = 16 * s;
@@ -297,8 +307,11 @@ __global__ void __launch_bounds__(kTcThreads, 1) lora_small_m_tc_kernel(const Sm
 #pragma unroll
       for (int mf = 0; mf < MF; ++mf) mma16816x2<T>(acc[mf][0], acc[mf][1], xa[mf], wb);
       if (mine(s)) {  // one U unit: its piece products in a fresh accumulator, then added (round to nearest)
+        // this lane's A values: columns 2t, 2t + 1, 2t + 8, 2t + 9 of the step
+        const float av[4] = {to_f<TA>(arow[kk]), to_f<TA>(arow[kk + 1]), to_f<TA>(arow[kk + 8]),
+                             to_f<TA>(arow[kk + 9])};
         uint32_t b[U::AP][2];
-        a_fragments<UT, U::AP>(a_cur[s], b);
+        a_fragments<UT, U::AP>(av, b);
 #pragma unroll
         for (int mf = 0; mf < MF; ++mf) {
           float part[4] = {0.f, 0.f, 0.f, 0.f};
@@ -320,10 +333,6 @@ __global__ void __launch_bounds__(kTcThreads, 1) lora_small_m_tc_kernel(const Sm
         }
       }
     }
-#pragma unroll
-    for (int s = 0; s < 4; ++s)
-#pragma unroll
-      for (int q = 0; q < 4; ++q) a_cur[s][q] = a_nxt[s][q];
   }
   cp_async_wait<0>();
   __syncthreads();  // the ring is free
@@ -526,9 +535,9 @@ const char* lora_small_m_unsupported(int64_t M, int64_t N, int64_t K, int r, DTy
   if (ceil_div(N, SMK_BN) > INT_MAX) return "N is too large for the grid";
   if (x_dtype != DType::kFloat32) {
     if (!tc_supported()) return "16-bit x below sm_80";
-    if (small_m_smem(small_m_frags(M)) > smem_optin_bytes()) return "its shared memory does not fit this GPU";
+    if (small_m_smem(small_m_frags(M), r, a_dtype == DType::kFloat32 ? 4 : 2) > smem_optin_bytes())
+      return "its shared memory does not fit this GPU";
   }
-  (void)a_dtype;
   return nullptr;
 }
 
@@ -578,7 +587,8 @@ cudaError_t launch_lora_small_m_forward(const void* x, DType x_dtype, const void
                                static_cast<const TA*>(A), B, b_dtype == DType::kFloat32 ? 1 : 0,
                                static_cast<T*>(y), u, part_y, part_u, counters, M, N, K, plan.slice, r,
                                plan.splits, scaling};
-        return launch_kernel(lora_small_m_tc_kernel<T, TA, MF>, grid, kTcThreads, small_m_smem(MF), stream, args);
+        return launch_kernel(lora_small_m_tc_kernel<T, TA, MF>, grid, kTcThreads, small_m_smem(MF, r, sizeof(TA)),
+                             stream, args);
       };
       return a_dtype == DType::kFloat32 ? run(float{}) : run(T{});
     });
