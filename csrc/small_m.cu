@@ -260,7 +260,7 @@ __global__ void __launch_bounds__(kTcThreads, 1) lora_small_m_tc_kernel(const Sm
         cp_async16(smem_addr(dst), src, valid * (int)sizeof(TA));
       } else {
 #pragma unroll
-        for (int q = 0; q < kAPer; ++q) dst[q] = q < valid ? src[q] : TA(0.f);
+        for (int q = 0; q < kAPer; ++q) dst[q] = q < valid ? src[q] : from_f<TA>(0.f);
       }
     }
     for (int g = tid; g < MP * (SMK_KC / 8); g += kTcThreads) {
