@@ -350,14 +350,13 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& weight, c
 
   if (small_m_unsupported(x, weight, lora_A, p) == nullptr) {  // M <= 64: one launch
     const int64_t u_piece = keep_u ? -1 : ws.reserve_floats(M * r);
-    const int64_t split_piece = ws.reserve((int64_t)lk::lora_small_m_workspace_bytes(M, N, K, r, x_dt));
     ws.allocate(x.options());
     Tensor y = at::empty({M, N}, x.options());
     check_cuda(lk::launch_lora_small_m_forward(x.data_ptr(), x_dt, weight.data_ptr(),
                                                has_bias ? bias->data_ptr() : nullptr, lora_A.data_ptr(), a_dt,
                                                lora_B.data_ptr(), b_dt, y.data_ptr(),
                                                keep_u ? u.data_ptr<float>() : ws.ptr<float>(u_piece), M, N, K, r,
-                                               (float)scaling, ws.ptr(split_piece), stream),
+                                               (float)scaling, stream),
                "small-M forward launch");
     return {y, u};
   }

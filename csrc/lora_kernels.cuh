@@ -105,12 +105,9 @@ cudaError_t launch_dropout_keep_bits_kept(uint8_t* bits, const void* x, void* ke
 // launcher takes these sizes here, else why not (M above 64, r too large for M, dropout p > 0, ...).
 const char* lora_small_m_unsupported(int64_t M, int64_t N, int64_t K, int r, DType x_dtype, DType a_dtype,
                                      float p);
-// workspace: lora_small_m_workspace_bytes (16-byte aligned; 0 bytes: may be null), the K split's partials.
-size_t lora_small_m_workspace_bytes(int64_t M, int64_t N, int64_t K, int r, DType x_dtype);
 cudaError_t launch_lora_small_m_forward(const void* x, DType x_dtype, const void* W, const void* bias, const void* A,
                                         DType a_dtype, const void* B, DType b_dtype, void* y, float* u, int64_t M,
-                                        int64_t N, int64_t K, int r, float scaling, void* workspace,
-                                        cudaStream_t stream);
+                                        int64_t N, int64_t K, int r, float scaling, cudaStream_t stream);
 
 // y (M, N) y_dtype = u (M, r) fp32 @ B^T + bias ; B (N, r) b_dtype, bias (N,) y_dtype or null. fp32 accumulation
 // (u and B cast to y_dtype first when it is 16-bit), bias added in fp32, one write of y (never read).

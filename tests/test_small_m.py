@@ -3,9 +3,9 @@ s u B^T and the saved u = s x A^T, is one kernel launch. GPU-only (skips elsewhe
 be (forward_path, and a profiler count of one kernel), it says why where it is not (dropout among the reasons: the
 unfused forward is faster there), and y, u and the grads meet the float64 tolerance rule (error at most 2x the
 same-precision PyTorch computation's, plus a floor) with every output poisoned first, for K and N that are not
-multiples of any tile, every x dtype, fp32 and 16-bit adapters, with and without bias, misaligned inputs, one K slice
-or several (the K split's partials and the last block of each tile), ranks that are not multiples of 8. The kernel's
-per-tile counters are checked across streams and CUDA graph replays, where every launch gives the same bits. With dropout, the same checks hold for the forward that
+multiples of any tile, every x dtype, fp32 and 16-bit adapters, with and without bias, misaligned inputs, and grids with
+fewer y tiles than u items (N small next to M * r / 32: the blocks compute the unclaimed items at their epilogue). The
+kernel's grid-wide counters are checked across streams and CUDA graph replays. With dropout, the same checks hold for the forward that
 small M takes instead."""
 import pytest
 import torch
@@ -67,8 +67,7 @@ def _check_forward(M, K, N, r, dtype, adapter_dtype, bias, p, misaligned=False, 
 @pytest.mark.parametrize("M,K,N,r", [(1, 4096, 4096, 16), (16, 4096, 1000, 16), (64, 1000, 4104, 16),
                                      (7, 37, 24, 8), (17, 200, 100, 32), (33, 72, 40, 1), (64, 130, 300, 32),
                                      (32, 520, 264, 64), (5, 1, 3, 4), (64, 64, 24, 32),
-                                     (64, 300, 40, 64), (48, 4096, 16, 64), (64, 4096, 4096, 16),
-                                     (64, 4100, 1000, 64), (33, 14336, 136, 24), (2, 8200, 130, 3)])
+                                     (64, 300, 40, 64), (48, 4096, 16, 64)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_small_m_forward_against_float64(dtype, adapter_dtype, M, K, N, r, bias):
     _check_forward(M, K, N, r, dtype, adapter_dtype, bias, 0.0)
@@ -160,9 +159,8 @@ def test_small_m_matches_the_unfused_path():
 
 
 def test_small_m_streams_and_graph_replays():
-    """The kernel's per-tile counters (one buffer per stream, each reset by the last block of its tile; this shape
-    takes a K split): back-to-back launches on two streams, and a captured graph replayed several times, give the
-    eager result bit for bit."""
+    """The kernel's claim / done / exit counters (one buffer per stream, reset by the last block of each launch):
+    back-to-back launches on two streams, and a captured graph replayed several times, give the eager result."""
     cb = _cb()
     x, W, b, A, B = _inputs(16, 1024, 4096, 16, torch.bfloat16, torch.float32, True)
     y_ref, u_ref = cb.forward(x, W, b, A, B, S, 0.0, 0, 0)
