@@ -8,7 +8,11 @@ NVCC="${NVCC:-nvcc}"
 command -v "$NVCC" >/dev/null || { echo "compile_cu: nvcc not found" >&2; exit 1; }
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
-export NVCC tmp
+# The defines that torch's CUDAExtension adds to every nvcc command (torch.utils.cpp_extension COMMON_NVCC_FLAGS):
+# without them a __half built from a float compiled here and failed in the wheel build (fifteenth session).
+TORCH_DEFINES="-D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__"
+TORCH_DEFINES="$TORCH_DEFINES -D__CUDA_NO_HALF2_OPERATORS__"
+export NVCC tmp TORCH_DEFINES
 
 # The sm_90 GEMM's instances need the CUTLASS headers (the pinned nvidia-cutlass wheel, unpacked without its
 # Python dependencies) and sm_90a: in the plain jobs they compile without the kernels (LORA_KERNELS_HAVE_SM90_GEMM
@@ -42,14 +46,15 @@ one() {  # one job: kind std mode file; prints ok/FAILED, exits non-zero on fail
   local kind=$1 std=$2 mode=$3 f=$4 out
   out="$tmp/$(basename "$f" .cu).$std.$kind.out"
   if [ "$kind" = cutlass ]; then
-    if "$NVCC" -std=$std -O3 -DNDEBUG --expt-relaxed-constexpr $mode -gencode=arch=compute_90a,code=sm_90a \
+    if "$NVCC" -std=$std -O3 -DNDEBUG --expt-relaxed-constexpr $TORCH_DEFINES $mode -gencode=arch=compute_90a,code=sm_90a \
          -DLORA_KERNELS_HAVE_SM90_GEMM=1 -I"$CUT/cutlass_library/source/include" \
          -I"$CUT/cutlass_library/source/tools/util/include" -Icsrc "$f" -o "$out" 2>"$out.err"; then
       echo "ok ($std $mode, sm_90a, CUTLASS): $f"
     else
       cat "$out.err" >&2; echo "FAILED ($std $mode, sm_90a, CUTLASS): $f" >&2; return 1
     fi
-  elif "$NVCC" -std=$std -O3 -c -gencode=arch=compute_90,code=sm_90 -Icsrc "$f" -o "$out" 2>"$out.err"; then
+  elif "$NVCC" -std=$std -O3 --expt-relaxed-constexpr $TORCH_DEFINES -c -gencode=arch=compute_90,code=sm_90 -Icsrc "$f" \
+         -o "$out" 2>"$out.err"; then
     echo "ok ($std): $f"
   else
     cat "$out.err" >&2; echo "FAILED ($std): $f" >&2; return 1

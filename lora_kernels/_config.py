@@ -19,9 +19,11 @@ Read once, when lora_kernels is imported:
                                         the kernels are defined, so a later change has no effect.
     LORA_KERNELS_TRITON_FAST_LAUNCH     triton backend: 1 (default) relaunches compiled kernels without triton's
                                         JITFunction.run (host time); 0 launches every kernel through the JIT.
-    LORA_KERNELS_CPP_AUTOGRAD           cuda backend: 1 (default) runs eager calls that need grads, with a frozen
-                                        weight and bias, through its C++ autograd node; 0 uses the Python autograd
-                                        of lora_kernels.ops instead (which a trainable weight or bias always uses).
+    LORA_KERNELS_CPP_AUTOGRAD           cuda backend: 1 (default) runs eager calls in C++ from the op call on (the
+                                        entry of csrc/lora_autograd.h: checks, seed, reshapes and, for calls that
+                                        need grads with a frozen weight and bias, its C++ autograd node); 0 uses the
+                                        Python wrapper and autograd of lora_kernels.ops instead (which a trainable
+                                        weight or bias always uses).
     LORA_KERNELS_TRITON_FP32_SPLIT      triton backend: 1 (default) runs the adapter products of fp32 adapters on a
                                         bf16 x (u, g, dA, dB) on tensor cores, the fp32 operand split into three
                                         bf16 pieces (as the cuda backend); 0 runs them as fp32 "ieee" dots (about 3x
