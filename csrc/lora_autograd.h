@@ -166,8 +166,8 @@ at::Tensor lora_linear_entry(const at::Tensor& x, const at::Tensor& weight, cons
     return none;
   if (x.dim() < 1 || weight.dim() != 2 || lora_A.dim() != 2 || lora_B.dim() != 2) return none;
   const int64_t N = weight.size(0), K = weight.size(1), r = lora_A.size(0);
-  if (x.size(-1) != K || lora_A.size(1) != K || r < 1 || r > Impl::kMaxRank || lora_B.size(0) != N || lora_B.size(1) != r ||
-      (has_bias && (bias_opt->dim() != 1 || bias_opt->size(0) != N)))
+  if (x.size(-1) != K || lora_A.size(1) != K || r < 1 || r > Impl::kMaxRank || lora_B.size(0) != N ||
+      lora_B.size(1) != r || (has_bias && (bias_opt->dim() != 1 || bias_opt->size(0) != N)))
     return none;
   const at::ScalarType dt = x.scalar_type();
   if ((dt != at::kHalf && dt != at::kBFloat16 && dt != at::kFloat) || weight.scalar_type() != dt ||
