@@ -125,12 +125,15 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction<I
 //   static bool capturing(const at::Tensor& x)       a CUDA graph capture is under way on x's current stream
 //   static at::Tensor forward_only(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset, seed_t)
 //                                                    y alone (u a temporary): the call with nothing to differentiate
+// The dispatch keys of what the entry leaves to the Python path, on a tensor (a subclass, a functorch wrapper) or in
+// the thread's included set (a dispatch mode, a functorch transform, functionalization).
+constexpr c10::DispatchKeySet kForeignKeys =
+    c10::python_ks | c10::functorch_transforms_ks |
+    c10::DispatchKeySet({c10::DispatchKey::Functionalize, c10::DispatchKey::FuncTorchDynamicLayerFrontMode,
+                         c10::DispatchKey::FuncTorchDynamicLayerBackMode});
+
 inline bool plain_tensor(const at::Tensor& t) {
-  constexpr c10::DispatchKeySet foreign =
-      c10::python_ks | c10::functorch_transforms_ks |
-      c10::DispatchKeySet({c10::DispatchKey::Functionalize, c10::DispatchKey::FuncTorchDynamicLayerFrontMode,
-                           c10::DispatchKey::FuncTorchDynamicLayerBackMode});
-  return t.defined() && t.layout() == at::kStrided && !t.key_set().has_any(foreign);
+  return t.defined() && t.layout() == at::kStrided && !t.key_set().has_any(kForeignKeys);
 }
 
 inline bool contract_dtype(at::ScalarType x, at::ScalarType adapter) {
@@ -152,10 +155,7 @@ at::Tensor lora_linear_entry(const at::Tensor& x, const at::Tensor& weight, cons
                              const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling, double dropout_p,
                              bool training) {
   const at::Tensor none;
-  constexpr c10::DispatchKeySet modes = c10::python_ks | c10::DispatchKeySet(
-      {c10::DispatchKey::FuncTorchDynamicLayerFrontMode, c10::DispatchKey::FuncTorchDynamicLayerBackMode,
-       c10::DispatchKey::Functionalize});
-  if (c10::impl::tls_local_dispatch_key_set().included_.has_any(modes)) return none;  // a dispatch mode, functorch
+  if (c10::impl::tls_local_dispatch_key_set().included_.has_any(kForeignKeys)) return none;
   const bool has_bias = bias_opt.has_value() && bias_opt->defined();
   if (!plain_tensor(x) || !plain_tensor(weight) || !plain_tensor(lora_A) || !plain_tensor(lora_B) ||
       (has_bias && !plain_tensor(*bias_opt)) || !Impl::on_device(x))
@@ -183,13 +183,12 @@ at::Tensor lora_linear_entry(const at::Tensor& x, const at::Tensor& weight, cons
   if (p > 0.0 && Impl::capturing(x)) return none;  // the graph-safe device seed: ops.lora_linear
   const int64_t seed = p > 0.0 ? draw_seed() : 0;
   const at::Tensor x2 = (x.dim() == 2 ? x : x.reshape({-1, K})).contiguous();
+  const at::Tensor w = weight.contiguous(), A = lora_A.contiguous(), B = lora_B.contiguous();
   const std::optional<at::Tensor> bias = has_bias ? std::optional<at::Tensor>(bias_opt->contiguous()) : std::nullopt;
   const bool grad = at::GradMode::is_enabled() &&
                     (x.requires_grad() || lora_A.requires_grad() || lora_B.requires_grad());
-  at::Tensor y = grad ? LoraLinearFunction<Impl>::apply(x2, weight.contiguous(), bias, lora_A.contiguous(),
-                                                         lora_B.contiguous(), scaling, p, seed, 0, std::nullopt)
-                      : Impl::forward_only(x2, weight.contiguous(), bias, lora_A.contiguous(), lora_B.contiguous(),
-                                           scaling, p, seed, 0, std::nullopt);
+  at::Tensor y = grad ? LoraLinearFunction<Impl>::apply(x2, w, bias, A, B, scaling, p, seed, 0, std::nullopt)
+                      : Impl::forward_only(x2, w, bias, A, B, scaling, p, seed, 0, std::nullopt);
   if (x.dim() == 2) return y;
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = N;

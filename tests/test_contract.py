@@ -392,8 +392,11 @@ def test_eager_paths_match_registered_op(backend, device, dtype, p, train_base, 
     dy = torch.randn(11, 24, device=device).to(dtype)
     names = ("y", "dx", "dW", "db", "dA", "dB") if train_base else ("y", "dx", "dA", "dB")
 
+    def leaves():  # fresh copies of the inputs; W and b require grad only with train_base
+        return [t.detach().clone().requires_grad_(train_base or i not in (1, 2)) for i, t in enumerate((x, W, b, A, B))]
+
     def run(path):
-        ts = [t.detach().clone().requires_grad_(train_base or i not in (1, 2)) for i, t in enumerate((x, W, b, A, B))]
+        ts = leaves()
         if path == "registered":  # the seed that every eager path drew after torch.manual_seed(7)
             torch.manual_seed(7)
             seed = torch.tensor(int(lora_kernels.ops._draw_seed()) if p > 0 else 0, dtype=torch.int64)
@@ -414,8 +417,7 @@ def test_eager_paths_match_registered_op(backend, device, dtype, p, train_base, 
     eager = run("eager")  # (not inside record_dropout: its calls take the Python path)
     if backend == "cuda":  # the C++ autograd node ran exactly for a frozen base, through the entry
         assert ("LoraLinearFunction" in eager[0].grad_fn.name()) != train_base, eager[0].grad_fn.name()
-        ts = [t.detach().clone().requires_grad_(train_base or i not in (1, 2)) for i, t in enumerate((x, W, b, A, B))]
-        took = lora_kernels._dispatch.eager_entry(backend)(*ts, 0.5, p, True)
+        took = lora_kernels._dispatch.eager_entry(backend)(*leaves(), 0.5, p, True)
         assert (took is not None) != train_base
     for path in ("node", "python", "registered"):
         other = run(path)
