@@ -1,0 +1,422 @@
+// Small-M main loops, measured without torch: which way of streaming W reaches cuBLAS's speed at M = 1, 16, 64.
+// The one-launch small-M forward (csrc/small_m.cu, with its LoRA term, fp32 adapters) runs alongside, as do
+// cuBLAS's y = x W^T and main-loop variants of y = x W^T alone (bf16, fp32 accumulation):
+//   cp  : a cp.async ring of S chunks of KC columns (x rows < M and BN rows of W per chunk), NW warps splitting each
+//         chunk's k16 steps, an optional K split over grid.y (partials added in fp32 with atomics: timing only);
+//   tma : the same tile with each row of a chunk brought by one bulk copy (cp.async.bulk, mbarrier completion),
+//         issued by warp 0's lanes, S chunks in flight.
+// GPU time as the suite measures it: every launch queued behind a GPU sleep, W rotated through 3 sets (larger than
+// the 50 MB L2 from N*K = 4096*4096 up), median of 30. Each variant's output is checked against an fp32 reference.
+//   nvcc -arch=sm_90a -O3 -std=c++17 -Icsrc -I<cublas include> bench/dev/small_m_bench.cu csrc/small_m.cu \
+//        csrc/plans.cu -lcublas -o /tmp/smb && /tmp/smb
+#include "lora_kernels.cuh"
+
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#define CK(x)                                                                                    \
+  do {                                                                                           \
+    cudaError_t e_ = (x);                                                                        \
+    if (e_ != cudaSuccess) {                                                                     \
+      printf("CUDA error %s at line %d\n", cudaGetErrorString(e_), __LINE__);                    \
+      exit(1);                                                                                   \
+    }                                                                                            \
+  } while (0)
+
+using bf16 = __nv_bfloat16;
+
+// ------------------------------------------------------------------------------------------------ helpers
+__device__ __forceinline__ uint32_t smem_u32(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void cp16(void* s, const void* g) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_u32(s)), "l"(g));
+}
+__device__ __forceinline__ void ldsm4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(p)));
+}
+__device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void mbar_init(uint64_t* b, int n) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(b)), "r"(n));
+}
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* b, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(b)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* b, uint32_t parity) {
+  asm volatile(
+      "{\n .reg .pred p;\n LAB_WAIT:\n"
+      " mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+      " @p bra.uni DONE;\n bra.uni LAB_WAIT;\n DONE:\n }\n" ::"r"(smem_u32(b)),
+      "r"(parity)
+      : "memory");
+}
+__device__ __forceinline__ void bulk_g2s(void* s, const void* g, uint32_t bytes, uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(smem_u32(s)),
+      "l"(g), "r"(bytes), "r"(smem_u32(bar))
+      : "memory");
+}
+
+// ------------------------------------------------------------------------------------------------ main loops
+// y (M x N) = x (M x K) W^T (N x K), M <= 16 MF, K a multiple of KC * grid.y. Block: BN columns of y, K range
+// blockIdx.y of gridDim.y. With gridDim.y > 1, fp32 partials are added into y32 (atomics) instead of writing y.
+template <int MF, int BN, int KC, int S, int NW, bool TMA>
+struct MainLoop {
+  static constexpr int MP = 16 * MF, LD = KC + 8, NT = 32 * NW;
+  static constexpr int SLOT = (MP + BN) * LD;  // elements
+  static constexpr size_t kSmem = (size_t)S * SLOT * 2 + 8 * S + 16;
+};
+
+template <int MF, int BN, int KC, int S, int NW, bool TMA, int MINB>
+__global__ void __launch_bounds__(32 * NW, MINB)
+mm_kernel(const bf16* __restrict__ x, const bf16* __restrict__ W, bf16* __restrict__ y, float* __restrict__ y32,
+          int M, int N, int K) {
+  using L = MainLoop<MF, BN, KC, S, NW, TMA>;
+  constexpr int MP = L::MP, LD = L::LD, NT = L::NT, SLOT = L::SLOT;
+  extern __shared__ __align__(128) unsigned char smem[];
+  bf16* ring = reinterpret_cast<bf16*>(smem);
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + (size_t)S * SLOT * 2);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int n0 = blockIdx.x * BN;
+  const int kper = K / gridDim.y, kbeg = blockIdx.y * kper;
+  const int nch = kper / KC;
+  // rows of x past M: zero once in every slot (never copied)
+  for (int i = tid; i < S * (MP - M) * LD; i += NT) {
+    const int s = i / ((MP - M) * LD), j = i % ((MP - M) * LD);
+    ring[s * SLOT + M * LD + j] = __float2bfloat16(0.f);
+  }
+  const int nrows_w = min(BN, N - n0);
+  for (int i = tid; i < S * (BN - nrows_w) * LD; i += NT) {
+    const int s = i / ((BN - nrows_w) * LD), j = i % ((BN - nrows_w) * LD);
+    ring[s * SLOT + (MP + nrows_w) * LD + j] = __float2bfloat16(0.f);
+  }
+  if (TMA && tid == 0) {
+    for (int s = 0; s < S; ++s) mbar_init(&full[s], 1);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  auto issue_cp = [&](int t) {
+    if (t < nch) {
+      bf16* s = ring + (t % S) * SLOT;
+      const int k0 = kbeg + t * KC;
+      constexpr int PR = KC / 8;  // 16-byte pieces per row
+      const int total = (M + nrows_w) * PR;
+      for (int g = tid; g < total; g += NT) {
+        const int row = g / PR, col = g % PR * 8;
+        if (row < M)
+          cp16(s + row * LD + col, x + (int64_t)row * K + k0 + col);
+        else
+          cp16(s + (MP + row - M) * LD + col, W + (int64_t)(n0 + row - M) * K + k0 + col);
+      }
+    }
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+  };
+  auto issue_tma = [&](int t) {  // warp 0
+    if (t >= nch) return;
+    bf16* s = ring + (t % S) * SLOT;
+    const int k0 = kbeg + t * KC;
+    for (int row = lane; row < M + nrows_w; row += 32) {
+      if (row < M)
+        bulk_g2s(s + row * LD, x + (int64_t)row * K + k0, KC * 2, &full[t % S]);
+      else
+        bulk_g2s(s + (MP + row - M) * LD, W + (int64_t)(n0 + row - M) * K + k0, KC * 2, &full[t % S]);
+    }
+    if (lane == 0) mbar_expect_tx(&full[t % S], (uint32_t)(M + nrows_w) * KC * 2);
+  };
+
+  float acc[MF][BN / 8][4];
+#pragma unroll
+  for (int a = 0; a < MF; ++a)
+#pragma unroll
+    for (int b = 0; b < BN / 8; ++b)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[a][b][c] = 0.f;
+
+  const int arow = lane & 15, acol = (lane >> 4) * 8;                      // x fragment (A operand)
+  const int brow = ((lane >> 4) << 3) + (lane & 7), bcol = ((lane >> 3) & 1) * 8;  // W fragment (B operand)
+  auto compute = [&](int t) {
+    const bf16* s = ring + (t % S) * SLOT;
+#pragma unroll
+    for (int ks = warp; ks < KC / 16; ks += NW) {
+      const int kk = 16 * ks;
+      uint32_t xa[MF][4];
+#pragma unroll
+      for (int mf = 0; mf < MF; ++mf) ldsm4(xa[mf], s + (16 * mf + arow) * LD + kk + acol);
+#pragma unroll
+      for (int f = 0; f < BN / 16; ++f) {
+        uint32_t wb[4];
+        ldsm4(wb, s + (MP + 16 * f + brow) * LD + kk + bcol);
+#pragma unroll
+        for (int mf = 0; mf < MF; ++mf) {
+          mma(acc[mf][2 * f], xa[mf], wb[0], wb[1]);
+          mma(acc[mf][2 * f + 1], xa[mf], wb[2], wb[3]);
+        }
+      }
+    }
+  };
+
+  if (!TMA) {
+    for (int t = 0; t < S - 1; ++t) issue_cp(t);
+    for (int t = 0; t < nch; ++t) {
+      asm volatile("cp.async.wait_group %0;\n" ::"n"(S - 2) : "memory");
+      __syncthreads();
+      issue_cp(t + S - 1);
+      compute(t);
+    }
+    asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+  } else {
+    if (warp == 0)
+      for (int t = 0; t < S; ++t) issue_tma(t);
+    for (int t = 0; t < nch; ++t) {
+      mbar_wait(&full[t % S], (t / S) & 1);
+      compute(t);
+      __syncthreads();  // every warp done with slot t % S
+      if (warp == 0) issue_tma(t + S);
+    }
+  }
+  __syncthreads();
+  // warps' partial tiles summed through shared memory (the ring is free): red[w][MP][BN]
+  float* red = reinterpret_cast<float*>(smem);
+#pragma unroll
+  for (int mf = 0; mf < MF; ++mf)
+#pragma unroll
+    for (int f = 0; f < BN / 8; ++f)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int row = 16 * mf + (lane >> 2) + 8 * (q >> 1), col = 8 * f + 2 * (lane & 3) + (q & 1);
+        red[(warp * MP + row) * BN + col] = acc[mf][f][q];
+      }
+  __syncthreads();
+  for (int i = tid; i < M * BN; i += NT) {
+    const int row = i / BN, col = i % BN;
+    if (n0 + col >= N) continue;
+    float v = 0.f;
+    for (int w = 0; w < NW; ++w) v += red[(w * MP + row) * BN + col];
+    if (gridDim.y == 1)
+      y[(int64_t)row * N + n0 + col] = __float2bfloat16(v);
+    else
+      atomicAdd(&y32[(int64_t)row * N + n0 + col], v);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ data, reference
+__global__ void fill(bf16* p, int64_t n, uint32_t seed, float scale) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    uint32_t h = (uint32_t)i * 2654435761u ^ seed;
+    h ^= h >> 15; h *= 2246822519u; h ^= h >> 13; h *= 3266489917u; h ^= h >> 16;
+    p[i] = __float2bfloat16(((h & 0xffffff) / 16777216.f - 0.5f) * scale);
+  }
+}
+__global__ void fillf(float* p, int64_t n, uint32_t seed, float scale) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    uint32_t h = (uint32_t)i * 2654435761u ^ seed;
+    h ^= h >> 15; h *= 2246822519u; h ^= h >> 13; h *= 3266489917u; h ^= h >> 16;
+    p[i] = ((h & 0xffffff) / 16777216.f - 0.5f) * scale;
+  }
+}
+__global__ void ref_kernel(const bf16* x, const bf16* W, float* y, int M, int N, int K) {
+  const int n = blockIdx.x * blockDim.x + threadIdx.x, m = blockIdx.y;
+  if (n >= N) return;
+  float s = 0.f;
+  for (int k = 0; k < K; ++k) s += __bfloat162float(x[(int64_t)m * K + k]) * __bfloat162float(W[(int64_t)n * K + k]);
+  y[(int64_t)m * N + n] = s;
+}
+__global__ void sleep_kernel(int64_t ns) {
+  const int64_t t0 = clock64();
+  while (clock64() - t0 < ns * 2) {
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ timing
+struct Problem {
+  int M, N, K;
+  static constexpr int kSets = 3;
+  bf16 *x, *W[kSets], *y;
+  float *y32, *yref, *A, *B, *u;
+};
+
+float time_it(const std::function<void(int)>& f, cudaStream_t st, int reps = 30) {
+  cudaEvent_t a, b;
+  CK(cudaEventCreate(&a));
+  CK(cudaEventCreate(&b));
+  for (int i = 0; i < 3; ++i) f(i);
+  std::vector<float> ts;
+  for (int i = 0; i < reps; ++i) {
+    sleep_kernel<<<1, 1, 0, st>>>(30000);
+    CK(cudaEventRecord(a, st));
+    f(i);
+    CK(cudaEventRecord(b, st));
+    CK(cudaEventSynchronize(b));
+    float ms;
+    CK(cudaEventElapsedTime(&ms, a, b));
+    ts.push_back(ms * 1000.f);
+  }
+  std::sort(ts.begin(), ts.end());
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  return ts[ts.size() / 2];
+}
+
+float max_err(const Problem& p, bool from32) {
+  std::vector<float> ref((size_t)p.M * p.N), got((size_t)p.M * p.N);
+  CK(cudaMemcpy(ref.data(), p.yref, ref.size() * 4, cudaMemcpyDeviceToHost));
+  if (from32) {
+    CK(cudaMemcpy(got.data(), p.y32, got.size() * 4, cudaMemcpyDeviceToHost));
+  } else {
+    std::vector<bf16> g(got.size());
+    CK(cudaMemcpy(g.data(), p.y, g.size() * 2, cudaMemcpyDeviceToHost));
+    for (size_t i = 0; i < g.size(); ++i) got[i] = __bfloat162float(g[i]);
+  }
+  float e = 0.f, mag = 0.f;
+  for (size_t i = 0; i < got.size(); ++i) {
+    e = std::max(e, std::fabs(got[i] - ref[i]));
+    mag = std::max(mag, std::fabs(ref[i]));
+  }
+  return e / (mag > 0 ? mag : 1.f);
+}
+
+template <int MF, int BN, int KC, int S, int NW, bool TMA, int MINB>
+void run_variant(Problem& p, cudaStream_t st, float floor_us, int ksplit) {
+  using L = MainLoop<MF, BN, KC, S, NW, TMA>;
+  auto kern = mm_kernel<MF, BN, KC, S, NW, TMA, MINB>;
+  if (p.M > L::MP || p.K % (KC * ksplit) != 0) return;
+  const size_t red_bytes = (size_t)NW * L::MP * BN * 4;
+  const size_t smem = std::max(L::kSmem, red_bytes);
+  if (smem > 227 * 1024) return;
+  CK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+  int per_sm = 0;
+  CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, 32 * NW, smem));
+  dim3 grid((p.N + BN - 1) / BN, ksplit);
+  auto launch = [&](int i) {
+    if (ksplit > 1) CK(cudaMemsetAsync(p.y32, 0, (size_t)p.M * p.N * 4, st));
+    kern<<<grid, 32 * NW, smem, st>>>(p.x, p.W[i % Problem::kSets], p.y, p.y32, p.M, p.N, p.K);
+  };
+  // correctness on set 0 (the reference's W)
+  CK(cudaMemsetAsync(p.y, 0xff, (size_t)p.M * p.N * 2, st));
+  launch(0);
+  CK(cudaStreamSynchronize(st));
+  CK(cudaGetLastError());
+  const float err = max_err(p, ksplit > 1);
+  float us;
+  if (ksplit > 1) {  // the memset is timed too: time it alone and subtract
+    const float ms_only = time_it([&](int) { CK(cudaMemsetAsync(p.y32, 0, (size_t)p.M * p.N * 4, st)); }, st);
+    us = time_it(launch, st) - ms_only;
+  } else {
+    us = time_it(launch, st);
+  }
+  const double gbs = (double)p.N * p.K * 2 / (us * 1e3);
+  printf("  %-4s MF=%d BN=%-3d KC=%-3d S=%d NW=%d minB=%d ks=%d  blocks=%-5d per_sm=%d  %7.2f us  %5.3fx  W %6.0f GB/s  "
+         "err %.1e%s\n",
+         TMA ? "tma" : "cp", MF, BN, KC, S, NW, MINB, ksplit, grid.x * grid.y, per_sm, us, us / floor_us, gbs, err,
+         err > 2e-2 ? "  WRONG" : "");
+}
+
+int main() {
+  cudaStream_t st;
+  CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+  cublasHandle_t h;
+  if (cublasCreate(&h) != CUBLAS_STATUS_SUCCESS) {
+    printf("cublasCreate failed\n");
+    return 1;
+  }
+  cublasSetStream(h, st);
+  cudaDeviceProp prop;
+  CK(cudaGetDeviceProperties(&prop, 0));
+  printf("device %s, %d SMs, L2 %d MB\n", prop.name, prop.multiProcessorCount, prop.l2CacheSize >> 20);
+  const int shapes[][2] = {{4096, 4096}, {4096, 14336}};  // K, N
+  const int Ms[] = {1, 16, 64};
+  const int r = 16;
+  for (auto& sh : shapes)
+    for (int M : Ms) {
+      Problem p;
+      p.M = M;
+      p.K = sh[0];
+      p.N = sh[1];
+      const int64_t nw = (int64_t)p.N * p.K;
+      CK(cudaMalloc(&p.x, (size_t)M * p.K * 2));
+      for (auto& w : p.W) CK(cudaMalloc(&w, nw * 2));
+      CK(cudaMalloc(&p.y, (size_t)M * p.N * 2));
+      CK(cudaMalloc(&p.y32, (size_t)M * p.N * 4));
+      CK(cudaMalloc(&p.yref, (size_t)M * p.N * 4));
+      CK(cudaMalloc(&p.A, (size_t)r * p.K * 4));
+      CK(cudaMalloc(&p.B, (size_t)p.N * r * 4));
+      CK(cudaMalloc(&p.u, (size_t)M * r * 4));
+      fill<<<1024, 256, 0, st>>>(p.x, (int64_t)M * p.K, 1u, 2.f);
+      for (int i = 0; i < Problem::kSets; ++i) fill<<<1024, 256, 0, st>>>(p.W[i], nw, 7u + i, 0.1f);
+      fillf<<<64, 256, 0, st>>>(p.A, (int64_t)r * p.K, 3u, 0.05f);
+      fillf<<<64, 256, 0, st>>>(p.B, (int64_t)p.N * r, 5u, 0.05f);
+      ref_kernel<<<dim3((p.N + 127) / 128, M), 128, 0, st>>>(p.x, p.W[0], p.yref, M, p.N, p.K);
+      CK(cudaStreamSynchronize(st));
+      printf("\nM=%d K=%d N=%d (W %.1f MB)\n", M, p.K, p.N, nw * 2 / 1e6);
+      const float one = 1.f, zero = 0.f;
+      auto cublas = [&](int i) {
+        cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, p.N, M, p.K, &one, p.W[i % Problem::kSets], CUDA_R_16BF, p.K, p.x,
+                     CUDA_R_16BF, p.K, &zero, p.y, CUDA_R_16BF, p.N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+      };
+      cublas(0);
+      CK(cudaStreamSynchronize(st));
+      const float cerr = max_err(p, false);
+      const float floor_us = time_it(cublas, st);
+      printf("  cublas                                                          %7.2f us  1.000x  W %6.0f GB/s  err %.1e\n",
+             floor_us, (double)nw * 2 / (floor_us * 1e3), cerr);
+      const float real = time_it(
+          [&](int i) {
+            lora_kernels::launch_lora_small_m_forward(p.x, lora_kernels::DType::kBFloat16, p.W[i % Problem::kSets],
+                                                      nullptr, p.A, lora_kernels::DType::kFloat32, p.B,
+                                                      lora_kernels::DType::kFloat32, p.y, p.u, M, p.N, p.K, r, 2.f,
+                                                      st);
+          },
+          st);
+      CK(cudaGetLastError());
+      printf("  small_m.cu (with the LoRA term, r=16, fp32 adapters)            %7.2f us  %5.3fx\n", real,
+             real / floor_us);
+      // cp.async ring
+      run_variant<1, 16, 128, 8, 8, false, 2>(p, st, floor_us, 1);
+      run_variant<1, 16, 256, 6, 4, false, 2>(p, st, floor_us, 1);
+      run_variant<1, 16, 256, 8, 4, false, 3>(p, st, floor_us, 1);
+      run_variant<1, 32, 256, 6, 4, false, 2>(p, st, floor_us, 1);
+      run_variant<1, 32, 512, 4, 8, false, 2>(p, st, floor_us, 1);
+      run_variant<1, 64, 256, 4, 8, false, 1>(p, st, floor_us, 1);
+      run_variant<1, 16, 512, 6, 4, false, 1>(p, st, floor_us, 1);
+      // bulk copies
+      run_variant<1, 16, 256, 6, 4, true, 2>(p, st, floor_us, 1);
+      run_variant<1, 16, 512, 4, 4, true, 2>(p, st, floor_us, 1);
+      run_variant<1, 32, 512, 4, 4, true, 2>(p, st, floor_us, 1);
+      run_variant<1, 16, 1024, 3, 4, true, 1>(p, st, floor_us, 1);
+      run_variant<1, 64, 256, 5, 4, true, 1>(p, st, floor_us, 1);
+      // wide tiles with a K split (x from L2 at M / BN of W's bytes)
+      run_variant<1, 64, 256, 4, 4, true, 2>(p, st, floor_us, 2);
+      run_variant<1, 128, 128, 4, 8, true, 1>(p, st, floor_us, 4);
+      run_variant<4, 16, 128, 6, 4, false, 2>(p, st, floor_us, 1);
+      run_variant<4, 32, 128, 6, 4, false, 2>(p, st, floor_us, 1);
+      run_variant<4, 16, 256, 4, 4, true, 2>(p, st, floor_us, 1);
+      run_variant<4, 32, 256, 4, 4, true, 2>(p, st, floor_us, 1);
+      run_variant<4, 64, 256, 3, 8, true, 1>(p, st, floor_us, 1);
+      run_variant<4, 64, 128, 6, 4, true, 1>(p, st, floor_us, 1);
+      run_variant<4, 64, 128, 6, 4, true, 1>(p, st, floor_us, 2);
+      run_variant<4, 64, 128, 6, 4, true, 1>(p, st, floor_us, 4);
+      cudaFree(p.x);
+      for (auto& w : p.W) cudaFree(w);
+      cudaFree(p.y);
+      cudaFree(p.y32);
+      cudaFree(p.yref);
+      cudaFree(p.A);
+      cudaFree(p.B);
+      cudaFree(p.u);
+    }
+  return 0;
+}
