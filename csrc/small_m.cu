@@ -345,6 +345,299 @@ lora_small_m_tc_kernel(const T* __restrict__ x, const T* __restrict__ W, const T
 #endif
 }
 
+
+// ---------------------------------------------------------------------------------------------------------------
+// lora_small_m_rd (tensor cores, W straight into registers): the kernel for 16-bit x whose x, W and A rows are
+// 16-byte aligned (K % 8 == 0); the ring kernel above takes the rest. Same math, same u; another schedule:
+// Roles  : each block takes a ticket when it starts (sync[0]); tickets below n_items compute u item `ticket` (8 rows
+//          of x x 8 rows of A, fp32 FFMA over all of K: rd_u_item), the others y tile `ticket - n_items`. A u item
+//          never waits, and it is held by a block that is running, so the tiles' wait for u (sync[1] == n_items)
+//          cannot hang, whatever order the blocks start in.
+// Tile   : BN = 8 NPW columns of y, all M rows. Warp w takes 32-column K steps [w S / NW, (w+1) S / NW) of the
+//          S = ceil(K / 32); thread (g, t) = (lane / 4, lane % 4) loads 16 bytes of W row n0 + 8 j + g (j < NPW) at
+//          columns k + 8t .. k + 8t + 7 of each step, and the same columns of x's rows g and g + 8 of each 16-row
+//          fragment, straight into mma fragments: the k order inside a step is permuted alike for x and W (mma 1
+//          takes columns 8t .. 8t+3, mma 2 8t+4 .. 8t+7), which the dot product does not see. U steps of loads are
+//          issued before their mmas; no shared memory and no barrier in the loop. On the H200 this streamed W at
+//          0.86-0.97x cuBLAS's GEMM time at M = 1 (bench/dev/small_m_bench.cu), where the ring kernel took 1.7x.
+// Epilog : the warps' partial tiles are summed in warp order through shared memory; then u (from the items, L2),
+//          the B tile and bias: y = round(acc + u B^T + bias).
+constexpr int RD_NW = 8;           // warps per block
+constexpr int RD_ITEM_ROWS = 4;    // x rows per u item
+constexpr int RD_ITEM_COLS = 8;    // A rows (u columns) per u item
+
+template <int MF>
+struct RdTile {
+  static constexpr int NPW = MF == 4 ? 2 : 1;              // n8 column groups per warp
+  static constexpr int U = MF == 1 ? 8 : MF == 2 ? 4 : 2;  // K steps of loads in flight per warp
+  static constexpr int BN = 8 * NPW, MP = 16 * MF;
+  // dynamic shared memory: warps' partial tiles [NW][MP][BN], u [M][r], B tile [BN][r + 1], bias [BN]
+  static constexpr size_t smem(int r) {
+    return (size_t)(RD_NW * MP * BN + kSmallMMaxM * r + BN * (r + 1) + BN) * sizeof(float);
+  }
+};
+
+inline int rd_items(int64_t M, int r) {
+  return (int)(ceil_div(M, RD_ITEM_ROWS) * ceil_div(r, RD_ITEM_COLS));
+}
+
+#if LK_TC_ARCH
+// 8 consecutive elements at p (16-byte aligned) -> fp32.
+template <typename T>
+__device__ __forceinline__ void load8f(const T* p, float (&v)[8]) {
+  if constexpr (sizeof(T) == 4) {
+    const float4 a = __ldg(reinterpret_cast<const float4*>(p)), b = __ldg(reinterpret_cast<const float4*>(p) + 1);
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+  } else {
+    union { uint4 u; T e[8]; } t;
+    t.u = __ldg(reinterpret_cast<const uint4*>(p));
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = to_f<T>(t.e[i]);
+  }
+}
+
+// u item `item`: u[m][j] = scale * sum_k x[m][k] A[j][k] for rows m of the item's RD_ITEM_ROWS and columns j of its
+// RD_ITEM_COLS, fp32 FFMA. Thread tid takes the 8-column vectors tid, tid + 256, ... of K; the threads' sums are
+// added in a fixed tree (lanes by shuffles, then warps in order): deterministic. Ends with the item counted done.
+template <typename T, typename TA>
+__device__ void rd_u_item(int item, const T* __restrict__ x, const TA* __restrict__ A, float* __restrict__ u,
+                          unsigned* sync, float* red, int64_t M, int64_t K, int r, float scale) {
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int col_groups = (r + RD_ITEM_COLS - 1) / RD_ITEM_COLS;
+  const int64_t m0 = (int64_t)(item / col_groups) * RD_ITEM_ROWS;
+  const int j0 = (item % col_groups) * RD_ITEM_COLS;
+  float acc[RD_ITEM_ROWS][RD_ITEM_COLS];
+#pragma unroll
+  for (int i = 0; i < RD_ITEM_ROWS; ++i)
+#pragma unroll
+    for (int j = 0; j < RD_ITEM_COLS; ++j) acc[i][j] = 0.f;
+  for (int64_t k = 8 * (int64_t)tid; k < K; k += 8 * RD_NW * 32) {
+    float xv[RD_ITEM_ROWS][8];
+#pragma unroll
+    for (int i = 0; i < RD_ITEM_ROWS; ++i) {
+      if (m0 + i < M) {
+        load8f<T>(x + (m0 + i) * K + k, xv[i]);
+      } else {
+#pragma unroll
+        for (int q = 0; q < 8; ++q) xv[i][q] = 0.f;
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < RD_ITEM_COLS; ++j) {
+      if (j0 + j >= r) break;
+      float av[8];
+      load8f<TA>(A + (int64_t)(j0 + j) * K + k, av);
+#pragma unroll
+      for (int i = 0; i < RD_ITEM_ROWS; ++i) {
+        float v = acc[i][j];
+#pragma unroll
+        for (int q = 0; q < 8; ++q) v = fmaf(xv[i][q], av[q], v);
+        acc[i][j] = v;
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < RD_ITEM_ROWS; ++i)
+#pragma unroll
+    for (int j = 0; j < RD_ITEM_COLS; ++j) {
+      float v = acc[i][j];
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+      if (lane == 0) red[warp * RD_ITEM_ROWS * RD_ITEM_COLS + i * RD_ITEM_COLS + j] = v;
+    }
+  __syncthreads();
+  if (tid < RD_ITEM_ROWS * RD_ITEM_COLS) {
+    const int i = tid / RD_ITEM_COLS, j = tid % RD_ITEM_COLS;
+    if (m0 + i < M && j0 + j < r) {
+      float v = 0.f;
+#pragma unroll
+      for (int w = 0; w < RD_NW; ++w) v += red[w * RD_ITEM_ROWS * RD_ITEM_COLS + tid];
+      u[(m0 + i) * r + j0 + j] = v * scale;
+      __threadfence();
+    }
+  }
+  __syncthreads();
+  if (tid == 0) {
+    __threadfence();
+    atomicAdd(&sync[1], 1u);
+  }
+}
+
+__device__ __forceinline__ uint4 ld_stream16(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+#endif  // LK_TC_ARCH
+
+template <typename T, typename TA, int MF>
+__global__ void __launch_bounds__(RD_NW * 32, 2)
+lora_small_m_rd_kernel(const T* __restrict__ x, const T* __restrict__ W, const T* __restrict__ bias,
+                       const TA* __restrict__ A, const void* __restrict__ B_, int b_f32, T* __restrict__ y,
+                       float* __restrict__ u_out, unsigned* __restrict__ sync, int64_t M, int64_t N, int64_t K, int r,
+                       float scale, int n_items, int item_blocks) {
+#if LK_TC_ARCH
+  using Tile = RdTile<MF>;
+  constexpr int NPW = Tile::NPW, U = Tile::U, BN = Tile::BN, MP = Tile::MP, NT = RD_NW * 32;
+  constexpr int BPT = (BN * kSmallMMaxR + NT - 1) / NT;  // B tile elements per thread
+  extern __shared__ __align__(16) float rd_smem[];
+  __shared__ int claimed;
+  __shared__ float red_item[RD_NW * RD_ITEM_ROWS * RD_ITEM_COLS];
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  // Claims u items until none is left: the first item_blocks blocks at their start, any block whose tiles are done
+  // while an item is still unclaimed (a claimed item is computed by a running block, so the wait below ends).
+  auto claim_items = [&]() {
+    for (;;) {
+      if (tid == 0) claimed = (int)atomicAdd(&sync[0], 1u);
+      __syncthreads();
+      const int it = claimed;
+      __syncthreads();
+      if (it >= n_items) return;
+      rd_u_item<T, TA>(it, x, A, u_out, sync, red_item, M, K, r, scale);
+    }
+  };
+  if ((int)blockIdx.x < item_blocks) claim_items();
+
+  float* red = rd_smem;                    // [NW][MP][BN]
+  float* us = red + RD_NW * MP * BN;       // [M][r]
+  float* bs = us + kSmallMMaxM * r;        // [BN][r + 1]
+  float* bias_s = bs + BN * (r + 1);       // [BN]
+  const int64_t MR = M * (int64_t)r;
+  const int64_t steps = (K + 31) / 32;
+  const int64_t s_beg = steps * warp / RD_NW, s_end = steps * (warp + 1) / RD_NW;
+  const int64_t n_tiles = (N + BN - 1) / BN;
+  bool have_u = false;
+  for (int64_t tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
+    const int64_t n0 = tile * BN;
+    // the B tile and bias into registers now, into shared memory after the main loop: no wait before it
+    float bv[BPT], biasv = 0.f;
+#pragma unroll
+    for (int q = 0; q < BPT; ++q) {
+      const int i = tid + q * NT, c = i / kSmallMMaxR, j = i % kSmallMMaxR;
+      const int64_t n = n0 + c;
+      bv[q] = 0.f;
+      if (c < BN && j < r && n < N)
+        bv[q] = b_f32 ? static_cast<const float*>(B_)[n * r + j] : to_f<T>(static_cast<const T*>(B_)[n * r + j]);
+    }
+    if (tid < BN && bias != nullptr && n0 + tid < N) biasv = to_f<T>(bias[n0 + tid]);
+
+    float acc[MF][NPW][4];
+#pragma unroll
+    for (int mf = 0; mf < MF; ++mf)
+#pragma unroll
+      for (int j = 0; j < NPW; ++j)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) acc[mf][j][q] = 0.f;
+    const T* wr[NPW];
+    bool wok[NPW];
+#pragma unroll
+    for (int j = 0; j < NPW; ++j) {
+      const int64_t n = n0 + 8 * j + g;
+      wok[j] = n < N;
+      wr[j] = W + (wok[j] ? n : 0) * K + 8 * t;
+    }
+    const T* xr[MF][2];
+    bool xok[MF][2];
+#pragma unroll
+    for (int mf = 0; mf < MF; ++mf)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int64_t m = 16 * mf + g + 8 * h;
+        xok[mf][h] = m < M;
+        xr[mf][h] = x + (xok[mf][h] ? m : 0) * K + 8 * t;
+      }
+    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+    for (int64_t s = s_beg; s < s_end; s += U) {
+      uint4 wv[U][NPW], xq[U][MF][2];
+#pragma unroll
+      for (int q = 0; q < U; ++q) {
+        const int64_t k = (s + q) * 32;
+        const bool ok = s + q < s_end && k + 8 * t < K;
+#pragma unroll
+        for (int j = 0; j < NPW; ++j) wv[q][j] = ok && wok[j] ? ld_stream16(wr[j] + k) : zero;
+#pragma unroll
+        for (int mf = 0; mf < MF; ++mf)
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+            xq[q][mf][h] = ok && xok[mf][h] ? __ldg(reinterpret_cast<const uint4*>(xr[mf][h] + k)) : zero;
+      }
+#pragma unroll
+      for (int q = 0; q < U; ++q)
+#pragma unroll
+        for (int mf = 0; mf < MF; ++mf) {
+          const uint32_t a1[4] = {xq[q][mf][0].x, xq[q][mf][1].x, xq[q][mf][0].y, xq[q][mf][1].y};
+          const uint32_t a2[4] = {xq[q][mf][0].z, xq[q][mf][1].z, xq[q][mf][0].w, xq[q][mf][1].w};
+#pragma unroll
+          for (int j = 0; j < NPW; ++j) {
+            mma16816<T>(acc[mf][j], a1, wv[q][j].x, wv[q][j].y);
+            mma16816<T>(acc[mf][j], a2, wv[q][j].z, wv[q][j].w);
+          }
+        }
+    }
+#pragma unroll
+    for (int mf = 0; mf < MF; ++mf)
+#pragma unroll
+      for (int j = 0; j < NPW; ++j)
+#pragma unroll
+        for (int q = 0; q < 4; ++q)
+          red[(warp * MP + 16 * mf + g + 8 * (q >> 1)) * BN + 8 * j + 2 * t + (q & 1)] = acc[mf][j][q];
+#pragma unroll
+    for (int q = 0; q < BPT; ++q) {
+      const int i = tid + q * NT, c = i / kSmallMMaxR, j = i % kSmallMMaxR;
+      if (c < BN && j < r) bs[c * (r + 1) + j] = bv[q];
+    }
+    if (tid < BN) bias_s[tid] = biasv;
+    if (!have_u) {  // the first tile: wait until every u item is done (acquire), then u from L2, once
+      for (;;) {
+        __syncthreads();
+        if (tid == 0) claimed = (int)(ld_acquire_gpu(&sync[1]) >= (unsigned)n_items ? -1
+                                      : ld_acquire_gpu(&sync[0]) < (unsigned)n_items ? 1 : 0);
+        __syncthreads();
+        const int state = claimed;
+        __syncthreads();  // every thread has read the state before claim_items writes `claimed` again
+        if (state < 0) break;
+        if (state > 0) {
+          claim_items();
+        } else if (tid == 0) {
+          __nanosleep(32);
+        }
+      }
+      __threadfence();
+      for (int64_t i = tid; i < MR; i += NT) us[i] = __ldcg(u_out + i);
+      have_u = true;
+    }
+    __syncthreads();
+    for (int64_t i = tid; i < M * BN; i += NT) {
+      const int m = (int)(i / BN), c = (int)(i % BN);
+      const int64_t n = n0 + c;
+      if (n >= N) continue;
+      float v = 0.f;
+#pragma unroll
+      for (int w = 0; w < RD_NW; ++w) v += red[(w * MP + m) * BN + c];
+      const float* um = us + m * r;
+      const float* bc = bs + c * (r + 1);
+      float lora = 0.f;
+      for (int j = 0; j < r; ++j) lora = fmaf(um[j], bc[j], lora);
+      y[m * N + n] = from_f<T>(v + lora + bias_s[c]);
+    }
+    __syncthreads();  // red, bs and bias_s are rewritten by the next tile
+  }
+  if (!have_u) claim_items();  // a block without a tile (none: the grid is at most the tiles) still helps
+  // The last block to leave resets the counters for the next launch on this stream.
+  __syncthreads();
+  if (tid == 0 && atomicAdd(&sync[2], 1u) == gridDim.x - 1) {
+    sync[0] = 0u;
+    sync[1] = 0u;
+    sync[2] = 0u;
+    __threadfence();
+  }
+#else
+  __trap();
+#endif
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // lora_small_m (FFMA, fp32 x and adapters): the same block shape, all in fp32. K in SMF_KC (32)-column chunks through
 // shared memory (x, W, A); thread (n = tid % 32, row phase tid / 32) accumulates y at rows phase + 8 i,
@@ -447,6 +740,13 @@ cudaError_t with_small_m_tile(int mf, int bn, F&& f) {
   }
 }
 
+// Whether the register-direct kernel takes the call: 16-byte aligned rows of x and W (K % 8 == 0, aligned base
+// pointers) and a 16-byte aligned A (its 8-element vectors are read as 16-byte loads).
+inline bool small_m_rd_fits(const void* x, const void* W, const void* A, int64_t K) {
+  return K % 8 == 0 && K > 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(W) % 16 == 0 &&
+         reinterpret_cast<uintptr_t>(A) % 16 == 0;
+}
+
 // Tile width: 32 columns where that still gives every SM two blocks, else 16 (more blocks, each streaming less of
 // W: the bytes in flight per SM, not per block, decide the read rate).
 inline int small_m_bn(int64_t N) { return ceil_div(N, 32) >= 2 * (int64_t)num_sms() ? 32 : 16; }
@@ -487,7 +787,33 @@ cudaError_t launch_lora_small_m_forward(const void* x, DType x_dtype, const void
     return cudaErrorInvalidValue;
   unsigned* sync = small_m_sync(stream);
   if (sync == nullptr) return cudaErrorMemoryAllocation;
-  const int mf = small_m_frags(M), bn = small_m_bn(N);
+  const int mf = small_m_frags(M);
+  if (small_m_rd_fits(x, W, A, K)) {
+    const int n_items = rd_items(M, r);
+    return with_dtype16(x_dtype, [&](auto xt) {
+      using T = decltype(xt);
+      auto go = [&](auto mfc) {
+        constexpr int MF = decltype(mfc)::value;
+        // persistent: at most the blocks the device holds at once (two per SM), each taking tiles in turn
+        const int64_t tiles = ceil_div(N, RdTile<MF>::BN);
+        const dim3 grid((unsigned)std::min<int64_t>(tiles, 2 * (int64_t)num_sms()));
+        const int item_blocks = (int)std::min<int64_t>(n_items, grid.x);
+        const size_t smem = RdTile<MF>::smem(r);
+        if (a_dtype == DType::kFloat32)
+          return launch_kernel(lora_small_m_rd_kernel<T, float, MF>, grid, RD_NW * 32, smem, stream,
+                               static_cast<const T*>(x), static_cast<const T*>(W), static_cast<const T*>(bias),
+                               static_cast<const float*>(A), B, b_dtype == DType::kFloat32 ? 1 : 0,
+                               static_cast<T*>(y), u, sync, M, N, K, r, scaling, n_items, item_blocks);
+        return launch_kernel(lora_small_m_rd_kernel<T, T, MF>, grid, RD_NW * 32, smem, stream,
+                             static_cast<const T*>(x), static_cast<const T*>(W), static_cast<const T*>(bias),
+                             static_cast<const T*>(A), B, b_dtype == DType::kFloat32 ? 1 : 0, static_cast<T*>(y), u,
+                             sync, M, N, K, r, scaling, n_items, item_blocks);
+      };
+      return mf == 1 ? go(std::integral_constant<int, 1>{})
+                     : mf == 2 ? go(std::integral_constant<int, 2>{}) : go(std::integral_constant<int, 4>{});
+    });
+  }
+  const int bn = small_m_bn(N);
   const int n_items = (int)ceil_div(M * r, SMM_ITEM);
   const size_t smem = small_m_smem(mf, bn);
   return with_dtype16(x_dtype, [&](auto xt) {
