@@ -2,8 +2,10 @@
 // dropout (decoding, small batches, evaluation). The usual forward (shrink with a K split, pack, GEMM) is three or
 // four launches of kernels that each take a few microseconds of launch and tail time for a few microseconds of work;
 // here W, the only large operand, is streamed once by one launch.
-// Tensor-core kernel (16-bit x, sm_80+), FFMA kernel (fp32 x), launch_lora_small_m_forward and its policy
-// lora_small_m_unsupported.
+// Kernels: the register-direct tensor-core kernel (16-bit x with 16-byte aligned rows: lora_small_m_rd_kernel,
+// described at its definition), the ring tensor-core kernel below (16-bit x otherwise, sm_80+), the FFMA kernel
+// (fp32 x); launch_lora_small_m_forward picks one, and lora_small_m_unsupported says why a call does not come here.
+// The Math / Grid / Tiling / Bytes notes below are the ring kernel's.
 //
 // Math   : block b owns BN (16 or 32) columns of y and all M rows:
 //            acc_y = x W[cols]^T                                   (tensor cores, fp32 accumulation)
