@@ -122,6 +122,18 @@ __device__ __forceinline__ unsigned ld_acquire_gpu(const unsigned* p) {
   return v;
 }
 
+// A block's exit: the last block to leave resets the claim / done / exit counters for the next launch on this
+// stream (or the next replay of a captured graph).
+__device__ __forceinline__ void leave_small_m_sync(unsigned* sync) {
+  __syncthreads();
+  if (threadIdx.x == 0 && atomicAdd(&sync[2], 1u) == gridDim.x - 1) {
+    sync[0] = 0u;
+    sync[1] = 0u;
+    sync[2] = 0u;
+    __threadfence();
+  }
+}
+
 // One u item: elements e = item * SMM_ITEM + q (q < SMM_ITEM), at (m, j) = (e / r, e % r), each an fp32 dot
 // product over all of K computed by the whole block: warp w takes the 128-column chunks w, w + 8, ..., lane l columns
 // 4l..4l+3 of each (in chunk order), the lanes are summed in a fixed tree, the warps in warp order; u = scale * sum.
@@ -334,14 +346,7 @@ lora_small_m_tc_kernel(const T* __restrict__ x, const T* __restrict__ W, const T
     }
   }
 
-  // The last block to leave resets the counters for the next launch on this stream.
-  __syncthreads();
-  if (tid == 0 && atomicAdd(&sync[2], 1u) == gridDim.x - 1) {
-    sync[0] = 0u;
-    sync[1] = 0u;
-    sync[2] = 0u;
-    __threadfence();
-  }
+  leave_small_m_sync(sync);
 #else
   __trap();
 #endif
@@ -351,10 +356,12 @@ lora_small_m_tc_kernel(const T* __restrict__ x, const T* __restrict__ W, const T
 // ---------------------------------------------------------------------------------------------------------------
 // lora_small_m_rd (tensor cores, W straight into registers): the kernel for 16-bit x whose x, W and A rows are
 // 16-byte aligned (K % 8 == 0); the ring kernel above takes the rest. Same math, same u; another schedule:
-// Roles  : each block takes a ticket when it starts (sync[0]); tickets below n_items compute u item `ticket` (8 rows
-//          of x x 8 rows of A, fp32 FFMA over all of K: rd_u_item), the others y tile `ticket - n_items`. A u item
-//          never waits, and it is held by a block that is running, so the tiles' wait for u (sync[1] == n_items)
-//          cannot hang, whatever order the blocks start in.
+// Grid   : one block per y tile (the launcher's grid; the kernel's tile loop also serves a smaller grid, which was
+//          slower: a block restarted its loads after each tile's epilogue). u comes in items of RD_ITEM_ROWS rows of
+//          x by RD_ITEM_COLS rows of A (fp32 FFMA over all of K: rd_u_item), claimed through sync[0] by the first
+//          item_blocks blocks when they start, before their tile. A block that reaches its epilogue while an item
+//          is unclaimed claims and computes it; a claimed item is held by a running block that never waits, so the
+//          tiles' wait for u (sync[1] == n_items) cannot hang, whatever order the blocks start in.
 // Tile   : BN = 8 NPW columns of y, all M rows. Warp w takes 32-column K steps [w S / NW, (w+1) S / NW) of the
 //          S = ceil(K / 32); thread (g, t) = (lane / 4, lane % 4) loads 16 bytes of W row n0 + 8 j + g (j < NPW) at
 //          columns k + 8t .. k + 8t + 7 of each step, and the same columns of x's rows g and g + 8 of each 16-row
@@ -362,8 +369,9 @@ lora_small_m_tc_kernel(const T* __restrict__ x, const T* __restrict__ W, const T
 //          takes columns 8t .. 8t+3, mma 2 8t+4 .. 8t+7), which the dot product does not see. U steps of loads are
 //          issued before their mmas; no shared memory and no barrier in the loop. On the H200 this streamed W at
 //          0.86-0.97x cuBLAS's GEMM time at M = 1 (bench/dev/small_m_bench.cu), where the ring kernel took 1.7x.
-// Epilog : the warps' partial tiles are summed in warp order through shared memory; then u (from the items, L2),
-//          the B tile and bias: y = round(acc + u B^T + bias).
+// Epilog : the warps' partial tiles are summed in warp order through shared memory; then u (from the items, L2,
+//          once per block), the B tile (loaded into registers before the main loop) and bias:
+//          y = round(acc + u B^T + bias).
 constexpr int RD_NW = 8;           // warps per block
 constexpr int RD_ITEM_ROWS = 4;    // x rows per u item
 constexpr int RD_ITEM_COLS = 8;    // A rows (u columns) per u item
@@ -627,14 +635,7 @@ lora_small_m_rd_kernel(const T* __restrict__ x, const T* __restrict__ W, const T
     __syncthreads();  // red, bs and bias_s are rewritten by the next tile
   }
   if (!have_u) claim_items();  // a block without a tile (none: the grid is at most the tiles) still helps
-  // The last block to leave resets the counters for the next launch on this stream.
-  __syncthreads();
-  if (tid == 0 && atomicAdd(&sync[2], 1u) == gridDim.x - 1) {
-    sync[0] = 0u;
-    sync[1] = 0u;
-    sync[2] = 0u;
-    __threadfence();
-  }
+  leave_small_m_sync(sync);
 #else
   __trap();
 #endif
