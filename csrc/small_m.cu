@@ -134,6 +134,15 @@ __device__ __forceinline__ void leave_small_m_sync(unsigned* sync) {
   }
 }
 
+// A u item's end: every thread's u writes (each fenced by its writer) before thread 0 counts the item done.
+__device__ __forceinline__ void mark_item_done(unsigned* sync) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    atomicAdd(&sync[1], 1u);
+  }
+}
+
 // One u item: elements e = item * SMM_ITEM + q (q < SMM_ITEM), at (m, j) = (e / r, e % r), each an fp32 dot
 // product over all of K computed by the whole block: warp w takes the 128-column chunks w, w + 8, ..., lane l columns
 // 4l..4l+3 of each (in chunk order), the lanes are summed in a fixed tree, the warps in warp order; u = scale * sum.
@@ -193,11 +202,7 @@ __device__ __forceinline__ void compute_item(int item, const T* __restrict__ x, 
     u[(int64_t)item * SMM_ITEM + tid] = v * scale;
     __threadfence();
   }
-  __syncthreads();
-  if (tid == 0) {
-    __threadfence();
-    atomicAdd(&sync[1], 1u);
-  }
+  mark_item_done(sync);
 }
 
 #endif  // LK_TC_ARCH
@@ -356,12 +361,13 @@ lora_small_m_tc_kernel(const T* __restrict__ x, const T* __restrict__ W, const T
 // ---------------------------------------------------------------------------------------------------------------
 // lora_small_m_rd (tensor cores, W straight into registers): the kernel for 16-bit x whose x, W and A rows are
 // 16-byte aligned (K % 8 == 0); the ring kernel above takes the rest. Same math, same u; another schedule:
-// Grid   : one block per y tile (the launcher's grid; the kernel's tile loop also serves a smaller grid, which was
-//          slower: a block restarted its loads after each tile's epilogue). u comes in items of RD_ITEM_ROWS rows of
-//          x by RD_ITEM_COLS rows of A (fp32 FFMA over all of K: rd_u_item), claimed through sync[0] by the first
-//          item_blocks blocks when they start, before their tile. A block that reaches its epilogue while an item
-//          is unclaimed claims and computes it; a claimed item is held by a running block that never waits, so the
-//          tiles' wait for u (sync[1] == n_items) cannot hang, whatever order the blocks start in.
+// Grid   : one block per y tile. A persistent grid (blocks taking tiles in turn) was slower: a block restarted its
+//          loads after each tile's epilogue (M = 1, 4096 -> 4096 in the targets grid: 22.4 against 21.2 us, session
+//          16). u comes in items of RD_ITEM_ROWS rows of x by RD_ITEM_COLS rows of A (fp32 FFMA over all of K:
+//          rd_u_item), claimed through sync[0] by the first item_blocks blocks when they start, before their tile.
+//          A block that reaches its epilogue while an item is unclaimed claims and computes it; a claimed item is
+//          held by a running block that never waits, so the tiles' wait for u (sync[1] == n_items) cannot hang,
+//          whatever order the blocks start in.
 // Tile   : BN = 8 NPW columns of y, all M rows. Warp w takes 32-column K steps [w S / NW, (w+1) S / NW) of the
 //          S = ceil(K / 32); thread (g, t) = (lane / 4, lane % 4) loads 16 bytes of W row n0 + 8 j + g (j < NPW) at
 //          columns k + 8t .. k + 8t + 7 of each step, and the same columns of x's rows g and g + 8 of each 16-row
@@ -466,11 +472,7 @@ __device__ void rd_u_item(int item, const T* __restrict__ x, const TA* __restric
       __threadfence();
     }
   }
-  __syncthreads();
-  if (tid == 0) {
-    __threadfence();
-    atomicAdd(&sync[1], 1u);
-  }
+  mark_item_done(sync);
 }
 
 __device__ __forceinline__ uint4 ld_stream16(const void* p) {
@@ -493,11 +495,14 @@ lora_small_m_rd_kernel(const T* __restrict__ x, const T* __restrict__ W, const T
   constexpr int NPW = Tile::NPW, U = Tile::U, BN = Tile::BN, MP = Tile::MP, NT = RD_NW * 32;
   constexpr int BPT = (BN * kSmallMMaxR + NT - 1) / NT;  // B tile elements per thread
   extern __shared__ __align__(16) float rd_smem[];
-  __shared__ int claimed;
+  enum { kUDone, kUUnclaimed, kUPending };
+  __shared__ int claimed, wait_state;
   __shared__ float red_item[RD_NW * RD_ITEM_ROWS * RD_ITEM_COLS];
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
   // Claims u items until none is left: the first item_blocks blocks at their start, any block whose tiles are done
   // while an item is still unclaimed (a claimed item is computed by a running block, so the wait below ends).
+  // Claims u items until none is left: the first item_blocks blocks at their start, and any block that reaches its
+  // epilogue while an item is still unclaimed (a claimed item is computed by a running block, so the wait ends).
   auto claim_items = [&]() {
     for (;;) {
       if (tid == 0) claimed = (int)atomicAdd(&sync[0], 1u);
@@ -514,127 +519,118 @@ lora_small_m_rd_kernel(const T* __restrict__ x, const T* __restrict__ W, const T
   float* us = red + RD_NW * MP * BN;       // [M][r]
   float* bs = us + kSmallMMaxM * r;        // [BN][r + 1]
   float* bias_s = bs + BN * (r + 1);       // [BN]
-  const int64_t MR = M * (int64_t)r;
+  const int64_t n0 = (int64_t)blockIdx.x * BN;
+  // the B tile and bias into registers now, into shared memory after the main loop: no wait before it
+  float bv[BPT], biasv = 0.f;
+#pragma unroll
+  for (int q = 0; q < BPT; ++q) {
+    const int i = tid + q * NT, c = i / kSmallMMaxR, j = i % kSmallMMaxR;
+    const int64_t n = n0 + c;
+    bv[q] = 0.f;
+    if (c < BN && j < r && n < N)
+      bv[q] = b_f32 ? static_cast<const float*>(B_)[n * r + j] : to_f<T>(static_cast<const T*>(B_)[n * r + j]);
+  }
+  if (tid < BN && bias != nullptr && n0 + tid < N) biasv = to_f<T>(bias[n0 + tid]);
+
+  float acc[MF][NPW][4];
+#pragma unroll
+  for (int mf = 0; mf < MF; ++mf)
+#pragma unroll
+    for (int j = 0; j < NPW; ++j)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) acc[mf][j][q] = 0.f;
+  const T* wr[NPW];
+  bool wok[NPW];
+#pragma unroll
+  for (int j = 0; j < NPW; ++j) {
+    const int64_t n = n0 + 8 * j + g;
+    wok[j] = n < N;
+    wr[j] = W + (wok[j] ? n : 0) * K + 8 * t;
+  }
+  const T* xr[MF][2];
+  bool xok[MF][2];
+#pragma unroll
+  for (int mf = 0; mf < MF; ++mf)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t m = 16 * mf + g + 8 * h;
+      xok[mf][h] = m < M;
+      xr[mf][h] = x + (xok[mf][h] ? m : 0) * K + 8 * t;
+    }
   const int64_t steps = (K + 31) / 32;
   const int64_t s_beg = steps * warp / RD_NW, s_end = steps * (warp + 1) / RD_NW;
-  const int64_t n_tiles = (N + BN - 1) / BN;
-  bool have_u = false;
-  for (int64_t tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
-    const int64_t n0 = tile * BN;
-    // the B tile and bias into registers now, into shared memory after the main loop: no wait before it
-    float bv[BPT], biasv = 0.f;
+  const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+  for (int64_t s = s_beg; s < s_end; s += U) {
+    uint4 wv[U][NPW], xq[U][MF][2];
 #pragma unroll
-    for (int q = 0; q < BPT; ++q) {
-      const int i = tid + q * NT, c = i / kSmallMMaxR, j = i % kSmallMMaxR;
-      const int64_t n = n0 + c;
-      bv[q] = 0.f;
-      if (c < BN && j < r && n < N)
-        bv[q] = b_f32 ? static_cast<const float*>(B_)[n * r + j] : to_f<T>(static_cast<const T*>(B_)[n * r + j]);
-    }
-    if (tid < BN && bias != nullptr && n0 + tid < N) biasv = to_f<T>(bias[n0 + tid]);
-
-    float acc[MF][NPW][4];
+    for (int q = 0; q < U; ++q) {
+      const int64_t k = (s + q) * 32;
+      const bool ok = s + q < s_end && k + 8 * t < K;
 #pragma unroll
-    for (int mf = 0; mf < MF; ++mf)
+      for (int j = 0; j < NPW; ++j) wv[q][j] = ok && wok[j] ? ld_stream16(wr[j] + k) : zero;
 #pragma unroll
-      for (int j = 0; j < NPW; ++j)
+      for (int mf = 0; mf < MF; ++mf)
 #pragma unroll
-        for (int q = 0; q < 4; ++q) acc[mf][j][q] = 0.f;
-    const T* wr[NPW];
-    bool wok[NPW];
-#pragma unroll
-    for (int j = 0; j < NPW; ++j) {
-      const int64_t n = n0 + 8 * j + g;
-      wok[j] = n < N;
-      wr[j] = W + (wok[j] ? n : 0) * K + 8 * t;
-    }
-    const T* xr[MF][2];
-    bool xok[MF][2];
-#pragma unroll
-    for (int mf = 0; mf < MF; ++mf)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int64_t m = 16 * mf + g + 8 * h;
-        xok[mf][h] = m < M;
-        xr[mf][h] = x + (xok[mf][h] ? m : 0) * K + 8 * t;
-      }
-    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
-    for (int64_t s = s_beg; s < s_end; s += U) {
-      uint4 wv[U][NPW], xq[U][MF][2];
-#pragma unroll
-      for (int q = 0; q < U; ++q) {
-        const int64_t k = (s + q) * 32;
-        const bool ok = s + q < s_end && k + 8 * t < K;
-#pragma unroll
-        for (int j = 0; j < NPW; ++j) wv[q][j] = ok && wok[j] ? ld_stream16(wr[j] + k) : zero;
-#pragma unroll
-        for (int mf = 0; mf < MF; ++mf)
-#pragma unroll
-          for (int h = 0; h < 2; ++h)
-            xq[q][mf][h] = ok && xok[mf][h] ? __ldg(reinterpret_cast<const uint4*>(xr[mf][h] + k)) : zero;
-      }
-#pragma unroll
-      for (int q = 0; q < U; ++q)
-#pragma unroll
-        for (int mf = 0; mf < MF; ++mf) {
-          const uint32_t a1[4] = {xq[q][mf][0].x, xq[q][mf][1].x, xq[q][mf][0].y, xq[q][mf][1].y};
-          const uint32_t a2[4] = {xq[q][mf][0].z, xq[q][mf][1].z, xq[q][mf][0].w, xq[q][mf][1].w};
-#pragma unroll
-          for (int j = 0; j < NPW; ++j) {
-            mma16816<T>(acc[mf][j], a1, wv[q][j].x, wv[q][j].y);
-            mma16816<T>(acc[mf][j], a2, wv[q][j].z, wv[q][j].w);
-          }
-        }
+        for (int h = 0; h < 2; ++h)
+          xq[q][mf][h] = ok && xok[mf][h] ? __ldg(reinterpret_cast<const uint4*>(xr[mf][h] + k)) : zero;
     }
 #pragma unroll
-    for (int mf = 0; mf < MF; ++mf)
+    for (int q = 0; q < U; ++q)
 #pragma unroll
-      for (int j = 0; j < NPW; ++j)
+      for (int mf = 0; mf < MF; ++mf) {
+        const uint32_t a1[4] = {xq[q][mf][0].x, xq[q][mf][1].x, xq[q][mf][0].y, xq[q][mf][1].y};
+        const uint32_t a2[4] = {xq[q][mf][0].z, xq[q][mf][1].z, xq[q][mf][0].w, xq[q][mf][1].w};
 #pragma unroll
-        for (int q = 0; q < 4; ++q)
-          red[(warp * MP + 16 * mf + g + 8 * (q >> 1)) * BN + 8 * j + 2 * t + (q & 1)] = acc[mf][j][q];
-#pragma unroll
-    for (int q = 0; q < BPT; ++q) {
-      const int i = tid + q * NT, c = i / kSmallMMaxR, j = i % kSmallMMaxR;
-      if (c < BN && j < r) bs[c * (r + 1) + j] = bv[q];
-    }
-    if (tid < BN) bias_s[tid] = biasv;
-    if (!have_u) {  // the first tile: wait until every u item is done (acquire), then u from L2, once
-      for (;;) {
-        __syncthreads();
-        if (tid == 0) claimed = (int)(ld_acquire_gpu(&sync[1]) >= (unsigned)n_items ? -1
-                                      : ld_acquire_gpu(&sync[0]) < (unsigned)n_items ? 1 : 0);
-        __syncthreads();
-        const int state = claimed;
-        __syncthreads();  // every thread has read the state before claim_items writes `claimed` again
-        if (state < 0) break;
-        if (state > 0) {
-          claim_items();
-        } else if (tid == 0) {
-          __nanosleep(32);
+        for (int j = 0; j < NPW; ++j) {
+          mma16816<T>(acc[mf][j], a1, wv[q][j].x, wv[q][j].y);
+          mma16816<T>(acc[mf][j], a2, wv[q][j].z, wv[q][j].w);
         }
       }
-      __threadfence();
-      for (int64_t i = tid; i < MR; i += NT) us[i] = __ldcg(u_out + i);
-      have_u = true;
-    }
-    __syncthreads();
-    for (int64_t i = tid; i < M * BN; i += NT) {
-      const int m = (int)(i / BN), c = (int)(i % BN);
-      const int64_t n = n0 + c;
-      if (n >= N) continue;
-      float v = 0.f;
-#pragma unroll
-      for (int w = 0; w < RD_NW; ++w) v += red[(w * MP + m) * BN + c];
-      const float* um = us + m * r;
-      const float* bc = bs + c * (r + 1);
-      float lora = 0.f;
-      for (int j = 0; j < r; ++j) lora = fmaf(um[j], bc[j], lora);
-      y[m * N + n] = from_f<T>(v + lora + bias_s[c]);
-    }
-    __syncthreads();  // red, bs and bias_s are rewritten by the next tile
   }
-  if (!have_u) claim_items();  // a block without a tile (none: the grid is at most the tiles) still helps
+#pragma unroll
+  for (int mf = 0; mf < MF; ++mf)
+#pragma unroll
+    for (int j = 0; j < NPW; ++j)
+#pragma unroll
+      for (int q = 0; q < 4; ++q)
+        red[(warp * MP + 16 * mf + g + 8 * (q >> 1)) * BN + 8 * j + 2 * t + (q & 1)] = acc[mf][j][q];
+#pragma unroll
+  for (int q = 0; q < BPT; ++q) {
+    const int i = tid + q * NT, c = i / kSmallMMaxR, j = i % kSmallMMaxR;
+    if (c < BN && j < r) bs[c * (r + 1) + j] = bv[q];
+  }
+  if (tid < BN) bias_s[tid] = biasv;
+  // Wait until every u item is done (acquire), claiming any that is still unclaimed; then u from L2.
+  for (;;) {
+    __syncthreads();
+    if (tid == 0)
+      wait_state = ld_acquire_gpu(&sync[1]) >= (unsigned)n_items ? kUDone
+                   : ld_acquire_gpu(&sync[0]) < (unsigned)n_items ? kUUnclaimed : kUPending;
+    __syncthreads();
+    const int state = wait_state;
+    if (state == kUDone) break;
+    if (state == kUUnclaimed) {
+      claim_items();
+    } else if (tid == 0) {
+      __nanosleep(32);
+    }
+  }
+  __threadfence();
+  for (int64_t i = tid; i < M * (int64_t)r; i += NT) us[i] = __ldcg(u_out + i);
+  __syncthreads();
+  for (int64_t i = tid; i < M * BN; i += NT) {
+    const int m = (int)(i / BN), c = (int)(i % BN);
+    const int64_t n = n0 + c;
+    if (n >= N) continue;
+    float v = 0.f;
+#pragma unroll
+    for (int w = 0; w < RD_NW; ++w) v += red[(w * MP + m) * BN + c];
+    const float* um = us + m * r;
+    const float* bc = bs + c * (r + 1);
+    float lora = 0.f;
+    for (int j = 0; j < r; ++j) lora = fmaf(um[j], bc[j], lora);
+    y[m * N + n] = from_f<T>(v + lora + bias_s[c]);
+  }
   leave_small_m_sync(sync);
 #else
   __trap();
@@ -797,9 +793,7 @@ cudaError_t launch_lora_small_m_forward(const void* x, DType x_dtype, const void
       using T = decltype(xt);
       auto go = [&](auto mfc) {
         constexpr int MF = decltype(mfc)::value;
-        // one block per tile: a block that took several tiles in turn restarted its loads after each tile's
-        // epilogue (M = 1, 4096 -> 4096, 8-column tiles two per block: 22.4 us against 18.0 for one 16-column tile
-        // each, session 16)
+        // one block per tile (Grid, at the kernel)
         const dim3 grid((unsigned)ceil_div(N, RdTile<MF>::BN));
         const int item_blocks = (int)std::min<int64_t>(n_items, grid.x);
         const size_t smem = RdTile<MF>::smem(r);
