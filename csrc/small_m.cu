@@ -499,8 +499,6 @@ lora_small_m_rd_kernel(const T* __restrict__ x, const T* __restrict__ W, const T
   __shared__ int claimed, wait_state;
   __shared__ float red_item[RD_NW * RD_ITEM_ROWS * RD_ITEM_COLS];
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
-  // Claims u items until none is left: the first item_blocks blocks at their start, any block whose tiles are done
-  // while an item is still unclaimed (a claimed item is computed by a running block, so the wait below ends).
   // Claims u items until none is left: the first item_blocks blocks at their start, and any block that reaches its
   // epilogue while an item is still unclaimed (a claimed item is computed by a running block, so the wait ends).
   auto claim_items = [&]() {
