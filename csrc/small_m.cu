@@ -484,7 +484,9 @@ __device__ __forceinline__ uint4 ld_stream16(const void* p) {
 }
 #endif  // LK_TC_ARCH
 
-template <typename T, typename TA, int MF>
+// DBG: development only, 0 in the library. bench/dev/small_m_bench.cu times the kernel with parts left out (wrong
+// results): bit 1 no u items and no wait for u, bit 2 no LoRA term in the epilogue (no B tile, no u load).
+template <typename T, typename TA, int MF, int DBG = 0>
 __global__ void __launch_bounds__(RD_NW * 32, 2)
 lora_small_m_rd_kernel(const T* __restrict__ x, const T* __restrict__ W, const T* __restrict__ bias,
                        const TA* __restrict__ A, const void* __restrict__ B_, int b_f32, T* __restrict__ y,
@@ -511,7 +513,8 @@ lora_small_m_rd_kernel(const T* __restrict__ x, const T* __restrict__ W, const T
       rd_u_item<T, TA>(it, x, A, u_out, sync, red_item, M, K, r, scale);
     }
   };
-  if ((int)blockIdx.x < item_blocks) claim_items();
+  constexpr bool kItems = !(DBG & 1), kLora = !(DBG & 2);
+  if (kItems && (int)blockIdx.x < item_blocks) claim_items();
 
   float* red = rd_smem;                    // [NW][MP][BN]
   float* us = red + RD_NW * MP * BN;       // [M][r]
@@ -525,7 +528,7 @@ lora_small_m_rd_kernel(const T* __restrict__ x, const T* __restrict__ W, const T
     const int i = tid + q * NT, c = i / kSmallMMaxR, j = i % kSmallMMaxR;
     const int64_t n = n0 + c;
     bv[q] = 0.f;
-    if (c < BN && j < r && n < N)
+    if (kLora && c < BN && j < r && n < N)
       bv[q] = b_f32 ? static_cast<const float*>(B_)[n * r + j] : to_f<T>(static_cast<const T*>(B_)[n * r + j]);
   }
   if (tid < BN && bias != nullptr && n0 + tid < N) biasv = to_f<T>(bias[n0 + tid]);
@@ -599,7 +602,7 @@ lora_small_m_rd_kernel(const T* __restrict__ x, const T* __restrict__ W, const T
   }
   if (tid < BN) bias_s[tid] = biasv;
   // Wait until every u item is done (acquire), claiming any that is still unclaimed; then u from L2.
-  for (;;) {
+  for (; kItems;) {
     __syncthreads();
     if (tid == 0)
       wait_state = ld_acquire_gpu(&sync[1]) >= (unsigned)n_items ? kUDone
@@ -614,7 +617,7 @@ lora_small_m_rd_kernel(const T* __restrict__ x, const T* __restrict__ W, const T
     }
   }
   __threadfence();
-  for (int64_t i = tid; i < M * (int64_t)r; i += NT) us[i] = __ldcg(u_out + i);
+  for (int64_t i = tid; kLora && i < M * (int64_t)r; i += NT) us[i] = __ldcg(u_out + i);
   __syncthreads();
   for (int64_t i = tid; i < M * BN; i += NT) {
     const int m = (int)(i / BN), c = (int)(i % BN);
@@ -626,7 +629,7 @@ lora_small_m_rd_kernel(const T* __restrict__ x, const T* __restrict__ W, const T
     const float* um = us + m * r;
     const float* bc = bs + c * (r + 1);
     float lora = 0.f;
-    for (int j = 0; j < r; ++j) lora = fmaf(um[j], bc[j], lora);
+    for (int j = 0; kLora && j < r; ++j) lora = fmaf(um[j], bc[j], lora);
     y[m * N + n] = from_f<T>(v + lora + bias_s[c]);
   }
   leave_small_m_sync(sync);

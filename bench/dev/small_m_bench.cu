@@ -7,9 +7,9 @@
 //         issued by warp 0's lanes, S chunks in flight.
 // GPU time as the suite measures it: every launch queued behind a GPU sleep, W rotated through 3 sets (larger than
 // the 50 MB L2 from N*K = 4096*4096 up), median of 30. Each variant's output is checked against an fp32 reference.
-//   nvcc -arch=sm_90a -O3 -std=c++17 -Icsrc -I<cublas include> bench/dev/small_m_bench.cu csrc/small_m.cu \
-//        csrc/plans.cu -lcublas -o /tmp/smb && /tmp/smb
-#include "lora_kernels.cuh"
+//   nvcc -arch=sm_90a -O3 -std=c++17 -Icsrc -I<cublas include> bench/dev/small_m_bench.cu csrc/plans.cu \
+//        -lcublas -o /tmp/smb && /tmp/smb
+#include "small_m.cu"  // one translation unit: the rd kernel's DBG instances are timed below
 
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
@@ -31,6 +31,10 @@
   } while (0)
 
 using bf16 = __nv_bfloat16;
+
+// The benchmark's own helpers and kernels in a namespace of their own: argument-dependent lookup from the library's
+// templates (bf16 arguments) must not see them.
+namespace smb {
 
 // ------------------------------------------------------------------------------------------------ helpers
 __device__ __forceinline__ uint32_t smem_u32(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
@@ -435,6 +439,37 @@ void run_rd(Problem& p, cudaStream_t st, float floor_us) {
          err > 2e-2 ? "  WRONG" : "");
 }
 
+}  // namespace smb
+using namespace smb;
+
+// The library's register-direct kernel (MF = 1 or 2 by M) with DBG parts left out, bf16 x, fp32 adapters.
+template <int DBG>
+void run_rd_dbg(Problem& p, cudaStream_t st, float floor_us, int r, const char* what) {
+  using namespace lora_kernels;
+  unsigned* sync = small_m_sync(st);
+  const int n_items = rd_items(p.M, r);
+  auto go = [&](auto mfc) {
+    constexpr int MF = decltype(mfc)::value;
+    auto kern = lora_small_m_rd_kernel<bf16, float, MF, DBG>;
+    const dim3 grid((unsigned)((p.N + RdTile<MF>::BN - 1) / RdTile<MF>::BN));
+    const int item_blocks = std::min<int>(n_items, (int)grid.x);
+    const size_t smem = RdTile<MF>::smem(r);
+    auto launch = [&](int i) {
+      kern<<<grid, RD_NW * 32, smem, st>>>(p.x, p.W[i % Problem::kSets], nullptr, p.A, p.B, 1, p.y, p.u, sync, p.M,
+                                            p.N, p.K, r, 2.f, n_items, item_blocks);
+    };
+    launch(0);
+    CK(cudaStreamSynchronize(st));
+    CK(cudaGetLastError());
+    const float us = time_it(launch, st);
+    printf("  small_m.cu rd kernel DBG=%d (%-20s)                %7.2f us  %5.3fx\n", DBG, what, us, us / floor_us);
+  };
+  if (p.M <= 16)
+    go(std::integral_constant<int, 1>{});
+  else
+    go(std::integral_constant<int, 2>{});
+}
+
 int main() {
   cudaStream_t st;
   CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
@@ -512,9 +547,17 @@ int main() {
       printf("  small_m.cu (with the LoRA term, r=16, fp32 adapters)            %7.2f us  %5.3fx  y err %.1e  u err %.1e%s\n",
              real, real / floor_us, yerr, uerr / umag, (yerr > 2e-2 || uerr / umag > 1e-4) ? "  WRONG" : "");
       cudaFree(uref);
+      // the same kernel with parts left out (DBG bits; wrong results, timing only): where its LoRA term's time goes
+      if (M <= 32) {
+        run_rd_dbg<1>(p, st, floor_us, r, "no u items, no wait");
+        run_rd_dbg<2>(p, st, floor_us, r, "no LoRA epilogue");
+        run_rd_dbg<3>(p, st, floor_us, r, "neither");
+      }
       ref_kernel<<<dim3((p.N + 127) / 128, M), 128, 0, st>>>(p.x, p.W[0], p.yref, M, p.N, p.K);
       // register-direct main loop alone (no LoRA term), the kernel's M = 1, 16 tile and its M = 64 one
       run_rd<1, 1, 8, 8, 2>(p, st, floor_us);
+      run_rd<1, 2, 8, 8, 2>(p, st, floor_us);
+      run_rd<2, 2, 8, 4, 2>(p, st, floor_us);
       run_rd<4, 2, 8, 2, 2>(p, st, floor_us);
       cudaFree(p.x);
       for (auto& w : p.W) cudaFree(w);
