@@ -286,8 +286,10 @@ const char* dx_sm90_unsupported(const Tensor& dy, const Tensor& weight, float p,
   static const bool mask_on = lk::env_switch_on("LORA_KERNELS_SM90_DX_MASK");
   if (p > 0.0f && !mask_on) return "LORA_KERNELS_SM90_DX_MASK=0";
   if (p > 0.0f && !bits) return "no keep bits for these dtypes (dropout_bits_used)";
-  return sm90_unsupported(dy, weight, nullptr, dy.size(0), weight.size(1), weight.size(0), lk::GemmLayoutB::kKN,
-                          p > 0.0f);
+  const char* why = sm90_unsupported(dy, weight, nullptr, dy.size(0), weight.size(1), weight.size(0),
+                                     lk::GemmLayoutB::kKN, p > 0.0f);
+  if (why == nullptr && dy.size(0) <= lk::kSmallMBackwardRows) return "M <= 64: cuBLAS is faster (kSmallMBackwardRows)";
+  return why;
 }
 
 // The rank-r operands of dx on the sm_90 path, packed: vx (M, kx) = s·g and ax (kx, K) = lora_A in dy's dtype

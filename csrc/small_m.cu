@@ -361,13 +361,15 @@ lora_small_m_tc_kernel(const T* __restrict__ x, const T* __restrict__ W, const T
 // ---------------------------------------------------------------------------------------------------------------
 // lora_small_m_rd (tensor cores, W straight into registers): the kernel for 16-bit x whose x, W and A rows are
 // 16-byte aligned (K % 8 == 0); the ring kernel above takes the rest. Same math, same u; another schedule:
-// Grid   : one block per y tile. A persistent grid (blocks taking tiles in turn) was slower: a block restarted its
-//          loads after each tile's epilogue (M = 1, 4096 -> 4096 in the targets grid: 22.4 against 21.2 us, session
-//          16). u comes in items of RD_ITEM_ROWS rows of x by RD_ITEM_COLS rows of A (fp32 FFMA over all of K:
-//          rd_u_item), claimed through sync[0] by the first item_blocks blocks when they start, before their tile.
-//          A block that reaches its epilogue while an item is unclaimed claims and computes it; a claimed item is
-//          held by a running block that never waits, so the tiles' wait for u (sync[1] == n_items) cannot hang,
-//          whatever order the blocks start in.
+// Grid   : item blocks first, then one block per y tile. u comes in items of RD_ITEM_ROWS rows of x by RD_ITEM_COLS
+//          rows of A (fp32 FFMA over all of K: rd_u_item), claimed through sync[0] by the item blocks (one per item,
+//          the lowest block indices, so they start first; no tile of their own). A block that computed an item
+//          before its own tile would put the item's time (about 7 us at M = 1 on the H200, a round trip to HBM per
+//          K step under load) on the kernel's critical path: its tile then ended last (bench/dev/small_m_bench.cu).
+//          A tile block that reaches its epilogue while an item is unclaimed (item blocks not yet
+//          resident) claims and computes it; a claimed item is held by a running block that never waits, so the
+//          tiles' wait for u (sync[1] == n_items) cannot hang, whatever order the blocks start in. A persistent
+//          grid (blocks taking tiles in turn) was slower: a block restarted its loads after each tile's epilogue.
 // Tile   : BN = 8 NPW columns of y, all M rows. Warp w takes 32-column K steps [w S / NW, (w+1) S / NW) of the
 //          S = ceil(K / 32); thread (g, t) = (lane / 4, lane % 4) loads 16 bytes of W row n0 + 8 j + g (j < NPW) at
 //          columns k + 8t .. k + 8t + 7 of each step, and the same columns of x's rows g and g + 8 of each 16-row
@@ -484,6 +486,22 @@ __device__ __forceinline__ uint4 ld_stream16(const void* p) {
 }
 #endif  // LK_TC_ARCH
 
+// The register-direct kernel's exit, in two halves. arrive_small_m_sync: thread 0 counts the block out once it will
+// not read the claim / done counters again (its wait for u is over), early, so that the atomic's round trip overlaps
+// the epilogue; finish_small_m_sync at the end: the block that arrived last (every other block is past its wait)
+// resets the counters for the next launch on this stream (or the next replay of a captured graph).
+__device__ __forceinline__ unsigned arrive_small_m_sync(unsigned* sync) {
+  return threadIdx.x == 0 ? atomicAdd(&sync[2], 1u) : 0u;
+}
+__device__ __forceinline__ void finish_small_m_sync(unsigned* sync, unsigned ticket) {
+  if (threadIdx.x == 0 && ticket == gridDim.x - 1) {
+    sync[0] = 0u;
+    sync[1] = 0u;
+    sync[2] = 0u;
+    __threadfence();
+  }
+}
+
 // DBG: development only, 0 in the library. bench/dev/small_m_bench.cu times the kernel with parts left out (wrong
 // results): bit 1 no u items and no wait for u, bit 2 no LoRA term in the epilogue (no B tile, no u load).
 template <typename T, typename TA, int MF, int DBG = 0>
@@ -514,13 +532,17 @@ lora_small_m_rd_kernel(const T* __restrict__ x, const T* __restrict__ W, const T
     }
   };
   constexpr bool kItems = !(DBG & 1), kLora = !(DBG & 2);
-  if (kItems && (int)blockIdx.x < item_blocks) claim_items();
+  if ((int)blockIdx.x < item_blocks) {  // an item block: u items only, no tile
+    if (kItems) claim_items();
+    finish_small_m_sync(sync, arrive_small_m_sync(sync));
+    return;
+  }
 
   float* red = rd_smem;                    // [NW][MP][BN]
   float* us = red + RD_NW * MP * BN;       // [M][r]
   float* bs = us + kSmallMMaxM * r;        // [BN][r + 1]
   float* bias_s = bs + BN * (r + 1);       // [BN]
-  const int64_t n0 = (int64_t)blockIdx.x * BN;
+  const int64_t n0 = (int64_t)(blockIdx.x - item_blocks) * BN;
   // the B tile and bias into registers now, into shared memory after the main loop: no wait before it
   float bv[BPT], biasv = 0.f;
 #pragma unroll
@@ -616,6 +638,7 @@ lora_small_m_rd_kernel(const T* __restrict__ x, const T* __restrict__ W, const T
       __nanosleep(32);
     }
   }
+  const unsigned ticket = arrive_small_m_sync(sync);
   __threadfence();
   for (int64_t i = tid; kLora && i < M * (int64_t)r; i += NT) us[i] = __ldcg(u_out + i);
   __syncthreads();
@@ -632,7 +655,7 @@ lora_small_m_rd_kernel(const T* __restrict__ x, const T* __restrict__ W, const T
     for (int j = 0; kLora && j < r; ++j) lora = fmaf(um[j], bc[j], lora);
     y[m * N + n] = from_f<T>(v + lora + bias_s[c]);
   }
-  leave_small_m_sync(sync);
+  finish_small_m_sync(sync, ticket);
 #else
   __trap();
 #endif
@@ -761,7 +784,7 @@ const char* lora_small_m_unsupported(int64_t M, int64_t N, int64_t K, int r, DTy
   if (r < 1 || r > kSmallMMaxR) return "r is above 64";
   if (p > 0.f) return "dropout (the unfused forward is faster: see Limits above)";
   if (x_dtype == DType::kFloat32 && M * r > kSmallMMaxM * 32) return "M * r is above 2048 with fp32 x";
-  if (ceil_div(N, 16) > INT_MAX) return "N is too large for the grid";
+  if (ceil_div(N, 16) > INT_MAX - 1024) return "N is too large for the grid";
   if (x_dtype != DType::kFloat32) {
     if (!tc_supported()) return "16-bit x below sm_80";
     if (small_m_smem(small_m_frags(M), small_m_bn(N)) > smem_optin_bytes())
@@ -794,9 +817,9 @@ cudaError_t launch_lora_small_m_forward(const void* x, DType x_dtype, const void
       using T = decltype(xt);
       auto go = [&](auto mfc) {
         constexpr int MF = decltype(mfc)::value;
-        // one block per tile (Grid, at the kernel)
-        const dim3 grid((unsigned)ceil_div(N, RdTile<MF>::BN));
-        const int item_blocks = (int)std::min<int64_t>(n_items, grid.x);
+        // the item blocks first, then one block per tile (Grid, at the kernel)
+        const int item_blocks = n_items;
+        const dim3 grid((unsigned)(item_blocks + ceil_div(N, RdTile<MF>::BN)));
         const size_t smem = RdTile<MF>::smem(r);
         if (a_dtype == DType::kFloat32)
           return launch_kernel(lora_small_m_rd_kernel<T, float, MF>, grid, RD_NW * 32, smem, stream,

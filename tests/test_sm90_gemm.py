@@ -56,15 +56,17 @@ def _dx_path(M, K, N, r, p, dtype=torch.bfloat16, adapter_dtype=torch.float32):
 def test_benchmarked_shapes_take_the_sm90_dx_path(K, N, adapter_dtype):
     # dx of the benchmarked shapes: the rank-r term inside the GEMM, masked there with dropout (no dx kernel, no
     # cuBLAS beta = 1)
-    assert _dx_path(64, K, N, 16, 0.0, adapter_dtype=adapter_dtype) == "sm90"
-    assert _dx_path(64, K, N, 64, 0.1, adapter_dtype=adapter_dtype) == "sm90 masked"
+    assert _dx_path(2048, K, N, 16, 0.0, adapter_dtype=adapter_dtype) == "sm90"
+    assert _dx_path(2048, K, N, 64, 0.1, adapter_dtype=adapter_dtype) == "sm90 masked"
+    # decoding-size batches: cuBLAS (csrc/lora_kernels.cuh, kSmallMBackwardRows)
+    assert _dx_path(64, K, N, 16, 0.0, adapter_dtype=adapter_dtype).startswith("cublas: M <= 64")
 
 
 @pytest.mark.skipif(not _hopper(), reason="the sm_90 GEMM runs on compute capability 9.0 only")
 def test_masked_dx_fallback_says_why():
     # the keep bits' rows must be 16-byte aligned for TMA: K % 128
     assert _dx_path(8, 200, 64, 4, 0.1).startswith("cublas: keep bits need N a multiple of 128")
-    assert _dx_path(8, 200, 64, 4, 0.0) == "sm90"
+    assert _dx_path(128, 200, 64, 4, 0.0) == "sm90"
 
 
 @pytest.mark.skipif(not _hopper(), reason="the sm_90 GEMM runs on compute capability 9.0 only")
@@ -90,7 +92,8 @@ def test_sm90_path_against_float64(dtype, adapter_dtype, lead, K, N, r, p):
     from lora_kernels.backends import cuda_backend
 
     assert _path(1, K, N, dtype) == "sm90"
-    dx_path = _dx_path(1, K, N, r, p, dtype, adapter_dtype or dtype)
+    # the path of this shape at M = 128 (M <= 64 takes cuBLAS for dx: kSmallMBackwardRows)
+    dx_path = _dx_path(128, K, N, r, p, dtype, adapter_dtype or dtype)
     if p == 0:
         assert dx_path == "sm90"
     elif dtype == torch.float16 and adapter_dtype == torch.float32:  # the streaming passes' FFMA kernels: no bits

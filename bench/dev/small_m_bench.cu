@@ -451,8 +451,8 @@ void run_rd_dbg(Problem& p, cudaStream_t st, float floor_us, int r, const char* 
   auto go = [&](auto mfc) {
     constexpr int MF = decltype(mfc)::value;
     auto kern = lora_small_m_rd_kernel<bf16, float, MF, DBG>;
-    const dim3 grid((unsigned)((p.N + RdTile<MF>::BN - 1) / RdTile<MF>::BN));
-    const int item_blocks = std::min<int>(n_items, (int)grid.x);
+    const int item_blocks = n_items;
+    const dim3 grid((unsigned)(item_blocks + (p.N + RdTile<MF>::BN - 1) / RdTile<MF>::BN));
     const size_t smem = RdTile<MF>::smem(r);
     auto launch = [&](int i) {
       kern<<<grid, RD_NW * 32, smem, st>>>(p.x, p.W[i % Problem::kSets], nullptr, p.A, p.B, 1, p.y, p.u, sync, p.M,

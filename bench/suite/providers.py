@@ -16,6 +16,10 @@ Providers
                    dynamic=False: compiled per shape); with compile_dynamic, one dynamic=True graph for all shapes.
   addmm            out = F.linear(x, W, b); out.addmm_(x @ Aᵀ, Bᵀ, alpha=s)   -- NO dropout (p is ignored).
   cublas-base      the floor: fwd = F.linear(x, W); fwd_bwd = F.linear(x, W) then dy @ W (base dx GEMM).
+  linear-autograd  the frozen linear a LoRA layer replaces in training, through autograd: fwd = F.linear(x, W, b)
+                   under no_grad, fwd_bwd = torch.autograd.grad(F.linear(x, W, b), x, dy). Same GPU work as the
+                   floor; its wall time adds autograd's host time, which every trainable layer pays (at small M
+                   that host time, not the GPU, sets the wall time).
   lorafusion       the peer LoRAFusion (CentML/lorafusion c48d7fd) lora_v1.fused_linear_lora, adapters in x's dtype;
                    loaded by bench/suite/peer_lorafusion.py from $LORAFUSION_DIR or <repo>/.peers/lorafusion (git-ignored,
                    filled by bench/tools/get_lorafusion.sh).
@@ -41,7 +45,7 @@ import torch.nn.functional as F
 
 BACKENDS = ("torch", "triton", "cuda")
 PROVIDERS = tuple(f"ours-{b}" for b in BACKENDS) + (
-    "peft-layer", "formula-bf16", "compile-formula", "addmm", "cublas-base", "lorafusion")
+    "peft-layer", "formula-bf16", "compile-formula", "addmm", "cublas-base", "linear-autograd", "lorafusion")
 FLOOR = "cublas-base"
 PEFT_REF = "peft-layer"
 DORA_PROVIDERS = tuple(f"ours-dora-{b}" for b in BACKENDS) + ("ours-dora-cuda-savez", "ours-dora-triton-savez",
@@ -128,7 +132,7 @@ def make_case(provider: str, M: int, K: int, N: int, r: int, p: float, dtype=tor
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     s, note = float(scaling), ""
-    if provider in ("formula-bf16", "compile-formula", "addmm", "cublas-base", "lorafusion"):
+    if provider in ("formula-bf16", "compile-formula", "addmm", "cublas-base", "linear-autograd", "lorafusion"):
         adapter_dtype = dtype
     sets = [_make_tensors(M, K, N, r, dtype, adapter_dtype, device, bias, gen) for _ in range(max(1, n_sets))]
     fwds: list[Callable] = []
@@ -210,6 +214,12 @@ def make_case(provider: str, M: int, K: int, N: int, r: int, p: float, dtype=tor
             fwds.append(fwd)
             fwd_bwds.append(fwd_bwd)
             exclude += [t["W"]]
+    elif provider == "linear-autograd":
+        note = "F.linear(x, W, b) through autograd (grad of x)"
+        flops = (base_flops(M, K, N, "fwd"), base_flops(M, K, N, "fwd_bwd"))
+        for t in sets:
+            _add_modes(fwds, fwd_bwds, lambda t=t: F.linear(t["x"], t["W"], t["b"]), (t["x"],), t["dy"])
+            exclude += [t["W"], t["b"]]
     elif provider == "lorafusion":
         import peer_lorafusion
 
