@@ -201,8 +201,9 @@ std::atomic<bool>& small_m_switch() {
 // nullptr when a forward with these inputs takes the small-M kernel, else why not.
 const char* small_m_unsupported(const Tensor& x, const Tensor& weight, const Tensor& lora_A, double p) {
   if (!small_m_switch().load(std::memory_order_relaxed)) return "off (LORA_KERNELS_SMALL_M=0 or set_small_m)";
-  return lk::lora_small_m_unsupported(x.size(0), weight.size(0), x.size(1), (int)lora_A.size(0),
-                                      to_dtype(x, "x"), to_dtype(lora_A, "lora_A"), (float)p);
+  return lk::lora_small_m_unsupported(x.data_ptr(), weight.data_ptr(), lora_A.data_ptr(), x.size(0), weight.size(0),
+                                      x.size(1), (int)lora_A.size(0), to_dtype(x, "x"), to_dtype(lora_A, "lora_A"),
+                                      (float)p);
 }
 
 // ------------------------------------------------------------------ the temporaries of a call
@@ -358,7 +359,7 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& weight, c
                                                has_bias ? bias->data_ptr() : nullptr, lora_A.data_ptr(), a_dt,
                                                lora_B.data_ptr(), b_dt, y.data_ptr(),
                                                keep_u ? u.data_ptr<float>() : ws.ptr<float>(u_piece), M, N, K, r,
-                                               (float)scaling, stream),
+                                               (float)scaling, pf, (uint64_t)seed, seed_ptr, (uint64_t)offset, stream),
                "small-M forward launch");
     return {y, u};
   }

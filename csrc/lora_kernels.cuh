@@ -105,15 +105,17 @@ cudaError_t launch_dropout_keep_bits_kept(uint8_t* bits, const void* x, void* ke
                                           int64_t K, float p, uint64_t seed, const int64_t* seed_ptr, uint64_t offset,
                                           cudaStream_t stream);
 
-// Small M (csrc/small_m.cu): the whole forward without dropout in one launch, y (M, N) x_dtype = x W^T + bias +
-// u B^T and u (M, r) fp32 = scaling * x A^T (the shrink's u, saved for backward). W (N, K) and bias (N,) or null in
-// x_dtype; A (r, K) a_dtype, B (N, r) b_dtype, each float32 or x_dtype. lora_small_m_unsupported: null when the
-// launcher takes these sizes here, else why not (M above 64, r too large for M, dropout p > 0, ...).
-const char* lora_small_m_unsupported(int64_t M, int64_t N, int64_t K, int r, DType x_dtype, DType a_dtype,
-                                     float p);
+// Small M (csrc/small_m.cu): the whole forward in one launch, y (M, N) x_dtype = x W^T + bias + u B^T and u (M, r)
+// fp32 = scaling / (1 - p) * (keep * x) A^T (the shrink's u, saved for backward; keep the contract's Philox mask
+// for (seed or *seed_ptr, offset), all ones at p = 0). W (N, K) and bias (N,) or null in x_dtype; A (r, K) a_dtype,
+// B (N, r) b_dtype, each float32 or x_dtype. lora_small_m_unsupported: null when the launcher takes these inputs
+// here, else why not (M above 64, r too large for M, dropout where the register-direct kernel does not run, ...).
+const char* lora_small_m_unsupported(const void* x, const void* W, const void* A, int64_t M, int64_t N, int64_t K,
+                                     int r, DType x_dtype, DType a_dtype, float p);
 cudaError_t launch_lora_small_m_forward(const void* x, DType x_dtype, const void* W, const void* bias, const void* A,
                                         DType a_dtype, const void* B, DType b_dtype, void* y, float* u, int64_t M,
-                                        int64_t N, int64_t K, int r, float scaling, cudaStream_t stream);
+                                        int64_t N, int64_t K, int r, float scaling, float p, uint64_t seed,
+                                        const int64_t* seed_ptr, uint64_t offset, cudaStream_t stream);
 
 // y (M, N) y_dtype = u (M, r) fp32 @ B^T + bias ; B (N, r) b_dtype, bias (N,) y_dtype or null. fp32 accumulation
 // (u and B cast to y_dtype first when it is 16-bit), bias added in fp32, one write of y (never read).

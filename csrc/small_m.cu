@@ -1,5 +1,5 @@
-// Small-M forward in one launch: y = x W^T + bias + u B^T with u = scaling * x A^T, for M <= 64 rows and no
-// dropout (decoding, small batches, evaluation). The usual forward (shrink with a K split, pack, GEMM) is three or
+// Small-M forward in one launch: y = x W^T + bias + u B^T with u = scaling / (1 - p) * dropout_mask(x) A^T, for
+// M <= 64 rows (decoding, small batches, evaluation; dropout on the register-direct kernel only). The usual forward (shrink with a K split, pack, GEMM) is three or
 // four launches of kernels that each take a few microseconds of launch and tail time for a few microseconds of work;
 // here W, the only large operand, is streamed once by one launch.
 // Kernels: the register-direct tensor-core kernel (16-bit x with 16-byte aligned rows: lora_small_m_rd_kernel,
@@ -28,10 +28,11 @@
 //          whole MP x BN tile; the 8 warps' partial tiles are summed in warp order through shared memory at the end
 //          (deterministic), then u and the B tile are staged and each thread writes its column of y.
 // Bytes  : W once (N*K*2), y once, x (M*K*2) from L2 once per block, A (r*K) once in all, B once.
-// Limits : M <= 64; r <= 64 (fp32 x, the FFMA kernel: M * r <= 2048); no dropout. With dropout every block would mask its own copy of x, which takes ring
-//          slots from W's stream: on the H200 an earlier version with dropout took 1.3-6.1x the unfused forward's
-//          wall time at M = 1, 16 and 64, so the unfused forward runs there. lora_small_m_unsupported says why a
-//          call does not come here.
+// Limits : M <= 64; r <= 64 (fp32 x, the FFMA kernel: M * r <= 2048); dropout only on the register-direct kernel,
+//          where only the u items read x through the mask (x W^T takes x unmasked). This kernel and the FFMA one
+//          take no dropout: there every block would mask its own copy of x, which took 1.3-6.1x the unfused
+//          forward's wall time on the H200 (M = 1, 16 and 64). lora_small_m_unsupported says why a call does not
+//          come here.
 #include "common.cuh"
 #include "plans.cuh"
 #include "ptx.cuh"
@@ -380,6 +381,9 @@ lora_small_m_tc_kernel(const T* __restrict__ x, const T* __restrict__ W, const T
 // Epilog : the warps' partial tiles are summed in warp order through shared memory; then u (from the items, L2,
 //          once per block), the B tile (loaded into registers before the main loop) and bias:
 //          y = round(acc + u B^T + bias).
+// Dropout: only u reads x through the mask (the LoRA path's dropout; x W^T takes x as it is), so the item blocks
+//          apply the contract's Philox mask to their x vectors (one Philox call per 8-group, K % 8 == 0 here) and
+//          the scale is s / (1 - p); the tiles do not change.
 constexpr int RD_NW = 8;           // warps per block
 constexpr int RD_ITEM_ROWS = 4;    // x rows per u item
 constexpr int RD_ITEM_COLS = 8;    // A rows (u columns) per u item
@@ -393,6 +397,14 @@ struct RdTile {
   static constexpr size_t smem(int r) {
     return (size_t)(RD_NW * MP * BN + kSmallMMaxM * r + BN * (r + 1) + BN) * sizeof(float);
   }
+};
+
+// Dropout of the u items (x masked by the contract's Philox mask; p = 0: none).
+struct RdDropout {
+  float p;
+  uint64_t seed;
+  const int64_t* seed_ptr;  // the graph-safe device seed when not null (dropout_seed)
+  uint64_t offset;
 };
 
 inline int rd_items(int64_t M, int r) {
@@ -419,8 +431,11 @@ __device__ __forceinline__ void load8f(const T* p, float (&v)[8]) {
 // added in a fixed tree (lanes by shuffles, then warps in order): deterministic. Ends with the item counted done.
 template <typename T, typename TA>
 __device__ void rd_u_item(int item, const T* __restrict__ x, const TA* __restrict__ A, float* __restrict__ u,
-                          unsigned* sync, float* red, int64_t M, int64_t K, int r, float scale) {
+                          unsigned* sync, float* red, int64_t M, int64_t K, int r, float scale, RdDropout drop) {
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const bool masked = drop.p > 0.f;
+  const uint64_t seed = masked ? dropout_seed(drop.seed, drop.seed_ptr) : 0;
+  const uint32_t thr = dropout_threshold(drop.p);
   const int col_groups = (r + RD_ITEM_COLS - 1) / RD_ITEM_COLS;
   const int64_t m0 = (int64_t)(item / col_groups) * RD_ITEM_ROWS;
   const int j0 = (item % col_groups) * RD_ITEM_COLS;
@@ -435,6 +450,11 @@ __device__ void rd_u_item(int item, const T* __restrict__ x, const TA* __restric
     for (int i = 0; i < RD_ITEM_ROWS; ++i) {
       if (m0 + i < M) {
         load8f<T>(x + (m0 + i) * K + k, xv[i]);
+        if (masked) {  // k is a multiple of 8: one Philox call for the 8-group (a dropped element times 0, as x * keep)
+          const uint32_t bits = dropout_keep_bits8(seed, dropout_counter(drop.offset, m0 + i, K, k / 8), thr);
+#pragma unroll
+          for (int q = 0; q < 8; ++q) xv[i][q] = (bits >> q) & 1u ? xv[i][q] : xv[i][q] * 0.f;
+        }
       } else {
 #pragma unroll
         for (int q = 0; q < 8; ++q) xv[i][q] = 0.f;
@@ -509,7 +529,7 @@ __global__ void __launch_bounds__(RD_NW * 32, 2)
 lora_small_m_rd_kernel(const T* __restrict__ x, const T* __restrict__ W, const T* __restrict__ bias,
                        const TA* __restrict__ A, const void* __restrict__ B_, int b_f32, T* __restrict__ y,
                        float* __restrict__ u_out, unsigned* __restrict__ sync, int64_t M, int64_t N, int64_t K, int r,
-                       float scale, int n_items, int item_blocks) {
+                       float scale, RdDropout drop, int n_items, int item_blocks) {
 #if LK_TC_ARCH
   using Tile = RdTile<MF>;
   constexpr int NPW = Tile::NPW, U = Tile::U, BN = Tile::BN, MP = Tile::MP, NT = RD_NW * 32;
@@ -528,7 +548,7 @@ lora_small_m_rd_kernel(const T* __restrict__ x, const T* __restrict__ W, const T
       const int it = claimed;
       __syncthreads();
       if (it >= n_items) return;
-      rd_u_item<T, TA>(it, x, A, u_out, sync, red_item, M, K, r, scale);
+      rd_u_item<T, TA>(it, x, A, u_out, sync, red_item, M, K, r, scale, drop);
     }
   };
   constexpr bool kItems = !(DBG & 1), kLora = !(DBG & 2);
@@ -776,13 +796,14 @@ inline int small_m_bn(int64_t N) { return ceil_div(N, 32) >= 2 * (int64_t)num_sm
 
 }  // namespace
 
-const char* lora_small_m_unsupported(int64_t M, int64_t N, int64_t K, int r, DType x_dtype, DType a_dtype,
-                                     float p) {
+const char* lora_small_m_unsupported(const void* x, const void* W, const void* A, int64_t M, int64_t N, int64_t K,
+                                     int r, DType x_dtype, DType a_dtype, float p) {
   if (M < 1 || M > kSmallMMaxM) return "M is not in 1..64";
   if (N < 1) return "N is 0";
   if (K < 0) return "K is negative";
   if (r < 1 || r > kSmallMMaxR) return "r is above 64";
-  if (p > 0.f) return "dropout (the unfused forward is faster: see Limits above)";
+  if (p > 0.f && (x_dtype == DType::kFloat32 || !small_m_rd_fits(x, W, A, K)))
+    return "dropout needs the register-direct kernel (16-bit x, K % 8 == 0, 16-byte aligned x, W and lora_A)";
   if (x_dtype == DType::kFloat32 && M * r > kSmallMMaxM * 32) return "M * r is above 2048 with fp32 x";
   if (ceil_div(N, 16) > INT_MAX - 1024) return "N is too large for the grid";
   if (x_dtype != DType::kFloat32) {
@@ -796,8 +817,9 @@ const char* lora_small_m_unsupported(int64_t M, int64_t N, int64_t K, int r, DTy
 
 cudaError_t launch_lora_small_m_forward(const void* x, DType x_dtype, const void* W, const void* bias, const void* A,
                                         DType a_dtype, const void* B, DType b_dtype, void* y, float* u, int64_t M,
-                                        int64_t N, int64_t K, int r, float scaling, cudaStream_t stream) {
-  if (lora_small_m_unsupported(M, N, K, r, x_dtype, a_dtype, 0.f) != nullptr) return cudaErrorInvalidValue;
+                                        int64_t N, int64_t K, int r, float scaling, float p, uint64_t seed,
+                                        const int64_t* seed_ptr, uint64_t offset, cudaStream_t stream) {
+  if (lora_small_m_unsupported(x, W, A, M, N, K, r, x_dtype, a_dtype, p) != nullptr) return cudaErrorInvalidValue;
   if (x_dtype == DType::kFloat32) {
     if (a_dtype != DType::kFloat32 || b_dtype != DType::kFloat32) return cudaErrorInvalidValue;
     const size_t smem = (size_t)((kSmallMMaxM + SMF_BN + r) * SMF_LD) * sizeof(float);
@@ -821,15 +843,17 @@ cudaError_t launch_lora_small_m_forward(const void* x, DType x_dtype, const void
         const int item_blocks = n_items;
         const dim3 grid((unsigned)(item_blocks + ceil_div(N, RdTile<MF>::BN)));
         const size_t smem = RdTile<MF>::smem(r);
+        const RdDropout drop{p, seed, seed_ptr, offset};
+        const float u_scale = dropout_scale(scaling, p);  // u = s / (1 - p) (keep * x) A^T, as the shrink's
         if (a_dtype == DType::kFloat32)
           return launch_kernel(lora_small_m_rd_kernel<T, float, MF>, grid, RD_NW * 32, smem, stream,
                                static_cast<const T*>(x), static_cast<const T*>(W), static_cast<const T*>(bias),
                                static_cast<const float*>(A), B, b_dtype == DType::kFloat32 ? 1 : 0,
-                               static_cast<T*>(y), u, sync, M, N, K, r, scaling, n_items, item_blocks);
+                               static_cast<T*>(y), u, sync, M, N, K, r, u_scale, drop, n_items, item_blocks);
         return launch_kernel(lora_small_m_rd_kernel<T, T, MF>, grid, RD_NW * 32, smem, stream,
                              static_cast<const T*>(x), static_cast<const T*>(W), static_cast<const T*>(bias),
                              static_cast<const T*>(A), B, b_dtype == DType::kFloat32 ? 1 : 0, static_cast<T*>(y), u,
-                             sync, M, N, K, r, scaling, n_items, item_blocks);
+                             sync, M, N, K, r, u_scale, drop, n_items, item_blocks);
       };
       return mf == 1 ? go(std::integral_constant<int, 1>{})
                      : mf == 2 ? go(std::integral_constant<int, 2>{}) : go(std::integral_constant<int, 4>{});

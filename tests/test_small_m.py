@@ -1,12 +1,14 @@
-"""The cuda backend's small-M forward (csrc/small_m.cu): for M <= 64 without dropout the whole forward, y = x W^T + b +
-s u B^T and the saved u = s x A^T, is one kernel launch. GPU-only (skips elsewhere): the path is taken where it should
-be (forward_path, and a profiler count of one kernel), it says why where it is not (dropout among the reasons: the
-unfused forward is faster there), and y, u and the grads meet the float64 tolerance rule (error at most 2x the
+"""The cuda backend's small-M forward (csrc/small_m.cu): for M <= 64 the whole forward, y = x W^T + b + s u B^T and the
+saved u = s/(1-p) dropout(x) A^T, is one kernel launch (with dropout: 16-bit x with 16-byte aligned rows, the
+register-direct kernel). GPU-only (skips elsewhere): the path is taken where it should be (forward_path, and a
+profiler count of one kernel), it says why where it is not (dropout with fp32 or misaligned x among the reasons),
+and y, u and the grads meet the float64 tolerance rule (error at most 2x the
 same-precision PyTorch computation's, plus a floor) with every output poisoned first, for K and N that are not
 multiples of any tile, every x dtype, fp32 and 16-bit adapters, with and without bias, misaligned inputs, and grids with
 fewer y tiles than u items (N small next to M * r / 32: the blocks compute the unclaimed items at their epilogue). The
-kernel's grid-wide counters are checked across streams and CUDA graph replays. With dropout, the same checks hold for the forward that
-small M takes instead."""
+kernel's grid-wide counters are checked across streams and CUDA graph replays. With dropout, the same checks hold
+(the contract's mask: assert_cuda_forward's reference), and for the forward that small M takes where this one does
+not."""
 import pytest
 import torch
 
@@ -21,7 +23,8 @@ pytestmark = [
                        reason="needs the cuda backend on a GPU"),
 ]
 S = 0.75
-DROPOUT_WHY = "(small_m: dropout (the unfused forward is faster: see Limits above))"
+DROPOUT_WHY = ("(small_m: dropout needs the register-direct kernel (16-bit x, K % 8 == 0, 16-byte aligned x, W and "
+               "lora_A))")
 FP32_MR_WHY = "(small_m: M * r is above 2048 with fp32 x)"  # the FFMA kernel's limit (csrc/small_m.cu, Limits)
 
 
@@ -54,7 +57,7 @@ def _check_forward(M, K, N, r, dtype, adapter_dtype, bias, p, misaligned=False, 
     path = cb.forward_path(x, W, b, A, B, p)
     if p == 0 and dtype == torch.float32 and M * r > 2048:
         assert path.endswith(FP32_MR_WHY), path
-    elif p == 0:
+    elif p == 0 or (dtype != torch.float32 and K % 8 == 0 and not misaligned):
         assert path == "small_m", path
     else:
         assert path.endswith(DROPOUT_WHY), path
@@ -76,9 +79,11 @@ def test_small_m_forward_against_float64(dtype, adapter_dtype, M, K, N, r, bias)
 @pytest.mark.parametrize("dtype,adapter_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float16),
                                                  (torch.float32, torch.float32)])
 @pytest.mark.parametrize("M,K,N,r", [(1, 4096, 512, 16), (8, 4096, 264, 16), (7, 37, 24, 8), (64, 500, 72, 32),
-                                     (3, 12, 1, 1)])
+                                     (3, 12, 1, 1), (17, 200, 100, 32), (64, 1000, 4104, 16), (33, 72, 40, 1),
+                                     (48, 4096, 16, 64)])
 @pytest.mark.parametrize("p", [0.1, 0.5])
-def test_small_m_with_dropout_takes_the_unfused_forward(dtype, adapter_dtype, M, K, N, r, p):
+def test_small_m_with_dropout(dtype, adapter_dtype, M, K, N, r, p):
+    # 16-bit x with K % 8 == 0: the one-launch kernel masks its u items; K = 37, 500, 12 and fp32 x: the unfused path
     _check_forward(M, K, N, r, dtype, adapter_dtype, True, p, seed=2**61 + 12345)
 
 
@@ -92,14 +97,18 @@ def test_small_m_misaligned_inputs(dtype, adapter_dtype):
 @pytest.mark.parametrize("dtype,adapter_dtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
                                                  (torch.float32, torch.float32)])
 @pytest.mark.parametrize("lead,K,N,r,p", [((1,), 4096, 4096, 16, 0.0), ((4, 16), 136, 200, 16, 0.0),
-                                          ((3, 7), 36, 44, 8, 0.0), ((64,), 1000, 72, 32, 0.0)])
+                                          ((3, 7), 36, 44, 8, 0.0), ((64,), 1000, 72, 32, 0.0),
+                                          ((1,), 4096, 4096, 16, 0.1), ((4, 16), 136, 200, 16, 0.5),
+                                          ((64,), 1000, 72, 32, 0.1)])
 def test_small_m_op_grads(dtype, adapter_dtype, lead, K, N, r, p):
-    # the public op end to end (forward by the small-M kernel, backward as before, the saved u included)
+    # the public op end to end (forward by the small-M kernel, backward as before, the saved u included; with
+    # dropout the backward regenerates the forward's mask)
     x = torch.empty(*lead, K)
     cb = _cb()
-    assert cb.forward_path(x.reshape(-1, K).to("cuda", dtype), torch.empty(N, K, device="cuda", dtype=dtype), None,
+    path = cb.forward_path(x.reshape(-1, K).to("cuda", dtype), torch.empty(N, K, device="cuda", dtype=dtype), None,
                            torch.empty(r, K, device="cuda", dtype=adapter_dtype),
-                           torch.empty(N, r, device="cuda", dtype=adapter_dtype), p) == "small_m"
+                           torch.empty(N, r, device="cuda", dtype=adapter_dtype), p)
+    assert path == "small_m" if p == 0 or dtype != torch.float32 else path.endswith(DROPOUT_WHY), path
     run_and_check("cuda", "cuda", dtype, lead, K, N, r, bias=True, p=p, adapter_dtype=adapter_dtype)
 
 
@@ -107,7 +116,7 @@ def test_small_m_is_one_launch():
     """The forward of M <= 64 launches one kernel (no shrink, reduce, pack, prefill or cuBLAS GEMM)."""
     cb = _cb()
     for M, p, adapter_dtype in ((1, 0.0, torch.float32), (16, 0.0, torch.bfloat16), (64, 0.0, torch.float32),
-                                (4, 0.0, torch.bfloat16)):
+                                (4, 0.0, torch.bfloat16), (16, 0.1, torch.float32), (64, 0.5, torch.bfloat16)):
         x, W, b, A, B = _inputs(M, 4096, 4096, 16, torch.bfloat16, adapter_dtype, True)
         with torch.no_grad():
             for _ in range(2):
@@ -133,8 +142,10 @@ def test_paths_say_why():
     assert path(64, 64, 64, 64) == "small_m"
     assert path(16, 64, 64, 65).endswith("(small_m: r is above 64)")
     assert path(64, 64, 64, 64, dtype=torch.float32).endswith("(small_m: M * r is above 2048 with fp32 x)")
-    assert path(1, 64, 64, 16, p=0.1).endswith(DROPOUT_WHY)
-    assert path(64, 4096, 64, 16, p=0.5).endswith(DROPOUT_WHY)
+    assert path(1, 64, 64, 16, p=0.1) == "small_m"
+    assert path(64, 4096, 64, 16, p=0.5) == "small_m"
+    assert path(1, 64, 64, 16, p=0.1, dtype=torch.float32).endswith(DROPOUT_WHY)
+    assert path(1, 60, 64, 16, p=0.1).endswith(DROPOUT_WHY)
     previous = cb.set_small_m(False)
     try:
         assert path(1, 64, 64, 16).endswith("(small_m: off (LORA_KERNELS_SMALL_M=0 or set_small_m))")
@@ -142,16 +153,19 @@ def test_paths_say_why():
         cb.set_small_m(previous)
 
 
-def test_small_m_matches_the_unfused_path():
-    """Against the multi-launch forward (the small-M kernel switched off): the same u to fp32 rounding and y within
-    a unit in the last place (one rounding of y instead of three)."""
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_small_m_matches_the_unfused_path(p):
+    """Against the multi-launch forward (the small-M kernel switched off), same seed: the same u to fp32 rounding and
+    y within a unit in the last place (one rounding of y instead of three)."""
     cb = _cb()
     x, W, b, A, B = _inputs(24, 1024, 520, 16, torch.bfloat16, torch.float32, True)
-    y1, u1 = cb.forward(x, W, b, A, B, S, 0.0, 0, 0)
+    seed = 2**40 + 77
+    assert cb.forward_path(x, W, b, A, B, p) == "small_m"
+    y1, u1 = cb.forward(x, W, b, A, B, S, p, seed, 0)
     previous = cb.set_small_m(False)
     try:
-        assert not cb.forward_path(x, W, b, A, B, 0.0).startswith("small_m")
-        y0, u0 = cb.forward(x, W, b, A, B, S, 0.0, 0, 0)
+        assert not cb.forward_path(x, W, b, A, B, p).startswith("small_m")
+        y0, u0 = cb.forward(x, W, b, A, B, S, p, seed, 0)
     finally:
         cb.set_small_m(previous)
     torch.testing.assert_close(u1, u0, rtol=1e-5, atol=1e-6)

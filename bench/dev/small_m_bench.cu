@@ -456,7 +456,7 @@ void run_rd_dbg(Problem& p, cudaStream_t st, float floor_us, int r, const char* 
     const size_t smem = RdTile<MF>::smem(r);
     auto launch = [&](int i) {
       kern<<<grid, RD_NW * 32, smem, st>>>(p.x, p.W[i % Problem::kSets], nullptr, p.A, p.B, 1, p.y, p.u, sync, p.M,
-                                            p.N, p.K, r, 2.f, n_items, item_blocks);
+                                            p.N, p.K, r, 2.f, RdDropout{0.f, 0, nullptr, 0}, n_items, item_blocks);
     };
     launch(0);
     CK(cudaStreamSynchronize(st));
@@ -527,7 +527,7 @@ int main() {
         CK(lora_kernels::launch_lora_small_m_forward(p.x, lora_kernels::DType::kBFloat16, p.W[i % Problem::kSets],
                                                      nullptr, p.A, lora_kernels::DType::kFloat32, p.B,
                                                      lora_kernels::DType::kFloat32, p.y, p.u, M, p.N, p.K, r, 2.f,
-                                                     st));
+                                                     0.f, 0, nullptr, 0, st));
       };
       CK(cudaMemsetAsync(p.y, 0xff, (size_t)M * p.N * 2, st));
       CK(cudaMemsetAsync(p.u, 0xff, (size_t)M * r * 4, st));
