@@ -198,12 +198,22 @@ std::atomic<bool>& small_m_switch() {
   return on;
 }
 
-// nullptr when a forward with these inputs takes the small-M kernel, else why not.
-const char* small_m_unsupported(const Tensor& x, const Tensor& weight, const Tensor& lora_A, double p) {
+// nullptr when a forward with these inputs takes the small-M kernel, else why not. Above M = 16, where y has at least
+// half as many 128-column tiles as the GPU has SMs, the fused forward (prep + GEMM) takes the call when it can: its
+// 128-row tiles read x once per 128 columns, where the small-M kernel's warps re-read x from L2 for every 16. On the
+// H200 (GPU time / floor, r = 16): 4096->14336 at M = 32 and 64, 1.62 and 1.54 against 1.75 and 2.82; at 4096->4096
+// (32 tiles) the small-M kernel stays ahead, 1.83 and 2.75 against 2.68 and 2.91 (bench/results/h200_2026-12-02/
+// session17, run 2).
+const char* small_m_unsupported(const Tensor& x, const Tensor& weight, const Tensor* bias, const Tensor& lora_A,
+                                const Tensor& lora_B, double p) {
   if (!small_m_switch().load(std::memory_order_relaxed)) return "off (LORA_KERNELS_SMALL_M=0 or set_small_m)";
-  return lk::lora_small_m_unsupported(x.data_ptr(), weight.data_ptr(), lora_A.data_ptr(), x.size(0), weight.size(0),
-                                      x.size(1), (int)lora_A.size(0), to_dtype(x, "x"), to_dtype(lora_A, "lora_A"),
-                                      (float)p);
+  const char* why = lk::lora_small_m_unsupported(x.data_ptr(), weight.data_ptr(), lora_A.data_ptr(), x.size(0),
+                                                 weight.size(0), x.size(1), (int)lora_A.size(0), to_dtype(x, "x"),
+                                                 to_dtype(lora_A, "lora_A"), (float)p);
+  if (why == nullptr && x.size(0) > 16 && 2 * ((weight.size(0) + 127) / 128) >= lk::detail::num_sms() &&
+      fused_forward_unsupported(x, weight, bias, lora_A, lora_B, p) == nullptr)
+    return "M > 16 with N / 128 >= SMs / 2: the fused forward is faster";
+  return why;
 }
 
 // ------------------------------------------------------------------ the temporaries of a call
@@ -289,7 +299,7 @@ const char* dx_sm90_unsupported(const Tensor& dy, const Tensor& weight, float p,
   if (p > 0.0f && !bits) return "no keep bits for these dtypes (dropout_bits_used)";
   const char* why = sm90_unsupported(dy, weight, nullptr, dy.size(0), weight.size(1), weight.size(0),
                                      lk::GemmLayoutB::kKN, p > 0.0f);
-  if (why == nullptr && dy.size(0) <= lk::kSmallMBackwardRows) return "M <= 64: cuBLAS is faster (kSmallMBackwardRows)";
+  if (why == nullptr && dy.size(0) <= lk::small_m_backward_rows()) return "M <= kSmallMBackwardRows (64): cuBLAS is faster";
   return why;
 }
 
@@ -351,7 +361,7 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& weight, c
   const Tensor u = keep_u ? at::empty({M, r}, x.options().dtype(at::kFloat)) : Tensor();
   Workspace ws;
 
-  if (small_m_unsupported(x, weight, lora_A, p) == nullptr) {  // M <= 64: one launch
+  if (small_m_unsupported(x, weight, bias_t, lora_A, lora_B, p) == nullptr) {  // M <= 64: one launch
     const int64_t u_piece = keep_u ? -1 : ws.reserve_floats(M * r);
     ws.allocate(x.options());
     Tensor y = at::empty({M, N}, x.options());
@@ -738,9 +748,9 @@ std::string forward_path(const Tensor& x, const Tensor& weight, const std::optio
                          const Tensor& lora_A, const Tensor& lora_B, double p) {
   check_common(x, weight, lora_A, lora_B, p, 0);
   const c10::cuda::CUDAGuard guard(x.device());
-  const char* why = small_m_unsupported(x, weight, lora_A, p);
-  if (why == nullptr) return "small_m";
   const bool has_bias = bias.has_value() && bias->defined();
+  const char* why = small_m_unsupported(x, weight, has_bias ? &*bias : nullptr, lora_A, lora_B, p);
+  if (why == nullptr) return "small_m";
   bool lead = false;
   const char* why_fused = fused_forward_unsupported(x, weight, has_bias ? &*bias : nullptr, lora_A, lora_B, p, &lead);
   if (why_fused == nullptr) return std::string(lead ? "sm90 fused lead" : "sm90 fused") + " (small_m: " + why + ")";

@@ -53,7 +53,7 @@ const char* lora_dA_sm90_unsupported(const void* x, DType x_dtype, DType a_dtype
   // the H200 (tenth session). So the masked x comes from the dropout pass instead (lora_dA_sm90_kept), or dA with
   // dropout stays on the mma.sync kernel.
   if (p > 0.f) return "dropout: the mma.sync kernel masks faster (measured)";
-  if (M <= kSmallMBackwardRows) return "M <= 64: the mma.sync kernel is faster (kSmallMBackwardRows)";
+  if (M <= small_m_backward_rows()) return "M <= kSmallMBackwardRows (64): the mma.sync kernel is faster";
   return nullptr;
 }
 

@@ -58,7 +58,7 @@ const char* lora_dy_pass_sm90_unsupported(const void* dy, DType dy_dtype, DType 
   if (ceil_div(M, DS_BM) > 0x7fffffff) return "M too large";
   if (lora_dy_pass_sm90_plan(M, N, r, adapter_pieces(dy_dtype, b_dtype)).row_splits < 1)
     return "no column grouping fits in shared memory";
-  if (M <= kSmallMBackwardRows) return "M <= 64: the mma.sync kernel is faster (kSmallMBackwardRows)";
+  if (M <= small_m_backward_rows()) return "M <= kSmallMBackwardRows (64): the mma.sync kernel is faster";
   return nullptr;
 }
 

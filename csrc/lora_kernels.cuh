@@ -42,7 +42,20 @@ constexpr int kMaxRank = 256;
 // kernel's rank-r term, where the sm_90 GEMM has one 128-row tile per column and too few CTAs to stream W. Small-M
 // fwd+bwd on the H200 at M = 1, 16, 64 (4096 -> 4096 / 14336, r = 16): GPU time 2.52-3.94x the floor with the sm_90
 // kernels, 1.86-3.46x without (bench/results/h200_2026-12-02/session17).
+// Streaming multiprocessors of the current device (csrc/plans.cu; 132 when there is none).
+namespace detail {
+int num_sms();
+}  // namespace detail
+
+// LORA_KERNELS_SMALL_M_BWD_ROWS=<n> (read once) moves the threshold, 0 puts every M on the sm_90 kernels: A/B timing.
 constexpr int64_t kSmallMBackwardRows = 64;
+inline int64_t small_m_backward_rows() {
+  static const int64_t rows = [] {
+    const char* v = getenv("LORA_KERNELS_SMALL_M_BWD_ROWS");
+    return v != nullptr ? (int64_t)atoll(v) : kSmallMBackwardRows;
+  }();
+  return rows;
+}
 
 // An on/off switch from the environment: on unless the variable `name` is set to "0". Callers read it once (a static).
 inline bool env_switch_on(const char* name) {

@@ -363,8 +363,8 @@ lora_small_m_tc_kernel(const T* __restrict__ x, const T* __restrict__ W, const T
 // lora_small_m_rd (tensor cores, W straight into registers): the kernel for 16-bit x whose x, W and A rows are
 // 16-byte aligned (K % 8 == 0); the ring kernel above takes the rest. Same math, same u; another schedule:
 // Grid   : item blocks first, then one block per y tile. u comes in items of RD_ITEM_ROWS rows of x by RD_ITEM_COLS
-//          rows of A (fp32 FFMA over all of K: rd_u_item), claimed through sync[0] by the item blocks (one per item,
-//          the lowest block indices, so they start first; no tile of their own). A block that computed an item
+//          rows of A (fp32 FFMA over all of K: rd_u_item), claimed through sync[0] by the item blocks (one per item
+//          up to half the SM count; the lowest block indices, so they start first; no tile of their own). A block that computed an item
 //          before its own tile would put the item's time (about 7 us at M = 1 on the H200, a round trip to HBM per
 //          K step under load) on the kernel's critical path: its tile then ended last (bench/dev/small_m_bench.cu).
 //          A tile block that reaches its epilogue while an item is unclaimed (item blocks not yet
@@ -386,7 +386,7 @@ lora_small_m_tc_kernel(const T* __restrict__ x, const T* __restrict__ W, const T
 //          the scale is s / (1 - p); the tiles do not change.
 constexpr int RD_NW = 8;           // warps per block
 constexpr int RD_ITEM_ROWS = 4;    // x rows per u item
-constexpr int RD_ITEM_COLS = 8;    // A rows (u columns) per u item
+constexpr int RD_ITEM_COLS = 4;    // A rows (u columns) per u item: short items (a quarter of A at r = 16)
 
 template <int MF>
 struct RdTile {
@@ -444,6 +444,7 @@ __device__ void rd_u_item(int item, const T* __restrict__ x, const TA* __restric
   for (int i = 0; i < RD_ITEM_ROWS; ++i)
 #pragma unroll
     for (int j = 0; j < RD_ITEM_COLS; ++j) acc[i][j] = 0.f;
+#pragma unroll 2  // two K steps' loads in flight (K = 4096 is two steps): one round trip to memory, not two
   for (int64_t k = 8 * (int64_t)tid; k < K; k += 8 * RD_NW * 32) {
     float xv[RD_ITEM_ROWS][8];
 #pragma unroll
@@ -655,7 +656,7 @@ lora_small_m_rd_kernel(const T* __restrict__ x, const T* __restrict__ W, const T
     if (state == kUUnclaimed) {
       claim_items();
     } else if (tid == 0) {
-      __nanosleep(32);
+      __nanosleep(128);
     }
   }
   const unsigned ticket = arrive_small_m_sync(sync);
@@ -839,8 +840,9 @@ cudaError_t launch_lora_small_m_forward(const void* x, DType x_dtype, const void
       using T = decltype(xt);
       auto go = [&](auto mfc) {
         constexpr int MF = decltype(mfc)::value;
-        // the item blocks first, then one block per tile (Grid, at the kernel)
-        const int item_blocks = n_items;
+        // the item blocks first (one per item, at most half as many as SMs: each claims items until none is left),
+        // then one block per tile (Grid, at the kernel)
+        const int item_blocks = std::min(n_items, std::max(1, num_sms() / 2));
         const dim3 grid((unsigned)(item_blocks + ceil_div(N, RdTile<MF>::BN)));
         const size_t smem = RdTile<MF>::smem(r);
         const RdDropout drop{p, seed, seed_ptr, offset};

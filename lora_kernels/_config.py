@@ -49,6 +49,9 @@ Read by the CUDA extension (csrc/binding.cpp), once, when a GEMM first asks for 
                                         the wgmma one on Hopper (csrc/shrink_sm90.cu): for A/B timing.
     LORA_KERNELS_SMALL_M                0 turns off the one-launch forward at M <= 64 (csrc/small_m.cu); it starts
                                         the switch that cuda_backend.set_small_m changes at run time.
+    LORA_KERNELS_SMALL_M_BWD_ROWS       the backward's small-M threshold (default 64, csrc/lora_kernels.cuh): at
+                                        M up to it the dy pass and dA take their mma.sync kernels and dx cuBLAS;
+                                        0 puts every M on the sm_90 kernels: for A/B timing.
     LORA_KERNELS_FUSED_FWD              the fused sm_90 forward (the shrink inside the GEMM, csrc/fused_fwd_sm90.h):
                                         unset, on at p = 0 and r <= 64, u computed by lead tiles up to r = 32 (u
                                         tiles where they do not fit) and by u tiles above; 1 u tiles only, dropout

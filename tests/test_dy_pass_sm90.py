@@ -85,7 +85,7 @@ def test_dA_pass_fallback_says_why():
     assert _dA_path(64, 1024, 16, 0.1, torch.float16, torch.float32).startswith("mma.sync: x and the adapters take")
     assert _dA_path(64, 1024, 16, 0.1).startswith("mma.sync: dropout")
     assert _dA_path(128, 1024, 17, 0.1) == "sm90 kept"
-    assert _dA_path(64, 1024, 17, 0.0).startswith("mma.sync: M <= 64")  # kSmallMBackwardRows
+    assert _dA_path(64, 1024, 17, 0.0).startswith("mma.sync: M <= kSmallMBackwardRows")
     assert _dA_path(64, 1028, 17, 0.1).startswith("mma.sync: K must be a multiple of 8")
 
 
@@ -93,7 +93,7 @@ def test_dy_pass_fallback_says_why():
     assert _dy_path(64, 128, 16).startswith("mma.sync: N below 3 column tiles")
     assert _dy_path(64, 1028, 16).startswith("mma.sync: N must be a multiple of 8")
     assert _dy_path(64, 1024, 16, torch.float16, torch.float32).startswith("mma.sync: dy and the adapters take")
-    assert _dy_path(64, 1024, 16).startswith("mma.sync: M <= 64")  # kSmallMBackwardRows
+    assert _dy_path(64, 1024, 16).startswith("mma.sync: M <= kSmallMBackwardRows")
     assert _dy_path(65, 1024, 16) == "sm90"
 
 
@@ -112,14 +112,14 @@ def test_sm90_dy_pass_against_float64(dtype, adapter_dtype, lead, K, N, r, p):
     M = math.prod(lead)
     small = M <= 64
     assert _dy_path(M, N, r, dtype, adapter_dtype or dtype) == (
-        "mma.sync: M <= 64: the mma.sync kernel is faster (kSmallMBackwardRows)" if small else "sm90")
+        "mma.sync: M <= kSmallMBackwardRows (64): the mma.sync kernel is faster" if small else "sm90")
     # dA with dropout above r = 16 reads the x kept by the dropout pass ("sm90 kept")
     for path, sm90, small_m in ((_dA_path(M, K, r, p, dtype, adapter_dtype or dtype), p == 0 or r > 16, small),
                                 (_shrink_path(M, K, r, p, dtype, adapter_dtype or dtype), p == 0 or r > 16, False)):
         if K <= 128:
             assert path.startswith("mma.sync: K below 3 column tiles"), path
         elif small_m and p == 0:
-            assert path.startswith("mma.sync: M <= 64"), path
+            assert path.startswith("mma.sync: M <= kSmallMBackwardRows"), path
         elif small_m:
             assert path.startswith("mma.sync: dropout"), path
         else:

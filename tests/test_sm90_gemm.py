@@ -59,7 +59,7 @@ def test_benchmarked_shapes_take_the_sm90_dx_path(K, N, adapter_dtype):
     assert _dx_path(2048, K, N, 16, 0.0, adapter_dtype=adapter_dtype) == "sm90"
     assert _dx_path(2048, K, N, 64, 0.1, adapter_dtype=adapter_dtype) == "sm90 masked"
     # decoding-size batches: cuBLAS (csrc/lora_kernels.cuh, kSmallMBackwardRows)
-    assert _dx_path(64, K, N, 16, 0.0, adapter_dtype=adapter_dtype).startswith("cublas: M <= 64")
+    assert _dx_path(64, K, N, 16, 0.0, adapter_dtype=adapter_dtype).startswith("cublas: M <= kSmallMBackwardRows")
 
 
 @pytest.mark.skipif(not _hopper(), reason="the sm_90 GEMM runs on compute capability 9.0 only")

@@ -451,7 +451,7 @@ void run_rd_dbg(Problem& p, cudaStream_t st, float floor_us, int r, const char* 
   auto go = [&](auto mfc) {
     constexpr int MF = decltype(mfc)::value;
     auto kern = lora_small_m_rd_kernel<bf16, float, MF, DBG>;
-    const int item_blocks = n_items;
+    const int item_blocks = std::min(n_items, std::max(1, num_sms() / 2));
     const dim3 grid((unsigned)(item_blocks + (p.N + RdTile<MF>::BN - 1) / RdTile<MF>::BN));
     const size_t smem = RdTile<MF>::smem(r);
     auto launch = [&](int i) {
