@@ -163,8 +163,10 @@ def test_paths_say_why():
 
 @pytest.mark.parametrize("p", [0.0, 0.25])
 def test_small_m_matches_the_unfused_path(p):
-    """Against the multi-launch forward (the small-M kernel switched off), same seed: the same u to fp32 rounding and
-    y within two units in the last place (the multi-launch forward rounds y three times, this one once)."""
+    """Against the multi-launch forward (the small-M kernel switched off), same seed: the same u to fp32 rounding (the
+    same mask). Without dropout y agrees within a unit in the last place; with dropout the multi-launch forward is
+    another chain of roundings (its y differed from this one's by 0.0137 at |y| = 0.21 on the H200, where the terms
+    of y are larger and cancel), so each y meets the float64 tolerance rule on its own instead."""
     cb = _cb()
     x, W, b, A, B = _inputs(24, 1024, 520, 16, torch.bfloat16, torch.float32, True)
     seed = 2**40 + 77
@@ -177,7 +179,15 @@ def test_small_m_matches_the_unfused_path(p):
     finally:
         cb.set_small_m(previous)
     torch.testing.assert_close(u1, u0, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(y1.float(), y0.float(), rtol=2 ** -6, atol=1e-2)
+    if p == 0:
+        torch.testing.assert_close(y1.float(), y0.float(), rtol=2 ** -7, atol=1e-2)
+        return
+    assert_cuda_forward(cb, x, W, b, A, B, S, p, seed)
+    previous = cb.set_small_m(False)
+    try:
+        assert_cuda_forward(cb, x, W, b, A, B, S, p, seed)
+    finally:
+        cb.set_small_m(previous)
 
 
 def test_small_m_streams_and_graph_replays():
