@@ -299,7 +299,8 @@ const char* dx_sm90_unsupported(const Tensor& dy, const Tensor& weight, float p,
   if (p > 0.0f && !bits) return "no keep bits for these dtypes (dropout_bits_used)";
   const char* why = sm90_unsupported(dy, weight, nullptr, dy.size(0), weight.size(1), weight.size(0),
                                      lk::GemmLayoutB::kKN, p > 0.0f);
-  if (why == nullptr && dy.size(0) <= lk::small_m_backward_rows()) return "M <= kSmallMBackwardRows (64): cuBLAS is faster";
+  if (why == nullptr && dy.size(0) <= lk::small_m_backward_rows())
+    return "M <= kSmallMBackwardRows (64): cuBLAS is faster";
   return why;
 }
 

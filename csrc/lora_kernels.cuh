@@ -37,16 +37,17 @@ namespace lora_kernels {
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 constexpr int kMaxRank = 256;
-// Backward passes over at most this many rows (decoding-size batches) stay off the sm_90 kernels: the dy pass and dA
-// take their mma.sync kernels (no staging launch for the adapters' pieces) and dx takes cuBLAS (dy W) over the dx
-// kernel's rank-r term, where the sm_90 GEMM has one 128-row tile per column and too few CTAs to stream W. Small-M
-// fwd+bwd on the H200 at M = 1, 16, 64 (4096 -> 4096 / 14336, r = 16): GPU time 2.52-3.94x the floor with the sm_90
-// kernels, 1.86-3.46x without (bench/results/h200_2026-12-02/session17).
+
 // Streaming multiprocessors of the current device (csrc/plans.cu; 132 when there is none).
 namespace detail {
 int num_sms();
 }  // namespace detail
 
+// Backward passes over at most this many rows (decoding-size batches) stay off the sm_90 kernels: the dy pass and dA
+// take their mma.sync kernels (no staging launch for the adapters' pieces) and dx takes cuBLAS (dy W) over the dx
+// kernel's rank-r term, where the sm_90 GEMM has one 128-row tile per column and too few CTAs to stream W. Small-M
+// fwd+bwd on the H200 at M = 1, 16, 64 (4096 -> 4096 / 14336, r = 16): GPU time 2.52-3.94x the floor with the sm_90
+// kernels, 1.86-3.46x without (bench/results/h200_2026-12-02/session17).
 // LORA_KERNELS_SMALL_M_BWD_ROWS=<n> (read once) moves the threshold, 0 puts every M on the sm_90 kernels: A/B timing.
 constexpr int64_t kSmallMBackwardRows = 64;
 inline int64_t small_m_backward_rows() {

@@ -1,7 +1,8 @@
 // Small-M forward in one launch: y = x W^T + bias + u B^T with u = scaling / (1 - p) * dropout_mask(x) A^T, for
-// M <= 64 rows (decoding, small batches, evaluation; dropout on the register-direct kernel only). The usual forward (shrink with a K split, pack, GEMM) is three or
-// four launches of kernels that each take a few microseconds of launch and tail time for a few microseconds of work;
-// here W, the only large operand, is streamed once by one launch.
+// M <= 64 rows (decoding, small batches, evaluation; dropout on the register-direct kernel only). The usual forward
+// (shrink with a K split, pack, GEMM) is three or four launches of kernels that each take a few microseconds of
+// launch and tail time for a few microseconds of work; here W, the only large operand, is streamed once by one
+// launch.
 // Kernels: the register-direct tensor-core kernel (16-bit x with 16-byte aligned rows: lora_small_m_rd_kernel,
 // described at its definition), the ring tensor-core kernel below (16-bit x otherwise, sm_80+), the FFMA kernel
 // (fp32 x); launch_lora_small_m_forward picks one, and lora_small_m_unsupported says why a call does not come here.
@@ -364,13 +365,13 @@ lora_small_m_tc_kernel(const T* __restrict__ x, const T* __restrict__ W, const T
 // 16-byte aligned (K % 8 == 0); the ring kernel above takes the rest. Same math, same u; another schedule:
 // Grid   : item blocks first, then one block per y tile. u comes in items of RD_ITEM_ROWS rows of x by RD_ITEM_COLS
 //          rows of A (fp32 FFMA over all of K: rd_u_item), claimed through sync[0] by the item blocks (one per item
-//          up to half the SM count; the lowest block indices, so they start first; no tile of their own). A block that computed an item
-//          before its own tile would put the item's time (about 7 us at M = 1 on the H200, a round trip to HBM per
-//          K step under load) on the kernel's critical path: its tile then ended last (bench/dev/small_m_bench.cu).
-//          A tile block that reaches its epilogue while an item is unclaimed (item blocks not yet
-//          resident) claims and computes it; a claimed item is held by a running block that never waits, so the
-//          tiles' wait for u (sync[1] == n_items) cannot hang, whatever order the blocks start in. A persistent
-//          grid (blocks taking tiles in turn) was slower: a block restarted its loads after each tile's epilogue.
+//          up to half the SM count; the lowest block indices, so they start first; no tile of their own). A block
+//          that computed an item before its own tile would put the item's time (7-9 us on the H200, round trips to
+//          HBM under load) on the kernel's critical path: its tile then ended last (bench/dev/small_m_bench.cu). A
+//          tile block that reaches its epilogue while an item is unclaimed (item blocks not yet resident) claims
+//          and computes it; a claimed item is held by a running block that never waits, so the tiles' wait for u
+//          (sync[1] == n_items) cannot hang, whatever order the blocks start in. A persistent grid (blocks taking
+//          tiles in turn) was slower: a block restarted its loads after each tile's epilogue.
 // Tile   : BN = 8 NPW columns of y, all M rows. Warp w takes 32-column K steps [w S / NW, (w+1) S / NW) of the
 //          S = ceil(K / 32); thread (g, t) = (lane / 4, lane % 4) loads 16 bytes of W row n0 + 8 j + g (j < NPW) at
 //          columns k + 8t .. k + 8t + 7 of each step, and the same columns of x's rows g and g + 8 of each 16-row

@@ -152,7 +152,8 @@ def test_paths_say_why():
     assert path(17, 1024, wide - 128, 16) == "small_m"
     if torch.cuda.get_device_capability() == (9, 0):
         assert path(17, 1024, wide, 16).startswith("sm90 fused"), path(17, 1024, wide, 16)
-        assert path(17, 1024, wide, 16).endswith("(small_m: M > 16 with N / 128 >= SMs / 2: the fused forward is faster)")
+        assert path(17, 1024, wide, 16).endswith(
+            "(small_m: M > 16 with N / 128 >= SMs / 2: the fused forward is faster)")
     assert path(17, 1024, wide, 16, p=0.1) == "small_m"  # dropout: the fused forward does not take it
     previous = cb.set_small_m(False)
     try:
