@@ -124,16 +124,25 @@ __device__ __forceinline__ unsigned ld_acquire_gpu(const unsigned* p) {
   return v;
 }
 
-// A block's exit: the last block to leave resets the claim / done / exit counters for the next launch on this
-// stream (or the next replay of a captured graph).
-__device__ __forceinline__ void leave_small_m_sync(unsigned* sync) {
-  __syncthreads();
-  if (threadIdx.x == 0 && atomicAdd(&sync[2], 1u) == gridDim.x - 1) {
+// A block's exit, in two halves. arrive_small_m_sync: thread 0 counts the block out (its ticket) once the block will
+// not read the claim / done counters again; finish_small_m_sync: the block that arrived last (every other block is
+// past its last read) resets the claim / done / exit counters for the next launch on this stream (or the next replay
+// of a captured graph). The register-direct kernel arrives right after its wait for u, so that the atomic's round
+// trip overlaps its epilogue; leave_small_m_sync does both at the end, after a barrier.
+__device__ __forceinline__ unsigned arrive_small_m_sync(unsigned* sync) {
+  return threadIdx.x == 0 ? atomicAdd(&sync[2], 1u) : 0u;
+}
+__device__ __forceinline__ void finish_small_m_sync(unsigned* sync, unsigned ticket) {
+  if (threadIdx.x == 0 && ticket == gridDim.x - 1) {
     sync[0] = 0u;
     sync[1] = 0u;
     sync[2] = 0u;
     __threadfence();
   }
+}
+__device__ __forceinline__ void leave_small_m_sync(unsigned* sync) {
+  __syncthreads();
+  finish_small_m_sync(sync, arrive_small_m_sync(sync));
 }
 
 // A u item's end: every thread's u writes (each fenced by its writer) before thread 0 counts the item done.
@@ -507,22 +516,6 @@ __device__ __forceinline__ uint4 ld_stream16(const void* p) {
   return v;
 }
 #endif  // LK_TC_ARCH
-
-// The register-direct kernel's exit, in two halves. arrive_small_m_sync: thread 0 counts the block out once it will
-// not read the claim / done counters again (its wait for u is over), early, so that the atomic's round trip overlaps
-// the epilogue; finish_small_m_sync at the end: the block that arrived last (every other block is past its wait)
-// resets the counters for the next launch on this stream (or the next replay of a captured graph).
-__device__ __forceinline__ unsigned arrive_small_m_sync(unsigned* sync) {
-  return threadIdx.x == 0 ? atomicAdd(&sync[2], 1u) : 0u;
-}
-__device__ __forceinline__ void finish_small_m_sync(unsigned* sync, unsigned ticket) {
-  if (threadIdx.x == 0 && ticket == gridDim.x - 1) {
-    sync[0] = 0u;
-    sync[1] = 0u;
-    sync[2] = 0u;
-    __threadfence();
-  }
-}
 
 // DBG: development only, 0 in the library. bench/dev/small_m_bench.cu times the kernel with parts left out (wrong
 // results): bit 1 no u items and no wait for u, bit 2 no LoRA term in the epilogue (no B tile, no u load).
