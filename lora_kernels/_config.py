@@ -28,8 +28,12 @@ Read once, when lora_kernels is imported:
                                         bf16 x (u, g, dA, dB) on tensor cores, the fp32 operand split into three
                                         bf16 pieces (as the cuda backend); 0 runs them as fp32 "ieee" dots (about 3x
                                         slower fwd+bwd at training shapes, same precision class).
+    LORA_KERNELS_DORA_SAVE_Y            dora_linear: 1 (default) keeps the output y for the backward at p = 0 on the
+                                        fast backends (z = (y - b) / g, no recompute GEMM; y is the tensor the call
+                                        returns, not a copy); 0 recomputes z in row chunks there too.
     LORA_KERNELS_DORA_SAVE_Z            dora_linear: 1 saves z = x_d (W + s B A)^T (M x N) for the backward (faster,
-                                        more memory); 0 (default) recomputes it in row chunks.
+                                        more memory; any p); 0 (default) recomputes it in row chunks where y is not
+                                        kept.
     LORA_KERNELS_DORA_CHUNK_MIB         dora_linear: the row chunks' temporary budget in MiB (default 64).
 
 Read by the CUDA extension (csrc/binding.cpp), once, when a GEMM first asks for it:
@@ -98,6 +102,7 @@ TRITON_FAST_LAUNCH = os.environ.get("LORA_KERNELS_TRITON_FAST_LAUNCH", "1") != "
 TRITON_FP32_SPLIT = os.environ.get("LORA_KERNELS_TRITON_FP32_SPLIT", "1") != "0"
 CPP_AUTOGRAD = os.environ.get("LORA_KERNELS_CPP_AUTOGRAD", "1") != "0"
 DORA_SAVE_Z = os.environ.get("LORA_KERNELS_DORA_SAVE_Z", "0") == "1"
+DORA_SAVE_Y = os.environ.get("LORA_KERNELS_DORA_SAVE_Y", "1") != "0"
 DORA_CHUNK_BYTES = int(float(os.environ.get("LORA_KERNELS_DORA_CHUNK_MIB", "64")) * 2**20)
 
 # ------------------------------------------------------------------------------------------ read per call

@@ -24,7 +24,12 @@ output without bias before the column scale):
              dA, dB·q/g [, p > 0: dx_b = dy W + keep ⊙ (s/q (dy Bg) A)]
                                                              one backend backward of (dy, Bg): dy unrounded, so
                                                              the adapters' grads keep the adapters' precision
-             then by row chunks (below): z recomputed (the backend's forward on x, or on x_k at p > 0), and
+             p = 0, fast backends (SAVE_Y, the default): z = (y − b)/g from the output y the forward returned,
+             dg = Σ_m dy ⊙ (y − b) / g                       fused with dy_c = c ⊙ dy in one pass over dy, y;
+                                                             the columns with g = 0 (y = b there) from their z
+                                                             recomputed by one more launch that is a no-op
+                                                             unless such a column exists (no synchronisation)
+             otherwise by row chunks (below): z recomputed (the backend's forward on x, or on x_k at p > 0), and
              dg = Σ_m dy ⊙ z  (/q at p > 0)                  fused with dy_c = c ⊙ dy in one pass over dy, z;
                                                              dy_c is written over z
              p = 0:  dx = backend dx of (dy_c, B)            = (g⊙dy) W + s·((g⊙dy) B) A
@@ -32,10 +37,16 @@ output without bias before the column scale):
     The magnitude's grad dg/‖·‖ comes from autograd through g = magnitude / norm.
 
 Memory. Saved for backward: x, u (M×r float32), g (N) and the seed: the same as ``lora_linear`` plus N floats. No
-mask, no dropped copy of x, nothing M×N and nothing N×K (tests/test_dora_memory.py checks the saved tensors and every
-allocation). The magnitude's grad needs Σ_m dy ⊙ z over all of z (M×N); z is not kept but recomputed in backward,
-which costs one GEMM over W (2·M·N·K FLOPs): there is no cheaper exact way (Σ_m dy[m,n]·(x Wᵀ)[m,n] is a full
-contraction over m and k for each n). The backward's M×N temporaries (z, then dy_c over it) and M×K ones (dx of a
+mask, no dropped copy of x, and nothing N×K (tests/test_dora_memory.py checks the saved tensors and every
+allocation). The magnitude's grad needs Σ_m dy ⊙ z over all of z (M×N). At p = 0 on the fast backends the backward
+reads z = (y − b)/g from the output y itself (``SAVE_Y``, ``LORA_KERNELS_DORA_SAVE_Y``, on by default): the tensor
+the call returned, not a copy, so a layer's fwd+bwd peaks no higher than ``lora_linear``'s. It does keep y alive
+until the backward: in a network whose next op would have freed y (rather than saved it, as a gated MLP's product
+saves its factors), that is M×N more held per layer; and changing y in place before the backward raises autograd's
+"modified by an inplace operation" error. The rounding: y is rounded once (x's dtype) before z is taken from it, as
+PEFT's own ``base_result − bias``. Elsewhere (p > 0, the torch backend, ``SAVE_Y`` off) z is not kept but recomputed
+in backward, which costs one GEMM over W (2·M·N·K FLOPs): there is no cheaper exact way (Σ_m dy[m,n]·(x Wᵀ)[m,n] is a
+full contraction over m and k for each n). The backward's M×N temporaries (z, then dy_c over it) and M×K ones (dx of a
 chunk; x_k at p > 0) live only for one row chunk of at most ``BWD_CHUNK_BYTES`` (64 MiB by default,
 ``LORA_KERNELS_DORA_CHUNK_MIB``): transient, never more than one chunk at a time, and they do not add up over the
 layers of a network the way saved tensors do. The forward at p > 0 runs by the same row chunks: its x_k (then x_c)
@@ -63,7 +74,9 @@ kernel with its rank-r term folded in; triton: the rank-r term written first, th
         backend dx of (dy_c, B)         2MNK + 4MNr + 2MKr          MNe (its rank-r pass reads dy_c)
         dx chunk copied into dx         -                           2MKe (only with more than one chunk)
     So over LoRA, p = 0: +1 GEMM (2MNK) in backward, +7MNe + MKe (+2MKe when chunked) + NKe bytes (the norm's
-    pass over W; one more on a cache miss). With SAVE_Z: no extra GEMM, +6MNe + NKe bytes (and z, MNe, saved).
+    pass over W; one more on a cache miss). With SAVE_Y (the default at p = 0): no extra GEMM, +5MNe + NKe bytes
+    (y read by the dg pass, dy_c written and read), nothing more saved. With SAVE_Z: no extra GEMM, +6MNe + NKe
+    bytes (and z, MNe, saved).
     p > 0 adds, in forward: x_k and x_c (4MKe) and the GEMM x_c Wᵀ (2MNK, y read and written by cuBLAS beta = 1:
     2MNe); in backward: x_k of each chunk again (2MKe), the GEMM dy_c W (2MNK, t = dy_c W written over x_k: MKe)
     and its masked add into dx (3MKe).
@@ -87,13 +100,14 @@ from torch.autograd.function import once_differentiable
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _config, _dispatch, ops
-from .dora_kernels import masked, scale_bias, scale_colsum, triton_usable, weight_norm
+from .dora_kernels import masked, scale_bias, scale_colsum, triton_usable, weight_norm, zero_g_colsum
 from .philox import calls_per_row
 
 __all__ = ["dora_linear", "dora_weight_norm", "clear_weight_norm_cache"]
 
 # The backward's memory/speed dial (see the module docstring). Read at import; tests and benchmarks set the attributes.
 SAVE_Z = _config.DORA_SAVE_Z
+SAVE_Y = _config.DORA_SAVE_Y
 BWD_CHUNK_BYTES = _config.DORA_CHUNK_BYTES
 _CHUNK_ALIGN = 64  # rows
 
@@ -194,12 +208,12 @@ def _norm(weight, lora_A, lora_B, scaling, fast: bool) -> torch.Tensor:
 _lib = torch.library.Library("lora_kernels", "FRAGMENT")
 _lib.define(
     "dora_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, Tensor g, float scaling, "
-    "float p, Tensor? seed, int offset, str backend, bool save_z) -> (Tensor, Tensor, Tensor)"
+    "float p, Tensor? seed, int offset, str backend, bool save_z, bool save_y) -> (Tensor, Tensor, Tensor)"
 )
 _lib.define(
-    "dora_bwd(Tensor dy, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor g, Tensor u, Tensor z, "
-    "float scaling, float p, Tensor? seed, int offset, str backend, bool need_dx, bool need_dA, bool need_dB, "
-    "bool need_dg) -> (Tensor, Tensor, Tensor, Tensor)"
+    "dora_bwd(Tensor dy, Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, Tensor g, Tensor u, "
+    "Tensor z, bool z_is_y, float scaling, float p, Tensor? seed, int offset, str backend, bool need_dx, "
+    "bool need_dA, bool need_dB, bool need_dg) -> (Tensor, Tensor, Tensor, Tensor)"
 )
 
 
@@ -208,8 +222,9 @@ def _fast(backend: str, t: torch.Tensor) -> bool:
     return backend != "torch" and triton_usable(t.device)
 
 
-def _fwd_impl(x, weight, bias, lora_A, lora_B, g, scaling, p, seed, offset, backend, save_z):
-    """(y, u, z): z (the output before the column scale and bias) only with ``save_z``, else an empty tensor."""
+def _fwd_impl(x, weight, bias, lora_A, lora_B, g, scaling, p, seed, offset, backend, save_z, save_y=False):
+    """(y, u, z): z (the output before the column scale and bias) only with ``save_z``, else an empty tensor.
+    ``save_y`` changes nothing here: the autograd's setup keeps y itself (p = 0, fast backends)."""
     M, N, r = x.shape[0], weight.shape[0], lora_A.shape[0]
     if M == 0:
         return x.new_empty(0, N), x.new_empty(0, r, dtype=_acc(x)), x.new_empty(0)
@@ -260,7 +275,7 @@ def _row_chunks_of(M: int, row_bytes: int):
     return [(i, min(i + rows, M)) for i in range(0, M, rows)]
 
 
-def _bwd_impl(dy, x, weight, lora_A, lora_B, g, u, z, scaling, p, seed, offset, backend,
+def _bwd_impl(dy, x, weight, bias, lora_A, lora_B, g, u, z, z_is_y, scaling, p, seed, offset, backend,
               need_dx, need_dA, need_dB, need_dg):
     acc = _acc(x)
     M, K = x.shape
@@ -281,12 +296,13 @@ def _bwd_impl(dy, x, weight, lora_A, lora_B, g, u, z, scaling, p, seed, offset, 
         if need_dB:
             dB = (dB.to(acc) * (g / q)[:, None]).to(lora_B.dtype)
     if need_dg or need_dx:
-        saved = z.numel() > 0
+        saved = z.numel() > 0  # z, or y to take z from: nothing to recompute
         c = g if p == 0.0 else (g - 1.0) / q
         dg = torch.zeros(N, dtype=acc, device=x.device) if need_dg else None
         # per-row temporaries of a chunk: z (or the dy_c buffer) and, p = 0, the chunk's dx / p > 0, x_k then dy_c W.
-        # With z saved (the speed side of the trade) one chunk: no copy of chunk dx into dx.
-        chunks = [(0, M)] if saved else _row_chunks_of(M, (N + K) * x.element_size())
+        # With z saved (the speed side of the trade) one chunk: no copy of chunk dx into dx. With y saved the
+        # chunks bound dy_c, as they bound a recomputed z.
+        chunks = [(0, M)] if (saved and not z_is_y) else _row_chunks_of(M, (N + K) * x.element_size())
         if need_dx and p == 0.0 and len(chunks) > 1:
             dx = x.new_empty(M, K)
         k8 = calls_per_row(K)
@@ -299,11 +315,14 @@ def _bwd_impl(dy, x, weight, lora_A, lora_B, g, u, z, scaling, p, seed, offset, 
                 else:
                     xk = masked(xs, p, sd, off, 1.0, 0.0, fast)
                     zs = be.forward(xk, weight, None, lora_A, lora_B, scaling, 0.0, 0, 0)[0]
-            # dg += Σ_m dy ⊙ z;  dy_c = c ⊙ dy, written over a recomputed z (the saved z is left alone)
+            # dg += Σ_m dy ⊙ z;  dy_c = c ⊙ dy, written over a recomputed z (the saved z or y is left alone);
+            # from y (p = 0): z = (y − b)/g, and the columns with g = 0 from z recomputed there alone
             dyc, part = scale_colsum(dys, zs, c, need_dx, need_dg, fast,
-                                     out=zs if (need_dg and not saved) else None)
+                                     out=zs if (need_dg and not saved) else None, from_y=z_is_y, bias=bias)
             if need_dg:
                 dg += part
+                if z_is_y:
+                    zero_g_colsum(dg, dys, xs, weight, u[m0:m1], lora_B, g, fast)
             if not need_dx:
                 continue
             if p == 0.0:
@@ -327,14 +346,14 @@ _lib.impl("dora_bwd", _bwd_impl, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("lora_kernels::dora_fwd")
-def _fwd_fake(x, weight, bias, lora_A, lora_B, g, scaling, p, seed, offset, backend, save_z):
+def _fwd_fake(x, weight, bias, lora_A, lora_B, g, scaling, p, seed, offset, backend, save_z, save_y):
     M, N = x.shape[0], weight.shape[0]
     return (x.new_empty(M, N), x.new_empty(M, lora_A.shape[0], dtype=_acc(x)),
             x.new_empty(M, N) if save_z and M else x.new_empty(0))
 
 
 @torch.library.register_fake("lora_kernels::dora_bwd")
-def _bwd_fake(dy, x, weight, lora_A, lora_B, g, u, z, scaling, p, seed, offset, backend,
+def _bwd_fake(dy, x, weight, bias, lora_A, lora_B, g, u, z, z_is_y, scaling, p, seed, offset, backend,
               need_dx, need_dA, need_dB, need_dg):
     empty = x.new_empty(0)
     return (torch.empty_like(x) if need_dx else empty, torch.empty_like(lora_A) if need_dA else empty,
@@ -342,23 +361,25 @@ def _bwd_fake(dy, x, weight, lora_A, lora_B, g, u, z, scaling, p, seed, offset, 
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, g, scaling, p, seed, offset, backend, save_z = inputs
-    ctx.save_for_backward(x, weight, lora_A, lora_B, g, output[1], output[2], seed)
-    ctx.args = (scaling, p, offset, backend, bias is not None)
+    x, weight, bias, lora_A, lora_B, g, scaling, p, seed, offset, backend, save_z, save_y = inputs
+    # save_y (p = 0): the output y itself (the tensor the call returns, not a copy) in z's place
+    z_is_y = bool(save_y and not save_z and p == 0.0)
+    ctx.save_for_backward(x, weight, bias, lora_A, lora_B, g, output[1], output[0] if z_is_y else output[2], seed)
+    ctx.args = (scaling, p, offset, backend, bias is not None, z_is_y)
 
 
 def _backward(ctx, dy, *_unused, bwd=None):
-    x, weight, lora_A, lora_B, g, u, z, seed = ctx.saved_tensors
-    scaling, p, offset, backend, has_bias = ctx.args
+    x, weight, bias, lora_A, lora_B, g, u, z, seed = ctx.saved_tensors
+    scaling, p, offset, backend, has_bias, z_is_y = ctx.args
     need_dx, need_dW, need_db, need_dA, need_dB, need_dg = ctx.needs_input_grad[:6]
     dy = dy.contiguous()
     dx, dA, dB, dg = (bwd or torch.ops.lora_kernels.dora_bwd)(
-        dy, x, weight, lora_A, lora_B, g, u, z, scaling, p, seed, offset, backend, need_dx, need_dA, need_dB,
-        need_dg)
+        dy, x, weight, bias, lora_A, lora_B, g, u, z, z_is_y, scaling, p, seed, offset, backend, need_dx, need_dA,
+        need_dB, need_dg)
     dW = _dweight(dy, x, weight, g, p, seed, offset) if need_dW else None
     db = dy.to(_acc(dy)).sum(0).to(dy.dtype) if (need_db and has_bias) else None
     return (dx if need_dx else None, dW, db, dA if need_dA else None, dB if need_dB else None,
-            dg if need_dg else None, None, None, None, None, None, None)
+            dg if need_dg else None, None, None, None, None, None, None, None)
 
 
 def _dweight(dy, x, weight, g, p, seed, offset):
@@ -382,10 +403,10 @@ class _EagerDoRA(torch.autograd.Function):
     autograd wrapper; see ``lora_kernels.ops._EagerLoRA``)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, g, scaling, p, seed, offset, backend, save_z):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, g, scaling, p, seed, offset, backend, save_z, save_y):
         y, u, z = _fwd_impl(x, weight, bias, lora_A, lora_B, g, scaling, p, seed, offset, backend, save_z)
-        _setup_context(ctx, (x, weight, bias, lora_A, lora_B, g, scaling, p, seed, offset, backend, save_z),
-                       (y, u, z))
+        _setup_context(ctx, (x, weight, bias, lora_A, lora_B, g, scaling, p, seed, offset, backend, save_z,
+                             save_y), (y, u, z))
         return y
 
     @staticmethod
@@ -457,9 +478,11 @@ def dora_linear(x, weight, bias, lora_A, lora_B, scaling, magnitude, dropout_p=0
     compiling = torch.compiler.is_compiling()
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                            for t in (x, weight, bias, lora_A, lora_B, g))
+    save_z = bool(SAVE_Z) and (grad or compiling)
+    # y kept for the backward in z's place: p = 0 on the fast backends (the torch backend recomputes)
+    save_y = bool(SAVE_Y) and not save_z and p == 0.0 and (grad or compiling) and _fast(name, x)
     args = (x2.contiguous(), weight.contiguous(), bias.contiguous() if bias is not None else None,
-            lora_A.contiguous(), lora_B.contiguous(), g, float(scaling), p, seed, 0, name,
-            bool(SAVE_Z) and (grad or compiling))
+            lora_A.contiguous(), lora_B.contiguous(), g, float(scaling), p, seed, 0, name, save_z, save_y)
     if compiling:
         y = torch.ops.lora_kernels.dora_fwd(*args)[0]
     elif grad:

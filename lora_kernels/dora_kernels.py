@@ -7,7 +7,9 @@ Each pass reads its inputs once and rounds once; math in float32 (float64 for fl
                                                                                in place
     scale_colsum(dy, z, c, out=)        -> (c ⊙ dy, Σ_m dy ⊙ z)                 the magnitude grad's reduction,
                                                                                fused with the pass that scales dy;
-                                                                               out=z: c ⊙ dy written over z
+                                                                               out=z: c ⊙ dy written over z;
+                                                                               from_y: z = (y − b)/c from y
+    zero_g_colsum(dg, dy, x, W, u, B, g)-> dg_n = Σ_m dy ⊙ z where g_n = 0      the columns that y cannot give
     masked(t, p, seed, offset, ak, ad, base=None)
                                         -> base + where(keep, ak·t, ad·t)       keep = the contract's dropout mask
     w_at(W, A)                          -> W Aᵀ (N, r) float32                  Triton only: one pass over W
@@ -79,13 +81,18 @@ if triton is not None:
                  out.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _scale_colsum_kernel(dy_ptr, z_ptr, c_ptr, out_ptr, part_ptr, M, N, ROWS_PER_SPLIT, s_dm, s_zm, s_om,
-                             NEED_OUT: tl.constexpr, NEED_SUM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
-        # grid (column blocks, row splits): each program loops over its rows, so dy is read once
+    def _scale_colsum_kernel(dy_ptr, z_ptr, c_ptr, b_ptr, out_ptr, part_ptr, M, N, ROWS_PER_SPLIT, s_dm, s_zm, s_om,
+                             NEED_OUT: tl.constexpr, NEED_SUM: tl.constexpr, FROM_Y: tl.constexpr,
+                             HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+        # grid (column blocks, row splits): each program loops over its rows, so dy is read once. FROM_Y: z_ptr is
+        # y = c ⊙ z + b (p = 0, c = g), and z = (y − b)/c: Σ_m dy ⊙ (y − b) scaled by 1/c at the end (0 where
+        # c = 0, whose columns zero_g_colsum fills)
         offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
         n_mask = offs_n < N
         m_start = tl.program_id(1) * ROWS_PER_SPLIT
         c = tl.load(c_ptr + offs_n, mask=n_mask, other=0.0)
+        if FROM_Y and HAS_BIAS:
+            b = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         acc = tl.zeros((BN,), dtype=tl.float32)
         for m0 in range(m_start, tl.minimum(m_start + ROWS_PER_SPLIT, M), BM):
             offs_m = m0 + tl.arange(0, BM)
@@ -94,12 +101,53 @@ if triton is not None:
             dy = tl.load(dy_ptr + rows * s_dm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
             if NEED_SUM:
                 z = tl.load(z_ptr + rows * s_zm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+                if FROM_Y and HAS_BIAS:
+                    z = tl.where(mask, z - b[None, :], 0.0)
                 acc += tl.sum(dy * z, axis=0)
             if NEED_OUT:
                 tl.store(out_ptr + rows * s_om + offs_n[None, :], (dy * c[None, :]).to(out_ptr.dtype.element_ty),
                          mask=mask)
         if NEED_SUM:
+            if FROM_Y:
+                acc = tl.where(c != 0.0, acc / tl.where(c != 0.0, c, 1.0), 0.0)
             tl.store(part_ptr + tl.program_id(1).to(tl.int64) * N + offs_n, acc, mask=n_mask)
+
+    @triton.jit
+    def _zero_g_colsum_kernel(x_ptr, w_ptr, u_ptr, bl_ptr, g_ptr, dy_ptr, dg_ptr, M, K, N, R, s_xm, s_wn, s_um,
+                              s_bn, s_dm, R_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                              BK: tl.constexpr):
+        # grid (column blocks,): a block with a column where g = 0 (y = b there: z cannot be recovered from y)
+        # computes those columns' z = x Wᵀ + u Bᵀ (u holds s) and writes dg = Σ_m dy ⊙ z there; the other blocks
+        # return at once. float32 "ieee" dots: a rare path, exact products.
+        offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
+        n_mask = offs_n < N
+        zero = (tl.load(g_ptr + offs_n, mask=n_mask, other=1.0) == 0.0) & n_mask
+        if tl.sum(zero.to(tl.int32), axis=0) > 0:
+            rr = tl.arange(0, R_PAD)
+            cols = offs_n.to(tl.int64)
+            bl = tl.load(bl_ptr + cols[:, None] * s_bn + rr[None, :], mask=n_mask[:, None] & (rr < R)[None, :],
+                         other=0.0).to(tl.float32)  # (BN, R_PAD)
+            acc = tl.zeros((BN,), dtype=tl.float32)
+            for m0 in range(0, M, BM):
+                offs_m = m0 + tl.arange(0, BM)
+                m_mask = offs_m < M
+                rows = offs_m.to(tl.int64)
+                z = tl.zeros((BM, BN), dtype=tl.float32)
+                for k0 in range(0, K, BK):
+                    offs_k = k0 + tl.arange(0, BK)
+                    k_mask = offs_k < K
+                    xk = tl.load(x_ptr + rows[:, None] * s_xm + offs_k[None, :],
+                                 mask=m_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+                    wk = tl.load(w_ptr + cols[:, None] * s_wn + offs_k[None, :],
+                                 mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+                    z = tl.dot(xk, tl.trans(wk), z, input_precision="ieee")
+                uu = tl.load(u_ptr + rows[:, None] * s_um + rr[None, :], mask=m_mask[:, None] & (rr < R)[None, :],
+                             other=0.0).to(tl.float32)
+                z = tl.dot(uu, tl.trans(bl), z, input_precision="ieee")
+                dy = tl.load(dy_ptr + rows[:, None] * s_dm + offs_n[None, :], mask=m_mask[:, None] & n_mask[None, :],
+                             other=0.0).to(tl.float32)
+                acc += tl.sum(dy * z, axis=0)
+            tl.store(dg_ptr + offs_n, acc, mask=zero)
 
     # The per-call scalars (the seed, the counter offset of a row chunk, the threshold, the scales) are not
     # specialized and have fixed types, so one compiled kernel serves every value (as the triton backend's kernels).
@@ -279,14 +327,24 @@ def scale_bias(z: torch.Tensor, c: torch.Tensor, bias, fast: bool, out=None) -> 
     return out
 
 
-def scale_colsum(dy: torch.Tensor, z, c: torch.Tensor, need_out: bool, need_sum: bool, fast: bool, out=None):
+def scale_colsum(dy: torch.Tensor, z, c: torch.Tensor, need_out: bool, need_sum: bool, fast: bool, out=None,
+                 from_y: bool = False, bias=None):
     """(``c ⊙ dy`` in dy's dtype or None, ``Σ_m dy ⊙ z`` (N,) in float32/64 or None); one pass over dy and z.
-    ``out`` (optional, may be z itself: each tile of z is read before its c ⊙ dy is written) receives c ⊙ dy."""
+    ``out`` (optional, may be z itself: each tile of z is read before its c ⊙ dy is written) receives c ⊙ dy.
+    ``from_y``: ``z`` holds y = c ⊙ z + bias instead (p = 0, c = g), and the sum is Σ_m dy ⊙ (y − bias) / c,
+    0 where c = 0 (``zero_g_colsum`` fills those columns)."""
     acc = _acc(dy)
     M, N = dy.shape
     if not fast:
         d = dy.to(acc)
-        colsum = (d * z.to(acc)).sum(0) if need_sum else None
+        colsum = None
+        if need_sum:
+            zz = z.to(acc) - (bias.to(acc) if (from_y and bias is not None) else 0.0)
+            colsum = (d * zz).sum(0)
+            if from_y:
+                cc = c.to(acc)
+                colsum = torch.where(cc != 0, colsum / torch.where(cc != 0, cc, torch.ones_like(cc)),
+                                     torch.zeros_like(colsum))
         if not need_out:
             return None, colsum
         scaled = d * c.to(acc)
@@ -301,11 +359,37 @@ def scale_colsum(dy: torch.Tensor, z, c: torch.Tensor, need_out: bool, need_sum:
     rows = _cdiv(_cdiv(M, BM), max(1, min(want, _cdiv(M, BM)))) * BM
     splits = _cdiv(M, rows)
     part = torch.empty((splits, N), dtype=torch.float32, device=dy.device) if need_sum else c
+    has_bias = bool(from_y and need_sum and bias is not None)
     _launch(_scale_colsum_kernel, (n_blocks, splits),
-            (dy, z if need_sum else dy, c, out if need_out else dy, part, M, N, rows, dy.stride(0),
-             z.stride(0) if need_sum else 0, out.stride(0) if need_out else 0),
-            dict(NEED_OUT=need_out, NEED_SUM=need_sum, BM=BM, BN=BN))
+            (dy, z if need_sum else dy, c, bias if has_bias else c, out if need_out else dy, part, M, N, rows,
+             dy.stride(0), z.stride(0) if need_sum else 0, out.stride(0) if need_out else 0),
+            dict(NEED_OUT=need_out, NEED_SUM=need_sum, FROM_Y=bool(from_y and need_sum), HAS_BIAS=has_bias,
+                 BM=BM, BN=BN))
     return (out if need_out else None), (part.sum(0) if need_sum else None)
+
+
+def zero_g_colsum(dg: torch.Tensor, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, u: torch.Tensor,
+                  lora_B: torch.Tensor, g: torch.Tensor, fast: bool) -> torch.Tensor:
+    """Writes ``dg_n = Σ_m dy_mn z_mn`` for the columns where ``g_n = 0`` (y = b there, so z = (y − b)/g is lost),
+    z = x Wᵀ + u Bᵀ recomputed for those columns only; ``dg`` elsewhere is left alone. Without a synchronisation:
+    on the fast path one launch whose programs return at once unless their columns hold a zero g; the plain
+    PyTorch version (reference backends) recomputes z of every column and selects."""
+    M, K = x.shape
+    N = weight.shape[0]
+    if M == 0 or N == 0:
+        return dg
+    if not fast:
+        acc = dg.dtype
+        z = x.to(acc) @ weight.to(acc).t() + u.to(acc) @ lora_B.to(acc).t()
+        return dg.copy_(torch.where(g == 0, (dy.to(acc) * z).sum(0), dg))
+    R = lora_B.shape[1]
+    r_pad = max(16, 1 << (R - 1).bit_length())
+    BM, BN, BK = (16, 16, 16) if _interp(x) else (32, 16, 32)
+    _launch(_zero_g_colsum_kernel, (_cdiv(N, BN),),
+            (x, weight, u, lora_B, g, dy, dg, M, K, N, R, x.stride(0), weight.stride(0), u.stride(0),
+             lora_B.stride(0), dy.stride(0)),
+            dict(R_PAD=r_pad, BM=BM, BN=BN, BK=BK))
+    return dg
 
 
 def masked(t: torch.Tensor, p: float, seed: int, offset: int, a_keep: float, a_drop: float, fast: bool,

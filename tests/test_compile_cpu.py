@@ -57,7 +57,7 @@ def _is_seed_like(v):
     return v is not None and v.dtype == torch.int64 and v.dim() == 0
 
 
-_SEED_ARG = {"lora_fwd": 7, "lora_bwd": 8, "dora_fwd": 8, "dora_bwd": 10}  # the seed's index in each op's schema
+_SEED_ARG = {"lora_fwd": 7, "lora_bwd": 8, "dora_fwd": 8, "dora_bwd": 12}  # the seed's index in each op's schema
 
 
 def _op_seeds(gm, name):

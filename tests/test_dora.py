@@ -58,9 +58,11 @@ def make(lead, K, N, r, dtype, device, bias=True, adapter_dtype=None, s=0.75):
     return x, W, b, A, B, m
 
 
-def run_and_check(backend, device, dtype, lead, K, N, r, bias, p, adapter_dtype=None):
+def run_and_check(backend, device, dtype, lead, K, N, r, bias, p, adapter_dtype=None, zero_cols=None):
     s = 0.75
     x, W, b, A, B, m = make(lead, K, N, r, dtype, device, bias, adapter_dtype, s)
+    if zero_cols is not None:  # magnitude 0 there: g = 0, y = b, and z cannot come from y
+        m[zero_cols] = 0
     leaves = [t.detach().clone().requires_grad_() for t in (x, A, B, m)]
     with record_dropout() as calls:
         y = lora_kernels.dora_linear(leaves[0], W, b, *leaves[1:3], s, leaves[3], dropout_p=p, backend=backend)
@@ -133,6 +135,37 @@ def test_no_bias(backend, device, dtype, p):
     run_and_check(backend, device, dtype, (3, 7), 36, 44, 8, bias=False, p=p)
 
 
+# ------------------------------------------------------------------- the saved output (p = 0, fast backends)
+@pytest.mark.parametrize("backend,device,dtype", CASES, ids=IDS)
+def test_saved_y_with_zero_magnitudes(backend, device, dtype):
+    # columns with g = 0 (one alone, two in a row, the last one) take zero_g_colsum's recompute; the rest z = (y-b)/g
+    run_and_check(backend, device, dtype, (37,), 100, 50, 8, bias=True, p=0.0, zero_cols=[0, 17, 18, 49])
+
+
+@pytest.mark.parametrize("backend,device,dtype", CASES, ids=IDS)
+@pytest.mark.parametrize("save_y", [True, False])
+def test_saved_y_or_recompute_same_grads(monkeypatch, backend, device, dtype, save_y):
+    # both backward modes against float64 (3-D x, no bias)
+    monkeypatch.setattr(dora, "SAVE_Y", save_y)
+    run_and_check(backend, device, dtype, (2, 9), 72, 40, 16, bias=False, p=0.0)
+
+
+@pytest.mark.parametrize("backend,device,dtype", CASES, ids=IDS)
+def test_saved_y_modified_in_place_raises(backend, device, dtype):
+    # the backward reads the output it returned: changing it in place is autograd's clear error, not wrong grads
+    x, W, b, A, B, m = make((6,), 32, 24, 4, dtype, device)
+    x.requires_grad_(), m.requires_grad_()
+    y = lora_kernels.dora_linear(x, W, b, A, B, 0.75, m, backend=backend)
+    keeps_y = backend != "torch"
+    y.add_(1.0)
+    if keeps_y:
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.sum().backward()
+    else:  # the torch backend recomputes z
+        y.sum().backward()
+        assert torch.isfinite(m.grad).all()
+
+
 @pytest.mark.parametrize("backend,device", backend_cases(), ids=lambda v: str(v))
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_fp32_adapters_on_half_base(backend, device, p):
@@ -185,7 +218,7 @@ def test_gradcheck_float64_registered_op(p, save_z):
         t.requires_grad_()
 
     def f(x, W, b, A, B, g):
-        return torch.ops.lora_kernels.dora_fwd(x, W, b, A, B, g, 1.5, p, seed, 0, "torch", save_z)[0]
+        return torch.ops.lora_kernels.dora_fwd(x, W, b, A, B, g, 1.5, p, seed, 0, "torch", save_z, False)[0]
 
     assert torch.autograd.gradcheck(f, tuple(ins))
 
@@ -221,14 +254,16 @@ def test_opcheck():
     A.requires_grad_(), B.requires_grad_(), g.requires_grad_()
     for p in (0.0, 0.2):
         for save_z in (False, True):
-            torch.library.opcheck(torch.ops.lora_kernels.dora_fwd.default,
-                                  (x, W, b, A, B, g, 0.5, p, seed, 0, "torch", save_z))
+            for save_y in ((False, True) if p == 0.0 and not save_z else (False,)):
+                torch.library.opcheck(torch.ops.lora_kernels.dora_fwd.default,
+                                      (x, W, b, A, B, g, 0.5, p, seed, 0, "torch", save_z, save_y))
     z, u, dy = torch.randn(9, 16), torch.randn(9, 4), torch.randn(9, 16)
     for p in (0.0, 0.2):
-        for zz in (z, torch.empty(0)):  # a saved z, or none (recomputed)
+        # a saved z, none (recomputed), or (p = 0) the saved output y
+        for zz, is_y in ((z, False), (torch.empty(0), False)) + (((z, True),) if p == 0.0 else ()):
             torch.library.opcheck(torch.ops.lora_kernels.dora_bwd.default,
-                                  (dy, x, W, A.detach(), B.detach(), g.detach(), u, zz, 0.5, p, seed, 0, "torch",
-                                   True, True, True, True))
+                                  (dy, x, W, b, A.detach(), B.detach(), g.detach(), u, zz, is_y, 0.5, p, seed, 0,
+                                   "torch", True, True, True, True))
 
 
 class _Tiny(torch.nn.Module):

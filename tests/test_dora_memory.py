@@ -103,14 +103,15 @@ def _saved_numels(fn, exclude):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
-    return list(saved.values())
+    return saved
 
 
 @pytest.mark.parametrize("backend", _CPU_BACKENDS)
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_saved_for_backward_is_loras_plus_n_floats(monkeypatch, backend, p):
-    # K < N and M < N: x (M×K) is the largest activation LoRA itself saves; nothing M×N or N×K may be saved, and
-    # the bytes saved may exceed lora_linear's by a few float32 N-vectors (g, the norm) only
+    # K < N and M < N: x (M×K) is the largest activation LoRA itself saves; nothing M×N or N×K may be saved (but
+    # the output y itself, below), and the bytes saved may exceed lora_linear's by a few float32 N-vectors (g, the
+    # norm) only
     M, K, N, r = 32, 40, 56, 4
     dtype = torch.float16 if backend == "triton" else torch.float32
     x, W, b, A, B, m = make((M,), K, N, r, dtype, "cpu", adapter_dtype=torch.float32)
@@ -118,16 +119,29 @@ def test_saved_for_backward_is_loras_plus_n_floats(monkeypatch, backend, p):
         t.requires_grad_()
     params = (W, b, A, B, m)
     lora = _saved_numels(lambda: lora_kernels.lora_linear(x, W, b, A, B, 2.0, dropout_p=p, backend=backend), params)
-    ours = _saved_numels(lambda: lora_kernels.dora_linear(x, W, b, A, B, 2.0, m, dropout_p=p, backend=backend),
-                         params)
+    # SAVE_Y (the default) keeps the output y at p = 0 on the fast backends: the tensor the call returns, no copy
+    out = []
+    with_y = _saved_numels(lambda: out.append(lora_kernels.dora_linear(x, W, b, A, B, 2.0, m, dropout_p=p,
+                                                                        backend=backend)), params)
+    keeps_y = p == 0.0 and backend != "torch"
+    y_storage = (out[0].untyped_storage().data_ptr(), out[0].untyped_storage().nbytes())
+    assert (y_storage in with_y) == keeps_y, (with_y, y_storage)
+    monkeypatch.setattr(dora, "SAVE_Y", False)
+    ours = list(_saved_numels(lambda: lora_kernels.dora_linear(x, W, b, A, B, 2.0, m, dropout_p=p,
+                                                               backend=backend), params).values())
+    lora = list(lora.values())
+    if keeps_y:  # the same saved tensors, y in place of the recompute's empty z
+        assert sorted(n for k, (n, _) in with_y.items() if k != y_storage and n) == sorted(n for n, _ in ours if n)
+    else:
+        assert sorted(n for n, _ in with_y.values()) == sorted(n for n, _ in ours)
     assert max(n for n, _ in ours) == M * K  # x
     assert all(n < min(M * N, N * K) for n, _ in ours), ours
     extra = sum(nb for _, nb in ours) - sum(nb for _, nb in lora)
     assert extra <= 4 * 4 * N, (ours, lora)
     # the detector sees an M×N saved tensor: the opt-in SAVE_Z keeps z
     monkeypatch.setattr(dora, "SAVE_Z", True)
-    with_z = _saved_numels(lambda: lora_kernels.dora_linear(x, W, b, A, B, 2.0, m, dropout_p=p, backend=backend),
-                           params)
+    with_z = list(_saved_numels(lambda: lora_kernels.dora_linear(x, W, b, A, B, 2.0, m, dropout_p=p,
+                                                                 backend=backend), params).values())
     assert sorted(n for n, _ in with_z if n) == sorted([n for n, _ in ours if n] + [M * N])
 
 
@@ -141,6 +155,7 @@ def test_backward_allocates_nothing_m_by_n(monkeypatch, p):
     M, K, N, r = 64, 40, 96, 4
     rows = 16
     monkeypatch.setattr(dora, "BWD_CHUNK_BYTES", rows * (N + K) * 2)
+    monkeypatch.setattr(dora, "SAVE_Y", False)  # z recomputed (at p = 0 the default keeps y: no chunks)
     x, W, b, A, B, m = make((M,), K, N, r, torch.float16, "cpu", adapter_dtype=torch.float32)
     for t in (x, A, B, m):
         t.requires_grad_()
@@ -174,11 +189,12 @@ def test_forward_with_dropout_allocates_per_chunk(monkeypatch):
 
 @pytest.mark.parametrize("backend,device,dtype", CASES, ids=IDS)
 @pytest.mark.parametrize("p", [0.0, 0.3])
-@pytest.mark.parametrize("save_z", [False, True])
-def test_chunked_backward_and_saved_z(monkeypatch, backend, device, dtype, p, save_z):
+@pytest.mark.parametrize("mode", ["recompute", "save_z", "save_y"])
+def test_chunked_backward_and_saved_z(monkeypatch, backend, device, dtype, p, mode):
     # the backward by row chunks (here 3 chunks of 13 rows: the dropout mask's counters continue across chunks),
-    # with z recomputed or saved
-    monkeypatch.setattr(dora, "SAVE_Z", save_z)
+    # with z recomputed, saved, or (p = 0, fast backends) taken from the saved y (its dy_c per chunk)
+    monkeypatch.setattr(dora, "SAVE_Z", mode == "save_z")
+    monkeypatch.setattr(dora, "SAVE_Y", mode == "save_y")
     elt = torch.tensor([], dtype=dtype).element_size()
     monkeypatch.setattr(dora, "BWD_CHUNK_BYTES", 13 * (50 + 100) * elt)
     assert len(dora._row_chunks_of(37, (50 + 100) * elt)) == 3

@@ -460,14 +460,14 @@ def test_bench_dora_providers_compute_the_same_layer():
         pytest.skip("no bench/suite/providers.py")
     providers = import_from(bench, "providers")
     outs, grads = {}, {}
-    for prov in ("ours-dora-torch", "ours-dora-torch-savez", "peft-dora"):
+    for prov in ("ours-dora-torch", "ours-dora-torch-recompute", "ours-dora-torch-savez", "peft-dora"):
         case = providers.make_case(prov, 24, 40, 32, 4, 0.0, dtype=torch.float32, device="cpu", bias=True)
         outs[prov] = case.fwd[0]()
         grads[prov] = case.fwd_bwd[0]()
         assert len(grads[prov]) == 4 and all(torch.isfinite(g).all() for g in grads[prov])  # x, A, B, magnitude
         assert "DoRA" in case.note
-    assert dora.SAVE_Z is False  # the -savez provider sets it for its own calls only
-    for prov in ("ours-dora-torch", "ours-dora-torch-savez"):
+    assert dora.SAVE_Z is False and dora.SAVE_Y is True  # the -savez / -recompute providers set them per call
+    for prov in ("ours-dora-torch", "ours-dora-torch-recompute", "ours-dora-torch-savez"):
         torch.testing.assert_close(outs[prov], outs["peft-dora"], rtol=1e-5, atol=1e-5)
         for a, b in zip(grads[prov], grads["peft-dora"]):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -30,7 +30,8 @@ from lora_kernels import dora_kernels as dk
 
 target = GPUTarget("cuda", 90, 32)
 backend = make_backend(target)
-NAMES = ["_w_at_kernel", "_norm_combine_kernel", "_scale_bias_kernel", "_scale_colsum_kernel", "_masked_kernel"]
+NAMES = ["_w_at_kernel", "_norm_combine_kernel", "_scale_bias_kernel", "_scale_colsum_kernel", "_masked_kernel",
+         "_zero_g_colsum_kernel"]
 launches = {}  # (kernel, constexprs and options) -> set of JIT cache keys (specializations) seen
 first = {}
 
@@ -68,6 +69,12 @@ for dt in (torch.bfloat16, torch.float16, torch.float32):
     dk.scale_colsum(z, z, c, True, True, True, out=z)
     dk.scale_colsum(z, None, c, True, False, True)
     dk.scale_colsum(z, z, c, False, True, True)
+    dk.scale_colsum(z, z, c, True, True, True, from_y=True, bias=b)  # the saved-y backward at p = 0
+    dk.scale_colsum(z, z, c, True, True, True, from_y=True)
+    for adt in (torch.float32, dt):
+        for r in (1, 16, 64):
+            x, W = torch.randn(512, 256).to(dt), torch.randn(1024, 256).to(dt)
+            dk.zero_g_colsum(torch.zeros(1024), z, x, W, torch.randn(512, r), torch.randn(1024, r).to(adt), c, True)
     for seed in (7, 16, 1, 0, 2**31 + 5, 2**40, 2**62 - 1):
         for offset in (0, 5, 32, 1024 * 512, 2**33 + 16):
             for p in (0.05, 0.1, 0.5):
@@ -107,7 +114,7 @@ def test_dora_kernels_compile_for_sm90_without_spills(triton_python):
     rows = json.loads(out.stdout.strip().splitlines()[-1])
     kernels = {r["kernel"] for r in rows}
     assert kernels == {"_w_at_kernel", "_norm_combine_kernel", "_scale_bias_kernel", "_scale_colsum_kernel",
-                       "_masked_kernel"}, kernels
+                       "_masked_kernel", "_zero_g_colsum_kernel"}, kernels
     assert {r["meta"]["MODE"] for r in rows if r["kernel"] == "_w_at_kernel"} == {1, 2, 3}
     for r in rows:
         assert r["shared"] <= 200 * 1024, r  # fits an sm_90 block (227 KB) with room to spare

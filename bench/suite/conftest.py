@@ -14,9 +14,10 @@ def pytest_addoption(parser):
                      "2048x4096->4096, 16x4096->4096; r in {16, 64}; p in {0, 0.1}")
     g.addoption("--dora", action="store_true", default=False,
                 help="the DoRA grid: the four Llama shapes at M=8192, r in {16, 64}, "
-                     "p in {0, 0.1}; providers ours-dora-cuda/-triton, ours-dora-cuda-savez (z saved for backward), "
-                     "peft-dora, LoRA's ours-cuda/-triton and peft-layer, and the floor (--providers picks from "
-                     "all, ours-dora-torch and ours-dora-triton-savez included)")
+                     "p in {0, 0.1}; providers ours-dora-cuda/-triton, ours-dora-cuda-recompute (z recomputed at "
+                     "p = 0 too), ours-dora-cuda-savez (z saved for backward), peft-dora, LoRA's ours-cuda/-triton "
+                     "and peft-layer, and the floor (--providers picks from all, ours-dora-torch and the triton "
+                     "-recompute/-savez included)")
     g.addoption("--adapter-dtype", default="float32", choices=["float32", "bfloat16"],
                 help="dtype of lora_A / lora_B for the ours-* providers (float32: PEFT's default)")
     g.addoption("--compile-mode", default=None,

@@ -37,8 +37,8 @@ TARGETS = dict(mkn=[(8192, 4096, 4096), (8192, 4096, 14336), (8192, 14336, 4096)
 SMOKE = dict(shapes=[(128, 96), (96, 256)], ms=[16, 64], rs=[16], ps=[0.0, 0.1])
 # --dora: the DoRA issue's grid (the four shapes at M = 8192), DoRA providers next to LoRA's own and the floor
 DORA = dict(shapes=SHAPES, ms=[8192], rs=[16, 64], ps=[0.0, 0.1])
-DORA_DEFAULT = ["ours-dora-cuda", "ours-dora-triton", "ours-dora-cuda-savez", "peft-dora", "ours-cuda", "ours-triton",
-                "peft-layer", FLOOR]
+DORA_DEFAULT = ["ours-dora-cuda", "ours-dora-triton", "ours-dora-cuda-recompute", "ours-dora-cuda-savez", "peft-dora",
+                "ours-cuda", "ours-triton", "peft-layer", FLOOR]
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 DTYPE = torch.bfloat16 if HAS_CUDA else torch.float32

@@ -20,6 +20,7 @@ ORDER = ["ours-cuda", "ours-triton", "ours-torch", "compile-formula", "formula-b
          "cublas-base"]
 FLOOR = "cublas-base"
 ORDER[ORDER.index("peft-layer"):ORDER.index("peft-layer")] = ["ours-dora-cuda", "ours-dora-triton",
+                                                              "ours-dora-cuda-recompute", "ours-dora-triton-recompute",
                                                               "ours-dora-cuda-savez", "ours-dora-triton-savez",
                                                               "ours-dora-torch", "peft-dora"]
 

@@ -1,0 +1,103 @@
+"""Where the host time of a DoRA call goes (GPU machine): synchronisations, Python functions, ATen/CUDA runtime calls.
+
+    python3 bench/dev/dora_host.py [--providers ours-dora-cuda,ours-dora-cuda-savez,ours-cuda] \
+        [--shapes 8192x4096x1024] [--r 16] [--p 0] [--calls 20]
+
+For each provider and shape, on one fwd+bwd call after warm-up:
+  * every host<->device synchronisation, as torch.cuda.set_sync_debug_mode("warn") reports it (with the line);
+  * host time per call (no synchronisation inside the timed loop) next to wall and GPU time per call;
+  * cProfile of ``--calls`` calls: the Python functions by own time and by cumulative time;
+  * torch.profiler's CPU events by self time (ATen ops, cudaLaunchKernel, cudaMalloc, cudaStreamSynchronize, ...).
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import sys
+import warnings
+
+import torch
+
+_BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [os.path.join(_BENCH, "suite")]
+from providers import make_case  # noqa: E402
+from timing import bench_ms, host_us  # noqa: E402
+
+
+def syncs(fn):
+    """The synchronisations one call makes, as torch's sync debug mode warns of them (message @ file:line)."""
+    found = []
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as ws:
+            warnings.simplefilter("always")
+            fn()
+        for w in ws:
+            msg = str(w.message).splitlines()[0][:120]
+            found.append(f"{msg} @ {w.filename}:{w.lineno}")
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    return found
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--providers", default="ours-dora-cuda,ours-dora-cuda-savez,ours-cuda")
+    ap.add_argument("--shapes", default="8192x4096x1024")
+    ap.add_argument("--r", type=int, default=16)
+    ap.add_argument("--p", type=float, default=0.0)
+    ap.add_argument("--calls", type=int, default=20)
+    ap.add_argument("--top", type=int, default=22)
+    args = ap.parse_args()
+    print("gpu", torch.cuda.get_device_name(), "| torch", torch.__version__, flush=True)
+    for shape in args.shapes.split(","):
+        M, K, N = (int(v) for v in shape.split("x"))
+        for prov in args.providers.split(","):
+            case = make_case(prov, M, K, N, args.r, args.p)
+            fn = case.fwd_bwd[0]
+            for _ in range(3):
+                fn()
+            torch.cuda.synchronize()
+            print(f"\n===== {prov} M={M} K={K} N={N} r={args.r} p={args.p}", flush=True)
+            for mode in ("fwd", "fwd_bwd"):
+                f = getattr(case, mode)[0]
+                t = bench_ms(getattr(case, mode))
+                print(f"  {mode:7s} host {host_us(f, n=50):8.1f} us/call | wall {t['median_ms'] * 1e3:8.1f} us/call"
+                      f" | GPU {t.get('gpu_ms', float('nan')) * 1e3:8.1f} us/call", flush=True)
+            s = syncs(fn)
+            print(f"  synchronisations in one fwd+bwd: {len(s)}")
+            for line in s:
+                print("    " + line)
+            pr = cProfile.Profile()
+            torch.cuda.synchronize()
+            pr.enable()
+            for _ in range(args.calls):
+                fn()
+            pr.disable()
+            torch.cuda.synchronize()
+            for key in ("tottime", "cumulative"):
+                buf = io.StringIO()
+                pstats.Stats(pr, stream=buf).sort_stats(key).print_stats(args.top)
+                text = buf.getvalue()
+                start = text.find("   ncalls")
+                print(f"  cProfile of {args.calls} fwd+bwd calls, by {key}:")
+                print("\n".join("    " + ln for ln in text[start:].splitlines() if ln.strip()))
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(args.calls):
+                    fn()
+                torch.cuda.synchronize()
+            print(f"  torch.profiler CPU events over {args.calls} calls (self time):")
+            print("\n".join("    " + ln for ln in prof.key_averages().table(
+                sort_by="self_cpu_time_total", row_limit=args.top).splitlines()))
+            del case
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
