@@ -294,11 +294,10 @@ def _bwd_impl(dy, x, weight, bias, lora_A, lora_B, g, u, z, z_is_y, scaling, p, 
         dx, dA, dB = be.backward(dy, x, weight, lora_A, bg, u, scaling, p, sd, offset,
                                  need_dx and p > 0.0, need_dA, need_dB)
         if need_dB:
-            dB = (dB.to(acc) * (g / q)[:, None]).to(lora_B.dtype)
+            dB = (dB.to(acc) * (g if p == 0.0 else g / q)[:, None]).to(lora_B.dtype)
     if need_dg or need_dx:
         saved = z.numel() > 0  # z, or y to take z from: nothing to recompute
         c = g if p == 0.0 else (g - 1.0) / q
-        dg = torch.zeros(N, dtype=acc, device=x.device) if need_dg else None
         # per-row temporaries of a chunk: z (or the dy_c buffer) and, p = 0, the chunk's dx / p > 0, x_k then dy_c W.
         # With z or y saved (nothing to recompute) one chunk: dy_c (M×N) is then transient for the whole backward,
         # and no chunk's dx is copied into dx (by row chunks, 4096->14336 at M = 8192 took 1.68x the floor's GPU
@@ -308,8 +307,9 @@ def _bwd_impl(dy, x, weight, bias, lora_A, lora_B, g, u, z, z_is_y, scaling, p, 
             dx = x.new_empty(M, K)
         k8 = calls_per_row(K)
         for m0, m1 in chunks:
-            xs, dys, off = x[m0:m1], dy[m0:m1], offset + m0 * k8
-            zs, xk = (z[m0:m1] if saved else None), None
+            rows = (lambda t: t) if len(chunks) == 1 else (lambda t: t[m0:m1])  # no slicing ops for one chunk
+            xs, dys, us, off = rows(x), rows(dy), rows(u), offset + m0 * k8
+            zs, xk = (rows(z) if saved else None), None
             if need_dg and not saved:  # recompute z of these rows: the backend's LoRA forward (no bias)
                 if p == 0.0:
                     zs = be.forward(xs, weight, None, lora_A, lora_B, scaling, 0.0, 0, 0)[0]
@@ -321,21 +321,20 @@ def _bwd_impl(dy, x, weight, bias, lora_A, lora_B, g, u, z, z_is_y, scaling, p, 
             dyc, part = scale_colsum(dys, zs, c, need_dx, need_dg, fast,
                                      out=zs if (need_dg and not saved) else None, from_y=z_is_y, bias=bias)
             if need_dg:
-                dg += part
+                dg = part if dg is None else dg.add_(part)
                 if z_is_y:
-                    zero_g_colsum(dg, dys, xs, weight, u[m0:m1], lora_B, g, fast)
+                    zero_g_colsum(dg, dys, xs, weight, us, lora_B, g, fast)
             if not need_dx:
                 continue
             if p == 0.0:
-                dxs = be.backward(dyc, xs, weight, lora_A, lora_B, u[m0:m1], scaling, 0.0, 0, 0,
-                                  True, False, False)[0]
+                dxs = be.backward(dyc, xs, weight, lora_A, lora_B, us, scaling, 0.0, 0, 0, True, False, False)[0]
                 if len(chunks) > 1:
                     dx[m0:m1].copy_(dxs)
                 else:
                     dx = dxs
             else:  # dx += keep ⊙ (dy_c W), the product written over x_k when there is one
                 t = torch.mm(dyc, weight, out=xk) if xk is not None else torch.mm(dyc, weight)
-                masked(t, p, sd, off, 1.0, 0.0, fast, base=dx[m0:m1], out=dx[m0:m1])
+                masked(t, p, sd, off, 1.0, 0.0, fast, base=rows(dx), out=rows(dx))
         if need_dg and p > 0.0:
             dg = dg / q
     return (dx if need_dx else empty, dA if need_dA else empty, dB if need_dB else empty,

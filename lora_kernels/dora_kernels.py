@@ -216,22 +216,40 @@ if triton is not None:
         tl.store(p_ptrs, acc, mask=n_mask[:, None] & r_mask[None, :])
 
     @triton.jit
-    def _norm_combine_kernel(part_ptr, wsq_ptr, b_ptr, baat_ptr, out_ptr, N, R, S, s_bn, scaling,
-                             R_PAD: tl.constexpr, BN: tl.constexpr):
-        # ‖W_n + s(BA)_n‖² = ‖W_n‖² + Σ_j B_nj (2s·(W Aᵀ)_nj + s²·(B AAᵀ)_nj), clamped at 0, square-rooted
+    def _norm_combine_kernel(part_ptr, wsq_ptr, b_ptr, aat_ptr, out_ptr, N, R, S, s_bn, scaling,
+                             R_PAD: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr, BR: tl.constexpr):
+        # ‖W_n + s(BA)_n‖² = ‖W_n‖² + 2s·Σ_j B_nj (W Aᵀ)_nj + s²·B_n (A Aᵀ) B_nᵀ, clamped at 0, square-rooted. The
+        # quadratic form by column blocks of A Aᵀ: (B AAᵀ)[:, j-block] as float32 "ieee" dots over BR-row blocks
+        # of A Aᵀ (their operands stay in registers), times B[:, j-block]
         offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
         n_mask = offs_n < N
         rr = tl.arange(0, R_PAD)
-        mask = n_mask[:, None] & (rr < R)[None, :]
+        r_mask = rr < R
+        mask = n_mask[:, None] & r_mask[None, :]
         wa = tl.zeros((BN, R_PAD), dtype=tl.float32)
         for sp in range(0, S):  # the K splits' partial sums, in a fixed order
             wa += tl.load(part_ptr + (sp * N + offs_n.to(tl.int64))[:, None] * R + rr[None, :], mask=mask,
                           other=0.0)
         rows = offs_n.to(tl.int64)[:, None]
         b = tl.load(b_ptr + rows * s_bn + rr[None, :], mask=mask, other=0.0).to(tl.float32)
-        baat = tl.load(baat_ptr + rows * R + rr[None, :], mask=mask, other=0.0)
-        sq = tl.load(wsq_ptr + offs_n, mask=n_mask, other=0.0) + tl.sum(
-            b * (2.0 * scaling * wa + (scaling * scaling) * baat), axis=1)
+        sq = tl.load(wsq_ptr + offs_n, mask=n_mask, other=0.0) + 2.0 * scaling * tl.sum(b * wa, axis=1)
+        quad = tl.zeros((BN,), dtype=tl.float32)
+        for j0 in range(0, R_PAD, BJ):
+            jj = j0 + tl.arange(0, BJ)
+            j_mask = jj < R
+            t = tl.zeros((BN, BJ), dtype=tl.float32)
+            for k0 in range(0, R_PAD, BR):
+                kk = k0 + tl.arange(0, BR)
+                k_mask = kk < R
+                bk = tl.load(b_ptr + rows * s_bn + kk[None, :], mask=n_mask[:, None] & k_mask[None, :],
+                             other=0.0).to(tl.float32)
+                ak = tl.load(aat_ptr + kk[:, None] * R + jj[None, :], mask=k_mask[:, None] & j_mask[None, :],
+                             other=0.0)
+                t = tl.dot(bk, ak, t, input_precision="ieee")
+            bj = tl.load(b_ptr + rows * s_bn + jj[None, :], mask=n_mask[:, None] & j_mask[None, :],
+                         other=0.0).to(tl.float32)
+            quad += tl.sum(t * bj, axis=1)
+        sq += (scaling * scaling) * quad
         tl.store(out_ptr + offs_n, tl.sqrt(tl.maximum(sq, 0.0)), mask=n_mask)
 
 
@@ -277,21 +295,25 @@ def w_at(weight: torch.Tensor, lora_A: torch.Tensor) -> torch.Tensor:
 def weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
                 wsq: torch.Tensor) -> torch.Tensor:
     """‖W + scaling · B A‖ per row (N,) in float32 from ‖W_n‖² (``wsq``, float32, cached by the caller):
-    ‖W_n‖² + 2s·B_n·(A W_nᵀ) + s²·B_n (A Aᵀ) B_nᵀ, with W Aᵀ from ``w_at`` (the one pass over W), A Aᵀ and
-    B (A Aᵀ) as float32 GEMMs of r×r and N×r, and one combine kernel (clamped at 0 before the root: rounding can
-    make a nearly cancelling row slightly negative). No N×K temporary."""
+    ‖W_n‖² + 2s·B_n·(A W_nᵀ) + s²·B_n (A Aᵀ) B_nᵀ, with W Aᵀ from ``w_at`` (the one pass over W), A Aᵀ as a
+    float32 GEMM of r×r, and one combine kernel that forms the quadratic form B_n (A Aᵀ) B_nᵀ itself (clamped at 0
+    before the root: rounding can make a nearly cancelling row slightly negative). No N×K temporary."""
     N = weight.shape[0]
     if N == 0:
         return torch.zeros(0, dtype=torch.float32, device=weight.device)
     R = lora_A.shape[0]
     part = w_at(weight, lora_A)
-    A32, B32 = lora_A.float(), lora_B.float()
-    baat = B32 @ (A32 @ A32.t())
+    A32 = lora_A.float()
+    aat = A32 @ A32.t()  # (r, r) float32; B (A Aᵀ) Bᵀ per row in the combine kernel
     out = torch.empty(N, dtype=torch.float32, device=weight.device)
     r_pad = max(16, 1 << (R - 1).bit_length())
-    BN = 16 if _interp(weight) else max(1, min(128, 4096 // r_pad))
+    # tiles that keep (BN, R_PAD) float32 tiles and the dot's operands in registers on sm_90 (no spills:
+    # tests/test_dora_sm90.py)
+    BN = 16 if _interp(weight) else max(16, min(64, 1024 // r_pad))
     _launch(_norm_combine_kernel, (_cdiv(N, BN),),
-            (part, wsq, B32, baat, out, N, R, part.shape[0], B32.stride(0), float(scaling)), dict(R_PAD=r_pad, BN=BN))
+            (part, wsq, lora_B, aat, out, N, R, part.shape[0], lora_B.stride(0), float(scaling)),
+            dict(R_PAD=r_pad, BN=BN, BJ=min(r_pad, 32 if r_pad <= 64 else 16), BR=min(r_pad, 64),
+                 num_warps=4 if r_pad <= 64 else 8))
     return out
 
 
