@@ -1,7 +1,7 @@
 """Host (CPU) time per call of the Triton backend's Python, measured on a machine without a GPU:
 
     python3 bench/dev/triton_host_cpu.py [--M 16,2048] [--K 64] [--N 64] [--r 16] [--p 0,0.1] [--n 2000]
-                                         [--profile M,p] [--no-launch]
+                                         [--profile M,p] [--no-launch] [--dora]
 
 Runs lora_linear(backend="triton") on CPU tensors, with the GPU's branch structure: the interpreter stays off (run
 this without TRITON_INTERPRET), the knobs are the GPU defaults (cuBLAS main loop, autotuning on), the SM count is an
@@ -20,7 +20,9 @@ the GPU, a cuBLAS launch, is not counted). `--no-launch` also makes the plans' r
 
 Prints us per call for the forward alone (no_grad) and forward + backward (torch.autograd.grad wrt x, A and B), the
 fastest of 7 batches (other processes on a shared machine only ever add time); --profile prints cProfile's top
-entries for one (M, p) case.
+entries for one (M, p) case. --dora runs dora_linear (backend="triton", its fast path: the DoRA kernels launched
+through the same stand-ins) next to lora_linear, grads also wrt the magnitude: the DoRA wrapper's own host time is
+the difference.
 """
 from __future__ import annotations
 
@@ -90,6 +92,8 @@ def install(no_launch: bool = False):
     for mod in (configs, launch):
         if hasattr(mod, "_num_sms"):
             mod._num_sms = sms
+    from lora_kernels import dora, dora_kernels
+    dora.triton_usable = dora_kernels.triton_usable = lambda device: True  # DoRA's fast path on CPU tensors
     if no_launch:  # the plans' relaunches made no-ops (their first run still launches through the stand-in JIT)
         launch._fast_launch_op = lambda *a: (lambda v: None)
     assert triton.__version__  # (kept imported: the kernels' module reads it)
@@ -108,21 +112,25 @@ def per_call_us(fn, n: int, batches: int = 7) -> float:
     return min(runs)
 
 
-def cases(lk, M, K, N, r, p):
+def cases(lk, M, K, N, r, p, dora=False):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(M, K, generator=g).to(torch.bfloat16).requires_grad_()
     W = torch.randn(N, K, generator=g).to(torch.bfloat16)
     A = torch.randn(r, K, generator=g).requires_grad_()
     B = torch.randn(N, r, generator=g).requires_grad_()
+    m = (torch.rand(N, generator=g) + 0.5).requires_grad_()
     dy = torch.randn(M, N, generator=g).to(torch.bfloat16)
+    if dora:
+        call, wrt = (lambda: lk.dora_linear(x, W, None, A, B, 2.0, m, dropout_p=p, backend="triton")), (x, A, B, m)
+    else:
+        call, wrt = (lambda: lk.lora_linear(x, W, None, A, B, 2.0, dropout_p=p, backend="triton")), (x, A, B)
 
     def fwd():
         with torch.no_grad():
-            return lk.lora_linear(x, W, None, A, B, 2.0, dropout_p=p, backend="triton")
+            return call()
 
     def fwd_bwd():
-        y = lk.lora_linear(x, W, None, A, B, 2.0, dropout_p=p, backend="triton")
-        return torch.autograd.grad(y, (x, A, B), dy)
+        return torch.autograd.grad(call(), wrt, dy)
 
     return fwd, fwd_bwd
 
@@ -137,27 +145,28 @@ def main():
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--profile", default="", help="M,p: cProfile of fwd+bwd for that case")
     ap.add_argument("--no-launch", action="store_true", help="the plans' relaunches made no-ops")
+    ap.add_argument("--dora", action="store_true", help="dora_linear next to lora_linear")
     a = ap.parse_args()
     torch.set_num_threads(1)
     lk = install(a.no_launch)
     print(f"torch {torch.__version__}, triton {triton.__version__}, Python {sys.version.split()[0]}; "
           f"K={a.K} N={a.N} r={a.r}; us per call (fastest of 7 batches of {a.n})")
-    print(f"{'M':>6} {'p':>5} {'fwd':>9} {'fwd+bwd':>9}")
+    print(f"{'M':>6} {'p':>5} {'op':>5} {'fwd':>9} {'fwd+bwd':>9}")
     for M in (int(v) for v in a.M.split(",")):
-        for p in (float(v) for v in a.p.split(",")):
-            fwd, fwd_bwd = cases(lk, M, a.K, a.N, a.r, p)
+        for p, dora in ((float(v), d) for v in a.p.split(",") for d in ((False, True) if a.dora else (False,))):
+            fwd, fwd_bwd = cases(lk, M, a.K, a.N, a.r, p, dora)
             jit_before = JIT_LAUNCHES[0]
             for _ in range(3):
                 fwd_bwd()
             jit_warm = JIT_LAUNCHES[0]
             f_us, fb_us = per_call_us(fwd, a.n), per_call_us(fwd_bwd, a.n)
             extra = JIT_LAUNCHES[0] - jit_warm
-            print(f"{M:>6} {p:>5} {f_us:>9.1f} {fb_us:>9.1f}"
+            print(f"{M:>6} {p:>5} {'dora' if dora else 'lora':>5} {f_us:>9.1f} {fb_us:>9.1f}"
                   + (f"   ({extra} JIT launches after warm-up!)" if extra else "")
                   + ("" if jit_warm > jit_before else "   (no JIT launch at all?)"))
     if a.profile:
         M, p = a.profile.split(",")
-        _, fwd_bwd = cases(lk, int(M), a.K, a.N, a.r, float(p))
+        _, fwd_bwd = cases(lk, int(M), a.K, a.N, a.r, float(p), a.dora)
         for _ in range(10):
             fwd_bwd()
         prof = cProfile.Profile()
