@@ -118,7 +118,7 @@ if triton is not None:
                               BK: tl.constexpr):
         # grid (column blocks,): a block with a column where g = 0 (y = b there: z cannot be recovered from y)
         # computes those columns' z = x Wᵀ + u Bᵀ (u holds s) and writes dg = Σ_m dy ⊙ z there; the other blocks
-        # return at once. float32 "ieee" dots: a rare path, exact products.
+        # return at once. float32 "ieee" dots (a rare path): float32 accuracy.
         offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
         n_mask = offs_n < N
         zero = (tl.load(g_ptr + offs_n, mask=n_mask, other=1.0) == 0.0) & n_mask
