@@ -362,7 +362,7 @@ def _bwd_fake(dy, x, weight, bias, lora_A, lora_B, g, u, z, z_is_y, scaling, p, 
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_A, lora_B, g, scaling, p, seed, offset, backend, save_z, save_y = inputs
-    # save_y (p = 0): the output y itself (the tensor the call returns, not a copy) in z's place
+    # save_y holds at p = 0 without save_z: the output y itself (the tensor the call returns, not a copy) in z's place
     z_is_y = bool(save_y and not save_z and p == 0.0)
     ctx.save_for_backward(x, weight, bias, lora_A, lora_B, g, output[1], output[0] if z_is_y else output[2], seed)
     ctx.args = (scaling, p, offset, backend, bias is not None, z_is_y)
@@ -479,8 +479,9 @@ def dora_linear(x, weight, bias, lora_A, lora_B, scaling, magnitude, dropout_p=0
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                            for t in (x, weight, bias, lora_A, lora_B, g))
     save_z = bool(SAVE_Z) and (grad or compiling)
-    # y kept for the backward in z's place: p = 0 on the fast backends (the torch backend recomputes)
-    save_y = bool(SAVE_Y) and not save_z and p == 0.0 and (grad or compiling) and _fast(name, x)
+    # y kept for the backward in z's place on the fast backends (the torch backend recomputes); _setup_context
+    # applies it where it holds: p = 0, z not saved
+    save_y = bool(SAVE_Y) and (grad or compiling) and _fast(name, x)
     args = (x2.contiguous(), weight.contiguous(), bias.contiguous() if bias is not None else None,
             lora_A.contiguous(), lora_B.contiguous(), g, float(scaling), p, seed, 0, name, save_z, save_y)
     if compiling:
