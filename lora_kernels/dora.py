@@ -471,7 +471,8 @@ def dora_linear(x, weight, bias, lora_A, lora_B, scaling, magnitude, dropout_p=0
     if p > 0.0 and ops._recorders:
         for calls in ops._recorders:
             calls.append((int(seed), 0))
-    norm = _norm(norm_weight, lora_A, lora_B, scaling, _fast(name, x))
+    fast = _fast(name, x)
+    norm = _norm(norm_weight, lora_A, lora_B, scaling, fast)
     g = magnitude.to(_acc(x)) / norm.to(_acc(x))
     two_d = x.dim() == 2
     x2 = x if two_d else x.reshape(-1, x.shape[-1])
@@ -481,7 +482,7 @@ def dora_linear(x, weight, bias, lora_A, lora_B, scaling, magnitude, dropout_p=0
     save_z = bool(SAVE_Z) and (grad or compiling)
     # y kept for the backward in z's place on the fast backends (the torch backend recomputes); _setup_context
     # applies it where it holds: p = 0, z not saved
-    save_y = bool(SAVE_Y) and (grad or compiling) and _fast(name, x)
+    save_y = bool(SAVE_Y) and (grad or compiling) and fast
     args = (x2.contiguous(), weight.contiguous(), bias.contiguous() if bias is not None else None,
             lora_A.contiguous(), lora_B.contiguous(), g, float(scaling), p, seed, 0, name, save_z, save_y)
     if compiling:
