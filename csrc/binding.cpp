@@ -337,11 +337,14 @@ void sm90_dx_gemm(const Tensor& dy, const Tensor& weight, int r, const void* vx,
 }
 
 // The forward. keep_u: u comes back as the second output (saved for backward); without it u is a temporary and
-// the second output is undefined (the forward alone, lora_linear below autograd).
+// the second output is undefined (the forward alone, lora_linear below autograd). col_scale (N,) fp32, 16-byte
+// aligned, or null: y = col_scale ⊙ (x Wᵀ + s·u Bᵀ) + bias (DoRA's column scale; forward_scaled below), in the fused
+// forward's epilogue, else by one in-place pass over y after the path's kernels (launch_lora_col_scale), the bias
+// then added there and not before.
 std::tuple<Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                                         const Tensor& lora_A, const Tensor& lora_B, double scaling, double p,
                                         int64_t seed, int64_t offset, const std::optional<Tensor>& seed_t,
-                                        bool keep_u) {
+                                        bool keep_u, const float* col_scale = nullptr) {
   check_common(x, weight, lora_A, lora_B, p, seed);
   const int64_t* seed_ptr = device_seed(seed_t, x, p);
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
@@ -357,6 +360,15 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& weight, c
   const c10::cuda::CUDAGuard guard(x.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index());
   const float pf = (float)p;
+  // With a column scale, the paths other than the fused one write y without the bias; this pass scales it and adds
+  // the bias.
+  const void* const bias_ptr = has_bias ? bias->data_ptr() : nullptr;
+  auto scale_columns = [&](Tensor& y) {
+    if (col_scale != nullptr)
+      check_cuda(lk::launch_lora_col_scale(y.data_ptr(), to_dtype(x, "x"), col_scale, bias_ptr, M, N, stream),
+                 "column scale launch");
+  };
+  const Tensor* const path_bias = col_scale != nullptr ? nullptr : bias_t;
   const lk::DType x_dt = to_dtype(x, "x"), a_dt = to_dtype(lora_A, "lora_A"), b_dt = to_dtype(lora_B, "lora_B");
   // u: the output (keep_u), else undefined and the kernels write a workspace piece where they need one.
   const Tensor u = keep_u ? at::empty({M, r}, x.options().dtype(at::kFloat)) : Tensor();
@@ -367,16 +379,18 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& weight, c
     ws.allocate(x.options());
     Tensor y = at::empty({M, N}, x.options());
     check_cuda(lk::launch_lora_small_m_forward(x.data_ptr(), x_dt, weight.data_ptr(),
-                                               has_bias ? bias->data_ptr() : nullptr, lora_A.data_ptr(), a_dt,
+                                               path_bias ? bias_ptr : nullptr, lora_A.data_ptr(), a_dt,
                                                lora_B.data_ptr(), b_dt, y.data_ptr(),
                                                keep_u ? u.data_ptr<float>() : ws.ptr<float>(u_piece), M, N, K, r,
                                                (float)scaling, pf, (uint64_t)seed, seed_ptr, (uint64_t)offset, stream),
                "small-M forward launch");
+    scale_columns(y);
     return {y, u};
   }
   bool lead = false;
   if (fused_forward_unsupported(x, weight, bias_t, lora_A, lora_B, p, &lead) == nullptr) {  // one GEMM launch (+ prep)
     lk::FusedFwdArgs a = fused_args(x, weight, bias_t, lora_A, lora_B, scaling, p, lead);
+    a.col_scale = col_scale;  // with the bias, in the epilogue
     const int64_t u_piece = keep_u ? -1 : ws.reserve_floats(M * r);
     const int64_t f_piece =
         ws.reserve((int64_t)lk::lora_fused_fwd_sm90_workspace_bytes(M, N, K, r, x_dt, a_dt, a.lead));
@@ -431,8 +445,9 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& weight, c
   }
   Tensor y = at::empty({M, N}, x.options());
   if (sm90) {
-    sm90_forward(x, weight, bias_t, u_work, shrink_plan.col_groups, u_out, r, lora_B, ws.ptr(ux_piece),
+    sm90_forward(x, weight, path_bias, u_work, shrink_plan.col_groups, u_out, r, lora_B, ws.ptr(ux_piece),
                  ws.ptr(bx_piece), y, stream);
+    scale_columns(y);
     return {y, u};
   }
   if (partial) {
@@ -441,9 +456,10 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& weight, c
   }
   // y = u B^T + bias written once, then the frozen GEMM by cuBLAS (through ATen) accumulates into it (beta = 1).
   check_cuda(lk::launch_lora_expand(y.data_ptr(), x_dt, u_out, lora_B.data_ptr(), b_dt,
-                                    has_bias ? bias->data_ptr() : nullptr, M, N, r, stream),
+                                    path_bias ? bias_ptr : nullptr, M, N, r, stream),
              "lora_expand launch");
   if (K > 0) y.addmm_(x, weight.t());
+  scale_columns(y);
   return {y, u};
 }
 
@@ -451,6 +467,24 @@ std::tuple<Tensor, Tensor> lora_forward(const Tensor& x, const Tensor& weight, c
                                         const Tensor& lora_A, const Tensor& lora_B, double scaling, double p,
                                         int64_t seed, int64_t offset, const std::optional<Tensor>& seed_t) {
   return forward_impl(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset, seed_t, /*keep_u=*/true);
+}
+
+// The forward with a per-column scale (DoRA): y = col_scale ⊙ (x Wᵀ + s·u Bᵀ) + bias, u as lora_forward's.
+std::tuple<Tensor, Tensor> lora_forward_scaled(const Tensor& x, const Tensor& weight,
+                                               const std::optional<Tensor>& bias, const Tensor& lora_A,
+                                               const Tensor& lora_B, const Tensor& col_scale, double scaling, double p,
+                                               int64_t seed, int64_t offset, const std::optional<Tensor>& seed_t) {
+  TORCH_CHECK(x.is_cuda(), "lora_kernels_cuda: x must be a CUDA tensor");
+  TORCH_CHECK(weight.dim() == 2, "lora_kernels_cuda: weight must be 2-D, got shape ", weight.sizes());
+  check_tensor(col_scale, "col_scale", x, 1);
+  TORCH_CHECK(col_scale.scalar_type() == at::kFloat, "lora_kernels_cuda: col_scale must be float32, got ",
+              col_scale.scalar_type());
+  TORCH_CHECK(col_scale.size(0) == weight.size(0), "lora_kernels_cuda: col_scale must be (N=", weight.size(0),
+              ",), got ", col_scale.sizes());
+  // the epilogue reads it in 16-byte vectors: an unaligned view is copied (N floats)
+  const Tensor c = reinterpret_cast<uintptr_t>(col_scale.data_ptr()) % 16 == 0 ? col_scale : col_scale.clone();
+  return forward_impl(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset, seed_t, /*keep_u=*/true,
+                      c.data_ptr<float>());
 }
 
 // The backward's grads (dx, dA, dB); a grad not asked for is undefined (lora_backward gives the op's outputs).
@@ -783,6 +817,9 @@ TORCH_LIBRARY(lora_kernels_cuda, m) {
       "forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, float p, "
       "int seed, int offset, Tensor? seed_t=None) -> (Tensor, Tensor)");
   m.def(
+      "forward_scaled(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, Tensor col_scale, "
+      "float scaling, float p, int seed, int offset, Tensor? seed_t=None) -> (Tensor, Tensor)");
+  m.def(
       "backward(Tensor dy, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor u, float scaling, "
       "float p, int seed, int offset, bool need_dx, bool need_dA, bool need_dB, Tensor? seed_t=None) "
       "-> (Tensor, Tensor, Tensor)");
@@ -798,6 +835,7 @@ TORCH_LIBRARY(lora_kernels_cuda, m) {
 
 TORCH_LIBRARY_IMPL(lora_kernels_cuda, CUDA, m) {
   m.impl("forward", &lora_forward);
+  m.impl("forward_scaled", &lora_forward_scaled);
   m.impl("backward", &lora_backward);
   m.impl("lora_linear", &lora_linear_forward_only);
   m.impl("gemm_path", &gemm_path);

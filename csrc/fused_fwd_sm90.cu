@@ -117,8 +117,9 @@ const char* lora_fused_fwd_sm90_unsupported(const FusedFwdArgs& a, int device) {
   if (a.K % 8 || a.N % 8) return "K and N must be multiples of 8 (16-byte rows for TMA)";
   if (a.lead && (a.N + 127) / 128 < sm90fused::split_for(a.r, adapter_pieces(a.x_dtype, a.a_dtype), true).tiles)
     return "lead tiles: fewer output tile columns than lead tiles (ceil(r / 8), 16-bit adapters ceil(r / 32))";
-  if (!aligned16(a.x) || !aligned16(a.w) || (a.bias && !aligned16(a.bias)) || (a.y && !aligned16(a.y)))
-    return "x, weight, bias and y must be 16-byte aligned";
+  if (!aligned16(a.x) || !aligned16(a.w) || (a.bias && !aligned16(a.bias)) || (a.y && !aligned16(a.y)) ||
+      (a.col_scale && !aligned16(a.col_scale)))
+    return "x, weight, bias, col_scale and y must be 16-byte aligned";
   return nullptr;
 }
 
@@ -177,7 +178,7 @@ cudaError_t launch_lora_fused_fwd_sm90(const FusedFwdArgs& a, cudaStream_t strea
   f.ready = reinterpret_cast<int*>(ws + c.ready);
   f.debug = dev_knobs().debug;
   f.strip = dev_knobs().strip;
-  const sm90fused::Operands o{a.x, a.w, a.bias, ws + c.ap, ws + c.bx, a.y};
+  const sm90fused::Operands o{a.x, a.w, a.bias, ws + c.ap, ws + c.bx, a.y, a.col_scale};
   if (a.lead && f.keep != nullptr) return sm90fused::run_fused_lead_drop_bf16(o, f, a.K, num_sms(), stream);
   if (a.lead)
     return a.x_dtype == DType::kBFloat16 ? sm90fused::run_fused_lead_bf16(o, f, a.K, num_sms(), stream)

@@ -119,7 +119,11 @@ struct FusedFwd {
   // stages (the count the carveout leaves for 128 x 128 x 64 16-bit tiles: 6 with or without the slots).
   static constexpr int kApSlotElems = kApRows * 64;
   static constexpr int kApSlotCarveout = kLead ? 6 * kApSlotElems * 2 : 0;
-  using Fusion = cutlass::epilogue::fusion::LinCombPerColBias<Element, float, Element, void, float>;
+  // y = alpha ⊙ acc + bias: alpha the scalar 1, or DoRA's per-column scale from a pointer (CUTLASS's row
+  // broadcast takes a null pointer as "use the scalar"); the main loop keeps its 6 stages with this epilogue
+  // (bench/dev/epilogue_probe.cu).
+  using Fusion = cutlass::epilogue::fusion::PerColLinCombPerColBiasEltAct<cutlass::epilogue::thread::Identity, Element,
+                                                                          float, Element, void, float>;
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Tile, Cluster, cutlass::epilogue::collective::EpilogueTileAuto,
       float, float, void, LayoutD, kAlign, Element, LayoutD, kAlign, cutlass::epilogue::TmaWarpSpecialized,
@@ -877,6 +881,7 @@ struct FusedFwd {
     args.mainloop = {static_cast<E const*>(o.x), cutlass::make_cute_packed_stride(StrideA{}, {M, K, 1}),
                      static_cast<E const*>(o.w), cutlass::make_cute_packed_stride(StrideB{}, {N, K, 1})};
     args.epilogue.thread.alpha = 1.0f;
+    args.epilogue.thread.alpha_ptr = o.col_scale;  // null: the scalar
     args.epilogue.thread.beta = 0.0f;
     args.epilogue.thread.bias_ptr = static_cast<E const*>(o.bias);
     args.epilogue.ptr_C = nullptr;

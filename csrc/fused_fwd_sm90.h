@@ -1,6 +1,7 @@
 // The Hopper (sm_90a) LoRA forward in one GEMM launch, the shrink included. Plain CUDA/C++ API (no torch headers).
 //
 //   y (M, N) = x Wᵀ + bias + bf16(u) Bᵀ,    u (M, r) = scale · x Aᵀ  (fp32, returned: the backward reads it)
+//   (with col_scale c: y = c ⊙ (x Wᵀ + bf16(u) Bᵀ) + bias, DoRA's column scale, in the epilogue)
 //
 // x (M, K), W (N, K), y row-major, in one 16-bit dtype; lora_A (r, K) and lora_B (N, r) row-major in x's dtype or
 // fp32 (then A takes the bf16x3 pieces, as the streaming shrink does: the u sums are the fp32 products).
@@ -39,6 +40,9 @@ struct FusedFwdArgs {
   const void* x = nullptr;
   const void* w = nullptr;
   const void* bias = nullptr;  // (N,) or null
+  // (N,) fp32, 16-byte aligned, or null: y = col_scale ⊙ (x Wᵀ + bf16(u) Bᵀ) + bias (DoRA's column scale, applied
+  // with the bias in the epilogue)
+  const float* col_scale = nullptr;
   const void* lora_A = nullptr;
   const void* lora_B = nullptr;
   float scale = 1.f;  // scaling
@@ -112,6 +116,7 @@ struct FusedParams {
 struct Operands {
   const void *x, *w, *bias, *ap, *bx;
   void* y;
+  const float* col_scale;  // null: none
 };
 cudaError_t run_fused_bf16(const Operands&, const FusedParams&, int64_t K, int sms, cudaStream_t);
 cudaError_t run_fused_fp16(const Operands&, const FusedParams&, int64_t K, int sms, cudaStream_t);

@@ -136,6 +136,11 @@ cudaError_t launch_lora_small_m_forward(const void* x, DType x_dtype, const void
 cudaError_t launch_lora_expand(void* y, DType y_dtype, const float* u, const void* B, DType b_dtype,
                                        const void* bias, int64_t M, int64_t N, int r, cudaStream_t stream);
 
+// y (M, N) y_dtype = c ⊙ y + bias in place: c (N,) fp32 per column, bias (N,) y_dtype or null (col_scale.cu: DoRA's
+// column scale on the forward paths whose epilogue does not apply it). Math in fp32, one rounding.
+cudaError_t launch_lora_col_scale(void* y, DType y_dtype, const float* c, const void* bias, int64_t M, int64_t N,
+                                  cudaStream_t stream);
+
 // g_out[c] (M, r) fp32 = dy[:, cols of c] @ B[cols of c] (g_out = g itself when plan.col_groups == 1);
 // and if dB_partial != nullptr: dB_partial[s] (N, r) = dy[rows of s]^T @ u[rows of s] (u may be null otherwise).
 // dy (M, N) dy_dtype, B (N, r) b_dtype, u (M, r) fp32. plan from lora_dy_pass_plan(M, N, r).

@@ -16,6 +16,9 @@ output without bias before the column scale):
     p > 0:   x_k = keep ⊙ x  (exact: no rounding)            one pass
              z = x_k Wᵀ + s·x_k Aᵀ Bᵀ                        the backend's LoRA forward on x_k
              y = (g/q) ⊙ z + b over z,  then y += x_c Wᵀ     x_c = x − x_k/q written over x_k; cuBLAS beta = 1
+    On the cuda backend (its ``forward_scaled``, z not kept) the column scale and the bias come with the LoRA forward
+    itself: in the fused sm_90 forward's epilogue (y = round(c ⊙ acc + b), no pass over y and one rounding), on its
+    other paths in one in-place pass after them.
 
     (x_d = x_k/q, so x Wᵀ + (g−1)⊙(x_d Wᵀ) + g⊙(s·x_d Aᵀ Bᵀ) = x_c Wᵀ + (g/q)⊙z.) Two GEMMs over W at p > 0,
     as in PEFT, which runs its second one in the adapters' dtype (fp32).
@@ -65,7 +68,7 @@ kernel with its rank-r term folded in; triton: the rank-r term written first, th
       W Aᵀ (w_at, one pass over W)      6NKr (bf16 split) / 2NKr    NKe
       A Aᵀ, B AAᵀ, combine              2Kr² + 2Nr² + 4Nr           O(Nr)
       LoRA forward (no bias) → z        2MNK + 2MKr + 2MNr          (LoRA's own)
-      y = g ⊙ z + b over z              2MN                         2MNe
+      y = g ⊙ z + b over z              2MN                         2MNe (cuda: 0, in the fused epilogue)
     backward, p = 0
       backend bwd of (dy, Bg): dA, dB   4MNr + 4MKr                 (LoRA's own: dy and x read once)
       per chunk, all chunks together:
@@ -229,7 +232,11 @@ def _fwd_impl(x, weight, bias, lora_A, lora_B, g, scaling, p, seed, offset, back
     if M == 0:
         return x.new_empty(0, N), x.new_empty(0, r, dtype=_acc(x)), x.new_empty(0)
     be, fast = _dispatch.get(backend), _fast(backend, x)
+    scaled = getattr(be, "forward_scaled", None) if not save_z else None  # the column scale inside the backend
     if p == 0.0:
+        if scaled is not None:
+            y, u = scaled(x, weight, bias, lora_A, lora_B, g.contiguous(), scaling, 0.0, 0, offset)
+            return y, u, x.new_empty(0)
         z, u = be.forward(x, weight, None, lora_A, lora_B, scaling, 0.0, 0, offset)
         return scale_bias(z, g, bias, fast, out=None if save_z else z), u, (z if save_z else x.new_empty(0))
     sd, gq = ops._backend_seed(seed, p), g / (1.0 - p)
@@ -254,8 +261,13 @@ def _fwd_dropped_rows(x, weight, bias, lora_A, lora_B, gq, scaling, p, sd, offse
     ``out`` = (y, u) row slices to write, or None to allocate (y then over z unless ``keep_z``)."""
     q = 1.0 - p
     xk = masked(x, p, sd, offset, 1.0, 0.0, fast)  # keep ⊙ x
-    z, u = be.forward(xk, weight, None, lora_A, lora_B, scaling, 0.0, 0, offset)
-    y = scale_bias(z, gq, bias, fast, out=out[0] if out is not None else (None if keep_z else z))
+    scaled = getattr(be, "forward_scaled", None) if (out is None and not keep_z) else None
+    if scaled is not None:  # (g/q) ⊙ z + b from the backend itself
+        y, u = scaled(xk, weight, bias, lora_A, lora_B, gq.contiguous(), scaling, 0.0, 0, offset)
+        z = None
+    else:
+        z, u = be.forward(xk, weight, None, lora_A, lora_B, scaling, 0.0, 0, offset)
+        y = scale_bias(z, gq, bias, fast, out=out[0] if out is not None else (None if keep_z else z))
     xc = masked(x, p, sd, offset, 1.0 - 1.0 / q, 1.0, fast, out=xk)  # x − keep ⊙ x / q, over x_k
     y.addmm_(xc, weight.t())
     if out is not None:

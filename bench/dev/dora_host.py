@@ -8,6 +8,10 @@ For each provider and shape, on one fwd+bwd call after warm-up:
   * host time per call (no synchronisation inside the timed loop) next to wall and GPU time per call;
   * cProfile of ``--calls`` calls: the Python functions by own time and by cumulative time;
   * torch.profiler's CPU events by self time (ATen ops, cudaLaunchKernel, cudaMalloc, cudaStreamSynchronize, ...).
+
+``--sections``: instead, the host time of one call with the GPU kept busy by a sleep queued first (no launch-queue
+back-pressure, no profiler): the forward and the backward apart, and the host time inside each of DoRA's steps
+(the norm, the backend ops, the Triton passes), each wrapped in a host timer.
 """
 from __future__ import annotations
 
@@ -44,6 +48,71 @@ def syncs(fn):
     return found
 
 
+def _sleep_ms(ms: float):
+    from timing import _cycles_per_ms
+
+    torch.cuda._sleep(int(ms * _cycles_per_ms()))
+
+
+def sections(case, reps: int):
+    """Host microseconds of one fwd+bwd, forward and backward apart, behind a GPU sleep, and per wrapped step."""
+    import time
+
+    from lora_kernels import dora
+    from lora_kernels.backends import cuda_backend
+
+    spent: dict = {}
+
+    def wrap(owner, name, label):
+        fn = getattr(owner, name)
+
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[label] = spent.get(label, 0.0) + time.perf_counter() - t0
+        setattr(owner, name, timed)
+        return owner, name, fn
+
+    wrapped = [wrap(dora, n, n) for n in ("_norm", "_weight_sq", "weight_norm", "scale_bias", "scale_colsum",
+                                          "zero_g_colsum", "masked", "_fwd_impl", "_bwd_impl")]
+    wrapped += [wrap(cuda_backend, n, "cuda." + n) for n in ("forward", "backward")]
+    try:
+        f = case.fwd_bwd[0]
+        for _ in range(3):
+            f()
+        torch.cuda.synchronize()
+        spent.clear()
+        tot = []
+        for _ in range(reps):
+            _sleep_ms(30.0)
+            t0 = time.perf_counter()
+            f()
+            tot.append(time.perf_counter() - t0)
+            torch.cuda.synchronize()
+        tot.sort()
+        print(f"  fwd+bwd host behind a sleep: median {tot[len(tot) // 2] * 1e6:8.1f} us, min {tot[0] * 1e6:8.1f} us")
+        for k, v in sorted(spent.items(), key=lambda kv: -kv[1]):
+            print(f"    {k:16s} {v / reps * 1e6:8.1f} us/call")
+        spent.clear()
+        tot = []
+        g = case.fwd[0]
+        for _ in range(reps):
+            _sleep_ms(30.0)
+            t0 = time.perf_counter()
+            g()
+            tot.append(time.perf_counter() - t0)
+            torch.cuda.synchronize()
+        tot.sort()
+        print(f"  fwd (no grad) host behind a sleep: median {tot[len(tot) // 2] * 1e6:8.1f} us")
+        for k, v in sorted(spent.items(), key=lambda kv: -kv[1]):
+            print(f"    {k:16s} {v / reps * 1e6:8.1f} us/call")
+    finally:
+        for owner, name, fn in wrapped:
+            setattr(owner, name, fn)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--providers", default="ours-dora-cuda,ours-dora-cuda-savez,ours-cuda")
@@ -52,6 +121,7 @@ def main():
     ap.add_argument("--p", type=float, default=0.0)
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--top", type=int, default=22)
+    ap.add_argument("--sections", action="store_true")
     args = ap.parse_args()
     print("gpu", torch.cuda.get_device_name(), "| torch", torch.__version__, flush=True)
     for shape in args.shapes.split(","):
@@ -63,6 +133,10 @@ def main():
                 fn()
             torch.cuda.synchronize()
             print(f"\n===== {prov} M={M} K={K} N={N} r={args.r} p={args.p}", flush=True)
+            if args.sections:
+                sections(case, args.calls)
+                del case
+                continue
             for mode in ("fwd", "fwd_bwd"):
                 f = getattr(case, mode)[0]
                 t = bench_ms(getattr(case, mode))

@@ -57,6 +57,20 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset):
     return _OPS[0](x, weight, bias, lora_A, lora_B, float(scaling), float(p), seed_i, int(offset), seed_t)
 
 
+def _forward_scaled(x, weight, bias, lora_A, lora_B, col_scale, scaling, p, seed, offset):
+    """(y, u) of forward with a per-column scale c (N,) float32: y = c ⊙ (x Wᵀ + s·u Bᵀ) + bias (DoRA's column
+    scale; the fused sm_90 forward applies it with the bias in its epilogue, the other paths in one pass over y)."""
+    seed_i, seed_t = _seed_args(p, seed)
+    return _FORWARD_SCALED(x, weight, bias, lora_A, lora_B, col_scale, float(scaling), float(p), seed_i, int(offset),
+                           seed_t)
+
+
+# An extension built before forward_scaled existed has none: DoRA then scales y in a pass of its own.
+_FORWARD_SCALED = (torch.ops.lora_kernels_cuda.forward_scaled.default
+                   if _OPS is not None and hasattr(torch.ops.lora_kernels_cuda, "forward_scaled") else None)
+forward_scaled = _forward_scaled if _FORWARD_SCALED is not None else None
+
+
 def backward(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, need_dx, need_dA, need_dB):
     seed_i, seed_t = _seed_args(p, seed)
     dx, dA, dB = _OPS[1](
