@@ -488,10 +488,13 @@ std::tuple<Tensor, Tensor> lora_forward_scaled(const Tensor& x, const Tensor& we
 }
 
 // The backward's grads (dx, dA, dB); a grad not asked for is undefined (lora_backward gives the op's outputs).
+// dx_from (M, N), or null for dy itself: the left operand of dx's frozen product, dx = dx_from W + s·(dy B) A (DoRA at
+// p = 0: dx_from = g ⊙ dy with B = g ⊙ B, one call for every grad; backward_dx_from below).
 std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor& x, const Tensor& weight,
                                                  const Tensor& lora_A, const Tensor& lora_B, const Tensor& u,
                                                  double scaling, double p, int64_t seed, int64_t offset, bool need_dx,
-                                                 bool need_dA, bool need_dB, const std::optional<Tensor>& seed_t) {
+                                                 bool need_dA, bool need_dB, const std::optional<Tensor>& seed_t,
+                                                 const Tensor* dx_from = nullptr) {
   check_common(x, weight, lora_A, lora_B, p, seed);
   const int64_t* seed_ptr = device_seed(seed_t, x, p);
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
@@ -505,6 +508,14 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   TORCH_CHECK(u.scalar_type() == at::kFloat, "lora_kernels_cuda: u must be float32, got ", u.scalar_type());
   TORCH_CHECK(u.size(0) == M && u.size(1) == r, "lora_kernels_cuda: u must be (M=", M, ", r=", r, "), got ",
               u.sizes());
+  if (dx_from != nullptr) {
+    check_tensor(*dx_from, "dx_from", x, 2);
+    TORCH_CHECK(dx_from->scalar_type() == x.scalar_type(), "lora_kernels_cuda: dx_from must have x's dtype (",
+                x.scalar_type(), "), got ", dx_from->scalar_type());
+    TORCH_CHECK(dx_from->size(0) == M && dx_from->size(1) == N, "lora_kernels_cuda: dx_from must be (M=", M, ", N=",
+                N, "), got ", dx_from->sizes());
+  }
+  const Tensor& dyw = dx_from != nullptr ? *dx_from : dy;  // dx's frozen product: dyw W
   Tensor dx, dA, dB;
   if (!need_dx && !need_dA && !need_dB) return {dx, dA, dB};
 
@@ -544,7 +555,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   // with dropout above r = 16 the same pass writes kept = keep ⊙ x and dA runs the wgmma kernel on it (dA_sm90.cu)
   const bool dA_kept =
       bits && need_dA && !dA_sm90 && lk::lora_dA_sm90_kept(x.data_ptr(), x_dt, a_dt, M, K, r, pf) == nullptr;
-  const bool dx_sm90 = need_dx && N > 0 && dx_sm90_unsupported(dy, weight, pf, bits) == nullptr;
+  const bool dx_sm90 = need_dx && N > 0 && dx_sm90_unsupported(dyw, weight, pf, bits) == nullptr;
   const bool g_in_pack = dx_sm90 && g_partial;  // the pack sums g's parts
   // The reduced g as a buffer of its own: read by dA, or by the dx kernel off the sm_90 path.
   const bool g_reduced = g_partial && (need_dA || (need_dx && !dx_sm90));
@@ -620,13 +631,13 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
       const float dx_scale = lk::dropout_scale((float)scaling, pf);  // the dx kernel's factor
       sm90_dx_pack(dy, g_work, dy_plan.col_groups, g_reduced ? g : nullptr, r, lora_A, dx_scale,
                    ws.ptr(vx_piece), ws.ptr(ax_piece), stream);
-      sm90_dx_gemm(dy, weight, r, ws.ptr(vx_piece), ws.ptr(ax_piece), ws.ptr<uint8_t>(bits_piece), dx, stream);
+      sm90_dx_gemm(dyw, weight, r, ws.ptr(vx_piece), ws.ptr(ax_piece), ws.ptr<uint8_t>(bits_piece), dx, stream);
     } else {
       check_cuda(lk::launch_lora_dx(dx.data_ptr(), x_dt, g, lora_A.data_ptr(), a_dt, M, K, r, (float)scaling, pf,
                                     (uint64_t)seed, seed_ptr, (uint64_t)offset, ws.ptr<uint8_t>(bits_piece),
                                     stream),
                  "lora_dx launch");
-      if (N > 0) dx.addmm_(dy, weight);  // cuBLAS, beta = 1
+      if (N > 0) dx.addmm_(dyw, weight);  // cuBLAS, beta = 1
     }
   }
   if (need_dA) {
@@ -658,6 +669,22 @@ std::tuple<Tensor, Tensor, Tensor> lora_backward(const Tensor& dy, const Tensor&
                                                  bool need_dA, bool need_dB, const std::optional<Tensor>& seed_t) {
   auto grads = backward_impl(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, need_dx, need_dA, need_dB,
                              seed_t);
+  for (Tensor* t : {&std::get<0>(grads), &std::get<1>(grads), &std::get<2>(grads)}) {
+    if (!t->defined()) *t = at::empty({0}, x.options());
+  }
+  return grads;
+}
+
+// The backward with dx's frozen product taken from dx_from instead of dy (backward_impl): dx = dx_from W + s·(dy B) A
+// (masked with dropout), dA and dB from dy as lora_backward's.
+std::tuple<Tensor, Tensor, Tensor> lora_backward_dx_from(const Tensor& dy, const Tensor& x, const Tensor& weight,
+                                                         const Tensor& lora_A, const Tensor& lora_B, const Tensor& u,
+                                                         const Tensor& dx_from, double scaling, double p, int64_t seed,
+                                                         int64_t offset, bool need_dx, bool need_dA, bool need_dB,
+                                                         const std::optional<Tensor>& seed_t) {
+  TORCH_CHECK(x.is_cuda(), "lora_kernels_cuda: x must be a CUDA tensor");
+  auto grads = backward_impl(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, need_dx, need_dA, need_dB,
+                             seed_t, &dx_from);
   for (Tensor* t : {&std::get<0>(grads), &std::get<1>(grads), &std::get<2>(grads)}) {
     if (!t->defined()) *t = at::empty({0}, x.options());
   }
@@ -823,6 +850,10 @@ TORCH_LIBRARY(lora_kernels_cuda, m) {
       "backward(Tensor dy, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor u, float scaling, "
       "float p, int seed, int offset, bool need_dx, bool need_dA, bool need_dB, Tensor? seed_t=None) "
       "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "backward_dx_from(Tensor dy, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor u, Tensor dx_from, "
+      "float scaling, float p, int seed, int offset, bool need_dx, bool need_dA, bool need_dB, Tensor? seed_t=None) "
+      "-> (Tensor, Tensor, Tensor)");
   // a catch-all (CompositeImplicitAutograd) kernel: it runs above autograd, and the node it makes records the graph
   m.def(
       "linear_entry(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
@@ -837,6 +868,7 @@ TORCH_LIBRARY_IMPL(lora_kernels_cuda, CUDA, m) {
   m.impl("forward", &lora_forward);
   m.impl("forward_scaled", &lora_forward_scaled);
   m.impl("backward", &lora_backward);
+  m.impl("backward_dx_from", &lora_backward_dx_from);
   m.impl("lora_linear", &lora_linear_forward_only);
   m.impl("gemm_path", &gemm_path);
   m.impl("dx_path", &dx_path);

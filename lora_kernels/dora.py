@@ -36,6 +36,8 @@ output without bias before the column scale):
              dg = Σ_m dy ⊙ z  (/q at p > 0)                  fused with dy_c = c ⊙ dy in one pass over dy, z;
                                                              dy_c is written over z
              p = 0:  dx = backend dx of (dy_c, B)            = (g⊙dy) W + s·((g⊙dy) B) A
+                     (cuda backend, z or y saved: its backward_dx_from gives dx = dy_c W + s·(dy Bg) A with dA
+                     and dB in the first backend call, dy_c computed before it: one backend backward, not two)
              p > 0:  dx = dx_b + keep ⊙ (dy_c W)             one more GEMM, masked add over dx_b
     The magnitude's grad dg/‖·‖ comes from autograd through g = magnitude / norm.
 
@@ -300,6 +302,19 @@ def _bwd_impl(dy, x, weight, bias, lora_A, lora_B, g, u, z, z_is_y, scaling, p, 
     be, fast = _dispatch.get(backend), _fast(backend, x)
     sd, q = ops._backend_seed(seed, p), 1.0 - p
     dx = dA = dB = dg = None
+    one_call = getattr(be, "backward_dx_from", None) if (p == 0.0 and need_dx and z.numel() > 0) else None
+    if one_call is not None:
+        # p = 0 with z (or y) saved, on a backend whose backward takes dx's frozen product from another operand:
+        # dy_c = g ⊙ dy and dg first (one pass over dy and z), then one backward of (dy, Bg) for every grad:
+        # dx = dy_c W + s·(dy Bg) A, dA, dB·/g; dy read once more (its pass), not twice.
+        dyc, dg = scale_colsum(dy, z, g, True, need_dg, fast, from_y=z_is_y, bias=bias)
+        if need_dg and z_is_y:
+            zero_g_colsum(dg, dy, x, weight, u, lora_B, g, fast)
+        bg = (lora_B.to(acc) * g[:, None]).to(lora_B.dtype)
+        dx, dA, dB = one_call(dy, x, weight, lora_A, bg, u, dyc, scaling, 0.0, 0, 0, True, need_dA, need_dB)
+        if need_dB:
+            dB = (dB.to(acc) * g[:, None]).to(lora_B.dtype)
+        return (dx, dA if need_dA else empty, dB if need_dB else empty, dg if need_dg else empty)
     # The adapters' grads (and at p > 0 dx without the masked base-weight term) from unrounded dy, with Bg = g ⊙ B.
     if need_dA or need_dB or (need_dx and p > 0.0):
         bg = (lora_B.to(acc) * g[:, None]).to(lora_B.dtype)

@@ -80,6 +80,22 @@ def backward(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, need_dx
     return (dx if need_dx else None, dA if need_dA else None, dB if need_dB else None)
 
 
+def _backward_dx_from(dy, x, weight, lora_A, lora_B, u, dx_from, scaling, p, seed, offset, need_dx, need_dA, need_dB):
+    """backward with dx's frozen product taken from ``dx_from`` (M, N) instead of dy: dx = dx_from W + s·(dy B) A,
+    dA and dB from dy (DoRA at p = 0: dx_from = g ⊙ dy, B = g ⊙ B: every grad in one call, one pass over dy)."""
+    seed_i, seed_t = _seed_args(p, seed)
+    dx, dA, dB = _BACKWARD_DX_FROM(
+        dy, x, weight, lora_A, lora_B, u, dx_from, float(scaling), float(p), seed_i, int(offset),
+        bool(need_dx), bool(need_dA), bool(need_dB), seed_t,
+    )
+    return (dx if need_dx else None, dA if need_dA else None, dB if need_dB else None)
+
+
+_BACKWARD_DX_FROM = (torch.ops.lora_kernels_cuda.backward_dx_from.default
+                     if _OPS is not None and hasattr(torch.ops.lora_kernels_cuda, "backward_dx_from") else None)
+backward_dx_from = _backward_dx_from if _BACKWARD_DX_FROM is not None else None
+
+
 def gemm_path(x, weight, bias=None) -> str:
     """Which GEMM a forward (and its p = 0 dx) with these 2-D inputs runs: "sm90" (the Hopper GEMM with the rank-r
     term in its K axis, csrc/gemm_sm90.h) or "cublas: <why not sm90>" (cuBLAS with the rank-r term written first)."""

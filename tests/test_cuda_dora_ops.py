@@ -1,9 +1,15 @@
-"""The cuda backend's forward with a per-column scale (``cuda_backend.forward_scaled``, DoRA's y = c ⊙ (x Wᵀ + s·u Bᵀ)
-+ b): in the fused sm_90 forward's epilogue (lead tiles and u tiles), and by one pass over y on every other path
-(small M, the shrink + GEMM path, cuBLAS where the sm_90 GEMM does not take the shape, dropout). GPU-only (skips
-elsewhere). y against the float64 formula under the tolerance rule, the baseline being the same formula in x's
-dtype (z rounded, then scaled); u bit-equal to the unscaled forward's; outputs poisoned; DoRA's cuda forward takes
-this op."""
+"""The cuda backend's two ops for DoRA, GPU-only (skips elsewhere):
+
+* ``forward_scaled``, the forward with a per-column scale (y = c ⊙ (x Wᵀ + s·u Bᵀ) + b): in the fused sm_90
+  forward's epilogue (lead tiles and u tiles), and by one pass over y on every other path (small M, the shrink + GEMM
+  path, cuBLAS where the sm_90 GEMM does not take the shape, dropout). y against the float64 formula under the
+  tolerance rule, the baseline being the same formula in x's dtype (z rounded, then scaled); u bit-equal to the
+  unscaled forward's.
+* ``backward_dx_from``, the backward whose dx takes its frozen product from another operand (dx = dx_from W +
+  s·(dy B) A, dA and dB from dy): on the sm_90 dx GEMM, cuBLAS (small M, odd K) and with dropout, against float64.
+
+Outputs poisoned; DoRA's cuda forward and backward take these ops.
+"""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -153,3 +159,86 @@ def test_dora_forward_takes_it(monkeypatch, p):
     torch.manual_seed(7)
     base = lora_kernels.dora_linear(x, W, b, A, B, S, m, dropout_p=p, backend="torch")
     assert_tolerance(y, ref, base, "y")
+
+
+def _check_backward(M, K, N, r, p=0.0, seed=0):
+    cb = _cb()
+    x, W, _, A, B, _ = _inputs(M, K, N, r, torch.bfloat16, torch.float32, False)
+    dy = torch.randn(M, N, device="cuda").to(torch.bfloat16)
+    dxf = torch.randn(M, N, device="cuda").to(torch.bfloat16)  # dx's frozen product's operand
+    _, u = cb.forward(x, W, None, A, B, S, p, seed, 0)
+    dx, dA, dB = cb.backward_dx_from(dy, x, W, A, B, u, dxf, S, p, seed, 0, True, True, True)
+    keep = lora_kernels.dropout_mask(seed, 0, (M, K), p, device="cuda") if p > 0 else None
+
+    def formula(dyy, dxff, xx, WW, AA, BB, uu):
+        acc = torch.promote_types(AA.dtype, torch.float32)
+        v = dyy.to(acc) @ BB.to(acc)  # (M, r)
+        term = S * (v @ AA.to(acc))
+        if keep is not None:
+            term = term * keep / (1.0 - p)
+        xd = xx.to(acc) if keep is None else xx.to(acc) * keep / (1.0 - p)
+        ddx = (dxff @ WW).to(acc) + term
+        return ddx.to(xx.dtype), (S * v.t() @ xd).to(AA.dtype), (S * dyy.to(acc).t() @ uu.to(acc)).to(BB.dtype)
+
+    ref = formula(dy.double(), dxf.double(), x.double(), W.double(), A.double(), B.double(), u.double())
+    base = formula(dy, dxf, x, W, A, B, u)
+    for out, r64, b0, name in zip((dx, dA, dB), ref, base, ("dx", "dA", "dB")):
+        assert_tolerance(out, r64, b0, name)
+    # dA and dB are the plain backward's, bit for bit
+    _, dA0, dB0 = cb.backward(dy, x, W, A, B, u, S, p, seed, 0, False, True, True)
+    assert torch.equal(dA, dA0) and torch.equal(dB, dB0)
+
+
+@pytest.mark.parametrize("case", ["sm90", "small_m", "odd_k", "dropout"])
+def test_backward_dx_from(case):
+    """dx = dx_from W + s·(dy B) A on each of dx's paths: the sm_90 GEMM with the rank-r K-tiles (Hopper), cuBLAS
+    (M <= 64, and K not a multiple of 8), and with dropout (the masked term)."""
+    M, K, N, r, p = 300, 256, 392, 16, 0.0
+    if case == "small_m":
+        M = 40
+    elif case == "odd_k":
+        K = 100
+    elif case == "dropout":
+        p = 0.25
+    if case == "sm90" and SM90:
+        assert _cb().dx_path(torch.empty(M, K, device="cuda", dtype=torch.bfloat16),
+                             torch.empty(N, K, device="cuda", dtype=torch.bfloat16),
+                             torch.empty(r, K, device="cuda"), torch.empty(N, r, device="cuda")) == "sm90"
+    _check_backward(M, K, N, r, p=p, seed=99)
+
+
+def test_backward_dx_from_bad_input():
+    cb = _cb()
+    x, W, _, A, B, _ = _inputs(64, 64, 64, 4, torch.bfloat16, torch.float32, False)
+    dy = torch.randn(64, 64, device="cuda").to(torch.bfloat16)
+    _, u = cb.forward(x, W, None, A, B, S, 0.0, 0, 0)
+    with pytest.raises(RuntimeError, match="dx_from must be"):
+        cb.backward_dx_from(dy, x, W, A, B, u, dy[:, :-1], S, 0.0, 0, 0, True, True, True)
+    with pytest.raises(RuntimeError, match="dx_from must have x's dtype"):
+        cb.backward_dx_from(dy, x, W, A, B, u, dy.float(), S, 0.0, 0, 0, True, True, True)
+
+
+def test_dora_backward_takes_one_call(monkeypatch):
+    """dora_linear's backward on the cuda backend at p = 0 makes one backend backward call (backward_dx_from), and
+    its grads match the reference backend's float64 grads under the tolerance rule."""
+    cb = _cb()
+    calls = []
+    real_from, real_bwd = cb.backward_dx_from, cb.backward
+    monkeypatch.setattr(cb, "backward_dx_from", lambda *a: calls.append("dx_from") or real_from(*a))
+    monkeypatch.setattr(cb, "backward", lambda *a: calls.append("backward") or real_bwd(*a))
+    x, W, b, A, B, _ = _inputs(256, 192, 320, 16, torch.bfloat16, torch.float32, True)
+    x.requires_grad_()
+    A.requires_grad_()
+    B.requires_grad_()
+    m = (torch.rand(320, device="cuda") + 0.5).requires_grad_()
+    dy = torch.randn(256, 320, device="cuda").to(torch.bfloat16)
+    grads = torch.autograd.grad(lora_kernels.dora_linear(x, W, b, A, B, S, m, backend="cuda"), (x, A, B, m), dy)
+    assert calls == ["dx_from"]
+    leaves64 = [t.detach().double().requires_grad_() for t in (x, A, B, m)]
+    ref = torch.autograd.grad(lora_kernels.dora_linear(leaves64[0], W.double(), b.double(), leaves64[1], leaves64[2],
+                                                       S, leaves64[3], backend="torch"), leaves64, dy.double())
+    leaves = [t.detach().clone().requires_grad_() for t in (x, A, B, m)]
+    base = torch.autograd.grad(lora_kernels.dora_linear(leaves[0], W, b, leaves[1], leaves[2], S, leaves[3],
+                                                        backend="torch"), leaves, dy)
+    for g, r64, b0, name in zip(grads, ref, base, ("dx", "dA", "dB", "dm")):
+        assert_tolerance(g, r64, b0, name)
