@@ -47,11 +47,23 @@ void make_keep_bits(uint8_t* bits, int64_t M, int64_t K, float p, int64_t seed, 
              "dropout keep bits launch");
 }
 
+// A tensor's shape as "[d0, d1, ...]" for the error messages below. Built here instead of streaming t.sizes() into
+// TORCH_CHECK: on the GPU machine (torch 2.11) a failed check whose message streamed an IntArrayRef crashed the
+// process (SIGSEGV) where one that streamed a dtype raised (bench/dev/bad_input_probe.py, nineteenth session).
+std::string shape_of(const Tensor& t) {
+  std::string s = "[";
+  for (int64_t i = 0; i < t.dim(); ++i) {
+    if (i > 0) s += ", ";
+    s += std::to_string(t.size(i));
+  }
+  return s + "]";
+}
+
 void check_tensor(const Tensor& t, const char* name, const Tensor& ref, int64_t dim) {
   TORCH_CHECK(t.is_cuda(), "lora_kernels_cuda: ", name, " must be a CUDA tensor");
   TORCH_CHECK(t.device() == ref.device(), "lora_kernels_cuda: ", name, " is on ", t.device(), " but x is on ",
               ref.device());
-  TORCH_CHECK(t.dim() == dim, "lora_kernels_cuda: ", name, " must be ", dim, "-D, got shape ", t.sizes());
+  TORCH_CHECK(t.dim() == dim, "lora_kernels_cuda: ", name, " must be ", dim, "-D, got shape ", shape_of(t));
   TORCH_CHECK(t.is_contiguous(), "lora_kernels_cuda: ", name, " must be contiguous");
 }
 
@@ -72,12 +84,12 @@ void check_common(const Tensor& x, const Tensor& weight, const Tensor& A, const 
   check_adapter_dtype(A, "lora_A", x);
   check_adapter_dtype(B, "lora_B", x);
   const int64_t K = x.size(1), N = weight.size(0), r = A.size(0);
-  TORCH_CHECK(weight.size(1) == K, "lora_kernels_cuda: weight must be (N, K=", K, "), got ", weight.sizes());
+  TORCH_CHECK(weight.size(1) == K, "lora_kernels_cuda: weight must be (N, K=", K, "), got ", shape_of(weight));
   TORCH_CHECK(r >= 1 && r <= lk::kMaxRank, "lora_kernels_cuda: rank r = lora_A.size(0) must be in 1..",
               lk::kMaxRank, ", got ", r);
-  TORCH_CHECK(A.size(1) == K, "lora_kernels_cuda: lora_A must be (r, K=", K, "), got ", A.sizes());
+  TORCH_CHECK(A.size(1) == K, "lora_kernels_cuda: lora_A must be (r, K=", K, "), got ", shape_of(A));
   TORCH_CHECK(B.size(0) == N && B.size(1) == r, "lora_kernels_cuda: lora_B must be (N=", N, ", r=", r, "), got ",
-              B.sizes());
+              shape_of(B));
   TORCH_CHECK(p >= 0.0 && p < 1.0, "lora_kernels_cuda: p must be in [0, 1), got ", p);
   TORCH_CHECK(seed >= 0, "lora_kernels_cuda: seed must be in [0, 2^63), got ", seed);
 }
@@ -92,7 +104,7 @@ const int64_t* device_seed(const std::optional<Tensor>& seed_t, const Tensor& x,
               x.device(), "), got ", seed_t->device());
   TORCH_CHECK(seed_t->scalar_type() == at::kLong && seed_t->numel() == 1,
               "lora_kernels_cuda: seed_t must hold one int64, got ", seed_t->scalar_type(), " of shape ",
-              seed_t->sizes());
+              shape_of(*seed_t));
   return p > 0.0 ? seed_t->data_ptr<int64_t>() : nullptr;
 }
 
@@ -354,7 +366,7 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& weight, c
     check_tensor(*bias, "bias", x, 1);
     TORCH_CHECK(bias->scalar_type() == x.scalar_type(), "lora_kernels_cuda: bias must have x's dtype (",
                 x.scalar_type(), "), got ", bias->scalar_type());
-    TORCH_CHECK(bias->size(0) == N, "lora_kernels_cuda: bias must be (N=", N, ",), got ", bias->sizes());
+    TORCH_CHECK(bias->size(0) == N, "lora_kernels_cuda: bias must be (N=", N, ",), got ", shape_of(*bias));
   }
   const Tensor* bias_t = has_bias ? &*bias : nullptr;
   const c10::cuda::CUDAGuard guard(x.device());
@@ -475,12 +487,12 @@ std::tuple<Tensor, Tensor> lora_forward_scaled(const Tensor& x, const Tensor& we
                                                const Tensor& lora_B, const Tensor& col_scale, double scaling, double p,
                                                int64_t seed, int64_t offset, const std::optional<Tensor>& seed_t) {
   TORCH_CHECK(x.is_cuda(), "lora_kernels_cuda: x must be a CUDA tensor");
-  TORCH_CHECK(weight.dim() == 2, "lora_kernels_cuda: weight must be 2-D, got shape ", weight.sizes());
+  TORCH_CHECK(weight.dim() == 2, "lora_kernels_cuda: weight must be 2-D, got shape ", shape_of(weight));
   check_tensor(col_scale, "col_scale", x, 1);
   TORCH_CHECK(col_scale.scalar_type() == at::kFloat, "lora_kernels_cuda: col_scale must be float32, got ",
               col_scale.scalar_type());
   TORCH_CHECK(col_scale.size(0) == weight.size(0), "lora_kernels_cuda: col_scale must be (N=", weight.size(0),
-              ",), got ", col_scale.sizes());
+              ",), got ", shape_of(col_scale));
   // the epilogue reads it in 16-byte vectors: an unaligned view is copied (N floats)
   const Tensor c = reinterpret_cast<uintptr_t>(col_scale.data_ptr()) % 16 == 0 ? col_scale : col_scale.clone();
   return forward_impl(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset, seed_t, /*keep_u=*/true,
@@ -503,17 +515,17 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   TORCH_CHECK(dy.scalar_type() == x.scalar_type(), "lora_kernels_cuda: dy must have x's dtype (", x.scalar_type(),
               "), got ", dy.scalar_type());
   TORCH_CHECK(dy.size(0) == M && dy.size(1) == N, "lora_kernels_cuda: dy must be (M=", M, ", N=", N, "), got ",
-              dy.sizes());
+              shape_of(dy));
   check_tensor(u, "u", x, 2);
   TORCH_CHECK(u.scalar_type() == at::kFloat, "lora_kernels_cuda: u must be float32, got ", u.scalar_type());
   TORCH_CHECK(u.size(0) == M && u.size(1) == r, "lora_kernels_cuda: u must be (M=", M, ", r=", r, "), got ",
-              u.sizes());
+              shape_of(u));
   if (dx_from != nullptr) {
     check_tensor(*dx_from, "dx_from", x, 2);
     TORCH_CHECK(dx_from->scalar_type() == x.scalar_type(), "lora_kernels_cuda: dx_from must have x's dtype (",
                 x.scalar_type(), "), got ", dx_from->scalar_type());
     TORCH_CHECK(dx_from->size(0) == M && dx_from->size(1) == N, "lora_kernels_cuda: dx_from must be (M=", M, ", N=",
-                N, "), got ", dx_from->sizes());
+                N, "), got ", shape_of(*dx_from));
   }
   const Tensor& dyw = dx_from != nullptr ? *dx_from : dy;  // dx's frozen product: dyw W
   Tensor dx, dA, dB;

@@ -20,6 +20,8 @@ _, u = cb.forward(x, W, b, A, B, 0.5, 0.0, 0, 0)
 CASES = {
     "forward, bias of N - 1": "cb.forward(x, W, b[:-1], A, B, 0.5, 0.0, 0, 0)",
     "forward, bias on the CPU": "cb.forward(x, W, b.cpu(), A, B, 0.5, 0.0, 0, 0)",
+    "forward, 1-D x (the dim check: an int and a shape)": "cb.forward(x[0], W, b, A, B, 0.5, 0.0, 0, 0)",
+    "forward, weight (N, K - 8) (an int and a shape)": "cb.forward(x, W[:, :-8].contiguous(), b, A, B, 0.5, 0.0, 0, 0)",
     "forward_scaled, col_scale float64": "cb.forward_scaled(x, W, b, A, B, c.double(), 0.5, 0.0, 0, 0)",
     "forward_scaled, col_scale of N - 1": "cb.forward_scaled(x, W, b, A, B, c[:-1], 0.5, 0.0, 0, 0)",
     "forward_scaled, col_scale on the CPU": "cb.forward_scaled(x, W, b, A, B, c.cpu(), 0.5, 0.0, 0, 0)",
