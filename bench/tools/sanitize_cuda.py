@@ -1,4 +1,4 @@
-"""A small forward + backward of the CUDA backend (odd sizes, dropout, fp32 adapters) for compute-sanitizer:
+"""A small forward + backward of the CUDA backend (odd sizes, dropout, fp32 adapters; DoRA's two ops) for compute-sanitizer:
     compute-sanitizer --tool memcheck python3 bench/tools/sanitize_cuda.py"""
 import torch
 
@@ -36,5 +36,15 @@ if torch.cuda.get_device_capability() == (9, 0):  # the fused forward with dropo
             B = torch.randn(N, r, device="cuda", dtype=adapter, requires_grad=True)
             lora_kernels.lora_linear(x, W, None, A, B, 0.5, dropout_p=p, backend="cuda").float().sum().backward()
     cuda_backend.set_fused_forward(previous)
+# DoRA on the cuda backend: forward_scaled (the column scale in the fused forward's epilogue at M > 64, p = 0; the
+# scale pass on the small-M and dropout paths) and, at p = 0, the one-call backward (backward_dx_from)
+for M, K, N, r, p in ((300, 264, 136, 16, 0.0), (37, 100, 72, 8, 0.0), (131, 256, 200, 16, 0.2)):
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K ** 0.5
+    b = torch.randn(N, device="cuda", dtype=torch.bfloat16)
+    A = (torch.randn(r, K, device="cuda") / K ** 0.5).requires_grad_()
+    B = torch.randn(N, r, device="cuda").requires_grad_()
+    m = (torch.rand(N, device="cuda") + 0.5).requires_grad_()
+    lora_kernels.dora_linear(x, W, b, A, B, 0.5, m, dropout_p=p, backend="cuda").float().sum().backward()
 torch.cuda.synchronize()
 print("sanitize run done")
