@@ -77,37 +77,31 @@ def sections(case, reps: int):
 
     wrapped = [wrap(dora, n, n) for n in ("_norm", "_weight_sq", "weight_norm", "scale_bias", "scale_colsum",
                                           "zero_g_colsum", "masked", "_fwd_impl", "_bwd_impl")]
-    wrapped += [wrap(cuda_backend, n, "cuda." + n) for n in ("forward", "backward")]
+    wrapped += [wrap(cuda_backend, n, "cuda." + n)
+                for n in ("forward", "backward", "forward_scaled", "backward_dx_from")
+                if getattr(cuda_backend, n, None) is not None]
+
+    def measure(label, fn):
+        """reps calls, each behind a 30 ms GPU sleep: the host time of the call, and of each wrapped step in it."""
+        spent.clear()
+        tot = []
+        for _ in range(reps):
+            _sleep_ms(30.0)
+            t0 = time.perf_counter()
+            fn()
+            tot.append(time.perf_counter() - t0)
+            torch.cuda.synchronize()
+        tot.sort()
+        print(f"  {label} host behind a sleep: median {tot[len(tot) // 2] * 1e6:8.1f} us, min {tot[0] * 1e6:8.1f} us")
+        for k, v in sorted(spent.items(), key=lambda kv: -kv[1]):
+            print(f"    {k:16s} {v / reps * 1e6:8.1f} us/call")
+
     try:
-        f = case.fwd_bwd[0]
         for _ in range(3):
-            f()
+            case.fwd_bwd[0]()
         torch.cuda.synchronize()
-        spent.clear()
-        tot = []
-        for _ in range(reps):
-            _sleep_ms(30.0)
-            t0 = time.perf_counter()
-            f()
-            tot.append(time.perf_counter() - t0)
-            torch.cuda.synchronize()
-        tot.sort()
-        print(f"  fwd+bwd host behind a sleep: median {tot[len(tot) // 2] * 1e6:8.1f} us, min {tot[0] * 1e6:8.1f} us")
-        for k, v in sorted(spent.items(), key=lambda kv: -kv[1]):
-            print(f"    {k:16s} {v / reps * 1e6:8.1f} us/call")
-        spent.clear()
-        tot = []
-        g = case.fwd[0]
-        for _ in range(reps):
-            _sleep_ms(30.0)
-            t0 = time.perf_counter()
-            g()
-            tot.append(time.perf_counter() - t0)
-            torch.cuda.synchronize()
-        tot.sort()
-        print(f"  fwd (no grad) host behind a sleep: median {tot[len(tot) // 2] * 1e6:8.1f} us")
-        for k, v in sorted(spent.items(), key=lambda kv: -kv[1]):
-            print(f"    {k:16s} {v / reps * 1e6:8.1f} us/call")
+        measure("fwd+bwd", case.fwd_bwd[0])
+        measure("fwd (no grad)", case.fwd[0])
     finally:
         for owner, name, fn in wrapped:
             setattr(owner, name, fn)
