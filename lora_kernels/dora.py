@@ -36,8 +36,8 @@ output without bias before the column scale):
              dg = Σ_m dy ⊙ z  (/q at p > 0)                  fused with dy_c = c ⊙ dy in one pass over dy, z;
                                                              dy_c is written over z
              p = 0:  dx = backend dx of (dy_c, B)            = (g⊙dy) W + s·((g⊙dy) B) A
-                     (cuda backend, z or y saved: its backward_dx_from gives dx = dy_c W + s·(dy Bg) A with dA
-                     and dB in the first backend call, dy_c computed before it: one backend backward, not two)
+                     (cuda and triton backends, z or y saved: backward_dx_from gives dx = dy_c W + s·(dy Bg) A
+                     with dA and dB in one backend call, dy_c computed before it: one backend backward, not two)
              p > 0:  dx = dx_b + keep ⊙ (dy_c W)             one more GEMM, masked add over dx_b
     The magnitude's grad dg/‖·‖ comes from autograd through g = magnitude / norm.
 

@@ -521,6 +521,58 @@ def test_half_magnitude_on_half_x_is_accepted():
     assert y.dtype == torch.float16 and torch.isfinite(y).all()
 
 
+# ------------------------------------------------------------------ the backends' backward_dx_from (DoRA's backward)
+def _dx_from_cases():
+    return [(b, d, dt) for b, d, dt in CASES if hasattr(lora_kernels._dispatch.get(b), "backward_dx_from")
+            and lora_kernels._dispatch.get(b).backward_dx_from is not None]
+
+
+@pytest.mark.parametrize("backend,device,dtype", _dx_from_cases(),
+                         ids=[f"{b}-{d}-{str(dt).split('.')[-1]}" for b, d, dt in _dx_from_cases()])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_backend_backward_dx_from(backend, device, dtype, p):
+    """dx = dx_from W + s·keep/(1−p)·(dy B) A, dA and dB from dy (lora_kernels/backends/__init__.py), against the
+    float64 formula; dA and dB bit-equal to the plain backward's."""
+    be = lora_kernels._dispatch.get(backend)
+    M, K, N, r, s, seed = 37, 72, 40, 8, 0.75, 1234
+    x, W, _, A, B, _ = make((M,), K, N, r, dtype, device, bias=False)
+    dy, dxf = torch.randn(M, N, device=device).to(dtype), torch.randn(M, N, device=device).to(dtype)
+    u = be.forward(x, W, None, A, B, s, p, seed, 0)[1]
+    dx, dA, dB = be.backward_dx_from(dy, x, W, A, B, u, dxf, s, p, seed, 0, True, True, True)
+    keep = lora_kernels.dropout_mask(seed, 0, (M, K), p, device=device) if p > 0 else None
+
+    def ref(dyy, dxff, xx, WW, AA, BB, uu):
+        acc = torch.promote_types(AA.dtype, torch.float32)
+        v = dyy.to(acc) @ BB.to(acc)
+        term = s * (v @ AA.to(acc))
+        xd = xx.to(acc)
+        if keep is not None:
+            term, xd = term * keep / (1.0 - p), xd * keep / (1.0 - p)
+        return (((dxff @ WW).to(acc) + term).to(xx.dtype), (s * v.t() @ xd).to(AA.dtype),
+                (dyy.to(acc).t() @ uu.to(acc)).to(BB.dtype))
+
+    r64 = ref(*(t.double() for t in (dy, dxf, x, W, A, B, u)))
+    base = ref(dy, dxf, x, W, A, B, u)
+    for out, want, b0, name in zip((dx, dA, dB), r64, base, ("dx", "dA", "dB")):
+        assert out.dtype == b0.dtype, name
+        assert_tolerance(out, want, b0, name)
+    _, dA0, dB0 = be.backward(dy, x, W, A, B, u, s, p, seed, 0, False, True, True)
+    assert torch.equal(dA, dA0) and torch.equal(dB, dB0)
+
+
+@pytest.mark.parametrize("backend,device,dtype", [c for c in _dx_from_cases() if c[2] != torch.float64],
+                         ids=lambda v: str(v))
+def test_backward_is_one_backend_call(monkeypatch, backend, device, dtype):
+    """At p = 0 with y kept, DoRA's backward makes one backend call (backward_dx_from) for dx, dA and dB."""
+    be = lora_kernels._dispatch.get(backend)
+    calls = []
+    real_from, real_bwd = be.backward_dx_from, be.backward
+    monkeypatch.setattr(be, "backward_dx_from", lambda *a: calls.append("dx_from") or real_from(*a))
+    monkeypatch.setattr(be, "backward", lambda *a: calls.append("backward") or real_bwd(*a))
+    run_and_check(backend, device, dtype, (2, 9), 72, 40, 16, bias=True, p=0.0)
+    assert calls == ["dx_from"]
+
+
 # ------------------------------------------------------------------------------------------------- GPU only
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 

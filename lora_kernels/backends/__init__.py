@@ -30,6 +30,14 @@ gradients of forward/backward above. The cuda backend provides one in C++ (csrc/
 when the weight or bias requires grad, ``lora_kernels.ops`` wraps forward/backward in a Python autograd.Function
 (which holds the one definition of the base weight's and bias's grads).
 
+Optional, for DoRA (``lora_kernels.dora``, which takes them when present, else its own passes around forward and
+backward):
+    forward_scaled(x, weight, bias, lora_A, lora_B, col_scale, scaling, p, seed, offset) -> (y, u)
+        y = col_scale ⊙ (x @ weight.T + u @ lora_B.T) + bias,  col_scale (N,) float32   (cuda: in the GEMM epilogue)
+    backward_dx_from(dy, x, weight, lora_A, lora_B, u, dx_from, scaling, p, seed, offset, need_dx, need_dA, need_dB)
+        backward with dx = dx_from @ weight + scaling * keep/(1-p) * (g @ lora_A), dx_from (M, N) in x's dtype;
+        g, dA, dB from dy as above                                                     (cuda, triton)
+
 The mask (see ``lora_kernels/philox.py``): element (m, k) of the (M, K) input uses Philox 4x32-10 counter
 c = offset + m * ceil(K / 8) + k // 8 (c0 = low 32 bits, c1 = high 32 bits, c2 = c3 = 0; key = seed low/high
 32 bits), output word (k % 8) // 2, and of it the low 16 bits for even k, the high 16 bits for odd k; it is kept iff

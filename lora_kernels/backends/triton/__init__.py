@@ -61,7 +61,9 @@ reason the backend is unavailable. The settings it reads are listed in ``lora_ke
 """
 from .configs import _num_sms
 from .kernels import _keep_mask
-from .launch import _launch, _seed_arg, backward, forward, is_available
+from .launch import _launch, _seed_arg, backward, backward_dx_from, forward, is_available
 
-# _keep_mask, _launch, _num_sms and _seed_arg also serve the Triton passes of DoRA (lora_kernels/dora_kernels.py).
-__all__ = ["backward", "forward", "is_available", "_keep_mask", "_launch", "_num_sms", "_seed_arg"]
+# _keep_mask, _launch, _num_sms and _seed_arg also serve the Triton passes of DoRA (lora_kernels/dora_kernels.py);
+# backward_dx_from (dx's frozen product from another operand than dy) serves DoRA's backward.
+__all__ = ["backward", "backward_dx_from", "forward", "is_available", "_keep_mask", "_launch", "_num_sms",
+           "_seed_arg"]

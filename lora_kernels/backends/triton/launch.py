@@ -163,10 +163,11 @@ _THRESHOLDS: dict = {}  # p -> keep_threshold(p)
 # Slots of a call's value list: the call's values first (forward leaves _DY and _U empty), then the plan's tail
 # (its temporaries, then its constants). _SEED_P is the seed's view in x's dtype (a device seed) or x (an int seed).
 # _COMPILED: in a run through the JIT, the list where its launches put the CompiledKernels they ran (one per run:
-# threads running a plan's first launches on different devices each get their own device's kernels).
+# threads running a plan's first launches on different devices each get their own device's kernels). _DXF: dx's frozen
+# product's left operand where it is not dy (backward_dx_from; empty otherwise).
 (_X, _W, _BIAS, _A, _B, _DY, _U, _SCALE, _THR, _SEED, _SEED_P, _SEED_IN_MEM, _OFFSET, _STREAM, _SEED_RAW,
- _COMPILED) = range(16)
-_N_VALUES = 16
+ _COMPILED, _DXF) = range(17)
+_N_VALUES = 17
 
 
 class _Val:
@@ -675,10 +676,11 @@ def _plan_forward(x, weight, bias, lora_A, lora_B, p_positive: bool, seed_in_mem
 
 
 def _plan_backward(dy, x, weight, lora_A, lora_B, u, p_positive: bool, seed_in_mem, need_dx, need_dA, need_dB,
-                   kn: TritonKnobs) -> _Plan:
+                   kn: TritonKnobs, dx_from=None) -> _Plan:
     pl = _Planner(x, seed_in_mem, p_positive)
     dyv, xv, wv, av, bbv, uv = (pl.value(_DY, dy), pl.value(_X, x), pl.value(_W, weight), pl.value(_A, lora_A),
                                 pl.value(_B, lora_B), pl.value(_U, u))
+    dxfv = dyv if dx_from is None else pl.value(_DXF, dx_from)  # dx's frozen product: dxf @ W
     M, K = x.shape
     N = weight.shape[0]
     R = lora_A.shape[0]
@@ -711,7 +713,8 @@ def _plan_backward(dy, x, weight, lora_A, lora_B, u, p_positive: bool, seed_in_m
         dA = _launch_shrink_t(pl, xv, g, lora_A.dtype, True, pl.scale, pl.drop, r_pad, prec, rank_f32, kn)
     if need_dx:
         # dx = dy @ W + keep * s/q * (g @ A): b operand W[n, k] (rows = reduction dim n); lb operand A[r, k]
-        _launch_gemm(pl, dyv, (wv.stride(0), wv.stride(1)), wv, (wv, False), g, (av.stride(0), av.stride(1)), av,
+        # (dx_from in dy's place in the first product: backward_dx_from)
+        _launch_gemm(pl, dxfv, (wv.stride(0), wv.stride(1)), wv, (wv, False), g, (av.stride(0), av.stride(1)), av,
                      None, dx, K, N, R, pl.scale, pl.drop, kn)
     return pl.finish((dx, dA, dB))
 
@@ -738,12 +741,22 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset):
         plan = _plan_forward(x, weight, bias, lora_A, lora_B, p > 0.0, seed_in_mem, kn)
         _keep_plan(key, plan)
     v = [x, weight, bias, lora_A, lora_B, None, None, float(scaling) / (1.0 - float(p)), _threshold(p), seed_v,
-         seed_p, seed_in_mem, int(offset), None, seed, None]
+         seed_p, seed_in_mem, int(offset), None, seed, None, None]
     v += plan.tail
     return plan.run(v)
 
 
 def backward(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, need_dx, need_dA, need_dB):
+    return _backward(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, need_dx, need_dA, need_dB, None)
+
+
+def backward_dx_from(dy, x, weight, lora_A, lora_B, u, dx_from, scaling, p, seed, offset, need_dx, need_dA, need_dB):
+    """backward with dx's frozen product from ``dx_from`` (M, N) instead of dy: dx = dx_from W + s·(dy B) A (masked
+    with dropout), dA and dB from dy (DoRA at p = 0: dx_from = g ⊙ dy with B = g ⊙ B, every grad in one call)."""
+    return _backward(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, need_dx, need_dA, need_dB, dx_from)
+
+
+def _backward(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, need_dx, need_dA, need_dB, dx_from):
     M, K = x.shape
     N = weight.shape[0]
     if M == 0 or N == 0 or K == 0:  # nothing to launch
@@ -763,12 +776,14 @@ def backward(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, need_dx
            weight.shape, weight.stride(), weight.dtype, weight.data_ptr() % 16,
            lora_A.shape, lora_A.stride(), lora_A.dtype, lora_A.data_ptr() % 16,
            lora_B.shape, lora_B.stride(), lora_B.dtype, lora_B.data_ptr() % 16,
-           u.shape, u.stride(), u.dtype, u.data_ptr() % 16)
+           u.shape, u.stride(), u.dtype, u.data_ptr() % 16,
+           None if dx_from is None else (dx_from.shape, dx_from.stride(), dx_from.dtype, dx_from.data_ptr() % 16))
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _plan_backward(dy, x, weight, lora_A, lora_B, u, p > 0.0, seed_in_mem, need_dx, need_dA, need_dB, kn)
+        plan = _plan_backward(dy, x, weight, lora_A, lora_B, u, p > 0.0, seed_in_mem, need_dx, need_dA, need_dB, kn,
+                              dx_from)
         _keep_plan(key, plan)
     v = [x, weight, None, lora_A, lora_B, dy, u, float(scaling) / (1.0 - float(p)), _threshold(p), seed_v, seed_p,
-         seed_in_mem, int(offset), None, seed, None]
+         seed_in_mem, int(offset), None, seed, None, dx_from]
     v += plan.tail
     return plan.run(v)
