@@ -349,14 +349,14 @@ void sm90_dx_gemm(const Tensor& dy, const Tensor& weight, int r, const void* vx,
 }
 
 // The forward. keep_u: u comes back as the second output (saved for backward); without it u is a temporary and
-// the second output is undefined (the forward alone, lora_linear below autograd). col_scale (N,) fp32, 16-byte
-// aligned, or null: y = col_scale ⊙ (x Wᵀ + s·u Bᵀ) + bias (DoRA's column scale; forward_scaled below), in the fused
-// forward's epilogue, else by one in-place pass over y after the path's kernels (launch_lora_col_scale), the bias
-// then added there and not before.
+// the second output is undefined (the forward alone, lora_linear below autograd). col_scale_t (N,) fp32, or null:
+// y = col_scale ⊙ (x Wᵀ + s·u Bᵀ) + bias (DoRA's column scale; forward_scaled below), in the fused forward's
+// epilogue, else by one in-place pass over y after the path's kernels (launch_lora_col_scale), the bias then added
+// there and not before.
 std::tuple<Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                                         const Tensor& lora_A, const Tensor& lora_B, double scaling, double p,
                                         int64_t seed, int64_t offset, const std::optional<Tensor>& seed_t,
-                                        bool keep_u, const float* col_scale = nullptr) {
+                                        bool keep_u, const Tensor* col_scale_t = nullptr) {
   check_common(x, weight, lora_A, lora_B, p, seed);
   const int64_t* seed_ptr = device_seed(seed_t, x, p);
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
@@ -368,20 +368,32 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& weight, c
                 x.scalar_type(), "), got ", bias->scalar_type());
     TORCH_CHECK(bias->size(0) == N, "lora_kernels_cuda: bias must be (N=", N, ",), got ", shape_of(*bias));
   }
+  // col_scale_t, or its copy where it is not 16-byte aligned (the fused epilogue reads 16-byte vectors)
+  Tensor col_scale_held;
+  if (col_scale_t != nullptr) {
+    check_tensor(*col_scale_t, "col_scale", x, 1);
+    TORCH_CHECK(col_scale_t->scalar_type() == at::kFloat, "lora_kernels_cuda: col_scale must be float32, got ",
+                col_scale_t->scalar_type());
+    TORCH_CHECK(col_scale_t->size(0) == N, "lora_kernels_cuda: col_scale must be (N=", N, ",), got ",
+                shape_of(*col_scale_t));
+    const bool aligned = reinterpret_cast<uintptr_t>(col_scale_t->data_ptr()) % 16 == 0;
+    col_scale_held = aligned ? *col_scale_t : col_scale_t->clone();
+  }
+  const float* const col_scale = col_scale_t != nullptr ? col_scale_held.data_ptr<float>() : nullptr;
   const Tensor* bias_t = has_bias ? &*bias : nullptr;
   const c10::cuda::CUDAGuard guard(x.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index());
   const float pf = (float)p;
+  const lk::DType x_dt = to_dtype(x, "x"), a_dt = to_dtype(lora_A, "lora_A"), b_dt = to_dtype(lora_B, "lora_B");
   // With a column scale, the paths other than the fused one write y without the bias; this pass scales it and adds
   // the bias.
   const void* const bias_ptr = has_bias ? bias->data_ptr() : nullptr;
   auto scale_columns = [&](Tensor& y) {
     if (col_scale != nullptr)
-      check_cuda(lk::launch_lora_col_scale(y.data_ptr(), to_dtype(x, "x"), col_scale, bias_ptr, M, N, stream),
+      check_cuda(lk::launch_lora_col_scale(y.data_ptr(), x_dt, col_scale, bias_ptr, M, N, stream),
                  "column scale launch");
   };
   const Tensor* const path_bias = col_scale != nullptr ? nullptr : bias_t;
-  const lk::DType x_dt = to_dtype(x, "x"), a_dt = to_dtype(lora_A, "lora_A"), b_dt = to_dtype(lora_B, "lora_B");
   // u: the output (keep_u), else undefined and the kernels write a workspace piece where they need one.
   const Tensor u = keep_u ? at::empty({M, r}, x.options().dtype(at::kFloat)) : Tensor();
   Workspace ws;
@@ -486,17 +498,8 @@ std::tuple<Tensor, Tensor> lora_forward_scaled(const Tensor& x, const Tensor& we
                                                const std::optional<Tensor>& bias, const Tensor& lora_A,
                                                const Tensor& lora_B, const Tensor& col_scale, double scaling, double p,
                                                int64_t seed, int64_t offset, const std::optional<Tensor>& seed_t) {
-  TORCH_CHECK(x.is_cuda(), "lora_kernels_cuda: x must be a CUDA tensor");
-  TORCH_CHECK(weight.dim() == 2, "lora_kernels_cuda: weight must be 2-D, got shape ", shape_of(weight));
-  check_tensor(col_scale, "col_scale", x, 1);
-  TORCH_CHECK(col_scale.scalar_type() == at::kFloat, "lora_kernels_cuda: col_scale must be float32, got ",
-              col_scale.scalar_type());
-  TORCH_CHECK(col_scale.size(0) == weight.size(0), "lora_kernels_cuda: col_scale must be (N=", weight.size(0),
-              ",), got ", shape_of(col_scale));
-  // the epilogue reads it in 16-byte vectors: an unaligned view is copied (N floats)
-  const Tensor c = reinterpret_cast<uintptr_t>(col_scale.data_ptr()) % 16 == 0 ? col_scale : col_scale.clone();
   return forward_impl(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset, seed_t, /*keep_u=*/true,
-                      c.data_ptr<float>());
+                      &col_scale);
 }
 
 // The backward's grads (dx, dA, dB); a grad not asked for is undefined (lora_backward gives the op's outputs).
@@ -673,18 +676,22 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   return {dx, dA, dB};
 }
 
-// The op: grads not asked for come back as empty tensors, a distinct one per output (the outputs of an op must not
-// alias each other); the Python side turns them into None.
-std::tuple<Tensor, Tensor, Tensor> lora_backward(const Tensor& dy, const Tensor& x, const Tensor& weight,
-                                                 const Tensor& lora_A, const Tensor& lora_B, const Tensor& u,
-                                                 double scaling, double p, int64_t seed, int64_t offset, bool need_dx,
-                                                 bool need_dA, bool need_dB, const std::optional<Tensor>& seed_t) {
-  auto grads = backward_impl(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, need_dx, need_dA, need_dB,
-                             seed_t);
+// The backward ops' outputs: grads not asked for come back as empty tensors, a distinct one per output (the outputs
+// of an op must not alias each other); the Python side turns them into None.
+std::tuple<Tensor, Tensor, Tensor> op_grads(std::tuple<Tensor, Tensor, Tensor> grads, const Tensor& x) {
   for (Tensor* t : {&std::get<0>(grads), &std::get<1>(grads), &std::get<2>(grads)}) {
     if (!t->defined()) *t = at::empty({0}, x.options());
   }
   return grads;
+}
+
+std::tuple<Tensor, Tensor, Tensor> lora_backward(const Tensor& dy, const Tensor& x, const Tensor& weight,
+                                                 const Tensor& lora_A, const Tensor& lora_B, const Tensor& u,
+                                                 double scaling, double p, int64_t seed, int64_t offset, bool need_dx,
+                                                 bool need_dA, bool need_dB, const std::optional<Tensor>& seed_t) {
+  return op_grads(backward_impl(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, need_dx, need_dA,
+                                need_dB, seed_t),
+                  x);
 }
 
 // The backward with dx's frozen product taken from dx_from instead of dy (backward_impl): dx = dx_from W + s·(dy B) A
@@ -694,13 +701,9 @@ std::tuple<Tensor, Tensor, Tensor> lora_backward_dx_from(const Tensor& dy, const
                                                          const Tensor& dx_from, double scaling, double p, int64_t seed,
                                                          int64_t offset, bool need_dx, bool need_dA, bool need_dB,
                                                          const std::optional<Tensor>& seed_t) {
-  TORCH_CHECK(x.is_cuda(), "lora_kernels_cuda: x must be a CUDA tensor");
-  auto grads = backward_impl(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, need_dx, need_dA, need_dB,
-                             seed_t, &dx_from);
-  for (Tensor* t : {&std::get<0>(grads), &std::get<1>(grads), &std::get<2>(grads)}) {
-    if (!t->defined()) *t = at::empty({0}, x.options());
-  }
-  return grads;
+  return op_grads(backward_impl(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, need_dx, need_dA,
+                                need_dB, seed_t, &dx_from),
+                  x);
 }
 
 // lora_linear: the op with its autograd node in C++ (csrc/lora_autograd.h), for eager mode with a frozen weight and

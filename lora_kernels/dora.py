@@ -234,8 +234,8 @@ def _fwd_impl(x, weight, bias, lora_A, lora_B, g, scaling, p, seed, offset, back
     if M == 0:
         return x.new_empty(0, N), x.new_empty(0, r, dtype=_acc(x)), x.new_empty(0)
     be, fast = _dispatch.get(backend), _fast(backend, x)
-    scaled = getattr(be, "forward_scaled", None) if not save_z else None  # the column scale inside the backend
     if p == 0.0:
+        scaled = getattr(be, "forward_scaled", None) if not save_z else None  # the column scale inside the backend
         if scaled is not None:
             y, u = scaled(x, weight, bias, lora_A, lora_B, g.contiguous(), scaling, 0.0, 0, offset)
             return y, u, x.new_empty(0)
