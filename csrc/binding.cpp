@@ -10,10 +10,12 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <cstdio>
 #include <cstdlib>
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
 
 #include "fused_fwd_sm90.h"
 #include "gemm_sm90.h"
@@ -26,18 +28,44 @@ namespace {
 using at::Tensor;
 namespace lk = lora_kernels;
 
+// Error messages. Every check's message is built here into one std::string (numbers by std::to_string, dtypes and
+// devices by c10's own toString/str) and handed to TORCH_CHECK whole, so nothing of ours formats a number through an
+// ostream. On the GPU machine (torch 2.11+cu130) a failed TORCH_CHECK whose message streamed an int64 from this
+// extension crashed the process (SIGSEGV) where one that streamed a dtype or only text raised
+// (bench/dev/bad_input_probe.py, nineteenth and twentieth sessions; bench/dev/check_fail_probe.py isolates it).
+void put(std::string& s, const char* v) { s += v; }
+void put(std::string& s, const std::string& v) { s += v; }
+void put(std::string& s, at::ScalarType v) { s += c10::toString(v); }
+void put(std::string& s, const c10::Device& v) { s += v.str(); }
+void put(std::string& s, double v) {
+  char b[32];
+  std::snprintf(b, sizeof b, "%g", v);
+  s += b;
+}
+template <typename T, std::enable_if_t<std::is_integral_v<T>, int> = 0>
+void put(std::string& s, T v) {
+  s += std::to_string(v);
+}
+template <typename... T>
+std::string cat(const T&... v) {
+  std::string s;
+  (put(s, v), ...);
+  return s;
+}
+#define LK_CHECK(cond, ...) TORCH_CHECK(cond, cat(__VA_ARGS__))
+
 lk::DType to_dtype(const Tensor& t, const char* name) {
   switch (t.scalar_type()) {
     case at::kFloat: return lk::DType::kFloat32;
     case at::kHalf: return lk::DType::kFloat16;
     case at::kBFloat16: return lk::DType::kBFloat16;
-    default: TORCH_CHECK(false, "lora_kernels_cuda: ", name, " must be float16, bfloat16 or float32, got ", t.scalar_type());
+    default: LK_CHECK(false, "lora_kernels_cuda: ", name, " must be float16, bfloat16 or float32, got ", t.scalar_type());
   }
   return lk::DType::kFloat32;
 }
 
 void check_cuda(cudaError_t e, const char* what) {
-  TORCH_CHECK(e == cudaSuccess, "lora_kernels_cuda: ", what, " failed: ", cudaGetErrorString(e));
+  LK_CHECK(e == cudaSuccess, "lora_kernels_cuda: ", what, " failed: ", cudaGetErrorString(e));
 }
 
 // The dropout mask of an (M, K) input as keep bits (csrc/dropout_bits.cu), the seed by value or device pointer.
@@ -47,9 +75,7 @@ void make_keep_bits(uint8_t* bits, int64_t M, int64_t K, float p, int64_t seed, 
              "dropout keep bits launch");
 }
 
-// A tensor's shape as "[d0, d1, ...]" for the error messages below. Built here instead of streaming t.sizes() into
-// TORCH_CHECK: on the GPU machine (torch 2.11) a failed check whose message streamed an IntArrayRef crashed the
-// process (SIGSEGV) where one that streamed a dtype raised (bench/dev/bad_input_probe.py, nineteenth session).
+// A tensor's shape as "[d0, d1, ...]" for the error messages.
 std::string shape_of(const Tensor& t) {
   std::string s = "[";
   for (int64_t i = 0; i < t.dim(); ++i) {
@@ -60,38 +86,38 @@ std::string shape_of(const Tensor& t) {
 }
 
 void check_tensor(const Tensor& t, const char* name, const Tensor& ref, int64_t dim) {
-  TORCH_CHECK(t.is_cuda(), "lora_kernels_cuda: ", name, " must be a CUDA tensor");
-  TORCH_CHECK(t.device() == ref.device(), "lora_kernels_cuda: ", name, " is on ", t.device(), " but x is on ",
+  LK_CHECK(t.is_cuda(), "lora_kernels_cuda: ", name, " must be a CUDA tensor");
+  LK_CHECK(t.device() == ref.device(), "lora_kernels_cuda: ", name, " is on ", t.device(), " but x is on ",
               ref.device());
-  TORCH_CHECK(t.dim() == dim, "lora_kernels_cuda: ", name, " must be ", dim, "-D, got shape ", shape_of(t));
-  TORCH_CHECK(t.is_contiguous(), "lora_kernels_cuda: ", name, " must be contiguous");
+  LK_CHECK(t.dim() == dim, "lora_kernels_cuda: ", name, " must be ", dim, "-D, got shape ", shape_of(t));
+  LK_CHECK(t.is_contiguous(), "lora_kernels_cuda: ", name, " must be contiguous");
 }
 
 void check_adapter_dtype(const Tensor& t, const char* name, const Tensor& x) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == x.scalar_type(), "lora_kernels_cuda: ", name,
+  LK_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == x.scalar_type(), "lora_kernels_cuda: ", name,
               " must be float32 or x's dtype (", x.scalar_type(), "), got ", t.scalar_type());
 }
 
 void check_common(const Tensor& x, const Tensor& weight, const Tensor& A, const Tensor& B, double p, int64_t seed) {
-  TORCH_CHECK(x.is_cuda(), "lora_kernels_cuda: x must be a CUDA tensor");
+  LK_CHECK(x.is_cuda(), "lora_kernels_cuda: x must be a CUDA tensor");
   check_tensor(x, "x", x, 2);
   check_tensor(weight, "weight", x, 2);
   check_tensor(A, "lora_A", x, 2);
   check_tensor(B, "lora_B", x, 2);
   to_dtype(x, "x");
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "lora_kernels_cuda: weight must have x's dtype (",
+  LK_CHECK(weight.scalar_type() == x.scalar_type(), "lora_kernels_cuda: weight must have x's dtype (",
               x.scalar_type(), "), got ", weight.scalar_type());
   check_adapter_dtype(A, "lora_A", x);
   check_adapter_dtype(B, "lora_B", x);
   const int64_t K = x.size(1), N = weight.size(0), r = A.size(0);
-  TORCH_CHECK(weight.size(1) == K, "lora_kernels_cuda: weight must be (N, K=", K, "), got ", shape_of(weight));
-  TORCH_CHECK(r >= 1 && r <= lk::kMaxRank, "lora_kernels_cuda: rank r = lora_A.size(0) must be in 1..",
+  LK_CHECK(weight.size(1) == K, "lora_kernels_cuda: weight must be (N, K=", K, "), got ", shape_of(weight));
+  LK_CHECK(r >= 1 && r <= lk::kMaxRank, "lora_kernels_cuda: rank r = lora_A.size(0) must be in 1..",
               lk::kMaxRank, ", got ", r);
-  TORCH_CHECK(A.size(1) == K, "lora_kernels_cuda: lora_A must be (r, K=", K, "), got ", shape_of(A));
-  TORCH_CHECK(B.size(0) == N && B.size(1) == r, "lora_kernels_cuda: lora_B must be (N=", N, ", r=", r, "), got ",
+  LK_CHECK(A.size(1) == K, "lora_kernels_cuda: lora_A must be (r, K=", K, "), got ", shape_of(A));
+  LK_CHECK(B.size(0) == N && B.size(1) == r, "lora_kernels_cuda: lora_B must be (N=", N, ", r=", r, "), got ",
               shape_of(B));
-  TORCH_CHECK(p >= 0.0 && p < 1.0, "lora_kernels_cuda: p must be in [0, 1), got ", p);
-  TORCH_CHECK(seed >= 0, "lora_kernels_cuda: seed must be in [0, 2^63), got ", seed);
+  LK_CHECK(p >= 0.0 && p < 1.0, "lora_kernels_cuda: p must be in [0, 1), got ", p);
+  LK_CHECK(seed >= 0, "lora_kernels_cuda: seed must be in [0, 2^63), got ", seed);
 }
 
 // The device seed of a call: seed_t, when given, is a one-element int64 tensor on x's device holding the Philox key
@@ -100,9 +126,9 @@ void check_common(const Tensor& x, const Tensor& weight, const Tensor& A, const 
 // without dropout (the by-value seed is used, or nothing is masked). No host read of the value: no sync.
 const int64_t* device_seed(const std::optional<Tensor>& seed_t, const Tensor& x, double p) {
   if (!seed_t.has_value() || !seed_t->defined()) return nullptr;
-  TORCH_CHECK(seed_t->is_cuda() && seed_t->device() == x.device(), "lora_kernels_cuda: seed_t must be on x's device (",
+  LK_CHECK(seed_t->is_cuda() && seed_t->device() == x.device(), "lora_kernels_cuda: seed_t must be on x's device (",
               x.device(), "), got ", seed_t->device());
-  TORCH_CHECK(seed_t->scalar_type() == at::kLong && seed_t->numel() == 1,
+  LK_CHECK(seed_t->scalar_type() == at::kLong && seed_t->numel() == 1,
               "lora_kernels_cuda: seed_t must hold one int64, got ", seed_t->scalar_type(), " of shape ",
               shape_of(*seed_t));
   return p > 0.0 ? seed_t->data_ptr<int64_t>() : nullptr;
@@ -364,17 +390,17 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& weight, c
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias) {
     check_tensor(*bias, "bias", x, 1);
-    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), "lora_kernels_cuda: bias must have x's dtype (",
+    LK_CHECK(bias->scalar_type() == x.scalar_type(), "lora_kernels_cuda: bias must have x's dtype (",
                 x.scalar_type(), "), got ", bias->scalar_type());
-    TORCH_CHECK(bias->size(0) == N, "lora_kernels_cuda: bias must be (N=", N, ",), got ", shape_of(*bias));
+    LK_CHECK(bias->size(0) == N, "lora_kernels_cuda: bias must be (N=", N, ",), got ", shape_of(*bias));
   }
   // col_scale_t, or its copy where it is not 16-byte aligned (the fused epilogue reads 16-byte vectors)
   Tensor col_scale_held;
   if (col_scale_t != nullptr) {
     check_tensor(*col_scale_t, "col_scale", x, 1);
-    TORCH_CHECK(col_scale_t->scalar_type() == at::kFloat, "lora_kernels_cuda: col_scale must be float32, got ",
+    LK_CHECK(col_scale_t->scalar_type() == at::kFloat, "lora_kernels_cuda: col_scale must be float32, got ",
                 col_scale_t->scalar_type());
-    TORCH_CHECK(col_scale_t->size(0) == N, "lora_kernels_cuda: col_scale must be (N=", N, ",), got ",
+    LK_CHECK(col_scale_t->size(0) == N, "lora_kernels_cuda: col_scale must be (N=", N, ",), got ",
                 shape_of(*col_scale_t));
     const bool aligned = reinterpret_cast<uintptr_t>(col_scale_t->data_ptr()) % 16 == 0;
     col_scale_held = aligned ? *col_scale_t : col_scale_t->clone();
@@ -515,19 +541,19 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   const int r = (int)lora_A.size(0);
   check_tensor(dy, "dy", x, 2);
-  TORCH_CHECK(dy.scalar_type() == x.scalar_type(), "lora_kernels_cuda: dy must have x's dtype (", x.scalar_type(),
+  LK_CHECK(dy.scalar_type() == x.scalar_type(), "lora_kernels_cuda: dy must have x's dtype (", x.scalar_type(),
               "), got ", dy.scalar_type());
-  TORCH_CHECK(dy.size(0) == M && dy.size(1) == N, "lora_kernels_cuda: dy must be (M=", M, ", N=", N, "), got ",
+  LK_CHECK(dy.size(0) == M && dy.size(1) == N, "lora_kernels_cuda: dy must be (M=", M, ", N=", N, "), got ",
               shape_of(dy));
   check_tensor(u, "u", x, 2);
-  TORCH_CHECK(u.scalar_type() == at::kFloat, "lora_kernels_cuda: u must be float32, got ", u.scalar_type());
-  TORCH_CHECK(u.size(0) == M && u.size(1) == r, "lora_kernels_cuda: u must be (M=", M, ", r=", r, "), got ",
+  LK_CHECK(u.scalar_type() == at::kFloat, "lora_kernels_cuda: u must be float32, got ", u.scalar_type());
+  LK_CHECK(u.size(0) == M && u.size(1) == r, "lora_kernels_cuda: u must be (M=", M, ", r=", r, "), got ",
               shape_of(u));
   if (dx_from != nullptr) {
     check_tensor(*dx_from, "dx_from", x, 2);
-    TORCH_CHECK(dx_from->scalar_type() == x.scalar_type(), "lora_kernels_cuda: dx_from must have x's dtype (",
+    LK_CHECK(dx_from->scalar_type() == x.scalar_type(), "lora_kernels_cuda: dx_from must have x's dtype (",
                 x.scalar_type(), "), got ", dx_from->scalar_type());
-    TORCH_CHECK(dx_from->size(0) == M && dx_from->size(1) == N, "lora_kernels_cuda: dx_from must be (M=", M, ", N=",
+    LK_CHECK(dx_from->size(0) == M && dx_from->size(1) == N, "lora_kernels_cuda: dx_from must be (M=", M, ", N=",
                 N, "), got ", shape_of(*dx_from));
   }
   const Tensor& dyw = dx_from != nullptr ? *dx_from : dy;  // dx's frozen product: dyw W
@@ -762,7 +788,7 @@ Tensor linear_entry(const Tensor& x, const Tensor& weight, const std::optional<T
 
 // Which GEMM path a forward (and its p = 0 dx) with these inputs takes: "sm90" or "cublas: <why not sm90>".
 std::string gemm_path(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias) {
-  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && weight.dim() == 2, "lora_kernels_cuda: gemm_path takes 2-D CUDA x, weight");
+  LK_CHECK(x.is_cuda() && x.dim() == 2 && weight.dim() == 2, "lora_kernels_cuda: gemm_path takes 2-D CUDA x, weight");
   const c10::cuda::CUDAGuard guard(x.device());
   const bool has_bias = bias.has_value() && bias->defined();
   const char* why = sm90_unsupported(x, weight, has_bias ? &*bias : nullptr, x.size(0), weight.size(0), x.size(1),
@@ -785,7 +811,7 @@ std::string dx_path(const Tensor& x, const Tensor& weight, const Tensor& lora_A,
 // Which kernel the dy pass of a backward with this dy (M, N) and lora_B (N, r) runs: "sm90" (wgmma,
 // dy_pass_sm90.cu) or "mma.sync: <why not sm90>" (dy_pass.cu; the FFMA kernel where the tensor cores are not used).
 std::string dy_path(const Tensor& dy, const Tensor& lora_B) {
-  TORCH_CHECK(dy.is_cuda() && dy.dim() == 2 && lora_B.dim() == 2 && dy.size(1) == lora_B.size(0),
+  LK_CHECK(dy.is_cuda() && dy.dim() == 2 && lora_B.dim() == 2 && dy.size(1) == lora_B.size(0),
               "lora_kernels_cuda: dy_path takes a 2-D CUDA dy (M, N) and lora_B (N, r)");
   const c10::cuda::CUDAGuard guard(dy.device());
   const Tensor d = dy.contiguous();
@@ -798,7 +824,7 @@ std::string dy_path(const Tensor& dy, const Tensor& lora_B) {
 // "mma.sync: <why not sm90>" (the FFMA kernel where the tensor cores are not used).
 using XPassCheck = const char* (*)(const void*, lk::DType, lk::DType, int64_t, int64_t, int, float);
 std::string x_pass_path(const char* name, XPassCheck unsupported, const Tensor& x, const Tensor& lora_A, double p) {
-  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && lora_A.dim() == 2 && x.size(1) == lora_A.size(1), "lora_kernels_cuda: ",
+  LK_CHECK(x.is_cuda() && x.dim() == 2 && lora_A.dim() == 2 && x.size(1) == lora_A.size(1), "lora_kernels_cuda: ",
               name, " takes a 2-D CUDA x (M, K) and lora_A (r, K)");
   const c10::cuda::CUDAGuard guard(x.device());
   const Tensor xc = x.contiguous();
