@@ -20,6 +20,7 @@
 #include "fused_fwd_sm90.h"
 #include "gemm_sm90.h"
 #include "gemm_sm90_pack.h"
+#include "dora_autograd.h"
 #include "lora_autograd.h"
 #include "lora_kernels.cuh"
 
@@ -786,6 +787,109 @@ Tensor linear_entry(const Tensor& x, const Tensor& weight, const std::optional<T
   return lk::lora_linear_entry<FusedKernels>(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training);
 }
 
+// u = s·x Aᵀ (M, r) fp32 alone: the forward's shrink pass (the wgmma kernel on Hopper, else mma.sync / FFMA) and the
+// reduce of its split-K parts. DoRA's W Aᵀ is this pass over W with s = 1 (fp32 accuracy: a float32 A on a bf16 W
+// runs as three exact bf16 pieces, as in the LoRA shrink).
+Tensor shrink_only(const Tensor& x, const Tensor& lora_A, double scaling) {
+  const int64_t M = x.size(0), K = x.size(1);
+  const int r = (int)lora_A.size(0);
+  const c10::cuda::CUDAGuard guard(x.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index());
+  const lk::DType x_dt = to_dtype(x, "x"), a_dt = to_dtype(lora_A, "lora_A");
+  const int a_pieces = lk::adapter_pieces(x_dt, a_dt);
+  const bool sm90 = K > 0 && lk::lora_shrink_sm90_unsupported(x.data_ptr(), x_dt, a_dt, M, K, r, 0.f) == nullptr;
+  const lk::SplitPlan plan = sm90 ? lk::lora_shrink_sm90_plan(M, K, r, a_pieces)
+                                  : lk::lora_shrink_plan(M, K, r, lk::lora_shrink_resident_blocks(x_dt, a_dt, r));
+  const bool partial = plan.col_groups > 1;
+  Tensor u = at::empty({M, r}, x.options().dtype(at::kFloat));
+  Workspace ws;
+  const int64_t work_piece = partial ? ws.reserve_floats(plan.col_groups * M * r) : -1;
+  const int64_t scratch_piece = sm90 ? ws.reserve((int64_t)lk::lora_shrink_sm90_scratch_bytes(K, r, a_pieces)) : -1;
+  ws.allocate(x.options());
+  float* const work = partial ? ws.ptr<float>(work_piece) : u.data_ptr<float>();
+  if (sm90) {
+    check_cuda(lk::launch_lora_shrink_sm90(x.data_ptr(), x_dt, lora_A.data_ptr(), a_dt, work, M, K, r, plan,
+                                           (float)scaling, 0.f, nullptr, ws.ptr(scratch_piece), stream),
+               "lora_shrink (sm90) launch");
+  } else {
+    check_cuda(lk::launch_lora_shrink(x.data_ptr(), x_dt, lora_A.data_ptr(), a_dt, work, M, K, r, plan,
+                                      (float)scaling, 0.f, 0, nullptr, 0, nullptr, stream),
+               "lora_shrink launch");
+  }
+  if (partial) {
+    check_cuda(lk::launch_reduce_partials(work, plan.col_groups, M * r, u.data_ptr(), lk::DType::kFloat32, stream),
+               "reduce(u) launch");
+  }
+  return u;
+}
+
+// dora_linear at p = 0 with its autograd node in C++ (csrc/dora_autograd.h): the LoRA passes above plus csrc/dora.cu.
+struct DoraKernels : FusedKernels {
+  static std::tuple<Tensor, Tensor, Tensor> dora_norm(const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B,
+                                                      const Tensor& magnitude, double scaling, const Tensor& wsq) {
+    const int64_t N = weight.size(0);
+    const int r = (int)lora_A.size(0);
+    const Tensor wa = shrink_only(weight, lora_A, 1.0);  // W Aᵀ: one pass over W
+    const Tensor a32 = lora_A.to(at::kFloat);
+    const Tensor aat = at::mm(a32, a32.t());  // (r, r)
+    const c10::cuda::CUDAGuard guard(weight.device());
+    cudaStream_t stream = c10::cuda::getCurrentCUDAStream(weight.device().index());
+    Tensor norm = at::empty({N}, weight.options().dtype(at::kFloat)), g = at::empty_like(norm);
+    Tensor bg = at::empty_like(lora_B);
+    check_cuda(lk::launch_dora_combine(wa.data_ptr<float>(), wsq.data_ptr<float>(), lora_B.data_ptr(),
+                                       to_dtype(lora_B, "lora_B"), aat.data_ptr<float>(), magnitude.data_ptr(),
+                                       to_dtype(magnitude, "magnitude"), (float)scaling, N, r, norm.data_ptr<float>(),
+                                       g.data_ptr<float>(), bg.data_ptr(), stream),
+               "dora combine launch");
+    return {g, norm, bg};
+  }
+  static std::tuple<Tensor, Tensor> forward_scaled(const Tensor& x, const Tensor& weight,
+                                                   const std::optional<Tensor>& bias, const Tensor& lora_A,
+                                                   const Tensor& lora_B, const Tensor& g, double scaling) {
+    return lora_forward_scaled(x, weight, bias, lora_A, lora_B, g, scaling, 0.0, 0, 0, std::nullopt);
+  }
+  static std::tuple<Tensor, Tensor> dora_dy(const Tensor& dy, const Tensor& y, const Tensor& g, const Tensor& norm,
+                                            const Tensor& bias, const Tensor& x, const Tensor& weight, const Tensor& u,
+                                            const Tensor& lora_B, bool need_dyc, bool need_dm, at::ScalarType m_dtype) {
+    const int64_t M = dy.size(0), N = dy.size(1), K = x.size(1);
+    const c10::cuda::CUDAGuard guard(dy.device());
+    cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dy.device().index());
+    const lk::DType dt = to_dtype(dy, "dy");
+    const int64_t splits = lk::dora_colsum_splits(M, N);
+    Tensor dyc = need_dyc ? at::empty_like(dy) : Tensor();
+    Tensor part = need_dm ? at::empty({splits, N}, dy.options().dtype(at::kFloat)) : Tensor();
+    check_cuda(lk::launch_dora_colsum(dy.data_ptr(), y.data_ptr(), dt, g.data_ptr<float>(),
+                                      bias.defined() ? bias.data_ptr() : nullptr, need_dyc ? dyc.data_ptr() : nullptr,
+                                      need_dm ? part.data_ptr<float>() : nullptr, M, N, splits, stream),
+               "dora colsum launch");
+    Tensor dm;
+    if (need_dm) {
+      dm = at::empty({N}, dy.options().dtype(m_dtype));
+      const lk::DType m_dt = m_dtype == at::kFloat ? lk::DType::kFloat32 : dt;
+      check_cuda(lk::launch_dora_dmag(part.data_ptr<float>(), splits, g.data_ptr<float>(), norm.data_ptr<float>(),
+                                      dy.data_ptr(), x.data_ptr(), weight.data_ptr(), dt, u.data_ptr<float>(),
+                                      lora_B.data_ptr(), to_dtype(lora_B, "lora_B"), dm.data_ptr(), m_dt, M, K, N,
+                                      (int)lora_B.size(1), stream),
+                 "dora dmag launch");
+    }
+    return {dyc, dm};
+  }
+  static std::tuple<Tensor, Tensor, Tensor> backward_dx_from(const Tensor& dy, const Tensor& x, const Tensor& weight,
+                                                             const Tensor& lora_A, const Tensor& lora_B,
+                                                             const Tensor& u, const Tensor& dx_from, double scaling,
+                                                             bool need_dx, bool need_dA, bool need_dB) {
+    return backward_impl(dy, x, weight, lora_A, lora_B, u, scaling, 0.0, 0, 0, need_dx, need_dA, need_dB,
+                         std::nullopt, dx_from.defined() ? &dx_from : nullptr);
+  }
+};
+
+Tensor dora_entry(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& lora_A,
+                  const Tensor& lora_B, double scaling, const Tensor& magnitude, double dropout_p, bool training) {
+  return lk::dora_linear_entry<DoraKernels>(x, weight, bias, lora_A, lora_B, scaling, magnitude, dropout_p, training);
+}
+
+void dora_clear_cache() { lk::clear_weight_sq_cache(); }
+
 // Which GEMM path a forward (and its p = 0 dx) with these inputs takes: "sm90" or "cublas: <why not sm90>".
 std::string gemm_path(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias) {
   LK_CHECK(x.is_cuda() && x.dim() == 2 && weight.dim() == 2, "lora_kernels_cuda: gemm_path takes 2-D CUDA x, weight");
@@ -900,6 +1004,12 @@ TORCH_LIBRARY(lora_kernels_cuda, m) {
       "linear_entry(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
       "float dropout_p, bool training) -> Tensor",
       &linear_entry);
+  // DoRA's eager call at p = 0 in C++ (csrc/dora_autograd.h), y or None; and the clearing of its ‖W_n‖² cache
+  m.def(
+      "dora_entry(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
+      "Tensor magnitude, float dropout_p, bool training) -> Tensor",
+      &dora_entry);
+  m.def("dora_clear_cache() -> ()", &dora_clear_cache);
   m.def(
       "lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, float p, "
       "int seed, int offset, Tensor? seed_t=None) -> Tensor");

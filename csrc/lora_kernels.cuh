@@ -141,6 +141,24 @@ cudaError_t launch_lora_expand(void* y, DType y_dtype, const float* u, const voi
 cudaError_t launch_lora_col_scale(void* y, DType y_dtype, const float* c, const void* bias, int64_t M, int64_t N,
                                   cudaStream_t stream);
 
+// DoRA's passes at p = 0 (dora.cu; the C++ entry of dora_autograd.h). wa = W Aᵀ (N, r) fp32, wsq = ‖W_n‖² (N,) fp32,
+// aat = A Aᵀ (r, r) fp32, B (N, r) b_dtype, magnitude (N,) m_dtype: norm = ‖W + s·B A‖_row, g = magnitude / norm
+// (fp32) and Bg = g ⊙ B (b_dtype).
+cudaError_t launch_dora_combine(const float* wa, const float* wsq, const void* B, DType b_dtype, const float* aat,
+                                const void* magnitude, DType m_dtype, float scaling, int64_t N, int r, float* norm,
+                                float* g, void* Bg, cudaStream_t stream);
+// Row splits of launch_dora_colsum's partial sums for an (M, N) dy.
+int64_t dora_colsum_splits(int64_t M, int64_t N);
+// dy, y (M, N) dtype, g (N,) fp32, bias (N,) dtype or null: dyc = g ⊙ dy (dyc null: not written) and
+// part[s] (N,) fp32 = Σ_{m in split s} dy ⊙ (y − bias) / g (0 where g = 0), part (splits, N) or null.
+cudaError_t launch_dora_colsum(const void* dy, const void* y, DType dtype, const float* g, const void* bias,
+                               void* dyc, float* part, int64_t M, int64_t N, int64_t splits, cudaStream_t stream);
+// dmag (N,) m_dtype = Σ_s part[s] / norm; where g = 0, Σ_m dy ⊙ (x Wᵀ + u Bᵀ) / norm for that column instead
+// (x (M, K), W (N, K), dy (M, N) dtype; u (M, r) fp32; B (N, r) b_dtype).
+cudaError_t launch_dora_dmag(const float* part, int64_t splits, const float* g, const float* norm, const void* dy,
+                             const void* x, const void* W, DType dtype, const float* u, const void* B, DType b_dtype,
+                             void* dmag, DType m_dtype, int64_t M, int64_t K, int64_t N, int r, cudaStream_t stream);
+
 // g_out[c] (M, r) fp32 = dy[:, cols of c] @ B[cols of c] (g_out = g itself when plan.col_groups == 1);
 // and if dB_partial != nullptr: dB_partial[s] (N, r) = dy[rows of s]^T @ u[rows of s] (u may be null otherwise).
 // dy (M, N) dy_dtype, B (N, r) b_dtype, u (M, r) fp32. plan from lora_dy_pass_plan(M, N, r).

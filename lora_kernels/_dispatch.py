@@ -107,14 +107,15 @@ def _resolve_name(requested, device_type: str, float64: bool, device_seed: bool)
     return requested
 
 
-def eager_entry(requested):
-    """The C++ entry that runs a whole eager lora_linear call (csrc/lora_autograd.h, lora_linear_entry) of the
-    backend that calls with ``requested`` (None/'auto'/name) on CUDA tensors run on, where that backend has one (the
-    cuda backend), else None. The entry itself declines the calls it does not take (CPU tensors among them)."""
+def eager_entry(requested, op="linear_entry"):
+    """The C++ entry that runs a whole eager call of ``op`` (``linear_entry``: lora_linear, csrc/lora_autograd.h;
+    ``dora_entry``: dora_linear at p = 0, csrc/dora_autograd.h) on the backend that calls with ``requested``
+    (None/'auto'/name) on CUDA tensors run on, where that backend has one (the cuda backend), else None. The entry
+    itself declines the calls it does not take (CPU tensors among them)."""
     if requested in (None, "auto"):
         requested = _config.backend() or "auto"
     mod = _entry_backend(requested)
-    return None if mod is None else mod.linear_entry  # read per call: tests switch it off
+    return None if mod is None else getattr(mod, op, None)  # read per call: tests switch it off
 
 
 @functools.lru_cache(maxsize=8)

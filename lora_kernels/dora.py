@@ -127,9 +127,13 @@ _WSQ_CACHE = WeakIdKeyDictionary()  # weight tensor -> (key, storage weak ref, �
 
 
 def clear_weight_norm_cache() -> None:
-    """Forget every cached ‖W_n‖². Needed only after changing a weight in place without bumping its version counter
-    (through ``W.data``, or under ``torch.autograd._unsafe_preserve_version_counter``) at the same address."""
+    """Forget every cached ‖W_n‖² (this module's and the cuda backend's C++ entry's). Needed only after changing a
+    weight in place without bumping its version counter (through ``W.data``, or under
+    ``torch.autograd._unsafe_preserve_version_counter``) at the same address."""
     _WSQ_CACHE.clear()
+    be = _dispatch._load("cuda")[0]
+    if be is not None and getattr(be, "clear_dora_cache", None) is not None:
+        be.clear_dora_cache()
 
 
 def _row_chunks(w: torch.Tensor):
@@ -475,6 +479,19 @@ def dora_linear(x, weight, bias, lora_A, lora_B, scaling, magnitude, dropout_p=0
     Returns (..., N) in x's dtype; grads for x, lora_A, lora_B and magnitude (and weight/bias if they require
     grad). ``backend``: None/'auto', 'torch', 'triton', 'cuda', as ``lora_linear``.
     """
+    # The whole call in C++ where the backend has an entry for it (the cuda backend at p = 0: csrc/dora_autograd.h,
+    # the same math as SAVE_Y below): it declines (None) every call that it does not run as the code below would.
+    # Not under torch.compile, a functorch transform, or with SAVE_Z / without SAVE_Y (the entry keeps y).
+    if (SAVE_Y and not SAVE_Z and not torch.compiler.is_compiling()
+            and not (ops._FUNCTORCH_ACTIVE and ops._FUNCTORCH_ACTIVE())):
+        entry = _dispatch.eager_entry(backend, "dora_entry")
+        if entry is not None:
+            try:
+                y = entry(x, weight, bias, lora_A, lora_B, scaling, magnitude, dropout_p, training)
+            except TypeError:  # an argument of another kind than the schema's: the checks below name it
+                y = None
+            if y is not None:
+                return y
     norm_weight = weight
     if torch.is_autocast_enabled(x.device.type):  # behave like F.linear under autocast (the norm uses W as given)
         dt = torch.get_autocast_dtype(x.device.type)

@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import torch_cxx_std
+from conftest import assert_tolerance, torch_cxx_std
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -343,3 +343,162 @@ def test_entry_draws_the_seed_as_the_python_path(op, entry, training, p):
     assert torch.equal(torch.get_rng_state(), after)
     if p == 1.0:
         assert torch.equal(y, op(x, W, b, A, B, 0.0, 0.0, 0, 0))
+
+
+# ------------------------------------------------------------------------------------------- DoRA's C++ entry
+# dora_linear_entry (csrc/dora_autograd.h) runs an eager dora_linear call at p = 0 in C++, or declines it (None).
+# Here with the shim's reference ATen math (ReferenceDora) on CPU tensors: the node's routing of the grads of x, A,
+# B and the magnitude, the ‖W_n‖² cache, the saved output y, and what it declines. The GPU suite checks the cuda
+# backend's entry against float64 and PEFT (tests/test_dora.py runs through it by default, tests/test_cuda_dora_ops.py
+# checks that it is taken).
+@pytest.fixture(scope="module")
+def dora_entry(op):
+    return torch.ops.lora_autograd_shim.dora_entry
+
+
+def _dora_fresh(x_shape=(9, 24), N=20, r=4, bias=True, dtype=torch.float32, adapters=torch.float32, seed=0,
+                zero_cols=()):
+    from test_dora import make
+
+    torch.manual_seed(seed)
+    x, W, b, A, B, m = make(x_shape[:-1], x_shape[-1], N, r, dtype, "cpu", bias, adapters)
+    if zero_cols:
+        m[list(zero_cols)] = 0
+    return x, W, b, A, B, m
+
+
+def _dora_check(dora_entry, x, W, b, A, B, m, req=(True, True, True, True), s=0.75, training=True, dropout_p=0.0):
+    """The entry's output and grads against PEFT's formula in float64, under the tolerance rule with the torch
+    backend's float32 dora_linear as the same-precision baseline; the node is DoRA's."""
+    from test_dora import peft_formula
+
+    import lora_kernels
+
+    def leaves(cast):
+        return [cast(t).detach().clone().requires_grad_(q) for t, q in zip((x, A, B, m), req)]
+
+    mine, base, ref = leaves(lambda t: t), leaves(lambda t: t), leaves(lambda t: t.double())
+    y = dora_entry(mine[0], W, b, mine[1], mine[2], s, mine[3], dropout_p, training)
+    assert y is not None, "declined a call it should take"
+    assert y.shape == (*x.shape[:-1], W.shape[0]) and y.dtype == x.dtype
+    node = y.grad_fn if x.dim() == 2 else y.grad_fn.next_functions[0][0]  # 3-D: the reshape's view first
+    assert "DoraLinearFunction" in node.name()
+    y0 = lora_kernels.dora_linear(base[0], W, b, base[1], base[2], s, base[3], dropout_p=dropout_p,
+                                  training=training, backend="torch")
+    y64 = peft_formula(ref[0], W.double(), None if b is None else b.double(), ref[1], ref[2], s, ref[3])
+    assert_tolerance(y, y64, y0, "y")
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y0.backward(dy)
+    y64.backward(dy.double())
+    for name, a, b0, r64, q in zip(("x", "A", "B", "magnitude"), mine, base, ref, req):
+        if not q:
+            assert a.grad is None, name
+            continue
+        assert a.grad.dtype == a.dtype, name
+        assert_tolerance(a.grad, r64.grad, b0.grad, name)
+
+
+@pytest.mark.parametrize("case", ["2d", "3d", "nobias", "rank_1", "bf16_fp32_adapters", "bf16_magnitude", "eval_p"])
+def test_dora_entry_matches_peft(op, dora_entry, case):
+    kw, extra = {}, {}
+    if case == "3d":
+        kw["x_shape"] = (2, 5, 24)
+    elif case == "nobias":
+        kw["bias"] = False
+    elif case == "rank_1":
+        kw["r"] = 1
+    elif case == "bf16_fp32_adapters":
+        kw["dtype"] = torch.bfloat16
+    elif case == "bf16_magnitude":
+        kw.update(dtype=torch.bfloat16, adapters=torch.bfloat16)
+    elif case == "eval_p":  # dropout off in eval mode: the entry takes it
+        extra = dict(training=False, dropout_p=0.3)
+    _dora_check(dora_entry, *_dora_fresh(**kw), **extra)
+
+
+@pytest.mark.parametrize("req", [(True, False, False, False), (False, True, True, False), (False, False, False, True),
+                                 (True, False, False, True)], ids=lambda r: "".join("xABm"[i] for i in range(4) if r[i]))
+def test_dora_entry_grad_subsets(op, dora_entry, req):
+    """Each subset of (x, A, B, magnitude) gets exactly its grads (the magnitude's alone needs no dy_c; x's alone
+    no magnitude sum)."""
+    _dora_check(dora_entry, *_dora_fresh(seed=1), req=req)
+
+
+def test_dora_entry_zero_magnitudes(op, dora_entry):
+    # g = 0 columns (y = b there): the magnitude's grad from z recomputed for those columns
+    _dora_check(dora_entry, *_dora_fresh(seed=2, zero_cols=(0, 7, 8, 19)))
+
+
+def test_dora_entry_no_grad_and_saved_y(op, dora_entry):
+    x, W, b, A, B, m = _dora_fresh(seed=3)
+    with torch.no_grad():
+        y = dora_entry(x, W, b, A, B, 0.75, m.requires_grad_(), 0.0, True)
+    assert y is not None and y.grad_fn is None
+    y = dora_entry(x.requires_grad_(), W, b, A, B, 0.75, m, 0.0, True)
+    y.add_(1.0)  # the backward reads the output it returned: autograd's clear error, not wrong grads
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def test_dora_entry_double_backward_is_a_clear_error(op, dora_entry):
+    x, W, b, A, B, m = _dora_fresh(seed=4)
+    x.requires_grad_(), m.requires_grad_()
+    gx, gm = torch.autograd.grad(dora_entry(x, W, b, A, B, 0.75, m, 0.0, True).square().sum(), (x, m),
+                                 create_graph=True)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        torch.autograd.grad(gx.sum() + gm.sum(), (x, m))
+
+
+def test_dora_entry_declines(op, dora_entry):
+    """Dropout in training, a trainable base, float64, autocast, a non-contiguous weight, a magnitude of another
+    shape, dtype or device, and the empty problems: None (the Python path runs them)."""
+    x, W, b, A, B, m = _dora_fresh(seed=5)
+    assert dora_entry(x, W, b, A, B, 0.75, m, 0.1, True) is None
+    assert dora_entry(x, W.clone().requires_grad_(), b, A, B, 0.75, m, 0.0, True) is None
+    assert dora_entry(x, W, b.clone().requires_grad_(), A, B, 0.75, m, 0.0, True) is None
+    d = [t.double() for t in (x, W, b, A, B, m)]
+    assert dora_entry(d[0], d[1], d[2], d[3], d[4], 0.75, d[5], 0.0, True) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert dora_entry(x, W, b, A, B, 0.75, m, 0.0, True) is None
+    Wt = W.t().contiguous().t()
+    assert dora_entry(x, Wt, b, A, B, 0.75, m, 0.0, True) is None
+    assert dora_entry(x, W, b, A, B, 0.75, m[:-1], 0.0, True) is None
+    assert dora_entry(x, W, b, A, B, 0.75, m.to(torch.float16), 0.0, True) is None
+    assert dora_entry(x, W, b, A, B, 0.75, m.to("meta"), 0.0, True) is None
+    assert dora_entry(x, W, b, A, B, float("inf"), m, 0.0, True) is None
+    assert dora_entry(x[:0], W, b, A, B, 0.75, m, 0.0, True) is None
+    assert dora_entry(x, W, b, A, B, 0.75, m, 1.0, True) is None  # dora_linear refuses p = 1
+
+
+def test_dora_entry_norm_cache_follows_the_weight(op, dora_entry):
+    """The C++ ‖W_n‖² cache: a repeated call reuses it, and an in-place change of W (version counter), a new
+    storage through W.data, and other strides all give the new weight's output; an in-place change that bypasses the
+    version counter is its documented blind spot, which dora.clear_weight_norm_cache() clears."""
+    from test_dora import peft_formula
+
+    from lora_kernels import dora
+
+    x, W0, b, A, B, m = _dora_fresh(seed=6)
+    W = torch.nn.Parameter(W0.clone(), requires_grad=False)
+
+    def check():
+        y = dora_entry(x, W, b, A, B, 0.75, m, 0.0, True)
+        want = peft_formula(x.double(), W.double(), b.double(), A.double(), B.double(), 0.75, m.double())
+        torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+        return y
+
+    y1 = check()
+    assert torch.equal(check(), y1)
+    with torch.no_grad():
+        W.mul_(1.5)
+    check()
+    W.data = torch.randn_like(W0) / 5
+    check()
+    W.data.mul_(2.0)  # no version bump, same address: stale until the cache is cleared
+    stale = dora_entry(x, W, b, A, B, 0.75, m, 0.0, True)
+    want = peft_formula(x.double(), W.double(), b.double(), A.double(), B.double(), 0.75, m.double())
+    assert not torch.allclose(stale.double(), want, rtol=1e-3, atol=1e-3)
+    torch.ops.lora_autograd_shim.dora_clear_cache()
+    check()
+    dora.clear_weight_norm_cache()  # also reaches the cuda backend's cache where it is built; harmless here

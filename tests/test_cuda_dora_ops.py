@@ -7,6 +7,9 @@
   unscaled forward's.
 * ``backward_dx_from``, the backward whose dx takes its frozen product from another operand (dx = dx_from W +
   s·(dy B) A, dA and dB from dy): on the sm_90 dx GEMM, cuBLAS (small M, odd K) and with dropout, against float64.
+* ``dora_entry``, dora_linear's eager call at p = 0 in C++ (csrc/dora_autograd.h, csrc/dora.cu): taken by default,
+  declined with dropout; against float64 and PEFT's formula (tests/test_dora.py's run_and_check) on odd shapes and
+  every dtype pair, zero magnitudes, the ‖W_n‖² cache following a changed W, no host synchronisation.
 
 Outputs poisoned; DoRA's cuda forward and backward take these ops.
 """
@@ -148,6 +151,7 @@ def test_dora_forward_takes_it(monkeypatch, p):
         return real(*args)
 
     monkeypatch.setattr(cb, "forward_scaled", counting)
+    monkeypatch.setattr(cb, "dora_entry", None)  # the Python path (the C++ entry calls the op below Python)
     x, W, b, A, B, _ = _inputs(256, 192, 320, 16, torch.bfloat16, torch.float32, True)
     m = (torch.rand(320, device="cuda") + 0.5).requires_grad_()
     torch.manual_seed(7)  # the same dropout seed for every call below
@@ -230,6 +234,112 @@ def test_dora_backward_takes_one_call(monkeypatch):
     real_from, real_bwd = cb.backward_dx_from, cb.backward
     monkeypatch.setattr(cb, "backward_dx_from", lambda *a: calls.append("dx_from") or real_from(*a))
     monkeypatch.setattr(cb, "backward", lambda *a: calls.append("backward") or real_bwd(*a))
+    monkeypatch.setattr(cb, "dora_entry", None)  # the Python path
     run_and_check("cuda", "cuda", torch.bfloat16, (256,), 192, 320, 16, bias=True, p=0.0,
                   adapter_dtype=torch.float32)
     assert calls == ["dx_from"]
+
+
+# ------------------------------------------------------------------------------------------- the C++ DoRA entry
+def _dora_node(y):
+    fn = y.grad_fn
+    while fn is not None and "Dora" not in fn.name() and fn.next_functions:
+        fn = fn.next_functions[0][0]
+    return fn.name() if fn is not None else None
+
+
+@pytest.mark.parametrize("p,training,taken", [(0.0, True, True), (0.1, False, True), (0.1, True, False)])
+def test_dora_entry_taken_at_p0_only(p, training, taken):
+    x, W, b, A, B, _ = _inputs(64, 96, 80, 8, torch.bfloat16, torch.float32, True)
+    m = (torch.rand(80, device="cuda") + 0.5).requires_grad_()
+    y = lora_kernels.dora_linear(x.reshape(4, 16, 96), W, b, A, B, S, m, dropout_p=p, training=training,
+                                 backend="cuda")
+    name = _dora_node(y)
+    assert ("DoraLinearFunction" in name) == taken, name
+
+
+@pytest.mark.parametrize("dtype,adapters", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                            (torch.float16, torch.float32), (torch.float32, torch.float32)],
+                         ids=lambda v: str(v).split(".")[-1])
+@pytest.mark.parametrize("shape", [((1,), 64, 48, 4), ((3, 7), 100, 50, 33), ((300,), 256, 200, 16),
+                                   ((2048,), 512, 384, 64), ((64,), 128, 96, 256)], ids=str)
+def test_dora_entry_against_float64(dtype, adapters, shape):
+    """The entry's y and grads of x, A, B and the magnitude under the tolerance rule against PEFT's formula in
+    float64 (run_and_check), with and without a bias; odd K and N, M = 1 (small M), 3-D x, r up to 256."""
+    from test_dora import run_and_check
+
+    lead, K, N, r = shape
+    for bias in (True, False):
+        run_and_check("cuda", "cuda", dtype, lead, K, N, r, bias=bias, p=0.0, adapter_dtype=adapters)
+
+
+def test_dora_entry_zero_magnitudes_and_magnitude_dtype():
+    from test_dora import run_and_check
+
+    run_and_check("cuda", "cuda", torch.bfloat16, (300,), 256, 320, 16, bias=True, p=0.0,
+                  adapter_dtype=torch.float32, zero_cols=[0, 127, 128, 319])
+    run_and_check("cuda", "cuda", torch.bfloat16, (37,), 100, 50, 8, bias=True, p=0.0,
+                  adapter_dtype=torch.bfloat16, zero_cols=[3])  # a bf16 magnitude: its grad in bf16
+
+
+def test_dora_entry_matches_the_python_path(monkeypatch):
+    """Entry and Python path (entry switched off) on the same inputs agree to within a bf16 rounding or two: the same
+    forward op with g equal up to the norm's summation order, the same backward op (each path is checked against
+    float64 on its own above and in tests/test_dora.py)."""
+    cb = _cb()
+    x, W, b, A, B, _ = _inputs(512, 256, 384, 16, torch.bfloat16, torch.float32, True)
+    m = torch.rand(384, device="cuda") + 0.5
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in (x, A, B, m)]
+        y = lora_kernels.dora_linear(leaves[0], W, b, leaves[1], leaves[2], S, leaves[3], backend="cuda")
+        y.backward(dy)
+        return [y.detach()] + [t.grad for t in leaves]
+
+    dy = torch.randn(512, 384, device="cuda").bfloat16()
+    ours = run()
+    monkeypatch.setattr(cb, "dora_entry", None)
+    py = run()
+    for name, a, p_ in zip(("y", "dx", "dA", "dB", "dmag"), ours, py):
+        assert a.dtype == p_.dtype, name
+        torch.testing.assert_close(a.float(), p_.float(), rtol=1e-2, atol=1e-2 * p_.float().abs().max().item(),
+                                   msg=name)
+
+
+def test_dora_entry_norm_cache_follows_the_weight():
+    from test_dora import peft_formula
+
+    x, W0, b, A, B, _ = _inputs(128, 96, 80, 8, torch.float32, torch.float32, True)
+    m = torch.rand(80, device="cuda") + 0.5
+    W = torch.nn.Parameter(W0.clone(), requires_grad=False)
+
+    def check():
+        y = lora_kernels.dora_linear(x, W, b, A, B, S, m.requires_grad_(), backend="cuda")
+        want = peft_formula(x.double(), W.double(), b.double(), A.double(), B.double(), S, m.double())
+        torch.testing.assert_close(y.double(), want, rtol=1e-4, atol=1e-4)
+
+    check()
+    check()
+    with torch.no_grad():
+        W.mul_(1.5)
+    check()
+    W.data = torch.randn_like(W0)
+    check()
+    W.data.mul_(2.0)  # the documented blind spot, then the remedy
+    lora_kernels.dora.clear_weight_norm_cache()
+    check()
+
+
+def test_dora_entry_no_host_sync():
+    x, W, b, A, B, _ = _inputs(1024, 512, 384, 16, torch.bfloat16, torch.float32, True)
+    m = (torch.rand(384, device="cuda") + 0.5).requires_grad_()
+    x.requires_grad_(), A.requires_grad_(), B.requires_grad_()
+    lora_kernels.dora_linear(x, W, b, A, B, S, m, backend="cuda").sum().backward()  # warm: the cache filled
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y = lora_kernels.dora_linear(x, W, b, A, B, S, m, backend="cuda")
+        y.backward(torch.ones_like(y))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert "DoraLinearFunction" in _dora_node(y)

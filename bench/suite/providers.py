@@ -29,6 +29,8 @@ DoRA providers (``--dora``; same inputs, plus a magnitude set to PEFT's init val
                        the defaults (p = 0: the output y kept for the backward, z = (y - b)/g; p > 0: z recomputed).
   ours-dora-<backend>-recompute
                        lora_kernels.dora.SAVE_Y off: z recomputed at p = 0 too (one GEMM more, nothing M×N saved).
+  ours-dora-cuda-py     the cuda backend with its C++ DoRA entry switched off (the Python path of lora_kernels/dora.py
+                       around the same kernels; for host-time A/B).
   ours-dora-<backend>-savez
                        the same with lora_kernels.dora.SAVE_Z (z saved for backward: one GEMM fewer, M×N more saved).
   peft-dora            a real peft lora.Linear with use_dora=True (default config: fp32 adapters), lora_dropout=p.
@@ -52,7 +54,7 @@ FLOOR = "cublas-base"
 PEFT_REF = "peft-layer"
 DORA_PROVIDERS = tuple(f"ours-dora-{b}" for b in BACKENDS) + (
     "ours-dora-cuda-recompute", "ours-dora-triton-recompute", "ours-dora-cuda-savez", "ours-dora-triton-savez",
-    "peft-dora")
+    "ours-dora-cuda-py", "peft-dora")
 DORA_PEFT_REF = "peft-dora"
 SCALING = 2.0  # lora_alpha = 2 r
 
@@ -280,20 +282,27 @@ def _dora_case(provider, sets, fwds, fwd_bwds, exclude, K, N, r, p, s, bias, dev
         t["m"] = dora_weight_norm(t["W"], t["A"], t["B"], s).to(t["A"].dtype).requires_grad_(True)
     if provider.startswith("ours-dora-"):
         backend = provider[len("ours-dora-"):]
-        save_z, recompute = backend.endswith("-savez"), backend.endswith("-recompute")
-        backend = backend.rsplit("-", 1)[0] if (save_z or recompute) else backend
+        save_z, recompute, py = backend.endswith("-savez"), backend.endswith("-recompute"), backend.endswith("-py")
+        backend = backend.rsplit("-", 1)[0] if (save_z or recompute or py) else backend
         if backend not in lora_kernels.available_backends():
             raise Unavailable(f"backend {backend!r} not available (available: {lora_kernels.available_backends()})")
         from lora_kernels import dora
 
+        be = lora_kernels._dispatch.get(backend)
+
         def call(t, save_z=save_z, save_y=not recompute, backend=backend):
-            # read by the forward only (the backward follows its ctx)
+            # read by the forward only (the backward follows its ctx); -py: the C++ entry switched off
             before, dora.SAVE_Z, dora.SAVE_Y = (dora.SAVE_Z, dora.SAVE_Y), save_z, save_y
+            entry = getattr(be, "dora_entry", None)
+            if py:
+                be.dora_entry = None
             try:
                 return lora_kernels.dora_linear(t["x"], t["W"], t["b"], t["A"], t["B"], s, t["m"], dropout_p=p,
                                                 training=True, backend=backend)
             finally:
                 dora.SAVE_Z, dora.SAVE_Y = before
+                if py:
+                    be.dora_entry = entry
 
         for t in sets:
             _add_modes(fwds, fwd_bwds, lambda t=t: call(t), (t["x"], t["A"], t["B"], t["m"]), t["dy"])

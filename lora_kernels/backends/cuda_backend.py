@@ -170,3 +170,15 @@ linear_autograd = (_linear_autograd if _LINEAR is not None and _config.CPP_AUTOG
 # None for the others, which ops.lora_linear then runs itself. Off with LORA_KERNELS_CPP_AUTOGRAD=0, like the node.
 linear_entry = (torch.ops.lora_kernels_cuda.linear_entry.default
                 if linear_autograd is not None and hasattr(torch.ops.lora_kernels_cuda, "linear_entry") else None)
+
+# dora_linear's whole eager call at p = 0 in C++ (``lora_kernels_cuda::dora_entry``, csrc/dora_autograd.h): the norm,
+# the forward with the column scale, and an autograd node whose backward runs no Python; None for the calls it
+# declines (dropout among them), which lora_kernels/dora.py then runs itself. Off with LORA_KERNELS_CPP_AUTOGRAD=0.
+dora_entry = (torch.ops.lora_kernels_cuda.dora_entry.default
+              if linear_autograd is not None and hasattr(torch.ops.lora_kernels_cuda, "dora_entry") else None)
+
+
+def clear_dora_cache() -> None:
+    """Forget the C++ entry's cached ‖W_n‖² (lora_kernels.dora.clear_weight_norm_cache calls it)."""
+    if _OPS is not None and hasattr(torch.ops.lora_kernels_cuda, "dora_clear_cache"):
+        torch.ops.lora_kernels_cuda.dora_clear_cache()

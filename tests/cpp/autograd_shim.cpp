@@ -11,6 +11,7 @@
 #include <optional>
 #include <tuple>
 
+#include "dora_autograd.h"
 #include "lora_autograd.h"
 
 namespace {
@@ -59,6 +60,67 @@ struct ReferenceMath {
   }
 };
 
+// dora_autograd.h's Impl with reference ATen math (the formulas of lora_kernels/dora.py at p = 0).
+struct ReferenceDora : ReferenceMath {
+  static std::tuple<Tensor, Tensor, Tensor> dora_norm(const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B,
+                                                      const Tensor& magnitude, double scaling, const Tensor& wsq) {
+    const auto acc = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    const Tensor A = lora_A.to(acc), B = lora_B.to(acc);
+    const Tensor wa = weight.to(acc).mm(A.t());
+    const Tensor sq = wsq.to(acc) + (B * (2.0 * scaling * wa + (scaling * scaling) * B.mm(A.mm(A.t())))).sum(1);
+    const Tensor norm = sq.clamp_min(0.0).sqrt();
+    const Tensor g = magnitude.to(acc) / norm;
+    return {g, norm, (B * g.unsqueeze(1)).to(lora_B.scalar_type())};
+  }
+  static std::tuple<Tensor, Tensor> forward_scaled(const Tensor& x, const Tensor& weight,
+                                                   const std::optional<Tensor>& bias, const Tensor& lora_A,
+                                                   const Tensor& lora_B, const Tensor& g, double scaling) {
+    auto [z, u] = forward(x, weight, std::nullopt, lora_A, lora_B, scaling, 0.0, 0, 0, std::nullopt);
+    Tensor y = z.to(g.scalar_type()) * g;
+    if (bias.has_value() && bias->defined()) y = y + bias->to(g.scalar_type());
+    return {y.to(x.scalar_type()), u};
+  }
+  static std::tuple<Tensor, Tensor> dora_dy(const Tensor& dy, const Tensor& y, const Tensor& g, const Tensor& norm,
+                                            const Tensor& bias, const Tensor& x, const Tensor& weight, const Tensor& u,
+                                            const Tensor& lora_B, bool need_dyc, bool need_dm, at::ScalarType m_dtype) {
+    const auto acc = g.scalar_type();
+    const Tensor d = dy.to(acc);
+    Tensor dyc, dm;
+    if (need_dyc) dyc = (d * g).to(dy.scalar_type());
+    if (need_dm) {
+      Tensor yb = y.to(acc);
+      if (bias.defined()) yb = yb - bias.to(acc);
+      const Tensor nz = g != 0;
+      Tensor dg = at::where(nz, (d * yb).sum(0) / at::where(nz, g, at::ones_like(g)), at::zeros_like(g));
+      const Tensor z = x.to(acc).mm(weight.to(acc).t()) + u.to(acc).mm(lora_B.to(acc).t());  // where g = 0
+      dg = at::where(nz, dg, (d * z).sum(0));
+      dm = (dg / norm).to(m_dtype);
+    }
+    return {dyc, dm};
+  }
+  static std::tuple<Tensor, Tensor, Tensor> backward_dx_from(const Tensor& dy, const Tensor& x, const Tensor& weight,
+                                                             const Tensor& lora_A, const Tensor& lora_B,
+                                                             const Tensor& u, const Tensor& dx_from, double scaling,
+                                                             bool need_dx, bool need_dA, bool need_dB) {
+    auto out = backward(dy, x, weight, lora_A, lora_B, u, scaling, 0.0, 0, 0, false, need_dA, need_dB, std::nullopt);
+    if (need_dx) {  // dx = dx_from W + s (dy B) A (dx_from undefined: dy)
+      const auto acc = u.scalar_type();
+      const Tensor& d = dx_from.defined() ? dx_from : dy;
+      std::get<0>(out) = (d.to(acc).mm(weight.to(acc)) + dy.to(acc).mm(lora_B.to(acc)).mm(lora_A.to(acc)) * scaling)
+                             .to(x.scalar_type());
+    }
+    return out;
+  }
+};
+
+Tensor dora_entry(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& lora_A,
+                  const Tensor& lora_B, double scaling, const Tensor& magnitude, double dropout_p, bool training) {
+  return lora_kernels::dora_linear_entry<ReferenceDora>(x, weight, bias, lora_A, lora_B, scaling, magnitude, dropout_p,
+                                                        training);
+}
+
+void dora_clear_cache() { lora_kernels::clear_weight_sq_cache(); }
+
 Tensor with_autograd(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& lora_A,
                      const Tensor& lora_B, double scaling, double p, int64_t seed, int64_t offset,
                      const std::optional<Tensor>& seed_t) {
@@ -85,6 +147,9 @@ TORCH_LIBRARY(lora_autograd_shim, m) {
   m.def("linear_entry(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
         "float dropout_p, bool training) -> Tensor", &entry);
   m.def("last_seed() -> int", &last_seed);
+  m.def("dora_entry(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
+        "Tensor magnitude, float dropout_p, bool training) -> Tensor", &dora_entry);
+  m.def("dora_clear_cache() -> ()", &dora_clear_cache);
   m.def("lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, float p, "
         "int seed, int offset, Tensor? seed_t=None) -> Tensor");
 }
