@@ -274,6 +274,15 @@ def test_dora_entry_against_float64(dtype, adapters, shape):
         run_and_check("cuda", "cuda", dtype, lead, K, N, r, bias=bias, p=0.0, adapter_dtype=adapters)
 
 
+@pytest.mark.parametrize("M,K,N", [(8449, 64, 1000), (8449, 40, 1001), (130, 72, 4096)], ids=str)
+def test_dora_entry_colsum_splits(M, K, N):
+    """Row splits of the magnitude's column sums where ceil(M / ceil(M / splits)) < splits (M = 8449, N = 1000: every
+    split's partial row is written, the empty ones as zeros), the 16-byte pass (N % 8 = 0) and the scalar one."""
+    from test_dora import run_and_check
+
+    run_and_check("cuda", "cuda", torch.bfloat16, (M,), K, N, 4, bias=True, p=0.0, adapter_dtype=torch.float32)
+
+
 def test_dora_entry_zero_magnitudes_and_magnitude_dtype():
     from test_dora import run_and_check
 
