@@ -36,15 +36,19 @@ if torch.cuda.get_device_capability() == (9, 0):  # the fused forward with dropo
             B = torch.randn(N, r, device="cuda", dtype=adapter, requires_grad=True)
             lora_kernels.lora_linear(x, W, None, A, B, 0.5, dropout_p=p, backend="cuda").float().sum().backward()
     cuda_backend.set_fused_forward(previous)
-# DoRA on the cuda backend: forward_scaled (the column scale in the fused forward's epilogue at M > 64, p = 0; the
-# scale pass on the small-M and dropout paths) and, at p = 0, the one-call backward (backward_dx_from)
-for M, K, N, r, p in ((300, 264, 136, 16, 0.0), (37, 100, 72, 8, 0.0), (131, 256, 200, 16, 0.2)):
+# DoRA on the cuda backend: at p = 0 the C++ entry (csrc/dora.cu: the combine, the 16-byte colsum pass at N % 8 = 0
+# and the scalar one elsewhere, row splits past M at 8449 x 1000, the zero-g recompute where a magnitude is 0, around
+# forward_scaled and backward_dx_from); at p > 0 the Python path (forward_scaled on the dropout path)
+for M, K, N, r, p in ((300, 264, 136, 16, 0.0), (37, 100, 72, 8, 0.0), (131, 256, 200, 16, 0.2), (93, 40, 75, 4, 0.0),
+                      (8449, 64, 1000, 4, 0.0)):
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K ** 0.5
     b = torch.randn(N, device="cuda", dtype=torch.bfloat16)
     A = (torch.randn(r, K, device="cuda") / K ** 0.5).requires_grad_()
     B = torch.randn(N, r, device="cuda").requires_grad_()
-    m = (torch.rand(N, device="cuda") + 0.5).requires_grad_()
+    m = torch.rand(N, device="cuda") + 0.5
+    m[N // 2] = 0.0  # g = 0 in one column: the magnitude's grad recomputes z there
+    m.requires_grad_()
     lora_kernels.dora_linear(x, W, b, A, B, 0.5, m, dropout_p=p, backend="cuda").float().sum().backward()
 torch.cuda.synchronize()
 print("sanitize run done")
