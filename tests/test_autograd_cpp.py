@@ -432,9 +432,13 @@ def test_dora_entry_zero_magnitudes(op, dora_entry):
 
 def test_dora_entry_no_grad_and_saved_y(op, dora_entry):
     x, W, b, A, B, m = _dora_fresh(seed=3)
+    with torch.inference_mode():  # fills the ‖W_n‖² cache with an inference tensor, which later calls then read
+        y = dora_entry(x, W, b, A, B, 0.75, m, 0.0, True)
+    assert y is not None and y.is_inference()
     with torch.no_grad():
         y = dora_entry(x, W, b, A, B, 0.75, m.requires_grad_(), 0.0, True)
     assert y is not None and y.grad_fn is None
+    _dora_check(dora_entry, x, W, b, A, B, m.detach())  # grads after the inference-mode call
     y = dora_entry(x.requires_grad_(), W, b, A, B, 0.75, m, 0.0, True)
     y.add_(1.0)  # the backward reads the output it returned: autograd's clear error, not wrong grads
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
