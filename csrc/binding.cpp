@@ -823,7 +823,7 @@ Tensor shrink_only(const Tensor& x, const Tensor& lora_A, double scaling) {
   return u;
 }
 
-// dora_linear at p = 0 with its autograd node in C++ (csrc/dora_autograd.h): the LoRA passes above plus csrc/dora.cu.
+// dora_linear at p = 0 with its autograd node in C++ (csrc/dora_autograd.h): the LoRA passes above plus csrc/dora_*.cu.
 struct DoraKernels : FusedKernels {
   static std::tuple<Tensor, Tensor, Tensor> dora_norm(const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B,
                                                       const Tensor& magnitude, double scaling, const Tensor& wsq) {

@@ -69,6 +69,31 @@ template <> __device__ __forceinline__ float from_f<float>(float v) { return v; 
 template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
+// One element of a buffer whose dtype is known only at run time (small passes over adapters and per-column
+// vectors, where a template per dtype pair is not worth its instances) as fp32, and back (rounded to nearest).
+__device__ __forceinline__ float load_any(const void* p, DType dt, int64_t i) {
+  switch (dt) {
+    case DType::kFloat16: return __half2float(static_cast<const __half*>(p)[i]);
+    case DType::kBFloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+    default: return static_cast<const float*>(p)[i];
+  }
+}
+
+__device__ __forceinline__ void store_any(void* p, DType dt, int64_t i, float v) {
+  switch (dt) {
+    case DType::kFloat16: static_cast<__half*>(p)[i] = __float2half_rn(v); break;
+    case DType::kBFloat16: static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v); break;
+    default: static_cast<float*>(p)[i] = v;
+  }
+}
+
+// The sum of v over the 32 lanes of a warp, in every lane (butterfly: the same order in every lane).
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
 // Four consecutive elements p[0..valid-1] (valid <= 4) -> fp32, zero-filled. One vector load (16 B for fp32,
 // 8 B for 16-bit types) when all four are in range and the address is aligned; scalar loads otherwise.
 template <typename T>

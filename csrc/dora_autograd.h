@@ -1,5 +1,5 @@
 // DoRA's eager call in C++ at p = 0: its autograd node and entry, shared by the CUDA binding (binding.cpp, with the
-// fused kernels and csrc/dora.cu) and the CPU test shim (tests/cpp/autograd_shim.cpp, with reference ATen math), as
+// fused kernels and csrc/dora_*.cu) and the CPU test shim (tests/cpp/autograd_shim.cpp, with reference ATen math), as
 // lora_autograd.h is for lora_linear.
 //
 //   g = magnitude / ‖W + s·B A‖_row (the norm detached),   y = g ⊙ (x Wᵀ + s·x Aᵀ Bᵀ) + b

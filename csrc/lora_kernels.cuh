@@ -141,7 +141,7 @@ cudaError_t launch_lora_expand(void* y, DType y_dtype, const float* u, const voi
 cudaError_t launch_lora_col_scale(void* y, DType y_dtype, const float* c, const void* bias, int64_t M, int64_t N,
                                   cudaStream_t stream);
 
-// DoRA's passes at p = 0 (dora.cu; the C++ entry of dora_autograd.h). wa = W Aᵀ (N, r) fp32, wsq = ‖W_n‖² (N,) fp32,
+// DoRA's passes at p = 0 (dora_norm.cu, dora_colsum.cu, dora_dmag.cu; the C++ entry of dora_autograd.h). wa = W Aᵀ (N, r) fp32, wsq = ‖W_n‖² (N,) fp32,
 // aat = A Aᵀ (r, r) fp32, B (N, r) b_dtype, magnitude (N,) m_dtype: norm = ‖W + s·B A‖_row, g = magnitude / norm
 // (fp32) and Bg = g ⊙ B (b_dtype).
 cudaError_t launch_dora_combine(const float* wa, const float* wsq, const void* B, DType b_dtype, const float* aat,

@@ -7,7 +7,7 @@
   unscaled forward's.
 * ``backward_dx_from``, the backward whose dx takes its frozen product from another operand (dx = dx_from W +
   s·(dy B) A, dA and dB from dy): on the sm_90 dx GEMM, cuBLAS (small M, odd K) and with dropout, against float64.
-* ``dora_entry``, dora_linear's eager call at p = 0 in C++ (csrc/dora_autograd.h, csrc/dora.cu): taken by default,
+* ``dora_entry``, dora_linear's eager call at p = 0 in C++ (csrc/dora_autograd.h, csrc/dora_*.cu): taken by default,
   declined with dropout; against float64 and PEFT's formula (tests/test_dora.py's run_and_check) on odd shapes and
   every dtype pair, zero magnitudes, the ‖W_n‖² cache following a changed W, no host synchronisation.
 

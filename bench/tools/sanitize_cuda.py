@@ -36,7 +36,7 @@ if torch.cuda.get_device_capability() == (9, 0):  # the fused forward with dropo
             B = torch.randn(N, r, device="cuda", dtype=adapter, requires_grad=True)
             lora_kernels.lora_linear(x, W, None, A, B, 0.5, dropout_p=p, backend="cuda").float().sum().backward()
     cuda_backend.set_fused_forward(previous)
-# DoRA on the cuda backend: at p = 0 the C++ entry (csrc/dora.cu: the combine, the 16-byte colsum pass at N % 8 = 0
+# DoRA on the cuda backend: at p = 0 the C++ entry (csrc/dora_*.cu: the combine, the 16-byte colsum pass at N % 8 = 0
 # and the scalar one elsewhere, row splits past M at 8449 x 1000, the zero-g recompute where a magnitude is 0, around
 # forward_scaled and backward_dx_from); at p > 0 the Python path (forward_scaled on the dropout path)
 for M, K, N, r, p in ((300, 264, 136, 16, 0.0), (37, 100, 72, 8, 0.0), (131, 256, 200, 16, 0.2), (93, 40, 75, 4, 0.0),

@@ -1,0 +1,77 @@
+// The grad of DoRA's magnitude at p = 0 (the C++ entry of dora_autograd.h; the math of lora_kernels/dora.py):
+//
+//   dmag_n = Σ_s part[s, n] / norm_n                     (the column sums of dora_colsum.cu)
+//   where g_n = 0 (y = b there: z is lost from y):  dmag_n = Σ_m dy_mn (x_m·W_n + u_m·B_n) / norm_n
+//
+// Tiling: one thread per column; then each block recomputes its zero-g columns one at a time (a warp per row, the
+// lanes over K). None exist in practice: the launch then costs a read of g.
+#include "common.cuh"
+#include "plans.cuh"
+
+#include <algorithm>
+
+namespace lora_kernels {
+using namespace detail;
+namespace {
+
+constexpr int kWarps = kThreads / 32;
+
+// One thread per column: dmag_n = Σ_s part[s, n] / norm_n. Then the block's columns with g_n = 0, one at a time:
+// z_mn = x_m·W_n + u_m·B_n recomputed (a warp per row, lanes over K) and dmag_n = Σ_m dy_mn z_mn / norm_n.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+dora_dmag_kernel(const float* __restrict__ part, int64_t splits, const float* __restrict__ g,
+                 const float* __restrict__ norm, const T* __restrict__ dy, const T* __restrict__ x,
+                 const T* __restrict__ W, const float* __restrict__ u, const void* __restrict__ B, DType b_dt,
+                 void* __restrict__ dmag, DType m_dt, int64_t M, int64_t K, int64_t N, int r) {
+  __shared__ float sums[kWarps];
+  __shared__ int zero_any;
+  const int64_t n = (int64_t)blockIdx.x * kThreads + threadIdx.x;
+  if (threadIdx.x == 0) zero_any = 0;
+  __syncthreads();
+  if (n < N) {
+    float t = 0.f;
+    for (int64_t s = 0; s < splits; ++s) t += part[s * N + n];
+    store_any(dmag, m_dt, n, t / norm[n]);
+    if (g[n] == 0.f) zero_any = 1;
+  }
+  __syncthreads();
+  if (!zero_any) return;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t end = min64(N, (int64_t)(blockIdx.x + 1) * kThreads);
+  for (int64_t c = (int64_t)blockIdx.x * kThreads; c < end; ++c) {
+    if (g[c] != 0.f) continue;  // uniform over the block
+    float acc = 0.f;
+    for (int64_t m = warp; m < M; m += kWarps) {
+      float z = 0.f;
+      for (int64_t k = lane; k < K; k += 32) z = fmaf(to_f<T>(x[m * K + k]), to_f<T>(W[c * K + k]), z);
+      for (int j = lane; j < r; j += 32) z = fmaf(u[m * r + j], load_any(B, b_dt, c * r + j), z);
+      z = warp_sum(z);
+      acc = fmaf(to_f<T>(dy[m * N + c]), z, acc);
+    }
+    if (lane == 0) sums[warp] = acc;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      float t = 0.f;
+      for (int w = 0; w < kWarps; ++w) t += sums[w];
+      store_any(dmag, m_dt, c, t / norm[c]);
+    }
+    __syncthreads();
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_dora_dmag(const float* part, int64_t splits, const float* g, const float* norm, const void* dy,
+                             const void* x, const void* W, DType dtype, const float* u, const void* B, DType b_dtype,
+                             void* dmag, DType m_dtype, int64_t M, int64_t K, int64_t N, int r, cudaStream_t stream) {
+  if (N <= 0) return cudaSuccess;
+  return with_dtype(dtype, [&](auto t) {
+    using T = decltype(t);
+    return launch_kernel(dora_dmag_kernel<T>, dim3((unsigned)ceil_div(N, kThreads)), kThreads, 0, stream, part,
+                         splits, g, norm, static_cast<const T*>(dy), static_cast<const T*>(x),
+                         static_cast<const T*>(W), u, B, b_dtype, dmag, m_dtype, M, K, N, r);
+  });
+}
+
+}  // namespace lora_kernels
