@@ -122,7 +122,10 @@ def test_fp32_adapters_on_half_base(backend, device, p):
     # must be fp32-accurate; at p = 0 no dropout rounding of x hides a 16-bit shortcut in the baseline.
     dtype = torch.float16 if device == "cpu" else torch.bfloat16
     run_and_check(backend, device, dtype, (5, 3), 56, 40, 16, bias=True, p=p, adapter_dtype=torch.float32)
-    run_and_check(backend, device, dtype, (300,), 1024, 264, 64, bias=False, p=p, adapter_dtype=torch.float32)
+    # a long K at r = 64; on the CPU 67 rows (a partial row tile still) instead of 300: under the Triton interpreter
+    # the 300 rows took 110-180 s of CI per p
+    M = 300 if device != "cpu" else 67
+    run_and_check(backend, device, dtype, (M,), 1024, 264, 64, bias=False, p=p, adapter_dtype=torch.float32)
 
 
 def test_frozen_base_may_require_grad():
