@@ -36,7 +36,8 @@ namespace lora_kernels {
 // address cannot be reused while the entry lives) and checked against its storage (held weakly: replacing W.data or
 // the storage misses), data pointer, storage offset, shape, strides, dtype and version counter (every in-place op on
 // W bumps it), as lora_kernels/dora.py's _weight_sq checks its own cache. clear_weight_sq_cache() empties it
-// (dora.clear_weight_norm_cache calls it).
+// (dora.clear_weight_norm_cache calls it). The entry of a freed weight (its N floats) is dropped at the next fill of
+// the cache, not at once as Python's weak dictionary drops its own; clear_weight_sq_cache() drops them all.
 struct WeightSqEntry {
   c10::weak_intrusive_ptr<c10::TensorImpl> impl;
   c10::weak_intrusive_ptr<c10::StorageImpl> storage;
