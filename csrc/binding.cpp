@@ -375,6 +375,41 @@ void sm90_dx_gemm(const Tensor& dy, const Tensor& weight, int r, const void* vx,
   check_cuda(lk::launch_lora_gemm_sm90(a, stream), "sm90 GEMM launch (dx)");
 }
 
+// The shrink u = s·dropout(x) Aᵀ (M, r) as the kernels write it: plan.col_groups split-K parts (summed by a reduce
+// or the sm_90 pack) or, with one group, u itself. On Hopper the wgmma streaming kernel (shrink_sm90.cu: lora_A's
+// pieces staged in a scratch piece of scratch_bytes(), dropout from the keep bits), else mma.sync / FFMA (shrink.cu,
+// which regenerates the mask itself where there are no keep bits).
+struct ShrinkPass {
+  lk::DType x_dt, a_dt;
+  int64_t M, K;
+  int r, pieces;
+  bool sm90;
+  lk::SplitPlan plan;
+
+  ShrinkPass(const Tensor& x, const Tensor& lora_A, float p)
+      : x_dt(to_dtype(x, "x")), a_dt(to_dtype(lora_A, "lora_A")), M(x.size(0)), K(x.size(1)),
+        r((int)lora_A.size(0)), pieces(lk::adapter_pieces(x_dt, a_dt)),
+        sm90(K > 0 && lk::lora_shrink_sm90_unsupported(x.data_ptr(), x_dt, a_dt, M, K, r, p) == nullptr),
+        plan(sm90 ? lk::lora_shrink_sm90_plan(M, K, r, pieces)
+                  : lk::lora_shrink_plan(M, K, r, lk::lora_shrink_resident_blocks(x_dt, a_dt, r))) {}
+
+  int64_t scratch_bytes() const { return sm90 ? (int64_t)lk::lora_shrink_sm90_scratch_bytes(K, r, pieces) : 0; }
+
+  void launch(const Tensor& x, const Tensor& lora_A, float* u_work, double scaling, float p, int64_t seed,
+              const int64_t* seed_ptr, int64_t offset, const uint8_t* keep8, void* scratch,
+              cudaStream_t stream) const {
+    if (sm90) {
+      check_cuda(lk::launch_lora_shrink_sm90(x.data_ptr(), x_dt, lora_A.data_ptr(), a_dt, u_work, M, K, r, plan,
+                                             (float)scaling, p, keep8, scratch, stream),
+                 "lora_shrink (sm90) launch");
+    } else {
+      check_cuda(lk::launch_lora_shrink(x.data_ptr(), x_dt, lora_A.data_ptr(), a_dt, u_work, M, K, r, plan,
+                                        (float)scaling, p, (uint64_t)seed, seed_ptr, (uint64_t)offset, keep8, stream),
+                 "lora_shrink launch");
+    }
+  }
+};
+
 // The forward. keep_u: u comes back as the second output (saved for backward); without it u is a temporary and
 // the second output is undefined (the forward alone, lora_linear below autograd). col_scale_t (N,) fp32, or null:
 // y = col_scale ⊙ (x Wᵀ + s·u Bᵀ) + bias (DoRA's column scale; forward_scaled below), in the fused forward's
@@ -458,15 +493,11 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& weight, c
     check_cuda(lk::launch_lora_fused_fwd_sm90(a, stream), "fused sm90 forward launch");
     return {y, u};
   }
-  // On Hopper the shrink runs on the wgmma streaming kernel (shrink_sm90.cu), lora_A's pieces in a scratch piece.
-  // With dropout, the mask as keep bits where the shrink's kernel reads them (csrc/dropout_bits.cu says why).
-  const int a_pieces = lk::adapter_pieces(x_dt, a_dt);
-  const bool shrink_sm90 =
-      K > 0 && lk::lora_shrink_sm90_unsupported(x.data_ptr(), x_dt, a_dt, M, K, r, pf) == nullptr;
+  // The shrink (ShrinkPass). With dropout, the mask as keep bits where the shrink's kernel reads them
+  // (csrc/dropout_bits.cu says why).
+  const ShrinkPass shrink(x, lora_A, pf);
+  const lk::SplitPlan& shrink_plan = shrink.plan;
   const bool bits = pf > 0.0f && K > 0 && lk::dropout_bits_used(x_dt, a_dt);
-  const lk::SplitPlan shrink_plan =
-      shrink_sm90 ? lk::lora_shrink_sm90_plan(M, K, r, a_pieces)
-                  : lk::lora_shrink_plan(M, K, r, lk::lora_shrink_resident_blocks(x_dt, a_dt, r));
   const bool partial = shrink_plan.col_groups > 1;  // u comes as split-K partials, summed by pack or reduce
   const bool sm90 = sm90_unsupported(x, weight, bias_t, M, N, K, lk::GemmLayoutB::kNK) == nullptr;
   // Without keep_u, u is a temporary, needed unless the sm_90 pack sums the partials (which it can do without
@@ -477,23 +508,13 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& weight, c
   const int64_t ux_piece = sm90 ? ws.reserve(M * kx * elem) : -1;
   const int64_t bx_piece = sm90 ? ws.reserve(N * kx * elem) : -1;
   const int64_t bits_piece = bits ? ws.reserve(lk::dropout_keep_bits_bytes(M, K)) : -1;
-  const int64_t shrink_scratch_piece =
-      shrink_sm90 ? ws.reserve((int64_t)lk::lora_shrink_sm90_scratch_bytes(K, r, a_pieces)) : -1;
+  const int64_t shrink_scratch_piece = shrink.sm90 ? ws.reserve(shrink.scratch_bytes()) : -1;
   ws.allocate(x.options());
   if (bits) make_keep_bits(ws.ptr<uint8_t>(bits_piece), M, K, pf, seed, seed_ptr, offset, stream);
   float* const u_out = keep_u ? u.data_ptr<float>() : ws.ptr<float>(u_piece);  // null where not needed
   float* const u_work = partial ? ws.ptr<float>(u_work_piece) : u_out;
-  if (shrink_sm90) {
-    check_cuda(lk::launch_lora_shrink_sm90(x.data_ptr(), x_dt, lora_A.data_ptr(), a_dt, u_work, M, K, r, shrink_plan,
-                                           (float)scaling, pf, ws.ptr<uint8_t>(bits_piece),
-                                           ws.ptr(shrink_scratch_piece), stream),
-               "lora_shrink (sm90) launch");
-  } else {
-    check_cuda(lk::launch_lora_shrink(x.data_ptr(), x_dt, lora_A.data_ptr(), a_dt, u_work, M, K, r, shrink_plan,
-                                      (float)scaling, pf, (uint64_t)seed, seed_ptr, (uint64_t)offset,
-                                      ws.ptr<uint8_t>(bits_piece), stream),
-               "lora_shrink launch");
-  }
+  shrink.launch(x, lora_A, u_work, scaling, pf, seed, seed_ptr, offset, ws.ptr<uint8_t>(bits_piece),
+                ws.ptr(shrink_scratch_piece), stream);
   Tensor y = at::empty({M, N}, x.options());
   if (sm90) {
     sm90_forward(x, weight, path_bias, u_work, shrink_plan.col_groups, u_out, r, lora_B, ws.ptr(ux_piece),
@@ -791,33 +812,19 @@ Tensor linear_entry(const Tensor& x, const Tensor& weight, const std::optional<T
 // reduce of its split-K parts. DoRA's W Aᵀ is this pass over W with s = 1 (fp32 accuracy: a float32 A on a bf16 W
 // runs as three exact bf16 pieces, as in the LoRA shrink).
 Tensor shrink_only(const Tensor& x, const Tensor& lora_A, double scaling) {
-  const int64_t M = x.size(0), K = x.size(1);
-  const int r = (int)lora_A.size(0);
   const c10::cuda::CUDAGuard guard(x.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index());
-  const lk::DType x_dt = to_dtype(x, "x"), a_dt = to_dtype(lora_A, "lora_A");
-  const int a_pieces = lk::adapter_pieces(x_dt, a_dt);
-  const bool sm90 = K > 0 && lk::lora_shrink_sm90_unsupported(x.data_ptr(), x_dt, a_dt, M, K, r, 0.f) == nullptr;
-  const lk::SplitPlan plan = sm90 ? lk::lora_shrink_sm90_plan(M, K, r, a_pieces)
-                                  : lk::lora_shrink_plan(M, K, r, lk::lora_shrink_resident_blocks(x_dt, a_dt, r));
-  const bool partial = plan.col_groups > 1;
+  const ShrinkPass shrink(x, lora_A, 0.f);
+  const int64_t M = shrink.M, r = shrink.r, groups = shrink.plan.col_groups;
   Tensor u = at::empty({M, r}, x.options().dtype(at::kFloat));
   Workspace ws;
-  const int64_t work_piece = partial ? ws.reserve_floats(plan.col_groups * M * r) : -1;
-  const int64_t scratch_piece = sm90 ? ws.reserve((int64_t)lk::lora_shrink_sm90_scratch_bytes(K, r, a_pieces)) : -1;
+  const int64_t work_piece = groups > 1 ? ws.reserve_floats(groups * M * r) : -1;
+  const int64_t scratch_piece = shrink.sm90 ? ws.reserve(shrink.scratch_bytes()) : -1;
   ws.allocate(x.options());
-  float* const work = partial ? ws.ptr<float>(work_piece) : u.data_ptr<float>();
-  if (sm90) {
-    check_cuda(lk::launch_lora_shrink_sm90(x.data_ptr(), x_dt, lora_A.data_ptr(), a_dt, work, M, K, r, plan,
-                                           (float)scaling, 0.f, nullptr, ws.ptr(scratch_piece), stream),
-               "lora_shrink (sm90) launch");
-  } else {
-    check_cuda(lk::launch_lora_shrink(x.data_ptr(), x_dt, lora_A.data_ptr(), a_dt, work, M, K, r, plan,
-                                      (float)scaling, 0.f, 0, nullptr, 0, nullptr, stream),
-               "lora_shrink launch");
-  }
-  if (partial) {
-    check_cuda(lk::launch_reduce_partials(work, plan.col_groups, M * r, u.data_ptr(), lk::DType::kFloat32, stream),
+  float* const work = groups > 1 ? ws.ptr<float>(work_piece) : u.data_ptr<float>();
+  shrink.launch(x, lora_A, work, scaling, 0.f, 0, nullptr, 0, nullptr, ws.ptr(scratch_piece), stream);
+  if (groups > 1) {
+    check_cuda(lk::launch_reduce_partials(work, groups, M * r, u.data_ptr(), lk::DType::kFloat32, stream),
                "reduce(u) launch");
   }
   return u;
@@ -865,10 +872,10 @@ struct DoraKernels : FusedKernels {
     Tensor dm;
     if (need_dm) {
       dm = at::empty({N}, dy.options().dtype(m_dtype));
-      const lk::DType m_dt = m_dtype == at::kFloat ? lk::DType::kFloat32 : dt;
       check_cuda(lk::launch_dora_dmag(part.data_ptr<float>(), splits, g.data_ptr<float>(), norm.data_ptr<float>(),
                                       dy.data_ptr(), x.data_ptr(), weight.data_ptr(), dt, u.data_ptr<float>(),
-                                      lora_B.data_ptr(), to_dtype(lora_B, "lora_B"), dm.data_ptr(), m_dt, M, K, N,
+                                      lora_B.data_ptr(), to_dtype(lora_B, "lora_B"), dm.data_ptr(),
+                                      to_dtype(dm, "magnitude"), M, K, N,
                                       (int)lora_B.size(1), stream),
                  "dora dmag launch");
     }

@@ -169,44 +169,27 @@ class DoraLinearFunction : public torch::autograd::Function<DoraLinearFunction<I
 
 // dora_linear's eager call at p = 0, whole in C++: lora_kernels/dora.py's dora_linear hands its arguments here first
 // (the cuda backend, SAVE_Y on and SAVE_Z off, not under torch.compile), and this function either runs the call or
-// returns an undefined tensor (None), after which the Python path runs it. It takes what lora_linear_entry takes
-// (with the same reasons to decline) where, in addition, dropout is off (dropout_p = 0 or not training), magnitude is
-// a plain (N,) tensor of float32 or x's dtype on x's device, the weight is contiguous (the Python norm takes its
-// reference route otherwise) and no CUDA graph is being captured (the ‖W_n‖² cache would allocate inside it).
+// returns an undefined tensor (None), after which the Python path runs it. It declines what every entry declines
+// (entry_declines, lora_autograd.h) and, in addition, takes a call only where dropout is off (dropout_p = 0 or not
+// training), magnitude is a plain (N,) tensor of float32 or x's dtype on x's device, the weight is contiguous (the
+// Python norm takes its reference route otherwise) and no CUDA graph is being captured (the ‖W_n‖² cache would
+// allocate inside it).
 template <typename Impl>
 at::Tensor dora_linear_entry(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias_opt,
                              const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling,
                              const at::Tensor& magnitude, double dropout_p, bool training) {
   const at::Tensor none;
-  if (c10::impl::tls_local_dispatch_key_set().included_.has_any(kForeignKeys)) return none;
-  const bool has_bias = bias_opt.has_value() && bias_opt->defined();
-  if (!plain_tensor(x) || !plain_tensor(weight) || !plain_tensor(lora_A) || !plain_tensor(lora_B) ||
-      !plain_tensor(magnitude) || (has_bias && !plain_tensor(*bias_opt)) || !Impl::on_device(x))
+  if (entry_declines<Impl>(x, weight, bias_opt, lora_A, lora_B, scaling)) return none;
+  if (!plain_tensor(magnitude) || magnitude.device() != x.device() || magnitude.dim() != 1 ||
+      magnitude.size(0) != weight.size(0) || !contract_dtype(x.scalar_type(), magnitude.scalar_type()))
     return none;
-  const c10::Device dev = x.device();
-  if (weight.device() != dev || lora_A.device() != dev || lora_B.device() != dev || magnitude.device() != dev ||
-      (has_bias && bias_opt->device() != dev))
-    return none;
-  if (x.dim() < 1 || weight.dim() != 2 || lora_A.dim() != 2 || lora_B.dim() != 2 || magnitude.dim() != 1)
-    return none;
-  const int64_t N = weight.size(0), K = weight.size(1), r = lora_A.size(0);
-  if (x.size(-1) != K || lora_A.size(1) != K || r < 1 || r > Impl::kMaxRank || lora_B.size(0) != N ||
-      lora_B.size(1) != r || magnitude.size(0) != N || (has_bias && (bias_opt->dim() != 1 || bias_opt->size(0) != N)))
-    return none;
-  const at::ScalarType dt = x.scalar_type();
-  if ((dt != at::kHalf && dt != at::kBFloat16 && dt != at::kFloat) || weight.scalar_type() != dt ||
-      (has_bias && bias_opt->scalar_type() != dt) || !contract_dtype(dt, lora_A.scalar_type()) ||
-      !contract_dtype(dt, lora_B.scalar_type()) || !contract_dtype(dt, magnitude.scalar_type()))
-    return none;
-  if (weight.requires_grad() || (has_bias && bias_opt->requires_grad())) return none;
-  if (!std::isfinite(scaling) || !(dropout_p >= 0.0 && dropout_p < 1.0)) return none;
+  if (!(dropout_p >= 0.0 && dropout_p < 1.0)) return none;  // dora_linear refuses p = 1
   if (training && dropout_p > 0.0) return none;  // dropout: the Python path (two GEMMs over W, masking passes)
-  if (at::autocast::is_autocast_enabled(dev.type())) return none;
-  if (K == 0 || x.numel() == 0 || !weight.is_contiguous()) return none;
-  if (Impl::capturing(x)) return none;
+  if (!weight.is_contiguous() || Impl::capturing(x)) return none;
   const at::Tensor wsq = weight_sq_cached(weight);
-  const at::Tensor x2 = (x.dim() == 2 ? x : x.reshape({-1, K})).contiguous();
+  const at::Tensor x2 = (x.dim() == 2 ? x : x.reshape({-1, weight.size(1)})).contiguous();
   const at::Tensor A = lora_A.contiguous(), B = lora_B.contiguous(), mag = magnitude.contiguous();
+  const bool has_bias = bias_opt.has_value() && bias_opt->defined();
   const std::optional<at::Tensor> bias = has_bias ? std::optional<at::Tensor>(bias_opt->contiguous()) : std::nullopt;
   const bool grad = at::GradMode::is_enabled() && (x.requires_grad() || lora_A.requires_grad() ||
                                                    lora_B.requires_grad() || magnitude.requires_grad());
@@ -217,10 +200,7 @@ at::Tensor dora_linear_entry(const at::Tensor& x, const at::Tensor& weight, cons
     at::Tensor g = std::get<0>(Impl::dora_norm(weight, A, B, mag, scaling, wsq));
     y = std::get<0>(Impl::forward_scaled(x2, weight, bias, A, B, g, scaling));
   }
-  if (x.dim() == 2) return y;
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = N;
-  return y.reshape(shape);
+  return with_leading_dims(y, x);
 }
 
 }  // namespace lora_kernels

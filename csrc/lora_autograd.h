@@ -150,49 +150,65 @@ inline int64_t draw_seed() {
   return (int64_t)(at::check_generator<at::CPUGeneratorImpl>(gen)->random64() % (uint64_t(1) << 62));
 }
 
+// The calls that every eager entry (this file's, and dora_autograd.h's dora_linear_entry) leaves to the Python path,
+// whatever the op: anything but plain dense tensors on Impl's device (a tensor subclass, a functorch wrapper, a
+// dispatch mode, autocast), shapes and dtypes that the contract does not accept (lora_kernels/ops.py: _check), a
+// trainable weight or bias, a scaling that is not finite, and the empty problems.
 template <typename Impl>
-at::Tensor lora_linear_entry(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias_opt,
-                             const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling, double dropout_p,
-                             bool training) {
-  const at::Tensor none;
-  if (c10::impl::tls_local_dispatch_key_set().included_.has_any(kForeignKeys)) return none;
+bool entry_declines(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias_opt,
+                    const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling) {
+  if (c10::impl::tls_local_dispatch_key_set().included_.has_any(kForeignKeys)) return true;
   const bool has_bias = bias_opt.has_value() && bias_opt->defined();
   if (!plain_tensor(x) || !plain_tensor(weight) || !plain_tensor(lora_A) || !plain_tensor(lora_B) ||
       (has_bias && !plain_tensor(*bias_opt)) || !Impl::on_device(x))
-    return none;
+    return true;
   const c10::Device dev = x.device();
   if (weight.device() != dev || lora_A.device() != dev || lora_B.device() != dev ||
       (has_bias && bias_opt->device() != dev))
-    return none;
-  if (x.dim() < 1 || weight.dim() != 2 || lora_A.dim() != 2 || lora_B.dim() != 2) return none;
+    return true;
+  if (x.dim() < 1 || weight.dim() != 2 || lora_A.dim() != 2 || lora_B.dim() != 2) return true;
   const int64_t N = weight.size(0), K = weight.size(1), r = lora_A.size(0);
   if (x.size(-1) != K || lora_A.size(1) != K || r < 1 || r > Impl::kMaxRank || lora_B.size(0) != N ||
       lora_B.size(1) != r || (has_bias && (bias_opt->dim() != 1 || bias_opt->size(0) != N)))
-    return none;
+    return true;
   const at::ScalarType dt = x.scalar_type();
   if ((dt != at::kHalf && dt != at::kBFloat16 && dt != at::kFloat) || weight.scalar_type() != dt ||
       (has_bias && bias_opt->scalar_type() != dt) || !contract_dtype(dt, lora_A.scalar_type()) ||
       !contract_dtype(dt, lora_B.scalar_type()))
-    return none;
-  if (weight.requires_grad() || (has_bias && bias_opt->requires_grad())) return none;  // ops._base_grads' case
-  if (!std::isfinite(scaling) || !(dropout_p >= 0.0 && dropout_p <= 1.0)) return none;
-  if (at::autocast::is_autocast_enabled(dev.type())) return none;
-  if (K == 0 || x.numel() == 0) return none;  // the empty problems (ops._fwd_impl)
+    return true;
+  if (weight.requires_grad() || (has_bias && bias_opt->requires_grad())) return true;  // ops._base_grads' case
+  if (!std::isfinite(scaling)) return true;
+  if (at::autocast::is_autocast_enabled(dev.type())) return true;
+  return K == 0 || x.numel() == 0;  // the empty problems (ops._fwd_impl)
+}
+
+// y (M, N) of the flattened x back to x's leading dims.
+inline at::Tensor with_leading_dims(const at::Tensor& y, const at::Tensor& x) {
+  if (x.dim() == 2) return y;
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = y.size(1);
+  return y.reshape(shape);
+}
+
+template <typename Impl>
+at::Tensor lora_linear_entry(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias_opt,
+                             const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling, double dropout_p,
+                             bool training) {
+  if (entry_declines<Impl>(x, weight, bias_opt, lora_A, lora_B, scaling) || !(dropout_p >= 0.0 && dropout_p <= 1.0))
+    return at::Tensor();
   double p = training ? dropout_p : 0.0;
   if (p == 1.0) scaling = 0.0, p = 0.0;  // everything dropped: the LoRA path and its grads are zero
-  if (p > 0.0 && Impl::capturing(x)) return none;  // the graph-safe device seed: ops.lora_linear
+  if (p > 0.0 && Impl::capturing(x)) return at::Tensor();  // the graph-safe device seed: ops.lora_linear
   const int64_t seed = p > 0.0 ? draw_seed() : 0;
-  const at::Tensor x2 = (x.dim() == 2 ? x : x.reshape({-1, K})).contiguous();
+  const at::Tensor x2 = (x.dim() == 2 ? x : x.reshape({-1, weight.size(1)})).contiguous();
   const at::Tensor w = weight.contiguous(), A = lora_A.contiguous(), B = lora_B.contiguous();
+  const bool has_bias = bias_opt.has_value() && bias_opt->defined();
   const std::optional<at::Tensor> bias = has_bias ? std::optional<at::Tensor>(bias_opt->contiguous()) : std::nullopt;
   const bool grad = at::GradMode::is_enabled() &&
                     (x.requires_grad() || lora_A.requires_grad() || lora_B.requires_grad());
   at::Tensor y = grad ? LoraLinearFunction<Impl>::apply(x2, w, bias, A, B, scaling, p, seed, 0, std::nullopt)
                       : Impl::forward_only(x2, w, bias, A, B, scaling, p, seed, 0, std::nullopt);
-  if (x.dim() == 2) return y;
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = N;
-  return y.reshape(shape);
+  return with_leading_dims(y, x);
 }
 
 }  // namespace lora_kernels
