@@ -50,7 +50,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--backends", default="triton,cuda")
     ap.add_argument("--shapes", default="8192x4096x4096,8192x4096x14336,16x4096x4096")
-    ap.add_argument("--r", type=int, default=16)
+    ap.add_argument("--r", default="16", help="ranks, comma-separated")
     ap.add_argument("--p", default="0,0.1")
     ap.add_argument("--adapter-dtype", default="float32")
     args = ap.parse_args()
@@ -61,7 +61,8 @@ def main():
     adt = getattr(torch, args.adapter_dtype)
     for shape in args.shapes.split(","):
         M, K, N = (int(v) for v in shape.split("x"))
-        base = make_case("cublas-base", M, K, N, args.r, 0.0)
+        ranks = [int(v) for v in args.r.split(",")]
+        base = make_case("cublas-base", M, K, N, ranks[0], 0.0)
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
         W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K ** 0.5
         dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
@@ -78,23 +79,23 @@ def main():
             print(f"  cuBLAS {name:28s} {bench_ms(fn)['median_ms'] * 1e3:9.1f} us")
         print(f"  floor fwd {bench_ms(base.fwd)['median_ms'] * 1e3:9.1f} us | fwd+dx "
               f"{bench_ms(base.fwd_bwd)['median_ms'] * 1e3:9.1f} us")
-        for backend in args.backends.split(","):
-            for p in (float(v) for v in args.p.split(",")):
-                try:
-                    case = make_case(f"ours-{backend}", M, K, N, args.r, p, adapter_dtype=adt)
-                except Exception as e:
-                    print(f"  {backend} p={p}: unavailable ({e})")
-                    continue
-                for mode in ("fwd", "fwd_bwd"):
-                    fn = getattr(case, mode)[0]
-                    gpu = bench_ms(getattr(case, mode))["median_ms"] * 1e3
-                    host = host_us(fn)
-                    total, lines = kernel_table(fn)
-                    print(f"  {backend:6s} p={p:<4} {mode:7s} gpu {gpu:9.1f} us/call | host {host:7.1f} us/call | "
-                          f"kernels {total:9.1f} us", flush=True)
-                    print("\n".join(lines), flush=True)
-                del case
-                torch.cuda.empty_cache()
+        for backend, r, p in ((b, r, float(p)) for b in args.backends.split(",") for r in ranks
+                              for p in args.p.split(",")):
+            try:
+                case = make_case(f"ours-{backend}", M, K, N, r, p, adapter_dtype=adt)
+            except Exception as e:
+                print(f"  {backend} r={r} p={p}: unavailable ({e})")
+                continue
+            for mode in ("fwd", "fwd_bwd"):
+                fn = getattr(case, mode)[0]
+                gpu = bench_ms(getattr(case, mode))["median_ms"] * 1e3
+                host = host_us(fn)
+                total, lines = kernel_table(fn)
+                print(f"  {backend:6s} r={r:<3d} p={p:<4} {mode:7s} gpu {gpu:9.1f} us/call | host {host:7.1f} us/call | "
+                      f"kernels {total:9.1f} us", flush=True)
+                print("\n".join(lines), flush=True)
+            del case
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
