@@ -44,7 +44,8 @@ const char* lora_dA_sm90_unsupported(const void* x, DType x_dtype, DType a_dtype
   if (!da_device_ok()) return "not a compute capability 9.0 device with this build's sm_90a code";
   if (M < 1 || r < 1 || r > kMaxRank) return "empty problem or rank out of range";
   if (K % 8 || reinterpret_cast<uintptr_t>(x) % 16) return "K must be a multiple of 8 and x 16-byte aligned";
-  if (ceil_div(K, DS_BN) < DS_STAGES - 1) return "K below 3 column tiles (129)";
+  if (ceil_div(K, DS_BN) < ds_min_col_tiles(r, adapter_pieces(x_dtype, a_dtype), kDA))
+    return "K below the pass's column tiles (stages - 1 tiles of 64)";
   if (ceil_div(M, DS_BM) > 0x7fffffff) return "M too large";
   if (lora_dA_sm90_plan(M, K, r, adapter_pieces(x_dtype, a_dtype)).row_splits < 1)
     return "no column grouping fits in shared memory";

@@ -54,7 +54,8 @@ const char* lora_dy_pass_sm90_unsupported(const void* dy, DType dy_dtype, DType 
   if (!ds_device_ok()) return "not a compute capability 9.0 device with this build's sm_90a code";
   if (M < 1 || r < 1 || r > kMaxRank) return "empty problem or rank out of range";
   if (N % 8 || reinterpret_cast<uintptr_t>(dy) % 16) return "N must be a multiple of 8 and dy 16-byte aligned";
-  if (ceil_div(N, DS_BN) < DS_STAGES - 1) return "N below 3 column tiles (129)";
+  if (ceil_div(N, DS_BN) < ds_min_col_tiles(r, adapter_pieces(dy_dtype, b_dtype), kDy))
+    return "N below the pass's column tiles (stages - 1 tiles of 64)";
   if (ceil_div(M, DS_BM) > 0x7fffffff) return "M too large";
   if (lora_dy_pass_sm90_plan(M, N, r, adapter_pieces(dy_dtype, b_dtype)).row_splits < 1)
     return "no column grouping fits in shared memory";

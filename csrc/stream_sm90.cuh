@@ -15,10 +15,28 @@ namespace lora_kernels {
 namespace detail {
 namespace {
 
-constexpr int DS_BM = 128, DS_BN = 64, DS_STAGES = 4, DS_THREADS = 384;
+constexpr int DS_BM = 128, DS_BN = 64, DS_THREADS = 384;
 constexpr int DS_BITS = DS_BM * DS_BN / 8;  // a tile's keep bits: 128 rows of 8 bytes
 
 enum StreamMode : int { kDy = 0, kDA = 1, kShrink = 2 };
+
+// A ring stage: the 128 x 64 tile of `a`, the side chunk of the G product (dy pass, shrink; NW rows of 64) and, in
+// the shrink, the tile's keep bits.
+constexpr int ds_stage_bytes(int mode, int nw) {
+  return DS_BM * DS_BN * 2 + (mode == kDA ? 0 : nw * 128) + (mode == kShrink ? DS_BITS : 0);
+}
+// Ring depth: the tiles in flight per SM (one block per SM) are what a streaming pass's bandwidth rests on, so the
+// ring takes LK_DS_STAGES stages (a development override; see bench/dev/stream_bench.cu) where they fit next to the
+// Up double buffer and at least 4 column tiles of D sums, else fewer (at least 4).
+#ifndef LK_DS_STAGES
+#define LK_DS_STAGES 4
+#endif
+constexpr int ds_stages(int mode, int nw) {
+  const int fixed = 16 + 1024 + (mode == kShrink ? 0 : 2 * 2 * 128 * nw + 4 * DS_BN * (nw + 4) * 4);
+  int s = LK_DS_STAGES;
+  while (s > 4 && fixed + s * (16 + ds_stage_bytes(mode, nw)) > 227 * 1024) --s;
+  return s;
+}
 
 struct DsShape {
   int pieces, rj, z, nw;
@@ -30,11 +48,17 @@ DsShape ds_shape(int r, int pieces, StreamMode mode) {
   const int rj = (pieces > 1 && mode != kShrink) ? (r <= 16 ? 16 : 32) : (r <= 16 ? 16 : r <= 32 ? 32 : 64);
   return DsShape{pieces, rj, (int)ceil_div(r, rj), pieces * rj};
 }
-constexpr int ds_ldd(int rj) { return rj + 4; }  // dB row pitch (floats) in shared memory
+constexpr int ds_ldd(int rj) { return rj + 4; }
+// Column tiles a pass needs: each column group spans at least stages - 1 tiles (the Up double buffer's parity waits
+// rely on the loader never being two row tiles ahead).
+inline int64_t ds_min_col_tiles(int r, int pieces, StreamMode mode) {
+  return ds_stages(mode, ds_shape(r, pieces, mode).nw) - 1;
+}  // dB row pitch (floats) in shared memory
 // mbarriers, alignment, the ring of {a tile, side chunk}; with the D product (dy pass, dA) also the double-buffered
 // Up row tile and the column group's D sums.
 size_t ds_smem(const DsShape& s, StreamMode mode, int64_t tiles_per_group) {
-  const size_t ring = 16 * DS_STAGES + 16 + 1024 + (size_t)DS_STAGES * (DS_BM * DS_BN * 2 + 128 * s.nw + DS_BITS);
+  const int stages = ds_stages(mode, s.nw);
+  const size_t ring = 16 * stages + 16 + 1024 + (size_t)stages * ds_stage_bytes(mode, s.nw);
   if (mode == kShrink) return ring;
   return ring + (size_t)2 * 2 * 128 * s.nw + (size_t)tiles_per_group * DS_BN * ds_ldd(s.rj) * 4;
 }
@@ -90,7 +114,8 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
                    float* __restrict__ g_out, float* __restrict__ dB_partial, int64_t M, int64_t N, int r,
                    int64_t npad, int64_t mpad, const uint8_t* __restrict__ keep8, float scale) {
 #if LK_WGMMA
-  constexpr int NW = P * RJ, LDD = ds_ldd(RJ), DY_BYTES = DS_BM * DS_BN * 2, STAGE = DY_BYTES + NW * 128 + DS_BITS;
+  constexpr int NW = P * RJ, LDD = ds_ldd(RJ), DY_BYTES = DS_BM * DS_BN * 2, STAGE = ds_stage_bytes(MODE, NW);
+  constexpr int DS_STAGES = ds_stages(MODE, NW);
   constexpr int UP_BYTES = 2 * NW * 128;  // one row tile of Up: two 64-row K blocks
   constexpr int PT = 128;                 // producer threads (warpgroup 0)
   extern __shared__ unsigned char ds_smem_raw[];
@@ -366,7 +391,7 @@ cudaError_t with_stream_kernel(int pieces, int rj, F&& f) {
                   : rj == 32 ? f(&stream_sm90_kernel<MODE, T, 1, 32>) : f(&stream_sm90_kernel<MODE, T, 1, 64>);
 }
 
-// The split plan: row splits x column groups (at least DS_STAGES - 1 tiles each, their D sums in shared memory) x
+// The split plan: row splits x column groups (at least ds_stages - 1 tiles each, their D sums in shared memory) x
 // r-chunks, one wave where it fits; cost = bytes of `a` per achieved fill + the partials written and read back
 // (row_splits * N * r where the D partials exist: dy pass, dA; col_groups * M * r where the G partials do: dy pass,
 // shrink).
@@ -376,7 +401,7 @@ inline SplitPlan stream_sm90_plan(int64_t M, int64_t N, int r, int pieces, Strea
   const int64_t tiles_m = ceil_div(M, DS_BM), tiles_n = ceil_div(N, DS_BN), sms = num_sms();
   SplitPlan best{0, 0, 0, 0};
   double best_est = -1.0;
-  for (int64_t C = 1; C <= tiles_n / (DS_STAGES - 1) && C <= 65535; ++C) {
+  for (int64_t C = 1; C <= tiles_n / (ds_stages(mode, sh.nw) - 1) && C <= 65535; ++C) {
     const int64_t tpg = ceil_div(tiles_n, C);
     if (ds_smem(sh, mode, tpg) > kSmemPerBlockMax) continue;
     const int64_t S = std::max<int64_t>(1, std::min<int64_t>(tiles_m, sms / (C * sh.z)));

@@ -72,7 +72,7 @@ def test_benchmarked_shapes_take_the_sm90_dA_pass_and_shrink(K, dtype, adapter_d
 
 
 def test_shrink_fallback_says_why():
-    assert _shrink_path(64, 128, 16, 0.0).startswith("mma.sync: K below 3 column tiles")
+    assert _shrink_path(64, 128, 16, 0.0).startswith("mma.sync: K below the pass's column tiles")
     assert _shrink_path(64, 1028, 16, 0.1).startswith("mma.sync: K must be a multiple of 8")
     assert _shrink_path(64, 1024, 16, 0.1, torch.float16, torch.float32).startswith("mma.sync: x and the adapters")
     assert _shrink_path(64, 1024, 16, 0.1).startswith("mma.sync: dropout at r <= 16")
@@ -80,7 +80,7 @@ def test_shrink_fallback_says_why():
 
 
 def test_dA_pass_fallback_says_why():
-    assert _dA_path(64, 128, 16, 0.0).startswith("mma.sync: K below 3 column tiles")
+    assert _dA_path(64, 128, 16, 0.0).startswith("mma.sync: K below the pass's column tiles")
     assert _dA_path(64, 1028, 16, 0.1).startswith("mma.sync: K must be a multiple of 8")
     assert _dA_path(64, 1024, 16, 0.1, torch.float16, torch.float32).startswith("mma.sync: x and the adapters take")
     assert _dA_path(64, 1024, 16, 0.1).startswith("mma.sync: dropout")
@@ -90,7 +90,7 @@ def test_dA_pass_fallback_says_why():
 
 
 def test_dy_pass_fallback_says_why():
-    assert _dy_path(64, 128, 16).startswith("mma.sync: N below 3 column tiles")
+    assert _dy_path(64, 128, 16).startswith("mma.sync: N below the pass's column tiles")
     assert _dy_path(64, 1028, 16).startswith("mma.sync: N must be a multiple of 8")
     assert _dy_path(64, 1024, 16, torch.float16, torch.float32).startswith("mma.sync: dy and the adapters take")
     assert _dy_path(64, 1024, 16).startswith("mma.sync: M <= kSmallMBackwardRows")
@@ -117,7 +117,7 @@ def test_sm90_dy_pass_against_float64(dtype, adapter_dtype, lead, K, N, r, p):
     for path, sm90, small_m in ((_dA_path(M, K, r, p, dtype, adapter_dtype or dtype), p == 0 or r > 16, small),
                                 (_shrink_path(M, K, r, p, dtype, adapter_dtype or dtype), p == 0 or r > 16, False)):
         if K <= 128:
-            assert path.startswith("mma.sync: K below 3 column tiles"), path
+            assert path.startswith("mma.sync: K below the pass's column tiles"), path
         elif small_m and p == 0:
             assert path.startswith("mma.sync: M <= kSmallMBackwardRows"), path
         elif small_m:
