@@ -118,6 +118,23 @@ def eager_entry(requested, op="linear_entry"):
     return None if mod is None else getattr(mod, op, None)  # read per call: tests switch it off
 
 
+def call_entry(requested, op, *args):
+    """A whole eager call through ``eager_entry(requested, op)``: its output, or None where there is no entry, the
+    entry declines the call, or an argument is of another kind than the op's schema (TypeError, or the dispatcher's
+    "Expected a value of type" RuntimeError): the Python path's checks then name the argument."""
+    entry = eager_entry(requested, op)
+    if entry is None:
+        return None
+    try:
+        return entry(*args)
+    except TypeError:
+        return None
+    except RuntimeError as e:
+        if "Expected a value of type" in str(e):
+            return None
+        raise
+
+
 @functools.lru_cache(maxsize=8)
 def _entry_backend(requested):
     if requested not in ("auto", "cuda"):  # auto: cuda comes first in AUTO_ORDER_CUDA

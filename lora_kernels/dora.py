@@ -484,16 +484,10 @@ def dora_linear(x, weight, bias, lora_A, lora_B, scaling, magnitude, dropout_p=0
     # Not under torch.compile, a functorch transform, or with SAVE_Z / without SAVE_Y (the entry keeps y).
     if (SAVE_Y and not SAVE_Z and not torch.compiler.is_compiling()
             and not (ops._FUNCTORCH_ACTIVE and ops._FUNCTORCH_ACTIVE())):
-        entry = _dispatch.eager_entry(backend, "dora_entry")
-        if entry is not None:
-            try:
-                y = entry(x, weight, bias, lora_A, lora_B, scaling, magnitude, dropout_p, training)
-            except (TypeError, RuntimeError) as e:  # an argument of another kind than the schema's: the checks
-                if isinstance(e, RuntimeError) and "Expected a value of type" not in str(e):  # below name it
-                    raise
-                y = None
-            if y is not None:
-                return y
+        y = _dispatch.call_entry(backend, "dora_entry", x, weight, bias, lora_A, lora_B, scaling, magnitude,
+                                 dropout_p, training)
+        if y is not None:
+            return y
     norm_weight = weight
     if torch.is_autocast_enabled(x.device.type):  # behave like F.linear under autocast (the norm uses W as given)
         dt = torch.get_autocast_dtype(x.device.type)

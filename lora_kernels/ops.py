@@ -348,14 +348,10 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     # below runs those. Not under torch.compile (the registered op is what a graph records) nor with record_dropout
     # (its list is Python's), nor under a functorch transform (vmap would hand it one sample at a time).
     if not _recorders and not torch.compiler.is_compiling() and not (_FUNCTORCH_ACTIVE and _FUNCTORCH_ACTIVE()):
-        entry = _dispatch.eager_entry(backend)
-        if entry is not None:
-            try:
-                y = entry(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training)
-            except TypeError:  # an argument of another kind than the schema's: the checks below name it
-                y = None
-            if y is not None:
-                return y
+        y = _dispatch.call_entry(backend, "linear_entry", x, weight, bias, lora_A, lora_B, scaling, dropout_p,
+                                 training)
+        if y is not None:
+            return y
     # behave like F.linear under autocast ('meta' has no autocast: asking about it raises)
     device_type = x.device.type
     if device_type != "meta" and torch.is_autocast_enabled(device_type):
