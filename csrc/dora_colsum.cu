@@ -18,6 +18,27 @@ namespace {
 constexpr int kWarps = kThreads / 32;
 constexpr int kColsumCols = 32 * 4;  // columns per block of the scalar kernel: 4 per lane
 
+// Both kernels' end: part[split, n] = (Σ over the block's warps, in warp order: deterministic) / g_n, 0 where g_n = 0,
+// for the block's COLS columns from col0; lane l of each warp holds the sums of columns l·V .. l·V + V − 1.
+template <int COLS, int V>
+__device__ __forceinline__ void colsum_part_store(float (&sums)[kWarps][COLS], const float (&acc)[V],
+                                                  const float* __restrict__ g, float* __restrict__ part,
+                                                  int64_t col0, int64_t N) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+  for (int q = 0; q < V; ++q) sums[warp][lane * V + q] = acc[q];
+  __syncthreads();
+  for (int c = threadIdx.x; c < COLS; c += kThreads) {
+    const int64_t n = col0 + c;
+    if (n < N) {
+      float t = 0.f;
+      for (int w = 0; w < kWarps; ++w) t += sums[w][c];
+      const float gn = g[n];
+      part[(int64_t)blockIdx.y * N + n] = gn != 0.f ? t / gn : 0.f;
+    }
+  }
+}
+
 // Blocks of 128 columns × one row split: dy_c = g ⊙ dy (when dyc is not null) and part[split, n] =
 // Σ_m dy (y − b) / g_n (0 where g_n = 0; launch_dora_dmag fills those columns), when part is not null.
 template <typename T>
@@ -52,19 +73,7 @@ dora_colsum_kernel(const T* __restrict__ dy, const T* __restrict__ y, const floa
       }
     }
   }
-  if (part == nullptr) return;
-#pragma unroll
-  for (int q = 0; q < 4; ++q) sums[warp][lane * 4 + q] = acc[q];
-  __syncthreads();
-  if (threadIdx.x < kColsumCols) {
-    const int64_t n = (int64_t)blockIdx.x * kColsumCols + threadIdx.x;
-    if (n < N) {
-      float t = 0.f;
-      for (int w = 0; w < kWarps; ++w) t += sums[w][threadIdx.x];
-      const float gn = g[n];
-      part[(int64_t)blockIdx.y * N + n] = gn != 0.f ? t / gn : 0.f;
-    }
-  }
+  if (part != nullptr) colsum_part_store(sums, acc, g, part, (int64_t)blockIdx.x * kColsumCols, N);
 }
 
 // The same pass with 16-byte accesses (8 columns of a 16-bit dy per lane, 4 of an fp32 one: a block takes 32·V
@@ -127,19 +136,7 @@ dora_colsum_vec_kernel(const T* __restrict__ dy, const T* __restrict__ y, const 
       rows_step(m, du, yu);
     }
   }
-  if (part == nullptr) return;
-#pragma unroll
-  for (int q = 0; q < V; ++q) sums[warp][lane * V + q] = acc[q];
-  __syncthreads();
-  for (int c = threadIdx.x; c < kCols; c += kThreads) {
-    const int64_t n = (int64_t)blockIdx.x * kCols + c;
-    if (n < N) {
-      float t = 0.f;
-      for (int w = 0; w < kWarps; ++w) t += sums[w][c];
-      const float gn = g[n];
-      part[(int64_t)blockIdx.y * N + n] = gn != 0.f ? t / gn : 0.f;
-    }
-  }
+  if (part != nullptr) colsum_part_store(sums, acc, g, part, (int64_t)blockIdx.x * kCols, N);
 }
 
 }  // namespace
