@@ -31,6 +31,12 @@ constexpr int ds_stage_bytes(int mode, int nw) {
 #ifndef LK_DS_STAGES
 #define LK_DS_STAGES 4
 #endif
+// Development only (bench/dev/stream_bench.cu): LK_DS_DBG bit 0 leaves the consumers' products out (they release
+// each stage as it lands), bit 1 the loader's side operands (Bp chunks, Up tiles), bit 2 the consumers' proxy fence.
+// Outputs are then wrong (bit 2: not guaranteed right).
+#ifndef LK_DS_DBG
+#define LK_DS_DBG 0
+#endif
 constexpr int ds_stages(int mode, int nw) {
   const int fixed = 16 + 1024 + (mode == kShrink ? 0 : 2 * 2 * 128 * nw + 4 * DS_BN * (nw + 4) * 4);
   int s = LK_DS_STAGES;
@@ -208,7 +214,7 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
 #pragma unroll
       for (int q = 0; q < BP_CH; ++q) {
         const int i = tid + q * PT, row = i >> 3, c = i & 7;
-        if (kG && i < NW * 8)
+        if (kG && i < NW * 8 && !(LK_DS_DBG & 2))
           cp_async16(s_st + DY_BYTES + sw128_offset(row, c), bpz + (int64_t)row * npad + n0 + 8 * c, 16);
       }
       if (bits_staged) {  // the tile's keep bits: row `tid`, two 4-byte words (zero-filled past the rows or columns)
@@ -225,7 +231,7 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
 #pragma unroll
         for (int q = 0; q < UP_CH; ++q) {
           const int i = tid + q * PT, row = i >> 4, c = i & 15;
-          if (i < NW * 16)
+          if (i < NW * 16 && !(LK_DS_DBG & 2))
             cp_async16(s_u + (c >> 3) * NW * 128 + sw128_offset(row, c & 7),
                        upz + (int64_t)row * mpad + m0 + 8 * c, 16);
         }
@@ -255,9 +261,13 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
     int rt = 0, ct = 0, stage = 0, round = 0;
     for (int t = 0; t < n_tiles; ++t) {
       mbar_wait(bar_full + 8 * stage, round & 1);
-      fence_proxy_async();  // the copies (generic proxy) before wgmma's reads (async proxy)
+      if (!(LK_DS_DBG & 4)) fence_proxy_async();  // the copies (generic proxy) before wgmma's reads (async proxy)
       const uint32_t s_dy = s_ring + stage * STAGE, s_bp = s_dy + DY_BYTES;
-      if (g_here) {  // G: K = the tile's 64 columns, 4 steps of 16, for this warpgroup's 64-row halves
+      if ((LK_DS_DBG & 1) && lane == 0) {
+        mbar_arrive(bar_empty + 8 * stage);
+        if (wg == 2 && do_dB && ct == n_ct - 1) mbar_arrive(bar_up + 8 * (rt & 1));
+      } else if (LK_DS_DBG & 1) {
+      } else if (g_here) {  // G: K = the tile's 64 columns, 4 steps of 16, for this warpgroup's 64-row halves
         if (MODE == kShrink && keep8 != nullptr) mask_rows(std::integral_constant<int, 64>{}, s_dy, rt, ct, 64 * h0);
         wgmma_fence();
 #pragma unroll

@@ -117,7 +117,7 @@ int main() {
   CK(cudaStreamCreate(&st));
   cudaDeviceProp prop;
   CK(cudaGetDeviceProperties(&prop, 0));
-  printf("%s, %d SMs, LK_DS_STAGES=%d\n", prop.name, prop.multiProcessorCount, LK_DS_STAGES);
+  printf("%s, %d SMs, LK_DS_STAGES=%d LK_DS_DBG=%d\n", prop.name, prop.multiProcessorCount, LK_DS_STAGES, LK_DS_DBG);
   const int64_t M = 8192;
   const int widths[] = {4096, 1024, 14336};  // N of the dy pass / K of the dA pass
   const int ranks[] = {16, 64};
