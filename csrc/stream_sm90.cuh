@@ -25,33 +25,25 @@ enum StreamMode : int { kDy = 0, kDA = 1, kShrink = 2 };
 constexpr int ds_stage_bytes(int mode, int nw) {
   return DS_BM * DS_BN * 2 + (mode == kDA ? 0 : nw * 128) + (mode == kShrink ? DS_BITS : 0);
 }
-// Ring depth: the tiles in flight per SM (one block per SM) are what a streaming pass's bandwidth rests on, so the
-// ring takes LK_DS_STAGES stages (a development override; see bench/dev/stream_bench.cu) where they fit next to the
-// Up double buffer and at least 4 column tiles of D sums, else fewer (at least 4).
-#ifndef LK_DS_STAGES
-#define LK_DS_STAGES 4
-#endif
+// Ring depth: 4 stages (6 and 8 ran no faster: bench/dev/stream_bench.cu, twenty-first session), 3 for dA's 192-wide
+// side operand (its Up double buffer takes 96 KB), so that its plans fit in shared memory.
+constexpr int ds_stages(int mode, int nw) { return mode == kDA && nw > 96 ? 3 : 4; }
 // Development only (bench/dev/stream_bench.cu): LK_DS_DBG bit 0 leaves the consumers' products out (they release
 // each stage as it lands), bit 1 the loader's side operands (Bp chunks, Up tiles), bit 2 the consumers' proxy fence.
 // Outputs are then wrong (bit 2: not guaranteed right).
 #ifndef LK_DS_DBG
 #define LK_DS_DBG 0
 #endif
-constexpr int ds_stages(int mode, int nw) {
-  const int fixed = 16 + 1024 + (mode == kShrink ? 0 : 2 * 2 * 128 * nw + 4 * DS_BN * (nw + 4) * 4);
-  int s = LK_DS_STAGES;
-  while (s > 4 && fixed + s * (16 + ds_stage_bytes(mode, nw)) > 227 * 1024) --s;
-  return s;
-}
 
 struct DsShape {
   int pieces, rj, z, nw;
 };
 // r-chunk of RJ columns and the chunk count. The shrink splits G's two 64-row halves over two warpgroups, so one
-// warpgroup's accumulators hold NW / 2 of one half and r up to 64 is one chunk (one read of x) at any P; the dy pass
-// keeps both halves in one warpgroup (RJ 16 or 32 with three pieces).
+// warpgroup's accumulators hold NW / 2 of one half, and dA has only the D product (NW / 2 per thread), so r up to 64
+// is one chunk (one read of x) at any P; the dy pass keeps both of G's halves in one warpgroup beside D (RJ 16 or 32
+// with three pieces).
 DsShape ds_shape(int r, int pieces, StreamMode mode) {
-  const int rj = (pieces > 1 && mode != kShrink) ? (r <= 16 ? 16 : 32) : (r <= 16 ? 16 : r <= 32 ? 32 : 64);
+  const int rj = (pieces > 1 && mode == kDy) ? (r <= 16 ? 16 : 32) : (r <= 16 ? 16 : r <= 32 ? 32 : 64);
   return DsShape{pieces, rj, (int)ceil_div(r, rj), pieces * rj};
 }
 constexpr int ds_ldd(int rj) { return rj + 4; }
@@ -387,12 +379,12 @@ inline bool sm90_kernel_ok(const void* kernel, std::atomic<int>& has_sm90a) {
   return s == 1;
 }
 
-// f(kernel) for the (T, P, RJ) of a call (P = 3 only for bf16; RJ = 64 with P = 3 only in the shrink).
+// f(kernel) for the (T, P, RJ) of a call (P = 3 only for bf16; RJ = 64 with P = 3 in the shrink and dA).
 template <int MODE, typename T, typename F>
 cudaError_t with_stream_kernel(int pieces, int rj, F&& f) {
   if constexpr (std::is_same<T, __nv_bfloat16>::value) {
     if (pieces == 3) {
-      if constexpr (MODE == kShrink)
+      if constexpr (MODE != kDy)
         if (rj == 64) return f(&stream_sm90_kernel<MODE, T, 3, 64>);
       return rj == 16 ? f(&stream_sm90_kernel<MODE, T, 3, 16>) : f(&stream_sm90_kernel<MODE, T, 3, 32>);
     }

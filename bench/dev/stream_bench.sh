@@ -1,24 +1,22 @@
 #!/usr/bin/env bash
-# Builds bench/dev/stream_bench.cu once per variant in STAGES (default "4 6": ring depths; csrc/stream_sm90.cuh ds_stages caps
-# each pass at what fits) and runs each build; with SB_NCU=1 also Nsight Compute on the first build's passes at
-# 8192 x 4096, r = 16. Output under $OUT. No torch needed.
+# Builds bench/dev/stream_bench.cu once per variant in VARIANTS (default "0": LK_DS_DBG bits of csrc/stream_sm90.cuh,
+# 1 no products, 2 no side operands, 4 no proxy fence) and runs each build; with SB_NCU=1 also Nsight Compute on the
+# first build's passes at 8192 x 4096, r = 16. Output under $OUT. No torch needed.
 set -u
 OUT="${OUT:-$PWD/gpu_out}"; mkdir -p "$OUT"
 FLAGS=(-arch=sm_90a -O3 -std=c++17 --expt-relaxed-constexpr -lineinfo -Icsrc -D__CUDA_NO_HALF_OPERATORS__
        -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__)
 SRCS=(bench/dev/stream_bench.cu csrc/dy_pass_sm90.cu csrc/dA_sm90.cu csrc/plans.cu)
-# a variant is S or S:DBG (csrc/stream_sm90.cuh LK_DS_DBG bits: 1 no products, 2 no side operands, 4 no proxy fence)
-for s in ${STAGES:-4 6}; do
-  nvcc "${FLAGS[@]}" -DLK_DS_STAGES="${s%%:*}" -DLK_DS_DBG="$( [ "${s#*:}" != "$s" ] && echo "${s#*:}" || echo 0)" \
-    "${SRCS[@]}" -o "/tmp/sb$s" > "/tmp/sb$s.log" 2>&1 &
+for v in ${VARIANTS:-0}; do
+  nvcc "${FLAGS[@]}" -DLK_DS_DBG="$v" "${SRCS[@]}" -o "/tmp/sb$v" > "/tmp/sb$v.log" 2>&1 &
 done
 wait
-for s in ${STAGES:-4 6}; do
-  grep -E "error" "/tmp/sb$s.log" | head -5
-  timeout 120 "/tmp/sb$s" 2>&1 | tee "$OUT/stream_bench_s$s.txt"
+for v in ${VARIANTS:-0}; do
+  grep -E "error" "/tmp/sb$v.log" | head -5
+  timeout 120 "/tmp/sb$v" 2>&1 | tee "$OUT/stream_bench_v$v.txt"
 done
 if [ -n "${SB_NCU:-}" ]; then
-  first=$(echo ${STAGES:-4 6} | cut -d' ' -f1)
+  first=$(echo ${VARIANTS:-0} | cut -d' ' -f1)
   timeout 150 ncu --clock-control none --kernel-name regex:stream_sm90 --launch-skip 0 --launch-count 2 \
     --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
     --section SourceCounters "/tmp/sb$first" > "$OUT/stream_ncu.txt" 2>&1
