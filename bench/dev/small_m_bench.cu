@@ -11,6 +11,8 @@
 //        -lcublas -o /tmp/smb && /tmp/smb
 #include "small_m.cu"  // one translation unit: the rd kernel's DBG instances are timed below
 
+#include "gpu_timing.cuh"
+
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 
@@ -21,14 +23,6 @@
 #include <string>
 #include <vector>
 
-#define CK(x)                                                                                    \
-  do {                                                                                           \
-    cudaError_t e_ = (x);                                                                        \
-    if (e_ != cudaSuccess) {                                                                     \
-      printf("CUDA error %s at line %d\n", cudaGetErrorString(e_), __LINE__);                    \
-      exit(1);                                                                                   \
-    }                                                                                            \
-  } while (0)
 
 using bf16 = __nv_bfloat16;
 
@@ -330,11 +324,6 @@ __global__ void ref_lora(const float* u, const float* B, float* y, int M, int N,
   for (int j = 0; j < r; ++j) acc += u[m * r + j] * B[(int64_t)n * r + j];
   y[(int64_t)m * N + n] += acc;
 }
-__global__ void sleep_kernel(int64_t ns) {
-  const int64_t t0 = clock64();
-  while (clock64() - t0 < ns * 2) {
-  }
-}
 
 // ------------------------------------------------------------------------------------------------ timing
 struct Problem {
@@ -344,27 +333,6 @@ struct Problem {
   float *y32, *yref, *A, *B, *u;
 };
 
-float time_it(const std::function<void(int)>& f, cudaStream_t st, int reps = 30) {
-  cudaEvent_t a, b;
-  CK(cudaEventCreate(&a));
-  CK(cudaEventCreate(&b));
-  for (int i = 0; i < 3; ++i) f(i);
-  std::vector<float> ts;
-  for (int i = 0; i < reps; ++i) {
-    sleep_kernel<<<1, 1, 0, st>>>(30000);
-    CK(cudaEventRecord(a, st));
-    f(i);
-    CK(cudaEventRecord(b, st));
-    CK(cudaEventSynchronize(b));
-    float ms;
-    CK(cudaEventElapsedTime(&ms, a, b));
-    ts.push_back(ms * 1000.f);
-  }
-  std::sort(ts.begin(), ts.end());
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  return ts[ts.size() / 2];
-}
 
 float max_err(const Problem& p, bool from32) {
   std::vector<float> ref((size_t)p.M * p.N), got((size_t)p.M * p.N);

@@ -9,6 +9,8 @@
 #include "lora_kernels.cuh"
 #include "stream_sm90.cuh"
 
+#include "gpu_timing.cuh"
+
 #include <cuda_bf16.h>
 
 #include <algorithm>
@@ -17,15 +19,6 @@
 #include <cstdint>
 #include <functional>
 #include <vector>
-
-#define CK(x)                                                                 \
-  do {                                                                        \
-    cudaError_t e_ = (x);                                                     \
-    if (e_ != cudaSuccess) {                                                  \
-      printf("CUDA error %s at line %d\n", cudaGetErrorString(e_), __LINE__); \
-      exit(1);                                                                \
-    }                                                                         \
-  } while (0)
 
 namespace lk = lora_kernels;
 using bf16 = __nv_bfloat16;
@@ -70,34 +63,6 @@ __global__ void plain_read(const uint4* p, int64_t n, float* sink) {
   }
   if (acc == 1.2345f) sink[0] = acc;
 }
-__global__ void sleep_kernel(int64_t cycles) {
-  const int64_t t0 = clock64();
-  while (clock64() - t0 < cycles) {
-  }
-}
-
-float time_it(const std::function<void(int)>& f, cudaStream_t st, int reps = 30) {
-  cudaEvent_t a, b;
-  CK(cudaEventCreate(&a));
-  CK(cudaEventCreate(&b));
-  for (int i = 0; i < 3; ++i) f(i);
-  std::vector<float> ts;
-  for (int i = 0; i < reps; ++i) {
-    sleep_kernel<<<1, 1, 0, st>>>(100000);
-    CK(cudaEventRecord(a, st));
-    f(i);
-    CK(cudaEventRecord(b, st));
-    CK(cudaEventSynchronize(b));
-    float ms;
-    CK(cudaEventElapsedTime(&ms, a, b));
-    ts.push_back(ms * 1e3f);
-  }
-  std::sort(ts.begin(), ts.end());
-  CK(cudaEventDestroy(a));
-  CK(cudaEventDestroy(b));
-  return ts[ts.size() / 2];
-}
-
 // max |sum of the parts - ref| / max |ref| over n values, parts `parts` apart
 double rel_err(const float* parts, int64_t nparts, const float* ref, int64_t n, float scale = 1.f) {
   std::vector<float> p((size_t)(nparts * n)), q((size_t)n);
