@@ -10,8 +10,10 @@
 //          and this kernel reads kept with scaling/(1-p) (lora_dA_sm90_kept); otherwise dA with dropout runs on the
 //          mma.sync kernel (lora_dA_sm90_unsupported says why).
 // Prep   : g's pieces Gp [Z][NW][Mpad] in x's type (scratch: lora_dA_sm90_scratch_bytes), as the dy pass's Up.
-// Tiling : as the dy pass (dy_pass_sm90.cu) without its G warpgroup's work: a loader warpgroup, a 4-stage ring of
-//          x tiles, Gp tiles per row tile in a double buffer, mbarriers between them.
+// Tiling : as the dy pass (dy_pass_sm90.cu) without its G warpgroup's work: a loader warpgroup, a ring of x tiles
+//          (4 stages; 3 where r > 32 at three pieces: one 64-column r-chunk, whose Gp double buffer takes 96 KB),
+//          Gp tiles per row tile in a double buffer, mbarriers between them. Warpgroup 2 computes D; warpgroup 1 has
+//          no product (splitting D over both ran slower: bench/results/h200_2026-12-02/session21).
 // Bytes  : x once per r-chunk; Gp from L2 once per row tile; partials row_splits * r * K floats.
 #include "stream_sm90.cuh"
 
