@@ -1,5 +1,5 @@
 // GPU time of a launch sequence as the suite measures it, for the torch-free microbenchmarks (small_m_bench.cu,
-// stream_bench.cu): each repetition queued behind a GPU sleep (so the host's enqueue is hidden), timed by CUDA events,
+// stream_bench.cu, stream_tma_probe.cu): each repetition queued behind a GPU sleep (so the host's enqueue is hidden), timed by CUDA events,
 // median of `reps`; f(i) gets the repetition's index (to rotate through buffer sets larger than L2).
 #pragma once
 #include <cuda_runtime.h>
@@ -24,6 +24,16 @@ __global__ void sleep_kernel(int64_t cycles) {
   const int64_t t0 = clock64();
   while (clock64() - t0 < cycles) {
   }
+}
+
+// A plain streaming read of n 16-byte chunks (ld.global.cs, grid-stride): the rate the streaming passes are held to.
+__global__ void plain_read(const uint4* p, int64_t n, float* sink) {
+  float acc = 0.f;
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    const uint4 v = __ldcs(p + i);
+    acc += __uint_as_float(v.x ^ v.w);
+  }
+  if (acc == 1.2345f) sink[0] = acc;
 }
 
 // microseconds: median over reps, after 3 untimed calls

@@ -55,14 +55,6 @@ __global__ void ref_rowdot(const bf16* a, const float* s, float* out, int64_t M,
   for (int64_t n = 0; n < N; ++n) acc += __bfloat162float(a[m * N + n]) * s[n * r + j];
   out[m * r + j] = acc;
 }
-__global__ void plain_read(const uint4* p, int64_t n, float* sink) {
-  float acc = 0.f;
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-    const uint4 v = __ldcs(p + i);
-    acc += __uint_as_float(v.x ^ v.w);
-  }
-  if (acc == 1.2345f) sink[0] = acc;
-}
 // max |sum of the parts - ref| / max |ref| over n values, parts `parts` apart
 double rel_err(const float* parts, int64_t nparts, const float* ref, int64_t n, float scale = 1.f) {
   std::vector<float> p((size_t)(nparts * n)), q((size_t)n);

@@ -102,14 +102,6 @@ stream_probe(const __grid_constant__ CUtensorMap tmap, const __nv_bfloat16* __re
   }
 }
 
-__global__ void plain_read(const uint4* p, int64_t n, float* sink) {
-  float acc = 0.f;
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-    const uint4 v = __ldcs(p + i);
-    acc += __uint_as_float(v.x ^ v.w);
-  }
-  if (acc == 1.2345f) sink[0] = acc;
-}
 
 using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
                                  const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
