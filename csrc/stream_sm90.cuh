@@ -25,15 +25,9 @@ enum StreamMode : int { kDy = 0, kDA = 1, kShrink = 2 };
 constexpr int ds_stage_bytes(int mode, int nw) {
   return DS_BM * DS_BN * 2 + (mode == kDA ? 0 : nw * 128) + (mode == kShrink ? DS_BITS : 0);
 }
-// Ring depth: 4 stages (6 and 8 ran no faster: bench/dev/stream_bench.cu, twenty-first session), 3 for dA's 192-wide
-// side operand (its Up double buffer takes 96 KB), so that its plans fit in shared memory.
+// Ring depth: 4 stages (6 and 8 ran no faster on the H200: the loader's rate, not the tiles in flight, bounds these
+// passes), 3 for dA's 192-wide side operand (its Up double buffer takes 96 KB), so that its plans fit in shared memory.
 constexpr int ds_stages(int mode, int nw) { return mode == kDA && nw > 96 ? 3 : 4; }
-// Development only (bench/dev/stream_bench.cu): LK_DS_DBG bit 0 leaves the consumers' products out (they release
-// each stage as it lands), bit 1 the loader's side operands (Bp chunks, Up tiles), bit 2 the consumers' proxy fence.
-// Outputs are then wrong (bit 2: not guaranteed right).
-#ifndef LK_DS_DBG
-#define LK_DS_DBG 0
-#endif
 
 struct DsShape {
   int pieces, rj, z, nw;
@@ -46,12 +40,12 @@ DsShape ds_shape(int r, int pieces, StreamMode mode) {
   const int rj = (pieces > 1 && mode == kDy) ? (r <= 16 ? 16 : 32) : (r <= 16 ? 16 : r <= 32 ? 32 : 64);
   return DsShape{pieces, rj, (int)ceil_div(r, rj), pieces * rj};
 }
-constexpr int ds_ldd(int rj) { return rj + 4; }
+constexpr int ds_ldd(int rj) { return rj + 4; }  // dB row pitch (floats) in shared memory
 // Column tiles a pass needs: each column group spans at least stages - 1 tiles (the Up double buffer's parity waits
 // rely on the loader never being two row tiles ahead).
 inline int64_t ds_min_col_tiles(int r, int pieces, StreamMode mode) {
   return ds_stages(mode, ds_shape(r, pieces, mode).nw) - 1;
-}  // dB row pitch (floats) in shared memory
+}
 // mbarriers, alignment, the ring of {a tile, side chunk}; with the D product (dy pass, dA) also the double-buffered
 // Up row tile and the column group's D sums.
 size_t ds_smem(const DsShape& s, StreamMode mode, int64_t tiles_per_group) {
@@ -206,7 +200,7 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
 #pragma unroll
       for (int q = 0; q < BP_CH; ++q) {
         const int i = tid + q * PT, row = i >> 3, c = i & 7;
-        if (kG && i < NW * 8 && !(LK_DS_DBG & 2))
+        if (kG && i < NW * 8)
           cp_async16(s_st + DY_BYTES + sw128_offset(row, c), bpz + (int64_t)row * npad + n0 + 8 * c, 16);
       }
       if (bits_staged) {  // the tile's keep bits: row `tid`, two 4-byte words (zero-filled past the rows or columns)
@@ -223,7 +217,7 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
 #pragma unroll
         for (int q = 0; q < UP_CH; ++q) {
           const int i = tid + q * PT, row = i >> 4, c = i & 15;
-          if (i < NW * 16 && !(LK_DS_DBG & 2))
+          if (i < NW * 16)
             cp_async16(s_u + (c >> 3) * NW * 128 + sw128_offset(row, c & 7),
                        upz + (int64_t)row * mpad + m0 + 8 * c, 16);
         }
@@ -253,13 +247,9 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
     int rt = 0, ct = 0, stage = 0, round = 0;
     for (int t = 0; t < n_tiles; ++t) {
       mbar_wait(bar_full + 8 * stage, round & 1);
-      if (!(LK_DS_DBG & 4)) fence_proxy_async();  // the copies (generic proxy) before wgmma's reads (async proxy)
+      fence_proxy_async();  // the copies (generic proxy) before wgmma's reads (async proxy)
       const uint32_t s_dy = s_ring + stage * STAGE, s_bp = s_dy + DY_BYTES;
-      if ((LK_DS_DBG & 1) && lane == 0) {
-        mbar_arrive(bar_empty + 8 * stage);
-        if (wg == 2 && do_dB && ct == n_ct - 1) mbar_arrive(bar_up + 8 * (rt & 1));
-      } else if (LK_DS_DBG & 1) {
-      } else if (g_here) {  // G: K = the tile's 64 columns, 4 steps of 16, for this warpgroup's 64-row halves
+      if (g_here) {  // G: K = the tile's 64 columns, 4 steps of 16, for this warpgroup's 64-row halves
         if (MODE == kShrink && keep8 != nullptr) mask_rows(std::integral_constant<int, 64>{}, s_dy, rt, ct, 64 * h0);
         wgmma_fence();
 #pragma unroll
