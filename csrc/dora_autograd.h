@@ -187,10 +187,9 @@ at::Tensor dora_linear_entry(const at::Tensor& x, const at::Tensor& weight, cons
   if (training && dropout_p > 0.0) return none;  // dropout: the Python path (two GEMMs over W, masking passes)
   if (!weight.is_contiguous() || Impl::capturing(x)) return none;
   const at::Tensor wsq = weight_sq_cached(weight);
-  const at::Tensor x2 = (x.dim() == 2 ? x : x.reshape({-1, weight.size(1)})).contiguous();
+  const at::Tensor x2 = as_rows(x, weight.size(1));
   const at::Tensor A = lora_A.contiguous(), B = lora_B.contiguous(), mag = magnitude.contiguous();
-  const bool has_bias = bias_opt.has_value() && bias_opt->defined();
-  const std::optional<at::Tensor> bias = has_bias ? std::optional<at::Tensor>(bias_opt->contiguous()) : std::nullopt;
+  const std::optional<at::Tensor> bias = contiguous_bias(bias_opt);
   const bool grad = at::GradMode::is_enabled() && (x.requires_grad() || lora_A.requires_grad() ||
                                                    lora_B.requires_grad() || magnitude.requires_grad());
   at::Tensor y;

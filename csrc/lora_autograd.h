@@ -182,6 +182,15 @@ bool entry_declines(const at::Tensor& x, const at::Tensor& weight, const std::op
   return K == 0 || x.numel() == 0;  // the empty problems (ops._fwd_impl)
 }
 
+// x (..., K) as the contiguous (M, K) the kernels take, and a given bias contiguous (else none).
+inline at::Tensor as_rows(const at::Tensor& x, int64_t K) {
+  return (x.dim() == 2 ? x : x.reshape({-1, K})).contiguous();
+}
+inline std::optional<at::Tensor> contiguous_bias(const std::optional<at::Tensor>& bias_opt) {
+  if (!bias_opt.has_value() || !bias_opt->defined()) return std::nullopt;
+  return bias_opt->contiguous();
+}
+
 // y (M, N) of the flattened x back to x's leading dims.
 inline at::Tensor with_leading_dims(const at::Tensor& y, const at::Tensor& x) {
   if (x.dim() == 2) return y;
@@ -200,10 +209,9 @@ at::Tensor lora_linear_entry(const at::Tensor& x, const at::Tensor& weight, cons
   if (p == 1.0) scaling = 0.0, p = 0.0;  // everything dropped: the LoRA path and its grads are zero
   if (p > 0.0 && Impl::capturing(x)) return at::Tensor();  // the graph-safe device seed: ops.lora_linear
   const int64_t seed = p > 0.0 ? draw_seed() : 0;
-  const at::Tensor x2 = (x.dim() == 2 ? x : x.reshape({-1, weight.size(1)})).contiguous();
+  const at::Tensor x2 = as_rows(x, weight.size(1));
   const at::Tensor w = weight.contiguous(), A = lora_A.contiguous(), B = lora_B.contiguous();
-  const bool has_bias = bias_opt.has_value() && bias_opt->defined();
-  const std::optional<at::Tensor> bias = has_bias ? std::optional<at::Tensor>(bias_opt->contiguous()) : std::nullopt;
+  const std::optional<at::Tensor> bias = contiguous_bias(bias_opt);
   const bool grad = at::GradMode::is_enabled() &&
                     (x.requires_grad() || lora_A.requires_grad() || lora_B.requires_grad());
   at::Tensor y = grad ? LoraLinearFunction<Impl>::apply(x2, w, bias, A, B, scaling, p, seed, 0, std::nullopt)

@@ -200,9 +200,7 @@ __device__ __forceinline__ void compute_item(int item, const T* __restrict__ x, 
   }
 #pragma unroll
   for (int q = 0; q < SMM_ITEM; ++q) {
-    float v = sum[q];
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    const float v = warp_sum(sum[q]);
     if (lane == 0) red[warp * SMM_ITEM + q] = v;
   }
   __syncthreads();
@@ -489,9 +487,7 @@ __device__ void rd_u_item(int item, const T* __restrict__ x, const TA* __restric
   for (int i = 0; i < RD_ITEM_ROWS; ++i)
 #pragma unroll
     for (int j = 0; j < RD_ITEM_COLS; ++j) {
-      float v = acc[i][j];
-#pragma unroll
-      for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+      const float v = warp_sum(acc[i][j]);
       if (lane == 0) red[warp * RD_ITEM_ROWS * RD_ITEM_COLS + i * RD_ITEM_COLS + j] = v;
     }
   __syncthreads();
