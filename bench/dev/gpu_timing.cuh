@@ -1,6 +1,7 @@
 // GPU time of a launch sequence as the suite measures it, for the torch-free microbenchmarks (small_m_bench.cu,
-// stream_bench.cu, stream_tma_probe.cu): each repetition queued behind a GPU sleep (so the host's enqueue is hidden), timed by CUDA events,
-// median of `reps`; f(i) gets the repetition's index (to rotate through buffer sets larger than L2).
+// stream_bench.cu, stream_tma_probe.cu): each repetition queued behind a GPU sleep (so the host's enqueue is hidden),
+// timed by CUDA events, median of `reps`; f(i) gets the repetition's index (to rotate through buffer sets larger
+// than L2).
 #pragma once
 #include <cuda_runtime.h>
 
@@ -37,7 +38,8 @@ __global__ void plain_read(const uint4* p, int64_t n, float* sink) {
 }
 
 // microseconds: median over reps, after 3 untimed calls
-inline float time_it(const std::function<void(int)>& f, cudaStream_t st, int reps = 30, int64_t sleep_cycles = 100000) {
+inline float time_it(const std::function<void(int)>& f, cudaStream_t st, int reps = 30,
+                     int64_t sleep_cycles = 100000) {
   cudaEvent_t a, b;
   CK(cudaEventCreate(&a));
   CK(cudaEventCreate(&b));

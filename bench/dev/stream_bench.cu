@@ -4,7 +4,8 @@
 // (the bandwidth these passes are held to: the issue asks >= 80% of HBM's).
 // Built and run by stream_bench.sh; the plan lines give each pass's split plan, ring depth and shared memory. GPU time
 // as the suite measures it: each launch queued behind a GPU sleep, the streamed matrix rotated through 3 copies
-// (larger than L2 together), median of 30. Every pass's outputs are checked against a reference kernel in the same binary.
+// (larger than L2 together), median of 30. Every pass's outputs are checked against a reference kernel in the same
+// binary.
 #include "lora_kernels.cuh"
 #include "stream_sm90.cuh"
 
@@ -87,7 +88,7 @@ int main() {
       CK(cudaMalloc(&a[s], n * 2));
       fill_bf16<<<1024, 256, 0, st>>>(a[s], n, 11 + s);
     }
-    const float plain = time_it([&](int i) { plain_read<<<132 * 8, 512, 0, st>>>(
+    const float plain = time_it([&](int i) { plain_read<<<prop.multiProcessorCount * 8, 512, 0, st>>>(
                                                    reinterpret_cast<const uint4*>(a[i % 3]), n / 8, sink); }, st);
     printf("\n=== M=%lld x %d (%.1f MB): plain read %.1f us, %.2f TB/s\n", (long long)M, width, n * 2 / 1e6, plain,
            n * 2 / plain / 1e6);
@@ -103,10 +104,10 @@ int main() {
         const lk::SplitPlan plan = lk::lora_dy_pass_sm90_plan(M, C, r, 3);
         const char* why = lk::lora_dy_pass_sm90_unsupported(a[0], lk::DType::kBFloat16, lk::DType::kFloat32, M, C, r);
         const auto sh = lk::detail::ds_shape(r, 3, lk::detail::kDy);
+        const int64_t groups = std::max<int64_t>(plan.col_groups, 1), tpg = ((C + 63) / 64 + groups - 1) / groups;
         printf("dy pass r=%d: plan S=%lld C=%lld z=%d stages=%d smem=%zu %s\n", r, (long long)plan.row_splits,
                (long long)plan.col_groups, sh.z, lk::detail::ds_stages(lk::detail::kDy, sh.nw),
-               lk::detail::ds_smem(sh, lk::detail::kDy, (C / 64 + plan.col_groups - 1) / std::max<int64_t>(plan.col_groups, 1)),
-               why ? why : "");
+               lk::detail::ds_smem(sh, lk::detail::kDy, tpg), why ? why : "");
         if (!why) {
           void* scratch;
           CK(cudaMalloc(&scratch, lk::lora_dy_pass_sm90_scratch_bytes(M, C, r, 3)));

@@ -66,7 +66,8 @@ stream_probe(const __grid_constant__ CUtensorMap tmap, const __nv_bfloat16* __re
           bar_wait(bars + 8 * (S + stage), (round & 1) ^ 1);
           asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(full), "r"(TILE) : "memory");
           asm volatile(
-              "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
+              "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+              " [%0], [%1, {%2, %3}], [%4];\n"
               ::"r"(dst), "l"(reinterpret_cast<uint64_t>(&tmap)), "r"((int)n0), "r"((int)m0), "r"(full)
               : "memory");
         }
@@ -92,7 +93,9 @@ stream_probe(const __grid_constant__ CUtensorMap tmap, const __nv_bfloat16* __re
       bar_wait(bars + 8 * stage, round & 1);
       uint4 v;
       const uint32_t src = ring + stage * TILE + 16 * ((tid - 128 * wg) + 128 * (wg - 1)) % TILE;
-      asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(src));
+      asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                   : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                   : "r"(src));
       acc += __uint_as_float(v.x ^ v.w);
       __syncwarp();
       if ((tid & 31) == 0) bar_arrive(bars + 8 * (S + stage));
