@@ -173,15 +173,17 @@ const char* sm90_unsupported(const Tensor& a, const Tensor& b, const Tensor* bia
 // ------------------------------------------------------------------ the fused sm_90 forward (csrc/fused_fwd_sm90.h)
 // The forward as one GEMM launch with the shrink inside it (plus a prep launch): on the sm_90 GEMM's devices and
 // dtypes, r <= 64. Mode (LORA_KERNELS_FUSED_FWD, read once; set_fused_forward at run time):
-//   -1 (unset, the default)  p = 0 only (p > 0: the shrink + GEMM path). r <= 32: u computed by each row block's
-//                            lead tiles (by u tiles where the lead tiles do not fit: fewer output tile columns than
-//                            lead tiles); r > 32: by u tiles.
+//   -1 (unset, the default)  p = 0 only (p > 0: the shrink + GEMM path). Up to 4 lead tiles per row block (fp32
+//                            adapters on bf16: r <= 32, 8 u columns per lead tile; 16-bit adapters: r <= 64, 32 per
+//                            lead tile): u computed by each row block's lead tiles (by u tiles where the lead tiles
+//                            do not fit: fewer output tile columns than lead tiles); more lead tiles: by u tiles.
 //    1                       u tiles only (with dropout they mask their copy of x in shared memory);
 //    2                       lead tiles only (with dropout: fp32 adapters on bf16 x, masking x's copy in registers);
 //    0                       off (the shrink + pack + GEMM path).
 // Measured on the Llama-3-8B shapes at 8192 tokens (thirteenth and fourteenth sessions, bench/results): the lead
-// tiles beat the u tiles and the separate shrink pass at r = 16 and 32 (or tie within 1%); at r = 64 the u tiles beat
-// both (fp32 adapters' 3 pieces make 8 lead tiles per row block, each with a quarter more MMA work). With dropout
+// tiles beat the u tiles and the separate shrink pass with 2 to 4 lead tiles per row block (fp32 adapters at r = 16
+// and 32, bf16 adapters at r = 64: 1.057 against 1.131 the floor at 4096->4096, 1.228 against 1.582 at ->1024), or
+// tie within 1%; with 8 (fp32 adapters at r = 64, each with a quarter more MMA work) the u tiles beat both. With dropout
 // neither beats the shrink pass that reads the keep bits: the u tiles' masking in shared memory sits on the path every
 // output tile of the row block waits for, and the lead tiles' in registers (with the keep-bits pass they still need)
 // made them 1.29x the floor against 1.24x at 8192x4096->4096, r = 16 (fourteenth session, run 3).
@@ -217,8 +219,10 @@ const char* fused_forward_unsupported(const Tensor& x, const Tensor& weight, con
   if (mode == 0) return "off (LORA_KERNELS_FUSED_FWD=0 or set_fused_forward)";
   if (p > 0.0 && mode < 0)
     return "dropout (the fused kernel's masking is slower than the shrink pass: set_fused_forward(1) or (2))";
-  lk::FusedFwdArgs a =
-      fused_args(x, weight, bias, lora_A, lora_B, 1.0, p, mode == 2 || (mode < 0 && lora_A.size(0) <= 32));
+  const int lead_tiles = lk::sm90fused::split_for((int)lora_A.size(0),
+                                                   lk::adapter_pieces(to_dtype(x, "x"), to_dtype(lora_A, "lora_A")),
+                                                   true).tiles;
+  lk::FusedFwdArgs a = fused_args(x, weight, bias, lora_A, lora_B, 1.0, p, mode == 2 || (mode < 0 && lead_tiles <= 4));
   a.y = x.data_ptr();  // the output comes from the caching allocator: aligned
   const char* why = lk::lora_fused_fwd_sm90_unsupported(a, x.get_device());
   if (why != nullptr && mode < 0 && a.lead) {  // the default: u tiles where the lead tiles do not fit

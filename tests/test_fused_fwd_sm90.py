@@ -63,11 +63,14 @@ def _path(M, K, N, r, p=0.0, dtype=torch.bfloat16, adapter_dtype=torch.float32):
 @pytest.mark.parametrize("K,N", [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)])
 @pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.bfloat16])
 def test_benchmarked_shapes_take_the_default_path(K, N, adapter_dtype):
-    # what bench/suite and targets.py time at p = 0: the lead-tile kernel at r = 16 (and 32), the u tiles at r = 64;
+    # what bench/suite and targets.py time at p = 0: the lead-tile kernel up to 4 lead tiles per row block (r = 16
+    # and 32 with fp32 adapters' 8 u columns per lead tile, r = 64 too with 16-bit adapters' 32), the u tiles above;
     # at p > 0 the shrink + GEMM path
-    for r, path in ((16, "sm90 fused lead ("), (32, "sm90 fused lead ("), (64, "sm90 fused (")):
+    lead, u_tiles = "sm90 fused lead (", "sm90 fused ("
+    for r in (16, 32, 64):
+        path = u_tiles if r == 64 and adapter_dtype == torch.float32 else lead
         assert _path(256, K, N, r, adapter_dtype=adapter_dtype).startswith(path), (K, N, r)
-        assert _path(256, K, N, r, dtype=torch.float16, adapter_dtype=torch.float16).startswith(path), (K, N, r)
+        assert _path(256, K, N, r, dtype=torch.float16, adapter_dtype=torch.float16).startswith(lead), (K, N, r)
         assert "(fused: dropout (the fused kernel's masking is slower" in _path(256, K, N, r, p=0.1), (K, N, r)
 
 
@@ -80,7 +83,8 @@ def test_fused_forward_mode_switch():
         assert _path(256, 512, 512, 16).startswith("sm90 fused (")
         assert cb.set_fused_forward(-1) == 1
         assert _path(256, 512, 512, 17).startswith("sm90 fused lead (")
-        assert _path(256, 512, 512, 33).startswith("sm90 fused (")
+        assert _path(256, 512, 512, 33).startswith("sm90 fused (")  # fp32 adapters: 5 lead tiles, u tiles
+        assert _path(256, 512, 512, 64, adapter_dtype=torch.bfloat16).startswith("sm90 fused lead (")  # 2 lead tiles
         # the default's fallback: 3 lead tiles (fp32 adapters, r = 24) do not fit 2 output tile columns, u tiles do
         assert _path(256, 512, 136, 24).startswith("sm90 fused (")
         assert cb.set_fused_forward(2) == -1
