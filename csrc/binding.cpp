@@ -350,9 +350,10 @@ const char* dx_sm90_unsupported(const Tensor& dy, const Tensor& weight, float p,
 // The rank-r operands of dx on the sm_90 path, packed: vx (M, kx) = s·g and ax (kx, K) = lora_A in dy's dtype
 // (workspace pieces). g_work holds g = dy B (M, r) fp32, or the dy pass's `partials` column-group parts of it: the
 // pack sums them on the way (the same fp32 sums in the same order as launch_reduce_partials), into g_sum when it
-// is not null (the reduced g, for dA).
+// is not null (the reduced g, for dA). dB_reduce: the dB partials' reduction, run by the same launch.
 void sm90_dx_pack(const Tensor& dy, const float* g_work, int64_t partials, float* g_sum, int r,
-                  const Tensor& lora_A, double scaling, void* vx, void* ax, cudaStream_t stream) {
+                  const Tensor& lora_A, double scaling, void* vx, void* ax, cudaStream_t stream,
+                  const lk::ReduceJob& dB_reduce = lk::ReduceJob{}) {
   const int64_t M = dy.size(0), K = lora_A.size(1), kx = sm90_kx(r);
   lk::PackJob jv{g_work, lk::DType::kFloat32, M, r, vx, M, kx, (float)scaling};
   if (partials > 1) {
@@ -361,7 +362,7 @@ void sm90_dx_pack(const Tensor& dy, const float* g_work, int64_t partials, float
     jv.sum_out = g_sum;
   }
   lk::PackJob ja{lora_A.data_ptr(), to_dtype(lora_A, "lora_A"), r, K, ax, kx, K, 1.f};
-  check_cuda(lk::launch_pack_rank_operands(jv, ja, to_dtype(dy, "dy"), stream), "pack(g, A) launch");
+  check_cuda(lk::launch_pack_rank_operands(jv, ja, to_dtype(dy, "dy"), stream, dB_reduce), "pack(g, A) launch");
 }
 
 // dx (M, K) = dy W + (s g) A on the sm_90 path, from the operands that sm90_dx_pack packed; with dropout
@@ -594,10 +595,10 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
 
   // The passes, in stream order:
   //  1. the dy pass: g = dy B (fp32), as col_groups parts when g_partial, and the dB partials, one pass over dy;
-  //  2. the reduces of g (where the sm_90 pack does not sum it) and of dB;
+  //  2. the reduces of g (where the sm_90 pack does not sum it) and of dB (where the sm_90 pack does not);
   //  3. dx. On sm_90 the rank-r term joins the GEMM's K axis: the pack of (s g, A) sums g's parts on the way (the
   //     fp32 sums of the reduce, in its order) and writes the reduced g where dA reads it, so that g needs no
-  //     reduce launch. With dropout the pack scales g by s / (1 - p) and the GEMM masks the term with the keep
+  //     reduce launch; the same launch sums the dB partials (a launch fewer). With dropout the pack scales g by s / (1 - p) and the GEMM masks the term with the keep
   //     bits (made once, for dx and dA) before it accumulates dy W. Off sm_90 the term is written first (dropout
   //     applied) and cuBLAS accumulates dy W into it (beta = 1);
   //  4. dA and its reduce.
@@ -632,10 +633,12 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
                 : lk::lora_dA_plan(M, K, r, lk::lora_dA_resident_blocks(x_dt, a_dt, r));
   const bool dB_direct = need_dB && dy_plan.row_splits == 1 && b_dt == lk::DType::kFloat32;
   const bool dA_direct = need_dA && dA_plan.row_splits == 1 && a_dt == lk::DType::kFloat32;
+  const bool dB_in_pack = need_dB && !dB_direct && dx_sm90;  // the pack launch sums the dB partials
 
   // The workspace: g lives from the dy pass (or its reduce, or the pack) to the last launch. The other pieces take
   // turns in one region, in the stream order above: g's parts up to the pack or reduce that sums them, the dB
-  // partials up to their reduce and then (vx, ax) over them up to the dx GEMM, then the dA partials over all of it.
+  // partials up to their reduce and then (vx, ax) over them up to the dx GEMM (after them where the pack sums
+  // them), then the dA partials over all of it.
   Workspace ws;
   // g: the dy pass's output itself without parts (also when only dB is needed), else their sum where it is read
   const int64_t g_piece = g_reduced || !g_partial ? ws.reserve_floats(M * r) : -1;
@@ -646,9 +649,10 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   const int64_t after_g_parts = ws.mark();
   const int64_t dB_partial_piece =
       need_dB && !dB_direct ? ws.reserve_floats(std::max<int64_t>(dy_plan.row_splits, 1) * N * r) : -1;
+  const int64_t after_dB_partials = ws.mark();
   const int64_t dy_scratch_piece =
       dy_sm90 ? ws.reserve((int64_t)lk::lora_dy_pass_sm90_scratch_bytes(M, N, r, pieces)) : -1;
-  ws.rewind(after_g_parts);
+  ws.rewind(dB_in_pack ? after_dB_partials : after_g_parts);
   const int64_t kx = sm90_kx(r), elem = (int64_t)dy.element_size();
   const int64_t vx_piece = dx_sm90 ? ws.reserve(M * kx * elem) : -1;
   const int64_t ax_piece = dx_sm90 ? ws.reserve(kx * K * elem) : -1;
@@ -680,7 +684,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
     check_cuda(lk::launch_reduce_partials(g_work, dy_plan.col_groups, M * r, g, lk::DType::kFloat32, stream),
                "reduce(g) launch");
   }
-  if (need_dB && !dB_direct) {
+  if (need_dB && !dB_direct && !dB_in_pack) {
     check_cuda(lk::launch_reduce_partials(ws.ptr<float>(dB_partial_piece), dy_plan.row_splits, N * r, dB.data_ptr(),
                                           b_dt, stream),
                "reduce(dB) launch");
@@ -696,8 +700,10 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
     dx = at::empty({M, K}, x.options());
     if (dx_sm90) {
       const float dx_scale = lk::dropout_scale((float)scaling, pf);  // the dx kernel's factor
+      lk::ReduceJob dB_reduce;
+      if (dB_in_pack) dB_reduce = {ws.ptr<float>(dB_partial_piece), dy_plan.row_splits, N * r, dB.data_ptr(), b_dt};
       sm90_dx_pack(dy, g_work, dy_plan.col_groups, g_reduced ? g : nullptr, r, lora_A, dx_scale,
-                   ws.ptr(vx_piece), ws.ptr(ax_piece), stream);
+                   ws.ptr(vx_piece), ws.ptr(ax_piece), stream, dB_reduce);
       sm90_dx_gemm(dyw, weight, r, ws.ptr(vx_piece), ws.ptr(ax_piece), ws.ptr<uint8_t>(bits_piece), dx, stream);
     } else {
       check_cuda(lk::launch_lora_dx(dx.data_ptr(), x_dt, g, lora_A.data_ptr(), a_dt, M, K, r, (float)scaling, pf,

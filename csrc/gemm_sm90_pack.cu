@@ -8,8 +8,12 @@
 //         An fp32 input may come as split-K partials, summed here in a fixed order (the forward's u: this launch
 //         is also the shrink's reduction and writes the fp32 u kept for backward).
 // Tiling: one thread per 8 output elements (one 16-byte store); rows are independent. Two jobs share one launch
-//         (blocks [0, blocks_a) do job a, the rest job b), so the forward packs u and B in one launch.
+//         (blocks [0, blocks_a) do job a, the next job b), so the forward packs u and B in one launch. The blocks
+//         after those run the ReduceJob (the backward's dB partials), one thread per 4 outputs (or per output where
+//         the 16-byte loads do not fit): a launch fewer.
 #include "gemm_sm90_pack.h"
+
+#include "reduce.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -91,14 +95,35 @@ __device__ __forceinline__ void pack_job(const PackJob& j, int64_t t) {
   *reinterpret_cast<uint4*>(static_cast<TO*>(j.out) + row * j.cols_out + c0) = *reinterpret_cast<const uint4*>(v);
 }
 
+// Item t of the reduction: outputs [4 t, 4 t + 4) (vec4) or output t.
+template <typename TR>
+__device__ __forceinline__ void reduce_item(const ReduceJob& c, bool vec4, int64_t t) {
+  TR* out = static_cast<TR*>(c.out);
+  if (vec4) {
+    if (t < c.count / 4) detail::reduce_partials_four(c.in, c.parts, c.count, out, t);
+  } else if (t < c.count) {
+    detail::reduce_partials_one(c.in, c.parts, c.count, out, t);
+  }
+}
+
 template <typename TO>
-__global__ void __launch_bounds__(kThreads) pack_kernel(PackJob a, PackJob b, int64_t blocks_a) {
-  // Two calls rather than one on a selected job: selecting between two kernel parameters at run time would copy
-  // the struct to local memory.
+__global__ void __launch_bounds__(kThreads)
+pack_kernel(PackJob a, PackJob b, ReduceJob c, int64_t blocks_a, int64_t blocks_ab, bool vec4) {
+  // One call per branch rather than one on a selected job: selecting between two kernel parameters at run time
+  // would copy the struct to local memory.
   if (blockIdx.x < blocks_a) {
     pack_job<TO>(a, (int64_t)blockIdx.x * kThreads + threadIdx.x);
-  } else {
+  } else if (blockIdx.x < blocks_ab) {
     pack_job<TO>(b, ((int64_t)blockIdx.x - blocks_a) * kThreads + threadIdx.x);
+  } else {
+    const int64_t t = ((int64_t)blockIdx.x - blocks_ab) * kThreads + threadIdx.x;
+    if (c.out_dtype == DType::kFloat32) {
+      reduce_item<float>(c, vec4, t);
+    } else if (c.out_dtype == DType::kBFloat16) {
+      reduce_item<__nv_bfloat16>(c, vec4, t);
+    } else {
+      reduce_item<__half>(c, vec4, t);
+    }
   }
 }
 
@@ -107,16 +132,32 @@ int64_t job_blocks(const PackJob& j) {
   return (j.rows_out * (j.cols_out / kVec) + kThreads - 1) / kThreads;
 }
 
+// The reduction's 4-output items where launch_reduce_partials takes them (count % 4 == 0, aligned pointers).
+bool reduce_vec4(const ReduceJob& c) {
+  const size_t out_size = c.out_dtype == DType::kFloat32 ? 4 : 2;
+  return c.count % 4 == 0 && reinterpret_cast<uintptr_t>(c.in) % 16 == 0 &&
+         reinterpret_cast<uintptr_t>(c.out) % (4 * out_size) == 0;
+}
+
+int64_t reduce_blocks(const ReduceJob& c, bool vec4) {
+  if (c.out == nullptr || c.count <= 0) return 0;
+  return ((vec4 ? c.count / 4 : c.count) + kThreads - 1) / kThreads;
+}
+
 }  // namespace
 
-cudaError_t launch_pack_rank_operands(const PackJob& a, const PackJob& b, DType out_dtype, cudaStream_t stream) {
+cudaError_t launch_pack_rank_operands(const PackJob& a, const PackJob& b, DType out_dtype, cudaStream_t stream,
+                                      const ReduceJob& c) {
   if (a.cols_out % kVec || b.cols_out % kVec) return cudaErrorInvalidValue;
-  const int64_t ba = job_blocks(a), bb = job_blocks(b);
-  if (ba + bb == 0) return cudaSuccess;
+  if (c.out != nullptr && (c.in == nullptr || c.parts < 1)) return cudaErrorInvalidValue;
+  const bool vec4 = c.out != nullptr && reduce_vec4(c);
+  const int64_t ba = job_blocks(a), bb = job_blocks(b), bc = reduce_blocks(c, vec4);
+  if (ba + bb + bc == 0) return cudaSuccess;
+  const unsigned grid = (unsigned)(ba + bb + bc);
   if (out_dtype == DType::kBFloat16) {
-    pack_kernel<__nv_bfloat16><<<(unsigned)(ba + bb), kThreads, 0, stream>>>(a, b, ba);
+    pack_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(a, b, c, ba, ba + bb, vec4);
   } else if (out_dtype == DType::kFloat16) {
-    pack_kernel<__half><<<(unsigned)(ba + bb), kThreads, 0, stream>>>(a, b, ba);
+    pack_kernel<__half><<<grid, kThreads, 0, stream>>>(a, b, c, ba, ba + bb, vec4);
   } else {
     return cudaErrorInvalidValue;
   }

@@ -23,7 +23,19 @@ struct PackJob {
   float* sum_out = nullptr;
 };
 
-// Runs both jobs in one launch; out_dtype is kFloat16 or kBFloat16.
-cudaError_t launch_pack_rank_operands(const PackJob& a, const PackJob& b, DType out_dtype, cudaStream_t stream);
+// A reduction that the same launch runs in blocks of its own: out (count elements of out_dtype) = the sum of `parts`
+// fp32 blocks of `count` floats at `in`, launch_reduce_partials's sums bit for bit (reduce.cuh). The backward's dB
+// partials, summed here instead of in a launch of their own. out == nullptr: none. `in` must not overlap the jobs'
+// outputs.
+struct ReduceJob {
+  const float* in = nullptr;
+  int64_t parts = 1, count = 0;
+  void* out = nullptr;
+  DType out_dtype = DType::kFloat32;
+};
+
+// Runs both jobs (and the reduction) in one launch; out_dtype is kFloat16 or kBFloat16.
+cudaError_t launch_pack_rank_operands(const PackJob& a, const PackJob& b, DType out_dtype, cudaStream_t stream,
+                                      const ReduceJob& c = ReduceJob{});
 
 }  // namespace lora_kernels

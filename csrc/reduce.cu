@@ -1,7 +1,7 @@
 // Reduction of per-split partial buffers (shrink K splits, dy pass g / dB, dA): out = sum over the splits in a fixed
 // order, cast to the output dtype. Bitwise deterministic.
-#include "common.cuh"
 #include "plans.cuh"
+#include "reduce.cuh"
 
 namespace lora_kernels {
 using namespace detail;
@@ -10,11 +10,8 @@ namespace {
 template <typename TO>
 __global__ void __launch_bounds__(kThreads)
 reduce_partials_kernel(const float* __restrict__ partial, int64_t S, int64_t count, TO* __restrict__ out) {
-  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < count; i += (int64_t)gridDim.x * blockDim.x) {
-    float s = 0.f;
-    for (int64_t t = 0; t < S; ++t) s += partial[t * count + i];
-    out[i] = from_f<TO>(s);
-  }
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < count; i += (int64_t)gridDim.x * blockDim.x)
+    reduce_partials_one(partial, S, count, out, i);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -24,14 +21,8 @@ template <typename TO>
 __global__ void __launch_bounds__(kThreads)
 reduce_partials4_kernel(const float* __restrict__ partial, int64_t S, int64_t count, TO* __restrict__ out) {
   const int64_t n4 = count / 4;
-  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n4; i += (int64_t)gridDim.x * blockDim.x) {
-    float v[4] = {0.f, 0.f, 0.f, 0.f};
-    for (int64_t t = 0; t < S; ++t) {
-      const float4 q = *reinterpret_cast<const float4*>(partial + t * count + 4 * i);
-      v[0] += q.x; v[1] += q.y; v[2] += q.z; v[3] += q.w;
-    }
-    store4<TO>(out + 4 * i, 4, v);
-  }
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n4; i += (int64_t)gridDim.x * blockDim.x)
+    reduce_partials_four(partial, S, count, out, i);
 }
 
 }  // namespace
