@@ -12,6 +12,7 @@
 
 #include "gemm_sm90.h"
 #include "gemm_sm90_instances.h"
+#include "pdl.cuh"
 #include "philox.cuh"
 #include "plans.cuh"
 
@@ -44,6 +45,7 @@ __global__ void __launch_bounds__(kPrepThreads)
 fused_prep_kernel(const TA* __restrict__ A, const TB* __restrict__ B, T* __restrict__ ap, T* __restrict__ bx,
                   int* __restrict__ ready, int64_t N, int64_t K, int r, sm90fused::Split sp, int64_t mt,
                   int64_t blocks_ap, int64_t blocks_bx) {
+  pdl_launch_dependents();  // the fused kernel launched next may set up under this launch (it waits for it)
   const int64_t blk = blockIdx.x;
   const int width = sp.width();
   if (blk < blocks_ap) {  // one thread per element of Ap: (tile, row, k)

@@ -28,10 +28,13 @@
 //         clusters the device holds at once, each block walks its items in increasing order, the u items wait for
 //         nothing (lead tiles write their u columns before they wait, and a row block's lead items are a few
 //         consecutive ones), and every item before an output item is running on a resident block or done.
-// Launch: params built on the host; the kernel launched on the caller's stream with its cluster shape.
+// Launch: params built on the host; the kernel launched on the caller's stream with its cluster shape and as a
+//         programmatic dependent of the prep launch (pdl.cuh): its prologue runs under the prep's tail, and every
+//         thread waits for the prep (pdl_wait) before its first global access.
 #pragma once
 
 #include "fused_fwd_sm90.h"
+#include "pdl.cuh"
 
 #include <atomic>
 
@@ -702,6 +705,9 @@ struct FusedFwd {
     // cluster-wide barrier: the pipelines' initialisation visible to the other block
     cute::cluster_arrive_relaxed();
     cute::cluster_wait();
+    // Launched with programmatic stream serialization (pdl.cuh): everything above overlapped the prep launch; its
+    // staged operands and zeroed counters (and everything before it) are visible from here on.
+    pdl_wait();
 
     if (role == Role::Producer) {
       cutlass::arch::warpgroup_reg_dealloc<Base::LoadRegisterRequirement>();
@@ -941,7 +947,7 @@ struct FusedFwd {
       if (e != cudaSuccess) return e;
       if (device < 64) smem_set[device].store(true, std::memory_order_release);
     }
-    cudaLaunchAttribute attr[1];
+    cudaLaunchAttribute attr[2];
     attr[0].id = cudaLaunchAttributeClusterDimension;
     attr[0].val.clusterDim.x = size<0>(Cluster{});
     attr[0].val.clusterDim.y = size<1>(Cluster{});
@@ -965,6 +971,7 @@ struct FusedFwd {
       if (device < 64) resident[device].store(clusters, std::memory_order_release);
     }
     config.gridDim = dim3(unsigned(std::min(clusters, p.order.items())), unsigned(size<1>(Cluster{})), 1);
+    config.numAttrs = with_pdl(attr, 1);  // may start under the prep launch's tail (the kernel waits for it)
     void* kernel_params[] = {&p};
     return cudaLaunchKernelExC(&config, kernel, kernel_params);
   }

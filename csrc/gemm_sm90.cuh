@@ -7,10 +7,17 @@
 // Tiling: CUTLASS's warp-specialised persistent kernels (TMA loads into a multi-stage shared-memory ring, WGMMA
 //         into fp32 registers, a TMA-store epilogue that adds the bias per column). Configs in GemmConfig.
 // Launch: GemmUniversalAdapter-free: params are built on the host and the kernel is launched on the caller's
-//         stream with its cluster shape (cudaLaunchKernelExC).
+//         stream with its cluster shape (cudaLaunchKernelExC), as a programmatic dependent of the launch before it
+//         (pdl.cuh: the pack of its rank-r operands): CUTLASS's kernel waits for that launch in its load warps before
+//         they touch global memory (CUTLASS_ENABLE_GDC_FOR_SM90), and its consumers only write what those loads fed.
 #pragma once
 
+#ifndef CUTLASS_ENABLE_GDC_FOR_SM90
+#define CUTLASS_ENABLE_GDC_FOR_SM90 1
+#endif
+
 #include "gemm_sm90.h"
+#include "pdl.cuh"
 
 #include <atomic>
 
@@ -459,7 +466,7 @@ struct Gemm {
     // The launch with its cluster shape, done here rather than by cutlass::launch_kernel_on_cluster, which sets the
     // kernel's non-portable-cluster attribute (a driver call) on every launch: our clusters are 2 blocks, portable.
     static_assert(cute::size(typename Cfg::Cluster{}) <= 8, "a portable cluster size");
-    cudaLaunchAttribute attr[1];
+    cudaLaunchAttribute attr[2];
     attr[0].id = cudaLaunchAttributeClusterDimension;
     attr[0].val.clusterDim.x = cute::size<0>(typename Cfg::Cluster{});
     attr[0].val.clusterDim.y = cute::size<1>(typename Cfg::Cluster{});
@@ -471,7 +478,7 @@ struct Gemm {
     config.dynamicSmemBytes = smem;
     config.stream = stream;
     config.attrs = attr;
-    config.numAttrs = 1;
+    config.numAttrs = with_pdl(attr, 1);  // may start under the previous launch's tail (the load warps wait for it)
     void* kernel_params[] = {&params};
     return cudaLaunchKernelExC(&config, reinterpret_cast<void const*>(&cutlass::device_kernel<Kernel>), kernel_params);
   }

@@ -13,6 +13,7 @@
 //         the 16-byte loads do not fit): a launch fewer.
 #include "gemm_sm90_pack.h"
 
+#include "pdl.cuh"
 #include "reduce.cuh"
 
 #include <cuda_bf16.h>
@@ -109,6 +110,7 @@ __device__ __forceinline__ void reduce_item(const ReduceJob& c, bool vec4, int64
 template <typename TO>
 __global__ void __launch_bounds__(kThreads)
 pack_kernel(PackJob a, PackJob b, ReduceJob c, int64_t blocks_a, int64_t blocks_ab, bool vec4) {
+  pdl_launch_dependents();  // the GEMM launched next may set up under this launch (it waits for it to finish)
   // One call per branch rather than one on a selected job: selecting between two kernel parameters at run time
   // would copy the struct to local memory.
   if (blockIdx.x < blocks_a) {
