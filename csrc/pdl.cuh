@@ -2,7 +2,8 @@
 // attribute (with_pdl) may start while the kernel before it on the stream still runs, and waits with
 // pdl_wait() before it touches global memory; the kernel before it lets it start early with pdl_launch_dependents().
 // So a launch's latency and its prologue (barrier setup, descriptor prefetch, the cluster's handshake) overlap the
-// small launch before it (the fused forward's prep, the dx GEMM's pack). Both instructions are no-ops where the
+// small launch before it: the fused forward after its prep, the K-extended GEMM after its pack, the streaming passes
+// (shrink, dy pass, dA) after theirs. Both instructions are no-ops where the
 // launch had no such dependency, and below sm_90 the helpers compile to nothing.
 #pragma once
 #include <cuda_runtime.h>

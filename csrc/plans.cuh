@@ -3,6 +3,7 @@
 // choice; kernel launches with the dynamic shared-memory opt-in. No torch headers.
 #pragma once
 #include "common.cuh"
+#include "pdl.cuh"
 
 #include <algorithm>
 #include <type_traits>
@@ -144,6 +145,25 @@ cudaError_t launch_kernel(void (*kernel)(P...), dim3 grid, int threads, size_t s
   if (e != cudaSuccess) return e;
   kernel<<<grid, threads, smem, stream>>>(std::forward<Args>(args)...);
   return cudaGetLastError();
+}
+
+// launch_kernel as a programmatic dependent of the launch before it on the stream (pdl.cuh, unless
+// LORA_KERNELS_PDL=0): the kernel may start while that launch runs, so it must call pdl_wait() before its first
+// global access.
+template <typename... P, typename... Args>
+cudaError_t launch_kernel_pdl(void (*kernel)(P...), dim3 grid, int threads, size_t smem, cudaStream_t stream,
+                              Args&&... args) {
+  cudaError_t e = set_smem_once(reinterpret_cast<const void*>(kernel), smem);
+  if (e != cudaSuccess) return e;
+  cudaLaunchAttribute attr[1];
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = dim3((unsigned)threads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = attr;
+  config.numAttrs = with_pdl(attr, 0);
+  return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

@@ -66,6 +66,7 @@ __global__ void __launch_bounds__(DS_PREP)
 dy_sm90_prep_kernel(const TB* __restrict__ B, const float* __restrict__ u, T* __restrict__ bp, T* __restrict__ up,
                     int64_t M, int64_t N, int r, int rj, int64_t npad, int64_t mpad, bool b_rows) {
 #if LK_TC_ARCH
+  pdl_launch_dependents();  // the pass launched next may set up under this launch (it waits for it)
   const int64_t bp_blocks = npad / DS_PREP;
   const bool is_b = blockIdx.x < bp_blocks;
   const int64_t e = (is_b ? blockIdx.x : blockIdx.x - bp_blocks) * (int64_t)DS_PREP + threadIdx.x;
@@ -175,6 +176,9 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
   }
   if (do_dB)
     for (int i = tid; i < n_ct * DS_BN * LDD; i += DS_THREADS) dBs[i] = 0.f;
+  // Launched as a programmatic dependent of its prep launch (launch_kernel_pdl): the setup above ran under the prep's
+  // tail; its staged pieces (and everything before it) are visible from here on.
+  pdl_wait();
   __syncthreads();
 
   // Tiles go round the ring in order: tile t in stage t % DS_STAGES, its round t / DS_STAGES picks the parity.

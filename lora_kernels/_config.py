@@ -63,7 +63,8 @@ Read by the CUDA extension (csrc/binding.cpp), once, when a GEMM first asks for 
                                         do not fit) and by u tiles above; 1 u tiles only, dropout
                                         included (they mask their copy of x); 2 lead tiles only; 0 off. It starts
                                         the mode that cuda_backend.set_fused_forward changes at run time.
-    LORA_KERNELS_PDL                    0 launches the sm_90 GEMMs (the fused forward, the K-extended GEMM) without
+    LORA_KERNELS_PDL                    0 launches the sm_90 kernels that follow a small launch of their own (the
+                                        fused forward, the K-extended GEMM, the wgmma streaming passes) without
                                         programmatic dependent launch (csrc/pdl.cuh): for A/B timing.
     LORA_KERNELS_FUSED_DEBUG            development only (csrc/fused_fwd_sm90.h, FusedParams::debug): bits that make
                                         the fused forward skip its waits or its u products (wrong results, for
