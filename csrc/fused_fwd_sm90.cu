@@ -48,19 +48,25 @@ fused_prep_kernel(const TA* __restrict__ A, const TB* __restrict__ B, T* __restr
   pdl_launch_dependents();  // the fused kernel launched next may set up under this launch (it waits for it)
   const int64_t blk = blockIdx.x;
   const int width = sp.width();
-  if (blk < blocks_ap) {  // one thread per element of Ap: (tile, row, k)
-    const int64_t t = blk * kPrepThreads + threadIdx.x;
-    if (t >= (int64_t)sp.tiles * sp.rows * K) return;
-    const int64_t row_all = t / K, k = t % K;
+  if (blk < blocks_ap) {  // one thread per 8 consecutive elements of a row of Ap: (tile, row, k0); K % 8 == 0
+    const int64_t t = blk * kPrepThreads + threadIdx.x, kg = K / 8;
+    if (t >= (int64_t)sp.tiles * sp.rows * kg) return;
+    const int64_t row_all = t / kg, k0 = 8 * (t % kg);
     const int tile = (int)(row_all / sp.rows), row = (int)(row_all % sp.rows);
     const int group = row / 8, b = group / P, p = group % P;
     const int j = tile * sp.rc() + 8 * b + row % 8;  // the u column this row serves
-    const float v = group < sp.blocks * P && j < r ? to_f<TA>(A[(int64_t)j * K + k]) : 0.f;
-    if constexpr (P > 1) {
-      ap[t] = __float2bfloat16_rz(bf16x3_piece(v, p));
-    } else {
-      ap[t] = from_f<T>(v);
+    const bool live = group < sp.blocks * P && j < r;
+    alignas(16) T v[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const float a = live ? to_f<TA>(A[(int64_t)j * K + k0 + e]) : 0.f;
+      if constexpr (P > 1) {
+        v[e] = __float2bfloat16_rz(bf16x3_piece(a, p));
+      } else {
+        v[e] = from_f<T>(a);
+      }
     }
+    *reinterpret_cast<uint4*>(ap + row_all * K + k0) = *reinterpret_cast<const uint4*>(v);
     return;
   }
   if (blk < blocks_ap + blocks_bx) {  // one thread per 8 columns of a row of Bx
@@ -138,7 +144,7 @@ cudaError_t launch_lora_fused_fwd_sm90(const FusedFwdArgs& a, cudaStream_t strea
   const Carve c = carve(a.M, a.N, a.K, sp);
   char* ws = static_cast<char*>(a.workspace);
   const int64_t mt = ceil_div(a.M, 128);
-  const int64_t blocks_ap = ceil_div((int64_t)sp.tiles * sp.rows * a.K, kPrepThreads);
+  const int64_t blocks_ap = ceil_div((int64_t)sp.tiles * sp.rows * (a.K / 8), kPrepThreads);  // 8 per thread
   const int64_t blocks_bx = ceil_div(a.N * (sp.width() / 8), kPrepThreads);
   const int64_t blocks_ready = ceil_div(mt, kPrepThreads);
   if (blocks_ap + blocks_bx + blocks_ready > 0x7fffffff) return cudaErrorInvalidConfiguration;
