@@ -598,8 +598,9 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   //  2. the reduces of g (where the sm_90 pack does not sum it) and of dB (where the sm_90 pack does not);
   //  3. dx. On sm_90 the rank-r term joins the GEMM's K axis: the pack of (s g, A) sums g's parts on the way (the
   //     fp32 sums of the reduce, in its order) and writes the reduced g where dA reads it, so that g needs no
-  //     reduce launch; the same launch sums the dB partials (a launch fewer). With dropout the pack scales g by s / (1 - p) and the GEMM masks the term with the keep
-  //     bits (made once, for dx and dA) before it accumulates dy W. Off sm_90 the term is written first (dropout
+  //     reduce launch; the same launch sums the dB partials (a launch fewer). With dropout the pack scales g by
+  //     s / (1 - p) and the GEMM masks the term with the keep bits (made once, for dx and dA) before it
+  //     accumulates dy W. Off sm_90 the term is written first (dropout
   //     applied) and cuBLAS accumulates dy W into it (beta = 1);
   //  4. dA and its reduce.
   // When the dy pass runs as one row split (small M), dB is that split's partial: in fp32 the pass writes it into

@@ -134,13 +134,6 @@ int64_t job_blocks(const PackJob& j) {
   return (j.rows_out * (j.cols_out / kVec) + kThreads - 1) / kThreads;
 }
 
-// The reduction's 4-output items where launch_reduce_partials takes them (count % 4 == 0, aligned pointers).
-bool reduce_vec4(const ReduceJob& c) {
-  const size_t out_size = c.out_dtype == DType::kFloat32 ? 4 : 2;
-  return c.count % 4 == 0 && reinterpret_cast<uintptr_t>(c.in) % 16 == 0 &&
-         reinterpret_cast<uintptr_t>(c.out) % (4 * out_size) == 0;
-}
-
 int64_t reduce_blocks(const ReduceJob& c, bool vec4) {
   if (c.out == nullptr || c.count <= 0) return 0;
   return ((vec4 ? c.count / 4 : c.count) + kThreads - 1) / kThreads;
@@ -152,7 +145,9 @@ cudaError_t launch_pack_rank_operands(const PackJob& a, const PackJob& b, DType 
                                       const ReduceJob& c) {
   if (a.cols_out % kVec || b.cols_out % kVec) return cudaErrorInvalidValue;
   if (c.out != nullptr && (c.in == nullptr || c.parts < 1)) return cudaErrorInvalidValue;
-  const bool vec4 = c.out != nullptr && reduce_vec4(c);
+  // 4-output items where launch_reduce_partials takes them
+  const bool vec4 = c.out != nullptr && detail::reduce_partials_vec4(c.in, c.count, c.out,
+                                                                    c.out_dtype == DType::kFloat32 ? 4 : 2);
   const int64_t ba = job_blocks(a), bb = job_blocks(b), bc = reduce_blocks(c, vec4);
   if (ba + bb + bc == 0) return cudaSuccess;
   const unsigned grid = (unsigned)(ba + bb + bc);

@@ -8,8 +8,7 @@
 #pragma once
 #include <cuda_runtime.h>
 
-#include <cstdlib>
-#include <cstring>
+#include "lora_kernels.cuh"  // env_switch_on
 
 namespace lora_kernels {
 
@@ -31,10 +30,7 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 // Appends to attrs[0, n) the launch attribute that lets a kernel start before the one ahead of it on the stream
 // has finished, unless LORA_KERNELS_PDL=0 (read once: A/B timing); returns the new count.
 inline unsigned with_pdl(cudaLaunchAttribute* attrs, unsigned n) {
-  static const bool on = [] {
-    const char* v = std::getenv("LORA_KERNELS_PDL");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
+  static const bool on = env_switch_on("LORA_KERNELS_PDL");
   if (!on) return n;
   attrs[n] = cudaLaunchAttribute{};
   attrs[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;

@@ -34,8 +34,7 @@ cudaError_t launch_reduce_partials(const float* partial, int64_t num_splits, int
   return with_dtype(out_dtype, [&](auto ot) {
     using TO = decltype(ot);
     TO* o = static_cast<TO*>(out);
-    if (count % 4 == 0 && reinterpret_cast<uintptr_t>(partial) % 16 == 0 &&
-        reinterpret_cast<uintptr_t>(o) % (4 * sizeof(TO)) == 0) {
+    if (reduce_partials_vec4(partial, count, o, sizeof(TO))) {
       const int64_t blocks = std::min<int64_t>(ceil_div(count / 4, kThreads), max_blocks);
       return launch_kernel(reduce_partials4_kernel<TO>, dim3((unsigned)blocks), kThreads, 0, stream, partial,
                            num_splits, count, o);

@@ -7,6 +7,13 @@
 namespace lora_kernels {
 namespace detail {
 
+// Whether the sums take 4 outputs per item (reduce_partials_four): count % 4 == 0, partial 16-byte aligned, out
+// aligned to 4 outputs of out_size bytes.
+inline bool reduce_partials_vec4(const float* partial, int64_t count, const void* out, size_t out_size) {
+  return count % 4 == 0 && reinterpret_cast<uintptr_t>(partial) % 16 == 0 &&
+         reinterpret_cast<uintptr_t>(out) % (4 * out_size) == 0;
+}
+
 // out[i]
 template <typename TO>
 __device__ __forceinline__ void reduce_partials_one(const float* __restrict__ partial, int64_t S, int64_t count,

@@ -25,8 +25,9 @@ enum StreamMode : int { kDy = 0, kDA = 1, kShrink = 2 };
 constexpr int ds_stage_bytes(int mode, int nw) {
   return DS_BM * DS_BN * 2 + (mode == kDA ? 0 : nw * 128) + (mode == kShrink ? DS_BITS : 0);
 }
-// Ring depth: 4 stages (6 and 8 ran no faster on the H200: the loader's rate, not the tiles in flight, bounds these
-// passes), 3 for dA's 192-wide side operand (its Up double buffer takes 96 KB), so that its plans fit in shared memory.
+// Ring depth: 4 stages (6 and 8 ran no faster on the H200, and this loader alone, with consumers that only release,
+// reads at a plain read's rate: bench/results/h200_2026-12-02/session22), 3 for dA's 192-wide side operand (its Up
+// double buffer takes 96 KB), so that its plans fit in shared memory.
 constexpr int ds_stages(int mode, int nw) { return mode == kDA && nw > 96 ? 3 : 4; }
 
 struct DsShape {
