@@ -6,8 +6,9 @@
 //          x,   G (128 x NW) = (keep ⊙ x)_tile . Ap_chunk^T        K = the tile's 64 columns
 //          with lora_A's P pieces (bf16x3 of fp32 A on bf16 x, else cast) stacked as NW = P*RJ columns; each tile's
 //          pieces are added in fp32 into the row tile's running u, scaled when written.
-// Mask   : with dropout each G warpgroup zeroes the dropped elements of its half of each landed x tile in shared
-//          memory, from the forward's keep bits (dropout_bits.cu, the contract's mask), then runs its wgmma on it.
+// Mask   : with dropout each G warpgroup reads its half of each landed x tile into wgmma's register fragments and
+//          multiplies them by the forward's keep bits (dropout_bits.cu, the contract's mask), then runs the
+//          register-A wgmma on them (stream_sm90.cuh, masked_frags).
 // Prep   : A's pieces Ap [Z][NW][Kpad] in x's type (scratch: lora_shrink_sm90_scratch_bytes), as the dy pass's Bp.
 // Tiling : as the dy pass (dy_pass_sm90.cu) without D: a loader warpgroup, a 4-stage ring of {x tile, Ap chunk},
 //          mbarriers between them; warpgroup 1 multiplies the tile's rows 0-63, warpgroup 2 rows 64-127, so one
@@ -50,10 +51,13 @@ const char* lora_shrink_sm90_unsupported(const void* x, DType x_dtype, DType a_d
   if (ceil_div(M, DS_BM) > 0x7fffffff) return "M too large";
   if (lora_shrink_sm90_plan(M, K, r, adapter_pieces(x_dtype, a_dtype)).row_splits < 1)
     return "no column grouping fits in shared memory";
-  // With dropout each G warpgroup masks its half of the x tile in shared memory before its wgmma: at r = 16 that
-  // costs more than the mma.sync kernel's whole pass (77 against 43 us at 8192x4096 on the H200, tenth session); at
-  // r = 64, where the mma.sync kernel is compute-bound, this one still wins (74-82 against 116 us).
-  if (p > 0.f && r <= 16) return "dropout at r <= 16: the mma.sync kernel masks faster (measured)";
+  // With dropout at r <= 16 the mma.sync kernel ran faster while this kernel masked x in shared memory (77 against
+  // 43 us at 8192x4096 on the H200, tenth session). LORA_KERNELS_SM90_SHRINK_DROP16=1 takes this kernel there too.
+  static const bool drop16 = [] {
+    const char* v = getenv("LORA_KERNELS_SM90_SHRINK_DROP16");
+    return v != nullptr && strcmp(v, "1") == 0;
+  }();
+  if (p > 0.f && r <= 16 && !drop16) return "dropout at r <= 16: the mma.sync kernel masks faster (measured)";
   return nullptr;
 }
 

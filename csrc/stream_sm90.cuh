@@ -136,35 +136,48 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
   // past the row); otherwise the masking warpgroup reads them from global memory.
   const bool bits_staged = MODE == kShrink && keep8 != nullptr && N % 32 == 0;
   const int64_t kb = (N + 7) / 8;  // keep bytes per row
-  // keep ⊙ a in place for rows [row0, row0 + ROWS) of a landed tile, by this consumer warpgroup (its 128 threads,
-  // 16-byte chunks of 8 elements, keep byte from the stage's copy or keep8), made visible to wgmma and to the
-  // warpgroup's other threads (named barrier `wg`) before its products.
-  auto mask_rows = [&](auto rows_c, uint32_t s_a, int rt_, int ct_, int row0) {
-    constexpr int ROWS = decltype(rows_c)::value;
-    const int64_t m0 = row_begin + (int64_t)rt_ * DS_BM, n0 = col_begin + (int64_t)ct_ * DS_BN;
-    const unsigned char* sb = ds_smem_raw + (s_a + DY_BYTES + NW * 128 - raw);  // the stage's keep bits
-    uint8_t keep[ROWS * 8 / 128];
+  // The shrink's masked A operand: this warp's 16 rows of the warpgroup's 64-row half (rows row0 + 16 warp ..) of a
+  // landed x tile, read into wgmma's register fragments (ldmatrix, one m16 x k16 block per k-step ks) and multiplied
+  // by their keep bits, 1 or 0 per element (mul_keep2: exactly x * keep, so a dropped NaN stays NaN as in the
+  // reference). The register-A wgmma takes them as they are: no write back to shared memory, no proxy fence and no
+  // warpgroup barrier on the way to the products. Keep bits: the stage's copy (bits_staged) or keep8.
+  auto masked_frags = [&](uint32_t (&af)[DS_BN / 16][4], uint32_t s_a, int rt_, int ct_, int row0) {
+    const int ra = row0 + 16 * warp + (lane >> 2), tq = lane & 3;  // this thread's rows ra and ra + 8
+    uint32_t kw[2][2];  // the 8 keep bytes (one per 8-column chunk) of rows ra and ra + 8, as two words each
+    if (bits_staged) {
+      const unsigned char* sb = ds_smem_raw + (s_a + DY_BYTES + NW * 128 - raw);
 #pragma unroll
-    for (int q = 0; q < ROWS * 8 / 128; ++q) {  // every keep byte first: the global loads overlap
-      const int i = (tid & 127) + 128 * q, row = row0 + (i >> 3), c = i & 7;
-      const int64_t m = m0 + row, n = n0 + 8 * c;
-      keep[q] = bits_staged ? sb[row * 8 + c] : (m < row_end && n < col_end ? keep8[m * kb + n / 8] : (uint8_t)0);
-    }
+      for (int h = 0; h < 2; ++h) {
+        const uint2 v = *reinterpret_cast<const uint2*>(sb + (ra + 8 * h) * 8);
+        kw[h][0] = v.x;
+        kw[h][1] = v.y;
+      }
+    } else {
+      const int64_t m0 = row_begin + (int64_t)rt_ * DS_BM, n0 = col_begin + (int64_t)ct_ * DS_BN;
 #pragma unroll
-    for (int q = 0; q < ROWS * 8 / 128; ++q) {
-      const int i = (tid & 127) + 128 * q, row = row0 + (i >> 3), c = i & 7;
-      const int64_t m = m0 + row, n = n0 + 8 * c;
-      if (m < row_end && n < col_end) {
-        const uint32_t addr = s_a + sw128_offset(row, c);
-        uint4 v;
-        asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr));
-        v = drop8<T>(v, keep[q]);
-        asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
-                     : "memory");
+      for (int h = 0; h < 2; ++h) {
+        const int64_t m = m0 + ra + 8 * h;
+        kw[h][0] = kw[h][1] = 0u;
+#pragma unroll
+        for (int c = 0; c < 8; ++c)
+          if (m < row_end && n0 + 8 * c < col_end)
+            kw[h][c >> 2] |= (uint32_t)keep8[m * kb + n0 / 8 + c] << (8 * (c & 3));
       }
     }
-    fence_proxy_async();
-    asm volatile("bar.sync %0, 128;\n" ::"r"(wg) : "memory");
+#pragma unroll
+    for (int ks = 0; ks < DS_BN / 16; ++ks) {
+      // lane l addresses row l % 16, chunk 2 ks + l / 16: af[ks] = (row ra, chunk 2 ks), (ra + 8, 2 ks),
+      // (ra, 2 ks + 1), (ra + 8, 2 ks + 1), each the pair of columns 2 tq, 2 tq + 1 of its chunk
+      const uint32_t addr = s_a + sw128_offset(row0 + 16 * warp + (lane & 15), 2 * ks + (lane >> 4));
+      asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                   : "=r"(af[ks][0]), "=r"(af[ks][1]), "=r"(af[ks][2]), "=r"(af[ks][3])
+                   : "r"(addr));
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int c = 2 * ks + (i >> 1);  // the chunk, whose keep byte is byte c of the row's 8
+        af[ks][i] = mul_keep2<T>(af[ks][i], (kw[i & 1][c >> 2] >> (8 * (c & 3) + 2 * tq)) & 3u);
+      }
+    }
   };
 
   if (tid == 0) {
@@ -255,14 +268,21 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
       fence_proxy_async();  // the copies (generic proxy) before wgmma's reads (async proxy)
       const uint32_t s_dy = s_ring + stage * STAGE, s_bp = s_dy + DY_BYTES;
       if (g_here) {  // G: K = the tile's 64 columns, 4 steps of 16, for this warpgroup's 64-row halves
-        if (MODE == kShrink && keep8 != nullptr) mask_rows(std::integral_constant<int, 64>{}, s_dy, rt, ct, 64 * h0);
-        wgmma_fence();
+        if (MODE == kShrink && keep8 != nullptr) {  // masked x from registers (GH = 1: this warpgroup's half)
+          uint32_t af[DS_BN / 16][4];
+          masked_frags(af, s_dy, rt, ct, 64 * h0);
+          wgmma_fence();
 #pragma unroll
-        for (int ks = 0; ks < DS_BN / 16; ++ks)
+          for (int ks = 0; ks < DS_BN / 16; ++ks) Wgmma<T, NW>::mma_rs(part[0], af[ks], sw128_desc(s_bp + 32 * ks), ks);
+        } else {
+          wgmma_fence();
 #pragma unroll
-          for (int h = 0; h < GH; ++h)
-            Wgmma<T, NW>::template mma<0>(part[h], sw128_desc(s_dy + (h0 + h) * 64 * 128 + 32 * ks),
-                                          sw128_desc(s_bp + 32 * ks), ks);
+          for (int ks = 0; ks < DS_BN / 16; ++ks)
+#pragma unroll
+            for (int h = 0; h < GH; ++h)
+              Wgmma<T, NW>::template mma<0>(part[h], sw128_desc(s_dy + (h0 + h) * 64 * 128 + 32 * ks),
+                                            sw128_desc(s_bp + 32 * ks), ks);
+        }
         wgmma_commit();
         wgmma_wait<0>();
 #pragma unroll

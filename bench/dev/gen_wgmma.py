@@ -5,7 +5,8 @@ NS = [16, 32, 48, 64, 96, 192]
 TYPES = [("__nv_bfloat16", "bf16"), ("__half", "f16")]
 out = []
 out.append("""// wgmma (sm_90a) wrappers of the hand-written Hopper kernels: warpgroup-wide D (64 x N, fp32) = A (64 x 16) B (16 x N)
-// (+ D when scale_d != 0), both operands in shared memory through their descriptors, for the N of those kernels.
+// (+ D when scale_d != 0), both operands in shared memory through their descriptors (mma), or A from registers (mma_rs),
+// for the N of those kernels.
 // Written by bench/dev/gen_wgmma.py.
 // TnspA = 0: A is K-major; 1: A is MN-major (a tile read transposed). B is always K-major. Each asm statement
 // lists its N / 2 accumulator registers, so every N is written out (this header is generated, one function per
@@ -85,6 +86,15 @@ struct Wgmma<{T}, {N}> {{
         "wgmma.mma_async.sync.aligned.m64n{N}k16.f32.{s}.{s} {{{regs}}}, %{R}, %{R + 1}, p, 1, 1, %{R + 3}, 0;\\n}}\\n"
         : {outs}
         : "l"(a), "l"(b), "r"(scale_d), "n"(TnspA));
+  }}
+  // A from registers: a[4], the warp's m16 x k16 fragment as mma.sync.m16n8k16 holds it (rows lane / 4 and + 8 of
+  // the warp's 16, columns 2 (lane % 4) and + 8), B from shared memory (K-major).
+  __device__ __forceinline__ static void mma_rs(float (&d)[{R}], const uint32_t (&a)[4], uint64_t b, int scale_d) {{
+    asm volatile(
+        "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{R + 5}, 0;\\n"
+        "wgmma.mma_async.sync.aligned.m64n{N}k16.f32.{s}.{s} {{{regs}}}, {{%{R}, %{R + 1}, %{R + 2}, %{R + 3}}}, %{R + 4}, p, 1, 1, 0;\\n}}\\n"
+        : {outs}
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(scale_d));
   }}
 }};
 """)
