@@ -716,12 +716,9 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   }
   if (need_dA) {
     float* const dA_partial = dA_direct ? dA.data_ptr<float>() : ws.ptr<float>(dA_partial_piece);
-    if (dA_sm90 || dA_kept) {  // kept, or masked by the keep bits: dA = s / (1 - p) · gᵀ (keep ⊙ x)
-      const bool masked = dA_sm90 && pf > 0.0f;
+    if (dA_sm90 || dA_kept) {  // kept: dA = s / (1 - p) · gᵀ kept
       check_cuda(lk::launch_lora_dA_sm90(dA_kept ? ws.ptr(kept_piece) : x.data_ptr(), x_dt, a_dt, g, dA_partial, M, K,
-                                         r, dA_plan, dA_kept || masked ? lk::dropout_scale((float)scaling, pf)
-                                                                       : (float)scaling,
-                                         masked ? ws.ptr<uint8_t>(bits_piece) : nullptr, pf,
+                                         r, dA_plan, dA_kept ? lk::dropout_scale((float)scaling, pf) : (float)scaling,
                                          ws.ptr(dA_scratch_piece), stream),
                  "lora_dA (sm90) launch");
     } else {

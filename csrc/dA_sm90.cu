@@ -6,11 +6,9 @@
 //            D (64 x NW) = x_tile^T . Gp_tile^T        K = the tile's 128 rows
 //          with g's P pieces (bf16x3 of the fp32 g on bf16 x, else cast) stacked as NW = P*RJ columns; each tile's
 //          pieces are added in fp32 into the column group's sums in shared memory, scaled once at the end.
-// Mask   : with the backward's keep bits (dropout_bits.cu) the D warpgroup reads each landed x tile into register
-//          fragments (ldmatrix.trans), multiplies them by their keep bits and runs the register-A wgmma on them
-//          (stream_sm90.cuh, kKeep: a kernel of its own). Where that variant does not run, with dropout at r > 16
-//          the dropout pass also writes kept = keep ⊙ x and this kernel reads kept with scaling/(1-p)
-//          (lora_dA_sm90_kept); otherwise dA with dropout runs on the mma.sync kernel (lora_dA_sm90_unsupported).
+// Mask   : none. With dropout at r > 16 the backward's dropout pass also writes kept = keep ⊙ x (dropout_bits.cu)
+//          and this kernel reads kept with scaling/(1-p) (lora_dA_sm90_kept); otherwise dA with dropout runs on the
+//          mma.sync kernel (lora_dA_sm90_unsupported says why).
 // Prep   : g's pieces Gp [Z][NW][Mpad] in x's type (scratch: lora_dA_sm90_scratch_bytes), as the dy pass's Up.
 // Tiling : as the dy pass (dy_pass_sm90.cu) without its G warpgroup's work: a loader warpgroup, a ring of x tiles
 //          (4 stages; 3 where r > 32 at three pieces: one 64-column r-chunk, whose Gp double buffer takes 96 KB),
@@ -55,17 +53,9 @@ const char* lora_dA_sm90_unsupported(const void* x, DType x_dtype, DType a_dtype
     return "no column grouping fits in shared memory";
   // With dropout, masking each x tile in shared memory before the wgmma (on the D warpgroup's critical path) made the
   // pass slower than the mma.sync kernel: 86 against 55 us (r = 16) and 215 against 143 us (r = 64) at 8192x4096 on
-  // the H200 (tenth session). The masked variant (kKeep) masks in registers instead; it holds its fragments beside
-  // the products, so three pieces take it up to r = 32. LORA_KERNELS_SM90_DA_DROP=1 takes it (for A/B timing);
-  // otherwise the masked x comes from the dropout pass (lora_dA_sm90_kept), or dA with dropout stays on the mma.sync
-  // kernel.
-  static const bool drop = [] {
-    const char* v = getenv("LORA_KERNELS_SM90_DA_DROP");
-    return v != nullptr && strcmp(v, "1") == 0;
-  }();
-  if (p > 0.f && !drop) return "dropout: the mma.sync kernel masks faster (measured)";
-  if (p > 0.f && adapter_pieces(x_dtype, a_dtype) > 1 && r > 32)
-    return "dropout at r > 32 with three pieces: the masked kernel's registers";
+  // the H200 (tenth session). So the masked x comes from the dropout pass instead (lora_dA_sm90_kept), or dA with
+  // dropout stays on the mma.sync kernel.
+  if (p > 0.f) return "dropout: the mma.sync kernel masks faster (measured)";
   if (M <= small_m_backward_rows()) return "M <= kSmallMBackwardRows (64): the mma.sync kernel is faster";
   return nullptr;
 }
@@ -91,10 +81,10 @@ size_t lora_dA_sm90_scratch_bytes(int64_t M, int r, int pieces) {
 }
 
 cudaError_t launch_lora_dA_sm90(const void* x, DType x_dtype, DType a_dtype, const float* g, float* dA_partial,
-                                int64_t M, int64_t K, int r, SplitPlan plan, float scaling, const uint8_t* keep8,
-                                float p, void* scratch, cudaStream_t stream) {
-  if (lora_dA_sm90_unsupported(x, x_dtype, a_dtype, M, K, r, keep8 != nullptr ? p : 0.f) != nullptr ||
-      plan.row_splits < 1 || !scratch || !dA_partial || (keep8 != nullptr && !(p > 0.f)))
+                                int64_t M, int64_t K, int r, SplitPlan plan, float scaling, void* scratch,
+                                cudaStream_t stream) {
+  if (lora_dA_sm90_unsupported(x, x_dtype, a_dtype, M, K, r, 0.f) != nullptr || plan.row_splits < 1 || !scratch ||
+      !dA_partial)
     return cudaErrorInvalidValue;
   const int pieces = adapter_pieces(x_dtype, a_dtype);
   const DsShape sh = ds_shape(r, pieces, kDA);
@@ -113,13 +103,11 @@ cudaError_t launch_lora_dA_sm90(const void* x, DType x_dtype, DType a_dtype, con
                            sh.rj, (int64_t)0, mpad, false);
     });
     if (e != cudaSuccess) return e;
-    auto launch = [&](auto kernel) {
+    return with_stream_kernel<kDA, T>(pieces, sh.rj, [&](auto kernel) {
       return launch_kernel_pdl(kernel, grid, DS_THREADS, smem, stream, static_cast<const T*>(x),
-                               static_cast<const T*>(nullptr), static_cast<const T*>(gp), static_cast<float*>(nullptr),
-                               dA_partial, M, K, r, (int64_t)0, mpad, keep8, scaling);
-    };
-    return keep8 != nullptr ? with_stream_kernel<kDA, T, true>(pieces, sh.rj, launch)
-                            : with_stream_kernel<kDA, T>(pieces, sh.rj, launch);
+                           static_cast<const T*>(nullptr), static_cast<const T*>(gp), static_cast<float*>(nullptr),
+                           dA_partial, M, K, r, (int64_t)0, mpad, static_cast<const uint8_t*>(nullptr), scaling);
+    });
   });
 }
 

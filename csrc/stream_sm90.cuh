@@ -98,13 +98,11 @@ dy_sm90_prep_kernel(const TB* __restrict__ B, const float* __restrict__ u, T* __
 }
 
 // MODE kDy: a = dy (M, N), G with Bp into g_out, D with Up into d_out = the dB partials [s][n][j].
-// MODE kDA: a = x (M, N = K), D with Up = g's pieces into d_out = the dA partials [s][j][k], times `scale`; with
-//           keep8, of keep ⊙ x (each tile's fragments masked in registers, masked_frags_t).
+// MODE kDA: a = x (M, N = K), D with Up = g's pieces into d_out = the dA partials [s][j][k], times `scale`.
 // MODE kShrink: a = x (M, N = K), G with Bp = lora_A's pieces into g_out = u's K-split partials [c][m][j] times
 //           `scale`, x masked first by the keep bits when given (keep8: row m at keep8 + m * ceil(N / 8), bit k % 8 of
 //           byte k / 8); warpgroup 1 takes the tile's rows 0-63, warpgroup 2 rows 64-127.
-// kKeep (dA only): the masked variant, a kernel of its own so that the unmasked one keeps its registers.
-template <int MODE, typename T, int P, int RJ, bool kKeep = false>
+template <int MODE, typename T, int P, int RJ>
 __global__ void __launch_bounds__(DS_THREADS, 1)
 stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* __restrict__ up,
                    float* __restrict__ g_out, float* __restrict__ dB_partial, int64_t M, int64_t N, int r,
@@ -178,46 +176,6 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
       for (int i = 0; i < 4; ++i) {
         const int c = 2 * ks + (i >> 1);  // the chunk, whose keep byte is byte c of the row's 8
         af[ks][i] = mul_keep2<T>(af[ks][i], (kw[i & 1][c >> 2] >> (8 * (c & 3) + 2 * tq)) & 3u);
-      }
-    }
-  };
-
-  // dA's masked A operand (x's tile read transposed: the wgmma's rows are the tile's 64 columns, its K the tile's
-  // 128 rows): this warp's 16 columns 16 warp .. of the landed tile, k-step ks = rows 16 ks .. 16 ks + 15, read into
-  // register fragments (ldmatrix.trans) and multiplied by their keep bits (mul_keep2), as masked_frags does for the
-  // shrink. kv[ks][q]: the keep bytes of chunks 2 warp (low byte) and 2 warp + 1 (high byte) of row
-  // 16 ks + 2 tq + (q & 1) + 8 (q >> 1), loaded from keep8 (load_keep_t) before the tile's wait.
-  auto load_keep_t = [&](uint32_t (&kv)[DS_BM / 16][4], int rt_, int ct_) {
-    const int64_t m0 = row_begin + (int64_t)rt_ * DS_BM, n0 = col_begin + (int64_t)ct_ * DS_BN;
-    const int tq = lane & 3;
-    const int64_t c0 = n0 + 16 * warp;  // the first column of chunk 2 warp
-#pragma unroll
-    for (int ks = 0; ks < DS_BM / 16; ++ks)
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const int64_t m = m0 + 16 * ks + 2 * tq + (q & 1) + 8 * (q >> 1);
-        const uint8_t* kr = keep8 + m * kb + c0 / 8;
-        const bool row_ok = m < row_end;
-        kv[ks][q] = (row_ok && c0 < col_end ? (uint32_t)kr[0] : 0u) |
-                    (row_ok && c0 + 8 < col_end ? (uint32_t)kr[1] << 8 : 0u);
-      }
-  };
-  auto masked_frags_t = [&](uint32_t (&af)[DS_BM / 16][4], uint32_t s_a, const uint32_t (&kv)[DS_BM / 16][4]) {
-    const int g = lane >> 2;
-#pragma unroll
-    for (int ks = 0; ks < DS_BM / 16; ++ks) {
-      // lane l addresses row 16 ks + l % 8 + 8 (l / 16), chunk 2 warp + (l / 8) % 2: af[ks][i] = the tile's column
-      // 16 warp + g + 8 (i % 2) at rows 16 ks + 2 tq + 8 (i / 2) and + 1
-      const int i_l = lane >> 3;
-      const uint32_t addr = s_a + sw128_offset(16 * ks + (lane & 7) + 8 * (i_l >> 1), 2 * warp + (i_l & 1));
-      asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                   : "=r"(af[ks][0]), "=r"(af[ks][1]), "=r"(af[ks][2]), "=r"(af[ks][3])
-                   : "r"(addr));
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int sh = g + 8 * (i & 1);  // the element's bit in its keep byte, in the low or high byte
-        const uint32_t lo = kv[ks][2 * (i >> 1)], hi = kv[ks][2 * (i >> 1) + 1];
-        af[ks][i] = mul_keep2<T>(af[ks][i], ((lo >> sh) & 1u) | (((hi >> sh) & 1u) << 1));
       }
     }
   };
@@ -306,9 +264,6 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
       for (int i = 0; i < RJ / 2; ++i) run[h][i] = 0.f;
     int rt = 0, ct = 0, stage = 0, round = 0;
     for (int t = 0; t < n_tiles; ++t) {
-      uint32_t kv[DS_BM / 16][4];  // dA with keep8: the tile's keep bytes, loaded while its copies land
-      if constexpr (MODE == kDA && kKeep)
-        if (wg == 2) load_keep_t(kv, rt, ct);
       mbar_wait(bar_full + 8 * stage, round & 1);
       fence_proxy_async();  // the copies (generic proxy) before wgmma's reads (async proxy)
       const uint32_t s_dy = s_ring + stage * STAGE, s_bp = s_dy + DY_BYTES;
@@ -360,20 +315,11 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
         }
       } else if (wg == 2 && do_dB) {  // D: the tile's 64 columns x NW, K = the tile's 128 rows, 8 steps of 16
         const uint32_t s_u = s_up + (rt & 1) * UP_BYTES;
-        if constexpr (MODE == kDA && kKeep) {  // keep ⊙ x from registers
-          uint32_t af[DS_BM / 16][4];
-          masked_frags_t(af, s_dy, kv);
-          wgmma_fence();
+        wgmma_fence();
 #pragma unroll
-          for (int ks = 0; ks < DS_BM / 16; ++ks)
-            Wgmma<T, NW>::mma_rs(part[0], af[ks], sw128_desc(s_u + (ks >> 2) * NW * 128 + 32 * (ks & 3)), ks);
-        } else {
-          wgmma_fence();
-#pragma unroll
-          for (int ks = 0; ks < DS_BM / 16; ++ks)
-            Wgmma<T, NW>::template mma<1>(part[0], sw128_desc(s_dy + 2048 * ks),
-                                          sw128_desc(s_u + (ks >> 2) * NW * 128 + 32 * (ks & 3)), ks);
-        }
+        for (int ks = 0; ks < DS_BM / 16; ++ks)
+          Wgmma<T, NW>::template mma<1>(part[0], sw128_desc(s_dy + 2048 * ks),
+                                        sw128_desc(s_u + (ks >> 2) * NW * 128 + 32 * (ks & 3)), ks);
         wgmma_commit();
         wgmma_wait<0>();
         fence_regs(part[0]);
@@ -448,22 +394,18 @@ inline bool sm90_kernel_ok(const void* kernel, std::atomic<int>& has_sm90a) {
   return s == 1;
 }
 
-// f(kernel) for the (T, P, RJ) of a call (P = 3 only for bf16; RJ = 64 with P = 3 in the shrink and dA, not in the
-// masked dA: kKeep, whose registers hold the masked fragments besides the products).
-template <int MODE, typename T, bool kKeep = false, typename F>
+// f(kernel) for the (T, P, RJ) of a call (P = 3 only for bf16; RJ = 64 with P = 3 in the shrink and dA).
+template <int MODE, typename T, typename F>
 cudaError_t with_stream_kernel(int pieces, int rj, F&& f) {
   if constexpr (std::is_same<T, __nv_bfloat16>::value) {
     if (pieces == 3) {
-      if (rj == 64) {
-        if constexpr (MODE != kDy && !kKeep) return f(&stream_sm90_kernel<MODE, T, 3, 64>);
-        return cudaErrorInvalidValue;  // not a shape of ds_shape's for the dy pass; too many registers when masked
-      }
-      return rj == 16 ? f(&stream_sm90_kernel<MODE, T, 3, 16, kKeep>) : f(&stream_sm90_kernel<MODE, T, 3, 32, kKeep>);
+      if constexpr (MODE != kDy)
+        if (rj == 64) return f(&stream_sm90_kernel<MODE, T, 3, 64>);
+      return rj == 16 ? f(&stream_sm90_kernel<MODE, T, 3, 16>) : f(&stream_sm90_kernel<MODE, T, 3, 32>);
     }
   }
-  return rj == 16   ? f(&stream_sm90_kernel<MODE, T, 1, 16, kKeep>)
-         : rj == 32 ? f(&stream_sm90_kernel<MODE, T, 1, 32, kKeep>)
-                    : f(&stream_sm90_kernel<MODE, T, 1, 64, kKeep>);
+  return rj == 16 ? f(&stream_sm90_kernel<MODE, T, 1, 16>)
+                  : rj == 32 ? f(&stream_sm90_kernel<MODE, T, 1, 32>) : f(&stream_sm90_kernel<MODE, T, 1, 64>);
 }
 
 // The split plan: row splits x column groups (at least ds_stages - 1 tiles each, their D sums in shared memory) x

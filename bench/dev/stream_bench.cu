@@ -148,7 +148,7 @@ int main() {
           CK(cudaMemset(parts, 0xff, plan.row_splits * C * r * 4));
           auto run = [&](int i) {
             CK(lk::launch_lora_dA_sm90(a[i % 3], lk::DType::kBFloat16, lk::DType::kFloat32, rs, parts, M, C, r, plan,
-                                       0.5f, nullptr, 0.f, scratch, st));
+                                       0.5f, scratch, st));
           };
           run(0);
           // dA[j][k] = 0.5 sum_m g[m][j] x[m][k]: the reference as ref[k][j], compared transposed below
