@@ -382,8 +382,8 @@ void sm90_dx_gemm(const Tensor& dy, const Tensor& weight, int r, const void* vx,
 
 // The shrink u = s·dropout(x) Aᵀ (M, r) as the kernels write it: plan.col_groups split-K parts (summed by a reduce
 // or the sm_90 pack) or, with one group, u itself. On Hopper the wgmma streaming kernel (shrink_sm90.cu: lora_A's
-// pieces staged in a scratch piece of scratch_bytes(), the mask computed by its loader), else mma.sync / FFMA
-// (shrink.cu, from the keep bits where bits_used(), else regenerating the mask itself).
+// pieces staged in a scratch piece of scratch_bytes(), dropout from the keep bits), else mma.sync / FFMA (shrink.cu,
+// which regenerates the mask itself where there are no keep bits).
 struct ShrinkPass {
   lk::DType x_dt, a_dt;
   int64_t M, K;
@@ -399,16 +399,13 @@ struct ShrinkPass {
                   : lk::lora_shrink_plan(M, K, r, lk::lora_shrink_resident_blocks(x_dt, a_dt, r))) {}
 
   int64_t scratch_bytes() const { return sm90 ? (int64_t)lk::lora_shrink_sm90_scratch_bytes(K, r, pieces) : 0; }
-  // whether the kernel reads the mask as keep bits (launch_dropout_keep_bits) at p > 0
-  bool bits_used() const { return !sm90 && K > 0 && lk::dropout_bits_used(x_dt, a_dt); }
 
   void launch(const Tensor& x, const Tensor& lora_A, float* u_work, double scaling, float p, int64_t seed,
               const int64_t* seed_ptr, int64_t offset, const uint8_t* keep8, void* scratch,
               cudaStream_t stream) const {
     if (sm90) {
       check_cuda(lk::launch_lora_shrink_sm90(x.data_ptr(), x_dt, lora_A.data_ptr(), a_dt, u_work, M, K, r, plan,
-                                             (float)scaling, p, (uint64_t)seed, seed_ptr, (uint64_t)offset, scratch,
-                                             stream),
+                                             (float)scaling, p, keep8, scratch, stream),
                  "lora_shrink (sm90) launch");
     } else {
       check_cuda(lk::launch_lora_shrink(x.data_ptr(), x_dt, lora_A.data_ptr(), a_dt, u_work, M, K, r, plan,
@@ -505,7 +502,7 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& weight, c
   // (csrc/dropout_bits.cu says why).
   const ShrinkPass shrink(x, lora_A, pf);
   const lk::SplitPlan& shrink_plan = shrink.plan;
-  const bool bits = pf > 0.0f && shrink.bits_used();
+  const bool bits = pf > 0.0f && K > 0 && lk::dropout_bits_used(x_dt, a_dt);
   const bool partial = shrink_plan.col_groups > 1;  // u comes as split-K partials, summed by pack or reduce
   const bool sm90 = sm90_unsupported(x, weight, bias_t, M, N, K, lk::GemmLayoutB::kNK) == nullptr;
   // Without keep_u, u is a temporary, needed unless the sm_90 pack sums the partials (which it can do without

@@ -6,10 +6,9 @@
 //          x,   G (128 x NW) = (keep ⊙ x)_tile . Ap_chunk^T        K = the tile's 64 columns
 //          with lora_A's P pieces (bf16x3 of fp32 A on bf16 x, else cast) stacked as NW = P*RJ columns; each tile's
 //          pieces are added in fp32 into the row tile's running u, scaled when written.
-// Mask   : with dropout the loader computes each x tile's keep bits (philox.cuh, the contract's mask: one Philox call
-//          per row and 8 columns, work its threads have time for while their copies land) into the stage, and each
-//          G warpgroup reads its half of the tile into wgmma's register fragments, multiplies them by the keep bits
-//          and runs the register-A wgmma on them (stream_sm90.cuh, masked_frags). No keep-bits pass before it.
+// Mask   : with dropout each G warpgroup reads its half of each landed x tile into wgmma's register fragments and
+//          multiplies them by the forward's keep bits (dropout_bits.cu, the contract's mask), then runs the
+//          register-A wgmma on them (stream_sm90.cuh, masked_frags).
 // Prep   : A's pieces Ap [Z][NW][Kpad] in x's type (scratch: lora_shrink_sm90_scratch_bytes), as the dy pass's Bp.
 // Tiling : as the dy pass (dy_pass_sm90.cu) without D: a loader warpgroup, a 4-stage ring of {x tile, Ap chunk},
 //          mbarriers between them; warpgroup 1 multiplies the tile's rows 0-63, warpgroup 2 rows 64-127, so one
@@ -52,6 +51,13 @@ const char* lora_shrink_sm90_unsupported(const void* x, DType x_dtype, DType a_d
   if (ceil_div(M, DS_BM) > 0x7fffffff) return "M too large";
   if (lora_shrink_sm90_plan(M, K, r, adapter_pieces(x_dtype, a_dtype)).row_splits < 1)
     return "no column grouping fits in shared memory";
+  // With dropout at r <= 16 the mma.sync kernel ran faster while this kernel masked x in shared memory (77 against
+  // 43 us at 8192x4096 on the H200, tenth session). LORA_KERNELS_SM90_SHRINK_DROP16=1 takes this kernel there too.
+  static const bool drop16 = [] {
+    const char* v = getenv("LORA_KERNELS_SM90_SHRINK_DROP16");
+    return v != nullptr && strcmp(v, "1") == 0;
+  }();
+  if (p > 0.f && r <= 16 && !drop16) return "dropout at r <= 16: the mma.sync kernel masks faster (measured)";
   return nullptr;
 }
 
@@ -62,13 +68,10 @@ size_t lora_shrink_sm90_scratch_bytes(int64_t K, int r, int pieces) {
 
 cudaError_t launch_lora_shrink_sm90(const void* x, DType x_dtype, const void* A, DType a_dtype, float* u_out,
                                     int64_t M, int64_t K, int r, SplitPlan plan, float scaling, float p,
-                                    uint64_t seed, const int64_t* seed_ptr, uint64_t offset, void* scratch,
-                                    cudaStream_t stream) {
+                                    const uint8_t* keep8, void* scratch, cudaStream_t stream) {
   if (lora_shrink_sm90_unsupported(x, x_dtype, a_dtype, M, K, r, p) != nullptr ||
-      plan.row_splits < 1 || !scratch || !u_out)
+      plan.row_splits < 1 || !scratch || !u_out || (p > 0.f && keep8 == nullptr))
     return cudaErrorInvalidValue;
-  StreamDrop drop;
-  if (p > 0.f) drop = StreamDrop{seed, seed_ptr, offset, dropout_threshold(p), true};
   const int pieces = adapter_pieces(x_dtype, a_dtype);
   const DsShape sh = ds_shape(r, pieces, kShrink);
   const int64_t kpad = ceil_div(K, DS_PREP) * DS_PREP;
@@ -90,7 +93,7 @@ cudaError_t launch_lora_shrink_sm90(const void* x, DType x_dtype, const void* A,
     return with_stream_kernel<kShrink, T>(pieces, sh.rj, [&](auto kernel) {
       return launch_kernel_pdl(kernel, grid, DS_THREADS, smem, stream, static_cast<const T*>(x), static_cast<const T*>(ap),
                            static_cast<const T*>(nullptr), u_out, static_cast<float*>(nullptr), M, K, r, kpad,
-                           (int64_t)0, drop, scale);
+                           (int64_t)0, p > 0.f ? keep8 : nullptr, scale);
     });
   });
 }

@@ -30,16 +30,6 @@ constexpr int ds_stage_bytes(int mode, int nw) {
 // double buffer takes 96 KB), so that its plans fit in shared memory.
 constexpr int ds_stages(int mode, int nw) { return mode == kDA && nw > 96 ? 3 : 4; }
 
-// The shrink's dropout: on, the contract's mask from (seed or *seed_ptr, offset) with threshold thr
-// (dropout_threshold(p)).
-struct StreamDrop {
-  uint64_t seed = 0;
-  const int64_t* seed_ptr = nullptr;
-  uint64_t offset = 0;
-  uint32_t thr = 0;
-  bool on = false;
-};
-
 struct DsShape {
   int pieces, rj, z, nw;
 };
@@ -110,13 +100,13 @@ dy_sm90_prep_kernel(const TB* __restrict__ B, const float* __restrict__ u, T* __
 // MODE kDy: a = dy (M, N), G with Bp into g_out, D with Up into d_out = the dB partials [s][n][j].
 // MODE kDA: a = x (M, N = K), D with Up = g's pieces into d_out = the dA partials [s][j][k], times `scale`.
 // MODE kShrink: a = x (M, N = K), G with Bp = lora_A's pieces into g_out = u's K-split partials [c][m][j] times
-//           `scale`, x masked first with drop.on (the contract's mask, philox.cuh: the loader computes each tile's
-//           keep bits); warpgroup 1 takes the tile's rows 0-63, warpgroup 2 rows 64-127.
+//           `scale`, x masked first by the keep bits when given (keep8: row m at keep8 + m * ceil(N / 8), bit k % 8 of
+//           byte k / 8); warpgroup 1 takes the tile's rows 0-63, warpgroup 2 rows 64-127.
 template <int MODE, typename T, int P, int RJ>
 __global__ void __launch_bounds__(DS_THREADS, 1)
 stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* __restrict__ up,
                    float* __restrict__ g_out, float* __restrict__ dB_partial, int64_t M, int64_t N, int r,
-                   int64_t npad, int64_t mpad, StreamDrop drop, float scale) {
+                   int64_t npad, int64_t mpad, const uint8_t* __restrict__ keep8, float scale) {
 #if LK_WGMMA
   constexpr int NW = P * RJ, LDD = ds_ldd(RJ), DY_BYTES = DS_BM * DS_BN * 2, STAGE = ds_stage_bytes(MODE, NW);
   constexpr int DS_STAGES = ds_stages(MODE, NW);
@@ -142,23 +132,37 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
   const int j0 = blockIdx.z * RJ;
   const bool do_dB = MODE != kShrink && dB_partial != nullptr;
   constexpr bool kG = MODE != kDA;  // the G product (dy pass, shrink)
-  // The shrink with dropout: the loader computes each tile's keep bits (Philox, one call per row and 8-column chunk:
-  // its threads are otherwise idle while their copies land) into the stage, beside the tile.
-  const bool masked = MODE == kShrink && drop.on;
+  // With N % 32 == 0 the loader copies each tile's keep bits into the stage (4-byte copies, each wholly inside or
+  // past the row); otherwise the masking warpgroup reads them from global memory.
+  const bool bits_staged = MODE == kShrink && keep8 != nullptr && N % 32 == 0;
+  const int64_t kb = (N + 7) / 8;  // keep bytes per row
   // The shrink's masked A operand: this warp's 16 rows of the warpgroup's 64-row half (rows row0 + 16 warp ..) of a
   // landed x tile, read into wgmma's register fragments (ldmatrix, one m16 x k16 block per k-step ks) and multiplied
   // by their keep bits, 1 or 0 per element (mul_keep2: exactly x * keep, so a dropped NaN stays NaN as in the
   // reference). The register-A wgmma takes them as they are: no write back to shared memory, no proxy fence and no
-  // warpgroup barrier on the way to the products. Keep bits: the stage's, from the loader.
-  auto masked_frags = [&](uint32_t (&af)[DS_BN / 16][4], uint32_t s_a, int row0) {
+  // warpgroup barrier on the way to the products. Keep bits: the stage's copy (bits_staged) or keep8.
+  auto masked_frags = [&](uint32_t (&af)[DS_BN / 16][4], uint32_t s_a, int rt_, int ct_, int row0) {
     const int ra = row0 + 16 * warp + (lane >> 2), tq = lane & 3;  // this thread's rows ra and ra + 8
     uint32_t kw[2][2];  // the 8 keep bytes (one per 8-column chunk) of rows ra and ra + 8, as two words each
-    const unsigned char* sb = ds_smem_raw + (s_a + DY_BYTES + NW * 128 - raw);
+    if (bits_staged) {
+      const unsigned char* sb = ds_smem_raw + (s_a + DY_BYTES + NW * 128 - raw);
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const uint2 v = *reinterpret_cast<const uint2*>(sb + (ra + 8 * h) * 8);
-      kw[h][0] = v.x;
-      kw[h][1] = v.y;
+      for (int h = 0; h < 2; ++h) {
+        const uint2 v = *reinterpret_cast<const uint2*>(sb + (ra + 8 * h) * 8);
+        kw[h][0] = v.x;
+        kw[h][1] = v.y;
+      }
+    } else {
+      const int64_t m0 = row_begin + (int64_t)rt_ * DS_BM, n0 = col_begin + (int64_t)ct_ * DS_BN;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int64_t m = m0 + ra + 8 * h;
+        kw[h][0] = kw[h][1] = 0u;
+#pragma unroll
+        for (int c = 0; c < 8; ++c)
+          if (m < row_end && n0 + 8 * c < col_end)
+            kw[h][c >> 2] |= (uint32_t)keep8[m * kb + n0 / 8 + c] << (8 * (c & 3));
+      }
     }
 #pragma unroll
     for (int ks = 0; ks < DS_BN / 16; ++ks) {
@@ -178,7 +182,7 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
 
   if (tid == 0) {
     for (int s = 0; s < DS_STAGES; ++s) {
-      mbar_init(bar_full + 8 * s, masked ? 2 * PT : PT);  // every producer thread's copies (and keep bits)
+      mbar_init(bar_full + 8 * s, PT);  // every producer thread's copies
       mbar_init(bar_empty + 8 * s, 8);  // lane 0 of each consumer warp
     }
     mbar_init(bar_up, 4);  // lane 0 of each dB warp
@@ -197,7 +201,6 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
     // Producer: each thread's 16-byte chunks sit at fixed offsets from a tile's corner.
     constexpr int DY_CH = DS_BM * 8 / PT, BP_CH = (NW * 8 + PT - 1) / PT, UP_CH = (NW * 16 + PT - 1) / PT;
     const T* bpz = bp + (int64_t)blockIdx.z * NW * npad;
-    const uint64_t sd = masked ? dropout_seed(drop.seed, drop.seed_ptr) : 0;
     const T* upz = up + (int64_t)blockIdx.z * NW * mpad;
     int rt = 0, ct = 0, stage = 0, round = 0;
     for (int t = 0; t < n_tiles; ++t) {
@@ -218,12 +221,13 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
         if (kG && i < NW * 8)
           cp_async16(s_st + DY_BYTES + sw128_offset(row, c), bpz + (int64_t)row * npad + n0 + 8 * c, 16);
       }
-      uint32_t kw[2] = {0u, 0u};  // the tile's keep bits: row `tid`, byte c for columns 8c.. (zero past the tile)
-      if (masked && tid < rows) {
-        const uint64_t c0 = dropout_counter(drop.offset, m0 + tid, N, n0 / 8);
+      if (bits_staged) {  // the tile's keep bits: row `tid`, two 4-byte words (zero-filled past the rows or columns)
 #pragma unroll
-        for (int c = 0; c < DS_BN / 8; ++c)
-          if (8 * c < cols) kw[c >> 2] |= dropout_keep_bits8(sd, c0 + c, drop.thr) << (8 * (c & 3));
+        for (int w = 0; w < 2; ++w) {
+          const bool ok = tid < rows && 32 * w < cols;
+          cp_async4(s_st + DY_BYTES + NW * 128 + tid * 8 + 4 * w,
+                    ok ? keep8 + (m0 + tid) * kb + n0 / 8 + 4 * w : keep8, ok ? 4 : 0);
+        }
       }
       if (do_dB && ct == 0) {  // the row tile's Up tile, once the buffer's row tile two back is done
         mbar_wait(bar_up + 8 * (rt & 1), ((rt >> 1) & 1) ^ 1);
@@ -237,12 +241,6 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
         }
       }
       cp_async_mbar_arrive(bar_full + 8 * stage);
-      if (masked) {  // the keep bits stored, then a second (release) arrival that makes them visible with the stage
-        asm volatile("st.shared.v2.u32 [%0], {%1, %2};\n" ::"r"(s_st + DY_BYTES + NW * 128 + tid * 8), "r"(kw[0]),
-                     "r"(kw[1])
-                     : "memory");
-        mbar_arrive(bar_full + 8 * stage);
-      }
       if (++ct == n_ct) {
         ct = 0;
         ++rt;
@@ -270,9 +268,9 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
       fence_proxy_async();  // the copies (generic proxy) before wgmma's reads (async proxy)
       const uint32_t s_dy = s_ring + stage * STAGE, s_bp = s_dy + DY_BYTES;
       if (g_here) {  // G: K = the tile's 64 columns, 4 steps of 16, for this warpgroup's 64-row halves
-        if (masked) {  // masked x from registers (GH = 1: this warpgroup's half)
+        if (MODE == kShrink && keep8 != nullptr) {  // masked x from registers (GH = 1: this warpgroup's half)
           uint32_t af[DS_BN / 16][4];
-          masked_frags(af, s_dy, 64 * h0);
+          masked_frags(af, s_dy, rt, ct, 64 * h0);
           wgmma_fence();
 #pragma unroll
           for (int ks = 0; ks < DS_BN / 16; ++ks) Wgmma<T, NW>::mma_rs(part[0], af[ks], sw128_desc(s_bp + 32 * ks), ks);

@@ -1,6 +1,6 @@
 """The streaming passes on Hopper (csrc/stream_sm90.cuh on wgmma): the backward's dy pass (dy_pass_sm90.cu: g = dy B
-and the dB partials, one read of dy) and dA pass (dA_sm90.cu), the forward's shrink (shrink_sm90.cu; both read x once;
-with dropout the shrink's loader computes the contract's mask, dA reads the keep bits or the kept x).
+and the dB partials, one read of dy) and dA pass (dA_sm90.cu), the forward's shrink (shrink_sm90.cu; both read x once,
+masked by the keep bits).
 GPU-only (skips elsewhere): the benchmarked shapes take them, the fallback says why, and backward grads through them
 meet the float64 tolerance rule on shapes that exercise their edges (partial row and column tiles, uneven column
 groups, several r-chunks, the bf16x3 pieces of fp32 adapters, dropout) and are deterministic."""
@@ -63,18 +63,19 @@ def _shrink_path(*args):
 @pytest.mark.parametrize("r", [16, 64])
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_benchmarked_shapes_take_the_sm90_dA_pass_and_shrink(K, dtype, adapter_dtype, r, p):
-    # with dropout at r <= 16 dA stays on its mma.sync kernel (measured faster); above it dA runs the wgmma kernel on
-    # the x that the dropout pass kept (csrc/dA_sm90.cu says why); the shrink masks x itself at every r
+    # with dropout at r <= 16 dA stays on its mma.sync kernel, and so does the shrink (measured faster); above it dA
+    # runs the wgmma kernel on the x that the dropout pass kept (csrc/dA_sm90.cu and csrc/shrink_sm90.cu say why)
     assert _dA_path(8192, K, r, p, dtype, adapter_dtype) == (
         "sm90" if p == 0 else "sm90 kept" if r > 16 else "mma.sync: dropout: the mma.sync kernel masks faster (measured)")
-    assert _shrink_path(8192, K, r, p, dtype, adapter_dtype) == "sm90"
+    assert _shrink_path(8192, K, r, p, dtype, adapter_dtype) == (
+        "sm90" if p == 0 or r > 16 else "mma.sync: dropout at r <= 16: the mma.sync kernel masks faster (measured)")
 
 
 def test_shrink_fallback_says_why():
     assert _shrink_path(64, 128, 16, 0.0).startswith("mma.sync: K below the pass's column tiles")
     assert _shrink_path(64, 1028, 16, 0.1).startswith("mma.sync: K must be a multiple of 8")
     assert _shrink_path(64, 1024, 16, 0.1, torch.float16, torch.float32).startswith("mma.sync: x and the adapters")
-    assert _shrink_path(64, 1024, 16, 0.1) == "sm90"
+    assert _shrink_path(64, 1024, 16, 0.1).startswith("mma.sync: dropout at r <= 16")
     assert _shrink_path(64, 1024, 17, 0.1) == "sm90"
 
 
@@ -105,8 +106,8 @@ def test_dy_pass_fallback_says_why():
 def test_sm90_dy_pass_against_float64(dtype, adapter_dtype, lead, K, N, r, p):
     # M with a partial 128-row tile, N and K with a partial 64-column tile (1000, 200, 520, 2056, 264, 136), uneven
     # column groups, r not a multiple of 16 and above one r-chunk (48, 64 and 100: two to seven chunks of 16, 32 or
-    # 64); K = 72 keeps dA on its mma.sync kernel beside the wgmma dy pass. With dropout the shrink's loader computes
-    # each tile's keep bits, past the rows and columns too (777 rows, K = 264 / 1056 with a partial last tile).
+    # 64); K = 72 keeps dA on its mma.sync kernel beside the wgmma dy pass. With dropout, K % 32 == 0 (1056, its last
+    # column tile half full) has the loader stage the keep bits; the other K have the masking warpgroup read them.
     # (M <= 64 runs the mma.sync kernels: csrc/lora_kernels.cuh, kSmallMBackwardRows)
     M = math.prod(lead)
     small = M <= 64
@@ -114,7 +115,7 @@ def test_sm90_dy_pass_against_float64(dtype, adapter_dtype, lead, K, N, r, p):
         "mma.sync: M <= kSmallMBackwardRows (64): the mma.sync kernel is faster" if small else "sm90")
     # dA with dropout above r = 16 reads the x kept by the dropout pass ("sm90 kept")
     for path, sm90, small_m in ((_dA_path(M, K, r, p, dtype, adapter_dtype or dtype), p == 0 or r > 16, small),
-                                (_shrink_path(M, K, r, p, dtype, adapter_dtype or dtype), True, False)):
+                                (_shrink_path(M, K, r, p, dtype, adapter_dtype or dtype), p == 0 or r > 16, False)):
         if K <= 128:
             assert path.startswith("mma.sync: K below the pass's column tiles"), path
         elif small_m and p == 0:
