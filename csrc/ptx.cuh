@@ -14,11 +14,13 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 
 // ldmatrix x4: lane l gives the address of row l % 8 of the 8x8 matrix l / 8; r[i] gets matrix i's fragment
 // (row lane / 4, columns 2 * (lane % 4) and +1), or of its transpose with .trans.
-__device__ __forceinline__ void ldsm4(uint32_t (&r)[4], const void* p) {
+// (p: a generic pointer into shared memory, or its shared-window address.)
+__device__ __forceinline__ void ldsm4(uint32_t (&r)[4], uint32_t smem) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
+               : "r"(smem));
 }
+__device__ __forceinline__ void ldsm4(uint32_t (&r)[4], const void* p) { ldsm4(r, smem_addr(p)); }
 __device__ __forceinline__ void ldsm4_t(uint32_t (&r)[4], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])

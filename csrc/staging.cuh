@@ -126,12 +126,10 @@ struct StreamTile {
 template <typename T, int KC>
 struct FragKeep {
   static_assert(KC == 64, "8 keep bytes per row and tile");
-  uint64_t rows[2];
-  int t;
+  uint64_t rows[2];  // the rows' 8 keep bytes, shifted right by 2t: the lane's two bits of group c at bit 8c
   // Rows m (row g of the warp's 16) and m + 8 of x (M, K), columns k0.. (k0 a multiple of 64).
   __device__ __forceinline__ void load(const uint8_t* __restrict__ keep8, int64_t m, int64_t M, int64_t K,
                                        int64_t k0, int lane_t) {
-    t = lane_t;
     const int64_t K8 = dropout_groups(K), k8 = k0 / kDropoutGroup;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -147,12 +145,19 @@ struct FragKeep {
             if (k8 + j < K8) v = (v & ~(0xFFull << (8 * j))) | ((uint64_t)__ldg(src + j) << (8 * j));
         rows[h] = v;
       }
+      rows[h] >>= 2 * lane_t;
     }
+  }
+  // The same 8 bytes per row from a staged copy of the tile's keep bits (8 bytes per tile row, 8-byte aligned):
+  // rows `row` and row + 8 of the tile.
+  __device__ __forceinline__ void load_staged(const uint8_t* bits, int row, int lane_t) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) rows[h] = *reinterpret_cast<const uint64_t*>(bits + 8 * (row + 8 * h)) >> (2 * lane_t);
   }
   __device__ __forceinline__ void operator()(int ks, uint32_t (&af)[4]) const {
 #pragma unroll
     for (int i = 0; i < 4; ++i) {  // af[i]: row h = i % 2, group 2ks + i / 2
-      const uint32_t two = (uint32_t)(rows[i % 2] >> (8 * (2 * ks + i / 2) + 2 * t)) & 3u;
+      const uint32_t two = (uint32_t)(rows[i % 2] >> (8 * (2 * ks + i / 2))) & 3u;
       af[i] = mul_keep2<T>(af[i], two);
     }
   }

@@ -6,6 +6,7 @@
 #include "common.cuh"
 #include "plans.cuh"
 #include "ptx.cuh"
+#include "staging.cuh"
 #include "wgmma.cuh"
 
 #include <atomic>
@@ -142,41 +143,18 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
   // reference). The register-A wgmma takes them as they are: no write back to shared memory, no proxy fence and no
   // warpgroup barrier on the way to the products. Keep bits: the stage's copy (bits_staged) or keep8.
   auto masked_frags = [&](uint32_t (&af)[DS_BN / 16][4], uint32_t s_a, int rt_, int ct_, int row0) {
-    const int ra = row0 + 16 * warp + (lane >> 2), tq = lane & 3;  // this thread's rows ra and ra + 8
-    uint32_t kw[2][2];  // the 8 keep bytes (one per 8-column chunk) of rows ra and ra + 8, as two words each
-    if (bits_staged) {
-      const unsigned char* sb = ds_smem_raw + (s_a + DY_BYTES + NW * 128 - raw);
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const uint2 v = *reinterpret_cast<const uint2*>(sb + (ra + 8 * h) * 8);
-        kw[h][0] = v.x;
-        kw[h][1] = v.y;
-      }
-    } else {
-      const int64_t m0 = row_begin + (int64_t)rt_ * DS_BM, n0 = col_begin + (int64_t)ct_ * DS_BN;
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int64_t m = m0 + ra + 8 * h;
-        kw[h][0] = kw[h][1] = 0u;
-#pragma unroll
-        for (int c = 0; c < 8; ++c)
-          if (m < row_end && n0 + 8 * c < col_end)
-            kw[h][c >> 2] |= (uint32_t)keep8[m * kb + n0 / 8 + c] << (8 * (c & 3));
-      }
-    }
+    const int ra = row0 + 16 * warp + (lane >> 2);  // this thread's rows ra and ra + 8 of the tile
+    FragKeep<T, DS_BN> keep;
+    if (bits_staged)
+      keep.load_staged(ds_smem_raw + (s_a + DY_BYTES + NW * 128 - raw), ra, lane & 3);
+    else
+      keep.load(keep8, row_begin + (int64_t)rt_ * DS_BM + ra, M, N, col_begin + (int64_t)ct_ * DS_BN, lane & 3);
 #pragma unroll
     for (int ks = 0; ks < DS_BN / 16; ++ks) {
       // lane l addresses row l % 16, chunk 2 ks + l / 16: af[ks] = (row ra, chunk 2 ks), (ra + 8, 2 ks),
       // (ra, 2 ks + 1), (ra + 8, 2 ks + 1), each the pair of columns 2 tq, 2 tq + 1 of its chunk
-      const uint32_t addr = s_a + sw128_offset(row0 + 16 * warp + (lane & 15), 2 * ks + (lane >> 4));
-      asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                   : "=r"(af[ks][0]), "=r"(af[ks][1]), "=r"(af[ks][2]), "=r"(af[ks][3])
-                   : "r"(addr));
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int c = 2 * ks + (i >> 1);  // the chunk, whose keep byte is byte c of the row's 8
-        af[ks][i] = mul_keep2<T>(af[ks][i], (kw[i & 1][c >> 2] >> (8 * (c & 3) + 2 * tq)) & 3u);
-      }
+      ldsm4(af[ks], s_a + sw128_offset(row0 + 16 * warp + (lane & 15), 2 * ks + (lane >> 4)));
+      keep(ks, af[ks]);
     }
   };
 

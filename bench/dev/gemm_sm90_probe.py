@@ -7,7 +7,9 @@
    same dtype, plus the rank term) and every element must be written (outputs start as NaN).
 2. Speed: the plain GEMM (Kx = 0) for each config, swizzle and raster order against cuBLAS (torch) in the same
    run, then the K-extended GEMM (Kx = 64, 192) for the best config, GPU time by CUDA events (median), every
-   candidate timed round-robin with cuBLAS so that clock drift falls on all alike.
+   candidate timed round-robin with cuBLAS so that clock drift falls on all alike. --regime burst times each
+   candidate in pairs with cuBLAS after a GPU sleep, as bench/suite/targets.py times the grid (a GPU's clocks after
+   an idle spell differ from those under steady load, and so do the configs' ranks).
 """
 from __future__ import annotations
 
@@ -91,6 +93,69 @@ def interleaved_us(fns: dict, reps: int) -> dict:
     return {k: statistics.median(s.elapsed_time(e) for s, e in v) * 1e3 for k, v in ev.items()}
 
 
+def burst_ratios(cublas, fns: dict, rounds: int, sleep_cycles: int = 8_000_000) -> dict:
+    """cuBLAS's GPU time over each candidate's (median of per-round ratios; > 1: the candidate is faster), timed in
+    the targets grid's burst regime (bench/suite/targets.py): each round is a GPU sleep (an idle spell's clocks; it
+    also covers the host's enqueue), one untimed cuBLAS call, then cuBLAS and the candidate back to back between
+    events, their order alternating between rounds."""
+    out = {}
+    for k, fn in fns.items():
+        fn()
+        ratios = []
+        for i in range(rounds):
+            torch.cuda.synchronize()
+            torch.cuda._sleep(sleep_cycles)
+            cublas()
+            order = (cublas, fn) if i % 2 == 0 else (fn, cublas)
+            ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in order]
+            for (s, e), f in zip(ev, order):
+                s.record()
+                f()
+                e.record()
+            torch.cuda.synchronize()
+            t = [s.elapsed_time(e) for s, e in ev]
+            ratios.append(t[0] / t[1] if i % 2 == 0 else t[1] / t[0])
+        out[k] = statistics.median(ratios)
+    return out
+
+
+def bench_shape_burst(lib, M, N, K, layout, dtype, configs, swizzles, rasters, kxs, rounds):
+    """Every (config, swizzle, raster) against cuBLAS in the burst regime; then the best one and the auto pick with
+    the K extension (Kx columns), also in bursts."""
+    mk = lambda *s: torch.randn(*s, device="cuda").to(dtype)
+    a = mk(M, K)
+    b = mk(N, K) if layout == 0 else mk(K, N)
+    d = torch.empty(M, N, device="cuda", dtype=dtype)
+    cublas = (lambda: F.linear(a, b)) if layout == 0 else (lambda: torch.mm(a, b))
+
+    def ours(c, sw, ra, ax=None, bx=None):
+        return lambda: lib.gemm(a, b, ax, bx, None, d, layout, c, sw, ra)
+
+    cands = {}
+    for c in configs:
+        for sw in swizzles:
+            for ra in rasters:
+                try:
+                    ours(c, sw, ra)()
+                except RuntimeError:
+                    continue
+                cands[(c, sw, ra)] = ours(c, sw, ra)
+    r = burst_ratios(cublas, {"auto": ours(-1, 0, 0), **cands}, rounds)
+    best = max(cands, key=lambda k: r[k])
+    per_config = {CONFIGS[c]: max((v for k, v in r.items() if k != "auto" and k[0] == c), default=None)
+                  for c in configs}
+    ext = []
+    for kx in kxs:
+        ax = mk(M, kx)
+        bx = mk(N, kx) if layout == 0 else mk(kx, N)
+        re = burst_ratios(cublas, {"ext_best": ours(*best, ax, bx), "ext_auto": ours(-1, 0, 0, ax, bx)}, rounds)
+        ext.append(dict(Kx=kx, **re))
+    return dict(M=M, N=N, K=K, layout=layout, dtype=str(dtype), regime="burst", auto=r["auto"],
+                best=dict(config=CONFIGS[best[0]], config_id=best[0], swizzle=best[1], raster=best[2], ratio=r[best]),
+                per_config=per_config,
+                all={f"{CONFIGS[k[0]]}/sw{k[1]}/r{k[2]}": v for k, v in r.items() if k != "auto"}, ext=ext)
+
+
 def bench_shape(lib, M, N, K, layout, dtype, configs, swizzles, rasters, kxs):
     mk = lambda *s: torch.randn(*s, device="cuda").to(dtype)
     a = mk(M, K)
@@ -142,6 +207,12 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--layouts", default="0,1", help="0: the forward (B as N x K), 1: dx (B as K x N)")
     ap.add_argument("--no-checks", action="store_true", help="timing only (the library's configs were checked before)")
+    ap.add_argument("--regime", default="steady", choices=["steady", "burst", "both"],
+                    help="steady: candidates back to back (a GPU under load); burst: each pair after a GPU sleep, "
+                         "as the targets grid times them")
+    ap.add_argument("--configs", default="0,1,2,3,4,5", help="GemmConfig ids to time (those the library has)")
+    ap.add_argument("--Ms", default="8192,2048")
+    ap.add_argument("--rounds", type=int, default=15, help="burst rounds per candidate")
     args = ap.parse_args()
     lib = Lib(args.lib)
     print("device", torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
@@ -169,11 +240,24 @@ def main():
     print(f"checks: {len(out['checks']) - fails} ok, {fails} failed", flush=True)
 
     shapes = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]  # (K, N) of the forward
-    Ms = (8192, 2048)
-    configs, swizzles, rasters = tuple(range(6)), (1, 2, 4, 8), (1, 2)
+    Ms = tuple(int(v) for v in args.Ms.split(","))
+    configs, swizzles, rasters = tuple(int(c) for c in args.configs.split(",")), (1, 2, 4, 8), (1, 2)
     if args.quick:
         swizzles, rasters = (1, 4), (0,)
-    for M in Ms:
+    for M in Ms if args.regime != "steady" else ():
+        for (K, N) in shapes:
+            for layout in layouts:
+                n_, k_ = (N, K) if layout == 0 else (K, N)
+                r = bench_shape_burst(lib, M, n_, k_, layout, torch.bfloat16, configs, (1, 4), (1, 2), (64,),
+                                      args.rounds)
+                out["bench"].append(r)
+                b = r["best"]
+                pc = " ".join(f"{k}:{v:.3f}" for k, v in r["per_config"].items() if v is not None)
+                ext = " ".join(f"Kx{e['Kx']} best {e['ext_best']:.3f} auto {e['ext_auto']:.3f}" for e in r["ext"])
+                print(f"burst M={M} {k_}->{n_} {'fwd' if layout == 0 else 'dx '} cublas/ours: auto {r['auto']:.3f} "
+                      f"best {b['ratio']:.3f} [{b['config']} sw{b['swizzle']} r{b['raster']}] | {pc} | {ext}",
+                      flush=True)
+    for M in Ms if args.regime != "burst" else ():
         for (K, N) in shapes:
             for layout in layouts:
                 if layout == 1:  # backward dx = dy W: (M, N) x (N, K) -> (M, K)

@@ -20,6 +20,11 @@
 #             (TIMELINE_ARGS)
 #   host_trace bench/dev/host_trace.py: torch.profiler CPU events of small calls (ATen ops, CUDA runtime calls)
 #   ncu       Nsight Compute on the lora_ kernels of one cuda fwd+bwd (bench/dev/ncu_passes.py, NCU_ARGS)
+#   probe_bg  starts building the sm_90 GEMM's development library (bench/dev/build_gemm_capi.sh, PROBE_DTYPES default
+#             "0" = bf16, PROBE_CONFIGS default all six) in the background, into /tmp/probe_build, so that it compiles
+#             alongside the wheel's build
+#   gemm_probe bench/dev/gemm_sm90_probe.py on that library (built here when probe_bg did not start it; PROBE_ARGS,
+#             e.g. "--regime burst"): each GEMM config against cuBLAS
 #   save      /tmp/site as $OUT/site.tgz; a later call that carries it as .site/site.tgz reuses the build (build step
 #             with REUSE_BUILD=1 unpacks it when it was built from this tree's sources, else builds; OVERLAY_PY=1
 #             asks only the compiled sources (csrc/, setup.py) to match and copies this tree's Python files over it)
@@ -161,6 +166,23 @@ for step in ${STEPS:-build tests}; do
         --kernel-name regex:lora_ --section SpeedOfLight --section WarpStateStats --section Occupancy \
         --section MemoryWorkloadAnalysis python3 "$REPO/bench/dev/ncu_passes.py" ${NCU_ARGS:-} > "$OUT/ncu.txt" 2>&1)
       grep -E "lora_|Duration|Memory Throughput|DRAM Throughput|Achieved Occupancy|Stall" "$OUT/ncu.txt" | head -60;;
+    probe_bg)
+      (CUTLASS_DIR="$LORA_KERNELS_CUTLASS_DIR" DTYPES="${PROBE_DTYPES:-0}" CONFIGS="${PROBE_CONFIGS:-0 1 2 3 4 5}" \
+        timeout "${T_PROBE_BUILD:-400}" bash "$REPO/bench/dev/build_gemm_capi.sh" /tmp/probe_build \
+        > "$OUT/probe_build.log" 2>&1; echo "probe build rc=$?" >> "$OUT/probe_build.log") &
+      echo $! > /tmp/probe_build.pid; note "step probe_bg: started";;
+    gemm_probe)
+      if [ -f /tmp/probe_build.pid ]; then
+        while kill -0 "$(cat /tmp/probe_build.pid)" 2>/dev/null; do sleep 2; done; rm -f /tmp/probe_build.pid
+      else
+        CUTLASS_DIR="$LORA_KERNELS_CUTLASS_DIR" DTYPES="${PROBE_DTYPES:-0}" CONFIGS="${PROBE_CONFIGS:-0 1 2 3 4 5}" \
+          run_step probe_build "${T_PROBE_BUILD:-400}" bash "$REPO/bench/dev/build_gemm_capi.sh" /tmp/probe_build \
+          > "$OUT/probe_build.log" 2>&1
+      fi
+      tail -2 "$OUT/probe_build.log" | tee -a "$SUMMARY"
+      (cd /tmp && run_step gemm_probe "${T_PROBE:-240}" python3 "$REPO/bench/dev/gemm_sm90_probe.py" \
+        --lib /tmp/probe_build/libloragemm_sm90.so --out "$OUT/gemm_probe.json" ${PROBE_ARGS:-} > "$OUT/gemm_probe.txt" 2>&1)
+      grep -E "^burst|^M=|^checks|FAIL|Error" "$OUT/gemm_probe.txt" | head -60;;
     save)
       tar -czf "$OUT/site.tgz" -C /tmp site && note "saved /tmp/site as site.tgz ($(du -h "$OUT/site.tgz" | cut -f1))";;
     *) note "unknown step $step";;
