@@ -3,6 +3,8 @@
 #include "gemm_sm90_instances.h"
 
 #include <atomic>
+#include <cstdlib>
+#include <cstring>
 #include <mutex>
 
 namespace lora_kernels {
@@ -61,11 +63,22 @@ const char* lora_gemm_sm90_unsupported(const LoraGemmArgs& a, int device) {
   return nullptr;
 }
 
+// LORA_KERNELS_SM90_GEMM_CONFIG: the GemmConfig every auto call takes (0 or 1, the two compiled into the
+// extension), read once; unset, other values: 1.
+static GemmConfig env_config() {
+  static const GemmConfig c = [] {
+    const char* v = std::getenv("LORA_KERNELS_SM90_GEMM_CONFIG");
+    return v != nullptr && std::strcmp(v, "0") == 0 ? GemmConfig::kCoop256x128_c12 : GemmConfig::kPing128x128_c12;
+  }();
+  return c;
+}
+
 GemmChoice lora_gemm_sm90_pick(const LoraGemmArgs& a) {
   // One choice for every shape: a 128x128 ping-pong tile, clusters of 1x2 tiles along N, tile order along M
   // with swizzle 4: the best of the tile/cluster configs and tile orders against cuBLAS over the Llama-3-8B layer
-  // shapes, forward and dx layouts (about cuBLAS's throughput; bench/dev/gemm_sm90_probe.py times them all).
-  GemmChoice c{GemmConfig::kPing128x128_c12, 4, 1};
+  // shapes, forward and dx layouts, under steady load (about cuBLAS's throughput; bench/dev/gemm_sm90_probe.py times
+  // them all, also in the burst regime of the targets grid with --regime burst).
+  GemmChoice c{env_config(), 4, 1};
   if (a.config != GemmConfig::kAuto) c.config = a.config;
   if (a.swizzle > 0) c.swizzle = a.swizzle;
   if (a.raster > 0) c.raster = a.raster;
@@ -79,10 +92,14 @@ cudaError_t launch_lora_gemm_sm90(const LoraGemmArgs& a, cudaStream_t stream) {
   if (lora_gemm_sm90_unsupported(a, device) != nullptr) return cudaErrorNotSupported;
 #if LORA_KERNELS_HAVE_SM90_GEMM
   const GemmChoice c = lora_gemm_sm90_pick(a);
-  const bool nk = a.layout_b == GemmLayoutB::kNK;
-  sm90::RunFn run = a.dtype == GemmDType::kBFloat16 ? (nk ? sm90::run_bf16_nk : sm90::run_bf16_kn)
-                                                    : (nk ? sm90::run_fp16_nk : sm90::run_fp16_kn);
-  return run(a, c.config, c.swizzle, c.raster, device_info(device).sms, stream);
+  // [dtype: bf16, fp16][layout: nk, kn][config: 0, 1]
+  static constexpr sm90::RunFn kRun[2][2][2] = {
+      {{sm90::run_bf16_nk_c0, sm90::run_bf16_nk_c1}, {sm90::run_bf16_kn_c0, sm90::run_bf16_kn_c1}},
+      {{sm90::run_fp16_nk_c0, sm90::run_fp16_nk_c1}, {sm90::run_fp16_kn_c0, sm90::run_fp16_kn_c1}}};
+  const int cfg = static_cast<int>(c.config);
+  if (cfg < 0 || cfg > 1) return cudaErrorNotSupported;  // a config the extension does not compile
+  const sm90::RunFn run = kRun[a.dtype == GemmDType::kBFloat16 ? 0 : 1][a.layout_b == GemmLayoutB::kNK ? 0 : 1][cfg];
+  return run(a, c.swizzle, c.raster, device_info(device).sms, stream);
 #else
   return cudaErrorNotSupported;
 #endif

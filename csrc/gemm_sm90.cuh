@@ -490,16 +490,5 @@ cudaError_t run_one(const LoraGemmArgs& a, int swizzle, int raster, int sm_count
   return Gemm<Element, LayoutB, typename ConfigOf<C>::type>::run(a, swizzle, raster, sm_count, stream);
 }
 
-// The configs compiled into the extension, for one (dtype, layout): those lora_gemm_sm90_pick can return.
-// (Every entry of ConfigOf builds; bench/dev/gemm_sm90_probe.py times them all.)
-template <class Element, class LayoutB>
-cudaError_t run_config(const LoraGemmArgs& a, GemmConfig cfg, int swizzle, int raster, int sm_count,
-                       cudaStream_t stream) {
-  switch (cfg) {
-    case GemmConfig::kPing128x128_c12: return run_one<Element, LayoutB, 1>(a, swizzle, raster, sm_count, stream);
-    default: return cudaErrorNotSupported;
-  }
-}
-
 }  // namespace sm90
 }  // namespace lora_kernels

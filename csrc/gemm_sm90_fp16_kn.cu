@@ -1,4 +1,5 @@
-// The sm_90 LoRA GEMM for fp16, B (K, N) row-major, the backward dx: one translation unit (gemm_sm90_instance.cuh).
+// The sm_90 LoRA GEMM for fp16, B (K, N) row-major, the backward dx: the 128 x 128 ping-pong config, one
+// translation unit (gemm_sm90_instance.cuh).
 #include "gemm_sm90_instance.cuh"
 
-LORA_KERNELS_GEMM_SM90_INSTANCE(fp16, kn)
+LORA_KERNELS_GEMM_SM90_INSTANCE(fp16, kn, 1)

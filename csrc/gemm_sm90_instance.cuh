@@ -1,7 +1,8 @@
-// What one instance file gemm_sm90_<dtype>_<layout>.cu compiles: LORA_KERNELS_GEMM_SM90_INSTANCE(dtype, layout)
-// defines sm90::run_<dtype>_<layout> (declared in gemm_sm90_instances.h) as gemm_sm90.cuh's run_config for that
-// element type and B layout. Each pair is its own translation unit so that the build compiles the heavy CUTLASS
-// instances in parallel. Without CUTLASS (LORA_KERNELS_HAVE_SM90_GEMM = 0) the macro defines nothing.
+// What one instance file gemm_sm90_<dtype>_<layout>[_coop].cu compiles: LORA_KERNELS_GEMM_SM90_INSTANCE(dtype,
+// layout, cfg) defines sm90::run_<dtype>_<layout>_c<cfg> (declared in gemm_sm90_instances.h) as gemm_sm90.cuh's
+// run_one for that element type, B layout and GemmConfig. Each is its own translation unit so that the build
+// compiles the heavy CUTLASS instances in parallel. Without CUTLASS (LORA_KERNELS_HAVE_SM90_GEMM = 0) the macro
+// defines nothing.
 //   dtype : bf16 (cutlass::bfloat16_t), fp16 (cutlass::half_t)
 //   layout: nk, B (N, K) row-major, CUTLASS's ColumnMajor B: the forward y = x W^T + (s u) B^T + b;
 //           kn, B (K, N) row-major, CUTLASS's RowMajor B: the backward dx = dy W + v A.
@@ -18,13 +19,13 @@ using LayoutB_nk = cutlass::layout::ColumnMajor;
 using LayoutB_kn = cutlass::layout::RowMajor;
 }  // namespace lora_kernels::sm90::instance
 
-#define LORA_KERNELS_GEMM_SM90_INSTANCE(dtype, layout)                                                              \
+#define LORA_KERNELS_GEMM_SM90_INSTANCE(dtype, layout, cfg)                                                         \
   namespace lora_kernels::sm90 {                                                                                    \
-  cudaError_t run_##dtype##_##layout(const LoraGemmArgs& a, GemmConfig cfg, int swizzle, int raster, int sms,      \
-                                     cudaStream_t s) {                                                              \
-    return run_config<instance::Element_##dtype, instance::LayoutB_##layout>(a, cfg, swizzle, raster, sms, s);     \
+  cudaError_t run_##dtype##_##layout##_c##cfg(const LoraGemmArgs& a, int swizzle, int raster, int sms,             \
+                                              cudaStream_t s) {                                                     \
+    return run_one<instance::Element_##dtype, instance::LayoutB_##layout, cfg>(a, swizzle, raster, sms, s);        \
   }                                                                                                                 \
   }
 #else
-#define LORA_KERNELS_GEMM_SM90_INSTANCE(dtype, layout)
+#define LORA_KERNELS_GEMM_SM90_INSTANCE(dtype, layout, cfg)
 #endif

@@ -1,4 +1,4 @@
-// The compiled (dtype, layout) entries of the sm_90 LoRA GEMM, one per gemm_sm90_<dtype>_<layout>.cu.
+// The compiled (dtype, layout, config) entries of the sm_90 LoRA GEMM, one per gemm_sm90_<dtype>_<layout>[_coop].cu.
 // LORA_KERNELS_HAVE_SM90_GEMM is set by setup.py when the CUTLASS headers are found.
 #pragma once
 #include "gemm_sm90.h"
@@ -9,10 +9,16 @@
 
 namespace lora_kernels::sm90 {
 #if LORA_KERNELS_HAVE_SM90_GEMM
-using RunFn = cudaError_t (*)(const LoraGemmArgs&, GemmConfig, int, int, int, cudaStream_t);
-cudaError_t run_bf16_nk(const LoraGemmArgs&, GemmConfig, int, int, int, cudaStream_t);
-cudaError_t run_bf16_kn(const LoraGemmArgs&, GemmConfig, int, int, int, cudaStream_t);
-cudaError_t run_fp16_nk(const LoraGemmArgs&, GemmConfig, int, int, int, cudaStream_t);
-cudaError_t run_fp16_kn(const LoraGemmArgs&, GemmConfig, int, int, int, cudaStream_t);
+// The configs the extension compiles (GemmConfig): 1, the 128 x 128 ping-pong tile (gemm_sm90_<dtype>_<layout>.cu),
+// and 0, the 256 x 128 cooperative tile (gemm_sm90_<dtype>_<layout>_coop.cu).
+using RunFn = cudaError_t (*)(const LoraGemmArgs&, int, int, int, cudaStream_t);
+#define LK_SM90_RUN(dt, lay)                                                            \
+  cudaError_t run_##dt##_##lay##_c0(const LoraGemmArgs&, int, int, int, cudaStream_t); \
+  cudaError_t run_##dt##_##lay##_c1(const LoraGemmArgs&, int, int, int, cudaStream_t);
+LK_SM90_RUN(bf16, nk)
+LK_SM90_RUN(bf16, kn)
+LK_SM90_RUN(fp16, nk)
+LK_SM90_RUN(fp16, kn)
+#undef LK_SM90_RUN
 #endif
 }  // namespace lora_kernels::sm90
