@@ -63,22 +63,30 @@ const char* lora_gemm_sm90_unsupported(const LoraGemmArgs& a, int device) {
   return nullptr;
 }
 
-// LORA_KERNELS_SM90_GEMM_CONFIG: the GemmConfig every auto call takes (0 or 1, the two compiled into the
-// extension), read once; unset, other values: 1.
+// LORA_KERNELS_SM90_GEMM_CONFIG: 1 or 4 forces that GemmConfig (the two compiled into the extension) on every auto
+// call, for A/B timing; unset or other values: the per-problem choice below. Read once.
 static GemmConfig env_config() {
   static const GemmConfig c = [] {
     const char* v = std::getenv("LORA_KERNELS_SM90_GEMM_CONFIG");
-    return v != nullptr && std::strcmp(v, "0") == 0 ? GemmConfig::kCoop256x128_c12 : GemmConfig::kPing128x128_c12;
+    if (v != nullptr && std::strcmp(v, "1") == 0) return GemmConfig::kPing128x128_c12;
+    if (v != nullptr && std::strcmp(v, "4") == 0) return GemmConfig::kCoop128x256_c12;
+    return GemmConfig::kAuto;
   }();
   return c;
 }
 
 GemmChoice lora_gemm_sm90_pick(const LoraGemmArgs& a) {
-  // One choice for every shape: a 128x128 ping-pong tile, clusters of 1x2 tiles along N, tile order along M
-  // with swizzle 4: the best of the tile/cluster configs and tile orders against cuBLAS over the Llama-3-8B layer
-  // shapes, forward and dx layouts, under steady load (about cuBLAS's throughput; bench/dev/gemm_sm90_probe.py times
-  // them all, also in the burst regime of the targets grid with --regime burst).
-  GemmChoice c{env_config(), 4, 1};
+  // Clusters of 1x2 tiles along N, tile order along M with swizzle 4. The tile, measured against cuBLAS in the
+  // targets grid's burst regime (bench/dev/gemm_sm90_probe.py --regime burst, session 24) over the Llama-3-8B layer
+  // shapes at M = 2048 and 8192, forward and dx layouts:
+  //  - 128x256 cooperative where K >= 2048 and N >= 2048: enough K-tiles to hide its unoverlapped epilogue and
+  //    enough 256-wide tile columns (0.970-0.983x cuBLAS's time against 0.904-0.996x for the ping-pong tile; at
+  //    K = 14336 0.98 against 0.91);
+  //  - 128x128 ping-pong elsewhere: at N = 1024 the wide tile leaves too few tiles (0.54x at M = 2048) and at
+  //    K = 1024 its epilogue shows (0.97 against 1.05).
+  const bool wide = a.K + a.Kx >= 2048 && a.N >= 2048;
+  GemmChoice c{wide ? GemmConfig::kCoop128x256_c12 : GemmConfig::kPing128x128_c12, 4, 1};
+  if (env_config() != GemmConfig::kAuto) c.config = env_config();
   if (a.config != GemmConfig::kAuto) c.config = a.config;
   if (a.swizzle > 0) c.swizzle = a.swizzle;
   if (a.raster > 0) c.raster = a.raster;
@@ -92,12 +100,13 @@ cudaError_t launch_lora_gemm_sm90(const LoraGemmArgs& a, cudaStream_t stream) {
   if (lora_gemm_sm90_unsupported(a, device) != nullptr) return cudaErrorNotSupported;
 #if LORA_KERNELS_HAVE_SM90_GEMM
   const GemmChoice c = lora_gemm_sm90_pick(a);
-  // [dtype: bf16, fp16][layout: nk, kn][config: 0, 1]
+  // [dtype: bf16, fp16][layout: nk, kn][config: 4, 1]
   static constexpr sm90::RunFn kRun[2][2][2] = {
-      {{sm90::run_bf16_nk_c0, sm90::run_bf16_nk_c1}, {sm90::run_bf16_kn_c0, sm90::run_bf16_kn_c1}},
-      {{sm90::run_fp16_nk_c0, sm90::run_fp16_nk_c1}, {sm90::run_fp16_kn_c0, sm90::run_fp16_kn_c1}}};
-  const int cfg = static_cast<int>(c.config);
-  if (cfg < 0 || cfg > 1) return cudaErrorNotSupported;  // a config the extension does not compile
+      {{sm90::run_bf16_nk_c4, sm90::run_bf16_nk_c1}, {sm90::run_bf16_kn_c4, sm90::run_bf16_kn_c1}},
+      {{sm90::run_fp16_nk_c4, sm90::run_fp16_nk_c1}, {sm90::run_fp16_kn_c4, sm90::run_fp16_kn_c1}}};
+  if (c.config != GemmConfig::kPing128x128_c12 && c.config != GemmConfig::kCoop128x256_c12)
+    return cudaErrorNotSupported;  // a config the extension does not compile
+  const int cfg = c.config == GemmConfig::kCoop128x256_c12 ? 0 : 1;
   const sm90::RunFn run = kRun[a.dtype == GemmDType::kBFloat16 ? 0 : 1][a.layout_b == GemmLayoutB::kNK ? 0 : 1][cfg];
   return run(a, c.swizzle, c.raster, device_info(device).sms, stream);
 #else

@@ -1,5 +1,5 @@
-// The sm_90 LoRA GEMM for fp16, B (N, K) row-major, the forward: the 256 x 128 cooperative config, one translation unit
+// The sm_90 LoRA GEMM for fp16, B (N, K) row-major, the forward: the 128 x 256 cooperative config, one translation unit
 // (gemm_sm90_instance.cuh).
 #include "gemm_sm90_instance.cuh"
 
-LORA_KERNELS_GEMM_SM90_INSTANCE(fp16, nk, 0)
+LORA_KERNELS_GEMM_SM90_INSTANCE(fp16, nk, 4)

@@ -10,10 +10,10 @@
 namespace lora_kernels::sm90 {
 #if LORA_KERNELS_HAVE_SM90_GEMM
 // The configs the extension compiles (GemmConfig): 1, the 128 x 128 ping-pong tile (gemm_sm90_<dtype>_<layout>.cu),
-// and 0, the 256 x 128 cooperative tile (gemm_sm90_<dtype>_<layout>_coop.cu).
+// and 4, the 128 x 256 cooperative tile (gemm_sm90_<dtype>_<layout>_coop.cu).
 using RunFn = cudaError_t (*)(const LoraGemmArgs&, int, int, int, cudaStream_t);
 #define LK_SM90_RUN(dt, lay)                                                            \
-  cudaError_t run_##dt##_##lay##_c0(const LoraGemmArgs&, int, int, int, cudaStream_t); \
+  cudaError_t run_##dt##_##lay##_c4(const LoraGemmArgs&, int, int, int, cudaStream_t); \
   cudaError_t run_##dt##_##lay##_c1(const LoraGemmArgs&, int, int, int, cudaStream_t);
 LK_SM90_RUN(bf16, nk)
 LK_SM90_RUN(bf16, kn)
