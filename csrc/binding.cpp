@@ -967,7 +967,8 @@ std::string shrink_path(const Tensor& x, const Tensor& lora_A, double p) {
 }
 
 // Which path a forward with these inputs takes: "small_m" (one launch, csrc/small_m.cu), "sm90 fused (small_m: <why
-// not>)" (csrc/fused_fwd_sm90.h), or gemm_path's answer followed by " (fused: <why not>) (small_m: <why not>)".
+// not>)" or "sm90 fused lead (small_m: <why not>)" (csrc/fused_fwd_sm90.h; followed by " 128x256 cooperative" where
+// the lead tiles take the wide variant), or gemm_path's answer followed by " (fused: <why not>) (small_m: <why not>)".
 // Checks what lora_forward checks first (the call would fail otherwise).
 std::string forward_path(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                          const Tensor& lora_A, const Tensor& lora_B, double p) {
@@ -978,7 +979,12 @@ std::string forward_path(const Tensor& x, const Tensor& weight, const std::optio
   if (why == nullptr) return "small_m";
   bool lead = false;
   const char* why_fused = fused_forward_unsupported(x, weight, has_bias ? &*bias : nullptr, lora_A, lora_B, p, &lead);
-  if (why_fused == nullptr) return std::string(lead ? "sm90 fused lead" : "sm90 fused") + " (small_m: " + why + ")";
+  if (why_fused == nullptr) {
+    const bool wide = lead && lk::lora_fused_fwd_sm90_wide(fused_args(x, weight, has_bias ? &*bias : nullptr, lora_A,
+                                                                      lora_B, 1.0, p, true));
+    return std::string(lead ? "sm90 fused lead" : "sm90 fused") + " (small_m: " + why + ")" +
+           (wide ? " 128x256 cooperative" : "");
+  }
   return gemm_path(x, weight, bias) + " (fused: " + why_fused + ") (small_m: " + why + ")";
 }
 

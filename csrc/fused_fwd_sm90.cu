@@ -131,6 +131,17 @@ const char* lora_fused_fwd_sm90_unsupported(const FusedFwdArgs& a, int device) {
   return nullptr;
 }
 
+bool lora_fused_fwd_sm90_wide(const FusedFwdArgs& a) {
+  if (!a.lead || a.p > 0.f) return false;
+  LoraGemmArgs g;
+  g.M = a.M;
+  g.N = a.N;
+  g.K = a.K;
+  g.Kx = sm90fused::split_for(a.r, adapter_pieces(a.x_dtype, a.a_dtype), true).width();
+  if (lora_gemm_sm90_pick(g).config != GemmConfig::kCoop128x256_c12) return false;
+  return (a.N + 255) / 256 >= sm90fused::split_for(a.r, adapter_pieces(a.x_dtype, a.a_dtype), true).tiles;
+}
+
 cudaError_t launch_lora_fused_fwd_sm90(const FusedFwdArgs& a, cudaStream_t stream) {
   int device = 0;
   cudaError_t e = cudaGetDevice(&device);
@@ -172,8 +183,9 @@ cudaError_t launch_lora_fused_fwd_sm90(const FusedFwdArgs& a, cudaStream_t strea
   f.N = (int)a.N;
   f.r = a.r;
   f.blocks = sp.blocks;
+  const bool wide = lora_fused_fwd_sm90_wide(a);
   f.lead = a.lead ? sp.tiles : 0;
-  f.ready_target = sp.tiles;
+  f.ready_target = wide ? 2 * sp.tiles : sp.tiles;  // the wide variant's warpgroups count themselves each
   f.width = sp.width();
   f.pieces = pieces;
   f.k_tiles_main = (int)ceil_div(a.K, 64);
@@ -188,6 +200,9 @@ cudaError_t launch_lora_fused_fwd_sm90(const FusedFwdArgs& a, cudaStream_t strea
   f.strip = dev_knobs().strip;
   const sm90fused::Operands o{a.x, a.w, a.bias, ws + c.ap, ws + c.bx, a.y, a.col_scale};
   if (a.lead && f.keep != nullptr) return sm90fused::run_fused_lead_drop_bf16(o, f, a.K, num_sms(), stream);
+  if (wide)
+    return a.x_dtype == DType::kBFloat16 ? sm90fused::run_fused_lead_wide_bf16(o, f, a.K, num_sms(), stream)
+                                         : sm90fused::run_fused_lead_wide_fp16(o, f, a.K, num_sms(), stream);
   if (a.lead)
     return a.x_dtype == DType::kBFloat16 ? sm90fused::run_fused_lead_bf16(o, f, a.K, num_sms(), stream)
                                          : sm90fused::run_fused_lead_fp16(o, f, a.K, num_sms(), stream);

@@ -28,6 +28,12 @@
 //         clusters the device holds at once, each block walks its items in increasing order, the u items wait for
 //         nothing (lead tiles write their u columns before they wait, and a row block's lead items are a few
 //         consecutive ones), and every item before an output item is running on a resident block or done.
+// Wide:   the kWide variant (lead tiles, no dropout) takes 128 x 256 x 64 tiles and the cooperative schedule: both
+//         consumer warpgroups work on one tile, 64 rows each (their own 64 x 256 accumulators and, in a lead tile,
+//         their own 64 rows of u, each warpgroup counting itself into ready[m]: the target is twice the lead tiles);
+//         the epilogue does not overlap the next tile's main loop, which the K-tiles of a large K hide. The sm_90
+//         GEMM's measurements (gemm_sm90.cu: 0.97-0.98x cuBLAS's time against 0.90-0.96x for 128 x 128 ping-pong on
+//         the large shapes) pick it where K and N >= 2048.
 // Launch: params built on the host; the kernel launched on the caller's stream with its cluster shape and as a
 //         programmatic dependent of the prep launch (pdl.cuh): its prologue runs under the prep's tail, and every
 //         thread waits for the prep (pdl_wait) before its first global access.
@@ -76,6 +82,13 @@ __device__ __forceinline__ int ld_acquire(const int* p) {
 // Generic-proxy global writes (the u tiles' su) ordered with async-proxy reads (another block's TMA of su).
 __device__ __forceinline__ void fence_proxy_async_global() { asm volatile("fence.proxy.async.global;" ::: "memory"); }
 
+// The wide variant's stand-in for the ping-pong order barrier: its consumer warpgroups share every tile, so they take
+// no turns.
+struct NoOrder {
+  CUTLASS_DEVICE void wait() {}
+  CUTLASS_DEVICE void arrive() {}
+};
+
 // The tile order: cluster-sized work items (1 x 2 tiles) in one linear order that every block walks with stride
 // gridDim.x (a persistent grid, one cluster per item): first the clusters that compute u, row block by row block
 // (u tiles: the Mt u clusters; lead tiles: each row block's first `lead` output clusters), then the other output
@@ -106,12 +119,17 @@ struct TileOrder {
 // u-tile kernel's code is what was measured. kDrop: the lead tiles with dropout (fp32 adapters on bf16 x), also a
 // kernel of its own: x's masked copy in registers takes 32 more per consumer thread, which the other lead variants'
 // register allocation must not pay for.
-template <class Element, bool kLead, bool kDrop = false>
+template <class Element, bool kLead, bool kDrop = false, bool kWide = false>
 struct FusedFwd {
   static_assert(!kDrop || (kLead && cute::is_same_v<Element, cutlass::bfloat16_t>),
                 "dropout lead tiles: bf16 x with fp32 adapters' 3 pieces");
+  static_assert(!kWide || (kLead && !kDrop), "the wide (cooperative) variant: lead tiles without dropout");
   // ---------------------------------------------------------------------------------------------- types
-  using Tile = Shape<_128, _128, _64>;
+  using Tile = cute::conditional_t<kWide, Shape<_128, _256, _64>, Shape<_128, _128, _64>>;
+  static constexpr int kTileN = size<1>(Tile{});
+  // consumer warpgroups per tile: 2 (cooperative, 64 rows each) or 1 (ping-pong, all 128 rows)
+  static constexpr int kTileWgs = kWide ? 2 : 1;
+  static constexpr int kHalves = 2 / kTileWgs;  // 64-row halves of the tile per consumer thread
   using Cluster = Shape<_1, _2, _1>;
   using LayoutA = cutlass::layout::RowMajor;
   using LayoutB = cutlass::layout::ColumnMajor;  // W (N, K) row-major
@@ -119,24 +137,32 @@ struct FusedFwd {
   static constexpr int kAlign = 8;
   static constexpr int kUTiles = 2;  // u tiles per row block: one cluster
   // Lead tiles: a kApRows x 64 slot of lora_A's pieces next to each stage's x and W tiles (4 KB), for at most 6
-  // stages (the count the carveout leaves for 128 x 128 x 64 16-bit tiles: 6 with or without the slots).
+  // stages (the count the carveout leaves for 128 x 128 x 64 16-bit tiles: 6 with or without the slots; 128 x 256
+  // tiles: 4).
   static constexpr int kApSlotElems = kApRows * 64;
-  static constexpr int kApSlotCarveout = kLead ? 6 * kApSlotElems * 2 : 0;
+  static constexpr int kApSlotStages = kWide ? 4 : 6;
+  static constexpr int kApSlotCarveout = kLead ? kApSlotStages * kApSlotElems * 2 : 0;
   // y = alpha ⊙ acc + bias: alpha the scalar 1, or DoRA's per-column scale from a pointer (CUTLASS's row
   // broadcast takes a null pointer as "use the scalar"); the main loop keeps its 6 stages with this epilogue
   // (bench/dev/epilogue_probe.cu).
   using Fusion = cutlass::epilogue::fusion::PerColLinCombPerColBiasEltAct<cutlass::epilogue::thread::Identity, Element,
                                                                           float, Element, void, float>;
+  // The wide tile's epilogue stores 128 x 16 subtiles (2 stages, 8 KB) rather than CUTLASS's default 128 x 32: the
+  // 16 KB of those would leave the main loop 3 stages of 48 KB instead of 4.
+  using EpiTile = cute::conditional_t<kWide, Shape<_128, _16>, cutlass::epilogue::collective::EpilogueTileAuto>;
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Tile, Cluster, cutlass::epilogue::collective::EpilogueTileAuto,
-      float, float, void, LayoutD, kAlign, Element, LayoutD, kAlign, cutlass::epilogue::TmaWarpSpecialized,
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Tile, Cluster, EpiTile,
+      float, float, void, LayoutD, kAlign, Element, LayoutD, kAlign,
+      cute::conditional_t<kWide, cutlass::epilogue::TmaWarpSpecializedCooperative,
+                          cutlass::epilogue::TmaWarpSpecialized>,
       Fusion>::CollectiveOp;
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA, kAlign, Element, LayoutB, kAlign, float,
       Tile, Cluster,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage)) +
                                                          kApSlotCarveout>,
-      cutlass::gemm::KernelTmaWarpSpecializedPingpong>::CollectiveOp;
+      cute::conditional_t<kWide, cutlass::gemm::KernelTmaWarpSpecializedCooperative,
+                          cutlass::gemm::KernelTmaWarpSpecializedPingpong>>::CollectiveOp;
   using Base = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue,
                                                     cutlass::gemm::PersistentScheduler>;
   using TiledMma = typename Mainloop::TiledMma;
@@ -149,7 +175,9 @@ struct FusedFwd {
   using MainloopPipeline = typename Mainloop::MainloopPipeline;
   using PipelineState = typename Mainloop::PipelineState;
   static constexpr int kStages = Mainloop::DispatchPolicy::Stages;
-  static_assert(kStages <= 6, "the lead tiles' slots are carved out for 6 stages");
+  static_assert(kStages <= kApSlotStages, "the lead tiles' slots are carved out for kApSlotStages stages");
+  static_assert(!kWide || kStages >= 4, "the wide tile keeps 4 stages");
+  static constexpr int kMmaThreads = kTileWgs * cutlass::NumThreadsPerWarpGroup;  // threads that share a tile
   using IB = typename Mainloop::InternalElementB;
   using SmemLayoutApStage = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{}, Shape<Int<kApRows>, _64>{}));
   using SmemLayoutAp = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{},
@@ -233,11 +261,13 @@ struct FusedFwd {
 
   // One K-tile's u products (a u or lead tile's narrow wgmma accumulator, whose column group Pieces b + p holds piece
   // p of u's column block b) added, in fp32 and per u column, into the warpgroup's sums tot[64-row half][row h][b]
-  // [column c] (the D fragment's 2 adjacent columns and 2 rows 8 apart). The caller has waited for the batch.
-  template <int Blocks, int Pieces, class Acc>
-  CUTLASS_DEVICE static void add_u_products(Acc const& acc, float (&tot)[2][2][Blocks][2]) {
+  // [column c] (the D fragment's 2 adjacent columns and 2 rows 8 apart; a warpgroup holds both halves of the tile,
+  // or in the wide variant its own). The caller has waited for the batch.
+  template <int Blocks, int Pieces, int Halves, class Acc>
+  CUTLASS_DEVICE static void add_u_products(Acc const& acc, float (&tot)[Halves][2][Blocks][2]) {
+    static_assert(decltype(size<1>(acc))::value == Halves, "the accumulator's 64-row halves");
     CUTLASS_PRAGMA_UNROLL
-    for (int mm = 0; mm < 2; ++mm)
+    for (int mm = 0; mm < Halves; ++mm)
       CUTLASS_PRAGMA_UNROLL
       for (int h = 0; h < 2; ++h)
         CUTLASS_PRAGMA_UNROLL
@@ -253,14 +283,16 @@ struct FusedFwd {
 
   // A row block's u columns col0 + 8 b + 0..7 (b < Blocks) from a warpgroup's fp32 sums tot[64-row half][row h]
   // [b][column c] (the wgmma D fragment's (2 adjacent columns, 2 rows 8 apart) of its first column group; cU: the
-  // (row, column) of each accumulator element): u (fp32) and su = bf16(u), times scale, written; fenced for other
-  // blocks' TMA of su; then, once every thread of the warpgroup has written, the row block's ready count raised.
-  template <int Blocks, class CoordTensor>
-  CUTLASS_DEVICE static void publish_u(float const (&tot)[2][2][Blocks][2], CoordTensor const& cU,
-                                       FusedParams const& f, int m_blk, int col0, int thread_idx, int wg) {
+  // (row, column) of each accumulator element, rows counted from row0 of the 128-row block): u (fp32) and su = bf16(u), times scale, written; fenced for other
+  // blocks' TMA of su; then, once every thread of the warpgroup has written, the row block's ready count raised (by
+  // each warpgroup of the wide variant for its own rows).
+  template <int Blocks, int Halves, class CoordTensor>
+  CUTLASS_DEVICE static void publish_u(float const (&tot)[Halves][2][Blocks][2], CoordTensor const& cU,
+                                       FusedParams const& f, int m_blk, int row0, int col0, int thread_idx,
+                                       int wg) {
     Element* su = static_cast<Element*>(f.su);
     CUTLASS_PRAGMA_UNROLL
-    for (int mm = 0; mm < 2; ++mm)
+    for (int mm = 0; mm < Halves; ++mm)
       CUTLASS_PRAGMA_UNROLL
       for (int h = 0; h < 2; ++h)
         CUTLASS_PRAGMA_UNROLL
@@ -269,7 +301,7 @@ struct FusedFwd {
           for (int c = 0; c < 2; ++c) {
             const float v = tot[mm][h][b][c] * f.scale;
             const auto rc = cU(make_coord(c, h, 0), mm, 0);  // group 0: its column is n0 + c < 8
-            const int row = m_blk * 128 + get<0>(rc);
+            const int row = m_blk * 128 + row0 + get<0>(rc);
             const int col = col0 + 8 * b + get<1>(rc);
             if (row < f.M) {
               if (col < f.r && !(f.debug & 16)) f.u[(int64_t)row * f.r + col] = v;
@@ -279,7 +311,7 @@ struct FusedFwd {
     fence_proxy_async_global();
     __threadfence();
     cutlass::arch::NamedBarrier::sync(128, wg);  // every thread's u written and fenced
-    if (thread_idx == 0) atomicAdd(f.ready + m_blk, 1);
+    if (thread_idx % cutlass::NumThreadsPerWarpGroup == 0) atomicAdd(f.ready + m_blk, 1);
   }
 
   // Dropout on a lead tile: x's tile is copied from the stage into the registers of the u batch's A operand (the
@@ -402,28 +434,50 @@ struct FusedFwd {
     auto thr = tiled_mma.get_slice(thread_idx);
     Tensor tCrA = thr.make_fragment_A(thr.partition_A(sA));
     Tensor tCrB = thr.make_fragment_B(thr.partition_B(sB));
+    // The u batch's rows: the whole x tile, or in the wide variant the warpgroup's own 64 rows (a one-atom tiled MMA
+    // on that half: a tiled MMA of two atoms across both warpgroups makes ptxas serialize the kernel's wgmmas, C7515)
+    constexpr int kURows = 128 / kTileWgs;
+    auto sAu = [&] {
+      if constexpr (kWide) return flat_divide(sA, Shape<_64, _64>{})(_, _, wg, 0, _);  // (64, 64, PIPE)
+      else return sA;
+    }();
     UMma umma;
-    auto thr_u = umma.get_slice(thread_idx);
+    auto thr_u = umma.get_slice(thread_idx % cutlass::NumThreadsPerWarpGroup);
     // SS: x's tile in the stage as the wgmma's A; RS: its registers (the stage's tile copied in, then masked)
     auto tUrA = [&] {
-      if constexpr (kMask) return thr_u.partition_fragment_A(sA(_, _, 0));  // (MMA, MMA_M, MMA_K)
-      else return thr_u.make_fragment_A(thr_u.partition_A(sA));           // (MMA, MMA_M, MMA_K, PIPE)
+      if constexpr (kMask) return thr_u.partition_fragment_A(sAu(_, _, 0));  // (MMA, MMA_M, MMA_K)
+      else return thr_u.make_fragment_A(thr_u.partition_A(sAu));           // (MMA, MMA_M, MMA_K, PIPE)
     }();
-    Tensor acc = partition_fragment_C(umma, Shape<_128, Int<kNW>>{});
-    static_assert(size<1>(decltype(acc){}) == 2, "two 64-row halves of the 128-row tile");
-    float tot[2][2][Blocks][2] = {};
+    Tensor acc = partition_fragment_C(umma, Shape<Int<kURows>, Int<kNW>>{});
+    static_assert(size<1>(decltype(acc){}) == kHalves, "the thread's 64-row halves of the 128-row tile");
+    float tot[kHalves][2][Blocks][2] = {};
     const int kt_main = k_tiles - 1;
+    // Zeroed once, then opaque to the compiler: a known-zero u accumulator gets rematerialised on the other tiles'
+    // path, and non-wgmma writes to accumulator registers under an in-flight batch make ptxas serialize (C7515).
     clear(acc);
+    warpgroup_fence_operand(acc);
     PipelineState release = read;
     tiled_mma.accumulate_ = GMMA::ScaleOut::Zero;
     uint2 keep_raw[4];  // with dropout: the next K-tile's keep bytes, loaded under this one's MMAs
     if constexpr (kMask) {
       if (is_lead) lead_keep_fetch(keep_raw, f, m_blk, 0, thread_idx);
     }
+    auto main_batch = [&](int stage) {
+      warpgroup_fence_operand(accum);
+      warpgroup_arrive();
+      CUTLASS_PRAGMA_UNROLL
+      for (int k_block = 0; k_block < size<2>(tCrA); ++k_block) {
+        cute::gemm(tiled_mma, tCrA(_, _, k_block, stage), tCrB(_, _, k_block, stage), accum);
+        tiled_mma.accumulate_ = GMMA::ScaleOut::One;
+      }
+      warpgroup_commit_batch();
+    };
     for (int t = 0; t < kt_main; ++t) {
       auto token = pipeline.consumer_try_wait(read);
       pipeline.consumer_wait(read, token);
       const int stage = read.index();
+      // The lead tile's K-tile in one branch, u batch to drain, so that the u accumulator is not merged with the
+      // other tiles' path inside the K-tile.
       if (is_lead) {  // the u batch first: it completes before this K-tile's main batch
         Tensor sU = make_tensor(make_smem_ptr(ap_slots + stage * kApSlotElems), SmemLayoutU{});
         Tensor tUrB = thr_u.make_fragment_B(thr_u.partition_B(sU));  // (MMA, MMA_N, MMA_K)
@@ -447,26 +501,21 @@ struct FusedFwd {
           umma.accumulate_ = GMMA::ScaleOut::One;
         }
         warpgroup_commit_batch();
-      }
-      warpgroup_fence_operand(accum);
-      warpgroup_arrive();
-      CUTLASS_PRAGMA_UNROLL
-      for (int k_block = 0; k_block < size<2>(tCrA); ++k_block) {
-        cute::gemm(tiled_mma, tCrA(_, _, k_block, stage), tCrB(_, _, k_block, stage), accum);
-        tiled_mma.accumulate_ = GMMA::ScaleOut::One;
-      }
-      warpgroup_commit_batch();
-      if constexpr (kMask) {
-        if (is_lead && t + 1 < kt_main) lead_keep_fetch(keep_raw, f, m_blk, t + 1, thread_idx);
-      }
-      // One batch left in flight (this K-tile's main batch): the u batch and K-tile t - 1's main batch are done.
-      // The u sums are drained under the main batch, so the tensor cores do not wait for the drain.
-      warpgroup_wait<1>();
-      warpgroup_fence_operand(accum);
-      if (is_lead) {
+        main_batch(stage);
+        if constexpr (kMask) {
+          if (t + 1 < kt_main) lead_keep_fetch(keep_raw, f, m_blk, t + 1, thread_idx);
+        }
+        // One batch left in flight (this K-tile's main batch): the u batch and K-tile t - 1's main batch are done.
+        // The u sums are drained under the main batch, so the tensor cores do not wait for the drain.
+        warpgroup_wait<1>();
+        warpgroup_fence_operand(accum);
         warpgroup_fence_operand(acc);
         if constexpr (kMask) warpgroup_fence_operand(tUrA);  // read by the u batch, now done: free to reload
         add_u_products<Blocks, Pieces>(acc, tot);
+      } else {
+        main_batch(stage);
+        warpgroup_wait<1>();  // K-tile t - 1's main batch is done
+        warpgroup_fence_operand(accum);
       }
       if (t > 0) {  // K-tile t - 1's stage
         pipeline.consumer_release(release);
@@ -482,8 +531,8 @@ struct FusedFwd {
     }
 
     if (is_lead)  // u's columns rc j .. rc j + rc - 1 of the row block
-      publish_u<Blocks>(tot, thr_u.partition_C(make_identity_tensor(Shape<_128, Int<kNW>>{})), f, m_blk,
-                        8 * Blocks * j, thread_idx, wg);
+      publish_u<Blocks>(tot, thr_u.partition_C(make_identity_tensor(Shape<Int<kURows>, Int<kNW>>{})), f, m_blk,
+                        kWide ? kURows * wg : 0, 8 * Blocks * j, thread_idx, wg);
 
     // the extension stage: (su, Bx), its first kb_ext k-blocks
     auto token = pipeline.consumer_try_wait(read);
@@ -608,7 +657,7 @@ struct FusedFwd {
     }
     arrive_ordered();
 
-    publish_u<Blocks>(tot, thr.partition_C(make_identity_tensor(Shape<_128, Int<kNWm>>{})), f, m_blk,
+    publish_u<Blocks>(tot, thr.partition_C(make_identity_tensor(Shape<_128, Int<kNWm>>{})), f, m_blk, 0,
                       j * 8 * Blocks, thread_idx, wg);
   }
 
@@ -655,7 +704,7 @@ struct FusedFwd {
     if (role == Role::Producer && warp_idx % 4 == 0) pp.role = MainloopPipeline::ThreadCategory::Producer;
     if (role != Role::Producer) pp.role = MainloopPipeline::ThreadCategory::Consumer;
     pp.is_leader = wg_thread == 0;
-    pp.num_consumers = cutlass::NumThreadsPerWarpGroup;
+    pp.num_consumers = kMmaThreads;
     pp.transaction_bytes = mp.tma_transaction_bytes;
     MainloopPipeline pipeline(shared.base.pipelines.mainloop, pp, Cluster{});
 
@@ -664,7 +713,7 @@ struct FusedFwd {
     if (role != Role::Producer) elp.role = EpiLoadPipeline::ThreadCategory::Consumer;
     elp.dst_blockid = block_rank;
     elp.producer_arv_count = cutlass::NumThreadsPerWarp;
-    elp.consumer_arv_count = cutlass::NumThreadsPerWarpGroup;
+    elp.consumer_arv_count = kMmaThreads;
     if constexpr (Epilogue::RequiresTransactionBytes) elp.transaction_bytes = params.gemm.epilogue.tma_transaction_bytes;
     EpiLoadPipeline epi_load_pipeline(shared.base.pipelines.epi_load, elp);
     using EpiStorePipeline = typename Epilogue::StorePipeline;
@@ -672,10 +721,17 @@ struct FusedFwd {
     esp.always_wait = true;
     EpiStorePipeline epi_store_pipeline(esp);
 
-    typename Base::MathWarpGroupOrderBarrier::Params obp;
-    obp.group_id = cutlass::canonical_warp_group_idx() - 1;
-    obp.group_size = cutlass::NumThreadsPerWarpGroup;
-    typename Base::MathWarpGroupOrderBarrier order(shared.base.pipelines.math_wg_order, obp);
+    // ping-pong: the consumer warpgroups take their main loops and their epilogues in turn
+    auto order = [&] {
+      if constexpr (kWide) {
+        return NoOrder{};
+      } else {
+        typename Base::MathWarpGroupOrderBarrier::Params obp;
+        obp.group_id = cutlass::canonical_warp_group_idx() - 1;
+        obp.group_size = cutlass::NumThreadsPerWarpGroup;
+        return typename Base::MathWarpGroupOrderBarrier(shared.base.pipelines.math_wg_order, obp);
+      }
+    }();
 
     PipelineState consumer_state;
     typename Epilogue::LoadPipelineState epi_load_state;
@@ -695,7 +751,7 @@ struct FusedFwd {
     TileOrder const& to = params.order;
     const int items = to.items(), stride = int(gridDim.x), rank = int(block_rank);
     int item = int(blockIdx.x);
-    if (role == Role::Consumer1) {
+    if (!kWide && role == Role::Consumer1) {
       item += stride;
       consumer_state.advance(k_tiles);
       epi_load_state.advance(c_tile_count);
@@ -801,76 +857,120 @@ struct FusedFwd {
     const int wg = cutlass::canonical_warp_group_idx() - 1;
     auto problem_mnkl = make_shape(M, N, get<2>(problem), L);
     const bool trace = f.debug & 16;  // per tile: SM, start, main loop end, end (u as uint32 records)
-    for (; item < items; item += 2 * stride) {
-      int m_blk, n_tile;
-      to.tile(item, rank, m_blk, n_tile);
-      uint32_t* rec = reinterpret_cast<uint32_t*>(f.u) + 4 * (m_blk * n_tiles_sched + n_tile);
-      if (trace && wg_thread == 0) {
-        rec[0] = smid() | (wg << 16);
-        rec[1] = globaltimer_lo();
-      }
-      order.wait();
-      if (!kLead && n_tile < kUTiles) {
-        with_split(f.blocks, f.pieces, [&](auto blocks, auto pieces) {
-          u_tile<decltype(blocks)::value, decltype(pieces)::value>(pipeline, consumer_state, k_tiles, wg_thread,
-                                                                   shared.base.tensors.mainloop, f, m_blk, n_tile, wg,
-                                                                   [&] {
-                                                                     order.arrive();
-                                                                     if (trace && wg_thread == 0)
-                                                                       rec[2] = globaltimer_lo();
-                                                                   });
-        });
-        consumer_state.advance(k_tiles * 2);
-        order.wait();  // the epilogue's turn: nothing to store
-        epi_load_state.advance(c_tile_count * 2);
-        epi_store_state.advance(d_tile_count * 2);
-        order.arrive();
-      } else {
+    if constexpr (kWide) {
+      // both warpgroups on each tile (64 rows each), its epilogue after its main loop; the TMA stores of the last
+      // tile waited for once, after the loop
+      const int mma_thread = thread_idx - cutlass::NumThreadsPerWarpGroup;  // 0 .. 255 over both warpgroups
+      bool stored = false;
+      for (; item < items; item += stride) {
+        int m_blk, n_tile;
+        to.tile(item, rank, m_blk, n_tile);
+        uint32_t* rec = reinterpret_cast<uint32_t*>(f.u) + 4 * (m_blk * n_tiles_sched + n_tile);
+        if (trace && mma_thread == 0) {
+          rec[0] = smid();
+          rec[1] = globaltimer_lo();
+        }
         Tensor accum = partition_fragment_C(tiled_mma, take<0, 2>(blk_shape));
         const int n_out = n_tile - kUTiles;
-        if constexpr (kLead) {
-          // fp32 adapters on bf16 x: 8 u columns of 3 pieces per lead tile; 16-bit adapters: 32 columns of 1
-          bool three = false;
-          if constexpr (cute::is_same_v<Element, cutlass::bfloat16_t>) three = f.pieces == 3;
-          auto& sm = shared.base.tensors.mainloop;
-          const bool is_lead = n_out < f.lead;
-          if constexpr (kDrop) {  // dropout (fp32 adapters): the lead tiles mask x in registers
-            mma_lead<1, 3, true>(pipeline, consumer_state, accum, k_tiles, wg_thread, sm, shared.ap.data(), f, m_blk,
-                                 n_out, is_lead, wg);
-          } else {
-            if (three)
-              mma_lead<1, 3, false>(pipeline, consumer_state, accum, k_tiles, wg_thread, sm, shared.ap.data(), f,
-                                    m_blk, n_out, is_lead, wg);
-            else
-              mma_lead<4, 1, false>(pipeline, consumer_state, accum, k_tiles, wg_thread, sm, shared.ap.data(), f,
-                                    m_blk, n_out, is_lead, wg);
-          }
-        } else {
-          mma_output(pipeline, consumer_state, accum, k_tiles, f.kb_ext, wg_thread, shared.base.tensors.mainloop);
-        }
-        order.arrive();
-        if (trace && wg_thread == 0) rec[2] = globaltimer_lo();
-        // the last stage's batch: wait, release
-        {
+        bool three = false;
+        if constexpr (cute::is_same_v<Element, cutlass::bfloat16_t>) three = f.pieces == 3;
+        auto& sm = shared.base.tensors.mainloop;
+        if (three)
+          mma_lead<1, 3, false>(pipeline, consumer_state, accum, k_tiles, mma_thread, sm, shared.ap.data(), f, m_blk,
+                                n_out, n_out < f.lead, wg);
+        else
+          mma_lead<4, 1, false>(pipeline, consumer_state, accum, k_tiles, mma_thread, sm, shared.ap.data(), f, m_blk,
+                                n_out, n_out < f.lead, wg);
+        if (trace && mma_thread == 0) rec[2] = globaltimer_lo();
+        {  // the last stage's batch: wait, release
           PipelineState last = consumer_state;
           last.advance(k_tiles - 1);
           warpgroup_wait<0>();
           pipeline.consumer_release(last);
         }
-        consumer_state.advance(k_tiles * 2);
-        order.wait();
-        auto blk_coord = make_coord(m_blk, n_tile - kUTiles, _, 0);
+        consumer_state.advance(k_tiles);
+        auto blk_coord = make_coord(m_blk, n_out, _, 0);
         auto [el, es] = epilogue.store(epi_load_pipeline, epi_load_state, epi_store_pipeline, epi_store_state,
-                                       problem_mnkl, blk_shape, blk_coord, accum, tiled_mma, wg_thread,
+                                       problem_mnkl, blk_shape, blk_coord, accum, tiled_mma, mma_thread,
                                        shared.base.tensors.epilogue);
-        auto [el2, es2] = epilogue.store_tail(epi_load_pipeline, el, epi_store_pipeline, es);
-        epi_load_state = el2;
-        epi_store_state = es2;
-        epi_load_state.advance(c_tile_count);
-        epi_store_state.advance(d_tile_count);
-        order.arrive();
+        epi_load_state = el;
+        epi_store_state = es;
+        stored = true;
+        if (trace && mma_thread == 0) rec[3] = globaltimer_lo();
       }
-      if (trace && wg_thread == 0) rec[3] = globaltimer_lo();
+      if (stored) epilogue.store_tail(epi_load_pipeline, epi_load_state, epi_store_pipeline, epi_store_state);
+    } else {
+      for (; item < items; item += 2 * stride) {
+        int m_blk, n_tile;
+        to.tile(item, rank, m_blk, n_tile);
+        uint32_t* rec = reinterpret_cast<uint32_t*>(f.u) + 4 * (m_blk * n_tiles_sched + n_tile);
+        if (trace && wg_thread == 0) {
+          rec[0] = smid() | (wg << 16);
+          rec[1] = globaltimer_lo();
+        }
+        order.wait();
+        if (!kLead && n_tile < kUTiles) {
+          with_split(f.blocks, f.pieces, [&](auto blocks, auto pieces) {
+            u_tile<decltype(blocks)::value, decltype(pieces)::value>(pipeline, consumer_state, k_tiles, wg_thread,
+                                                                     shared.base.tensors.mainloop, f, m_blk, n_tile, wg,
+                                                                     [&] {
+                                                                       order.arrive();
+                                                                       if (trace && wg_thread == 0)
+                                                                         rec[2] = globaltimer_lo();
+                                                                     });
+          });
+          consumer_state.advance(k_tiles * 2);
+          order.wait();  // the epilogue's turn: nothing to store
+          epi_load_state.advance(c_tile_count * 2);
+          epi_store_state.advance(d_tile_count * 2);
+          order.arrive();
+        } else {
+          Tensor accum = partition_fragment_C(tiled_mma, take<0, 2>(blk_shape));
+          const int n_out = n_tile - kUTiles;
+          if constexpr (kLead) {
+            // fp32 adapters on bf16 x: 8 u columns of 3 pieces per lead tile; 16-bit adapters: 32 columns of 1
+            bool three = false;
+            if constexpr (cute::is_same_v<Element, cutlass::bfloat16_t>) three = f.pieces == 3;
+            auto& sm = shared.base.tensors.mainloop;
+            const bool is_lead = n_out < f.lead;
+            if constexpr (kDrop) {  // dropout (fp32 adapters): the lead tiles mask x in registers
+              mma_lead<1, 3, true>(pipeline, consumer_state, accum, k_tiles, wg_thread, sm, shared.ap.data(), f, m_blk,
+                                   n_out, is_lead, wg);
+            } else {
+              if (three)
+                mma_lead<1, 3, false>(pipeline, consumer_state, accum, k_tiles, wg_thread, sm, shared.ap.data(), f,
+                                      m_blk, n_out, is_lead, wg);
+              else
+                mma_lead<4, 1, false>(pipeline, consumer_state, accum, k_tiles, wg_thread, sm, shared.ap.data(), f,
+                                      m_blk, n_out, is_lead, wg);
+            }
+          } else {
+            mma_output(pipeline, consumer_state, accum, k_tiles, f.kb_ext, wg_thread, shared.base.tensors.mainloop);
+          }
+          order.arrive();
+          if (trace && wg_thread == 0) rec[2] = globaltimer_lo();
+          // the last stage's batch: wait, release
+          {
+            PipelineState last = consumer_state;
+            last.advance(k_tiles - 1);
+            warpgroup_wait<0>();
+            pipeline.consumer_release(last);
+          }
+          consumer_state.advance(k_tiles * 2);
+          order.wait();
+          auto blk_coord = make_coord(m_blk, n_tile - kUTiles, _, 0);
+          auto [el, es] = epilogue.store(epi_load_pipeline, epi_load_state, epi_store_pipeline, epi_store_state,
+                                         problem_mnkl, blk_shape, blk_coord, accum, tiled_mma, wg_thread,
+                                         shared.base.tensors.epilogue);
+          auto [el2, es2] = epilogue.store_tail(epi_load_pipeline, el, epi_store_pipeline, es);
+          epi_load_state = el2;
+          epi_store_state = es2;
+          epi_load_state.advance(c_tile_count);
+          epi_store_state.advance(d_tile_count);
+          order.arrive();
+        }
+        if (trace && wg_thread == 0) rec[3] = globaltimer_lo();
+      }
     }
 #endif
   }
@@ -904,7 +1004,7 @@ struct FusedFwd {
     p.gemm = Base::to_underlying_arguments(args, nullptr);
     p.gemm.problem_shape = {M, N, kt * kTileK, 1};
     p.order.mt = int((M + 127) / 128);
-    p.order.ncl = int((N + 255) / 256);
+    p.order.ncl = int((N + 2 * kTileN - 1) / (2 * kTileN));  // clusters of 1 x 2 tiles
     p.order.strip = f.strip > 0 ? f.strip : 4;
     p.order.lead = f.lead > 0 ? (f.lead + 1) / 2 : 0;
     using IA = typename Mainloop::InternalElementA;

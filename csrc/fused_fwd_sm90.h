@@ -5,7 +5,8 @@
 //
 // x (M, K), W (N, K), y row-major, in one 16-bit dtype; lora_A (r, K) and lora_B (N, r) row-major in x's dtype or
 // fp32 (then A takes the bf16x3 pieces, as the streaming shrink does: the u sums are the fp32 products).
-// The kernel (fused_fwd_sm90.cuh) is the sm_90 GEMM's warp-specialised ping-pong main loop in which u is computed
+// The kernel (fused_fwd_sm90.cuh) is the sm_90 GEMM's warp-specialised main loop (ping-pong on 128 x 128 tiles, or
+// cooperative on 128 x 256 tiles: lora_fused_fwd_sm90_wide) in which u is computed
 // either by the first output tiles of each 128-row block of x ("lead tiles": they also multiply the x tiles they
 // load by lora_A's pieces, so x is read once) or by two more tiles per block ("u tiles", which multiply that block
 // by lora_A's pieces instead of W); every output tile of the block then runs one more K-tile from (bf16(u), B). The
@@ -61,6 +62,10 @@ size_t lora_fused_fwd_sm90_workspace_bytes(int64_t M, int64_t N, int64_t K, int 
                                            bool lead);
 // nullptr when `args` can run on `device`, else a static string saying why not (workspace and outputs not checked).
 const char* lora_fused_fwd_sm90_unsupported(const FusedFwdArgs& args, int device);
+// True when a lead-tile launch of `args` takes the wide variant (fused_fwd_sm90.cuh: 128 x 256 tiles, cooperative
+// schedule): without dropout, where the sm_90 GEMM takes its 128 x 256 tile for the problem (lora_gemm_sm90_pick:
+// K and N >= 2048, or LORA_KERNELS_SM90_GEMM_CONFIG) and the lead tiles fit in ceil(N / 256) tile columns.
+bool lora_fused_fwd_sm90_wide(const FusedFwdArgs& args);
 // The prep launch and the fused GEMM launch, on `stream`.
 cudaError_t launch_lora_fused_fwd_sm90(const FusedFwdArgs& args, cudaStream_t stream);
 
@@ -111,8 +116,8 @@ struct FusedParams {
   int strip = 0;  // output cluster columns per strip of the tile order (LORA_KERNELS_FUSED_STRIP; 0: 4)
 };
 #if LORA_KERNELS_HAVE_SM90_GEMM
-// The instances (fused_fwd_sm90_<dtype>.cu, fused_fwd_sm90_lead_<dtype>.cu, fused_fwd_sm90_lead_drop_bf16.cu): launch
-// the GEMM on prepared operands.
+// The instances (fused_fwd_sm90_<dtype>.cu, fused_fwd_sm90_lead_<dtype>.cu, fused_fwd_sm90_lead_drop_bf16.cu,
+// fused_fwd_sm90_lead_wide_<dtype>.cu): launch the GEMM on prepared operands.
 struct Operands {
   const void *x, *w, *bias, *ap, *bx;
   void* y;
@@ -123,6 +128,8 @@ cudaError_t run_fused_fp16(const Operands&, const FusedParams&, int64_t K, int s
 cudaError_t run_fused_lead_bf16(const Operands&, const FusedParams&, int64_t K, int sms, cudaStream_t);
 cudaError_t run_fused_lead_fp16(const Operands&, const FusedParams&, int64_t K, int sms, cudaStream_t);
 cudaError_t run_fused_lead_drop_bf16(const Operands&, const FusedParams&, int64_t K, int sms, cudaStream_t);
+cudaError_t run_fused_lead_wide_bf16(const Operands&, const FusedParams&, int64_t K, int sms, cudaStream_t);
+cudaError_t run_fused_lead_wide_fp16(const Operands&, const FusedParams&, int64_t K, int sms, cudaStream_t);
 #endif
 }  // namespace sm90fused
 

@@ -4,7 +4,10 @@ lora_A's pieces) or by u tiles of their own, and whose output tiles add bf16(u) 
 (skips elsewhere): the path is taken where it should be (by default at p = 0: lead tiles up to r = 32, u tiles where
 they do not fit and above r = 32; at p > 0 the shrink + GEMM path), says why where it is not, and its y, saved u
 and grads meet the float64 tolerance rule on odd shapes (M not a multiple of the 128-row tile, an odd number of
-output tile columns, K not a multiple of the 64-wide K tile, every u-column split) in both variants."""
+output tile columns, K not a multiple of the 64-wide K tile, every u-column split) in both variants, and in the lead
+tiles' wide form (128 x 256 tiles, cooperative schedule) where the sm_90 GEMM takes that tile."""
+import os
+
 import pytest
 import torch
 
@@ -55,6 +58,11 @@ def _inputs(M, K, N, r, dtype, adapter_dtype, bias):
             rn(N, r, dt=adapter_dtype, std=r ** -0.5))
 
 
+WIDE = " 128x256 cooperative"  # forward_path's suffix where the lead tiles take the wide variant
+# LORA_KERNELS_SM90_GEMM_CONFIG forces the GEMM's tile, and with it the fused forward's (A/B timing, tests under it)
+TILE_FORCED = os.environ.get("LORA_KERNELS_SM90_GEMM_CONFIG") in ("1", "4")
+
+
 def _path(M, K, N, r, p=0.0, dtype=torch.bfloat16, adapter_dtype=torch.float32):
     x, W, b, A, B = _inputs(M, K, N, r, dtype, adapter_dtype, True)
     return _cb().forward_path(x, W, b, A, B, p)
@@ -69,7 +77,11 @@ def test_benchmarked_shapes_take_the_default_path(K, N, adapter_dtype):
     lead, u_tiles = "sm90 fused lead (", "sm90 fused ("
     for r in (16, 32, 64):
         path = u_tiles if r == 64 and adapter_dtype == torch.float32 else lead
-        assert _path(256, K, N, r, adapter_dtype=adapter_dtype).startswith(path), (K, N, r)
+        got = _path(256, K, N, r, adapter_dtype=adapter_dtype)
+        assert got.startswith(path), (K, N, r)
+        # the lead tiles' tile: 128 x 256 cooperative where the sm_90 GEMM takes it (K and N >= 2048)
+        if not TILE_FORCED:
+            assert got.endswith(WIDE) == (path == lead and K >= 2048 and N >= 2048), (K, N, r, got)
         assert _path(256, K, N, r, dtype=torch.float16, adapter_dtype=torch.float16).startswith(lead), (K, N, r)
         assert "(fused: dropout (the fused kernel's masking is slower" in _path(256, K, N, r, p=0.1), (K, N, r)
 
@@ -257,3 +269,52 @@ def test_lead_tiles_op_grads_and_determinism():
     run_and_check("cuda", "cuda", torch.bfloat16, (3, 100), 520, 1024, 64, bias=True, p=0.0,
                   adapter_dtype=torch.float32)
     assert_cuda_backend_deterministic(1333, 1024, 520, 16)
+
+
+@pytest.mark.skipif(TILE_FORCED, reason="LORA_KERNELS_SM90_GEMM_CONFIG forces the tile")
+def test_wide_tile_where_the_gemm_takes_it():
+    """Without dropout the lead tiles run on 128 x 256 tiles (the cooperative schedule) where the sm_90 GEMM picks
+    that tile (K and N >= 2048) and the lead tiles fit in ceil(N / 256) tile columns; elsewhere on 128 x 128 tiles."""
+    assert _path(256, 2048, 2048, 16).endswith(WIDE)
+    assert _path(256, 2048, 2048, 64, adapter_dtype=torch.bfloat16).endswith(WIDE)
+    assert _path(256, 2048, 2048, 16, dtype=torch.float16, adapter_dtype=torch.float16).endswith(WIDE)
+    assert not _path(256, 2048, 1024, 16).endswith(WIDE)  # N < 2048
+    assert not _path(256, 1024, 4096, 16).endswith(WIDE)  # K < 2048
+    assert not _path(256, 2048, 2048, 64).endswith(WIDE)  # fp32 adapters at r = 64: u tiles
+    assert not _path(256, 2048, 2048, 16, p=0.1).endswith(WIDE)  # dropout: the shrink + GEMM path
+    previous = _cb().set_fused_forward(2)
+    try:
+        assert _path(256, 2048, 2048, 64).endswith(WIDE)  # 8 lead tiles in 8 tile columns of 256
+        assert not _path(256, 2048, 2048, 16, p=0.1).endswith(WIDE)  # dropout: the 128 x 128 lead tiles
+    finally:
+        _cb().set_fused_forward(previous)
+
+
+@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                 (torch.float16, torch.float16)])
+@pytest.mark.parametrize("M,K,N,r", [(300, 2048, 2056, 16), (1000, 2056, 2048, 32), (129, 4096, 2304, 8),
+                                     (4099, 2048, 4096, 24), (2048, 2048, 2048, 64), (1, 2048, 2048, 3)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.usefixtures("fused_lead")
+def test_wide_lead_tiles_against_float64(dtype, adapter_dtype, M, K, N, r, bias):
+    # the wide variant: each warpgroup computes its own 64 rows of u and counts itself in; every lead-tile count
+    # from 1 to 8 (fp32 adapters at r = 64 and N = 2048: all 8 tile columns of 256 lead), a partial last tile
+    # column (N = 2056: 9 columns of 256, the fifth cluster's second tile past N) and K-tile, M = 1 and many row
+    # blocks waiting on their lead tiles
+    cb = _cb()
+    x, W, b, A, B = _inputs(M, K, N, r, dtype, adapter_dtype, bias)
+    small_m = cb.set_small_m(False)  # M = 1 would take the small-M kernel
+    try:
+        path = cb.forward_path(x, W, b, A, B, 0.0)
+        assert path.startswith("sm90 fused lead (") and (TILE_FORCED or path.endswith(WIDE)), path
+        assert_cuda_forward(cb, x, W, b, A, B, S)
+    finally:
+        cb.set_small_m(small_m)
+
+
+def test_wide_lead_tiles_op_grads_and_determinism():
+    run_and_check("cuda", "cuda", torch.bfloat16, (3, 700), 2048, 2048, 32, bias=True, p=0.0,
+                  adapter_dtype=torch.float32)
+    run_and_check("cuda", "cuda", torch.bfloat16, (1333,), 2048, 2304, 64, bias=False, p=0.0,
+                  adapter_dtype=torch.bfloat16)
+    assert_cuda_backend_deterministic(1333, 2048, 2048, 16)
