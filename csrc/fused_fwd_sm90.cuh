@@ -119,7 +119,7 @@ struct TileOrder {
 // u-tile kernel's code is what was measured. kDrop: the lead tiles with dropout (fp32 adapters on bf16 x), also a
 // kernel of its own: x's masked copy in registers takes 32 more per consumer thread, which the other lead variants'
 // register allocation must not pay for.
-template <class Element, bool kLead, bool kDrop = false, bool kWide = false>
+template <class Element, bool kLead, bool kDrop = false, bool kWide = false, int kWideEpiN = 16>
 struct FusedFwd {
   static_assert(!kDrop || (kLead && cute::is_same_v<Element, cutlass::bfloat16_t>),
                 "dropout lead tiles: bf16 x with fp32 adapters' 3 pieces");
@@ -149,7 +149,7 @@ struct FusedFwd {
                                                                           float, Element, void, float>;
   // The wide tile's epilogue stores 128 x 16 subtiles (2 stages, 8 KB) rather than CUTLASS's default 128 x 32: the
   // 16 KB of those would leave the main loop 3 stages of 48 KB instead of 4.
-  using EpiTile = cute::conditional_t<kWide, Shape<_128, _16>, cutlass::epilogue::collective::EpilogueTileAuto>;
+  using EpiTile = cute::conditional_t<kWide, Shape<_128, Int<kWideEpiN>>, cutlass::epilogue::collective::EpilogueTileAuto>;
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Tile, Cluster, EpiTile,
       float, float, void, LayoutD, kAlign, Element, LayoutD, kAlign,
@@ -176,7 +176,7 @@ struct FusedFwd {
   using PipelineState = typename Mainloop::PipelineState;
   static constexpr int kStages = Mainloop::DispatchPolicy::Stages;
   static_assert(kStages <= kApSlotStages, "the lead tiles' slots are carved out for kApSlotStages stages");
-  static_assert(!kWide || kStages >= 4, "the wide tile keeps 4 stages");
+  static_assert(!kWide || kStages >= (kWideEpiN == 16 ? 4 : 3), "the wide tile keeps 4 stages (3 with 128 x 32 subtiles)");
   static constexpr int kMmaThreads = kTileWgs * cutlass::NumThreadsPerWarpGroup;  // threads that share a tile
   using IB = typename Mainloop::InternalElementB;
   using SmemLayoutApStage = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{}, Shape<Int<kApRows>, _64>{}));
