@@ -10,7 +10,10 @@ for dtype, adapter in ((torch.bfloat16, torch.float32), (torch.float16, torch.fl
                           (131, 384, 136, 64, 0.1), (70, 256, 200, 16, 0.2),
                           # p = 0, M > 64: the fused sm_90 forward, u tiles (fp32 adapters at r = 33: 5 lead tiles
                           # do not fit N = 136's 2 tile columns) and lead tiles (the rest)
-                          (300, 264, 136, 33, 0.0), (200, 72, 264, 16, 0.0)):
+                          (300, 264, 136, 33, 0.0), (200, 72, 264, 16, 0.0),
+                          # p = 0, K and N >= 2048: the lead tiles' wide variant (128 x 256 tiles, cooperative), a
+                          # partial last tile column and K-tile
+                          (200, 2056, 2056, 16, 0.0)):
         x = torch.randn(M, K, device="cuda", dtype=dtype, requires_grad=True)
         W = torch.randn(N, K, device="cuda", dtype=dtype)
         b = torch.randn(N, device="cuda", dtype=dtype)
