@@ -200,8 +200,6 @@ cudaError_t launch_lora_fused_fwd_sm90(const FusedFwdArgs& a, cudaStream_t strea
   f.strip = dev_knobs().strip;
   const sm90fused::Operands o{a.x, a.w, a.bias, ws + c.ap, ws + c.bx, a.y, a.col_scale};
   if (a.lead && f.keep != nullptr) return sm90fused::run_fused_lead_drop_bf16(o, f, a.K, num_sms(), stream);
-  if (wide && (f.debug & 128) && a.x_dtype == DType::kBFloat16)
-    return sm90fused::run_fused_lead_wide32_bf16(o, f, a.K, num_sms(), stream);
   if (wide)
     return a.x_dtype == DType::kBFloat16 ? sm90fused::run_fused_lead_wide_bf16(o, f, a.K, num_sms(), stream)
                                          : sm90fused::run_fused_lead_wide_fp16(o, f, a.K, num_sms(), stream);

@@ -119,7 +119,7 @@ struct TileOrder {
 // u-tile kernel's code is what was measured. kDrop: the lead tiles with dropout (fp32 adapters on bf16 x), also a
 // kernel of its own: x's masked copy in registers takes 32 more per consumer thread, which the other lead variants'
 // register allocation must not pay for.
-template <class Element, bool kLead, bool kDrop = false, bool kWide = false, int kWideEpiN = 16>
+template <class Element, bool kLead, bool kDrop = false, bool kWide = false>
 struct FusedFwd {
   static_assert(!kDrop || (kLead && cute::is_same_v<Element, cutlass::bfloat16_t>),
                 "dropout lead tiles: bf16 x with fp32 adapters' 3 pieces");
@@ -138,7 +138,7 @@ struct FusedFwd {
   static constexpr int kUTiles = 2;  // u tiles per row block: one cluster
   // Lead tiles: a kApRows x 64 slot of lora_A's pieces next to each stage's x and W tiles (4 KB), for at most 6
   // stages (the count the carveout leaves for 128 x 128 x 64 16-bit tiles: 6 with or without the slots; 128 x 256
-  // tiles: 4).
+  // tiles: 3, the carveout counting 4 slots).
   static constexpr int kApSlotElems = kApRows * 64;
   static constexpr int kApSlotStages = kWide ? 4 : 6;
   static constexpr int kApSlotCarveout = kLead ? kApSlotStages * kApSlotElems * 2 : 0;
@@ -147,9 +147,9 @@ struct FusedFwd {
   // (bench/dev/epilogue_probe.cu).
   using Fusion = cutlass::epilogue::fusion::PerColLinCombPerColBiasEltAct<cutlass::epilogue::thread::Identity, Element,
                                                                           float, Element, void, float>;
-  // The wide tile's epilogue stores 128 x 16 subtiles (2 stages, 8 KB) rather than CUTLASS's default 128 x 32: the
-  // 16 KB of those would leave the main loop 3 stages of 48 KB instead of 4.
-  using EpiTile = cute::conditional_t<kWide, Shape<_128, Int<kWideEpiN>>, cutlass::epilogue::collective::EpilogueTileAuto>;
+  // CUTLASS's default epilogue subtiles (128 x 32 for the wide tile, 64 x 32 for ping-pong). The wide tile's main
+  // loop then keeps 3 stages of 48 KB: 128 x 16 subtiles would leave room for 4, and measured 1-2% slower (session 25).
+  using EpiTile = cutlass::epilogue::collective::EpilogueTileAuto;
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Tile, Cluster, EpiTile,
       float, float, void, LayoutD, kAlign, Element, LayoutD, kAlign,
@@ -176,7 +176,7 @@ struct FusedFwd {
   using PipelineState = typename Mainloop::PipelineState;
   static constexpr int kStages = Mainloop::DispatchPolicy::Stages;
   static_assert(kStages <= kApSlotStages, "the lead tiles' slots are carved out for kApSlotStages stages");
-  static_assert(!kWide || kStages >= (kWideEpiN == 16 ? 4 : 3), "the wide tile keeps 4 stages (3 with 128 x 32 subtiles)");
+  static_assert(!kWide || kStages >= 3, "the wide tile keeps 3 stages");
   static constexpr int kMmaThreads = kTileWgs * cutlass::NumThreadsPerWarpGroup;  // threads that share a tile
   using IB = typename Mainloop::InternalElementB;
   using SmemLayoutApStage = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{}, Shape<Int<kApRows>, _64>{}));

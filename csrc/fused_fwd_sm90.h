@@ -111,8 +111,7 @@ struct FusedParams {
   // Development switches (LORA_KERNELS_FUSED_DEBUG, read once; 0 in use): bit 0, output tiles do not wait for their
   // u tiles (wrong results: timing only); bit 1, u tiles multiply nothing; bit 4, a trace of every tile in u's place
   // (uint32 records of 4: SM, start, main loop end, end; the producers' waits at 16384 + tile); bit 5, the dropout
-  // lead tiles load no keep bits (everything kept: timing only); bit 7, the wide variant with 128 x 32 epilogue
-  // subtiles (bf16 x; A/B timing).
+  // lead tiles load no keep bits (everything kept: timing only).
   int debug = 0;
   int strip = 0;  // output cluster columns per strip of the tile order (LORA_KERNELS_FUSED_STRIP; 0: 4)
 };
@@ -131,7 +130,6 @@ cudaError_t run_fused_lead_fp16(const Operands&, const FusedParams&, int64_t K, 
 cudaError_t run_fused_lead_drop_bf16(const Operands&, const FusedParams&, int64_t K, int sms, cudaStream_t);
 cudaError_t run_fused_lead_wide_bf16(const Operands&, const FusedParams&, int64_t K, int sms, cudaStream_t);
 cudaError_t run_fused_lead_wide_fp16(const Operands&, const FusedParams&, int64_t K, int sms, cudaStream_t);
-cudaError_t run_fused_lead_wide32_bf16(const Operands&, const FusedParams&, int64_t K, int sms, cudaStream_t);
 #endif
 }  // namespace sm90fused
 

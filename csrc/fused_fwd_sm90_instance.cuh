@@ -15,14 +15,6 @@
     return FusedFwd<element, lead, drop, wide>::run(o, f, K, sms, s);                                           \
   }                                                                                                             \
   }
-// development: the wide variant with CUTLASS's default 128 x 32 epilogue subtiles (3 main-loop stages)
-#define LORA_KERNELS_FUSED_SM90_INSTANCE_EPI(name, element, epi_n)                                             \
-  namespace lora_kernels::sm90fused {                                                                           \
-  cudaError_t run_fused_##name(const Operands& o, const FusedParams& f, int64_t K, int sms, cudaStream_t s) {  \
-    return FusedFwd<element, true, false, true, epi_n>::run(o, f, K, sms, s);                                   \
-  }                                                                                                             \
-  }
 #else
 #define LORA_KERNELS_FUSED_SM90_INSTANCE(name, element, lead, drop, wide)
-#define LORA_KERNELS_FUSED_SM90_INSTANCE_EPI(name, element, epi_n)
 #endif
