@@ -13,6 +13,8 @@
 
 Outputs poisoned; DoRA's cuda forward and backward take these ops.
 """
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -88,6 +90,20 @@ def test_fused_epilogue(fused_mode, bias, dtype, adapter_dtype):
     M, K, N, r = 300, 200, 648, 16
     x, W, b, A, B, c = _inputs(M, K, N, r, dtype, adapter_dtype, bias)
     assert _cb().forward_path(x, W, b, A, B, 0.0).startswith("sm90 fused")
+    _check(x, W, b, A, B, c)
+
+
+@pytest.mark.skipif(not SM90, reason="the fused forward runs on compute capability 9.0 only")
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float16)])
+def test_fused_epilogue_wide(bias, dtype, adapter_dtype):
+    """The lead tiles' wide variant (128 x 256 cooperative tiles, K and N >= 2048) applies the scale and bias in its
+    epilogue too: a partial last row block, tile column and K-tile."""
+    M, K, N, r = 300, 2056, 2056, 16
+    x, W, b, A, B, c = _inputs(M, K, N, r, dtype, adapter_dtype, bias)
+    path = _cb().forward_path(x, W, b, A, B, 0.0)
+    forced = os.environ.get("LORA_KERNELS_SM90_GEMM_CONFIG") in ("1", "4")
+    assert path.startswith("sm90 fused lead") and (forced or path.endswith(" 128x256 cooperative")), path
     _check(x, W, b, A, B, c)
 
 
