@@ -137,9 +137,9 @@ bool lora_fused_fwd_sm90_wide(const FusedFwdArgs& a) {
   g.M = a.M;
   g.N = a.N;
   g.K = a.K;
-  g.Kx = sm90fused::split_for(a.r, adapter_pieces(a.x_dtype, a.a_dtype), true).width();
-  if (lora_gemm_sm90_pick(g).config != GemmConfig::kCoop128x256_c12) return false;
-  return (a.N + 255) / 256 >= sm90fused::split_for(a.r, adapter_pieces(a.x_dtype, a.a_dtype), true).tiles;
+  const sm90fused::Split sp = sm90fused::split_for(a.r, adapter_pieces(a.x_dtype, a.a_dtype), true);
+  g.Kx = sp.width();
+  return lora_gemm_sm90_pick(g).config == GemmConfig::kCoop128x256_c12 && (a.N + 255) / 256 >= sp.tiles;
 }
 
 cudaError_t launch_lora_fused_fwd_sm90(const FusedFwdArgs& a, cudaStream_t stream) {

@@ -283,9 +283,9 @@ struct FusedFwd {
 
   // A row block's u columns col0 + 8 b + 0..7 (b < Blocks) from a warpgroup's fp32 sums tot[64-row half][row h]
   // [b][column c] (the wgmma D fragment's (2 adjacent columns, 2 rows 8 apart) of its first column group; cU: the
-  // (row, column) of each accumulator element, rows counted from row0 of the 128-row block): u (fp32) and su = bf16(u), times scale, written; fenced for other
-  // blocks' TMA of su; then, once every thread of the warpgroup has written, the row block's ready count raised (by
-  // each warpgroup of the wide variant for its own rows).
+  // (row, column) of each accumulator element, rows counted from row0 of the 128-row block): u (fp32) and
+  // su = bf16(u), times scale, written; fenced for other blocks' TMA of su; then, once every thread of the warpgroup
+  // has written, the row block's ready count raised (by each warpgroup of the wide variant for its own rows).
   template <int Blocks, int Halves, class CoordTensor>
   CUTLASS_DEVICE static void publish_u(float const (&tot)[Halves][2][Blocks][2], CoordTensor const& cU,
                                        FusedParams const& f, int m_blk, int row0, int col0, int thread_idx,

@@ -13,6 +13,10 @@ import torch.nn.functional as F
 import lora_kernels
 
 HAS_CUDA = torch.cuda.is_available()
+# forward_path's suffix where the fused forward's lead tiles take the wide variant (128 x 256 cooperative tiles)
+WIDE_TILE = " 128x256 cooperative"
+# LORA_KERNELS_SM90_GEMM_CONFIG forces the sm_90 GEMM's tile, and with it the fused forward's (A/B timing, tests)
+SM90_TILE_FORCED = os.environ.get("LORA_KERNELS_SM90_GEMM_CONFIG") in ("1", "4")
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 

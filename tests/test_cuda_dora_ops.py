@@ -13,15 +13,13 @@
 
 Outputs poisoned; DoRA's cuda forward and backward take these ops.
 """
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import lora_kernels
 
-from conftest import HAS_CUDA, assert_tolerance
+from conftest import HAS_CUDA, SM90_TILE_FORCED, WIDE_TILE, assert_tolerance
 
 pytestmark = [
     pytest.mark.usefixtures("poisoned_outputs"),
@@ -102,8 +100,7 @@ def test_fused_epilogue_wide(bias, dtype, adapter_dtype):
     M, K, N, r = 300, 2056, 2056, 16
     x, W, b, A, B, c = _inputs(M, K, N, r, dtype, adapter_dtype, bias)
     path = _cb().forward_path(x, W, b, A, B, 0.0)
-    forced = os.environ.get("LORA_KERNELS_SM90_GEMM_CONFIG") in ("1", "4")
-    assert path.startswith("sm90 fused lead") and (forced or path.endswith(" 128x256 cooperative")), path
+    assert path.startswith("sm90 fused lead") and (SM90_TILE_FORCED or path.endswith(WIDE_TILE)), path
     _check(x, W, b, A, B, c)
 
 

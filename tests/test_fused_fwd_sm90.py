@@ -6,14 +6,13 @@ they do not fit and above r = 32; at p > 0 the shrink + GEMM path), says why whe
 and grads meet the float64 tolerance rule on odd shapes (M not a multiple of the 128-row tile, an odd number of
 output tile columns, K not a multiple of the 64-wide K tile, every u-column split) in both variants, and in the lead
 tiles' wide form (128 x 256 tiles, cooperative schedule) where the sm_90 GEMM takes that tile."""
-import os
-
 import pytest
 import torch
 
 import lora_kernels
 
-from conftest import HAS_CUDA, assert_cuda_backend_deterministic, assert_cuda_forward
+from conftest import (HAS_CUDA, SM90_TILE_FORCED, WIDE_TILE, assert_cuda_backend_deterministic,
+                      assert_cuda_forward)
 from test_contract import run_and_check
 
 pytestmark = [
@@ -58,11 +57,6 @@ def _inputs(M, K, N, r, dtype, adapter_dtype, bias):
             rn(N, r, dt=adapter_dtype, std=r ** -0.5))
 
 
-WIDE = " 128x256 cooperative"  # forward_path's suffix where the lead tiles take the wide variant
-# LORA_KERNELS_SM90_GEMM_CONFIG forces the GEMM's tile, and with it the fused forward's (A/B timing, tests under it)
-TILE_FORCED = os.environ.get("LORA_KERNELS_SM90_GEMM_CONFIG") in ("1", "4")
-
-
 def _path(M, K, N, r, p=0.0, dtype=torch.bfloat16, adapter_dtype=torch.float32):
     x, W, b, A, B = _inputs(M, K, N, r, dtype, adapter_dtype, True)
     return _cb().forward_path(x, W, b, A, B, p)
@@ -80,8 +74,8 @@ def test_benchmarked_shapes_take_the_default_path(K, N, adapter_dtype):
         got = _path(256, K, N, r, adapter_dtype=adapter_dtype)
         assert got.startswith(path), (K, N, r)
         # the lead tiles' tile: 128 x 256 cooperative where the sm_90 GEMM takes it (K and N >= 2048)
-        if not TILE_FORCED:
-            assert got.endswith(WIDE) == (path == lead and K >= 2048 and N >= 2048), (K, N, r, got)
+        if not SM90_TILE_FORCED:
+            assert got.endswith(WIDE_TILE) == (path == lead and K >= 2048 and N >= 2048), (K, N, r, got)
         assert _path(256, K, N, r, dtype=torch.float16, adapter_dtype=torch.float16).startswith(lead), (K, N, r)
         assert "(fused: dropout (the fused kernel's masking is slower" in _path(256, K, N, r, p=0.1), (K, N, r)
 
@@ -271,21 +265,21 @@ def test_lead_tiles_op_grads_and_determinism():
     assert_cuda_backend_deterministic(1333, 1024, 520, 16)
 
 
-@pytest.mark.skipif(TILE_FORCED, reason="LORA_KERNELS_SM90_GEMM_CONFIG forces the tile")
+@pytest.mark.skipif(SM90_TILE_FORCED, reason="LORA_KERNELS_SM90_GEMM_CONFIG forces the tile")
 def test_wide_tile_where_the_gemm_takes_it():
     """Without dropout the lead tiles run on 128 x 256 tiles (the cooperative schedule) where the sm_90 GEMM picks
     that tile (K and N >= 2048) and the lead tiles fit in ceil(N / 256) tile columns; elsewhere on 128 x 128 tiles."""
-    assert _path(256, 2048, 2048, 16).endswith(WIDE)
-    assert _path(256, 2048, 2048, 64, adapter_dtype=torch.bfloat16).endswith(WIDE)
-    assert _path(256, 2048, 2048, 16, dtype=torch.float16, adapter_dtype=torch.float16).endswith(WIDE)
-    assert not _path(256, 2048, 1024, 16).endswith(WIDE)  # N < 2048
-    assert not _path(256, 1024, 4096, 16).endswith(WIDE)  # K < 2048
-    assert not _path(256, 2048, 2048, 64).endswith(WIDE)  # fp32 adapters at r = 64: u tiles
-    assert not _path(256, 2048, 2048, 16, p=0.1).endswith(WIDE)  # dropout: the shrink + GEMM path
+    assert _path(256, 2048, 2048, 16).endswith(WIDE_TILE)
+    assert _path(256, 2048, 2048, 64, adapter_dtype=torch.bfloat16).endswith(WIDE_TILE)
+    assert _path(256, 2048, 2048, 16, dtype=torch.float16, adapter_dtype=torch.float16).endswith(WIDE_TILE)
+    assert not _path(256, 2048, 1024, 16).endswith(WIDE_TILE)  # N < 2048
+    assert not _path(256, 1024, 4096, 16).endswith(WIDE_TILE)  # K < 2048
+    assert not _path(256, 2048, 2048, 64).endswith(WIDE_TILE)  # fp32 adapters at r = 64: u tiles
+    assert not _path(256, 2048, 2048, 16, p=0.1).endswith(WIDE_TILE)  # dropout: the shrink + GEMM path
     previous = _cb().set_fused_forward(2)
     try:
-        assert _path(256, 2048, 2048, 64).endswith(WIDE)  # 8 lead tiles in 8 tile columns of 256
-        assert not _path(256, 2048, 2048, 16, p=0.1).endswith(WIDE)  # dropout: the 128 x 128 lead tiles
+        assert _path(256, 2048, 2048, 64).endswith(WIDE_TILE)  # 8 lead tiles in 8 tile columns of 256
+        assert not _path(256, 2048, 2048, 16, p=0.1).endswith(WIDE_TILE)  # dropout: the 128 x 128 lead tiles
     finally:
         _cb().set_fused_forward(previous)
 
@@ -306,7 +300,7 @@ def test_wide_lead_tiles_against_float64(dtype, adapter_dtype, M, K, N, r, bias)
     small_m = cb.set_small_m(False)  # M = 1 would take the small-M kernel
     try:
         path = cb.forward_path(x, W, b, A, B, 0.0)
-        assert path.startswith("sm90 fused lead (") and (TILE_FORCED or path.endswith(WIDE)), path
+        assert path.startswith("sm90 fused lead (") and (SM90_TILE_FORCED or path.endswith(WIDE_TILE)), path
         assert_cuda_forward(cb, x, W, b, A, B, S)
     finally:
         cb.set_small_m(small_m)
