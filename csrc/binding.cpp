@@ -980,10 +980,10 @@ std::string forward_path(const Tensor& x, const Tensor& weight, const std::optio
   bool lead = false;
   const char* why_fused = fused_forward_unsupported(x, weight, has_bias ? &*bias : nullptr, lora_A, lora_B, p, &lead);
   if (why_fused == nullptr) {
-    const bool wide = lead && lk::lora_fused_fwd_sm90_wide(fused_args(x, weight, has_bias ? &*bias : nullptr, lora_A,
-                                                                      lora_B, 1.0, p, true));
+    const lk::FusedFwdArgs a = fused_args(x, weight, has_bias ? &*bias : nullptr, lora_A, lora_B, 1.0, p, lead);
+    const bool wide = lead && lk::lora_fused_fwd_sm90_wide(a);
     return std::string(lead ? "sm90 fused lead" : "sm90 fused") + " (small_m: " + why + ")" +
-           (wide ? " 128x256 cooperative" : "");
+           (lk::lora_fused_fwd_sm90_direct(a) ? " one launch" : "") + (wide ? " 128x256 cooperative" : "");
   }
   return gemm_path(x, weight, bias) + " (fused: " + why_fused + ") (small_m: " + why + ")";
 }

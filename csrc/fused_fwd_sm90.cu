@@ -1,7 +1,8 @@
 // Host side of the fused sm_90 LoRA forward (fused_fwd_sm90.h): support checks, the workspace, the prep launch that
 // lays out the rank-r operands for the GEMM's TMA loads, and the dispatch to the dtype instances. No CUTLASS here.
 //
-// Prep (one launch, three jobs by block range):
+// Prep (one launch, three jobs by block range; none where the lead tiles read lora_A and lora_B as they are:
+// lora_fused_fwd_sm90_direct):
 //   Ap [tiles][rows][K]  lora_A's rows as the tiles computing u read them (Split): tile t, column block b (u columns
 //                   t rc + 8 b + 0..7) piece p at rows 8 (pieces b + p) + 0..7; the bf16x3 pieces of fp32 A on
 //                   bf16 x, else A cast to x's dtype; zero rows for columns >= r and past nw.
@@ -142,6 +143,14 @@ bool lora_fused_fwd_sm90_wide(const FusedFwdArgs& a) {
   return lora_gemm_sm90_pick(g).config == GemmConfig::kCoop128x256_c12 && (a.N + 255) / 256 >= sp.tiles;
 }
 
+bool lora_fused_fwd_sm90_direct(const FusedFwdArgs& a) {
+  // With one piece and 32 u columns per lead tile (Split), lead tile t's slot is lora_A's rows 32 t .. 32 t + 31 and
+  // Bx's columns are lora_B's; TMA fills the rows and columns past r with zeros, as the prep does.
+  return !(dev_knobs().debug & 256) && a.lead && a.a_dtype == a.x_dtype && a.b_dtype == a.x_dtype && adapter_pieces(a.x_dtype, a.a_dtype) == 1 &&
+         a.r % 8 == 0 && aligned16(a.lora_A) && aligned16(a.lora_B) &&
+         ceil_div(a.M, 128) <= sm90fused::kFusedReadyCap;
+}
+
 cudaError_t launch_lora_fused_fwd_sm90(const FusedFwdArgs& a, cudaStream_t stream) {
   int device = 0;
   cudaError_t e = cudaGetDevice(&device);
@@ -159,7 +168,13 @@ cudaError_t launch_lora_fused_fwd_sm90(const FusedFwdArgs& a, cudaStream_t strea
   const int64_t blocks_bx = ceil_div(a.N * (sp.width() / 8), kPrepThreads);
   const int64_t blocks_ready = ceil_div(mt, kPrepThreads);
   if (blocks_ap + blocks_bx + blocks_ready > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  e = with_dtype16(a.x_dtype, [&](auto xt) {
+  // Without the prep: the stream's ready counters, then its exit count (kFusedReadyCap + 1 uint32).
+  unsigned* const counters =
+      lora_fused_fwd_sm90_direct(a) ? static_cast<unsigned*>(stream_counters(
+                                          stream, StreamCounters::kFusedReady,
+                                          (sm90fused::kFusedReadyCap + 1) * sizeof(unsigned)))
+                                    : nullptr;
+  if (counters == nullptr) e = with_dtype16(a.x_dtype, [&](auto xt) {
     using T = decltype(xt);
     return with_dtype(a.a_dtype, [&](auto at) {
       using TA = decltype(at);
@@ -195,10 +210,16 @@ cudaError_t launch_lora_fused_fwd_sm90(const FusedFwdArgs& a, cudaStream_t strea
   f.groups = dropout_groups(a.K);
   f.u = a.u;
   f.su = ws + c.su;
-  f.ready = reinterpret_cast<int*>(ws + c.ready);
+  f.ready = counters != nullptr ? reinterpret_cast<int*>(counters) : reinterpret_cast<int*>(ws + c.ready);
+  f.exit = counters != nullptr ? counters + sm90fused::kFusedReadyCap : nullptr;
   f.debug = dev_knobs().debug;
   f.strip = dev_knobs().strip;
-  const sm90fused::Operands o{a.x, a.w, a.bias, ws + c.ap, ws + c.bx, a.y, a.col_scale};
+  sm90fused::Operands o{a.x, a.w, a.bias, ws + c.ap, ws + c.bx, a.y, a.col_scale};
+  if (counters != nullptr) {
+    o.ap = a.lora_A;
+    o.bx = a.lora_B;
+    o.direct = true;
+  }
   if (a.lead && f.keep != nullptr) return sm90fused::run_fused_lead_drop_bf16(o, f, a.K, num_sms(), stream);
   if (wide)
     return a.x_dtype == DType::kBFloat16 ? sm90fused::run_fused_lead_wide_bf16(o, f, a.K, num_sms(), stream)

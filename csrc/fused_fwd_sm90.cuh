@@ -36,7 +36,9 @@
 //         the large shapes) pick it where K and N >= 2048.
 // Launch: params built on the host; the kernel launched on the caller's stream with its cluster shape and as a
 //         programmatic dependent of the prep launch (pdl.cuh): its prologue runs under the prep's tail, and every
-//         thread waits for the prep (pdl_wait) before its first global access.
+//         thread waits for the prep (pdl_wait) before its first global access. Without the prep (16-bit adapters read
+//         as they are: lora_fused_fwd_sm90_direct) the same holds for whatever launch came before, and the ready
+//         counters are the stream's, zeroed again by the last consumer warpgroup to leave (leave).
 #pragma once
 
 #include "fused_fwd_sm90.h"
@@ -661,6 +663,23 @@ struct FusedFwd {
                       j * 8 * Blocks, thread_idx, wg);
   }
 
+  // The stream's ready counters (FusedParams::exit): a consumer warpgroup counts itself out once all its threads
+  // are done (its block's producer read its last counter before the last stage they consumed); the last of all the
+  // warpgroups (two per block) zeroes the row blocks' counters and the exit count for the next launch.
+  CUTLASS_DEVICE static void leave(FusedParams const& f, int wg_thread, int wg, int mt) {
+    __threadfence();
+    cutlass::arch::NamedBarrier::sync(cutlass::NumThreadsPerWarpGroup, wg);
+    if (wg_thread >= 32) return;
+    unsigned ticket = 0;
+    if (wg_thread == 0) ticket = atomicAdd(f.exit, 1u);
+    ticket = __shfl_sync(0xffffffffu, ticket, 0);
+    if (ticket != 2u * gridDim.x * gridDim.y * gridDim.z - 1) return;
+    __threadfence();
+    for (int i = wg_thread; i < mt; i += 32) f.ready[i] = 0;
+    if (wg_thread == 0) *f.exit = 0u;
+    __threadfence();
+  }
+
   template <class Fn>
   CUTLASS_DEVICE static void with_split(int blocks, int pieces, Fn&& fn) {
     if (pieces == 3) {
@@ -972,6 +991,7 @@ struct FusedFwd {
         if (trace && wg_thread == 0) rec[3] = globaltimer_lo();
       }
     }
+    if (f.exit != nullptr) leave(f, wg_thread, wg, (M + 127) / 128);
 #endif
   }
 
@@ -1020,9 +1040,10 @@ struct FusedFwd {
       return make_tma_copy_B_sm90(typename Mainloop::GmemTiledCopyB{}, t, SmemLayoutB{}(_, _, Int<0>{}), Tile{},
                                   Cluster{});
     };
-    p.tma_ap = make_b(o.ap, nw, K, kUTiles);
+    // direct (lead tiles only): ap is lora_A's r rows, its rows past r and the u tiles' view never read (TMA's zeros)
+    p.tma_ap = o.direct ? make_b(o.ap, f.r, K, 1) : make_b(o.ap, nw, K, kUTiles);
     {  // the lead tiles' Ap (u tiles: the same buffer, 2 nw rows; never read)
-      const int rows = f.lead > 0 ? f.lead * kApRows : kUTiles * nw;
+      const int rows = o.direct ? f.r : f.lead > 0 ? f.lead * kApRows : kUTiles * nw;
       p.tma_apl = make_tma_copy(
           SM90_TMA_LOAD{},
           make_tensor(make_gmem_ptr(static_cast<IB const*>(o.ap)),
@@ -1032,7 +1053,7 @@ struct FusedFwd {
     // su's columns past those the tiles write (lead tiles: rc per tile, the row pitch rounded up to 16) come in as
     // TMA's zeros, never as memory nobody wrote
     p.tma_su = make_a(f.su, M, f.lead > 0 ? 8 * f.blocks * f.lead : width, width);
-    p.tma_bx = make_b(o.bx, N, width, 1);
+    p.tma_bx = o.direct ? make_b(o.bx, N, f.r, 1) : make_b(o.bx, N, width, 1);  // lora_B: columns past r as zeros
     p.f = f;
 
     static std::atomic<bool> smem_set[64];

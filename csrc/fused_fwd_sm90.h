@@ -11,10 +11,12 @@
 // load by lora_A's pieces, so x is read once) or by two more tiles per block ("u tiles", which multiply that block
 // by lora_A's pieces instead of W); every output tile of the block then runs one more K-tile from (bf16(u), B). The
 // separate shrink pass over x, the pack of (u, B) and the idle gaps between their launches are gone: a forward is
-// this launch and a small prep launch (and, with dropout, the keep-bits pass).
+// this launch and a small prep launch (and, with dropout, the keep-bits pass). Where the lead tiles can read lora_A
+// and lora_B as they are (lora_fused_fwd_sm90_direct), there is no prep launch: the forward is one launch.
 //
 // Workspace (lora_fused_fwd_sm90_workspace_bytes, 256-byte aligned, no initial contents needed): lora_A's pieces,
-// lora_B in x's dtype padded, bf16(u), and one ready counter per 128-row block (the prep zeroes them).
+// lora_B in x's dtype padded, bf16(u), and one ready counter per 128-row block (the prep zeroes them; without the
+// prep the counters are the stream's own, which the kernel returns to zero: plans.cuh's stream_counters).
 // Requirements (else lora_fused_fwd_sm90_unsupported() says why and the caller keeps its other path): as the sm_90
 // GEMM (gemm_sm90.h) plus r <= 64 and adapters on the tensor cores (16-bit, or fp32 with bf16 x).
 // Dropout (p > 0): u = scale / (1 - p) · (keep ⊙ x) Aᵀ with keep the contract's mask as the keep bits of
@@ -66,7 +68,12 @@ const char* lora_fused_fwd_sm90_unsupported(const FusedFwdArgs& args, int device
 // schedule): without dropout, where the sm_90 GEMM takes its 128 x 256 tile for the problem (lora_gemm_sm90_pick:
 // K and N >= 2048, or LORA_KERNELS_SM90_GEMM_CONFIG) and the lead tiles fit in ceil(N / 256) tile columns.
 bool lora_fused_fwd_sm90_wide(const FusedFwdArgs& args);
-// The prep launch and the fused GEMM launch, on `stream`.
+// True when a lead-tile launch of `args` needs no prep launch: its TMA loads read lora_A's rows as the lead tiles'
+// slots and lora_B's rows as the extension tile's columns, with TMA's zeros past r. That needs both adapters in x's
+// dtype (16-bit: one piece), r a multiple of 8 (lora_B's rows of 16 bytes), both 16-byte aligned, and at most
+// kFusedReadyCap row blocks (the stream's ready counters).
+bool lora_fused_fwd_sm90_direct(const FusedFwdArgs& args);
+// The prep launch (where one is needed) and the fused GEMM launch, on `stream`.
 cudaError_t launch_lora_fused_fwd_sm90(const FusedFwdArgs& args, cudaStream_t stream);
 
 namespace sm90fused {
@@ -87,6 +94,8 @@ struct Split {
   __host__ __device__ int nw() const { return 8 * blocks * pieces; }
 };
 constexpr int kApRows = 32;
+// Row blocks (ceil(M / 128)) a launch without the prep can count in the stream's ready counters.
+constexpr int kFusedReadyCap = 4096;
 inline Split split_for(int r, int pieces, bool lead) {
   if (lead) return pieces == 3 ? Split{1, 3, (r + 7) / 8, kApRows} : Split{4, 1, (r + 31) / 32, kApRows};
   const int blocks = r <= 16 ? 1 : r <= 32 ? 2 : 4;
@@ -108,10 +117,14 @@ struct FusedParams {
   float* u;
   void* su;  // (M, width) bf16(u) in x's dtype
   int* ready;  // (ceil(M / 128),) tiles done computing u, per row block
+  // Null where the prep zeroed `ready`. Else `ready` is the stream's (stream_counters) and this its exit count:
+  // each consumer warpgroup counts itself out once done, and the last of them zeroes both for the next launch.
+  unsigned* exit = nullptr;
   // Development switches (LORA_KERNELS_FUSED_DEBUG, read once; 0 in use): bit 0, output tiles do not wait for their
   // u tiles (wrong results: timing only); bit 1, u tiles multiply nothing; bit 4, a trace of every tile in u's place
   // (uint32 records of 4: SM, start, main loop end, end; the producers' waits at 16384 + tile); bit 5, the dropout
-  // lead tiles load no keep bits (everything kept: timing only).
+  // lead tiles load no keep bits (everything kept: timing only); bit 8 (host only), the prep launch even where the
+  // lead tiles could read the adapters as they are (lora_fused_fwd_sm90_direct: A/B timing).
   int debug = 0;
   int strip = 0;  // output cluster columns per strip of the tile order (LORA_KERNELS_FUSED_STRIP; 0: 4)
 };
@@ -122,6 +135,8 @@ struct Operands {
   const void *x, *w, *bias, *ap, *bx;
   void* y;
   const float* col_scale;  // null: none
+  // ap and bx are lora_A (r, K) and lora_B (N, r) themselves (lora_fused_fwd_sm90_direct), not the prep's Ap and Bx
+  bool direct = false;
 };
 cudaError_t run_fused_bf16(const Operands&, const FusedParams&, int64_t K, int sms, cudaStream_t);
 cudaError_t run_fused_fp16(const Operands&, const FusedParams&, int64_t K, int sms, cudaStream_t);

@@ -84,6 +84,37 @@ int resident_blocks(const void* kernel, int threads, size_t smem) {
   return n;
 }
 
+void* stream_counters(cudaStream_t stream, StreamCounters kind, size_t bytes) {
+  const int dev = current_device();
+  if (dev < 0) return nullptr;
+  struct Buffer {
+    void* ptr;
+    size_t bytes;
+  };
+  static std::mutex mu;
+  static std::map<std::tuple<int, cudaStream_t, int>, Buffer> bufs;
+  std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_tuple(dev, stream, static_cast<int>(kind));
+  const auto it = bufs.find(key);
+  if (it != bufs.end()) return bytes <= it->second.bytes ? it->second.ptr : nullptr;
+  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+  cudaThreadExchangeStreamCaptureMode(&mode);
+  void* p = nullptr;
+  cudaStream_t side = nullptr;
+  const bool ok = cudaMalloc(&p, bytes) == cudaSuccess &&
+                  cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking) == cudaSuccess &&
+                  cudaMemsetAsync(p, 0, bytes, side) == cudaSuccess && cudaStreamSynchronize(side) == cudaSuccess;
+  if (side != nullptr) cudaStreamDestroy(side);
+  cudaThreadExchangeStreamCaptureMode(&mode);
+  if (!ok) {
+    cudaGetLastError();
+    if (p != nullptr) cudaFree(p);
+    return nullptr;
+  }
+  bufs.emplace(key, Buffer{p, bytes});
+  return p;
+}
+
 int num_sms() {
   static std::atomic<int> cache[kCachedDevices];
   return device_attribute(cache, cudaDevAttrMultiProcessorCount, 132);

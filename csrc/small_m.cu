@@ -40,8 +40,6 @@
 #include "staging.cuh"
 
 #include <climits>
-#include <map>
-#include <mutex>
 #include <utility>
 
 namespace lora_kernels {
@@ -86,35 +84,10 @@ inline size_t smem_optin_bytes() {
   return (size_t)bytes;
 }
 
-// The claim / done / exit counters of the current device's `stream` (three uint32, zero between launches): made
-// once per (device, stream) with cudaMalloc and zeroed, then reused. Made outside any graph capture's rules (relaxed
-// mode for this thread, zeroed on a private non-blocking stream), so a first use under capture works too. nullptr
-// when the allocation fails.
+// The claim / done / exit counters of the current device's `stream` (three uint32, zero between launches;
+// stream_counters). nullptr when the allocation fails.
 unsigned* small_m_sync(cudaStream_t stream) {
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return nullptr;
-  static std::mutex mu;
-  static std::map<std::pair<int, cudaStream_t>, unsigned*> bufs;
-  std::lock_guard<std::mutex> lock(mu);
-  const auto key = std::make_pair(dev, stream);
-  const auto it = bufs.find(key);
-  if (it != bufs.end()) return it->second;
-  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
-  cudaThreadExchangeStreamCaptureMode(&mode);
-  unsigned* p = nullptr;
-  cudaStream_t side = nullptr;
-  bool ok = cudaMalloc(&p, 4 * sizeof(unsigned)) == cudaSuccess &&
-            cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking) == cudaSuccess &&
-            cudaMemsetAsync(p, 0, 4 * sizeof(unsigned), side) == cudaSuccess && cudaStreamSynchronize(side) == cudaSuccess;
-  if (side != nullptr) cudaStreamDestroy(side);
-  cudaThreadExchangeStreamCaptureMode(&mode);
-  if (!ok) {
-    cudaGetLastError();
-    if (p != nullptr) cudaFree(p);
-    return nullptr;
-  }
-  bufs.emplace(key, p);
-  return p;
+  return static_cast<unsigned*>(stream_counters(stream, StreamCounters::kSmallM, 4 * sizeof(unsigned)));
 }
 
 #if LK_TC_ARCH

@@ -71,7 +71,8 @@ Read by the CUDA extension (csrc/binding.cpp), once, when a GEMM first asks for 
                                         programmatic dependent launch (csrc/pdl.cuh): for A/B timing.
     LORA_KERNELS_FUSED_DEBUG            development only (csrc/fused_fwd_sm90.h, FusedParams::debug): bits that make
                                         the fused forward skip its waits or its u products (wrong results, for
-                                        timing) or write a per-tile trace in u's place (bench/dev/fused_ab.py).
+                                        timing), write a per-tile trace in u's place (bench/dev/fused_ab.py), or
+                                        keep the prep launch where the adapters need none (A/B timing).
     LORA_KERNELS_FUSED_STRIP            development only: the fused forward's tile order, output cluster columns per
                                         strip (default 4).
 

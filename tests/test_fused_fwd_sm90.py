@@ -1,11 +1,12 @@
-"""The cuda backend's fused forward on Hopper (csrc/fused_fwd_sm90.*): one GEMM launch (after a small prep launch)
-in which u = s·x Aᵀ is computed by each row block's lead tiles (output tiles that also multiply their x tiles by
-lora_A's pieces) or by u tiles of their own, and whose output tiles add bf16(u) Bᵀ as one more K-tile. GPU-only
-(skips elsewhere): the path is taken where it should be (by default at p = 0: lead tiles up to r = 32, u tiles where
-they do not fit and above r = 32; at p > 0 the shrink + GEMM path), says why where it is not, and its y, saved u
-and grads meet the float64 tolerance rule on odd shapes (M not a multiple of the 128-row tile, an odd number of
-output tile columns, K not a multiple of the 64-wide K tile, every u-column split) in both variants, and in the lead
-tiles' wide form (128 x 256 tiles, cooperative schedule) where the sm_90 GEMM takes that tile."""
+"""The cuda backend's fused forward on Hopper (csrc/fused_fwd_sm90.*): one GEMM launch (after a small prep launch,
+none where the lead tiles read 16-bit adapters as they are) in which u = s·x Aᵀ is computed by each row block's lead
+tiles (output tiles that also multiply their x tiles by lora_A's pieces) or by u tiles of their own, and whose output
+tiles add bf16(u) Bᵀ as one more K-tile. GPU-only (skips elsewhere): the path is taken where it should be (by default
+at p = 0: lead tiles up to r = 32, u tiles where they do not fit and above r = 32; at p > 0 the shrink + GEMM path),
+says why where it is not, and its y, saved u and grads meet the float64 tolerance rule on odd shapes (M not a multiple
+of the 128-row tile, an odd number of output tile columns, K not a multiple of the 64-wide K tile, every u-column
+split) in both variants, and in the lead tiles' wide form (128 x 256 tiles, cooperative schedule) where the sm_90 GEMM
+takes that tile."""
 import pytest
 import torch
 
@@ -138,17 +139,107 @@ def test_fused_forward_op_grads(dtype, adapter_dtype, lead, K, N, r):
     run_and_check("cuda", "cuda", dtype, lead, K, N, r, bias=True, p=0.0, adapter_dtype=adapter_dtype)
 
 
-@pytest.mark.parametrize("mode", [-1, 1])
-def test_fused_forward_is_two_launches(mode):
-    """The forward at p = 0 launches the prep and the fused GEMM: no shrink, pack or cuBLAS kernel (default mode:
-    lead tiles; mode 1: u tiles)."""
-    x, W, b, A, B = _inputs(1024, 4096, 4096, 16, torch.bfloat16, torch.float32, True)
+@pytest.mark.parametrize("mode,adapter_dtype,launches", [(-1, torch.float32, 2), (1, torch.float32, 2),
+                                                          (1, torch.bfloat16, 2), (-1, torch.bfloat16, 1)])
+def test_fused_forward_launches(mode, adapter_dtype, launches):
+    """The forward at p = 0 launches the prep and the fused GEMM, no shrink, pack or cuBLAS kernel (default mode:
+    lead tiles; mode 1: u tiles); the lead tiles with bf16 adapters read lora_A and lora_B as they are: the fused GEMM
+    alone."""
+    x, W, b, A, B = _inputs(1024, 4096, 4096, 16, torch.bfloat16, adapter_dtype, True)
     previous = _cb().set_fused_forward(mode)
     try:
+        assert (" one launch" in _cb().forward_path(x, W, b, A, B, 0.0)) == (launches == 1)
         kernels = _kernels_of_one_forward(x, W, b, A, B)
     finally:
         _cb().set_fused_forward(previous)
-    assert len(kernels) == 2 and "fused_prep" in kernels[0] and "FusedFwd" in kernels[1], kernels
+    assert len(kernels) == launches and "FusedFwd" in kernels[-1], kernels
+    assert launches == 1 or "fused_prep" in kernels[0], kernels
+
+
+def _misaligned(t):
+    """A copy of t whose data starts 2 bytes past a 16-byte boundary (the prep path's operands)."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    out = buf[1:].view(t.shape)
+    out.copy_(t)
+    assert out.data_ptr() % 16 != 0
+    return out
+
+
+def test_one_launch_where_the_adapters_can_be_read_as_they_are():
+    """The forward without the prep launch: lead tiles, both adapters in x's dtype, r a multiple of 8, both 16-byte
+    aligned; forward_path says " one launch" there and nowhere else."""
+    one = " one launch"
+    assert one in _path(256, 512, 512, 16, adapter_dtype=torch.bfloat16)
+    assert one in _path(256, 512, 512, 64, dtype=torch.float16, adapter_dtype=torch.float16)
+    assert one not in _path(256, 512, 512, 16)  # fp32 adapters: A's bf16x3 pieces
+    assert one not in _path(256, 512, 512, 12, adapter_dtype=torch.bfloat16)  # lora_B's rows of 24 bytes
+    x, W, b, A, B = _inputs(256, 512, 512, 16, torch.bfloat16, torch.bfloat16, True)
+    cb = _cb()
+    assert one not in cb.forward_path(x, W, b, _misaligned(A), B, 0.0)
+    assert one not in cb.forward_path(x, W, b, A, _misaligned(B), 0.0)
+    assert one not in cb.forward_path(x, W, b, A, B.float(), 0.0)  # lora_B not in x's dtype: the prep casts it
+    previous = cb.set_fused_forward(1)
+    try:
+        assert one not in cb.forward_path(x, W, b, A, B, 0.0)  # the u tiles
+    finally:
+        cb.set_fused_forward(previous)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M,K,N,r", [(4099, 1000, 392, 8), (300, 200, 136, 16), (1000, 520, 1032, 24),
+                                     (129, 4096, 264, 48), (8192, 2048, 2056, 64), (1000, 2056, 4096, 32),
+                                     (65, 64, 72, 16)])
+def test_one_launch_matches_the_prep_path(dtype, M, K, N, r):
+    """Without the prep the lead tiles read lora_A and lora_B themselves (TMA's zeros past r) and count in the
+    stream's ready counters: the same bits as with the prep (misaligned copies of the adapters take that path), for
+    fresh inputs on every call, so a counter left unreset by the call before would let a tile read the last call's
+    u. Both tile variants (the wide one from K, N >= 2048), partial tiles in M, N and K, r below a lead tile's 32
+    columns and above."""
+    cb = _cb()
+    small_m = cb.set_small_m(False)
+    try:
+        for _ in range(3):
+            x, W, b, A, B = _inputs(M, K, N, r, dtype, dtype, True)
+            assert " one launch" in cb.forward_path(x, W, b, A, B, 0.0)
+            y, u = cb.forward(x, W, b, A, B, S, 0.0, 0, 0)
+            y_prep, u_prep = cb.forward(x, W, b, _misaligned(A), _misaligned(B), S, 0.0, 0, 0)
+            assert torch.equal(y, y_prep) and torch.equal(u, u_prep)
+        assert_cuda_forward(cb, x, W, b, A, B, S)
+    finally:
+        cb.set_small_m(small_m)
+
+
+def test_one_launch_on_two_streams_and_in_a_graph():
+    """Each stream has its own ready counters: calls interleaved on two streams, then a captured graph replayed with
+    new inputs, give the eager call's bits."""
+    cb = _cb()
+    x, W, b, A, B = _inputs(2048, 2048, 2048, 16, torch.bfloat16, torch.bfloat16, True)
+    assert " one launch" in cb.forward_path(x, W, b, A, B, 0.0)
+    xs = [torch.randn_like(x) for _ in range(4)]
+    want = [cb.forward(xi, W, b, A, B, S, 0.0, 0, 0)[0] for xi in xs]
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    torch.cuda.synchronize()
+    got = [None] * len(xs)
+    for i, xi in enumerate(xs):
+        with torch.cuda.stream(streams[i % 2]):
+            got[i] = cb.forward(xi, W, b, A, B, S, 0.0, 0, 0)[0]
+    torch.cuda.synchronize()
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    static_x = xs[0].clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        cb.forward(static_x, W, b, A, B, S, 0.0, 0, 0)  # warm-up off the default stream, as torch's graph docs ask
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = cb.forward(static_x, W, b, A, B, S, 0.0, 0, 0)[0]
+    for xi, w in zip(xs, want):
+        static_x.copy_(xi)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static_y, w)
 
 
 def _kernels_of_one_forward(x, W, b, A, B):

@@ -9,7 +9,8 @@ for dtype, adapter in ((torch.bfloat16, torch.float32), (torch.float16, torch.fl
     for M, K, N, r, p in ((1, 40, 24, 1, 0.0), (37, 100, 72, 33, 0.3), (130, 264, 136, 256, 0.1),
                           (131, 384, 136, 64, 0.1), (70, 256, 200, 16, 0.2),
                           # p = 0, M > 64: the fused sm_90 forward, u tiles (fp32 adapters at r = 33: 5 lead tiles
-                          # do not fit N = 136's 2 tile columns) and lead tiles (the rest)
+                          # do not fit N = 136's 2 tile columns) and lead tiles (the rest; fp16 adapters at r = 16:
+                          # no prep launch, lora_A and lora_B read as they are)
                           (300, 264, 136, 33, 0.0), (200, 72, 264, 16, 0.0),
                           # p = 0, K and N >= 2048: the lead tiles' wide variant (128 x 256 tiles, cooperative), a
                           # partial last tile column and K-tile
