@@ -107,7 +107,8 @@ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 
 
 size_t lora_fused_fwd_sm90_workspace_bytes(int64_t M, int64_t N, int64_t K, int r, DType x_dtype, DType a_dtype,
                                            bool lead) {
-  return (size_t)carve(M, N, K, sm90fused::split_for(r, adapter_pieces(x_dtype, a_dtype), lead)).total;
+  return (size_t)carve(M, N, K, sm90fused::split_for(r, adapter_pieces(x_dtype, a_dtype), lead, ceil_div(N, 128)))
+      .total;
 }
 
 const char* lora_fused_fwd_sm90_unsupported(const FusedFwdArgs& a, int device) {
@@ -138,14 +139,16 @@ bool lora_fused_fwd_sm90_wide(const FusedFwdArgs& a) {
   g.M = a.M;
   g.N = a.N;
   g.K = a.K;
-  const sm90fused::Split sp = sm90fused::split_for(a.r, adapter_pieces(a.x_dtype, a.a_dtype), true);
+  const sm90fused::Split sp =
+      sm90fused::split_for(a.r, adapter_pieces(a.x_dtype, a.a_dtype), true, ceil_div(a.N, 128));
   g.Kx = sp.width();
   return lora_gemm_sm90_pick(g).config == GemmConfig::kCoop128x256_c12 && (a.N + 255) / 256 >= sp.tiles;
 }
 
 bool lora_fused_fwd_sm90_direct(const FusedFwdArgs& a) {
-  // With one piece and 32 u columns per lead tile (Split), lead tile t's slot is lora_A's rows 32 t .. 32 t + 31 and
-  // Bx's columns are lora_B's; TMA fills the rows and columns past r with zeros, as the prep does.
+  // With one piece lead tile t's u columns t rc .. (Split) are lora_A's rows t rc .., which its slot's box (kApRows
+  // rows, the first rc multiplied) loads from there, and Bx's columns are lora_B's; TMA fills the rows and columns
+  // past r with zeros, as the prep does.
   return !(dev_knobs().debug & 256) && a.lead && a.a_dtype == a.x_dtype && a.b_dtype == a.x_dtype && adapter_pieces(a.x_dtype, a.a_dtype) == 1 &&
          a.r % 8 == 0 && aligned16(a.lora_A) && aligned16(a.lora_B) &&
          ceil_div(a.M, 128) <= sm90fused::kFusedReadyCap;
@@ -160,7 +163,7 @@ cudaError_t launch_lora_fused_fwd_sm90(const FusedFwdArgs& a, cudaStream_t strea
     return cudaErrorNotSupported;
 #if LORA_KERNELS_HAVE_SM90_GEMM
   const int pieces = adapter_pieces(a.x_dtype, a.a_dtype);
-  const sm90fused::Split sp = sm90fused::split_for(a.r, pieces, a.lead);
+  const sm90fused::Split sp = sm90fused::split_for(a.r, pieces, a.lead, ceil_div(a.N, 128));
   const Carve c = carve(a.M, a.N, a.K, sp);
   char* ws = static_cast<char*>(a.workspace);
   const int64_t mt = ceil_div(a.M, 128);
@@ -200,6 +203,7 @@ cudaError_t launch_lora_fused_fwd_sm90(const FusedFwdArgs& a, cudaStream_t strea
   f.blocks = sp.blocks;
   const bool wide = lora_fused_fwd_sm90_wide(a);
   f.lead = a.lead ? sp.tiles : 0;
+  f.ap_pitch = counters != nullptr ? sp.rc() : sm90fused::kApRows;
   f.ready_target = wide ? 2 * sp.tiles : sp.tiles;  // the wide variant's warpgroups count themselves each
   f.width = sp.width();
   f.pieces = pieces;

@@ -18,9 +18,10 @@
 //         through the epilogue. Every tile takes k_tiles_main + 1 pipeline stages; the last stage of a u tile is
 //         not multiplied (its loads repeat K-tile 0).
 // Lead:   the kLead variant has no u tiles: each row block's first S output tiles ("lead tiles", scheduled first;
-//         S = ceil(r / 8) for fp32 adapters' 3 pieces, ceil(r / 32) for 16-bit adapters) load a 32-row slot of
-//         lora_A's pieces with each stage and run a narrow wgmma (N = 24 or 32) on the x tile they already hold,
-//         each writing its u columns; every output tile of the block, lead tiles included, waits for ready[m] == S.
+//         S = ceil(r / 8) for fp32 adapters' 3 pieces; for 16-bit adapters ceil(r / 8) where they fit the tile
+//         columns, else ceil(r / 32): Split) load a 32-row slot of lora_A's pieces with each stage and run a narrow
+//         wgmma (N = 24, 8 or 32) on the x tile they already hold, each writing its u columns; every output tile of
+//         the block, lead tiles included, waits for ready[m] == S.
 //         No second read of x. With dropout (the kDrop variant: fp32 adapters on bf16 x) the x tile, which feeds the
 //         output tile's own product too, is copied into registers and masked there for the u batch (lead_mask).
 // Order:  TileOrder puts every u cluster (or lead cluster) first, then the output clusters. The producer waits for
@@ -225,7 +226,7 @@ struct FusedFwd {
     Tensor tCrB = thr.make_fragment_B(thr.partition_B(sB));
     PipelineState release = read;
     // one K-tile's batch: k-blocks [0, KB) of the stage (KB = 4: the whole 64-deep tile)
-    auto issue = [&](auto kb_count, int stage) {
+    auto issue = [&](auto kb_count, int stage) CUTLASS_LAMBDA_FUNC_INLINE {
       warpgroup_fence_operand(accum);
       warpgroup_arrive();
       CUTLASS_PRAGMA_UNROLL
@@ -394,7 +395,7 @@ struct FusedFwd {
 
   // An output tile of the lead kernel. A lead tile (j < lead of its row block) runs, before each main K-tile's
   // batch, a narrow batch (64 x NW x 16 wgmma, NW = 8 Blocks Pieces: 24 for fp32 adapters' 3 pieces of 8 u columns,
-  // 32 for 16-bit adapters' 32 u columns) of the same x tile by the first NW rows of the stage's slot of lora_A's
+  // 8 or 32 for 16-bit adapters' 8 or 32 u columns) of the same x tile by the first NW rows of the stage's slot of lora_A's
   // pieces into a u accumulator, and adds its products into fp32 registers (tot, per u column) while the main batch
   // runs: the tensor cores' accumulation is not an IEEE fp32 sum, and a K-long chain of it misses the tolerance
   // rule for u. After the main K-tiles it writes u's columns rc j .. rc j + rc - 1 (rc = 8 Blocks) of the row block
@@ -410,7 +411,7 @@ struct FusedFwd {
                                       FusedParams const& f, int m_blk, int j, bool is_lead, int wg) {
     constexpr int kNW = 8 * Blocks * Pieces;
     static_assert(kNW <= kApRows, "a lead tile's pieces fit its slot");
-    static_assert(kNW == 24 || kNW == 32, "one wgmma per 64 x 16 block of x: N = 24 or 32");
+    static_assert(kNW == 8 || kNW == 24 || kNW == 32, "one wgmma per 64 x 16 block of x: N = 8, 24 or 32");
     constexpr bool kBf16 = cute::is_same_v<Element, cutlass::bfloat16_t>;
     // without dropout both operands come from shared memory (SS); with it x comes from registers (RS), masked there
     using Atom24 = cute::conditional_t<
@@ -419,13 +420,13 @@ struct FusedFwd {
                             SM90_64x24x16_F32F16F16_RS<GMMA::Major::K, GMMA::Major::K>>,
         cute::conditional_t<kBf16, SM90_64x24x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::K>,
                             SM90_64x24x16_F32F16F16_SS<GMMA::Major::K, GMMA::Major::K>>>;
-    using Atom32 = cute::conditional_t<
+    using AtomN = cute::conditional_t<  // N = 8 or 32
         kMask,
-        decltype(GMMA::rs_op_selector<Element, Element, float, Shape<_64, _32, _64>, GMMA::Major::K,
-                                      GMMA::Major::K>()),
-        decltype(GMMA::ss_op_selector<Element, Element, float, Shape<_64, _32, _64>, GMMA::Major::K,
-                                      GMMA::Major::K>())>;
-    using UAtom = cute::conditional_t<kNW == 24, Atom24, Atom32>;
+        decltype(GMMA::rs_op_selector<Element, Element, float, Shape<_64, Int<kNW == 24 ? 32 : kNW>, _64>,
+                                      GMMA::Major::K, GMMA::Major::K>()),
+        decltype(GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kNW == 24 ? 32 : kNW>, _64>,
+                                      GMMA::Major::K, GMMA::Major::K>())>;
+    using UAtom = cute::conditional_t<kNW == 24, Atom24, AtomN>;
     using UMma = decltype(make_tiled_mma(UAtom{}));
     static_assert(size<1>(typename UMma::AtomShape_MNK{}) == kNW, "one atom spans the kNW columns");
     // the slot's first kNW rows: the same swizzled 8-row atoms as the slot's own layout
@@ -464,7 +465,7 @@ struct FusedFwd {
     if constexpr (kMask) {
       if (is_lead) lead_keep_fetch(keep_raw, f, m_blk, 0, thread_idx);
     }
-    auto main_batch = [&](int stage) {
+    auto main_batch = [&](int stage) CUTLASS_LAMBDA_FUNC_INLINE {
       warpgroup_fence_operand(accum);
       warpgroup_arrive();
       CUTLASS_PRAGMA_UNROLL
@@ -801,10 +802,9 @@ struct FusedFwd {
       Tensor gBx = tile_view(params.tma_bx, N, width, L, Step<X, _1, _1>{});
       Tensor sA = make_tensor(make_smem_ptr(shared.base.tensors.mainloop.smem_A.data()), SmemLayoutA{});
       Tensor sB = make_tensor(make_smem_ptr(shared.base.tensors.mainloop.smem_B.data()), SmemLayoutB{});
-      // the lead tiles' slots of lora_A's pieces: (kApRows, 64, lead tile, k) in global memory
+      // the lead tiles' slots of lora_A's pieces: lead tile t's (kApRows, 64) boxes start at row t ap_pitch
       auto ta_apl = params.tma_apl.get_slice(0);
-      Tensor gApl = local_tile(params.tma_apl.get_tma_tensor(make_shape(max(f.lead, 1) * kApRows, K)),
-                               Shape<Int<kApRows>, _64>{}, make_coord(_, _));
+      Tensor mApl = params.tma_apl.get_tma_tensor(make_shape(max(f.lead, 1) * f.ap_pitch + kApRows, K));
       Tensor tAplS = ta_apl.partition_D(
           make_tensor(make_smem_ptr(reinterpret_cast<IB*>(shared.ap.data())), SmemLayoutAp{}));
       // x and su multicast to both blocks of the cluster (one row block); W, Ap, Bx per block
@@ -827,7 +827,9 @@ struct FusedFwd {
         const bool u_tile = n_tile < kUTiles;
         const int n_out = n_tile - kUTiles;
         const bool lead_tile = f.lead > 0 && !u_tile && n_out < f.lead;
-        Tensor tAplG = ta_apl.partition_S(gApl(_, _, lead_tile ? n_out : 0, _));  // (TMA, TMA_M, TMA_K, k)
+        Tensor tAplG = ta_apl.partition_S(  // (TMA, TMA_M, TMA_K, k)
+            local_tile(domain_offset(make_coord(lead_tile ? n_out * f.ap_pitch : 0, 0), mApl),
+                       Shape<Int<kApRows>, _64>{}, make_coord(0, _)));
         Tensor tAgX = ta_x.partition_S(gX(_, _, m_blk, _, 0));     // (TMA, TMA_M, TMA_K, k)
         Tensor tAgSu = ta_su.partition_S(gSu(_, _, m_blk, _, 0));
         Tensor tBgW = tb_w.partition_S(gW(_, _, u_tile ? 0 : n_tile - kUTiles, _, 0));
@@ -897,6 +899,9 @@ struct FusedFwd {
         if (three)
           mma_lead<1, 3, false>(pipeline, consumer_state, accum, k_tiles, mma_thread, sm, shared.ap.data(), f, m_blk,
                                 n_out, n_out < f.lead, wg);
+        else if (f.blocks == 1)
+          mma_lead<1, 1, false>(pipeline, consumer_state, accum, k_tiles, mma_thread, sm, shared.ap.data(), f, m_blk,
+                                n_out, n_out < f.lead, wg);
         else
           mma_lead<4, 1, false>(pipeline, consumer_state, accum, k_tiles, mma_thread, sm, shared.ap.data(), f, m_blk,
                                 n_out, n_out < f.lead, wg);
@@ -947,7 +952,7 @@ struct FusedFwd {
           Tensor accum = partition_fragment_C(tiled_mma, take<0, 2>(blk_shape));
           const int n_out = n_tile - kUTiles;
           if constexpr (kLead) {
-            // fp32 adapters on bf16 x: 8 u columns of 3 pieces per lead tile; 16-bit adapters: 32 columns of 1
+            // fp32 adapters on bf16 x: 8 u columns of 3 pieces per lead tile; 16-bit adapters: 8 or 32 columns of 1
             bool three = false;
             if constexpr (cute::is_same_v<Element, cutlass::bfloat16_t>) three = f.pieces == 3;
             auto& sm = shared.base.tensors.mainloop;
@@ -958,6 +963,9 @@ struct FusedFwd {
             } else {
               if (three)
                 mma_lead<1, 3, false>(pipeline, consumer_state, accum, k_tiles, wg_thread, sm, shared.ap.data(), f,
+                                      m_blk, n_out, is_lead, wg);
+              else if (f.blocks == 1)
+                mma_lead<1, 1, false>(pipeline, consumer_state, accum, k_tiles, wg_thread, sm, shared.ap.data(), f,
                                       m_blk, n_out, is_lead, wg);
               else
                 mma_lead<4, 1, false>(pipeline, consumer_state, accum, k_tiles, wg_thread, sm, shared.ap.data(), f,

@@ -24,8 +24,9 @@
 // shared memory, the lead tiles a copy in registers (a wgmma with A from registers), and the output tiles multiply
 // the unmasked x by W.
 // FusedFwdArgs::lead selects the lead-tile variant (fused_fwd_sm90.cuh), which needs at least as many output tile
-// columns (ceil(N / 128)) as lead tiles (ceil(r / 8) for fp32 adapters, ceil(r / 32) for 16-bit ones); with dropout,
-// fp32 adapters on bf16 x (16-bit adapters' 32 u columns per lead tile leave no registers for x's masked copy).
+// columns (ceil(N / 128)) as lead tiles (ceil(r / 8) for fp32 adapters, at least ceil(r / 32) for 16-bit ones: Split);
+// with dropout, fp32 adapters on bf16 x (16-bit adapters' 32 u columns per lead tile leave no registers for x's masked
+// copy).
 #pragma once
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -82,7 +83,11 @@ namespace sm90fused {
 // lora_A's pieces (u column block b's pieces at rows 8 (pieces b + p) + 0..7), each tile's rows `rows` apart in Ap.
 //   u tiles:    tiles = 2 (one cluster), blocks 1, 2, 4 (r <= 16, 32, 64), rows = nw;
 //   lead tiles: rows = 32 (the shared-memory slot a stage gives them, kApRows); 3 pieces: blocks 1, tiles = ceil(r / 8)
-//               (24 rows used); 1 piece: blocks 4, tiles = ceil(r / 32).
+//               (24 rows used); 1 piece: blocks 1, tiles = ceil(r / 8) (8 rows used) where that many lead tiles fit
+//               the output's tile_cols (ceil(N / 128)), else blocks 4, tiles = ceil(r / 32). A lead tile's u batch
+//               costs it 8 / 128 more MMA at blocks 1, 32 / 128 at blocks 4, and the row block's other tiles wait
+//               for its last K-tile: with fewer tiles than SMs that wait is the forward's critical path.
+//               Without tile_cols (0): the fewest lead tiles (what fits everywhere the lead tiles run).
 struct Split {
   int blocks;  // u column blocks of 8 per tile
   int pieces;  // 1 (16-bit adapters) or 3 (fp32 adapters on bf16)
@@ -96,7 +101,8 @@ struct Split {
 constexpr int kApRows = 32;
 // Row blocks (ceil(M / 128)) a launch without the prep can count in the stream's ready counters.
 constexpr int kFusedReadyCap = 4096;
-inline Split split_for(int r, int pieces, bool lead) {
+inline Split split_for(int r, int pieces, bool lead, int64_t tile_cols = 0) {
+  if (lead && pieces == 1 && (r + 7) / 8 <= tile_cols) return Split{1, 1, (r + 7) / 8, kApRows};
   if (lead) return pieces == 3 ? Split{1, 3, (r + 7) / 8, kApRows} : Split{4, 1, (r + 31) / 32, kApRows};
   const int blocks = r <= 16 ? 1 : r <= 32 ? 2 : 4;
   return Split{blocks, pieces, 2, 8 * blocks * pieces};
@@ -106,6 +112,8 @@ struct FusedParams {
   int M, N, r;
   int blocks, pieces;
   int lead;          // 0: u tiles; else the lead tiles per row block
+  int ap_pitch;      // rows of the lead slots' tensor between lead tiles' slots: kApRows (the prep's Ap), or rc
+                     // (lora_A itself: lead tile t's u columns are its rows t rc ..)
   int ready_target;  // the ready count at which a row block's bf16(u) is complete: the tiles computing it
   int width;         // columns of su and Bx (Split::width)
   int k_tiles_main;

@@ -36,7 +36,7 @@ def _cb():
 @pytest.fixture
 def fused_lead():
     """The lead-tile kernel (mode 2): u computed by each row block's first output tiles (ceil(r / 8) of them for fp32
-    adapters on bf16, ceil(r / 32) for 16-bit adapters)."""
+    adapters on bf16; for 16-bit adapters ceil(r / 8) where they fit the output's tile columns, else ceil(r / 32))."""
     previous = _cb().set_fused_forward(2)
     yield
     _cb().set_fused_forward(previous)
@@ -188,13 +188,13 @@ def test_one_launch_where_the_adapters_can_be_read_as_they_are():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("M,K,N,r", [(4099, 1000, 392, 8), (300, 200, 136, 16), (1000, 520, 1032, 24),
                                      (129, 4096, 264, 48), (8192, 2048, 2056, 64), (1000, 2056, 4096, 32),
-                                     (65, 64, 72, 16)])
+                                     (65, 64, 72, 16), (300, 520, 136, 48)])
 def test_one_launch_matches_the_prep_path(dtype, M, K, N, r):
     """Without the prep the lead tiles read lora_A and lora_B themselves (TMA's zeros past r) and count in the
     stream's ready counters: the same bits as with the prep (misaligned copies of the adapters take that path), for
     fresh inputs on every call, so a counter left unreset by the call before would let a tile read the last call's
-    u. Both tile variants (the wide one from K, N >= 2048), partial tiles in M, N and K, r below a lead tile's 32
-    columns and above."""
+    u. Both tile variants (the wide one from K, N >= 2048), partial tiles in M, N and K, lead tiles of 8 u columns
+    (r up to 64) and of 32 (r = 48 on 2 tile columns)."""
     cb = _cb()
     small_m = cb.set_small_m(False)
     try:
@@ -339,6 +339,15 @@ def test_lead_tiles_against_float64(dtype, adapter_dtype, M, K, N, r, bias):
     # odd ones leaving a cluster's second tile an ordinary one), partial tiles in M, N and K, all tiles of a row block
     # lead tiles (2048 x 4096 -> 1024, r = 64, fp32 adapters)
     _check_forward(M, K, N, r, dtype, adapter_dtype, bias, path="sm90 fused lead (")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M,K,N,r", [(300, 520, 136, 48), (1000, 264, 264, 64), (129, 4096, 136, 24)])
+@pytest.mark.usefixtures("fused_lead")
+def test_lead_tiles_of_32_columns_against_float64(dtype, M, K, N, r):
+    # 16-bit adapters where ceil(r / 8) lead tiles of 8 u columns do not fit the output's tile columns: ceil(r / 32)
+    # lead tiles of 32 columns (the other lead-tile tests' shapes take 8 columns per lead tile)
+    _check_forward(M, K, N, r, dtype, dtype, True, path="sm90 fused lead (")
 
 
 @pytest.mark.usefixtures("fused_lead")
