@@ -103,12 +103,19 @@ struct DevKnobs {
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
+// 16-bit adapters' lead tiles of 8 u columns (Split): where ceil(r / 8) of them fit the output's tile columns and
+// every row block's lead tiles together fit one wave (at most one per SM).
+bool narrow_lead(int64_t M, int64_t N, int r, int pieces) {
+  const int64_t tiles = (r + 7) / 8;
+  return pieces == 1 && tiles <= ceil_div(N, 128) && ceil_div(M, 128) * tiles <= num_sms();
+}
+
 }  // namespace
 
 size_t lora_fused_fwd_sm90_workspace_bytes(int64_t M, int64_t N, int64_t K, int r, DType x_dtype, DType a_dtype,
                                            bool lead) {
-  return (size_t)carve(M, N, K, sm90fused::split_for(r, adapter_pieces(x_dtype, a_dtype), lead, ceil_div(N, 128)))
-      .total;
+  const int pieces = adapter_pieces(x_dtype, a_dtype);
+  return (size_t)carve(M, N, K, sm90fused::split_for(r, pieces, lead, narrow_lead(M, N, r, pieces))).total;
 }
 
 const char* lora_fused_fwd_sm90_unsupported(const FusedFwdArgs& a, int device) {
@@ -139,8 +146,8 @@ bool lora_fused_fwd_sm90_wide(const FusedFwdArgs& a) {
   g.M = a.M;
   g.N = a.N;
   g.K = a.K;
-  const sm90fused::Split sp =
-      sm90fused::split_for(a.r, adapter_pieces(a.x_dtype, a.a_dtype), true, ceil_div(a.N, 128));
+  const int pieces = adapter_pieces(a.x_dtype, a.a_dtype);
+  const sm90fused::Split sp = sm90fused::split_for(a.r, pieces, true, narrow_lead(a.M, a.N, a.r, pieces));
   g.Kx = sp.width();
   return lora_gemm_sm90_pick(g).config == GemmConfig::kCoop128x256_c12 && (a.N + 255) / 256 >= sp.tiles;
 }
@@ -163,7 +170,7 @@ cudaError_t launch_lora_fused_fwd_sm90(const FusedFwdArgs& a, cudaStream_t strea
     return cudaErrorNotSupported;
 #if LORA_KERNELS_HAVE_SM90_GEMM
   const int pieces = adapter_pieces(a.x_dtype, a.a_dtype);
-  const sm90fused::Split sp = sm90fused::split_for(a.r, pieces, a.lead, ceil_div(a.N, 128));
+  const sm90fused::Split sp = sm90fused::split_for(a.r, pieces, a.lead, narrow_lead(a.M, a.N, a.r, pieces));
   const Carve c = carve(a.M, a.N, a.K, sp);
   char* ws = static_cast<char*>(a.workspace);
   const int64_t mt = ceil_div(a.M, 128);

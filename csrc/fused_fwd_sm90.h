@@ -83,11 +83,13 @@ namespace sm90fused {
 // lora_A's pieces (u column block b's pieces at rows 8 (pieces b + p) + 0..7), each tile's rows `rows` apart in Ap.
 //   u tiles:    tiles = 2 (one cluster), blocks 1, 2, 4 (r <= 16, 32, 64), rows = nw;
 //   lead tiles: rows = 32 (the shared-memory slot a stage gives them, kApRows); 3 pieces: blocks 1, tiles = ceil(r / 8)
-//               (24 rows used); 1 piece: blocks 1, tiles = ceil(r / 8) (8 rows used) where that many lead tiles fit
-//               the output's tile_cols (ceil(N / 128)), else blocks 4, tiles = ceil(r / 32). A lead tile's u batch
-//               costs it 8 / 128 more MMA at blocks 1, 32 / 128 at blocks 4, and the row block's other tiles wait
-//               for its last K-tile: with fewer tiles than SMs that wait is the forward's critical path.
-//               Without tile_cols (0): the fewest lead tiles (what fits everywhere the lead tiles run).
+//               (24 rows used); 1 piece: blocks 4, tiles = ceil(r / 32), or with `narrow` blocks 1, tiles =
+//               ceil(r / 8) (8 rows used). A narrow lead tile's u batch is a 64 x 8 wgmma, a wide one's 64 x 32: the
+//               narrow one delays its row block's other tiles (which wait for its last K-tile) less, but costs more
+//               MMA time per u column. The launch takes it where the lead tiles fit the output's tile columns and all
+//               of them run in the first wave (fused_fwd_sm90.cu, narrow_lead); on the H200 it was 3-8% faster at
+//               M = 2048 and up to 15% slower at M = 8192, r = 64, where every tile was a lead tile
+//               (bench/results/h200_2026-12-03/session26).
 struct Split {
   int blocks;  // u column blocks of 8 per tile
   int pieces;  // 1 (16-bit adapters) or 3 (fp32 adapters on bf16)
@@ -101,8 +103,8 @@ struct Split {
 constexpr int kApRows = 32;
 // Row blocks (ceil(M / 128)) a launch without the prep can count in the stream's ready counters.
 constexpr int kFusedReadyCap = 4096;
-inline Split split_for(int r, int pieces, bool lead, int64_t tile_cols = 0) {
-  if (lead && pieces == 1 && (r + 7) / 8 <= tile_cols) return Split{1, 1, (r + 7) / 8, kApRows};
+inline Split split_for(int r, int pieces, bool lead, bool narrow = false) {
+  if (lead && pieces == 1 && narrow) return Split{1, 1, (r + 7) / 8, kApRows};
   if (lead) return pieces == 3 ? Split{1, 3, (r + 7) / 8, kApRows} : Split{4, 1, (r + 31) / 32, kApRows};
   const int blocks = r <= 16 ? 1 : r <= 32 ? 2 : 4;
   return Split{blocks, pieces, 2, 8 * blocks * pieces};
