@@ -156,8 +156,8 @@ bool lora_fused_fwd_sm90_direct(const FusedFwdArgs& a) {
   // With one piece lead tile t's u columns t rc .. (Split) are lora_A's rows t rc .., which its slot's box (kApRows
   // rows, the first rc multiplied) loads from there, and Bx's columns are lora_B's; TMA fills the rows and columns
   // past r with zeros, as the prep does.
-  return !(dev_knobs().debug & 256) && a.lead && a.a_dtype == a.x_dtype && a.b_dtype == a.x_dtype && adapter_pieces(a.x_dtype, a.a_dtype) == 1 &&
-         a.r % 8 == 0 && aligned16(a.lora_A) && aligned16(a.lora_B) &&
+  return !(dev_knobs().debug & 256) && a.lead && a.a_dtype == a.x_dtype && a.b_dtype == a.x_dtype &&
+         adapter_pieces(a.x_dtype, a.a_dtype) == 1 && a.r % 8 == 0 && aligned16(a.lora_A) && aligned16(a.lora_B) &&
          ceil_div(a.M, 128) <= sm90fused::kFusedReadyCap;
 }
 

@@ -395,16 +395,16 @@ struct FusedFwd {
 
   // An output tile of the lead kernel. A lead tile (j < lead of its row block) runs, before each main K-tile's
   // batch, a narrow batch (64 x NW x 16 wgmma, NW = 8 Blocks Pieces: 24 for fp32 adapters' 3 pieces of 8 u columns,
-  // 8 or 32 for 16-bit adapters' 8 or 32 u columns) of the same x tile by the first NW rows of the stage's slot of lora_A's
-  // pieces into a u accumulator, and adds its products into fp32 registers (tot, per u column) while the main batch
-  // runs: the tensor cores' accumulation is not an IEEE fp32 sum, and a K-long chain of it misses the tolerance
-  // rule for u. After the main K-tiles it writes u's columns rc j .. rc j + rc - 1 (rc = 8 Blocks) of the row block
-  // and raises the ready count, before the extension stage is waited for (its load waits for every lead tile of the
-  // row block, this one included). Other tiles run mma_output's loop. One function, one loop for both, so that the
-  // compiler keeps a single accumulator (two loops merged an undefined accumulator into zeros inside a wgmma batch,
-  // which makes ptxas serialize every wgmma of the kernel). The last stage is released by the caller, as after
-  // mma_output. kMask (dropout): the u batch's x comes from registers, the stage's tile copied in and masked from
-  // the keep bits fetched a K-tile ahead (lead_keep_fetch, lead_keep_pack, lead_mask).
+  // 8 or 32 for 16-bit adapters' 8 or 32 u columns) of the same x tile by the first NW rows of the stage's slot of
+  // lora_A's pieces into a u accumulator, and adds its products into fp32 registers (tot, per u column) while the
+  // main batch runs: the tensor cores' accumulation is not an IEEE fp32 sum, and a K-long chain of it misses the
+  // tolerance rule for u. After the main K-tiles it writes u's columns rc j .. rc j + rc - 1 (rc = 8 Blocks) of the
+  // row block and raises the ready count, before the extension stage is waited for (its load waits for every lead
+  // tile of the row block, this one included). Other tiles run mma_output's loop. One function, one loop for both,
+  // so that the compiler keeps a single accumulator (two loops merged an undefined accumulator into zeros inside a
+  // wgmma batch, which makes ptxas serialize every wgmma of the kernel). The last stage is released by the caller
+  // (release_last), as after mma_output. kMask (dropout): the u batch's x comes from registers, the stage's tile
+  // copied in and masked from the keep bits fetched a K-tile ahead (lead_keep_fetch, lead_keep_pack, lead_mask).
   template <int Blocks, int Pieces, bool kMask, class Accum>
   CUTLASS_DEVICE static void mma_lead(MainloopPipeline& pipeline, PipelineState read, Accum& accum, int k_tiles,
                                       int thread_idx, typename Mainloop::TensorStorage& smem, Element* ap_slots,
@@ -664,6 +664,34 @@ struct FusedFwd {
                       j * 8 * Blocks, thread_idx, wg);
   }
 
+  // An output tile of the lead kernel on the mma_lead instance of this launch's split: fp32 adapters on bf16 x, 8 u
+  // columns of 3 pieces per lead tile (with dropout, x masked in registers); 16-bit adapters, 8 or 32 columns of 1.
+  template <class Accum>
+  CUTLASS_DEVICE static void lead_tile(MainloopPipeline& pipeline, PipelineState read, Accum& accum, int k_tiles,
+                                       int thread_idx, typename Mainloop::TensorStorage& smem, Element* ap_slots,
+                                       FusedParams const& f, int m_blk, int n_out, int wg) {
+    const bool is_lead = n_out < f.lead;
+    if constexpr (kDrop) {
+      mma_lead<1, 3, true>(pipeline, read, accum, k_tiles, thread_idx, smem, ap_slots, f, m_blk, n_out, is_lead, wg);
+    } else {
+      bool three = false;
+      if constexpr (cute::is_same_v<Element, cutlass::bfloat16_t>) three = f.pieces == 3;
+      if (three)
+        mma_lead<1, 3, false>(pipeline, read, accum, k_tiles, thread_idx, smem, ap_slots, f, m_blk, n_out, is_lead, wg);
+      else if (f.blocks == 1)
+        mma_lead<1, 1, false>(pipeline, read, accum, k_tiles, thread_idx, smem, ap_slots, f, m_blk, n_out, is_lead, wg);
+      else
+        mma_lead<4, 1, false>(pipeline, read, accum, k_tiles, thread_idx, smem, ap_slots, f, m_blk, n_out, is_lead, wg);
+    }
+  }
+
+  // After a tile's main loop: its last stage's batch waited for, that stage released.
+  CUTLASS_DEVICE static void release_last(MainloopPipeline& pipeline, PipelineState read, int k_tiles) {
+    read.advance(k_tiles - 1);
+    warpgroup_wait<0>();
+    pipeline.consumer_release(read);
+  }
+
   // The stream's ready counters (FusedParams::exit): a consumer warpgroup counts itself out once all its threads
   // are done (its block's producer read its last counter before the last stage they consumed); the last of all the
   // warpgroups (two per block) zeroes the row blocks' counters and the exit count for the next launch.
@@ -893,25 +921,10 @@ struct FusedFwd {
         }
         Tensor accum = partition_fragment_C(tiled_mma, take<0, 2>(blk_shape));
         const int n_out = n_tile - kUTiles;
-        bool three = false;
-        if constexpr (cute::is_same_v<Element, cutlass::bfloat16_t>) three = f.pieces == 3;
-        auto& sm = shared.base.tensors.mainloop;
-        if (three)
-          mma_lead<1, 3, false>(pipeline, consumer_state, accum, k_tiles, mma_thread, sm, shared.ap.data(), f, m_blk,
-                                n_out, n_out < f.lead, wg);
-        else if (f.blocks == 1)
-          mma_lead<1, 1, false>(pipeline, consumer_state, accum, k_tiles, mma_thread, sm, shared.ap.data(), f, m_blk,
-                                n_out, n_out < f.lead, wg);
-        else
-          mma_lead<4, 1, false>(pipeline, consumer_state, accum, k_tiles, mma_thread, sm, shared.ap.data(), f, m_blk,
-                                n_out, n_out < f.lead, wg);
+        lead_tile(pipeline, consumer_state, accum, k_tiles, mma_thread, shared.base.tensors.mainloop,
+                  shared.ap.data(), f, m_blk, n_out, wg);
         if (trace && mma_thread == 0) rec[2] = globaltimer_lo();
-        {  // the last stage's batch: wait, release
-          PipelineState last = consumer_state;
-          last.advance(k_tiles - 1);
-          warpgroup_wait<0>();
-          pipeline.consumer_release(last);
-        }
+        release_last(pipeline, consumer_state, k_tiles);
         consumer_state.advance(k_tiles);
         auto blk_coord = make_coord(m_blk, n_out, _, 0);
         auto [el, es] = epilogue.store(epi_load_pipeline, epi_load_state, epi_store_pipeline, epi_store_state,
@@ -952,37 +965,14 @@ struct FusedFwd {
           Tensor accum = partition_fragment_C(tiled_mma, take<0, 2>(blk_shape));
           const int n_out = n_tile - kUTiles;
           if constexpr (kLead) {
-            // fp32 adapters on bf16 x: 8 u columns of 3 pieces per lead tile; 16-bit adapters: 8 or 32 columns of 1
-            bool three = false;
-            if constexpr (cute::is_same_v<Element, cutlass::bfloat16_t>) three = f.pieces == 3;
-            auto& sm = shared.base.tensors.mainloop;
-            const bool is_lead = n_out < f.lead;
-            if constexpr (kDrop) {  // dropout (fp32 adapters): the lead tiles mask x in registers
-              mma_lead<1, 3, true>(pipeline, consumer_state, accum, k_tiles, wg_thread, sm, shared.ap.data(), f, m_blk,
-                                   n_out, is_lead, wg);
-            } else {
-              if (three)
-                mma_lead<1, 3, false>(pipeline, consumer_state, accum, k_tiles, wg_thread, sm, shared.ap.data(), f,
-                                      m_blk, n_out, is_lead, wg);
-              else if (f.blocks == 1)
-                mma_lead<1, 1, false>(pipeline, consumer_state, accum, k_tiles, wg_thread, sm, shared.ap.data(), f,
-                                      m_blk, n_out, is_lead, wg);
-              else
-                mma_lead<4, 1, false>(pipeline, consumer_state, accum, k_tiles, wg_thread, sm, shared.ap.data(), f,
-                                      m_blk, n_out, is_lead, wg);
-            }
+            lead_tile(pipeline, consumer_state, accum, k_tiles, wg_thread, shared.base.tensors.mainloop,
+                      shared.ap.data(), f, m_blk, n_out, wg);
           } else {
             mma_output(pipeline, consumer_state, accum, k_tiles, f.kb_ext, wg_thread, shared.base.tensors.mainloop);
           }
           order.arrive();
           if (trace && wg_thread == 0) rec[2] = globaltimer_lo();
-          // the last stage's batch: wait, release
-          {
-            PipelineState last = consumer_state;
-            last.advance(k_tiles - 1);
-            warpgroup_wait<0>();
-            pipeline.consumer_release(last);
-          }
+          release_last(pipeline, consumer_state, k_tiles);
           consumer_state.advance(k_tiles * 2);
           order.wait();
           auto blk_coord = make_coord(m_blk, n_tile - kUTiles, _, 0);
