@@ -210,7 +210,6 @@ cudaError_t launch_lora_fused_fwd_sm90(const FusedFwdArgs& a, cudaStream_t strea
   f.blocks = sp.blocks;
   const bool wide = lora_fused_fwd_sm90_wide(a);
   f.lead = a.lead ? sp.tiles : 0;
-  f.ap_pitch = counters != nullptr ? sp.rc() : sm90fused::kApRows;
   f.ready_target = wide ? 2 * sp.tiles : sp.tiles;  // the wide variant's warpgroups count themselves each
   f.width = sp.width();
   f.pieces = pieces;

@@ -1053,6 +1053,8 @@ struct FusedFwd {
     p.tma_su = make_a(f.su, M, f.lead > 0 ? 8 * f.blocks * f.lead : width, width);
     p.tma_bx = o.direct ? make_b(o.bx, N, f.r, 1) : make_b(o.bx, N, width, 1);  // lora_B: columns past r as zeros
     p.f = f;
+    // lead tile t's slot box starts at the prep's tile t, or at lora_A's rows t rc
+    p.f.ap_pitch = o.direct ? 8 * f.blocks : kApRows;
 
     static std::atomic<bool> smem_set[64];
     constexpr int smem = SharedStorageSize;

@@ -115,7 +115,8 @@ struct FusedParams {
   int blocks, pieces;
   int lead;          // 0: u tiles; else the lead tiles per row block
   int ap_pitch;      // rows of the lead slots' tensor between lead tiles' slots: kApRows (the prep's Ap), or rc
-                     // (lora_A itself: lead tile t's u columns are its rows t rc ..)
+                     // (lora_A itself: lead tile t's u columns are its rows t rc ..); set by run from
+                     // Operands::direct, next to the descriptor it goes with
   int ready_target;  // the ready count at which a row block's bf16(u) is complete: the tiles computing it
   int width;         // columns of su and Bx (Split::width)
   int k_tiles_main;

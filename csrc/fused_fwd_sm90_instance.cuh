@@ -1,8 +1,8 @@
 // What one instance file fused_fwd_sm90[_lead[_drop|_wide]]_<dtype>.cu compiles: LORA_KERNELS_FUSED_SM90_INSTANCE(
 // name, element, lead, drop, wide) defines sm90fused::run_fused_<name> (declared in fused_fwd_sm90.h) as
 // fused_fwd_sm90.cuh's FusedFwd<element, lead, drop, wide>::run. Each is its own translation unit so that the build
-// compiles the heavy CUTLASS instances in parallel (as gemm_sm90_instance.cuh). Without CUTLASS (LORA_KERNELS_HAVE_SM90_GEMM = 0) the macro
-// defines nothing.
+// compiles the heavy CUTLASS instances in parallel (as gemm_sm90_instance.cuh). Without CUTLASS
+// (LORA_KERNELS_HAVE_SM90_GEMM = 0) the macro defines nothing.
 #pragma once
 #include "gemm_sm90_instances.h"  // LORA_KERNELS_HAVE_SM90_GEMM
 
