@@ -1,6 +1,7 @@
 """Kernel timeline of one LoRA call against the floor's: where a call's GPU time goes besides its kernels.
 
     python3 bench/dev/timeline.py [--shapes 8192x4096x4096,8192x4096x1024] [--r 16] [--p 0,0.1] [--calls 3]
+        [--adapter-dtype bfloat16]
 
 For each shape, rank, dropout and mode (fwd, fwd_bwd), each provider (the cuBLAS floor, ours-cuda) runs `calls`
 calls back to back queued behind a GPU sleep (so the host's enqueue time never shows), under torch.profiler. From the
@@ -64,18 +65,21 @@ def main():
     ap.add_argument("--p", default="0,0.1")
     ap.add_argument("--calls", type=int, default=3)
     ap.add_argument("--providers", default=f"{FLOOR},ours-cuda")
+    ap.add_argument("--adapter-dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="the adapters' dtype (float32: PEFT's default)")
     args = ap.parse_args()
+    adapter_dtype = getattr(torch, args.adapter_dtype)
     print("gpu", torch.cuda.get_device_name(), "| torch", torch.__version__, flush=True)
     for shape in args.shapes.split(","):
         M, K, N = (int(v) for v in shape.split("x"))
         for r in (int(v) for v in args.r.split(",")):
             for p in (float(v) for v in args.p.split(",")):
                 for mode in ("fwd", "fwd_bwd"):
-                    print(f"=== {mode} M={M} {K}->{N} r={r} p={p}", flush=True)
+                    print(f"=== {mode} M={M} {K}->{N} r={r} p={p} {args.adapter_dtype} adapters", flush=True)
                     spans = {}
                     for prov in args.providers.split(","):
                         try:
-                            case = make_case(prov, M, K, N, r, p)
+                            case = make_case(prov, M, K, N, r, p, adapter_dtype=adapter_dtype)
                         except Unavailable as e:
                             print(f"    {prov}: unavailable ({e})")
                             continue
