@@ -600,10 +600,9 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   //     fp32 sums of the reduce, in its order) and writes the reduced g where dA reads it, so that g needs no
   //     reduce launch; the same launch sums the dB partials (a launch fewer). With dropout the pack scales g by
   //     s / (1 - p) and the GEMM masks the term with the keep bits (made once, for dx and dA) before it
-  //     accumulates dy W. Between the pack and the GEMM, dA's prep (g's pieces; dA_prep_early): the GEMM's main
-  //     K-tiles run under both. Off sm_90 the term is written first (dropout applied) and cuBLAS accumulates dy W
-  //     into it (beta = 1);
-  //  4. dA (with its prep where it did not run in 3) and its reduce.
+  //     accumulates dy W. Off sm_90 the term is written first (dropout
+  //     applied) and cuBLAS accumulates dy W into it (beta = 1);
+  //  4. dA and its reduce.
   // When the dy pass runs as one row split (small M), dB is that split's partial: in fp32 the pass writes it into
   // the output, and the reduce launch, which would only add it to zero, is left out (the same values bit for bit:
   // the partial's sums start at +0 and hold no -0 for that add to turn into +0). The same for dA and its pass, with
@@ -636,9 +635,6 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   const bool dB_direct = need_dB && dy_plan.row_splits == 1 && b_dt == lk::DType::kFloat32;
   const bool dA_direct = need_dA && dA_plan.row_splits == 1 && a_dt == lk::DType::kFloat32;
   const bool dB_in_pack = need_dB && !dB_direct && dx_sm90;  // the pack launch sums the dB partials
-  // dA's prep (g's pieces) launched between the pack and the dx GEMM, as a programmatic dependent of the pack: it
-  // runs under the GEMM's main K-tiles, which wait for it only before their extension tiles (gemm_sm90.cuh)
-  const bool dA_prep_early = (dA_sm90 || dA_kept) && dx_sm90;
 
   // The workspace: g lives from the dy pass (or its reduce, or the pack) to the last launch. The other pieces take
   // turns in one region, in the stream order above: g's parts up to the pack or reduce that sums them, the dB
@@ -649,9 +645,6 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   const int64_t g_piece = g_reduced || !g_partial ? ws.reserve_floats(M * r) : -1;
   const int64_t bits_piece = bits ? ws.reserve(lk::dropout_keep_bits_bytes(M, K)) : -1;
   const int64_t kept_piece = dA_kept ? ws.reserve(M * K * (int64_t)x.element_size()) : -1;  // up to dA
-  // launched early, dA's prep writes its pieces while the GEMM reads (vx, ax): a piece of their own up to dA
-  const int64_t dA_scratch_early =
-      dA_prep_early ? ws.reserve((int64_t)lk::lora_dA_sm90_scratch_bytes(M, r, a_pieces)) : -1;
   const int64_t phases = ws.mark();
   const int64_t g_parts_piece = g_partial ? ws.reserve_floats(dy_plan.col_groups * M * r) : -1;
   const int64_t after_g_parts = ws.mark();
@@ -668,8 +661,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   const int64_t dA_partial_piece =
       need_dA && !dA_direct ? ws.reserve_floats(std::max<int64_t>(dA_plan.row_splits, 1) * r * K) : -1;
   const int64_t dA_scratch_piece =
-      dA_prep_early ? dA_scratch_early
-      : dA_sm90 || dA_kept ? ws.reserve((int64_t)lk::lora_dA_sm90_scratch_bytes(M, r, a_pieces)) : -1;
+      dA_sm90 || dA_kept ? ws.reserve((int64_t)lk::lora_dA_sm90_scratch_bytes(M, r, a_pieces)) : -1;
   ws.allocate(x.options());
   float* const g = ws.ptr<float>(g_piece);  // the reduced g (null where it is not needed)
   float* const g_work = g_partial ? ws.ptr<float>(g_parts_piece) : g;  // what the dy pass writes
@@ -713,10 +705,6 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
       if (dB_in_pack) dB_reduce = {ws.ptr<float>(dB_partial_piece), dy_plan.row_splits, N * r, dB.data_ptr(), b_dt};
       sm90_dx_pack(dy, g_work, dy_plan.col_groups, g_reduced ? g : nullptr, r, lora_A, dx_scale,
                    ws.ptr(vx_piece), ws.ptr(ax_piece), stream, dB_reduce);
-      if (dA_prep_early) {
-        check_cuda(lk::launch_lora_dA_sm90_prep(x_dt, a_dt, g, M, r, ws.ptr(dA_scratch_piece), stream, true),
-                   "lora_dA (sm90) prep launch");
-      }
       sm90_dx_gemm(dyw, weight, r, ws.ptr(vx_piece), ws.ptr(ax_piece), ws.ptr<uint8_t>(bits_piece), dx, stream);
     } else {
       check_cuda(lk::launch_lora_dx(dx.data_ptr(), x_dt, g, lora_A.data_ptr(), a_dt, M, K, r, (float)scaling, pf,
@@ -731,7 +719,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
     if (dA_sm90 || dA_kept) {  // kept: dA = s / (1 - p) · gᵀ kept
       check_cuda(lk::launch_lora_dA_sm90(dA_kept ? ws.ptr(kept_piece) : x.data_ptr(), x_dt, a_dt, g, dA_partial, M, K,
                                          r, dA_plan, dA_kept ? lk::dropout_scale((float)scaling, pf) : (float)scaling,
-                                         ws.ptr(dA_scratch_piece), stream, dA_prep_early),
+                                         ws.ptr(dA_scratch_piece), stream),
                  "lora_dA (sm90) launch");
     } else {
       check_cuda(lk::launch_lora_dA(x.data_ptr(), x_dt, a_dt, g, dA_partial, M, K, r, dA_plan, (float)scaling, pf,

@@ -9,9 +9,7 @@
 // Mask   : none. With dropout at r > 16 the backward's dropout pass also writes kept = keep ⊙ x (dropout_bits.cu)
 //          and this kernel reads kept with scaling/(1-p) (lora_dA_sm90_kept); otherwise dA with dropout runs on the
 //          mma.sync kernel (lora_dA_sm90_unsupported says why).
-// Prep   : g's pieces Gp [Z][NW][Mpad] in x's type (scratch: lora_dA_sm90_scratch_bytes), as the dy pass's Up. Its
-//          own launch (launch_lora_dA_sm90_prep); the backward launches it before the dx GEMM, as a programmatic
-//          dependent of the pack that sums g, so that it runs under the GEMM's main loop.
+// Prep   : g's pieces Gp [Z][NW][Mpad] in x's type (scratch: lora_dA_sm90_scratch_bytes), as the dy pass's Up.
 // Tiling : as the dy pass (dy_pass_sm90.cu) without its G warpgroup's work: a loader warpgroup, a ring of x tiles
 //          (4 stages; 3 where r > 32 at three pieces: one 64-column r-chunk, whose Gp double buffer takes 96 KB),
 //          Gp tiles per row tile in a double buffer, mbarriers between them. Warpgroup 2 computes D; warpgroup 1 has
@@ -82,32 +80,9 @@ size_t lora_dA_sm90_scratch_bytes(int64_t M, int r, int pieces) {
   return (size_t)sh.z * sh.nw * (size_t)(ceil_div(M, DS_BM) * DS_BM) * 2;
 }
 
-cudaError_t launch_lora_dA_sm90_prep(DType x_dtype, DType a_dtype, const float* g, int64_t M, int r, void* scratch,
-                                     cudaStream_t stream, bool pdl) {
-  if (!scratch || !g || M < 1 || r < 1 || r > kMaxRank) return cudaErrorInvalidValue;
-  const int pieces = adapter_pieces(x_dtype, a_dtype);
-  const DsShape sh = ds_shape(r, pieces, kDA);
-  const int64_t mpad = ceil_div(M, DS_BM) * DS_BM;
-  if (sh.z > 65535) return cudaErrorInvalidConfiguration;
-  return with_dtype16(x_dtype, [&](auto xt) -> cudaError_t {
-    using T = decltype(xt);
-    const dim3 prep_grid((unsigned)(mpad / DS_PREP), (unsigned)(sh.z * sh.rj / 8));
-    return with_pieces<T>(pieces, [&](auto pc) {  // npad = 0: every prep block writes Gp
-      const auto kernel = dy_sm90_prep_kernel<T, float, decltype(pc)::value>;
-      const float* no_b = nullptr;
-      T* no_bp = nullptr;
-      T* gp = static_cast<T*>(scratch);
-      return pdl ? launch_kernel_pdl(kernel, prep_grid, DS_PREP, 0, stream, no_b, g, no_bp, gp, M, (int64_t)0, r,
-                                     sh.rj, (int64_t)0, mpad, false)
-                 : launch_kernel(kernel, prep_grid, DS_PREP, 0, stream, no_b, g, no_bp, gp, M, (int64_t)0, r, sh.rj,
-                                 (int64_t)0, mpad, false);
-    });
-  });
-}
-
 cudaError_t launch_lora_dA_sm90(const void* x, DType x_dtype, DType a_dtype, const float* g, float* dA_partial,
                                 int64_t M, int64_t K, int r, SplitPlan plan, float scaling, void* scratch,
-                                cudaStream_t stream, bool prepped) {
+                                cudaStream_t stream) {
   if (lora_dA_sm90_unsupported(x, x_dtype, a_dtype, M, K, r, 0.f) != nullptr || plan.row_splits < 1 || !scratch ||
       !dA_partial)
     return cudaErrorInvalidValue;
@@ -116,19 +91,22 @@ cudaError_t launch_lora_dA_sm90(const void* x, DType x_dtype, DType a_dtype, con
   const int64_t mpad = ceil_div(M, DS_BM) * DS_BM;
   const int64_t tpg = ceil_div(ceil_div(K, DS_BN), plan.col_groups);
   if (plan.col_groups > 65535 || plan.row_splits > 0x7fffffff || sh.z > 65535) return cudaErrorInvalidConfiguration;
-  if (!prepped) {
-    const cudaError_t e = launch_lora_dA_sm90_prep(x_dtype, a_dtype, g, M, r, scratch, stream, false);
-    if (e != cudaSuccess) return e;
-  }
   const size_t smem = ds_smem(sh, kDA, tpg);
   const dim3 grid((unsigned)plan.row_splits, (unsigned)plan.col_groups, (unsigned)sh.z);
   return with_dtype16(x_dtype, [&](auto xt) -> cudaError_t {
     using T = decltype(xt);
+    T* gp = static_cast<T*>(scratch);
+    const dim3 prep_grid((unsigned)(mpad / DS_PREP), (unsigned)(sh.z * sh.rj / 8));
+    cudaError_t e = with_pieces<T>(pieces, [&](auto pc) {  // npad = 0: every prep block writes Gp
+      return launch_kernel(dy_sm90_prep_kernel<T, float, decltype(pc)::value>, prep_grid, DS_PREP, 0, stream,
+                           static_cast<const float*>(nullptr), g, static_cast<T*>(nullptr), gp, M, (int64_t)0, r,
+                           sh.rj, (int64_t)0, mpad, false);
+    });
+    if (e != cudaSuccess) return e;
     return with_stream_kernel<kDA, T>(pieces, sh.rj, [&](auto kernel) {
       return launch_kernel_pdl(kernel, grid, DS_THREADS, smem, stream, static_cast<const T*>(x),
-                               static_cast<const T*>(nullptr), static_cast<const T*>(scratch),
-                               static_cast<float*>(nullptr), dA_partial, M, K, r, (int64_t)0, mpad,
-                               static_cast<const uint8_t*>(nullptr), scaling);
+                           static_cast<const T*>(nullptr), static_cast<const T*>(gp), static_cast<float*>(nullptr),
+                           dA_partial, M, K, r, (int64_t)0, mpad, static_cast<const uint8_t*>(nullptr), scaling);
     });
   });
 }

@@ -8,13 +8,13 @@
 //         into fp32 registers, a TMA-store epilogue that adds the bias per column). Configs in GemmConfig.
 // Launch: GemmUniversalAdapter-free: params are built on the host and the kernel is launched on the caller's
 //         stream with its cluster shape (cudaLaunchKernelExC), as a programmatic dependent of the launch before it
-//         (pdl.cuh): the pack of its rank-r operands, which writes (Ax, Bx) and nothing that the main K-tiles read.
-//         So the producer waits for that launch (pdl_wait) only before its first extension tile: the main K-tiles
-//         of (A, B) stream under the pack. Masked (the extension's tiles first) or without an extension it waits
-//         before its first load, as it does with LORA_KERNELS_SM90_LATE_WAIT=0 (A/B timing). The consumers read
-//         only shared memory that those loads fed, and the epilogue writes D after the last of them. CUTLASS's own
-//         waits (CUTLASS_ENABLE_GDC_FOR_SM90) are left out: they would wait before the first K-tile.
+//         (pdl.cuh: the pack of its rank-r operands): CUTLASS's kernel waits for that launch in its load warps before
+//         they touch global memory (CUTLASS_ENABLE_GDC_FOR_SM90), and its consumers only write what those loads fed.
 #pragma once
+
+#ifndef CUTLASS_ENABLE_GDC_FOR_SM90
+#define CUTLASS_ENABLE_GDC_FOR_SM90 1
+#endif
 
 #include "gemm_sm90.h"
 #include "pdl.cuh"
@@ -97,7 +97,6 @@ struct KExtendedMainloop : Base {
     int k_main;              // K of (A, B); the problem shape's K is k_tiles_main * kTileK + Kx
     int k_ext;               // Kx (a multiple of kTileK, may be 0)
     uint8_t const* ptr_keep = nullptr;  // (M, N/8) keep bits, or null
-    bool late_wait = true;               // see Launch; kept only unmasked with an extension
     uint32_t mma_promotion_interval = 4;
   };
 
@@ -111,7 +110,6 @@ struct KExtendedMainloop : Base {
     int k_tiles_ext;
     int masked;
     int keep_rows, keep_cols;  // the keep descriptor's (M, N/8), or (M, kKeepRowBytes) when unmasked
-    int late_wait;             // wait for the launch before only ahead of the first extension tile (see Launch)
   };
 
   template <class ProblemShape>
@@ -148,7 +146,6 @@ struct KExtendedMainloop : Base {
     int keep_pitch = p.masked ? N / 8 : args.k_main * int(sizeof(ElementA));
     p.keep_rows = M;
     p.keep_cols = p.masked ? N / 8 : kKeepRowBytes;
-    p.late_wait = args.late_wait && !p.masked && args.k_ext > 0;
     p.tma_load_keep = make_tma_copy(
         SM90_TMA_LOAD{},
         make_tensor(make_gmem_ptr(keep_src),
@@ -202,10 +199,6 @@ struct KExtendedMainloop : Base {
                            BlockCoord const& blk_coord, KTileIterator k_tile_iter, int k_tile_count, int thread_idx,
                            uint32_t block_rank_in_cluster, TensorStorage& shared_tensors) {
     if (!cute::elect_one_sync()) return;
-    // PDL (see Launch): a launch after this one may set up now; the one before it is waited for here, or, with
-    // late_wait, ahead of the first extension tile.
-    pdl_launch_dependents();
-    if (!p.late_wait) pdl_wait();
     Tensor sA = make_tensor(make_smem_ptr(shared_tensors.smem_A.data()), SmemLayoutA{});  // (BLK_M,BLK_K,PIPE)
     Tensor sB = make_tensor(make_smem_ptr(shared_tensors.smem_B.data()), SmemLayoutB{});  // (BLK_N,BLK_K,PIPE)
 
@@ -255,7 +248,6 @@ struct KExtendedMainloop : Base {
       int stage = smem_pipe_write.index();
       const int kx = p.masked ? k : k - kt_main;  // index into the extension when in [0, kt_ext)
       if (kx >= 0 && kx < kt_ext) {
-        if (p.late_wait && kx == 0) pdl_wait();  // the pack's (Ax, Bx) are complete and visible from here on
         if (p.masked && kx == kt_ext - 1) {
           // more bytes on this stage's barrier, declared before any of its copies is issued
           pipeline.producer_expect_transaction(smem_pipe_write, kKeepBytes);
@@ -398,13 +390,6 @@ template <> struct ConfigOf<3> { using type = Config<256, 128, 2, 1, true>; };
 template <> struct ConfigOf<4> { using type = Config<128, 256, 1, 2, true>; };
 template <> struct ConfigOf<5> { using type = Config<128, 128, 2, 1, false>; };
 
-// LORA_KERNELS_SM90_LATE_WAIT (read once): 0 makes the producer wait for the launch before at its first load
-// instead of its first extension tile (A/B timing).
-inline bool late_wait_on() {
-  static const bool on = env_switch_on("LORA_KERNELS_SM90_LATE_WAIT");
-  return on;
-}
-
 template <class Element, class LayoutB, class Cfg>
 struct Gemm {
   using LayoutA = cutlass::layout::RowMajor;
@@ -445,7 +430,7 @@ struct Gemm {
                      static_cast<E const*>(a.b), cutlass::make_cute_packed_stride(StrideB{}, {N, K, 1}),
                      static_cast<E const*>(a.ax), cutlass::make_cute_packed_stride(StrideA{}, {M, Kx, 1}),
                      static_cast<E const*>(a.bx), cutlass::make_cute_packed_stride(StrideB{}, {N, Kx, 1}),
-                     K, Kx, a.keep, late_wait_on()};
+                     K, Kx, a.keep};
     args.epilogue.thread.alpha = 1.0f;
     args.epilogue.thread.beta = 0.0f;
     args.epilogue.thread.bias_ptr = static_cast<E const*>(a.bias);
@@ -493,7 +478,7 @@ struct Gemm {
     config.dynamicSmemBytes = smem;
     config.stream = stream;
     config.attrs = attr;
-    config.numAttrs = with_pdl(attr, 1);  // may start under the launch before it (the producer waits for it: Launch)
+    config.numAttrs = with_pdl(attr, 1);  // may start under the previous launch's tail (the load warps wait for it)
     void* kernel_params[] = {&params};
     return cudaLaunchKernelExC(&config, reinterpret_cast<void const*>(&cutlass::device_kernel<Kernel>), kernel_params);
   }

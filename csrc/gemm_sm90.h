@@ -14,11 +14,6 @@
 // byte n / 8 (dropout_bits.cu's layout of an (M, N) input). The kernel runs the extension's K-tiles first, zeroes the
 // dropped elements of the accumulator, then runs the main K-tiles into it: the masked term costs no pass over D.
 //
-// Launch order: the kernel is a programmatic dependent (pdl.cuh) of the launch just before it on the stream, which it
-// waits for only before reading (Ax, Bx) where the extension's tiles come last (no keep bits). That launch may write
-// Ax, Bx and keep; A, B and bias must be complete before it starts (the callers launch the pack of the rank-r operands
-// right before, as a plain launch).
-//
 // Requirements (else lora_gemm_sm90_unsupported() says why and the caller keeps its other path): a device of
 // compute capability 9.0, a build with the kernels (LORA_KERNELS_HAVE_SM90_GEMM), fp16 or bf16, K and N
 // multiples of 8 and every pointer 16-byte aligned (TMA), Kx a multiple of 64; with keep bits also Kx > 0, kKN

@@ -184,13 +184,9 @@ const char* lora_dA_sm90_unsupported(const void* x, DType x_dtype, DType a_dtype
 const char* lora_dA_sm90_kept(const void* x, DType x_dtype, DType a_dtype, int64_t M, int64_t K, int r, float p);
 SplitPlan lora_dA_sm90_plan(int64_t M, int64_t K, int r, int pieces);
 size_t lora_dA_sm90_scratch_bytes(int64_t M, int r, int pieces);
-// prepped: `scratch` already holds g's pieces from launch_lora_dA_sm90_prep on the same stream (else this launches
-// the prep first). The prep's `pdl` launches it as a programmatic dependent of the launch before it (it waits for it).
 cudaError_t launch_lora_dA_sm90(const void* x, DType x_dtype, DType a_dtype, const float* g, float* dA_partial,
                                 int64_t M, int64_t K, int r, SplitPlan plan, float scaling, void* scratch,
-                                cudaStream_t stream, bool prepped = false);
-cudaError_t launch_lora_dA_sm90_prep(DType x_dtype, DType a_dtype, const float* g, int64_t M, int r, void* scratch,
-                                     cudaStream_t stream, bool pdl);
+                                cudaStream_t stream);
 // The shrink on Hopper (shrink_sm90.cu: the same streaming kernel, G product only, x masked in shared memory by the
 // keep bits keep8, which a call with p > 0 must give): same outputs and partial layout as launch_lora_shrink, for
 // lora_shrink_sm90_plan's plan; lora_A's pieces staged in `scratch` (lora_shrink_sm90_scratch_bytes).

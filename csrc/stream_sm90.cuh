@@ -69,7 +69,6 @@ dy_sm90_prep_kernel(const TB* __restrict__ B, const float* __restrict__ u, T* __
                     int64_t M, int64_t N, int r, int rj, int64_t npad, int64_t mpad, bool b_rows) {
 #if LK_TC_ARCH
   pdl_launch_dependents();  // the pass launched next may set up under this launch (it waits for it)
-  pdl_wait();  // launched as a programmatic dependent (dA's prep under the dx GEMM's pack): its g is complete
   const int64_t bp_blocks = npad / DS_PREP;
   const bool is_b = blockIdx.x < bp_blocks;
   const int64_t e = (is_b ? blockIdx.x : blockIdx.x - bp_blocks) * (int64_t)DS_PREP + threadIdx.x;

@@ -112,10 +112,10 @@ def test_sm90_path_against_float64(dtype, adapter_dtype, lead, K, N, r, p):
 @pytest.mark.skipif(not _hopper(), reason="the sm_90 GEMM runs on compute capability 9.0 only")
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_extension_tiles_read_this_calls_pack(p):
-    # The dx GEMM starts under its pack launch and waits for it only before its extension tiles (csrc/gemm_sm90.cuh,
-    # Launch). With one main K-tile (N = 64) and 8192 rows of (s g) to pack, it reaches them at once: a missing or
-    # misplaced wait reads the previous call's (s g) from the reused workspace. Three calls in a row, fresh inputs
-    # each time, each against float64.
+    # The dx GEMM may start under its pack launch (programmatic dependent launch, csrc/gemm_sm90.cuh) and must wait
+    # for it before it reads (s g). With one main K-tile (N = 64) and 8192 rows of (s g) to pack, it reaches the
+    # extension at once: a missing or misplaced wait reads the previous call's (s g) from the reused workspace.
+    # Three calls in a row, fresh inputs each time, each against float64.
     assert _dx_path(8192, 1024, 64, 64, p) == ("sm90" if p == 0 else "sm90 masked")
     for _ in range(3):
         run_and_check("cuda", "cuda", torch.bfloat16, (8192,), 1024, 64, 64, bias=False, p=p,
