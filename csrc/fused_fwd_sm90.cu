@@ -110,12 +110,17 @@ bool narrow_lead(int64_t M, int64_t N, int r, int pieces) {
   return pieces == 1 && tiles <= ceil_div(N, 128) && ceil_div(M, 128) * tiles <= num_sms();
 }
 
+// The Split a launch takes, for its workspace, the wide-tile rule and the launch alike: split_for, with lead tiles
+// of 8 u columns where narrow_lead takes them.
+sm90fused::Split launch_split(int64_t M, int64_t N, int r, int pieces, bool lead) {
+  return sm90fused::split_for(r, pieces, lead, narrow_lead(M, N, r, pieces));
+}
+
 }  // namespace
 
 size_t lora_fused_fwd_sm90_workspace_bytes(int64_t M, int64_t N, int64_t K, int r, DType x_dtype, DType a_dtype,
                                            bool lead) {
-  const int pieces = adapter_pieces(x_dtype, a_dtype);
-  return (size_t)carve(M, N, K, sm90fused::split_for(r, pieces, lead, narrow_lead(M, N, r, pieces))).total;
+  return (size_t)carve(M, N, K, launch_split(M, N, r, adapter_pieces(x_dtype, a_dtype), lead)).total;
 }
 
 const char* lora_fused_fwd_sm90_unsupported(const FusedFwdArgs& a, int device) {
@@ -146,8 +151,7 @@ bool lora_fused_fwd_sm90_wide(const FusedFwdArgs& a) {
   g.M = a.M;
   g.N = a.N;
   g.K = a.K;
-  const int pieces = adapter_pieces(a.x_dtype, a.a_dtype);
-  const sm90fused::Split sp = sm90fused::split_for(a.r, pieces, true, narrow_lead(a.M, a.N, a.r, pieces));
+  const sm90fused::Split sp = launch_split(a.M, a.N, a.r, adapter_pieces(a.x_dtype, a.a_dtype), true);
   g.Kx = sp.width();
   return lora_gemm_sm90_pick(g).config == GemmConfig::kCoop128x256_c12 && (a.N + 255) / 256 >= sp.tiles;
 }
@@ -170,7 +174,7 @@ cudaError_t launch_lora_fused_fwd_sm90(const FusedFwdArgs& a, cudaStream_t strea
     return cudaErrorNotSupported;
 #if LORA_KERNELS_HAVE_SM90_GEMM
   const int pieces = adapter_pieces(a.x_dtype, a.a_dtype);
-  const sm90fused::Split sp = sm90fused::split_for(a.r, pieces, a.lead, narrow_lead(a.M, a.N, a.r, pieces));
+  const sm90fused::Split sp = launch_split(a.M, a.N, a.r, pieces, a.lead);
   const Carve c = carve(a.M, a.N, a.K, sp);
   char* ws = static_cast<char*>(a.workspace);
   const int64_t mt = ceil_div(a.M, 128);
