@@ -3,18 +3,21 @@
 // wherever this one does not (lora_dA_sm90_unsupported says why).
 //
 // Math   : the D product of the streaming kernel (stream_sm90.cuh, MODE kDA): per r-chunk z and 128 x 64 tile of x,
-//            D (64 x NW) = x_tile^T . Gp_tile^T        K = the tile's 128 rows
+//            D (64 x NW) = x_tile^T . Up_tile^T        K = the tile's 128 rows
 //          with g's P pieces (bf16x3 of the fp32 g on bf16 x, else cast) stacked as NW = P*RJ columns; each tile's
 //          pieces are added in fp32 into the column group's sums in shared memory, scaled once at the end.
 // Mask   : none. With dropout at r > 16 the backward's dropout pass also writes kept = keep ⊙ x (dropout_bits.cu)
 //          and this kernel reads kept with scaling/(1-p) (lora_dA_sm90_kept); otherwise dA with dropout runs on the
 //          mma.sync kernel (lora_dA_sm90_unsupported says why).
-// Prep   : g's pieces Gp [Z][NW][Mpad] in x's type (scratch: lora_dA_sm90_scratch_bytes), as the dy pass's Up.
+// Up     : g's rows of each 128-row tile as x's type (or their P pieces), written into shared memory by warpgroup 1
+//          (which has no product) from g itself, where the dy pass copies its Up from a prep launch's output: no
+//          prep launch and no scratch.
 // Tiling : as the dy pass (dy_pass_sm90.cu) without its G warpgroup's work: a loader warpgroup, a ring of x tiles
-//          (4 stages; 3 where r > 32 at three pieces: one 64-column r-chunk, whose Gp double buffer takes 96 KB),
-//          Gp tiles per row tile in a double buffer, mbarriers between them. Warpgroup 2 computes D; warpgroup 1 has
-//          no product (splitting D over both ran slower: bench/results/h200_2026-12-02/session21).
-// Bytes  : x once per r-chunk; Gp from L2 once per row tile; partials row_splits * r * K floats.
+//          (4 stages; 3 where r > 32 at three pieces: one 64-column r-chunk, whose Up double buffer takes 96 KB),
+//          Up tiles per row tile in a double buffer, mbarriers between them. Warpgroup 2 computes D; warpgroup 1
+//          writes the Up tiles and stays out of the ring (splitting D over both consumer warpgroups ran slower:
+//          bench/results/h200_2026-12-02/session21).
+// Bytes  : x once per r-chunk; g from L2 once per row tile; partials row_splits * r * K floats.
 #include "stream_sm90.cuh"
 
 
@@ -75,38 +78,26 @@ const char* lora_dA_sm90_kept(const void* x, DType x_dtype, DType a_dtype, int64
   return lora_dA_sm90_unsupported(x, x_dtype, a_dtype, M, K, r, 0.f);
 }
 
-size_t lora_dA_sm90_scratch_bytes(int64_t M, int r, int pieces) {
-  const DsShape sh = ds_shape(r, pieces, kDA);
-  return (size_t)sh.z * sh.nw * (size_t)(ceil_div(M, DS_BM) * DS_BM) * 2;
-}
-
 cudaError_t launch_lora_dA_sm90(const void* x, DType x_dtype, DType a_dtype, const float* g, float* dA_partial,
-                                int64_t M, int64_t K, int r, SplitPlan plan, float scaling, void* scratch,
-                                cudaStream_t stream) {
-  if (lora_dA_sm90_unsupported(x, x_dtype, a_dtype, M, K, r, 0.f) != nullptr || plan.row_splits < 1 || !scratch ||
+                                int64_t M, int64_t K, int r, SplitPlan plan, float scaling, cudaStream_t stream) {
+  if (lora_dA_sm90_unsupported(x, x_dtype, a_dtype, M, K, r, 0.f) != nullptr || plan.row_splits < 1 || !g ||
       !dA_partial)
     return cudaErrorInvalidValue;
   const int pieces = adapter_pieces(x_dtype, a_dtype);
   const DsShape sh = ds_shape(r, pieces, kDA);
-  const int64_t mpad = ceil_div(M, DS_BM) * DS_BM;
   const int64_t tpg = ceil_div(ceil_div(K, DS_BN), plan.col_groups);
   if (plan.col_groups > 65535 || plan.row_splits > 0x7fffffff || sh.z > 65535) return cudaErrorInvalidConfiguration;
   const size_t smem = ds_smem(sh, kDA, tpg);
   const dim3 grid((unsigned)plan.row_splits, (unsigned)plan.col_groups, (unsigned)sh.z);
+  // A programmatic dependent of the launch before it (the dx GEMM in the backward): its blocks set up under that
+  // launch's tail and wait for it (pdl_wait) before they read g.
   return with_dtype16(x_dtype, [&](auto xt) -> cudaError_t {
     using T = decltype(xt);
-    T* gp = static_cast<T*>(scratch);
-    const dim3 prep_grid((unsigned)(mpad / DS_PREP), (unsigned)(sh.z * sh.rj / 8));
-    cudaError_t e = with_pieces<T>(pieces, [&](auto pc) {  // npad = 0: every prep block writes Gp
-      return launch_kernel(dy_sm90_prep_kernel<T, float, decltype(pc)::value>, prep_grid, DS_PREP, 0, stream,
-                           static_cast<const float*>(nullptr), g, static_cast<T*>(nullptr), gp, M, (int64_t)0, r,
-                           sh.rj, (int64_t)0, mpad, false);
-    });
-    if (e != cudaSuccess) return e;
     return with_stream_kernel<kDA, T>(pieces, sh.rj, [&](auto kernel) {
       return launch_kernel_pdl(kernel, grid, DS_THREADS, smem, stream, static_cast<const T*>(x),
-                           static_cast<const T*>(nullptr), static_cast<const T*>(gp), static_cast<float*>(nullptr),
-                           dA_partial, M, K, r, (int64_t)0, mpad, static_cast<const uint8_t*>(nullptr), scaling);
+                               static_cast<const T*>(nullptr), static_cast<const T*>(nullptr),
+                               static_cast<float*>(nullptr), dA_partial, M, K, r, (int64_t)0, (int64_t)0,
+                               static_cast<const uint8_t*>(nullptr), scaling, g);
     });
   });
 }

@@ -52,7 +52,7 @@ inline int64_t ds_min_col_tiles(int r, int pieces, StreamMode mode) {
 // Up row tile and the column group's D sums.
 size_t ds_smem(const DsShape& s, StreamMode mode, int64_t tiles_per_group) {
   const int stages = ds_stages(mode, s.nw);
-  const size_t ring = 16 * stages + 16 + 1024 + (size_t)stages * ds_stage_bytes(mode, s.nw);
+  const size_t ring = 16 * stages + 32 + 1024 + (size_t)stages * ds_stage_bytes(mode, s.nw);
   if (mode == kShrink) return ring;
   return ring + (size_t)2 * 2 * 128 * s.nw + (size_t)tiles_per_group * DS_BN * ds_ldd(s.rj) * 4;
 }
@@ -100,6 +100,7 @@ dy_sm90_prep_kernel(const TB* __restrict__ B, const float* __restrict__ u, T* __
 
 // MODE kDy: a = dy (M, N), G with Bp into g_out, D with Up into d_out = the dB partials [s][n][j].
 // MODE kDA: a = x (M, N = K), D with Up = g's pieces into d_out = the dA partials [s][j][k], times `scale`.
+//           Warpgroup 1 builds each row tile's Up from g_in (fp32 (M, r), row-major) itself: no prep launch, no `up`.
 // MODE kShrink: a = x (M, N = K), G with Bp = lora_A's pieces into g_out = u's K-split partials [c][m][j] times
 //           `scale`, x masked first by the keep bits when given (keep8: row m at keep8 + m * ceil(N / 8), bit k % 8 of
 //           byte k / 8); warpgroup 1 takes the tile's rows 0-63, warpgroup 2 rows 64-127.
@@ -107,7 +108,8 @@ template <int MODE, typename T, int P, int RJ>
 __global__ void __launch_bounds__(DS_THREADS, 1)
 stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* __restrict__ up,
                    float* __restrict__ g_out, float* __restrict__ dB_partial, int64_t M, int64_t N, int r,
-                   int64_t npad, int64_t mpad, const uint8_t* __restrict__ keep8, float scale) {
+                   int64_t npad, int64_t mpad, const uint8_t* __restrict__ keep8, float scale,
+                   const float* __restrict__ g_in) {
 #if LK_WGMMA
   constexpr int NW = P * RJ, LDD = ds_ldd(RJ), DY_BYTES = DS_BM * DS_BN * 2, STAGE = ds_stage_bytes(MODE, NW);
   constexpr int DS_STAGES = ds_stages(MODE, NW);
@@ -115,10 +117,12 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
   constexpr int PT = 128;                 // producer threads (warpgroup 0)
   extern __shared__ unsigned char ds_smem_raw[];
   // mbarriers first: full[s] (the stage's copies landed), empty[s] (its products done), up_free[b] (the Up buffer's
-  // row tile done); then the 1024-byte-aligned tiles.
+  // row tile done), up_full[b] (dA: warpgroup 1's stores of the Up buffer's row tile done); then the 1024-byte-aligned
+  // tiles.
   const uint32_t raw = smem_addr(ds_smem_raw);
   const uint32_t bar_full = raw, bar_empty = raw + 8 * DS_STAGES, bar_up = raw + 16 * DS_STAGES;
-  const uint32_t tiles = raw + 16 * DS_STAGES + 16, pad = (1024 - (tiles & 1023)) & 1023;
+  const uint32_t bar_upf = bar_up + 16;
+  const uint32_t tiles = raw + 16 * DS_STAGES + 32, pad = (1024 - (tiles & 1023)) & 1023;
   const uint32_t s_ring = tiles + pad, s_up = s_ring + DS_STAGES * STAGE;
   float* dBs = reinterpret_cast<float*>(ds_smem_raw + (s_up + 2 * UP_BYTES - raw));  // [tiles*64][LDD]: D sums
 
@@ -133,6 +137,9 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
   const int j0 = blockIdx.z * RJ;
   const bool do_dB = MODE != kShrink && dB_partial != nullptr;
   constexpr bool kG = MODE != kDA;  // the G product (dy pass, shrink)
+  // dA: warpgroup 1 (no product there) writes each row tile's Up (g's rows as x's type, or their P bf16x3 pieces)
+  // into shared memory itself, where the dy pass's loader copies the prep's Up tile; it stays out of the ring.
+  constexpr bool kUpFromG = MODE == kDA;
   // With N % 32 == 0 the loader copies each tile's keep bits into the stage (4-byte copies, each wholly inside or
   // past the row); otherwise the masking warpgroup reads them from global memory.
   const bool bits_staged = MODE == kShrink && keep8 != nullptr && N % 32 == 0;
@@ -161,10 +168,12 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
   if (tid == 0) {
     for (int s = 0; s < DS_STAGES; ++s) {
       mbar_init(bar_full + 8 * s, PT);  // every producer thread's copies
-      mbar_init(bar_empty + 8 * s, 8);  // lane 0 of each consumer warp
+      mbar_init(bar_empty + 8 * s, kUpFromG ? 4 : 8);  // lane 0 of each consumer warp (dA: of warpgroup 2)
     }
     mbar_init(bar_up, 4);  // lane 0 of each dB warp
     mbar_init(bar_up + 8, 4);
+    mbar_init(bar_upf, PT);  // every thread of dA's Up warpgroup
+    mbar_init(bar_upf + 8, PT);
   }
   if (do_dB)
     for (int i = tid; i < n_ct * DS_BN * LDD; i += DS_THREADS) dBs[i] = 0.f;
@@ -207,7 +216,7 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
                     ok ? keep8 + (m0 + tid) * kb + n0 / 8 + 4 * w : keep8, ok ? 4 : 0);
         }
       }
-      if (do_dB && ct == 0) {  // the row tile's Up tile, once the buffer's row tile two back is done
+      if (!kUpFromG && do_dB && ct == 0) {  // the row tile's Up tile, once the buffer's row tile two back is done
         mbar_wait(bar_up + 8 * (rt & 1), ((rt >> 1) & 1) ^ 1);
         const uint32_t s_u = s_up + (rt & 1) * UP_BYTES;
 #pragma unroll
@@ -228,9 +237,38 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
         ++round;
       }
     }
+  } else if (kUpFromG && wg == 1) {
+    // dA's Up: row tile rt of the split in buffer rt % 2 once the D warpgroup is done with the row tile two back.
+    // Thread i takes the tile's row i: g's r-chunk row (zeros past the split's rows and past r: x's rows there are
+    // zero-filled, and zero times anything finite adds nothing), loaded before the wait; as element (row jj + piece
+    // * RJ, column i) of a K-major operand: K block i / 64, 16-byte chunk (i % 64) / 8, element i % 8.
+    const int i = tid - 128, ch = (i >> 3) & 7;
+    const int n_rt = do_dB ? (int)(rt1 - rt0) : 0;
+    for (int rt = 0; rt < n_rt; ++rt) {
+      const int64_t m = row_begin + (int64_t)rt * DS_BM + i;
+      float gv[RJ];
+#pragma unroll
+      for (int jj = 0; jj < RJ; ++jj) gv[jj] = m < row_end && j0 + jj < r ? __ldg(g_in + m * r + j0 + jj) : 0.f;
+      mbar_wait(bar_up + 8 * (rt & 1), ((rt >> 1) & 1) ^ 1);
+      unsigned char* s_m = ds_smem_raw + (s_up + (rt & 1) * UP_BYTES - raw) + (i >> 6) * NW * 128 + ((i & 7) << 1);
+#pragma unroll
+      for (int jj = 0; jj < RJ; ++jj) {
+        if constexpr (P > 1) {
+          __nv_bfloat16 pc[3];
+          bf16x3_split(gv[jj], pc);
+#pragma unroll
+          for (int q = 0; q < 3; ++q) *reinterpret_cast<__nv_bfloat16*>(s_m + sw128_offset(q * RJ + jj, ch)) = pc[q];
+        } else {
+          *reinterpret_cast<T*>(s_m + sw128_offset(jj, ch)) = from_f<T>(gv[jj]);
+        }
+      }
+      fence_proxy_async();  // the stores (generic proxy) before the D warpgroup's wgmma reads them (async proxy)
+      mbar_arrive(bar_upf + 8 * (rt & 1));
+    }
   } else {
     // Consumers. dy pass: warpgroup 1 computes G (both 64-row halves), warpgroup 2 computes D. dA: warpgroup 2
-    // computes D. Shrink: warpgroup 1 computes G of rows 0-63, warpgroup 2 of rows 64-127.
+    // computes D (warpgroup 1 writes its Up, above). Shrink: warpgroup 1 computes G of rows 0-63, warpgroup 2 of rows
+    // 64-127.
     constexpr int GH = MODE == kShrink ? 1 : 2;  // G halves per warpgroup
     const int h0 = MODE == kShrink ? wg - 1 : 0;  // its first half
     const bool g_here = kG && (MODE == kShrink || wg == 1);
@@ -293,6 +331,7 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
         }
       } else if (wg == 2 && do_dB) {  // D: the tile's 64 columns x NW, K = the tile's 128 rows, 8 steps of 16
         const uint32_t s_u = s_up + (rt & 1) * UP_BYTES;
+        if (kUpFromG && ct == 0) mbar_wait(bar_upf + 8 * (rt & 1), (rt >> 1) & 1);  // warpgroup 1's Up stores
         wgmma_fence();
 #pragma unroll
         for (int ks = 0; ks < DS_BM / 16; ++ks)
