@@ -1,5 +1,6 @@
 // Reduction of per-split partial buffers (shrink K splits, dy pass g / dB, dA): out = sum over the splits in a fixed
-// order, cast to the output dtype. Bitwise deterministic.
+// order, cast to the output dtype. Bitwise deterministic. Launched as a programmatic dependent of the pass before it
+// (pdl.cuh): its blocks start on the SMs that pass's last blocks leave free and wait there for all of it.
 #include "plans.cuh"
 #include "reduce.cuh"
 
@@ -10,6 +11,7 @@ namespace {
 template <typename TO>
 __global__ void __launch_bounds__(kThreads)
 reduce_partials_kernel(const float* __restrict__ partial, int64_t S, int64_t count, TO* __restrict__ out) {
+  pdl_wait();
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < count; i += (int64_t)gridDim.x * blockDim.x)
     reduce_partials_one(partial, S, count, out, i);
 }
@@ -21,6 +23,7 @@ template <typename TO>
 __global__ void __launch_bounds__(kThreads)
 reduce_partials4_kernel(const float* __restrict__ partial, int64_t S, int64_t count, TO* __restrict__ out) {
   const int64_t n4 = count / 4;
+  pdl_wait();
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n4; i += (int64_t)gridDim.x * blockDim.x)
     reduce_partials_four(partial, S, count, out, i);
 }
@@ -36,12 +39,12 @@ cudaError_t launch_reduce_partials(const float* partial, int64_t num_splits, int
     TO* o = static_cast<TO*>(out);
     if (reduce_partials_vec4(partial, count, o, sizeof(TO))) {
       const int64_t blocks = std::min<int64_t>(ceil_div(count / 4, kThreads), max_blocks);
-      return launch_kernel(reduce_partials4_kernel<TO>, dim3((unsigned)blocks), kThreads, 0, stream, partial,
+      return launch_kernel_pdl(reduce_partials4_kernel<TO>, dim3((unsigned)blocks), kThreads, 0, stream, partial,
                            num_splits, count, o);
     }
     const int64_t blocks = std::min<int64_t>(ceil_div(count, kThreads), max_blocks);
-    return launch_kernel(reduce_partials_kernel<TO>, dim3((unsigned)blocks), kThreads, 0, stream, partial, num_splits,
-                         count, o);
+    return launch_kernel_pdl(reduce_partials_kernel<TO>, dim3((unsigned)blocks), kThreads, 0, stream, partial,
+                             num_splits, count, o);
   });
 }
 
