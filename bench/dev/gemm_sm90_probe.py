@@ -213,6 +213,7 @@ def main():
     ap.add_argument("--configs", default="0,1,2,3,4,5", help="GemmConfig ids to time (those the library has)")
     ap.add_argument("--Ms", default="8192,2048")
     ap.add_argument("--rounds", type=int, default=15, help="burst rounds per candidate")
+    ap.add_argument("--dtypes", default="bf16", help="dtypes timed: bf16, fp16 or both (bf16,fp16)")
     args = ap.parse_args()
     lib = Lib(args.lib)
     print("device", torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
@@ -244,31 +245,31 @@ def main():
     configs, swizzles, rasters = tuple(int(c) for c in args.configs.split(",")), (1, 2, 4, 8), (1, 2)
     if args.quick:
         swizzles, rasters = (1, 4), (0,)
-    for M in Ms if args.regime != "steady" else ():
+    dtypes = [{"bf16": torch.bfloat16, "fp16": torch.float16}[d] for d in args.dtypes.split(",")]
+    for dtype, M in ((d, m) for d in dtypes for m in Ms) if args.regime != "steady" else ():
         for (K, N) in shapes:
             for layout in layouts:
                 n_, k_ = (N, K) if layout == 0 else (K, N)
-                r = bench_shape_burst(lib, M, n_, k_, layout, torch.bfloat16, configs, (1, 4), (1, 2), (64,),
-                                      args.rounds)
+                r = bench_shape_burst(lib, M, n_, k_, layout, dtype, configs, (1, 4), (1, 2), (64,), args.rounds)
                 out["bench"].append(r)
                 b = r["best"]
                 pc = " ".join(f"{k}:{v:.3f}" for k, v in r["per_config"].items() if v is not None)
                 ext = " ".join(f"Kx{e['Kx']} best {e['ext_best']:.3f} auto {e['ext_auto']:.3f}" for e in r["ext"])
-                print(f"burst M={M} {k_}->{n_} {'fwd' if layout == 0 else 'dx '} cublas/ours: auto {r['auto']:.3f} "
+                print(f"burst {str(dtype)[6:]} M={M} {k_}->{n_} {'fwd' if layout == 0 else 'dx '} cublas/ours: auto {r['auto']:.3f} "
                       f"best {b['ratio']:.3f} [{b['config']} sw{b['swizzle']} r{b['raster']}] | {pc} | {ext}",
                       flush=True)
-    for M in Ms if args.regime != "burst" else ():
+    for dtype, M in ((d, m) for d in dtypes for m in Ms) if args.regime != "burst" else ():
         for (K, N) in shapes:
             for layout in layouts:
                 if layout == 1:  # backward dx = dy W: (M, N) x (N, K) -> (M, K)
-                    r = bench_shape(lib, M, K, N, 1, torch.bfloat16, configs, swizzles, rasters, (64, 192))
+                    r = bench_shape(lib, M, K, N, 1, dtype, configs, swizzles, rasters, (64, 192))
                 else:
-                    r = bench_shape(lib, M, N, K, 0, torch.bfloat16, configs, swizzles, rasters, (64, 192))
+                    r = bench_shape(lib, M, N, K, 0, dtype, configs, swizzles, rasters, (64, 192))
                 out["bench"].append(r)
                 b = r["best"]
                 ext = " ".join(f"Kx{e['Kx']}:{e['ext_ratio']:.3f}(plain {e['plain_ratio']:.3f}, auto {e['ext_auto_ratio']:.3f})"
                                for e in r["ext"])
-                print(f"M={M} {r['K']}->{r['N']} {'fwd' if layout == 0 else 'dx '} cublas {r['cublas_us']:.1f}us "
+                print(f"{str(dtype)[6:]} M={M} {r['K']}->{r['N']} {'fwd' if layout == 0 else 'dx '} cublas {r['cublas_us']:.1f}us "
                       f"({r['cublas_tflops']:.0f} TF) auto {r['auto_vs_cublas']:.3f}x best {b['vs_cublas']:.3f}x "
                       f"[{b['config']} sw{b['swizzle']} r{b['raster']}] | time/cublas {ext}", flush=True)
     if args.out:
