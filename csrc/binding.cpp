@@ -615,7 +615,8 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   const lk::SplitPlan dy_plan =
       dy_sm90 ? lk::lora_dy_pass_sm90_plan(M, N, r, pieces) : lk::lora_dy_pass_plan(M, N, r, pieces);
   const bool g_partial = dy_plan.col_groups > 1;
-  // On Hopper dA runs on the same wgmma streaming kernel as the dy pass (dA_sm90.cu), one launch
+  // On Hopper dA runs on the same wgmma streaming kernel as the dy pass (dA_sm90.cu), g's pieces staged by the
+  // kernel itself or, where they are wide, in a scratch piece
   const int a_pieces = lk::adapter_pieces(x_dt, a_dt);
   const bool dA_sm90 = need_dA && M > 0 && K > 0 &&
                        lk::lora_dA_sm90_unsupported(x.data_ptr(), x_dt, a_dt, M, K, r, pf) == nullptr;
@@ -660,6 +661,9 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   ws.rewind(phases);
   const int64_t dA_partial_piece =
       need_dA && !dA_direct ? ws.reserve_floats(std::max<int64_t>(dA_plan.row_splits, 1) * r * K) : -1;
+  const int64_t dA_scratch_bytes =
+      dA_sm90 || dA_kept ? (int64_t)lk::lora_dA_sm90_scratch_bytes(M, r, a_pieces) : 0;  // 0: one launch
+  const int64_t dA_scratch_piece = dA_scratch_bytes > 0 ? ws.reserve(dA_scratch_bytes) : -1;
   ws.allocate(x.options());
   float* const g = ws.ptr<float>(g_piece);  // the reduced g (null where it is not needed)
   float* const g_work = g_partial ? ws.ptr<float>(g_parts_piece) : g;  // what the dy pass writes
@@ -717,7 +721,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
     if (dA_sm90 || dA_kept) {  // kept: dA = s / (1 - p) · gᵀ kept
       check_cuda(lk::launch_lora_dA_sm90(dA_kept ? ws.ptr(kept_piece) : x.data_ptr(), x_dt, a_dt, g, dA_partial, M, K,
                                          r, dA_plan, dA_kept ? lk::dropout_scale((float)scaling, pf) : (float)scaling,
-                                         stream),
+                                         ws.ptr(dA_scratch_piece), stream),
                  "lora_dA (sm90) launch");
     } else {
       check_cuda(lk::launch_lora_dA(x.data_ptr(), x_dt, a_dt, g, dA_partial, M, K, r, dA_plan, (float)scaling, pf,

@@ -9,13 +9,14 @@
 // Mask   : none. With dropout at r > 16 the backward's dropout pass also writes kept = keep ⊙ x (dropout_bits.cu)
 //          and this kernel reads kept with scaling/(1-p) (lora_dA_sm90_kept); otherwise dA with dropout runs on the
 //          mma.sync kernel (lora_dA_sm90_unsupported says why).
-// Up     : g's rows of each 128-row tile as x's type (or their P pieces), written into shared memory by warpgroup 1
-//          (which has no product) from g itself, where the dy pass copies its Up from a prep launch's output: no
-//          prep launch and no scratch.
+// Up     : g's rows of each 128-row tile as x's type (or their P pieces). Where they are at most 64 columns
+//          (ds_up_from_g: r <= 64 at one piece, r <= 16 at three), warpgroup 1 (which has no product) writes them
+//          into shared memory from g itself, and the pass is one launch; wider, a prep launch stages them (Gp
+//          [Z][NW][Mpad] in x's type, scratch: lora_dA_sm90_scratch_bytes) and the loader copies each row tile's.
 // Tiling : as the dy pass (dy_pass_sm90.cu) without its G warpgroup's work: a loader warpgroup, a ring of x tiles
 //          (4 stages; 3 where r > 32 at three pieces: one 64-column r-chunk, whose Up double buffer takes 96 KB),
 //          Up tiles per row tile in a double buffer, mbarriers between them. Warpgroup 2 computes D; warpgroup 1
-//          writes the Up tiles and stays out of the ring (splitting D over both consumer warpgroups ran slower:
+//          writes the Up tiles or has no product (splitting D over both consumer warpgroups ran slower:
 //          bench/results/h200_2026-12-02/session21).
 // Bytes  : x once per r-chunk; g from L2 once per row tile; partials row_splits * r * K floats.
 #include "stream_sm90.cuh"
@@ -78,26 +79,45 @@ const char* lora_dA_sm90_kept(const void* x, DType x_dtype, DType a_dtype, int64
   return lora_dA_sm90_unsupported(x, x_dtype, a_dtype, M, K, r, 0.f);
 }
 
+size_t lora_dA_sm90_scratch_bytes(int64_t M, int r, int pieces) {
+  const DsShape sh = ds_shape(r, pieces, kDA);
+  if (ds_up_from_g(kDA, sh.nw)) return 0;
+  return (size_t)sh.z * sh.nw * (size_t)(ceil_div(M, DS_BM) * DS_BM) * 2;
+}
+
 cudaError_t launch_lora_dA_sm90(const void* x, DType x_dtype, DType a_dtype, const float* g, float* dA_partial,
-                                int64_t M, int64_t K, int r, SplitPlan plan, float scaling, cudaStream_t stream) {
-  if (lora_dA_sm90_unsupported(x, x_dtype, a_dtype, M, K, r, 0.f) != nullptr || plan.row_splits < 1 || !g ||
-      !dA_partial)
-    return cudaErrorInvalidValue;
+                                int64_t M, int64_t K, int r, SplitPlan plan, float scaling, void* scratch,
+                                cudaStream_t stream) {
   const int pieces = adapter_pieces(x_dtype, a_dtype);
   const DsShape sh = ds_shape(r, pieces, kDA);
+  const bool up_from_g = ds_up_from_g(kDA, sh.nw);
+  if (lora_dA_sm90_unsupported(x, x_dtype, a_dtype, M, K, r, 0.f) != nullptr || plan.row_splits < 1 || !g ||
+      !dA_partial || (!up_from_g && !scratch))
+    return cudaErrorInvalidValue;
+  const int64_t mpad = ceil_div(M, DS_BM) * DS_BM;
   const int64_t tpg = ceil_div(ceil_div(K, DS_BN), plan.col_groups);
   if (plan.col_groups > 65535 || plan.row_splits > 0x7fffffff || sh.z > 65535) return cudaErrorInvalidConfiguration;
   const size_t smem = ds_smem(sh, kDA, tpg);
   const dim3 grid((unsigned)plan.row_splits, (unsigned)plan.col_groups, (unsigned)sh.z);
-  // A programmatic dependent of the launch before it (the dx GEMM in the backward): its blocks set up under that
-  // launch's tail and wait for it (pdl_wait) before they read g.
+  // A programmatic dependent of the launch before it (the prep, or the dx GEMM in the backward): its blocks set up
+  // under that launch's tail and wait for it (pdl_wait) before they read g.
   return with_dtype16(x_dtype, [&](auto xt) -> cudaError_t {
     using T = decltype(xt);
+    T* gp = up_from_g ? nullptr : static_cast<T*>(scratch);
+    if (!up_from_g) {
+      const dim3 prep_grid((unsigned)(mpad / DS_PREP), (unsigned)(sh.z * sh.rj / 8));
+      const cudaError_t e = with_pieces<T>(pieces, [&](auto pc) {  // npad = 0: every prep block writes Gp
+        return launch_kernel(dy_sm90_prep_kernel<T, float, decltype(pc)::value>, prep_grid, DS_PREP, 0, stream,
+                             static_cast<const float*>(nullptr), g, static_cast<T*>(nullptr), gp, M, (int64_t)0, r,
+                             sh.rj, (int64_t)0, mpad, false);
+      });
+      if (e != cudaSuccess) return e;
+    }
     return with_stream_kernel<kDA, T>(pieces, sh.rj, [&](auto kernel) {
       return launch_kernel_pdl(kernel, grid, DS_THREADS, smem, stream, static_cast<const T*>(x),
-                               static_cast<const T*>(nullptr), static_cast<const T*>(nullptr),
-                               static_cast<float*>(nullptr), dA_partial, M, K, r, (int64_t)0, (int64_t)0,
-                               static_cast<const uint8_t*>(nullptr), scaling, g);
+                               static_cast<const T*>(nullptr), static_cast<const T*>(gp), static_cast<float*>(nullptr),
+                               dA_partial, M, K, r, (int64_t)0, mpad, static_cast<const uint8_t*>(nullptr), scaling,
+                               g);
     });
   });
 }

@@ -34,6 +34,11 @@ constexpr int ds_stages(int mode, int nw) { return mode == kDA && nw > 96 ? 3 : 
 struct DsShape {
   int pieces, rj, z, nw;
 };
+// dA with a side operand of at most 64 columns (NW): warpgroup 1, which has no product there, writes each row tile's
+// Up into shared memory from g itself, and the pass needs no prep launch. Wider (three pieces above r = 16) that
+// conversion outlasts the row tile's products (dA at 8192 x 4096, r = 64: 130 against 54 us; session 28), so the prep
+// launch makes the pieces and the loader copies them, as in the dy pass.
+constexpr bool ds_up_from_g(int mode, int nw) { return mode == kDA && nw <= 64; }
 // r-chunk of RJ columns and the chunk count. The shrink splits G's two 64-row halves over two warpgroups, so one
 // warpgroup's accumulators hold NW / 2 of one half, and dA has only the D product (NW / 2 per thread), so r up to 64
 // is one chunk (one read of x) at any P; the dy pass keeps both of G's halves in one warpgroup beside D (RJ 16 or 32
@@ -99,8 +104,8 @@ dy_sm90_prep_kernel(const TB* __restrict__ B, const float* __restrict__ u, T* __
 }
 
 // MODE kDy: a = dy (M, N), G with Bp into g_out, D with Up into d_out = the dB partials [s][n][j].
-// MODE kDA: a = x (M, N = K), D with Up = g's pieces into d_out = the dA partials [s][j][k], times `scale`.
-//           Warpgroup 1 builds each row tile's Up from g_in (fp32 (M, r), row-major) itself: no prep launch, no `up`.
+// MODE kDA: a = x (M, N = K), D with Up = g's pieces into d_out = the dA partials [s][j][k], times `scale`. Where
+//           ds_up_from_g, warpgroup 1 builds each row tile's Up from g_in (fp32 (M, r), row-major): no `up`.
 // MODE kShrink: a = x (M, N = K), G with Bp = lora_A's pieces into g_out = u's K-split partials [c][m][j] times
 //           `scale`, x masked first by the keep bits when given (keep8: row m at keep8 + m * ceil(N / 8), bit k % 8 of
 //           byte k / 8); warpgroup 1 takes the tile's rows 0-63, warpgroup 2 rows 64-127.
@@ -137,9 +142,9 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
   const int j0 = blockIdx.z * RJ;
   const bool do_dB = MODE != kShrink && dB_partial != nullptr;
   constexpr bool kG = MODE != kDA;  // the G product (dy pass, shrink)
-  // dA: warpgroup 1 (no product there) writes each row tile's Up (g's rows as x's type, or their P bf16x3 pieces)
-  // into shared memory itself, where the dy pass's loader copies the prep's Up tile; it stays out of the ring.
-  constexpr bool kUpFromG = MODE == kDA;
+  // dA (ds_up_from_g): warpgroup 1 (no product there) writes each row tile's Up (g's rows as x's type, or their P
+  // bf16x3 pieces) into shared memory itself, where the loader copies the prep's Up tile; it stays out of the ring.
+  constexpr bool kUpFromG = ds_up_from_g(MODE, NW);
   // With N % 32 == 0 the loader copies each tile's keep bits into the stage (4-byte copies, each wholly inside or
   // past the row); otherwise the masking warpgroup reads them from global memory.
   const bool bits_staged = MODE == kShrink && keep8 != nullptr && N % 32 == 0;

@@ -142,11 +142,13 @@ int main() {
         printf("dA pass r=%d: plan S=%lld C=%lld z=%d stages=%d %s\n", r, (long long)plan.row_splits,
                (long long)plan.col_groups, sh.z, lk::detail::ds_stages(lk::detail::kDA, sh.nw), why ? why : "");
         if (!why) {
+          void* scratch = nullptr;
+          if (lk::lora_dA_sm90_scratch_bytes(M, r, 3)) CK(cudaMalloc(&scratch, lk::lora_dA_sm90_scratch_bytes(M, r, 3)));
           CK(cudaMalloc(&parts, plan.row_splits * C * r * 4));
           CK(cudaMemset(parts, 0xff, plan.row_splits * C * r * 4));
           auto run = [&](int i) {
             CK(lk::launch_lora_dA_sm90(a[i % 3], lk::DType::kBFloat16, lk::DType::kFloat32, rs, parts, M, C, r, plan,
-                                       0.5f, st));
+                                       0.5f, scratch, st));
           };
           run(0);
           // dA[j][k] = 0.5 sum_m g[m][j] x[m][k]: the reference as ref[k][j], compared transposed below
@@ -161,6 +163,7 @@ int main() {
           const float t = time_it(run, st);
           printf("  dA pass r=%d: %.1f us (%.2f TB/s of x, %.2fx the plain read)  err dA %.2e\n", r, t,
                  n * 2 / t / 1e6, t / plain, ea);
+          if (scratch) CK(cudaFree(scratch));
           CK(cudaFree(parts));
         }
       }

@@ -25,6 +25,8 @@
 #             alongside the wheel's build
 #   gemm_probe bench/dev/gemm_sm90_probe.py on that library (built here when probe_bg did not start it; PROBE_ARGS,
 #             e.g. "--regime burst"): each GEMM config against cuBLAS
+#   triton_gemm bench/dev/triton_gemm_probe.py: Triton main loops (plain, TMA persistent, warp-specialised) against
+#             cuBLAS on y = x Wᵀ, the four Llama shapes at M = 2048 and 8192, bf16 and fp16 (TRITON_GEMM_ARGS)
 #   save      /tmp/site as $OUT/site.tgz; a later call that carries it as .site/site.tgz reuses the build (build step
 #             with REUSE_BUILD=1 unpacks it when it was built from this tree's sources, else builds; OVERLAY_PY=1
 #             asks only the compiled sources (csrc/, setup.py) to match and copies this tree's Python files over it)
@@ -182,7 +184,12 @@ for step in ${STEPS:-build tests}; do
       tail -2 "$OUT/probe_build.log" | tee -a "$SUMMARY"
       (cd /tmp && run_step gemm_probe "${T_PROBE:-240}" python3 "$REPO/bench/dev/gemm_sm90_probe.py" \
         --lib /tmp/probe_build/libloragemm_sm90.so --out "$OUT/gemm_probe.json" ${PROBE_ARGS:-} > "$OUT/gemm_probe.txt" 2>&1)
-      grep -E "^burst|^M=|^checks|FAIL|Error" "$OUT/gemm_probe.txt" | head -60;;
+      grep -E "^burst|M=|^checks|FAIL|Error" "$OUT/gemm_probe.txt" | head -60;;
+    triton_gemm)
+      (cd /tmp && PYTHONPATH=/tmp/site run_step triton_gemm "${T_TRITON_GEMM:-240}" python3 \
+        "$REPO/bench/dev/triton_gemm_probe.py" --out "$OUT/triton_gemm.json" ${TRITON_GEMM_ARGS:-} \
+        > "$OUT/triton_gemm.txt" 2>&1)
+      tail -40 "$OUT/triton_gemm.txt";;
     save)
       tar -czf "$OUT/site.tgz" -C /tmp site && note "saved /tmp/site as site.tgz ($(du -h "$OUT/site.tgz" | cut -f1))";;
     *) note "unknown step $step";;
