@@ -9,10 +9,10 @@
 // Mask   : none. With dropout at r > 16 the backward's dropout pass also writes kept = keep ⊙ x (dropout_bits.cu)
 //          and this kernel reads kept with scaling/(1-p) (lora_dA_sm90_kept); otherwise dA with dropout runs on the
 //          mma.sync kernel (lora_dA_sm90_unsupported says why).
-// Up     : g's rows of each 128-row tile as x's type (or their P pieces). Where they are at most 64 columns
-//          (ds_up_from_g: r <= 64 at one piece, r <= 16 at three), warpgroup 1 (which has no product) writes them
-//          into shared memory from g itself, and the pass is one launch; wider, a prep launch stages them (Gp
-//          [Z][NW][Mpad] in x's type, scratch: lora_dA_sm90_scratch_bytes) and the loader copies each row tile's.
+// Up     : g's rows of each 128-row tile as x's type (or their P pieces). At r <= 16 (ds_up_from_g) warpgroup 1
+//          (which has no product) writes them into shared memory from g itself, and the pass is one launch; above,
+//          a prep launch stages them (Gp [Z][NW][Mpad] in x's type, scratch: lora_dA_sm90_scratch_bytes) and the
+//          loader copies each row tile's.
 // Tiling : as the dy pass (dy_pass_sm90.cu) without its G warpgroup's work: a loader warpgroup, a ring of x tiles
 //          (4 stages; 3 where r > 32 at three pieces: one 64-column r-chunk, whose Up double buffer takes 96 KB),
 //          Up tiles per row tile in a double buffer, mbarriers between them. Warpgroup 2 computes D; warpgroup 1
@@ -81,7 +81,7 @@ const char* lora_dA_sm90_kept(const void* x, DType x_dtype, DType a_dtype, int64
 
 size_t lora_dA_sm90_scratch_bytes(int64_t M, int r, int pieces) {
   const DsShape sh = ds_shape(r, pieces, kDA);
-  if (ds_up_from_g(kDA, sh.nw)) return 0;
+  if (ds_up_from_g(kDA, sh.rj)) return 0;
   return (size_t)sh.z * sh.nw * (size_t)(ceil_div(M, DS_BM) * DS_BM) * 2;
 }
 
@@ -90,7 +90,7 @@ cudaError_t launch_lora_dA_sm90(const void* x, DType x_dtype, DType a_dtype, con
                                 cudaStream_t stream) {
   const int pieces = adapter_pieces(x_dtype, a_dtype);
   const DsShape sh = ds_shape(r, pieces, kDA);
-  const bool up_from_g = ds_up_from_g(kDA, sh.nw);
+  const bool up_from_g = ds_up_from_g(kDA, sh.rj);
   if (lora_dA_sm90_unsupported(x, x_dtype, a_dtype, M, K, r, 0.f) != nullptr || plan.row_splits < 1 || !g ||
       !dA_partial || (!up_from_g && !scratch))
     return cudaErrorInvalidValue;

@@ -34,11 +34,12 @@ constexpr int ds_stages(int mode, int nw) { return mode == kDA && nw > 96 ? 3 : 
 struct DsShape {
   int pieces, rj, z, nw;
 };
-// dA with a side operand of at most 64 columns (NW): warpgroup 1, which has no product there, writes each row tile's
-// Up into shared memory from g itself, and the pass needs no prep launch. Wider (three pieces above r = 16) that
-// conversion outlasts the row tile's products (dA at 8192 x 4096, r = 64: 130 against 54 us; session 28), so the prep
-// launch makes the pieces and the loader copies them, as in the dy pass.
-constexpr bool ds_up_from_g(int mode, int nw) { return mode == kDA && nw <= 64; }
+// dA at r <= 16 (one r-chunk of RJ = 16): warpgroup 1, which has no product there, writes each row tile's Up into
+// shared memory from g itself, and the pass needs no prep launch (8192 x 4096, three pieces: 27.0 against 28.9 us
+// with the prep; session 28). At RJ = 64 that conversion, each thread reading its own row of g, outlasted the row
+// tile's products (three pieces: 130 against 51 us; one piece: 94 against 49 us at 8192 x 4096 -> 1024), so there
+// the prep launch makes the pieces and the loader copies them, as in the dy pass.
+constexpr bool ds_up_from_g(int mode, int rj) { return mode == kDA && rj == 16; }
 // r-chunk of RJ columns and the chunk count. The shrink splits G's two 64-row halves over two warpgroups, so one
 // warpgroup's accumulators hold NW / 2 of one half, and dA has only the D product (NW / 2 per thread), so r up to 64
 // is one chunk (one read of x) at any P; the dy pass keeps both of G's halves in one warpgroup beside D (RJ 16 or 32
@@ -144,7 +145,7 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
   constexpr bool kG = MODE != kDA;  // the G product (dy pass, shrink)
   // dA (ds_up_from_g): warpgroup 1 (no product there) writes each row tile's Up (g's rows as x's type, or their P
   // bf16x3 pieces) into shared memory itself, where the loader copies the prep's Up tile; it stays out of the ring.
-  constexpr bool kUpFromG = ds_up_from_g(MODE, NW);
+  constexpr bool kUpFromG = ds_up_from_g(MODE, RJ);
   // With N % 32 == 0 the loader copies each tile's keep bits into the stage (4-byte copies, each wholly inside or
   // past the row); otherwise the masking warpgroup reads them from global memory.
   const bool bits_staged = MODE == kShrink && keep8 != nullptr && N % 32 == 0;
@@ -249,11 +250,25 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
     // * RJ, column i) of a K-major operand: K block i / 64, 16-byte chunk (i % 64) / 8, element i % 8.
     const int i = tid - 128, ch = (i >> 3) & 7;
     const int n_rt = do_dB ? (int)(rt1 - rt0) : 0;
+    const bool vec4 = r % 4 == 0 && reinterpret_cast<uintptr_t>(g_in) % 16 == 0;  // 16-byte loads of the row
     for (int rt = 0; rt < n_rt; ++rt) {
       const int64_t m = row_begin + (int64_t)rt * DS_BM + i;
       float gv[RJ];
+      if (vec4) {
 #pragma unroll
-      for (int jj = 0; jj < RJ; ++jj) gv[jj] = m < row_end && j0 + jj < r ? __ldg(g_in + m * r + j0 + jj) : 0.f;
+        for (int q = 0; q < RJ / 4; ++q) {
+          const float4 v = m < row_end && j0 + 4 * q < r
+                               ? __ldg(reinterpret_cast<const float4*>(g_in + m * r + j0 + 4 * q))
+                               : make_float4(0.f, 0.f, 0.f, 0.f);
+          gv[4 * q] = v.x;
+          gv[4 * q + 1] = v.y;
+          gv[4 * q + 2] = v.z;
+          gv[4 * q + 3] = v.w;
+        }
+      } else {
+#pragma unroll
+        for (int jj = 0; jj < RJ; ++jj) gv[jj] = m < row_end && j0 + jj < r ? __ldg(g_in + m * r + j0 + jj) : 0.f;
+      }
       mbar_wait(bar_up + 8 * (rt & 1), ((rt >> 1) & 1) ^ 1);
       unsigned char* s_m = ds_smem_raw + (s_up + (rt & 1) * UP_BYTES - raw) + (i >> 6) * NW * 128 + ((i & 7) << 1);
 #pragma unroll
