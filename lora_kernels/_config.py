@@ -5,9 +5,15 @@ Read on every call. Changing one between two calls changes the second call.
     LORA_KERNELS_BACKEND                the backend of calls with backend=None or 'auto': auto (default), torch,
                                         triton or cuda. A backend named in the call wins. Under torch.compile it is
                                         read when the graph is traced.
-    LORA_KERNELS_TRITON_MAINLOOP        triton backend: who runs the frozen GEMM. cublas (default): cuBLAS
-                                        accumulates into the output that the LoRA kernel wrote. triton: the LoRA
-                                        kernel runs the main loop as well (always so under the interpreter).
+    LORA_KERNELS_TRITON_MAINLOOP        triton backend: who runs the frozen GEMM of the output passes (the
+                                        forward's y, the backward's dx). cublas (default): cuBLAS accumulates into
+                                        the output that the LoRA kernel wrote. triton: the LoRA kernel runs the main
+                                        loop as well, with pointer loads (always so under the interpreter). tma
+                                        (opt-in): one persistent Triton kernel computes the whole output, its main
+                                        loop through TMA tensor descriptors; calls it cannot take (no Hopper GPU,
+                                        fp32 x, M <= 64, r > 64, rows not 16-byte aligned, no descriptor API) run
+                                        as with cublas (under the interpreter: as with triton). The interpreter runs
+                                        it too.
     LORA_KERNELS_TRITON_FP32_PRECISION  triton backend: ieee (default) or tf32, the dots of fp32 inputs.
     LORA_KERNELS_TRITON_AUTOTUNE        triton backend: 1 (default) tunes each new problem once; 0 launches fixed
                                         configs with no tuning runs (the GPU tests set 0).
@@ -169,8 +175,10 @@ class TritonKnobs(NamedTuple):
     """The triton backend's settings for one call."""
     interpret: bool  # TRITON_INTERPRET=1 (read at import): kernels run on CPU tensors under the interpreter
     autotune: bool  # LORA_KERNELS_TRITON_AUTOTUNE != 0
-    cublas: bool  # LORA_KERNELS_TRITON_MAINLOOP is cublas (and the interpreter is off)
+    cublas: bool  # LORA_KERNELS_TRITON_MAINLOOP is cublas or tma (and the interpreter is off): cuBLAS runs the
+    #               main loop of the output passes that the TMA kernel does not take
     fp32_prec: str  # LORA_KERNELS_TRITON_FP32_PRECISION: ieee or tf32
+    tma: bool = False  # LORA_KERNELS_TRITON_MAINLOOP is tma: the output passes try the TMA persistent kernel
 
 
 _TRITON_VARS = ("LORA_KERNELS_TRITON_MAINLOOP", "LORA_KERNELS_TRITON_FP32_PRECISION", "LORA_KERNELS_TRITON_AUTOTUNE")
@@ -179,13 +187,13 @@ _TRITON_VARS = ("LORA_KERNELS_TRITON_MAINLOOP", "LORA_KERNELS_TRITON_FP32_PRECIS
 def _parse_triton() -> TritonKnobs:
     env = os.environ
     mode = env.get("LORA_KERNELS_TRITON_MAINLOOP", "cublas")
-    if mode not in ("cublas", "triton"):
-        raise ValueError(f"LORA_KERNELS_TRITON_MAINLOOP must be cublas or triton, got {mode!r}")
+    if mode not in ("cublas", "triton", "tma"):
+        raise ValueError(f"LORA_KERNELS_TRITON_MAINLOOP must be cublas, triton or tma, got {mode!r}")
     prec = env.get("LORA_KERNELS_TRITON_FP32_PRECISION", "ieee").lower()
     if prec not in ("tf32", "ieee"):
         raise ValueError(f"LORA_KERNELS_TRITON_FP32_PRECISION must be tf32 or ieee, got {prec!r}")
     return TritonKnobs(TRITON_INTERPRET, env.get("LORA_KERNELS_TRITON_AUTOTUNE", "1") != "0",
-                       mode == "cublas" and not TRITON_INTERPRET, prec)
+                       mode in ("cublas", "tma") and not TRITON_INTERPRET, prec, mode == "tma")
 
 
 triton_knobs = _per_call(_TRITON_VARS, _parse_triton)

@@ -70,7 +70,9 @@ def test_per_call_settings_follow_the_environment(monkeypatch):
     monkeypatch.setenv("LORA_KERNELS_TRITON_AUTOTUNE", "0")
     monkeypatch.setenv("LORA_KERNELS_TRITON_FP32_PRECISION", "TF32")
     monkeypatch.setenv("LORA_KERNELS_TRITON_MAINLOOP", "triton")
-    assert _config.triton_knobs() == (_config.TRITON_INTERPRET, False, False, "tf32")
+    assert _config.triton_knobs() == (_config.TRITON_INTERPRET, False, False, "tf32", False)
+    monkeypatch.setenv("LORA_KERNELS_TRITON_MAINLOOP", "tma")  # cuBLAS stays the fallback of the TMA kernel
+    assert _config.triton_knobs() == (_config.TRITON_INTERPRET, False, not _config.TRITON_INTERPRET, "tf32", True)
     monkeypatch.setenv("LORA_KERNELS_TRITON_MAINLOOP", "both")
     for _ in range(2):  # an invalid value raises on every call (nothing is kept)
         try:

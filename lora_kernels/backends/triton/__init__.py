@@ -2,7 +2,8 @@
 
     kernels.py   the @triton.jit kernels: the shared tile math (dot operands, the dropout mask), then one kernel
                  per pass
-    configs.py   tile shapes, pipeline stages, autotune candidates and their shared-memory budget, M splits
+    configs.py   tile shapes, pipeline stages, autotune candidates and their shared-memory budget, M splits, the
+                 TMA kernel's fixed configs
     launch.py    forward and backward: each pass's launches, recorded once per distinct call (a plan) and
                  replayed, and the fast relaunch of compiled kernels
 
@@ -11,12 +12,14 @@ pass names of csrc/:
 
     forward    shrink   u  = s/q * (keep * x) @ A^T              _shrink_kernel       (M, r) fp32
                expand   y  = x @ W^T + u @ B^T + b               _output_gemm_kernel  (M, N) x.dtype
+                                                                 (or _output_gemm_tma_kernel)
                (M <= SMALL_M: both in one launch                 _small_m_kernel)
     backward   dy pass  g  = dy @ B     (and dB = dy^T @ u)      _dy_pass_kernel      (M, r) fp32, one read of dy
                dA       dA = s/q * g^T @ (keep * x)              _shrink_kernel       (r, K)
                         (the shrink of x^T by g: dA^T = s/q * (keep * x)^T @ g; likewise dB = dy^T @ u where
                         the dy pass does not fuse it)
                dx       dx = dy @ W + keep * s/q * (g @ A)       _output_gemm_kernel  (M, K) x.dtype
+                                                                 (or _output_gemm_tma_kernel)
                reduce   the sum of split partials, in a fixed order: torch.sum (launch._sum_partials)
 
 Cost (2-byte dtype, r << N, K): the two big GEMMs are 2*M*N*K FLOPs each and move about
@@ -31,15 +34,34 @@ same fp32 accumulator. When dropout is on, the dx LoRA term must be masked per e
 kernels loop over the long dimension; every reduction is deterministic (no atomics): partials are written
 to a buffer per M-chunk and summed with torch in a fixed order.
 
-Main loop: on GPUs the big frozen GEMM runs in cuBLAS and the LoRA work is fused around it, because the best
-Triton main loop found (TMA descriptors, persistent, 128x256x64 tiles, with or without warp specialization) reaches
-only 0.74-0.86x of cuBLAS's throughput on an H200, and the pointer-based loop of ``_output_gemm_kernel`` 0.66-0.77x
-(bench/results/gemm_probe_h200.md); folding the rank-r step into such a loop costs nothing, but the loop itself
-loses 15-35%. So ``_output_gemm_kernel`` runs with zero main K-steps to write ``[keep *] lora_scale * l @ lb + bias``
-(one write of the output), then ``c.addmm_(a, b)`` accumulates the GEMM into it with beta = 1, reading c in
-cuBLAS's epilogue, which overlaps the compute-bound main loop. Extra traffic per pass: one read of x (shrink) or
-dy (g, dB) and one write of the output. ``LORA_KERNELS_TRITON_MAINLOOP=triton`` selects the all-Triton main loop
-(always so on the CPU under the interpreter).
+Main loop: by default, on GPUs the big frozen GEMM runs in cuBLAS and the LoRA work is fused around it, because the
+Triton main loops of an earlier probe (TMA descriptors, persistent, 128x256x64 tiles, with or without warp
+specialization) reached only 0.74-0.86x of cuBLAS's throughput on an H200, and the pointer-based loop of
+``_output_gemm_kernel`` 0.66-0.77x (bench/results/gemm_probe_h200.md); folding the rank-r step into such a loop
+costs nothing, but the loop itself lost 15-35%. So ``_output_gemm_kernel`` runs with zero main K-steps to write
+``[keep *] lora_scale * l @ lb + bias`` (one write of the output), then ``c.addmm_(a, b)`` accumulates the GEMM into
+it with beta = 1, reading c in cuBLAS's epilogue, which overlaps the compute-bound main loop. Extra traffic per
+pass: one read of x (shrink) or dy (g, dB) and one write of the output. ``LORA_KERNELS_TRITON_MAINLOOP=triton``
+selects the all-Triton, pointer-based main loop (always so on the CPU under the interpreter).
+
+``LORA_KERNELS_TRITON_MAINLOOP=tma`` (opt-in) selects ``_output_gemm_tma_kernel`` for the expand and dx: one launch
+computes the whole ``a @ b + [keep *] lora_scale * l @ lb + bias``, its main loop reading a and W through TMA tensor
+descriptors (host-side ``TensorDescriptor``s, made from each call's tensors when its plan runs), persistent (one
+program per SM walking the output tiles in grouped order), the tile and K loops flattened into one pipelined loop,
+then the rank-r K-step into the same fp32 accumulator, the mask (dx with dropout) and the bias in the epilogue, and
+the output stored through a descriptor; the rank-r math and its precision are those of ``_output_gemm_kernel`` (the
+shared epilogue ``kernels._lora_epilogue``). Its main loop is the ``tma_persistent`` kernel of
+bench/dev/triton_gemm_probe.py, which measured 0.977x cuBLAS's throughput (geomean, worst cell 0.922x) on an H200
+(triton 3.6, torch 2.11) over the four Llama-3-8B projections at M = 2048 and 8192, bf16 and fp16, with 128x256x64
+tiles, 3 stages, 8 warps (128x128x64, 4 stages, 4 warps for 4096->1024 at M = 2048; configs._tma_config); the
+pointer-based loop of ``_output_gemm_kernel`` reached 0.81x in the same run. It stays opt-in until the whole layer
+(rank-r epilogue included, forward and backward) is measured against the cuBLAS path. Calls it cannot take run as
+with the default (cuBLAS; under the interpreter the pointer-based loop): no GPU of compute capability 9.0 or newer,
+fp32 activations, W of another dtype than x, M <= SMALL_M, K = 0, r > 64 (configs._TMA_MAX_R_PAD), an operand whose
+rows are not contiguous or whose address or row stride is not a multiple of 16 bytes (K and N multiples of 8 for
+16-bit types), or a triton without ``triton.tools.tensor_descriptor``. ``launch._GEMM_PATHS`` records which main
+loop each planned output pass got, and why the TMA kernel did not take it. Under TRITON_INTERPRET=1 the TMA kernel
+runs on CPU tensors (32x32x32 tiles).
 
 Precision policy: each product runs in the precision PyTorch uses for the same inputs, accumulation is fp32. The
 big GEMMs and the rank-r expand into the 16-bit outputs cast their tiles to x's dtype. The adapter products (u, g,
@@ -49,7 +71,7 @@ dA, dB) do too when the adapters have x's dtype; with fp32 adapters on a 16-bit 
 fp32 inputs get full-fp32 dots (``input_precision="ieee"``) so that fp32 results meet the same error bound as
 PyTorch's fp32 matmul: TF32 dots give errors on y three to four orders of magnitude larger, far outside the
 tolerance rule.
-``LORA_KERNELS_TRITON_FP32_PRECISION=tf32`` opts into TF32 for speed. The big GEMM on GPUs is cuBLAS, which follows
+``LORA_KERNELS_TRITON_FP32_PRECISION=tf32`` opts into TF32 for speed. The big fp32 GEMM on GPUs is cuBLAS, which follows
 ``torch.backends.cuda.matmul.allow_tf32``.
 
 Dropout mask: Philox 4x32-10 via ``tl.philox`` generated inside the kernels (``kernels._keep_mask``, one call per

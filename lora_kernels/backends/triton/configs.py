@@ -120,6 +120,59 @@ def _rank_term_config(r_pad: int):
                          num_stages=1)
 
 
+# The TMA persistent output kernel (LORA_KERNELS_TRITON_MAINLOOP=tma). The tiles are those of the best
+# tma_persistent configs of bench/dev/triton_gemm_probe.py on an H200 (triton 3.6): 128x256x64, 3 stages, 8 warps,
+# and 128x128x64, 4 stages, 4 warps where 128x256 tiles would fill the GPU less than about twice (the probe picked
+# 128x256 at 256 such tiles, 1.9 waves on 132 SMs, and 128x128 at 64: the threshold is 1.5 waves). Both flatten
+# the tile and K loops. With dropout the epilogue holds a second fp32 (BM, BN) tile (the masked rank-r product) and
+# the mask: 128x128 tiles on 8 warps.
+# Shared memory, all live at once in the flattened loop (the next tile's loads are in flight during the epilogue):
+# `stages` buffers of the a and b tiles, the output tile staged for its TMA store, the epilogue's rank-r operands
+# ((BM, R_PAD) fp32, (R_PAD, BN) 16-bit) and, with dropout, an fp32 (BM, BN) layout-conversion scratch, plus 1 KB for
+# the barriers; where that exceeds the 227 KB of a Hopper block, the other tile is tried, then shallower pipelines,
+# then smaller tiles. With fp32 adapters at r_pad >= 64 the pipeliner also multi-buffers the epilogue's loads of the
+# fp32 (R_PAD, BN) operand (triton 3.9 for sm_90, 128x128 tiles: 256 KB at 4 stages, 192 KB at 3): that operand
+# counts at 4 bytes there, and at most 3 stages. tests/test_triton_tma_mainloop.py compiles every pick for sm_90 and
+# checks what triton allocates against this estimate and the limit. Ranks above _TMA_MAX_R_PAD do not take the TMA
+# kernel (at 128 the compiled kernels outgrow the estimate: the rank-r operands crowd out the pipeline). None of this
+# is autotuned (LORA_KERNELS_TRITON_AUTOTUNE does not apply).
+_TMA_SMEM = 227 * 1024
+_TMA_MAX_R_PAD = 64
+_TMA_INTERPRET = dict(BM=32, BN=32, BK=32, GROUP_M=2, FLATTEN=True, num_warps=4, num_stages=2)
+
+
+def _tma_smem(bm: int, bn: int, bk: int, stages: int, elt: int, r_pad: int, lb_elt: int,
+              has_dropout: bool) -> int:
+    lb_bytes = lb_elt if r_pad >= 64 else elt  # fp32 adapters: staged as fp32 from r_pad = 64 on (see above)
+    return (stages * (bm + bn) * bk * elt + bm * bn * elt + bm * r_pad * 4 + r_pad * bn * lb_bytes
+            + (bm * bn * 4 if has_dropout else 0) + 1024)
+
+
+@functools.lru_cache(maxsize=1024)
+def _tma_config(M: int, N: int, elt: int, r_pad: int, lb_elt: int, has_dropout: bool, sms: int,
+                interpret: bool) -> dict:
+    """The tile, pipeline and warps of _output_gemm_tma_kernel for an (M, N) output (elt: bytes per element of the
+    inputs, lb_elt: of the (R, N) adapter operand): constexprs and launch options as keywords (FLATTEN among
+    them)."""
+    if interpret:
+        return dict(_TMA_INTERPRET)
+    wide = (128, 256, 64, 3, 8)
+    narrow = (128, 128, 64, 4, 4)
+    if has_dropout:
+        order = [(128, 128, 64, 4, 8)]
+    elif 2 * _cdiv(M, 128) * _cdiv(N, 256) < 3 * sms:  # under 1.5 waves of 128x256 tiles
+        order = [narrow, wide]
+    else:
+        order = [wide, narrow]
+    # each tile at its own depth first, then shallower pipelines, then smaller tiles
+    tries = order + [(bm, bn, bk, st, w) for bm, bn, bk, stages, w in order for st in range(stages - 1, 1, -1)]
+    max_stages = 3 if lb_elt == 4 and r_pad >= 64 else 4
+    for bm, bn, bk, stages, warps in tries + [(64, 128, 64, 3, 4), (64, 64, 64, 2, 4)]:
+        if stages <= max_stages and _tma_smem(bm, bn, bk, stages, elt, r_pad, lb_elt, has_dropout) <= _TMA_SMEM:
+            break
+    return dict(BM=bm, BN=bn, BK=bk, GROUP_M=8, FLATTEN=True, num_warps=warps, num_stages=stages)
+
+
 # --------------------------------------------------------------------------------- the one-launch small-M forward
 def _small_m_smem(bm: int, bn: int, bk: int, stages: int, elt: int, a_elt: int, r_pad: int, u_given: bool) -> int:
     """Shared-memory estimate of a _small_m_kernel config: `stages` buffers of the pipelined x, W^T and (unless

@@ -1,7 +1,8 @@
 """The Triton kernels of the LoRA op: the shared tile math first (dot operands, index blocks, the precision of the
 adapter products), then dropout (the seed, the keep-mask), then the kernels: the shrink (which also serves dA and
-dB), the output GEMM (expand and dx), the one-launch small-M forward, and the dy pass. What each pass computes is in
-this package's docstring (``__init__.py``); how the host plans and launches it, in ``configs.py`` and ``launch.py``.
+dB), the output GEMM (expand and dx; pointer-based, or persistent through TMA descriptors), the one-launch small-M
+forward, and the dy pass. What each pass computes is in this package's docstring (``__init__.py``); how the host
+plans and launches it, in ``configs.py`` and ``launch.py``.
 """
 from __future__ import annotations
 
@@ -217,7 +218,55 @@ def _shrink_kernel(
 # C = a @ b + [keep *] lora_scale * (l @ lb) + bias
 #   forward: a = x, b = W^T (strides swapped), l = u, lb = B^T, lora_scale = 1, bias
 #   dx:      a = dy, b = W,                    l = g, lb = A,   lora_scale = s/q, keep mask
+# Two kernels compute it: _output_gemm_kernel (pointer loads, one program per output tile; with K = 0 it writes the
+# rank-r term and the bias only, for cuBLAS to accumulate the GEMM into) and _output_gemm_tma_kernel (the main loop
+# through TMA descriptors, persistent). Both share the tile order and the epilogue below, so they compute the same
+# sums in the same order.
 # ------------------------------------------------------------------------------------------------------
+@triton.jit
+def _grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of output tile number `tile` in grouped order: bands of GROUP_M tile rows, numbered down the
+    rows of a band before across its columns, so that tiles running together share a few b column blocks (and a
+    row blocks), which stay in L2."""
+    tiles_per_band = GROUP_M * num_pid_n
+    band = tile // tiles_per_band
+    first_m = band * GROUP_M
+    rows = tl.minimum(num_pid_m - first_m, GROUP_M)  # the last band may be short
+    local = tile % tiles_per_band
+    return first_m + local % rows, local // rows
+
+
+@triton.jit
+def _lora_epilogue(acc, l_ptr, lb_ptr, bias_ptr, offs_m, m_mask, offs_n, n_mask, col0, R,
+                   s_lm, s_lr, s_lbr, s_lbn, lora_scale, thr, seed, seed_ptr, seed_in_mem, offset, K8,
+                   DT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr,
+                   DOT_PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """acc (the tile's a @ b, fp32) + [keep *] lora_scale * l @ lb + bias for the output rows offs_m and columns
+    offs_n (col0 = the first of them): the rank-r term is one more K-step of width R_PAD, masked to R."""
+    rr, r_mask = _block(0, R_PAD, R)
+    lt = tl.load(l_ptr + offs_m.to(tl.int64)[:, None] * s_lm + rr[None, :] * s_lr,
+                 mask=m_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
+    lbt = tl.load(lb_ptr + rr[:, None] * s_lbr + offs_n.to(tl.int64)[None, :] * s_lbn,
+                  mask=r_mask[:, None] & n_mask[None, :], other=0.0).to(DT)
+    if HAS_DROPOUT:
+        lo = tl.dot(_mm(lt.to(DT)), _mm(lbt), input_precision=DOT_PREC)
+        seed = _load_seed(seed, seed_ptr, seed_in_mem)
+        keep = _keep_mask(seed, offset, offs_m, col0, K8, thr, BM, BN)
+        acc += lo * lora_scale * keep.to(tl.float32)  # as the reference: NaN/inf times a dropped 0 is NaN
+    elif DOT_PREC == "ieee":
+        # fp32 outputs: the rank-r sum gets its own accumulator. Folded into the main one, its r small terms
+        # are each rounded against the large x W^T partial (at r = 256, several times torch's error).
+        # The scale multiplies the dot's result: Triton's combine pass rewrites `acc + dot(a, b, 0)` into
+        # `dot(a, b, acc)`, which would fold the sum back into the main accumulator.
+        acc += tl.dot(lt, lbt, input_precision=DOT_PREC) * lora_scale
+    else:  # 16-bit outputs: one more K-step into the same accumulator (output rounding dominates)
+        acc = tl.dot(_mm((lt * lora_scale).to(DT)), _mm(lbt), acc, input_precision=DOT_PREC)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        acc += bias[None, :]
+    return acc
+
+
 @triton.jit(do_not_specialize=_PER_CALL_SCALARS)
 def _output_gemm_kernel(
     a_ptr, b_ptr, l_ptr, lb_ptr, bias_ptr, c_ptr,
@@ -229,17 +278,7 @@ def _output_gemm_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     DT = a_ptr.dtype.element_ty
-    # grouped tile order: GROUP_M row-blocks sweep the N blocks together (b tiles stay in L2)
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BM)
-    num_pid_n = tl.cdiv(N, BN)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(N, BN), GROUP_M)
     offs_m, m_mask = _block(pid_m, BM, M)
     offs_n, n_mask = _block(pid_n, BN, N)
     rk = tl.arange(0, BK)
@@ -253,32 +292,62 @@ def _output_gemm_kernel(
         acc = tl.dot(_mm(at), _mm(bt.to(DT)), acc, input_precision=DOT_PREC)
         a_ptrs += BK * s_ak
         b_ptrs += BK * s_bk
-
-    # rank-r step (width R_PAD, masked to R)
-    rr, r_mask = _block(0, R_PAD, R)
-    lt = tl.load(l_ptr + offs_m.to(tl.int64)[:, None] * s_lm + rr[None, :] * s_lr,
-                 mask=m_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
-    lbt = tl.load(lb_ptr + rr[:, None] * s_lbr + offs_n.to(tl.int64)[None, :] * s_lbn,
-                  mask=r_mask[:, None] & n_mask[None, :], other=0.0).to(DT)
-    if HAS_DROPOUT:
-        lo = tl.dot(_mm(lt.to(DT)), _mm(lbt), input_precision=DOT_PREC)
-        seed = _load_seed(seed, seed_ptr, seed_in_mem)
-        keep = _keep_mask(seed, offset, offs_m, pid_n * BN, K8, thr, BM, BN)
-        acc += lo * lora_scale * keep.to(tl.float32)  # as the reference: NaN/inf times a dropped 0 is NaN
-    elif DOT_PREC == "ieee":
-        # fp32 outputs: the rank-r sum gets its own accumulator. Folded into the main one, its r small terms
-        # are each rounded against the large x W^T partial (at r = 256, several times torch's error).
-        # The scale multiplies the dot's result: Triton's combine pass rewrites `acc + dot(a, b, 0)` into
-        # `dot(a, b, acc)`, which would fold the sum back into the main accumulator.
-        acc += tl.dot(lt, lbt, input_precision=DOT_PREC) * lora_scale
-    else:  # 16-bit outputs: one more K-step into the same accumulator (output rounding dominates)
-        acc = tl.dot(_mm((lt * lora_scale).to(DT)), _mm(lbt), acc, input_precision=DOT_PREC)
-
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        acc += bias[None, :]
+    acc = _lora_epilogue(acc, l_ptr, lb_ptr, bias_ptr, offs_m, m_mask, offs_n, n_mask, pid_n * BN, R,
+                         s_lm, s_lr, s_lbr, s_lbn, lora_scale, thr, seed, seed_ptr, seed_in_mem, offset, K8,
+                         DT, HAS_BIAS, HAS_DROPOUT, R_PAD, DOT_PREC, BM, BN)
     c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * s_cm + offs_n.to(tl.int64)[None, :] * s_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+# The TMA kernel (LORA_KERNELS_TRITON_MAINLOOP=tma): a, b and c are tensor descriptors built on the host
+# (triton.tools.tensor_descriptor.TensorDescriptor), a over (M, K), c over (M, N), b over (K, N) when B_KN (dx: W as
+# stored) or over (N, K) (the forward: W as stored, its tiles transposed for the dot). 16-bit inputs only (the host
+# falls back for fp32). TMA reads out-of-range elements as zero and clips stores at the edges, so the partial tiles
+# at M, N and K need no masks; the epilogue's rank-r and bias loads are pointer loads, masked as in
+# _output_gemm_kernel.
+@triton.jit(do_not_specialize=_PER_CALL_SCALARS)
+def _output_gemm_tma_kernel(
+    a_desc, b_desc, c_desc, l_ptr, lb_ptr, bias_ptr,
+    M, N, K, R,
+    s_lm, s_lr, s_lbr, s_lbn,
+    lora_scale, thr: tl.int32, seed: tl.int64, seed_ptr, seed_in_mem: tl.int32, offset: tl.int64, K8,
+    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
+    B_KN: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    NUM_SMS: tl.constexpr, FLATTEN: tl.constexpr,
+):
+    DT = a_desc.dtype
+    num_pid_m = tl.cdiv(M, BM)
+    num_pid_n = tl.cdiv(N, BN)
+    k_steps = tl.cdiv(K, BK)
+    # Persistent: program p computes the output tiles p, p + NUM_SMS, ... (grouped order).
+    first = tl.program_id(0)
+    # The epilogue takes its tile from a counter of its own: once the loops are flattened, the pipeliner issues
+    # the next tile's loads (advancing `tile`) before this tile's epilogue, and a separate counter keeps one value
+    # from having to live across both ends of the pipeline.
+    tile_out = first - NUM_SMS
+    # FLATTEN fuses the tile loop and the K loop into one software-pipelined loop, so the first loads of tile
+    # i + 1 overlap the epilogue of tile i; num_stages (a launch option) is the depth of its load pipeline.
+    for tile in tl.range(first, num_pid_m * num_pid_n, NUM_SMS, flatten=FLATTEN):
+        pid_m, pid_n = _grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
+        off_m = pid_m * BM
+        off_n = pid_n * BN
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for ks in range(k_steps):
+            k0 = ks * BK
+            at = a_desc.load([off_m, k0])
+            if B_KN:
+                bt = b_desc.load([k0, off_n])
+            else:
+                bt = b_desc.load([off_n, k0]).T
+            acc = tl.dot(_mm(at), _mm(bt), acc, input_precision=DOT_PREC)
+        tile_out += NUM_SMS
+        pid_m, pid_n = _grouped_tile(tile_out, num_pid_m, num_pid_n, GROUP_M)
+        offs_m, m_mask = _block(pid_m, BM, M)
+        offs_n, n_mask = _block(pid_n, BN, N)
+        acc = _lora_epilogue(acc, l_ptr, lb_ptr, bias_ptr, offs_m, m_mask, offs_n, n_mask, pid_n * BN, R,
+                             s_lm, s_lr, s_lbr, s_lbn, lora_scale, thr, seed, seed_ptr, seed_in_mem, offset, K8,
+                             DT, HAS_BIAS, HAS_DROPOUT, R_PAD, DOT_PREC, BM, BN)
+        c_desc.store([pid_m * BM, pid_n * BN], acc.to(DT))
 
 
 # ------------------------------------------------------------------------------------------------------

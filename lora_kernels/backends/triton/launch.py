@@ -3,6 +3,9 @@ allocations, launches and torch ops) are recorded once per distinct call as a pl
 ``_launch`` (DoRA's passes), which relaunches compiled kernels without triton's per-launch JIT work."""
 from __future__ import annotations
 
+import collections
+import dataclasses
+import functools
 import operator
 
 import torch
@@ -12,8 +15,15 @@ from ... import _config
 from ..._config import TritonKnobs
 from ...philox import calls_per_row, keep_threshold
 from .configs import (_cdiv, _dot_precision, _gemm_configs, _helper_tiles, _next_pow2, _num_sms, _rank_term_config,
-                      _r_pad, _rank_f32, _small_m_heuristic, _splits, _stages, _tuned_gemm, _tuned_small_m)
-from .kernels import _PER_CALL_SCALARS, _dy_pass_kernel, _output_gemm_kernel, _shrink_kernel, _small_m_kernel
+                      _r_pad, _rank_f32, _small_m_heuristic, _splits, _stages, _TMA_MAX_R_PAD, _tma_config,
+                      _tuned_gemm, _tuned_small_m)
+from .kernels import (_PER_CALL_SCALARS, _dy_pass_kernel, _output_gemm_kernel, _output_gemm_tma_kernel,
+                      _shrink_kernel, _small_m_kernel)
+
+try:  # host-side TMA descriptors (triton >= 3.4): the TMA output kernel's operands
+    from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
+except ImportError:  # pragma: no cover - older triton: LORA_KERNELS_TRITON_MAINLOOP=tma falls back
+    _TensorDescriptor = None
 
 SMALL_M = 64  # forward calls with M <= SMALL_M take the one-launch path (_small_m_kernel)
 # dB is fused into the g pass (per-M-block fp32 partials, written then read back by the sum) when the partial
@@ -172,15 +182,16 @@ _N_VALUES = 17
 
 class _Val:
     """A value of a call as the planner sees it: its slot in the call's value list and, for a tensor, what the plan
-    key fixes of it (shape, strides, dtype, device)."""
-    __slots__ = ("slot", "shape", "_strides", "dtype", "device")
+    key fixes of it (shape, strides, dtype, device, whether its address is 16-byte aligned: fresh allocations are)."""
+    __slots__ = ("slot", "shape", "_strides", "dtype", "device", "aligned")
 
-    def __init__(self, slot: int, shape=None, strides=None, dtype=None, device=None):
+    def __init__(self, slot: int, shape=None, strides=None, dtype=None, device=None, aligned=True):
         self.slot, self.shape, self._strides, self.dtype, self.device = slot, shape, strides, dtype, device
+        self.aligned = aligned
 
     @classmethod
     def of(cls, slot: int, t: torch.Tensor) -> "_Val":
-        return cls(slot, tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
+        return cls(slot, tuple(t.shape), tuple(t.stride()), t.dtype, t.device, t.data_ptr() % 16 == 0)
 
     def stride(self, dim=None):
         return self._strides if dim is None else self._strides[dim]
@@ -309,6 +320,43 @@ def _addmm_op(c, a, b, transpose: bool):
     return op
 
 
+def _descriptors_by_copy() -> bool:
+    """Whether a TensorDescriptor can be made without its constructor: a dataclass whose instances keep their fields
+    in __dict__ (the defaults, padding and the like, read from the class). The constructor validates its arguments,
+    about 2 us per descriptor; the planner has checked them once (_tma_unsupported), so replays skip it."""
+    if _TensorDescriptor is None or not dataclasses.is_dataclass(_TensorDescriptor):
+        return False
+    try:
+        t = torch.empty((8, 8), dtype=torch.float16)
+        real = _TensorDescriptor(t, [8, 8], [8, 1], [8, 8])
+        copy = object.__new__(_TensorDescriptor)
+        copy.__dict__.update(base=t, shape=[8, 8], strides=[8, 1], block_shape=[8, 8])
+        return all(getattr(copy, f.name) is getattr(real, f.name) or getattr(copy, f.name) == getattr(real, f.name)
+                   for f in dataclasses.fields(_TensorDescriptor))
+    except Exception:
+        return False
+
+
+_DESC_BY_COPY = _descriptors_by_copy()
+
+
+def _desc_op(o, i, shape, strides, block):
+    """A step that describes the call's tensor at slot i for TMA: a host-side TensorDescriptor (it holds the tensor,
+    so it is made again on every run; the launcher encodes the TMA descriptor from it at each launch)."""
+    shape, strides, block = list(shape), list(strides), list(block)
+    if not _DESC_BY_COPY:
+        def op(v):
+            v[o] = _TensorDescriptor(v[i], shape, strides, block)
+        return op
+    new, cls = object.__new__, _TensorDescriptor
+
+    def op(v):
+        d = new(cls)
+        d.__dict__.update(base=v[i], shape=shape, strides=strides, block_shape=block)
+        v[o] = d
+    return op
+
+
 def _seed_view_op(o, dtype):
     def op(v):  # a device seed's view in another dtype than x's, as _seed_args makes it
         v[o] = v[_SEED_RAW].reshape(1).view(dtype)
@@ -423,6 +471,13 @@ class _Planner:
         """c.addmm_(a, b.t() if transpose else b)."""
         self.steps.append(("addmm", c.slot, a.slot, b.slot, transpose))
 
+    def descriptor(self, t: _Val, shape: tuple, strides: tuple, block: tuple) -> _Val:
+        """A TMA descriptor of the call's tensor t (a kernel argument): made on every run, from that run's tensor."""
+        val = _Val(self.n)
+        self.n += 1
+        self.steps.append(("desc", val.slot, t.slot, tuple(shape), tuple(strides), tuple(block)))
+        return val
+
     def finish(self, outputs: tuple) -> _Plan:
         tail = [None] * (self.n - _N_VALUES)
         consts: dict = {}
@@ -464,6 +519,8 @@ class _Planner:
                 jit.append(_addmm_op(*step[1:]))
             elif kind == "seed_view":
                 jit.append(_seed_view_op(*step[1:]))
+            elif kind == "desc":
+                jit.append(_desc_op(*step[1:]))
             else:
                 raise AssertionError(kind)
         plan.out = _getter([ref(o) for o in outputs])
@@ -584,16 +641,99 @@ def _forward_small_m(pl: _Planner, x, weight, bias, lora_A, lora_B, u, y, scale,
         pl.launch_tuned(key, _tuned_small_m(bm, elt, a_elt, r_pad, u_given), _small_m_kernel, grid, args, meta)
 
 
+# Which main loop each output pass was planned with: (pass, (M, N), mainloop, why the TMA kernel did not take it or
+# None), the latest last; "tma", "cublas" or "triton" (the pointer-based loop). A record for tests and debugging,
+# appended when a plan is made (a replay adds nothing).
+_GEMM_PATHS: collections.deque = collections.deque(maxlen=64)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple:
+    return torch.cuda.get_device_capability(index)
+
+
+def _tma_unsupported(pl: _Planner, a, b_strides, b, c, M, N, K, r_pad) -> tuple:
+    """(None, b_kn) when _output_gemm_tma_kernel can compute c (M, N) = a (M, K) @ b[k, n] + ..., else (why not,
+    None). b_kn: b is stored (K, N) with rows of N (dx: W), not (N, K) (the forward: W). TMA describes a tensor by
+    its 16-byte aligned base and row strides, its rows contiguous. Alignment and strides are in the plan key, so the
+    answer holds for every call of the plan."""
+    if _TensorDescriptor is None:
+        return "this triton has no triton.tools.tensor_descriptor.TensorDescriptor", None
+    dev = pl.device
+    if not _config.TRITON_INTERPRET:
+        if dev.type != "cuda":
+            return f"tensors on {dev}, not CUDA", None
+        if _capability(dev.index if dev.index is not None else torch.cuda.current_device()) < (9, 0):
+            return "TMA needs compute capability 9.0 or newer", None
+    if a.dtype not in (torch.float16, torch.bfloat16):
+        return f"{a.dtype} inputs (the TMA kernel takes 16-bit ones)", None
+    if b.dtype != a.dtype:
+        return f"W is {b.dtype}, the activations {a.dtype}", None
+    if M <= SMALL_M:
+        return f"M = {M} <= SMALL_M = {SMALL_M}", None
+    if K == 0:
+        return "no main loop (K = 0)", None
+    if r_pad > _TMA_MAX_R_PAD:
+        return f"rank padded to {r_pad} > {_TMA_MAX_R_PAD}: its operands would crowd out the pipeline", None
+    es = a.element_size()
+    s_bk, s_bn = b_strides
+    b_kn = s_bn == 1
+    b_row = s_bk if b_kn else s_bn
+    rows = (("activations", a.stride(1), a.stride(0), a.aligned), ("W", 1 if b_kn else s_bk, b_row, b.aligned),
+            ("output", c.stride(1), c.stride(0), c.aligned))
+    for name, inner, row, aligned in rows:
+        if inner != 1:
+            return f"{name} rows not contiguous", None
+        if (row * es) % 16 or not aligned:
+            return f"{name} not 16-byte aligned (address or row stride {row * es} B)", None
+    return None, b_kn
+
+
+def _launch_gemm_tma(pl: _Planner, a, b_strides, b, b_kn: bool, l, lb_strides, lb, bias, c, M, N, K, R, lora_scale,
+                     drop, kn: TritonKnobs) -> None:
+    """The whole output in one launch of _output_gemm_tma_kernel: one program per SM (or per tile, where there are
+    fewer), a, b and c through descriptors made from each call's tensors (planner step "desc"). Fixed configs
+    (configs._tma_config): LORA_KERNELS_TRITON_AUTOTUNE does not apply."""
+    thr, has_dropout = drop
+    r_pad = _r_pad(R)
+    sms = _num_sms(pl.device)
+    cfg = _tma_config(M, N, a.element_size(), r_pad, lb.element_size(), has_dropout, sms, kn.interpret)
+    BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
+    a_d = pl.descriptor(a, (M, K), (a.stride(0), 1), (BM, BK))
+    if b_kn:
+        b_d = pl.descriptor(b, (K, N), (b_strides[0], 1), (BK, BN))
+    else:
+        b_d = pl.descriptor(b, (N, K), (b_strides[1], 1), (BN, BK))
+    c_d = pl.descriptor(c, (M, N), (c.stride(0), 1), (BM, BN))
+    seed_v, seed_p, seed_in_mem = pl.seed_args(a)
+    args = (a_d, b_d, c_d, l, lb, bias if bias is not None else c, M, N, K, R,
+            l.stride(0), l.stride(1), lb_strides[0], lb_strides[1],
+            lora_scale, thr, seed_v, seed_p, seed_in_mem, pl.offset, calls_per_row(N))
+    meta = dict(HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout, R_PAD=r_pad,
+                DOT_PREC=_dot_precision(a.dtype, kn), B_KN=b_kn, NUM_SMS=sms, **cfg)
+    pl.launch(_output_gemm_tma_kernel, (min(sms, _cdiv(M, BM) * _cdiv(N, BN)),), args, meta)
+
+
 def _launch_gemm(pl: _Planner, a, b_strides, b, b_mat, l, lb_strides, lb, bias, c, N, K, R, lora_scale, drop,
-                 kn: TritonKnobs):
+                 kn: TritonKnobs, name: str):
     """c (M, N) = a (M, K) @ b[k, n] + [keep] * lora_scale * l (M, R) @ lb[r, n] + bias.
 
-    With the cuBLAS main loop, the kernel runs with no main K-steps (it writes the rank-r term and the bias) and
-    cuBLAS then accumulates a @ b_mat into c with beta = 1 (c.addmm_), reading c in its epilogue. ``b_mat`` is
-    (tensor, transpose): b_mat is that tensor, or its transpose.
+    With LORA_KERNELS_TRITON_MAINLOOP=tma, where the TMA kernel can take the call (_tma_unsupported), it computes
+    all of it in one launch. Otherwise: with the cuBLAS main loop, the kernel runs with no main K-steps (it writes
+    the rank-r term and the bias) and cuBLAS then accumulates a @ b_mat into c with beta = 1 (c.addmm_), reading c in
+    its epilogue (``b_mat`` is (tensor, transpose): b_mat is that tensor, or its transpose); with the Triton one,
+    _output_gemm_kernel runs the main loop too.
     """
     M = a.shape[0]
+    why = "LORA_KERNELS_TRITON_MAINLOOP is not tma"
+    if kn.tma:
+        why, b_kn = _tma_unsupported(pl, a, b_strides, b, c, M, N, K, _r_pad(R))
+        if why is None:
+            _GEMM_PATHS.append((name, (M, N), "tma", None))
+            _launch_gemm_tma(pl, a, b_strides, b, b_kn, l, lb_strides, lb, bias, c, M, N, K, R, lora_scale, drop, kn)
+            return
     cublas = kn.cublas  # (off under the interpreter; the backend gets CUDA tensors otherwise)
+    _GEMM_PATHS.append((name, (M, N), "cublas" if cublas else "triton", why))
     if cublas:
         K = 0
     r_pad = _r_pad(R)
@@ -671,7 +811,7 @@ def _plan_forward(x, weight, bias, lora_A, lora_B, p_positive: bool, seed_in_mem
         if N > 0:
             # y = x @ W^T + u @ B^T + b: b operand W^T[k, n] = W[n, k]; lb operand B^T[r, n] = B[n, r]
             _launch_gemm(pl, xv, (wv.stride(1), wv.stride(0)), wv, (wv, True), u, (bbv.stride(1), bbv.stride(0)),
-                         bbv, bv, y, N, K, R, 1.0, _NO_DROPOUT, kn)
+                         bbv, bv, y, N, K, R, 1.0, _NO_DROPOUT, kn, "y")
     return pl.finish((y, u))
 
 
@@ -715,7 +855,7 @@ def _plan_backward(dy, x, weight, lora_A, lora_B, u, p_positive: bool, seed_in_m
         # dx = dy @ W + keep * s/q * (g @ A): b operand W[n, k] (rows = reduction dim n); lb operand A[r, k]
         # (dx_from in dy's place in the first product: backward_dx_from)
         _launch_gemm(pl, dxfv, (wv.stride(0), wv.stride(1)), wv, (wv, False), g, (av.stride(0), av.stride(1)), av,
-                     None, dx, K, N, R, pl.scale, pl.drop, kn)
+                     None, dx, K, N, R, pl.scale, pl.drop, kn, "dx")
     return pl.finish((dx, dA, dB))
 
 
@@ -730,7 +870,7 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset):
     kn = _config.triton_knobs()
     seed_v, seed_p, seed_in_mem = _seed_args(seed, x)
     key = (kn, p > 0.0, seed_in_mem, seed_in_mem and seed_p.data_ptr() % 16, x.get_device(), SMALL_M,
-           id(_TUNED), id(_small_m_kernel), id(_shrink_kernel), id(_output_gemm_kernel),
+           id(_TUNED), id(_small_m_kernel), id(_shrink_kernel), id(_output_gemm_kernel), id(_output_gemm_tma_kernel),
            x.shape, x.stride(), x.dtype, x.data_ptr() % 16,
            weight.shape, weight.stride(), weight.dtype, weight.data_ptr() % 16,
            lora_A.shape, lora_A.stride(), lora_A.dtype, lora_A.data_ptr() % 16,
@@ -769,8 +909,8 @@ def _backward(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, need_d
     kn = _config.triton_knobs()
     seed_v, seed_p, seed_in_mem = _seed_args(seed, x)
     key = (kn, p > 0.0, seed_in_mem, seed_in_mem and seed_p.data_ptr() % 16, x.get_device(),
-           _FUSE_DB_PARTIAL_RATIO, id(_TUNED), id(_dy_pass_kernel), id(_shrink_kernel), id(_output_gemm_kernel),
-           need_dx, need_dA, need_dB,
+           _FUSE_DB_PARTIAL_RATIO, SMALL_M, id(_TUNED), id(_dy_pass_kernel), id(_shrink_kernel),
+           id(_output_gemm_kernel), id(_output_gemm_tma_kernel), need_dx, need_dA, need_dB,
            dy.shape, dy.stride(), dy.dtype, dy.data_ptr() % 16,
            x.shape, x.stride(), x.dtype, x.data_ptr() % 16,
            weight.shape, weight.stride(), weight.dtype, weight.data_ptr() % 16,
