@@ -54,8 +54,11 @@ shared epilogue ``kernels._lora_epilogue``). Its main loop is the ``tma_persiste
 bench/dev/triton_gemm_probe.py, which measured 0.977x cuBLAS's throughput (geomean, worst cell 0.922x) on an H200
 (triton 3.6, torch 2.11) over the four Llama-3-8B projections at M = 2048 and 8192, bf16 and fp16, with 128x256x64
 tiles, 3 stages, 8 warps (128x128x64, 4 stages, 4 warps for 4096->1024 at M = 2048; configs._tma_config); the
-pointer-based loop of ``_output_gemm_kernel`` reached 0.81x in the same run. It stays opt-in until the whole layer
-(rank-r epilogue included, forward and backward) is measured against the cuBLAS path. Calls it cannot take run as
+pointer-based loop of ``_output_gemm_kernel`` reached 0.81x in the same run. In the whole layer it is slower than
+the default: at M = 8192, r = 16, bf16 adapters, GPU time over the cuBLAS floor, forward 1.467 against 1.238 and
+forward+backward 1.720 against 1.381 (geomean over the four shapes and p in {0, 0.1}; 4096->4096 forward 0.460
+against 0.391 ms: the output GEMM with its rank-r epilogue took about 0.43 ms where the bare probe kernel took 0.35;
+bench/results/h200_2026-12-03/session28). So it stays opt-in. Calls it cannot take run as
 with the default (cuBLAS; under the interpreter the pointer-based loop): no GPU of compute capability 9.0 or newer,
 fp32 activations, W of another dtype than x, M <= SMALL_M, K = 0, r > 64 (configs._TMA_MAX_R_PAD), an operand whose
 rows are not contiguous or whose address or row stride is not a multiple of 16 bytes (K and N multiples of 8 for
