@@ -179,6 +179,40 @@ def assert_tolerance(out, ref64, baseline, name="output", floor=None, abs_ref=No
     assert e <= 2 * e0 + floor, f"{name}: error {e:.3e} > 2 x baseline {e0:.3e} + floor {floor:.1e}"
 
 
+def check_lora_linear(x, W, b, A, B, s, p, backend, dy_fn=torch.randn_like):
+    """lora_linear's y and its grads for (x, A, B) on `backend` against float64 math (the tolerance rule,
+    assert_tolerance, with the sums of |terms| as the floor's scale). x is passed as it is (its strides and address);
+    dy = dy_fn(y). The dropout mask the call used is read back (record_dropout) and applied to the reference."""
+    from lora_kernels.ops import record_dropout
+    xg = x.detach().requires_grad_()
+    Ag, Bg = (t.detach().clone().requires_grad_() for t in (A, B))
+    with record_dropout() as calls:
+        y = lora_kernels.lora_linear(xg, W, b, Ag, Bg, s, dropout_p=p, backend=backend)
+    keep = None
+    if p > 0 and x.numel():
+        assert len(calls) == 1
+        keep = lora_kernels.dropout_mask(*calls[0], x.shape, p, device=x.device)
+    dy = dy_fn(y)
+    y.backward(dy)
+
+    def grads(*ts):
+        ts = [t.detach().clone().requires_grad_() for t in ts]
+        out = formula(ts[0], W.to(ts[0].dtype), None if b is None else b.to(ts[0].dtype), ts[1], ts[2], s, keep, p)
+        out.backward(dy.to(out.dtype))
+        return out, [t.grad for t in ts]
+
+    ref, ref_g = grads(x.double(), A.double(), B.double())
+    base, base_g = grads(x, A, B)
+    # the floor's scale: the sums of |terms| (s > 0, keep/(1-p) >= 0: the formula is multilinear in the rest)
+    Wa, ba = W.double().abs(), None if b is None else b.double().abs()
+    ref_abs, abs_g = abs_reference(lambda x, A, B: formula(x, Wa, ba, A, B, s, keep, p), (x, A, B), dy)
+    assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], W.shape[0])
+    assert_tolerance(y, ref, base, "y", abs_ref=ref_abs)
+    for name, got, r64, b0, a64 in zip(("dx", "dA", "dB"), (xg.grad, Ag.grad, Bg.grad), ref_g, base_g, abs_g):
+        assert got.dtype == {"dx": x, "dA": A, "dB": B}[name].dtype, name
+        assert_tolerance(got, r64, b0, name, abs_ref=a64)
+
+
 def live_at_peak(fn, ours=("lora_kernels",)):
     """GPU memory that ``fn`` itself allocates, at its peak: (peak bytes, [(bytes, where)] of the blocks live then,
     largest first), from the CUDA caching allocator's history replayed event by event. Blocks that existed before

@@ -7,7 +7,7 @@ import torch
 import lora_kernels
 from lora_kernels.ops import record_dropout
 
-from conftest import HAS_CUDA, abs_reference, assert_tolerance, backend_cases, dtypes_for, formula
+from conftest import HAS_CUDA, abs_reference, assert_tolerance, backend_cases, check_lora_linear, dtypes_for, formula
 
 # Outputs start as NaN (conftest.poisoned_outputs): an unwritten element fails the finiteness checks.
 pytestmark = pytest.mark.usefixtures("poisoned_outputs")
@@ -34,33 +34,8 @@ def run_and_check(backend, device, dtype, lead, K, N, r, bias, p, adapter_dtype=
     x, W, b, A, B = make(lead, K, N, r, dtype, device, bias, adapter_dtype)
     if x_transform is not None:
         x = x_transform(x)
-    s = 0.75
-    xg, Ag, Bg = (t.detach().clone().requires_grad_() for t in (x, A, B))
-    with record_dropout() as calls:
-        y = lora_kernels.lora_linear(xg, W, b, Ag, Bg, s, dropout_p=p, backend=backend)
-    keep = None
-    if p > 0 and x.numel():
-        assert len(calls) == 1
-        keep = lora_kernels.dropout_mask(*calls[0], x.shape, p, device=device)
-    dy = torch.randn_like(y)
-    y.backward(dy)
-
-    def grads(*ts):
-        ts = [t.detach().clone().requires_grad_() for t in ts]
-        out = formula(ts[0], W.to(ts[0].dtype), None if b is None else b.to(ts[0].dtype), ts[1], ts[2], s, keep, p)
-        out.backward(dy.to(out.dtype))
-        return out, [t.grad for t in ts]
-
-    ref, ref_g = grads(x.double(), A.double(), B.double())
-    base, base_g = grads(x, A, B)
-    # the floor's scale: the sums of |terms| (s > 0, keep/(1-p) >= 0: the formula is multilinear in the rest)
-    Wa, ba = W.double().abs(), None if b is None else b.double().abs()
-    ref_abs, abs_g = abs_reference(lambda x, A, B: formula(x, Wa, ba, A, B, s, keep, p), (x, A, B), dy)
-    assert y.dtype == dtype and y.shape == (*x.shape[:-1], N)
-    assert_tolerance(y, ref, base, "y", abs_ref=ref_abs)
-    for name, got, r64, b0, a64 in zip(("dx", "dA", "dB"), (xg.grad, Ag.grad, Bg.grad), ref_g, base_g, abs_g):
-        assert got.dtype == {"dx": x, "dA": A, "dB": B}[name].dtype, name
-        assert_tolerance(got, r64, b0, name, abs_ref=a64)
+    # a clone: x_transform's values, contiguous
+    check_lora_linear(x.clone(), W, b, A, B, 0.75, p, backend)
 
 
 @pytest.mark.parametrize("backend,device,dtype", CASES, ids=IDS)

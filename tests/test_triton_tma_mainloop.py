@@ -12,10 +12,7 @@ a stand-in driver) hand it descriptors of each call's own tensors."""
 import pytest
 import torch
 
-import lora_kernels
-from lora_kernels.ops import record_dropout
-
-from conftest import HAS_CUDA, TRITON_PYTHONS, abs_reference, assert_tolerance, formula, triton_device_or_skip
+from conftest import HAS_CUDA, TRITON_PYTHONS, assert_tolerance, check_lora_linear, formula, triton_device_or_skip
 
 DEV = triton_device_or_skip()
 
@@ -57,34 +54,9 @@ def _run_and_check(M, K, N, r, dtype, adapter_dtype, bias, p, seed=0, x_transfor
     x, W, b, A, B = _make(M, K, N, r, dtype, adapter_dtype, bias, gen)
     if x_transform is not None:
         x = x_transform(x)
-    s = 0.75
-    # x as it is (detach keeps its strides and address: a clone would be contiguous and aligned)
-    xg = x.detach().requires_grad_()
-    Ag, Bg = (t.detach().clone().requires_grad_() for t in (A, B))
-    with record_dropout() as calls:
-        y = lora_kernels.lora_linear(xg, W, b, Ag, Bg, s, dropout_p=p, backend="triton")
-    keep = None
-    if p > 0:
-        assert len(calls) == 1
-        keep = lora_kernels.dropout_mask(*calls[0], x.shape, p, device=DEV)
-    dy = torch.randn(y.shape, generator=gen).to(dtype).to(DEV)
-    y.backward(dy)
-
-    def grads(*ts):
-        ts = [t.detach().clone().requires_grad_() for t in ts]
-        out = formula(ts[0], W.to(ts[0].dtype), None if b is None else b.to(ts[0].dtype), ts[1], ts[2], s, keep, p)
-        out.backward(dy.to(out.dtype))
-        return out, [t.grad for t in ts]
-
-    ref, ref_g = grads(x.double(), A.double(), B.double())
-    base, base_g = grads(x, A, B)
-    Wa, ba = W.double().abs(), None if b is None else b.double().abs()
-    ref_abs, abs_g = abs_reference(lambda x, A, B: formula(x, Wa, ba, A, B, s, keep, p), (x, A, B), dy)
-    assert y.dtype == dtype and y.shape == (M, N)
-    assert_tolerance(y, ref, base, "y", abs_ref=ref_abs)
-    for name, got, r64, b0, a64 in zip(("dx", "dA", "dB"), (xg.grad, Ag.grad, Bg.grad), ref_g, base_g, abs_g):
-        assert got.dtype == {"dx": x, "dA": A, "dB": B}[name].dtype, name
-        assert_tolerance(got, r64, b0, name, abs_ref=a64)
+    # x as it is (its strides and address: a clone would be contiguous and aligned)
+    check_lora_linear(x, W, b, A, B, 0.75, p, "triton",
+                      dy_fn=lambda y: torch.randn(y.shape, generator=gen).to(y.dtype).to(DEV))
 
 
 def _paths(log):
