@@ -227,14 +227,16 @@ for (M, N), r_pad, lb, drop in itertools.product([(8192, 4096), (2048, 1024)], [
         continue
     seen.add(key)
     BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
-    const = dict(HAS_BIAS=not drop, HAS_DROPOUT=drop, R_PAD=r_pad, DOT_PREC="tf32", B_KN=b_kn, BM=BM, BN=BN, BK=BK,
-                 GROUP_M=cfg["GROUP_M"], NUM_SMS=132, FLATTEN=cfg["FLATTEN"], s_lr=1)
+    # l and lb through TMA descriptors (LR_TMA, as the host launches these ranks; lb (R, N) in dx, (N, R) forward)
+    const = dict(HAS_BIAS=not drop, HAS_DROPOUT=drop, R_PAD=r_pad, DOT_PREC="tf32", B_KN=b_kn, LR_TMA=True,
+                 LB_RN=b_kn, BM=BM, BN=BN, BK=BK, GROUP_M=cfg["GROUP_M"], NUM_SMS=132, FLATTEN=cfg["FLATTEN"])
     types = {"a_desc": f"tensordesc<bf16[{BM}, {BK}]>",
              "b_desc": f"tensordesc<bf16[{BK}, {BN}]>" if b_kn else f"tensordesc<bf16[{BN}, {BK}]>",
-             "c_desc": f"tensordesc<bf16[{BM}, {BN}]>", "l_ptr": "*fp32", "lb_ptr": "*" + lb, "bias_ptr": "*bf16",
-             "seed_ptr": "*bf16", "lora_scale": "fp32", "seed": "i64", "offset": "i64"}
+             "c_desc": f"tensordesc<bf16[{BM}, {BN}]>", "l_src": f"tensordesc<fp32[{BM}, {r_pad}]>",
+             "lb_src": f"tensordesc<{lb}[{r_pad}, {BN}]>" if b_kn else f"tensordesc<{lb}[{BN}, {r_pad}]>",
+             "bias_ptr": "*bf16", "seed_ptr": "*bf16", "lora_scale": "fp32", "seed": "i64", "offset": "i64"}
     sig = {n: "constexpr" if n in const else types.get(n, "i32") for n in names}
-    div = ["l_ptr", "lb_ptr", "bias_ptr", "seed_ptr", "M", "N", "K", "s_lm", "s_lbr", "K8"]
+    div = ["bias_ptr", "seed_ptr", "M", "N", "K", "s_lm", "s_lbr", "K8"]
     src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(n),): v for n, v in const.items()},
                     attrs={(names.index(n),): [["tt.divisibility", 16]] for n in div})
     c = triton.compile(src, target=GPUTarget("cuda", 90, 32),
@@ -266,6 +268,106 @@ def test_gpu_configs_compile_within_shared_memory():
     for row in rows:
         assert row["shared"] <= min(row["estimate"], 227 * 1024), row
         assert row["wgmma"] and row["tma"] and row["local"] == 0, row
+
+
+_SERIAL_SCRIPT = r"""
+import json, os, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from lora_kernels.backends.triton import configs as tc, kernels
+
+try:  # the ptxas triton itself assembles sm_90 PTX with (it accepts the PTX version triton writes)
+    from triton.backends.nvidia.compiler import get_ptxas
+    ptxas = get_ptxas(90).path
+except Exception:
+    ptxas = None
+if not ptxas or not os.path.exists(ptxas):
+    import shutil
+    ptxas = shutil.which("ptxas")
+if not ptxas:
+    print(json.dumps(dict(skip="no ptxas found")))
+    sys.exit(0)
+kernel = kernels._output_gemm_tma_kernel
+names = kernel.arg_names
+rows = []
+for has_bias in (False, True):  # the forward at 8192 x 4096 -> 4096, bf16, r = 16, bf16 adapters
+    r_pad = 16
+    cfg = tc._tma_config(8192, 4096, 2, r_pad, 2, False, 132, False)
+    BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
+    const = dict(HAS_BIAS=has_bias, HAS_DROPOUT=False, R_PAD=r_pad, DOT_PREC="tf32", B_KN=False, LR_TMA=True,
+                 LB_RN=False, BM=BM, BN=BN, BK=BK, GROUP_M=cfg["GROUP_M"], NUM_SMS=132, FLATTEN=cfg["FLATTEN"])
+    types = {"a_desc": f"tensordesc<bf16[{BM}, {BK}]>", "b_desc": f"tensordesc<bf16[{BN}, {BK}]>",
+             "c_desc": f"tensordesc<bf16[{BM}, {BN}]>", "l_src": f"tensordesc<fp32[{BM}, {r_pad}]>",
+             "lb_src": f"tensordesc<bf16[{BN}, {r_pad}]>", "bias_ptr": "*bf16", "seed_ptr": "*bf16",
+             "lora_scale": "fp32", "seed": "i64", "offset": "i64"}
+    sig = {n: "constexpr" if n in const else types.get(n, "i32") for n in names}
+    div = ["bias_ptr", "seed_ptr", "M", "N", "K", "R", "s_lm", "s_lbn", "K8"]
+    src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(n),): v for n, v in const.items()},
+                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in div})
+    c = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+    d = tempfile.mkdtemp()
+    with open(os.path.join(d, "k.ptx"), "w") as f:
+        f.write(c.asm["ptx"])
+    p = subprocess.run([ptxas, "-arch=sm_90a", "-v", os.path.join(d, "k.ptx"), "-o", os.path.join(d, "k.cubin")],
+                       capture_output=True, text=True)
+    rows.append(dict(bias=has_bias, rc=p.returncode, log=(p.stdout + p.stderr)[-4000:], ptxas=ptxas))
+print(json.dumps(dict(rows=rows)))
+"""
+
+
+def test_tma_kernel_wgmma_not_serialized():
+    """The forward's 8192 x 4096 -> 4096 config (bf16, r = 16, bf16 adapters, with and without bias), l and lb
+    through TMA descriptors, compiled for sm_90a by the installed triton and assembled by `ptxas -v`: no warning
+    C7515 ("wgmma.mma_async instructions are serialized ..."), which would mean every wgmma of the kernel waits for
+    the previous one (triton 3.6 with the rank-r operands from pointer loads: kernels, above
+    _output_gemm_tma_kernel). Skipped where no ptxas is found, or where it cannot assemble this triton's PTX."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _SERIAL_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    if "skip" in report:
+        pytest.skip(report["skip"])
+    assert len(report["rows"]) == 2
+    for row in report["rows"]:
+        if row["rc"] != 0 and "version" in row["log"].lower():
+            pytest.skip(f"{row['ptxas']} cannot assemble this triton's PTX: {row['log'][-300:]}")
+        assert row["rc"] == 0, row
+        assert "C7515" not in row["log"] and "serialized" not in row["log"], row
+        assert "Used" in row["log"], row  # ptxas -v reported the kernel
+
+
+def test_rank_tma_layout():
+    """Which calls read l and lb through TMA descriptors (launch._rank_tma_layout): 16-byte aligned bases and row
+    strides, contiguous rows; the rest keep the pointer loads."""
+    f32, bf16 = torch.float32, torch.bfloat16
+
+    def val(shape, strides, dtype, aligned=True):
+        return tb._Val(0, shape, strides, dtype, "cpu", aligned)
+
+    M, N, K = 300, 320, 256
+    for r, ok in ((16, True), (64, True), (8, True), (5, False), (12, False)):
+        l = val((M, r), (r, 1), f32)
+        B = val((N, r), (r, 1), bf16)  # the forward: lb = B^T[r, n], strides (1, r)
+        assert tb._rank_tma_layout(l, (1, r), B, r) == ((True, False) if ok else (False, False)), r
+    for r, ok in ((16, True), (5, False), (12, True)):  # dx: lb = A (r, K) as stored; l = g needs r % 4 == 0
+        l = val((M, r), (r, 1), f32)
+        A = val((r, K), (K, 1), bf16)
+        assert tb._rank_tma_layout(l, (K, 1), A, r) == ((True, True) if ok else (False, False)), r
+    B32 = val((N, 4), (4, 1), f32)  # fp32 adapters: 16-byte rows from r = 4 on
+    assert tb._rank_tma_layout(val((M, 4), (4, 1), f32), (1, 4), B32, 4) == (True, False)
+    l = val((M, 16), (16, 1), f32)
+    assert tb._rank_tma_layout(l, (1, 16), val((N, 16), (16, 1), bf16, aligned=False), 16) == (False, False)
+    assert tb._rank_tma_layout(val((M, 16), (16, 1), f32, aligned=False), (1, 16), val((N, 16), (16, 1), bf16),
+                               16) == (False, False)
+    assert tb._rank_tma_layout(l, (2, 40), val((N, 16), (40, 2), bf16), 16) == (False, False)  # no unit stride
 
 
 @pytest.mark.skipif(not HOPPER, reason="needs a GPU of compute capability 9.0 or newer")

@@ -50,7 +50,13 @@ descriptors (host-side ``TensorDescriptor``s, made from each call's tensors when
 program per SM walking the output tiles in grouped order), the tile and K loops flattened into one pipelined loop,
 then the rank-r K-step into the same fp32 accumulator, the mask (dx with dropout) and the bias in the epilogue, and
 the output stored through a descriptor; the rank-r math and its precision are those of ``_output_gemm_kernel`` (the
-shared epilogue ``kernels._lora_epilogue``). Its main loop is the ``tma_persistent`` kernel of
+shared ``kernels._lora_add``). The rank-r operands l (u or g) and lb (B or A as stored) are read through TMA
+descriptors too wherever TMA can describe them (``launch._rank_tma_layout``: 16-byte aligned bases and row strides,
+so r % 4 == 0, and r % 8 == 0 for the forward's 16-bit B); elsewhere through masked pointer loads
+(``kernels._lora_epilogue``). Why: triton 3.6 + ptxas serialise every wgmma of the kernel, the main loop's included
+(ptxas warning C7515), when the epilogue's rank-r dot takes pointer-loaded operands (static analysis:
+bench/results/h200_2026-12-03/session28/triton_tma_compile_analysis.md). The timings below predate this change.
+Its main loop is the ``tma_persistent`` kernel of
 bench/dev/triton_gemm_probe.py, which measured 0.977x cuBLAS's throughput (geomean, worst cell 0.922x) on an H200
 (triton 3.6, torch 2.11) over the four Llama-3-8B projections at M = 2048 and 8192, bf16 and fp16, with 128x256x64
 tiles, 3 stages, 8 warps (128x128x64, 4 stages, 4 warps for 4096->1024 at M = 2048; configs._tma_config); the

@@ -220,8 +220,9 @@ def _shrink_kernel(
 #   dx:      a = dy, b = W,                    l = g, lb = A,   lora_scale = s/q, keep mask
 # Two kernels compute it: _output_gemm_kernel (pointer loads, one program per output tile; with K = 0 it writes the
 # rank-r term and the bias only, for cuBLAS to accumulate the GEMM into) and _output_gemm_tma_kernel (the main loop
-# through TMA descriptors, persistent). Both share the tile order and the epilogue below, so they compute the same
-# sums in the same order.
+# through TMA descriptors, persistent). Both share the tile order and the epilogue's math below (_lora_add, after
+# masked pointer loads in _lora_epilogue or, in the TMA kernel, TMA loads), so they compute the same sums in the same
+# order.
 # ------------------------------------------------------------------------------------------------------
 @triton.jit
 def _grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
@@ -242,12 +243,23 @@ def _lora_epilogue(acc, l_ptr, lb_ptr, bias_ptr, offs_m, m_mask, offs_n, n_mask,
                    DT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr,
                    DOT_PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     """acc (the tile's a @ b, fp32) + [keep *] lora_scale * l @ lb + bias for the output rows offs_m and columns
-    offs_n (col0 = the first of them): the rank-r term is one more K-step of width R_PAD, masked to R."""
+    offs_n (col0 = the first of them): the rank-r term is one more K-step of width R_PAD, masked to R. l and lb
+    through pointer loads; _lora_add does the math."""
     rr, r_mask = _block(0, R_PAD, R)
     lt = tl.load(l_ptr + offs_m.to(tl.int64)[:, None] * s_lm + rr[None, :] * s_lr,
                  mask=m_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
     lbt = tl.load(lb_ptr + rr[:, None] * s_lbr + offs_n.to(tl.int64)[None, :] * s_lbn,
                   mask=r_mask[:, None] & n_mask[None, :], other=0.0).to(DT)
+    return _lora_add(acc, lt, lbt, bias_ptr, offs_m, offs_n, n_mask, col0, lora_scale, thr, seed, seed_ptr,
+                     seed_in_mem, offset, K8, DT, HAS_BIAS, HAS_DROPOUT, DOT_PREC, BM, BN)
+
+
+@triton.jit
+def _lora_add(acc, lt, lbt, bias_ptr, offs_m, offs_n, n_mask, col0, lora_scale, thr, seed, seed_ptr, seed_in_mem,
+              offset, K8, DT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+              DOT_PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """acc + [keep *] lora_scale * lt @ lbt + bias, for lt (BM, R_PAD) fp32 and lbt (R_PAD, BN) in DT, zero past R
+    and past the M and N edges (however they were loaded)."""
     if HAS_DROPOUT:
         lo = tl.dot(_mm(lt.to(DT)), _mm(lbt), input_precision=DOT_PREC)
         seed = _load_seed(seed, seed_ptr, seed_in_mem)
@@ -303,17 +315,28 @@ def _output_gemm_kernel(
 # (triton.tools.tensor_descriptor.TensorDescriptor), a over (M, K), c over (M, N), b over (K, N) when B_KN (dx: W as
 # stored) or over (N, K) (the forward: W as stored, its tiles transposed for the dot). 16-bit inputs only (the host
 # falls back for fp32). TMA reads out-of-range elements as zero and clips stores at the edges, so the partial tiles
-# at M, N and K need no masks; the epilogue's rank-r and bias loads are pointer loads, masked as in
-# _output_gemm_kernel.
+# at M, N and K need no masks.
+# The rank-r operands: with LR_TMA, l and lb are descriptors too: l over (M, R) (u or g, fp32), block
+# (BM, R_PAD); lb over (R, N) when LB_RN (dx: A as stored), block (R_PAD, BN), or over (N, R) (the forward: B as
+# stored, its tile transposed), block (BN, R_PAD). The descriptors' shapes are R, not R_PAD: TMA's zero fill past
+# R and past the M and N edges replaces the masks. Why: triton 3.6 compiles the flattened loop's epilogue with a
+# `wgmma.wait_group 0` on the accumulator, and with the rank-r dot's operands from pointer loads (ld.global) after
+# it, ptxas (12.8 to 13.0) serialises every wgmma of the kernel, the main loop's included (warning C7515, "wgmma.
+# mma_async instructions are serialized ..."). With the operands through TMA, the main loop keeps its wgmma in flight
+# (wait depth 1). The host takes this wherever TMA can describe l and lb (16-byte aligned bases and row strides,
+# contiguous rows: launch._tma_unsupported); elsewhere (e.g. ranks not a multiple of 4) l_src and lb_src are
+# pointers with the strides s_*, loaded as in _output_gemm_kernel (correct, but serialised by triton 3.6's ptxas).
+# The math after the loads is _lora_add either way. The bias stays a pointer load (it does not bring C7515 back:
+# tests/test_triton_tma_mainloop.py::test_tma_kernel_wgmma_not_serialized).
 @triton.jit(do_not_specialize=_PER_CALL_SCALARS)
 def _output_gemm_tma_kernel(
-    a_desc, b_desc, c_desc, l_ptr, lb_ptr, bias_ptr,
+    a_desc, b_desc, c_desc, l_src, lb_src, bias_ptr,
     M, N, K, R,
     s_lm, s_lr, s_lbr, s_lbn,
     lora_scale, thr: tl.int32, seed: tl.int64, seed_ptr, seed_in_mem: tl.int32, offset: tl.int64, K8,
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
-    B_KN: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_SMS: tl.constexpr, FLATTEN: tl.constexpr,
+    B_KN: tl.constexpr, LR_TMA: tl.constexpr, LB_RN: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    BK: tl.constexpr, GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, FLATTEN: tl.constexpr,
 ):
     DT = a_desc.dtype
     num_pid_m = tl.cdiv(M, BM)
@@ -344,9 +367,18 @@ def _output_gemm_tma_kernel(
         pid_m, pid_n = _grouped_tile(tile_out, num_pid_m, num_pid_n, GROUP_M)
         offs_m, m_mask = _block(pid_m, BM, M)
         offs_n, n_mask = _block(pid_n, BN, N)
-        acc = _lora_epilogue(acc, l_ptr, lb_ptr, bias_ptr, offs_m, m_mask, offs_n, n_mask, pid_n * BN, R,
-                             s_lm, s_lr, s_lbr, s_lbn, lora_scale, thr, seed, seed_ptr, seed_in_mem, offset, K8,
-                             DT, HAS_BIAS, HAS_DROPOUT, R_PAD, DOT_PREC, BM, BN)
+        if LR_TMA:
+            lt = l_src.load([pid_m * BM, 0]).to(tl.float32)
+            if LB_RN:
+                lbt = lb_src.load([0, pid_n * BN]).to(DT)
+            else:
+                lbt = lb_src.load([pid_n * BN, 0]).to(DT).T
+            acc = _lora_add(acc, lt, lbt, bias_ptr, offs_m, offs_n, n_mask, pid_n * BN, lora_scale, thr, seed,
+                            seed_ptr, seed_in_mem, offset, K8, DT, HAS_BIAS, HAS_DROPOUT, DOT_PREC, BM, BN)
+        else:
+            acc = _lora_epilogue(acc, l_src, lb_src, bias_ptr, offs_m, m_mask, offs_n, n_mask, pid_n * BN, R,
+                                 s_lm, s_lr, s_lbr, s_lbn, lora_scale, thr, seed, seed_ptr, seed_in_mem, offset, K8,
+                                 DT, HAS_BIAS, HAS_DROPOUT, R_PAD, DOT_PREC, BM, BN)
         c_desc.store([pid_m * BM, pid_n * BN], acc.to(DT))
 
 

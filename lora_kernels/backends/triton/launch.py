@@ -656,7 +656,8 @@ def _tma_unsupported(pl: _Planner, a, b_strides, b, c, M, N, K, r_pad) -> tuple:
     """(None, b_kn) when _output_gemm_tma_kernel can compute c (M, N) = a (M, K) @ b[k, n] + ..., else (why not,
     None). b_kn: b is stored (K, N) with rows of N (dx: W), not (N, K) (the forward: W). TMA describes a tensor by
     its 16-byte aligned base and row strides, its rows contiguous. Alignment and strides are in the plan key, so the
-    answer holds for every call of the plan."""
+    answer holds for every call of the plan. The rank-r operands l and lb do not decide it: where TMA cannot describe
+    them the kernel reads them through pointers instead (_rank_tma_layout)."""
     if _TensorDescriptor is None:
         return "this triton has no triton.tools.tensor_descriptor.TensorDescriptor", None
     dev = pl.device
@@ -689,11 +690,31 @@ def _tma_unsupported(pl: _Planner, a, b_strides, b, c, M, N, K, r_pad) -> tuple:
     return None, b_kn
 
 
+def _rank_tma_layout(l, lb_strides, lb, R) -> tuple:
+    """How _output_gemm_tma_kernel reads its rank-r operands l (M, R) and lb[r, n]: (True, lb_rn) through TMA
+    descriptors (LR_TMA; lb_rn: lb is stored (R, N) with rows of N, dx's A, else (N, R), the forward's B), or
+    (False, False) through pointer loads, where TMA cannot describe them: a base not 16-byte aligned, rows not
+    contiguous or a row stride not a multiple of 16 bytes (l = u or g is fp32 (M, R): R % 4 != 0; the forward's B
+    at 16 bits: R % 8 != 0). The pointer loads are correct but, compiled by triton 3.6, serialise the kernel's wgmma
+    (kernels: the comment above _output_gemm_tma_kernel). Alignment and strides are in the plan key, so the answer
+    holds for every call of the plan."""
+    if R <= 0 or l.stride(1) != 1 or (l.stride(0) * l.element_size()) % 16 or not l.aligned or not lb.aligned:
+        return False, False
+    s_lbr, s_lbn = lb_strides
+    es = lb.element_size()
+    if s_lbn == 1 and (s_lbr * es) % 16 == 0:
+        return True, True
+    if s_lbr == 1 and (s_lbn * es) % 16 == 0:
+        return True, False
+    return False, False
+
+
 def _launch_gemm_tma(pl: _Planner, a, b_strides, b, b_kn: bool, l, lb_strides, lb, bias, c, M, N, K, R, lora_scale,
                      drop, kn: TritonKnobs) -> None:
     """The whole output in one launch of _output_gemm_tma_kernel: one program per SM (or per tile, where there are
-    fewer), a, b and c through descriptors made from each call's tensors (planner step "desc"). Fixed configs
-    (configs._tma_config): LORA_KERNELS_TRITON_AUTOTUNE does not apply."""
+    fewer), a, b and c (and l and lb, where _rank_tma_layout allows) through descriptors made from each call's
+    tensors (planner step "desc"). Fixed configs (configs._tma_config): LORA_KERNELS_TRITON_AUTOTUNE does not
+    apply."""
     thr, has_dropout = drop
     r_pad = _r_pad(R)
     sms = _num_sms(pl.device)
@@ -705,12 +726,20 @@ def _launch_gemm_tma(pl: _Planner, a, b_strides, b, b_kn: bool, l, lb_strides, l
     else:
         b_d = pl.descriptor(b, (N, K), (b_strides[1], 1), (BN, BK))
     c_d = pl.descriptor(c, (M, N), (c.stride(0), 1), (BM, BN))
+    lr_tma, lb_rn = _rank_tma_layout(l, lb_strides, lb, R)
+    l_src, lb_src = l, lb
+    if lr_tma:  # shapes of R, not r_pad: TMA zero-fills past R (and past the M and N edges)
+        l_src = pl.descriptor(l, (M, R), (l.stride(0), 1), (BM, r_pad))
+        if lb_rn:
+            lb_src = pl.descriptor(lb, (R, N), (lb_strides[0], 1), (r_pad, BN))
+        else:
+            lb_src = pl.descriptor(lb, (N, R), (lb_strides[1], 1), (BN, r_pad))
     seed_v, seed_p, seed_in_mem = pl.seed_args(a)
-    args = (a_d, b_d, c_d, l, lb, bias if bias is not None else c, M, N, K, R,
+    args = (a_d, b_d, c_d, l_src, lb_src, bias if bias is not None else c, M, N, K, R,
             l.stride(0), l.stride(1), lb_strides[0], lb_strides[1],
             lora_scale, thr, seed_v, seed_p, seed_in_mem, pl.offset, calls_per_row(N))
     meta = dict(HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout, R_PAD=r_pad,
-                DOT_PREC=_dot_precision(a.dtype, kn), B_KN=b_kn, NUM_SMS=sms, **cfg)
+                DOT_PREC=_dot_precision(a.dtype, kn), B_KN=b_kn, LR_TMA=lr_tma, LB_RN=lb_rn, NUM_SMS=sms, **cfg)
     pl.launch(_output_gemm_tma_kernel, (min(sms, _cdiv(M, BM) * _cdiv(N, BN)),), args, meta)
 
 
