@@ -19,59 +19,13 @@ from conftest import TRITON_PYTHONS
 pytest.importorskip("triton")
 
 _SCRIPT = r"""
-import itertools, json, sys
+import json, sys
 import torch
 import triton
-from triton.runtime import driver
-from triton.runtime.jit import JITFunction
 
 import fake_triton_driver  # tests/fake_triton_driver.py (tests/ is on PYTHONPATH)
 
-LAUNCHES = []  # (path, function handle, grid, args) of every launch
-loaded = itertools.count(1)
-
-
-class _Utils:
-    def get_device_properties(self, dev):
-        return {"max_shared_mem": 227 * 1024, "multiprocessor_count": 132, "sm_clock_rate": 1,
-                "mem_clock_rate": 1, "mem_bus_width": 1, "max_num_regs": 65536, "warpSize": 32}
-
-    def load_binary(self, name, kernel, shared, device):
-        return (1, next(loaded), 32, 0, 1024)  # module, function handle (unique per loaded binary), regs, ...
-
-    def unload_module(self, module):
-        pass
-
-
-class _Launcher:
-    def __init__(self, src, metadata):
-        pass
-
-    def __call__(self, gx, gy, gz, stream, function, packed_metadata, launch_metadata, enter, exit_, *args):
-        if enter is not None:
-            enter(launch_metadata)
-        LAUNCHES.append((path[0], function, (gx, gy, gz), args))
-
-
-class FakeDriver(fake_triton_driver.FakeDriver):
-    utils = _Utils()
-    launcher_cls = _Launcher
-
-
-driver.set_active(FakeDriver())
-path = ["fast"]
-_run = JITFunction.run
-
-
-def jit_run(self, *args, **kwargs):  # marks launches that went through the JIT
-    path[0] = "jit"
-    try:
-        return _run(self, *args, **kwargs)
-    finally:
-        path[0] = "fast"
-
-
-JITFunction.run = jit_run
+LAUNCHES = fake_triton_driver.install_recording()  # (path, function handle, grid, args) of every launch
 
 from lora_kernels.backends.triton import launch as tb  # noqa: E402
 

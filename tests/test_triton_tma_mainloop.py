@@ -399,56 +399,12 @@ def test_poison_exposes_an_unwritten_output(tma, monkeypatch):
 # launcher that records its arguments. The TMA decision is made as on an sm_90 GPU (the planner sees the CPU tensors
 # as on cuda:0, compute capability 9.0).
 _REPLAY_SCRIPT = r"""
-import itertools, json, os
+import json, os
 import torch
-from triton.runtime import driver
-from triton.runtime.jit import JITFunction
 
 import fake_triton_driver
 
-LAUNCHES = []
-handles = itertools.count(1)
-
-
-class _Utils:
-    def get_device_properties(self, dev):
-        return {"max_shared_mem": 227 * 1024, "multiprocessor_count": 132, "sm_clock_rate": 1,
-                "mem_clock_rate": 1, "mem_bus_width": 1, "max_num_regs": 65536, "warpSize": 32}
-
-    def load_binary(self, name, kernel, shared, device):
-        return (1, next(handles), 32, 0, 1024)
-
-    def unload_module(self, module):
-        pass
-
-
-class _Launcher:
-    def __init__(self, src, metadata):
-        pass
-
-    def __call__(self, gx, gy, gz, stream, function, packed_metadata, launch_metadata, enter, exit_, *args):
-        LAUNCHES.append((path[0], function, (gx, gy, gz), args))
-
-
-class FakeDriver(fake_triton_driver.FakeDriver):
-    utils = _Utils()
-    launcher_cls = _Launcher
-
-
-driver.set_active(FakeDriver())
-path = ["fast"]
-_run = JITFunction.run
-
-
-def jit_run(self, *args, **kwargs):
-    path[0] = "jit"
-    try:
-        return _run(self, *args, **kwargs)
-    finally:
-        path[0] = "fast"
-
-
-JITFunction.run = jit_run
+LAUNCHES = fake_triton_driver.install_recording()
 os.environ["LORA_KERNELS_TRITON_MAINLOOP"] = "tma"
 from lora_kernels.backends.triton import launch as tb  # noqa: E402
 from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402

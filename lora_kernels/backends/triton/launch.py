@@ -652,6 +652,12 @@ def _capability(index: int) -> tuple:
     return torch.cuda.get_device_capability(index)
 
 
+def _tma_rows(inner: int, row: int, elem_size: int, aligned: bool) -> bool:
+    """Whether TMA can describe a 2-D operand: contiguous rows (inner stride 1), a row stride that is a multiple of 16
+    bytes, a 16-byte aligned base."""
+    return inner == 1 and (row * elem_size) % 16 == 0 and aligned
+
+
 def _tma_unsupported(pl: _Planner, a, b_strides, b, c, M, N, K, r_pad) -> tuple:
     """(None, b_kn) when _output_gemm_tma_kernel can compute c (M, N) = a (M, K) @ b[k, n] + ..., else (why not,
     None). b_kn: b is stored (K, N) with rows of N (dx: W), not (N, K) (the forward: W). TMA describes a tensor by
@@ -685,7 +691,7 @@ def _tma_unsupported(pl: _Planner, a, b_strides, b, c, M, N, K, r_pad) -> tuple:
     for name, inner, row, aligned in rows:
         if inner != 1:
             return f"{name} rows not contiguous", None
-        if (row * es) % 16 or not aligned:
+        if not _tma_rows(inner, row, es, aligned):
             return f"{name} not 16-byte aligned (address or row stride {row * es} B)", None
     return None, b_kn
 
@@ -698,13 +704,13 @@ def _rank_tma_layout(l, lb_strides, lb, R) -> tuple:
     at 16 bits: R % 8 != 0). The pointer loads are correct but, compiled by triton 3.6, serialise the kernel's wgmma
     (kernels: the comment above _output_gemm_tma_kernel). Alignment and strides are in the plan key, so the answer
     holds for every call of the plan."""
-    if R <= 0 or l.stride(1) != 1 or (l.stride(0) * l.element_size()) % 16 or not l.aligned or not lb.aligned:
+    if R <= 0 or not _tma_rows(l.stride(1), l.stride(0), l.element_size(), l.aligned):
         return False, False
     s_lbr, s_lbn = lb_strides
     es = lb.element_size()
-    if s_lbn == 1 and (s_lbr * es) % 16 == 0:
+    if _tma_rows(s_lbn, s_lbr, es, lb.aligned):
         return True, True
-    if s_lbr == 1 and (s_lbn * es) % 16 == 0:
+    if _tma_rows(s_lbr, s_lbn, es, lb.aligned):
         return True, False
     return False, False
 
