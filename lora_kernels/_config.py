@@ -6,14 +6,16 @@ Read on every call. Changing one between two calls changes the second call.
                                         triton or cuda. A backend named in the call wins. Under torch.compile it is
                                         read when the graph is traced.
     LORA_KERNELS_TRITON_MAINLOOP        triton backend: who runs the frozen GEMM of the output passes (the
-                                        forward's y, the backward's dx). cublas (default): cuBLAS accumulates into
-                                        the output that the LoRA kernel wrote. triton: the LoRA kernel runs the main
-                                        loop as well, with pointer loads (always so under the interpreter). tma
-                                        (opt-in): one persistent Triton kernel computes the whole output, its main
-                                        loop through TMA tensor descriptors; calls it cannot take (no Hopper GPU,
-                                        fp32 x, M <= 64, r > 64, rows not 16-byte aligned, no descriptor API) run
-                                        as with cublas (under the interpreter: as with triton). The interpreter runs
-                                        it too.
+                                        forward's y, the backward's dx). auto (default): as tma where the rank
+                                        pads to at most 16 (configs._TMA_AUTO_MAX_R_PAD, where the TMA kernel
+                                        measured faster on the H200), else as cublas; under the interpreter as
+                                        triton. cublas: cuBLAS accumulates into the output that the LoRA kernel
+                                        wrote. triton: the LoRA kernel runs the main loop as well, with pointer
+                                        loads (always so under the interpreter). tma: one persistent Triton kernel
+                                        computes the whole output, its main loop through TMA tensor descriptors;
+                                        calls it cannot take (no Hopper GPU, fp32 x, M <= 64, r > 64, rows not
+                                        16-byte aligned, no descriptor API) run as with cublas (under the
+                                        interpreter: as with triton). The interpreter runs it too.
     LORA_KERNELS_TRITON_FP32_PRECISION  triton backend: ieee (default) or tf32, the dots of fp32 inputs.
     LORA_KERNELS_TRITON_AUTOTUNE        triton backend: 1 (default) tunes each new problem once; 0 launches fixed
                                         configs with no tuning runs (the GPU tests set 0).
@@ -175,10 +177,11 @@ class TritonKnobs(NamedTuple):
     """The triton backend's settings for one call."""
     interpret: bool  # TRITON_INTERPRET=1 (read at import): kernels run on CPU tensors under the interpreter
     autotune: bool  # LORA_KERNELS_TRITON_AUTOTUNE != 0
-    cublas: bool  # LORA_KERNELS_TRITON_MAINLOOP is cublas or tma (and the interpreter is off): cuBLAS runs the
-    #               main loop of the output passes that the TMA kernel does not take
+    cublas: bool  # LORA_KERNELS_TRITON_MAINLOOP is cublas, tma or auto (and the interpreter is off): cuBLAS runs
+    #               the main loop of the output passes that the TMA kernel does not take
     fp32_prec: str  # LORA_KERNELS_TRITON_FP32_PRECISION: ieee or tf32
-    tma: bool = False  # LORA_KERNELS_TRITON_MAINLOOP is tma: the output passes try the TMA persistent kernel
+    tma: bool = False  # tma, or auto off the interpreter: the output passes try the TMA persistent kernel
+    tma_auto: bool = False  # auto: the TMA kernel only where the rank pads to at most configs._TMA_AUTO_MAX_R_PAD
 
 
 _TRITON_VARS = ("LORA_KERNELS_TRITON_MAINLOOP", "LORA_KERNELS_TRITON_FP32_PRECISION", "LORA_KERNELS_TRITON_AUTOTUNE")
@@ -186,14 +189,15 @@ _TRITON_VARS = ("LORA_KERNELS_TRITON_MAINLOOP", "LORA_KERNELS_TRITON_FP32_PRECIS
 
 def _parse_triton() -> TritonKnobs:
     env = os.environ
-    mode = env.get("LORA_KERNELS_TRITON_MAINLOOP", "cublas")
-    if mode not in ("cublas", "triton", "tma"):
-        raise ValueError(f"LORA_KERNELS_TRITON_MAINLOOP must be cublas, triton or tma, got {mode!r}")
+    mode = env.get("LORA_KERNELS_TRITON_MAINLOOP", "auto") or "auto"
+    if mode not in ("auto", "cublas", "triton", "tma"):
+        raise ValueError(f"LORA_KERNELS_TRITON_MAINLOOP must be auto, cublas, triton or tma, got {mode!r}")
     prec = env.get("LORA_KERNELS_TRITON_FP32_PRECISION", "ieee").lower()
     if prec not in ("tf32", "ieee"):
         raise ValueError(f"LORA_KERNELS_TRITON_FP32_PRECISION must be tf32 or ieee, got {prec!r}")
+    auto = mode == "auto" and not TRITON_INTERPRET
     return TritonKnobs(TRITON_INTERPRET, env.get("LORA_KERNELS_TRITON_AUTOTUNE", "1") != "0",
-                       mode in ("cublas", "tma") and not TRITON_INTERPRET, prec, mode == "tma")
+                       mode in ("cublas", "tma", "auto") and not TRITON_INTERPRET, prec, mode == "tma" or auto, auto)
 
 
 triton_knobs = _per_call(_TRITON_VARS, _parse_triton)

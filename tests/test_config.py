@@ -65,14 +65,22 @@ def test_per_call_settings_follow_the_environment(monkeypatch):
     for var in ("LORA_KERNELS_TRITON_MAINLOOP", "LORA_KERNELS_TRITON_FP32_PRECISION", "LORA_KERNELS_TRITON_AUTOTUNE"):
         monkeypatch.delenv(var, raising=False)
     kn = _config.triton_knobs()
-    assert (kn.autotune, kn.fp32_prec, kn.cublas) == (True, "ieee", not _config.TRITON_INTERPRET)
+    gpu = not _config.TRITON_INTERPRET
+    # the default, auto: the TMA kernel at low rank, cuBLAS otherwise (both off under the interpreter)
+    assert (kn.autotune, kn.fp32_prec, kn.cublas, kn.tma, kn.tma_auto) == (True, "ieee", gpu, gpu, gpu)
     assert _config.triton_knobs() is kn  # parsed once per set of values
+    monkeypatch.setenv("LORA_KERNELS_TRITON_MAINLOOP", "")  # empty: the default
+    assert _config.triton_knobs() == kn
     monkeypatch.setenv("LORA_KERNELS_TRITON_AUTOTUNE", "0")
     monkeypatch.setenv("LORA_KERNELS_TRITON_FP32_PRECISION", "TF32")
     monkeypatch.setenv("LORA_KERNELS_TRITON_MAINLOOP", "triton")
-    assert _config.triton_knobs() == (_config.TRITON_INTERPRET, False, False, "tf32", False)
+    assert _config.triton_knobs() == (_config.TRITON_INTERPRET, False, False, "tf32", False, False)
+    monkeypatch.setenv("LORA_KERNELS_TRITON_MAINLOOP", "cublas")
+    assert _config.triton_knobs() == (_config.TRITON_INTERPRET, False, gpu, "tf32", False, False)
     monkeypatch.setenv("LORA_KERNELS_TRITON_MAINLOOP", "tma")  # cuBLAS stays the fallback of the TMA kernel
-    assert _config.triton_knobs() == (_config.TRITON_INTERPRET, False, not _config.TRITON_INTERPRET, "tf32", True)
+    assert _config.triton_knobs() == (_config.TRITON_INTERPRET, False, gpu, "tf32", True, False)
+    monkeypatch.setenv("LORA_KERNELS_TRITON_MAINLOOP", "auto")
+    assert _config.triton_knobs() == (_config.TRITON_INTERPRET, False, gpu, "tf32", gpu, gpu)
     monkeypatch.setenv("LORA_KERNELS_TRITON_MAINLOOP", "both")
     for _ in range(2):  # an invalid value raises on every call (nothing is kept)
         try:

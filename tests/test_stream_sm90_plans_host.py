@@ -110,3 +110,20 @@ def test_stream_plan_at_llama_shapes_fills_the_gpu(plans_bin):
         for C in (1024, 4096, 14336):
             (S, rows, G, cols, z, smem), = _plans(plans_bin, [(8192, C, 16, 3, m)])
             assert S * G * z >= 0.75 * 132, (mode, C, S, G, z)
+
+
+def test_stream_plan_largest_span_is_even(plans_bin):
+    """The pass lasts as long as its largest span (one wave of blocks streaming at about the same rate): at the Llama
+    shapes the plan's largest span holds at most 5% more 128 x 64 tiles than an even share of the 132 SMs (the
+    average span once picked 36 tiles of dA's at 8192 x 4096 where 32 is even, 44 of the shrink's), and no split
+    could be dropped without a larger span."""
+    cases = [(M, C, r, p, m) for M, C in ((8192, 1024), (8192, 4096), (8192, 14336), (2048, 4096), (2048, 14336))
+             for r in (16, 64) for p in (1, 3) for m in MODES.values()]
+    for (M, C, r, p, m), (S, rows, G, cols, z, smem) in zip(cases, _plans(plans_bin, cases)):
+        what = f"mode {m} P={p} M={M} cols={C} r={r}: ({S}, {rows}, {G}, {cols}), z={z}"
+        tiles_m, tiles_n = -(-M // 128), -(-C // 64)
+        largest = -(-tiles_m // S) * -(-tiles_n // G)
+        assert rows == -(-tiles_m // S) * 128 and cols == -(-tiles_n // G) * 64, what
+        assert -(-tiles_m // (S - 1)) > -(-tiles_m // S) if S > 1 else True, what
+        if r == 16:
+            assert largest <= 1.05 * tiles_m * tiles_n * z / 132, what + f": largest span {largest} tiles"

@@ -138,6 +138,12 @@ def _rank_term_config(r_pad: int):
 # is autotuned (LORA_KERNELS_TRITON_AUTOTUNE does not apply).
 _TMA_SMEM = 227 * 1024
 _TMA_MAX_R_PAD = 64
+# The default main loop (LORA_KERNELS_TRITON_MAINLOOP=auto) takes the TMA kernel up to this padded rank. Measured in
+# the layer (bench/suite/targets.py, M = 8192, the four Llama-3-8B shapes, bf16 adapters, p = 0, H200, session 29):
+# at r = 16 it beat the cuBLAS main loop on every shape (forward 1.113 / 1.322 / 1.063 / 1.076 the floor against
+# 1.144 / 1.382 / 1.098 / 1.084; forward+backward 1.181 / 1.506 / 1.121 / 1.114 against 1.220 / 1.705 / 1.133 /
+# 1.129), at r = 64 it lost in the forward (1.257 / 1.465 / 1.165 / 1.162 against 1.173 / 1.444 / 1.128 / 1.101).
+_TMA_AUTO_MAX_R_PAD = 16
 _TMA_INTERPRET = dict(BM=32, BN=32, BK=32, GROUP_M=2, FLATTEN=True, num_warps=4, num_stages=2)
 
 
