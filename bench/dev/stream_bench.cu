@@ -1,6 +1,7 @@
-// The backward's Hopper streaming passes (csrc/stream_sm90.cuh) timed without torch: the dy pass (g = dy B and the
-// dB partials, one read of dy) and the dA pass (the dA partials of s gᵀ x, one read of x), each with its prep launch,
-// at the Llama-3-8B shapes with fp32 adapters on bf16 (3 pieces), against a plain streaming read of the same matrix
+// The Hopper streaming passes (csrc/stream_sm90.cuh) timed without torch: the dy pass (g = dy B and the dB partials,
+// one read of dy), the dA pass (the dA partials of s gᵀ x, one read of x) and the forward's shrink (u's K-split
+// partials of s x Aᵀ, one read of x, p = 0), each with its prep launch where it has one, at the Llama-3-8B shapes with
+// fp32 adapters on bf16 (3 pieces) and bf16 adapters (1 piece), against a plain streaming read of the same matrix
 // (the bandwidth these passes are held to: the issue asks >= 80% of HBM's).
 // Built and run by stream_bench.sh; the plan lines give each pass's split plan, ring depth and shared memory. GPU time
 // as the suite measures it: each launch queued behind a GPU sleep, the streamed matrix rotated through 3 copies
@@ -55,6 +56,20 @@ __global__ void ref_rowdot(const bf16* a, const float* s, float* out, int64_t M,
   for (int64_t n = 0; n < N; ++n) acc += __bfloat162float(a[m * N + n]) * s[n * r + j];
   out[m * r + j] = acc;
 }
+// Adapters as bf16 (1 piece): the fp32 values rounded in place (so that the references see what the pass sees) and
+// their bf16 copy.
+__global__ void round_bf16(float* p, bf16* q, int64_t n) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    q[i] = __float2bfloat16(p[i]);
+    p[i] = __bfloat162float(q[i]);
+  }
+}
+// a (R x C) -> t (C x R)
+template <typename T>
+__global__ void transpose(const T* a, T* t, int64_t R, int64_t C) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < R * C; i += (int64_t)gridDim.x * blockDim.x)
+    t[(i % C) * R + i / C] = a[i];
+}
 // max |sum of the parts - ref| / max |ref| over n values, parts `parts` apart
 double rel_err(const float* parts, int64_t nparts, const float* ref, int64_t n, float scale = 1.f) {
   std::vector<float> p((size_t)(nparts * n)), q((size_t)n);
@@ -77,7 +92,7 @@ int main() {
   CK(cudaGetDeviceProperties(&prop, 0));
   printf("%s, %d SMs\n", prop.name, prop.multiProcessorCount);
   const int64_t M = 8192;
-  const int widths[] = {4096, 1024, 14336};  // N of the dy pass / K of the dA pass
+  const int widths[] = {4096, 1024, 14336};  // N of the dy pass / K of the dA pass and the shrink
   const int ranks[] = {16, 64};
   float* sink;
   CK(cudaMalloc(&sink, 4));
@@ -92,84 +107,122 @@ int main() {
                                                    reinterpret_cast<const uint4*>(a[i % 3]), n / 8, sink); }, st);
     printf("\n=== M=%lld x %d (%.1f MB): plain read %.1f us, %.2f TB/s\n", (long long)M, width, n * 2 / 1e6, plain,
            n * 2 / plain / 1e6);
-    for (int r : ranks) {
-      float *side, *rs, *ref, *parts, *gpart;  // side: B (C x r) or g (M x r); rs: u (M x r)
-      CK(cudaMalloc(&side, std::max<int64_t>(C, M) * r * 4));
-      CK(cudaMalloc(&rs, M * r * 4));
-      CK(cudaMalloc(&ref, std::max<int64_t>(C, M) * r * 4));
-      fill_f32<<<256, 256, 0, st>>>(side, std::max<int64_t>(C, M) * r, 5, 0.05f);
-      fill_f32<<<256, 256, 0, st>>>(rs, M * r, 7, 1.0f);
-      // dy pass: a = dy (M x C), B = side (C x r), u = rs
-      {
-        const lk::SplitPlan plan = lk::lora_dy_pass_sm90_plan(M, C, r, 3);
-        const char* why = lk::lora_dy_pass_sm90_unsupported(a[0], lk::DType::kBFloat16, lk::DType::kFloat32, M, C, r);
-        const auto sh = lk::detail::ds_shape(r, 3, lk::detail::kDy);
-        const int64_t groups = std::max<int64_t>(plan.col_groups, 1), tpg = ((C + 63) / 64 + groups - 1) / groups;
-        printf("dy pass r=%d: plan S=%lld C=%lld z=%d stages=%d smem=%zu %s\n", r, (long long)plan.row_splits,
-               (long long)plan.col_groups, sh.z, lk::detail::ds_stages(lk::detail::kDy, sh.nw),
-               lk::detail::ds_smem(sh, lk::detail::kDy, tpg), why ? why : "");
-        if (!why) {
-          void* scratch;
-          CK(cudaMalloc(&scratch, lk::lora_dy_pass_sm90_scratch_bytes(M, C, r, 3)));
-          CK(cudaMalloc(&gpart, plan.col_groups * M * r * 4));
-          CK(cudaMalloc(&parts, plan.row_splits * C * r * 4));
-          CK(cudaMemset(gpart, 0xff, plan.col_groups * M * r * 4));  // poison: NaN where a part is unwritten
-          CK(cudaMemset(parts, 0xff, plan.row_splits * C * r * 4));
-          auto run = [&](int i) {
-            CK(lk::launch_lora_dy_pass_sm90(a[i % 3], lk::DType::kBFloat16, side, lk::DType::kFloat32, rs, gpart, parts,
-                                            M, C, r, plan, scratch, st));
-          };
-          run(0);
-          ref_rowdot<<<(unsigned)M, r, 0, st>>>(a[0], side, ref, M, C, r);
-          CK(cudaStreamSynchronize(st));
-          const double eg = rel_err(gpart, plan.col_groups, ref, M * r);
-          ref_colsum<<<dim3((unsigned)((C + 127) / 128), r), 128, 0, st>>>(a[0], rs, ref, M, C, r);
-          CK(cudaStreamSynchronize(st));
-          const double eb = rel_err(parts, plan.row_splits, ref, C * r);
-          const float t = time_it(run, st);
-          printf("  dy pass r=%d: %.1f us (%.2f TB/s of dy, %.2fx the plain read)  err g %.2e dB %.2e\n", r, t,
-                 n * 2 / t / 1e6, t / plain, eg, eb);
-          CK(cudaFree(scratch));
-          CK(cudaFree(gpart));
-          CK(cudaFree(parts));
+    for (int P : {3, 1}) {
+      const lk::DType adt = P == 3 ? lk::DType::kFloat32 : lk::DType::kBFloat16;
+      for (int r : ranks) {
+        // side: B (C x r), also Aᵀ for the shrink; rs: u (M x r) or g; side16 / a16: their bf16 copies (P = 1)
+        float *side, *rs, *ref, *parts, *gpart, *a_rk;
+        bf16 *side16, *a16;
+        CK(cudaMalloc(&side, C * r * 4));
+        CK(cudaMalloc(&a_rk, C * r * 4));
+        CK(cudaMalloc(&side16, C * r * 2));
+        CK(cudaMalloc(&a16, C * r * 2));
+        CK(cudaMalloc(&rs, M * r * 4));
+        CK(cudaMalloc(&ref, std::max<int64_t>(C, M) * r * 4));
+        fill_f32<<<256, 256, 0, st>>>(side, C * r, 5, 0.05f);
+        fill_f32<<<256, 256, 0, st>>>(rs, M * r, 7, 1.0f);
+        if (P == 1) round_bf16<<<256, 256, 0, st>>>(side, side16, C * r);
+        transpose<float><<<256, 256, 0, st>>>(side, a_rk, C, r);  // lora_A (r x K) = sideᵀ
+        if (P == 1) transpose<bf16><<<256, 256, 0, st>>>(side16, a16, C, r);
+        const void* b_in = P == 3 ? (const void*)side : (const void*)side16;
+        const void* a_in = P == 3 ? (const void*)a_rk : (const void*)a16;
+        // dy pass: a = dy (M x C), B = side (C x r), u = rs
+        {
+          const lk::SplitPlan plan = lk::lora_dy_pass_sm90_plan(M, C, r, P);
+          const char* why = lk::lora_dy_pass_sm90_unsupported(a[0], lk::DType::kBFloat16, adt, M, C, r);
+          const auto sh = lk::detail::ds_shape(r, P, lk::detail::kDy);
+          const int64_t groups = std::max<int64_t>(plan.col_groups, 1), tpg = ((C + 63) / 64 + groups - 1) / groups;
+          printf("dy pass P=%d r=%d: plan S=%lld C=%lld z=%d stages=%d smem=%zu %s\n", P, r,
+                 (long long)plan.row_splits, (long long)plan.col_groups, sh.z,
+                 lk::detail::ds_stages(lk::detail::kDy, sh.nw), lk::detail::ds_smem(sh, lk::detail::kDy, tpg),
+                 why ? why : "");
+          if (!why) {
+            void* scratch;
+            CK(cudaMalloc(&scratch, lk::lora_dy_pass_sm90_scratch_bytes(M, C, r, P)));
+            CK(cudaMalloc(&gpart, plan.col_groups * M * r * 4));
+            CK(cudaMalloc(&parts, plan.row_splits * C * r * 4));
+            CK(cudaMemset(gpart, 0xff, plan.col_groups * M * r * 4));  // poison: NaN where a part is unwritten
+            CK(cudaMemset(parts, 0xff, plan.row_splits * C * r * 4));
+            auto run = [&](int i) {
+              CK(lk::launch_lora_dy_pass_sm90(a[i % 3], lk::DType::kBFloat16, b_in, adt, rs, gpart, parts, M, C, r,
+                                              plan, scratch, st));
+            };
+            run(0);
+            ref_rowdot<<<(unsigned)M, r, 0, st>>>(a[0], side, ref, M, C, r);
+            CK(cudaStreamSynchronize(st));
+            const double eg = rel_err(gpart, plan.col_groups, ref, M * r);
+            ref_colsum<<<dim3((unsigned)((C + 127) / 128), r), 128, 0, st>>>(a[0], rs, ref, M, C, r);
+            CK(cudaStreamSynchronize(st));
+            const double eb = rel_err(parts, plan.row_splits, ref, C * r);
+            const float t = time_it(run, st);
+            printf("  dy pass P=%d r=%d: %.1f us (%.2f TB/s of dy, %.2fx the plain read)  err g %.2e dB %.2e\n", P, r,
+                   t, n * 2 / t / 1e6, t / plain, eg, eb);
+            CK(cudaFree(scratch));
+            CK(cudaFree(gpart));
+            CK(cudaFree(parts));
+          }
         }
-      }
-      // dA pass: a = x (M x C = K), g = rs (M x r)
-      {
-        const lk::SplitPlan plan = lk::lora_dA_sm90_plan(M, C, r, 3);
-        const char* why = lk::lora_dA_sm90_unsupported(a[0], lk::DType::kBFloat16, lk::DType::kFloat32, M, C, r, 0.f);
-        const auto sh = lk::detail::ds_shape(r, 3, lk::detail::kDA);
-        printf("dA pass r=%d: plan S=%lld C=%lld z=%d stages=%d %s\n", r, (long long)plan.row_splits,
-               (long long)plan.col_groups, sh.z, lk::detail::ds_stages(lk::detail::kDA, sh.nw), why ? why : "");
-        if (!why) {
-          void* scratch = nullptr;
-          if (lk::lora_dA_sm90_scratch_bytes(M, r, 3)) CK(cudaMalloc(&scratch, lk::lora_dA_sm90_scratch_bytes(M, r, 3)));
-          CK(cudaMalloc(&parts, plan.row_splits * C * r * 4));
-          CK(cudaMemset(parts, 0xff, plan.row_splits * C * r * 4));
-          auto run = [&](int i) {
-            CK(lk::launch_lora_dA_sm90(a[i % 3], lk::DType::kBFloat16, lk::DType::kFloat32, rs, parts, M, C, r, plan,
-                                       0.5f, scratch, st));
-          };
-          run(0);
-          // dA[j][k] = 0.5 sum_m g[m][j] x[m][k]: the reference as ref[k][j], compared transposed below
-          ref_colsum<<<dim3((unsigned)((C + 127) / 128), r), 128, 0, st>>>(a[0], rs, ref, M, C, r);
-          CK(cudaStreamSynchronize(st));
-          std::vector<float> rt((size_t)(C * r)), tr((size_t)(C * r));
-          CK(cudaMemcpy(rt.data(), ref, rt.size() * 4, cudaMemcpyDeviceToHost));
-          for (int64_t k = 0; k < C; ++k)
-            for (int j = 0; j < r; ++j) tr[(size_t)(j * C + k)] = rt[(size_t)(k * r + j)];
-          CK(cudaMemcpy(ref, tr.data(), tr.size() * 4, cudaMemcpyHostToDevice));
-          const double ea = rel_err(parts, plan.row_splits, ref, C * r, 0.5f);
-          const float t = time_it(run, st);
-          printf("  dA pass r=%d: %.1f us (%.2f TB/s of x, %.2fx the plain read)  err dA %.2e\n", r, t,
-                 n * 2 / t / 1e6, t / plain, ea);
-          if (scratch) CK(cudaFree(scratch));
-          CK(cudaFree(parts));
+        // dA pass: a = x (M x C = K), g = rs (M x r)
+        {
+          const lk::SplitPlan plan = lk::lora_dA_sm90_plan(M, C, r, P);
+          const char* why = lk::lora_dA_sm90_unsupported(a[0], lk::DType::kBFloat16, adt, M, C, r, 0.f);
+          const auto sh = lk::detail::ds_shape(r, P, lk::detail::kDA);
+          printf("dA pass P=%d r=%d: plan S=%lld C=%lld z=%d stages=%d %s\n", P, r, (long long)plan.row_splits,
+                 (long long)plan.col_groups, sh.z, lk::detail::ds_stages(lk::detail::kDA, sh.nw), why ? why : "");
+          if (!why) {
+            void* scratch = nullptr;
+            if (lk::lora_dA_sm90_scratch_bytes(M, r, P)) CK(cudaMalloc(&scratch, lk::lora_dA_sm90_scratch_bytes(M, r, P)));
+            CK(cudaMalloc(&parts, plan.row_splits * C * r * 4));
+            CK(cudaMemset(parts, 0xff, plan.row_splits * C * r * 4));
+            auto run = [&](int i) {
+              CK(lk::launch_lora_dA_sm90(a[i % 3], lk::DType::kBFloat16, adt, rs, parts, M, C, r, plan, 0.5f,
+                                         scratch, st));
+            };
+            run(0);
+            // dA[j][k] = 0.5 sum_m g[m][j] x[m][k]: the reference as ref[k][j], compared transposed below
+            ref_colsum<<<dim3((unsigned)((C + 127) / 128), r), 128, 0, st>>>(a[0], rs, ref, M, C, r);
+            CK(cudaStreamSynchronize(st));
+            std::vector<float> rt((size_t)(C * r)), tr((size_t)(C * r));
+            CK(cudaMemcpy(rt.data(), ref, rt.size() * 4, cudaMemcpyDeviceToHost));
+            for (int64_t k = 0; k < C; ++k)
+              for (int j = 0; j < r; ++j) tr[(size_t)(j * C + k)] = rt[(size_t)(k * r + j)];
+            CK(cudaMemcpy(ref, tr.data(), tr.size() * 4, cudaMemcpyHostToDevice));
+            const double ea = rel_err(parts, plan.row_splits, ref, C * r, 0.5f);
+            const float t = time_it(run, st);
+            printf("  dA pass P=%d r=%d: %.1f us (%.2f TB/s of x, %.2fx the plain read)  err dA %.2e\n", P, r, t,
+                   n * 2 / t / 1e6, t / plain, ea);
+            if (scratch) CK(cudaFree(scratch));
+            CK(cudaFree(parts));
+          }
         }
+        // shrink: a = x (M x C = K), lora_A = a_in (r x K); u's K-split parts [c][m][j] of 0.5 x Aᵀ
+        {
+          const lk::SplitPlan plan = lk::lora_shrink_sm90_plan(M, C, r, P);
+          const char* why = lk::lora_shrink_sm90_unsupported(a[0], lk::DType::kBFloat16, adt, M, C, r, 0.f);
+          printf("shrink P=%d r=%d: plan S=%lld C=%lld %s\n", P, r, (long long)plan.row_splits,
+                 (long long)plan.col_groups, why ? why : "");
+          if (!why) {
+            void* scratch;
+            CK(cudaMalloc(&scratch, lk::lora_shrink_sm90_scratch_bytes(C, r, P)));
+            CK(cudaMalloc(&parts, plan.col_groups * M * r * 4));
+            CK(cudaMemset(parts, 0xff, plan.col_groups * M * r * 4));
+            auto run = [&](int i) {
+              CK(lk::launch_lora_shrink_sm90(a[i % 3], lk::DType::kBFloat16, a_in, adt, parts, M, C, r, plan, 0.5f,
+                                             0.f, nullptr, scratch, st));
+            };
+            run(0);
+            ref_rowdot<<<(unsigned)M, r, 0, st>>>(a[0], side, ref, M, C, r);
+            CK(cudaStreamSynchronize(st));
+            const double eu = rel_err(parts, plan.col_groups, ref, M * r, 0.5f);
+            const float t = time_it(run, st);
+            printf("  shrink P=%d r=%d: %.1f us (%.2f TB/s of x, %.2fx the plain read)  err u %.2e\n", P, r, t,
+                   n * 2 / t / 1e6, t / plain, eu);
+            CK(cudaFree(scratch));
+            CK(cudaFree(parts));
+          }
+        }
+        for (void* q : {(void*)side, (void*)a_rk, (void*)side16, (void*)a16, (void*)rs, (void*)ref}) CK(cudaFree(q));
       }
-      CK(cudaFree(side));
-      CK(cudaFree(rs));
-      CK(cudaFree(ref));
     }
     for (int s = 0; s < 3; ++s) CK(cudaFree(a[s]));
   }

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds and runs bench/dev/stream_bench.cu (the dy and dA streaming passes against a plain read); with SB_PROBE=1
+# Builds and runs bench/dev/stream_bench.cu (the dy pass, dA and the shrink against a plain read); with SB_PROBE=1
 # also bench/dev/stream_tma_probe.cu (the loader alone, cp.async against TMA); with SB_NCU=1 Nsight Compute on the
 # passes at 8192 x 4096, r = 16. Output under $OUT. No torch needed. (The twenty-first session's runs with parts of
 # the kernel left out built commit 2790135's LK_DS_DBG variants.)
@@ -7,7 +7,7 @@ set -u
 OUT="${OUT:-$PWD/gpu_out}"; mkdir -p "$OUT"
 FLAGS=(-arch=sm_90a -O3 -std=c++17 --expt-relaxed-constexpr -lineinfo -Icsrc -D__CUDA_NO_HALF_OPERATORS__
        -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__)
-nvcc "${FLAGS[@]}" bench/dev/stream_bench.cu csrc/dy_pass_sm90.cu csrc/dA_sm90.cu csrc/plans.cu -o /tmp/sb \
+nvcc "${FLAGS[@]}" bench/dev/stream_bench.cu csrc/dy_pass_sm90.cu csrc/dA_sm90.cu csrc/shrink_sm90.cu csrc/plans.cu -o /tmp/sb \
   > /tmp/sb.log 2>&1 || grep -E "error" /tmp/sb.log | head -5
 timeout 60 /tmp/sb 2>&1 | tee "$OUT/stream_bench.txt"
 if [ -n "${SB_PROBE:-}" ]; then
