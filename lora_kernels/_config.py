@@ -7,9 +7,9 @@ Read on every call. Changing one between two calls changes the second call.
                                         read when the graph is traced.
     LORA_KERNELS_TRITON_MAINLOOP        triton backend: who runs the frozen GEMM of the output passes (the
                                         forward's y, the backward's dx). auto (default): as tma where the rank
-                                        pads to at most 16 (configs._TMA_AUTO_MAX_R_PAD, where the TMA kernel
-                                        measured faster on the H200), else as cublas; under the interpreter as
-                                        triton. cublas: cuBLAS accumulates into the output that the LoRA kernel
+                                        pads to at most 16 (configs._TMA_AUTO_MAX_R_PAD), except dx with dropout,
+                                        else as cublas (what measured faster on the H200); under the interpreter
+                                        as triton. cublas: cuBLAS accumulates into the output that the LoRA kernel
                                         wrote. triton: the LoRA kernel runs the main loop as well, with pointer
                                         loads (always so under the interpreter). tma: one persistent Triton kernel
                                         computes the whole output, its main loop through TMA tensor descriptors;

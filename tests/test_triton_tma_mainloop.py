@@ -178,29 +178,31 @@ def test_fallbacks(tma, name, M, K, N, r, dtype, how, why):
         assert (why if TMA_HERE else "compute capability") in reason, (name_, reason)
 
 
-@pytest.mark.parametrize("r", [16, 17])
-def test_default_mainloop_takes_tma_at_low_rank(monkeypatch, r):
-    """The default (auto) takes the TMA kernel where the rank pads to at most 16 on a Hopper GPU, cuBLAS above that
-    and below Hopper, and under the interpreter the pointer kernel (as with triton). Both outputs checked against
-    float64 either way."""
+@pytest.mark.parametrize("r,p", [(16, 0.0), (17, 0.0), (16, 0.1)])
+def test_default_mainloop_takes_tma_at_low_rank(monkeypatch, r, p):
+    """The default (auto) takes the TMA kernel where the rank pads to at most 16 on a Hopper GPU, except for dx with
+    dropout (the mask in the epilogue); cuBLAS above that rank, for that dx and below Hopper; under the interpreter
+    the pointer kernel (as with triton). Both outputs checked against float64 either way."""
     monkeypatch.delenv("LORA_KERNELS_TRITON_MAINLOOP", raising=False)
     monkeypatch.setenv("LORA_KERNELS_TRITON_AUTOTUNE", "0")
     monkeypatch.setattr(tb, "_PLANS", {})
     tb._GEMM_PATHS.clear()
     gen = torch.Generator().manual_seed(9)
     x, W, b, A, B = _make(100, 72, 88, r, F16, F16, True, gen)
-    check_lora_linear(x, W, b, A, B, 0.75, 0.0, "triton",
+    check_lora_linear(x, W, b, A, B, 0.75, p, "triton",
                       dy_fn=lambda y: torch.randn(y.shape, generator=gen).to(y.dtype).to(DEV))
     paths = {name: (loop, why) for name, _, loop, why in tb._GEMM_PATHS}
     assert set(paths) == {"y", "dx"}, paths
     for name, (loop, why) in paths.items():
+        masked = name == "dx" and p > 0
         if not HAS_CUDA:
             assert loop == "triton", (name, loop, why)
-        elif HOPPER and r <= tc._TMA_AUTO_MAX_R_PAD:
+        elif HOPPER and r <= tc._TMA_AUTO_MAX_R_PAD and not masked:
             assert (loop, why) == ("tma", None), (name, why)
         else:
             assert loop == "cublas", (name, loop, why)
-            assert ("auto: rank padded to 32" if HOPPER else "compute capability") in why, (name, why)
+            expected = "compute capability" if not HOPPER else "dropout mask" if masked else "rank padded to 32"
+            assert expected in why, (name, why)
 
 
 def test_gpu_configs():

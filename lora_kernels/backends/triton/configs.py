@@ -138,11 +138,14 @@ def _rank_term_config(r_pad: int):
 # is autotuned (LORA_KERNELS_TRITON_AUTOTUNE does not apply).
 _TMA_SMEM = 227 * 1024
 _TMA_MAX_R_PAD = 64
-# The default main loop (LORA_KERNELS_TRITON_MAINLOOP=auto) takes the TMA kernel up to this padded rank. Measured in
-# the layer (bench/suite/targets.py, M = 8192, the four Llama-3-8B shapes, bf16 adapters, p = 0, H200, session 29):
-# at r = 16 it beat the cuBLAS main loop on every shape (forward 1.113 / 1.322 / 1.063 / 1.076 the floor against
-# 1.144 / 1.382 / 1.098 / 1.084; forward+backward 1.181 / 1.506 / 1.121 / 1.114 against 1.220 / 1.705 / 1.133 /
-# 1.129), at r = 64 it lost in the forward (1.257 / 1.465 / 1.165 / 1.162 against 1.173 / 1.444 / 1.128 / 1.101).
+# The default main loop (LORA_KERNELS_TRITON_MAINLOOP=auto) takes the TMA kernel up to this padded rank, and not for
+# the masked dx (dropout). Measured in the layer (bench/suite/targets.py, M = 8192, bf16 adapters, H200, session 29,
+# GPU time over the cuBLAS floor, TMA against cuBLAS main loop, shapes 4096->4096 / ->1024 / ->14336 / 14336->4096):
+# r = 16, p = 0 faster on every shape, twice (forward 1.108 / 1.298 / 1.062 / 1.075 against 1.139 / 1.361 / 1.092 /
+# 1.083, forward+backward 1.182 / 1.496 / 1.118 / 1.114 against 1.216 / 1.715 / 1.139 / 1.132); r = 16, p = 0.1
+# forward faster (1.201 / 1.639 / 1.095 / 1.191 against 1.222 / 1.732 / 1.130 / 1.194) but forward+backward slower
+# with the mask in the TMA kernel's epilogue (1.537 / 2.106 / 1.366 / 1.467 against 1.366 / 2.208 / 1.183 / 1.308);
+# r = 32 and 64 slower in the forward (r = 32: 1.242 / 1.401 / 1.148 / 1.115 against 1.157 / 1.383 / 1.105 / 1.086).
 _TMA_AUTO_MAX_R_PAD = 16
 _TMA_INTERPRET = dict(BM=32, BN=32, BK=32, GROUP_M=2, FLATTEN=True, num_warps=4, num_stages=2)
 

@@ -755,18 +755,21 @@ def _launch_gemm(pl: _Planner, a, b_strides, b, b_mat, l, lb_strides, lb, bias, 
 
     With LORA_KERNELS_TRITON_MAINLOOP=tma, where the TMA kernel can take the call (_tma_unsupported), it computes
     all of it in one launch; with auto (the default, off the interpreter) the same up to a padded rank of
-    _TMA_AUTO_MAX_R_PAD. Otherwise: with the cuBLAS main loop, the kernel runs with no main K-steps (it writes
-    the rank-r term and the bias) and cuBLAS then accumulates a @ b_mat into c with beta = 1 (c.addmm_), reading c in
-    its epilogue (``b_mat`` is (tensor, transpose): b_mat is that tensor, or its transpose); with the Triton one,
-    _output_gemm_kernel runs the main loop too.
+    _TMA_AUTO_MAX_R_PAD and without the dropout mask (dx at p > 0 keeps cuBLAS). Otherwise: with the cuBLAS main
+    loop, the kernel runs with no main K-steps (it writes the rank-r term and the bias) and cuBLAS then accumulates
+    a @ b_mat into c with beta = 1 (c.addmm_), reading c in its epilogue (``b_mat`` is (tensor, transpose): b_mat is
+    that tensor, or its transpose); with the Triton one, _output_gemm_kernel runs the main loop too.
     """
     M = a.shape[0]
     why = "LORA_KERNELS_TRITON_MAINLOOP is not tma or auto"
     if kn.tma:
         why, b_kn = _tma_unsupported(pl, a, b_strides, b, c, M, N, K, _r_pad(R))
-        if why is None and kn.tma_auto and _r_pad(R) > _TMA_AUTO_MAX_R_PAD:
-            why = (f"auto: rank padded to {_r_pad(R)} > {_TMA_AUTO_MAX_R_PAD}, where the cuBLAS main loop measured "
-                   "faster")
+        if why is None and kn.tma_auto:
+            if _r_pad(R) > _TMA_AUTO_MAX_R_PAD:
+                why = (f"auto: rank padded to {_r_pad(R)} > {_TMA_AUTO_MAX_R_PAD}, where the cuBLAS main loop "
+                       "measured faster")
+            elif drop[1]:
+                why = "auto: the dropout mask in the epilogue (dx), where the cuBLAS main loop measured faster"
         if why is None:
             _GEMM_PATHS.append((name, (M, N), "tma", None))
             _launch_gemm_tma(pl, a, b_strides, b, b_kn, l, lb_strides, lb, bias, c, M, N, K, R, lora_scale, drop, kn)
