@@ -45,34 +45,34 @@ pass: one read of x (shrink) or dy (g, dB) and one write of the output. ``LORA_K
 selects the all-Triton, pointer-based main loop (always so on the CPU under the interpreter).
 
 ``LORA_KERNELS_TRITON_MAINLOOP=tma`` selects ``_output_gemm_tma_kernel`` for the expand and dx (``auto``, the
-default, does where it measured faster: below): one launch computes the whole ``a @ b + [keep *] lora_scale * l @ lb
-+ bias``, its main loop reading a and W through TMA tensor descriptors (host-side ``TensorDescriptor``s, made from
-each call's tensors when its plan runs), persistent (one program per SM walking the output tiles in grouped order),
-the tile and K loops flattened into one pipelined loop, then the rank-r K-step into the same fp32 accumulator, the
-mask (dx with dropout) and the bias in the epilogue, and the output stored through a descriptor; the rank-r math and
-its precision are those of ``_output_gemm_kernel`` (the shared ``kernels._lora_add``). The rank-r operands l (u or
-g) and lb (B or A as stored) are read through TMA descriptors too wherever TMA can describe them
-(``launch._rank_tma_layout``: 16-byte aligned bases and row strides, so r % 4 == 0, and r % 8 == 0 for the forward's
-16-bit B); elsewhere through masked pointer loads (``kernels._lora_epilogue``). Why: triton 3.6 + ptxas serialise
-every wgmma of the kernel, the main loop's included (ptxas warning C7515), when the epilogue's rank-r dot takes
-pointer-loaded operands (static analysis: bench/results/h200_2026-12-03/session28/triton_tma_compile_analysis.md).
-Its main loop is the ``tma_persistent`` kernel of bench/dev/triton_gemm_probe.py, which measured 0.977x cuBLAS's
-throughput (geomean, worst cell 0.922x) on an H200 (triton 3.6, torch 2.11) over the four Llama-3-8B projections at
-M = 2048 and 8192, bf16 and fp16, with 128x256x64 tiles, 3 stages, 8 warps (128x128x64, 4 stages, 4 warps for
-4096->1024 at M = 2048; configs._tma_config); the pointer-based loop of ``_output_gemm_kernel`` reached 0.81x in the
-same run. In the whole layer (M = 8192, bf16 adapters, the four shapes, H200,
-bench/results/h200_2026-12-03/session29) it beats the cuBLAS main loop at r = 16 (p = 0: forward 1.062-1.298x the
-floor against 1.083-1.361x, forward+backward 1.114-1.496x against 1.132-1.715x; p = 0.1: forward 1.095-1.639x
-against 1.130-1.732x), and loses at r = 32 and 64 and in dx with dropout (the mask in its epilogue: forward+backward
-1.366-2.106x against 1.183-2.208x at p = 0.1). So ``auto`` takes it at r <= 16 (configs._TMA_AUTO_MAX_R_PAD) except
-for dx with dropout. (Before the rank-r operands came through descriptors its serialised wgmmas made it slower
-everywhere: forward 1.467 against 1.238, session 28.) Calls it cannot take run as with the default (cuBLAS; under
-the interpreter the pointer-based loop): no GPU of compute capability 9.0 or newer, fp32 activations, W of another
-dtype than x, M <= SMALL_M, K = 0, r > 64 (configs._TMA_MAX_R_PAD), an operand whose rows are not contiguous or
-whose address or row stride is not a multiple of 16 bytes (K and N multiples of 8 for 16-bit types), or a triton
-without ``triton.tools.tensor_descriptor``. ``launch._GEMM_PATHS`` records which main loop each planned output pass
-got, and why the TMA kernel did not take it. Under TRITON_INTERPRET=1 the TMA kernel runs on CPU tensors (32x32x32
-tiles).
+default, does where it measured faster: below): one launch computes the whole
+``a @ b + [keep *] lora_scale * l @ lb + bias``, its main loop reading a and W through TMA tensor descriptors
+(host-side ``TensorDescriptor``s, made from each call's tensors when its plan runs), persistent (one program per SM
+walking the output tiles in grouped order), the tile and K loops flattened into one pipelined loop, then the rank-r
+K-step into the same fp32 accumulator, the mask (dx with dropout) and the bias in the epilogue, and the output
+stored through a descriptor; the rank-r math and its precision are those of ``_output_gemm_kernel`` (the shared
+``kernels._lora_add``). The rank-r operands l (u or g) and lb (B or A as stored) are read through TMA descriptors
+too wherever TMA can describe them (``launch._rank_tma_layout``: 16-byte aligned bases and row strides, so r % 4 ==
+0, and r % 8 == 0 for the forward's 16-bit B); elsewhere through masked pointer loads (``kernels._lora_epilogue``).
+Why: triton 3.6 + ptxas serialise every wgmma of the kernel, the main loop's included (ptxas warning C7515), when
+the epilogue's rank-r dot takes pointer-loaded operands (static analysis:
+bench/results/h200_2026-12-03/session28/triton_tma_compile_analysis.md). Its main loop is the ``tma_persistent``
+kernel of bench/dev/triton_gemm_probe.py, which measured 0.977x cuBLAS's throughput (geomean, worst cell 0.922x) on
+an H200 (triton 3.6, torch 2.11) over the four Llama-3-8B projections at M = 2048 and 8192, bf16 and fp16, with
+128x256x64 tiles, 3 stages, 8 warps (128x128x64, 4 stages, 4 warps for 4096->1024 at M = 2048; configs._tma_config);
+the pointer-based loop of ``_output_gemm_kernel`` reached 0.81x in the same run. In the whole layer (M = 8192, bf16
+adapters, the four shapes, H200, bench/results/h200_2026-12-03/session29) it beats the cuBLAS main loop at r = 16 (p
+= 0: forward 1.062-1.298x the floor against 1.083-1.361x, forward+backward 1.114-1.496x against 1.132-1.715x; p =
+0.1: forward 1.095-1.639x against 1.130-1.732x), and loses at r = 32 and 64 and in dx with dropout (the mask in its
+epilogue: forward+backward 1.366-2.106x against 1.183-2.208x at p = 0.1). So ``auto`` takes it at r <= 16
+(configs._TMA_AUTO_MAX_R_PAD) except for dx with dropout. (Before the rank-r operands came through descriptors its
+serialised wgmmas made it slower everywhere: forward 1.467 against 1.238, session 28.) Calls it cannot take run as
+with the default (cuBLAS; under the interpreter the pointer-based loop): no GPU of compute capability 9.0 or newer,
+fp32 activations, W of another dtype than x, M <= SMALL_M, K = 0, r > 64 (configs._TMA_MAX_R_PAD), an operand whose
+rows are not contiguous or whose address or row stride is not a multiple of 16 bytes (K and N multiples of 8 for
+16-bit types), or a triton without ``triton.tools.tensor_descriptor``. ``launch._GEMM_PATHS`` records which main
+loop each planned output pass got, and why the TMA kernel did not take it. Under TRITON_INTERPRET=1 the TMA kernel
+runs on CPU tensors (32x32x32 tiles).
 
 Precision policy: each product runs in the precision PyTorch uses for the same inputs, accumulation is fp32. The
 big GEMMs and the rank-r expand into the 16-bit outputs cast their tiles to x's dtype. The adapter products (u, g,
