@@ -27,6 +27,8 @@
 #             e.g. "--regime burst"): each GEMM config against cuBLAS
 #   triton_gemm bench/dev/triton_gemm_probe.py: Triton main loops (plain, TMA persistent, warp-specialised) against
 #             cuBLAS on y = x Wᵀ, the four Llama shapes at M = 2048 and 8192, bf16 and fp16 (TRITON_GEMM_ARGS)
+#   stream    bench/dev/stream_bench.sh: the sm_90 streaming passes (dy pass, dA, shrink) timed without torch against a
+#             plain read, with a side-operand plan beside the production one where they differ (no wheel needed)
 #   save      /tmp/site as $OUT/site.tgz; a later call that carries it as .site/site.tgz reuses the build (build step
 #             with REUSE_BUILD=1 unpacks it when it was built from this tree's sources, else builds; OVERLAY_PY=1
 #             asks only the compiled sources (csrc/, setup.py) to match and copies this tree's Python files over it)
@@ -190,6 +192,9 @@ for step in ${STEPS:-build tests}; do
         "$REPO/bench/dev/triton_gemm_probe.py" --out "$OUT/triton_gemm.json" ${TRITON_GEMM_ARGS:-} \
         > "$OUT/triton_gemm.txt" 2>&1)
       tail -40 "$OUT/triton_gemm.txt";;
+    stream)
+      (cd "$REPO" && OUT="$OUT" run_step stream "${T_STREAM:-240}" bash bench/dev/stream_bench.sh > "$OUT/stream_bench.log" 2>&1)
+      grep -E "===|pass P|shrink P" "$OUT/stream_bench.txt" 2>/dev/null | grep -v ": plan" | head -80;;
     save)
       tar -czf "$OUT/site.tgz" -C /tmp site && note "saved /tmp/site as site.tgz ($(du -h "$OUT/site.tgz" | cut -f1))";;
     *) note "unknown step $step";;
