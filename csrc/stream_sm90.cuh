@@ -452,7 +452,11 @@ cudaError_t with_stream_kernel(int pieces, int rj, F&& f) {
 // dA; col_groups * M * r where the G partials do: dy pass, shrink). Counting the achieved fill instead (the
 // average span) picked uneven splits: 36 row x column tiles in the largest span of dA at 8192 x 4096 where 32 is
 // even, 44 in the shrink's. The row splits are the fewest that give the same largest span (fewer partials).
-inline SplitPlan stream_sm90_plan(int64_t M, int64_t N, int r, int pieces, StreamMode mode) {
+// side_bytes (a candidate, off in every pass; bench/dev/stream_bench.cu times it): the span also counts the side
+// operands each block loads, the B or A chunk of every tile (dy pass, shrink: NW rows of 64) and the Up tile of every
+// row tile (dy pass, dA: NW rows of 128). Without them the plan lost 8% on dA with fp32 adapters at r = 64,
+// K = 14336, where each block loads a 48 KB Up tile per row tile for 2 column tiles of x (session 29).
+inline SplitPlan stream_sm90_plan(int64_t M, int64_t N, int r, int pieces, StreamMode mode, bool side_bytes = false) {
   const bool with_g = mode != kDA, with_d = mode != kShrink;
   const DsShape sh = ds_shape(r, pieces, mode);
   const int64_t tiles_m = ceil_div(M, DS_BM), tiles_n = ceil_div(N, DS_BN), sms = num_sms();
@@ -464,7 +468,9 @@ inline SplitPlan stream_sm90_plan(int64_t M, int64_t N, int r, int pieces, Strea
     const int64_t S0 = std::max<int64_t>(1, std::min<int64_t>(tiles_m, sms / (C * sh.z)));
     const int64_t rows = ceil_div(tiles_m, S0), S = ceil_div(tiles_m, rows);  // the largest span's row tiles
     const int64_t waves = ceil_div(S * C * sh.z, sms);
-    const double span = 2.0 * DS_BM * DS_BN * (double)(rows * tpg);  // bytes of `a` in the largest span
+    // bytes of `a` in the largest span, and with side_bytes those of its side operands
+    const double tile = 2.0 * DS_BM * DS_BN + (side_bytes && with_g ? 128.0 * sh.nw : 0.0);
+    const double span = tile * (double)(rows * tpg) + (side_bytes && with_d ? 256.0 * sh.nw * (double)rows : 0.0);
     const double partial = 8.0 * r * ((with_d ? (double)S * N : 0.0) + (with_g && C > 1 ? (double)C * M : 0.0));
     const double est = span * (double)(sms * waves) + partial;
     if (best_est < 0 || est < best_est) {

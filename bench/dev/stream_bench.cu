@@ -3,7 +3,7 @@
 // partials of s x Aᵀ, one read of x, p = 0), each with its prep launch where it has one, at the Llama-3-8B shapes
 // with fp32 adapters on bf16 (3 pieces) and bf16 adapters (1 piece), against a plain streaming read of the same
 // matrix (the bandwidth these passes are held to: the issue asks >= 80% of HBM's). Where a plan that also counts the
-// side operands' bytes (side_plan) differs from the production one, that plan is timed too.
+// side operands' bytes (stream_sm90_plan's side_bytes) differs from the production one, that plan is timed too.
 // Built and run by stream_bench.sh; the plan lines give each pass's split plan, ring depth and shared memory. GPU time
 // as the suite measures it: each launch queued behind a GPU sleep, the streamed matrix rotated through 3 copies
 // (larger than L2 together), median of 30. Every pass's outputs are checked against a reference kernel in the same
@@ -71,35 +71,6 @@ __global__ void transpose(const T* a, T* t, int64_t R, int64_t C) {
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < R * C; i += (int64_t)gridDim.x * blockDim.x)
     t[(i % C) * R + i / C] = a[i];
 }
-// The production plan's cost (stream_sm90_plan: the largest span's bytes of the streamed matrix and the partials)
-// plus the side operands' bytes each block loads: the B or A chunk of every tile (dy pass, shrink: NW rows of 64)
-// and the Up tile of every row tile (dy pass, dA: NW rows of 128, or dA's g rows). A candidate for the planner, timed
-// here beside it where the two differ (session 29: the production plan lost 8% on dA with fp32 adapters at r = 64,
-// K = 14336, where each block loads a 48 KB Up tile per row tile for 2 column tiles of x).
-lk::SplitPlan side_plan(int64_t M, int64_t N, int r, int pieces, lk::detail::StreamMode mode) {
-  using namespace lk::detail;
-  const bool with_g = mode != kDA, with_d = mode != kShrink;
-  const DsShape sh = ds_shape(r, pieces, mode);
-  const int64_t tiles_m = (M + DS_BM - 1) / DS_BM, tiles_n = (N + DS_BN - 1) / DS_BN, sms = num_sms();
-  lk::SplitPlan best{0, 0, 0, 0};
-  double best_est = -1.0;
-  for (int64_t C = 1; C <= tiles_n / (ds_stages(mode, sh.nw) - 1) && C <= 65535; ++C) {
-    const int64_t tpg = (tiles_n + C - 1) / C;
-    if (ds_smem(sh, mode, tpg) > kSmemPerBlockMax) continue;
-    const int64_t S0 = std::max<int64_t>(1, std::min<int64_t>(tiles_m, sms / (C * sh.z)));
-    const int64_t rows = (tiles_m + S0 - 1) / S0, S = (tiles_m + rows - 1) / rows;
-    const int64_t waves = (S * C * sh.z + sms - 1) / sms;
-    const double tile = 2.0 * DS_BM * DS_BN + (with_g ? 128.0 * sh.nw : 0.0);
-    const double span = tile * (double)(rows * tpg) + (with_d ? 256.0 * sh.nw * (double)rows : 0.0);
-    const double partial = 8.0 * r * ((with_d ? (double)S * N : 0.0) + (with_g && C > 1 ? (double)C * M : 0.0));
-    const double est = span * (double)(sms * waves) + partial;
-    if (best_est < 0 || est < best_est) {
-      best_est = est;
-      best = lk::SplitPlan{S, rows * DS_BM, C, tpg * DS_BN};
-    }
-  }
-  return best;
-}
 bool same_plan(const lk::SplitPlan& a, const lk::SplitPlan& b) {
   return a.row_splits == b.row_splits && a.col_groups == b.col_groups;
 }
@@ -162,7 +133,7 @@ int main() {
         const void* a_in = P == 3 ? (const void*)a_rk : (const void*)a16;
         // dy pass: a = dy (M x C), B = side (C x r), u = rs
         const lk::SplitPlan dy_plans[2] = {lk::lora_dy_pass_sm90_plan(M, C, r, P),
-                                           side_plan(M, C, r, P, lk::detail::kDy)};
+                                           lk::detail::stream_sm90_plan(M, C, r, P, lk::detail::kDy, true)};
         for (int v = 0; v < 2 && !(v == 1 && same_plan(dy_plans[0], dy_plans[1])); ++v) {
           const lk::SplitPlan plan = dy_plans[v];
           const char* tag = v ? " (side-operand plan)" : "";
@@ -200,7 +171,8 @@ int main() {
           }
         }
         // dA pass: a = x (M x C = K), g = rs (M x r)
-        const lk::SplitPlan dA_plans[2] = {lk::lora_dA_sm90_plan(M, C, r, P), side_plan(M, C, r, P, lk::detail::kDA)};
+        const lk::SplitPlan dA_plans[2] = {lk::lora_dA_sm90_plan(M, C, r, P),
+                                           lk::detail::stream_sm90_plan(M, C, r, P, lk::detail::kDA, true)};
         for (int v = 0; v < 2 && !(v == 1 && same_plan(dA_plans[0], dA_plans[1])); ++v) {
           const lk::SplitPlan plan = dA_plans[v];
           const char* tag = v ? " (side-operand plan)" : "";
@@ -237,7 +209,7 @@ int main() {
         }
         // shrink: a = x (M x C = K), lora_A = a_in (r x K); u's K-split parts [c][m][j] of 0.5 x Aᵀ
         const lk::SplitPlan sh_plans[2] = {lk::lora_shrink_sm90_plan(M, C, r, P),
-                                           side_plan(M, C, r, P, lk::detail::kShrink)};
+                                           lk::detail::stream_sm90_plan(M, C, r, P, lk::detail::kShrink, true)};
         for (int v = 0; v < 2 && !(v == 1 && same_plan(sh_plans[0], sh_plans[1])); ++v) {
           const lk::SplitPlan plan = sh_plans[v];
           const char* tag = v ? " (side-operand plan)" : "";
