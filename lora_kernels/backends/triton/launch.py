@@ -761,14 +761,16 @@ def _launch_gemm(pl: _Planner, a, b_strides, b, b_mat, l, lb_strides, lb, bias, 
     that tensor, or its transpose); with the Triton one, _output_gemm_kernel runs the main loop too.
     """
     M = a.shape[0]
+    r_pad = _r_pad(R)
+    thr, has_dropout = drop
     why = "LORA_KERNELS_TRITON_MAINLOOP is not tma or auto"
     if kn.tma:
-        why, b_kn = _tma_unsupported(pl, a, b_strides, b, c, M, N, K, _r_pad(R))
+        why, b_kn = _tma_unsupported(pl, a, b_strides, b, c, M, N, K, r_pad)
         if why is None and kn.tma_auto:
-            if _r_pad(R) > _TMA_AUTO_MAX_R_PAD:
-                why = (f"auto: rank padded to {_r_pad(R)} > {_TMA_AUTO_MAX_R_PAD}, where the cuBLAS main loop "
+            if r_pad > _TMA_AUTO_MAX_R_PAD:
+                why = (f"auto: rank padded to {r_pad} > {_TMA_AUTO_MAX_R_PAD}, where the cuBLAS main loop "
                        "measured faster")
-            elif drop[1]:
+            elif has_dropout:
                 why = "auto: the dropout mask in the epilogue (dx), where the cuBLAS main loop measured faster"
         if why is None:
             _GEMM_PATHS.append((name, (M, N), "tma", None))
@@ -778,9 +780,7 @@ def _launch_gemm(pl: _Planner, a, b_strides, b, b_mat, l, lb_strides, lb, bias, 
     _GEMM_PATHS.append((name, (M, N), "cublas" if cublas else "triton", why))
     if cublas:
         K = 0
-    r_pad = _r_pad(R)
     has_bias = bias is not None
-    thr, has_dropout = drop
     m_bucket = min(_next_pow2(M), 4096)
     seed_v, seed_p, seed_in_mem = pl.seed_args(a)
     args = (a, b, l, lb, bias if has_bias else c, c, M, N, K, R,
