@@ -615,14 +615,15 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   const lk::SplitPlan dy_plan =
       dy_sm90 ? lk::lora_dy_pass_sm90_plan(M, N, r, pieces) : lk::lora_dy_pass_plan(M, N, r, pieces);
   const bool g_partial = dy_plan.col_groups > 1;
-  // On Hopper dA runs on the same wgmma streaming kernel as the dy pass (dA_sm90.cu), g's pieces staged by the
-  // kernel itself or, where they are wide, in a scratch piece
-  const int a_pieces = lk::adapter_pieces(x_dt, a_dt);
-  const bool dA_sm90 = need_dA && M > 0 && K > 0 &&
-                       lk::lora_dA_sm90_unsupported(x.data_ptr(), x_dt, a_dt, M, K, r, pf) == nullptr;
   // with dropout, the mask as keep bits for dx and dA where their kernels read them, made once (dropout_bits.cu)
   const bool bits = pf > 0.0f && K > 0 && M > 0 && (need_dx || need_dA) && lk::dropout_bits_used(x_dt, a_dt);
-  // with dropout above r = 16 the same pass writes kept = keep ⊙ x and dA runs the wgmma kernel on it (dA_sm90.cu)
+  // On Hopper dA runs on the same wgmma streaming kernel as the dy pass (dA_sm90.cu), g's pieces staged by the
+  // kernel itself or, where they are wide, in a scratch piece; with dropout it masks x by the keep bits
+  const int a_pieces = lk::adapter_pieces(x_dt, a_dt);
+  const bool dA_sm90 = need_dA && M > 0 && K > 0 && (pf == 0.0f || bits) &&
+                       lk::lora_dA_sm90_unsupported(x.data_ptr(), x_dt, a_dt, M, K, r, pf) == nullptr;
+  // (LORA_KERNELS_DA_MASKED=0) with dropout above r = 16 the same pass writes kept = keep ⊙ x and dA runs the wgmma
+  // kernel on it (dA_sm90.cu)
   const bool dA_kept =
       bits && need_dA && !dA_sm90 && lk::lora_dA_sm90_kept(x.data_ptr(), x_dt, a_dt, M, K, r, pf) == nullptr;
   const bool dx_sm90 = need_dx && N > 0 && dx_sm90_unsupported(dyw, weight, pf, bits) == nullptr;
@@ -631,7 +632,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   const bool g_reduced = g_partial && (need_dA || (need_dx && !dx_sm90));
   const lk::SplitPlan dA_plan =
       !need_dA ? lk::SplitPlan{0, 1, 1, 1}
-      : dA_sm90 || dA_kept ? lk::lora_dA_sm90_plan(M, K, r, a_pieces)
+      : dA_sm90 || dA_kept ? lk::lora_dA_sm90_plan(M, K, r, a_pieces, dA_sm90 && pf > 0.0f)
                 : lk::lora_dA_plan(M, K, r, lk::lora_dA_resident_blocks(x_dt, a_dt, r));
   const bool dB_direct = need_dB && dy_plan.row_splits == 1 && b_dt == lk::DType::kFloat32;
   const bool dA_direct = need_dA && dA_plan.row_splits == 1 && a_dt == lk::DType::kFloat32;
@@ -718,9 +719,13 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   }
   if (need_dA) {
     float* const dA_partial = dA_direct ? dA.data_ptr<float>() : ws.ptr<float>(dA_partial_piece);
-    if (dA_sm90 || dA_kept) {  // kept: dA = s / (1 - p) · gᵀ kept
-      check_cuda(lk::launch_lora_dA_sm90(dA_kept ? ws.ptr(kept_piece) : x.data_ptr(), x_dt, a_dt, g, dA_partial, M, K,
-                                         r, dA_plan, dA_kept ? lk::dropout_scale((float)scaling, pf) : (float)scaling,
+    if (dA_sm90) {
+      check_cuda(lk::launch_lora_dA_sm90(x.data_ptr(), x_dt, a_dt, g, dA_partial, M, K, r, dA_plan, (float)scaling,
+                                         pf, ws.ptr<uint8_t>(bits_piece), ws.ptr(dA_scratch_piece), stream),
+                 "lora_dA (sm90) launch");
+    } else if (dA_kept) {  // dA = s / (1 - p) · gᵀ kept
+      check_cuda(lk::launch_lora_dA_sm90(ws.ptr(kept_piece), x_dt, a_dt, g, dA_partial, M, K, r, dA_plan,
+                                         lk::dropout_scale((float)scaling, pf), 0.0f, nullptr,
                                          ws.ptr(dA_scratch_piece), stream),
                  "lora_dA (sm90) launch");
     } else {

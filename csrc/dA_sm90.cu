@@ -6,11 +6,13 @@
 //            D (64 x NW) = x_tile^T . Up_tile^T        K = the tile's 128 rows
 //          with g's P pieces (bf16x3 of the fp32 g on bf16 x, else cast) stacked as NW = P*RJ columns; each tile's
 //          pieces are added in fp32 into the column group's sums in shared memory, scaled once at the end.
-// Mask   : none. With dropout at r > 16 the backward's dropout pass also writes kept = keep ⊙ x (dropout_bits.cu)
-//          and this kernel reads kept with scaling/(1-p) (lora_dA_sm90_kept); otherwise dA with dropout runs on the
-//          mma.sync kernel (lora_dA_sm90_unsupported says why).
+// Mask   : with dropout the loader stages each x tile's keep bits (dropout_bits.cu, the contract's mask) beside it,
+//          and warpgroup 1 multiplies the landed tile by them in shared memory before the D warpgroup's wgmma reads
+//          it; the scale is scaling/(1-p). (LORA_KERNELS_DA_MASKED=0 restores the earlier routes: the kept copy of
+//          x from the dropout pass above r = 16, lora_dA_sm90_kept, else the mma.sync kernel.)
 // Up     : g's rows of each 128-row tile as x's type (or their P pieces). At r <= 16 (ds_up_from_g) warpgroup 1
-//          (which has no product) writes them into shared memory from g itself, and the pass is one launch; above,
+//          (which has no product) writes them into shared memory from g itself (beside the masking), and the pass
+//          is one launch; above,
 //          a prep launch stages them (Gp [Z][NW][Mpad] in x's type, scratch: lora_dA_sm90_scratch_bytes) and the
 //          loader copies each row tile's.
 // Tiling : as the dy pass (dy_pass_sm90.cu) without its G warpgroup's work: a loader warpgroup, a ring of x tiles
@@ -36,10 +38,15 @@ bool da_enabled() {
   return on;
 }
 
+bool da_masked_enabled() {
+  static const bool on = env_switch_on("LORA_KERNELS_DA_MASKED");
+  return on;
+}
+
 }  // namespace
 
-SplitPlan lora_dA_sm90_plan(int64_t M, int64_t K, int r, int pieces) {
-  return stream_sm90_plan(M, K, r, pieces, kDA);
+SplitPlan lora_dA_sm90_plan(int64_t M, int64_t K, int r, int pieces, bool masked) {
+  return stream_sm90_plan(M, K, r, pieces, kDA, false, masked);
 }
 
 const char* lora_dA_sm90_unsupported(const void* x, DType x_dtype, DType a_dtype, int64_t M, int64_t K, int r,
@@ -53,18 +60,15 @@ const char* lora_dA_sm90_unsupported(const void* x, DType x_dtype, DType a_dtype
   if (ceil_div(K, DS_BN) < ds_min_col_tiles(r, adapter_pieces(x_dtype, a_dtype), kDA))
     return "K below the pass's column tiles (stages - 1 tiles of 64)";
   if (ceil_div(M, DS_BM) > 0x7fffffff) return "M too large";
-  if (lora_dA_sm90_plan(M, K, r, adapter_pieces(x_dtype, a_dtype)).row_splits < 1)
+  if (lora_dA_sm90_plan(M, K, r, adapter_pieces(x_dtype, a_dtype), p > 0.f).row_splits < 1)
     return "no column grouping fits in shared memory";
-  // With dropout, masking each x tile in shared memory before the wgmma (on the D warpgroup's critical path) made the
-  // pass slower than the mma.sync kernel: 86 against 55 us (r = 16) and 215 against 143 us (r = 64) at 8192x4096 on
-  // the H200 (tenth session). So the masked x comes from the dropout pass instead (lora_dA_sm90_kept), or dA with
-  // dropout stays on the mma.sync kernel.
-  if (p > 0.f) return "dropout: the mma.sync kernel masks faster (measured)";
   if (M <= small_m_backward_rows()) return "M <= kSmallMBackwardRows (64): the mma.sync kernel is faster";
+  if (p > 0.f && !da_masked_enabled()) return "dropout: LORA_KERNELS_DA_MASKED=0";
   return nullptr;
 }
 
-// Why the wgmma kernel does not take dA with dropout from the kept x, or nullptr where it does. Writing kept makes
+// (LORA_KERNELS_DA_MASKED=0 only.) Why the wgmma kernel does not take dA with dropout from the kept x, or nullptr
+// where it does. Writing kept makes
 // the dropout pass 60 us instead of 19 at 8192 x 4096 (225 instead of 61 at K = 14336); the mma.sync kernel's
 // masking costs more than that above r = 16, where its work per x tile grows with r: at p = 0.1 it took 126 us at
 // r = 64 and 46 us at r = 16, the wgmma kernel 48 and 25 us. Fwd+bwd at 8192 x 4096 -> 4096, p = 0.1: 1044 against
@@ -86,18 +90,21 @@ size_t lora_dA_sm90_scratch_bytes(int64_t M, int r, int pieces) {
 }
 
 cudaError_t launch_lora_dA_sm90(const void* x, DType x_dtype, DType a_dtype, const float* g, float* dA_partial,
-                                int64_t M, int64_t K, int r, SplitPlan plan, float scaling, void* scratch,
-                                cudaStream_t stream) {
+                                int64_t M, int64_t K, int r, SplitPlan plan, float scaling, float p,
+                                const uint8_t* keep8, void* scratch, cudaStream_t stream) {
   const int pieces = adapter_pieces(x_dtype, a_dtype);
   const DsShape sh = ds_shape(r, pieces, kDA);
   const bool up_from_g = ds_up_from_g(kDA, sh.rj);
-  if (lora_dA_sm90_unsupported(x, x_dtype, a_dtype, M, K, r, 0.f) != nullptr || plan.row_splits < 1 || !g ||
-      !dA_partial || (!up_from_g && !scratch))
+  const bool masked = p > 0.f;
+  if ((masked && !keep8) || lora_dA_sm90_unsupported(x, x_dtype, a_dtype, M, K, r, p) != nullptr ||
+      plan.row_splits < 1 || !g || !dA_partial || (!up_from_g && !scratch))
     return cudaErrorInvalidValue;
   const int64_t mpad = ceil_div(M, DS_BM) * DS_BM;
   const int64_t tpg = ceil_div(ceil_div(K, DS_BN), plan.col_groups);
-  if (plan.col_groups > 65535 || plan.row_splits > 0x7fffffff || sh.z > 65535) return cudaErrorInvalidConfiguration;
-  const size_t smem = ds_smem(sh, kDA, tpg);
+  const size_t smem = ds_smem(sh, kDA, tpg, masked);
+  if (plan.col_groups > 65535 || plan.row_splits > 0x7fffffff || sh.z > 65535 || smem > kSmemPerBlockMax)
+    return cudaErrorInvalidConfiguration;
+  const float scale = masked ? dropout_scale(scaling, p) : scaling;
   const dim3 grid((unsigned)plan.row_splits, (unsigned)plan.col_groups, (unsigned)sh.z);
   // A programmatic dependent of the launch before it (the prep, or the dx GEMM in the backward): its blocks set up
   // under that launch's tail and wait for it (pdl_wait) before they read g.
@@ -116,8 +123,7 @@ cudaError_t launch_lora_dA_sm90(const void* x, DType x_dtype, DType a_dtype, con
     return with_stream_kernel<kDA, T>(pieces, sh.rj, [&](auto kernel) {
       return launch_kernel_pdl(kernel, grid, DS_THREADS, smem, stream, static_cast<const T*>(x),
                                static_cast<const T*>(nullptr), static_cast<const T*>(gp), static_cast<float*>(nullptr),
-                               dA_partial, M, K, r, (int64_t)0, mpad, static_cast<const uint8_t*>(nullptr), scaling,
-                               g);
+                               dA_partial, M, K, r, (int64_t)0, mpad, masked ? keep8 : nullptr, scale, g);
     });
   });
 }

@@ -174,19 +174,22 @@ size_t lora_dy_pass_sm90_scratch_bytes(int64_t M, int64_t N, int r, int pieces);
 cudaError_t launch_lora_dy_pass_sm90(const void* dy, DType dy_dtype, const void* B, DType b_dtype, const float* u,
                                      float* g_out, float* dB_partial, int64_t M, int64_t N, int r, SplitPlan plan,
                                      void* scratch, cudaStream_t stream);
-// The dA pass on Hopper without dropout (dA_sm90.cu: the same streaming kernel, D product only): same outputs and
-// partial layout as launch_lora_dA, for lora_dA_sm90_plan's plan; g's pieces staged in `scratch` where
+// The dA pass on Hopper (dA_sm90.cu: the same streaming kernel, D product only, x masked in shared memory by the
+// keep bits with dropout): same outputs and partial layout as launch_lora_dA, for lora_dA_sm90_plan's plan; g's pieces staged in `scratch` where
 // lora_dA_sm90_scratch_bytes is not 0 (a prep launch), else by the kernel itself (one launch, scratch unused).
 const char* lora_dA_sm90_unsupported(const void* x, DType x_dtype, DType a_dtype, int64_t M, int64_t K, int r,
                                      float p);
-// With dropout: nullptr where dA runs this kernel on kept = keep ⊙ x from launch_dropout_keep_bits_kept (the same
-// launch with x = kept and scaling / (1 - p)), else why not (then the mma.sync kernel masks x itself).
+// With dropout (LORA_KERNELS_DA_MASKED=0 only): nullptr where dA runs this kernel on kept = keep ⊙ x from
+// launch_dropout_keep_bits_kept (the same launch with x = kept, p = 0 and scaling / (1 - p)), else why not (then the
+// mma.sync kernel masks x itself).
 const char* lora_dA_sm90_kept(const void* x, DType x_dtype, DType a_dtype, int64_t M, int64_t K, int r, float p);
-SplitPlan lora_dA_sm90_plan(int64_t M, int64_t K, int r, int pieces);
+// masked: the plan of a call with dropout (p > 0), whose keep bits take shared memory too.
+SplitPlan lora_dA_sm90_plan(int64_t M, int64_t K, int r, int pieces, bool masked = false);
 size_t lora_dA_sm90_scratch_bytes(int64_t M, int r, int pieces);
+// With p > 0 the kernel masks x by the keep bits keep8 (launch_dropout_keep_bits) and scales by scaling / (1 - p).
 cudaError_t launch_lora_dA_sm90(const void* x, DType x_dtype, DType a_dtype, const float* g, float* dA_partial,
-                                int64_t M, int64_t K, int r, SplitPlan plan, float scaling, void* scratch,
-                                cudaStream_t stream);
+                                int64_t M, int64_t K, int r, SplitPlan plan, float scaling, float p,
+                                const uint8_t* keep8, void* scratch, cudaStream_t stream);
 // The shrink on Hopper (shrink_sm90.cu: the same streaming kernel, G product only, x masked in shared memory by the
 // keep bits keep8, which a call with p > 0 must give): same outputs and partial layout as launch_lora_shrink, for
 // lora_shrink_sm90_plan's plan; lora_A's pieces staged in `scratch` (lora_shrink_sm90_scratch_bytes).

@@ -32,6 +32,12 @@ bool sh_enabled() {
   return on;
 }
 
+// LORA_KERNELS_SM90_SHRINK=2: this kernel also with dropout at r <= 16 (for A/B timing: bench/dev/stream_bench.cu)
+bool sh_masked_low_rank() {
+  static const bool on = getenv("LORA_KERNELS_SM90_SHRINK") != nullptr && strcmp(getenv("LORA_KERNELS_SM90_SHRINK"), "2") == 0;
+  return on;
+}
+
 }  // namespace
 
 SplitPlan lora_shrink_sm90_plan(int64_t M, int64_t K, int r, int pieces) {
@@ -54,7 +60,8 @@ const char* lora_shrink_sm90_unsupported(const void* x, DType x_dtype, DType a_d
   // With dropout at r <= 16 the mma.sync kernel stays: 43 against this kernel's 77 us at 8192x4096 on the H200 while
   // it masked x in shared memory (tenth session); with the register masking the two are within run-to-run noise
   // (39 / 37 against 45 / 34 us in runs of N = 4096 / 1024: twenty-third session, run 3).
-  if (p > 0.f && r <= 16) return "dropout at r <= 16: the mma.sync kernel masks faster (measured)";
+  if (p > 0.f && r <= 16 && !sh_masked_low_rank())
+    return "dropout at r <= 16: the mma.sync kernel masks faster (measured)";
   return nullptr;
 }
 

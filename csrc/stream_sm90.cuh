@@ -55,12 +55,14 @@ inline int64_t ds_min_col_tiles(int r, int pieces, StreamMode mode) {
   return ds_stages(mode, ds_shape(r, pieces, mode).nw) - 1;
 }
 // mbarriers, alignment, the ring of {a tile, side chunk}; with the D product (dy pass, dA) also the double-buffered
-// Up row tile and the column group's D sums.
-size_t ds_smem(const DsShape& s, StreamMode mode, int64_t tiles_per_group) {
+// Up row tile and the column group's D sums; dA with dropout (masked) also a ring of the tiles' keep bits and its
+// masked[] mbarriers.
+size_t ds_smem(const DsShape& s, StreamMode mode, int64_t tiles_per_group, bool masked = false) {
   const int stages = ds_stages(mode, s.nw);
   const size_t ring = 16 * stages + 32 + 1024 + (size_t)stages * ds_stage_bytes(mode, s.nw);
   if (mode == kShrink) return ring;
-  return ring + (size_t)2 * 2 * 128 * s.nw + (size_t)tiles_per_group * DS_BN * ds_ldd(s.rj) * 4;
+  const size_t bits = mode == kDA && masked ? (size_t)stages * (DS_BITS + 16) : 0;
+  return ring + (size_t)2 * 2 * 128 * s.nw + bits + (size_t)tiles_per_group * DS_BN * ds_ldd(s.rj) * 4;
 }
 
 // Bp / Up: row (z, pc, j) of Bp holds piece pc of B[:, z*RJ + j] (zero past N and r; b_rows: of the row z*RJ + j of
@@ -106,7 +108,9 @@ dy_sm90_prep_kernel(const TB* __restrict__ B, const float* __restrict__ u, T* __
 
 // MODE kDy: a = dy (M, N), G with Bp into g_out, D with Up into d_out = the dB partials [s][n][j].
 // MODE kDA: a = x (M, N = K), D with Up = g's pieces into d_out = the dA partials [s][j][k], times `scale`. Where
-//           ds_up_from_g, warpgroup 1 builds each row tile's Up from g_in (fp32 (M, r), row-major): no `up`.
+//           ds_up_from_g, warpgroup 1 builds each row tile's Up from g_in (fp32 (M, r), row-major): no `up`. With
+//           keep bits (keep8, as the shrink's) warpgroup 1 masks each landed x tile in shared memory before the D
+//           warpgroup's wgmma reads it (the mask off the D product's critical path).
 // MODE kShrink: a = x (M, N = K), G with Bp = lora_A's pieces into g_out = u's K-split partials [c][m][j] times
 //           `scale`, x masked first by the keep bits when given (keep8: row m at keep8 + m * ceil(N / 8), bit k % 8 of
 //           byte k / 8); warpgroup 1 takes the tile's rows 0-63, warpgroup 2 rows 64-127.
@@ -130,7 +134,10 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
   const uint32_t bar_upf = bar_up + 16;
   const uint32_t tiles = raw + 16 * DS_STAGES + 32, pad = (1024 - (tiles & 1023)) & 1023;
   const uint32_t s_ring = tiles + pad, s_up = s_ring + DS_STAGES * STAGE;
-  float* dBs = reinterpret_cast<float*>(ds_smem_raw + (s_up + 2 * UP_BYTES - raw));  // [tiles*64][LDD]: D sums
+  // dA with dropout: the keep bits ring (a tile's 1 KB per stage) and masked[s] (warpgroup 1 masked the stage's tile)
+  const bool da_masked = MODE == kDA && keep8 != nullptr;
+  const uint32_t s_bits = s_up + 2 * UP_BYTES, bar_mask = s_bits + DS_STAGES * DS_BITS;
+  float* dBs = reinterpret_cast<float*>(ds_smem_raw + ((da_masked ? bar_mask + 16 * DS_STAGES : s_bits) - raw));
 
   const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
   const int64_t tiles_m = (M + DS_BM - 1) / DS_BM, tiles_n = (N + DS_BN - 1) / DS_BN;
@@ -148,7 +155,11 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
   constexpr bool kUpFromG = ds_up_from_g(MODE, RJ);
   // With N % 32 == 0 the loader copies each tile's keep bits into the stage (4-byte copies, each wholly inside or
   // past the row); otherwise the masking warpgroup reads them from global memory.
-  const bool bits_staged = MODE == kShrink && keep8 != nullptr && N % 32 == 0;
+  const bool bits_staged = MODE != kDy && keep8 != nullptr && N % 32 == 0;
+  // a stage's keep bits: after the shrink's side chunk in the stage, in dA's ring of its own
+  auto bits_at = [&](int stage_) -> uint32_t {
+    return MODE == kShrink ? s_ring + stage_ * STAGE + DY_BYTES + NW * 128 : s_bits + stage_ * DS_BITS;
+  };
   const int64_t kb = (N + 7) / 8;  // keep bytes per row
   // The shrink's masked A operand: this warp's 16 rows of the warpgroup's 64-row half (rows row0 + 16 warp ..) of a
   // landed x tile, read into wgmma's register fragments (ldmatrix, one m16 x k16 block per k-step ks) and multiplied
@@ -174,7 +185,8 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
   if (tid == 0) {
     for (int s = 0; s < DS_STAGES; ++s) {
       mbar_init(bar_full + 8 * s, PT);  // every producer thread's copies
-      mbar_init(bar_empty + 8 * s, kUpFromG ? 4 : 8);  // lane 0 of each consumer warp (dA: of warpgroup 2)
+      mbar_init(bar_empty + 8 * s, kUpFromG || da_masked ? 4 : 8);  // lane 0 of each consumer warp (dA: of wg 2)
+      if (da_masked) mbar_init(bar_mask + 8 * s, PT);  // every thread of the masking warpgroup
     }
     mbar_init(bar_up, 4);  // lane 0 of each dB warp
     mbar_init(bar_up + 8, 4);
@@ -218,7 +230,7 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
 #pragma unroll
         for (int w = 0; w < 2; ++w) {
           const bool ok = tid < rows && 32 * w < cols;
-          cp_async4(s_st + DY_BYTES + NW * 128 + tid * 8 + 4 * w,
+          cp_async4(bits_at(stage) + tid * 8 + 4 * w,
                     ok ? keep8 + (m0 + tid) * kb + n0 / 8 + 4 * w : keep8, ok ? 4 : 0);
         }
       }
@@ -243,15 +255,15 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
         ++round;
       }
     }
-  } else if (kUpFromG && wg == 1) {
-    // dA's Up: row tile rt of the split in buffer rt % 2 once the D warpgroup is done with the row tile two back.
+  } else if (MODE == kDA && wg == 1 && (kUpFromG || da_masked)) {
+    // dA's warpgroup 1: the Up tiles where ds_up_from_g, the masking of each x tile with dropout, or both.
+    // Up: row tile rt of the split in buffer rt % 2 once the D warpgroup is done with the row tile two back.
     // Thread i takes the tile's row i: g's r-chunk row (zeros past the split's rows and past r: x's rows there are
     // zero-filled, and zero times anything finite adds nothing), loaded before the wait; as element (row jj + piece
     // * RJ, column i) of a K-major operand: K block i / 64, 16-byte chunk (i % 64) / 8, element i % 8.
     const int i = tid - 128, ch = (i >> 3) & 7;
-    const int n_rt = do_dB ? (int)(rt1 - rt0) : 0;
     const bool vec4 = r % 4 == 0 && reinterpret_cast<uintptr_t>(g_in) % 16 == 0;  // 16-byte loads of the row
-    for (int rt = 0; rt < n_rt; ++rt) {
+    auto write_up = [&](int rt) {
       const int64_t m = row_begin + (int64_t)rt * DS_BM + i;
       float gv[RJ];
       if (vec4) {
@@ -284,10 +296,60 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
       }
       fence_proxy_async();  // the stores (generic proxy) before the D warpgroup's wgmma reads them (async proxy)
       mbar_arrive(bar_upf + 8 * (rt & 1));
+    };
+    if (!da_masked) {
+      const int n_rt = do_dB ? (int)(rt1 - rt0) : 0;
+      for (int rt = 0; rt < n_rt; ++rt) write_up(rt);
+    } else {
+      // Masking: thread i takes the 16-byte chunks i + 128 q (q < 8) of each landed tile, row (i + 128 q) / 8 and
+      // chunk i % 8 (columns 8 (i % 8) ..), times their keep byte, 1 or 0 per element (mul_keep2: exactly x * keep,
+      // as the reference), written back in place; then masked[stage] for the D warpgroup. Here, off the D product's
+      // path, the mask costs no time of the pass's (masking in the D warpgroup itself ran 86 against the mma.sync
+      // kernel's 55 us at 8192 x 4096, r = 16: tenth session). Keep bytes: the stage's copy, or keep8 where the
+      // loader cannot stage them (N % 32 != 0). Rows and columns past x's end hold zeros and stay zero.
+      int rt = 0, ct = 0, stage = 0, round = 0;
+      for (int t = 0; t < n_tiles; ++t) {
+        if (kUpFromG && ct == 0 && do_dB) write_up(rt);
+        const int64_t m0 = row_begin + (int64_t)rt * DS_BM, k80 = (col_begin + (int64_t)ct * DS_BN) / 8;
+        uint32_t kb8[8];
+        if (!bits_staged) {  // loaded before the wait
+#pragma unroll
+          for (int q = 0; q < 8; ++q) {
+            const int e = i + 128 * q;
+            const int64_t m = m0 + (e >> 3), k8 = k80 + (e & 7);
+            kb8[q] = m < M && k8 < kb ? (uint32_t)__ldg(keep8 + m * kb + k8) : 0xFFu;
+          }
+        }
+        mbar_wait(bar_full + 8 * stage, round & 1);
+        unsigned char* tile = ds_smem_raw + (s_ring + stage * STAGE - raw);
+        const unsigned char* bits = ds_smem_raw + (bits_at(stage) - raw);
+#pragma unroll
+        for (int q = 0; q < 8; ++q) {
+          const int e = i + 128 * q, row = e >> 3, c = e & 7;
+          const uint32_t b = bits_staged ? (uint32_t)bits[8 * row + c] : kb8[q];
+          uint4* v = reinterpret_cast<uint4*>(tile + sw128_offset(row, c));
+          uint4 x8 = *v;
+          x8.x = mul_keep2<T>(x8.x, b & 3u);
+          x8.y = mul_keep2<T>(x8.y, (b >> 2) & 3u);
+          x8.z = mul_keep2<T>(x8.z, (b >> 4) & 3u);
+          x8.w = mul_keep2<T>(x8.w, (b >> 6) & 3u);
+          *v = x8;
+        }
+        fence_proxy_async();  // the stores before the D warpgroup's wgmma reads the tile
+        mbar_arrive(bar_mask + 8 * stage);
+        if (++ct == n_ct) {
+          ct = 0;
+          ++rt;
+        }
+        if (++stage == DS_STAGES) {
+          stage = 0;
+          ++round;
+        }
+      }
     }
   } else {
     // Consumers. dy pass: warpgroup 1 computes G (both 64-row halves), warpgroup 2 computes D. dA: warpgroup 2
-    // computes D (warpgroup 1 writes its Up, above). Shrink: warpgroup 1 computes G of rows 0-63, warpgroup 2 of rows
+    // computes D (warpgroup 1 writes its Up or masks the tiles, above). Shrink: warpgroup 1 computes G of rows 0-63, warpgroup 2 of rows
     // 64-127.
     constexpr int GH = MODE == kShrink ? 1 : 2;  // G halves per warpgroup
     const int h0 = MODE == kShrink ? wg - 1 : 0;  // its first half
@@ -300,7 +362,7 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
       for (int i = 0; i < RJ / 2; ++i) run[h][i] = 0.f;
     int rt = 0, ct = 0, stage = 0, round = 0;
     for (int t = 0; t < n_tiles; ++t) {
-      mbar_wait(bar_full + 8 * stage, round & 1);
+      mbar_wait((da_masked ? bar_mask : bar_full) + 8 * stage, round & 1);  // dA with dropout: the masked tile
       fence_proxy_async();  // the copies (generic proxy) before wgmma's reads (async proxy)
       const uint32_t s_dy = s_ring + stage * STAGE, s_bp = s_dy + DY_BYTES;
       if (g_here) {  // G: K = the tile's 64 columns, 4 steps of 16, for this warpgroup's 64-row halves
@@ -456,7 +518,9 @@ cudaError_t with_stream_kernel(int pieces, int rj, F&& f) {
 // operands each block loads, the B or A chunk of every tile (dy pass, shrink: NW rows of 64) and the Up tile of every
 // row tile (dy pass, dA: NW rows of 128). Without them the plan lost 8% on dA with fp32 adapters at r = 64,
 // K = 14336, where each block loads a 48 KB Up tile per row tile for 2 column tiles of x (session 29).
-inline SplitPlan stream_sm90_plan(int64_t M, int64_t N, int r, int pieces, StreamMode mode, bool side_bytes = false) {
+// masked (dA with dropout): the keep bits ring in shared memory and the tiles' keep bits in the span.
+inline SplitPlan stream_sm90_plan(int64_t M, int64_t N, int r, int pieces, StreamMode mode, bool side_bytes = false,
+                                  bool masked = false) {
   const bool with_g = mode != kDA, with_d = mode != kShrink;
   const DsShape sh = ds_shape(r, pieces, mode);
   const int64_t tiles_m = ceil_div(M, DS_BM), tiles_n = ceil_div(N, DS_BN), sms = num_sms();
@@ -464,12 +528,13 @@ inline SplitPlan stream_sm90_plan(int64_t M, int64_t N, int r, int pieces, Strea
   double best_est = -1.0;
   for (int64_t C = 1; C <= tiles_n / (ds_stages(mode, sh.nw) - 1) && C <= 65535; ++C) {
     const int64_t tpg = ceil_div(tiles_n, C);
-    if (ds_smem(sh, mode, tpg) > kSmemPerBlockMax) continue;
+    if (ds_smem(sh, mode, tpg, masked) > kSmemPerBlockMax) continue;
     const int64_t S0 = std::max<int64_t>(1, std::min<int64_t>(tiles_m, sms / (C * sh.z)));
     const int64_t rows = ceil_div(tiles_m, S0), S = ceil_div(tiles_m, rows);  // the largest span's row tiles
     const int64_t waves = ceil_div(S * C * sh.z, sms);
     // bytes of `a` in the largest span, and with side_bytes those of its side operands
-    const double tile = 2.0 * DS_BM * DS_BN + (side_bytes && with_g ? 128.0 * sh.nw : 0.0);
+    const double tile = 2.0 * DS_BM * DS_BN + (side_bytes && with_g ? 128.0 * sh.nw : 0.0) +
+                        (masked && mode == kDA ? (double)DS_BITS : 0.0);
     const double span = tile * (double)(rows * tpg) + (side_bytes && with_d ? 256.0 * sh.nw * (double)rows : 0.0);
     const double partial = 8.0 * r * ((with_d ? (double)S * N : 0.0) + (with_g && C > 1 ? (double)C * M : 0.0));
     const double est = span * (double)(sms * waves) + partial;

@@ -58,11 +58,14 @@ Read by the CUDA extension (csrc/binding.cpp), once, when a GEMM first asks for 
                                         instead of the wgmma one on Hopper (csrc/dy_pass_sm90.cu): for A/B timing.
     LORA_KERNELS_SM90_DA                0 keeps the backward's dA pass on its mma.sync kernel (csrc/dA.cu) instead of
                                         the wgmma one on Hopper (csrc/dA_sm90.cu): for A/B timing.
-    LORA_KERNELS_DA_KEPT                0 keeps dA with dropout on its mma.sync kernel (csrc/dA.cu) at every rank; 2
-                                        sends it to the wgmma kernel on the x kept by the dropout pass at every rank
-                                        (by default above r = 16, csrc/dA_sm90.cu): for A/B timing.
+    LORA_KERNELS_DA_MASKED              0 takes dA with dropout off the wgmma kernel's own masking (csrc/dA_sm90.cu)
+                                        and back to the earlier routes: the wgmma kernel on the x kept by the dropout
+                                        pass above r = 16, the mma.sync kernel (csrc/dA.cu) at r <= 16: for A/B timing.
+    LORA_KERNELS_DA_KEPT                (with LORA_KERNELS_DA_MASKED=0) 0 keeps dA with dropout on its mma.sync kernel
+                                        at every rank; 2 sends it to the wgmma kernel on the kept x at every rank.
     LORA_KERNELS_SM90_SHRINK            0 keeps the forward's shrink on its mma.sync kernel (csrc/shrink.cu) instead of
-                                        the wgmma one on Hopper (csrc/shrink_sm90.cu): for A/B timing.
+                                        the wgmma one on Hopper (csrc/shrink_sm90.cu); 2 takes the wgmma one with
+                                        dropout at r <= 16 too: for A/B timing.
     LORA_KERNELS_SMALL_M                0 turns off the one-launch forward at M <= 64 (csrc/small_m.cu); it starts
                                         the switch that cuda_backend.set_small_m changes at run time.
     LORA_KERNELS_SMALL_M_BWD_ROWS       the backward's small-M threshold (default 64, csrc/lora_kernels.cuh): at

@@ -63,10 +63,9 @@ def _shrink_path(*args):
 @pytest.mark.parametrize("r", [16, 64])
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_benchmarked_shapes_take_the_sm90_dA_pass_and_shrink(K, dtype, adapter_dtype, r, p):
-    # with dropout at r <= 16 dA stays on its mma.sync kernel, and so does the shrink (measured faster); above it dA
-    # runs the wgmma kernel on the x that the dropout pass kept (csrc/dA_sm90.cu and csrc/shrink_sm90.cu say why)
-    assert _dA_path(8192, K, r, p, dtype, adapter_dtype) == (
-        "sm90" if p == 0 else "sm90 kept" if r > 16 else "mma.sync: dropout: the mma.sync kernel masks faster (measured)")
+    # dA runs the wgmma kernel with dropout too (it masks x by the keep bits); with dropout at r <= 16 the shrink
+    # stays on its mma.sync kernel (measured faster: csrc/shrink_sm90.cu says why)
+    assert _dA_path(8192, K, r, p, dtype, adapter_dtype) == "sm90"
     assert _shrink_path(8192, K, r, p, dtype, adapter_dtype) == (
         "sm90" if p == 0 or r > 16 else "mma.sync: dropout at r <= 16: the mma.sync kernel masks faster (measured)")
 
@@ -83,8 +82,9 @@ def test_dA_pass_fallback_says_why():
     assert _dA_path(64, 128, 16, 0.0).startswith("mma.sync: K below the pass's column tiles")
     assert _dA_path(64, 1028, 16, 0.1).startswith("mma.sync: K must be a multiple of 8")
     assert _dA_path(64, 1024, 16, 0.1, torch.float16, torch.float32).startswith("mma.sync: x and the adapters take")
-    assert _dA_path(64, 1024, 16, 0.1).startswith("mma.sync: dropout")
-    assert _dA_path(128, 1024, 17, 0.1) == "sm90 kept"
+    assert _dA_path(64, 1024, 16, 0.1).startswith("mma.sync: M <= kSmallMBackwardRows")
+    assert _dA_path(65, 1024, 16, 0.1) == "sm90"
+    assert _dA_path(128, 1024, 17, 0.1) == "sm90"
     assert _dA_path(64, 1024, 17, 0.0).startswith("mma.sync: M <= kSmallMBackwardRows")
     assert _dA_path(64, 1028, 17, 0.1).startswith("mma.sync: K must be a multiple of 8")
 
@@ -107,21 +107,20 @@ def test_sm90_dy_pass_against_float64(dtype, adapter_dtype, lead, K, N, r, p):
     # M with a partial 128-row tile, N and K with a partial 64-column tile (1000, 200, 520, 2056, 264, 136), uneven
     # column groups, r not a multiple of 16 and above one r-chunk (48, 64 and 100: two to seven chunks of 16, 32 or
     # 64); K = 72 keeps dA on its mma.sync kernel beside the wgmma dy pass. With dropout, K % 32 == 0 (1056, its last
-    # column tile half full) has the loader stage the keep bits; the other K have the masking warpgroup read them.
+    # column tile half full) has the loader stage the keep bits (of dA and of the shrink); the other K have the
+    # masking warpgroup read them from global memory.
     # (M <= 64 runs the mma.sync kernels: csrc/lora_kernels.cuh, kSmallMBackwardRows)
     M = math.prod(lead)
     small = M <= 64
     assert _dy_path(M, N, r, dtype, adapter_dtype or dtype) == (
         "mma.sync: M <= kSmallMBackwardRows (64): the mma.sync kernel is faster" if small else "sm90")
-    # dA with dropout above r = 16 reads the x kept by the dropout pass ("sm90 kept")
-    for path, sm90, small_m in ((_dA_path(M, K, r, p, dtype, adapter_dtype or dtype), p == 0 or r > 16, small),
+    # dA with dropout masks x itself at every rank; the shrink with dropout at r > 16
+    for path, sm90, small_m in ((_dA_path(M, K, r, p, dtype, adapter_dtype or dtype), True, small),
                                 (_shrink_path(M, K, r, p, dtype, adapter_dtype or dtype), p == 0 or r > 16, False)):
         if K <= 128:
             assert path.startswith("mma.sync: K below the pass's column tiles"), path
-        elif small_m and p == 0:
-            assert path.startswith("mma.sync: M <= kSmallMBackwardRows"), path
         elif small_m:
-            assert path.startswith("mma.sync: dropout"), path
+            assert path.startswith("mma.sync: M <= kSmallMBackwardRows"), path
         else:
             assert path.startswith("sm90") if sm90 else path.startswith("mma.sync: dropout"), path
     run_and_check("cuda", "cuda", dtype, lead, K, N, r, bias=True, p=p, adapter_dtype=adapter_dtype)

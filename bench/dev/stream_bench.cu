@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdint>
+#include <cstdlib>
 #include <functional>
 #include <vector>
 
@@ -65,6 +66,14 @@ __global__ void round_bf16(float* p, bf16* q, int64_t n) {
     p[i] = __bfloat162float(q[i]);
   }
 }
+// xm = keep ⊙ x from the keep bits (bit k % 8 of byte k / 8 of row m): the references' dropped input
+__global__ void mask_copy(const bf16* x, const uint8_t* keep8, bf16* xm, int64_t M, int64_t K) {
+  const int64_t kb = (K + 7) / 8;
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < M * K; i += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t m = i / K, k = i % K;
+    xm[i] = (keep8[m * kb + k / 8] >> (k % 8)) & 1 ? x[i] : __float2bfloat16(0.f);
+  }
+}
 // a (R x C) -> t (C x R)
 template <typename T>
 __global__ void transpose(const T* a, T* t, int64_t R, int64_t C) {
@@ -91,6 +100,7 @@ double rel_err(const float* parts, int64_t nparts, const float* ref, int64_t n, 
 }
 
 int main() {
+  setenv("LORA_KERNELS_SM90_SHRINK", "2", 1);  // the wgmma shrink with dropout at r <= 16 too, timed beside mma.sync
   cudaStream_t st;
   CK(cudaStreamCreate(&st));
   cudaDeviceProp prop;
@@ -188,7 +198,7 @@ int main() {
             CK(cudaMemset(parts, 0xff, plan.row_splits * C * r * 4));
             auto run = [&](int i) {
               CK(lk::launch_lora_dA_sm90(a[i % 3], lk::DType::kBFloat16, adt, rs, parts, M, C, r, plan, 0.5f,
-                                         scratch, st));
+                                         0.f, nullptr, scratch, st));
             };
             run(0);
             // dA[j][k] = 0.5 sum_m g[m][j] x[m][k]: the reference as ref[k][j], compared transposed below
@@ -235,6 +245,99 @@ int main() {
             CK(cudaFree(scratch));
             CK(cudaFree(parts));
           }
+        }
+        // With dropout (p = 0.1): the keep bits (the pass the backward runs once for dx and dA, and the forward for
+        // the shrink), then each route of dA and of the shrink on them, against references on keep ⊙ x
+        {
+          const float p = 0.1f, sdrop = lk::dropout_scale(0.5f, p);
+          const lk::DType xdt = lk::DType::kBFloat16;
+          uint8_t* keep8;
+          bf16 *xm, *kept;
+          CK(cudaMalloc(&keep8, lk::dropout_keep_bits_bytes(M, C)));
+          CK(cudaMalloc(&xm, n * 2));
+          CK(cudaMalloc(&kept, n * 2));
+          auto bits_run = [&](int) { CK(lk::launch_dropout_keep_bits(keep8, M, C, p, 1234, nullptr, 0, st)); };
+          bits_run(0);
+          mask_copy<<<1024, 256, 0, st>>>(a[0], keep8, xm, M, C);
+          const float t_bits = time_it(bits_run, st);
+          const float t_kept = time_it([&](int i) {
+            CK(lk::launch_dropout_keep_bits_kept(keep8, a[i % 3], kept, xdt, M, C, p, 1234, nullptr, 0, st)); }, st);
+          // dA reference: 0.5 / (1 - p) · gᵀ xm, transposed to [j][k]
+          ref_colsum<<<dim3((unsigned)((C + 127) / 128), r), 128, 0, st>>>(xm, rs, ref, M, C, r);
+          CK(cudaStreamSynchronize(st));
+          {
+            std::vector<float> rt((size_t)(C * r)), tr((size_t)(C * r));
+            CK(cudaMemcpy(rt.data(), ref, rt.size() * 4, cudaMemcpyDeviceToHost));
+            for (int64_t k = 0; k < C; ++k)
+              for (int j = 0; j < r; ++j) tr[(size_t)(j * C + k)] = rt[(size_t)(k * r + j)];
+            CK(cudaMemcpy(ref, tr.data(), tr.size() * 4, cudaMemcpyHostToDevice));
+          }
+          // (a) the wgmma kernel masking x itself; (b) the mma.sync kernel; (c) the wgmma kernel on the kept x (its
+          // dropout pass costs t_kept - t_bits more than the bits alone)
+          float t_da[3] = {0, 0, 0};
+          double e_da[3] = {0, 0, 0};
+          for (int v = 0; v < 3; ++v) {
+            const bool masked = v == 0, ms = v == 1;
+            const lk::SplitPlan plan = ms ? lk::lora_dA_plan(M, C, r, lk::lora_dA_resident_blocks(xdt, adt, r))
+                                          : lk::lora_dA_sm90_plan(M, C, r, P, masked);
+            if (!ms && lk::lora_dA_sm90_unsupported(a[0], xdt, adt, M, C, r, masked ? p : 0.f)) continue;
+            void* scratch = nullptr;
+            const size_t scratch_bytes = ms ? 0 : lk::lora_dA_sm90_scratch_bytes(M, r, P);
+            if (scratch_bytes) CK(cudaMalloc(&scratch, scratch_bytes));
+            CK(cudaMalloc(&parts, plan.row_splits * C * r * 4));
+            CK(cudaMemset(parts, 0xff, plan.row_splits * C * r * 4));
+            auto run = [&](int i) {
+              if (masked)
+                CK(lk::launch_lora_dA_sm90(a[i % 3], xdt, adt, rs, parts, M, C, r, plan, 0.5f, p, keep8, scratch, st));
+              else if (ms)
+                CK(lk::launch_lora_dA(a[i % 3], xdt, adt, rs, parts, M, C, r, plan, 0.5f, p, 1234, nullptr, 0, keep8,
+                                      st));
+              else
+                CK(lk::launch_lora_dA_sm90(kept, xdt, adt, rs, parts, M, C, r, plan, sdrop, 0.f, nullptr, scratch,
+                                           st));
+            };
+            if (v == 2) CK(lk::launch_dropout_keep_bits_kept(keep8, a[0], kept, xdt, M, C, p, 1234, nullptr, 0, st));
+            run(0);
+            CK(cudaStreamSynchronize(st));
+            e_da[v] = rel_err(parts, plan.row_splits, ref, C * r, sdrop);
+            t_da[v] = time_it(run, st);
+            if (scratch) CK(cudaFree(scratch));
+            CK(cudaFree(parts));
+          }
+          printf("  dA p=0.1 P=%d r=%d: wgmma masked %.1f us, mma.sync %.1f us, wgmma on kept x %.1f us + %.1f us "
+                 "of kept writes (keep bits %.1f us)  err %.2e / %.2e / %.2e\n", P, r, t_da[0], t_da[1], t_da[2],
+                 t_kept - t_bits, t_bits, e_da[0], e_da[1], e_da[2]);
+          // the shrink: (a) the wgmma kernel (register-masked fragments), (b) the mma.sync kernel
+          ref_rowdot<<<(unsigned)M, r, 0, st>>>(xm, side, ref, M, C, r);
+          float t_sh[2] = {0, 0};
+          double e_sh[2] = {0, 0};
+          for (int v = 0; v < 2; ++v) {
+            const bool wg = v == 0;
+            if (wg && lk::lora_shrink_sm90_unsupported(a[0], xdt, adt, M, C, r, p)) continue;
+            const lk::SplitPlan plan = wg ? lk::lora_shrink_sm90_plan(M, C, r, P)
+                                          : lk::lora_shrink_plan(M, C, r, lk::lora_shrink_resident_blocks(xdt, adt, r));
+            void* scratch = nullptr;
+            if (wg) CK(cudaMalloc(&scratch, lk::lora_shrink_sm90_scratch_bytes(C, r, P)));
+            CK(cudaMalloc(&parts, plan.col_groups * M * r * 4));
+            CK(cudaMemset(parts, 0xff, plan.col_groups * M * r * 4));
+            auto run = [&](int i) {
+              if (wg)
+                CK(lk::launch_lora_shrink_sm90(a[i % 3], xdt, a_in, adt, parts, M, C, r, plan, 0.5f, p, keep8,
+                                               scratch, st));
+              else
+                CK(lk::launch_lora_shrink(a[i % 3], xdt, a_in, adt, parts, M, C, r, plan, 0.5f, p, 1234, nullptr, 0,
+                                          keep8, st));
+            };
+            run(0);
+            CK(cudaStreamSynchronize(st));
+            e_sh[v] = rel_err(parts, plan.col_groups, ref, M * r, sdrop);
+            t_sh[v] = time_it(run, st);
+            if (scratch) CK(cudaFree(scratch));
+            CK(cudaFree(parts));
+          }
+          printf("  shrink p=0.1 P=%d r=%d: wgmma %.1f us, mma.sync %.1f us  err %.2e / %.2e\n", P, r, t_sh[0],
+                 t_sh[1], e_sh[0], e_sh[1]);
+          for (void* q : {(void*)keep8, (void*)xm, (void*)kept}) CK(cudaFree(q));
         }
         for (void* q : {(void*)side, (void*)a_rk, (void*)side16, (void*)a16, (void*)rs, (void*)ref}) CK(cudaFree(q));
       }

@@ -7,9 +7,10 @@ set -u
 OUT="${OUT:-$PWD/gpu_out}"; mkdir -p "$OUT"
 FLAGS=(-arch=sm_90a -O3 -std=c++17 --expt-relaxed-constexpr -lineinfo -Icsrc -D__CUDA_NO_HALF_OPERATORS__
        -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__)
-nvcc "${FLAGS[@]}" bench/dev/stream_bench.cu csrc/dy_pass_sm90.cu csrc/dA_sm90.cu csrc/shrink_sm90.cu csrc/plans.cu -o /tmp/sb \
+nvcc "${FLAGS[@]}" bench/dev/stream_bench.cu csrc/dy_pass_sm90.cu csrc/dA_sm90.cu csrc/shrink_sm90.cu csrc/plans.cu \
+  csrc/dA.cu csrc/shrink.cu csrc/dropout_bits.cu -o /tmp/sb \
   > /tmp/sb.log 2>&1 || grep -E "error" /tmp/sb.log | head -5
-timeout 150 /tmp/sb 2>&1 | tee "$OUT/stream_bench.txt"
+timeout 240 /tmp/sb 2>&1 | tee "$OUT/stream_bench.txt"
 if [ -n "${SB_PROBE:-}" ]; then
   nvcc -arch=sm_90a -O3 -std=c++17 -Icsrc bench/dev/stream_tma_probe.cu -o /tmp/stp > /tmp/stp.log 2>&1 ||
     grep -E "error" /tmp/stp.log | head -5
