@@ -57,11 +57,11 @@ const char* lora_shrink_sm90_unsupported(const void* x, DType x_dtype, DType a_d
   if (ceil_div(M, DS_BM) > 0x7fffffff) return "M too large";
   if (lora_shrink_sm90_plan(M, K, r, adapter_pieces(x_dtype, a_dtype)).row_splits < 1)
     return "no column grouping fits in shared memory";
-  // With dropout at r <= 16 the mma.sync kernel stays: 43 against this kernel's 77 us at 8192x4096 on the H200 while
-  // it masked x in shared memory (tenth session); with the register masking the two are within run-to-run noise
-  // (39 / 37 against 45 / 34 us in runs of N = 4096 / 1024: twenty-third session, run 3).
-  if (p > 0.f && r <= 16 && !sh_masked_low_rank())
-    return "dropout at r <= 16: the mma.sync kernel masks faster (measured)";
+  // With dropout at r <= 16 and 16-bit adapters (one piece) the mma.sync kernel stays: 30.0 against this kernel's
+  // 42.2 us at 8192 x 4096 (88 against 129 at K = 14336); with fp32 adapters (three pieces) this kernel is faster:
+  // 29.2 against 36.1 us (84 against 114) (H200, bench/dev/stream_bench.cu, session 30).
+  if (p > 0.f && r <= 16 && adapter_pieces(x_dtype, a_dtype) == 1 && !sh_masked_low_rank())
+    return "dropout at r <= 16 with 16-bit adapters: the mma.sync kernel masks faster (measured)";
   return nullptr;
 }
 
