@@ -24,19 +24,20 @@ DRIVER = r"""
 #include "stream_sm90.cuh"
 using namespace lora_kernels;
 using namespace lora_kernels::detail;
-// stdin: "M cols r pieces mode" lines (mode: 0 dy pass, 1 dA, 2 shrink); stdout: the plan (row splits, rows per
-// split, column groups, columns per group), the r-chunk count and the kernel's shared memory for the plan
+// stdin: "M cols r pieces mode masked" lines (mode: 0 dy pass, 1 dA, 2 shrink; masked: dA with dropout, its keep
+// bits ring); stdout: the plan (row splits, rows per split, column groups, columns per group), the r-chunk count and
+// the kernel's shared memory for the plan
 int main() {
   long long M, C;
-  int r, pieces, mode;
-  while (scanf("%lld %lld %d %d %d", &M, &C, &r, &pieces, &mode) == 5) {
+  int r, pieces, mode, masked;
+  while (scanf("%lld %lld %d %d %d %d", &M, &C, &r, &pieces, &mode, &masked) == 6) {
     const StreamMode m = static_cast<StreamMode>(mode);
-    const SplitPlan p = stream_sm90_plan(M, C, r, pieces, m);
+    const SplitPlan p = stream_sm90_plan(M, C, r, pieces, m, false, masked != 0);
     const DsShape sh = ds_shape(r, pieces, m);
     const long long tiles_n = (C + DS_BN - 1) / DS_BN;
     const long long tpg = p.col_groups > 0 ? (tiles_n + p.col_groups - 1) / p.col_groups : 0;
     printf("%lld %lld %lld %lld %d %lld\n", (long long)p.row_splits, (long long)p.rows_per_split,
-           (long long)p.col_groups, (long long)p.cols_per_group, sh.z, (long long)ds_smem(sh, m, tpg));
+           (long long)p.col_groups, (long long)p.cols_per_group, sh.z, (long long)ds_smem(sh, m, tpg, masked != 0));
   }
   return 0;
 }
@@ -64,8 +65,8 @@ def plans_bin(tmp_path_factory):
     return exe
 
 
-def _plans(exe, cases):
-    stdin = "".join(f"{M} {C} {r} {p} {m}\n" for M, C, r, p, m in cases)
+def _plans(exe, cases, masked=False):
+    stdin = "".join(f"{M} {C} {r} {p} {m} {int(masked)}\n" for M, C, r, p, m in cases)
     out = subprocess.run([str(exe)], input=stdin, capture_output=True, text=True, check=True).stdout.split("\n")
     return [tuple(int(v) for v in line.split()) for line in out if line.strip()]
 
@@ -75,14 +76,16 @@ def _spans(n, splits):
     return [(n * b // splits, n * (b + 1) // splits) for b in range(splits)]
 
 
-@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("mode,masked", [("dy", False), ("dA", False), ("dA", True), ("shrink", False)])
 @pytest.mark.parametrize("pieces", [1, 3])
-def test_stream_plans_cover_and_fit(plans_bin, mode, pieces):
+def test_stream_plans_cover_and_fit(plans_bin, mode, masked, pieces):
+    # masked: dA with dropout, whose shared memory also holds a ring of the tiles' keep bits: a plan must still exist
+    # and fit at every shape the pass takes (else dA with dropout would fall back to the mma.sync kernel)
     cases = [(M, C, r, pieces, MODES[mode]) for M, C, r in itertools.product(MS, COLS, RANKS)]
-    plans = _plans(plans_bin, cases)
+    plans = _plans(plans_bin, cases, masked)
     assert len(plans) == len(cases)
     for (M, C, r, *_), (S, rows, G, cols, z, smem) in zip(cases, plans):
-        what = f"{mode} P={pieces} M={M} cols={C} r={r}: ({S}, {rows}, {G}, {cols}), z={z}"
+        what = f"{mode} P={pieces} masked={masked} M={M} cols={C} r={r}: ({S}, {rows}, {G}, {cols}), z={z}"
         tiles_m, tiles_n = -(-M // 128), -(-C // 64)
         assert 1 <= S <= tiles_m and 1 <= G <= 65535, what
         # every row tile and column tile in exactly one span, no span empty; column groups of >= stages - 1 tiles (the
