@@ -34,7 +34,8 @@ bool sh_enabled() {
 
 // LORA_KERNELS_SM90_SHRINK=2: this kernel also with dropout at r <= 16 (for A/B timing: bench/dev/stream_bench.cu)
 bool sh_masked_low_rank() {
-  static const bool on = getenv("LORA_KERNELS_SM90_SHRINK") != nullptr && strcmp(getenv("LORA_KERNELS_SM90_SHRINK"), "2") == 0;
+  static const char* const v = getenv("LORA_KERNELS_SM90_SHRINK");
+  static const bool on = v != nullptr && strcmp(v, "2") == 0;
   return on;
 }
 

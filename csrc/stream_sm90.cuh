@@ -202,6 +202,16 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
 
   // Tiles go round the ring in order: tile t in stage t % DS_STAGES, its round t / DS_STAGES picks the parity.
   // Counters (tile row, column, stage, round parity) advance by one per tile, so a tile costs no division.
+  auto next_tile = [n_ct](int& rt_, int& ct_, int& stage_, int& round_) {
+    if (++ct_ == n_ct) {
+      ct_ = 0;
+      ++rt_;
+    }
+    if (++stage_ == DS_STAGES) {
+      stage_ = 0;
+      ++round_;
+    }
+  };
   if (wg == 0) {
     // Producer: each thread's 16-byte chunks sit at fixed offsets from a tile's corner.
     constexpr int DY_CH = DS_BM * 8 / PT, BP_CH = (NW * 8 + PT - 1) / PT, UP_CH = (NW * 16 + PT - 1) / PT;
@@ -246,14 +256,7 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
         }
       }
       cp_async_mbar_arrive(bar_full + 8 * stage);
-      if (++ct == n_ct) {
-        ct = 0;
-        ++rt;
-      }
-      if (++stage == DS_STAGES) {
-        stage = 0;
-        ++round;
-      }
+      next_tile(rt, ct, stage, round);
     }
   } else if (MODE == kDA && wg == 1 && (kUpFromG || da_masked)) {
     // dA's warpgroup 1: the Up tiles where ds_up_from_g, the masking of each x tile with dropout, or both.
@@ -337,14 +340,7 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
         }
         fence_proxy_async();  // the stores before the D warpgroup's wgmma reads the tile
         mbar_arrive(bar_mask + 8 * stage);
-        if (++ct == n_ct) {
-          ct = 0;
-          ++rt;
-        }
-        if (++stage == DS_STAGES) {
-          stage = 0;
-          ++round;
-        }
+        next_tile(rt, ct, stage, round);
       }
     }
   } else {
@@ -445,14 +441,7 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
       } else if (lane == 0) {  // no product here (dA's warpgroup 1, or no dB asked for): keep the ring turning
         mbar_arrive(bar_empty + 8 * stage);
       }
-      if (++ct == n_ct) {
-        ct = 0;
-        ++rt;
-      }
-      if (++stage == DS_STAGES) {
-        stage = 0;
-        ++round;
-      }
+      next_tile(rt, ct, stage, round);
     }
   }
   if (do_dB) {  // the block's partial, written once: dB rows [n][j] of the r-chunk, or dA rows [j][k] times scale

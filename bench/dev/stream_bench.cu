@@ -99,6 +99,18 @@ double rel_err(const float* parts, int64_t nparts, const float* ref, int64_t n, 
   return den > 0 ? num / den : num;
 }
 
+// dA's reference in the passes' layout: ref[j][k] = sum_m g[m][j] x[m][k] (ref_colsum's [k][j], transposed on the
+// host), ref holding C * r floats
+void ref_dA(const bf16* x, const float* g, float* ref, int64_t M, int64_t C, int r, cudaStream_t st) {
+  ref_colsum<<<dim3((unsigned)((C + 127) / 128), r), 128, 0, st>>>(x, g, ref, M, C, r);
+  CK(cudaStreamSynchronize(st));
+  std::vector<float> rt((size_t)(C * r)), tr((size_t)(C * r));
+  CK(cudaMemcpy(rt.data(), ref, rt.size() * 4, cudaMemcpyDeviceToHost));
+  for (int64_t k = 0; k < C; ++k)
+    for (int j = 0; j < r; ++j) tr[(size_t)(j * C + k)] = rt[(size_t)(k * r + j)];
+  CK(cudaMemcpy(ref, tr.data(), tr.size() * 4, cudaMemcpyHostToDevice));
+}
+
 int main() {
   setenv("LORA_KERNELS_SM90_SHRINK", "2", 1);  // the wgmma shrink with dropout at r <= 16 too, timed beside mma.sync
   cudaStream_t st;
@@ -201,14 +213,7 @@ int main() {
                                          0.f, nullptr, scratch, st));
             };
             run(0);
-            // dA[j][k] = 0.5 sum_m g[m][j] x[m][k]: the reference as ref[k][j], compared transposed below
-            ref_colsum<<<dim3((unsigned)((C + 127) / 128), r), 128, 0, st>>>(a[0], rs, ref, M, C, r);
-            CK(cudaStreamSynchronize(st));
-            std::vector<float> rt((size_t)(C * r)), tr((size_t)(C * r));
-            CK(cudaMemcpy(rt.data(), ref, rt.size() * 4, cudaMemcpyDeviceToHost));
-            for (int64_t k = 0; k < C; ++k)
-              for (int j = 0; j < r; ++j) tr[(size_t)(j * C + k)] = rt[(size_t)(k * r + j)];
-            CK(cudaMemcpy(ref, tr.data(), tr.size() * 4, cudaMemcpyHostToDevice));
+            ref_dA(a[0], rs, ref, M, C, r, st);  // dA[j][k] = 0.5 sum_m g[m][j] x[m][k]
             const double ea = rel_err(parts, plan.row_splits, ref, C * r, 0.5f);
             const float t = time_it(run, st);
             printf("  dA pass P=%d r=%d%s: %.1f us (%.2f TB/s of x, %.2fx the plain read)  err dA %.2e\n", P, r, tag,
@@ -262,16 +267,7 @@ int main() {
           const float t_bits = time_it(bits_run, st);
           const float t_kept = time_it([&](int i) {
             CK(lk::launch_dropout_keep_bits_kept(keep8, a[i % 3], kept, xdt, M, C, p, 1234, nullptr, 0, st)); }, st);
-          // dA reference: 0.5 / (1 - p) · gᵀ xm, transposed to [j][k]
-          ref_colsum<<<dim3((unsigned)((C + 127) / 128), r), 128, 0, st>>>(xm, rs, ref, M, C, r);
-          CK(cudaStreamSynchronize(st));
-          {
-            std::vector<float> rt((size_t)(C * r)), tr((size_t)(C * r));
-            CK(cudaMemcpy(rt.data(), ref, rt.size() * 4, cudaMemcpyDeviceToHost));
-            for (int64_t k = 0; k < C; ++k)
-              for (int j = 0; j < r; ++j) tr[(size_t)(j * C + k)] = rt[(size_t)(k * r + j)];
-            CK(cudaMemcpy(ref, tr.data(), tr.size() * 4, cudaMemcpyHostToDevice));
-          }
+          ref_dA(xm, rs, ref, M, C, r, st);  // dA = 0.5 / (1 - p) · gᵀ xm
           // (a) the wgmma kernel masking x itself; (b) the mma.sync kernel; (c) the wgmma kernel on the kept x (its
           // dropout pass costs t_kept - t_bits more than the bits alone)
           float t_da[3] = {0, 0, 0};
