@@ -622,17 +622,13 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   const int a_pieces = lk::adapter_pieces(x_dt, a_dt);
   const bool dA_sm90 = need_dA && M > 0 && K > 0 && (pf == 0.0f || bits) &&
                        lk::lora_dA_sm90_unsupported(x.data_ptr(), x_dt, a_dt, M, K, r, pf) == nullptr;
-  // (LORA_KERNELS_DA_MASKED=0) with dropout above r = 16 the same pass writes kept = keep ⊙ x and dA runs the wgmma
-  // kernel on it (dA_sm90.cu)
-  const bool dA_kept =
-      bits && need_dA && !dA_sm90 && lk::lora_dA_sm90_kept(x.data_ptr(), x_dt, a_dt, M, K, r, pf) == nullptr;
   const bool dx_sm90 = need_dx && N > 0 && dx_sm90_unsupported(dyw, weight, pf, bits) == nullptr;
   const bool g_in_pack = dx_sm90 && g_partial;  // the pack sums g's parts
   // The reduced g as a buffer of its own: read by dA, or by the dx kernel off the sm_90 path.
   const bool g_reduced = g_partial && (need_dA || (need_dx && !dx_sm90));
   const lk::SplitPlan dA_plan =
       !need_dA ? lk::SplitPlan{0, 1, 1, 1}
-      : dA_sm90 || dA_kept ? lk::lora_dA_sm90_plan(M, K, r, a_pieces, dA_sm90 && pf > 0.0f)
+      : dA_sm90 ? lk::lora_dA_sm90_plan(M, K, r, a_pieces, pf > 0.0f)
                 : lk::lora_dA_plan(M, K, r, lk::lora_dA_resident_blocks(x_dt, a_dt, r));
   const bool dB_direct = need_dB && dy_plan.row_splits == 1 && b_dt == lk::DType::kFloat32;
   const bool dA_direct = need_dA && dA_plan.row_splits == 1 && a_dt == lk::DType::kFloat32;
@@ -646,7 +642,6 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   // g: the dy pass's output itself without parts (also when only dB is needed), else their sum where it is read
   const int64_t g_piece = g_reduced || !g_partial ? ws.reserve_floats(M * r) : -1;
   const int64_t bits_piece = bits ? ws.reserve(lk::dropout_keep_bits_bytes(M, K)) : -1;
-  const int64_t kept_piece = dA_kept ? ws.reserve(M * K * (int64_t)x.element_size()) : -1;  // up to dA
   const int64_t phases = ws.mark();
   const int64_t g_parts_piece = g_partial ? ws.reserve_floats(dy_plan.col_groups * M * r) : -1;
   const int64_t after_g_parts = ws.mark();
@@ -663,7 +658,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   const int64_t dA_partial_piece =
       need_dA && !dA_direct ? ws.reserve_floats(std::max<int64_t>(dA_plan.row_splits, 1) * r * K) : -1;
   const int64_t dA_scratch_bytes =
-      dA_sm90 || dA_kept ? (int64_t)lk::lora_dA_sm90_scratch_bytes(M, r, a_pieces) : 0;  // 0: one launch
+      dA_sm90 ? (int64_t)lk::lora_dA_sm90_scratch_bytes(M, r, a_pieces) : 0;  // 0: one launch
   const int64_t dA_scratch_piece = dA_scratch_bytes > 0 ? ws.reserve(dA_scratch_bytes) : -1;
   ws.allocate(x.options());
   float* const g = ws.ptr<float>(g_piece);  // the reduced g (null where it is not needed)
@@ -693,11 +688,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
                                           b_dt, stream),
                "reduce(dB) launch");
   }
-  if (dA_kept) {
-    check_cuda(lk::launch_dropout_keep_bits_kept(ws.ptr<uint8_t>(bits_piece), x.data_ptr(), ws.ptr(kept_piece), x_dt,
-                                                 M, K, pf, (uint64_t)seed, seed_ptr, (uint64_t)offset, stream),
-               "dropout keep bits and kept x launch");
-  } else if (bits) {
+  if (bits) {
     make_keep_bits(ws.ptr<uint8_t>(bits_piece), M, K, pf, seed, seed_ptr, offset, stream);
   }
   if (need_dx) {
@@ -722,11 +713,6 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
     if (dA_sm90) {
       check_cuda(lk::launch_lora_dA_sm90(x.data_ptr(), x_dt, a_dt, g, dA_partial, M, K, r, dA_plan, (float)scaling,
                                          pf, ws.ptr<uint8_t>(bits_piece), ws.ptr(dA_scratch_piece), stream),
-                 "lora_dA (sm90) launch");
-    } else if (dA_kept) {  // dA = s / (1 - p) · gᵀ kept
-      check_cuda(lk::launch_lora_dA_sm90(ws.ptr(kept_piece), x_dt, a_dt, g, dA_partial, M, K, r, dA_plan,
-                                         lk::dropout_scale((float)scaling, pf), 0.0f, nullptr,
-                                         ws.ptr(dA_scratch_piece), stream),
                  "lora_dA (sm90) launch");
     } else {
       check_cuda(lk::launch_lora_dA(x.data_ptr(), x_dt, a_dt, g, dA_partial, M, K, r, dA_plan, (float)scaling, pf,
@@ -961,12 +947,9 @@ std::string x_pass_path(const char* name, XPassCheck unsupported, const Tensor& 
                                 (int)lora_A.size(0), (float)p);
   return why == nullptr ? std::string("sm90") : std::string("mma.sync: ") + why;
 }
-// The backward's dA pass (dA_sm90.cu, else dA.cu); with dropout "sm90 kept" where it reads the dropout pass's kept x.
-// (lora_dA_sm90_kept passes only where the tensor cores take these dtypes, which is where the keep bits are made.)
+// The backward's dA pass (dA_sm90.cu, else dA.cu).
 std::string dA_path(const Tensor& x, const Tensor& lora_A, double p) {
-  const std::string path = x_pass_path("dA_path", &lk::lora_dA_sm90_unsupported, x, lora_A, p);
-  if (path == "sm90") return path;
-  return x_pass_path("dA_path", &lk::lora_dA_sm90_kept, x, lora_A, p) == "sm90" ? "sm90 kept" : path;
+  return x_pass_path("dA_path", &lk::lora_dA_sm90_unsupported, x, lora_A, p);
 }
 // The forward's shrink when the forward is not the small-M one (shrink_sm90.cu, else shrink.cu).
 std::string shrink_path(const Tensor& x, const Tensor& lora_A, double p) {

@@ -8,15 +8,18 @@
 //          pieces are added in fp32 into the column group's sums in shared memory, scaled once at the end.
 // Mask   : with dropout the loader stages each x tile's keep bits (dropout_bits.cu, the contract's mask) beside it,
 //          and warpgroup 1 multiplies the landed tile by them in shared memory before the D warpgroup's wgmma reads
-//          it; the scale is scaling/(1-p). (LORA_KERNELS_DA_MASKED=0 restores the earlier routes: the kept copy of
-//          x from the dropout pass above r = 16, lora_dA_sm90_kept, else the mma.sync kernel.)
+//          it; the scale is scaling/(1-p). (LORA_KERNELS_DA_MASKED=0 sends dA with dropout to the mma.sync kernel,
+//          dA.cu, for A/B timing. The earlier route above r = 16, this kernel on a masked copy of x written by the
+//          keep-bits pass, was slower at every rank: 52.0 + 42.8 us for that copy against 59.8 at r = 64, fp32
+//          adapters, 8192 x 4096, and 36.2 + 43.0 against 47.1 with bf16 adapters; H200, thirtieth session.)
 // Up     : g's rows of each 128-row tile as x's type (or their P pieces). At r <= 16 (ds_up_from_g) warpgroup 1
 //          (which has no product) writes them into shared memory from g itself (beside the masking), and the pass
 //          is one launch; above,
 //          a prep launch stages them (Gp [Z][NW][Mpad] in x's type, scratch: lora_dA_sm90_scratch_bytes) and the
 //          loader copies each row tile's.
 // Tiling : as the dy pass (dy_pass_sm90.cu) without its G warpgroup's work: a loader warpgroup, a ring of x tiles
-//          (4 stages; 3 where r > 32 at three pieces: one 64-column r-chunk, whose Up double buffer takes 96 KB),
+//          (4 stages; 3 where r > 32 at three pieces: one 64-column r-chunk, whose Up double buffer takes 96 KB;
+//          6 with dropout where the side operand is at most 48 wide, for the masking's longer hold on each stage),
 //          Up tiles per row tile in a double buffer, mbarriers between them. Warpgroup 2 computes D; warpgroup 1
 //          writes the Up tiles or has no product (splitting D over both consumer warpgroups ran slower:
 //          bench/results/h200_2026-12-02/session21).
@@ -57,7 +60,7 @@ const char* lora_dA_sm90_unsupported(const void* x, DType x_dtype, DType a_dtype
   if (!da_device_ok()) return "not a compute capability 9.0 device with this build's sm_90a code";
   if (M < 1 || r < 1 || r > kMaxRank) return "empty problem or rank out of range";
   if (K % 8 || reinterpret_cast<uintptr_t>(x) % 16) return "K must be a multiple of 8 and x 16-byte aligned";
-  if (ceil_div(K, DS_BN) < ds_min_col_tiles(r, adapter_pieces(x_dtype, a_dtype), kDA))
+  if (ceil_div(K, DS_BN) < ds_min_col_tiles(r, adapter_pieces(x_dtype, a_dtype), kDA, p > 0.f))
     return "K below the pass's column tiles (stages - 1 tiles of 64)";
   if (ceil_div(M, DS_BM) > 0x7fffffff) return "M too large";
   if (lora_dA_sm90_plan(M, K, r, adapter_pieces(x_dtype, a_dtype), p > 0.f).row_splits < 1)
@@ -65,22 +68,6 @@ const char* lora_dA_sm90_unsupported(const void* x, DType x_dtype, DType a_dtype
   if (M <= small_m_backward_rows()) return "M <= kSmallMBackwardRows (64): the mma.sync kernel is faster";
   if (p > 0.f && !da_masked_enabled()) return "dropout: LORA_KERNELS_DA_MASKED=0";
   return nullptr;
-}
-
-// (LORA_KERNELS_DA_MASKED=0 only.) Why the wgmma kernel does not take dA with dropout from the kept x, or nullptr
-// where it does. Writing kept makes
-// the dropout pass 60 us instead of 19 at 8192 x 4096 (225 instead of 61 at K = 14336); the mma.sync kernel's
-// masking costs more than that above r = 16, where its work per x tile grows with r: at p = 0.1 it took 126 us at
-// r = 64 and 46 us at r = 16, the wgmma kernel 48 and 25 us. Fwd+bwd at 8192 x 4096 -> 4096, p = 0.1: 1044 against
-// 1071 us at r = 64, 928 against 902 us at r = 16 (H200, eleventh session).
-// LORA_KERNELS_DA_KEPT=0 turns this route off, =2 takes it at every r (for A/B timing).
-const char* lora_dA_sm90_kept(const void* x, DType x_dtype, DType a_dtype, int64_t M, int64_t K, int r, float p) {
-  static const char* const mode = getenv("LORA_KERNELS_DA_KEPT");
-  if (!(p > 0.f)) return "no dropout";
-  if (mode != nullptr && strcmp(mode, "0") == 0) return "LORA_KERNELS_DA_KEPT=0";
-  if (r <= 16 && !(mode != nullptr && strcmp(mode, "2") == 0))
-    return "dropout at r <= 16: the mma.sync kernel masks faster (measured)";
-  return lora_dA_sm90_unsupported(x, x_dtype, a_dtype, M, K, r, 0.f);
 }
 
 size_t lora_dA_sm90_scratch_bytes(int64_t M, int r, int pieces) {
@@ -120,7 +107,7 @@ cudaError_t launch_lora_dA_sm90(const void* x, DType x_dtype, DType a_dtype, con
       });
       if (e != cudaSuccess) return e;
     }
-    return with_stream_kernel<kDA, T>(pieces, sh.rj, [&](auto kernel) {
+    return with_stream_kernel<kDA, T>(pieces, sh.rj, masked, [&](auto kernel) {
       return launch_kernel_pdl(kernel, grid, DS_THREADS, smem, stream, static_cast<const T*>(x),
                                static_cast<const T*>(nullptr), static_cast<const T*>(gp), static_cast<float*>(nullptr),
                                dA_partial, M, K, r, (int64_t)0, mpad, masked ? keep8 : nullptr, scale, g);

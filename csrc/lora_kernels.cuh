@@ -113,11 +113,6 @@ bool dropout_bits_used(DType x_dtype, DType a_dtype);
 int64_t dropout_keep_bits_bytes(int64_t M, int64_t K);  // M * ceil(K / 8)
 cudaError_t launch_dropout_keep_bits(uint8_t* bits, int64_t M, int64_t K, float p, uint64_t seed,
                                      const int64_t* seed_ptr, uint64_t offset, cudaStream_t stream);
-// The same bits and, in the same pass, kept = keep ⊙ x (M, K) in x's 16-bit type (K % 8 == 0, x and kept 16-byte
-// aligned): the backward's dA input where the wgmma kernel takes it (lora_dA_sm90_kept).
-cudaError_t launch_dropout_keep_bits_kept(uint8_t* bits, const void* x, void* kept, DType x_dtype, int64_t M,
-                                          int64_t K, float p, uint64_t seed, const int64_t* seed_ptr, uint64_t offset,
-                                          cudaStream_t stream);
 
 // Small M (csrc/small_m.cu): the whole forward in one launch, y (M, N) x_dtype = x W^T + bias + u B^T and u (M, r)
 // fp32 = scaling / (1 - p) * (keep * x) A^T (the shrink's u, saved for backward; keep the contract's Philox mask
@@ -179,10 +174,6 @@ cudaError_t launch_lora_dy_pass_sm90(const void* dy, DType dy_dtype, const void*
 // lora_dA_sm90_scratch_bytes is not 0 (a prep launch), else by the kernel itself (one launch, scratch unused).
 const char* lora_dA_sm90_unsupported(const void* x, DType x_dtype, DType a_dtype, int64_t M, int64_t K, int r,
                                      float p);
-// With dropout (LORA_KERNELS_DA_MASKED=0 only): nullptr where dA runs this kernel on kept = keep ⊙ x from
-// launch_dropout_keep_bits_kept (the same launch with x = kept, p = 0 and scaling / (1 - p)), else why not (then the
-// mma.sync kernel masks x itself).
-const char* lora_dA_sm90_kept(const void* x, DType x_dtype, DType a_dtype, int64_t M, int64_t K, int r, float p);
 // masked: the plan of a call with dropout (p > 0), whose keep bits take shared memory too.
 SplitPlan lora_dA_sm90_plan(int64_t M, int64_t K, int r, int pieces, bool masked = false);
 size_t lora_dA_sm90_scratch_bytes(int64_t M, int r, int pieces);

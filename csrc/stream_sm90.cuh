@@ -28,8 +28,12 @@ constexpr int ds_stage_bytes(int mode, int nw) {
 }
 // Ring depth: 4 stages (6 and 8 ran no faster on the H200, and this loader alone, with consumers that only release,
 // reads at a plain read's rate: bench/results/h200_2026-12-02/session22), 3 for dA's 192-wide side operand (its Up
-// double buffer takes 96 KB), so that its plans fit in shared memory.
-constexpr int ds_stages(int mode, int nw) { return mode == kDA && nw > 96 ? 3 : 4; }
+// double buffer takes 96 KB), so that its plans fit in shared memory. dA with dropout (masked) holds each stage one
+// step longer (loader -> masking warpgroup -> D warpgroup), so where its side operand is narrow (NW <= 48: r <= 16,
+// or r <= 32 at one piece) it keeps 6 stages in flight to cover the same memory latency.
+constexpr int ds_stages(int mode, int nw, bool masked = false) {
+  return mode == kDA && nw > 96 ? 3 : mode == kDA && masked && nw <= 48 ? 6 : 4;
+}
 
 struct DsShape {
   int pieces, rj, z, nw;
@@ -51,14 +55,14 @@ DsShape ds_shape(int r, int pieces, StreamMode mode) {
 constexpr int ds_ldd(int rj) { return rj + 4; }  // dB row pitch (floats) in shared memory
 // Column tiles a pass needs: each column group spans at least stages - 1 tiles (the Up double buffer's parity waits
 // rely on the loader never being two row tiles ahead).
-inline int64_t ds_min_col_tiles(int r, int pieces, StreamMode mode) {
-  return ds_stages(mode, ds_shape(r, pieces, mode).nw) - 1;
+inline int64_t ds_min_col_tiles(int r, int pieces, StreamMode mode, bool masked = false) {
+  return ds_stages(mode, ds_shape(r, pieces, mode).nw, masked) - 1;
 }
 // mbarriers, alignment, the ring of {a tile, side chunk}; with the D product (dy pass, dA) also the double-buffered
 // Up row tile and the column group's D sums; dA with dropout (masked) also a ring of the tiles' keep bits and its
 // masked[] mbarriers.
 size_t ds_smem(const DsShape& s, StreamMode mode, int64_t tiles_per_group, bool masked = false) {
-  const int stages = ds_stages(mode, s.nw);
+  const int stages = ds_stages(mode, s.nw, masked);
   const size_t ring = 16 * stages + 32 + 1024 + (size_t)stages * ds_stage_bytes(mode, s.nw);
   if (mode == kShrink) return ring;
   const size_t bits = mode == kDA && masked ? (size_t)stages * (DS_BITS + 16) : 0;
@@ -108,13 +112,13 @@ dy_sm90_prep_kernel(const TB* __restrict__ B, const float* __restrict__ u, T* __
 
 // MODE kDy: a = dy (M, N), G with Bp into g_out, D with Up into d_out = the dB partials [s][n][j].
 // MODE kDA: a = x (M, N = K), D with Up = g's pieces into d_out = the dA partials [s][j][k], times `scale`. Where
-//           ds_up_from_g, warpgroup 1 builds each row tile's Up from g_in (fp32 (M, r), row-major): no `up`. With
-//           keep bits (keep8, as the shrink's) warpgroup 1 masks each landed x tile in shared memory before the D
-//           warpgroup's wgmma reads it (the mask off the D product's critical path).
+//           ds_up_from_g, warpgroup 1 builds each row tile's Up from g_in (fp32 (M, r), row-major): no `up`.
+//           MASKED (dropout; keep8, as the shrink's, must be given): warpgroup 1 masks each landed x tile in shared
+//           memory before the D warpgroup's wgmma reads it (the mask off the D product's critical path).
 // MODE kShrink: a = x (M, N = K), G with Bp = lora_A's pieces into g_out = u's K-split partials [c][m][j] times
 //           `scale`, x masked first by the keep bits when given (keep8: row m at keep8 + m * ceil(N / 8), bit k % 8 of
 //           byte k / 8); warpgroup 1 takes the tile's rows 0-63, warpgroup 2 rows 64-127.
-template <int MODE, typename T, int P, int RJ>
+template <int MODE, typename T, int P, int RJ, bool MASKED = false>
 __global__ void __launch_bounds__(DS_THREADS, 1)
 stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* __restrict__ up,
                    float* __restrict__ g_out, float* __restrict__ dB_partial, int64_t M, int64_t N, int r,
@@ -122,7 +126,7 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
                    const float* __restrict__ g_in) {
 #if LK_WGMMA
   constexpr int NW = P * RJ, LDD = ds_ldd(RJ), DY_BYTES = DS_BM * DS_BN * 2, STAGE = ds_stage_bytes(MODE, NW);
-  constexpr int DS_STAGES = ds_stages(MODE, NW);
+  constexpr int DS_STAGES = ds_stages(MODE, NW, MASKED);
   constexpr int UP_BYTES = 2 * NW * 128;  // one row tile of Up: two 64-row K blocks
   constexpr int PT = 128;                 // producer threads (warpgroup 0)
   extern __shared__ unsigned char ds_smem_raw[];
@@ -135,7 +139,7 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
   const uint32_t tiles = raw + 16 * DS_STAGES + 32, pad = (1024 - (tiles & 1023)) & 1023;
   const uint32_t s_ring = tiles + pad, s_up = s_ring + DS_STAGES * STAGE;
   // dA with dropout: the keep bits ring (a tile's 1 KB per stage) and masked[s] (warpgroup 1 masked the stage's tile)
-  const bool da_masked = MODE == kDA && keep8 != nullptr;
+  constexpr bool da_masked = MODE == kDA && MASKED;
   const uint32_t s_bits = s_up + 2 * UP_BYTES, bar_mask = s_bits + DS_STAGES * DS_BITS;
   float* dBs = reinterpret_cast<float*>(ds_smem_raw + ((da_masked ? bar_mask + 16 * DS_STAGES : s_bits) - raw));
 
@@ -155,7 +159,7 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
   constexpr bool kUpFromG = ds_up_from_g(MODE, RJ);
   // With N % 32 == 0 the loader copies each tile's keep bits into the stage (4-byte copies, each wholly inside or
   // past the row); otherwise the masking warpgroup reads them from global memory.
-  const bool bits_staged = MODE != kDy && keep8 != nullptr && N % 32 == 0;
+  const bool bits_staged = (MODE == kShrink || da_masked) && keep8 != nullptr && N % 32 == 0;
   // a stage's keep bits: after the shrink's side chunk in the stage, in dA's ring of its own
   auto bits_at = [&](int stage_) -> uint32_t {
     return MODE == kShrink ? s_ring + stage_ * STAGE + DY_BYTES + NW * 128 : s_bits + stage_ * DS_BITS;
@@ -186,7 +190,7 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
     for (int s = 0; s < DS_STAGES; ++s) {
       mbar_init(bar_full + 8 * s, PT);  // every producer thread's copies
       mbar_init(bar_empty + 8 * s, kUpFromG || da_masked ? 4 : 8);  // lane 0 of each consumer warp (dA: of wg 2)
-      if (da_masked) mbar_init(bar_mask + 8 * s, PT);  // every thread of the masking warpgroup
+      if (da_masked) mbar_init(bar_mask + 8 * s, 4);  // lane 0 of each masking warp
     }
     mbar_init(bar_up, 4);  // lane 0 of each dB warp
     mbar_init(bar_up + 8, 4);
@@ -266,9 +270,12 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
     // * RJ, column i) of a K-major operand: K block i / 64, 16-byte chunk (i % 64) / 8, element i % 8.
     const int i = tid - 128, ch = (i >> 3) & 7;
     const bool vec4 = r % 4 == 0 && reinterpret_cast<uintptr_t>(g_in) % 16 == 0;  // 16-byte loads of the row
-    auto write_up = [&](int rt) {
+    const int n_rt = do_dB ? (int)(rt1 - rt0) : 0;
+    // g's row of row tile rt into registers: issued a row tile ahead of its store_up, so that the loads' latency
+    // never stalls the masking of the tiles in between (it did, once per row tile, when each row tile's Up loaded
+    // its g rows and then waited for them)
+    auto load_g = [&](int rt, float (&gv)[RJ]) {
       const int64_t m = row_begin + (int64_t)rt * DS_BM + i;
-      float gv[RJ];
       if (vec4) {
 #pragma unroll
         for (int q = 0; q < RJ / 4; ++q) {
@@ -284,6 +291,8 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
 #pragma unroll
         for (int jj = 0; jj < RJ; ++jj) gv[jj] = m < row_end && j0 + jj < r ? __ldg(g_in + m * r + j0 + jj) : 0.f;
       }
+    };
+    auto store_up = [&](int rt, const float (&gv)[RJ]) {
       mbar_wait(bar_up + 8 * (rt & 1), ((rt >> 1) & 1) ^ 1);
       unsigned char* s_m = ds_smem_raw + (s_up + (rt & 1) * UP_BYTES - raw) + (i >> 6) * NW * 128 + ((i & 7) << 1);
 #pragma unroll
@@ -300,9 +309,16 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
       fence_proxy_async();  // the stores (generic proxy) before the D warpgroup's wgmma reads them (async proxy)
       mbar_arrive(bar_upf + 8 * (rt & 1));
     };
-    if (!da_masked) {
-      const int n_rt = do_dB ? (int)(rt1 - rt0) : 0;
-      for (int rt = 0; rt < n_rt; ++rt) write_up(rt);
+    float gv[RJ];
+    if (kUpFromG && n_rt > 0) load_g(0, gv);
+    // the row tile's Up, then the next row tile's g rows on their way
+    auto up_row_tile = [&](int rt) {
+      store_up(rt, gv);
+      if (rt + 1 < n_rt) load_g(rt + 1, gv);
+    };
+    if constexpr (!da_masked) {
+      if constexpr (kUpFromG)
+        for (int rt = 0; rt < n_rt; ++rt) up_row_tile(rt);
     } else {
       // Masking: thread i takes the 16-byte chunks i + 128 q (q < 8) of each landed tile, row (i + 128 q) / 8 and
       // chunk i % 8 (columns 8 (i % 8) ..), times their keep byte, 1 or 0 per element (mul_keep2: exactly x * keep,
@@ -310,9 +326,11 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
       // path, the mask costs no time of the pass's (masking in the D warpgroup itself ran 86 against the mma.sync
       // kernel's 55 us at 8192 x 4096, r = 16: tenth session). Keep bytes: the stage's copy, or keep8 where the
       // loader cannot stage them (N % 32 != 0). Rows and columns past x's end hold zeros and stay zero.
+      // All eight chunks and their keep bytes are read before any is written back (the stores could alias the
+      // loads as far as the compiler knows, which would serialise eight shared-memory round trips per tile).
       int rt = 0, ct = 0, stage = 0, round = 0;
       for (int t = 0; t < n_tiles; ++t) {
-        if (kUpFromG && ct == 0 && do_dB) write_up(rt);
+        if (kUpFromG && ct == 0 && rt < n_rt) up_row_tile(rt);
         const int64_t m0 = row_begin + (int64_t)rt * DS_BM, k80 = (col_begin + (int64_t)ct * DS_BN) / 8;
         uint32_t kb8[8];
         if (!bits_staged) {  // loaded before the wait
@@ -325,21 +343,30 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
         }
         mbar_wait(bar_full + 8 * stage, round & 1);
         unsigned char* tile = ds_smem_raw + (s_ring + stage * STAGE - raw);
-        const unsigned char* bits = ds_smem_raw + (bits_at(stage) - raw);
+        if (bits_staged) {  // byte 8 row + c of the stage's bits = byte i + 128 q
+          const unsigned char* bits = ds_smem_raw + (bits_at(stage) - raw);
+#pragma unroll
+          for (int q = 0; q < 8; ++q) kb8[q] = bits[i + 128 * q];
+        }
+        uint4 x8[8];
 #pragma unroll
         for (int q = 0; q < 8; ++q) {
-          const int e = i + 128 * q, row = e >> 3, c = e & 7;
-          const uint32_t b = bits_staged ? (uint32_t)bits[8 * row + c] : kb8[q];
-          uint4* v = reinterpret_cast<uint4*>(tile + sw128_offset(row, c));
-          uint4 x8 = *v;
-          x8.x = mul_keep2<T>(x8.x, b & 3u);
-          x8.y = mul_keep2<T>(x8.y, (b >> 2) & 3u);
-          x8.z = mul_keep2<T>(x8.z, (b >> 4) & 3u);
-          x8.w = mul_keep2<T>(x8.w, (b >> 6) & 3u);
-          *v = x8;
+          const int e = i + 128 * q;
+          x8[q] = *reinterpret_cast<const uint4*>(tile + sw128_offset(e >> 3, e & 7));
         }
-        fence_proxy_async();  // the stores before the D warpgroup's wgmma reads the tile
-        mbar_arrive(bar_mask + 8 * stage);
+#pragma unroll
+        for (int q = 0; q < 8; ++q) {
+          const int e = i + 128 * q;
+          const uint32_t b = kb8[q];
+          x8[q].x = mul_keep2<T>(x8[q].x, b & 3u);
+          x8[q].y = mul_keep2<T>(x8[q].y, (b >> 2) & 3u);
+          x8[q].z = mul_keep2<T>(x8[q].z, (b >> 4) & 3u);
+          x8[q].w = mul_keep2<T>(x8[q].w, (b >> 6) & 3u);
+          *reinterpret_cast<uint4*>(tile + sw128_offset(e >> 3, e & 7)) = x8[q];
+        }
+        fence_proxy_async();  // each thread's stores before the D warpgroup's wgmma reads the tile
+        __syncwarp();         // the warp's stores and fences before its lane 0 arrives
+        if (lane == 0) mbar_arrive(bar_mask + 8 * stage);
         next_tile(rt, ct, stage, round);
       }
     }
@@ -482,18 +509,26 @@ inline bool sm90_kernel_ok(const void* kernel, std::atomic<int>& has_sm90a) {
   return s == 1;
 }
 
-// f(kernel) for the (T, P, RJ) of a call (P = 3 only for bf16; RJ = 64 with P = 3 in the shrink and dA).
-template <int MODE, typename T, typename F>
-cudaError_t with_stream_kernel(int pieces, int rj, F&& f) {
+// f(kernel) for the (T, P, RJ) of a call (P = 3 only for bf16; RJ = 64 with P = 3 in the shrink and dA); `masked`
+// picks dA's MASKED kernel (the other passes have none).
+template <int MODE, typename T, bool MASKED, typename F>
+cudaError_t with_stream_kernel_rj(int pieces, int rj, F&& f) {
   if constexpr (std::is_same<T, __nv_bfloat16>::value) {
     if (pieces == 3) {
       if constexpr (MODE != kDy)
-        if (rj == 64) return f(&stream_sm90_kernel<MODE, T, 3, 64>);
-      return rj == 16 ? f(&stream_sm90_kernel<MODE, T, 3, 16>) : f(&stream_sm90_kernel<MODE, T, 3, 32>);
+        if (rj == 64) return f(&stream_sm90_kernel<MODE, T, 3, 64, MASKED>);
+      return rj == 16 ? f(&stream_sm90_kernel<MODE, T, 3, 16, MASKED>) : f(&stream_sm90_kernel<MODE, T, 3, 32, MASKED>);
     }
   }
-  return rj == 16 ? f(&stream_sm90_kernel<MODE, T, 1, 16>)
-                  : rj == 32 ? f(&stream_sm90_kernel<MODE, T, 1, 32>) : f(&stream_sm90_kernel<MODE, T, 1, 64>);
+  return rj == 16   ? f(&stream_sm90_kernel<MODE, T, 1, 16, MASKED>)
+         : rj == 32 ? f(&stream_sm90_kernel<MODE, T, 1, 32, MASKED>)
+                    : f(&stream_sm90_kernel<MODE, T, 1, 64, MASKED>);
+}
+template <int MODE, typename T, typename F>
+cudaError_t with_stream_kernel(int pieces, int rj, bool masked, F&& f) {
+  if constexpr (MODE == kDA)
+    if (masked) return with_stream_kernel_rj<MODE, T, true>(pieces, rj, f);
+  return with_stream_kernel_rj<MODE, T, false>(pieces, rj, f);
 }
 
 // The split plan: row splits x column groups (at least ds_stages - 1 tiles each, their D sums in shared memory) x
@@ -515,7 +550,7 @@ inline SplitPlan stream_sm90_plan(int64_t M, int64_t N, int r, int pieces, Strea
   const int64_t tiles_m = ceil_div(M, DS_BM), tiles_n = ceil_div(N, DS_BN), sms = num_sms();
   SplitPlan best{0, 0, 0, 0};
   double best_est = -1.0;
-  for (int64_t C = 1; C <= tiles_n / (ds_stages(mode, sh.nw) - 1) && C <= 65535; ++C) {
+  for (int64_t C = 1; C <= tiles_n / (ds_stages(mode, sh.nw, masked) - 1) && C <= 65535; ++C) {
     const int64_t tpg = ceil_div(tiles_n, C);
     if (ds_smem(sh, mode, tpg, masked) > kSmemPerBlockMax) continue;
     const int64_t S0 = std::max<int64_t>(1, std::min<int64_t>(tiles_m, sms / (C * sh.z)));

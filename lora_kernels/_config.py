@@ -59,10 +59,7 @@ Read by the CUDA extension (csrc/binding.cpp), once, when a GEMM first asks for 
     LORA_KERNELS_SM90_DA                0 keeps the backward's dA pass on its mma.sync kernel (csrc/dA.cu) instead of
                                         the wgmma one on Hopper (csrc/dA_sm90.cu): for A/B timing.
     LORA_KERNELS_DA_MASKED              0 takes dA with dropout off the wgmma kernel's own masking (csrc/dA_sm90.cu)
-                                        and back to the earlier routes: the wgmma kernel on the x kept by the dropout
-                                        pass above r = 16, the mma.sync kernel (csrc/dA.cu) at r <= 16: for A/B timing.
-    LORA_KERNELS_DA_KEPT                (with LORA_KERNELS_DA_MASKED=0) 0 keeps dA with dropout on its mma.sync kernel
-                                        at every rank; 2 sends it to the wgmma kernel on the kept x at every rank.
+                                        and onto its mma.sync kernel (csrc/dA.cu): for A/B timing.
     LORA_KERNELS_SM90_SHRINK            0 keeps the forward's shrink on its mma.sync kernel (csrc/shrink.cu) instead of
                                         the wgmma one on Hopper (csrc/shrink_sm90.cu); 2 takes the wgmma one with
                                         dropout at r <= 16 too: for A/B timing.

@@ -89,6 +89,10 @@ def test_dA_pass_fallback_says_why():
     assert _dA_path(128, 1024, 17, 0.1) == "sm90"
     assert _dA_path(64, 1024, 17, 0.0).startswith("mma.sync: M <= kSmallMBackwardRows")
     assert _dA_path(64, 1028, 17, 0.1).startswith("mma.sync: K must be a multiple of 8")
+    # with dropout at r <= 16 dA's ring is 6 stages deep: 5 column tiles of 64 at least
+    assert _dA_path(256, 256, 16, 0.0) == "sm90"
+    assert _dA_path(256, 256, 16, 0.1).startswith("mma.sync: K below the pass's column tiles")
+    assert _dA_path(256, 264, 16, 0.1) == "sm90"
 
 
 def test_dy_pass_fallback_says_why():
@@ -108,7 +112,8 @@ def test_dy_pass_fallback_says_why():
 def test_sm90_dy_pass_against_float64(dtype, adapter_dtype, lead, K, N, r, p):
     # M with a partial 128-row tile, N and K with a partial 64-column tile (1000, 200, 520, 2056, 264, 136), uneven
     # column groups, r not a multiple of 16 and above one r-chunk (48, 64 and 100: two to seven chunks of 16, 32 or
-    # 64); K = 72 keeps dA on its mma.sync kernel beside the wgmma dy pass. With dropout, K % 32 == 0 (1056, its last
+    # 64); K = 72 keeps dA on its mma.sync kernel beside the wgmma dy pass, and K = 136 with dropout at r = 5 (dA's
+    # deeper ring needs 5 column tiles there). With dropout, K % 32 == 0 (1056, its last
     # column tile half full) has the loader stage the keep bits (of dA and of the shrink); the other K have the
     # masking warpgroup read them from global memory.
     # (M <= 64 runs the mma.sync kernels: csrc/lora_kernels.cuh, kSmallMBackwardRows)
@@ -118,9 +123,14 @@ def test_sm90_dy_pass_against_float64(dtype, adapter_dtype, lead, K, N, r, p):
         "mma.sync: M <= kSmallMBackwardRows (64): the mma.sync kernel is faster" if small else "sm90")
     # dA with dropout masks x itself at every rank; the shrink with dropout above r = 16 or with fp32 adapters
     shrink_sm90 = p == 0 or r > 16 or adapter_dtype == torch.float32
-    for path, sm90, small_m in ((_dA_path(M, K, r, p, dtype, adapter_dtype or dtype), True, small),
-                                (_shrink_path(M, K, r, p, dtype, adapter_dtype or dtype), shrink_sm90, False)):
-        if K <= 128:
+    # the passes need stages - 1 column tiles of 64: 3 (4 stages), dA with dropout 5 where its side operand is at
+    # most 48 wide (6 stages: r <= 16, or r <= 32 at one piece; fp32 adapters on bf16 x take three)
+    pieces = 3 if adapter_dtype == torch.float32 else 1
+    dA_deep = p > 0 and (r <= 16 or (r <= 32 and pieces == 1))
+    for path, sm90, small_m, min_k in ((_dA_path(M, K, r, p, dtype, adapter_dtype or dtype), True, small,
+                                        257 if dA_deep else 129),
+                                       (_shrink_path(M, K, r, p, dtype, adapter_dtype or dtype), shrink_sm90, False, 129)):
+        if K < min_k:
             assert path.startswith("mma.sync: K below the pass's column tiles"), path
         elif small_m:
             assert path.startswith("mma.sync: M <= kSmallMBackwardRows"), path

@@ -257,22 +257,18 @@ int main() {
           const float p = 0.1f, sdrop = lk::dropout_scale(0.5f, p);
           const lk::DType xdt = lk::DType::kBFloat16;
           uint8_t* keep8;
-          bf16 *xm, *kept;
+          bf16* xm;
           CK(cudaMalloc(&keep8, lk::dropout_keep_bits_bytes(M, C)));
           CK(cudaMalloc(&xm, n * 2));
-          CK(cudaMalloc(&kept, n * 2));
           auto bits_run = [&](int) { CK(lk::launch_dropout_keep_bits(keep8, M, C, p, 1234, nullptr, 0, st)); };
           bits_run(0);
           mask_copy<<<1024, 256, 0, st>>>(a[0], keep8, xm, M, C);
           const float t_bits = time_it(bits_run, st);
-          const float t_kept = time_it([&](int i) {
-            CK(lk::launch_dropout_keep_bits_kept(keep8, a[i % 3], kept, xdt, M, C, p, 1234, nullptr, 0, st)); }, st);
           ref_dA(xm, rs, ref, M, C, r, st);  // dA = 0.5 / (1 - p) · gᵀ xm
-          // (a) the wgmma kernel masking x itself; (b) the mma.sync kernel; (c) the wgmma kernel on the kept x (its
-          // dropout pass costs t_kept - t_bits more than the bits alone)
-          float t_da[3] = {0, 0, 0};
-          double e_da[3] = {0, 0, 0};
-          for (int v = 0; v < 3; ++v) {
+          // (a) the wgmma kernel masking x itself; (b) the mma.sync kernel
+          float t_da[2] = {0, 0};
+          double e_da[2] = {0, 0};
+          for (int v = 0; v < 2; ++v) {
             const bool masked = v == 0, ms = v == 1;
             const lk::SplitPlan plan = ms ? lk::lora_dA_plan(M, C, r, lk::lora_dA_resident_blocks(xdt, adt, r))
                                           : lk::lora_dA_sm90_plan(M, C, r, P, masked);
@@ -285,14 +281,10 @@ int main() {
             auto run = [&](int i) {
               if (masked)
                 CK(lk::launch_lora_dA_sm90(a[i % 3], xdt, adt, rs, parts, M, C, r, plan, 0.5f, p, keep8, scratch, st));
-              else if (ms)
+              else
                 CK(lk::launch_lora_dA(a[i % 3], xdt, adt, rs, parts, M, C, r, plan, 0.5f, p, 1234, nullptr, 0, keep8,
                                       st));
-              else
-                CK(lk::launch_lora_dA_sm90(kept, xdt, adt, rs, parts, M, C, r, plan, sdrop, 0.f, nullptr, scratch,
-                                           st));
             };
-            if (v == 2) CK(lk::launch_dropout_keep_bits_kept(keep8, a[0], kept, xdt, M, C, p, 1234, nullptr, 0, st));
             run(0);
             CK(cudaStreamSynchronize(st));
             e_da[v] = rel_err(parts, plan.row_splits, ref, C * r, sdrop);
@@ -300,9 +292,8 @@ int main() {
             if (scratch) CK(cudaFree(scratch));
             CK(cudaFree(parts));
           }
-          printf("  dA p=0.1 P=%d r=%d: wgmma masked %.1f us, mma.sync %.1f us, wgmma on kept x %.1f us + %.1f us "
-                 "of kept writes (keep bits %.1f us)  err %.2e / %.2e / %.2e\n", P, r, t_da[0], t_da[1], t_da[2],
-                 t_kept - t_bits, t_bits, e_da[0], e_da[1], e_da[2]);
+          printf("  dA p=0.1 P=%d r=%d: wgmma masked %.1f us, mma.sync %.1f us (keep bits %.1f us)  err %.2e / %.2e\n",
+                 P, r, t_da[0], t_da[1], t_bits, e_da[0], e_da[1]);
           // the shrink: (a) the wgmma kernel (register-masked fragments), (b) the mma.sync kernel
           ref_rowdot<<<(unsigned)M, r, 0, st>>>(xm, side, ref, M, C, r);
           float t_sh[2] = {0, 0};
@@ -333,7 +324,7 @@ int main() {
           }
           printf("  shrink p=0.1 P=%d r=%d: wgmma %.1f us, mma.sync %.1f us  err %.2e / %.2e\n", P, r, t_sh[0],
                  t_sh[1], e_sh[0], e_sh[1]);
-          for (void* q : {(void*)keep8, (void*)xm, (void*)kept}) CK(cudaFree(q));
+          for (void* q : {(void*)keep8, (void*)xm}) CK(cudaFree(q));
         }
         for (void* q : {(void*)side, (void*)a_rk, (void*)side16, (void*)a16, (void*)rs, (void*)ref}) CK(cudaFree(q));
       }
