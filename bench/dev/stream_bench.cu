@@ -119,7 +119,16 @@ int main() {
   CK(cudaGetDeviceProperties(&prop, 0));
   printf("%s, %d SMs\n", prop.name, prop.multiProcessorCount);
   const int64_t M = 8192;
-  const int widths[] = {4096, 1024, 14336};  // N of the dy pass / K of the dA pass and the shrink
+  // N of the dy pass / K of the dA pass and the shrink; SB_WIDTHS (e.g. "4096,14336") times a subset
+  std::vector<int> widths = {4096, 1024, 14336};
+  if (const char* w = getenv("SB_WIDTHS")) {
+    widths.clear();
+    for (const char* c = w; *c;) {
+      widths.push_back(atoi(c));
+      while (*c && *c != ',') ++c;
+      if (*c == ',') ++c;
+    }
+  }
   const int ranks[] = {16, 64};
   float* sink;
   CK(cudaMalloc(&sink, 4));

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds and runs bench/dev/stream_bench.cu (the dy pass, dA and the shrink against a plain read); with SB_PROBE=1
+# Builds and runs bench/dev/stream_bench.cu (the dy pass, dA and the shrink against a plain read; SB_WIDTHS=4096,...
+# times a subset of the widths 4096, 1024, 14336); with SB_PROBE=1
 # also bench/dev/stream_tma_probe.cu (the loader alone, cp.async against TMA); with SB_NCU=1 Nsight Compute on the
 # passes at 8192 x 4096, r = 16. Output under $OUT. No torch needed. (The twenty-first session's runs with parts of
 # the kernel left out built commit 2790135's LK_DS_DBG variants.)
