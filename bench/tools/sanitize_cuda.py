@@ -8,6 +8,9 @@ for dtype, adapter in ((torch.bfloat16, torch.float32), (torch.float16, torch.fl
     # K % 128 == 0 with dropout: dx's sm_90 GEMM masks its extension with the keep bits (TMA of the bits)
     for M, K, N, r, p in ((1, 40, 24, 1, 0.0), (37, 100, 72, 33, 0.3), (130, 264, 136, 256, 0.1),
                           (131, 384, 136, 64, 0.1), (70, 256, 200, 16, 0.2),
+                          # dropout at r <= 16, K >= 320: dA's masked ring of 6 stages, its keep bits staged by the
+                          # loader (K % 32 == 0) or read from global memory (K = 328)
+                          (150, 320, 136, 16, 0.1), (150, 328, 200, 8, 0.1),
                           # p = 0, M > 64: the fused sm_90 forward, u tiles (fp32 adapters at r = 33: 5 lead tiles
                           # do not fit N = 136's 2 tile columns) and lead tiles (the rest; fp16 adapters at r = 16:
                           # no prep launch, lora_A and lora_B read as they are)
