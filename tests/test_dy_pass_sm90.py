@@ -107,13 +107,13 @@ def test_dy_pass_fallback_says_why():
                                                  (torch.float16, None)])
 @pytest.mark.parametrize("lead,K,N,r", [((777,), 264, 1000, 48), ((3, 61), 136, 200, 5), ((1,), 520, 4096, 16),
                                          ((2049,), 1000, 520, 64), ((130,), 2056, 2056, 100), ((300,), 72, 136, 8),
-                                         ((513,), 1056, 1000, 48)])
+                                         ((513,), 1056, 1000, 48), ((257,), 1056, 264, 16), ((1500,), 1000, 520, 5)])
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_sm90_dy_pass_against_float64(dtype, adapter_dtype, lead, K, N, r, p):
     # M with a partial 128-row tile, N and K with a partial 64-column tile (1000, 200, 520, 2056, 264, 136), uneven
     # column groups, r not a multiple of 16 and above one r-chunk (48, 64 and 100: two to seven chunks of 16, 32 or
     # 64); K = 72 keeps dA on its mma.sync kernel beside the wgmma dy pass, and K = 136 with dropout at r = 5 (dA's
-    # deeper ring needs 5 column tiles there). With dropout, K % 32 == 0 (1056, its last
+    # deeper ring needs 5 column tiles there); r = 16 and 5 at K = 1056 and 1000 run that 6-stage ring with dropout. With dropout, K % 32 == 0 (1056, its last
     # column tile half full) has the loader stage the keep bits (of dA and of the shrink); the other K have the
     # masking warpgroup read them from global memory.
     # (M <= 64 runs the mma.sync kernels: csrc/lora_kernels.cuh, kSmallMBackwardRows)
