@@ -438,23 +438,21 @@ void sm90_dx_gemm(const Tensor& dy, const Tensor& weight, int r, const void* vx,
 
 // The shrink u = s·dropout(x) Aᵀ (M, r) as the kernels write it: plan.col_groups split-K parts (summed by a reduce
 // or the sm_90 pack) or, with one group, u itself. On Hopper the wgmma streaming kernel (shrink_sm90.cu: lora_A's
-// pieces staged in a scratch piece of scratch_bytes(); dropout from the mask it makes itself, `own_mask`, else from
-// the keep bits), else mma.sync / FFMA (shrink.cu, which regenerates the mask itself where there are no keep bits).
+// pieces staged in a scratch piece of scratch_bytes(), dropout from the keep bits), else mma.sync / FFMA (shrink.cu,
+// which regenerates the mask itself where there are no keep bits).
 struct ShrinkPass {
   lk::DType x_dt, a_dt;
   int64_t M, K;
   int r, pieces;
   bool sm90;
   lk::SplitPlan plan;
-  bool own_mask;  // with dropout: the kernel makes the mask itself (no keep-bits pass before it)
 
   ShrinkPass(const Tensor& x, const Tensor& lora_A, float p)
       : x_dt(to_dtype(x, "x")), a_dt(to_dtype(lora_A, "lora_A")), M(x.size(0)), K(x.size(1)),
         r((int)lora_A.size(0)), pieces(lk::adapter_pieces(x_dt, a_dt)),
         sm90(K > 0 && lk::lora_shrink_sm90_unsupported(x.data_ptr(), x_dt, a_dt, M, K, r, p) == nullptr),
         plan(sm90 ? lk::lora_shrink_sm90_plan(M, K, r, pieces)
-                  : lk::lora_shrink_plan(M, K, r, lk::lora_shrink_resident_blocks(x_dt, a_dt, r))),
-        own_mask(sm90 && p > 0.0f && lk::lora_shrink_sm90_philox()) {}
+                  : lk::lora_shrink_plan(M, K, r, lk::lora_shrink_resident_blocks(x_dt, a_dt, r))) {}
 
   int64_t scratch_bytes() const { return sm90 ? (int64_t)lk::lora_shrink_sm90_scratch_bytes(K, r, pieces) : 0; }
 
@@ -463,8 +461,7 @@ struct ShrinkPass {
               cudaStream_t stream) const {
     if (sm90) {
       check_cuda(lk::launch_lora_shrink_sm90(x.data_ptr(), x_dt, lora_A.data_ptr(), a_dt, u_work, M, K, r, plan,
-                                             (float)scaling, p, own_mask ? nullptr : keep8, (uint64_t)seed, seed_ptr,
-                                             (uint64_t)offset, scratch, stream),
+                                             (float)scaling, p, keep8, scratch, stream),
                  "lora_shrink (sm90) launch");
     } else {
       check_cuda(lk::launch_lora_shrink(x.data_ptr(), x_dt, lora_A.data_ptr(), a_dt, u_work, M, K, r, plan,
@@ -558,10 +555,10 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& weight, c
     return {y, u};
   }
   // The shrink (ShrinkPass). With dropout, the mask as keep bits where the shrink's kernel reads them
-  // (csrc/dropout_bits.cu says why), unless it makes the mask itself (shrink.own_mask).
+  // (csrc/dropout_bits.cu says why).
   const ShrinkPass shrink(x, lora_A, pf);
   const lk::SplitPlan& shrink_plan = shrink.plan;
-  const bool bits = pf > 0.0f && K > 0 && lk::dropout_bits_used(x_dt, a_dt) && !shrink.own_mask;
+  const bool bits = pf > 0.0f && K > 0 && lk::dropout_bits_used(x_dt, a_dt);
   const bool partial = shrink_plan.col_groups > 1;  // u comes as split-K partials, summed by pack or reduce
   const bool sm90 = sm90_unsupported(x, weight, bias_t, M, N, K, lk::GemmLayoutB::kNK) == nullptr;
   // Without keep_u, u is a temporary, needed unless the sm_90 pack sums the partials (which it can do without

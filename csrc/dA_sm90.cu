@@ -110,7 +110,7 @@ cudaError_t launch_lora_dA_sm90(const void* x, DType x_dtype, DType a_dtype, con
     return with_stream_kernel<kDA, T>(pieces, sh.rj, masked, [&](auto kernel) {
       return launch_kernel_pdl(kernel, grid, DS_THREADS, smem, stream, static_cast<const T*>(x),
                                static_cast<const T*>(nullptr), static_cast<const T*>(gp), static_cast<float*>(nullptr),
-                               dA_partial, M, K, r, (int64_t)0, mpad, masked ? keep8 : nullptr, scale, g, DsKey{});
+                               dA_partial, M, K, r, (int64_t)0, mpad, masked ? keep8 : nullptr, scale, g);
     });
   });
 }

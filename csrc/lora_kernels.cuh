@@ -184,21 +184,16 @@ size_t lora_dA_sm90_scratch_bytes(int64_t M, int r, int pieces);
 cudaError_t launch_lora_dA_sm90(const void* x, DType x_dtype, DType a_dtype, const float* g, float* dA_partial,
                                 int64_t M, int64_t K, int r, SplitPlan plan, float scaling, float p,
                                 const uint8_t* keep8, void* scratch, cudaStream_t stream);
-// The shrink on Hopper (shrink_sm90.cu: the same streaming kernel, G product only, x masked in registers by the keep
-// bits): same outputs and partial layout as launch_lora_shrink, for lora_shrink_sm90_plan's plan; lora_A's pieces
-// staged in `scratch` (lora_shrink_sm90_scratch_bytes). With p > 0 the bits are keep8 where given, else the kernel
-// makes them from (seed or *seed_ptr, offset), which lora_shrink_sm90_philox() says it does (LORA_KERNELS_SHRINK_PHILOX,
-// on unless 0: then keep8 is required).
-#define LK_SHRINK_SM90_PHILOX 1
+// The shrink on Hopper (shrink_sm90.cu: the same streaming kernel, G product only, x masked in shared memory by the
+// keep bits keep8, which a call with p > 0 must give): same outputs and partial layout as launch_lora_shrink, for
+// lora_shrink_sm90_plan's plan; lora_A's pieces staged in `scratch` (lora_shrink_sm90_scratch_bytes).
 const char* lora_shrink_sm90_unsupported(const void* x, DType x_dtype, DType a_dtype, int64_t M, int64_t K, int r,
                                          float p);
-bool lora_shrink_sm90_philox();
 SplitPlan lora_shrink_sm90_plan(int64_t M, int64_t K, int r, int pieces);
 size_t lora_shrink_sm90_scratch_bytes(int64_t K, int r, int pieces);
 cudaError_t launch_lora_shrink_sm90(const void* x, DType x_dtype, const void* A, DType a_dtype, float* u_out,
                                     int64_t M, int64_t K, int r, SplitPlan plan, float scaling, float p,
-                                    const uint8_t* keep8, uint64_t seed, const int64_t* seed_ptr, uint64_t offset,
-                                    void* scratch, cudaStream_t stream);
+                                    const uint8_t* keep8, void* scratch, cudaStream_t stream);
 
 // dA_partial[s] (r, K) = scaling * g[rows of s]^T @ dropout(x)[rows of s]. plan from lora_dA_plan.
 // a_dtype (lora_A's) picks the precision as for the other passes.

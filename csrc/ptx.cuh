@@ -12,12 +12,6 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-// Named barrier `id` (1..15; 0 is __syncthreads') over `threads` threads (whole warps): the warps of one warpgroup
-// wait for each other without holding up the rest of the block. Orders their shared-memory accesses as a barrier.
-__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
-
 // ldmatrix x4: lane l gives the address of row l % 8 of the 8x8 matrix l / 8; r[i] gets matrix i's fragment
 // (row lane / 4, columns 2 * (lane % 4) and +1), or of its transpose with .trans.
 // (p: a generic pointer into shared memory, or its shared-window address.)

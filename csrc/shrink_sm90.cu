@@ -7,10 +7,8 @@
 //          with lora_A's P pieces (bf16x3 of fp32 A on bf16 x, else cast) stacked as NW = P*RJ columns; each tile's
 //          pieces are added in fp32 into the row tile's running u, scaled when written.
 // Mask   : with dropout each G warpgroup reads its half of each landed x tile into wgmma's register fragments and
-//          multiplies them by the keep bits, then runs the register-A wgmma on them (stream_sm90.cuh, masked_frags).
-//          The bits: without keep8, each warpgroup makes them itself (the contract's Philox, one tile ahead, while
-//          the tile before runs on the tensor cores), and the forward needs no keep-bits pass; with keep8, the
-//          keep-bits pass's (dropout_bits.cu; LORA_KERNELS_SHRINK_PHILOX=0 makes the binding take that route).
+//          multiplies them by the forward's keep bits (dropout_bits.cu, the contract's mask), then runs the
+//          register-A wgmma on them (stream_sm90.cuh, masked_frags).
 // Prep   : A's pieces Ap [Z][NW][Kpad] in x's type (scratch: lora_shrink_sm90_scratch_bytes), as the dy pass's Bp.
 // Tiling : as the dy pass (dy_pass_sm90.cu) without D: a loader warpgroup, a 4-stage ring of {x tile, Ap chunk},
 //          mbarriers between them; warpgroup 1 multiplies the tile's rows 0-63, warpgroup 2 rows 64-127, so one
@@ -34,22 +32,14 @@ bool sh_enabled() {
   return on;
 }
 
-// LORA_KERNELS_SM90_SHRINK=2: this kernel also with dropout at r <= 16 from the keep bits (for A/B timing:
-// bench/dev/stream_bench.cu)
+// LORA_KERNELS_SM90_SHRINK=2: this kernel also with dropout at r <= 16 (for A/B timing: bench/dev/stream_bench.cu)
 bool sh_masked_low_rank() {
   static const char* const v = getenv("LORA_KERNELS_SM90_SHRINK");
   static const bool on = v != nullptr && strcmp(v, "2") == 0;
   return on;
 }
 
-bool sh_philox_enabled() {
-  static const bool on = env_switch_on("LORA_KERNELS_SHRINK_PHILOX");
-  return on;
-}
-
 }  // namespace
-
-bool lora_shrink_sm90_philox() { return sh_philox_enabled(); }
 
 SplitPlan lora_shrink_sm90_plan(int64_t M, int64_t K, int r, int pieces) {
   return stream_sm90_plan(M, K, r, pieces, kShrink);
@@ -71,8 +61,7 @@ const char* lora_shrink_sm90_unsupported(const void* x, DType x_dtype, DType a_d
   // With dropout at r <= 16 and 16-bit adapters (one piece) the mma.sync kernel stays: 30.0 against this kernel's
   // 42.2 us at 8192 x 4096 (88 against 129 at K = 14336); with fp32 adapters (three pieces) this kernel is faster:
   // 29.2 against 36.1 us (84 against 114) (H200, bench/dev/stream_bench.cu, session 30).
-  // (With the mask made inside the kernel that rule does not apply: lora_shrink_sm90_philox.)
-  if (p > 0.f && r <= 16 && adapter_pieces(x_dtype, a_dtype) == 1 && !sh_masked_low_rank() && !sh_philox_enabled())
+  if (p > 0.f && r <= 16 && adapter_pieces(x_dtype, a_dtype) == 1 && !sh_masked_low_rank())
     return "dropout at r <= 16 with 16-bit adapters: the mma.sync kernel masks faster (measured)";
   return nullptr;
 }
@@ -84,13 +73,10 @@ size_t lora_shrink_sm90_scratch_bytes(int64_t K, int r, int pieces) {
 
 cudaError_t launch_lora_shrink_sm90(const void* x, DType x_dtype, const void* A, DType a_dtype, float* u_out,
                                     int64_t M, int64_t K, int r, SplitPlan plan, float scaling, float p,
-                                    const uint8_t* keep8, uint64_t seed, const int64_t* seed_ptr, uint64_t offset,
-                                    void* scratch, cudaStream_t stream) {
+                                    const uint8_t* keep8, void* scratch, cudaStream_t stream) {
   if (lora_shrink_sm90_unsupported(x, x_dtype, a_dtype, M, K, r, p) != nullptr ||
-      plan.row_splits < 1 || !scratch || !u_out || (p > 0.f && keep8 == nullptr && !sh_philox_enabled()))
+      plan.row_splits < 1 || !scratch || !u_out || (p > 0.f && keep8 == nullptr))
     return cudaErrorInvalidValue;
-  DsKey key;  // with dropout and no keep bits: the kernel makes the mask itself
-  if (p > 0.f && keep8 == nullptr) key = DsKey{seed, seed_ptr, offset, dropout_threshold(p)};
   const int pieces = adapter_pieces(x_dtype, a_dtype);
   const DsShape sh = ds_shape(r, pieces, kShrink);
   const int64_t kpad = ceil_div(K, DS_PREP) * DS_PREP;
@@ -112,7 +98,7 @@ cudaError_t launch_lora_shrink_sm90(const void* x, DType x_dtype, const void* A,
     return with_stream_kernel<kShrink, T>(pieces, sh.rj, false, [&](auto kernel) {
       return launch_kernel_pdl(kernel, grid, DS_THREADS, smem, stream, static_cast<const T*>(x), static_cast<const T*>(ap),
                            static_cast<const T*>(nullptr), u_out, static_cast<float*>(nullptr), M, K, r, kpad,
-                           (int64_t)0, p > 0.f ? keep8 : nullptr, scale, static_cast<const float*>(nullptr), key);
+                           (int64_t)0, p > 0.f ? keep8 : nullptr, scale, static_cast<const float*>(nullptr));
     });
   });
 }

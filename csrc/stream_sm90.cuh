@@ -38,14 +38,6 @@ constexpr int ds_stages(int mode, int nw, bool masked = false) {
 struct DsShape {
   int pieces, rj, z, nw;
 };
-// The shrink's dropout key where the kernel makes the mask itself (thr = dropout_threshold(p); 0: no such mask):
-// the contract's Philox (philox.cuh) for seed (or *seed_ptr) and offset.
-struct DsKey {
-  uint64_t seed = 0;
-  const int64_t* seed_ptr = nullptr;
-  uint64_t offset = 0;
-  uint32_t thr = 0;
-};
 // dA at r <= 16 (one r-chunk of RJ = 16): warpgroup 1, which has no product there, writes each row tile's Up into
 // shared memory from g itself, and the pass needs no prep launch (8192 x 4096, three pieces: 27.0 against 28.9 us
 // with the prep; session 28). At RJ = 64 that conversion, each thread reading its own row of g, outlasted the row
@@ -72,7 +64,7 @@ inline int64_t ds_min_col_tiles(int r, int pieces, StreamMode mode, bool masked 
 size_t ds_smem(const DsShape& s, StreamMode mode, int64_t tiles_per_group, bool masked = false) {
   const int stages = ds_stages(mode, s.nw, masked);
   const size_t ring = 16 * stages + 32 + 1024 + (size_t)stages * ds_stage_bytes(mode, s.nw);
-  if (mode == kShrink) return ring + 2 * DS_BITS;  // + the double buffer of the keep bits it makes itself
+  if (mode == kShrink) return ring;
   const size_t bits = mode == kDA && masked ? (size_t)stages * (DS_BITS + 16) : 0;
   return ring + (size_t)2 * 2 * 128 * s.nw + bits + (size_t)tiles_per_group * DS_BN * ds_ldd(s.rj) * 4;
 }
@@ -125,14 +117,13 @@ dy_sm90_prep_kernel(const TB* __restrict__ B, const float* __restrict__ u, T* __
 //           memory before the D warpgroup's wgmma reads it (the mask off the D product's critical path).
 // MODE kShrink: a = x (M, N = K), G with Bp = lora_A's pieces into g_out = u's K-split partials [c][m][j] times
 //           `scale`, x masked first by the keep bits when given (keep8: row m at keep8 + m * ceil(N / 8), bit k % 8 of
-//           byte k / 8) or, with key.thr != 0, by the mask the kernel makes itself from the key; warpgroup 1 takes
-//           the tile's rows 0-63, warpgroup 2 rows 64-127.
+//           byte k / 8); warpgroup 1 takes the tile's rows 0-63, warpgroup 2 rows 64-127.
 template <int MODE, typename T, int P, int RJ, bool MASKED = false>
 __global__ void __launch_bounds__(DS_THREADS, 1)
 stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* __restrict__ up,
                    float* __restrict__ g_out, float* __restrict__ dB_partial, int64_t M, int64_t N, int r,
                    int64_t npad, int64_t mpad, const uint8_t* __restrict__ keep8, float scale,
-                   const float* __restrict__ g_in, DsKey key) {
+                   const float* __restrict__ g_in) {
 #if LK_WGMMA
   constexpr int NW = P * RJ, LDD = ds_ldd(RJ), DY_BYTES = DS_BM * DS_BN * 2, STAGE = ds_stage_bytes(MODE, NW);
   constexpr int DS_STAGES = ds_stages(MODE, NW, MASKED);
@@ -151,13 +142,6 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
   constexpr bool da_masked = MODE == kDA && MASKED;
   const uint32_t s_bits = s_up + 2 * UP_BYTES, bar_mask = s_bits + DS_STAGES * DS_BITS;
   float* dBs = reinterpret_cast<float*>(ds_smem_raw + ((da_masked ? bar_mask + 16 * DS_STAGES : s_bits) - raw));
-  // The shrink with dropout and no keep8 (key.thr != 0): each G warpgroup makes the keep bits of its 64-row half of
-  // every tile itself, one tile ahead, into a double buffer after the ring (2 x 128 rows of 8 bytes), while the tile
-  // before it runs on the tensor cores. One Philox call per 8-group, 4 per thread and tile. (Philox is bound by its
-  // 32-bit multiplies; the pass is bound by memory, and its consumer warps wait on the loads most of the time. A
-  // kernel where each thread made the mask of its own fragments instead repeated every call 4 times.)
-  const bool philox = MODE == kShrink && key.thr != 0u;
-  const uint32_t s_pbits = s_ring + DS_STAGES * STAGE;
 
   const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
   const int64_t tiles_m = (M + DS_BM - 1) / DS_BM, tiles_n = (N + DS_BN - 1) / DS_BN;
@@ -186,13 +170,10 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
   // by their keep bits, 1 or 0 per element (mul_keep2: exactly x * keep, so a dropped NaN stays NaN as in the
   // reference). The register-A wgmma takes them as they are: no write back to shared memory, no proxy fence and no
   // warpgroup barrier on the way to the products. Keep bits: the stage's copy (bits_staged) or keep8.
-  auto masked_frags = [&](uint32_t (&af)[DS_BN / 16][4], uint32_t s_a, int rt_, int ct_, int row0,
-                          uint32_t s_made) {
+  auto masked_frags = [&](uint32_t (&af)[DS_BN / 16][4], uint32_t s_a, int rt_, int ct_, int row0) {
     const int ra = row0 + 16 * warp + (lane >> 2);  // this thread's rows ra and ra + 8 of the tile
     FragKeep<T, DS_BN> keep;
-    if (philox)  // the bits this warpgroup made (s_made: the tile's buffer)
-      keep.load_staged(ds_smem_raw + (s_made - raw), ra, lane & 3);
-    else if (bits_staged)
+    if (bits_staged)
       keep.load_staged(ds_smem_raw + (s_a + DY_BYTES + NW * 128 - raw), ra, lane & 3);
     else
       keep.load(keep8, row_begin + (int64_t)rt_ * DS_BM + ra, M, N, col_begin + (int64_t)ct_ * DS_BN, lane & 3);
@@ -402,46 +383,18 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
     for (int h = 0; h < GH; ++h)
 #pragma unroll
       for (int i = 0; i < RJ / 2; ++i) run[h][i] = 0.f;
-    // philox: this thread's share of its warpgroup's keep bits of tile (rt_, ct_): row 64 h0 + i / 2 of the tile,
-    // 8-groups 4 (i % 2) .. + 3 of its 64 columns, one 32-bit store into buffer `buf`
-    const int pi = tid - 128 * wg;
-    const uint64_t seed = philox ? dropout_seed(key.seed, key.seed_ptr) : 0;
-    auto make_bits = [&](int rt_, int ct_, int buf) {
-      const int row = 64 * h0 + (pi >> 1);
-      const int64_t m = row_begin + (int64_t)rt_ * DS_BM + row;
-      const int64_t k8 = (col_begin + (int64_t)ct_ * DS_BN) / 8 + 4 * (pi & 1);
-      uint32_t w = 0;
-#pragma unroll
-      for (int q = 0; q < 4; ++q) w |= dropout_keep_bits8(seed, dropout_counter(key.offset, m, N, k8 + q), key.thr) << (8 * q);
-      *reinterpret_cast<uint32_t*>(ds_smem_raw + (s_pbits + buf * DS_BITS - raw) + 8 * row + 4 * (pi & 1)) = w;
-    };
     int rt = 0, ct = 0, stage = 0, round = 0;
-    int nrt = 0, nct = 0;  // philox: the tile after this one
-    if (philox && g_here && n_tiles > 0) {
-      make_bits(0, 0, 0);
-      if (++nct == n_ct) nct = 0, ++nrt;
-    }
     for (int t = 0; t < n_tiles; ++t) {
       mbar_wait((da_masked ? bar_mask : bar_full) + 8 * stage, round & 1);  // dA with dropout: the masked tile
       fence_proxy_async();  // the copies (generic proxy) before wgmma's reads (async proxy)
       const uint32_t s_dy = s_ring + stage * STAGE, s_bp = s_dy + DY_BYTES;
       if (g_here) {  // G: K = the tile's 64 columns, 4 steps of 16, for this warpgroup's 64-row halves
-        if (MODE == kShrink && (keep8 != nullptr || philox)) {  // masked x from registers (GH = 1: this half)
-          // philox: the warpgroup's bits of this tile are all written (and its reads of the other buffer, of the
-          // tile before, are done: the writes below go there)
-          if (philox) named_barrier_sync(1 + h0, 128);
+        if (MODE == kShrink && keep8 != nullptr) {  // masked x from registers (GH = 1: this warpgroup's half)
           uint32_t af[DS_BN / 16][4];
-          masked_frags(af, s_dy, rt, ct, 64 * h0, s_pbits + (t & 1) * DS_BITS);
+          masked_frags(af, s_dy, rt, ct, 64 * h0);
           wgmma_fence();
 #pragma unroll
           for (int ks = 0; ks < DS_BN / 16; ++ks) Wgmma<T, NW>::mma_rs(part[0], af[ks], sw128_desc(s_bp + 32 * ks), ks);
-          wgmma_commit();
-          // the next tile's bits while this one's products run (three pieces at RJ = 64: after them, below, where
-          // the accumulators no longer hold the registers that Philox needs; during them it spilled)
-          if (NW <= 96 && philox && t + 1 < n_tiles) {
-            make_bits(nrt, nct, (t + 1) & 1);
-            if (++nct == n_ct) nct = 0, ++nrt;
-          }
         } else {
           wgmma_fence();
 #pragma unroll
@@ -450,8 +403,8 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
             for (int h = 0; h < GH; ++h)
               Wgmma<T, NW>::template mma<0>(part[h], sw128_desc(s_dy + (h0 + h) * 64 * 128 + 32 * ks),
                                             sw128_desc(s_bp + 32 * ks), ks);
-          wgmma_commit();
         }
+        wgmma_commit();
         wgmma_wait<0>();
 #pragma unroll
         for (int h = 0; h < GH; ++h) fence_regs(part[h]);
@@ -465,10 +418,6 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
             else
               run[h][i] += part[h][i];
           }
-        if (NW > 96 && philox && t + 1 < n_tiles) {
-          make_bits(nrt, nct, (t + 1) & 1);
-          if (++nct == n_ct) nct = 0, ++nrt;
-        }
         if (ct == n_ct - 1) {  // row tile done: its g rows written once
 #pragma unroll
           for (int h = 0; h < GH; ++h)

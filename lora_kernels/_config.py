@@ -64,10 +64,7 @@ Read by the CUDA extension (csrc/binding.cpp), once, when a GEMM first asks for 
                                         pass, instead of on a side stream beside it (csrc/binding.cpp): for A/B timing.
     LORA_KERNELS_SM90_SHRINK            0 keeps the forward's shrink on its mma.sync kernel (csrc/shrink.cu) instead of
                                         the wgmma one on Hopper (csrc/shrink_sm90.cu); 2 takes the wgmma one with
-                                        dropout at r <= 16 too (with LORA_KERNELS_SHRINK_PHILOX=0): for A/B timing.
-    LORA_KERNELS_SHRINK_PHILOX          0 makes the forward's dropout mask in a keep-bits pass before the wgmma
-                                        shrink (which then stays off at r <= 16 with 16-bit adapters), instead of
-                                        inside the shrink (csrc/shrink_sm90.cu): for A/B timing.
+                                        dropout at r <= 16 too: for A/B timing.
     LORA_KERNELS_SMALL_M                0 turns off the one-launch forward at M <= 64 (csrc/small_m.cu); it starts
                                         the switch that cuda_backend.set_small_m changes at run time.
     LORA_KERNELS_SMALL_M_BWD_ROWS       the backward's small-M threshold (default 64, csrc/lora_kernels.cuh): at

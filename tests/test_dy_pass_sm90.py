@@ -63,17 +63,19 @@ def _shrink_path(*args):
 @pytest.mark.parametrize("r", [16, 64])
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_benchmarked_shapes_take_the_sm90_dA_pass_and_shrink(K, dtype, adapter_dtype, r, p):
-    # dA runs the wgmma kernel with dropout too (it masks x by the keep bits), and so does the shrink (which makes
-    # the mask itself: csrc/shrink_sm90.cu)
+    # dA runs the wgmma kernel with dropout too (it masks x by the keep bits); with dropout at r <= 16 and 16-bit
+    # adapters the shrink stays on its mma.sync kernel (measured faster: csrc/shrink_sm90.cu says why)
     assert _dA_path(8192, K, r, p, dtype, adapter_dtype) == "sm90"
-    assert _shrink_path(8192, K, r, p, dtype, adapter_dtype) == "sm90"
+    assert _shrink_path(8192, K, r, p, dtype, adapter_dtype) == (
+        "sm90" if p == 0 or r > 16 or adapter_dtype == torch.float32
+        else "mma.sync: dropout at r <= 16 with 16-bit adapters: the mma.sync kernel masks faster (measured)")
 
 
 def test_shrink_fallback_says_why():
     assert _shrink_path(64, 128, 16, 0.0).startswith("mma.sync: K below the pass's column tiles")
     assert _shrink_path(64, 1028, 16, 0.1).startswith("mma.sync: K must be a multiple of 8")
     assert _shrink_path(64, 1024, 16, 0.1, torch.float16, torch.float32).startswith("mma.sync: x and the adapters")
-    assert _shrink_path(64, 1024, 16, 0.1, torch.bfloat16, torch.bfloat16) == "sm90"  # it makes the mask itself
+    assert _shrink_path(64, 1024, 16, 0.1, torch.bfloat16, torch.bfloat16).startswith("mma.sync: dropout at r <= 16")
     assert _shrink_path(64, 1024, 16, 0.1) == "sm90"  # fp32 adapters on bf16 x
     assert _shrink_path(64, 1024, 17, 0.1) == "sm90"
 
@@ -119,8 +121,8 @@ def test_sm90_dy_pass_against_float64(dtype, adapter_dtype, lead, K, N, r, p):
     small = M <= 64
     assert _dy_path(M, N, r, dtype, adapter_dtype or dtype) == (
         "mma.sync: M <= kSmallMBackwardRows (64): the mma.sync kernel is faster" if small else "sm90")
-    # dA with dropout masks x itself at every rank, and so does the shrink (with the mask it makes)
-    shrink_sm90 = True
+    # dA with dropout masks x itself at every rank; the shrink with dropout above r = 16 or with fp32 adapters
+    shrink_sm90 = p == 0 or r > 16 or adapter_dtype == torch.float32
     # the passes need stages - 1 column tiles of 64: 3 (4 stages), dA with dropout 5 where its side operand is at
     # most 48 wide (6 stages: r <= 16, or r <= 32 at one piece; fp32 adapters on bf16 x take three)
     pieces = 3 if adapter_dtype == torch.float32 else 1

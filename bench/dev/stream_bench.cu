@@ -99,17 +99,6 @@ double rel_err(const float* parts, int64_t nparts, const float* ref, int64_t n, 
   return den > 0 ? num / den : num;
 }
 
-// The wgmma shrink's launch in this tree's form and in earlier trees' (stream_ab.sh builds this file against both):
-// since LK_SHRINK_SM90_PHILOX it takes the dropout key (seed 1234, offset 0: the keep-bits pass's below) and makes the
-// mask itself where keep8 is null.
-#ifdef LK_SHRINK_SM90_PHILOX
-#define SHRINK_SM90(x, xdt, A, adt, u, M, K, r, plan, s, p, keep8, scratch, st) \
-  lk::launch_lora_shrink_sm90(x, xdt, A, adt, u, M, K, r, plan, s, p, keep8, 1234, nullptr, 0, scratch, st)
-#else
-#define SHRINK_SM90(x, xdt, A, adt, u, M, K, r, plan, s, p, keep8, scratch, st) \
-  lk::launch_lora_shrink_sm90(x, xdt, A, adt, u, M, K, r, plan, s, p, keep8, scratch, st)
-#endif
-
 // dA's reference in the passes' layout: ref[j][k] = sum_m g[m][j] x[m][k] (ref_colsum's [k][j], transposed on the
 // host), ref holding C * r floats
 void ref_dA(const bf16* x, const float* g, float* ref, int64_t M, int64_t C, int r, cudaStream_t st) {
@@ -257,8 +246,8 @@ int main() {
             CK(cudaMalloc(&parts, plan.col_groups * M * r * 4));
             CK(cudaMemset(parts, 0xff, plan.col_groups * M * r * 4));
             auto run = [&](int i) {
-              CK(SHRINK_SM90(a[i % 3], lk::DType::kBFloat16, a_in, adt, parts, M, C, r, plan, 0.5f, 0.f, nullptr,
-                             scratch, st));
+              CK(lk::launch_lora_shrink_sm90(a[i % 3], lk::DType::kBFloat16, a_in, adt, parts, M, C, r, plan, 0.5f,
+                                             0.f, nullptr, scratch, st));
             };
             run(0);
             ref_rowdot<<<(unsigned)M, r, 0, st>>>(a[0], side, ref, M, C, r);
@@ -314,18 +303,12 @@ int main() {
           }
           printf("  dA p=0.1 P=%d r=%d: wgmma masked %.1f us, mma.sync %.1f us (keep bits %.1f us)  err %.2e / %.2e\n",
                  P, r, t_da[0], t_da[1], t_bits, e_da[0], e_da[1]);
-          // the shrink: (a) the wgmma kernel (register-masked fragments) on the keep bits, (b) the mma.sync kernel,
-          // (c) the wgmma kernel making the mask itself (no keep-bits pass: compare with (a) + the bits' time)
+          // the shrink: (a) the wgmma kernel (register-masked fragments), (b) the mma.sync kernel
           ref_rowdot<<<(unsigned)M, r, 0, st>>>(xm, side, ref, M, C, r);
-          float t_sh[3] = {0, 0, 0};
-          double e_sh[3] = {0, 0, 0};
-#ifdef LK_SHRINK_SM90_PHILOX
-          const int n_sh = 3;
-#else
-          const int n_sh = 2;
-#endif
-          for (int v = 0; v < n_sh; ++v) {
-            const bool wg = v != 1;
+          float t_sh[2] = {0, 0};
+          double e_sh[2] = {0, 0};
+          for (int v = 0; v < 2; ++v) {
+            const bool wg = v == 0;
             if (wg && lk::lora_shrink_sm90_unsupported(a[0], xdt, adt, M, C, r, p)) continue;
             const lk::SplitPlan plan = wg ? lk::lora_shrink_sm90_plan(M, C, r, P)
                                           : lk::lora_shrink_plan(M, C, r, lk::lora_shrink_resident_blocks(xdt, adt, r));
@@ -335,8 +318,8 @@ int main() {
             CK(cudaMemset(parts, 0xff, plan.col_groups * M * r * 4));
             auto run = [&](int i) {
               if (wg)
-                CK(SHRINK_SM90(a[i % 3], xdt, a_in, adt, parts, M, C, r, plan, 0.5f, p, v == 2 ? nullptr : keep8,
-                               scratch, st));
+                CK(lk::launch_lora_shrink_sm90(a[i % 3], xdt, a_in, adt, parts, M, C, r, plan, 0.5f, p, keep8,
+                                               scratch, st));
               else
                 CK(lk::launch_lora_shrink(a[i % 3], xdt, a_in, adt, parts, M, C, r, plan, 0.5f, p, 1234, nullptr, 0,
                                           keep8, st));
@@ -348,9 +331,8 @@ int main() {
             if (scratch) CK(cudaFree(scratch));
             CK(cudaFree(parts));
           }
-          printf("  shrink p=0.1 P=%d r=%d: wgmma %.1f us, mma.sync %.1f us (each + keep bits %.1f us), wgmma "
-                 "making the mask %.1f us  err %.2e / %.2e / %.2e\n", P, r, t_sh[0], t_sh[1], t_bits, t_sh[2],
-                 e_sh[0], e_sh[1], e_sh[2]);
+          printf("  shrink p=0.1 P=%d r=%d: wgmma %.1f us, mma.sync %.1f us  err %.2e / %.2e\n", P, r, t_sh[0],
+                 t_sh[1], e_sh[0], e_sh[1]);
           for (void* q : {(void*)keep8, (void*)xm}) CK(cudaFree(q));
         }
         for (void* q : {(void*)side, (void*)a_rk, (void*)side16, (void*)a16, (void*)rs, (void*)ref}) CK(cudaFree(q));
