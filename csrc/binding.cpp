@@ -16,8 +16,6 @@
 #include <string>
 #include <tuple>
 #include <type_traits>
-#include <utility>
-#include <vector>
 
 #include "fused_fwd_sm90.h"
 #include "gemm_sm90.h"
@@ -73,64 +71,10 @@ void check_cuda(cudaError_t e, const char* what) {
 
 // The dropout mask of an (M, K) input as keep bits (csrc/dropout_bits.cu), the seed by value or device pointer.
 void make_keep_bits(uint8_t* bits, int64_t M, int64_t K, float p, int64_t seed, const int64_t* seed_ptr,
-                    int64_t offset, cudaStream_t stream, int blocks_per_sm = 0) {
-  check_cuda(lk::launch_dropout_keep_bits(bits, M, K, p, (uint64_t)seed, seed_ptr, (uint64_t)offset, stream,
-                                          blocks_per_sm),
+                    int64_t offset, cudaStream_t stream) {
+  check_cuda(lk::launch_dropout_keep_bits(bits, M, K, p, (uint64_t)seed, seed_ptr, (uint64_t)offset, stream),
              "dropout keep bits launch");
 }
-
-// The backward's keep bits beside its dy pass. The keep-bits pass is bound by Philox's integer multiplies, the dy
-// pass by memory, and they share no data: on a side stream (forked from the current one after the workspace is
-// allocated, joined back before the first kernel that reads the bits) the two run at the same time on every SM. The
-// bits pass then takes kBitsAsideBlocksPerSm blocks of 256 threads per SM (32 registers each), which fit beside one
-// dy-pass block (384 threads, at most 120 registers at r <= 32). LORA_KERNELS_BITS_ASIDE=0 (read once) makes the bits
-// on the current stream after the dy pass, as before (A/B timing).
-constexpr int kBitsAsideBlocksPerSm = 2;
-bool bits_aside_enabled() {
-  static const bool on = lk::env_switch_on("LORA_KERNELS_BITS_ASIDE");
-  return on;
-}
-
-// A fork of the current stream onto a side stream and its join (RAII: the join is enqueued when the scope ends, so
-// that no exit leaves the side stream's work unordered before what the current stream does next, such as the
-// caching allocator handing the workspace to another kernel). One event pair per thread and device: the events are
-// recorded and waited on in stream order, so each call can reuse them.
-class SideStream {
- public:
-  SideStream(cudaStream_t main, int device) : main_(main) {
-    thread_local std::vector<std::pair<cudaEvent_t, cudaEvent_t>> events;
-    if ((int)events.size() <= device) events.resize(device + 1, {nullptr, nullptr});
-    auto& ev = events[device];
-    if (ev.first == nullptr) {
-      check_cuda(cudaEventCreateWithFlags(&ev.first, cudaEventDisableTiming), "cudaEventCreate (fork)");
-      check_cuda(cudaEventCreateWithFlags(&ev.second, cudaEventDisableTiming), "cudaEventCreate (join)");
-    }
-    fork_ = ev.first;
-    join_ = ev.second;
-    side_ = c10::cuda::getStreamFromPool(false, (c10::DeviceIndex)device).stream();
-    check_cuda(cudaEventRecord(fork_, main_), "cudaEventRecord (fork)");
-    check_cuda(cudaStreamWaitEvent(side_, fork_, 0), "cudaStreamWaitEvent (fork)");
-  }
-  cudaStream_t stream() const { return side_; }
-  // The current stream waits for everything enqueued on the side stream so far (once; the destructor then does
-  // nothing).
-  void join() {
-    if (joined_) return;
-    joined_ = true;
-    check_cuda(cudaEventRecord(join_, side_), "cudaEventRecord (join)");
-    check_cuda(cudaStreamWaitEvent(main_, join_, 0), "cudaStreamWaitEvent (join)");
-  }
-  ~SideStream() {
-    if (!joined_ && cudaEventRecord(join_, side_) == cudaSuccess) cudaStreamWaitEvent(main_, join_, 0);
-  }
-  SideStream(const SideStream&) = delete;
-  SideStream& operator=(const SideStream&) = delete;
-
- private:
-  cudaStream_t main_, side_ = nullptr;
-  cudaEvent_t fork_ = nullptr, join_ = nullptr;
-  bool joined_ = false;
-};
 
 // A tensor's shape as "[d0, d1, ...]" for the error messages.
 std::string shape_of(const Tensor& t) {
@@ -723,14 +667,6 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   if (need_dA) dA = at::empty({r, K}, lora_A.options());
 
   float* const dB_out = dB_direct ? dB.data_ptr<float>() : ws.ptr<float>(dB_partial_piece);
-  // with dropout, the keep bits on a side stream beside the dy pass (bits_aside_enabled says why), where there is a
-  // dy pass to run beside
-  std::optional<SideStream> aside;
-  if (bits && M > 0 && N > 0 && bits_aside_enabled()) {
-    aside.emplace(stream, x.device().index());
-    make_keep_bits(ws.ptr<uint8_t>(bits_piece), M, K, pf, seed, seed_ptr, offset, aside->stream(),
-                   kBitsAsideBlocksPerSm);
-  }
   if (dy_sm90) {
     check_cuda(lk::launch_lora_dy_pass_sm90(dy.data_ptr(), x_dt, lora_B.data_ptr(), b_dt, u.data_ptr<float>(), g_work,
                                             dB_out, M, N, r, dy_plan, ws.ptr(dy_scratch_piece), stream),
@@ -752,9 +688,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
                                           b_dt, stream),
                "reduce(dB) launch");
   }
-  if (aside) {
-    aside->join();  // the bits, before the first kernel that reads them
-  } else if (bits) {
+  if (bits) {
     make_keep_bits(ws.ptr<uint8_t>(bits_piece), M, K, pf, seed, seed_ptr, offset, stream);
   }
   if (need_dx) {

@@ -51,13 +51,11 @@ bool dropout_bits_used(DType x_dtype, DType a_dtype) { return stream_pass_on_tc(
 int64_t dropout_keep_bits_bytes(int64_t M, int64_t K) { return M * dropout_groups(K); }
 
 cudaError_t launch_dropout_keep_bits(uint8_t* bits, int64_t M, int64_t K, float p, uint64_t seed,
-                                     const int64_t* seed_ptr, uint64_t offset, cudaStream_t stream,
-                                     int blocks_per_sm) {
+                                     const int64_t* seed_ptr, uint64_t offset, cudaStream_t stream) {
   if (M <= 0 || K <= 0) return cudaSuccess;
   const int64_t words = ceil_div(dropout_keep_bits_bytes(M, K), DB_GROUPS);
-  // enough blocks to fill every SM at full occupancy (or blocks_per_sm per SM), fewer where there is less work
-  const int per_sm = blocks_per_sm > 0 ? std::min(blocks_per_sm, 2048 / kThreads) : 2048 / kThreads;
-  const int64_t blocks = std::min<int64_t>(ceil_div(words, kThreads), (int64_t)num_sms() * per_sm);
+  // enough blocks to fill every SM at full occupancy, fewer where there is less work
+  const int64_t blocks = std::min<int64_t>(ceil_div(words, kThreads), (int64_t)num_sms() * (2048 / kThreads));
   return launch_kernel(dropout_keep_bits_kernel, dim3((unsigned)blocks), kThreads, 0, stream, bits, M, K,
                        dropout_threshold(p), seed, seed_ptr, offset);
 }

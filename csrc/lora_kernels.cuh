@@ -111,11 +111,8 @@ cudaError_t launch_lora_shrink(const void* x, DType x_dtype, const void* A, DTyp
 // read them (the tensor-core kernels do, the FFMA kernels compute the mask themselves).
 bool dropout_bits_used(DType x_dtype, DType a_dtype);
 int64_t dropout_keep_bits_bytes(int64_t M, int64_t K);  // M * ceil(K / 8)
-// blocks_per_sm: at most that many 256-thread blocks per SM (0: as many as fit, the pass alone on the GPU); fewer
-// leave room beside them for a kernel that runs at the same time on another stream.
 cudaError_t launch_dropout_keep_bits(uint8_t* bits, int64_t M, int64_t K, float p, uint64_t seed,
-                                     const int64_t* seed_ptr, uint64_t offset, cudaStream_t stream,
-                                     int blocks_per_sm = 0);
+                                     const int64_t* seed_ptr, uint64_t offset, cudaStream_t stream);
 
 // Small M (csrc/small_m.cu): the whole forward in one launch, y (M, N) x_dtype = x W^T + bias + u B^T and u (M, r)
 // fp32 = scaling / (1 - p) * (keep * x) A^T (the shrink's u, saved for backward; keep the contract's Philox mask

@@ -60,8 +60,6 @@ Read by the CUDA extension (csrc/binding.cpp), once, when a GEMM first asks for 
                                         the wgmma one on Hopper (csrc/dA_sm90.cu): for A/B timing.
     LORA_KERNELS_DA_MASKED              0 takes dA with dropout off the wgmma kernel's own masking (csrc/dA_sm90.cu)
                                         and onto its mma.sync kernel (csrc/dA.cu): for A/B timing.
-    LORA_KERNELS_BITS_ASIDE             0 makes the backward's dropout keep bits on the current stream after the dy
-                                        pass, instead of on a side stream beside it (csrc/binding.cpp): for A/B timing.
     LORA_KERNELS_SM90_SHRINK            0 keeps the forward's shrink on its mma.sync kernel (csrc/shrink.cu) instead of
                                         the wgmma one on Hopper (csrc/shrink_sm90.cu); 2 takes the wgmma one with
                                         dropout at r <= 16 too: for A/B timing.
