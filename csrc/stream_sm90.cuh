@@ -30,7 +30,8 @@ constexpr int ds_stage_bytes(int mode, int nw) {
 // reads at a plain read's rate: bench/results/h200_2026-12-02/session22), 3 for dA's 192-wide side operand (its Up
 // double buffer takes 96 KB), so that its plans fit in shared memory. dA with dropout (masked) holds each stage one
 // step longer (loader -> masking warpgroup -> D warpgroup), so where its side operand is narrow (NW <= 48: r <= 16,
-// or r <= 32 at one piece) it keeps 6 stages in flight to cover the same memory latency.
+// or r <= 32 at one piece) it keeps 6 stages in flight to cover the same memory latency (with the masking's reads
+// batched: 37.1 / 34.3 against 41.4 / 39.4 us at 8192 x 4096, r = 16, fp32 / bf16 adapters; H200, session 31).
 constexpr int ds_stages(int mode, int nw, bool masked = false) {
   return mode == kDA && nw > 96 ? 3 : mode == kDA && masked && nw <= 48 ? 6 : 4;
 }
