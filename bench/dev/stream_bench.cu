@@ -99,6 +99,20 @@ double rel_err(const float* parts, int64_t nparts, const float* ref, int64_t n, 
   return den > 0 ? num / den : num;
 }
 
+// One route of a pass with dropout: `parts` (nparts partials of n floats) allocated and poisoned (NaN where a route
+// leaves an element unwritten), run once and checked against ref (times `scale`), then timed; parts and scratch freed.
+void check_and_time(float*& parts, int64_t nparts, int64_t n, const float* ref, float scale, void* scratch,
+                    const std::function<void(int)>& run, cudaStream_t st, float& t, double& err) {
+  CK(cudaMalloc(&parts, nparts * n * 4));
+  CK(cudaMemset(parts, 0xff, nparts * n * 4));
+  run(0);
+  CK(cudaStreamSynchronize(st));
+  err = rel_err(parts, nparts, ref, n, scale);
+  t = time_it(run, st);
+  if (scratch) CK(cudaFree(scratch));
+  CK(cudaFree(parts));
+}
+
 // dA's reference in the passes' layout: ref[j][k] = sum_m g[m][j] x[m][k] (ref_colsum's [k][j], transposed on the
 // host), ref holding C * r floats
 void ref_dA(const bf16* x, const float* g, float* ref, int64_t M, int64_t C, int r, cudaStream_t st) {
@@ -285,8 +299,6 @@ int main() {
             void* scratch = nullptr;
             const size_t scratch_bytes = ms ? 0 : lk::lora_dA_sm90_scratch_bytes(M, r, P);
             if (scratch_bytes) CK(cudaMalloc(&scratch, scratch_bytes));
-            CK(cudaMalloc(&parts, plan.row_splits * C * r * 4));
-            CK(cudaMemset(parts, 0xff, plan.row_splits * C * r * 4));
             auto run = [&](int i) {
               if (masked)
                 CK(lk::launch_lora_dA_sm90(a[i % 3], xdt, adt, rs, parts, M, C, r, plan, 0.5f, p, keep8, scratch, st));
@@ -294,12 +306,7 @@ int main() {
                 CK(lk::launch_lora_dA(a[i % 3], xdt, adt, rs, parts, M, C, r, plan, 0.5f, p, 1234, nullptr, 0, keep8,
                                       st));
             };
-            run(0);
-            CK(cudaStreamSynchronize(st));
-            e_da[v] = rel_err(parts, plan.row_splits, ref, C * r, sdrop);
-            t_da[v] = time_it(run, st);
-            if (scratch) CK(cudaFree(scratch));
-            CK(cudaFree(parts));
+            check_and_time(parts, plan.row_splits, C * r, ref, sdrop, scratch, run, st, t_da[v], e_da[v]);
           }
           printf("  dA p=0.1 P=%d r=%d: wgmma masked %.1f us, mma.sync %.1f us (keep bits %.1f us)  err %.2e / %.2e\n",
                  P, r, t_da[0], t_da[1], t_bits, e_da[0], e_da[1]);
@@ -314,8 +321,6 @@ int main() {
                                           : lk::lora_shrink_plan(M, C, r, lk::lora_shrink_resident_blocks(xdt, adt, r));
             void* scratch = nullptr;
             if (wg) CK(cudaMalloc(&scratch, lk::lora_shrink_sm90_scratch_bytes(C, r, P)));
-            CK(cudaMalloc(&parts, plan.col_groups * M * r * 4));
-            CK(cudaMemset(parts, 0xff, plan.col_groups * M * r * 4));
             auto run = [&](int i) {
               if (wg)
                 CK(lk::launch_lora_shrink_sm90(a[i % 3], xdt, a_in, adt, parts, M, C, r, plan, 0.5f, p, keep8,
@@ -324,12 +329,7 @@ int main() {
                 CK(lk::launch_lora_shrink(a[i % 3], xdt, a_in, adt, parts, M, C, r, plan, 0.5f, p, 1234, nullptr, 0,
                                           keep8, st));
             };
-            run(0);
-            CK(cudaStreamSynchronize(st));
-            e_sh[v] = rel_err(parts, plan.col_groups, ref, M * r, sdrop);
-            t_sh[v] = time_it(run, st);
-            if (scratch) CK(cudaFree(scratch));
-            CK(cudaFree(parts));
+            check_and_time(parts, plan.col_groups, M * r, ref, sdrop, scratch, run, st, t_sh[v], e_sh[v]);
           }
           printf("  shrink p=0.1 P=%d r=%d: wgmma %.1f us, mma.sync %.1f us  err %.2e / %.2e\n", P, r, t_sh[0],
                  t_sh[1], e_sh[0], e_sh[1]);
