@@ -35,6 +35,7 @@
 //          forward's wall time on the H200 (M = 1, 16 and 64). lora_small_m_unsupported says why a call does not
 //          come here.
 #include "common.cuh"
+#include "lora_kernels.cuh"
 #include "plans.cuh"
 #include "ptx.cuh"
 #include "staging.cuh"
@@ -794,6 +795,10 @@ cudaError_t launch_lora_small_m_forward(const void* x, DType x_dtype, const void
   }
   if ((a_dtype != DType::kFloat32 && a_dtype != x_dtype) || (b_dtype != DType::kFloat32 && b_dtype != x_dtype))
     return cudaErrorInvalidValue;
+  // Hopper: the cluster kernel (csrc/small_m_sm90.cu) where it takes the call
+  const cudaError_t e9 = launch_lora_small_m_sm90(x, x_dtype, W, bias, A, a_dtype, B, b_dtype, y, u, M, N, K, r,
+                                                  scaling, p, seed, seed_ptr, offset, stream);
+  if (e9 != cudaErrorNotSupported) return e9;
   unsigned* sync = small_m_sync(stream);
   if (sync == nullptr) return cudaErrorMemoryAllocation;
   const int mf = small_m_frags(M);

@@ -15,6 +15,7 @@
 #   e2e       bench/train/e2e_train.py on a 2-layer Llama of Llama-3-8B layer shapes, 8192 tokens a step, per backend
 #             (E2E_BACKENDS, default "cuda triton"), PEFT unpatched alongside, dropout 0 and 0.05
 #   small_m   bench/suite/targets.py at M = 1, 16, 64 (4096->4096, 4096->14336; r = 16, p = 0), with linear-autograd
+#             (SMALL_M_ARGS adds arguments, e.g. "--p 0,0.1")
 #   profile   bench/tools/profile_layer.py: per-kernel GPU time and host time of one layer (PROFILE_ARGS)
 #   timeline  bench/dev/timeline.py: the kernels of one call and the GPU's idle time between them, floor alongside
 #             (TIMELINE_ARGS)
@@ -148,7 +149,7 @@ for step in ${STEPS:-build tests}; do
     small_m)
       (cd /tmp && PYTHONPATH=/tmp/site run_step small_m "${T_SMALL_M:-120}" python3 "$REPO/bench/suite/targets.py" \
         --providers ours-cuda,ours-triton,linear-autograd --M 1,16,64 --shapes 4096x4096,4096x14336 --r 16 --p 0 --rounds 15 --gpu-batch 20 \
-        --calls 20 --out "$OUT/small_m.json" > "$OUT/small_m.txt" 2>&1)
+        --calls 20 ${SMALL_M_ARGS:-} --out "$OUT/small_m.json" > "$OUT/small_m.txt" 2>&1)
       sed -n '/^| mode/,$p' "$OUT/small_m.txt";;
     profile)
       (cd /tmp && PYTHONPATH=/tmp/site run_step profile "${T_PROFILE:-120}" python3 "$REPO/bench/tools/profile_layer.py" \

@@ -43,6 +43,18 @@ if torch.cuda.get_device_capability() == (9, 0):  # the fused forward with dropo
             B = torch.randn(N, r, device="cuda", dtype=adapter, requires_grad=True)
             lora_kernels.lora_linear(x, W, None, A, B, 0.5, dropout_p=p, backend="cuda").float().sum().backward()
     cuda_backend.set_fused_forward(previous)
+# the small-M forward's Hopper cluster kernel (csrc/small_m_sm90.cu, where it runs): clusters of 8 K slices
+# (N = 1024) and of 2 (N = 14336), one CTA per SM (K = 14336 at M = 33), a K of one step, dropout on its A pass
+for M, K, N, r, p, dtype, adapter in ((16, 4096, 1024, 16, 0.1, torch.bfloat16, torch.float32),
+                                      (64, 1024, 14336, 64, 0.0, torch.float16, torch.float16),
+                                      (33, 14336, 200, 8, 0.2, torch.bfloat16, torch.bfloat16),
+                                      (1, 32, 8, 3, 0.0, torch.bfloat16, torch.float32)):
+    x = torch.randn(M, K, device="cuda", dtype=dtype, requires_grad=True)
+    W = torch.randn(N, K, device="cuda", dtype=dtype) / K ** 0.5
+    b = torch.randn(N, device="cuda", dtype=dtype)
+    A = (torch.randn(r, K, device="cuda", dtype=adapter) / K ** 0.5).requires_grad_()
+    B = torch.randn(N, r, device="cuda", dtype=adapter, requires_grad=True)
+    lora_kernels.lora_linear(x, W, b, A, B, 0.5, dropout_p=p, backend="cuda").float().sum().backward()
 # DoRA on the cuda backend: at p = 0 the C++ entry (csrc/dora_*.cu: the combine, the 16-byte colsum pass at N % 8 = 0
 # and the scalar one elsewhere, row splits past M at 8449 x 1000, the zero-g recompute where a magnitude is 0, around
 # forward_scaled and backward_dx_from); at p > 0 the Python path (forward_scaled on the dropout path)
