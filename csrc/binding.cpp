@@ -241,21 +241,12 @@ std::atomic<bool>& small_m_switch() {
   return on;
 }
 
-// nullptr when the small-M forward takes its Hopper cluster kernel (csrc/small_m_sm90.cu), else why not.
-const char* small_m_sm90_unsupported(const Tensor& x, const Tensor& weight, const Tensor& lora_A,
-                                     const Tensor& lora_B) {
-  return lk::lora_small_m_sm90_unsupported(x.data_ptr(), weight.data_ptr(), lora_A.data_ptr(), lora_B.data_ptr(),
-                                           x.size(0), weight.size(0), x.size(1), (int)lora_A.size(0),
-                                           to_dtype(x, "x"), to_dtype(lora_A, "lora_A"), to_dtype(lora_B, "lora_B"));
-}
-
 // nullptr when a forward with these inputs takes the small-M kernel, else why not. Above M = 16, where y has at least
 // half as many 128-column tiles as the GPU has SMs, the fused forward (prep + GEMM) takes the call when it can: its
 // 128-row tiles read x once per 128 columns, where the small-M kernel's warps re-read x from L2 for every 16. On the
 // H200 (GPU time / floor, r = 16): 4096->14336 at M = 32 and 64, 1.62 and 1.54 against 1.75 and 2.82; at 4096->4096
 // (32 tiles) the small-M kernel stays ahead, 1.83 and 2.75 against 2.68 and 2.91 (bench/results/h200_2026-12-02/
-// session17, run 2). That rule is the register-direct kernel's: the Hopper cluster kernel reads x once per 128
-// columns too, and keeps every call it takes.
+// session17, run 2).
 const char* small_m_unsupported(const Tensor& x, const Tensor& weight, const Tensor* bias, const Tensor& lora_A,
                                 const Tensor& lora_B, double p) {
   if (!small_m_switch().load(std::memory_order_relaxed)) return "off (LORA_KERNELS_SMALL_M=0 or set_small_m)";
@@ -263,7 +254,6 @@ const char* small_m_unsupported(const Tensor& x, const Tensor& weight, const Ten
                                                  weight.size(0), x.size(1), (int)lora_A.size(0), to_dtype(x, "x"),
                                                  to_dtype(lora_A, "lora_A"), (float)p);
   if (why == nullptr && x.size(0) > 16 && 2 * ((weight.size(0) + 127) / 128) >= lk::detail::num_sms() &&
-      small_m_sm90_unsupported(x, weight, lora_A, lora_B) != nullptr &&
       fused_forward_unsupported(x, weight, bias, lora_A, lora_B, p) == nullptr)
     return "M > 16 with N / 128 >= SMs / 2: the fused forward is faster";
   return why;
@@ -966,8 +956,7 @@ std::string shrink_path(const Tensor& x, const Tensor& lora_A, double p) {
   return x_pass_path("shrink_path", &lk::lora_shrink_sm90_unsupported, x, lora_A, p);
 }
 
-// Which path a forward with these inputs takes: "small_m" (one launch, csrc/small_m.cu; "small_m sm90" where its
-// Hopper cluster kernel runs, csrc/small_m_sm90.cu), "sm90 fused (small_m: <why
+// Which path a forward with these inputs takes: "small_m" (one launch, csrc/small_m.cu), "sm90 fused (small_m: <why
 // not>)" or "sm90 fused lead (small_m: <why not>)" (csrc/fused_fwd_sm90.h; followed by " 128x256 cooperative" where
 // the lead tiles take the wide variant), or gemm_path's answer followed by " (fused: <why not>) (small_m: <why not>)".
 // Checks what lora_forward checks first (the call would fail otherwise).
@@ -977,8 +966,7 @@ std::string forward_path(const Tensor& x, const Tensor& weight, const std::optio
   const c10::cuda::CUDAGuard guard(x.device());
   const bool has_bias = bias.has_value() && bias->defined();
   const char* why = small_m_unsupported(x, weight, has_bias ? &*bias : nullptr, lora_A, lora_B, p);
-  if (why == nullptr)
-    return small_m_sm90_unsupported(x, weight, lora_A, lora_B) == nullptr ? "small_m sm90" : "small_m";
+  if (why == nullptr) return "small_m";
   bool lead = false;
   const char* why_fused = fused_forward_unsupported(x, weight, has_bias ? &*bias : nullptr, lora_A, lora_B, p, &lead);
   if (why_fused == nullptr) {

@@ -126,17 +126,6 @@ cudaError_t launch_lora_small_m_forward(const void* x, DType x_dtype, const void
                                         int64_t N, int64_t K, int r, float scaling, float p, uint64_t seed,
                                         const int64_t* seed_ptr, uint64_t offset, cudaStream_t stream);
 
-// The Hopper kernel behind launch_lora_small_m_forward (csrc/small_m_sm90.cu): clusters of CTAs that split K and add
-// their partial tiles in distributed shared memory, for 16-bit x (fp16 x with fp16 lora_A), K % 8 == 0 and 16-byte
-// aligned x, W and lora_A. lora_small_m_sm90_unsupported: null when it takes the call, else why not (then the
-// register-direct kernel of small_m.cu does). launch_lora_small_m_sm90: cudaErrorNotSupported when it does not.
-const char* lora_small_m_sm90_unsupported(const void* x, const void* W, const void* A, const void* B, int64_t M,
-                                          int64_t N, int64_t K, int r, DType x_dtype, DType a_dtype, DType b_dtype);
-cudaError_t launch_lora_small_m_sm90(const void* x, DType x_dtype, const void* W, const void* bias, const void* A,
-                                     DType a_dtype, const void* B, DType b_dtype, void* y, float* u, int64_t M,
-                                     int64_t N, int64_t K, int r, float scaling, float p, uint64_t seed,
-                                     const int64_t* seed_ptr, uint64_t offset, cudaStream_t stream);
-
 // y (M, N) y_dtype = u (M, r) fp32 @ B^T + bias ; B (N, r) b_dtype, bias (N,) y_dtype or null. fp32 accumulation
 // (u and B cast to y_dtype first when it is 16-bit), bias added in fp32, one write of y (never read).
 cudaError_t launch_lora_expand(void* y, DType y_dtype, const float* u, const void* B, DType b_dtype,

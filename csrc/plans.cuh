@@ -6,7 +6,6 @@
 #include "pdl.cuh"
 
 #include <algorithm>
-#include <atomic>
 #include <type_traits>
 #include <utility>
 
@@ -187,23 +186,6 @@ int compute_capability();
 // capture works too. nullptr when the allocation fails or `bytes` is more than the kind's first request.
 enum class StreamCounters : int { kSmallM = 0, kFusedReady = 1 };
 void* stream_counters(cudaStream_t stream, StreamCounters kind, size_t bytes);
-
-// Whether the current device is compute capability 9.0 and `kernel` holds this build's sm_90a code (not a trap
-// compiled for another architecture): `has_sm90a` (one per pass, 0 unknown, 1 yes, 2 no) is read on the first 9.0
-// device asked about.
-inline bool sm90_kernel_ok(const void* kernel, std::atomic<int>& has_sm90a) {
-  if (compute_capability() != 90) return false;
-  int s = has_sm90a.load(std::memory_order_acquire);
-  if (s == 0) {
-    cudaFuncAttributes attr{};
-    const bool ok = cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.ptxVersion >= 90 &&
-                    attr.binaryVersion == 90;
-    cudaGetLastError();
-    s = ok ? 1 : 2;
-    has_sm90a.store(s, std::memory_order_release);
-  }
-  return s == 1;
-}
 
 // Whether the current device runs the tensor-core kernels (bf16 mma.sync, cp.async: sm_80+).
 bool tc_supported();

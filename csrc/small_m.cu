@@ -35,7 +35,6 @@
 //          forward's wall time on the H200 (M = 1, 16 and 64). lora_small_m_unsupported says why a call does not
 //          come here.
 #include "common.cuh"
-#include "lora_kernels.cuh"
 #include "plans.cuh"
 #include "ptx.cuh"
 #include "staging.cuh"
@@ -346,7 +345,8 @@ lora_small_m_tc_kernel(const T* __restrict__ x, const T* __restrict__ W, const T
 // 16-byte aligned (K % 8 == 0); the ring kernel above takes the rest. Same math, same u; another schedule:
 // Grid   : item blocks first, then one block per y tile. u comes in items of RD_ITEM_ROWS rows of x by RD_ITEM_COLS
 //          rows of A (fp32 FFMA over all of K: rd_u_item), claimed through sync[0] by the item blocks (one per item
-//          up to half the SM count; the lowest block indices, so they start first; no tile of their own). A block
+//          up to half the SM count, fewer where that keeps the grid in one wave: rd_item_blocks; the lowest block
+//          indices, so they start first; no tile of their own). A block
 //          that computed an item before its own tile would put the item's time (7-9 us on the H200, round trips to
 //          HBM under load) on the kernel's critical path: its tile then ended last (bench/dev/small_m_bench.cu). A
 //          tile block that reaches its epilogue while an item is unclaimed (item blocks not yet resident) claims
@@ -391,6 +391,18 @@ struct RdDropout {
 
 inline int rd_items(int64_t M, int r) {
   return (int)(ceil_div(M, RD_ITEM_ROWS) * ceil_div(r, RD_ITEM_COLS));
+}
+
+// Item blocks: one per item, at most half as many as SMs (each claims items until none is left). Where the tiles fit
+// one wave of resident blocks but the item blocks would push some past it, the item blocks take only the slots the
+// tiles leave free, as long as that is at most two items each: a block past the wave starts only when one of the
+// wave ends, which adds a tile's time to the kernel. (H200, M = 16, 4096 -> 4096: 256 tiles and 16 item blocks on
+// 264 slots took 22.6 us; without the items, 15.0 us: bench/results/h200_2026-12-04/session32.)
+inline int rd_item_blocks(int n_items, int64_t tiles, int64_t slots) {
+  int blocks = std::min(n_items, std::max(1, num_sms() / 2));
+  const int64_t left = slots - tiles;
+  if (tiles + blocks > slots && left >= 1 && ceil_div(n_items, left) <= 2) blocks = (int)left;
+  return blocks;
 }
 
 #if LK_TC_ARCH
@@ -795,10 +807,6 @@ cudaError_t launch_lora_small_m_forward(const void* x, DType x_dtype, const void
   }
   if ((a_dtype != DType::kFloat32 && a_dtype != x_dtype) || (b_dtype != DType::kFloat32 && b_dtype != x_dtype))
     return cudaErrorInvalidValue;
-  // Hopper: the cluster kernel (csrc/small_m_sm90.cu) where it takes the call
-  const cudaError_t e9 = launch_lora_small_m_sm90(x, x_dtype, W, bias, A, a_dtype, B, b_dtype, y, u, M, N, K, r,
-                                                  scaling, p, seed, seed_ptr, offset, stream);
-  if (e9 != cudaErrorNotSupported) return e9;
   unsigned* sync = small_m_sync(stream);
   if (sync == nullptr) return cudaErrorMemoryAllocation;
   const int mf = small_m_frags(M);
@@ -808,22 +816,23 @@ cudaError_t launch_lora_small_m_forward(const void* x, DType x_dtype, const void
       using T = decltype(xt);
       auto go = [&](auto mfc) {
         constexpr int MF = decltype(mfc)::value;
-        // the item blocks first (one per item, at most half as many as SMs: each claims items until none is left),
-        // then one block per tile (Grid, at the kernel)
-        const int item_blocks = std::min(n_items, std::max(1, num_sms() / 2));
-        const dim3 grid((unsigned)(item_blocks + ceil_div(N, RdTile<MF>::BN)));
+        const int64_t tiles = ceil_div(N, RdTile<MF>::BN);
         const size_t smem = RdTile<MF>::smem(r);
         const RdDropout drop{p, seed, seed_ptr, offset};
         const float u_scale = dropout_scale(scaling, p);  // u = s / (1 - p) (keep * x) A^T, as the shrink's
+        auto launch = [&](auto kernel, auto a) {
+          // the item blocks first, then one block per tile (Grid, at the kernel)
+          const int64_t slots = (int64_t)resident_blocks(reinterpret_cast<const void*>(kernel), RD_NW * 32, smem) *
+                                num_sms();
+          const int item_blocks = rd_item_blocks(n_items, tiles, slots);
+          return launch_kernel(kernel, dim3((unsigned)(item_blocks + tiles)), RD_NW * 32, smem, stream,
+                               static_cast<const T*>(x), static_cast<const T*>(W), static_cast<const T*>(bias), a, B,
+                               b_dtype == DType::kFloat32 ? 1 : 0, static_cast<T*>(y), u, sync, M, N, K, r, u_scale,
+                               drop, n_items, item_blocks);
+        };
         if (a_dtype == DType::kFloat32)
-          return launch_kernel(lora_small_m_rd_kernel<T, float, MF>, grid, RD_NW * 32, smem, stream,
-                               static_cast<const T*>(x), static_cast<const T*>(W), static_cast<const T*>(bias),
-                               static_cast<const float*>(A), B, b_dtype == DType::kFloat32 ? 1 : 0,
-                               static_cast<T*>(y), u, sync, M, N, K, r, u_scale, drop, n_items, item_blocks);
-        return launch_kernel(lora_small_m_rd_kernel<T, T, MF>, grid, RD_NW * 32, smem, stream,
-                             static_cast<const T*>(x), static_cast<const T*>(W), static_cast<const T*>(bias),
-                             static_cast<const T*>(A), B, b_dtype == DType::kFloat32 ? 1 : 0, static_cast<T*>(y), u,
-                             sync, M, N, K, r, u_scale, drop, n_items, item_blocks);
+          return launch(lora_small_m_rd_kernel<T, float, MF>, static_cast<const float*>(A));
+        return launch(lora_small_m_rd_kernel<T, T, MF>, static_cast<const T*>(A));
       };
       return mf == 1 ? go(std::integral_constant<int, 1>{})
                      : mf == 2 ? go(std::integral_constant<int, 2>{}) : go(std::integral_constant<int, 4>{});

@@ -65,8 +65,6 @@ Read by the CUDA extension (csrc/binding.cpp), once, when a GEMM first asks for 
                                         dropout at r <= 16 too: for A/B timing.
     LORA_KERNELS_SMALL_M                0 turns off the one-launch forward at M <= 64 (csrc/small_m.cu); it starts
                                         the switch that cuda_backend.set_small_m changes at run time.
-    LORA_KERNELS_SMALL_M_SM90           0 keeps the one-launch forward off its Hopper cluster kernel
-                                        (csrc/small_m_sm90.cu) and on the register-direct kernel: for A/B timing.
     LORA_KERNELS_SMALL_M_BWD_ROWS       the backward's small-M threshold (default 64, csrc/lora_kernels.cuh): at
                                         M up to it the dy pass and dA take their mma.sync kernels and dx cuBLAS;
                                         0 puts every M on the sm_90 kernels: for A/B timing.

@@ -5,7 +5,8 @@ profiler count of one kernel), it says why where it is not (dropout with fp32 or
 and y, u and the grads meet the float64 tolerance rule (error at most 2x the
 same-precision PyTorch computation's, plus a floor) with every output poisoned first, for K and N that are not
 multiples of any tile, every x dtype, fp32 and 16-bit adapters, with and without bias, misaligned inputs, and grids with
-fewer y tiles than u items (N small next to M * r / 32: the blocks compute the unclaimed items at their epilogue). The
+fewer y tiles than u items (N small next to M * r / 32: the blocks compute the unclaimed items at their epilogue) and
+fewer item blocks than items (256 tiles at N = 4096 fill the H200's 264 slots but 8: rd_item_blocks). The
 kernel's grid-wide counters are checked across streams and CUDA graph replays. With dropout, the same checks hold
 (the contract's mask: assert_cuda_forward's reference), and for the forward that small M takes where this one does
 not."""
@@ -26,7 +27,6 @@ S = 0.75
 DROPOUT_WHY = ("(small_m: dropout needs the register-direct kernel (16-bit x, K % 8 == 0, 16-byte aligned x, W and "
                "lora_A))")
 FP32_MR_WHY = "(small_m: M * r is above 2048 with fp32 x)"  # the FFMA kernel's limit (csrc/small_m.cu, Limits)
-SMALL = ("small_m", "small_m sm90")  # forward_path of the one-launch forward (sm90: the Hopper cluster kernel)
 
 
 def _cb():
@@ -59,7 +59,7 @@ def _check_forward(M, K, N, r, dtype, adapter_dtype, bias, p, misaligned=False, 
     if p == 0 and dtype == torch.float32 and M * r > 2048:
         assert path.endswith(FP32_MR_WHY), path
     elif p == 0 or (dtype != torch.float32 and K % 8 == 0 and not misaligned):
-        assert path in SMALL, path
+        assert path == "small_m", path
     else:
         assert path.endswith(DROPOUT_WHY), path
     assert_cuda_forward(cb, x, W, b, A, B, S, p, seed)
@@ -71,7 +71,7 @@ def _check_forward(M, K, N, r, dtype, adapter_dtype, bias, p, misaligned=False, 
 @pytest.mark.parametrize("M,K,N,r", [(1, 4096, 4096, 16), (16, 4096, 1000, 16), (64, 1000, 4104, 16),
                                      (7, 37, 24, 8), (17, 200, 100, 32), (33, 72, 40, 1), (64, 130, 300, 32),
                                      (32, 520, 264, 64), (5, 1, 3, 4), (64, 64, 24, 32),
-                                     (64, 300, 40, 64), (48, 4096, 16, 64)])
+                                     (64, 300, 40, 64), (48, 4096, 16, 64), (16, 1024, 4096, 16)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_small_m_forward_against_float64(dtype, adapter_dtype, M, K, N, r, bias):
     _check_forward(M, K, N, r, dtype, adapter_dtype, bias, 0.0)
@@ -86,21 +86,6 @@ def test_small_m_forward_against_float64(dtype, adapter_dtype, M, K, N, r, bias)
 def test_small_m_with_dropout(dtype, adapter_dtype, M, K, N, r, p):
     # 16-bit x with K % 8 == 0: the one-launch kernel masks its u items; K = 37, 500, 12 and fp32 x: the unfused path
     _check_forward(M, K, N, r, dtype, adapter_dtype, True, p, seed=2**61 + 12345)
-
-
-@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
-                                                 (torch.float16, torch.float16)])
-@pytest.mark.parametrize("M,K,N,r,p", [(1, 4096, 14336, 16, 0.0), (16, 4096, 4096, 16, 0.1), (64, 4096, 4096, 64, 0.1),
-                                       (64, 4096, 1000, 16, 0.0), (32, 14336, 136, 24, 0.0), (40, 256, 14336, 8, 0.3),
-                                       (2, 32, 8, 3, 0.0), (64, 4096, 4104, 64, 0.0)])
-def test_small_m_hopper_cluster_kernel(dtype, adapter_dtype, M, K, N, r, p):
-    # the Hopper cluster kernel (csrc/small_m_sm90.cu) on the benchmarked shapes and around them: clusters of 8 K
-    # slices (N = 4096) and of 2 (N = 14336), 1, 2 and 4 row fragments, one CTA per SM (K = 14336 at M = 32), a
-    # partial last column tile, K of one step, r of 3 to 64 (groups of A rows shared by 8, 4, 2 or 1 warps)
-    x, W, b, A, B = _inputs(M, K, N, r, dtype, adapter_dtype, True)
-    if torch.cuda.get_device_capability() == (9, 0):
-        assert _cb().forward_path(x, W, b, A, B, p) == "small_m sm90"
-    _check_forward(M, K, N, r, dtype, adapter_dtype, True, p, seed=2**33 + 5)
 
 
 @pytest.mark.parametrize("dtype,adapter_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float16)])
@@ -124,7 +109,7 @@ def test_small_m_op_grads(dtype, adapter_dtype, lead, K, N, r, p):
     path = cb.forward_path(x.reshape(-1, K).to("cuda", dtype), torch.empty(N, K, device="cuda", dtype=dtype), None,
                            torch.empty(r, K, device="cuda", dtype=adapter_dtype),
                            torch.empty(N, r, device="cuda", dtype=adapter_dtype), p)
-    assert path in SMALL if p == 0 or dtype != torch.float32 else path.endswith(DROPOUT_WHY), path
+    assert path == "small_m" if p == 0 or dtype != torch.float32 else path.endswith(DROPOUT_WHY), path
     run_and_check("cuda", "cuda", dtype, lead, K, N, r, bias=True, p=p, adapter_dtype=adapter_dtype)
 
 
@@ -148,39 +133,29 @@ def test_small_m_is_one_launch():
 def test_paths_say_why():
     cb = _cb()
 
-    def path(M, K, N, r, p=0.0, dtype=torch.bfloat16, adapter_dtype=torch.float32):
-        x, W, b, A, B = _inputs(M, K, N, r, dtype, adapter_dtype, False)
+    def path(M, K, N, r, p=0.0, dtype=torch.bfloat16):
+        x, W, b, A, B = _inputs(M, K, N, r, dtype, torch.float32, False)
         return cb.forward_path(x, W, b, A, B, p)
 
-    hopper = torch.cuda.get_device_capability() == (9, 0)
-    small = "small_m sm90" if hopper else "small_m"  # bf16 x, aligned, K % 8 == 0: the cluster kernel on Hopper
-    assert path(64, 64, 64, 32) == small
+    assert path(64, 64, 64, 32) == "small_m"
     assert path(65, 64, 64, 16).endswith("(small_m: M is not in 1..64)")
-    assert path(32, 64, 64, 64) == small
-    assert path(64, 64, 64, 64) == small
+    assert path(32, 64, 64, 64) == "small_m"
+    assert path(64, 64, 64, 64) == "small_m"
     assert path(16, 64, 64, 65).endswith("(small_m: r is above 64)")
     assert path(64, 64, 64, 64, dtype=torch.float32).endswith("(small_m: M * r is above 2048 with fp32 x)")
-    assert path(1, 64, 64, 16, p=0.1) == small
-    assert path(64, 4096, 64, 16, p=0.5) == small
-    assert path(16, 60, 64, 16) == "small_m"  # K % 8 != 0: the ring kernel
-    assert path(16, 64, 64, 16, dtype=torch.float16) == "small_m"  # fp16 x with fp32 adapters: no exact pieces
-    assert path(16, 64, 64, 16, dtype=torch.float16, adapter_dtype=torch.float16) == small
-    assert path(64, 14336, 64, 16) == "small_m"  # 8 slices of K = 14336 for 64 rows exceed shared memory
+    assert path(1, 64, 64, 16, p=0.1) == "small_m"
+    assert path(64, 4096, 64, 16, p=0.5) == "small_m"
     assert path(1, 64, 64, 16, p=0.1, dtype=torch.float32).endswith(DROPOUT_WHY)
     assert path(1, 60, 64, 16, p=0.1).endswith(DROPOUT_WHY)
     # above M = 16 with N / 128 >= SMs / 2 (csrc/binding.cpp, small_m_unsupported): the fused forward where it runs
-    # and the cluster kernel does not (fp16 x with fp32 adapters); the cluster kernel keeps its calls
     wide = 128 * torch.cuda.get_device_properties(0).multi_processor_count // 2
-    assert path(16, 1024, wide, 16) == small
-    assert path(17, 1024, wide - 128, 16) == small
-    assert path(17, 1024, wide, 16) == small
-    fp16 = dict(dtype=torch.float16)
-    assert path(17, 1024, wide - 128, 16, **fp16) == "small_m"
-    if hopper:
-        assert path(17, 1024, wide, 16, **fp16).startswith("sm90 fused"), path(17, 1024, wide, 16, **fp16)
-        assert path(17, 1024, wide, 16, **fp16).endswith(
+    assert path(16, 1024, wide, 16) == "small_m"
+    assert path(17, 1024, wide - 128, 16) == "small_m"
+    if torch.cuda.get_device_capability() == (9, 0):
+        assert path(17, 1024, wide, 16).startswith("sm90 fused"), path(17, 1024, wide, 16)
+        assert path(17, 1024, wide, 16).endswith(
             "(small_m: M > 16 with N / 128 >= SMs / 2: the fused forward is faster)")
-    assert path(17, 1024, wide, 16, p=0.1) == small  # dropout: the fused forward does not take it
+    assert path(17, 1024, wide, 16, p=0.1) == "small_m"  # dropout: the fused forward does not take it
     previous = cb.set_small_m(False)
     try:
         assert path(1, 64, 64, 16).endswith("(small_m: off (LORA_KERNELS_SMALL_M=0 or set_small_m))")
@@ -197,7 +172,7 @@ def test_small_m_matches_the_unfused_path(p):
     cb = _cb()
     x, W, b, A, B = _inputs(24, 1024, 520, 16, torch.bfloat16, torch.float32, True)
     seed = 2**40 + 77
-    assert cb.forward_path(x, W, b, A, B, p) in SMALL
+    assert cb.forward_path(x, W, b, A, B, p) == "small_m"
     y1, u1 = cb.forward(x, W, b, A, B, S, p, seed, 0)
     previous = cb.set_small_m(False)
     try:

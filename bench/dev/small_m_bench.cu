@@ -410,8 +410,8 @@ void run_rd(Problem& p, cudaStream_t st, float floor_us) {
 }  // namespace smb
 using namespace smb;
 
-// The library's register-direct kernel (MF = 1, 2 or 4 by M) with DBG parts left out (DBG = 0: the kernel itself, the
-// one that runs where the Hopper cluster kernel does not), bf16 x, fp32 adapters.
+// The library's register-direct kernel (MF = 1, 2 or 4 by M) with DBG parts left out (DBG = 0: the whole kernel),
+// bf16 x, fp32 adapters.
 template <int DBG>
 void run_rd_dbg(Problem& p, cudaStream_t st, float floor_us, int r, const char* what) {
   using namespace lora_kernels;
@@ -420,9 +420,11 @@ void run_rd_dbg(Problem& p, cudaStream_t st, float floor_us, int r, const char* 
   auto go = [&](auto mfc) {
     constexpr int MF = decltype(mfc)::value;
     auto kern = lora_small_m_rd_kernel<bf16, float, MF, DBG>;
-    const int item_blocks = std::min(n_items, std::max(1, num_sms() / 2));
-    const dim3 grid((unsigned)(item_blocks + (p.N + RdTile<MF>::BN - 1) / RdTile<MF>::BN));
     const size_t smem = RdTile<MF>::smem(r);
+    const int64_t tiles = (p.N + RdTile<MF>::BN - 1) / RdTile<MF>::BN;
+    const int item_blocks = rd_item_blocks(
+        n_items, tiles, (int64_t)detail::resident_blocks(reinterpret_cast<const void*>(kern), RD_NW * 32, smem) * num_sms());
+    const dim3 grid((unsigned)(item_blocks + tiles));
     auto launch = [&](int i) {
       kern<<<grid, RD_NW * 32, smem, st>>>(p.x, p.W[i % Problem::kSets], nullptr, p.A, p.B, 1, p.y, p.u, sync, p.M,
                                             p.N, p.K, r, 2.f, RdDropout{0.f, 0, nullptr, 0}, n_items, item_blocks);
@@ -455,7 +457,7 @@ int main() {
   printf("device %s, %d SMs, L2 %d MB\n", prop.name, prop.multiProcessorCount, prop.l2CacheSize >> 20);
   const int shapes[][2] = {{4096, 4096}, {4096, 14336}};  // K, N
   const int Ms[] = {1, 16, 64};
-  const int rmax = 64;
+  const int r = 16;
   for (auto& sh : shapes)
     for (int M : Ms) {
       Problem p;
@@ -468,13 +470,13 @@ int main() {
       CK(cudaMalloc(&p.y, (size_t)M * p.N * 2));
       CK(cudaMalloc(&p.y32, (size_t)M * p.N * 4));
       CK(cudaMalloc(&p.yref, (size_t)M * p.N * 4));
-      CK(cudaMalloc(&p.A, (size_t)rmax * p.K * 4));
-      CK(cudaMalloc(&p.B, (size_t)p.N * rmax * 4));
-      CK(cudaMalloc(&p.u, (size_t)M * rmax * 4));
+      CK(cudaMalloc(&p.A, (size_t)r * p.K * 4));
+      CK(cudaMalloc(&p.B, (size_t)p.N * r * 4));
+      CK(cudaMalloc(&p.u, (size_t)M * r * 4));
       fill<<<1024, 256, 0, st>>>(p.x, (int64_t)M * p.K, 1u, 2.f);
       for (int i = 0; i < Problem::kSets; ++i) fill<<<1024, 256, 0, st>>>(p.W[i], nw, 7u + i, 0.1f);
-      fillf<<<64, 256, 0, st>>>(p.A, (int64_t)rmax * p.K, 3u, 0.05f);
-      fillf<<<64, 256, 0, st>>>(p.B, (int64_t)p.N * rmax, 5u, 0.05f);
+      fillf<<<64, 256, 0, st>>>(p.A, (int64_t)r * p.K, 3u, 0.05f);
+      fillf<<<64, 256, 0, st>>>(p.B, (int64_t)p.N * r, 5u, 0.05f);
       ref_kernel<<<dim3((p.N + 127) / 128, M), 128, 0, st>>>(p.x, p.W[0], p.yref, M, p.N, p.K);
       CK(cudaStreamSynchronize(st));
       printf("\nM=%d K=%d N=%d (W %.1f MB)\n", M, p.K, p.N, nw * 2 / 1e6);
@@ -489,10 +491,7 @@ int main() {
       const float floor_us = time_it(cublas, st);
       printf("  cublas                                                          %7.2f us  1.000x  W %6.0f GB/s  err %.1e\n",
              floor_us, (double)nw * 2 / (floor_us * 1e3), cerr);
-      // the one-launch forward with its LoRA term (the Hopper cluster kernel where it runs): checked against
-      // ref_u / ref_lora, then timed, at r = 16 and 64
-      for (int r : {16, 64}) {
-      ref_kernel<<<dim3((p.N + 127) / 128, M), 128, 0, st>>>(p.x, p.W[0], p.yref, M, p.N, p.K);
+      // the one-launch kernel with its LoRA term: checked against ref_u / ref_lora, then timed
       float* uref;
       CK(cudaMalloc(&uref, (size_t)M * r * 4));
       ref_u<<<M, 32, 0, st>>>(p.x, p.A, uref, M, p.K, r, 2.f);
@@ -518,15 +517,11 @@ int main() {
         umag = std::max(umag, std::fabs(ur[i]));
       }
       const float real = time_it(real_launch, st);
-      printf("  small-M forward (LoRA term, r=%-2d, fp32 adapters, %-7s)       %7.2f us  %5.3fx  y err %.1e  u err %.1e%s\n",
-             r, lora_kernels::lora_small_m_sm90_unsupported(p.x, p.W[0], p.A, p.B, M, p.N, p.K, r, lora_kernels::DType::kBFloat16, lora_kernels::DType::kFloat32, lora_kernels::DType::kFloat32) ? "rd" : "cluster", real, real / floor_us, yerr, uerr / umag, (yerr > 2e-2 || uerr / umag > 1e-4) ? "  WRONG" : "");
+      printf("  small_m.cu (with the LoRA term, r=16, fp32 adapters)            %7.2f us  %5.3fx  y err %.1e  u err %.1e%s\n",
+             real, real / floor_us, yerr, uerr / umag, (yerr > 2e-2 || uerr / umag > 1e-4) ? "  WRONG" : "");
       cudaFree(uref);
-      }
-      const int r = 16;
-      ref_kernel<<<dim3((p.N + 127) / 128, M), 128, 0, st>>>(p.x, p.W[0], p.yref, M, p.N, p.K);
-      ref_u<<<M, 32, 0, st>>>(p.x, p.A, p.u, M, p.K, r, 2.f);  // (u scratch; the DBG kernels overwrite it)
       // the same kernel with parts left out (DBG bits; wrong results, timing only): where its LoRA term's time goes
-      run_rd_dbg<0>(p, st, floor_us, r, "register-direct kernel");
+      run_rd_dbg<0>(p, st, floor_us, r, "the whole kernel");
       if (M <= 32) {
         run_rd_dbg<1>(p, st, floor_us, r, "no u items, no wait");
         run_rd_dbg<2>(p, st, floor_us, r, "no LoRA epilogue");

@@ -10,7 +10,7 @@ echo "cublas: $HDR $LIB" | tee "$OUT/small_m_bench.txt"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee -a "$OUT/small_m_bench.txt"
 nvcc -arch=sm_90a -O3 -std=c++17 -Icsrc -I"$(dirname "$HDR")" -D__CUDA_NO_HALF_OPERATORS__ \
   -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ \
-  bench/dev/small_m_bench.cu csrc/small_m_sm90.cu csrc/plans.cu -L"$(dirname "$LIB")" -l:"$(basename "$LIB")" -Xlinker -rpath="$(dirname "$LIB")" \
+  bench/dev/small_m_bench.cu csrc/plans.cu -L"$(dirname "$LIB")" -l:"$(basename "$LIB")" -Xlinker -rpath="$(dirname "$LIB")" \
   -o /tmp/smb 2>&1 | grep -v "warning #128\|^ *\^\|detected during\|^$\|Remark" | head -20
 timeout 240 /tmp/smb 2>&1 | tee -a "$OUT/small_m_bench.txt"
 if [ -n "${SMB_NCU:-}" ]; then

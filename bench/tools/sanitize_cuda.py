@@ -43,12 +43,11 @@ if torch.cuda.get_device_capability() == (9, 0):  # the fused forward with dropo
             B = torch.randn(N, r, device="cuda", dtype=adapter, requires_grad=True)
             lora_kernels.lora_linear(x, W, None, A, B, 0.5, dropout_p=p, backend="cuda").float().sum().backward()
     cuda_backend.set_fused_forward(previous)
-# the small-M forward's Hopper cluster kernel (csrc/small_m_sm90.cu, where it runs): clusters of 8 K slices
-# (N = 1024) and of 2 (N = 14336), one CTA per SM (K = 14336 at M = 33), a K of one step, dropout on its A pass
-for M, K, N, r, p, dtype, adapter in ((16, 4096, 1024, 16, 0.1, torch.bfloat16, torch.float32),
-                                      (64, 1024, 14336, 64, 0.0, torch.float16, torch.float16),
-                                      (33, 14336, 200, 8, 0.2, torch.bfloat16, torch.bfloat16),
-                                      (1, 32, 8, 3, 0.0, torch.bfloat16, torch.float32)):
+# the small-M forward: the register-direct kernel with dropout and with fewer item blocks than items (one wave of
+# 256 tiles at N = 4096), the FFMA kernel
+for M, K, N, r, p, dtype, adapter in ((16, 4096, 4096, 16, 0.1, torch.bfloat16, torch.float32),
+                                      (64, 1024, 1000, 64, 0.0, torch.float16, torch.float16),
+                                      (3, 40, 24, 5, 0.0, torch.float32, torch.float32)):
     x = torch.randn(M, K, device="cuda", dtype=dtype, requires_grad=True)
     W = torch.randn(N, K, device="cuda", dtype=dtype) / K ** 0.5
     b = torch.randn(N, device="cuda", dtype=dtype)
