@@ -4,7 +4,10 @@
 //   cp  : a cp.async ring of S chunks of KC columns (x rows < M and BN rows of W per chunk), NW warps splitting each
 //         chunk's k16 steps, an optional K split over grid.y (partials added in fp32 with atomics: timing only);
 //   tma : the same tile with each row of a chunk brought by one bulk copy (cp.async.bulk, mbarrier completion),
-//         issued by warp 0's lanes, S chunks in flight.
+//         issued by warp 0's lanes, S chunks in flight;
+//   rd  : W straight into mma fragments, warps splitting K (the library's main loop);
+//   sx  : W straight into mma fragments, warps splitting N, x's K slice shared in a cp.async ring, K split over
+//         blocks (atomics: timing only).
 // GPU time as the suite measures it: every launch queued behind a GPU sleep, W rotated through 3 sets (larger than
 // the 50 MB L2 from N*K = 4096*4096 up), median of 30. Each variant's output is checked against an fp32 reference.
 //   nvcc -arch=sm_90a -O3 -std=c++17 -Icsrc -I<cublas include> bench/dev/small_m_bench.cu csrc/plans.cu \
@@ -287,6 +290,104 @@ rd_kernel(const bf16* __restrict__ x, const bf16* __restrict__ W, bf16* __restri
   }
 }
 
+// Shared-x main loop (the M = 64 question: the rd kernel's warps each read x's rows from L2 for their own 16 columns,
+// 4x W's bytes at M = 64): a block's 16 NW columns share one copy of x's K slice, brought by cp.async in chunks of 4
+// steps through an SX_S-slot ring (one barrier per chunk); warp w streams W rows 16 w .. 16 w + 15 straight into mma
+// fragments U steps ahead, as rd_kernel does, and reads its x fragments from the ring (the same permuted k order).
+// grid (ceil(N / (16 NW)), ks): K split over grid.y, partials added with fp32 atomics (timing only). x is read from L2
+// once per 16 NW columns. K % 32 == 0.
+constexpr int SX_S = 4, SX_CH = 128, SX_LD = SX_CH + 32;  // slots; chunk columns; row pitch (64 B mod 128: no conflicts)
+template <int MF, int NW, int U, int MINB>
+__global__ void __launch_bounds__(32 * NW, MINB)
+sx_kernel(const bf16* __restrict__ x, const bf16* __restrict__ W, float* __restrict__ y32, int M, int N, int K) {
+  constexpr int MP = 16 * MF, BN = 16 * NW;
+  static_assert(U == 4 || U == 8, "U divides the 8 steps of two chunks");
+  extern __shared__ __align__(16) unsigned char sx_smem[];
+  bf16* ring = reinterpret_cast<bf16*>(sx_smem);  // [SX_S][MP][SX_LD]
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const int n0 = blockIdx.x * BN, ks = gridDim.y, steps = K / 32;
+  const int s0 = (int)((int64_t)steps * blockIdx.y / ks), ns = (int)((int64_t)steps * (blockIdx.y + 1) / ks) - s0;
+  const int64_t k0 = (int64_t)s0 * 32;
+  const int nch = (ns + 3) / 4;
+  auto issue = [&](int c) {
+    if (c < nch) {
+      bf16* slot = ring + (c % SX_S) * MP * SX_LD;
+      for (int i = tid; i < M * (SX_CH / 8); i += 32 * NW) {  // rows past M are never written: their outputs are dropped
+        const int row = i / (SX_CH / 8), col = (i % (SX_CH / 8)) * 8;
+        if (c * SX_CH + col < ns * 32) cp16(slot + row * SX_LD + col, x + (int64_t)row * K + k0 + c * SX_CH + col);
+      }
+    }
+    asm volatile("cp.async.commit_group;\n" ::);
+  };
+  const bf16* wr[2];
+#pragma unroll
+  for (int j = 0; j < 2; ++j) wr[j] = W + (int64_t)min(n0 + 16 * warp + 8 * j + g, N - 1) * K + k0 + 8 * t;
+  uint4 wv[U][2];
+  auto load_w = [&](uint4 (&w)[2], int s) {
+    if (s < ns) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const bf16* p = wr[j] + (int64_t)s * 32;
+        asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(w[j].x), "=r"(w[j].y), "=r"(w[j].z), "=r"(w[j].w)
+                     : "l"(p));
+      }
+    }
+  };
+#pragma unroll
+  for (int u = 0; u < U; ++u) load_w(wv[u], u);
+  float acc[MF][2][4];
+#pragma unroll
+  for (int a = 0; a < MF; ++a)
+#pragma unroll
+    for (int b = 0; b < 2; ++b)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[a][b][c] = 0.f;
+  for (int c = 0; c < SX_S - 1; ++c) issue(c);
+  for (int c2 = 0; c2 < nch; c2 += 2) {  // two chunks per iteration: the window index (8 steps) is static
+#pragma unroll
+    for (int h2 = 0; h2 < 2; ++h2) {
+      const int c = c2 + h2;
+      if (c >= nch) break;
+      asm volatile("cp.async.wait_group %0;\n" ::"n"(SX_S - 2) : "memory");
+      __syncthreads();
+      issue(c + SX_S - 1);
+      const bf16* slot = ring + (c % SX_S) * MP * SX_LD;
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int s = 4 * c + q, wi = (4 * h2 + q) % U;
+        if (s < ns) {
+#pragma unroll
+          for (int mf = 0; mf < MF; ++mf) {
+            uint4 xr[2];
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+              xr[h] = *reinterpret_cast<const uint4*>(slot + (16 * mf + g + 8 * h) * SX_LD + 32 * q + 8 * t);
+            const uint32_t a1[4] = {xr[0].x, xr[1].x, xr[0].y, xr[1].y};
+            const uint32_t a2[4] = {xr[0].z, xr[1].z, xr[0].w, xr[1].w};
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+              mma(acc[mf][j], a1, wv[wi][j].x, wv[wi][j].y);
+              mma(acc[mf][j], a2, wv[wi][j].z, wv[wi][j].w);
+            }
+          }
+        }
+        load_w(wv[wi], s + U);
+      }
+    }
+  }
+  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+#pragma unroll
+  for (int mf = 0; mf < MF; ++mf)
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int row = 16 * mf + g + 8 * (q >> 1), col = n0 + 16 * warp + 8 * j + 2 * t + (q & 1);
+        if (row < M && col < N) atomicAdd(&y32[(int64_t)row * N + col], acc[mf][j][q]);
+      }
+}
+
 // ------------------------------------------------------------------------------------------------ data, reference
 __global__ void fill(bf16* p, int64_t n, uint32_t seed, float scale) {
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
@@ -404,6 +505,31 @@ void run_rd(Problem& p, cudaStream_t st, float floor_us) {
   const float us = time_it(launch, st);
   printf("  rd   MF=%d NPW=%d NW=%-2d U=%-2d minB=%d  blocks=%-5d per_sm=%d  %7.2f us  %5.3fx  W %6.0f GB/s  err %.1e%s\n",
          MF, NPW, NW, U, MINB, grid.x, per_sm, us, us / floor_us, (double)p.N * p.K * 2 / (us * 1e3), err,
+         err > 2e-2 ? "  WRONG" : "");
+}
+
+template <int MF, int NW, int U, int MINB>
+void run_sx(Problem& p, cudaStream_t st, float floor_us, int ks) {
+  auto kern = sx_kernel<MF, NW, U, MINB>;
+  if ((p.M <= 16 ? 1 : p.M <= 32 ? 2 : 4) != MF || p.K % 32 != 0 || ks > p.K / 32) return;  // the MF of M
+  const size_t smem = (size_t)SX_S * 16 * MF * SX_LD * 2;
+  CK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+  int per_sm = 0;
+  CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, 32 * NW, smem));
+  const dim3 grid((p.N + 16 * NW - 1) / (16 * NW), ks);
+  auto launch = [&](int i) {
+    CK(cudaMemsetAsync(p.y32, 0, (size_t)p.M * p.N * 4, st));
+    kern<<<grid, 32 * NW, smem, st>>>(p.x, p.W[i % Problem::kSets], p.y32, p.M, p.N, p.K);
+  };
+  CK(cudaMemsetAsync(p.y32, 0xff, (size_t)p.M * p.N * 4, st));
+  launch(0);
+  CK(cudaStreamSynchronize(st));
+  CK(cudaGetLastError());
+  const float err = max_err(p, true);
+  const float ms_only = time_it([&](int) { CK(cudaMemsetAsync(p.y32, 0, (size_t)p.M * p.N * 4, st)); }, st);
+  const float us = time_it(launch, st) - ms_only;  // the memset timed alone and subtracted
+  printf("  sx   MF=%d NW=%d U=%d minB=%d ks=%d  blocks=%-5d per_sm=%d  %7.2f us  %5.3fx  W %6.0f GB/s  err %.1e%s\n", MF,
+         NW, U, MINB, ks, grid.x * grid.y, per_sm, us, us / floor_us, (double)p.N * p.K * 2 / (us * 1e3), err,
          err > 2e-2 ? "  WRONG" : "");
 }
 
@@ -533,6 +659,13 @@ int main() {
       run_rd<1, 2, 8, 8, 2>(p, st, floor_us);
       run_rd<2, 2, 8, 4, 2>(p, st, floor_us);
       run_rd<4, 2, 8, 2, 2>(p, st, floor_us);
+      // shared-x main loop (no LoRA term): x once per 128 (NW = 8) or 64 (NW = 4) columns, K split over ks blocks
+      for (int ks : {1, 2, 4, 8}) {
+        run_sx<1, 8, 8, 2>(p, st, floor_us, ks);
+        run_sx<2, 8, 8, 2>(p, st, floor_us, ks);
+        run_sx<4, 8, 4, 2>(p, st, floor_us, ks);
+        run_sx<4, 4, 8, 2>(p, st, floor_us, ks);
+      }
       cudaFree(p.x);
       for (auto& w : p.W) cudaFree(w);
       cudaFree(p.y);
