@@ -248,12 +248,7 @@ rd_kernel(const bf16* __restrict__ x, const bf16* __restrict__ W, bf16* __restri
 #pragma unroll
     for (int u = 0; u < U; ++u) {
 #pragma unroll
-      for (int j = 0; j < NPW; ++j) {
-        const bf16* p = wr[j] + k + 32 * u;
-        asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-                     : "=r"(wv[u][j].x), "=r"(wv[u][j].y), "=r"(wv[u][j].z), "=r"(wv[u][j].w)
-                     : "l"(p));
-      }
+      for (int j = 0; j < NPW; ++j) wv[u][j] = lora_kernels::ld_stream16(wr[j] + k + 32 * u);
 #pragma unroll
       for (int mf = 0; mf < MF; ++mf)
 #pragma unroll
@@ -326,12 +321,7 @@ sx_kernel(const bf16* __restrict__ x, const bf16* __restrict__ W, float* __restr
   auto load_w = [&](uint4 (&w)[2], int s) {
     if (s < ns) {
 #pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const bf16* p = wr[j] + (int64_t)s * 32;
-        asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-                     : "=r"(w[j].x), "=r"(w[j].y), "=r"(w[j].z), "=r"(w[j].w)
-                     : "l"(p));
-      }
+      for (int j = 0; j < 2; ++j) w[j] = lora_kernels::ld_stream16(wr[j] + (int64_t)s * 32);
     }
   };
 #pragma unroll
@@ -453,6 +443,13 @@ float max_err(const Problem& p, bool from32) {
   return e / (mag > 0 ? mag : 1.f);
 }
 
+// GPU time of a launch that zeroes p.y32 first (the K-split variants add into it with atomics): the memset is timed
+// alone and subtracted.
+float time_minus_zeroing(const std::function<void(int)>& launch, const Problem& p, cudaStream_t st) {
+  const float ms_only = time_it([&](int) { CK(cudaMemsetAsync(p.y32, 0, (size_t)p.M * p.N * 4, st)); }, st);
+  return time_it(launch, st) - ms_only;
+}
+
 template <int MF, int BN, int KC, int S, int NW, bool TMA, int MINB>
 void run_variant(Problem& p, cudaStream_t st, float floor_us, int ksplit) {
   using L = MainLoop<MF, BN, KC, S, NW, TMA>;
@@ -475,13 +472,7 @@ void run_variant(Problem& p, cudaStream_t st, float floor_us, int ksplit) {
   CK(cudaStreamSynchronize(st));
   CK(cudaGetLastError());
   const float err = max_err(p, ksplit > 1);
-  float us;
-  if (ksplit > 1) {  // the memset is timed too: time it alone and subtract
-    const float ms_only = time_it([&](int) { CK(cudaMemsetAsync(p.y32, 0, (size_t)p.M * p.N * 4, st)); }, st);
-    us = time_it(launch, st) - ms_only;
-  } else {
-    us = time_it(launch, st);
-  }
+  const float us = ksplit > 1 ? time_minus_zeroing(launch, p, st) : time_it(launch, st);
   const double gbs = (double)p.N * p.K * 2 / (us * 1e3);
   printf("  %-4s MF=%d BN=%-3d KC=%-3d S=%d NW=%d minB=%d ks=%d  blocks=%-5d per_sm=%d  %7.2f us  %5.3fx  W %6.0f GB/s  "
          "err %.1e%s\n",
@@ -526,8 +517,7 @@ void run_sx(Problem& p, cudaStream_t st, float floor_us, int ks) {
   CK(cudaStreamSynchronize(st));
   CK(cudaGetLastError());
   const float err = max_err(p, true);
-  const float ms_only = time_it([&](int) { CK(cudaMemsetAsync(p.y32, 0, (size_t)p.M * p.N * 4, st)); }, st);
-  const float us = time_it(launch, st) - ms_only;  // the memset timed alone and subtracted
+  const float us = time_minus_zeroing(launch, p, st);
   printf("  sx   MF=%d NW=%d U=%d minB=%d ks=%d  blocks=%-5d per_sm=%d  %7.2f us  %5.3fx  W %6.0f GB/s  err %.1e%s\n", MF,
          NW, U, MINB, ks, grid.x * grid.y, per_sm, us, us / floor_us, (double)p.N * p.K * 2 / (us * 1e3), err,
          err > 2e-2 ? "  WRONG" : "");

@@ -4,6 +4,18 @@ import torch
 
 import lora_kernels
 
+
+def fwd_bwd(M, K, N, r, p, dtype, adapter, bias=True, scaled=False):
+    """One lora_linear forward + backward on fresh random inputs (scaled: W and A by K^-1/2, values of a layer's
+    size)."""
+    s = K ** -0.5 if scaled else 1.0
+    x = torch.randn(M, K, device="cuda", dtype=dtype, requires_grad=True)
+    W = torch.randn(N, K, device="cuda", dtype=dtype) * s
+    b = torch.randn(N, device="cuda", dtype=dtype) if bias else None
+    A = (torch.randn(r, K, device="cuda", dtype=adapter) * s).requires_grad_()
+    B = torch.randn(N, r, device="cuda", dtype=adapter, requires_grad=True)
+    lora_kernels.lora_linear(x, W, b, A, B, 0.5, dropout_p=p, backend="cuda").float().sum().backward()
+
 for dtype, adapter in ((torch.bfloat16, torch.float32), (torch.float16, torch.float16), (torch.float32, torch.float32)):
     # K % 128 == 0 with dropout: dx's sm_90 GEMM masks its extension with the keep bits (TMA of the bits)
     for M, K, N, r, p in ((1, 40, 24, 1, 0.0), (37, 100, 72, 33, 0.3), (130, 264, 136, 256, 0.1),
@@ -18,13 +30,7 @@ for dtype, adapter in ((torch.bfloat16, torch.float32), (torch.float16, torch.fl
                           # p = 0, K and N >= 2048: the lead tiles' wide variant (128 x 256 tiles, cooperative), a
                           # partial last tile column and K-tile
                           (200, 2056, 2056, 16, 0.0)):
-        x = torch.randn(M, K, device="cuda", dtype=dtype, requires_grad=True)
-        W = torch.randn(N, K, device="cuda", dtype=dtype)
-        b = torch.randn(N, device="cuda", dtype=dtype)
-        A = torch.randn(r, K, device="cuda", dtype=adapter, requires_grad=True)
-        B = torch.randn(N, r, device="cuda", dtype=adapter, requires_grad=True)
-        y = lora_kernels.lora_linear(x, W, b, A, B, 0.5, dropout_p=p, backend="cuda")
-        y.float().sum().backward()
+        fwd_bwd(M, K, N, r, p, dtype, adapter)
 if torch.cuda.get_device_capability() == (9, 0):  # the fused forward with dropout (opt-in): u tiles, lead tiles
     from lora_kernels.backends import cuda_backend
 
@@ -37,23 +43,14 @@ if torch.cuda.get_device_capability() == (9, 0):  # the fused forward with dropo
             (2, torch.bfloat16, torch.float32, ((200, 1024, 264, 16, 0.1), (131, 1000, 392, 24, 0.3)))):
         cuda_backend.set_fused_forward(mode)
         for M, K, N, r, p in cases:
-            x = torch.randn(M, K, device="cuda", dtype=dtype, requires_grad=True)
-            W = torch.randn(N, K, device="cuda", dtype=dtype)
-            A = torch.randn(r, K, device="cuda", dtype=adapter, requires_grad=True)
-            B = torch.randn(N, r, device="cuda", dtype=adapter, requires_grad=True)
-            lora_kernels.lora_linear(x, W, None, A, B, 0.5, dropout_p=p, backend="cuda").float().sum().backward()
+            fwd_bwd(M, K, N, r, p, dtype, adapter, bias=False)
     cuda_backend.set_fused_forward(previous)
 # the small-M forward: the register-direct kernel with dropout and with fewer item blocks than items (one wave of
 # 256 tiles at N = 4096), the FFMA kernel
 for M, K, N, r, p, dtype, adapter in ((16, 4096, 4096, 16, 0.1, torch.bfloat16, torch.float32),
                                       (64, 1024, 1000, 64, 0.0, torch.float16, torch.float16),
                                       (3, 40, 24, 5, 0.0, torch.float32, torch.float32)):
-    x = torch.randn(M, K, device="cuda", dtype=dtype, requires_grad=True)
-    W = torch.randn(N, K, device="cuda", dtype=dtype) / K ** 0.5
-    b = torch.randn(N, device="cuda", dtype=dtype)
-    A = (torch.randn(r, K, device="cuda", dtype=adapter) / K ** 0.5).requires_grad_()
-    B = torch.randn(N, r, device="cuda", dtype=adapter, requires_grad=True)
-    lora_kernels.lora_linear(x, W, b, A, B, 0.5, dropout_p=p, backend="cuda").float().sum().backward()
+    fwd_bwd(M, K, N, r, p, dtype, adapter, scaled=True)
 # DoRA on the cuda backend: at p = 0 the C++ entry (csrc/dora_*.cu: the combine, the 16-byte colsum pass at N % 8 = 0
 # and the scalar one elsewhere, row splits past M at 8449 x 1000, the zero-g recompute where a magnitude is 0, around
 # forward_scaled and backward_dx_from); at p > 0 the Python path (forward_scaled on the dropout path)
