@@ -114,17 +114,19 @@ dy_sm90_prep_kernel(const TB* __restrict__ B, const float* __restrict__ u, T* __
 // MODE kDy: a = dy (M, N), G with Bp into g_out, D with Up into d_out = the dB partials [s][n][j].
 // MODE kDA: a = x (M, N = K), D with Up = g's pieces into d_out = the dA partials [s][j][k], times `scale`. Where
 //           ds_up_from_g, warpgroup 1 builds each row tile's Up from g_in (fp32 (M, r), row-major): no `up`.
-//           MASKED (dropout; keep8, as the shrink's, must be given): warpgroup 1 masks each landed x tile in shared
+//           MASKED (dropout; keep8 as the shrink's, or key and thr: the loader makes the bits, and writes them to
+//           key.bits_out when given): warpgroup 1 masks each landed x tile in shared
 //           memory before the D warpgroup's wgmma reads it (the mask off the D product's critical path).
 // MODE kShrink: a = x (M, N = K), G with Bp = lora_A's pieces into g_out = u's K-split partials [c][m][j] times
-//           `scale`, x masked first by the keep bits when given (keep8: row m at keep8 + m * ceil(N / 8), bit k % 8 of
+//           `scale`, x masked first by the keep bits when given (keep8, or made by the loader from key and thr > 0:
+//           row m at keep8 + m * ceil(N / 8), bit k % 8 of
 //           byte k / 8); warpgroup 1 takes the tile's rows 0-63, warpgroup 2 rows 64-127.
 template <int MODE, typename T, int P, int RJ, bool MASKED = false>
 __global__ void __launch_bounds__(DS_THREADS, 1)
 stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* __restrict__ up,
                    float* __restrict__ g_out, float* __restrict__ dB_partial, int64_t M, int64_t N, int r,
                    int64_t npad, int64_t mpad, const uint8_t* __restrict__ keep8, float scale,
-                   const float* __restrict__ g_in) {
+                   const float* __restrict__ g_in, MaskKey key = MaskKey{}, uint32_t thr = 0) {
 #if LK_WGMMA
   constexpr int NW = P * RJ, LDD = ds_ldd(RJ), DY_BYTES = DS_BM * DS_BN * 2, STAGE = ds_stage_bytes(MODE, NW);
   constexpr int DS_STAGES = ds_stages(MODE, NW, MASKED);
@@ -158,9 +160,13 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
   // dA (ds_up_from_g): warpgroup 1 (no product there) writes each row tile's Up (g's rows as x's type, or their P
   // bf16x3 pieces) into shared memory itself, where the loader copies the prep's Up tile; it stays out of the ring.
   constexpr bool kUpFromG = ds_up_from_g(MODE, RJ);
+  // The mask: keep8's bits, or (gen_bits: keep8 null, thr = dropout_threshold(p) > 0) the bits the loader makes
+  // from `key` itself, each tile's into its stage, so that no keep-bits pass runs before this one.
+  const bool gen_bits = (MODE == kShrink || da_masked) && keep8 == nullptr && thr != 0u;
+  const bool mask_x = keep8 != nullptr || gen_bits;
   // With N % 32 == 0 the loader copies each tile's keep bits into the stage (4-byte copies, each wholly inside or
-  // past the row); otherwise the masking warpgroup reads them from global memory.
-  const bool bits_staged = (MODE == kShrink || da_masked) && keep8 != nullptr && N % 32 == 0;
+  // past the row), and made bits are stored there at any N; otherwise the masking reads them from global memory.
+  const bool bits_staged = (MODE == kShrink || da_masked) && (gen_bits || (keep8 != nullptr && N % 32 == 0));
   // a stage's keep bits: after the shrink's side chunk in the stage, in dA's ring of its own
   auto bits_at = [&](int stage_) -> uint32_t {
     return MODE == kShrink ? s_ring + stage_ * STAGE + DY_BYTES + NW * 128 : s_bits + stage_ * DS_BITS;
@@ -189,7 +195,7 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
 
   if (tid == 0) {
     for (int s = 0; s < DS_STAGES; ++s) {
-      mbar_init(bar_full + 8 * s, PT);  // every producer thread's copies
+      mbar_init(bar_full + 8 * s, gen_bits ? 2 * PT : PT);  // every producer thread's copies (and made bits)
       mbar_init(bar_empty + 8 * s, kUpFromG || da_masked ? 4 : 8);  // lane 0 of each consumer warp (dA: of wg 2)
       if (da_masked) mbar_init(bar_mask + 8 * s, 4);  // lane 0 of each masking warp
     }
@@ -222,6 +228,8 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
     constexpr int DY_CH = DS_BM * 8 / PT, BP_CH = (NW * 8 + PT - 1) / PT, UP_CH = (NW * 16 + PT - 1) / PT;
     const T* bpz = bp + (int64_t)blockIdx.z * NW * npad;
     const T* upz = up + (int64_t)blockIdx.z * NW * mpad;
+    const uint64_t seed = gen_bits ? dropout_seed(key.seed, key.seed_ptr) : 0;  // read after pdl_wait
+    const bool write_bits = gen_bits && key.bits_out != nullptr && blockIdx.z == 0;  // one r-chunk writes them
     int rt = 0, ct = 0, stage = 0, round = 0;
     for (int t = 0; t < n_tiles; ++t) {
       mbar_wait(bar_empty + 8 * stage, (round & 1) ^ 1);  // the stage's previous tile consumed
@@ -241,12 +249,39 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
         if (kG && i < NW * 8)
           cp_async16(s_st + DY_BYTES + sw128_offset(row, c), bpz + (int64_t)row * npad + n0 + 8 * c, 16);
       }
-      if (bits_staged) {  // the tile's keep bits: row `tid`, two 4-byte words (zero-filled past the rows or columns)
+      if (bits_staged && !gen_bits) {  // the tile's keep bits: row `tid`, two 4-byte words (zero-filled past the end)
 #pragma unroll
         for (int w = 0; w < 2; ++w) {
           const bool ok = tid < rows && 32 * w < cols;
           cp_async4(bits_at(stage) + tid * 8 + 4 * w,
                     ok ? keep8 + (m0 + tid) * kb + n0 / 8 + 4 * w : keep8, ok ? 4 : 0);
+        }
+      }
+      if (gen_bits) {
+        // The tile's keep bits, made here while its copies are in flight: thread `tid` takes tile row tid, its 8
+        // groups of 8 columns, one Philox call each (the contract's dropout_keep_bits8: the same bits as the
+        // keep-bits pass), stored where the copied bits would land (8 bytes per row). Rows and groups past x's end
+        // get bits too; x's zeros there stay zero whatever they say. Eight independent chains per thread keep the
+        // 32-bit multiplies busy; the loader has the issue slots (its copies are 8 instructions per tile).
+        const uint64_t c0 = dropout_counter(key.offset, m0 + tid, N, n0 / kDropoutGroup);
+        uint32_t lo = 0, hi = 0;
+#pragma unroll
+        for (int q = 0; q < 8; ++q) {
+          const uint32_t b = dropout_keep_bits8(seed, c0 + (uint64_t)q, thr);
+          if (q < 4)
+            lo |= b << (8 * q);
+          else
+            hi |= b << (8 * (q - 4));
+        }
+        *reinterpret_cast<uint2*>(ds_smem_raw + (bits_at(stage) - raw) + 8 * tid) = make_uint2(lo, hi);
+        if (write_bits && tid < rows) {  // for a later pass (dx): row m0 + tid, bytes n0 / 8 .. of (M, kb)
+          uint8_t* dst = key.bits_out + (m0 + tid) * kb + n0 / kDropoutGroup;
+          const int nb = (int)min64(8, kb - n0 / kDropoutGroup);
+          if (nb == 8 && reinterpret_cast<uintptr_t>(dst) % 8 == 0) {
+            *reinterpret_cast<uint2*>(dst) = make_uint2(lo, hi);
+          } else {
+            for (int q = 0; q < nb; ++q) dst[q] = (uint8_t)((q < 4 ? lo >> (8 * q) : hi >> (8 * (q - 4))) & 0xFFu);
+          }
         }
       }
       if (!kUpFromG && do_dB && ct == 0) {  // the row tile's Up tile, once the buffer's row tile two back is done
@@ -261,6 +296,7 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
         }
       }
       cp_async_mbar_arrive(bar_full + 8 * stage);
+      if (gen_bits) mbar_arrive(bar_full + 8 * stage);  // release: the made bits before the consumers read them
       next_tile(rt, ct, stage, round);
     }
   } else if (MODE == kDA && wg == 1 && (kUpFromG || da_masked)) {
@@ -390,7 +426,7 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
       fence_proxy_async();  // the copies (generic proxy) before wgmma's reads (async proxy)
       const uint32_t s_dy = s_ring + stage * STAGE, s_bp = s_dy + DY_BYTES;
       if (g_here) {  // G: K = the tile's 64 columns, 4 steps of 16, for this warpgroup's 64-row halves
-        if (MODE == kShrink && keep8 != nullptr) {  // masked x from registers (GH = 1: this warpgroup's half)
+        if (MODE == kShrink && mask_x) {  // masked x from registers (GH = 1: this warpgroup's half)
           uint32_t af[DS_BN / 16][4];
           masked_frags(af, s_dy, rt, ct, 64 * h0);
           wgmma_fence();
