@@ -89,8 +89,11 @@ def test_keep_bits_pass_route_in_a_fresh_process():
     # The route with the keep-bits pass everywhere (LORA_KERNELS_MASK_IN_PASS=0, read once per process): the launch
     # count and the tolerance rule on the shapes where Hopper would make the mask in the passes.
     tests = Path(__file__).resolve().parent
+    # this process's import path first (an installed wheel there must win over the source tree, which has no
+    # compiled extension), the tests folder for conftest's helpers, the repository last
     env = dict(os.environ, LORA_KERNELS_MASK_IN_PASS="0",
-               PYTHONPATH=os.pathsep.join([str(tests.parent), str(tests), os.environ.get("PYTHONPATH", "")]))
+               PYTHONPATH=os.pathsep.join(q for q in (os.environ.get("PYTHONPATH", ""), str(tests), str(tests.parent))
+                                          if q))
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)),
                           "-k", "made_once or (tolerance_rule and (1024 or 1152 or 520))"],
                          env=env, capture_output=True, text=True, timeout=600)

@@ -128,8 +128,9 @@ def test_sm90_dy_pass_against_float64(dtype, adapter_dtype, lead, K, N, r, p):
     small = M <= 64
     assert _dy_path(M, N, r, dtype, adapter_dtype or dtype) == (
         "mma.sync: M <= kSmallMBackwardRows (64): the mma.sync kernel is faster" if small else "sm90")
-    # dA with dropout masks x itself at every rank; the shrink with dropout above r = 16 or with fp32 adapters
-    shrink_sm90 = p == 0 or r > 16 or adapter_dtype == torch.float32
+    # dA with dropout masks x itself at every rank; the shrink with dropout above r = 16, with fp32 adapters, or
+    # wherever its loader makes the mask (MASK_IN_PASS)
+    shrink_sm90 = p == 0 or r > 16 or adapter_dtype == torch.float32 or MASK_IN_PASS
     # the passes need stages - 1 column tiles of 64: 3 (4 stages), dA with dropout 5 where its side operand is at
     # most 48 wide (6 stages: r <= 16, or r <= 32 at one piece; fp32 adapters on bf16 x take three)
     pieces = 3 if adapter_dtype == torch.float32 else 1
