@@ -400,17 +400,12 @@ struct ShrinkPass {
 
   int64_t scratch_bytes() const { return sm90 ? (int64_t)lk::lora_shrink_sm90_scratch_bytes(K, r, pieces) : 0; }
 
-  // With dropout on the sm_90 kernel (mask_in_pass), the kernel's loader makes the mask itself: no keep bits.
-  bool makes_mask(float p) const { return p > 0.0f && sm90 && lk::mask_in_pass(); }
-
   void launch(const Tensor& x, const Tensor& lora_A, float* u_work, double scaling, float p, int64_t seed,
               const int64_t* seed_ptr, int64_t offset, const uint8_t* keep8, void* scratch,
               cudaStream_t stream) const {
     if (sm90) {
-      const lk::MaskKey key{(uint64_t)seed, seed_ptr, (uint64_t)offset, nullptr};
       check_cuda(lk::launch_lora_shrink_sm90(x.data_ptr(), x_dt, lora_A.data_ptr(), a_dt, u_work, M, K, r, plan,
-                                             (float)scaling, p, makes_mask(p) ? nullptr : keep8, scratch, stream,
-                                             &key),
+                                             (float)scaling, p, keep8, scratch, stream),
                  "lora_shrink (sm90) launch");
     } else {
       check_cuda(lk::launch_lora_shrink(x.data_ptr(), x_dt, lora_A.data_ptr(), a_dt, u_work, M, K, r, plan,
@@ -504,10 +499,10 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& weight, c
     return {y, u};
   }
   // The shrink (ShrinkPass). With dropout, the mask as keep bits where the shrink's kernel reads them
-  // (csrc/dropout_bits.cu says why), except where the sm_90 kernel makes it itself.
+  // (csrc/dropout_bits.cu says why).
   const ShrinkPass shrink(x, lora_A, pf);
   const lk::SplitPlan& shrink_plan = shrink.plan;
-  const bool bits = pf > 0.0f && K > 0 && lk::dropout_bits_used(x_dt, a_dt) && !shrink.makes_mask(pf);
+  const bool bits = pf > 0.0f && K > 0 && lk::dropout_bits_used(x_dt, a_dt);
   const bool partial = shrink_plan.col_groups > 1;  // u comes as split-K partials, summed by pack or reduce
   const bool sm90 = sm90_unsupported(x, weight, bias_t, M, N, K, lk::GemmLayoutB::kNK) == nullptr;
   // Without keep_u, u is a temporary, needed unless the sm_90 pack sums the partials (which it can do without
@@ -607,8 +602,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   //     s / (1 - p) and the GEMM masks the term with the keep bits (made once, for dx and dA) before it
   //     accumulates dy W. Off sm_90 the term is written first (dropout
   //     applied) and cuBLAS accumulates dy W into it (beta = 1);
-  //  4. dA and its reduce. With dropout where the sm_90 dA pass makes the mask (dA_makes_mask), dA runs between
-  //     the pack and the dx GEMM instead and writes the keep bits that dx reads: no keep-bits pass.
+  //  4. dA and its reduce.
   // When the dy pass runs as one row split (small M), dB is that split's partial: in fp32 the pass writes it into
   // the output, and the reduce launch, which would only add it to zero, is left out (the same values bit for bit:
   // the partial's sums start at +0 and hold no -0 for that add to turn into +0). The same for dA and its pass, with
@@ -629,11 +623,6 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   const bool dA_sm90 = need_dA && M > 0 && K > 0 && (pf == 0.0f || bits) &&
                        lk::lora_dA_sm90_unsupported(x.data_ptr(), x_dt, a_dt, M, K, r, pf) == nullptr;
   const bool dx_sm90 = need_dx && N > 0 && dx_sm90_unsupported(dyw, weight, pf, bits) == nullptr;
-  // With dropout on the sm_90 dA pass (mask_in_pass) its loader makes the mask (no keep-bits pass) and, where dx
-  // is asked for, writes the keep bits for dx: dA then runs before dx (after the pack, whose reduced g it reads).
-  const bool dA_makes_mask = bits && dA_sm90 && lk::mask_in_pass();
-  const bool dA_before_dx = dA_makes_mask && need_dx;
-  const bool bits_pass = bits && !dA_makes_mask;
   const bool g_in_pack = dx_sm90 && g_partial;  // the pack sums g's parts
   // The reduced g as a buffer of its own: read by dA, or by the dx kernel off the sm_90 path.
   const bool g_reduced = g_partial && (need_dA || (need_dx && !dx_sm90));
@@ -652,8 +641,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   Workspace ws;
   // g: the dy pass's output itself without parts (also when only dB is needed), else their sum where it is read
   const int64_t g_piece = g_reduced || !g_partial ? ws.reserve_floats(M * r) : -1;
-  const int64_t bits_piece =
-      bits_pass || dA_before_dx ? ws.reserve(lk::dropout_keep_bits_bytes(M, K)) : -1;
+  const int64_t bits_piece = bits ? ws.reserve(lk::dropout_keep_bits_bytes(M, K)) : -1;
   const int64_t phases = ws.mark();
   const int64_t g_parts_piece = g_partial ? ws.reserve_floats(dy_plan.col_groups * M * r) : -1;
   const int64_t after_g_parts = ws.mark();
@@ -666,7 +654,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   const int64_t kx = sm90_kx(r), elem = (int64_t)dy.element_size();
   const int64_t vx_piece = dx_sm90 ? ws.reserve(M * kx * elem) : -1;
   const int64_t ax_piece = dx_sm90 ? ws.reserve(kx * K * elem) : -1;
-  if (!dA_before_dx) ws.rewind(phases);  // else dA's pieces go after (vx, ax), which dx reads after dA
+  ws.rewind(phases);
   const int64_t dA_partial_piece =
       need_dA && !dA_direct ? ws.reserve_floats(std::max<int64_t>(dA_plan.row_splits, 1) * r * K) : -1;
   const int64_t dA_scratch_bytes =
@@ -700,25 +688,9 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
                                           b_dt, stream),
                "reduce(dB) launch");
   }
-  if (bits_pass) {
+  if (bits) {
     make_keep_bits(ws.ptr<uint8_t>(bits_piece), M, K, pf, seed, seed_ptr, offset, stream);
   }
-  float* const dA_partial = !need_dA ? nullptr : dA_direct ? dA.data_ptr<float>() : ws.ptr<float>(dA_partial_piece);
-  auto dA_pass = [&] {
-    if (dA_sm90) {
-      // where it makes the mask: from the key, and the keep bits out for dx where dx runs after it
-      const lk::MaskKey key{(uint64_t)seed, seed_ptr, (uint64_t)offset,
-                            dA_before_dx ? ws.ptr<uint8_t>(bits_piece) : nullptr};
-      check_cuda(lk::launch_lora_dA_sm90(x.data_ptr(), x_dt, a_dt, g, dA_partial, M, K, r, dA_plan, (float)scaling,
-                                         pf, dA_makes_mask ? nullptr : ws.ptr<uint8_t>(bits_piece),
-                                         ws.ptr(dA_scratch_piece), stream, &key),
-                 "lora_dA (sm90) launch");
-    } else {
-      check_cuda(lk::launch_lora_dA(x.data_ptr(), x_dt, a_dt, g, dA_partial, M, K, r, dA_plan, (float)scaling, pf,
-                                    (uint64_t)seed, seed_ptr, (uint64_t)offset, ws.ptr<uint8_t>(bits_piece), stream),
-                 "lora_dA launch");
-    }
-  };
   if (need_dx) {
     dx = at::empty({M, K}, x.options());
     if (dx_sm90) {
@@ -727,10 +699,8 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
       if (dB_in_pack) dB_reduce = {ws.ptr<float>(dB_partial_piece), dy_plan.row_splits, N * r, dB.data_ptr(), b_dt};
       sm90_dx_pack(dy, g_work, dy_plan.col_groups, g_reduced ? g : nullptr, r, lora_A, dx_scale,
                    ws.ptr(vx_piece), ws.ptr(ax_piece), stream, dB_reduce);
-      if (dA_before_dx) dA_pass();
       sm90_dx_gemm(dyw, weight, r, ws.ptr(vx_piece), ws.ptr(ax_piece), ws.ptr<uint8_t>(bits_piece), dx, stream);
     } else {
-      if (dA_before_dx) dA_pass();
       check_cuda(lk::launch_lora_dx(dx.data_ptr(), x_dt, g, lora_A.data_ptr(), a_dt, M, K, r, (float)scaling, pf,
                                     (uint64_t)seed, seed_ptr, (uint64_t)offset, ws.ptr<uint8_t>(bits_piece),
                                     stream),
@@ -739,7 +709,16 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
     }
   }
   if (need_dA) {
-    if (!dA_before_dx) dA_pass();
+    float* const dA_partial = dA_direct ? dA.data_ptr<float>() : ws.ptr<float>(dA_partial_piece);
+    if (dA_sm90) {
+      check_cuda(lk::launch_lora_dA_sm90(x.data_ptr(), x_dt, a_dt, g, dA_partial, M, K, r, dA_plan, (float)scaling,
+                                         pf, ws.ptr<uint8_t>(bits_piece), ws.ptr(dA_scratch_piece), stream),
+                 "lora_dA (sm90) launch");
+    } else {
+      check_cuda(lk::launch_lora_dA(x.data_ptr(), x_dt, a_dt, g, dA_partial, M, K, r, dA_plan, (float)scaling, pf,
+                                    (uint64_t)seed, seed_ptr, (uint64_t)offset, ws.ptr<uint8_t>(bits_piece), stream),
+                 "lora_dA launch");
+    }
     if (!dA_direct) {
       check_cuda(lk::launch_reduce_partials(dA_partial, dA_plan.row_splits, (int64_t)r * K, dA.data_ptr(), a_dt,
                                             stream),

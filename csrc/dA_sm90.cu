@@ -6,9 +6,8 @@
 //            D (64 x NW) = x_tile^T . Up_tile^T        K = the tile's 128 rows
 //          with g's P pieces (bf16x3 of the fp32 g on bf16 x, else cast) stacked as NW = P*RJ columns; each tile's
 //          pieces are added in fp32 into the column group's sums in shared memory, scaled once at the end.
-// Mask   : with dropout the loader makes each x tile's keep bits (the contract's mask; MaskKey: no keep-bits pass,
-//          and the bits written out for the dx GEMM that runs after this pass) or stages the keep-bits pass's
-//          (dropout_bits.cu) beside it, and warpgroup 1 multiplies the landed tile by them in shared memory before the D warpgroup's wgmma reads
+// Mask   : with dropout the loader stages each x tile's keep bits (dropout_bits.cu, the contract's mask) beside it,
+//          and warpgroup 1 multiplies the landed tile by them in shared memory before the D warpgroup's wgmma reads
 //          it; the scale is scaling/(1-p). (LORA_KERNELS_DA_MASKED=0 sends dA with dropout to the mma.sync kernel,
 //          dA.cu, for A/B timing. The earlier route above r = 16, this kernel on a masked copy of x written by the
 //          keep-bits pass, was slower at every rank: 52.0 + 42.8 us for that copy against 59.8 at r = 64, fp32
@@ -79,13 +78,12 @@ size_t lora_dA_sm90_scratch_bytes(int64_t M, int r, int pieces) {
 
 cudaError_t launch_lora_dA_sm90(const void* x, DType x_dtype, DType a_dtype, const float* g, float* dA_partial,
                                 int64_t M, int64_t K, int r, SplitPlan plan, float scaling, float p,
-                                const uint8_t* keep8, void* scratch, cudaStream_t stream, const MaskKey* key) {
+                                const uint8_t* keep8, void* scratch, cudaStream_t stream) {
   const int pieces = adapter_pieces(x_dtype, a_dtype);
   const DsShape sh = ds_shape(r, pieces, kDA);
   const bool up_from_g = ds_up_from_g(kDA, sh.rj);
   const bool masked = p > 0.f;
-  const bool gen = masked && !keep8;  // the kernel makes the mask from key (and writes it to key->bits_out)
-  if ((gen && !key) || lora_dA_sm90_unsupported(x, x_dtype, a_dtype, M, K, r, p) != nullptr ||
+  if ((masked && !keep8) || lora_dA_sm90_unsupported(x, x_dtype, a_dtype, M, K, r, p) != nullptr ||
       plan.row_splits < 1 || !g || !dA_partial || (!up_from_g && !scratch))
     return cudaErrorInvalidValue;
   const int64_t mpad = ceil_div(M, DS_BM) * DS_BM;
@@ -112,8 +110,7 @@ cudaError_t launch_lora_dA_sm90(const void* x, DType x_dtype, DType a_dtype, con
     return with_stream_kernel<kDA, T>(pieces, sh.rj, masked, [&](auto kernel) {
       return launch_kernel_pdl(kernel, grid, DS_THREADS, smem, stream, static_cast<const T*>(x),
                                static_cast<const T*>(nullptr), static_cast<const T*>(gp), static_cast<float*>(nullptr),
-                               dA_partial, M, K, r, (int64_t)0, mpad, masked ? keep8 : nullptr, scale, g,
-                               gen ? *key : MaskKey{}, gen ? dropout_threshold(p) : 0u);
+                               dA_partial, M, K, r, (int64_t)0, mpad, masked ? keep8 : nullptr, scale, g);
     });
   });
 }

@@ -113,17 +113,6 @@ bool dropout_bits_used(DType x_dtype, DType a_dtype);
 int64_t dropout_keep_bits_bytes(int64_t M, int64_t K);  // M * ceil(K / 8)
 cudaError_t launch_dropout_keep_bits(uint8_t* bits, int64_t M, int64_t K, float p, uint64_t seed,
                                      const int64_t* seed_ptr, uint64_t offset, cudaStream_t stream);
-// The mask made inside a streaming pass instead (the sm_90 shrink and dA: their loader warpgroup computes each
-// tile's keep bits beside its copies, so the Philox work runs under the pass's memory time): the key of
-// launch_dropout_keep_bits, and bits_out, where the pass also writes the bits in that layout for a later pass (dx),
-// or null. mask_in_pass() (LORA_KERNELS_MASK_IN_PASS, on unless 0) says whether the binding takes that route.
-struct MaskKey {
-  uint64_t seed = 0;
-  const int64_t* seed_ptr = nullptr;
-  uint64_t offset = 0;
-  uint8_t* bits_out = nullptr;
-};
-bool mask_in_pass();
 
 // Small M (csrc/small_m.cu): the whole forward in one launch, y (M, N) x_dtype = x W^T + bias + u B^T and u (M, r)
 // fp32 = scaling / (1 - p) * (keep * x) A^T (the shrink's u, saved for backward; keep the contract's Philox mask
@@ -188,24 +177,20 @@ const char* lora_dA_sm90_unsupported(const void* x, DType x_dtype, DType a_dtype
 // masked: the plan of a call with dropout (p > 0), whose keep bits take shared memory too.
 SplitPlan lora_dA_sm90_plan(int64_t M, int64_t K, int r, int pieces, bool masked = false);
 size_t lora_dA_sm90_scratch_bytes(int64_t M, int r, int pieces);
-// With p > 0 the kernel masks x by the keep bits keep8 (launch_dropout_keep_bits), or where keep8 is null by the
-// mask it makes from `key` (MaskKey), and scales by scaling / (1 - p).
+// With p > 0 the kernel masks x by the keep bits keep8 (launch_dropout_keep_bits) and scales by scaling / (1 - p).
 cudaError_t launch_lora_dA_sm90(const void* x, DType x_dtype, DType a_dtype, const float* g, float* dA_partial,
                                 int64_t M, int64_t K, int r, SplitPlan plan, float scaling, float p,
-                                const uint8_t* keep8, void* scratch, cudaStream_t stream,
-                                const MaskKey* key = nullptr);
+                                const uint8_t* keep8, void* scratch, cudaStream_t stream);
 // The shrink on Hopper (shrink_sm90.cu: the same streaming kernel, G product only, x masked in shared memory by the
-// keep bits keep8 or by its own mask, see launch_lora_shrink_sm90): same outputs and partial layout as launch_lora_shrink, for
+// keep bits keep8, which a call with p > 0 must give): same outputs and partial layout as launch_lora_shrink, for
 // lora_shrink_sm90_plan's plan; lora_A's pieces staged in `scratch` (lora_shrink_sm90_scratch_bytes).
 const char* lora_shrink_sm90_unsupported(const void* x, DType x_dtype, DType a_dtype, int64_t M, int64_t K, int r,
                                          float p);
 SplitPlan lora_shrink_sm90_plan(int64_t M, int64_t K, int r, int pieces);
 size_t lora_shrink_sm90_scratch_bytes(int64_t K, int r, int pieces);
-// With p > 0 and keep8 null it makes the mask itself from `key` (MaskKey).
 cudaError_t launch_lora_shrink_sm90(const void* x, DType x_dtype, const void* A, DType a_dtype, float* u_out,
                                     int64_t M, int64_t K, int r, SplitPlan plan, float scaling, float p,
-                                    const uint8_t* keep8, void* scratch, cudaStream_t stream,
-                                    const MaskKey* key = nullptr);
+                                    const uint8_t* keep8, void* scratch, cudaStream_t stream);
 
 // dA_partial[s] (r, K) = scaling * g[rows of s]^T @ dropout(x)[rows of s]. plan from lora_dA_plan.
 // a_dtype (lora_A's) picks the precision as for the other passes.

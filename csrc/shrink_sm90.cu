@@ -7,9 +7,8 @@
 //          with lora_A's P pieces (bf16x3 of fp32 A on bf16 x, else cast) stacked as NW = P*RJ columns; each tile's
 //          pieces are added in fp32 into the row tile's running u, scaled when written.
 // Mask   : with dropout each G warpgroup reads its half of each landed x tile into wgmma's register fragments and
-//          multiplies them by the tile's keep bits (the contract's mask), then runs the register-A wgmma on them
-//          (stream_sm90.cuh, masked_frags). The bits: the loader warpgroup makes them (MaskKey, no keep-bits pass),
-//          or the keep-bits pass's (dropout_bits.cu) copied into the stage.
+//          multiplies them by the forward's keep bits (dropout_bits.cu, the contract's mask), then runs the
+//          register-A wgmma on them (stream_sm90.cuh, masked_frags).
 // Prep   : A's pieces Ap [Z][NW][Kpad] in x's type (scratch: lora_shrink_sm90_scratch_bytes), as the dy pass's Bp.
 // Tiling : as the dy pass (dy_pass_sm90.cu) without D: a loader warpgroup, a 4-stage ring of {x tile, Ap chunk},
 //          mbarriers between them; warpgroup 1 multiplies the tile's rows 0-63, warpgroup 2 rows 64-127, so one
@@ -59,11 +58,10 @@ const char* lora_shrink_sm90_unsupported(const void* x, DType x_dtype, DType a_d
   if (ceil_div(M, DS_BM) > 0x7fffffff) return "M too large";
   if (lora_shrink_sm90_plan(M, K, r, adapter_pieces(x_dtype, a_dtype)).row_splits < 1)
     return "no column grouping fits in shared memory";
-  // With dropout at r <= 16 and 16-bit adapters (one piece) the mma.sync kernel stays where both read the keep bits:
-  // 30.0 against this kernel's 42.2 us at 8192 x 4096 (88 against 129 at K = 14336); with fp32 adapters (three
-  // pieces) this kernel is faster: 29.2 against 36.1 us (84 against 114) (H200, bench/dev/stream_bench.cu, session
-  // 30). Where it makes the mask itself (mask_in_pass) it saves the keep-bits pass instead.
-  if (p > 0.f && r <= 16 && adapter_pieces(x_dtype, a_dtype) == 1 && !sh_masked_low_rank() && !mask_in_pass())
+  // With dropout at r <= 16 and 16-bit adapters (one piece) the mma.sync kernel stays: 30.0 against this kernel's
+  // 42.2 us at 8192 x 4096 (88 against 129 at K = 14336); with fp32 adapters (three pieces) this kernel is faster:
+  // 29.2 against 36.1 us (84 against 114) (H200, bench/dev/stream_bench.cu, session 30).
+  if (p > 0.f && r <= 16 && adapter_pieces(x_dtype, a_dtype) == 1 && !sh_masked_low_rank())
     return "dropout at r <= 16 with 16-bit adapters: the mma.sync kernel masks faster (measured)";
   return nullptr;
 }
@@ -75,12 +73,10 @@ size_t lora_shrink_sm90_scratch_bytes(int64_t K, int r, int pieces) {
 
 cudaError_t launch_lora_shrink_sm90(const void* x, DType x_dtype, const void* A, DType a_dtype, float* u_out,
                                     int64_t M, int64_t K, int r, SplitPlan plan, float scaling, float p,
-                                    const uint8_t* keep8, void* scratch, cudaStream_t stream,
-                                    const MaskKey* key) {
+                                    const uint8_t* keep8, void* scratch, cudaStream_t stream) {
   if (lora_shrink_sm90_unsupported(x, x_dtype, a_dtype, M, K, r, p) != nullptr ||
-      plan.row_splits < 1 || !scratch || !u_out || (p > 0.f && keep8 == nullptr && key == nullptr))
+      plan.row_splits < 1 || !scratch || !u_out || (p > 0.f && keep8 == nullptr))
     return cudaErrorInvalidValue;
-  const bool gen = p > 0.f && keep8 == nullptr;  // the kernel makes the mask from key
   const int pieces = adapter_pieces(x_dtype, a_dtype);
   const DsShape sh = ds_shape(r, pieces, kShrink);
   const int64_t kpad = ceil_div(K, DS_PREP) * DS_PREP;
@@ -102,8 +98,7 @@ cudaError_t launch_lora_shrink_sm90(const void* x, DType x_dtype, const void* A,
     return with_stream_kernel<kShrink, T>(pieces, sh.rj, false, [&](auto kernel) {
       return launch_kernel_pdl(kernel, grid, DS_THREADS, smem, stream, static_cast<const T*>(x), static_cast<const T*>(ap),
                            static_cast<const T*>(nullptr), u_out, static_cast<float*>(nullptr), M, K, r, kpad,
-                           (int64_t)0, p > 0.f ? keep8 : nullptr, scale, static_cast<const float*>(nullptr),
-                           gen ? *key : MaskKey{}, gen ? dropout_threshold(p) : 0u);
+                           (int64_t)0, p > 0.f ? keep8 : nullptr, scale, static_cast<const float*>(nullptr));
     });
   });
 }

@@ -114,19 +114,17 @@ dy_sm90_prep_kernel(const TB* __restrict__ B, const float* __restrict__ u, T* __
 // MODE kDy: a = dy (M, N), G with Bp into g_out, D with Up into d_out = the dB partials [s][n][j].
 // MODE kDA: a = x (M, N = K), D with Up = g's pieces into d_out = the dA partials [s][j][k], times `scale`. Where
 //           ds_up_from_g, warpgroup 1 builds each row tile's Up from g_in (fp32 (M, r), row-major): no `up`.
-//           MASKED (dropout; keep8 as the shrink's, or key and thr: warpgroup 1 makes the bits itself, and writes
-//           them to key.bits_out when given): warpgroup 1 masks each landed x tile in shared
+//           MASKED (dropout; keep8, as the shrink's, must be given): warpgroup 1 masks each landed x tile in shared
 //           memory before the D warpgroup's wgmma reads it (the mask off the D product's critical path).
 // MODE kShrink: a = x (M, N = K), G with Bp = lora_A's pieces into g_out = u's K-split partials [c][m][j] times
-//           `scale`, x masked first by the keep bits when given (keep8: row m at keep8 + m * ceil(N / 8), bit
-//           k % 8 of byte k / 8; or made from key and thr > 0 by each consumer warp for its own 16 rows);
-//           warpgroup 1 takes the tile's rows 0-63, warpgroup 2 rows 64-127.
+//           `scale`, x masked first by the keep bits when given (keep8: row m at keep8 + m * ceil(N / 8), bit k % 8 of
+//           byte k / 8); warpgroup 1 takes the tile's rows 0-63, warpgroup 2 rows 64-127.
 template <int MODE, typename T, int P, int RJ, bool MASKED = false>
 __global__ void __launch_bounds__(DS_THREADS, 1)
 stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* __restrict__ up,
                    float* __restrict__ g_out, float* __restrict__ dB_partial, int64_t M, int64_t N, int r,
                    int64_t npad, int64_t mpad, const uint8_t* __restrict__ keep8, float scale,
-                   const float* __restrict__ g_in, MaskKey key = MaskKey{}, uint32_t thr = 0) {
+                   const float* __restrict__ g_in) {
 #if LK_WGMMA
   constexpr int NW = P * RJ, LDD = ds_ldd(RJ), DY_BYTES = DS_BM * DS_BN * 2, STAGE = ds_stage_bytes(MODE, NW);
   constexpr int DS_STAGES = ds_stages(MODE, NW, MASKED);
@@ -160,18 +158,9 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
   // dA (ds_up_from_g): warpgroup 1 (no product there) writes each row tile's Up (g's rows as x's type, or their P
   // bf16x3 pieces) into shared memory itself, where the loader copies the prep's Up tile; it stays out of the ring.
   constexpr bool kUpFromG = ds_up_from_g(MODE, RJ);
-  // The mask: keep8's bits, or (gen_bits: keep8 null, thr = dropout_threshold(p) > 0) bits made here from `key`,
-  // so that no keep-bits pass runs before this one. They are made by the threads that apply them, not by the
-  // loader: Philox per tile costs about what the tile's copy takes (the keep-bits pass alone runs at the 32-bit
-  // multiply pipe's rate, 21 us per 8192 x 4096), and made in the loader it held back the next tile's copies (the
-  // shrink ran 64 against 31 + 21 us with the pass; dA 66 against 37 + 21).
-  const bool gen_bits = (MODE == kShrink || da_masked) && keep8 == nullptr && thr != 0u;
-  const bool mask_x = keep8 != nullptr || gen_bits;
   // With N % 32 == 0 the loader copies each tile's keep bits into the stage (4-byte copies, each wholly inside or
-  // past the row); otherwise the masking reads them from global memory. The shrink's consumer warps store the bits
-  // they make into the stage's slot, each its own 16 rows (dA's masking threads keep theirs in registers).
-  const bool bits_staged = MODE == kShrink ? mask_x && (gen_bits || N % 32 == 0)
-                                           : da_masked && keep8 != nullptr && N % 32 == 0;
+  // past the row); otherwise the masking warpgroup reads them from global memory.
+  const bool bits_staged = (MODE == kShrink || da_masked) && keep8 != nullptr && N % 32 == 0;
   // a stage's keep bits: after the shrink's side chunk in the stage, in dA's ring of its own
   auto bits_at = [&](int stage_) -> uint32_t {
     return MODE == kShrink ? s_ring + stage_ * STAGE + DY_BYTES + NW * 128 : s_bits + stage_ * DS_BITS;
@@ -215,7 +204,6 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
   // tail; its staged pieces (and everything before it) are visible from here on.
   pdl_wait();
   __syncthreads();
-  const uint64_t seed = gen_bits ? dropout_seed(key.seed, key.seed_ptr) : 0;  // a device seed lands before pdl_wait
 
   // Tiles go round the ring in order: tile t in stage t % DS_STAGES, its round t / DS_STAGES picks the parity.
   // Counters (tile row, column, stage, round parity) advance by one per tile, so a tile costs no division.
@@ -253,7 +241,7 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
         if (kG && i < NW * 8)
           cp_async16(s_st + DY_BYTES + sw128_offset(row, c), bpz + (int64_t)row * npad + n0 + 8 * c, 16);
       }
-      if (bits_staged && !gen_bits) {  // the tile's keep bits: row `tid`, two 4-byte words (zero-filled past the end)
+      if (bits_staged) {  // the tile's keep bits: row `tid`, two 4-byte words (zero-filled past the rows or columns)
 #pragma unroll
         for (int w = 0; w < 2; ++w) {
           const bool ok = tid < rows && 32 * w < cols;
@@ -341,30 +329,12 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
       // loader cannot stage them (N % 32 != 0). Rows and columns past x's end hold zeros and stay zero.
       // All eight chunks and their keep bytes are read before any is written back (the stores could alias the
       // loads as far as the compiler knows, which would serialise eight shared-memory round trips per tile).
-      // Made bits (gen_bits): thread i's chunks are exactly the 8-groups (row (i + 128 q) / 8, group i % 8), so it
-      // makes their bytes itself (one Philox call each, the contract's dropout_keep_bits8) before the wait, and
-      // writes them to key.bits_out for the dx GEMM (one r-chunk does). Rows and groups past x's end get bits too:
-      // x's zeros there stay zero whatever they say.
-      const bool write_bits = gen_bits && key.bits_out != nullptr && blockIdx.z == 0;
       int rt = 0, ct = 0, stage = 0, round = 0;
       for (int t = 0; t < n_tiles; ++t) {
         if (kUpFromG && ct == 0 && rt < n_rt) up_row_tile(rt);
         const int64_t m0 = row_begin + (int64_t)rt * DS_BM, k80 = (col_begin + (int64_t)ct * DS_BN) / 8;
         uint32_t kb8[8];
-        if (gen_bits) {
-#pragma unroll
-          for (int q = 0; q < 8; ++q) {
-            const int e = i + 128 * q;
-            kb8[q] = dropout_keep_bits8(seed, dropout_counter(key.offset, m0 + (e >> 3), N, k80 + (e & 7)), thr);
-          }
-          if (write_bits)
-#pragma unroll
-            for (int q = 0; q < 8; ++q) {
-              const int e = i + 128 * q;
-              const int64_t m = m0 + (e >> 3), k8 = k80 + (e & 7);
-              if (m < M && k8 < kb) key.bits_out[m * kb + k8] = (uint8_t)kb8[q];
-            }
-        } else if (!bits_staged) {  // loaded before the wait
+        if (!bits_staged) {  // loaded before the wait
 #pragma unroll
           for (int q = 0; q < 8; ++q) {
             const int e = i + 128 * q;
@@ -416,26 +386,11 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
       for (int i = 0; i < RJ / 2; ++i) run[h][i] = 0.f;
     int rt = 0, ct = 0, stage = 0, round = 0;
     for (int t = 0; t < n_tiles; ++t) {
-      if (MODE == kShrink && gen_bits) {
-        // This warp's 16 rows of the tile, 8 groups each: lane l makes the keep bytes of (row l / 8 + 4 q, group
-        // l % 8), q < 4, into the stage's bits slot (the loader leaves it alone), before the wait, so the Philox
-        // calls overlap the copies in flight; masked_frags reads them back after the warp's barrier.
-        const int64_t m0 = row_begin + (int64_t)rt * DS_BM + 64 * h0 + 16 * warp;
-        const int64_t k80 = (col_begin + (int64_t)ct * DS_BN) / kDropoutGroup;
-        unsigned char* bits = ds_smem_raw + (bits_at(stage) - raw) + 8 * (64 * h0 + 16 * warp);
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const int rr = (lane >> 3) + 4 * q, g8 = lane & 7;
-          bits[8 * rr + g8] =
-              (unsigned char)dropout_keep_bits8(seed, dropout_counter(key.offset, m0 + rr, N, k80 + g8), thr);
-        }
-        __syncwarp();
-      }
       mbar_wait((da_masked ? bar_mask : bar_full) + 8 * stage, round & 1);  // dA with dropout: the masked tile
       fence_proxy_async();  // the copies (generic proxy) before wgmma's reads (async proxy)
       const uint32_t s_dy = s_ring + stage * STAGE, s_bp = s_dy + DY_BYTES;
       if (g_here) {  // G: K = the tile's 64 columns, 4 steps of 16, for this warpgroup's 64-row halves
-        if (MODE == kShrink && mask_x) {  // masked x from registers (GH = 1: this warpgroup's half)
+        if (MODE == kShrink && keep8 != nullptr) {  // masked x from registers (GH = 1: this warpgroup's half)
           uint32_t af[DS_BN / 16][4];
           masked_frags(af, s_dy, rt, ct, 64 * h0);
           wgmma_fence();

@@ -1,11 +1,10 @@
 """The streaming passes on Hopper (csrc/stream_sm90.cuh on wgmma): the backward's dy pass (dy_pass_sm90.cu: g = dy B
 and the dB partials, one read of dy) and dA pass (dA_sm90.cu), the forward's shrink (shrink_sm90.cu; both read x once,
-masked by the keep bits, or with MASK_IN_PASS by the mask their loader makes).
+masked by the keep bits).
 GPU-only (skips elsewhere): the benchmarked shapes take them, the fallback says why, and backward grads through them
 meet the float64 tolerance rule on shapes that exercise their edges (partial row and column tiles, uneven column
 groups, several r-chunks, the bf16x3 pieces of fp32 adapters, dropout) and are deterministic."""
 import math
-import os
 
 import pytest
 import torch
@@ -22,10 +21,6 @@ pytestmark = [
     pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability() != (9, 0),
                        reason="the wgmma dy pass runs on compute capability 9.0 only"),
 ]
-
-
-# With dropout the sm_90 shrink and dA make the mask in their loader (csrc/stream_sm90.cuh) unless this is 0.
-MASK_IN_PASS = os.environ.get("LORA_KERNELS_MASK_IN_PASS", "1") != "0"
 
 
 def _dy_path(M, N, r, dtype=torch.bfloat16, adapter_dtype=torch.float32):
@@ -68,12 +63,11 @@ def _shrink_path(*args):
 @pytest.mark.parametrize("r", [16, 64])
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_benchmarked_shapes_take_the_sm90_dA_pass_and_shrink(K, dtype, adapter_dtype, r, p):
-    # dA runs the wgmma kernel with dropout too (it masks x by the keep bits or by the mask it makes); with dropout
-    # at r <= 16 and 16-bit adapters the shrink stays on its mma.sync kernel where both would read the keep bits
-    # (measured faster: csrc/shrink_sm90.cu says why), not where the wgmma kernel makes the mask (MASK_IN_PASS)
+    # dA runs the wgmma kernel with dropout too (it masks x by the keep bits); with dropout at r <= 16 and 16-bit
+    # adapters the shrink stays on its mma.sync kernel (measured faster: csrc/shrink_sm90.cu says why)
     assert _dA_path(8192, K, r, p, dtype, adapter_dtype) == "sm90"
     assert _shrink_path(8192, K, r, p, dtype, adapter_dtype) == (
-        "sm90" if p == 0 or r > 16 or adapter_dtype == torch.float32 or MASK_IN_PASS
+        "sm90" if p == 0 or r > 16 or adapter_dtype == torch.float32
         else "mma.sync: dropout at r <= 16 with 16-bit adapters: the mma.sync kernel masks faster (measured)")
 
 
@@ -81,8 +75,7 @@ def test_shrink_fallback_says_why():
     assert _shrink_path(64, 128, 16, 0.0).startswith("mma.sync: K below the pass's column tiles")
     assert _shrink_path(64, 1028, 16, 0.1).startswith("mma.sync: K must be a multiple of 8")
     assert _shrink_path(64, 1024, 16, 0.1, torch.float16, torch.float32).startswith("mma.sync: x and the adapters")
-    path = _shrink_path(64, 1024, 16, 0.1, torch.bfloat16, torch.bfloat16)
-    assert path == "sm90" if MASK_IN_PASS else path.startswith("mma.sync: dropout at r <= 16"), path
+    assert _shrink_path(64, 1024, 16, 0.1, torch.bfloat16, torch.bfloat16).startswith("mma.sync: dropout at r <= 16")
     assert _shrink_path(64, 1024, 16, 0.1) == "sm90"  # fp32 adapters on bf16 x
     assert _shrink_path(64, 1024, 17, 0.1) == "sm90"
 
@@ -128,9 +121,8 @@ def test_sm90_dy_pass_against_float64(dtype, adapter_dtype, lead, K, N, r, p):
     small = M <= 64
     assert _dy_path(M, N, r, dtype, adapter_dtype or dtype) == (
         "mma.sync: M <= kSmallMBackwardRows (64): the mma.sync kernel is faster" if small else "sm90")
-    # dA with dropout masks x itself at every rank; the shrink with dropout above r = 16, with fp32 adapters, or
-    # wherever its loader makes the mask (MASK_IN_PASS)
-    shrink_sm90 = p == 0 or r > 16 or adapter_dtype == torch.float32 or MASK_IN_PASS
+    # dA with dropout masks x itself at every rank; the shrink with dropout above r = 16 or with fp32 adapters
+    shrink_sm90 = p == 0 or r > 16 or adapter_dtype == torch.float32
     # the passes need stages - 1 column tiles of 64: 3 (4 stages), dA with dropout 5 where its side operand is at
     # most 48 wide (6 stages: r <= 16, or r <= 32 at one piece; fp32 adapters on bf16 x take three)
     pieces = 3 if adapter_dtype == torch.float32 else 1

@@ -288,16 +288,11 @@ int main() {
           mask_copy<<<1024, 256, 0, st>>>(a[0], keep8, xm, M, C);
           const float t_bits = time_it(bits_run, st);
           ref_dA(xm, rs, ref, M, C, r, st);  // dA = 0.5 / (1 - p) · gᵀ xm
-          // (a) the wgmma kernel masking x itself; (b) the mma.sync kernel; (c) the wgmma kernel making the mask
-          // in its loader (no keep-bits pass) and writing the keep bits out for dx, checked against the pass's
-          uint8_t* keep_out;
-          CK(cudaMalloc(&keep_out, lk::dropout_keep_bits_bytes(M, C)));
-          CK(cudaMemsetAsync(keep_out, 0, lk::dropout_keep_bits_bytes(M, C), st));
-          const lk::MaskKey key{1234, nullptr, 0, keep_out};
-          float t_da[3] = {0, 0, 0};
-          double e_da[3] = {0, 0, 0};
-          for (int v = 0; v < 3; ++v) {
-            const bool masked = v != 1, ms = v == 1, gen = v == 2;
+          // (a) the wgmma kernel masking x itself; (b) the mma.sync kernel
+          float t_da[2] = {0, 0};
+          double e_da[2] = {0, 0};
+          for (int v = 0; v < 2; ++v) {
+            const bool masked = v == 0, ms = v == 1;
             const lk::SplitPlan plan = ms ? lk::lora_dA_plan(M, C, r, lk::lora_dA_resident_blocks(xdt, adt, r))
                                           : lk::lora_dA_sm90_plan(M, C, r, P, masked);
             if (!ms && lk::lora_dA_sm90_unsupported(a[0], xdt, adt, M, C, r, masked ? p : 0.f)) continue;
@@ -306,34 +301,21 @@ int main() {
             if (scratch_bytes) CK(cudaMalloc(&scratch, scratch_bytes));
             auto run = [&](int i) {
               if (masked)
-                CK(lk::launch_lora_dA_sm90(a[i % 3], xdt, adt, rs, parts, M, C, r, plan, 0.5f, p,
-                                           gen ? nullptr : keep8, scratch, st, &key));
+                CK(lk::launch_lora_dA_sm90(a[i % 3], xdt, adt, rs, parts, M, C, r, plan, 0.5f, p, keep8, scratch, st));
               else
                 CK(lk::launch_lora_dA(a[i % 3], xdt, adt, rs, parts, M, C, r, plan, 0.5f, p, 1234, nullptr, 0, keep8,
                                       st));
             };
             check_and_time(parts, plan.row_splits, C * r, ref, sdrop, scratch, run, st, t_da[v], e_da[v]);
           }
-          bool bits_same = false;
-          {
-            std::vector<uint8_t> h0(lk::dropout_keep_bits_bytes(M, C)), h1(h0.size());
-            CK(cudaStreamSynchronize(st));
-            CK(cudaMemcpy(h0.data(), keep8, h0.size(), cudaMemcpyDeviceToHost));
-            CK(cudaMemcpy(h1.data(), keep_out, h1.size(), cudaMemcpyDeviceToHost));
-            bits_same = t_da[2] > 0 && h0 == h1;
-          }
-          printf("  dA p=0.1 P=%d r=%d: wgmma masked %.1f us, mma.sync %.1f us (keep bits %.1f us), wgmma making the "
-                 "mask %.1f us (bits out %s)  err %.2e / %.2e / %.2e\n",
-                 P, r, t_da[0], t_da[1], t_bits, t_da[2], bits_same ? "identical" : "DIFFER", e_da[0], e_da[1],
-                 e_da[2]);
-          CK(cudaFree(keep_out));
+          printf("  dA p=0.1 P=%d r=%d: wgmma masked %.1f us, mma.sync %.1f us (keep bits %.1f us)  err %.2e / %.2e\n",
+                 P, r, t_da[0], t_da[1], t_bits, e_da[0], e_da[1]);
           // the shrink: (a) the wgmma kernel (register-masked fragments), (b) the mma.sync kernel
           ref_rowdot<<<(unsigned)M, r, 0, st>>>(xm, side, ref, M, C, r);
-          float t_sh[3] = {0, 0, 0};
-          double e_sh[3] = {0, 0, 0};
-          const lk::MaskKey key_sh{1234, nullptr, 0, nullptr};
-          for (int v = 0; v < 3; ++v) {
-            const bool wg = v != 1, gen = v == 2;  // (c) the wgmma kernel making the mask itself
+          float t_sh[2] = {0, 0};
+          double e_sh[2] = {0, 0};
+          for (int v = 0; v < 2; ++v) {
+            const bool wg = v == 0;
             if (wg && lk::lora_shrink_sm90_unsupported(a[0], xdt, adt, M, C, r, p)) continue;
             const lk::SplitPlan plan = wg ? lk::lora_shrink_sm90_plan(M, C, r, P)
                                           : lk::lora_shrink_plan(M, C, r, lk::lora_shrink_resident_blocks(xdt, adt, r));
@@ -341,17 +323,16 @@ int main() {
             if (wg) CK(cudaMalloc(&scratch, lk::lora_shrink_sm90_scratch_bytes(C, r, P)));
             auto run = [&](int i) {
               if (wg)
-                CK(lk::launch_lora_shrink_sm90(a[i % 3], xdt, a_in, adt, parts, M, C, r, plan, 0.5f, p,
-                                               gen ? nullptr : keep8, scratch, st, &key_sh));
+                CK(lk::launch_lora_shrink_sm90(a[i % 3], xdt, a_in, adt, parts, M, C, r, plan, 0.5f, p, keep8,
+                                               scratch, st));
               else
                 CK(lk::launch_lora_shrink(a[i % 3], xdt, a_in, adt, parts, M, C, r, plan, 0.5f, p, 1234, nullptr, 0,
                                           keep8, st));
             };
             check_and_time(parts, plan.col_groups, M * r, ref, sdrop, scratch, run, st, t_sh[v], e_sh[v]);
           }
-          printf("  shrink p=0.1 P=%d r=%d: wgmma %.1f us, mma.sync %.1f us (keep bits %.1f us), wgmma making the "
-                 "mask %.1f us  err %.2e / %.2e / %.2e\n", P, r, t_sh[0], t_sh[1], t_bits, t_sh[2], e_sh[0], e_sh[1],
-                 e_sh[2]);
+          printf("  shrink p=0.1 P=%d r=%d: wgmma %.1f us, mma.sync %.1f us  err %.2e / %.2e\n", P, r, t_sh[0],
+                 t_sh[1], e_sh[0], e_sh[1]);
           for (void* q : {(void*)keep8, (void*)xm}) CK(cudaFree(q));
         }
         for (void* q : {(void*)side, (void*)a_rk, (void*)side16, (void*)a16, (void*)rs, (void*)ref}) CK(cudaFree(q));
