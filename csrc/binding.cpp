@@ -173,12 +173,10 @@ const char* sm90_unsupported(const Tensor& a, const Tensor& b, const Tensor* bia
 // ------------------------------------------------------------------ the fused sm_90 forward (csrc/fused_fwd_sm90.h)
 // The forward as one GEMM launch with the shrink inside it (plus a prep launch): on the sm_90 GEMM's devices and
 // dtypes, r <= 64. Mode (LORA_KERNELS_FUSED_FWD, read once; set_fused_forward at run time):
-//   -1 (unset, the default)  p = 0: up to 4 lead tiles per row block (fp32
+//   -1 (unset, the default)  p = 0 only (p > 0: the shrink + GEMM path). Up to 4 lead tiles per row block (fp32
 //                            adapters on bf16: r <= 32, 8 u columns per lead tile; 16-bit adapters: r <= 64, 32 per
 //                            lead tile): u computed by each row block's lead tiles (by u tiles where the lead tiles
 //                            do not fit: fewer output tile columns than lead tiles); more lead tiles: by u tiles.
-//                            p > 0: u tiles where M >= 8192 and N >= 2.5 K (fused_takes_dropout), else the
-//                            keep bits + shrink + GEMM path.
 //    1                       u tiles only (with dropout they mask their copy of x in shared memory);
 //    2                       lead tiles only (with dropout: fp32 adapters on bf16 x, masking x's copy in registers);
 //    0                       off (the shrink + pack + GEMM path).
@@ -189,14 +187,9 @@ const char* sm90_unsupported(const Tensor& a, const Tensor& b, const Tensor* bia
 // neither beats the shrink pass that reads the keep bits: the u tiles' masking in shared memory sits on the path every
 // output tile of the row block waits for, and the lead tiles' in registers (with the keep-bits pass they still need)
 // made them 1.29x the floor against 1.24x at 8192x4096->4096, r = 16 (fourteenth session, run 3). Where N is wide
-// against K, the keep-bits pass and the shrink (both ~ M K) weigh more against the GEMM (M N K) than the u tiles'
-// masking does: at M = 8192, p = 0.1 (session 33, run 4, fp32 adapters, GPU time / cuBLAS floor, r = 16 / 32) the u
-// tiles ran 1.082 / 1.042 against 1.291 / 1.225 at 4096->11008, 1.066 / 1.065 against 1.101 / 1.086 at ->14336,
-// 1.082 / 1.061 against 1.131 / 1.137 at 2048->14336 (bf16 adapters at 4096->14336: 1.064 / 1.082 against 1.093 /
-// 1.079 at r = 16 / 64); they tied at 4096->8192 (1.122 / 1.107 against 1.114 / 1.102) and lost at 8192->14336
-// (1.027 / 1.045 against 1.014 / 1.024), 14336->4096 and 4096->4096. At M = 2048 they lost (4096->14336: 1.303
-// against 1.132): with 16 row blocks, the wait of each row block's output tiles for its u tiles shows.
-bool fused_takes_dropout(int64_t M, int64_t N, int64_t K) { return M >= 8192 && 2 * N >= 5 * K; }
+// against K the u tiles won in bench/dev/fused_ab.py (back-to-back calls, sustained clocks: 1.066 against 1.101 the
+// floor at 8192x4096->14336, r = 16, fp32 adapters; 1.082 against 1.291 at ->11008), but in the layer, timed by
+// bench/suite/targets.py's burst regime, they lost there (1.149 against 1.089; session 33, runs 4 and 5).
 // LORA_KERNELS_SM90_GEMM=0 turns the fused forward off with the rest of the sm_90 GEMM.
 std::atomic<int>& fused_mode() {
   static std::atomic<int> mode{[] {
@@ -227,15 +220,12 @@ const char* fused_forward_unsupported(const Tensor& x, const Tensor& weight, con
   if (!sm90_enabled()) return "LORA_KERNELS_SM90_GEMM=0";
   const int mode = fused_mode().load(std::memory_order_relaxed);
   if (mode == 0) return "off (LORA_KERNELS_FUSED_FWD=0 or set_fused_forward)";
-  const bool dropout_default = p > 0.0 && mode < 0;
-  if (dropout_default && !fused_takes_dropout(x.size(0), weight.size(0), x.size(1)))
-    return "dropout (the fused kernel's masking is slower than the shrink pass below M = 8192 or N = 2.5 K: "
-           "set_fused_forward(1) or (2))";
+  if (p > 0.0 && mode < 0)
+    return "dropout (the fused kernel's masking is slower than the shrink pass: set_fused_forward(1) or (2))";
   const int lead_tiles = lk::sm90fused::split_for((int)lora_A.size(0),
                                                    lk::adapter_pieces(to_dtype(x, "x"), to_dtype(lora_A, "lora_A")),
                                                    true).tiles;
-  lk::FusedFwdArgs a = fused_args(x, weight, bias, lora_A, lora_B, 1.0, p,
-                                  mode == 2 || (mode < 0 && !dropout_default && lead_tiles <= 4));
+  lk::FusedFwdArgs a = fused_args(x, weight, bias, lora_A, lora_B, 1.0, p, mode == 2 || (mode < 0 && lead_tiles <= 4));
   a.y = x.data_ptr();  // the output comes from the caching allocator: aligned
   const char* why = lk::lora_fused_fwd_sm90_unsupported(a, x.get_device());
   if (why != nullptr && mode < 0 && a.lead) {  // the default: u tiles where the lead tiles do not fit
@@ -994,9 +984,8 @@ std::string forward_path(const Tensor& x, const Tensor& weight, const std::optio
 // Switches the small-M forward on or off for this process; returns the previous setting.
 bool set_small_m(bool enabled) { return small_m_switch().exchange(enabled); }
 
-// Sets the fused forward's mode for this process (-1 the default: lead tiles up to r = 32, else u tiles, at p = 0;
-// with dropout u tiles where fused_takes_dropout; 1 u tiles, dropout included; 2 lead tiles; 0 off); returns the
-// previous one.
+// Sets the fused forward's mode for this process (-1 the default: lead tiles up to r = 32, else u tiles, p = 0; 1 u
+// tiles, dropout included; 2 lead tiles; 0 off); returns the previous one.
 int64_t set_fused_forward(int64_t mode) {
   return fused_mode().exchange(mode == 2 ? 2 : mode > 0 ? 1 : mode == 0 ? 0 : -1);
 }

@@ -288,29 +288,6 @@ def test_fused_forward_dropout_device_seed_and_grads(mode, r):
         cb.set_fused_forward(previous)
 
 
-@pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.bfloat16])
-def test_dropout_default_takes_the_u_tiles_where_n_is_wide(adapter_dtype):
-    """With dropout the default takes the u tiles where M >= 8192 and N >= 2.5 K (measured faster there: csrc/binding.cpp,
-    fused_takes_dropout), the shrink + GEMM path elsewhere; the u tiles' forward and the public op's grads meet the
-    rule there."""
-    cb = _cb()
-    previous = cb.set_fused_forward(-1)  # the default mode
-    try:
-        u_tiles, other = "sm90 fused (", "(fused: dropout (the fused kernel's masking is slower than the shrink pass"
-        assert _path(8192, 512, 1280, 16, p=0.1, adapter_dtype=adapter_dtype).startswith(u_tiles)
-        assert _path(8192, 512, 1272, 16, p=0.1, adapter_dtype=adapter_dtype).find(other) > 0
-        assert _path(8191, 512, 1280, 16, p=0.1, adapter_dtype=adapter_dtype).find(other) > 0
-        # at p = 0 the same shape keeps the lead tiles (fp32 adapters: 2 per row block at r = 16; 16-bit: 1)
-        assert _path(8192, 512, 1280, 16, adapter_dtype=adapter_dtype).startswith("sm90 fused lead (")
-        x, W, b, A, B = _inputs(8200, 256, 648, 24, torch.bfloat16, adapter_dtype, True)
-        assert cb.forward_path(x, W, b, A, B, 0.1).startswith(u_tiles)
-        assert_cuda_forward(cb, x, W, b, A, B, S, p=0.1, seed=(1 << 36) + 77, offset=5)
-        run_and_check("cuda", "cuda", torch.bfloat16, (2, 4100), 256, 648, 24, bias=True, p=0.1,
-                      adapter_dtype=adapter_dtype)
-    finally:
-        cb.set_fused_forward(previous)
-
-
 def test_fused_forward_dropout_paths():
     """With dropout the default takes the shrink + GEMM path and says why; mode 2 takes the lead tiles with fp32
     adapters on bf16 x, and says why not otherwise."""
