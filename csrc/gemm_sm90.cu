@@ -75,7 +75,23 @@ static GemmConfig env_config() {
   return c;
 }
 
-GemmChoice lora_gemm_sm90_pick(const LoraGemmArgs& a) {
+int lora_gemm_sm90_swizzle(int64_t M, int64_t N, int bm, int bn, int cluster_n, int wave) {
+  auto up = [](int64_t v, int64_t m) { return (v + m - 1) / m * m; };
+  const int64_t tm = (M + bm - 1) / bm, tn = up((N + bn - 1) / bn, cluster_n);  // CTAs per mode, whole clusters
+  auto waves = [&](int s) {
+    // the swizzle CUTLASS takes (get_log_swizzle_size: 4 needs 3 CTAs along the shorter mode, 2 needs 2), then the
+    // grid it runs: each mode rounded up to swizzle x cluster
+    const int64_t shorter = tm < tn ? tm : tn;
+    const int e = s >= 4 && shorter >= 3 ? 4 : s >= 2 && shorter >= 2 ? 2 : 1;
+    return (up(tm, e) * up(tn, (int64_t)e * cluster_n) + wave - 1) / wave;
+  };
+  int best = 4;
+  for (int s : {2, 1})
+    if (waves(s) < waves(best)) best = s;
+  return best;
+}
+
+GemmChoice lora_gemm_sm90_pick(const LoraGemmArgs& a, int sms) {
   // Clusters of 1x2 tiles along N, tile order along M with swizzle 4. The tile, measured against cuBLAS in the
   // targets grid's burst regime (bench/dev/gemm_sm90_probe.py --regime burst, session 24) over the Llama-3-8B layer
   // shapes at M = 2048 and 8192, forward and dx layouts:
@@ -84,10 +100,18 @@ GemmChoice lora_gemm_sm90_pick(const LoraGemmArgs& a) {
   //    K = 14336 0.98 against 0.91);
   //  - 128x128 ping-pong elsewhere: at N = 1024 the wide tile leaves too few tiles (0.54x at M = 2048) and at
   //    K = 1024 its epilogue shows (0.97 against 1.05).
+  // The swizzle: 4 (session 24's probe), except where it pads the tile grid by more waves than 2 or 1 would.
+  // CUTLASS's persistent scheduler rounds the grid up to a multiple of swizzle x cluster along each mode
+  // (PersistentTileSchedulerSm90Params::initialize) and runs the padding tiles in full: their loads come back
+  // zero-filled and their stores are masked off, but their MMAs take a tile's time. At N = 11008 on 128 x 256 tiles
+  // the 43 tile columns ran as 48 with swizzle 4: 24 waves of 132 tiles where 44 columns (swizzle 2) take 22.
   const bool wide = a.K + a.Kx >= 2048 && a.N >= 2048;
   GemmChoice c{wide ? GemmConfig::kCoop128x256_c12 : GemmConfig::kPing128x128_c12, 4, 1};
   if (env_config() != GemmConfig::kAuto) c.config = env_config();
   if (a.config != GemmConfig::kAuto) c.config = a.config;
+  if (c.config == GemmConfig::kCoop128x256_c12 || c.config == GemmConfig::kPing128x128_c12)
+    c.swizzle = lora_gemm_sm90_swizzle(a.M, a.N, 128, c.config == GemmConfig::kCoop128x256_c12 ? 256 : 128, 2,
+                                       sms > 0 ? sms : 132);
   if (a.swizzle > 0) c.swizzle = a.swizzle;
   if (a.raster > 0) c.raster = a.raster;
   return c;
@@ -99,7 +123,7 @@ cudaError_t launch_lora_gemm_sm90(const LoraGemmArgs& a, cudaStream_t stream) {
   if (e != cudaSuccess) return e;
   if (lora_gemm_sm90_unsupported(a, device) != nullptr) return cudaErrorNotSupported;
 #if LORA_KERNELS_HAVE_SM90_GEMM
-  const GemmChoice c = lora_gemm_sm90_pick(a);
+  const GemmChoice c = lora_gemm_sm90_pick(a, device_info(device).sms);
   // [dtype: bf16, fp16][layout: nk, kn][config: 4, 1]
   static constexpr sm90::RunFn kRun[2][2][2] = {
       {{sm90::run_bf16_nk_c4, sm90::run_bf16_nk_c1}, {sm90::run_bf16_kn_c4, sm90::run_bf16_kn_c1}},

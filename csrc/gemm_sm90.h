@@ -51,7 +51,7 @@ struct LoraGemmArgs {
   GemmDType dtype = GemmDType::kBFloat16;
   GemmLayoutB layout_b = GemmLayoutB::kNK;
   GemmConfig config = GemmConfig::kAuto;
-  int swizzle = 0;  // tile-order swizzle (1, 2, 4, 8); 0: the config's default
+  int swizzle = 0;  // tile-order swizzle (1, 2, 4, 8); 0: lora_gemm_sm90_pick chooses
   int raster = 0;   // 0: heuristic, 1: along M, 2: along N
 };
 
@@ -65,7 +65,11 @@ struct GemmChoice {
   int swizzle;
   int raster;
 };
-GemmChoice lora_gemm_sm90_pick(const LoraGemmArgs& args);
+// sms: the device's SM count (one wave of tiles for the swizzle choice); 0 assumes 132 (H100 SXM / H200).
+GemmChoice lora_gemm_sm90_pick(const LoraGemmArgs& args, int sms = 0);
+// The tile-order swizzle (1, 2 or 4) for an M x N grid of bm x bn tiles in clusters of cluster_n along N, with
+// `wave` tiles in flight: 4 unless a smaller swizzle takes fewer waves (lora_gemm_sm90_pick says why).
+int lora_gemm_sm90_swizzle(int64_t M, int64_t N, int bm, int bn, int cluster_n, int wave);
 // Launches on `stream`; returns the launch's error (cudaErrorNotSupported when unsupported).
 cudaError_t launch_lora_gemm_sm90(const LoraGemmArgs& args, cudaStream_t stream);
 

@@ -29,11 +29,11 @@ extern "C" int lk_gemm_sm90(int64_t M, int64_t N, int64_t K, int64_t Kx, const v
   args.config = static_cast<lora_kernels::GemmConfig>(config);
   args.swizzle = swizzle;
   args.raster = raster;
-  const lora_kernels::GemmChoice c = lora_kernels::lora_gemm_sm90_pick(args);
-  ProbeFn fn = kTable[dtype == 2 ? 0 : 1][layout][static_cast<int>(c.config)];
-  if (fn == nullptr) return static_cast<int>(cudaErrorNotSupported);
   int device = 0, sms = 0;
   cudaGetDevice(&device);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  const lora_kernels::GemmChoice c = lora_kernels::lora_gemm_sm90_pick(args, sms);
+  ProbeFn fn = kTable[dtype == 2 ? 0 : 1][layout][static_cast<int>(c.config)];
+  if (fn == nullptr) return static_cast<int>(cudaErrorNotSupported);
   return static_cast<int>(fn(args, c.swizzle, c.raster, sms, static_cast<cudaStream_t>(stream)));
 }

@@ -1,0 +1,89 @@
+"""The sm_90 GEMM's per-problem choice (csrc/gemm_sm90.cu: lora_gemm_sm90_pick) on the host, no GPU needed: the tile
+config and the tile-order swizzle. CUTLASS's persistent scheduler rounds the grid of tiles up to a multiple of
+swizzle x cluster along each mode and runs the padding tiles in full, so the swizzle must not add waves of tiles
+where a smaller one would not; on the benchmarked Llama-3-8B shapes it stays 4, the value session 24's probe chose."""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import nvcc_or_skip
+
+ROOT = Path(__file__).resolve().parents[1]
+CSRC = ROOT / "csrc"
+SMS = 132
+
+DRIVER = r"""
+#include <cstdio>
+#include "gemm_sm90.h"
+using namespace lora_kernels;
+// stdin: "M N K Kx" lines; stdout: "config swizzle" per line (132 SMs)
+int main() {
+  long long M, N, K, Kx;
+  while (scanf("%lld %lld %lld %lld", &M, &N, &K, &Kx) == 4) {
+    LoraGemmArgs a;
+    a.M = M; a.N = N; a.K = K; a.Kx = Kx;
+    const GemmChoice c = lora_gemm_sm90_pick(a, 132);
+    printf("%d %d\n", (int)c.config, c.swizzle);
+  }
+  return 0;
+}
+"""
+
+COOP, PING = 4, 1  # GemmConfig::kCoop128x256_c12, kPing128x128_c12
+
+
+@pytest.fixture(scope="module")
+def pick_bin(tmp_path_factory):
+    nvcc = nvcc_or_skip()
+    d = tmp_path_factory.mktemp("pick")
+    (d / "driver.cu").write_text(DRIVER)
+    flags = ["-std=c++17", "-arch=compute_90", "-code=compute_90", f"-I{CSRC}"]  # host code only: no GPU
+    exe = d / "pick"
+    res = subprocess.run([nvcc, *flags, str(d / "driver.cu"), str(CSRC / "gemm_sm90.cu"), "-o", str(exe)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    return exe
+
+
+def _pick(exe, cases):
+    stdin = "".join(f"{M} {N} {K} {Kx}\n" for M, N, K, Kx in cases)
+    out = subprocess.run([str(exe)], input=stdin, capture_output=True, text=True, check=True).stdout.split("\n")
+    return [tuple(int(v) for v in line.split()) for line in out if line.strip()]
+
+
+def _waves(M, N, bn, s):
+    """Waves of SMS tiles that CUTLASS runs for 128 x bn tiles in 1 x 2 clusters at max swizzle s
+    (PersistentTileSchedulerSm90Params: get_log_swizzle_size, then each mode rounded up to swizzle x cluster)."""
+    up = lambda v, m: -(-v // m) * m
+    tm, tn = -(-M // 128), up(-(-N // bn), 2)
+    e = 4 if s >= 4 and min(tm, tn) >= 3 else 2 if s >= 2 and min(tm, tn) >= 2 else 1
+    return -(-(up(tm, e) * up(tn, 2 * e)) // SMS)
+
+
+def test_benchmarked_shapes_keep_swizzle_4(pick_bin):
+    # forward (N, K) and dx (N = K of the layer, K = its N, with the rank extension) at 2048 and 8192 tokens
+    cases = [(M, N, K, Kx) for M in (2048, 8192)
+             for (N, K, Kx) in ((4096, 4096, 0), (1024, 4096, 0), (14336, 4096, 0), (4096, 14336, 0),
+                                (4096, 4096, 64), (4096, 1024, 64), (4096, 14336, 64), (14336, 4096, 64))]
+    for (M, N, K, Kx), (config, swizzle) in zip(cases, _pick(pick_bin, cases)):
+        assert swizzle == 4, (M, N, K, Kx, config, swizzle)
+        assert config == (COOP if K + Kx >= 2048 and N >= 2048 else PING), (M, N, K, Kx, config)
+
+
+def test_swizzle_pads_no_extra_wave(pick_bin):
+    """N = 11008 (43 columns of 256) ran as 48 columns at swizzle 4: 24 waves where 22 suffice; N = 5120 (20
+    columns) as 24; M = 8200 (65 rows of 128) as 68. Everywhere the choice is the largest swizzle of fewest waves."""
+    got = dict(zip([(8192, 11008), (8192, 5120), (8200, 4096)],
+                   _pick(pick_bin, [(8192, 11008, 4096, 0), (8192, 5120, 13824, 0), (8200, 4096, 4096, 0)])))
+    assert got == {(8192, 11008): (COOP, 2), (8192, 5120): (COOP, 2), (8200, 4096): (COOP, 2)}, got
+    Ms = [1, 64, 127, 128, 129, 300, 1000, 2048, 4095, 8192, 8200, 16384, 100_000]
+    Ns = [8, 120, 128, 264, 1000, 2048, 2056, 4096, 5120, 6144, 11008, 13824, 14336, 28672]
+    cases = [(M, N, 4096, 0) for M in Ms for N in Ns]
+    for (M, N, K, Kx), (config, swizzle) in zip(cases, _pick(pick_bin, cases)):
+        bn = 256 if config == COOP else 128
+        fewest = min(_waves(M, N, bn, s) for s in (4, 2, 1))
+        assert _waves(M, N, bn, swizzle) == fewest, (M, N, config, swizzle)
+        assert all(_waves(M, N, bn, s) > fewest for s in (4, 2, 1) if s > swizzle), (M, N, config, swizzle)
