@@ -91,6 +91,17 @@ int lora_gemm_sm90_swizzle(int64_t M, int64_t N, int bm, int bn, int cluster_n, 
   return best;
 }
 
+// LORA_KERNELS_SM90_GEMM_SWIZZLE: 1, 2 or 4 forces that swizzle on every call that does not set its own, for A/B
+// timing; unset or other values: lora_gemm_sm90_swizzle's choice. Read once.
+static int env_swizzle() {
+  static const int s = [] {
+    const char* v = std::getenv("LORA_KERNELS_SM90_GEMM_SWIZZLE");
+    if (v == nullptr) return 0;
+    return std::strcmp(v, "1") == 0 ? 1 : std::strcmp(v, "2") == 0 ? 2 : std::strcmp(v, "4") == 0 ? 4 : 0;
+  }();
+  return s;
+}
+
 GemmChoice lora_gemm_sm90_pick(const LoraGemmArgs& a, int sms) {
   // Clusters of 1x2 tiles along N, tile order along M with swizzle 4. The tile, measured against cuBLAS in the
   // targets grid's burst regime (bench/dev/gemm_sm90_probe.py --regime burst, session 24) over the Llama-3-8B layer
@@ -112,6 +123,7 @@ GemmChoice lora_gemm_sm90_pick(const LoraGemmArgs& a, int sms) {
   if (c.config == GemmConfig::kCoop128x256_c12 || c.config == GemmConfig::kPing128x128_c12)
     c.swizzle = lora_gemm_sm90_swizzle(a.M, a.N, 128, c.config == GemmConfig::kCoop128x256_c12 ? 256 : 128, 2,
                                        sms > 0 ? sms : 132);
+  if (env_swizzle() > 0) c.swizzle = env_swizzle();
   if (a.swizzle > 0) c.swizzle = a.swizzle;
   if (a.raster > 0) c.raster = a.raster;
   return c;

@@ -52,6 +52,8 @@ Read by the CUDA extension (csrc/binding.cpp), once, when a GEMM first asks for 
     LORA_KERNELS_SM90_GEMM_CONFIG       forces the sm_90 GEMM's tile (csrc/gemm_sm90.cu), and the fused forward's
                                         lead tiles' without dropout: 1 128 x 128 ping-pong, 4 128 x 256
                                         cooperative; unset: chosen per problem. A/B timing.
+    LORA_KERNELS_SM90_GEMM_SWIZZLE      forces the sm_90 GEMM's tile-order swizzle (1, 2 or 4); unset: 4 unless a
+                                        smaller one runs fewer waves of tiles (csrc/gemm_sm90.cu). A/B timing.
     LORA_KERNELS_SM90_DX_MASK           0 keeps dx with dropout off the sm_90 GEMM (the dx kernel writes the masked
                                         term, cuBLAS adds dy W): for A/B timing.
     LORA_KERNELS_SM90_DY                0 keeps the backward's dy pass on its mma.sync kernel (csrc/dy_pass.cu)

@@ -4,6 +4,7 @@ swizzle x cluster along each mode and runs the padding tiles in full, so the swi
 where a smaller one would not; on the benchmarked Llama-3-8B shapes it stays 4, the value session 24's probe chose."""
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -71,6 +72,14 @@ def test_benchmarked_shapes_keep_swizzle_4(pick_bin):
     for (M, N, K, Kx), (config, swizzle) in zip(cases, _pick(pick_bin, cases)):
         assert swizzle == 4, (M, N, K, Kx, config, swizzle)
         assert config == (COOP if K + Kx >= 2048 and N >= 2048 else PING), (M, N, K, Kx, config)
+
+
+def test_swizzle_setting_forces_it(pick_bin):
+    """LORA_KERNELS_SM90_GEMM_SWIZZLE (A/B timing) overrides the choice, read once per process."""
+    for v in ("1", "2", "4"):
+        out = subprocess.run([str(pick_bin)], input="8192 11008 4096 0\n8192 4096 4096 0\n", capture_output=True,
+                             text=True, check=True, env=dict(os.environ, LORA_KERNELS_SM90_GEMM_SWIZZLE=v)).stdout
+        assert [line.split()[1] for line in out.split("\n") if line.strip()] == [v, v], (v, out)
 
 
 def test_swizzle_pads_no_extra_wave(pick_bin):
