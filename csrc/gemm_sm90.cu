@@ -103,7 +103,7 @@ static int env_swizzle() {
 }
 
 GemmChoice lora_gemm_sm90_pick(const LoraGemmArgs& a, int sms) {
-  // Clusters of 1x2 tiles along N, tile order along M with swizzle 4. The tile, measured against cuBLAS in the
+  // Clusters of 1x2 tiles along N, tile order along M with a swizzle (below). The tile, measured against cuBLAS in the
   // targets grid's burst regime (bench/dev/gemm_sm90_probe.py --regime burst, session 24) over the Llama-3-8B layer
   // shapes at M = 2048 and 8192, forward and dx layouts:
   //  - 128x256 cooperative where K >= 2048 and N >= 2048: enough K-tiles to hide its unoverlapped epilogue and
