@@ -116,6 +116,8 @@ GemmChoice lora_gemm_sm90_pick(const LoraGemmArgs& a, int sms) {
   // (PersistentTileSchedulerSm90Params::initialize) and runs the padding tiles in full: their loads come back
   // zero-filled and their stores are masked off, but their MMAs take a tile's time. At N = 11008 on 128 x 256 tiles
   // the 43 tile columns ran as 48 with swizzle 4: 24 waves of 132 tiles where 44 columns (swizzle 2) take 22.
+  // Measured (session 34, forward at M = 8192, GPU time / cuBLAS): 4096->11008 1.274 -> 1.120, 13824->5120 1.350 ->
+  // 1.055, and M = 8200 at 4096->4096 1.279 -> 1.138.
   const bool wide = a.K + a.Kx >= 2048 && a.N >= 2048;
   GemmChoice c{wide ? GemmConfig::kCoop128x256_c12 : GemmConfig::kPing128x128_c12, 4, 1};
   if (env_config() != GemmConfig::kAuto) c.config = env_config();
