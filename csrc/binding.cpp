@@ -844,10 +844,12 @@ struct DoraKernels : FusedKernels {
     const int64_t N = weight.size(0);
     const int r = (int)lora_A.size(0);
     const Tensor wa = shrink_only(weight, lora_A, 1.0);  // W Aᵀ: one pass over W
-    const Tensor a32 = lora_A.to(at::kFloat);
-    const Tensor aat = at::mm(a32, a32.t());  // (r, r)
     const c10::cuda::CUDAGuard guard(weight.device());
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream(weight.device().index());
+    const Tensor aat = at::empty({r, r}, weight.options().dtype(at::kFloat));  // A Aᵀ: one launch (dora_gram.cu)
+    check_cuda(lk::launch_dora_gram(lora_A.data_ptr(), to_dtype(lora_A, "lora_A"), r, lora_A.size(1),
+                                    aat.data_ptr<float>(), stream),
+               "dora gram launch");
     Tensor norm = at::empty({N}, weight.options().dtype(at::kFloat)), g = at::empty_like(norm);
     Tensor bg = at::empty_like(lora_B);
     check_cuda(lk::launch_dora_combine(wa.data_ptr<float>(), wsq.data_ptr<float>(), lora_B.data_ptr(),

@@ -142,6 +142,8 @@ cudaError_t launch_lora_col_scale(void* y, DType y_dtype, const float* c, const 
 cudaError_t launch_dora_combine(const float* wa, const float* wsq, const void* B, DType b_dtype, const float* aat,
                                 const void* magnitude, DType m_dtype, float scaling, int64_t N, int r, float* norm,
                                 float* g, void* Bg, cudaStream_t stream);
+// aat (r, r) fp32 = A Aᵀ, A (r, K) a_dtype (dora_gram.cu: one launch, fp32 products and sums, symmetric exactly).
+cudaError_t launch_dora_gram(const void* A, DType a_dtype, int r, int64_t K, float* aat, cudaStream_t stream);
 // Row splits of launch_dora_colsum's partial sums for an (M, N) dy.
 int64_t dora_colsum_splits(int64_t M, int64_t N);
 // dy, y (M, N) dtype, g (N,) fp32, bias (N,) dtype or null: dyc = g ⊙ dy (dyc null: not written) and
