@@ -10,9 +10,9 @@
 //          pass is a few rounds of load latency (A is read once per pair, mostly from L2).
 // Bytes  : A, 8 rows per block: 8·K·(T(T+1)/2) elements in all, T = ceil(r / 4) (r = 64, K = 4096, fp32: 18 MB, from
 //          L2 but for the first touch); r² fp32 written.
-// Why a kernel: at::mm ran this as two cuBLAS launches (a split-K SIMT sgemm, then its reduce: 10-11 us of GPU time on
-// the H200, session 34's profile) plus a cast for 16-bit A. A first version with one scalar load per element and 256
-// threads took 9-13 us (load latency: 8 rounds at K = 4096); this one keeps more loads in flight per round.
+// Why a kernel: at::mm ran this as two cuBLAS launches (a split-K SIMT sgemm, then its reduce: 10-15 us of GPU time on
+// the H200) plus a cast for 16-bit A; this launch takes 3.5-7 us (bench/results/h200_2026-12-04/session34). The pass
+// is bound by load latency, hence the vector loads and two chunks in flight per thread.
 #include "common.cuh"
 #include "plans.cuh"
 
@@ -76,7 +76,7 @@ dora_gram_kernel(const T* __restrict__ A, int r, int64_t K, float* __restrict__ 
 
 template <typename T>
 cudaError_t launch_gram(const void* A, int r, int64_t K, float* aat, cudaStream_t stream) {
-  const int T_ = (r + kGroup - 1) / kGroup, pairs = T_ * (T_ + 1) / 2;
+  const int64_t T_ = ceil_div(r, kGroup), pairs = T_ * (T_ + 1) / 2;
   const T* a = static_cast<const T*>(A);
   if (pairs <= num_sms())
     return launch_kernel(dora_gram_kernel<T, 512>, dim3((unsigned)pairs), 512, 0, stream, a, r, K, aat);
