@@ -60,6 +60,7 @@ const char* lora_gemm_sm90_unsupported(const LoraGemmArgs& a, int device) {
     if (a.N % 128) return "keep bits need N a multiple of 128 (16-byte rows of bits for TMA)";
     if (!aligned16(a.keep)) return "keep bits must be 16-byte aligned";
   }
+  if (a.a_scale && !aligned16(a.a_scale)) return "the column scale must be 16-byte aligned";
   return nullptr;
 }
 

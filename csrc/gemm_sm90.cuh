@@ -38,12 +38,31 @@ using namespace cute;
 
 // ------------------------------------------------------------------------------------------------ mainloop
 // CUTLASS's TMA + WGMMA warp-specialised mainloop with a second pair of TMA descriptors for the extension, and
-// optional keep bits that mask the extension's term (gemm_sm90.h). Base is the CollectiveMma the CollectiveBuilder
-// picks. The producer (load) chooses the source of each K-tile; the consumer (mma) is Base's loop plus one step.
+// optional keep bits that mask the extension's term and an optional column scale of A's main K-tiles (gemm_sm90.h).
+// Base is the CollectiveMma the CollectiveBuilder picks. The producer (load) chooses the source of each K-tile; the
+// consumer (mma) is Base's loop plus two steps.
 //   Unmasked: K-tiles [0, kt_main) from (A, B), then [kt_main, kt_main + kt_ext) from (Ax, Bx).
 //   Masked:   the extension's K-tiles first, the keep bits of the output tile loaded by TMA with the last of them
 //             (into that stage's keep slot, counted on the same barrier); after that tile's MMAs the consumer zeroes
 //             the dropped accumulator elements, then the main K-tiles accumulate on top.
+//   Scaled:   before the MMAs of a main K-tile, each consumer warpgroup multiplies its rows of the stage's A tile by
+//             the column scale in shared memory (fp32 products rounded to A's type), fences them for the async
+//             proxy and syncs its 128 threads; this overlaps the MMAs of the K-tile before, still in flight.
+// Two 16-bit values of type T packed in a word (the lower one first), each times its scale in fp32, rounded to T.
+template <class T>
+CUTLASS_DEVICE uint32_t scale_pair_of(uint32_t w, float s0, float s1) {
+  if constexpr (cute::is_same_v<T, cutlass::bfloat16_t>) {
+    const float2 f = __bfloat1622float2(*reinterpret_cast<__nv_bfloat162 const*>(&w));
+    const __nv_bfloat162 o = __floats2bfloat162_rn(f.x * s0, f.y * s1);
+    return *reinterpret_cast<uint32_t const*>(&o);
+  } else {
+    static_assert(cute::is_same_v<T, cutlass::half_t>, "16-bit A");
+    const float2 f = __half22float2(*reinterpret_cast<__half2 const*>(&w));
+    const __half2 o = __floats2half2_rn(f.x * s0, f.y * s1);
+    return *reinterpret_cast<uint32_t const*>(&o);
+  }
+}
+
 template <class Base>
 struct KExtendedMainloop : Base {
   using typename Base::ElementA;
@@ -67,6 +86,9 @@ struct KExtendedMainloop : Base {
   static constexpr int kTileN = size<1>(TileShape{});
   static constexpr int kTileK = size<2>(TileShape{});
   static constexpr int kStages = DispatchPolicy::Stages;
+  CUTLASS_DEVICE static uint32_t scale_pair(uint32_t w, float s0, float s1) {
+    return scale_pair_of<ElementA>(w, s0, s1);  // InternalElementA is the raw 16-bit word TMA moves
+  }
   // Keep bits of one output tile: kTileM rows of kTileN / 8 bytes, one slot per pipeline stage.
   static constexpr int kKeepRowBytes = kTileN / 8;
   static constexpr int kKeepBytes = kTileM * kKeepRowBytes;
@@ -97,6 +119,7 @@ struct KExtendedMainloop : Base {
     int k_main;              // K of (A, B); the problem shape's K is k_tiles_main * kTileK + Kx
     int k_ext;               // Kx (a multiple of kTileK, may be 0)
     uint8_t const* ptr_keep = nullptr;  // (M, N/8) keep bits, or null
+    float const* a_scale = nullptr;     // (k_main,) column scale of A in the main product, or null
     uint32_t mma_promotion_interval = 4;
   };
 
@@ -110,6 +133,7 @@ struct KExtendedMainloop : Base {
     int k_tiles_ext;
     int masked;
     int keep_rows, keep_cols;  // the keep descriptor's (M, N/8), or (M, kKeepRowBytes) when unmasked
+    float const* a_scale;      // null: A unscaled
   };
 
   template <class ProblemShape>
@@ -140,6 +164,7 @@ struct KExtendedMainloop : Base {
     p.k_ext = args.k_ext;
     p.k_tiles_main = (args.k_main + kTileK - 1) / kTileK;
     p.k_tiles_ext = args.k_ext / kTileK;
+    p.a_scale = args.a_scale;
     // Unmasked, the keep descriptor is never used; it still needs a valid one: A's first 16 bytes of each row.
     p.masked = args.ptr_keep != nullptr && args.k_ext > 0;
     auto keep_src = p.masked ? args.ptr_keep : reinterpret_cast<uint8_t const*>(args.ptr_A);
@@ -289,6 +314,47 @@ struct KExtendedMainloop : Base {
     CUTE_STATIC_ASSERT_V(size(tCcC) == size(accum));
 
     const int keep_tile = p.masked ? p.k_tiles_ext - 1 : -1;  // the K-tile after which the mask applies
+
+    // The column scale: warpgroup w owns rows [w R, w R + R) of the A tile (the warpgroups split the tile along M;
+    // R = kTileM with one, in the ping-pong kernel). Its thread i takes the 16-byte chunk i % 8 of the tile's 64
+    // columns (8 elements, contiguous under the 128-byte swizzle of a K-major tile) in rows i / 8 + 16 j, j < R / 16,
+    // with those 8 columns' scales loaded one main K-tile ahead (the loads hide under a K-tile's MMAs).
+    constexpr int kMmaWGs = MmaWarpGroups;
+    static_assert(size<1>(typename TiledMma::ThrLayoutVMNK{}) == kMmaWGs, "the warpgroups split the tile along M");
+    constexpr int kRowsWG = kTileM / kMmaWGs;
+    static_assert(kTileK == 64 && kRowsWG % 16 == 0, "8 chunks of 8 columns per row, 16 rows per pass");
+    const bool scaled = p.a_scale != nullptr;
+    const int wg_thread = thread_idx % cutlass::NumThreadsPerWarpGroup;
+    const int chunk = wg_thread % 8, row0 = warp_group_idx * kRowsWG + wg_thread / 8;
+    const int main0 = p.masked ? p.k_tiles_ext : 0;  // the first main K-tile in this loop's order
+    auto is_main = [&](int t) { return t >= main0 && t < main0 + p.k_tiles_main; };
+    float sc[8];
+    auto load_scale = [&](int t) {  // zero past k_main: TMA zero-fills A there
+      const int k = (t - main0) * kTileK + 8 * chunk;
+      float4 lo = make_float4(0.f, 0.f, 0.f, 0.f), hi = lo;
+      if (k < p.k_main) {  // k_main is a multiple of 8: a chunk is all in or all out
+        lo = __ldg(reinterpret_cast<float4 const*>(p.a_scale + k));
+        hi = __ldg(reinterpret_cast<float4 const*>(p.a_scale + k + 4));
+      }
+      sc[0] = lo.x, sc[1] = lo.y, sc[2] = lo.z, sc[3] = lo.w, sc[4] = hi.x, sc[5] = hi.y, sc[6] = hi.z, sc[7] = hi.w;
+    };
+    auto scale_stage = [&](int stage) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int j = 0; j < kRowsWG / 16; ++j) {
+        uint4* ptr = reinterpret_cast<uint4*>(&sA(row0 + 16 * j, 8 * chunk, stage));
+        uint4 v = *ptr;
+        v.x = scale_pair(v.x, sc[0], sc[1]);
+        v.y = scale_pair(v.y, sc[2], sc[3]);
+        v.z = scale_pair(v.z, sc[4], sc[5]);
+        v.w = scale_pair(v.w, sc[6], sc[7]);
+        *ptr = v;
+      }
+      cutlass::arch::fence_view_async_shared();  // the stores, visible to the WGMMAs (async proxy)
+      // this warpgroup's 128 threads: user barriers 0 and 1 (canonical warpgroups 1 and 2; CUTLASS's own are below)
+      cutlass::arch::NamedBarrier::arrive_and_wait(cutlass::NumThreadsPerWarpGroup,
+                                                   cutlass::canonical_warp_group_idx() - 1);
+    };
+    if (scaled && is_main(0)) load_scale(0);
     // A thread's WGMMA accumulators (PTX ISA, wgmma D fragments): mode 0 is (2 adjacent columns, 2 rows 8 apart,
     // G column groups 8 apart), so for each row (mode-0 row h, MMA_M index, MMA_N index) the thread holds columns
     // n0 + c + 8 j (c < 2, j < G) with n0 % 8 in {0, 2, 4, 6}: the bits of 32 of its columns sit in one 32-bit word
@@ -336,6 +402,10 @@ struct KExtendedMainloop : Base {
       auto barrier_token = pipeline.consumer_try_wait(smem_pipe_read);
       pipeline.consumer_wait(smem_pipe_read, barrier_token);
       int read_stage = smem_pipe_read.index();
+      if (scaled && is_main(0)) {
+        scale_stage(read_stage);
+        if (is_main(1)) load_scale(1);
+      }
       warpgroup_arrive();
       CUTLASS_PRAGMA_UNROLL
       for (int k_block = 0; k_block < size<2>(tCrA); ++k_block) {
@@ -354,6 +424,10 @@ struct KExtendedMainloop : Base {
       auto barrier_token = pipeline.consumer_try_wait(smem_pipe_read);
       pipeline.consumer_wait(smem_pipe_read, barrier_token);
       int read_stage = smem_pipe_read.index();
+      if (scaled && is_main(t)) {
+        scale_stage(read_stage);
+        if (is_main(t + 1)) load_scale(t + 1);
+      }
       warpgroup_fence_operand(accum);
       warpgroup_arrive();
       cute::gemm(tiled_mma, tCrA(_, _, _, read_stage), tCrB(_, _, _, read_stage), accum);
@@ -430,7 +504,7 @@ struct Gemm {
                      static_cast<E const*>(a.b), cutlass::make_cute_packed_stride(StrideB{}, {N, K, 1}),
                      static_cast<E const*>(a.ax), cutlass::make_cute_packed_stride(StrideA{}, {M, Kx, 1}),
                      static_cast<E const*>(a.bx), cutlass::make_cute_packed_stride(StrideB{}, {N, Kx, 1}),
-                     K, Kx, a.keep};
+                     K, Kx, a.keep, a.a_scale};
     args.epilogue.thread.alpha = 1.0f;
     args.epilogue.thread.beta = 0.0f;
     args.epilogue.thread.bias_ptr = static_cast<E const*>(a.bias);
