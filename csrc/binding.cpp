@@ -639,7 +639,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   const bool dx_sm90 = need_dx && N > 0 && dx_sm90_unsupported(dyw, weight, pf, bits) == nullptr;
   const float* dx_scale_in_gemm = nullptr;  // the column scale the sm_90 GEMM applies as it reads dyw
   if (need_dx && dx_col_scale != nullptr) {
-    if (dx_sm90 && reinterpret_cast<uintptr_t>(dx_col_scale->data_ptr()) % 16 == 0) {
+    if (dx_sm90 && !bits && reinterpret_cast<uintptr_t>(dx_col_scale->data_ptr()) % 16 == 0) {  // not with keep bits
       dx_scale_in_gemm = dx_col_scale->data_ptr<float>();
     } else {  // the values the GEMM would read: fp32 products rounded to dy's dtype
       dyw = (dyw.to(at::kFloat) * *dx_col_scale).to(dyw.scalar_type());

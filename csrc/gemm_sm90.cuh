@@ -45,25 +45,12 @@ using namespace cute;
 //   Masked:   the extension's K-tiles first, the keep bits of the output tile loaded by TMA with the last of them
 //             (into that stage's keep slot, counted on the same barrier); after that tile's MMAs the consumer zeroes
 //             the dropped accumulator elements, then the main K-tiles accumulate on top.
-//   Scaled:   before the MMAs of a main K-tile, each consumer warpgroup multiplies its rows of the stage's A tile by
-//             the column scale in shared memory (fp32 products rounded to A's type), fences them for the async
-//             proxy and syncs its 128 threads; this overlaps the MMAs of the K-tile before, still in flight.
-// Two 16-bit values of type T packed in a word (the lower one first), each times its scale in fp32, rounded to T.
-template <class T>
-CUTLASS_DEVICE uint32_t scale_pair_of(uint32_t w, float s0, float s1) {
-  if constexpr (cute::is_same_v<T, cutlass::bfloat16_t>) {
-    const float2 f = __bfloat1622float2(*reinterpret_cast<__nv_bfloat162 const*>(&w));
-    const __nv_bfloat162 o = __floats2bfloat162_rn(f.x * s0, f.y * s1);
-    return *reinterpret_cast<uint32_t const*>(&o);
-  } else {
-    static_assert(cute::is_same_v<T, cutlass::half_t>, "16-bit A");
-    const float2 f = __half22float2(*reinterpret_cast<__half2 const*>(&w));
-    const __half2 o = __floats2half2_rn(f.x * s0, f.y * s1);
-    return *reinterpret_cast<uint32_t const*>(&o);
-  }
-}
-
-template <class Base>
+//   Scaled:   (unmasked only) A comes to the MMAs through registers: each k-block of a main K-tile is loaded from
+//             shared memory (ldmatrix), multiplied by the column scale (fp32 products rounded to A's type) and fed
+//             to a register-A WGMMA, while the k-blocks before it run. Scaling the tile in shared memory instead
+//             (stores, an async-proxy fence, a warpgroup barrier before the WGMMAs) made the dx GEMM 1.39-1.43x
+//             slower on the H200 (thirty-fifth session).
+template <class Base, bool Scaled>
 struct KExtendedMainloop : Base {
   using typename Base::ElementA;
   using typename Base::ElementB;
@@ -86,9 +73,6 @@ struct KExtendedMainloop : Base {
   static constexpr int kTileN = size<1>(TileShape{});
   static constexpr int kTileK = size<2>(TileShape{});
   static constexpr int kStages = DispatchPolicy::Stages;
-  CUTLASS_DEVICE static uint32_t scale_pair(uint32_t w, float s0, float s1) {
-    return scale_pair_of<ElementA>(w, s0, s1);  // InternalElementA is the raw 16-bit word TMA moves
-  }
   // Keep bits of one output tile: kTileM rows of kTileN / 8 bytes, one slot per pipeline stage.
   static constexpr int kKeepRowBytes = kTileN / 8;
   static constexpr int kKeepBytes = kTileM * kKeepRowBytes;
@@ -297,6 +281,12 @@ struct KExtendedMainloop : Base {
   CUTLASS_DEVICE void mma(MainloopPipeline pipeline, PipelineState smem_pipe_read, FrgTensorC& accum,
                           int k_tile_count, int thread_idx, TensorStorage& shared_tensors, Params const& p) {
     static_assert(Base::K_PIPE_MMAS == 1, "this loop keeps one MMA batch in flight");
+    // A compile-time choice: with both loops in one kernel ptxas serialised every WGMMA (warning C7515: the
+    // accumulators' registers are defined outside the WGMMAs where the two paths join)
+    if constexpr (Scaled) {
+      mma_scaled(pipeline, smem_pipe_read, accum, k_tile_count, thread_idx, shared_tensors, p);
+      return;
+    }
     Tensor sA = make_tensor(make_smem_ptr(shared_tensors.smem_A.data()), SmemLayoutA{});  // (BLK_M,BLK_K,PIPE)
     Tensor sB = make_tensor(make_smem_ptr(shared_tensors.smem_B.data()), SmemLayoutB{});  // (BLK_N,BLK_K,PIPE)
 
@@ -315,46 +305,6 @@ struct KExtendedMainloop : Base {
 
     const int keep_tile = p.masked ? p.k_tiles_ext - 1 : -1;  // the K-tile after which the mask applies
 
-    // The column scale: warpgroup w owns rows [w R, w R + R) of the A tile (the warpgroups split the tile along M;
-    // R = kTileM with one, in the ping-pong kernel). Its thread i takes the 16-byte chunk i % 8 of the tile's 64
-    // columns (8 elements, contiguous under the 128-byte swizzle of a K-major tile) in rows i / 8 + 16 j, j < R / 16,
-    // with those 8 columns' scales loaded one main K-tile ahead (the loads hide under a K-tile's MMAs).
-    constexpr int kMmaWGs = MmaWarpGroups;
-    static_assert(size<1>(typename TiledMma::ThrLayoutVMNK{}) == kMmaWGs, "the warpgroups split the tile along M");
-    constexpr int kRowsWG = kTileM / kMmaWGs;
-    static_assert(kTileK == 64 && kRowsWG % 16 == 0, "8 chunks of 8 columns per row, 16 rows per pass");
-    const bool scaled = p.a_scale != nullptr;
-    const int wg_thread = thread_idx % cutlass::NumThreadsPerWarpGroup;
-    const int chunk = wg_thread % 8, row0 = warp_group_idx * kRowsWG + wg_thread / 8;
-    const int main0 = p.masked ? p.k_tiles_ext : 0;  // the first main K-tile in this loop's order
-    auto is_main = [&](int t) { return t >= main0 && t < main0 + p.k_tiles_main; };
-    float sc[8];
-    auto load_scale = [&](int t) {  // zero past k_main: TMA zero-fills A there
-      const int k = (t - main0) * kTileK + 8 * chunk;
-      float4 lo = make_float4(0.f, 0.f, 0.f, 0.f), hi = lo;
-      if (k < p.k_main) {  // k_main is a multiple of 8: a chunk is all in or all out
-        lo = __ldg(reinterpret_cast<float4 const*>(p.a_scale + k));
-        hi = __ldg(reinterpret_cast<float4 const*>(p.a_scale + k + 4));
-      }
-      sc[0] = lo.x, sc[1] = lo.y, sc[2] = lo.z, sc[3] = lo.w, sc[4] = hi.x, sc[5] = hi.y, sc[6] = hi.z, sc[7] = hi.w;
-    };
-    auto scale_stage = [&](int stage) {
-      CUTLASS_PRAGMA_UNROLL
-      for (int j = 0; j < kRowsWG / 16; ++j) {
-        uint4* ptr = reinterpret_cast<uint4*>(&sA(row0 + 16 * j, 8 * chunk, stage));
-        uint4 v = *ptr;
-        v.x = scale_pair(v.x, sc[0], sc[1]);
-        v.y = scale_pair(v.y, sc[2], sc[3]);
-        v.z = scale_pair(v.z, sc[4], sc[5]);
-        v.w = scale_pair(v.w, sc[6], sc[7]);
-        *ptr = v;
-      }
-      cutlass::arch::fence_view_async_shared();  // the stores, visible to the WGMMAs (async proxy)
-      // this warpgroup's 128 threads: user barriers 0 and 1 (canonical warpgroups 1 and 2; CUTLASS's own are below)
-      cutlass::arch::NamedBarrier::arrive_and_wait(cutlass::NumThreadsPerWarpGroup,
-                                                   cutlass::canonical_warp_group_idx() - 1);
-    };
-    if (scaled && is_main(0)) load_scale(0);
     // A thread's WGMMA accumulators (PTX ISA, wgmma D fragments): mode 0 is (2 adjacent columns, 2 rows 8 apart,
     // G column groups 8 apart), so for each row (mode-0 row h, MMA_M index, MMA_N index) the thread holds columns
     // n0 + c + 8 j (c < 2, j < G) with n0 % 8 in {0, 2, 4, 6}: the bits of 32 of its columns sit in one 32-bit word
@@ -402,10 +352,6 @@ struct KExtendedMainloop : Base {
       auto barrier_token = pipeline.consumer_try_wait(smem_pipe_read);
       pipeline.consumer_wait(smem_pipe_read, barrier_token);
       int read_stage = smem_pipe_read.index();
-      if (scaled && is_main(0)) {
-        scale_stage(read_stage);
-        if (is_main(1)) load_scale(1);
-      }
       warpgroup_arrive();
       CUTLASS_PRAGMA_UNROLL
       for (int k_block = 0; k_block < size<2>(tCrA); ++k_block) {
@@ -424,10 +370,6 @@ struct KExtendedMainloop : Base {
       auto barrier_token = pipeline.consumer_try_wait(smem_pipe_read);
       pipeline.consumer_wait(smem_pipe_read, barrier_token);
       int read_stage = smem_pipe_read.index();
-      if (scaled && is_main(t)) {
-        scale_stage(read_stage);
-        if (is_main(t + 1)) load_scale(t + 1);
-      }
       warpgroup_fence_operand(accum);
       warpgroup_arrive();
       cute::gemm(tiled_mma, tCrA(_, _, _, read_stage), tCrB(_, _, _, read_stage), accum);
@@ -438,6 +380,85 @@ struct KExtendedMainloop : Base {
       pipeline.consumer_release(smem_pipe_release);
       ++smem_pipe_read;
       ++smem_pipe_release;
+    }
+    warpgroup_fence_operand(accum);
+  }
+
+  // Consumer with the column scale (unmasked): the same K-tiles as mma(), A through registers. For each k-block kb
+  // of a K-tile: wait until the WGMMA batch that last read kb's registers (kb of the K-tile before) is done, load
+  // A's k-block by ldmatrix, scale it where the K-tile is a main one, issue the register-A WGMMA with B from shared
+  // memory. kKB - 1 batches stay in flight; once a K-tile's last batch is issued, the K-tile before it is done and
+  // its stage is released (mma_tail releases the last one, as after mma()).
+  template <class FrgTensorC>
+  CUTLASS_DEVICE void mma_scaled(MainloopPipeline pipeline, PipelineState smem_pipe_read, FrgTensorC& accum,
+                                 int k_tile_count, int thread_idx, TensorStorage& shared_tensors, Params const& p) {
+    constexpr int MmaWarpGroups = size(TiledMma{}) / cutlass::NumThreadsPerWarpGroup;
+    constexpr GMMA::Major kMajorB =
+        cute::is_same_v<cute::remove_cvref_t<decltype(get<0>(StrideB{}))>, cute::Int<1>> ? GMMA::Major::MN
+                                                                                         : GMMA::Major::K;
+    using TiledMmaRS = decltype(make_tiled_mma(
+        GMMA::rs_op_selector<ElementA, ElementB, float, TileShape, GMMA::Major::K, kMajorB>(),
+        Layout<Shape<Int<MmaWarpGroups>, _1, _1>>{}));
+    static_assert(size(TiledMmaRS{}) == size(TiledMma{}), "the same warpgroups as the kernel's");
+    Tensor sA = as_position_independent_swizzle_tensor(
+        make_tensor(make_smem_ptr(reinterpret_cast<ElementA*>(shared_tensors.smem_A.data())), SmemLayoutA{}));
+    Tensor sB = make_tensor(make_smem_ptr(shared_tensors.smem_B.data()), SmemLayoutB{});  // (BLK_N,BLK_K,PIPE)
+
+    Layout warp_group_thread_layout = make_layout(Int<MmaWarpGroups>{}, Int<cutlass::NumThreadsPerWarpGroup>{});
+    int warp_group_idx = __shfl_sync(0xFFFFFFFF, thread_idx / cutlass::NumThreadsPerWarpGroup, 0);
+    TiledMmaRS tiled_mma;
+    auto thread_mma = tiled_mma.get_thread_slice(thread_idx);
+    auto wg_mma = tiled_mma.get_slice(warp_group_thread_layout(warp_group_idx));
+    Tensor tCrA = thread_mma.partition_fragment_A(sA(_, _, Int<0>{}));  // (MMA,MMA_M,MMA_K) registers
+    // (m, k) in the tile of each element of tCrA
+    Tensor tCcA = thread_mma.partition_A(make_identity_tensor(make_shape(Int<kTileM>{}, Int<kTileK>{})));
+    Tensor tCsB = wg_mma.partition_B(sB);     // (MMA,MMA_N,MMA_K,PIPE)
+    Tensor tCrB = wg_mma.make_fragment_B(tCsB);
+    auto copy_a = make_tiled_copy_A(Copy_Atom<SM75_U32x4_LDSM_N, ElementA>{}, tiled_mma);
+    auto thread_copy_a = copy_a.get_thread_slice(thread_idx);
+    Tensor tAsA = thread_copy_a.partition_S(sA);     // (CPY,CPY_M,CPY_K,PIPE)
+    Tensor tArA = thread_copy_a.retile_D(tCrA);      // (CPY,CPY_M,CPY_K)
+    CUTE_STATIC_ASSERT_V(size(tCcA) == size(tCrA));
+    CUTE_STATIC_ASSERT_V(size<2>(tAsA) == size<2>(tCrA));
+    constexpr int kKB = size<2>(decltype(tCrA){});
+
+    auto scale_block = [&](int kb, int k0) {  // zero past k_main, where TMA zero-filled A
+      Tensor a = tCrA(_, _, kb);
+      Tensor c = tCcA(_, _, kb);
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < size(a); ++i) {
+        const int k = k0 + get<1>(c(i));
+        const float sc = k < p.k_main ? __ldg(p.a_scale + k) : 0.f;
+        a(i) = ElementA(float(a(i)) * sc);
+      }
+    };
+
+    PipelineState smem_pipe_release = smem_pipe_read;
+    tiled_mma.accumulate_ = GMMA::ScaleOut::Zero;
+    warpgroup_fence_operand(accum);
+    CUTLASS_PRAGMA_NO_UNROLL
+    for (int t = 0; t < k_tile_count; ++t) {
+      auto barrier_token = pipeline.consumer_try_wait(smem_pipe_read);
+      pipeline.consumer_wait(smem_pipe_read, barrier_token);
+      const int read_stage = smem_pipe_read.index();
+      const bool main_tile = t < p.k_tiles_main;  // unmasked: the main K-tiles first
+      CUTLASS_PRAGMA_UNROLL
+      for (int kb = 0; kb < kKB; ++kb) {
+        warpgroup_wait<kKB - 1>();  // the batch that last read kb's registers is done
+        warpgroup_fence_operand(tCrA);
+        copy(copy_a, tAsA(_, _, kb, read_stage), tArA(_, _, kb));
+        if (main_tile) scale_block(kb, t * kTileK);
+        warpgroup_fence_operand(tCrA);
+        warpgroup_arrive();
+        cute::gemm(tiled_mma, tCrA(_, _, kb), tCrB(_, _, kb, read_stage), accum);
+        tiled_mma.accumulate_ = GMMA::ScaleOut::One;
+        warpgroup_commit_batch();
+      }
+      if (t > 0) {  // the K-tile before is done: its last batch was older than the kKB - 1 allowed in flight
+        pipeline.consumer_release(smem_pipe_release);
+        ++smem_pipe_release;
+      }
+      ++smem_pipe_read;
     }
     warpgroup_fence_operand(accum);
   }
@@ -464,7 +485,7 @@ template <> struct ConfigOf<3> { using type = Config<256, 128, 2, 1, true>; };
 template <> struct ConfigOf<4> { using type = Config<128, 256, 1, 2, true>; };
 template <> struct ConfigOf<5> { using type = Config<128, 128, 2, 1, false>; };
 
-template <class Element, class LayoutB, class Cfg>
+template <class Element, class LayoutB, class Cfg, bool Scaled>
 struct Gemm {
   using LayoutA = cutlass::layout::RowMajor;
   using LayoutD = cutlass::layout::RowMajor;
@@ -485,7 +506,7 @@ struct Gemm {
       cutlass::gemm::collective::StageCountAutoCarveout<
           static_cast<int>(sizeof(typename Epilogue::SharedStorage)) + kKeepCarveout>,
       typename Cfg::Mainloop>::CollectiveOp;
-  using Mainloop = KExtendedMainloop<BaseMainloop>;
+  using Mainloop = KExtendedMainloop<BaseMainloop, Scaled>;
   static_assert(Mainloop::kStages <= 8, "the keep-bits carveout counts 8 stages");
 
   using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue,
@@ -558,10 +579,11 @@ struct Gemm {
   }
 };
 
-// One config of one (dtype, layout): the unit that a translation unit instantiates.
-template <class Element, class LayoutB, int C>
+// One config of one (dtype, layout, scaled or not): the unit that a translation unit instantiates.
+template <class Element, class LayoutB, int C, bool Scaled>
 cudaError_t run_one(const LoraGemmArgs& a, int swizzle, int raster, int sm_count, cudaStream_t stream) {
-  return Gemm<Element, LayoutB, typename ConfigOf<C>::type>::run(a, swizzle, raster, sm_count, stream);
+  if (Scaled != (a.a_scale != nullptr)) return cudaErrorInvalidValue;  // the dispatch picks by a_scale
+  return Gemm<Element, LayoutB, typename ConfigOf<C>::type, Scaled>::run(a, swizzle, raster, sm_count, stream);
 }
 
 }  // namespace sm90

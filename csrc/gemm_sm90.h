@@ -17,13 +17,14 @@
 // With a column scale (`a_scale`, fp32, K values) the main product reads A scaled along K:
 //   D = (A ⊙ a_scale) · op(B) + Ax · op(Bx) + bias,   (A ⊙ a_scale)[m, k] = A[m, k] · a_scale[k] in fp32, rounded to
 // A's dtype (the values a materialised copy of A ⊙ a_scale would hold). DoRA's dx = (g ⊙ dy) W + ... reads dy and g
-// (N floats) in place of an M×N copy of g ⊙ dy. The consumer warpgroups scale each stage's A tile in shared memory
-// while the MMAs of the K-tile before it run.
+// (N floats) in place of an M×N copy of g ⊙ dy. A then reaches the tensor cores through registers (register-A
+// WGMMA), each k-block scaled there while the k-blocks before it run. Not with keep bits.
 //
 // Requirements (else lora_gemm_sm90_unsupported() says why and the caller keeps its other path): a device of
 // compute capability 9.0, a build with the kernels (LORA_KERNELS_HAVE_SM90_GEMM), fp16 or bf16, K and N
 // multiples of 8 and every pointer 16-byte aligned (TMA), Kx a multiple of 64; with keep bits also Kx > 0, kKN
-// and N a multiple of 128 (the bits' rows 16-byte aligned for TMA); with a column scale a 16-byte aligned a_scale.
+// and N a multiple of 128 (the bits' rows 16-byte aligned for TMA); with a column scale a 16-byte aligned a_scale and
+// no keep bits.
 #pragma once
 #include <cuda_runtime.h>
 #include <stdint.h>
