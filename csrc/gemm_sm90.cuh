@@ -422,16 +422,30 @@ struct KExtendedMainloop : Base {
     CUTE_STATIC_ASSERT_V(size<2>(tAsA) == size<2>(tCrA));
     constexpr int kKB = size<2>(decltype(tCrA){});
 
-    auto scale_block = [&](int kb, int k0) {  // zero past k_main, where TMA zero-filled A
-      Tensor a = tCrA(_, _, kb);
-      Tensor c = tCcA(_, _, kb);
+    // The scales of a k-block's elements, one K-tile ahead: slot kb holds those of k-block kb of the next main
+    // K-tile, loaded once kb of this one is scaled (a K-tile of MMAs to arrive; loaded per k-block when needed
+    // they held every k-block's MMAs on an L2 round trip: run 4). An element's column depends on its mode-0 index
+    // and k-block only (the M modes repeat the same columns).
+    constexpr int kV = size<0>(decltype(tCrA){});
+    float sc[kKB][kV];
+    auto load_scales = [&](int kb, int t) {  // zero past k_main, where TMA zero-filled A
       CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < size(a); ++i) {
-        const int k = k0 + get<1>(c(i));
-        const float sc = k < p.k_main ? __ldg(p.a_scale + k) : 0.f;
-        a(i) = ElementA(float(a(i)) * sc);
+      for (int v = 0; v < kV; ++v) {
+        const int k = t * kTileK + get<1>(tCcA(v, 0, kb));
+        sc[kb][v] = k < p.k_main ? __ldg(p.a_scale + k) : 0.f;
       }
     };
+    auto scale_block = [&](int kb) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int m = 0; m < size<1>(tCrA); ++m) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int v = 0; v < kV; ++v) tCrA(v, m, kb) = ElementA(float(tCrA(v, m, kb)) * sc[kb][v]);
+      }
+    };
+    if (p.k_tiles_main > 0) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int kb = 0; kb < kKB; ++kb) load_scales(kb, 0);
+    }
 
     PipelineState smem_pipe_release = smem_pipe_read;
     tiled_mma.accumulate_ = GMMA::ScaleOut::Zero;
@@ -448,7 +462,8 @@ struct KExtendedMainloop : Base {
         // redefines, to ptxas, registers that WGMMAs still in flight read (a 1.76x slower dx GEMM, run 2).
         warpgroup_wait<kKB - 1>();
         copy(copy_a, tAsA(_, _, kb, read_stage), tArA(_, _, kb));
-        if (main_tile) scale_block(kb, t * kTileK);
+        if (main_tile) scale_block(kb);
+        if (t + 1 < p.k_tiles_main) load_scales(kb, t + 1);
         warpgroup_arrive();
         cute::gemm(tiled_mma, tCrA(_, _, kb), tCrB(_, _, kb, read_stage), accum);
         tiled_mma.accumulate_ = GMMA::ScaleOut::One;
