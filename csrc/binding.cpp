@@ -370,15 +370,13 @@ void sm90_dx_pack(const Tensor& dy, const float* g_work, int64_t partials, float
 
 // dx (M, K) = dy W + (s g) A on the sm_90 path, from the operands that sm90_dx_pack packed; with dropout
 // (keep = the mask's keep bits) dx = dy W + keep ⊙ (s / (1 - p) g) A, the pack having scaled g by s / (1 - p).
-// col_scale (N floats, or null): dy's columns scaled inside the GEMM, dx = (dy ⊙ col_scale) W + ... (DoRA).
 void sm90_dx_gemm(const Tensor& dy, const Tensor& weight, int r, const void* vx, const void* ax, const uint8_t* keep,
-                  const float* col_scale, Tensor& dx, cudaStream_t stream) {
+                  Tensor& dx, cudaStream_t stream) {
   const int64_t M = dy.size(0), N = dy.size(1), K = weight.size(1), kx = sm90_kx(r);
   lk::LoraGemmArgs a;
   a.M = M; a.N = K; a.K = N; a.Kx = kx;
   a.a = dy.data_ptr(); a.b = weight.data_ptr(); a.ax = vx; a.bx = ax;
   a.keep = keep;
-  a.a_scale = col_scale;
   a.d = dx.data_ptr();
   a.dtype = gemm_dtype(dy);
   a.layout_b = lk::GemmLayoutB::kKN;
@@ -562,15 +560,12 @@ std::tuple<Tensor, Tensor> lora_forward_scaled(const Tensor& x, const Tensor& we
 
 // The backward's grads (dx, dA, dB); a grad not asked for is undefined (lora_backward gives the op's outputs).
 // dx_from (M, N), or null for dy itself: the left operand of dx's frozen product, dx = dx_from W + s·(dy B) A (DoRA at
-// p = 0: dx_from = g ⊙ dy with B = g ⊙ B, one call for every grad; backward_dx_from below). dx_col_scale (N fp32,
-// or null): that operand times it column by column, dx = (dx_from ⊙ dx_col_scale) W + ..., scaled inside the sm_90
-// GEMM as it reads dy (no M×N copy), else materialised first (DoRA's g ⊙ dy where the GEMM is not the sm_90 one).
+// p = 0: dx_from = g ⊙ dy with B = g ⊙ B, one call for every grad; backward_dx_from below).
 std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor& x, const Tensor& weight,
                                                  const Tensor& lora_A, const Tensor& lora_B, const Tensor& u,
                                                  double scaling, double p, int64_t seed, int64_t offset, bool need_dx,
                                                  bool need_dA, bool need_dB, const std::optional<Tensor>& seed_t,
-                                                 const Tensor* dx_from = nullptr,
-                                                 const Tensor* dx_col_scale = nullptr) {
+                                                 const Tensor* dx_from = nullptr) {
   check_common(x, weight, lora_A, lora_B, p, seed);
   const int64_t* seed_ptr = device_seed(seed_t, x, p);
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
@@ -591,13 +586,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
     LK_CHECK(dx_from->size(0) == M && dx_from->size(1) == N, "lora_kernels_cuda: dx_from must be (M=", M, ", N=",
                 N, "), got ", shape_of(*dx_from));
   }
-  if (dx_col_scale != nullptr) {
-    check_tensor(*dx_col_scale, "dx_col_scale", x, 1);
-    LK_CHECK(dx_col_scale->scalar_type() == at::kFloat && dx_col_scale->size(0) == N,
-             "lora_kernels_cuda: dx_col_scale must be float32 (N=", N, ",), got ", dx_col_scale->scalar_type(), " ",
-             shape_of(*dx_col_scale));
-  }
-  Tensor dyw = dx_from != nullptr ? *dx_from : dy;  // dx's frozen product: dyw W (dyw ⊙ dx_col_scale with a scale)
+  const Tensor& dyw = dx_from != nullptr ? *dx_from : dy;  // dx's frozen product: dyw W
   Tensor dx, dA, dB;
   if (!need_dx && !need_dA && !need_dB) return {dx, dA, dB};
 
@@ -637,14 +626,6 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   const bool dA_sm90 = need_dA && M > 0 && K > 0 && (pf == 0.0f || bits) &&
                        lk::lora_dA_sm90_unsupported(x.data_ptr(), x_dt, a_dt, M, K, r, pf) == nullptr;
   const bool dx_sm90 = need_dx && N > 0 && dx_sm90_unsupported(dyw, weight, pf, bits) == nullptr;
-  const float* dx_scale_in_gemm = nullptr;  // the column scale the sm_90 GEMM applies as it reads dyw
-  if (need_dx && dx_col_scale != nullptr) {
-    if (dx_sm90 && !bits && reinterpret_cast<uintptr_t>(dx_col_scale->data_ptr()) % 16 == 0) {  // not with keep bits
-      dx_scale_in_gemm = dx_col_scale->data_ptr<float>();
-    } else {  // the values the GEMM would read: fp32 products rounded to dy's dtype
-      dyw = (dyw.to(at::kFloat) * *dx_col_scale).to(dyw.scalar_type());
-    }
-  }
   const bool g_in_pack = dx_sm90 && g_partial;  // the pack sums g's parts
   // The reduced g as a buffer of its own: read by dA, or by the dx kernel off the sm_90 path.
   const bool g_reduced = g_partial && (need_dA || (need_dx && !dx_sm90));
@@ -721,8 +702,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
       if (dB_in_pack) dB_reduce = {ws.ptr<float>(dB_partial_piece), dy_plan.row_splits, N * r, dB.data_ptr(), b_dt};
       sm90_dx_pack(dy, g_work, dy_plan.col_groups, g_reduced ? g : nullptr, r, lora_A, dx_scale,
                    ws.ptr(vx_piece), ws.ptr(ax_piece), stream, dB_reduce);
-      sm90_dx_gemm(dyw, weight, r, ws.ptr(vx_piece), ws.ptr(ax_piece), ws.ptr<uint8_t>(bits_piece),
-                   dx_scale_in_gemm, dx, stream);
+      sm90_dx_gemm(dyw, weight, r, ws.ptr(vx_piece), ws.ptr(ax_piece), ws.ptr<uint8_t>(bits_piece), dx, stream);
     } else {
       check_cuda(lk::launch_lora_dx(dx.data_ptr(), x_dt, g, lora_A.data_ptr(), a_dt, M, K, r, (float)scaling, pf,
                                     (uint64_t)seed, seed_ptr, (uint64_t)offset, ws.ptr<uint8_t>(bits_piece),
@@ -910,19 +890,12 @@ struct DoraKernels : FusedKernels {
     }
     return {dyc, dm};
   }
-  // dx = (g ⊙ dy) W + ... with g applied inside the sm_90 GEMM (no M×N copy of g ⊙ dy) for this dy and W at p = 0
-  static bool dx_scales_dy(const Tensor& dy, const Tensor& weight) {
-    const c10::cuda::CUDAGuard guard(dy.device());
-    return dy.size(1) > 0 && dx_sm90_unsupported(dy, weight, 0.0f, false) == nullptr;
-  }
   static std::tuple<Tensor, Tensor, Tensor> backward_dx_from(const Tensor& dy, const Tensor& x, const Tensor& weight,
                                                              const Tensor& lora_A, const Tensor& lora_B,
-                                                             const Tensor& u, const Tensor& dx_from,
-                                                             const Tensor& dx_col_scale, double scaling, bool need_dx,
-                                                             bool need_dA, bool need_dB) {
+                                                             const Tensor& u, const Tensor& dx_from, double scaling,
+                                                             bool need_dx, bool need_dA, bool need_dB) {
     return backward_impl(dy, x, weight, lora_A, lora_B, u, scaling, 0.0, 0, 0, need_dx, need_dA, need_dB,
-                         std::nullopt, dx_from.defined() ? &dx_from : nullptr,
-                         dx_col_scale.defined() ? &dx_col_scale : nullptr);
+                         std::nullopt, dx_from.defined() ? &dx_from : nullptr);
   }
 };
 

@@ -5,10 +5,8 @@
 //   g = magnitude / ‖W + s·B A‖_row (the norm detached),   y = g ⊙ (x Wᵀ + s·x Aᵀ Bᵀ) + b
 //   saved for backward: x, W, A, B, Bg = g ⊙ B (N×r), u = s·x Aᵀ (M×r fp32), y (the output itself), g and the norm
 //   (N fp32 each): lora_linear's plus y and O(N·r), nothing N×K.
-//   backward: dmag = Σ_m dy ⊙ (y − b)/g / norm (z recomputed where g = 0), then one LoRA backward with
-//   dx = (g ⊙ dy) W + s·(dy Bg) A, dA and dB·g; dmag needs no autograd through g = magnitude / norm. Where the dx
-//   GEMM scales dy by g as it reads it (Impl::dx_scales_dy: the sm_90 GEMM) nothing M×N is made; elsewhere the pass
-//   that sums dmag also writes dy_c = g ⊙ dy for the GEMM to read.
+//   backward: dy_c = g ⊙ dy and dmag = Σ_m dy ⊙ (y − b)/g / norm (z recomputed where g = 0), then one LoRA backward
+//   with dx = dy_c W + s·(dy Bg) A, dA and dB·g; dmag needs no autograd through g = magnitude / norm.
 // Same math and routing as lora_kernels/dora.py at p = 0 with SAVE_Y (its module docstring), which runs every call
 // this entry declines (dropout, torch.compile, autocast, a trainable base, ...).
 //
@@ -18,11 +16,9 @@
 //   static std::tuple<Tensor, Tensor> dora_dy(dy, y, g, norm, bias, x, W, u, B, need_dyc, need_dm, m_dtype)
 //                                                               -> (dy_c, dmag in m_dtype; each undefined unless
 //                                                                   asked for)
-//   static bool dx_scales_dy(dy, W)                             backward_dx_from takes g as dx_col_scale here
-//   static std::tuple<Tensor, Tensor, Tensor> backward_dx_from(dy, x, W, A, Bg, u, dx_from, dx_col_scale, scaling,
-//                                                              need_dx, need_dA, need_dB)
-//                                dx's frozen product from dx_from (undefined: dy), times dx_col_scale column by column
-//                                (undefined: 1); dx_from and dx_col_scale are not both given
+//   static std::tuple<Tensor, Tensor, Tensor> backward_dx_from(dy, x, W, A, Bg, u, dx_from, scaling, need_dx,
+//                                                              need_dA, need_dB)
+//                                                               dx_from undefined: dx from dy (as the LoRA backward)
 // Why C++: the Python path's host time (autograd.Function, the norm's three launches and a cache lookup, the
 // backward's torch ops) decided DoRA's wall time below about 8192 × 4096 → 1024 on the H200 (nineteenth session).
 #pragma once
@@ -147,16 +143,14 @@ class DoraLinearFunction : public torch::autograd::Function<DoraLinearFunction<I
     const at::Tensor dy = grads[0].contiguous();
     variable_list out(8);  // one per forward argument
     at::Tensor dyc;
-    const bool scale_in_dx = need_dx && Impl::dx_scales_dy(dy, weight);  // g ⊙ dy never materialised
-    if ((need_dx && !scale_in_dx) || need_dm) {
-      auto [c, dm] = Impl::dora_dy(dy, y, g, norm, bias, x, weight, u, lora_B, need_dx && !scale_in_dx, need_dm,
+    if (need_dx || need_dm) {
+      auto [c, dm] = Impl::dora_dy(dy, y, g, norm, bias, x, weight, u, lora_B, need_dx, need_dm,
                                    (at::ScalarType)ctx->saved_data["m_dtype"].toInt());
       dyc = c;
       if (need_dm) out[5] = dm;
     }
     if (need_dx || need_dA || need_dB) {
-      auto [dx, dA, dB] = Impl::backward_dx_from(dy, x, weight, lora_A, bg, u, dyc, scale_in_dx ? g : at::Tensor(),
-                                                 scaling, need_dx, need_dA, need_dB);
+      auto [dx, dA, dB] = Impl::backward_dx_from(dy, x, weight, lora_A, bg, u, dyc, scaling, need_dx, need_dA, need_dB);
       if (need_dx) out[0] = dx;
       if (need_dA) out[3] = dA;
       if (need_dB) {  // the backward's dB is dyᵀ u for Bg = g ⊙ B: times g

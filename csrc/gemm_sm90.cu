@@ -60,8 +60,6 @@ const char* lora_gemm_sm90_unsupported(const LoraGemmArgs& a, int device) {
     if (a.N % 128) return "keep bits need N a multiple of 128 (16-byte rows of bits for TMA)";
     if (!aligned16(a.keep)) return "keep bits must be 16-byte aligned";
   }
-  if (a.a_scale && (!aligned16(a.a_scale) || a.keep || a.layout_b != GemmLayoutB::kKN))
-    return "a column scale needs the dx layout, 16-byte alignment and no keep bits";
   return nullptr;
 }
 
@@ -146,12 +144,8 @@ cudaError_t launch_lora_gemm_sm90(const LoraGemmArgs& a, cudaStream_t stream) {
       {{sm90::run_fp16_nk_c4, sm90::run_fp16_nk_c1}, {sm90::run_fp16_kn_c4, sm90::run_fp16_kn_c1}}};
   if (c.config != GemmConfig::kPing128x128_c12 && c.config != GemmConfig::kCoop128x256_c12)
     return cudaErrorNotSupported;  // a config the extension does not compile
-  // with A's column scale: [dtype][config], the kn layout only (lora_gemm_sm90_unsupported)
-  static constexpr sm90::RunFn kRunScaled[2][2] = {{sm90::run_bf16_kn_scaled_c4, sm90::run_bf16_kn_scaled_c1},
-                                                   {sm90::run_fp16_kn_scaled_c4, sm90::run_fp16_kn_scaled_c1}};
   const int cfg = c.config == GemmConfig::kCoop128x256_c12 ? 0 : 1;
-  const int dt = a.dtype == GemmDType::kBFloat16 ? 0 : 1;
-  const sm90::RunFn run = a.a_scale ? kRunScaled[dt][cfg] : kRun[dt][a.layout_b == GemmLayoutB::kNK ? 0 : 1][cfg];
+  const sm90::RunFn run = kRun[a.dtype == GemmDType::kBFloat16 ? 0 : 1][a.layout_b == GemmLayoutB::kNK ? 0 : 1][cfg];
   return run(a, c.swizzle, c.raster, device_info(device).sms, stream);
 #else
   return cudaErrorNotSupported;

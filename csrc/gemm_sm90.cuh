@@ -38,19 +38,13 @@ using namespace cute;
 
 // ------------------------------------------------------------------------------------------------ mainloop
 // CUTLASS's TMA + WGMMA warp-specialised mainloop with a second pair of TMA descriptors for the extension, and
-// optional keep bits that mask the extension's term and an optional column scale of A's main K-tiles (gemm_sm90.h).
-// Base is the CollectiveMma the CollectiveBuilder picks. The producer (load) chooses the source of each K-tile; the
-// consumer (mma) is Base's loop plus two steps.
+// optional keep bits that mask the extension's term (gemm_sm90.h). Base is the CollectiveMma the CollectiveBuilder
+// picks. The producer (load) chooses the source of each K-tile; the consumer (mma) is Base's loop plus one step.
 //   Unmasked: K-tiles [0, kt_main) from (A, B), then [kt_main, kt_main + kt_ext) from (Ax, Bx).
 //   Masked:   the extension's K-tiles first, the keep bits of the output tile loaded by TMA with the last of them
 //             (into that stage's keep slot, counted on the same barrier); after that tile's MMAs the consumer zeroes
 //             the dropped accumulator elements, then the main K-tiles accumulate on top.
-//   Scaled:   (unmasked only) A comes to the MMAs through registers: each k-block of a main K-tile is loaded from
-//             shared memory (ldmatrix), multiplied by the column scale (fp32 products rounded to A's type) and fed
-//             to a register-A WGMMA, while the k-blocks before it run. Scaling the tile in shared memory instead
-//             (stores, an async-proxy fence, a warpgroup barrier before the WGMMAs) made the dx GEMM 1.39-1.43x
-//             slower on the H200 (thirty-fifth session).
-template <class Base, bool Scaled>
+template <class Base>
 struct KExtendedMainloop : Base {
   using typename Base::ElementA;
   using typename Base::ElementB;
@@ -103,7 +97,6 @@ struct KExtendedMainloop : Base {
     int k_main;              // K of (A, B); the problem shape's K is k_tiles_main * kTileK + Kx
     int k_ext;               // Kx (a multiple of kTileK, may be 0)
     uint8_t const* ptr_keep = nullptr;  // (M, N/8) keep bits, or null
-    float const* a_scale = nullptr;     // (k_main,) column scale of A in the main product, or null
     uint32_t mma_promotion_interval = 4;
   };
 
@@ -117,7 +110,6 @@ struct KExtendedMainloop : Base {
     int k_tiles_ext;
     int masked;
     int keep_rows, keep_cols;  // the keep descriptor's (M, N/8), or (M, kKeepRowBytes) when unmasked
-    float const* a_scale;      // null: A unscaled
   };
 
   template <class ProblemShape>
@@ -148,7 +140,6 @@ struct KExtendedMainloop : Base {
     p.k_ext = args.k_ext;
     p.k_tiles_main = (args.k_main + kTileK - 1) / kTileK;
     p.k_tiles_ext = args.k_ext / kTileK;
-    p.a_scale = args.a_scale;
     // Unmasked, the keep descriptor is never used; it still needs a valid one: A's first 16 bytes of each row.
     p.masked = args.ptr_keep != nullptr && args.k_ext > 0;
     auto keep_src = p.masked ? args.ptr_keep : reinterpret_cast<uint8_t const*>(args.ptr_A);
@@ -281,12 +272,6 @@ struct KExtendedMainloop : Base {
   CUTLASS_DEVICE void mma(MainloopPipeline pipeline, PipelineState smem_pipe_read, FrgTensorC& accum,
                           int k_tile_count, int thread_idx, TensorStorage& shared_tensors, Params const& p) {
     static_assert(Base::K_PIPE_MMAS == 1, "this loop keeps one MMA batch in flight");
-    // A compile-time choice: with both loops in one kernel ptxas serialised every WGMMA (warning C7515: the
-    // accumulators' registers are defined outside the WGMMAs where the two paths join)
-    if constexpr (Scaled) {
-      mma_scaled(pipeline, smem_pipe_read, accum, k_tile_count, thread_idx, shared_tensors, p);
-      return;
-    }
     Tensor sA = make_tensor(make_smem_ptr(shared_tensors.smem_A.data()), SmemLayoutA{});  // (BLK_M,BLK_K,PIPE)
     Tensor sB = make_tensor(make_smem_ptr(shared_tensors.smem_B.data()), SmemLayoutB{});  // (BLK_N,BLK_K,PIPE)
 
@@ -304,7 +289,6 @@ struct KExtendedMainloop : Base {
     CUTE_STATIC_ASSERT_V(size(tCcC) == size(accum));
 
     const int keep_tile = p.masked ? p.k_tiles_ext - 1 : -1;  // the K-tile after which the mask applies
-
     // A thread's WGMMA accumulators (PTX ISA, wgmma D fragments): mode 0 is (2 adjacent columns, 2 rows 8 apart,
     // G column groups 8 apart), so for each row (mode-0 row h, MMA_M index, MMA_N index) the thread holds columns
     // n0 + c + 8 j (c < 2, j < G) with n0 % 8 in {0, 2, 4, 6}: the bits of 32 of its columns sit in one 32-bit word
@@ -383,100 +367,6 @@ struct KExtendedMainloop : Base {
     }
     warpgroup_fence_operand(accum);
   }
-
-  // Consumer with the column scale (unmasked): the same K-tiles as mma(), A through registers. For each k-block kb
-  // of a K-tile: wait until the WGMMA batch that last read kb's registers (kb of the K-tile before) is done, load
-  // A's k-block by ldmatrix, scale it where the K-tile is a main one, issue the register-A WGMMA with B from shared
-  // memory. kKB - 1 batches stay in flight; once a K-tile's last batch is issued, the K-tile before it is done and
-  // its stage is released (mma_tail releases the last one, as after mma()).
-  template <class FrgTensorC>
-  CUTLASS_DEVICE void mma_scaled(MainloopPipeline pipeline, PipelineState smem_pipe_read, FrgTensorC& accum,
-                                 int k_tile_count, int thread_idx, TensorStorage& shared_tensors, Params const& p) {
-    constexpr int MmaWarpGroups = size(TiledMma{}) / cutlass::NumThreadsPerWarpGroup;
-    constexpr GMMA::Major kMajorB =
-        cute::is_same_v<cute::remove_cvref_t<decltype(get<0>(StrideB{}))>, cute::Int<1>> ? GMMA::Major::MN
-                                                                                         : GMMA::Major::K;
-    using TiledMmaRS = decltype(make_tiled_mma(
-        GMMA::rs_op_selector<ElementA, ElementB, float, TileShape, GMMA::Major::K, kMajorB>(),
-        Layout<Shape<Int<MmaWarpGroups>, _1, _1>>{}));
-    static_assert(size(TiledMmaRS{}) == size(TiledMma{}), "the same warpgroups as the kernel's");
-    Tensor sA = as_position_independent_swizzle_tensor(
-        make_tensor(make_smem_ptr(reinterpret_cast<ElementA*>(shared_tensors.smem_A.data())), SmemLayoutA{}));
-    Tensor sB = make_tensor(make_smem_ptr(shared_tensors.smem_B.data()), SmemLayoutB{});  // (BLK_N,BLK_K,PIPE)
-
-    Layout warp_group_thread_layout = make_layout(Int<MmaWarpGroups>{}, Int<cutlass::NumThreadsPerWarpGroup>{});
-    int warp_group_idx = __shfl_sync(0xFFFFFFFF, thread_idx / cutlass::NumThreadsPerWarpGroup, 0);
-    TiledMmaRS tiled_mma;
-    auto thread_mma = tiled_mma.get_thread_slice(thread_idx);
-    auto wg_mma = tiled_mma.get_slice(warp_group_thread_layout(warp_group_idx));
-    Tensor tCrA = thread_mma.partition_fragment_A(sA(_, _, Int<0>{}));  // (MMA,MMA_M,MMA_K) registers
-    // (m, k) in the tile of each element of tCrA
-    Tensor tCcA = thread_mma.partition_A(make_identity_tensor(make_shape(Int<kTileM>{}, Int<kTileK>{})));
-    Tensor tCsB = wg_mma.partition_B(sB);     // (MMA,MMA_N,MMA_K,PIPE)
-    Tensor tCrB = wg_mma.make_fragment_B(tCsB);
-    auto copy_a = make_tiled_copy_A(Copy_Atom<SM75_U32x4_LDSM_N, ElementA>{}, tiled_mma);
-    auto thread_copy_a = copy_a.get_thread_slice(thread_idx);
-    Tensor tAsA = thread_copy_a.partition_S(sA);     // (CPY,CPY_M,CPY_K,PIPE)
-    Tensor tArA = thread_copy_a.retile_D(tCrA);      // (CPY,CPY_M,CPY_K)
-    CUTE_STATIC_ASSERT_V(size(tCcA) == size(tCrA));
-    CUTE_STATIC_ASSERT_V(size<2>(tAsA) == size<2>(tCrA));
-    constexpr int kKB = size<2>(decltype(tCrA){});
-
-    // The scales of a k-block's elements, one K-tile ahead: slot kb holds those of k-block kb of the next main
-    // K-tile, loaded once kb of this one is scaled (a K-tile of MMAs to arrive; loaded per k-block when needed
-    // they held every k-block's MMAs on an L2 round trip: run 4). An element's column depends on its mode-0 index
-    // and k-block only (the M modes repeat the same columns).
-    constexpr int kV = size<0>(decltype(tCrA){});
-    float sc[kKB][kV];
-    auto load_scales = [&](int kb, int t) {  // zero past k_main, where TMA zero-filled A
-      CUTLASS_PRAGMA_UNROLL
-      for (int v = 0; v < kV; ++v) {
-        const int k = t * kTileK + get<1>(tCcA(v, 0, kb));
-        sc[kb][v] = k < p.k_main ? __ldg(p.a_scale + k) : 0.f;
-      }
-    };
-    auto scale_block = [&](int kb) {
-      CUTLASS_PRAGMA_UNROLL
-      for (int m = 0; m < size<1>(tCrA); ++m) {
-        CUTLASS_PRAGMA_UNROLL
-        for (int v = 0; v < kV; ++v) tCrA(v, m, kb) = ElementA(float(tCrA(v, m, kb)) * sc[kb][v]);
-      }
-    };
-    if (p.k_tiles_main > 0) {
-      CUTLASS_PRAGMA_UNROLL
-      for (int kb = 0; kb < kKB; ++kb) load_scales(kb, 0);
-    }
-
-    PipelineState smem_pipe_release = smem_pipe_read;
-    tiled_mma.accumulate_ = GMMA::ScaleOut::Zero;
-    warpgroup_fence_operand(accum);
-    CUTLASS_PRAGMA_NO_UNROLL
-    for (int t = 0; t < k_tile_count; ++t) {
-      auto barrier_token = pipeline.consumer_try_wait(smem_pipe_read);
-      pipeline.consumer_wait(smem_pipe_read, barrier_token);
-      const int read_stage = smem_pipe_read.index();
-      const bool main_tile = t < p.k_tiles_main;  // unmasked: the main K-tiles first
-      CUTLASS_PRAGMA_UNROLL
-      for (int kb = 0; kb < kKB; ++kb) {
-        // The batch that last read kb's registers is done. No operand fence on the registers: one over all of tCrA
-        // redefines, to ptxas, registers that WGMMAs still in flight read (a 1.76x slower dx GEMM, run 2).
-        warpgroup_wait<kKB - 1>();
-        copy(copy_a, tAsA(_, _, kb, read_stage), tArA(_, _, kb));
-        if (main_tile) scale_block(kb);
-        if (t + 1 < p.k_tiles_main) load_scales(kb, t + 1);
-        warpgroup_arrive();
-        cute::gemm(tiled_mma, tCrA(_, _, kb), tCrB(_, _, kb, read_stage), accum);
-        tiled_mma.accumulate_ = GMMA::ScaleOut::One;
-        warpgroup_commit_batch();
-      }
-      if (t > 0) {  // the K-tile before is done: its last batch was older than the kKB - 1 allowed in flight
-        pipeline.consumer_release(smem_pipe_release);
-        ++smem_pipe_release;
-      }
-      ++smem_pipe_read;
-    }
-    warpgroup_fence_operand(accum);
-  }
 };
 
 // ------------------------------------------------------------------------------------------------ kernels
@@ -500,7 +390,7 @@ template <> struct ConfigOf<3> { using type = Config<256, 128, 2, 1, true>; };
 template <> struct ConfigOf<4> { using type = Config<128, 256, 1, 2, true>; };
 template <> struct ConfigOf<5> { using type = Config<128, 128, 2, 1, false>; };
 
-template <class Element, class LayoutB, class Cfg, bool Scaled>
+template <class Element, class LayoutB, class Cfg>
 struct Gemm {
   using LayoutA = cutlass::layout::RowMajor;
   using LayoutD = cutlass::layout::RowMajor;
@@ -521,7 +411,7 @@ struct Gemm {
       cutlass::gemm::collective::StageCountAutoCarveout<
           static_cast<int>(sizeof(typename Epilogue::SharedStorage)) + kKeepCarveout>,
       typename Cfg::Mainloop>::CollectiveOp;
-  using Mainloop = KExtendedMainloop<BaseMainloop, Scaled>;
+  using Mainloop = KExtendedMainloop<BaseMainloop>;
   static_assert(Mainloop::kStages <= 8, "the keep-bits carveout counts 8 stages");
 
   using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue,
@@ -540,7 +430,7 @@ struct Gemm {
                      static_cast<E const*>(a.b), cutlass::make_cute_packed_stride(StrideB{}, {N, K, 1}),
                      static_cast<E const*>(a.ax), cutlass::make_cute_packed_stride(StrideA{}, {M, Kx, 1}),
                      static_cast<E const*>(a.bx), cutlass::make_cute_packed_stride(StrideB{}, {N, Kx, 1}),
-                     K, Kx, a.keep, a.a_scale};
+                     K, Kx, a.keep};
     args.epilogue.thread.alpha = 1.0f;
     args.epilogue.thread.beta = 0.0f;
     args.epilogue.thread.bias_ptr = static_cast<E const*>(a.bias);
@@ -594,11 +484,10 @@ struct Gemm {
   }
 };
 
-// One config of one (dtype, layout, scaled or not): the unit that a translation unit instantiates.
-template <class Element, class LayoutB, int C, bool Scaled>
+// One config of one (dtype, layout): the unit that a translation unit instantiates.
+template <class Element, class LayoutB, int C>
 cudaError_t run_one(const LoraGemmArgs& a, int swizzle, int raster, int sm_count, cudaStream_t stream) {
-  if (Scaled != (a.a_scale != nullptr)) return cudaErrorInvalidValue;  // the dispatch picks by a_scale
-  return Gemm<Element, LayoutB, typename ConfigOf<C>::type, Scaled>::run(a, swizzle, raster, sm_count, stream);
+  return Gemm<Element, LayoutB, typename ConfigOf<C>::type>::run(a, swizzle, raster, sm_count, stream);
 }
 
 }  // namespace sm90

@@ -14,17 +14,10 @@
 // byte n / 8 (dropout_bits.cu's layout of an (M, N) input). The kernel runs the extension's K-tiles first, zeroes the
 // dropped elements of the accumulator, then runs the main K-tiles into it: the masked term costs no pass over D.
 //
-// With a column scale (`a_scale`, fp32, K values) the main product reads A scaled along K:
-//   D = (A ⊙ a_scale) · op(B) + Ax · op(Bx) + bias,   (A ⊙ a_scale)[m, k] = A[m, k] · a_scale[k] in fp32, rounded to
-// A's dtype (the values a materialised copy of A ⊙ a_scale would hold). DoRA's dx = (g ⊙ dy) W + ... reads dy and g
-// (N floats) in place of an M×N copy of g ⊙ dy. A then reaches the tensor cores through registers (register-A
-// WGMMA), each k-block scaled there while the k-blocks before it run. Not with keep bits.
-//
 // Requirements (else lora_gemm_sm90_unsupported() says why and the caller keeps its other path): a device of
 // compute capability 9.0, a build with the kernels (LORA_KERNELS_HAVE_SM90_GEMM), fp16 or bf16, K and N
 // multiples of 8 and every pointer 16-byte aligned (TMA), Kx a multiple of 64; with keep bits also Kx > 0, kKN
-// and N a multiple of 128 (the bits' rows 16-byte aligned for TMA); with a column scale a 16-byte aligned a_scale and
-// no keep bits.
+// and N a multiple of 128 (the bits' rows 16-byte aligned for TMA).
 #pragma once
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -54,7 +47,6 @@ struct LoraGemmArgs {
   const void* bx = nullptr;  // (N, Kx) for kNK, (Kx, N) for kKN
   const void* bias = nullptr;
   const uint8_t* keep = nullptr;  // (M, N/8) keep bits masking the extension's term, or null (no mask)
-  const float* a_scale = nullptr;  // (K,) scale of A's columns in the main product, or null (none)
   void* d = nullptr;
   GemmDType dtype = GemmDType::kBFloat16;
   GemmLayoutB layout_b = GemmLayoutB::kNK;

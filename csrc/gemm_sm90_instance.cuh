@@ -1,7 +1,6 @@
-// What one instance file gemm_sm90_<dtype>_<layout>[_scaled][_coop].cu compiles: LORA_KERNELS_GEMM_SM90_INSTANCE(
-// dtype, layout, cfg) defines sm90::run_<dtype>_<layout>_c<cfg> (declared in gemm_sm90_instances.h) as
-// gemm_sm90.cuh's run_one for that element type, B layout and GemmConfig; LORA_KERNELS_GEMM_SM90_SCALED_INSTANCE(
-// dtype, cfg) defines sm90::run_<dtype>_kn_scaled_c<cfg>, the dx layout with A's column scale (DoRA's g ⊙ dy). Each is its own translation unit so that the build
+// What one instance file gemm_sm90_<dtype>_<layout>[_coop].cu compiles: LORA_KERNELS_GEMM_SM90_INSTANCE(dtype,
+// layout, cfg) defines sm90::run_<dtype>_<layout>_c<cfg> (declared in gemm_sm90_instances.h) as gemm_sm90.cuh's
+// run_one for that element type, B layout and GemmConfig. Each is its own translation unit so that the build
 // compiles the heavy CUTLASS instances in parallel. Without CUTLASS (LORA_KERNELS_HAVE_SM90_GEMM = 0) the macro
 // defines nothing.
 //   dtype : bf16 (cutlass::bfloat16_t), fp16 (cutlass::half_t)
@@ -24,17 +23,9 @@ using LayoutB_kn = cutlass::layout::RowMajor;
   namespace lora_kernels::sm90 {                                                                                    \
   cudaError_t run_##dtype##_##layout##_c##cfg(const LoraGemmArgs& a, int swizzle, int raster, int sms,             \
                                               cudaStream_t s) {                                                     \
-    return run_one<instance::Element_##dtype, instance::LayoutB_##layout, cfg, false>(a, swizzle, raster, sms, s); \
-  }                                                                                                                 \
-  }
-#define LORA_KERNELS_GEMM_SM90_SCALED_INSTANCE(dtype, cfg)                                                          \
-  namespace lora_kernels::sm90 {                                                                                    \
-  cudaError_t run_##dtype##_kn_scaled_c##cfg(const LoraGemmArgs& a, int swizzle, int raster, int sms,              \
-                                             cudaStream_t s) {                                                      \
-    return run_one<instance::Element_##dtype, instance::LayoutB_kn, cfg, true>(a, swizzle, raster, sms, s);        \
+    return run_one<instance::Element_##dtype, instance::LayoutB_##layout, cfg>(a, swizzle, raster, sms, s);        \
   }                                                                                                                 \
   }
 #else
 #define LORA_KERNELS_GEMM_SM90_INSTANCE(dtype, layout, cfg)
-#define LORA_KERNELS_GEMM_SM90_SCALED_INSTANCE(dtype, cfg)
 #endif

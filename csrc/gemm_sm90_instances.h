@@ -19,8 +19,6 @@ LK_SM90_RUN(bf16, nk)
 LK_SM90_RUN(bf16, kn)
 LK_SM90_RUN(fp16, nk)
 LK_SM90_RUN(fp16, kn)
-LK_SM90_RUN(bf16, kn_scaled)  // dx with A's column scale (gemm_sm90_<dtype>_kn_scaled[_coop].cu)
-LK_SM90_RUN(fp16, kn_scaled)
 #undef LK_SM90_RUN
 #endif
 }  // namespace lora_kernels::sm90

@@ -98,20 +98,14 @@ struct ReferenceDora : ReferenceMath {
     }
     return {dyc, dm};
   }
-  // The scaled-dx route where M is even, the copy of g ⊙ dy where it is odd: the tests run both.
-  static bool dx_scales_dy(const Tensor& dy, const Tensor&) { return dy.size(0) % 2 == 0; }
   static std::tuple<Tensor, Tensor, Tensor> backward_dx_from(const Tensor& dy, const Tensor& x, const Tensor& weight,
                                                              const Tensor& lora_A, const Tensor& lora_B,
-                                                             const Tensor& u, const Tensor& dx_from,
-                                                             const Tensor& dx_col_scale, double scaling,
+                                                             const Tensor& u, const Tensor& dx_from, double scaling,
                                                              bool need_dx, bool need_dA, bool need_dB) {
-    TORCH_CHECK(!(dx_from.defined() && dx_col_scale.defined()), "dx_from and dx_col_scale both given");
     auto out = backward(dy, x, weight, lora_A, lora_B, u, scaling, 0.0, 0, 0, false, need_dA, need_dB, std::nullopt);
-    if (need_dx) {  // dx = dx_from W + s (dy B) A (dx_from undefined: dy, times dx_col_scale where given)
+    if (need_dx) {  // dx = dx_from W + s (dy B) A (dx_from undefined: dy)
       const auto acc = u.scalar_type();
-      const Tensor d = dx_from.defined()       ? dx_from
-                       : dx_col_scale.defined() ? (dy.to(dx_col_scale.scalar_type()) * dx_col_scale).to(dy.scalar_type())
-                                                : dy;
+      const Tensor& d = dx_from.defined() ? dx_from : dy;
       std::get<0>(out) = (d.to(acc).mm(weight.to(acc)) + dy.to(acc).mm(lora_B.to(acc)).mm(lora_A.to(acc)) * scaling)
                              .to(x.scalar_type());
     }

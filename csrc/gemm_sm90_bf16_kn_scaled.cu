@@ -1,5 +1,0 @@
-// The sm_90 LoRA GEMM for bf16, B (K, N) row-major, with A's column scale (DoRA's dx = (g ⊙ dy) W + ...): the
-// 128 x 128 ping-pong config, one translation unit (gemm_sm90_instance.cuh).
-#include "gemm_sm90_instance.cuh"
-
-LORA_KERNELS_GEMM_SM90_SCALED_INSTANCE(bf16, 1)
