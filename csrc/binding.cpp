@@ -12,6 +12,7 @@
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
+#include <functional>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -560,12 +561,15 @@ std::tuple<Tensor, Tensor> lora_forward_scaled(const Tensor& x, const Tensor& we
 
 // The backward's grads (dx, dA, dB); a grad not asked for is undefined (lora_backward gives the op's outputs).
 // dx_from (M, N), or null for dy itself: the left operand of dx's frozen product, dx = dx_from W + s·(dy B) A (DoRA at
-// p = 0: dx_from = g ⊙ dy with B = g ⊙ B, one call for every grad; backward_dx_from below).
+// p = 0: dx_from = g ⊙ dy with B = g ⊙ B, one call for every grad; backward_dx_from below). before_dx, if set, is
+// called (to enqueue work) after the last launch that reads dy and before the first that reads dx_from: DoRA's
+// node writes g ⊙ dy over a dy it owns there (csrc/dora_autograd.h), with dx_from = dy.
 std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor& x, const Tensor& weight,
                                                  const Tensor& lora_A, const Tensor& lora_B, const Tensor& u,
                                                  double scaling, double p, int64_t seed, int64_t offset, bool need_dx,
                                                  bool need_dA, bool need_dB, const std::optional<Tensor>& seed_t,
-                                                 const Tensor* dx_from = nullptr) {
+                                                 const Tensor* dx_from = nullptr,
+                                                 const std::function<void()>& before_dx = {}) {
   check_common(x, weight, lora_A, lora_B, p, seed);
   const int64_t* seed_ptr = device_seed(seed_t, x, p);
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
@@ -694,6 +698,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   if (bits) {
     make_keep_bits(ws.ptr<uint8_t>(bits_piece), M, K, pf, seed, seed_ptr, offset, stream);
   }
+  if (before_dx) before_dx();  // dy is not read below (the pack takes its shape and dtype only)
   if (need_dx) {
     dx = at::empty({M, K}, x.options());
     if (dx_sm90) {
@@ -866,17 +871,20 @@ struct DoraKernels : FusedKernels {
   }
   static std::tuple<Tensor, Tensor> dora_dy(const Tensor& dy, const Tensor& y, const Tensor& g, const Tensor& norm,
                                             const Tensor& bias, const Tensor& x, const Tensor& weight, const Tensor& u,
-                                            const Tensor& lora_B, bool need_dyc, bool need_dm, at::ScalarType m_dtype) {
+                                            const Tensor& lora_B, bool need_dyc, bool need_dm, at::ScalarType m_dtype,
+                                            bool in_place) {
     const int64_t M = dy.size(0), N = dy.size(1), K = x.size(1);
     const c10::cuda::CUDAGuard guard(dy.device());
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dy.device().index());
     const lk::DType dt = to_dtype(dy, "dy");
     const int64_t splits = lk::dora_colsum_splits(M, N);
-    Tensor dyc = need_dyc ? at::empty_like(dy) : Tensor();
+    // in place: dy_c over dy, whose zero-g columns the dmag launch reads and then zeroes (when it runs)
+    Tensor dyc = !need_dyc ? Tensor() : in_place ? dy : at::empty_like(dy);
+    const bool defer_zero = in_place && need_dyc && need_dm;
     Tensor part = need_dm ? at::empty({splits, N}, dy.options().dtype(at::kFloat)) : Tensor();
     check_cuda(lk::launch_dora_colsum(dy.data_ptr(), y.data_ptr(), dt, g.data_ptr<float>(),
                                       bias.defined() ? bias.data_ptr() : nullptr, need_dyc ? dyc.data_ptr() : nullptr,
-                                      need_dm ? part.data_ptr<float>() : nullptr, M, N, splits, stream),
+                                      need_dm ? part.data_ptr<float>() : nullptr, M, N, splits, defer_zero, stream),
                "dora colsum launch");
     Tensor dm;
     if (need_dm) {
@@ -884,7 +892,7 @@ struct DoraKernels : FusedKernels {
       check_cuda(lk::launch_dora_dmag(part.data_ptr<float>(), splits, g.data_ptr<float>(), norm.data_ptr<float>(),
                                       dy.data_ptr(), x.data_ptr(), weight.data_ptr(), dt, u.data_ptr<float>(),
                                       lora_B.data_ptr(), to_dtype(lora_B, "lora_B"), dm.data_ptr(),
-                                      to_dtype(dm, "magnitude"), M, K, N,
+                                      to_dtype(dm, "magnitude"), defer_zero ? dy.data_ptr() : nullptr, M, K, N,
                                       (int)lora_B.size(1), stream),
                  "dora dmag launch");
     }
@@ -893,9 +901,10 @@ struct DoraKernels : FusedKernels {
   static std::tuple<Tensor, Tensor, Tensor> backward_dx_from(const Tensor& dy, const Tensor& x, const Tensor& weight,
                                                              const Tensor& lora_A, const Tensor& lora_B,
                                                              const Tensor& u, const Tensor& dx_from, double scaling,
-                                                             bool need_dx, bool need_dA, bool need_dB) {
+                                                             bool need_dx, bool need_dA, bool need_dB,
+                                                             const std::function<void()>& before_dx) {
     return backward_impl(dy, x, weight, lora_A, lora_B, u, scaling, 0.0, 0, 0, need_dx, need_dA, need_dB,
-                         std::nullopt, dx_from.defined() ? &dx_from : nullptr);
+                         std::nullopt, dx_from.defined() ? &dx_from : nullptr, before_dx);
   }
 };
 
@@ -905,6 +914,9 @@ Tensor dora_entry(const Tensor& x, const Tensor& weight, const std::optional<Ten
 }
 
 void dora_clear_cache() { lk::clear_weight_sq_cache(); }
+
+// 1 where the last DoRA backward wrote g ⊙ dy over the dy it owned, 0 where into a buffer, -1 where it made none.
+int64_t dora_last_dyc_in_place() { return lk::dora_last_dyc_in_place().load(); }
 
 // Which GEMM path a forward (and its p = 0 dx) with these inputs takes: "sm90" or "cublas: <why not sm90>".
 std::string gemm_path(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias) {
@@ -1029,6 +1041,7 @@ TORCH_LIBRARY(lora_kernels_cuda, m) {
       "Tensor magnitude, float dropout_p, bool training) -> Tensor",
       &dora_entry);
   m.def("dora_clear_cache() -> ()", &dora_clear_cache);
+  m.def("dora_last_dyc_in_place() -> int", &dora_last_dyc_in_place);
   m.def(
       "lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, float p, "
       "int seed, int offset, Tensor? seed_t=None) -> Tensor");

@@ -7,18 +7,22 @@
 //   (N fp32 each): lora_linear's plus y and O(N·r), nothing N×K.
 //   backward: dy_c = g ⊙ dy and dmag = Σ_m dy ⊙ (y − b)/g / norm (z recomputed where g = 0), then one LoRA backward
 //   with dx = dy_c W + s·(dy Bg) A, dA and dB·g; dmag needs no autograd through g = magnitude / norm.
+//   Where the node owns dy (grad_is_ours), dy_c is written over dy between the LoRA backward's dy pass (which reads
+//   dy) and its dx GEMM (which reads dy_c): the same launches and values, without DoRA's only M×N buffer.
 // Same math and routing as lora_kernels/dora.py at p = 0 with SAVE_Y (its module docstring), which runs every call
 // this entry declines (dropout, torch.compile, autocast, a trainable base, ...).
 //
 // Impl provides, besides what lora_linear_entry's Impl provides (kMaxRank, on_device, capturing):
 //   static std::tuple<Tensor, Tensor, Tensor> dora_norm(W, A, B, magnitude, scaling, wsq)   -> (g, norm, Bg)
 //   static std::tuple<Tensor, Tensor> forward_scaled(x, W, bias, A, B, g, scaling)           -> (y, u)
-//   static std::tuple<Tensor, Tensor> dora_dy(dy, y, g, norm, bias, x, W, u, B, need_dyc, need_dm, m_dtype)
-//                                                               -> (dy_c, dmag in m_dtype; each undefined unless
-//                                                                   asked for)
+//   static std::tuple<Tensor, Tensor> dora_dy(dy, y, g, norm, bias, x, W, u, B, need_dyc, need_dm, m_dtype,
+//                                             in_place)        -> (dy_c, dmag in m_dtype; each undefined unless
+//                                                                   asked for; in_place: dy_c is dy, overwritten)
 //   static std::tuple<Tensor, Tensor, Tensor> backward_dx_from(dy, x, W, A, Bg, u, dx_from, scaling, need_dx,
-//                                                              need_dA, need_dB)
-//                                                               dx_from undefined: dx from dy (as the LoRA backward)
+//                                                              need_dA, need_dB, before_dx)
+//                                                               dx_from undefined: dx from dy (as the LoRA backward);
+//                                                               before_dx (may be empty) runs after every read of dy
+//                                                               and before dx_from is read
 // Why C++: the Python path's host time (autograd.Function, the norm's three launches and a cache lookup, the
 // backward's torch ops) decided DoRA's wall time below about 8192 × 4096 → 1024 on the H200 (nineteenth session).
 #pragma once
@@ -26,6 +30,8 @@
 #include "lora_autograd.h"
 
 #include <algorithm>
+#include <atomic>
+#include <functional>
 #include <mutex>
 #include <unordered_map>
 #include <vector>
@@ -111,6 +117,31 @@ inline at::Tensor weight_sq_cached(const at::Tensor& w) {
   return wsq;
 }
 
+// Whether the node's backward may overwrite the incoming grad (DoRA's dy_c over dy). A non-contiguous grad is copied
+// by the node itself. A contiguous one is ours when no one else can see it: the only references to its TensorImpl
+// are the two of CppNode's call (its backward_inputs list and the backward's by-value copy, custom_function.h) and no
+// other tensor shares its storage, but for the base of a view that only the view holds (a reshape's backward hands
+// on a view of the next op's grad, whose view metadata keeps that grad alive). A caller's tensor (y.backward(dy),
+// torch.autograd.grad(..., dy)), a Python object, a hook's capture or a grad shared with another node (e.g. by an
+// add) all count as references: those keep dy. This is the engine's own test before it steals a grad into .grad
+// (impl::is_tensor_stealable), with a Python object counted as a reference. Never under create_graph.
+inline bool grad_is_ours(const at::Tensor& grad) {
+  if (at::GradMode::is_enabled() || !grad.defined() || grad.is_inference()) return false;
+  if (!grad.is_contiguous()) return true;  // the node's .contiguous() copy
+  if (grad.use_count() > 2) return false;
+  const int64_t storage_refs = (int64_t)grad.storage().use_count();
+  if (!grad.is_view()) return storage_refs == 1;
+  return grad._base().use_count() == 1 && storage_refs == 2;  // the view and its base, held by the view alone
+}
+
+// How the last DoRA backward produced dy_c: 1 over dy (in place), 0 in a buffer of its own, -1 not at all (no dx
+// asked for). Process-wide (a CUDA backward runs on the engine's device thread); read by the tests through the
+// dora_last_dyc_in_place op.
+inline std::atomic<int>& dora_last_dyc_in_place() {
+  static std::atomic<int> v{-1};
+  return v;
+}
+
 // The DoRA node (p = 0, frozen weight and bias; magnitude may or may not require grad).
 template <typename Impl>
 class DoraLinearFunction : public torch::autograd::Function<DoraLinearFunction<Impl>> {
@@ -140,17 +171,24 @@ class DoraLinearFunction : public torch::autograd::Function<DoraLinearFunction<I
     const bool need_dx = ctx->needs_input_grad(0);
     const bool need_dA = ctx->needs_input_grad(a_edge), need_dB = ctx->needs_input_grad(a_edge + 1);
     const bool need_dm = ctx->needs_input_grad(a_edge + 2);
+    // dy_c over dy where the node owns dy (grad_is_ours) and dx needs dy_c: made after the dy pass's read of dy
+    const bool in_place = need_dx && grad_is_ours(grads[0]);
     const at::Tensor dy = grads[0].contiguous();
+    grads.clear();  // dy is the only reference left in this frame
     variable_list out(8);  // one per forward argument
+    const auto m_dtype = (at::ScalarType)ctx->saved_data["m_dtype"].toInt();
     at::Tensor dyc;
-    if (need_dx || need_dm) {
-      auto [c, dm] = Impl::dora_dy(dy, y, g, norm, bias, x, weight, u, lora_B, need_dx, need_dm,
-                                   (at::ScalarType)ctx->saved_data["m_dtype"].toInt());
+    auto dora_dy = [&] {
+      auto [c, dm] = Impl::dora_dy(dy, y, g, norm, bias, x, weight, u, lora_B, need_dx, need_dm, m_dtype, in_place);
       dyc = c;
       if (need_dm) out[5] = dm;
-    }
+    };
+    if ((need_dx || need_dm) && !in_place) dora_dy();
+    dora_last_dyc_in_place() = need_dx ? (int)in_place : -1;
     if (need_dx || need_dA || need_dB) {
-      auto [dx, dA, dB] = Impl::backward_dx_from(dy, x, weight, lora_A, bg, u, dyc, scaling, need_dx, need_dA, need_dB);
+      const std::function<void()> before_dx = in_place ? std::function<void()>(dora_dy) : std::function<void()>();
+      auto [dx, dA, dB] = Impl::backward_dx_from(dy, x, weight, lora_A, bg, u, in_place ? dy : dyc, scaling, need_dx,
+                                                 need_dA, need_dB, before_dx);
       if (need_dx) out[0] = dx;
       if (need_dA) out[3] = dA;
       if (need_dB) {  // the backward's dB is dyᵀ u for Bg = g ⊙ B: times g

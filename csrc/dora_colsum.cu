@@ -2,7 +2,9 @@
 //
 //   dy_c = g ⊙ dy,   part[s] = Σ_{m in split s} dy ⊙ (y − b) / g      (z = (y − b)/g from the output y itself)
 //
-// One read of dy and y, one write of dy_c. Tiling: blocks of 32·V columns (V consecutive columns per lane: 16-byte
+// One read of dy and y, one write of dy_c. dy_c may be dy itself (the node's backward overwrites a dy that it owns:
+// no M×N buffer); each element is read and then written by the same thread, so dy and dy_c are not __restrict__.
+// With keep_zero_g, the columns with g = 0 keep dy (launch_dora_dmag reads them for its recompute, then zeroes them). Tiling: blocks of 32·V columns (V consecutive columns per lane: 16-byte
 // accesses, V = 8 for 16-bit dy, 4 for fp32; V = 4 with scalar fallbacks where N or a pointer is not aligned) by one
 // row split, whose 8 warps take every 8th row; the warps' sums reduced in a fixed order (deterministic, no atomics).
 // Columns with g = 0 get 0 here; launch_dora_dmag (dora_dmag.cu) recomputes them.
@@ -43,15 +45,17 @@ __device__ __forceinline__ void colsum_part_store(float (&sums)[kWarps][COLS], c
 // Σ_m dy (y − b) / g_n (0 where g_n = 0; launch_dora_dmag fills those columns), when part is not null.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-dora_colsum_kernel(const T* __restrict__ dy, const T* __restrict__ y, const float* __restrict__ g,
-                   const T* __restrict__ bias, T* __restrict__ dyc, float* __restrict__ part, int64_t M, int64_t N,
-                   int64_t rows_per_split) {
+dora_colsum_kernel(const T* dy, const T* __restrict__ y, const float* __restrict__ g, const T* __restrict__ bias,
+                   T* dyc, float* __restrict__ part, int64_t M, int64_t N, int64_t rows_per_split, bool keep_zero_g) {
   __shared__ float sums[kWarps][kColsumCols];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t n0 = (int64_t)blockIdx.x * kColsumCols + lane * 4;
   const int valid = n0 < N ? (int)min64(4, N - n0) : 0;
   float gv[4], bv[4] = {0.f, 0.f, 0.f, 0.f}, acc[4] = {0.f, 0.f, 0.f, 0.f};
   for (int q = 0; q < 4; ++q) gv[q] = q < valid ? g[n0 + q] : 0.f;
+  if (keep_zero_g) {
+    for (int q = 0; q < 4; ++q) gv[q] = gv[q] == 0.f ? 1.f : gv[q];  // dy_c = dy there, until launch_dora_dmag
+  }
   if (bias != nullptr && valid > 0) load4<T>(bias + n0, valid, bv);
   const Span rows = block_span(blockIdx.y, rows_per_split, M);
   if (valid > 0) {
@@ -80,9 +84,9 @@ dora_colsum_kernel(const T* __restrict__ dy, const T* __restrict__ y, const floa
 // columns), four rows in flight per warp; for N a multiple of V and 16-byte aligned dy, y and dy_c (the usual case).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-dora_colsum_vec_kernel(const T* __restrict__ dy, const T* __restrict__ y, const float* __restrict__ g,
-                       const T* __restrict__ bias, T* __restrict__ dyc, float* __restrict__ part, int64_t M, int64_t N,
-                       int64_t rows_per_split) {
+dora_colsum_vec_kernel(const T* dy, const T* __restrict__ y, const float* __restrict__ g,
+                       const T* __restrict__ bias, T* dyc, float* __restrict__ part, int64_t M, int64_t N,
+                       int64_t rows_per_split, bool keep_zero_g) {
   constexpr int V = 16 / sizeof(T), kCols = 32 * V, kRows = 4;
   __shared__ float sums[kWarps][kCols];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -92,6 +96,7 @@ dora_colsum_vec_kernel(const T* __restrict__ dy, const T* __restrict__ y, const 
 #pragma unroll
   for (int q = 0; q < V; ++q) {
     gv[q] = valid ? g[n0 + q] : 0.f;
+    if (keep_zero_g && gv[q] == 0.f) gv[q] = 1.f;  // dy_c = dy there, until launch_dora_dmag
     bv[q] = valid && bias != nullptr ? to_f<T>(bias[n0 + q]) : 0.f;
     acc[q] = 0.f;
   }
@@ -149,7 +154,8 @@ int64_t dora_colsum_splits(int64_t M, int64_t N) {
 }
 
 cudaError_t launch_dora_colsum(const void* dy, const void* y, DType dtype, const float* g, const void* bias,
-                               void* dyc, float* part, int64_t M, int64_t N, int64_t splits, cudaStream_t stream) {
+                               void* dyc, float* part, int64_t M, int64_t N, int64_t splits, bool keep_zero_g,
+                               cudaStream_t stream) {
   if (M <= 0 || N <= 0 || (dyc == nullptr && part == nullptr)) return cudaSuccess;
   // grid.y = splits, all of them: every row of part is written (a split past M writes zeros), as launch_dora_dmag
   // sums all `splits` of them
@@ -162,12 +168,12 @@ cudaError_t launch_dora_colsum(const void* dy, const void* y, DType dtype, const
       const dim3 grid((unsigned)ceil_div(N, 32 * V), (unsigned)splits);
       return launch_kernel(dora_colsum_vec_kernel<T>, grid, kThreads, 0, stream, static_cast<const T*>(dy),
                            static_cast<const T*>(y), g, static_cast<const T*>(bias), static_cast<T*>(dyc), part, M,
-                           N, rows);
+                           N, rows, keep_zero_g);
     }
     const dim3 grid((unsigned)ceil_div(N, kColsumCols), (unsigned)splits);
     return launch_kernel(dora_colsum_kernel<T>, grid, kThreads, 0, stream, static_cast<const T*>(dy),
                          static_cast<const T*>(y), g, static_cast<const T*>(bias), static_cast<T*>(dyc), part, M, N,
-                         rows);
+                         rows, keep_zero_g);
   });
 }
 

@@ -5,6 +5,8 @@
 //
 // Tiling: one thread per column; then each block recomputes its zero-g columns one at a time (a warp per row, the
 // lanes over K). None exist in practice: the launch then costs a read of g.
+// zero_dy (dy itself, or null): where the colsum pass overwrote dy with dy_c in place, it kept dy in the zero-g
+// columns for this recompute; each such column is zeroed once its sum is taken (dy_c = g ⊙ dy = 0 there).
 #include "common.cuh"
 #include "plans.cuh"
 
@@ -21,9 +23,9 @@ constexpr int kWarps = kThreads / 32;
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 dora_dmag_kernel(const float* __restrict__ part, int64_t splits, const float* __restrict__ g,
-                 const float* __restrict__ norm, const T* __restrict__ dy, const T* __restrict__ x,
-                 const T* __restrict__ W, const float* __restrict__ u, const void* __restrict__ B, DType b_dt,
-                 void* __restrict__ dmag, DType m_dt, int64_t M, int64_t K, int64_t N, int r) {
+                 const float* __restrict__ norm, const T* dy, const T* __restrict__ x, const T* __restrict__ W,
+                 const float* __restrict__ u, const void* __restrict__ B, DType b_dt, void* __restrict__ dmag,
+                 DType m_dt, T* zero_dy, int64_t M, int64_t K, int64_t N, int r) {
   __shared__ float sums[kWarps];
   __shared__ int zero_any;
   const int64_t n = (int64_t)blockIdx.x * kThreads + threadIdx.x;
@@ -56,6 +58,9 @@ dora_dmag_kernel(const float* __restrict__ part, int64_t splits, const float* __
       for (int w = 0; w < kWarps; ++w) t += sums[w];
       store_any(dmag, m_dt, c, t / norm[c]);
     }
+    if (zero_dy != nullptr) {  // every warp has read the column (the barrier above)
+      for (int64_t m = threadIdx.x; m < M; m += kThreads) zero_dy[m * N + c] = from_f<T>(0.f);
+    }
     __syncthreads();
   }
 }
@@ -64,13 +69,14 @@ dora_dmag_kernel(const float* __restrict__ part, int64_t splits, const float* __
 
 cudaError_t launch_dora_dmag(const float* part, int64_t splits, const float* g, const float* norm, const void* dy,
                              const void* x, const void* W, DType dtype, const float* u, const void* B, DType b_dtype,
-                             void* dmag, DType m_dtype, int64_t M, int64_t K, int64_t N, int r, cudaStream_t stream) {
+                             void* dmag, DType m_dtype, void* zero_dy, int64_t M, int64_t K, int64_t N, int r,
+                             cudaStream_t stream) {
   if (N <= 0) return cudaSuccess;
   return with_dtype(dtype, [&](auto t) {
     using T = decltype(t);
     return launch_kernel(dora_dmag_kernel<T>, dim3((unsigned)ceil_div(N, kThreads)), kThreads, 0, stream, part,
                          splits, g, norm, static_cast<const T*>(dy), static_cast<const T*>(x),
-                         static_cast<const T*>(W), u, B, b_dtype, dmag, m_dtype, M, K, N, r);
+                         static_cast<const T*>(W), u, B, b_dtype, dmag, m_dtype, static_cast<T*>(zero_dy), M, K, N, r);
   });
 }
 

@@ -146,15 +146,19 @@ cudaError_t launch_dora_combine(const float* wa, const float* wsq, const void* B
 cudaError_t launch_dora_gram(const void* A, DType a_dtype, int r, int64_t K, float* aat, cudaStream_t stream);
 // Row splits of launch_dora_colsum's partial sums for an (M, N) dy.
 int64_t dora_colsum_splits(int64_t M, int64_t N);
-// dy, y (M, N) dtype, g (N,) fp32, bias (N,) dtype or null: dyc = g ⊙ dy (dyc null: not written) and
-// part[s] (N,) fp32 = Σ_{m in split s} dy ⊙ (y − bias) / g (0 where g = 0), part (splits, N) or null.
+// dy, y (M, N) dtype, g (N,) fp32, bias (N,) dtype or null: dyc = g ⊙ dy (dyc null: not written; dyc = dy: in
+// place) and part[s] (N,) fp32 = Σ_{m in split s} dy ⊙ (y − bias) / g (0 where g = 0), part (splits, N) or null.
+// keep_zero_g: dyc = dy in the columns where g = 0 (launch_dora_dmag's zero_dy finishes them).
 cudaError_t launch_dora_colsum(const void* dy, const void* y, DType dtype, const float* g, const void* bias,
-                               void* dyc, float* part, int64_t M, int64_t N, int64_t splits, cudaStream_t stream);
+                               void* dyc, float* part, int64_t M, int64_t N, int64_t splits, bool keep_zero_g,
+                               cudaStream_t stream);
 // dmag (N,) m_dtype = Σ_s part[s] / norm; where g = 0, Σ_m dy ⊙ (x Wᵀ + u Bᵀ) / norm for that column instead
-// (x (M, K), W (N, K), dy (M, N) dtype; u (M, r) fp32; B (N, r) b_dtype).
+// (x (M, K), W (N, K), dy (M, N) dtype; u (M, r) fp32; B (N, r) b_dtype), and then, when zero_dy (= dy) is not
+// null, that column of dy set to 0.
 cudaError_t launch_dora_dmag(const float* part, int64_t splits, const float* g, const float* norm, const void* dy,
                              const void* x, const void* W, DType dtype, const float* u, const void* B, DType b_dtype,
-                             void* dmag, DType m_dtype, int64_t M, int64_t K, int64_t N, int r, cudaStream_t stream);
+                             void* dmag, DType m_dtype, void* zero_dy, int64_t M, int64_t K, int64_t N, int r,
+                             cudaStream_t stream);
 
 // g_out[c] (M, r) fp32 = dy[:, cols of c] @ B[cols of c] (g_out = g itself when plan.col_groups == 1);
 // and if dB_partial != nullptr: dB_partial[s] (N, r) = dy[rows of s]^T @ u[rows of s] (u may be null otherwise).

@@ -367,9 +367,13 @@ def _dora_fresh(x_shape=(9, 24), N=20, r=4, bias=True, dtype=torch.float32, adap
     return x, W, b, A, B, m
 
 
-def _dora_check(dora_entry, x, W, b, A, B, m, req=(True, True, True, True), s=0.75, training=True, dropout_p=0.0):
+def _dora_check(dora_entry, x, W, b, A, B, m, req=(True, True, True, True), s=0.75, training=True, dropout_p=0.0,
+                owned_dy=False):
     """The entry's output and grads against PEFT's formula in float64, under the tolerance rule with the torch
-    backend's float32 dora_linear as the same-precision baseline; the node is DoRA's."""
+    backend's float32 dora_linear as the same-precision baseline; the node is DoRA's. owned_dy: y's grad dy comes
+    from autograd (the grad of (y ⊙ dy).sum()), so the node owns it and writes g ⊙ dy over it where x needs a grad;
+    else the caller holds dy (y.backward(dy)), which the node leaves as it was. Returns how the node made g ⊙ dy
+    (dora_last_dyc_in_place)."""
     from test_dora import peft_formula
 
     import lora_kernels
@@ -388,7 +392,14 @@ def _dora_check(dora_entry, x, W, b, A, B, m, req=(True, True, True, True), s=0.
     y64 = peft_formula(ref[0], W.double(), None if b is None else b.double(), ref[1], ref[2], s, ref[3])
     assert_tolerance(y, y64, y0, "y")
     dy = torch.randn_like(y)
-    y.backward(dy)
+    dy_before = dy.clone()
+    if owned_dy:
+        (y * dy).sum().backward()
+    else:
+        y.backward(dy)
+        assert torch.equal(dy, dy_before), "the node wrote over a dy its caller holds"
+    how = torch.ops.lora_autograd_shim.dora_last_dyc_in_place()
+    assert how == (int(owned_dy) if req[0] else -1), how
     y0.backward(dy)
     y64.backward(dy.double())
     for name, a, b0, r64, q in zip(("x", "A", "B", "magnitude"), mine, base, ref, req):
@@ -397,6 +408,7 @@ def _dora_check(dora_entry, x, W, b, A, B, m, req=(True, True, True, True), s=0.
             continue
         assert a.grad.dtype == a.dtype, name
         assert_tolerance(a.grad, r64.grad, b0.grad, name)
+    return how
 
 
 @pytest.mark.parametrize("case", ["2d", "3d", "nobias", "rank_1", "bf16_fp32_adapters", "bf16_magnitude", "eval_p"])
@@ -428,6 +440,82 @@ def test_dora_entry_grad_subsets(op, dora_entry, req):
 def test_dora_entry_zero_magnitudes(op, dora_entry):
     # g = 0 columns (y = b there): the magnitude's grad from z recomputed for those columns
     _dora_check(dora_entry, *_dora_fresh(seed=2, zero_cols=(0, 7, 8, 19)))
+
+
+@pytest.mark.parametrize("case", ["2d", "3d", "bf16_fp32_adapters", "zero_magnitudes", "x_only", "no_magnitude"])
+def test_dora_entry_owned_dy(op, dora_entry, case):
+    """A dy made by autograd (the usual case in a network) is the node's own: g ⊙ dy goes over it (no M×N buffer),
+    after the reads of dy, so the grads meet the tolerance rule and equal, bit for bit, those from a dy the caller
+    holds. Through a 3-D x's reshape (a view of the next op's grad), with 16-bit dy, with g = 0 columns (whose dy the
+    magnitude's recompute reads before they are zeroed), and for the subsets of grads that need g ⊙ dy."""
+    kw, req = {}, (True, True, True, True)
+    if case == "3d":
+        kw["x_shape"] = (2, 5, 24)
+    elif case == "bf16_fp32_adapters":
+        kw["dtype"] = torch.bfloat16
+    elif case == "zero_magnitudes":
+        kw["zero_cols"] = (0, 7, 8, 19)
+    elif case == "x_only":
+        req = (True, False, False, False)
+    elif case == "no_magnitude":
+        req = (True, True, True, False)
+    x, W, b, A, B, m = _dora_fresh(seed=8, **kw)
+    assert _dora_check(dora_entry, x, W, b, A, B, m, req=req, owned_dy=True) == 1
+    dy = torch.randn(*x.shape[:-1], W.shape[0], dtype=x.dtype)
+    grads = []
+    for owned in (False, True):
+        leaves = [t.detach().clone().requires_grad_(q) for t, q in zip((x, A, B, m), req)]
+        y = dora_entry(leaves[0], W, b, leaves[1], leaves[2], 0.75, leaves[3], 0.0, True)
+        (y * dy).sum().backward() if owned else y.backward(dy)
+        assert torch.ops.lora_autograd_shim.dora_last_dyc_in_place() == int(owned)
+        grads.append([t.grad for t in leaves])
+    for held, owned in zip(*grads):
+        assert (held is None) == (owned is None)
+        if held is not None:
+            assert torch.equal(held, owned)
+
+
+def test_dora_entry_shared_dy_is_not_overwritten(op, dora_entry):
+    """A grad that another node or a hook can still see is not written over: y + y2 hands one grad to both DoRA
+    nodes (the first to run leaves it, the last may take it), a retained grad, and a grad hook's capture."""
+    x, W, b, A, B, m = _dora_fresh(seed=9)
+
+    def leaves():
+        return [t.detach().clone().requires_grad_() for t in (x, A, B, m)]
+
+    def grads_of(run):
+        ls = leaves()
+        run(ls)
+        return [t.grad for t in ls]
+
+    dy = torch.randn(x.shape[0], W.shape[0])
+
+    def plain(ls):
+        dora_entry(ls[0], W, b, ls[1], ls[2], 0.75, ls[3], 0.0, True).backward(dy)
+
+    want = grads_of(plain)
+
+    def two_uses(ls):  # the same layer twice, its outputs added: each node gets the add's one grad
+        y = dora_entry(ls[0], W, b, ls[1], ls[2], 0.75, ls[3], 0.0, True)
+        y2 = dora_entry(ls[0], W, b, ls[1], ls[2], 0.75, ls[3], 0.0, True)
+        (y + y2).mul(1.0).backward(dy)
+
+    for got, w in zip(grads_of(two_uses), want):
+        torch.testing.assert_close(got, 2 * w, rtol=1e-5, atol=1e-5)
+
+    seen = []
+
+    def hooked(ls):  # a hook that keeps the grad it sees: that grad must still be dy afterwards
+        y = dora_entry(ls[0], W, b, ls[1], ls[2], 0.75, ls[3], 0.0, True)
+        y.register_hook(lambda g: seen.append(g))
+        y.retain_grad()
+        (y * dy).sum().backward()
+        torch.testing.assert_close(y.grad, dy, rtol=0, atol=0)
+
+    for got, w in zip(grads_of(hooked), want):
+        torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-5)
+    assert torch.ops.lora_autograd_shim.dora_last_dyc_in_place() == 0
+    torch.testing.assert_close(seen[0], dy, rtol=0, atol=0)
 
 
 def test_dora_entry_no_grad_and_saved_y(op, dora_entry):

@@ -329,6 +329,42 @@ def test_dora_entry_matches_the_python_path(monkeypatch):
                                    msg=name)
 
 
+@pytest.mark.parametrize("dtype,adapters", [(torch.bfloat16, torch.float32), (torch.float16, torch.float16)],
+                         ids=lambda v: str(v).split(".")[-1])
+@pytest.mark.parametrize("shape", [((1,), 64, 48, 4), ((3, 7), 100, 50, 33), ((300,), 256, 320, 16),
+                                   ((2048,), 512, 384, 64)], ids=str)
+def test_dora_entry_owned_dy(dtype, adapters, shape):
+    """A dy that autograd made (the grad of (y ⊙ w).sum(), as in a network) is the node's own: g ⊙ dy goes over it
+    after the dy pass has read it, and the grads equal, bit for bit, those from a dy that the caller holds (which the
+    node leaves as it was); zero-g columns (read by the magnitude's recompute, then zeroed), 3-D x (a view of the
+    next op's grad), small M (cuBLAS dx), odd N (the scalar colsum pass) and the sm_90 dx GEMM."""
+    lead, K, N, r = shape
+    M = 1
+    for d in lead:
+        M *= d
+    x, W, b, A, B, _ = _inputs(M, K, N, r, dtype, adapters, True)
+    x = x.reshape(*lead, K)
+    m = torch.rand(N, device="cuda") + 0.5
+    m[[0, N - 1]] = 0.0
+    w = torch.randn(*lead, N, device="cuda").to(dtype)
+    w0 = w.clone()
+    grads = []
+    for owned in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (x, A, B, m)]
+        y = lora_kernels.dora_linear(leaves[0], W, b, leaves[1], leaves[2], S, leaves[3], backend="cuda")
+        assert "DoraLinearFunction" in _dora_node(y)
+        if owned:
+            (y * w).sum().backward()
+        else:
+            y.backward(w)
+        assert torch.ops.lora_kernels_cuda.dora_last_dyc_in_place() == int(owned)
+        assert torch.equal(w, w0)
+        grads.append([t.grad for t in leaves])
+    for name, held, mine in zip(("x", "A", "B", "magnitude"), *grads):
+        assert torch.isfinite(held).all(), name
+        assert torch.equal(held, mine), name
+
+
 def test_dora_entry_norm_cache_follows_the_weight():
     from test_dora import peft_formula
 

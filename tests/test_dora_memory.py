@@ -204,9 +204,10 @@ def test_chunked_backward_and_saved_z(monkeypatch, backend, device, dtype, p, mo
 PEAK_SHAPE = (4096, 1024, 1024, 16)  # M, K, N, r: one M×N bf16 buffer is 8 MiB
 
 
-def peak_case(p, backend, dev="cuda"):
+def peak_case(p, backend, dev="cuda", owned_dy=False):
     """(lora, dora) fwd+bwd callables on fresh inputs of PEAK_SHAPE (bf16 x and W, fp32 adapters and magnitude),
-    as the peak-memory test and bench/dev/peak_trace.py run them."""
+    as the peak-memory test and bench/dev/peak_trace.py run them. The upstream grad dy is the caller's, or with
+    owned_dy made by autograd, as in a network (the grad of (y ⊙ dy).sum(): the layer's node owns it)."""
     M, K, N, r = PEAK_SHAPE
     dt = torch.bfloat16
     x = torch.randn(M, K, device=dev, dtype=dt, requires_grad=True)
@@ -216,13 +217,17 @@ def peak_case(p, backend, dev="cuda"):
     m = (torch.rand(N, device=dev) + 0.5).requires_grad_()
     dy = torch.randn(M, N, device=dev, dtype=dt)
 
+    def grad(y, wrt):
+        if owned_dy:
+            torch.autograd.grad((y * dy).sum(), wrt)
+        else:
+            torch.autograd.grad(y, wrt, dy)
+
     def lora():
-        torch.autograd.grad(lora_kernels.lora_linear(x, W, None, A, B, 2.0, dropout_p=p, backend=backend),
-                            (x, A, B), dy)
+        grad(lora_kernels.lora_linear(x, W, None, A, B, 2.0, dropout_p=p, backend=backend), (x, A, B))
 
     def dora_():
-        torch.autograd.grad(lora_kernels.dora_linear(x, W, None, A, B, 2.0, m, dropout_p=p, backend=backend),
-                            (x, A, B, m), dy)
+        grad(lora_kernels.dora_linear(x, W, None, A, B, 2.0, m, dropout_p=p, backend=backend), (x, A, B, m))
 
     return lora, dora_
 
@@ -230,27 +235,30 @@ def peak_case(p, backend, dev="cuda"):
 @gpu
 @pytest.mark.parametrize("p", [0.0, 0.1])
 @pytest.mark.parametrize("save_y", [False, True])
-def test_gpu_peak_memory_against_lora(monkeypatch, p, save_y):
+@pytest.mark.parametrize("owned_dy", [False, True], ids=["caller_dy", "autograd_dy"])
+def test_gpu_peak_memory_against_lora(monkeypatch, p, save_y, owned_dy):
     # DoRA fwd+bwd peak - LoRA fwd+bwd peak <= c·N·r + the backward's chunk budget (its transient M×N / M×K
     # temporaries, here set to 1 MiB) + 1 MiB, far below one M×N buffer (8 MiB here): nothing M×N is saved or held
     # for the whole backward, nothing N×K is built. With y kept (p = 0, SAVE_Y) the backward runs in one chunk: its
     # dy_c, one M×N buffer, is transient for the whole backward, and nothing else is added (y is the output the
-    # caller holds). The fast backends only (the torch reference backend makes fp32 copies of its operands).
+    # caller holds); the cuda backend's C++ node writes dy_c over a dy that autograd made (owned_dy), so there it
+    # adds nothing M×N. The fast backends only (the torch reference backend makes fp32 copies of its operands).
     M, K, N, r = PEAK_SHAPE
     budget = 1 << 20
     monkeypatch.setattr(dora, "BWD_CHUNK_BYTES", budget)
     monkeypatch.setattr(dora, "SAVE_Y", save_y)
-    dy_c = M * N * 2 if (save_y and p == 0.0) else 0
     backends = [b for b in _gpu_backends() if b != "torch"]
     if not backends:
         pytest.skip("no fast backend")
     for backend in backends:
-        lora, dora_ = peak_case(p, backend)
+        in_place = owned_dy and backend == "cuda"  # the C++ entry (SAVE_Y, p = 0): dy_c over dy
+        dy_c = M * N * 2 if (save_y and p == 0.0 and not in_place) else 0
+        lora, dora_ = peak_case(p, backend, owned_dy=owned_dy)
         lora(), dora_()  # warm-up: kernels compiled, the ‖W‖² cache filled
         (peak_d, live_d), (peak_l, live_l) = live_at_peak(dora_), live_at_peak(lora)
         extra = peak_d - peak_l
         allowance = 64 * N * (r + 8) + budget + (1 << 20)
-        print(f"{backend} p={p} save_y={save_y}: DoRA peak - LoRA peak = {extra / 2**20:.2f} MiB (allowance "
+        print(f"{backend} p={p} save_y={save_y} owned_dy={owned_dy}: DoRA peak - LoRA peak = {extra / 2**20:.2f} MiB (allowance "
               f"{(allowance + dy_c) / 2**20:.2f} MiB; one M×N buffer is {M * N * 2 / 2**20:.0f} MiB)")
         assert extra <= allowance + dy_c and allowance < M * N * 2, (
             backend, extra, allowance, dy_c, "DoRA's live blocks at its peak", live_d[:8], "LoRA's", live_l[:8])

@@ -114,7 +114,9 @@ def set_bytes(M, K, N, r, dtype, bias=False):
 
 def _add_modes(fwds: list, fwd_bwds: list, call: Callable, wrt: tuple, dy) -> None:
     """Append a provider's two timed callables: forward without autograd, and forward plus the grads of
-    ``wrt`` for the upstream gradient ``dy``."""
+    ``wrt`` for the upstream gradient ``dy``. The latter carries, as its ``autograd_dy`` attribute, the same
+    fwd+bwd with dy arriving as the grad of (y ⊙ dy).sum(), made by autograd: a layer may overwrite such a grad
+    (DoRA's C++ node does), never the caller's; the grid measures peak memory both ways."""
     def fwd():
         with torch.no_grad():
             return call()
@@ -122,6 +124,10 @@ def _add_modes(fwds: list, fwd_bwds: list, call: Callable, wrt: tuple, dy) -> No
     def fwd_bwd():
         return torch.autograd.grad(call(), wrt, dy)
 
+    def fwd_bwd_autograd_dy():  # for memory only: y's grad made by autograd (as in a network), not the caller's
+        return torch.autograd.grad((call() * dy).sum(), wrt)
+
+    fwd_bwd.autograd_dy = fwd_bwd_autograd_dy
     fwds.append(fwd)
     fwd_bwds.append(fwd_bwd)
 

@@ -162,6 +162,9 @@ def test_lora_layer(benchmark, cfg, request):
     if mode == "fwd_bwd":
         mem = measure_memory(fns[0], exclude=case.exclude, inputs=case.inputs)
         info.update({k: v for k, v in mem.items()})
+        if getattr(fns[0], "autograd_dy", None) is not None:  # the upstream grad made by autograd (providers.py)
+            info["peak_bytes_autograd_dy"] = measure_memory(fns[0].autograd_dy, exclude=case.exclude,
+                                                            inputs=case.inputs)["peak_bytes"]
     info.update({f"env_{k}": v for k, v in _env(config).items()})
     benchmark.extra_info.update(info)
     if config.getoption("--jsonl"):  # one line per result as it is measured: a run cut short keeps its rows

@@ -123,7 +123,9 @@ def markdown(rows, env):
            "means. `vs PEFT` = PEFT-layer wall time / wall time (DoRA rows: PEFT's DoRA layer, peft-dora) "
            "(>1 is faster than PEFT). TFLOP/s counts the LoRA layer's FLOPs (the floor: its own GEMM FLOPs). "
            "`addmm` applies no dropout. Memory columns (fwd_bwd): peak allocated above baseline during one "
-           "fwd+bwd, and bytes saved for backward (x included; parameters excluded).", ""]
+           "fwd+bwd with the caller's dy, the same with dy made by autograd (the grad of (y ⊙ dy).sum(), as "
+           "in a network: one more M×N for every provider, and a layer may reuse it), and bytes saved for "
+           "backward (x included; parameters excluded).", ""]
     summ = _summaries(groups)
     if summ:
         out += ["## Summary (geometric means over all groups)", "",
@@ -152,8 +154,8 @@ def markdown(rows, env):
     for (mode, shape, M, r, p), g in groups.items():
         out += [f"### {mode} | {shape} | M={M} | r={r} | p={p}", "",
                 "| provider | wall ms | TFLOP/s | wall ratio | GPU ms | GPU ratio | GPU ok | vs PEFT | peak MiB | "
-                "saved MiB | note |",
-                "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---|"]
+                "peak MiB, autograd dy | saved MiB | note |",
+                "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|"]
         for prov in _prov_order(g):
             x = g[prov]
             peft = g.get(_peft_ref(prov), {}).get("median_ms")
@@ -164,7 +166,8 @@ def markdown(rows, env):
             out.append(f"| {prov} | {_fmt(x.get('median_ms'), '.4f')} | {_fmt(x.get('tflops'), '.1f')} | "
                        f"{_fmt(x.get('ratio_to_floor'), '.3f')} | {_fmt(x.get('gpu_ms'), '.4f')} | "
                        f"{_fmt(x.get('gpu_ratio_to_floor'), '.3f')} | {ok} | {_fmt(vs, '.2f')} | "
-                       f"{_mib(x.get('peak_bytes'))} | {_mib(x.get('saved_bytes'))} | {x.get('note', '')} |")
+                       f"{_mib(x.get('peak_bytes'))} | {_mib(x.get('peak_bytes_autograd_dy'))} | "
+                       f"{_mib(x.get('saved_bytes'))} | {x.get('note', '')} |")
         out.append("")
     return "\n".join(out)
 

@@ -8,6 +8,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <functional>
 #include <optional>
 #include <tuple>
 
@@ -82,11 +83,11 @@ struct ReferenceDora : ReferenceMath {
   }
   static std::tuple<Tensor, Tensor> dora_dy(const Tensor& dy, const Tensor& y, const Tensor& g, const Tensor& norm,
                                             const Tensor& bias, const Tensor& x, const Tensor& weight, const Tensor& u,
-                                            const Tensor& lora_B, bool need_dyc, bool need_dm, at::ScalarType m_dtype) {
+                                            const Tensor& lora_B, bool need_dyc, bool need_dm, at::ScalarType m_dtype,
+                                            bool in_place) {
     const auto acc = g.scalar_type();
     const Tensor d = dy.to(acc);
     Tensor dyc, dm;
-    if (need_dyc) dyc = (d * g).to(dy.scalar_type());
     if (need_dm) {
       Tensor yb = y.to(acc);
       if (bias.defined()) yb = yb - bias.to(acc);
@@ -96,18 +97,23 @@ struct ReferenceDora : ReferenceMath {
       dg = at::where(nz, dg, (d * z).sum(0));
       dm = (dg / norm).to(m_dtype);
     }
+    if (need_dyc) dyc = in_place ? dy.copy_(d * g) : (d * g).to(dy.scalar_type());  // in place: after dm's read
     return {dyc, dm};
   }
   static std::tuple<Tensor, Tensor, Tensor> backward_dx_from(const Tensor& dy, const Tensor& x, const Tensor& weight,
                                                              const Tensor& lora_A, const Tensor& lora_B,
                                                              const Tensor& u, const Tensor& dx_from, double scaling,
-                                                             bool need_dx, bool need_dA, bool need_dB) {
+                                                             bool need_dx, bool need_dA, bool need_dB,
+                                                             const std::function<void()>& before_dx) {
     auto out = backward(dy, x, weight, lora_A, lora_B, u, scaling, 0.0, 0, 0, false, need_dA, need_dB, std::nullopt);
-    if (need_dx) {  // dx = dx_from W + s (dy B) A (dx_from undefined: dy)
+    if (need_dx) {  // dx = dx_from W + s (dy B) A (dx_from undefined: dy); dy is read before before_dx
       const auto acc = u.scalar_type();
+      const Tensor lora = dy.to(acc).mm(lora_B.to(acc)).mm(lora_A.to(acc)) * scaling;
+      if (before_dx) before_dx();
       const Tensor& d = dx_from.defined() ? dx_from : dy;
-      std::get<0>(out) = (d.to(acc).mm(weight.to(acc)) + dy.to(acc).mm(lora_B.to(acc)).mm(lora_A.to(acc)) * scaling)
-                             .to(x.scalar_type());
+      std::get<0>(out) = (d.to(acc).mm(weight.to(acc)) + lora).to(x.scalar_type());
+    } else if (before_dx) {
+      before_dx();
     }
     return out;
   }
@@ -141,6 +147,8 @@ Tensor entry(const Tensor& x, const Tensor& weight, const std::optional<Tensor>&
 
 int64_t last_seed() { return g_last_seed; }
 
+int64_t dora_last_dyc_in_place() { return lora_kernels::dora_last_dyc_in_place().load(); }
+
 }  // namespace
 
 TORCH_LIBRARY(lora_autograd_shim, m) {
@@ -150,6 +158,7 @@ TORCH_LIBRARY(lora_autograd_shim, m) {
   m.def("dora_entry(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
         "Tensor magnitude, float dropout_p, bool training) -> Tensor", &dora_entry);
   m.def("dora_clear_cache() -> ()", &dora_clear_cache);
+  m.def("dora_last_dyc_in_place() -> int", &dora_last_dyc_in_place);
   m.def("lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, float p, "
         "int seed, int offset, Tensor? seed_t=None) -> Tensor");
 }
