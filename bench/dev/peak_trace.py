@@ -25,14 +25,17 @@ def main():
     ap.add_argument("--p", type=float, default=0.1)
     ap.add_argument("--backend", default="cuda")
     ap.add_argument("--budget-mib", type=float, default=1.0)
+    ap.add_argument("--autograd-dy", action="store_true",
+                    help="y's grad made by autograd (the layer may reuse it) instead of the caller's dy")
     a = ap.parse_args()
     M, K, N, r = PEAK_SHAPE
     dora.BWD_CHUNK_BYTES = int(a.budget_mib * 2**20)
     torch.manual_seed(0)
-    lora, dora_ = peak_case(a.p, a.backend)
+    lora, dora_ = peak_case(a.p, a.backend, owned_dy=a.autograd_dy)
     lora(), dora_()
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__}; M={M} K={K} N={N} r={r} p={a.p} "
-          f"backend={a.backend} chunk budget {a.budget_mib} MiB; one M×N buffer = {M * N * 2 / 2**20:.2f} MiB")
+          f"backend={a.backend} autograd dy={a.autograd_dy} chunk budget {a.budget_mib} MiB; "
+          f"one M×N buffer = {M * N * 2 / 2**20:.2f} MiB")
     for name, fn in (("lora", lora), ("dora", dora_)):
         peak, blocks = live_at_peak(fn, ours=("lora_kernels", "peak_trace", "test_dora_memory"))
         print(f"== {name}: peak {peak / 2**20:.2f} MiB above the start; live blocks at the peak:")

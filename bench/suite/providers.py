@@ -124,8 +124,9 @@ def _add_modes(fwds: list, fwd_bwds: list, call: Callable, wrt: tuple, dy) -> No
     def fwd_bwd():
         return torch.autograd.grad(call(), wrt, dy)
 
-    def fwd_bwd_autograd_dy():  # for memory only: y's grad made by autograd (as in a network), not the caller's
-        return torch.autograd.grad((call() * dy).sum(), wrt)
+    def fwd_bwd_autograd_dy():  # for memory only: y's grad made by autograd (as in a network), not the caller's;
+        y = call()                # y held here, as fwd_bwd's caller holds it
+        return torch.autograd.grad((y * dy).sum(), wrt)
 
     fwd_bwd.autograd_dy = fwd_bwd_autograd_dy
     fwds.append(fwd)

@@ -124,8 +124,8 @@ def markdown(rows, env):
            "(>1 is faster than PEFT). TFLOP/s counts the LoRA layer's FLOPs (the floor: its own GEMM FLOPs). "
            "`addmm` applies no dropout. Memory columns (fwd_bwd): peak allocated above baseline during one "
            "fwd+bwd with the caller's dy, the same with dy made by autograd (the grad of (y ⊙ dy).sum(), as "
-           "in a network: one more M×N for every provider, and a layer may reuse it), and bytes saved for "
-           "backward (x included; parameters excluded).", ""]
+           "in a network, y still held: one more M×N for every provider, and a layer may reuse it), and bytes "
+           "saved for backward (x included; parameters excluded).", ""]
     summ = _summaries(groups)
     if summ:
         out += ["## Summary (geometric means over all groups)", "",

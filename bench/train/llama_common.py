@@ -28,6 +28,7 @@ def add_model_args(ap):
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--dora", action="store_true", help="DoRA adapters (LoraConfig(use_dora=True))")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", choices=["bf16", "fp32", "fp16"], default=None,
@@ -66,7 +67,8 @@ def build_model(args, dropout: float, device):
     torch.manual_seed(args.seed)
     model = LlamaForCausalLM(cfg)
     model = model.to(DTYPES[args.dtype])
-    lcfg = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=dropout, target_modules=TARGETS)
+    lcfg = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=dropout, target_modules=TARGETS,
+                      use_dora=getattr(args, "dora", False))
     model = get_peft_model(model, lcfg)  # default autocast_adapter_dtype=True -> fp32 adapters
     if args.lora_b_std > 0:
         g = torch.Generator().manual_seed(args.seed + 1)
