@@ -45,7 +45,9 @@ Memory. Saved for backward: x, u (M×r float32), g (N) and the seed: the same as
 mask, no dropped copy of x, and nothing N×K (tests/test_dora_memory.py checks the saved tensors and every
 allocation). The magnitude's grad needs Σ_m dy ⊙ z over all of z (M×N). At p = 0 on the fast backends the backward
 reads z = (y − b)/g from the output y itself (``SAVE_Y``, ``LORA_KERNELS_DORA_SAVE_Y``, on by default): the tensor
-the call returned, not a copy, and the backward runs in one chunk, its dy_c (M×N) transient. It keeps y alive until
+the call returned, not a copy, and the backward runs in one chunk, its dy_c (M×N) transient; on the cuda backend's
+C++ node dy_c is written over dy itself where autograd made dy (no other reference: csrc/dora_autograd.h,
+grad_is_ours), after the dy pass has read it, so that the backward adds nothing M×N. It keeps y alive until
 the backward: in a network whose next op would have freed y (rather than saved it, as a gated MLP's product saves its
 factors), that is M×N more held per layer; and changing y in place before the backward raises autograd's "modified
 by an inplace operation" error. The rounding: y is rounded once (x's dtype) before z is taken from it, as
