@@ -4,10 +4,11 @@
 //
 // One read of dy and y, one write of dy_c. dy_c may be dy itself (the node's backward overwrites a dy that it owns:
 // no M×N buffer); each element is read and then written by the same thread, so dy and dy_c are not __restrict__.
-// With keep_zero_g, the columns with g = 0 keep dy (launch_dora_dmag reads them for its recompute, then zeroes them). Tiling: blocks of 32·V columns (V consecutive columns per lane: 16-byte
-// accesses, V = 8 for 16-bit dy, 4 for fp32; V = 4 with scalar fallbacks where N or a pointer is not aligned) by one
-// row split, whose 8 warps take every 8th row; the warps' sums reduced in a fixed order (deterministic, no atomics).
-// Columns with g = 0 get 0 here; launch_dora_dmag (dora_dmag.cu) recomputes them.
+// Tiling: blocks of 32·V columns (V consecutive columns per lane: 16-byte accesses, V = 8 for 16-bit dy, 4 for fp32;
+// V = 4 with scalar fallbacks where N or a pointer is not aligned) by one row split, whose 8 warps take every 8th row;
+// the warps' sums reduced in a fixed order (deterministic, no atomics).
+// Columns with g = 0 get 0 in part here; launch_dora_dmag (dora_dmag.cu) recomputes them. With keep_zero_g their
+// dy_c keeps dy for that recompute, which then zeroes them.
 #include "common.cuh"
 #include "plans.cuh"
 

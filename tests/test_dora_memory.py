@@ -258,7 +258,8 @@ def test_gpu_peak_memory_against_lora(monkeypatch, p, save_y, owned_dy):
         (peak_d, live_d), (peak_l, live_l) = live_at_peak(dora_), live_at_peak(lora)
         extra = peak_d - peak_l
         allowance = 64 * N * (r + 8) + budget + (1 << 20)
-        print(f"{backend} p={p} save_y={save_y} owned_dy={owned_dy}: DoRA peak - LoRA peak = {extra / 2**20:.2f} MiB (allowance "
+        print(f"{backend} p={p} save_y={save_y} owned_dy={owned_dy}: DoRA peak - LoRA peak = "
+              f"{extra / 2**20:.2f} MiB (allowance "
               f"{(allowance + dy_c) / 2**20:.2f} MiB; one M×N buffer is {M * N * 2 / 2**20:.0f} MiB)")
         assert extra <= allowance + dy_c and allowance < M * N * 2, (
             backend, extra, allowance, dy_c, "DoRA's live blocks at its peak", live_d[:8], "LoRA's", live_l[:8])
