@@ -13,6 +13,8 @@
 
 Outputs poisoned; DoRA's cuda forward and backward take these ops.
 """
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -339,10 +341,7 @@ def test_dora_entry_owned_dy(dtype, adapters, shape):
     node leaves as it was); zero-g columns (read by the magnitude's recompute, then zeroed), 3-D x (a view of the
     next op's grad), small M (cuBLAS dx), odd N (the scalar colsum pass) and the sm_90 dx GEMM."""
     lead, K, N, r = shape
-    M = 1
-    for d in lead:
-        M *= d
-    x, W, b, A, B, _ = _inputs(M, K, N, r, dtype, adapters, True)
+    x, W, b, A, B, _ = _inputs(math.prod(lead), K, N, r, dtype, adapters, True)
     x = x.reshape(*lead, K)
     m = torch.rand(N, device="cuda") + 0.5
     m[[0, N - 1]] = 0.0

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from providers import DORA_PROVIDERS, FLOOR, PROVIDERS, Unavailable, make_case, set_bytes
-from timing import bench_ms, measure_memory, n_rotation_sets
+from timing import bench_ms, measure_memory, n_rotation_sets, peak_memory
 
 CPU_SMOKE = os.environ.get("LORA_KERNELS_BENCH_CPU_SMOKE") == "1"
 HAS_CUDA = torch.cuda.is_available()
@@ -163,8 +163,7 @@ def test_lora_layer(benchmark, cfg, request):
         mem = measure_memory(fns[0], exclude=case.exclude, inputs=case.inputs)
         info.update({k: v for k, v in mem.items()})
         if getattr(fns[0], "autograd_dy", None) is not None:  # the upstream grad made by autograd (providers.py)
-            info["peak_bytes_autograd_dy"] = measure_memory(fns[0].autograd_dy, exclude=case.exclude,
-                                                            inputs=case.inputs)["peak_bytes"]
+            info["peak_bytes_autograd_dy"] = peak_memory(fns[0].autograd_dy)
     info.update({f"env_{k}": v for k, v in _env(config).items()})
     benchmark.extra_info.update(info)
     if config.getoption("--jsonl"):  # one line per result as it is measured: a run cut short keeps its rows

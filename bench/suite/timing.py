@@ -13,6 +13,7 @@
     side). This is the time of a call in a model that keeps the GPU busy, and the one to compare with a roofline.
   Without CUDA it falls back to a perf_counter timer (CPU smoke tests only).
 * ``n_rotation_sets(bytes_per_set)``: how many input sets to rotate among (enough to exceed 2x L2).
+* ``peak_memory(fwd_bwd)``: peak CUDA memory of one fwd+bwd above the baseline, alone.
 * ``measure_memory(fwd_bwd, exclude)``: peak CUDA memory of one fwd+bwd above the baseline, and the bytes
   saved for backward (via ``torch.autograd.graph.saved_tensors_hooks``), deduplicated by storage, parameters
   (and anything else in ``exclude``) left out.
@@ -193,6 +194,18 @@ def _storage_key(t: torch.Tensor):
         return (t.device.type, id(t)), t.numel() * t.element_size()
 
 
+def peak_memory(fwd_bwd):
+    """Peak CUDA memory of one fwd+bwd above what was allocated before it (bytes), or None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    _sync()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fwd_bwd()
+    _sync()
+    return int(torch.cuda.max_memory_allocated() - base)
+
+
 def measure_memory(fwd_bwd, exclude=(), inputs=()) -> dict:
     """Peak memory of one fwd+bwd above the baseline (CUDA only) and bytes saved for backward.
 
@@ -211,15 +224,7 @@ def measure_memory(fwd_bwd, exclude=(), inputs=()) -> dict:
                 saved[key] = nbytes
         return t
 
-    out = {"peak_bytes": None, "saved_bytes": None, "saved_count": None}
-    cuda = torch.cuda.is_available()
-    if cuda:
-        _sync()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fwd_bwd()
-        _sync()
-        out["peak_bytes"] = int(torch.cuda.max_memory_allocated() - base)
+    out = {"peak_bytes": peak_memory(fwd_bwd), "saved_bytes": None, "saved_count": None}
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             fwd_bwd()
