@@ -842,7 +842,7 @@ Tensor shrink_only(const Tensor& x, const Tensor& lora_A, double scaling) {
   return u;
 }
 
-// dora_linear at p = 0 with its autograd node in C++ (csrc/dora_autograd.h): the LoRA passes above plus csrc/dora_*.cu.
+// dora_linear with its autograd nodes in C++ (csrc/dora_autograd.h): the LoRA passes above plus csrc/dora_*.cu.
 struct DoraKernels : FusedKernels {
   static std::tuple<Tensor, Tensor, Tensor> dora_norm(const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B,
                                                       const Tensor& magnitude, double scaling, const Tensor& wsq) {
@@ -882,7 +882,7 @@ struct DoraKernels : FusedKernels {
     Tensor dyc = !need_dyc ? Tensor() : in_place ? dy : at::empty_like(dy);
     const bool defer_zero = in_place && need_dyc && need_dm;
     Tensor part = need_dm ? at::empty({splits, N}, dy.options().dtype(at::kFloat)) : Tensor();
-    check_cuda(lk::launch_dora_colsum(dy.data_ptr(), y.data_ptr(), dt, g.data_ptr<float>(),
+    check_cuda(lk::launch_dora_colsum(dy.data_ptr(), y.data_ptr(), dt, g.data_ptr<float>(), g.data_ptr<float>(),
                                       bias.defined() ? bias.data_ptr() : nullptr, need_dyc ? dyc.data_ptr() : nullptr,
                                       need_dm ? part.data_ptr<float>() : nullptr, M, N, splits, defer_zero, stream),
                "dora colsum launch");
@@ -890,7 +890,7 @@ struct DoraKernels : FusedKernels {
     if (need_dm) {
       dm = at::empty({N}, dy.options().dtype(m_dtype));
       check_cuda(lk::launch_dora_dmag(part.data_ptr<float>(), splits, g.data_ptr<float>(), norm.data_ptr<float>(),
-                                      dy.data_ptr(), x.data_ptr(), weight.data_ptr(), dt, u.data_ptr<float>(),
+                                      1.f, dy.data_ptr(), x.data_ptr(), weight.data_ptr(), dt, u.data_ptr<float>(),
                                       lora_B.data_ptr(), to_dtype(lora_B, "lora_B"), dm.data_ptr(),
                                       to_dtype(dm, "magnitude"), defer_zero ? dy.data_ptr() : nullptr, M, K, N,
                                       (int)lora_B.size(1), stream),
@@ -906,11 +906,51 @@ struct DoraKernels : FusedKernels {
     return backward_impl(dy, x, weight, lora_A, lora_B, u, scaling, 0.0, 0, 0, need_dx, need_dA, need_dB,
                          std::nullopt, dx_from.defined() ? &dx_from : nullptr, before_dx);
   }
+  // p > 0 (csrc/dora_dropout.cu, dora_colsum.cu, dora_dmag.cu)
+  static Tensor dora_masked(const Tensor& t, double p, int64_t seed, int64_t offset, double a_keep, double a_drop,
+                            const Tensor& base, const Tensor& out) {
+    const Tensor o = out.defined() ? out : at::empty_like(t);
+    const c10::cuda::CUDAGuard guard(t.device());
+    cudaStream_t stream = c10::cuda::getCurrentCUDAStream(t.device().index());
+    check_cuda(lk::launch_dora_masked(t.data_ptr(), base.defined() ? base.data_ptr() : nullptr, o.data_ptr(),
+                                      to_dtype(t, "x"), t.size(0), t.size(1), (float)p, (uint64_t)seed,
+                                      (uint64_t)offset, (float)a_keep, (float)a_drop, stream),
+               "dora masked launch");
+    return o;
+  }
+  static std::tuple<Tensor, Tensor> dora_colsum_z(const Tensor& dy, const Tensor& z, const Tensor& c, bool need_dyc,
+                                                  bool need_part, const Tensor& dyc_out) {
+    const int64_t M = dy.size(0), N = dy.size(1);
+    const c10::cuda::CUDAGuard guard(dy.device());
+    cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dy.device().index());
+    const int64_t splits = lk::dora_colsum_splits(M, N);
+    Tensor dyc = !need_dyc ? Tensor() : dyc_out.defined() ? dyc_out : at::empty_like(dy);
+    Tensor part = need_part ? at::empty({splits, N}, dy.options().dtype(at::kFloat)) : Tensor();
+    check_cuda(lk::launch_dora_colsum(dy.data_ptr(), need_part ? z.data_ptr() : nullptr, to_dtype(dy, "dy"),
+                                      c.data_ptr<float>(), nullptr, nullptr, need_dyc ? dyc.data_ptr() : nullptr,
+                                      need_part ? part.data_ptr<float>() : nullptr, M, N, splits, false, stream),
+               "dora colsum launch");
+    return {dyc, part};
+  }
+  static Tensor dora_dmag_sum(const Tensor& part, const Tensor& norm, double q, at::ScalarType m_dtype) {
+    const int64_t N = part.size(1);
+    const c10::cuda::CUDAGuard guard(part.device());
+    cudaStream_t stream = c10::cuda::getCurrentCUDAStream(part.device().index());
+    Tensor dm = at::empty({N}, part.options().dtype(m_dtype));
+    check_cuda(lk::launch_dora_dmag(part.data_ptr<float>(), part.size(0), nullptr, norm.data_ptr<float>(), (float)q,
+                                    nullptr, nullptr, nullptr, lk::DType::kFloat32, nullptr, nullptr,
+                                    lk::DType::kFloat32, dm.data_ptr(), to_dtype(dm, "magnitude"), nullptr, 0, 0, N, 0,
+                                    stream),
+               "dora dmag launch");
+    return dm;
+  }
 };
 
 Tensor dora_entry(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& lora_A,
-                  const Tensor& lora_B, double scaling, const Tensor& magnitude, double dropout_p, bool training) {
-  return lk::dora_linear_entry<DoraKernels>(x, weight, bias, lora_A, lora_B, scaling, magnitude, dropout_p, training);
+                  const Tensor& lora_B, double scaling, const Tensor& magnitude, double dropout_p, bool training,
+                  int64_t chunk_bytes) {
+  return lk::dora_linear_entry<DoraKernels>(x, weight, bias, lora_A, lora_B, scaling, magnitude, dropout_p, training,
+                                            chunk_bytes);
 }
 
 void dora_clear_cache() { lk::clear_weight_sq_cache(); }
@@ -1035,10 +1075,10 @@ TORCH_LIBRARY(lora_kernels_cuda, m) {
       "linear_entry(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
       "float dropout_p, bool training) -> Tensor",
       &linear_entry);
-  // DoRA's eager call at p = 0 in C++ (csrc/dora_autograd.h), y or None; and the clearing of its ‖W_n‖² cache
+  // DoRA's eager call in C++ (csrc/dora_autograd.h), y or None; and the clearing of its ‖W_n‖² cache
   m.def(
       "dora_entry(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
-      "Tensor magnitude, float dropout_p, bool training) -> Tensor",
+      "Tensor magnitude, float dropout_p, bool training, int chunk_bytes=67108864) -> Tensor",
       &dora_entry);
   m.def("dora_clear_cache() -> ()", &dora_clear_cache);
   m.def("dora_last_dyc_in_place() -> int", &dora_last_dyc_in_place);

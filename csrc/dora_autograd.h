@@ -1,7 +1,9 @@
-// DoRA's eager call in C++ at p = 0: its autograd node and entry, shared by the CUDA binding (binding.cpp, with the
-// fused kernels and csrc/dora_*.cu) and the CPU test shim (tests/cpp/autograd_shim.cpp, with reference ATen math), as
-// lora_autograd.h is for lora_linear.
+// DoRA's eager call in C++: its autograd nodes and entry, shared by the CUDA binding (binding.cpp, with the fused
+// kernels and csrc/dora_*.cu) and the CPU test shim (tests/cpp/autograd_shim.cpp, with reference ATen math), as
+// lora_autograd.h is for lora_linear. Same math and routing as lora_kernels/dora.py (its module docstring), which
+// runs every call this entry declines (torch.compile, autocast, a trainable base, CUDA graph capture, ...).
 //
+// p = 0 (DoraLinearFunction; dora.py with SAVE_Y):
 //   g = magnitude / ‖W + s·B A‖_row (the norm detached),   y = g ⊙ (x Wᵀ + s·x Aᵀ Bᵀ) + b
 //   saved for backward: x, W, A, B, Bg = g ⊙ B (N×r), u = s·x Aᵀ (M×r fp32), y (the output itself), g and the norm
 //   (N fp32 each): lora_linear's plus y and O(N·r), nothing N×K.
@@ -9,10 +11,11 @@
 //   with dx = dy_c W + s·(dy Bg) A, dA and dB·g; dmag needs no autograd through g = magnitude / norm.
 //   Where the node owns dy (grad_is_ours), dy_c is written over dy between the LoRA backward's dy pass (which reads
 //   dy) and its dx GEMM (which reads dy_c): the same launches and values, without DoRA's only M×N buffer.
-// Same math and routing as lora_kernels/dora.py at p = 0 with SAVE_Y (its module docstring), which runs every call
-// this entry declines (dropout, torch.compile, autocast, a trainable base, ...).
+// p > 0 (DoraDropoutFunction; dora.py's p > 0 path, by the same row chunks: its x_k, z and dy_c are transients of
+//   one chunk): see that class.
 //
-// Impl provides, besides what lora_linear_entry's Impl provides (kMaxRank, on_device, capturing):
+// Impl provides, besides what lora_linear_entry's Impl provides (kMaxRank, on_device, capturing, forward,
+// backward):
 //   static std::tuple<Tensor, Tensor, Tensor> dora_norm(W, A, B, magnitude, scaling, wsq)   -> (g, norm, Bg)
 //   static std::tuple<Tensor, Tensor> forward_scaled(x, W, bias, A, B, g, scaling)           -> (y, u)
 //   static std::tuple<Tensor, Tensor> dora_dy(dy, y, g, norm, bias, x, W, u, B, need_dyc, need_dm, m_dtype,
@@ -23,8 +26,19 @@
 //                                                               dx_from undefined: dx from dy (as the LoRA backward);
 //                                                               before_dx (may be empty) runs after every read of dy
 //                                                               and before dx_from is read
+//   p > 0:
+//   static Tensor dora_masked(t, p, seed, offset, a_keep, a_drop, base, out)
+//                                                               base + (keep ? a_keep·t : a_drop·t) for the (M, K)
+//                                                               t, the contract's mask at (seed, offset); base and out
+//                                                               may be undefined (none / a new tensor), or t
+//   static std::tuple<Tensor, Tensor> dora_colsum_z(dy, z, c, need_dyc, need_part, dyc_out)
+//                                                            -> (dy_c = c ⊙ dy, into dyc_out when defined (may be z);
+//                                                                column sums of dy ⊙ z as (splits, N) fp32 partials)
+//   static Tensor dora_dmag_sum(part, norm, q, m_dtype)       -> Σ_rows part / q / norm, in m_dtype
 // Why C++: the Python path's host time (autograd.Function, the norm's three launches and a cache lookup, the
-// backward's torch ops) decided DoRA's wall time below about 8192 × 4096 → 1024 on the H200 (nineteenth session).
+// backward's torch ops) decided DoRA's wall time below about 8192 × 4096 → 1024 on the H200 (nineteenth session);
+// with dropout, its row chunks and Triton passes took 2.3-2.6 ms of wall time for 0.9-1.0 ms of GPU time there
+// (thirty-sixth session).
 #pragma once
 
 #include "lora_autograd.h"
@@ -205,25 +219,164 @@ class DoraLinearFunction : public torch::autograd::Function<DoraLinearFunction<I
   }
 };
 
-// dora_linear's eager call at p = 0, whole in C++: lora_kernels/dora.py's dora_linear hands its arguments here first
-// (the cuda backend, SAVE_Y on and SAVE_Z off, not under torch.compile), and this function either runs the call or
-// returns an undefined tensor (None), after which the Python path runs it. It declines what every entry declines
-// (entry_declines, lora_autograd.h) and, in addition, takes a call only where dropout is off (dropout_p = 0 or not
-// training), magnitude is a plain (N,) tensor of float32 or x's dtype on x's device, the weight is contiguous (the
-// Python norm takes its reference route otherwise) and no CUDA graph is being captured (the ‖W_n‖² cache would
-// allocate inside it).
+// Row ranges of at most chunk_bytes of per-row temporaries each (lora_kernels/dora.py's _row_chunks_of, the same
+// ranges): balanced, a multiple of 64 rows when over 64 (whole tiles for the GEMMs).
+inline std::vector<std::pair<int64_t, int64_t>> dora_row_chunks(int64_t M, int64_t row_bytes, int64_t chunk_bytes) {
+  const int64_t n = std::max<int64_t>(1, (M * row_bytes + std::max<int64_t>(1, chunk_bytes) - 1) /
+                                             std::max<int64_t>(1, chunk_bytes));
+  if (n == 1) return {{0, M}};
+  int64_t rows = (M + n - 1) / n;
+  if (rows > 64) rows = (rows + 63) / 64 * 64;
+  std::vector<std::pair<int64_t, int64_t>> out;
+  for (int64_t i = 0; i < M; i += rows) out.emplace_back(i, std::min(i + rows, M));
+  return out;
+}
+
+// The forward at p > 0 (q = 1 − p, keep the contract's mask of x at `seed`, a row chunk at m0 at counter offset
+// m0·ceil(K/8)): per row chunk x_k = keep ⊙ x, y = (g/q) ⊙ (x_k Wᵀ + s·x_k Aᵀ Bᵀ) + b in the backend's scaled
+// forward, x_c = x − x_k/q over x_k, y += x_c Wᵀ. (x_d = x_k/q, so y = x Wᵀ + b + (g − 1) ⊙ (x_d Wᵀ) + g ⊙ (s·x_d
+// Aᵀ Bᵀ): PEFT's two GEMMs over W.) Returns (y, u = s·x_k Aᵀ).
+template <typename Impl>
+std::tuple<at::Tensor, at::Tensor> dora_dropout_forward(const at::Tensor& x, const at::Tensor& weight,
+                                                        const std::optional<at::Tensor>& bias, const at::Tensor& A,
+                                                        const at::Tensor& B, const at::Tensor& g, double scaling,
+                                                        double p, int64_t seed, int64_t chunk_bytes) {
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = A.size(0), k8 = (K + 7) / 8;
+  const double q = 1.0 - p;
+  const at::Tensor gq = g / q;
+  const auto chunks = dora_row_chunks(M, (N + K) * (int64_t)x.element_size(), chunk_bytes);
+  const bool one = chunks.size() == 1;
+  at::Tensor y, u;
+  if (!one) {
+    y = at::empty({M, N}, x.options());
+    u = at::empty({M, r}, x.options().dtype(g.scalar_type()));
+  }
+  const at::Tensor none;
+  for (const auto& [m0, m1] : chunks) {
+    const at::Tensor xs = one ? x : x.narrow(0, m0, m1 - m0);
+    const int64_t off = m0 * k8;
+    const at::Tensor xk = Impl::dora_masked(xs, p, seed, off, 1.0, 0.0, none, none);
+    auto [ys, us] = Impl::forward_scaled(xk, weight, bias, A, B, gq, scaling);
+    const at::Tensor xc = Impl::dora_masked(xs, p, seed, off, 1.0 - 1.0 / q, 1.0, none, xk);  // over x_k
+    ys.addmm_(xc, weight.t());
+    if (one) return {ys, us};
+    y.narrow(0, m0, m1 - m0).copy_(ys);
+    u.narrow(0, m0, m1 - m0).copy_(us);
+  }
+  return {y, u};
+}
+
+// The DoRA node at p > 0 (training with dropout; frozen weight and bias), lora_kernels/dora.py's p > 0 path:
+//   forward: dora_dropout_forward above.
+//   backward (c = (g − 1)/q): dx_b, dA, dB = the LoRA backward at p of (dy, Bg) (its masked dx: dy W + keep ⊙
+//            (s/q·(dy Bg) A)), dB then times g/q; per row chunk: x_k, z = x_k Wᵀ + s·x_k Aᵀ Bᵀ (the backend's
+//            forward: z is recomputed, as y holds x_c Wᵀ too), dy_c = c ⊙ dy over z with the column sums of dy ⊙ z
+//            (one pass), t = dy_c W over x_k, dx_b += keep ⊙ t; dmag = Σ dy ⊙ z / q / norm.
+//   saved: x, W, A, B, Bg, u, g, norm and the seed: lora_linear's plus O(N·r); no mask, nothing M×N.
+// Three GEMMs over W in backward (dx_b's, z's, t's) and two in forward: five, as the Python path.
+template <typename Impl>
+class DoraDropoutFunction : public torch::autograd::Function<DoraDropoutFunction<Impl>> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                            const at::Tensor& magnitude, double scaling, double p, int64_t seed, int64_t chunk_bytes,
+                            const at::Tensor& wsq) {
+    auto [g, norm, bg] = Impl::dora_norm(weight, lora_A, lora_B, magnitude, scaling, wsq);
+    auto [y, u] = dora_dropout_forward<Impl>(x, weight, bias, lora_A, lora_B, g, scaling, p, seed, chunk_bytes);
+    const bool has_bias = bias.has_value() && bias->defined();
+    ctx->save_for_backward({x, weight, lora_A, lora_B, bg, u, g, norm});
+    ctx->saved_data["scaling"] = scaling;
+    ctx->saved_data["p"] = p;
+    ctx->saved_data["seed"] = seed;
+    ctx->saved_data["chunk_bytes"] = chunk_bytes;
+    ctx->saved_data["has_bias"] = has_bias;
+    ctx->saved_data["m_dtype"] = (int64_t)magnitude.scalar_type();
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &weight = saved[1], &lora_A = saved[2], &lora_B = saved[3], &bg = saved[4];
+    const at::Tensor &u = saved[5], &g = saved[6], &norm = saved[7];
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const double scaling = ctx->saved_data["scaling"].toDouble(), p = ctx->saved_data["p"].toDouble();
+    const int64_t seed = ctx->saved_data["seed"].toInt(), chunk_bytes = ctx->saved_data["chunk_bytes"].toInt();
+    const auto m_dtype = (at::ScalarType)ctx->saved_data["m_dtype"].toInt();
+    // needs_input_grad counts tensor inputs: x, weight, [bias], lora_A, lora_B, magnitude, wsq (frozen base)
+    const size_t a_edge = has_bias ? 3 : 2;
+    const bool need_dx = ctx->needs_input_grad(0);
+    const bool need_dA = ctx->needs_input_grad(a_edge), need_dB = ctx->needs_input_grad(a_edge + 1);
+    const bool need_dm = ctx->needs_input_grad(a_edge + 2);
+    const at::Tensor dy = grads[0].contiguous();
+    grads.clear();
+    variable_list out(11);  // one per forward argument
+    const double q = 1.0 - p;
+    at::Tensor dx;
+    if (need_dx || need_dA || need_dB) {
+      auto [dxb, dA, dB] = Impl::backward(dy, x, weight, lora_A, bg, u, scaling, p, seed, 0, need_dx, need_dA,
+                                          need_dB, std::nullopt);
+      dx = dxb;
+      if (need_dA) out[3] = dA;
+      if (need_dB) {  // the backward's dB is dyᵀ u for Bg = g ⊙ B, u = s·x_k Aᵀ = q·(s·x_d Aᵀ): times g/q
+        const at::Tensor gq = (g / q).unsqueeze(1);
+        out[4] = dB.scalar_type() == at::kFloat ? dB.mul_(gq) : (dB.to(at::kFloat) * gq).to(dB.scalar_type());
+      }
+    }
+    if (need_dx || need_dm) {
+      const at::Tensor c = (g - 1.0) / q;
+      const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), k8 = (K + 7) / 8;
+      const auto chunks = dora_row_chunks(M, (N + K) * (int64_t)x.element_size(), chunk_bytes);
+      const bool one = chunks.size() == 1;
+      const at::Tensor none;
+      std::vector<at::Tensor> parts;
+      for (const auto& [m0, m1] : chunks) {
+        auto rows = [&](const at::Tensor& t) { return one ? t : t.narrow(0, m0, m1 - m0); };
+        const int64_t off = m0 * k8;
+        at::Tensor xk, z;
+        if (need_dm) {  // z of these rows: the backend's LoRA forward of x_k (no bias)
+          xk = Impl::dora_masked(rows(x), p, seed, off, 1.0, 0.0, none, none);
+          z = std::get<0>(Impl::forward(xk, weight, std::nullopt, lora_A, lora_B, scaling, 0.0, 0, 0, std::nullopt));
+        }
+        auto [dyc, part] = Impl::dora_colsum_z(rows(dy), z, c, need_dx, need_dm, need_dm ? z : none);
+        if (need_dm) parts.push_back(part);
+        if (need_dx) {  // dx += keep ⊙ (dy_c W), the product written over x_k when there is one
+          const at::Tensor t = xk.defined() ? at::mm_out(xk, dyc, weight) : at::mm(dyc, weight);
+          const at::Tensor dxs = rows(dx);
+          Impl::dora_masked(t, p, seed, off, 1.0, 0.0, dxs, dxs);
+        }
+      }
+      if (need_dx) out[0] = dx;
+      if (need_dm) out[5] = Impl::dora_dmag_sum(parts.size() == 1 ? parts[0] : at::cat(parts), norm, q, m_dtype);
+    }
+    if (at::GradMode::is_enabled()) {  // create_graph=True: first-order values, second order a clear error
+      for (auto& t : out) {
+        if (t.defined()) t = NotTwiceDifferentiable::apply(t, dy, x, weight, lora_A, lora_B);
+      }
+    }
+    return out;
+  }
+};
+
+// dora_linear's eager call, whole in C++: lora_kernels/dora.py's dora_linear hands its arguments here first (the cuda
+// backend, SAVE_Y on and SAVE_Z off, not under torch.compile, no record_dropout block in the way), and this function
+// either runs the call or returns an undefined tensor (None), after which the Python path runs it. It declines what
+// every entry declines (entry_declines, lora_autograd.h) and, in addition, takes a call only where magnitude is a
+// plain (N,) tensor of float32 or x's dtype on x's device, the weight is contiguous (the Python norm takes its
+// reference route otherwise) and no CUDA graph is being captured (the ‖W_n‖² cache would allocate inside it).
+// With dropout (training, dropout_p > 0) the seed is drawn as ops._draw_seed draws it (draw_seed), so that
+// torch.manual_seed gives the same mask whichever path takes the call; chunk_bytes is dora.BWD_CHUNK_BYTES.
 template <typename Impl>
 at::Tensor dora_linear_entry(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias_opt,
                              const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling,
-                             const at::Tensor& magnitude, double dropout_p, bool training) {
+                             const at::Tensor& magnitude, double dropout_p, bool training, int64_t chunk_bytes) {
   const at::Tensor none;
   if (entry_declines<Impl>(x, weight, bias_opt, lora_A, lora_B, scaling)) return none;
   if (!plain_tensor(magnitude) || magnitude.device() != x.device() || magnitude.dim() != 1 ||
       magnitude.size(0) != weight.size(0) || !contract_dtype(x.scalar_type(), magnitude.scalar_type()))
     return none;
   if (!(dropout_p >= 0.0 && dropout_p < 1.0)) return none;  // dora_linear refuses p = 1
-  if (training && dropout_p > 0.0) return none;  // dropout: the Python path (two GEMMs over W, masking passes)
   if (!weight.is_contiguous() || Impl::capturing(x)) return none;
+  const double p = training ? dropout_p : 0.0;
   const at::Tensor wsq = weight_sq_cached(weight);
   const at::Tensor x2 = as_rows(x, weight.size(1));
   const at::Tensor A = lora_A.contiguous(), B = lora_B.contiguous(), mag = magnitude.contiguous();
@@ -231,7 +384,15 @@ at::Tensor dora_linear_entry(const at::Tensor& x, const at::Tensor& weight, cons
   const bool grad = at::GradMode::is_enabled() && (x.requires_grad() || lora_A.requires_grad() ||
                                                    lora_B.requires_grad() || magnitude.requires_grad());
   at::Tensor y;
-  if (grad) {
+  if (p > 0.0) {
+    const int64_t seed = draw_seed();
+    if (grad) {
+      y = DoraDropoutFunction<Impl>::apply(x2, weight, bias, A, B, mag, scaling, p, seed, chunk_bytes, wsq);
+    } else {
+      at::Tensor g = std::get<0>(Impl::dora_norm(weight, A, B, mag, scaling, wsq));
+      y = std::get<0>(dora_dropout_forward<Impl>(x2, weight, bias, A, B, g, scaling, p, seed, chunk_bytes));
+    }
+  } else if (grad) {
     y = DoraLinearFunction<Impl>::apply(x2, weight, bias, A, B, mag, scaling, wsq);
   } else {
     at::Tensor g = std::get<0>(Impl::dora_norm(weight, A, B, mag, scaling, wsq));

@@ -1,13 +1,17 @@
-// DoRA's backward pass over dy at p = 0 (the C++ entry of dora_autograd.h; the math of lora_kernels/dora.py):
+// DoRA's backward pass over dy (the C++ entry of dora_autograd.h; the math of lora_kernels/dora.py):
 //
-//   dy_c = g ⊙ dy,   part[s] = Σ_{m in split s} dy ⊙ (y − b) / g      (z = (y − b)/g from the output y itself)
+//   dy_c = c ⊙ dy,   part[s] = Σ_{m in split s} dy ⊙ (z − b) / div      (div null: no division)
 //
-// One read of dy and y, one write of dy_c. dy_c may be dy itself (the node's backward overwrites a dy that it owns:
-// no M×N buffer); each element is read and then written by the same thread, so dy and dy_c are not __restrict__.
+// p = 0: z is the output y itself, b its bias, c = div = g: part sums dy ⊙ (y − b)/g, the z = (y − b)/g of the
+// LoRA output. p > 0: z is the recomputed LoRA output of x_k (no bias), c = (g − 1)/q and no division; dy_c may
+// then be written over z.
+// One read of dy and z, one write of dy_c. dy_c may be dy itself (the node's backward overwrites a dy that it owns:
+// no M×N buffer) or z; each element is read and then written by the same thread, so dy, z and dy_c are not
+// __restrict__.
 // Tiling: blocks of 32·V columns (V consecutive columns per lane: 16-byte accesses, V = 8 for 16-bit dy, 4 for fp32;
 // V = 4 with scalar fallbacks where N or a pointer is not aligned) by one row split, whose 8 warps take every 8th row;
 // the warps' sums reduced in a fixed order (deterministic, no atomics).
-// Columns with g = 0 get 0 in part here; launch_dora_dmag (dora_dmag.cu) recomputes them. With keep_zero_g their
+// Columns with div = 0 get 0 in part here; launch_dora_dmag (dora_dmag.cu) recomputes them. With keep_zero_g their
 // dy_c keeps dy for that recompute, which then zeroes them.
 #include "common.cuh"
 #include "plans.cuh"
@@ -21,11 +25,12 @@ namespace {
 constexpr int kWarps = kThreads / 32;
 constexpr int kColsumCols = 32 * 4;  // columns per block of the scalar kernel: 4 per lane
 
-// Both kernels' end: part[split, n] = (Σ over the block's warps, in warp order: deterministic) / g_n, 0 where g_n = 0,
-// for the block's COLS columns from col0; lane l of each warp holds the sums of columns l·V .. l·V + V − 1.
+// Both kernels' end: part[split, n] = (Σ over the block's warps, in warp order: deterministic) / div_n, 0 where
+// div_n = 0 (div null: the sum itself), for the block's COLS columns from col0; lane l of each warp holds the sums of
+// columns l·V .. l·V + V − 1.
 template <int COLS, int V>
 __device__ __forceinline__ void colsum_part_store(float (&sums)[kWarps][COLS], const float (&acc)[V],
-                                                  const float* __restrict__ g, float* __restrict__ part,
+                                                  const float* __restrict__ div, float* __restrict__ part,
                                                   int64_t col0, int64_t N) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 #pragma unroll
@@ -36,18 +41,23 @@ __device__ __forceinline__ void colsum_part_store(float (&sums)[kWarps][COLS], c
     if (n < N) {
       float t = 0.f;
       for (int w = 0; w < kWarps; ++w) t += sums[w][c];
-      const float gn = g[n];
-      part[(int64_t)blockIdx.y * N + n] = gn != 0.f ? t / gn : 0.f;
+      if (div == nullptr) {
+        part[(int64_t)blockIdx.y * N + n] = t;
+      } else {
+        const float dn = div[n];
+        part[(int64_t)blockIdx.y * N + n] = dn != 0.f ? t / dn : 0.f;
+      }
     }
   }
 }
 
-// Blocks of 128 columns × one row split: dy_c = g ⊙ dy (when dyc is not null) and part[split, n] =
-// Σ_m dy (y − b) / g_n (0 where g_n = 0; launch_dora_dmag fills those columns), when part is not null.
+// Blocks of 128 columns × one row split: dy_c = c ⊙ dy (when dyc is not null) and part[split, n] =
+// Σ_m dy (y − b) / div_n (0 where div_n = 0; launch_dora_dmag fills those columns), when part is not null.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-dora_colsum_kernel(const T* dy, const T* __restrict__ y, const float* __restrict__ g, const T* __restrict__ bias,
-                   T* dyc, float* __restrict__ part, int64_t M, int64_t N, int64_t rows_per_split, bool keep_zero_g) {
+dora_colsum_kernel(const T* dy, const T* y, const float* __restrict__ g, const float* __restrict__ div,
+                   const T* __restrict__ bias, T* dyc, float* __restrict__ part, int64_t M, int64_t N,
+                   int64_t rows_per_split, bool keep_zero_g) {
   __shared__ float sums[kWarps][kColsumCols];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t n0 = (int64_t)blockIdx.x * kColsumCols + lane * 4;
@@ -78,14 +88,14 @@ dora_colsum_kernel(const T* dy, const T* __restrict__ y, const float* __restrict
       }
     }
   }
-  if (part != nullptr) colsum_part_store(sums, acc, g, part, (int64_t)blockIdx.x * kColsumCols, N);
+  if (part != nullptr) colsum_part_store(sums, acc, div, part, (int64_t)blockIdx.x * kColsumCols, N);
 }
 
 // The same pass with 16-byte accesses (8 columns of a 16-bit dy per lane, 4 of an fp32 one: a block takes 32·V
 // columns), four rows in flight per warp; for N a multiple of V and 16-byte aligned dy, y and dy_c (the usual case).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-dora_colsum_vec_kernel(const T* dy, const T* __restrict__ y, const float* __restrict__ g,
+dora_colsum_vec_kernel(const T* dy, const T* y, const float* __restrict__ g, const float* __restrict__ div,
                        const T* __restrict__ bias, T* dyc, float* __restrict__ part, int64_t M, int64_t N,
                        int64_t rows_per_split, bool keep_zero_g) {
   constexpr int V = 16 / sizeof(T), kCols = 32 * V, kRows = 4;
@@ -142,7 +152,7 @@ dora_colsum_vec_kernel(const T* dy, const T* __restrict__ y, const float* __rest
       rows_step(m, du, yu);
     }
   }
-  if (part != nullptr) colsum_part_store(sums, acc, g, part, (int64_t)blockIdx.x * kCols, N);
+  if (part != nullptr) colsum_part_store(sums, acc, div, part, (int64_t)blockIdx.x * kCols, N);
 }
 
 }  // namespace
@@ -154,9 +164,9 @@ int64_t dora_colsum_splits(int64_t M, int64_t N) {
   return std::max<int64_t>(1, std::min(want, ceil_div(M, 64)));               // at least 64 rows per split
 }
 
-cudaError_t launch_dora_colsum(const void* dy, const void* y, DType dtype, const float* g, const void* bias,
-                               void* dyc, float* part, int64_t M, int64_t N, int64_t splits, bool keep_zero_g,
-                               cudaStream_t stream) {
+cudaError_t launch_dora_colsum(const void* dy, const void* y, DType dtype, const float* c, const float* div,
+                               const void* bias, void* dyc, float* part, int64_t M, int64_t N, int64_t splits,
+                               bool keep_zero_g, cudaStream_t stream) {
   if (M <= 0 || N <= 0 || (dyc == nullptr && part == nullptr)) return cudaSuccess;
   // grid.y = splits, all of them: every row of part is written (a split past M writes zeros), as launch_dora_dmag
   // sums all `splits` of them
@@ -168,13 +178,13 @@ cudaError_t launch_dora_colsum(const void* dy, const void* y, DType dtype, const
     if (N % V == 0 && aligned(dy) && aligned(y) && aligned(dyc)) {
       const dim3 grid((unsigned)ceil_div(N, 32 * V), (unsigned)splits);
       return launch_kernel(dora_colsum_vec_kernel<T>, grid, kThreads, 0, stream, static_cast<const T*>(dy),
-                           static_cast<const T*>(y), g, static_cast<const T*>(bias), static_cast<T*>(dyc), part, M,
-                           N, rows, keep_zero_g);
+                           static_cast<const T*>(y), c, div, static_cast<const T*>(bias), static_cast<T*>(dyc),
+                           part, M, N, rows, keep_zero_g);
     }
     const dim3 grid((unsigned)ceil_div(N, kColsumCols), (unsigned)splits);
     return launch_kernel(dora_colsum_kernel<T>, grid, kThreads, 0, stream, static_cast<const T*>(dy),
-                         static_cast<const T*>(y), g, static_cast<const T*>(bias), static_cast<T*>(dyc), part, M, N,
-                         rows, keep_zero_g);
+                         static_cast<const T*>(y), c, div, static_cast<const T*>(bias), static_cast<T*>(dyc), part,
+                         M, N, rows, keep_zero_g);
   });
 }
 

@@ -1,7 +1,8 @@
-// The grad of DoRA's magnitude at p = 0 (the C++ entry of dora_autograd.h; the math of lora_kernels/dora.py):
+// The grad of DoRA's magnitude (the C++ entry of dora_autograd.h; the math of lora_kernels/dora.py):
 //
-//   dmag_n = Σ_s part[s, n] / norm_n                     (the column sums of dora_colsum.cu)
-//   where g_n = 0 (y = b there: z is lost from y):  dmag_n = Σ_m dy_mn (x_m·W_n + u_m·B_n) / norm_n
+//   dmag_n = Σ_s part[s, n] / q / norm_n                 (the column sums of dora_colsum.cu; q = 1 − p)
+//   p = 0, where g_n = 0 (y = b there: z is lost from y):  dmag_n = Σ_m dy_mn (x_m·W_n + u_m·B_n) / norm_n
+//   (g null: no such recompute, as at p > 0, where the sums come from z itself)
 //
 // Tiling: one thread per column; then each block recomputes its zero-g columns one at a time (a warp per row, the
 // lanes over K). None exist in practice: the launch then costs a read of g.
@@ -18,12 +19,12 @@ namespace {
 
 constexpr int kWarps = kThreads / 32;
 
-// One thread per column: dmag_n = Σ_s part[s, n] / norm_n. Then the block's columns with g_n = 0, one at a time:
+// One thread per column: dmag_n = Σ_s part[s, n] / q / norm_n. Then the block's columns with g_n = 0, one at a time:
 // z_mn = x_m·W_n + u_m·B_n recomputed (a warp per row, lanes over K) and dmag_n = Σ_m dy_mn z_mn / norm_n.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 dora_dmag_kernel(const float* __restrict__ part, int64_t splits, const float* __restrict__ g,
-                 const float* __restrict__ norm, const T* dy, const T* __restrict__ x, const T* __restrict__ W,
+                 const float* __restrict__ norm, float q, const T* dy, const T* __restrict__ x, const T* __restrict__ W,
                  const float* __restrict__ u, const void* __restrict__ B, DType b_dt, void* __restrict__ dmag,
                  DType m_dt, T* zero_dy, int64_t M, int64_t K, int64_t N, int r) {
   __shared__ float sums[kWarps];
@@ -34,8 +35,9 @@ dora_dmag_kernel(const float* __restrict__ part, int64_t splits, const float* __
   if (n < N) {
     float t = 0.f;
     for (int64_t s = 0; s < splits; ++s) t += part[s * N + n];
+    if (q != 1.f) t = t / q;
     store_any(dmag, m_dt, n, t / norm[n]);
-    if (g[n] == 0.f) zero_any = 1;
+    if (g != nullptr && g[n] == 0.f) zero_any = 1;
   }
   __syncthreads();
   if (!zero_any) return;
@@ -67,15 +69,15 @@ dora_dmag_kernel(const float* __restrict__ part, int64_t splits, const float* __
 
 }  // namespace
 
-cudaError_t launch_dora_dmag(const float* part, int64_t splits, const float* g, const float* norm, const void* dy,
-                             const void* x, const void* W, DType dtype, const float* u, const void* B, DType b_dtype,
+cudaError_t launch_dora_dmag(const float* part, int64_t splits, const float* g, const float* norm, float q,
+                             const void* dy, const void* x, const void* W, DType dtype, const float* u, const void* B, DType b_dtype,
                              void* dmag, DType m_dtype, void* zero_dy, int64_t M, int64_t K, int64_t N, int r,
                              cudaStream_t stream) {
   if (N <= 0) return cudaSuccess;
   return with_dtype(dtype, [&](auto t) {
     using T = decltype(t);
     return launch_kernel(dora_dmag_kernel<T>, dim3((unsigned)ceil_div(N, kThreads)), kThreads, 0, stream, part,
-                         splits, g, norm, static_cast<const T*>(dy), static_cast<const T*>(x),
+                         splits, g, norm, q, static_cast<const T*>(dy), static_cast<const T*>(x),
                          static_cast<const T*>(W), u, B, b_dtype, dmag, m_dtype, static_cast<T*>(zero_dy), M, K, N, r);
   });
 }

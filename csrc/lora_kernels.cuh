@@ -136,7 +136,8 @@ cudaError_t launch_lora_expand(void* y, DType y_dtype, const float* u, const voi
 cudaError_t launch_lora_col_scale(void* y, DType y_dtype, const float* c, const void* bias, int64_t M, int64_t N,
                                   cudaStream_t stream);
 
-// DoRA's passes at p = 0 (dora_norm.cu, dora_colsum.cu, dora_dmag.cu; the C++ entry of dora_autograd.h). wa = W Aᵀ (N, r) fp32, wsq = ‖W_n‖² (N,) fp32,
+// DoRA's passes (dora_norm.cu, dora_colsum.cu, dora_dmag.cu, dora_dropout.cu; the C++ entry of dora_autograd.h).
+// wa = W Aᵀ (N, r) fp32, wsq = ‖W_n‖² (N,) fp32,
 // aat = A Aᵀ (r, r) fp32, B (N, r) b_dtype, magnitude (N,) m_dtype: norm = ‖W + s·B A‖_row, g = magnitude / norm
 // (fp32) and Bg = g ⊙ B (b_dtype).
 cudaError_t launch_dora_combine(const float* wa, const float* wsq, const void* B, DType b_dtype, const float* aat,
@@ -146,19 +147,24 @@ cudaError_t launch_dora_combine(const float* wa, const float* wsq, const void* B
 cudaError_t launch_dora_gram(const void* A, DType a_dtype, int r, int64_t K, float* aat, cudaStream_t stream);
 // Row splits of launch_dora_colsum's partial sums for an (M, N) dy.
 int64_t dora_colsum_splits(int64_t M, int64_t N);
-// dy, y (M, N) dtype, g (N,) fp32, bias (N,) dtype or null: dyc = g ⊙ dy (dyc null: not written; dyc = dy: in
-// place) and part[s] (N,) fp32 = Σ_{m in split s} dy ⊙ (y − bias) / g (0 where g = 0), part (splits, N) or null.
-// keep_zero_g: dyc = dy in the columns where g = 0 (launch_dora_dmag's zero_dy finishes them).
-cudaError_t launch_dora_colsum(const void* dy, const void* y, DType dtype, const float* g, const void* bias,
-                               void* dyc, float* part, int64_t M, int64_t N, int64_t splits, bool keep_zero_g,
-                               cudaStream_t stream);
-// dmag (N,) m_dtype = Σ_s part[s] / norm; where g = 0, Σ_m dy ⊙ (x Wᵀ + u Bᵀ) / norm for that column instead
-// (x (M, K), W (N, K), dy (M, N) dtype; u (M, r) fp32; B (N, r) b_dtype), and then, when zero_dy (= dy) is not
-// null, that column of dy set to 0.
-cudaError_t launch_dora_dmag(const float* part, int64_t splits, const float* g, const float* norm, const void* dy,
-                             const void* x, const void* W, DType dtype, const float* u, const void* B, DType b_dtype,
-                             void* dmag, DType m_dtype, void* zero_dy, int64_t M, int64_t K, int64_t N, int r,
-                             cudaStream_t stream);
+// dy, y (M, N) dtype, c and div (N,) fp32 (div may be null), bias (N,) dtype or null: dyc = c ⊙ dy (dyc null: not
+// written; dyc = dy or dyc = y: in place) and part[s] (N,) fp32 = Σ_{m in split s} dy ⊙ (y − bias) / div (0 where
+// div = 0; div null: no division), part (splits, N) or null. p = 0: y the output, c = div = g; p > 0: y = z, div null.
+// keep_zero_g: dyc = dy in the columns where c = 0 (launch_dora_dmag's zero_dy finishes them).
+cudaError_t launch_dora_colsum(const void* dy, const void* y, DType dtype, const float* c, const float* div,
+                               const void* bias, void* dyc, float* part, int64_t M, int64_t N, int64_t splits,
+                               bool keep_zero_g, cudaStream_t stream);
+// dmag (N,) m_dtype = Σ_s part[s] / q / norm; where g = 0 (g not null: p = 0), Σ_m dy ⊙ (x Wᵀ + u Bᵀ) / norm for
+// that column instead (x (M, K), W (N, K), dy (M, N) dtype; u (M, r) fp32; B (N, r) b_dtype), and then, when zero_dy
+// (= dy) is not null, that column of dy set to 0.
+cudaError_t launch_dora_dmag(const float* part, int64_t splits, const float* g, const float* norm, float q,
+                             const void* dy, const void* x, const void* W, DType dtype, const float* u, const void* B,
+                             DType b_dtype, void* dmag, DType m_dtype, void* zero_dy, int64_t M, int64_t K, int64_t N,
+                             int r, cudaStream_t stream);
+// out (M, K) = base + (keep ? a_keep · t : a_drop · t), keep the contract's dropout mask of an (M, K) input at (seed,
+// offset) and p; t, base (or null), out contiguous (M, K) of one dtype, any two of them possibly the same tensor.
+cudaError_t launch_dora_masked(const void* t, const void* base, void* out, DType dtype, int64_t M, int64_t K, float p,
+                               uint64_t seed, uint64_t offset, float a_keep, float a_drop, cudaStream_t stream);
 
 // g_out[c] (M, r) fp32 = dy[:, cols of c] @ B[cols of c] (g_out = g itself when plan.col_groups == 1);
 // and if dB_partial != nullptr: dB_partial[s] (N, r) = dy[rows of s]^T @ u[rows of s] (u may be null otherwise).

@@ -109,7 +109,7 @@ def _resolve_name(requested, device_type: str, float64: bool, device_seed: bool)
 
 def eager_entry(requested, op="linear_entry"):
     """The C++ entry that runs a whole eager call of ``op`` (``linear_entry``: lora_linear, csrc/lora_autograd.h;
-    ``dora_entry``: dora_linear at p = 0, csrc/dora_autograd.h) on the backend that calls with ``requested``
+    ``dora_entry``: dora_linear, csrc/dora_autograd.h) on the backend that calls with ``requested``
     (None/'auto'/name) on CUDA tensors run on, where that backend has one (the cuda backend), else None. The entry
     itself declines the calls it does not take (CPU tensors among them)."""
     if requested in (None, "auto"):

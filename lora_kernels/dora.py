@@ -481,13 +481,16 @@ def dora_linear(x, weight, bias, lora_A, lora_B, scaling, magnitude, dropout_p=0
     Returns (..., N) in x's dtype; grads for x, lora_A, lora_B and magnitude (and weight/bias if they require
     grad). ``backend``: None/'auto', 'torch', 'triton', 'cuda', as ``lora_linear``.
     """
-    # The whole call in C++ where the backend has an entry for it (the cuda backend at p = 0: csrc/dora_autograd.h,
-    # the same math as SAVE_Y below): it declines (None) every call that it does not run as the code below would.
-    # Not under torch.compile, a functorch transform, or with SAVE_Z / without SAVE_Y (the entry keeps y).
-    if (SAVE_Y and not SAVE_Z and not torch.compiler.is_compiling()
+    # The whole call in C++ where the backend has an entry for it (the cuda backend: csrc/dora_autograd.h, the same
+    # math as below: SAVE_Y at p = 0, the row chunks of BWD_CHUNK_BYTES at p > 0): it declines (None) every call that
+    # it does not run as the code below would. Not under torch.compile, a functorch transform, with SAVE_Z, at p = 0
+    # without SAVE_Y (the entry keeps y there), or with dropout inside a record_dropout block (the seeds are recorded
+    # here).
+    dropped = bool(training and isinstance(dropout_p, (int, float)) and dropout_p > 0)
+    if (not SAVE_Z and (SAVE_Y or dropped) and not (ops._recorders and dropped) and not torch.compiler.is_compiling()
             and not (ops._FUNCTORCH_ACTIVE and ops._FUNCTORCH_ACTIVE())):
         y = _dispatch.call_entry(backend, "dora_entry", x, weight, bias, lora_A, lora_B, scaling, magnitude,
-                                 dropout_p, training)
+                                 dropout_p, training, int(BWD_CHUNK_BYTES))
         if y is not None:
             return y
     norm_weight = weight

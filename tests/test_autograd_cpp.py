@@ -548,10 +548,9 @@ def test_dora_entry_double_backward_is_a_clear_error(op, dora_entry):
 
 
 def test_dora_entry_declines(op, dora_entry):
-    """Dropout in training, a trainable base, float64, autocast, a non-contiguous weight, a magnitude of another
-    shape, dtype or device, and the empty problems: None (the Python path runs them)."""
+    """A trainable base, float64, autocast, a non-contiguous weight, a magnitude of another shape, dtype or device,
+    and the empty problems: None (the Python path runs them)."""
     x, W, b, A, B, m = _dora_fresh(seed=5)
-    assert dora_entry(x, W, b, A, B, 0.75, m, 0.1, True) is None
     assert dora_entry(x, W.clone().requires_grad_(), b, A, B, 0.75, m, 0.0, True) is None
     assert dora_entry(x, W, b.clone().requires_grad_(), A, B, 0.75, m, 0.0, True) is None
     d = [t.double() for t in (x, W, b, A, B, m)]
@@ -566,6 +565,114 @@ def test_dora_entry_declines(op, dora_entry):
     assert dora_entry(x, W, b, A, B, float("inf"), m, 0.0, True) is None
     assert dora_entry(x[:0], W, b, A, B, 0.75, m, 0.0, True) is None
     assert dora_entry(x, W, b, A, B, 0.75, m, 1.0, True) is None  # dora_linear refuses p = 1
+
+
+# DoRA's C++ entry with dropout (DoraDropoutFunction): the contract's mask from the seed it draws (as
+# ops._draw_seed draws it), the forward's and backward's row chunks at their counter offsets, and the grads'
+# routing, against PEFT's formula in float64 with that mask and against the torch backend's Python path, which draws
+# the same seed from the same generator state.
+def _seed_after(k):
+    """torch.manual_seed(k), and the seed that the next dropout call then draws."""
+    from lora_kernels import ops
+
+    torch.manual_seed(k)
+    state = torch.get_rng_state()
+    seed = int(ops._draw_seed())
+    torch.set_rng_state(state)
+    return seed
+
+
+def _dora_dropout_check(dora_entry, x, W, b, A, B, m, p=0.3, req=(True, True, True, True), s=0.75,
+                        chunk_bytes=64 << 20, monkeypatch=None):
+    from test_dora import peft_formula
+
+    import lora_kernels
+    from lora_kernels import dora
+
+    if monkeypatch is not None:  # the Python path's chunks as the entry's
+        monkeypatch.setattr(dora, "BWD_CHUNK_BYTES", chunk_bytes)
+
+    def leaves(cast):
+        return [cast(t).detach().clone().requires_grad_(q) for t, q in zip((x, A, B, m), req)]
+
+    mine, base, ref = leaves(lambda t: t), leaves(lambda t: t), leaves(lambda t: t.double())
+    seed = _seed_after(77)
+    y = dora_entry(mine[0], W, b, mine[1], mine[2], s, mine[3], p, True, chunk_bytes)
+    assert y is not None, "declined a call it should take"
+    after_entry = torch.rand(3)
+    node = y.grad_fn if x.dim() == 2 else y.grad_fn.next_functions[0][0]
+    assert "DoraDropoutFunction" in node.name()
+    assert _seed_after(77) == seed
+    y0 = lora_kernels.dora_linear(base[0], W, b, base[1], base[2], s, base[3], dropout_p=p, backend="torch")
+    assert torch.equal(torch.rand(3), after_entry), "the entry drew another number of random values"
+    x2 = x.reshape(-1, x.shape[-1])
+    keep = lora_kernels.dropout_mask(seed, 0, x2.shape, p).reshape(x.shape)
+    assert 0 < (~keep).sum() < keep.numel()
+    y64 = peft_formula(ref[0], W.double(), None if b is None else b.double(), ref[1], ref[2], s, ref[3], keep, p)
+    assert_tolerance(y, y64, y0, "y")
+    with torch.no_grad():  # the forward without a node: the same output
+        _seed_after(77)
+        assert torch.equal(dora_entry(x, W, b, A, B, s, m, p, True, chunk_bytes), y)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y0.backward(dy)
+    y64.backward(dy.double())
+    for name, a, b0, r64, q in zip(("x", "A", "B", "magnitude"), mine, base, ref, req):
+        if not q:
+            assert a.grad is None, name
+            continue
+        assert a.grad.dtype == a.dtype, name
+        assert_tolerance(a.grad, r64.grad, b0.grad, name)
+
+
+@pytest.mark.parametrize("case", ["2d", "3d", "nobias", "bf16_fp32_adapters", "chunked", "chunked_3d"])
+def test_dora_entry_dropout(op, dora_entry, monkeypatch, case):
+    kw, extra = {}, {}
+    if case in ("3d", "chunked_3d"):
+        kw["x_shape"] = (3, 50, 24)
+    elif case == "nobias":
+        kw["bias"] = False
+    elif case == "bf16_fp32_adapters":
+        kw["dtype"] = torch.bfloat16
+    if case.startswith("chunked"):  # several row chunks: (N + K) * 4 bytes a row, 64-row chunks
+        extra["chunk_bytes"] = 64 * (20 + 24) * 4
+        kw.setdefault("x_shape", (150, 24))
+    _dora_dropout_check(dora_entry, *_dora_fresh(seed=11, **kw), monkeypatch=monkeypatch, **extra)
+
+
+@pytest.mark.parametrize("req", [(True, False, False, False), (False, True, True, False), (False, False, False, True),
+                                 (True, False, False, True)], ids=lambda r: "".join("xABm"[i] for i in range(4) if r[i]))
+def test_dora_entry_dropout_grad_subsets(op, dora_entry, monkeypatch, req):
+    """Each subset of (x, A, B, magnitude) gets exactly its grads with dropout too (x's alone: dy_c without z; the
+    magnitude's alone: z without dy_c), over two row chunks."""
+    _dora_dropout_check(dora_entry, *_dora_fresh(x_shape=(100, 24), seed=12), req=req,
+                        chunk_bytes=64 * (20 + 24) * 4, monkeypatch=monkeypatch)
+
+
+def test_dora_entry_dropout_row_chunks_and_record(op, dora_entry, monkeypatch):
+    """The entry's row chunks are dora.py's (_row_chunks_of), and dora_linear hands a dropout call inside
+    record_dropout to its Python path, which records the seed (the entry would draw one the recorder never sees),
+    but still hands it calls without dropout."""
+    import lora_kernels
+    from lora_kernels import _dispatch, dora
+
+    for M, row_bytes, chunk in [(8192, 16384, 64 << 20), (100, 176, 64 * 176), (1000, 100, 999), (7, 4, 1 << 20),
+                                (8192, 36864, 64 << 20), (130, 10, 10)]:
+        monkeypatch.setattr(dora, "BWD_CHUNK_BYTES", chunk)
+        want = [v for c in dora._row_chunks_of(M, row_bytes) for v in c]
+        assert torch.ops.lora_autograd_shim.dora_row_chunks(M, row_bytes, chunk) == want, (M, chunk)
+    monkeypatch.setattr(dora, "BWD_CHUNK_BYTES", 64 * 176)
+    asked = []
+    monkeypatch.setattr(_dispatch, "call_entry", lambda *a: asked.append(a[9:]))  # (dropout_p, training, chunk)
+    x, W, b, A, B, m = _dora_fresh(seed=13)
+    with lora_kernels.record_dropout() as calls:
+        lora_kernels.dora_linear(x, W, b, A, B, 0.75, m, dropout_p=0.2)
+        assert asked == [] and len(calls) == 1
+        lora_kernels.dora_linear(x, W, b, A, B, 0.75, m, dropout_p=0.2, training=False)
+        lora_kernels.dora_linear(x, W, b, A, B, 0.75, m)
+    assert asked == [(0.2, False, 64 * 176), (0.0, True, 64 * 176)] and len(calls) == 1
+    lora_kernels.dora_linear(x, W, b, A, B, 0.75, m, dropout_p=0.2)
+    assert asked[-1] == (0.2, True, 64 * 176)
 
 
 def test_dora_entry_norm_cache_follows_the_weight(op, dora_entry):

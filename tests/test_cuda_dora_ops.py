@@ -7,9 +7,10 @@
   unscaled forward's.
 * ``backward_dx_from``, the backward whose dx takes its frozen product from another operand (dx = dx_from W +
   s·(dy B) A, dA and dB from dy): on the sm_90 dx GEMM, cuBLAS (small M, odd K) and with dropout, against float64.
-* ``dora_entry``, dora_linear's eager call at p = 0 in C++ (csrc/dora_autograd.h, csrc/dora_*.cu): taken by default,
-  declined with dropout; against float64 and PEFT's formula (tests/test_dora.py's run_and_check) on odd shapes and
-  every dtype pair, zero magnitudes, the ‖W_n‖² cache following a changed W, no host synchronisation.
+* ``dora_entry``, dora_linear's eager call in C++ (csrc/dora_autograd.h, csrc/dora_*.cu): taken by default, with
+  dropout too (its own node, DoraDropoutFunction); against float64 and PEFT's formula (tests/test_dora.py's
+  run_and_check) on odd shapes and every dtype pair, zero magnitudes, the dropout path's row chunks, against the
+  Python path with the same seed, the ‖W_n‖² cache following a changed W, no host synchronisation.
 
 Outputs poisoned; DoRA's cuda forward and backward take these ops.
 """
@@ -264,14 +265,46 @@ def _dora_node(y):
     return fn.name() if fn is not None else ""
 
 
-@pytest.mark.parametrize("p,training,taken", [(0.0, True, True), (0.1, False, True), (0.1, True, False)])
-def test_dora_entry_taken_at_p0_only(p, training, taken):
+@pytest.mark.parametrize("p,training,node", [(0.0, True, "DoraLinearFunction"), (0.1, False, "DoraLinearFunction"),
+                                             (0.1, True, "DoraDropoutFunction")])
+def test_dora_entry_taken(p, training, node):
     x, W, b, A, B, _ = _inputs(64, 96, 80, 8, torch.bfloat16, torch.float32, True)
     m = (torch.rand(80, device="cuda") + 0.5).requires_grad_()
     y = lora_kernels.dora_linear(x.reshape(4, 16, 96), W, b, A, B, S, m, dropout_p=p, training=training,
                                  backend="cuda")
-    name = _dora_node(y)
-    assert ("DoraLinearFunction" in name) == taken and "dora" in name.lower(), name
+    assert node in _dora_node(y), _dora_node(y)
+    with lora_kernels.record_dropout():  # a recorded dropout call runs in Python, which records its seed
+        y = lora_kernels.dora_linear(x, W, b, A, B, S, m, dropout_p=p, training=training, backend="cuda")
+    assert ("DoraDropoutFunction" in _dora_node(y)) is False
+
+
+@pytest.mark.parametrize("dtype,adapters", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                            (torch.float16, torch.float32), (torch.float32, torch.float32)],
+                         ids=lambda v: str(v).split(".")[-1])
+@pytest.mark.parametrize("shape", [((1,), 64, 48, 4), ((3, 7), 100, 50, 33), ((300,), 256, 200, 16),
+                                   ((2048,), 512, 384, 64), ((64,), 128, 96, 256)], ids=str)
+def test_dora_entry_dropout_against_float64(dtype, adapters, shape):
+    """The entry with dropout (p = 0.3): y and the grads of x, A, B and the magnitude under the tolerance rule
+    against PEFT's formula in float64 with the contract's mask of the seed the call drew (run_and_check), with and
+    without a bias; odd K and N (the scalar masking pass), M = 1, 3-D x, r up to 256."""
+    from test_dora import run_and_check
+
+    lead, K, N, r = shape
+    for bias in (True, False):
+        run_and_check("cuda", "cuda", dtype, lead, K, N, r, bias=bias, p=0.3, adapter_dtype=adapters)
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 64, 1000])
+def test_dora_entry_dropout_row_chunks(monkeypatch, chunk_rows):
+    """The entry's forward and backward by row chunks of dora.BWD_CHUNK_BYTES (the mask's counters continuing across
+    chunks): 2000 rows in chunks of 64 (32 chunks) and 1000 rows (a tail chunk), against float64."""
+    from lora_kernels import dora
+    from test_dora import run_and_check
+
+    K, N = 256, 320
+    if chunk_rows is not None:
+        monkeypatch.setattr(dora, "BWD_CHUNK_BYTES", chunk_rows * (N + K) * 2)
+    run_and_check("cuda", "cuda", torch.bfloat16, (2000,), K, N, 16, bias=True, p=0.1, adapter_dtype=torch.float32)
 
 
 @pytest.mark.parametrize("dtype,adapters", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
@@ -307,17 +340,21 @@ def test_dora_entry_zero_magnitudes_and_magnitude_dtype():
                   adapter_dtype=torch.bfloat16, zero_cols=[3])  # a bf16 magnitude: its grad in bf16
 
 
-def test_dora_entry_matches_the_python_path(monkeypatch):
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_dora_entry_matches_the_python_path(monkeypatch, p):
     """Entry and Python path (entry switched off) on the same inputs agree to within a bf16 rounding or two: the same
-    forward op with g equal up to the norm's summation order, the same backward op (each path is checked against
-    float64 on its own above and in tests/test_dora.py)."""
+    forward op with g equal up to the norm's summation order, the same backward op, and with dropout the same seed
+    (drawn from the same generator state), so the same mask (each path is checked against float64 on its own above
+    and in tests/test_dora.py)."""
     cb = _cb()
     x, W, b, A, B, _ = _inputs(512, 256, 384, 16, torch.bfloat16, torch.float32, True)
     m = torch.rand(384, device="cuda") + 0.5
 
     def run():
         leaves = [t.clone().requires_grad_() for t in (x, A, B, m)]
-        y = lora_kernels.dora_linear(leaves[0], W, b, leaves[1], leaves[2], S, leaves[3], backend="cuda")
+        torch.manual_seed(123)
+        y = lora_kernels.dora_linear(leaves[0], W, b, leaves[1], leaves[2], S, leaves[3], dropout_p=p,
+                                     backend="cuda")
         y.backward(dy)
         return [y.detach()] + [t.grad for t in leaves]
 
@@ -388,16 +425,17 @@ def test_dora_entry_norm_cache_follows_the_weight():
     check()
 
 
-def test_dora_entry_no_host_sync():
+@pytest.mark.parametrize("p,node", [(0.0, "DoraLinearFunction"), (0.1, "DoraDropoutFunction")])
+def test_dora_entry_no_host_sync(p, node):
     x, W, b, A, B, _ = _inputs(1024, 512, 384, 16, torch.bfloat16, torch.float32, True)
     m = (torch.rand(384, device="cuda") + 0.5).requires_grad_()
     x.requires_grad_(), A.requires_grad_(), B.requires_grad_()
-    lora_kernels.dora_linear(x, W, b, A, B, S, m, backend="cuda").sum().backward()  # warm: the cache filled
+    lora_kernels.dora_linear(x, W, b, A, B, S, m, dropout_p=p, backend="cuda").sum().backward()  # warm: cache filled
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        y = lora_kernels.dora_linear(x, W, b, A, B, S, m, backend="cuda")
+        y = lora_kernels.dora_linear(x, W, b, A, B, S, m, dropout_p=p, backend="cuda")
         y.backward(torch.ones_like(y))
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert "DoraLinearFunction" in _dora_node(y)
+    assert node in _dora_node(y)

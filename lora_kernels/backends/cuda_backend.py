@@ -172,9 +172,9 @@ linear_autograd = (_linear_autograd if _LINEAR is not None and _config.CPP_AUTOG
 linear_entry = (torch.ops.lora_kernels_cuda.linear_entry.default
                 if linear_autograd is not None and hasattr(torch.ops.lora_kernels_cuda, "linear_entry") else None)
 
-# dora_linear's whole eager call at p = 0 in C++ (``lora_kernels_cuda::dora_entry``, csrc/dora_autograd.h): the norm,
-# the forward with the column scale, and an autograd node whose backward runs no Python; None for the calls it
-# declines (dropout among them), which lora_kernels/dora.py then runs itself. Off with LORA_KERNELS_CPP_AUTOGRAD=0.
+# dora_linear's whole eager call in C++ (``lora_kernels_cuda::dora_entry``, csrc/dora_autograd.h): the norm, the
+# forward (with dropout: by row chunks, as lora_kernels/dora.py), and an autograd node whose backward runs no Python;
+# None for the calls it declines, which lora_kernels/dora.py then runs itself. Off with LORA_KERNELS_CPP_AUTOGRAD=0.
 dora_entry = (torch.ops.lora_kernels_cuda.dora_entry.default
               if linear_autograd is not None and hasattr(torch.ops.lora_kernels_cuda, "dora_entry") else None)
 

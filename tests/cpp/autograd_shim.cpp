@@ -1,6 +1,8 @@
-// CPU test shim for csrc/lora_autograd.h: the same autograd node and eager entry as the CUDA binding, with reference
-// ATen math in place of the fused kernels (no dropout: the mask is not this test's subject; a forward with p > 0
-// keeps its seed for last_seed(), so that the entry's seed draw can be checked). Registers
+// CPU test shim for csrc/lora_autograd.h and csrc/dora_autograd.h: the same autograd nodes and eager entries as the
+// CUDA binding, with reference ATen math in place of the fused kernels. lora_linear's takes no dropout (the mask is
+// not its tests' subject; a forward with p > 0 keeps its seed for last_seed(), so that the entry's seed draw can be
+// checked); DoRA's at p > 0 applies the contract's mask (philox.cuh on the host), so that its node can be checked
+// against the torch backend's Python path with the same seed. Registers
 // torch.ops.lora_autograd_shim.lora_linear with CPU (forward only) and Autograd kernels, and linear_entry as a
 // catch-all, like binding.cpp does.
 // The device seed seed_t (optional) stands in for the mask so that its routing can be tested: given one, the shim's
@@ -14,6 +16,7 @@
 
 #include "dora_autograd.h"
 #include "lora_autograd.h"
+#include "philox.cuh"
 
 namespace {
 
@@ -61,8 +64,44 @@ struct ReferenceMath {
   }
 };
 
-// dora_autograd.h's Impl with reference ATen math (the formulas of lora_kernels/dora.py at p = 0).
+// The contract's keep mask of an (M, K) input at (seed, offset) and p (lora_kernels/philox.py's dropout_mask).
+Tensor keep_mask(int64_t M, int64_t K, double p, int64_t seed, int64_t offset) {
+  Tensor keep = at::empty({M, K}, at::kBool);
+  bool* k = keep.data_ptr<bool>();
+  const uint32_t thr = lora_kernels::dropout_threshold((float)p);
+  const int64_t K8 = lora_kernels::dropout_groups(K);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t k8 = 0; k8 < K8; ++k8) {
+      bool kb[8];
+      lora_kernels::dropout_keep8((uint64_t)seed, lora_kernels::dropout_counter((uint64_t)offset, m, K, k8), thr, kb);
+      for (int64_t q = 0; q < 8 && 8 * k8 + q < K; ++q) k[m * K + 8 * k8 + q] = kb[q];
+    }
+  }
+  return keep;
+}
+
+// dora_autograd.h's Impl with reference ATen math (the formulas of lora_kernels/dora.py, and at p > 0 those of the
+// torch backend's backward: lora_kernels/backends/torch_ref.py).
 struct ReferenceDora : ReferenceMath {
+  static std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dy, const Tensor& x, const Tensor& weight,
+                                                     const Tensor& lora_A, const Tensor& lora_B, const Tensor& u,
+                                                     double scaling, double p, int64_t seed, int64_t offset,
+                                                     bool need_dx, bool need_dA, bool need_dB,
+                                                     const std::optional<Tensor>& seed_t) {
+    if (p == 0.0)
+      return ReferenceMath::backward(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, need_dx, need_dA,
+                                     need_dB, seed_t);
+    const auto acc = u.scalar_type();
+    const Tensor keep = keep_mask(x.size(0), x.size(1), p, seed, offset).to(acc);
+    const Tensor g = dy.to(acc).mm(lora_B.to(acc));
+    const Tensor none;
+    Tensor dx = need_dx ? (dy.to(acc).mm(weight.to(acc)) + g.mm(lora_A.to(acc)) * scaling * keep / (1.0 - p))
+                              .to(x.scalar_type())
+                        : none;
+    Tensor dA = need_dA ? (g.t().mm(x.to(acc) * keep / (1.0 - p)) * scaling).to(lora_A.scalar_type()) : none;
+    Tensor dB = need_dB ? dy.to(acc).t().mm(u).to(lora_B.scalar_type()) : none;
+    return {dx, dA, dB};
+  }
   static std::tuple<Tensor, Tensor, Tensor> dora_norm(const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B,
                                                       const Tensor& magnitude, double scaling, const Tensor& wsq) {
     const auto acc = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -117,15 +156,45 @@ struct ReferenceDora : ReferenceMath {
     }
     return out;
   }
+  static Tensor dora_masked(const Tensor& t, double p, int64_t seed, int64_t offset, double a_keep, double a_drop,
+                            const Tensor& base, const Tensor& out) {
+    const auto acc = t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    const Tensor keep = keep_mask(t.size(0), t.size(1), p, seed, offset);
+    const Tensor t32 = t.to(acc);
+    Tensor r = at::where(keep, t32 * a_keep, t32 * a_drop);
+    if (base.defined()) r = r + base.to(acc);
+    return out.defined() ? out.copy_(r) : r.to(t.scalar_type());
+  }
+  static std::tuple<Tensor, Tensor> dora_colsum_z(const Tensor& dy, const Tensor& z, const Tensor& c, bool need_dyc,
+                                                  bool need_part, const Tensor& dyc_out) {
+    const Tensor d = dy.to(c.scalar_type());
+    Tensor part = need_part ? (d * z.to(c.scalar_type())).sum(0).unsqueeze(0) : Tensor();  // before dy_c over z
+    Tensor dyc;
+    if (need_dyc) dyc = dyc_out.defined() ? dyc_out.copy_(d * c) : (d * c).to(dy.scalar_type());
+    return {dyc, part};
+  }
+  static Tensor dora_dmag_sum(const Tensor& part, const Tensor& norm, double q, at::ScalarType m_dtype) {
+    return (part.sum(0) / q / norm).to(m_dtype);
+  }
 };
 
 Tensor dora_entry(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& lora_A,
-                  const Tensor& lora_B, double scaling, const Tensor& magnitude, double dropout_p, bool training) {
+                  const Tensor& lora_B, double scaling, const Tensor& magnitude, double dropout_p, bool training,
+                  int64_t chunk_bytes) {
   return lora_kernels::dora_linear_entry<ReferenceDora>(x, weight, bias, lora_A, lora_B, scaling, magnitude, dropout_p,
-                                                        training);
+                                                        training, chunk_bytes);
 }
 
 void dora_clear_cache() { lora_kernels::clear_weight_sq_cache(); }
+
+std::vector<int64_t> dora_row_chunks(int64_t M, int64_t row_bytes, int64_t chunk_bytes) {
+  std::vector<int64_t> out;
+  for (const auto& [m0, m1] : lora_kernels::dora_row_chunks(M, row_bytes, chunk_bytes)) {
+    out.push_back(m0);
+    out.push_back(m1);
+  }
+  return out;
+}
 
 Tensor with_autograd(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& lora_A,
                      const Tensor& lora_B, double scaling, double p, int64_t seed, int64_t offset,
@@ -156,8 +225,9 @@ TORCH_LIBRARY(lora_autograd_shim, m) {
         "float dropout_p, bool training) -> Tensor", &entry);
   m.def("last_seed() -> int", &last_seed);
   m.def("dora_entry(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
-        "Tensor magnitude, float dropout_p, bool training) -> Tensor", &dora_entry);
+        "Tensor magnitude, float dropout_p, bool training, int chunk_bytes=67108864) -> Tensor", &dora_entry);
   m.def("dora_clear_cache() -> ()", &dora_clear_cache);
+  m.def("dora_row_chunks(int M, int row_bytes, int chunk_bytes) -> int[]", &dora_row_chunks);
   m.def("dora_last_dyc_in_place() -> int", &dora_last_dyc_in_place);
   m.def("lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, float p, "
         "int seed, int offset, Tensor? seed_t=None) -> Tensor");
