@@ -51,11 +51,16 @@ for M, K, N, r, p, dtype, adapter in ((16, 4096, 4096, 16, 0.1, torch.bfloat16, 
                                       (64, 1024, 1000, 64, 0.0, torch.float16, torch.float16),
                                       (3, 40, 24, 5, 0.0, torch.float32, torch.float32)):
     fwd_bwd(M, K, N, r, p, dtype, adapter, scaled=True)
-# DoRA on the cuda backend: at p = 0 the C++ entry (csrc/dora_*.cu: the combine, the 16-byte colsum pass at N % 8 = 0
+# DoRA on the cuda backend, its C++ entry: at p = 0 (csrc/dora_*.cu: the combine, the 16-byte colsum pass at N % 8 = 0
 # and the scalar one elsewhere, row splits past M at 8449 x 1000, the zero-g recompute where a magnitude is 0, around
-# forward_scaled and backward_dx_from); at p > 0 the Python path (forward_scaled on the dropout path)
-for M, K, N, r, p in ((300, 264, 136, 16, 0.0), (37, 100, 72, 8, 0.0), (131, 256, 200, 16, 0.2), (93, 40, 75, 4, 0.0),
-                      (8449, 64, 1000, 4, 0.0)):
+# forward_scaled and backward_dx_from); at p > 0 its dropout node (csrc/dora_dropout.cu's masking pass, vectorised at
+# K % 8 = 0 and scalar at K = 43, the colsum from z, dmag / q), in one row chunk and, at 2000 rows, in chunks of 256
+from lora_kernels import dora  # noqa: E402
+
+for M, K, N, r, p, chunk in ((300, 264, 136, 16, 0.0, 0), (37, 100, 72, 8, 0.0, 0), (131, 256, 200, 16, 0.2, 0),
+                             (93, 40, 75, 4, 0.0, 0), (8449, 64, 1000, 4, 0.0, 0), (93, 43, 75, 4, 0.3, 0),
+                             (2000, 256, 320, 16, 0.1, 256 * (256 + 320) * 2)):
+    dora.BWD_CHUNK_BYTES = chunk or 64 << 20
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K ** 0.5
     b = torch.randn(N, device="cuda", dtype=torch.bfloat16)
