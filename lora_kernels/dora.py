@@ -96,6 +96,10 @@ The norm needs no N×K temporary:
   (one GEMM, or W up-cast in row chunks).
 Rounding can make the sum slightly negative when the row nearly cancels; it is clamped at 0.
 
+On the cuda backend an eager call runs these same steps in C++ (csrc/dora_autograd.h: at p = 0 the SAVE_Y path, at
+p > 0 the row chunks above, the masking passes as one CUDA kernel), without Python in its forward or backward;
+``dora_linear`` hands it the call first, and this module runs what it declines.
+
 The registered ops (``lora_kernels::dora_fwd`` / ``dora_bwd``) have fake impls and ``register_autograd``, so
 ``dora_linear`` works under ``torch.compile``; eager calls use a ``torch.autograd.Function`` twin (as
 ``lora_kernels.ops`` does, for host time).

@@ -641,7 +641,8 @@ def test_dora_entry_dropout(op, dora_entry, monkeypatch, case):
 
 
 @pytest.mark.parametrize("req", [(True, False, False, False), (False, True, True, False), (False, False, False, True),
-                                 (True, False, False, True)], ids=lambda r: "".join("xABm"[i] for i in range(4) if r[i]))
+                                 (True, False, False, True)],
+                         ids=lambda r: "".join("xABm"[i] for i in range(4) if r[i]))
 def test_dora_entry_dropout_grad_subsets(op, dora_entry, monkeypatch, req):
     """Each subset of (x, A, B, magnitude) gets exactly its grads with dropout too (x's alone: dy_c without z; the
     magnitude's alone: z without dy_c), over two row chunks."""
