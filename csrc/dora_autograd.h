@@ -210,12 +210,7 @@ class DoraLinearFunction : public torch::autograd::Function<DoraLinearFunction<I
                                                 : (dB.to(at::kFloat) * g.unsqueeze(1)).to(dB.scalar_type());
       }
     }
-    if (at::GradMode::is_enabled()) {  // create_graph=True: first-order values, second order a clear error
-      for (auto& t : out) {
-        if (t.defined()) t = NotTwiceDifferentiable::apply(t, dy, x, weight, lora_A, lora_B);
-      }
-    }
-    return out;
+    return first_order(std::move(out), dy, x, weight, lora_A, lora_B);
   }
 };
 
@@ -348,12 +343,7 @@ class DoraDropoutFunction : public torch::autograd::Function<DoraDropoutFunction
       if (need_dx) out[0] = dx;
       if (need_dm) out[5] = Impl::dora_dmag_sum(parts.size() == 1 ? parts[0] : at::cat(parts), norm, q, m_dtype);
     }
-    if (at::GradMode::is_enabled()) {  // create_graph=True: first-order values, second order a clear error
-      for (auto& t : out) {
-        if (t.defined()) t = NotTwiceDifferentiable::apply(t, dy, x, weight, lora_A, lora_B);
-      }
-    }
-    return out;
+    return first_order(std::move(out), dy, x, weight, lora_A, lora_B);
   }
 };
 

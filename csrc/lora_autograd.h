@@ -31,6 +31,7 @@
 #include <mutex>
 #include <optional>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace lora_kernels {
@@ -54,6 +55,18 @@ class NotTwiceDifferentiable : public torch::autograd::Function<NotTwiceDifferen
     return {};
   }
 };
+
+// A node's grads, returned as they are, or under create_graph=True each wrapped in NotTwiceDifferentiable (their
+// first-order values; a second order raises the clear error).
+inline variable_list first_order(variable_list out, const at::Tensor& dy, const at::Tensor& x,
+                                 const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B) {
+  if (at::GradMode::is_enabled()) {
+    for (auto& g : out) {
+      if (g.defined()) g = NotTwiceDifferentiable::apply(g, dy, x, weight, lora_A, lora_B);
+    }
+  }
+  return out;
+}
 
 template <typename Impl>
 class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction<Impl>> {
@@ -96,12 +109,7 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction<I
       if (need_dA) out[3] = std::get<1>(g);
       if (need_dB) out[4] = std::get<2>(g);
     }
-    if (at::GradMode::is_enabled()) {  // create_graph=True: first-order values, second order a clear error
-      for (auto& g : out) {
-        if (g.defined()) g = NotTwiceDifferentiable::apply(g, dy, x, weight, lora_A, lora_B);
-      }
-    }
-    return out;
+    return first_order(std::move(out), dy, x, weight, lora_A, lora_B);
   }
 };
 

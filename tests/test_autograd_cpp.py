@@ -367,6 +367,17 @@ def _dora_fresh(x_shape=(9, 24), N=20, r=4, bias=True, dtype=torch.float32, adap
     return x, W, b, A, B, m
 
 
+def _assert_dora_grads(mine, base, ref, req):
+    """The grads of (x, A, B, magnitude) under the tolerance rule: mine against ref's float64, base the same-precision
+    baseline; none for a leaf that needs none."""
+    for name, a, b0, r64, q in zip(("x", "A", "B", "magnitude"), mine, base, ref, req):
+        if not q:
+            assert a.grad is None, name
+            continue
+        assert a.grad.dtype == a.dtype, name
+        assert_tolerance(a.grad, r64.grad, b0.grad, name)
+
+
 def _dora_check(dora_entry, x, W, b, A, B, m, req=(True, True, True, True), s=0.75, training=True, dropout_p=0.0,
                 owned_dy=False):
     """The entry's output and grads against PEFT's formula in float64, under the tolerance rule with the torch
@@ -402,12 +413,7 @@ def _dora_check(dora_entry, x, W, b, A, B, m, req=(True, True, True, True), s=0.
     assert how == (int(owned_dy) if req[0] else -1), how
     y0.backward(dy)
     y64.backward(dy.double())
-    for name, a, b0, r64, q in zip(("x", "A", "B", "magnitude"), mine, base, ref, req):
-        if not q:
-            assert a.grad is None, name
-            continue
-        assert a.grad.dtype == a.dtype, name
-        assert_tolerance(a.grad, r64.grad, b0.grad, name)
+    _assert_dora_grads(mine, base, ref, req)
     return how
 
 
@@ -617,12 +623,7 @@ def _dora_dropout_check(dora_entry, x, W, b, A, B, m, p=0.3, req=(True, True, Tr
     y.backward(dy)
     y0.backward(dy)
     y64.backward(dy.double())
-    for name, a, b0, r64, q in zip(("x", "A", "B", "magnitude"), mine, base, ref, req):
-        if not q:
-            assert a.grad is None, name
-            continue
-        assert a.grad.dtype == a.dtype, name
-        assert_tolerance(a.grad, r64.grad, b0.grad, name)
+    _assert_dora_grads(mine, base, ref, req)
 
 
 @pytest.mark.parametrize("case", ["2d", "3d", "nobias", "bf16_fp32_adapters", "chunked", "chunked_3d"])
