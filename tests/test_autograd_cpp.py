@@ -651,6 +651,23 @@ def test_dora_entry_dropout_grad_subsets(op, dora_entry, monkeypatch, req):
                         chunk_bytes=64 * (20 + 24) * 4, monkeypatch=monkeypatch)
 
 
+def test_dora_entry_dropout_saves_nothing_m_by_n(op, dora_entry):
+    """The dropout node saves what lora_linear saves (x, u: M×r) plus O(N·r) (g ⊙ B, g, the norm): no mask, no dropped
+    x, nothing M×N or N×K (M, K < N here, so an M×N tensor is the largest possible)."""
+    from test_dora_memory import _saved_numels
+
+    x, W, b, A, B, m = _dora_fresh(x_shape=(30, 24), N=40, r=4, seed=14)
+    for t in (x, A, B, m):
+        t.requires_grad_()
+    out = []
+    saved = _saved_numels(lambda: out.append(dora_entry(x, W, b, A, B, 0.75, m, 0.3, True)), (W, b, A, B, m))
+    assert "DoraDropoutFunction" in out[0].grad_fn.name()
+    numels = sorted(n for n, _ in saved.values())
+    M, K, N, r = 30, 24, 40, 4
+    assert numels[-1] == M * K and M * K < M * N, numels  # x the largest
+    assert sorted(numels) == sorted([M * K, M * r, N * r, N, N]), numels  # x, u, g ⊙ B, g, the norm
+
+
 def test_dora_entry_dropout_row_chunks_and_record(op, dora_entry, monkeypatch):
     """The entry's row chunks are dora.py's (_row_chunks_of), and dora_linear hands a dropout call inside
     record_dropout to its Python path, which records the seed (the entry would draw one the recorder never sees),
