@@ -31,8 +31,9 @@ Read once, when lora_kernels is imported:
                                         entry of csrc/lora_autograd.h: checks, seed, reshapes and, for calls that
                                         need grads with a frozen weight and bias, its C++ autograd node); 0 uses the
                                         Python wrapper and autograd of lora_kernels.ops instead (which a trainable
-                                        weight or bias always uses). The same for dora_linear at p = 0 (the entry
-                                        of csrc/dora_autograd.h; 0: the Python path of lora_kernels.dora).
+                                        weight or bias always uses). The same for dora_linear, with and without
+                                        dropout (the entry of csrc/dora_autograd.h; 0: the Python path of
+                                        lora_kernels.dora).
     LORA_KERNELS_TRITON_FP32_SPLIT      triton backend: 1 (default) runs the adapter products of fp32 adapters on a
                                         bf16 x (u, g, dA, dB) on tensor cores, the fp32 operand split into three
                                         bf16 pieces (as the cuda backend); 0 runs them as fp32 "ieee" dots (about 3x
