@@ -156,6 +156,13 @@ inline std::atomic<int>& dora_last_dyc_in_place() {
   return v;
 }
 
+// dB · c per row (c (N,) fp32): the LoRA backward's dB for Bg = g ⊙ B, brought back to B's grad. In place for fp32
+// dB, else through fp32 and rounded once to dB's dtype.
+inline at::Tensor scale_rows(at::Tensor dB, const at::Tensor& c) {
+  const at::Tensor c1 = c.unsqueeze(1);
+  return dB.scalar_type() == at::kFloat ? dB.mul_(c1) : (dB.to(at::kFloat) * c1).to(dB.scalar_type());
+}
+
 // The DoRA node (p = 0, frozen weight and bias; magnitude may or may not require grad).
 template <typename Impl>
 class DoraLinearFunction : public torch::autograd::Function<DoraLinearFunction<Impl>> {
@@ -205,10 +212,7 @@ class DoraLinearFunction : public torch::autograd::Function<DoraLinearFunction<I
                                                  need_dA, need_dB, before_dx);
       if (need_dx) out[0] = dx;
       if (need_dA) out[3] = dA;
-      if (need_dB) {  // the backward's dB is dyᵀ u for Bg = g ⊙ B: times g
-        out[4] = dB.scalar_type() == at::kFloat ? dB.mul_(g.unsqueeze(1))
-                                                : (dB.to(at::kFloat) * g.unsqueeze(1)).to(dB.scalar_type());
-      }
+      if (need_dB) out[4] = scale_rows(dB, g);  // the backward's dB is dyᵀ u for Bg = g ⊙ B: times g
     }
     return first_order(std::move(out), dy, x, weight, lora_A, lora_B);
   }
@@ -227,6 +231,11 @@ inline std::vector<std::pair<int64_t, int64_t>> dora_row_chunks(int64_t M, int64
   return out;
 }
 
+// The row chunks of a p > 0 call on x (M, K) with N outputs: per row, an M×K and an M×N temporary of x's dtype.
+inline std::vector<std::pair<int64_t, int64_t>> dora_chunks_of(const at::Tensor& x, int64_t N, int64_t chunk_bytes) {
+  return dora_row_chunks(x.size(0), (N + x.size(1)) * (int64_t)x.element_size(), chunk_bytes);
+}
+
 // The forward at p > 0 (q = 1 − p, keep the contract's mask of x at `seed`, a row chunk at m0 at counter offset
 // m0·ceil(K/8)): per row chunk x_k = keep ⊙ x, y = (g/q) ⊙ (x_k Wᵀ + s·x_k Aᵀ Bᵀ) + b in the backend's scaled
 // forward, x_c = x − x_k/q over x_k, y += x_c Wᵀ. (x_d = x_k/q, so y = x Wᵀ + b + (g − 1) ⊙ (x_d Wᵀ) + g ⊙ (s·x_d
@@ -239,7 +248,7 @@ std::tuple<at::Tensor, at::Tensor> dora_dropout_forward(const at::Tensor& x, con
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = A.size(0), k8 = (K + 7) / 8;
   const double q = 1.0 - p;
   const at::Tensor gq = g / q;
-  const auto chunks = dora_row_chunks(M, (N + K) * (int64_t)x.element_size(), chunk_bytes);
+  const auto chunks = dora_chunks_of(x, N, chunk_bytes);
   const bool one = chunks.size() == 1;
   at::Tensor y, u;
   if (!one) {
@@ -312,15 +321,13 @@ class DoraDropoutFunction : public torch::autograd::Function<DoraDropoutFunction
                                           need_dB, std::nullopt);
       dx = dxb;
       if (need_dA) out[3] = dA;
-      if (need_dB) {  // the backward's dB is dyᵀ u for Bg = g ⊙ B, u = s·x_k Aᵀ = q·(s·x_d Aᵀ): times g/q
-        const at::Tensor gq = (g / q).unsqueeze(1);
-        out[4] = dB.scalar_type() == at::kFloat ? dB.mul_(gq) : (dB.to(at::kFloat) * gq).to(dB.scalar_type());
-      }
+      // the backward's dB is dyᵀ u for Bg = g ⊙ B, u = s·x_k Aᵀ = q·(s·x_d Aᵀ): times g/q
+      if (need_dB) out[4] = scale_rows(dB, g / q);
     }
     if (need_dx || need_dm) {
       const at::Tensor c = (g - 1.0) / q;
-      const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), k8 = (K + 7) / 8;
-      const auto chunks = dora_row_chunks(M, (N + K) * (int64_t)x.element_size(), chunk_bytes);
+      const int64_t k8 = (x.size(1) + 7) / 8;
+      const auto chunks = dora_chunks_of(x, weight.size(0), chunk_bytes);
       const bool one = chunks.size() == 1;
       const at::Tensor none;
       std::vector<at::Tensor> parts;
@@ -373,20 +380,15 @@ at::Tensor dora_linear_entry(const at::Tensor& x, const at::Tensor& weight, cons
   const std::optional<at::Tensor> bias = contiguous_bias(bias_opt);
   const bool grad = at::GradMode::is_enabled() && (x.requires_grad() || lora_A.requires_grad() ||
                                                    lora_B.requires_grad() || magnitude.requires_grad());
+  const int64_t seed = p > 0.0 ? draw_seed() : 0;
   at::Tensor y;
-  if (p > 0.0) {
-    const int64_t seed = draw_seed();
-    if (grad) {
-      y = DoraDropoutFunction<Impl>::apply(x2, weight, bias, A, B, mag, scaling, p, seed, chunk_bytes, wsq);
-    } else {
-      at::Tensor g = std::get<0>(Impl::dora_norm(weight, A, B, mag, scaling, wsq));
-      y = std::get<0>(dora_dropout_forward<Impl>(x2, weight, bias, A, B, g, scaling, p, seed, chunk_bytes));
-    }
-  } else if (grad) {
-    y = DoraLinearFunction<Impl>::apply(x2, weight, bias, A, B, mag, scaling, wsq);
-  } else {
-    at::Tensor g = std::get<0>(Impl::dora_norm(weight, A, B, mag, scaling, wsq));
-    y = std::get<0>(Impl::forward_scaled(x2, weight, bias, A, B, g, scaling));
+  if (grad) {
+    y = p > 0.0 ? DoraDropoutFunction<Impl>::apply(x2, weight, bias, A, B, mag, scaling, p, seed, chunk_bytes, wsq)
+                : DoraLinearFunction<Impl>::apply(x2, weight, bias, A, B, mag, scaling, wsq);
+  } else {  // the forward alone
+    const at::Tensor g = std::get<0>(Impl::dora_norm(weight, A, B, mag, scaling, wsq));
+    y = std::get<0>(p > 0.0 ? dora_dropout_forward<Impl>(x2, weight, bias, A, B, g, scaling, p, seed, chunk_bytes)
+                            : Impl::forward_scaled(x2, weight, bias, A, B, g, scaling));
   }
   return with_leading_dims(y, x);
 }

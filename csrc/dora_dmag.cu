@@ -71,9 +71,8 @@ dora_dmag_kernel(const float* __restrict__ part, int64_t splits, const float* __
 
 cudaError_t launch_dora_dmag(const float* part, int64_t splits, const float* g, const float* norm, float q,
                              const void* dy, const void* x, const void* W, DType dtype, const float* u, const void* B,
-                             DType b_dtype,
-                             void* dmag, DType m_dtype, void* zero_dy, int64_t M, int64_t K, int64_t N, int r,
-                             cudaStream_t stream) {
+                             DType b_dtype, void* dmag, DType m_dtype, void* zero_dy, int64_t M, int64_t K, int64_t N,
+                             int r, cudaStream_t stream) {
   if (N <= 0) return cudaSuccess;
   return with_dtype(dtype, [&](auto t) {
     using T = decltype(t);

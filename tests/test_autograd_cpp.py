@@ -579,13 +579,10 @@ def test_dora_entry_declines(op, dora_entry):
 # the same seed from the same generator state.
 def _seed_after(k):
     """torch.manual_seed(k), and the seed that the next dropout call then draws."""
-    from lora_kernels import ops
+    from test_dora import next_dropout_seed
 
     torch.manual_seed(k)
-    state = torch.get_rng_state()
-    seed = int(ops._draw_seed())
-    torch.set_rng_state(state)
-    return seed
+    return next_dropout_seed()
 
 
 def _dora_dropout_check(dora_entry, x, W, b, A, B, m, p=0.3, req=(True, True, True, True), s=0.75,

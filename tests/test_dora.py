@@ -58,6 +58,15 @@ def make(lead, K, N, r, dtype, device, bias=True, adapter_dtype=None, s=0.75):
     return x, W, b, A, B, m
 
 
+def next_dropout_seed() -> int:
+    """The seed that the next dropout call draws from torch's generator as it stands (the generator left as it was):
+    the seed of the contract's mask for a call that is not recorded."""
+    state = torch.get_rng_state()
+    seed = int(ops._draw_seed())
+    torch.set_rng_state(state)
+    return seed
+
+
 def run_and_check(backend, device, dtype, lead, K, N, r, bias, p, adapter_dtype=None, zero_cols=None):
     s = 0.75
     x, W, b, A, B, m = make(lead, K, N, r, dtype, device, bias, adapter_dtype, s)
@@ -65,12 +74,9 @@ def run_and_check(backend, device, dtype, lead, K, N, r, bias, p, adapter_dtype=
         m[zero_cols] = 0
     leaves = [t.detach().clone().requires_grad_() for t in (x, A, B, m)]
     keep = None
-    if p > 0:
-        # The seed the call draws, from torch's generator as it stands (not through record_dropout, which keeps the
-        # cuda backend's C++ entry out of the way): with dropout the entry runs here, where it takes the call.
-        state = torch.get_rng_state()
-        seed = int(ops._draw_seed())
-        torch.set_rng_state(state)
+    # Not through record_dropout, which keeps the cuda backend's C++ entry out of the way: with dropout the entry
+    # runs here, where it takes the call.
+    seed = next_dropout_seed() if p > 0 else None
     y = lora_kernels.dora_linear(leaves[0], W, b, *leaves[1:3], s, leaves[3], dropout_p=p, backend=backend)
     if p > 0 and x.numel():
         keep = lora_kernels.dropout_mask(seed, 0, x.shape, p, device=device)
