@@ -174,24 +174,24 @@ const char* sm90_unsupported(const Tensor& a, const Tensor& b, const Tensor* bia
 // ------------------------------------------------------------------ the fused sm_90 forward (csrc/fused_fwd_sm90.h)
 // The forward as one GEMM launch with the shrink inside it (plus a prep launch): on the sm_90 GEMM's devices and
 // dtypes, r <= 64. Mode (LORA_KERNELS_FUSED_FWD, read once; set_fused_forward at run time):
-//   -1 (unset, the default)  p = 0 only (p > 0: the shrink + GEMM path). Up to 4 lead tiles per row block (fp32
-//                            adapters on bf16: r <= 32, 8 u columns per lead tile; 16-bit adapters: r <= 64, 32 per
-//                            lead tile): u computed by each row block's lead tiles (by u tiles where the lead tiles
-//                            do not fit: fewer output tile columns than lead tiles); more lead tiles: by u tiles.
+//   -1 (unset, the default)  p = 0 only (p > 0: the shrink + GEMM path). u computed by each row block's lead tiles
+//                            (ceil(r / 8) of them for fp32 adapters on bf16, 8 u columns each; 16-bit adapters
+//                            ceil(r / 32) of 32 columns, or of 8 where those fit one wave), by u tiles where the lead
+//                            tiles do not fit (fewer output tile columns than lead tiles).
 //    1                       u tiles only (with dropout they mask their copy of x in shared memory);
 //    2                       lead tiles only (with dropout: fp32 adapters on bf16 x, masking x's copy in registers);
 //    0                       off (the shrink + pack + GEMM path).
-// Measured on the Llama-3-8B shapes at 8192 tokens (thirteenth and fourteenth sessions, bench/results): the lead
-// tiles beat the u tiles and the separate shrink pass with 2 to 4 lead tiles per row block (fp32 adapters at r = 16
-// and 32, bf16 adapters at r = 64: 1.057 against 1.131 the floor at 4096->4096, 1.228 against 1.582 at ->1024), or
-// tie within 1%; with 8 (fp32 adapters at r = 64, each with a quarter more MMA work) the u tiles beat both. With dropout
-// neither beats the shrink pass that reads the keep bits: the u tiles' masking in shared memory sits on the path every
-// output tile of the row block waits for, and the lead tiles' in registers (with the keep-bits pass they still need)
-// made them 1.29x the floor against 1.24x at 8192x4096->4096, r = 16 (fourteenth session, run 3). Where N is wide
-// against K the u tiles won in bench/dev/fused_ab.py (back-to-back calls, sustained clocks: 1.066 against 1.101 the
-// floor at 8192x4096->14336, r = 16, fp32 adapters; 1.082 against 1.291 at ->11008), but in the layer, timed by
-// bench/suite/targets.py's burst regime, they lost there (1.149 against 1.089; session 33, runs 4 and 5).
-// LORA_KERNELS_SM90_GEMM=0 turns the fused forward off with the rest of the sm_90 GEMM.
+// Measured on the Llama-3-8B shapes (bench/results): the lead tiles beat the u tiles and the separate shrink pass
+// with 2 to 4 lead tiles per row block at 8192 tokens (fp32 adapters at r = 16 and 32, bf16 adapters at r = 64:
+// 1.057 against 1.131 the floor at 4096->4096, 1.228 against 1.582 at ->1024; thirteenth and fourteenth sessions),
+// and with 8 (fp32 adapters at r = 64) at every M from 1024 to 8192 in the targets' burst regime (session 38, run 1:
+// GPU time over the floor, geomean of the four shapes, 1.464 against 1.813 at M = 1024, 1.219 against 1.519 at 2048,
+// 1.198 against 1.214 at 8192; the u tiles won only at 4096->14336, by 1-5%, at M = 1024, 3072, 6144 and 8192; the
+// thirteenth session's lead tiles, since made cheaper, had lost at r = 64). With dropout neither beats the shrink
+// pass that reads the keep bits: the u tiles' masking in shared memory sits on the path every output tile of the row
+// block waits for, and the lead tiles' in registers (with the keep-bits pass they still need) made them 1.29x the
+// floor against 1.24x at 8192x4096->4096, r = 16 (fourteenth session, run 3). LORA_KERNELS_SM90_GEMM=0 turns the
+// fused forward off with the rest of the sm_90 GEMM.
 std::atomic<int>& fused_mode() {
   static std::atomic<int> mode{[] {
     const char* v = std::getenv("LORA_KERNELS_FUSED_FWD");
@@ -223,10 +223,7 @@ const char* fused_forward_unsupported(const Tensor& x, const Tensor& weight, con
   if (mode == 0) return "off (LORA_KERNELS_FUSED_FWD=0 or set_fused_forward)";
   if (p > 0.0 && mode < 0)
     return "dropout (the fused kernel's masking is slower than the shrink pass: set_fused_forward(1) or (2))";
-  const int lead_tiles = lk::sm90fused::split_for((int)lora_A.size(0),
-                                                   lk::adapter_pieces(to_dtype(x, "x"), to_dtype(lora_A, "lora_A")),
-                                                   true).tiles;
-  lk::FusedFwdArgs a = fused_args(x, weight, bias, lora_A, lora_B, 1.0, p, mode == 2 || (mode < 0 && lead_tiles <= 4));
+  lk::FusedFwdArgs a = fused_args(x, weight, bias, lora_A, lora_B, 1.0, p, mode != 1);
   a.y = x.data_ptr();  // the output comes from the caching allocator: aligned
   const char* why = lk::lora_fused_fwd_sm90_unsupported(a, x.get_device());
   if (why != nullptr && mode < 0 && a.lead) {  // the default: u tiles where the lead tiles do not fit
@@ -1038,7 +1035,7 @@ std::string forward_path(const Tensor& x, const Tensor& weight, const std::optio
 // Switches the small-M forward on or off for this process; returns the previous setting.
 bool set_small_m(bool enabled) { return small_m_switch().exchange(enabled); }
 
-// Sets the fused forward's mode for this process (-1 the default: lead tiles up to r = 32, else u tiles, p = 0; 1 u
+// Sets the fused forward's mode for this process (-1 the default: lead tiles where they fit, else u tiles, p = 0; 1 u
 // tiles, dropout included; 2 lead tiles; 0 off); returns the previous one.
 int64_t set_fused_forward(int64_t mode) {
   return fused_mode().exchange(mode == 2 ? 2 : mode > 0 ? 1 : mode == 0 ? 0 : -1);

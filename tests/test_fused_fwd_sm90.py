@@ -2,7 +2,7 @@
 none where the lead tiles read 16-bit adapters as they are) in which u = s·x Aᵀ is computed by each row block's lead
 tiles (output tiles that also multiply their x tiles by lora_A's pieces) or by u tiles of their own, and whose output
 tiles add bf16(u) Bᵀ as one more K-tile. GPU-only (skips elsewhere): the path is taken where it should be (by default
-at p = 0: lead tiles up to r = 32, u tiles where they do not fit and above r = 32; at p > 0 the shrink + GEMM path),
+at p = 0: lead tiles, u tiles where the lead tiles do not fit the output's tile columns; at p > 0 the shrink + GEMM path),
 says why where it is not, and its y, saved u and grads meet the float64 tolerance rule on odd shapes (M not a multiple
 of the 128-row tile, an odd number of output tile columns, K not a multiple of the 64-wide K tile, every u-column
 split) in both variants, and in the lead tiles' wide form (128 x 256 tiles, cooperative schedule) where the sm_90 GEMM
@@ -66,17 +66,16 @@ def _path(M, K, N, r, p=0.0, dtype=torch.bfloat16, adapter_dtype=torch.float32):
 @pytest.mark.parametrize("K,N", [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)])
 @pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.bfloat16])
 def test_benchmarked_shapes_take_the_default_path(K, N, adapter_dtype):
-    # what bench/suite and targets.py time at p = 0: the lead-tile kernel up to 4 lead tiles per row block (r = 16
-    # and 32 with fp32 adapters' 8 u columns per lead tile, r = 64 too with 16-bit adapters' 32), the u tiles above;
-    # at p > 0 the shrink + GEMM path
-    lead, u_tiles = "sm90 fused lead (", "sm90 fused ("
+    # what bench/suite and targets.py time at p = 0: the lead-tile kernel at every lead-tile count (r = 64 with fp32
+    # adapters' 8 u columns per lead tile makes 8 per row block, which fit the output's tile columns here); at p > 0
+    # the shrink + GEMM path
+    lead = "sm90 fused lead ("
     for r in (16, 32, 64):
-        path = u_tiles if r == 64 and adapter_dtype == torch.float32 else lead
         got = _path(256, K, N, r, adapter_dtype=adapter_dtype)
-        assert got.startswith(path), (K, N, r)
+        assert got.startswith(lead), (K, N, r)
         # the lead tiles' tile: 128 x 256 cooperative where the sm_90 GEMM takes it (K and N >= 2048)
         if not SM90_TILE_FORCED:
-            assert got.endswith(WIDE_TILE) == (path == lead and K >= 2048 and N >= 2048), (K, N, r, got)
+            assert got.endswith(WIDE_TILE) == (K >= 2048 and N >= 2048), (K, N, r, got)
         assert _path(256, K, N, r, dtype=torch.float16, adapter_dtype=torch.float16).startswith(lead), (K, N, r)
         assert "(fused: dropout (the fused kernel's masking is slower" in _path(256, K, N, r, p=0.1), (K, N, r)
 
@@ -90,7 +89,8 @@ def test_fused_forward_mode_switch():
         assert _path(256, 512, 512, 16).startswith("sm90 fused (")
         assert cb.set_fused_forward(-1) == 1
         assert _path(256, 512, 512, 17).startswith("sm90 fused lead (")
-        assert _path(256, 512, 512, 33).startswith("sm90 fused (")  # fp32 adapters: 5 lead tiles, u tiles
+        assert _path(256, 512, 1024, 33).startswith("sm90 fused lead (")  # fp32 adapters: 5 lead tiles in 8 columns
+        assert _path(256, 512, 512, 33).startswith("sm90 fused (")  # 5 lead tiles do not fit 4 columns: u tiles
         assert _path(256, 512, 512, 64, adapter_dtype=torch.bfloat16).startswith("sm90 fused lead (")  # 2 lead tiles
         # the default's fallback: 3 lead tiles (fp32 adapters, r = 24) do not fit 2 output tile columns, u tiles do
         assert _path(256, 512, 136, 24).startswith("sm90 fused (")

@@ -142,10 +142,9 @@ def set_small_m(enabled: bool) -> bool:
 
 
 def set_fused_forward(mode: int) -> int:
-    """Sets the fused sm_90 forward's mode for this process (csrc/fused_fwd_sm90.h): -1 the default (p = 0 only; up
-    to 4 lead tiles per row block, i.e. r <= 32 with fp32 adapters and r <= 64 with 16-bit ones, u computed by each
-    row block's first output tiles, the lead tiles, or by u tiles where the lead tiles do not fit; above that by u
-    tiles), 1 u tiles only (with dropout they mask their copy of x from the keep bits),
+    """Sets the fused sm_90 forward's mode for this process (csrc/fused_fwd_sm90.h): -1 the default (p = 0 only; u
+    computed by each row block's first output tiles, the lead tiles, or by u tiles where the lead tiles do not fit the
+    output's tile columns), 1 u tiles only (with dropout they mask their copy of x from the keep bits),
     2 lead tiles only (with dropout: fp32 adapters on bf16 x, masking x's copy in registers), 0 off (the shrink +
     GEMM path); LORA_KERNELS_FUSED_FWD=1, 2 or 0 starts the process in that mode. Returns the previous mode. For
     tests of the paths and A/B timing."""
