@@ -375,7 +375,6 @@ def test_wide_tile_where_the_gemm_takes_it():
     assert not _path(256, 2048, 1024, 16).endswith(WIDE_TILE)  # N < 2048
     assert not _path(256, 1024, 4096, 16).endswith(WIDE_TILE)  # K < 2048
     assert _path(256, 2048, 2048, 64).endswith(WIDE_TILE)  # fp32 adapters: 8 lead tiles in 8 tile columns of 256
-    assert not _path(256, 2048, 1800, 64).startswith("sm90 fused lead (")  # 8 lead tiles, 15 columns of 128: u tiles
     assert not _path(256, 2048, 2048, 16, p=0.1).endswith(WIDE_TILE)  # dropout: the shrink + GEMM path
     previous = _cb().set_fused_forward(2)
     try:
