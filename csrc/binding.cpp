@@ -186,12 +186,12 @@ const char* sm90_unsupported(const Tensor& a, const Tensor& b, const Tensor* bia
 // 1.057 against 1.131 the floor at 4096->4096, 1.228 against 1.582 at ->1024; thirteenth and fourteenth sessions),
 // and with 8 (fp32 adapters at r = 64) at every M from 1024 to 8192 in the targets' burst regime (session 38, run 1:
 // GPU time over the floor, geomean of the four shapes, 1.464 against 1.813 at M = 1024, 1.219 against 1.519 at 2048,
-// 1.198 against 1.214 at 8192; the u tiles won only at 4096->14336, by 1-5%, at M = 1024, 3072, 6144 and 8192; the
-// thirteenth session's lead tiles, since made cheaper, had lost at r = 64). With dropout neither beats the shrink
-// pass that reads the keep bits: the u tiles' masking in shared memory sits on the path every output tile of the row
-// block waits for, and the lead tiles' in registers (with the keep-bits pass they still need) made them 1.29x the
-// floor against 1.24x at 8192x4096->4096, r = 16 (fourteenth session, run 3). LORA_KERNELS_SM90_GEMM=0 turns the
-// fused forward off with the rest of the sm_90 GEMM.
+// 1.198 against 1.214 at 8192; the u tiles won only at 4096->14336, by 1-5%, at M = 1024, 3072, 6144 and 8192). The
+// thirteenth session had the u tiles ahead at r = 64 (8192 tokens, back to back), before the lead tiles moved to the
+// 128 x 256 tile. With dropout neither beats the shrink pass that reads the keep bits: the u tiles' masking in
+// shared memory sits on the path every output tile of the row block waits for, and the lead tiles' in registers
+// (with the keep-bits pass they still need) made them 1.29x the floor against 1.24x at 8192x4096->4096, r = 16
+// (fourteenth session, run 3). LORA_KERNELS_SM90_GEMM=0 turns the fused forward off with the rest of the sm_90 GEMM.
 std::atomic<int>& fused_mode() {
   static std::atomic<int> mode{[] {
     const char* v = std::getenv("LORA_KERNELS_FUSED_FWD");
