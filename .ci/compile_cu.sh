@@ -17,7 +17,7 @@ export NVCC tmp TORCH_DEFINES
 # The sm_90 GEMM's instances need the CUTLASS headers (the pinned nvidia-cutlass wheel, unpacked without its
 # Python dependencies) and sm_90a: in the plain jobs they compile without the kernels (LORA_KERNELS_HAVE_SM90_GEMM
 # unset). One layout per C++ standard and the fused forward's three bf16 instances: five translation units. Through
-# ptxas: the C++17 layout and the lead-tile instance (the default up to r = 32). To PTX only (the front end's checks
+# ptxas: the C++17 layout and the lead-tile instance (the default). To PTX only (the front end's checks
 # at two thirds of the time): the C++20 layout, the u-tile instance and the dropout lead-tile one.
 CUT=/tmp/compile_cu_cutlass
 if [ ! -f "$CUT/cutlass_library/source/include/cute/tensor.hpp" ]; then
