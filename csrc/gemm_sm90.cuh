@@ -12,7 +12,9 @@
 //         they touch global memory (CUTLASS_ENABLE_GDC_FOR_SM90), and its consumers only write what those loads fed.
 #pragma once
 
-#ifndef CUTLASS_ENABLE_GDC_FOR_SM90
+// (Not in bench/dev's stream-K probe, LORA_KERNELS_PROBE_NO_GDC: CUTLASS 4.2's stream-K scheduler does not compile
+// with it, and that probe launches without PDL.)
+#if !defined(CUTLASS_ENABLE_GDC_FOR_SM90) && !defined(LORA_KERNELS_PROBE_NO_GDC)
 #define CUTLASS_ENABLE_GDC_FOR_SM90 1
 #endif
 
@@ -390,7 +392,9 @@ template <> struct ConfigOf<3> { using type = Config<256, 128, 2, 1, true>; };
 template <> struct ConfigOf<4> { using type = Config<128, 256, 1, 2, true>; };
 template <> struct ConfigOf<5> { using type = Config<128, 128, 2, 1, false>; };
 
-template <class Element, class LayoutB, class Cfg>
+// Scheduler: CUTLASS's persistent data-parallel one (production); bench/dev's probe also builds the cooperative config
+// on CUTLASS's stream-K scheduler, which splits the K axis of a partial last wave of tiles across blocks.
+template <class Element, class LayoutB, class Cfg, class Scheduler = cutlass::gemm::PersistentScheduler>
 struct Gemm {
   using LayoutA = cutlass::layout::RowMajor;
   using LayoutD = cutlass::layout::RowMajor;
@@ -414,10 +418,10 @@ struct Gemm {
   using Mainloop = KExtendedMainloop<BaseMainloop>;
   static_assert(Mainloop::kStages <= 8, "the keep-bits carveout counts 8 stages");
 
-  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue,
-                                                      cutlass::gemm::PersistentScheduler>;
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue, Scheduler>;
 
-  static cudaError_t run(const LoraGemmArgs& a, int swizzle, int raster, int sm_count, cudaStream_t stream) {
+  // The kernel's arguments for a problem: the concatenated K axis, the bias epilogue, the tile order.
+  static typename Kernel::Arguments arguments(const LoraGemmArgs& a, int swizzle, int raster, int sm_count) {
     using StrideA = typename Kernel::StrideA;
     using StrideB = typename Kernel::StrideB;
     using StrideD = typename Kernel::StrideD;
@@ -443,10 +447,25 @@ struct Gemm {
     args.scheduler.max_swizzle_size = swizzle;
     using Raster = cutlass::gemm::kernel::detail::RasterOrderOptions;
     args.scheduler.raster_order = raster == 1 ? Raster::AlongM : raster == 2 ? Raster::AlongN : Raster::Heuristic;
+    return args;
+  }
 
+  // Bytes of workspace a launch needs: none on the persistent data-parallel scheduler; stream-K's partial tiles and
+  // their flags.
+  static size_t workspace_size(const LoraGemmArgs& a, int swizzle, int raster, int sm_count) {
+    return Kernel::get_workspace_size(arguments(a, swizzle, raster, sm_count));
+  }
+
+  // workspace: workspace_size's bytes where the scheduler needs them (zeroed here before the launch), else unused.
+  static cudaError_t run(const LoraGemmArgs& a, int swizzle, int raster, int sm_count, cudaStream_t stream,
+                         void* workspace = nullptr, size_t workspace_bytes = 0) {
+    const typename Kernel::Arguments args = arguments(a, swizzle, raster, sm_count);
     if (!Kernel::can_implement(args)) return cudaErrorNotSupported;
-    if (Kernel::get_workspace_size(args) != 0) return cudaErrorNotSupported;  // persistent DP scheduler: none
-    typename Kernel::Params params = Kernel::to_underlying_arguments(args, nullptr);
+    const size_t ws = Kernel::get_workspace_size(args);
+    if (ws > workspace_bytes || (ws != 0 && a.keep != nullptr)) return cudaErrorNotSupported;  // the mask: whole K
+    if (ws != 0 && Kernel::initialize_workspace(args, workspace, stream) != cutlass::Status::kSuccess)
+      return cudaErrorUnknown;
+    typename Kernel::Params params = Kernel::to_underlying_arguments(args, ws != 0 ? workspace : nullptr);
 
     // The shared-memory limit is a per-device attribute of each kernel: raise it once per device (two threads that
     // both find it unset both set it, to the same value).
@@ -478,7 +497,13 @@ struct Gemm {
     config.dynamicSmemBytes = smem;
     config.stream = stream;
     config.attrs = attr;
-    config.numAttrs = with_pdl(attr, 1);  // may start under the previous launch's tail (the load warps wait for it)
+    // May start under the previous launch's tail (the load warps wait for it), except after the workspace's zeroing,
+    // which the consumer warps' reduction reads, and where the kernel was built not to wait (the stream-K probe).
+#if defined(CUTLASS_ENABLE_GDC_FOR_SM90)
+    config.numAttrs = ws != 0 ? 1 : with_pdl(attr, 1);
+#else
+    config.numAttrs = 1;
+#endif
     void* kernel_params[] = {&params};
     return cudaLaunchKernelExC(&config, reinterpret_cast<void const*>(&cutlass::device_kernel<Kernel>), kernel_params);
   }

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds libloragemm_sm90.so (the sm_90 GEMM behind a C entry point) for development runs: one object per
-# (dtype, layout, config), compiled in parallel.
+# (dtype, layout, config), compiled in parallel. Config 6 (not in the default list): config 4's tile on CUTLASS's
+# stream-K scheduler (bench/dev/gemm_sm90_probe_inst.cu).
 # Usage: CUTLASS_DIR=<dir with include/ and tools/util/include/> [DTYPES="0 1"] [CONFIGS="0 1 2 3 4 5"] [FP16_CONFIGS=..] \
 #        bash bench/dev/build_gemm_capi.sh [outdir]
 set -euo pipefail

@@ -10,6 +10,10 @@
    candidate timed round-robin with cuBLAS so that clock drift falls on all alike. --regime burst times each
    candidate in pairs with cuBLAS after a GPU sleep, as bench/suite/targets.py times the grid (a GPU's clocks after
    an idle spell differ from those under steady load, and so do the configs' ranks).
+
+Config 6 is the probe's own, built only when asked for (CONFIGS="... 6" in build_gemm_capi.sh): config 4's 128 x 256
+cooperative tile on CUTLASS's stream-K scheduler instead of the persistent data-parallel one, which splits the K axis
+of a partial last wave of tiles across blocks (a workspace of partial tiles, zeroed before each launch; no mask).
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 CONFIGS = {0: "coop256x128_c12", 1: "ping128x128_c12", 2: "coop128x256_c21", 3: "coop256x128_c21",
-           4: "coop128x256_c12", 5: "ping128x128_c21"}
+           4: "coop128x256_c12", 5: "ping128x128_c21", 6: "streamk128x256_c12"}  # 6: the probe's stream-K (no mask)
 DT = {torch.float16: 1, torch.bfloat16: 2}
 
 
@@ -210,7 +214,8 @@ def main():
     ap.add_argument("--regime", default="steady", choices=["steady", "burst", "both"],
                     help="steady: candidates back to back (a GPU under load); burst: each pair after a GPU sleep, "
                          "as the targets grid times them")
-    ap.add_argument("--configs", default="0,1,2,3,4,5", help="GemmConfig ids to time (those the library has)")
+    ap.add_argument("--configs", default="0,1,2,3,4,5",
+                    help="GemmConfig ids to time (those the library has; 6: config 4's tile on stream-K)")
     ap.add_argument("--Ms", default="8192,2048")
     ap.add_argument("--rounds", type=int, default=15, help="burst rounds per candidate")
     ap.add_argument("--dtypes", default="bf16", help="dtypes timed: bf16, fp16 or both (bf16,fp16)")
@@ -227,7 +232,7 @@ def main():
         for layout in layouts:
             for (M, N, K, Kx) in cases:
                 for bias_on in ((False, True) if layout == 0 else (False,)):
-                    for config in (-1, 0, 1, 2, 3, 4, 5) if (M, N) == (300, 264) else (-1, 1):
+                    for config in (-1, 0, 1, 2, 3, 4, 5, 6) if (M, N) == (300, 264) else (-1, 1, 6):
                         try:
                             r = check(lib, M, N, K, Kx, layout, dtype, bias_on, config)
                         except RuntimeError as e:  # a (dtype, layout, config) the library was built without

@@ -22,8 +22,8 @@
 #   host_trace bench/dev/host_trace.py: torch.profiler CPU events of small calls (ATen ops, CUDA runtime calls)
 #   ncu       Nsight Compute on the lora_ kernels of one cuda fwd+bwd (bench/dev/ncu_passes.py, NCU_ARGS)
 #   probe_bg  starts building the sm_90 GEMM's development library (bench/dev/build_gemm_capi.sh, PROBE_DTYPES default
-#             "0" = bf16, PROBE_CONFIGS default all six) in the background, into /tmp/probe_build, so that it compiles
-#             alongside the wheel's build
+#             "0" = bf16, PROBE_CONFIGS default the six production configs; 6 adds the probe's stream-K one) in the
+#             background, into /tmp/probe_build, so that it compiles alongside the wheel's build
 #   gemm_probe bench/dev/gemm_sm90_probe.py on that library (built here when probe_bg did not start it; PROBE_ARGS,
 #             e.g. "--regime burst"): each GEMM config against cuBLAS
 #   triton_gemm bench/dev/triton_gemm_probe.py: Triton main loops (plain, TMA persistent, warp-specialised) against
