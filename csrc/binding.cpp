@@ -226,7 +226,7 @@ const char* fused_forward_unsupported(const Tensor& x, const Tensor& weight, con
   lk::FusedFwdArgs a = fused_args(x, weight, bias, lora_A, lora_B, 1.0, p, mode != 1);
   a.y = x.data_ptr();  // the output comes from the caching allocator: aligned
   const char* why = lk::lora_fused_fwd_sm90_unsupported(a, x.get_device());
-  if (why != nullptr && mode < 0 && a.lead) {  // the default: u tiles where the lead tiles do not fit
+  if (why != nullptr && mode < 0) {  // the default: u tiles where the lead tiles do not fit
     a.lead = false;
     why = lk::lora_fused_fwd_sm90_unsupported(a, x.get_device());
   }

@@ -73,9 +73,9 @@ Read by the CUDA extension (csrc/binding.cpp), once, when a GEMM first asks for 
                                         0 puts every M on the sm_90 kernels: for A/B timing.
     LORA_KERNELS_FUSED_FWD              the fused sm_90 forward (the shrink inside the GEMM, csrc/fused_fwd_sm90.h):
                                         unset, on at p = 0 and r <= 64, u computed by each row block's lead tiles
-                                        (u tiles where they do not fit the output's tile columns); 1 u tiles only, dropout
-                                        included (they mask their copy of x); 2 lead tiles only; 0 off. It starts
-                                        the mode that cuda_backend.set_fused_forward changes at run time.
+                                        (u tiles where they do not fit the output's tile columns); 1 u tiles only,
+                                        dropout included (they mask their copy of x); 2 lead tiles only; 0 off. It
+                                        starts the mode that cuda_backend.set_fused_forward changes at run time.
     LORA_KERNELS_PDL                    0 launches the sm_90 kernels that follow a small launch of their own (the
                                         fused forward, the K-extended GEMM, the wgmma streaming passes) without
                                         programmatic dependent launch (csrc/pdl.cuh): for A/B timing.

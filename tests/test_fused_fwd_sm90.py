@@ -1,12 +1,12 @@
-"""The cuda backend's fused forward on Hopper (csrc/fused_fwd_sm90.*): one GEMM launch (after a small prep launch,
-none where the lead tiles read 16-bit adapters as they are) in which u = s·x Aᵀ is computed by each row block's lead
-tiles (output tiles that also multiply their x tiles by lora_A's pieces) or by u tiles of their own, and whose output
-tiles add bf16(u) Bᵀ as one more K-tile. GPU-only (skips elsewhere): the path is taken where it should be (by default
-at p = 0: lead tiles, u tiles where the lead tiles do not fit the output's tile columns; at p > 0 the shrink + GEMM path),
-says why where it is not, and its y, saved u and grads meet the float64 tolerance rule on odd shapes (M not a multiple
-of the 128-row tile, an odd number of output tile columns, K not a multiple of the 64-wide K tile, every u-column
-split) in both variants, and in the lead tiles' wide form (128 x 256 tiles, cooperative schedule) where the sm_90 GEMM
-takes that tile."""
+"""The cuda backend's fused forward on Hopper (csrc/fused_fwd_sm90.*): one GEMM launch (after a small prep launch, none
+where the lead tiles read 16-bit adapters as they are) in which u = s·x Aᵀ is computed by each row block's lead tiles
+(output tiles that also multiply their x tiles by lora_A's pieces) or by u tiles of their own, and whose output tiles
+add bf16(u) Bᵀ as one more K-tile. GPU-only (skips elsewhere): the path is taken where it should be (by default at p
+= 0: lead tiles, u tiles where the lead tiles do not fit the output's tile columns; at p > 0 the shrink + GEMM path),
+says why where it is not, and its y, saved u and grads meet the float64 tolerance rule on odd shapes (M not a
+multiple of the 128-row tile, an odd number of output tile columns, K not a multiple of the 64-wide K tile, every
+u-column split) in both variants, and in the lead tiles' wide form (128 x 256 tiles, cooperative schedule) where the
+sm_90 GEMM takes that tile."""
 import pytest
 import torch
 

@@ -1,5 +1,6 @@
 // One (dtype, layout, config) of the sm_90 GEMM per object, for the development library: compiled with
-// -DPROBE_DT=<0 bf16|1 fp16> -DPROBE_LAYOUT=<0 NK|1 KN> -DPROBE_CFG=<GemmConfig, or 6> so the configs build in parallel.
+// -DPROBE_DT=<0 bf16|1 fp16> -DPROBE_LAYOUT=<0 NK|1 KN> -DPROBE_CFG=<GemmConfig, or 6> so the configs build in
+// parallel.
 // Config 6 is not a production config: the 128 x 256 cooperative tile (config 4's) on CUTLASS's stream-K scheduler,
 // with its workspace in a buffer of this object's (grown on demand; not for CUDA graph capture) and no mask.
 #if PROBE_CFG == 6
