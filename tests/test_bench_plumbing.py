@@ -71,3 +71,45 @@ def test_timeline_splits_calls_and_measures_idle_time(capsys):
     assert "span     19.0 us  kernels     15.0 us  idle    4.0 us  (2 kernels)" in out
     assert "gap    2.0       5.0  a" in out and "gap    2.0      10.0  b" in out
     assert timeline.report("x", ks[:5], 3) is None  # 5 kernels do not split into 3 calls
+
+
+ENV_AB = os.path.join(ROOT, "bench", "dev", "env_ab.py")
+
+_FAKE_TARGETS = r'''
+import json, os, sys
+out = sys.argv[sys.argv.index("--out") + 1]
+on = os.environ.get("LK_FAKE_SWITCH") == "1"
+rows = [dict(mode="fwd", M=2048, K=4096, N=n, r=16, p=0.0, provider=prov,
+             gpu_ratio=1.0 if prov == "cublas-base" else (1.10 if on else 1.25) * (1 + n / 1e5))
+        for n in (1024, 4096) for prov in ("cublas-base", "ours-cuda")]
+with open(out, "w") as f:
+    json.dump({"env": {}, "rows": rows, "summary": []}, f)
+'''
+
+
+@pytest.mark.skipif(not os.path.exists(ENV_AB), reason="no bench/")
+def test_env_ab_alternates_the_setting_and_compares(tmp_path, monkeypatch):
+    from conftest import import_from
+
+    env_ab = import_from(os.path.dirname(ENV_AB), "env_ab")
+    fake = tmp_path / "fake_targets.py"
+    fake.write_text(_FAKE_TARGETS)
+    monkeypatch.setattr(env_ab, "TARGETS", str(fake))
+    monkeypatch.setenv("LK_FAKE_SWITCH", "1")  # A's processes must not inherit it
+    out = tmp_path / "ab.json"
+    monkeypatch.setattr(sys, "argv", ["env_ab.py", "--env", "LK_FAKE_SWITCH=1", "--repeats", "2", "--out", str(out),
+                                      "--workdir", str(tmp_path), "--", "--M", "2048"])
+    env_ab.main()
+    ab = json.loads(out.read_text())
+    assert [os.path.basename(p) for p in ab["a_runs"] + ab["b_runs"]] == ["a_0.json", "a_1.json", "b_0.json",
+                                                                          "b_1.json"]
+    cells = {c["N"]: c for c in ab["cells"]}
+    assert set(cells) == {1024, 4096} and all(c["provider"] == "ours-cuda" for c in cells.values())  # no floor rows
+    for n, c in cells.items():
+        assert c["a"] == pytest.approx(1.25 * (1 + n / 1e5)) and c["b"] == pytest.approx(1.10 * (1 + n / 1e5))
+        assert c["b_over_a"] == pytest.approx(1.10 / 1.25)
+    (s,) = ab["summary"]
+    assert s["cells"] == 2 and s["geomean_b_over_a"] == pytest.approx(1.10 / 1.25)
+    # the same comparison from the files already written, and the median over a side's runs
+    cells, summary = env_ab.compare([ab["a_runs"][0], ab["b_runs"][1], ab["a_runs"][1]], ab["b_runs"])
+    assert [round(q, 6) for _, _, _, q in cells] == [round(1.10 / 1.25, 6)] * 2

@@ -6,6 +6,8 @@
 #   tests     the whole GPU suite (pytest-xdist), outcomes in tests.log
 #   two_gpu   bench/train/two_gpu.sh (FSDP2 and DDP on 2 GPUs, patched vs PEFT), reusing the build
 #   targets   bench/suite/targets.py: the GEMM issue's grid, round-robin with the floor (ours-cuda, LoRAFusion if .peers/)
+#   env_ab    bench/dev/env_ab.py: the targets grid (ENV_AB_ARGS) in processes without and with one setting (ENV_AB,
+#             NAME=VALUE, e.g. a development switch) in turn, ENV_AB_REPEATS per side: B / A per cell
 #   host      bench/tools/host_time.py: host microseconds per call
 #   dora      the DoRA grid of bench/suite/test_bench_lora.py (--dora), with its table
 #   fused     tests/test_fused_fwd_sm90.py, then bench/dev/fused_ab.py: the fused forward's modes round-robin with the
@@ -113,6 +115,12 @@ for step in ${STEPS:-build tests}; do
       (cd /tmp && PYTHONPATH=/tmp/site LORAFUSION_DIR="$REPO/.peers/lorafusion" run_step targets "${T_TARGETS:-300}" \
         python3 "$REPO/bench/suite/targets.py" --out "$OUT/targets.json" ${TARGETS_ARGS:-} > "$OUT/targets.txt" 2>&1)
       sed -n '/^| mode/,$p' "$OUT/targets.txt";;
+    env_ab)
+      mkdir -p "$OUT/env_ab"
+      (cd /tmp && PYTHONPATH=/tmp/site run_step env_ab "${T_ENV_AB:-300}" python3 "$REPO/bench/dev/env_ab.py" \
+        --env "${ENV_AB:?ENV_AB=NAME=VALUE}" --repeats "${ENV_AB_REPEATS:-2}" --workdir "$OUT/env_ab" \
+        --out "$OUT/env_ab.json" -- ${ENV_AB_ARGS:-} > "$OUT/env_ab.txt" 2>&1)
+      grep -E "^geomean|failed" "$OUT/env_ab.txt";;
     host)
       (cd /tmp && PYTHONPATH=/tmp/site run_step host "${T_HOST:-120}" python3 "$REPO/bench/tools/host_time.py" \
         --out "$OUT/host_time.json" > "$OUT/host_time.txt" 2>&1)
