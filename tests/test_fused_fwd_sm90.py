@@ -428,8 +428,9 @@ def test_lead_tiles_interleaved_against_float64():
     """The lead tiles' development form (LORA_KERNELS_FUSED_DEBUG=512: each narrow u wgmma interleaved with its main
     wgmma in one batch; read once per process, so in a process of its own) passes the lead-tile tests above: the
     ping-pong and wide variants, every lead-tile count, both adapter dtypes, the op's grads and determinism."""
-    env = dict(os.environ, LORA_KERNELS_FUSED_DEBUG="512")
-    env.pop("PYTEST_XDIST_WORKER", None)
+    # (an xdist worker's PYTEST_XDIST_* variables left out: the child is a plain pytest run)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    env["LORA_KERNELS_FUSED_DEBUG"] = "512"
     ids = [f"{__file__}::{name}" for name in _INTERLEAVE_TESTS]
     # the parent's working directory and PYTHONPATH: the same lora_kernels (the GPU runs' installed wheel)
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *ids], env=env,
