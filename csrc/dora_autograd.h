@@ -371,9 +371,10 @@ at::Tensor dora_linear_entry(const at::Tensor& x, const at::Tensor& weight, cons
   if (!plain_tensor(magnitude) || magnitude.device() != x.device() || magnitude.dim() != 1 ||
       magnitude.size(0) != weight.size(0) || !contract_dtype(x.scalar_type(), magnitude.scalar_type()))
     return none;
-  if (!(dropout_p >= 0.0 && dropout_p < 1.0)) return none;  // dora_linear refuses p = 1
+  if (!(dropout_p >= 0.0 && dropout_p <= 1.0)) return none;
   if (!weight.is_contiguous() || Impl::capturing(x)) return none;
   const double p = training ? dropout_p : 0.0;
+  if (p == 1.0) return none;  // everything dropped: dora_linear's _all_dropped (y = x Wᵀ + b, zero adapter grads)
   const at::Tensor wsq = weight_sq_cached(weight);
   const at::Tensor x2 = as_rows(x, weight.size(1));
   const at::Tensor A = lora_A.contiguous(), B = lora_B.contiguous(), mag = magnitude.contiguous();

@@ -106,6 +106,8 @@ The registered ops (``lora_kernels::dora_fwd`` / ``dora_bwd``) have fake impls a
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.autograd.function import once_differentiable
 from torch.utils.weak import WeakIdKeyDictionary
@@ -196,11 +198,16 @@ def _w_at(weight: torch.Tensor, lora_A: torch.Tensor, acc) -> torch.Tensor:
     return out
 
 
+def _autocast_off(device_type: str):
+    """Autocast off for the norm's math; 'meta' has no autocast (asking about it raises), so nothing to turn off."""
+    return contextlib.nullcontext() if device_type == "meta" else torch.autocast(device_type, enabled=False)
+
+
 def dora_weight_norm(weight, lora_A, lora_B, scaling) -> torch.Tensor:
     """‖W + scaling · B A‖ of every row (N,), detached, in float32 (float64 if any input is float64), computed
     without an N×K temporary (plain PyTorch; ``‖W_n‖²`` cached)."""
     acc = _acc(weight, lora_A, lora_B)
-    with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
+    with torch.no_grad(), _autocast_off(weight.device.type):
         A, B = lora_A.detach().to(acc), lora_B.detach().to(acc)
         s = float(scaling)
         wa = _w_at(weight.detach(), A, acc)  # (N, r)
@@ -213,7 +220,7 @@ def _norm(weight, lora_A, lora_B, scaling, fast: bool) -> torch.Tensor:
     ‖W_n‖² from the cache), else ``dora_weight_norm``."""
     if (fast and not torch.compiler.is_compiling() and weight.stride(-1) == 1 and lora_A.stride(-1) == 1
             and lora_B.stride(-1) == 1 and weight.dtype != torch.float64):
-        with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
+        with torch.no_grad(), _autocast_off(weight.device.type):
             return weight_norm(weight.detach(), lora_A.detach(), lora_B.detach(), scaling,
                                _weight_sq(weight, torch.float32))
     return dora_weight_norm(weight, lora_A, lora_B, scaling)
@@ -474,6 +481,17 @@ def _check_float64(x, lora_A, lora_B, magnitude):
                          f"{lora_A.dtype}, {lora_B.dtype}, {magnitude.dtype}")
 
 
+def _all_dropped(x, weight, bias, lora_A, lora_B, scaling, magnitude, backend):
+    """DoRA at p = 1 in training (PEFT allows it): x_d = 0, so y = x Wᵀ + b, and the grads of lora_A, lora_B and
+    the magnitude are zero. lora_linear at p = 1 gives x Wᵀ + b with zero grads for the adapters (and dx = dy W);
+    the magnitude joins through an exact zero added per column, so that its grad is zero as well (NaN where dy is,
+    as in PEFT, whose magnitude grad is Σ_m dy ⊙ 0)."""
+    y = ops.lora_linear(x, weight, bias, lora_A, lora_B, scaling, 1.0, training=True, backend=backend)
+    if torch.is_grad_enabled() and magnitude.requires_grad:
+        y = y + (magnitude * 0.0).to(y.dtype)
+    return y
+
+
 def dora_linear(x, weight, bias, lora_A, lora_B, scaling, magnitude, dropout_p=0.0, training=True, backend=None):
     """Fused DoRA linear with PEFT 0.21's semantics (see the module docstring):
 
@@ -481,7 +499,8 @@ def dora_linear(x, weight, bias, lora_A, lora_B, scaling, magnitude, dropout_p=0
 
     x: (..., K); weight: (N, K) (frozen in the fast path); bias: (N,) or None; lora_A: (r, K); lora_B: (N, r);
     magnitude: (N,). Adapters and magnitude in float32 or x's dtype. x_d = dropout(x) with the contract's mask
-    (``lora_kernels.dropout_mask`` / ``record_dropout``) when ``training`` and ``dropout_p > 0``, else x_d = x.
+    (``lora_kernels.dropout_mask`` / ``record_dropout``) when ``training`` and ``dropout_p > 0``, else x_d = x;
+    ``dropout_p = 1`` drops all of x_d (y = x Wᵀ + b; the adapters' and the magnitude's grads are zero).
     Returns (..., N) in x's dtype; grads for x, lora_A, lora_B and magnitude (and weight/bias if they require
     grad). ``backend``: None/'auto', 'torch', 'triton', 'cuda', as ``lora_linear``.
     """
@@ -498,8 +517,11 @@ def dora_linear(x, weight, bias, lora_A, lora_B, scaling, magnitude, dropout_p=0
         if y is not None:
             return y
     norm_weight = weight
-    if torch.is_autocast_enabled(x.device.type):  # behave like F.linear under autocast (the norm uses W as given)
-        dt = torch.get_autocast_dtype(x.device.type)
+    # behave like F.linear under autocast (the norm uses W as given); a non-tensor x is named by the checks below, and
+    # 'meta' has no autocast (asking about it raises)
+    device_type = x.device.type if isinstance(x, torch.Tensor) else "meta"
+    if device_type != "meta" and torch.is_autocast_enabled(device_type):
+        dt = torch.get_autocast_dtype(device_type)
         x, weight = x.to(dt), weight.to(dt)
         bias = bias.to(dt) if bias is not None else None
     try:
@@ -509,10 +531,10 @@ def dora_linear(x, weight, bias, lora_A, lora_B, scaling, magnitude, dropout_p=0
     N = weight.shape[0]
     _check_magnitude(magnitude, x, N)
     _check_float64(x, lora_A, lora_B, magnitude)
-    if not 0.0 <= dropout_p < 1.0:  # lora_linear takes p = 1 (its LoRA path is then zero); DoRA does not yet
-        raise ValueError(f"dora_linear: dropout_p must be in [0, 1), got {dropout_p}")
     name = ops._resolve(backend, x.device.type, x.dtype == torch.float64, False)  # DoRA draws CPU seeds only
     p = float(dropout_p) if training else 0.0
+    if p == 1.0:
+        return _all_dropped(x, weight, bias, lora_A, lora_B, scaling, magnitude, name)
     # No seed at all without dropout (as lora_linear): a module-level tensor passed here would enter every compiled
     # graph as an input and, saved for backward, leave the forward graph as an output, which CUDA graph trees
     # (mode="reduce-overhead") refuse. With dropout the seed is drawn here, inside a compiled graph when compiling.

@@ -106,6 +106,8 @@ def _fwd_impl(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset, backend
 
 def _bwd_grads(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, backend, need_dx, need_dA, need_dB):
     """(dx, dA, dB), each None when not needed."""
+    if not (need_dx or need_dA or need_dB):  # only a trainable base weight or bias asks (_base_grads)
+        return None, None, None
     if x.shape[0] == 0:
         return (torch.zeros_like(x) if need_dx else None, torch.zeros_like(lora_A) if need_dA else None,
                 torch.zeros_like(lora_B) if need_dB else None)
@@ -325,7 +327,11 @@ def _explain(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
     for name, t in (("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B)):
         if t is not None and t.device != dev:
             fail(f"{name} is on {t.device} but x is on {dev}; all tensors must be on one device")
-    if not 0.0 <= dropout_p <= 1.0:
+    try:
+        p_ok = bool(0.0 <= dropout_p <= 1.0)
+    except (TypeError, RuntimeError):  # None, a string, a tensor of several elements
+        fail(f"dropout_p must be a number in [0, 1], got {type(dropout_p).__name__}")
+    if not p_ok:
         fail(f"dropout_p must be in [0, 1], got {dropout_p}")
     if not isinstance(scaling, (int, float)):
         fail(f"scaling must be a Python number, got {type(scaling).__name__}")
@@ -352,7 +358,10 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
                                  training)
         if y is not None:
             return y
-    # behave like F.linear under autocast ('meta' has no autocast: asking about it raises)
+    # behave like F.linear under autocast ('meta' has no autocast: asking about it raises; a non-tensor x is named by
+    # _check below)
+    if not isinstance(x, torch.Tensor):
+        _explain(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     device_type = x.device.type
     if device_type != "meta" and torch.is_autocast_enabled(device_type):
         dt = torch.get_autocast_dtype(device_type)

@@ -570,7 +570,11 @@ def test_dora_entry_declines(op, dora_entry):
     assert dora_entry(x, W, b, A, B, 0.75, m.to("meta"), 0.0, True) is None
     assert dora_entry(x, W, b, A, B, float("inf"), m, 0.0, True) is None
     assert dora_entry(x[:0], W, b, A, B, 0.75, m, 0.0, True) is None
-    assert dora_entry(x, W, b, A, B, 0.75, m, 1.0, True) is None  # dora_linear refuses p = 1
+    assert dora_entry(x, W, b, A, B, 0.75, m, 1.0, True) is None  # everything dropped: dora_linear's _all_dropped
+    assert dora_entry(x, W, b, A, B, 0.75, m, 1.5, False) is None
+    # in eval the rate does not apply: p = 1 is the p = 0 call
+    torch.testing.assert_close(dora_entry(x, W, b, A, B, 0.75, m, 1.0, False),
+                               dora_entry(x, W, b, A, B, 0.75, m, 0.0, False), rtol=0, atol=0)
 
 
 # DoRA's C++ entry with dropout (DoraDropoutFunction): the contract's mask from the seed it draws (as

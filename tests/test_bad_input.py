@@ -79,10 +79,38 @@ def test_meta_tensors_propagate_shapes(p):
     assert x.grad.device.type == "meta"
 
 
-def test_lora_linear_module_on_meta():
-    layer = LoRALinear(24, 12, r=4, dropout=0.1, device="meta")
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_dora_meta_tensors_propagate_shapes(p):
+    x = torch.empty(2, 5, 24, device="meta", requires_grad=True)
+    W, b = torch.empty(12, 24, device="meta"), torch.empty(12, device="meta")
+    A = torch.empty(4, 24, device="meta", requires_grad=True)
+    B = torch.empty(12, 4, device="meta", requires_grad=True)
+    m = torch.empty(12, device="meta", requires_grad=True)
+    y = lora_kernels.dora_linear(x, W, b, A, B, 2.0, m, dropout_p=p)
+    assert y.device.type == "meta" and y.shape == (2, 5, 12) and y.dtype == torch.float32
+    y.sum().backward()
+    for t in (x, A, B, m):
+        assert t.grad.shape == t.shape and t.grad.device.type == "meta"
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_lora_linear_module_on_meta(use_dora):
+    layer = LoRALinear(24, 12, r=4, dropout=0.1, use_dora=use_dora, device="meta")
     y = layer(torch.empty(3, 24, device="meta"))
     assert y.device.type == "meta" and y.shape == (3, 12)
+
+
+# ------------------------------------------------------------------------------------------ x not a tensor
+@pytest.mark.parametrize("op", ["lora_linear", "dora_linear"])
+def test_x_not_a_tensor_is_a_clear_error(op):
+    # the autocast check reads x's device before the argument checks: it must not be the one that fails
+    import numpy as np
+
+    x, W, b, A, B = _inputs(3, 16, 8, 4)
+    extra = (torch.rand(8) + 0.5,) if op == "dora_linear" else ()
+    for bad in (None, x.numpy(), np.float32(1.0), [[1.0] * 16]):
+        with pytest.raises(ValueError, match=f"{op}: x must be a Tensor"):
+            getattr(lora_kernels, op)(bad, W, b, A, B, 1.0, *extra)
 
 
 # ---------------------------------------------------------------------------- NaN/inf in a dropped element
@@ -153,10 +181,49 @@ def test_dropout_p_one_zeroes_the_lora_path(backend, device):
                      formula(x, W, b, A, B, 2.0), "y (eval)")
 
 
+@pytest.mark.parametrize("backend,device", backend_cases())
+def test_dora_dropout_p_one_is_the_base_linear(backend, device):
+    """DoRA with PEFT's lora_dropout = 1.0: x_d = 0, so y = x Wᵀ + b and the grads of the adapters and the
+    magnitude are zero (training); in eval dropout does not apply, and p = 1 gives the p = 0 result."""
+    x, W, b, A, B = _inputs(5, 32, 16, 4, device=device)
+    m = torch.rand(16, device=device) + 0.5
+    xg, Ag, Bg, mg = (t.clone().requires_grad_() for t in (x, A, B, m))
+    y = lora_kernels.dora_linear(xg, W, b, Ag, Bg, 2.0, mg, dropout_p=1.0, backend=backend)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    x64 = x.double().requires_grad_()
+    base = F.linear(x64, W.double(), b.double())
+    base.backward(dy.double())
+    assert_tolerance(y, base.detach(), F.linear(x, W, b), "y")
+    assert_tolerance(xg.grad, x64.grad, dy @ W, "dx")
+    for t, g in ((A, Ag.grad), (B, Bg.grad), (m, mg.grad)):
+        assert torch.equal(g, torch.zeros_like(t))
+    y_eval = lora_kernels.dora_linear(x, W, b, A, B, 2.0, m, dropout_p=1.0, training=False, backend=backend)
+    want = lora_kernels.dora_linear(x, W, b, A, B, 2.0, m, dropout_p=0.0, backend=backend)
+    torch.testing.assert_close(y_eval, want, rtol=0, atol=0)
+
+
 def test_dropout_p_above_one_is_a_clear_error():
     x, W, b, A, B = _inputs(3, 16, 8, 4)
     with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\]"):
         lora_kernels.lora_linear(x, W, b, A, B, 1.0, dropout_p=1.5)
+    for bad in (None, "0.1"):
+        with pytest.raises(ValueError, match=r"dropout_p must be a number in \[0, 1\]"):
+            lora_kernels.lora_linear(x, W, b, A, B, 1.0, dropout_p=bad)
+
+
+@pytest.mark.parametrize("backend,device", backend_cases())
+def test_only_the_base_weight_trains(backend, device):
+    """Only the base weight and bias require grad: the LoRA kernels' backward has nothing to compute (no launch on
+    any backend), and dW, db are the base linear's."""
+    x, W, b, A, B = _inputs(6, 24, 16, 4, device=device)
+    Wg, bg = W.clone().requires_grad_(), b.clone().requires_grad_()
+    y = lora_kernels.lora_linear(x, Wg, bg, A, B, 0.5, backend=backend)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    want_dW = (dy.double().t() @ x.double())
+    assert_tolerance(Wg.grad, want_dW, dy.t() @ x, "dW")
+    assert_tolerance(bg.grad, dy.double().sum(0), dy.sum(0), "db")
 
 
 # ---------------------------------------------------------------------------------- merged state_dict
@@ -228,14 +295,15 @@ def test_compile_gives_no_lru_cache_warning():
 
 
 # ------------------------------------------------------------------------------------ PEFT lora_dropout = 1
-def test_patch_peft_lora_dropout_one_trains_like_peft():
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_patch_peft_lora_dropout_one_trains_like_peft(use_dora):
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                                    num_key_value_heads=2, vocab_size=64, max_position_embeddings=32)
     model = peft.get_peft_model(transformers.LlamaForCausalLM(cfg),
                                 peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                lora_dropout=1.0))
+                                                lora_dropout=1.0, use_dora=use_dora))
     with torch.no_grad():
         for n, prm in model.named_parameters():
             if "lora_B" in n:
@@ -283,7 +351,8 @@ def _check_cases():
         "int adapters": dict(lora_A=A.int()), "meta weight": dict(weight=W.to("meta")),
         "nan scaling": dict(scaling=float("nan")), "inf scaling": dict(scaling=float("inf")),
         "tensor scaling": dict(scaling=torch.tensor(0.5)), "p > 1": dict(dropout_p=1.5),
-        "p < 0": dict(dropout_p=-0.1), "nan p": dict(dropout_p=float("nan")),
+        "p < 0": dict(dropout_p=-0.1), "nan p": dict(dropout_p=float("nan")), "None p": dict(dropout_p=None),
+        "str p": dict(dropout_p="0.1"),
     }
     return [(name, {**ok, **v}) for name, v in variants.items()]
 

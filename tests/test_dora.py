@@ -509,7 +509,9 @@ def test_shared_checks_name_dora_linear():
     with pytest.raises(ValueError, match="dora_linear: lora_B must have shape"):
         lora_kernels.dora_linear(x, W, b, A, B.t(), 1.0, m)
     with pytest.raises(ValueError, match="dora_linear: dropout_p must be in"):
-        lora_kernels.dora_linear(x, W, b, A, B, 1.0, m, dropout_p=1.0)
+        lora_kernels.dora_linear(x, W, b, A, B, 1.0, m, dropout_p=1.5)
+    with pytest.raises(ValueError, match="dora_linear: x must be a Tensor"):
+        lora_kernels.dora_linear(None, W, b, A, B, 1.0, m)
     with pytest.raises(ValueError, match="dora_linear: x's last dim"):
         lora_kernels.dora_linear(x[:, :5], W, b, A, B, 1.0, m)
     with pytest.raises(ValueError, match="unknown backend"):

@@ -524,7 +524,7 @@ class _Planner:
             else:
                 raise AssertionError(kind)
         plan.out = _getter([ref(o) for o in outputs])
-        plan.tail, plan.jit, plan.fast, plan.launches, plan.keep = tail, jit, {}, launches, self.keep
+        plan.tail, plan.jit, plan.fast, plan.launches, plan.keep = tail, jit, {} if _PLAN_FAST else None, launches, self.keep
         return plan
 
 
