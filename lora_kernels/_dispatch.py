@@ -57,7 +57,7 @@ def _check_device(name: str, device_type: str) -> None:
         return
     if device_type == "cuda":
         return
-    if name == "triton" and _config.TRITON_INTERPRET:
+    if name == "triton" and _config.TRITON_INTERPRET and device_type == "cpu":
         return  # Triton's interpreter runs kernels on CPU tensors
     raise RuntimeError(
         f"lora_kernels: backend '{name}' needs CUDA tensors, but x is on '{device_type}' "

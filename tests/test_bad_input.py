@@ -79,6 +79,19 @@ def test_meta_tensors_propagate_shapes(p):
     assert x.grad.device.type == "meta"
 
 
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_meta_tensors_on_a_kernel_backend_are_a_clear_error(backend):
+    # meta propagates shapes on the torch backend (and backend=None); a kernel backend asked for by name says so,
+    # also where Triton's interpreter takes CPU tensors
+    if backend not in lora_kernels.available_backends():
+        pytest.skip(f"backend {backend} is not available here")
+    x, W, b, A, B = (t.to("meta") for t in _inputs(3, 16, 8, 4))
+    with pytest.raises(RuntimeError, match=f"backend '{backend}' needs CUDA tensors, but x is on 'meta'"):
+        lora_kernels.lora_linear(x, W, b, A, B, 1.0, backend=backend)
+    with pytest.raises(RuntimeError, match=f"backend '{backend}' needs CUDA tensors, but x is on 'meta'"):
+        lora_kernels.dora_linear(x, W, b, A, B, 1.0, torch.empty(8, device="meta"), backend=backend)
+
+
 @pytest.mark.parametrize("p", [0.0, 0.2])
 def test_dora_meta_tensors_propagate_shapes(p):
     x = torch.empty(2, 5, 24, device="meta", requires_grad=True)
