@@ -67,16 +67,18 @@ def test_float64_base_with_float32_adapters(p):
 
 # ------------------------------------------------------------------------------------------------------ meta
 @pytest.mark.parametrize("p", [0.0, 0.2])
-def test_meta_tensors_propagate_shapes(p):
+@pytest.mark.parametrize("op", ["lora_linear", "dora_linear"])
+def test_meta_tensors_propagate_shapes(p, op):
     x = torch.empty(2, 5, 24, device="meta", requires_grad=True)
     W, b = torch.empty(12, 24, device="meta"), torch.empty(12, device="meta")
     A = torch.empty(4, 24, device="meta", requires_grad=True)
     B = torch.empty(12, 4, device="meta", requires_grad=True)
-    y = lora_kernels.lora_linear(x, W, b, A, B, 2.0, dropout_p=p)
+    extra = (torch.empty(12, device="meta", requires_grad=True),) if op == "dora_linear" else ()  # the magnitude
+    y = getattr(lora_kernels, op)(x, W, b, A, B, 2.0, *extra, dropout_p=p)
     assert y.device.type == "meta" and y.shape == (2, 5, 12) and y.dtype == torch.float32
     y.sum().backward()
-    assert x.grad.shape == x.shape and A.grad.shape == A.shape and B.grad.shape == B.shape
-    assert x.grad.device.type == "meta"
+    for t in (x, A, B, *extra):
+        assert t.grad.shape == t.shape and t.grad.device.type == "meta"
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
@@ -90,20 +92,6 @@ def test_meta_tensors_on_a_kernel_backend_are_a_clear_error(backend):
         lora_kernels.lora_linear(x, W, b, A, B, 1.0, backend=backend)
     with pytest.raises(RuntimeError, match=f"backend '{backend}' needs CUDA tensors, but x is on 'meta'"):
         lora_kernels.dora_linear(x, W, b, A, B, 1.0, torch.empty(8, device="meta"), backend=backend)
-
-
-@pytest.mark.parametrize("p", [0.0, 0.2])
-def test_dora_meta_tensors_propagate_shapes(p):
-    x = torch.empty(2, 5, 24, device="meta", requires_grad=True)
-    W, b = torch.empty(12, 24, device="meta"), torch.empty(12, device="meta")
-    A = torch.empty(4, 24, device="meta", requires_grad=True)
-    B = torch.empty(12, 4, device="meta", requires_grad=True)
-    m = torch.empty(12, device="meta", requires_grad=True)
-    y = lora_kernels.dora_linear(x, W, b, A, B, 2.0, m, dropout_p=p)
-    assert y.device.type == "meta" and y.shape == (2, 5, 12) and y.dtype == torch.float32
-    y.sum().backward()
-    for t in (x, A, B, m):
-        assert t.grad.shape == t.shape and t.grad.device.type == "meta"
 
 
 @pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
@@ -175,12 +163,16 @@ def test_non_finite_scaling_is_a_clear_error(backend, device, scaling):
 
 # ------------------------------------------------------------------------------------------------ p = 1
 @pytest.mark.parametrize("backend,device", backend_cases())
-def test_dropout_p_one_zeroes_the_lora_path(backend, device):
-    """PEFT accepts lora_dropout = 1.0: everything is dropped, so y is the base linear and the adapters' grads
-    are zero (training); in eval dropout does not apply."""
+@pytest.mark.parametrize("op", ["lora_linear", "dora_linear"])
+def test_dropout_p_one_drops_the_lora_path(backend, device, op):
+    """PEFT accepts lora_dropout = 1.0: everything is dropped (DoRA's x_d = 0 too), so y is the base linear and the
+    grads of the adapters (and of DoRA's magnitude) are zero in training; in eval dropout does not apply."""
     x, W, b, A, B = _inputs(5, 32, 16, 4, device=device)
-    xg, Ag, Bg = (t.clone().requires_grad_() for t in (x, A, B))
-    y = lora_kernels.lora_linear(xg, W, b, Ag, Bg, 2.0, dropout_p=1.0, backend=backend)
+    extra = (torch.rand(16, device=device) + 0.5,) if op == "dora_linear" else ()  # DoRA's magnitude
+    call = getattr(lora_kernels, op)
+    trained = [t.clone().requires_grad_() for t in (x, A, B, *extra)]
+    xg, Ag, Bg, *mg = trained
+    y = call(xg, W, b, Ag, Bg, 2.0, *mg, dropout_p=1.0, backend=backend)
     dy = torch.randn_like(y)
     y.backward(dy)
     x64 = x.double().requires_grad_()
@@ -188,32 +180,15 @@ def test_dropout_p_one_zeroes_the_lora_path(backend, device):
     base.backward(dy.double())
     assert_tolerance(y, base.detach(), F.linear(x, W, b), "y")
     assert_tolerance(xg.grad, x64.grad, dy @ W, "dx")
-    assert torch.equal(Ag.grad, torch.zeros_like(A)) and torch.equal(Bg.grad, torch.zeros_like(B))
-    y_eval = lora_kernels.lora_linear(x, W, b, A, B, 2.0, dropout_p=1.0, training=False, backend=backend)
-    assert_tolerance(y_eval, formula(x.double(), W.double(), b.double(), A.double(), B.double(), 2.0),
-                     formula(x, W, b, A, B, 2.0), "y (eval)")
-
-
-@pytest.mark.parametrize("backend,device", backend_cases())
-def test_dora_dropout_p_one_is_the_base_linear(backend, device):
-    """DoRA with PEFT's lora_dropout = 1.0: x_d = 0, so y = x Wᵀ + b and the grads of the adapters and the
-    magnitude are zero (training); in eval dropout does not apply, and p = 1 gives the p = 0 result."""
-    x, W, b, A, B = _inputs(5, 32, 16, 4, device=device)
-    m = torch.rand(16, device=device) + 0.5
-    xg, Ag, Bg, mg = (t.clone().requires_grad_() for t in (x, A, B, m))
-    y = lora_kernels.dora_linear(xg, W, b, Ag, Bg, 2.0, mg, dropout_p=1.0, backend=backend)
-    dy = torch.randn_like(y)
-    y.backward(dy)
-    x64 = x.double().requires_grad_()
-    base = F.linear(x64, W.double(), b.double())
-    base.backward(dy.double())
-    assert_tolerance(y, base.detach(), F.linear(x, W, b), "y")
-    assert_tolerance(xg.grad, x64.grad, dy @ W, "dx")
-    for t, g in ((A, Ag.grad), (B, Bg.grad), (m, mg.grad)):
-        assert torch.equal(g, torch.zeros_like(t))
-    y_eval = lora_kernels.dora_linear(x, W, b, A, B, 2.0, m, dropout_p=1.0, training=False, backend=backend)
-    want = lora_kernels.dora_linear(x, W, b, A, B, 2.0, m, dropout_p=0.0, backend=backend)
-    torch.testing.assert_close(y_eval, want, rtol=0, atol=0)
+    for t in trained[1:]:
+        assert torch.equal(t.grad, torch.zeros_like(t)), "an adapter's grad is not zero"
+    y_eval = call(x, W, b, A, B, 2.0, *extra, dropout_p=1.0, training=False, backend=backend)
+    if op == "lora_linear":
+        assert_tolerance(y_eval, formula(x.double(), W.double(), b.double(), A.double(), B.double(), 2.0),
+                         formula(x, W, b, A, B, 2.0), "y (eval)")
+    else:  # the p = 0 call (its values: tests/test_dora.py)
+        want = call(x, W, b, A, B, 2.0, *extra, dropout_p=0.0, backend=backend)
+        torch.testing.assert_close(y_eval, want, rtol=0, atol=0)
 
 
 def test_dropout_p_above_one_is_a_clear_error():
