@@ -524,7 +524,8 @@ class _Planner:
             else:
                 raise AssertionError(kind)
         plan.out = _getter([ref(o) for o in outputs])
-        plan.tail, plan.jit, plan.fast, plan.launches, plan.keep = tail, jit, {} if _PLAN_FAST else None, launches, self.keep
+        plan.tail, plan.jit, plan.launches, plan.keep = tail, jit, launches, self.keep
+        plan.fast = {} if _PLAN_FAST else None  # the interpreter's plans launch through the JIT only
         return plan
 
 
