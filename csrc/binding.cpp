@@ -854,8 +854,12 @@ struct DoraKernels : FusedKernels {
                "dora gram launch");
     Tensor norm = at::empty({N}, weight.options().dtype(at::kFloat)), g = at::empty_like(norm);
     Tensor bg = at::empty_like(lora_B);
+    LK_CHECK(weight.is_contiguous() && lora_A.is_contiguous(), "lora_kernels_cuda: dora_norm needs a contiguous "
+             "weight and lora_A");
     check_cuda(lk::launch_dora_combine(wa.data_ptr<float>(), wsq.data_ptr<float>(), lora_B.data_ptr(),
-                                       to_dtype(lora_B, "lora_B"), aat.data_ptr<float>(), magnitude.data_ptr(),
+                                       to_dtype(lora_B, "lora_B"), aat.data_ptr<float>(), weight.data_ptr(),
+                                       to_dtype(weight, "weight"), lora_A.data_ptr(), to_dtype(lora_A, "lora_A"),
+                                       weight.size(1), magnitude.data_ptr(),
                                        to_dtype(magnitude, "magnitude"), (float)scaling, N, r, norm.data_ptr<float>(),
                                        g.data_ptr<float>(), bg.data_ptr(), stream),
                "dora combine launch");

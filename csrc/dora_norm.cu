@@ -3,7 +3,11 @@
 //   ‖W_n + s(BA)_n‖² = ‖W_n‖² + 2s·B_n·(W Aᵀ)_n + s²·B_n (A Aᵀ) B_nᵀ,   g = magnitude / norm,   Bg = g ⊙ B
 //
 // from ‖W_n‖² (cached per frozen W), W Aᵀ (N×r fp32, the LoRA shrink pass over W) and A Aᵀ (r×r fp32): no N×K
-// temporary. Tiling: one warp per row n, B_n (r ≤ 256) in shared memory, the lanes over B's columns; math in fp32.
+// temporary. A row whose sum is under half the sum of its three terms' sizes has cancelled (the adapter undoes much
+// of W_n), and the expansion's fp32 rounding, relative to the terms, is then large against the result: that row is
+// summed again directly, Σ_k (W_nk + s·B_n·A_k)² (lora_kernels/dora_kernels.py's combine does the same).
+// Tiling: one warp per row n, B_n (r ≤ 256) in shared memory, the lanes over B's columns (over K for a row summed
+// directly: W's row and A's columns read from global memory, only for such rows); math in fp32.
 #include "common.cuh"
 #include "plans.cuh"
 
@@ -19,8 +23,9 @@ constexpr int kWarps = kThreads / 32;
 // fp32); then g_n = magnitude_n / norm_n and Bg_n = g_n B_n.
 __global__ void __launch_bounds__(kThreads)
 dora_combine_kernel(const float* __restrict__ wa, const float* __restrict__ wsq, const void* __restrict__ B, DType b_dt,
-                    const float* __restrict__ aat, const void* __restrict__ mag, DType m_dt, float s, int64_t N,
-                    int r, float* __restrict__ norm, float* __restrict__ g, void* __restrict__ Bg) {
+                    const float* __restrict__ aat, const void* __restrict__ W, DType w_dt, const void* __restrict__ A,
+                    DType a_dt, int64_t K, const void* __restrict__ mag, DType m_dt, float s, int64_t N, int r,
+                    float* __restrict__ norm, float* __restrict__ g, void* __restrict__ Bg) {
   __shared__ float rows[kWarps][kMaxRank];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t n = (int64_t)blockIdx.x * kWarps + warp;
@@ -41,9 +46,19 @@ dora_combine_kernel(const float* __restrict__ wa, const float* __restrict__ wsq,
     for (int k = 0; k < r; ++k) t = fmaf(aat[(int64_t)k * r + j], b[k], t);
     quad = fmaf(b[j], t, quad);
   }
-  lin = warp_sum(lin);
-  quad = warp_sum(quad);
-  const float sq = wsq[n] + 2.f * s * lin + (s * s) * quad;
+  lin = 2.f * s * warp_sum(lin);
+  quad = (s * s) * warp_sum(quad);
+  float sq = wsq[n] + lin + quad;
+  if (sq < 0.5f * (wsq[n] + fabsf(lin) + quad)) {  // the same on every lane (warp_sum's all-reduce): no divergence
+    float direct = 0.f;
+    for (int64_t k = lane; k < K; k += 32) {
+      float ba = 0.f;
+      for (int j = 0; j < r; ++j) ba = fmaf(b[j], load_any(A, a_dt, (int64_t)j * K + k), ba);
+      const float v = fmaf(s, ba, load_any(W, w_dt, n * K + k));
+      direct = fmaf(v, v, direct);
+    }
+    sq = warp_sum(direct);
+  }
   const float nn = sqrtf(fmaxf(sq, 0.f));
   const float gn = load_any(mag, m_dt, n) / nn;
   if (lane == 0) {
@@ -56,12 +71,13 @@ dora_combine_kernel(const float* __restrict__ wa, const float* __restrict__ wsq,
 }  // namespace
 
 cudaError_t launch_dora_combine(const float* wa, const float* wsq, const void* B, DType b_dtype, const float* aat,
+                                const void* W, DType w_dtype, const void* A, DType a_dtype, int64_t K,
                                 const void* magnitude, DType m_dtype, float scaling, int64_t N, int r, float* norm,
                                 float* g, void* Bg, cudaStream_t stream) {
   if (N <= 0) return cudaSuccess;
   if (r < 1 || r > kMaxRank) return cudaErrorInvalidValue;
   return launch_kernel(dora_combine_kernel, dim3((unsigned)ceil_div(N, kWarps)), kThreads, 0, stream, wa, wsq, B,
-                       b_dtype, aat, magnitude, m_dtype, scaling, N, r, norm, g, Bg);
+                       b_dtype, aat, W, w_dtype, A, a_dtype, K, magnitude, m_dtype, scaling, N, r, norm, g, Bg);
 }
 
 }  // namespace lora_kernels

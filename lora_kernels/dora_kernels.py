@@ -216,11 +216,16 @@ if triton is not None:
         tl.store(p_ptrs, acc, mask=n_mask[:, None] & r_mask[None, :])
 
     @triton.jit
-    def _norm_combine_kernel(part_ptr, wsq_ptr, b_ptr, aat_ptr, out_ptr, N, R, S, s_bn, scaling,
-                             R_PAD: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr, BR: tl.constexpr):
+    def _norm_combine_kernel(part_ptr, wsq_ptr, b_ptr, aat_ptr, w_ptr, a_ptr, out_ptr, N, K, R, S, s_bn, s_wn, s_ar,
+                             scaling, R_PAD: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr, BR: tl.constexpr,
+                             BK: tl.constexpr):
         # ‖W_n + s(BA)_n‖² = ‖W_n‖² + 2s·Σ_j B_nj (W Aᵀ)_nj + s²·B_n (A Aᵀ) B_nᵀ, clamped at 0, square-rooted. The
         # quadratic form by column blocks of A Aᵀ: (B AAᵀ)[:, j-block] as float32 "ieee" dots over BR-row blocks
-        # of A Aᵀ (their operands stay in registers), times B[:, j-block]
+        # of A Aᵀ (their operands stay in registers), times B[:, j-block].
+        # A row whose sum is under half the sum of its three terms' sizes has cancelled (the adapter undoes much of
+        # W_n): the expansion's float32 rounding is then relative to the terms, not to the result, so such a row is
+        # summed again directly, Σ_k (W_nk + s·(B A)_nk)², over K in BK-column blocks (W's row, A's block; B A by
+        # float32 "ieee" dots). A block without such a row skips that loop.
         offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
         n_mask = offs_n < N
         rr = tl.arange(0, R_PAD)
@@ -232,7 +237,8 @@ if triton is not None:
                           other=0.0)
         rows = offs_n.to(tl.int64)[:, None]
         b = tl.load(b_ptr + rows * s_bn + rr[None, :], mask=mask, other=0.0).to(tl.float32)
-        sq = tl.load(wsq_ptr + offs_n, mask=n_mask, other=0.0) + 2.0 * scaling * tl.sum(b * wa, axis=1)
+        wsq = tl.load(wsq_ptr + offs_n, mask=n_mask, other=0.0)
+        lin = 2.0 * scaling * tl.sum(b * wa, axis=1)
         quad = tl.zeros((BN,), dtype=tl.float32)
         for j0 in range(0, R_PAD, BJ):
             jj = j0 + tl.arange(0, BJ)
@@ -249,7 +255,28 @@ if triton is not None:
             bj = tl.load(b_ptr + rows * s_bn + jj[None, :], mask=n_mask[:, None] & j_mask[None, :],
                          other=0.0).to(tl.float32)
             quad += tl.sum(t * bj, axis=1)
-        sq += (scaling * scaling) * quad
+        quad = (scaling * scaling) * quad
+        sq = wsq + lin + quad
+        redo = n_mask & (sq < 0.5 * (wsq + tl.abs(lin) + quad))
+        if tl.sum(redo.to(tl.int32), axis=0) > 0:
+            direct = tl.zeros((BN,), dtype=tl.float32)
+            for k0 in range(0, K, BK):
+                kk = k0 + tl.arange(0, BK)
+                k_mask = kk < K
+                v = tl.load(w_ptr + rows * s_wn + kk[None, :], mask=redo[:, None] & k_mask[None, :],
+                            other=0.0).to(tl.float32)
+                ba = tl.zeros((BN, BK), dtype=tl.float32)
+                for j0 in range(0, R_PAD, BR):
+                    jj = j0 + tl.arange(0, BR)
+                    j_mask = jj < R
+                    bj = tl.load(b_ptr + rows * s_bn + jj[None, :], mask=redo[:, None] & j_mask[None, :],
+                                 other=0.0).to(tl.float32)
+                    aj = tl.load(a_ptr + jj.to(tl.int64)[:, None] * s_ar + kk[None, :],
+                                 mask=j_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+                    ba = tl.dot(bj, aj, ba, input_precision="ieee")
+                v += scaling * ba
+                direct += tl.sum(v * v, axis=1)
+            sq = tl.where(redo, direct, sq)
         tl.store(out_ptr + offs_n, tl.sqrt(tl.maximum(sq, 0.0)), mask=n_mask)
 
 
@@ -296,8 +323,9 @@ def weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor
                 wsq: torch.Tensor) -> torch.Tensor:
     """‖W + scaling · B A‖ per row (N,) in float32 from ‖W_n‖² (``wsq``, float32, cached by the caller):
     ‖W_n‖² + 2s·B_n·(A W_nᵀ) + s²·B_n (A Aᵀ) B_nᵀ, with W Aᵀ from ``w_at`` (the one pass over W), A Aᵀ as a
-    float32 GEMM of r×r, and one combine kernel that forms the quadratic form B_n (A Aᵀ) B_nᵀ itself (clamped at 0
-    before the root: rounding can make a nearly cancelling row slightly negative). No N×K temporary."""
+    float32 GEMM of r×r, and one combine kernel that forms the quadratic form B_n (A Aᵀ) B_nᵀ itself, and sums the
+    rows where the adapter cancels much of W_n again directly from W and A (the expansion loses precision there).
+    No N×K temporary. W and A must have unit stride along K."""
     N = weight.shape[0]
     if N == 0:
         return torch.zeros(0, dtype=torch.float32, device=weight.device)
@@ -311,8 +339,9 @@ def weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor
     # tests/test_dora_sm90.py)
     BN = 16 if _interp(weight) else max(16, min(64, 1024 // r_pad))
     _launch(_norm_combine_kernel, (_cdiv(N, BN),),
-            (part, wsq, lora_B, aat, out, N, R, part.shape[0], lora_B.stride(0), float(scaling)),
-            dict(R_PAD=r_pad, BN=BN, BJ=min(r_pad, 32 if r_pad <= 64 else 16), BR=min(r_pad, 64),
+            (part, wsq, lora_B, aat, weight, lora_A, out, N, weight.shape[1], R, part.shape[0], lora_B.stride(0),
+             weight.stride(0), lora_A.stride(0), float(scaling)),
+            dict(R_PAD=r_pad, BN=BN, BJ=min(r_pad, 32 if r_pad <= 64 else 16), BR=min(r_pad, 64), BK=32,
                  num_warps=4 if r_pad <= 64 else 8))
     return out
 

@@ -331,11 +331,10 @@ def test_weight_norm_matches_float64(dtype):
     got = dora.dora_weight_norm(W, A, B, 2.0)
     assert got.dtype == torch.float32 and got.shape == (70,)
     ref = _norm64(W, A, B, 2.0)
-    # PEFT's norm in fp32 (its default: W up-cast to the fp32 adapters' dtype) is the baseline
+    # PEFT's norm in fp32 (its default: W up-cast to the fp32 adapters' dtype) is the baseline; the reference
+    # computes the same by row chunks
     base = torch.linalg.norm(W.float() + 2.0 * (B @ A), dim=1)
-    # W Aᵀ is one GEMM in W's dtype (fp32 accumulation, rounded once): allow 16-bit rounding of the cross term
-    tol = 0.0 if dtype == torch.float32 else torch.finfo(dtype).eps
-    assert (got.double() - ref).abs().max() <= 2 * (base.double() - ref).abs().max() + tol * ref.abs().max()
+    assert (got.double() - ref).abs().max() <= 2 * (base.double() - ref).abs().max()
 
 
 _TRITON_DEVICES = sorted({d for b, d in backend_cases() if b == "triton"})
@@ -366,14 +365,58 @@ def test_fast_weight_norm_matches_float64(dtype, adapter_dtype, N, K, r):
     assert e <= 2 * e0 + 2 * torch.finfo(torch.float32).eps * ref.abs().max().item(), (e, e0)
 
 
-def test_weight_norm_cancelling_row_is_clamped():
-    # a row where s·B A = −W: the expansion's rounding can go negative; the norm is clamped to 0, not NaN
-    W, A = torch.randn(3, 16), torch.randn(1, 16)
-    B = torch.zeros(3, 1)
-    W[1] = A[0] * 0.5
-    B[1, 0] = -0.25  # s = 2: s·B A row 1 = −0.5 A = −W[1]
-    n = dora.dora_weight_norm(W, A, B, 2.0)
-    assert torch.isfinite(n).all() and n[1] < 1e-3 and n[0] > 0.1
+def _cancelling(N, K, r, f, device="cpu", dtype=torch.float32, adapter_dtype=torch.float32):
+    """(W, A, B) whose odd rows the adapter (s = 1) cancels to f of their norm: W_n in A's row space and
+    B_n = −(1 − f) W_n A⁺, so W_n + (B A)_n = f W_n; the even rows are plain."""
+    A = torch.randn(r, K, dtype=torch.float64) / K**0.5
+    W = torch.randn(N, K, dtype=torch.float64)
+    pinv = torch.linalg.pinv(A)
+    W[1::2] = (W[1::2] @ pinv) @ A
+    B = torch.randn(N, r, dtype=torch.float64) / 10
+    B[1::2] = -(1 - f) * (W[1::2] @ pinv)
+    return W.to(device, dtype), A.to(device, adapter_dtype), B.to(device, adapter_dtype)
+
+
+def _fast_norm_if_any(W, A, B, s):
+    from lora_kernels.dora_kernels import weight_norm
+
+    return weight_norm(W, A, B, s, dora._weight_sq(W, torch.float32))
+
+
+@pytest.mark.parametrize("f", [0.0, 1e-3, 0.05, 0.5])
+@pytest.mark.parametrize("which", ["reference", "fast"])
+def test_weight_norm_of_cancelling_rows_against_float64(which, f):
+    """Rows that the adapter cancels to f of their norm: the expansion ‖W_n‖² + 2s·B_n·(A W_nᵀ) + s²·B_n AAᵀ B_nᵀ
+    loses about 1/f² in relative precision there (its float32 rounding is relative to the terms), so those rows are
+    summed directly; the error stays within twice PEFT's (the full float32 matrix). f = 0: the norm is 0 (clamped,
+    not NaN)."""
+    if which == "fast" and not _TRITON_DEVICES:
+        pytest.skip("no Triton here (needs a GPU or TRITON_INTERPRET=1)")
+    device = _TRITON_DEVICES[-1] if which == "fast" else "cpu"
+    W, A, B = _cancelling(40, 96, 6, f, device=device)
+    norm = dora.dora_weight_norm if which == "reference" else _fast_norm_if_any
+    got = norm(W, A, B, 1.0)
+    ref = _norm64(W, A, B, 1.0)
+    base = torch.linalg.norm(W + B @ A, dim=1)  # PEFT's: float32, the N×K matrix
+    assert torch.isfinite(got).all()
+    err = ((got.double() - ref).abs() / ref.clamp_min(1e-30)).cpu()
+    err0 = ((base.double() - ref).abs() / ref.clamp_min(1e-30)).cpu()
+    if f == 0.0:
+        assert (got[1::2].abs() <= 1e-5 * W[1::2].norm(dim=1)).all()
+        err, err0 = err[0::2], err0[0::2]
+    assert err.max() <= 2 * err0.max() + 4 * torch.finfo(torch.float32).eps, (err.max(), err0.max())
+
+
+@pytest.mark.parametrize("backend,device", backend_cases())
+def test_dora_linear_with_cancelling_rows(backend, device):
+    """dora_linear where the adapter cancels some rows of W to 1% of their norm: those rows' g (100 times the
+    others') and outputs against float64 with the tolerance rule (from the expansion alone the norm was 2e-3 off
+    there: every backend sums such rows directly)."""
+    W, A, B = _cancelling(48, 64, 8, 0.01, device=device)
+    x, b, m = torch.randn(24, 64, device=device), torch.randn(48, device=device), torch.rand(48, device=device) + 0.5
+    y = lora_kernels.dora_linear(x, W, b, A, B, 1.0, m, backend=backend)
+    ref = peft_formula(x.double(), W.double(), b.double(), A.double(), B.double(), 1.0, m.double())
+    assert_tolerance(y, ref, peft_formula(x, W, b, A, B, 1.0, m), "y")
 
 
 def _count_wsq(monkeypatch):
@@ -394,13 +437,11 @@ def test_norm_cache_hits_and_invalidation(monkeypatch):
     A, B = torch.randn(4, 30) / 5, torch.randn(20, 4) / 2
 
     def check():
-        torch.testing.assert_close(dora.dora_weight_norm(W, A, B, 1.5).double(), _norm64(W, A, B, 1.5),
+        torch.testing.assert_close(dora._weight_sq(W, torch.float32).double(), W.double().square().sum(1),
                                    rtol=1e-5, atol=1e-6)
 
     check()
     assert len(calls) == 1
-    check()
-    B.add_(0.3)  # adapters change every step: not part of the cache
     check()
     assert len(calls) == 1, "cache hit expected while W is unchanged"
     with torch.no_grad():
@@ -442,13 +483,12 @@ def test_norm_cache_documented_blind_spot(monkeypatch):
     # (documented); clear_weight_norm_cache() is the remedy
     calls = _count_wsq(monkeypatch)
     W = torch.randn(8, 12)
-    A, B = torch.randn(2, 12), torch.randn(8, 2)
-    dora.dora_weight_norm(W, A, B, 1.0)
+    dora._weight_sq(W, torch.float32)
     W.data.mul_(3.0)
-    dora.dora_weight_norm(W, A, B, 1.0)
+    dora._weight_sq(W, torch.float32)
     assert len(calls) == 1
     dora.clear_weight_norm_cache()
-    torch.testing.assert_close(dora.dora_weight_norm(W, A, B, 1.0).double(), _norm64(W, A, B, 1.0),
+    torch.testing.assert_close(dora._weight_sq(W, torch.float32).double(), W.double().square().sum(1),
                                rtol=1e-5, atol=1e-6)
     assert len(calls) == 2
 
@@ -458,7 +498,7 @@ def test_norm_cache_does_not_keep_weights_alive():
     import weakref
 
     W = torch.randn(16, 16)
-    dora.dora_weight_norm(W, torch.randn(2, 16), torch.randn(16, 2), 1.0)
+    dora._weight_sq(W, torch.float32)
     ref = weakref.ref(W)
     del W
     gc.collect()

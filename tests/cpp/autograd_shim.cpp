@@ -104,11 +104,14 @@ struct ReferenceDora : ReferenceMath {
   }
   static std::tuple<Tensor, Tensor, Tensor> dora_norm(const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B,
                                                       const Tensor& magnitude, double scaling, const Tensor& wsq) {
+    // csrc/dora_norm.cu's math: the expansion from the cached ‖W_n‖², and the rows that cancel summed directly
     const auto acc = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    const Tensor A = lora_A.to(acc), B = lora_B.to(acc);
-    const Tensor wa = weight.to(acc).mm(A.t());
-    const Tensor sq = wsq.to(acc) + (B * (2.0 * scaling * wa + (scaling * scaling) * B.mm(A.mm(A.t())))).sum(1);
-    const Tensor norm = sq.clamp_min(0.0).sqrt();
+    const Tensor A = lora_A.to(acc), B = lora_B.to(acc), w2 = wsq.to(acc);
+    const Tensor lin = 2.0 * scaling * (B * weight.to(acc).mm(A.t())).sum(1);
+    const Tensor quad = (scaling * scaling) * (B * B.mm(A.mm(A.t()))).sum(1);
+    const Tensor sq = w2 + lin + quad;
+    const Tensor direct = at::addmm(weight.to(acc), B, A, 1.0, scaling).square().sum(1);
+    const Tensor norm = at::where(sq < 0.5 * (w2 + lin.abs() + quad), direct, sq).clamp_min(0.0).sqrt();
     const Tensor g = magnitude.to(acc) / norm;
     return {g, norm, (B * g.unsqueeze(1)).to(lora_B.scalar_type())};
   }
