@@ -341,7 +341,7 @@ def weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor
     _launch(_norm_combine_kernel, (_cdiv(N, BN),),
             (part, wsq, lora_B, aat, weight, lora_A, out, N, weight.shape[1], R, part.shape[0], lora_B.stride(0),
              weight.stride(0), lora_A.stride(0), float(scaling)),
-            dict(R_PAD=r_pad, BN=BN, BJ=min(r_pad, 32 if r_pad <= 64 else 16), BR=min(r_pad, 64), BK=32,
+            dict(R_PAD=r_pad, BN=BN, BJ=min(r_pad, 32 if r_pad <= 64 else 16), BR=min(r_pad, 64), BK=16,
                  num_warps=4 if r_pad <= 64 else 8))
     return out
 
