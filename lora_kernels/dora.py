@@ -112,7 +112,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from torch.autograd.function import once_differentiable
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _config, _dispatch, ops
@@ -233,7 +232,14 @@ _lib.define(
 
 def _fast(backend: str, t: torch.Tensor) -> bool:
     """Triton element-wise passes for the fast backends; plain PyTorch for the reference backend."""
-    return backend != "torch" and triton_usable(t.device)
+    return backend != "torch" and _triton_usable_on(t.device.type)
+
+
+# Whether Triton runs on a device type: a constant of the process that may import the backend, which dynamo cannot
+# trace; under torch.compile it runs once at trace time and enters the graph as a constant (as ops._resolve).
+@torch.compiler.assume_constant_result
+def _triton_usable_on(device_type: str) -> bool:
+    return triton_usable(torch.device(device_type))
 
 
 def _fwd_impl(x, weight, bias, lora_A, lora_B, g, scaling, p, seed, offset, backend, save_z, save_y=False):
@@ -446,8 +452,14 @@ class _EagerDoRA(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable  # the kernels record no graph: a double backward raises instead of giving wrong numbers
     def backward(ctx, dy):
+        # the kernels record no graph: under create_graph=True the grads come back first-order (ops.first_order), so
+        # a double backward raises instead of giving wrong numbers
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                grads = _backward(ctx, dy, bwd=_bwd_impl)
+            x, weight, _, lora_A, lora_B, g = ctx.saved_tensors[:6]
+            return ops.first_order(grads, dy, x, weight, lora_A, lora_B, g)
         return _backward(ctx, dy, bwd=_bwd_impl)
 
 
@@ -501,6 +513,7 @@ def dora_linear(x, weight, bias, lora_A, lora_B, scaling, magnitude, dropout_p=0
     # it does not run as the code below would. Not under torch.compile, a functorch transform, with SAVE_Z, at p = 0
     # without SAVE_Y (the entry keeps y there), or with dropout inside a record_dropout block (the seeds are recorded
     # here).
+    backend = ops.dual_backend(backend, "dora_linear", x, weight, bias, lora_A, lora_B, magnitude)
     dropped = bool(training and isinstance(dropout_p, (int, float)) and dropout_p > 0)
     if (not SAVE_Z and (SAVE_Y or dropped) and not (ops._recorders and dropped) and not torch.compiler.is_compiling()
             and not (ops._FUNCTORCH_ACTIVE and ops._FUNCTORCH_ACTIVE())):
@@ -514,8 +527,7 @@ def dora_linear(x, weight, bias, lora_A, lora_B, scaling, magnitude, dropout_p=0
     device_type = x.device.type if isinstance(x, torch.Tensor) else "meta"
     if device_type != "meta" and torch.is_autocast_enabled(device_type):
         dt = torch.get_autocast_dtype(device_type)
-        x, weight = x.to(dt), weight.to(dt)
-        bias = bias.to(dt) if bias is not None else None
+        x, weight, bias = x.to(dt), ops._cast(weight, dt), ops._cast(bias, dt)
     try:
         ops._check(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     except ValueError as e:

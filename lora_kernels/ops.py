@@ -33,7 +33,7 @@ import functools
 import math
 
 import torch
-from torch.autograd.function import once_differentiable
+import torch.autograd.forward_ad as _fwAD
 
 from . import _config, _dispatch
 
@@ -202,17 +202,36 @@ class _EagerLoRA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        # The kernels record no graph: under create_graph=True the grads get once_differentiable's error node, so a
-        # double backward raises instead of giving wrong numbers. Otherwise (grad mode is off in a plain backward)
-        # once_differentiable would only add its no_grad block, a microsecond or two of host time per call.
+        # The kernels record no graph: under create_graph=True the grads come back first-order (first_order), so a
+        # double backward raises instead of giving wrong numbers.
         if torch.is_grad_enabled():
-            return _once_differentiable_backward(ctx, dy)
+            with torch.no_grad():
+                grads = _backward(ctx, dy, None, bwd=_bwd_grads)
+            return first_order(grads, dy, *ctx.saved_tensors[:4])  # x, weight, lora_A, lora_B
         return _backward(ctx, dy, None, bwd=_bwd_grads)
 
 
-@once_differentiable
-def _once_differentiable_backward(ctx, dy):
-    return _backward(ctx, dy, None, bwd=_bwd_grads)
+class _NotTwiceDifferentiable(torch.autograd.Function):
+    """A grad computed under create_graph=True (csrc/lora_autograd.h has the C++ twin): its value, connected to dy and
+    to the op's inputs, so that differentiating it again with respect to any of them reaches this node and raises.
+    (torch's once_differentiable connects its error node to nothing that the grad depends on: a second derivative
+    with respect to an input came back as "not used in the graph", or as None with allow_unused=True.)"""
+
+    @staticmethod
+    def forward(ctx, grad, *connected):
+        return grad.view_as(grad)
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError("lora_kernels: the backward of the fused LoRA ops is not differentiable (double backward "
+                           "through lora_linear or dora_linear is not supported)")
+
+
+def first_order(grads, dy, *inputs):
+    """A backward's grads under create_graph=True: each tensor wrapped in _NotTwiceDifferentiable (its first-order
+    value; a second order raises a clear error)."""
+    connected = tuple(t for t in (dy, *inputs) if isinstance(t, torch.Tensor))
+    return tuple(_NotTwiceDifferentiable.apply(g, *connected) if isinstance(g, torch.Tensor) else g for g in grads)
 
 
 # autograd.Function.apply is a Python wrapper around the C apply: it binds default arguments (only for a Function
@@ -339,6 +358,26 @@ def _explain(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
         fail(f"scaling must be finite, got {scaling}")
 
 
+def dual_backend(requested, op: str, *tensors):
+    """``requested``, or "torch" for a call under forward-mode AD: where a dual level is open and one of ``tensors``
+    carries a tangent, only the torch backend (plain PyTorch ops) propagates it; the fused kernels would return no
+    tangent at all. None/'auto' then takes the torch backend; a fused backend asked for by name is an error."""
+    if _fwAD._current_level < 0 or torch.compiler.is_compiling():
+        return requested
+    if not any(isinstance(t, torch.Tensor) and _fwAD.unpack_dual(t).tangent is not None for t in tensors):
+        return requested
+    name = requested if requested not in (None, "auto") else (_config.backend() or "auto")
+    if name in ("auto", "torch"):
+        return "torch"
+    raise NotImplementedError(f"{op}: forward-mode AD (dual tensors) runs on the torch backend only; backend "
+                              f"'{name}' would return no tangent (use backend='torch' or None)")
+
+
+def _cast(t, dtype):
+    """A tensor argument cast to ``dtype`` (autocast's cast), anything else as it is (the checks name it)."""
+    return t.to(dtype) if isinstance(t, torch.Tensor) else t
+
+
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, training=True, backend=None):
     """Fused LoRA linear: ``x Wᵀ + b + scaling · (dropout(x) Aᵀ) Bᵀ`` with PEFT's dropout semantics.
 
@@ -349,6 +388,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     and its grads are zero). ``scaling`` must be finite. Tensors on 'meta' propagate shapes (torch backend).
     ``backend``: None/'auto', 'torch', 'triton', 'cuda'.
     """
+    backend = dual_backend(backend, "lora_linear", x, weight, bias, lora_A, lora_B)
     # The whole call in C++ where the backend has an entry for it (the cuda backend: csrc/lora_autograd.h,
     # lora_linear_entry): it declines (None) every call that it does not run as the code below would, and the code
     # below runs those. Not under torch.compile (the registered op is what a graph records) nor with record_dropout
@@ -365,8 +405,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     device_type = x.device.type
     if device_type != "meta" and torch.is_autocast_enabled(device_type):
         dt = torch.get_autocast_dtype(device_type)
-        x, weight = x.to(dt), weight.to(dt)
-        bias = bias.to(dt) if bias is not None else None
+        x, weight, bias = x.to(dt), _cast(weight, dt), _cast(bias, dt)
     _check(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     p = float(dropout_p) if training else 0.0
     if p == 1.0:  # everything dropped (PEFT allows p = 1): the LoRA path and its grads are zero

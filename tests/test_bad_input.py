@@ -214,6 +214,30 @@ def test_only_the_base_weight_trains(backend, device):
     assert_tolerance(bg.grad, dy.double().sum(0), dy.sum(0), "db")
 
 
+# ------------------------------------------------------------------------------------------ forward AD
+@pytest.mark.parametrize("op", ["lora_linear", "dora_linear"])
+def test_forward_mode_ad(op):
+    """Dual tensors: the torch backend (and backend=None, which takes it) propagates the tangent, which for this
+    affine map in x is y(x + t) − y(x); a fused backend named explicitly raises rather than return no tangent."""
+    import torch.autograd.forward_ad as fwAD
+
+    x, W, b, A, B = _inputs(5, 16, 12, 4, dtype=torch.float64, adapter_dtype=torch.float64)
+    extra = (torch.rand(12, dtype=torch.float64) + 0.5,) if op == "dora_linear" else ()
+    call = getattr(lora_kernels, op)
+    t = torch.randn_like(x)
+    want = call(x + t, W, b, A, B, 2.0, *extra) - call(x, W, b, A, B, 2.0, *extra)
+    for backend in (None, "torch"):
+        with fwAD.dual_level():
+            y = call(fwAD.make_dual(x, t), W, b, A, B, 2.0, *extra, backend=backend)
+            tangent = fwAD.unpack_dual(y).tangent
+        torch.testing.assert_close(tangent, want, rtol=1e-10, atol=1e-10)
+    if "triton" in lora_kernels.available_backends():
+        x32, W32, b32, A32, B32 = (u.float() for u in (x, W, b, A, B))
+        with fwAD.dual_level(), pytest.raises(NotImplementedError, match="forward-mode AD"):
+            call(fwAD.make_dual(x32, t.float()), W32, b32, A32, B32, 2.0, *(e.float() for e in extra),
+                 backend="triton")
+
+
 # ---------------------------------------------------------------------------------- merged state_dict
 def _trained_layer(**kw):
     layer = LoRALinear(32, 24, r=4, **kw)

@@ -233,3 +233,25 @@ def test_peft_llama_inductor_cpu_matches_eager():
     torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-5)
     for n in grads:
         torch.testing.assert_close(grads[n], eager_grads[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_dora_compiles_to_one_graph(backend):
+    """dora_linear under torch.compile(fullgraph=True) on every backend: whether the Triton passes can run is a
+    constant of the process that dynamo takes at trace time (it may import the backend, which dynamo cannot trace),
+    as it takes the backend's name; the graph's forward and grads match eager."""
+    if backend not in lora_kernels.available_backends():
+        pytest.skip(f"backend {backend} is not available here")
+    torch._dynamo.reset()
+    x, W = torch.randn(8, 16), torch.randn(12, 16) / 4
+    A, B, m = torch.randn(4, 16).requires_grad_(), torch.randn(12, 4).requires_grad_(), (torch.rand(12) + 0.5)
+    m.requires_grad_()
+    f = torch.compile(lambda x: lora_kernels.dora_linear(x, W, None, A, B, 2.0, m, backend=backend),
+                      backend="aot_eager", fullgraph=True)
+    y = f(x)
+    grads = torch.autograd.grad(y.square().sum(), (A, B, m))
+    y0 = lora_kernels.dora_linear(x, W, None, A, B, 2.0, m, backend=backend)
+    grads0 = torch.autograd.grad(y0.square().sum(), (A, B, m))
+    torch.testing.assert_close(y, y0, rtol=1e-6, atol=1e-6)
+    for g, g0 in zip(grads, grads0):
+        torch.testing.assert_close(g, g0, rtol=1e-5, atol=1e-5)

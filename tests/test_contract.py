@@ -456,8 +456,11 @@ def test_double_backward_is_a_clear_error(backend, device, dtype):
     again = torch.autograd.grad(y.float().square().sum(), (x, A, B), create_graph=True)
     for f, g in zip(first, again):
         assert torch.equal(f, g)
-    with pytest.raises(RuntimeError, match="differentia"):  # "differentiate twice" / "not differentiable"
+    with pytest.raises(RuntimeError, match="not differentiable"):
         torch.autograd.grad(again[0].float().sum() + again[1].float().sum(), (x, A, B))
+    for wrt in (x, A, B):  # each input alone: the error, never "not used in the graph" nor a None (a silent zero)
+        with pytest.raises(RuntimeError, match="not differentiable"):
+            torch.autograd.grad(again[0].float().sum(), wrt, allow_unused=True)
 
 
 def test_trainable_base_grads_in_float64():
