@@ -4,8 +4,9 @@
     print(report)                        # which layers were patched, which skipped and why
     unpatch_peft(peft_model)             # back to PEFT's own forward
 
-Patching only sets an instance attribute ``forward`` (a bound method) on each supported layer: parameters,
-buffers, ``state_dict`` and ``save_pretrained`` output are untouched, and ``unpatch_peft`` deletes the attribute.
+Patching only sets an instance attribute ``forward`` (``_patched_forward`` bound to the layer, kept by pickling and
+deepcopy) on each supported layer: parameters, buffers, ``state_dict`` and ``save_pretrained`` output are untouched,
+and ``unpatch_peft`` deletes the attribute.
 
 Supported (checked at patch time, with a reason recorded for every skipped layer): exactly one active adapter
 that exists in ``lora_A``; not merged; vanilla LoRA or DoRA (``use_dora=True``: runs ``lora_kernels.dora_linear``),
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import types
 
 import torch
 from torch import nn
@@ -210,8 +210,22 @@ def _patched_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
                            dropout_p=p, training=training, backend=getattr(self, _BACKEND_ATTR, None))
 
 
-# Named like the method it replaces, so a pickled bound method resolves by getattr(module, "forward").
-_patched_forward.__name__ = "forward"
+class _PatchedForward:
+    """A layer's patched ``forward``: ``_patched_forward`` bound to the layer, like a bound method (``__self__``,
+    ``__func__``), but one that pickling keeps. A bound method pickles as ``getattr(layer, "forward")``, which during
+    unpickling, before the layer's ``__dict__`` is restored, is PEFT's own forward: a pickled (``torch.save``d,
+    multiprocessing) patched model came back unpatched. This one pickles as the class and the layer."""
+    __slots__ = ("__self__",)
+    __func__ = staticmethod(_patched_forward)
+
+    def __init__(self, module: nn.Module):
+        self.__self__ = module
+
+    def __call__(self, *args, **kwargs):
+        return _patched_forward(self.__self__, *args, **kwargs)
+
+    def __reduce__(self):
+        return _PatchedForward, (self.__self__,)
 
 
 # ----------------------------------------------------------------------------------------------- public
@@ -235,7 +249,7 @@ def patch_peft(model: nn.Module, backend=None) -> PatchReport:
         # Plain object attributes: nn.Module.__setattr__ stores non-Parameter/Module/Tensor values in __dict__,
         # so none of this reaches the state_dict.
         setattr(module, _BACKEND_ATTR, backend)
-        module.forward = types.MethodType(_patched_forward, module)
+        module.forward = _PatchedForward(module)
         report.patched.append(name)
         if _is_dora(module, module.active_adapters[0]):
             report.dora.append(name)

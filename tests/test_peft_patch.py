@@ -410,3 +410,30 @@ def test_cpu_autocast_bf16_like_peft():
     for name in grads:
         assert grads[name].dtype == base_grads[name].dtype == torch.float32
         _check_rule(grads[name], base_grads[name], ref_grads[name], 1e-3)
+
+
+@pytest.mark.parametrize("how", ["pickle", "torch.save", "deepcopy"])
+def test_patch_survives_pickling(how):
+    """A patched model pickled (torch.save of the model, multiprocessing) or deep-copied comes back patched, each
+    layer's forward bound to its own copy; outputs equal the original's; unpatch_peft then removes every patch.
+    (The patch was a bound method, which pickles as getattr(layer, "forward"): PEFT's own forward at unpickling.)"""
+    import io
+    import pickle
+
+    model = _peft_llama()
+    ids = _ids()
+    patch_peft(model)
+    want = model(ids).logits
+    if how == "pickle":
+        other = pickle.loads(pickle.dumps(model))
+    elif how == "torch.save":
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        other = torch.load(buf, weights_only=False)
+    else:
+        other = copy.deepcopy(model)
+    layers = [m for m in other.modules() if isinstance(m, LoraLinearLayer)]
+    assert len(layers) == N_LORA and all(is_patched(m) and m.forward.__self__ is m for m in layers)
+    torch.testing.assert_close(other(ids).logits, want, rtol=0, atol=0)
+    assert unpatch_peft(other) == N_LORA and not any(is_patched(m) or "forward" in m.__dict__ for m in layers)
