@@ -522,12 +522,8 @@ def dora_linear(x, weight, bias, lora_A, lora_B, scaling, magnitude, dropout_p=0
         if y is not None:
             return y
     norm_weight = weight
-    # behave like F.linear under autocast (the norm uses W as given); a non-tensor x is named by the checks below, and
-    # 'meta' has no autocast (asking about it raises)
-    device_type = x.device.type if isinstance(x, torch.Tensor) else "meta"
-    if device_type != "meta" and torch.is_autocast_enabled(device_type):
-        dt = torch.get_autocast_dtype(device_type)
-        x, weight, bias = x.to(dt), ops._cast(weight, dt), ops._cast(bias, dt)
+    # behave like F.linear under autocast; the norm takes W as given
+    x, weight, bias = ops.autocast_inputs(x, weight, bias)
     try:
         ops._check(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     except ValueError as e:

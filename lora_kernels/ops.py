@@ -373,9 +373,14 @@ def dual_backend(requested, op: str, *tensors):
                               f"'{name}' would return no tangent (use backend='torch' or None)")
 
 
-def _cast(t, dtype):
-    """A tensor argument cast to ``dtype`` (autocast's cast), anything else as it is (the checks name it)."""
-    return t.to(dtype) if isinstance(t, torch.Tensor) else t
+def autocast_inputs(x, weight, bias):
+    """(x, weight, bias) as F.linear takes them under autocast: in the autocast dtype of x's device where autocast is
+    on there ('meta' has no autocast: asking about it raises), else as given. Arguments that are not tensors are left
+    as they are, for the checks to name."""
+    if not isinstance(x, torch.Tensor) or x.device.type == "meta" or not torch.is_autocast_enabled(x.device.type):
+        return x, weight, bias
+    dt = torch.get_autocast_dtype(x.device.type)
+    return tuple(t.to(dt) if isinstance(t, torch.Tensor) else t for t in (x, weight, bias))
 
 
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, training=True, backend=None):
@@ -398,15 +403,9 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
                                  training)
         if y is not None:
             return y
-    # behave like F.linear under autocast ('meta' has no autocast: asking about it raises; a non-tensor x is named by
-    # _check below)
-    if not isinstance(x, torch.Tensor):
-        _explain(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
-    device_type = x.device.type
-    if device_type != "meta" and torch.is_autocast_enabled(device_type):
-        dt = torch.get_autocast_dtype(device_type)
-        x, weight, bias = x.to(dt), _cast(weight, dt), _cast(bias, dt)
+    x, weight, bias = autocast_inputs(x, weight, bias)  # behave like F.linear under autocast
     _check(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    device_type = x.device.type
     p = float(dropout_p) if training else 0.0
     if p == 1.0:  # everything dropped (PEFT allows p = 1): the LoRA path and its grads are zero
         scaling, p = 0.0, 0.0
