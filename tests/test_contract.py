@@ -473,3 +473,37 @@ def test_trainable_base_grads_in_float64():
     formula(*ref, 0.5).backward(dy)
     for t, r in zip(ts, ref):
         torch.testing.assert_close(t.grad, r.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend,device,dtype", CASES, ids=IDS)
+@pytest.mark.parametrize("op", ["lora", "dora"])
+def test_activation_checkpointing_regenerates_the_mask(backend, device, dtype, op):
+    """Under torch.utils.checkpoint (both forms: HF's gradient_checkpointing_enable uses them) the forward runs again
+    in the backward; its dropout seed, drawn from torch's generator, must be the one the first forward drew (the
+    checkpoint restores the generator's state), so the grads equal those of the same call without checkpointing at
+    the same torch seed. A second seed gives other grads: the mask is applied, not ignored."""
+    from torch.utils.checkpoint import checkpoint
+
+    x, W, b, A, B = make((3, 11), 40, 24, 8, dtype, device)
+    mag = (torch.rand(24, device=device) + 0.5).to(dtype)
+    leaves = [t.clone().requires_grad_() for t in (x, A, B, mag)]
+
+    def f(x, A, B, mag):
+        if op == "dora":
+            return lora_kernels.dora_linear(x, W, b, A, B, 0.75, mag, dropout_p=0.3, backend=backend)
+        return lora_kernels.lora_linear(x, W, b, A, B, 0.75, dropout_p=0.3, backend=backend)
+
+    def grads(seed, reentrant=None):
+        torch.manual_seed(seed)
+        args = [t.clone().detach().requires_grad_() for t in leaves]
+        y = f(*args) if reentrant is None else checkpoint(f, *args, use_reentrant=reentrant)
+        (y.float().sin().sum()).backward()
+        return [y.detach()] + [t.grad for t in args[:3 if op == "lora" else 4]]
+
+    plain = grads(7)
+    for got in (grads(7, reentrant=False), grads(7, reentrant=True)):
+        for g, want in zip(got, plain):
+            assert torch.isfinite(g).all()
+            assert torch.equal(g, want)
+    other = grads(8)
+    assert not torch.equal(other[0], plain[0]) and not torch.equal(other[2], plain[2])
