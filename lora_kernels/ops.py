@@ -71,8 +71,6 @@ def _draw_seed(device=None) -> torch.Tensor:
     return torch.randint(0, _SEED_HIGH, (), dtype=torch.int64, device=device)
 
 
-
-
 # ----------------------------------------------------------------------------------------------- the ops
 _lib = torch.library.Library("lora_kernels", "DEF")
 _lib.define(

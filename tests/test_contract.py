@@ -433,6 +433,53 @@ def test_runs_on_the_current_stream(backend):
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.skipif(not HAS_CUDA or torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("backend", [b for b, d in backend_cases() if d == "cuda"])
+@pytest.mark.parametrize("op,p", [("lora", 0.0), ("lora", 0.1), ("dora", 0.0), ("dora", 0.1)])
+def test_runs_on_the_tensors_device(backend, op, p):
+    """Tensors on cuda:1 while cuda:0 is current (a model spread over GPUs by device_map="auto" leaves cuda:0
+    current): forward and backward run on cuda:1, on its current stream, and give what the same call gives with
+    cuda:1 current. The inputs are NaN until a copy queued on cuda:1's stream behind a GPU sleep fills them, so a
+    kernel launched on cuda:0 (or on another stream) reads NaN or faults."""
+    dev = torch.device("cuda", 1)
+    x, W, b, A, B = make((96,), 64, 72, 8, torch.bfloat16, dev, adapter_dtype=torch.float32)
+    mag = torch.rand(72, device=dev) + 0.5
+    dy = torch.randn(96, 72, device=dev).bfloat16()
+
+    def run(x, dy):
+        xs, As, Bs, ms = (t.clone().requires_grad_() for t in (x, A, B, mag))
+        torch.manual_seed(3)
+        if op == "dora":
+            y = lora_kernels.dora_linear(xs, W, b, As, Bs, 0.5, ms, dropout_p=p, backend=backend)
+        else:
+            y = lora_kernels.lora_linear(xs, W, b, As, Bs, 0.5, dropout_p=p, backend=backend)
+        y.backward(dy)
+        return [y.detach(), xs.grad, As.grad, Bs.grad] + ([ms.grad] if op == "dora" else [])
+
+    with torch.cuda.device(dev):
+        want = run(x, dy)
+    xn, dyn = torch.full_like(x, float("nan")), torch.full_like(dy, float("nan"))
+    torch.cuda.synchronize(dev)
+    side, prev = torch.cuda.Stream(device=dev), torch.cuda.current_stream(dev)
+    torch.cuda.set_stream(side)  # cuda:1's current stream (set_stream makes cuda:1 current too) ...
+    torch.cuda.set_device(0)  # ... then cuda:0 current again
+    try:
+        assert torch.cuda.current_stream(dev) == side
+        with torch.cuda.device(dev):
+            torch.cuda._sleep(200_000_000)  # on side
+        xn.copy_(x)  # torch's own ops run on cuda:1's current stream: side
+        dyn.copy_(dy)
+        got = run(xn, dyn)
+        assert torch.cuda.current_device() == 0
+    finally:
+        torch.cuda.set_stream(prev)
+        torch.cuda.set_device(0)
+    torch.cuda.synchronize(dev)
+    for g, w in zip(got, want):
+        assert g.device == dev and torch.isfinite(g).all()
+        assert torch.equal(g, w)
+
+
 @pytest.mark.parametrize("backend,device,dtype", CASES, ids=IDS)
 def test_inference_mode(backend, device, dtype):
     """Under torch.inference_mode (no autograd at all) the op gives the same output as under no_grad."""

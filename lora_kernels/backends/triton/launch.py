@@ -110,8 +110,27 @@ def _launch_hooks_set() -> bool:
     return False
 
 
+def _other_device(args) -> int | None:
+    """The index of the CUDA device that the first tensor of ``args`` is on, where that is not the current device;
+    else None. Triton launches on the current device and its current stream (JITFunction.run, and the launcher's
+    stream argument here), whatever device the tensors are on; a call on tensors of another device (a model spread
+    over GPUs by device_map="auto" leaves cuda:0 current) must make theirs current first, as torch's own ops do
+    behind their device guard, or its kernels would run in the wrong context and out of order with torch's work on
+    that device's stream."""
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            i = a.get_device()
+            return None if i < 0 or i == torch.cuda.current_device() else i
+    return None
+
+
 def _launch(kernel, grid: tuple, args: tuple, kwargs: dict) -> None:
-    """kernel[grid](*args, **kwargs): runtime arguments positionally, constexprs and options by keyword."""
+    """kernel[grid](*args, **kwargs): runtime arguments positionally, constexprs and options by keyword; on the
+    device of the first tensor argument."""
+    other = _other_device(args)
+    if other is not None:
+        with torch.cuda.device(other):
+            return _launch(kernel, grid, args, kwargs)
     layout = _arg_layout(kernel, args) if _FAST_LAUNCH and isinstance(kernel, _JIT_FUNCTION) else None
     if layout is None or len(args) != layout[0]:
         kernel[grid](*args, **kwargs)
@@ -906,6 +925,10 @@ def _plan_backward(dy, x, weight, lora_A, lora_B, u, p_positive: bool, seed_in_m
 # The backend contract (lora_kernels/backends/__init__.py)
 # ----------------------------------------------------------------------------------------------------------
 def forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset):
+    other = _other_device((x,))
+    if other is not None:  # run on x's device (_other_device)
+        with torch.cuda.device(other):
+            return forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset)
     M = x.shape[0]
     if M == 0:
         return (torch.empty((0, weight.shape[0]), dtype=x.dtype, device=x.device),
@@ -940,6 +963,11 @@ def backward_dx_from(dy, x, weight, lora_A, lora_B, u, dx_from, scaling, p, seed
 
 
 def _backward(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, need_dx, need_dA, need_dB, dx_from):
+    other = _other_device((x,))
+    if other is not None:  # run on x's device (_other_device)
+        with torch.cuda.device(other):
+            return _backward(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, need_dx, need_dA, need_dB,
+                             dx_from)
     M, K = x.shape
     N = weight.shape[0]
     if M == 0 or N == 0 or K == 0:  # nothing to launch
