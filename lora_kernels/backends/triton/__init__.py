@@ -34,15 +34,14 @@ same fp32 accumulator. When dropout is on, the dx LoRA term must be masked per e
 kernels loop over the long dimension; every reduction is deterministic (no atomics): partials are written
 to a buffer per M-chunk and summed with torch in a fixed order.
 
-Main loop: by default, on GPUs the big frozen GEMM runs in cuBLAS and the LoRA work is fused around it, because the
-Triton main loops of an earlier probe (TMA descriptors, persistent, 128x256x64 tiles, with or without warp
-specialization) reached only 0.74-0.86x of cuBLAS's throughput on an H200, and the pointer-based loop of
-``_output_gemm_kernel`` 0.66-0.77x (bench/results/gemm_probe_h200.md); folding the rank-r step into such a loop
-costs nothing, but the loop itself lost 15-35%. So ``_output_gemm_kernel`` runs with zero main K-steps to write
-``[keep *] lora_scale * l @ lb + bias`` (one write of the output), then ``c.addmm_(a, b)`` accumulates the GEMM into
-it with beta = 1, reading c in cuBLAS's epilogue, which overlaps the compute-bound main loop. Extra traffic per
-pass: one read of x (shrink) or dy (g, dB) and one write of the output. ``LORA_KERNELS_TRITON_MAINLOOP=triton``
-selects the all-Triton, pointer-based main loop (always so on the CPU under the interpreter).
+Main loop (``LORA_KERNELS_TRITON_MAINLOOP``; ``auto``, the default, picks per pass as described below): either the
+TMA kernel below (Hopper, r <= 16, not dx with dropout), or cuBLAS with the LoRA work fused around it:
+``_output_gemm_kernel`` runs with zero main K-steps to write ``[keep *] lora_scale * l @ lb + bias`` (one write of
+the output), then ``c.addmm_(a, b)`` accumulates the GEMM into it with beta = 1, reading c in cuBLAS's epilogue,
+which overlaps the compute-bound main loop. Extra traffic per pass: one read of x (shrink) or dy (g, dB) and one
+write of the output. ``triton`` selects the all-Triton, pointer-based main loop of ``_output_gemm_kernel`` (always
+so on the CPU under the interpreter); it runs at 0.81x cuBLAS's throughput (the first probe's Triton loops, before
+the TMA kernel below, reached 0.66-0.86x: bench/results/gemm_probe_h200.md).
 
 ``LORA_KERNELS_TRITON_MAINLOOP=tma`` selects ``_output_gemm_tma_kernel`` for the expand and dx (``auto``, the
 default, does where it measured faster: below): one launch computes the whole
