@@ -485,6 +485,27 @@ def _check_float64(x, lora_A, lora_B, magnitude):
                          f"{lora_A.dtype}, {lora_B.dtype}, {magnitude.dtype}")
 
 
+def _composite(x, weight, bias, lora_A, lora_B, scaling, magnitude, p, seed):
+    """dora_linear on 2-D x as plain PyTorch ops, the reference math in the accumulation dtype, for the transforms
+    that only such ops carry (ops.transform_backend): the transform differentiates or batches it itself. The norm is
+    detached, as in PEFT, and made by row chunks without writes into a buffer (vmap may batch A or B)."""
+    acc = _acc(x, lora_A, lora_B, magnitude)
+    s = float(scaling)
+    with torch.no_grad(), _autocast_off(weight.device.type):
+        A, B, W = lora_A.detach().to(acc), lora_B.detach().to(acc), weight.detach()
+        norm = torch.cat([torch.linalg.vector_norm(W[i:j].to(acc) + s * (B[i:j] @ A), dim=1)
+                          for i, j in _row_chunks(W)])
+    g = magnitude.to(acc) / norm
+    xa, Wa = x.to(acc), weight.to(acc)
+    xd = xa if p == 0.0 else xa * ops.dropout_mask(seed, 0, x.shape, p, device=x.device) / (1.0 - p)
+    lora = s * ((xd @ lora_A.to(acc).t()) @ lora_B.to(acc).t())
+    base = xa @ Wa.t()
+    y = g * (base + lora) if p == 0.0 else base + (g - 1.0) * (xd @ Wa.t()) + g * lora
+    if bias is not None:
+        y = y + bias.to(acc)
+    return y.to(x.dtype)
+
+
 def _all_dropped(x, weight, bias, lora_A, lora_B, scaling, magnitude, backend):
     """DoRA at p = 1 in training (PEFT allows it): x_d = 0, so y = x Wᵀ + b, and the grads of lora_A, lora_B and
     the magnitude are zero. lora_linear at p = 1 gives x Wᵀ + b with zero grads for the adapters (and dx = dy W);
@@ -513,10 +534,10 @@ def dora_linear(x, weight, bias, lora_A, lora_B, scaling, magnitude, dropout_p=0
     # it does not run as the code below would. Not under torch.compile, a functorch transform, with SAVE_Z, at p = 0
     # without SAVE_Y (the entry keeps y there), or with dropout inside a record_dropout block (the seeds are recorded
     # here).
-    backend = ops.dual_backend(backend, "dora_linear", x, weight, bias, lora_A, lora_B, magnitude)
+    backend, composite = ops.transform_backend(backend, "dora_linear", x, weight, bias, lora_A, lora_B, magnitude)
     dropped = bool(training and isinstance(dropout_p, (int, float)) and dropout_p > 0)
-    if (not SAVE_Z and (SAVE_Y or dropped) and not (ops._recorders and dropped) and not torch.compiler.is_compiling()
-            and not (ops._FUNCTORCH_ACTIVE and ops._FUNCTORCH_ACTIVE())):
+    if (not SAVE_Z and (SAVE_Y or dropped) and not (ops._recorders and dropped) and not composite
+            and not torch.compiler.is_compiling()):
         y = _dispatch.call_entry(backend, "dora_entry", x, weight, bias, lora_A, lora_B, scaling, magnitude,
                                  dropout_p, training, int(BWD_CHUNK_BYTES))
         if y is not None:
@@ -542,6 +563,10 @@ def dora_linear(x, weight, bias, lora_A, lora_B, scaling, magnitude, dropout_p=0
     if p > 0.0 and ops._recorders:
         for calls in ops._recorders:
             calls.append((int(seed), 0))
+    if composite:  # under forward AD or a torch.func transform (ops.transform_backend)
+        y = _composite(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scaling, magnitude, p,
+                       ops._backend_seed(seed, p))
+        return y.reshape(*x.shape[:-1], N)
     fast = _fast(name, x)
     norm = _norm(norm_weight, lora_A, lora_B, scaling, fast)
     g = magnitude.to(_acc(x)) / norm.to(_acc(x))

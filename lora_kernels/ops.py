@@ -356,19 +356,25 @@ def _explain(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
         fail(f"scaling must be finite, got {scaling}")
 
 
-def dual_backend(requested, op: str, *tensors):
-    """``requested``, or "torch" for a call under forward-mode AD: where a dual level is open and one of ``tensors``
-    carries a tangent, only the torch backend (plain PyTorch ops) propagates it; the fused kernels would return no
-    tangent at all. None/'auto' then takes the torch backend; a fused backend asked for by name is an error."""
-    if _fwAD._current_level < 0 or torch.compiler.is_compiling():
-        return requested
-    if not any(isinstance(t, torch.Tensor) and _fwAD.unpack_dual(t).tangent is not None for t in tensors):
-        return requested
+def transform_backend(requested, op: str, *tensors) -> tuple:
+    """(backend, composite) of a call. Forward-mode AD (a dual level open and a tangent on one of ``tensors``) and the
+    torch.func transforms (grad, vmap, jvp, jacrev, ... : per-sample gradients, for one) are carried only by plain
+    PyTorch ops: the fused kernels return no tangent, and the autograd.Function of the eager path has no jvp nor
+    vmap rule. Under them the call runs the torch backend's math as plain ops (composite = True), which the
+    transform differentiates or batches itself; None/'auto' then take the torch backend, and a fused backend named
+    explicitly is an error. Elsewhere (requested, False). Random ops under vmap follow vmap's ``randomness`` rule:
+    dropout there raises unless the caller chose one."""
+    if torch.compiler.is_compiling():
+        return requested, False
+    if not (_FUNCTORCH_ACTIVE is not None and _FUNCTORCH_ACTIVE()):
+        if _fwAD._current_level < 0 or not any(
+                isinstance(t, torch.Tensor) and _fwAD.unpack_dual(t).tangent is not None for t in tensors):
+            return requested, False
     name = requested if requested not in (None, "auto") else (_config.backend() or "auto")
     if name in ("auto", "torch"):
-        return "torch"
-    raise NotImplementedError(f"{op}: forward-mode AD (dual tensors) runs on the torch backend only; backend "
-                              f"'{name}' would return no tangent (use backend='torch' or None)")
+        return "torch", True
+    raise NotImplementedError(f"{op}: forward-mode AD and torch.func transforms run on the torch backend only "
+                              f"(plain PyTorch ops); backend '{name}' cannot carry them (use backend='torch' or None)")
 
 
 def autocast_inputs(x, weight, bias):
@@ -391,12 +397,12 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     and its grads are zero). ``scaling`` must be finite. Tensors on 'meta' propagate shapes (torch backend).
     ``backend``: None/'auto', 'torch', 'triton', 'cuda'.
     """
-    backend = dual_backend(backend, "lora_linear", x, weight, bias, lora_A, lora_B)
+    backend, composite = transform_backend(backend, "lora_linear", x, weight, bias, lora_A, lora_B)
     # The whole call in C++ where the backend has an entry for it (the cuda backend: csrc/lora_autograd.h,
     # lora_linear_entry): it declines (None) every call that it does not run as the code below would, and the code
     # below runs those. Not under torch.compile (the registered op is what a graph records) nor with record_dropout
     # (its list is Python's), nor under a functorch transform (vmap would hand it one sample at a time).
-    if not _recorders and not torch.compiler.is_compiling() and not (_FUNCTORCH_ACTIVE and _FUNCTORCH_ACTIVE()):
+    if not _recorders and not composite and not torch.compiler.is_compiling():
         y = _dispatch.call_entry(backend, "linear_entry", x, weight, bias, lora_A, lora_B, scaling, dropout_p,
                                  training)
         if y is not None:
@@ -428,7 +434,9 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     x2 = x if two_d else x.reshape(-1, x.shape[-1])
     args = (x2.contiguous(), weight.contiguous(), bias.contiguous() if bias is not None else None,
             lora_A.contiguous(), lora_B.contiguous(), float(scaling), p, seed, 0, name)
-    if compiling:
+    if composite:  # under forward AD or a torch.func transform: the torch backend's math as plain ops
+        y = _dispatch.get("torch").forward(*args[:7], _backend_seed(seed, p), 0)[0]
+    elif compiling:
         y = torch.ops.lora_kernels.lora_fwd(*args)[0]
     elif torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or lora_A.requires_grad
                                       or lora_B.requires_grad or (bias is not None and bias.requires_grad)):

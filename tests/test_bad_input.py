@@ -214,28 +214,74 @@ def test_only_the_base_weight_trains(backend, device):
     assert_tolerance(bg.grad, dy.double().sum(0), dy.sum(0), "db")
 
 
-# ------------------------------------------------------------------------------------------ forward AD
-@pytest.mark.parametrize("op", ["lora_linear", "dora_linear"])
-def test_forward_mode_ad(op):
-    """Dual tensors: the torch backend (and backend=None, which takes it) propagates the tangent, which for this
-    affine map in x is y(x + t) − y(x); a fused backend named explicitly raises rather than return no tangent."""
-    import torch.autograd.forward_ad as fwAD
-
+# ------------------------------------------------------------------------- forward AD, torch.func transforms
+def _op_inputs(op, requires_grad=False):
     x, W, b, A, B = _inputs(5, 16, 12, 4, dtype=torch.float64, adapter_dtype=torch.float64)
     extra = (torch.rand(12, dtype=torch.float64) + 0.5,) if op == "dora_linear" else ()
+    if requires_grad:  # trainable adapters, as in every PEFT model
+        A, B = A.requires_grad_(), B.requires_grad_()
+        extra = tuple(e.requires_grad_() for e in extra)
+    return x, W, b, A, B, extra
+
+
+@pytest.mark.parametrize("op", ["lora_linear", "dora_linear"])
+@pytest.mark.parametrize("trainable", [False, True])
+def test_forward_mode_ad(op, trainable):
+    """Dual tensors: the torch backend (and backend=None, which takes it) propagates the tangent, which for this
+    affine map in x is y(x + t) − y(x), also with trainable adapters (the eager path's autograd.Function has no jvp:
+    the call runs plain ops); a fused backend named explicitly raises rather than return no tangent."""
+    import torch.autograd.forward_ad as fwAD
+
+    x, W, b, A, B, extra = _op_inputs(op, trainable)
     call = getattr(lora_kernels, op)
     t = torch.randn_like(x)
-    want = call(x + t, W, b, A, B, 2.0, *extra) - call(x, W, b, A, B, 2.0, *extra)
+    with torch.no_grad():
+        want = call(x + t, W, b, A, B, 2.0, *extra) - call(x, W, b, A, B, 2.0, *extra)
     for backend in (None, "torch"):
         with fwAD.dual_level():
             y = call(fwAD.make_dual(x, t), W, b, A, B, 2.0, *extra, backend=backend)
             tangent = fwAD.unpack_dual(y).tangent
         torch.testing.assert_close(tangent, want, rtol=1e-10, atol=1e-10)
     if "triton" in lora_kernels.available_backends():
-        x32, W32, b32, A32, B32 = (u.float() for u in (x, W, b, A, B))
+        x32, W32, b32, A32, B32 = (u.detach().float() for u in (x, W, b, A, B))
         with fwAD.dual_level(), pytest.raises(NotImplementedError, match="forward-mode AD"):
-            call(fwAD.make_dual(x32, t.float()), W32, b32, A32, B32, 2.0, *(e.float() for e in extra),
+            call(fwAD.make_dual(x32, t.float()), W32, b32, A32, B32, 2.0, *(e.detach().float() for e in extra),
                  backend="triton")
+
+
+@pytest.mark.parametrize("op", ["lora_linear", "dora_linear"])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_torch_func_grad_and_per_sample_grads(op, p):
+    """torch.func.grad of a loss, and per-sample grads (vmap of grad over the rows of x, as DP-SGD libraries take
+    them), equal what autograd gives, row by row, in float64. Under the transforms the call runs plain ops
+    (ops.transform_backend); with dropout grad draws the seed as an eager call does (the same torch seed gives the
+    same mask), and vmap raises vmap's own error for a random op, as for torch's dropout."""
+    x, W, b, A, B, extra = _op_inputs(op)
+    call = getattr(lora_kernels, op)
+
+    def loss(params, xs):
+        return call(xs, W, b, params[0], params[1], 2.0, *params[2:], dropout_p=p).sin().sum()
+
+    params = (A, B) + extra
+    torch.manual_seed(4)
+    got = torch.func.grad(loss)(params, x)
+    leaves = [t.clone().requires_grad_() for t in params]
+    torch.manual_seed(4)
+    want = torch.autograd.grad(loss(leaves, x), leaves)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    if p > 0:
+        with pytest.raises(RuntimeError, match="random"):
+            torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+        return
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+    for i in range(x.shape[0]):
+        rows = torch.autograd.grad(loss(leaves, x[i:i + 1]), leaves)
+        for g, w in zip(per_sample, rows):
+            torch.testing.assert_close(g[i], w, rtol=1e-12, atol=1e-12)
+    if "triton" in lora_kernels.available_backends():  # a fused backend named explicitly: the clear error
+        with pytest.raises(NotImplementedError, match="torch.func transforms"):
+            torch.func.grad(lambda a: call(x, W, b, a, B, 2.0, *extra, backend="triton").sum())(A)
 
 
 # ---------------------------------------------------------------------------------- merged state_dict

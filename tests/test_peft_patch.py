@@ -437,3 +437,35 @@ def test_patch_survives_pickling(how):
     assert len(layers) == N_LORA and all(is_patched(m) and m.forward.__self__ is m for m in layers)
     torch.testing.assert_close(other(ids).logits, want, rtol=0, atol=0)
     assert unpatch_peft(other) == N_LORA and not any(is_patched(m) or "forward" in m.__dict__ for m in layers)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_per_sample_grads_with_torch_func(use_dora):
+    """Per-sample gradients of a patched model through torch.func (vmap of grad over functional_call, as DP-SGD
+    libraries take them): the patched layers run plain ops under the transforms (ops.transform_backend) and give
+    PEFT's own per-sample grads within the tolerance rule, against float64."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = nn.Linear(24, 40), nn.Linear(40, 16)
+
+        def forward(self, x):
+            return self.down(torch.tanh(self.up(x)))
+
+    def per_sample(m, x):
+        params = {k: v.detach() for k, v in m.named_parameters() if v.requires_grad}
+        loss = lambda p, xi: torch.func.functional_call(m, p, (xi[None],)).pow(2).sum()  # noqa: E731
+        return torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+
+    torch.manual_seed(0)
+    model = get_peft_model(Net(), LoraConfig(r=4, lora_alpha=8, target_modules=["up", "down"], use_dora=use_dora))
+    randomize_adapters(model, magnitudes=use_dora)
+    x = torch.randn(6, 24)
+    ref = per_sample(copy.deepcopy(model).double(), x.double())
+    want = per_sample(model, x)
+    report = patch_peft(model)
+    assert len(report.patched) == 2
+    got = per_sample(model, x)
+    assert got.keys() == want.keys() and len(got) == (6 if use_dora else 4)
+    for k in got:
+        _check_rule(got[k], want[k], ref[k], 1e-6)
