@@ -377,13 +377,21 @@ def transform_backend(requested, op: str, *tensors) -> tuple:
                               f"(plain PyTorch ops); backend '{name}' cannot carry them (use backend='torch' or None)")
 
 
+def autocast_dtype(x: torch.Tensor):
+    """The autocast dtype of x's device where autocast is on there, else None ('meta' has no autocast: asking
+    about it raises)."""
+    dev = x.device.type
+    if dev == "meta" or not torch.is_autocast_enabled(dev):
+        return None
+    return torch.get_autocast_dtype(dev)
+
+
 def autocast_inputs(x, weight, bias):
-    """(x, weight, bias) as F.linear takes them under autocast: in the autocast dtype of x's device where autocast is
-    on there ('meta' has no autocast: asking about it raises), else as given. Arguments that are not tensors are left
-    as they are, for the checks to name."""
-    if not isinstance(x, torch.Tensor) or x.device.type == "meta" or not torch.is_autocast_enabled(x.device.type):
+    """(x, weight, bias) as F.linear takes them under autocast: in ``autocast_dtype(x)`` where there is one, else as
+    given. Arguments that are not tensors are left as they are, for the checks to name."""
+    dt = autocast_dtype(x) if isinstance(x, torch.Tensor) else None
+    if dt is None:
         return x, weight, bias
-    dt = torch.get_autocast_dtype(x.device.type)
     return tuple(t.to(dt) if isinstance(t, torch.Tensor) else t for t in (x, weight, bias))
 
 

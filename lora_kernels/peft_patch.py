@@ -131,6 +131,8 @@ def _runtime_reason(module) -> str | None:
     A, B = module.lora_A[name], module.lora_B[name]
     if type(A) is not nn.Linear or type(B) is not nn.Linear or A.bias is not None or B.bias is not None:
         return "lora_A/lora_B are not bias-free nn.Linear"
+    if not 1 <= A.out_features <= ops.MAX_RANK:
+        return f"rank {A.out_features} is outside the fused op's 1..{ops.MAX_RANK}"
     if not isinstance(module.lora_dropout[name], (nn.Dropout, nn.Identity)):
         return f"lora_dropout is {type(module.lora_dropout[name]).__name__}, not nn.Dropout/nn.Identity"
     if not math.isfinite(module.scaling[name]):
@@ -167,9 +169,8 @@ def _dora_reason(module, name) -> str | None:
 # -------------------------------------------------------------------------------------- patched forward
 def _fast_dtypes_ok(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> bool:
     """Whether the op accepts these dtypes (checked with the op's own rule; otherwise PEFT's forward runs)."""
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev):
-        compute = torch.get_autocast_dtype(dev)  # the op casts x/weight/bias to it, as F.linear would
+    compute = ops.autocast_dtype(x)
+    if compute is not None:  # the op casts x/weight/bias to it, as F.linear would
         return ops.dtype_problem(compute, compute, None, lora_A.dtype, lora_B.dtype) is None
     return ops.dtype_problem(x.dtype, weight.dtype, None, lora_A.dtype, lora_B.dtype) is None
 
@@ -196,8 +197,7 @@ def _patched_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         p, training = 0.0, False
     if _is_dora(self, name):
         magnitude = self.lora_magnitude_vector[name].weight
-        compute = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        if magnitude.dtype not in (torch.float32, compute):
+        if magnitude.dtype not in (torch.float32, ops.autocast_dtype(x) or x.dtype):
             return cls_forward(self, x, *args, **kwargs)
         # PEFT's DoRA drops x only when the layer itself is in training mode (DoraLinearVariant.forward)
         return dora.dora_linear(x, base.weight, base.bias, lora_A, lora_B, float(self.scaling[name]), magnitude,

@@ -469,3 +469,47 @@ def test_per_sample_grads_with_torch_func(use_dora):
     assert got.keys() == want.keys() and len(got) == (6 if use_dora else 4)
     for k in got:
         _check_rule(got[k], want[k], ref[k], 1e-6)
+
+
+class _OneLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(64, 48)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_rank_above_the_op_maximum_is_left_to_peft(use_dora):
+    """A layer whose rank is above the op's maximum (ops.MAX_RANK) is skipped at patch time with the reason, and one
+    that gets such an adapter after patching falls back to PEFT's forward: both give PEFT's output, never the op's
+    rank error."""
+    big = lora_kernels.ops.MAX_RANK + 1
+    torch.manual_seed(0)
+    model = get_peft_model(_OneLinear(), LoraConfig(r=big, lora_alpha=16, target_modules=["lin"], use_dora=use_dora))
+    randomize_adapters(model, magnitudes=use_dora)
+    x = torch.randn(3, 64)
+    want = model(x)
+    report = patch_peft(model)
+    assert report.num_patched == 0 and "rank" in report.skipped["base_model.model.lin"]
+    torch.testing.assert_close(model(x), want, rtol=0, atol=0)
+    torch.manual_seed(0)
+    model = get_peft_model(_OneLinear(), LoraConfig(r=4, target_modules=["lin"], use_dora=use_dora))
+    assert patch_peft(model).num_patched == 1
+    model.add_adapter("big", LoraConfig(r=big, lora_alpha=16, target_modules=["lin"], use_dora=use_dora))
+    model.set_adapter("big")
+    randomize_adapters(model, magnitudes=use_dora)
+    got = model(x)
+    unpatch_peft(model)
+    torch.testing.assert_close(got, model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_patched_model_on_meta_propagates_shapes(use_dora):
+    """A patched model on 'meta' (shape inference, memory planning) runs as PEFT's does ('meta' has no autocast
+    state to ask about)."""
+    model = get_peft_model(_OneLinear(), LoraConfig(r=4, target_modules=["lin"], use_dora=use_dora)).to("meta")
+    assert patch_peft(model).num_patched == 1
+    y = model(torch.randn(3, 5, 64, device="meta"))
+    assert y.device.type == "meta" and y.shape == (3, 5, 48)
