@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 
 import torch
 from torch import nn
@@ -167,11 +168,16 @@ def _dora_reason(module, name) -> str | None:
 
 
 # -------------------------------------------------------------------------------------- patched forward
-def _fast_dtypes_ok(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> bool:
-    """Whether the op accepts these dtypes (checked with the op's own rule; otherwise PEFT's forward runs)."""
+def _fast_dtypes_ok(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                    backend) -> bool:
+    """Whether the op accepts these dtypes (checked with the op's own rule; otherwise PEFT's forward runs). float64
+    runs only on the torch backend (which None/'auto' pick for it): a model patched for a fused backend and then
+    made float64 (``model.double()``, for a gradcheck) runs PEFT's forward."""
     compute = ops.autocast_dtype(x)
     if compute is not None:  # the op casts x/weight/bias to it, as F.linear would
         return ops.dtype_problem(compute, compute, None, lora_A.dtype, lora_B.dtype) is None
+    if x.dtype == torch.float64 and backend not in (None, "auto", "torch"):
+        return False
     return ops.dtype_problem(x.dtype, weight.dtype, None, lora_A.dtype, lora_B.dtype) is None
 
 
@@ -188,7 +194,8 @@ def _patched_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     base = self.base_layer
     lora_A = self.lora_A[name].weight
     lora_B = self.lora_B[name].weight
-    if not isinstance(x, torch.Tensor) or not _fast_dtypes_ok(x, base.weight, lora_A, lora_B):
+    backend = getattr(self, _BACKEND_ATTR, None)
+    if not isinstance(x, torch.Tensor) or not _fast_dtypes_ok(x, base.weight, lora_A, lora_B, backend):
         return cls_forward(self, x, *args, **kwargs)
     dropout = self.lora_dropout[name]
     if isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0:
@@ -197,17 +204,18 @@ def _patched_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         p, training = 0.0, False
     if _is_dora(self, name):
         magnitude = self.lora_magnitude_vector[name].weight
-        if magnitude.dtype not in (torch.float32, ops.autocast_dtype(x) or x.dtype):
+        compute = ops.autocast_dtype(x) or x.dtype
+        if magnitude.dtype not in (torch.float32, compute) or (compute == torch.float64 and any(
+                t.dtype != torch.float64 for t in (lora_A, lora_B, magnitude))):  # dora_linear's float64 rule
             return cls_forward(self, x, *args, **kwargs)
         # PEFT's DoRA drops x only when the layer itself is in training mode (DoraLinearVariant.forward)
         return dora.dora_linear(x, base.weight, base.bias, lora_A, lora_B, float(self.scaling[name]), magnitude,
-                                dropout_p=p, training=training and self.training,
-                                backend=getattr(self, _BACKEND_ATTR, None))
+                                dropout_p=p, training=training and self.training, backend=backend)
 
     # PEFT returns the base layer's output dtype (x's dtype, or the autocast dtype); the op returns exactly that
     # (it casts x/weight to the autocast dtype itself, and its result is in x's (cast) dtype).
     return ops.lora_linear(x, base.weight, base.bias, lora_A, lora_B, float(self.scaling[name]),
-                           dropout_p=p, training=training, backend=getattr(self, _BACKEND_ATTR, None))
+                           dropout_p=p, training=training, backend=backend)
 
 
 class _PatchedForward:
@@ -256,19 +264,29 @@ def patch_peft(model: nn.Module, backend=None) -> PatchReport:
     return report
 
 
+def _ours(fwd) -> bool:
+    return fwd is not None and getattr(fwd, "__func__", None) is _patched_forward
+
+
 def unpatch_peft(model: nn.Module) -> int:
-    """Remove the patch from every layer ``patch_peft`` patched; returns how many layers were unpatched."""
+    """Remove the patch from every layer ``patch_peft`` patched; returns how many layers were unpatched. A layer that
+    an accelerate hook wrapped after patching (``dispatch_model``, ``device_map``: the hook keeps the forward it
+    replaced as ``_old_forward`` and puts it back when removed) gets PEFT's forward there instead."""
     n = 0
     for module in model.modules():
-        fwd = module.__dict__.get("forward")
-        if fwd is not None and getattr(fwd, "__func__", None) is _patched_forward:
-            del module.__dict__["forward"]
-            module.__dict__.pop(_BACKEND_ATTR, None)
-            n += 1
+        d = module.__dict__
+        if _ours(d.get("forward")):
+            del d["forward"]
+        elif _ours(d.get("_old_forward")):
+            d["_old_forward"] = types.MethodType(type(module).forward, module)
+        else:
+            continue
+        d.pop(_BACKEND_ATTR, None)
+        n += 1
     return n
 
 
 def is_patched(module: nn.Module) -> bool:
-    """Whether ``module`` currently carries the patched forward."""
-    fwd = module.__dict__.get("forward")
-    return fwd is not None and getattr(fwd, "__func__", None) is _patched_forward
+    """Whether ``module`` currently carries the patched forward (also under an accelerate hook added after
+    patching)."""
+    return _ours(module.__dict__.get("forward")) or _ours(module.__dict__.get("_old_forward"))

@@ -513,3 +513,51 @@ def test_patched_model_on_meta_propagates_shapes(use_dora):
     assert patch_peft(model).num_patched == 1
     y = model(torch.randn(3, 5, 64, device="meta"))
     assert y.device.type == "meta" and y.shape == (3, 5, 48)
+
+
+def test_float64_calls_the_op_rejects_fall_back_to_peft():
+    """float64 calls that the op would reject run PEFT's forward: a model patched for a fused backend, then made
+    float64 (model.double(), for a gradcheck), and a DoRA layer with a float64 base and float32 adapters (PEFT runs
+    it; dora_linear takes float64 only throughout)."""
+    x = torch.randn(3, 64, dtype=torch.float64)
+    fused = [b for b in ("triton", "cuda") if b in lora_kernels.available_backends()]
+    for use_dora in (False, True):
+        for backend in fused:
+            torch.manual_seed(0)
+            model = get_peft_model(_OneLinear(), LoraConfig(r=4, target_modules=["lin"], use_dora=use_dora))
+            randomize_adapters(model, magnitudes=use_dora)
+            assert patch_peft(model, backend=backend).num_patched == 1
+            model.double()
+            got = model(x)
+            unpatch_peft(model)
+            torch.testing.assert_close(got, model(x), rtol=0, atol=0)
+    torch.manual_seed(0)
+    model = get_peft_model(_OneLinear(), LoraConfig(r=4, target_modules=["lin"], use_dora=True))
+    randomize_adapters(model, magnitudes=True)
+    model.base_model.model.lin.base_layer.double()
+    want = model(x)
+    assert patch_peft(model).num_patched == 1
+    torch.testing.assert_close(model(x), want, rtol=0, atol=0)
+
+
+def test_unpatch_under_an_accelerate_hook():
+    """An accelerate hook added after patching (dispatch_model, device_map) keeps the patched forward as
+    _old_forward: is_patched sees it, and unpatch_peft puts PEFT's forward there, so that removing the hook later
+    leaves the layer unpatched."""
+    hooks = pytest.importorskip("accelerate.hooks")
+    from lora_kernels.peft_patch import is_patched
+
+    torch.manual_seed(0)
+    model = get_peft_model(_OneLinear(), LoraConfig(r=4, target_modules=["lin"]))
+    randomize_adapters(model)
+    layer = model.base_model.model.lin
+    x = torch.randn(3, 64)
+    want = model(x)
+    patch_peft(model)
+    hooks.add_hook_to_module(layer, hooks.ModelHook())
+    assert is_patched(layer)
+    assert unpatch_peft(model) == 1 and not is_patched(layer)
+    torch.testing.assert_close(model(x), want, rtol=0, atol=0)
+    hooks.remove_hook_from_module(layer)
+    assert not is_patched(layer)
+    torch.testing.assert_close(model(x), want, rtol=0, atol=0)
