@@ -10,11 +10,12 @@ and ``unpatch_peft`` deletes the attribute.
 
 Supported (checked at patch time, with a reason recorded for every skipped layer): exactly one active adapter
 that exists in ``lora_A``; not merged; vanilla LoRA or DoRA (``use_dora=True``: runs ``lora_kernels.dora_linear``),
-no other LoRA variant; no ``lora_bias``; ``fan_in_fan_out=False``;
+no other LoRA variant; no ``lora_bias``; ``fan_in_fan_out=False``; rank 1 to 256 (``ops.MAX_RANK``);
 dropout ``nn.Dropout`` or ``nn.Identity``; a plain (unquantized) ``nn.Linear`` base layer without hooks.
 The patched forward re-checks everything that can change at runtime (adapters disabled or switched, merged,
 DoRA/variants, ``adapter_names`` mixed batches, extra arguments, dtypes) and falls back to PEFT's forward
-whenever the fast path does not apply, so results always match PEFT's semantics.
+whenever the fast path does not apply, so results always match PEFT's semantics. Under forward-mode AD and the
+torch.func transforms the patched layers run plain PyTorch ops (``ops.transform_backend``).
 """
 from __future__ import annotations
 
