@@ -7,12 +7,15 @@ of bench/tools/host_time.py (F.linear, PEFT's layer, the lora_kernels backends).
 Then, for the triton backend, a breakdown of its host time per call without the profiler: the whole call; the same
 with every Triton launch replaced by a no-op (the Python and torch work around the launches; the plans' relaunches
 of compiled kernels, launch._fast_launch_op, made no-ops); and how many launches per call took triton's JIT path
-(JITFunction.run) instead of the backend's fast relaunch.
+(JITFunction.run) instead of the backend's fast relaunch; then cProfile's top functions per call (the Python under
+the launches too: triton's launcher wrappers and TMA descriptor encoding, the plans' steps, torch's ops).
 """
 from __future__ import annotations
 
 import argparse
+import cProfile
 import os
+import pstats
 import sys
 
 import torch
@@ -90,6 +93,25 @@ def triton_breakdown(fns, calls):
         print(f"{mode:8s} whole call {full:8.1f} | launches made no-ops {bare:8.1f} | launches {full - bare:8.1f} | "
               f"JIT-path launches per call after warm-up {jit_calls[0] / calls:.2f}")
         jit_calls[0] = 0
+    # Where the Python time of a call goes, launches included (triton's launcher wrappers, its TMA descriptor
+    # encoding, the plans' steps, torch's ops): cProfile's top functions by their own time, per call.
+    for mode, fn in zip(("fwd", "fwd+bwd"), fns):
+        for _ in range(10):
+            fn()
+        torch.cuda.synchronize()
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(calls):
+            fn()
+        prof.disable()
+        torch.cuda.synchronize()
+        print(f"\n===== triton backend {mode}: cProfile over {calls} calls (tottime / {calls} = us per call, "
+              f"inflated by the profiler)")
+        stats = pstats.Stats(prof)
+        rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:25]
+        for (file, line, func), (cc, nc, tt, ct, _) in rows:
+            print(f"{tt / calls * 1e6:9.1f} us  {ct / calls * 1e6:9.1f} us cum  {nc / calls:6.1f} calls  "
+                  f"{os.path.basename(file)}:{line}({func})")
 
 
 if __name__ == "__main__":
