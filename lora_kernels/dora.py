@@ -200,10 +200,9 @@ def dora_weight_norm(weight, lora_A, lora_B, scaling) -> torch.Tensor:
     with torch.no_grad(), _autocast_off(weight.device.type):
         A, B, W = lora_A.detach().to(acc), lora_B.detach().to(acc), weight.detach()
         s = float(scaling)
-        out = torch.empty(W.shape[0], dtype=acc, device=W.device)
-        for i, j in _row_chunks(W):
-            out[i:j] = torch.linalg.vector_norm(torch.addmm(W[i:j].to(acc), B[i:j], A, alpha=s), dim=1)
-        return out
+        # concatenated, not written into a buffer: under vmap A or B may be batched
+        return torch.cat([torch.linalg.vector_norm(torch.addmm(W[i:j].to(acc), B[i:j], A, alpha=s), dim=1)
+                          for i, j in _row_chunks(W)])
 
 
 def _norm(weight, lora_A, lora_B, scaling, fast: bool) -> torch.Tensor:
@@ -488,14 +487,10 @@ def _check_float64(x, lora_A, lora_B, magnitude):
 def _composite(x, weight, bias, lora_A, lora_B, scaling, magnitude, p, seed):
     """dora_linear on 2-D x as plain PyTorch ops, the reference math in the accumulation dtype, for the transforms
     that only such ops carry (ops.transform_backend): the transform differentiates or batches it itself. The norm is
-    detached, as in PEFT, and made by row chunks without writes into a buffer (vmap may batch A or B)."""
+    the reference's (detached, as in PEFT)."""
     acc = _acc(x, lora_A, lora_B, magnitude)
     s = float(scaling)
-    with torch.no_grad(), _autocast_off(weight.device.type):
-        A, B, W = lora_A.detach().to(acc), lora_B.detach().to(acc), weight.detach()
-        norm = torch.cat([torch.linalg.vector_norm(W[i:j].to(acc) + s * (B[i:j] @ A), dim=1)
-                          for i, j in _row_chunks(W)])
-    g = magnitude.to(acc) / norm
+    g = magnitude.to(acc) / dora_weight_norm(weight, lora_A, lora_B, s).to(acc)
     xa, Wa = x.to(acc), weight.to(acc)
     xd = xa if p == 0.0 else xa * ops.dropout_mask(seed, 0, x.shape, p, device=x.device) / (1.0 - p)
     lora = s * ((xd @ lora_A.to(acc).t()) @ lora_B.to(acc).t())

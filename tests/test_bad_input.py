@@ -284,6 +284,18 @@ def test_torch_func_grad_and_per_sample_grads(op, p):
             torch.func.grad(lambda a: call(x, W, b, a, B, 2.0, *extra, backend="triton").sum())(A)
 
 
+@pytest.mark.parametrize("op", ["lora_linear", "dora_linear"])
+def test_vmap_over_adapters(op):
+    """vmap over a stack of adapters (an ensemble of LoRA heads on one base): each slice equals the call with that
+    adapter alone (DoRA's norm, a function of A and B, is batched with them)."""
+    x, W, b, A, B, extra = _op_inputs(op)
+    As, Bs = torch.stack([A, 2 * A, -A]), torch.stack([B, B.flip(0), 0.5 * B])
+    call = getattr(lora_kernels, op)
+    got = torch.func.vmap(lambda a, bb: call(x, W, b, a, bb, 2.0, *extra))(As, Bs)
+    for i in range(3):
+        torch.testing.assert_close(got[i], call(x, W, b, As[i], Bs[i], 2.0, *extra), rtol=1e-12, atol=1e-12)
+
+
 # ---------------------------------------------------------------------------------- merged state_dict
 def _trained_layer(**kw):
     layer = LoRALinear(32, 24, r=4, **kw)
