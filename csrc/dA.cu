@@ -220,10 +220,16 @@ cudaError_t with_dA_tc_kernel(DType x_dtype, DType a_dtype, int r, F&& f) {
     });
   });
 }
+
+// Whether dA takes the tensor-core kernel: stream_pass_on_tc, and its shared memory within the device's.
+bool dA_on_tc(DType x_dtype, DType a_dtype, int r) {
+  return stream_pass_on_tc(x_dtype, a_dtype) &&
+         dA_tc_smem(16 * rank_frags(r), adapter_pieces(x_dtype, a_dtype)) <= smem_per_block();
+}
 }  // namespace
 
 int lora_dA_resident_blocks(DType x_dtype, DType a_dtype, int r) {
-  if (r < 1 || r > kMaxRank || !stream_pass_on_tc(x_dtype, a_dtype)) return 2;  // the FFMA kernel: about two
+  if (r < 1 || r > kMaxRank || !dA_on_tc(x_dtype, a_dtype, r)) return 2;  // the FFMA kernel: about two
   return tc_resident_blocks([&](auto&& f) { return with_dA_tc_kernel(x_dtype, a_dtype, r, f); });
 }
 
@@ -234,7 +240,7 @@ cudaError_t launch_lora_dA(const void* x, DType x_dtype, DType a_dtype, const fl
   if (M <= 0 || K <= 0 || plan.row_splits <= 0) return cudaSuccess;
   if (plan.col_groups > 65535) return cudaErrorInvalidConfiguration;
   const float scale = dropout_scale(scaling, p);
-  if (stream_pass_on_tc(x_dtype, a_dtype)) {
+  if (dA_on_tc(x_dtype, a_dtype, r)) {
     if (plan.row_splits > 0x7fffffff) return cudaErrorInvalidConfiguration;
     const int nj = rank_frags(r);
     const dim3 grid((unsigned)plan.row_splits, (unsigned)plan.col_groups, (unsigned)ceil_div(round16(r), 16 * nj));

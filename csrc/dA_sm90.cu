@@ -89,7 +89,7 @@ cudaError_t launch_lora_dA_sm90(const void* x, DType x_dtype, DType a_dtype, con
   const int64_t mpad = ceil_div(M, DS_BM) * DS_BM;
   const int64_t tpg = ceil_div(ceil_div(K, DS_BN), plan.col_groups);
   const size_t smem = ds_smem(sh, kDA, tpg, masked);
-  if (plan.col_groups > 65535 || plan.row_splits > 0x7fffffff || sh.z > 65535 || smem > kSmemPerBlockMax)
+  if (plan.col_groups > 65535 || plan.row_splits > 0x7fffffff || sh.z > 65535 || smem > smem_per_block())
     return cudaErrorInvalidConfiguration;
   const float scale = masked ? dropout_scale(scaling, p) : scaling;
   const dim3 grid((unsigned)plan.row_splits, (unsigned)plan.col_groups, (unsigned)sh.z);

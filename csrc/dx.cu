@@ -146,7 +146,8 @@ cudaError_t launch_lora_dx(void* dx, DType x_dtype, const float* g, const void* 
   if (r < 1 || r > kMaxRank) return cudaErrorInvalidValue;
   if (M <= 0 || K <= 0) return cudaSuccess;
   const float scale = dropout_scale(scaling, p);
-  return launch_output_pass<DX_BM, DX_KC>(x_dtype, a_dtype, M, K, [&](auto xt, auto at, auto grid) {
+  return launch_output_pass<DX_BM, DX_KC>(x_dtype, a_dtype, M, K, dx_tc_smem(round16(r)),
+                                          [&](auto xt, auto at, auto grid) {
     using T = decltype(xt);
     using TA = decltype(at);
     if constexpr (std::is_same<decltype(grid), OutputGrid>::value)

@@ -298,7 +298,9 @@ cudaError_t launch_lora_dy_pass(const void* dy, DType dy_dtype, const void* B, D
   if (dB_partial && !u) return cudaErrorInvalidValue;
   if (plan.col_groups > 65535) return cudaErrorInvalidConfiguration;
   const int pieces = adapter_pieces(dy_dtype, b_dtype);
-  if (stream_pass_on_tc(dy_dtype, b_dtype)) {
+  // the tensor-core kernel where its shared memory for this plan fits the device's (lora_dy_pass_plan)
+  if (stream_pass_on_tc(dy_dtype, b_dtype) &&
+      dy_pass_tc_smem(dy_pass_rank_chunk(r, pieces), plan.cols_per_group, pieces) <= smem_per_block()) {
     if (N <= 0)  // g = dy B = 0; the dB partials have no elements
       return cudaMemsetAsync(g_out, 0, (size_t)std::max<int64_t>(plan.col_groups, 1) * M * r * sizeof(float), stream);
     if (plan.row_splits > 0x7fffffff) return cudaErrorInvalidConfiguration;

@@ -166,7 +166,8 @@ cudaError_t launch_lora_expand(void* y, DType y_dtype, const float* u, const voi
                                        const void* bias, int64_t M, int64_t N, int r, cudaStream_t stream) {
   if (r < 1 || r > kMaxRank) return cudaErrorInvalidValue;
   if (M <= 0 || N <= 0) return cudaSuccess;
-  return launch_output_pass<EX_BM, EX_BN>(y_dtype, b_dtype, M, N, [&](auto yt, auto bt, auto grid) {
+  return launch_output_pass<EX_BM, EX_BN>(y_dtype, b_dtype, M, N, expand_tc_smem(round16(r)),
+                                          [&](auto yt, auto bt, auto grid) {
     using T = decltype(yt);
     using TB = decltype(bt);
     if constexpr (std::is_same<decltype(grid), OutputGrid>::value)

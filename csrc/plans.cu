@@ -132,6 +132,21 @@ int compute_capability() {
   });
 }
 
+#ifndef LORA_KERNELS_NO_DEVICE_SMEM_PER_BLOCK
+#define LORA_KERNELS_NO_DEVICE_SMEM_PER_BLOCK (227 * 1024)
+#endif
+
+size_t smem_per_block() {
+  static std::atomic<int> cache[kCachedDevices];
+  return (size_t)device_attribute(cache, cudaDevAttrMaxSharedMemoryPerBlockOptin, LORA_KERNELS_NO_DEVICE_SMEM_PER_BLOCK);
+}
+
+size_t smem_per_sm() {
+  static std::atomic<int> cache[kCachedDevices];
+  return (size_t)device_attribute(cache, cudaDevAttrMaxSharedMemoryPerMultiprocessor,
+                                  LORA_KERNELS_NO_DEVICE_SMEM_PER_BLOCK + 1024);
+}
+
 bool tc_supported() {
   // Without a device: true, and the launch itself will report the problem.
   const int cc = compute_capability();
@@ -151,7 +166,6 @@ using namespace detail;
 
 namespace {
 constexpr int64_t kPartialBudgetBytes = 64ll << 20;
-constexpr size_t kSmemPerSm = 228 * 1024;
 
 // The r-chunks of the backward kernels as the plans count them: r clamped to 1..kMaxRank, chunk width rc (at most
 // 64 columns) and number of chunks zc (grid.z).
@@ -183,6 +197,9 @@ struct SplitCost {
 // candidate column-group width (in chunks, bounded by the shared memory of the dB accumulators) gets the row
 // split count that makes about two blocks per SM; the plan with the smallest estimated time wins, counting the
 // dy read, the partials written here and read back by launch_reduce_partials, and how well the grid fills the GPU.
+// Where not even one chunk per group fits the device's shared memory (fp32 adapters, or r > 32, on an sm_86 / sm_89
+// GPU's 99 KB), the launcher runs the FFMA kernel: its plan is one column group (no g partials) and about two blocks
+// per SM of row splits, within the partial budget.
 SplitPlan lora_dy_pass_plan(int64_t M, int64_t N, int r, int pieces) {
   SplitPlan pl{0, TD_BM, 1, std::max<int64_t>(N, TD_BN)};
   if (M <= 0) return pl;
@@ -195,15 +212,16 @@ SplitPlan lora_dy_pass_plan(int64_t M, int64_t N, int r, int pieces) {
   const double dy_bytes = 2.0 * (double)M * (double)n1 * (double)zc;
   double best = -1.0, best_any = -1.0;  // within the partial budget / regardless of it
   SplitPlan pl_any = pl;
+  const size_t smem_max = smem_per_block(), smem_sm = smem_per_sm();
   for (int64_t ct = 1; ct <= tiles_n; ++ct) {
     const int64_t C = ceil_div(tiles_n, ct);
     if (ct > 1 && C == ceil_div(tiles_n, ct - 1)) continue;  // same group count with less shared memory before
     const size_t smem = dy_pass_tc_smem(rc, ct * TD_BN, pieces);
-    if (smem > kSmemPerBlockMax) break;
+    if (smem > smem_max) break;
     if (C > 65535) continue;
     // Blocks per SM: shared memory, and registers (the 64-column r-chunk kernel holds one block per SM).
     const int64_t per_sm = std::max<int64_t>(
-        1, std::min<int64_t>(rc == 64 ? 1 : 2, (int64_t)(kSmemPerSm / (smem + 1024))));
+        1, std::min<int64_t>(rc == 64 ? 1 : 2, (int64_t)(smem_sm / (smem + 1024))));
     const int64_t capacity = per_sm * sms;
     // As many row splits as fit in one wave, within the partial budget.
     int64_t S = std::min(tiles_m, std::max<int64_t>(1, capacity / (C * zc)));
@@ -230,6 +248,12 @@ SplitPlan lora_dy_pass_plan(int64_t M, int64_t N, int r, int pieces) {
       best = est;
       pl = cand;
     }
+  }
+  if (best_any < 0) {  // no tensor-core plan fits: the FFMA kernel's (one column group)
+    int64_t S = std::min(tiles_m, std::max<int64_t>(1, 2 * sms));
+    S = std::min(S, std::max<int64_t>(1, kPartialBudgetBytes / (n1 * r * 4)));
+    const int64_t rt = ceil_div(tiles_m, S);
+    return SplitPlan{ceil_div(tiles_m, rt), rt * TD_BM, 1, std::max<int64_t>(N, TD_BN)};
   }
   return best >= 0 ? pl : pl_any;  // the budget is a preference: a plan always comes back
 }

@@ -168,7 +168,12 @@ cudaError_t launch_kernel_pdl(void (*kernel)(P...), dim3 grid, int threads, size
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-constexpr size_t kSmemPerBlockMax = 227 * 1024;  // sm_80 / sm_90 dynamic shared memory opt-in maximum per block
+// The current device's dynamic shared memory per block (its opt-in maximum: 227 KB on sm_90, 163 KB on sm_80, 99 KB
+// on sm_86 / sm_89) and per SM, read once per device. The tensor-core kernels that need more than a device has take
+// their FFMA kernels there (each launcher checks; the plans are sized by it). Without a device (host tests): an H100's
+// / H200's, 227 / 228 KB, unless LORA_KERNELS_NO_DEVICE_SMEM_PER_BLOCK is defined at build time.
+size_t smem_per_block();
+size_t smem_per_sm();
 
 // Streaming multiprocessors of the current device (132, as on an H100 / H200, when there is none). Read once per
 // device, as tc_supported's compute capability is.
@@ -207,11 +212,12 @@ struct OutputGrid {
 OutputGrid output_grid(int64_t M, int64_t cols);
 
 // Launch of an output-writing pass (expand, dx) over an (M, cols) output of dtype out, with side the dtype of its
-// right operand: the tensor-core kernel (16-bit output, sm_80+) on output_grid, else the FFMA kernel on BM x BN
-// tiles. launch(T{}, TS{}, grid) launches the kernel for grid's type: OutputGrid the tensor-core one, dim3 the FFMA one.
+// right operand: the tensor-core kernel (16-bit output, sm_80+, its tc_smem bytes of shared memory within the
+// device's) on output_grid, else the FFMA kernel on BM x BN tiles. launch(T{}, TS{}, grid) launches the kernel for
+// grid's type: OutputGrid the tensor-core one, dim3 the FFMA one.
 template <int BM, int BN, typename F>
-cudaError_t launch_output_pass(DType out, DType side, int64_t M, int64_t cols, F&& launch) {
-  if (out != DType::kFloat32 && tc_supported()) {
+cudaError_t launch_output_pass(DType out, DType side, int64_t M, int64_t cols, size_t tc_smem, F&& launch) {
+  if (out != DType::kFloat32 && tc_supported() && tc_smem <= smem_per_block()) {
     const OutputGrid og = output_grid(M, cols);
     if (!og.ok) return cudaErrorInvalidConfiguration;
     return with_dtypes<true>(out, side, [&](auto t, auto ts) { return launch(t, ts, og); });

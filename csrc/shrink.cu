@@ -196,10 +196,16 @@ cudaError_t with_shrink_tc_kernel(DType x_dtype, DType a_dtype, int r, F&& f) {
     });
   });
 }
+
+// Whether the shrink takes the tensor-core kernel: stream_pass_on_tc, and its shared memory within the device's.
+bool shrink_on_tc(DType x_dtype, DType a_dtype, int r) {
+  return stream_pass_on_tc(x_dtype, a_dtype) &&
+         shrink_tc_smem(rank_frags(r), adapter_pieces(x_dtype, a_dtype)) <= smem_per_block();
+}
 }  // namespace
 
 int lora_shrink_resident_blocks(DType x_dtype, DType a_dtype, int r) {
-  if (r < 1 || r > kMaxRank || !stream_pass_on_tc(x_dtype, a_dtype)) return 2;  // the FFMA kernel: about two
+  if (r < 1 || r > kMaxRank || !shrink_on_tc(x_dtype, a_dtype, r)) return 2;  // the FFMA kernel: about two
   return tc_resident_blocks([&](auto&& f) { return with_shrink_tc_kernel(x_dtype, a_dtype, r, f); });
 }
 
@@ -210,7 +216,7 @@ cudaError_t launch_lora_shrink(const void* x, DType x_dtype, const void* A, DTyp
   if (M <= 0) return cudaSuccess;
   if (plan.col_groups > 65535 || plan.col_groups < 1) return cudaErrorInvalidConfiguration;
   const float scale = dropout_scale(scaling, p);
-  if (stream_pass_on_tc(x_dtype, a_dtype)) {
+  if (shrink_on_tc(x_dtype, a_dtype, r)) {
     const int nf = rank_frags(r);
     const dim3 grid((unsigned)ceil_div(M, TS_BM), (unsigned)plan.col_groups, (unsigned)ceil_div(round16(r), 16 * nf));
     return with_shrink_tc_kernel(x_dtype, a_dtype, r, [&](auto kernel, size_t smem, auto xt, auto at) {

@@ -73,17 +73,6 @@ static_assert(small_m_stages(4, 32) >= 4, "at least four ring slots in every con
 static_assert(small_m_smem(4, 32) >= (64 * 33 + 64 * 64 + 32 * 65) * 4, "epilogue buffers fit in the ring");
 static_assert(small_m_smem(1, 16) >= (16 * 17 + 64 * 64 + 16 * 65) * 4, "epilogue buffers fit in the ring");
 
-// The current device's opt-in shared memory per block (227 KB on sm_90, 163 KB on an A100; 0 when unknown).
-inline size_t smem_optin_bytes() {
-  int dev = 0, bytes = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
-    cudaGetLastError();
-    return 0;
-  }
-  return (size_t)bytes;
-}
-
 // The claim / done / exit counters of the current device's `stream` (three uint32, zero between launches;
 // stream_counters). nullptr when the allocation fails.
 unsigned* small_m_sync(cudaStream_t stream) {
@@ -786,7 +775,7 @@ const char* lora_small_m_unsupported(const void* x, const void* W, const void* A
   if (ceil_div(N, 16) > INT_MAX - 1024) return "N is too large for the grid";
   if (x_dtype != DType::kFloat32) {
     if (!tc_supported()) return "16-bit x below sm_80";
-    if (small_m_smem(small_m_frags(M), small_m_bn(N)) > smem_optin_bytes())
+    if (small_m_smem(small_m_frags(M), small_m_bn(N)) > smem_per_block())
       return "its shared memory does not fit this GPU";
   }
   (void)a_dtype;

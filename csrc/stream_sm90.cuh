@@ -553,7 +553,7 @@ inline SplitPlan stream_sm90_plan(int64_t M, int64_t N, int r, int pieces, Strea
   double best_est = -1.0;
   for (int64_t C = 1; C <= tiles_n / (ds_stages(mode, sh.nw, masked) - 1) && C <= 65535; ++C) {
     const int64_t tpg = ceil_div(tiles_n, C);
-    if (ds_smem(sh, mode, tpg, masked) > kSmemPerBlockMax) continue;
+    if (ds_smem(sh, mode, tpg, masked) > smem_per_block()) continue;
     const int64_t S0 = std::max<int64_t>(1, std::min<int64_t>(tiles_m, sms / (C * sh.z)));
     const int64_t rows = ceil_div(tiles_m, S0), S = ceil_div(tiles_m, rows);  // the largest span's row tiles
     const int64_t waves = ceil_div(S * C * sh.z, sms);

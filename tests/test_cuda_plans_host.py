@@ -47,12 +47,11 @@ COLS = [1, 3, 16, 17, 64, 100, 4096, 14336, 100_000]
 RANKS = [1, 5, 16, 33, 64, 65, 128, 256]
 
 
-@pytest.fixture(scope="module")
-def plans_bin(tmp_path_factory):
+def _build(tmp_path_factory, defines=()):
     nvcc = nvcc_or_skip()
     d = tmp_path_factory.mktemp("plans")
     (d / "driver.cu").write_text(DRIVER)
-    ptx_only = ["-std=c++17", "-arch=compute_90", "-code=compute_90", f"-I{CSRC}"]  # no SASS: faster, no GPU
+    ptx_only = ["-std=c++17", "-arch=compute_90", "-code=compute_90", f"-I{CSRC}", *defines]  # no SASS: no GPU
     for src, obj in ((CSRC / "plans.cu", d / "plans.o"), (d / "driver.cu", d / "driver.o")):
         res = subprocess.run([nvcc, *ptx_only, "-c", str(src), "-o", str(obj)], capture_output=True, text=True)
         assert res.returncode == 0, res.stderr
@@ -61,6 +60,11 @@ def plans_bin(tmp_path_factory):
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     return exe
+
+
+@pytest.fixture(scope="module")
+def plans_bin(tmp_path_factory):
+    return _build(tmp_path_factory)
 
 
 def _plans(exe, kind, cases, bps=3):
@@ -116,3 +120,31 @@ def test_bandwidth_plans_fill_the_gpu(plans_bin, bps):
         (S, rows, G, cols, _), = _plans(plans_bin, "a", [(8192, K, 16)], bps)
         blocks = S * G
         assert blocks >= 0.8 * wave or rows == 64, (K, bps, S, rows, G)
+
+
+# The dynamic shared memory per block of an A100 (163 KB) and of an sm_86 / sm_89 GPU (99 KB: RTX 30xx / 40xx, L4,
+# L40S), as the plans read it from the device (smem_per_block); built in as the no-device value here.
+SMALLER_GPUS = {"A100": 163 * 1024, "sm_89": 99 * 1024}
+
+
+@pytest.mark.parametrize("gpu", sorted(SMALLER_GPUS))
+def test_dy_pass_plans_fit_smaller_gpus(tmp_path_factory, gpu):
+    """On GPUs with less shared memory than an H100's 227 KB the dy pass plan still covers every row and column, and
+    either fits the tensor-core kernel into the device's shared memory (the launcher takes that kernel when it fits)
+    or, where not even one 64-column chunk per group fits, is the FFMA kernel's plan: one column group, so no g
+    partials. (The tensor-core plans once assumed 227 KB everywhere and failed to launch on an A100.)"""
+    limit = SMALLER_GPUS[gpu]
+    exe = _build(tmp_path_factory, [f"-DLORA_KERNELS_NO_DEVICE_SMEM_PER_BLOCK={limit}"])
+    ffma = 0
+    for kind in "yY":
+        cases = list(itertools.product([1, 129, 8192, 65537], [17, 4096, 14336, 100_000], RANKS))
+        for (M, C, r), (S, rows, G, cols, smem) in zip(cases, _plans(exe, kind, cases)):
+            what = f"{gpu} {kind} plan M={M} cols={C} r={r}: ({S}, {rows}, {G}, {cols}) smem {smem}"
+            _check_cover(M, S, rows, what + " rows")
+            _check_cover(C, G, cols, what + " columns")
+            assert G <= 65535, what
+            if smem > limit:
+                assert G == 1, what
+                ffma += 1
+    # fp32 adapters on bf16 at every rank do not fit 99 KB (the three bf16 pieces): FFMA plans exist there
+    assert (ffma > 0) == (gpu == "sm_89"), ffma

@@ -169,3 +169,85 @@ def test_seed_pointer_kernels_compile_for_sm90(triton_python):
         assert (r["seed_type"], r["flag_type"], r["seed_ptr_type"]) == ("i64", "i32", "*fp16"), r
         # with dropout the small-M forward reads u from the shrink (U_GIVEN) and draws no mask itself
         assert r["loads_i64"] == (not r["u_given"]), r
+
+
+_OFFSET_SCRIPT = r"""
+import json, re
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import create_function_from_signature
+
+from lora_kernels.backends.triton import launch as tb
+
+target = GPUTarget("cuda", 90, 32)
+backend = make_backend(target)
+NAMES = ["_shrink_kernel", "_output_gemm_kernel", "_small_m_kernel", "_dy_pass_kernel"]
+first = {}  # (kernel, constexprs) -> the first launch's binding
+
+
+class Recorder:
+    def __init__(self, name):
+        self.name, self.fn = name, getattr(tb, name)
+        self.binder = create_function_from_signature(self.fn.signature, self.fn.params, backend)
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            bound, spec, options = self.binder(*args, **kwargs)
+            first.setdefault((self.name, tuple(sorted((k, str(v)) for k, v in kwargs.items()))), (kwargs, bound, spec))
+        return launch
+
+
+for name in NAMES:
+    setattr(tb, name, Recorder(name))
+tb._FUSE_DB_PARTIAL_RATIO = float("inf")  # dB in the dy pass as well as in its own pass
+g = torch.Generator().manual_seed(0)
+for M in (16, 300):
+    for p in (0.0, 0.1):
+        x, W, A, B = (torch.randn(M, 256, generator=g).half(), torch.randn(320, 256, generator=g).half(),
+                      torch.randn(16, 256, generator=g), torch.randn(320, 16, generator=g))
+        y, u = tb.forward(x, W, None, A, B, 2.0, p, 12345, 0)
+        tb.backward(torch.randn(M, 320, generator=g).half(), x, W, A, B, u, 2.0, p, 12345, 0, True, True, True)
+
+
+def pid_offsets(ttir):
+    # i32 products of a program id (directly, or splat to a tensor) that a pointer is offset by
+    pids = set(re.findall(r"(%[\w.#]+) = tt\.get_program_id", ttir))
+    prods = {m.group(1): m.group(0) for m in re.finditer(r"(%[\w.#]+) = arith\.muli (%[\w.#]+), (%[\w.#]+) : i32\b",
+                                                          ttir) if m.group(2) in pids or m.group(3) in pids}
+    for m in re.finditer(r"(%[\w.#]+) = tt\.splat (%[\w.#]+) : i32", ttir):
+        if m.group(2) in prods:
+            prods[m.group(1)] = prods[m.group(2)]
+    return sorted({prods[m.group(2)] for m in re.finditer(r"tt\.addptr (%[\w.#]+), (%[\w.#]+)", ttir)
+                   if m.group(2) in prods})
+
+
+rows = []
+for (name, _), (kwargs, bound, spec) in first.items():
+    fn = getattr(tb, name).fn
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, {})
+    ttir = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
+                          options=options.__dict__).asm["ttir"]
+    rows.append(dict(kernel=name, need_db=bool(kwargs.get("NEED_DB")), i32_offsets=pid_offsets(ttir)))
+print(json.dumps(rows))
+"""
+
+
+@pytest.mark.parametrize("triton_python", TRITON_PYTHONS)
+def test_no_32_bit_program_offsets(triton_python):
+    """No pointer of the backend's kernels is offset by a 32-bit product of a program id: a split or block index
+    times a stride (the dy pass's dB partials, pid · N · r) passes 2^31 at valid shapes (bf16 dy, N = 128256, r = 16,
+    M = 67,072 tokens) and wraps to an address before the buffer. Checked on each kernel's Triton IR for sm_90, as the
+    backend's first launches of each configuration would compile it."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["LORA_KERNELS_TRITON_AUTOTUNE"] = "0"
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                         env.get("PYTHONPATH", "")])
+    out = subprocess.run([triton_python, "-c", _OFFSET_SCRIPT], env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {r["kernel"] for r in rows} == {"_shrink_kernel", "_output_gemm_kernel", "_small_m_kernel",
+                                           "_dy_pass_kernel"}, rows
+    assert any(r["kernel"] == "_dy_pass_kernel" and r["need_db"] for r in rows), rows
+    assert [r for r in rows if r["i32_offsets"]] == [], rows

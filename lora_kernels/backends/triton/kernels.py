@@ -483,7 +483,7 @@ def _dy_pass_kernel(
         acc = _rank_dot(dyt, bt, acc, DT, RANK_F32, DOT_PREC)
         if NEED_DB:
             part = _rank_dot(tl.trans(dyt), ut, None, DT, RANK_F32, DOT_PREC)  # (BN, R_PAD)
-            p_ptrs = dbp_ptr + pid * s_pp + (n0 + rn).to(tl.int64)[:, None] * s_pn + rr[None, :] * s_pr
+            p_ptrs = dbp_ptr + pid.to(tl.int64) * s_pp + (n0 + rn).to(tl.int64)[:, None] * s_pn + rr[None, :] * s_pr
             tl.store(p_ptrs, part, mask=n_mask[:, None] & r_mask[None, :])
         dy_ptrs += BN * s_dn
         b_ptrs += BN * s_bn
