@@ -36,7 +36,7 @@ try:
     import triton
     import triton.language as tl
 
-    from .backends.triton import _keep_mask, _launch, _num_sms, _seed_arg
+    from .backends.triton import _HOPPER_SMEM, _keep_mask, _launch, _max_smem, _num_sms, _seed_arg, _smem_per_block
 except Exception:  # no triton here: only the PyTorch versions run
     triton = None
 
@@ -308,14 +308,18 @@ def w_at(weight: torch.Tensor, lora_A: torch.Tensor) -> torch.Tensor:
     else:
         mode = 3
     BN, BK, warps = (16, 32, 4) if interp else _w_at_tiles(r_pad, mode)
+    meta = dict(MODE=mode, WIDEN=interp, R_PAD=r_pad, BN=BN, BK=BK, num_warps=warps)
+    smem = _HOPPER_SMEM if interp else _smem_per_block(weight.device)
+    if smem < _HOPPER_SMEM:  # the tiles are sized for a Hopper block: on a smaller one the pipeline is cut to fit
+        per_stage = (BN * weight.element_size() + r_pad * lora_A.element_size()) * BK
+        meta["num_stages"] = max(1, min(3, _max_smem(smem) // per_stage))
     n_blocks = _cdiv(N, BN)
     want = 1 if interp else max(1, 2 * _num_sms(weight.device) // n_blocks)
     per = _cdiv(_cdiv(K, BK), max(1, min(want, _cdiv(K, BK)))) * BK
     splits = max(1, _cdiv(K, per))
     part = torch.empty((splits, N, R), dtype=torch.float32, device=weight.device)
     _launch(_w_at_kernel, (n_blocks, splits),
-            (weight, lora_A, part, N, K, R, per, weight.stride(0), lora_A.stride(0)),
-            dict(MODE=mode, WIDEN=interp, R_PAD=r_pad, BN=BN, BK=BK, num_warps=warps))
+            (weight, lora_A, part, N, K, R, per, weight.stride(0), lora_A.stride(0)), meta)
     return part
 
 

@@ -91,11 +91,12 @@ HAS_DROPOUT).
 Importing this package needs triton; where triton does not import, the dispatcher reports the import error as the
 reason the backend is unavailable. The settings it reads are listed in ``lora_kernels/_config.py``.
 """
-from .configs import _num_sms
+from .configs import _HOPPER_SMEM, _max_smem, _num_sms, _smem_per_block
 from .kernels import _keep_mask
 from .launch import _launch, _seed_arg, backward, backward_dx_from, forward, is_available
 
-# _keep_mask, _launch, _num_sms and _seed_arg also serve the Triton passes of DoRA (lora_kernels/dora_kernels.py);
-# backward_dx_from (dx's frozen product from another operand than dy) serves DoRA's backward.
+# _keep_mask, _launch, _num_sms, _seed_arg and the shared-memory budget (_smem_per_block, _max_smem, _HOPPER_SMEM) also
+# serve the Triton passes of DoRA (lora_kernels/dora_kernels.py); backward_dx_from (dx's frozen product from another
+# operand than dy) serves DoRA's backward.
 __all__ = ["backward", "backward_dx_from", "forward", "is_available", "_keep_mask", "_launch", "_num_sms",
-           "_seed_arg"]
+           "_seed_arg", "_smem_per_block", "_max_smem", "_HOPPER_SMEM"]

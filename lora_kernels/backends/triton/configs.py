@@ -11,7 +11,8 @@ import triton
 from ..._config import TritonKnobs
 from .kernels import _output_gemm_kernel, _small_m_kernel
 
-_MAX_SMEM = 200 * 1024  # bytes of shared memory a config may plan for (H100 has 227 KB per block)
+_HOPPER_SMEM = 227 * 1024  # dynamic shared memory per block of an H100 / H200 (and B200)
+_SMEM_HEADROOM = 27 * 1024  # kept free of a config's estimate for triton's own buffers (layout conversions)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -31,6 +32,26 @@ def _r_pad(r: int) -> int:
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_optin(index: int) -> int:
+    props = torch.cuda.get_device_properties(index)
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or _HOPPER_SMEM)
+
+
+def _smem_per_block(device: torch.device) -> int:
+    """Dynamic shared memory a block may use on a device (227 KB on an H100 / H200, 163 KB on an A100, 99 KB on
+    sm_86 / sm_89 and sm_120): the budget of the pipelines and configs below, which are sized for a Hopper block
+    and shrink to fit smaller ones (an H100's for CPU tensors under the interpreter)."""
+    if device.type == "cuda":
+        return _smem_optin(device.index if device.index is not None else torch.cuda.current_device())
+    return _HOPPER_SMEM
+
+
+def _max_smem(smem: int) -> int:
+    """Bytes of shared memory a config's estimate may reach on a block of ``smem`` bytes (200 KB on Hopper)."""
+    return smem - _SMEM_HEADROOM
 
 
 def _num_sms(device: torch.device) -> int:
@@ -64,11 +85,12 @@ def _helper_tiles(M: int, r_pad: int, kn: TritonKnobs):
 
 
 @functools.lru_cache(maxsize=1024)
-def _stages(bytes_per_stage: int, kn: TritonKnobs) -> int:
-    """Software-pipeline depth for a helper kernel: at most 3 stages within ~160 KB of shared memory."""
+def _stages(bytes_per_stage: int, kn: TritonKnobs, smem: int = _HOPPER_SMEM) -> int:
+    """Software-pipeline depth for a helper kernel: at most 3 stages within ~160 KB of shared memory (less on a
+    device with smaller blocks: ``smem`` bytes per block)."""
     if kn.interpret:
         return 1
-    return max(1, min(3, (160 * 1024) // max(bytes_per_stage, 1)))
+    return max(1, min(3, min(160 * 1024, _max_smem(smem)) // max(bytes_per_stage, 1)))
 
 
 def _splits(M: int, BM: int, n_blocks: int, device) -> tuple[int, int]:
@@ -82,7 +104,7 @@ def _splits(M: int, BM: int, n_blocks: int, device) -> tuple[int, int]:
 
 # ----------------------------------------------------------------------------------- the output GEMM (expand, dx)
 @functools.lru_cache(maxsize=None)
-def _gemm_configs(small_m: bool, elt: int, r_pad: int):
+def _gemm_configs(small_m: bool, elt: int, r_pad: int, smem: int = _HOPPER_SMEM):
     """Autotune candidates of the all-Triton GEMM (LORA_KERNELS_TRITON_MAINLOOP=triton) that fit in shared memory;
     the first one is the fixed config when tuning is off."""
     if small_m:
@@ -93,9 +115,9 @@ def _gemm_configs(small_m: bool, elt: int, r_pad: int):
                   (256, 128, 64, 8, 3), (64, 256, 64, 8, 4), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4)]
     configs = []
     for bm, bn, bk, warps, stages in shapes:
-        smem = stages * (bm * bk + bk * bn) * elt
-        smem_epi = (bm + bn) * r_pad * elt
-        if max(smem, smem_epi) > _MAX_SMEM:
+        need = stages * (bm * bk + bk * bn) * elt
+        need_epi = (bm + bn) * r_pad * elt
+        if max(need, need_epi) > _max_smem(smem):
             continue
         configs.append(triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_warps=warps,
                                      num_stages=stages))
@@ -105,9 +127,9 @@ def _gemm_configs(small_m: bool, elt: int, r_pad: int):
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned_gemm(small_m: bool, elt: int, r_pad: int):
+def _tuned_gemm(small_m: bool, elt: int, r_pad: int, smem: int = _HOPPER_SMEM):
     return triton.autotune(
-        configs=_gemm_configs(small_m, elt, r_pad),
+        configs=_gemm_configs(small_m, elt, r_pad, smem),
         key=["M_BUCKET", "N", "K", "HAS_BIAS", "HAS_DROPOUT", "R_PAD", "DOT_PREC"],
     )(_output_gemm_kernel)
 
@@ -136,7 +158,7 @@ def _rank_term_config(r_pad: int):
 # checks what triton allocates against this estimate and the limit. Ranks above _TMA_MAX_R_PAD do not take the TMA
 # kernel (at 128 the compiled kernels outgrow the estimate: the rank-r operands crowd out the pipeline). None of this
 # is autotuned (LORA_KERNELS_TRITON_AUTOTUNE does not apply).
-_TMA_SMEM = 227 * 1024
+_TMA_SMEM = _HOPPER_SMEM  # devices with smaller blocks do not take the TMA kernel (launch._tma_unsupported)
 _TMA_MAX_R_PAD = 64
 # The default main loop (LORA_KERNELS_TRITON_MAINLOOP=auto) takes the TMA kernel up to this padded rank, and not for
 # the masked dx (dropout). Measured in the layer (bench/suite/targets.py, M = 8192, bf16 adapters, H200, session 29,
@@ -193,28 +215,29 @@ def _small_m_smem(bm: int, bn: int, bk: int, stages: int, elt: int, a_elt: int, 
     return int(1.3 * (stages * per_stage + rest))
 
 
-def _small_m_configs(bm: int, elt: int, a_elt: int, r_pad: int, u_given: bool):
+def _small_m_configs(bm: int, elt: int, a_elt: int, r_pad: int, u_given: bool, smem: int = _HOPPER_SMEM):
     shapes = [(32, 256, 4, 4), (16, 256, 4, 4), (64, 128, 4, 4), (32, 128, 4, 4), (64, 256, 8, 3), (16, 512, 4, 3),
               (32, 64, 4, 3), (16, 64, 4, 2)]
     configs = [triton.Config({"BN": bn, "BK": bk}, num_warps=warps, num_stages=stages)
                for bn, bk, warps, stages in shapes
-               if _small_m_smem(bm, bn, bk, stages, elt, a_elt, r_pad, u_given) <= _MAX_SMEM]
+               if _small_m_smem(bm, bn, bk, stages, elt, a_elt, r_pad, u_given) <= _max_smem(smem)]
     return configs or [triton.Config({"BN": 16, "BK": 32}, num_warps=4, num_stages=1)]
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned_small_m(bm: int, elt: int, a_elt: int, r_pad: int, u_given: bool):
-    return triton.autotune(configs=_small_m_configs(bm, elt, a_elt, r_pad, u_given),
+def _tuned_small_m(bm: int, elt: int, a_elt: int, r_pad: int, u_given: bool, smem: int = _HOPPER_SMEM):
+    return triton.autotune(configs=_small_m_configs(bm, elt, a_elt, r_pad, u_given, smem),
                            key=["N", "K", "HAS_BIAS", "HAS_DROPOUT", "R_PAD", "DOT_PREC", "U_GIVEN", "BM"],
                            )(_small_m_kernel)
 
 
 @functools.lru_cache(maxsize=1024)
-def _small_m_heuristic(N: int, bm: int, elt: int, a_elt: int, r_pad: int, u_given: bool, sms: int) -> dict:
+def _small_m_heuristic(N: int, bm: int, elt: int, a_elt: int, r_pad: int, u_given: bool, sms: int,
+                       smem: int = _HOPPER_SMEM) -> dict:
     """BN as large as possible while the grid still covers every SM (the shape is bound by the read of W), then
     the deepest K tile and pipeline that fit in shared memory (bytes in flight per SM decide the read rate)."""
     bn = 64 if _cdiv(N, 64) >= sms else (32 if _cdiv(N, 32) >= sms else 16)
     for bk, stages in ((256, 4), (256, 3), (128, 4), (128, 3), (64, 3), (64, 2), (32, 2), (32, 1)):
-        if _small_m_smem(bm, bn, bk, stages, elt, a_elt, r_pad, u_given) <= _MAX_SMEM:
+        if _small_m_smem(bm, bn, bk, stages, elt, a_elt, r_pad, u_given) <= _max_smem(smem):
             break
     return {"BN": bn, "BK": bk, "num_warps": 4, "num_stages": stages}

@@ -15,8 +15,9 @@ from ... import _config
 from ..._config import TritonKnobs
 from ...philox import calls_per_row, keep_threshold
 from .configs import (_cdiv, _dot_precision, _gemm_configs, _helper_tiles, _next_pow2, _num_sms, _rank_term_config,
-                      _r_pad, _rank_f32, _small_m_heuristic, _splits, _stages, _TMA_AUTO_MAX_R_PAD, _TMA_MAX_R_PAD,
-                      _tma_config, _tuned_gemm, _tuned_small_m)
+                      _max_smem, _r_pad, _rank_f32, _small_m_heuristic, _smem_per_block, _splits, _stages,
+                      _TMA_AUTO_MAX_R_PAD,
+                      _TMA_MAX_R_PAD, _TMA_SMEM, _tma_config, _tuned_gemm, _tuned_small_m)
 from .kernels import (_PER_CALL_SCALARS, _dy_pass_kernel, _output_gemm_kernel, _output_gemm_tma_kernel,
                       _shrink_kernel, _small_m_kernel)
 
@@ -623,7 +624,8 @@ def _launch_shrink(pl: _Planner, x, lora_A, u, scale, drop, kn: TritonKnobs, spl
         scale, thr, seed_v, seed_p, seed_in_mem, pl.offset, calls_per_row(K)),
         dict(HAS_DROPOUT=has_dropout, W_T=False, R_PAD=r_pad, DOT_PREC=_dot_precision(x.dtype, kn),
              RANK_F32=_rank_f32(x, lora_A), BI=BM, BJ=BK, num_warps=warps,
-             num_stages=_stages(BM * BK * x.element_size() + BK * r_pad * lora_A.element_size(), kn)))
+             num_stages=_stages(BM * BK * x.element_size() + BK * r_pad * lora_A.element_size(), kn,
+                                _smem_per_block(x.device))))
     return out, splits
 
 
@@ -649,16 +651,16 @@ def _forward_small_m(pl: _Planner, x, weight, bias, lora_A, lora_B, u, y, scale,
     meta = dict(HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout, R_PAD=r_pad, DOT_PREC=dot_prec,
                 U_GIVEN=u_given, BM=bm)
     grid = lambda cfg: (_cdiv(N, cfg["BN"]), _cdiv(M, bm))  # noqa: E731
-    elt, a_elt = x.element_size(), lora_A.element_size()
+    elt, a_elt, smem = x.element_size(), lora_A.element_size(), _smem_per_block(x.device)
     if kn.interpret:
         pl.launch(_small_m_kernel, grid({"BN": 32}), args, dict(meta, BN=32, BK=32))
     elif not kn.autotune:
-        cfg = _small_m_heuristic(N, bm, elt, a_elt, r_pad, u_given, _num_sms(x.device))
+        cfg = _small_m_heuristic(N, bm, elt, a_elt, r_pad, u_given, _num_sms(x.device), smem)
         pl.launch(_small_m_kernel, grid(cfg), args, {**meta, **cfg})
     else:
         key = ("small_m", bm, N, K, bias is not None, has_dropout, r_pad, dot_prec, u_given, x.dtype, weight.dtype,
                lora_A.dtype, lora_B.dtype)
-        pl.launch_tuned(key, _tuned_small_m(bm, elt, a_elt, r_pad, u_given), _small_m_kernel, grid, args, meta)
+        pl.launch_tuned(key, _tuned_small_m(bm, elt, a_elt, r_pad, u_given, smem), _small_m_kernel, grid, args, meta)
 
 
 # Which main loop each output pass was planned with: (pass, (M, N), mainloop, why the TMA kernel did not take it or
@@ -692,6 +694,8 @@ def _tma_unsupported(pl: _Planner, a, b_strides, b, c, M, N, K, r_pad) -> tuple:
             return f"tensors on {dev}, not CUDA", None
         if _capability(dev.index if dev.index is not None else torch.cuda.current_device()) < (9, 0):
             return "TMA needs compute capability 9.0 or newer", None
+        if _smem_per_block(dev) < _TMA_SMEM:
+            return f"{_smem_per_block(dev) // 1024} KB of shared memory per block (its configs take 227)", None
     if a.dtype not in (torch.float16, torch.bfloat16):
         return f"{a.dtype} inputs (the TMA kernel takes 16-bit ones)", None
     if b.dtype != a.dtype:
@@ -820,12 +824,13 @@ def _launch_gemm(pl: _Planner, a, b_strides, b, b_mat, l, lb_strides, lb, bias, 
         cfg = _rank_term_config(r_pad)
         pl.launch(_output_gemm_kernel, grid(cfg.kwargs), args, {**meta, **cfg.all_kwargs()})
     elif not kn.autotune:  # first config, no tuning (GPU tests)
-        cfg = _gemm_configs(M <= 64, a.element_size(), r_pad)[0]
+        cfg = _gemm_configs(M <= 64, a.element_size(), r_pad, _smem_per_block(pl.device))[0]
         pl.launch(_output_gemm_kernel, grid(cfg.kwargs), args, {**meta, **cfg.all_kwargs()})
     else:
         key = ("gemm", M <= 64, m_bucket, N, K, has_bias, has_dropout, r_pad, dot_prec, a.dtype, b.dtype, l.dtype,
                lb.dtype)
-        pl.launch_tuned(key, _tuned_gemm(M <= 64, a.element_size(), r_pad), _output_gemm_kernel, grid, args, meta)
+        pl.launch_tuned(key, _tuned_gemm(M <= 64, a.element_size(), r_pad, _smem_per_block(pl.device)),
+                        _output_gemm_kernel, grid, args, meta)
     if cublas:
         pl.addmm_(c, a, *b_mat)
 
@@ -850,7 +855,8 @@ def _launch_shrink_t(pl: _Planner, w, rk, out_dtype, out_t, scale, drop, r_pad, 
         w.stride(1), w.stride(0), rk.stride(1), rk.stride(0), s_os, s_oi, s_or,
         scale, thr, seed_v, seed_p, seed_in_mem, pl.offset, calls_per_row(C)),
         dict(HAS_DROPOUT=has_dropout, W_T=True, R_PAD=r_pad, DOT_PREC=prec, RANK_F32=rank_f32, BI=BN, BJ=BM,
-             num_warps=warps, num_stages=_stages(BM * BN * w.element_size() + BM * r_pad * 4, kn)))
+             num_warps=warps, num_stages=_stages(BM * BN * w.element_size() + BM * r_pad * 4, kn,
+                                                 _smem_per_block(w.device))))
     return pl.sum_partials(part, out_dtype)
 
 
@@ -896,17 +902,26 @@ def _plan_backward(dy, x, weight, lora_A, lora_B, u, p_positive: bool, seed_in_m
     if need_dx or need_dA:
         BM, BN, warps = _helper_tiles(M, r_pad, kn)
         g = pl.empty((M, R), torch.float32)
-        m_blocks = _cdiv(M, BM)
+        smem = _smem_per_block(dy.device)
+
+        def stage_bytes(bm, bn, fuse):  # a dy tile (twice with dB: its transpose), a B chunk, and dB's u tile
+            return (bm * bn * dy.element_size() * (2 if fuse else 1) + bn * r_pad * lora_B.element_size()
+                    + (bm * r_pad * 4 if fuse else 0))
+
         # fuse dB into the g pass when the per-M-block partial buffer is small next to dy (2r/BM of it)
-        fuse_db = need_dB and m_blocks * N * R * 4 <= _FUSE_DB_PARTIAL_RATIO * M * N * dy.element_size()
+        fuse_db = need_dB and _cdiv(M, BM) * N * R * 4 <= _FUSE_DB_PARTIAL_RATIO * M * N * dy.element_size()
+        # on a device with smaller blocks (99 KB on sm_86 / sm_89) a wide rank's tiles are narrowed until one stage
+        # fits: the columns first, then the rows
+        while stage_bytes(BM, BN, fuse_db) > _max_smem(smem) and max(BM, BN) > 16:
+            BN, BM = (BN // 2, BM) if BN >= BM else (BN, BM // 2)
+        m_blocks = _cdiv(M, BM)
         dbp, dbp_s = _partials(pl, m_blocks, N, R) if fuse_db else (g, (0, 0, 0))
         pl.launch(_dy_pass_kernel, (m_blocks,), (
             dyv, bbv, uv, g, dbp, M, N, R,
             dyv.stride(0), dyv.stride(1), bbv.stride(0), bbv.stride(1), uv.stride(0), uv.stride(1),
             g.stride(0), g.stride(1), *dbp_s),
             dict(NEED_DB=fuse_db, R_PAD=r_pad, DOT_PREC=prec, RANK_F32=rank_f32, BM=BM, BN=BN, num_warps=warps,
-                 num_stages=_stages(BM * BN * dy.element_size() * (2 if fuse_db else 1)
-                                    + BN * r_pad * lora_B.element_size() + (BM * r_pad * 4 if fuse_db else 0), kn)))
+                 num_stages=_stages(stage_bytes(BM, BN, fuse_db), kn, smem)))
         if fuse_db:
             dB = pl.sum_partials(dbp, lora_B.dtype)
     if need_dB and dB is None:  # dB = dy^T u: no mask (p = 0), no scale

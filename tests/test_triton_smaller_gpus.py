@@ -1,0 +1,116 @@
+"""The Triton kernels fit GPUs with smaller blocks than a Hopper's 227 KB of shared memory: an A100's 163 KB, and the
+99 KB of sm_86 / sm_89 (RTX 30xx / 40xx, L4, L40S). Their pipelines and tiles are sized for a Hopper block; on a
+smaller one (configs._smem_per_block, read from the device) they are cut to fit, and the TMA kernel is not taken. A
+config that does not fit makes triton raise OutOfResources at the first call.
+
+Each check runs the host code on CPU tensors with the kernels replaced by recorders (as tests/test_dora_sm90.py and
+tests/test_triton_specialization.py do), the device's shared memory given, and compiles every launch it would make
+for that GPU's compute capability with triton's real compiler: what triton allocates must be within the device's
+limit. No GPU and no interpreter are needed.
+"""
+import json
+import os
+import subprocess
+
+import pytest
+
+from conftest import TRITON_PYTHONS
+
+pytest.importorskip("triton")
+
+# (compute capability, dynamic shared memory per block)
+GPUS = {"sm_86": (86, 99 * 1024), "A100": (80, 163 * 1024)}
+
+_LORA = r"""
+import json, sys
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import create_function_from_signature
+
+from lora_kernels.backends.triton import launch as tb
+
+cap, limit = int(sys.argv[1]), int(sys.argv[2])
+target = GPUTarget("cuda", cap, 32)
+backend = make_backend(target)
+NAMES = ["_shrink_kernel", "_output_gemm_kernel", "_small_m_kernel", "_dy_pass_kernel"]
+first = {}
+
+
+class Recorder:
+    def __init__(self, name):
+        self.name, self.fn = name, getattr(tb, name)
+        self.binder = create_function_from_signature(self.fn.signature, self.fn.params, backend)
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            bound, spec, options = self.binder(*args, **kwargs)
+            first.setdefault((self.name, tuple(sorted((k, str(v)) for k, v in kwargs.items()))), (kwargs, bound, spec))
+        return launch
+
+
+for name in NAMES:
+    setattr(tb, name, Recorder(name))
+tb._smem_per_block = lambda device: limit
+g = torch.Generator().manual_seed(0)
+for M in (16, 300):
+    for r in (16, 64, 128, 256):
+        for adt in (torch.float16, torch.float32):
+            for p in (0.0, 0.1):
+                for fuse in (0.0, float("inf")):  # dB in its own pass, and in the dy pass
+                    tb._FUSE_DB_PARTIAL_RATIO = fuse
+                    x, W = torch.randn(M, 512, generator=g).half(), torch.randn(384, 512, generator=g).half()
+                    A, B = torch.randn(r, 512, generator=g).to(adt), torch.randn(384, r, generator=g).to(adt)
+                    y, u = tb.forward(x, W, None, A, B, 2.0, p, 12345, 0)
+                    tb.backward(torch.randn(M, 384, generator=g).half(), x, W, A, B, u, 2.0, p, 12345, 0, True,
+                                True, True)
+rows = []
+for (name, _), (kwargs, bound, spec) in first.items():
+    fn = getattr(tb, name).fn
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, {})
+    c = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+    rows.append(dict(kernel=name, shared=c.metadata.shared, R_PAD=kwargs.get("R_PAD")))
+print(json.dumps(rows))
+"""
+
+
+def _run(python, script, *args):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["LORA_KERNELS_TRITON_AUTOTUNE"] = "0"
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                         env.get("PYTHONPATH", "")])
+    out = subprocess.run([python, "-c", script, *map(str, args)], env=env, capture_output=True, text=True,
+                         timeout=1200)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("triton_python", TRITON_PYTHONS)
+@pytest.mark.parametrize("gpu", sorted(GPUS))
+def test_lora_kernels_fit(triton_python, gpu):
+    """Every launch of the LoRA forward and backward (M = 16 and 300, r from 16 to 256, 16-bit and fp32 adapters,
+    with and without dropout, dB in the dy pass or apart) compiles within the GPU's shared memory."""
+    cap, limit = GPUS[gpu]
+    rows = _run(triton_python, _LORA, cap, limit)
+    assert {r["kernel"] for r in rows} == {"_shrink_kernel", "_output_gemm_kernel", "_small_m_kernel",
+                                           "_dy_pass_kernel"}, rows
+    over = [r for r in rows if r["shared"] > limit]
+    assert over == [], over
+
+
+@pytest.mark.parametrize("triton_python", TRITON_PYTHONS)
+@pytest.mark.parametrize("gpu", sorted(GPUS))
+def test_dora_kernels_fit(triton_python, gpu):
+    """Every launch of DoRA's Triton passes (the launches tests/test_dora_sm90.py records: every rank and dot mode of
+    the norm's W Aᵀ pass, the combine, the element-wise passes) compiles within the GPU's shared memory."""
+    from test_dora_sm90 import _SCRIPT
+
+    cap, limit = GPUS[gpu]
+    script = _SCRIPT.replace('GPUTarget("cuda", 90, 32)', f'GPUTarget("cuda", {cap}, 32)')
+    script = script.replace("from lora_kernels import dora_kernels as dk",
+                            f"from lora_kernels import dora_kernels as dk\ndk._smem_per_block = lambda d: {limit}", 1)
+    assert f'GPUTarget("cuda", {cap}, 32)' in script and "_smem_per_block = lambda" in script
+    rows = _run(triton_python, script)
+    over = [(r["kernel"], r["meta"], r["shared"]) for r in rows if r["shared"] > limit]
+    assert rows and over == [], over
