@@ -556,8 +556,7 @@ def dora_linear(x, weight, bias, lora_A, lora_B, scaling, magnitude, dropout_p=0
     # (mode="reduce-overhead") refuse. With dropout the seed is drawn here, inside a compiled graph when compiling.
     seed = ops._draw_seed() if p > 0.0 else None
     if p > 0.0 and ops._recorders:
-        for calls in ops._recorders:
-            calls.append((int(seed), 0))
+        ops._record(seed)
     if composite:  # under forward AD or a torch.func transform (ops.transform_backend)
         y = _composite(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scaling, magnitude, p,
                        ops._backend_seed(seed, p))

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import threading
 
 import torch
 import torch.autograd.forward_ad as _fwAD
@@ -42,7 +43,9 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _SEED_HIGH = 2**62
 
 # --------------------------------------------------------------------------------------------- dropout seeds
-_recorders: list[list] = []
+# The open record_dropout blocks of every thread, as (thread id, list): a call records into its own thread's. (That
+# any block is open anywhere is what the fast paths test, one falsy check per call.)
+_recorders: list[tuple] = []
 
 
 @contextlib.contextmanager
@@ -58,11 +61,21 @@ def record_dropout():
     ``dropout_mask`` takes it as is, and ``int(seed)`` after a replay gives that replay's seed.
     """
     calls: list = []
-    _recorders.append(calls)
+    entry = (threading.get_ident(), calls)
+    _recorders.append(entry)
     try:
         yield calls
     finally:
-        _recorders.remove(calls)
+        _recorders.remove(entry)
+
+
+def _record(seed) -> None:
+    """Records a dropout call's (seed, offset 0) in the current thread's open record_dropout blocks: a CPU seed as
+    its int, a device seed as the tensor (its value is known once the call ran)."""
+    me = threading.get_ident()
+    for tid, calls in _recorders:
+        if tid == me:
+            calls.append((int(seed) if seed.is_cpu else seed, 0))
 
 
 def _draw_seed(device=None) -> torch.Tensor:
@@ -436,8 +449,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     else:  # eager; or a backend without the device-seed path, which refuses to run under capture itself
         seed = _draw_seed()
     if p > 0.0 and _recorders:
-        for calls in _recorders:  # a device seed is recorded as the tensor: its value is known once the call ran
-            calls.append((int(seed) if seed.is_cpu else seed, 0))
+        _record(seed)
     two_d = x.dim() == 2
     x2 = x if two_d else x.reshape(-1, x.shape[-1])
     args = (x2.contiguous(), weight.contiguous(), bias.contiguous() if bias is not None else None,

@@ -274,6 +274,31 @@ def test_backward_uses_forward_mask():
     torch.testing.assert_close(A.grad, A2.grad)
 
 
+def test_record_dropout_records_its_own_threads_calls():
+    """A record_dropout block collects the calls of its own thread only: another thread's dropout call made while the
+    block is open does not land in it, and the recorded seed reproduces the block's own call's mask."""
+    import threading
+
+    x, W, b, A, B = make((16,), 40, 8, 4, torch.float64, "cpu")
+    entered, other_done = threading.Event(), threading.Event()
+
+    def other():
+        entered.wait()
+        lora_kernels.lora_linear(x, W, b, A, B, 1.0, dropout_p=0.5)
+        other_done.set()
+
+    t = threading.Thread(target=other)
+    t.start()
+    with record_dropout() as calls:
+        entered.set()
+        other_done.wait()
+        y = lora_kernels.lora_linear(x, W, b, A, B, 1.0, dropout_p=0.5)
+    t.join()
+    assert len(calls) == 1
+    keep = lora_kernels.dropout_mask(*calls[0], x.shape, 0.5)
+    torch.testing.assert_close(y, formula(x, W, b, A, B, 1.0, keep, 0.5))
+
+
 def test_no_mask_or_dropped_copy_saved():
     x, W, b, A, B = make((32,), 64, 48, 8, torch.float32, "cpu")
     A.requires_grad_(), B.requires_grad_(), x.requires_grad_()
