@@ -170,6 +170,10 @@ def _weight_sq(weight: torch.Tensor, acc) -> torch.Tensor:
     ``torch.autograd._unsafe_preserve_version_counter``); call ``clear_weight_norm_cache()`` after those."""
     if torch.compiler.is_compiling():  # no Python-side cache inside a graph; the reduction fuses there
         return _weight_sq_compute(weight, acc)
+    if weight.is_cuda and torch.cuda.is_current_stream_capturing():
+        # a CUDA graph captures the reduction, which each replay runs on W as it then is: a cached tensor would be
+        # read as it was at capture (stale once W changes) and could be freed by a later cache miss
+        return _weight_sq_compute(weight, acc)
     try:
         from torch.multiprocessing.reductions import StorageWeakRef
 
@@ -547,14 +551,19 @@ def dora_linear(x, weight, bias, lora_A, lora_B, scaling, magnitude, dropout_p=0
     N = weight.shape[0]
     _check_magnitude(magnitude, x, N)
     _check_float64(x, lora_A, lora_B, magnitude)
-    name = ops._resolve(backend, x.device.type, x.dtype == torch.float64, False)  # DoRA draws CPU seeds only
     p = float(dropout_p) if training else 0.0
+    # Under CUDA graph capture the dropout seed lives on the device, drawn from its generator, which refills it on
+    # every replay (a seed drawn on the host would be baked into the graph: one mask for every replay); as
+    # lora_linear does. torch.compile draws the host seed inside its graph.
+    capturing = (p > 0.0 and not torch.compiler.is_compiling() and x.is_cuda
+                 and torch.cuda.is_current_stream_capturing())
+    name = ops._resolve(backend, x.device.type, x.dtype == torch.float64, capturing)
     if p == 1.0:
         return _all_dropped(x, weight, bias, lora_A, lora_B, scaling, magnitude, name)
     # No seed at all without dropout (as lora_linear): a module-level tensor passed here would enter every compiled
     # graph as an input and, saved for backward, leave the forward graph as an output, which CUDA graph trees
     # (mode="reduce-overhead") refuse. With dropout the seed is drawn here, inside a compiled graph when compiling.
-    seed = ops._draw_seed() if p > 0.0 else None
+    seed = (ops._draw_seed(x.device) if capturing else ops._draw_seed()) if p > 0.0 else None
     if p > 0.0 and ops._recorders:
         ops._record(seed)
     if composite:  # under forward AD or a torch.func transform (ops.transform_backend)

@@ -21,7 +21,7 @@ run); it materialises float32 temporaries of the tensors' size. The column sums 
 (column block, row split) program writes a partial sum, and the partials are summed with torch in a fixed order.
 
 Names used from ``lora_kernels.backends.triton``: ``_keep_mask`` (the in-kernel Philox mask), ``_num_sms``,
-``_seed_arg``, and ``_launch`` (the triton backend's launch, with its fast relaunch that skips the JIT's per-call
+``_seed_args``, and ``_launch`` (the triton backend's launch, with its fast relaunch that skips the JIT's per-call
 argument binding: tens of microseconds of host time per launch).
 """
 from __future__ import annotations
@@ -36,7 +36,8 @@ try:
     import triton
     import triton.language as tl
 
-    from .backends.triton import _HOPPER_SMEM, _keep_mask, _launch, _max_smem, _num_sms, _seed_arg, _smem_per_block
+    from .backends.triton import (_HOPPER_SMEM, _keep_mask, _launch, _load_seed, _max_smem, _num_sms, _seed_args,
+                                  _smem_per_block)
 except Exception:  # no triton here: only the PyTorch versions run
     triton = None
 
@@ -151,17 +152,18 @@ if triton is not None:
 
     # The per-call scalars (the seed, the counter offset of a row chunk, the threshold, the scales) are not
     # specialized and have fixed types, so one compiled kernel serves every value (as the triton backend's kernels).
-    @triton.jit(do_not_specialize=["a_keep", "a_drop", "seed", "offset", "thr"])
+    @triton.jit(do_not_specialize=["a_keep", "a_drop", "seed", "seed_in_mem", "offset", "thr"])
     def _masked_kernel(t_ptr, base_ptr, out_ptr, M, K, s_tm, s_bm, s_om, a_keep, a_drop,
-                       seed: tl.int64, offset: tl.int64, K8, thr: tl.int32, HAS_BASE: tl.constexpr, BM: tl.constexpr,
-                       BK: tl.constexpr):
+                       seed: tl.int64, seed_ptr, seed_in_mem: tl.int32, offset: tl.int64, K8, thr: tl.int32,
+                       HAS_BASE: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+        # the seed by value, or (seed_in_mem) read from seed_ptr at run time: a CUDA graph's replays refill it
         offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
         k0 = tl.program_id(1) * BK  # a multiple of 8, as the mask's column groups need
         offs_k = k0 + tl.arange(0, BK)
         mask = (offs_m < M)[:, None] & (offs_k < K)[None, :]
         rows = offs_m.to(tl.int64)[:, None]
         t = tl.load(t_ptr + rows * s_tm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
-        keep = _keep_mask(seed, offset, offs_m, k0, K8, thr, BM, BK)
+        keep = _keep_mask(_load_seed(seed, seed_ptr, seed_in_mem), offset, offs_m, k0, K8, thr, BM, BK)
         out = tl.where(keep, t * a_keep, t * a_drop)
         if HAS_BASE:
             out += tl.load(base_ptr + rows * s_bm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -447,10 +449,11 @@ def zero_g_colsum(dg: torch.Tensor, dy: torch.Tensor, x: torch.Tensor, weight: t
     return dg
 
 
-def masked(t: torch.Tensor, p: float, seed: int, offset: int, a_keep: float, a_drop: float, fast: bool,
+def masked(t: torch.Tensor, p: float, seed, offset: int, a_keep: float, a_drop: float, fast: bool,
            base=None, out=None) -> torch.Tensor:
     """``base + where(keep, a_keep·t, a_drop·t)`` in t's dtype, keep = dropout_mask(seed, offset, t.shape, p)
-    for the flattened (M, K) t. ``out`` may be ``base`` or ``t`` (in place)."""
+    for the flattened (M, K) t; ``seed`` an int, or a 0-d int64 device tensor (CUDA graph capture) read when the
+    pass runs. ``out`` may be ``base`` or ``t`` (in place)."""
     M, K = t.shape
     if not fast:
         acc = _acc(t)
@@ -464,9 +467,10 @@ def masked(t: torch.Tensor, p: float, seed: int, offset: int, a_keep: float, a_d
         return out.copy_(r)
     out, grid, BM, BK = _tiled(t, out)
     if grid is not None:
+        seed_v, seed_p, seed_in_mem = _seed_args(seed, t)
         _launch(_masked_kernel, grid,
                 (t, base if base is not None else t, out, M, K, t.stride(0),
                  base.stride(0) if base is not None else 0, out.stride(0), float(a_keep), float(a_drop),
-                 _seed_arg(seed), int(offset), calls_per_row(K), keep_threshold(p)),
+                 seed_v, seed_p, seed_in_mem, int(offset), calls_per_row(K), keep_threshold(p)),
                 dict(HAS_BASE=base is not None, BM=BM, BK=BK))
     return out

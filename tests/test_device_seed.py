@@ -250,3 +250,25 @@ def test_record_dropout_device_seed_and_eager_ints():
     with ops.record_dropout() as calls:
         lora_kernels.lora_linear(x, W, None, A, B, 1.0, dropout_p=0.2)
     assert len(calls) == 1 and isinstance(calls[0][0], int) and calls[0][1] == 0
+
+
+@pytest.mark.skipif(not _INTERP, reason="the Triton kernels run on the CPU only under TRITON_INTERPRET=1")
+def test_dora_masking_pass_tensor_seed_bit_identical(monkeypatch):
+    """DoRA's masking pass (dora_kernels.masked: keep ⊙ x, and x − keep ⊙ x / q over it) with the seed read from a
+    pointer, as under CUDA graph capture, gives the int path's output bit for bit, without a host read of the seed."""
+    pytest.importorskip("triton")
+    from lora_kernels import dora_kernels as dk
+
+    g = torch.Generator().manual_seed(3)
+    t = torch.randn(37, 44, generator=g).half()
+    for seed, offset, p in [(0x1234_5678_9ABC, 2**32 - 7, 0.3), (2**63 + 5, 0, 0.1), (16, 5, 0.5)]:
+        want = [dk.masked(t, p, seed, offset, 1.0, 0.0, True),
+                dk.masked(t, p, seed, offset, 1.0 - 1.0 / (1 - p), 1.0, True, base=t)]
+        with monkeypatch.context() as m:
+            forbid_host_reads(m)
+            got = [dk.masked(t, p, _as_tensor(seed), offset, 1.0, 0.0, True),
+                   dk.masked(t, p, _as_tensor(seed), offset, 1.0 - 1.0 / (1 - p), 1.0, True, base=t)]
+        keep = dropout_mask(seed, offset, t.shape, p)
+        assert torch.equal(want[0], torch.where(keep, t, torch.zeros_like(t)))
+        for a, c in zip(want, got):
+            assert torch.equal(a, c)

@@ -228,6 +228,50 @@ def test_cuda_graph_capture_replays_fresh_masks(backend, mode, M, p):
 
 
 @gpu
+@pytest.mark.parametrize("backend", _device_seed_backends())
+@pytest.mark.parametrize("p", [0.0, 0.15])
+def test_cuda_graph_capture_dora(backend, p):
+    """dora_linear captured forward+backward: every replay matches float64 DoRA math with the mask of the seed that
+    replay drew (with dropout the seed lives on the device and is refilled per replay, as lora_linear's: a host seed
+    would have been baked into the graph, one mask for every replay), and W changed in place between replays is
+    seen (the norm's cached ‖W_n‖² is not captured: the graph computes it from W on each replay)."""
+    from lora_kernels import dora
+
+    x, W, b, A, B, dy = _inputs(64, 128, 96, 8, torch.bfloat16, "cuda")
+    mag = torch.rand(96, device="cuda") + 0.5
+    xs, As, Bs, ms = (t.clone().requires_grad_() for t in (x, A, B, mag))
+
+    def fn():
+        y = lora_kernels.dora_linear(xs, W, b, As, Bs, S, ms, dropout_p=p, backend=backend)
+        return (y,) + torch.autograd.grad(y, (xs, As, Bs, ms), dy)
+
+    graph, out, calls = _capture(fn)
+    assert len(calls) == (1 if p > 0 else 0)
+    seeds = []
+    for i in range(3):
+        with torch.no_grad():
+            xs.copy_(torch.randn_like(x))
+            if i == 2:
+                W.mul_(1.5)  # in place: the next replay must use the new norm
+        graph.replay()
+        torch.cuda.synchronize()
+        seed = int(calls[0][0]) if p > 0 else 0
+        seeds.append(seed)
+
+        def run(*ts):
+            ts = [t.detach().clone().requires_grad_() for t in ts]
+            y = dora._composite(ts[0], W.to(ts[0].dtype), b.to(ts[0].dtype), ts[1], ts[2], S, ts[3], p, seed)
+            return [y] + list(torch.autograd.grad(y, ts, dy.to(y.dtype)))
+
+        ref = run(xs.double(), As.double(), Bs.double(), ms.double())
+        base = run(xs, As, Bs, ms)
+        for name, got, r64, b0 in zip(("y", "dx", "dA", "dB", "dmag"), out, ref, base):
+            assert_tolerance(got, r64, b0, name)
+    if p > 0:
+        assert len(set(seeds)) == 3, seeds
+
+
+@gpu
 @pytest.mark.skipif("cuda" not in _gpu_backends(), reason="needs the cuda backend")
 def test_cuda_backend_capture():
     """The cuda backend captures with dropout (its kernels read the device seed) and backend=None picks it under
