@@ -84,19 +84,10 @@ int resident_blocks(const void* kernel, int threads, size_t smem) {
   return n;
 }
 
-void* stream_counters(cudaStream_t stream, StreamCounters kind, size_t bytes) {
-  const int dev = current_device();
-  if (dev < 0) return nullptr;
-  struct Buffer {
-    void* ptr;
-    size_t bytes;
-  };
-  static std::mutex mu;
-  static std::map<std::tuple<int, cudaStream_t, int>, Buffer> bufs;
-  std::lock_guard<std::mutex> lock(mu);
-  const auto key = std::make_tuple(dev, stream, static_cast<int>(kind));
-  const auto it = bufs.find(key);
-  if (it != bufs.end()) return bytes <= it->second.bytes ? it->second.ptr : nullptr;
+namespace {
+// Zeroed device memory made outside any graph capture's rules (relaxed capture mode for this thread, zeroed on a
+// private non-blocking stream), so that a first use under capture works too; nullptr when that fails.
+void* zeroed_device_buffer(size_t bytes) {
   cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
   cudaThreadExchangeStreamCaptureMode(&mode);
   void* p = nullptr;
@@ -111,6 +102,53 @@ void* stream_counters(cudaStream_t stream, StreamCounters kind, size_t bytes) {
     if (p != nullptr) cudaFree(p);
     return nullptr;
   }
+  return p;
+}
+
+// Counters of one launch captured into a CUDA graph: a slot of its own (128-byte aligned, from 64 KiB slabs kept for
+// the process), which the graph's replays reuse and its kernel returns to zero. Not the capture stream's buffer:
+// graphs captured on one stream (torch.cuda.graph's shared default capture stream) and replayed concurrently on
+// different streams would share it.
+void* capture_counters(int dev, size_t bytes) {
+  constexpr size_t kSlab = 64 * 1024, kAlign = 128;
+  static std::mutex mu;
+  static std::map<int, std::pair<char*, size_t>> slabs;  // device -> (slab, bytes used)
+  std::lock_guard<std::mutex> lock(mu);
+  const size_t need = (bytes + kAlign - 1) / kAlign * kAlign;
+  if (need > kSlab) return nullptr;
+  auto& s = slabs[dev];
+  if (s.first == nullptr || s.second + need > kSlab) {
+    void* p = zeroed_device_buffer(kSlab);
+    if (p == nullptr) return nullptr;
+    s = {static_cast<char*>(p), 0};
+  }
+  void* slot = s.first + s.second;
+  s.second += need;
+  return slot;
+}
+}  // namespace
+
+void* stream_counters(cudaStream_t stream, StreamCounters kind, size_t bytes) {
+  const int dev = current_device();
+  if (dev < 0) return nullptr;
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &capture) != cudaSuccess) {
+    cudaGetLastError();
+    return nullptr;
+  }
+  if (capture != cudaStreamCaptureStatusNone) return capture_counters(dev, bytes);
+  struct Buffer {
+    void* ptr;
+    size_t bytes;
+  };
+  static std::mutex mu;
+  static std::map<std::tuple<int, cudaStream_t, int>, Buffer> bufs;
+  std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_tuple(dev, stream, static_cast<int>(kind));
+  const auto it = bufs.find(key);
+  if (it != bufs.end()) return bytes <= it->second.bytes ? it->second.ptr : nullptr;
+  void* p = zeroed_device_buffer(bytes);
+  if (p == nullptr) return nullptr;
   bufs.emplace(key, Buffer{p, bytes});
   return p;
 }

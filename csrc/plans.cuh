@@ -186,9 +186,11 @@ int compute_capability();
 // Counters that live across launches: `bytes` of zeroed device memory per (current device, stream, kind), made on
 // first use and kept for the process. The kernels that use them return them to zero before they exit (the last
 // block out resets them), so the next launch on the stream, or the next replay of a captured graph, starts from zero;
-// launches on one stream never overlap, so one buffer per stream and kind is enough. Made outside any graph capture's
-// rules (relaxed capture mode for this thread, zeroed on a private non-blocking stream), so a first use under
-// capture works too. nullptr when the allocation fails or `bytes` is more than the kind's first request.
+// eager launches on one stream never overlap, so one buffer per stream and kind is enough. A launch being captured
+// into a CUDA graph gets counters of its own instead (graphs captured on one stream may replay concurrently on
+// others). Made outside any graph capture's rules (relaxed capture mode for this thread, zeroed on a private
+// non-blocking stream), so a first use under capture works too. nullptr when the allocation fails or `bytes` is more
+// than the kind's first request.
 enum class StreamCounters : int { kSmallM = 0, kFusedReady = 1 };
 void* stream_counters(cudaStream_t stream, StreamCounters kind, size_t bytes);
 
