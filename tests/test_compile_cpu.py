@@ -12,6 +12,8 @@ storage. Now no seed is passed without dropout, and with dropout the seed is dra
 These tests pin that: no graph (dynamo's, AOT's forward and backward) takes a seed input or returns a seed it did
 not create, and the compiled step matches eager.
 """
+import os
+
 import pytest
 import torch
 from functorch.compile import make_boxed_func
@@ -243,9 +245,11 @@ def test_dora_compiles_to_one_graph(backend):
     if backend not in lora_kernels.available_backends():
         pytest.skip(f"backend {backend} is not available here")
     torch._dynamo.reset()
-    x, W = torch.randn(8, 16), torch.randn(12, 16) / 4
-    A, B, m = torch.randn(4, 16).requires_grad_(), torch.randn(12, 4).requires_grad_(), (torch.rand(12) + 0.5)
-    m.requires_grad_()
+    # the Triton passes run on CPU tensors under the interpreter only: on a GPU host without it, on CUDA tensors
+    dev = "cuda" if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+    x, W = torch.randn(8, 16, device=dev), torch.randn(12, 16, device=dev) / 4
+    A, B = torch.randn(4, 16, device=dev).requires_grad_(), torch.randn(12, 4, device=dev).requires_grad_()
+    m = (torch.rand(12, device=dev) + 0.5).requires_grad_()
     f = torch.compile(lambda x: lora_kernels.dora_linear(x, W, None, A, B, 2.0, m, backend=backend),
                       backend="aot_eager", fullgraph=True)
     y = f(x)

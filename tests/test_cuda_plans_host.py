@@ -9,6 +9,7 @@ are checked here rather than only on the GPU.
 from __future__ import annotations
 
 import itertools
+import os
 import subprocess
 from pathlib import Path
 
@@ -69,7 +70,10 @@ def plans_bin(tmp_path_factory):
 
 def _plans(exe, kind, cases, bps=3):
     stdin = "".join(f"{kind} {M} {C} {r} {bps}\n" for M, C, r in cases)
-    out = subprocess.run([str(exe)], input=stdin, capture_output=True, text=True, check=True).stdout.split("\n")
+    # no device: the plans take their no-device values (132 SMs, and the shared memory built in), also on a GPU host
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    out = subprocess.run([str(exe)], input=stdin, capture_output=True, text=True, check=True,
+                         env=env).stdout.split("\n")
     return [tuple(int(v) for v in line.split()) for line in out if line.strip()]
 
 
