@@ -553,7 +553,7 @@ def test_activation_checkpointing_regenerates_the_mask(backend, device, dtype, o
     """Under torch.utils.checkpoint (both forms: HF's gradient_checkpointing_enable uses them) the forward runs again
     in the backward; its dropout seed, drawn from torch's generator, must be the one the first forward drew (the
     checkpoint restores the generator's state), so the grads equal those of the same call without checkpointing at
-    the same torch seed. A second seed gives other grads: the mask is applied, not ignored."""
+    the same torch seed, up to rounding. A second seed gives other grads: the mask is applied, not ignored."""
     from torch.utils.checkpoint import checkpoint
 
     x, W, b, A, B = make((3, 11), 40, 24, 8, dtype, device)
@@ -572,10 +572,15 @@ def test_activation_checkpointing_regenerates_the_mask(backend, device, dtype, o
         (y.float().sin().sum()).backward()
         return [y.detach()] + [t.grad for t in args[:3 if op == "lora" else 4]]
 
+    def rel(a, b):
+        return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+    # Equal up to rounding (the recompute may order sums otherwise: 1e-2 is bf16's rounding with room); another
+    # mask is far off (the other seed below: about 0.3 on dA).
     plain = grads(7)
     for got in (grads(7, reentrant=False), grads(7, reentrant=True)):
-        for g, want in zip(got, plain):
+        for i, (g, want) in enumerate(zip(got, plain)):
             assert torch.isfinite(g).all()
-            assert torch.equal(g, want)
+            assert rel(g, want) < 1e-2, (i, rel(g, want))
     other = grads(8)
-    assert not torch.equal(other[0], plain[0]) and not torch.equal(other[2], plain[2])
+    assert rel(other[0], plain[0]) > 5e-2 and rel(other[2], plain[2]) > 5e-2
