@@ -110,6 +110,7 @@ The registered ops (``lora_kernels::dora_fwd`` / ``dora_bwd``) have fake impls a
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
@@ -505,6 +506,21 @@ def _composite(x, weight, bias, lora_A, lora_B, scaling, magnitude, p, seed):
     return y.to(x.dtype)
 
 
+_BLAS_READY: set = set()  # (thread, device index) where this module has made sure of a cuBLAS handle
+
+
+def _blas_ready(y: torch.Tensor) -> None:
+    """Makes sure this thread has its cuBLAS handle on y's device. Eager calls on the cuda backend run in C++ without
+    cuBLAS, while the calls it declines, graph capture among them, run the Python path, which multiplies with
+    torch (A Aᵀ): a capture warmed up by eager calls (as torch recommends) would otherwise create the handle inside
+    the capture, which cuBLAS refuses."""
+    key = (threading.get_ident(), y.get_device())
+    if key not in _BLAS_READY:
+        with torch.cuda.device(y.device):
+            torch.cuda.current_blas_handle()
+        _BLAS_READY.add(key)
+
+
 def _all_dropped(x, weight, bias, lora_A, lora_B, scaling, magnitude, backend):
     """DoRA at p = 1 in training (PEFT allows it): x_d = 0, so y = x Wᵀ + b, and the grads of lora_A, lora_B and
     the magnitude are zero. lora_linear at p = 1 gives x Wᵀ + b with zero grads for the adapters (and dx = dy W);
@@ -540,6 +556,7 @@ def dora_linear(x, weight, bias, lora_A, lora_B, scaling, magnitude, dropout_p=0
         y = _dispatch.call_entry(backend, "dora_entry", x, weight, bias, lora_A, lora_B, scaling, magnitude,
                                  dropout_p, training, int(BWD_CHUNK_BYTES))
         if y is not None:
+            _blas_ready(y)
             return y
     norm_weight = weight
     # behave like F.linear under autocast; the norm takes W as given

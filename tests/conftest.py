@@ -302,7 +302,8 @@ def poisoned_outputs(monkeypatch):
     def empty(*args, **kwargs):
         t = real_empty(*args, **kwargs)
         if t.is_floating_point():
-            t.fill_(float("nan"))
+            with torch.no_grad():  # also a leaf made with requires_grad=True (torch's checkpoint makes one)
+                t.fill_(float("nan"))
         return t
 
     if HAS_CUDA:
