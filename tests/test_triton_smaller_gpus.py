@@ -6,7 +6,8 @@ config that does not fit makes triton raise OutOfResources at the first call.
 Each check runs the host code on CPU tensors with the kernels replaced by recorders (as tests/test_dora_sm90.py and
 tests/test_triton_specialization.py do), the device's shared memory given, and compiles every launch it would make
 for that GPU's compute capability with triton's real compiler: what triton allocates must be within the device's
-limit. No GPU and no interpreter are needed.
+limit; on the same IR, no pointer offset may be a 32-bit product of a program id. No GPU and no interpreter are
+needed.
 """
 import json
 import os
@@ -22,7 +23,7 @@ pytest.importorskip("triton")
 GPUS = {"sm_86": (86, 99 * 1024), "A100": (80, 163 * 1024)}
 
 _LORA = r"""
-import json, sys
+import json, re, sys
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
@@ -65,12 +66,27 @@ for M in (16, 300):
                     y, u = tb.forward(x, W, None, A, B, 2.0, p, 12345, 0)
                     tb.backward(torch.randn(M, 384, generator=g).half(), x, W, A, B, u, 2.0, p, 12345, 0, True,
                                 True, True)
+
+
+def pid_offsets(ttir):
+    # i32 products of a program id (directly, or splat to a tensor) that a pointer is offset by
+    pids = set(re.findall(r"(%[\w.#]+) = tt\.get_program_id", ttir))
+    prods = {m.group(1): m.group(0) for m in re.finditer(r"(%[\w.#]+) = arith\.muli (%[\w.#]+), (%[\w.#]+) : i32\b",
+                                                          ttir) if m.group(2) in pids or m.group(3) in pids}
+    for m in re.finditer(r"(%[\w.#]+) = tt\.splat (%[\w.#]+) : i32", ttir):
+        if m.group(2) in prods:
+            prods[m.group(1)] = prods[m.group(2)]
+    return sorted({prods[m.group(2)] for m in re.finditer(r"tt\.addptr (%[\w.#]+), (%[\w.#]+)", ttir)
+                   if m.group(2) in prods})
+
+
 rows = []
 for (name, _), (kwargs, bound, spec) in first.items():
     fn = getattr(tb, name).fn
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, {})
     c = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
-    rows.append(dict(kernel=name, shared=c.metadata.shared, R_PAD=kwargs.get("R_PAD")))
+    rows.append(dict(kernel=name, shared=c.metadata.shared, R_PAD=kwargs.get("R_PAD"),
+                     need_db=bool(kwargs.get("NEED_DB")), i32_offsets=pid_offsets(c.asm["ttir"])))
 print(json.dumps(rows))
 """
 
@@ -87,16 +103,21 @@ def _run(python, script, *args):
 
 
 @pytest.mark.parametrize("triton_python", TRITON_PYTHONS)
-@pytest.mark.parametrize("gpu", sorted(GPUS))
+@pytest.mark.parametrize("gpu", sorted(GPUS) + ["H100"])
 def test_lora_kernels_fit(triton_python, gpu):
     """Every launch of the LoRA forward and backward (M = 16 and 300, r from 16 to 256, 16-bit and fp32 adapters,
-    with and without dropout, dB in the dy pass or apart) compiles within the GPU's shared memory."""
-    cap, limit = GPUS[gpu]
+    with and without dropout, dB in the dy pass or apart) compiles within the GPU's shared memory. And no pointer is
+    offset by a 32-bit product of a program id: a split or block index times a stride (the dy pass's dB partials,
+    pid · N · r) passes 2^31 at valid shapes (bf16 dy, N = 128256, r = 16, M = 67,072 tokens) and wraps to an address
+    before the buffer; checked on each kernel's Triton IR."""
+    cap, limit = GPUS.get(gpu, (90, 227 * 1024))
     rows = _run(triton_python, _LORA, cap, limit)
     assert {r["kernel"] for r in rows} == {"_shrink_kernel", "_output_gemm_kernel", "_small_m_kernel",
                                            "_dy_pass_kernel"}, rows
+    assert any(r["kernel"] == "_dy_pass_kernel" and r["need_db"] for r in rows), rows
     over = [r for r in rows if r["shared"] > limit]
     assert over == [], over
+    assert [r for r in rows if r["i32_offsets"]] == [], rows
 
 
 @pytest.mark.parametrize("triton_python", TRITON_PYTHONS)
