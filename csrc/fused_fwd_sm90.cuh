@@ -396,8 +396,8 @@ struct FusedFwd {
   // An output tile of the lead kernel. A lead tile (j < lead of its row block) runs, with each main K-tile, narrow
   // wgmmas (64 x NW x 16, NW = 8 Blocks Pieces: 24 for fp32 adapters' 3 pieces of 8 u columns, 8 or 32 for 16-bit
   // adapters' 8 or 32 u columns) of the same x tile by the first NW rows of the stage's slot of lora_A's pieces into
-  // a u accumulator (as a batch of its own before the main one; FusedParams::debug bit 9 interleaves them without
-  // dropout), and adds each K-tile's products into fp32 registers (tot, per u column) while the K-tile's main
+  // a u accumulator (as a batch of its own before the main one: interleaved with the main wgmmas it was slower in
+  // every cell timed, bench/results/FINDINGS.md), and adds each K-tile's products into fp32 registers (tot, per u column) while the K-tile's main
   // wgmmas run: the tensor cores' accumulation is not an IEEE fp32 sum, and a K-long chain of it misses the
   // tolerance rule for u. After the main K-tiles it writes u's columns rc j .. rc j + rc - 1 (rc = 8 Blocks) of the
   // row block and raises the ready count, before the extension stage is waited for (its load waits for every lead
@@ -466,11 +466,6 @@ struct FusedFwd {
     if constexpr (kMask) {
       if (is_lead) lead_keep_fetch(keep_raw, f, m_blk, 0, thread_idx);
     }
-    // Development switch (FusedParams::debug bit 9, not yet timed on a GPU): without dropout, each k-block's narrow
-    // u wgmma interleaved with its main wgmma in one batch. A narrow wgmma reads a whole 64 x 16 block of x from
-    // shared memory for 8-32 columns, so shared memory bounds it: in a batch of its own it may hold the main
-    // wgmmas back, interleaved its reads could run under their math.
-    const bool interleave = !kMask && (f.debug & 512);
     auto main_batch = [&](int stage) CUTLASS_LAMBDA_FUNC_INLINE {
       warpgroup_fence_operand(accum);
       warpgroup_arrive();
@@ -490,62 +485,38 @@ struct FusedFwd {
       if (is_lead) {
         Tensor sU = make_tensor(make_smem_ptr(ap_slots + stage * kApSlotElems), SmemLayoutU{});
         Tensor tUrB = thr_u.make_fragment_B(thr_u.partition_B(sU));  // (MMA, MMA_N, MMA_K)
-        if (interleave) {
-          if constexpr (!kMask) {
-            // Each k-block's narrow u wgmma just before its main wgmma, in one batch but for the last main wgmma,
-            // which runs while the u products are drained.
-            constexpr int kKB = size<2>(decltype(tCrA){});
-            warpgroup_fence_operand(accum);
-            warpgroup_fence_operand(acc);
-            warpgroup_arrive();
-            umma.accumulate_ = GMMA::ScaleOut::Zero;
-            CUTLASS_PRAGMA_UNROLL
-            for (int k_block = 0; k_block < kKB; ++k_block) {
-              cute::gemm(umma, tUrA(_, _, k_block, stage), tUrB(_, _, k_block), acc);
-              umma.accumulate_ = GMMA::ScaleOut::One;
-              if (k_block == kKB - 1) warpgroup_commit_batch();
-              cute::gemm(tiled_mma, tCrA(_, _, k_block, stage), tCrB(_, _, k_block, stage), accum);
-              tiled_mma.accumulate_ = GMMA::ScaleOut::One;
-            }
-            warpgroup_commit_batch();
-            warpgroup_wait<1>();  // all but the last main wgmma: the u products, K-tile t - 1's stage
-            warpgroup_fence_operand(accum);
-            warpgroup_fence_operand(acc);
-            add_u_products<Blocks, Pieces>(acc, tot);
-          }
-        } else {  // the u batch first (with dropout from x's copy in registers, masked there), then the main batch
-          if constexpr (kMask) {
-            auto x_copy = make_tiled_copy_A(Copy_Atom<SM75_U32x4_LDSM_N, Element>{}, umma);
-            auto thr_copy = x_copy.get_slice(thread_idx);
-            warpgroup_fence_operand(tUrA);
-            copy(x_copy, thr_copy.partition_S(sA)(_, _, _, stage), thr_copy.retile_D(tUrA));
-            uint32_t keep[2];
-            lead_keep_pack(keep, keep_raw, thread_idx);
-            lead_mask(tUrA, keep);
-            warpgroup_fence_operand(tUrA);
-          }
-          warpgroup_fence_operand(acc);
-          warpgroup_arrive();
-          umma.accumulate_ = GMMA::ScaleOut::Zero;
-          CUTLASS_PRAGMA_UNROLL
-          for (int k_block = 0; k_block < size<2>(tUrA); ++k_block) {
-            if constexpr (kMask) cute::gemm(umma, tUrA(_, _, k_block), tUrB(_, _, k_block), acc);
-            else cute::gemm(umma, tUrA(_, _, k_block, stage), tUrB(_, _, k_block), acc);
-            umma.accumulate_ = GMMA::ScaleOut::One;
-          }
-          warpgroup_commit_batch();
-          main_batch(stage);
-          if constexpr (kMask) {
-            if (t + 1 < kt_main) lead_keep_fetch(keep_raw, f, m_blk, t + 1, thread_idx);
-          }
-          // One batch left in flight (this K-tile's main batch): the u batch and K-tile t - 1's main batch are
-          // done. The u sums are drained under the main batch, so the tensor cores do not wait for the drain.
-          warpgroup_wait<1>();
-          warpgroup_fence_operand(accum);
-          warpgroup_fence_operand(acc);
-          if constexpr (kMask) warpgroup_fence_operand(tUrA);  // read by the u batch, now done: free to reload
-          add_u_products<Blocks, Pieces>(acc, tot);
+        // the u batch first (with dropout from x's copy in registers, masked there), then the main batch
+        if constexpr (kMask) {
+          auto x_copy = make_tiled_copy_A(Copy_Atom<SM75_U32x4_LDSM_N, Element>{}, umma);
+          auto thr_copy = x_copy.get_slice(thread_idx);
+          warpgroup_fence_operand(tUrA);
+          copy(x_copy, thr_copy.partition_S(sA)(_, _, _, stage), thr_copy.retile_D(tUrA));
+          uint32_t keep[2];
+          lead_keep_pack(keep, keep_raw, thread_idx);
+          lead_mask(tUrA, keep);
+          warpgroup_fence_operand(tUrA);
         }
+        warpgroup_fence_operand(acc);
+        warpgroup_arrive();
+        umma.accumulate_ = GMMA::ScaleOut::Zero;
+        CUTLASS_PRAGMA_UNROLL
+        for (int k_block = 0; k_block < size<2>(tUrA); ++k_block) {
+          if constexpr (kMask) cute::gemm(umma, tUrA(_, _, k_block), tUrB(_, _, k_block), acc);
+          else cute::gemm(umma, tUrA(_, _, k_block, stage), tUrB(_, _, k_block), acc);
+          umma.accumulate_ = GMMA::ScaleOut::One;
+        }
+        warpgroup_commit_batch();
+        main_batch(stage);
+        if constexpr (kMask) {
+          if (t + 1 < kt_main) lead_keep_fetch(keep_raw, f, m_blk, t + 1, thread_idx);
+        }
+        // One batch left in flight (this K-tile's main batch): the u batch and K-tile t - 1's main batch are
+        // done. The u sums are drained under the main batch, so the tensor cores do not wait for the drain.
+        warpgroup_wait<1>();
+        warpgroup_fence_operand(accum);
+        warpgroup_fence_operand(acc);
+        if constexpr (kMask) warpgroup_fence_operand(tUrA);  // read by the u batch, now done: free to reload
+        add_u_products<Blocks, Pieces>(acc, tot);
       } else {
         main_batch(stage);
         warpgroup_wait<1>();  // K-tile t - 1's main batch is done

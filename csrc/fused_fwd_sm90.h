@@ -135,8 +135,7 @@ struct FusedParams {
   // u tiles (wrong results: timing only); bit 1, u tiles multiply nothing; bit 4, a trace of every tile in u's place
   // (uint32 records of 4: SM, start, main loop end, end; the producers' waits at 16384 + tile); bit 5, the dropout
   // lead tiles load no keep bits (everything kept: timing only); bit 8 (host only), the prep launch even where the
-  // lead tiles could read the adapters as they are (lora_fused_fwd_sm90_direct: A/B timing); bit 9, the lead tiles'
-  // u wgmmas interleaved with the main ones (no dropout; mma_lead, not yet timed).
+  // lead tiles could read the adapters as they are (lora_fused_fwd_sm90_direct: A/B timing).
   int debug = 0;
   int strip = 0;  // output cluster columns per strip of the tile order (LORA_KERNELS_FUSED_STRIP; 0: 4)
 };

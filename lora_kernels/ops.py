@@ -246,10 +246,11 @@ def first_order(grads, dy, *inputs):
 
 
 # autograd.Function.apply is a Python wrapper around the C apply: it binds default arguments (only for a Function
-# with its own setup_context, which _EagerLoRA has not), routes calls under functorch transforms, and otherwise
-# unwraps the "dead" functorch wrappers among the arguments (tensors that escaped an earlier transform) before the C
-# apply. _eager_apply does the same with one C call per tensor instead of a generator over all ten arguments: a few
-# microseconds of host time per call. Where this torch lacks the pieces, Function.apply itself.
+# with its own setup_context, which _EagerLoRA has not), routes calls under functorch transforms (which never reach
+# _eager_apply: transform_backend sends them to the composite path), and otherwise unwraps the "dead" functorch
+# wrappers among the arguments (tensors that escaped an earlier transform) before the C apply. _eager_apply does the
+# same with one C call per tensor instead of a generator over all ten arguments: a few microseconds of host time per
+# call. Where this torch lacks the unwrapping, Function.apply itself.
 _C_APPLY = super(torch.autograd.Function, _EagerLoRA).apply
 try:  # the unwrapping that Function.apply does (torch._functorch.utils.unwrap_dead_wrappers), one tensor at a time
     from torch._functorch.utils import unwrap_if_dead as _UNWRAP_IF_DEAD
@@ -260,7 +261,7 @@ _FUNCTORCH_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", None)
 
 def _eager_apply(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset, backend):
     """_EagerLoRA.apply(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset, backend)."""
-    if _UNWRAP_IF_DEAD is None or _FUNCTORCH_ACTIVE is None or _FUNCTORCH_ACTIVE():
+    if _UNWRAP_IF_DEAD is None:
         return _EagerLoRA.apply(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset, backend)
     un = _UNWRAP_IF_DEAD
     return _C_APPLY(un(x), un(weight), None if bias is None else un(bias), un(lora_A), un(lora_B), scaling, p,

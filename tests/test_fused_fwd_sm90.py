@@ -7,9 +7,6 @@ says why where it is not, and its y, saved u and grads meet the float64 toleranc
 multiple of the 128-row tile, an odd number of output tile columns, K not a multiple of the 64-wide K tile, every
 u-column split) in both variants, and in the lead tiles' wide form (128 x 256 tiles, cooperative schedule) where the
 sm_90 GEMM takes that tile."""
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -415,26 +412,3 @@ def test_wide_lead_tiles_op_grads_and_determinism():
     run_and_check("cuda", "cuda", torch.bfloat16, (1333,), 2048, 2304, 64, bias=False, p=0.0,
                   adapter_dtype=torch.bfloat16)
     assert_cuda_backend_deterministic(1333, 2048, 2048, 16)
-
-
-_INTERLEAVE_TESTS = ["test_lead_tiles_against_float64", "test_lead_tiles_of_32_columns_against_float64",
-                     "test_wide_lead_tiles_against_float64", "test_lead_tiles_op_grads_and_determinism",
-                     "test_wide_lead_tiles_op_grads_and_determinism"]
-
-
-@pytest.mark.skipif(os.environ.get("LORA_KERNELS_FUSED_DEBUG") is not None,
-                    reason="the process already runs with a development switch")
-def test_lead_tiles_interleaved_against_float64():
-    """The lead tiles' development form (LORA_KERNELS_FUSED_DEBUG=512: each narrow u wgmma interleaved with its main
-    wgmma in one batch; read once per process, so in a process of its own) passes the lead-tile tests above: the
-    ping-pong and wide variants, every lead-tile count, both adapter dtypes, the op's grads and determinism."""
-    # (an xdist worker's PYTEST_XDIST_* variables left out: the child is a plain pytest run)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
-    env["LORA_KERNELS_FUSED_DEBUG"] = "512"
-    ids = [f"{__file__}::{name}" for name in _INTERLEAVE_TESTS]
-    # the parent's working directory and PYTHONPATH: the same lora_kernels (the GPU runs' installed wheel)
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *ids], env=env,
-                         capture_output=True, text=True, timeout=900)
-    tail = (out.stdout + out.stderr)[-3000:]
-    assert out.returncode == 0, tail
-    assert " passed" in tail and " failed" not in tail and " error" not in tail, tail

@@ -1,6 +1,6 @@
 """A/B of one environment setting (a development switch read once per process) on the targets grid.
 
-    python3 bench/dev/env_ab.py --env LORA_KERNELS_FUSED_DEBUG=512 --repeats 2 --out ab.json -- \
+    python3 bench/dev/env_ab.py --env LORA_KERNELS_PDL=0 --repeats 2 --out ab.json -- \
         --providers ours-cuda --M 2048,8192 --r 16,64 --p 0 --modes fwd --adapter-dtype bfloat16
 
 Runs bench/suite/targets.py (the arguments after `--`) 2 × repeats times in fresh processes, without the setting (A)
