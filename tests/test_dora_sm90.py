@@ -8,13 +8,10 @@ CPU tensors with ``_interp`` forced off and the kernels replaced by recorders th
 JIT would for an sm_90 target. LORA_KERNELS_TRITON_ALT_PYTHON may name a second interpreter with another triton
 version (e.g. 3.6, the GPU machine's) to run the same checks there.
 """
-import json
-import os
-import subprocess
-
 import pytest
 
 from conftest import TRITON_PYTHONS
+from triton_recorder import run_script
 
 pytest.importorskip("triton")
 
@@ -24,7 +21,7 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
-from triton.runtime.jit import create_function_from_signature
+from triton_recorder import install
 
 from lora_kernels import dora_kernels as dk
 
@@ -36,23 +33,14 @@ launches = {}  # (kernel, constexprs and options) -> set of JIT cache keys (spec
 first = {}
 
 
-class Recorder:
-    def __init__(self, name):
-        self.name, self.fn = name, getattr(dk, name)
-        self.binder = create_function_from_signature(self.fn.signature, self.fn.params, backend)
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            bound, spec, options = self.binder(*args, **kwargs)
-            dtypes = [str(a.dtype) for a in args if isinstance(a, torch.Tensor)]
-            site = (self.name, json.dumps(sorted((k, str(v)) for k, v in kwargs.items()) + dtypes))
-            launches.setdefault(site, set()).add(json.dumps([str(s) for s in spec]))
-            first.setdefault(site, (kwargs, bound, spec))
-        return launch
+def record(rec, args, kwargs, bound, spec, options):
+    dtypes = [str(a.dtype) for a in args if isinstance(a, torch.Tensor)]
+    site = (rec.name, json.dumps(sorted((k, str(v)) for k, v in kwargs.items()) + dtypes))
+    launches.setdefault(site, set()).add(json.dumps([str(s) for s in spec]))
+    first.setdefault(site, (kwargs, bound, spec))
 
 
-for n in NAMES:
-    setattr(dk, n, Recorder(n))
+install(dk, NAMES, backend, record)
 dk._interp = lambda t: False  # the GPU path's tiles and dot modes
 dk._num_sms = lambda d: 132
 g = torch.Generator().manual_seed(0)
@@ -106,12 +94,7 @@ print(json.dumps(rows))
 
 @pytest.mark.parametrize("triton_python", TRITON_PYTHONS)
 def test_dora_kernels_compile_for_sm90_without_spills(triton_python):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                         env.get("PYTHONPATH", "")])
-    out = subprocess.run([triton_python, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=1500)
-    assert out.returncode == 0, out.stderr[-3000:]
-    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    rows = run_script(triton_python, _SCRIPT, timeout=1500)
     kernels = {r["kernel"] for r in rows}
     assert kernels == {"_w_at_kernel", "_norm_combine_kernel", "_scale_bias_kernel", "_scale_colsum_kernel",
                        "_masked_kernel", "_zero_g_colsum_kernel"}, kernels

@@ -3,19 +3,15 @@
 smaller one (configs._smem_per_block, read from the device) they are cut to fit, and the TMA kernel is not taken. A
 config that does not fit makes triton raise OutOfResources at the first call.
 
-Each check runs the host code on CPU tensors with the kernels replaced by recorders (as tests/test_dora_sm90.py and
-tests/test_triton_specialization.py do), the device's shared memory given, and compiles every launch it would make
-for that GPU's compute capability with triton's real compiler: what triton allocates must be within the device's
-limit; on the same IR, no pointer offset may be a 32-bit product of a program id. No GPU and no interpreter are
-needed.
+Each check runs the host code on CPU tensors with the kernels replaced by recorders (tests/triton_recorder.py), the
+device's shared memory given, and compiles every launch it would make for that GPU's compute capability with
+triton's real compiler: what triton allocates must be within the device's limit; on the same IR, no pointer offset
+may be a 32-bit product of a program id. No GPU and no interpreter are needed.
 """
-import json
-import os
-import subprocess
-
 import pytest
 
 from conftest import TRITON_PYTHONS
+from triton_recorder import run_script
 
 pytest.importorskip("triton")
 
@@ -28,7 +24,7 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
-from triton.runtime.jit import create_function_from_signature
+from triton_recorder import install
 
 from lora_kernels.backends.triton import launch as tb
 
@@ -39,20 +35,11 @@ NAMES = ["_shrink_kernel", "_output_gemm_kernel", "_small_m_kernel", "_dy_pass_k
 first = {}
 
 
-class Recorder:
-    def __init__(self, name):
-        self.name, self.fn = name, getattr(tb, name)
-        self.binder = create_function_from_signature(self.fn.signature, self.fn.params, backend)
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            bound, spec, options = self.binder(*args, **kwargs)
-            first.setdefault((self.name, tuple(sorted((k, str(v)) for k, v in kwargs.items()))), (kwargs, bound, spec))
-        return launch
+def record(rec, args, kwargs, bound, spec, options):
+    first.setdefault((rec.name, tuple(sorted((k, str(v)) for k, v in kwargs.items()))), (kwargs, bound, spec))
 
 
-for name in NAMES:
-    setattr(tb, name, Recorder(name))
+install(tb, NAMES, backend, record)
 tb._smem_per_block = lambda device: limit
 g = torch.Generator().manual_seed(0)
 for M in (16, 300):
@@ -92,14 +79,7 @@ print(json.dumps(rows))
 
 
 def _run(python, script, *args):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["LORA_KERNELS_TRITON_AUTOTUNE"] = "0"
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                         env.get("PYTHONPATH", "")])
-    out = subprocess.run([python, "-c", script, *map(str, args)], env=env, capture_output=True, text=True,
-                         timeout=1200)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_script(python, script, *args, timeout=1200, env_extra={"LORA_KERNELS_TRITON_AUTOTUNE": "0"})
 
 
 @pytest.mark.parametrize("triton_python", TRITON_PYTHONS)

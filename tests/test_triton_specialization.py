@@ -10,13 +10,10 @@ triton's JIT would look its cache up with (the binder's specialization and the l
 for the very arguments the backend passes. No GPU and no interpreter are needed (a subprocess without
 TRITON_INTERPRET): triton's real JITFunction objects build the binder.
 """
-import json
-import os
-import subprocess
-
 import pytest
 
 from conftest import TRITON_PYTHONS
+from triton_recorder import run_script
 
 pytest.importorskip("triton")
 
@@ -25,7 +22,7 @@ import json, os, sys
 import torch
 from triton.backends.compiler import GPUTarget
 from triton.compiler import make_backend
-from triton.runtime.jit import create_function_from_signature
+from triton_recorder import install
 
 from lora_kernels.backends.triton import launch as tb
 
@@ -36,23 +33,14 @@ problem = None
 launches = []  # the kernels launched so far by the current forward or backward call
 
 
-class Recorder:
-    def __init__(self, name):
-        self.name, self.fn = name, getattr(tb, name)
-        self.binder = create_function_from_signature(self.fn.signature, self.fn.params, backend)
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            _, spec, options = self.binder(*args, **kwargs)
-            key = json.dumps([[str(s) for s in spec], sorted((k, str(v)) for k, v in options.items())])
-            launches.append(self.name)
-            site = f"{self.name} {problem} launch{len(launches)}"
-            keys.setdefault(site, set()).add(key)
-        return launch
+def record(rec, args, kwargs, bound, spec, options):
+    key = json.dumps([[str(s) for s in spec], sorted((k, str(v)) for k, v in options.items())])
+    launches.append(rec.name)
+    site = f"{rec.name} {problem} launch{len(launches)}"
+    keys.setdefault(site, set()).add(key)
 
 
-for name in KERNELS:
-    setattr(tb, name, Recorder(name))
+install(tb, KERNELS, backend, record)
 # cuBLAS's main loop (the plans' Tensor.addmm_) selects no Triton kernel: a no-op here, so that the check does not
 # spend minutes in half-precision CPU matmuls (it timed out at 600 s on a 2-core CI machine)
 torch.Tensor.addmm_ = lambda self, *args, **kwargs: self
@@ -88,13 +76,8 @@ def test_seed_offset_threshold_scale_never_respecialize(triton_python):
     (32/64-bit, == 1, divisible by 16, top bit set, or a device tensor as under CUDA graphs), offset, p and scaling.
     LORA_KERNELS_TRITON_ALT_PYTHON may name a second interpreter with another triton version (e.g. 3.6) to run the
     same check there."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["LORA_KERNELS_TRITON_AUTOTUNE"] = "0"  # fixed configs: the launch goes straight to the (recorded) kernel
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                         env.get("PYTHONPATH", "")])
-    out = subprocess.run([triton_python, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    counts = json.loads(out.stdout.strip().splitlines()[-1])
+    # fixed configs: the launch goes straight to the (recorded) kernel
+    counts = run_script(triton_python, _SCRIPT, timeout=600, env_extra={"LORA_KERNELS_TRITON_AUTOTUNE": "0"})
     seeded = {"_shrink_kernel", "_output_gemm_kernel", "_small_m_kernel"}
     assert seeded <= {k.split()[0] for k in counts}, counts  # every kernel that takes the seed was exercised
     assert all(n == 1 for n in counts.values()), counts
@@ -106,7 +89,7 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
-from triton.runtime.jit import create_function_from_signature
+from triton_recorder import install
 
 from lora_kernels.backends.triton import launch as tb
 
@@ -116,21 +99,12 @@ SEEDED = ["_shrink_kernel", "_output_gemm_kernel", "_small_m_kernel"]
 first = {}  # (kernel, W_T) -> what the JIT would compile for its first launch with dropout
 
 
-class Recorder:
-    def __init__(self, name):
-        self.name, self.fn = name, getattr(tb, name)
-        self.binder = create_function_from_signature(self.fn.signature, self.fn.params, backend)
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            if self.name in SEEDED and kwargs.get("HAS_DROPOUT"):
-                bound, spec, options = self.binder(*args, **kwargs)
-                first.setdefault((self.name, bool(kwargs.get("W_T"))), (kwargs, bound, spec))  # W_T: dA
-        return launch
+def record(rec, args, kwargs, bound, spec, options):
+    if rec.name in SEEDED and kwargs.get("HAS_DROPOUT"):
+        first.setdefault((rec.name, bool(kwargs.get("W_T"))), (kwargs, bound, spec))  # W_T: dA
 
 
-for name in SEEDED + ["_dy_pass_kernel"]:
-    setattr(tb, name, Recorder(name))
+install(tb, SEEDED + ["_dy_pass_kernel"], backend, record)
 g = torch.Generator().manual_seed(0)
 for M in (16, 300):
     x, W, A, B = (torch.randn(M, 256, generator=g).half(), torch.randn(320, 256, generator=g).half(),
@@ -156,13 +130,7 @@ def test_seed_pointer_kernels_compile_for_sm90(triton_python):
     """Every kernel that takes the seed compiles for sm_90 as a real launch would specialize it: the seed an i64
     argument, the flag an i32, the seed pointer typed like the input, and (where the kernel draws a mask) a load of
     the seed as an int64 from that pointer, taken at run time when the seed lives in memory."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["LORA_KERNELS_TRITON_AUTOTUNE"] = "0"
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                         env.get("PYTHONPATH", "")])
-    out = subprocess.run([triton_python, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
-    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    rows = run_script(triton_python, _COMPILE_SCRIPT, env_extra={"LORA_KERNELS_TRITON_AUTOTUNE": "0"})
     assert sorted(r["kernel"] for r in rows) == ["_output_gemm_kernel", "_shrink_kernel", "_shrink_kernel",
                                                  "_small_m_kernel"], rows  # the shrink as shrink and as dA
     for r in rows:
