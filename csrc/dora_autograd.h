@@ -43,9 +43,13 @@
 
 #include "lora_autograd.h"
 
+#include <c10/core/Event.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
+
 #include <algorithm>
 #include <atomic>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <unordered_map>
 #include <vector>
@@ -58,6 +62,9 @@ namespace lora_kernels {
 // W bumps it), as lora_kernels/dora.py's _weight_sq checks its own cache. clear_weight_sq_cache() empties it
 // (dora.clear_weight_norm_cache calls it). The entry of a freed weight (its N floats) is dropped at the next fill of
 // the cache, not at once as Python's weak dictionary drops its own; clear_weight_sq_cache() drops them all.
+// The entry keeps the stream that computed it and an event recorded there: a hit on another stream waits for that
+// event and marks the tensor as used on that stream (the caching allocator must not reuse its memory under that
+// stream's reads once a miss drops it), as the Python cache does.
 struct WeightSqEntry {
   c10::weak_intrusive_ptr<c10::TensorImpl> impl;
   c10::weak_intrusive_ptr<c10::StorageImpl> storage;
@@ -67,6 +74,8 @@ struct WeightSqEntry {
   at::ScalarType dtype;
   int64_t version;
   at::Tensor wsq;
+  c10::Stream stream;
+  std::shared_ptr<c10::Event> done;
 };
 
 inline std::mutex& weight_sq_mutex() {
@@ -104,16 +113,27 @@ inline at::Tensor weight_sq_compute(const at::Tensor& w) {
 
 inline at::Tensor weight_sq_cached(const at::Tensor& w) {
   const c10::TensorImpl* key = w.unsafeGetTensorImpl();
+  const c10::impl::VirtualGuardImpl guard(w.device().type());
+  const c10::Stream current = guard.getStream(w.device());
   {
     std::lock_guard<std::mutex> lock(weight_sq_mutex());
     auto it = weight_sq_map().find(key);
-    if (it != weight_sq_map().end() && weight_sq_matches(it->second, w)) return it->second.wsq;
+    if (it != weight_sq_map().end() && weight_sq_matches(it->second, w)) {
+      const WeightSqEntry& e = it->second;
+      if (e.stream != current) {
+        e.done->block(current);
+        guard.recordDataPtrOnStream(e.wsq.storage().data_ptr(), current);
+      }
+      return e.wsq;
+    }
   }
   at::Tensor wsq;
   {
     at::NoGradGuard no_grad;
     wsq = weight_sq_compute(w);
   }
+  auto done = std::make_shared<c10::Event>(w.device().type());
+  done->record(current);
   std::lock_guard<std::mutex> lock(weight_sq_mutex());
   auto& map = weight_sq_map();
   for (auto it = map.begin(); it != map.end();) {  // entries of freed weights or storages
@@ -127,7 +147,9 @@ inline at::Tensor weight_sq_cached(const at::Tensor& w) {
                            w.strides().vec(),
                            w.scalar_type(),
                            w._version(),
-                           wsq});
+                           wsq,
+                           current,
+                           std::move(done)});
   return wsq;
 }
 

@@ -134,7 +134,7 @@ def _acc(*ts) -> torch.dtype:
 
 # ------------------------------------------------------------------------------------------------ the norm
 _CHUNK_ELEMS = 1 << 22  # rows of W are up-cast in chunks of at most this many elements (16 MiB in fp32)
-_WSQ_CACHE = WeakIdKeyDictionary()  # weight tensor -> (key, storage weak ref, ‖W_n‖²)
+_WSQ_CACHE = WeakIdKeyDictionary()  # weight tensor -> (key, storage weak ref, ‖W_n‖², stream, event)
 
 
 def clear_weight_norm_cache() -> None:
@@ -168,7 +168,12 @@ def _weight_sq(weight: torch.Tensor, acc) -> torch.Tensor:
     ``untyped_storage().resize_()`` and FSDP2's free/re-gather of unsharded parameters do, misses), storage offset,
     shape, strides, dtype and torch's version counter (every in-place op on W, ``copy_`` included, bumps it). Not
     seen: in-place changes at the same address that bypass the version counter (through ``W.data``, or under
-    ``torch.autograd._unsafe_preserve_version_counter``); call ``clear_weight_norm_cache()`` after those."""
+    ``torch.autograd._unsafe_preserve_version_counter``); call ``clear_weight_norm_cache()`` after those.
+
+    On CUDA the entry keeps the stream that computed it and an event recorded there: a hit on another stream waits
+    for that event (the reduction may still be queued behind other work there) and marks the tensor as used on that
+    stream, so that the caching allocator does not reuse its memory under that stream's reads after a miss drops
+    it."""
     if torch.compiler.is_compiling():  # no Python-side cache inside a graph; the reduction fuses there
         return _weight_sq_compute(weight, acc)
     if weight.is_cuda and torch.cuda.is_current_stream_capturing():
@@ -185,10 +190,21 @@ def _weight_sq(weight: torch.Tensor, acc) -> torch.Tensor:
         return _weight_sq_compute(weight, acc)
     hit = _WSQ_CACHE.get(weight)
     if hit is not None and hit[0] == key and not hit[1].expired() and hit[1].cdata == storage._cdata:
-        return hit[2]
+        wsq, stream, event = hit[2:]
+        if stream is not None:
+            current = torch.cuda.current_stream(weight.device)
+            if current != stream:
+                current.wait_event(event)
+                wsq.record_stream(current)
+        return wsq
     with torch.no_grad():
         wsq = _weight_sq_compute(weight.detach(), acc)
-    _WSQ_CACHE[weight] = (key, StorageWeakRef(storage), wsq)
+    stream = event = None
+    if weight.is_cuda:
+        stream = torch.cuda.current_stream(weight.device)
+        event = torch.cuda.Event()
+        event.record(stream)
+    _WSQ_CACHE[weight] = (key, StorageWeakRef(storage), wsq, stream, event)
     return wsq
 
 

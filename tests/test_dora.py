@@ -635,6 +635,34 @@ def _gpu_backends():
 
 
 @gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_norm_cache_hit_on_another_stream(backend):
+    """‖W_n‖² cached by a call on one stream and hit by a call on another: the hit waits for the reduction, which is
+    still queued on the first stream behind a long sleep. The reduction's output block was filled with NaN just
+    before (the same stream's pool hands it out again), so a hit that does not wait reads NaN."""
+    if backend not in lora_kernels.available_backends():
+        pytest.skip(f"no {backend} backend here")
+    dora.clear_weight_norm_cache()
+    x, W, b, A, B, m = make((64,), 1024, 4096, 16, torch.bfloat16, "cuda")
+    s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+    torch.cuda.synchronize()
+    with torch.no_grad():
+        with torch.cuda.stream(s1):
+            poison = torch.full((W.shape[0],), float("nan"), device="cuda")
+            del poison
+            torch.cuda._sleep(100_000_000)  # tens of milliseconds: the reduction below runs after it
+            y1 = lora_kernels.dora_linear(x, W, b, A, B, 1.5, m, backend=backend)
+        with torch.cuda.stream(s2):
+            y2 = lora_kernels.dora_linear(x, W, b, A, B, 1.5, m, backend=backend)
+        torch.cuda.synchronize()
+        y3 = lora_kernels.dora_linear(x, W, b, A, B, 1.5, m, backend=backend)
+    ref = peft_formula(x.double(), W.double(), b.double(), A.double(), B.double(), 1.5, m.double())
+    assert torch.isfinite(y2).all()
+    torch.testing.assert_close(y3.double(), ref, rtol=2e-2, atol=2e-2)
+    assert torch.equal(y1, y3) and torch.equal(y2, y3)
+
+
+@gpu
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_gpu_bf16_fp32_adapters_every_backend(p):
     for backend in _gpu_backends():
