@@ -74,7 +74,7 @@ struct WeightSqEntry {
   at::ScalarType dtype;
   int64_t version;
   at::Tensor wsq;
-  c10::Stream stream;
+  std::optional<c10::Stream> stream;  // CUDA only: the stream that computed wsq, and an event recorded there
   std::shared_ptr<c10::Event> done;
 };
 
@@ -113,16 +113,20 @@ inline at::Tensor weight_sq_compute(const at::Tensor& w) {
 
 inline at::Tensor weight_sq_cached(const at::Tensor& w) {
   const c10::TensorImpl* key = w.unsafeGetTensorImpl();
-  const c10::impl::VirtualGuardImpl guard(w.device().type());
-  const c10::Stream current = guard.getStream(w.device());
+  std::optional<c10::impl::VirtualGuardImpl> guard;
+  std::optional<c10::Stream> current;
+  if (w.is_cuda()) {
+    guard.emplace(w.device().type());
+    current = guard->getStream(w.device());
+  }
   {
     std::lock_guard<std::mutex> lock(weight_sq_mutex());
     auto it = weight_sq_map().find(key);
     if (it != weight_sq_map().end() && weight_sq_matches(it->second, w)) {
       const WeightSqEntry& e = it->second;
-      if (e.stream != current) {
-        e.done->block(current);
-        guard.recordDataPtrOnStream(e.wsq.storage().data_ptr(), current);
+      if (current && e.stream != current) {
+        e.done->block(*current);
+        guard->recordDataPtrOnStream(e.wsq.storage().data_ptr(), *current);
       }
       return e.wsq;
     }
@@ -132,8 +136,11 @@ inline at::Tensor weight_sq_cached(const at::Tensor& w) {
     at::NoGradGuard no_grad;
     wsq = weight_sq_compute(w);
   }
-  auto done = std::make_shared<c10::Event>(w.device().type());
-  done->record(current);
+  std::shared_ptr<c10::Event> done;
+  if (current) {
+    done = std::make_shared<c10::Event>(w.device().type());
+    done->record(*current);
+  }
   std::lock_guard<std::mutex> lock(weight_sq_mutex());
   auto& map = weight_sq_map();
   for (auto it = map.begin(); it != map.end();) {  // entries of freed weights or storages
