@@ -879,7 +879,8 @@ struct DoraKernels : FusedKernels {
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dy.device().index());
     const lk::DType dt = to_dtype(dy, "dy");
     const int64_t splits = lk::dora_colsum_splits(M, N);
-    // in place: dy_c over dy, whose zero-g columns the dmag launch reads and then zeroes (when it runs)
+    // in place: dy_c over dy, whose recomputed columns (g = 0, or a bias and a small g) the dmag launch reads and
+    // then scales (when it runs)
     Tensor dyc = !need_dyc ? Tensor() : in_place ? dy : at::empty_like(dy);
     const bool defer_zero = in_place && need_dyc && need_dm;
     Tensor part = need_dm ? at::empty({splits, N}, dy.options().dtype(at::kFloat)) : Tensor();
@@ -891,7 +892,8 @@ struct DoraKernels : FusedKernels {
     if (need_dm) {
       dm = at::empty({N}, dy.options().dtype(m_dtype));
       check_cuda(lk::launch_dora_dmag(part.data_ptr<float>(), splits, g.data_ptr<float>(), norm.data_ptr<float>(),
-                                      1.f, dy.data_ptr(), x.data_ptr(), weight.data_ptr(), dt, u.data_ptr<float>(),
+                                      1.f, dy.data_ptr(), x.data_ptr(), weight.data_ptr(),
+                                      bias.defined() ? bias.data_ptr() : nullptr, dt, u.data_ptr<float>(),
                                       lora_B.data_ptr(), to_dtype(lora_B, "lora_B"), dm.data_ptr(),
                                       to_dtype(dm, "magnitude"), defer_zero ? dy.data_ptr() : nullptr, M, K, N,
                                       (int)lora_B.size(1), stream),
@@ -939,7 +941,7 @@ struct DoraKernels : FusedKernels {
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream(part.device().index());
     Tensor dm = at::empty({N}, part.options().dtype(m_dtype));
     check_cuda(lk::launch_dora_dmag(part.data_ptr<float>(), part.size(0), nullptr, norm.data_ptr<float>(), (float)q,
-                                    nullptr, nullptr, nullptr, lk::DType::kFloat32, nullptr, nullptr,
+                                    nullptr, nullptr, nullptr, nullptr, lk::DType::kFloat32, nullptr, nullptr,
                                     lk::DType::kFloat32, dm.data_ptr(), to_dtype(dm, "magnitude"), nullptr, 0, 0, N, 0,
                                     stream),
                "dora dmag launch");

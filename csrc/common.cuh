@@ -59,6 +59,16 @@ __device__ __forceinline__ Span block_span(int64_t idx, int64_t per, int64_t n) 
   return {begin, min64(n, begin + per)};
 }
 
+// DoRA at p = 0 takes z = (y − b)/g from the output y. y is rounded at the scale of max(|g z|, |b|), so z's error
+// grows as |b|/|g| where |g| is small; PEFT's base_result − bias is not divided by g. So the columns with g = 0, or
+// with a bias and |g| < 1/2 (z's error past 2× PEFT's there), recompute z instead (launch_dora_dmag; the same rule
+// as lora_kernels/dora_kernels.py's z_lost_from_y). DoRA starts at g = 1 (magnitude = the norm), and training
+// keeps it near there: the recompute is for unusual magnitudes.
+constexpr float kDoraZFromYMinG = 0.5f;
+__host__ __device__ __forceinline__ bool dora_recompute_z(float g, float b) {
+  return g == 0.f || (b != 0.f && fabsf(g) < kDoraZFromYMinG);
+}
+
 template <typename T> __device__ __forceinline__ float to_f(T v);
 template <> __device__ __forceinline__ float to_f<float>(float v) { return v; }
 template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }

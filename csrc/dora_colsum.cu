@@ -11,8 +11,9 @@
 // Tiling: blocks of 32·V columns (V consecutive columns per lane: 16-byte accesses, V = 8 for 16-bit dy, 4 for fp32;
 // V = 4 with scalar fallbacks where N or a pointer is not aligned) by one row split, whose 8 warps take every 8th row;
 // the warps' sums reduced in a fixed order (deterministic, no atomics).
-// Columns with div = 0 get 0 in part here; launch_dora_dmag (dora_dmag.cu) recomputes them. With keep_zero_g their
-// dy_c keeps dy for that recompute, which then zeroes them.
+// Columns with div = 0 get 0 in part here; launch_dora_dmag (dora_dmag.cu) recomputes them and those where y
+// cannot give z accurately (dora_recompute_z: a bias and a small g). With keep_zero_g those columns' dy_c keeps dy
+// for that recompute, which then writes g ⊙ dy there.
 #include "common.cuh"
 #include "plans.cuh"
 
@@ -64,10 +65,10 @@ dora_colsum_kernel(const T* dy, const T* y, const float* __restrict__ g, const f
   const int valid = n0 < N ? (int)min64(4, N - n0) : 0;
   float gv[4], bv[4] = {0.f, 0.f, 0.f, 0.f}, acc[4] = {0.f, 0.f, 0.f, 0.f};
   for (int q = 0; q < 4; ++q) gv[q] = q < valid ? g[n0 + q] : 0.f;
-  if (keep_zero_g) {
-    for (int q = 0; q < 4; ++q) gv[q] = gv[q] == 0.f ? 1.f : gv[q];  // dy_c = dy there, until launch_dora_dmag
-  }
   if (bias != nullptr && valid > 0) load4<T>(bias + n0, valid, bv);
+  if (keep_zero_g) {  // dy_c = dy in the columns launch_dora_dmag recomputes, until it runs
+    for (int q = 0; q < 4; ++q) gv[q] = dora_recompute_z(gv[q], bv[q]) ? 1.f : gv[q];
+  }
   const Span rows = block_span(blockIdx.y, rows_per_split, M);
   if (valid > 0) {
 #pragma unroll 4
@@ -107,8 +108,9 @@ dora_colsum_vec_kernel(const T* dy, const T* y, const float* __restrict__ g, con
 #pragma unroll
   for (int q = 0; q < V; ++q) {
     gv[q] = valid ? g[n0 + q] : 0.f;
-    if (keep_zero_g && gv[q] == 0.f) gv[q] = 1.f;  // dy_c = dy there, until launch_dora_dmag
     bv[q] = valid && bias != nullptr ? to_f<T>(bias[n0 + q]) : 0.f;
+    // dy_c = dy in the columns launch_dora_dmag recomputes, until it runs
+    if (keep_zero_g && dora_recompute_z(gv[q], bv[q])) gv[q] = 1.f;
     acc[q] = 0.f;
   }
   auto unpack = [](const uint4& u, float* f) {

@@ -344,7 +344,7 @@ def _bwd_impl(dy, x, weight, bias, lora_A, lora_B, g, u, z, z_is_y, scaling, p, 
         # dx = dy_c W + s·(dy Bg) A, dA, dB·/g; dy read once more (its pass), not twice.
         dyc, dg = scale_colsum(dy, z, g, True, need_dg, fast, from_y=z_is_y, bias=bias)
         if need_dg and z_is_y:
-            zero_g_colsum(dg, dy, x, weight, u, lora_B, g, fast)
+            zero_g_colsum(dg, dy, x, weight, u, lora_B, g, fast, bias)
         bg = (lora_B.to(acc) * g[:, None]).to(lora_B.dtype)
         dx, dA, dB = one_call(dy, x, weight, lora_A, bg, u, dyc, scaling, 0.0, 0, 0, True, need_dA, need_dB)
         if need_dB:
@@ -379,13 +379,14 @@ def _bwd_impl(dy, x, weight, bias, lora_A, lora_B, g, u, z, z_is_y, scaling, p, 
                     xk = masked(xs, p, sd, off, 1.0, 0.0, fast)
                     zs = be.forward(xk, weight, None, lora_A, lora_B, scaling, 0.0, 0, 0)[0]
             # dg += Σ_m dy ⊙ z;  dy_c = c ⊙ dy, written over a recomputed z (the saved z or y is left alone);
-            # from y (p = 0): z = (y − b)/g, and the columns with g = 0 from z recomputed there alone
+            # from y (p = 0): z = (y − b)/g, and the columns y cannot give (g = 0, or a bias and a small g:
+            # dora_kernels.z_lost_from_y) from z recomputed there alone
             dyc, part = scale_colsum(dys, zs, c, need_dx, need_dg, fast,
                                      out=zs if (need_dg and not saved) else None, from_y=z_is_y, bias=bias)
             if need_dg:
                 dg = part if dg is None else dg.add_(part)
                 if z_is_y:
-                    zero_g_colsum(dg, dys, xs, weight, us, lora_B, g, fast)
+                    zero_g_colsum(dg, dys, xs, weight, us, lora_B, g, fast, bias)
             if not need_dx:
                 continue
             if p == 0.0:

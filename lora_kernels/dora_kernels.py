@@ -9,7 +9,9 @@ Each pass reads its inputs once and rounds once; math in float32 (float64 for fl
                                                                                fused with the pass that scales dy;
                                                                                out=z: c ⊙ dy written over z;
                                                                                from_y: z = (y − b)/c from y
-    zero_g_colsum(dg, dy, x, W, u, B, g)-> dg_n = Σ_m dy ⊙ z where g_n = 0      the columns that y cannot give
+    zero_g_colsum(dg, dy, x, W, u, B, g, fast, bias)
+                                        -> dg_n = Σ_m dy ⊙ z where y cannot     g_n = 0, or a bias and |g_n| < 1/2
+                                           give z (z_lost_from_y)
     masked(t, p, seed, offset, ak, ad, base=None)
                                         -> base + where(keep, ak·t, ad·t)       keep = the contract's dropout mask
     w_at(W, A)                          -> W Aᵀ (N, r) float32                  Triton only: one pass over W
@@ -114,15 +116,20 @@ if triton is not None:
             tl.store(part_ptr + tl.program_id(1).to(tl.int64) * N + offs_n, acc, mask=n_mask)
 
     @triton.jit
-    def _zero_g_colsum_kernel(x_ptr, w_ptr, u_ptr, bl_ptr, g_ptr, dy_ptr, dg_ptr, M, K, N, R, s_xm, s_wn, s_um,
-                              s_bn, s_dm, R_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                              BK: tl.constexpr):
-        # grid (column blocks,): a block with a column where g = 0 (y = b there: z cannot be recovered from y)
-        # computes those columns' z = x Wᵀ + u Bᵀ (u holds s) and writes dg = Σ_m dy ⊙ z there; the other blocks
-        # return at once. float32 "ieee" dots (a rare path): float32 accuracy.
+    def _zero_g_colsum_kernel(x_ptr, w_ptr, u_ptr, bl_ptr, g_ptr, b_ptr, dy_ptr, dg_ptr, M, K, N, R, s_xm, s_wn,
+                              s_um, s_bn, s_dm, min_g, HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr,
+                              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        # grid (column blocks,): a block with a column whose z y cannot give (z_lost_from_y: g = 0, where y = b; or a
+        # bias and |g| < min_g) computes those columns' z = x Wᵀ + u Bᵀ (u holds s) and writes dg = Σ_m dy ⊙ z
+        # there; the other blocks return at once. float32 "ieee" dots (a rare path): float32 accuracy.
         offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
         n_mask = offs_n < N
-        zero = (tl.load(g_ptr + offs_n, mask=n_mask, other=1.0) == 0.0) & n_mask
+        gn = tl.load(g_ptr + offs_n, mask=n_mask, other=1.0)
+        lost = gn == 0.0
+        if HAS_BIAS:
+            bn = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            lost = lost | ((bn != 0.0) & (tl.abs(gn) < min_g))
+        zero = lost & n_mask
         if tl.sum(zero.to(tl.int32), axis=0) > 0:
             rr = tl.arange(0, R_PAD)
             cols = offs_n.to(tl.int64)
@@ -425,12 +432,28 @@ def scale_colsum(dy: torch.Tensor, z, c: torch.Tensor, need_out: bool, need_sum:
     return (out if need_out else None), (part.sum(0) if need_sum else None)
 
 
+# DoRA at p = 0 takes z = (y − b)/g from the output y. y is rounded at the scale of max(|g z|, |b|), so z's error grows
+# as |b|/|g| where |g| is small; PEFT's base_result − bias is not divided by g. The columns with g = 0 (y = b: z is
+# lost), or with a bias and |g| < Z_FROM_Y_MIN_G (z's error past 2× PEFT's), recompute z (zero_g_colsum); DoRA
+# starts at g = 1 and training keeps it near there, so this is for unusual magnitudes. csrc/common.cuh's
+# dora_recompute_z is the same rule.
+Z_FROM_Y_MIN_G = 0.5
+
+
+def z_lost_from_y(g: torch.Tensor, bias) -> torch.Tensor:
+    """(N,) bool: the columns whose z the saved-y backward recomputes rather than takes from y."""
+    lost = g == 0
+    if bias is not None:
+        lost = lost | ((bias != 0) & (g.abs() < Z_FROM_Y_MIN_G))
+    return lost
+
+
 def zero_g_colsum(dg: torch.Tensor, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, u: torch.Tensor,
-                  lora_B: torch.Tensor, g: torch.Tensor, fast: bool) -> torch.Tensor:
-    """Writes ``dg_n = Σ_m dy_mn z_mn`` for the columns where ``g_n = 0`` (y = b there, so z = (y − b)/g is lost),
-    z = x Wᵀ + u Bᵀ recomputed for those columns only; ``dg`` elsewhere is left alone. Without a synchronisation:
-    on the fast path one launch whose programs return at once unless their columns hold a zero g; the plain
-    PyTorch version (reference backends) recomputes z of every column and selects."""
+                  lora_B: torch.Tensor, g: torch.Tensor, fast: bool, bias=None) -> torch.Tensor:
+    """Writes ``dg_n = Σ_m dy_mn z_mn`` for the columns that y cannot give z accurately (``z_lost_from_y``: g_n = 0,
+    or a bias and a small g_n), z = x Wᵀ + u Bᵀ recomputed for those columns only; ``dg`` elsewhere is left alone.
+    Without a synchronisation: on the fast path one launch whose programs return at once unless they hold such a
+    column; the plain PyTorch version (reference backends) recomputes z of every column and selects."""
     M, K = x.shape
     N = weight.shape[0]
     if M == 0 or N == 0:
@@ -438,14 +461,14 @@ def zero_g_colsum(dg: torch.Tensor, dy: torch.Tensor, x: torch.Tensor, weight: t
     if not fast:
         acc = dg.dtype
         z = x.to(acc) @ weight.to(acc).t() + u.to(acc) @ lora_B.to(acc).t()
-        return dg.copy_(torch.where(g == 0, (dy.to(acc) * z).sum(0), dg))
+        return dg.copy_(torch.where(z_lost_from_y(g, bias), (dy.to(acc) * z).sum(0), dg))
     R = lora_B.shape[1]
     r_pad = max(16, 1 << (R - 1).bit_length())
     BM, BN, BK = (16, 16, 16) if _interp(x) else (32, 16, 32)
     _launch(_zero_g_colsum_kernel, (_cdiv(N, BN),),
-            (x, weight, u, lora_B, g, dy, dg, M, K, N, R, x.stride(0), weight.stride(0), u.stride(0),
-             lora_B.stride(0), dy.stride(0)),
-            dict(R_PAD=r_pad, BM=BM, BN=BN, BK=BK))
+            (x, weight, u, lora_B, g, g if bias is None else bias, dy, dg, M, K, N, R, x.stride(0), weight.stride(0),
+             u.stride(0), lora_B.stride(0), dy.stride(0), Z_FROM_Y_MIN_G),
+            dict(HAS_BIAS=bias is not None, R_PAD=r_pad, BM=BM, BN=BN, BK=BK))
     return dg
 
 

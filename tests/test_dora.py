@@ -67,11 +67,14 @@ def next_dropout_seed() -> int:
     return seed
 
 
-def run_and_check(backend, device, dtype, lead, K, N, r, bias, p, adapter_dtype=None, zero_cols=None):
+def run_and_check(backend, device, dtype, lead, K, N, r, bias, p, adapter_dtype=None, zero_cols=None,
+                  scale_cols=None):
     s = 0.75
     x, W, b, A, B, m = make(lead, K, N, r, dtype, device, bias, adapter_dtype, s)
     if zero_cols is not None:  # magnitude 0 there: g = 0, y = b, and z cannot come from y
         m[zero_cols] = 0
+    for col, f in (scale_cols or {}).items():  # g scaled by f there (make's g is in [0.5, 1.5))
+        m[col] *= f
     leaves = [t.detach().clone().requires_grad_() for t in (x, A, B, m)]
     keep = None
     # Not through record_dropout, which keeps the cuda backend's C++ entry out of the way: with dropout the entry
@@ -150,6 +153,15 @@ def test_no_bias(backend, device, dtype, p):
 def test_saved_y_with_zero_magnitudes(backend, device, dtype):
     # columns with g = 0 (one alone, two in a row, the last one) take zero_g_colsum's recompute; the rest z = (y-b)/g
     run_and_check(backend, device, dtype, (37,), 100, 50, 8, bias=True, p=0.0, zero_cols=[0, 17, 18, 49])
+
+
+@pytest.mark.parametrize("backend,device,dtype", CASES, ids=IDS)
+def test_saved_y_with_small_magnitudes_and_a_bias(backend, device, dtype):
+    # z = (y − b)/g from y amplifies y's rounding (at the bias's scale) by 1/|g|: columns with a bias and |g| < 1/2
+    # take zero_g_colsum's recompute (g near 1e-3, 0.1, 0.3 and -0.2 here); near 0.7 and 2 from y or recomputed,
+    # within the rule either way
+    run_and_check(backend, device, dtype, (37,), 100, 50, 8, bias=True, p=0.0,
+                  scale_cols={3: 1e-3, 10: 0.1, 11: 0.3, 20: -0.2, 30: 0.7, 49: 2.0})
 
 
 @pytest.mark.parametrize("backend,device,dtype", CASES, ids=IDS)

@@ -133,10 +133,13 @@ struct ReferenceDora : ReferenceMath {
     if (need_dm) {
       Tensor yb = y.to(acc);
       if (bias.defined()) yb = yb - bias.to(acc);
+      // z from y, except where g = 0 or (with a bias) |g| < 1/2: there z recomputed (dora_recompute_z)
+      Tensor lost = g == 0;
+      if (bias.defined()) lost = lost.logical_or(bias.to(acc).ne(0).logical_and(g.abs() < 0.5));
       const Tensor nz = g != 0;
       Tensor dg = at::where(nz, (d * yb).sum(0) / at::where(nz, g, at::ones_like(g)), at::zeros_like(g));
-      const Tensor z = x.to(acc).mm(weight.to(acc).t()) + u.to(acc).mm(lora_B.to(acc).t());  // where g = 0
-      dg = at::where(nz, dg, (d * z).sum(0));
+      const Tensor z = x.to(acc).mm(weight.to(acc).t()) + u.to(acc).mm(lora_B.to(acc).t());
+      dg = at::where(lost, (d * z).sum(0), dg);
       dm = (dg / norm).to(m_dtype);
     }
     if (need_dyc) dyc = in_place ? dy.copy_(d * g) : (d * g).to(dy.scalar_type());  // in place: after dm's read
