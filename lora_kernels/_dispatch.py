@@ -127,7 +127,7 @@ def call_entry(requested, op, *args):
         return None
     try:
         return entry(*args)
-    except TypeError:
+    except (TypeError, OverflowError):  # OverflowError: an int scaling past float's range
         return None
     except RuntimeError as e:
         if "Expected a value of type" in str(e):

@@ -366,8 +366,12 @@ def _explain(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
         fail(f"dropout_p must be in [0, 1], got {dropout_p}")
     if not isinstance(scaling, (int, float)):
         fail(f"scaling must be a Python number, got {type(scaling).__name__}")
-    if not math.isfinite(scaling):
-        fail(f"scaling must be finite, got {scaling}")
+    try:
+        finite = math.isfinite(scaling)
+    except OverflowError:  # an int past float's range
+        finite = False
+    if not finite:
+        fail(f"scaling must be finite, got {scaling if isinstance(scaling, float) else 'an int past float range'}")
 
 
 def transform_backend(requested, op: str, *tensors) -> tuple:

@@ -154,7 +154,8 @@ def test_nonfinite_dropped_elements_propagate_like_reference(backend, device, dt
 
 
 @pytest.mark.parametrize("backend,device", backend_cases())
-@pytest.mark.parametrize("scaling", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("scaling", [float("inf"), float("-inf"), float("nan"), 10**400],
+                         ids=["inf", "-inf", "nan", "int_past_float"])
 def test_non_finite_scaling_is_a_clear_error(backend, device, scaling):
     x, W, b, A, B = _inputs(3, 16, 8, 4, device=device)
     with pytest.raises(ValueError, match="scaling must be finite"):
