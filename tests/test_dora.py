@@ -87,6 +87,17 @@ def run_and_check(backend, device, dtype, lead, K, N, r, bias, p, adapter_dtype=
     dy = torch.randn_like(y)
     y.backward(dy)
 
+    assert y.dtype == dtype and y.shape == (*x.shape[:-1], N)
+    for name, leaf in zip(("dx", "dA", "dB", "dmagnitude"), leaves):
+        assert leaf.grad.dtype == leaf.dtype, name
+    check_against_peft(backend, y, [t.grad for t in leaves], x, W, b, A, B, s, m, keep, p, dy)
+    return y
+
+
+def check_against_peft(backend, y, grads, x, W, b, A, B, s, m, keep, p, dy):
+    """y and its grads (dx, dA, dB, dmagnitude) for cotangent dy, of a DoRA call on (x, W, b, A, B, s, m) with mask
+    keep (None at p = 0), against PEFT's formula in float64 with the tolerance rule: the baseline is the same formula
+    in the inputs' precision, with _abs_terms' floor."""
     def formula(cast):
         ts = [cast(t).detach().clone().requires_grad_() for t in (x, A, B, m)]
         out = peft_formula(ts[0], cast(W), None if b is None else cast(b), ts[1], ts[2], s, ts[3], keep, p,
@@ -97,17 +108,14 @@ def run_and_check(backend, device, dtype, lead, K, N, r, bias, p, adapter_dtype=
     ref, ref_g = formula(lambda t: t.double())
     base, base_g = formula(lambda t: t)
     ref_abs, abs_g = abs_reference(_abs_terms(W, b, A, B, s, keep, p), (x, A, B, m), dy)
-    assert y.dtype == dtype and y.shape == (*x.shape[:-1], N)
     assert_tolerance(y, ref, base, "y", abs_ref=ref_abs)
     # The fast backends cast adapter tiles to x's dtype for their rank-r GEMMs (their precision policy, as for
     # lora_linear): with float32 adapters on a 16-bit x, the adapter grads carry x-dtype rounding, while PEFT's
     # LoRA path is float32. There the result-rounding floor is x's dtype's (as test_peft_patch.py's 1e-3 floor).
-    mixed = backend != "torch" and A.dtype != dtype
-    for name, leaf, r64, b0, a64 in zip(("dx", "dA", "dB", "dmagnitude"), leaves, ref_g, base_g, abs_g):
-        assert leaf.grad.dtype == leaf.dtype, name
-        eps_dtype = dtype if (mixed and name != "dx") else None
-        assert_tolerance(leaf.grad, r64, b0, name, abs_ref=a64, eps_dtype=eps_dtype)
-    return y
+    mixed = backend != "torch" and A.dtype != x.dtype
+    for name, got, r64, b0, a64 in zip(("dx", "dA", "dB", "dmagnitude"), grads, ref_g, base_g, abs_g):
+        eps_dtype = x.dtype if (mixed and name != "dx") else None
+        assert_tolerance(got, r64, b0, name, abs_ref=a64, eps_dtype=eps_dtype)
 
 
 def _abs_terms(W, b, A, B, s, keep, p):

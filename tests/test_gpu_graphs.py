@@ -14,7 +14,7 @@ import torch
 import lora_kernels
 from lora_kernels import ops
 
-from conftest import HAS_CUDA, abs_reference, assert_tolerance, formula
+from conftest import HAS_CUDA, assert_tolerance, formula
 
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 S = 0.75  # LoRA scaling of every case
@@ -235,7 +235,7 @@ def test_cuda_graph_capture_dora(backend, p):
     replay drew (with dropout the seed lives on the device and is refilled per replay, as lora_linear's: a host seed
     would have been baked into the graph, one mask for every replay), and W changed in place between replays is
     seen (the norm's cached ‖W_n‖² is not captured: the graph computes it from W on each replay)."""
-    from test_dora import _abs_terms, peft_formula
+    from test_dora import check_against_peft
 
     x, W, b, A, B, dy = _inputs(64, 128, 96, 8, torch.bfloat16, "cuda")
     mag = torch.rand(96, device="cuda") + 0.5
@@ -259,21 +259,8 @@ def test_cuda_graph_capture_dora(backend, p):
         seeds.append(seed)
         # the DoRA tests' check (tests/test_dora.py): PEFT's formula in float64 and in the inputs' precision
         keep = lora_kernels.dropout_mask(seed, 0, x.shape, p, device="cuda") if p > 0 else None
-        leaves = [t.detach() for t in (xs, As, Bs, ms)]
-
-        def formula(cast):
-            ts = [cast(t).clone().requires_grad_() for t in leaves]
-            y = peft_formula(ts[0], cast(W), cast(b), ts[1], ts[2], S, ts[3], keep, p, gemm_in_x_dtype=True)
-            y.backward(dy.to(y.dtype))
-            return y, [t.grad for t in ts]
-
-        ref, ref_g = formula(lambda t: t.double())
-        base, base_g = formula(lambda t: t)
-        ref_abs, abs_g = abs_reference(_abs_terms(W, b, leaves[1], leaves[2], S, keep, p), leaves, dy)
-        assert_tolerance(out[0], ref, base, "y", abs_ref=ref_abs)
-        mixed = backend != "torch" and As.dtype != xs.dtype  # the DoRA tests' rule for fp32 adapters
-        for name, got, r64, b0, a64 in zip(("dx", "dA", "dB", "dmagnitude"), out[1:], ref_g, base_g, abs_g):
-            assert_tolerance(got, r64, b0, name, abs_ref=a64, eps_dtype=xs.dtype if mixed and name != "dx" else None)
+        check_against_peft(backend, out[0], out[1:], *(t.detach() for t in (xs, W, b, As, Bs)), S, ms.detach(),
+                           keep, p, dy)
     if p > 0:
         assert len(set(seeds)) == 3, seeds
 
