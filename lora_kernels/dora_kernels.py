@@ -22,9 +22,10 @@ temporary. ``fast=False`` is plain PyTorch (the torch backend's reference, and t
 run); it materialises float32 temporaries of the tensors' size. The column sums are deterministic: each
 (column block, row split) program writes a partial sum, and the partials are summed with torch in a fixed order.
 
-Names used from ``lora_kernels.backends.triton``: ``_keep_mask`` (the in-kernel Philox mask), ``_num_sms``,
-``_seed_args``, and ``_launch`` (the triton backend's launch, with its fast relaunch that skips the JIT's per-call
-argument binding: tens of microseconds of host time per launch).
+Names used from ``lora_kernels.backends.triton``: ``_keep_mask`` and ``_load_seed`` (the in-kernel Philox mask, its
+seed by value or from memory), ``_num_sms``, ``_seed_args``, the shared-memory budget, and ``_launch`` (the triton
+backend's launch, with its fast relaunch that skips the JIT's per-call argument binding: tens of microseconds of host
+time per launch).
 """
 from __future__ import annotations
 

@@ -93,10 +93,10 @@ reason the backend is unavailable. The settings it reads are listed in ``lora_ke
 """
 from .configs import _HOPPER_SMEM, _max_smem, _num_sms, _smem_per_block
 from .kernels import _keep_mask, _load_seed
-from .launch import _launch, _seed_arg, _seed_args, backward, backward_dx_from, forward, is_available
+from .launch import _launch, _seed_args, backward, backward_dx_from, forward, is_available
 
-# _keep_mask, _load_seed, _launch, _num_sms, _seed_arg(s) and the shared-memory budget (_smem_per_block, _max_smem,
+# _keep_mask, _load_seed, _launch, _num_sms, _seed_args and the shared-memory budget (_smem_per_block, _max_smem,
 # _HOPPER_SMEM) also serve the Triton passes of DoRA (lora_kernels/dora_kernels.py); backward_dx_from (dx's frozen
 # product from another operand than dy) serves DoRA's backward.
 __all__ = ["backward", "backward_dx_from", "forward", "is_available", "_keep_mask", "_load_seed", "_launch",
-           "_num_sms", "_seed_arg", "_seed_args", "_smem_per_block", "_max_smem", "_HOPPER_SMEM"]
+           "_num_sms", "_seed_args", "_smem_per_block", "_max_smem", "_HOPPER_SMEM"]
