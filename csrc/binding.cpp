@@ -882,11 +882,11 @@ struct DoraKernels : FusedKernels {
     // in place: dy_c over dy, whose recomputed columns (g = 0, or a bias and a small g) the dmag launch reads and
     // then scales (when it runs)
     Tensor dyc = !need_dyc ? Tensor() : in_place ? dy : at::empty_like(dy);
-    const bool defer_zero = in_place && need_dyc && need_dm;
+    const bool defer_scale = in_place && need_dyc && need_dm;
     Tensor part = need_dm ? at::empty({splits, N}, dy.options().dtype(at::kFloat)) : Tensor();
     check_cuda(lk::launch_dora_colsum(dy.data_ptr(), y.data_ptr(), dt, g.data_ptr<float>(), g.data_ptr<float>(),
                                       bias.defined() ? bias.data_ptr() : nullptr, need_dyc ? dyc.data_ptr() : nullptr,
-                                      need_dm ? part.data_ptr<float>() : nullptr, M, N, splits, defer_zero, stream),
+                                      need_dm ? part.data_ptr<float>() : nullptr, M, N, splits, defer_scale, stream),
                "dora colsum launch");
     Tensor dm;
     if (need_dm) {
@@ -895,7 +895,7 @@ struct DoraKernels : FusedKernels {
                                       1.f, dy.data_ptr(), x.data_ptr(), weight.data_ptr(),
                                       bias.defined() ? bias.data_ptr() : nullptr, dt, u.data_ptr<float>(),
                                       lora_B.data_ptr(), to_dtype(lora_B, "lora_B"), dm.data_ptr(),
-                                      to_dtype(dm, "magnitude"), defer_zero ? dy.data_ptr() : nullptr, M, K, N,
+                                      to_dtype(dm, "magnitude"), defer_scale ? dy.data_ptr() : nullptr, M, K, N,
                                       (int)lora_B.size(1), stream),
                  "dora dmag launch");
     }

@@ -7,7 +7,7 @@
 //
 // Tiling: one thread per column; then each block recomputes its flagged columns one at a time (a warp per row, the
 // lanes over K). None exist in practice (DoRA keeps g near 1): the launch then costs a read of g and the bias.
-// zero_dy (dy itself, or null): where the colsum pass overwrote dy with dy_c in place, it kept dy in the flagged
+// scale_dy (dy itself, or null): where the colsum pass overwrote dy with dy_c in place, it kept dy in the flagged
 // columns for this recompute; each such column gets dy_c = g ⊙ dy once its sum is taken.
 #include "common.cuh"
 #include "plans.cuh"
@@ -26,22 +26,22 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
 dora_dmag_kernel(const float* __restrict__ part, int64_t splits, const float* __restrict__ g,
                  const float* __restrict__ norm, float q, const T* dy, const T* __restrict__ x, const T* __restrict__ W,
-                 const T* __restrict__ bias, const float* __restrict__ u, const void* __restrict__ B, DType b_dt, void* __restrict__ dmag,
-                 DType m_dt, T* zero_dy, int64_t M, int64_t K, int64_t N, int r) {
+                 const T* __restrict__ bias, const float* __restrict__ u, const void* __restrict__ B, DType b_dt,
+                 void* __restrict__ dmag, DType m_dt, T* scale_dy, int64_t M, int64_t K, int64_t N, int r) {
   __shared__ float sums[kWarps];
-  __shared__ int zero_any;
+  __shared__ int any_flagged;
   const int64_t n = (int64_t)blockIdx.x * kThreads + threadIdx.x;
-  if (threadIdx.x == 0) zero_any = 0;
+  if (threadIdx.x == 0) any_flagged = 0;
   __syncthreads();
   if (n < N) {
     float t = 0.f;
     for (int64_t s = 0; s < splits; ++s) t += part[s * N + n];
     if (q != 1.f) t = t / q;
     store_any(dmag, m_dt, n, t / norm[n]);
-    if (g != nullptr && dora_recompute_z(g[n], bias != nullptr ? to_f<T>(bias[n]) : 0.f)) zero_any = 1;
+    if (g != nullptr && dora_recompute_z(g[n], bias != nullptr ? to_f<T>(bias[n]) : 0.f)) any_flagged = 1;
   }
   __syncthreads();
-  if (!zero_any) return;
+  if (!any_flagged) return;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t end = min64(N, (int64_t)(blockIdx.x + 1) * kThreads);
   for (int64_t c = (int64_t)blockIdx.x * kThreads; c < end; ++c) {
@@ -61,9 +61,11 @@ dora_dmag_kernel(const float* __restrict__ part, int64_t splits, const float* __
       for (int w = 0; w < kWarps; ++w) t += sums[w];
       store_any(dmag, m_dt, c, t / norm[c]);
     }
-    if (zero_dy != nullptr) {  // every warp has read the column (the barrier above): dy_c = g ⊙ dy there
+    if (scale_dy != nullptr) {  // every warp has read the column (the barrier above): dy_c = g ⊙ dy there
       const float gc = g[c];
-      for (int64_t m = threadIdx.x; m < M; m += kThreads) zero_dy[m * N + c] = from_f<T>(to_f<T>(dy[m * N + c]) * gc);
+      for (int64_t m = threadIdx.x; m < M; m += kThreads) {
+        scale_dy[m * N + c] = from_f<T>(to_f<T>(dy[m * N + c]) * gc);
+      }
     }
     __syncthreads();
   }
@@ -73,15 +75,15 @@ dora_dmag_kernel(const float* __restrict__ part, int64_t splits, const float* __
 
 cudaError_t launch_dora_dmag(const float* part, int64_t splits, const float* g, const float* norm, float q,
                              const void* dy, const void* x, const void* W, const void* bias, DType dtype,
-                             const float* u, const void* B,
-                             DType b_dtype, void* dmag, DType m_dtype, void* zero_dy, int64_t M, int64_t K, int64_t N,
-                             int r, cudaStream_t stream) {
+                             const float* u, const void* B, DType b_dtype, void* dmag, DType m_dtype, void* scale_dy,
+                             int64_t M, int64_t K, int64_t N, int r, cudaStream_t stream) {
   if (N <= 0) return cudaSuccess;
   return with_dtype(dtype, [&](auto t) {
     using T = decltype(t);
     return launch_kernel(dora_dmag_kernel<T>, dim3((unsigned)ceil_div(N, kThreads)), kThreads, 0, stream, part,
                          splits, g, norm, q, static_cast<const T*>(dy), static_cast<const T*>(x),
-                         static_cast<const T*>(W), static_cast<const T*>(bias), u, B, b_dtype, dmag, m_dtype, static_cast<T*>(zero_dy), M, K, N, r);
+                         static_cast<const T*>(W), static_cast<const T*>(bias), u, B, b_dtype, dmag, m_dtype,
+                         static_cast<T*>(scale_dy), M, K, N, r);
   });
 }
 

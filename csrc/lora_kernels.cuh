@@ -152,19 +152,19 @@ int64_t dora_colsum_splits(int64_t M, int64_t N);
 // dy, y (M, N) dtype, c and div (N,) fp32 (div may be null), bias (N,) dtype or null: dyc = c ⊙ dy (dyc null: not
 // written; dyc = dy or dyc = y: in place) and part[s] (N,) fp32 = Σ_{m in split s} dy ⊙ (y − bias) / div (0 where
 // div = 0; div null: no division), part (splits, N) or null. p = 0: y the output, c = div = g; p > 0: y = z, div null.
-// keep_zero_g: dyc = dy in the columns that launch_dora_dmag recomputes (dora_recompute_z of c and the bias; its
-// zero_dy finishes them).
+// keep_recomputed: dyc = dy in the columns that launch_dora_dmag recomputes (dora_recompute_z of c and the bias; its
+// scale_dy finishes them).
 cudaError_t launch_dora_colsum(const void* dy, const void* y, DType dtype, const float* c, const float* div,
                                const void* bias, void* dyc, float* part, int64_t M, int64_t N, int64_t splits,
-                               bool keep_zero_g, cudaStream_t stream);
-// dmag (N,) m_dtype = Σ_s part[s] / q / norm; where y cannot give z (g not null: p = 0; dora_recompute_z of g and
-// the bias (N,) dtype or null), Σ_m dy ⊙ (x Wᵀ + u Bᵀ) / norm for that column instead (x (M, K), W (N, K), dy (M, N)
-// dtype; u (M, r) fp32; B (N, r) b_dtype), and then, when zero_dy (= dy) is not null, that column of dy set to g ⊙ dy.
+                               bool keep_recomputed, cudaStream_t stream);
+// dmag (N,) m_dtype = Σ_s part[s] / q / norm; where y cannot give z (g not null: p = 0; dora_recompute_z of g
+// and the bias (N,) dtype or null), Σ_m dy ⊙ (x Wᵀ + u Bᵀ) / norm for that column instead (x (M, K), W (N, K),
+// dy (M, N) dtype; u (M, r) fp32; B (N, r) b_dtype), and then, when scale_dy (= dy) is not null, that column of dy
+// set to g ⊙ dy.
 cudaError_t launch_dora_dmag(const float* part, int64_t splits, const float* g, const float* norm, float q,
                              const void* dy, const void* x, const void* W, const void* bias, DType dtype,
-                             const float* u, const void* B,
-                             DType b_dtype, void* dmag, DType m_dtype, void* zero_dy, int64_t M, int64_t K, int64_t N,
-                             int r, cudaStream_t stream);
+                             const float* u, const void* B, DType b_dtype, void* dmag, DType m_dtype, void* scale_dy,
+                             int64_t M, int64_t K, int64_t N, int r, cudaStream_t stream);
 // out (M, K) = base + (keep ? a_keep · t : a_drop · t), keep the contract's dropout mask of an (M, K) input at (seed,
 // offset) and p; t, base (or null), out contiguous (M, K) of one dtype, any two of them possibly the same tensor.
 cudaError_t launch_dora_masked(const void* t, const void* base, void* out, DType dtype, int64_t M, int64_t K, float p,
