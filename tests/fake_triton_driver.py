@@ -25,11 +25,30 @@ class FakeDriver:
         return torch.device("cpu")
 
 
+class FakeTensorMap:
+    """What the stand-in driver's fill_tma_descriptor returns for an encoded TMA descriptor: its inputs."""
+
+    def __init__(self, ptr, swizzle, elem_size, elem_type, block, shape, strides, padding):
+        self.ptr, self.block, self.shape, self.strides = ptr, list(block), list(shape), list(strides)
+        self.rest = (swizzle, elem_size, elem_type, padding)
+
+    def __repr__(self):
+        return f"FakeTensorMap({self.ptr}, {self.block}, {self.shape}, {self.strides}, {self.rest})"
+
+
+FILLS: list = []  # the FakeTensorMap of every TMA descriptor encoded through the stand-in driver
+
+
 def install_recording() -> list:
     """Makes a FakeDriver that compiles for sm_90 and "launches" by recording, the active driver, and returns the list
     it records into: (path, function handle, grid, args) per launch, path "jit" for a launch through triton's
     JITFunction.run, "fast" for any other (the backend's direct relaunch). Function handles are unique per loaded
-    binary. A launch hook installed in triton is called as a real launcher calls it."""
+    binary. A launch hook installed in triton is called as a real launcher calls it.
+    Under triton 3.6 the launcher is that version's own CudaLauncher, with its Python wrapper (the encoding of
+    tensor descriptor arguments, which the backend's fast path takes over) around a recording C launch: a TMA
+    descriptor argument is recorded as the launcher would pass it, a FakeTensorMap (also kept in FILLS) followed by
+    the descriptor's shape and strides."""
+    import triton
     from triton.runtime import driver
     from triton.runtime.jit import JITFunction
 
@@ -46,6 +65,10 @@ def install_recording() -> list:
         def unload_module(self, module):
             pass
 
+        def fill_tma_descriptor(self, *args):
+            FILLS.append(FakeTensorMap(*args))
+            return FILLS[-1]
+
     class Launcher:
         def __init__(self, src, metadata):
             pass
@@ -55,9 +78,27 @@ def install_recording() -> list:
                 enter(launch_metadata)
             launches.append((path[0], function, (gx, gy, gz), args))
 
+    def c_launch(gx, gy, gz, stream, function, cooperative, pdl, global_scratch, profile_scratch, packed_metadata,
+                 launch_metadata, enter, exit_, *args):  # triton 3.6's C launch: (grid, stream, ..., hooks, args)
+        if enter is not None:
+            enter(launch_metadata)
+        launches.append((path[0], function, (gx, gy, gz), args))
+
+    def cuda_launcher_36(src, metadata):
+        """triton 3.6's CudaLauncher as its __init__ makes it, with c_launch for the compiled C module's launch."""
+        from triton.backends.nvidia import driver as nv
+        launcher = object.__new__(nv.CudaLauncher)
+        signature = dict(src.signature.items())
+        launcher.num_ctas = getattr(metadata, "num_ctas", 1)
+        launcher.launch = nv.wrap_handle_tensordesc(c_launch, signature, getattr(metadata, "tensordesc_meta", None))
+        for name in ("global_scratch_size", "global_scratch_align", "profile_scratch_size", "profile_scratch_align",
+                     "launch_cooperative_grid", "launch_pdl"):
+            setattr(launcher, name, getattr(metadata, name))
+        return launcher
+
     class RecordingDriver(FakeDriver):
         utils = Utils()
-        launcher_cls = Launcher
+        launcher_cls = staticmethod(cuda_launcher_36) if triton.__version__.startswith("3.6.") else Launcher
 
     driver.set_active(RecordingDriver())
     jit = JITFunction.run
@@ -71,3 +112,18 @@ def install_recording() -> list:
 
     JITFunction.run = jit_run
     return launches
+
+
+def fold_tensor_maps(args) -> list:
+    """A recorded launch's arguments with each FakeTensorMap's trailing shape and strides (as triton 3.6's launcher
+    passes a descriptor) checked and folded into it."""
+    out, i = [], 0
+    while i < len(args):
+        a = args[i]
+        out.append(a)
+        i += 1
+        if isinstance(a, FakeTensorMap):
+            n = 2 * len(a.shape)
+            assert list(args[i:i + n]) == a.shape + a.strides, (a, args[i:i + n])
+            i += n
+    return out

@@ -35,13 +35,17 @@ assert tb._FAST_LAUNCH, "fast launch is off for this triton version"
 def canon(a):
     if isinstance(a, torch.Tensor):
         return ["tensor", str(a.dtype), list(a.shape), list(a.stride()), a.data_ptr() % 16 == 0]
+    if isinstance(a, fake_triton_driver.FakeTensorMap):  # triton 3.6's encoded descriptor (address: see
+        # test_triton_tma_mainloop.py, which names the tensors)
+        return ["tma", a.shape, a.strides, a.block, repr(a.rest)]
     return a if isinstance(a, (int, float, str, bool, type(None))) else repr(a)
 
 
 def run(fn):
     start = len(LAUNCHES)
     fn()
-    return [(p, f, g, [canon(a) for a in args]) for p, f, g, args in LAUNCHES[start:]]
+    return [(p, f, g, [canon(a) for a in fake_triton_driver.fold_tensor_maps(args)])
+            for p, f, g, args in LAUNCHES[start:]]
 
 
 g = torch.Generator().manual_seed(0)

@@ -257,13 +257,22 @@ def _jit_launch_op(kernel, grid: tuple, args, kwargs: dict, i: int):
     return op
 
 
-def _fast_launch_op(c, grid: tuple, args):
+def _fast_launch_op(c, grid: tuple, args, slots: list, descs: dict):
     """A step that hands the compiled kernel `c` to its launcher directly: the JIT's launch of it, with the runtime
-    arguments and then the constexprs (``args``), without launch metadata or hooks."""
+    arguments and then the constexprs (``args``, which reads the value list at ``slots``), without launch metadata
+    or hooks. Where triton 3.6's launcher would encode the TMA descriptors of leading descriptor arguments (``descs``:
+    desc slot -> what the planner's "desc" step makes it from), the step encodes them itself, once per tensor
+    address (_desc_launch_op). Returns (op, the desc slots it still reads)."""
     run, function, packed = c.run, c.function, c.packed_metadata
     g0 = grid[0]
     g1 = grid[1] if len(grid) > 1 else 1
     g2 = grid[2] if len(grid) > 2 else 1
+    read = {s for s in slots if s in descs}
+    encode = _tensordesc_launch(run)
+    if encode is not None:
+        op = _desc_launch_op(encode, (g0, g1, g2), function, packed, slots, descs)
+        if op is not None:
+            return op, set()
     direct = _c_launch(run)
     if direct is not None:  # what run(...) itself would call, without its Python frame
         launch, cooperative, pdl = direct
@@ -271,11 +280,11 @@ def _fast_launch_op(c, grid: tuple, args):
         def op(v):
             launch(g0, g1, g2, v[_STREAM], function, cooperative, pdl, None, None, packed, None, None, None,
                    *args(v))
-        return op
+        return op, read
 
     def op(v):
         run(g0, g1, g2, v[_STREAM], function, packed, None, None, None, *args(v))
-    return op
+    return op, read
 
 
 def _c_launch(launcher):
@@ -297,6 +306,73 @@ def _c_launch(launcher):
         return launcher.launch, launcher.launch_cooperative_grid, launcher.launch_pdl
     except AttributeError:
         return None
+
+
+# TMA descriptors. triton 3.6's launcher encodes every descriptor argument anew at each launch: its Python wrapper
+# (driver.wrap_handle_tensordesc) calls make_tensordesc_arg, which has the driver encode the 128-byte CUtensorMap
+# (cuTensorMapEncodeTiled) from the descriptor's tensor address, shape, strides and block, and the C launch copies
+# those bytes into the kernel's parameters. In a plan everything but the address is fixed by the plan key, so
+# _desc_launch_op keeps each encoding by address (a frozen weight's and an adapter's never change; activations come
+# back to the few addresses the caching allocator hands out) and calls the C launch with them: the same arguments
+# the wrapper would pass (tests/test_triton_fast_launch.py; the addresses: tests/test_triton_tma_mainloop.py), without
+# encoding known ones again.
+_MAX_DESC_ADDRESSES = 256  # encodings kept per descriptor argument of a plan's launch; beyond that they restart
+
+
+def _tensordesc_launch(launcher):
+    """(C launch, cooperative grid, PDL, descriptor argument positions, their TMA metadata, make_tensordesc_arg) of
+    a triton 3.6 CudaLauncher that needs no scratch buffers and wraps its C launch to encode descriptor arguments;
+    else None (no descriptor arguments, another triton, or a wrapper of another shape)."""
+    if _c_launch(launcher) is None:
+        return None
+    fn = launcher.launch
+    code, closure = getattr(fn, "__code__", None), getattr(fn, "__closure__", None)
+    if code is None or closure is None or code.co_name != "inner":
+        return None
+    try:
+        cells = dict(zip(code.co_freevars, (c.cell_contents for c in closure)))
+        raw, positions, metas = cells["launcher"], cells["tensordesc_indices"], cells["tensordesc_meta"]
+        make, base = fn.__globals__["make_tensordesc_arg"], fn.__globals__["_BASE_ARGS_FORMAT_LEN"]
+    except (KeyError, ValueError):
+        return None
+    # metadata None: the wrapper passes the descriptor's tensor itself, nothing to keep
+    if base != 13 or not callable(raw) or not metas or any(m is None for m in metas):
+        return None
+    return raw, launcher.launch_cooperative_grid, launcher.launch_pdl, sorted(positions), list(metas), make
+
+
+def _desc_launch_op(encode, grid: tuple, function, packed, slots: list, descs: dict):
+    """The fast launch of a kernel whose leading arguments are all the TMA descriptors it takes (the TMA output
+    kernel's a, b, c and, where they are descriptors, l and lb), each made by a planner "desc" step: the call's
+    tensor at that step's slot, encoded once per address. None where the arguments are not laid out so."""
+    raw, cooperative, pdl, positions, metas, make = encode
+    n = len(positions)
+    if positions != list(range(n)) or not all(s in descs for s in slots[:n]) or any(s in descs for s in slots[n:]):
+        return None
+    specs = [descs[s] for s in slots[:n]]  # (tensor slot, shape, strides, block, step) of each descriptor
+    caches = [{} for _ in specs]
+    rest = _getter(slots[n:])
+    g0, g1, g2 = grid
+
+    def encoded(k: int, t: torch.Tensor) -> list:  # what the wrapper would pass for descriptor k: encoded anew
+        cache = caches[k]
+        if len(cache) >= _MAX_DESC_ADDRESSES:
+            cache.clear()
+        _, shape, strides, block, _ = specs[k]
+        e = cache[t.data_ptr()] = make(_TensorDescriptor(t, list(shape), list(strides), list(block)), metas[k])
+        return e
+
+    pairs = [(k, spec[0], caches[k]) for k, spec in enumerate(specs)]
+
+    def op(v):
+        a = [g0, g1, g2, v[_STREAM], function, cooperative, pdl, None, None, packed, None, None, None]
+        for k, slot, cache in pairs:
+            t = v[slot]
+            e = cache.get(t.data_ptr())
+            a += e if e is not None else encoded(k, t)
+        a += rest(v)
+        raw(*a)
+    return op
 
 
 def _tune_op(key, tuner, grid, args, meta: dict):
@@ -386,9 +462,11 @@ def _seed_view_op(o, dtype):
 class _Plan:
     """A call's steps: ``jit`` launches through the JIT (the first run on a device, launch hooks, the interpreter),
     ``fast[device]`` (once every launch has its CompiledKernel on that current device) relaunches the compiled kernels
-    directly; ``fast`` is None where the JIT's path is the only one. ``tail`` is appended to the call's values (slots of the temporaries, then the constants); ``out`` reads
-    the outputs off the value list."""
-    __slots__ = ("tail", "jit", "fast", "out", "launches", "keep")
+    directly; ``fast`` is None where the JIT's path is the only one. ``tail`` is appended to the call's values (slots
+    of the temporaries, then the constants); ``out`` reads the outputs off the value list. ``launches``: per launch,
+    (its step's position, grid, getter of its arguments, their slots); ``descs``: per TMA descriptor slot, (the
+    tensor's slot, shape, strides, block, its step's position)."""
+    __slots__ = ("tail", "jit", "fast", "out", "launches", "descs", "keep")
 
     def run(self, v: list):
         fast = self.fast
@@ -411,11 +489,16 @@ class _Plan:
     def _go_fast(self, compiled: list):
         """After a run through the JIT: the steps that relaunch the kernels it ran, for the current device."""
         ops = list(self.jit)
-        for (pos, grid, args), c in zip(self.launches, compiled):
+        read = set()  # desc slots that some fast launch still reads
+        for (pos, grid, args, slots), c in zip(self.launches, compiled):
             if args is None or getattr(c, "function", None) is None:
                 self.fast = None  # the JIT's path for good (the interpreter, a launch that does not fit)
                 return
-            ops[pos] = _fast_launch_op(c, grid, args)
+            ops[pos], reads = _fast_launch_op(c, grid, args, slots, self.descs)
+            read |= reads
+        # a desc step that no launch reads any more (they encode from the tensor itself) is dropped
+        dead = {self.descs[s][4] for s in self.descs if s not in read}
+        ops = [op for i, op in enumerate(ops) if i not in dead]
         fast = self.fast
         if fast is not None:
             fast.setdefault(_DRIVER.active.get_current_device(), ops)
@@ -514,15 +597,15 @@ class _Planner:
             return slot
 
         plan = _Plan()
-        launches, jit = [], []
+        launches, jit, descs = [], [], {}
         for step in self.steps:
             kind = step[0]
             if kind == "launch":
                 _, kernel, grid, args, kwargs = step
                 slots = [ref(a) for a in args]
                 names = _constexpr_names(kernel, len(args), kwargs)
-                full = None if names is None else _getter(slots + [ref(kwargs[n]) for n in names])
-                launches.append((len(jit), grid, full))
+                full = None if names is None else slots + [ref(kwargs[n]) for n in names]
+                launches.append((len(jit), grid, None if full is None else _getter(full), full))
                 jit.append(_jit_launch_op(kernel, grid, _getter(slots), kwargs, len(launches) - 1))
             elif kind == "tune":
                 _, key, tuner, grid, args, meta = step
@@ -539,12 +622,13 @@ class _Planner:
                 jit.append(_addmm_op(*step[1:]))
             elif kind == "seed_view":
                 jit.append(_seed_view_op(*step[1:]))
-            elif kind == "desc":
+            elif kind == "desc":  # desc slot -> (tensor slot, shape, strides, block, step position)
+                descs[step[1]] = (*step[2:], len(jit))
                 jit.append(_desc_op(*step[1:]))
             else:
                 raise AssertionError(kind)
         plan.out = _getter([ref(o) for o in outputs])
-        plan.tail, plan.jit, plan.launches, plan.keep = tail, jit, launches, self.keep
+        plan.tail, plan.jit, plan.launches, plan.descs, plan.keep = tail, jit, launches, descs, self.keep
         plan.fast = {} if _PLAN_FAST else None  # the interpreter's plans launch through the JIT only
         return plan
 
