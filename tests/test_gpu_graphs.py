@@ -122,7 +122,7 @@ def _triton_cache_sizes():
     from lora_kernels.backends.triton import launch as tb
 
     sizes = {}
-    for name in ("_shrink_kernel", "_output_gemm_kernel", "_small_m_kernel", "_dy_pass_kernel"):
+    for name in ("_shrink_kernel", "_output_gemm_kernel", "_small_m_kernel", "_dy_pass_kernel", "_sum_partials_kernel"):
         fn = getattr(kernels, name)
         sizes[name] = sum(len(c[0]) for c in fn.device_caches.values())  # per device: (kernel_cache, ...)
     sizes["_TUNED"] = len(tb._TUNED)

@@ -151,3 +151,62 @@ def test_tuning_plan_is_not_kept():
     pl = tb._Planner(x, False, False)
     pl.launch(tb._shrink_kernel, (1,), (), {})
     assert pl.finish(()).keep
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
+def test_sum_partials_kernel(out_dtype):
+    """Two sums of split partials in one launch: each output element is its partials added in split order in fp32
+    (bit for bit the sequential sum), stored in its output's dtype; a single sum (no second job) too. Outputs start
+    as NaN: every element must be written."""
+    g = torch.Generator().manual_seed(3)
+    p0 = torch.randn(5, 7, 33, generator=g).to(DEV)  # 231 elements: 4 blocks of 64, the last one partial
+    p1 = torch.randn(1, 9, 4, generator=g).to(DEV)  # one split: a conversion
+    o0 = torch.full((7, 33), float("nan"), device=DEV)
+    o1 = torch.full((9, 4), float("nan"), dtype=out_dtype, device=DEV)
+    b0, b1 = 4, 1
+    tb._sum_partials_kernel[(b0 + b1,)](p0, o0, 231, 5, p1, o1, 36, 1, b0, BLOCK=64)
+
+    def sequential(p):
+        acc = p[0].clone()
+        for s in range(1, p.shape[0]):
+            acc += p[s]
+        return acc
+
+    assert torch.equal(o0, sequential(p0))
+    assert torch.equal(o1, p1[0].to(out_dtype))
+    o0.fill_(float("nan"))
+    tb._sum_partials_kernel[(b0,)](p0, o0, 231, 5, p0, o0, 0, 0, b0, BLOCK=64)  # one sum alone
+    assert torch.equal(o0, sequential(p0))
+
+
+@pytest.mark.parametrize("adapters", [torch.float32, torch.float16], ids=["fp32_adapters", "fp16_adapters"])
+@pytest.mark.parametrize("fuse_db", [True, False], ids=["db_in_dy_pass", "db_pass"])
+def test_backward_sums_in_one_launch(monkeypatch, planned, adapters, fuse_db):
+    """The backward's reductions (dA's and dB's split partials, and their conversion to 16-bit adapters) are one
+    launch of _sum_partials_kernel, its last step; no torch op runs between the launches. The grads it gives match
+    float64."""
+    monkeypatch.setattr(tb, "_FUSE_DB_PARTIAL_RATIO", float("inf") if fuse_db else 0.0)
+    steps = []
+    real_finish = tb._Planner.finish
+
+    def finish(self, outputs):
+        plan = real_finish(self, outputs)
+        steps.append(list(self.steps))
+        return plan
+
+    monkeypatch.setattr(tb._Planner, "finish", finish)
+    x, W, b, A, B, dy = _inputs()
+    A, B = A.to(adapters), B.to(adapters)
+    s = 0.5
+    y, u, dx, dA, dB = _step(x, W, b, A, B, dy, s=s)
+    bwd = steps[1]
+    kinds = [st[0] for st in bwd]
+    assert set(kinds) <= {"empty", "launch"}, kinds
+    sums = [i for i, st in enumerate(bwd) if st[0] == "launch" and st[1] is tb._sum_partials_kernel]
+    assert sums == [len(bwd) - 1], kinds
+    x64, W64, A64, B64, dy64 = (t.double() for t in (x, W, A, B, dy))
+    g64 = dy64 @ B64
+    for got, want in ((dA, s * g64.t() @ x64), (dB, s * dy64.t() @ (x64 @ A64.t()))):
+        assert got.dtype == adapters
+        err = (got.double() - want).abs().max().item()
+        assert err <= 2e-2 * want.abs().max().item(), err  # fp16 x and dy; the fp32 grads round once to fp16

@@ -31,7 +31,7 @@ from lora_kernels.backends.triton import launch as tb
 cap, limit = int(sys.argv[1]), int(sys.argv[2])
 target = GPUTarget("cuda", cap, 32)
 backend = make_backend(target)
-NAMES = ["_shrink_kernel", "_output_gemm_kernel", "_small_m_kernel", "_dy_pass_kernel"]
+NAMES = ["_shrink_kernel", "_output_gemm_kernel", "_small_m_kernel", "_dy_pass_kernel", "_sum_partials_kernel"]
 first = {}
 
 
@@ -93,7 +93,7 @@ def test_lora_kernels_fit(triton_python, gpu):
     cap, limit = GPUS.get(gpu, (90, 227 * 1024))
     rows = _run(triton_python, _LORA, cap, limit)
     assert {r["kernel"] for r in rows} == {"_shrink_kernel", "_output_gemm_kernel", "_small_m_kernel",
-                                           "_dy_pass_kernel"}, rows
+                                           "_dy_pass_kernel", "_sum_partials_kernel"}, rows
     assert any(r["kernel"] == "_dy_pass_kernel" and r["need_db"] for r in rows), rows
     over = [r for r in rows if r["shared"] > limit]
     assert over == [], over

@@ -27,7 +27,7 @@ from triton_recorder import install
 from lora_kernels.backends.triton import launch as tb
 
 backend = make_backend(GPUTarget("cuda", 90, 32))
-KERNELS = ["_shrink_kernel", "_output_gemm_kernel", "_small_m_kernel", "_dy_pass_kernel"]
+KERNELS = ["_shrink_kernel", "_output_gemm_kernel", "_small_m_kernel", "_dy_pass_kernel", "_sum_partials_kernel"]
 keys = {}  # launch site (kernel, problem, phase, index of the launch within the call) -> set of cache keys seen
 problem = None
 launches = []  # the kernels launched so far by the current forward or backward call
@@ -104,7 +104,7 @@ def record(rec, args, kwargs, bound, spec, options):
         first.setdefault((rec.name, bool(kwargs.get("W_T"))), (kwargs, bound, spec))  # W_T: dA
 
 
-install(tb, SEEDED + ["_dy_pass_kernel"], backend, record)
+install(tb, SEEDED + ["_dy_pass_kernel", "_sum_partials_kernel"], backend, record)
 g = torch.Generator().manual_seed(0)
 for M in (16, 300):
     x, W, A, B = (torch.randn(M, 256, generator=g).half(), torch.randn(320, 256, generator=g).half(),

@@ -20,7 +20,8 @@ pass names of csrc/:
                         the dy pass does not fuse it)
                dx       dx = dy @ W + keep * s/q * (g @ A)       _output_gemm_kernel  (M, K) x.dtype
                                                                  (or _output_gemm_tma_kernel)
-               reduce   the sum of split partials, in a fixed order: torch.sum (launch._sum_partials)
+               reduce   dA, dB from their split partials (fixed order),    _sum_partials_kernel one launch
+                        in the adapters' dtype
 
 Cost (2-byte dtype, r << N, K): the two big GEMMs are 2*M*N*K FLOPs each and move about
 2*(M*K + N*K + M*N) bytes (plus re-reads absorbed by L2 thanks to grouped tile order); the rank-r terms add
@@ -32,7 +33,7 @@ rank-r term is one more K-step of width R_PAD (r padded to a power of two >= 16 
 same fp32 accumulator. When dropout is on, the dx LoRA term must be masked per element, so it is a separate
 (BM, R_PAD) x (R_PAD, BN) dot in the epilogue with the mask regenerated for the output tile. The helper
 kernels loop over the long dimension; every reduction is deterministic (no atomics): partials are written
-to a buffer per M-chunk and summed with torch in a fixed order.
+to a buffer per M-chunk and summed in a fixed order by one launch at the end of the backward.
 
 Main loop (``LORA_KERNELS_TRITON_MAINLOOP``; ``auto``, the default, picks per pass as described below): either the
 TMA kernel below (Hopper, r <= 16, not dx with dropout), or cuBLAS with the LoRA work fused around it:

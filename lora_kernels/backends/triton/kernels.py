@@ -455,7 +455,7 @@ def _small_m_kernel(
 
 # ------------------------------------------------------------------------------------------------------
 # g = dy @ B (grid: M blocks; loops over N) and, if NEED_DB, per-M-block partials of dB = dy^T @ u
-# written to dbp[pid_m] (summed with torch afterwards): one pass over dy.
+# written to dbp[pid_m] (summed by _sum_partials_kernel afterwards): one pass over dy.
 # ------------------------------------------------------------------------------------------------------
 @triton.jit
 def _dy_pass_kernel(
@@ -489,3 +489,42 @@ def _dy_pass_kernel(
         b_ptrs += BN * s_bn
     g_ptrs = g_ptr + offs_m.to(tl.int64)[:, None] * s_gm + rr[None, :] * s_gr
     tl.store(g_ptrs, acc, mask=m_mask[:, None] & r_mask[None, :])
+
+
+# ------------------------------------------------------------------------------------------------------
+# The sums of split partials (dA and dB: the fp32 partials of their M-chunks), both in one launch: o[i] =
+# sum over s = 0 .. S-1 of p[s * n + i], in that order (deterministic), stored in o's dtype (the adapter's).
+# Grid: blocks0 + blocks1 programs of BLOCK elements; the first blocks0 sum (p0, o0), the rest (p1, o1).
+# Bytes: each partial read once, each output written once.
+# ------------------------------------------------------------------------------------------------------
+@triton.jit
+def _rounded(v, DT: tl.constexpr):
+    """fp32 v in dtype DT, rounded to nearest even as torch's .to() does (the interpreter's conversion to bf16
+    truncates: there the rounding is made on v's bits first, after which the conversion is exact)."""
+    if _WIDEN_BF16:
+        if DT == tl.bfloat16:
+            bits = v.to(tl.uint32, bitcast=True)
+            r = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+            v = tl.where(v == v, r, v)
+    return v.to(DT)
+
+
+@triton.jit
+def _sum_block(p_ptr, o_ptr, n, S, pid, BLOCK: tl.constexpr):
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    ptrs = p_ptr + offs
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for _s in range(0, S):
+        acc += tl.load(ptrs, mask=mask, other=0.0)
+        ptrs += n
+    tl.store(o_ptr + offs, _rounded(acc, o_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _sum_partials_kernel(p0_ptr, o0_ptr, n0, S0, p1_ptr, o1_ptr, n1, S1, blocks0, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    if pid < blocks0:
+        _sum_block(p0_ptr, o0_ptr, n0, S0, pid, BLOCK)
+    else:
+        _sum_block(p1_ptr, o1_ptr, n1, S1, pid - blocks0, BLOCK)

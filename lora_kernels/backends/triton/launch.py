@@ -19,7 +19,7 @@ from .configs import (_cdiv, _dot_precision, _gemm_configs, _helper_tiles, _next
                       _TMA_AUTO_MAX_R_PAD,
                       _TMA_MAX_R_PAD, _TMA_SMEM, _tma_config, _tuned_gemm, _tuned_small_m)
 from .kernels import (_PER_CALL_SCALARS, _dy_pass_kernel, _output_gemm_kernel, _output_gemm_tma_kernel,
-                      _shrink_kernel, _small_m_kernel)
+                      _shrink_kernel, _small_m_kernel, _sum_partials_kernel)
 
 try:  # host-side TMA descriptors (triton >= 3.4): the TMA output kernel's operands
     from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
@@ -394,18 +394,6 @@ def _zero_op(i):
     return op
 
 
-def _sum_op(o, i):
-    def op(v):
-        v[o] = v[i].sum(0)
-    return op
-
-
-def _to_op(o, i, dtype):
-    def op(v):
-        v[o] = v[i].to(dtype)
-    return op
-
-
 def _addmm_op(c, a, b, transpose: bool):
     if transpose:
         def op(v):
@@ -511,6 +499,7 @@ class _Planner:
         self.device, self.x_dtype, self.seed_in_mem = x.device, x.dtype, bool(seed_in_mem)
         self.n = _N_VALUES
         self.steps: list = []
+        self._sums: list = []  # (partials, result) of the sums that finish launches
         self.keep = True
         self._seed_views: dict = {}
         self.scale, self.offset = _Val(_SCALE), _Val(_OFFSET)
@@ -547,6 +536,7 @@ class _Planner:
 
     def launch(self, kernel, grid: tuple, args: tuple, kwargs: dict) -> None:
         """kernel[grid](*args, **kwargs): runtime arguments positionally, constexprs and options by keyword."""
+        assert not any(a is out for _, out in self._sums for a in args), "a sum's result is read before its launch"
         self.steps.append(("launch", kernel, tuple(grid), tuple(args), dict(kwargs)))
 
     def launch_tuned(self, key, tuner, kernel, grid, args: tuple, meta: dict) -> None:
@@ -560,15 +550,30 @@ class _Planner:
             self.launch(kernel, grid(cfg.kwargs), args, {**meta, **cfg.all_kwargs()})
 
     def sum_partials(self, part: _Val, dtype) -> _Val:
-        """The sum of the fp32 partials of _partials over the split dim (fixed order: deterministic), in `dtype`."""
-        out = part
-        if len(part.shape) == 3:
-            out = self._tmp(part.shape[1:], torch.float32)
-            self.steps.append(("sum", out.slot, part.slot))
-        if dtype != torch.float32:
-            src, out = out, self._tmp(out.shape, dtype)
-            self.steps.append(("to", out.slot, src.slot, dtype))
+        """The sum of the fp32 partials of _partials over the split dim (fixed order: deterministic), in `dtype`.
+        The plan's sums run last, all in one launch (_launch_sums, from finish): the result is an output of the
+        plan, which no later step reads."""
+        if len(part.shape) == 2 and dtype == torch.float32:
+            return part  # one split: the partial is the result
+        out = self.empty(part.shape[-2:], dtype)
+        self._sums.append((part, out))
         return out
+
+    def _launch_sums(self) -> None:
+        """One launch of _sum_partials_kernel per two pending sums (a backward has at most two: dA and dB)."""
+        block = 1024
+        sums, self._sums = self._sums, []
+        for i in range(0, len(sums), 2):
+            jobs = []
+            for part, out in sums[i:i + 2]:
+                n = out.shape[0] * out.shape[1]
+                jobs.append((part, out, n, part.shape[0] if len(part.shape) == 3 else 1, _cdiv(n, block)))
+            if len(jobs) == 1:
+                part, out, _, _, blocks = jobs[0]
+                jobs.append((part, out, 0, 0, 0))  # no second sum: its programs are none
+            (p0, o0, n0, s0, b0), (p1, o1, n1, s1, b1) = jobs
+            self.launch(_sum_partials_kernel, (b0 + b1,), (p0, o0, n0, s0, p1, o1, n1, s1, b0),
+                        dict(BLOCK=block, num_warps=4))
 
     def addmm_(self, c: _Val, a: _Val, b: _Val, transpose: bool) -> None:
         """c.addmm_(a, b.t() if transpose else b)."""
@@ -582,6 +587,8 @@ class _Planner:
         return val
 
     def finish(self, outputs: tuple) -> _Plan:
+        if self._sums:
+            self._launch_sums()
         tail = [None] * (self.n - _N_VALUES)
         consts: dict = {}
 
@@ -614,10 +621,6 @@ class _Planner:
                 jit.append(_empty_op(*step[1:]))
             elif kind == "zero_":
                 jit.append(_zero_op(step[1]))
-            elif kind == "sum":
-                jit.append(_sum_op(*step[1:]))
-            elif kind == "to":
-                jit.append(_to_op(*step[1:]))
             elif kind == "addmm":
                 jit.append(_addmm_op(*step[1:]))
             elif kind == "seed_view":
@@ -1080,7 +1083,7 @@ def _backward(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, need_d
     seed_v, seed_p, seed_in_mem = _seed_args(seed, x)
     key = (kn, p > 0.0, seed_in_mem, seed_in_mem and seed_p.data_ptr() % 16, x.get_device(),
            _FUSE_DB_PARTIAL_RATIO, SMALL_M, id(_TUNED), id(_dy_pass_kernel), id(_shrink_kernel),
-           id(_output_gemm_kernel), id(_output_gemm_tma_kernel), need_dx, need_dA, need_dB,
+           id(_output_gemm_kernel), id(_output_gemm_tma_kernel), id(_sum_partials_kernel), need_dx, need_dA, need_dB,
            dy.shape, dy.stride(), dy.dtype, dy.data_ptr() % 16,
            x.shape, x.stride(), x.dtype, x.data_ptr() % 16,
            weight.shape, weight.stride(), weight.dtype, weight.data_ptr() % 16,
