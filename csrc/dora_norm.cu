@@ -3,9 +3,11 @@
 //   ‖W_n + s(BA)_n‖² = ‖W_n‖² + 2s·B_n·(W Aᵀ)_n + s²·B_n (A Aᵀ) B_nᵀ,   g = magnitude / norm,   Bg = g ⊙ B
 //
 // from ‖W_n‖² (cached per frozen W), W Aᵀ (N×r fp32, the LoRA shrink pass over W) and A Aᵀ (r×r fp32): no N×K
-// temporary. A row whose sum is under half the sum of its three terms' sizes has cancelled (the adapter undoes much
-// of W_n), and the expansion's fp32 rounding, relative to the terms, is then large against the result: that row is
-// summed again directly, Σ_k (W_nk + s·B_n·A_k)² (lora_kernels/dora_kernels.py's combine does the same).
+// temporary. A row whose sum is under half the sum of its terms' sizes has cancelled (the adapter undoes much of
+// W_n, or the rank-r sum B_n A itself cancels, at small K), and the expansion's fp32 rounding, relative to those
+// sizes, is then large against the result: that row is summed again directly, Σ_k (W_nk + s·B_n·A_k)². The sizes
+// are every product's: ‖W_n‖², 2|s|·Σ_j |B_nj (W Aᵀ)_nj|, s²·Σ_jk |B_nj (A Aᵀ)_jk B_nk| (lora_kernels/
+// dora_kernels.py's combine does the same).
 // Tiling: one warp per row n, B_n (r ≤ 256) in shared memory, the lanes over B's columns (over K for a row summed
 // directly: W's row and A's columns read from global memory, only for such rows); math in fp32.
 #include "common.cuh"
@@ -31,25 +33,34 @@ dora_combine_kernel(const float* __restrict__ wa, const float* __restrict__ wsq,
   const int64_t n = (int64_t)blockIdx.x * kWarps + warp;
   if (n >= N) return;
   float* b = rows[warp];
-  float lin = 0.f;
+  float lin = 0.f, lin_size = 0.f;
   for (int j = lane; j < r; j += 32) {
     b[j] = load_any(B, b_dt, n * r + j);
     lin = fmaf(b[j], wa[n * r + j], lin);
+    lin_size += fabsf(b[j] * wa[n * r + j]);
   }
   __syncwarp();
   // quad = Σ_j b_j Σ_k (A Aᵀ)_jk b_k, lane j reading column j of the symmetric A Aᵀ: at each k the lanes read
   // consecutive floats of row k (coalesced), where reading row j of their own would touch 32 rows per load (at
-  // r = 64 that read dominated the forward's norm: +70 to +220 us per call on the H200, twentieth session)
-  float quad = 0.f;
+  // r = 64 that read dominated the forward's norm: +70 to +220 us per call on the H200, twentieth session);
+  // quad_size the same form of |b| and |A Aᵀ|
+  float quad = 0.f, quad_size = 0.f;
   for (int j = lane; j < r; j += 32) {
-    float t = 0.f;
-    for (int k = 0; k < r; ++k) t = fmaf(aat[(int64_t)k * r + j], b[k], t);
+    float t = 0.f, t_size = 0.f;
+    for (int k = 0; k < r; ++k) {
+      const float a = aat[(int64_t)k * r + j];
+      t = fmaf(a, b[k], t);
+      t_size = fmaf(fabsf(a), fabsf(b[k]), t_size);
+    }
     quad = fmaf(b[j], t, quad);
+    quad_size = fmaf(fabsf(b[j]), t_size, quad_size);
   }
   lin = 2.f * s * warp_sum(lin);
+  lin_size = 2.f * fabsf(s) * warp_sum(lin_size);
   quad = (s * s) * warp_sum(quad);
+  quad_size = (s * s) * warp_sum(quad_size);
   float sq = wsq[n] + lin + quad;
-  if (sq < 0.5f * (wsq[n] + fabsf(lin) + quad)) {  // the same on every lane (warp_sum's all-reduce): no divergence
+  if (sq < 0.5f * (wsq[n] + lin_size + quad_size)) {  // the same on every lane (warp_sum's all-reduce): no divergence
     float direct = 0.f;
     for (int64_t k = lane; k < K; k += 32) {
       float ba = 0.f;

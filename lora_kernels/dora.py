@@ -92,10 +92,11 @@ The norm needs no N×K temporary:
 - triton/cuda backends (eager): ‖W_n + s(BA)_n‖² = ‖W_n‖² + 2s·B_n·(A W_nᵀ) + s²·B_n (A Aᵀ) B_nᵀ with ‖W_n‖²
   cached per frozen W (``_weight_sq``), W Aᵀ from one Triton pass over W (``dora_kernels.w_at``; W is read once
   per call because A changes every step) and one combine kernel (``dora_kernels.weight_norm``).
-  A row whose sum is under half the sum of its three terms' sizes (the adapter undoes much of W_n) is summed again
-  directly in that kernel, Σ_k (W_nk + s·(B A)_nk)² from W's row and A: the expansion's float32 rounding is
-  relative to its terms, about 1/f² of the result where the row cancels to f of ‖W_n‖ (2e-3 at f = 0.01 against
-  PEFT's 1e-6, tests/test_dora.py). Training keeps f near 1, so no row is normally summed twice.
+  A row whose sum is under half the sum of its terms' products' sizes (the adapter undoes much of W_n, or B_n A
+  cancels within itself at a small K) is summed again directly in that kernel, Σ_k (W_nk + s·(B A)_nk)² from W's
+  row and A: the expansion's float32 rounding is relative to those products, about 1/f² of the result where the
+  row cancels to f of ‖W_n‖ (2e-3 at f = 0.01 against PEFT's 1e-6, tests/test_dora.py). Training keeps f near 1,
+  so no row is normally summed twice.
 - torch backend, torch.compile, non-unit-stride W (``dora_weight_norm``, the reference): PEFT's computation, W
   up-cast plus s·B A, by row chunks (one pass over W and 2NKr FLOPs, as the expansion's W Aᵀ).
 

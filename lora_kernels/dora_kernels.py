@@ -232,10 +232,12 @@ if triton is not None:
         # ‖W_n + s(BA)_n‖² = ‖W_n‖² + 2s·Σ_j B_nj (W Aᵀ)_nj + s²·B_n (A Aᵀ) B_nᵀ, clamped at 0, square-rooted. The
         # quadratic form by column blocks of A Aᵀ: (B AAᵀ)[:, j-block] as float32 "ieee" dots over BR-row blocks
         # of A Aᵀ (their operands stay in registers), times B[:, j-block].
-        # A row whose sum is under half the sum of its three terms' sizes has cancelled (the adapter undoes much of
-        # W_n): the expansion's float32 rounding is then relative to the terms, not to the result, so such a row is
-        # summed again directly, Σ_k (W_nk + s·(B A)_nk)², over K in BK-column blocks (W's row, A's block; B A by
-        # float32 "ieee" dots). A block without such a row skips that loop.
+        # A row whose sum is under half the sum of its terms' sizes has cancelled: the adapter undoes much of W_n,
+        # or the rank-r sum B_n A itself cancels (at small K, where A's rows are nearly parallel). The expansion's
+        # float32 rounding is relative to those sizes, not to the result, so such a row is summed again directly,
+        # Σ_k (W_nk + s·(B A)_nk)², over K in BK-column blocks (W's row, A's block; B A by float32 "ieee" dots). The
+        # sizes are every product's: ‖W_n‖², 2|s|·Σ_j |B_nj (W Aᵀ)_nj| and s²·Σ_jk |B_nj (A Aᵀ)_jk B_nk| (the
+        # quadratic form of |B_n| and |A Aᵀ|, alongside the signed one). A block without such a row skips that loop.
         offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
         n_mask = offs_n < N
         rr = tl.arange(0, R_PAD)
@@ -249,11 +251,14 @@ if triton is not None:
         b = tl.load(b_ptr + rows * s_bn + rr[None, :], mask=mask, other=0.0).to(tl.float32)
         wsq = tl.load(wsq_ptr + offs_n, mask=n_mask, other=0.0)
         lin = 2.0 * scaling * tl.sum(b * wa, axis=1)
+        lin_size = 2.0 * tl.abs(scaling) * tl.sum(tl.abs(b * wa), axis=1)
         quad = tl.zeros((BN,), dtype=tl.float32)
+        quad_size = tl.zeros((BN,), dtype=tl.float32)
         for j0 in range(0, R_PAD, BJ):
             jj = j0 + tl.arange(0, BJ)
             j_mask = jj < R
             t = tl.zeros((BN, BJ), dtype=tl.float32)
+            t_size = tl.zeros((BN, BJ), dtype=tl.float32)
             for k0 in range(0, R_PAD, BR):
                 kk = k0 + tl.arange(0, BR)
                 k_mask = kk < R
@@ -262,12 +267,14 @@ if triton is not None:
                 ak = tl.load(aat_ptr + kk[:, None] * R + jj[None, :], mask=k_mask[:, None] & j_mask[None, :],
                              other=0.0)
                 t = tl.dot(bk, ak, t, input_precision="ieee")
+                t_size = tl.dot(tl.abs(bk), tl.abs(ak), t_size, input_precision="ieee")
             bj = tl.load(b_ptr + rows * s_bn + jj[None, :], mask=n_mask[:, None] & j_mask[None, :],
                          other=0.0).to(tl.float32)
             quad += tl.sum(t * bj, axis=1)
+            quad_size += tl.sum(t_size * tl.abs(bj), axis=1)
         quad = (scaling * scaling) * quad
         sq = wsq + lin + quad
-        redo = n_mask & (sq < 0.5 * (wsq + tl.abs(lin) + quad))
+        redo = n_mask & (sq < 0.5 * (wsq + lin_size + (scaling * scaling) * quad_size))
         if tl.sum(redo.to(tl.int32), axis=0) > 0:
             direct = tl.zeros((BN,), dtype=tl.float32)
             for k0 in range(0, K, BK):

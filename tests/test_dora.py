@@ -439,6 +439,48 @@ def test_dora_linear_with_cancelling_rows(backend, device):
     assert_tolerance(y, ref, peft_formula(x, W, b, A, B, 1.0, m), "y")
 
 
+def _rank_sum_cancelling(K, s, seed=7, N=96, r=16):
+    g = torch.Generator().manual_seed(seed)
+    W, A, B = torch.randn(N, K, generator=g), torch.randn(r, K, generator=g), torch.randn(N, r, generator=g) / 4
+    return g, W, A, B
+
+
+@pytest.mark.parametrize("K,s", [(1, 1000.0), (1, -30.0), (2, 1000.0), (3, 100.0)])
+@pytest.mark.parametrize("which", ["reference", "fast"])
+def test_weight_norm_where_the_rank_sum_cancels(which, K, s):
+    """The row norm at small K with a large scaling (below): per row within twice PEFT's relative error (the full
+    float32 matrix) against float64."""
+    if which == "fast" and not _TRITON_DEVICES:
+        pytest.skip("no Triton here (needs a GPU or TRITON_INTERPRET=1)")
+    device = _TRITON_DEVICES[-1] if which == "fast" else "cpu"
+    _, W, A, B = _rank_sum_cancelling(K, s)
+    W, A, B = W.to(device), A.to(device), B.to(device)
+    got = (dora.dora_weight_norm if which == "reference" else _fast_norm_if_any)(W, A, B, s)
+    ref = _norm64(W, A, B, s)
+    base = torch.linalg.norm(W + s * (B @ A), dim=1)
+    err = ((got.double() - ref).abs() / ref).max().item()
+    err0 = ((base.double() - ref).abs() / ref).max().item()
+    assert err <= 2 * err0 + 4 * torch.finfo(torch.float32).eps, (err, err0)
+
+
+@pytest.mark.parametrize("K,s", [(1, 1000.0), (1, -30.0), (2, 1000.0)])
+@pytest.mark.parametrize("backend,device", backend_cases())
+def test_dora_linear_where_the_rank_sum_cancels(backend, device, K, s):
+    """At small K, A's rows are nearly parallel and the rank-r sum B_n A cancels within itself: the expansion's
+    terms (2s·B_n·(A W_nᵀ), s²·B_n AAᵀ B_nᵀ) are then small while their products are large, so the float32
+    rounding of the quadratic form is large against the row's norm (10× PEFT's error in y at K = 1, s = 1000).
+    Such rows are recognised by the sizes of the products themselves and summed directly: g and y within the
+    tolerance rule against float64."""
+    g, W, A, B = _rank_sum_cancelling(K, s)
+    N = W.shape[0]
+    x, b = torch.randn(24, K, generator=g), torch.randn(N, generator=g)
+    m = torch.linalg.norm(W.double() + s * (B.double() @ A.double()), dim=1).float() * (1 + torch.rand(N, generator=g))
+    W, A, B, x, b, m = (t.to(device) for t in (W, A, B, x, b, m))
+    y = lora_kernels.dora_linear(x, W, b, A, B, s, m, backend=backend)
+    ref = peft_formula(x.double(), W.double(), b.double(), A.double(), B.double(), s, m.double())
+    assert_tolerance(y, ref, peft_formula(x, W, b, A, B, s, m), "y")
+
+
 def _count_wsq(monkeypatch):
     calls = []
     real = dora._weight_sq_compute

@@ -10,6 +10,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <functional>
 #include <optional>
 #include <tuple>
@@ -107,11 +108,14 @@ struct ReferenceDora : ReferenceMath {
     // csrc/dora_norm.cu's math: the expansion from the cached ‖W_n‖², and the rows that cancel summed directly
     const auto acc = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
     const Tensor A = lora_A.to(acc), B = lora_B.to(acc), w2 = wsq.to(acc);
-    const Tensor lin = 2.0 * scaling * (B * weight.to(acc).mm(A.t())).sum(1);
-    const Tensor quad = (scaling * scaling) * (B * B.mm(A.mm(A.t()))).sum(1);
+    const Tensor wa = weight.to(acc).mm(A.t()), aat = A.mm(A.t());
+    const Tensor lin = 2.0 * scaling * (B * wa).sum(1);
+    const Tensor quad = (scaling * scaling) * (B * B.mm(aat)).sum(1);
+    const Tensor sizes = w2 + 2.0 * std::abs(scaling) * (B * wa).abs().sum(1) +
+                         (scaling * scaling) * (B.abs() * B.abs().mm(aat.abs())).sum(1);
     const Tensor sq = w2 + lin + quad;
     const Tensor direct = at::addmm(weight.to(acc), B, A, 1.0, scaling).square().sum(1);
-    const Tensor norm = at::where(sq < 0.5 * (w2 + lin.abs() + quad), direct, sq).clamp_min(0.0).sqrt();
+    const Tensor norm = at::where(sq < 0.5 * sizes, direct, sq).clamp_min(0.0).sqrt();
     const Tensor g = magnitude.to(acc) / norm;
     return {g, norm, (B * g.unsqueeze(1)).to(lora_B.scalar_type())};
   }
