@@ -568,9 +568,8 @@ class _Planner:
             for part, out in sums[i:i + 2]:
                 n = out.shape[0] * out.shape[1]
                 jobs.append((part, out, n, part.shape[0] if len(part.shape) == 3 else 1, _cdiv(n, block)))
-            if len(jobs) == 1:
-                part, out, _, _, blocks = jobs[0]
-                jobs.append((part, out, 0, 0, 0))  # no second sum: its programs are none
+            if len(jobs) == 1:  # no second sum: none of the programs take it
+                jobs.append((jobs[0][0], jobs[0][1], 0, 0, 0))
             (p0, o0, n0, s0, b0), (p1, o1, n1, s1, b1) = jobs
             self.launch(_sum_partials_kernel, (b0 + b1,), (p0, o0, n0, s0, p1, o1, n1, s1, b0),
                         dict(BLOCK=block, num_warps=4))
