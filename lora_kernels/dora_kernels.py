@@ -226,12 +226,38 @@ if triton is not None:
         tl.store(p_ptrs, acc, mask=n_mask[:, None] & r_mask[None, :])
 
     @triton.jit
+    def _quadratic_form(b_ptr, aat_ptr, rows, n_mask, s_bn, R, ABS: tl.constexpr, R_PAD: tl.constexpr,
+                        BN: tl.constexpr, BJ: tl.constexpr, BR: tl.constexpr):
+        # B_n (A Aᵀ) B_nᵀ per row of the block (ABS: of |B_n| and |A Aᵀ|): by column blocks of A Aᵀ, (B AAᵀ)[:, j-block]
+        # as float32 "ieee" dots over BR-row blocks of A Aᵀ (their operands stay in registers), times B[:, j-block]
+        quad = tl.zeros((BN,), dtype=tl.float32)
+        for j0 in range(0, R_PAD, BJ):
+            jj = j0 + tl.arange(0, BJ)
+            j_mask = jj < R
+            t = tl.zeros((BN, BJ), dtype=tl.float32)
+            for k0 in range(0, R_PAD, BR):
+                kk = k0 + tl.arange(0, BR)
+                k_mask = kk < R
+                bk = tl.load(b_ptr + rows * s_bn + kk[None, :], mask=n_mask[:, None] & k_mask[None, :],
+                             other=0.0).to(tl.float32)
+                ak = tl.load(aat_ptr + kk[:, None] * R + jj[None, :], mask=k_mask[:, None] & j_mask[None, :],
+                             other=0.0)
+                if ABS:
+                    bk, ak = tl.abs(bk), tl.abs(ak)
+                t = tl.dot(bk, ak, t, input_precision="ieee")
+            bj = tl.load(b_ptr + rows * s_bn + jj[None, :], mask=n_mask[:, None] & j_mask[None, :],
+                         other=0.0).to(tl.float32)
+            if ABS:
+                bj = tl.abs(bj)
+            quad += tl.sum(t * bj, axis=1)
+        return quad
+
+    @triton.jit
     def _norm_combine_kernel(part_ptr, wsq_ptr, b_ptr, aat_ptr, w_ptr, a_ptr, out_ptr, N, K, R, S, s_bn, s_wn, s_ar,
                              scaling, R_PAD: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr, BR: tl.constexpr,
                              BK: tl.constexpr):
-        # ‖W_n + s(BA)_n‖² = ‖W_n‖² + 2s·Σ_j B_nj (W Aᵀ)_nj + s²·B_n (A Aᵀ) B_nᵀ, clamped at 0, square-rooted. The
-        # quadratic form by column blocks of A Aᵀ: (B AAᵀ)[:, j-block] as float32 "ieee" dots over BR-row blocks
-        # of A Aᵀ (their operands stay in registers), times B[:, j-block].
+        # ‖W_n + s(BA)_n‖² = ‖W_n‖² + 2s·Σ_j B_nj (W Aᵀ)_nj + s²·B_n (A Aᵀ) B_nᵀ, clamped at 0, square-rooted (the
+        # quadratic form: _quadratic_form).
         # A row whose sum is under half the sum of its terms' sizes has cancelled: the adapter undoes much of W_n,
         # or the rank-r sum B_n A itself cancels (at small K, where A's rows are nearly parallel). The expansion's
         # float32 rounding is relative to those sizes, not to the result, so such a row is summed again directly,
@@ -252,26 +278,8 @@ if triton is not None:
         wsq = tl.load(wsq_ptr + offs_n, mask=n_mask, other=0.0)
         lin = 2.0 * scaling * tl.sum(b * wa, axis=1)
         lin_size = 2.0 * tl.abs(scaling) * tl.sum(tl.abs(b * wa), axis=1)
-        quad = tl.zeros((BN,), dtype=tl.float32)
-        quad_size = tl.zeros((BN,), dtype=tl.float32)
-        for j0 in range(0, R_PAD, BJ):
-            jj = j0 + tl.arange(0, BJ)
-            j_mask = jj < R
-            t = tl.zeros((BN, BJ), dtype=tl.float32)
-            t_size = tl.zeros((BN, BJ), dtype=tl.float32)
-            for k0 in range(0, R_PAD, BR):
-                kk = k0 + tl.arange(0, BR)
-                k_mask = kk < R
-                bk = tl.load(b_ptr + rows * s_bn + kk[None, :], mask=n_mask[:, None] & k_mask[None, :],
-                             other=0.0).to(tl.float32)
-                ak = tl.load(aat_ptr + kk[:, None] * R + jj[None, :], mask=k_mask[:, None] & j_mask[None, :],
-                             other=0.0)
-                t = tl.dot(bk, ak, t, input_precision="ieee")
-                t_size = tl.dot(tl.abs(bk), tl.abs(ak), t_size, input_precision="ieee")
-            bj = tl.load(b_ptr + rows * s_bn + jj[None, :], mask=n_mask[:, None] & j_mask[None, :],
-                         other=0.0).to(tl.float32)
-            quad += tl.sum(t * bj, axis=1)
-            quad_size += tl.sum(t_size * tl.abs(bj), axis=1)
+        quad = _quadratic_form(b_ptr, aat_ptr, rows, n_mask, s_bn, R, False, R_PAD, BN, BJ, BR)
+        quad_size = _quadratic_form(b_ptr, aat_ptr, rows, n_mask, s_bn, R, True, R_PAD, BN, BJ, BR)
         quad = (scaling * scaling) * quad
         sq = wsq + lin + quad
         redo = n_mask & (sq < 0.5 * (wsq + lin_size + (scaling * scaling) * quad_size))

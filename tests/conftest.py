@@ -20,6 +20,32 @@ SM90_TILE_FORCED = os.environ.get("LORA_KERNELS_SM90_GEMM_CONFIG") in ("1", "4")
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _interpreter_rounds_to_bf16():
+    """Makes triton's interpreter round float32 to bfloat16 to nearest even, as the GPU's conversion and torch's .to()
+    do; the interpreter truncates (its cast passes no rounding mode), which on the CPU doubled the rounding error of
+    every bf16 output and operand of the Triton kernels against their GPU runs. Tests only; the kernels are
+    unchanged."""
+    try:
+        import numpy as np
+        import triton.language as tl
+        from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
+    except ImportError:
+        return
+    cast = InterpreterBuilder.cast_impl
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            t = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32)).to(torch.bfloat16)
+            return TensorHandle(t.view(torch.int16).numpy().view(np.uint16), dst_type.scalar)
+        return cast(self, src, dst_type)
+
+    InterpreterBuilder.cast_impl = cast_impl
+
+
+if INTERPRET:
+    _interpreter_rounds_to_bf16()
+
+
 def backend_cases():
     """(backend, device) pairs that can run on this machine."""
     avail = lora_kernels.available_backends()

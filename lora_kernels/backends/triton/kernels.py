@@ -498,18 +498,6 @@ def _dy_pass_kernel(
 # Bytes: each partial read once, each output written once.
 # ------------------------------------------------------------------------------------------------------
 @triton.jit
-def _rounded(v, DT: tl.constexpr):
-    """fp32 v in dtype DT, rounded to nearest even as torch's .to() does (the interpreter's conversion to bf16
-    truncates: there the rounding is made on v's bits first, after which the conversion is exact)."""
-    if _WIDEN_BF16:
-        if DT == tl.bfloat16:
-            bits = v.to(tl.uint32, bitcast=True)
-            r = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-            v = tl.where(v == v, r, v)
-    return v.to(DT)
-
-
-@triton.jit
 def _sum_block(p_ptr, o_ptr, n, S, pid, BLOCK: tl.constexpr):
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -518,7 +506,7 @@ def _sum_block(p_ptr, o_ptr, n, S, pid, BLOCK: tl.constexpr):
     for _s in range(0, S):
         acc += tl.load(ptrs, mask=mask, other=0.0)
         ptrs += n
-    tl.store(o_ptr + offs, _rounded(acc, o_ptr.dtype.element_ty), mask=mask)
+    tl.store(o_ptr + offs, acc.to(o_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
