@@ -32,9 +32,11 @@ output without bias before the column scale):
                                                              the columns with g = 0 (y = b there) from their z
                                                              recomputed by one more launch that is a no-op
                                                              unless such a column exists (no synchronisation)
-             otherwise by row chunks (below): z recomputed (the backend's forward on x, or on x_k at p > 0), and
-             dg = Σ_m dy ⊙ z  (/q at p > 0)                  fused with dy_c = c ⊙ dy in one pass over dy, z;
-                                                             dy_c is written over z
+             otherwise by row chunks (below): z's base recomputed (x Wᵀ, or x_k Wᵀ at p > 0, in x's dtype), and
+             dg = (Σ_m dy ⊙ x_k Wᵀ + Σ_j B ⊙ dyᵀ u)  (/q at p > 0)
+                                                             the first sum fused with dy_c = c ⊙ dy in one pass over
+                                                             dy and the base, dy_c written over it; dyᵀ u is dB's
+                                                             product (z's LoRA part in the adapters' precision)
              p = 0:  dx = backend dx of (dy_c, B)            = (g⊙dy) W + s·((g⊙dy) B) A
                      (cuda and triton backends, z or y saved: backward_dx_from gives dx = dy_c W + s·(dy Bg) A
                      with dA and dB in one backend call, dy_c computed before it: one backend backward, not two)
@@ -351,15 +353,21 @@ def _bwd_impl(dy, x, weight, bias, lora_A, lora_B, g, u, z, z_is_y, scaling, p, 
         if need_dB:
             dB = (dB.to(acc) * g[:, None]).to(lora_B.dtype)
         return (dx, dA if need_dA else empty, dB if need_dB else empty, dg if need_dg else empty)
+    saved = z.numel() > 0  # z, or y to take z from: nothing to recompute
+    # z recomputed: only its base x_k Wᵀ, by the frozen GEMM in x's dtype as PEFT's base layer computes it; z's LoRA
+    # part enters dg as Σ_m dy ⊙ (u Bᵀ) = Σ_j B ⊙ (dyᵀ u), from dB's product dyᵀ u, which the backend computes in the
+    # adapters' precision. (z whole, rounded to x's dtype, carries the rounding of its LoRA part: with float32
+    # adapters and a LoRA part large against the base, several times PEFT's error in dg.)
+    split_z = need_dg and not saved
+    dbu = None  # dyᵀ u (N, r), the backend's dB of (dy, Bg) before its scale
     # The adapters' grads (and at p > 0 dx without the masked base-weight term) from unrounded dy, with Bg = g ⊙ B.
-    if need_dA or need_dB or (need_dx and p > 0.0):
+    if need_dA or need_dB or split_z or (need_dx and p > 0.0):
         bg = (lora_B.to(acc) * g[:, None]).to(lora_B.dtype)
-        dx, dA, dB = be.backward(dy, x, weight, lora_A, bg, u, scaling, p, sd, offset,
-                                 need_dx and p > 0.0, need_dA, need_dB)
+        dx, dA, dbu = be.backward(dy, x, weight, lora_A, bg, u, scaling, p, sd, offset,
+                                  need_dx and p > 0.0, need_dA, need_dB or split_z)
         if need_dB:
-            dB = (dB.to(acc) * (g if p == 0.0 else g / q)[:, None]).to(lora_B.dtype)
+            dB = (dbu.to(acc) * (g if p == 0.0 else g / q)[:, None]).to(lora_B.dtype)
     if need_dg or need_dx:
-        saved = z.numel() > 0  # z, or y to take z from: nothing to recompute
         c = g if p == 0.0 else (g - 1.0) / q
         # per-row temporaries of a chunk: z (or the dy_c buffer) and, p = 0, the chunk's dx / p > 0, x_k then dy_c W.
         # With z or y saved (nothing to recompute) one chunk: dy_c (M×N) is then transient for the whole backward,
@@ -373,12 +381,11 @@ def _bwd_impl(dy, x, weight, bias, lora_A, lora_B, g, u, z, z_is_y, scaling, p, 
             rows = (lambda t: t) if len(chunks) == 1 else (lambda t: t[m0:m1])  # no slicing ops for one chunk
             xs, dys, us, off = rows(x), rows(dy), rows(u), offset + m0 * k8
             zs, xk = (rows(z) if saved else None), None
-            if need_dg and not saved:  # recompute z of these rows: the backend's LoRA forward (no bias)
+            if split_z:  # z's base of these rows, x_k Wᵀ (no bias; x at p = 0)
+                xk = xs if p == 0.0 else masked(xs, p, sd, off, 1.0, 0.0, fast)
+                zs = torch.mm(xk, weight.t())
                 if p == 0.0:
-                    zs = be.forward(xs, weight, None, lora_A, lora_B, scaling, 0.0, 0, 0)[0]
-                else:
-                    xk = masked(xs, p, sd, off, 1.0, 0.0, fast)
-                    zs = be.forward(xk, weight, None, lora_A, lora_B, scaling, 0.0, 0, 0)[0]
+                    xk = None  # x itself: not a buffer for dy_c W
             # dg += Σ_m dy ⊙ z;  dy_c = c ⊙ dy, written over a recomputed z (the saved z or y is left alone);
             # from y (p = 0): z = (y − b)/g, and the columns y cannot give (g = 0, or a bias and a small g:
             # dora_kernels.z_lost_from_y) from z recomputed there alone
@@ -399,6 +406,8 @@ def _bwd_impl(dy, x, weight, bias, lora_A, lora_B, g, u, z, z_is_y, scaling, p, 
             else:  # dx += keep ⊙ (dy_c W), the product written over x_k when there is one
                 t = torch.mm(dyc, weight, out=xk) if xk is not None else torch.mm(dyc, weight)
                 masked(t, p, sd, off, 1.0, 0.0, fast, base=rows(dx), out=rows(dx))
+        if split_z:  # z's LoRA part: Σ_m dy ⊙ (u Bᵀ), u = s·x_k Aᵀ as the forward saved it
+            dg = dg + (lora_B.to(acc) * dbu.to(acc)).sum(1)
         if need_dg and p > 0.0:
             dg = dg / q
     return (dx if need_dx else empty, dA if need_dA else empty, dB if need_dB else empty,

@@ -118,6 +118,38 @@ def check_against_peft(backend, y, grads, x, W, b, A, B, s, m, keep, p, dy):
         assert_tolerance(got, r64, b0, name, abs_ref=a64, eps_dtype=eps_dtype)
 
 
+@pytest.mark.parametrize("s", [2.0, 250.0])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend,device", backend_cases())
+def test_dmagnitude_of_recomputed_z_with_float32_adapters(backend, device, dtype, s):
+    """Where the backward recomputes z (p > 0), the magnitude's grad Σ_m dy ⊙ z / q / norm meets the tolerance rule
+    with its own floor (not x's dtype's, as the other grads of mixed precision): z's base comes from the frozen GEMM
+    in x's dtype, as PEFT's base layer, and its LoRA part from dB's product dyᵀ u in float32. Taken whole from the
+    backend's forward, z was rounded to x's dtype with its LoRA part (10× PEFT's error on the Triton backend in a
+    CPU fuzz, at s = 2 too)."""
+    g = torch.Generator().manual_seed(5)
+    M, K, N, r, p = 130, 17, 33, 16, 0.1
+    x = torch.randn(M, K, generator=g).to(device, dtype)
+    W, b = (torch.randn(N, K, generator=g) / K**0.5).to(device, dtype), torch.randn(N, generator=g).to(device, dtype)
+    A, B = (torch.randn(r, K, generator=g) / K**0.5).to(device), (torch.randn(N, r, generator=g) / r**0.5).to(device)
+    m = (torch.linalg.norm(W.double() + s * (B.double() @ A.double()), dim=1) *
+         (0.5 + torch.rand(N, generator=g).to(device))).float()
+    mg = m.clone().requires_grad_()
+    seed = next_dropout_seed()
+    y = lora_kernels.dora_linear(x, W, b, A, B, s, mg, dropout_p=p, backend=backend)
+    keep = lora_kernels.dropout_mask(seed, 0, x.shape, p, device=device)
+    dy = torch.randn(y.shape, generator=g).to(device, dtype)
+    y.backward(dy)
+
+    def dmag(cast):
+        mm = cast(m).detach().clone().requires_grad_()
+        out = peft_formula(cast(x), cast(W), cast(b), cast(A), cast(B), s, mm, keep, p, gemm_in_x_dtype=True)
+        out.backward(dy.to(out.dtype))
+        return mm.grad
+
+    assert_tolerance(mg.grad, dmag(lambda t: t.double()), dmag(lambda t: t), "dmagnitude")
+
+
 def _abs_terms(W, b, A, B, s, keep, p):
     """The float64 formula of abs_reference (tests/conftest.py) for DoRA, as a function of (x, A, B, magnitude).
 
