@@ -302,11 +302,12 @@ std::tuple<at::Tensor, at::Tensor> dora_dropout_forward(const at::Tensor& x, con
 // The DoRA node at p > 0 (training with dropout; frozen weight and bias), lora_kernels/dora.py's p > 0 path:
 //   forward: dora_dropout_forward above.
 //   backward (c = (g − 1)/q): dx_b, dA, dB = the LoRA backward at p of (dy, Bg) (its masked dx: dy W + keep ⊙
-//            (s/q·(dy Bg) A)), dB (dyᵀ u) then times g/q; per row chunk: x_k, its base x_k Wᵀ (z = x_k Wᵀ + u Bᵀ
-//            is recomputed, as y holds x_c Wᵀ too; its base by the frozen GEMM in x's dtype, as PEFT's base layer),
-//            dy_c = c ⊙ dy over it with the column sums of dy ⊙ x_k Wᵀ (one pass), t = dy_c W over x_k,
-//            dx_b += keep ⊙ t; dmag = (Σ_m dy ⊙ x_k Wᵀ + Σ_j B ⊙ dyᵀ u) / q / norm: z's LoRA part from dB's product in
-//            the adapters' precision, not rounded to x's dtype with the base (lora_kernels/dora.py says why).
+//            (s/q·(dy Bg) A)), dB (dyᵀ u) then times g/q; per row chunk: x_k, z = x_k Wᵀ + u Bᵀ (the backend's
+//            forward: z is recomputed, as y holds x_c Wᵀ too), dy_c = c ⊙ dy over z with the column sums of dy ⊙ z
+//            (one pass), t = dy_c W over x_k, dx_b += keep ⊙ t; dmag = Σ dy ⊙ z / q / norm. With float32 adapters
+//            on a 16-bit x, z's base x_k Wᵀ alone (the frozen GEMM in x's dtype, as PEFT's base layer) and dmag =
+//            (Σ_m dy ⊙ x_k Wᵀ + Σ_j B ⊙ dyᵀ u) / q / norm: z's LoRA part from dB's product in float32, not rounded
+//            to x's dtype with the base (lora_kernels/dora.py says why).
 //   saved: x, W, A, B, Bg, u, g, norm and the seed: lora_linear's plus O(N·r); no mask, nothing M×N.
 // Three GEMMs over W in backward (dx_b's, z's, t's) and two in forward: five, as the Python path.
 template <typename Impl>
@@ -346,13 +347,15 @@ class DoraDropoutFunction : public torch::autograd::Function<DoraDropoutFunction
     grads.clear();
     variable_list out(11);  // one per forward argument
     const double q = 1.0 - p;
+    // float32 adapters on a 16-bit x: z's base recomputed, its LoRA part from dB's product (above)
+    const bool split = need_dm && lora_B.scalar_type() != x.scalar_type();
     at::Tensor dx, lora_part;  // lora_part: Σ_j B ⊙ dyᵀ u (N,) fp32, z's LoRA part of dmag's column sums
-    if (need_dx || need_dA || need_dB || need_dm) {
+    if (need_dx || need_dA || need_dB || split) {
       auto [dxb, dA, dB] = Impl::backward(dy, x, weight, lora_A, bg, u, scaling, p, seed, 0, need_dx, need_dA,
-                                          need_dB || need_dm, std::nullopt);
+                                          need_dB || split, std::nullopt);
       dx = dxb;
       if (need_dA) out[3] = dA;
-      if (need_dm) lora_part = (lora_B.to(at::kFloat) * dB.to(at::kFloat)).sum(1);
+      if (split) lora_part = (lora_B.to(at::kFloat) * dB.to(at::kFloat)).sum(1);
       // the backward's dB is dyᵀ u for Bg = g ⊙ B, u = s·x_k Aᵀ = q·(s·x_d Aᵀ): times g/q
       if (need_dB) out[4] = scale_rows(dB, g / q);
     }
@@ -367,9 +370,11 @@ class DoraDropoutFunction : public torch::autograd::Function<DoraDropoutFunction
         auto rows = [&](const at::Tensor& t) { return one ? t : t.narrow(0, m0, m1 - m0); };
         const int64_t off = m0 * k8;
         at::Tensor xk, z;
-        if (need_dm) {  // z's base of these rows, x_k Wᵀ (no bias)
+        if (need_dm) {  // z of these rows (no bias): the backend's LoRA forward of x_k, or its base x_k Wᵀ
           xk = Impl::dora_masked(rows(x), p, seed, off, 1.0, 0.0, none, none);
-          z = at::mm(xk, weight.t());
+          z = split ? at::mm(xk, weight.t())
+                    : std::get<0>(Impl::forward(xk, weight, std::nullopt, lora_A, lora_B, scaling, 0.0, 0, 0,
+                                                std::nullopt));
         }
         auto [dyc, part] = Impl::dora_colsum_z(rows(dy), z, c, need_dx, need_dm, need_dm ? z : none);
         if (need_dm) parts.push_back(part);
@@ -381,8 +386,8 @@ class DoraDropoutFunction : public torch::autograd::Function<DoraDropoutFunction
       }
       if (need_dx) out[0] = dx;
       if (need_dm) {
-        parts.push_back(lora_part.unsqueeze(0));
-        out[5] = Impl::dora_dmag_sum(at::cat(parts), norm, q, m_dtype);
+        if (split) parts.push_back(lora_part.unsqueeze(0));
+        out[5] = Impl::dora_dmag_sum(parts.size() == 1 ? parts[0] : at::cat(parts), norm, q, m_dtype);
       }
     }
     return first_order(std::move(out), dy, x, weight, lora_A, lora_B);

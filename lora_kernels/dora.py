@@ -32,11 +32,11 @@ output without bias before the column scale):
                                                              the columns with g = 0 (y = b there) from their z
                                                              recomputed by one more launch that is a no-op
                                                              unless such a column exists (no synchronisation)
-             otherwise by row chunks (below): z's base recomputed (x Wᵀ, or x_k Wᵀ at p > 0, in x's dtype), and
-             dg = (Σ_m dy ⊙ x_k Wᵀ + Σ_j B ⊙ dyᵀ u)  (/q at p > 0)
-                                                             the first sum fused with dy_c = c ⊙ dy in one pass over
-                                                             dy and the base, dy_c written over it; dyᵀ u is dB's
-                                                             product (z's LoRA part in the adapters' precision)
+             otherwise by row chunks (below): z recomputed (the backend's forward on x, or on x_k at p > 0), and
+             dg = Σ_m dy ⊙ z  (/q at p > 0)                  fused with dy_c = c ⊙ dy in one pass over dy, z;
+                                                             dy_c is written over z. With float32 adapters on a
+                                                             16-bit x only z's base x_k Wᵀ is recomputed, and
+             dg = (Σ_m dy ⊙ x_k Wᵀ + Σ_j B ⊙ dyᵀ u)  (/q)   dyᵀ u being dB's product (z's LoRA part in float32)
              p = 0:  dx = backend dx of (dy_c, B)            = (g⊙dy) W + s·((g⊙dy) B) A
                      (cuda and triton backends, z or y saved: backward_dx_from gives dx = dy_c W + s·(dy Bg) A
                      with dA and dB in one backend call, dy_c computed before it: one backend backward, not two)
@@ -354,11 +354,13 @@ def _bwd_impl(dy, x, weight, bias, lora_A, lora_B, g, u, z, z_is_y, scaling, p, 
             dB = (dB.to(acc) * g[:, None]).to(lora_B.dtype)
         return (dx, dA if need_dA else empty, dB if need_dB else empty, dg if need_dg else empty)
     saved = z.numel() > 0  # z, or y to take z from: nothing to recompute
-    # z recomputed: only its base x_k Wᵀ, by the frozen GEMM in x's dtype as PEFT's base layer computes it; z's LoRA
-    # part enters dg as Σ_m dy ⊙ (u Bᵀ) = Σ_j B ⊙ (dyᵀ u), from dB's product dyᵀ u, which the backend computes in the
-    # adapters' precision. (z whole, rounded to x's dtype, carries the rounding of its LoRA part: with float32
-    # adapters and a LoRA part large against the base, several times PEFT's error in dg.)
-    split_z = need_dg and not saved
+    # z recomputed, with float32 adapters on a 16-bit x (PEFT keeps the LoRA term in float32 there): only its base
+    # x_k Wᵀ, by the frozen GEMM in x's dtype as PEFT's base layer computes it; z's LoRA part enters dg as
+    # Σ_m dy ⊙ (u Bᵀ) = Σ_j B ⊙ (dyᵀ u), from dB's product dyᵀ u, which the backend computes in float32. (z whole,
+    # rounded to x's dtype, carries the rounding of its LoRA part: several times PEFT's error in dg where that part
+    # is large against the base.) With adapters in x's dtype z comes whole from the backend's forward, as PEFT
+    # rounds its LoRA term to x's dtype too (dyᵀ u in x's dtype would lose more).
+    split_z = need_dg and not saved and lora_B.dtype != x.dtype
     dbu = None  # dyᵀ u (N, r), the backend's dB of (dy, Bg) before its scale
     # The adapters' grads (and at p > 0 dx without the masked base-weight term) from unrounded dy, with Bg = g ⊙ B.
     if need_dA or need_dB or split_z or (need_dx and p > 0.0):
@@ -381,9 +383,10 @@ def _bwd_impl(dy, x, weight, bias, lora_A, lora_B, g, u, z, z_is_y, scaling, p, 
             rows = (lambda t: t) if len(chunks) == 1 else (lambda t: t[m0:m1])  # no slicing ops for one chunk
             xs, dys, us, off = rows(x), rows(dy), rows(u), offset + m0 * k8
             zs, xk = (rows(z) if saved else None), None
-            if split_z:  # z's base of these rows, x_k Wᵀ (no bias; x at p = 0)
+            if need_dg and not saved:  # z of these rows (no bias; x_k = x at p = 0): whole, or its base (split_z)
                 xk = xs if p == 0.0 else masked(xs, p, sd, off, 1.0, 0.0, fast)
-                zs = torch.mm(xk, weight.t())
+                zs = (torch.mm(xk, weight.t()) if split_z
+                      else be.forward(xk, weight, None, lora_A, lora_B, scaling, 0.0, 0, 0)[0])
                 if p == 0.0:
                     xk = None  # x itself: not a buffer for dy_c W
             # dg += Σ_m dy ⊙ z;  dy_c = c ⊙ dy, written over a recomputed z (the saved z or y is left alone);
