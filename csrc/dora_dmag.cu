@@ -30,6 +30,7 @@ dora_dmag_kernel(const float* __restrict__ part, int64_t splits, const float* __
                  void* __restrict__ dmag, DType m_dt, T* scale_dy, int64_t M, int64_t K, int64_t N, int r) {
   __shared__ float sums[kWarps];
   __shared__ int any_flagged;
+  auto flagged = [&](int64_t c) { return dora_recompute_z(g[c], bias != nullptr ? to_f<T>(bias[c]) : 0.f); };
   const int64_t n = (int64_t)blockIdx.x * kThreads + threadIdx.x;
   if (threadIdx.x == 0) any_flagged = 0;
   __syncthreads();
@@ -38,14 +39,14 @@ dora_dmag_kernel(const float* __restrict__ part, int64_t splits, const float* __
     for (int64_t s = 0; s < splits; ++s) t += part[s * N + n];
     if (q != 1.f) t = t / q;
     store_any(dmag, m_dt, n, t / norm[n]);
-    if (g != nullptr && dora_recompute_z(g[n], bias != nullptr ? to_f<T>(bias[n]) : 0.f)) any_flagged = 1;
+    if (g != nullptr && flagged(n)) any_flagged = 1;
   }
   __syncthreads();
   if (!any_flagged) return;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t end = min64(N, (int64_t)(blockIdx.x + 1) * kThreads);
   for (int64_t c = (int64_t)blockIdx.x * kThreads; c < end; ++c) {
-    if (!dora_recompute_z(g[c], bias != nullptr ? to_f<T>(bias[c]) : 0.f)) continue;  // uniform over the block
+    if (!flagged(c)) continue;  // uniform over the block
     float acc = 0.f;
     for (int64_t m = warp; m < M; m += kWarps) {
       float z = 0.f;

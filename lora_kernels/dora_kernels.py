@@ -130,8 +130,8 @@ if triton is not None:
         if HAS_BIAS:
             bn = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
             lost = lost | ((bn != 0.0) & (tl.abs(gn) < min_g))
-        zero = lost & n_mask
-        if tl.sum(zero.to(tl.int32), axis=0) > 0:
+        lost = lost & n_mask
+        if tl.sum(lost.to(tl.int32), axis=0) > 0:
             rr = tl.arange(0, R_PAD)
             cols = offs_n.to(tl.int64)
             bl = tl.load(bl_ptr + cols[:, None] * s_bn + rr[None, :], mask=n_mask[:, None] & (rr < R)[None, :],
@@ -156,7 +156,7 @@ if triton is not None:
                 dy = tl.load(dy_ptr + rows[:, None] * s_dm + offs_n[None, :], mask=m_mask[:, None] & n_mask[None, :],
                              other=0.0).to(tl.float32)
                 acc += tl.sum(dy * z, axis=0)
-            tl.store(dg_ptr + offs_n, acc, mask=zero)
+            tl.store(dg_ptr + offs_n, acc, mask=lost)
 
     # The per-call scalars (the seed, the counter offset of a row chunk, the threshold, the scales) are not
     # specialized and have fixed types, so one compiled kernel serves every value (as the triton backend's kernels).
@@ -278,11 +278,11 @@ if triton is not None:
         wsq = tl.load(wsq_ptr + offs_n, mask=n_mask, other=0.0)
         lin = 2.0 * scaling * tl.sum(b * wa, axis=1)
         lin_size = 2.0 * tl.abs(scaling) * tl.sum(tl.abs(b * wa), axis=1)
-        quad = _quadratic_form(b_ptr, aat_ptr, rows, n_mask, s_bn, R, False, R_PAD, BN, BJ, BR)
-        quad_size = _quadratic_form(b_ptr, aat_ptr, rows, n_mask, s_bn, R, True, R_PAD, BN, BJ, BR)
-        quad = (scaling * scaling) * quad
+        quad = (scaling * scaling) * _quadratic_form(b_ptr, aat_ptr, rows, n_mask, s_bn, R, False, R_PAD, BN, BJ, BR)
+        quad_size = (scaling * scaling) * _quadratic_form(b_ptr, aat_ptr, rows, n_mask, s_bn, R, True, R_PAD, BN, BJ,
+                                                          BR)
         sq = wsq + lin + quad
-        redo = n_mask & (sq < 0.5 * (wsq + lin_size + (scaling * scaling) * quad_size))
+        redo = n_mask & (sq < 0.5 * (wsq + lin_size + quad_size))
         if tl.sum(redo.to(tl.int32), axis=0) > 0:
             direct = tl.zeros((BN,), dtype=tl.float32)
             for k0 in range(0, K, BK):

@@ -15,6 +15,7 @@ import lora_kernels
 from lora_kernels import ops
 
 from conftest import HAS_CUDA, assert_tolerance, formula
+from triton_recorder import LORA_KERNELS
 
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 S = 0.75  # LoRA scaling of every case
@@ -122,7 +123,7 @@ def _triton_cache_sizes():
     from lora_kernels.backends.triton import launch as tb
 
     sizes = {}
-    for name in ("_shrink_kernel", "_output_gemm_kernel", "_small_m_kernel", "_dy_pass_kernel", "_sum_partials_kernel"):
+    for name in LORA_KERNELS:
         fn = getattr(kernels, name)
         sizes[name] = sum(len(c[0]) for c in fn.device_caches.values())  # per device: (kernel_cache, ...)
     sizes["_TUNED"] = len(tb._TUNED)

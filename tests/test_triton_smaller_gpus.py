@@ -11,7 +11,7 @@ may be a 32-bit product of a program id. No GPU and no interpreter are needed.
 import pytest
 
 from conftest import TRITON_PYTHONS
-from triton_recorder import run_script
+from triton_recorder import LORA_KERNELS, run_script
 
 pytest.importorskip("triton")
 
@@ -24,14 +24,13 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
-from triton_recorder import install
+from triton_recorder import LORA_KERNELS, install
 
 from lora_kernels.backends.triton import launch as tb
 
 cap, limit = int(sys.argv[1]), int(sys.argv[2])
 target = GPUTarget("cuda", cap, 32)
 backend = make_backend(target)
-NAMES = ["_shrink_kernel", "_output_gemm_kernel", "_small_m_kernel", "_dy_pass_kernel", "_sum_partials_kernel"]
 first = {}
 
 
@@ -39,7 +38,7 @@ def record(rec, args, kwargs, bound, spec, options):
     first.setdefault((rec.name, tuple(sorted((k, str(v)) for k, v in kwargs.items()))), (kwargs, bound, spec))
 
 
-install(tb, NAMES, backend, record)
+install(tb, LORA_KERNELS, backend, record)
 tb._smem_per_block = lambda device: limit
 g = torch.Generator().manual_seed(0)
 for M in (16, 300):
@@ -92,8 +91,7 @@ def test_lora_kernels_fit(triton_python, gpu):
     before the buffer; checked on each kernel's Triton IR."""
     cap, limit = GPUS.get(gpu, (90, 227 * 1024))
     rows = _run(triton_python, _LORA, cap, limit)
-    assert {r["kernel"] for r in rows} == {"_shrink_kernel", "_output_gemm_kernel", "_small_m_kernel",
-                                           "_dy_pass_kernel", "_sum_partials_kernel"}, rows
+    assert {r["kernel"] for r in rows} == set(LORA_KERNELS), rows
     assert any(r["kernel"] == "_dy_pass_kernel" and r["need_db"] for r in rows), rows
     over = [r for r in rows if r["shared"] > limit]
     assert over == [], over

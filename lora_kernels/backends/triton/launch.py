@@ -268,14 +268,14 @@ def _fast_launch_op(c, grid: tuple, args, slots: list, descs: dict):
     g1 = grid[1] if len(grid) > 1 else 1
     g2 = grid[2] if len(grid) > 2 else 1
     read = {s for s in slots if s in descs}
-    encode = _tensordesc_launch(run)
-    if encode is not None:
-        op = _desc_launch_op(encode, (g0, g1, g2), function, packed, slots, descs)
-        if op is not None:
-            return op, set()
     direct = _c_launch(run)
     if direct is not None:  # what run(...) itself would call, without its Python frame
         launch, cooperative, pdl = direct
+        encode = _tensordesc_launch(launch)
+        if encode is not None:
+            op = _desc_launch_op(encode, (g0, g1, g2, cooperative, pdl), function, packed, slots, descs)
+            if op is not None:
+                return op, set()
 
         def op(v):
             launch(g0, g1, g2, v[_STREAM], function, cooperative, pdl, None, None, packed, None, None, None,
@@ -319,13 +319,10 @@ def _c_launch(launcher):
 _MAX_DESC_ADDRESSES = 256  # encodings kept per descriptor argument of a plan's launch; beyond that they restart
 
 
-def _tensordesc_launch(launcher):
-    """(C launch, cooperative grid, PDL, descriptor argument positions, their TMA metadata, make_tensordesc_arg) of
-    a triton 3.6 CudaLauncher that needs no scratch buffers and wraps its C launch to encode descriptor arguments;
-    else None (no descriptor arguments, another triton, or a wrapper of another shape)."""
-    if _c_launch(launcher) is None:
-        return None
-    fn = launcher.launch
+def _tensordesc_launch(fn):
+    """(C launch, descriptor argument positions, their TMA metadata, make_tensordesc_arg) where ``fn``, a triton 3.6
+    CudaLauncher's launch (_c_launch), is the wrapper that encodes descriptor arguments around its C launch; else
+    None (no descriptor arguments: fn is the C launch itself; or a wrapper of another shape)."""
     code, closure = getattr(fn, "__code__", None), getattr(fn, "__closure__", None)
     if code is None or closure is None or code.co_name != "inner":
         return None
@@ -338,21 +335,22 @@ def _tensordesc_launch(launcher):
     # metadata None: the wrapper passes the descriptor's tensor itself, nothing to keep
     if base != 13 or not callable(raw) or not metas or any(m is None for m in metas):
         return None
-    return raw, launcher.launch_cooperative_grid, launcher.launch_pdl, sorted(positions), list(metas), make
+    return raw, sorted(positions), list(metas), make
 
 
-def _desc_launch_op(encode, grid: tuple, function, packed, slots: list, descs: dict):
+def _desc_launch_op(encode, launch_dims: tuple, function, packed, slots: list, descs: dict):
     """The fast launch of a kernel whose leading arguments are all the TMA descriptors it takes (the TMA output
     kernel's a, b, c and, where they are descriptors, l and lb), each made by a planner "desc" step: the call's
-    tensor at that step's slot, encoded once per address. None where the arguments are not laid out so."""
-    raw, cooperative, pdl, positions, metas, make = encode
+    tensor at that step's slot, encoded once per address. ``launch_dims``: (grid x, y, z, cooperative grid, PDL).
+    None where the arguments are not laid out so."""
+    raw, positions, metas, make = encode
     n = len(positions)
     if positions != list(range(n)) or not all(s in descs for s in slots[:n]) or any(s in descs for s in slots[n:]):
         return None
     specs = [descs[s] for s in slots[:n]]  # (tensor slot, shape, strides, block, step) of each descriptor
     caches = [{} for _ in specs]
     rest = _getter(slots[n:])
-    g0, g1, g2 = grid
+    g0, g1, g2, cooperative, pdl = launch_dims
 
     def encoded(k: int, t: torch.Tensor) -> list:  # what the wrapper would pass for descriptor k: encoded anew
         cache = caches[k]
