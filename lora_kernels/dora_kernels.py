@@ -18,14 +18,15 @@ Each pass reads its inputs once and rounds once; math in float32 (float64 for fl
     weight_norm(W, A, B, s, wsq)        -> ‖W + s·B A‖_row (N,) from ‖W_n‖²     Triton only (w_at + one combine)
 
 ``fast=True`` runs Triton kernels (on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1): one pass and no
-temporary. ``fast=False`` is plain PyTorch (the torch backend's reference, and the fallback where Triton cannot
-run); it materialises float32 temporaries of the tensors' size. The column sums are deterministic: each
-(column block, row split) program writes a partial sum, and the partials are summed with torch in a fixed order.
+temporary. The kernels are the Triton backend's, one file per pass (``lora_kernels/backends/triton/kernels/``,
+``dora_*.py``); this module plans and launches them. ``fast=False`` is plain PyTorch (the torch backend's reference,
+and the fallback where Triton cannot run); it materialises float32 temporaries of the tensors' size. The column sums
+are deterministic: each (column block, row split) program writes a partial sum, and the partials are summed with
+torch in a fixed order.
 
-Names used from ``lora_kernels.backends.triton``: ``_keep_mask`` and ``_load_seed`` (the in-kernel Philox mask, its
-seed by value or from memory), ``_num_sms``, ``_seed_args``, the shared-memory budget, and ``_launch`` (the triton
-backend's launch, with its fast relaunch that skips the JIT's per-call argument binding: tens of microseconds of host
-time per launch).
+Names used from ``lora_kernels.backends.triton`` besides the kernels: ``_num_sms``, ``_seed_args``, the
+shared-memory budget, and ``_launch`` (the triton backend's launch, with its fast relaunch that skips the JIT's
+per-call argument binding: tens of microseconds of host time per launch).
 """
 from __future__ import annotations
 
@@ -37,10 +38,14 @@ from .philox import dropout_mask as _ref_mask
 
 try:
     import triton
-    import triton.language as tl
 
-    from .backends.triton import (_HOPPER_SMEM, _keep_mask, _launch, _load_seed, _max_smem, _num_sms, _seed_args,
-                                  _smem_per_block)
+    from .backends.triton import _HOPPER_SMEM, _launch, _max_smem, _num_sms, _seed_args, _smem_per_block
+    from .backends.triton.kernels.dora_colsum import _scale_colsum_kernel
+    from .backends.triton.kernels.dora_masked import _masked_kernel
+    from .backends.triton.kernels.dora_norm import _norm_combine_kernel
+    from .backends.triton.kernels.dora_scale_bias import _scale_bias_kernel
+    from .backends.triton.kernels.dora_w_at import _w_at_kernel
+    from .backends.triton.kernels.dora_zero_g import _zero_g_colsum_kernel
 except Exception:  # no triton here: only the PyTorch versions run
     triton = None
 
@@ -65,244 +70,6 @@ def _cdiv(a: int, b: int) -> int:
 
 def _interp(t: torch.Tensor) -> bool:
     return t.device.type != "cuda"
-
-
-if triton is not None:
-
-    @triton.jit
-    def _scale_bias_kernel(z_ptr, c_ptr, b_ptr, out_ptr, M, N, s_zm, s_om,
-                           HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
-        offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
-        offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
-        n_mask = offs_n < N
-        mask = (offs_m < M)[:, None] & n_mask[None, :]
-        z = tl.load(z_ptr + offs_m.to(tl.int64)[:, None] * s_zm + offs_n[None, :], mask=mask, other=0.0)
-        c = tl.load(c_ptr + offs_n, mask=n_mask, other=0.0)
-        out = z.to(tl.float32) * c[None, :]
-        if HAS_BIAS:
-            out += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * s_om + offs_n[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def _scale_colsum_kernel(dy_ptr, z_ptr, c_ptr, b_ptr, out_ptr, part_ptr, M, N, ROWS_PER_SPLIT, s_dm, s_zm, s_om,
-                             NEED_OUT: tl.constexpr, NEED_SUM: tl.constexpr, FROM_Y: tl.constexpr,
-                             HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
-        # grid (column blocks, row splits): each program loops over its rows, so dy is read once. FROM_Y: z_ptr is
-        # y = c ⊙ z + b (p = 0, c = g), and z = (y − b)/c: Σ_m dy ⊙ (y − b) scaled by 1/c at the end (0 where
-        # c = 0, whose columns zero_g_colsum fills)
-        offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
-        n_mask = offs_n < N
-        m_start = tl.program_id(1) * ROWS_PER_SPLIT
-        c = tl.load(c_ptr + offs_n, mask=n_mask, other=0.0)
-        if FROM_Y and HAS_BIAS:
-            b = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        acc = tl.zeros((BN,), dtype=tl.float32)
-        for m0 in range(m_start, tl.minimum(m_start + ROWS_PER_SPLIT, M), BM):
-            offs_m = m0 + tl.arange(0, BM)
-            mask = (offs_m < M)[:, None] & n_mask[None, :]
-            rows = offs_m.to(tl.int64)[:, None]
-            dy = tl.load(dy_ptr + rows * s_dm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
-            if NEED_SUM:
-                z = tl.load(z_ptr + rows * s_zm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
-                if FROM_Y and HAS_BIAS:
-                    z = tl.where(mask, z - b[None, :], 0.0)
-                acc += tl.sum(dy * z, axis=0)
-            if NEED_OUT:
-                tl.store(out_ptr + rows * s_om + offs_n[None, :], (dy * c[None, :]).to(out_ptr.dtype.element_ty),
-                         mask=mask)
-        if NEED_SUM:
-            if FROM_Y:
-                acc = tl.where(c != 0.0, acc / tl.where(c != 0.0, c, 1.0), 0.0)
-            tl.store(part_ptr + tl.program_id(1).to(tl.int64) * N + offs_n, acc, mask=n_mask)
-
-    @triton.jit
-    def _zero_g_colsum_kernel(x_ptr, w_ptr, u_ptr, bl_ptr, g_ptr, b_ptr, dy_ptr, dg_ptr, M, K, N, R, s_xm, s_wn,
-                              s_um, s_bn, s_dm, min_g, HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr,
-                              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        # grid (column blocks,): a block with a column whose z y cannot give (z_lost_from_y: g = 0, where y = b; or a
-        # bias and |g| < min_g) computes those columns' z = x Wᵀ + u Bᵀ (u holds s) and writes dg = Σ_m dy ⊙ z
-        # there; the other blocks return at once. float32 "ieee" dots (a rare path): float32 accuracy.
-        offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
-        n_mask = offs_n < N
-        gn = tl.load(g_ptr + offs_n, mask=n_mask, other=1.0)
-        lost = gn == 0.0
-        if HAS_BIAS:
-            bn = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            lost = lost | ((bn != 0.0) & (tl.abs(gn) < min_g))
-        lost = lost & n_mask
-        if tl.sum(lost.to(tl.int32), axis=0) > 0:
-            rr = tl.arange(0, R_PAD)
-            cols = offs_n.to(tl.int64)
-            bl = tl.load(bl_ptr + cols[:, None] * s_bn + rr[None, :], mask=n_mask[:, None] & (rr < R)[None, :],
-                         other=0.0).to(tl.float32)  # (BN, R_PAD)
-            acc = tl.zeros((BN,), dtype=tl.float32)
-            for m0 in range(0, M, BM):
-                offs_m = m0 + tl.arange(0, BM)
-                m_mask = offs_m < M
-                rows = offs_m.to(tl.int64)
-                z = tl.zeros((BM, BN), dtype=tl.float32)
-                for k0 in range(0, K, BK):
-                    offs_k = k0 + tl.arange(0, BK)
-                    k_mask = offs_k < K
-                    xk = tl.load(x_ptr + rows[:, None] * s_xm + offs_k[None, :],
-                                 mask=m_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-                    wk = tl.load(w_ptr + cols[:, None] * s_wn + offs_k[None, :],
-                                 mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-                    z = tl.dot(xk, tl.trans(wk), z, input_precision="ieee")
-                uu = tl.load(u_ptr + rows[:, None] * s_um + rr[None, :], mask=m_mask[:, None] & (rr < R)[None, :],
-                             other=0.0).to(tl.float32)
-                z = tl.dot(uu, tl.trans(bl), z, input_precision="ieee")
-                dy = tl.load(dy_ptr + rows[:, None] * s_dm + offs_n[None, :], mask=m_mask[:, None] & n_mask[None, :],
-                             other=0.0).to(tl.float32)
-                acc += tl.sum(dy * z, axis=0)
-            tl.store(dg_ptr + offs_n, acc, mask=lost)
-
-    # The per-call scalars (the seed, the counter offset of a row chunk, the threshold, the scales) are not
-    # specialized and have fixed types, so one compiled kernel serves every value (as the triton backend's kernels).
-    @triton.jit(do_not_specialize=["a_keep", "a_drop", "seed", "seed_in_mem", "offset", "thr"])
-    def _masked_kernel(t_ptr, base_ptr, out_ptr, M, K, s_tm, s_bm, s_om, a_keep, a_drop,
-                       seed: tl.int64, seed_ptr, seed_in_mem: tl.int32, offset: tl.int64, K8, thr: tl.int32,
-                       HAS_BASE: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
-        # the seed by value, or (seed_in_mem) read from seed_ptr at run time: a CUDA graph's replays refill it
-        offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
-        k0 = tl.program_id(1) * BK  # a multiple of 8, as the mask's column groups need
-        offs_k = k0 + tl.arange(0, BK)
-        mask = (offs_m < M)[:, None] & (offs_k < K)[None, :]
-        rows = offs_m.to(tl.int64)[:, None]
-        t = tl.load(t_ptr + rows * s_tm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
-        keep = _keep_mask(_load_seed(seed, seed_ptr, seed_in_mem), offset, offs_m, k0, K8, thr, BM, BK)
-        out = tl.where(keep, t * a_keep, t * a_drop)
-        if HAS_BASE:
-            out += tl.load(base_ptr + rows * s_bm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + rows * s_om + offs_k[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-    @triton.jit
-    def _dot16(a, b, acc, WIDEN: tl.constexpr):
-        """acc + a @ b for 16-bit a, b with float32 accumulation; WIDEN (the interpreter, whose bf16 dots are wrong):
-        the operands widened to float32 first (exact), an "ieee" dot."""
-        if WIDEN:
-            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        return tl.dot(a, b, acc)
-
-    @triton.jit
-    def _w_at_kernel(w_ptr, a_ptr, part_ptr, N, K, R, K_PER_SPLIT, s_wn, s_ar,
-                     MODE: tl.constexpr, WIDEN: tl.constexpr, R_PAD: tl.constexpr, BN: tl.constexpr,
-                     BK: tl.constexpr):
-        # grid (row blocks, K splits): partial W Aᵀ over this program's K range, float32 (BN, R_PAD) per program.
-        # MODE 1: one dot in W's dtype (16-bit A of W's dtype: exact products); 2: bf16 W, float32 A split into
-        # three bf16 pieces hi + mid + lo (8 + 8 + 8 bits: A to float32 rounding), three bf16 dots with exact
-        # products; 3: float32 operands as 3xTF32 (float32 W, or fp16 W with float32 A; "ieee" when WIDEN).
-        offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
-        n_mask = offs_n < N
-        rr = tl.arange(0, R_PAD)
-        r_mask = rr < R
-        k_start = tl.program_id(1) * K_PER_SPLIT
-        acc = tl.zeros((BN, R_PAD), dtype=tl.float32)
-        for k0 in range(k_start, tl.minimum(k_start + K_PER_SPLIT, K), BK):
-            offs_k = k0 + tl.arange(0, BK)
-            k_mask = offs_k < K
-            w = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * s_wn + offs_k[None, :],
-                        mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-            a = tl.trans(tl.load(a_ptr + rr[:, None] * s_ar + offs_k[None, :],
-                                 mask=r_mask[:, None] & k_mask[None, :], other=0.0))  # Aᵀ tile (BK, R_PAD)
-            if MODE == 1:
-                acc = _dot16(w, a.to(w.dtype), acc, WIDEN)
-            elif MODE == 2:
-                a32 = a.to(tl.float32)
-                hi = a32.to(tl.bfloat16)
-                rest = a32 - hi.to(tl.float32)
-                mid = rest.to(tl.bfloat16)
-                lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
-                acc = _dot16(w, hi, acc, WIDEN)
-                acc = _dot16(w, mid, acc, WIDEN)
-                acc = _dot16(w, lo, acc, WIDEN)
-            elif WIDEN:
-                acc = tl.dot(w.to(tl.float32), a.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(w.to(tl.float32), a.to(tl.float32), acc, input_precision="tf32x3")
-        p_ptrs = part_ptr + (tl.program_id(1).to(tl.int64) * N + offs_n)[:, None] * R + rr[None, :]
-        tl.store(p_ptrs, acc, mask=n_mask[:, None] & r_mask[None, :])
-
-    @triton.jit
-    def _quadratic_form(b_ptr, aat_ptr, rows, n_mask, s_bn, R, ABS: tl.constexpr, R_PAD: tl.constexpr,
-                        BN: tl.constexpr, BJ: tl.constexpr, BR: tl.constexpr):
-        # B_n (A Aᵀ) B_nᵀ per row of the block (ABS: of |B_n| and |A Aᵀ|): by column blocks of A Aᵀ, (B AAᵀ)[:, j-block]
-        # as float32 "ieee" dots over BR-row blocks of A Aᵀ (their operands stay in registers), times B[:, j-block]
-        quad = tl.zeros((BN,), dtype=tl.float32)
-        for j0 in range(0, R_PAD, BJ):
-            jj = j0 + tl.arange(0, BJ)
-            j_mask = jj < R
-            t = tl.zeros((BN, BJ), dtype=tl.float32)
-            for k0 in range(0, R_PAD, BR):
-                kk = k0 + tl.arange(0, BR)
-                k_mask = kk < R
-                bk = tl.load(b_ptr + rows * s_bn + kk[None, :], mask=n_mask[:, None] & k_mask[None, :],
-                             other=0.0).to(tl.float32)
-                ak = tl.load(aat_ptr + kk[:, None] * R + jj[None, :], mask=k_mask[:, None] & j_mask[None, :],
-                             other=0.0)
-                if ABS:
-                    bk, ak = tl.abs(bk), tl.abs(ak)
-                t = tl.dot(bk, ak, t, input_precision="ieee")
-            bj = tl.load(b_ptr + rows * s_bn + jj[None, :], mask=n_mask[:, None] & j_mask[None, :],
-                         other=0.0).to(tl.float32)
-            if ABS:
-                bj = tl.abs(bj)
-            quad += tl.sum(t * bj, axis=1)
-        return quad
-
-    @triton.jit
-    def _norm_combine_kernel(part_ptr, wsq_ptr, b_ptr, aat_ptr, w_ptr, a_ptr, out_ptr, N, K, R, S, s_bn, s_wn, s_ar,
-                             scaling, R_PAD: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr, BR: tl.constexpr,
-                             BK: tl.constexpr):
-        # ‖W_n + s(BA)_n‖² = ‖W_n‖² + 2s·Σ_j B_nj (W Aᵀ)_nj + s²·B_n (A Aᵀ) B_nᵀ, clamped at 0, square-rooted (the
-        # quadratic form: _quadratic_form).
-        # A row whose sum is under half the sum of its terms' sizes has cancelled: the adapter undoes much of W_n,
-        # or the rank-r sum B_n A itself cancels (at small K, where A's rows are nearly parallel). The expansion's
-        # float32 rounding is relative to those sizes, not to the result, so such a row is summed again directly,
-        # Σ_k (W_nk + s·(B A)_nk)², over K in BK-column blocks (W's row, A's block; B A by float32 "ieee" dots). The
-        # sizes are every product's: ‖W_n‖², 2|s|·Σ_j |B_nj (W Aᵀ)_nj| and s²·Σ_jk |B_nj (A Aᵀ)_jk B_nk| (the
-        # quadratic form of |B_n| and |A Aᵀ|, alongside the signed one). A block without such a row skips that loop.
-        offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
-        n_mask = offs_n < N
-        rr = tl.arange(0, R_PAD)
-        r_mask = rr < R
-        mask = n_mask[:, None] & r_mask[None, :]
-        wa = tl.zeros((BN, R_PAD), dtype=tl.float32)
-        for sp in range(0, S):  # the K splits' partial sums, in a fixed order
-            wa += tl.load(part_ptr + (sp * N + offs_n.to(tl.int64))[:, None] * R + rr[None, :], mask=mask,
-                          other=0.0)
-        rows = offs_n.to(tl.int64)[:, None]
-        b = tl.load(b_ptr + rows * s_bn + rr[None, :], mask=mask, other=0.0).to(tl.float32)
-        wsq = tl.load(wsq_ptr + offs_n, mask=n_mask, other=0.0)
-        lin = 2.0 * scaling * tl.sum(b * wa, axis=1)
-        lin_size = 2.0 * tl.abs(scaling) * tl.sum(tl.abs(b * wa), axis=1)
-        quad = (scaling * scaling) * _quadratic_form(b_ptr, aat_ptr, rows, n_mask, s_bn, R, False, R_PAD, BN, BJ, BR)
-        quad_size = (scaling * scaling) * _quadratic_form(b_ptr, aat_ptr, rows, n_mask, s_bn, R, True, R_PAD, BN, BJ,
-                                                          BR)
-        sq = wsq + lin + quad
-        redo = n_mask & (sq < 0.5 * (wsq + lin_size + quad_size))
-        if tl.sum(redo.to(tl.int32), axis=0) > 0:
-            direct = tl.zeros((BN,), dtype=tl.float32)
-            for k0 in range(0, K, BK):
-                kk = k0 + tl.arange(0, BK)
-                k_mask = kk < K
-                v = tl.load(w_ptr + rows * s_wn + kk[None, :], mask=redo[:, None] & k_mask[None, :],
-                            other=0.0).to(tl.float32)
-                ba = tl.zeros((BN, BK), dtype=tl.float32)
-                for j0 in range(0, R_PAD, BR):
-                    jj = j0 + tl.arange(0, BR)
-                    j_mask = jj < R
-                    bj = tl.load(b_ptr + rows * s_bn + jj[None, :], mask=redo[:, None] & j_mask[None, :],
-                                 other=0.0).to(tl.float32)
-                    aj = tl.load(a_ptr + jj.to(tl.int64)[:, None] * s_ar + kk[None, :],
-                                 mask=j_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-                    ba = tl.dot(bj, aj, ba, input_precision="ieee")
-                v += scaling * ba
-                direct += tl.sum(v * v, axis=1)
-            sq = tl.where(redo, direct, sq)
-        tl.store(out_ptr + offs_n, tl.sqrt(tl.maximum(sq, 0.0)), mask=n_mask)
 
 
 _W_AT_TILES = {}  # (r_pad, mode) -> (BN, BK, num_warps), overridable for measurements

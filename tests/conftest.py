@@ -148,7 +148,7 @@ def forbid_host_reads(m):
 
 def dtypes_for(backend, device):
     # every backend, the interpreted Triton one included (its bf16 dots are widened to fp32: _mm in
-    # lora_kernels/backends/triton/kernels.py)
+    # lora_kernels/backends/triton/kernels/common.py)
     return [torch.float32, torch.float16, torch.bfloat16]
 
 

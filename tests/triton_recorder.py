@@ -12,7 +12,7 @@ import os
 import subprocess
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The kernels of the LoRA op's Triton backend (lora_kernels/backends/triton/kernels.py) that its forward and backward
+# The kernels of the LoRA op's Triton backend (lora_kernels/backends/triton/kernels/) that its forward and backward
 # launch: the checks that record every launch replace these.
 LORA_KERNELS = ["_shrink_kernel", "_output_gemm_kernel", "_small_m_kernel", "_dy_pass_kernel", "_sum_partials_kernel"]
 

@@ -1,7 +1,7 @@
 """Triton backend of the LoRA op (contract: ``lora_kernels/backends/__init__.py``).
 
-    kernels.py   the @triton.jit kernels: the shared tile math (dot operands, the dropout mask), then one kernel
-                 per pass
+    kernels/     the @triton.jit kernels, one file per pass (shrink, output_gemm, small_m, dy_pass, sums), and
+                 common.py, the shared tile math (dot operands, the dropout mask)
     configs.py   tile shapes, pipeline stages, autotune candidates and their shared-memory budget, M splits, the
                  TMA kernel's fixed configs
     launch.py    forward and backward: each pass's launches, recorded once per distinct call (a plan) and
@@ -93,11 +93,10 @@ Importing this package needs triton; where triton does not import, the dispatche
 reason the backend is unavailable. The settings it reads are listed in ``lora_kernels/_config.py``.
 """
 from .configs import _HOPPER_SMEM, _max_smem, _num_sms, _smem_per_block
-from .kernels import _keep_mask, _load_seed
 from .launch import _launch, _seed_args, backward, backward_dx_from, forward, is_available
 
-# _keep_mask, _load_seed, _launch, _num_sms, _seed_args and the shared-memory budget (_smem_per_block, _max_smem,
-# _HOPPER_SMEM) also serve the Triton passes of DoRA (lora_kernels/dora_kernels.py); backward_dx_from (dx's frozen
-# product from another operand than dy) serves DoRA's backward.
-__all__ = ["backward", "backward_dx_from", "forward", "is_available", "_keep_mask", "_load_seed", "_launch",
-           "_num_sms", "_seed_args", "_smem_per_block", "_max_smem", "_HOPPER_SMEM"]
+# _launch, _num_sms, _seed_args and the shared-memory budget (_smem_per_block, _max_smem, _HOPPER_SMEM) also serve
+# the launches of DoRA's Triton passes (kernels/dora_*.py, launched by lora_kernels/dora_kernels.py);
+# backward_dx_from (dx's frozen product from another operand than dy) serves DoRA's backward.
+__all__ = ["backward", "backward_dx_from", "forward", "is_available", "_launch", "_num_sms", "_seed_args",
+           "_smem_per_block", "_max_smem", "_HOPPER_SMEM"]
