@@ -224,9 +224,12 @@ def dora_weight_norm(weight, lora_A, lora_B, scaling) -> torch.Tensor:
     with torch.no_grad(), _autocast_off(weight.device.type):
         A, B, W = lora_A.detach().to(acc), lora_B.detach().to(acc), weight.detach()
         s = float(scaling)
+        fused = abs(s) <= torch.finfo(acc).max  # addmm's alpha must fit acc; past it, s · B A is inf as in PEFT
+
+        def rows(i, j):
+            return torch.addmm(W[i:j].to(acc), B[i:j], A, alpha=s) if fused else W[i:j].to(acc) + s * (B[i:j] @ A)
         # concatenated, not written into a buffer: under vmap A or B may be batched
-        return torch.cat([torch.linalg.vector_norm(torch.addmm(W[i:j].to(acc), B[i:j], A, alpha=s), dim=1)
-                          for i, j in _row_chunks(W)])
+        return torch.cat([torch.linalg.vector_norm(rows(i, j), dim=1) for i, j in _row_chunks(W)])
 
 
 def _norm(weight, lora_A, lora_B, scaling, fast: bool) -> torch.Tensor:
@@ -504,6 +507,8 @@ def _check_magnitude(magnitude, x, N):
 
     if not isinstance(magnitude, torch.Tensor):
         fail(f"magnitude must be a Tensor, got {type(magnitude).__name__}")
+    if magnitude.layout != torch.strided:
+        fail(f"magnitude must be a dense (strided) tensor, got layout {magnitude.layout}")
     if magnitude.dim() != 1 or magnitude.shape[0] != N:
         fail(f"magnitude must have shape (N={N},) (one entry per output feature), got {tuple(magnitude.shape)}")
     if magnitude.dtype not in (torch.float32, x.dtype):

@@ -314,9 +314,11 @@ def _check(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
                 and len(ws) == 2 and len(As) == 2 and x.dim() >= 1 and x.shape[-1] == ws[1] == As[1]
                 and 1 <= As[0] <= MAX_RANK and lora_B.shape == (ws[0], As[0])
                 and (bias is None or (isinstance(bias, T) and bias.shape == (ws[0],)))):
-            dev = x.device
+            dev, strided = x.device, torch.strided
             if (weight.device == dev and lora_A.device == dev and lora_B.device == dev
                     and (bias is None or bias.device == dev)
+                    and x.layout is strided and weight.layout is strided and lora_A.layout is strided
+                    and lora_B.layout is strided and (bias is None or bias.layout is strided)
                     and dtype_problem(x.dtype, weight.dtype, None if bias is None else bias.dtype, lora_A.dtype,
                                       lora_B.dtype) is None):
                 return
@@ -335,6 +337,9 @@ def _explain(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
             fail(f"{name} must be a Tensor, got {type(t).__name__}")
     if bias is not None and not isinstance(bias, torch.Tensor):
         fail(f"bias must be a Tensor or None, got {type(bias).__name__}")
+    for name, t in (("x", x), ("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B)):
+        if t is not None and t.layout != torch.strided:  # sparse, mkldnn: the kernels read dense strided memory
+            fail(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
     problem = dtype_problem(x.dtype, weight.dtype, None if bias is None else bias.dtype, lora_A.dtype, lora_B.dtype)
     if problem is not None:
         fail(problem)

@@ -114,6 +114,23 @@ def test_x_not_a_tensor_is_a_clear_error(op):
             getattr(lora_kernels, op)(bad, W, b, A, B, 1.0, *extra)
 
 
+# ------------------------------------------------------------------------------------ sparse (non-strided) tensors
+@pytest.mark.parametrize("backend,device", backend_cases())
+@pytest.mark.parametrize("op", ["lora_linear", "dora_linear"])
+def test_sparse_tensors_are_a_clear_error(backend, device, op):
+    # the kernels (and the reference's dense math) read strided memory: a sparse or CSR tensor raised a raw error from
+    # deep inside (".contiguous(): unsupported memory format", "as_strided ... SparseCPU")
+    x, W, b, A, B = _inputs(3, 16, 8, 4, device=device)
+    args = dict(x=x, weight=W, bias=b, lora_A=A, lora_B=B)
+    if op == "dora_linear":
+        args["magnitude"] = torch.rand(8, device=device) + 0.5
+    for name, t in args.items():
+        for bad_t in [t.to_sparse()] + ([_csr(t)] if t.dim() == 2 else []):
+            bad = list(dict(args, **{name: bad_t}).values())
+            with pytest.raises(ValueError, match=rf"{op}: {name} must be a dense \(strided\) tensor"):
+                getattr(lora_kernels, op)(*bad[:5], 0.5, *bad[5:], backend=backend)
+
+
 # ---------------------------------------------------------------------------- NaN/inf in a dropped element
 def _kernel_backends():
     """(backend name, device) whose kernels apply the dropout mask themselves."""
@@ -160,6 +177,27 @@ def test_non_finite_scaling_is_a_clear_error(backend, device, scaling):
     x, W, b, A, B = _inputs(3, 16, 8, 4, device=device)
     with pytest.raises(ValueError, match="scaling must be finite"):
         lora_kernels.lora_linear(x, W, b, A, B, scaling, backend=backend)
+
+
+@pytest.mark.parametrize("backend,device", backend_cases())
+@pytest.mark.parametrize("op", ["lora_linear", "dora_linear"])
+def test_scaling_past_float32_range_overflows_like_peft(backend, device, op):
+    # a finite double past float32's range, with float32 tensors: PEFT's s · (B A) (and s · lora) overflow to inf, and
+    # its outputs are non-finite; so are ours, without an error (the torch backend's DoRA norm raised one from addmm's
+    # alpha, which must fit float32)
+    from test_dora import peft_formula
+
+    x, W, b, A, B = _inputs(3, 16, 8, 4, device=device)
+    m = torch.rand(8, device=device) + 0.5
+    for s in (1e300, -1e300):
+        if op == "lora_linear":
+            ref = formula(x, W, b, A, B, s)
+            y = lora_kernels.lora_linear(x, W, b, A, B, s, backend=backend)
+        else:
+            ref = peft_formula(x, W, b, A, B, s, m)
+            y = lora_kernels.dora_linear(x, W, b, A, B, s, m, backend=backend)
+        assert not torch.isfinite(ref).any()
+        assert not torch.isfinite(y).any(), (s, y)
 
 
 # ------------------------------------------------------------------------------------------------ p = 1
@@ -397,6 +435,12 @@ def test_patch_peft_lora_dropout_one_trains_like_peft(use_dora):
         assert torch.equal(g, torch.zeros_like(g)) and torch.equal(want_g[n], torch.zeros_like(g)), n
 
 
+def _csr(t):
+    with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
+        warnings.simplefilter("ignore")
+        return t.to_sparse_csr()
+
+
 def _check_cases():
     """(name, args of ops._check) over valid forms (Parameters, bias, 3-D and non-contiguous x, int, bool and numpy
     scaling, p = 0 and 1) and invalid ones (each argument wrong in turn)."""
@@ -423,7 +467,9 @@ def _check_cases():
         "nan scaling": dict(scaling=float("nan")), "inf scaling": dict(scaling=float("inf")),
         "tensor scaling": dict(scaling=torch.tensor(0.5)), "p > 1": dict(dropout_p=1.5),
         "p < 0": dict(dropout_p=-0.1), "nan p": dict(dropout_p=float("nan")), "None p": dict(dropout_p=None),
-        "str p": dict(dropout_p="0.1"),
+        "str p": dict(dropout_p="0.1"), "sparse x": dict(x=x.to_sparse()), "sparse weight": dict(weight=W.to_sparse()),
+        "sparse bias": dict(bias=b.to_sparse()), "sparse A": dict(lora_A=A.to_sparse()),
+        "sparse CSR B": dict(lora_B=_csr(B)),
     }
     return [(name, {**ok, **v}) for name, v in variants.items()]
 
