@@ -13,6 +13,7 @@ With ``use_dora=True`` the layer is DoRA (``lora_kernels.dora_linear``, PEFT's s
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -48,10 +49,14 @@ class LoRALinear(nn.Module):
                  bias: bool = True, use_rslora: bool = False, device=None, dtype=None, adapter_dtype=None,
                  backend=None, use_dora: bool = False):
         super().__init__()
-        if r <= 0:
-            raise ValueError(f"LoRALinear: r must be a positive integer, got {r}")
-        if not 0.0 <= dropout <= 1.0:
-            raise ValueError(f"LoRALinear: dropout must be in [0, 1], got {dropout}")
+        # the op's own checks would catch these at the first forward; here they fail where the layer is made
+        if isinstance(r, bool) or not isinstance(r, numbers.Integral) or not 1 <= r <= ops.MAX_RANK:
+            raise ValueError(f"LoRALinear: r must be an integer in [1, {ops.MAX_RANK}], got {r!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
+            raise ValueError(f"LoRALinear: alpha must be a finite number, got {alpha!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout <= 1.0:
+            raise ValueError(f"LoRALinear: dropout must be a number in [0, 1], got {dropout!r}")
+        r = int(r)
         self.in_features = in_features
         self.out_features = out_features
         self.r = r
@@ -60,7 +65,7 @@ class LoRALinear(nn.Module):
         self.use_rslora = use_rslora
         self.backend = backend
         self.use_dora = bool(use_dora)
-        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.scaling = float(alpha / math.sqrt(r) if use_rslora else alpha / r)
 
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)

@@ -201,7 +201,15 @@ def test_fp32_adapters_on_bf16_base():
 def test_extra_repr_and_validation():
     s = repr(LoRALinear(8, 4, r=2, alpha=4, dropout=0.1, use_rslora=True))
     assert "r=2" in s and "alpha=4" in s and "dropout=0.1" in s and "use_rslora=True" in s
-    with pytest.raises(ValueError):
-        LoRALinear(8, 4, r=0)
-    with pytest.raises(ValueError, match="dropout"):
-        LoRALinear(8, 4, dropout=1.5)
+    # each bad argument fails where the layer is made, with its name (r = 2.5, alpha = None and dropout = None raised
+    # raw TypeErrors from torch.empty or arithmetic; r = 300 and alpha = nan passed until the first forward)
+    for kw, name in [(dict(r=0), "r"), (dict(r=-1), "r"), (dict(r=2.5), "r"), (dict(r=True), "r"), (dict(r=300), "r"),
+                     (dict(alpha=None), "alpha"), (dict(alpha=float("nan")), "alpha"), (dict(alpha="16"), "alpha"),
+                     (dict(dropout=1.5), "dropout"), (dict(dropout=-0.1), "dropout"), (dict(dropout=None), "dropout")]:
+        with pytest.raises(ValueError, match=f"LoRALinear: {name} must be"):
+            LoRALinear(8, 4, **kw)
+    import numpy as np
+
+    layer = LoRALinear(8, 4, r=np.int64(2), alpha=np.float32(4.0), dropout=np.float64(0.0))  # numpy numbers are fine
+    assert layer.r == 2 and type(layer.r) is int and layer.scaling == 2.0
+    assert layer(torch.randn(3, 8)).shape == (3, 4)
