@@ -74,6 +74,13 @@ def _warn_no_cuda_backend(chosen: str) -> None:
                       f"{chosen} backend", RuntimeWarning, stacklevel=5)
 
 
+def check_name(requested) -> None:
+    """Raises ValueError unless ``requested`` names a backend (or is None / 'auto'): for the places that take a
+    backend before any call runs (LoRALinear, patch_peft), so that a typo fails there and not at the first forward."""
+    if requested not in (None, "auto") and requested not in BACKENDS:
+        raise ValueError(f"lora_kernels: unknown backend {requested!r}; choose from {BACKENDS}, None or 'auto'")
+
+
 def resolve(requested, device_type: str, float64: bool = False, device_seed: bool = False) -> str:
     """Name of the backend that runs a call with `requested` (None/'auto'/name) on a `device_type` tensor.
     `device_seed`: the call's dropout seed lives on the device (CUDA graph capture, torch.compile); auto then picks
@@ -96,8 +103,7 @@ def _resolve_name(requested, device_type: str, float64: bool, device_seed: bool)
                     _warn_no_cuda_backend(name)
                 return name
         return "torch"
-    if requested not in BACKENDS:
-        raise ValueError(f"lora_kernels: unknown backend {requested!r}; choose from {BACKENDS}, None or 'auto'")
+    check_name(requested)
     mod, reason = _load(requested)
     if mod is None:
         raise RuntimeError(f"lora_kernels: backend '{requested}' is not available here: {reason}")

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import dora, ops
+from . import _dispatch, dora, ops
 
 __all__ = ["LoRALinear"]
 
@@ -56,6 +56,7 @@ class LoRALinear(nn.Module):
             raise ValueError(f"LoRALinear: alpha must be a finite number, got {alpha!r}")
         if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout <= 1.0:
             raise ValueError(f"LoRALinear: dropout must be a number in [0, 1], got {dropout!r}")
+        _dispatch.check_name(backend)
         r = int(r)
         self.in_features = in_features
         self.out_features = out_features

@@ -26,7 +26,7 @@ import types
 import torch
 from torch import nn
 
-from . import dora, ops
+from . import _dispatch, dora, ops
 
 __all__ = ["PatchReport", "patch_peft", "unpatch_peft"]
 
@@ -246,6 +246,9 @@ def patch_peft(model: nn.Module, backend=None) -> PatchReport:
     re-patches (e.g. with another ``backend``) and re-evaluates skipped layers. ``backend`` is passed to
     ``lora_linear`` (None/'auto', 'torch', 'triton', 'cuda').
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"lora_kernels.patch_peft: model must be a torch.nn.Module, got {type(model).__name__}")
+    _dispatch.check_name(backend)
     lora_linear_cls = _lora_linear_cls()
     report = PatchReport()
     for name, module in model.named_modules():
@@ -273,6 +276,8 @@ def unpatch_peft(model: nn.Module) -> int:
     """Remove the patch from every layer ``patch_peft`` patched; returns how many layers were unpatched. A layer that
     an accelerate hook wrapped after patching (``dispatch_model``, ``device_map``: the hook keeps the forward it
     replaced as ``_old_forward`` and puts it back when removed) gets PEFT's forward there instead."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"lora_kernels.unpatch_peft: model must be a torch.nn.Module, got {type(model).__name__}")
     n = 0
     for module in model.modules():
         d = module.__dict__

@@ -208,6 +208,8 @@ def test_extra_repr_and_validation():
                      (dict(dropout=1.5), "dropout"), (dict(dropout=-0.1), "dropout"), (dict(dropout=None), "dropout")]:
         with pytest.raises(ValueError, match=f"LoRALinear: {name} must be"):
             LoRALinear(8, 4, **kw)
+    with pytest.raises(ValueError, match="unknown backend 'trtion'"):
+        LoRALinear(8, 4, backend="trtion")
     import numpy as np
 
     layer = LoRALinear(8, 4, r=np.int64(2), alpha=np.float32(4.0), dropout=np.float64(0.0))  # numpy numbers are fine

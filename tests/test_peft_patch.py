@@ -358,6 +358,20 @@ def test_missing_peft_gives_clear_error(monkeypatch):
         patch_peft(nn.Linear(2, 2))
 
 
+def test_bad_arguments_fail_at_patch_time():
+    # a model that is not a module raised AttributeError ('str' object has no attribute 'named_modules'); a backend
+    # typo was taken, to fail at the first forward
+    model = _peft_llama()
+    for bad in ("model", None):
+        with pytest.raises(TypeError, match="patch_peft: model must be a torch.nn.Module"):
+            patch_peft(bad)
+        with pytest.raises(TypeError, match="unpatch_peft: model must be a torch.nn.Module"):
+            unpatch_peft(bad)
+    with pytest.raises(ValueError, match="unknown backend 'trtion'"):
+        patch_peft(model, backend="trtion")
+    assert unpatch_peft(model) == 0  # nothing was patched
+
+
 # ------------------------------------------------------------------------------------ the op is really used
 def _count_op_calls(monkeypatch):
     calls = []
