@@ -51,9 +51,10 @@ def _norm_combine_kernel(part_ptr, wsq_ptr, b_ptr, aat_ptr, w_ptr, a_ptr, out_pt
     r_mask = rr < R
     mask = n_mask[:, None] & r_mask[None, :]
     wa = tl.zeros((BN, R_PAD), dtype=tl.float32)
-    for sp in range(0, S):  # the K splits' partial sums, in a fixed order
-        wa += tl.load(part_ptr + (sp * N + offs_n.to(tl.int64))[:, None] * R + rr[None, :], mask=mask,
-                      other=0.0)
+    p_ptrs = part_ptr + offs_n.to(tl.int64)[:, None] * R + rr[None, :]
+    for _sp in range(0, S):  # the K splits' partial sums, in a fixed order; a 64-bit pointer steps N·r per split
+        wa += tl.load(p_ptrs, mask=mask, other=0.0)
+        p_ptrs += N * R
     rows = offs_n.to(tl.int64)[:, None]
     b = tl.load(b_ptr + rows * s_bn + rr[None, :], mask=mask, other=0.0).to(tl.float32)
     wsq = tl.load(wsq_ptr + offs_n, mask=n_mask, other=0.0)
