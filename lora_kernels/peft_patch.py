@@ -238,6 +238,11 @@ class _PatchedForward:
 
 
 # ----------------------------------------------------------------------------------------------- public
+def _check_model(model, fn: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"lora_kernels.{fn}: model must be a torch.nn.Module, got {type(model).__name__}")
+
+
 def patch_peft(model: nn.Module, backend=None) -> PatchReport:
     """Make every supported PEFT LoRA ``Linear`` in ``model`` run the fused ``lora_linear`` op.
 
@@ -246,8 +251,7 @@ def patch_peft(model: nn.Module, backend=None) -> PatchReport:
     re-patches (e.g. with another ``backend``) and re-evaluates skipped layers. ``backend`` is passed to
     ``lora_linear`` (None/'auto', 'torch', 'triton', 'cuda').
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"lora_kernels.patch_peft: model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_model(model, "patch_peft")
     _dispatch.check_name(backend)
     lora_linear_cls = _lora_linear_cls()
     report = PatchReport()
@@ -276,8 +280,7 @@ def unpatch_peft(model: nn.Module) -> int:
     """Remove the patch from every layer ``patch_peft`` patched; returns how many layers were unpatched. A layer that
     an accelerate hook wrapped after patching (``dispatch_model``, ``device_map``: the hook keeps the forward it
     replaced as ``_old_forward`` and puts it back when removed) gets PEFT's forward there instead."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"lora_kernels.unpatch_peft: model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_model(model, "unpatch_peft")
     n = 0
     for module in model.modules():
         d = module.__dict__
