@@ -4,7 +4,7 @@
 //
 // Its three uses: x_k = keep ⊙ x (a_keep = 1, a_drop = 0); x_c = x − x_k / q over x_k (a_keep = 1 − 1/q,
 // a_drop = 1); dx += keep ⊙ (dy_c W) (base = out = dx). fp32 math and one rounding to t's dtype, as the Triton
-// kernel of dora_kernels.py, so that both backends' x_k and x_c are the same bits.
+// kernel (lora_kernels/backends/triton/kernels/dora_masked.py), so that both backends' x_k and x_c are the same bits.
 // Tiling: one thread per 8-group of a row (one Philox call serves its 8 elements: one 16-byte access of a 16-bit t,
 // two of an fp32 one), grid-stride over the (M, ceil(K/8)) groups; scalar accesses where K % 8 != 0 or a pointer is
 // not 16-byte aligned. t, base and out may be one tensor (each thread reads its elements before it writes them).

@@ -6,8 +6,8 @@
 // temporary. A row whose sum is under half the sum of its terms' sizes has cancelled (the adapter undoes much of
 // W_n, or the rank-r sum B_n A itself cancels, at small K), and the expansion's fp32 rounding, relative to those
 // sizes, is then large against the result: that row is summed again directly, Σ_k (W_nk + s·B_n·A_k)². The sizes
-// are every product's: ‖W_n‖², 2|s|·Σ_j |B_nj (W Aᵀ)_nj|, s²·Σ_jk |B_nj (A Aᵀ)_jk B_nk| (lora_kernels/
-// dora_kernels.py's combine does the same).
+// are every product's: ‖W_n‖², 2|s|·Σ_j |B_nj (W Aᵀ)_nj|, s²·Σ_jk |B_nj (A Aᵀ)_jk B_nk| (the Triton
+// combine, lora_kernels/backends/triton/kernels/dora_norm.py, does the same).
 // Tiling: one warp per row n, B_n (r ≤ 256) in shared memory, the lanes over B's columns (over K for a row summed
 // directly: W's row and A's columns read from global memory, only for such rows); math in fp32.
 #include "common.cuh"

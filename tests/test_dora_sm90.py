@@ -1,7 +1,8 @@
-"""The DoRA Triton kernels (lora_kernels/dora_kernels.py) compiled for sm_90 on any machine: each launch the host
-code makes on a GPU (every dot mode and rank of the norm's W Aᵀ pass, the combine, the element-wise passes) compiles
-with triton's real compiler and ptxas, without register spills; and the dropout pass's per-call scalars (the seed,
-the counter offset of a row chunk, the threshold, the scales) never select a new binary.
+"""The DoRA Triton kernels (lora_kernels/backends/triton/kernels/dora_*.py, launched by lora_kernels/dora_kernels.py)
+compiled for sm_90 on any machine: each launch the host code makes on a GPU (every dot mode and rank of the norm's
+W Aᵀ pass, the combine, the element-wise passes) compiles with triton's real compiler and ptxas, without register
+spills; and the dropout pass's per-call scalars (the seed, the counter offset of a row chunk, the threshold, the
+scales) never select a new binary.
 
 Runs in a subprocess without TRITON_INTERPRET (the interpreter replaces the JIT functions). The host code runs on
 CPU tensors with ``_interp`` forced off and the kernels replaced by recorders that bind their arguments the way the
