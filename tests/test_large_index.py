@@ -56,7 +56,7 @@ def _cases():
 @contextlib.contextmanager
 def _one_at_a_time(device):
     """The large cases take 10-20 GB of GPU memory each: across the suite's xdist workers, which share one GPU,
-    they run one at a time (a file lock)."""
+    they run one at a time (a file lock), and each gives its cached memory back when it ends."""
     if device != "cuda":
         yield
         return
@@ -65,12 +65,13 @@ def _one_at_a_time(device):
         try:
             yield
         finally:
+            torch.cuda.empty_cache()  # the cached blocks back to the driver, for the other workers
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _inputs(M, K, N, device, dora):
     g = torch.Generator(device=device).manual_seed(M + K + N)
-    x = torch.randn(M, K, device=device, generator=g).bfloat16()
+    x = torch.randn(M, K, device=device, generator=g, dtype=torch.bfloat16)  # no float32 copy of a large tensor
     W = (torch.randn(N, K, device=device, generator=g) / K**0.5).bfloat16()
     b = torch.randn(N, device=device, generator=g).bfloat16()
     A = torch.randn(R, K, device=device, generator=g) / K**0.5
@@ -79,7 +80,7 @@ def _inputs(M, K, N, device, dora):
     if dora:
         norm = torch.linalg.vector_norm(W.double() + S * (B.double() @ A.double()), dim=1)
         m = (norm * (0.5 + torch.rand(N, device=device, generator=g, dtype=torch.float64))).float()
-    dy = torch.randn(M, N, device=device, generator=g).bfloat16()
+    dy = torch.randn(M, N, device=device, generator=g, dtype=torch.bfloat16)
     return x, W, b, A, B, m, dy
 
 

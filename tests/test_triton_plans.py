@@ -201,7 +201,7 @@ def test_backward_sums_in_one_launch(monkeypatch, planned, adapters, fuse_db):
     y, u, dx, dA, dB = _step(x, W, b, A, B, dy, s=s)
     bwd = steps[1]
     kinds = [st[0] for st in bwd]
-    assert set(kinds) <= {"empty", "launch"}, kinds
+    assert set(kinds) <= {"empty", "launch", "addmm"}, kinds  # addmm: dx's main loop on cuBLAS (GPU, M > 64)
     sums = [i for i, st in enumerate(bwd) if st[0] == "launch" and st[1] is tb._sum_partials_kernel]
     assert sums == [len(bwd) - 1], kinds
     x64, W64, A64, B64, dy64 = (t.double() for t in (x, W, A, B, dy))
