@@ -8,7 +8,8 @@ from .common import _keep_mask, _load_seed
 
 
 # The per-call scalars (the seed, the counter offset of a row chunk, the threshold, the scales) are not
-# specialized and have fixed types, so one compiled kernel serves every value (as the triton backend's kernels).
+# specialized and have fixed types, so one compiled kernel serves every value (as common._PER_CALL_SCALARS does for
+# the LoRA kernels).
 @triton.jit(do_not_specialize=["a_keep", "a_drop", "seed", "seed_in_mem", "offset", "thr"])
 def _masked_kernel(t_ptr, base_ptr, out_ptr, M, K, s_tm, s_bm, s_om, a_keep, a_drop,
                    seed: tl.int64, seed_ptr, seed_in_mem: tl.int32, offset: tl.int64, K8, thr: tl.int32,

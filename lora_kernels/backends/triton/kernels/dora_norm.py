@@ -33,6 +33,7 @@ def _quadratic_form(b_ptr, aat_ptr, rows, n_mask, s_bn, R, ABS: tl.constexpr, R_
         quad += tl.sum(t * bj, axis=1)
     return quad
 
+
 @triton.jit
 def _norm_combine_kernel(part_ptr, wsq_ptr, b_ptr, aat_ptr, w_ptr, a_ptr, out_ptr, N, K, R, S, s_bn, s_wn, s_ar,
                          scaling, R_PAD: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr, BR: tl.constexpr,

@@ -13,6 +13,7 @@ def _dot16(a, b, acc, WIDEN: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     return tl.dot(a, b, acc)
 
+
 @triton.jit
 def _w_at_kernel(w_ptr, a_ptr, part_ptr, N, K, R, K_PER_SPLIT, s_wn, s_ar,
                  MODE: tl.constexpr, WIDEN: tl.constexpr, R_PAD: tl.constexpr, BN: tl.constexpr,
