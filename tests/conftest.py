@@ -179,6 +179,16 @@ def abs_reference(fn, inputs, dy):
     return out.detach(), [t.grad for t in ts]
 
 
+def rounding_floor(eps_dtype, ref_max: float) -> float:
+    """The tolerance rule's floor from the result's own rounding: two roundings of max|ref64| (at least 1e-3)."""
+    return 2 * torch.finfo(eps_dtype).eps * max(ref_max, 1e-3)
+
+
+def assert_errors_within(name, e, e0, floor):
+    """The tolerance rule on measured errors: error e <= 2x the baseline's error e0 + floor."""
+    assert e <= 2 * e0 + floor, f"{name}: error {e:.3e} > 2 x baseline {e0:.3e} + floor {floor:.1e}"
+
+
 def assert_tolerance(out, ref64, baseline, name="output", floor=None, abs_ref=None, eps_dtype=None):
     """FlashAttention's rule: error vs float64 <= 2x the same-precision PyTorch error + a small floor.
 
@@ -195,14 +205,13 @@ def assert_tolerance(out, ref64, baseline, name="output", floor=None, abs_ref=No
     assert torch.isfinite(out).all(), f"{name}: non-finite values"
     if floor is None:
         eps_dtype = eps_dtype or out.dtype
-        floor = 2 * torch.finfo(eps_dtype).eps * max(ref64.abs().max().item() if ref64.numel() else 0.0, 1e-3)
+        floor = rounding_floor(eps_dtype, ref64.abs().max().item() if ref64.numel() else 0.0)
         if abs_ref is not None:
             assert abs_ref.shape == ref64.shape, f"{name}: abs_ref shape {tuple(abs_ref.shape)}"
             assert (abs_ref >= ref64.abs() * (1 - 1e-12)).all(), f"{name}: abs_ref is not a bound of |ref64|"
             eps_acc = torch.finfo(torch.promote_types(eps_dtype, torch.float32)).eps
             floor = max(floor, eps_acc * (abs_ref.max().item() if abs_ref.numel() else 0.0))
-    e, e0 = err(out, ref64), err(baseline, ref64)
-    assert e <= 2 * e0 + floor, f"{name}: error {e:.3e} > 2 x baseline {e0:.3e} + floor {floor:.1e}"
+    assert_errors_within(name, err(out, ref64), err(baseline, ref64), floor)
 
 
 def check_lora_linear(x, W, b, A, B, s, p, backend, dy_fn=torch.randn_like):

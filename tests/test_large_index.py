@@ -27,7 +27,7 @@ import torch
 import lora_kernels
 from lora_kernels import ops, philox
 
-from conftest import HAS_CUDA, backend_cases, formula
+from conftest import HAS_CUDA, assert_errors_within, backend_cases, err, formula, rounding_floor
 from test_dora import peft_formula
 
 pytestmark = pytest.mark.usefixtures("poisoned_outputs")
@@ -91,10 +91,6 @@ def _poison_the_allocator(nbytes, device):
         torch.cuda.synchronize()
 
 
-def _max_err(got, ref):
-    return (got.double() - ref).abs().max().item() if got.numel() else 0.0
-
-
 class _Rule:
     """The tolerance rule of conftest.assert_tolerance (error vs float64 <= 2× the baseline's error + 2·eps·max|ref|),
     taken over chunks: the largest errors and the largest |ref| of all of them."""
@@ -104,14 +100,12 @@ class _Rule:
 
     def add(self, got, ref64, base):
         assert torch.isfinite(got).all(), f"{self.name}: non-finite values (an element left unwritten?)"
-        self.e = max(self.e, _max_err(got, ref64))
-        self.e0 = max(self.e0, _max_err(base, ref64))
+        self.e = max(self.e, err(got, ref64))
+        self.e0 = max(self.e0, err(base, ref64))
         self.ref_max = max(self.ref_max, ref64.abs().max().item() if ref64.numel() else 0.0)
 
     def check(self):
-        floor = 2 * torch.finfo(self.dtype).eps * max(self.ref_max, 1e-3)
-        assert self.e <= 2 * self.e0 + floor, \
-            f"{self.name}: error {self.e:.3e} > 2 x baseline {self.e0:.3e} + floor {floor:.1e}"
+        assert_errors_within(self.name, self.e, self.e0, rounding_floor(self.dtype, self.ref_max))
 
 
 @pytest.mark.parametrize("p", [0.0, 0.1])
