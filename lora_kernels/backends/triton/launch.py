@@ -287,6 +287,13 @@ def _fast_launch_op(c, grid: tuple, args, slots: list, descs: dict):
     return op, read
 
 
+def _no_launch_op(c, grid: tuple, args, slots: list, descs: dict):
+    """_fast_launch_op's stand-in that launches nothing, with its return shape: what the host-time tools
+    (bench/dev/triton_host_cpu.py --no-launch, bench/dev/host_trace.py) put in its place to time a call without its
+    launches."""
+    return (lambda v: None), set()
+
+
 def _c_launch(launcher):
     """(launch, cooperative grid, PDL) of a triton 3.6 CudaLauncher that needs no scratch buffers, else None.
 
