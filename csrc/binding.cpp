@@ -841,8 +841,9 @@ Tensor shrink_only(const Tensor& x, const Tensor& lora_A, double scaling) {
 
 // dora_linear with its autograd nodes in C++ (csrc/dora_autograd.h): the LoRA passes above plus csrc/dora_*.cu.
 struct DoraKernels : FusedKernels {
-  static std::tuple<Tensor, Tensor, Tensor> dora_norm(const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B,
-                                                      const Tensor& magnitude, double scaling, const Tensor& wsq) {
+  static std::tuple<Tensor, Tensor, Tensor, Tensor> dora_norm(const Tensor& weight, const Tensor& lora_A,
+                                                              const Tensor& lora_B, const Tensor& magnitude,
+                                                              double scaling, const Tensor& wsq) {
     const int64_t N = weight.size(0);
     const int r = (int)lora_A.size(0);
     const Tensor wa = shrink_only(weight, lora_A, 1.0);  // W Aᵀ: one pass over W
@@ -853,7 +854,7 @@ struct DoraKernels : FusedKernels {
                                     aat.data_ptr<float>(), stream),
                "dora gram launch");
     Tensor norm = at::empty({N}, weight.options().dtype(at::kFloat)), g = at::empty_like(norm);
-    Tensor bg = at::empty_like(lora_B);
+    Tensor bg = at::empty_like(lora_B), big = at::empty({N}, weight.options().dtype(at::kBool));
     LK_CHECK(weight.is_contiguous() && lora_A.is_contiguous(), "lora_kernels_cuda: dora_norm needs a contiguous "
              "weight and lora_A");
     check_cuda(lk::launch_dora_combine(wa.data_ptr<float>(), wsq.data_ptr<float>(), lora_B.data_ptr(),
@@ -861,9 +862,10 @@ struct DoraKernels : FusedKernels {
                                        to_dtype(weight, "weight"), lora_A.data_ptr(), to_dtype(lora_A, "lora_A"),
                                        weight.size(1), magnitude.data_ptr(),
                                        to_dtype(magnitude, "magnitude"), (float)scaling, N, r, norm.data_ptr<float>(),
-                                       g.data_ptr<float>(), bg.data_ptr(), stream),
+                                       g.data_ptr<float>(), bg.data_ptr(),
+                                       reinterpret_cast<uint8_t*>(big.data_ptr<bool>()), stream),
                "dora combine launch");
-    return {g, norm, bg};
+    return {g, norm, bg, big};
   }
   static std::tuple<Tensor, Tensor> forward_scaled(const Tensor& x, const Tensor& weight,
                                                    const std::optional<Tensor>& bias, const Tensor& lora_A,
@@ -871,30 +873,32 @@ struct DoraKernels : FusedKernels {
     return lora_forward_scaled(x, weight, bias, lora_A, lora_B, g, scaling, 0.0, 0, 0, std::nullopt);
   }
   static std::tuple<Tensor, Tensor> dora_dy(const Tensor& dy, const Tensor& y, const Tensor& g, const Tensor& norm,
-                                            const Tensor& bias, const Tensor& x, const Tensor& weight, const Tensor& u,
-                                            const Tensor& lora_B, bool need_dyc, bool need_dm, at::ScalarType m_dtype,
-                                            bool in_place) {
+                                            const Tensor& big, const Tensor& bias, const Tensor& x,
+                                            const Tensor& weight, const Tensor& u, const Tensor& lora_B, bool need_dyc,
+                                            bool need_dm, at::ScalarType m_dtype, bool in_place) {
     const int64_t M = dy.size(0), N = dy.size(1), K = x.size(1);
     const c10::cuda::CUDAGuard guard(dy.device());
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dy.device().index());
     const lk::DType dt = to_dtype(dy, "dy");
     const int64_t splits = lk::dora_colsum_splits(M, N);
-    // in place: dy_c over dy, whose recomputed columns (g = 0, or a bias and a small g) the dmag launch reads and
-    // then scales (when it runs)
+    // in place: dy_c over dy, whose recomputed columns (g = 0, a bias and a small g, or a big adapter row) the dmag
+    // launch reads and then scales (when it runs)
+    const uint8_t* big_adapter = reinterpret_cast<const uint8_t*>(big.data_ptr<bool>());
     Tensor dyc = !need_dyc ? Tensor() : in_place ? dy : at::empty_like(dy);
     const bool defer_scale = in_place && need_dyc && need_dm;
     Tensor part = need_dm ? at::empty({splits, N}, dy.options().dtype(at::kFloat)) : Tensor();
     check_cuda(lk::launch_dora_colsum(dy.data_ptr(), y.data_ptr(), dt, g.data_ptr<float>(), g.data_ptr<float>(),
-                                      bias.defined() ? bias.data_ptr() : nullptr, need_dyc ? dyc.data_ptr() : nullptr,
-                                      need_dm ? part.data_ptr<float>() : nullptr, M, N, splits, defer_scale, stream),
+                                      bias.defined() ? bias.data_ptr() : nullptr, big_adapter,
+                                      need_dyc ? dyc.data_ptr() : nullptr, need_dm ? part.data_ptr<float>() : nullptr,
+                                      M, N, splits, defer_scale, stream),
                "dora colsum launch");
     Tensor dm;
     if (need_dm) {
       dm = at::empty({N}, dy.options().dtype(m_dtype));
       check_cuda(lk::launch_dora_dmag(part.data_ptr<float>(), splits, g.data_ptr<float>(), norm.data_ptr<float>(),
                                       1.f, dy.data_ptr(), x.data_ptr(), weight.data_ptr(),
-                                      bias.defined() ? bias.data_ptr() : nullptr, dt, u.data_ptr<float>(),
-                                      lora_B.data_ptr(), to_dtype(lora_B, "lora_B"), dm.data_ptr(),
+                                      bias.defined() ? bias.data_ptr() : nullptr, big_adapter, dt,
+                                      u.data_ptr<float>(), lora_B.data_ptr(), to_dtype(lora_B, "lora_B"), dm.data_ptr(),
                                       to_dtype(dm, "magnitude"), defer_scale ? dy.data_ptr() : nullptr, M, K, N,
                                       (int)lora_B.size(1), stream),
                  "dora dmag launch");
@@ -930,7 +934,8 @@ struct DoraKernels : FusedKernels {
     Tensor dyc = !need_dyc ? Tensor() : dyc_out.defined() ? dyc_out : at::empty_like(dy);
     Tensor part = need_part ? at::empty({splits, N}, dy.options().dtype(at::kFloat)) : Tensor();
     check_cuda(lk::launch_dora_colsum(dy.data_ptr(), need_part ? z.data_ptr() : nullptr, to_dtype(dy, "dy"),
-                                      c.data_ptr<float>(), nullptr, nullptr, need_dyc ? dyc.data_ptr() : nullptr,
+                                      c.data_ptr<float>(), nullptr, nullptr, nullptr,
+                                      need_dyc ? dyc.data_ptr() : nullptr,
                                       need_part ? part.data_ptr<float>() : nullptr, M, N, splits, false, stream),
                "dora colsum launch");
     return {dyc, part};
@@ -941,7 +946,7 @@ struct DoraKernels : FusedKernels {
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream(part.device().index());
     Tensor dm = at::empty({N}, part.options().dtype(m_dtype));
     check_cuda(lk::launch_dora_dmag(part.data_ptr<float>(), part.size(0), nullptr, norm.data_ptr<float>(), (float)q,
-                                    nullptr, nullptr, nullptr, nullptr, lk::DType::kFloat32, nullptr, nullptr,
+                                    nullptr, nullptr, nullptr, nullptr, nullptr, lk::DType::kFloat32, nullptr, nullptr,
                                     lk::DType::kFloat32, dm.data_ptr(), to_dtype(dm, "magnitude"), nullptr, 0, 0, N, 0,
                                     stream),
                "dora dmag launch");

@@ -60,13 +60,18 @@ __device__ __forceinline__ Span block_span(int64_t idx, int64_t per, int64_t n) 
 }
 
 // DoRA at p = 0 takes z = (y − b)/g from the output y. y is rounded at the scale of max(|g z|, |b|), so z's error
-// grows as |b|/|g| where |g| is small; PEFT's base_result − bias is not divided by g. So the columns with g = 0, or
-// with a bias and |g| < 1/2 (z's error past 2× PEFT's there), recompute z instead (launch_dora_dmag; the same rule
-// as lora_kernels/dora_kernels.py's z_lost_from_y). DoRA starts at g = 1 (magnitude = the norm), and training
-// keeps it near there: the recompute is for unusual magnitudes.
+// grows as |b|/|g| where |g| is small; PEFT's base_result − bias is not divided by g. And y's LoRA part went through
+// the GEMM's 16-bit operands (s·u and B rounded to x's dtype), where PEFT keeps it in the adapters' float32: where
+// the adapter's row s·(B A)_n is large against W_n (z dominated by its LoRA part, or the two cancelling), z from y
+// carries that rounding at the LoRA part's scale. So these columns recompute z instead (launch_dora_dmag): g = 0; a
+// bias and |g| < 1/2 (z's error past 2× PEFT's there); big_adapter, set by the norm's combine where
+// ‖s·(B A)_n‖ > ‖W_n‖ / 2 (s²·B_n (A Aᵀ) B_nᵀ > ‖W_n‖² / 4). The same rule as lora_kernels/dora_kernels.py's
+// z_lost_from_y. DoRA starts at g = 1 and B = 0, and training keeps g near 1 and the adapter small against W: the
+// recompute is for unusual inputs.
 constexpr float kDoraZFromYMinG = 0.5f;
-__host__ __device__ __forceinline__ bool dora_recompute_z(float g, float b) {
-  return g == 0.f || (b != 0.f && fabsf(g) < kDoraZFromYMinG);
+constexpr float kDoraZFromYMaxAdapter = 0.5f;
+__host__ __device__ __forceinline__ bool dora_recompute_z(float g, float b, bool big_adapter) {
+  return g == 0.f || (b != 0.f && fabsf(g) < kDoraZFromYMinG) || big_adapter;
 }
 
 template <typename T> __device__ __forceinline__ float to_f(T v);

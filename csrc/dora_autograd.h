@@ -6,8 +6,9 @@
 // p = 0 (DoraLinearFunction; dora.py with SAVE_Y):
 //   g = magnitude / ‖W + s·B A‖_row (the norm detached),   y = g ⊙ (x Wᵀ + s·x Aᵀ Bᵀ) + b
 //   saved for backward: x, W, A, B, Bg = g ⊙ B (N×r), u = s·x Aᵀ (M×r fp32), y (the output itself), g and the norm
-//   (N fp32 each): lora_linear's plus y and O(N·r), nothing N×K.
-//   backward: dy_c = g ⊙ dy and dmag = Σ_m dy ⊙ (y − b)/g / norm (z recomputed where g = 0), then one LoRA backward
+//   (N fp32 each), big (N bool): lora_linear's plus y and O(N·r), nothing N×K.
+//   backward: dy_c = g ⊙ dy and dmag = Σ_m dy ⊙ (y − b)/g / norm (z recomputed in the columns y cannot give:
+//   common.cuh's dora_recompute_z of g, the bias and big), then one LoRA backward
 //   with dx = dy_c W + s·(dy Bg) A, dA and dB·g; dmag needs no autograd through g = magnitude / norm.
 //   Where the node owns dy (grad_is_ours), dy_c is written over dy between the LoRA backward's dy pass (which reads
 //   dy) and its dx GEMM (which reads dy_c): the same launches and values, without DoRA's only M×N buffer.
@@ -16,9 +17,10 @@
 //
 // Impl provides, besides what lora_linear_entry's Impl provides (kMaxRank, on_device, capturing, forward,
 // backward):
-//   static std::tuple<Tensor, Tensor, Tensor> dora_norm(W, A, B, magnitude, scaling, wsq)   -> (g, norm, Bg)
+//   static std::tuple<Tensor, Tensor, Tensor, Tensor> dora_norm(W, A, B, magnitude, scaling, wsq)
+//                                                            -> (g, norm, Bg, big: (N,) bool, ‖s·(B A)_n‖ > ‖W_n‖/2)
 //   static std::tuple<Tensor, Tensor> forward_scaled(x, W, bias, A, B, g, scaling)           -> (y, u)
-//   static std::tuple<Tensor, Tensor> dora_dy(dy, y, g, norm, bias, x, W, u, B, need_dyc, need_dm, m_dtype,
+//   static std::tuple<Tensor, Tensor> dora_dy(dy, y, g, norm, big, bias, x, W, u, B, need_dyc, need_dm, m_dtype,
 //                                             in_place)        -> (dy_c, dmag in m_dtype; each undefined unless
 //                                                                   asked for; in_place: dy_c is dy, overwritten)
 //   static std::tuple<Tensor, Tensor, Tensor> backward_dx_from(dy, x, W, A, Bg, u, dx_from, scaling, need_dx,
@@ -199,10 +201,10 @@ class DoraLinearFunction : public torch::autograd::Function<DoraLinearFunction<I
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, const at::Tensor& lora_A, const at::Tensor& lora_B,
                             const at::Tensor& magnitude, double scaling, const at::Tensor& wsq) {
-    auto [g, norm, bg] = Impl::dora_norm(weight, lora_A, lora_B, magnitude, scaling, wsq);
+    auto [g, norm, bg, big] = Impl::dora_norm(weight, lora_A, lora_B, magnitude, scaling, wsq);
     auto [y, u] = Impl::forward_scaled(x, weight, bias, lora_A, lora_B, g, scaling);
     const bool has_bias = bias.has_value() && bias->defined();
-    ctx->save_for_backward({x, weight, has_bias ? *bias : at::Tensor(), lora_A, lora_B, bg, u, y, g, norm});
+    ctx->save_for_backward({x, weight, has_bias ? *bias : at::Tensor(), lora_A, lora_B, bg, u, y, g, norm, big});
     ctx->saved_data["scaling"] = scaling;
     ctx->saved_data["has_bias"] = has_bias;
     ctx->saved_data["m_dtype"] = (int64_t)magnitude.scalar_type();
@@ -212,7 +214,7 @@ class DoraLinearFunction : public torch::autograd::Function<DoraLinearFunction<I
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &weight = saved[1], &bias = saved[2], &lora_A = saved[3], &lora_B = saved[4];
-    const at::Tensor &bg = saved[5], &u = saved[6], &y = saved[7], &g = saved[8], &norm = saved[9];
+    const at::Tensor &bg = saved[5], &u = saved[6], &y = saved[7], &g = saved[8], &norm = saved[9], &big = saved[10];
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const double scaling = ctx->saved_data["scaling"].toDouble();
     // needs_input_grad counts tensor inputs: x, weight, [bias], lora_A, lora_B, magnitude, wsq. The weight and bias
@@ -229,7 +231,8 @@ class DoraLinearFunction : public torch::autograd::Function<DoraLinearFunction<I
     const auto m_dtype = (at::ScalarType)ctx->saved_data["m_dtype"].toInt();
     at::Tensor dyc;
     auto dora_dy = [&] {
-      auto [c, dm] = Impl::dora_dy(dy, y, g, norm, bias, x, weight, u, lora_B, need_dx, need_dm, m_dtype, in_place);
+      auto [c, dm] = Impl::dora_dy(dy, y, g, norm, big, bias, x, weight, u, lora_B, need_dx, need_dm, m_dtype,
+                                   in_place);
       dyc = c;
       if (need_dm) out[5] = dm;
     };
@@ -317,7 +320,8 @@ class DoraDropoutFunction : public torch::autograd::Function<DoraDropoutFunction
                             const std::optional<at::Tensor>& bias, const at::Tensor& lora_A, const at::Tensor& lora_B,
                             const at::Tensor& magnitude, double scaling, double p, int64_t seed, int64_t chunk_bytes,
                             const at::Tensor& wsq) {
-    auto [g, norm, bg] = Impl::dora_norm(weight, lora_A, lora_B, magnitude, scaling, wsq);
+    const auto normed = Impl::dora_norm(weight, lora_A, lora_B, magnitude, scaling, wsq);  // its big: p = 0 only
+    const at::Tensor &g = std::get<0>(normed), &norm = std::get<1>(normed), &bg = std::get<2>(normed);
     auto [y, u] = dora_dropout_forward<Impl>(x, weight, bias, lora_A, lora_B, g, scaling, p, seed, chunk_bytes);
     const bool has_bias = bias.has_value() && bias->defined();
     ctx->save_for_backward({x, weight, lora_A, lora_B, bg, u, g, norm});

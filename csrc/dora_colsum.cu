@@ -12,7 +12,8 @@
 // V = 4 with scalar fallbacks where N or a pointer is not aligned) by one row split, whose 8 warps take every 8th row;
 // the warps' sums reduced in a fixed order (deterministic, no atomics).
 // Columns with div = 0 get 0 in part here; launch_dora_dmag (dora_dmag.cu) recomputes them and those where y
-// cannot give z accurately (dora_recompute_z: a bias and a small g). With keep_recomputed those columns' dy_c keeps dy
+// cannot give z accurately (dora_recompute_z: a bias and a small g, or big_adapter). With keep_recomputed those
+// columns' dy_c keeps dy
 // for that recompute, which then writes g ⊙ dy there.
 #include "common.cuh"
 #include "plans.cuh"
@@ -57,8 +58,8 @@ __device__ __forceinline__ void colsum_part_store(float (&sums)[kWarps][COLS], c
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 dora_colsum_kernel(const T* dy, const T* y, const float* __restrict__ g, const float* __restrict__ div,
-                   const T* __restrict__ bias, T* dyc, float* __restrict__ part, int64_t M, int64_t N,
-                   int64_t rows_per_split, bool keep_recomputed) {
+                   const T* __restrict__ bias, const uint8_t* __restrict__ big_adapter, T* dyc,
+                   float* __restrict__ part, int64_t M, int64_t N, int64_t rows_per_split, bool keep_recomputed) {
   __shared__ float sums[kWarps][kColsumCols];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t n0 = (int64_t)blockIdx.x * kColsumCols + lane * 4;
@@ -67,7 +68,10 @@ dora_colsum_kernel(const T* dy, const T* y, const float* __restrict__ g, const f
   for (int q = 0; q < 4; ++q) gv[q] = q < valid ? g[n0 + q] : 0.f;
   if (bias != nullptr && valid > 0) load4<T>(bias + n0, valid, bv);
   if (keep_recomputed) {  // dy_c = dy in the columns launch_dora_dmag recomputes, until it runs
-    for (int q = 0; q < 4; ++q) gv[q] = dora_recompute_z(gv[q], bv[q]) ? 1.f : gv[q];
+    for (int q = 0; q < valid; ++q) {
+      const bool big = big_adapter != nullptr && big_adapter[n0 + q];
+      gv[q] = dora_recompute_z(gv[q], bv[q], big) ? 1.f : gv[q];
+    }
   }
   const Span rows = block_span(blockIdx.y, rows_per_split, M);
   if (valid > 0) {
@@ -97,8 +101,9 @@ dora_colsum_kernel(const T* dy, const T* y, const float* __restrict__ g, const f
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 dora_colsum_vec_kernel(const T* dy, const T* y, const float* __restrict__ g, const float* __restrict__ div,
-                       const T* __restrict__ bias, T* dyc, float* __restrict__ part, int64_t M, int64_t N,
-                       int64_t rows_per_split, bool keep_recomputed) {
+                       const T* __restrict__ bias, const uint8_t* __restrict__ big_adapter, T* dyc,
+                       float* __restrict__ part, int64_t M, int64_t N, int64_t rows_per_split,
+                       bool keep_recomputed) {
   constexpr int V = 16 / sizeof(T), kCols = 32 * V, kRows = 4;
   __shared__ float sums[kWarps][kCols];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -110,7 +115,8 @@ dora_colsum_vec_kernel(const T* dy, const T* y, const float* __restrict__ g, con
     gv[q] = valid ? g[n0 + q] : 0.f;
     bv[q] = valid && bias != nullptr ? to_f<T>(bias[n0 + q]) : 0.f;
     // dy_c = dy in the columns launch_dora_dmag recomputes, until it runs
-    if (keep_recomputed && dora_recompute_z(gv[q], bv[q])) gv[q] = 1.f;
+    const bool big = valid && big_adapter != nullptr && big_adapter[n0 + q];
+    if (keep_recomputed && dora_recompute_z(gv[q], bv[q], big)) gv[q] = 1.f;
     acc[q] = 0.f;
   }
   auto unpack = [](const uint4& u, float* f) {
@@ -167,8 +173,8 @@ int64_t dora_colsum_splits(int64_t M, int64_t N) {
 }
 
 cudaError_t launch_dora_colsum(const void* dy, const void* y, DType dtype, const float* c, const float* div,
-                               const void* bias, void* dyc, float* part, int64_t M, int64_t N, int64_t splits,
-                               bool keep_recomputed, cudaStream_t stream) {
+                               const void* bias, const uint8_t* big_adapter, void* dyc, float* part, int64_t M,
+                               int64_t N, int64_t splits, bool keep_recomputed, cudaStream_t stream) {
   if (M <= 0 || N <= 0 || (dyc == nullptr && part == nullptr)) return cudaSuccess;
   // grid.y = splits, all of them: every row of part is written (a split past M writes zeros), as launch_dora_dmag
   // sums all `splits` of them
@@ -180,13 +186,13 @@ cudaError_t launch_dora_colsum(const void* dy, const void* y, DType dtype, const
     if (N % V == 0 && aligned(dy) && aligned(y) && aligned(dyc)) {
       const dim3 grid((unsigned)ceil_div(N, 32 * V), (unsigned)splits);
       return launch_kernel(dora_colsum_vec_kernel<T>, grid, kThreads, 0, stream, static_cast<const T*>(dy),
-                           static_cast<const T*>(y), c, div, static_cast<const T*>(bias), static_cast<T*>(dyc),
-                           part, M, N, rows, keep_recomputed);
+                           static_cast<const T*>(y), c, div, static_cast<const T*>(bias), big_adapter,
+                           static_cast<T*>(dyc), part, M, N, rows, keep_recomputed);
     }
     const dim3 grid((unsigned)ceil_div(N, kColsumCols), (unsigned)splits);
     return launch_kernel(dora_colsum_kernel<T>, grid, kThreads, 0, stream, static_cast<const T*>(dy),
-                         static_cast<const T*>(y), c, div, static_cast<const T*>(bias), static_cast<T*>(dyc), part,
-                         M, N, rows, keep_recomputed);
+                         static_cast<const T*>(y), c, div, static_cast<const T*>(bias), big_adapter,
+                         static_cast<T*>(dyc), part, M, N, rows, keep_recomputed);
   });
 }
 

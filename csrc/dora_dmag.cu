@@ -1,8 +1,9 @@
 // The grad of DoRA's magnitude (the C++ entry of dora_autograd.h; the math of lora_kernels/dora.py):
 //
 //   dmag_n = Σ_s part[s, n] / q / norm_n                 (the column sums of dora_colsum.cu; q = 1 − p)
-//   p = 0, where y cannot give z (dora_recompute_z: g_n = 0, where y = b; or a bias and |g_n| < 1/2, where (y − b)/g
-//   amplifies y's rounding):  dmag_n = Σ_m dy_mn (x_m·W_n + u_m·B_n) / norm_n
+//   p = 0, where y cannot give z (dora_recompute_z: g_n = 0, where y = b; a bias and |g_n| < 1/2, where (y − b)/g
+//   amplifies y's rounding; or big_adapter_n, where y's LoRA part carries the 16-bit operands' rounding at a scale
+//   past the base's):  dmag_n = Σ_m dy_mn (x_m·W_n + u_m·B_n) / norm_n
 //   (g null: no such recompute, as at p > 0, where the sums come from z itself)
 //
 // Tiling: one thread per column; then each block recomputes its flagged columns one at a time (a warp per row, the
@@ -26,11 +27,15 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
 dora_dmag_kernel(const float* __restrict__ part, int64_t splits, const float* __restrict__ g,
                  const float* __restrict__ norm, float q, const T* dy, const T* __restrict__ x, const T* __restrict__ W,
-                 const T* __restrict__ bias, const float* __restrict__ u, const void* __restrict__ B, DType b_dt,
+                 const T* __restrict__ bias, const uint8_t* __restrict__ big_adapter, const float* __restrict__ u,
+                 const void* __restrict__ B, DType b_dt,
                  void* __restrict__ dmag, DType m_dt, T* scale_dy, int64_t M, int64_t K, int64_t N, int r) {
   __shared__ float sums[kWarps];
   __shared__ int any_flagged;
-  auto flagged = [&](int64_t c) { return dora_recompute_z(g[c], bias != nullptr ? to_f<T>(bias[c]) : 0.f); };
+  auto flagged = [&](int64_t c) {
+    return dora_recompute_z(g[c], bias != nullptr ? to_f<T>(bias[c]) : 0.f,
+                            big_adapter != nullptr && big_adapter[c]);
+  };
   const int64_t n = (int64_t)blockIdx.x * kThreads + threadIdx.x;
   if (threadIdx.x == 0) any_flagged = 0;
   __syncthreads();
@@ -75,16 +80,17 @@ dora_dmag_kernel(const float* __restrict__ part, int64_t splits, const float* __
 }  // namespace
 
 cudaError_t launch_dora_dmag(const float* part, int64_t splits, const float* g, const float* norm, float q,
-                             const void* dy, const void* x, const void* W, const void* bias, DType dtype,
-                             const float* u, const void* B, DType b_dtype, void* dmag, DType m_dtype, void* scale_dy,
-                             int64_t M, int64_t K, int64_t N, int r, cudaStream_t stream) {
+                             const void* dy, const void* x, const void* W, const void* bias,
+                             const uint8_t* big_adapter, DType dtype, const float* u, const void* B, DType b_dtype,
+                             void* dmag, DType m_dtype, void* scale_dy, int64_t M, int64_t K, int64_t N, int r,
+                             cudaStream_t stream) {
   if (N <= 0) return cudaSuccess;
   return with_dtype(dtype, [&](auto t) {
     using T = decltype(t);
     return launch_kernel(dora_dmag_kernel<T>, dim3((unsigned)ceil_div(N, kThreads)), kThreads, 0, stream, part,
                          splits, g, norm, q, static_cast<const T*>(dy), static_cast<const T*>(x),
-                         static_cast<const T*>(W), static_cast<const T*>(bias), u, B, b_dtype, dmag, m_dtype,
-                         static_cast<T*>(scale_dy), M, K, N, r);
+                         static_cast<const T*>(W), static_cast<const T*>(bias), big_adapter, u, B, b_dtype, dmag,
+                         m_dtype, static_cast<T*>(scale_dy), M, K, N, r);
   });
 }
 

@@ -2,7 +2,9 @@
 //
 //   ‖W_n + s(BA)_n‖² = ‖W_n‖² + 2s·B_n·(W Aᵀ)_n + s²·B_n (A Aᵀ) B_nᵀ,   g = magnitude / norm,   Bg = g ⊙ B
 //
-// from ‖W_n‖² (cached per frozen W), W Aᵀ (N×r fp32, the LoRA shrink pass over W) and A Aᵀ (r×r fp32): no N×K
+// big_adapter_n = ‖s(BA)_n‖ > ‖W_n‖ / 2 (the columns whose z the saved-y backward recomputes: common.cuh's
+// dora_recompute_z), from the expansion's last term s²·B_n (A Aᵀ) B_nᵀ = ‖s(BA)_n‖².
+// All from ‖W_n‖² (cached per frozen W), W Aᵀ (N×r fp32, the LoRA shrink pass over W) and A Aᵀ (r×r fp32): no N×K
 // temporary. A row whose sum is under half the sum of its terms' sizes has cancelled (the adapter undoes much of
 // W_n, or the rank-r sum B_n A itself cancels, at small K), and the expansion's fp32 rounding, relative to those
 // sizes, is then large against the result: that row is summed again directly, Σ_k (W_nk + s·B_n·A_k)². The sizes
@@ -22,12 +24,13 @@ namespace {
 constexpr int kWarps = kThreads / 32;
 
 // One warp per row n of B: the row's squared norm from ‖W_n‖² (wsq), W Aᵀ (wa, N × r fp32) and A Aᵀ (aat, r × r
-// fp32); then g_n = magnitude_n / norm_n and Bg_n = g_n B_n.
+// fp32); then g_n = magnitude_n / norm_n, Bg_n = g_n B_n and big_adapter_n (when not null).
 __global__ void __launch_bounds__(kThreads)
 dora_combine_kernel(const float* __restrict__ wa, const float* __restrict__ wsq, const void* __restrict__ B, DType b_dt,
                     const float* __restrict__ aat, const void* __restrict__ W, DType w_dt, const void* __restrict__ A,
                     DType a_dt, int64_t K, const void* __restrict__ mag, DType m_dt, float s, int64_t N, int r,
-                    float* __restrict__ norm, float* __restrict__ g, void* __restrict__ Bg) {
+                    float* __restrict__ norm, float* __restrict__ g, void* __restrict__ Bg,
+                    uint8_t* __restrict__ big_adapter) {
   __shared__ float rows[kWarps][kMaxRank];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t n = (int64_t)blockIdx.x * kWarps + warp;
@@ -59,6 +62,7 @@ dora_combine_kernel(const float* __restrict__ wa, const float* __restrict__ wsq,
   lin_size = 2.f * fabsf(s) * warp_sum(lin_size);
   quad = (s * s) * warp_sum(quad);
   quad_size = (s * s) * warp_sum(quad_size);
+  const bool big = quad > (kDoraZFromYMaxAdapter * kDoraZFromYMaxAdapter) * wsq[n];  // before a direct sum
   float sq = wsq[n] + lin + quad;
   if (sq < 0.5f * (wsq[n] + lin_size + quad_size)) {  // the same on every lane (warp_sum's all-reduce): no divergence
     float direct = 0.f;
@@ -75,6 +79,7 @@ dora_combine_kernel(const float* __restrict__ wa, const float* __restrict__ wsq,
   if (lane == 0) {
     norm[n] = nn;
     g[n] = gn;
+    if (big_adapter != nullptr) big_adapter[n] = big;
   }
   for (int j = lane; j < r; j += 32) store_any(Bg, b_dt, n * r + j, b[j] * gn);
 }
@@ -84,11 +89,12 @@ dora_combine_kernel(const float* __restrict__ wa, const float* __restrict__ wsq,
 cudaError_t launch_dora_combine(const float* wa, const float* wsq, const void* B, DType b_dtype, const float* aat,
                                 const void* W, DType w_dtype, const void* A, DType a_dtype, int64_t K,
                                 const void* magnitude, DType m_dtype, float scaling, int64_t N, int r, float* norm,
-                                float* g, void* Bg, cudaStream_t stream) {
+                                float* g, void* Bg, uint8_t* big_adapter, cudaStream_t stream) {
   if (N <= 0) return cudaSuccess;
   if (r < 1 || r > kMaxRank) return cudaErrorInvalidValue;
   return launch_kernel(dora_combine_kernel, dim3((unsigned)ceil_div(N, kWarps)), kThreads, 0, stream, wa, wsq, B,
-                       b_dtype, aat, W, w_dtype, A, a_dtype, K, magnitude, m_dtype, scaling, N, r, norm, g, Bg);
+                       b_dtype, aat, W, w_dtype, A, a_dtype, K, magnitude, m_dtype, scaling, N, r, norm, g, Bg,
+                       big_adapter);
 }
 
 }  // namespace lora_kernels

@@ -139,12 +139,13 @@ cudaError_t launch_lora_col_scale(void* y, DType y_dtype, const float* c, const 
 // DoRA's passes (dora_norm.cu, dora_colsum.cu, dora_dmag.cu, dora_dropout.cu; the C++ entry of dora_autograd.h).
 // wa = W Aᵀ (N, r) fp32, wsq = ‖W_n‖² (N,) fp32,
 // aat = A Aᵀ (r, r) fp32, B (N, r) b_dtype, magnitude (N,) m_dtype: norm = ‖W + s·B A‖_row, g = magnitude / norm
-// (fp32) and Bg = g ⊙ B (b_dtype). W (N, K) w_dtype and A (r, K) a_dtype, both contiguous: the rows that cancel are
-// summed again from them.
+// (fp32) and Bg = g ⊙ B (b_dtype); big_adapter (N,) (or null) = ‖s·(B A)_n‖ > ‖W_n‖ / 2 (common.cuh's
+// dora_recompute_z). W (N, K) w_dtype and A (r, K) a_dtype, both contiguous: the rows that cancel are summed again
+// from them.
 cudaError_t launch_dora_combine(const float* wa, const float* wsq, const void* B, DType b_dtype, const float* aat,
                                 const void* W, DType w_dtype, const void* A, DType a_dtype, int64_t K,
                                 const void* magnitude, DType m_dtype, float scaling, int64_t N, int r, float* norm,
-                                float* g, void* Bg, cudaStream_t stream);
+                                float* g, void* Bg, uint8_t* big_adapter, cudaStream_t stream);
 // aat (r, r) fp32 = A Aᵀ, A (r, K) a_dtype (dora_gram.cu: one launch, fp32 products and sums, symmetric exactly).
 cudaError_t launch_dora_gram(const void* A, DType a_dtype, int r, int64_t K, float* aat, cudaStream_t stream);
 // Row splits of launch_dora_colsum's partial sums for an (M, N) dy.
@@ -152,19 +153,20 @@ int64_t dora_colsum_splits(int64_t M, int64_t N);
 // dy, y (M, N) dtype, c and div (N,) fp32 (div may be null), bias (N,) dtype or null: dyc = c ⊙ dy (dyc null: not
 // written; dyc = dy or dyc = y: in place) and part[s] (N,) fp32 = Σ_{m in split s} dy ⊙ (y − bias) / div (0 where
 // div = 0; div null: no division), part (splits, N) or null. p = 0: y the output, c = div = g; p > 0: y = z, div null.
-// keep_recomputed: dyc = dy in the columns that launch_dora_dmag recomputes (dora_recompute_z of c and the bias; its
-// scale_dy finishes them).
+// keep_recomputed: dyc = dy in the columns that launch_dora_dmag recomputes (dora_recompute_z of c, the bias and
+// big_adapter (N,), which may be null; its scale_dy finishes them).
 cudaError_t launch_dora_colsum(const void* dy, const void* y, DType dtype, const float* c, const float* div,
-                               const void* bias, void* dyc, float* part, int64_t M, int64_t N, int64_t splits,
-                               bool keep_recomputed, cudaStream_t stream);
-// dmag (N,) m_dtype = Σ_s part[s] / q / norm; where y cannot give z (g not null: p = 0; dora_recompute_z of g
-// and the bias (N,) dtype or null), Σ_m dy ⊙ (x Wᵀ + u Bᵀ) / norm for that column instead (x (M, K), W (N, K),
-// dy (M, N) dtype; u (M, r) fp32; B (N, r) b_dtype), and then, when scale_dy (= dy) is not null, that column of dy
-// set to g ⊙ dy.
+                               const void* bias, const uint8_t* big_adapter, void* dyc, float* part, int64_t M,
+                               int64_t N, int64_t splits, bool keep_recomputed, cudaStream_t stream);
+// dmag (N,) m_dtype = Σ_s part[s] / q / norm; where y cannot give z (g not null: p = 0; dora_recompute_z of g,
+// the bias (N,) dtype or null, and big_adapter (N,) or null), Σ_m dy ⊙ (x Wᵀ + u Bᵀ) / norm for that column instead
+// (x (M, K), W (N, K), dy (M, N) dtype; u (M, r) fp32; B (N, r) b_dtype), and then, when scale_dy (= dy) is not
+// null, that column of dy set to g ⊙ dy.
 cudaError_t launch_dora_dmag(const float* part, int64_t splits, const float* g, const float* norm, float q,
-                             const void* dy, const void* x, const void* W, const void* bias, DType dtype,
-                             const float* u, const void* B, DType b_dtype, void* dmag, DType m_dtype, void* scale_dy,
-                             int64_t M, int64_t K, int64_t N, int r, cudaStream_t stream);
+                             const void* dy, const void* x, const void* W, const void* bias,
+                             const uint8_t* big_adapter, DType dtype, const float* u, const void* B, DType b_dtype,
+                             void* dmag, DType m_dtype, void* scale_dy, int64_t M, int64_t K, int64_t N, int r,
+                             cudaStream_t stream);
 // out (M, K) = base + (keep ? a_keep · t : a_drop · t), keep the contract's dropout mask of an (M, K) input at (seed,
 // offset) and p; t, base (or null), out contiguous (M, K) of one dtype, any two of them possibly the same tensor.
 cudaError_t launch_dora_masked(const void* t, const void* base, void* out, DType dtype, int64_t M, int64_t K, float p,

@@ -29,8 +29,9 @@ output without bias before the column scale):
                                                              the adapters' grads keep the adapters' precision
              p = 0, fast backends (SAVE_Y, the default): z = (y − b)/g from the output y the forward returned,
              dg = Σ_m dy ⊙ (y − b) / g                       fused with dy_c = c ⊙ dy in one pass over dy, y;
-                                                             the columns with g = 0 (y = b there) from their z
-                                                             recomputed by one more launch that is a no-op
+                                                             the columns y cannot give (g = 0, a small g with a
+                                                             bias, an adapter row large against W_n) from their
+                                                             z recomputed by one more launch that is a no-op
                                                              unless such a column exists (no synchronisation)
              otherwise by row chunks (below): z recomputed (the backend's forward on x, or on x_k at p > 0), and
              dg = Σ_m dy ⊙ z  (/q at p > 0)                  fused with dy_c = c ⊙ dy in one pass over dy, z;
@@ -350,7 +351,7 @@ def _bwd_impl(dy, x, weight, bias, lora_A, lora_B, g, u, z, z_is_y, scaling, p, 
         # dx = dy_c W + s·(dy Bg) A, dA, dB·/g; dy read once more (its pass), not twice.
         dyc, dg = scale_colsum(dy, z, g, True, need_dg, fast, from_y=z_is_y, bias=bias)
         if need_dg and z_is_y:
-            zero_g_colsum(dg, dy, x, weight, u, lora_B, g, fast, bias)
+            zero_g_colsum(dg, dy, x, weight, u, lora_A, lora_B, scaling, g, _weight_sq(weight, acc), fast, bias)
         bg = (lora_B.to(acc) * g[:, None]).to(lora_B.dtype)
         dx, dA, dB = one_call(dy, x, weight, lora_A, bg, u, dyc, scaling, 0.0, 0, 0, True, need_dA, need_dB)
         if need_dB:
@@ -393,14 +394,15 @@ def _bwd_impl(dy, x, weight, bias, lora_A, lora_B, g, u, z, z_is_y, scaling, p, 
                 if p == 0.0:
                     xk = None  # x itself: not a buffer for dy_c W
             # dg += Σ_m dy ⊙ z;  dy_c = c ⊙ dy, written over a recomputed z (the saved z or y is left alone);
-            # from y (p = 0): z = (y − b)/g, and the columns y cannot give (g = 0, or a bias and a small g:
-            # dora_kernels.z_lost_from_y) from z recomputed there alone
+            # from y (p = 0): z = (y − b)/g, and the columns y cannot give (g = 0, a bias and a small g, or an
+            # adapter row large against W's: dora_kernels.z_lost_from_y) from z recomputed there alone
             dyc, part = scale_colsum(dys, zs, c, need_dx, need_dg, fast,
                                      out=zs if (need_dg and not saved) else None, from_y=z_is_y, bias=bias)
             if need_dg:
                 dg = part if dg is None else dg.add_(part)
                 if z_is_y:
-                    zero_g_colsum(dg, dys, xs, weight, us, lora_B, g, fast, bias)
+                    zero_g_colsum(dg, dys, xs, weight, us, lora_A, lora_B, scaling, g, _weight_sq(weight, acc), fast,
+                                  bias)
             if not need_dx:
                 continue
             if p == 0.0:

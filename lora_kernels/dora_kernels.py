@@ -9,9 +9,9 @@ Each pass reads its inputs once and rounds once; math in float32 (float64 for fl
                                                                                fused with the pass that scales dy;
                                                                                out=z: c ⊙ dy written over z;
                                                                                from_y: z = (y − b)/c from y
-    zero_g_colsum(dg, dy, x, W, u, B, g, fast, bias)
-                                        -> dg_n = Σ_m dy ⊙ z where y cannot     g_n = 0, or a bias and |g_n| < 1/2
-                                           give z (z_lost_from_y)
+    zero_g_colsum(dg, dy, x, W, u, A, B, s, g, wsq, fast, bias)
+                                        -> dg_n = Σ_m dy ⊙ z where y cannot     g_n = 0, a bias and |g_n| < 1/2, or
+                                           give z (z_lost_from_y)               ‖s·(B A)_n‖ > ‖W_n‖ / 2
     masked(t, p, seed, offset, ak, ad, base=None)
                                         -> base + where(keep, ak·t, ad·t)       keep = the contract's dropout mask
     w_at(W, A)                          -> W Aᵀ (N, r) float32                  Triton only: one pass over W
@@ -216,42 +216,63 @@ def scale_colsum(dy: torch.Tensor, z, c: torch.Tensor, need_out: bool, need_sum:
 
 
 # DoRA at p = 0 takes z = (y − b)/g from the output y. y is rounded at the scale of max(|g z|, |b|), so z's error grows
-# as |b|/|g| where |g| is small; PEFT's base_result − bias is not divided by g. The columns with g = 0 (y = b: z is
-# lost), or with a bias and |g| < Z_FROM_Y_MIN_G (z's error past 2× PEFT's), recompute z (zero_g_colsum); DoRA
-# starts at g = 1 and training keeps it near there, so this is for unusual magnitudes. csrc/common.cuh's
-# dora_recompute_z is the same rule.
+# as |b|/|g| where |g| is small; PEFT's base_result − bias is not divided by g. And y's LoRA part went through the
+# output GEMM's 16-bit operands (s·u and B rounded to x's dtype), where PEFT keeps that part in the adapters' float32:
+# where the adapter's row s·(B A)_n is large against W_n, z dominated by the LoRA part, or the two cancelling, carries
+# that rounding at the LoRA part's scale, not the base's (up to 100× PEFT's error in a fuzz at K ≤ 3 or s ≥ 250).
+# So these columns recompute z from x, W, u and B (zero_g_colsum): g = 0 (y = b: z is lost); a bias and
+# |g| < Z_FROM_Y_MIN_G (z's error past 2× PEFT's); ‖s·(B A)_n‖ > Z_FROM_Y_MAX_ADAPTER·‖W_n‖, measured as
+# s²·B_n (A Aᵀ) B_nᵀ against ‖W_n‖². DoRA starts at g = 1 with B = 0, and training keeps g near 1 and the adapter
+# small against W, so this is for unusual inputs. csrc/common.cuh's dora_recompute_z is the same rule.
 Z_FROM_Y_MIN_G = 0.5
+Z_FROM_Y_MAX_ADAPTER = 0.5
 
 
-def z_lost_from_y(g: torch.Tensor, bias) -> torch.Tensor:
-    """(N,) bool: the columns whose z the saved-y backward recomputes rather than takes from y."""
+def adapter_gram(lora_A: torch.Tensor) -> torch.Tensor:
+    """A Aᵀ (r, r) in float32 (float64 for float64 A): the Gram matrix of the rank-r rows, from which
+    ``‖s·(B A)_n‖² = s²·B_n (A Aᵀ) B_nᵀ`` costs O(r²) per row."""
+    a = lora_A.detach().to(_acc(lora_A))
+    return a @ a.t()
+
+
+def z_lost_from_y(g: torch.Tensor, bias, lora_B: torch.Tensor, aat: torch.Tensor, scaling: float,
+                  wsq: torch.Tensor) -> torch.Tensor:
+    """(N,) bool: the columns whose z the saved-y backward recomputes rather than takes from y (``aat`` = A Aᵀ,
+    ``wsq`` = ‖W_n‖²)."""
     lost = g == 0
     if bias is not None:
         lost = lost | ((bias != 0) & (g.abs() < Z_FROM_Y_MIN_G))
-    return lost
+    b = lora_B.detach().to(aat.dtype)
+    adapter_sq = ((b @ aat) * b).sum(1) * (float(scaling) * float(scaling))  # inf past float's range, no raise
+    return lost | (adapter_sq > (Z_FROM_Y_MAX_ADAPTER ** 2) * wsq.to(aat.dtype))
 
 
 def zero_g_colsum(dg: torch.Tensor, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, u: torch.Tensor,
-                  lora_B: torch.Tensor, g: torch.Tensor, fast: bool, bias=None) -> torch.Tensor:
+                  lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, g: torch.Tensor, wsq: torch.Tensor,
+                  fast: bool, bias=None) -> torch.Tensor:
     """Writes ``dg_n = Σ_m dy_mn z_mn`` for the columns that y cannot give z accurately (``z_lost_from_y``: g_n = 0,
-    or a bias and a small g_n), z = x Wᵀ + u Bᵀ recomputed for those columns only; ``dg`` elsewhere is left alone.
-    Without a synchronisation: on the fast path one launch whose programs return at once unless they hold such a
-    column; the plain PyTorch version (reference backends) recomputes z of every column and selects."""
+    a bias and a small g_n, or an adapter row large against W_n's norm ``wsq``), z = x Wᵀ + u Bᵀ recomputed for those
+    columns only; ``dg`` elsewhere is left alone. Without a synchronisation: on the fast path one launch (after A Aᵀ)
+    whose programs return once they have found no such column among theirs; the plain PyTorch version (reference
+    backends) recomputes z of every column and selects."""
     M, K = x.shape
     N = weight.shape[0]
     if M == 0 or N == 0:
         return dg
+    aat = adapter_gram(lora_A)
     if not fast:
         acc = dg.dtype
         z = x.to(acc) @ weight.to(acc).t() + u.to(acc) @ lora_B.to(acc).t()
-        return dg.copy_(torch.where(z_lost_from_y(g, bias), (dy.to(acc) * z).sum(0), dg))
+        lost = z_lost_from_y(g, bias, lora_B, aat, scaling, wsq)
+        return dg.copy_(torch.where(lost, (dy.to(acc) * z).sum(0), dg))
     R = lora_B.shape[1]
     r_pad = max(16, 1 << (R - 1).bit_length())
     BM, BN, BK = (16, 16, 16) if _interp(x) else (32, 16, 32)
     _launch(_zero_g_colsum_kernel, (_cdiv(N, BN),),
-            (x, weight, u, lora_B, g, g if bias is None else bias, dy, dg, M, K, N, R, x.stride(0), weight.stride(0),
-             u.stride(0), lora_B.stride(0), dy.stride(0), Z_FROM_Y_MIN_G),
-            dict(HAS_BIAS=bias is not None, R_PAD=r_pad, BM=BM, BN=BN, BK=BK))
+            (x, weight, u, lora_B, aat, wsq, g, g if bias is None else bias, dy, dg, M, K, N, R, x.stride(0),
+             weight.stride(0), u.stride(0), lora_B.stride(0), dy.stride(0), Z_FROM_Y_MIN_G,
+             float(scaling) * float(scaling), Z_FROM_Y_MAX_ADAPTER ** 2),
+            dict(HAS_BIAS=bias is not None, R_PAD=r_pad, BR=16, BM=BM, BN=BN, BK=BK))
     return dg
 
 

@@ -204,6 +204,32 @@ def test_saved_y_with_small_magnitudes_and_a_bias(backend, device, dtype):
                   scale_cols={3: 1e-3, 10: 0.1, 11: 0.3, 20: -0.2, 30: 0.7, 49: 2.0})
 
 
+FAST_16 = [(b, d, dt) for b, d, dt in CASES if b != "torch" and dt != torch.float32]  # the saved-y path, 16-bit x
+
+
+@pytest.mark.parametrize("K", [1, 3, 64])
+@pytest.mark.parametrize("backend,device,dtype", FAST_16, ids=[i for i, c in zip(IDS, CASES) if c in FAST_16])
+def test_saved_y_where_the_adapter_dominates_or_cancels(backend, device, dtype, K):
+    """y's LoRA part comes from 16-bit operands (s·u and B rounded to x's dtype); PEFT keeps that part in float32.
+    Where the adapter's row s·(B A)_n is large against W_n, z = (y − b)/g carries that rounding at the LoRA part's
+    scale: columns where it dominates W_n (B scaled 10×) and where it cancels W_n to a tenth. They take
+    zero_g_colsum's recompute (‖s·(B A)_n‖ > ‖W_n‖ / 2); before it, the interpreted Triton backend failed the rule
+    here at K = 1 in both dtypes."""
+    s = 0.75
+    g = torch.Generator().manual_seed(K)
+    x, W, b, A, B, m = make((130,), K, 40, 16, dtype, device, True, torch.float32, s)
+    B[0:5] *= 10.0
+    lora = s * (B.double() @ A.double())
+    W[10:15] = (-0.9 * lora[10:15]).to(dtype)
+    norm = torch.linalg.norm(W.double() + lora, dim=1)
+    m = (norm * (0.5 + torch.rand(40, generator=g, dtype=torch.float64).to(device))).float()
+    leaves = [t.detach().clone().requires_grad_() for t in (x, A, B, m)]
+    y = lora_kernels.dora_linear(leaves[0], W, b, *leaves[1:3], s, leaves[3], backend=backend)
+    dy = torch.randn(y.shape, generator=g).to(device, dtype)
+    y.backward(dy)
+    check_against_peft(backend, y, [t.grad for t in leaves], x, W, b, A, B, s, m, None, 0.0, dy)
+
+
 @pytest.mark.parametrize("backend,device,dtype", CASES, ids=IDS)
 @pytest.mark.parametrize("save_y", [True, False])
 def test_saved_y_or_recompute_same_grads(monkeypatch, backend, device, dtype, save_y):

@@ -63,9 +63,10 @@ for dt in (torch.bfloat16, torch.float16, torch.float32):
     for adt in (torch.float32, dt):
         for r in (1, 16, 64):
             x, W = torch.randn(512, 256).to(dt), torch.randn(1024, 256).to(dt)
-            dk.zero_g_colsum(torch.zeros(1024), z, x, W, torch.randn(512, r), torch.randn(1024, r).to(adt), c, True)
-            dk.zero_g_colsum(torch.zeros(1024), z, x, W, torch.randn(512, r), torch.randn(1024, r).to(adt), c, True,
-                             b)
+            u, A, B = torch.randn(512, r), torch.randn(r, 256).to(adt), torch.randn(1024, r).to(adt)
+            wsq = W.float().square().sum(1)
+            dk.zero_g_colsum(torch.zeros(1024), z, x, W, u, A, B, 0.5, c, wsq, True)
+            dk.zero_g_colsum(torch.zeros(1024), z, x, W, u, A, B, 0.5, c, wsq, True, b)
     for seed in (7, 16, 1, 0, 2**31 + 5, 2**40, 2**62 - 1):
         for offset in (0, 5, 32, 1024 * 512, 2**33 + 16):
             for p in (0.05, 0.1, 0.5):

@@ -103,8 +103,9 @@ struct ReferenceDora : ReferenceMath {
     Tensor dB = need_dB ? dy.to(acc).t().mm(u).to(lora_B.scalar_type()) : none;
     return {dx, dA, dB};
   }
-  static std::tuple<Tensor, Tensor, Tensor> dora_norm(const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B,
-                                                      const Tensor& magnitude, double scaling, const Tensor& wsq) {
+  static std::tuple<Tensor, Tensor, Tensor, Tensor> dora_norm(const Tensor& weight, const Tensor& lora_A,
+                                                              const Tensor& lora_B, const Tensor& magnitude,
+                                                              double scaling, const Tensor& wsq) {
     // csrc/dora_norm.cu's math: the expansion from the cached ‖W_n‖², and the rows that cancel summed directly
     const auto acc = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
     const Tensor A = lora_A.to(acc), B = lora_B.to(acc), w2 = wsq.to(acc);
@@ -117,7 +118,8 @@ struct ReferenceDora : ReferenceMath {
     const Tensor direct = at::addmm(weight.to(acc), B, A, 1.0, scaling).square().sum(1);
     const Tensor norm = at::where(sq < 0.5 * sizes, direct, sq).clamp_min(0.0).sqrt();
     const Tensor g = magnitude.to(acc) / norm;
-    return {g, norm, (B * g.unsqueeze(1)).to(lora_B.scalar_type())};
+    const Tensor big = quad > 0.25 * w2;  // ‖s·(B A)_n‖ > ‖W_n‖ / 2: z recomputed there at p = 0 (dora_recompute_z)
+    return {g, norm, (B * g.unsqueeze(1)).to(lora_B.scalar_type()), big};
   }
   static std::tuple<Tensor, Tensor> forward_scaled(const Tensor& x, const Tensor& weight,
                                                    const std::optional<Tensor>& bias, const Tensor& lora_A,
@@ -128,17 +130,17 @@ struct ReferenceDora : ReferenceMath {
     return {y.to(x.scalar_type()), u};
   }
   static std::tuple<Tensor, Tensor> dora_dy(const Tensor& dy, const Tensor& y, const Tensor& g, const Tensor& norm,
-                                            const Tensor& bias, const Tensor& x, const Tensor& weight, const Tensor& u,
-                                            const Tensor& lora_B, bool need_dyc, bool need_dm, at::ScalarType m_dtype,
-                                            bool in_place) {
+                                            const Tensor& big, const Tensor& bias, const Tensor& x,
+                                            const Tensor& weight, const Tensor& u, const Tensor& lora_B, bool need_dyc,
+                                            bool need_dm, at::ScalarType m_dtype, bool in_place) {
     const auto acc = g.scalar_type();
     const Tensor d = dy.to(acc);
     Tensor dyc, dm;
     if (need_dm) {
       Tensor yb = y.to(acc);
       if (bias.defined()) yb = yb - bias.to(acc);
-      // z from y, except where g = 0 or (with a bias) |g| < 1/2: there z recomputed (dora_recompute_z)
-      Tensor lost = g == 0;
+      // z from y, except where g = 0, (with a bias) |g| < 1/2, or big: there z recomputed (dora_recompute_z)
+      Tensor lost = (g == 0).logical_or(big);
       if (bias.defined()) lost = lost.logical_or(bias.to(acc).ne(0).logical_and(g.abs() < 0.5));
       const Tensor nz = g != 0;
       Tensor dg = at::where(nz, (d * yb).sum(0) / at::where(nz, g, at::ones_like(g)), at::zeros_like(g));

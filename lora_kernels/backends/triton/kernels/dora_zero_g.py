@@ -1,5 +1,6 @@
-"""DoRA's magnitude grad for the columns whose z the saved y cannot give (g = 0, or a bias and a small g):
-z recomputed there, dg_n = Σ_m dy ⊙ z. A rare path: the other column blocks return at once."""
+"""DoRA's magnitude grad for the columns whose z the saved y cannot give (g = 0, a bias and a small g, or an adapter
+row large against W's: lora_kernels/dora_kernels.py's z_lost_from_y): z recomputed there, dg_n = Σ_m dy ⊙ z. A rare
+path: the other column blocks return once they have found none among their columns."""
 from __future__ import annotations
 
 import triton
@@ -7,12 +8,14 @@ import triton.language as tl
 
 
 @triton.jit
-def _zero_g_colsum_kernel(x_ptr, w_ptr, u_ptr, bl_ptr, g_ptr, b_ptr, dy_ptr, dg_ptr, M, K, N, R, s_xm, s_wn,
-                          s_um, s_bn, s_dm, min_g, HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr,
-                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    # grid (column blocks,): a block with a column whose z y cannot give (z_lost_from_y: g = 0, where y = b; or a
-    # bias and |g| < min_g) computes those columns' z = x Wᵀ + u Bᵀ (u holds s) and writes dg = Σ_m dy ⊙ z
-    # there; the other blocks return at once. float32 "ieee" dots (a rare path): float32 accuracy.
+def _zero_g_colsum_kernel(x_ptr, w_ptr, u_ptr, bl_ptr, aat_ptr, wsq_ptr, g_ptr, b_ptr, dy_ptr, dg_ptr, M, K, N, R,
+                          s_xm, s_wn, s_um, s_bn, s_dm, min_g, s_sq, max_adapter_sq, HAS_BIAS: tl.constexpr,
+                          R_PAD: tl.constexpr, BR: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                          BK: tl.constexpr):
+    # grid (column blocks,): a block with a column whose z y cannot give (z_lost_from_y: g = 0, where y = b; a bias
+    # and |g| < min_g; or s²·B_n (A Aᵀ) B_nᵀ > max_adapter_sq·‖W_n‖², the adapter's row large against W_n's) computes
+    # those columns' z = x Wᵀ + u Bᵀ (u holds s) and writes dg = Σ_m dy ⊙ z there; the other blocks return after
+    # the test. float32 "ieee" dots: float32 accuracy.
     offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
     n_mask = offs_n < N
     gn = tl.load(g_ptr + offs_n, mask=n_mask, other=1.0)
@@ -20,10 +23,30 @@ def _zero_g_colsum_kernel(x_ptr, w_ptr, u_ptr, bl_ptr, g_ptr, b_ptr, dy_ptr, dg_
     if HAS_BIAS:
         bn = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         lost = lost | ((bn != 0.0) & (tl.abs(gn) < min_g))
+    cols = offs_n.to(tl.int64)
+    # ‖s·(B A)_n‖² = s²·B_n (A Aᵀ) B_nᵀ, with B's rows and A Aᵀ (R, R) float32 in (BR, BR) pieces (whole, at r = 256,
+    # they would spill)
+    adapter_sq = tl.zeros((BN,), dtype=tl.float32)
+    for c0 in range(0, R_PAD, BR):
+        cc = c0 + tl.arange(0, BR)
+        c_mask = cc < R
+        t = tl.zeros((BN, BR), dtype=tl.float32)  # (B_n A Aᵀ) over columns cc
+        for j0 in range(0, R_PAD, BR):
+            jj = j0 + tl.arange(0, BR)
+            j_mask = jj < R
+            bj = tl.load(bl_ptr + cols[:, None] * s_bn + jj[None, :], mask=n_mask[:, None] & j_mask[None, :],
+                         other=0.0).to(tl.float32)
+            aat = tl.load(aat_ptr + jj[:, None] * R + cc[None, :], mask=j_mask[:, None] & c_mask[None, :], other=0.0)
+            t = tl.dot(bj, aat, t, input_precision="ieee")
+        bc = tl.load(bl_ptr + cols[:, None] * s_bn + cc[None, :], mask=n_mask[:, None] & c_mask[None, :],
+                     other=0.0).to(tl.float32)
+        adapter_sq += tl.sum(t * bc, axis=1)
+    adapter_sq = adapter_sq * s_sq
+    wsq = tl.load(wsq_ptr + offs_n, mask=n_mask, other=0.0)
+    lost = lost | (adapter_sq > max_adapter_sq * wsq)
     lost = lost & n_mask
     if tl.sum(lost.to(tl.int32), axis=0) > 0:
         rr = tl.arange(0, R_PAD)
-        cols = offs_n.to(tl.int64)
         bl = tl.load(bl_ptr + cols[:, None] * s_bn + rr[None, :], mask=n_mask[:, None] & (rr < R)[None, :],
                      other=0.0).to(tl.float32)  # (BN, R_PAD)
         acc = tl.zeros((BN,), dtype=tl.float32)
