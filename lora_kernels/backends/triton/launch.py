@@ -497,11 +497,6 @@ class _Plan:
             fast.setdefault(_DRIVER.active.get_current_device(), ops)
 
 
-# Splits summed per group by _sum_partials_kernel before the group sums are added (kernels/sums.py: the rounding
-# error grows with the group size plus the number of groups, not with the number of splits).
-_SUM_GROUP = 32
-
-
 class _Planner:
     """Records a call's steps: allocations, launches, the torch ops between them, and the outputs (finish)."""
 
@@ -582,7 +577,7 @@ class _Planner:
                 jobs.append((jobs[0][0], jobs[0][1], 0, 0, 0))
             (p0, o0, n0, s0, b0), (p1, o1, n1, s1, b1) = jobs
             self.launch(_sum_partials_kernel, (b0 + b1,), (p0, o0, n0, s0, p1, o1, n1, s1, b0),
-                        dict(BLOCK=block, GROUP=_SUM_GROUP, num_warps=4))
+                        dict(BLOCK=block, num_warps=4))
 
     def addmm_(self, c: _Val, a: _Val, b: _Val, transpose: bool) -> None:
         """c.addmm_(a, b.t() if transpose else b)."""
