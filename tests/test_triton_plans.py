@@ -197,8 +197,9 @@ def test_sum_partials_kernel(out_dtype):
 def test_sum_partials_error_does_not_grow_with_the_split_count():
     """Many splits (M = 65600 gives the dy pass 1025 blocks): one running fp32 sum's error grows with their count
     (a GPU run found dB at 2.7x the chunked float32 GEMM's error there), and so, more slowly, did groups of 32 splits
-    (2.8x torch's own GPU sum in another). The kernel's compensated sum stays within the error of torch's own float32
-    sum (a cascade on the CPU, a tree on the GPU) against float64; the running sum does not, on the same data."""
+    (a GPU run failed this test with them). The kernel's compensated sum stays within 2x the error of torch's own
+    float32 sum (a cascade on the CPU, a tree on the GPU) against float64; the running sum does not, on the same
+    data."""
     g = torch.Generator().manual_seed(5)
     S, n = 1025, 256
     p = (torch.randn(S, n, generator=g) + 3.0).to(DEV)  # a nonzero mean: the running sum grows, as dB's does
@@ -210,7 +211,7 @@ def test_sum_partials_error_does_not_grow_with_the_split_count():
         return (t.double() - ref).abs().max().item()
 
     assert torch.equal(o, _kahan_sum(p))
-    assert err(o) <= err(p.sum(0)), (err(o), err(p.sum(0)))
+    assert err(o) <= 2 * err(p.sum(0)), (err(o), err(p.sum(0)))  # the tolerance rule; here about 1x on the CPU
     assert err(_running_sum(p)) > 2 * err(p.sum(0))  # the running sum fails the tolerance rule
 
 
