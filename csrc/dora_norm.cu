@@ -62,7 +62,7 @@ dora_combine_kernel(const float* __restrict__ wa, const float* __restrict__ wsq,
   lin_size = 2.f * fabsf(s) * warp_sum(lin_size);
   quad = (s * s) * warp_sum(quad);
   quad_size = (s * s) * warp_sum(quad_size);
-  const bool big = quad > (kDoraZFromYMaxAdapter * kDoraZFromYMaxAdapter) * wsq[n];  // before a direct sum
+  const bool big = quad > (kDoraZFromYMaxAdapter * kDoraZFromYMaxAdapter) * wsq[n];  // quad = ‖s(BA)_n‖²
   float sq = wsq[n] + lin + quad;
   if (sq < 0.5f * (wsq[n] + lin_size + quad_size)) {  // the same on every lane (warp_sum's all-reduce): no divergence
     float direct = 0.f;
