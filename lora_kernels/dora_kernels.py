@@ -127,8 +127,7 @@ def weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor
         return torch.zeros(0, dtype=torch.float32, device=weight.device)
     R = lora_A.shape[0]
     part = w_at(weight, lora_A)
-    A32 = lora_A.float()
-    aat = A32 @ A32.t()  # (r, r) float32; B (A Aᵀ) Bᵀ per row in the combine kernel
+    aat = adapter_gram(lora_A)  # (r, r) float32; B (A Aᵀ) Bᵀ per row in the combine kernel
     out = torch.empty(N, dtype=torch.float32, device=weight.device)
     r_pad = max(16, 1 << (R - 1).bit_length())
     # tiles that keep (BN, R_PAD) float32 tiles and the dot's operands in registers on sm_90 (no spills:

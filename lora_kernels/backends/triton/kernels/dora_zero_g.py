@@ -6,6 +6,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .dora_norm import _quadratic_form
+
 
 @triton.jit
 def _zero_g_colsum_kernel(x_ptr, w_ptr, u_ptr, bl_ptr, aat_ptr, wsq_ptr, g_ptr, b_ptr, dy_ptr, dg_ptr, M, K, N, R,
@@ -24,24 +26,9 @@ def _zero_g_colsum_kernel(x_ptr, w_ptr, u_ptr, bl_ptr, aat_ptr, wsq_ptr, g_ptr, 
         bn = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         lost = lost | ((bn != 0.0) & (tl.abs(gn) < min_g))
     cols = offs_n.to(tl.int64)
-    # ‖s·(B A)_n‖² = s²·B_n (A Aᵀ) B_nᵀ, with B's rows and A Aᵀ (R, R) float32 in (BR, BR) pieces (whole, at r = 256,
-    # they would spill)
-    adapter_sq = tl.zeros((BN,), dtype=tl.float32)
-    for c0 in range(0, R_PAD, BR):
-        cc = c0 + tl.arange(0, BR)
-        c_mask = cc < R
-        t = tl.zeros((BN, BR), dtype=tl.float32)  # (B_n A Aᵀ) over columns cc
-        for j0 in range(0, R_PAD, BR):
-            jj = j0 + tl.arange(0, BR)
-            j_mask = jj < R
-            bj = tl.load(bl_ptr + cols[:, None] * s_bn + jj[None, :], mask=n_mask[:, None] & j_mask[None, :],
-                         other=0.0).to(tl.float32)
-            aat = tl.load(aat_ptr + jj[:, None] * R + cc[None, :], mask=j_mask[:, None] & c_mask[None, :], other=0.0)
-            t = tl.dot(bj, aat, t, input_precision="ieee")
-        bc = tl.load(bl_ptr + cols[:, None] * s_bn + cc[None, :], mask=n_mask[:, None] & c_mask[None, :],
-                     other=0.0).to(tl.float32)
-        adapter_sq += tl.sum(t * bc, axis=1)
-    adapter_sq = adapter_sq * s_sq
+    # ‖s·(B A)_n‖² = s²·B_n (A Aᵀ) B_nᵀ: the norm combine's quadratic form, in (BR, BR) pieces of B and A Aᵀ (whole,
+    # at r = 256, they would spill)
+    adapter_sq = s_sq * _quadratic_form(bl_ptr, aat_ptr, cols[:, None], n_mask, s_bn, R, False, R_PAD, BN, BR, BR)
     wsq = tl.load(wsq_ptr + offs_n, mask=n_mask, other=0.0)
     lost = lost | (adapter_sq > max_adapter_sq * wsq)
     lost = lost & n_mask
