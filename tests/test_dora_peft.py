@@ -224,10 +224,15 @@ def test_model_half_base_dropout_matches_peft(backend):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["cuda", "triton", "torch"])
 @pytest.mark.parametrize("p", [0.0, 0.1])
-def test_gpu_model_matches_peft_bf16_fp32_adapters(p):
-    for backend in [b for b in ("cuda", "triton", "torch") if b in lora_kernels.available_backends()]:
-        _model_vs_peft(backend, p, dtype=torch.bfloat16, device="cuda", floor=1e-3)
+def test_gpu_model_matches_peft_bf16_fp32_adapters(p, backend):
+    # one case per backend, so that an outcome names the backend. At p = 0 every column of this model takes the
+    # saved-y backward's recompute of z on the fast backends: its adapter rows are about 4× W's (randomize_adapters
+    # against Llama's 0.02-std init), past the rule's ‖s·(B A)_n‖ > ‖W_n‖ / 2
+    if backend not in lora_kernels.available_backends():
+        pytest.skip(f"backend {backend} is not available here")
+    _model_vs_peft(backend, p, dtype=torch.bfloat16, device="cuda", floor=1e-3)
 
 
 def test_dropout_modes_follow_peft():
