@@ -9,11 +9,10 @@ import triton.language as tl
 # The sums of split partials (dA and dB: the fp32 partials of their M-chunks), both in one launch: o[i] =
 # sum over s = 0 .. S-1 of p[s * n + i], stored in o's dtype (the adapter's). In split order (deterministic), as a
 # compensated (Kahan) fp32 sum: each add's rounding error is carried into the next, so the error stays about one
-# rounding of the result whatever the count. Why: at large M there are many splits (M = 65600: 1025 dy-pass blocks);
-# one running fp32 sum's error grows with their count (dB at 2.7x the chunked float32 GEMM's error there on an H100),
-# and groups of 32 splits, then the groups (the forty-fourth session's order), failed a test against torch's own
-# float32 sum on an H100 (1.8x the error of torch's CPU sum over 1025 splits; a GPU's tree sum is more accurate
-# still). Where a sum overflows the compensation is dropped, so inf stays inf (not inf − inf).
+# rounding of the result whatever the count. Why: at large M there are many splits (M = 65600: 1025 dy-pass blocks),
+# and a plain running fp32 sum's error grows with their count, past the tolerance rule (2x torch's own float32 sum;
+# tests/test_triton_plans.py); the measurements behind this are in bench/results/FINDINGS.md (Indices past 2^31
+# elements). Where a sum overflows the compensation is dropped, so inf stays inf (not inf − inf).
 # Grid: blocks0 + blocks1 programs of BLOCK elements; the first blocks0 sum (p0, o0), the rest (p1, o1).
 # Bytes: each partial read once, each output written once; 4 adds per partial instead of 1, hidden by the loads.
 # ------------------------------------------------------------------------------------------------------
