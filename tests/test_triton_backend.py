@@ -256,6 +256,58 @@ def test_poison_exposes_unwritten_outputs(monkeypatch):
 
 
 
+# ------------------------------------------------------------------ the rank-r term with fp32 adapters (PEFT's default)
+def _rel(a, ref):
+    return ((a.double().cpu() - ref).norm() / ref.norm()).item()
+
+
+# bf16 on the GPU only: the interpreter truncates float32 -> bf16 casts (the GPU rounds to nearest), which alone
+# doubles y's error
+@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if HAS_CUDA else []), ids=str)
+@pytest.mark.parametrize("M", [9, 100], ids=lambda m: f"M{m}")  # the small-M one-launch forward; the tiled passes
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_fp32_adapters_rank_term_adds_no_rounding(dtype, M, p):
+    """PyTorch (PEFT) keeps the LoRA term of fp32 adapters in fp32 and rounds y once, and dx's LoRA term too. So
+    must the output passes: where the adapter's rows are large against W's (here 4x, as in tests/test_dora_peft.py's
+    model), rounding u (g) and B (A) to x's dtype in the rank-r K-step gave 1.5-1.9x PyTorch's error in y, and a DoRA
+    model's magnitude grads past the tolerance rule. Norm-wise error against float64, as a multiple of PyTorch's
+    own: at most 1.25 where the pass rounds once (small-M, the TMA main loop, the Triton main loop); the tolerance
+    rule's 2 where cuBLAS accumulates into the rank-r term already written in x's dtype (beta = 1: two roundings,
+    and u and B rounded there, kernels._rank_expand)."""
+    from conftest import formula
+
+    K, N, R, s = 96, 72, 8, 2.0
+    gen = torch.Generator().manual_seed(M * 7 + int(p * 10))
+    x = torch.randn(M, K, generator=gen).to(dtype)
+    W = (torch.randn(N, K, generator=gen) / K**0.5).to(dtype)
+    b = torch.randn(N, generator=gen).to(dtype)
+    A = torch.randn(R, K, generator=gen) / K**0.5
+    B = torch.randn(N, R, generator=gen) * (2.0 / R**0.5)  # ||s B_n A|| about 4 ||W_n||
+    dy = torch.randn(M, N, generator=gen).to(dtype)
+    keep = dropout_mask(SEED, OFFSET, (M, K), p)
+    x, W, b, A, B, dy, keep_d = (t.to(DEV) for t in (x, W, b, A, B, dy, keep))
+    tb._GEMM_PATHS.clear()
+    y, u = tb.forward(x, W, b, A, B, s, p, SEED, OFFSET)
+    dx, _, _ = tb.backward(dy, x, W, A, B, u, s, p, SEED, OFFSET, True, False, False)
+    paths = {name: loop for name, _, loop, _ in tb._GEMM_PATHS}
+
+    ins = [x, W, b, A, B]
+    ref = [t.detach().cpu().double().requires_grad_() for t in ins]
+    same = [t.detach().clone().requires_grad_() for t in ins]
+    outs = {}
+    for name, ts, kp in (("ref", ref, keep.double()), ("same", same, keep_d.to(dtype))):
+        yy = formula(*ts, s, kp if p else None, p)
+        yy.backward(dy.to(yy.device, yy.dtype))
+        outs[name] = (yy.detach(), ts[0].grad)
+    for name, got, i in (("y", y, 0), ("dx", dx, 1)):
+        path = paths.get(name, "small_m")  # y with M <= SMALL_M: the one-launch forward (no record)
+        bound = 2.0 if path == "cublas" else 1.25
+        ratio = _rel(got, outs["ref"][i]) / _rel(outs["same"][i], outs["ref"][i])
+        assert torch.isfinite(got).all(), name
+        assert ratio <= bound, f"{name} ({path}): {ratio:.3f}x PyTorch's error, bound {bound}"
+
+
+
 _TTIR_SCRIPT = r"""
 import json, re, sys
 import triton
@@ -276,7 +328,8 @@ print(json.dumps([m.group(1) in zeros for m in re.finditer(r"= tt\.dot %[\w.#]+,
 
 @pytest.mark.parametrize("kernel,extra,expected", [("_small_m_kernel", {"U_GIVEN": False}, [False, False, True]),
                                                    ("_small_m_kernel", {"U_GIVEN": True}, [False, True]),
-                                                   ("_output_gemm_kernel", {"GROUP_M": 4}, [False, True])])
+                                                   ("_output_gemm_kernel", {"GROUP_M": 4, "RANK_SPLIT": True},
+                                                    [False, True])])
 def test_fp32_rank_term_keeps_own_accumulator(kernel, extra, expected):
     """fp32: the rank-r dot must start from zero, not from the x W^T accumulator. Triton's combine pass rewrites
     `acc + dot(a, b, 0)` into `dot(a, b, acc)`, which rounds each of the r terms against the large partial (4.6x
@@ -420,3 +473,60 @@ def test_fp32_adapter_products_are_fp32(kernel, ptrs, extra, rank_f32, split):
     assert all(d[1] == rank_f32 for d in dots), dots  # operand types
     assert not rank_f32 or all(d[0] for d in dots), dots  # fp32 operands multiply in full precision
     assert res["opaque"] == 0, res
+
+
+_DOT_SHAPES_SCRIPT = r"""
+import json, re, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from lora_kernels.backends.triton import kernels
+
+kernel, constexprs, ptr_types = getattr(kernels, sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3])
+names = kernel.arg_names
+sig = {n: "constexpr" if n in constexprs else ptr_types.get(n, "*fp32") if n.endswith("_ptr")
+       else "fp32" if n in ("scale", "lora_scale") else "i64" if n in ("seed", "offset") else "i32" for n in names}
+src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(n),): v for n, v in constexprs.items()})
+ir = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2)).asm["ttir"]
+pat = r"tensor<(\d+)x(\d+)x(\w+)> \* tensor<(\d+)x(\d+)x(\w+)>"
+print(json.dumps([[int(m[1]), m[2], m[5]] for m in re.findall(pat, ir)]))  # per dot: K, operand types
+"""
+
+
+_GEMM_BF16 = {"a_ptr": "*bf16", "b_ptr": "*bf16", "bias_ptr": "*bf16", "c_ptr": "*bf16"}
+_GEMM_META = {"BM": 64, "BN": 64, "BK": 32, "GROUP_M": 4}
+
+
+@pytest.mark.parametrize("kernel,ptrs,extra,fp32_dot", [
+    ("_small_m_kernel", {"x_ptr": "*bf16", "w_ptr": "*bf16", "bias_ptr": "*bf16", "y_ptr": "*bf16"},
+     {"HAS_BIAS": True, "HAS_DROPOUT": False, "U_GIVEN": True, "BM": 16, "BN": 32, "BK": 32}, (16, "f32", "f32")),
+    ("_output_gemm_kernel", _GEMM_BF16, {"HAS_BIAS": True, "HAS_DROPOUT": False, "RANK_SPLIT": True, **_GEMM_META},
+     (64, "bf16", "bf16")),
+    ("_output_gemm_kernel", _GEMM_BF16,  # dx with dropout
+     {"HAS_BIAS": False, "HAS_DROPOUT": True, "RANK_SPLIT": True, **_GEMM_META}, (64, "bf16", "bf16")),
+    ("_output_gemm_kernel", _GEMM_BF16, {"HAS_BIAS": True, "HAS_DROPOUT": False, "RANK_SPLIT": False, **_GEMM_META},
+     (16, "bf16", "bf16"))],
+    ids=["small_m", "output_gemm", "output_gemm_dropout", "cublas_prefill"])
+@pytest.mark.parametrize("adapters", ["fp32", "bf16"])
+def test_rank_term_dots_of_fp32_adapters(kernel, ptrs, extra, fp32_dot, adapters):
+    """The compiled rank-r K-step on a bf16 output (test_fp32_adapters_rank_term_adds_no_rounding's precision). With
+    bf16 adapters one bf16 dot of K = R_PAD. With fp32 adapters: in the small-M forward one fp32 "ieee" dot (FFMA, in
+    a memory-bound pass); in the output GEMM one bf16 dot of K = 4 R_PAD (the four products of _split2's pieces: one
+    dot, not a chain, since three chained dots made ptxas serialise the TMA kernel's wgmmas,
+    tests/test_triton_tma_mainloop.py), except in the cuBLAS main loop's prefill (RANK_SPLIT off: u and B rounded,
+    K = R_PAD). The main loop is the kernels' other dot (K = BK; U_GIVEN: the small-M kernel takes u from the
+    shrink). Compiled for sm_90 in a subprocess without the interpreter (no GPU needed)."""
+    import json
+    import subprocess
+    import sys
+
+    lb = "b_ptr" if kernel == "_small_m_kernel" else "lb_ptr"
+    ptrs = dict(ptrs, **{lb: "*" + adapters})
+    constexprs = dict(R_PAD=16, DOT_PREC="tf32", **extra)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _DOT_SHAPES_SCRIPT, kernel, json.dumps(constexprs),
+                          json.dumps(ptrs)], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    dots = sorted(tuple(d) for d in json.loads(out.stdout.strip().splitlines()[-1]))
+    rank = fp32_dot if adapters == "fp32" else (16, "bf16", "bf16")
+    assert dots == sorted([(32, "bf16", "bf16"), rank]), dots

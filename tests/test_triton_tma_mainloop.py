@@ -73,7 +73,7 @@ CASES = [
     (130, 40, 104, 64, F16, False, 0.1),
     (70, 104, 40, 5, F32, True, 0.1),
     (130, 40, 104, 16, F16, True, 0.1),
-    (100, 88, 72, 64, F32, True, 0.0),
+    (100, 88, 72, 32, F32, True, 0.0),  # fp32 adapters up to _TMA_MAX_R_PAD_F32 (64: FALLBACKS)
 ]
 
 
@@ -91,6 +91,17 @@ def test_tma_bf16(tma):
     _run_and_check(100, 72, 88, 16, torch.bfloat16, torch.bfloat16, True, 0.1, seed=3)
     assert _paths(tma) == {"y": ("tma", None), "dx": ("tma", None)}
 
+
+
+@pytest.mark.skipif(not TMA_HERE, reason="the TMA kernel needs compute capability 9.0 (or the interpreter)")
+def test_output_stored_in_halves(tma, monkeypatch):
+    """C_SPLIT = 2 (configs._tma_config's pick where the whole output tile does not fit, as the 128x256 tile with
+    fp32 adapters): each tile stored as two (BM, BN / 2) halves, every column where it belongs. Forced on a shape of
+    its own (a new plan), against float64, forward and dx."""
+    real = tb._tma_config
+    monkeypatch.setattr(tb, "_tma_config", lambda *a: dict(real(*a), C_SPLIT=2))
+    _run_and_check(96, 80, 96, 16, F16, F32, True, 0.0, seed=11)
+    assert _paths(tma) == {"y": ("tma", None), "dx": ("tma", None)}
 
 def _padded(t):
     """t as a view whose rows are padded by 8 elements (row stride + 16 bytes at 16 bits: still TMA-aligned)."""
@@ -154,6 +165,7 @@ FALLBACKS = [
     ("n_not_8", 100, 72, 60, 16, F16, None, "16-byte"),
     ("unaligned_x", 100, 72, 88, 16, F16, "unaligned", "16-byte"),
     ("rank_100", 100, 72, 88, 100, F16, None, "rank"),
+    ("fp32_adapters_rank_64", 100, 88, 72, 64, F16, "fp32 adapters", "fp32 adapters"),
 ]
 
 
@@ -166,7 +178,8 @@ def test_fallbacks(tma, name, M, K, N, r, dtype, how, why):
             out = flat[1:].view(x.shape)
             out.copy_(x)
             return out
-    _run_and_check(M, K, N, r, dtype, dtype, True, 0.1, seed=8, x_transform=x_transform)
+    adapter_dtype = F32 if how == "fp32 adapters" else dtype
+    _run_and_check(M, K, N, r, dtype, adapter_dtype, True, 0.1, seed=8, x_transform=x_transform)
     paths = _paths(tma)
     expected = "cublas" if HAS_CUDA else "triton"
     if M <= tb.SMALL_M:
@@ -210,7 +223,10 @@ def test_gpu_configs():
     sms = 132
     wide = tc._tma_config(2048, 4096, 2, 16, 2, False, sms, False)
     assert (wide["BM"], wide["BN"], wide["BK"], wide["num_stages"], wide["num_warps"], wide["GROUP_M"]) == \
-        (128, 256, 64, 3, 8, 8)
+        (128, 256, 64, 3, 8, 8) and wide["C_SPLIT"] == 1
+    # fp32 adapters (staged as fp32 for the split): the same tile and depth, the output stored in halves
+    wide32 = tc._tma_config(2048, 4096, 2, 16, 4, False, sms, False)
+    assert (wide32["BM"], wide32["BN"], wide32["num_stages"], wide32["C_SPLIT"]) == (128, 256, 3, 2)
     narrow = tc._tma_config(2048, 1024, 2, 16, 2, False, sms, False)
     assert (narrow["BM"], narrow["BN"], narrow["BK"], narrow["num_stages"], narrow["num_warps"]) == \
         (128, 128, 64, 4, 4)
@@ -218,10 +234,13 @@ def test_gpu_configs():
         for M, N in ((2048, 4096), (2048, 1024), (8192, 14336), (65, 8)):
             for lb_elt in (2, 4):
                 for drop in (False, True):
+                    if lb_elt == 4 and r_pad > tc._TMA_MAX_R_PAD_F32:
+                        continue  # not taken (launch._tma_unsupported)
                     c = tc._tma_config(M, N, 2, r_pad, lb_elt, drop, sms, False)
                     assert c["FLATTEN"] and c["BN"] % 8 == 0  # the dropout mask's column groups are 8 wide
-                    assert tc._tma_smem(c["BM"], c["BN"], c["BK"], c["num_stages"], 2, r_pad, lb_elt, drop) <= \
-                        tc._TMA_SMEM
+                    assert c["C_SPLIT"] in (1, 2) and c["BN"] // c["C_SPLIT"] % 8 == 0  # 16-byte TMA rows
+                    assert tc._tma_smem(c["BM"], c["BN"], c["BK"], c["num_stages"], 2, r_pad, lb_elt, drop,
+                                        c["C_SPLIT"]) <= tc._TMA_SMEM
     assert tc._tma_config(100, 100, 2, 16, 2, False, 4, True)["BM"] == 32  # the interpreter's small tiles
 
 
@@ -237,6 +256,8 @@ names = kernel.arg_names
 seen, rows = set(), []
 for (M, N), r_pad, lb, drop in itertools.product([(8192, 4096), (2048, 1024)], [16, 32, 64], ["bf16", "fp32"],
                                                  [False, True]):
+    if lb == "fp32" and r_pad > tc._TMA_MAX_R_PAD_F32:
+        continue  # not taken (launch._tma_unsupported)
     b_kn = drop  # dropout only in dx (W as stored is (K, N) there); the forward has a bias
     cfg = tc._tma_config(M, N, 2, r_pad, 4 if lb == "fp32" else 2, drop, 132, False)
     key = (tuple(sorted(cfg.items())), r_pad, lb, drop)
@@ -246,10 +267,11 @@ for (M, N), r_pad, lb, drop in itertools.product([(8192, 4096), (2048, 1024)], [
     BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
     # l and lb through TMA descriptors (LR_TMA, as the host launches these ranks; lb (R, N) in dx, (N, R) forward)
     const = dict(HAS_BIAS=not drop, HAS_DROPOUT=drop, R_PAD=r_pad, DOT_PREC="tf32", B_KN=b_kn, LR_TMA=True,
-                 LB_RN=b_kn, BM=BM, BN=BN, BK=BK, GROUP_M=cfg["GROUP_M"], NUM_SMS=132, FLATTEN=cfg["FLATTEN"])
+                 LB_RN=b_kn, BM=BM, BN=BN, BK=BK, GROUP_M=cfg["GROUP_M"], NUM_SMS=132, FLATTEN=cfg["FLATTEN"],
+                 C_SPLIT=cfg["C_SPLIT"])
     types = {"a_desc": f"tensordesc<bf16[{BM}, {BK}]>",
              "b_desc": f"tensordesc<bf16[{BK}, {BN}]>" if b_kn else f"tensordesc<bf16[{BN}, {BK}]>",
-             "c_desc": f"tensordesc<bf16[{BM}, {BN}]>", "l_src": f"tensordesc<fp32[{BM}, {r_pad}]>",
+             "c_desc": f"tensordesc<bf16[{BM}, {BN // cfg['C_SPLIT']}]>", "l_src": f"tensordesc<fp32[{BM}, {r_pad}]>",
              "lb_src": f"tensordesc<{lb}[{r_pad}, {BN}]>" if b_kn else f"tensordesc<{lb}[{BN}, {r_pad}]>",
              "bias_ptr": "*bf16", "seed_ptr": "*bf16", "lora_scale": "fp32", "seed": "i64", "offset": "i64"}
     sig = {n: "constexpr" if n in const else types.get(n, "i32") for n in names}
@@ -260,7 +282,8 @@ for (M, N), r_pad, lb, drop in itertools.product([(8192, 4096), (2048, 1024)], [
                        options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
     ptx = c.asm["ptx"]
     rows.append(dict(cfg=[M, N, r_pad, lb, drop, BM, BN, cfg["num_stages"], cfg["num_warps"]], shared=c.metadata.shared,
-                     estimate=tc._tma_smem(BM, BN, BK, cfg["num_stages"], 2, r_pad, 4 if lb == "fp32" else 2, drop),
+                     estimate=tc._tma_smem(BM, BN, BK, cfg["num_stages"], 2, r_pad, 4 if lb == "fp32" else 2, drop,
+                                           cfg["C_SPLIT"]),
                      wgmma="wgmma.mma_async" in ptx, tma="cp.async.bulk.tensor" in ptx,
                      local=ptx.count("ld.local") + ptx.count("st.local")))
 print(json.dumps(rows))
@@ -308,15 +331,17 @@ if not ptxas:
 kernel = kernels._output_gemm_tma_kernel
 names = kernel.arg_names
 rows = []
-for has_bias in (False, True):  # the forward at 8192 x 4096 -> 4096, bf16, r = 16, bf16 adapters
+# the forward at 8192 x 4096 -> 4096, bf16, r = 16, bf16 and fp32 adapters (the split rank-r term, output in halves)
+for has_bias, lb in ((False, "bf16"), (True, "bf16"), (True, "fp32")):
     r_pad = 16
-    cfg = tc._tma_config(8192, 4096, 2, r_pad, 2, False, 132, False)
+    cfg = tc._tma_config(8192, 4096, 2, r_pad, 4 if lb == "fp32" else 2, False, 132, False)
     BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
     const = dict(HAS_BIAS=has_bias, HAS_DROPOUT=False, R_PAD=r_pad, DOT_PREC="tf32", B_KN=False, LR_TMA=True,
-                 LB_RN=False, BM=BM, BN=BN, BK=BK, GROUP_M=cfg["GROUP_M"], NUM_SMS=132, FLATTEN=cfg["FLATTEN"])
+                 LB_RN=False, BM=BM, BN=BN, BK=BK, GROUP_M=cfg["GROUP_M"], NUM_SMS=132, FLATTEN=cfg["FLATTEN"],
+                 C_SPLIT=cfg["C_SPLIT"])
     types = {"a_desc": f"tensordesc<bf16[{BM}, {BK}]>", "b_desc": f"tensordesc<bf16[{BN}, {BK}]>",
-             "c_desc": f"tensordesc<bf16[{BM}, {BN}]>", "l_src": f"tensordesc<fp32[{BM}, {r_pad}]>",
-             "lb_src": f"tensordesc<bf16[{BN}, {r_pad}]>", "bias_ptr": "*bf16", "seed_ptr": "*bf16",
+             "c_desc": f"tensordesc<bf16[{BM}, {BN // cfg['C_SPLIT']}]>", "l_src": f"tensordesc<fp32[{BM}, {r_pad}]>",
+             "lb_src": f"tensordesc<{lb}[{BN}, {r_pad}]>", "bias_ptr": "*bf16", "seed_ptr": "*bf16",
              "lora_scale": "fp32", "seed": "i64", "offset": "i64"}
     sig = {n: "constexpr" if n in const else types.get(n, "i32") for n in names}
     div = ["bias_ptr", "seed_ptr", "M", "N", "K", "R", "s_lm", "s_lbn", "K8"]
@@ -329,17 +354,17 @@ for has_bias in (False, True):  # the forward at 8192 x 4096 -> 4096, bf16, r = 
         f.write(c.asm["ptx"])
     p = subprocess.run([ptxas, "-arch=sm_90a", "-v", os.path.join(d, "k.ptx"), "-o", os.path.join(d, "k.cubin")],
                        capture_output=True, text=True)
-    rows.append(dict(bias=has_bias, rc=p.returncode, log=(p.stdout + p.stderr)[-4000:], ptxas=ptxas))
+    rows.append(dict(bias=has_bias, lb=lb, rc=p.returncode, log=(p.stdout + p.stderr)[-4000:], ptxas=ptxas))
 print(json.dumps(dict(rows=rows)))
 """
 
 
 def test_tma_kernel_wgmma_not_serialized():
-    """The forward's 8192 x 4096 -> 4096 config (bf16, r = 16, bf16 adapters, with and without bias), l and lb
-    through TMA descriptors, compiled for sm_90a by the installed triton and assembled by `ptxas -v`: no warning
-    C7515 ("wgmma.mma_async instructions are serialized ..."), which would mean every wgmma of the kernel waits for
-    the previous one (triton 3.6 with the rank-r operands from pointer loads: kernels, above
-    _output_gemm_tma_kernel). Skipped where no ptxas is found, or where it cannot assemble this triton's PTX."""
+    """The forward's 8192 x 4096 -> 4096 config (bf16, r = 16; bf16 adapters with and without bias, fp32 adapters
+    with bias: the split rank-r term), l and lb through TMA descriptors, compiled for sm_90a by the installed triton and
+    assembled by `ptxas -v`: no warning C7515 ("wgmma.mma_async instructions are serialized ..."), which would mean
+    every wgmma of the kernel waits for the previous one (triton 3.6 with the rank-r operands from pointer loads:
+    kernels, above _output_gemm_tma_kernel). Skipped where no ptxas is found, or where it cannot assemble this PTX."""
     import json
     import os
     import subprocess
@@ -352,7 +377,7 @@ def test_tma_kernel_wgmma_not_serialized():
     report = json.loads(out.stdout.strip().splitlines()[-1])
     if "skip" in report:
         pytest.skip(report["skip"])
-    assert len(report["rows"]) == 2
+    assert len(report["rows"]) == 3
     for row in report["rows"]:
         if row["rc"] != 0 and "version" in row["log"].lower():
             pytest.skip(f"{row['ptxas']} cannot assemble this triton's PTX: {row['log'][-300:]}")

@@ -2,7 +2,8 @@
 tolerance rule's ratio; it must stay <= ~2), at training shapes: fp32 or bf16 adapters on a bf16 base.
 
     PYTHONPATH=<installed wheel> python bench/dev/precision_probe.py [--M 8192] [--adapter-dtype float32] \
-        [--backend cuda|triton]   (triton's "ieee" dots instead of bf16x3: LORA_KERNELS_TRITON_FP32_SPLIT=0)
+        [--backend cuda|triton] [--r 16,64,100] [--shapes KxN,...]
+    (triton's "ieee" dots instead of bf16x3: LORA_KERNELS_TRITON_FP32_SPLIT=0)
 """
 import argparse
 import json
@@ -58,14 +59,16 @@ def main():
     ap.add_argument("--M", type=int, default=8192)
     ap.add_argument("--adapter-dtype", default="float32")
     ap.add_argument("--backend", default="cuda")
+    ap.add_argument("--r", default="16,64,100", help="ranks, comma-separated")
+    ap.add_argument("--shapes", default="4096x4096,4096x1024,4096x14336,14336x4096", help="KxN,...")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     ad = getattr(torch, a.adapter_dtype)
     rows = []
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__}, backend {a.backend}; "
           "error / same-precision PyTorch error")
-    for K, N in ((4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)):
-        for r in (16, 64, 100):
+    for K, N in (tuple(int(v) for v in kn.split("x")) for kn in a.shapes.split(",")):
+        for r in (int(v) for v in a.r.split(",")):
             for p in (0.0, 0.1):
                 o = probe(a.M, K, N, r, p, ad, backend=a.backend)
                 rows.append(dict(M=a.M, K=K, N=N, r=r, p=p, adapters=a.adapter_dtype, backend=a.backend, **o))

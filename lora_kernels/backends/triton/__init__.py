@@ -75,10 +75,14 @@ loop each planned output pass got, and why the TMA kernel did not take it. Under
 runs on CPU tensors (32x32x32 tiles).
 
 Precision policy: each product runs in the precision PyTorch uses for the same inputs, accumulation is fp32. The
-big GEMMs and the rank-r expand into the 16-bit outputs cast their tiles to x's dtype. The adapter products (u, g,
-dA, dB) do too when the adapters have x's dtype; with fp32 adapters on a 16-bit x (PEFT's default) they run in fp32
-(``configs._rank_f32``), since PyTorch computes them in fp32: on a bf16 x as the bf16x3 split on tensor cores
-(``kernels._rank_dot``; ``LORA_KERNELS_TRITON_FP32_SPLIT=0`` turns it off), on an fp16 x as fp32 "ieee" dots.
+big GEMMs cast their tiles to x's dtype. The adapter products (u, g, dA, dB) do too when the adapters have x's
+dtype; with fp32 adapters on a 16-bit x (PEFT's default) they run in fp32 (``configs._rank_f32``), since PyTorch
+computes them in fp32: on a bf16 x as the bf16x3 split on tensor cores (``kernels._rank_dot``;
+``LORA_KERNELS_TRITON_FP32_SPLIT=0`` turns it off), on an fp16 x as fp32 "ieee" dots. So does the rank-r term of
+the expand and dx (u Bᵀ, g A) wherever the pass rounds its output once: the TMA and Triton main loops split both
+operands into two 16-bit pieces and add the four products in one dot of K = 4 r (``kernels._rank_expand``), the
+small-M forward takes an fp32 dot; the cuBLAS main loop's prefill, which writes the term in x's dtype for cuBLAS to
+add to (two roundings either way), rounds u and B (g and A) to x's dtype, as 16-bit adapters do.
 fp32 inputs get full-fp32 dots (``input_precision="ieee"``) so that fp32 results meet the same error bound as
 PyTorch's fp32 matmul: TF32 dots give errors on y three to four orders of magnitude larger, far outside the
 tolerance rule.

@@ -149,17 +149,22 @@ def _rank_term_config(r_pad: int):
 # the tile and K loops. With dropout the epilogue holds a second fp32 (BM, BN) tile (the masked rank-r product) and
 # the mask: 128x128 tiles on 8 warps.
 # Shared memory, all live at once in the flattened loop (the next tile's loads are in flight during the epilogue):
-# `stages` buffers of the a and b tiles, the output tile staged for its TMA store, the epilogue's rank-r operands
-# ((BM, R_PAD) fp32, (R_PAD, BN) 16-bit) and, with dropout, an fp32 (BM, BN) layout-conversion scratch, plus 1 KB for
-# the barriers; where that exceeds the 227 KB of a Hopper block, the other tile is tried, then shallower pipelines,
-# then smaller tiles. With fp32 adapters at r_pad >= 64 the pipeliner also multi-buffers the epilogue's loads of the
-# fp32 (R_PAD, BN) operand (triton 3.9 for sm_90, 128x128 tiles: 256 KB at 4 stages, 192 KB at 3): that operand
-# counts at 4 bytes there, and at most 3 stages. tests/test_triton_tma_mainloop.py compiles every pick for sm_90 and
-# checks what triton allocates against this estimate and the limit. Ranks above _TMA_MAX_R_PAD do not take the TMA
-# kernel (at 128 the compiled kernels outgrow the estimate: the rank-r operands crowd out the pipeline). None of this
-# is autotuned (LORA_KERNELS_TRITON_AUTOTUNE does not apply).
+# `stages` buffers of the a and b tiles, the output tile staged for its TMA store (whole, or C_SPLIT = 2 halves one
+# after the other: half the buffer), the epilogue's rank-r operands and, with dropout, an fp32 (BM, BN)
+# layout-conversion scratch, plus 1 KB for the barriers. The rank-r operands: (BM, R_PAD) fp32 and (R_PAD, BN)
+# 16-bit; with fp32 adapters the (R_PAD, BN) fp32 tile and the split's operands of K = 4 R_PAD (kernels._rank_expand),
+# measured at 6 R_PAD (BM + BN) + R_PAD BN bytes more than the 16-bit term's (triton 3.9 and 3.6 for sm_90, 2-4
+# stages, 128x128 and 128x256 tiles, r_pad 16 and 32; at 64 the pipeliner buffers the fp32 tile per stage too, and
+# fp32 adapters there keep the cuBLAS main loop: _TMA_MAX_R_PAD_F32). Where the estimate exceeds the 227 KB of a
+# Hopper block, the same tile is tried with the output in halves, then the other tile, then shallower pipelines,
+# then smaller tiles: with fp32 adapters at r_pad = 16 the 128x256 tile keeps its 3 stages with the output in halves
+# (224 KB; whole, 256 KB). tests/test_triton_tma_mainloop.py compiles every pick for sm_90 and checks what triton
+# allocates against this estimate and the limit. Ranks above _TMA_MAX_R_PAD do not take the TMA kernel (at 128 the
+# compiled kernels outgrow the estimate: the rank-r operands crowd out the pipeline). None of this is autotuned
+# (LORA_KERNELS_TRITON_AUTOTUNE does not apply).
 _TMA_SMEM = _HOPPER_SMEM  # devices with smaller blocks do not take the TMA kernel (launch._tma_unsupported)
 _TMA_MAX_R_PAD = 64
+_TMA_MAX_R_PAD_F32 = 32  # fp32 adapters on 16-bit x (the split's operands, above)
 # The default main loop (LORA_KERNELS_TRITON_MAINLOOP=auto) takes the TMA kernel up to this padded rank, and not for
 # the masked dx (dropout). Measured in the layer (bench/suite/targets.py, M = 8192, bf16 adapters, H200, session 29,
 # GPU time over the cuBLAS floor, TMA against cuBLAS main loop, shapes 4096->4096 / ->1024 / ->14336 / 14336->4096):
@@ -169,14 +174,17 @@ _TMA_MAX_R_PAD = 64
 # with the mask in the TMA kernel's epilogue (1.537 / 2.106 / 1.366 / 1.467 against 1.366 / 2.208 / 1.183 / 1.308);
 # r = 32 and 64 slower in the forward (r = 32: 1.242 / 1.401 / 1.148 / 1.115 against 1.157 / 1.383 / 1.105 / 1.086).
 _TMA_AUTO_MAX_R_PAD = 16
-_TMA_INTERPRET = dict(BM=32, BN=32, BK=32, GROUP_M=2, FLATTEN=True, num_warps=4, num_stages=2)
+_TMA_INTERPRET = dict(BM=32, BN=32, BK=32, GROUP_M=2, FLATTEN=True, C_SPLIT=1, num_warps=4, num_stages=2)
 
 
 def _tma_smem(bm: int, bn: int, bk: int, stages: int, elt: int, r_pad: int, lb_elt: int,
-              has_dropout: bool) -> int:
-    lb_bytes = lb_elt if r_pad >= 64 else elt  # fp32 adapters: staged as fp32 from r_pad = 64 on (see above)
-    return (stages * (bm + bn) * bk * elt + bm * bn * elt + bm * r_pad * 4 + r_pad * bn * lb_bytes
-            + (bm * bn * 4 if has_dropout else 0) + 1024)
+              has_dropout: bool, c_split: int = 1) -> int:
+    if lb_elt == 4:  # fp32 adapters: the fp32 (R_PAD, BN) tile and the split's K = 4 R_PAD operands (above)
+        rank = bm * r_pad * 4 + 6 * r_pad * (bm + bn) + r_pad * bn
+    else:
+        rank = bm * r_pad * 4 + r_pad * bn * lb_elt
+    return (stages * (bm + bn) * bk * elt + bm * bn * elt // c_split + rank + (bm * bn * 4 if has_dropout else 0)
+            + 1024)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -197,11 +205,12 @@ def _tma_config(M: int, N: int, elt: int, r_pad: int, lb_elt: int, has_dropout: 
         order = [wide, narrow]
     # each tile at its own depth first, then shallower pipelines, then smaller tiles
     tries = order + [(bm, bn, bk, st, w) for bm, bn, bk, stages, w in order for st in range(stages - 1, 1, -1)]
-    max_stages = 3 if lb_elt == 4 and r_pad >= 64 else 4
     for bm, bn, bk, stages, warps in tries + [(64, 128, 64, 3, 4), (64, 64, 64, 2, 4)]:
-        if stages <= max_stages and _tma_smem(bm, bn, bk, stages, elt, r_pad, lb_elt, has_dropout) <= _TMA_SMEM:
-            break
-    return dict(BM=bm, BN=bn, BK=bk, GROUP_M=8, FLATTEN=True, num_warps=warps, num_stages=stages)
+        for c_split in (1, 2):  # the output stored whole, else in halves, before a shallower pipeline
+            if _tma_smem(bm, bn, bk, stages, elt, r_pad, lb_elt, has_dropout, c_split) <= _TMA_SMEM:
+                return dict(BM=bm, BN=bn, BK=bk, GROUP_M=8, FLATTEN=True, C_SPLIT=c_split, num_warps=warps,
+                            num_stages=stages)
+    return dict(BM=bm, BN=bn, BK=bk, GROUP_M=8, FLATTEN=True, C_SPLIT=2, num_warps=warps, num_stages=stages)
 
 
 # --------------------------------------------------------------------------------- the one-launch small-M forward

@@ -17,7 +17,7 @@ from ...philox import calls_per_row, keep_threshold
 from .configs import (_cdiv, _dot_precision, _gemm_configs, _helper_tiles, _next_pow2, _num_sms, _rank_term_config,
                       _max_smem, _r_pad, _rank_f32, _small_m_heuristic, _smem_per_block, _splits, _stages,
                       _TMA_AUTO_MAX_R_PAD,
-                      _TMA_MAX_R_PAD, _TMA_SMEM, _tma_config, _tuned_gemm, _tuned_small_m)
+                      _TMA_MAX_R_PAD, _TMA_MAX_R_PAD_F32, _TMA_SMEM, _tma_config, _tuned_gemm, _tuned_small_m)
 from .kernels import (_PER_CALL_SCALARS, _dy_pass_kernel, _output_gemm_kernel, _output_gemm_tma_kernel,
                       _shrink_kernel, _small_m_kernel, _sum_partials_kernel)
 
@@ -771,7 +771,7 @@ def _tma_rows(inner: int, row: int, elem_size: int, aligned: bool) -> bool:
     return inner == 1 and (row * elem_size) % 16 == 0 and aligned
 
 
-def _tma_unsupported(pl: _Planner, a, b_strides, b, c, M, N, K, r_pad) -> tuple:
+def _tma_unsupported(pl: _Planner, a, b_strides, b, c, M, N, K, r_pad, lb_elt: int) -> tuple:
     """(None, b_kn) when _output_gemm_tma_kernel can compute c (M, N) = a (M, K) @ b[k, n] + ..., else (why not,
     None). b_kn: b is stored (K, N) with rows of N (dx: W), not (N, K) (the forward: W). TMA describes a tensor by
     its 16-byte aligned base and row strides, its rows contiguous. Alignment and strides are in the plan key, so the
@@ -797,6 +797,9 @@ def _tma_unsupported(pl: _Planner, a, b_strides, b, c, M, N, K, r_pad) -> tuple:
         return "no main loop (K = 0)", None
     if r_pad > _TMA_MAX_R_PAD:
         return f"rank padded to {r_pad} > {_TMA_MAX_R_PAD}: its operands would crowd out the pipeline", None
+    if lb_elt == 4 and r_pad > _TMA_MAX_R_PAD_F32:
+        return (f"fp32 adapters at a rank padded to {r_pad} > {_TMA_MAX_R_PAD_F32}: the split rank-r operands would "
+                "crowd out the pipeline"), None
     es = a.element_size()
     s_bk, s_bn = b_strides
     b_kn = s_bn == 1
@@ -846,7 +849,7 @@ def _launch_gemm_tma(pl: _Planner, a, b_strides, b, b_kn: bool, l, lb_strides, l
         b_d = pl.descriptor(b, (K, N), (b_strides[0], 1), (BK, BN))
     else:
         b_d = pl.descriptor(b, (N, K), (b_strides[1], 1), (BN, BK))
-    c_d = pl.descriptor(c, (M, N), (c.stride(0), 1), (BM, BN))
+    c_d = pl.descriptor(c, (M, N), (c.stride(0), 1), (BM, BN // cfg["C_SPLIT"]))  # stored in C_SPLIT parts
     lr_tma, lb_rn = _rank_tma_layout(l, lb_strides, lb, R)
     l_src, lb_src = l, lb
     if lr_tma:  # shapes of R, not r_pad: TMA zero-fills past R (and past the M and N edges)
@@ -880,7 +883,7 @@ def _launch_gemm(pl: _Planner, a, b_strides, b, b_mat, l, lb_strides, lb, bias, 
     thr, has_dropout = drop
     why = "LORA_KERNELS_TRITON_MAINLOOP is not tma or auto"
     if kn.tma:
-        why, b_kn = _tma_unsupported(pl, a, b_strides, b, c, M, N, K, r_pad)
+        why, b_kn = _tma_unsupported(pl, a, b_strides, b, c, M, N, K, r_pad, lb.element_size())
         if why is None and kn.tma_auto:
             if r_pad > _TMA_AUTO_MAX_R_PAD:
                 why = (f"auto: rank padded to {r_pad} > {_TMA_AUTO_MAX_R_PAD}, where the cuBLAS main loop "
@@ -903,7 +906,9 @@ def _launch_gemm(pl: _Planner, a, b_strides, b, b_mat, l, lb_strides, lb, bias, 
             lb_strides[0], lb_strides[1], c.stride(0), c.stride(1),
             lora_scale, thr, seed_v, seed_p, seed_in_mem, pl.offset, calls_per_row(N), m_bucket)
     dot_prec = _dot_precision(a.dtype, kn)
-    meta = dict(HAS_BIAS=has_bias, HAS_DROPOUT=has_dropout, R_PAD=r_pad, DOT_PREC=dot_prec)
+    # the rank-r term of fp32 adapters split where this kernel's output is the pass's only rounding: not under
+    # cuBLAS, which adds its product to the term already written in x's dtype (kernels._rank_expand)
+    meta = dict(HAS_BIAS=has_bias, HAS_DROPOUT=has_dropout, R_PAD=r_pad, DOT_PREC=dot_prec, RANK_SPLIT=not cublas)
     grid = lambda cfg: (_cdiv(M, cfg["BM"]) * _cdiv(N, cfg["BN"]),)  # noqa: E731
     if kn.interpret:
         cfg = dict(BM=16, BN=32, BK=32, GROUP_M=4)

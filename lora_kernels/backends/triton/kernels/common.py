@@ -76,6 +76,56 @@ def _bf16x3(b):
 
 
 @triton.jit
+def _split2(v, DT: tl.constexpr):
+    """fp32 v as two pieces in the 16-bit DT, v = p0 + p1 to about 16 significant bits: p0 = v rounded toward zero,
+    p1 = the residual rounded. The products of two such splits' pieces (_rank_expand) add up to an fp32-class product
+    where one cast would carry DT's rounding of both operands. Every piece has v's sign (hence toward zero,
+    as _bf16x3): a zero p1 of a nonzero v becomes v's sign times a value below DT's rounding of anything but the
+    tiniest products (2^-126 in bf16, fp16's smallest subnormal 2^-24), and an infinite v gives (v, that), so that
+    inf times the pieces sums to inf, as inf times v, not to inf - inf or inf * 0 = NaN."""
+    if DT == tl.bfloat16:
+        tiny = tl.where(v < 0, -1.1754943508222875e-38, 1.1754943508222875e-38)
+    else:
+        tiny = tl.where(v < 0, -5.960464477539063e-08, 5.960464477539063e-08)
+    p0 = v.to(DT)  # to nearest; one step back toward zero where that rounded away (16-bit sign-magnitude: bits - 1)
+    p0 = tl.where(tl.abs(p0.to(tl.float32)) > tl.abs(v), (p0.to(tl.int16, bitcast=True) - 1).to(DT, bitcast=True), p0)
+    r1 = tl.where(tl.abs(v) < float("inf"), v - p0.to(tl.float32), 0.0)
+    p1 = tl.where((r1 == 0) & (v != 0), tiny, r1).to(DT)
+    return p0, p1
+
+
+@triton.jit
+def _rank_expand(l, lb, acc, DT: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr):
+    """acc + l @ lb for the expand's and dx's rank-r term: l (u or g) fp32, lb (B or A) as stored, acc fp32 or
+    None; DT the output's dtype (fp32: one dot in DOT_PREC). 16-bit adapters: l rounded to DT, one MMA, as
+    PyTorch rounds u and g there. fp32 adapters (PEFT's default), where PyTorch keeps the term in fp32, with SPLIT
+    (passes that round the output once): both operands split (_split2), one dot over the four products of pieces (a
+    K-step of 4r against the main loop's K), so that the term carries no rounding of its own; rounded, u and B added
+    DT's error at the term's scale twice over, 1.7x PyTorch's error in y where the adapter's rows are 4x W's, and a
+    DoRA model's magnitude grads past the tolerance rule (tests/test_triton_backend.py). Without SPLIT (the cuBLAS
+    main loop's prefill, which writes the term in DT for cuBLAS to add to: two roundings either way) both are
+    rounded: the split measured 5-19% slower forwards there at r = 64 (FINDINGS, DoRA)."""
+    if SPLIT and lb.dtype == tl.float32 and DT != tl.float32:
+        l0, l1 = _split2(l, DT)
+        b0, b1 = _split2(lb, DT)
+        BM_: tl.constexpr = l.shape[0]
+        R_: tl.constexpr = l.shape[1]
+        BN_: tl.constexpr = lb.shape[1]
+        # (l0 + l1)(b0 + b1) as one dot of K = 4 R: element (j, i, k) of the K axis pairs l's piece i with b's
+        # piece k at rank j. One wgmma chain, as the 16-bit term: three dots chained into the accumulator made
+        # ptxas serialise every wgmma of the TMA kernel (C7515, "non wgmma instructions defining accumulator
+        # registers ... between start and end of the pipeline stage").
+        lp = tl.join(l0, l1)  # (BM, R, 2): [m, j, i]
+        lk = tl.reshape(tl.join(lp, lp), (BM_, 4 * R_))  # [m, (j, i, k)] = l_i[m, j]
+        bp = tl.permute(tl.join(b0, b1), (0, 2, 1))  # (R, 2, BN): [j, k, n]
+        bk = tl.reshape(tl.permute(tl.join(bp, bp), (0, 3, 1, 2)), (4 * R_, BN_))  # [(j, i, k), n] = b_k[j, n]
+        acc = tl.dot(_mm(lk), _mm(bk), acc, input_precision=DOT_PREC)
+    else:
+        acc = tl.dot(_mm(l.to(DT)), _mm(lb.to(DT)), acc, input_precision=DOT_PREC)
+    return acc
+
+
+@triton.jit
 def _opaque(t):
     """t itself, through an instruction the compiler cannot see through: keeps `acc + dot(a, b)` from being folded
     into `dot(a, b, acc)` (Triton's combine pass), which would chain a tile's product into the running sum on the

@@ -5,7 +5,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import _PER_CALL_SCALARS, _block, _keep_mask, _load_seed, _mm
+from .common import _PER_CALL_SCALARS, _block, _keep_mask, _load_seed, _mm, _rank_expand
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -35,27 +35,27 @@ def _grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 def _lora_epilogue(acc, l_ptr, lb_ptr, bias_ptr, offs_m, m_mask, offs_n, n_mask, col0, R,
                    s_lm, s_lr, s_lbr, s_lbn, lora_scale, thr, seed, seed_ptr, seed_in_mem, offset, K8,
                    DT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr,
-                   DOT_PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+                   DOT_PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr):
     """acc (the tile's a @ b, fp32) + [keep *] lora_scale * l @ lb + bias for the output rows offs_m and columns
     offs_n (col0 = the first of them): the rank-r term is one more K-step of width R_PAD, masked to R. l and lb
-    through pointer loads; _lora_add does the math."""
+    through pointer loads, lb as stored (fp32 adapters stay fp32 until _lora_add); _lora_add does the math."""
     rr, r_mask = _block(0, R_PAD, R)
     lt = tl.load(l_ptr + offs_m.to(tl.int64)[:, None] * s_lm + rr[None, :] * s_lr,
                  mask=m_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
     lbt = tl.load(lb_ptr + rr[:, None] * s_lbr + offs_n.to(tl.int64)[None, :] * s_lbn,
-                  mask=r_mask[:, None] & n_mask[None, :], other=0.0).to(DT)
+                  mask=r_mask[:, None] & n_mask[None, :], other=0.0)
     return _lora_add(acc, lt, lbt, bias_ptr, offs_m, offs_n, n_mask, col0, lora_scale, thr, seed, seed_ptr,
-                     seed_in_mem, offset, K8, DT, HAS_BIAS, HAS_DROPOUT, DOT_PREC, BM, BN)
+                     seed_in_mem, offset, K8, DT, HAS_BIAS, HAS_DROPOUT, DOT_PREC, BM, BN, SPLIT)
 
 
 @triton.jit
 def _lora_add(acc, lt, lbt, bias_ptr, offs_m, offs_n, n_mask, col0, lora_scale, thr, seed, seed_ptr, seed_in_mem,
               offset, K8, DT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-              DOT_PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
-    """acc + [keep *] lora_scale * lt @ lbt + bias, for lt (BM, R_PAD) fp32 and lbt (R_PAD, BN) in DT, zero past R
-    and past the M and N edges (however they were loaded)."""
+              DOT_PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr):
+    """acc + [keep *] lora_scale * lt @ lbt + bias, for lt (BM, R_PAD) fp32 and lbt (R_PAD, BN) as the adapter is
+    stored (DT, or fp32 adapters), zero past R and past the M and N edges (however they were loaded)."""
     if HAS_DROPOUT:
-        lo = tl.dot(_mm(lt.to(DT)), _mm(lbt), input_precision=DOT_PREC)
+        lo = _rank_expand(lt, lbt, None, DT, DOT_PREC, SPLIT)
         seed = _load_seed(seed, seed_ptr, seed_in_mem)
         keep = _keep_mask(seed, offset, offs_m, col0, K8, thr, BM, BN)
         acc += lo * lora_scale * keep.to(tl.float32)  # as the reference: NaN/inf times a dropped 0 is NaN
@@ -65,8 +65,8 @@ def _lora_add(acc, lt, lbt, bias_ptr, offs_m, offs_n, n_mask, col0, lora_scale, 
         # The scale multiplies the dot's result: Triton's combine pass rewrites `acc + dot(a, b, 0)` into
         # `dot(a, b, acc)`, which would fold the sum back into the main accumulator.
         acc += tl.dot(lt, lbt, input_precision=DOT_PREC) * lora_scale
-    else:  # 16-bit outputs: one more K-step into the same accumulator (output rounding dominates)
-        acc = tl.dot(_mm((lt * lora_scale).to(DT)), _mm(lbt), acc, input_precision=DOT_PREC)
+    else:  # 16-bit outputs: one more K-step (of 4 R_PAD with fp32 adapters) into the same accumulator
+        acc = _rank_expand(lt * lora_scale, lbt, acc, DT, DOT_PREC, SPLIT)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         acc += bias[None, :]
@@ -81,7 +81,7 @@ def _output_gemm_kernel(
     lora_scale, thr: tl.int32, seed: tl.int64, seed_ptr, seed_in_mem: tl.int32, offset: tl.int64, K8,
     M_BUCKET,
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, RANK_SPLIT: tl.constexpr,
 ):
     DT = a_ptr.dtype.element_ty
     pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(N, BN), GROUP_M)
@@ -100,7 +100,7 @@ def _output_gemm_kernel(
         b_ptrs += BK * s_bk
     acc = _lora_epilogue(acc, l_ptr, lb_ptr, bias_ptr, offs_m, m_mask, offs_n, n_mask, pid_n * BN, R,
                          s_lm, s_lr, s_lbr, s_lbn, lora_scale, thr, seed, seed_ptr, seed_in_mem, offset, K8,
-                         DT, HAS_BIAS, HAS_DROPOUT, R_PAD, DOT_PREC, BM, BN)
+                         DT, HAS_BIAS, HAS_DROPOUT, R_PAD, DOT_PREC, BM, BN, RANK_SPLIT)
     c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * s_cm + offs_n.to(tl.int64)[None, :] * s_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
@@ -131,6 +131,7 @@ def _output_gemm_tma_kernel(
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
     B_KN: tl.constexpr, LR_TMA: tl.constexpr, LB_RN: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     BK: tl.constexpr, GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, FLATTEN: tl.constexpr,
+    C_SPLIT: tl.constexpr,
 ):
     DT = a_desc.dtype
     num_pid_m = tl.cdiv(M, BM)
@@ -164,13 +165,19 @@ def _output_gemm_tma_kernel(
         if LR_TMA:
             lt = l_src.load([pid_m * BM, 0]).to(tl.float32)
             if LB_RN:
-                lbt = lb_src.load([0, pid_n * BN]).to(DT)
+                lbt = lb_src.load([0, pid_n * BN])
             else:
-                lbt = lb_src.load([pid_n * BN, 0]).to(DT).T
+                lbt = lb_src.load([pid_n * BN, 0]).T
             acc = _lora_add(acc, lt, lbt, bias_ptr, offs_m, offs_n, n_mask, pid_n * BN, lora_scale, thr, seed,
-                            seed_ptr, seed_in_mem, offset, K8, DT, HAS_BIAS, HAS_DROPOUT, DOT_PREC, BM, BN)
+                            seed_ptr, seed_in_mem, offset, K8, DT, HAS_BIAS, HAS_DROPOUT, DOT_PREC, BM, BN, True)
         else:
             acc = _lora_epilogue(acc, l_src, lb_src, bias_ptr, offs_m, m_mask, offs_n, n_mask, pid_n * BN, R,
                                  s_lm, s_lr, s_lbr, s_lbn, lora_scale, thr, seed, seed_ptr, seed_in_mem, offset, K8,
-                                 DT, HAS_BIAS, HAS_DROPOUT, R_PAD, DOT_PREC, BM, BN)
-        c_desc.store([pid_m * BM, pid_n * BN], acc.to(DT))
+                                 DT, HAS_BIAS, HAS_DROPOUT, R_PAD, DOT_PREC, BM, BN, True)
+        out = acc.to(DT)
+        if C_SPLIT == 2:  # stored as two (BM, BN / 2) halves: half the output's staging buffer in shared memory
+            o0, o1 = out.reshape(BM, 2, BN // 2).permute(0, 2, 1).split()
+            c_desc.store([pid_m * BM, pid_n * BN], o0)
+            c_desc.store([pid_m * BM, pid_n * BN + BN // 2], o1)
+        else:
+            c_desc.store([pid_m * BM, pid_n * BN], out)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import _PER_CALL_SCALARS, _apply_keep, _block, _keep_mask, _load_seed, _mm
+from .common import _PER_CALL_SCALARS, _apply_keep, _block, _keep_mask, _load_seed, _mm, _rank_expand
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -67,11 +67,13 @@ def _small_m_kernel(
     if pid_n == 0 and (not U_GIVEN or U_SPLITS > 1):
         tl.store(u_ptrs, u, mask=u_mask)
     bt = tl.load(b_ptr + rr[:, None] * s_br + offs_n.to(tl.int64)[None, :] * s_bn,
-                 mask=r_mask[:, None] & n_mask[None, :], other=0.0).to(DT)  # B^T tile (R_PAD, BN)
-    if DOT_PREC == "ieee":  # fp32: own accumulator, scaled after the dot (see output_gemm.py)
-        acc += tl.dot(uacc, bt, input_precision=DOT_PREC) * scale
+                 mask=r_mask[:, None] & n_mask[None, :], other=0.0)  # B^T tile (R_PAD, BN), as stored
+    if DOT_PREC == "ieee" or (bt.dtype == tl.float32 and DT != tl.float32):
+        # fp32 outputs, or fp32 adapters (the term in fp32, as PyTorch: y rounded once; FFMA, a small cost next to
+        # this memory-bound pass): own accumulator, scaled after the dot (see output_gemm.py)
+        acc += tl.dot(uacc, bt.to(tl.float32), input_precision="ieee") * scale
     else:
-        acc = tl.dot(_mm(u.to(DT)), _mm(bt), acc, input_precision=DOT_PREC)
+        acc = _rank_expand(u, bt, acc, DT, DOT_PREC, False)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * s_ym + offs_n.to(tl.int64)[None, :] * s_yn
