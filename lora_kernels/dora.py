@@ -16,9 +16,10 @@ output without bias before the column scale):
     p > 0:   x_k = keep ⊙ x  (exact: no rounding)            one pass
              z = x_k Wᵀ + s·x_k Aᵀ Bᵀ                        the backend's LoRA forward on x_k
              y = (g/q) ⊙ z + b over z,  then y += x_c Wᵀ     x_c = x − x_k/q written over x_k; cuBLAS beta = 1
-    On the cuda backend (its ``forward_scaled``, z not kept) the column scale and the bias come with the LoRA forward
-    itself: in the fused sm_90 forward's epilogue (y = round(c ⊙ acc + b), no pass over y and one rounding), on its
-    other paths in one in-place pass after them.
+    On the cuda and Triton backends (their ``forward_scaled``, z not kept) the column scale and the bias come with the
+    LoRA forward itself: in the output pass's epilogue (y = round(c ⊙ acc + b), no pass over y and one rounding: the
+    cuda backend's fused sm_90 forward, Triton's small-M, TMA and Triton main loops), on their other paths (cuBLAS
+    main loops) in one in-place pass after them.
 
     (x_d = x_k/q, so x Wᵀ + (g−1)⊙(x_d Wᵀ) + g⊙(s·x_d Aᵀ Bᵀ) = x_c Wᵀ + (g/q)⊙z.) Two GEMMs over W at p > 0,
     as in PEFT, which runs its second one in the adapters' dtype (fp32).
@@ -75,7 +76,7 @@ kernel with its rank-r term folded in; triton: the rank-r term written first, th
       W Aᵀ (w_at, one pass over W)      6NKr (bf16 split) / 2NKr    NKe
       A Aᵀ, B AAᵀ, combine              2Kr² + 2Nr² + 4Nr           O(Nr)
       LoRA forward (no bias) → z        2MNK + 2MKr + 2MNr          (LoRA's own)
-      y = g ⊙ z + b over z              2MN                         2MNe (cuda: 0, in the fused epilogue)
+      y = g ⊙ z + b over z              2MN                         2MNe (0 in an epilogue: forward_scaled)
     backward, p = 0
       backend bwd of (dy, Bg): dA, dB   4MNr + 4MKr                 (LoRA's own: dy and x read once)
       per chunk, all chunks together:

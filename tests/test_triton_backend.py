@@ -308,6 +308,36 @@ def test_fp32_adapters_rank_term_adds_no_rounding(dtype, M, p):
 
 
 
+# ------------------------------------------------------------------ forward_scaled: DoRA's column scale in the epilogue
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,K,N,R", [(9, 40, 24, 4), (100, 72, 88, 16), (100, 72, 88, 33), (70, 0, 40, 8)],
+                         ids=["small_m", "tiled", "tiled_r33", "K0"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_scaled(dtype, M, K, N, R, bias):
+    """forward_scaled: y = c ⊙ (x Wᵀ + s·u Bᵀ) + b with c (N,) fp32 (zeros and negatives among it), against
+    float64 and PEFT's computation in x's precision (base rounded, the rest in fp32, one final rounding); u the same
+    as forward's, bit for bit. Paths: the one-launch small-M forward; the tiled passes (the Triton main loop under the
+    interpreter; on a GPU the TMA kernel at r = 16 and cuBLAS plus one scale pass at r = 33); K = 0."""
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(M + K + N + R)
+    x, W, b, A, B, _ = _inputs(M, K, N, R, dtype, bias, True, gen)
+    c = (torch.rand(N, generator=gen) * 3 - 1).to(DEV)
+    c[::5] = 0.0
+    s = 0.75
+    y, u = tb.forward_scaled(x, W, b, A, B, c, s, 0.0, 0, 0)
+    y0, u0 = tb.forward(x, W, b, A, B, s, 0.0, 0, 0)
+    assert y.dtype == dtype and y.shape == (M, N) and torch.equal(u, u0)
+    x64, W64, A64, B64 = (t.double().cpu() for t in (x, W, A, B))
+    ref = c.double().cpu() * (x64 @ W64.T + (s * (x64 @ A64.T)) @ B64.T)
+    base = F.linear(x, W).float()
+    same = c * (base + (s * (x.float() @ A.float().T)) @ B.float().T)
+    if bias:
+        ref, same = ref + b.double().cpu(), same + b.float()
+    _check("y", y, ref, same.to(dtype), dtype)
+    assert torch.equal(y[:, ::5].cpu(), (b[::5] if bias else torch.zeros_like(y[0, ::5])).expand(M, -1).cpu())
+
+
 _TTIR_SCRIPT = r"""
 import json, re, sys
 import triton
@@ -340,7 +370,8 @@ def test_fp32_rank_term_keeps_own_accumulator(kernel, extra, expected):
     import subprocess
     import sys
 
-    constexprs = dict(HAS_BIAS=True, HAS_DROPOUT=False, R_PAD=256, DOT_PREC="ieee", BM=16, BN=16, BK=32, **extra)
+    constexprs = dict(HAS_BIAS=True, HAS_DROPOUT=False, R_PAD=256, DOT_PREC="ieee", BM=16, BN=16, BK=32,
+                      COL_SCALE=False, **extra)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", _TTIR_SCRIPT, kernel, json.dumps(constexprs)], env=env,
                          capture_output=True, text=True, timeout=300)
@@ -365,9 +396,10 @@ def compile_cfg(bm, bn, bk, stages, warps, xdt, adt, r, u_given, N, K=4096):
     # the specialization a real launch gets: contiguous rows (unit inner strides), 16-byte aligned pointers and
     # multiples of 16 marked divisible (what decides vectorized, pipelined loads)
     const = dict(HAS_BIAS=True, HAS_DROPOUT=False, R_PAD=tc._r_pad(r), DOT_PREC="ieee" if xdt == "fp32" else "tf32",
-                 U_GIVEN=u_given, BM=bm, BN=bn, BK=bk, s_xk=1, s_wk=1, s_ak=1, s_br=1, s_ur=1, s_yn=1)
-    ptr = {"x_ptr": xdt, "w_ptr": xdt, "a_ptr": adt, "b_ptr": adt, "bias_ptr": xdt, "u_ptr": "fp32", "up_ptr": "fp32",
-           "y_ptr": xdt}
+                 U_GIVEN=u_given, BM=bm, BN=bn, BK=bk, COL_SCALE=True, s_xk=1, s_wk=1, s_ak=1, s_br=1, s_ur=1,
+                 s_yn=1)
+    ptr = {"x_ptr": xdt, "w_ptr": xdt, "a_ptr": adt, "b_ptr": adt, "bias_ptr": xdt, "cs_ptr": "fp32", "u_ptr": "fp32",
+           "up_ptr": "fp32", "y_ptr": xdt}
     ints = dict(M=bm, N=N, K=K, R=r, U_SPLITS=32, s_xm=K, s_wn=K, s_ar=K, s_bn=r, s_um=r, s_up=bm * r, s_ym=N,
                 K8=K // 8)
     sig = {n: "constexpr" if n in const else "*" + ptr[n] if n in ptr else "fp32" if n in ("scale",)
@@ -522,7 +554,7 @@ def test_rank_term_dots_of_fp32_adapters(kernel, ptrs, extra, fp32_dot, adapters
 
     lb = "b_ptr" if kernel == "_small_m_kernel" else "lb_ptr"
     ptrs = dict(ptrs, **{lb: "*" + adapters})
-    constexprs = dict(R_PAD=16, DOT_PREC="tf32", **extra)
+    constexprs = dict(R_PAD=16, DOT_PREC="tf32", COL_SCALE=False, **extra)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", _DOT_SHAPES_SCRIPT, kernel, json.dumps(constexprs),
                           json.dumps(ptrs)], env=env, capture_output=True, text=True, timeout=300)

@@ -103,6 +103,24 @@ def test_output_stored_in_halves(tma, monkeypatch):
     _run_and_check(96, 80, 96, 16, F16, F32, True, 0.0, seed=11)
     assert _paths(tma) == {"y": ("tma", None), "dx": ("tma", None)}
 
+
+@pytest.mark.skipif(not TMA_HERE, reason="the TMA kernel needs compute capability 9.0 (or the interpreter)")
+@pytest.mark.parametrize("c_split", [1, 2])
+def test_forward_scaled_in_the_epilogue(tma, monkeypatch, c_split):
+    """forward_scaled on the TMA kernel: y = c ⊙ (x Wᵀ + s·u Bᵀ) + b with the column scale in its epilogue (one
+    launch, no pass over y), the output whole or in halves, against float64 with PEFT's rounding as the baseline."""
+    real = tb._tma_config
+    monkeypatch.setattr(tb, "_tma_config", lambda *a: dict(real(*a), C_SPLIT=c_split))
+    gen = torch.Generator().manual_seed(21)
+    x, W, b, A, B = _make(100, 72, 88, 16, F16, F32, True, gen)
+    c = (torch.rand(88, generator=gen) * 3 - 1).to(DEV)
+    y, u = tb.forward_scaled(x, W, b, A, B, c, 0.75, 0.0, 0, 0)
+    assert _paths(tma) == {"y": ("tma", None)}
+    x64, W64, A64, B64 = (t.double() for t in (x, W, A, B))
+    ref = c.double() * (x64 @ W64.T + 0.75 * (x64 @ A64.T) @ B64.T) + b.double()
+    base = (c * (torch.nn.functional.linear(x, W).float() + 0.75 * (x.float() @ A.T) @ B.T) + b.float()).to(F16)
+    assert_tolerance(y, ref, base, "y")
+
 def _padded(t):
     """t as a view whose rows are padded by 8 elements (row stride + 16 bytes at 16 bits: still TMA-aligned)."""
     M, K = t.shape
@@ -268,12 +286,13 @@ for (M, N), r_pad, lb, drop in itertools.product([(8192, 4096), (2048, 1024)], [
     # l and lb through TMA descriptors (LR_TMA, as the host launches these ranks; lb (R, N) in dx, (N, R) forward)
     const = dict(HAS_BIAS=not drop, HAS_DROPOUT=drop, R_PAD=r_pad, DOT_PREC="tf32", B_KN=b_kn, LR_TMA=True,
                  LB_RN=b_kn, BM=BM, BN=BN, BK=BK, GROUP_M=cfg["GROUP_M"], NUM_SMS=132, FLATTEN=cfg["FLATTEN"],
-                 C_SPLIT=cfg["C_SPLIT"])
+                 C_SPLIT=cfg["C_SPLIT"], COL_SCALE=not drop)  # the forward as DoRA's forward_scaled makes it
     types = {"a_desc": f"tensordesc<bf16[{BM}, {BK}]>",
              "b_desc": f"tensordesc<bf16[{BK}, {BN}]>" if b_kn else f"tensordesc<bf16[{BN}, {BK}]>",
              "c_desc": f"tensordesc<bf16[{BM}, {BN // cfg['C_SPLIT']}]>", "l_src": f"tensordesc<fp32[{BM}, {r_pad}]>",
              "lb_src": f"tensordesc<{lb}[{r_pad}, {BN}]>" if b_kn else f"tensordesc<{lb}[{BN}, {r_pad}]>",
-             "bias_ptr": "*bf16", "seed_ptr": "*bf16", "lora_scale": "fp32", "seed": "i64", "offset": "i64"}
+             "bias_ptr": "*bf16", "cs_ptr": "*fp32", "seed_ptr": "*bf16", "lora_scale": "fp32", "seed": "i64",
+             "offset": "i64"}
     sig = {n: "constexpr" if n in const else types.get(n, "i32") for n in names}
     div = ["bias_ptr", "seed_ptr", "M", "N", "K", "s_lm", "s_lbr", "K8"]
     src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(n),): v for n, v in const.items()},
@@ -331,17 +350,19 @@ if not ptxas:
 kernel = kernels._output_gemm_tma_kernel
 names = kernel.arg_names
 rows = []
-# the forward at 8192 x 4096 -> 4096, bf16, r = 16, bf16 and fp32 adapters (the split rank-r term, output in halves)
-for has_bias, lb in ((False, "bf16"), (True, "bf16"), (True, "fp32")):
+# the forward at 8192 x 4096 -> 4096, bf16, r = 16, bf16 and fp32 adapters (the split rank-r term, output in halves),
+# the last with DoRA's column scale too (forward_scaled)
+for has_bias, lb, col_scale in ((False, "bf16", False), (True, "bf16", False), (True, "fp32", False),
+                                (True, "fp32", True)):
     r_pad = 16
     cfg = tc._tma_config(8192, 4096, 2, r_pad, 4 if lb == "fp32" else 2, False, 132, False)
     BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
     const = dict(HAS_BIAS=has_bias, HAS_DROPOUT=False, R_PAD=r_pad, DOT_PREC="tf32", B_KN=False, LR_TMA=True,
                  LB_RN=False, BM=BM, BN=BN, BK=BK, GROUP_M=cfg["GROUP_M"], NUM_SMS=132, FLATTEN=cfg["FLATTEN"],
-                 C_SPLIT=cfg["C_SPLIT"])
+                 C_SPLIT=cfg["C_SPLIT"], COL_SCALE=col_scale)
     types = {"a_desc": f"tensordesc<bf16[{BM}, {BK}]>", "b_desc": f"tensordesc<bf16[{BN}, {BK}]>",
              "c_desc": f"tensordesc<bf16[{BM}, {BN // cfg['C_SPLIT']}]>", "l_src": f"tensordesc<fp32[{BM}, {r_pad}]>",
-             "lb_src": f"tensordesc<{lb}[{BN}, {r_pad}]>", "bias_ptr": "*bf16", "seed_ptr": "*bf16",
+             "lb_src": f"tensordesc<{lb}[{BN}, {r_pad}]>", "bias_ptr": "*bf16", "cs_ptr": "*fp32", "seed_ptr": "*bf16",
              "lora_scale": "fp32", "seed": "i64", "offset": "i64"}
     sig = {n: "constexpr" if n in const else types.get(n, "i32") for n in names}
     div = ["bias_ptr", "seed_ptr", "M", "N", "K", "R", "s_lm", "s_lbn", "K8"]
@@ -377,7 +398,7 @@ def test_tma_kernel_wgmma_not_serialized():
     report = json.loads(out.stdout.strip().splitlines()[-1])
     if "skip" in report:
         pytest.skip(report["skip"])
-    assert len(report["rows"]) == 3
+    assert len(report["rows"]) == 4
     for row in report["rows"]:
         if row["rc"] != 0 and "version" in row["log"].lower():
             pytest.skip(f"{row['ptxas']} cannot assemble this triton's PTX: {row['log'][-300:]}")

@@ -33,7 +33,7 @@ when the weight or bias requires grad, ``lora_kernels.ops`` wraps forward/backwa
 Optional, for DoRA (``lora_kernels.dora``, which takes them when present, else its own passes around forward and
 backward):
     forward_scaled(x, weight, bias, lora_A, lora_B, col_scale, scaling, p, seed, offset) -> (y, u)
-        y = col_scale ⊙ (x @ weight.T + u @ lora_B.T) + bias,  col_scale (N,) float32   (cuda: in the GEMM epilogue)
+        y = col_scale ⊙ (x @ weight.T + u @ lora_B.T) + bias,  col_scale (N,) float32  (cuda, triton: in the epilogue)
     backward_dx_from(dy, x, weight, lora_A, lora_B, u, dx_from, scaling, p, seed, offset, need_dx, need_dA, need_dB)
         backward with dx = dx_from @ weight + scaling * keep/(1-p) * (g @ lora_A), dx_from (M, N) in x's dtype;
         g, dA, dB from dy as above                                                     (cuda, triton)

@@ -97,10 +97,11 @@ Importing this package needs triton; where triton does not import, the dispatche
 reason the backend is unavailable. The settings it reads are listed in ``lora_kernels/_config.py``.
 """
 from .configs import _HOPPER_SMEM, _max_smem, _num_sms, _smem_per_block
-from .launch import _launch, _seed_args, backward, backward_dx_from, forward, is_available
+from .launch import _launch, _seed_args, backward, backward_dx_from, forward, forward_scaled, is_available
 
 # _launch, _num_sms, _seed_args and the shared-memory budget (_smem_per_block, _max_smem, _HOPPER_SMEM) also serve
 # the launches of DoRA's Triton passes (kernels/dora_*.py, launched by lora_kernels/dora_kernels.py);
-# backward_dx_from (dx's frozen product from another operand than dy) serves DoRA's backward.
-__all__ = ["backward", "backward_dx_from", "forward", "is_available", "_launch", "_num_sms", "_seed_args",
-           "_smem_per_block", "_max_smem", "_HOPPER_SMEM"]
+# forward_scaled (the column scale in the output pass's epilogue) serves DoRA's forward, backward_dx_from (dx's
+# frozen product from another operand than dy) its backward.
+__all__ = ["backward", "backward_dx_from", "forward", "forward_scaled", "is_available", "_launch", "_num_sms",
+           "_seed_args", "_smem_per_block", "_max_smem", "_HOPPER_SMEM"]

@@ -20,6 +20,7 @@ from .configs import (_cdiv, _dot_precision, _gemm_configs, _helper_tiles, _next
                       _TMA_MAX_R_PAD, _TMA_MAX_R_PAD_F32, _TMA_SMEM, _tma_config, _tuned_gemm, _tuned_small_m)
 from .kernels import (_PER_CALL_SCALARS, _dy_pass_kernel, _output_gemm_kernel, _output_gemm_tma_kernel,
                       _shrink_kernel, _small_m_kernel, _sum_partials_kernel)
+from .kernels.dora_scale_bias import _scale_bias_kernel
 
 try:  # host-side TMA descriptors (triton >= 3.4): the TMA output kernel's operands
     from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
@@ -194,10 +195,11 @@ _THRESHOLDS: dict = {}  # p -> keep_threshold(p)
 # (its temporaries, then its constants). _SEED_P is the seed's view in x's dtype (a device seed) or x (an int seed).
 # _COMPILED: in a run through the JIT, the list where its launches put the CompiledKernels they ran (one per run:
 # threads running a plan's first launches on different devices each get their own device's kernels). _DXF: dx's frozen
-# product's left operand where it is not dy (backward_dx_from; empty otherwise).
+# product's left operand where it is not dy (backward_dx_from; empty otherwise). _CS: the forward's column scale
+# (forward_scaled; empty otherwise).
 (_X, _W, _BIAS, _A, _B, _DY, _U, _SCALE, _THR, _SEED, _SEED_P, _SEED_IN_MEM, _OFFSET, _STREAM, _SEED_RAW,
- _COMPILED, _DXF) = range(17)
-_N_VALUES = 17
+ _COMPILED, _DXF, _CS) = range(18)
+_N_VALUES = 18
 
 
 class _Val:
@@ -720,7 +722,7 @@ def _launch_shrink(pl: _Planner, x, lora_A, u, scale, drop, kn: TritonKnobs, spl
     return out, splits
 
 
-def _forward_small_m(pl: _Planner, x, weight, bias, lora_A, lora_B, u, y, scale, drop, kn: TritonKnobs):
+def _forward_small_m(pl: _Planner, x, weight, bias, lora_A, lora_B, u, y, scale, drop, kn: TritonKnobs, cs=None):
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
     r_pad = _r_pad(R)
@@ -734,13 +736,14 @@ def _forward_small_m(pl: _Planner, x, weight, bias, lora_A, lora_B, u, y, scale,
         up, u_splits = _launch_shrink(pl, x, lora_A, u, scale, drop, kn, split_k=True)
         scale = 1.0
     seed_v, seed_p, seed_in_mem = pl.seed_args(x)
-    args = (x, weight, lora_A, lora_B, bias if bias is not None else y, u, up, y, M, N, K, R, u_splits,
+    args = (x, weight, lora_A, lora_B, bias if bias is not None else y, cs if cs is not None else y, u, up, y, M, N,
+            K, R, u_splits,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
             lora_B.stride(0), lora_B.stride(1), u.stride(0), u.stride(1), M * R, y.stride(0), y.stride(1),
             scale, thr, seed_v, seed_p, seed_in_mem, pl.offset, calls_per_row(K))
     dot_prec = _dot_precision(x.dtype, kn)
     meta = dict(HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout, R_PAD=r_pad, DOT_PREC=dot_prec,
-                U_GIVEN=u_given, BM=bm)
+                U_GIVEN=u_given, BM=bm, COL_SCALE=cs is not None)
     grid = lambda cfg: (_cdiv(N, cfg["BN"]), _cdiv(M, bm))  # noqa: E731
     elt, a_elt, smem = x.element_size(), lora_A.element_size(), _smem_per_block(x.device)
     if kn.interpret:
@@ -834,7 +837,7 @@ def _rank_tma_layout(l, lb_strides, lb, R) -> tuple:
 
 
 def _launch_gemm_tma(pl: _Planner, a, b_strides, b, b_kn: bool, l, lb_strides, lb, bias, c, M, N, K, R, lora_scale,
-                     drop, kn: TritonKnobs) -> None:
+                     drop, kn: TritonKnobs, cs=None) -> None:
     """The whole output in one launch of _output_gemm_tma_kernel: one program per SM (or per tile, where there are
     fewer), a, b and c (and l and lb, where _rank_tma_layout allows) through descriptors made from each call's
     tensors (planner step "desc"). Fixed configs (configs._tma_config): LORA_KERNELS_TRITON_AUTOTUNE does not
@@ -859,17 +862,21 @@ def _launch_gemm_tma(pl: _Planner, a, b_strides, b, b_kn: bool, l, lb_strides, l
         else:
             lb_src = pl.descriptor(lb, (N, R), (lb_strides[1], 1), (BN, r_pad))
     seed_v, seed_p, seed_in_mem = pl.seed_args(a)
-    args = (a_d, b_d, c_d, l_src, lb_src, bias if bias is not None else c, M, N, K, R,
+    args = (a_d, b_d, c_d, l_src, lb_src, bias if bias is not None else c, cs if cs is not None else c, M, N, K, R,
             l.stride(0), l.stride(1), lb_strides[0], lb_strides[1],
             lora_scale, thr, seed_v, seed_p, seed_in_mem, pl.offset, calls_per_row(N))
     meta = dict(HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout, R_PAD=r_pad,
-                DOT_PREC=_dot_precision(a.dtype, kn), B_KN=b_kn, LR_TMA=lr_tma, LB_RN=lb_rn, NUM_SMS=sms, **cfg)
+                DOT_PREC=_dot_precision(a.dtype, kn), B_KN=b_kn, LR_TMA=lr_tma, LB_RN=lb_rn, NUM_SMS=sms,
+                COL_SCALE=cs is not None, **cfg)
     pl.launch(_output_gemm_tma_kernel, (min(sms, _cdiv(M, BM) * _cdiv(N, BN)),), args, meta)
 
 
 def _launch_gemm(pl: _Planner, a, b_strides, b, b_mat, l, lb_strides, lb, bias, c, N, K, R, lora_scale, drop,
-                 kn: TritonKnobs, name: str):
-    """c (M, N) = a (M, K) @ b[k, n] + [keep] * lora_scale * l (M, R) @ lb[r, n] + bias.
+                 kn: TritonKnobs, name: str, cs=None):
+    """c (M, N) = a (M, K) @ b[k, n] + [keep] * lora_scale * l (M, R) @ lb[r, n] + bias, or with a column scale cs
+    (N,) fp32 (forward_scaled, no dropout) c = cs ⊙ (a @ b + l @ lb) + bias: in the epilogue of the TMA and Triton
+    main loops; after cuBLAS (which adds its product unscaled) by one pass over c (_scale_bias_kernel, the bias
+    there too).
 
     With LORA_KERNELS_TRITON_MAINLOOP=tma, where the TMA kernel can take the call (_tma_unsupported), it computes
     all of it in one launch; with auto (the default, off the interpreter) the same up to a padded rank of
@@ -892,23 +899,29 @@ def _launch_gemm(pl: _Planner, a, b_strides, b, b_mat, l, lb_strides, lb, bias, 
                 why = "auto: the dropout mask in the epilogue (dx), where the cuBLAS main loop measured faster"
         if why is None:
             _GEMM_PATHS.append((name, (M, N), "tma", None))
-            _launch_gemm_tma(pl, a, b_strides, b, b_kn, l, lb_strides, lb, bias, c, M, N, K, R, lora_scale, drop, kn)
+            _launch_gemm_tma(pl, a, b_strides, b, b_kn, l, lb_strides, lb, bias, c, M, N, K, R, lora_scale, drop, kn,
+                             cs)
             return
     cublas = kn.cublas  # (off under the interpreter; the backend gets CUDA tensors otherwise)
     _GEMM_PATHS.append((name, (M, N), "cublas" if cublas else "triton", why))
+    bias_after = None  # cuBLAS with a column scale: the bias comes with the scale, after the GEMM
     if cublas:
         K = 0
+        if cs is not None:
+            bias, bias_after = None, bias
     has_bias = bias is not None
+    cs_in = cs is not None and not cublas
     m_bucket = min(_next_pow2(M), 4096)
     seed_v, seed_p, seed_in_mem = pl.seed_args(a)
-    args = (a, b, l, lb, bias if has_bias else c, c, M, N, K, R,
+    args = (a, b, l, lb, bias if has_bias else c, cs if cs_in else c, c, M, N, K, R,
             a.stride(0), a.stride(1), b_strides[0], b_strides[1], l.stride(0), l.stride(1),
             lb_strides[0], lb_strides[1], c.stride(0), c.stride(1),
             lora_scale, thr, seed_v, seed_p, seed_in_mem, pl.offset, calls_per_row(N), m_bucket)
     dot_prec = _dot_precision(a.dtype, kn)
     # the rank-r term of fp32 adapters split where this kernel's output is the pass's only rounding: not under
     # cuBLAS, which adds its product to the term already written in x's dtype (kernels._rank_expand)
-    meta = dict(HAS_BIAS=has_bias, HAS_DROPOUT=has_dropout, R_PAD=r_pad, DOT_PREC=dot_prec, RANK_SPLIT=not cublas)
+    meta = dict(HAS_BIAS=has_bias, HAS_DROPOUT=has_dropout, R_PAD=r_pad, DOT_PREC=dot_prec, RANK_SPLIT=not cublas,
+                COL_SCALE=cs_in)
     grid = lambda cfg: (_cdiv(M, cfg["BM"]) * _cdiv(N, cfg["BN"]),)  # noqa: E731
     if kn.interpret:
         cfg = dict(BM=16, BN=32, BK=32, GROUP_M=4)
@@ -929,6 +942,11 @@ def _launch_gemm(pl: _Planner, a, b_strides, b, b_mat, l, lb_strides, lb, bias, 
                         _output_gemm_kernel, grid, args, meta)
     if cublas:
         pl.addmm_(c, a, *b_mat)
+        if cs is not None:  # c = cs ⊙ c + bias, in place
+            bm, bn = 32, 128
+            pl.launch(_scale_bias_kernel, (_cdiv(M, bm), _cdiv(N, bn)),
+                      (c, cs, bias_after if bias_after is not None else cs, c, M, N, c.stride(0), c.stride(0)),
+                      dict(HAS_BIAS=bias_after is not None, BM=bm, BN=bn))
 
 
 def _launch_shrink_t(pl: _Planner, w, rk, out_dtype, out_t, scale, drop, r_pad, prec, rank_f32, kn: TritonKnobs):
@@ -956,17 +974,19 @@ def _launch_shrink_t(pl: _Planner, w, rk, out_dtype, out_t, scale, drop, r_pad, 
     return pl.sum_partials(part, out_dtype)
 
 
-def _plan_forward(x, weight, bias, lora_A, lora_B, p_positive: bool, seed_in_mem, kn: TritonKnobs) -> _Plan:
+def _plan_forward(x, weight, bias, lora_A, lora_B, p_positive: bool, seed_in_mem, kn: TritonKnobs,
+                  col_scale=None) -> _Plan:
     pl = _Planner(x, seed_in_mem, p_positive)
     xv, wv, bv, av, bbv = (pl.value(_X, x), pl.value(_W, weight), pl.value(_BIAS, bias), pl.value(_A, lora_A),
                            pl.value(_B, lora_B))
+    csv = pl.value(_CS, col_scale)
     M, K = x.shape
     N = weight.shape[0]
     R = lora_A.shape[0]
     u = pl.empty((M, R), torch.float32)
     y = pl.empty((M, N), x.dtype)
     if M <= SMALL_M and K > 0 and N > 0:
-        _forward_small_m(pl, xv, wv, bv, av, bbv, u, y, pl.scale, pl.drop, kn)
+        _forward_small_m(pl, xv, wv, bv, av, bbv, u, y, pl.scale, pl.drop, kn, csv)
     else:
         if K == 0:
             pl.zero_(u)
@@ -975,7 +995,7 @@ def _plan_forward(x, weight, bias, lora_A, lora_B, p_positive: bool, seed_in_mem
         if N > 0:
             # y = x @ W^T + u @ B^T + b: b operand W^T[k, n] = W[n, k]; lb operand B^T[r, n] = B[n, r]
             _launch_gemm(pl, xv, (wv.stride(1), wv.stride(0)), wv, (wv, True), u, (bbv.stride(1), bbv.stride(0)),
-                         bbv, bv, y, N, K, R, 1.0, _NO_DROPOUT, kn, "y")
+                         bbv, bv, y, N, K, R, 1.0, _NO_DROPOUT, kn, "y", csv)
     return pl.finish((y, u))
 
 
@@ -1036,10 +1056,21 @@ def _plan_backward(dy, x, weight, lora_A, lora_B, u, p_positive: bool, seed_in_m
 # The backend contract (lora_kernels/backends/__init__.py)
 # ----------------------------------------------------------------------------------------------------------
 def forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset):
+    return _forward(x, weight, bias, lora_A, lora_B, None, scaling, p, seed, offset)
+
+
+def forward_scaled(x, weight, bias, lora_A, lora_B, col_scale, scaling, p, seed, offset):
+    """(y, u) of forward with a per-column scale c (N,) float32: y = c ⊙ (x Wᵀ + s·u Bᵀ) + bias (DoRA's column
+    scale), applied in the output pass's epilogue and y rounded once (the small-M, TMA and Triton main loops); after
+    the cuBLAS main loop, in one pass over y."""
+    return _forward(x, weight, bias, lora_A, lora_B, col_scale.contiguous(), scaling, p, seed, offset)
+
+
+def _forward(x, weight, bias, lora_A, lora_B, col_scale, scaling, p, seed, offset):
     other = _other_device((x,))
     if other is not None:  # run on x's device (_other_device)
         with torch.cuda.device(other):
-            return forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset)
+            return _forward(x, weight, bias, lora_A, lora_B, col_scale, scaling, p, seed, offset)
     M = x.shape[0]
     if M == 0:
         return (torch.empty((0, weight.shape[0]), dtype=x.dtype, device=x.device),
@@ -1052,13 +1083,14 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, offset):
            weight.shape, weight.stride(), weight.dtype, weight.data_ptr() % 16,
            lora_A.shape, lora_A.stride(), lora_A.dtype, lora_A.data_ptr() % 16,
            lora_B.shape, lora_B.stride(), lora_B.dtype, lora_B.data_ptr() % 16,
-           None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.data_ptr() % 16))
+           None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.data_ptr() % 16),
+           None if col_scale is None else (col_scale.shape, col_scale.stride(), col_scale.dtype))
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _plan_forward(x, weight, bias, lora_A, lora_B, p > 0.0, seed_in_mem, kn)
+        plan = _plan_forward(x, weight, bias, lora_A, lora_B, p > 0.0, seed_in_mem, kn, col_scale)
         _keep_plan(key, plan)
     v = [x, weight, bias, lora_A, lora_B, None, None, float(scaling) / (1.0 - float(p)), _threshold(p), seed_v,
-         seed_p, seed_in_mem, int(offset), None, seed, None, None]
+         seed_p, seed_in_mem, int(offset), None, seed, None, None, col_scale]
     v += plan.tail
     return plan.run(v)
 
@@ -1106,6 +1138,6 @@ def _backward(dy, x, weight, lora_A, lora_B, u, scaling, p, seed, offset, need_d
                               dx_from)
         _keep_plan(key, plan)
     v = [x, weight, None, lora_A, lora_B, dy, u, float(scaling) / (1.0 - float(p)), _threshold(p), seed_v, seed_p,
-         seed_in_mem, int(offset), None, seed, None, dx_from]
+         seed_in_mem, int(offset), None, seed, None, dx_from, None]
     v += plan.tail
     return plan.run(v)

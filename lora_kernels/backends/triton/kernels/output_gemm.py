@@ -32,28 +32,33 @@ def _grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _lora_epilogue(acc, l_ptr, lb_ptr, bias_ptr, offs_m, m_mask, offs_n, n_mask, col0, R,
+def _lora_epilogue(acc, l_ptr, lb_ptr, bias_ptr, cs_ptr, offs_m, m_mask, offs_n, n_mask, col0, R,
                    s_lm, s_lr, s_lbr, s_lbn, lora_scale, thr, seed, seed_ptr, seed_in_mem, offset, K8,
                    DT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr,
-                   DOT_PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr):
-    """acc (the tile's a @ b, fp32) + [keep *] lora_scale * l @ lb + bias for the output rows offs_m and columns
-    offs_n (col0 = the first of them): the rank-r term is one more K-step of width R_PAD, masked to R. l and lb
-    through pointer loads, lb as stored (fp32 adapters stay fp32 until _lora_add); _lora_add does the math."""
+                   DOT_PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr,
+                   COL_SCALE: tl.constexpr):
+    """acc (the tile's a @ b, fp32) + [keep *] lora_scale * l @ lb (times the column scale) + bias for the output
+    rows offs_m and columns offs_n (col0 = the first of them): the rank-r term is one more K-step of width R_PAD,
+    masked to R. l and lb through pointer loads, lb as stored (fp32 adapters stay fp32 until _lora_add); _lora_add
+    does the math."""
     rr, r_mask = _block(0, R_PAD, R)
     lt = tl.load(l_ptr + offs_m.to(tl.int64)[:, None] * s_lm + rr[None, :] * s_lr,
                  mask=m_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
     lbt = tl.load(lb_ptr + rr[:, None] * s_lbr + offs_n.to(tl.int64)[None, :] * s_lbn,
                   mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-    return _lora_add(acc, lt, lbt, bias_ptr, offs_m, offs_n, n_mask, col0, lora_scale, thr, seed, seed_ptr,
-                     seed_in_mem, offset, K8, DT, HAS_BIAS, HAS_DROPOUT, DOT_PREC, BM, BN, SPLIT)
+    return _lora_add(acc, lt, lbt, bias_ptr, cs_ptr, offs_m, offs_n, n_mask, col0, lora_scale, thr, seed, seed_ptr,
+                     seed_in_mem, offset, K8, DT, HAS_BIAS, HAS_DROPOUT, DOT_PREC, BM, BN, SPLIT, COL_SCALE)
 
 
 @triton.jit
-def _lora_add(acc, lt, lbt, bias_ptr, offs_m, offs_n, n_mask, col0, lora_scale, thr, seed, seed_ptr, seed_in_mem,
-              offset, K8, DT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-              DOT_PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr):
+def _lora_add(acc, lt, lbt, bias_ptr, cs_ptr, offs_m, offs_n, n_mask, col0, lora_scale, thr, seed, seed_ptr,
+              seed_in_mem, offset, K8, DT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+              DOT_PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr,
+              COL_SCALE: tl.constexpr):
     """acc + [keep *] lora_scale * lt @ lbt + bias, for lt (BM, R_PAD) fp32 and lbt (R_PAD, BN) as the adapter is
-    stored (DT, or fp32 adapters), zero past R and past the M and N edges (however they were loaded)."""
+    stored (DT, or fp32 adapters), zero past R and past the M and N edges (however they were loaded). COL_SCALE (the
+    forward of DoRA, launch.forward_scaled): the sum times cs (N,) fp32 per column before the bias, so that
+    y = cs ⊙ (x Wᵀ + u Bᵀ) + b is rounded once, with no pass over y."""
     if HAS_DROPOUT:
         lo = _rank_expand(lt, lbt, None, DT, DOT_PREC, SPLIT)
         seed = _load_seed(seed, seed_ptr, seed_in_mem)
@@ -67,6 +72,8 @@ def _lora_add(acc, lt, lbt, bias_ptr, offs_m, offs_n, n_mask, col0, lora_scale, 
         acc += tl.dot(lt, lbt, input_precision=DOT_PREC) * lora_scale
     else:  # 16-bit outputs: one more K-step (of 4 R_PAD with fp32 adapters) into the same accumulator
         acc = _rank_expand(lt * lora_scale, lbt, acc, DT, DOT_PREC, SPLIT)
+    if COL_SCALE:
+        acc = acc * tl.load(cs_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         acc += bias[None, :]
@@ -75,13 +82,14 @@ def _lora_add(acc, lt, lbt, bias_ptr, offs_m, offs_n, n_mask, col0, lora_scale, 
 
 @triton.jit(do_not_specialize=_PER_CALL_SCALARS)
 def _output_gemm_kernel(
-    a_ptr, b_ptr, l_ptr, lb_ptr, bias_ptr, c_ptr,
+    a_ptr, b_ptr, l_ptr, lb_ptr, bias_ptr, cs_ptr, c_ptr,
     M, N, K, R,
     s_am, s_ak, s_bk, s_bn, s_lm, s_lr, s_lbr, s_lbn, s_cm, s_cn,
     lora_scale, thr: tl.int32, seed: tl.int64, seed_ptr, seed_in_mem: tl.int32, offset: tl.int64, K8,
     M_BUCKET,
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, RANK_SPLIT: tl.constexpr,
+    COL_SCALE: tl.constexpr,
 ):
     DT = a_ptr.dtype.element_ty
     pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(N, BN), GROUP_M)
@@ -98,9 +106,9 @@ def _output_gemm_kernel(
         acc = tl.dot(_mm(at), _mm(bt.to(DT)), acc, input_precision=DOT_PREC)
         a_ptrs += BK * s_ak
         b_ptrs += BK * s_bk
-    acc = _lora_epilogue(acc, l_ptr, lb_ptr, bias_ptr, offs_m, m_mask, offs_n, n_mask, pid_n * BN, R,
+    acc = _lora_epilogue(acc, l_ptr, lb_ptr, bias_ptr, cs_ptr, offs_m, m_mask, offs_n, n_mask, pid_n * BN, R,
                          s_lm, s_lr, s_lbr, s_lbn, lora_scale, thr, seed, seed_ptr, seed_in_mem, offset, K8,
-                         DT, HAS_BIAS, HAS_DROPOUT, R_PAD, DOT_PREC, BM, BN, RANK_SPLIT)
+                         DT, HAS_BIAS, HAS_DROPOUT, R_PAD, DOT_PREC, BM, BN, RANK_SPLIT, COL_SCALE)
     c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * s_cm + offs_n.to(tl.int64)[None, :] * s_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
@@ -124,14 +132,14 @@ def _output_gemm_kernel(
 # tests/test_triton_tma_mainloop.py::test_tma_kernel_wgmma_not_serialized).
 @triton.jit(do_not_specialize=_PER_CALL_SCALARS)
 def _output_gemm_tma_kernel(
-    a_desc, b_desc, c_desc, l_src, lb_src, bias_ptr,
+    a_desc, b_desc, c_desc, l_src, lb_src, bias_ptr, cs_ptr,
     M, N, K, R,
     s_lm, s_lr, s_lbr, s_lbn,
     lora_scale, thr: tl.int32, seed: tl.int64, seed_ptr, seed_in_mem: tl.int32, offset: tl.int64, K8,
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
     B_KN: tl.constexpr, LR_TMA: tl.constexpr, LB_RN: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     BK: tl.constexpr, GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, FLATTEN: tl.constexpr,
-    C_SPLIT: tl.constexpr,
+    C_SPLIT: tl.constexpr, COL_SCALE: tl.constexpr,
 ):
     DT = a_desc.dtype
     num_pid_m = tl.cdiv(M, BM)
@@ -168,12 +176,13 @@ def _output_gemm_tma_kernel(
                 lbt = lb_src.load([0, pid_n * BN])
             else:
                 lbt = lb_src.load([pid_n * BN, 0]).T
-            acc = _lora_add(acc, lt, lbt, bias_ptr, offs_m, offs_n, n_mask, pid_n * BN, lora_scale, thr, seed,
-                            seed_ptr, seed_in_mem, offset, K8, DT, HAS_BIAS, HAS_DROPOUT, DOT_PREC, BM, BN, True)
+            acc = _lora_add(acc, lt, lbt, bias_ptr, cs_ptr, offs_m, offs_n, n_mask, pid_n * BN, lora_scale, thr,
+                            seed, seed_ptr, seed_in_mem, offset, K8, DT, HAS_BIAS, HAS_DROPOUT, DOT_PREC, BM, BN,
+                            True, COL_SCALE)
         else:
-            acc = _lora_epilogue(acc, l_src, lb_src, bias_ptr, offs_m, m_mask, offs_n, n_mask, pid_n * BN, R,
-                                 s_lm, s_lr, s_lbr, s_lbn, lora_scale, thr, seed, seed_ptr, seed_in_mem, offset, K8,
-                                 DT, HAS_BIAS, HAS_DROPOUT, R_PAD, DOT_PREC, BM, BN, True)
+            acc = _lora_epilogue(acc, l_src, lb_src, bias_ptr, cs_ptr, offs_m, m_mask, offs_n, n_mask, pid_n * BN,
+                                 R, s_lm, s_lr, s_lbr, s_lbn, lora_scale, thr, seed, seed_ptr, seed_in_mem, offset,
+                                 K8, DT, HAS_BIAS, HAS_DROPOUT, R_PAD, DOT_PREC, BM, BN, True, COL_SCALE)
         out = acc.to(DT)
         if C_SPLIT == 2:  # stored as two (BM, BN / 2) halves: half the output's staging buffer in shared memory
             o0, o1 = out.reshape(BM, 2, BN // 2).permute(0, 2, 1).split()

@@ -22,12 +22,12 @@ from .common import _PER_CALL_SCALARS, _apply_keep, _block, _keep_mask, _load_se
 # ------------------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=_PER_CALL_SCALARS)
 def _small_m_kernel(
-    x_ptr, w_ptr, a_ptr, b_ptr, bias_ptr, u_ptr, up_ptr, y_ptr,
+    x_ptr, w_ptr, a_ptr, b_ptr, bias_ptr, cs_ptr, u_ptr, up_ptr, y_ptr,
     M, N, K, R, U_SPLITS,
     s_xm, s_xk, s_wn, s_wk, s_ar, s_ak, s_bn, s_br, s_um, s_ur, s_up, s_ym, s_yn,
     scale, thr: tl.int32, seed: tl.int64, seed_ptr, seed_in_mem: tl.int32, offset: tl.int64, K8,
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
-    U_GIVEN: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    U_GIVEN: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, COL_SCALE: tl.constexpr,
 ):
     DT = x_ptr.dtype.element_ty
     pid_n = tl.program_id(0)
@@ -74,6 +74,8 @@ def _small_m_kernel(
         acc += tl.dot(uacc, bt.to(tl.float32), input_precision="ieee") * scale
     else:
         acc = _rank_expand(u, bt, acc, DT, DOT_PREC, False)
+    if COL_SCALE:  # DoRA's column scale (launch.forward_scaled), before the bias: y rounded once
+        acc = acc * tl.load(cs_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * s_ym + offs_n.to(tl.int64)[None, :] * s_yn
