@@ -12,8 +12,8 @@ Per backend and variant it prints the worst grads by ratio = error / (2 × PEFT'
   no row rule  the Python path's rule for adapter rows large against W's switched off (Z_FROM_Y_MAX_ADAPTER = inf:
                z from y there, as before session 45); the cuda node's rule is compiled in and stays
 
-Written for session 46's GPU failure of test_gpu_model_matches_peft_bf16_fp32_adapters[0.0], where every column of
-the model takes the recompute of z (its adapter rows are about 4× W's).
+Written for a GPU failure of test_gpu_model_matches_peft_bf16_fp32_adapters[0.0] (the model's adapter rows are about
+4× W's, so every column takes the recompute of z); it named the Triton backend's forward (FINDINGS, DoRA).
 """
 from __future__ import annotations
 

@@ -49,9 +49,10 @@ default, does where it measured faster: below): one launch computes the whole
 ``a @ b + [keep *] lora_scale * l @ lb + bias``, its main loop reading a and W through TMA tensor descriptors
 (host-side ``TensorDescriptor``s, made from each call's tensors when its plan runs), persistent (one program per SM
 walking the output tiles in grouped order), the tile and K loops flattened into one pipelined loop, then the rank-r
-K-step into the same fp32 accumulator, the mask (dx with dropout) and the bias in the epilogue, and the output
-stored through a descriptor; the rank-r math and its precision are those of ``_output_gemm_kernel`` (the shared
-``kernels._lora_add``). The rank-r operands l (u or g) and lb (B or A as stored) are read through TMA descriptors
+K-step into the same fp32 accumulator, the mask (dx with dropout), DoRA's column scale (``forward_scaled``) and the
+bias in the epilogue, and the output stored through a descriptor (whole, or in two halves where the whole tile's
+staging would not fit: ``configs._tma_config``); the rank-r math and its precision are those of
+``_output_gemm_kernel`` (the shared ``kernels._lora_add``). The rank-r operands l (u or g) and lb (B or A as stored) are read through TMA descriptors
 too wherever TMA can describe them (``launch._rank_tma_layout``: 16-byte aligned bases and row strides, so r % 4 ==
 0, and r % 8 == 0 for the forward's 16-bit B); elsewhere through masked pointer loads (``kernels._lora_epilogue``).
 Why: triton 3.6 + ptxas serialise every wgmma of the kernel, the main loop's included (ptxas warning C7515), when
