@@ -450,7 +450,9 @@ def test_small_m_configs_fit():
         assert row["pipelined"] or row["cfg"][7] == 1, row
 
 
-_RANK_DOT_SCRIPT = r"""
+# A kernel's Triton IR for sm_90 (argv: kernel name, constexprs and pointer types as JSON), compiled without the
+# interpreter; the scripts below read its dots.
+_TTIR_OF_KERNEL = r"""
 import json, re, sys
 import triton
 from triton.backends.compiler import GPUTarget
@@ -463,6 +465,9 @@ sig = {n: "constexpr" if n in constexprs else ptr_types.get(n, "*fp32") if n.end
        else "fp32" if n in ("scale", "lora_scale") else "i64" if n in ("seed", "offset") else "i32" for n in names}
 src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(n),): v for n, v in constexprs.items()})
 ir = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2)).asm["ttir"]
+"""
+
+_RANK_DOT_SCRIPT = _TTIR_OF_KERNEL + r"""
 dots = [l for l in ir.splitlines() if "tt.dot" in l]
 # per dot: (no reduced-precision input mode, both operands fp32); TTIR prints inputPrecision only when not ieee
 print(json.dumps({"dots": [("inputPrecision" not in l,
@@ -507,19 +512,7 @@ def test_fp32_adapter_products_are_fp32(kernel, ptrs, extra, rank_f32, split):
     assert res["opaque"] == 0, res
 
 
-_DOT_SHAPES_SCRIPT = r"""
-import json, re, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from lora_kernels.backends.triton import kernels
-
-kernel, constexprs, ptr_types = getattr(kernels, sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3])
-names = kernel.arg_names
-sig = {n: "constexpr" if n in constexprs else ptr_types.get(n, "*fp32") if n.endswith("_ptr")
-       else "fp32" if n in ("scale", "lora_scale") else "i64" if n in ("seed", "offset") else "i32" for n in names}
-src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(n),): v for n, v in constexprs.items()})
-ir = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2)).asm["ttir"]
+_DOT_SHAPES_SCRIPT = _TTIR_OF_KERNEL + r"""
 pat = r"tensor<(\d+)x(\d+)x(\w+)> \* tensor<(\d+)x(\d+)x(\w+)>"
 print(json.dumps([[int(m[1]), m[2], m[5]] for m in re.findall(pat, ir)]))  # per dot: K, operand types
 """
