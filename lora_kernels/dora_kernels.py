@@ -40,6 +40,7 @@ try:
     import triton
 
     from .backends.triton import _HOPPER_SMEM, _launch, _max_smem, _num_sms, _seed_args, _smem_per_block
+    from .backends.triton.configs import _ELEMENTWISE_TILES
     from .backends.triton.kernels.dora_colsum import _scale_colsum_kernel
     from .backends.triton.kernels.dora_masked import _masked_kernel
     from .backends.triton.kernels.dora_norm import _norm_combine_kernel
@@ -142,7 +143,7 @@ def weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor
 
 
 def _tiles(t: torch.Tensor):
-    return (16, 32) if _interp(t) else (32, 128)
+    return (16, 32) if _interp(t) else _ELEMENTWISE_TILES
 
 
 def _tiled(t: torch.Tensor, out):

@@ -174,6 +174,9 @@ _TMA_MAX_R_PAD_F32 = 32  # fp32 adapters on 16-bit x (the split's operands, abov
 # with the mask in the TMA kernel's epilogue (1.537 / 2.106 / 1.366 / 1.467 against 1.366 / 2.208 / 1.183 / 1.308);
 # r = 32 and 64 slower in the forward (r = 32: 1.242 / 1.401 / 1.148 / 1.115 against 1.157 / 1.383 / 1.105 / 1.086).
 _TMA_AUTO_MAX_R_PAD = 16
+# The element-wise DoRA passes' (BM, BN) tile on a GPU (kernels/dora_*.py; the scale pass after a cuBLAS main
+# loop in forward_scaled too): one fixed tile near the memory bandwidth.
+_ELEMENTWISE_TILES = (32, 128)
 _TMA_INTERPRET = dict(BM=32, BN=32, BK=32, GROUP_M=2, FLATTEN=True, C_SPLIT=1, num_warps=4, num_stages=2)
 
 

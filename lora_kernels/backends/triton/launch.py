@@ -16,7 +16,7 @@ from ..._config import TritonKnobs
 from ...philox import calls_per_row, keep_threshold
 from .configs import (_cdiv, _dot_precision, _gemm_configs, _helper_tiles, _next_pow2, _num_sms, _rank_term_config,
                       _max_smem, _r_pad, _rank_f32, _small_m_heuristic, _smem_per_block, _splits, _stages,
-                      _TMA_AUTO_MAX_R_PAD,
+                      _ELEMENTWISE_TILES, _TMA_AUTO_MAX_R_PAD,
                       _TMA_MAX_R_PAD, _TMA_MAX_R_PAD_F32, _TMA_SMEM, _tma_config, _tuned_gemm, _tuned_small_m)
 from .kernels import (_PER_CALL_SCALARS, _dy_pass_kernel, _output_gemm_kernel, _output_gemm_tma_kernel,
                       _shrink_kernel, _small_m_kernel, _sum_partials_kernel)
@@ -943,7 +943,7 @@ def _launch_gemm(pl: _Planner, a, b_strides, b, b_mat, l, lb_strides, lb, bias, 
     if cublas:
         pl.addmm_(c, a, *b_mat)
         if cs is not None:  # c = cs ⊙ c + bias, in place
-            bm, bn = 32, 128
+            bm, bn = _ELEMENTWISE_TILES
             pl.launch(_scale_bias_kernel, (_cdiv(M, bm), _cdiv(N, bn)),
                       (c, cs, bias_after if bias_after is not None else cs, c, M, N, c.stride(0), c.stride(0)),
                       dict(HAS_BIAS=bias_after is not None, BM=bm, BN=bn))

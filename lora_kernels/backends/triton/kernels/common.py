@@ -126,6 +126,17 @@ def _rank_expand(l, lb, acc, DT: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl
 
 
 @triton.jit
+def _col_scale_bias(acc, cs_ptr, bias_ptr, offs_n, n_mask, COL_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """acc (fp32, (BM, BN)) times the column scale cs[offs_n] (COL_SCALE), then plus bias[offs_n] (HAS_BIAS), in
+    fp32: DoRA's y = c ⊙ z + b before its one rounding (the output passes' epilogues, the scale pass)."""
+    if COL_SCALE:
+        acc = acc * tl.load(cs_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
 def _opaque(t):
     """t itself, through an instruction the compiler cannot see through: keeps `acc + dot(a, b)` from being folded
     into `dot(a, b, acc)` (Triton's combine pass), which would chain a tile's product into the running sum on the

@@ -5,6 +5,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .common import _col_scale_bias
+
 
 @triton.jit
 def _scale_bias_kernel(z_ptr, c_ptr, b_ptr, out_ptr, M, N, s_zm, s_om,
@@ -14,9 +16,6 @@ def _scale_bias_kernel(z_ptr, c_ptr, b_ptr, out_ptr, M, N, s_zm, s_om,
     n_mask = offs_n < N
     mask = (offs_m < M)[:, None] & n_mask[None, :]
     z = tl.load(z_ptr + offs_m.to(tl.int64)[:, None] * s_zm + offs_n[None, :], mask=mask, other=0.0)
-    c = tl.load(c_ptr + offs_n, mask=n_mask, other=0.0)
-    out = z.to(tl.float32) * c[None, :]
-    if HAS_BIAS:
-        out += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    out = _col_scale_bias(z.to(tl.float32), c_ptr, b_ptr, offs_n, n_mask, True, HAS_BIAS)
     tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * s_om + offs_n[None, :],
              out.to(out_ptr.dtype.element_ty), mask=mask)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import _PER_CALL_SCALARS, _block, _keep_mask, _load_seed, _mm, _rank_expand
+from .common import _PER_CALL_SCALARS, _block, _col_scale_bias, _keep_mask, _load_seed, _mm, _rank_expand
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -72,12 +72,7 @@ def _lora_add(acc, lt, lbt, bias_ptr, cs_ptr, offs_m, offs_n, n_mask, col0, lora
         acc += tl.dot(lt, lbt, input_precision=DOT_PREC) * lora_scale
     else:  # 16-bit outputs: one more K-step (of 4 R_PAD with fp32 adapters) into the same accumulator
         acc = _rank_expand(lt * lora_scale, lbt, acc, DT, DOT_PREC, SPLIT)
-    if COL_SCALE:
-        acc = acc * tl.load(cs_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        acc += bias[None, :]
-    return acc
+    return _col_scale_bias(acc, cs_ptr, bias_ptr, offs_n, n_mask, COL_SCALE, HAS_BIAS)
 
 
 @triton.jit(do_not_specialize=_PER_CALL_SCALARS)

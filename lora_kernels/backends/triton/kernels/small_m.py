@@ -4,7 +4,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import _PER_CALL_SCALARS, _apply_keep, _block, _keep_mask, _load_seed, _mm, _rank_expand
+from .common import (_PER_CALL_SCALARS, _apply_keep, _block, _col_scale_bias, _keep_mask, _load_seed, _mm,
+                     _rank_expand)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -74,9 +75,6 @@ def _small_m_kernel(
         acc += tl.dot(uacc, bt.to(tl.float32), input_precision="ieee") * scale
     else:
         acc = _rank_expand(u, bt, acc, DT, DOT_PREC, False)
-    if COL_SCALE:  # DoRA's column scale (launch.forward_scaled), before the bias: y rounded once
-        acc = acc * tl.load(cs_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    acc = _col_scale_bias(acc, cs_ptr, bias_ptr, offs_n, n_mask, COL_SCALE, HAS_BIAS)  # (launch.forward_scaled)
     y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * s_ym + offs_n.to(tl.int64)[None, :] * s_yn
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
