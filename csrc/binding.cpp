@@ -886,7 +886,10 @@ struct DoraKernels : FusedKernels {
     const uint8_t* big_adapter = reinterpret_cast<const uint8_t*>(big.data_ptr<bool>());
     Tensor dyc = !need_dyc ? Tensor() : in_place ? dy : at::empty_like(dy);
     const bool defer_scale = in_place && need_dyc && need_dm;
-    Tensor part = need_dm ? at::empty({splits, N}, dy.options().dtype(at::kFloat)) : Tensor();
+    // the colsum's splits, then the rows of launch_dora_dmag's recompute
+    Tensor part = need_dm
+        ? at::empty({splits + lk::dora_dmag_recompute_splits(M, N), N}, dy.options().dtype(at::kFloat))
+        : Tensor();
     check_cuda(lk::launch_dora_colsum(dy.data_ptr(), y.data_ptr(), dt, g.data_ptr<float>(), g.data_ptr<float>(),
                                       bias.defined() ? bias.data_ptr() : nullptr, big_adapter,
                                       need_dyc ? dyc.data_ptr() : nullptr, need_dm ? part.data_ptr<float>() : nullptr,

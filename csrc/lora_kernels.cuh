@@ -160,9 +160,11 @@ cudaError_t launch_dora_colsum(const void* dy, const void* y, DType dtype, const
                                int64_t N, int64_t splits, bool keep_recomputed, cudaStream_t stream);
 // dmag (N,) m_dtype = Σ_s part[s] / q / norm; where y cannot give z (g not null: p = 0; dora_recompute_z of g,
 // the bias (N,) dtype or null, and big_adapter (N,) or null), Σ_m dy ⊙ (x Wᵀ + u Bᵀ) / norm for that column instead
-// (x (M, K), W (N, K), dy (M, N) dtype; u (M, r) fp32; B (N, r) b_dtype), and then, when scale_dy (= dy) is not
-// null, that column of dy set to g ⊙ dy.
-cudaError_t launch_dora_dmag(const float* part, int64_t splits, const float* g, const float* norm, float q,
+// (x (M, K), W (N, K), dy (M, N) dtype, contiguous; u (M, r) fp32; B (N, r) b_dtype), and then, when scale_dy
+// (= dy) is not null, that column of dy set to g ⊙ dy. With g, part has dora_dmag_recompute_splits(M, N) rows more
+// after its `splits`: the recompute's scratch.
+int64_t dora_dmag_recompute_splits(int64_t M, int64_t N);
+cudaError_t launch_dora_dmag(float* part, int64_t splits, const float* g, const float* norm, float q,
                              const void* dy, const void* x, const void* W, const void* bias,
                              const uint8_t* big_adapter, DType dtype, const float* u, const void* B, DType b_dtype,
                              void* dmag, DType m_dtype, void* scale_dy, int64_t M, int64_t K, int64_t N, int r,

@@ -46,7 +46,7 @@ try:
     from .backends.triton.kernels.dora_norm import _norm_combine_kernel
     from .backends.triton.kernels.dora_scale_bias import _scale_bias_kernel
     from .backends.triton.kernels.dora_w_at import _w_at_kernel
-    from .backends.triton.kernels.dora_zero_g import _zero_g_colsum_kernel
+    from .backends.triton.kernels.dora_zero_g import _zero_g_colsum_kernel, _zero_g_finish_kernel
 except Exception:  # no triton here: only the PyTorch versions run
     triton = None
 
@@ -226,6 +226,10 @@ def scale_colsum(dy: torch.Tensor, z, c: torch.Tensor, need_out: bool, need_sum:
 # small against W, so this is for unusual inputs. csrc/common.cuh's dora_recompute_z is the same rule.
 Z_FROM_Y_MIN_G = 0.5
 Z_FROM_Y_MAX_ADAPTER = 0.5
+# zero_g_colsum's (BM, BN, BK, num_warps): a GEMM tile loop where a column block has a flagged column (tensor-core
+# dots for 16-bit x; float32 "ieee" dots for float32 x and in the interpreter, whose bf16 dots are wrong)
+_ZERO_G_TILES = {"16bit": (64, 128, 64, 8), "ieee": (64, 64, 32, 8), "interp": (16, 16, 16, 4)}
+_FINISH_COLS = 256  # columns per program of the finish, which sums a flagged column's row-split partials
 
 
 def adapter_gram(lora_A: torch.Tensor) -> torch.Tensor:
@@ -252,8 +256,9 @@ def zero_g_colsum(dg: torch.Tensor, dy: torch.Tensor, x: torch.Tensor, weight: t
                   fast: bool, bias=None) -> torch.Tensor:
     """Writes ``dg_n = Σ_m dy_mn z_mn`` for the columns that y cannot give z accurately (``z_lost_from_y``: g_n = 0,
     a bias and a small g_n, or an adapter row large against W_n's norm ``wsq``), z = x Wᵀ + u Bᵀ recomputed for those
-    columns only; ``dg`` elsewhere is left alone. Without a synchronisation: on the fast path one launch (after A Aᵀ)
-    whose programs return once they have found no such column among theirs; the plain PyTorch version (reference
+    columns only; ``dg`` elsewhere is left alone. Without a synchronisation: on the fast path (after A Aᵀ) a GEMM
+    tile loop over (column block, row split) programs, which return once they have found no such column among theirs,
+    then a launch that sums each such column's row-split partials into dg; the plain PyTorch version (reference
     backends) recomputes z of every column and selects."""
     M, K = x.shape
     N = weight.shape[0]
@@ -267,12 +272,21 @@ def zero_g_colsum(dg: torch.Tensor, dy: torch.Tensor, x: torch.Tensor, weight: t
         return dg.copy_(torch.where(lost, (dy.to(acc) * z).sum(0), dg))
     R = lora_B.shape[1]
     r_pad = max(16, 1 << (R - 1).bit_length())
-    BM, BN, BK = (16, 16, 16) if _interp(x) else (32, 16, 32)
-    _launch(_zero_g_colsum_kernel, (_cdiv(N, BN),),
-            (x, weight, u, lora_B, aat, wsq, g, g if bias is None else bias, dy, dg, M, K, N, R, x.stride(0),
-             weight.stride(0), u.stride(0), lora_B.stride(0), dy.stride(0), Z_FROM_Y_MIN_G,
+    ieee = _interp(x) or x.dtype == torch.float32  # 16-bit x on the GPU: tensor-core dots (exact products)
+    BM, BN, BK, warps = _ZERO_G_TILES["interp" if _interp(x) else ("ieee" if ieee else "16bit")]
+    n_blocks = _cdiv(N, BN)
+    want = max(1, 2 * _num_sms(x.device) // n_blocks)  # about two programs per SM (the interpreter's 4 too)
+    rows = _cdiv(_cdiv(M, BM), max(1, min(want, _cdiv(M, BM)))) * BM
+    splits = _cdiv(M, rows)
+    part = torch.empty((splits, N), dtype=torch.float32, device=x.device)
+    flags = torch.empty(N, dtype=torch.int8, device=x.device)
+    _launch(_zero_g_colsum_kernel, (n_blocks, splits),
+            (x, weight, u, lora_B, aat, wsq, g, g if bias is None else bias, dy, part, flags, M, K, N, R, rows,
+             x.stride(0), weight.stride(0), u.stride(0), lora_B.stride(0), dy.stride(0), Z_FROM_Y_MIN_G,
              float(scaling) * float(scaling), Z_FROM_Y_MAX_ADAPTER ** 2),
-            dict(HAS_BIAS=bias is not None, R_PAD=r_pad, BR=16, BM=BM, BN=BN, BK=BK))
+            dict(HAS_BIAS=bias is not None, IEEE=ieee, R_PAD=r_pad, BR=16, BM=BM, BN=BN, BK=BK, num_warps=warps))
+    BF = _FINISH_COLS
+    _launch(_zero_g_finish_kernel, (_cdiv(N, BF),), (part, flags, dg, N, splits), dict(BN=BF))
     return dg
 
 

@@ -230,6 +230,71 @@ def test_saved_y_where_the_adapter_dominates_or_cancels(backend, device, dtype, 
     check_against_peft(backend, y, [t.grad for t in leaves], x, W, b, A, B, s, m, None, 0.0, dy)
 
 
+@pytest.mark.parametrize("backend,device,dtype", FAST_16, ids=[i for i, c in zip(IDS, CASES) if c in FAST_16])
+def test_saved_y_with_every_column_recomputed(backend, device, dtype):
+    """Every adapter row large against W's (B 10×, as a random init gives): every column takes the saved-y backward's
+    recompute of z, over several 64- and 128-column blocks and row splits, K not a multiple of 8; all grads against
+    float64 and PEFT's formula."""
+    s = 0.75
+    M, K, N = (300, 136, 200) if device == "cuda" else (70, 36, 40)
+    x, W, b, A, B, m = make((M,), K, N, 16, dtype, device, True, torch.float32, s)
+    B *= 10.0
+    norm = torch.linalg.norm(W.double() + s * (B.double() @ A.double()), dim=1)
+    g = torch.Generator().manual_seed(M)
+    m = (norm * (0.5 + torch.rand(N, generator=g, dtype=torch.float64).to(device))).float()
+    leaves = [t.detach().clone().requires_grad_() for t in (x, A, B, m)]
+    y = lora_kernels.dora_linear(leaves[0], W, b, *leaves[1:3], s, leaves[3], backend=backend)
+    dy = torch.randn(y.shape, generator=g).to(device, dtype)
+    y.backward(dy)
+    check_against_peft(backend, y, [t.grad for t in leaves], x, W, b, A, B, s, m, None, 0.0, dy)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("r", [4, 20])
+def test_zero_g_colsum_recomputes_the_flagged_columns_only(dtype, r):
+    """The saved-y backward's recompute (dora_kernels.zero_g_colsum, fast path) against float64, over several column
+    blocks and row splits, K not a multiple of the K tile, r over one BR piece: flagged columns (g = 0, a bias and a
+    small g, an adapter row large against W's) get Σ_m dy ⊙ (x Wᵀ + u Bᵀ); every other column of dg keeps its
+    poison value bit for bit."""
+    from lora_kernels import dora_kernels as dk
+
+    device = "cuda" if HAS_CUDA else "cpu"
+    if not dk.triton_usable(torch.device(device)):
+        pytest.skip("needs Triton (a GPU, or TRITON_INTERPRET=1)")
+    M, K, N = (700, 200, 300) if HAS_CUDA else (75, 40, 40)  # column blocks with a tail; K 8 past a K tile
+    gen = torch.Generator().manual_seed(r)
+    rn = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+    x, W = rn(M, K).to(device, dtype), (rn(N, K) / K**0.5).to(device, dtype)
+    A, B = (rn(r, K) / K**0.5).to(device), (rn(N, r) / r**0.5 / 20).to(device)  # adapters small against W ...
+    flagged = torch.zeros(N, dtype=torch.bool)
+    big = torch.arange(3, N, 7)
+    B[big] *= 40.0  # ... but in these rows
+    flagged[big] = True
+    g = (torch.rand(N, generator=gen) + 0.75).to(device)
+    bias = rn(N).to(device, dtype)
+    g[[0, N - 1]] = 0.0  # y = b there: z is lost
+    g[[5, 11]] = torch.tensor([1e-3, -0.2], device=device)  # a bias and a small g
+    flagged[[0, N - 1, 5, 11]] = True
+    s = 0.75
+    u = s * (x.float() @ A.t())
+    dy = rn(M, N).to(device, dtype)
+    wsq = W.float().square().sum(1)
+    assert torch.equal(dk.z_lost_from_y(g, bias, B, dk.adapter_gram(A), s, wsq).cpu(), flagged)
+    poison = 12345.0
+    dg = torch.full((N,), poison, device=device)
+    dk.zero_g_colsum(dg, dy, x, W, u, A, B, s, g, wsq, True, bias)
+    z64 = x.double() @ W.double().t() + u.double() @ B.double().t()
+    want = (dy.double() * z64).sum(0).cpu()
+    got = dg.double().cpu()
+    assert (got[~flagged] == poison).all()
+    # the same sums in float32 PyTorch (the reference backends' fast=False path) set the error scale
+    torch_dg = dk.zero_g_colsum(torch.full((N,), poison, device=device), dy, x, W, u, A, B, s, g, wsq, False, bias)
+    torch_err = (torch_dg.double().cpu() - want)[flagged].abs()
+    scale = (dy.double().abs() * z64.abs()).sum(0).cpu()[flagged]
+    err = (got[flagged] - want[flagged]).abs()
+    assert (err <= 2 * torch_err + 4 * torch.finfo(torch.float32).eps * scale).all(), (err / scale).max()
+
+
 @pytest.mark.parametrize("backend,device,dtype", CASES, ids=IDS)
 @pytest.mark.parametrize("save_y", [True, False])
 def test_saved_y_or_recompute_same_grads(monkeypatch, backend, device, dtype, save_y):

@@ -29,7 +29,7 @@ from lora_kernels import dora_kernels as dk
 target = GPUTarget("cuda", 90, 32)
 backend = make_backend(target)
 NAMES = ["_w_at_kernel", "_norm_combine_kernel", "_scale_bias_kernel", "_scale_colsum_kernel", "_masked_kernel",
-         "_zero_g_colsum_kernel"]
+         "_zero_g_colsum_kernel", "_zero_g_finish_kernel"]
 launches = {}  # (kernel, constexprs and options) -> set of JIT cache keys (specializations) seen
 first = {}
 
@@ -101,7 +101,7 @@ def test_dora_kernels_compile_for_sm90_without_spills(triton_python):
     rows = run_script(triton_python, _SCRIPT, timeout=1500)
     kernels = {r["kernel"] for r in rows}
     assert kernels == {"_w_at_kernel", "_norm_combine_kernel", "_scale_bias_kernel", "_scale_colsum_kernel",
-                       "_masked_kernel", "_zero_g_colsum_kernel"}, kernels
+                       "_masked_kernel", "_zero_g_colsum_kernel", "_zero_g_finish_kernel"}, kernels
     assert {r["meta"]["MODE"] for r in rows if r["kernel"] == "_w_at_kernel"} == {1, 2, 3}
     for r in rows:
         assert r["shared"] <= 200 * 1024, r  # fits an sm_90 block (227 KB) with room to spare

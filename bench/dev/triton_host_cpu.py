@@ -174,7 +174,7 @@ def main():
         for _ in range(500):
             fwd_bwd()
         prof.disable()
-        pstats.Stats(prof).sort_stats("tottime").print_stats(30)
+        pstats.Stats(prof).sort_stats(os.environ.get("HOST_SORT", "tottime")).print_stats(int(os.environ.get("HOST_TOP", "30")))
 
 
 if __name__ == "__main__":

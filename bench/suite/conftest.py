@@ -18,6 +18,10 @@ def pytest_addoption(parser):
                      "p = 0 too), ours-dora-cuda-savez (z saved for backward), peft-dora, LoRA's ours-cuda/-triton "
                      "and peft-layer, and the floor (--providers picks from all, ours-dora-torch and the triton "
                      "-recompute/-savez included)")
+    g.addoption("--b-scale", type=float, default=1.0,
+                help="lora_B times this (default 1: B std r^-1/2, so ‖s·B A‖_row ≈ 2 ‖W‖_row, past DoRA's 1/2 at which "
+                     "the saved-y backward recomputes z in every column; 0.05 gives 0.1 ‖W‖_row, a trained adapter's "
+                     "size, where it recomputes none)")
     g.addoption("--adapter-dtype", default="float32", choices=["float32", "bfloat16"],
                 help="dtype of lora_A / lora_B for the ours-* providers (float32: PEFT's default)")
     g.addoption("--compile-mode", default=None,

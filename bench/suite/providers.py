@@ -139,7 +139,7 @@ _COMPILED_DYNAMIC: dict = {}  # compile mode -> torch.compile(formula, dynamic=T
 def make_case(provider: str, M: int, K: int, N: int, r: int, p: float, dtype=torch.bfloat16, device="cuda",
               bias: bool = False, n_sets: int = 1, compile_mode: str = "max-autotune-no-cudagraphs",
               adapter_dtype=torch.float32, scaling: float = SCALING, seed: int = 0,
-              compile_dynamic: bool = False) -> Case:
+              compile_dynamic: bool = False, b_scale: float = 1.0) -> Case:
     device = torch.device(device)
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
@@ -147,6 +147,8 @@ def make_case(provider: str, M: int, K: int, N: int, r: int, p: float, dtype=tor
     if provider in ("formula-bf16", "compile-formula", "addmm", "cublas-base", "linear-autograd", "lorafusion"):
         adapter_dtype = dtype
     sets = [_make_tensors(M, K, N, r, dtype, adapter_dtype, device, bias, gen) for _ in range(max(1, n_sets))]
+    for t in sets if b_scale != 1.0 else ():  # lora_B's size against W's (DoRA's saved-y rule reads it)
+        t["B"] = (t["B"].detach() * b_scale).requires_grad_(True)
     fwds: list[Callable] = []
     fwd_bwds: list[Callable] = []
     exclude: list = []

@@ -131,7 +131,8 @@ def test_lora_layer(benchmark, cfg, request):
     try:
         case = make_case(prov, M, K, N, r, p, dtype=DTYPE, device=DEVICE, n_sets=n_sets,
                          compile_mode=_compile_mode(config), compile_dynamic=config.getoption("--compile-dynamic"),
-                         adapter_dtype=getattr(torch, config.getoption("--adapter-dtype")))
+                         adapter_dtype=getattr(torch, config.getoption("--adapter-dtype")),
+                         b_scale=config.getoption("--b-scale"))
     except Unavailable as e:
         pytest.skip(str(e))
     fns = getattr(case, mode)
@@ -149,6 +150,7 @@ def test_lora_layer(benchmark, cfg, request):
     info = {
         "provider": prov, "K": K, "N": N, "shape": f"{K}->{N}", "M": M, "r": r, "p": p, "mode": mode,
         "dtype": str(DTYPE).replace("torch.", ""), "adapter_dtype": case.adapter_dtype, "note": case.note,
+        "b_scale": config.getoption("--b-scale"),
         "median_ms": med, "p20_ms": result.get("p20_ms"), "p80_ms": result.get("p80_ms"),
         "reps": result.get("reps"), "rotation_sets": result.get("sets"),
         "tflops": flops / (med * 1e-3) / 1e12 if med > 0 else None, "flops": flops,
