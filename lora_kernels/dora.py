@@ -121,7 +121,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _config, _dispatch, ops
-from .dora_kernels import masked, scale_bias, scale_colsum, triton_usable, weight_norm, zero_g_colsum
+from .dora_kernels import masked, scale_bias, scale_colsum, triton_usable, weight_norm
 from .philox import calls_per_row
 
 __all__ = ["dora_linear", "dora_weight_norm", "clear_weight_norm_cache"]
@@ -350,9 +350,8 @@ def _bwd_impl(dy, x, weight, bias, lora_A, lora_B, g, u, z, z_is_y, scaling, p, 
         # p = 0 with z (or y) saved, on a backend whose backward takes dx's frozen product from another operand:
         # dy_c = g ⊙ dy and dg first (one pass over dy and z), then one backward of (dy, Bg) for every grad:
         # dx = dy_c W + s·(dy Bg) A, dA, dB·/g; dy read once more (its pass), not twice.
-        dyc, dg = scale_colsum(dy, z, g, True, need_dg, fast, from_y=z_is_y, bias=bias)
-        if need_dg and z_is_y:
-            zero_g_colsum(dg, dy, x, weight, u, lora_A, lora_B, scaling, g, _weight_sq(weight, acc), fast, bias)
+        recompute = (x, weight, u, lora_A, lora_B, scaling, _weight_sq(weight, acc)) if need_dg and z_is_y else None
+        dyc, dg = scale_colsum(dy, z, g, True, need_dg, fast, from_y=z_is_y, bias=bias, recompute=recompute)
         bg = (lora_B.to(acc) * g[:, None]).to(lora_B.dtype)
         dx, dA, dB = one_call(dy, x, weight, lora_A, bg, u, dyc, scaling, 0.0, 0, 0, True, need_dA, need_dB)
         if need_dB:
@@ -397,13 +396,12 @@ def _bwd_impl(dy, x, weight, bias, lora_A, lora_B, g, u, z, z_is_y, scaling, p, 
             # dg += Σ_m dy ⊙ z;  dy_c = c ⊙ dy, written over a recomputed z (the saved z or y is left alone);
             # from y (p = 0): z = (y − b)/g, and the columns y cannot give (g = 0, a bias and a small g, or an
             # adapter row large against W's: dora_kernels.z_lost_from_y) from z recomputed there alone
-            dyc, part = scale_colsum(dys, zs, c, need_dx, need_dg, fast,
-                                     out=zs if (need_dg and not saved) else None, from_y=z_is_y, bias=bias)
+            recompute = ((xs, weight, us, lora_A, lora_B, scaling, _weight_sq(weight, acc)) if need_dg and z_is_y
+                         else None)
+            dyc, part = scale_colsum(dys, zs, c, need_dx, need_dg, fast, out=zs if (need_dg and not saved) else None,
+                                     from_y=z_is_y, bias=bias, recompute=recompute)
             if need_dg:
                 dg = part if dg is None else dg.add_(part)
-                if z_is_y:
-                    zero_g_colsum(dg, dys, xs, weight, us, lora_A, lora_B, scaling, g, _weight_sq(weight, acc), fast,
-                                  bias)
             if not need_dx:
                 continue
             if p == 0.0:

@@ -46,7 +46,7 @@ try:
     from .backends.triton.kernels.dora_norm import _norm_combine_kernel
     from .backends.triton.kernels.dora_scale_bias import _scale_bias_kernel
     from .backends.triton.kernels.dora_w_at import _w_at_kernel
-    from .backends.triton.kernels.dora_zero_g import _zero_g_colsum_kernel, _zero_g_finish_kernel
+    from .backends.triton.kernels.dora_zero_g import _colsum_finish_kernel, _zero_g_colsum_kernel
 except Exception:  # no triton here: only the PyTorch versions run
     triton = None
 
@@ -175,11 +175,14 @@ def scale_bias(z: torch.Tensor, c: torch.Tensor, bias, fast: bool, out=None) -> 
 
 
 def scale_colsum(dy: torch.Tensor, z, c: torch.Tensor, need_out: bool, need_sum: bool, fast: bool, out=None,
-                 from_y: bool = False, bias=None):
+                 from_y: bool = False, bias=None, recompute=None):
     """(``c ⊙ dy`` in dy's dtype or None, ``Σ_m dy ⊙ z`` (N,) in float32/64 or None); one pass over dy and z.
     ``out`` (optional, may be z itself: each tile of z is read before its c ⊙ dy is written) receives c ⊙ dy.
     ``from_y``: ``z`` holds y = c ⊙ z + bias instead (p = 0, c = g), and the sum is Σ_m dy ⊙ (y − bias) / c,
-    0 where c = 0 (``zero_g_colsum`` fills those columns)."""
+    0 where c = 0. ``recompute`` (with ``from_y``): (x, W, u, lora_A, lora_B, scaling, wsq), and the columns that y
+    cannot give z take ``zero_g_colsum``'s sums instead; on the fast path its partials share the colsum's buffer and
+    one finish launch sums both (the launches of a backward without such a column: the colsum, the recompute's test,
+    the finish)."""
     acc = _acc(dy)
     M, N = dy.shape
     if not fast:
@@ -192,6 +195,9 @@ def scale_colsum(dy: torch.Tensor, z, c: torch.Tensor, need_out: bool, need_sum:
                 cc = c.to(acc)
                 colsum = torch.where(cc != 0, colsum / torch.where(cc != 0, cc, torch.ones_like(cc)),
                                      torch.zeros_like(colsum))
+            if from_y and recompute is not None:
+                x, weight, u, lora_A, lora_B, scaling, wsq = recompute
+                zero_g_colsum(colsum, dy, x, weight, u, lora_A, lora_B, scaling, c, wsq, False, bias)
         if not need_out:
             return None, colsum
         scaled = d * c.to(acc)
@@ -205,14 +211,25 @@ def scale_colsum(dy: torch.Tensor, z, c: torch.Tensor, need_out: bool, need_sum:
     want = 1 if _interp(dy) else max(1, 2 * _num_sms(dy.device) // n_blocks)  # about two programs per SM
     rows = _cdiv(_cdiv(M, BM), max(1, min(want, _cdiv(M, BM)))) * BM
     splits = _cdiv(M, rows)
-    part = torch.empty((splits, N), dtype=torch.float32, device=dy.device) if need_sum else c
+    rz = None  # the recompute's plan, where its partials join the colsum's
+    if recompute is not None and from_y and need_sum:
+        rz = _zero_g_plan(recompute[0], N, recompute[4].shape[1])
+    n_rows = splits + (rz[0] + 1 if rz is not None else 0)  # the colsum's partials, the recompute's, its flags
+    part = torch.empty((n_rows, N), dtype=torch.float32, device=dy.device) if need_sum else c
     has_bias = bool(from_y and need_sum and bias is not None)
     _launch(_scale_colsum_kernel, (n_blocks, splits),
             (dy, z if need_sum else dy, c, bias if has_bias else c, out if need_out else dy, part, M, N, rows,
              dy.stride(0), z.stride(0) if need_sum else 0, out.stride(0) if need_out else 0),
             dict(NEED_OUT=need_out, NEED_SUM=need_sum, FROM_Y=bool(from_y and need_sum), HAS_BIAS=has_bias,
                  BM=BM, BN=BN))
-    return (out if need_out else None), (part.sum(0) if need_sum else None)
+    if rz is None:
+        return (out if need_out else None), (part.sum(0) if need_sum else None)
+    x, weight, u, lora_A, lora_B, scaling, wsq = recompute
+    _launch_zero_g(part, splits, rz, dy, x, weight, u, lora_A, lora_B, scaling, c, wsq, bias)
+    colsum = torch.empty(N, dtype=torch.float32, device=dy.device)
+    _launch(_colsum_finish_kernel, (_cdiv(N, _FINISH_COLS),), (part, colsum, N, splits, splits, rz[0], splits + rz[0]),
+            dict(KEEP_UNFLAGGED=False, BN=_FINISH_COLS))
+    return (out if need_out else None), colsum
 
 
 # DoRA at p = 0 takes z = (y − b)/g from the output y. y is rounded at the scale of max(|g z|, |b|), so z's error grows
@@ -229,7 +246,7 @@ Z_FROM_Y_MAX_ADAPTER = 0.5
 # zero_g_colsum's (BM, BN, BK, num_warps): a GEMM tile loop where a column block has a flagged column (tensor-core
 # dots for 16-bit x; float32 "ieee" dots for float32 x and in the interpreter, whose bf16 dots are wrong)
 _ZERO_G_TILES = {"16bit": (64, 128, 64, 8), "ieee": (64, 64, 32, 8), "interp": (16, 16, 16, 4)}
-_FINISH_COLS = 256  # columns per program of the finish, which sums a flagged column's row-split partials
+_FINISH_COLS = 256  # columns per program of the finish launch, which sums a column's row-split partials
 
 
 def adapter_gram(lora_A: torch.Tensor) -> torch.Tensor:
@@ -258,36 +275,50 @@ def zero_g_colsum(dg: torch.Tensor, dy: torch.Tensor, x: torch.Tensor, weight: t
     a bias and a small g_n, or an adapter row large against W_n's norm ``wsq``), z = x Wᵀ + u Bᵀ recomputed for those
     columns only; ``dg`` elsewhere is left alone. Without a synchronisation: on the fast path (after A Aᵀ) a GEMM
     tile loop over (column block, row split) programs, which return once they have found no such column among theirs,
-    then a launch that sums each such column's row-split partials into dg; the plain PyTorch version (reference
-    backends) recomputes z of every column and selects."""
+    then a launch that sums each such column's row-split partials into dg (``scale_colsum(..., recompute=)`` does
+    the same with the colsum's partials in one buffer); the plain PyTorch version (reference backends) recomputes z
+    of every column and selects."""
     M, K = x.shape
     N = weight.shape[0]
     if M == 0 or N == 0:
         return dg
-    aat = adapter_gram(lora_A)
     if not fast:
         acc = dg.dtype
         z = x.to(acc) @ weight.to(acc).t() + u.to(acc) @ lora_B.to(acc).t()
-        lost = z_lost_from_y(g, bias, lora_B, aat, scaling, wsq)
+        lost = z_lost_from_y(g, bias, lora_B, adapter_gram(lora_A), scaling, wsq)
         return dg.copy_(torch.where(lost, (dy.to(acc) * z).sum(0), dg))
-    R = lora_B.shape[1]
-    r_pad = max(16, 1 << (R - 1).bit_length())
-    ieee = _interp(x) or x.dtype == torch.float32  # 16-bit x on the GPU: tensor-core dots (exact products)
-    BM, BN, BK, warps = _ZERO_G_TILES["interp" if _interp(x) else ("ieee" if ieee else "16bit")]
-    n_blocks = _cdiv(N, BN)
-    want = max(1, 2 * _num_sms(x.device) // n_blocks)  # about two programs per SM (the interpreter's 4 too)
-    rows = _cdiv(_cdiv(M, BM), max(1, min(want, _cdiv(M, BM)))) * BM
-    splits = _cdiv(M, rows)
-    part = torch.empty((splits, N), dtype=torch.float32, device=x.device)
-    flags = torch.empty(N, dtype=torch.int8, device=x.device)
-    _launch(_zero_g_colsum_kernel, (n_blocks, splits),
-            (x, weight, u, lora_B, aat, wsq, g, g if bias is None else bias, dy, part, flags, M, K, N, R, rows,
-             x.stride(0), weight.stride(0), u.stride(0), lora_B.stride(0), dy.stride(0), Z_FROM_Y_MIN_G,
-             float(scaling) * float(scaling), Z_FROM_Y_MAX_ADAPTER ** 2),
-            dict(HAS_BIAS=bias is not None, IEEE=ieee, R_PAD=r_pad, BR=16, BM=BM, BN=BN, BK=BK, num_warps=warps))
-    BF = _FINISH_COLS
-    _launch(_zero_g_finish_kernel, (_cdiv(N, BF),), (part, flags, dg, N, splits), dict(BN=BF))
+    rz = _zero_g_plan(x, N, lora_B.shape[1])
+    part = torch.empty((rz[0] + 1, N), dtype=torch.float32, device=x.device)  # the partials, then the flags
+    _launch_zero_g(part, 0, rz, dy, x, weight, u, lora_A, lora_B, scaling, g, wsq, bias)
+    _launch(_colsum_finish_kernel, (_cdiv(N, _FINISH_COLS),), (part, dg, N, 0, 0, rz[0], rz[0]),
+            dict(KEEP_UNFLAGGED=True, BN=_FINISH_COLS))
     return dg
+
+
+def _zero_g_plan(x: torch.Tensor, N: int, R: int):
+    """(row splits, rows per split, (BM, BN, BK, num_warps), IEEE) of the recompute's launch for x (M, K)."""
+    M = x.shape[0]
+    ieee = _interp(x) or x.dtype == torch.float32  # 16-bit x on the GPU: tensor-core dots (exact products)
+    tiles = _ZERO_G_TILES["interp" if _interp(x) else ("ieee" if ieee else "16bit")]
+    BM, BN = tiles[0], tiles[1]
+    want = max(1, 2 * _num_sms(x.device) // _cdiv(N, BN))  # about two programs per SM (the interpreter's 4 too)
+    rows = _cdiv(_cdiv(M, BM), max(1, min(want, _cdiv(M, BM)))) * BM
+    return _cdiv(M, rows), rows, tiles, ieee
+
+
+def _launch_zero_g(part, row0: int, plan, dy, x, weight, u, lora_A, lora_B, scaling, g, wsq, bias) -> None:
+    """The recompute's launch: its partials into rows row0.. of part (N columns), its flags (1.0 where a column
+    recomputes) into the row after them."""
+    M, K = x.shape
+    N, R = lora_B.shape
+    splits, rows, (BM, BN, BK, warps), ieee = plan
+    aat = adapter_gram(lora_A)
+    r_pad = max(16, 1 << (R - 1).bit_length())
+    _launch(_zero_g_colsum_kernel, (_cdiv(N, BN), splits),
+            (x, weight, u, lora_B, aat, wsq, g, g if bias is None else bias, dy, part, M, K, N, R, rows, row0,
+             row0 + splits, x.stride(0), weight.stride(0), u.stride(0), lora_B.stride(0), dy.stride(0),
+             Z_FROM_Y_MIN_G, float(scaling) * float(scaling), Z_FROM_Y_MAX_ADAPTER ** 2),
+            dict(HAS_BIAS=bias is not None, IEEE=ieee, R_PAD=r_pad, BR=16, BM=BM, BN=BN, BK=BK, num_warps=warps))
 
 
 def masked(t: torch.Tensor, p: float, seed, offset: int, a_keep: float, a_drop: float, fast: bool,

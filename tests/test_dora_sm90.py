@@ -29,7 +29,7 @@ from lora_kernels import dora_kernels as dk
 target = GPUTarget("cuda", 90, 32)
 backend = make_backend(target)
 NAMES = ["_w_at_kernel", "_norm_combine_kernel", "_scale_bias_kernel", "_scale_colsum_kernel", "_masked_kernel",
-         "_zero_g_colsum_kernel", "_zero_g_finish_kernel"]
+         "_zero_g_colsum_kernel", "_colsum_finish_kernel"]
 launches = {}  # (kernel, constexprs and options) -> set of JIT cache keys (specializations) seen
 first = {}
 
@@ -60,6 +60,10 @@ for dt in (torch.bfloat16, torch.float16, torch.float32):
     dk.scale_colsum(z, z, c, False, True, True)
     dk.scale_colsum(z, z, c, True, True, True, from_y=True, bias=b)  # the saved-y backward at p = 0
     dk.scale_colsum(z, z, c, True, True, True, from_y=True)
+    x, W = torch.randn(512, 256).to(dt), torch.randn(1024, 256).to(dt)
+    u, A, B = torch.randn(512, 16), torch.randn(16, 256), torch.randn(1024, 16)
+    dk.scale_colsum(z, z, c, True, True, True, from_y=True, bias=b,  # with the saved-y recompute's partials
+                    recompute=(x, W, u, A, B, 0.5, W.float().square().sum(1)))
     for adt in (torch.float32, dt):
         for r in (1, 16, 64):
             x, W = torch.randn(512, 256).to(dt), torch.randn(1024, 256).to(dt)
@@ -101,7 +105,7 @@ def test_dora_kernels_compile_for_sm90_without_spills(triton_python):
     rows = run_script(triton_python, _SCRIPT, timeout=1500)
     kernels = {r["kernel"] for r in rows}
     assert kernels == {"_w_at_kernel", "_norm_combine_kernel", "_scale_bias_kernel", "_scale_colsum_kernel",
-                       "_masked_kernel", "_zero_g_colsum_kernel", "_zero_g_finish_kernel"}, kernels
+                       "_masked_kernel", "_zero_g_colsum_kernel", "_colsum_finish_kernel"}, kernels
     assert {r["meta"]["MODE"] for r in rows if r["kernel"] == "_w_at_kernel"} == {1, 2, 3}
     for r in rows:
         assert r["shared"] <= 200 * 1024, r  # fits an sm_90 block (227 KB) with room to spare

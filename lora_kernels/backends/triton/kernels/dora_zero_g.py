@@ -8,8 +8,9 @@ Tiling  : grid (column blocks of BN, row splits of ROWS rows). A program tests i
           sums; float32 x: "ieee" dots), u Bᵀ added as float32 "ieee" dots, and Σ dy ⊙ z over its rows into its
           partial. Where every column is flagged (an adapter larger than W, as in a benchmark's random init) the pass
           costs about one GEMM, not one per column block.
-Finish  : a second launch sums each flagged column's row-split partials into dg, in a fixed order (deterministic);
-          the flags come from the row-split-0 programs.
+Finish  : a second launch sums each flagged column's row-split partials into dg, in a fixed order (deterministic),
+          and in the backward the colsum's partials (from y) in every other column: the two passes share one buffer
+          of partials, and the flags (from the row-split-0 programs) are its last row.
 """
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ from .dora_norm import _quadratic_form
 
 
 @triton.jit
-def _zero_g_colsum_kernel(x_ptr, w_ptr, u_ptr, bl_ptr, aat_ptr, wsq_ptr, g_ptr, b_ptr, dy_ptr, part_ptr, flag_ptr,
-                          M, K, N, R, ROWS, s_xm, s_wn, s_um, s_bn, s_dm, min_g, s_sq, max_adapter_sq,
+def _zero_g_colsum_kernel(x_ptr, w_ptr, u_ptr, bl_ptr, aat_ptr, wsq_ptr, g_ptr, b_ptr, dy_ptr, part_ptr, M, K, N, R,
+                          ROWS, ROW0, FLAG_ROW, s_xm, s_wn, s_um, s_bn, s_dm, min_g, s_sq, max_adapter_sq,
                           HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, R_PAD: tl.constexpr, BR: tl.constexpr,
                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     # the columns whose z y cannot give (z_lost_from_y): g = 0, where y = b; a bias and |g| < min_g; or
@@ -41,8 +42,8 @@ def _zero_g_colsum_kernel(x_ptr, w_ptr, u_ptr, bl_ptr, aat_ptr, wsq_ptr, g_ptr, 
     lost = lost | (adapter_sq > max_adapter_sq * wsq)
     lost = lost & n_mask
     split = tl.program_id(1)
-    if split == 0:
-        tl.store(flag_ptr + offs_n, lost.to(tl.int8), mask=n_mask)
+    if split == 0:  # the flags, for the finish
+        tl.store(part_ptr + FLAG_ROW * N + offs_n, lost.to(tl.float32), mask=n_mask)
     if tl.sum(lost.to(tl.int32), axis=0) > 0:
         acc = tl.zeros((BN,), dtype=tl.float32)
         m_begin = split * ROWS
@@ -73,17 +74,22 @@ def _zero_g_colsum_kernel(x_ptr, w_ptr, u_ptr, bl_ptr, aat_ptr, wsq_ptr, g_ptr, 
             dy = tl.load(dy_ptr + rows[:, None] * s_dm + offs_n[None, :], mask=m_mask[:, None] & n_mask[None, :],
                          other=0.0).to(tl.float32)
             acc += tl.sum(dy * z, axis=0)
-        tl.store(part_ptr + split * N + offs_n, acc, mask=lost)
+        tl.store(part_ptr + (ROW0 + split).to(tl.int64) * N + offs_n, acc, mask=lost)
 
 
 @triton.jit
-def _zero_g_finish_kernel(part_ptr, flag_ptr, dg_ptr, N, SPLITS, BN: tl.constexpr):
-    # dg_n = Σ_s part[s, n] where column n is flagged; dg elsewhere is left alone
+def _colsum_finish_kernel(part_ptr, dg_ptr, N, S_COLSUM, Z_ROW0, S_Z, FLAG_ROW, KEEP_UNFLAGGED: tl.constexpr,
+                          BN: tl.constexpr):
+    # dg_n = Σ of the recompute's partials (rows Z_ROW0.., S_Z of them) in a flagged column, else of the colsum's
+    # (rows 0.., S_COLSUM of them); KEEP_UNFLAGGED: dg is left alone in the columns that are not flagged
     offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
     n_mask = offs_n < N
-    lost = (tl.load(flag_ptr + offs_n, mask=n_mask, other=0) != 0) & n_mask
+    lost = (tl.load(part_ptr + FLAG_ROW * N + offs_n, mask=n_mask, other=0.0) != 0.0) & n_mask
+    kept = n_mask & (lost == 0)
+    acc = tl.zeros((BN,), dtype=tl.float32)
+    for s in range(0, S_COLSUM):
+        acc += tl.load(part_ptr + s * N + offs_n, mask=kept, other=0.0)
     if tl.sum(lost.to(tl.int32), axis=0) > 0:
-        acc = tl.zeros((BN,), dtype=tl.float32)
-        for s in range(0, SPLITS):
-            acc += tl.load(part_ptr + s * N + offs_n, mask=lost, other=0.0)
-        tl.store(dg_ptr + offs_n, acc, mask=lost)
+        for s in range(0, S_Z):
+            acc += tl.load(part_ptr + (Z_ROW0 + s) * N + offs_n, mask=lost, other=0.0)
+    tl.store(dg_ptr + offs_n, acc, mask=lost if KEEP_UNFLAGGED else n_mask)
