@@ -73,6 +73,14 @@ def _interp(t: torch.Tensor) -> bool:
     return t.device.type != "cuda"
 
 
+def _row_splits(M: int, BM: int, want: int):
+    """(rows per split, splits) of a column pass over M rows in BM-row tiles, into at most ``want`` row splits of
+    whole tiles (each writes a partial of its column sums)."""
+    tiles = _cdiv(M, BM)
+    rows = _cdiv(tiles, max(1, min(want, tiles))) * BM
+    return rows, _cdiv(M, rows)
+
+
 _W_AT_TILES = {}  # (r_pad, mode) -> (BN, BK, num_warps), overridable for measurements
 
 
@@ -209,8 +217,7 @@ def scale_colsum(dy: torch.Tensor, z, c: torch.Tensor, need_out: bool, need_sum:
     BM, BN = _tiles(dy)
     n_blocks = _cdiv(N, BN)
     want = 1 if _interp(dy) else max(1, 2 * _num_sms(dy.device) // n_blocks)  # about two programs per SM
-    rows = _cdiv(_cdiv(M, BM), max(1, min(want, _cdiv(M, BM)))) * BM
-    splits = _cdiv(M, rows)
+    rows, splits = _row_splits(M, BM, want)
     rz = None  # the recompute's plan, where its partials join the colsum's
     if recompute is not None and from_y and need_sum:
         rz = _zero_g_plan(recompute[0], N, recompute[4].shape[1])
@@ -302,8 +309,8 @@ def _zero_g_plan(x: torch.Tensor, N: int, R: int):
     tiles = _ZERO_G_TILES["interp" if _interp(x) else ("ieee" if ieee else "16bit")]
     BM, BN = tiles[0], tiles[1]
     want = max(1, 2 * _num_sms(x.device) // _cdiv(N, BN))  # about two programs per SM (the interpreter's 4 too)
-    rows = _cdiv(_cdiv(M, BM), max(1, min(want, _cdiv(M, BM)))) * BM
-    return _cdiv(M, rows), rows, tiles, ieee
+    rows, splits = _row_splits(M, BM, want)
+    return splits, rows, tiles, ieee
 
 
 def _launch_zero_g(part, row0: int, plan, dy, x, weight, u, lora_A, lora_B, scaling, g, wsq, bias) -> None:
