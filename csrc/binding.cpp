@@ -818,21 +818,24 @@ Tensor linear_entry(const Tensor& x, const Tensor& weight, const std::optional<T
 }
 
 // u = s·x Aᵀ (M, r) fp32 alone: the forward's shrink pass (the wgmma kernel on Hopper, else mma.sync / FFMA) and the
-// reduce of its split-K parts. DoRA's W Aᵀ is this pass over W with s = 1 (fp32 accuracy: a float32 A on a bf16 W
-// runs as three exact bf16 pieces, as in the LoRA shrink).
-Tensor shrink_only(const Tensor& x, const Tensor& lora_A, double scaling) {
+// reduce of its split-K parts; with sum_splits false, those parts as they are, (splits, M, r), for a consumer that
+// sums them itself in split order (one launch fewer). DoRA's W Aᵀ is this pass over W with s = 1 (fp32 accuracy: a
+// float32 A on a bf16 W runs as three exact bf16 pieces, as in the LoRA shrink), summed by its combine.
+Tensor shrink_only(const Tensor& x, const Tensor& lora_A, double scaling, bool sum_splits = true) {
   const c10::cuda::CUDAGuard guard(x.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index());
   const ShrinkPass shrink(x, lora_A, 0.f);
   const int64_t M = shrink.M, r = shrink.r, groups = shrink.plan.col_groups;
-  Tensor u = at::empty({M, r}, x.options().dtype(at::kFloat));
+  const bool reduce = sum_splits && groups > 1;
+  Tensor u = sum_splits ? at::empty({M, r}, x.options().dtype(at::kFloat))
+                        : at::empty({groups, M, r}, x.options().dtype(at::kFloat));
   Workspace ws;
-  const int64_t work_piece = groups > 1 ? ws.reserve_floats(groups * M * r) : -1;
+  const int64_t work_piece = reduce ? ws.reserve_floats(groups * M * r) : -1;
   const int64_t scratch_piece = shrink.sm90 ? ws.reserve(shrink.scratch_bytes()) : -1;
   ws.allocate(x.options());
-  float* const work = groups > 1 ? ws.ptr<float>(work_piece) : u.data_ptr<float>();
+  float* const work = reduce ? ws.ptr<float>(work_piece) : u.data_ptr<float>();
   shrink.launch(x, lora_A, work, scaling, 0.f, 0, nullptr, 0, nullptr, ws.ptr(scratch_piece), stream);
-  if (groups > 1) {
+  if (reduce) {
     check_cuda(lk::launch_reduce_partials(work, groups, M * r, u.data_ptr(), lk::DType::kFloat32, stream),
                "reduce(u) launch");
   }
@@ -846,7 +849,8 @@ struct DoraKernels : FusedKernels {
                                                               double scaling, const Tensor& wsq) {
     const int64_t N = weight.size(0);
     const int r = (int)lora_A.size(0);
-    const Tensor wa = shrink_only(weight, lora_A, 1.0);  // W Aᵀ: one pass over W
+    // W Aᵀ: one pass over W, its K-split partials (splits, N, r) summed by the combine (one launch fewer)
+    const Tensor wa = shrink_only(weight, lora_A, 1.0, /*sum_splits=*/false);
     const c10::cuda::CUDAGuard guard(weight.device());
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream(weight.device().index());
     const Tensor aat = at::empty({r, r}, weight.options().dtype(at::kFloat));  // A Aᵀ: one launch (dora_gram.cu)
@@ -857,7 +861,7 @@ struct DoraKernels : FusedKernels {
     Tensor bg = at::empty_like(lora_B), big = at::empty({N}, weight.options().dtype(at::kBool));
     LK_CHECK(weight.is_contiguous() && lora_A.is_contiguous(), "lora_kernels_cuda: dora_norm needs a contiguous "
              "weight and lora_A");
-    check_cuda(lk::launch_dora_combine(wa.data_ptr<float>(), wsq.data_ptr<float>(), lora_B.data_ptr(),
+    check_cuda(lk::launch_dora_combine(wa.data_ptr<float>(), wa.size(0), wsq.data_ptr<float>(), lora_B.data_ptr(),
                                        to_dtype(lora_B, "lora_B"), aat.data_ptr<float>(), weight.data_ptr(),
                                        to_dtype(weight, "weight"), lora_A.data_ptr(), to_dtype(lora_A, "lora_A"),
                                        weight.size(1), magnitude.data_ptr(),

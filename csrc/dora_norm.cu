@@ -4,8 +4,8 @@
 //
 // big_adapter_n = ‖s(BA)_n‖ > ‖W_n‖ / 2 (the columns whose z the saved-y backward recomputes: common.cuh's
 // dora_recompute_z), from the expansion's last term s²·B_n (A Aᵀ) B_nᵀ = ‖s(BA)_n‖².
-// All from ‖W_n‖² (cached per frozen W), W Aᵀ (N×r fp32, the LoRA shrink pass over W) and A Aᵀ (r×r fp32): no N×K
-// temporary. A row whose sum is under half the sum of its terms' sizes has cancelled (the adapter undoes much of
+// All from ‖W_n‖² (cached per frozen W), W Aᵀ (N×r fp32, the LoRA shrink pass over W, whose K-split partials are
+// summed here, in the order of reduce.cu's sum: no launch of its own) and A Aᵀ (r×r fp32): no N×K temporary. A row whose sum is under half the sum of its terms' sizes has cancelled (the adapter undoes much of
 // W_n, or the rank-r sum B_n A itself cancels, at small K), and the expansion's fp32 rounding, relative to those
 // sizes, is then large against the result: that row is summed again directly, Σ_k (W_nk + s·B_n·A_k)². The sizes
 // are every product's: ‖W_n‖², 2|s|·Σ_j |B_nj (W Aᵀ)_nj|, s²·Σ_jk |B_nj (A Aᵀ)_jk B_nk| (the Triton
@@ -23,10 +23,11 @@ namespace {
 
 constexpr int kWarps = kThreads / 32;
 
-// One warp per row n of B: the row's squared norm from ‖W_n‖² (wsq), W Aᵀ (wa, N × r fp32) and A Aᵀ (aat, r × r
-// fp32); then g_n = magnitude_n / norm_n, Bg_n = g_n B_n and big_adapter_n (when not null).
+// One warp per row n of B: the row's squared norm from ‖W_n‖² (wsq), W Aᵀ (wa: splits partials of N × r fp32) and
+// A Aᵀ (aat, r × r fp32); then g_n = magnitude_n / norm_n, Bg_n = g_n B_n and big_adapter_n (when not null).
 __global__ void __launch_bounds__(kThreads)
-dora_combine_kernel(const float* __restrict__ wa, const float* __restrict__ wsq, const void* __restrict__ B, DType b_dt,
+dora_combine_kernel(const float* __restrict__ wa, int64_t splits, const float* __restrict__ wsq,
+                    const void* __restrict__ B, DType b_dt,
                     const float* __restrict__ aat, const void* __restrict__ W, DType w_dt, const void* __restrict__ A,
                     DType a_dt, int64_t K, const void* __restrict__ mag, DType m_dt, float s, int64_t N, int r,
                     float* __restrict__ norm, float* __restrict__ g, void* __restrict__ Bg,
@@ -39,8 +40,10 @@ dora_combine_kernel(const float* __restrict__ wa, const float* __restrict__ wsq,
   float lin = 0.f, lin_size = 0.f;
   for (int j = lane; j < r; j += 32) {
     b[j] = load_any(B, b_dt, n * r + j);
-    lin = fmaf(b[j], wa[n * r + j], lin);
-    lin_size += fabsf(b[j] * wa[n * r + j]);
+    float w = 0.f;  // (W Aᵀ)_nj: its partials in split order
+    for (int64_t sp = 0; sp < splits; ++sp) w += wa[(sp * N + n) * r + j];
+    lin = fmaf(b[j], w, lin);
+    lin_size += fabsf(b[j] * w);
   }
   __syncwarp();
   // quad = Σ_j b_j Σ_k (A Aᵀ)_jk b_k, lane j reading column j of the symmetric A Aᵀ: at each k the lanes read
@@ -86,14 +89,14 @@ dora_combine_kernel(const float* __restrict__ wa, const float* __restrict__ wsq,
 
 }  // namespace
 
-cudaError_t launch_dora_combine(const float* wa, const float* wsq, const void* B, DType b_dtype, const float* aat,
-                                const void* W, DType w_dtype, const void* A, DType a_dtype, int64_t K,
+cudaError_t launch_dora_combine(const float* wa, int64_t wa_splits, const float* wsq, const void* B, DType b_dtype,
+                                const float* aat, const void* W, DType w_dtype, const void* A, DType a_dtype, int64_t K,
                                 const void* magnitude, DType m_dtype, float scaling, int64_t N, int r, float* norm,
                                 float* g, void* Bg, uint8_t* big_adapter, cudaStream_t stream) {
   if (N <= 0) return cudaSuccess;
-  if (r < 1 || r > kMaxRank) return cudaErrorInvalidValue;
-  return launch_kernel(dora_combine_kernel, dim3((unsigned)ceil_div(N, kWarps)), kThreads, 0, stream, wa, wsq, B,
-                       b_dtype, aat, W, w_dtype, A, a_dtype, K, magnitude, m_dtype, scaling, N, r, norm, g, Bg,
+  if (r < 1 || r > kMaxRank || wa_splits < 1) return cudaErrorInvalidValue;
+  return launch_kernel(dora_combine_kernel, dim3((unsigned)ceil_div(N, kWarps)), kThreads, 0, stream, wa, wa_splits,
+                       wsq, B, b_dtype, aat, W, w_dtype, A, a_dtype, K, magnitude, m_dtype, scaling, N, r, norm, g, Bg,
                        big_adapter);
 }
 

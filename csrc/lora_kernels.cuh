@@ -137,13 +137,14 @@ cudaError_t launch_lora_col_scale(void* y, DType y_dtype, const float* c, const 
                                   cudaStream_t stream);
 
 // DoRA's passes (dora_norm.cu, dora_colsum.cu, dora_dmag.cu, dora_dropout.cu; the C++ entry of dora_autograd.h).
-// wa = W Aᵀ (N, r) fp32, wsq = ‖W_n‖² (N,) fp32,
+// wa = W Aᵀ as wa_splits partials of (N, r) fp32 (the shrink pass's K splits, summed here in their order), wsq =
+// ‖W_n‖² (N,) fp32,
 // aat = A Aᵀ (r, r) fp32, B (N, r) b_dtype, magnitude (N,) m_dtype: norm = ‖W + s·B A‖_row, g = magnitude / norm
 // (fp32) and Bg = g ⊙ B (b_dtype); big_adapter (N,) (or null) = ‖s·(B A)_n‖ > ‖W_n‖ / 2 (common.cuh's
 // dora_recompute_z). W (N, K) w_dtype and A (r, K) a_dtype, both contiguous: the rows that cancel are summed again
 // from them.
-cudaError_t launch_dora_combine(const float* wa, const float* wsq, const void* B, DType b_dtype, const float* aat,
-                                const void* W, DType w_dtype, const void* A, DType a_dtype, int64_t K,
+cudaError_t launch_dora_combine(const float* wa, int64_t wa_splits, const float* wsq, const void* B, DType b_dtype,
+                                const float* aat, const void* W, DType w_dtype, const void* A, DType a_dtype, int64_t K,
                                 const void* magnitude, DType m_dtype, float scaling, int64_t N, int r, float* norm,
                                 float* g, void* Bg, uint8_t* big_adapter, cudaStream_t stream);
 // aat (r, r) fp32 = A Aᵀ, A (r, K) a_dtype (dora_gram.cu: one launch, fp32 products and sums, symmetric exactly).

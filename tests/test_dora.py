@@ -230,14 +230,16 @@ def test_saved_y_where_the_adapter_dominates_or_cancels(backend, device, dtype, 
     check_against_peft(backend, y, [t.grad for t in leaves], x, W, b, A, B, s, m, None, 0.0, dy)
 
 
+@pytest.mark.parametrize("r", [16, 40])
 @pytest.mark.parametrize("backend,device,dtype", FAST_16, ids=[i for i, c in zip(IDS, CASES) if c in FAST_16])
-def test_saved_y_with_every_column_recomputed(backend, device, dtype):
+def test_saved_y_with_every_column_recomputed(backend, device, dtype, r):
     """Every adapter row large against W's (B 10×, as a random init gives): every column takes the saved-y backward's
-    recompute of z, over several 64- and 128-column blocks and row splits, K not a multiple of 8; all grads against
-    float64 and PEFT's formula."""
+    recompute of z, over several 64- and 128-column blocks (the last one partial) and row splits (the last one short),
+    K a multiple of 8 but not of the K tile (the cuda tensor-core recompute) or not (the CPU case), r in one or two
+    32-column chunks of the cuda epilogue's u Bᵀ; all grads against float64 and PEFT's formula."""
     s = 0.75
     M, K, N = (300, 136, 200) if device == "cuda" else (70, 36, 40)
-    x, W, b, A, B, m = make((M,), K, N, 16, dtype, device, True, torch.float32, s)
+    x, W, b, A, B, m = make((M,), K, N, r, dtype, device, True, torch.float32, s)
     B *= 10.0
     norm = torch.linalg.norm(W.double() + s * (B.double() @ A.double()), dim=1)
     g = torch.Generator().manual_seed(M)

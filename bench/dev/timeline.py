@@ -1,7 +1,7 @@
 """Kernel timeline of one LoRA call against the floor's: where a call's GPU time goes besides its kernels.
 
     python3 bench/dev/timeline.py [--shapes 8192x4096x4096,8192x4096x1024] [--r 16] [--p 0,0.1] [--calls 3]
-        [--adapter-dtype bfloat16]
+        [--adapter-dtype bfloat16] [--b-scale 0.05] [--providers cublas-base,ours-cuda,ours-dora-cuda]
 
 For each shape, rank, dropout and mode (fwd, fwd_bwd), each provider (the cuBLAS floor, ours-cuda) runs `calls`
 calls back to back queued behind a GPU sleep (so the host's enqueue time never shows), under torch.profiler. From the
@@ -67,6 +67,8 @@ def main():
     ap.add_argument("--providers", default=f"{FLOOR},ours-cuda")
     ap.add_argument("--adapter-dtype", default="float32", choices=["float32", "bfloat16"],
                     help="the adapters' dtype (float32: PEFT's default)")
+    ap.add_argument("--b-scale", type=float, default=1.0,
+                    help="lora_B times this (the suite's --b-scale: DoRA's saved-y rule reads the adapter's size)")
     args = ap.parse_args()
     adapter_dtype = getattr(torch, args.adapter_dtype)
     print("gpu", torch.cuda.get_device_name(), "| torch", torch.__version__, flush=True)
@@ -79,7 +81,7 @@ def main():
                     spans = {}
                     for prov in args.providers.split(","):
                         try:
-                            case = make_case(prov, M, K, N, r, p, adapter_dtype=adapter_dtype)
+                            case = make_case(prov, M, K, N, r, p, adapter_dtype=adapter_dtype, b_scale=args.b_scale)
                         except Unavailable as e:
                             print(f"    {prov}: unavailable ({e})")
                             continue
