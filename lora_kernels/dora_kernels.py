@@ -9,9 +9,11 @@ Each pass reads its inputs once and rounds once; math in float32 (float64 for fl
                                                                                fused with the pass that scales dy;
                                                                                out=z: c ⊙ dy written over z;
                                                                                from_y: z = (y − b)/c from y
-    zero_g_colsum(dg, dy, x, W, u, A, B, s, g, wsq, fast, bias)
+    zero_g_colsum(dg, dy, x, W, u, A, B, s, g, wsq, bias)
                                         -> dg_n = Σ_m dy ⊙ z where y cannot     g_n = 0, a bias and |g_n| < 1/2, or
-                                           give z (z_lost_from_y)               ‖s·(B A)_n‖ > ‖W_n‖ / 2
+                                           give z (z_lost_from_y)               ‖s·(B A)_n‖ > ‖W_n‖ / 2; plain
+                                                                               PyTorch (the fast path is
+                                                                               scale_colsum's recompute=)
     masked(t, p, seed, offset, ak, ad, base=None)
                                         -> base + where(keep, ak·t, ad·t)       keep = the contract's dropout mask
     w_at(W, A)                          -> W Aᵀ (N, r) float32                  Triton only: one pass over W
@@ -205,7 +207,7 @@ def scale_colsum(dy: torch.Tensor, z, c: torch.Tensor, need_out: bool, need_sum:
                                      torch.zeros_like(colsum))
             if from_y and recompute is not None:
                 x, weight, u, lora_A, lora_B, scaling, wsq = recompute
-                zero_g_colsum(colsum, dy, x, weight, u, lora_A, lora_B, scaling, c, wsq, False, bias)
+                zero_g_colsum(colsum, dy, x, weight, u, lora_A, lora_B, scaling, c, wsq, bias)
         if not need_out:
             return None, colsum
         scaled = d * c.to(acc)
@@ -235,7 +237,7 @@ def scale_colsum(dy: torch.Tensor, z, c: torch.Tensor, need_out: bool, need_sum:
     _launch_zero_g(part, splits, rz, dy, x, weight, u, lora_A, lora_B, scaling, c, wsq, bias)
     colsum = torch.empty(N, dtype=torch.float32, device=dy.device)
     _launch(_colsum_finish_kernel, (_cdiv(N, _FINISH_COLS),), (part, colsum, N, splits, splits, rz[0], splits + rz[0]),
-            dict(KEEP_UNFLAGGED=False, BN=_FINISH_COLS))
+            dict(BN=_FINISH_COLS))
     return (out if need_out else None), colsum
 
 
@@ -277,29 +279,21 @@ def z_lost_from_y(g: torch.Tensor, bias, lora_B: torch.Tensor, aat: torch.Tensor
 
 def zero_g_colsum(dg: torch.Tensor, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, u: torch.Tensor,
                   lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, g: torch.Tensor, wsq: torch.Tensor,
-                  fast: bool, bias=None) -> torch.Tensor:
+                  bias=None) -> torch.Tensor:
     """Writes ``dg_n = Σ_m dy_mn z_mn`` for the columns that y cannot give z accurately (``z_lost_from_y``: g_n = 0,
-    a bias and a small g_n, or an adapter row large against W_n's norm ``wsq``), z = x Wᵀ + u Bᵀ recomputed for those
-    columns only; ``dg`` elsewhere is left alone. Without a synchronisation: on the fast path (after A Aᵀ) a GEMM
-    tile loop over (column block, row split) programs, which return once they have found no such column among theirs,
-    then a launch that sums each such column's row-split partials into dg (``scale_colsum(..., recompute=)`` does
-    the same with the colsum's partials in one buffer); the plain PyTorch version (reference backends) recomputes z
-    of every column and selects."""
+    a bias and a small g_n, or an adapter row large against W_n's norm ``wsq``), z = x Wᵀ + u Bᵀ; ``dg`` elsewhere is
+    left alone. Plain PyTorch (the reference backends): z of every column recomputed, then selected. The fast path
+    is ``scale_colsum(..., recompute=)``: a GEMM tile loop over (column block, row split) programs that return once
+    they have found no such column among theirs (no synchronisation), its partials summed with the colsum's by one
+    finish launch."""
     M, K = x.shape
     N = weight.shape[0]
     if M == 0 or N == 0:
         return dg
-    if not fast:
-        acc = dg.dtype
-        z = x.to(acc) @ weight.to(acc).t() + u.to(acc) @ lora_B.to(acc).t()
-        lost = z_lost_from_y(g, bias, lora_B, adapter_gram(lora_A), scaling, wsq)
-        return dg.copy_(torch.where(lost, (dy.to(acc) * z).sum(0), dg))
-    rz = _zero_g_plan(x, N, lora_B.shape[1])
-    part = torch.empty((rz[0] + 1, N), dtype=torch.float32, device=x.device)  # the partials, then the flags
-    _launch_zero_g(part, 0, rz, dy, x, weight, u, lora_A, lora_B, scaling, g, wsq, bias)
-    _launch(_colsum_finish_kernel, (_cdiv(N, _FINISH_COLS),), (part, dg, N, 0, 0, rz[0], rz[0]),
-            dict(KEEP_UNFLAGGED=True, BN=_FINISH_COLS))
-    return dg
+    acc = dg.dtype
+    z = x.to(acc) @ weight.to(acc).t() + u.to(acc) @ lora_B.to(acc).t()
+    lost = z_lost_from_y(g, bias, lora_B, adapter_gram(lora_A), scaling, wsq)
+    return dg.copy_(torch.where(lost, (dy.to(acc) * z).sum(0), dg))
 
 
 def _zero_g_plan(x: torch.Tensor, N: int, R: int):

@@ -191,14 +191,14 @@ def test_no_bias(backend, device, dtype, p):
 # ------------------------------------------------------------------- the saved output (p = 0, fast backends)
 @pytest.mark.parametrize("backend,device,dtype", CASES, ids=IDS)
 def test_saved_y_with_zero_magnitudes(backend, device, dtype):
-    # columns with g = 0 (one alone, two in a row, the last one) take zero_g_colsum's recompute; the rest z = (y-b)/g
+    # columns with g = 0 (one alone, two in a row, the last one) take the saved-y recompute; the rest z = (y-b)/g
     run_and_check(backend, device, dtype, (37,), 100, 50, 8, bias=True, p=0.0, zero_cols=[0, 17, 18, 49])
 
 
 @pytest.mark.parametrize("backend,device,dtype", CASES, ids=IDS)
 def test_saved_y_with_small_magnitudes_and_a_bias(backend, device, dtype):
     # z = (y − b)/g from y amplifies y's rounding (at the bias's scale) by 1/|g|: columns with a bias and |g| < 1/2
-    # take zero_g_colsum's recompute (g near 1e-3, 0.1, 0.3 and -0.2 here); near 0.7 and 2 from y or recomputed,
+    # take the saved-y recompute (g near 1e-3, 0.1, 0.3 and -0.2 here); near 0.7 and 2 from y or recomputed,
     # within the rule either way
     run_and_check(backend, device, dtype, (37,), 100, 50, 8, bias=True, p=0.0,
                   scale_cols={3: 1e-3, 10: 0.1, 11: 0.3, 20: -0.2, 30: 0.7, 49: 2.0})
@@ -213,7 +213,7 @@ def test_saved_y_where_the_adapter_dominates_or_cancels(backend, device, dtype, 
     """y's LoRA part comes from 16-bit operands (s·u and B rounded to x's dtype); PEFT keeps that part in float32.
     Where the adapter's row s·(B A)_n is large against W_n, z = (y − b)/g carries that rounding at the LoRA part's
     scale: columns where it dominates W_n (B scaled 10×) and where it cancels W_n to a tenth. They take
-    zero_g_colsum's recompute (‖s·(B A)_n‖ > ‖W_n‖ / 2); before it, the interpreted Triton backend failed the rule
+    the saved-y recompute (‖s·(B A)_n‖ > ‖W_n‖ / 2); before it, the interpreted Triton backend failed the rule
     here at K = 1 in both dtypes."""
     s = 0.75
     g = torch.Generator().manual_seed(K)
@@ -253,11 +253,12 @@ def test_saved_y_with_every_column_recomputed(backend, device, dtype, r):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("r", [4, 20])
-def test_zero_g_colsum_recomputes_the_flagged_columns_only(dtype, r):
-    """The saved-y backward's recompute (dora_kernels.zero_g_colsum, fast path) against float64, over several column
-    blocks and row splits, K not a multiple of the K tile, r over one BR piece: flagged columns (g = 0, a bias and a
-    small g, an adapter row large against W's) get Σ_m dy ⊙ (x Wᵀ + u Bᵀ); every other column of dg keeps its
-    poison value bit for bit."""
+def test_saved_y_colsum_recomputes_the_flagged_columns_only(dtype, r):
+    """The saved-y backward's column pass with its recompute (dora_kernels.scale_colsum(from_y=True, recompute=...),
+    fast path) against float64, over several column blocks and row splits, K not a multiple of the K tile, r over
+    one BR piece: flagged columns (g = 0, a bias and a small g, an adapter row large against W's) get
+    Σ_m dy ⊙ (x Wᵀ + u Bᵀ) recomputed, every other column Σ_m dy ⊙ (y − b)/g from the rounded y; g ⊙ dy is written
+    over every element of a poisoned buffer. The float32 PyTorch path (fast=False) sets the error scale."""
     from lora_kernels import dora_kernels as dk
 
     device = "cuda" if HAS_CUDA else "cpu"
@@ -282,18 +283,21 @@ def test_zero_g_colsum_recomputes_the_flagged_columns_only(dtype, r):
     dy = rn(M, N).to(device, dtype)
     wsq = W.float().square().sum(1)
     assert torch.equal(dk.z_lost_from_y(g, bias, B, dk.adapter_gram(A), s, wsq).cpu(), flagged)
-    poison = 12345.0
-    dg = torch.full((N,), poison, device=device)
-    dk.zero_g_colsum(dg, dy, x, W, u, A, B, s, g, wsq, True, bias)
     z64 = x.double() @ W.double().t() + u.double() @ B.double().t()
-    want = (dy.double() * z64).sum(0).cpu()
-    got = dg.double().cpu()
-    assert (got[~flagged] == poison).all()
-    # the same sums in float32 PyTorch (the reference backends' fast=False path) set the error scale
-    torch_dg = dk.zero_g_colsum(torch.full((N,), poison, device=device), dy, x, W, u, A, B, s, g, wsq, False, bias)
-    torch_err = (torch_dg.double().cpu() - want)[flagged].abs()
-    scale = (dy.double().abs() * z64.abs()).sum(0).cpu()[flagged]
-    err = (got[flagged] - want[flagged]).abs()
+    y = (g.double() * z64 + bias.double()).to(dtype)  # the forward's output, rounded once
+    recompute = (x, W, u, A, B, s, wsq)
+    poison = torch.full((M, N), 12345.0, device=device).to(dtype)
+    dyc, got = dk.scale_colsum(dy, y, g, True, True, True, out=poison, from_y=True, bias=bias, recompute=recompute)
+    ref_dyc, torch_got = dk.scale_colsum(dy, y, g, True, True, False, from_y=True, bias=bias, recompute=recompute)
+    assert dyc is poison
+    torch.testing.assert_close(dyc, ref_dyc, rtol=0, atol=0)  # g ⊙ dy in float32, rounded once: every element
+    z_from_y = (y.double() - bias.double()) / torch.where(g == 0, 1.0, g).double()
+    want = torch.where(flagged, (dy.double() * z64).sum(0).cpu(), (dy.double() * z_from_y).sum(0).cpu())
+    scale = torch.where(flagged, (dy.double().abs() * z64.abs()).sum(0).cpu(),
+                        (dy.double().abs() * z_from_y.abs()).sum(0).cpu())
+    err = (got.double().cpu() - want).abs()
+    torch_err = (torch_got.double().cpu() - want).abs()
+    assert torch.isfinite(got).all()
     assert (err <= 2 * torch_err + 4 * torch.finfo(torch.float32).eps * scale).all(), (err / scale).max()
 
 

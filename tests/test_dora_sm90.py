@@ -68,9 +68,9 @@ for dt in (torch.bfloat16, torch.float16, torch.float32):
         for r in (1, 16, 64):
             x, W = torch.randn(512, 256).to(dt), torch.randn(1024, 256).to(dt)
             u, A, B = torch.randn(512, r), torch.randn(r, 256).to(adt), torch.randn(1024, r).to(adt)
-            wsq = W.float().square().sum(1)
-            dk.zero_g_colsum(torch.zeros(1024), z, x, W, u, A, B, 0.5, c, wsq, True)
-            dk.zero_g_colsum(torch.zeros(1024), z, x, W, u, A, B, 0.5, c, wsq, True, b)
+            rc = (x, W, u, A, B, 0.5, W.float().square().sum(1))
+            dk.scale_colsum(z, z, c, True, True, True, from_y=True, recompute=rc)
+            dk.scale_colsum(z, z, c, True, True, True, from_y=True, bias=b, recompute=rc)
     for seed in (7, 16, 1, 0, 2**31 + 5, 2**40, 2**62 - 1):
         for offset in (0, 5, 32, 1024 * 512, 2**33 + 16):
             for p in (0.05, 0.1, 0.5):

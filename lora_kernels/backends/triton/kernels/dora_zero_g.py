@@ -8,9 +8,10 @@ Tiling  : grid (column blocks of BN, row splits of ROWS rows). A program tests i
           sums; float32 x: "ieee" dots), u Bᵀ added as float32 "ieee" dots, and Σ dy ⊙ z over its rows into its
           partial. Where every column is flagged (an adapter larger than W, as in a benchmark's random init) the pass
           costs about one GEMM, not one per column block.
-Finish  : a second launch sums each flagged column's row-split partials into dg, in a fixed order (deterministic),
-          and in the backward the colsum's partials (from y) in every other column: the two passes share one buffer
-          of partials, and the flags (from the row-split-0 programs) are its last row.
+Finish  : one more launch sums each column's row-split partials in a fixed order (deterministic): the recompute's
+          in a flagged column, the colsum's (from y, dora_colsum.py) in every other. The two passes share one buffer
+          of partials (lora_kernels/dora_kernels.py's scale_colsum with recompute=), whose last row holds the flags
+          (from the row-split-0 programs).
 """
 from __future__ import annotations
 
@@ -78,10 +79,9 @@ def _zero_g_colsum_kernel(x_ptr, w_ptr, u_ptr, bl_ptr, aat_ptr, wsq_ptr, g_ptr, 
 
 
 @triton.jit
-def _colsum_finish_kernel(part_ptr, dg_ptr, N, S_COLSUM, Z_ROW0, S_Z, FLAG_ROW, KEEP_UNFLAGGED: tl.constexpr,
-                          BN: tl.constexpr):
+def _colsum_finish_kernel(part_ptr, dg_ptr, N, S_COLSUM, Z_ROW0, S_Z, FLAG_ROW, BN: tl.constexpr):
     # dg_n = Σ of the recompute's partials (rows Z_ROW0.., S_Z of them) in a flagged column, else of the colsum's
-    # (rows 0.., S_COLSUM of them); KEEP_UNFLAGGED: dg is left alone in the columns that are not flagged
+    # (rows 0.., S_COLSUM of them), each in split order
     offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
     n_mask = offs_n < N
     lost = (tl.load(part_ptr + FLAG_ROW * N + offs_n, mask=n_mask, other=0.0) != 0.0) & n_mask
@@ -92,4 +92,4 @@ def _colsum_finish_kernel(part_ptr, dg_ptr, N, S_COLSUM, Z_ROW0, S_Z, FLAG_ROW, 
     if tl.sum(lost.to(tl.int32), axis=0) > 0:
         for s in range(0, S_Z):
             acc += tl.load(part_ptr + (Z_ROW0 + s) * N + offs_n, mask=lost, other=0.0)
-    tl.store(dg_ptr + offs_n, acc, mask=lost if KEEP_UNFLAGGED else n_mask)
+    tl.store(dg_ptr + offs_n, acc, mask=n_mask)
