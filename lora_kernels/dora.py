@@ -115,13 +115,14 @@ The registered ops (``lora_kernels::dora_fwd`` / ``dora_bwd``) have fake impls a
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _config, _dispatch, ops
-from .dora_kernels import masked, scale_bias, scale_colsum, triton_usable, weight_norm
+from .dora_kernels import adapter_gram, masked, scale_bias, scale_colsum, triton_usable, weight_norm
 from .philox import calls_per_row
 
 __all__ = ["dora_linear", "dora_weight_norm", "clear_weight_norm_cache"]
@@ -234,15 +235,16 @@ def dora_weight_norm(weight, lora_A, lora_B, scaling) -> torch.Tensor:
         return torch.cat([torch.linalg.vector_norm(rows(i, j), dim=1) for i, j in _row_chunks(W)])
 
 
-def _norm(weight, lora_A, lora_B, scaling, fast: bool) -> torch.Tensor:
-    """The detached row norm for a call: the Triton pass over W on the fast backends (eager, unit-stride W, A, B;
-    ‖W_n‖² from the cache), else ``dora_weight_norm``."""
+def _norm(weight, lora_A, lora_B, scaling, fast: bool):
+    """(the detached row norm for a call, its parts): the Triton pass over W on the fast backends (eager, unit-stride
+    W, A, B; ‖W_n‖² from the cache), with parts = (‖W_n‖², A Aᵀ) in float32, which the saved-y backward's recompute
+    test reads again; else ``dora_weight_norm``, with parts None."""
     if (fast and not torch.compiler.is_compiling() and weight.stride(-1) == 1 and lora_A.stride(-1) == 1
             and lora_B.stride(-1) == 1 and weight.dtype != torch.float64):
         with torch.no_grad(), _autocast_off(weight.device.type):
-            return weight_norm(weight.detach(), lora_A.detach(), lora_B.detach(), scaling,
-                               _weight_sq(weight, torch.float32))
-    return dora_weight_norm(weight, lora_A, lora_B, scaling)
+            wsq, aat = _weight_sq(weight, torch.float32), adapter_gram(lora_A)
+            return weight_norm(weight.detach(), lora_A.detach(), lora_B.detach(), scaling, wsq, aat), (wsq, aat)
+    return dora_weight_norm(weight, lora_A, lora_B, scaling), None
 
 
 # ----------------------------------------------------------------------------------------------- the ops
@@ -333,7 +335,9 @@ def _row_chunks_of(M: int, row_bytes: int):
 
 
 def _bwd_impl(dy, x, weight, bias, lora_A, lora_B, g, u, z, z_is_y, scaling, p, seed, offset, backend,
-              need_dx, need_dA, need_dB, need_dg):
+              need_dx, need_dA, need_dB, need_dg, norm_parts=None):
+    """The backward's grads; ``norm_parts``: the forward's (‖W_n‖², A Aᵀ) where it has them (the eager fast path),
+    else the recompute test's inputs are taken again here (the ‖W_n‖² cache, A Aᵀ)."""
     acc = _acc(x)
     M, K = x.shape
     N = weight.shape[0]
@@ -345,13 +349,17 @@ def _bwd_impl(dy, x, weight, bias, lora_A, lora_B, g, u, z, z_is_y, scaling, p, 
     be, fast = _dispatch.get(backend), _fast(backend, x)
     sd, q = ops._backend_seed(seed, p), 1.0 - p
     dx = dA = dB = dg = None
+    wsq_aat = norm_parts if norm_parts is not None and norm_parts[0].dtype == acc else None
+    wsq = (lambda: wsq_aat[0]) if wsq_aat is not None else (lambda: _weight_sq(weight, acc))
+    aat = wsq_aat[1] if wsq_aat is not None else None
     one_call = getattr(be, "backward_dx_from", None) if (p == 0.0 and need_dx and z.numel() > 0) else None
     if one_call is not None:
         # p = 0 with z (or y) saved, on a backend whose backward takes dx's frozen product from another operand:
         # dy_c = g ⊙ dy and dg first (one pass over dy and z), then one backward of (dy, Bg) for every grad:
         # dx = dy_c W + s·(dy Bg) A, dA, dB·/g; dy read once more (its pass), not twice.
-        recompute = (x, weight, u, lora_A, lora_B, scaling, _weight_sq(weight, acc)) if need_dg and z_is_y else None
-        dyc, dg = scale_colsum(dy, z, g, True, need_dg, fast, from_y=z_is_y, bias=bias, recompute=recompute)
+        recompute = (x, weight, u, lora_A, lora_B, scaling, wsq()) if need_dg and z_is_y else None
+        dyc, dg = scale_colsum(dy, z, g, True, need_dg, fast, from_y=z_is_y, bias=bias, recompute=recompute,
+                               aat=aat)
         bg = (lora_B.to(acc) * g[:, None]).to(lora_B.dtype)
         dx, dA, dB = one_call(dy, x, weight, lora_A, bg, u, dyc, scaling, 0.0, 0, 0, True, need_dA, need_dB)
         if need_dB:
@@ -396,10 +404,9 @@ def _bwd_impl(dy, x, weight, bias, lora_A, lora_B, g, u, z, z_is_y, scaling, p, 
             # dg += Σ_m dy ⊙ z;  dy_c = c ⊙ dy, written over a recomputed z (the saved z or y is left alone);
             # from y (p = 0): z = (y − b)/g, and the columns y cannot give (g = 0, a bias and a small g, or an
             # adapter row large against W's: dora_kernels.z_lost_from_y) from z recomputed there alone
-            recompute = ((xs, weight, us, lora_A, lora_B, scaling, _weight_sq(weight, acc)) if need_dg and z_is_y
-                         else None)
+            recompute = (xs, weight, us, lora_A, lora_B, scaling, wsq()) if need_dg and z_is_y else None
             dyc, part = scale_colsum(dys, zs, c, need_dx, need_dg, fast, out=zs if (need_dg and not saved) else None,
-                                     from_y=z_is_y, bias=bias, recompute=recompute)
+                                     from_y=z_is_y, bias=bias, recompute=recompute, aat=aat)
             if need_dg:
                 dg = part if dg is None else dg.add_(part)
             if not need_dx:
@@ -480,25 +487,29 @@ torch.library.register_autograd("lora_kernels::dora_fwd", _backward, setup_conte
 
 class _EagerDoRA(torch.autograd.Function):
     """Eager twin of ``dora_fwd`` with its registered autograd (the same impls, without the dispatcher's Python
-    autograd wrapper; see ``lora_kernels.ops._EagerLoRA``)."""
+    autograd wrapper; see ``lora_kernels.ops._EagerLoRA``). ``norm_parts`` (the norm's (‖W_n‖², A Aᵀ), or None)
+    goes to the backward as it is: the op's schema does not carry it."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, g, scaling, p, seed, offset, backend, save_z, save_y):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, g, scaling, p, seed, offset, backend, save_z, save_y,
+                norm_parts=None):
         y, u, z = _fwd_impl(x, weight, bias, lora_A, lora_B, g, scaling, p, seed, offset, backend, save_z)
         _setup_context(ctx, (x, weight, bias, lora_A, lora_B, g, scaling, p, seed, offset, backend, save_z,
                              save_y), (y, u, z))
+        ctx.norm_parts = norm_parts
         return y
 
     @staticmethod
     def backward(ctx, dy):
+        bwd = functools.partial(_bwd_impl, norm_parts=ctx.norm_parts)
         # the kernels record no graph: under create_graph=True the grads come back first-order (ops.first_order), so
         # a double backward raises instead of giving wrong numbers
         if torch.is_grad_enabled():
             with torch.no_grad():
-                grads = _backward(ctx, dy, bwd=_bwd_impl)
+                grads = _backward(ctx, dy, bwd=bwd)
             x, weight, _, lora_A, lora_B, g = ctx.saved_tensors[:6]
-            return ops.first_order(grads, dy, x, weight, lora_A, lora_B, g)
-        return _backward(ctx, dy, bwd=_bwd_impl)
+            return ops.first_order(grads, dy, x, weight, lora_A, lora_B, g) + (None,)
+        return _backward(ctx, dy, bwd=bwd) + (None,)
 
 
 # ------------------------------------------------------------------------------------------ the public op
@@ -624,7 +635,7 @@ def dora_linear(x, weight, bias, lora_A, lora_B, scaling, magnitude, dropout_p=0
                        ops._backend_seed(seed, p))
         return y.reshape(*x.shape[:-1], N)
     fast = _fast(name, x)
-    norm = _norm(norm_weight, lora_A, lora_B, scaling, fast)
+    norm, norm_parts = _norm(norm_weight, lora_A, lora_B, scaling, fast)
     g = magnitude.to(_acc(x)) / norm.to(_acc(x))
     two_d = x.dim() == 2
     x2 = x if two_d else x.reshape(-1, x.shape[-1])
@@ -640,7 +651,7 @@ def dora_linear(x, weight, bias, lora_A, lora_B, scaling, magnitude, dropout_p=0
     if compiling:
         y = torch.ops.lora_kernels.dora_fwd(*args)[0]
     elif grad:
-        y = _EagerDoRA.apply(*args)
+        y = _EagerDoRA.apply(*args, norm_parts)
     else:
         y = _fwd_impl(*args)[0]
     return y if two_d else y.reshape(*x.shape[:-1], N)

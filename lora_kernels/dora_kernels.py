@@ -127,18 +127,19 @@ def w_at(weight: torch.Tensor, lora_A: torch.Tensor) -> torch.Tensor:
 
 
 def weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
-                wsq: torch.Tensor) -> torch.Tensor:
+                wsq: torch.Tensor, aat=None) -> torch.Tensor:
     """‖W + scaling · B A‖ per row (N,) in float32 from ‖W_n‖² (``wsq``, float32, cached by the caller):
     ‖W_n‖² + 2s·B_n·(A W_nᵀ) + s²·B_n (A Aᵀ) B_nᵀ, with W Aᵀ from ``w_at`` (the one pass over W), A Aᵀ as a
     float32 GEMM of r×r, and one combine kernel that forms the quadratic form B_n (A Aᵀ) B_nᵀ itself, and sums the
     rows where the adapter cancels much of W_n again directly from W and A (the expansion loses precision there).
-    No N×K temporary. W and A must have unit stride along K."""
+    No N×K temporary. W and A must have unit stride along K. ``aat``: A Aᵀ when the caller has it (``adapter_gram``)."""
     N = weight.shape[0]
     if N == 0:
         return torch.zeros(0, dtype=torch.float32, device=weight.device)
     R = lora_A.shape[0]
     part = w_at(weight, lora_A)
-    aat = adapter_gram(lora_A)  # (r, r) float32; B (A Aᵀ) Bᵀ per row in the combine kernel
+    if aat is None:
+        aat = adapter_gram(lora_A)  # (r, r) float32; B (A Aᵀ) Bᵀ per row in the combine kernel
     out = torch.empty(N, dtype=torch.float32, device=weight.device)
     r_pad = max(16, 1 << (R - 1).bit_length())
     # tiles that keep (BN, R_PAD) float32 tiles and the dot's operands in registers on sm_90 (no spills:
@@ -185,14 +186,14 @@ def scale_bias(z: torch.Tensor, c: torch.Tensor, bias, fast: bool, out=None) -> 
 
 
 def scale_colsum(dy: torch.Tensor, z, c: torch.Tensor, need_out: bool, need_sum: bool, fast: bool, out=None,
-                 from_y: bool = False, bias=None, recompute=None):
+                 from_y: bool = False, bias=None, recompute=None, aat=None):
     """(``c ⊙ dy`` in dy's dtype or None, ``Σ_m dy ⊙ z`` (N,) in float32/64 or None); one pass over dy and z.
     ``out`` (optional, may be z itself: each tile of z is read before its c ⊙ dy is written) receives c ⊙ dy.
     ``from_y``: ``z`` holds y = c ⊙ z + bias instead (p = 0, c = g), and the sum is Σ_m dy ⊙ (y − bias) / c,
     0 where c = 0. ``recompute`` (with ``from_y``): (x, W, u, lora_A, lora_B, scaling, wsq), and the columns that y
     cannot give z take ``zero_g_colsum``'s sums instead; on the fast path its partials share the colsum's buffer and
     one finish launch sums both (the launches of a backward without such a column: the colsum, the recompute's test,
-    the finish)."""
+    the finish). ``aat``: A Aᵀ when the caller has it (the forward's norm computed it), else computed here."""
     acc = _acc(dy)
     M, N = dy.shape
     if not fast:
@@ -234,7 +235,8 @@ def scale_colsum(dy: torch.Tensor, z, c: torch.Tensor, need_out: bool, need_sum:
     if rz is None:
         return (out if need_out else None), (part.sum(0) if need_sum else None)
     x, weight, u, lora_A, lora_B, scaling, wsq = recompute
-    _launch_zero_g(part, splits, rz, dy, x, weight, u, lora_A, lora_B, scaling, c, wsq, bias)
+    _launch_zero_g(part, splits, rz, dy, x, weight, u, lora_A, lora_B, scaling, c, wsq, bias,
+                   adapter_gram(lora_A) if aat is None else aat)
     colsum = torch.empty(N, dtype=torch.float32, device=dy.device)
     _launch(_colsum_finish_kernel, (_cdiv(N, _FINISH_COLS),), (part, colsum, N, splits, splits, rz[0], splits + rz[0]),
             dict(BN=_FINISH_COLS))
@@ -307,13 +309,12 @@ def _zero_g_plan(x: torch.Tensor, N: int, R: int):
     return splits, rows, tiles, ieee
 
 
-def _launch_zero_g(part, row0: int, plan, dy, x, weight, u, lora_A, lora_B, scaling, g, wsq, bias) -> None:
+def _launch_zero_g(part, row0: int, plan, dy, x, weight, u, lora_A, lora_B, scaling, g, wsq, bias, aat) -> None:
     """The recompute's launch: its partials into rows row0.. of part (N columns), its flags (1.0 where a column
-    recomputes) into the row after them."""
+    recomputes) into the row after them (aat = A Aᵀ, for the flag of an adapter row large against W's)."""
     M, K = x.shape
     N, R = lora_B.shape
     splits, rows, (BM, BN, BK, warps), ieee = plan
-    aat = adapter_gram(lora_A)
     r_pad = max(16, 1 << (R - 1).bit_length())
     _launch(_zero_g_colsum_kernel, (_cdiv(N, BN), splits),
             (x, weight, u, lora_B, aat, wsq, g, g if bias is None else bias, dy, part, M, K, N, R, rows, row0,
