@@ -1,9 +1,9 @@
 """A small forward + backward of the CUDA backend (odd sizes, dropout, fp32 adapters; DoRA's two ops) for
 compute-sanitizer:
     compute-sanitizer --tool memcheck python3 bench/tools/sanitize_cuda.py
-    compute-sanitizer --tool racecheck --kernel-name kns=dora_dmag_recompute_tc \
-        python3 bench/tools/sanitize_cuda.py --dora
-(--dora: the DoRA cases alone.)"""
+    compute-sanitizer --tool racecheck python3 bench/tools/sanitize_cuda.py --dora
+(--dora: the DoRA cases alone. Run racecheck without a --kernel-name filter: with one, the program fails in its first
+forward with illegal memory accesses, before the filtered kernel runs.)"""
 import sys
 
 import torch

@@ -15,16 +15,16 @@ rm -rf /tmp/site /tmp/old && mkdir -p /tmp/old && tar -xzf $R/.site/site.tgz -C 
 (cd $R && find lora_kernels -name '*.py' ! -name _build_info.py -exec cp --parents {} /tmp/site/ \;)
 (cd $R/.ab_old/old49 && find lora_kernels -name '*.py' ! -name _build_info.py -exec cp --parents {} /tmp/old/site/ \;)
 note "unpacked"
-(cd /tmp && PYTHONPATH=/tmp/site timeout $(left 100) compute-sanitizer --tool memcheck python3 $R/bench/tools/sanitize_cuda.py \
+(cd /tmp && PYTHONPATH=/tmp/site timeout $(left 70) compute-sanitizer --tool memcheck python3 $R/bench/tools/sanitize_cuda.py \
   > $O/s/memcheck.log 2>&1); note "memcheck rc=$?"; grep -hE "ERROR SUMMARY|sanitize run done" $O/s/memcheck.log >> $O/summary.txt; pack
 for tool in racecheck; do
-  (cd /tmp && PYTHONPATH=/tmp/site timeout $(left 150) compute-sanitizer --tool $tool \
+  (cd /tmp && PYTHONPATH=/tmp/site timeout $(left 115) compute-sanitizer --tool $tool \
     --kernel-name kns=dora_dmag_recompute_tc python3 $R/bench/tools/sanitize_cuda.py --dora > $O/s/$tool.log 2>&1)
   note "$tool rc=$?"; grep -hE "ERROR SUMMARY|RACECHECK SUMMARY|sanitize run done|rror" $O/s/$tool.log | head -5 >> $O/summary.txt; pack
 done
-(cd /tmp && PYTHONPATH=/tmp/site LORA_KERNELS_TRITON_AUTOTUNE=0 timeout $(left 225) python3 -m pytest -v -rfE \
+(cd /tmp && PYTHONPATH=/tmp/site LORA_KERNELS_TRITON_AUTOTUNE=0 timeout $(left 190) python3 -m pytest -v -rfE \
   -p no:cacheprovider --tb=short -n 16 $R/tests/test_dora.py $R/tests/test_dora_peft.py $R/tests/test_dora_memory.py \
-  $R/tests/test_triton_fast_launch.py > $O/t/tests.log 2>&1)
+  $R/tests/test_triton_fast_launch.py -k "triton or flagged or gpu" > $O/t/tests.log 2>&1)
 note "tests rc=$?"
 grep -aoE "(PASSED|FAILED|ERROR|SKIPPED) \S+::\S+" $O/t/tests.log | sort > $O/t/outcomes.txt
 grep -aE "^=+ .*[0-9]+ (passed|failed|error)" $O/t/tests.log | tail -1 >> $O/summary.txt
