@@ -5,11 +5,12 @@
 // big_adapter_n = ‖s(BA)_n‖ > ‖W_n‖ / 2 (the columns whose z the saved-y backward recomputes: common.cuh's
 // dora_recompute_z), from the expansion's last term s²·B_n (A Aᵀ) B_nᵀ = ‖s(BA)_n‖².
 // All from ‖W_n‖² (cached per frozen W), W Aᵀ (N×r fp32, the LoRA shrink pass over W, whose K-split partials are
-// summed here, in the order of reduce.cu's sum: no launch of its own) and A Aᵀ (r×r fp32): no N×K temporary. A row whose sum is under half the sum of its terms' sizes has cancelled (the adapter undoes much of
-// W_n, or the rank-r sum B_n A itself cancels, at small K), and the expansion's fp32 rounding, relative to those
-// sizes, is then large against the result: that row is summed again directly, Σ_k (W_nk + s·B_n·A_k)². The sizes
-// are every product's: ‖W_n‖², 2|s|·Σ_j |B_nj (W Aᵀ)_nj|, s²·Σ_jk |B_nj (A Aᵀ)_jk B_nk| (the Triton
-// combine, lora_kernels/backends/triton/kernels/dora_norm.py, does the same).
+// summed here, in the order of reduce.cu's sum: no launch of its own) and A Aᵀ (r×r fp32): no N×K temporary. A row
+// whose sum is under half the sum of its terms' sizes has cancelled (the adapter undoes much of W_n, or the rank-r
+// sum B_n A itself cancels, at small K), and the expansion's fp32 rounding, relative to those sizes, is then large
+// against the result: that row is summed again directly, Σ_k (W_nk + s·B_n·A_k)². The sizes are every product's:
+// ‖W_n‖², 2|s|·Σ_j |B_nj (W Aᵀ)_nj|, s²·Σ_jk |B_nj (A Aᵀ)_jk B_nk| (the Triton combine,
+// lora_kernels/backends/triton/kernels/dora_norm.py, does the same).
 // Tiling: one warp per row n, B_n (r ≤ 256) in shared memory, the lanes over B's columns (over K for a row summed
 // directly: W's row and A's columns read from global memory, only for such rows); math in fp32.
 #include "common.cuh"
@@ -27,9 +28,8 @@ constexpr int kWarps = kThreads / 32;
 // A Aᵀ (aat, r × r fp32); then g_n = magnitude_n / norm_n, Bg_n = g_n B_n and big_adapter_n (when not null).
 __global__ void __launch_bounds__(kThreads)
 dora_combine_kernel(const float* __restrict__ wa, int64_t splits, const float* __restrict__ wsq,
-                    const void* __restrict__ B, DType b_dt,
-                    const float* __restrict__ aat, const void* __restrict__ W, DType w_dt, const void* __restrict__ A,
-                    DType a_dt, int64_t K, const void* __restrict__ mag, DType m_dt, float s, int64_t N, int r,
+                    const void* __restrict__ B, DType b_dt, const float* __restrict__ aat,
+                    const void* __restrict__ W, DType w_dt, const void* __restrict__ A, DType a_dt, int64_t K, const void* __restrict__ mag, DType m_dt, float s, int64_t N, int r,
                     float* __restrict__ norm, float* __restrict__ g, void* __restrict__ Bg,
                     uint8_t* __restrict__ big_adapter) {
   __shared__ float rows[kWarps][kMaxRank];

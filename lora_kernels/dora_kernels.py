@@ -288,9 +288,7 @@ def zero_g_colsum(dg: torch.Tensor, dy: torch.Tensor, x: torch.Tensor, weight: t
     is ``scale_colsum(..., recompute=)``: a GEMM tile loop over (column block, row split) programs that return once
     they have found no such column among theirs (no synchronisation), its partials summed with the colsum's by one
     finish launch."""
-    M, K = x.shape
-    N = weight.shape[0]
-    if M == 0 or N == 0:
+    if x.shape[0] == 0 or weight.shape[0] == 0:
         return dg
     acc = dg.dtype
     z = x.to(acc) @ weight.to(acc).t() + u.to(acc) @ lora_B.to(acc).t()
