@@ -368,17 +368,41 @@ void sm90_dx_pack(const Tensor& dy, const float* g_work, int64_t partials, float
 
 // dx (M, K) = dy W + (s g) A on the sm_90 path, from the operands that sm90_dx_pack packed; with dropout
 // (keep = the mask's keep bits) dx = dy W + keep ⊙ (s / (1 - p) g) A, the pack having scaled g by s / (1 - p).
-void sm90_dx_gemm(const Tensor& dy, const Tensor& weight, int r, const void* vx, const void* ax, const uint8_t* keep,
-                  Tensor& dx, cudaStream_t stream) {
-  const int64_t M = dy.size(0), N = dy.size(1), K = weight.size(1), kx = sm90_kx(r);
+// beside_blocks > 0: the GEMM's grid leaves that many SMs to the dA pass launched right after it (dA beside dx).
+lk::LoraGemmArgs sm90_dx_args(const Tensor& dy, const Tensor& weight, int r, const void* vx, const void* ax,
+                              const uint8_t* keep, void* dx, int beside_blocks = 0) {
   lk::LoraGemmArgs a;
-  a.M = M; a.N = K; a.K = N; a.Kx = kx;
+  a.M = dy.size(0); a.N = weight.size(1); a.K = dy.size(1); a.Kx = sm90_kx(r);
   a.a = dy.data_ptr(); a.b = weight.data_ptr(); a.ax = vx; a.bx = ax;
   a.keep = keep;
-  a.d = dx.data_ptr();
+  a.d = dx;
   a.dtype = gemm_dtype(dy);
   a.layout_b = lk::GemmLayoutB::kKN;
-  check_cuda(lk::launch_lora_gemm_sm90(a, stream), "sm90 GEMM launch (dx)");
+  if (beside_blocks > 0) {
+    a.sms = lk::detail::num_sms() - beside_blocks;
+    a.early_dependents = true;
+  }
+  return a;
+}
+
+// dA beside the dx GEMM (lk::lora_dA_sm90_beside): -1 the cost model's choice (the default), 0 never, n > 0 that many
+// SMs for dA (A/B timing). LORA_KERNELS_DA_BESIDE sets it at start-up, set_dA_beside in a process.
+std::atomic<int>& dA_beside_mode() {
+  static std::atomic<int> mode{[] {
+    const char* v = std::getenv("LORA_KERNELS_DA_BESIDE");
+    if (v == nullptr || *v == '\0') return -1;
+    const int n = std::atoi(v);
+    return n > 0 ? n : std::string(v) == "0" ? 0 : -1;
+  }()};
+  return mode;
+}
+
+// Where dA runs beside the dx GEMM (dy: what the GEMM multiplies by W; x is (M, K)), the SMs it takes and its plan.
+lk::DaBeside dA_beside(const Tensor& dy, const Tensor& weight, int64_t M, int64_t K, int r, int pieces, float p) {
+  const int mode = dA_beside_mode().load();
+  if (mode == 0) return lk::DaBeside{0, lk::SplitPlan{0, 0, 0, 0}};
+  return lk::lora_dA_sm90_beside(sm90_dx_args(dy, weight, r, nullptr, nullptr, nullptr, nullptr), M, K, r, pieces,
+                                 p > 0.0f, mode);
 }
 
 // The shrink u = s·dropout(x) Aᵀ (M, r) as the kernels write it: plan.col_groups split-K parts (summed by a reduce
@@ -630,8 +654,13 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   const bool g_in_pack = dx_sm90 && g_partial;  // the pack sums g's parts
   // The reduced g as a buffer of its own: read by dA, or by the dx kernel off the sm_90 path.
   const bool g_reduced = g_partial && (need_dA || (need_dx && !dx_sm90));
+  // dA beside the dx GEMM, on the SMs the GEMM's grid leaves free (dA_sm90.cu), where the cost model finds it faster
+  // than after it
+  const lk::DaBeside beside = dA_sm90 && dx_sm90 ? dA_beside(dyw, weight, M, K, r, a_pieces, pf)
+                                                 : lk::DaBeside{0, lk::SplitPlan{0, 0, 0, 0}};
   const lk::SplitPlan dA_plan =
       !need_dA ? lk::SplitPlan{0, 1, 1, 1}
+      : beside.blocks > 0 ? beside.plan
       : dA_sm90 ? lk::lora_dA_sm90_plan(M, K, r, a_pieces, pf > 0.0f)
                 : lk::lora_dA_plan(M, K, r, lk::lora_dA_resident_blocks(x_dt, a_dt, r));
   const bool dB_direct = need_dB && dy_plan.row_splits == 1 && b_dt == lk::DType::kFloat32;
@@ -641,7 +670,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   // The workspace: g lives from the dy pass (or its reduce, or the pack) to the last launch. The other pieces take
   // turns in one region, in the stream order above: g's parts up to the pack or reduce that sums them, the dB
   // partials up to their reduce and then (vx, ax) over them up to the dx GEMM (after them where the pack sums
-  // them), then the dA partials over all of it.
+  // them), then the dA partials over all of it; beside the dx GEMM, after (vx, ax), which the GEMM reads meanwhile.
   Workspace ws;
   // g: the dy pass's output itself without parts (also when only dB is needed), else their sum where it is read
   const int64_t g_piece = g_reduced || !g_partial ? ws.reserve_floats(M * r) : -1;
@@ -658,7 +687,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   const int64_t kx = sm90_kx(r), elem = (int64_t)dy.element_size();
   const int64_t vx_piece = dx_sm90 ? ws.reserve(M * kx * elem) : -1;
   const int64_t ax_piece = dx_sm90 ? ws.reserve(kx * K * elem) : -1;
-  ws.rewind(phases);
+  if (beside.blocks == 0) ws.rewind(phases);
   const int64_t dA_partial_piece =
       need_dA && !dA_direct ? ws.reserve_floats(std::max<int64_t>(dA_plan.row_splits, 1) * r * K) : -1;
   const int64_t dA_scratch_bytes =
@@ -704,7 +733,12 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
       if (dB_in_pack) dB_reduce = {ws.ptr<float>(dB_partial_piece), dy_plan.row_splits, N * r, dB.data_ptr(), b_dt};
       sm90_dx_pack(dy, g_work, dy_plan.col_groups, g_reduced ? g : nullptr, r, lora_A, dx_scale,
                    ws.ptr(vx_piece), ws.ptr(ax_piece), stream, dB_reduce);
-      sm90_dx_gemm(dyw, weight, r, ws.ptr(vx_piece), ws.ptr(ax_piece), ws.ptr<uint8_t>(bits_piece), dx, stream);
+      if (beside.blocks > 0)  // dA's staging of g's pieces, where it has one, before the GEMM that dA runs beside
+        check_cuda(lk::launch_lora_dA_sm90_prep(x_dt, a_dt, g, M, r, ws.ptr(dA_scratch_piece), stream),
+                   "lora_dA (sm90) prep launch");
+      const lk::LoraGemmArgs a = sm90_dx_args(dyw, weight, r, ws.ptr(vx_piece), ws.ptr(ax_piece),
+                                              ws.ptr<uint8_t>(bits_piece), dx.data_ptr(), beside.blocks);
+      check_cuda(lk::launch_lora_gemm_sm90(a, stream), "sm90 GEMM launch (dx)");
     } else {
       check_cuda(lk::launch_lora_dx(dx.data_ptr(), x_dt, g, lora_A.data_ptr(), a_dt, M, K, r, (float)scaling, pf,
                                     (uint64_t)seed, seed_ptr, (uint64_t)offset, ws.ptr<uint8_t>(bits_piece),
@@ -717,7 +751,8 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
     float* const dA_partial = dA_direct ? dA.data_ptr<float>() : ws.ptr<float>(dA_partial_piece);
     if (dA_sm90) {
       check_cuda(lk::launch_lora_dA_sm90(x.data_ptr(), x_dt, a_dt, g, dA_partial, M, K, r, dA_plan, (float)scaling,
-                                         pf, ws.ptr<uint8_t>(bits_piece), ws.ptr(dA_scratch_piece), stream),
+                                         pf, ws.ptr<uint8_t>(bits_piece), ws.ptr(dA_scratch_piece), stream,
+                                         beside.blocks > 0),
                  "lora_dA (sm90) launch");
     } else {
       check_cuda(lk::launch_lora_dA(x.data_ptr(), x_dt, a_dt, g, dA_partial, M, K, r, dA_plan, (float)scaling, pf,
@@ -1010,6 +1045,24 @@ std::string dy_path(const Tensor& dy, const Tensor& lora_B) {
 // Which kernel a pass over x (M, K) with lora_A (r, K) and p runs, from its sm_90 support check: "sm90" (wgmma) or
 // "mma.sync: <why not sm90>" (the FFMA kernel where the tensor cores are not used).
 using XPassCheck = const char* (*)(const void*, lk::DType, lk::DType, int64_t, int64_t, int, float);
+// The SMs dA takes beside the dx GEMM in a backward of these 2-D inputs; 0: it runs after the GEMM, or off sm_90.
+int64_t dA_beside_blocks(const Tensor& x, const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B,
+                         double p) {
+  check_common(x, weight, lora_A, lora_B, p, 0);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const float pf = (float)p;
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  const int r = (int)lora_A.size(0);
+  const lk::DType x_dt = to_dtype(x, "x"), a_dt = to_dtype(lora_A, "lora_A");
+  const bool bits = pf > 0.0f && lk::dropout_bits_used(x_dt, a_dt);
+  const Tensor dy = at::empty({M, N}, x.options());
+  const bool dA_sm90 = M > 0 && K > 0 && (pf == 0.0f || bits) &&
+                       lk::lora_dA_sm90_unsupported(x.data_ptr(), x_dt, a_dt, M, K, r, pf) == nullptr;
+  const bool dx_sm90 = N > 0 && dx_sm90_unsupported(dy, weight, pf, bits) == nullptr;
+  if (!dA_sm90 || !dx_sm90) return 0;
+  return dA_beside(dy, weight, M, K, r, lk::adapter_pieces(x_dt, a_dt), pf).blocks;
+}
+
 std::string x_pass_path(const char* name, XPassCheck unsupported, const Tensor& x, const Tensor& lora_A, double p) {
   LK_CHECK(x.is_cuda() && x.dim() == 2 && lora_A.dim() == 2 && x.size(1) == lora_A.size(1), "lora_kernels_cuda: ",
               name, " takes a 2-D CUDA x (M, K) and lora_A (r, K)");
@@ -1059,6 +1112,9 @@ int64_t set_fused_forward(int64_t mode) {
   return fused_mode().exchange(mode == 2 ? 2 : mode > 0 ? 1 : mode == 0 ? 0 : -1);
 }
 
+// Sets dA beside the dx GEMM for this process (-1 the cost model's choice, 0 never, n > 0 n SMs); returns the previous.
+int64_t set_dA_beside(int64_t mode) { return dA_beside_mode().exchange(mode > 0 ? (int)mode : mode == 0 ? 0 : -1); }
+
 }  // namespace
 
 // seed_t (optional, last): the device seed (see device_seed); without it the kernels use `seed`.
@@ -1071,6 +1127,8 @@ TORCH_LIBRARY(lora_kernels_cuda, m) {
   m.def("shrink_path(Tensor x, Tensor lora_A, float p) -> str");
   m.def("set_small_m(bool enabled) -> bool", &set_small_m);  // no tensor arguments: a catch-all kernel
   m.def("set_fused_forward(int mode) -> int", &set_fused_forward);
+  m.def("set_dA_beside(int mode) -> int", &set_dA_beside);
+  m.def("dA_beside_blocks(Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, float p) -> int");
   m.def(
       "forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, float p, "
       "int seed, int offset, Tensor? seed_t=None) -> (Tensor, Tensor)");
@@ -1113,6 +1171,7 @@ TORCH_LIBRARY_IMPL(lora_kernels_cuda, CUDA, m) {
   m.impl("forward_path", &forward_path);
   m.impl("dy_path", &dy_path);
   m.impl("dA_path", &dA_path);
+  m.impl("dA_beside_blocks", &dA_beside_blocks);
   m.impl("shrink_path", &shrink_path);
 }
 

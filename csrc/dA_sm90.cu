@@ -24,7 +24,13 @@
 //          writes the Up tiles or has no product (splitting D over both consumer warpgroups ran slower:
 //          bench/results/h200_2026-12-02/session21).
 // Bytes  : x once per r-chunk; g from L2 once per row tile; partials row_splits * r * K floats.
+// Beside : in the backward the pass can run beside the dx GEMM instead of after it (lora_dA_sm90_beside): the GEMM,
+//          bound by its tensor cores, takes a grid of fewer SMs and lets this launch start early; the pass streams x
+//          on the SMs left free and waits for the GEMM at its end.
+#include "gemm_sm90.h"
 #include "stream_sm90.cuh"
+
+#include <algorithm>
 
 
 namespace lora_kernels {
@@ -48,8 +54,8 @@ bool da_masked_enabled() {
 
 }  // namespace
 
-SplitPlan lora_dA_sm90_plan(int64_t M, int64_t K, int r, int pieces, bool masked) {
-  return stream_sm90_plan(M, K, r, pieces, kDA, false, masked);
+SplitPlan lora_dA_sm90_plan(int64_t M, int64_t K, int r, int pieces, bool masked, int blocks) {
+  return stream_sm90_plan(M, K, r, pieces, kDA, false, masked, blocks);
 }
 
 const char* lora_dA_sm90_unsupported(const void* x, DType x_dtype, DType a_dtype, int64_t M, int64_t K, int r,
@@ -70,15 +76,104 @@ const char* lora_dA_sm90_unsupported(const void* x, DType x_dtype, DType a_dtype
   return nullptr;
 }
 
+// The cost model behind the choice (seconds). A wave of the GEMM's tiles takes a tile's FLOPs at kSmFlops, the rate
+// of one SM's tensor cores in the sm_90 GEMM (about 0.75x an H100's / H200's dense bf16 peak); a dA block beside it
+// streams its span of x at kBlockBytes; after the GEMM, dA reads x at kDaBytes (its measured rate with every SM:
+// 38.6 us for 64 MiB on an H100, 29 on an H200); each launch adds kLaunch.
+namespace {
+constexpr double kSmFlops = 5.6e12, kBlockBytes = 60e9, kDaBytes = 2.0e12, kLaunch = 3e-6;
+
+// The model's choice: the SMs for dA (even: the GEMM keeps whole clusters of 2) that minimise the longer of the
+// GEMM's waves on the rest and dA's largest span, where that beats the GEMM followed by dA by 2% or more.
+DaBeside beside_by_model(const LoraGemmArgs& dx, int64_t M, int64_t K, int r, int pieces, bool masked, int sms) {
+  DaBeside best{0, SplitPlan{0, 0, 0, 0}};
+  int bn = 0;
+  const int64_t waves_all = lora_gemm_sm90_waves(dx, sms, &bn);
+  if (waves_all < 1) return best;
+  const double wave = 2.0 * 128.0 * bn * (double)(ceil_div(dx.K, 64) * 64 + dx.Kx) / kSmFlops;
+  const double tile_bytes = 2.0 * DS_BM * DS_BN + (masked ? (double)DS_BITS : 0.0);
+  const double x_bytes = 2.0 * (double)M * (double)K * (double)ds_shape(r, pieces, kDA).z;  // x once per r-chunk
+  double best_t = 0.98 * ((double)waves_all * wave + x_bytes / kDaBytes + kLaunch);
+  for (int b = 2; b <= sms / 4; b += 2) {
+    const int64_t waves = lora_gemm_sm90_waves(dx, sms - b);
+    const SplitPlan p = stream_sm90_plan(M, K, r, pieces, kDA, false, masked, b);
+    if (waves < 1 || p.row_splits < 1) continue;
+    const double span = (double)ceil_div(p.rows_per_split, DS_BM) * (double)ceil_div(p.cols_per_group, DS_BN);
+    const double t = std::max((double)waves * wave, span * tile_bytes / kBlockBytes + kLaunch);
+    if (t < best_t) {
+      best_t = t;
+      best = DaBeside{b, p};
+    }
+  }
+  return best;
+}
+}  // namespace
+
+DaBeside lora_dA_sm90_beside(const LoraGemmArgs& dx, int64_t M, int64_t K, int r, int pieces, bool masked,
+                             int blocks) {
+  const DaBeside none{0, SplitPlan{0, 0, 0, 0}};
+  static const bool pdl_on = env_switch_on("LORA_KERNELS_PDL");  // without it the pass would only wait behind
+  const int sms = num_sms();
+  if (blocks == 0 || sms < 8 || !pdl_on) return none;
+  if (blocks > 0) {  // forced
+    const int b = std::min(blocks, sms - 2);
+    const SplitPlan p = stream_sm90_plan(M, K, r, pieces, kDA, false, masked, b);
+    return p.row_splits < 1 ? none : DaBeside{b, p};
+  }
+  // Below 16 Mi elements of x, dA's few microseconds are not worth a smaller GEMM grid.
+  if (M * K < (int64_t(1) << 24)) return none;
+  // The choice per problem, kept for this thread's next calls (a backward runs the same shapes layer after layer):
+  // the model's search costs more host time than the rest of the backward's planning.
+  int device = 0;
+  cudaGetDevice(&device);
+  const int64_t key[] = {dx.M, dx.N, dx.K, dx.Kx, K, r, pieces, masked, sms, device};
+  constexpr int kKey = sizeof(key) / sizeof(key[0]), kCache = 8;
+  thread_local int64_t keys[kCache][kKey];
+  thread_local DaBeside values[kCache];
+  thread_local int filled = 0, next = 0;
+  for (int i = 0; i < filled; ++i)
+    if (std::equal(key, key + kKey, keys[i])) return values[i];
+  const DaBeside chosen = beside_by_model(dx, M, K, r, pieces, masked, sms);
+  std::copy(key, key + kKey, keys[next]);
+  values[next] = chosen;
+  next = (next + 1) % kCache;
+  filled = std::min(filled + 1, kCache);
+  return chosen;
+}
+
 size_t lora_dA_sm90_scratch_bytes(int64_t M, int r, int pieces) {
   const DsShape sh = ds_shape(r, pieces, kDA);
   if (ds_up_from_g(kDA, sh.rj)) return 0;
   return (size_t)sh.z * sh.nw * (size_t)(ceil_div(M, DS_BM) * DS_BM) * 2;
 }
 
+// The prep launch that stages g's pieces (Gp [Z][NW][Mpad] in x's type) where the pass does not build them itself.
+static cudaError_t launch_dA_sm90_prep(DType x_dtype, int pieces, const DsShape& sh, const float* g, void* scratch, int64_t M,
+                                int r, cudaStream_t stream) {
+  const int64_t mpad = ceil_div(M, DS_BM) * DS_BM;
+  return with_dtype16(x_dtype, [&](auto xt) -> cudaError_t {
+    using T = decltype(xt);
+    const dim3 prep_grid((unsigned)(mpad / DS_PREP), (unsigned)(sh.z * sh.rj / 8));
+    return with_pieces<T>(pieces, [&](auto pc) {  // npad = 0: every prep block writes Gp
+      return launch_kernel(dy_sm90_prep_kernel<T, float, decltype(pc)::value>, prep_grid, DS_PREP, 0, stream,
+                           static_cast<const float*>(nullptr), g, static_cast<T*>(nullptr), static_cast<T*>(scratch),
+                           M, (int64_t)0, r, sh.rj, (int64_t)0, mpad, false);
+    });
+  });
+}
+
+cudaError_t launch_lora_dA_sm90_prep(DType x_dtype, DType a_dtype, const float* g, int64_t M, int r, void* scratch,
+                                     cudaStream_t stream) {
+  const int pieces = adapter_pieces(x_dtype, a_dtype);
+  const DsShape sh = ds_shape(r, pieces, kDA);
+  if (ds_up_from_g(kDA, sh.rj)) return cudaSuccess;  // the pass builds g's pieces itself
+  if (!g || !scratch || M < 1) return cudaErrorInvalidValue;
+  return launch_dA_sm90_prep(x_dtype, pieces, sh, g, scratch, M, r, stream);
+}
+
 cudaError_t launch_lora_dA_sm90(const void* x, DType x_dtype, DType a_dtype, const float* g, float* dA_partial,
                                 int64_t M, int64_t K, int r, SplitPlan plan, float scaling, float p,
-                                const uint8_t* keep8, void* scratch, cudaStream_t stream) {
+                                const uint8_t* keep8, void* scratch, cudaStream_t stream, bool beside) {
   const int pieces = adapter_pieces(x_dtype, a_dtype);
   const DsShape sh = ds_shape(r, pieces, kDA);
   const bool up_from_g = ds_up_from_g(kDA, sh.rj);
@@ -93,24 +188,21 @@ cudaError_t launch_lora_dA_sm90(const void* x, DType x_dtype, DType a_dtype, con
     return cudaErrorInvalidConfiguration;
   const float scale = masked ? dropout_scale(scaling, p) : scaling;
   const dim3 grid((unsigned)plan.row_splits, (unsigned)plan.col_groups, (unsigned)sh.z);
+  if (!up_from_g && !beside) {  // beside: its caller ran the prep before the GEMM (launch_lora_dA_sm90_prep)
+    const cudaError_t e = launch_dA_sm90_prep(x_dtype, pieces, sh, g, scratch, M, r, stream);
+    if (e != cudaSuccess) return e;
+  }
   // A programmatic dependent of the launch before it (the prep, or the dx GEMM in the backward): its blocks set up
-  // under that launch's tail and wait for it (pdl_wait) before they read g.
+  // under that launch's tail and wait for it (pdl_wait) before they read g. Beside the dx GEMM (beside), they start
+  // while it runs, on the SMs it leaves free, and wait for it at their end.
   return with_dtype16(x_dtype, [&](auto xt) -> cudaError_t {
     using T = decltype(xt);
     T* gp = up_from_g ? nullptr : static_cast<T*>(scratch);
-    if (!up_from_g) {
-      const dim3 prep_grid((unsigned)(mpad / DS_PREP), (unsigned)(sh.z * sh.rj / 8));
-      const cudaError_t e = with_pieces<T>(pieces, [&](auto pc) {  // npad = 0: every prep block writes Gp
-        return launch_kernel(dy_sm90_prep_kernel<T, float, decltype(pc)::value>, prep_grid, DS_PREP, 0, stream,
-                             static_cast<const float*>(nullptr), g, static_cast<T*>(nullptr), gp, M, (int64_t)0, r,
-                             sh.rj, (int64_t)0, mpad, false);
-      });
-      if (e != cudaSuccess) return e;
-    }
     return with_stream_kernel<kDA, T>(pieces, sh.rj, masked, [&](auto kernel) {
       return launch_kernel_pdl(kernel, grid, DS_THREADS, smem, stream, static_cast<const T*>(x),
                                static_cast<const T*>(nullptr), static_cast<const T*>(gp), static_cast<float*>(nullptr),
-                               dA_partial, M, K, r, (int64_t)0, mpad, masked ? keep8 : nullptr, scale, g);
+                               dA_partial, M, K, r, (int64_t)0, mpad, masked ? keep8 : nullptr, scale, g,
+                               beside ? 1 : 0);
     });
   });
 }

@@ -94,7 +94,7 @@ cudaError_t launch_lora_dy_pass_sm90(const void* dy, DType dy_dtype, const void*
     return with_stream_kernel<kDy, T>(pieces, sh.rj, false, [&](auto kernel) {
       return launch_kernel_pdl(kernel, grid, DS_THREADS, smem, stream, static_cast<const T*>(dy),
                            static_cast<const T*>(bp), static_cast<const T*>(up), g_out, dB_partial, M, N, r, npad,
-                           mpad, static_cast<const uint8_t*>(nullptr), 1.0f, static_cast<const float*>(nullptr));
+                           mpad, static_cast<const uint8_t*>(nullptr), 1.0f, static_cast<const float*>(nullptr), 0);
     });
   });
 }

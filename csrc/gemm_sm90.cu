@@ -75,19 +75,23 @@ static GemmConfig env_config() {
   return c;
 }
 
-int lora_gemm_sm90_swizzle(int64_t M, int64_t N, int bm, int bn, int cluster_n, int wave) {
+namespace {
+// Waves of an M x N grid of bm x bn tiles in clusters of cluster_n along N at swizzle s, `wave` tiles in flight: the
+// swizzle CUTLASS takes (get_log_swizzle_size: 4 needs 3 CTAs along the shorter mode, 2 needs 2), then the grid it
+// runs, each mode rounded up to swizzle x cluster.
+int64_t tile_waves(int64_t M, int64_t N, int bm, int bn, int cluster_n, int s, int wave) {
   auto up = [](int64_t v, int64_t m) { return (v + m - 1) / m * m; };
   const int64_t tm = (M + bm - 1) / bm, tn = up((N + bn - 1) / bn, cluster_n);  // CTAs per mode, whole clusters
-  auto waves = [&](int s) {
-    // the swizzle CUTLASS takes (get_log_swizzle_size: 4 needs 3 CTAs along the shorter mode, 2 needs 2), then the
-    // grid it runs: each mode rounded up to swizzle x cluster
-    const int64_t shorter = tm < tn ? tm : tn;
-    const int e = s >= 4 && shorter >= 3 ? 4 : s >= 2 && shorter >= 2 ? 2 : 1;
-    return (up(tm, e) * up(tn, (int64_t)e * cluster_n) + wave - 1) / wave;
-  };
+  const int64_t shorter = tm < tn ? tm : tn;
+  const int e = s >= 4 && shorter >= 3 ? 4 : s >= 2 && shorter >= 2 ? 2 : 1;
+  return (up(tm, e) * up(tn, (int64_t)e * cluster_n) + wave - 1) / wave;
+}
+}  // namespace
+
+int lora_gemm_sm90_swizzle(int64_t M, int64_t N, int bm, int bn, int cluster_n, int wave) {
   int best = 4;
   for (int s : {2, 1})
-    if (waves(s) < waves(best)) best = s;
+    if (tile_waves(M, N, bm, bn, cluster_n, s, wave) < tile_waves(M, N, bm, bn, cluster_n, best, wave)) best = s;
   return best;
 }
 
@@ -131,13 +135,24 @@ GemmChoice lora_gemm_sm90_pick(const LoraGemmArgs& a, int sms) {
   return c;
 }
 
+int64_t lora_gemm_sm90_waves(const LoraGemmArgs& a, int sms, int* tile_n) {
+  const int wave = sms / 2 * 2;  // whole clusters of 2
+  if (wave < 2) return 0;
+  const GemmChoice c = lora_gemm_sm90_pick(a, wave);
+  if (c.config != GemmConfig::kCoop128x256_c12 && c.config != GemmConfig::kPing128x128_c12) return 0;
+  const int bn = c.config == GemmConfig::kCoop128x256_c12 ? 256 : 128;
+  if (tile_n) *tile_n = bn;
+  return tile_waves(a.M, a.N, 128, bn, 2, c.swizzle, wave);
+}
+
 cudaError_t launch_lora_gemm_sm90(const LoraGemmArgs& a, cudaStream_t stream) {
   int device = 0;
   cudaError_t e = cudaGetDevice(&device);
   if (e != cudaSuccess) return e;
   if (lora_gemm_sm90_unsupported(a, device) != nullptr) return cudaErrorNotSupported;
 #if LORA_KERNELS_HAVE_SM90_GEMM
-  const GemmChoice c = lora_gemm_sm90_pick(a, device_info(device).sms);
+  const int sms = a.sms > 0 && a.sms < device_info(device).sms ? a.sms : device_info(device).sms;
+  const GemmChoice c = lora_gemm_sm90_pick(a, sms);
   // [dtype: bf16, fp16][layout: nk, kn][config: 4, 1]
   static constexpr sm90::RunFn kRun[2][2][2] = {
       {{sm90::run_bf16_nk_c4, sm90::run_bf16_nk_c1}, {sm90::run_bf16_kn_c4, sm90::run_bf16_kn_c1}},
@@ -146,7 +161,7 @@ cudaError_t launch_lora_gemm_sm90(const LoraGemmArgs& a, cudaStream_t stream) {
     return cudaErrorNotSupported;  // a config the extension does not compile
   const int cfg = c.config == GemmConfig::kCoop128x256_c12 ? 0 : 1;
   const sm90::RunFn run = kRun[a.dtype == GemmDType::kBFloat16 ? 0 : 1][a.layout_b == GemmLayoutB::kNK ? 0 : 1][cfg];
-  return run(a, c.swizzle, c.raster, device_info(device).sms, stream);
+  return run(a, c.swizzle, c.raster, sms, stream);
 #else
   return cudaErrorNotSupported;
 #endif

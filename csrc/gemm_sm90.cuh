@@ -99,6 +99,9 @@ struct KExtendedMainloop : Base {
     int k_main;              // K of (A, B); the problem shape's K is k_tiles_main * kTileK + Kx
     int k_ext;               // Kx (a multiple of kTileK, may be 0)
     uint8_t const* ptr_keep = nullptr;  // (M, N/8) keep bits, or null
+    // A pass launched after this kernel runs beside it on the SMs its smaller grid leaves free (gemm_sm90.h, sms):
+    // each block lets it start as soon as it has waited for the launch before it.
+    int early_dependents = 0;
     uint32_t mma_promotion_interval = 4;
   };
 
@@ -111,6 +114,7 @@ struct KExtendedMainloop : Base {
     int k_tiles_main;
     int k_tiles_ext;
     int masked;
+    int early_dependents;
     int keep_rows, keep_cols;  // the keep descriptor's (M, N/8), or (M, kKeepRowBytes) when unmasked
   };
 
@@ -144,6 +148,7 @@ struct KExtendedMainloop : Base {
     p.k_tiles_ext = args.k_ext / kTileK;
     // Unmasked, the keep descriptor is never used; it still needs a valid one: A's first 16 bytes of each row.
     p.masked = args.ptr_keep != nullptr && args.k_ext > 0;
+    p.early_dependents = args.early_dependents;
     auto keep_src = p.masked ? args.ptr_keep : reinterpret_cast<uint8_t const*>(args.ptr_A);
     int keep_pitch = p.masked ? N / 8 : args.k_main * int(sizeof(ElementA));
     p.keep_rows = M;
@@ -201,6 +206,10 @@ struct KExtendedMainloop : Base {
                            BlockCoord const& blk_coord, KTileIterator k_tile_iter, int k_tile_count, int thread_idx,
                            uint32_t block_rank_in_cluster, TensorStorage& shared_tensors) {
     if (!cute::elect_one_sync()) return;
+    // CUTLASS's kernel has waited for the launch before this one (wait_on_dependent_grids) before its first load: from
+    // here on the pass launched after this GEMM may start on the SMs this grid leaves free. It reads nothing this GEMM
+    // writes, and waits for it before it exits (launch_lora_dA_sm90, beside).
+    if (p.early_dependents) pdl_launch_dependents();
     Tensor sA = make_tensor(make_smem_ptr(shared_tensors.smem_A.data()), SmemLayoutA{});  // (BLK_M,BLK_K,PIPE)
     Tensor sB = make_tensor(make_smem_ptr(shared_tensors.smem_B.data()), SmemLayoutB{});  // (BLK_N,BLK_K,PIPE)
 
@@ -434,7 +443,7 @@ struct Gemm {
                      static_cast<E const*>(a.b), cutlass::make_cute_packed_stride(StrideB{}, {N, K, 1}),
                      static_cast<E const*>(a.ax), cutlass::make_cute_packed_stride(StrideA{}, {M, Kx, 1}),
                      static_cast<E const*>(a.bx), cutlass::make_cute_packed_stride(StrideB{}, {N, Kx, 1}),
-                     K, Kx, a.keep};
+                     K, Kx, a.keep, a.early_dependents ? 1 : 0};
     args.epilogue.thread.alpha = 1.0f;
     args.epilogue.thread.beta = 0.0f;
     args.epilogue.thread.bias_ptr = static_cast<E const*>(a.bias);

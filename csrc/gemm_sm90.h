@@ -53,6 +53,10 @@ struct LoraGemmArgs {
   GemmConfig config = GemmConfig::kAuto;
   int swizzle = 0;  // tile-order swizzle (1, 2, 4, 8); 0: lora_gemm_sm90_pick chooses
   int raster = 0;   // 0: heuristic, 1: along M, 2: along N
+  int sms = 0;      // SMs the persistent grid may take (the rest left to a pass beside it); 0: all of them
+  // Each block lets the launch after this one start once it has waited for the launch before it (the GEMM's loads
+  // wait for that one): a pass that reads nothing this GEMM writes runs beside it, on the SMs `sms` leaves free.
+  bool early_dependents = false;
 };
 
 // True when the kernels are compiled into this build.
@@ -72,5 +76,9 @@ GemmChoice lora_gemm_sm90_pick(const LoraGemmArgs& args, int sms = 0);
 int lora_gemm_sm90_swizzle(int64_t M, int64_t N, int bm, int bn, int cluster_n, int wave);
 // Launches on `stream`; returns the launch's error (cudaErrorNotSupported when unsupported).
 cudaError_t launch_lora_gemm_sm90(const LoraGemmArgs& args, cudaStream_t stream);
+// The waves of tiles the kernel that lora_gemm_sm90_pick chooses for `args` runs on `sms` SMs (its persistent grid,
+// in whole clusters), its swizzle's padding tiles included; 0 where it does not run. tile_n: that kernel's tile
+// width (its tiles are 128 rows high).
+int64_t lora_gemm_sm90_waves(const LoraGemmArgs& args, int sms, int* tile_n = nullptr);
 
 }  // namespace lora_kernels

@@ -38,6 +38,8 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 constexpr int kMaxRank = 256;
 
+struct LoraGemmArgs;  // gemm_sm90.h
+
 // Streaming multiprocessors of the current device (csrc/plans.cu; 132 when there is none).
 namespace detail {
 int num_sms();
@@ -196,12 +198,28 @@ cudaError_t launch_lora_dy_pass_sm90(const void* dy, DType dy_dtype, const void*
 const char* lora_dA_sm90_unsupported(const void* x, DType x_dtype, DType a_dtype, int64_t M, int64_t K, int r,
                                      float p);
 // masked: the plan of a call with dropout (p > 0), whose keep bits take shared memory too.
-SplitPlan lora_dA_sm90_plan(int64_t M, int64_t K, int r, int pieces, bool masked = false);
+// blocks > 0: a plan of at most that many blocks (row_splits 0 when none fits), for dA beside the dx GEMM.
+SplitPlan lora_dA_sm90_plan(int64_t M, int64_t K, int r, int pieces, bool masked = false, int blocks = 0);
 size_t lora_dA_sm90_scratch_bytes(int64_t M, int r, int pieces);
 // With p > 0 the kernel masks x by the keep bits keep8 (launch_dropout_keep_bits) and scales by scaling / (1 - p).
+// beside: launched right after an sm_90 GEMM with early_dependents (gemm_sm90.h), the pass runs on the SMs the GEMM's
+// grid leaves free and waits for the GEMM at its end; it must read nothing the GEMM writes, and its prep (where
+// lora_dA_sm90_scratch_bytes is not 0) must have run before the GEMM: launch_lora_dA_sm90_prep.
 cudaError_t launch_lora_dA_sm90(const void* x, DType x_dtype, DType a_dtype, const float* g, float* dA_partial,
                                 int64_t M, int64_t K, int r, SplitPlan plan, float scaling, float p,
-                                const uint8_t* keep8, void* scratch, cudaStream_t stream);
+                                const uint8_t* keep8, void* scratch, cudaStream_t stream, bool beside = false);
+// dA beside the dx GEMM (launch_lora_dA_sm90, beside): `blocks` SMs taken from the GEMM's grid (LoraGemmArgs::sms =
+// the device's SMs - blocks) and the dA plan of at most that many blocks; blocks 0: dA runs after the GEMM. The
+// argument blocks: < 0 lets a cost model of the GEMM's waves and the pass's largest span choose (dA_sm90.cu),
+// 0 never, > 0 that many (A/B timing). dx: the dx GEMM's arguments (shapes and extension; pointers unused).
+struct DaBeside {
+  int blocks;
+  SplitPlan plan;
+};
+DaBeside lora_dA_sm90_beside(const LoraGemmArgs& dx, int64_t M, int64_t K, int r, int pieces, bool masked,
+                             int blocks);
+cudaError_t launch_lora_dA_sm90_prep(DType x_dtype, DType a_dtype, const float* g, int64_t M, int r, void* scratch,
+                                     cudaStream_t stream);
 // The shrink on Hopper (shrink_sm90.cu: the same streaming kernel, G product only, x masked in shared memory by the
 // keep bits keep8, which a call with p > 0 must give): same outputs and partial layout as launch_lora_shrink, for
 // lora_shrink_sm90_plan's plan; lora_A's pieces staged in `scratch` (lora_shrink_sm90_scratch_bytes).

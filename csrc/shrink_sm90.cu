@@ -98,7 +98,7 @@ cudaError_t launch_lora_shrink_sm90(const void* x, DType x_dtype, const void* A,
     return with_stream_kernel<kShrink, T>(pieces, sh.rj, false, [&](auto kernel) {
       return launch_kernel_pdl(kernel, grid, DS_THREADS, smem, stream, static_cast<const T*>(x), static_cast<const T*>(ap),
                            static_cast<const T*>(nullptr), u_out, static_cast<float*>(nullptr), M, K, r, kpad,
-                           (int64_t)0, p > 0.f ? keep8 : nullptr, scale, static_cast<const float*>(nullptr));
+                           (int64_t)0, p > 0.f ? keep8 : nullptr, scale, static_cast<const float*>(nullptr), 0);
     });
   });
 }

@@ -124,7 +124,7 @@ __global__ void __launch_bounds__(DS_THREADS, 1)
 stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* __restrict__ up,
                    float* __restrict__ g_out, float* __restrict__ dB_partial, int64_t M, int64_t N, int r,
                    int64_t npad, int64_t mpad, const uint8_t* __restrict__ keep8, float scale,
-                   const float* __restrict__ g_in) {
+                   const float* __restrict__ g_in, int beside) {
 #if LK_WGMMA
   constexpr int NW = P * RJ, LDD = ds_ldd(RJ), DY_BYTES = DS_BM * DS_BN * 2, STAGE = ds_stage_bytes(MODE, NW);
   constexpr int DS_STAGES = ds_stages(MODE, NW, MASKED);
@@ -201,8 +201,11 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
   if (do_dB)
     for (int i = tid; i < n_ct * DS_BN * LDD; i += DS_THREADS) dBs[i] = 0.f;
   // Launched as a programmatic dependent of its prep launch (launch_kernel_pdl): the setup above ran under the prep's
-  // tail; its staged pieces (and everything before it) are visible from here on.
-  pdl_wait();
+  // tail; its staged pieces (and everything before it) are visible from here on. `beside` (dA beside the dx GEMM,
+  // launched after it): the GEMM let this launch start once the launch before the GEMM was complete and visible
+  // (early_dependents), and this pass reads nothing the GEMM writes; it waits for the GEMM at its end instead, so that
+  // it completes after it and the stream's order holds for every later launch.
+  if (!beside) pdl_wait();
   __syncthreads();
 
   // Tiles go round the ring in order: tile t in stage t % DS_STAGES, its round t / DS_STAGES picks the parity.
@@ -487,6 +490,7 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
       }
     }
   }
+  if (beside) pdl_wait();
 #else
   __trap();
 #endif
@@ -544,16 +548,19 @@ cudaError_t with_stream_kernel(int pieces, int rj, bool masked, F&& f) {
 // row tile (dy pass, dA: NW rows of 128). Without them the plan lost 8% on dA with fp32 adapters at r = 64,
 // K = 14336, where each block loads a 48 KB Up tile per row tile for 2 column tiles of x (session 29).
 // masked (dA with dropout): the keep bits ring in shared memory and the tiles' keep bits in the span.
+// blocks > 0: at most that many blocks (dA beside the dx GEMM on the SMs the GEMM leaves free); no plan (row_splits
+// 0) when none fits.
 inline SplitPlan stream_sm90_plan(int64_t M, int64_t N, int r, int pieces, StreamMode mode, bool side_bytes = false,
-                                  bool masked = false) {
+                                  bool masked = false, int blocks = 0) {
   const bool with_g = mode != kDA, with_d = mode != kShrink;
   const DsShape sh = ds_shape(r, pieces, mode);
-  const int64_t tiles_m = ceil_div(M, DS_BM), tiles_n = ceil_div(N, DS_BN), sms = num_sms();
+  const int64_t tiles_m = ceil_div(M, DS_BM), tiles_n = ceil_div(N, DS_BN), sms = blocks > 0 ? blocks : num_sms();
   SplitPlan best{0, 0, 0, 0};
   double best_est = -1.0;
   for (int64_t C = 1; C <= tiles_n / (ds_stages(mode, sh.nw, masked) - 1) && C <= 65535; ++C) {
     const int64_t tpg = ceil_div(tiles_n, C);
     if (ds_smem(sh, mode, tpg, masked) > smem_per_block()) continue;
+    if (blocks > 0 && C * sh.z > blocks) break;
     const int64_t S0 = std::max<int64_t>(1, std::min<int64_t>(tiles_m, sms / (C * sh.z)));
     const int64_t rows = ceil_div(tiles_m, S0), S = ceil_div(tiles_m, rows);  // the largest span's row tiles
     const int64_t waves = ceil_div(S * C * sh.z, sms);

@@ -61,6 +61,10 @@ Read by the CUDA extension (csrc/binding.cpp), once, when a GEMM first asks for 
                                         instead of the wgmma one on Hopper (csrc/dy_pass_sm90.cu): for A/B timing.
     LORA_KERNELS_SM90_DA                0 keeps the backward's dA pass on its mma.sync kernel (csrc/dA.cu) instead of
                                         the wgmma one on Hopper (csrc/dA_sm90.cu): for A/B timing.
+    LORA_KERNELS_DA_BESIDE              dA beside the dx GEMM on Hopper (csrc/dA_sm90.cu: the GEMM's grid leaves some
+                                        SMs free and dA streams x there meanwhile): unset, where a cost model of both
+                                        finds it faster; 0 never; n > 0 on n SMs wherever both run on sm_90. It starts
+                                        the setting that cuda_backend.set_dA_beside changes at run time.
     LORA_KERNELS_DA_MASKED              0 takes dA with dropout off the wgmma kernel's own masking (csrc/dA_sm90.cu)
                                         and onto its mma.sync kernel (csrc/dA.cu): for A/B timing.
     LORA_KERNELS_SM90_SHRINK            0 keeps the forward's shrink on its mma.sync kernel (csrc/shrink.cu) instead of

@@ -125,3 +125,54 @@ def test_extension_tiles_read_this_calls_pack(p):
 @pytest.mark.skipif(not _hopper(), reason="the sm_90 GEMM runs on compute capability 9.0 only")
 def test_sm90_path_is_deterministic():
     assert_cuda_backend_deterministic(333, 1024, 512, 16)
+
+
+@pytest.mark.skipif(not _hopper(), reason="the sm_90 GEMM runs on compute capability 9.0 only")
+@pytest.mark.parametrize("adapter_dtype", [torch.float32, None])
+@pytest.mark.parametrize("lead,K,N,r,blocks", [((1000,), 1024, 384, 16, 2), ((1000,), 4096, 136, 16, 12),
+                                                ((3, 300), 1024, 256, 40, 12), ((520,), 640, 1024, 64, 24)])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_dA_beside_the_dx_gemm_against_float64(adapter_dtype, lead, K, N, r, blocks, p):
+    # dA launched beside the dx GEMM (csrc/dA_sm90.cu): the GEMM's grid leaves `blocks` SMs free, dA starts there
+    # once the GEMM's blocks have waited for the pack, reads x and g (never the GEMM's output) and waits for the
+    # GEMM at its end; its partials live past the GEMM's (vx, ax) in the workspace. Forced on here (the cost model
+    # takes it only at large M): r = 40 and 64 stage g's pieces in a prep launch before the GEMM, r = 16 does not.
+    # Three calls in a row with fresh inputs, each against float64: a dA that read a stale g, or partials that
+    # overwrote (vx, ax) under the GEMM, fails.
+    from lora_kernels.backends import cuda_backend
+
+    previous = cuda_backend.set_dA_beside(blocks)
+    try:
+        M = 1
+        for d in lead:
+            M *= d
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+        A = torch.randn(r, K, device="cuda", dtype=adapter_dtype or torch.bfloat16)
+        B = torch.randn(N, r, device="cuda", dtype=adapter_dtype or torch.bfloat16)
+        assert cuda_backend.dA_beside_blocks(x, W, A, B, p) == blocks
+        for _ in range(3):
+            run_and_check("cuda", "cuda", torch.bfloat16, lead, K, N, r, bias=True, p=p, adapter_dtype=adapter_dtype)
+    finally:
+        cuda_backend.set_dA_beside(previous)
+
+
+@pytest.mark.skipif(not _hopper(), reason="the sm_90 GEMM runs on compute capability 9.0 only")
+@pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.bfloat16])
+def test_dA_beside_is_chosen_where_the_gemm_is_short(adapter_dtype):
+    # The cost model takes dA beside the dx GEMM at 8192 x 4096 -> 1024 (the dx GEMM 4x shorter than at -> 4096, dA
+    # the same read of x), where the benchmark's worst cells are; never at M = 64 (dx on cuBLAS there), nor when
+    # switched off.
+    from lora_kernels.backends import cuda_backend
+
+    x = torch.randn(8192, 4096, device="cuda", dtype=torch.bfloat16)
+    W = torch.randn(1024, 4096, device="cuda", dtype=torch.bfloat16)
+    A = torch.randn(16, 4096, device="cuda", dtype=adapter_dtype)
+    B = torch.randn(1024, 16, device="cuda", dtype=adapter_dtype)
+    assert cuda_backend.dA_beside_blocks(x, W, A, B, 0.0) > 0
+    assert cuda_backend.dA_beside_blocks(x[:64], W, A, B, 0.0) == 0
+    previous = cuda_backend.set_dA_beside(0)
+    try:
+        assert cuda_backend.dA_beside_blocks(x, W, A, B, 0.0) == 0
+    finally:
+        cuda_backend.set_dA_beside(previous)

@@ -127,6 +127,19 @@ def dA_path(x, lora_A, p=0.0) -> str:
     return torch.ops.lora_kernels_cuda.dA_path(x, lora_A, float(p))
 
 
+def dA_beside_blocks(x, weight, lora_A, lora_B, p=0.0) -> int:
+    """The SMs the backward's dA pass takes beside the dx GEMM for these 2-D inputs (csrc/dA_sm90.cu: the GEMM's
+    grid leaves them free and dA streams x there while the GEMM runs); 0 where dA runs after the GEMM."""
+    return int(torch.ops.lora_kernels_cuda.dA_beside_blocks(x, weight, lora_A, lora_B, float(p)))
+
+
+def set_dA_beside(mode: int) -> int:
+    """Sets dA beside the dx GEMM for this process: -1 the cost model's choice (the default), 0 never, n > 0 n SMs
+    wherever the sm_90 dx GEMM and dA run (LORA_KERNELS_DA_BESIDE starts the process so). Returns the previous
+    setting. For tests of both orders and A/B timing."""
+    return int(torch.ops.lora_kernels_cuda.set_dA_beside(int(mode)))
+
+
 def forward_path(x, weight, bias, lora_A, lora_B, p=0.0) -> str:
     """Which path a forward with these 2-D inputs takes: "small_m" (M <= 64: the whole forward in one launch,
     csrc/small_m.cu), "sm90 fused lead (small_m: <why not>)" or "sm90 fused (...)" (the shrink inside the GEMM,
