@@ -160,9 +160,9 @@ def test_dA_beside_the_dx_gemm_against_float64(adapter_dtype, lead, K, N, r, blo
 @pytest.mark.skipif(not _hopper(), reason="the sm_90 GEMM runs on compute capability 9.0 only")
 @pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.bfloat16])
 def test_dA_beside_is_chosen_where_the_gemm_is_short(adapter_dtype):
-    # The cost model takes dA beside the dx GEMM at 8192 x 4096 -> 1024 (the dx GEMM 4x shorter than at -> 4096, dA
-    # the same read of x), where the benchmark's worst cells are; never at M = 64 (dx on cuBLAS there), nor when
-    # switched off.
+    # The cost model takes dA beside the dx GEMM at 8192 x 4096 -> 1024, r = 16, p = 0 (the dx GEMM 4x shorter than at
+    # -> 4096, dA the same read of x: measured faster there, session 50); never at M = 64 (dx on cuBLAS there), nor
+    # when switched off.
     from lora_kernels.backends import cuda_backend
 
     x = torch.randn(8192, 4096, device="cuda", dtype=torch.bfloat16)
