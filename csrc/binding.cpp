@@ -400,7 +400,7 @@ std::atomic<int>& dA_beside_mode() {
 // Where dA runs beside the dx GEMM (dy: what the GEMM multiplies by W; x is (M, K)), the SMs it takes and its plan.
 lk::DaBeside dA_beside(const Tensor& dy, const Tensor& weight, int64_t M, int64_t K, int r, int pieces, float p) {
   const int mode = dA_beside_mode().load();
-  if (mode == 0) return lk::DaBeside{0, lk::SplitPlan{0, 0, 0, 0}, false};
+  if (mode == 0) return lk::DaBeside{0, lk::SplitPlan{0, 0, 0, 0}};
   return lk::lora_dA_sm90_beside(sm90_dx_args(dy, weight, r, nullptr, nullptr, nullptr, nullptr), M, K, r, pieces,
                                  p > 0.0f, mode);
 }
@@ -657,7 +657,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   // dA beside the dx GEMM, on the SMs the GEMM's grid leaves free (dA_sm90.cu), where the cost model finds it faster
   // than after it
   const lk::DaBeside beside = dA_sm90 && dx_sm90 ? dA_beside(dyw, weight, M, K, r, a_pieces, pf)
-                                                 : lk::DaBeside{0, lk::SplitPlan{0, 0, 0, 0}, false};
+                                                 : lk::DaBeside{0, lk::SplitPlan{0, 0, 0, 0}};
   const lk::SplitPlan dA_plan =
       !need_dA ? lk::SplitPlan{0, 1, 1, 1}
       : beside.blocks > 0 ? beside.plan
@@ -752,7 +752,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
     if (dA_sm90) {
       check_cuda(lk::launch_lora_dA_sm90(x.data_ptr(), x_dt, a_dt, g, dA_partial, M, K, r, dA_plan, (float)scaling,
                                          pf, ws.ptr<uint8_t>(bits_piece), ws.ptr(dA_scratch_piece), stream,
-                                         beside.blocks > 0, beside.deep),
+                                         beside.blocks > 0),
                  "lora_dA (sm90) launch");
     } else {
       check_cuda(lk::launch_lora_dA(x.data_ptr(), x_dt, a_dt, g, dA_partial, M, K, r, dA_plan, (float)scaling, pf,

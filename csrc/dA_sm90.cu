@@ -47,17 +47,6 @@ bool da_enabled() {
   return on;
 }
 
-// LORA_KERNELS_DA_BESIDE_DEEP=1: a forced count of SMs beside the dx GEMM (LORA_KERNELS_DA_BESIDE=n, set_dA_beside)
-// runs dA at r <= 16 on the deep ring's kernel (8 stages) where its plan fits: an experiment for the per-block rate
-// that bounds the pass on a few SMs (block_bytes below); the cost model's choices keep the 4-stage kernel.
-bool da_beside_deep() {
-  static const bool on = [] {
-    const char* v = std::getenv("LORA_KERNELS_DA_BESIDE_DEEP");
-    return v != nullptr && v[0] == '1';
-  }();
-  return on;
-}
-
 bool da_masked_enabled() {
   static const bool on = env_switch_on("LORA_KERNELS_DA_MASKED");
   return on;
@@ -89,10 +78,11 @@ const char* lora_dA_sm90_unsupported(const void* x, DType x_dtype, DType a_dtype
 
 // The cost model behind the choice (seconds). A wave of the GEMM's tiles takes a tile's FLOPs at kSmFlops, the rate
 // of one SM's tensor cores in the sm_90 GEMM (812 TFLOP/s over 132 SMs for the 8192 x 4096 x 14336 dx on an H200).
-// A dA block streams its span of x at block_bytes(): its ring of 4 stages of 16 KB tiles holds too few bytes in
-// flight for the memory latency (Little's law), and above r = 16 the products weigh; measured on an H200 by
-// bench/dev/beside_sweep.py with 4-24 blocks beside the GEMM (session 50): about 28 GB/s per block where g's pieces
-// are at most 48 wide, 14 at 64, 9-10 at 192, and 0.6x that with dropout (the masking warpgroup). After the GEMM, on
+// A dA block streams its span of x at block_bytes(), measured by bench/dev/beside_sweep.py with 4-24 blocks beside the
+// GEMM (session 50, H200 and H100 alike): about 28 GB/s per block where g's pieces are at most 48 wide, 14 at 64, 9-10
+// at 192, and 0.6x that with dropout (the masking warpgroup). That is a block's own rate, not memory's: an 8-stage
+// ring, twice the bytes in flight, streamed no faster (the backward at 8192 x 4096 -> 1024, bf16 adapters, dA on 4
+// SMs: 478 us on an H100 against the 4-stage ring's 479 on an H200), so the per-tile work bounds it. After the GEMM, on
 // every SM, dA reads x at the lower of 132 blocks' rate and kDaBytes (2.3e12 B/s on an H200, 1.7e12 on an H100: 29 and
 // 38.6 us for 64 MiB at r = 16); each launch adds kLaunch.
 namespace {
@@ -106,7 +96,7 @@ double block_bytes(int nw, bool masked) {
 // The model's choice: the SMs for dA (even: the GEMM keeps whole clusters of 2) that minimise the longer of the
 // GEMM's waves on the rest and dA's largest span, where that beats the GEMM followed by dA by 2% or more.
 DaBeside beside_by_model(const LoraGemmArgs& dx, int64_t M, int64_t K, int r, int pieces, bool masked, int sms) {
-  DaBeside best{0, SplitPlan{0, 0, 0, 0}, false};
+  DaBeside best{0, SplitPlan{0, 0, 0, 0}};
   int bn = 0;
   const int64_t waves_all = lora_gemm_sm90_waves(dx, sms, &bn);
   if (waves_all < 1) return best;
@@ -125,7 +115,7 @@ DaBeside beside_by_model(const LoraGemmArgs& dx, int64_t M, int64_t K, int r, in
     const double t = std::max((double)waves * wave, span * tile_bytes / per_block + kLaunch);
     if (t < best_t) {
       best_t = t;
-      best = DaBeside{b, p, false};
+      best = DaBeside{b, p};
     }
   }
   return best;
@@ -134,18 +124,14 @@ DaBeside beside_by_model(const LoraGemmArgs& dx, int64_t M, int64_t K, int r, in
 
 DaBeside lora_dA_sm90_beside(const LoraGemmArgs& dx, int64_t M, int64_t K, int r, int pieces, bool masked,
                              int blocks) {
-  const DaBeside none{0, SplitPlan{0, 0, 0, 0}, false};
+  const DaBeside none{0, SplitPlan{0, 0, 0, 0}};
   static const bool pdl_on = env_switch_on("LORA_KERNELS_PDL");  // without it the pass would only wait behind
   const int sms = num_sms();
   if (blocks == 0 || sms < 8 || !pdl_on) return none;
   if (blocks > 0) {  // forced
     const int b = std::min(blocks, sms - 2);
-    if (da_beside_deep() && ds_shape(r, pieces, kDA).rj == 16) {
-      const SplitPlan p = stream_sm90_plan(M, K, r, pieces, kDA, false, masked, b, true);
-      if (p.row_splits >= 1) return DaBeside{b, p, true};
-    }
     const SplitPlan p = stream_sm90_plan(M, K, r, pieces, kDA, false, masked, b);
-    return p.row_splits < 1 ? none : DaBeside{b, p, false};
+    return p.row_splits < 1 ? none : DaBeside{b, p};
   }
   // Below 16 Mi elements of x, dA's few microseconds are not worth a smaller GEMM grid.
   if (M * K < (int64_t(1) << 24)) return none;
@@ -200,7 +186,7 @@ cudaError_t launch_lora_dA_sm90_prep(DType x_dtype, DType a_dtype, const float* 
 
 cudaError_t launch_lora_dA_sm90(const void* x, DType x_dtype, DType a_dtype, const float* g, float* dA_partial,
                                 int64_t M, int64_t K, int r, SplitPlan plan, float scaling, float p,
-                                const uint8_t* keep8, void* scratch, cudaStream_t stream, bool beside, bool deep) {
+                                const uint8_t* keep8, void* scratch, cudaStream_t stream, bool beside) {
   const int pieces = adapter_pieces(x_dtype, a_dtype);
   const DsShape sh = ds_shape(r, pieces, kDA);
   const bool up_from_g = ds_up_from_g(kDA, sh.rj);
@@ -210,8 +196,7 @@ cudaError_t launch_lora_dA_sm90(const void* x, DType x_dtype, DType a_dtype, con
     return cudaErrorInvalidValue;
   const int64_t mpad = ceil_div(M, DS_BM) * DS_BM;
   const int64_t tpg = ceil_div(ceil_div(K, DS_BN), plan.col_groups);
-  deep = deep && beside && sh.rj == 16;
-  const size_t smem = ds_smem(sh, kDA, tpg, masked, deep);
+  const size_t smem = ds_smem(sh, kDA, tpg, masked);
   if (plan.col_groups > 65535 || plan.row_splits > 0x7fffffff || sh.z > 65535 || smem > smem_per_block())
     return cudaErrorInvalidConfiguration;
   const float scale = masked ? dropout_scale(scaling, p) : scaling;
@@ -231,7 +216,7 @@ cudaError_t launch_lora_dA_sm90(const void* x, DType x_dtype, DType a_dtype, con
                                static_cast<const T*>(nullptr), static_cast<const T*>(gp), static_cast<float*>(nullptr),
                                dA_partial, M, K, r, (int64_t)0, mpad, masked ? keep8 : nullptr, scale, g,
                                beside ? 1 : 0);
-    }, deep);
+    });
   });
 }
 

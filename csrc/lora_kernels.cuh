@@ -207,8 +207,7 @@ size_t lora_dA_sm90_scratch_bytes(int64_t M, int r, int pieces);
 // lora_dA_sm90_scratch_bytes is not 0) must have run before the GEMM: launch_lora_dA_sm90_prep.
 cudaError_t launch_lora_dA_sm90(const void* x, DType x_dtype, DType a_dtype, const float* g, float* dA_partial,
                                 int64_t M, int64_t K, int r, SplitPlan plan, float scaling, float p,
-                                const uint8_t* keep8, void* scratch, cudaStream_t stream, bool beside = false,
-                                bool deep = false);
+                                const uint8_t* keep8, void* scratch, cudaStream_t stream, bool beside = false);
 // dA beside the dx GEMM (launch_lora_dA_sm90, beside): `blocks` SMs taken from the GEMM's grid (LoraGemmArgs::sms =
 // the device's SMs - blocks) and the dA plan of at most that many blocks; blocks 0: dA runs after the GEMM. The
 // argument blocks: < 0 lets a cost model of the GEMM's waves and the pass's largest span choose (dA_sm90.cu),
@@ -216,7 +215,6 @@ cudaError_t launch_lora_dA_sm90(const void* x, DType x_dtype, DType a_dtype, con
 struct DaBeside {
   int blocks;
   SplitPlan plan;
-  bool deep;  // the plan is for the deep ring's kernel (LORA_KERNELS_DA_BESIDE_DEEP=1, forced counts only)
 };
 DaBeside lora_dA_sm90_beside(const LoraGemmArgs& dx, int64_t M, int64_t K, int r, int pieces, bool masked,
                              int blocks);

@@ -32,10 +32,8 @@ constexpr int ds_stage_bytes(int mode, int nw) {
 // step longer (loader -> masking warpgroup -> D warpgroup), so where its side operand is narrow (NW <= 48: r <= 16,
 // or r <= 32 at one piece) it keeps 6 stages in flight to cover the same memory latency (with the masking's reads
 // batched: 37.1 / 34.3 against 41.4 / 39.4 us at 8192 x 4096, r = 16, fp32 / bf16 adapters; H200, session 31).
-// deep (dA beside the dx GEMM on a few SMs, NW <= 48): 8 stages, for one block's own rate where the blocks are few
-// (LORA_KERNELS_DA_BESIDE_DEEP, dA_sm90.cu; an experiment, off by default).
-constexpr int ds_stages(int mode, int nw, bool masked = false, bool deep = false) {
-  return mode == kDA && deep && nw <= 48 ? 8 : mode == kDA && nw > 96 ? 3 : mode == kDA && masked && nw <= 48 ? 6 : 4;
+constexpr int ds_stages(int mode, int nw, bool masked = false) {
+  return mode == kDA && nw > 96 ? 3 : mode == kDA && masked && nw <= 48 ? 6 : 4;
 }
 
 struct DsShape {
@@ -58,14 +56,14 @@ DsShape ds_shape(int r, int pieces, StreamMode mode) {
 constexpr int ds_ldd(int rj) { return rj + 4; }  // dB row pitch (floats) in shared memory
 // Column tiles a pass needs: each column group spans at least stages - 1 tiles (the Up double buffer's parity waits
 // rely on the loader never being two row tiles ahead).
-inline int64_t ds_min_col_tiles(int r, int pieces, StreamMode mode, bool masked = false, bool deep = false) {
-  return ds_stages(mode, ds_shape(r, pieces, mode).nw, masked, deep) - 1;
+inline int64_t ds_min_col_tiles(int r, int pieces, StreamMode mode, bool masked = false) {
+  return ds_stages(mode, ds_shape(r, pieces, mode).nw, masked) - 1;
 }
 // mbarriers, alignment, the ring of {a tile, side chunk}; with the D product (dy pass, dA) also the double-buffered
 // Up row tile and the column group's D sums; dA with dropout (masked) also a ring of the tiles' keep bits and its
 // masked[] mbarriers.
-size_t ds_smem(const DsShape& s, StreamMode mode, int64_t tiles_per_group, bool masked = false, bool deep = false) {
-  const int stages = ds_stages(mode, s.nw, masked, deep);
+size_t ds_smem(const DsShape& s, StreamMode mode, int64_t tiles_per_group, bool masked = false) {
+  const int stages = ds_stages(mode, s.nw, masked);
   const size_t ring = 16 * stages + 32 + 1024 + (size_t)stages * ds_stage_bytes(mode, s.nw);
   if (mode == kShrink) return ring;
   const size_t bits = mode == kDA && masked ? (size_t)stages * (DS_BITS + 16) : 0;
@@ -121,7 +119,7 @@ dy_sm90_prep_kernel(const TB* __restrict__ B, const float* __restrict__ u, T* __
 // MODE kShrink: a = x (M, N = K), G with Bp = lora_A's pieces into g_out = u's K-split partials [c][m][j] times
 //           `scale`, x masked first by the keep bits when given (keep8: row m at keep8 + m * ceil(N / 8), bit k % 8 of
 //           byte k / 8); warpgroup 1 takes the tile's rows 0-63, warpgroup 2 rows 64-127.
-template <int MODE, typename T, int P, int RJ, bool MASKED = false, bool DEEP = false>
+template <int MODE, typename T, int P, int RJ, bool MASKED = false>
 __global__ void __launch_bounds__(DS_THREADS, 1)
 stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* __restrict__ up,
                    float* __restrict__ g_out, float* __restrict__ dB_partial, int64_t M, int64_t N, int r,
@@ -129,7 +127,7 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
                    const float* __restrict__ g_in, int beside) {
 #if LK_WGMMA
   constexpr int NW = P * RJ, LDD = ds_ldd(RJ), DY_BYTES = DS_BM * DS_BN * 2, STAGE = ds_stage_bytes(MODE, NW);
-  constexpr int DS_STAGES = ds_stages(MODE, NW, MASKED, DEEP);
+  constexpr int DS_STAGES = ds_stages(MODE, NW, MASKED);
   constexpr int UP_BYTES = 2 * NW * 128;  // one row tile of Up: two 64-row K blocks
   constexpr int PT = 128;                 // producer threads (warpgroup 0)
   extern __shared__ unsigned char ds_smem_raw[];
@@ -532,18 +530,9 @@ cudaError_t with_stream_kernel_rj(int pieces, int rj, F&& f) {
                     : f(&stream_sm90_kernel<MODE, T, 1, 64, MASKED>);
 }
 template <int MODE, typename T, typename F>
-cudaError_t with_stream_kernel(int pieces, int rj, bool masked, F&& f, bool deep = false) {
-  if constexpr (MODE == kDA) {
-    if (deep && rj == 16) {  // the deep ring's kernels (dA beside the dx GEMM, RJ = 16 only)
-      if constexpr (std::is_same<T, __nv_bfloat16>::value)
-        if (pieces == 3)
-          return masked ? f(&stream_sm90_kernel<MODE, T, 3, 16, true, true>)
-                        : f(&stream_sm90_kernel<MODE, T, 3, 16, false, true>);
-      return masked ? f(&stream_sm90_kernel<MODE, T, 1, 16, true, true>)
-                    : f(&stream_sm90_kernel<MODE, T, 1, 16, false, true>);
-    }
+cudaError_t with_stream_kernel(int pieces, int rj, bool masked, F&& f) {
+  if constexpr (MODE == kDA)
     if (masked) return with_stream_kernel_rj<MODE, T, true>(pieces, rj, f);
-  }
   return with_stream_kernel_rj<MODE, T, false>(pieces, rj, f);
 }
 
@@ -562,15 +551,15 @@ cudaError_t with_stream_kernel(int pieces, int rj, bool masked, F&& f, bool deep
 // blocks > 0: at most that many blocks (dA beside the dx GEMM on the SMs the GEMM leaves free); no plan (row_splits
 // 0) when none fits.
 inline SplitPlan stream_sm90_plan(int64_t M, int64_t N, int r, int pieces, StreamMode mode, bool side_bytes = false,
-                                  bool masked = false, int blocks = 0, bool deep = false) {
+                                  bool masked = false, int blocks = 0) {
   const bool with_g = mode != kDA, with_d = mode != kShrink;
   const DsShape sh = ds_shape(r, pieces, mode);
   const int64_t tiles_m = ceil_div(M, DS_BM), tiles_n = ceil_div(N, DS_BN), sms = blocks > 0 ? blocks : num_sms();
   SplitPlan best{0, 0, 0, 0};
   double best_est = -1.0;
-  for (int64_t C = 1; C <= tiles_n / (ds_stages(mode, sh.nw, masked, deep) - 1) && C <= 65535; ++C) {
+  for (int64_t C = 1; C <= tiles_n / (ds_stages(mode, sh.nw, masked) - 1) && C <= 65535; ++C) {
     const int64_t tpg = ceil_div(tiles_n, C);
-    if (ds_smem(sh, mode, tpg, masked, deep) > smem_per_block()) continue;
+    if (ds_smem(sh, mode, tpg, masked) > smem_per_block()) continue;
     if (blocks > 0 && C * sh.z > blocks) break;
     const int64_t S0 = std::max<int64_t>(1, std::min<int64_t>(tiles_m, sms / (C * sh.z)));
     const int64_t rows = ceil_div(tiles_m, S0), S = ceil_div(tiles_m, rows);  // the largest span's row tiles

@@ -65,8 +65,6 @@ Read by the CUDA extension (csrc/binding.cpp), once, when a GEMM first asks for 
                                         SMs free and dA streams x there meanwhile): unset, where a cost model of both
                                         finds it faster; 0 never; n > 0 on n SMs wherever both run on sm_90. It starts
                                         the setting that cuda_backend.set_dA_beside changes at run time.
-    LORA_KERNELS_DA_BESIDE_DEEP         1 runs dA beside the dx GEMM at a forced SM count (above) on an 8-stage ring
-                                        at r <= 16 where its plan fits: an experiment on the per-block rate.
     LORA_KERNELS_DA_MASKED              0 takes dA with dropout off the wgmma kernel's own masking (csrc/dA_sm90.cu)
                                         and onto its mma.sync kernel (csrc/dA.cu): for A/B timing.
     LORA_KERNELS_SM90_SHRINK            0 keeps the forward's shrink on its mma.sync kernel (csrc/shrink.cu) instead of
