@@ -1042,9 +1042,6 @@ std::string dy_path(const Tensor& dy, const Tensor& lora_B) {
   return why == nullptr ? std::string("sm90") : std::string("mma.sync: ") + why;
 }
 
-// Which kernel a pass over x (M, K) with lora_A (r, K) and p runs, from its sm_90 support check: "sm90" (wgmma) or
-// "mma.sync: <why not sm90>" (the FFMA kernel where the tensor cores are not used).
-using XPassCheck = const char* (*)(const void*, lk::DType, lk::DType, int64_t, int64_t, int, float);
 // The SMs dA takes beside the dx GEMM in a backward of these 2-D inputs; 0: it runs after the GEMM, or off sm_90.
 int64_t dA_beside_blocks(const Tensor& x, const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B,
                          double p) {
@@ -1063,6 +1060,9 @@ int64_t dA_beside_blocks(const Tensor& x, const Tensor& weight, const Tensor& lo
   return dA_beside(dy, weight, M, K, r, lk::adapter_pieces(x_dt, a_dt), pf).blocks;
 }
 
+// Which kernel a pass over x (M, K) with lora_A (r, K) and p runs, from its sm_90 support check: "sm90" (wgmma) or
+// "mma.sync: <why not sm90>" (the FFMA kernel where the tensor cores are not used).
+using XPassCheck = const char* (*)(const void*, lk::DType, lk::DType, int64_t, int64_t, int, float);
 std::string x_pass_path(const char* name, XPassCheck unsupported, const Tensor& x, const Tensor& lora_A, double p) {
   LK_CHECK(x.is_cuda() && x.dim() == 2 && lora_A.dim() == 2 && x.size(1) == lora_A.size(1), "lora_kernels_cuda: ",
               name, " takes a 2-D CUDA x (M, K) and lora_A (r, K)");

@@ -32,7 +32,6 @@
 
 #include <algorithm>
 
-
 namespace lora_kernels {
 using namespace detail;
 namespace {
@@ -161,8 +160,8 @@ size_t lora_dA_sm90_scratch_bytes(int64_t M, int r, int pieces) {
 }
 
 // The prep launch that stages g's pieces (Gp [Z][NW][Mpad] in x's type) where the pass does not build them itself.
-static cudaError_t launch_dA_sm90_prep(DType x_dtype, int pieces, const DsShape& sh, const float* g, void* scratch, int64_t M,
-                                int r, cudaStream_t stream) {
+static cudaError_t launch_dA_sm90_prep(DType x_dtype, int pieces, const DsShape& sh, const float* g, void* scratch,
+                                       int64_t M, int r, cudaStream_t stream) {
   const int64_t mpad = ceil_div(M, DS_BM) * DS_BM;
   return with_dtype16(x_dtype, [&](auto xt) -> cudaError_t {
     using T = decltype(xt);
