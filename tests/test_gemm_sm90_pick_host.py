@@ -20,14 +20,18 @@ DRIVER = r"""
 #include <cstdio>
 #include "gemm_sm90.h"
 using namespace lora_kernels;
-// stdin: "M N K Kx" lines; stdout: "config swizzle" per line (132 SMs)
+// stdin: "M N K Kx" lines; stdout per line: "config swizzle" (132 SMs), then for 132, 124 and 108 SMs the swizzle
+// picked there and lora_gemm_sm90_waves (the waves the GEMM runs on that many SMs: dA beside the dx GEMM takes the rest)
 int main() {
   long long M, N, K, Kx;
   while (scanf("%lld %lld %lld %lld", &M, &N, &K, &Kx) == 4) {
     LoraGemmArgs a;
     a.M = M; a.N = N; a.K = K; a.Kx = Kx;
     const GemmChoice c = lora_gemm_sm90_pick(a, 132);
-    printf("%d %d\n", (int)c.config, c.swizzle);
+    printf("%d %d", (int)c.config, c.swizzle);
+    for (int sms : {132, 124, 108})
+      printf(" %d %lld", lora_gemm_sm90_pick(a, sms).swizzle, (long long)lora_gemm_sm90_waves(a, sms));
+    printf("\n");
   }
   return 0;
 }
@@ -49,19 +53,24 @@ def pick_bin(tmp_path_factory):
     return exe
 
 
-def _pick(exe, cases):
+def _run(exe, cases):
     stdin = "".join(f"{M} {N} {K} {Kx}\n" for M, N, K, Kx in cases)
     out = subprocess.run([str(exe)], input=stdin, capture_output=True, text=True, check=True).stdout.split("\n")
     return [tuple(int(v) for v in line.split()) for line in out if line.strip()]
 
 
-def _waves(M, N, bn, s):
-    """Waves of SMS tiles that CUTLASS runs for 128 x bn tiles in 1 x 2 clusters at max swizzle s
+def _pick(exe, cases):
+    """(config, swizzle) at 132 SMs per case."""
+    return [row[:2] for row in _run(exe, cases)]
+
+
+def _waves(M, N, bn, s, sms=SMS):
+    """Waves of `sms` tiles that CUTLASS runs for 128 x bn tiles in 1 x 2 clusters at max swizzle s
     (PersistentTileSchedulerSm90Params: get_log_swizzle_size, then each mode rounded up to swizzle x cluster)."""
     up = lambda v, m: -(-v // m) * m
     tm, tn = -(-M // 128), up(-(-N // bn), 2)
     e = 4 if s >= 4 and min(tm, tn) >= 3 else 2 if s >= 2 and min(tm, tn) >= 2 else 1
-    return -(-(up(tm, e) * up(tn, 2 * e)) // SMS)
+    return -(-(up(tm, e) * up(tn, 2 * e)) // sms)
 
 
 def test_benchmarked_shapes_keep_swizzle_4(pick_bin):
@@ -96,3 +105,19 @@ def test_swizzle_pads_no_extra_wave(pick_bin):
         fewest = min(_waves(M, N, bn, s) for s in (4, 2, 1))
         assert _waves(M, N, bn, swizzle) == fewest, (M, N, config, swizzle)
         assert all(_waves(M, N, bn, s) > fewest for s in (4, 2, 1) if s > swizzle), (M, N, config, swizzle)
+
+
+def test_waves_on_fewer_sms(pick_bin):
+    """lora_gemm_sm90_waves, which the choice of dA beside the dx GEMM weighs (csrc/dA_sm90.cu), counts CUTLASS's waves
+    on a grid of that many SMs with the swizzle picked for it (padding tiles included), and never fewer on fewer SMs.
+    E.g. the dx GEMM at 8192 x 4096 -> 1024 (2048 tiles of 128 x 128) runs 16 waves on 132 SMs and 19 on 108."""
+    Ms = [1, 129, 2048, 8192, 8200]
+    Ns = [8, 1000, 1024, 4096, 11008, 14336]
+    cases = [(M, N, K, Kx) for M in Ms for N in Ns for K, Kx in ((4096, 0), (1024, 64))]
+    for (M, N, K, Kx), (config, _, s132, w132, s124, w124, s108, w108) in zip(cases, _run(pick_bin, cases)):
+        bn = 256 if config == COOP else 128
+        for sms, swizzle, waves in ((132, s132, w132), (124, s124, w124), (108, s108, w108)):
+            assert waves == _waves(M, N, bn, swizzle, sms), (M, N, K, Kx, sms, swizzle, waves)
+        assert w132 <= w124 <= w108, (M, N, K, Kx, w132, w124, w108)
+    (_, _, _, w132, _, _, _, w108), = _run(pick_bin, [(8192, 4096, 1024, 64)])
+    assert (w132, w108) == (16, 19)
