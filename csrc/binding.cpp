@@ -348,6 +348,14 @@ const char* dx_sm90_unsupported(const Tensor& dy, const Tensor& weight, float p,
   return why;
 }
 
+// Whether the backward's dA pass over x (M, K) runs on the sm_90 streaming kernel (dA_sm90.cu); with dropout only
+// where the keep bits are made (bits), which it reads.
+bool dA_on_sm90(const Tensor& x, lk::DType x_dt, lk::DType a_dt, int r, float p, bool bits) {
+  const int64_t M = x.size(0), K = x.size(1);
+  return M > 0 && K > 0 && (p == 0.0f || bits) &&
+         lk::lora_dA_sm90_unsupported(x.data_ptr(), x_dt, a_dt, M, K, r, p) == nullptr;
+}
+
 // The rank-r operands of dx on the sm_90 path, packed: vx (M, kx) = s·g and ax (kx, K) = lora_A in dy's dtype
 // (workspace pieces). g_work holds g = dy B (M, r) fp32, or the dy pass's `partials` column-group parts of it: the
 // pack sums them on the way (the same fp32 sums in the same order as launch_reduce_partials), into g_sum when it
@@ -648,8 +656,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   // On Hopper dA runs on the same wgmma streaming kernel as the dy pass (dA_sm90.cu), g's pieces staged by the
   // kernel itself or, where they are wide, in a scratch piece; with dropout it masks x by the keep bits
   const int a_pieces = lk::adapter_pieces(x_dt, a_dt);
-  const bool dA_sm90 = need_dA && M > 0 && K > 0 && (pf == 0.0f || bits) &&
-                       lk::lora_dA_sm90_unsupported(x.data_ptr(), x_dt, a_dt, M, K, r, pf) == nullptr;
+  const bool dA_sm90 = need_dA && dA_on_sm90(x, x_dt, a_dt, r, pf, bits);
   const bool dx_sm90 = need_dx && N > 0 && dx_sm90_unsupported(dyw, weight, pf, bits) == nullptr;
   const bool g_in_pack = dx_sm90 && g_partial;  // the pack sums g's parts
   // The reduced g as a buffer of its own: read by dA, or by the dx kernel off the sm_90 path.
@@ -1052,11 +1059,10 @@ int64_t dA_beside_blocks(const Tensor& x, const Tensor& weight, const Tensor& lo
   const int r = (int)lora_A.size(0);
   const lk::DType x_dt = to_dtype(x, "x"), a_dt = to_dtype(lora_A, "lora_A");
   const bool bits = pf > 0.0f && lk::dropout_bits_used(x_dt, a_dt);
-  const Tensor dy = at::empty({M, N}, x.options());
-  const bool dA_sm90 = M > 0 && K > 0 && (pf == 0.0f || bits) &&
-                       lk::lora_dA_sm90_unsupported(x.data_ptr(), x_dt, a_dt, M, K, r, pf) == nullptr;
+  // a stand-in for dy (M, N): its shape, dtype and an aligned pointer are all that the checks and the model read
+  const Tensor dy = x.new_empty({1}).expand({M, N});
   const bool dx_sm90 = N > 0 && dx_sm90_unsupported(dy, weight, pf, bits) == nullptr;
-  if (!dA_sm90 || !dx_sm90) return 0;
+  if (!dA_on_sm90(x, x_dt, a_dt, r, pf, bits) || !dx_sm90) return 0;
   return dA_beside(dy, weight, M, K, r, lk::adapter_pieces(x_dt, a_dt), pf).blocks;
 }
 

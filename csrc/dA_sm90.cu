@@ -124,9 +124,8 @@ DaBeside beside_by_model(const LoraGemmArgs& dx, int64_t M, int64_t K, int r, in
 DaBeside lora_dA_sm90_beside(const LoraGemmArgs& dx, int64_t M, int64_t K, int r, int pieces, bool masked,
                              int blocks) {
   const DaBeside none{0, SplitPlan{0, 0, 0, 0}};
-  static const bool pdl_on = env_switch_on("LORA_KERNELS_PDL");  // without it the pass would only wait behind
   const int sms = num_sms();
-  if (blocks == 0 || sms < 8 || !pdl_on) return none;
+  if (blocks == 0 || sms < 8 || !pdl_enabled()) return none;  // without PDL the pass would only wait behind
   if (blocks > 0) {  // forced
     const int b = std::min(blocks, sms - 2);
     const SplitPlan p = stream_sm90_plan(M, K, r, pieces, kDA, false, masked, b);

@@ -27,11 +27,16 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 #endif
 }
 
-// Appends to attrs[0, n) the launch attribute that lets a kernel start before the one ahead of it on the stream
-// has finished, unless LORA_KERNELS_PDL=0 (read once: A/B timing); returns the new count.
-inline unsigned with_pdl(cudaLaunchAttribute* attrs, unsigned n) {
+// Whether the launches take programmatic dependent launch: not with LORA_KERNELS_PDL=0 (read once: A/B timing).
+inline bool pdl_enabled() {
   static const bool on = env_switch_on("LORA_KERNELS_PDL");
-  if (!on) return n;
+  return on;
+}
+
+// Appends to attrs[0, n) the launch attribute that lets a kernel start before the one ahead of it on the stream
+// has finished, unless pdl_enabled() says not; returns the new count.
+inline unsigned with_pdl(cudaLaunchAttribute* attrs, unsigned n) {
+  if (!pdl_enabled()) return n;
   attrs[n] = cudaLaunchAttribute{};
   attrs[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attrs[n].val.programmaticStreamSerializationAllowed = 1;

@@ -3,6 +3,8 @@ the rank-r expand run as one CUTLASS GEMM whose last K-tiles come from (s·u, B)
 with dropout, dx's GEMM runs the (s/(1-p)·g, A) K-tiles first and masks them with the keep bits. GPU-only (skips
 elsewhere): the path is the one taken where it should be (and is what the benchmarks time), it falls back with a
 reason where it cannot run, and its outputs and grads meet the float64 tolerance rule."""
+import math
+
 import pytest
 import torch
 
@@ -143,9 +145,7 @@ def test_dA_beside_the_dx_gemm_against_float64(adapter_dtype, lead, K, N, r, blo
 
     previous = cuda_backend.set_dA_beside(blocks)
     try:
-        M = 1
-        for d in lead:
-            M *= d
+        M = math.prod(lead)
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
         W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
         A = torch.randn(r, K, device="cuda", dtype=adapter_dtype or torch.bfloat16)
