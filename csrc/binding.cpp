@@ -414,29 +414,41 @@ lk::DaBeside dA_beside(const Tensor& dy, const Tensor& weight, int64_t M, int64_
 }
 
 // The shrink u = s·dropout(x) Aᵀ (M, r) as the kernels write it: plan.col_groups split-K parts (summed by a reduce
-// or the sm_90 pack) or, with one group, u itself. On Hopper the wgmma streaming kernel (shrink_sm90.cu: lora_A's
-// pieces staged in a scratch piece of scratch_bytes(), dropout from the keep bits), else mma.sync / FFMA (shrink.cu,
-// which regenerates the mask itself where there are no keep bits).
+// or the sm_90 pack) or, with one group, u itself. With dropout, where it runs, the kernel that makes the mask
+// itself in one pass over x (shrink_drop.cu: no keep bits). Else on Hopper the wgmma streaming kernel
+// (shrink_sm90.cu: lora_A's pieces staged in a scratch piece of scratch_bytes(), dropout from the keep bits), else
+// mma.sync / FFMA (shrink.cu, which regenerates the mask itself where there are no keep bits).
 struct ShrinkPass {
   lk::DType x_dt, a_dt;
   int64_t M, K;
   int r, pieces;
+  bool drop;  // shrink_drop.cu: the mask made in the pass, so the forward makes no keep bits
   bool sm90;
   lk::SplitPlan plan;
 
   ShrinkPass(const Tensor& x, const Tensor& lora_A, float p)
       : x_dt(to_dtype(x, "x")), a_dt(to_dtype(lora_A, "lora_A")), M(x.size(0)), K(x.size(1)),
         r((int)lora_A.size(0)), pieces(lk::adapter_pieces(x_dt, a_dt)),
-        sm90(K > 0 && lk::lora_shrink_sm90_unsupported(x.data_ptr(), x_dt, a_dt, M, K, r, p) == nullptr),
-        plan(sm90 ? lk::lora_shrink_sm90_plan(M, K, r, pieces)
-                  : lk::lora_shrink_plan(M, K, r, lk::lora_shrink_resident_blocks(x_dt, a_dt, r))) {}
+        drop(K > 0 && lk::lora_shrink_drop_unsupported(x.data_ptr(), x_dt, lora_A.data_ptr(), a_dt, M, K, r, p) ==
+                          nullptr),
+        sm90(!drop && K > 0 && lk::lora_shrink_sm90_unsupported(x.data_ptr(), x_dt, a_dt, M, K, r, p) == nullptr),
+        plan(drop   ? lk::lora_shrink_drop_plan(M, K, r, lk::lora_shrink_drop_resident_blocks(x_dt, a_dt, r))
+             : sm90 ? lk::lora_shrink_sm90_plan(M, K, r, pieces)
+                    : lk::lora_shrink_plan(M, K, r, lk::lora_shrink_resident_blocks(x_dt, a_dt, r))) {}
 
   int64_t scratch_bytes() const { return sm90 ? (int64_t)lk::lora_shrink_sm90_scratch_bytes(K, r, pieces) : 0; }
+
+  // Whether the forward makes keep bits for this pass to read.
+  bool needs_bits(float p) const { return p > 0.0f && K > 0 && !drop && lk::dropout_bits_used(x_dt, a_dt); }
 
   void launch(const Tensor& x, const Tensor& lora_A, float* u_work, double scaling, float p, int64_t seed,
               const int64_t* seed_ptr, int64_t offset, const uint8_t* keep8, void* scratch,
               cudaStream_t stream) const {
-    if (sm90) {
+    if (drop) {
+      check_cuda(lk::launch_lora_shrink_drop(x.data_ptr(), x_dt, lora_A.data_ptr(), a_dt, u_work, M, K, r, plan,
+                                             (float)scaling, p, (uint64_t)seed, seed_ptr, (uint64_t)offset, stream),
+                 "lora_shrink (dropout) launch");
+    } else if (sm90) {
       check_cuda(lk::launch_lora_shrink_sm90(x.data_ptr(), x_dt, lora_A.data_ptr(), a_dt, u_work, M, K, r, plan,
                                              (float)scaling, p, keep8, scratch, stream),
                  "lora_shrink (sm90) launch");
@@ -532,10 +544,10 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& weight, c
     return {y, u};
   }
   // The shrink (ShrinkPass). With dropout, the mask as keep bits where the shrink's kernel reads them
-  // (csrc/dropout_bits.cu says why).
+  // (csrc/dropout_bits.cu says why), unless the shrink makes it itself (shrink_drop.cu).
   const ShrinkPass shrink(x, lora_A, pf);
   const lk::SplitPlan& shrink_plan = shrink.plan;
-  const bool bits = pf > 0.0f && K > 0 && lk::dropout_bits_used(x_dt, a_dt);
+  const bool bits = shrink.needs_bits(pf);
   const bool partial = shrink_plan.col_groups > 1;  // u comes as split-K partials, summed by pack or reduce
   const bool sm90 = sm90_unsupported(x, weight, bias_t, M, N, K, lk::GemmLayoutB::kNK) == nullptr;
   // Without keep_u, u is a temporary, needed unless the sm_90 pack sums the partials (which it can do without
@@ -1082,10 +1094,22 @@ std::string x_pass_path(const char* name, XPassCheck unsupported, const Tensor& 
 std::string dA_path(const Tensor& x, const Tensor& lora_A, double p) {
   return x_pass_path("dA_path", &lk::lora_dA_sm90_unsupported, x, lora_A, p);
 }
-// The forward's shrink when the forward is not the small-M one (shrink_sm90.cu, else shrink.cu).
+// The forward's shrink when the forward is neither the small-M nor the fused one: "dropout" (shrink_drop.cu, the
+// mask made in the pass), else x_pass_path's answer (shrink_sm90.cu, else shrink.cu).
 std::string shrink_path(const Tensor& x, const Tensor& lora_A, double p) {
-  return x_pass_path("shrink_path", &lk::lora_shrink_sm90_unsupported, x, lora_A, p);
+  const std::string other = x_pass_path("shrink_path", &lk::lora_shrink_sm90_unsupported, x, lora_A, p);
+  const Tensor xc = x.contiguous(), ac = lora_A.contiguous();
+  const c10::cuda::CUDAGuard guard(x.device());
+  const bool drop = xc.size(1) > 0 &&
+                    lk::lora_shrink_drop_unsupported(xc.data_ptr(), to_dtype(xc, "x"), ac.data_ptr(),
+                                                     to_dtype(ac, "lora_A"), xc.size(0), xc.size(1),
+                                                     (int)ac.size(0), (float)p) == nullptr;
+  return drop ? std::string("dropout") : other;
 }
+
+// Switches the shrink with dropout that makes its own mask (shrink_drop.cu) on or off for this process; returns the
+// previous setting.
+bool set_shrink_drop(bool enabled) { return lk::set_shrink_drop(enabled); }
 
 // Which path a forward with these inputs takes: "small_m" (one launch, csrc/small_m.cu), "sm90 fused (small_m: <why
 // not>)" or "sm90 fused lead (small_m: <why not>)" (csrc/fused_fwd_sm90.h; followed by " 128x256 cooperative" where
@@ -1131,6 +1155,7 @@ TORCH_LIBRARY(lora_kernels_cuda, m) {
   m.def("dy_path(Tensor dy, Tensor lora_B) -> str");
   m.def("dA_path(Tensor x, Tensor lora_A, float p) -> str");
   m.def("shrink_path(Tensor x, Tensor lora_A, float p) -> str");
+  m.def("set_shrink_drop(bool enabled) -> bool", &set_shrink_drop);
   m.def("set_small_m(bool enabled) -> bool", &set_small_m);  // no tensor arguments: a catch-all kernel
   m.def("set_fused_forward(int mode) -> int", &set_fused_forward);
   m.def("set_dA_beside(int mode) -> int", &set_dA_beside);

@@ -21,6 +21,24 @@ inline size_t shrink_tc_smem(int nf, int pieces) {
   return (size_t)(kStages * TS_BM + 2 * 16 * nf * pieces) * TS_LD * 2;
 }
 
+// the shrink with dropout (shrink_drop.cu): blocks of SD_WARPS warps on 16 * sd_mtiles rows, K in SD_STEP-column
+// steps taken by the warps in turn; n8-tiles of u's columns sd_ntiles(r) (1, 2, 4 or 8: r <= 64).
+constexpr int SD_WARPS = 8;
+constexpr int SD_THREADS = 32 * SD_WARPS;
+constexpr int SD_STEP = 32;
+constexpr int SD_MAX_RANK = 64;
+__host__ __device__ constexpr int sd_ntiles(int r) { return r <= 8 ? 1 : r <= 16 ? 2 : r <= 32 ? 4 : 8; }
+// 16-row tiles per block: two (four Philox chains per lane and step) up to 16 columns, else one (the accumulators
+// would spill)
+__host__ __device__ constexpr int sd_mtiles(int ntiles) { return ntiles <= 2 ? 2 : 1; }
+// Blocks per SM asked of ptxas (registers 64 / 80 / 128 at 4 / 3 / 2): the most without spills at -O3 on sm_90a
+__host__ __device__ constexpr int sd_min_blocks(int ntiles, int mtiles) {
+  return mtiles == 1 && ntiles <= 2 ? 4 : ntiles * mtiles <= 4 ? 3 : 2;
+}
+inline size_t shrink_drop_smem(int ntiles, int mtiles) {  // the reduce's tree: SD_WARPS / 2 warps' accumulators
+  return (size_t)(SD_WARPS / 2) * mtiles * ntiles * 4 * 32 * sizeof(float);
+}
+
 // expand and dx (expand.cu, dx.cu): the output-writing kernels, TO_BM-row blocks x groups of TO_BN-column chunks.
 constexpr int TO_BM = 128;
 constexpr int TO_BN = 64;

@@ -63,21 +63,39 @@ def _shrink_path(*args):
 @pytest.mark.parametrize("r", [16, 64])
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_benchmarked_shapes_take_the_sm90_dA_pass_and_shrink(K, dtype, adapter_dtype, r, p):
-    # dA runs the wgmma kernel with dropout too (it masks x by the keep bits); with dropout at r <= 16 and 16-bit
-    # adapters the shrink stays on its mma.sync kernel (measured faster: csrc/shrink_sm90.cu says why)
+    # dA runs the wgmma kernel with dropout too (it masks x by the keep bits); with dropout the shrink makes its mask
+    # itself (csrc/shrink_drop.cu); without it, and with that kernel off, the choices below it (csrc/shrink_sm90.cu:
+    # with dropout at r <= 16 and 16-bit adapters the mma.sync kernel, measured faster)
+    from lora_kernels.backends import cuda_backend
+
     assert _dA_path(8192, K, r, p, dtype, adapter_dtype) == "sm90"
-    assert _shrink_path(8192, K, r, p, dtype, adapter_dtype) == (
-        "sm90" if p == 0 or r > 16 or adapter_dtype == torch.float32
-        else "mma.sync: dropout at r <= 16 with 16-bit adapters: the mma.sync kernel masks faster (measured)")
+    assert _shrink_path(8192, K, r, p, dtype, adapter_dtype) == ("sm90" if p == 0 else "dropout")
+    was = cuda_backend.set_shrink_drop(False)
+    try:
+        assert _shrink_path(8192, K, r, p, dtype, adapter_dtype) == (
+            "sm90" if p == 0 or r > 16 or adapter_dtype == torch.float32
+            else "mma.sync: dropout at r <= 16 with 16-bit adapters: the mma.sync kernel masks faster (measured)")
+    finally:
+        cuda_backend.set_shrink_drop(was)
 
 
 def test_shrink_fallback_says_why():
+    from lora_kernels.backends import cuda_backend
+
     assert _shrink_path(64, 128, 16, 0.0).startswith("mma.sync: K below the pass's column tiles")
     assert _shrink_path(64, 1028, 16, 0.1).startswith("mma.sync: K must be a multiple of 8")
     assert _shrink_path(64, 1024, 16, 0.1, torch.float16, torch.float32).startswith("mma.sync: x and the adapters")
-    assert _shrink_path(64, 1024, 16, 0.1, torch.bfloat16, torch.bfloat16).startswith("mma.sync: dropout at r <= 16")
-    assert _shrink_path(64, 1024, 16, 0.1) == "sm90"  # fp32 adapters on bf16 x
-    assert _shrink_path(64, 1024, 17, 0.1) == "sm90"
+    for dt, adt, r in ((torch.bfloat16, torch.bfloat16, 16), (torch.bfloat16, torch.float32, 16),
+                       (torch.bfloat16, torch.float32, 17)):
+        assert _shrink_path(64, 1024, r, 0.1, dt, adt) == "dropout"
+    was = cuda_backend.set_shrink_drop(False)
+    try:
+        assert _shrink_path(64, 1024, 16, 0.1, torch.bfloat16, torch.bfloat16).startswith(
+            "mma.sync: dropout at r <= 16")
+        assert _shrink_path(64, 1024, 16, 0.1) == "sm90"  # fp32 adapters on bf16 x
+        assert _shrink_path(64, 1024, 17, 0.1) == "sm90"
+    finally:
+        cuda_backend.set_shrink_drop(was)
 
 
 def test_dA_pass_fallback_says_why():

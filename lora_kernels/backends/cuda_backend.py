@@ -117,7 +117,8 @@ def dy_path(dy, lora_B) -> str:
 
 def shrink_path(x, lora_A, p=0.0) -> str:
     """Which kernel a forward's shrink (u = s/(1-p) · (keep ⊙ x) Aᵀ, one read of x) runs for a 2-D x (M, K) where the
-    forward is not the small-M one: "sm90" (wgmma, csrc/shrink_sm90.cu) or "mma.sync: <why not sm90>" (csrc/shrink.cu)."""
+    forward is neither the small-M nor the fused one: "dropout" (p > 0: the mask made in the pass, no keep bits,
+    csrc/shrink_drop.cu), else "sm90" (wgmma, csrc/shrink_sm90.cu) or "mma.sync: <why not sm90>" (csrc/shrink.cu)."""
     return torch.ops.lora_kernels_cuda.shrink_path(x, lora_A, float(p))
 
 
@@ -152,6 +153,14 @@ def set_small_m(enabled: bool) -> bool:
     """Switches the small-M forward on or off for this process (LORA_KERNELS_SMALL_M=0 starts it off); returns the
     previous setting. For tests of the other paths at small M and A/B timing."""
     return torch.ops.lora_kernels_cuda.set_small_m(bool(enabled))
+
+
+def set_shrink_drop(enabled: bool) -> bool:
+    """Switches the forward's shrink with dropout that makes its mask itself, in one pass over x
+    (csrc/shrink_drop.cu; LORA_KERNELS_SHRINK_DROP=0 starts it off), on or off for this process; returns the previous
+    setting. Off, the forward makes keep bits in a pass of their own and the shrink reads them. For tests of both
+    paths and A/B timing."""
+    return bool(torch.ops.lora_kernels_cuda.set_shrink_drop(bool(enabled)))
 
 
 def set_fused_forward(mode: int) -> int:

@@ -1,0 +1,301 @@
+// The forward's shrink with dropout, its mask made here: u = scaling/(1-p) · (keep ⊙ x) Aᵀ (M, r) fp32, as K-split
+// partials when the plan splits K, from one read of x and no keep bits. Where it runs (lora_shrink_drop_unsupported)
+// it replaces the keep-bits pass (dropout_bits.cu) plus the shrink that reads them (shrink.cu, shrink_sm90.cu).
+//
+// Why one pass: the keep-bits pass is bound by Philox's 32-bit multiplies (about 21 µs per 8192 x 4096 x on an H200)
+// and the shrink by its read of x (about 20 µs for those 64 MiB); one after the other they add. Here every lane makes
+// the mask of the x it loads, at up to 32 resident warps per SM, so that the multiplies of some warps overlap the
+// loads of others. The earlier tries that made the mask inside the ring kernels (dropout_bits.cu lists them) ran
+// their Philox chains on 12-24 warps per SM beside the copies and MMAs, and lost.
+//
+// Math   : u[c] (M, r) = scale · (keep ⊙ x)[:, split c] · A[:, split c]ᵀ, scale = scaling / (1 - p), keep the contract's
+//          mask (philox.cuh: one Philox call per 8-group of a row).
+// Tiling : block = 16·MT rows (MT 16-row tiles) x one K split; its SD_WARPS warps take the split's 32-column steps in
+//          turn (warp w: steps w, w + SD_WARPS, ...). In a step, lane (g = lane / 4, t = lane % 4) loads the 8-group
+//          x[row, k0 + 8t .. k0 + 8t + 7] of rows g and g + 8 of each 16-row tile (one 16-byte load each), makes its
+//          keep bits (one Philox call each) and masks it in registers. The mma.sync m16n8k16 fragments are those
+//          registers as they are: the step's 32 columns are summed in a permuted order, the same for x and A, so no
+//          shuffle or shared memory is needed. Lane (g, t) holds, of the mma's k-slots {2t, 2t+1, 2t+8, 2t+9}, the
+//          columns {8t + 4q, 8t + 4q + 1, 8t + 4q + 2, 8t + 4q + 3} in mma q (q = 0, 1): x's 32-bit words 2q and
+//          2q + 1 of its 8-group, and the same words of A's 8-group (row 8n + g, columns k0 + 8t ..) for n8-tile n.
+//          fp32 A on bf16 x: A's 8-group split into its bf16x3 pieces in registers; per step, piece 0 and pieces 1-2
+//          go to two fresh accumulators, added to the running one in fp32 (the tensor-core shrink's order, for fp32
+//          FFMA accuracy).
+// Reduce : the block's warps add their accumulators in a fixed tree through shared memory; warp 0 writes the split's
+//          partial. No atomics: the result is the same bits on every call.
+// Bytes  : x once (M·K·2); A from L1/L2 once per block and step; partials col_groups·M·r·4.
+#include "common.cuh"
+#include "plans.cuh"
+#include "ptx.cuh"
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+
+namespace lora_kernels {
+using namespace detail;
+namespace {
+
+template <typename T, typename TA>
+constexpr int sd_pieces() {
+  return std::is_same<TA, float>::value ? 3 : 1;
+}
+
+#if LK_TC_ARCH
+// A's 8-group (row, k .. k + 7) as mma B-fragment words of each piece: b[i][w] holds columns 2w, 2w + 1 of piece i.
+// Zero outside A (row >= r) or past the split (in = false).
+template <typename T, typename TA, int P>
+__device__ __forceinline__ void load_a8(const TA* __restrict__ A, int64_t K, int row, int r, int64_t k, bool in,
+                                        uint32_t (&b)[P][4]) {
+  if (row >= r || !in) {
+#pragma unroll
+    for (int i = 0; i < P; ++i)
+#pragma unroll
+      for (int w = 0; w < 4; ++w) b[i][w] = 0u;
+    return;
+  }
+  if constexpr (P == 1) {
+    const uint4 v = __ldg(reinterpret_cast<const uint4*>(A + (int64_t)row * K + k));
+    b[0][0] = v.x;
+    b[0][1] = v.y;
+    b[0][2] = v.z;
+    b[0][3] = v.w;
+  } else {
+    const float4 lo = __ldg(reinterpret_cast<const float4*>(A + (int64_t)row * K + k));
+    const float4 hi = __ldg(reinterpret_cast<const float4*>(A + (int64_t)row * K + k + 4));
+    const float v[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      __nv_bfloat16 p0[3], p1[3];
+      bf16x3_split(v[2 * w], p0);
+      bf16x3_split(v[2 * w + 1], p1);
+#pragma unroll
+      for (int i = 0; i < P; ++i)
+        b[i][w] = (uint32_t)__bfloat16_as_ushort(p0[i]) | ((uint32_t)__bfloat16_as_ushort(p1[i]) << 16);
+    }
+  }
+}
+#endif
+
+template <typename T, typename TA, int NR, int MT>
+__global__ void __launch_bounds__(SD_THREADS, sd_min_blocks(NR, MT))
+shrink_drop_kernel(const T* __restrict__ x, const TA* __restrict__ A, float* __restrict__ u_out, int64_t M, int64_t K,
+                   int r, int64_t k_per_split, float scale, uint32_t thr, uint64_t seed, const int64_t* seed_ptr,
+                   uint64_t offset) {
+#if LK_TC_ARCH
+  constexpr int P = sd_pieces<T, TA>(), kVals = MT * NR * 4;
+  extern __shared__ float sd_smem[];  // [SD_WARPS / 2][kVals][32]: the reduce's tree
+  seed = dropout_seed(seed, seed_ptr);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int64_t m0 = (int64_t)blockIdx.x * (16 * MT);
+  const int64_t k_begin = (int64_t)blockIdx.y * k_per_split;
+  const int64_t k_end = min64(K, k_begin + k_per_split);
+  float acc[MT][NR][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) zero_acc(acc[mt]);
+
+  for (int64_t k0 = k_begin + (int64_t)warp * SD_STEP; k0 < k_end; k0 += (int64_t)SD_WARPS * SD_STEP) {
+    const int64_t k = k0 + 8 * t;
+    const bool in = k < k_end;  // the whole 8-group (K % 8 == 0, splits are whole steps)
+    uint32_t xw[MT][2][4];      // [tile][row g / g + 8][word]
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int64_t row = m0 + 16 * mt + g + 8 * h;
+        uint4 v = make_uint4(0u, 0u, 0u, 0u);
+        if (in && row < M) v = __ldg(reinterpret_cast<const uint4*>(x + row * K + k));
+        xw[mt][h][0] = v.x;
+        xw[mt][h][1] = v.y;
+        xw[mt][h][2] = v.z;
+        xw[mt][h][3] = v.w;
+      }
+    // the mask while the loads are in flight; rows past M keep their zeros (their bits are never used)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int64_t row = m0 + 16 * mt + g + 8 * h;
+        const uint32_t keep = dropout_keep_bits8(seed, dropout_counter(offset, row, K, k >> 3), thr);
+#pragma unroll
+        for (int w = 0; w < 4; ++w) xw[mt][h][w] = mul_keep2<T>(xw[mt][h][w], (keep >> (2 * w)) & 3u);
+      }
+#pragma unroll
+    for (int n = 0; n < NR; ++n) {
+      uint32_t b[P][4];
+      load_a8<T, TA, P>(A, K, 8 * n + g, r, k, in, b);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        if constexpr (P == 1) {
+#pragma unroll
+          for (int q = 0; q < 2; ++q) {
+            const uint32_t a[4] = {xw[mt][0][2 * q], xw[mt][1][2 * q], xw[mt][0][2 * q + 1], xw[mt][1][2 * q + 1]};
+            mma16816<T>(acc[mt][n], a, b[0][2 * q], b[0][2 * q + 1]);
+          }
+        } else {
+          float hi[1][4], low[1][4];
+          zero_acc(hi);
+          zero_acc(low);
+#pragma unroll
+          for (int q = 0; q < 2; ++q) {
+            const uint32_t a[4] = {xw[mt][0][2 * q], xw[mt][1][2 * q], xw[mt][0][2 * q + 1], xw[mt][1][2 * q + 1]};
+            mma16816<T>(hi[0], a, b[0][2 * q], b[0][2 * q + 1]);
+#pragma unroll
+            for (int i = 1; i < P; ++i) mma16816<T>(low[0], a, b[i][2 * q], b[i][2 * q + 1]);
+          }
+          add_acc(hi, low);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[mt][n][e] += hi[0][e];
+        }
+      }
+    }
+  }
+
+  // The block's sum, a fixed tree: warp w adds warp w + half's accumulators, half = SD_WARPS / 2, ..., 1.
+#pragma unroll
+  for (int half = SD_WARPS / 2; half >= 1; half /= 2) {
+    if (warp >= half && warp < 2 * half) {
+      float* buf = sd_smem + (warp - half) * kVals * 32;
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int n = 0; n < NR; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) buf[((mt * NR + n) * 4 + e) * 32 + lane] = acc[mt][n][e];
+    }
+    __syncthreads();
+    if (warp < half) {
+      const float* buf = sd_smem + warp * kVals * 32;
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int n = 0; n < NR; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[mt][n][e] += buf[((mt * NR + n) * 4 + e) * 32 + lane];
+    }
+    __syncthreads();
+  }
+  if (warp != 0) return;
+  float* u = u_out + (int64_t)blockIdx.y * M * r;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int n = 0; n < NR; ++n) {
+      const int j = 8 * n + 2 * t;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int64_t row = m0 + 16 * mt + g + 8 * h;
+        if (row < M && j < r) st2f(u + row * r + j, r - j, acc[mt][n][2 * h] * scale, acc[mt][n][2 * h + 1] * scale);
+      }
+    }
+#else
+  __trap();
+#endif
+}
+
+// 16-row tiles per block for rank r: sd_mtiles, or LORA_KERNELS_SHRINK_DROP_ROWS=16 / 32 (one / two tiles, for A/B
+// timing; read once).
+int drop_mtiles(int r) {
+  static const int forced = [] {
+    const char* v = getenv("LORA_KERNELS_SHRINK_DROP_ROWS");
+    return v == nullptr ? 0 : strcmp(v, "16") == 0 ? 1 : strcmp(v, "32") == 0 ? 2 : 0;
+  }();
+  const int nr = sd_ntiles(r);
+  return forced > 0 && nr <= 4 ? forced : sd_mtiles(nr);
+}
+
+// f(kernel, smem, T{}, TA{}) for the kernel of these dtypes, rank and tiles per block (drop_mtiles): (bf16, bf16),
+// (fp16, fp16), (bf16, fp32).
+template <typename F>
+cudaError_t with_shrink_drop_kernel(DType x_dtype, DType a_dtype, int r, F&& f) {
+  const int nr = sd_ntiles(r), mt = drop_mtiles(r);
+  auto pick = [&](auto xt, auto at) -> cudaError_t {
+    using T = decltype(xt);
+    using TA = decltype(at);
+    auto go = [&](auto kernel, int nrc, int mtc) { return f(kernel, shrink_drop_smem(nrc, mtc), xt, at); };
+    switch (nr * 10 + mt) {
+      case 11: return go(shrink_drop_kernel<T, TA, 1, 1>, 1, 1);
+      case 12: return go(shrink_drop_kernel<T, TA, 1, 2>, 1, 2);
+      case 21: return go(shrink_drop_kernel<T, TA, 2, 1>, 2, 1);
+      case 22: return go(shrink_drop_kernel<T, TA, 2, 2>, 2, 2);
+      case 41: return go(shrink_drop_kernel<T, TA, 4, 1>, 4, 1);
+      case 42: return go(shrink_drop_kernel<T, TA, 4, 2>, 4, 2);
+      default: return go(shrink_drop_kernel<T, TA, 8, 1>, 8, 1);
+    }
+  };
+  if (x_dtype == DType::kBFloat16 && a_dtype == DType::kBFloat16) return pick(__nv_bfloat16{}, __nv_bfloat16{});
+  if (x_dtype == DType::kFloat16 && a_dtype == DType::kFloat16) return pick(__half{}, __half{});
+  if (x_dtype == DType::kBFloat16 && a_dtype == DType::kFloat32) return pick(__nv_bfloat16{}, float{});
+  return cudaErrorInvalidValue;
+}
+
+std::atomic<bool>& shrink_drop_switch() {
+  static std::atomic<bool> on{env_switch_on("LORA_KERNELS_SHRINK_DROP")};
+  return on;
+}
+
+}  // namespace
+
+bool set_shrink_drop(bool enabled) { return shrink_drop_switch().exchange(enabled); }
+
+const char* lora_shrink_drop_unsupported(const void* x, DType x_dtype, const void* A, DType a_dtype, int64_t M,
+                                         int64_t K, int r, float p) {
+  if (!shrink_drop_switch().load(std::memory_order_relaxed)) return "off (LORA_KERNELS_SHRINK_DROP=0 or set_shrink_drop)";
+  if (!(p > 0.f)) return "no dropout";
+  if (!tc_supported()) return "no tensor cores for mma.sync (below sm_80)";
+  const bool dtypes = (x_dtype == a_dtype && x_dtype != DType::kFloat32) ||
+                      (x_dtype == DType::kBFloat16 && a_dtype == DType::kFloat32);
+  if (!dtypes) return "x and lora_A are not (bf16, bf16), (fp16, fp16) or (bf16, fp32)";
+  if (M < 1 || K < 1 || r < 1) return "empty problem";
+  if (r > SD_MAX_RANK) return "r above 64";
+  if (K % 8 || reinterpret_cast<uintptr_t>(x) % 16 || reinterpret_cast<uintptr_t>(A) % 16)
+    return "K must be a multiple of 8 and x, lora_A 16-byte aligned";
+  if (ceil_div(M, 16) > 0x7fffffff) return "M too large";
+  return nullptr;
+}
+
+// Row blocks of the kernel's 16 * drop_mtiles rows; K split into about two waves of resident blocks or more (the
+// kernel is bound by its Philox multiplies on every SM: blocks handed out as SMs free up even out the SMs' shares),
+// each warp keeping at least two steps, the partials at most 1/16 of x's bytes, each split a whole number of rounds
+// of the block's warps (SD_WARPS steps) where K allows.
+SplitPlan lora_shrink_drop_plan(int64_t M, int64_t K, int r, int blocks_per_sm) {
+  r = std::min(std::max(r, 1), SD_MAX_RANK);
+  const int64_t rows = 16 * drop_mtiles(r);
+  const int64_t row_blocks = ceil_div(std::max<int64_t>(M, 1), rows);
+  const int64_t steps = ceil_div(std::max<int64_t>(K, 1), SD_STEP);
+  const int64_t wave = (int64_t)std::max(blocks_per_sm, 1) * num_sms();
+  const int64_t most = std::max<int64_t>(1, std::min<int64_t>({65535, steps / (2 * SD_WARPS), K / (32 * r)}));
+  const int64_t want = std::min(most, std::max<int64_t>(1, ceil_div(2 * wave, row_blocks)));
+  int64_t per = ceil_div(steps, want);                           // steps per split
+  if (per > SD_WARPS) per = ceil_div(per, SD_WARPS) * SD_WARPS;  // whole rounds
+  return SplitPlan{row_blocks, rows, ceil_div(steps, per), per * SD_STEP};
+}
+
+int lora_shrink_drop_resident_blocks(DType x_dtype, DType a_dtype, int r) {
+  int n = 1;
+  with_shrink_drop_kernel(x_dtype, a_dtype, r, [&](auto kernel, size_t smem, auto, auto) {
+    n = resident_blocks(reinterpret_cast<const void*>(kernel), SD_THREADS, smem);
+    return cudaSuccess;
+  });
+  return n;
+}
+
+cudaError_t launch_lora_shrink_drop(const void* x, DType x_dtype, const void* A, DType a_dtype, float* u_out,
+                                    int64_t M, int64_t K, int r, SplitPlan plan, float scaling, float p,
+                                    uint64_t seed, const int64_t* seed_ptr, uint64_t offset, cudaStream_t stream) {
+  if (lora_shrink_drop_unsupported(x, x_dtype, A, a_dtype, M, K, r, p) != nullptr || u_out == nullptr)
+    return cudaErrorInvalidValue;
+  if (plan.col_groups < 1 || plan.col_groups > 65535 || plan.cols_per_group % SD_STEP ||
+      plan.rows_per_split != 16 * drop_mtiles(r))
+    return cudaErrorInvalidConfiguration;
+  const dim3 grid((unsigned)ceil_div(M, plan.rows_per_split), (unsigned)plan.col_groups);
+  const float scale = dropout_scale(scaling, p);
+  return with_shrink_drop_kernel(x_dtype, a_dtype, r, [&](auto kernel, size_t smem, auto xt, auto at) {
+    using T = decltype(xt);
+    using TA = decltype(at);
+    return launch_kernel(kernel, grid, SD_THREADS, smem, stream, static_cast<const T*>(x), static_cast<const TA*>(A),
+                         u_out, M, K, r, plan.cols_per_group, scale, dropout_threshold(p), seed, seed_ptr, offset);
+  });
+}
+
+}  // namespace lora_kernels
