@@ -436,7 +436,11 @@ struct ShrinkPass {
              : sm90 ? lk::lora_shrink_sm90_plan(M, K, r, pieces)
                     : lk::lora_shrink_plan(M, K, r, lk::lora_shrink_resident_blocks(x_dt, a_dt, r))) {}
 
-  int64_t scratch_bytes() const { return sm90 ? (int64_t)lk::lora_shrink_sm90_scratch_bytes(K, r, pieces) : 0; }
+  int64_t scratch_bytes() const {
+    return drop ? (int64_t)lk::lora_shrink_drop_scratch_bytes(x_dt, a_dt, r, K)
+           : sm90 ? (int64_t)lk::lora_shrink_sm90_scratch_bytes(K, r, pieces)
+                  : 0;
+  }
 
   // Whether the forward makes keep bits for this pass to read.
   bool needs_bits(float p) const { return p > 0.0f && K > 0 && !drop && lk::dropout_bits_used(x_dt, a_dt); }
@@ -446,7 +450,8 @@ struct ShrinkPass {
               cudaStream_t stream) const {
     if (drop) {
       check_cuda(lk::launch_lora_shrink_drop(x.data_ptr(), x_dt, lora_A.data_ptr(), a_dt, u_work, M, K, r, plan,
-                                             (float)scaling, p, (uint64_t)seed, seed_ptr, (uint64_t)offset, stream),
+                                             (float)scaling, p, (uint64_t)seed, seed_ptr, (uint64_t)offset,
+                                             scratch, stream),
                  "lora_shrink (dropout) launch");
     } else if (sm90) {
       check_cuda(lk::launch_lora_shrink_sm90(x.data_ptr(), x_dt, lora_A.data_ptr(), a_dt, u_work, M, K, r, plan,
@@ -558,7 +563,7 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& weight, c
   const int64_t ux_piece = sm90 ? ws.reserve(M * kx * elem) : -1;
   const int64_t bx_piece = sm90 ? ws.reserve(N * kx * elem) : -1;
   const int64_t bits_piece = bits ? ws.reserve(lk::dropout_keep_bits_bytes(M, K)) : -1;
-  const int64_t shrink_scratch_piece = shrink.sm90 ? ws.reserve(shrink.scratch_bytes()) : -1;
+  const int64_t shrink_scratch_piece = ws.reserve(shrink.scratch_bytes());  // -1 where it needs none
   ws.allocate(x.options());
   if (bits) make_keep_bits(ws.ptr<uint8_t>(bits_piece), M, K, pf, seed, seed_ptr, offset, stream);
   float* const u_out = keep_u ? u.data_ptr<float>() : ws.ptr<float>(u_piece);  // null where not needed
@@ -1107,9 +1112,9 @@ std::string shrink_path(const Tensor& x, const Tensor& lora_A, double p) {
   return drop ? std::string("dropout") : other;
 }
 
-// Switches the shrink with dropout that makes its own mask (shrink_drop.cu) on or off for this process; returns the
-// previous setting.
-bool set_shrink_drop(bool enabled) { return lk::set_shrink_drop(enabled); }
+// Sets the mode of the shrink with dropout that makes its own mask (shrink_drop.cu) for this process: -1 the default
+// (where it measured faster), 0 off, 1 wherever it runs; returns the previous mode.
+int64_t set_shrink_drop(int64_t mode) { return lk::set_shrink_drop((int)std::max<int64_t>(-1, std::min<int64_t>(1, mode))); }
 
 // Which path a forward with these inputs takes: "small_m" (one launch, csrc/small_m.cu), "sm90 fused (small_m: <why
 // not>)" or "sm90 fused lead (small_m: <why not>)" (csrc/fused_fwd_sm90.h; followed by " 128x256 cooperative" where
@@ -1155,7 +1160,7 @@ TORCH_LIBRARY(lora_kernels_cuda, m) {
   m.def("dy_path(Tensor dy, Tensor lora_B) -> str");
   m.def("dA_path(Tensor x, Tensor lora_A, float p) -> str");
   m.def("shrink_path(Tensor x, Tensor lora_A, float p) -> str");
-  m.def("set_shrink_drop(bool enabled) -> bool", &set_shrink_drop);
+  m.def("set_shrink_drop(int mode) -> int", &set_shrink_drop);
   m.def("set_small_m(bool enabled) -> bool", &set_small_m);  // no tensor arguments: a catch-all kernel
   m.def("set_fused_forward(int mode) -> int", &set_fused_forward);
   m.def("set_dA_beside(int mode) -> int", &set_dA_beside);

@@ -110,18 +110,21 @@ cudaError_t launch_lora_shrink(const void* x, DType x_dtype, const void* A, DTyp
 // The shrink with dropout that makes its mask itself (shrink_drop.cu: no keep bits, one pass over x): the same u
 // and partial layout as launch_lora_shrink, for lora_shrink_drop_plan's plan. lora_shrink_drop_unsupported: nullptr
 // where it runs (p > 0, sm_80+, 16-bit x with lora_A in x's dtype or fp32 on bf16, r <= 64, K % 8 == 0, 16-byte
-// aligned x and lora_A), else why not. set_shrink_drop switches it for the process (LORA_KERNELS_SHRINK_DROP=0: off
-// from the start); returns the previous setting.
+// aligned x and lora_A; by default only where it measured faster), else why not. set_shrink_drop(mode): -1 the
+// default, 0 off, 1 wherever it runs (LORA_KERNELS_SHRINK_DROP=0 / 1 start there); returns the previous mode.
+// scratch: lora_shrink_drop_scratch_bytes (fp32 lora_A's bf16x3 pieces, made by a prep launch), else unused.
 const char* lora_shrink_drop_unsupported(const void* x, DType x_dtype, const void* A, DType a_dtype, int64_t M,
                                          int64_t K, int r, float p);
-bool set_shrink_drop(bool enabled);
-// Row blocks of the kernel's rows and K split into col_groups groups of whole steps, about one wave of blocks.
+int set_shrink_drop(int mode);
+size_t lora_shrink_drop_scratch_bytes(DType x_dtype, DType a_dtype, int r, int64_t K);
+// Row blocks of the kernel's rows and K split into col_groups groups of whole steps, about two waves of blocks.
 // blocks_per_sm: lora_shrink_drop_resident_blocks.
 SplitPlan lora_shrink_drop_plan(int64_t M, int64_t K, int r, int blocks_per_sm);
 int lora_shrink_drop_resident_blocks(DType x_dtype, DType a_dtype, int r);
 cudaError_t launch_lora_shrink_drop(const void* x, DType x_dtype, const void* A, DType a_dtype, float* u_out,
                                     int64_t M, int64_t K, int r, SplitPlan plan, float scaling, float p,
-                                    uint64_t seed, const int64_t* seed_ptr, uint64_t offset, cudaStream_t stream);
+                                    uint64_t seed, const int64_t* seed_ptr, uint64_t offset, void* scratch,
+                                    cudaStream_t stream);
 
 // Dropout keep bits (csrc/dropout_bits.cu): bits (M, ceil(K/8)) bytes, bit q of bits[m, k8] set iff element
 // (m, 8*k8 + q) is kept; the contract's mask (philox.cuh), computed in a pass of its own. The shrink, dA and dx take

@@ -32,8 +32,8 @@ __host__ __device__ constexpr int sd_ntiles(int r) { return r <= 8 ? 1 : r <= 16
 // would spill)
 __host__ __device__ constexpr int sd_mtiles(int ntiles) { return ntiles <= 2 ? 2 : 1; }
 // Blocks per SM asked of ptxas (registers 64 / 80 / 128 at 4 / 3 / 2): the most without spills at -O3 on sm_90a
-__host__ __device__ constexpr int sd_min_blocks(int ntiles, int mtiles) {
-  return mtiles == 1 && ntiles <= 2 ? 4 : ntiles * mtiles <= 4 ? 3 : 2;
+__host__ __device__ constexpr int sd_min_blocks(int ntiles, int mtiles, int pieces) {
+  return mtiles == 1 && ntiles <= 2 && pieces == 1 ? 4 : ntiles * mtiles <= 4 ? 3 : 2;
 }
 inline size_t shrink_drop_smem(int ntiles, int mtiles) {  // the reduce's tree: SD_WARPS / 2 warps' accumulators
   return (size_t)(SD_WARPS / 2) * mtiles * ntiles * 4 * 32 * sizeof(float);

@@ -36,60 +36,86 @@ namespace lora_kernels {
 using namespace detail;
 namespace {
 
-template <typename T, typename TA>
-constexpr int sd_pieces() {
-  return std::is_same<TA, float>::value ? 3 : 1;
-}
-
 #if LK_TC_ARCH
-// A's 8-group (row, k .. k + 7) as mma B-fragment words of each piece: b[i][w] holds columns 2w, 2w + 1 of piece i.
-// Zero outside A (row >= r) or past the split (in = false).
-template <typename T, typename TA, int P>
-__device__ __forceinline__ void load_a8(const TA* __restrict__ A, int64_t K, int row, int r, int64_t k, bool in,
-                                        uint32_t (&b)[P][4]) {
-  if (row >= r || !in) {
-#pragma unroll
-    for (int i = 0; i < P; ++i)
-#pragma unroll
-      for (int w = 0; w < 4; ++w) b[i][w] = 0u;
-    return;
-  }
-  if constexpr (P == 1) {
-    const uint4 v = __ldg(reinterpret_cast<const uint4*>(A + (int64_t)row * K + k));
-    b[0][0] = v.x;
-    b[0][1] = v.y;
-    b[0][2] = v.z;
-    b[0][3] = v.w;
-  } else {
-    const float4 lo = __ldg(reinterpret_cast<const float4*>(A + (int64_t)row * K + k));
-    const float4 hi = __ldg(reinterpret_cast<const float4*>(A + (int64_t)row * K + k + 4));
-    const float v[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
-#pragma unroll
-    for (int w = 0; w < 4; ++w) {
-      __nv_bfloat16 p0[3], p1[3];
-      bf16x3_split(v[2 * w], p0);
-      bf16x3_split(v[2 * w + 1], p1);
-#pragma unroll
-      for (int i = 0; i < P; ++i)
-        b[i][w] = (uint32_t)__bfloat16_as_ushort(p0[i]) | ((uint32_t)__bfloat16_as_ushort(p1[i]) << 16);
-    }
-  }
+// The keep mask of one Philox word as a 16-bit pair's multiplier: element pair (2w, 2w + 1) of an 8-group takes word
+// w's low and high 16 bits (philox.cuh), each kept iff >= thr; the result is 1.0 (in T) in each kept half, else 0,
+// for mul_keep: x · keep with fma.rn (-0 added), exactly the reference's product (inf and NaN times 0 give NaN).
+// thr_hi = thr << 16 (thr <= 0xFFFF; none: thr is 65536, nothing kept): the high half is >= thr iff the word is
+// >= thr_hi, the low half iff the word shifted up by 16 (a byte permute) is. Two compares and two selects, no
+// multiply: the multiply pipe is Philox's.
+template <typename T>
+__device__ __forceinline__ uint32_t keep_pair(uint32_t word, uint32_t thr_hi, bool none) {
+  constexpr uint32_t kOne = std::is_same<T, __half>::value ? 0x3C00u : 0x3F80u;
+  const uint32_t lo = __byte_perm(word, 0u, 0x1044) >= thr_hi ? kOne : 0u;
+  const uint32_t hi = word >= thr_hi ? (kOne << 16) : 0u;
+  return none ? 0u : (lo | hi);
+}
+template <typename T>
+__device__ __forceinline__ uint32_t mul_keep(uint32_t v, uint32_t m) {
+  uint32_t d;
+  if constexpr (std::is_same<T, __half>::value)
+    asm("fma.rn.f16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(v), "r"(m), "r"(0x80008000u));
+  else
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(v), "r"(m), "r"(0x80008000u));
+  return d;
 }
 #endif
 
-template <typename T, typename TA, int NR, int MT>
-__global__ void __launch_bounds__(SD_THREADS, sd_min_blocks(NR, MT))
-shrink_drop_kernel(const T* __restrict__ x, const TA* __restrict__ A, float* __restrict__ u_out, int64_t M, int64_t K,
+// Prep of fp32 lora_A on bf16 x: its bf16x3 pieces, piece i at ap + i·r·K (r, K) row-major; one thread per 8-group.
+__global__ void __launch_bounds__(256)
+shrink_drop_prep_kernel(const float* __restrict__ A, __nv_bfloat16* __restrict__ ap, int64_t groups) {
+#if LK_TC_ARCH
+  const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= groups) return;
+  const float4 lo = __ldg(reinterpret_cast<const float4*>(A) + 2 * i);
+  const float4 hi = __ldg(reinterpret_cast<const float4*>(A) + 2 * i + 1);
+  const float v[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+  uint32_t w[3][4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    __nv_bfloat16 p0[3], p1[3];
+    bf16x3_split(v[2 * j], p0);
+    bf16x3_split(v[2 * j + 1], p1);
+#pragma unroll
+    for (int pc = 0; pc < 3; ++pc)
+      w[pc][j] = (uint32_t)__bfloat16_as_ushort(p0[pc]) | ((uint32_t)__bfloat16_as_ushort(p1[pc]) << 16);
+  }
+#pragma unroll
+  for (int pc = 0; pc < 3; ++pc)
+    reinterpret_cast<uint4*>(ap + pc * groups * 8)[i] = make_uint4(w[pc][0], w[pc][1], w[pc][2], w[pc][3]);
+#else
+  __trap();
+#endif
+}
+
+template <typename T, int P, int NR, int MT>
+__global__ void __launch_bounds__(SD_THREADS, sd_min_blocks(NR, MT, P))
+shrink_drop_kernel(const T* __restrict__ x, const T* __restrict__ ap, float* __restrict__ u_out, int64_t M, int64_t K,
                    int r, int64_t k_per_split, float scale, uint32_t thr, uint64_t seed, const int64_t* seed_ptr,
                    uint64_t offset) {
 #if LK_TC_ARCH
-  constexpr int P = sd_pieces<T, TA>(), kVals = MT * NR * 4;
+  constexpr int kVals = MT * NR * 4;
   extern __shared__ float sd_smem[];  // [SD_WARPS / 2][kVals][32]: the reduce's tree
   seed = dropout_seed(seed, seed_ptr);
+  const uint32_t k0w = (uint32_t)seed, k1w = (uint32_t)(seed >> 32);
+  const bool none = thr > 0xFFFFu;  // p within 2^-16 of 1: nothing kept
+  const uint32_t thr_hi = thr << 16;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int64_t m0 = (int64_t)blockIdx.x * (16 * MT);
   const int64_t k_begin = (int64_t)blockIdx.y * k_per_split;
   const int64_t k_end = min64(K, k_begin + k_per_split);
+  const int64_t K8 = dropout_groups(K);
+  // this lane's rows: their x pointers (null past M) and Philox counters at column 0
+  const T* xr[MT][2];
+  uint64_t c0[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t row = m0 + 16 * mt + g + 8 * h;
+      xr[mt][h] = row < M ? x + row * K : nullptr;
+      c0[mt][h] = offset + (uint64_t)row * (uint64_t)K8;
+    }
   float acc[MT][NR][4];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) zero_acc(acc[mt]);
@@ -102,28 +128,38 @@ shrink_drop_kernel(const T* __restrict__ x, const TA* __restrict__ A, float* __r
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int64_t row = m0 + 16 * mt + g + 8 * h;
         uint4 v = make_uint4(0u, 0u, 0u, 0u);
-        if (in && row < M) v = __ldg(reinterpret_cast<const uint4*>(x + row * K + k));
+        if (in && xr[mt][h] != nullptr) v = __ldg(reinterpret_cast<const uint4*>(xr[mt][h] + k));
         xw[mt][h][0] = v.x;
         xw[mt][h][1] = v.y;
         xw[mt][h][2] = v.z;
         xw[mt][h][3] = v.w;
       }
-    // the mask while the loads are in flight; rows past M keep their zeros (their bits are never used)
+    // the mask while the loads are in flight; rows past M keep their zeros (their words are never used)
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int64_t row = m0 + 16 * mt + g + 8 * h;
-        const uint32_t keep = dropout_keep_bits8(seed, dropout_counter(offset, row, K, k >> 3), thr);
+        const uint64_t c = c0[mt][h] + (uint64_t)(k >> 3);
+        uint32_t w[4];
+        philox4x32_10((uint32_t)c, (uint32_t)(c >> 32), 0u, 0u, k0w, k1w, w);
 #pragma unroll
-        for (int w = 0; w < 4; ++w) xw[mt][h][w] = mul_keep2<T>(xw[mt][h][w], (keep >> (2 * w)) & 3u);
+        for (int j = 0; j < 4; ++j) xw[mt][h][j] = mul_keep<T>(xw[mt][h][j], keep_pair<T>(w[j], thr_hi, none));
       }
 #pragma unroll
     for (int n = 0; n < NR; ++n) {
+      // A's 8-group (row 8n + g, columns k ..) of each piece as B-fragment words; zero past r or the split
       uint32_t b[P][4];
-      load_a8<T, TA, P>(A, K, 8 * n + g, r, k, in, b);
+      const int arow = 8 * n + g;
+#pragma unroll
+      for (int i = 0; i < P; ++i) {
+        uint4 v = make_uint4(0u, 0u, 0u, 0u);
+        if (in && arow < r) v = __ldg(reinterpret_cast<const uint4*>(ap + ((int64_t)i * r + arow) * K + k));
+        b[i][0] = v.x;
+        b[i][1] = v.y;
+        b[i][2] = v.z;
+        b[i][3] = v.w;
+      }
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
         if constexpr (P == 1) {
@@ -204,43 +240,51 @@ int drop_mtiles(int r) {
   return forced > 0 && nr <= 4 ? forced : sd_mtiles(nr);
 }
 
-// f(kernel, smem, T{}, TA{}) for the kernel of these dtypes, rank and tiles per block (drop_mtiles): (bf16, bf16),
-// (fp16, fp16), (bf16, fp32).
+// f(kernel, smem, T{}, P) for the kernel of these dtypes, rank and tiles per block (drop_mtiles): (bf16, bf16) and
+// (fp16, fp16) read lora_A as it is (P = 1), (bf16, fp32) its three bf16 pieces made by the prep launch.
 template <typename F>
 cudaError_t with_shrink_drop_kernel(DType x_dtype, DType a_dtype, int r, F&& f) {
   const int nr = sd_ntiles(r), mt = drop_mtiles(r);
-  auto pick = [&](auto xt, auto at) -> cudaError_t {
+  auto pick = [&](auto xt, auto pc) -> cudaError_t {
     using T = decltype(xt);
-    using TA = decltype(at);
-    auto go = [&](auto kernel, int nrc, int mtc) { return f(kernel, shrink_drop_smem(nrc, mtc), xt, at); };
+    constexpr int P = decltype(pc)::value;
+    auto go = [&](auto kernel, int nrc, int mtc) { return f(kernel, shrink_drop_smem(nrc, mtc), xt, P); };
     switch (nr * 10 + mt) {
-      case 11: return go(shrink_drop_kernel<T, TA, 1, 1>, 1, 1);
-      case 12: return go(shrink_drop_kernel<T, TA, 1, 2>, 1, 2);
-      case 21: return go(shrink_drop_kernel<T, TA, 2, 1>, 2, 1);
-      case 22: return go(shrink_drop_kernel<T, TA, 2, 2>, 2, 2);
-      case 41: return go(shrink_drop_kernel<T, TA, 4, 1>, 4, 1);
-      case 42: return go(shrink_drop_kernel<T, TA, 4, 2>, 4, 2);
-      default: return go(shrink_drop_kernel<T, TA, 8, 1>, 8, 1);
+      case 11: return go(shrink_drop_kernel<T, P, 1, 1>, 1, 1);
+      case 12: return go(shrink_drop_kernel<T, P, 1, 2>, 1, 2);
+      case 21: return go(shrink_drop_kernel<T, P, 2, 1>, 2, 1);
+      case 22: return go(shrink_drop_kernel<T, P, 2, 2>, 2, 2);
+      case 41: return go(shrink_drop_kernel<T, P, 4, 1>, 4, 1);
+      case 42: return go(shrink_drop_kernel<T, P, 4, 2>, 4, 2);
+      default: return go(shrink_drop_kernel<T, P, 8, 1>, 8, 1);
     }
   };
-  if (x_dtype == DType::kBFloat16 && a_dtype == DType::kBFloat16) return pick(__nv_bfloat16{}, __nv_bfloat16{});
-  if (x_dtype == DType::kFloat16 && a_dtype == DType::kFloat16) return pick(__half{}, __half{});
-  if (x_dtype == DType::kBFloat16 && a_dtype == DType::kFloat32) return pick(__nv_bfloat16{}, float{});
+  if (x_dtype == DType::kBFloat16 && a_dtype == DType::kBFloat16)
+    return pick(__nv_bfloat16{}, std::integral_constant<int, 1>{});
+  if (x_dtype == DType::kFloat16 && a_dtype == DType::kFloat16) return pick(__half{}, std::integral_constant<int, 1>{});
+  if (x_dtype == DType::kBFloat16 && a_dtype == DType::kFloat32)
+    return pick(__nv_bfloat16{}, std::integral_constant<int, 3>{});
   return cudaErrorInvalidValue;
 }
 
-std::atomic<bool>& shrink_drop_switch() {
-  static std::atomic<bool> on{env_switch_on("LORA_KERNELS_SHRINK_DROP")};
-  return on;
+// -1: where measured faster (lora_shrink_drop_unsupported), 0: off, 1: wherever the kernel runs.
+// LORA_KERNELS_SHRINK_DROP=0 / 1 starts the process at 0 / 1.
+std::atomic<int>& shrink_drop_mode() {
+  static std::atomic<int> mode{[] {
+    const char* v = getenv("LORA_KERNELS_SHRINK_DROP");
+    return v == nullptr ? -1 : strcmp(v, "0") == 0 ? 0 : strcmp(v, "1") == 0 ? 1 : -1;
+  }()};
+  return mode;
 }
 
 }  // namespace
 
-bool set_shrink_drop(bool enabled) { return shrink_drop_switch().exchange(enabled); }
+int set_shrink_drop(int mode) { return shrink_drop_mode().exchange(mode > 0 ? 1 : mode == 0 ? 0 : -1); }
 
 const char* lora_shrink_drop_unsupported(const void* x, DType x_dtype, const void* A, DType a_dtype, int64_t M,
                                          int64_t K, int r, float p) {
-  if (!shrink_drop_switch().load(std::memory_order_relaxed)) return "off (LORA_KERNELS_SHRINK_DROP=0 or set_shrink_drop)";
+  const int mode = shrink_drop_mode().load(std::memory_order_relaxed);
+  if (mode == 0) return "off (LORA_KERNELS_SHRINK_DROP=0 or set_shrink_drop(0))";
   if (!(p > 0.f)) return "no dropout";
   if (!tc_supported()) return "no tensor cores for mma.sync (below sm_80)";
   const bool dtypes = (x_dtype == a_dtype && x_dtype != DType::kFloat32) ||
@@ -251,7 +295,13 @@ const char* lora_shrink_drop_unsupported(const void* x, DType x_dtype, const voi
   if (K % 8 || reinterpret_cast<uintptr_t>(x) % 16 || reinterpret_cast<uintptr_t>(A) % 16)
     return "K must be a multiple of 8 and x, lora_A 16-byte aligned";
   if (ceil_div(M, 16) > 0x7fffffff) return "M too large";
+  if (mode < 0 && r > 16)
+    return "r above 16: the keep bits and the shrink that reads them measured faster (set_shrink_drop(1) forces it)";
   return nullptr;
+}
+
+size_t lora_shrink_drop_scratch_bytes(DType x_dtype, DType a_dtype, int r, int64_t K) {
+  return adapter_pieces(x_dtype, a_dtype) > 1 ? (size_t)3 * r * K * 2 : 0;
 }
 
 // Row blocks of the kernel's 16 * drop_mtiles rows; K split into about two waves of resident blocks or more (the
@@ -273,7 +323,7 @@ SplitPlan lora_shrink_drop_plan(int64_t M, int64_t K, int r, int blocks_per_sm) 
 
 int lora_shrink_drop_resident_blocks(DType x_dtype, DType a_dtype, int r) {
   int n = 1;
-  with_shrink_drop_kernel(x_dtype, a_dtype, r, [&](auto kernel, size_t smem, auto, auto) {
+  with_shrink_drop_kernel(x_dtype, a_dtype, r, [&](auto kernel, size_t smem, auto, int) {
     n = resident_blocks(reinterpret_cast<const void*>(kernel), SD_THREADS, smem);
     return cudaSuccess;
   });
@@ -282,18 +332,27 @@ int lora_shrink_drop_resident_blocks(DType x_dtype, DType a_dtype, int r) {
 
 cudaError_t launch_lora_shrink_drop(const void* x, DType x_dtype, const void* A, DType a_dtype, float* u_out,
                                     int64_t M, int64_t K, int r, SplitPlan plan, float scaling, float p,
-                                    uint64_t seed, const int64_t* seed_ptr, uint64_t offset, cudaStream_t stream) {
+                                    uint64_t seed, const int64_t* seed_ptr, uint64_t offset, void* scratch,
+                                    cudaStream_t stream) {
   if (lora_shrink_drop_unsupported(x, x_dtype, A, a_dtype, M, K, r, p) != nullptr || u_out == nullptr)
     return cudaErrorInvalidValue;
   if (plan.col_groups < 1 || plan.col_groups > 65535 || plan.cols_per_group % SD_STEP ||
       plan.rows_per_split != 16 * drop_mtiles(r))
     return cudaErrorInvalidConfiguration;
+  const bool pieces = lora_shrink_drop_scratch_bytes(x_dtype, a_dtype, r, K) > 0;
+  if (pieces && (scratch == nullptr || reinterpret_cast<uintptr_t>(scratch) % 16)) return cudaErrorInvalidValue;
+  if (pieces) {  // lora_A's bf16x3 pieces, read by every block as 16-bit A
+    const int64_t groups = (int64_t)r * K / 8;
+    const cudaError_t e = launch_kernel(shrink_drop_prep_kernel, dim3((unsigned)ceil_div(groups, 256)), 256, 0, stream,
+                                        static_cast<const float*>(A), static_cast<__nv_bfloat16*>(scratch), groups);
+    if (e != cudaSuccess) return e;
+  }
+  const void* ap = pieces ? scratch : A;
   const dim3 grid((unsigned)ceil_div(M, plan.rows_per_split), (unsigned)plan.col_groups);
   const float scale = dropout_scale(scaling, p);
-  return with_shrink_drop_kernel(x_dtype, a_dtype, r, [&](auto kernel, size_t smem, auto xt, auto at) {
+  return with_shrink_drop_kernel(x_dtype, a_dtype, r, [&](auto kernel, size_t smem, auto xt, int) {
     using T = decltype(xt);
-    using TA = decltype(at);
-    return launch_kernel(kernel, grid, SD_THREADS, smem, stream, static_cast<const T*>(x), static_cast<const TA*>(A),
+    return launch_kernel(kernel, grid, SD_THREADS, smem, stream, static_cast<const T*>(x), static_cast<const T*>(ap),
                          u_out, M, K, r, plan.cols_per_group, scale, dropout_threshold(p), seed, seed_ptr, offset);
   });
 }

@@ -3,7 +3,7 @@ pass). GPU-only (skips elsewhere): where it runs and why not; y and the saved u 
 mask (assert_cuda_forward: the tolerance rule, and a repeat gives the same bits), with the kernel on and off, on
 shapes that exercise its edges: rows past a block's 16 or 32, K not a multiple of its 32-column steps, K splits, r
 not a multiple of 8 and every n8-tile count up to r = 64, the three dtype pairs it takes; 64-bit seeds and offsets;
-a device seed gives the bits of the same seed by value; both row-block sizes (LORA_KERNELS_SHRINK_DROP_ROWS, in a
+a device seed gives the bits of the same seed by value; the default takes r <= 16; both row-block sizes (LORA_KERNELS_SHRINK_DROP_ROWS, in a
 subprocess)."""
 import os
 import subprocess
@@ -58,10 +58,11 @@ DTYPES = [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16), (to
 @pytest.mark.parametrize("p", [0.1, 0.6])
 def test_forward_with_dropout_against_float64(cb, M, K, N, r, dtype, adapter_dtype, p):
     x, W, b, A, B = _inputs(M, K, N, r, dtype, adapter_dtype)
-    assert cb.shrink_path(x, A, p) == "dropout"
-    assert_cuda_forward(cb, x, W, b, A, B, 0.75, p, SEED, OFFSET)
-    was = cb.set_shrink_drop(False)  # the keep bits and the shrink that reads them: the same contract
+    was = cb.set_shrink_drop(1)  # wherever it runs (the default takes r <= 16)
     try:
+        assert cb.shrink_path(x, A, p) == "dropout"
+        assert_cuda_forward(cb, x, W, b, A, B, 0.75, p, SEED, OFFSET)
+        cb.set_shrink_drop(0)  # the keep bits and the shrink that reads them: the same contract
         assert cb.shrink_path(x, A, p) != "dropout"
         assert_cuda_forward(cb, x, W, b, A, B, 0.75, p, SEED, OFFSET)
     finally:
@@ -84,14 +85,18 @@ def test_where_it_runs_and_why_not(cb):
         A = torch.randn(r, K, device="cuda").to(adapter_dtype)
         return cb.shrink_path(x, A, p)
 
-    assert path(8192, 4096, 16, 0.1) == "dropout"
-    assert path(8192, 14336, 64, 0.05, torch.float16, torch.float16) == "dropout"
+    for dt, adt in ((torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16)):
+        assert path(8192, 4096, 16, 0.1, dt, adt) == "dropout"
+        assert path(8192, 14336, 5, 0.05, dt, adt) == "dropout"
+        assert path(8192, 4096, 32, 0.1, dt, adt) != "dropout"  # the default takes r <= 16 (measured)
     assert path(8192, 4096, 16, 0.0) != "dropout"  # no mask: the other shrinks
     assert path(64, 1028, 16, 0.1) != "dropout"  # K % 8: no 16-byte rows
-    assert path(64, 1024, 65, 0.1) != "dropout"  # above r = 64
     assert path(64, 1024, 16, 0.1, torch.float16, torch.float32) != "dropout"  # fp32 adapters on fp16: FFMA
-    was = cb.set_shrink_drop(False)
+    was = cb.set_shrink_drop(1)
     try:
+        assert path(8192, 4096, 64, 0.1) == "dropout"
+        assert path(64, 1024, 65, 0.1) != "dropout"  # above r = 64
+        cb.set_shrink_drop(0)
         assert path(8192, 4096, 16, 0.1) != "dropout"
     finally:
         cb.set_shrink_drop(was)
@@ -102,6 +107,7 @@ import torch, lora_kernels
 from lora_kernels.backends import cuda_backend as cb
 from conftest import assert_cuda_forward
 cb.set_small_m(False)
+cb.set_shrink_drop(1)
 torch.manual_seed(0)
 for M, K, N, r, adt in ((33, 1000, 72, 16, torch.float32), (777, 2056, 264, 8, torch.bfloat16),
                         (300, 264, 136, 30, torch.float32)):
@@ -119,6 +125,7 @@ print("ok")
 def test_both_row_blocks(rows):
     env = dict(os.environ, LORA_KERNELS_SHRINK_DROP_ROWS=rows)
     here = os.path.dirname(os.path.abspath(__file__))
-    env["PYTHONPATH"] = os.pathsep.join([here, os.path.dirname(here), env.get("PYTHONPATH", "")])
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(lora_kernels.__file__)))  # this process's build
+    env["PYTHONPATH"] = os.pathsep.join([here, package_root, env.get("PYTHONPATH", "")])
     out = subprocess.run([sys.executable, "-c", _ROWS_CHILD], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout[-2000:] + out.stderr[-4000:]

@@ -1,5 +1,6 @@
 """The forward with dropout: the shrink that makes its mask itself (csrc/shrink_drop.cu, "on") against the keep-bits
-pass plus the shrink that reads them ("off", set_shrink_drop(False)), in one process, alternating.
+pass plus the shrink that reads them ("off", set_shrink_drop(0)), in one process, alternating; "on" is forced
+(set_shrink_drop(1)) in every cell, whether or not the default takes it there.
 
     python3 bench/dev/shrink_drop_ab.py --M 8192 --out ab.json
 
@@ -22,7 +23,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from timing import bench_ms  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]
-U_KERNELS = ("shrink", "keep_bits", "dy_sm90_prep")  # the kernels of u (the sm_90 shrink's prep stages A's pieces)
+# the kernels of u: the keep bits, the shrinks (the sm_90 one is the forward's only stream_sm90_kernel) and their preps
+U_KERNELS = ("shrink", "keep_bits", "dy_sm90_prep", "stream_sm90")
 
 
 def u_kernels_us(fn):
@@ -45,7 +47,7 @@ def u_kernels_us(fn):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--M", default="8192")
-    ap.add_argument("--r", default="16,64")
+    ap.add_argument("--r", default="16,32,64")
     ap.add_argument("--p", type=float, default=0.1)
     ap.add_argument("--adapters", default="bfloat16,float32")
     ap.add_argument("--rounds", type=int, default=3)
@@ -77,13 +79,13 @@ def main():
                     u_us, names, outs = {}, {}, {}
                     for _ in range(args.rounds):
                         for mode in ("on", "off"):
-                            cb.set_shrink_drop(mode == "on")
+                            cb.set_shrink_drop(1 if mode == "on" else 0)
                             times[mode].append(bench_ms(fwd, rep_ms=args.rep_ms)["gpu_ms"])
                     for mode in ("on", "off"):
-                        cb.set_shrink_drop(mode == "on")
+                        cb.set_shrink_drop(1 if mode == "on" else 0)
                         u_us[mode], names[mode] = u_kernels_us(fwd)
                         outs[mode] = fwd()
-                    cb.set_shrink_drop(True)
+                    cb.set_shrink_drop(-1)
                     on, off = statistics.median(times["on"]), statistics.median(times["off"])
                     du = (outs["on"][1] - outs["off"][1]).abs().max().item()
                     scale = outs["off"][1].abs().max().item()

@@ -155,12 +155,12 @@ def set_small_m(enabled: bool) -> bool:
     return torch.ops.lora_kernels_cuda.set_small_m(bool(enabled))
 
 
-def set_shrink_drop(enabled: bool) -> bool:
-    """Switches the forward's shrink with dropout that makes its mask itself, in one pass over x
-    (csrc/shrink_drop.cu; LORA_KERNELS_SHRINK_DROP=0 starts it off), on or off for this process; returns the previous
-    setting. Off, the forward makes keep bits in a pass of their own and the shrink reads them. For tests of both
-    paths and A/B timing."""
-    return bool(torch.ops.lora_kernels_cuda.set_shrink_drop(bool(enabled)))
+def set_shrink_drop(mode: int) -> int:
+    """Sets the mode of the forward's shrink with dropout that makes its mask itself, in one pass over x
+    (csrc/shrink_drop.cu) for this process: -1 the default (where it measured faster than the keep-bits pass plus
+    the shrink that reads them), 0 off, 1 wherever it runs; LORA_KERNELS_SHRINK_DROP=0 or 1 starts the process there.
+    Returns the previous mode. For tests of the paths and A/B timing."""
+    return int(torch.ops.lora_kernels_cuda.set_shrink_drop(int(mode)))
 
 
 def set_fused_forward(mode: int) -> int:
