@@ -64,12 +64,15 @@ def _shrink_path(*args):
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_benchmarked_shapes_take_the_sm90_dA_pass_and_shrink(K, dtype, adapter_dtype, r, p):
     # dA runs the wgmma kernel with dropout too (it masks x by the keep bits); with dropout the shrink makes its mask
-    # itself at r <= 16 (csrc/shrink_drop.cu); above, and with that kernel off, the choices below it (csrc/shrink_sm90.cu:
-    # with dropout at r <= 16 and 16-bit adapters the mma.sync kernel, measured faster)
+    # itself at r <= 32, r <= 16 with fp32 adapters (csrc/shrink_drop.cu); above, and with that kernel off, the
+    # choices below it (csrc/shrink_sm90.cu: with dropout at r <= 16 and 16-bit adapters the mma.sync kernel, measured
+    # faster)
     from lora_kernels.backends import cuda_backend
 
     assert _dA_path(8192, K, r, p, dtype, adapter_dtype) == "sm90"
     assert _shrink_path(8192, K, r, p, dtype, adapter_dtype) == ("dropout" if p > 0 and r <= 16 else "sm90")
+    assert _shrink_path(8192, K, 32, p, dtype, adapter_dtype) == (
+        "dropout" if p > 0 and adapter_dtype != torch.float32 else "sm90")
     was = cuda_backend.set_shrink_drop(0)
     try:
         assert _shrink_path(8192, K, r, p, dtype, adapter_dtype) == (
@@ -87,7 +90,9 @@ def test_shrink_fallback_says_why():
     assert _shrink_path(64, 1024, 16, 0.1, torch.float16, torch.float32).startswith("mma.sync: x and the adapters")
     for dt, adt in ((torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)):
         assert _shrink_path(64, 1024, 16, 0.1, dt, adt) == "dropout"
-    assert _shrink_path(64, 1024, 17, 0.1) == "sm90"  # the dropout shrink takes r <= 16
+    assert _shrink_path(64, 1024, 17, 0.1) == "sm90"  # with fp32 adapters the dropout shrink takes r <= 16
+    assert _shrink_path(64, 1024, 17, 0.1, torch.bfloat16, torch.bfloat16) == "dropout"
+    assert _shrink_path(64, 1024, 33, 0.1, torch.bfloat16, torch.bfloat16) == "sm90"
     was = cuda_backend.set_shrink_drop(0)
     try:
         assert _shrink_path(64, 1024, 16, 0.1, torch.bfloat16, torch.bfloat16).startswith(
@@ -139,10 +144,10 @@ def test_sm90_dy_pass_against_float64(dtype, adapter_dtype, lead, K, N, r, p):
     small = M <= 64
     assert _dy_path(M, N, r, dtype, adapter_dtype or dtype) == (
         "mma.sync: M <= kSmallMBackwardRows (64): the mma.sync kernel is faster" if small else "sm90")
-    # dA with dropout masks x itself at every rank; the shrink with dropout makes its mask itself at r <= 16 (K % 8
-    # == 0 here), and above r = 16 runs on wgmma
+    # dA with dropout masks x itself at every rank; the shrink with dropout makes its mask itself at r <= 32 (r <= 16
+    # with fp32 adapters; K % 8 == 0 here), and above runs on wgmma
     shrink_sm90 = True
-    shrink_drop = p > 0 and r <= 16
+    shrink_drop = p > 0 and r <= (16 if adapter_dtype == torch.float32 else 32)
     # the passes need stages - 1 column tiles of 64: 3 (4 stages), dA with dropout 5 where its side operand is at
     # most 48 wide (6 stages: r <= 16, or r <= 32 at one piece; fp32 adapters on bf16 x take three)
     pieces = 3 if adapter_dtype == torch.float32 else 1

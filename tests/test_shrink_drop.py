@@ -3,7 +3,8 @@ pass). GPU-only (skips elsewhere): where it runs and why not; y and the saved u 
 mask (assert_cuda_forward: the tolerance rule, and a repeat gives the same bits), with the kernel on and off, on
 shapes that exercise its edges: rows past a block's 16 or 32, K not a multiple of its 32-column steps, K splits, r
 not a multiple of 8 and every n8-tile count up to r = 64, the three dtype pairs it takes; 64-bit seeds and offsets;
-a device seed gives the bits of the same seed by value; the default takes r <= 16; both row-block sizes (LORA_KERNELS_SHRINK_DROP_ROWS, in a
+a device seed gives the bits of the same seed by value; the default takes r <= 32 (r <= 16 with fp32 adapters); both row-block
+sizes (LORA_KERNELS_SHRINK_DROP_ROWS, in a
 subprocess)."""
 import os
 import subprocess
@@ -58,7 +59,7 @@ DTYPES = [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16), (to
 @pytest.mark.parametrize("p", [0.1, 0.6])
 def test_forward_with_dropout_against_float64(cb, M, K, N, r, dtype, adapter_dtype, p):
     x, W, b, A, B = _inputs(M, K, N, r, dtype, adapter_dtype)
-    was = cb.set_shrink_drop(1)  # wherever it runs (the default takes r <= 16)
+    was = cb.set_shrink_drop(1)  # wherever it runs (the default takes r <= 32, r <= 16 with fp32 adapters)
     try:
         assert cb.shrink_path(x, A, p) == "dropout"
         assert_cuda_forward(cb, x, W, b, A, B, 0.75, p, SEED, OFFSET)
@@ -88,7 +89,9 @@ def test_where_it_runs_and_why_not(cb):
     for dt, adt in ((torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16)):
         assert path(8192, 4096, 16, 0.1, dt, adt) == "dropout"
         assert path(8192, 14336, 5, 0.05, dt, adt) == "dropout"
-        assert path(8192, 4096, 32, 0.1, dt, adt) != "dropout"  # the default takes r <= 16 (measured)
+        # the default takes r <= 32 with 16-bit adapters, r <= 16 with fp32 ones (measured)
+        assert (path(8192, 4096, 32, 0.1, dt, adt) == "dropout") == (adt != torch.float32)
+        assert path(8192, 4096, 33, 0.1, dt, adt) != "dropout"
     assert path(8192, 4096, 16, 0.0) != "dropout"  # no mask: the other shrinks
     assert path(64, 1028, 16, 0.1) != "dropout"  # K % 8: no 16-byte rows
     assert path(64, 1024, 16, 0.1, torch.float16, torch.float32) != "dropout"  # fp32 adapters on fp16: FFMA
