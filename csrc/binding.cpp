@@ -1114,7 +1114,7 @@ std::string shrink_path(const Tensor& x, const Tensor& lora_A, double p) {
 
 // Sets the mode of the shrink with dropout that makes its own mask (shrink_drop.cu) for this process: -1 the default
 // (where it measured faster), 0 off, 1 wherever it runs; returns the previous mode.
-int64_t set_shrink_drop(int64_t mode) { return lk::set_shrink_drop((int)std::max<int64_t>(-1, std::min<int64_t>(1, mode))); }
+int64_t set_shrink_drop(int64_t mode) { return lk::set_shrink_drop(mode > 0 ? 1 : mode == 0 ? 0 : -1); }
 
 // Which path a forward with these inputs takes: "small_m" (one launch, csrc/small_m.cu), "sm90 fused (small_m: <why
 // not>)" or "sm90 fused lead (small_m: <why not>)" (csrc/fused_fwd_sm90.h; followed by " 128x256 cooperative" where

@@ -31,7 +31,8 @@ __host__ __device__ constexpr int sd_ntiles(int r) { return r <= 8 ? 1 : r <= 16
 // 16-row tiles per block: two (four Philox chains per lane and step) up to 16 columns, else one (the accumulators
 // would spill)
 __host__ __device__ constexpr int sd_mtiles(int ntiles) { return ntiles <= 2 ? 2 : 1; }
-// Blocks per SM asked of ptxas (registers 64 / 80 / 128 at 4 / 3 / 2): the most without spills at -O3 on sm_90a
+// Blocks per SM asked of ptxas (registers 64 / 80 / 128 at 4 / 3 / 2): the most without spills at -O3 on sm_90a,
+// except fp32 A at 17 <= r <= 32 on 16 rows (8 bytes spilled at 3; not a default cell)
 __host__ __device__ constexpr int sd_min_blocks(int ntiles, int mtiles, int pieces) {
   return mtiles == 1 && ntiles <= 2 && pieces == 1 ? 4 : ntiles * mtiles <= 4 ? 3 : 2;
 }

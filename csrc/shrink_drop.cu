@@ -15,17 +15,18 @@
 // Tiling : block = 16·MT rows (MT 16-row tiles) x one K split; its SD_WARPS warps take the split's 32-column steps in
 //          turn (warp w: steps w, w + SD_WARPS, ...). In a step, lane (g = lane / 4, t = lane % 4) loads the 8-group
 //          x[row, k0 + 8t .. k0 + 8t + 7] of rows g and g + 8 of each 16-row tile (one 16-byte load each), makes its
-//          keep bits (one Philox call each) and masks it in registers. The mma.sync m16n8k16 fragments are those
+//          Philox words (one call each) and masks it in registers. The mma.sync m16n8k16 fragments are those
 //          registers as they are: the step's 32 columns are summed in a permuted order, the same for x and A, so no
 //          shuffle or shared memory is needed. Lane (g, t) holds, of the mma's k-slots {2t, 2t+1, 2t+8, 2t+9}, the
 //          columns {8t + 4q, 8t + 4q + 1, 8t + 4q + 2, 8t + 4q + 3} in mma q (q = 0, 1): x's 32-bit words 2q and
 //          2q + 1 of its 8-group, and the same words of A's 8-group (row 8n + g, columns k0 + 8t ..) for n8-tile n.
-//          fp32 A on bf16 x: A's 8-group split into its bf16x3 pieces in registers; per step, piece 0 and pieces 1-2
-//          go to two fresh accumulators, added to the running one in fp32 (the tensor-core shrink's order, for fp32
-//          FFMA accuracy).
+//          fp32 A on bf16 x: a prep launch splits A into its bf16x3 pieces (scratch, P = 3 matrices of r x K), read
+//          like 16-bit A; per step, piece 0 and pieces 1-2 go to two fresh accumulators, added to the running one in
+//          fp32 (the tensor-core shrink's order, for fp32 FFMA accuracy). (Split in every step instead, the first
+//          version took 60 µs at r = 16 and 250 at r = 64.)
 // Reduce : the block's warps add their accumulators in a fixed tree through shared memory; warp 0 writes the split's
 //          partial. No atomics: the result is the same bits on every call.
-// Bytes  : x once (M·K·2); A from L1/L2 once per block and step; partials col_groups·M·r·4.
+// Bytes  : x once (M·K·2); A (its pieces) from L1/L2 once per block and step; partials col_groups·M·r·4.
 #include "common.cuh"
 #include "plans.cuh"
 #include "ptx.cuh"
