@@ -1,0 +1,122 @@
+"""The shrink with dropout's plan and choice (csrc/shrink_drop.cu) on the host, no GPU needed: nvcc builds the host
+code (PTX only); with no GPU present the plan assumes 132 SMs and the choice a device with tensor cores, as on an
+H100/H200."""
+from __future__ import annotations
+
+import itertools
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import nvcc_or_skip
+
+ROOT = Path(__file__).resolve().parents[1]
+CSRC = ROOT / "csrc"
+
+DRIVER = r"""
+#include <cstdio>
+#include "plans.cuh"
+using namespace lora_kernels;
+using namespace lora_kernels::detail;
+// stdin: "M K r blocks_per_sm" lines; stdout: the plan (row splits, rows per split, column groups, columns per
+// group); last, the reason the kernel does not run here without a GPU
+int main() {
+  long long M, K;
+  int r, bps;
+  while (scanf("%lld %lld %d %d", &M, &K, &r, &bps) == 4) {
+    const SplitPlan p = lora_shrink_drop_plan(M, K, r, bps);
+    printf("%lld %lld %lld %lld\n", (long long)p.row_splits, (long long)p.rows_per_split, (long long)p.col_groups,
+           (long long)p.cols_per_group);
+  }
+  // the choice: "why <reason>" per case, mode by mode (-1 the default, 1 forced, 0 off)
+  struct C { DType x, a; long long M, K; int r; float p; unsigned long long xp, ap; };
+  const DType b = DType::kBFloat16, h = DType::kFloat16, f = DType::kFloat32;
+  const C cases[] = {{b, b, 8192, 4096, 16, 0.1f, 256, 256}, {b, f, 8192, 4096, 16, 0.1f, 256, 256},
+                     {b, f, 8192, 4096, 17, 0.1f, 256, 256}, {b, b, 8192, 4096, 32, 0.1f, 256, 256},
+                     {h, h, 8192, 4096, 33, 0.1f, 256, 256}, {h, f, 8192, 4096, 16, 0.1f, 256, 256},
+                     {b, b, 8192, 4096, 16, 0.0f, 256, 256}, {b, b, 8192, 1028, 16, 0.1f, 256, 256},
+                     {b, b, 8192, 4096, 16, 0.1f, 264, 256}, {b, b, 8192, 4096, 65, 0.1f, 256, 256},
+                     {b, f, 8192, 4096, 64, 0.1f, 256, 256}};
+  for (int mode : {-1, 1, 0}) {
+    set_shrink_drop(mode);
+    for (const C& c : cases) {
+      const char* why = lora_shrink_drop_unsupported((const void*)c.xp, c.x, (const void*)c.ap, c.a, c.M, c.K, c.r, c.p);
+      printf("why %s\n", why ? why : "none");
+    }
+  }
+  return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def plan_bin(tmp_path_factory):
+    nvcc = nvcc_or_skip()
+    d = tmp_path_factory.mktemp("shrink_drop")
+    (d / "driver.cu").write_text(DRIVER)
+    ptx_only = ["-std=c++17", "-arch=compute_90", "-code=compute_90", "--expt-relaxed-constexpr", f"-I{CSRC}"]
+    objs = []
+    for src in (CSRC / "plans.cu", CSRC / "shrink_drop.cu", d / "driver.cu"):
+        obj = d / (src.stem + ".o")
+        res = subprocess.run([nvcc, *ptx_only, "-c", str(src), "-o", str(obj)], capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
+        objs.append(str(obj))
+    exe = d / "plan"
+    res = subprocess.run([nvcc, *ptx_only, *objs, "-o", str(exe)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    return exe
+
+
+def _run(exe, cases):
+    """The plans of `cases` and the driver's choices (one reason, or "none", per case and mode)."""
+    stdin = "".join(" ".join(str(v) for v in c) + "\n" for c in cases)
+    out = subprocess.run([str(exe)], input=stdin, capture_output=True, text=True, check=True).stdout.split("\n")
+    lines = [line for line in out if line.strip()]
+    plans = [tuple(int(v) for v in line.split()) for line in lines if not line.startswith("why ")]
+    return plans, [line[4:] for line in lines if line.startswith("why ")]
+
+
+def test_plans_cover_every_row_and_column_once(plan_bin):
+    # Row blocks of 32 rows up to r = 16 (two 16-row tiles), else 16; K in whole 32-column steps, the column groups
+    # covering K exactly (the last one may be shorter), each at least two steps per warp where K has them, the
+    # partials at most 1/16 of x's bytes where there are several, about two waves of blocks or fewer.
+    cases = list(itertools.product((1, 17, 1000, 2048, 8192, 65600), (8, 40, 1000, 4096, 14336), (1, 9, 16, 24, 64),
+                                   (1, 2, 3, 4)))
+    plans, _ = _run(plan_bin, cases)
+    assert len(plans) == len(cases)
+    for (M, K, r, bps), (rows, per_rows, groups, cols) in zip(cases, plans):
+        rb = 32 if r <= 16 else 16
+        steps = -(-K // 32)
+        assert per_rows == rb and rows == -(-M // rb), (M, K, r, bps)
+        assert cols % 32 == 0 and 1 <= groups <= 65535, (M, K, r, bps)
+        assert (groups - 1) * cols < K <= groups * cols, (M, K, r, bps)  # every column once, no empty group
+        if groups > 1:
+            assert cols // 32 >= 16 or cols // 32 >= steps // groups, (M, K, r, bps)  # two steps per warp
+            assert groups * M * r * 4 <= M * K * 2 / 16 * 1.0001 + M * r * 4, (M, K, r, bps)
+            assert rows * groups <= 2 * bps * 132 + rows, (M, K, r, bps)  # about two waves, never more than needed
+
+
+def test_llama_plans(plan_bin):
+    # M = 8192 at 3 blocks per SM (the 32-row kernel's 80 registers): 256 row blocks, K split in 4 (two waves of 396
+    # slots fit 1024 blocks); at K = 14336, 4 groups of 112 steps
+    plans, _ = _run(plan_bin, [(8192, 4096, 16, 3), (8192, 14336, 16, 3), (2048, 4096, 16, 3), (8192, 4096, 64, 2)])
+    assert plans[0] == (256, 32, 4, 1024)
+    assert plans[1] == (256, 32, 4, 3584)
+    assert plans[2] == (64, 32, 8, 512)
+    assert plans[3] == (512, 16, 2, 2048)
+
+
+def test_where_it_runs(plan_bin):
+    # (with no GPU the host code takes the device for an H100/H200: tensor cores present)
+    _, why = _run(plan_bin, [])
+    above = "r above 32 (above 16 with fp32 adapters): the keep bits and the shrink that reads them measured faster"
+    default = ["none", "none", above, "none", above, "x and lora_A are not (bf16, bf16), (fp16, fp16) or (bf16, fp32)",
+               "no dropout", "K must be a multiple of 8 and x, lora_A 16-byte aligned",
+               "K must be a multiple of 8 and x, lora_A 16-byte aligned", "r above 64", above]
+    forced = ["none"] * 5 + default[5:10] + ["none"]
+    off = ["off (LORA_KERNELS_SHRINK_DROP=0 or set_shrink_drop(0))"] * 11
+    assert len(why) == 33
+    assert [w.split(" (set_shrink_drop(1)")[0] for w in why[:11]] == default
+    assert why[11:22] == forced
+    assert why[22:] == off
