@@ -82,18 +82,23 @@ __device__ __forceinline__ void mma16816x2(float (&c0)[4], float (&c1)[4], const
 //     8-column B fragments of a [k][n] tile (ldsm4_t): r[0], r[1] = columns 0-7, r[2], r[3] = columns 8-15.
 //  P2 (row lane % 8 + 8 * (lane / 16), column 8 * (lane / 8 % 2)): the A operand of a [k][m] tile (A^T,
 //     ldsm4_t), and the two 8-column B fragments of an [n][k] tile (B^T stored, ldsm4).
-// The 16-bit pair v times (bit 0 of two, bit 1 of two) as 1 or 0, exactly x * keep: fma.rn with -0 added (the
+// The 16-bit pair v times the pair m, each half of m 1 or 0 in T, exactly x * keep: fma.rn with -0 added (the
 // product is exact; -0 leaves it and its sign as they are). fma.rn.{bf16x2,f16x2}: sm_80+.
 template <typename T>
-__device__ __forceinline__ uint32_t mul_keep2(uint32_t v, uint32_t two) {
-  constexpr uint32_t kOne = std::is_same<T, __half>::value ? 0x3C00u : 0x3F80u;
-  const uint32_t m = (two & 1u) * kOne | (two >> 1) * (kOne << 16);
+__device__ __forceinline__ uint32_t mul_keep_pair(uint32_t v, uint32_t m) {
   uint32_t d;
   if constexpr (std::is_same<T, __half>::value)
     asm("fma.rn.f16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(v), "r"(m), "r"(0x80008000u));
   else
     asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(v), "r"(m), "r"(0x80008000u));
   return d;
+}
+
+// mul_keep_pair with the keep flags as bits: (bit 0 of two, bit 1 of two) for the (low, high) half.
+template <typename T>
+__device__ __forceinline__ uint32_t mul_keep2(uint32_t v, uint32_t two) {
+  constexpr uint32_t kOne = std::is_same<T, __half>::value ? 0x3C00u : 0x3F80u;
+  return mul_keep_pair<T>(v, (two & 1u) * kOne | (two >> 1) * (kOne << 16));
 }
 
 struct LaneOffsets {

@@ -42,7 +42,7 @@ namespace {
 #if LK_TC_ARCH
 // The keep mask of one Philox word as a 16-bit pair's multiplier: element pair (2w, 2w + 1) of an 8-group takes word
 // w's low and high 16 bits (philox.cuh), each kept iff >= thr; the result is 1.0 (in T) in each kept half, else 0,
-// for mul_keep: x · keep with fma.rn (-0 added), exactly the reference's product (inf and NaN times 0 give NaN).
+// for mul_keep_pair (ptx.cuh): x · keep exactly, as the reference computes it (inf and NaN times 0 give NaN).
 // thr_hi = thr << 16 (thr <= 0xFFFF; none: thr is 65536, nothing kept): the high half is >= thr iff the word is
 // >= thr_hi, the low half iff the word shifted up by 16 (a byte permute) is. Two compares and two selects, no
 // multiply: the multiply pipe is Philox's.
@@ -52,15 +52,6 @@ __device__ __forceinline__ uint32_t keep_pair(uint32_t word, uint32_t thr_hi, bo
   const uint32_t lo = __byte_perm(word, 0u, 0x1044) >= thr_hi ? kOne : 0u;
   const uint32_t hi = word >= thr_hi ? (kOne << 16) : 0u;
   return none ? 0u : (lo | hi);
-}
-template <typename T>
-__device__ __forceinline__ uint32_t mul_keep(uint32_t v, uint32_t m) {
-  uint32_t d;
-  if constexpr (std::is_same<T, __half>::value)
-    asm("fma.rn.f16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(v), "r"(m), "r"(0x80008000u));
-  else
-    asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(v), "r"(m), "r"(0x80008000u));
-  return d;
 }
 #endif
 
@@ -147,7 +138,7 @@ shrink_drop_kernel(const T* __restrict__ x, const T* __restrict__ ap, float* __r
         uint32_t w[4];
         philox4x32_10((uint32_t)c, (uint32_t)(c >> 32), 0u, 0u, k0w, k1w, w);
 #pragma unroll
-        for (int j = 0; j < 4; ++j) xw[mt][h][j] = mul_keep<T>(xw[mt][h][j], keep_pair<T>(w[j], thr_hi, none));
+        for (int j = 0; j < 4; ++j) xw[mt][h][j] = mul_keep_pair<T>(xw[mt][h][j], keep_pair<T>(w[j], thr_hi, none));
       }
 #pragma unroll
     for (int n = 0; n < NR; ++n) {

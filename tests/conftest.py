@@ -3,6 +3,7 @@ import ast
 import importlib
 import os
 import shutil
+import subprocess
 import sys
 import zlib
 
@@ -65,6 +66,27 @@ def nvcc_or_skip() -> str:
     if not nvcc or not os.path.exists(nvcc):
         pytest.skip("nvcc not found")
     return nvcc
+
+
+def build_host_driver(tmp_path_factory, name, driver, sources, flags=("--expt-relaxed-constexpr",)):
+    """A host-side test program: `driver` (CUDA C++ source text with a main) built with nvcc against csrc/ and
+    linked with `sources` (paths of csrc/ files), as PTX only (no SASS, no GPU needed); skips the calling test when
+    there is no nvcc. Returns the executable's path."""
+    nvcc = nvcc_or_skip()
+    csrc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+    d = tmp_path_factory.mktemp(name)
+    (d / "driver.cu").write_text(driver)
+    ptx_only = ["-std=c++17", "-arch=compute_90", "-code=compute_90", f"-I{csrc}", *flags]
+    objs = []
+    for src in [*sources, d / "driver.cu"]:
+        obj = d / (os.path.basename(str(src)).rsplit(".", 1)[0] + ".o")
+        res = subprocess.run([nvcc, *ptx_only, "-c", str(src), "-o", str(obj)], capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
+        objs.append(str(obj))
+    exe = d / name
+    res = subprocess.run([nvcc, *ptx_only, *objs, "-o", str(exe)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    return exe
 
 
 def triton_device_or_skip() -> str:

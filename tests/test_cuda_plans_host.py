@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import nvcc_or_skip
+from conftest import build_host_driver
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
@@ -49,18 +49,7 @@ RANKS = [1, 5, 16, 33, 64, 65, 128, 256]
 
 
 def _build(tmp_path_factory, defines=()):
-    nvcc = nvcc_or_skip()
-    d = tmp_path_factory.mktemp("plans")
-    (d / "driver.cu").write_text(DRIVER)
-    ptx_only = ["-std=c++17", "-arch=compute_90", "-code=compute_90", f"-I{CSRC}", *defines]  # no SASS: no GPU
-    for src, obj in ((CSRC / "plans.cu", d / "plans.o"), (d / "driver.cu", d / "driver.o")):
-        res = subprocess.run([nvcc, *ptx_only, "-c", str(src), "-o", str(obj)], capture_output=True, text=True)
-        assert res.returncode == 0, res.stderr
-    exe = d / "plans"
-    res = subprocess.run([nvcc, *ptx_only, str(d / "driver.o"), str(d / "plans.o"), "-o", str(exe)],
-                         capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-    return exe
+    return build_host_driver(tmp_path_factory, "plans", DRIVER, [CSRC / "plans.cu"], flags=defines)
 
 
 @pytest.fixture(scope="module")

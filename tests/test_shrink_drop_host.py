@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import nvcc_or_skip
+from conftest import build_host_driver
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
@@ -52,20 +52,7 @@ int main() {
 
 @pytest.fixture(scope="module")
 def plan_bin(tmp_path_factory):
-    nvcc = nvcc_or_skip()
-    d = tmp_path_factory.mktemp("shrink_drop")
-    (d / "driver.cu").write_text(DRIVER)
-    ptx_only = ["-std=c++17", "-arch=compute_90", "-code=compute_90", "--expt-relaxed-constexpr", f"-I{CSRC}"]
-    objs = []
-    for src in (CSRC / "plans.cu", CSRC / "shrink_drop.cu", d / "driver.cu"):
-        obj = d / (src.stem + ".o")
-        res = subprocess.run([nvcc, *ptx_only, "-c", str(src), "-o", str(obj)], capture_output=True, text=True)
-        assert res.returncode == 0, res.stderr
-        objs.append(str(obj))
-    exe = d / "plan"
-    res = subprocess.run([nvcc, *ptx_only, *objs, "-o", str(exe)], capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-    return exe
+    return build_host_driver(tmp_path_factory, "shrink_drop", DRIVER, [CSRC / "plans.cu", CSRC / "shrink_drop.cu"])
 
 
 def _run(exe, cases):

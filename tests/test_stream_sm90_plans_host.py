@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import nvcc_or_skip
+from conftest import build_host_driver
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
@@ -51,18 +51,7 @@ MODES = {"dy": 0, "dA": 1, "shrink": 2}  # csrc/stream_sm90.cuh StreamMode
 
 @pytest.fixture(scope="module")
 def plans_bin(tmp_path_factory):
-    nvcc = nvcc_or_skip()
-    d = tmp_path_factory.mktemp("stream_plans")
-    (d / "driver.cu").write_text(DRIVER)
-    ptx_only = ["-std=c++17", "-arch=compute_90", "-code=compute_90", "--expt-relaxed-constexpr", f"-I{CSRC}"]
-    for src, obj in ((CSRC / "plans.cu", d / "plans.o"), (d / "driver.cu", d / "driver.o")):
-        res = subprocess.run([nvcc, *ptx_only, "-c", str(src), "-o", str(obj)], capture_output=True, text=True)
-        assert res.returncode == 0, res.stderr
-    exe = d / "plans"
-    res = subprocess.run([nvcc, *ptx_only, str(d / "driver.o"), str(d / "plans.o"), "-o", str(exe)],
-                         capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-    return exe
+    return build_host_driver(tmp_path_factory, "stream_plans", DRIVER, [CSRC / "plans.cu"])
 
 
 def _plans(exe, cases, masked=False):
