@@ -110,7 +110,7 @@ cudaError_t launch_lora_shrink(const void* x, DType x_dtype, const void* A, DTyp
 // The shrink with dropout that makes its mask itself (shrink_drop.cu: no keep bits, one pass over x): the same u
 // and partial layout as launch_lora_shrink, for lora_shrink_drop_plan's plan. lora_shrink_drop_unsupported: nullptr
 // where it runs (p > 0, sm_80+, 16-bit x with lora_A in x's dtype or fp32 on bf16, r <= 64, K % 8 == 0, 16-byte
-// aligned x and lora_A; by default only where it measured faster), else why not. set_shrink_drop(mode): -1 the
+// aligned x and lora_A; by default only where it measured faster, on compute capability 9.0), else why not. set_shrink_drop(mode): -1 the
 // default, 0 off, 1 wherever it runs (LORA_KERNELS_SHRINK_DROP=0 / 1 start there); returns the previous mode.
 // scratch: lora_shrink_drop_scratch_bytes (fp32 lora_A's bf16x3 pieces, made by a prep launch), else unused.
 const char* lora_shrink_drop_unsupported(const void* x, DType x_dtype, const void* A, DType a_dtype, int64_t M,

@@ -292,6 +292,10 @@ const char* lora_shrink_drop_unsupported(const void* x, DType x_dtype, const voi
   // Measured against the keep bits + the shrink that reads them (forward at p = 0.1, M = 8192, H100, session 51):
   // faster at r = 16 with every adapter dtype (0.91-0.99x) and at r = 32 with 16-bit ones (0.98-0.99x); not at r = 64
   // (0.995-1.02x with bf16 adapters) nor with fp32 adapters above r = 16 (1.01-1.35x: three pieces' loads and MMAs).
+  const int cc = compute_capability();  // 0: no device (host tests), taken as an H100 / H200
+  if (mode < 0 && cc != 90 && cc != 0)
+    return "measured on compute capability 9.0 only: elsewhere the keep bits and the shrink that reads them stay "
+           "(set_shrink_drop(1) forces it)";
   if (mode < 0 && r > (adapter_pieces(x_dtype, a_dtype) > 1 ? 16 : 32))
     return "r above 32 (above 16 with fp32 adapters): the keep bits and the shrink that reads them measured faster "
            "(set_shrink_drop(1) forces it)";

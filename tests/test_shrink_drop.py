@@ -87,11 +87,12 @@ def test_where_it_runs_and_why_not(cb):
         A = torch.randn(r, K, device="cuda").to(adapter_dtype)
         return cb.shrink_path(x, A, p)
 
+    hopper = torch.cuda.get_device_capability() == (9, 0)  # the default's choice was measured there only
     for dt, adt in ((torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16)):
-        assert path(8192, 4096, 16, 0.1, dt, adt) == "dropout"
-        assert path(8192, 14336, 5, 0.05, dt, adt) == "dropout"
+        assert (path(8192, 4096, 16, 0.1, dt, adt) == "dropout") == hopper
+        assert (path(8192, 14336, 5, 0.05, dt, adt) == "dropout") == hopper
         # the default takes r <= 32 with 16-bit adapters, r <= 16 with fp32 ones (measured)
-        assert (path(8192, 4096, 32, 0.1, dt, adt) == "dropout") == (adt != torch.float32)
+        assert (path(8192, 4096, 32, 0.1, dt, adt) == "dropout") == (hopper and adt != torch.float32)
         assert path(8192, 4096, 33, 0.1, dt, adt) != "dropout"
     assert path(8192, 4096, 16, 0.0) != "dropout"  # no mask: the other shrinks
     assert path(64, 1028, 16, 0.1) != "dropout"  # K % 8: no 16-byte rows
