@@ -70,6 +70,13 @@ Read by the CUDA extension (csrc/binding.cpp), once, when a GEMM first asks for 
     LORA_KERNELS_SM90_SHRINK            0 keeps the forward's shrink on its mma.sync kernel (csrc/shrink.cu) instead of
                                         the wgmma one on Hopper (csrc/shrink_sm90.cu); 2 takes the wgmma one with
                                         dropout at r <= 16 too: for A/B timing.
+    LORA_KERNELS_SHRINK_DROP            the forward's shrink with dropout that makes its mask itself in one pass over
+                                        x (csrc/shrink_drop.cu): unset, where it measured faster (compute capability
+                                        9.0, r <= 32 with 16-bit adapters, r <= 16 with fp32 ones); 0 never (the
+                                        keep-bits pass and the shrink that reads them); 1 wherever it runs. It starts
+                                        the setting that cuda_backend.set_shrink_drop changes at run time.
+    LORA_KERNELS_SHRINK_DROP_ROWS       16 or 32: that kernel's row block at r <= 32 (one or two 16-row tiles per
+                                        block), for A/B timing; unset, 32 up to r = 16 and 16 above.
     LORA_KERNELS_SMALL_M                0 turns off the one-launch forward at M <= 64 (csrc/small_m.cu); it starts
                                         the switch that cuda_backend.set_small_m changes at run time.
     LORA_KERNELS_SMALL_M_BWD_ROWS       the backward's small-M threshold (default 64, csrc/lora_kernels.cuh): at
