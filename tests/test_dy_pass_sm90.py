@@ -145,8 +145,7 @@ def test_sm90_dy_pass_against_float64(dtype, adapter_dtype, lead, K, N, r, p):
     assert _dy_path(M, N, r, dtype, adapter_dtype or dtype) == (
         "mma.sync: M <= kSmallMBackwardRows (64): the mma.sync kernel is faster" if small else "sm90")
     # dA with dropout masks x itself at every rank; the shrink with dropout makes its mask itself at r <= 32 (r <= 16
-    # with fp32 adapters; K % 8 == 0 here), and above runs on wgmma
-    shrink_sm90 = True
+    # with fp32 adapters; K % 8 == 0 here), and otherwise runs on wgmma, as dA does
     shrink_drop = p > 0 and r <= (16 if adapter_dtype == torch.float32 else 32)
     # the passes need stages - 1 column tiles of 64: 3 (4 stages), dA with dropout 5 where its side operand is at
     # most 48 wide (6 stages: r <= 16, or r <= 32 at one piece; fp32 adapters on bf16 x take three)
@@ -155,16 +154,16 @@ def test_sm90_dy_pass_against_float64(dtype, adapter_dtype, lead, K, N, r, p):
     shrink = _shrink_path(M, K, r, p, dtype, adapter_dtype or dtype)
     if shrink_drop:
         assert shrink == "dropout", shrink
-    checks = [(_dA_path(M, K, r, p, dtype, adapter_dtype or dtype), True, small, 257 if dA_deep else 129)]
+    checks = [(_dA_path(M, K, r, p, dtype, adapter_dtype or dtype), small, 257 if dA_deep else 129)]
     if not shrink_drop:
-        checks.append((shrink, shrink_sm90, False, 129))
-    for path, sm90, small_m, min_k in checks:
+        checks.append((shrink, False, 129))
+    for path, small_m, min_k in checks:
         if K < min_k:
             assert path.startswith("mma.sync: K below the pass's column tiles"), path
         elif small_m:
             assert path.startswith("mma.sync: M <= kSmallMBackwardRows"), path
         else:
-            assert path.startswith("sm90") if sm90 else path.startswith("mma.sync: dropout"), path
+            assert path.startswith("sm90"), path
     run_and_check("cuda", "cuda", dtype, lead, K, N, r, bias=True, p=p, adapter_dtype=adapter_dtype)
 
 
