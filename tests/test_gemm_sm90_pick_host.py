@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import nvcc_or_skip
+from conftest import build_host_driver
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
@@ -42,15 +42,7 @@ COOP, PING = 4, 1  # GemmConfig::kCoop128x256_c12, kPing128x128_c12
 
 @pytest.fixture(scope="module")
 def pick_bin(tmp_path_factory):
-    nvcc = nvcc_or_skip()
-    d = tmp_path_factory.mktemp("pick")
-    (d / "driver.cu").write_text(DRIVER)
-    flags = ["-std=c++17", "-arch=compute_90", "-code=compute_90", f"-I{CSRC}"]  # host code only: no GPU
-    exe = d / "pick"
-    res = subprocess.run([nvcc, *flags, str(d / "driver.cu"), str(CSRC / "gemm_sm90.cu"), "-o", str(exe)],
-                         capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-    return exe
+    return build_host_driver(tmp_path_factory, "pick", DRIVER, [CSRC / "gemm_sm90.cu"], flags=())
 
 
 def _run(exe, cases):
