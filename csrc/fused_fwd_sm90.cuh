@@ -101,9 +101,17 @@ struct NoOrder {
 struct TileOrder {
   int mt, ncl, strip;  // row blocks, output cluster columns, strip width (clusters)
   int lead;            // lead clusters per row block (lead tiles), 0 with u tiles
+  // lead tiles only: row block by row block, each its lead clusters and then its other clusters (x's row block read
+  // by all its clusters at about the same time); FusedParams::debug bit 7, for A/B timing
+  bool rowmajor = false;
   __host__ __device__ int items() const { return lead ? mt * ncl : mt * (1 + ncl); }
   // (row block, tile column as the kernel counts them: 0, 1 the u tiles, 2 + n the output tile n) of item i, rank r
   __device__ void tile(int i, int rank, int& m, int& n) const {
+    if (lead && rowmajor) {
+      m = i / ncl;
+      n = 2 + 2 * (i % ncl) + rank;
+      return;
+    }
     const int first = lead ? mt * lead : mt;  // the items that compute u
     if (i < first) {
       m = lead ? i / lead : i;
@@ -476,13 +484,14 @@ struct FusedFwd {
       }
       warpgroup_commit_batch();
     };
+    const bool u_batch = is_lead && !(f.debug & 64);  // debug bit 6: no u batch (wrong u: timing only)
     for (int t = 0; t < kt_main; ++t) {
       auto token = pipeline.consumer_try_wait(read);
       pipeline.consumer_wait(read, token);
       const int stage = read.index();
       // The lead tile's K-tile in one branch, u batch to drain, so that the u accumulator is not merged with the
       // other tiles' path inside the K-tile.
-      if (is_lead) {
+      if (u_batch) {
         Tensor sU = make_tensor(make_smem_ptr(ap_slots + stage * kApSlotElems), SmemLayoutU{});
         Tensor tUrB = thr_u.make_fragment_B(thr_u.partition_B(sU));  // (MMA, MMA_N, MMA_K)
         // the u batch first (with dropout from x's copy in registers, masked there), then the main batch
@@ -1027,6 +1036,7 @@ struct FusedFwd {
     p.order.ncl = int((N + 2 * kTileN - 1) / (2 * kTileN));  // clusters of 1 x 2 tiles
     p.order.strip = f.strip > 0 ? f.strip : 4;
     p.order.lead = f.lead > 0 ? (f.lead + 1) / 2 : 0;
+    p.order.rowmajor = p.order.lead > 0 && (f.debug & 128);
     using IA = typename Mainloop::InternalElementA;
     auto make_a = [&](void const* ptr, int rows, int cols, int ld) {  // (rows, cols) of a row pitch of ld
       auto t = make_tensor(static_cast<IA const*>(ptr), make_layout(make_shape(rows, cols, 1),

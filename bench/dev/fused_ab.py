@@ -80,6 +80,8 @@ for shape in args.shapes.split(","):
     for r in map(int, args.r.split(",")):
         A = (torch.randn(r, K, device="cuda") * K ** -0.5).to(ADT)
         B = (torch.randn(N, r, device="cuda") * r ** -0.5).to(ADT)
+        if args.trace and M * r < 4 * (16384 + 4096):
+            raise SystemExit(f"--trace: u ({M} x {r} fp32) is smaller than the kernel's trace records")
         fns = {"floor": lambda: F.linear(x, W)}
         paths = {}
         for m in modes:
@@ -99,7 +101,9 @@ for shape in args.shapes.split(","):
                 cb.set_fused_forward(m)
                 lead = 0
                 if cb.forward_path(x, W, None, A, B, 0.0).startswith("sm90 fused lead"):  # csrc/fused_fwd_sm90.h Split
-                    lead = -(-r // 8) if ADT == torch.float32 else -(-r // 32)
+                    narrow = (-(-r // 8) <= -(-N // 128) and -(-M // 128) * -(-r // 8)
+                              <= torch.cuda.get_device_properties(0).multi_processor_count)  # fused_fwd_sm90.cu
+                    lead = -(-r // 8) if ADT == torch.float32 or narrow else -(-r // 32)
                 summarise(cb.forward(x, W, None, A, B, 0.5, 0.0, 0, 0)[1], N, lead)
             print(f"{args.tag:8s} {shape} r={r} {args.adapter_dtype} p={args.p} mode {m}: ours {med[m]:7.1f} us  floor "
                   f"{med['floor']:7.1f} us  ratio {med[m] / med['floor']:.3f}  ({paths[m]})", flush=True)
