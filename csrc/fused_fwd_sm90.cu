@@ -86,16 +86,17 @@ fused_prep_kernel(const TA* __restrict__ A, const TB* __restrict__ B, T* __restr
   if (t < mt) ready[t] = 0;
 }
 
-// Development switches, read once: LORA_KERNELS_FUSED_DEBUG (FusedParams::debug) and LORA_KERNELS_FUSED_STRIP
-// (FusedParams::strip).
+// Development switches, read once: LORA_KERNELS_FUSED_DEBUG (FusedParams::debug), LORA_KERNELS_FUSED_STRIP
+// (FusedParams::strip) and LORA_KERNELS_FUSED_AHEAD (FusedParams::ahead).
 struct DevKnobs {
-  int debug = 0, strip = 0;
+  int debug = 0, strip = 0, ahead = 0;
 };
 [[maybe_unused]] const DevKnobs& dev_knobs() {
   static const DevKnobs k = [] {
     DevKnobs d;
     if (const char* s = std::getenv("LORA_KERNELS_FUSED_DEBUG")) d.debug = std::atoi(s);
     if (const char* s = std::getenv("LORA_KERNELS_FUSED_STRIP")) d.strip = std::atoi(s);
+    if (const char* s = std::getenv("LORA_KERNELS_FUSED_AHEAD")) d.ahead = std::atoi(s);
     return d;
   }();
   return k;
@@ -228,6 +229,7 @@ cudaError_t launch_lora_fused_fwd_sm90(const FusedFwdArgs& a, cudaStream_t strea
   f.exit = counters != nullptr ? counters + sm90fused::kFusedReadyCap : nullptr;
   f.debug = dev_knobs().debug;
   f.strip = dev_knobs().strip;
+  f.ahead = dev_knobs().ahead;
   sm90fused::Operands o{a.x, a.w, a.bias, ws + c.ap, ws + c.bx, a.y, a.col_scale};
   if (counters != nullptr) {
     o.ap = a.lora_A;

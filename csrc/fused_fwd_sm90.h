@@ -140,6 +140,9 @@ struct FusedParams {
   // timing).
   int debug = 0;
   int strip = 0;  // output cluster columns per strip of the tile order (LORA_KERNELS_FUSED_STRIP; 0: 4)
+  // lead tiles: row blocks by which the lead clusters run ahead of the others (TileOrder::ahead,
+  // LORA_KERNELS_FUSED_AHEAD; 0: every lead cluster first)
+  int ahead = 0;
 };
 #if LORA_KERNELS_HAVE_SM90_GEMM
 // The instances (fused_fwd_sm90_<dtype>.cu, fused_fwd_sm90_lead_<dtype>.cu, fused_fwd_sm90_lead_drop_bf16.cu,

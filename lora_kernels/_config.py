@@ -96,6 +96,8 @@ Read by the CUDA extension (csrc/binding.cpp), once, when a GEMM first asks for 
                                         keep the prep launch where the adapters need none (A/B timing).
     LORA_KERNELS_FUSED_STRIP            development only: the fused forward's tile order, output cluster columns per
                                         strip (default 4).
+    LORA_KERNELS_FUSED_AHEAD            development only: the fused forward's tile order, row blocks by which the
+                                        lead tiles run ahead of the other tiles (0: all lead tiles first).
 
 Read when the package is built (setup.py and build_backend/):
 
