@@ -114,7 +114,11 @@ GemmChoice lora_gemm_sm90_pick(const LoraGemmArgs& a, int sms) {
   //    enough 256-wide tile columns (0.970-0.983x cuBLAS's time against 0.904-0.996x for the ping-pong tile; at
   //    K = 14336 0.98 against 0.91);
   //  - 128x128 ping-pong elsewhere: at N = 1024 the wide tile leaves too few tiles (0.54x at M = 2048) and at
-  //    K = 1024 its epilogue shows (0.97 against 1.05).
+  //    K = 1024 its epilogue shows (0.97 against 1.05);
+  //  - except the forward layout (W as (N, K)) at K >= 2048 with at least 1.5 waves of wide tiles: 128x256 there too.
+  //    At 8192 x 4096 -> 1024 (256 wide tiles on 132 SMs) the K-extended GEMM took 90.7-94.4 us against 96.6-97.9
+  //    for ping-pong, and the fused forward 107.1-112.6 against 111.3-115.2 (H100, session 52, bench/dev/fused_gap.py,
+  //    kernels queued behind a GPU sleep).
   // The swizzle: 4 (session 24's probe), except where it pads the tile grid by more waves than 2 or 1 would.
   // CUTLASS's persistent scheduler rounds the grid up to a multiple of swizzle x cluster along each mode
   // (PersistentTileSchedulerSm90Params::initialize) and runs the padding tiles in full: their loads come back
@@ -122,7 +126,9 @@ GemmChoice lora_gemm_sm90_pick(const LoraGemmArgs& a, int sms) {
   // the 43 tile columns ran as 48 with swizzle 4: 24 waves of 132 tiles where 44 columns (swizzle 2) take 22.
   // Measured (session 34, forward at M = 8192, GPU time / cuBLAS): 4096->11008 1.274 -> 1.120, 13824->5120 1.350 ->
   // 1.055, and M = 8200 at 4096->4096 1.279 -> 1.138.
-  const bool wide = a.K + a.Kx >= 2048 && a.N >= 2048;
+  const int64_t wide_tiles = (a.M + 127) / 128 * ((a.N + 255) / 256);
+  const bool wide = a.K + a.Kx >= 2048 && (a.N >= 2048 || (a.layout_b == GemmLayoutB::kNK &&
+                                                           2 * wide_tiles >= 3 * (int64_t)(sms > 0 ? sms : 132)));
   GemmChoice c{wide ? GemmConfig::kCoop128x256_c12 : GemmConfig::kPing128x128_c12, 4, 1};
   if (env_config() != GemmConfig::kAuto) c.config = env_config();
   if (a.config != GemmConfig::kAuto) c.config = a.config;

@@ -374,6 +374,11 @@ def test_wide_tile_where_the_gemm_takes_it():
     assert _path(256, 2048, 2048, 64, adapter_dtype=torch.bfloat16).endswith(WIDE_TILE)
     assert _path(256, 2048, 2048, 16, dtype=torch.float16, adapter_dtype=torch.float16).endswith(WIDE_TILE)
     assert not _path(256, 2048, 1024, 16).endswith(WIDE_TILE)  # N < 2048
+    # N < 2048 with at least 1.5 waves of 128 x 256 tiles (csrc/gemm_sm90.cu): 4 tile columns at N = 1024
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows = 128 * -(-3 * sms // 8)
+    assert _path(rows, 2048, 1024, 16, adapter_dtype=torch.bfloat16).endswith(WIDE_TILE)
+    assert not _path(rows - 128, 2048, 1024, 16, adapter_dtype=torch.bfloat16).endswith(WIDE_TILE)
     assert not _path(256, 1024, 4096, 16).endswith(WIDE_TILE)  # K < 2048
     assert _path(256, 2048, 2048, 64).endswith(WIDE_TILE)  # fp32 adapters: 8 lead tiles in 8 tile columns of 256
     assert not _path(256, 2048, 2048, 16, p=0.1).endswith(WIDE_TILE)  # dropout: the shrink + GEMM path
@@ -387,7 +392,8 @@ def test_wide_tile_where_the_gemm_takes_it():
 @pytest.mark.parametrize("dtype,adapter_dtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
                                                  (torch.float16, torch.float16)])
 @pytest.mark.parametrize("M,K,N,r", [(300, 2048, 2056, 16), (1000, 2056, 2048, 32), (129, 4096, 2304, 8),
-                                     (4099, 2048, 4096, 24), (2048, 2048, 2048, 64), (1, 2048, 2048, 3)])
+                                     (4099, 2048, 4096, 24), (2048, 2048, 2048, 64), (1, 2048, 2048, 3),
+                                     (6400, 2048, 1000, 16)])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.usefixtures("fused_lead")
 def test_wide_lead_tiles_against_float64(dtype, adapter_dtype, M, K, N, r, bias):

@@ -1,7 +1,8 @@
 """The sm_90 GEMM's per-problem choice (csrc/gemm_sm90.cu: lora_gemm_sm90_pick) on the host, no GPU needed: the tile
 config and the tile-order swizzle. CUTLASS's persistent scheduler rounds the grid of tiles up to a multiple of
 swizzle x cluster along each mode and runs the padding tiles in full, so the swizzle must not add waves of tiles
-where a smaller one would not; on the benchmarked Llama-3-8B shapes it stays 4, the value session 24's probe chose."""
+where a smaller one would not; on the benchmarked Llama-3-8B shapes it stays 4, the value session 24's probe chose,
+except where the wide tile's 4 columns at N = 1024 would be padded to 8."""
 from __future__ import annotations
 
 import os
@@ -66,13 +67,26 @@ def _waves(M, N, bn, s, sms=SMS):
 
 
 def test_benchmarked_shapes_keep_swizzle_4(pick_bin):
+    """Swizzle 4 (session 24's probe) on every benchmarked shape but the one whose 4 wide tile columns it would pad."""
     # forward (N, K) and dx (N = K of the layer, K = its N, with the rank extension) at 2048 and 8192 tokens
     cases = [(M, N, K, Kx) for M in (2048, 8192)
              for (N, K, Kx) in ((4096, 4096, 0), (1024, 4096, 0), (14336, 4096, 0), (4096, 14336, 0),
                                 (4096, 4096, 64), (4096, 1024, 64), (4096, 14336, 64), (14336, 4096, 64))]
     for (M, N, K, Kx), (config, swizzle) in zip(cases, _pick(pick_bin, cases)):
-        assert swizzle == 4, (M, N, K, Kx, config, swizzle)
-        assert config == (COOP if K + Kx >= 2048 and N >= 2048 else PING), (M, N, K, Kx, config)
+        wide_fwd = M == 8192 and N == 1024  # 256 tiles of 128 x 256: at least 1.5 waves on 132 SMs
+        # there 4 tile columns: swizzle 4 would pad them to 8 (4 waves where 2 suffice)
+        assert swizzle == (2 if wide_fwd else 4), (M, N, K, Kx, config, swizzle)
+        assert config == (COOP if K + Kx >= 2048 and (N >= 2048 or wide_fwd) else PING), (M, N, K, Kx, config)
+
+
+def test_wide_tile_at_small_n_needs_one_and_a_half_waves(pick_bin):
+    """Below N = 2048 the forward layout takes the 128 x 256 tile only where its tiles fill 1.5 waves of the SMs
+    (8192 x 4096 -> 1024: 256 tiles on 132 SMs) and K >= 2048; M = 2048 at N = 1024 (64 tiles) keeps ping-pong."""
+    cases = [(8192, 1024, 4096, 0), (6336, 1024, 4096, 0), (6208, 1024, 4096, 0), (2048, 1024, 4096, 0),
+             (8192, 1024, 1024, 0), (8192, 1024, 1984, 64), (8192, 1000, 4096, 0)]
+    got = [config for config, _ in _pick(pick_bin, cases)]
+    # 6336 rows: 50 x 4 = 200 wide tiles >= 198; 6208: 49 x 4 = 196 < 198
+    assert got == [COOP, COOP, PING, PING, PING, COOP, COOP], got
 
 
 def test_swizzle_setting_forces_it(pick_bin):

@@ -125,6 +125,17 @@ def test_extension_tiles_read_this_calls_pack(p):
 
 
 @pytest.mark.skipif(not _hopper(), reason="the sm_90 GEMM runs on compute capability 9.0 only")
+@pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.bfloat16])
+def test_wide_tile_below_n_2048(adapter_dtype):
+    # The 128 x 256 tile where N < 2048 but its tiles fill 1.5 waves (csrc/gemm_sm90.cu): the forward with dropout
+    # (the shrink + K-extended GEMM path) and its backward, a partial last tile column (N = 1000), against float64.
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows = 128 * -(-3 * sms // 8)
+    run_and_check("cuda", "cuda", torch.bfloat16, (rows + 5,), 2048, 1000, 16, bias=True, p=0.1,
+                  adapter_dtype=adapter_dtype)
+
+
+@pytest.mark.skipif(not _hopper(), reason="the sm_90 GEMM runs on compute capability 9.0 only")
 def test_sm90_path_is_deterministic():
     assert_cuda_backend_deterministic(333, 1024, 512, 16)
 

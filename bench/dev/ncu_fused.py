@@ -1,7 +1,7 @@
 """One cuda forward (p = 0) in the fused mode and one in the shrink + GEMM mode for Nsight Compute: the fused sm_90
 kernel against our K-extended GEMM kernel on the same problem, each warmed up outside the profiled range.
 
-    ncu --profile-from-start off --kernel-name regex:'FusedFwd|GemmUniversal' --section SpeedOfLight \
+    ncu --profile-from-start off --kernel-name device_kernel --section SpeedOfLight \
         --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats --section LaunchStats \
         python3 bench/dev/ncu_fused.py [--shape 8192x4096x1024] [--r 16] [--adapters bfloat16]
 """
