@@ -154,7 +154,8 @@ bool lora_fused_fwd_sm90_wide(const FusedFwdArgs& a) {
   g.K = a.K;
   const sm90fused::Split sp = launch_split(a.M, a.N, a.r, adapter_pieces(a.x_dtype, a.a_dtype), true);
   g.Kx = sp.width();
-  return lora_gemm_sm90_pick(g).config == GemmConfig::kCoop128x256_c12 && (a.N + 255) / 256 >= sp.tiles;
+  // the device's SMs, as the GEMM's own launch counts them (its 128 x 256 tile below N = 2048 needs 1.5 waves)
+  return lora_gemm_sm90_pick(g, num_sms()).config == GemmConfig::kCoop128x256_c12 && (a.N + 255) / 256 >= sp.tiles;
 }
 
 bool lora_fused_fwd_sm90_direct(const FusedFwdArgs& a) {

@@ -34,7 +34,7 @@
 //         their own 64 rows of u, each warpgroup counting itself into ready[m]: the target is twice the lead tiles);
 //         the epilogue does not overlap the next tile's main loop, which the K-tiles of a large K hide. The sm_90
 //         GEMM's measurements (gemm_sm90.cu: 0.97-0.98x cuBLAS's time against 0.90-0.96x for 128 x 128 ping-pong on
-//         the large shapes) pick it where K and N >= 2048.
+//         the large shapes) pick it where K and N >= 2048, and below N = 2048 where its tiles fill 1.5 waves.
 // Launch: params built on the host; the kernel launched on the caller's stream with its cluster shape and as a
 //         programmatic dependent of the prep launch (pdl.cuh): its prologue runs under the prep's tail, and every
 //         thread waits for the prep (pdl_wait) before its first global access. Without the prep (16-bit adapters read

@@ -67,7 +67,8 @@ size_t lora_fused_fwd_sm90_workspace_bytes(int64_t M, int64_t N, int64_t K, int 
 const char* lora_fused_fwd_sm90_unsupported(const FusedFwdArgs& args, int device);
 // True when a lead-tile launch of `args` takes the wide variant (fused_fwd_sm90.cuh: 128 x 256 tiles, cooperative
 // schedule): without dropout, where the sm_90 GEMM takes its 128 x 256 tile for the problem (lora_gemm_sm90_pick:
-// K and N >= 2048, or LORA_KERNELS_SM90_GEMM_CONFIG) and the lead tiles fit in ceil(N / 256) tile columns.
+// K and N >= 2048, or K >= 2048 and 1.5 waves of those tiles; or LORA_KERNELS_SM90_GEMM_CONFIG) and the lead tiles
+// fit in ceil(N / 256) tile columns.
 bool lora_fused_fwd_sm90_wide(const FusedFwdArgs& args);
 // True when a lead-tile launch of `args` needs no prep launch: its TMA loads read lora_A's rows as the lead tiles'
 // slots and lora_B's rows as the extension tile's columns, with TMA's zeros past r. That needs both adapters in x's

@@ -116,9 +116,10 @@ GemmChoice lora_gemm_sm90_pick(const LoraGemmArgs& a, int sms) {
   //  - 128x128 ping-pong elsewhere: at N = 1024 the wide tile leaves too few tiles (0.54x at M = 2048) and at
   //    K = 1024 its epilogue shows (0.97 against 1.05);
   //  - except the forward layout (W as (N, K)) at K >= 2048 with at least 1.5 waves of wide tiles: 128x256 there too.
-  //    At 8192 x 4096 -> 1024 (256 wide tiles on 132 SMs) the K-extended GEMM took 90.7-94.4 us against 96.6-97.9
-  //    for ping-pong, and the fused forward 107.1-112.6 against 111.3-115.2 (H100, session 52, bench/dev/fused_gap.py,
-  //    kernels queued behind a GPU sleep).
+  //    At 8192 x 4096 -> 1024 (256 wide tiles on 132 SMs, r = 16 / 64) the K-extended GEMM with the shrink took
+  //    125.5 / 134.0 us against 133.6 / 136.8 on ping-pong tiles, the fused forward 102.1 / 107.0 against 103.5 /
+  //    110.8 (H100, session 52, bench/dev/fused_gap.py: kernels queued behind a GPU sleep); the targets grid, which
+  //    times bursts of calls, moved within its noise there.
   // The swizzle: 4 (session 24's probe), except where it pads the tile grid by more waves than 2 or 1 would.
   // CUTLASS's persistent scheduler rounds the grid up to a multiple of swizzle x cluster along each mode
   // (PersistentTileSchedulerSm90Params::initialize) and runs the padding tiles in full: their loads come back

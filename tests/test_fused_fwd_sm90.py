@@ -74,7 +74,8 @@ def test_benchmarked_shapes_take_the_default_path(K, N, adapter_dtype):
     for r in (16, 32, 64):
         got = _path(256, K, N, r, adapter_dtype=adapter_dtype)
         assert got.startswith(lead), (K, N, r)
-        # the lead tiles' tile: 128 x 256 cooperative where the sm_90 GEMM takes it (K and N >= 2048)
+        # the lead tiles' tile: 128 x 256 cooperative where the sm_90 GEMM takes it (K and N >= 2048; at M = 256
+        # never below N = 2048)
         if not SM90_TILE_FORCED:
             assert got.endswith(WIDE_TILE) == (K >= 2048 and N >= 2048), (K, N, r, got)
         assert _path(256, K, N, r, dtype=torch.float16, adapter_dtype=torch.float16).startswith(lead), (K, N, r)
@@ -369,7 +370,8 @@ def test_lead_tiles_op_grads_and_determinism():
 @pytest.mark.skipif(SM90_TILE_FORCED, reason="LORA_KERNELS_SM90_GEMM_CONFIG forces the tile")
 def test_wide_tile_where_the_gemm_takes_it():
     """Without dropout the lead tiles run on 128 x 256 tiles (the cooperative schedule) where the sm_90 GEMM picks
-    that tile (K and N >= 2048) and the lead tiles fit in ceil(N / 256) tile columns; elsewhere on 128 x 128 tiles."""
+    that tile (K and N >= 2048, or K >= 2048 and 1.5 waves of those tiles) and the lead tiles fit in ceil(N / 256)
+    tile columns; elsewhere on 128 x 128 tiles."""
     assert _path(256, 2048, 2048, 16).endswith(WIDE_TILE)
     assert _path(256, 2048, 2048, 64, adapter_dtype=torch.bfloat16).endswith(WIDE_TILE)
     assert _path(256, 2048, 2048, 16, dtype=torch.float16, adapter_dtype=torch.float16).endswith(WIDE_TILE)
