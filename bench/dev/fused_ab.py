@@ -42,11 +42,11 @@ def gpu_us(fn, calls):
     return a.elapsed_time(b) * 1e3 / calls
 
 
-def summarise(u, N, lead=0):
+def summarise(u, N, lead=0, tile_n=128):
     """Per-tile durations from the trace records: [SM | WG << 16, start, main loop end, end] per tile (m, n), tile
     columns n = 0, 1 the u tiles (unused by the lead-tile kernel), 2 .. 2 + lead - 1 the lead tiles; the producers'
     waits for u at record 16384 + tile: [SM, start, end]."""
-    nt = (N + 127) // 128 + 2
+    nt = 2 * -(-N // (2 * tile_n)) + 2  # the kernel's tile columns: clusters of 2 tiles of tile_n, then 2 u tiles
     rec = u.view(torch.int32).reshape(-1)[: 4 * (16384 + 4096)].reshape(-1, 4).cpu().long() & 0xFFFFFFFF
     tiles = rec[:16384]
     n_idx = torch.arange(16384) % nt
@@ -109,6 +109,7 @@ for shape in args.shapes.split(","):
                 y0, u0 = cb.forward(x, W, None, A, B, 0.5, 0.0, 0, 0)[:2]
                 u0.zero_()
                 del y0, u0
-                summarise(cb.forward(x, W, None, A, B, 0.5, 0.0, 0, 0)[1], N, lead)
+                tile_n = 256 if cb.forward_path(x, W, None, A, B, 0.0).endswith("128x256 cooperative") else 128
+                summarise(cb.forward(x, W, None, A, B, 0.5, 0.0, 0, 0)[1], N, lead, tile_n)
             print(f"{args.tag:8s} {shape} r={r} {args.adapter_dtype} p={args.p} mode {m}: ours {med[m]:7.1f} us  floor "
                   f"{med['floor']:7.1f} us  ratio {med[m] / med['floor']:.3f}  ({paths[m]})", flush=True)
