@@ -101,22 +101,16 @@ struct NoOrder {
 struct TileOrder {
   int mt, ncl, strip;  // row blocks, output cluster columns, strip width (clusters)
   int lead;            // lead clusters per row block (lead tiles), 0 with u tiles
-  // lead tiles only: row block by row block, each its lead clusters and then its other clusters (x's row block read
-  // by all its clusters at about the same time); FusedParams::debug bit 7, for A/B timing
-  bool rowmajor = false;
-  // lead tiles only, ahead > 0: the lead clusters `ahead` row blocks before the other clusters (FusedParams::ahead):
-  // step s holds row block s's lead clusters, then row block s - ahead's other clusters. A row block's lead items
-  // still come before its other items, so the waits stay deadlock-free.
-  int ahead = 0;
+  // lead tiles only, ahead >= 0 (A/B timing): the lead clusters `ahead` row blocks before the other clusters
+  // (FusedParams::ahead): step s holds row block s's lead clusters, then row block s - ahead's other clusters; 0 is
+  // the row-block-major order (FusedParams::debug bit 7: each row block's clusters together, x's row block read by
+  // all of them at about the same time). A row block's lead items still come before its other items, so the waits
+  // stay deadlock-free. < 0: every lead cluster first (above).
+  int ahead = -1;
   __host__ __device__ int items() const { return lead ? mt * ncl : mt * (1 + ncl); }
   // (row block, tile column as the kernel counts them: 0, 1 the u tiles, 2 + n the output tile n) of item i, rank r
   __device__ void tile(int i, int rank, int& m, int& n) const {
-    if (lead && rowmajor) {
-      m = i / ncl;
-      n = 2 + 2 * (i % ncl) + rank;
-      return;
-    }
-    if (lead && ahead > 0) {
+    if (lead && ahead >= 0) {
       const int d = min(ahead, mt), rest = ncl - lead;  // rest: the other clusters of a row block
       int col;
       if (i < d * lead) {  // steps [0, d): lead clusters only
@@ -1058,8 +1052,7 @@ struct FusedFwd {
     p.order.ncl = int((N + 2 * kTileN - 1) / (2 * kTileN));  // clusters of 1 x 2 tiles
     p.order.strip = f.strip > 0 ? f.strip : 4;
     p.order.lead = f.lead > 0 ? (f.lead + 1) / 2 : 0;
-    p.order.rowmajor = p.order.lead > 0 && (f.debug & 128);
-    p.order.ahead = f.ahead;
+    p.order.ahead = (f.debug & 128) ? 0 : f.ahead > 0 ? f.ahead : -1;
     using IA = typename Mainloop::InternalElementA;
     auto make_a = [&](void const* ptr, int rows, int cols, int ld) {  // (rows, cols) of a row pitch of ld
       auto t = make_tensor(static_cast<IA const*>(ptr), make_layout(make_shape(rows, cols, 1),

@@ -136,7 +136,7 @@ struct FusedParams {
   // u tiles (wrong results: timing only); bit 1, u tiles multiply nothing; bit 4, a trace of every tile in u's place
   // (uint32 records of 4: SM, start, main loop end, end; the producers' waits at 16384 + tile); bit 5, the dropout
   // lead tiles load no keep bits (everything kept: timing only); bit 6, lead tiles run no u batch (wrong u and y:
-  // timing only); bit 7, the row-block-major tile order (TileOrder::rowmajor: A/B timing); bit 8 (host only), the
+  // timing only); bit 7, the row-block-major tile order (TileOrder::ahead = 0: A/B timing); bit 8 (host only), the
   // prep launch even where the lead tiles could read the adapters as they are (lora_fused_fwd_sm90_direct: A/B
   // timing).
   int debug = 0;
