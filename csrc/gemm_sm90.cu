@@ -127,15 +127,15 @@ GemmChoice lora_gemm_sm90_pick(const LoraGemmArgs& a, int sms) {
   // the 43 tile columns ran as 48 with swizzle 4: 24 waves of 132 tiles where 44 columns (swizzle 2) take 22.
   // Measured (session 34, forward at M = 8192, GPU time / cuBLAS): 4096->11008 1.274 -> 1.120, 13824->5120 1.350 ->
   // 1.055, and M = 8200 at 4096->4096 1.279 -> 1.138.
+  const int wave = sms > 0 ? sms : 132;  // tiles in flight at once (no count given: an H100 / H200)
   const int64_t wide_tiles = (a.M + 127) / 128 * ((a.N + 255) / 256);
-  const bool wide = a.K + a.Kx >= 2048 && (a.N >= 2048 || (a.layout_b == GemmLayoutB::kNK &&
-                                                           2 * wide_tiles >= 3 * (int64_t)(sms > 0 ? sms : 132)));
+  const bool wide = a.K + a.Kx >= 2048 &&
+                    (a.N >= 2048 || (a.layout_b == GemmLayoutB::kNK && 2 * wide_tiles >= 3 * (int64_t)wave));
   GemmChoice c{wide ? GemmConfig::kCoop128x256_c12 : GemmConfig::kPing128x128_c12, 4, 1};
   if (env_config() != GemmConfig::kAuto) c.config = env_config();
   if (a.config != GemmConfig::kAuto) c.config = a.config;
   if (c.config == GemmConfig::kCoop128x256_c12 || c.config == GemmConfig::kPing128x128_c12)
-    c.swizzle = lora_gemm_sm90_swizzle(a.M, a.N, 128, c.config == GemmConfig::kCoop128x256_c12 ? 256 : 128, 2,
-                                       sms > 0 ? sms : 132);
+    c.swizzle = lora_gemm_sm90_swizzle(a.M, a.N, 128, c.config == GemmConfig::kCoop128x256_c12 ? 256 : 128, 2, wave);
   if (env_swizzle() > 0) c.swizzle = env_swizzle();
   if (a.swizzle > 0) c.swizzle = a.swizzle;
   if (a.raster > 0) c.raster = a.raster;
