@@ -3,9 +3,8 @@ pass). GPU-only (skips elsewhere): where it runs and why not; y and the saved u 
 mask (assert_cuda_forward: the tolerance rule, and a repeat gives the same bits), with the kernel on and off, on
 shapes that exercise its edges: rows past a block's 16 or 32, K not a multiple of its 32-column steps, K splits, r
 not a multiple of 8 and every n8-tile count up to r = 64, the three dtype pairs it takes; 64-bit seeds and offsets;
-a device seed gives the bits of the same seed by value; the default takes r <= 32 (r <= 16 with fp32 adapters); both row-block
-sizes (LORA_KERNELS_SHRINK_DROP_ROWS, in a
-subprocess)."""
+a device seed gives the bits of the same seed by value; the default takes r <= 32 (r <= 16 with fp32 adapters);
+both row-block sizes (LORA_KERNELS_SHRINK_DROP_ROWS, in a subprocess)."""
 import os
 import subprocess
 import sys
