@@ -29,6 +29,9 @@
 //         clusters the device holds at once, each block walks its items in increasing order, the u items wait for
 //         nothing (lead tiles write their u columns before they wait, and a row block's lead items are a few
 //         consecutive ones), and every item before an output item is running on a resident block or done.
+//         Serpentines: odd strips take their row blocks in decreasing order (TileOrder::snake), and an output tile of
+//         an odd wave of items (item / gridDim.x odd) its K-tiles, so that each starts on the x the one before
+//         it read last, while that is still in L2 (the lead tiles' first wave streams all of x).
 // Wide:   the kWide variant (lead tiles, no dropout) takes 128 x 256 x 64 tiles and the cooperative schedule: both
 //         consumer warpgroups work on one tile, 64 rows each (their own 64 x 256 accumulators and, in a lead tile,
 //         their own 64 rows of u, each warpgroup counting itself into ready[m]: the target is twice the lead tiles);
@@ -96,8 +99,9 @@ struct NoOrder {
 // gridDim.x (a persistent grid, one cluster per item): first the clusters that compute u, row block by row block
 // (u tiles: the Mt u clusters; lead tiles: each row block's first `lead` output clusters), then the other output
 // clusters in strips of `strip` cluster columns, row block by row block within a strip (x's row block and a strip of
-// W stay in L2 together). No item past the problem: CUTLASS's scheduler rounds the tile grid up to its swizzle, which
-// with the two u columns would add up to 6 empty tile columns per row block.
+// W stay in L2 together), odd strips in decreasing row-block order (snake). No item past the problem: CUTLASS's
+// scheduler rounds the tile grid up to its swizzle, which with the two u columns would add up to 6 empty tile columns
+// per row block.
 struct TileOrder {
   int mt, ncl, strip;  // row blocks, output cluster columns, strip width (clusters)
   int lead;            // lead clusters per row block (lead tiles), 0 with u tiles
@@ -107,6 +111,9 @@ struct TileOrder {
   // all of them at about the same time). A row block's lead items still come before its other items, so the waits
   // stay deadlock-free. < 0: every lead cluster first (above).
   int ahead = -1;
+  // Row serpentine: odd strips take their row blocks in decreasing order, so that a strip starts on the row blocks
+  // whose x the strip before it read last (FusedParams::debug bit 10 turns it off).
+  bool snake = true;
   __host__ __device__ int items() const { return lead ? mt * ncl : mt * (1 + ncl); }
   // (row block, tile column as the kernel counts them: 0, 1 the u tiles, 2 + n the output tile n) of item i, rank r
   __device__ void tile(int i, int rank, int& m, int& n) const {
@@ -137,7 +144,7 @@ struct TileOrder {
     const int c0 = lead, cols = ncl - lead;  // the other output cluster columns: [c0, ncl)
     const int j = i - first, per_strip = mt * strip;
     const int g = j / per_strip, w = min(strip, cols - g * strip), jj = j - g * per_strip;
-    m = jj / w;
+    m = snake && (g & 1) ? mt - 1 - jj / w : jj / w;
     n = 2 + 2 * (c0 + g * strip + jj % w) + rank;
   }
 };
@@ -882,6 +889,10 @@ struct FusedFwd {
         const bool u_tile = n_tile < kUTiles;
         const int n_out = n_tile - kUTiles;
         const bool lead_tile = f.lead > 0 && !u_tile && n_out < f.lead;
+        // K serpentine: an output tile of an odd wave of items takes its main K-tiles in decreasing order, so
+        // that it starts on the x columns the wave before it read last (still in L2). Not the u tiles nor the
+        // dropout lead kernel, whose consumers fetch their keep bits by K-tile index. Debug bit 9: all increasing.
+        const bool k_down = !kDrop && !u_tile && !(f.debug & 512) && ((item / stride) & 1);
         Tensor tAplG = ta_apl.partition_S(  // (TMA, TMA_M, TMA_K, k)
             local_tile(domain_offset(make_coord(lead_tile ? n_out * f.ap_pitch : 0, 0), mApl),
                        Shape<Int<kApRows>, _64>{}, make_coord(0, _)));
@@ -906,11 +917,11 @@ struct FusedFwd {
           pipeline.producer_acquire(producer_state);
           auto* bar = pipeline.producer_get_barrier(producer_state);
           const int stage = producer_state.index();
+          const int kk = ext ? 0 : k_down ? f.k_tiles_main - 1 - k : k;  // the K-tile this stage holds
           if (kLead && lead_tile && !ext) {  // the slot's bytes on the stage's barrier, declared before any copy
             pipeline.producer_expect_transaction(producer_state, kApSlotElems * 2);
-            copy(params.tma_apl.with(*bar), tAplG(_, _, _, k), tAplS(_, _, _, stage));
+            copy(params.tma_apl.with(*bar), tAplG(_, _, _, kk), tAplS(_, _, _, stage));
           }
-          const int kk = ext ? 0 : k;
           if (ext && !u_tile) {
             copy(params.tma_su.with(*bar, mcast_a), tAgSu(_, _, _, 0), tAsA(_, _, _, stage));
             copy(params.tma_bx.with(*bar), tBgBx(_, _, _, 0), tBsB(_, _, _, stage));
@@ -1053,6 +1064,7 @@ struct FusedFwd {
     p.order.strip = f.strip > 0 ? f.strip : 4;
     p.order.lead = f.lead > 0 ? (f.lead + 1) / 2 : 0;
     p.order.ahead = (f.debug & 128) ? 0 : f.ahead > 0 ? f.ahead : -1;
+    p.order.snake = !(f.debug & 1024);
     using IA = typename Mainloop::InternalElementA;
     auto make_a = [&](void const* ptr, int rows, int cols, int ld) {  // (rows, cols) of a row pitch of ld
       auto t = make_tensor(static_cast<IA const*>(ptr), make_layout(make_shape(rows, cols, 1),

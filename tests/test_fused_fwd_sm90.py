@@ -333,13 +333,16 @@ def test_fused_forward_is_deterministic():
 @pytest.mark.parametrize("dtype,adapter_dtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
                                                  (torch.float16, torch.float16)])
 @pytest.mark.parametrize("M,K,N,r", [(65, 64, 8, 1), (300, 200, 136, 16), (1000, 520, 1032, 17), (129, 4096, 264, 24),
-                                     (257, 72, 4096, 64), (2048, 4096, 1024, 64), (4099, 1000, 392, 8)])
+                                     (257, 72, 4096, 64), (2048, 4096, 1024, 64), (4099, 1000, 392, 8),
+                                     (4100, 520, 1032, 64)])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.usefixtures("fused_lead")
 def test_lead_tiles_against_float64(dtype, adapter_dtype, M, K, N, r, bias):
     # every lead-tile count (fp32 adapters: 1 to 8 per row block, ceil(r / 8); 16-bit adapters: 1 or 2, ceil(r / 32);
     # odd ones leaving a cluster's second tile an ordinary one), partial tiles in M, N and K, all tiles of a row block
-    # lead tiles (2048 x 4096 -> 1024, r = 64, fp32 adapters)
+    # lead tiles (2048 x 4096 -> 1024, r = 64, fp32 adapters), lead tiles in the second wave of items, which take
+    # their K-tiles and lora_A's slots in decreasing order (4100 x 520 -> 1032, r = 64, fp32 adapters: 132 lead
+    # clusters)
     _check_forward(M, K, N, r, dtype, adapter_dtype, bias, path="sm90 fused lead (")
 
 
