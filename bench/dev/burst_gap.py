@@ -128,7 +128,7 @@ def main():
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=15)
     a = ap.parse_args()
-    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 0) or 50 * 2 ** 20
     for shape in a.shapes.split(","):
         M, K, N = map(int, shape.split("x"))
         for r in map(int, a.r.split(",")):
