@@ -38,7 +38,10 @@ def lora_cases():
                               (300, 264, 136, 33, 0.0), (200, 72, 264, 16, 0.0),
                               # p = 0, K and N >= 2048: the lead tiles' wide variant (128 x 256 tiles, cooperative), a
                               # partial last tile column and K-tile
-                              (200, 2056, 2056, 16, 0.0)):
+                              (200, 2056, 2056, 16, 0.0),
+                              # p = 0, more items than one wave of clusters (fp32 adapters at r = 64: 18 row blocks of
+                              # 4 lead clusters): the second wave takes its K-tiles in decreasing order
+                              (2200, 264, 1032, 64, 0.0)):
             fwd_bwd(M, K, N, r, p, dtype, adapter)
     if torch.cuda.get_device_capability() == (9, 0):  # the fused forward with dropout (opt-in): u tiles, lead tiles
         from lora_kernels.backends import cuda_backend
