@@ -1,6 +1,6 @@
 """The cuda backend's dropout keep bits (csrc/dropout_bits.cu): with dropout and 16-bit x, the forward makes the
-mask's keep bits in a pass of its own and the shrink reads them; the backward makes them once and dx and dA read
-them. GPU-only (skips elsewhere): the launches are where they should be (a profiler count), and the results with
+mask's keep bits in a pass of its own and the shrink reads them (unless the shrink makes the mask itself,
+csrc/shrink_drop.cu); the backward makes them once and dx and dA read them. GPU-only (skips elsewhere): the launches are where they should be (a profiler count), and the results with
 odd K (rows of keep bytes that are not whole 4-byte words, and 8-groups cut by K's end), odd M and misaligned
 inputs meet the float64 tolerance rule against the contract's mask, with every output poisoned first."""
 import pytest
@@ -26,20 +26,32 @@ def _kernels(fn):
     return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
+@pytest.mark.parametrize("shrink_drop", [0, 1])
 @pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.bfloat16])
-def test_keep_bits_made_once_per_forward_and_per_backward(adapter_dtype):
+def test_keep_bits_made_once_per_forward_and_per_backward(adapter_dtype, shrink_drop):
+    # shrink_drop 1: the forward's shrink makes the mask itself (csrc/shrink_drop.cu, the default at r <= 16 on
+    # compute capability 9.0), so the forward makes no keep bits; 0: the keep-bits pass, then the shrink that reads them
+    from lora_kernels.backends import cuda_backend
+
     M, K, N, r = 300, 520, 264, 16
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * K ** -0.5
     A = (torch.randn(r, K, device="cuda", dtype=adapter_dtype) * K ** -0.5).requires_grad_()
     B = (torch.randn(N, r, device="cuda", dtype=adapter_dtype) * r ** -0.5).requires_grad_()
-    y = lora_kernels.lora_linear(x, W, None, A, B, 0.5, dropout_p=0.1, backend="cuda")  # warm-up
-    y.sum().backward()
-    out = {}
-    fwd = _kernels(lambda: out.setdefault("y", lora_kernels.lora_linear(x, W, None, A, B, 0.5, dropout_p=0.1,
-                                                                         backend="cuda")))
-    bwd = _kernels(lambda: out["y"].backward(torch.randn_like(out["y"])))
-    assert sum("dropout_keep_bits" in k for k in fwd) == 1, fwd
+    previous = cuda_backend.set_shrink_drop(shrink_drop)
+    try:
+        made_in_shrink = cuda_backend.shrink_path(x, A, 0.1) == "dropout"
+        assert made_in_shrink == bool(shrink_drop) or torch.cuda.get_device_capability()[0] < 8
+        y = lora_kernels.lora_linear(x, W, None, A, B, 0.5, dropout_p=0.1, backend="cuda")  # warm-up
+        y.sum().backward()
+        out = {}
+        fwd = _kernels(lambda: out.setdefault("y", lora_kernels.lora_linear(x, W, None, A, B, 0.5, dropout_p=0.1,
+                                                                             backend="cuda")))
+        bwd = _kernels(lambda: out["y"].backward(torch.randn_like(out["y"])))
+    finally:
+        cuda_backend.set_shrink_drop(previous)
+    assert sum("dropout_keep_bits" in k for k in fwd) == (0 if made_in_shrink else 1), fwd
+    assert sum("shrink_drop_kernel" in k for k in fwd) == (1 if made_in_shrink else 0), fwd
     assert sum("dropout_keep_bits" in k for k in bwd) == 1, bwd
     # no dropout, no bits
     assert not any("dropout_keep_bits" in k for k in _kernels(
