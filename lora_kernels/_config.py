@@ -92,8 +92,9 @@ Read by the CUDA extension (csrc/binding.cpp), once, when a GEMM first asks for 
                                         programmatic dependent launch (csrc/pdl.cuh): for A/B timing.
     LORA_KERNELS_FUSED_DEBUG            development only (csrc/fused_fwd_sm90.h, FusedParams::debug): bits that make
                                         the fused forward skip its waits or its u products (wrong results, for
-                                        timing), write a per-tile trace in u's place (bench/dev/fused_ab.py), or
-                                        keep the prep launch where the adapters need none (A/B timing).
+                                        timing), write a per-tile trace in u's place (bench/dev/fused_ab.py),
+                                        keep the prep launch where the adapters need none, or turn off the tile
+                                        order's K and row serpentines (A/B timing).
     LORA_KERNELS_FUSED_STRIP            development only: the fused forward's tile order, output cluster columns per
                                         strip (default 4).
     LORA_KERNELS_FUSED_AHEAD            development only: the fused forward's tile order, row blocks by which the
