@@ -114,9 +114,28 @@ struct TileOrder {
   // Row serpentine: odd strips take their row blocks in decreasing order, so that a strip starts on the row blocks
   // whose x the strip before it read last (FusedParams::debug bit 10 turns it off).
   bool snake = true;
-  __host__ __device__ int items() const { return lead ? mt * ncl : mt * (1 + ncl); }
+  // Shared u (the share instance, FusedParams::share > 0): the row-block-major order (a row block's clusters one after
+  // the other, as the sm_90 GEMM's scheduler takes them), in which the first group(m) clusters of row block m compute
+  // u, each tile over its share of the K-tiles. grid: the clusters of the launch (items per wave), set at launch.
+  int share = 0;
+  int grid = 1;
+  __host__ __device__ int items() const { return lead || share ? mt * ncl : mt * (1 + ncl); }
+  // The clusters of row block m that compute u: its first ones, at most `share`, and only those in the wave of its
+  // first item, so that no tile waits on a tile of a later wave. No wait can deadlock: a tile writes its part of u
+  // before it waits for anything, and waits only before its extension stage; if item j never started, the item its
+  // block ran before it (j - grid) would be waiting on a group tile that never wrote, but that tile's item is below
+  // j (in the same wave as its row block's first item, which is at most j - grid) and so did start.
+  __host__ __device__ int group(int m) const {
+    const int s = m * ncl, left = (s / grid + 1) * grid - s, g = ncl < share ? ncl : share;
+    return g < left ? g : left;
+  }
   // (row block, tile column as the kernel counts them: 0, 1 the u tiles, 2 + n the output tile n) of item i, rank r
   __device__ void tile(int i, int rank, int& m, int& n) const {
+    if (share) {
+      m = i / ncl;
+      n = 2 + 2 * (i % ncl) + rank;
+      return;
+    }
     if (lead && ahead >= 0) {
       const int d = min(ahead, mt), rest = ncl - lead;  // rest: the other clusters of a row block
       int col;
@@ -153,11 +172,12 @@ struct TileOrder {
 // u-tile kernel's code is what was measured. kDrop: the lead tiles with dropout (fp32 adapters on bf16 x), also a
 // kernel of its own: x's masked copy in registers takes 32 more per consumer thread, which the other lead variants'
 // register allocation must not pay for.
-template <class Element, bool kLead, bool kDrop = false, bool kWide = false>
+template <class Element, bool kLead, bool kDrop = false, bool kWide = false, bool kShare = false>
 struct FusedFwd {
   static_assert(!kDrop || (kLead && cute::is_same_v<Element, cutlass::bfloat16_t>),
                 "dropout lead tiles: bf16 x with fp32 adapters' 3 pieces");
   static_assert(!kWide || (kLead && !kDrop), "the wide (cooperative) variant: lead tiles without dropout");
+  static_assert(!kShare || kWide, "shared u: the wide variant's tiles (cooperative: no turn a waiting tile holds)");
   // ---------------------------------------------------------------------------------------------- types
   using Tile = cute::conditional_t<kWide, Shape<_128, _256, _64>, Shape<_128, _128, _64>>;
   static constexpr int kTileN = size<1>(Tile{});
@@ -220,9 +240,11 @@ struct FusedFwd {
   using TMA_Ap = decltype(make_tma_copy(SM90_TMA_LOAD{},
                                         make_tensor(make_gmem_ptr(static_cast<IB const*>(nullptr)), GmemLayoutAp{}),
                                         SmemLayoutApStage{}));
+  // shared u: after the slots, one int per consumer warpgroup (share_publish: the ready count it saw)
+  static constexpr int kShareFlagElems = kShare ? 16 : 0;
   struct SharedStorage {
     typename Base::SharedStorage base;
-    alignas(1024) cute::array_aligned<Element, kLead ? kApSlotElems * kStages : 8> ap;  // the lead tiles' slots
+    alignas(1024) cute::array_aligned<Element, kLead ? kApSlotElems * kStages + kShareFlagElems : 8> ap;  // slots
   };
   static constexpr int kTileK = 64;
   static_assert(Mainloop::K_PIPE_MMAS == 1, "the consumer loops keep one MMA batch in flight");
@@ -348,6 +370,59 @@ struct FusedFwd {
     if (thread_idx % cutlass::NumThreadsPerWarpGroup == 0) atomicAdd(f.ready + m_blk, 1);
   }
 
+  // Shared u: the K loop positions [u0, u1) whose u products a group tile sums (its share of the K-tiles, which its
+  // cluster's rotated K loop puts near the front), its part's index and its row block's part count T (parts = 0: not
+  // a group tile).
+  struct ShareWin {
+    int u0 = 0, u1 = 0, part = 0, parts = 0;
+  };
+  // Shared u, once a group tile's share is summed: the warpgroup's 64 rows of its part (unscaled fp32 sums, u's
+  // columns) written to f.part, then counted into ready[m]. The warpgroup that counts last (the 2 T-th) sums the T
+  // parts of all 128 rows in part order (the same bits on every call), writes u (times scale) and su = bf16(u) as
+  // publish_u does (su's columns past r as zeros), fences them for other blocks' TMA of su, and counts once more.
+  template <int Blocks, int Halves, class CoordTensor>
+  CUTLASS_DEVICE static void share_publish(float const (&tot)[Halves][2][Blocks][2], CoordTensor const& cU,
+                                           FusedParams const& f, int m_blk, int row0, int thread_idx, int wg,
+                                           ShareWin const& w, int* flags) {
+    const int wt = thread_idx % cutlass::NumThreadsPerWarpGroup;
+    float* parts = f.part + (int64_t)m_blk * (2 * f.share) * 128 * f.r;
+    CUTLASS_PRAGMA_UNROLL
+    for (int mm = 0; mm < Halves; ++mm)
+      CUTLASS_PRAGMA_UNROLL
+      for (int h = 0; h < 2; ++h)
+        CUTLASS_PRAGMA_UNROLL
+        for (int b = 0; b < Blocks; ++b)
+          CUTLASS_PRAGMA_UNROLL
+          for (int c = 0; c < 2; ++c) {
+            const auto rc = cU(make_coord(c, h, 0), mm, 0);
+            const int row = row0 + get<0>(rc), col = 8 * b + get<1>(rc);
+            if (col < f.r) parts[((int64_t)w.part * 128 + row) * f.r + col] = tot[mm][h][b][c];
+          }
+    __threadfence();
+    cutlass::arch::NamedBarrier::sync(128, wg);  // the warpgroup's rows written and fenced
+    if (wt == 0) flags[wg] = atomicAdd(f.ready + m_blk, 1);
+    cutlass::arch::NamedBarrier::sync(128, wg);
+    if (flags[wg] != 2 * w.parts - 1) return;  // not the last
+    __threadfence();  // every part counted in before ours is visible
+    Element* su = static_cast<Element*>(f.su);
+    for (int e = wt; e < 128 * f.width; e += cutlass::NumThreadsPerWarpGroup) {
+      const int row = e / f.width, col = e % f.width;
+      float v = 0.f;
+      if (col < f.r)
+        for (int q = 0; q < w.parts; ++q) v += __ldcg(parts + ((int64_t)q * 128 + row) * f.r + col);
+      v *= f.scale;
+      const int64_t grow = (int64_t)m_blk * 128 + row;
+      if (grow < f.M) {
+        if (col < f.r && !(f.debug & 16)) f.u[grow * f.r + col] = v;
+        su[grow * f.width + col] = Element(v);
+      }
+    }
+    fence_proxy_async_global();
+    __threadfence();
+    cutlass::arch::NamedBarrier::sync(128, wg);  // u and su written and fenced
+    if (wt == 0) atomicAdd(f.ready + m_blk, 1);
+  }
+
   // Dropout on a lead tile: x's tile is copied from the stage into the registers of the u batch's A operand (the
   // stage's own tile feeds the output's product unmasked) and masked there. The RS wgmma's A fragment
   // (GMMA::ALayout_64x16 per 64 x 16 block) gives warpgroup thread t rows base + 8 v1 + 64 mm (base = (t / 4) % 8 +
@@ -440,7 +515,8 @@ struct FusedFwd {
   template <int Blocks, int Pieces, bool kMask, class Accum>
   CUTLASS_DEVICE static void mma_lead(MainloopPipeline& pipeline, PipelineState read, Accum& accum, int k_tiles,
                                       int thread_idx, typename Mainloop::TensorStorage& smem, Element* ap_slots,
-                                      FusedParams const& f, int m_blk, int j, bool is_lead, int wg) {
+                                      FusedParams const& f, int m_blk, int j, bool is_lead, int wg,
+                                      ShareWin const& w = ShareWin{}, int* flags = nullptr) {
     constexpr int kNW = 8 * Blocks * Pieces;
     static_assert(kNW <= kApRows, "a lead tile's pieces fit its slot");
     static_assert(kNW == 8 || kNW == 24 || kNW == 32, "one wgmma per 64 x 16 block of x: N = 8, 24 or 32");
@@ -508,13 +584,16 @@ struct FusedFwd {
       warpgroup_commit_batch();
     };
     const bool u_batch = is_lead && !(f.debug & 64);  // debug bit 6: no u batch (wrong u: timing only)
+    // shared u: the rows and columns of the warpgroup's u sums, and the K loop position after which its part is done
+    auto cU = thr_u.partition_C(make_identity_tensor(Shape<Int<kURows>, Int<kNW>>{}));
+    const int share_done = w.u1 > 0 ? w.u1 - 1 : 0;
     for (int t = 0; t < kt_main; ++t) {
       auto token = pipeline.consumer_try_wait(read);
       pipeline.consumer_wait(read, token);
       const int stage = read.index();
       // The lead tile's K-tile in one branch, u batch to drain, so that the u accumulator is not merged with the
-      // other tiles' path inside the K-tile.
-      if (u_batch) {
+      // other tiles' path inside the K-tile. Shared u: only the K-tiles of the tile's share.
+      if (u_batch && (!kShare || (t >= w.u0 && t < w.u1))) {
         Tensor sU = make_tensor(make_smem_ptr(ap_slots + stage * kApSlotElems), SmemLayoutU{});
         Tensor tUrB = thr_u.make_fragment_B(thr_u.partition_B(sU));  // (MMA, MMA_N, MMA_K)
         // the u batch first (with dropout from x's copy in registers, masked there), then the main batch
@@ -554,6 +633,10 @@ struct FusedFwd {
         warpgroup_wait<1>();  // K-tile t - 1's main batch is done
         warpgroup_fence_operand(accum);
       }
+      if constexpr (kShare) {  // the share summed: the part written and counted in, under this K-tile's main batch
+        if (is_lead && t == share_done)
+          share_publish<Blocks>(tot, cU, f, m_blk, kURows * wg, thread_idx, wg, w, flags);
+      }
       if (t > 0) {  // K-tile t - 1's stage
         pipeline.consumer_release(release);
         ++release;
@@ -567,9 +650,8 @@ struct FusedFwd {
       ++release;
     }
 
-    if (is_lead)  // u's columns rc j .. rc j + rc - 1 of the row block
-      publish_u<Blocks>(tot, thr_u.partition_C(make_identity_tensor(Shape<Int<kURows>, Int<kNW>>{})), f, m_blk,
-                        kWide ? kURows * wg : 0, 8 * Blocks * j, thread_idx, wg);
+    if (!kShare && is_lead)  // u's columns rc j .. rc j + rc - 1 of the row block
+      publish_u<Blocks>(tot, cU, f, m_blk, kWide ? kURows * wg : 0, 8 * Blocks * j, thread_idx, wg);
 
     // the extension stage: (su, Bx), its first kb_ext k-blocks
     auto token = pipeline.consumer_try_wait(read);
@@ -703,8 +785,24 @@ struct FusedFwd {
   template <class Accum>
   CUTLASS_DEVICE static void lead_tile(MainloopPipeline& pipeline, PipelineState read, Accum& accum, int k_tiles,
                                        int thread_idx, typename Mainloop::TensorStorage& smem, Element* ap_slots,
-                                       FusedParams const& f, int m_blk, int n_out, int wg) {
+                                       FusedParams const& f, int m_blk, int n_out, int wg, TileOrder const& to) {
     const bool is_lead = n_out < f.lead;
+    if constexpr (kShare) {  // 16-bit adapters, r <= 32: one slot of 32 u columns (Split{4, 1, 1})
+      // tile p = 2 q + rank of the group's clusters q < g sums K-tiles [p kt / T, (p + 1) kt / T), T = 2 g; its
+      // cluster's K loop starts at K-tile q kt / g (the producer's k_rot)
+      ShareWin w;
+      const int g = to.group(m_blk), q = n_out / 2, kt = f.k_tiles_main;
+      if (q < g) {
+        const int T = 2 * g, st = q * kt / g;
+        w.u0 = n_out * kt / T - st;
+        w.u1 = (n_out + 1) * kt / T - st;
+        w.part = n_out;
+        w.parts = T;
+      }
+      mma_lead<4, 1, false>(pipeline, read, accum, k_tiles, thread_idx, smem, ap_slots, f, m_blk, 0, q < g, wg, w,
+                            reinterpret_cast<int*>(ap_slots + kApSlotElems * kStages));
+      return;
+    }
     if constexpr (kDrop) {
       mma_lead<1, 3, true>(pipeline, read, accum, k_tiles, thread_idx, smem, ap_slots, f, m_blk, n_out, is_lead, wg);
     } else {
@@ -889,10 +987,19 @@ struct FusedFwd {
         const bool u_tile = n_tile < kUTiles;
         const int n_out = n_tile - kUTiles;
         const bool lead_tile = f.lead > 0 && !u_tile && n_out < f.lead;
+        // Shared u: a tile of its row block's group (TileOrder::group) loads lora_A's slot with every stage and
+        // starts its K loop at its cluster's share of the K-tiles (both tiles of a cluster take the same x tiles).
+        int group = 0, k_rot = 0;
+        if constexpr (kShare) {
+          group = to.group(m_blk);
+          if (n_out / 2 < group) k_rot = (n_out / 2) * f.k_tiles_main / group;
+        }
+        const bool slot_tile = lead_tile || (kShare && n_out / 2 < group);
         // K serpentine: an output tile of an odd wave of items takes its main K-tiles in decreasing order, so
         // that it starts on the x columns the wave before it read last (still in L2). Not the u tiles nor the
-        // dropout lead kernel, whose consumers fetch their keep bits by K-tile index. Debug bit 9: all increasing.
-        const bool k_down = !kDrop && !u_tile && !(f.debug & 512) && ((item / stride) & 1);
+        // dropout lead kernel, whose consumers fetch their keep bits by K-tile index, nor the shared-u order (its row
+        // block's tiles run in one wave). Debug bit 9: all increasing.
+        const bool k_down = !kShare && !kDrop && !u_tile && !(f.debug & 512) && ((item / stride) & 1);
         Tensor tAplG = ta_apl.partition_S(  // (TMA, TMA_M, TMA_K, k)
             local_tile(domain_offset(make_coord(lead_tile ? n_out * f.ap_pitch : 0, 0), mApl),
                        Shape<Int<kApRows>, _64>{}, make_coord(0, _)));
@@ -905,7 +1012,9 @@ struct FusedFwd {
           const bool ext = k == f.k_tiles_main;
           if (ext && !u_tile && !(f.debug & 1)) {  // bf16(u) of this row block: wait until both u tiles wrote it
             const uint32_t w0 = (f.debug & 16) ? globaltimer_lo() : 0;
-            while (ld_acquire(f.ready + m_blk) < f.ready_target) __nanosleep(128);
+            // shared u: 2 T warpgroups' parts (T = 2 group) and the sum of the last of them
+            const int target = kShare ? 4 * group + 1 : f.ready_target;
+            while (ld_acquire(f.ready + m_blk) < target) __nanosleep(128);
             fence_proxy_async_global();
             if (f.debug & 16) {  // trace: the producer's wait, records 16384 + tile
               uint32_t* rec = reinterpret_cast<uint32_t*>(f.u) + 4 * (16384 + m_blk * n_tiles_sched + n_tile);
@@ -917,8 +1026,9 @@ struct FusedFwd {
           pipeline.producer_acquire(producer_state);
           auto* bar = pipeline.producer_get_barrier(producer_state);
           const int stage = producer_state.index();
-          const int kk = ext ? 0 : k_down ? f.k_tiles_main - 1 - k : k;  // the K-tile this stage holds
-          if (kLead && lead_tile && !ext) {  // the slot's bytes on the stage's barrier, declared before any copy
+          int kk = ext ? 0 : k_down ? f.k_tiles_main - 1 - k : k;  // the K-tile this stage holds
+          if (kShare && !ext) kk = k + k_rot < f.k_tiles_main ? k + k_rot : k + k_rot - f.k_tiles_main;
+          if (kLead && slot_tile && !ext) {  // the slot's bytes on the stage's barrier, declared before any copy
             pipeline.producer_expect_transaction(producer_state, kApSlotElems * 2);
             copy(params.tma_apl.with(*bar), tAplG(_, _, _, kk), tAplS(_, _, _, stage));
           }
@@ -960,7 +1070,7 @@ struct FusedFwd {
         Tensor accum = partition_fragment_C(tiled_mma, take<0, 2>(blk_shape));
         const int n_out = n_tile - kUTiles;
         lead_tile(pipeline, consumer_state, accum, k_tiles, mma_thread, shared.base.tensors.mainloop,
-                  shared.ap.data(), f, m_blk, n_out, wg);
+                  shared.ap.data(), f, m_blk, n_out, wg, to);
         if (trace && mma_thread == 0) rec[2] = globaltimer_lo();
         release_last(pipeline, consumer_state, k_tiles);
         consumer_state.advance(k_tiles);
@@ -1004,7 +1114,7 @@ struct FusedFwd {
           const int n_out = n_tile - kUTiles;
           if constexpr (kLead) {
             lead_tile(pipeline, consumer_state, accum, k_tiles, wg_thread, shared.base.tensors.mainloop,
-                      shared.ap.data(), f, m_blk, n_out, wg);
+                      shared.ap.data(), f, m_blk, n_out, wg, to);
           } else {
             mma_output(pipeline, consumer_state, accum, k_tiles, f.kb_ext, wg_thread, shared.base.tensors.mainloop);
           }
@@ -1065,6 +1175,7 @@ struct FusedFwd {
     p.order.lead = f.lead > 0 ? (f.lead + 1) / 2 : 0;
     p.order.ahead = (f.debug & 128) ? 0 : f.ahead > 0 ? f.ahead : -1;
     p.order.snake = !(f.debug & 1024);
+    p.order.share = kShare ? f.share : 0;
     using IA = typename Mainloop::InternalElementA;
     auto make_a = [&](void const* ptr, int rows, int cols, int ld) {  // (rows, cols) of a row pitch of ld
       auto t = make_tensor(static_cast<IA const*>(ptr), make_layout(make_shape(rows, cols, 1),
@@ -1132,6 +1243,7 @@ struct FusedFwd {
       if (device < 64) resident[device].store(clusters, std::memory_order_release);
     }
     config.gridDim = dim3(unsigned(std::min(clusters, p.order.items())), unsigned(size<1>(Cluster{})), 1);
+    p.order.grid = int(config.gridDim.x);  // shared u: the items of a wave
     config.numAttrs = with_pdl(attr, 1);  // may start under the prep launch's tail (the kernel waits for it)
     void* kernel_params[] = {&p};
     return cudaLaunchKernelExC(&config, kernel, kernel_params);
