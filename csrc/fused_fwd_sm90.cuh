@@ -337,16 +337,13 @@ struct FusedFwd {
           }
   }
 
-  // A row block's u columns col0 + 8 b + 0..7 (b < Blocks) from a warpgroup's fp32 sums tot[64-row half][row h]
-  // [b][column c] (the wgmma D fragment's (2 adjacent columns, 2 rows 8 apart) of its first column group; cU: the
-  // (row, column) of each accumulator element, rows counted from row0 of the 128-row block): u (fp32) and
-  // su = bf16(u), times scale, written; fenced for other blocks' TMA of su; then, once every thread of the warpgroup
-  // has written, the row block's ready count raised (by each warpgroup of the wide variant for its own rows).
-  template <int Blocks, int Halves, class CoordTensor>
-  CUTLASS_DEVICE static void publish_u(float const (&tot)[Halves][2][Blocks][2], CoordTensor const& cU,
-                                       FusedParams const& f, int m_blk, int row0, int col0, int thread_idx,
-                                       int wg) {
-    Element* su = static_cast<Element*>(f.su);
+  // Each of a warpgroup's fp32 u sums tot[64-row half][row h][b][column c] (the wgmma D fragment's (2 adjacent
+  // columns, 2 rows 8 apart) of its first column group) with its row in the 128-row block and its u column in the
+  // tile's blocks of 8: fn(row, column, sum). cU: the (row, column) of each accumulator element; row0: the
+  // warpgroup's first row in the block.
+  template <int Blocks, int Halves, class CoordTensor, class Fn>
+  CUTLASS_DEVICE static void for_each_u(float const (&tot)[Halves][2][Blocks][2], CoordTensor const& cU, int row0,
+                                        Fn&& fn) {
     CUTLASS_PRAGMA_UNROLL
     for (int mm = 0; mm < Halves; ++mm)
       CUTLASS_PRAGMA_UNROLL
@@ -355,15 +352,27 @@ struct FusedFwd {
         for (int b = 0; b < Blocks; ++b)
           CUTLASS_PRAGMA_UNROLL
           for (int c = 0; c < 2; ++c) {
-            const float v = tot[mm][h][b][c] * f.scale;
             const auto rc = cU(make_coord(c, h, 0), mm, 0);  // group 0: its column is n0 + c < 8
-            const int row = m_blk * 128 + row0 + get<0>(rc);
-            const int col = col0 + 8 * b + get<1>(rc);
-            if (row < f.M) {
-              if (col < f.r && !(f.debug & 16)) f.u[(int64_t)row * f.r + col] = v;
-              su[(int64_t)row * f.width + col] = Element(v);
-            }
+            fn(row0 + get<0>(rc), 8 * b + get<1>(rc), tot[mm][h][b][c]);
           }
+  }
+
+  // A row block's u columns col0 + 8 b + 0..7 (b < Blocks) from a warpgroup's fp32 sums (for_each_u): u (fp32) and
+  // su = bf16(u), times scale, written; fenced for other blocks' TMA of su; then, once every thread of the warpgroup
+  // has written, the row block's ready count raised (by each warpgroup of the wide variant for its own rows).
+  template <int Blocks, int Halves, class CoordTensor>
+  CUTLASS_DEVICE static void publish_u(float const (&tot)[Halves][2][Blocks][2], CoordTensor const& cU,
+                                       FusedParams const& f, int m_blk, int row0, int col0, int thread_idx,
+                                       int wg) {
+    Element* su = static_cast<Element*>(f.su);
+    for_each_u(tot, cU, row0, [&](int r, int c, float sum) {
+      const float v = sum * f.scale;
+      const int row = m_blk * 128 + r, col = col0 + c;
+      if (row < f.M) {
+        if (col < f.r && !(f.debug & 16)) f.u[(int64_t)row * f.r + col] = v;
+        su[(int64_t)row * f.width + col] = Element(v);
+      }
+    });
     fence_proxy_async_global();
     __threadfence();
     cutlass::arch::NamedBarrier::sync(128, wg);  // every thread's u written and fenced
@@ -386,18 +395,9 @@ struct FusedFwd {
                                            ShareWin const& w, int* flags) {
     const int wt = thread_idx % cutlass::NumThreadsPerWarpGroup;
     float* parts = f.part + (int64_t)m_blk * (2 * f.share) * 128 * f.r;
-    CUTLASS_PRAGMA_UNROLL
-    for (int mm = 0; mm < Halves; ++mm)
-      CUTLASS_PRAGMA_UNROLL
-      for (int h = 0; h < 2; ++h)
-        CUTLASS_PRAGMA_UNROLL
-        for (int b = 0; b < Blocks; ++b)
-          CUTLASS_PRAGMA_UNROLL
-          for (int c = 0; c < 2; ++c) {
-            const auto rc = cU(make_coord(c, h, 0), mm, 0);
-            const int row = row0 + get<0>(rc), col = 8 * b + get<1>(rc);
-            if (col < f.r) parts[((int64_t)w.part * 128 + row) * f.r + col] = tot[mm][h][b][c];
-          }
+    for_each_u(tot, cU, row0, [&](int row, int col, float sum) {
+      if (col < f.r) parts[((int64_t)w.part * 128 + row) * f.r + col] = sum;
+    });
     __threadfence();
     cutlass::arch::NamedBarrier::sync(128, wg);  // the warpgroup's rows written and fenced
     if (wt == 0) flags[wg] = atomicAdd(f.ready + m_blk, 1);
