@@ -129,6 +129,26 @@ struct TileOrder {
     const int s = m * ncl, left = (s / grid + 1) * grid - s, g = ncl < share ? ncl : share;
     return g < left ? g : left;
   }
+  // Shared u, output tile n_out = 2 q + rank of row block m, kt main K-tiles. Every tile: its row block's group
+  // (its ready target counts the group's parts). A group tile (q < group): its part's index (n_out) of parts = T =
+  // 2 group, which sums K-tiles [n_out kt / T, (n_out + 1) kt / T); its cluster's K loop starts at K-tile rot =
+  // q kt / group (the producer's rotation: both tiles of the cluster take the same x tiles), so that part is the
+  // loop positions [u0, u1). The producer and the consumers take it from here alike. parts = 0: not a group tile.
+  struct ShareSlice {
+    int group = 0, parts = 0, part = 0, rot = 0, u0 = 0, u1 = 0;
+  };
+  __host__ __device__ ShareSlice share_slice(int m, int n_out, int kt) const {
+    ShareSlice w;
+    w.group = group(m);
+    const int q = n_out / 2;
+    if (q >= w.group) return w;
+    w.parts = 2 * w.group;
+    w.part = n_out;
+    w.rot = q * kt / w.group;
+    w.u0 = n_out * kt / w.parts - w.rot;
+    w.u1 = (n_out + 1) * kt / w.parts - w.rot;
+    return w;
+  }
   // (row block, tile column as the kernel counts them: 0, 1 the u tiles, 2 + n the output tile n) of item i, rank r
   __device__ void tile(int i, int rank, int& m, int& n) const {
     if (share) {
@@ -379,12 +399,6 @@ struct FusedFwd {
     if (thread_idx % cutlass::NumThreadsPerWarpGroup == 0) atomicAdd(f.ready + m_blk, 1);
   }
 
-  // Shared u: the K loop positions [u0, u1) whose u products a group tile sums (its share of the K-tiles, which its
-  // cluster's rotated K loop puts near the front), its part's index and its row block's part count T (parts = 0: not
-  // a group tile).
-  struct ShareWin {
-    int u0 = 0, u1 = 0, part = 0, parts = 0;
-  };
   // Shared u, once a group tile's share is summed: the warpgroup's 64 rows of its part (unscaled fp32 sums, u's
   // columns) written to f.part, then counted into ready[m]. The warpgroup that counts last (the 2 T-th) sums the T
   // parts of all 128 rows in part order (the same bits on every call), writes u (times scale) and su = bf16(u) as
@@ -392,7 +406,7 @@ struct FusedFwd {
   template <int Blocks, int Halves, class CoordTensor>
   CUTLASS_DEVICE static void share_publish(float const (&tot)[Halves][2][Blocks][2], CoordTensor const& cU,
                                            FusedParams const& f, int m_blk, int row0, int thread_idx, int wg,
-                                           ShareWin const& w, int* flags) {
+                                           TileOrder::ShareSlice const& w, int* flags) {
     const int wt = thread_idx % cutlass::NumThreadsPerWarpGroup;
     float* parts = f.part + (int64_t)m_blk * (2 * f.share) * 128 * f.r;
     for_each_u(tot, cU, row0, [&](int row, int col, float sum) {
@@ -516,7 +530,7 @@ struct FusedFwd {
   CUTLASS_DEVICE static void mma_lead(MainloopPipeline& pipeline, PipelineState read, Accum& accum, int k_tiles,
                                       int thread_idx, typename Mainloop::TensorStorage& smem, Element* ap_slots,
                                       FusedParams const& f, int m_blk, int j, bool is_lead, int wg,
-                                      ShareWin const& w = ShareWin{}, int* flags = nullptr) {
+                                      TileOrder::ShareSlice const& w = {}, int* flags = nullptr) {
     constexpr int kNW = 8 * Blocks * Pieces;
     static_assert(kNW <= kApRows, "a lead tile's pieces fit its slot");
     static_assert(kNW == 8 || kNW == 24 || kNW == 32, "one wgmma per 64 x 16 block of x: N = 8, 24 or 32");
@@ -788,19 +802,9 @@ struct FusedFwd {
                                        FusedParams const& f, int m_blk, int n_out, int wg, TileOrder const& to) {
     const bool is_lead = n_out < f.lead;
     if constexpr (kShare) {  // 16-bit adapters, r <= 32: one slot of 32 u columns (Split{4, 1, 1})
-      // tile p = 2 q + rank of the group's clusters q < g sums K-tiles [p kt / T, (p + 1) kt / T), T = 2 g; its
-      // cluster's K loop starts at K-tile q kt / g (the producer's k_rot)
-      ShareWin w;
-      const int g = to.group(m_blk), q = n_out / 2, kt = f.k_tiles_main;
-      if (q < g) {
-        const int T = 2 * g, st = q * kt / g;
-        w.u0 = n_out * kt / T - st;
-        w.u1 = (n_out + 1) * kt / T - st;
-        w.part = n_out;
-        w.parts = T;
-      }
-      mma_lead<4, 1, false>(pipeline, read, accum, k_tiles, thread_idx, smem, ap_slots, f, m_blk, 0, q < g, wg, w,
-                            reinterpret_cast<int*>(ap_slots + kApSlotElems * kStages));
+      const TileOrder::ShareSlice w = to.share_slice(m_blk, n_out, f.k_tiles_main);
+      mma_lead<4, 1, false>(pipeline, read, accum, k_tiles, thread_idx, smem, ap_slots, f, m_blk, 0, w.parts > 0, wg,
+                            w, reinterpret_cast<int*>(ap_slots + kApSlotElems * kStages));
       return;
     }
     if constexpr (kDrop) {
@@ -987,14 +991,10 @@ struct FusedFwd {
         const bool u_tile = n_tile < kUTiles;
         const int n_out = n_tile - kUTiles;
         const bool lead_tile = f.lead > 0 && !u_tile && n_out < f.lead;
-        // Shared u: a tile of its row block's group (TileOrder::group) loads lora_A's slot with every stage and
-        // starts its K loop at its cluster's share of the K-tiles (both tiles of a cluster take the same x tiles).
-        int group = 0, k_rot = 0;
-        if constexpr (kShare) {
-          group = to.group(m_blk);
-          if (n_out / 2 < group) k_rot = (n_out / 2) * f.k_tiles_main / group;
-        }
-        const bool slot_tile = lead_tile || (kShare && n_out / 2 < group);
+        // Shared u: a tile of its row block's group loads lora_A's slot with every stage and starts its K loop at
+        // its cluster's share of the K-tiles (TileOrder::share_slice).
+        const auto sh = kShare ? to.share_slice(m_blk, n_out, f.k_tiles_main) : TileOrder::ShareSlice{};
+        const bool slot_tile = lead_tile || sh.parts > 0;
         // K serpentine: an output tile of an odd wave of items takes its main K-tiles in decreasing order, so
         // that it starts on the x columns the wave before it read last (still in L2). Not the u tiles nor the
         // dropout lead kernel, whose consumers fetch their keep bits by K-tile index, nor the shared-u order (its row
@@ -1013,7 +1013,7 @@ struct FusedFwd {
           if (ext && !u_tile && !(f.debug & 1)) {  // bf16(u) of this row block: wait until both u tiles wrote it
             const uint32_t w0 = (f.debug & 16) ? globaltimer_lo() : 0;
             // shared u: 2 T warpgroups' parts (T = 2 group) and the sum of the last of them
-            const int target = kShare ? 4 * group + 1 : f.ready_target;
+            const int target = kShare ? 2 * (2 * sh.group) + 1 : f.ready_target;
             while (ld_acquire(f.ready + m_blk) < target) __nanosleep(128);
             fence_proxy_async_global();
             if (f.debug & 16) {  // trace: the producer's wait, records 16384 + tile
@@ -1026,8 +1026,8 @@ struct FusedFwd {
           pipeline.producer_acquire(producer_state);
           auto* bar = pipeline.producer_get_barrier(producer_state);
           const int stage = producer_state.index();
-          int kk = ext ? 0 : k_down ? f.k_tiles_main - 1 - k : k;  // the K-tile this stage holds
-          if (kShare && !ext) kk = k + k_rot < f.k_tiles_main ? k + k_rot : k + k_rot - f.k_tiles_main;
+          const int k_rot = k + sh.rot < f.k_tiles_main ? k + sh.rot : k + sh.rot - f.k_tiles_main;
+          const int kk = ext ? 0 : kShare ? k_rot : k_down ? f.k_tiles_main - 1 - k : k;  // the K-tile it holds
           if (kLead && slot_tile && !ext) {  // the slot's bytes on the stage's barrier, declared before any copy
             pipeline.producer_expect_transaction(producer_state, kApSlotElems * 2);
             copy(params.tma_apl.with(*bar), tAplG(_, _, _, kk), tAplS(_, _, _, stage));
