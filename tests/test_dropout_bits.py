@@ -1,8 +1,9 @@
 """The cuda backend's dropout keep bits (csrc/dropout_bits.cu): with dropout and 16-bit x, the forward makes the
 mask's keep bits in a pass of its own and the shrink reads them (unless the shrink makes the mask itself,
-csrc/shrink_drop.cu); the backward makes them once and dx and dA read them. GPU-only (skips elsewhere): the launches are where they should be (a profiler count), and the results with
-odd K (rows of keep bytes that are not whole 4-byte words, and 8-groups cut by K's end), odd M and misaligned
-inputs meet the float64 tolerance rule against the contract's mask, with every output poisoned first."""
+csrc/shrink_drop.cu); the backward makes them once and dx and dA read them. GPU-only (skips elsewhere): the launches
+are where they should be (a profiler count), and the results with odd K (rows of keep bytes that are not whole 4-byte
+words, and 8-groups cut by K's end), odd M and misaligned inputs meet the float64 tolerance rule against the
+contract's mask, with every output poisoned first."""
 import pytest
 import torch
 

@@ -476,4 +476,3 @@ def test_shared_u_is_opt_in():
     x, W, b, A, B = _inputs(300, 2048, 2056, 16, torch.bfloat16, torch.bfloat16, True)
     path = _cb().forward_path(x, W, b, A, B, 0.0)
     assert path.startswith("sm90 fused lead (") and not path.endswith(" shared u"), path
-
