@@ -1118,8 +1118,7 @@ int64_t set_shrink_drop(int64_t mode) { return lk::set_shrink_drop(mode > 0 ? 1 
 
 // Which path a forward with these inputs takes: "small_m" (one launch, csrc/small_m.cu), "sm90 fused (small_m: <why
 // not>)" or "sm90 fused lead (small_m: <why not>)" (csrc/fused_fwd_sm90.h; followed by " 128x256 cooperative" where
-// the lead tiles take the wide variant, then " shared u" where the opt-in shared-u instance runs), or gemm_path's
-// answer followed by " (fused: <why not>) (small_m: <why not>)".
+// the lead tiles take the wide variant), or gemm_path's answer followed by " (fused: <why not>) (small_m: <why not>)".
 // Checks what lora_forward checks first (the call would fail otherwise).
 std::string forward_path(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                          const Tensor& lora_A, const Tensor& lora_B, double p) {
@@ -1134,8 +1133,7 @@ std::string forward_path(const Tensor& x, const Tensor& weight, const std::optio
     const lk::FusedFwdArgs a = fused_args(x, weight, has_bias ? &*bias : nullptr, lora_A, lora_B, 1.0, p, lead);
     const bool wide = lead && lk::lora_fused_fwd_sm90_wide(a);
     return std::string(lead ? "sm90 fused lead" : "sm90 fused") + " (small_m: " + why + ")" +
-           (lk::lora_fused_fwd_sm90_direct(a) ? " one launch" : "") + (wide ? " 128x256 cooperative" : "") +
-           (lk::lora_fused_fwd_sm90_share(a) > 0 ? " shared u" : "");
+           (lk::lora_fused_fwd_sm90_direct(a) ? " one launch" : "") + (wide ? " 128x256 cooperative" : "");
   }
   return gemm_path(x, weight, bias) + " (fused: " + why_fused + ") (small_m: " + why + ")";
 }

@@ -17,7 +17,6 @@
 #include "philox.cuh"
 #include "plans.cuh"
 
-#include <algorithm>
 #include <cstdlib>
 
 namespace lora_kernels {
@@ -30,17 +29,15 @@ constexpr int64_t kAlignBytes = 256;
 int64_t align_up(int64_t v) { return (v + kAlignBytes - 1) / kAlignBytes * kAlignBytes; }
 
 struct Carve {
-  int64_t ap, bx, su, ready, part, total;
+  int64_t ap, bx, su, ready, total;
 };
-// part_floats: the shared-u instance's parts (sm90fused::share_part_floats), 0 without it
-Carve carve(int64_t M, int64_t N, int64_t K, const sm90fused::Split& sp, int64_t part_floats = 0) {
+Carve carve(int64_t M, int64_t N, int64_t K, const sm90fused::Split& sp) {
   Carve c;
   c.ap = 0;
   c.bx = c.ap + align_up((int64_t)sp.tiles * sp.rows * K * 2);
   c.su = c.bx + align_up(N * sp.width() * 2);
   c.ready = c.su + align_up(M * sp.width() * 2);
-  c.part = c.ready + align_up(ceil_div(M, 128) * 4);
-  c.total = c.part + align_up(part_floats * 4);
+  c.total = c.ready + align_up(ceil_div(M, 128) * 4);
   return c;
 }
 
@@ -90,10 +87,9 @@ fused_prep_kernel(const TA* __restrict__ A, const TB* __restrict__ B, T* __restr
 }
 
 // Development switches, read once: LORA_KERNELS_FUSED_DEBUG (FusedParams::debug), LORA_KERNELS_FUSED_STRIP
-// (FusedParams::strip), LORA_KERNELS_FUSED_AHEAD (FusedParams::ahead) and LORA_KERNELS_FUSED_SHARE (FusedParams::share,
-// the shared-u instance: opt-in until measured).
+// (FusedParams::strip) and LORA_KERNELS_FUSED_AHEAD (FusedParams::ahead).
 struct DevKnobs {
-  int debug = 0, strip = 0, ahead = 0, share = 0;
+  int debug = 0, strip = 0, ahead = 0;
 };
 [[maybe_unused]] const DevKnobs& dev_knobs() {
   static const DevKnobs k = [] {
@@ -101,7 +97,6 @@ struct DevKnobs {
     if (const char* s = std::getenv("LORA_KERNELS_FUSED_DEBUG")) d.debug = std::atoi(s);
     if (const char* s = std::getenv("LORA_KERNELS_FUSED_STRIP")) d.strip = std::atoi(s);
     if (const char* s = std::getenv("LORA_KERNELS_FUSED_AHEAD")) d.ahead = std::atoi(s);
-    if (const char* s = std::getenv("LORA_KERNELS_FUSED_SHARE")) d.share = std::min(std::max(std::atoi(s), 0), 8);
     return d;
   }();
   return k;
@@ -117,45 +112,16 @@ bool narrow_lead(int64_t M, int64_t N, int r, int pieces) {
 }
 
 // The Split a launch takes, for its workspace, the wide-tile rule and the launch alike: split_for, with lead tiles
-// of 8 u columns where narrow_lead takes them; with shared u (share > 0) one slot of 32 u columns.
-sm90fused::Split launch_split(int64_t M, int64_t N, int r, int pieces, bool lead, int share = 0) {
-  return sm90fused::split_for(r, pieces, lead, share == 0 && narrow_lead(M, N, r, pieces));
-}
-
-// The shared-u instance's clusters per row block for a lead-tile launch of these operands without dropout:
-// LORA_KERNELS_FUSED_SHARE where that instance runs (bf16 x and adapters, r <= 32: one slot of lora_A's rows; the
-// wide tile, whose cooperative schedule no waiting tile can stall), else 0.
-int share_clusters(int64_t M, int64_t N, int64_t K, int r, DType x_dtype, DType a_dtype, DType b_dtype, bool lead) {
-  const int share = dev_knobs().share;
-  if (share <= 0 || !lead || x_dtype != DType::kBFloat16 || a_dtype != x_dtype || b_dtype != x_dtype || r > 32)
-    return 0;
-  FusedFwdArgs w;
-  w.M = M;
-  w.N = N;
-  w.K = K;
-  w.r = r;
-  w.x_dtype = x_dtype;
-  w.a_dtype = a_dtype;
-  w.b_dtype = b_dtype;
-  w.lead = true;
-  return lora_fused_fwd_sm90_wide(w) ? share : 0;
+// of 8 u columns where narrow_lead takes them.
+sm90fused::Split launch_split(int64_t M, int64_t N, int r, int pieces, bool lead) {
+  return sm90fused::split_for(r, pieces, lead, narrow_lead(M, N, r, pieces));
 }
 
 }  // namespace
 
 size_t lora_fused_fwd_sm90_workspace_bytes(int64_t M, int64_t N, int64_t K, int r, DType x_dtype, DType a_dtype,
                                            bool lead) {
-  const int pieces = adapter_pieces(x_dtype, a_dtype);
-  const int64_t plain = carve(M, N, K, launch_split(M, N, r, pieces, lead)).total;
-  // the shared-u instance (its split and parts) where it may run; lora_B's dtype is not known here: taken as x's
-  const int share = share_clusters(M, N, K, r, x_dtype, a_dtype, x_dtype, lead);
-  if (share == 0) return (size_t)plain;
-  return (size_t)std::max(plain, carve(M, N, K, launch_split(M, N, r, pieces, lead, share),
-                                       sm90fused::share_part_floats(M, r, share)).total);
-}
-
-int lora_fused_fwd_sm90_share(const FusedFwdArgs& a) {
-  return a.p > 0.f ? 0 : share_clusters(a.M, a.N, a.K, a.r, a.x_dtype, a.a_dtype, a.b_dtype, a.lead);
+  return (size_t)carve(M, N, K, launch_split(M, N, r, adapter_pieces(x_dtype, a_dtype), lead)).total;
 }
 
 const char* lora_fused_fwd_sm90_unsupported(const FusedFwdArgs& a, int device) {
@@ -210,9 +176,8 @@ cudaError_t launch_lora_fused_fwd_sm90(const FusedFwdArgs& a, cudaStream_t strea
     return cudaErrorNotSupported;
 #if LORA_KERNELS_HAVE_SM90_GEMM
   const int pieces = adapter_pieces(a.x_dtype, a.a_dtype);
-  const int share = lora_fused_fwd_sm90_share(a);
-  const sm90fused::Split sp = launch_split(a.M, a.N, a.r, pieces, a.lead, share);
-  const Carve c = carve(a.M, a.N, a.K, sp, share > 0 ? sm90fused::share_part_floats(a.M, a.r, share) : 0);
+  const sm90fused::Split sp = launch_split(a.M, a.N, a.r, pieces, a.lead);
+  const Carve c = carve(a.M, a.N, a.K, sp);
   char* ws = static_cast<char*>(a.workspace);
   const int64_t mt = ceil_div(a.M, 128);
   const int64_t blocks_ap = ceil_div((int64_t)sp.tiles * sp.rows * (a.K / 8), kPrepThreads);  // 8 per thread
@@ -250,9 +215,7 @@ cudaError_t launch_lora_fused_fwd_sm90(const FusedFwdArgs& a, cudaStream_t strea
   f.r = a.r;
   f.blocks = sp.blocks;
   const bool wide = lora_fused_fwd_sm90_wide(a);
-  f.lead = a.lead && share == 0 ? sp.tiles : 0;  // shared u: every tile of a row block's group, none "lead"
-  f.share = share;
-  f.part = share > 0 ? reinterpret_cast<float*>(ws + c.part) : nullptr;
+  f.lead = a.lead ? sp.tiles : 0;
   f.ready_target = wide ? 2 * sp.tiles : sp.tiles;  // the wide variant's warpgroups count themselves each
   f.width = sp.width();
   f.pieces = pieces;
@@ -275,7 +238,6 @@ cudaError_t launch_lora_fused_fwd_sm90(const FusedFwdArgs& a, cudaStream_t strea
     o.direct = true;
   }
   if (a.lead && f.keep != nullptr) return sm90fused::run_fused_lead_drop_bf16(o, f, a.K, num_sms(), stream);
-  if (share > 0) return sm90fused::run_fused_share_bf16(o, f, a.K, num_sms(), stream);
   if (wide)
     return a.x_dtype == DType::kBFloat16 ? sm90fused::run_fused_lead_wide_bf16(o, f, a.K, num_sms(), stream)
                                          : sm90fused::run_fused_lead_wide_fp16(o, f, a.K, num_sms(), stream);

@@ -114,48 +114,9 @@ struct TileOrder {
   // Row serpentine: odd strips take their row blocks in decreasing order, so that a strip starts on the row blocks
   // whose x the strip before it read last (FusedParams::debug bit 10 turns it off).
   bool snake = true;
-  // Shared u (the share instance, FusedParams::share > 0): the row-block-major order (a row block's clusters one after
-  // the other, as the sm_90 GEMM's scheduler takes them), in which the first group(m) clusters of row block m compute
-  // u, each tile over its share of the K-tiles. grid: the clusters of the launch (items per wave), set at launch.
-  int share = 0;
-  int grid = 1;
-  __host__ __device__ int items() const { return lead || share ? mt * ncl : mt * (1 + ncl); }
-  // The clusters of row block m that compute u: its first ones, at most `share`, and only those in the wave of its
-  // first item, so that no tile waits on a tile of a later wave. No wait can deadlock: a tile writes its part of u
-  // before it waits for anything, and waits only before its extension stage; if item j never started, the item its
-  // block ran before it (j - grid) would be waiting on a group tile that never wrote, but that tile's item is below
-  // j (in the same wave as its row block's first item, which is at most j - grid) and so did start.
-  __host__ __device__ int group(int m) const {
-    const int s = m * ncl, left = (s / grid + 1) * grid - s, g = ncl < share ? ncl : share;
-    return g < left ? g : left;
-  }
-  // Shared u, output tile n_out = 2 q + rank of row block m, kt main K-tiles. Every tile: its row block's group
-  // (its ready target counts the group's parts). A group tile (q < group): its part's index (n_out) of parts = T =
-  // 2 group, which sums K-tiles [n_out kt / T, (n_out + 1) kt / T); its cluster's K loop starts at K-tile rot =
-  // q kt / group (the producer's rotation: both tiles of the cluster take the same x tiles), so that part is the
-  // loop positions [u0, u1). The producer and the consumers take it from here alike. parts = 0: not a group tile.
-  struct ShareSlice {
-    int group = 0, parts = 0, part = 0, rot = 0, u0 = 0, u1 = 0;
-  };
-  __host__ __device__ ShareSlice share_slice(int m, int n_out, int kt) const {
-    ShareSlice w;
-    w.group = group(m);
-    const int q = n_out / 2;
-    if (q >= w.group) return w;
-    w.parts = 2 * w.group;
-    w.part = n_out;
-    w.rot = q * kt / w.group;
-    w.u0 = n_out * kt / w.parts - w.rot;
-    w.u1 = (n_out + 1) * kt / w.parts - w.rot;
-    return w;
-  }
+  __host__ __device__ int items() const { return lead ? mt * ncl : mt * (1 + ncl); }
   // (row block, tile column as the kernel counts them: 0, 1 the u tiles, 2 + n the output tile n) of item i, rank r
   __device__ void tile(int i, int rank, int& m, int& n) const {
-    if (share) {
-      m = i / ncl;
-      n = 2 + 2 * (i % ncl) + rank;
-      return;
-    }
     if (lead && ahead >= 0) {
       const int d = min(ahead, mt), rest = ncl - lead;  // rest: the other clusters of a row block
       int col;
@@ -192,12 +153,11 @@ struct TileOrder {
 // u-tile kernel's code is what was measured. kDrop: the lead tiles with dropout (fp32 adapters on bf16 x), also a
 // kernel of its own: x's masked copy in registers takes 32 more per consumer thread, which the other lead variants'
 // register allocation must not pay for.
-template <class Element, bool kLead, bool kDrop = false, bool kWide = false, bool kShare = false>
+template <class Element, bool kLead, bool kDrop = false, bool kWide = false>
 struct FusedFwd {
   static_assert(!kDrop || (kLead && cute::is_same_v<Element, cutlass::bfloat16_t>),
                 "dropout lead tiles: bf16 x with fp32 adapters' 3 pieces");
   static_assert(!kWide || (kLead && !kDrop), "the wide (cooperative) variant: lead tiles without dropout");
-  static_assert(!kShare || kWide, "shared u: the wide variant's tiles (cooperative: no turn a waiting tile holds)");
   // ---------------------------------------------------------------------------------------------- types
   using Tile = cute::conditional_t<kWide, Shape<_128, _256, _64>, Shape<_128, _128, _64>>;
   static constexpr int kTileN = size<1>(Tile{});
@@ -260,11 +220,9 @@ struct FusedFwd {
   using TMA_Ap = decltype(make_tma_copy(SM90_TMA_LOAD{},
                                         make_tensor(make_gmem_ptr(static_cast<IB const*>(nullptr)), GmemLayoutAp{}),
                                         SmemLayoutApStage{}));
-  // shared u: after the slots, one int per consumer warpgroup (share_publish: the ready count it saw)
-  static constexpr int kShareFlagElems = kShare ? 16 : 0;
   struct SharedStorage {
     typename Base::SharedStorage base;
-    alignas(1024) cute::array_aligned<Element, kLead ? kApSlotElems * kStages + kShareFlagElems : 8> ap;  // slots
+    alignas(1024) cute::array_aligned<Element, kLead ? kApSlotElems * kStages : 8> ap;  // the lead tiles' slots
   };
   static constexpr int kTileK = 64;
   static_assert(Mainloop::K_PIPE_MMAS == 1, "the consumer loops keep one MMA batch in flight");
@@ -357,13 +315,16 @@ struct FusedFwd {
           }
   }
 
-  // Each of a warpgroup's fp32 u sums tot[64-row half][row h][b][column c] (the wgmma D fragment's (2 adjacent
-  // columns, 2 rows 8 apart) of its first column group) with its row in the 128-row block and its u column in the
-  // tile's blocks of 8: fn(row, column, sum). cU: the (row, column) of each accumulator element; row0: the
-  // warpgroup's first row in the block.
-  template <int Blocks, int Halves, class CoordTensor, class Fn>
-  CUTLASS_DEVICE static void for_each_u(float const (&tot)[Halves][2][Blocks][2], CoordTensor const& cU, int row0,
-                                        Fn&& fn) {
+  // A row block's u columns col0 + 8 b + 0..7 (b < Blocks) from a warpgroup's fp32 sums tot[64-row half][row h]
+  // [b][column c] (the wgmma D fragment's (2 adjacent columns, 2 rows 8 apart) of its first column group; cU: the
+  // (row, column) of each accumulator element, rows counted from row0 of the 128-row block): u (fp32) and
+  // su = bf16(u), times scale, written; fenced for other blocks' TMA of su; then, once every thread of the warpgroup
+  // has written, the row block's ready count raised (by each warpgroup of the wide variant for its own rows).
+  template <int Blocks, int Halves, class CoordTensor>
+  CUTLASS_DEVICE static void publish_u(float const (&tot)[Halves][2][Blocks][2], CoordTensor const& cU,
+                                       FusedParams const& f, int m_blk, int row0, int col0, int thread_idx,
+                                       int wg) {
+    Element* su = static_cast<Element*>(f.su);
     CUTLASS_PRAGMA_UNROLL
     for (int mm = 0; mm < Halves; ++mm)
       CUTLASS_PRAGMA_UNROLL
@@ -372,69 +333,19 @@ struct FusedFwd {
         for (int b = 0; b < Blocks; ++b)
           CUTLASS_PRAGMA_UNROLL
           for (int c = 0; c < 2; ++c) {
+            const float v = tot[mm][h][b][c] * f.scale;
             const auto rc = cU(make_coord(c, h, 0), mm, 0);  // group 0: its column is n0 + c < 8
-            fn(row0 + get<0>(rc), 8 * b + get<1>(rc), tot[mm][h][b][c]);
+            const int row = m_blk * 128 + row0 + get<0>(rc);
+            const int col = col0 + 8 * b + get<1>(rc);
+            if (row < f.M) {
+              if (col < f.r && !(f.debug & 16)) f.u[(int64_t)row * f.r + col] = v;
+              su[(int64_t)row * f.width + col] = Element(v);
+            }
           }
-  }
-
-  // A row block's u columns col0 + 8 b + 0..7 (b < Blocks) from a warpgroup's fp32 sums (for_each_u): u (fp32) and
-  // su = bf16(u), times scale, written; fenced for other blocks' TMA of su; then, once every thread of the warpgroup
-  // has written, the row block's ready count raised (by each warpgroup of the wide variant for its own rows).
-  template <int Blocks, int Halves, class CoordTensor>
-  CUTLASS_DEVICE static void publish_u(float const (&tot)[Halves][2][Blocks][2], CoordTensor const& cU,
-                                       FusedParams const& f, int m_blk, int row0, int col0, int thread_idx,
-                                       int wg) {
-    Element* su = static_cast<Element*>(f.su);
-    for_each_u(tot, cU, row0, [&](int r, int c, float sum) {
-      const float v = sum * f.scale;
-      const int row = m_blk * 128 + r, col = col0 + c;
-      if (row < f.M) {
-        if (col < f.r && !(f.debug & 16)) f.u[(int64_t)row * f.r + col] = v;
-        su[(int64_t)row * f.width + col] = Element(v);
-      }
-    });
     fence_proxy_async_global();
     __threadfence();
     cutlass::arch::NamedBarrier::sync(128, wg);  // every thread's u written and fenced
     if (thread_idx % cutlass::NumThreadsPerWarpGroup == 0) atomicAdd(f.ready + m_blk, 1);
-  }
-
-  // Shared u, once a group tile's share is summed: the warpgroup's 64 rows of its part (unscaled fp32 sums, u's
-  // columns) written to f.part, then counted into ready[m]. The warpgroup that counts last (the 2 T-th) sums the T
-  // parts of all 128 rows in part order (the same bits on every call), writes u (times scale) and su = bf16(u) as
-  // publish_u does (su's columns past r as zeros), fences them for other blocks' TMA of su, and counts once more.
-  template <int Blocks, int Halves, class CoordTensor>
-  CUTLASS_DEVICE static void share_publish(float const (&tot)[Halves][2][Blocks][2], CoordTensor const& cU,
-                                           FusedParams const& f, int m_blk, int row0, int thread_idx, int wg,
-                                           TileOrder::ShareSlice const& w, int* flags) {
-    const int wt = thread_idx % cutlass::NumThreadsPerWarpGroup;
-    float* parts = f.part + (int64_t)m_blk * (2 * f.share) * 128 * f.r;
-    for_each_u(tot, cU, row0, [&](int row, int col, float sum) {
-      if (col < f.r) parts[((int64_t)w.part * 128 + row) * f.r + col] = sum;
-    });
-    __threadfence();
-    cutlass::arch::NamedBarrier::sync(128, wg);  // the warpgroup's rows written and fenced
-    if (wt == 0) flags[wg] = atomicAdd(f.ready + m_blk, 1);
-    cutlass::arch::NamedBarrier::sync(128, wg);
-    if (flags[wg] != 2 * w.parts - 1) return;  // not the last
-    __threadfence();  // every part counted in before ours is visible
-    Element* su = static_cast<Element*>(f.su);
-    for (int e = wt; e < 128 * f.width; e += cutlass::NumThreadsPerWarpGroup) {
-      const int row = e / f.width, col = e % f.width;
-      float v = 0.f;
-      if (col < f.r)
-        for (int q = 0; q < w.parts; ++q) v += __ldcg(parts + ((int64_t)q * 128 + row) * f.r + col);
-      v *= f.scale;
-      const int64_t grow = (int64_t)m_blk * 128 + row;
-      if (grow < f.M) {
-        if (col < f.r && !(f.debug & 16)) f.u[grow * f.r + col] = v;
-        su[grow * f.width + col] = Element(v);
-      }
-    }
-    fence_proxy_async_global();
-    __threadfence();
-    cutlass::arch::NamedBarrier::sync(128, wg);  // u and su written and fenced
-    if (wt == 0) atomicAdd(f.ready + m_blk, 1);
   }
 
   // Dropout on a lead tile: x's tile is copied from the stage into the registers of the u batch's A operand (the
@@ -529,8 +440,7 @@ struct FusedFwd {
   template <int Blocks, int Pieces, bool kMask, class Accum>
   CUTLASS_DEVICE static void mma_lead(MainloopPipeline& pipeline, PipelineState read, Accum& accum, int k_tiles,
                                       int thread_idx, typename Mainloop::TensorStorage& smem, Element* ap_slots,
-                                      FusedParams const& f, int m_blk, int j, bool is_lead, int wg,
-                                      TileOrder::ShareSlice const& w = {}, int* flags = nullptr) {
+                                      FusedParams const& f, int m_blk, int j, bool is_lead, int wg) {
     constexpr int kNW = 8 * Blocks * Pieces;
     static_assert(kNW <= kApRows, "a lead tile's pieces fit its slot");
     static_assert(kNW == 8 || kNW == 24 || kNW == 32, "one wgmma per 64 x 16 block of x: N = 8, 24 or 32");
@@ -598,16 +508,13 @@ struct FusedFwd {
       warpgroup_commit_batch();
     };
     const bool u_batch = is_lead && !(f.debug & 64);  // debug bit 6: no u batch (wrong u: timing only)
-    // shared u: the rows and columns of the warpgroup's u sums, and the K loop position after which its part is done
-    auto cU = thr_u.partition_C(make_identity_tensor(Shape<Int<kURows>, Int<kNW>>{}));
-    const int share_done = w.u1 > 0 ? w.u1 - 1 : 0;
     for (int t = 0; t < kt_main; ++t) {
       auto token = pipeline.consumer_try_wait(read);
       pipeline.consumer_wait(read, token);
       const int stage = read.index();
       // The lead tile's K-tile in one branch, u batch to drain, so that the u accumulator is not merged with the
-      // other tiles' path inside the K-tile. Shared u: only the K-tiles of the tile's share.
-      if (u_batch && (!kShare || (t >= w.u0 && t < w.u1))) {
+      // other tiles' path inside the K-tile.
+      if (u_batch) {
         Tensor sU = make_tensor(make_smem_ptr(ap_slots + stage * kApSlotElems), SmemLayoutU{});
         Tensor tUrB = thr_u.make_fragment_B(thr_u.partition_B(sU));  // (MMA, MMA_N, MMA_K)
         // the u batch first (with dropout from x's copy in registers, masked there), then the main batch
@@ -647,10 +554,6 @@ struct FusedFwd {
         warpgroup_wait<1>();  // K-tile t - 1's main batch is done
         warpgroup_fence_operand(accum);
       }
-      if constexpr (kShare) {  // the share summed: the part written and counted in, under this K-tile's main batch
-        if (is_lead && t == share_done)
-          share_publish<Blocks>(tot, cU, f, m_blk, kURows * wg, thread_idx, wg, w, flags);
-      }
       if (t > 0) {  // K-tile t - 1's stage
         pipeline.consumer_release(release);
         ++release;
@@ -664,8 +567,9 @@ struct FusedFwd {
       ++release;
     }
 
-    if (!kShare && is_lead)  // u's columns rc j .. rc j + rc - 1 of the row block
-      publish_u<Blocks>(tot, cU, f, m_blk, kWide ? kURows * wg : 0, 8 * Blocks * j, thread_idx, wg);
+    if (is_lead)  // u's columns rc j .. rc j + rc - 1 of the row block
+      publish_u<Blocks>(tot, thr_u.partition_C(make_identity_tensor(Shape<Int<kURows>, Int<kNW>>{})), f, m_blk,
+                        kWide ? kURows * wg : 0, 8 * Blocks * j, thread_idx, wg);
 
     // the extension stage: (su, Bx), its first kb_ext k-blocks
     auto token = pipeline.consumer_try_wait(read);
@@ -799,14 +703,8 @@ struct FusedFwd {
   template <class Accum>
   CUTLASS_DEVICE static void lead_tile(MainloopPipeline& pipeline, PipelineState read, Accum& accum, int k_tiles,
                                        int thread_idx, typename Mainloop::TensorStorage& smem, Element* ap_slots,
-                                       FusedParams const& f, int m_blk, int n_out, int wg, TileOrder const& to) {
+                                       FusedParams const& f, int m_blk, int n_out, int wg) {
     const bool is_lead = n_out < f.lead;
-    if constexpr (kShare) {  // 16-bit adapters, r <= 32: one slot of 32 u columns (Split{4, 1, 1})
-      const TileOrder::ShareSlice w = to.share_slice(m_blk, n_out, f.k_tiles_main);
-      mma_lead<4, 1, false>(pipeline, read, accum, k_tiles, thread_idx, smem, ap_slots, f, m_blk, 0, w.parts > 0, wg,
-                            w, reinterpret_cast<int*>(ap_slots + kApSlotElems * kStages));
-      return;
-    }
     if constexpr (kDrop) {
       mma_lead<1, 3, true>(pipeline, read, accum, k_tiles, thread_idx, smem, ap_slots, f, m_blk, n_out, is_lead, wg);
     } else {
@@ -991,15 +889,10 @@ struct FusedFwd {
         const bool u_tile = n_tile < kUTiles;
         const int n_out = n_tile - kUTiles;
         const bool lead_tile = f.lead > 0 && !u_tile && n_out < f.lead;
-        // Shared u: a tile of its row block's group loads lora_A's slot with every stage and starts its K loop at
-        // its cluster's share of the K-tiles (TileOrder::share_slice).
-        const auto sh = kShare ? to.share_slice(m_blk, n_out, f.k_tiles_main) : TileOrder::ShareSlice{};
-        const bool slot_tile = lead_tile || sh.parts > 0;
         // K serpentine: an output tile of an odd wave of items takes its main K-tiles in decreasing order, so
         // that it starts on the x columns the wave before it read last (still in L2). Not the u tiles nor the
-        // dropout lead kernel, whose consumers fetch their keep bits by K-tile index, nor the shared-u order (its row
-        // block's tiles run in one wave). Debug bit 9: all increasing.
-        const bool k_down = !kShare && !kDrop && !u_tile && !(f.debug & 512) && ((item / stride) & 1);
+        // dropout lead kernel, whose consumers fetch their keep bits by K-tile index. Debug bit 9: all increasing.
+        const bool k_down = !kDrop && !u_tile && !(f.debug & 512) && ((item / stride) & 1);
         Tensor tAplG = ta_apl.partition_S(  // (TMA, TMA_M, TMA_K, k)
             local_tile(domain_offset(make_coord(lead_tile ? n_out * f.ap_pitch : 0, 0), mApl),
                        Shape<Int<kApRows>, _64>{}, make_coord(0, _)));
@@ -1012,9 +905,7 @@ struct FusedFwd {
           const bool ext = k == f.k_tiles_main;
           if (ext && !u_tile && !(f.debug & 1)) {  // bf16(u) of this row block: wait until both u tiles wrote it
             const uint32_t w0 = (f.debug & 16) ? globaltimer_lo() : 0;
-            // shared u: 2 T warpgroups' parts (T = 2 group) and the sum of the last of them
-            const int target = kShare ? 2 * (2 * sh.group) + 1 : f.ready_target;
-            while (ld_acquire(f.ready + m_blk) < target) __nanosleep(128);
+            while (ld_acquire(f.ready + m_blk) < f.ready_target) __nanosleep(128);
             fence_proxy_async_global();
             if (f.debug & 16) {  // trace: the producer's wait, records 16384 + tile
               uint32_t* rec = reinterpret_cast<uint32_t*>(f.u) + 4 * (16384 + m_blk * n_tiles_sched + n_tile);
@@ -1026,9 +917,8 @@ struct FusedFwd {
           pipeline.producer_acquire(producer_state);
           auto* bar = pipeline.producer_get_barrier(producer_state);
           const int stage = producer_state.index();
-          const int k_rot = k + sh.rot < f.k_tiles_main ? k + sh.rot : k + sh.rot - f.k_tiles_main;
-          const int kk = ext ? 0 : kShare ? k_rot : k_down ? f.k_tiles_main - 1 - k : k;  // the K-tile it holds
-          if (kLead && slot_tile && !ext) {  // the slot's bytes on the stage's barrier, declared before any copy
+          const int kk = ext ? 0 : k_down ? f.k_tiles_main - 1 - k : k;  // the K-tile this stage holds
+          if (kLead && lead_tile && !ext) {  // the slot's bytes on the stage's barrier, declared before any copy
             pipeline.producer_expect_transaction(producer_state, kApSlotElems * 2);
             copy(params.tma_apl.with(*bar), tAplG(_, _, _, kk), tAplS(_, _, _, stage));
           }
@@ -1070,7 +960,7 @@ struct FusedFwd {
         Tensor accum = partition_fragment_C(tiled_mma, take<0, 2>(blk_shape));
         const int n_out = n_tile - kUTiles;
         lead_tile(pipeline, consumer_state, accum, k_tiles, mma_thread, shared.base.tensors.mainloop,
-                  shared.ap.data(), f, m_blk, n_out, wg, to);
+                  shared.ap.data(), f, m_blk, n_out, wg);
         if (trace && mma_thread == 0) rec[2] = globaltimer_lo();
         release_last(pipeline, consumer_state, k_tiles);
         consumer_state.advance(k_tiles);
@@ -1114,7 +1004,7 @@ struct FusedFwd {
           const int n_out = n_tile - kUTiles;
           if constexpr (kLead) {
             lead_tile(pipeline, consumer_state, accum, k_tiles, wg_thread, shared.base.tensors.mainloop,
-                      shared.ap.data(), f, m_blk, n_out, wg, to);
+                      shared.ap.data(), f, m_blk, n_out, wg);
           } else {
             mma_output(pipeline, consumer_state, accum, k_tiles, f.kb_ext, wg_thread, shared.base.tensors.mainloop);
           }
@@ -1175,7 +1065,6 @@ struct FusedFwd {
     p.order.lead = f.lead > 0 ? (f.lead + 1) / 2 : 0;
     p.order.ahead = (f.debug & 128) ? 0 : f.ahead > 0 ? f.ahead : -1;
     p.order.snake = !(f.debug & 1024);
-    p.order.share = kShare ? f.share : 0;
     using IA = typename Mainloop::InternalElementA;
     auto make_a = [&](void const* ptr, int rows, int cols, int ld) {  // (rows, cols) of a row pitch of ld
       auto t = make_tensor(static_cast<IA const*>(ptr), make_layout(make_shape(rows, cols, 1),
@@ -1243,7 +1132,6 @@ struct FusedFwd {
       if (device < 64) resident[device].store(clusters, std::memory_order_release);
     }
     config.gridDim = dim3(unsigned(std::min(clusters, p.order.items())), unsigned(size<1>(Cluster{})), 1);
-    p.order.grid = int(config.gridDim.x);  // shared u: the items of a wave
     config.numAttrs = with_pdl(attr, 1);  // may start under the prep launch's tail (the kernel waits for it)
     void* kernel_params[] = {&p};
     return cudaLaunchKernelExC(&config, kernel, kernel_params);

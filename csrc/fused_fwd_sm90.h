@@ -75,10 +75,6 @@ bool lora_fused_fwd_sm90_wide(const FusedFwdArgs& args);
 // dtype (16-bit: one piece), r a multiple of 8 (lora_B's rows of 16 bytes), both 16-byte aligned, and at most
 // kFusedReadyCap row blocks (the stream's ready counters).
 bool lora_fused_fwd_sm90_direct(const FusedFwdArgs& args);
-// The clusters per row block that compute u in the shared-u instance (FusedParams::share), for a launch of `args`;
-// 0 where the launch takes another instance. Opt-in (LORA_KERNELS_FUSED_SHARE, development only): without dropout,
-// bf16 x and adapters, r <= 32, where the lead tiles take the wide variant.
-int lora_fused_fwd_sm90_share(const FusedFwdArgs& args);
 // The prep launch (where one is needed) and the fused GEMM launch, on `stream`.
 cudaError_t launch_lora_fused_fwd_sm90(const FusedFwdArgs& args, cudaStream_t stream);
 
@@ -149,19 +145,10 @@ struct FusedParams {
   // lead tiles: row blocks by which the lead clusters run ahead of the others (TileOrder::ahead,
   // LORA_KERNELS_FUSED_AHEAD; 0: every lead cluster first)
   int ahead = 0;
-  // Shared u (the share instance, LORA_KERNELS_FUSED_SHARE; 0: off): in a row-block-major order each of a row block's
-  // first `share` clusters (fewer where the row block's first wave of items holds fewer: TileOrder::group) sums u
-  // over its tiles' 1/T of the K-tiles (T = 2 × its group's clusters) into its part of `part`, unscaled, and counts
-  // itself into ready (each warpgroup for its 64 rows); the warpgroup that counts last sums the T parts in part
-  // order and writes u and su, then counts once more: the row block's ready target is 2 T + 1.
-  int share = 0;
-  float* part = nullptr;  // (row blocks, 2 share, 128, r) fp32
 };
-// The share instance's workspace for the parts: row blocks × 2 share × 128 × r fp32.
-inline int64_t share_part_floats(int64_t M, int r, int share) { return (M + 127) / 128 * 2 * share * 128 * r; }
 #if LORA_KERNELS_HAVE_SM90_GEMM
 // The instances (fused_fwd_sm90_<dtype>.cu, fused_fwd_sm90_lead_<dtype>.cu, fused_fwd_sm90_lead_drop_bf16.cu,
-// fused_fwd_sm90_lead_wide_<dtype>.cu, fused_fwd_sm90_share_bf16.cu): launch the GEMM on prepared operands.
+// fused_fwd_sm90_lead_wide_<dtype>.cu): launch the GEMM on prepared operands.
 struct Operands {
   const void *x, *w, *bias, *ap, *bx;
   void* y;
@@ -176,7 +163,6 @@ cudaError_t run_fused_lead_fp16(const Operands&, const FusedParams&, int64_t K, 
 cudaError_t run_fused_lead_drop_bf16(const Operands&, const FusedParams&, int64_t K, int sms, cudaStream_t);
 cudaError_t run_fused_lead_wide_bf16(const Operands&, const FusedParams&, int64_t K, int sms, cudaStream_t);
 cudaError_t run_fused_lead_wide_fp16(const Operands&, const FusedParams&, int64_t K, int sms, cudaStream_t);
-cudaError_t run_fused_share_bf16(const Operands&, const FusedParams&, int64_t K, int sms, cudaStream_t);
 #endif
 }  // namespace sm90fused
 

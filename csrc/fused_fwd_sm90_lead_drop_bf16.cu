@@ -2,4 +2,4 @@
 // (fused_fwd_sm90_instance.cuh).
 #include "fused_fwd_sm90_instance.cuh"
 
-LORA_KERNELS_FUSED_SM90_INSTANCE(lead_drop_bf16, cutlass::bfloat16_t, true, true, false, false)
+LORA_KERNELS_FUSED_SM90_INSTANCE(lead_drop_bf16, cutlass::bfloat16_t, true, true, false)

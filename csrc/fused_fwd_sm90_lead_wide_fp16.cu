@@ -2,4 +2,4 @@
 // variant: no dropout) for fp16 x: one translation unit (fused_fwd_sm90_instance.cuh).
 #include "fused_fwd_sm90_instance.cuh"
 
-LORA_KERNELS_FUSED_SM90_INSTANCE(lead_wide_fp16, cutlass::half_t, true, false, true, false)
+LORA_KERNELS_FUSED_SM90_INSTANCE(lead_wide_fp16, cutlass::half_t, true, false, true)

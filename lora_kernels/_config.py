@@ -99,12 +99,6 @@ Read by the CUDA extension (csrc/binding.cpp), once, when a GEMM first asks for 
                                         strip (default 4).
     LORA_KERNELS_FUSED_AHEAD            development only: the fused forward's tile order, row blocks by which the
                                         lead tiles run ahead of the other tiles (0: all lead tiles first).
-    LORA_KERNELS_FUSED_SHARE            development only, not yet run on a GPU: c > 0 (at most 8) runs the fused
-                                        forward's shared-u instance where it applies (p = 0, bf16 x and adapters,
-                                        r <= 32, the 128x256 tile): a row-block-major tile order in which each of a
-                                        row block's first c clusters sums u over its share of the K-tiles
-                                        (csrc/fused_fwd_sm90.h, FusedParams::share; forward_path ends in
-                                        " shared u").
 
 Read when the package is built (setup.py and build_backend/):
 

@@ -348,17 +348,6 @@ def _fresh_seed(request):
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
-def poison_cuda_allocator():
-    """Fills the CUDA caching allocator's free blocks (small and large pools) with NaN: a C++ output (at::empty) that
-    a kernel leaves partly unwritten then shows non-finite values."""
-    blocks = [torch.empty(256 * 1024, device="cuda") for _ in range(64)]  # 1 MiB each: the small pool
-    blocks.append(torch.empty(64 * 1024 * 1024, device="cuda"))  # 256 MiB: the large pool
-    for b in blocks:
-        b.fill_(float("nan"))
-    torch.cuda.synchronize()
-    del blocks
-
-
 @pytest.fixture
 def poisoned_outputs(monkeypatch):
     """Makes every output a backend allocates start as NaN, so an element a kernel fails to write shows up as a
@@ -375,6 +364,11 @@ def poisoned_outputs(monkeypatch):
         return t
 
     if HAS_CUDA:
-        poison_cuda_allocator()
+        blocks = [real_empty(256 * 1024, device="cuda") for _ in range(64)]  # 1 MiB each: the small pool
+        blocks.append(real_empty(64 * 1024 * 1024, device="cuda"))  # 256 MiB: the large pool
+        for b in blocks:
+            b.fill_(float("nan"))
+        torch.cuda.synchronize()
+        del blocks
     monkeypatch.setattr(torch, "empty", empty)
     yield

@@ -8,10 +8,6 @@ multiple of the 128-row tile, an odd number of output tile columns, K not a mult
 u-column split) in both variants, and in the lead tiles' wide form (128 x 256 tiles, cooperative schedule) where the
 sm_90 GEMM takes that tile."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -427,52 +423,3 @@ def test_wide_lead_tiles_op_grads_and_determinism():
     run_and_check("cuda", "cuda", torch.bfloat16, (1333,), 2048, 2304, 64, bias=False, p=0.0,
                   adapter_dtype=torch.bfloat16)
     assert_cuda_backend_deterministic(1333, 2048, 2048, 16)
-
-
-# The shared-u instance (opt-in: LORA_KERNELS_FUSED_SHARE, read once per process, so each setting in a process of its
-# own): row-block-major order, each of a row block's first clusters summing u over its share of the K-tiles, the last
-# warpgroup to count in summing the parts. Shapes: one wave (300 rows), many waves with groups cut short by the end
-# of a wave (4099 and 6400 rows: 264 and 100 cluster items on 66 clusters), K not a multiple of 64 (a partial K-tile
-# inside the rotated loops), N past the last full tile, r from 8 to 32, a group of one cluster (share 1) and groups
-# as wide as the row block (share 8).
-_SHARE_SHAPES = [(300, 2048, 2056, 16), (4099, 2048, 4096, 24), (6400, 2056, 1000, 16), (129, 4096, 2304, 8),
-                 (2048, 2048, 2048, 32), (1000, 2056, 2048, 16)]
-_SHARE_SCRIPT = r"""
-import sys
-sys.path.insert(0, {tests!r})
-import torch
-from conftest import assert_cuda_forward, poison_cuda_allocator
-from test_contract import run_and_check
-from test_fused_fwd_sm90 import _inputs
-from lora_kernels.backends import cuda_backend as cb
-
-torch.manual_seed({seed})
-for M, K, N, r in {shapes!r}:
-    for bias in (True, False):
-        x, W, b, A, B = _inputs(M, K, N, r, torch.bfloat16, torch.bfloat16, bias)
-        path = cb.forward_path(x, W, b, A, B, 0.0)
-        assert path.endswith(" shared u"), path
-        poison_cuda_allocator()
-        assert_cuda_forward(cb, x, W, b, A, B, 0.75)
-run_and_check("cuda", "cuda", torch.bfloat16, (3, 700), 2048, 2304, 16, bias=True, p=0.0,
-              adapter_dtype=torch.bfloat16)
-print("shared u ok")
-"""
-
-
-@pytest.mark.skipif(SM90_TILE_FORCED, reason="the shared-u instance runs on the 128 x 256 tile only")
-@pytest.mark.parametrize("share", [1, 2, 8])
-def test_shared_u_against_float64(share):
-    script = _SHARE_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)), seed=share,
-                                  shapes=_SHARE_SHAPES)
-    env = dict(os.environ, LORA_KERNELS_FUSED_SHARE=str(share))
-    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0 and "shared u ok" in run.stdout, (run.stdout[-2000:] + run.stderr[-4000:])
-
-
-@pytest.mark.skipif(SM90_TILE_FORCED, reason="the shared-u instance runs on the 128 x 256 tile only")
-def test_shared_u_is_opt_in():
-    # without the setting (this process) the wide lead kernel runs
-    x, W, b, A, B = _inputs(300, 2048, 2056, 16, torch.bfloat16, torch.bfloat16, True)
-    path = _cb().forward_path(x, W, b, A, B, 0.0)
-    assert path.startswith("sm90 fused lead (") and not path.endswith(" shared u"), path
