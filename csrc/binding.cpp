@@ -1115,6 +1115,9 @@ std::string shrink_path(const Tensor& x, const Tensor& lora_A, double p) {
 // Sets the mode of the shrink with dropout that makes its own mask (shrink_drop.cu) for this process: -1 the default
 // (where it measured faster), 0 off, 1 wherever it runs; returns the previous mode.
 int64_t set_shrink_drop(int64_t mode) { return lk::set_shrink_drop(mode > 0 ? 1 : mode == 0 ? 0 : -1); }
+// Sets how that shrink loads x for this process: 0 plain loads, 2 or 4 a cp.async ring of that many steps per warp;
+// returns the previous setting.
+int64_t set_shrink_drop_ring(int64_t stages) { return lk::set_shrink_drop_ring((int)std::min<int64_t>(stages, 4)); }
 
 // Which path a forward with these inputs takes: "small_m" (one launch, csrc/small_m.cu), "sm90 fused (small_m: <why
 // not>)" or "sm90 fused lead (small_m: <why not>)" (csrc/fused_fwd_sm90.h; followed by " 128x256 cooperative" where
@@ -1161,6 +1164,7 @@ TORCH_LIBRARY(lora_kernels_cuda, m) {
   m.def("dA_path(Tensor x, Tensor lora_A, float p) -> str");
   m.def("shrink_path(Tensor x, Tensor lora_A, float p) -> str");
   m.def("set_shrink_drop(int mode) -> int", &set_shrink_drop);
+  m.def("set_shrink_drop_ring(int stages) -> int", &set_shrink_drop_ring);
   m.def("set_small_m(bool enabled) -> bool", &set_small_m);  // no tensor arguments: a catch-all kernel
   m.def("set_fused_forward(int mode) -> int", &set_fused_forward);
   m.def("set_dA_beside(int mode) -> int", &set_dA_beside);

@@ -36,8 +36,13 @@ __host__ __device__ constexpr int sd_mtiles(int ntiles) { return ntiles <= 2 ? 2
 __host__ __device__ constexpr int sd_min_blocks(int ntiles, int mtiles, int pieces) {
   return mtiles == 1 && ntiles <= 2 && pieces == 1 ? 4 : ntiles * mtiles <= 4 ? 3 : 2;
 }
-inline size_t shrink_drop_smem(int ntiles, int mtiles) {  // the reduce's tree: SD_WARPS / 2 warps' accumulators
-  return (size_t)(SD_WARPS / 2) * mtiles * ntiles * 4 * 32 * sizeof(float);
+// x's cp.async ring by default (shrink_drop.cu, ring_stages): steps per warp, 0 for plain loads
+constexpr int SD_RING = 0;
+// the reduce's tree (SD_WARPS / 2 warps' accumulators), then each warp's ring of `ring` steps of 16 bytes per lane
+// and row (2 mtiles rows)
+inline size_t shrink_drop_smem(int ntiles, int mtiles, int ring = 0) {
+  return (size_t)(SD_WARPS / 2) * mtiles * ntiles * 4 * 32 * sizeof(float) +
+         (size_t)SD_WARPS * ring * mtiles * 2 * 32 * 16;
 }
 
 // expand and dx (expand.cu, dx.cu): the output-writing kernels, TO_BM-row blocks x groups of TO_BN-column chunks.

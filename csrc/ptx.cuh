@@ -128,6 +128,14 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
+// 16 bytes of shared memory at its shared-window address; volatile with a memory clobber, so that it stays after the
+// cp.async wait whose group wrote them.
+__device__ __forceinline__ uint4 lds128(uint32_t smem) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(smem)
+               : "memory");
+  return v;
+}
 #endif  // LK_TC_ARCH
 
 }  // namespace detail

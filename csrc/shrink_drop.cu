@@ -20,6 +20,9 @@
 //          shuffle or shared memory is needed. Lane (g, t) holds, of the mma's k-slots {2t, 2t+1, 2t+8, 2t+9}, the
 //          columns {8t + 4q, 8t + 4q + 1, 8t + 4q + 2, 8t + 4q + 3} in mma q (q = 0, 1): x's 32-bit words 2q and
 //          2q + 1 of its 8-group, and the same words of A's 8-group (row 8n + g, columns k0 + 8t ..) for n8-tile n.
+//          x's 16-byte loads: plain loads, or (ring_stages S > 0) cp.async into a ring of S steps per warp in shared
+//          memory, issued S - 1 steps ahead and read back by the lane that loaded them (no barrier): the same words
+//          into the same registers, so the same sums.
 //          fp32 A on bf16 x: a prep launch splits A into its bf16x3 pieces (scratch, P = 3 matrices of r x K), read
 //          like 16-bit A; per step, piece 0 and pieces 1-2 go to two fresh accumulators, added to the running one in
 //          fp32 (the tensor-core shrink's order, for fp32 FFMA accuracy). (Split in every step instead, the first
@@ -82,14 +85,14 @@ shrink_drop_prep_kernel(const float* __restrict__ A, __nv_bfloat16* __restrict__
 #endif
 }
 
-template <typename T, int P, int NR, int MT>
+template <typename T, int P, int NR, int MT, int S>
 __global__ void __launch_bounds__(SD_THREADS, sd_min_blocks(NR, MT, P))
 shrink_drop_kernel(const T* __restrict__ x, const T* __restrict__ ap, float* __restrict__ u_out, int64_t M, int64_t K,
                    int r, int64_t k_per_split, float scale, uint32_t thr, uint64_t seed, const int64_t* seed_ptr,
                    uint64_t offset) {
 #if LK_TC_ARCH
   constexpr int kVals = MT * NR * 4;
-  extern __shared__ float sd_smem[];  // [SD_WARPS / 2][kVals][32]: the reduce's tree
+  extern __shared__ float sd_smem[];  // [SD_WARPS / 2][kVals][32]: the reduce's tree; then the warps' x rings (S > 0)
   seed = dropout_seed(seed, seed_ptr);
   const uint32_t k0w = (uint32_t)seed, k1w = (uint32_t)(seed >> 32);
   const bool none = thr > 0xFFFFu;  // p within 2^-16 of 1: nothing kept
@@ -114,21 +117,62 @@ shrink_drop_kernel(const T* __restrict__ x, const T* __restrict__ ap, float* __r
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) zero_acc(acc[mt]);
 
-  for (int64_t k0 = k_begin + (int64_t)warp * SD_STEP; k0 < k_end; k0 += (int64_t)SD_WARPS * SD_STEP) {
-    const int64_t k = k0 + 8 * t;
-    const bool in = k < k_end;  // the whole 8-group (K % 8 == 0, splits are whole steps)
-    uint32_t xw[MT][2][4];      // [tile][row g / g + 8][word]
+  // The warp's steps: columns k0 = kw, kw + stride, ... below k_end. With a ring (S > 0) a step's x goes into the
+  // warp's ring by cp.async S - 1 steps ahead (slot rs read now, slot ws written, the one the step before read), so
+  // that loads stay in flight while the warp makes its Philox words and runs its MMAs; with plain loads a warp has
+  // one step's loads in flight, then waits for them.
+  const int64_t stride = (int64_t)SD_WARPS * SD_STEP, kw = k_begin + (int64_t)warp * SD_STEP;
+  // this lane's 16 bytes of slot 0, tile 0, row g; (slot s, tile mt, row h) is 512 (2 (MT s + mt) + h) bytes on
+  [[maybe_unused]] const uint32_t ring =
+      smem_addr(sd_smem + (SD_WARPS / 2) * kVals * 32) + (uint32_t)((warp * S * MT * 2 * 32 + lane) * 16);
+  [[maybe_unused]] auto issue = [&](int64_t k, int s) {  // x at k .. k + 7 of this lane's rows into slot s
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        uint4 v = make_uint4(0u, 0u, 0u, 0u);
-        if (in && xr[mt][h] != nullptr) v = __ldg(reinterpret_cast<const uint4*>(xr[mt][h] + k));
-        xw[mt][h][0] = v.x;
-        xw[mt][h][1] = v.y;
-        xw[mt][h][2] = v.z;
-        xw[mt][h][3] = v.w;
+        const bool ld = k < k_end && xr[mt][h] != nullptr;  // else zeros (past M, K or the warp's steps)
+        cp_async16(ring + (uint32_t)((s * MT + mt) * 2 + h) * 512u, ld ? xr[mt][h] + k : x, ld ? 16 : 0);
       }
+    cp_async_commit();  // one group per step, empty ones included, so that the wait counts steps
+  };
+  int rs = 0, ws = S - 1;
+  if constexpr (S > 0) {
+#pragma unroll
+    for (int s = 0; s < S - 1; ++s) issue(kw + s * stride + 8 * t, s);
+  }
+
+  for (int64_t k0 = kw; k0 < k_end; k0 += stride) {
+    const int64_t k = k0 + 8 * t;
+    const bool in = k < k_end;  // the whole 8-group (K % 8 == 0, splits are whole steps)
+    uint32_t xw[MT][2][4];      // [tile][row g / g + 8][word]
+    if constexpr (S > 0) {
+      cp_async_wait<S - 2>();  // this step's group landed (the S - 2 after it may be in flight)
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const uint4 v = lds128(ring + (uint32_t)((rs * MT + mt) * 2 + h) * 512u);
+          xw[mt][h][0] = v.x;
+          xw[mt][h][1] = v.y;
+          xw[mt][h][2] = v.z;
+          xw[mt][h][3] = v.w;
+        }
+      issue(k + (S - 1) * stride, ws);  // the step S - 1 ahead, into the slot the step before this one read
+      ws = rs;
+      rs = rs + 1 == S ? 0 : rs + 1;
+    } else {
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          uint4 v = make_uint4(0u, 0u, 0u, 0u);
+          if (in && xr[mt][h] != nullptr) v = __ldg(reinterpret_cast<const uint4*>(xr[mt][h] + k));
+          xw[mt][h][0] = v.x;
+          xw[mt][h][1] = v.y;
+          xw[mt][h][2] = v.z;
+          xw[mt][h][3] = v.w;
+        }
+    }
     // the mask while the loads are in flight; rows past M keep their zeros (their words are never used)
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
@@ -180,6 +224,8 @@ shrink_drop_kernel(const T* __restrict__ x, const T* __restrict__ ap, float* __r
       }
     }
   }
+
+  if constexpr (S > 0) cp_async_wait<0>();  // the zero-filled groups past the warp's last step, before it moves on
 
   // The block's sum, a fixed tree: warp w adds warp w + half's accumulators, half = SD_WARPS / 2, ..., 1.
 #pragma unroll
@@ -234,30 +280,46 @@ int drop_mtiles(int r) {
   return forced > 0 && nr <= 4 ? forced : sd_mtiles(nr);
 }
 
-// f(kernel, smem, T{}, P) for the kernel of these dtypes, rank and tiles per block (drop_mtiles): (bf16, bf16) and
-// (fp16, fp16) read lora_A as it is (P = 1), (bf16, fp32) its three bf16 pieces made by the prep launch.
+// x's loads: 0 plain loads (one step in flight per warp), 2 or 4 a cp.async ring of that many steps per warp.
+// LORA_KERNELS_SHRINK_DROP_RING=0 / 2 / 4 starts the process there; set_shrink_drop_ring changes it.
+std::atomic<int>& ring_stages() {
+  static std::atomic<int> stages{[] {
+    const char* v = getenv("LORA_KERNELS_SHRINK_DROP_RING");
+    return v == nullptr ? SD_RING : atoi(v) >= 4 ? 4 : atoi(v) >= 2 ? 2 : 0;
+  }()};
+  return stages;
+}
+
+// f(kernel, smem, T{}, P) for the kernel of these dtypes, rank, tiles per block (drop_mtiles) and ring (ring_stages):
+// (bf16, bf16) and (fp16, fp16) read lora_A as it is (P = 1), (bf16, fp32) its three bf16 pieces made by the prep
+// launch.
 template <typename F>
 cudaError_t with_shrink_drop_kernel(DType x_dtype, DType a_dtype, int r, F&& f) {
-  const int nr = sd_ntiles(r), mt = drop_mtiles(r);
-  auto pick = [&](auto xt, auto pc) -> cudaError_t {
+  const int nr = sd_ntiles(r), mt = drop_mtiles(r), stages = ring_stages().load(std::memory_order_relaxed);
+  auto pick = [&](auto xt, auto pc, auto sc) -> cudaError_t {
     using T = decltype(xt);
-    constexpr int P = decltype(pc)::value;
-    auto go = [&](auto kernel, int nrc, int mtc) { return f(kernel, shrink_drop_smem(nrc, mtc), xt, P); };
+    constexpr int P = decltype(pc)::value, S = decltype(sc)::value;
+    auto go = [&](auto kernel, int nrc, int mtc) { return f(kernel, shrink_drop_smem(nrc, mtc, S), xt, P); };
     switch (nr * 10 + mt) {
-      case 11: return go(shrink_drop_kernel<T, P, 1, 1>, 1, 1);
-      case 12: return go(shrink_drop_kernel<T, P, 1, 2>, 1, 2);
-      case 21: return go(shrink_drop_kernel<T, P, 2, 1>, 2, 1);
-      case 22: return go(shrink_drop_kernel<T, P, 2, 2>, 2, 2);
-      case 41: return go(shrink_drop_kernel<T, P, 4, 1>, 4, 1);
-      case 42: return go(shrink_drop_kernel<T, P, 4, 2>, 4, 2);
-      default: return go(shrink_drop_kernel<T, P, 8, 1>, 8, 1);
+      case 11: return go(shrink_drop_kernel<T, P, 1, 1, S>, 1, 1);
+      case 12: return go(shrink_drop_kernel<T, P, 1, 2, S>, 1, 2);
+      case 21: return go(shrink_drop_kernel<T, P, 2, 1, S>, 2, 1);
+      case 22: return go(shrink_drop_kernel<T, P, 2, 2, S>, 2, 2);
+      case 41: return go(shrink_drop_kernel<T, P, 4, 1, S>, 4, 1);
+      case 42: return go(shrink_drop_kernel<T, P, 4, 2, S>, 4, 2);
+      default: return go(shrink_drop_kernel<T, P, 8, 1, S>, 8, 1);
     }
   };
+  auto ring = [&](auto xt, auto pc) -> cudaError_t {
+    if (stages == 4) return pick(xt, pc, std::integral_constant<int, 4>{});
+    if (stages == 2) return pick(xt, pc, std::integral_constant<int, 2>{});
+    return pick(xt, pc, std::integral_constant<int, 0>{});
+  };
   if (x_dtype == DType::kBFloat16 && a_dtype == DType::kBFloat16)
-    return pick(__nv_bfloat16{}, std::integral_constant<int, 1>{});
-  if (x_dtype == DType::kFloat16 && a_dtype == DType::kFloat16) return pick(__half{}, std::integral_constant<int, 1>{});
+    return ring(__nv_bfloat16{}, std::integral_constant<int, 1>{});
+  if (x_dtype == DType::kFloat16 && a_dtype == DType::kFloat16) return ring(__half{}, std::integral_constant<int, 1>{});
   if (x_dtype == DType::kBFloat16 && a_dtype == DType::kFloat32)
-    return pick(__nv_bfloat16{}, std::integral_constant<int, 3>{});
+    return ring(__nv_bfloat16{}, std::integral_constant<int, 3>{});
   return cudaErrorInvalidValue;
 }
 
@@ -274,6 +336,8 @@ std::atomic<int>& shrink_drop_mode() {
 }  // namespace
 
 int set_shrink_drop(int mode) { return shrink_drop_mode().exchange(mode > 0 ? 1 : mode == 0 ? 0 : -1); }
+
+int set_shrink_drop_ring(int stages) { return ring_stages().exchange(stages >= 4 ? 4 : stages >= 2 ? 2 : 0); }
 
 const char* lora_shrink_drop_unsupported(const void* x, DType x_dtype, const void* A, DType a_dtype, int64_t M,
                                          int64_t K, int r, float p) {

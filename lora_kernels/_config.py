@@ -77,6 +77,9 @@ Read by the CUDA extension (csrc/binding.cpp), once, when a GEMM first asks for 
                                         the setting that cuda_backend.set_shrink_drop changes at run time.
     LORA_KERNELS_SHRINK_DROP_ROWS       16 or 32: that kernel's row block at r <= 32 (one or two 16-row tiles per
                                         block), for A/B timing; unset, 32 up to r = 16 and 16 above.
+    LORA_KERNELS_SHRINK_DROP_RING       how that kernel loads x: 0 plain loads (one 32-column step in flight per
+                                        warp), 2 or 4 a cp.async ring of that many steps per warp; unset, plain
+                                        loads. It starts the setting that cuda_backend.set_shrink_drop_ring changes.
     LORA_KERNELS_SMALL_M                0 turns off the one-launch forward at M <= 64 (csrc/small_m.cu); it starts
                                         the switch that cuda_backend.set_small_m changes at run time.
     LORA_KERNELS_SMALL_M_BWD_ROWS       the backward's small-M threshold (default 64, csrc/lora_kernels.cuh): at

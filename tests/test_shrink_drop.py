@@ -4,7 +4,8 @@ mask (assert_cuda_forward: the tolerance rule, and a repeat gives the same bits)
 shapes that exercise its edges: rows past a block's 16 or 32, K not a multiple of its 32-column steps, K splits, r
 not a multiple of 8 and every n8-tile count up to r = 64, the three dtype pairs it takes; 64-bit seeds and offsets;
 a device seed gives the bits of the same seed by value; the default takes r <= 32 (r <= 16 with fp32 adapters);
-both row-block sizes (LORA_KERNELS_SHRINK_DROP_ROWS, in a subprocess)."""
+both row-block sizes (LORA_KERNELS_SHRINK_DROP_ROWS, in a subprocess); x through the cp.async ring
+(set_shrink_drop_ring) gives the bits of plain loads."""
 import os
 import subprocess
 import sys
@@ -68,6 +69,26 @@ def test_forward_with_dropout_against_float64(cb, M, K, N, r, dtype, adapter_dty
         assert_cuda_forward(cb, x, W, b, A, B, 0.75, p, SEED, OFFSET)
     finally:
         cb.set_shrink_drop(was)
+
+
+@pytest.mark.parametrize("dtype,adapter_dtype", DTYPES, ids=["bf16-fp32", "bf16-bf16", "fp16-fp16"])
+@pytest.mark.parametrize("M,K,N,r", SHAPES)
+@pytest.mark.parametrize("ring", [2, 4])
+def test_ring_loads_give_the_same_bits(cb, M, K, N, r, dtype, adapter_dtype, ring):
+    # x through the cp.async ring (steps ahead of the MMAs) against plain loads: the same sums in the same order, so
+    # the same bits, and the contract against float64
+    x, W, b, A, B = _inputs(M, K, N, r, dtype, adapter_dtype)
+    was, was_ring = cb.set_shrink_drop(1), cb.set_shrink_drop_ring(0)
+    try:
+        assert cb.shrink_path(x, A, 0.1) == "dropout"
+        y0, u0 = cb.forward(x, W, b, A, B, 0.75, 0.1, SEED, OFFSET)
+        cb.set_shrink_drop_ring(ring)
+        y1, u1 = cb.forward(x, W, b, A, B, 0.75, 0.1, SEED, OFFSET)
+        assert torch.equal(u0, u1) and torch.equal(y0, y1)
+        assert_cuda_forward(cb, x, W, b, A, B, 0.75, 0.1, SEED, OFFSET)
+    finally:
+        cb.set_shrink_drop(was)
+        cb.set_shrink_drop_ring(was_ring)
 
 
 def test_device_seed_gives_the_seed_by_value(cb):

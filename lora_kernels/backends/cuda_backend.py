@@ -163,6 +163,13 @@ def set_shrink_drop(mode: int) -> int:
     return int(torch.ops.lora_kernels_cuda.set_shrink_drop(int(mode)))
 
 
+def set_shrink_drop_ring(stages: int) -> int:
+    """Sets how that shrink loads x for this process: 0 plain loads (one 32-column step in flight per warp), 2 or 4
+    a cp.async ring of that many steps per warp (LORA_KERNELS_SHRINK_DROP_RING starts the process there). Returns
+    the previous setting. For tests of both forms and A/B timing."""
+    return int(torch.ops.lora_kernels_cuda.set_shrink_drop_ring(int(stages)))
+
+
 def set_fused_forward(mode: int) -> int:
     """Sets the fused sm_90 forward's mode for this process (csrc/fused_fwd_sm90.h): -1 the default (p = 0 only; u
     computed by each row block's first output tiles, the lead tiles, or by u tiles where the lead tiles do not fit the
