@@ -125,14 +125,18 @@ shrink_drop_kernel(const T* __restrict__ x, const T* __restrict__ ap, float* __r
   // this lane's 16 bytes of slot 0, tile 0, row g; (slot s, tile mt, row h) is 512 (2 (MT s + mt) + h) bytes on
   [[maybe_unused]] const uint32_t ring =
       smem_addr(sd_smem + (SD_WARPS / 2) * kVals * 32) + (uint32_t)((warp * S * MT * 2 * 32 + lane) * 16);
-  [[maybe_unused]] auto issue = [&](int64_t k, int s) {  // x at k .. k + 7 of this lane's rows into slot s
+  // x at k .. k + 7 of this lane's rows into slot s: zeros past M or K; nothing at all past the warp's last step
+  // (k0 = k - 8 t at or past k_end: that slot is never read)
+  [[maybe_unused]] auto issue = [&](int64_t k, int s) {
+    if (k - 8 * t < k_end) {
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
+      for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const bool ld = k < k_end && xr[mt][h] != nullptr;  // else zeros (past M, K or the warp's steps)
-        cp_async16(ring + (uint32_t)((s * MT + mt) * 2 + h) * 512u, ld ? xr[mt][h] + k : x, ld ? 16 : 0);
-      }
+        for (int h = 0; h < 2; ++h) {
+          const bool ld = k < k_end && xr[mt][h] != nullptr;
+          cp_async16(ring + (uint32_t)((s * MT + mt) * 2 + h) * 512u, ld ? xr[mt][h] + k : x, ld ? 16 : 0);
+        }
+    }
     cp_async_commit();  // one group per step, empty ones included, so that the wait counts steps
   };
   int rs = 0, ws = S - 1;
@@ -225,7 +229,7 @@ shrink_drop_kernel(const T* __restrict__ x, const T* __restrict__ ap, float* __r
     }
   }
 
-  if constexpr (S > 0) cp_async_wait<0>();  // the zero-filled groups past the warp's last step, before it moves on
+  if constexpr (S > 0) cp_async_wait<0>();  // nothing in flight into the ring once the warp moves on
 
   // The block's sum, a fixed tree: warp w adds warp w + half's accumulators, half = SD_WARPS / 2, ..., 1.
 #pragma unroll
@@ -371,9 +375,10 @@ size_t lora_shrink_drop_scratch_bytes(DType x_dtype, DType a_dtype, int r, int64
 }
 
 // Row blocks of the kernel's 16 * drop_mtiles rows; K split into about two waves of resident blocks or more (the
-// kernel is bound by its Philox multiplies on every SM: blocks handed out as SMs free up even out the SMs' shares),
-// each warp keeping at least two steps, the partials at most 1/16 of x's bytes, each split a whole number of rounds
-// of the block's warps (SD_WARPS steps) where K allows.
+// kernel is bound by its Philox multiplies on every SM: blocks handed out as SMs free up even out the SMs' shares;
+// LORA_KERNELS_SHRINK_DROP_WAVES sets another count, for A/B timing), each warp keeping at least two steps, the
+// partials at most 1/16 of x's bytes, each split a whole number of rounds of the block's warps (SD_WARPS steps)
+// where K allows.
 SplitPlan lora_shrink_drop_plan(int64_t M, int64_t K, int r, int blocks_per_sm) {
   r = std::min(std::max(r, 1), SD_MAX_RANK);
   const int64_t rows = 16 * drop_mtiles(r);
@@ -381,7 +386,11 @@ SplitPlan lora_shrink_drop_plan(int64_t M, int64_t K, int r, int blocks_per_sm) 
   const int64_t steps = ceil_div(std::max<int64_t>(K, 1), SD_STEP);
   const int64_t wave = (int64_t)std::max(blocks_per_sm, 1) * num_sms();
   const int64_t most = std::max<int64_t>(1, std::min<int64_t>({65535, steps / (2 * SD_WARPS), K / (32 * r)}));
-  const int64_t want = std::min(most, std::max<int64_t>(1, ceil_div(2 * wave, row_blocks)));
+  static const int waves = [] {  // LORA_KERNELS_SHRINK_DROP_WAVES (1 to 4, for A/B timing; read once)
+    const char* v = getenv("LORA_KERNELS_SHRINK_DROP_WAVES");
+    return v == nullptr ? 2 : std::min(std::max(atoi(v), 1), 4);
+  }();
+  const int64_t want = std::min(most, std::max<int64_t>(1, ceil_div(waves * wave, row_blocks)));
   int64_t per = ceil_div(steps, want);                           // steps per split
   if (per > SD_WARPS) per = ceil_div(per, SD_WARPS) * SD_WARPS;  // whole rounds
   return SplitPlan{row_blocks, rows, ceil_div(steps, per), per * SD_STEP};

@@ -77,6 +77,8 @@ Read by the CUDA extension (csrc/binding.cpp), once, when a GEMM first asks for 
                                         the setting that cuda_backend.set_shrink_drop changes at run time.
     LORA_KERNELS_SHRINK_DROP_ROWS       16 or 32: that kernel's row block at r <= 32 (one or two 16-row tiles per
                                         block), for A/B timing; unset, 32 up to r = 16 and 16 above.
+    LORA_KERNELS_SHRINK_DROP_WAVES      1 to 4: the waves of resident blocks that kernel's K split aims at (default
+                                        2), for A/B timing.
     LORA_KERNELS_SHRINK_DROP_RING       how that kernel loads x: 0 plain loads (one 32-column step in flight per
                                         warp), 2 or 4 a cp.async ring of that many steps per warp; unset, plain
                                         loads. It starts the setting that cuda_backend.set_shrink_drop_ring changes.
