@@ -1115,9 +1115,11 @@ std::string shrink_path(const Tensor& x, const Tensor& lora_A, double p) {
 // Sets the mode of the shrink with dropout that makes its own mask (shrink_drop.cu) for this process: -1 the default
 // (where it measured faster), 0 off, 1 wherever it runs; returns the previous mode.
 int64_t set_shrink_drop(int64_t mode) { return lk::set_shrink_drop(mode > 0 ? 1 : mode == 0 ? 0 : -1); }
-// Sets how that shrink loads x for this process: 0 plain loads, 2 or 4 a cp.async ring of that many steps per warp;
-// returns the previous setting.
-int64_t set_shrink_drop_ring(int64_t stages) { return lk::set_shrink_drop_ring((int)std::min<int64_t>(stages, 4)); }
+// Sets how that shrink loads x for this process: -1 the default, 0 plain loads, 2 or 4 a cp.async ring of that many
+// steps per warp; returns the previous setting.
+int64_t set_shrink_drop_ring(int64_t stages) {
+  return lk::set_shrink_drop_ring((int)std::min<int64_t>(std::max<int64_t>(stages, -1), 4));
+}
 
 // Which path a forward with these inputs takes: "small_m" (one launch, csrc/small_m.cu), "sm90 fused (small_m: <why
 // not>)" or "sm90 fused lead (small_m: <why not>)" (csrc/fused_fwd_sm90.h; followed by " 128x256 cooperative" where

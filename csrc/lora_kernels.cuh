@@ -116,8 +116,8 @@ cudaError_t launch_lora_shrink(const void* x, DType x_dtype, const void* A, DTyp
 const char* lora_shrink_drop_unsupported(const void* x, DType x_dtype, const void* A, DType a_dtype, int64_t M,
                                          int64_t K, int r, float p);
 int set_shrink_drop(int mode);
-// x's loads in that shrink: 0 plain loads, 2 or 4 a cp.async ring of that many 32-column steps per warp
-// (LORA_KERNELS_SHRINK_DROP_RING starts there); returns the previous setting.
+// x's loads in that shrink: -1 the default (plans.cuh, sd_ring), 0 plain loads, 2 or 4 a cp.async ring of that many
+// 32-column steps per warp (LORA_KERNELS_SHRINK_DROP_RING starts there); returns the previous setting.
 int set_shrink_drop_ring(int stages);
 size_t lora_shrink_drop_scratch_bytes(DType x_dtype, DType a_dtype, int r, int64_t K);
 // Row blocks of the kernel's rows and K split into col_groups groups of whole steps, about two waves of blocks.

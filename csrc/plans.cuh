@@ -36,8 +36,14 @@ __host__ __device__ constexpr int sd_mtiles(int ntiles) { return ntiles <= 2 ? 2
 __host__ __device__ constexpr int sd_min_blocks(int ntiles, int mtiles, int pieces) {
   return mtiles == 1 && ntiles <= 2 && pieces == 1 ? 4 : ntiles * mtiles <= 4 ? 3 : 2;
 }
-// x's cp.async ring by default (shrink_drop.cu, ring_stages): steps per warp, 0 for plain loads
-constexpr int SD_RING = 0;
+// x's loads in that kernel for a ring setting (-1 the default, else 0 plain loads or 2 / 4 cp.async ring steps per
+// warp): by default a ring of 2 steps above 16 u columns with 16-bit adapters, else plain loads. Measured (session
+// 54, H100, bf16, p = 0.1, M = 8192): at r = 32 the shrink took 46.2-46.6 / 134.7 us against 48.9-49.0 / 155.8 with
+// plain loads at K = 4096 / 14336; at r = 16 (two 16-row tiles, 80 registers) and with fp32 adapters' pieces the
+// ring was 0.5-8 us slower.
+__host__ __device__ constexpr int sd_ring(int setting, int ntiles, int pieces) {
+  return setting >= 0 ? setting : ntiles >= 4 && pieces == 1 ? 2 : 0;
+}
 // the reduce's tree (SD_WARPS / 2 warps' accumulators), then each warp's ring of `ring` steps of 16 bytes per lane
 // and row (2 mtiles rows)
 inline size_t shrink_drop_smem(int ntiles, int mtiles, int ring = 0) {

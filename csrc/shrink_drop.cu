@@ -20,7 +20,7 @@
 //          shuffle or shared memory is needed. Lane (g, t) holds, of the mma's k-slots {2t, 2t+1, 2t+8, 2t+9}, the
 //          columns {8t + 4q, 8t + 4q + 1, 8t + 4q + 2, 8t + 4q + 3} in mma q (q = 0, 1): x's 32-bit words 2q and
 //          2q + 1 of its 8-group, and the same words of A's 8-group (row 8n + g, columns k0 + 8t ..) for n8-tile n.
-//          x's 16-byte loads: plain loads, or (ring_stages S > 0) cp.async into a ring of S steps per warp in shared
+//          x's 16-byte loads: plain loads, or (sd_ring's S > 0) cp.async into a ring of S steps per warp in shared
 //          memory, issued S - 1 steps ahead and read back by the lane that loaded them (no barrier): the same words
 //          into the same registers, so the same sums.
 //          fp32 A on bf16 x: a prep launch splits A into its bf16x3 pieces (scratch, P = 3 matrices of r x K), read
@@ -284,22 +284,23 @@ int drop_mtiles(int r) {
   return forced > 0 && nr <= 4 ? forced : sd_mtiles(nr);
 }
 
-// x's loads: 0 plain loads (one step in flight per warp), 2 or 4 a cp.async ring of that many steps per warp.
-// LORA_KERNELS_SHRINK_DROP_RING=0 / 2 / 4 starts the process there; set_shrink_drop_ring changes it.
-std::atomic<int>& ring_stages() {
-  static std::atomic<int> stages{[] {
+// x's loads (sd_ring's setting): -1 the default, 0 plain loads (one step in flight per warp), 2 or 4 a cp.async ring
+// of that many steps per warp. LORA_KERNELS_SHRINK_DROP_RING=0 / 2 / 4 starts the process there;
+// set_shrink_drop_ring changes it.
+std::atomic<int>& ring_setting() {
+  static std::atomic<int> setting{[] {
     const char* v = getenv("LORA_KERNELS_SHRINK_DROP_RING");
-    return v == nullptr ? SD_RING : atoi(v) >= 4 ? 4 : atoi(v) >= 2 ? 2 : 0;
+    return v == nullptr || *v == 0 ? -1 : atoi(v) >= 4 ? 4 : atoi(v) >= 2 ? 2 : 0;
   }()};
-  return stages;
+  return setting;
 }
 
-// f(kernel, smem, T{}, P) for the kernel of these dtypes, rank, tiles per block (drop_mtiles) and ring (ring_stages):
+// f(kernel, smem, T{}, P) for the kernel of these dtypes, rank, tiles per block (drop_mtiles) and ring (sd_ring):
 // (bf16, bf16) and (fp16, fp16) read lora_A as it is (P = 1), (bf16, fp32) its three bf16 pieces made by the prep
 // launch.
 template <typename F>
 cudaError_t with_shrink_drop_kernel(DType x_dtype, DType a_dtype, int r, F&& f) {
-  const int nr = sd_ntiles(r), mt = drop_mtiles(r), stages = ring_stages().load(std::memory_order_relaxed);
+  const int nr = sd_ntiles(r), mt = drop_mtiles(r), setting = ring_setting().load(std::memory_order_relaxed);
   auto pick = [&](auto xt, auto pc, auto sc) -> cudaError_t {
     using T = decltype(xt);
     constexpr int P = decltype(pc)::value, S = decltype(sc)::value;
@@ -315,6 +316,7 @@ cudaError_t with_shrink_drop_kernel(DType x_dtype, DType a_dtype, int r, F&& f) 
     }
   };
   auto ring = [&](auto xt, auto pc) -> cudaError_t {
+    const int stages = sd_ring(setting, nr, decltype(pc)::value);
     if (stages == 4) return pick(xt, pc, std::integral_constant<int, 4>{});
     if (stages == 2) return pick(xt, pc, std::integral_constant<int, 2>{});
     return pick(xt, pc, std::integral_constant<int, 0>{});
@@ -341,7 +343,9 @@ std::atomic<int>& shrink_drop_mode() {
 
 int set_shrink_drop(int mode) { return shrink_drop_mode().exchange(mode > 0 ? 1 : mode == 0 ? 0 : -1); }
 
-int set_shrink_drop_ring(int stages) { return ring_stages().exchange(stages >= 4 ? 4 : stages >= 2 ? 2 : 0); }
+int set_shrink_drop_ring(int stages) {
+  return ring_setting().exchange(stages < 0 ? -1 : stages >= 4 ? 4 : stages >= 2 ? 2 : 0);
+}
 
 const char* lora_shrink_drop_unsupported(const void* x, DType x_dtype, const void* A, DType a_dtype, int64_t M,
                                          int64_t K, int r, float p) {

@@ -80,8 +80,9 @@ Read by the CUDA extension (csrc/binding.cpp), once, when a GEMM first asks for 
     LORA_KERNELS_SHRINK_DROP_WAVES      1 to 4: the waves of resident blocks that kernel's K split aims at (default
                                         2), for A/B timing.
     LORA_KERNELS_SHRINK_DROP_RING       how that kernel loads x: 0 plain loads (one 32-column step in flight per
-                                        warp), 2 or 4 a cp.async ring of that many steps per warp; unset, plain
-                                        loads. It starts the setting that cuda_backend.set_shrink_drop_ring changes.
+                                        warp), 2 or 4 a cp.async ring of that many steps per warp; unset, a ring of
+                                        2 above r = 16 with 16-bit adapters and plain loads elsewhere (measured). It
+                                        starts the setting that cuda_backend.set_shrink_drop_ring changes.
     LORA_KERNELS_SMALL_M                0 turns off the one-launch forward at M <= 64 (csrc/small_m.cu); it starts
                                         the switch that cuda_backend.set_small_m changes at run time.
     LORA_KERNELS_SMALL_M_BWD_ROWS       the backward's small-M threshold (default 64, csrc/lora_kernels.cuh): at

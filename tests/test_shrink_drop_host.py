@@ -1,6 +1,6 @@
-"""The shrink with dropout's plan and choice (csrc/shrink_drop.cu) on the host, no GPU needed: nvcc builds the host
-code (PTX only); with no GPU present the plan assumes 132 SMs and the choice a device with tensor cores, as on an
-H100/H200."""
+"""The shrink with dropout's plan, choice and ring default (csrc/shrink_drop.cu, plans.cuh) on the host, no GPU
+needed: nvcc builds the host code (PTX only); with no GPU present the plan assumes 132 SMs and the choice a device
+with tensor cores, as on an H100/H200."""
 from __future__ import annotations
 
 import itertools
@@ -107,3 +107,37 @@ def test_where_it_runs(plan_bin):
     assert [w.split(" (set_shrink_drop(1)")[0] for w in why[:11]] == default
     assert why[11:22] == forced
     assert why[22:] == off
+
+
+RING_DRIVER = r"""
+#include <cstdio>
+#include "plans.cuh"
+using namespace lora_kernels;
+using namespace lora_kernels::detail;
+// x's loads per ring setting (-1 the default, 0, 2, 4), n8-tile count (1, 2, 4, 8: r up to 8, 16, 32, 64) and
+// lora_A pieces (1: 16-bit adapters, 3: fp32 ones), and the kernel's shared memory with and without the ring
+int main() {
+  for (int s : {-1, 0, 2, 4})
+    for (int nt : {1, 2, 4, 8})
+      for (int p : {1, 3}) printf("%d %d %d %d\n", s, nt, p, sd_ring(s, nt, p));
+  printf("smem %zu %zu %zu\n", shrink_drop_smem(2, 2), shrink_drop_smem(2, 2, 2), shrink_drop_smem(8, 1, 4));
+  return 0;
+}
+"""
+
+
+def test_ring_default(tmp_path_factory):
+    # a ring of 2 steps above 16 u columns with 16-bit adapters (measured faster there, session 54), plain loads
+    # elsewhere; a forced setting wins everywhere
+    exe = build_host_driver(tmp_path_factory, "shrink_drop_ring", RING_DRIVER, [])
+    out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.split("\n")
+    got = {tuple(int(v) for v in line.split()[:3]): int(line.split()[3]) for line in out if line and line[0] != "s"}
+    for (s, nt, p), ring in got.items():
+        want = s if s >= 0 else (2 if nt >= 4 and p == 1 else 0)
+        assert ring == want, (s, nt, p)
+    assert len(got) == 32
+    # the tree: 4 warps' accumulators (tiles x n8-tiles x 4 floats x 32 lanes); the ring: 8 warps x steps x 2 tiles'
+    # rows x 32 lanes x 16 bytes
+    tree = 4 * 2 * 2 * 4 * 32 * 4
+    assert [line for line in out if line.startswith("smem")] == [
+        f"smem {tree} {tree + 8 * 2 * 2 * 2 * 32 * 16} {4 * 8 * 4 * 32 * 4 + 8 * 4 * 1 * 2 * 32 * 16}"]

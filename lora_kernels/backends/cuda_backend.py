@@ -164,8 +164,9 @@ def set_shrink_drop(mode: int) -> int:
 
 
 def set_shrink_drop_ring(stages: int) -> int:
-    """Sets how that shrink loads x for this process: 0 plain loads (one 32-column step in flight per warp), 2 or 4
-    a cp.async ring of that many steps per warp (LORA_KERNELS_SHRINK_DROP_RING starts the process there). Returns
+    """Sets how that shrink loads x for this process: -1 the default (a ring of 2 steps above r = 16 with 16-bit
+    adapters, else plain loads: csrc/plans.cuh, sd_ring), 0 plain loads (one 32-column step in flight per warp), 2 or
+    4 a cp.async ring of that many steps per warp (LORA_KERNELS_SHRINK_DROP_RING starts the process there). Returns
     the previous setting. For tests of both forms and A/B timing."""
     return int(torch.ops.lora_kernels_cuda.set_shrink_drop_ring(int(stages)))
 
