@@ -149,33 +149,23 @@ shrink_drop_kernel(const T* __restrict__ x, const T* __restrict__ ap, float* __r
     const int64_t k = k0 + 8 * t;
     const bool in = k < k_end;  // the whole 8-group (K % 8 == 0, splits are whole steps)
     uint32_t xw[MT][2][4];      // [tile][row g / g + 8][word]
+    if constexpr (S > 0) cp_async_wait<S - 2>();  // this step's group landed (the S - 2 after it may be in flight)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        uint4 v = make_uint4(0u, 0u, 0u, 0u);
+        if constexpr (S > 0) v = lds128(ring + (uint32_t)((rs * MT + mt) * 2 + h) * 512u);
+        else if (in && xr[mt][h] != nullptr) v = __ldg(reinterpret_cast<const uint4*>(xr[mt][h] + k));
+        xw[mt][h][0] = v.x;
+        xw[mt][h][1] = v.y;
+        xw[mt][h][2] = v.z;
+        xw[mt][h][3] = v.w;
+      }
     if constexpr (S > 0) {
-      cp_async_wait<S - 2>();  // this step's group landed (the S - 2 after it may be in flight)
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const uint4 v = lds128(ring + (uint32_t)((rs * MT + mt) * 2 + h) * 512u);
-          xw[mt][h][0] = v.x;
-          xw[mt][h][1] = v.y;
-          xw[mt][h][2] = v.z;
-          xw[mt][h][3] = v.w;
-        }
       issue(k + (S - 1) * stride, ws);  // the step S - 1 ahead, into the slot the step before this one read
       ws = rs;
       rs = rs + 1 == S ? 0 : rs + 1;
-    } else {
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          uint4 v = make_uint4(0u, 0u, 0u, 0u);
-          if (in && xr[mt][h] != nullptr) v = __ldg(reinterpret_cast<const uint4*>(xr[mt][h] + k));
-          xw[mt][h][0] = v.x;
-          xw[mt][h][1] = v.y;
-          xw[mt][h][2] = v.z;
-          xw[mt][h][3] = v.w;
-        }
     }
     // the mask while the loads are in flight; rows past M keep their zeros (their words are never used)
 #pragma unroll
