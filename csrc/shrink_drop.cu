@@ -274,13 +274,16 @@ int drop_mtiles(int r) {
   return forced > 0 && nr <= 4 ? forced : sd_mtiles(nr);
 }
 
+// a setting as kept: -1 the default, else 0, 2 or 4 (the largest of them not above v)
+int ring_setting_of(int v) { return v < 0 ? -1 : v >= 4 ? 4 : v >= 2 ? 2 : 0; }
+
 // x's loads (sd_ring's setting): -1 the default, 0 plain loads (one step in flight per warp), 2 or 4 a cp.async ring
 // of that many steps per warp. LORA_KERNELS_SHRINK_DROP_RING=0 / 2 / 4 starts the process there;
 // set_shrink_drop_ring changes it.
 std::atomic<int>& ring_setting() {
   static std::atomic<int> setting{[] {
     const char* v = getenv("LORA_KERNELS_SHRINK_DROP_RING");
-    return v == nullptr || *v == 0 ? -1 : atoi(v) >= 4 ? 4 : atoi(v) >= 2 ? 2 : 0;
+    return v == nullptr || *v == 0 ? -1 : ring_setting_of(std::max(atoi(v), 0));
   }()};
   return setting;
 }
@@ -333,9 +336,7 @@ std::atomic<int>& shrink_drop_mode() {
 
 int set_shrink_drop(int mode) { return shrink_drop_mode().exchange(mode > 0 ? 1 : mode == 0 ? 0 : -1); }
 
-int set_shrink_drop_ring(int stages) {
-  return ring_setting().exchange(stages < 0 ? -1 : stages >= 4 ? 4 : stages >= 2 ? 2 : 0);
-}
+int set_shrink_drop_ring(int stages) { return ring_setting().exchange(ring_setting_of(stages)); }
 
 const char* lora_shrink_drop_unsupported(const void* x, DType x_dtype, const void* A, DType a_dtype, int64_t M,
                                          int64_t K, int r, float p) {
