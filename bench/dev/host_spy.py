@@ -5,11 +5,13 @@
     python3 bench/dev/spy_report.py spy.txt --calls-file spy.txt.calls
 
 Providers and modes are host_time.py's (4096x4096, r = 16, fp32 adapters): ``linear`` (F.linear), ``cuda``,
-``triton``, ``peft``. The GPU never holds the host back: calls run in batches queued behind a ``torch.cuda._sleep``
-that outlasts the batch (fewer calls per batch than fill the device's launch queue), and the synchronisation between
-batches runs outside ``one_call``, which spy_report.py counts alone. Writes the calls made and their mean host us
-(timed without the profiler's pauses being separable, so only as a scale for the sample fractions) to
-``<--calls-file>``.
+``triton``, ``peft``; and the cuda backend's pieces, called from this thread (autograd runs a CUDA backward on its
+device thread, which py-spy does not sample): ``cuda_fwd_op`` and ``cuda_bwd_op`` (the forward and backward ops
+themselves, all grads) and ``cuda_node`` (the C++ autograd op's forward in grad mode: the node's creation, no
+backward). Calls run in batches with a synchronisation between them, outside ``one_call``, which spy_report.py counts
+alone; under py-spy the host is slower than the GPU, so no batch waits for it (``--sleep-ms`` queues a GPU sleep ahead
+of each batch where it could). Writes the calls made and their mean host us (with the profiler's pauses, so only as
+a scale for the sample fractions) to ``<--calls-file>``.
 """
 from __future__ import annotations
 
@@ -28,13 +30,46 @@ NAMES = {"linear": "F.linear", "cuda": "lora_kernels cuda", "triton": "lora_kern
          "peft": "peft lora.Linear"}
 
 
+def _pieces_inputs(M, K, N, r):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    rn = lambda *s, dt=torch.bfloat16, std=1.0: (torch.randn(*s, generator=g, device="cuda") * std).to(dt)  # noqa
+    return (rn(M, K), rn(N, K, std=K ** -0.5), rn(r, K, dt=torch.float32, std=K ** -0.5),
+            rn(N, r, dt=torch.float32, std=r ** -0.5), rn(M, N))
+
+
+def _fwd_op(M, K, N, r, p):
+    from lora_kernels.backends import cuda_backend as cb
+
+    x, W, A, B, _ = _pieces_inputs(M, K, N, r)
+    return lambda: cb._OPS[0](x, W, None, A, B, 2.0, p, 1234, 0, None)
+
+
+def _bwd_op(M, K, N, r, p):
+    from lora_kernels.backends import cuda_backend as cb
+
+    x, W, A, B, dy = _pieces_inputs(M, K, N, r)
+    u = cb._OPS[0](x, W, None, A, B, 2.0, p, 1234, 0, None)[1]
+    return lambda: cb._OPS[1](dy, x, W, A, B, u, 2.0, p, 1234, 0, True, True, True, None)
+
+
+def _node(M, K, N, r, p):
+    from lora_kernels.backends import cuda_backend as cb
+
+    x, W, A, B, _ = _pieces_inputs(M, K, N, r)
+    xg, Ag, Bg = x.requires_grad_(), A.requires_grad_(), B.requires_grad_()
+    return lambda: cb._LINEAR(xg, W, None, Ag, Bg, 2.0, p, 1234, 0, None)
+
+
+PIECES = {"cuda_fwd_op": _fwd_op, "cuda_bwd_op": _bwd_op, "cuda_node": _node}
+
+
 def one_call(fn):
     return fn()
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--provider", default="cuda", choices=sorted(NAMES))
+    ap.add_argument("--provider", default="cuda", choices=sorted(NAMES) + sorted(PIECES))
     ap.add_argument("--mode", default="fwd_bwd", choices=["fwd", "fwd_bwd"])
     ap.add_argument("--M", type=int, default=16)
     ap.add_argument("--shape", default="4096x4096", help="KxN")
@@ -42,20 +77,25 @@ def main():
     ap.add_argument("--p", type=float, default=0.0)
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--batch", type=int, default=60, help="calls queued behind one sleep")
+    ap.add_argument("--sleep-ms", type=float, default=0.0, help="GPU sleep queued ahead of each batch")
     ap.add_argument("--calls-file", default=None)
     a = ap.parse_args()
     K, N = (int(v) for v in a.shape.split("x"))
-    backends = [a.provider] if a.provider in ("cuda", "triton") else []
-    ps = providers(a.M, K, N, a.r, a.p, torch.bfloat16, "cuda", backends=backends)
-    fwd, fwd_bwd = ps[NAMES[a.provider]]
-    fn = fwd if a.mode == "fwd" else fwd_bwd
+    if a.provider in PIECES:
+        fn = PIECES[a.provider](a.M, K, N, a.r, a.p)
+    else:
+        backends = [a.provider] if a.provider in ("cuda", "triton") else []
+        ps = providers(a.M, K, N, a.r, a.p, torch.bfloat16, "cuda", backends=backends)
+        fwd, fwd_bwd = ps[NAMES[a.provider]]
+        fn = fwd if a.mode == "fwd" else fwd_bwd
     for _ in range(20):  # warm-up: compiles, plans, allocator pools
         fn()
     torch.cuda.synchronize()
     calls, host_s = 0, 0.0
     end = time.perf_counter() + a.seconds
     while time.perf_counter() < end:
-        torch.cuda._sleep(200_000_000)  # ~100 ms at H100 clocks: longer than a batch's host time
+        if a.sleep_ms > 0:
+            torch.cuda._sleep(int(a.sleep_ms * 2e6))  # about 2e6 cycles per ms at H100 clocks
         t0 = time.perf_counter()
         for _ in range(a.batch):
             one_call(fn)
