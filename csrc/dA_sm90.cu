@@ -138,18 +138,8 @@ DaBeside lora_dA_sm90_beside(const LoraGemmArgs& dx, int64_t M, int64_t K, int r
   int device = 0;
   cudaGetDevice(&device);
   const int64_t key[] = {dx.M, dx.N, dx.K, dx.Kx, K, r, pieces, masked, sms, device};
-  constexpr int kKey = sizeof(key) / sizeof(key[0]), kCache = 8;
-  thread_local int64_t keys[kCache][kKey];
-  thread_local DaBeside values[kCache];
-  thread_local int filled = 0, next = 0;
-  for (int i = 0; i < filled; ++i)
-    if (std::equal(key, key + kKey, keys[i])) return values[i];
-  const DaBeside chosen = beside_by_model(dx, M, K, r, pieces, masked, sms);
-  std::copy(key, key + kKey, keys[next]);
-  values[next] = chosen;
-  next = (next + 1) % kCache;
-  filled = std::min(filled + 1, kCache);
-  return chosen;
+  thread_local PlanMemo<sizeof(key) / sizeof(key[0]), DaBeside> memo;
+  return memo.get(key, [&] { return beside_by_model(dx, M, K, r, pieces, masked, sms); });
 }
 
 size_t lora_dA_sm90_scratch_bytes(int64_t M, int r, int pieces) {

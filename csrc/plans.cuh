@@ -198,6 +198,32 @@ cudaError_t launch_kernel_pdl(void (*kernel)(P...), dim3 grid, int threads, size
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The last kSlots results of a pure planning function on this thread, keyed by its arguments and the device values it
+// reads (SM count, shared memory): a backward asks for the same few plans layer after layer, each twice (the
+// launcher's check, then the launch), and a plan's search costs more host time than a lookup (session 55, py-spy of
+// the backward op at 2048 x 4096 -> 4096: the two streaming plans' searches, with a device query per candidate, were
+// 17% of its host time). Declare it thread_local at the function that plans.
+template <int kKey, typename V, int kSlots = 8>
+class PlanMemo {
+ public:
+  template <typename Make>
+  V get(const int64_t (&key)[kKey], Make&& make) {
+    for (int i = 0; i < filled_; ++i)
+      if (std::equal(key, key + kKey, keys_[i])) return values_[i];
+    const V v = make();
+    std::copy(key, key + kKey, keys_[next_]);
+    values_[next_] = v;
+    next_ = (next_ + 1) % kSlots;
+    filled_ = std::min(filled_ + 1, kSlots);
+    return v;
+  }
+
+ private:
+  int64_t keys_[kSlots][kKey];
+  V values_[kSlots];
+  int filled_ = 0, next_ = 0;
+};
+
 // The current device's dynamic shared memory per block (its opt-in maximum: 227 KB on sm_90, 163 KB on sm_80, 99 KB
 // on sm_86 / sm_89) and per SM, read once per device. The tensor-core kernels that need more than a device has take
 // their FFMA kernels there (each launcher checks; the plans are sized by it). Without a device (host tests): an H100's

@@ -550,16 +550,17 @@ cudaError_t with_stream_kernel(int pieces, int rj, bool masked, F&& f) {
 // masked (dA with dropout): the keep bits ring in shared memory and the tiles' keep bits in the span.
 // blocks > 0: at most that many blocks (dA beside the dx GEMM on the SMs the GEMM leaves free); no plan (row_splits
 // 0) when none fits.
-inline SplitPlan stream_sm90_plan(int64_t M, int64_t N, int r, int pieces, StreamMode mode, bool side_bytes = false,
-                                  bool masked = false, int blocks = 0) {
+// The search for given device values (sms: the SMs or blocks to fill; smem_max: shared memory per block).
+inline SplitPlan stream_sm90_search(int64_t M, int64_t N, int r, int pieces, StreamMode mode, bool side_bytes,
+                                    bool masked, int blocks, int64_t sms, size_t smem_max) {
   const bool with_g = mode != kDA, with_d = mode != kShrink;
   const DsShape sh = ds_shape(r, pieces, mode);
-  const int64_t tiles_m = ceil_div(M, DS_BM), tiles_n = ceil_div(N, DS_BN), sms = blocks > 0 ? blocks : num_sms();
+  const int64_t tiles_m = ceil_div(M, DS_BM), tiles_n = ceil_div(N, DS_BN);
   SplitPlan best{0, 0, 0, 0};
   double best_est = -1.0;
   for (int64_t C = 1; C <= tiles_n / (ds_stages(mode, sh.nw, masked) - 1) && C <= 65535; ++C) {
     const int64_t tpg = ceil_div(tiles_n, C);
-    if (ds_smem(sh, mode, tpg, masked) > smem_per_block()) continue;
+    if (ds_smem(sh, mode, tpg, masked) > smem_max) continue;
     if (blocks > 0 && C * sh.z > blocks) break;
     const int64_t S0 = std::max<int64_t>(1, std::min<int64_t>(tiles_m, sms / (C * sh.z)));
     const int64_t rows = ceil_div(tiles_m, S0), S = ceil_div(tiles_m, rows);  // the largest span's row tiles
@@ -576,6 +577,21 @@ inline SplitPlan stream_sm90_plan(int64_t M, int64_t N, int r, int pieces, Strea
     }
   }
   return best;
+}
+
+// The search for the current device, remembered per thread (PlanMemo; LORA_KERNELS_PLAN_MEMO=0 searches on every
+// call, for A/B timing of the host time).
+inline SplitPlan stream_sm90_plan(int64_t M, int64_t N, int r, int pieces, StreamMode mode, bool side_bytes = false,
+                                  bool masked = false, int blocks = 0) {
+  const int64_t sms = blocks > 0 ? blocks : num_sms();
+  const size_t smem_max = smem_per_block();
+  static const bool memo_on = env_switch_on("LORA_KERNELS_PLAN_MEMO");
+  if (!memo_on) return stream_sm90_search(M, N, r, pieces, mode, side_bytes, masked, blocks, sms, smem_max);
+  const int64_t key[] = {M, N, r, pieces, mode, side_bytes, masked, blocks, sms, (int64_t)smem_max};
+  thread_local PlanMemo<sizeof(key) / sizeof(key[0]), SplitPlan> memo;
+  return memo.get(key, [&] {
+    return stream_sm90_search(M, N, r, pieces, mode, side_bytes, masked, blocks, sms, smem_max);
+  });
 }
 
 }  // namespace

@@ -96,6 +96,9 @@ Read by the CUDA extension (csrc/binding.cpp), once, when a GEMM first asks for 
     LORA_KERNELS_PDL                    0 launches the sm_90 kernels that follow a small launch of their own (the
                                         fused forward, the K-extended GEMM, the wgmma streaming passes) without
                                         programmatic dependent launch (csrc/pdl.cuh): for A/B timing.
+    LORA_KERNELS_PLAN_MEMO              0 makes the streaming passes' split plans (csrc/stream_sm90.cuh) search on
+                                        every call instead of remembering their last results per thread: for A/B
+                                        timing of the host time.
     LORA_KERNELS_FUSED_DEBUG            development only (csrc/fused_fwd_sm90.h, FusedParams::debug): bits that make
                                         the fused forward skip its waits or its u products (wrong results, for
                                         timing), write a per-tile trace in u's place (bench/dev/fused_ab.py),

@@ -127,3 +127,23 @@ def test_stream_plan_largest_span_is_even(plans_bin):
             assert -(-tiles_m // (S - 1)) > -(-tiles_m // S), what
         if r == 16:
             assert largest <= 1.05 * tiles_m * tiles_n * z / 132, what + f": largest span {largest} tiles"
+
+
+def test_stream_plan_memo_gives_the_searched_plan(plans_bin):
+    """stream_sm90_plan remembers its last 8 plans per thread (PlanMemo, csrc/plans.cuh). Asked again in one process,
+    in another order, with the last few repeated back to back and with more than 8 other keys in between, every plan
+    is the one a fresh process searches for: no key stands for another's plan."""
+    cases = [(M, C, r, p, m) for M, C in ((8192, 4096), (2048, 14336), (129, 1000)) for r in (16, 64)
+             for p in (1, 3) for m in MODES.values()]
+    fresh = {case: _plans(plans_bin, [case])[0] for case in cases}
+    order = cases + cases[::-1] + [c for c in cases[:4] for _ in range(3)] + cases[::3]
+    for case, plan in zip(order, _plans(plans_bin, order)):
+        assert plan == fresh[case], case
+    # masked is part of the key: dA with and without its keep bits, the same shape, alternating in one process
+    dA = (8192, 4096, 16, 1, MODES["dA"])
+    plain, masked = _plans(plans_bin, [dA])[0], _plans(plans_bin, [dA], masked=True)[0]
+    assert plain != masked  # the keep bits' ring takes shared memory: another plan or another kernel footprint
+    stdin = "".join(f"{' '.join(map(str, dA))} {k}\n" for k in (0, 1, 0, 1))
+    out = subprocess.run([str(plans_bin)], input=stdin, capture_output=True, text=True, check=True).stdout.split()
+    got = [tuple(int(v) for v in out[i:i + 6]) for i in range(0, len(out), 6)]
+    assert got == [plain, masked, plain, masked]
