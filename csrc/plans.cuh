@@ -200,9 +200,8 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // The last kSlots results of a pure planning function on this thread, keyed by its arguments and the device values it
 // reads (SM count, shared memory): a backward asks for the same few plans layer after layer, each twice (the
-// launcher's check, then the launch), and a plan's search costs more host time than a lookup (session 55, py-spy of
-// the backward op at 2048 x 4096 -> 4096: the two streaming plans' searches, with a device query per candidate, were
-// 17% of its host time). Declare it thread_local at the function that plans.
+// launcher's check, then the launch), and a search that queries the device per candidate costs more host time than a
+// lookup. Declare it thread_local at the function that plans.
 template <int kKey, typename V, int kSlots = 8>
 class PlanMemo {
  public:
