@@ -113,3 +113,38 @@ def test_env_ab_alternates_the_setting_and_compares(tmp_path, monkeypatch):
     # the same comparison from the files already written, and the median over a side's runs
     cells, summary = env_ab.compare([ab["a_runs"][0], ab["b_runs"][1], ab["a_runs"][1]], ab["b_runs"])
     assert [round(q, 6) for _, _, _, q in cells] == [round(1.10 / 1.25, 6)] * 2
+
+
+SPY_REPORT = os.path.join(ROOT, "bench", "dev", "spy_report.py")
+
+
+@pytest.mark.skipif(not os.path.exists(SPY_REPORT), reason="no bench/")
+def test_spy_report_counts_samples_inside_one_call(tmp_path):
+    # bench/dev/spy_report.py on a synthetic py-spy raw record: 10 samples, 8 of them inside one_call (6 in the
+    # backward op, 4 of those launching, 2 planning; 2 in the op's wrapper itself), 2 outside (the loop's sync).
+    # Shares are of one_call's 8 samples, scaled by the loop's 40 us per call; a driver frame without a symbol counts
+    # under its library; Python line numbers and paths are dropped.
+    loop = "<module> (host_spy.py:90);main (host_spy.py:80);one_call (host_spy.py:31);op (/x/y/_ops.py:12)"
+    raw = tmp_path / "spy.raw"
+    raw.write_text(
+        f"{loop};backward_impl (binding.cpp:700);cuLaunchKernelEx (libcuda.so.1) 3\n"
+        f"{loop};backward_impl (binding.cpp:701);0x7f00 (libcuda.so.1) 1\n"
+        f"{loop};backward_impl (binding.cpp:650);stream_sm90_plan (stream_sm90.cuh:560) 2\n"
+        f"{loop} 2\n"
+        "<module> (host_spy.py:90);main (host_spy.py:95);synchronize (cuda/__init__.py:1000) 2\n")
+    calls = tmp_path / "spy.calls"
+    calls.write_text(json.dumps(dict(provider="cuda_bwd_op", mode="piece", M=2048, shape="4096x4096", r=16, p=0.0,
+                                     calls=100, host_us_per_call=40.0)))
+    out = subprocess.run([sys.executable, SPY_REPORT, str(raw), "--calls-file", str(calls)], capture_output=True,
+                         text=True, check=True).stdout
+    assert "# 8 of 10 samples inside one_call" in out
+    incl = out.split("## inclusive")[1].split("## self")[0]
+    leaf = out.split("## self (leaf frames)")[1].split("## self by library")[0]
+    assert "100.0%     40.0 us  op (_ops.py)" in incl
+    assert " 75.0%     30.0 us  backward_impl (binding.cpp)" in incl
+    assert " 37.5%     15.0 us  cuLaunchKernelEx (libcuda.so.1)" in leaf
+    assert " 12.5%      5.0 us  [libcuda.so.1]" in leaf
+    assert " 25.0%     10.0 us  stream_sm90_plan (stream_sm90.cuh)" in leaf
+    assert " 25.0%     10.0 us  op (_ops.py)" in leaf  # the samples that end in the wrapper itself
+    libs = out.split("## self by library or file")[1]
+    assert " 50.0%     20.0 us  libcuda.so.1" in libs
