@@ -24,17 +24,15 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
-from host_time import providers  # noqa: E402
+from host_time import _make, providers  # noqa: E402
 
 NAMES = {"linear": "F.linear", "cuda": "lora_kernels cuda", "triton": "lora_kernels triton",
          "peft": "peft lora.Linear"}
 
 
 def _pieces_inputs(M, K, N, r):
-    g = torch.Generator(device="cuda").manual_seed(0)
-    rn = lambda *s, dt=torch.bfloat16, std=1.0: (torch.randn(*s, generator=g, device="cuda") * std).to(dt)  # noqa
-    return (rn(M, K), rn(N, K, std=K ** -0.5), rn(r, K, dt=torch.float32, std=K ** -0.5),
-            rn(N, r, dt=torch.float32, std=r ** -0.5), rn(M, N))
+    t = _make(M, K, N, r, torch.bfloat16, "cuda")  # host_time.py's inputs
+    return t["x"], t["W"], t["A"], t["B"], t["dy"]
 
 
 def _fwd_op(M, K, N, r, p):
