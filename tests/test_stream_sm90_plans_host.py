@@ -55,7 +55,9 @@ def plans_bin(tmp_path_factory):
 
 
 def _plans(exe, cases, masked=False):
-    stdin = "".join(f"{M} {C} {r} {p} {m} {int(masked)}\n" for M, C, r, p, m in cases)
+    """The plans of `cases`; masked: one flag for all, or one per case."""
+    flags = masked if isinstance(masked, (list, tuple)) else [masked] * len(cases)
+    stdin = "".join(f"{M} {C} {r} {p} {m} {int(k)}\n" for (M, C, r, p, m), k in zip(cases, flags))
     out = subprocess.run([str(exe)], input=stdin, capture_output=True, text=True, check=True).stdout.split("\n")
     return [tuple(int(v) for v in line.split()) for line in out if line.strip()]
 
@@ -143,7 +145,4 @@ def test_stream_plan_memo_gives_the_searched_plan(plans_bin):
     dA = (8192, 4096, 16, 1, MODES["dA"])
     plain, masked = _plans(plans_bin, [dA])[0], _plans(plans_bin, [dA], masked=True)[0]
     assert plain != masked  # the keep bits' ring takes shared memory: another plan or another kernel footprint
-    stdin = "".join(f"{' '.join(map(str, dA))} {k}\n" for k in (0, 1, 0, 1))
-    out = subprocess.run([str(plans_bin)], input=stdin, capture_output=True, text=True, check=True).stdout.split()
-    got = [tuple(int(v) for v in out[i:i + 6]) for i in range(0, len(out), 6)]
-    assert got == [plain, masked, plain, masked]
+    assert _plans(plans_bin, [dA] * 4, masked=[False, True, False, True]) == [plain, masked, plain, masked]
