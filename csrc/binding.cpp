@@ -248,6 +248,16 @@ std::atomic<bool>& small_m_switch() {
 // H200 (GPU time / floor, r = 16): 4096->14336 at M = 32 and 64, 1.62 and 1.54 against 1.75 and 2.82; at 4096->4096
 // (32 tiles) the small-M kernel stays ahead, 1.83 and 2.75 against 2.68 and 2.91 (bench/results/h200_2026-12-02/
 // session17, run 2).
+// Whether the small-M forward runs the Hopper wgmma kernel (csrc/small_m_sm90.cu; it reads x once per 128
+// columns): nullptr when it does, else why not.
+const char* small_m_sm90_unsupported(const Tensor& x, const Tensor& weight, const Tensor& lora_A,
+                                     const Tensor& lora_B, double p) {
+  return lk::lora_small_m_sm90_unsupported(x.data_ptr(), weight.data_ptr(), lora_A.data_ptr(), lora_B.data_ptr(),
+                                           x.size(0), weight.size(0), x.size(1), (int)lora_A.size(0),
+                                           to_dtype(x, "x"), to_dtype(lora_A, "lora_A"), to_dtype(lora_B, "lora_B"),
+                                           (float)p);
+}
+
 const char* small_m_unsupported(const Tensor& x, const Tensor& weight, const Tensor* bias, const Tensor& lora_A,
                                 const Tensor& lora_B, double p) {
   if (!small_m_switch().load(std::memory_order_relaxed)) return "off (LORA_KERNELS_SMALL_M=0 or set_small_m)";
@@ -255,6 +265,7 @@ const char* small_m_unsupported(const Tensor& x, const Tensor& weight, const Ten
                                                  weight.size(0), x.size(1), (int)lora_A.size(0), to_dtype(x, "x"),
                                                  to_dtype(lora_A, "lora_A"), (float)p);
   if (why == nullptr && x.size(0) > 16 && 2 * ((weight.size(0) + 127) / 128) >= lk::detail::num_sms() &&
+      small_m_sm90_unsupported(x, weight, lora_A, lora_B, p) != nullptr &&
       fused_forward_unsupported(x, weight, bias, lora_A, lora_B, p) == nullptr)
     return "M > 16 with N / 128 >= SMs / 2: the fused forward is faster";
   return why;
@@ -1121,7 +1132,8 @@ int64_t set_shrink_drop_ring(int64_t stages) {
   return lk::set_shrink_drop_ring((int)std::min<int64_t>(std::max<int64_t>(stages, -1), 4));
 }
 
-// Which path a forward with these inputs takes: "small_m" (one launch, csrc/small_m.cu), "sm90 fused (small_m: <why
+// Which path a forward with these inputs takes: "small_m" (one launch, csrc/small_m.cu; "small_m sm90" where it runs
+// the Hopper kernel of csrc/small_m_sm90.cu), "sm90 fused (small_m: <why
 // not>)" or "sm90 fused lead (small_m: <why not>)" (csrc/fused_fwd_sm90.h; followed by " 128x256 cooperative" where
 // the lead tiles take the wide variant), or gemm_path's answer followed by " (fused: <why not>) (small_m: <why not>)".
 // Checks what lora_forward checks first (the call would fail otherwise).
@@ -1131,7 +1143,8 @@ std::string forward_path(const Tensor& x, const Tensor& weight, const std::optio
   const c10::cuda::CUDAGuard guard(x.device());
   const bool has_bias = bias.has_value() && bias->defined();
   const char* why = small_m_unsupported(x, weight, has_bias ? &*bias : nullptr, lora_A, lora_B, p);
-  if (why == nullptr) return "small_m";
+  if (why == nullptr)
+    return small_m_sm90_unsupported(x, weight, lora_A, lora_B, p) == nullptr ? "small_m sm90" : "small_m";
   bool lead = false;
   const char* why_fused = fused_forward_unsupported(x, weight, has_bias ? &*bias : nullptr, lora_A, lora_B, p, &lead);
   if (why_fused == nullptr) {
@@ -1168,6 +1181,7 @@ TORCH_LIBRARY(lora_kernels_cuda, m) {
   m.def("set_shrink_drop(int mode) -> int", &set_shrink_drop);
   m.def("set_shrink_drop_ring(int stages) -> int", &set_shrink_drop_ring);
   m.def("set_small_m(bool enabled) -> bool", &set_small_m);  // no tensor arguments: a catch-all kernel
+  m.def("set_small_m_sm90(bool enabled) -> bool", &lk::set_small_m_sm90);
   m.def("set_fused_forward(int mode) -> int", &set_fused_forward);
   m.def("set_dA_beside(int mode) -> int", &set_dA_beside);
   m.def("dA_beside_blocks(Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, float p) -> int");

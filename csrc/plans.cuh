@@ -6,6 +6,7 @@
 #include "pdl.cuh"
 
 #include <algorithm>
+#include <atomic>
 #include <type_traits>
 #include <utility>
 
@@ -237,6 +238,23 @@ int num_sms();
 // The current device's compute capability as 10 * major + minor (90 on an H100 / H200), read once per device; 0 when
 // it cannot be read (no device).
 int compute_capability();
+
+// Whether the current device is compute capability 9.0 and `kernel` holds this build's sm_90a code (not a trap
+// compiled for another architecture): `has_sm90a` (one per pass, 0 unknown, 1 yes, 2 no) is read on the first 9.0
+// device asked about.
+inline bool sm90_kernel_ok(const void* kernel, std::atomic<int>& has_sm90a) {
+  if (compute_capability() != 90) return false;
+  int s = has_sm90a.load(std::memory_order_acquire);
+  if (s == 0) {
+    cudaFuncAttributes attr{};
+    const bool ok = cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.ptxVersion >= 90 &&
+                    attr.binaryVersion == 90;
+    cudaGetLastError();
+    s = ok ? 1 : 2;
+    has_sm90a.store(s, std::memory_order_release);
+  }
+  return s == 1;
+}
 
 // Counters that live across launches: `bytes` of zeroed device memory per (current device, stream, kind), made on
 // first use and kept for the process. The kernels that use them return them to zero before they exit (the last

@@ -6,6 +6,7 @@
 // Kernels: the register-direct tensor-core kernel (16-bit x with 16-byte aligned rows: lora_small_m_rd_kernel,
 // described at its definition), the ring tensor-core kernel below (16-bit x otherwise, sm_80+), the FFMA kernel
 // (fp32 x); launch_lora_small_m_forward picks one, and lora_small_m_unsupported says why a call does not come here.
+// On Hopper it takes the wgmma kernel of small_m_sm90.cu first, where that one runs (p = 0, 16-bit adapters).
 // The Math / Grid / Tiling / Bytes notes below are the ring kernel's.
 //
 // Math   : block b owns BN (16 or 32) columns of y and all M rows:
@@ -787,6 +788,8 @@ cudaError_t launch_lora_small_m_forward(const void* x, DType x_dtype, const void
                                         int64_t N, int64_t K, int r, float scaling, float p, uint64_t seed,
                                         const int64_t* seed_ptr, uint64_t offset, cudaStream_t stream) {
   if (lora_small_m_unsupported(x, W, A, M, N, K, r, x_dtype, a_dtype, p) != nullptr) return cudaErrorInvalidValue;
+  if (lora_small_m_sm90_unsupported(x, W, A, B, M, N, K, r, x_dtype, a_dtype, b_dtype, p) == nullptr)
+    return launch_lora_small_m_sm90(x, x_dtype, W, bias, A, B, y, u, M, N, K, r, scaling, stream);
   if (x_dtype == DType::kFloat32) {
     if (a_dtype != DType::kFloat32 || b_dtype != DType::kFloat32) return cudaErrorInvalidValue;
     const size_t smem = (size_t)((kSmallMMaxM + SMF_BN + r) * SMF_LD) * sizeof(float);

@@ -497,23 +497,6 @@ stream_sm90_kernel(const T* __restrict__ dy, const T* __restrict__ bp, const T* 
 }
 
 
-// Whether the current device is compute capability 9.0 and `kernel` holds this build's sm_90a code (not a trap
-// compiled for another architecture): `has_sm90a` (one per pass, 0 unknown, 1 yes, 2 no) is read on the first 9.0
-// device asked about.
-inline bool sm90_kernel_ok(const void* kernel, std::atomic<int>& has_sm90a) {
-  if (compute_capability() != 90) return false;
-  int s = has_sm90a.load(std::memory_order_acquire);
-  if (s == 0) {
-    cudaFuncAttributes attr{};
-    const bool ok = cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.ptxVersion >= 90 &&
-                    attr.binaryVersion == 90;
-    cudaGetLastError();
-    s = ok ? 1 : 2;
-    has_sm90a.store(s, std::memory_order_release);
-  }
-  return s == 1;
-}
-
 // f(kernel) for the (T, P, RJ) of a call (P = 3 only for bf16; RJ = 64 with P = 3 in the shrink and dA); `masked`
 // picks dA's MASKED kernel (the other passes have none).
 template <int MODE, typename T, bool MASKED, typename F>

@@ -85,6 +85,9 @@ Read by the CUDA extension (csrc/binding.cpp), once, when a GEMM first asks for 
                                         starts the setting that cuda_backend.set_shrink_drop_ring changes.
     LORA_KERNELS_SMALL_M                0 turns off the one-launch forward at M <= 64 (csrc/small_m.cu); it starts
                                         the switch that cuda_backend.set_small_m changes at run time.
+    LORA_KERNELS_SMALL_M_SM90           0 turns off that forward's Hopper kernel (csrc/small_m_sm90.cu: wgmma,
+                                        p = 0, 16-bit adapters); it starts the switch that
+                                        cuda_backend.set_small_m_sm90 changes.
     LORA_KERNELS_SMALL_M_BWD_ROWS       the backward's small-M threshold (default 64, csrc/lora_kernels.cuh): at
                                         M up to it the dy pass and dA take their mma.sync kernels and dx cuBLAS;
                                         0 puts every M on the sm_90 kernels: for A/B timing.

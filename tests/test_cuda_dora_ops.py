@@ -107,25 +107,29 @@ def test_fused_epilogue_wide(bias, dtype, adapter_dtype):
     _check(x, W, b, A, B, c)
 
 
-@pytest.mark.parametrize("case", ["small_m", "shrink_gemm", "cublas", "dropout"])
+@pytest.mark.parametrize("case", ["small_m", "small_m_bf16", "shrink_gemm", "cublas", "dropout"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_other_paths(case, bias):
-    """Every other path: y without the bias, then one pass that scales it and adds the bias."""
+    """Every other path: y without the bias, then one pass that scales it and adds the bias (small_m_bf16: the
+    small-M forward's Hopper kernel where the GPU has one)."""
     cb = _cb()
     M, K, N, r, p, previous = 200, 256, 384, 16, 0.0, None
-    if case == "small_m":
+    adapter_dtype = torch.bfloat16 if case == "small_m_bf16" else torch.float32
+    if case.startswith("small_m"):
         M = 16
     elif case == "cublas":
         K = 100  # rows of 200 B: no 16-byte TMA rows, no sm_90 GEMM
     elif case == "dropout":
         p = 0.2
-    x, W, b, A, B, c = _inputs(M, K, N, r, torch.bfloat16, torch.float32, bias)
+    x, W, b, A, B, c = _inputs(M, K, N, r, torch.bfloat16, adapter_dtype, bias)
     if case == "shrink_gemm":
         previous = cb.set_fused_forward(0)
     try:
         path = cb.forward_path(x, W, b, A, B, p)
         if case == "small_m":
             assert path == "small_m", path
+        elif case == "small_m_bf16":
+            assert path == ("small_m sm90" if torch.cuda.get_device_capability() == (9, 0) else "small_m"), path
         else:
             assert not path.startswith(("small_m", "sm90 fused")), path
         if case == "cublas":

@@ -52,6 +52,17 @@ def _inputs(M, K, N, r, dtype, adapter_dtype, bias, misaligned=False):
     return x, W, b, A, B
 
 
+def _sm90_kernel_expected(M, K, r, dtype, adapter_dtype, p, misaligned=False):
+    """Where the small-M forward runs its Hopper kernel (csrc/small_m_sm90.cu): p = 0, x and both adapters in one
+    16-bit dtype, r and K multiples of 8, 16-byte aligned operands, on compute capability 9.0."""
+    return (torch.cuda.get_device_capability() == (9, 0) and p == 0 and dtype != torch.float32
+            and adapter_dtype == dtype and r % 8 == 0 and K % 8 == 0 and not misaligned and 1 <= M <= 64)
+
+
+def _small_m_path(M, K, r, dtype, adapter_dtype, p, misaligned=False):
+    return "small_m sm90" if _sm90_kernel_expected(M, K, r, dtype, adapter_dtype, p, misaligned) else "small_m"
+
+
 def _check_forward(M, K, N, r, dtype, adapter_dtype, bias, p, misaligned=False, seed=1234):
     cb = _cb()
     x, W, b, A, B = _inputs(M, K, N, r, dtype, adapter_dtype, bias, misaligned)
@@ -59,7 +70,7 @@ def _check_forward(M, K, N, r, dtype, adapter_dtype, bias, p, misaligned=False, 
     if p == 0 and dtype == torch.float32 and M * r > 2048:
         assert path.endswith(FP32_MR_WHY), path
     elif p == 0 or (dtype != torch.float32 and K % 8 == 0 and not misaligned):
-        assert path == "small_m", path
+        assert path == _small_m_path(M, K, r, dtype, adapter_dtype, p, misaligned), path
     else:
         assert path.endswith(DROPOUT_WHY), path
     assert_cuda_forward(cb, x, W, b, A, B, S, p, seed)
@@ -109,7 +120,8 @@ def test_small_m_op_grads(dtype, adapter_dtype, lead, K, N, r, p):
     path = cb.forward_path(x.reshape(-1, K).to("cuda", dtype), torch.empty(N, K, device="cuda", dtype=dtype), None,
                            torch.empty(r, K, device="cuda", dtype=adapter_dtype),
                            torch.empty(N, r, device="cuda", dtype=adapter_dtype), p)
-    assert path == "small_m" if p == 0 or dtype != torch.float32 else path.endswith(DROPOUT_WHY), path
+    want = _small_m_path(x.reshape(-1, K).shape[0], K, r, dtype, adapter_dtype, p)
+    assert path == want if p == 0 or dtype != torch.float32 else path.endswith(DROPOUT_WHY), path
     run_and_check("cuda", "cuda", dtype, lead, K, N, r, bias=True, p=p, adapter_dtype=adapter_dtype)
 
 
@@ -216,6 +228,105 @@ def test_small_m_streams_and_graph_replays():
             y_g, u_g = cb.forward(x, W, b, A, B, S, 0.0, 0, 0)
     torch.cuda.current_stream().wait_stream(cap)
     for _ in range(3):
+        y_g.fill_(float("nan"))
+        u_g.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y_g, y_ref) and torch.equal(u_g, u_ref)
+
+
+# ------------------------------------------------------------------ the Hopper kernel (csrc/small_m_sm90.cu)
+needs_sm90 = pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability() != (9, 0),
+                                reason="needs a compute capability 9.0 GPU")
+
+
+@needs_sm90
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M,K,N,r", [
+    (1, 4096, 4096, 16),    # 16 tokens (15 zero rows), clusters of 4
+    (16, 4096, 14336, 16),  # 112 row blocks: no K split
+    (17, 4096, 1024, 32),   # 32 tokens, clusters of 8
+    (33, 1000, 4104, 8),    # 48 tokens; K and N not multiples of the tiles (a partial last K tile and row block)
+    (48, 520, 300, 64),     # r = 64: every row of lora_A's tile
+    (64, 4096, 4096, 64),
+    (64, 136, 200, 24),     # 3 K tiles: no split; r not a multiple of 16 (the expand's K padded with zeros)
+    (5, 8, 40, 8),          # K = 8: one partial K tile
+    (64, 14336, 4096, 16),  # long K, clusters of 4
+])
+@pytest.mark.parametrize("bias", [True, False])
+def test_sm90_kernel_against_float64(dtype, M, K, N, r, bias):
+    """y and the saved u against the float64 formula (tolerance rule, outputs poisoned first), on the Hopper kernel:
+    every token count (16 to 64 wgmma columns), cluster sizes 1 to 8, partial tiles along K and N, r from 8 to 64."""
+    _check_forward(M, K, N, r, dtype, dtype, bias, 0.0)
+    assert _cb().forward_path(*_inputs(M, K, N, r, dtype, dtype, bias), 0.0) == "small_m sm90"
+
+
+@needs_sm90
+def test_sm90_kernel_says_why_not():
+    """The inputs it declines go to the mma.sync kernels, each with its reason (the wgmma kernel's reasons are not in
+    forward_path: the call is still a one-launch small-M forward)."""
+    cb = _cb()
+
+    def path(M=16, K=256, N=256, r=16, dtype=torch.bfloat16, adapter_dtype=torch.bfloat16, p=0.0, mis=False):
+        return cb.forward_path(*_inputs(M, K, N, r, dtype, adapter_dtype, False, misaligned=mis), p)
+
+    assert path() == "small_m sm90"
+    assert path(adapter_dtype=torch.float32) == "small_m"  # fp32 adapters
+    assert path(p=0.1) == "small_m"                         # dropout: the register-direct kernel masks its u items
+    assert path(r=12) == "small_m"                          # r not a multiple of 8
+    assert path(K=60) == "small_m"                          # K not a multiple of 8
+    assert path(mis=True) == "small_m"                      # not 16-byte aligned
+    assert path(dtype=torch.float32, adapter_dtype=torch.float32) == "small_m"
+    previous = cb.set_small_m_sm90(False)
+    try:
+        assert path() == "small_m"
+    finally:
+        cb.set_small_m_sm90(previous)
+
+
+@needs_sm90
+@pytest.mark.parametrize("M,K,N,r", [(16, 4096, 4096, 16), (64, 1000, 4104, 32)])
+def test_sm90_kernel_matches_mma_sync_kernel(M, K, N, r):
+    """The same inputs through the wgmma kernel and through the mma.sync kernel (set_small_m_sm90(False)): u agrees
+    to fp32 rounding, y within a unit in the last place (both sum fp32 products, in different orders)."""
+    cb = _cb()
+    x, W, b, A, B = _inputs(M, K, N, r, torch.bfloat16, torch.bfloat16, True)
+    y1, u1 = cb.forward(x, W, b, A, B, S, 0.0, 0, 0)
+    previous = cb.set_small_m_sm90(False)
+    try:
+        assert cb.forward_path(x, W, b, A, B, 0.0) == "small_m"
+        y0, u0 = cb.forward(x, W, b, A, B, S, 0.0, 0, 0)
+    finally:
+        cb.set_small_m_sm90(previous)
+    torch.testing.assert_close(u1, u0, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(y1.float(), y0.float(), rtol=2 ** -7, atol=1e-2)
+
+
+@needs_sm90
+def test_sm90_kernel_streams_and_graph_replays():
+    """Cluster launches on two streams and in a captured graph give the eager bits (no state across launches)."""
+    cb = _cb()
+    x, W, b, A, B = _inputs(32, 2048, 4096, 16, torch.bfloat16, torch.bfloat16, True)
+    assert cb.forward_path(x, W, b, A, B, 0.0) == "small_m sm90"
+    y_ref, u_ref = cb.forward(x, W, b, A, B, S, 0.0, 0, 0)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    outs = []
+    for i in range(4):
+        with torch.cuda.stream(side if i % 2 else torch.cuda.current_stream()):
+            outs.append(cb.forward(x, W, b, A, B, S, 0.0, 0, 0))
+    torch.cuda.current_stream().wait_stream(side)
+    for y, u in outs:
+        assert torch.equal(y, y_ref) and torch.equal(u, u_ref)
+    g = torch.cuda.CUDAGraph()
+    cap = torch.cuda.Stream()
+    cap.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(cap):
+        cb.forward(x, W, b, A, B, S, 0.0, 0, 0)
+        with torch.cuda.graph(g, stream=cap):
+            y_g, u_g = cb.forward(x, W, b, A, B, S, 0.0, 0, 0)
+    torch.cuda.current_stream().wait_stream(cap)
+    for _ in range(2):
         y_g.fill_(float("nan"))
         u_g.fill_(float("nan"))
         g.replay()

@@ -58,10 +58,14 @@ def lora_cases():
                 fwd_bwd(M, K, N, r, p, dtype, adapter, bias=False)
         cuda_backend.set_fused_forward(previous)
     # the small-M forward: the register-direct kernel with dropout and with fewer item blocks than items (one wave of
-    # 256 tiles at N = 4096), the FFMA kernel
+    # 256 tiles at N = 4096), the FFMA kernel; on Hopper the wgmma kernel (16-bit adapters, p = 0) in clusters of 4
+    # and 8 with partial K and N tiles, and without a K split (48 tokens, r = 24)
     for M, K, N, r, p, dtype, adapter in ((16, 4096, 4096, 16, 0.1, torch.bfloat16, torch.float32),
                                           (64, 1024, 1000, 64, 0.0, torch.float16, torch.float16),
-                                          (3, 40, 24, 5, 0.0, torch.float32, torch.float32)):
+                                          (3, 40, 24, 5, 0.0, torch.float32, torch.float32),
+                                          (16, 4096, 4096, 16, 0.0, torch.bfloat16, torch.bfloat16),
+                                          (33, 1000, 300, 8, 0.0, torch.float16, torch.float16),
+                                          (48, 136, 200, 24, 0.0, torch.bfloat16, torch.bfloat16)):
         fwd_bwd(M, K, N, r, p, dtype, adapter, scaled=True)
 
 

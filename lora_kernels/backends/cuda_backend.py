@@ -143,7 +143,7 @@ def set_dA_beside(mode: int) -> int:
 
 def forward_path(x, weight, bias, lora_A, lora_B, p=0.0) -> str:
     """Which path a forward with these 2-D inputs takes: "small_m" (M <= 64: the whole forward in one launch,
-    csrc/small_m.cu), "sm90 fused lead (small_m: <why not>)" or "sm90 fused (...)" (the shrink inside the GEMM,
+    csrc/small_m.cu; "small_m sm90" where that launch is the Hopper wgmma kernel, csrc/small_m_sm90.cu), "sm90 fused lead (small_m: <why not>)" or "sm90 fused (...)" (the shrink inside the GEMM,
     computed by lead tiles or by u tiles, csrc/fused_fwd_sm90.h), or
     gemm_path's answer followed by " (fused: <why not>) (small_m: <why not>)"."""
     return torch.ops.lora_kernels_cuda.forward_path(x, weight, bias, lora_A, lora_B, float(p))
@@ -153,6 +153,13 @@ def set_small_m(enabled: bool) -> bool:
     """Switches the small-M forward on or off for this process (LORA_KERNELS_SMALL_M=0 starts it off); returns the
     previous setting. For tests of the other paths at small M and A/B timing."""
     return torch.ops.lora_kernels_cuda.set_small_m(bool(enabled))
+
+
+def set_small_m_sm90(enabled: bool) -> bool:
+    """Switches the small-M forward's Hopper kernel (csrc/small_m_sm90.cu) on or off for this process
+    (LORA_KERNELS_SMALL_M_SM90=0 starts it off); off, the small-M forward runs its mma.sync kernels. Returns the
+    previous setting. For tests of both kernels and A/B timing."""
+    return torch.ops.lora_kernels_cuda.set_small_m_sm90(bool(enabled))
 
 
 def set_shrink_drop(mode: int) -> int:

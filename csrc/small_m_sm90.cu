@@ -1,0 +1,340 @@
+// Small-M forward on Hopper (sm_90a, wgmma), one launch: for M <= 64 rows, p = 0 and 16-bit x, W and adapters,
+//   y = x Wᵀ + bias + u Bᵀ      and      u = s · x Aᵀ  (fp32, saved for backward).
+// launch_lora_small_m_forward (small_m.cu) takes this kernel where lora_small_m_sm90_unsupported says it can, and its
+// mma.sync kernels elsewhere.
+//
+// Math   : with so few rows, W (N x K) is the only large operand, and y costs one read of it. The products run with
+//          the operands swapped, yᵀ = W xᵀ + B (s·u)ᵀ, so that W's rows are wgmma's M (64 per instruction) and the
+//          tokens its N (TOK = M rounded up to 16, 32, 48 or 64). A cluster of S CTAs splits K; CTA (rank q, row
+//          block nb) computes over its K slice q:
+//            P_q = W[nb] x_qᵀ   (128 x TOK)        U_q = A_q x_qᵀ   (r x TOK)        fp32, from the same x tiles.
+//          u = s · Σ_q U_q, summed in rank order by every CTA of the cluster alike (distributed shared memory),
+//          rounded to x's dtype for the expand, which rank 0 adds to its P_0 as one more wgmma step:
+//          P_0 += B[nb] bf16(u)ᵀ (r padded to 16 with zeros). Rank q then sums rows [128 q / S, 128 (q+1) / S) of
+//          P_0 .. P_{S-1} in rank order, adds the bias and writes y once (one rounding). Deterministic: no atomics,
+//          every sum in a fixed order. Rounding as in the other tensor-core forwards: every operand of a 16-bit
+//          product in x's dtype (s·u included), fp32 sums.
+// Tiling : 256 threads. Warpgroup 0 loads: 16-byte cp.async copies into 128-byte-swizzled tiles, a 4-stage ring of
+//          {W 128 x 64, x TOK x 64, A r x 64}, zeros past N, M and K, with full / empty mbarriers; rank 0 also loads
+//          lora_B's 128 rows once. Warpgroup 1 multiplies: per k16 step two m64nTOK wgmmas for W's two 64-row halves
+//          and one for A's rows (rows r..63 of that tile stay zero), all reading the same x tile. One CTA per SM;
+//          S (1, 2, 4 or 8) is the largest that keeps the grid to one CTA per SM with at least two K tiles each.
+// Bytes  : W once; x and A from L2 once per CTA; lora_B once; y and u written once. The U products are repeated by
+//          every row block of a cluster column (r / 128 more MMAs than W's), which the tensor cores absorb: the
+//          kernel is bound by W's read.
+#include "common.cuh"
+#include "pdl.cuh"
+#include "plans.cuh"
+#include "ptx.cuh"
+#include "wgmma.cuh"
+
+#include <atomic>
+#include <climits>
+
+namespace lora_kernels {
+using namespace detail;
+namespace {
+
+constexpr int SM9_BN = 128;       // W rows (y columns) per CTA: two m64 row blocks
+constexpr int SM9_BK = 64;        // K per stage: one 128-byte swizzled row per operand row
+constexpr int SM9_STAGES = 4;
+constexpr int SM9_THREADS = 256;  // warpgroup 0 loads, warpgroup 1 multiplies
+constexpr int SM9_MAX_CLUSTER = 8;  // portable cluster size
+
+// Shared memory from the 1024-byte-aligned base (every tile 1024-aligned, as the swizzle needs).
+template <int TOK>
+struct Sm9Layout {
+  static constexpr int W_BYTES = SM9_BN * 128;
+  static constexpr int X_BYTES = TOK * 128;
+  static constexpr int A_BYTES = 64 * 128;  // r <= 64 rows of lora_A: one m64 block
+  static constexpr int STAGE = W_BYTES + X_BYTES + A_BYTES;
+  static constexpr int BT = SM9_STAGES * STAGE;  // lora_B's 128 rows (rank 0): the expand's A operand
+  static constexpr int UB = BT + SM9_BN * 128;   // bf16(u), TOK x 64: the expand's B operand
+  static constexpr int U = UB + TOK * 128;       // this CTA's U_q in fragment order: 128 threads x TOK / 2 floats
+  static constexpr int PLD = TOK + 4;            // P's row pitch (floats)
+  static constexpr int P = U + 128 * (TOK / 2) * 4;
+  static constexpr int END = P + SM9_BN * PLD * 4;
+  static constexpr int BARS = 8 * (2 * SM9_STAGES + 1);  // full[], empty[], lora_B's
+  static constexpr size_t SMEM = (size_t)END + 1024 + BARS;  // + the base's alignment
+  static_assert(STAGE % 1024 == 0 && BT % 1024 == 0 && UB % 1024 == 0, "swizzled tiles start 1024-aligned");
+  static_assert(SMEM <= 232448, "fits an sm_90 block's 227 KB");
+};
+
+#if LK_WGMMA
+// Distributed shared memory and the cluster barrier (every thread of every CTA of the cluster takes part).
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ int cluster_rank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return (int)r;
+}
+// The shared::cluster address of this CTA's shared address `addr` in CTA `rank` of the cluster.
+__device__ __forceinline__ uint32_t cluster_addr(uint32_t addr, int rank) {
+  uint32_t out;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(out) : "r"(addr), "r"(rank));
+  return out;
+}
+__device__ __forceinline__ float ld_cluster(uint32_t addr) {
+  float v;
+  asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(addr) : "memory");
+  return v;
+}
+__device__ __forceinline__ void consumer_bar() { asm volatile("bar.sync 1, 128;\n" ::: "memory"); }
+#endif
+
+template <typename T, int TOK>
+__global__ void __launch_bounds__(SM9_THREADS, 1)
+lora_small_m_sm90_kernel(const T* __restrict__ x, const T* __restrict__ W, const T* __restrict__ bias,
+                         const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ y, float* __restrict__ u,
+                         int M, int N, int K, int r, float scale) {
+#if LK_WGMMA
+  using L = Sm9Layout<TOK>;
+  using MMA = Wgmma<T, TOK>;
+  constexpr int NACC = TOK / 2;  // accumulator floats per thread of an m64nTOK product
+  extern __shared__ unsigned char sm9_raw[];
+  const uint32_t raw = smem_addr(sm9_raw);
+  const uint32_t bar_full = raw, bar_empty = raw + 8 * SM9_STAGES, bar_b = raw + 16 * SM9_STAGES;
+  const uint32_t base = (raw + L::BARS + 1023) & ~1023u;
+  unsigned char* const gbase = sm9_raw + (base - raw);
+  float* const s_u = reinterpret_cast<float*>(gbase + L::U);
+  float* const s_p = reinterpret_cast<float*>(gbase + L::P);
+
+  const int tid = threadIdx.x, wg = tid >> 7, t = tid & 127, w = t >> 5, lane = t & 31;
+  const int S = (int)gridDim.x, rank = cluster_rank();  // the cluster spans gridDim.x: (S, 1, 1)
+  const int64_t n0 = (int64_t)blockIdx.y * SM9_BN;
+  const int kt_all = (K + SM9_BK - 1) / SM9_BK;
+  const int kt0 = (int)((int64_t)kt_all * rank / S), n_kt = (int)((int64_t)kt_all * (rank + 1) / S) - kt0;
+
+  if (tid == 0) {
+    for (int s = 0; s < SM9_STAGES; ++s) {
+      mbar_init(bar_full + 8 * s, 128);  // every loader thread's copies
+      mbar_init(bar_empty + 8 * s, 4);   // lane 0 of each multiplying warp
+    }
+    mbar_init(bar_b, 128);
+  }
+  // lora_A's rows r..63 of every stage: zeros (the copies fill rows < r only), so U's rows past r are zero
+  for (int i = tid; i < SM9_STAGES * (64 - r) * 8; i += SM9_THREADS) {
+    const int s = i / ((64 - r) * 8), e = i % ((64 - r) * 8);
+    *reinterpret_cast<uint4*>(gbase + s * L::STAGE + L::W_BYTES + L::X_BYTES + sw128_offset(r + (e >> 3), e & 7)) =
+        make_uint4(0u, 0u, 0u, 0u);
+  }
+  fence_proxy_async();  // those stores (generic proxy) before the wgmmas (async proxy) read the tile
+  pdl_wait();           // launched as a programmatic dependent: nothing global before the launch before it is done
+  __syncthreads();
+
+  float acc0[NACC], acc1[NACC], accu[NACC];  // P's rows 0-63 and 64-127, U (the first wgmma writes them)
+
+  if (wg == 0) {
+    if (rank == 0) {  // lora_B's rows n0 .. n0 + 127, r columns (zeros past N and r), for the expand
+      for (int i = t; i < SM9_BN * 8; i += 128) {
+        const int row = i >> 3, c = i & 7;
+        const bool ok = n0 + row < N && 8 * c < r;
+        cp_async16(base + L::BT + sw128_offset(row, c), ok ? B + (n0 + row) * r + 8 * c : B, ok ? 16 : 0);
+      }
+      cp_async_mbar_arrive(bar_b);
+    }
+    for (int i = 0; i < n_kt; ++i) {
+      const int stage = i % SM9_STAGES;
+      mbar_wait(bar_empty + 8 * stage, ((i / SM9_STAGES) & 1) ^ 1);  // the stage's previous tile consumed
+      const int64_t k0 = (int64_t)(kt0 + i) * SM9_BK;
+      const uint32_t s_w = base + stage * L::STAGE, s_x = s_w + L::W_BYTES, s_a = s_x + L::X_BYTES;
+#pragma unroll
+      for (int q = 0; q < SM9_BN * 8 / 128; ++q) {  // W: 128 rows x 8 chunks of 16 bytes (K % 8 == 0: whole chunks)
+        const int e = t + 128 * q, row = e >> 3, c = e & 7;
+        const int64_t k = k0 + 8 * c;
+        const bool ok = n0 + row < N && k < K;
+        cp_async16(s_w + sw128_offset(row, c), ok ? W + (n0 + row) * K + k : W, ok ? 16 : 0);
+      }
+#pragma unroll
+      for (int q = 0; q < TOK * 8 / 128; ++q) {  // x: TOK rows, zeros past M
+        const int e = t + 128 * q, row = e >> 3, c = e & 7;
+        const int64_t k = k0 + 8 * c;
+        const bool ok = row < M && k < K;
+        cp_async16(s_x + sw128_offset(row, c), ok ? x + (int64_t)row * K + k : x, ok ? 16 : 0);
+      }
+      for (int e = t; e < r * 8; e += 128) {  // lora_A: r rows
+        const int row = e >> 3, c = e & 7;
+        const int64_t k = k0 + 8 * c;
+        const bool ok = k < K;
+        cp_async16(s_a + sw128_offset(row, c), ok ? A + (int64_t)row * K + k : A, ok ? 16 : 0);
+      }
+      cp_async_mbar_arrive(bar_full + 8 * stage);
+    }
+  } else {
+    for (int i = 0; i < n_kt; ++i) {
+      const int stage = i % SM9_STAGES;
+      mbar_wait(bar_full + 8 * stage, (i / SM9_STAGES) & 1);
+      const uint32_t s_w = base + stage * L::STAGE, s_x = s_w + L::W_BYTES, s_a = s_x + L::X_BYTES;
+      wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < SM9_BK / 16; ++ks) {  // 32 bytes along K per k16 step
+        const uint64_t xb = sw128_desc(s_x + 32 * ks);
+        const int acc = i > 0 || ks > 0;  // 0: D = A B, the first product
+        MMA::template mma<0>(acc0, sw128_desc(s_w + 32 * ks), xb, acc);
+        MMA::template mma<0>(acc1, sw128_desc(s_w + 64 * 128 + 32 * ks), xb, acc);
+        MMA::template mma<0>(accu, sw128_desc(s_a + 32 * ks), xb, acc);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();  // the stage's products done: its tiles may be overwritten
+      if (lane == 0) mbar_arrive(bar_empty + 8 * stage);
+    }
+    fence_regs(acc0);  // the accumulators read below only after the last wait
+    fence_regs(acc1);
+    fence_regs(accu);
+    // U_q into shared memory in fragment order, for the cluster's sum
+#pragma unroll
+    for (int i = 0; i < NACC; ++i) s_u[i * 128 + t] = accu[i];
+  }
+  cluster_sync();  // every CTA's U_q in place
+
+  if (wg == 1) {
+    // u = s · Σ_q U_q in rank order: the same value in every CTA of the cluster. Fragment element i of this thread:
+    // row j = 16 w + lane / 4 + 8 h (u's column), column tok = 8 c + 2 (lane % 4) + e (x's row), i = 4 c + 2 h + e.
+    float uf[NACC];
+#pragma unroll
+    for (int i = 0; i < NACC; ++i) uf[i] = 0.f;
+    for (int q = 0; q < S; ++q) {
+      const uint32_t rem = cluster_addr(smem_addr(s_u + t), q);
+#pragma unroll
+      for (int i = 0; i < NACC; ++i) uf[i] += ld_cluster(rem + 4 * 128 * i);
+    }
+    const bool write_u = u != nullptr && blockIdx.y == 0 && rank == 0;
+#pragma unroll
+    for (int i = 0; i < NACC; ++i) {
+      const int c = i >> 2, h = (i >> 1) & 1, e = i & 1;
+      const int j = 16 * w + (lane >> 2) + 8 * h, tok = 8 * c + 2 * (lane & 3) + e;
+      const float v = j < r ? scale * uf[i] : 0.f;
+      // the expand's B operand: row tok, K index j (K-major, 128-byte swizzle)
+      *reinterpret_cast<T*>(gbase + L::UB + sw128_offset(tok, j >> 3) + 2 * (j & 7)) = from_f<T>(v);
+      if (write_u && j < r && tok < M) u[(int64_t)tok * r + j] = v;
+    }
+    fence_proxy_async();
+    consumer_bar();  // the whole bf16(u) tile written before any warp's wgmma reads it
+    if (rank == 0) {  // P_0 += B[nb] bf16(u)ᵀ over r rounded up to 16
+      mbar_wait(bar_b, 0);
+      wgmma_fence();
+      for (int ks = 0; ks < (r + 15) / 16; ++ks) {
+        const uint64_t ub = sw128_desc(base + L::UB + 32 * ks);
+        MMA::template mma<0>(acc0, sw128_desc(base + L::BT + 32 * ks), ub, 1);
+        MMA::template mma<0>(acc1, sw128_desc(base + L::BT + 64 * 128 + 32 * ks), ub, 1);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_regs(acc0);
+      fence_regs(acc1);
+    }
+    // P_q into shared memory, [row][tok]
+#pragma unroll
+    for (int i = 0; i < NACC; i += 2) {
+      const int c = i >> 2, h = (i >> 1) & 1;
+      const int row = 16 * w + (lane >> 2) + 8 * h, tok = 8 * c + 2 * (lane & 3);
+      *reinterpret_cast<float2*>(s_p + row * L::PLD + tok) = make_float2(acc0[i], acc0[i + 1]);
+      *reinterpret_cast<float2*>(s_p + (row + 64) * L::PLD + tok) = make_float2(acc1[i], acc1[i + 1]);
+    }
+  }
+  cluster_sync();  // every P_q in place, and every CTA done reading the others' U
+
+  // Rank q: rows [q·128/S, (q+1)·128/S) of the tile, the S partials summed in rank order, + bias, y written once.
+  // Consecutive threads take consecutive columns of y (rows of the tile) for one token: coalesced stores.
+  const int rq = SM9_BN / S, row0 = rank * rq;
+  for (int e = tid; e < rq * TOK; e += SM9_THREADS) {
+    const int row = row0 + e % rq, tok = e / rq;
+    const int64_t n = n0 + row;
+    if (tok >= M || n >= N) continue;
+    const uint32_t loc = smem_addr(s_p + row * L::PLD + tok);
+    float v = 0.f;
+    for (int q = 0; q < S; ++q) v += ld_cluster(cluster_addr(loc, q));
+    if (bias != nullptr) v += to_f<T>(bias[n]);
+    y[(int64_t)tok * N + n] = from_f<T>(v);
+  }
+  cluster_sync();  // no CTA leaves while another reads its P
+#else
+  __trap();
+#endif
+}
+
+std::atomic<bool> sm9_switch{env_switch_on("LORA_KERNELS_SMALL_M_SM90")};
+std::atomic<int> sm9_state{0};
+
+bool sm9_device_ok() {
+  return sm90_kernel_ok(reinterpret_cast<const void*>(&lora_small_m_sm90_kernel<__nv_bfloat16, 16>), sm9_state);
+}
+
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Tokens rounded up to a wgmma N this kernel is built for.
+int sm9_tok(int64_t M) { return M <= 16 ? 16 : M <= 32 ? 32 : M <= 48 ? 48 : 64; }
+
+// Cluster size: the largest of 8, 4, 2 that keeps the grid to one CTA per SM (one wave) with at least two K tiles
+// per CTA; else 1 (no K split).
+int sm9_cluster(int64_t N, int64_t K) {
+  const int64_t blocks = ceil_div(N, SM9_BN), kt = ceil_div(K, SM9_BK);
+  for (int s = SM9_MAX_CLUSTER; s > 1; s /= 2)
+    if (blocks * s <= num_sms() && kt >= 2 * s) return s;
+  return 1;
+}
+
+template <typename F>
+cudaError_t with_sm9_kernel(DType x_dtype, int tok, F&& f) {
+  return with_dtype16(x_dtype, [&](auto xt) {
+    using T = decltype(xt);
+    switch (tok) {
+      case 16: return f(&lora_small_m_sm90_kernel<T, 16>, Sm9Layout<16>::SMEM, T{});
+      case 32: return f(&lora_small_m_sm90_kernel<T, 32>, Sm9Layout<32>::SMEM, T{});
+      case 48: return f(&lora_small_m_sm90_kernel<T, 48>, Sm9Layout<48>::SMEM, T{});
+      default: return f(&lora_small_m_sm90_kernel<T, 64>, Sm9Layout<64>::SMEM, T{});
+    }
+  });
+}
+
+}  // namespace
+
+bool set_small_m_sm90(bool on) { return sm9_switch.exchange(on); }
+
+const char* lora_small_m_sm90_unsupported(const void* x, const void* W, const void* A, const void* B, int64_t M,
+                                          int64_t N, int64_t K, int r, DType x_dtype, DType a_dtype, DType b_dtype,
+                                          float p) {
+  if (!sm9_switch.load(std::memory_order_relaxed)) return "off (LORA_KERNELS_SMALL_M_SM90=0 or set_small_m_sm90)";
+  if (x_dtype == DType::kFloat32 || a_dtype != x_dtype || b_dtype != x_dtype)
+    return "x, lora_A and lora_B not all in one 16-bit dtype";
+  if (p > 0.f) return "dropout (the register-direct kernel's u items mask x)";
+  if (M < 1 || M > 64 || N < 1 || K < 1) return "M not in 1..64, or an empty problem";
+  if (r < 1 || r > 64 || r % 8) return "r not a multiple of 8 in 8..64";
+  if (K % 8 || K > INT_MAX - SM9_BK || N > (int64_t)65535 * SM9_BN) return "K not a multiple of 8, or K or N too large";
+  if (!aligned16(x) || !aligned16(W) || !aligned16(A) || !aligned16(B))
+    return "x, weight, lora_A and lora_B must be 16-byte aligned";
+  if (!sm9_device_ok()) return "not a compute capability 9.0 device with this build's sm_90a code";
+  return nullptr;
+}
+
+cudaError_t launch_lora_small_m_sm90(const void* x, DType x_dtype, const void* W, const void* bias, const void* A,
+                                     const void* B, void* y, float* u, int64_t M, int64_t N, int64_t K, int r,
+                                     float scaling, cudaStream_t stream) {
+  if (lora_small_m_sm90_unsupported(x, W, A, B, M, N, K, r, x_dtype, x_dtype, x_dtype, 0.f) != nullptr)
+    return cudaErrorInvalidValue;
+  const int S = sm9_cluster(N, K);
+  return with_sm9_kernel(x_dtype, sm9_tok(M), [&](auto kernel, size_t smem, auto xt) -> cudaError_t {
+    using T = decltype(xt);
+    cudaError_t e = set_smem_once(reinterpret_cast<const void*>(kernel), smem);
+    if (e != cudaSuccess) return e;
+    cudaLaunchAttribute attr[2];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = (unsigned)S;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cudaLaunchConfig_t config{};
+    config.gridDim = dim3((unsigned)S, (unsigned)ceil_div(N, SM9_BN));
+    config.blockDim = dim3(SM9_THREADS);
+    config.dynamicSmemBytes = smem;
+    config.stream = stream;
+    config.attrs = attr;
+    config.numAttrs = with_pdl(attr, 1);
+    return cudaLaunchKernelEx(&config, kernel, static_cast<const T*>(x), static_cast<const T*>(W),
+                              static_cast<const T*>(bias), static_cast<const T*>(A), static_cast<const T*>(B),
+                              static_cast<T*>(y), u, (int)M, (int)N, (int)K, r, scaling);
+  });
+}
+
+}  // namespace lora_kernels
