@@ -50,7 +50,7 @@ struct Sm9Layout {
   static constexpr int STAGE = W_BYTES + X_BYTES + A_BYTES;
   static constexpr int BT = SM9_STAGES * STAGE;  // lora_B's 128 rows (rank 0): the expand's A operand
   static constexpr int UB = BT + SM9_BN * 128;   // bf16(u), TOK x 64: the expand's B operand
-  static constexpr int U = UB + TOK * 128;       // this CTA's U_q in fragment order: 128 threads x TOK / 2 floats
+  static constexpr int U = UB + TOK * 128;       // this CTA's U_q: each thread's TOK / 2 fragment floats in a row
   static constexpr int PLD = TOK + 4;            // P's row pitch (floats)
   static constexpr int P = U + 128 * (TOK / 2) * 4;
   static constexpr int END = P + SM9_BN * PLD * 4;
@@ -76,9 +76,14 @@ __device__ __forceinline__ uint32_t cluster_addr(uint32_t addr, int rank) {
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(out) : "r"(addr), "r"(rank));
   return out;
 }
-__device__ __forceinline__ float ld_cluster(uint32_t addr) {
-  float v;
-  asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(addr) : "memory");
+// 16 bytes of another CTA's shared memory. The loads of one batch are issued back to back (nothing reads them
+// until the batch's last one is out), so a batch costs one round trip.
+__device__ __forceinline__ float4 ld_cluster4(uint32_t addr) {
+  float4 v;
+  asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+               : "r"(addr)
+               : "memory");
   return v;
 }
 __device__ __forceinline__ void consumer_bar() { asm volatile("bar.sync 1, 128;\n" ::: "memory"); }
@@ -177,15 +182,17 @@ lora_small_m_sm90_kernel(const T* __restrict__ x, const T* __restrict__ W, const
         MMA::template mma<0>(accu, sw128_desc(s_a + 32 * ks), xb, acc);
       }
       wgmma_commit();
-      wgmma_wait<0>();  // the stage's products done: its tiles may be overwritten
-      if (lane == 0) mbar_arrive(bar_empty + 8 * stage);
+      wgmma_wait<1>();  // the previous tile's products done: its stage may be refilled while this tile's run
+      if (lane == 0 && i > 0) mbar_arrive(bar_empty + 8 * ((i + SM9_STAGES - 1) % SM9_STAGES));
     }
+    wgmma_wait<0>();
     fence_regs(acc0);  // the accumulators read below only after the last wait
     fence_regs(acc1);
     fence_regs(accu);
-    // U_q into shared memory in fragment order, for the cluster's sum
+    // U_q into shared memory, this thread's fragment as one row, for the cluster's sum
 #pragma unroll
-    for (int i = 0; i < NACC; ++i) s_u[i * 128 + t] = accu[i];
+    for (int i = 0; i < NACC; i += 4)
+      *reinterpret_cast<float4*>(s_u + t * NACC + i) = make_float4(accu[i], accu[i + 1], accu[i + 2], accu[i + 3]);
   }
   cluster_sync();  // every CTA's U_q in place
 
@@ -195,10 +202,18 @@ lora_small_m_sm90_kernel(const T* __restrict__ x, const T* __restrict__ W, const
     float uf[NACC];
 #pragma unroll
     for (int i = 0; i < NACC; ++i) uf[i] = 0.f;
-    for (int q = 0; q < S; ++q) {
-      const uint32_t rem = cluster_addr(smem_addr(s_u + t), q);
+    for (int q = 0; q < S; ++q) {  // rank q's row: NACC / 4 loads in one batch, then the adds
+      const uint32_t rem = cluster_addr(smem_addr(s_u + t * NACC), q);
+      float4 v[NACC / 4];
 #pragma unroll
-      for (int i = 0; i < NACC; ++i) uf[i] += ld_cluster(rem + 4 * 128 * i);
+      for (int i = 0; i < NACC / 4; ++i) v[i] = ld_cluster4(rem + 16 * i);
+#pragma unroll
+      for (int i = 0; i < NACC / 4; ++i) {
+        uf[4 * i] += v[i].x;
+        uf[4 * i + 1] += v[i].y;
+        uf[4 * i + 2] += v[i].z;
+        uf[4 * i + 3] += v[i].w;
+      }
     }
     const bool write_u = u != nullptr && blockIdx.y == 0 && rank == 0;
 #pragma unroll
@@ -237,17 +252,32 @@ lora_small_m_sm90_kernel(const T* __restrict__ x, const T* __restrict__ W, const
   cluster_sync();  // every P_q in place, and every CTA done reading the others' U
 
   // Rank q: rows [q·128/S, (q+1)·128/S) of the tile, the S partials summed in rank order, + bias, y written once.
-  // Consecutive threads take consecutive columns of y (rows of the tile) for one token: coalesced stores.
+  // A thread takes 4 tokens of one row (16 bytes of each partial, the S loads in one batch); consecutive threads
+  // take consecutive rows, i.e. consecutive columns of y: coalesced stores.
   const int rq = SM9_BN / S, row0 = rank * rq;
-  for (int e = tid; e < rq * TOK; e += SM9_THREADS) {
-    const int row = row0 + e % rq, tok = e / rq;
+  for (int e = tid; e < rq * (TOK / 4); e += SM9_THREADS) {
+    const int row = row0 + e % rq, tok = 4 * (e / rq);
     const int64_t n = n0 + row;
     if (tok >= M || n >= N) continue;
     const uint32_t loc = smem_addr(s_p + row * L::PLD + tok);
-    float v = 0.f;
-    for (int q = 0; q < S; ++q) v += ld_cluster(cluster_addr(loc, q));
-    if (bias != nullptr) v += to_f<T>(bias[n]);
-    y[(int64_t)tok * N + n] = from_f<T>(v);
+    float4 part[SM9_MAX_CLUSTER];
+#pragma unroll
+    for (int q = 0; q < SM9_MAX_CLUSTER; ++q)
+      if (q < S) part[q] = ld_cluster4(cluster_addr(loc, q));
+    float4 v = part[0];
+#pragma unroll
+    for (int q = 1; q < SM9_MAX_CLUSTER; ++q)
+      if (q < S) {
+        v.x += part[q].x;
+        v.y += part[q].y;
+        v.z += part[q].z;
+        v.w += part[q].w;
+      }
+    const float b = bias != nullptr ? to_f<T>(bias[n]) : 0.f;
+    const float vs[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+      if (tok + k < M) y[(int64_t)(tok + k) * N + n] = from_f<T>(vs[k] + b);
   }
   cluster_sync();  // no CTA leaves while another reads its P
 #else
@@ -267,12 +297,52 @@ inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 1
 // Tokens rounded up to a wgmma N this kernel is built for.
 int sm9_tok(int64_t M) { return M <= 16 ? 16 : M <= 32 ? 32 : M <= 48 ? 48 : 64; }
 
-// Cluster size: the largest of 8, 4, 2 that keeps the grid to one CTA per SM (one wave) with at least two K tiles
-// per CTA; else 1 (no K split).
-int sm9_cluster(int64_t N, int64_t K) {
+// Clusters of `s` CTAs of `kernel` the device holds at once (cudaOccupancyMaxActiveClusters: clusters live inside
+// one GPC, so this is below SMs / s where the GPCs' SM counts are not multiples of s), remembered per (kernel, s).
+int sm9_max_clusters(const void* kernel, size_t smem, int s) {
+  static thread_local PlanMemo<3, int> memo;
+  const int64_t key[3] = {(int64_t)reinterpret_cast<uintptr_t>(kernel), s, (int64_t)compute_capability()};
+  return memo.get(key, [&] {
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = (unsigned)s;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cudaLaunchConfig_t config{};
+    config.gridDim = dim3((unsigned)s, 1);
+    config.blockDim = dim3(SM9_THREADS);
+    config.dynamicSmemBytes = smem;
+    config.attrs = attr;
+    config.numAttrs = 1;
+    int n = 0;
+    if (set_smem_once(kernel, smem) != cudaSuccess || cudaOccupancyMaxActiveClusters(&n, kernel, &config) != cudaSuccess)
+      n = 0;
+    cudaGetLastError();
+    return n;
+  });
+}
+
+// LORA_KERNELS_SMALL_M_SM90_CLUSTER: 1, 2, 4 or 8 forces the cluster size (for A/B timing); unset, 0.
+int sm9_forced_cluster() {
+  static const int v = [] {
+    const char* e = getenv("LORA_KERNELS_SMALL_M_SM90_CLUSTER");
+    const int n = e != nullptr ? atoi(e) : 0;
+    return n == 1 || n == 2 || n == 4 || n == 8 ? n : 0;
+  }();
+  return v;
+}
+
+// Cluster size: the largest of 8, 4, 2 whose clusters the device holds in one wave, with at least two K tiles per
+// CTA; else 1 (no K split).
+int sm9_cluster(const void* kernel, size_t smem, int64_t N, int64_t K) {
   const int64_t blocks = ceil_div(N, SM9_BN), kt = ceil_div(K, SM9_BK);
+  if (sm9_forced_cluster() > 0) {  // halved until every rank has a K tile (S divides the tile's 128 rows)
+    int s = sm9_forced_cluster();
+    while (s > kt) s /= 2;
+    return s;
+  }
   for (int s = SM9_MAX_CLUSTER; s > 1; s /= 2)
-    if (blocks * s <= num_sms() && kt >= 2 * s) return s;
+    if (kt >= 2 * s && blocks <= sm9_max_clusters(kernel, smem, s)) return s;
   return 1;
 }
 
@@ -314,11 +384,11 @@ cudaError_t launch_lora_small_m_sm90(const void* x, DType x_dtype, const void* W
                                      float scaling, cudaStream_t stream) {
   if (lora_small_m_sm90_unsupported(x, W, A, B, M, N, K, r, x_dtype, x_dtype, x_dtype, 0.f) != nullptr)
     return cudaErrorInvalidValue;
-  const int S = sm9_cluster(N, K);
   return with_sm9_kernel(x_dtype, sm9_tok(M), [&](auto kernel, size_t smem, auto xt) -> cudaError_t {
     using T = decltype(xt);
     cudaError_t e = set_smem_once(reinterpret_cast<const void*>(kernel), smem);
     if (e != cudaSuccess) return e;
+    const int S = sm9_cluster(reinterpret_cast<const void*>(kernel), smem, N, K);
     cudaLaunchAttribute attr[2];
     attr[0].id = cudaLaunchAttributeClusterDimension;
     attr[0].val.clusterDim.x = (unsigned)S;

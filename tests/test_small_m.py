@@ -332,3 +332,26 @@ def test_sm90_kernel_streams_and_graph_replays():
         g.replay()
         torch.cuda.synchronize()
         assert torch.equal(y_g, y_ref) and torch.equal(u_g, u_ref)
+
+
+@needs_sm90
+@pytest.mark.parametrize("cluster", [1, 2, 8])
+def test_sm90_kernel_forced_cluster_sizes(cluster):
+    """Every K split (LORA_KERNELS_SMALL_M_SM90_CLUSTER, read once per process: a subprocess per size) meets the
+    float64 tolerance rule, where the default would pick another size."""
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = (
+        "import torch, test_small_m as t\n"
+        "pool = [torch.full((n,), float('nan'), device='cuda') for n in [256 * 1024] * 64 + [64 * 1024 * 1024]]\n"
+        "del pool  # the caching allocator's free blocks hold NaN: an unwritten output shows\n"
+        "for M, K, N, r in ((1, 4096, 4096, 16), (64, 1000, 4104, 32), (33, 520, 300, 8)):\n"
+        "    t._check_forward(M, K, N, r, torch.bfloat16, torch.bfloat16, True, 0.0)\n"
+        "print('ok')\n")
+    env = dict(os.environ, LORA_KERNELS_SMALL_M_SM90_CLUSTER=str(cluster),
+               PYTHONPATH=os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
