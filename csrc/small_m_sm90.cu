@@ -6,21 +6,21 @@
 // Math   : with so few rows, W (N x K) is the only large operand, and y costs one read of it. The products run with
 //          the operands swapped, yᵀ = W xᵀ + B (s·u)ᵀ, so that W's rows are wgmma's M (64 per instruction) and the
 //          tokens its N (TOK = M rounded up to 16, 32, 48 or 64). A cluster of S CTAs splits K; CTA (rank q, row
-//          block nb) computes over its K slice q:
-//            P_q = W[nb] x_qᵀ   (128 x TOK)        U_q = A_q x_qᵀ   (r x TOK)        fp32, from the same x tiles.
+//          block nb of BN rows) computes over its K slice q:
+//            P_q = W[nb] x_qᵀ   (BN x TOK)         U_q = A_q x_qᵀ   (r x TOK)        fp32, from the same x tiles.
 //          u = s · Σ_q U_q, summed in rank order by every CTA of the cluster alike (distributed shared memory),
 //          rounded to x's dtype for the expand, which rank 0 adds to its P_0 as one more wgmma step:
-//          P_0 += B[nb] bf16(u)ᵀ (r padded to 16 with zeros). Rank q then sums rows [128 q / S, 128 (q+1) / S) of
+//          P_0 += B[nb] bf16(u)ᵀ (r padded to 16 with zeros). Rank q then sums rows [BN q / S, BN (q+1) / S) of
 //          P_0 .. P_{S-1} in rank order, adds the bias and writes y once (one rounding). Deterministic: no atomics,
 //          every sum in a fixed order. Rounding as in the other tensor-core forwards: every operand of a 16-bit
 //          product in x's dtype (s·u included), fp32 sums.
 // Tiling : 256 threads. Warpgroup 0 loads: 16-byte cp.async copies into 128-byte-swizzled tiles, a 4-stage ring of
-//          {W 128 x 64, x TOK x 64, A r x 64}, zeros past N, M and K, with full / empty mbarriers; rank 0 also loads
-//          lora_B's 128 rows once. Warpgroup 1 multiplies: per k16 step two m64nTOK wgmmas for W's two 64-row halves
-//          and one for A's rows (rows r..63 of that tile stay zero), all reading the same x tile. One CTA per SM;
-//          S (1, 2, 4 or 8) is the largest that keeps the grid to one CTA per SM with at least two K tiles each.
+//          {W BN x 64, x TOK x 64, A r x 64}, zeros past N, M and K, with full / empty mbarriers; rank 0 also loads
+//          lora_B's BN rows once. Warpgroup 1 multiplies: per k16 step one m64nTOK wgmma per 64 rows of W (BN = 128
+//          or 64) and one for A's rows (rows r..63 of that tile stay zero), all reading the same x tile. The plan
+//          (sm9_plan) takes the BN and S (1, 2, 4 or 8) that put the most CTAs in one wave (cluster occupancy).
 // Bytes  : W once; x and A from L2 once per CTA; lora_B once; y and u written once. The U products are repeated by
-//          every row block of a cluster column (r / 128 more MMAs than W's), which the tensor cores absorb: the
+//          every row block of a cluster column (64 / BN more MMAs than W's), which the tensor cores absorb: the
 //          kernel is bound by W's read.
 #include "common.cuh"
 #include "pdl.cuh"
@@ -35,25 +35,24 @@ namespace lora_kernels {
 using namespace detail;
 namespace {
 
-constexpr int SM9_BN = 128;       // W rows (y columns) per CTA: two m64 row blocks
 constexpr int SM9_BK = 64;        // K per stage: one 128-byte swizzled row per operand row
 constexpr int SM9_STAGES = 4;
 constexpr int SM9_THREADS = 256;  // warpgroup 0 loads, warpgroup 1 multiplies
 constexpr int SM9_MAX_CLUSTER = 8;  // portable cluster size
 
 // Shared memory from the 1024-byte-aligned base (every tile 1024-aligned, as the swizzle needs).
-template <int TOK>
+template <int TOK, int BN>
 struct Sm9Layout {
-  static constexpr int W_BYTES = SM9_BN * 128;
+  static constexpr int W_BYTES = BN * 128;
   static constexpr int X_BYTES = TOK * 128;
   static constexpr int A_BYTES = 64 * 128;  // r <= 64 rows of lora_A: one m64 block
   static constexpr int STAGE = W_BYTES + X_BYTES + A_BYTES;
-  static constexpr int BT = SM9_STAGES * STAGE;  // lora_B's 128 rows (rank 0): the expand's A operand
-  static constexpr int UB = BT + SM9_BN * 128;   // bf16(u), TOK x 64: the expand's B operand
+  static constexpr int BT = SM9_STAGES * STAGE;  // lora_B's BN rows (rank 0): the expand's A operand
+  static constexpr int UB = BT + BN * 128;       // bf16(u), TOK x 64: the expand's B operand
   static constexpr int U = UB + TOK * 128;       // this CTA's U_q: each thread's TOK / 2 fragment floats in a row
   static constexpr int PLD = TOK + 4;            // P's row pitch (floats)
   static constexpr int P = U + 128 * (TOK / 2) * 4;
-  static constexpr int END = P + SM9_BN * PLD * 4;
+  static constexpr int END = P + BN * PLD * 4;
   static constexpr int BARS = 8 * (2 * SM9_STAGES + 1);  // full[], empty[], lora_B's
   static constexpr size_t SMEM = (size_t)END + 1024 + BARS;  // + the base's alignment
   static_assert(STAGE % 1024 == 0 && BT % 1024 == 0 && UB % 1024 == 0, "swizzled tiles start 1024-aligned");
@@ -89,13 +88,14 @@ __device__ __forceinline__ float4 ld_cluster4(uint32_t addr) {
 __device__ __forceinline__ void consumer_bar() { asm volatile("bar.sync 1, 128;\n" ::: "memory"); }
 #endif
 
-template <typename T, int TOK>
+template <typename T, int TOK, int BN>
 __global__ void __launch_bounds__(SM9_THREADS, 1)
 lora_small_m_sm90_kernel(const T* __restrict__ x, const T* __restrict__ W, const T* __restrict__ bias,
                          const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ y, float* __restrict__ u,
                          int M, int N, int K, int r, float scale) {
 #if LK_WGMMA
-  using L = Sm9Layout<TOK>;
+  using L = Sm9Layout<TOK, BN>;
+  constexpr bool kTwo = BN == 128;  // two m64 row blocks
   using MMA = Wgmma<T, TOK>;
   constexpr int NACC = TOK / 2;  // accumulator floats per thread of an m64nTOK product
   extern __shared__ unsigned char sm9_raw[];
@@ -108,7 +108,7 @@ lora_small_m_sm90_kernel(const T* __restrict__ x, const T* __restrict__ W, const
 
   const int tid = threadIdx.x, wg = tid >> 7, t = tid & 127, w = t >> 5, lane = t & 31;
   const int S = (int)gridDim.x, rank = cluster_rank();  // the cluster spans gridDim.x: (S, 1, 1)
-  const int64_t n0 = (int64_t)blockIdx.y * SM9_BN;
+  const int64_t n0 = (int64_t)blockIdx.y * BN;
   const int kt_all = (K + SM9_BK - 1) / SM9_BK;
   const int kt0 = (int)((int64_t)kt_all * rank / S), n_kt = (int)((int64_t)kt_all * (rank + 1) / S) - kt0;
 
@@ -129,11 +129,11 @@ lora_small_m_sm90_kernel(const T* __restrict__ x, const T* __restrict__ W, const
   pdl_wait();           // launched as a programmatic dependent: nothing global before the launch before it is done
   __syncthreads();
 
-  float acc0[NACC], acc1[NACC], accu[NACC];  // P's rows 0-63 and 64-127, U (the first wgmma writes them)
+  float acc0[NACC], acc1[NACC], accu[NACC];  // P's rows 0-63 and (BN = 128) 64-127, U (the first wgmma writes them)
 
   if (wg == 0) {
-    if (rank == 0) {  // lora_B's rows n0 .. n0 + 127, r columns (zeros past N and r), for the expand
-      for (int i = t; i < SM9_BN * 8; i += 128) {
+    if (rank == 0) {  // lora_B's rows n0 .. n0 + BN - 1, r columns (zeros past N and r), for the expand
+      for (int i = t; i < BN * 8; i += 128) {
         const int row = i >> 3, c = i & 7;
         const bool ok = n0 + row < N && 8 * c < r;
         cp_async16(base + L::BT + sw128_offset(row, c), ok ? B + (n0 + row) * r + 8 * c : B, ok ? 16 : 0);
@@ -146,7 +146,7 @@ lora_small_m_sm90_kernel(const T* __restrict__ x, const T* __restrict__ W, const
       const int64_t k0 = (int64_t)(kt0 + i) * SM9_BK;
       const uint32_t s_w = base + stage * L::STAGE, s_x = s_w + L::W_BYTES, s_a = s_x + L::X_BYTES;
 #pragma unroll
-      for (int q = 0; q < SM9_BN * 8 / 128; ++q) {  // W: 128 rows x 8 chunks of 16 bytes (K % 8 == 0: whole chunks)
+      for (int q = 0; q < BN * 8 / 128; ++q) {  // W: BN rows x 8 chunks of 16 bytes (K % 8 == 0: whole chunks)
         const int e = t + 128 * q, row = e >> 3, c = e & 7;
         const int64_t k = k0 + 8 * c;
         const bool ok = n0 + row < N && k < K;
@@ -178,7 +178,7 @@ lora_small_m_sm90_kernel(const T* __restrict__ x, const T* __restrict__ W, const
         const uint64_t xb = sw128_desc(s_x + 32 * ks);
         const int acc = i > 0 || ks > 0;  // 0: D = A B, the first product
         MMA::template mma<0>(acc0, sw128_desc(s_w + 32 * ks), xb, acc);
-        MMA::template mma<0>(acc1, sw128_desc(s_w + 64 * 128 + 32 * ks), xb, acc);
+        if constexpr (kTwo) MMA::template mma<0>(acc1, sw128_desc(s_w + 64 * 128 + 32 * ks), xb, acc);
         MMA::template mma<0>(accu, sw128_desc(s_a + 32 * ks), xb, acc);
       }
       wgmma_commit();
@@ -187,7 +187,7 @@ lora_small_m_sm90_kernel(const T* __restrict__ x, const T* __restrict__ W, const
     }
     wgmma_wait<0>();
     fence_regs(acc0);  // the accumulators read below only after the last wait
-    fence_regs(acc1);
+    if constexpr (kTwo) fence_regs(acc1);
     fence_regs(accu);
     // U_q into shared memory, this thread's fragment as one row, for the cluster's sum
 #pragma unroll
@@ -233,12 +233,12 @@ lora_small_m_sm90_kernel(const T* __restrict__ x, const T* __restrict__ W, const
       for (int ks = 0; ks < (r + 15) / 16; ++ks) {
         const uint64_t ub = sw128_desc(base + L::UB + 32 * ks);
         MMA::template mma<0>(acc0, sw128_desc(base + L::BT + 32 * ks), ub, 1);
-        MMA::template mma<0>(acc1, sw128_desc(base + L::BT + 64 * 128 + 32 * ks), ub, 1);
+        if constexpr (kTwo) MMA::template mma<0>(acc1, sw128_desc(base + L::BT + 64 * 128 + 32 * ks), ub, 1);
       }
       wgmma_commit();
       wgmma_wait<0>();
       fence_regs(acc0);
-      fence_regs(acc1);
+      if constexpr (kTwo) fence_regs(acc1);
     }
     // P_q into shared memory, [row][tok]
 #pragma unroll
@@ -246,15 +246,16 @@ lora_small_m_sm90_kernel(const T* __restrict__ x, const T* __restrict__ W, const
       const int c = i >> 2, h = (i >> 1) & 1;
       const int row = 16 * w + (lane >> 2) + 8 * h, tok = 8 * c + 2 * (lane & 3);
       *reinterpret_cast<float2*>(s_p + row * L::PLD + tok) = make_float2(acc0[i], acc0[i + 1]);
-      *reinterpret_cast<float2*>(s_p + (row + 64) * L::PLD + tok) = make_float2(acc1[i], acc1[i + 1]);
+      if constexpr (kTwo)
+        *reinterpret_cast<float2*>(s_p + (row + 64) * L::PLD + tok) = make_float2(acc1[i], acc1[i + 1]);
     }
   }
   cluster_sync();  // every P_q in place, and every CTA done reading the others' U
 
-  // Rank q: rows [q·128/S, (q+1)·128/S) of the tile, the S partials summed in rank order, + bias, y written once.
+  // Rank q: rows [q·BN/S, (q+1)·BN/S) of the tile, the S partials summed in rank order, + bias, y written once.
   // A thread takes 4 tokens of one row (16 bytes of each partial, the S loads in one batch); consecutive threads
   // take consecutive rows, i.e. consecutive columns of y: coalesced stores.
-  const int rq = SM9_BN / S, row0 = rank * rq;
+  const int rq = BN / S, row0 = rank * rq;
   for (int e = tid; e < rq * (TOK / 4); e += SM9_THREADS) {
     const int row = row0 + e % rq, tok = 4 * (e / rq);
     const int64_t n = n0 + row;
@@ -289,7 +290,7 @@ std::atomic<bool> sm9_switch{env_switch_on("LORA_KERNELS_SMALL_M_SM90")};
 std::atomic<int> sm9_state{0};
 
 bool sm9_device_ok() {
-  return sm90_kernel_ok(reinterpret_cast<const void*>(&lora_small_m_sm90_kernel<__nv_bfloat16, 16>), sm9_state);
+  return sm90_kernel_ok(reinterpret_cast<const void*>(&lora_small_m_sm90_kernel<__nv_bfloat16, 16, 128>), sm9_state);
 }
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -300,7 +301,7 @@ int sm9_tok(int64_t M) { return M <= 16 ? 16 : M <= 32 ? 32 : M <= 48 ? 48 : 64;
 // Clusters of `s` CTAs of `kernel` the device holds at once (cudaOccupancyMaxActiveClusters: clusters live inside
 // one GPC, so this is below SMs / s where the GPCs' SM counts are not multiples of s), remembered per (kernel, s).
 int sm9_max_clusters(const void* kernel, size_t smem, int s) {
-  static thread_local PlanMemo<3, int> memo;
+  static thread_local PlanMemo<3, int, 64> memo;
   const int64_t key[3] = {(int64_t)reinterpret_cast<uintptr_t>(kernel), s, (int64_t)compute_capability()};
   return memo.get(key, [&] {
     cudaLaunchAttribute attr[1];
@@ -322,41 +323,75 @@ int sm9_max_clusters(const void* kernel, size_t smem, int s) {
   });
 }
 
-// LORA_KERNELS_SMALL_M_SM90_CLUSTER: 1, 2, 4 or 8 forces the cluster size (for A/B timing); unset, 0.
+// A forced setting from the environment (for A/B timing): LORA_KERNELS_SMALL_M_SM90_CLUSTER (1, 2, 4 or 8) and
+// LORA_KERNELS_SMALL_M_SM90_BN (64 or 128); 0 where unset.
+int sm9_forced(const char* name, int a, int b, int c, int d) {
+  const char* e = getenv(name);
+  const int n = e != nullptr ? atoi(e) : 0;
+  return n == a || n == b || n == c || n == d ? n : 0;
+}
 int sm9_forced_cluster() {
-  static const int v = [] {
-    const char* e = getenv("LORA_KERNELS_SMALL_M_SM90_CLUSTER");
-    const int n = e != nullptr ? atoi(e) : 0;
-    return n == 1 || n == 2 || n == 4 || n == 8 ? n : 0;
-  }();
+  static const int v = sm9_forced("LORA_KERNELS_SMALL_M_SM90_CLUSTER", 1, 2, 4, 8);
+  return v;
+}
+int sm9_forced_bn() {
+  static const int v = sm9_forced("LORA_KERNELS_SMALL_M_SM90_BN", 64, 128, 64, 128);
   return v;
 }
 
-// Cluster size: the largest of 8, 4, 2 whose clusters the device holds in one wave, with at least two K tiles per
-// CTA; else 1 (no K split).
-int sm9_cluster(const void* kernel, size_t smem, int64_t N, int64_t K) {
-  const int64_t blocks = ceil_div(N, SM9_BN), kt = ceil_div(K, SM9_BK);
-  if (sm9_forced_cluster() > 0) {  // halved until every rank has a K tile (S divides the tile's 128 rows)
-    int s = sm9_forced_cluster();
-    while (s > kt) s /= 2;
-    return s;
-  }
-  for (int s = SM9_MAX_CLUSTER; s > 1; s /= 2)
-    if (kt >= 2 * s && blocks <= sm9_max_clusters(kernel, smem, s)) return s;
-  return 1;
-}
-
 template <typename F>
-cudaError_t with_sm9_kernel(DType x_dtype, int tok, F&& f) {
+cudaError_t with_sm9_kernel(DType x_dtype, int tok, int bn, F&& f) {
   return with_dtype16(x_dtype, [&](auto xt) {
     using T = decltype(xt);
-    switch (tok) {
-      case 16: return f(&lora_small_m_sm90_kernel<T, 16>, Sm9Layout<16>::SMEM, T{});
-      case 32: return f(&lora_small_m_sm90_kernel<T, 32>, Sm9Layout<32>::SMEM, T{});
-      case 48: return f(&lora_small_m_sm90_kernel<T, 48>, Sm9Layout<48>::SMEM, T{});
-      default: return f(&lora_small_m_sm90_kernel<T, 64>, Sm9Layout<64>::SMEM, T{});
-    }
+    auto go = [&](auto bnc) {
+      constexpr int BN = decltype(bnc)::value;
+      switch (tok) {
+        case 16: return f(&lora_small_m_sm90_kernel<T, 16, BN>, Sm9Layout<16, BN>::SMEM, BN, T{});
+        case 32: return f(&lora_small_m_sm90_kernel<T, 32, BN>, Sm9Layout<32, BN>::SMEM, BN, T{});
+        case 48: return f(&lora_small_m_sm90_kernel<T, 48, BN>, Sm9Layout<48, BN>::SMEM, BN, T{});
+        default: return f(&lora_small_m_sm90_kernel<T, 64, BN>, Sm9Layout<64, BN>::SMEM, BN, T{});
+      }
+    };
+    return bn == 64 ? go(std::integral_constant<int, 64>{}) : go(std::integral_constant<int, 128>{});
   });
+}
+
+struct Sm9Plan {
+  int bn, s;
+};
+// The tile height BN and cluster size S: of BN in {128, 64} and S in {8, 4, 2, 1} (at least two K tiles per CTA where
+// S > 1), the most CTAs the device holds in one wave (W's read needs SMs: bytes in flight per SM are bounded), BN =
+// 128 on a tie (x read half as often). Where no choice fits one wave, 128 and 1.
+Sm9Plan sm9_plan_search(DType x_dtype, int tok, int64_t N, int64_t K) {
+  const int64_t kt = ceil_div(K, SM9_BK);
+  Sm9Plan best{128, 1};
+  int64_t best_ctas = 0;
+  for (int bn : {128, 64}) {
+    if (sm9_forced_bn() > 0 && bn != sm9_forced_bn()) continue;
+    const int64_t blocks = ceil_div(N, bn);
+    for (int s = SM9_MAX_CLUSTER; s >= 1; s /= 2) {
+      if (sm9_forced_cluster() > 0 && s != sm9_forced_cluster()) continue;
+      if (s > 1 && kt < 2 * s && sm9_forced_cluster() == 0) continue;
+      int fits = 0;
+      with_sm9_kernel(x_dtype, tok, bn, [&](auto kernel, size_t smem, int, auto) {
+        fits = blocks <= sm9_max_clusters(reinterpret_cast<const void*>(kernel), smem, s);
+        return cudaSuccess;
+      });
+      if ((fits && blocks * s > best_ctas) || (sm9_forced_cluster() > 0 && best_ctas == 0)) {
+        best = Sm9Plan{bn, s};
+        best_ctas = fits ? blocks * s : 0;
+      }
+    }
+  }
+  while (best.s > kt) best.s /= 2;  // a forced size halved until every rank has a K tile (S divides BN)
+  return best;
+}
+Sm9Plan sm9_plan(DType x_dtype, int tok, int64_t N, int64_t K) {  // the search, remembered (PlanMemo)
+  static thread_local PlanMemo<5, Sm9Plan, 16> memo;
+  int device = 0;
+  cudaGetDevice(&device);
+  const int64_t key[5] = {(int64_t)x_dtype, tok, N, K, device};
+  return memo.get(key, [&] { return sm9_plan_search(x_dtype, tok, N, K); });
 }
 
 }  // namespace
@@ -372,7 +407,7 @@ const char* lora_small_m_sm90_unsupported(const void* x, const void* W, const vo
   if (p > 0.f) return "dropout (the register-direct kernel's u items mask x)";
   if (M < 1 || M > 64 || N < 1 || K < 1) return "M not in 1..64, or an empty problem";
   if (r < 1 || r > 64 || r % 8) return "r not a multiple of 8 in 8..64";
-  if (K % 8 || K > INT_MAX - SM9_BK || N > (int64_t)65535 * SM9_BN) return "K not a multiple of 8, or K or N too large";
+  if (K % 8 || K > INT_MAX - SM9_BK || N > (int64_t)65535 * 64) return "K not a multiple of 8, or K or N too large";
   if (!aligned16(x) || !aligned16(W) || !aligned16(A) || !aligned16(B))
     return "x, weight, lora_A and lora_B must be 16-byte aligned";
   if (!sm9_device_ok()) return "not a compute capability 9.0 device with this build's sm_90a code";
@@ -384,18 +419,20 @@ cudaError_t launch_lora_small_m_sm90(const void* x, DType x_dtype, const void* W
                                      float scaling, cudaStream_t stream) {
   if (lora_small_m_sm90_unsupported(x, W, A, B, M, N, K, r, x_dtype, x_dtype, x_dtype, 0.f) != nullptr)
     return cudaErrorInvalidValue;
-  return with_sm9_kernel(x_dtype, sm9_tok(M), [&](auto kernel, size_t smem, auto xt) -> cudaError_t {
+  const int tok = sm9_tok(M);
+  const Sm9Plan plan = sm9_plan(x_dtype, tok, N, K);
+  return with_sm9_kernel(x_dtype, tok, plan.bn, [&](auto kernel, size_t smem, int bn, auto xt) -> cudaError_t {
     using T = decltype(xt);
     cudaError_t e = set_smem_once(reinterpret_cast<const void*>(kernel), smem);
     if (e != cudaSuccess) return e;
-    const int S = sm9_cluster(reinterpret_cast<const void*>(kernel), smem, N, K);
+    const int S = plan.s;
     cudaLaunchAttribute attr[2];
     attr[0].id = cudaLaunchAttributeClusterDimension;
     attr[0].val.clusterDim.x = (unsigned)S;
     attr[0].val.clusterDim.y = 1;
     attr[0].val.clusterDim.z = 1;
     cudaLaunchConfig_t config{};
-    config.gridDim = dim3((unsigned)S, (unsigned)ceil_div(N, SM9_BN));
+    config.gridDim = dim3((unsigned)S, (unsigned)ceil_div(N, bn));
     config.blockDim = dim3(SM9_THREADS);
     config.dynamicSmemBytes = smem;
     config.stream = stream;

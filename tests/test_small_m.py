@@ -335,10 +335,10 @@ def test_sm90_kernel_streams_and_graph_replays():
 
 
 @needs_sm90
-@pytest.mark.parametrize("cluster", [1, 2, 8])
-def test_sm90_kernel_forced_cluster_sizes(cluster):
-    """Every K split (LORA_KERNELS_SMALL_M_SM90_CLUSTER, read once per process: a subprocess per size) meets the
-    float64 tolerance rule, where the default would pick another size."""
+@pytest.mark.parametrize("cluster,bn", [(1, 128), (2, 64), (8, 64), (8, 128), (4, 64)])
+def test_sm90_kernel_forced_plans(cluster, bn):
+    """Every K split and tile height (LORA_KERNELS_SMALL_M_SM90_CLUSTER and _BN, read once per process: a subprocess
+    per pair) meets the float64 tolerance rule, where the default would pick another plan."""
     import os
     import subprocess
     import sys
@@ -351,7 +351,7 @@ def test_sm90_kernel_forced_cluster_sizes(cluster):
         "for M, K, N, r in ((1, 4096, 4096, 16), (64, 1000, 4104, 32), (33, 520, 300, 8)):\n"
         "    t._check_forward(M, K, N, r, torch.bfloat16, torch.bfloat16, True, 0.0)\n"
         "print('ok')\n")
-    env = dict(os.environ, LORA_KERNELS_SMALL_M_SM90_CLUSTER=str(cluster),
+    env = dict(os.environ, LORA_KERNELS_SMALL_M_SM90_CLUSTER=str(cluster), LORA_KERNELS_SMALL_M_SM90_BN=str(bn),
                PYTHONPATH=os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
