@@ -129,7 +129,9 @@ lora_small_m_sm90_kernel(const T* __restrict__ x, const T* __restrict__ W, const
   pdl_wait();           // launched as a programmatic dependent: nothing global before the launch before it is done
   __syncthreads();
 
-  float acc0[NACC], acc1[NACC], accu[NACC];  // P's rows 0-63 and (BN = 128) 64-127, U (the first wgmma writes them)
+  // P's rows 0-63 and (BN = 128) 64-127, and U: written by the first wgmma (scale-d 0), as every rank has at least one
+  // K tile (the plan keeps S <= the K tiles)
+  float acc0[NACC], acc1[NACC], accu[NACC];
 
   if (wg == 0) {
     if (rank == 0) {  // lora_B's rows n0 .. n0 + BN - 1, r columns (zeros past N and r), for the expand
@@ -298,6 +300,23 @@ inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 1
 // Tokens rounded up to a wgmma N this kernel is built for.
 int sm9_tok(int64_t M) { return M <= 16 ? 16 : M <= 32 ? 32 : M <= 48 ? 48 : 64; }
 
+// The launch configuration of a grid of (S, row blocks) CTAs in clusters of (S, 1, 1); attr[0] holds the cluster
+// shape (the caller may add attributes after it).
+cudaLaunchConfig_t sm9_config(cudaLaunchAttribute* attr, int S, int64_t row_blocks, size_t smem, cudaStream_t stream) {
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = (unsigned)S;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3((unsigned)S, (unsigned)row_blocks);
+  config.blockDim = dim3(SM9_THREADS);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  return config;
+}
+
 // Clusters of `s` CTAs of `kernel` the device holds at once (cudaOccupancyMaxActiveClusters: clusters live inside
 // one GPC, so this is below SMs / s where the GPCs' SM counts are not multiples of s), remembered per (kernel, s).
 int sm9_max_clusters(const void* kernel, size_t smem, int s) {
@@ -305,16 +324,7 @@ int sm9_max_clusters(const void* kernel, size_t smem, int s) {
   const int64_t key[3] = {(int64_t)reinterpret_cast<uintptr_t>(kernel), s, (int64_t)compute_capability()};
   return memo.get(key, [&] {
     cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = (unsigned)s;
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    cudaLaunchConfig_t config{};
-    config.gridDim = dim3((unsigned)s, 1);
-    config.blockDim = dim3(SM9_THREADS);
-    config.dynamicSmemBytes = smem;
-    config.attrs = attr;
-    config.numAttrs = 1;
+    const cudaLaunchConfig_t config = sm9_config(attr, s, 1, smem, nullptr);
     int n = 0;
     if (set_smem_once(kernel, smem) != cudaSuccess || cudaOccupancyMaxActiveClusters(&n, kernel, &config) != cudaSuccess)
       n = 0;
@@ -425,18 +435,8 @@ cudaError_t launch_lora_small_m_sm90(const void* x, DType x_dtype, const void* W
     using T = decltype(xt);
     cudaError_t e = set_smem_once(reinterpret_cast<const void*>(kernel), smem);
     if (e != cudaSuccess) return e;
-    const int S = plan.s;
     cudaLaunchAttribute attr[2];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = (unsigned)S;
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    cudaLaunchConfig_t config{};
-    config.gridDim = dim3((unsigned)S, (unsigned)ceil_div(N, bn));
-    config.blockDim = dim3(SM9_THREADS);
-    config.dynamicSmemBytes = smem;
-    config.stream = stream;
-    config.attrs = attr;
+    cudaLaunchConfig_t config = sm9_config(attr, plan.s, ceil_div(N, bn), smem, stream);
     config.numAttrs = with_pdl(attr, 1);
     return cudaLaunchKernelEx(&config, kernel, static_cast<const T*>(x), static_cast<const T*>(W),
                               static_cast<const T*>(bias), static_cast<const T*>(A), static_cast<const T*>(B),

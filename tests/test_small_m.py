@@ -204,16 +204,15 @@ def test_small_m_matches_the_unfused_path(p):
         cb.set_small_m(previous)
 
 
-def test_small_m_streams_and_graph_replays():
-    """The kernel's claim / done / exit counters (one buffer per stream, reset by the last block of each launch):
-    back-to-back launches on two streams, and a captured graph replayed several times, give the eager result."""
+def _streams_and_graph_replays(x, W, b, A, B, launches=6, replays=3):
+    """Back-to-back forwards alternating between two streams, and a captured graph replayed `replays` times into
+    NaN-filled outputs, each give the eager y and u bit for bit."""
     cb = _cb()
-    x, W, b, A, B = _inputs(16, 1024, 4096, 16, torch.bfloat16, torch.float32, True)
     y_ref, u_ref = cb.forward(x, W, b, A, B, S, 0.0, 0, 0)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     outs = []
-    for i in range(6):
+    for i in range(launches):
         with torch.cuda.stream(side if i % 2 else torch.cuda.current_stream()):
             outs.append(cb.forward(x, W, b, A, B, S, 0.0, 0, 0))
     torch.cuda.current_stream().wait_stream(side)
@@ -227,12 +226,20 @@ def test_small_m_streams_and_graph_replays():
         with torch.cuda.graph(g, stream=cap):
             y_g, u_g = cb.forward(x, W, b, A, B, S, 0.0, 0, 0)
     torch.cuda.current_stream().wait_stream(cap)
-    for _ in range(3):
+    for _ in range(replays):
         y_g.fill_(float("nan"))
         u_g.fill_(float("nan"))
         g.replay()
         torch.cuda.synchronize()
         assert torch.equal(y_g, y_ref) and torch.equal(u_g, u_ref)
+
+
+def test_small_m_streams_and_graph_replays():
+    """The kernel's claim / done / exit counters (one buffer per stream, reset by the last block of each launch):
+    back-to-back launches on two streams, and a captured graph replayed several times, give the eager result."""
+    x, W, b, A, B = _inputs(16, 1024, 4096, 16, torch.bfloat16, torch.float32, True)
+    assert _cb().forward_path(x, W, b, A, B, 0.0) == "small_m"
+    _streams_and_graph_replays(x, W, b, A, B)
 
 
 # ------------------------------------------------------------------ the Hopper kernel (csrc/small_m_sm90.cu)
@@ -305,33 +312,9 @@ def test_sm90_kernel_matches_mma_sync_kernel(M, K, N, r):
 @needs_sm90
 def test_sm90_kernel_streams_and_graph_replays():
     """Cluster launches on two streams and in a captured graph give the eager bits (no state across launches)."""
-    cb = _cb()
     x, W, b, A, B = _inputs(32, 2048, 4096, 16, torch.bfloat16, torch.bfloat16, True)
-    assert cb.forward_path(x, W, b, A, B, 0.0) == "small_m sm90"
-    y_ref, u_ref = cb.forward(x, W, b, A, B, S, 0.0, 0, 0)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    outs = []
-    for i in range(4):
-        with torch.cuda.stream(side if i % 2 else torch.cuda.current_stream()):
-            outs.append(cb.forward(x, W, b, A, B, S, 0.0, 0, 0))
-    torch.cuda.current_stream().wait_stream(side)
-    for y, u in outs:
-        assert torch.equal(y, y_ref) and torch.equal(u, u_ref)
-    g = torch.cuda.CUDAGraph()
-    cap = torch.cuda.Stream()
-    cap.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(cap):
-        cb.forward(x, W, b, A, B, S, 0.0, 0, 0)
-        with torch.cuda.graph(g, stream=cap):
-            y_g, u_g = cb.forward(x, W, b, A, B, S, 0.0, 0, 0)
-    torch.cuda.current_stream().wait_stream(cap)
-    for _ in range(2):
-        y_g.fill_(float("nan"))
-        u_g.fill_(float("nan"))
-        g.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(y_g, y_ref) and torch.equal(u_g, u_ref)
+    assert _cb().forward_path(x, W, b, A, B, 0.0) == "small_m sm90"
+    _streams_and_graph_replays(x, W, b, A, B, launches=4, replays=2)
 
 
 @needs_sm90
