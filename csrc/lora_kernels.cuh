@@ -150,16 +150,17 @@ cudaError_t launch_lora_small_m_forward(const void* x, DType x_dtype, const void
                                         int64_t N, int64_t K, int r, float scaling, float p, uint64_t seed,
                                         const int64_t* seed_ptr, uint64_t offset, cudaStream_t stream);
 // Its Hopper kernel (csrc/small_m_sm90.cu: wgmma with W's rows as M, K split over a cluster), which
-// launch_lora_small_m_forward takes first: p = 0, x, lora_A and lora_B in one 16-bit dtype, r % 8 == 0, K % 8 == 0,
-// 16-byte aligned operands, on compute capability 9.0. lora_small_m_sm90_unsupported: null when it runs these inputs,
+// launch_lora_small_m_forward takes first: p = 0, x, lora_A and lora_B in one 16-bit dtype (or, opt-in with
+// LORA_KERNELS_SMALL_M_SM90_FP32=1, fp32 adapters on bf16 x at r <= 16), r % 8 == 0, K % 8 == 0, 16-byte aligned
+// operands, on compute capability 9.0. lora_small_m_sm90_unsupported: null when it runs these inputs,
 // else why not. set_small_m_sm90 switches it for this process (LORA_KERNELS_SMALL_M_SM90=0 starts it off) and
 // returns the previous setting.
 const char* lora_small_m_sm90_unsupported(const void* x, const void* W, const void* A, const void* B, int64_t M,
                                           int64_t N, int64_t K, int r, DType x_dtype, DType a_dtype, DType b_dtype,
                                           float p);
 cudaError_t launch_lora_small_m_sm90(const void* x, DType x_dtype, const void* W, const void* bias, const void* A,
-                                     const void* B, void* y, float* u, int64_t M, int64_t N, int64_t K, int r,
-                                     float scaling, cudaStream_t stream);
+                                     DType a_dtype, const void* B, DType b_dtype, void* y, float* u, int64_t M,
+                                     int64_t N, int64_t K, int r, float scaling, cudaStream_t stream);
 bool set_small_m_sm90(bool on);
 
 // y (M, N) y_dtype = u (M, r) fp32 @ B^T + bias ; B (N, r) b_dtype, bias (N,) y_dtype or null. fp32 accumulation

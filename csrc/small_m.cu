@@ -789,7 +789,7 @@ cudaError_t launch_lora_small_m_forward(const void* x, DType x_dtype, const void
                                         const int64_t* seed_ptr, uint64_t offset, cudaStream_t stream) {
   if (lora_small_m_unsupported(x, W, A, M, N, K, r, x_dtype, a_dtype, p) != nullptr) return cudaErrorInvalidValue;
   if (lora_small_m_sm90_unsupported(x, W, A, B, M, N, K, r, x_dtype, a_dtype, b_dtype, p) == nullptr)
-    return launch_lora_small_m_sm90(x, x_dtype, W, bias, A, B, y, u, M, N, K, r, scaling, stream);
+    return launch_lora_small_m_sm90(x, x_dtype, W, bias, A, a_dtype, B, b_dtype, y, u, M, N, K, r, scaling, stream);
   if (x_dtype == DType::kFloat32) {
     if (a_dtype != DType::kFloat32 || b_dtype != DType::kFloat32) return cudaErrorInvalidValue;
     const size_t smem = (size_t)((kSmallMMaxM + SMF_BN + r) * SMF_LD) * sizeof(float);

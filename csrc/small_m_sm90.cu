@@ -1,4 +1,5 @@
-// Small-M forward on Hopper (sm_90a, wgmma), one launch: for M <= 64 rows, p = 0 and 16-bit x, W and adapters,
+// Small-M forward on Hopper (sm_90a, wgmma), one launch: for M <= 64 rows, p = 0, 16-bit x and W, adapters in x's
+// dtype (or fp32 on bf16 x at r <= 16, opt-in: LORA_KERNELS_SMALL_M_SM90_FP32=1, not yet run on a GPU),
 //   y = x Wᵀ + bias + u Bᵀ      and      u = s · x Aᵀ  (fp32, saved for backward).
 // launch_lora_small_m_forward (small_m.cu) takes this kernel where lora_small_m_sm90_unsupported says it can, and its
 // mma.sync kernels elsewhere.
@@ -30,6 +31,8 @@
 
 #include <atomic>
 #include <climits>
+#include <cstring>
+#include <type_traits>
 
 namespace lora_kernels {
 using namespace detail;
@@ -88,14 +91,22 @@ __device__ __forceinline__ float4 ld_cluster4(uint32_t addr) {
 __device__ __forceinline__ void consumer_bar() { asm volatile("bar.sync 1, 128;\n" ::: "memory"); }
 #endif
 
-template <typename T, int TOK, int BN>
+// TA: the adapters' type, T or (bf16 x only) float. With fp32 adapters (r <= 16) lora_A's rows enter the U product as
+// three bf16 pieces stacked as rows [0, r), [r, 2r), [2r, 3r) (bf16x3_split: U's row sums are fp32-accurate), and
+// the expand runs on K' = 3r columns, [B_hi | B_mid | B_hi] against [u_hi | u_hi | u_lo]: the loader converts
+// lora_A's slice of every stage and rank 0's lora_B tile itself (regular stores, then a release arrive).
+template <typename T, typename TA, int TOK, int BN>
 __global__ void __launch_bounds__(SM9_THREADS, 1)
 lora_small_m_sm90_kernel(const T* __restrict__ x, const T* __restrict__ W, const T* __restrict__ bias,
-                         const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ y, float* __restrict__ u,
+                         const TA* __restrict__ A, const TA* __restrict__ B, T* __restrict__ y, float* __restrict__ u,
                          int M, int N, int K, int r, float scale) {
 #if LK_WGMMA
   using L = Sm9Layout<TOK, BN>;
   constexpr bool kTwo = BN == 128;  // two m64 row blocks
+  constexpr bool kF32 = std::is_same<TA, float>::value;
+  static_assert(!kF32 || std::is_same<T, __nv_bfloat16>::value, "fp32 adapters: bf16 x (their pieces are bf16)");
+  const int a_rows = kF32 ? 3 * r : r;  // rows of the A tile the U product reads as lora_A's (the rest zeros)
+  const int kx = kF32 ? 3 * r : r;      // the expand's K
   using MMA = Wgmma<T, TOK>;
   constexpr int NACC = TOK / 2;  // accumulator floats per thread of an m64nTOK product
   extern __shared__ unsigned char sm9_raw[];
@@ -114,15 +125,15 @@ lora_small_m_sm90_kernel(const T* __restrict__ x, const T* __restrict__ W, const
 
   if (tid == 0) {
     for (int s = 0; s < SM9_STAGES; ++s) {
-      mbar_init(bar_full + 8 * s, 128);  // every loader thread's copies
+      mbar_init(bar_full + 8 * s, kF32 ? 256 : 128);  // every loader thread's copies (and, fp32, its stores)
       mbar_init(bar_empty + 8 * s, 4);   // lane 0 of each multiplying warp
     }
     mbar_init(bar_b, 128);
   }
-  // lora_A's rows r..63 of every stage: zeros (the copies fill rows < r only), so U's rows past r are zero
-  for (int i = tid; i < SM9_STAGES * (64 - r) * 8; i += SM9_THREADS) {
-    const int s = i / ((64 - r) * 8), e = i % ((64 - r) * 8);
-    *reinterpret_cast<uint4*>(gbase + s * L::STAGE + L::W_BYTES + L::X_BYTES + sw128_offset(r + (e >> 3), e & 7)) =
+  // the A tile's rows a_rows..63 of every stage: zeros (the loads fill rows < a_rows only), so U's rows there are zero
+  for (int i = tid; i < SM9_STAGES * (64 - a_rows) * 8; i += SM9_THREADS) {
+    const int s = i / ((64 - a_rows) * 8), e = i % ((64 - a_rows) * 8);
+    *reinterpret_cast<uint4*>(gbase + s * L::STAGE + L::W_BYTES + L::X_BYTES + sw128_offset(a_rows + (e >> 3), e & 7)) =
         make_uint4(0u, 0u, 0u, 0u);
   }
   fence_proxy_async();  // those stores (generic proxy) before the wgmmas (async proxy) read the tile
@@ -134,13 +145,36 @@ lora_small_m_sm90_kernel(const T* __restrict__ x, const T* __restrict__ W, const
   float acc0[NACC], acc1[NACC], accu[NACC];
 
   if (wg == 0) {
-    if (rank == 0) {  // lora_B's rows n0 .. n0 + BN - 1, r columns (zeros past N and r), for the expand
-      for (int i = t; i < BN * 8; i += 128) {
-        const int row = i >> 3, c = i & 7;
-        const bool ok = n0 + row < N && 8 * c < r;
-        cp_async16(base + L::BT + sw128_offset(row, c), ok ? B + (n0 + row) * r + 8 * c : B, ok ? 16 : 0);
+    if (rank == 0) {  // lora_B's rows n0 .. n0 + BN - 1 for the expand (zeros past N and past its K columns)
+      if constexpr (!kF32) {  // r columns, copied
+        for (int i = t; i < BN * 8; i += 128) {
+          const int row = i >> 3, c = i & 7;
+          const bool ok = n0 + row < N && 8 * c < r;
+          cp_async16(base + L::BT + sw128_offset(row, c), ok ? B + (n0 + row) * r + 8 * c : B, ok ? 16 : 0);
+        }
+        cp_async_mbar_arrive(bar_b);
+      } else {  // fp32: [B_hi | B_mid | B_hi], each 16-byte chunk made and stored whole
+        for (int i = t; i < BN * 8; i += 128) {
+          const int row = i >> 3, c = i & 7;
+          uint32_t packed[4];
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            __nv_bfloat16 h[2];
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int kc = 8 * c + 2 * q + e, piece = kc >= r && kc < 2 * r ? 1 : 0;
+              __nv_bfloat16 pc[3];
+              bf16x3_split(kc < 3 * r && n0 + row < N ? B[(n0 + row) * r + kc % r] : 0.f, pc);
+              h[e] = piece ? pc[1] : pc[0];  // no dynamic index: pc stays in registers
+            }
+            packed[q] = (uint32_t)__bfloat16_as_ushort(h[0]) | ((uint32_t)__bfloat16_as_ushort(h[1]) << 16);
+          }
+          *reinterpret_cast<uint4*>(gbase + L::BT + sw128_offset(row, c)) =
+              make_uint4(packed[0], packed[1], packed[2], packed[3]);
+        }
+        fence_proxy_async();  // the stores before the expand's wgmma reads them; the release arrive orders them
+        mbar_arrive(bar_b);
       }
-      cp_async_mbar_arrive(bar_b);
     }
     for (int i = 0; i < n_kt; ++i) {
       const int stage = i % SM9_STAGES;
@@ -161,11 +195,38 @@ lora_small_m_sm90_kernel(const T* __restrict__ x, const T* __restrict__ W, const
         const bool ok = row < M && k < K;
         cp_async16(s_x + sw128_offset(row, c), ok ? x + (int64_t)row * K + k : x, ok ? 16 : 0);
       }
-      for (int e = t; e < r * 8; e += 128) {  // lora_A: r rows
-        const int row = e >> 3, c = e & 7;
-        const int64_t k = k0 + 8 * c;
-        const bool ok = k < K;
-        cp_async16(s_a + sw128_offset(row, c), ok ? A + (int64_t)row * K + k : A, ok ? 16 : 0);
+      if constexpr (!kF32) {
+        for (int e = t; e < r * 8; e += 128) {  // lora_A: r rows
+          const int row = e >> 3, c = e & 7;
+          const int64_t k = k0 + 8 * c;
+          const bool ok = k < K;
+          cp_async16(s_a + sw128_offset(row, c), ok ? A + (int64_t)row * K + k : A, ok ? 16 : 0);
+        }
+      } else {  // lora_A's r x 64 fp32 slice (r <= 16: 2 float4 per thread) as its three bf16 pieces' rows
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+          const int e = t + 128 * q, row = e >> 4, c4 = e & 15;  // float4 c4 of the slice's row
+          const int64_t k = k0 + 4 * c4;
+          if (row >= r) continue;
+          const float4 v = k < K ? *reinterpret_cast<const float4*>(A + (int64_t)row * K + k)
+                                 : make_float4(0.f, 0.f, 0.f, 0.f);
+          __nv_bfloat16 pc[4][3];
+          bf16x3_split(v.x, pc[0]);
+          bf16x3_split(v.y, pc[1]);
+          bf16x3_split(v.z, pc[2]);
+          bf16x3_split(v.w, pc[3]);
+#pragma unroll
+          for (int piece = 0; piece < 3; ++piece) {  // 4 columns: 8 bytes of the row's chunk c4 / 2
+            const uint32_t lo = (uint32_t)__bfloat16_as_ushort(pc[0][piece]) |
+                                ((uint32_t)__bfloat16_as_ushort(pc[1][piece]) << 16);
+            const uint32_t hi = (uint32_t)__bfloat16_as_ushort(pc[2][piece]) |
+                                ((uint32_t)__bfloat16_as_ushort(pc[3][piece]) << 16);
+            *reinterpret_cast<uint2*>(gbase + (s_a - base) + sw128_offset(piece * r + row, c4 >> 1) + 8 * (c4 & 1)) =
+                make_uint2(lo, hi);
+          }
+        }
+        fence_proxy_async();  // the stores before the wgmmas' reads; the release arrive below orders them
+        mbar_arrive(bar_full + 8 * stage);
       }
       cp_async_mbar_arrive(bar_full + 8 * stage);
     }
@@ -218,21 +279,48 @@ lora_small_m_sm90_kernel(const T* __restrict__ x, const T* __restrict__ W, const
       }
     }
     const bool write_u = u != nullptr && blockIdx.y == 0 && rank == 0;
+    if constexpr (kF32) {  // U's rows j, r + j, 2r + j are lora_A's three pieces: summed through shared memory
+#pragma unroll
+      for (int i = 0; i < NACC; ++i) {  // P's buffer is free until the expand is done
+        const int c = i >> 2, h = (i >> 1) & 1, e = i & 1;
+        s_p[(16 * w + (lane >> 2) + 8 * h) * L::PLD + 8 * c + 2 * (lane & 3) + e] = uf[i];
+      }
+      consumer_bar();
+#pragma unroll
+      for (int i = 0; i < NACC; ++i) {
+        const int c = i >> 2, h = (i >> 1) & 1, e = i & 1;
+        const int j = 16 * w + (lane >> 2) + 8 * h, tok = 8 * c + 2 * (lane & 3) + e;
+        if (j < r) uf[i] = s_p[j * L::PLD + tok] + (s_p[(r + j) * L::PLD + tok] + s_p[(2 * r + j) * L::PLD + tok]);
+      }
+    }
+    auto put_ub = [&](int tok, int kc, float v) {  // the expand's B operand: row tok, K index kc (K-major, swizzled)
+      *reinterpret_cast<T*>(gbase + L::UB + sw128_offset(tok, kc >> 3) + 2 * (kc & 7)) = from_f<T>(v);
+    };
 #pragma unroll
     for (int i = 0; i < NACC; ++i) {
       const int c = i >> 2, h = (i >> 1) & 1, e = i & 1;
       const int j = 16 * w + (lane >> 2) + 8 * h, tok = 8 * c + 2 * (lane & 3) + e;
       const float v = j < r ? scale * uf[i] : 0.f;
-      // the expand's B operand: row tok, K index j (K-major, 128-byte swizzle)
-      *reinterpret_cast<T*>(gbase + L::UB + sw128_offset(tok, j >> 3) + 2 * (j & 7)) = from_f<T>(v);
+      if constexpr (kF32) {  // [u_hi | u_hi | u_lo] in columns j, r + j, 2r + j; zeros from 3r on
+        const float hi = __bfloat162float(__float2bfloat16_rn(v));
+        if (j < r) {
+          put_ub(tok, j, hi);
+          put_ub(tok, r + j, hi);
+          put_ub(tok, 2 * r + j, v - hi);
+        } else if (j >= 3 * r) {
+          put_ub(tok, j, 0.f);
+        }
+      } else {
+        put_ub(tok, j, v);
+      }
       if (write_u && j < r && tok < M) u[(int64_t)tok * r + j] = v;
     }
     fence_proxy_async();
     consumer_bar();  // the whole bf16(u) tile written before any warp's wgmma reads it
-    if (rank == 0) {  // P_0 += B[nb] bf16(u)ᵀ over r rounded up to 16
+    if (rank == 0) {  // P_0 += B[nb] bf16(u)ᵀ over kx (r, or 3r for the pieces) rounded up to 16
       mbar_wait(bar_b, 0);
       wgmma_fence();
-      for (int ks = 0; ks < (r + 15) / 16; ++ks) {
+      for (int ks = 0; ks < (kx + 15) / 16; ++ks) {
         const uint64_t ub = sw128_desc(base + L::UB + 32 * ks);
         MMA::template mma<0>(acc0, sw128_desc(base + L::BT + 32 * ks), ub, 1);
         if constexpr (kTwo) MMA::template mma<0>(acc1, sw128_desc(base + L::BT + 64 * 128 + 32 * ks), ub, 1);
@@ -289,10 +377,19 @@ lora_small_m_sm90_kernel(const T* __restrict__ x, const T* __restrict__ W, const
 }
 
 std::atomic<bool> sm9_switch{env_switch_on("LORA_KERNELS_SMALL_M_SM90")};
+// fp32 adapters: built and compile-checked, not yet run on a GPU, so off unless LORA_KERNELS_SMALL_M_SM90_FP32=1.
+bool sm9_fp32_on() {
+  static const bool on = [] {
+    const char* e = getenv("LORA_KERNELS_SMALL_M_SM90_FP32");
+    return e != nullptr && strcmp(e, "1") == 0;
+  }();
+  return on;
+}
 std::atomic<int> sm9_state{0};
 
 bool sm9_device_ok() {
-  return sm90_kernel_ok(reinterpret_cast<const void*>(&lora_small_m_sm90_kernel<__nv_bfloat16, 16, 128>), sm9_state);
+  const void* kernel = reinterpret_cast<const void*>(&lora_small_m_sm90_kernel<__nv_bfloat16, __nv_bfloat16, 16, 128>);
+  return sm90_kernel_ok(kernel, sm9_state);
 }
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -326,7 +423,8 @@ int sm9_max_clusters(const void* kernel, size_t smem, int s) {
     cudaLaunchAttribute attr[1];
     const cudaLaunchConfig_t config = sm9_config(attr, s, 1, smem, nullptr);
     int n = 0;
-    if (set_smem_once(kernel, smem) != cudaSuccess || cudaOccupancyMaxActiveClusters(&n, kernel, &config) != cudaSuccess)
+    if (set_smem_once(kernel, smem) != cudaSuccess ||
+        cudaOccupancyMaxActiveClusters(&n, kernel, &config) != cudaSuccess)
       n = 0;
     cudaGetLastError();
     return n;
@@ -349,20 +447,27 @@ int sm9_forced_bn() {
   return v;
 }
 
+// f(kernel, smem, BN, T{}, TA{}) for x's dtype, the adapters' (x's, or fp32 on bf16 x), the tokens and the height.
 template <typename F>
-cudaError_t with_sm9_kernel(DType x_dtype, int tok, int bn, F&& f) {
+cudaError_t with_sm9_kernel(DType x_dtype, DType a_dtype, int tok, int bn, F&& f) {
   return with_dtype16(x_dtype, [&](auto xt) {
     using T = decltype(xt);
-    auto go = [&](auto bnc) {
+    auto go = [&](auto bnc, auto at) {
       constexpr int BN = decltype(bnc)::value;
+      using TA = decltype(at);
       switch (tok) {
-        case 16: return f(&lora_small_m_sm90_kernel<T, 16, BN>, Sm9Layout<16, BN>::SMEM, BN, T{});
-        case 32: return f(&lora_small_m_sm90_kernel<T, 32, BN>, Sm9Layout<32, BN>::SMEM, BN, T{});
-        case 48: return f(&lora_small_m_sm90_kernel<T, 48, BN>, Sm9Layout<48, BN>::SMEM, BN, T{});
-        default: return f(&lora_small_m_sm90_kernel<T, 64, BN>, Sm9Layout<64, BN>::SMEM, BN, T{});
+        case 16: return f(&lora_small_m_sm90_kernel<T, TA, 16, BN>, Sm9Layout<16, BN>::SMEM, BN, T{}, TA{});
+        case 32: return f(&lora_small_m_sm90_kernel<T, TA, 32, BN>, Sm9Layout<32, BN>::SMEM, BN, T{}, TA{});
+        case 48: return f(&lora_small_m_sm90_kernel<T, TA, 48, BN>, Sm9Layout<48, BN>::SMEM, BN, T{}, TA{});
+        default: return f(&lora_small_m_sm90_kernel<T, TA, 64, BN>, Sm9Layout<64, BN>::SMEM, BN, T{}, TA{});
       }
     };
-    return bn == 64 ? go(std::integral_constant<int, 64>{}) : go(std::integral_constant<int, 128>{});
+    auto by_height = [&](auto at) {
+      return bn == 64 ? go(std::integral_constant<int, 64>{}, at) : go(std::integral_constant<int, 128>{}, at);
+    };
+    if constexpr (std::is_same<T, __nv_bfloat16>::value)
+      if (a_dtype == DType::kFloat32) return by_height(float{});
+    return by_height(T{});
   });
 }
 
@@ -372,7 +477,7 @@ struct Sm9Plan {
 // The tile height BN and cluster size S: of BN in {128, 64} and S in {8, 4, 2, 1} (at least two K tiles per CTA where
 // S > 1), the most CTAs the device holds in one wave (W's read needs SMs: bytes in flight per SM are bounded), BN =
 // 128 on a tie (x read half as often). Where no choice fits one wave, 128 and 1.
-Sm9Plan sm9_plan_search(DType x_dtype, int tok, int64_t N, int64_t K) {
+Sm9Plan sm9_plan_search(DType x_dtype, DType a_dtype, int tok, int64_t N, int64_t K) {
   const int64_t kt = ceil_div(K, SM9_BK);
   Sm9Plan best{128, 1};
   int64_t best_ctas = 0;
@@ -383,7 +488,7 @@ Sm9Plan sm9_plan_search(DType x_dtype, int tok, int64_t N, int64_t K) {
       if (sm9_forced_cluster() > 0 && s != sm9_forced_cluster()) continue;
       if (s > 1 && kt < 2 * s && sm9_forced_cluster() == 0) continue;
       int fits = 0;
-      with_sm9_kernel(x_dtype, tok, bn, [&](auto kernel, size_t smem, int, auto) {
+      with_sm9_kernel(x_dtype, a_dtype, tok, bn, [&](auto kernel, size_t smem, int, auto, auto) {
         fits = blocks <= sm9_max_clusters(reinterpret_cast<const void*>(kernel), smem, s);
         return cudaSuccess;
       });
@@ -396,12 +501,12 @@ Sm9Plan sm9_plan_search(DType x_dtype, int tok, int64_t N, int64_t K) {
   while (best.s > kt) best.s /= 2;  // a forced size halved until every rank has a K tile (S divides BN)
   return best;
 }
-Sm9Plan sm9_plan(DType x_dtype, int tok, int64_t N, int64_t K) {  // the search, remembered (PlanMemo)
-  static thread_local PlanMemo<5, Sm9Plan, 16> memo;
+Sm9Plan sm9_plan(DType x_dtype, DType a_dtype, int tok, int64_t N, int64_t K) {  // the search, remembered
+  static thread_local PlanMemo<6, Sm9Plan, 16> memo;
   int device = 0;
   cudaGetDevice(&device);
-  const int64_t key[5] = {(int64_t)x_dtype, tok, N, K, device};
-  return memo.get(key, [&] { return sm9_plan_search(x_dtype, tok, N, K); });
+  const int64_t key[6] = {(int64_t)x_dtype, (int64_t)a_dtype, tok, N, K, device};
+  return memo.get(key, [&] { return sm9_plan_search(x_dtype, a_dtype, tok, N, K); });
 }
 
 }  // namespace
@@ -412,8 +517,14 @@ const char* lora_small_m_sm90_unsupported(const void* x, const void* W, const vo
                                           int64_t N, int64_t K, int r, DType x_dtype, DType a_dtype, DType b_dtype,
                                           float p) {
   if (!sm9_switch.load(std::memory_order_relaxed)) return "off (LORA_KERNELS_SMALL_M_SM90=0 or set_small_m_sm90)";
-  if (x_dtype == DType::kFloat32 || a_dtype != x_dtype || b_dtype != x_dtype)
-    return "x, lora_A and lora_B not all in one 16-bit dtype";
+  if (x_dtype == DType::kFloat32) return "fp32 x";
+  if (a_dtype == DType::kFloat32 && b_dtype == DType::kFloat32) {
+    if (!sm9_fp32_on()) return "fp32 adapters (opt-in, not yet run on a GPU: LORA_KERNELS_SMALL_M_SM90_FP32=1)";
+    if (x_dtype != DType::kBFloat16) return "fp32 adapters on fp16 x";
+    if (r > 16) return "fp32 adapters above r = 16 (lora_A's three pieces fill 3r <= 64 rows)";
+  } else if (a_dtype != x_dtype || b_dtype != x_dtype) {
+    return "lora_A and lora_B neither both in x's dtype nor both fp32";
+  }
   if (p > 0.f) return "dropout (the register-direct kernel's u items mask x)";
   if (M < 1 || M > 64 || N < 1 || K < 1) return "M not in 1..64, or an empty problem";
   if (r < 1 || r > 64 || r % 8) return "r not a multiple of 8 in 8..64";
@@ -425,21 +536,23 @@ const char* lora_small_m_sm90_unsupported(const void* x, const void* W, const vo
 }
 
 cudaError_t launch_lora_small_m_sm90(const void* x, DType x_dtype, const void* W, const void* bias, const void* A,
-                                     const void* B, void* y, float* u, int64_t M, int64_t N, int64_t K, int r,
-                                     float scaling, cudaStream_t stream) {
-  if (lora_small_m_sm90_unsupported(x, W, A, B, M, N, K, r, x_dtype, x_dtype, x_dtype, 0.f) != nullptr)
+                                     DType a_dtype, const void* B, DType b_dtype, void* y, float* u, int64_t M,
+                                     int64_t N, int64_t K, int r, float scaling, cudaStream_t stream) {
+  if (lora_small_m_sm90_unsupported(x, W, A, B, M, N, K, r, x_dtype, a_dtype, b_dtype, 0.f) != nullptr)
     return cudaErrorInvalidValue;
   const int tok = sm9_tok(M);
-  const Sm9Plan plan = sm9_plan(x_dtype, tok, N, K);
-  return with_sm9_kernel(x_dtype, tok, plan.bn, [&](auto kernel, size_t smem, int bn, auto xt) -> cudaError_t {
+  const Sm9Plan plan = sm9_plan(x_dtype, a_dtype, tok, N, K);
+  return with_sm9_kernel(x_dtype, a_dtype, tok, plan.bn,
+                         [&](auto kernel, size_t smem, int bn, auto xt, auto at) -> cudaError_t {
     using T = decltype(xt);
+    using TA = decltype(at);
     cudaError_t e = set_smem_once(reinterpret_cast<const void*>(kernel), smem);
     if (e != cudaSuccess) return e;
     cudaLaunchAttribute attr[2];
     cudaLaunchConfig_t config = sm9_config(attr, plan.s, ceil_div(N, bn), smem, stream);
     config.numAttrs = with_pdl(attr, 1);
     return cudaLaunchKernelEx(&config, kernel, static_cast<const T*>(x), static_cast<const T*>(W),
-                              static_cast<const T*>(bias), static_cast<const T*>(A), static_cast<const T*>(B),
+                              static_cast<const T*>(bias), static_cast<const TA*>(A), static_cast<const TA*>(B),
                               static_cast<T*>(y), u, (int)M, (int)N, (int)K, r, scaling);
   });
 }

@@ -88,6 +88,9 @@ Read by the CUDA extension (csrc/binding.cpp), once, when a GEMM first asks for 
     LORA_KERNELS_SMALL_M_SM90           0 turns off that forward's Hopper kernel (csrc/small_m_sm90.cu: wgmma,
                                         p = 0, 16-bit adapters); it starts the switch that
                                         cuda_backend.set_small_m_sm90 changes.
+    LORA_KERNELS_SMALL_M_SM90_FP32      1 lets that kernel take fp32 adapters on bf16 x at r <= 16 (lora_A's and
+                                        lora_B's three bf16 pieces made by its loader); built, not yet run on a GPU,
+                                        so off by default.
     LORA_KERNELS_SMALL_M_SM90_CLUSTER   1, 2, 4 or 8: that kernel's K split (cluster size), forced, for A/B timing;
     LORA_KERNELS_SMALL_M_SM90_BN        64 or 128: its CTA's rows of W, forced, for A/B timing. Unset, the pair that
                                         puts the most CTAs in one wave (the GPU's cluster occupancy).

@@ -338,3 +338,31 @@ def test_sm90_kernel_forced_plans(cluster, bn):
                PYTHONPATH=os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+@needs_sm90
+def test_sm90_kernel_fp32_adapters_opt_in():
+    """fp32 adapters on bf16 x (LORA_KERNELS_SMALL_M_SM90_FP32=1, in a subprocess: read once per process): the kernel
+    takes them at r <= 16 (lora_A's and lora_B's three bf16 pieces), y and u meet the float64 tolerance rule, r = 24
+    and fp16 x keep the mma.sync kernels."""
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = (
+        "import torch, test_small_m as t\n"
+        "pool = [torch.full((n,), float('nan'), device='cuda') for n in [256 * 1024] * 64 + [64 * 1024 * 1024]]\n"
+        "del pool\n"
+        "for M, K, N, r in ((1, 4096, 4096, 16), (16, 4096, 14336, 16), (33, 1000, 4104, 8), (64, 520, 300, 16),\n"
+        "                   (5, 8, 40, 8)):\n"
+        "    x, W, b, A, B = t._inputs(M, K, N, r, torch.bfloat16, torch.float32, True)\n"
+        "    assert t._cb().forward_path(x, W, b, A, B, 0.0) == 'small_m sm90'\n"
+        "    t.assert_cuda_forward(t._cb(), x, W, b, A, B, t.S, 0.0, 0)\n"
+        "for r, dt in ((24, torch.bfloat16), (16, torch.float16)):\n"
+        "    assert t._cb().forward_path(*t._inputs(16, 256, 256, r, dt, torch.float32, False), 0.0) == 'small_m'\n"
+        "print('ok')\n")
+    env = dict(os.environ, LORA_KERNELS_SMALL_M_SM90_FP32="1",
+               PYTHONPATH=os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
