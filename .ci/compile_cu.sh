@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Compile-check every csrc/*.cu that does not include torch headers, with plain nvcc for sm_90 (no GPU needed), as
-# C++17 and (front end only) as C++20; then the CUTLASS translation units (sm_90a, the pinned nvidia-cutlass
-# headers). The jobs run $(nproc) at a time, the slow CUTLASS ones first, so that CI's two cores finish together.
+# C++17 and (front end only) as C++20, and those with hand-written wgmma kernels also for sm_90a (their bodies compile
+# only there); then the CUTLASS translation units (sm_90a, the pinned nvidia-cutlass headers). The jobs run $(nproc) at a time, the slow CUTLASS ones first, so that CI's two cores finish together.
 set -u
 cd "$(dirname "$0")/.."
 NVCC="${NVCC:-nvcc}"
@@ -42,6 +42,8 @@ for f in csrc/*.cu; do
   # through the front end only (-ptx with cicc at -O0: every template instantiated and checked, no NVVM
   # optimisation), 40 s for all files against several minutes: a standard's errors are the front end's.
   jobs+=("plain c++17 -c $f" "plain c++20 -ptx $f")
+  # the hand-written wgmma kernels compile their bodies only for sm_90a (LK_WGMMA): through ptxas there as well
+  if grep -qE '#include\s*"(wgmma|stream_sm90)\.cuh"' "$f"; then jobs+=("sm90a c++17 -c $f"); fi
 done
 
 one() {  # one job: kind std mode file; prints ok/FAILED, exits non-zero on failure
@@ -55,6 +57,13 @@ one() {  # one job: kind std mode file; prints ok/FAILED, exits non-zero on fail
       echo "ok ($std $mode, sm_90a, CUTLASS): $f"
     else
       cat "$out.err" >&2; echo "FAILED ($std $mode, sm_90a, CUTLASS): $f" >&2; return 1
+    fi
+  elif [ "$kind" = sm90a ]; then
+    if "$NVCC" -std=$std -O3 --expt-relaxed-constexpr $TORCH_DEFINES $mode -gencode=arch=compute_90a,code=sm_90a -Icsrc \
+         "$f" -o "$out" 2>"$out.err"; then
+      echo "ok ($std $mode, sm_90a): $f"
+    else
+      cat "$out.err" >&2; echo "FAILED ($std $mode, sm_90a): $f" >&2; return 1
     fi
   elif "$NVCC" -std=$std -O3 --expt-relaxed-constexpr $TORCH_DEFINES $mode $([ "$mode" = -ptx ] && echo -Xcicc -O0) \
          -gencode=arch=compute_90,code=sm_90 -Icsrc "$f" -o "$out" 2>"$out.err"; then
