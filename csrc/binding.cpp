@@ -242,14 +242,8 @@ std::atomic<bool>& small_m_switch() {
   return on;
 }
 
-// nullptr when a forward with these inputs takes the small-M kernel, else why not. Above M = 16, where y has at least
-// half as many 128-column tiles as the GPU has SMs, the fused forward (prep + GEMM) takes the call when it can: its
-// 128-row tiles read x once per 128 columns, where the small-M kernel's warps re-read x from L2 for every 16. On the
-// H200 (GPU time / floor, r = 16): 4096->14336 at M = 32 and 64, 1.62 and 1.54 against 1.75 and 2.82; at 4096->4096
-// (32 tiles) the small-M kernel stays ahead, 1.83 and 2.75 against 2.68 and 2.91 (bench/results/h200_2026-12-02/
-// session17, run 2).
-// Whether the small-M forward runs the Hopper wgmma kernel (csrc/small_m_sm90.cu; it reads x once per 128
-// columns): nullptr when it does, else why not.
+// Whether the small-M forward runs the Hopper wgmma kernel (csrc/small_m_sm90.cu; it reads x once per 64 or
+// 128 columns): nullptr when it does, else why not.
 const char* small_m_sm90_unsupported(const Tensor& x, const Tensor& weight, const Tensor& lora_A,
                                      const Tensor& lora_B, double p) {
   return lk::lora_small_m_sm90_unsupported(x.data_ptr(), weight.data_ptr(), lora_A.data_ptr(), lora_B.data_ptr(),
@@ -258,6 +252,13 @@ const char* small_m_sm90_unsupported(const Tensor& x, const Tensor& weight, cons
                                            (float)p);
 }
 
+// nullptr when a forward with these inputs takes the small-M kernel, else why not. Above M = 16, where y has at least
+// half as many 128-column tiles as the GPU has SMs, the fused forward (prep + GEMM) takes the call when it can: its
+// 128-row tiles read x once per 128 columns, where the small-M kernel's warps re-read x from L2 for every 16. On the
+// H200 (GPU time / floor, r = 16): 4096->14336 at M = 32 and 64, 1.62 and 1.54 against 1.75 and 2.82; at 4096->4096
+// (32 tiles) the small-M kernel stays ahead, 1.83 and 2.75 against 2.68 and 2.91 (bench/results/h200_2026-12-02/
+// session17, run 2). Where the Hopper kernel runs, the small-M forward keeps the call: 1.18 against the fused
+// forward's 1.43 at 4096->14336, M = 64 (H100, bench/results/h100_2026-12-06/session56).
 const char* small_m_unsupported(const Tensor& x, const Tensor& weight, const Tensor* bias, const Tensor& lora_A,
                                 const Tensor& lora_B, double p) {
   if (!small_m_switch().load(std::memory_order_relaxed)) return "off (LORA_KERNELS_SMALL_M=0 or set_small_m)";

@@ -32,6 +32,7 @@
 #include <atomic>
 #include <climits>
 #include <cstring>
+#include <initializer_list>
 #include <type_traits>
 
 namespace lora_kernels {
@@ -118,6 +119,10 @@ lora_small_m_sm90_kernel(const T* __restrict__ x, const T* __restrict__ W, const
   float* const s_p = reinterpret_cast<float*>(gbase + L::P);
 
   const int tid = threadIdx.x, wg = tid >> 7, t = tid & 127, w = t >> 5, lane = t & 31;
+  // Element i = 4 c + 2 h + e of this thread's m64nTOK accumulators (wgmma.cuh): row 16 w + lane / 4 + 8 h (of W's
+  // 64 rows, or u's column j), column 8 c + 2 (lane % 4) + e (the token).
+  auto frag_row = [&](int i) { return 16 * w + (lane >> 2) + 8 * ((i >> 1) & 1); };
+  auto frag_tok = [&](int i) { return 8 * (i >> 2) + 2 * (lane & 3) + (i & 1); };
   const int S = (int)gridDim.x, rank = cluster_rank();  // the cluster spans gridDim.x: (S, 1, 1)
   const int64_t n0 = (int64_t)blockIdx.y * BN;
   const int kt_all = (K + SM9_BK - 1) / SM9_BK;
@@ -260,8 +265,8 @@ lora_small_m_sm90_kernel(const T* __restrict__ x, const T* __restrict__ W, const
   cluster_sync();  // every CTA's U_q in place
 
   if (wg == 1) {
-    // u = s · Σ_q U_q in rank order: the same value in every CTA of the cluster. Fragment element i of this thread:
-    // row j = 16 w + lane / 4 + 8 h (u's column), column tok = 8 c + 2 (lane % 4) + e (x's row), i = 4 c + 2 h + e.
+    // u = s · Σ_q U_q in rank order: the same value in every CTA of the cluster (element i: u's column
+    // j = frag_row(i), token frag_tok(i)).
     float uf[NACC];
 #pragma unroll
     for (int i = 0; i < NACC; ++i) uf[i] = 0.f;
@@ -281,15 +286,12 @@ lora_small_m_sm90_kernel(const T* __restrict__ x, const T* __restrict__ W, const
     const bool write_u = u != nullptr && blockIdx.y == 0 && rank == 0;
     if constexpr (kF32) {  // U's rows j, r + j, 2r + j are lora_A's three pieces: summed through shared memory
 #pragma unroll
-      for (int i = 0; i < NACC; ++i) {  // P's buffer is free until the expand is done
-        const int c = i >> 2, h = (i >> 1) & 1, e = i & 1;
-        s_p[(16 * w + (lane >> 2) + 8 * h) * L::PLD + 8 * c + 2 * (lane & 3) + e] = uf[i];
-      }
+      for (int i = 0; i < NACC; ++i)  // P's buffer is free until the expand is done
+        s_p[frag_row(i) * L::PLD + frag_tok(i)] = uf[i];
       consumer_bar();
 #pragma unroll
       for (int i = 0; i < NACC; ++i) {
-        const int c = i >> 2, h = (i >> 1) & 1, e = i & 1;
-        const int j = 16 * w + (lane >> 2) + 8 * h, tok = 8 * c + 2 * (lane & 3) + e;
+        const int j = frag_row(i), tok = frag_tok(i);
         if (j < r) uf[i] = s_p[j * L::PLD + tok] + (s_p[(r + j) * L::PLD + tok] + s_p[(2 * r + j) * L::PLD + tok]);
       }
     }
@@ -298,8 +300,7 @@ lora_small_m_sm90_kernel(const T* __restrict__ x, const T* __restrict__ W, const
     };
 #pragma unroll
     for (int i = 0; i < NACC; ++i) {
-      const int c = i >> 2, h = (i >> 1) & 1, e = i & 1;
-      const int j = 16 * w + (lane >> 2) + 8 * h, tok = 8 * c + 2 * (lane & 3) + e;
+      const int j = frag_row(i), tok = frag_tok(i);
       const float v = j < r ? scale * uf[i] : 0.f;
       if constexpr (kF32) {  // [u_hi | u_hi | u_lo] in columns j, r + j, 2r + j; zeros from 3r on
         const float hi = __bfloat162float(__float2bfloat16_rn(v));
@@ -332,9 +333,8 @@ lora_small_m_sm90_kernel(const T* __restrict__ x, const T* __restrict__ W, const
     }
     // P_q into shared memory, [row][tok]
 #pragma unroll
-    for (int i = 0; i < NACC; i += 2) {
-      const int c = i >> 2, h = (i >> 1) & 1;
-      const int row = 16 * w + (lane >> 2) + 8 * h, tok = 8 * c + 2 * (lane & 3);
+    for (int i = 0; i < NACC; i += 2) {  // elements i and i + 1: tokens tok and tok + 1
+      const int row = frag_row(i), tok = frag_tok(i);
       *reinterpret_cast<float2*>(s_p + row * L::PLD + tok) = make_float2(acc0[i], acc0[i + 1]);
       if constexpr (kTwo)
         *reinterpret_cast<float2*>(s_p + (row + 64) * L::PLD + tok) = make_float2(acc1[i], acc1[i + 1]);
@@ -417,7 +417,7 @@ cudaLaunchConfig_t sm9_config(cudaLaunchAttribute* attr, int S, int64_t row_bloc
 // Clusters of `s` CTAs of `kernel` the device holds at once (cudaOccupancyMaxActiveClusters: clusters live inside
 // one GPC, so this is below SMs / s where the GPCs' SM counts are not multiples of s), remembered per (kernel, s).
 int sm9_max_clusters(const void* kernel, size_t smem, int s) {
-  static thread_local PlanMemo<3, int, 64> memo;
+  thread_local PlanMemo<3, int, 64> memo;
   const int64_t key[3] = {(int64_t)reinterpret_cast<uintptr_t>(kernel), s, (int64_t)compute_capability()};
   return memo.get(key, [&] {
     cudaLaunchAttribute attr[1];
@@ -433,17 +433,17 @@ int sm9_max_clusters(const void* kernel, size_t smem, int s) {
 
 // A forced setting from the environment (for A/B timing): LORA_KERNELS_SMALL_M_SM90_CLUSTER (1, 2, 4 or 8) and
 // LORA_KERNELS_SMALL_M_SM90_BN (64 or 128); 0 where unset.
-int sm9_forced(const char* name, int a, int b, int c, int d) {
+int sm9_forced(const char* name, std::initializer_list<int> allowed) {
   const char* e = getenv(name);
   const int n = e != nullptr ? atoi(e) : 0;
-  return n == a || n == b || n == c || n == d ? n : 0;
+  return std::find(allowed.begin(), allowed.end(), n) != allowed.end() ? n : 0;
 }
 int sm9_forced_cluster() {
-  static const int v = sm9_forced("LORA_KERNELS_SMALL_M_SM90_CLUSTER", 1, 2, 4, 8);
+  static const int v = sm9_forced("LORA_KERNELS_SMALL_M_SM90_CLUSTER", {1, 2, 4, 8});
   return v;
 }
 int sm9_forced_bn() {
-  static const int v = sm9_forced("LORA_KERNELS_SMALL_M_SM90_BN", 64, 128, 64, 128);
+  static const int v = sm9_forced("LORA_KERNELS_SMALL_M_SM90_BN", {64, 128});
   return v;
 }
 
@@ -502,7 +502,7 @@ Sm9Plan sm9_plan_search(DType x_dtype, DType a_dtype, int tok, int64_t N, int64_
   return best;
 }
 Sm9Plan sm9_plan(DType x_dtype, DType a_dtype, int tok, int64_t N, int64_t K) {  // the search, remembered
-  static thread_local PlanMemo<6, Sm9Plan, 16> memo;
+  thread_local PlanMemo<6, Sm9Plan, 16> memo;
   int device = 0;
   cudaGetDevice(&device);
   const int64_t key[6] = {(int64_t)x_dtype, (int64_t)a_dtype, tok, N, K, device};

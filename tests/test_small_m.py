@@ -317,27 +317,33 @@ def test_sm90_kernel_streams_and_graph_replays():
     _streams_and_graph_replays(x, W, b, A, B, launches=4, replays=2)
 
 
-@needs_sm90
-@pytest.mark.parametrize("cluster,bn", [(1, 128), (2, 64), (8, 64), (8, 128), (4, 64)])
-def test_sm90_kernel_forced_plans(cluster, bn):
-    """Every K split and tile height (LORA_KERNELS_SMALL_M_SM90_CLUSTER and _BN, read once per process: a subprocess
-    per pair) meets the float64 tolerance rule, where the default would pick another plan."""
+def _run_with_env(body: str, **env) -> None:
+    """Runs `body` (Python, with `torch` and this module as `t`) in a fresh process with the given environment
+    settings, which the extension reads once per process, the caching allocator's free blocks filled with NaN first
+    (an unwritten output shows); the body must end by printing "ok"."""
     import os
     import subprocess
     import sys
 
     here = os.path.dirname(os.path.abspath(__file__))
-    code = (
-        "import torch, test_small_m as t\n"
-        "pool = [torch.full((n,), float('nan'), device='cuda') for n in [256 * 1024] * 64 + [64 * 1024 * 1024]]\n"
-        "del pool  # the caching allocator's free blocks hold NaN: an unwritten output shows\n"
+    code = ("import torch, test_small_m as t\n"
+            "pool = [torch.full((n,), float('nan'), device='cuda') for n in [256 * 1024] * 64 + [64 * 1024 * 1024]]\n"
+            "del pool\n" + body)
+    full_env = dict(os.environ, **env, PYTHONPATH=os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+@needs_sm90
+@pytest.mark.parametrize("cluster,bn", [(1, 128), (2, 64), (8, 64), (8, 128), (4, 64)])
+def test_sm90_kernel_forced_plans(cluster, bn):
+    """Every K split and tile height (LORA_KERNELS_SMALL_M_SM90_CLUSTER and _BN, read once per process: a subprocess
+    per pair) meets the float64 tolerance rule, where the default would pick another plan."""
+    _run_with_env(
         "for M, K, N, r in ((1, 4096, 4096, 16), (64, 1000, 4104, 32), (33, 520, 300, 8)):\n"
         "    t._check_forward(M, K, N, r, torch.bfloat16, torch.bfloat16, True, 0.0)\n"
-        "print('ok')\n")
-    env = dict(os.environ, LORA_KERNELS_SMALL_M_SM90_CLUSTER=str(cluster), LORA_KERNELS_SMALL_M_SM90_BN=str(bn),
-               PYTHONPATH=os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+        "print('ok')\n",
+        LORA_KERNELS_SMALL_M_SM90_CLUSTER=str(cluster), LORA_KERNELS_SMALL_M_SM90_BN=str(bn))
 
 
 @needs_sm90
@@ -345,15 +351,7 @@ def test_sm90_kernel_fp32_adapters_opt_in():
     """fp32 adapters on bf16 x (LORA_KERNELS_SMALL_M_SM90_FP32=1, in a subprocess: read once per process): the kernel
     takes them at r <= 16 (lora_A's and lora_B's three bf16 pieces), y and u meet the float64 tolerance rule, r = 24
     and fp16 x keep the mma.sync kernels."""
-    import os
-    import subprocess
-    import sys
-
-    here = os.path.dirname(os.path.abspath(__file__))
-    code = (
-        "import torch, test_small_m as t\n"
-        "pool = [torch.full((n,), float('nan'), device='cuda') for n in [256 * 1024] * 64 + [64 * 1024 * 1024]]\n"
-        "del pool\n"
+    _run_with_env(
         "for M, K, N, r in ((1, 4096, 4096, 16), (16, 4096, 14336, 16), (33, 1000, 4104, 8), (64, 520, 300, 16),\n"
         "                   (5, 8, 40, 8)):\n"
         "    x, W, b, A, B = t._inputs(M, K, N, r, torch.bfloat16, torch.float32, True)\n"
@@ -361,8 +359,5 @@ def test_sm90_kernel_fp32_adapters_opt_in():
         "    t.assert_cuda_forward(t._cb(), x, W, b, A, B, t.S, 0.0, 0)\n"
         "for r, dt in ((24, torch.bfloat16), (16, torch.float16)):\n"
         "    assert t._cb().forward_path(*t._inputs(16, 256, 256, r, dt, torch.float32, False), 0.0) == 'small_m'\n"
-        "print('ok')\n")
-    env = dict(os.environ, LORA_KERNELS_SMALL_M_SM90_FP32="1",
-               PYTHONPATH=os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+        "print('ok')\n",
+        LORA_KERNELS_SMALL_M_SM90_FP32="1")

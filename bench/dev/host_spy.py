@@ -100,8 +100,8 @@ def main():
         host_s += time.perf_counter() - t0
         calls += a.batch
         torch.cuda.synchronize()
-    info = dict(provider=a.provider, mode="piece" if a.provider in PIECES else a.mode, M=a.M, shape=a.shape, r=a.r, p=a.p, calls=calls,
-                host_us_per_call=1e6 * host_s / max(calls, 1))
+    info = dict(provider=a.provider, mode="piece" if a.provider in PIECES else a.mode, M=a.M, shape=a.shape, r=a.r,
+                p=a.p, calls=calls, host_us_per_call=1e6 * host_s / max(calls, 1))
     print(json.dumps(info))
     if a.calls_file:
         with open(a.calls_file, "w") as f:
