@@ -617,6 +617,42 @@ std::tuple<Tensor, Tensor> lora_forward_scaled(const Tensor& x, const Tensor& we
                       &col_scale);
 }
 
+// nullptr when a backward with dy (M, N) can take the small-M Hopper dx kernel (csrc/small_m_sm90.cu), else why not.
+const char* small_m_dx_unsupported(const Tensor& dy, const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B,
+                                   float p) {
+  return lk::lora_small_m_sm90_dx_unsupported(dy.data_ptr(), weight.data_ptr(), lora_A.data_ptr(), lora_B.data_ptr(),
+                                              dy.size(0), weight.size(0), weight.size(1), (int)lora_A.size(0),
+                                              to_dtype(dy, "dy"), to_dtype(lora_A, "lora_A"),
+                                              to_dtype(lora_B, "lora_B"), p);
+}
+
+// The backward at M <= 64 on Hopper, p = 0, in two launches where the passes of backward_impl take five or six of
+// little work each: dx = dy W + (s·g) A with sg = s·g = s·dy B (fp32, a workspace piece) in one (the small-M kernel
+// transposed), then dA = sgᵀ x and dB = dyᵀ u (small_m_grads.cu).
+std::tuple<Tensor, Tensor, Tensor> small_m_backward(const Tensor& dy, const Tensor& x, const Tensor& weight,
+                                                    const Tensor& lora_A, const Tensor& lora_B, const Tensor& u,
+                                                    double scaling, bool need_dA, bool need_dB, cudaStream_t stream) {
+  const int64_t M = dy.size(0), N = weight.size(0), K = weight.size(1);
+  const int r = (int)lora_A.size(0);
+  const lk::DType x_dt = to_dtype(x, "x"), a_dt = to_dtype(lora_A, "lora_A"), b_dt = to_dtype(lora_B, "lora_B");
+  Workspace ws;
+  const int64_t sg_piece = need_dA ? ws.reserve_floats(M * r) : -1;
+  ws.allocate(x.options());
+  Tensor dx = at::empty({M, K}, x.options()), dA, dB;
+  if (need_dA) dA = at::empty({r, K}, lora_A.options());
+  if (need_dB) dB = at::empty({N, r}, lora_B.options());
+  check_cuda(lk::launch_lora_small_m_sm90_dx(dy.data_ptr(), x_dt, weight.data_ptr(), lora_A.data_ptr(), a_dt,
+                                             lora_B.data_ptr(), b_dt, dx.data_ptr(), ws.ptr<float>(sg_piece), M, N, K,
+                                             r, (float)scaling, stream),
+             "small-M dx (sm90) launch");
+  if (need_dA || need_dB)
+    check_cuda(lk::launch_lora_small_m_grads(x.data_ptr(), dy.data_ptr(), x_dt, ws.ptr<float>(sg_piece),
+                                             u.data_ptr<float>(), need_dA ? dA.data_ptr() : nullptr,
+                                             need_dB ? dB.data_ptr() : nullptr, a_dt, M, N, K, r, stream),
+               "small-M grads launch");
+  return {dx, dA, dB};
+}
+
 // The backward's grads (dx, dA, dB); a grad not asked for is undefined (lora_backward gives the op's outputs).
 // dx_from (M, N), or null for dy itself: the left operand of dx's frozen product, dx = dx_from W + s·(dy B) A (DoRA at
 // p = 0: dx_from = g ⊙ dy with B = g ⊙ B, one call for every grad; backward_dx_from below). before_dx, if set, is
@@ -655,6 +691,9 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   const c10::cuda::CUDAGuard guard(x.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index());
   const float pf = (float)p;
+  // M <= 64 on Hopper without dropout: two launches (small_m_backward)
+  if (need_dx && dx_from == nullptr && !before_dx && small_m_dx_unsupported(dy, weight, lora_A, lora_B, pf) == nullptr)
+    return small_m_backward(dy, x, weight, lora_A, lora_B, u, scaling, need_dA, need_dB, stream);
   const lk::DType x_dt = to_dtype(x, "x"), a_dt = to_dtype(lora_A, "lora_A"), b_dt = to_dtype(lora_B, "lora_B");
   const bool need_g = need_dx || need_dA;  // g = dy B (fp32); also computed when only dB is needed (one dy pass)
 
@@ -1054,12 +1093,18 @@ std::string gemm_path(const Tensor& x, const Tensor& weight, const std::optional
   return why == nullptr ? std::string("sm90") : std::string("cublas: ") + why;
 }
 
-// Which GEMM path dx of a backward with these inputs takes: "sm90", "sm90 masked" (dropout: the keep bits mask the
-// rank-r term inside the GEMM) or "cublas: <why not sm90>" (the dx kernel writes the term, cuBLAS adds dy W).
+// Which GEMM path dx of a backward with these inputs takes: "small_m sm90" (M <= 64: the small-M Hopper kernel,
+// dx and s·g in one launch; judged with x's pointer and dtype standing for dy's), "sm90", "sm90 masked" (dropout:
+// the keep bits mask the rank-r term inside the GEMM) or "cublas: <why not sm90>" (the dx kernel writes the term,
+// cuBLAS adds dy W).
 std::string dx_path(const Tensor& x, const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B, double p) {
   check_common(x, weight, lora_A, lora_B, p, 0);
   const c10::cuda::CUDAGuard guard(x.device());
   const float pf = (float)p;
+  if (x.size(0) <= 64) {  // (the kernel's bound; a dy of that shape and dtype, for an aligned pointer)
+    const Tensor dy_like = x.new_empty({x.size(0), weight.size(0)});
+    if (small_m_dx_unsupported(dy_like, weight, lora_A, lora_B, pf) == nullptr) return "small_m sm90";
+  }
   const bool bits = pf > 0.0f && lk::dropout_bits_used(to_dtype(x, "x"), to_dtype(lora_A, "lora_A"));
   const char* why = dx_sm90_unsupported(x, weight, pf, bits);
   if (why != nullptr) return std::string("cublas: ") + why;
@@ -1183,6 +1228,7 @@ TORCH_LIBRARY(lora_kernels_cuda, m) {
   m.def("set_shrink_drop_ring(int stages) -> int", &set_shrink_drop_ring);
   m.def("set_small_m(bool enabled) -> bool", &set_small_m);  // no tensor arguments: a catch-all kernel
   m.def("set_small_m_sm90(bool enabled) -> bool", &lk::set_small_m_sm90);
+  m.def("set_small_m_sm90_dx(bool enabled) -> bool", &lk::set_small_m_sm90_dx);
   m.def("set_fused_forward(int mode) -> int", &set_fused_forward);
   m.def("set_dA_beside(int mode) -> int", &set_dA_beside);
   m.def("dA_beside_blocks(Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, float p) -> int");

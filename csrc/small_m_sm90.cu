@@ -1,8 +1,11 @@
-// Small-M forward on Hopper (sm_90a, wgmma), one launch: for M <= 64 rows, p = 0, 16-bit x and W, adapters in x's
-// dtype (or fp32 on bf16 x at r <= 16, opt-in: LORA_KERNELS_SMALL_M_SM90_FP32=1, not yet run on a GPU),
-//   y = x Wᵀ + bias + u Bᵀ      and      u = s · x Aᵀ  (fp32, saved for backward).
-// launch_lora_small_m_forward (small_m.cu) takes this kernel where lora_small_m_sm90_unsupported says it can, and its
-// mma.sync kernels elsewhere.
+// Small-M forward and dx on Hopper (sm_90a, wgmma), one launch each: for M <= 64 rows, p = 0, 16-bit x and W,
+// adapters in x's dtype (or, forward only, fp32 on bf16 x at r <= 16, opt-in: LORA_KERNELS_SMALL_M_SM90_FP32=1, not
+// yet run on a GPU),
+//   forward:  y  = x Wᵀ + bias + u Bᵀ     and  u  = s · x Aᵀ   (fp32, saved for backward);
+//   dx:       dx = dy W + (s·g) A         and  sg = s · dy B   (fp32, for dA; small_m_grads.cu makes dA and dB).
+// launch_lora_small_m_forward (small_m.cu) takes the forward kernel where lora_small_m_sm90_unsupported says it can,
+// and its mma.sync kernels elsewhere; csrc/binding.cpp takes the dx kernel where lora_small_m_sm90_dx_unsupported
+// says it can.
 //
 // Math   : with so few rows, W (N x K) is the only large operand, and y costs one read of it. The products run with
 //          the operands swapped, yᵀ = W xᵀ + B (s·u)ᵀ, so that W's rows are wgmma's M (64 per instruction) and the
@@ -15,11 +18,19 @@
 //          P_0 .. P_{S-1} in rank order, adds the bias and writes y once (one rounding). Deterministic: no atomics,
 //          every sum in a fixed order. Rounding as in the other tensor-core forwards: every operand of a 16-bit
 //          product in x's dtype (s·u included), fp32 sums.
+//          dx is the same computation transposed (BWD): dxᵀ = Wᵀ dyᵀ + Aᵀ (s·g)ᵀ, g = dy B. Its output rows are W's
+//          columns (K), its reduction runs over N, and the three weights are read transposed: wgmma takes W's,
+//          lora_B's and lora_A's tiles MN-major (the same 128-byte rows, one per reduction index), so that every
+//          operand still arrives by 16-byte copies of contiguous memory. In the names below, for dx: x is dy, the
+//          "rows" are K's, the K axis is N's, lora_A's role (the shrink's) is lora_Bᵀ's and lora_B's (the
+//          expand's) is lora_Aᵀ's.
 // Tiling : 256 threads. Warpgroup 0 loads: 16-byte cp.async copies into 128-byte-swizzled tiles, a 4-stage ring of
 //          {W BN x 64, x TOK x 64, A r x 64}, zeros past N, M and K, with full / empty mbarriers; rank 0 also loads
 //          lora_B's BN rows once. Warpgroup 1 multiplies: per k16 step one m64nTOK wgmma per 64 rows of W (BN = 128
 //          or 64) and one for A's rows (rows r..63 of that tile stay zero), all reading the same x tile. The plan
 //          (sm9_plan) takes the BN and S (1, 2, 4 or 8) that put the most CTAs in one wave (cluster occupancy).
+//          dx's tiles: W as BN / 64 blocks of 64 reduction rows x 64 output columns, lora_B as 64 reduction rows x r
+//          columns (the rest of each 128-byte row zeros), lora_A as r rows x 64 output columns per block.
 // Bytes  : W once; x and A from L2 once per CTA; lora_B once; y and u written once. The U products are repeated by
 //          every row block of a cluster column (64 / BN more MMAs than W's), which the tensor cores absorb: the
 //          kernel is bound by W's read.
@@ -96,7 +107,9 @@ __device__ __forceinline__ void consumer_bar() { asm volatile("bar.sync 1, 128;\
 // three bf16 pieces stacked as rows [0, r), [r, 2r), [2r, 3r) (bf16x3_split: U's row sums are fp32-accurate), and
 // the expand runs on K' = 3r columns, [B_hi | B_mid | B_hi] against [u_hi | u_hi | u_lo]: the loader converts
 // lora_A's slice of every stage and rank 0's lora_B tile itself (regular stores, then a release arrive).
-template <typename T, typename TA, int TOK, int BN>
+// BWD: the dx kernel (x is dy (M, N), y is dx (M, K), u is s·g, bias null): the output has NO = K rows and the
+// reduction NR = N; W, lora_B and lora_A are read MN-major (wgmma's transposed A operand).
+template <typename T, typename TA, int TOK, int BN, bool BWD>
 __global__ void __launch_bounds__(SM9_THREADS, 1)
 lora_small_m_sm90_kernel(const T* __restrict__ x, const T* __restrict__ W, const T* __restrict__ bias,
                          const TA* __restrict__ A, const TA* __restrict__ B, T* __restrict__ y, float* __restrict__ u,
@@ -105,7 +118,11 @@ lora_small_m_sm90_kernel(const T* __restrict__ x, const T* __restrict__ W, const
   using L = Sm9Layout<TOK, BN>;
   constexpr bool kTwo = BN == 128;  // two m64 row blocks
   constexpr bool kF32 = std::is_same<TA, float>::value;
+  constexpr int kT = BWD ? 1 : 0;   // wgmma's TnspA for W and the adapters' tiles
+  constexpr uint32_t kStep = BWD ? 2048 : 32;  // a k16 step of those tiles: 16 rows (MN-major) or 32 bytes (K-major)
   static_assert(!kF32 || std::is_same<T, __nv_bfloat16>::value, "fp32 adapters: bf16 x (their pieces are bf16)");
+  static_assert(!(kF32 && BWD), "dx: adapters in x's dtype");
+  const int NO = BWD ? K : N, NR = BWD ? N : K;  // the output's rows (y's columns) and the reduction's length
   const int a_rows = kF32 ? 3 * r : r;  // rows of the A tile the U product reads as lora_A's (the rest zeros)
   const int kx = kF32 ? 3 * r : r;      // the expand's K
   using MMA = Wgmma<T, TOK>;
@@ -124,8 +141,8 @@ lora_small_m_sm90_kernel(const T* __restrict__ x, const T* __restrict__ W, const
   auto frag_row = [&](int i) { return 16 * w + (lane >> 2) + 8 * ((i >> 1) & 1); };
   auto frag_tok = [&](int i) { return 8 * (i >> 2) + 2 * (lane & 3) + (i & 1); };
   const int S = (int)gridDim.x, rank = cluster_rank();  // the cluster spans gridDim.x: (S, 1, 1)
-  const int64_t n0 = (int64_t)blockIdx.y * BN;
-  const int kt_all = (K + SM9_BK - 1) / SM9_BK;
+  const int64_t n0 = (int64_t)blockIdx.y * BN;  // the block's first output row
+  const int kt_all = (NR + SM9_BK - 1) / SM9_BK;
   const int kt0 = (int)((int64_t)kt_all * rank / S), n_kt = (int)((int64_t)kt_all * (rank + 1) / S) - kt0;
 
   if (tid == 0) {
@@ -135,10 +152,13 @@ lora_small_m_sm90_kernel(const T* __restrict__ x, const T* __restrict__ W, const
     }
     mbar_init(bar_b, 128);
   }
-  // the A tile's rows a_rows..63 of every stage: zeros (the loads fill rows < a_rows only), so U's rows there are zero
-  for (int i = tid; i < SM9_STAGES * (64 - a_rows) * 8; i += SM9_THREADS) {
-    const int s = i / ((64 - a_rows) * 8), e = i % ((64 - a_rows) * 8);
-    *reinterpret_cast<uint4*>(gbase + s * L::STAGE + L::W_BYTES + L::X_BYTES + sw128_offset(a_rows + (e >> 3), e & 7)) =
+  // the A tile's rows a_rows..63 of every stage (dx: chunks r / 8..7 of each of its 64 rows, lora_B's columns past
+  // r): zeros (the loads fill the rest only), so U's rows there are zero
+  const int zero_rows = BWD ? 64 : 64 - a_rows, zero_chunks = BWD ? 8 - r / 8 : 8;
+  for (int i = tid; i < SM9_STAGES * zero_rows * zero_chunks; i += SM9_THREADS) {
+    const int s = i / (zero_rows * zero_chunks), e = i % (zero_rows * zero_chunks);
+    const int row = BWD ? e / zero_chunks : a_rows + e / zero_chunks, c = BWD ? r / 8 + e % zero_chunks : e % 8;
+    *reinterpret_cast<uint4*>(gbase + s * L::STAGE + L::W_BYTES + L::X_BYTES + sw128_offset(row, c)) =
         make_uint4(0u, 0u, 0u, 0u);
   }
   fence_proxy_async();  // those stores (generic proxy) before the wgmmas (async proxy) read the tile
@@ -151,7 +171,17 @@ lora_small_m_sm90_kernel(const T* __restrict__ x, const T* __restrict__ W, const
 
   if (wg == 0) {
     if (rank == 0) {  // lora_B's rows n0 .. n0 + BN - 1 for the expand (zeros past N and past its K columns)
-      if constexpr (!kF32) {  // r columns, copied
+      if constexpr (BWD) {  // dx: lora_A's rows 0 .. r16 - 1, columns n0 .. n0 + BN - 1 as BN / 64 MN-major blocks
+        const int r16 = (r + 15) & ~15;  // the expand's K steps read rows < r16: rows past r are zeros
+        for (int i = t; i < (BN / 64) * r16 * 8; i += 128) {
+          const int h = i / (r16 * 8), row = (i >> 3) % r16, c = i & 7;
+          const int64_t col = n0 + 64 * h + 8 * c;
+          const bool ok = row < r && col < NO;
+          cp_async16(base + L::BT + h * 8192 + sw128_offset(row, c), ok ? B + (int64_t)row * NO + col : B,
+                     ok ? 16 : 0);
+        }
+        cp_async_mbar_arrive(bar_b);
+      } else if constexpr (!kF32) {  // r columns, copied
         for (int i = t; i < BN * 8; i += 128) {
           const int row = i >> 3, c = i & 7;
           const bool ok = n0 + row < N && 8 * c < r;
@@ -188,19 +218,34 @@ lora_small_m_sm90_kernel(const T* __restrict__ x, const T* __restrict__ W, const
       const uint32_t s_w = base + stage * L::STAGE, s_x = s_w + L::W_BYTES, s_a = s_x + L::X_BYTES;
 #pragma unroll
       for (int q = 0; q < BN * 8 / 128; ++q) {  // W: BN rows x 8 chunks of 16 bytes (K % 8 == 0: whole chunks)
-        const int e = t + 128 * q, row = e >> 3, c = e & 7;
-        const int64_t k = k0 + 8 * c;
-        const bool ok = n0 + row < N && k < K;
-        cp_async16(s_w + sw128_offset(row, c), ok ? W + (n0 + row) * K + k : W, ok ? 16 : 0);
+        const int e = t + 128 * q;
+        if constexpr (BWD) {  // block h: W's rows k0 .. k0 + 63 (the reduction), columns n0 + 64 h .. + 63
+          const int h = e >> 9, row = (e >> 3) & 63, c = e & 7;
+          const int64_t col = n0 + 64 * h + 8 * c;
+          const bool ok = k0 + row < NR && col < NO;
+          cp_async16(s_w + h * 8192 + sw128_offset(row, c), ok ? W + (k0 + row) * NO + col : W, ok ? 16 : 0);
+        } else {
+          const int row = e >> 3, c = e & 7;
+          const int64_t k = k0 + 8 * c;
+          const bool ok = n0 + row < N && k < K;
+          cp_async16(s_w + sw128_offset(row, c), ok ? W + (n0 + row) * K + k : W, ok ? 16 : 0);
+        }
       }
 #pragma unroll
       for (int q = 0; q < TOK * 8 / 128; ++q) {  // x: TOK rows, zeros past M
         const int e = t + 128 * q, row = e >> 3, c = e & 7;
         const int64_t k = k0 + 8 * c;
-        const bool ok = row < M && k < K;
-        cp_async16(s_x + sw128_offset(row, c), ok ? x + (int64_t)row * K + k : x, ok ? 16 : 0);
+        const bool ok = row < M && k < NR;
+        cp_async16(s_x + sw128_offset(row, c), ok ? x + (int64_t)row * NR + k : x, ok ? 16 : 0);
       }
-      if constexpr (!kF32) {
+      if constexpr (BWD) {  // lora_B's rows k0 .. k0 + 63, their r columns: chunks 0 .. r / 8 - 1 of each row
+        const int rc = r >> 3;
+        for (int e = t; e < 64 * rc; e += 128) {
+          const int row = e / rc, c = e % rc;
+          const bool ok = k0 + row < NR;
+          cp_async16(s_a + sw128_offset(row, c), ok ? A + (k0 + row) * r + 8 * c : A, ok ? 16 : 0);
+        }
+      } else if constexpr (!kF32) {
         for (int e = t; e < r * 8; e += 128) {  // lora_A: r rows
           const int row = e >> 3, c = e & 7;
           const int64_t k = k0 + 8 * c;
@@ -245,15 +290,16 @@ lora_small_m_sm90_kernel(const T* __restrict__ x, const T* __restrict__ W, const
       for (int ks = 0; ks < SM9_BK / 16; ++ks) {  // 32 bytes along K per k16 step
         const uint64_t xb = sw128_desc(s_x + 32 * ks);
         const int acc = i > 0 || ks > 0;  // 0: D = A B, the first product
-        MMA::template mma<0>(acc0, sw128_desc(s_w + 32 * ks), xb, acc);
-        if constexpr (kTwo) MMA::template mma<0>(acc1, sw128_desc(s_w + 64 * 128 + 32 * ks), xb, acc);
-        MMA::template mma<0>(accu, sw128_desc(s_a + 32 * ks), xb, acc);
+        MMA::template mma<kT>(acc0, sw128_desc(s_w + kStep * ks), xb, acc);
+        if constexpr (kTwo) MMA::template mma<kT>(acc1, sw128_desc(s_w + 64 * 128 + kStep * ks), xb, acc);
+        MMA::template mma<kT>(accu, sw128_desc(s_a + kStep * ks), xb, acc);
       }
       wgmma_commit();
       wgmma_wait<1>();  // the previous tile's products done: its stage may be refilled while this tile's run
       if (lane == 0 && i > 0) mbar_arrive(bar_empty + 8 * ((i + SM9_STAGES - 1) % SM9_STAGES));
     }
     wgmma_wait<0>();
+    if constexpr (BWD) pdl_launch_dependents();  // dx: the grads launch may start its blocks (they wait for sg)
     fence_regs(acc0);  // the accumulators read below only after the last wait
     if constexpr (kTwo) fence_regs(acc1);
     fence_regs(accu);
@@ -323,8 +369,8 @@ lora_small_m_sm90_kernel(const T* __restrict__ x, const T* __restrict__ W, const
       wgmma_fence();
       for (int ks = 0; ks < (kx + 15) / 16; ++ks) {
         const uint64_t ub = sw128_desc(base + L::UB + 32 * ks);
-        MMA::template mma<0>(acc0, sw128_desc(base + L::BT + 32 * ks), ub, 1);
-        if constexpr (kTwo) MMA::template mma<0>(acc1, sw128_desc(base + L::BT + 64 * 128 + 32 * ks), ub, 1);
+        MMA::template mma<kT>(acc0, sw128_desc(base + L::BT + kStep * ks), ub, 1);
+        if constexpr (kTwo) MMA::template mma<kT>(acc1, sw128_desc(base + L::BT + 64 * 128 + kStep * ks), ub, 1);
       }
       wgmma_commit();
       wgmma_wait<0>();
@@ -349,7 +395,7 @@ lora_small_m_sm90_kernel(const T* __restrict__ x, const T* __restrict__ W, const
   for (int e = tid; e < rq * (TOK / 4); e += SM9_THREADS) {
     const int row = row0 + e % rq, tok = 4 * (e / rq);
     const int64_t n = n0 + row;
-    if (tok >= M || n >= N) continue;
+    if (tok >= M || n >= NO) continue;
     const uint32_t loc = smem_addr(s_p + row * L::PLD + tok);
     float4 part[SM9_MAX_CLUSTER];
 #pragma unroll
@@ -368,7 +414,7 @@ lora_small_m_sm90_kernel(const T* __restrict__ x, const T* __restrict__ W, const
     const float vs[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
     for (int k = 0; k < 4; ++k)
-      if (tok + k < M) y[(int64_t)(tok + k) * N + n] = from_f<T>(vs[k] + b);
+      if (tok + k < M) y[(int64_t)(tok + k) * NO + n] = from_f<T>(vs[k] + b);
   }
   cluster_sync();  // no CTA leaves while another reads its P
 #else
@@ -388,7 +434,7 @@ bool sm9_fp32_on() {
 std::atomic<int> sm9_state{0};
 
 bool sm9_device_ok() {
-  const void* kernel = reinterpret_cast<const void*>(&lora_small_m_sm90_kernel<__nv_bfloat16, __nv_bfloat16, 16, 128>);
+  const void* kernel = reinterpret_cast<const void*>(&lora_small_m_sm90_kernel<__nv_bfloat16, __nv_bfloat16, 16, 128, false>);
   return sm90_kernel_ok(kernel, sm9_state);
 }
 
@@ -447,27 +493,31 @@ int sm9_forced_bn() {
   return v;
 }
 
-// f(kernel, smem, BN, T{}, TA{}) for x's dtype, the adapters' (x's, or fp32 on bf16 x), the tokens and the height.
+// f(kernel, smem, BN, T{}, TA{}) for the pass (forward, or dx: bwd), x's dtype, the adapters' (x's, or, forward
+// only, fp32 on bf16 x), the tokens and the height.
 template <typename F>
-cudaError_t with_sm9_kernel(DType x_dtype, DType a_dtype, int tok, int bn, F&& f) {
+cudaError_t with_sm9_kernel(bool bwd, DType x_dtype, DType a_dtype, int tok, int bn, F&& f) {
   return with_dtype16(x_dtype, [&](auto xt) {
     using T = decltype(xt);
-    auto go = [&](auto bnc, auto at) {
+    auto go = [&](auto bnc, auto at, auto bwdc) {
       constexpr int BN = decltype(bnc)::value;
+      constexpr bool BWD = decltype(bwdc)::value;
       using TA = decltype(at);
       switch (tok) {
-        case 16: return f(&lora_small_m_sm90_kernel<T, TA, 16, BN>, Sm9Layout<16, BN>::SMEM, BN, T{}, TA{});
-        case 32: return f(&lora_small_m_sm90_kernel<T, TA, 32, BN>, Sm9Layout<32, BN>::SMEM, BN, T{}, TA{});
-        case 48: return f(&lora_small_m_sm90_kernel<T, TA, 48, BN>, Sm9Layout<48, BN>::SMEM, BN, T{}, TA{});
-        default: return f(&lora_small_m_sm90_kernel<T, TA, 64, BN>, Sm9Layout<64, BN>::SMEM, BN, T{}, TA{});
+        case 16: return f(&lora_small_m_sm90_kernel<T, TA, 16, BN, BWD>, Sm9Layout<16, BN>::SMEM, BN, T{}, TA{});
+        case 32: return f(&lora_small_m_sm90_kernel<T, TA, 32, BN, BWD>, Sm9Layout<32, BN>::SMEM, BN, T{}, TA{});
+        case 48: return f(&lora_small_m_sm90_kernel<T, TA, 48, BN, BWD>, Sm9Layout<48, BN>::SMEM, BN, T{}, TA{});
+        default: return f(&lora_small_m_sm90_kernel<T, TA, 64, BN, BWD>, Sm9Layout<64, BN>::SMEM, BN, T{}, TA{});
       }
     };
-    auto by_height = [&](auto at) {
-      return bn == 64 ? go(std::integral_constant<int, 64>{}, at) : go(std::integral_constant<int, 128>{}, at);
+    auto by_height = [&](auto at, auto bwdc) {
+      return bn == 64 ? go(std::integral_constant<int, 64>{}, at, bwdc)
+                      : go(std::integral_constant<int, 128>{}, at, bwdc);
     };
+    if (bwd) return by_height(T{}, std::true_type{});
     if constexpr (std::is_same<T, __nv_bfloat16>::value)
-      if (a_dtype == DType::kFloat32) return by_height(float{});
-    return by_height(T{});
+      if (a_dtype == DType::kFloat32) return by_height(float{}, std::false_type{});
+    return by_height(T{}, std::false_type{});
   });
 }
 
@@ -477,7 +527,8 @@ struct Sm9Plan {
 // The tile height BN and cluster size S: of BN in {128, 64} and S in {8, 4, 2, 1} (at least two K tiles per CTA where
 // S > 1), the most CTAs the device holds in one wave (W's read needs SMs: bytes in flight per SM are bounded), BN =
 // 128 on a tie (x read half as often). Where no choice fits one wave, 128 and 1.
-Sm9Plan sm9_plan_search(DType x_dtype, DType a_dtype, int tok, int64_t N, int64_t K) {
+// N: the output's rows, K: the reduction's length (dx: K and N).
+Sm9Plan sm9_plan_search(bool bwd, DType x_dtype, DType a_dtype, int tok, int64_t N, int64_t K) {
   const int64_t kt = ceil_div(K, SM9_BK);
   Sm9Plan best{128, 1};
   int64_t best_ctas = 0;
@@ -488,7 +539,7 @@ Sm9Plan sm9_plan_search(DType x_dtype, DType a_dtype, int tok, int64_t N, int64_
       if (sm9_forced_cluster() > 0 && s != sm9_forced_cluster()) continue;
       if (s > 1 && kt < 2 * s && sm9_forced_cluster() == 0) continue;
       int fits = 0;
-      with_sm9_kernel(x_dtype, a_dtype, tok, bn, [&](auto kernel, size_t smem, int, auto, auto) {
+      with_sm9_kernel(bwd, x_dtype, a_dtype, tok, bn, [&](auto kernel, size_t smem, int, auto, auto) {
         fits = blocks <= sm9_max_clusters(reinterpret_cast<const void*>(kernel), smem, s);
         return cudaSuccess;
       });
@@ -501,13 +552,37 @@ Sm9Plan sm9_plan_search(DType x_dtype, DType a_dtype, int tok, int64_t N, int64_
   while (best.s > kt) best.s /= 2;  // a forced size halved until every rank has a K tile (S divides BN)
   return best;
 }
-Sm9Plan sm9_plan(DType x_dtype, DType a_dtype, int tok, int64_t N, int64_t K) {  // the search, remembered
-  thread_local PlanMemo<6, Sm9Plan, 16> memo;
+Sm9Plan sm9_plan(bool bwd, DType x_dtype, DType a_dtype, int tok, int64_t N, int64_t K) {  // the search, remembered
+  thread_local PlanMemo<7, Sm9Plan, 16> memo;
   int device = 0;
   cudaGetDevice(&device);
-  const int64_t key[6] = {(int64_t)x_dtype, (int64_t)a_dtype, tok, N, K, device};
-  return memo.get(key, [&] { return sm9_plan_search(x_dtype, a_dtype, tok, N, K); });
+  const int64_t key[7] = {(int64_t)x_dtype, (int64_t)a_dtype, tok, N, K, device, bwd};
+  return memo.get(key, [&] { return sm9_plan_search(bwd, x_dtype, a_dtype, tok, N, K); });
 }
+
+// Launches the kernel: x (M, NR), W, A, B as the kernel reads them (see BWD), y (M, NO), u (M, r) or null.
+cudaError_t sm9_launch(bool bwd, const void* x, DType x_dtype, const void* W, const void* bias, const void* A,
+                       DType a_dtype, const void* B, void* y, float* u, int64_t M, int64_t N, int64_t K, int r,
+                       float scaling, cudaStream_t stream) {
+  const int tok = sm9_tok(M);
+  const int64_t NO = bwd ? K : N, NR = bwd ? N : K;
+  const Sm9Plan plan = sm9_plan(bwd, x_dtype, a_dtype, tok, NO, NR);
+  return with_sm9_kernel(bwd, x_dtype, a_dtype, tok, plan.bn,
+                         [&](auto kernel, size_t smem, int bn, auto xt, auto at) -> cudaError_t {
+    using T = decltype(xt);
+    using TA = decltype(at);
+    cudaError_t e = set_smem_once(reinterpret_cast<const void*>(kernel), smem);
+    if (e != cudaSuccess) return e;
+    cudaLaunchAttribute attr[2];
+    cudaLaunchConfig_t config = sm9_config(attr, plan.s, ceil_div(NO, bn), smem, stream);
+    config.numAttrs = with_pdl(attr, 1);
+    return cudaLaunchKernelEx(&config, kernel, static_cast<const T*>(x), static_cast<const T*>(W),
+                              static_cast<const T*>(bias), static_cast<const TA*>(A), static_cast<const TA*>(B),
+                              static_cast<T*>(y), u, (int)M, (int)N, (int)K, r, scaling);
+  });
+}
+
+std::atomic<bool> sm9_dx_switch{env_switch_on("LORA_KERNELS_SMALL_M_SM90_DX")};
 
 }  // namespace
 
@@ -540,21 +615,36 @@ cudaError_t launch_lora_small_m_sm90(const void* x, DType x_dtype, const void* W
                                      int64_t N, int64_t K, int r, float scaling, cudaStream_t stream) {
   if (lora_small_m_sm90_unsupported(x, W, A, B, M, N, K, r, x_dtype, a_dtype, b_dtype, 0.f) != nullptr)
     return cudaErrorInvalidValue;
-  const int tok = sm9_tok(M);
-  const Sm9Plan plan = sm9_plan(x_dtype, a_dtype, tok, N, K);
-  return with_sm9_kernel(x_dtype, a_dtype, tok, plan.bn,
-                         [&](auto kernel, size_t smem, int bn, auto xt, auto at) -> cudaError_t {
-    using T = decltype(xt);
-    using TA = decltype(at);
-    cudaError_t e = set_smem_once(reinterpret_cast<const void*>(kernel), smem);
-    if (e != cudaSuccess) return e;
-    cudaLaunchAttribute attr[2];
-    cudaLaunchConfig_t config = sm9_config(attr, plan.s, ceil_div(N, bn), smem, stream);
-    config.numAttrs = with_pdl(attr, 1);
-    return cudaLaunchKernelEx(&config, kernel, static_cast<const T*>(x), static_cast<const T*>(W),
-                              static_cast<const T*>(bias), static_cast<const TA*>(A), static_cast<const TA*>(B),
-                              static_cast<T*>(y), u, (int)M, (int)N, (int)K, r, scaling);
-  });
+  return sm9_launch(false, x, x_dtype, W, bias, A, a_dtype, B, y, u, M, N, K, r, scaling, stream);
+}
+
+bool set_small_m_sm90_dx(bool on) { return sm9_dx_switch.exchange(on); }
+
+const char* lora_small_m_sm90_dx_unsupported(const void* dy, const void* W, const void* A, const void* B, int64_t M,
+                                             int64_t N, int64_t K, int r, DType x_dtype, DType a_dtype,
+                                             DType b_dtype, float p) {
+  if (!sm9_dx_switch.load(std::memory_order_relaxed))
+    return "off (LORA_KERNELS_SMALL_M_SM90_DX=0 or set_small_m_sm90_dx)";
+  if (x_dtype == DType::kFloat32) return "fp32 x";
+  if (a_dtype != x_dtype || b_dtype != x_dtype) return "lora_A and lora_B not both in x's dtype";
+  if (p > 0.f) return "dropout";
+  if (M < 1 || M > 64 || N < 1 || K < 1) return "M not in 1..64, or an empty problem";
+  if (r < 1 || r > 64 || r % 8) return "r not a multiple of 8 in 8..64";
+  if (K % 8 || N % 8 || N > INT_MAX - SM9_BK || K > (int64_t)65535 * 64)
+    return "K or N not a multiple of 8, or too large";
+  if (!aligned16(dy) || !aligned16(W) || !aligned16(A) || !aligned16(B))
+    return "dy, weight, lora_A and lora_B must be 16-byte aligned";
+  if (!sm9_device_ok()) return "not a compute capability 9.0 device with this build's sm_90a code";
+  return nullptr;
+}
+
+cudaError_t launch_lora_small_m_sm90_dx(const void* dy, DType x_dtype, const void* W, const void* A, DType a_dtype,
+                                        const void* B, DType b_dtype, void* dx, float* sg, int64_t M, int64_t N,
+                                        int64_t K, int r, float scaling, cudaStream_t stream) {
+  if (lora_small_m_sm90_dx_unsupported(dy, W, A, B, M, N, K, r, x_dtype, a_dtype, b_dtype, 0.f) != nullptr)
+    return cudaErrorInvalidValue;
+  // the shrink's operand is lora_B (read as Bᵀ), the expand's lora_A (read as Aᵀ)
+  return sm9_launch(true, dy, x_dtype, W, nullptr, B, a_dtype, A, dx, sg, M, N, K, r, scaling, stream);
 }
 
 }  // namespace lora_kernels

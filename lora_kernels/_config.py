@@ -94,6 +94,11 @@ Read by the CUDA extension (csrc/binding.cpp), once, when a GEMM first asks for 
     LORA_KERNELS_SMALL_M_SM90_CLUSTER   1, 2, 4 or 8: that kernel's K split (cluster size), forced, for A/B timing;
     LORA_KERNELS_SMALL_M_SM90_BN        64 or 128: its CTA's rows of W, forced, for A/B timing. Unset, the pair that
                                         puts the most CTAs in one wave (the GPU's cluster occupancy).
+    LORA_KERNELS_SMALL_M_SM90_DX        0 turns off the small-M backward's Hopper path (M <= 64, p = 0, 16-bit
+                                        adapters: dx by that kernel transposed, then dA and dB in one launch,
+                                        csrc/small_m_grads.cu); it starts the switch that
+                                        cuda_backend.set_small_m_sm90_dx changes. The forced plans above apply to
+                                        it too.
     LORA_KERNELS_SMALL_M_BWD_ROWS       the backward's small-M threshold (default 64, csrc/lora_kernels.cuh): at
                                         M up to it the dy pass and dA take their mma.sync kernels and dx cuBLAS;
                                         0 puts every M on the sm_90 kernels: for A/B timing.

@@ -60,8 +60,13 @@ def test_benchmarked_shapes_take_the_sm90_dx_path(K, N, adapter_dtype):
     # cuBLAS beta = 1)
     assert _dx_path(2048, K, N, 16, 0.0, adapter_dtype=adapter_dtype) == "sm90"
     assert _dx_path(2048, K, N, 64, 0.1, adapter_dtype=adapter_dtype) == "sm90 masked"
-    # decoding-size batches: cuBLAS (csrc/lora_kernels.cuh, kSmallMBackwardRows)
-    assert _dx_path(64, K, N, 16, 0.0, adapter_dtype=adapter_dtype).startswith("cublas: M <= kSmallMBackwardRows")
+    # decoding-size batches: the small-M Hopper kernel with 16-bit adapters (csrc/small_m_sm90.cu), else cuBLAS
+    # (csrc/lora_kernels.cuh, kSmallMBackwardRows)
+    small = _dx_path(64, K, N, 16, 0.0, adapter_dtype=adapter_dtype)
+    if adapter_dtype == torch.bfloat16:
+        assert small == "small_m sm90", small
+    else:
+        assert small.startswith("cublas: M <= kSmallMBackwardRows"), small
 
 
 @pytest.mark.skipif(not _hopper(), reason="the sm_90 GEMM runs on compute capability 9.0 only")

@@ -15,7 +15,7 @@ import torch
 
 import lora_kernels
 
-from conftest import HAS_CUDA, assert_cuda_forward
+from conftest import HAS_CUDA, assert_cuda_forward, check_lora_linear
 from test_contract import run_and_check
 
 pytestmark = [
@@ -338,10 +338,12 @@ def _run_with_env(body: str, **env) -> None:
 @pytest.mark.parametrize("cluster,bn", [(1, 128), (2, 64), (8, 64), (8, 128), (4, 64)])
 def test_sm90_kernel_forced_plans(cluster, bn):
     """Every K split and tile height (LORA_KERNELS_SMALL_M_SM90_CLUSTER and _BN, read once per process: a subprocess
-    per pair) meets the float64 tolerance rule, where the default would pick another plan."""
+    per pair) meets the float64 tolerance rule, where the default would pick another plan: the forward and the
+    transposed kernel's backward (there the split runs over N)."""
     _run_with_env(
         "for M, K, N, r in ((1, 4096, 4096, 16), (64, 1000, 4104, 32), (33, 520, 300, 8)):\n"
         "    t._check_forward(M, K, N, r, torch.bfloat16, torch.bfloat16, True, 0.0)\n"
+        "    t._check_sm90_backward(M, K, N, r, torch.bfloat16)\n"
         "print('ok')\n",
         LORA_KERNELS_SMALL_M_SM90_CLUSTER=str(cluster), LORA_KERNELS_SMALL_M_SM90_BN=str(bn))
 
@@ -361,3 +363,132 @@ def test_sm90_kernel_fp32_adapters_opt_in():
         "    assert t._cb().forward_path(*t._inputs(16, 256, 256, r, dt, torch.float32, False), 0.0) == 'small_m'\n"
         "print('ok')\n",
         LORA_KERNELS_SMALL_M_SM90_FP32="1")
+
+
+# ------------------------------------------------- the backward on Hopper (small_m_sm90.cu transposed, small_m_grads.cu)
+def _check_sm90_backward(M, K, N, r, dtype, lead=None, bias=True):
+    """lora_linear's y and grads (x, A, B) against float64 (check_lora_linear: the tolerance rule, outputs poisoned
+    by the caller's fixture or process), with dx on the small-M Hopper kernel (dx_path says so)."""
+    x, W, b, A, B = _inputs(M, K, N, r, dtype, dtype, bias)
+    assert _cb().dx_path(x, W, A, B, 0.0) == "small_m sm90"
+    if lead is not None:
+        x = x.reshape(*lead, K)
+    check_lora_linear(x, W, b, A, B, S, 0.0, "cuda")
+
+
+@needs_sm90
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M,K,N,r", [
+    (1, 4096, 4096, 16),    # 16 tokens, the split over N (clusters)
+    (16, 14336, 4096, 16),  # dx has 14336 columns: 112 or 224 row blocks
+    (17, 1024, 4096, 32),   # 32 tokens
+    (33, 4104, 1000, 8),    # 48 tokens; K and N not multiples of the tiles (a partial last block and N tile)
+    (48, 300, 520, 64),     # r = 64: every column of lora_B's rows
+    (64, 4096, 4096, 64),
+    (64, 200, 136, 24),     # r not a multiple of 16 (the expand's K padded with zero rows of lora_A)
+    (5, 40, 8, 8),          # N = 8: one partial N tile
+    (64, 4096, 14336, 16),  # long reduction
+])
+def test_sm90_backward_against_float64(dtype, M, K, N, r):
+    """dx, dA and dB of a small-M call (and y) against float64 where the backward runs the transposed Hopper kernel
+    and small_m_grads.cu: every token count, partial tiles along K and N, r from 8 to 64, fp16 and bf16."""
+    _check_sm90_backward(M, K, N, r, dtype)
+
+
+@needs_sm90
+@pytest.mark.parametrize("lead", [(4, 16), (2, 3, 5)])
+def test_sm90_backward_3d_inputs(lead):
+    M = 1
+    for d in lead:
+        M *= d
+    _check_sm90_backward(M, 264, 72, 16, torch.bfloat16, lead=lead, bias=False)
+
+
+@needs_sm90
+def test_sm90_backward_says_why_not():
+    """The backward's dx path: the Hopper kernel at M <= 64 with 16-bit adapters in x's dtype and p = 0; the passes
+    with cuBLAS elsewhere (fp32 adapters, dropout, N not a multiple of 8, M = 65, switched off)."""
+    cb = _cb()
+
+    def path(M=16, K=256, N=256, r=16, adapter_dtype=torch.bfloat16, p=0.0):
+        x, W, _, A, B = _inputs(M, K, N, r, torch.bfloat16, adapter_dtype, False)
+        return cb.dx_path(x, W, A, B, p)
+
+    assert path() == "small_m sm90"
+    for kw in ({"adapter_dtype": torch.float32}, {"p": 0.1}, {"N": 252}, {"M": 65}, {"r": 12}):
+        assert path(**kw) != "small_m sm90", kw
+    previous = cb.set_small_m_sm90_dx(False)
+    try:
+        assert path() != "small_m sm90"
+    finally:
+        cb.set_small_m_sm90_dx(previous)
+
+
+@needs_sm90
+@pytest.mark.parametrize("need", [(True, True, True), (True, False, True), (True, True, False), (True, False, False),
+                                  (False, True, True)])
+def test_sm90_backward_matches_the_passes(need):
+    """The backward op with the Hopper kernel and with the passes (set_small_m_sm90_dx(False)), for every subset of
+    grads asked for: the same grads within a few units in the last place (different fp32 summation orders), an empty
+    tensor for each grad not asked for."""
+    cb = _cb()
+    M, K, N, r = 24, 1032, 2056, 16
+    x, W, b, A, B = _inputs(M, K, N, r, torch.bfloat16, torch.bfloat16, True)
+    _, u = cb.forward(x, W, b, A, B, S, 0.0, 0, 0)
+    dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+    got = cb.backward(dy, x, W, A, B, u, S, 0.0, 0, 0, *need)
+    previous = cb.set_small_m_sm90_dx(False)
+    try:
+        want = cb.backward(dy, x, W, A, B, u, S, 0.0, 0, 0, *need)
+    finally:
+        cb.set_small_m_sm90_dx(previous)
+    for name, asked, g, w in zip(("dx", "dA", "dB"), need, got, want):
+        if not asked:
+            assert g is None or g.numel() == 0, name
+            continue
+        assert torch.isfinite(g).all(), name
+        torch.testing.assert_close(g.float(), w.float(), rtol=2 ** -7, atol=2e-2 * w.float().abs().max().item(),
+                                   msg=name)
+
+
+@needs_sm90
+def test_sm90_backward_is_two_launches():
+    """A small-M backward on Hopper launches the dx kernel and the grads kernel, nothing else."""
+    x, W, b, A, B = _inputs(16, 4096, 4096, 16, torch.bfloat16, torch.bfloat16, True)
+    xg, Ag, Bg = (t.detach().clone().requires_grad_() for t in (x, A, B))
+    for _ in range(2):
+        lora_kernels.lora_linear(xg, W, b, Ag, Bg, S, backend="cuda").sum().backward()
+    y = lora_kernels.lora_linear(xg, W, b, Ag, Bg, S, backend="cuda")
+    dy = torch.randn_like(y)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        y.backward(dy)
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    ours = [k for k in kernels if "lora" in k or "small_m" in k]
+    assert len(ours) == 2 and "small_m_sm90" in ours[0] and "small_m_grads" in ours[1], kernels
+
+
+@needs_sm90
+def test_sm90_backward_streams_and_graph_replays():
+    """The backward in a captured graph, replayed, gives the eager bits (no state across launches)."""
+    cb = _cb()
+    x, W, b, A, B = _inputs(32, 2048, 4096, 16, torch.bfloat16, torch.bfloat16, True)
+    _, u = cb.forward(x, W, b, A, B, S, 0.0, 0, 0)
+    dy = torch.randn(32, 4096, device="cuda", dtype=torch.bfloat16)
+    eager = cb.backward(dy, x, W, A, B, u, S, 0.0, 0, 0, True, True, True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        on_side = cb.backward(dy, x, W, A, B, u, S, 0.0, 0, 0, True, True, True)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = cb.backward(dy, x, W, A, B, u, S, 0.0, 0, 0, True, True, True)
+    for _ in range(2):
+        for t in captured:
+            t.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        for e, s_, c in zip(eager, on_side, captured):
+            assert torch.equal(e, s_) and torch.equal(e, c)

@@ -59,7 +59,8 @@ def lora_cases():
         cuda_backend.set_fused_forward(previous)
     # the small-M forward: the register-direct kernel with dropout and with fewer item blocks than items (one wave of
     # 256 tiles at N = 4096), the FFMA kernel; on Hopper the wgmma kernel (16-bit adapters, p = 0) in clusters of 4
-    # and 8 with partial K and N tiles, and without a K split (48 tokens, r = 24)
+    # and 8 with partial K and N tiles, and without a K split (48 tokens, r = 24), and its backward (the same kernel
+    # transposed, then small_m_grads.cu) where N % 8 == 0 (all but N = 300)
     for M, K, N, r, p, dtype, adapter in ((16, 4096, 4096, 16, 0.1, torch.bfloat16, torch.float32),
                                           (64, 1024, 1000, 64, 0.0, torch.float16, torch.float16),
                                           (3, 40, 24, 5, 0.0, torch.float32, torch.float32),

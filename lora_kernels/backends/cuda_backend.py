@@ -103,7 +103,9 @@ def gemm_path(x, weight, bias=None) -> str:
 
 
 def dx_path(x, weight, lora_A, lora_B, p=0.0) -> str:
-    """Which GEMM dx of a backward with these 2-D inputs runs: "sm90" (the rank-r term in the GEMM's K axis),
+    """Which GEMM dx of a backward with these 2-D inputs runs: "small_m sm90" (M <= 64 on Hopper, p = 0: the small-M
+    kernel transposed makes dx and s·g in one launch, and one more launch makes dA and dB), "sm90" (the rank-r term
+    in the GEMM's K axis),
     "sm90 masked" (with dropout: the term's K-tiles first, masked by the keep bits inside the GEMM, then dy W) or
     "cublas: <why not sm90>" (the dx kernel writes the masked term, cuBLAS accumulates dy W into it)."""
     return torch.ops.lora_kernels_cuda.dx_path(x, weight, lora_A, lora_B, float(p))
@@ -160,6 +162,14 @@ def set_small_m_sm90(enabled: bool) -> bool:
     (LORA_KERNELS_SMALL_M_SM90=0 starts it off); off, the small-M forward runs its mma.sync kernels. Returns the
     previous setting. For tests of both kernels and A/B timing."""
     return torch.ops.lora_kernels_cuda.set_small_m_sm90(bool(enabled))
+
+
+def set_small_m_sm90_dx(enabled: bool) -> bool:
+    """Switches the small-M backward's Hopper dx kernel (csrc/small_m_sm90.cu, transposed, then dA and dB in
+    csrc/small_m_grads.cu) on or off for this process (LORA_KERNELS_SMALL_M_SM90_DX=0 starts it off); off, a small-M
+    backward runs the dy pass, dx and dA kernels with cuBLAS. Returns the previous setting. For tests of both paths
+    and A/B timing."""
+    return torch.ops.lora_kernels_cuda.set_small_m_sm90_dx(bool(enabled))
 
 
 def set_shrink_drop(mode: int) -> int:
