@@ -121,7 +121,6 @@ lora_small_m_sm90_kernel(const T* __restrict__ x, const T* __restrict__ W, const
   constexpr int kT = BWD ? 1 : 0;   // wgmma's TnspA for W and the adapters' tiles
   constexpr uint32_t kStep = BWD ? 2048 : 32;  // a k16 step of those tiles: 16 rows (MN-major) or 32 bytes (K-major)
   static_assert(!kF32 || std::is_same<T, __nv_bfloat16>::value, "fp32 adapters: bf16 x (their pieces are bf16)");
-  static_assert(!(kF32 && BWD), "dx: adapters in x's dtype");
   const int NO = BWD ? K : N, NR = BWD ? N : K;  // the output's rows (y's columns) and the reduction's length
   const int a_rows = kF32 ? 3 * r : r;  // rows of the A tile the U product reads as lora_A's (the rest zeros)
   const int kx = kF32 ? 3 * r : r;      // the expand's K
@@ -154,10 +153,10 @@ lora_small_m_sm90_kernel(const T* __restrict__ x, const T* __restrict__ W, const
   }
   // the A tile's rows a_rows..63 of every stage (dx: chunks r / 8..7 of each of its 64 rows, lora_B's columns past
   // r): zeros (the loads fill the rest only), so U's rows there are zero
-  const int zero_rows = BWD ? 64 : 64 - a_rows, zero_chunks = BWD ? 8 - r / 8 : 8;
+  const int zero_rows = BWD ? 64 : 64 - a_rows, zero_chunks = BWD ? 8 - a_rows / 8 : 8;
   for (int i = tid; i < SM9_STAGES * zero_rows * zero_chunks; i += SM9_THREADS) {
     const int s = i / (zero_rows * zero_chunks), e = i % (zero_rows * zero_chunks);
-    const int row = BWD ? e / zero_chunks : a_rows + e / zero_chunks, c = BWD ? r / 8 + e % zero_chunks : e % 8;
+    const int row = BWD ? e / zero_chunks : a_rows + e / zero_chunks, c = BWD ? a_rows / 8 + e % zero_chunks : e % 8;
     *reinterpret_cast<uint4*>(gbase + s * L::STAGE + L::W_BYTES + L::X_BYTES + sw128_offset(row, c)) =
         make_uint4(0u, 0u, 0u, 0u);
   }
@@ -171,7 +170,7 @@ lora_small_m_sm90_kernel(const T* __restrict__ x, const T* __restrict__ W, const
 
   if (wg == 0) {
     if (rank == 0) {  // lora_B's rows n0 .. n0 + BN - 1 for the expand (zeros past N and past its K columns)
-      if constexpr (BWD) {  // dx: lora_A's rows 0 .. r16 - 1, columns n0 .. n0 + BN - 1 as BN / 64 MN-major blocks
+      if constexpr (BWD && !kF32) {  // dx: lora_A's rows 0 .. r16 - 1, columns n0 .. n0 + BN - 1, BN / 64 blocks
         const int r16 = (r + 15) & ~15;  // the expand's K steps read rows < r16: rows past r are zeros
         for (int i = t; i < (BN / 64) * r16 * 8; i += 128) {
           const int h = i / (r16 * 8), row = (i >> 3) % r16, c = i & 7;
@@ -181,6 +180,36 @@ lora_small_m_sm90_kernel(const T* __restrict__ x, const T* __restrict__ W, const
                      ok ? 16 : 0);
         }
         cp_async_mbar_arrive(bar_b);
+      } else if constexpr (BWD) {  // dx, fp32: rows [A_hi; A_mid; A_hi] (3r, zeros up to a multiple of 16)
+        const int rows = (kx + 15) & ~15;
+        for (int i = t; i < (BN / 64) * rows * 8; i += 128) {
+          const int h = i / (rows * 8), row = (i >> 3) % rows, c = i & 7;
+          const int64_t col = n0 + 64 * h + 8 * c;
+          const bool ok = row < kx && col < NO;
+          const int piece = row >= r && row < 2 * r ? 1 : 0;
+          float v[8];
+          if (ok) {
+            const float4* src = reinterpret_cast<const float4*>(B + (int64_t)(row % r) * NO + col);
+            const float4 lo = src[0], hi = src[1];
+            v[0] = lo.x; v[1] = lo.y; v[2] = lo.z; v[3] = lo.w; v[4] = hi.x; v[5] = hi.y; v[6] = hi.z; v[7] = hi.w;
+          } else {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) v[e] = 0.f;
+          }
+          uint32_t packed[4];
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            __nv_bfloat16 pa[3], pb[3];
+            bf16x3_split(v[2 * q], pa);
+            bf16x3_split(v[2 * q + 1], pb);
+            const __nv_bfloat16 ha = piece ? pa[1] : pa[0], hb = piece ? pb[1] : pb[0];
+            packed[q] = (uint32_t)__bfloat16_as_ushort(ha) | ((uint32_t)__bfloat16_as_ushort(hb) << 16);
+          }
+          *reinterpret_cast<uint4*>(gbase + L::BT + h * 8192 + sw128_offset(row, c)) =
+              make_uint4(packed[0], packed[1], packed[2], packed[3]);
+        }
+        fence_proxy_async();  // the stores before the expand's wgmma reads them; the release arrive orders them
+        mbar_arrive(bar_b);
       } else if constexpr (!kF32) {  // r columns, copied
         for (int i = t; i < BN * 8; i += 128) {
           const int row = i >> 3, c = i & 7;
@@ -238,13 +267,37 @@ lora_small_m_sm90_kernel(const T* __restrict__ x, const T* __restrict__ W, const
         const bool ok = row < M && k < NR;
         cp_async16(s_x + sw128_offset(row, c), ok ? x + (int64_t)row * NR + k : x, ok ? 16 : 0);
       }
-      if constexpr (BWD) {  // lora_B's rows k0 .. k0 + 63, their r columns: chunks 0 .. r / 8 - 1 of each row
+      if constexpr (BWD && !kF32) {  // lora_B's rows k0 .. k0 + 63, their r columns: chunks 0 .. r / 8 - 1 of each
         const int rc = r >> 3;
         for (int e = t; e < 64 * rc; e += 128) {
           const int row = e / rc, c = e % rc;
           const bool ok = k0 + row < NR;
           cp_async16(s_a + sw128_offset(row, c), ok ? A + (k0 + row) * r + 8 * c : A, ok ? 16 : 0);
         }
+      } else if constexpr (BWD) {  // fp32 (r <= 16): row k0 + row's pieces at columns [0, r), [r, 2r), [2r, 3r)
+        const int r4 = r >> 2;
+        for (int e = t; e < 64 * r4; e += 128) {
+          const int row = e / r4, c4 = e % r4;  // floats 4 c4 .. 4 c4 + 3 of the row
+          const float4 v = k0 + row < NR ? *reinterpret_cast<const float4*>(A + (k0 + row) * r + 4 * c4)
+                                         : make_float4(0.f, 0.f, 0.f, 0.f);
+          __nv_bfloat16 pc[4][3];
+          bf16x3_split(v.x, pc[0]);
+          bf16x3_split(v.y, pc[1]);
+          bf16x3_split(v.z, pc[2]);
+          bf16x3_split(v.w, pc[3]);
+#pragma unroll
+          for (int piece = 0; piece < 3; ++piece) {  // 8 bytes at element piece r + 4 c4 of the row (r % 8 == 0)
+            const int pos = piece * r + 4 * c4;
+            const uint32_t lo = (uint32_t)__bfloat16_as_ushort(pc[0][piece]) |
+                                ((uint32_t)__bfloat16_as_ushort(pc[1][piece]) << 16);
+            const uint32_t hi = (uint32_t)__bfloat16_as_ushort(pc[2][piece]) |
+                                ((uint32_t)__bfloat16_as_ushort(pc[3][piece]) << 16);
+            *reinterpret_cast<uint2*>(gbase + (s_a - base) + sw128_offset(row, pos >> 3) + 2 * (pos & 7)) =
+                make_uint2(lo, hi);
+          }
+        }
+        fence_proxy_async();  // the stores before the wgmmas' reads; the release arrive below orders them
+        mbar_arrive(bar_full + 8 * stage);
       } else if constexpr (!kF32) {
         for (int e = t; e < r * 8; e += 128) {  // lora_A: r rows
           const int row = e >> 3, c = e & 7;
@@ -514,10 +567,12 @@ cudaError_t with_sm9_kernel(bool bwd, DType x_dtype, DType a_dtype, int tok, int
       return bn == 64 ? go(std::integral_constant<int, 64>{}, at, bwdc)
                       : go(std::integral_constant<int, 128>{}, at, bwdc);
     };
-    if (bwd) return by_height(T{}, std::true_type{});
+    auto by_pass = [&](auto at) {
+      return bwd ? by_height(at, std::true_type{}) : by_height(at, std::false_type{});
+    };
     if constexpr (std::is_same<T, __nv_bfloat16>::value)
-      if (a_dtype == DType::kFloat32) return by_height(float{}, std::false_type{});
-    return by_height(T{}, std::false_type{});
+      if (a_dtype == DType::kFloat32) return by_pass(float{});
+    return by_pass(T{});
   });
 }
 
@@ -626,7 +681,13 @@ const char* lora_small_m_sm90_dx_unsupported(const void* dy, const void* W, cons
   if (!sm9_dx_switch.load(std::memory_order_relaxed))
     return "off (LORA_KERNELS_SMALL_M_SM90_DX=0 or set_small_m_sm90_dx)";
   if (x_dtype == DType::kFloat32) return "fp32 x";
-  if (a_dtype != x_dtype || b_dtype != x_dtype) return "lora_A and lora_B not both in x's dtype";
+  if (a_dtype == DType::kFloat32 && b_dtype == DType::kFloat32) {
+    if (!sm9_fp32_on()) return "fp32 adapters (opt-in, not yet run on a GPU: LORA_KERNELS_SMALL_M_SM90_FP32=1)";
+    if (x_dtype != DType::kBFloat16) return "fp32 adapters on fp16 x";
+    if (r > 16) return "fp32 adapters above r = 16 (lora_B's three pieces fill 3r <= 64 columns)";
+  } else if (a_dtype != x_dtype || b_dtype != x_dtype) {
+    return "lora_A and lora_B neither both in x's dtype nor both fp32";
+  }
   if (p > 0.f) return "dropout";
   if (M < 1 || M > 64 || N < 1 || K < 1) return "M not in 1..64, or an empty problem";
   if (r < 1 || r > 64 || r % 8) return "r not a multiple of 8 in 8..64";

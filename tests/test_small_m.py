@@ -351,8 +351,8 @@ def test_sm90_kernel_forced_plans(cluster, bn):
 @needs_sm90
 def test_sm90_kernel_fp32_adapters_opt_in():
     """fp32 adapters on bf16 x (LORA_KERNELS_SMALL_M_SM90_FP32=1, in a subprocess: read once per process): the kernel
-    takes them at r <= 16 (lora_A's and lora_B's three bf16 pieces), y and u meet the float64 tolerance rule, r = 24
-    and fp16 x keep the mma.sync kernels."""
+    takes them at r <= 16 (lora_A's and lora_B's three bf16 pieces), forward and backward, y, u and the grads meet
+    the float64 tolerance rule; r = 24 and fp16 x keep the mma.sync kernels and the backward's passes."""
     _run_with_env(
         "for M, K, N, r in ((1, 4096, 4096, 16), (16, 4096, 14336, 16), (33, 1000, 4104, 8), (64, 520, 300, 16),\n"
         "                   (5, 8, 40, 8)):\n"
@@ -361,15 +361,20 @@ def test_sm90_kernel_fp32_adapters_opt_in():
         "    t.assert_cuda_forward(t._cb(), x, W, b, A, B, t.S, 0.0, 0)\n"
         "for r, dt in ((24, torch.bfloat16), (16, torch.float16)):\n"
         "    assert t._cb().forward_path(*t._inputs(16, 256, 256, r, dt, torch.float32, False), 0.0) == 'small_m'\n"
+        "    x, W, b, A, B = t._inputs(16, 256, 256, r, dt, torch.float32, False)\n"
+        "    assert t._cb().dx_path(x, W, A, B, 0.0) != 'small_m sm90'\n"
+        "for M, K, N, r in ((1, 4096, 4096, 16), (16, 14336, 4096, 16), (33, 4104, 1000, 8), (64, 300, 520, 16),\n"
+        "                   (5, 40, 8, 8)):\n"
+        "    t._check_sm90_backward(M, K, N, r, torch.bfloat16, adapter_dtype=torch.float32)\n"
         "print('ok')\n",
         LORA_KERNELS_SMALL_M_SM90_FP32="1")
 
 
 # ------------------------------------------------- the backward on Hopper (small_m_sm90.cu transposed, small_m_grads.cu)
-def _check_sm90_backward(M, K, N, r, dtype, lead=None, bias=True):
+def _check_sm90_backward(M, K, N, r, dtype, lead=None, bias=True, adapter_dtype=None):
     """lora_linear's y and grads (x, A, B) against float64 (check_lora_linear: the tolerance rule, outputs poisoned
     by the caller's fixture or process), with dx on the small-M Hopper kernel (dx_path says so)."""
-    x, W, b, A, B = _inputs(M, K, N, r, dtype, dtype, bias)
+    x, W, b, A, B = _inputs(M, K, N, r, dtype, adapter_dtype or dtype, bias)
     assert _cb().dx_path(x, W, A, B, 0.0) == "small_m sm90"
     if lead is not None:
         x = x.reshape(*lead, K)
@@ -415,7 +420,7 @@ def test_sm90_backward_says_why_not():
         return cb.dx_path(x, W, A, B, p)
 
     assert path() == "small_m sm90"
-    for kw in ({"adapter_dtype": torch.float32}, {"p": 0.1}, {"N": 252}, {"M": 65}, {"r": 12}):
+    for kw in ({"adapter_dtype": torch.float32, "r": 24}, {"p": 0.1}, {"N": 252}, {"M": 65}, {"r": 12}):
         assert path(**kw) != "small_m sm90", kw
     previous = cb.set_small_m_sm90_dx(False)
     try:
