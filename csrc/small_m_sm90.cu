@@ -56,12 +56,13 @@ constexpr int SM9_THREADS = 256;  // warpgroup 0 loads, warpgroup 1 multiplies
 constexpr int SM9_MAX_CLUSTER = 8;  // portable cluster size
 
 // Shared memory from the 1024-byte-aligned base (every tile 1024-aligned, as the swizzle needs).
-template <int TOK, int BN>
+template <int TOK, int BN, bool F32 = false>
 struct Sm9Layout {
   static constexpr int W_BYTES = BN * 128;
   static constexpr int X_BYTES = TOK * 128;
   static constexpr int A_BYTES = 64 * 128;  // r <= 64 rows of lora_A: one m64 block
-  static constexpr int STAGE = W_BYTES + X_BYTES + A_BYTES;
+  static constexpr int F32_OFF = W_BYTES + X_BYTES + A_BYTES;  // fp32 adapters: the slice as loaded (r x 64 floats)
+  static constexpr int STAGE = F32_OFF + (F32 ? 4096 : 0);
   static constexpr int BT = SM9_STAGES * STAGE;  // lora_B's BN rows (rank 0): the expand's A operand
   static constexpr int UB = BT + BN * 128;       // bf16(u), TOK x 64: the expand's B operand
   static constexpr int U = UB + TOK * 128;       // this CTA's U_q: each thread's TOK / 2 fragment floats in a row
@@ -105,8 +106,11 @@ __device__ __forceinline__ void consumer_bar() { asm volatile("bar.sync 1, 128;\
 
 // TA: the adapters' type, T or (bf16 x only) float. With fp32 adapters (r <= 16) lora_A's rows enter the U product as
 // three bf16 pieces stacked as rows [0, r), [r, 2r), [2r, 3r) (bf16x3_split: U's row sums are fp32-accurate), and
-// the expand runs on K' = 3r columns, [B_hi | B_mid | B_hi] against [u_hi | u_hi | u_lo]: the loader converts
-// lora_A's slice of every stage and rank 0's lora_B tile itself (regular stores, then a release arrive).
+// the expand runs on K' = 3r columns, [B_hi | B_mid | B_hi] against [u_hi | u_hi | u_lo]. The loader copies each
+// stage's fp32 slice as it is (cp.async, so that it never waits for a load) and the multiplying warpgroup splits it
+// into the A tile before the stage's wgmmas; rank 0's lora_B tile, loaded once, the loader converts itself. U's
+// products start from zero per stage and are summed in fp32 registers: the tensor cores' accumulation over all of
+// K measured 20x PyTorch's fp32 error at K = 4096.
 // BWD: the dx kernel (x is dy (M, N), y is dx (M, K), u is s·g, bias null): the output has NO = K rows and the
 // reduction NR = N; W, lora_B and lora_A are read MN-major (wgmma's transposed A operand).
 template <typename T, typename TA, int TOK, int BN, bool BWD>
@@ -115,7 +119,7 @@ lora_small_m_sm90_kernel(const T* __restrict__ x, const T* __restrict__ W, const
                          const TA* __restrict__ A, const TA* __restrict__ B, T* __restrict__ y, float* __restrict__ u,
                          int M, int N, int K, int r, float scale) {
 #if LK_WGMMA
-  using L = Sm9Layout<TOK, BN>;
+  using L = Sm9Layout<TOK, BN, std::is_same<TA, float>::value>;
   constexpr bool kTwo = BN == 128;  // two m64 row blocks
   constexpr bool kF32 = std::is_same<TA, float>::value;
   constexpr int kT = BWD ? 1 : 0;   // wgmma's TnspA for W and the adapters' tiles
@@ -146,7 +150,7 @@ lora_small_m_sm90_kernel(const T* __restrict__ x, const T* __restrict__ W, const
 
   if (tid == 0) {
     for (int s = 0; s < SM9_STAGES; ++s) {
-      mbar_init(bar_full + 8 * s, kF32 ? 256 : 128);  // every loader thread's copies (and, fp32, its stores)
+      mbar_init(bar_full + 8 * s, 128);  // every loader thread's copies
       mbar_init(bar_empty + 8 * s, 4);   // lane 0 of each multiplying warp
     }
     mbar_init(bar_b, 128);
@@ -274,30 +278,13 @@ lora_small_m_sm90_kernel(const T* __restrict__ x, const T* __restrict__ W, const
           const bool ok = k0 + row < NR;
           cp_async16(s_a + sw128_offset(row, c), ok ? A + (k0 + row) * r + 8 * c : A, ok ? 16 : 0);
         }
-      } else if constexpr (BWD) {  // fp32 (r <= 16): row k0 + row's pieces at columns [0, r), [r, 2r), [2r, 3r)
-        const int r4 = r >> 2;
-        for (int e = t; e < 64 * r4; e += 128) {
-          const int row = e / r4, c4 = e % r4;  // floats 4 c4 .. 4 c4 + 3 of the row
-          const float4 v = k0 + row < NR ? *reinterpret_cast<const float4*>(A + (k0 + row) * r + 4 * c4)
-                                         : make_float4(0.f, 0.f, 0.f, 0.f);
-          __nv_bfloat16 pc[4][3];
-          bf16x3_split(v.x, pc[0]);
-          bf16x3_split(v.y, pc[1]);
-          bf16x3_split(v.z, pc[2]);
-          bf16x3_split(v.w, pc[3]);
-#pragma unroll
-          for (int piece = 0; piece < 3; ++piece) {  // 8 bytes at element piece r + 4 c4 of the row (r % 8 == 0)
-            const int pos = piece * r + 4 * c4;
-            const uint32_t lo = (uint32_t)__bfloat16_as_ushort(pc[0][piece]) |
-                                ((uint32_t)__bfloat16_as_ushort(pc[1][piece]) << 16);
-            const uint32_t hi = (uint32_t)__bfloat16_as_ushort(pc[2][piece]) |
-                                ((uint32_t)__bfloat16_as_ushort(pc[3][piece]) << 16);
-            *reinterpret_cast<uint2*>(gbase + (s_a - base) + sw128_offset(row, pos >> 3) + 2 * (pos & 7)) =
-                make_uint2(lo, hi);
-          }
+      } else if constexpr (BWD) {  // fp32 (r <= 16): lora_B's rows k0 .. k0 + 63 as loaded, r floats each
+        const int rc = r >> 2;
+        for (int e = t; e < 64 * rc; e += 128) {
+          const int row = e / rc, c = e % rc;
+          const bool ok = k0 + row < NR;
+          cp_async16(s_w + L::F32_OFF + 16 * e, ok ? A + (k0 + row) * r + 4 * c : A, ok ? 16 : 0);
         }
-        fence_proxy_async();  // the stores before the wgmmas' reads; the release arrive below orders them
-        mbar_arrive(bar_full + 8 * stage);
       } else if constexpr (!kF32) {
         for (int e = t; e < r * 8; e += 128) {  // lora_A: r rows
           const int row = e >> 3, c = e & 7;
@@ -305,39 +292,51 @@ lora_small_m_sm90_kernel(const T* __restrict__ x, const T* __restrict__ W, const
           const bool ok = k < K;
           cp_async16(s_a + sw128_offset(row, c), ok ? A + (int64_t)row * K + k : A, ok ? 16 : 0);
         }
-      } else {  // lora_A's r x 64 fp32 slice (r <= 16: 2 float4 per thread) as its three bf16 pieces' rows
-#pragma unroll
-        for (int q = 0; q < 2; ++q) {
-          const int e = t + 128 * q, row = e >> 4, c4 = e & 15;  // float4 c4 of the slice's row
-          const int64_t k = k0 + 4 * c4;
-          if (row >= r) continue;
-          const float4 v = k < K ? *reinterpret_cast<const float4*>(A + (int64_t)row * K + k)
-                                 : make_float4(0.f, 0.f, 0.f, 0.f);
-          __nv_bfloat16 pc[4][3];
-          bf16x3_split(v.x, pc[0]);
-          bf16x3_split(v.y, pc[1]);
-          bf16x3_split(v.z, pc[2]);
-          bf16x3_split(v.w, pc[3]);
-#pragma unroll
-          for (int piece = 0; piece < 3; ++piece) {  // 4 columns: 8 bytes of the row's chunk c4 / 2
-            const uint32_t lo = (uint32_t)__bfloat16_as_ushort(pc[0][piece]) |
-                                ((uint32_t)__bfloat16_as_ushort(pc[1][piece]) << 16);
-            const uint32_t hi = (uint32_t)__bfloat16_as_ushort(pc[2][piece]) |
-                                ((uint32_t)__bfloat16_as_ushort(pc[3][piece]) << 16);
-            *reinterpret_cast<uint2*>(gbase + (s_a - base) + sw128_offset(piece * r + row, c4 >> 1) + 8 * (c4 & 1)) =
-                make_uint2(lo, hi);
-          }
+      } else {  // fp32 (r <= 16): lora_A's r x 64 slice as loaded, 16 chunks of 4 floats per row
+        for (int e = t; e < r * 16; e += 128) {
+          const int row = e >> 4, c = e & 15;
+          const int64_t k = k0 + 4 * c;
+          const bool ok = k < K;
+          cp_async16(s_w + L::F32_OFF + 16 * e, ok ? A + (int64_t)row * K + k : A, ok ? 16 : 0);
         }
-        fence_proxy_async();  // the stores before the wgmmas' reads; the release arrive below orders them
-        mbar_arrive(bar_full + 8 * stage);
       }
       cp_async_mbar_arrive(bar_full + 8 * stage);
     }
   } else {
+    // fp32 adapters: each tile's U product starts from zero and is added to urun in fp32 registers (see above),
+    // the tile's wgmmas waited for in turn.
+    float urun[kF32 ? NACC : 1];
     for (int i = 0; i < n_kt; ++i) {
       const int stage = i % SM9_STAGES;
       mbar_wait(bar_full + 8 * stage, (i / SM9_STAGES) & 1);
       const uint32_t s_w = base + stage * L::STAGE, s_x = s_w + L::W_BYTES, s_a = s_x + L::X_BYTES;
+      if constexpr (kF32) {  // the slice's r x 64 floats into the A tile as bf16 pieces, 8 per thread
+        unsigned char* const stage_p = gbase + stage * L::STAGE;
+        const int e0 = 8 * t;
+        if (e0 < 64 * r) {
+          const float4 lo = *reinterpret_cast<const float4*>(stage_p + L::F32_OFF + 4 * e0);
+          const float4 hi = *reinterpret_cast<const float4*>(stage_p + L::F32_OFF + 4 * e0 + 16);
+          const float v[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+          __nv_bfloat16 pc[8][3];
+#pragma unroll
+          for (int q = 0; q < 8; ++q) bf16x3_split(v[q], pc[q]);
+          // forward: lora_A's row j = e0 / 64, K columns e0 % 64 .. + 7: chunk of rows piece·r + j (K-major);
+          // dx: lora_B's row e0 / r, its columns e0 % r .. + 7: positions piece·r + those of the row (MN-major)
+          const int row = BWD ? e0 / r : e0 >> 6, col = BWD ? e0 % r : e0 & 63;
+#pragma unroll
+          for (int piece = 0; piece < 3; ++piece) {
+            uint32_t w4[4];
+#pragma unroll
+            for (int q = 0; q < 4; ++q)
+              w4[q] = (uint32_t)__bfloat16_as_ushort(pc[2 * q][piece]) |
+                      ((uint32_t)__bfloat16_as_ushort(pc[2 * q + 1][piece]) << 16);
+            const uint32_t off = BWD ? sw128_offset(row, (piece * r + col) >> 3) : sw128_offset(piece * r + row, col >> 3);
+            *reinterpret_cast<uint4*>(stage_p + L::W_BYTES + L::X_BYTES + off) = make_uint4(w4[0], w4[1], w4[2], w4[3]);
+          }
+        }
+        fence_proxy_async();  // the stores before the wgmmas read them (all 128 threads', through the barrier)
+        consumer_bar();
+      }
       wgmma_fence();
 #pragma unroll
       for (int ks = 0; ks < SM9_BK / 16; ++ks) {  // 32 bytes along K per k16 step
@@ -345,13 +344,25 @@ lora_small_m_sm90_kernel(const T* __restrict__ x, const T* __restrict__ W, const
         const int acc = i > 0 || ks > 0;  // 0: D = A B, the first product
         MMA::template mma<kT>(acc0, sw128_desc(s_w + kStep * ks), xb, acc);
         if constexpr (kTwo) MMA::template mma<kT>(acc1, sw128_desc(s_w + 64 * 128 + kStep * ks), xb, acc);
-        MMA::template mma<kT>(accu, sw128_desc(s_a + kStep * ks), xb, acc);
+        MMA::template mma<kT>(accu, sw128_desc(s_a + kStep * ks), xb, kF32 ? ks > 0 : acc);
       }
       wgmma_commit();
-      wgmma_wait<1>();  // the previous tile's products done: its stage may be refilled while this tile's run
-      if (lane == 0 && i > 0) mbar_arrive(bar_empty + 8 * ((i + SM9_STAGES - 1) % SM9_STAGES));
+      if constexpr (kF32) {
+        wgmma_wait<0>();  // this tile's products done: its stage may be refilled, its U partial added
+        fence_regs(accu);
+        if (lane == 0) mbar_arrive(bar_empty + 8 * stage);
+#pragma unroll
+        for (int e = 0; e < NACC; ++e) urun[e] = i > 0 ? urun[e] + accu[e] : accu[e];
+      } else {
+        wgmma_wait<1>();  // the previous tile's products done: its stage may be refilled while this tile's run
+        if (lane == 0 && i > 0) mbar_arrive(bar_empty + 8 * ((i + SM9_STAGES - 1) % SM9_STAGES));
+      }
     }
     wgmma_wait<0>();
+    if constexpr (kF32) {
+#pragma unroll
+      for (int e = 0; e < NACC; ++e) accu[e] = urun[e];
+    }
     if constexpr (BWD) pdl_launch_dependents();  // dx: the grads launch may start its blocks (they wait for sg)
     fence_regs(acc0);  // the accumulators read below only after the last wait
     if constexpr (kTwo) fence_regs(acc1);
@@ -556,11 +567,12 @@ cudaError_t with_sm9_kernel(bool bwd, DType x_dtype, DType a_dtype, int tok, int
       constexpr int BN = decltype(bnc)::value;
       constexpr bool BWD = decltype(bwdc)::value;
       using TA = decltype(at);
+      constexpr bool F = std::is_same<TA, float>::value;
       switch (tok) {
-        case 16: return f(&lora_small_m_sm90_kernel<T, TA, 16, BN, BWD>, Sm9Layout<16, BN>::SMEM, BN, T{}, TA{});
-        case 32: return f(&lora_small_m_sm90_kernel<T, TA, 32, BN, BWD>, Sm9Layout<32, BN>::SMEM, BN, T{}, TA{});
-        case 48: return f(&lora_small_m_sm90_kernel<T, TA, 48, BN, BWD>, Sm9Layout<48, BN>::SMEM, BN, T{}, TA{});
-        default: return f(&lora_small_m_sm90_kernel<T, TA, 64, BN, BWD>, Sm9Layout<64, BN>::SMEM, BN, T{}, TA{});
+        case 16: return f(&lora_small_m_sm90_kernel<T, TA, 16, BN, BWD>, Sm9Layout<16, BN, F>::SMEM, BN, T{}, TA{});
+        case 32: return f(&lora_small_m_sm90_kernel<T, TA, 32, BN, BWD>, Sm9Layout<32, BN, F>::SMEM, BN, T{}, TA{});
+        case 48: return f(&lora_small_m_sm90_kernel<T, TA, 48, BN, BWD>, Sm9Layout<48, BN, F>::SMEM, BN, T{}, TA{});
+        default: return f(&lora_small_m_sm90_kernel<T, TA, 64, BN, BWD>, Sm9Layout<64, BN, F>::SMEM, BN, T{}, TA{});
       }
     };
     auto by_height = [&](auto at, auto bwdc) {

@@ -343,6 +343,7 @@ def test_sm90_kernel_forced_plans(cluster, bn):
     _run_with_env(
         "for M, K, N, r in ((1, 4096, 4096, 16), (64, 1000, 4104, 32), (33, 520, 300, 8)):\n"
         "    t._check_forward(M, K, N, r, torch.bfloat16, torch.bfloat16, True, 0.0)\n"
+        "for M, K, N, r in ((1, 4096, 4096, 16), (64, 4104, 1000, 32), (33, 296, 520, 8)):\n"
         "    t._check_sm90_backward(M, K, N, r, torch.bfloat16)\n"
         "print('ok')\n",
         LORA_KERNELS_SMALL_M_SM90_CLUSTER=str(cluster), LORA_KERNELS_SMALL_M_SM90_BN=str(bn))
@@ -363,7 +364,7 @@ def test_sm90_kernel_fp32_adapters_opt_in():
         "    assert t._cb().forward_path(*t._inputs(16, 256, 256, r, dt, torch.float32, False), 0.0) == 'small_m'\n"
         "    x, W, b, A, B = t._inputs(16, 256, 256, r, dt, torch.float32, False)\n"
         "    assert t._cb().dx_path(x, W, A, B, 0.0) != 'small_m sm90'\n"
-        "for M, K, N, r in ((1, 4096, 4096, 16), (16, 14336, 4096, 16), (33, 4104, 1000, 8), (64, 300, 520, 16),\n"
+        "for M, K, N, r in ((1, 4096, 4096, 16), (16, 14336, 4096, 16), (33, 4104, 1000, 8), (64, 296, 520, 16),\n"
         "                   (5, 40, 8, 8)):\n"
         "    t._check_sm90_backward(M, K, N, r, torch.bfloat16, adapter_dtype=torch.float32)\n"
         "print('ok')\n",
@@ -388,7 +389,7 @@ def _check_sm90_backward(M, K, N, r, dtype, lead=None, bias=True, adapter_dtype=
     (16, 14336, 4096, 16),  # dx has 14336 columns: 112 or 224 row blocks
     (17, 1024, 4096, 32),   # 32 tokens
     (33, 4104, 1000, 8),    # 48 tokens; K and N not multiples of the tiles (a partial last block and N tile)
-    (48, 300, 520, 64),     # r = 64: every column of lora_B's rows
+    (48, 296, 520, 64),     # r = 64: every column of lora_B's rows
     (64, 4096, 4096, 64),
     (64, 200, 136, 24),     # r not a multiple of 16 (the expand's K padded with zero rows of lora_A)
     (5, 40, 8, 8),          # N = 8: one partial N tile
