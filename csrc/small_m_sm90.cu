@@ -1,6 +1,5 @@
 // Small-M forward and dx on Hopper (sm_90a, wgmma), one launch each: for M <= 64 rows, p = 0, 16-bit x and W,
-// adapters in x's dtype (or, forward only, fp32 on bf16 x at r <= 16, opt-in: LORA_KERNELS_SMALL_M_SM90_FP32=1, not
-// yet run on a GPU),
+// adapters in x's dtype or fp32 on bf16 x at r <= 16 (LORA_KERNELS_SMALL_M_SM90_FP32=0 keeps fp32 adapters off it),
 //   forward:  y  = x Wᵀ + bias + u Bᵀ     and  u  = s · x Aᵀ   (fp32, saved for backward);
 //   dx:       dx = dy W + (s·g) A         and  sg = s · dy B   (fp32, for dA; small_m_grads.cu makes dA and dB).
 // launch_lora_small_m_forward (small_m.cu) takes the forward kernel where lora_small_m_sm90_unsupported says it can,
@@ -487,12 +486,9 @@ lora_small_m_sm90_kernel(const T* __restrict__ x, const T* __restrict__ W, const
 }
 
 std::atomic<bool> sm9_switch{env_switch_on("LORA_KERNELS_SMALL_M_SM90")};
-// fp32 adapters: built and compile-checked, not yet run on a GPU, so off unless LORA_KERNELS_SMALL_M_SM90_FP32=1.
+// fp32 adapters (their bf16x3 pieces): on unless LORA_KERNELS_SMALL_M_SM90_FP32=0 (A/B timing, tests of the other path).
 bool sm9_fp32_on() {
-  static const bool on = [] {
-    const char* e = getenv("LORA_KERNELS_SMALL_M_SM90_FP32");
-    return e != nullptr && strcmp(e, "1") == 0;
-  }();
+  static const bool on = env_switch_on("LORA_KERNELS_SMALL_M_SM90_FP32");
   return on;
 }
 std::atomic<int> sm9_state{0};
@@ -661,7 +657,7 @@ const char* lora_small_m_sm90_unsupported(const void* x, const void* W, const vo
   if (!sm9_switch.load(std::memory_order_relaxed)) return "off (LORA_KERNELS_SMALL_M_SM90=0 or set_small_m_sm90)";
   if (x_dtype == DType::kFloat32) return "fp32 x";
   if (a_dtype == DType::kFloat32 && b_dtype == DType::kFloat32) {
-    if (!sm9_fp32_on()) return "fp32 adapters (opt-in, not yet run on a GPU: LORA_KERNELS_SMALL_M_SM90_FP32=1)";
+    if (!sm9_fp32_on()) return "fp32 adapters switched off (LORA_KERNELS_SMALL_M_SM90_FP32=0)";
     if (x_dtype != DType::kBFloat16) return "fp32 adapters on fp16 x";
     if (r > 16) return "fp32 adapters above r = 16 (lora_A's three pieces fill 3r <= 64 rows)";
   } else if (a_dtype != x_dtype || b_dtype != x_dtype) {
@@ -694,7 +690,7 @@ const char* lora_small_m_sm90_dx_unsupported(const void* dy, const void* W, cons
     return "off (LORA_KERNELS_SMALL_M_SM90_DX=0 or set_small_m_sm90_dx)";
   if (x_dtype == DType::kFloat32) return "fp32 x";
   if (a_dtype == DType::kFloat32 && b_dtype == DType::kFloat32) {
-    if (!sm9_fp32_on()) return "fp32 adapters (opt-in, not yet run on a GPU: LORA_KERNELS_SMALL_M_SM90_FP32=1)";
+    if (!sm9_fp32_on()) return "fp32 adapters switched off (LORA_KERNELS_SMALL_M_SM90_FP32=0)";
     if (x_dtype != DType::kBFloat16) return "fp32 adapters on fp16 x";
     if (r > 16) return "fp32 adapters above r = 16 (lora_B's three pieces fill 3r <= 64 columns)";
   } else if (a_dtype != x_dtype || b_dtype != x_dtype) {

@@ -110,8 +110,9 @@ def test_fused_epilogue_wide(bias, dtype, adapter_dtype):
 @pytest.mark.parametrize("case", ["small_m", "small_m_bf16", "shrink_gemm", "cublas", "dropout"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_other_paths(case, bias):
-    """Every other path: y without the bias, then one pass that scales it and adds the bias (small_m_bf16: the
-    small-M forward's Hopper kernel where the GPU has one)."""
+    """Every other path: y without the bias, then one pass that scales it and adds the bias (small_m: the small-M
+    forward's mma.sync kernel, its Hopper kernel switched off; small_m_bf16: the Hopper kernel where the GPU has
+    one)."""
     cb = _cb()
     M, K, N, r, p, previous = 200, 256, 384, 16, 0.0, None
     adapter_dtype = torch.bfloat16 if case == "small_m_bf16" else torch.float32
@@ -124,6 +125,7 @@ def test_other_paths(case, bias):
     x, W, b, A, B, c = _inputs(M, K, N, r, torch.bfloat16, adapter_dtype, bias)
     if case == "shrink_gemm":
         previous = cb.set_fused_forward(0)
+    previous_sm90 = cb.set_small_m_sm90(False) if case == "small_m" else None  # the mma.sync kernel
     try:
         path = cb.forward_path(x, W, b, A, B, p)
         if case == "small_m":
@@ -138,6 +140,8 @@ def test_other_paths(case, bias):
     finally:
         if previous is not None:
             cb.set_fused_forward(previous)
+        if previous_sm90 is not None:
+            cb.set_small_m_sm90(previous_sm90)
 
 
 def test_unaligned_scale_and_bad_input():

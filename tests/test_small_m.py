@@ -54,9 +54,11 @@ def _inputs(M, K, N, r, dtype, adapter_dtype, bias, misaligned=False):
 
 def _sm90_kernel_expected(M, K, r, dtype, adapter_dtype, p, misaligned=False):
     """Where the small-M forward runs its Hopper kernel (csrc/small_m_sm90.cu): p = 0, x and both adapters in one
-    16-bit dtype, r and K multiples of 8, 16-byte aligned operands, on compute capability 9.0."""
+    16-bit dtype or fp32 adapters on bf16 x at r <= 16, r and K multiples of 8, 16-byte aligned operands, on compute
+    capability 9.0."""
+    adapters = adapter_dtype == dtype or (adapter_dtype == torch.float32 and dtype == torch.bfloat16 and r <= 16)
     return (torch.cuda.get_device_capability() == (9, 0) and p == 0 and dtype != torch.float32
-            and adapter_dtype == dtype and r % 8 == 0 and K % 8 == 0 and not misaligned and 1 <= M <= 64)
+            and adapters and r % 8 == 0 and K % 8 == 0 and not misaligned and 1 <= M <= 64)
 
 
 def _small_m_path(M, K, r, dtype, adapter_dtype, p, misaligned=False):
@@ -143,7 +145,16 @@ def test_small_m_is_one_launch():
 
 
 def test_paths_say_why():
+    """The mma.sync kernels' reasons (the Hopper kernel switched off: fp32 adapters at r <= 16 would take it)."""
     cb = _cb()
+    previous_sm90 = cb.set_small_m_sm90(False)
+    try:
+        _paths_say_why(cb)
+    finally:
+        cb.set_small_m_sm90(previous_sm90)
+
+
+def _paths_say_why(cb):
 
     def path(M, K, N, r, p=0.0, dtype=torch.bfloat16):
         x, W, b, A, B = _inputs(M, K, N, r, dtype, torch.float32, False)
@@ -184,7 +195,7 @@ def test_small_m_matches_the_unfused_path(p):
     cb = _cb()
     x, W, b, A, B = _inputs(24, 1024, 520, 16, torch.bfloat16, torch.float32, True)
     seed = 2**40 + 77
-    assert cb.forward_path(x, W, b, A, B, p) == "small_m"
+    assert cb.forward_path(x, W, b, A, B, p) == _small_m_path(24, 1024, 16, torch.bfloat16, torch.float32, p)
     y1, u1 = cb.forward(x, W, b, A, B, S, p, seed, 0)
     previous = cb.set_small_m(False)
     try:
@@ -238,8 +249,12 @@ def test_small_m_streams_and_graph_replays():
     """The kernel's claim / done / exit counters (one buffer per stream, reset by the last block of each launch):
     back-to-back launches on two streams, and a captured graph replayed several times, give the eager result."""
     x, W, b, A, B = _inputs(16, 1024, 4096, 16, torch.bfloat16, torch.float32, True)
-    assert _cb().forward_path(x, W, b, A, B, 0.0) == "small_m"
-    _streams_and_graph_replays(x, W, b, A, B)
+    previous = _cb().set_small_m_sm90(False)  # the mma.sync kernel's counters (fp32 adapters: else the Hopper kernel)
+    try:
+        assert _cb().forward_path(x, W, b, A, B, 0.0) == "small_m"
+        _streams_and_graph_replays(x, W, b, A, B)
+    finally:
+        _cb().set_small_m_sm90(previous)
 
 
 # ------------------------------------------------------------------ the Hopper kernel (csrc/small_m_sm90.cu)
@@ -278,7 +293,9 @@ def test_sm90_kernel_says_why_not():
         return cb.forward_path(*_inputs(M, K, N, r, dtype, adapter_dtype, False, misaligned=mis), p)
 
     assert path() == "small_m sm90"
-    assert path(adapter_dtype=torch.float32) == "small_m"  # fp32 adapters
+    assert path(adapter_dtype=torch.float32) == "small_m sm90"  # fp32 adapters on bf16 x at r <= 16: their pieces
+    assert path(r=24, adapter_dtype=torch.float32) == "small_m"  # fp32 above r = 16: 3r pieces past the 64 rows
+    assert path(dtype=torch.float16, adapter_dtype=torch.float32) == "small_m"  # pieces are bf16
     assert path(p=0.1) == "small_m"                         # dropout: the register-direct kernel masks its u items
     assert path(r=12) == "small_m"                          # r not a multiple of 8
     assert path(K=60) == "small_m"                          # K not a multiple of 8
@@ -350,25 +367,29 @@ def test_sm90_kernel_forced_plans(cluster, bn):
 
 
 @needs_sm90
-def test_sm90_kernel_fp32_adapters_opt_in():
-    """fp32 adapters on bf16 x (LORA_KERNELS_SMALL_M_SM90_FP32=1, in a subprocess: read once per process): the kernel
-    takes them at r <= 16 (lora_A's and lora_B's three bf16 pieces), forward and backward, y, u and the grads meet
-    the float64 tolerance rule; r = 24 and fp16 x keep the mma.sync kernels and the backward's passes."""
+@pytest.mark.parametrize("M,K,N,r", [(1, 4096, 4096, 16), (16, 4096, 14336, 16), (33, 1000, 4104, 8),
+                                     (64, 520, 300, 16), (5, 8, 40, 8), (64, 14336, 4096, 16)])
+def test_sm90_kernel_fp32_adapters(M, K, N, r):
+    """fp32 adapters on bf16 x (PEFT's default) at r <= 16: the Hopper kernel takes them (lora_A's and lora_B's three
+    bf16 pieces), and y and u (fp32-accurate: U summed per stage in fp32 registers) meet the float64 tolerance rule."""
+    x, W, b, A, B = _inputs(M, K, N, r, torch.bfloat16, torch.float32, True)
+    assert _cb().forward_path(x, W, b, A, B, 0.0) == "small_m sm90"
+    assert_cuda_forward(_cb(), x, W, b, A, B, S, 0.0, 0)
+
+
+@needs_sm90
+def test_sm90_kernel_fp32_adapters_switched_off():
+    """LORA_KERNELS_SMALL_M_SM90_FP32=0 (read once per process: a subprocess) keeps fp32 adapters on the mma.sync
+    kernel and the backward's passes; 16-bit adapters keep the Hopper kernels."""
     _run_with_env(
-        "for M, K, N, r in ((1, 4096, 4096, 16), (16, 4096, 14336, 16), (33, 1000, 4104, 8), (64, 520, 300, 16),\n"
-        "                   (5, 8, 40, 8)):\n"
-        "    x, W, b, A, B = t._inputs(M, K, N, r, torch.bfloat16, torch.float32, True)\n"
-        "    assert t._cb().forward_path(x, W, b, A, B, 0.0) == 'small_m sm90'\n"
-        "    t.assert_cuda_forward(t._cb(), x, W, b, A, B, t.S, 0.0, 0)\n"
-        "for r, dt in ((24, torch.bfloat16), (16, torch.float16)):\n"
-        "    assert t._cb().forward_path(*t._inputs(16, 256, 256, r, dt, torch.float32, False), 0.0) == 'small_m'\n"
-        "    x, W, b, A, B = t._inputs(16, 256, 256, r, dt, torch.float32, False)\n"
-        "    assert t._cb().dx_path(x, W, A, B, 0.0) != 'small_m sm90'\n"
-        "for M, K, N, r in ((1, 4096, 4096, 16), (16, 14336, 4096, 16), (33, 4104, 1000, 8), (64, 296, 520, 16),\n"
-        "                   (5, 40, 8, 8)):\n"
-        "    t._check_sm90_backward(M, K, N, r, torch.bfloat16, adapter_dtype=torch.float32)\n"
+        "x, W, b, A, B = t._inputs(16, 256, 256, 16, torch.bfloat16, torch.float32, False)\n"
+        "assert t._cb().forward_path(x, W, b, A, B, 0.0) == 'small_m'\n"
+        "assert t._cb().dx_path(x, W, A, B, 0.0) != 'small_m sm90'\n"
+        "t._check_forward(16, 256, 256, 16, torch.bfloat16, torch.float32, True, 0.0)\n"
+        "x, W, b, A, B = t._inputs(16, 256, 256, 16, torch.bfloat16, torch.bfloat16, False)\n"
+        "assert t._cb().forward_path(x, W, b, A, B, 0.0) == 'small_m sm90'\n"
         "print('ok')\n",
-        LORA_KERNELS_SMALL_M_SM90_FP32="1")
+        LORA_KERNELS_SMALL_M_SM90_FP32="0")
 
 
 # ------------------------------------------------- the backward on Hopper (small_m_sm90.cu transposed, small_m_grads.cu)
@@ -399,6 +420,14 @@ def test_sm90_backward_against_float64(dtype, M, K, N, r):
     """dx, dA and dB of a small-M call (and y) against float64 where the backward runs the transposed Hopper kernel
     and small_m_grads.cu: every token count, partial tiles along K and N, r from 8 to 64, fp16 and bf16."""
     _check_sm90_backward(M, K, N, r, dtype)
+
+
+@needs_sm90
+@pytest.mark.parametrize("M,K,N,r", [(1, 4096, 4096, 16), (16, 14336, 4096, 16), (33, 4104, 1000, 8),
+                                     (64, 296, 520, 16), (5, 40, 8, 8)])
+def test_sm90_backward_fp32_adapters(M, K, N, r):
+    """The same with fp32 adapters on bf16 x at r <= 16 (lora_B's and lora_A's pieces; s·g fp32-accurate for dA)."""
+    _check_sm90_backward(M, K, N, r, torch.bfloat16, adapter_dtype=torch.float32)
 
 
 @needs_sm90
