@@ -563,12 +563,12 @@ cudaError_t with_sm9_kernel(bool bwd, DType x_dtype, DType a_dtype, int tok, int
       constexpr int BN = decltype(bnc)::value;
       constexpr bool BWD = decltype(bwdc)::value;
       using TA = decltype(at);
-      constexpr bool F = std::is_same<TA, float>::value;
+      constexpr bool kF = std::is_same<TA, float>::value;
       switch (tok) {
-        case 16: return f(&lora_small_m_sm90_kernel<T, TA, 16, BN, BWD>, Sm9Layout<16, BN, F>::SMEM, BN, T{}, TA{});
-        case 32: return f(&lora_small_m_sm90_kernel<T, TA, 32, BN, BWD>, Sm9Layout<32, BN, F>::SMEM, BN, T{}, TA{});
-        case 48: return f(&lora_small_m_sm90_kernel<T, TA, 48, BN, BWD>, Sm9Layout<48, BN, F>::SMEM, BN, T{}, TA{});
-        default: return f(&lora_small_m_sm90_kernel<T, TA, 64, BN, BWD>, Sm9Layout<64, BN, F>::SMEM, BN, T{}, TA{});
+        case 16: return f(&lora_small_m_sm90_kernel<T, TA, 16, BN, BWD>, Sm9Layout<16, BN, kF>::SMEM, BN, T{}, TA{});
+        case 32: return f(&lora_small_m_sm90_kernel<T, TA, 32, BN, BWD>, Sm9Layout<32, BN, kF>::SMEM, BN, T{}, TA{});
+        case 48: return f(&lora_small_m_sm90_kernel<T, TA, 48, BN, BWD>, Sm9Layout<48, BN, kF>::SMEM, BN, T{}, TA{});
+        default: return f(&lora_small_m_sm90_kernel<T, TA, 64, BN, BWD>, Sm9Layout<64, BN, kF>::SMEM, BN, T{}, TA{});
       }
     };
     auto by_height = [&](auto at, auto bwdc) {
