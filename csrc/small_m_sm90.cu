@@ -651,18 +651,26 @@ std::atomic<bool> sm9_dx_switch{env_switch_on("LORA_KERNELS_SMALL_M_SM90_DX")};
 
 bool set_small_m_sm90(bool on) { return sm9_switch.exchange(on); }
 
-const char* lora_small_m_sm90_unsupported(const void* x, const void* W, const void* A, const void* B, int64_t M,
-                                          int64_t N, int64_t K, int r, DType x_dtype, DType a_dtype, DType b_dtype,
-                                          float p) {
-  if (!sm9_switch.load(std::memory_order_relaxed)) return "off (LORA_KERNELS_SMALL_M_SM90=0 or set_small_m_sm90)";
+namespace {
+// Both kernels' dtypes: 16-bit x, the adapters in x's dtype or (their bf16x3 pieces) fp32 on bf16 x at r <= 16.
+const char* sm9_dtypes_unsupported(DType x_dtype, DType a_dtype, DType b_dtype, int r) {
   if (x_dtype == DType::kFloat32) return "fp32 x";
   if (a_dtype == DType::kFloat32 && b_dtype == DType::kFloat32) {
     if (!sm9_fp32_on()) return "fp32 adapters switched off (LORA_KERNELS_SMALL_M_SM90_FP32=0)";
     if (x_dtype != DType::kBFloat16) return "fp32 adapters on fp16 x";
-    if (r > 16) return "fp32 adapters above r = 16 (lora_A's three pieces fill 3r <= 64 rows)";
+    if (r > 16) return "fp32 adapters above r = 16 (the three pieces of r columns fill 3r <= 64 rows)";
   } else if (a_dtype != x_dtype || b_dtype != x_dtype) {
     return "lora_A and lora_B neither both in x's dtype nor both fp32";
   }
+  return nullptr;
+}
+}  // namespace
+
+const char* lora_small_m_sm90_unsupported(const void* x, const void* W, const void* A, const void* B, int64_t M,
+                                          int64_t N, int64_t K, int r, DType x_dtype, DType a_dtype, DType b_dtype,
+                                          float p) {
+  if (!sm9_switch.load(std::memory_order_relaxed)) return "off (LORA_KERNELS_SMALL_M_SM90=0 or set_small_m_sm90)";
+  if (const char* why = sm9_dtypes_unsupported(x_dtype, a_dtype, b_dtype, r)) return why;
   if (p > 0.f) return "dropout (the register-direct kernel's u items mask x)";
   if (M < 1 || M > 64 || N < 1 || K < 1) return "M not in 1..64, or an empty problem";
   if (r < 1 || r > 64 || r % 8) return "r not a multiple of 8 in 8..64";
@@ -688,14 +696,7 @@ const char* lora_small_m_sm90_dx_unsupported(const void* dy, const void* W, cons
                                              DType b_dtype, float p) {
   if (!sm9_dx_switch.load(std::memory_order_relaxed))
     return "off (LORA_KERNELS_SMALL_M_SM90_DX=0 or set_small_m_sm90_dx)";
-  if (x_dtype == DType::kFloat32) return "fp32 x";
-  if (a_dtype == DType::kFloat32 && b_dtype == DType::kFloat32) {
-    if (!sm9_fp32_on()) return "fp32 adapters switched off (LORA_KERNELS_SMALL_M_SM90_FP32=0)";
-    if (x_dtype != DType::kBFloat16) return "fp32 adapters on fp16 x";
-    if (r > 16) return "fp32 adapters above r = 16 (lora_B's three pieces fill 3r <= 64 columns)";
-  } else if (a_dtype != x_dtype || b_dtype != x_dtype) {
-    return "lora_A and lora_B neither both in x's dtype nor both fp32";
-  }
+  if (const char* why = sm9_dtypes_unsupported(x_dtype, a_dtype, b_dtype, r)) return why;
   if (p > 0.f) return "dropout";
   if (M < 1 || M > 64 || N < 1 || K < 1) return "M not in 1..64, or an empty problem";
   if (r < 1 || r > 64 || r % 8) return "r not a multiple of 8 in 8..64";
