@@ -150,8 +150,8 @@ cudaError_t launch_lora_small_m_forward(const void* x, DType x_dtype, const void
                                         int64_t N, int64_t K, int r, float scaling, float p, uint64_t seed,
                                         const int64_t* seed_ptr, uint64_t offset, cudaStream_t stream);
 // Its Hopper kernel (csrc/small_m_sm90.cu: wgmma with W's rows as M, K split over a cluster), which
-// launch_lora_small_m_forward takes first: p = 0, x, lora_A and lora_B in one 16-bit dtype (or fp32 adapters on bf16
-// x at r <= 16, unless LORA_KERNELS_SMALL_M_SM90_FP32=0), r % 8 == 0, K % 8 == 0, 16-byte aligned
+// launch_lora_small_m_forward takes first: p = 0, x, lora_A and lora_B in one 16-bit dtype (or, opt-in with
+// LORA_KERNELS_SMALL_M_SM90_FP32=1, fp32 adapters on bf16 x at r <= 16), r % 8 == 0, K % 8 == 0, 16-byte aligned
 // operands, on compute capability 9.0. lora_small_m_sm90_unsupported: null when it runs these inputs,
 // else why not. set_small_m_sm90 switches it for this process (LORA_KERNELS_SMALL_M_SM90=0 starts it off) and
 // returns the previous setting.
@@ -163,8 +163,8 @@ cudaError_t launch_lora_small_m_sm90(const void* x, DType x_dtype, const void* W
                                      int64_t N, int64_t K, int r, float scaling, cudaStream_t stream);
 bool set_small_m_sm90(bool on);
 // The same kernel transposed for the backward's dx at small M (one launch): dx (M, K) x_dtype = dy W + (s·g) A and
-// sg (M, r) fp32 = s · dy B, for dy (M, N) and W (N, K) in x_dtype, A (r, K) and B (N, r) in x_dtype (or both fp32 as
-// the forward's); p = 0, r % 8 == 0,
+// sg (M, r) fp32 = s · dy B, for dy (M, N) and W (N, K) in x_dtype, A (r, K) and B (N, r) in x_dtype (or both fp32,
+// with the forward's opt-in); p = 0, r % 8 == 0,
 // N % 8 == 0 and K % 8 == 0, 16-byte aligned operands, compute capability 9.0. lora_small_m_sm90_dx_unsupported: null
 // when it runs these inputs, else why not; set_small_m_sm90_dx switches it (LORA_KERNELS_SMALL_M_SM90_DX=0 starts it
 // off). Then launch_lora_small_m_grads (csrc/small_m_grads.cu) makes dA (r, K) = sgᵀ x and dB (N, r) = dyᵀ u in

@@ -1,5 +1,6 @@
 // Small-M forward and dx on Hopper (sm_90a, wgmma), one launch each: for M <= 64 rows, p = 0, 16-bit x and W,
-// adapters in x's dtype or fp32 on bf16 x at r <= 16 (LORA_KERNELS_SMALL_M_SM90_FP32=0 keeps fp32 adapters off it),
+// adapters in x's dtype (or fp32 on bf16 x at r <= 16, opt-in: LORA_KERNELS_SMALL_M_SM90_FP32=1; correct on the GPU
+// but slower than the mma.sync kernel there, session 57),
 //   forward:  y  = x Wᵀ + bias + u Bᵀ     and  u  = s · x Aᵀ   (fp32, saved for backward);
 //   dx:       dx = dy W + (s·g) A         and  sg = s · dy B   (fp32, for dA; small_m_grads.cu makes dA and dB).
 // launch_lora_small_m_forward (small_m.cu) takes the forward kernel where lora_small_m_sm90_unsupported says it can,
@@ -329,7 +330,8 @@ lora_small_m_sm90_kernel(const T* __restrict__ x, const T* __restrict__ W, const
             for (int q = 0; q < 4; ++q)
               w4[q] = (uint32_t)__bfloat16_as_ushort(pc[2 * q][piece]) |
                       ((uint32_t)__bfloat16_as_ushort(pc[2 * q + 1][piece]) << 16);
-            const uint32_t off = BWD ? sw128_offset(row, (piece * r + col) >> 3) : sw128_offset(piece * r + row, col >> 3);
+            const uint32_t off =
+                BWD ? sw128_offset(row, (piece * r + col) >> 3) : sw128_offset(piece * r + row, col >> 3);
             *reinterpret_cast<uint4*>(stage_p + L::W_BYTES + L::X_BYTES + off) = make_uint4(w4[0], w4[1], w4[2], w4[3]);
           }
         }
@@ -486,15 +488,21 @@ lora_small_m_sm90_kernel(const T* __restrict__ x, const T* __restrict__ W, const
 }
 
 std::atomic<bool> sm9_switch{env_switch_on("LORA_KERNELS_SMALL_M_SM90")};
-// fp32 adapters (their bf16x3 pieces): on unless LORA_KERNELS_SMALL_M_SM90_FP32=0 (A/B timing, tests of the other path).
+// fp32 adapters (their bf16x3 pieces): off unless LORA_KERNELS_SMALL_M_SM90_FP32=1. They pass the float64 tests, but
+// converting each stage's slice in the multiplying warpgroup and waiting for each stage's U product made the forward
+// 1.5-1.9x the mma.sync kernel's time (session 57, H100).
 bool sm9_fp32_on() {
-  static const bool on = env_switch_on("LORA_KERNELS_SMALL_M_SM90_FP32");
+  static const bool on = [] {
+    const char* e = getenv("LORA_KERNELS_SMALL_M_SM90_FP32");
+    return e != nullptr && strcmp(e, "1") == 0;
+  }();
   return on;
 }
 std::atomic<int> sm9_state{0};
 
 bool sm9_device_ok() {
-  const void* kernel = reinterpret_cast<const void*>(&lora_small_m_sm90_kernel<__nv_bfloat16, __nv_bfloat16, 16, 128, false>);
+  const void* kernel =
+      reinterpret_cast<const void*>(&lora_small_m_sm90_kernel<__nv_bfloat16, __nv_bfloat16, 16, 128, false>);
   return sm90_kernel_ok(kernel, sm9_state);
 }
 
@@ -656,7 +664,8 @@ namespace {
 const char* sm9_dtypes_unsupported(DType x_dtype, DType a_dtype, DType b_dtype, int r) {
   if (x_dtype == DType::kFloat32) return "fp32 x";
   if (a_dtype == DType::kFloat32 && b_dtype == DType::kFloat32) {
-    if (!sm9_fp32_on()) return "fp32 adapters switched off (LORA_KERNELS_SMALL_M_SM90_FP32=0)";
+    if (!sm9_fp32_on())
+      return "fp32 adapters (opt-in, slower than the mma.sync kernel: LORA_KERNELS_SMALL_M_SM90_FP32=1)";
     if (x_dtype != DType::kBFloat16) return "fp32 adapters on fp16 x";
     if (r > 16) return "fp32 adapters above r = 16 (the three pieces of r columns fill 3r <= 64 rows)";
   } else if (a_dtype != x_dtype || b_dtype != x_dtype) {

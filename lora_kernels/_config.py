@@ -86,10 +86,11 @@ Read by the CUDA extension (csrc/binding.cpp), once, when a GEMM first asks for 
     LORA_KERNELS_SMALL_M                0 turns off the one-launch forward at M <= 64 (csrc/small_m.cu); it starts
                                         the switch that cuda_backend.set_small_m changes at run time.
     LORA_KERNELS_SMALL_M_SM90           0 turns off that forward's Hopper kernel (csrc/small_m_sm90.cu: wgmma,
-                                        p = 0, adapters in x's dtype or fp32 on bf16 x at r <= 16); it starts the
-                                        switch that cuda_backend.set_small_m_sm90 changes.
-    LORA_KERNELS_SMALL_M_SM90_FP32      0 keeps fp32 adapters off that kernel and off the backward's below (their
-                                        bf16x3 pieces), for A/B timing.
+                                        p = 0, adapters in x's dtype); it starts the switch that
+                                        cuda_backend.set_small_m_sm90 changes.
+    LORA_KERNELS_SMALL_M_SM90_FP32      1 lets that kernel and the backward's below take fp32 adapters on bf16 x at
+                                        r <= 16 (their bf16x3 pieces). Correct (float64 tests), but slower than the
+                                        mma.sync kernel and the passes (session 57), so off by default.
     LORA_KERNELS_SMALL_M_SM90_CLUSTER   1, 2, 4 or 8: that kernel's K split (cluster size), forced, for A/B timing;
     LORA_KERNELS_SMALL_M_SM90_BN        64 or 128: its CTA's rows of W, forced, for A/B timing. Unset, the pair that
                                         puts the most CTAs in one wave (the GPU's cluster occupancy).

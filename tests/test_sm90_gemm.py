@@ -61,7 +61,8 @@ def test_benchmarked_shapes_take_the_sm90_dx_path(K, N, adapter_dtype):
     assert _dx_path(2048, K, N, 16, 0.0, adapter_dtype=adapter_dtype) == "sm90"
     assert _dx_path(2048, K, N, 64, 0.1, adapter_dtype=adapter_dtype) == "sm90 masked"
     # decoding-size batches: the small-M Hopper kernel with 16-bit adapters (csrc/small_m_sm90.cu), else cuBLAS
-    # (csrc/lora_kernels.cuh, kSmallMBackwardRows)
+    # (csrc/lora_kernels.cuh, kSmallMBackwardRows; fp32 adapters take the Hopper kernel only with
+    # LORA_KERNELS_SMALL_M_SM90_FP32=1)
     small = _dx_path(64, K, N, 16, 0.0, adapter_dtype=adapter_dtype)
     if adapter_dtype == torch.bfloat16:
         assert small == "small_m sm90", small

@@ -52,11 +52,19 @@ def _inputs(M, K, N, r, dtype, adapter_dtype, bias, misaligned=False):
     return x, W, b, A, B
 
 
+def _fp32_opt_in():
+    """LORA_KERNELS_SMALL_M_SM90_FP32=1: the Hopper kernels take fp32 adapters (read once per process)."""
+    import os
+
+    return os.environ.get("LORA_KERNELS_SMALL_M_SM90_FP32") == "1"
+
+
 def _sm90_kernel_expected(M, K, r, dtype, adapter_dtype, p, misaligned=False):
     """Where the small-M forward runs its Hopper kernel (csrc/small_m_sm90.cu): p = 0, x and both adapters in one
-    16-bit dtype or fp32 adapters on bf16 x at r <= 16, r and K multiples of 8, 16-byte aligned operands, on compute
-    capability 9.0."""
-    adapters = adapter_dtype == dtype or (adapter_dtype == torch.float32 and dtype == torch.bfloat16 and r <= 16)
+    16-bit dtype (or, opt-in, fp32 adapters on bf16 x at r <= 16), r and K multiples of 8, 16-byte aligned operands,
+    on compute capability 9.0."""
+    adapters = adapter_dtype == dtype or (
+        _fp32_opt_in() and adapter_dtype == torch.float32 and dtype == torch.bfloat16 and r <= 16)
     return (torch.cuda.get_device_capability() == (9, 0) and p == 0 and dtype != torch.float32
             and adapters and r % 8 == 0 and K % 8 == 0 and not misaligned and 1 <= M <= 64)
 
@@ -293,9 +301,7 @@ def test_sm90_kernel_says_why_not():
         return cb.forward_path(*_inputs(M, K, N, r, dtype, adapter_dtype, False, misaligned=mis), p)
 
     assert path() == "small_m sm90"
-    assert path(adapter_dtype=torch.float32) == "small_m sm90"  # fp32 adapters on bf16 x at r <= 16: their pieces
-    assert path(r=24, adapter_dtype=torch.float32) == "small_m"  # fp32 above r = 16: 3r pieces past the 64 rows
-    assert path(dtype=torch.float16, adapter_dtype=torch.float32) == "small_m"  # pieces are bf16
+    assert path(adapter_dtype=torch.float32) == "small_m"  # fp32 adapters (opt-in)
     assert path(p=0.1) == "small_m"                         # dropout: the register-direct kernel masks its u items
     assert path(r=12) == "small_m"                          # r not a multiple of 8
     assert path(K=60) == "small_m"                          # K not a multiple of 8
@@ -367,32 +373,29 @@ def test_sm90_kernel_forced_plans(cluster, bn):
 
 
 @needs_sm90
-@pytest.mark.parametrize("M,K,N,r", [(1, 4096, 4096, 16), (16, 4096, 14336, 16), (33, 1000, 4104, 8),
-                                     (64, 520, 300, 16), (5, 8, 40, 8), (64, 14336, 4096, 16)])
-def test_sm90_kernel_fp32_adapters(M, K, N, r):
-    """fp32 adapters on bf16 x (PEFT's default) at r <= 16: the Hopper kernel takes them (lora_A's and lora_B's three
-    bf16 pieces), and y and u (fp32-accurate: U summed per stage in fp32 registers) meet the float64 tolerance rule."""
-    x, W, b, A, B = _inputs(M, K, N, r, torch.bfloat16, torch.float32, True)
-    assert _cb().forward_path(x, W, b, A, B, 0.0) == "small_m sm90"
-    assert_cuda_forward(_cb(), x, W, b, A, B, S, 0.0, 0)
-
-
-@needs_sm90
-def test_sm90_kernel_fp32_adapters_switched_off():
-    """LORA_KERNELS_SMALL_M_SM90_FP32=0 (read once per process: a subprocess) keeps fp32 adapters on the mma.sync
-    kernel and the backward's passes; 16-bit adapters keep the Hopper kernels."""
+def test_sm90_kernels_fp32_adapters_opt_in():
+    """fp32 adapters on bf16 x (LORA_KERNELS_SMALL_M_SM90_FP32=1, in a subprocess: read once per process): the Hopper
+    kernels take them at r <= 16 (lora_A's and lora_B's three bf16 pieces; U summed per stage in fp32 registers),
+    forward and backward: y and u (fp32-accurate), and the grads, meet the float64 tolerance rule; r = 24 and fp16 x
+    keep the mma.sync kernel and the backward's passes."""
     _run_with_env(
-        "x, W, b, A, B = t._inputs(16, 256, 256, 16, torch.bfloat16, torch.float32, False)\n"
-        "assert t._cb().forward_path(x, W, b, A, B, 0.0) == 'small_m'\n"
-        "assert t._cb().dx_path(x, W, A, B, 0.0) != 'small_m sm90'\n"
-        "t._check_forward(16, 256, 256, 16, torch.bfloat16, torch.float32, True, 0.0)\n"
-        "x, W, b, A, B = t._inputs(16, 256, 256, 16, torch.bfloat16, torch.bfloat16, False)\n"
-        "assert t._cb().forward_path(x, W, b, A, B, 0.0) == 'small_m sm90'\n"
+        "for M, K, N, r in ((1, 4096, 4096, 16), (16, 4096, 14336, 16), (33, 1000, 4104, 8), (64, 520, 300, 16),\n"
+        "                   (5, 8, 40, 8), (64, 14336, 4096, 16)):\n"
+        "    x, W, b, A, B = t._inputs(M, K, N, r, torch.bfloat16, torch.float32, True)\n"
+        "    assert t._cb().forward_path(x, W, b, A, B, 0.0) == 'small_m sm90'\n"
+        "    t.assert_cuda_forward(t._cb(), x, W, b, A, B, t.S, 0.0, 0)\n"
+        "for r, dt in ((24, torch.bfloat16), (16, torch.float16)):\n"
+        "    x, W, b, A, B = t._inputs(16, 256, 256, r, dt, torch.float32, False)\n"
+        "    assert t._cb().forward_path(x, W, b, A, B, 0.0) == 'small_m'\n"
+        "    assert t._cb().dx_path(x, W, A, B, 0.0) != 'small_m sm90'\n"
+        "for M, K, N, r in ((1, 4096, 4096, 16), (16, 14336, 4096, 16), (33, 4104, 1000, 8), (64, 296, 520, 16),\n"
+        "                   (5, 40, 8, 8)):\n"
+        "    t._check_sm90_backward(M, K, N, r, torch.bfloat16, adapter_dtype=torch.float32)\n"
         "print('ok')\n",
-        LORA_KERNELS_SMALL_M_SM90_FP32="0")
+        LORA_KERNELS_SMALL_M_SM90_FP32="1")
 
 
-# ------------------------------------------------- the backward on Hopper (small_m_sm90.cu transposed, small_m_grads.cu)
+# ------------------------------------------ the backward on Hopper (small_m_sm90.cu transposed, small_m_grads.cu)
 def _check_sm90_backward(M, K, N, r, dtype, lead=None, bias=True, adapter_dtype=None):
     """lora_linear's y and grads (x, A, B) against float64 (check_lora_linear: the tolerance rule, outputs poisoned
     by the caller's fixture or process), with dx on the small-M Hopper kernel (dx_path says so)."""
@@ -420,14 +423,6 @@ def test_sm90_backward_against_float64(dtype, M, K, N, r):
     """dx, dA and dB of a small-M call (and y) against float64 where the backward runs the transposed Hopper kernel
     and small_m_grads.cu: every token count, partial tiles along K and N, r from 8 to 64, fp16 and bf16."""
     _check_sm90_backward(M, K, N, r, dtype)
-
-
-@needs_sm90
-@pytest.mark.parametrize("M,K,N,r", [(1, 4096, 4096, 16), (16, 14336, 4096, 16), (33, 4104, 1000, 8),
-                                     (64, 296, 520, 16), (5, 40, 8, 8)])
-def test_sm90_backward_fp32_adapters(M, K, N, r):
-    """The same with fp32 adapters on bf16 x at r <= 16 (lora_B's and lora_A's pieces; s·g fp32-accurate for dA)."""
-    _check_sm90_backward(M, K, N, r, torch.bfloat16, adapter_dtype=torch.float32)
 
 
 @needs_sm90
