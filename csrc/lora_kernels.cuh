@@ -16,6 +16,7 @@
 //            (partials of dA = scaling * g^T dropout(x)), launch_reduce_partials (dA), launch_lora_dx
 //            (dx = scaling*keep/(1-p) * g A), cuBLAS dx += dy W.
 //            (csrc/binding.cpp runs dx before dA, and leaves out a reduce where it would only copy one fp32 split.)
+//            At M <= 64 on Hopper, p = 0: launch_lora_small_m_sm90_dx (dx and s·g) and launch_lora_small_m_grads.
 // Every reduction is done in a fixed order (no atomics): results are bitwise deterministic run to run.
 //
 // Precision: each product is computed in the precision PyTorch would use for the same inputs, so that the error stays
