@@ -9,7 +9,8 @@ fewer y tiles than u items (N small next to M * r / 32: the blocks compute the u
 fewer item blocks than items (256 tiles at N = 4096 fill the H200's 264 slots but 8: rd_item_blocks). The
 kernel's grid-wide counters are checked across streams and CUDA graph replays. With dropout, the same checks hold
 (the contract's mask: assert_cuda_forward's reference), and for the forward that small M takes where this one does
-not."""
+not. On Hopper: the wgmma forward (csrc/small_m_sm90.cu) and the two-launch backward (that kernel transposed for dx,
+then csrc/small_m_grads.cu for dA and dB) against float64, forced plans, fp32 adapters through their opt-in."""
 import pytest
 import torch
 
