@@ -126,8 +126,9 @@ lora_small_m_sm90_kernel(const T* __restrict__ x, const T* __restrict__ W, const
   constexpr uint32_t kStep = BWD ? 2048 : 32;  // a k16 step of those tiles: 16 rows (MN-major) or 32 bytes (K-major)
   static_assert(!kF32 || std::is_same<T, __nv_bfloat16>::value, "fp32 adapters: bf16 x (their pieces are bf16)");
   const int NO = BWD ? K : N, NR = BWD ? N : K;  // the output's rows (y's columns) and the reduction's length
-  const int a_rows = kF32 ? 3 * r : r;  // rows of the A tile the U product reads as lora_A's (the rest zeros)
-  const int kx = kF32 ? 3 * r : r;      // the expand's K
+  // The adapters' rank as the products see it: r, or 3r (the pieces). Rows of the A tile the U product reads (the
+  // rest zeros; dx: columns), and the expand's K.
+  const int kx = kF32 ? 3 * r : r;
   using MMA = Wgmma<T, TOK>;
   constexpr int NACC = TOK / 2;  // accumulator floats per thread of an m64nTOK product
   extern __shared__ unsigned char sm9_raw[];
@@ -155,12 +156,12 @@ lora_small_m_sm90_kernel(const T* __restrict__ x, const T* __restrict__ W, const
     }
     mbar_init(bar_b, 128);
   }
-  // the A tile's rows a_rows..63 of every stage (dx: chunks r / 8..7 of each of its 64 rows, lora_B's columns past
-  // r): zeros (the loads fill the rest only), so U's rows there are zero
-  const int zero_rows = BWD ? 64 : 64 - a_rows, zero_chunks = BWD ? 8 - a_rows / 8 : 8;
+  // the A tile's rows kx..63 of every stage (dx: chunks kx / 8..7 of each of its 64 rows, lora_B's columns past
+  // kx): zeros (the loads fill the rest only), so U's rows there are zero
+  const int zero_rows = BWD ? 64 : 64 - kx, zero_chunks = BWD ? 8 - kx / 8 : 8;
   for (int i = tid; i < SM9_STAGES * zero_rows * zero_chunks; i += SM9_THREADS) {
     const int s = i / (zero_rows * zero_chunks), e = i % (zero_rows * zero_chunks);
-    const int row = BWD ? e / zero_chunks : a_rows + e / zero_chunks, c = BWD ? a_rows / 8 + e % zero_chunks : e % 8;
+    const int row = BWD ? e / zero_chunks : kx + e / zero_chunks, c = BWD ? kx / 8 + e % zero_chunks : e % 8;
     *reinterpret_cast<uint4*>(gbase + s * L::STAGE + L::W_BYTES + L::X_BYTES + sw128_offset(row, c)) =
         make_uint4(0u, 0u, 0u, 0u);
   }
@@ -191,26 +192,11 @@ lora_small_m_sm90_kernel(const T* __restrict__ x, const T* __restrict__ W, const
           const int64_t col = n0 + 64 * h + 8 * c;
           const bool ok = row < kx && col < NO;
           const int piece = row >= r && row < 2 * r ? 1 : 0;
-          float v[8];
-          if (ok) {
-            const float4* src = reinterpret_cast<const float4*>(B + (int64_t)(row % r) * NO + col);
-            const float4 lo = src[0], hi = src[1];
-            v[0] = lo.x; v[1] = lo.y; v[2] = lo.z; v[3] = lo.w; v[4] = hi.x; v[5] = hi.y; v[6] = hi.z; v[7] = hi.w;
-          } else {
-#pragma unroll
-            for (int e = 0; e < 8; ++e) v[e] = 0.f;
-          }
-          uint32_t packed[4];
-#pragma unroll
-          for (int q = 0; q < 4; ++q) {
-            __nv_bfloat16 pa[3], pb[3];
-            bf16x3_split(v[2 * q], pa);
-            bf16x3_split(v[2 * q + 1], pb);
-            const __nv_bfloat16 ha = piece ? pa[1] : pa[0], hb = piece ? pb[1] : pb[0];
-            packed[q] = (uint32_t)__bfloat16_as_ushort(ha) | ((uint32_t)__bfloat16_as_ushort(hb) << 16);
-          }
+          const TA* src = ok ? B + (int64_t)(row % r) * NO + col : B;
+          const uint2 lo = to_t4_piece<T, TA>(ld4(src, ok ? 4 : 0), piece);
+          const uint2 hi = to_t4_piece<T, TA>(ld4(src + 4, ok ? 4 : 0), piece);
           *reinterpret_cast<uint4*>(gbase + L::BT + h * 8192 + sw128_offset(row, c)) =
-              make_uint4(packed[0], packed[1], packed[2], packed[3]);
+              make_uint4(lo.x, lo.y, hi.x, hi.y);
         }
         fence_proxy_async();  // the stores before the expand's wgmma reads them; the release arrive orders them
         mbar_arrive(bar_b);
@@ -561,8 +547,8 @@ int sm9_forced_bn() {
   return v;
 }
 
-// f(kernel, smem, BN, T{}, TA{}) for the pass (forward, or dx: bwd), x's dtype, the adapters' (x's, or, forward
-// only, fp32 on bf16 x), the tokens and the height.
+// f(kernel, smem, BN, T{}, TA{}) for the pass (forward, or dx: bwd), x's dtype, the adapters' (x's, or fp32 on bf16
+// x), the tokens and the height.
 template <typename F>
 cudaError_t with_sm9_kernel(bool bwd, DType x_dtype, DType a_dtype, int tok, int bn, F&& f) {
   return with_dtype16(x_dtype, [&](auto xt) {
