@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Compile-check every csrc/*.cu that does not include torch headers, with plain nvcc for sm_90 (no GPU needed), as
 # C++17 and (front end only) as C++20, and those with hand-written wgmma kernels also for sm_90a (their bodies compile
-# only there); then the CUTLASS translation units (sm_90a, the pinned nvidia-cutlass headers). The jobs run $(nproc) at a time, the slow CUTLASS ones first, so that CI's two cores finish together.
+# only there); then the CUTLASS translation units (sm_90a, the pinned nvidia-cutlass headers). The jobs run $(nproc)
+# at a time, the slow CUTLASS ones first, so that CI's two cores finish together.
 set -u
 cd "$(dirname "$0")/.."
 NVCC="${NVCC:-nvcc}"

@@ -1101,10 +1101,7 @@ std::string dx_path(const Tensor& x, const Tensor& weight, const Tensor& lora_A,
   check_common(x, weight, lora_A, lora_B, p, 0);
   const c10::cuda::CUDAGuard guard(x.device());
   const float pf = (float)p;
-  if (x.size(0) <= 64) {  // (the kernel's bound; a dy of that shape and dtype, for an aligned pointer)
-    const Tensor dy_like = x.new_empty({x.size(0), weight.size(0)});
-    if (small_m_dx_unsupported(dy_like, weight, lora_A, lora_B, pf) == nullptr) return "small_m sm90";
-  }
+  if (small_m_dx_unsupported(x, weight, lora_A, lora_B, pf) == nullptr) return "small_m sm90";
   const bool bits = pf > 0.0f && lk::dropout_bits_used(to_dtype(x, "x"), to_dtype(lora_A, "lora_A"));
   const char* why = dx_sm90_unsupported(x, weight, pf, bits);
   if (why != nullptr) return std::string("cublas: ") + why;
