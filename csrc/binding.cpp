@@ -1177,8 +1177,9 @@ int64_t set_shrink_drop_ring(int64_t stages) {
 
 // Which path a forward with these inputs takes: "small_m" (one launch, csrc/small_m.cu; "small_m sm90" where it runs
 // the Hopper kernel of csrc/small_m_sm90.cu), "sm90 fused (small_m: <why
-// not>)" or "sm90 fused lead (small_m: <why not>)" (csrc/fused_fwd_sm90.h; followed by " 128x256 cooperative" where
-// the lead tiles take the wide variant), or gemm_path's answer followed by " (fused: <why not>) (small_m: <why not>)".
+// not>)" or "sm90 fused lead (small_m: <why not>)" (csrc/fused_fwd_sm90.h; followed by " one launch" where no prep
+// launch runs, " cluster-split u" where the split variant runs and " 128x256 cooperative" where the lead tiles take
+// the wide variant), or gemm_path's answer followed by " (fused: <why not>) (small_m: <why not>)".
 // Checks what lora_forward checks first (the call would fail otherwise).
 std::string forward_path(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                          const Tensor& lora_A, const Tensor& lora_B, double p) {
@@ -1194,7 +1195,8 @@ std::string forward_path(const Tensor& x, const Tensor& weight, const std::optio
     const lk::FusedFwdArgs a = fused_args(x, weight, has_bias ? &*bias : nullptr, lora_A, lora_B, 1.0, p, lead);
     const bool wide = lead && lk::lora_fused_fwd_sm90_wide(a);
     return std::string(lead ? "sm90 fused lead" : "sm90 fused") + " (small_m: " + why + ")" +
-           (lk::lora_fused_fwd_sm90_direct(a) ? " one launch" : "") + (wide ? " 128x256 cooperative" : "");
+           (lk::lora_fused_fwd_sm90_direct(a) ? " one launch" : "") +
+           (lead && lk::lora_fused_fwd_sm90_split(a) ? " cluster-split u" : "") + (wide ? " 128x256 cooperative" : "");
   }
   return gemm_path(x, weight, bias) + " (fused: " + why_fused + ") (small_m: " + why + ")";
 }
@@ -1207,6 +1209,10 @@ bool set_small_m(bool enabled) { return small_m_switch().exchange(enabled); }
 int64_t set_fused_forward(int64_t mode) {
   return fused_mode().exchange(mode == 2 ? 2 : mode > 0 ? 1 : mode == 0 ? 0 : -1);
 }
+
+// Sets the fused forward's split variant for this process (-1 the default: N <= 1024 and r <= 32 where the wide lead
+// tiles would run on the adapters as they are; 0 never; 1 wherever it can run); returns the previous mode.
+int64_t set_fused_split(int64_t mode) { return lk::set_fused_split(mode > 0 ? 1 : mode == 0 ? 0 : -1); }
 
 // Sets dA beside the dx GEMM for this process (-1 the cost model's choice, 0 never, n > 0 n SMs); returns the previous.
 int64_t set_dA_beside(int64_t mode) { return dA_beside_mode().exchange(mode > 0 ? (int)mode : mode == 0 ? 0 : -1); }
@@ -1227,6 +1233,7 @@ TORCH_LIBRARY(lora_kernels_cuda, m) {
   m.def("set_small_m_sm90(bool enabled) -> bool", &lk::set_small_m_sm90);
   m.def("set_small_m_sm90_dx(bool enabled) -> bool", &lk::set_small_m_sm90_dx);
   m.def("set_fused_forward(int mode) -> int", &set_fused_forward);
+  m.def("set_fused_split(int mode) -> int", &set_fused_split);
   m.def("set_dA_beside(int mode) -> int", &set_dA_beside);
   m.def("dA_beside_blocks(Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, float p) -> int");
   m.def(

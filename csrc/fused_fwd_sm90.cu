@@ -17,6 +17,7 @@
 #include "philox.cuh"
 #include "plans.cuh"
 
+#include <atomic>
 #include <cstdlib>
 
 namespace lora_kernels {
@@ -158,6 +159,23 @@ bool lora_fused_fwd_sm90_wide(const FusedFwdArgs& a) {
   return lora_gemm_sm90_pick(g, num_sms()).config == GemmConfig::kCoop128x256_c12 && (a.N + 255) / 256 >= sp.tiles;
 }
 
+namespace {
+int env_split_mode() {
+  const char* s = std::getenv("LORA_KERNELS_FUSED_SPLIT");
+  return s == nullptr || *s == 0 ? -1 : std::atoi(s) > 0 ? 1 : 0;
+}
+std::atomic<int> split_mode{env_split_mode()};
+}  // namespace
+
+int set_fused_split(int mode) { return split_mode.exchange(mode > 0 ? 1 : mode == 0 ? 0 : -1); }
+
+bool lora_fused_fwd_sm90_split(const FusedFwdArgs& a) {
+  const int mode = split_mode.load(std::memory_order_relaxed);
+  if (mode == 0 || a.p > 0.f || !lora_fused_fwd_sm90_direct(a) || !lora_fused_fwd_sm90_wide(a)) return false;
+  // r <= 32: at r = 64 the 64 x 64 u accumulator and the exchange's sums spill registers (ptxas, 332 bytes)
+  return mode > 0 || (a.N <= 4 * 256 && a.r <= 32);
+}
+
 bool lora_fused_fwd_sm90_direct(const FusedFwdArgs& a) {
   // With one piece lead tile t's u columns t rc .. (Split) are lora_A's rows t rc .., which its slot's box (kApRows
   // rows, the first rc multiplied) loads from there, and Bx's columns are lora_B's; TMA fills the rows and columns
@@ -176,6 +194,33 @@ cudaError_t launch_lora_fused_fwd_sm90(const FusedFwdArgs& a, cudaStream_t strea
     return cudaErrorNotSupported;
 #if LORA_KERNELS_HAVE_SM90_GEMM
   const int pieces = adapter_pieces(a.x_dtype, a.a_dtype);
+  if (lora_fused_fwd_sm90_split(a)) {  // one launch: no prep, no workspace, no counters
+    sm90fused::FusedParams f;
+    f.M = (int)a.M;
+    f.N = (int)a.N;
+    f.r = a.r;
+    f.blocks = 1;
+    f.pieces = 1;
+    f.lead = 0;
+    f.ap_pitch = 0;
+    f.ready_target = 0;
+    f.width = (a.r + 15) / 16 * 16;
+    f.k_tiles_main = (int)ceil_div(a.K, 64);
+    f.kb_ext = (a.r + 15) / 16;
+    f.scale = a.scale;
+    f.keep = nullptr;
+    f.groups = dropout_groups(a.K);
+    f.u = a.u;
+    f.su = const_cast<void*>(a.x);  // never read: the expand's A comes from registers (its descriptor needs an address)
+    f.ready = nullptr;
+    f.exit = nullptr;
+    f.debug = dev_knobs().debug;
+    f.strip = dev_knobs().strip;
+    f.ahead = 0;
+    sm90fused::Operands o{a.x, a.w, a.bias, a.lora_A, a.lora_B, a.y, a.col_scale, true};
+    return a.x_dtype == DType::kBFloat16 ? sm90fused::run_fused_split_bf16(o, f, a.K, num_sms(), stream)
+                                         : sm90fused::run_fused_split_fp16(o, f, a.K, num_sms(), stream);
+  }
   const sm90fused::Split sp = launch_split(a.M, a.N, a.r, pieces, a.lead);
   const Carve c = carve(a.M, a.N, a.K, sp);
   char* ws = static_cast<char*>(a.workspace);

@@ -38,6 +38,16 @@
 //         the epilogue does not overlap the next tile's main loop, which the K-tiles of a large K hide. The sm_90
 //         GEMM's measurements (gemm_sm90.cu: 0.97-0.98x cuBLAS's time against 0.90-0.96x for 128 x 128 ping-pong on
 //         the large shapes) pick it where K and N >= 2048, and below N = 2048 where its tiles fill 1.5 waves.
+// Split:  the kSplit variant (wide, 16-bit adapters read as they are, no dropout) takes clusters of 1 x 4 tiles
+//         along N (x's tile multicast to all four) and no lead tiles: each CTA of a cluster computes u's products on
+//         every fourth K-tile (position t, t % 4 == its rank; a 64 x 16 ceil(r / 16) x 16 wgmma per 64 x 16 block of
+//         x), all r columns, summed per K-tile into fp32 registers; after the main loop the four partial sums go
+//         through distributed shared memory (each CTA's own buffer, read by all four; mbarriers with remote arrives,
+//         so that the producer warp takes no part), each CTA sums them in rank order (the same bits everywhere),
+//         and adds s·bf16(u) Bᵀ itself with one wgmma whose A operand is those registers (RS), B lora_B's tile of the
+//         extension stage. No ready counters, no waits on other clusters, no tile order constraint: the clusters
+//         walk the row blocks in order, so x is read from DRAM once, and u's products are spread evenly over the
+//         tiles (r / 1024 of a tile's MMAs where one cluster spans the row block, N <= 1024).
 // Launch: params built on the host; the kernel launched on the caller's stream with its cluster shape and as a
 //         programmatic dependent of the prep launch (pdl.cuh): its prologue runs under the prep's tail, and every
 //         thread waits for the prep (pdl_wait) before its first global access. Without the prep (16-bit adapters read
@@ -114,7 +124,9 @@ struct TileOrder {
   // Row serpentine: odd strips take their row blocks in decreasing order, so that a strip starts on the row blocks
   // whose x the strip before it read last (FusedParams::debug bit 10 turns it off).
   bool snake = true;
-  __host__ __device__ int items() const { return lead ? mt * ncl : mt * (1 + ncl); }
+  int cn = 2;          // tiles per cluster (along N)
+  bool split = false;  // the split variant: no u or lead items, every cluster an output cluster
+  __host__ __device__ int items() const { return split || lead ? mt * ncl : mt * (1 + ncl); }
   // (row block, tile column as the kernel counts them: 0, 1 the u tiles, 2 + n the output tile n) of item i, rank r
   __device__ void tile(int i, int rank, int& m, int& n) const {
     if (lead && ahead >= 0) {
@@ -132,39 +144,41 @@ struct TileOrder {
         m = mt - d + j / rest;
         col = lead + j % rest;
       }
-      n = 2 + 2 * col + rank;
+      n = 2 + cn * col + rank;
       return;
     }
-    const int first = lead ? mt * lead : mt;  // the items that compute u
+    const int first = split ? 0 : lead ? mt * lead : mt;  // the items that compute u
     if (i < first) {
       m = lead ? i / lead : i;
-      n = lead ? 2 + 2 * (i % lead) + rank : rank;
+      n = lead ? 2 + cn * (i % lead) + rank : rank;
       return;
     }
-    const int c0 = lead, cols = ncl - lead;  // the other output cluster columns: [c0, ncl)
+    const int c0 = split ? 0 : lead, cols = ncl - c0;  // the other output cluster columns: [c0, ncl)
     const int j = i - first, per_strip = mt * strip;
     const int g = j / per_strip, w = min(strip, cols - g * strip), jj = j - g * per_strip;
     m = snake && (g & 1) ? mt - 1 - jj / w : jj / w;
-    n = 2 + 2 * (c0 + g * strip + jj % w) + rank;
+    n = 2 + cn * (c0 + g * strip + jj % w) + rank;
   }
 };
 
 // kLead: the lead-tile variant (u computed by each row block's first output tiles), a kernel of its own so that the
 // u-tile kernel's code is what was measured. kDrop: the lead tiles with dropout (fp32 adapters on bf16 x), also a
 // kernel of its own: x's masked copy in registers takes 32 more per consumer thread, which the other lead variants'
-// register allocation must not pay for.
-template <class Element, bool kLead, bool kDrop = false, bool kWide = false>
+// register allocation must not pay for. kSplit: the split variant (Split above), on the wide variant's schedule.
+template <class Element, bool kLead, bool kDrop = false, bool kWide = false, bool kSplit = false>
 struct FusedFwd {
   static_assert(!kDrop || (kLead && cute::is_same_v<Element, cutlass::bfloat16_t>),
                 "dropout lead tiles: bf16 x with fp32 adapters' 3 pieces");
   static_assert(!kWide || (kLead && !kDrop), "the wide (cooperative) variant: lead tiles without dropout");
+  static_assert(!kSplit || kWide, "the split variant runs on the wide variant's tiles and schedule");
   // ---------------------------------------------------------------------------------------------- types
   using Tile = cute::conditional_t<kWide, Shape<_128, _256, _64>, Shape<_128, _128, _64>>;
   static constexpr int kTileN = size<1>(Tile{});
   // consumer warpgroups per tile: 2 (cooperative, 64 rows each) or 1 (ping-pong, all 128 rows)
   static constexpr int kTileWgs = kWide ? 2 : 1;
   static constexpr int kHalves = 2 / kTileWgs;  // 64-row halves of the tile per consumer thread
-  using Cluster = Shape<_1, _2, _1>;
+  static constexpr int kCn = kSplit ? 4 : 2;  // tiles per cluster, along N (x's tile multicast to each)
+  using Cluster = Shape<_1, Int<kCn>, _1>;
   using LayoutA = cutlass::layout::RowMajor;
   using LayoutB = cutlass::layout::ColumnMajor;  // W (N, K) row-major
   using LayoutD = cutlass::layout::RowMajor;
@@ -172,10 +186,15 @@ struct FusedFwd {
   static constexpr int kUTiles = 2;  // u tiles per row block: one cluster
   // Lead tiles: a kApRows x 64 slot of lora_A's pieces next to each stage's x and W tiles (4 KB), for at most 6
   // stages (the count the carveout leaves for 128 x 128 x 64 16-bit tiles: 6 with or without the slots; 128 x 256
-  // tiles: 3, the carveout counting 4 slots).
-  static constexpr int kApSlotElems = kApRows * 64;
-  static constexpr int kApSlotStages = kWide ? 4 : 6;
-  static constexpr int kApSlotCarveout = kLead ? kApSlotStages * kApSlotElems * 2 : 0;
+  // tiles: 3, the carveout counting 4 slots). The split variant: 64 rows (all of lora_A's r <= 64), 3 slots.
+  static constexpr int kSlotRows = kSplit ? 64 : kApRows;
+  static constexpr int kApSlotElems = kSlotRows * 64;
+  static constexpr int kApSlotStages = kSplit ? 3 : kWide ? 4 : 6;
+  // The split variant's exchange of u's partial sums: per consumer warpgroup, each thread's fragment of a 64 x 64
+  // fp32 sum (at most 32 floats, as 8 float4 rows of 128 threads), and two mbarriers (full, empty) per warpgroup.
+  static constexpr int kXuFloats = kSplit ? 2 * 32 * 128 : 4;
+  static constexpr int kApSlotCarveout =
+      (kLead ? kApSlotStages * kApSlotElems * 2 : 0) + (kSplit ? kXuFloats * 4 + 64 : 0);
   // y = alpha ⊙ acc + bias: alpha the scalar 1, or DoRA's per-column scale from a pointer (CUTLASS's row
   // broadcast takes a null pointer as "use the scalar"); the main loop keeps its 6 stages with this epilogue
   // (bench/dev/epilogue_probe.cu).
@@ -213,9 +232,10 @@ struct FusedFwd {
   static_assert(!kWide || kStages >= 3, "the wide tile keeps 3 stages");
   static constexpr int kMmaThreads = kTileWgs * cutlass::NumThreadsPerWarpGroup;  // threads that share a tile
   using IB = typename Mainloop::InternalElementB;
-  using SmemLayoutApStage = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{}, Shape<Int<kApRows>, _64>{}));
+  using SmemLayoutApStage = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{},
+                                                   Shape<Int<kSlotRows>, _64>{}));
   using SmemLayoutAp = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{},
-                                              Shape<Int<kApRows>, _64, Int<kStages>>{}));
+                                              Shape<Int<kSlotRows>, _64, Int<kStages>>{}));
   using GmemLayoutAp = Layout<Shape<int, int>, Stride<int64_t, _1>>;  // (tiles * kApRows, K) row-major
   using TMA_Ap = decltype(make_tma_copy(SM90_TMA_LOAD{},
                                         make_tensor(make_gmem_ptr(static_cast<IB const*>(nullptr)), GmemLayoutAp{}),
@@ -223,11 +243,13 @@ struct FusedFwd {
   struct SharedStorage {
     typename Base::SharedStorage base;
     alignas(1024) cute::array_aligned<Element, kLead ? kApSlotElems * kStages : 8> ap;  // the lead tiles' slots
+    alignas(16) float xu[kXuFloats];  // the split variant's partial sums of u: [warpgroup][float4 row j][thread]
+    alignas(8) uint64_t xbar[4];      // ... and their mbarriers: full[warpgroup], empty[warpgroup]
   };
   static constexpr int kTileK = 64;
   static_assert(Mainloop::K_PIPE_MMAS == 1, "the consumer loops keep one MMA batch in flight");
   static_assert(!cute::is_same_v<typename Mainloop::GmemTiledCopyB, SM90_TMA_LOAD_MULTICAST>,
-                "B tiles differ across the cluster (1 x 2 along N)");
+                "B tiles differ across the cluster (1 x kCn along N)");
 
   struct Params {
     typename Base::Params gemm;  // main loop (x, W), epilogue, problem_shape (M, N, Kt); scheduler unused
@@ -592,6 +614,151 @@ struct FusedFwd {
     warpgroup_fence_operand(accum);
   }
 
+  // The split variant's exchange: mbarriers in each CTA's shared memory, arrived at from any CTA of the cluster
+  // (release at cluster scope, so that the arriving warpgroup's writes of its buffer are visible to the readers)
+  // and waited for with acquire at cluster scope.
+  CUTLASS_DEVICE static uint32_t smem_u32(void const* p) { return cute::cast_smem_ptr_to_uint(p); }
+  CUTLASS_DEVICE static uint32_t cluster_addr(uint32_t local, int cta) {
+    uint32_t remote;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(cta));
+    return remote;
+  }
+  CUTLASS_DEVICE static void arrive_cluster(uint32_t local_bar, int cta) {
+    asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(cluster_addr(local_bar, cta))
+                 : "memory");
+  }
+  CUTLASS_DEVICE static void wait_cluster(uint32_t bar, uint32_t parity) {
+    uint32_t done = 0;
+    do {
+      asm volatile(
+          "{\n .reg .pred p;\n mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
+          " selp.u32 %0, 1, 0, p;\n}\n"
+          : "=r"(done)
+          : "r"(bar), "r"(parity)
+          : "memory");
+    } while (!done);
+  }
+  CUTLASS_DEVICE static float4 ld_cluster4(uint32_t addr) {
+    float4 v;
+    asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];"
+                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+                 : "r"(addr)
+                 : "memory");
+    return v;
+  }
+
+  // After a split tile's main loop (its share of u's products in acc, per thread the D fragment's (2 adjacent
+  // columns) x (2 rows 8 apart) x (Blocks groups of 8 columns) of the warpgroup's 64 x kNW partial sum):
+  //  1. exchange: the warpgroup writes acc into its buffer (float4 row j = group j's 4 values, [j][thread]), once
+  //     every warpgroup of the cluster has read the previous tile's (empty); counts itself into the full mbarrier of
+  //     each CTA of the cluster; waits for its own (all kCn partial sums written); reads the kCn buffers of its rows
+  //     (its own warpgroup index in each CTA) and sums them in rank order from zero, so that every CTA holds the same
+  //     bits; counts itself into each CTA's empty mbarrier.
+  //  2. u = scale · sum: written (fp32, the backward's) by the row block's first cluster, each CTA its column groups
+  //     b % kCn == rank; rounded to x's dtype into the A fragment of an RS wgmma (64 x 256 x 16: the D fragment's
+  //     (row, column) pairs are the A fragment's, value v0 + 2 v1 + 4 v2 = (column + v0, row + 8 v1, column + 8 v2)).
+  //  3. the extension stage (its B slot: lora_B's tile, columns past r TMA's zeros; its A slot unused): accum +=
+  //     bf16(u) Bxᵀ over ceil(kNW / 16) k-blocks. The caller releases the stage (release_last).
+  template <int Blocks, class Accum, class UAcc, class CoordTensor>
+  CUTLASS_DEVICE static void split_expand(MainloopPipeline& pipeline, PipelineState read, Accum& accum,
+                                          UAcc const& acc, CoordTensor const& cU,
+                                          typename Mainloop::TensorStorage& smem, FusedParams const& f, int m_blk,
+                                          bool write_u, int rank, int wg, int wg_thread, int tile_i, float* xu,
+                                          uint64_t* xbar) {
+    static_assert(Blocks % 2 == 0 && Blocks <= 8, "k-blocks of 16 u columns, at most 64");
+    float4* mine = reinterpret_cast<float4*>(xu) + wg * 8 * cutlass::NumThreadsPerWarpGroup;
+    const uint32_t full = smem_u32(xbar + wg), empty = smem_u32(xbar + 2 + wg);
+    if (tile_i > 0) wait_cluster(empty, uint32_t(tile_i - 1) & 1u);
+    CUTLASS_PRAGMA_UNROLL
+    for (int b = 0; b < Blocks; ++b)
+      mine[b * cutlass::NumThreadsPerWarpGroup + wg_thread] =
+          make_float4(acc(make_coord(0, 0, b), 0, 0), acc(make_coord(1, 0, b), 0, 0), acc(make_coord(0, 1, b), 0, 0),
+                      acc(make_coord(1, 1, b), 0, 0));
+    asm volatile("fence.acq_rel.cluster;" ::: "memory");
+    cutlass::arch::NamedBarrier::sync(cutlass::NumThreadsPerWarpGroup, wg);
+    if (wg_thread == 0) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int c = 0; c < kCn; ++c) arrive_cluster(full, c);
+    }
+    wait_cluster(full, uint32_t(tile_i) & 1u);
+    float4 sum[Blocks];
+    CUTLASS_PRAGMA_UNROLL
+    for (int b = 0; b < Blocks; ++b) sum[b] = make_float4(0.f, 0.f, 0.f, 0.f);
+    const uint32_t own = smem_u32(mine + wg_thread);
+    constexpr int kChunk = Blocks < 4 ? Blocks : 4;  // float4 loads in flight per CTA read (registers: 4 per load)
+    CUTLASS_PRAGMA_UNROLL
+    for (int b0 = 0; b0 < Blocks; b0 += kChunk)
+      CUTLASS_PRAGMA_UNROLL
+      for (int c = 0; c < kCn; ++c) {
+        const uint32_t at = cluster_addr(own, c);
+        float4 v[kChunk];
+        CUTLASS_PRAGMA_UNROLL
+        for (int b = 0; b < kChunk; ++b) v[b] = ld_cluster4(at + (b0 + b) * cutlass::NumThreadsPerWarpGroup * 16);
+        CUTLASS_PRAGMA_UNROLL
+        for (int b = 0; b < kChunk; ++b) {
+          sum[b0 + b].x += v[b].x;
+          sum[b0 + b].y += v[b].y;
+          sum[b0 + b].z += v[b].z;
+          sum[b0 + b].w += v[b].w;
+        }
+      }
+    cutlass::arch::NamedBarrier::sync(cutlass::NumThreadsPerWarpGroup, wg);  // every thread's reads are back
+    if (wg_thread == 0) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int c = 0; c < kCn; ++c) arrive_cluster(empty, c);
+    }
+
+    float u[2][Blocks][2];  // [row + 8 h][group b][column + c]
+    CUTLASS_PRAGMA_UNROLL
+    for (int b = 0; b < Blocks; ++b) {
+      u[0][b][0] = sum[b].x * f.scale;
+      u[0][b][1] = sum[b].y * f.scale;
+      u[1][b][0] = sum[b].z * f.scale;
+      u[1][b][1] = sum[b].w * f.scale;
+    }
+    if (write_u && !(f.debug & 16)) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int h = 0; h < 2; ++h)
+        CUTLASS_PRAGMA_UNROLL
+        for (int b = 0; b < Blocks; ++b)
+          CUTLASS_PRAGMA_UNROLL
+          for (int c = 0; c < 2; ++c) {
+            if (b % kCn != rank) continue;
+            const auto rc = cU(make_coord(c, h, 0), 0, 0);  // group 0: its column is c0 + c < 8
+            const int row = m_blk * 128 + 64 * wg + get<0>(rc), col = 8 * b + get<1>(rc);
+            if (row < f.M && col < f.r) f.u[(int64_t)row * f.r + col] = u[h][b][c];
+          }
+    }
+
+    using XAtom = decltype(GMMA::rs_op_selector<Element, Element, float, Shape<_64, Int<kTileN>, _64>,
+                                                GMMA::Major::K, GMMA::Major::K>());
+    using XMma = decltype(make_tiled_mma(XAtom{}));
+    XMma xmma;
+    auto thr_x = xmma.get_slice(wg_thread);
+    Tensor sA = make_tensor(make_smem_ptr(smem.smem_A.data()), SmemLayoutA{});
+    Tensor sB = make_tensor(make_smem_ptr(smem.smem_B.data()), SmemLayoutB{});
+    auto sAu = flat_divide(sA, Shape<_64, _64>{})(_, _, wg, 0, _);  // (64, 64, PIPE): the warpgroup's rows
+    Tensor tXrA = thr_x.partition_fragment_A(sAu(_, _, 0));          // (MMA, 1, 4) registers
+    Tensor tXrB = thr_x.make_fragment_B(thr_x.partition_B(sB));      // (MMA, 1, 4, PIPE)
+    static_assert(decltype(size<0>(tXrA))::value == 8 && decltype(size<2>(tXrA))::value == 4,
+                  "8 values per thread per 64 x 16 k-block, 4 k-blocks");
+    constexpr int KB = Blocks / 2;
+    CUTLASS_PRAGMA_UNROLL
+    for (int kb = 0; kb < KB; ++kb)
+      CUTLASS_PRAGMA_UNROLL
+      for (int v = 0; v < 8; ++v) tXrA(v, 0, kb) = Element(u[(v >> 1) & 1][2 * kb + (v >> 2)][v & 1]);
+    auto token = pipeline.consumer_try_wait(read);
+    pipeline.consumer_wait(read, token);
+    const int stage = read.index();
+    warpgroup_fence_operand(tXrA);
+    warpgroup_fence_operand(accum);
+    warpgroup_arrive();
+    CUTLASS_PRAGMA_UNROLL
+    for (int kb = 0; kb < KB; ++kb) cute::gemm(xmma, tXrA(_, _, kb), tXrB(_, _, kb, stage), accum);
+    warpgroup_commit_batch();
+    warpgroup_fence_operand(accum);
+  }
+
   // Dropout in a u tile: its copy of x's K-tile t (128 x 64 in the stage's A slot, swizzled in 16-byte chunks of 8
   // elements) masked in place. Chunk (row, c) of thread chunk i (g = thread + 128 i: row g / 8, c = g % 8) is the
   // 8-group (m, k8) = (128 m_blk + row, 8 t + c), whose keep byte the caller loaded into kb[i] (load_keep: one K-tile
@@ -719,6 +886,111 @@ struct FusedFwd {
     }
   }
 
+  // A tile of the split variant (kNW = 8 Blocks = 16 ceil(r / 16) u columns): the main loop, in which the K-tiles
+  // at positions t % kCn == rank (this CTA's share) also run a 64 x kNW x 16 wgmma per 64 x 16 block of x (the
+  // warpgroup's rows) by the stage's slot of lora_A's rows, in the same batch, ahead of the main wgmmas. u's products
+  // accumulate in the wgmma accumulator over the share's K-tiles (a quarter of K: the tensor cores' sum is far
+  // inside the tolerance of a 16-bit u; fp32 adapters, whose baseline is an fp32 u, do not take this variant). Then
+  // split_expand. One loop for every K-tile, the u accumulator zeroed before it, as in mma_lead (ptxas C7515).
+  template <int Blocks, class Accum>
+  CUTLASS_DEVICE static void mma_split(MainloopPipeline& pipeline, PipelineState read, Accum& accum, int k_tiles,
+                                       int thread_idx, typename Mainloop::TensorStorage& smem, Element* ap_slots,
+                                       FusedParams const& f, int m_blk, int rank, int wg, int tile_i, bool write_u,
+                                       float* xu, uint64_t* xbar) {
+    constexpr int kNW = 8 * Blocks;
+    static_assert(kNW == 16 || kNW == 32 || kNW == 64, "u's columns rounded up to 16, at most 64");
+    using UMma = decltype(make_tiled_mma(GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kNW>, _64>,
+                                                              GMMA::Major::K, GMMA::Major::K>()));
+    using SmemLayoutU = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{}, Shape<Int<kNW>, _64>{}));
+    const int wg_thread = thread_idx % cutlass::NumThreadsPerWarpGroup;
+    Tensor sA = make_tensor(make_smem_ptr(smem.smem_A.data()), SmemLayoutA{});
+    Tensor sB = make_tensor(make_smem_ptr(smem.smem_B.data()), SmemLayoutB{});
+    TiledMma tiled_mma;
+    auto thr = tiled_mma.get_slice(thread_idx);
+    Tensor tCrA = thr.make_fragment_A(thr.partition_A(sA));
+    Tensor tCrB = thr.make_fragment_B(thr.partition_B(sB));
+    auto sAu = flat_divide(sA, Shape<_64, _64>{})(_, _, wg, 0, _);  // (64, 64, PIPE): the warpgroup's rows
+    UMma umma;
+    auto thr_u = umma.get_slice(wg_thread);
+    Tensor tUrA = thr_u.make_fragment_A(thr_u.partition_A(sAu));  // (MMA, 1, 4, PIPE)
+    Tensor acc = partition_fragment_C(umma, Shape<_64, Int<kNW>>{});
+    clear(acc);
+    warpgroup_fence_operand(acc);
+    umma.accumulate_ = GMMA::ScaleOut::One;
+    tiled_mma.accumulate_ = GMMA::ScaleOut::Zero;
+    PipelineState release = read;
+    const int kt_main = k_tiles - 1;
+    const bool u_on = !(f.debug & 64);  // debug bit 6: no u products (wrong u and y: timing only)
+    for (int t = 0; t < kt_main; ++t) {
+      auto token = pipeline.consumer_try_wait(read);
+      pipeline.consumer_wait(read, token);
+      const int stage = read.index();
+      auto main_mmas = [&] {
+        CUTLASS_PRAGMA_UNROLL
+        for (int k_block = 0; k_block < size<2>(tCrA); ++k_block) {
+          cute::gemm(tiled_mma, tCrA(_, _, k_block, stage), tCrB(_, _, k_block, stage), accum);
+          tiled_mma.accumulate_ = GMMA::ScaleOut::One;
+        }
+      };
+      // each branch a whole batch (arrive to commit), so that no register move of the untouched u accumulator
+      // lands inside a batch (ptxas then injects arrives: C7519)
+      if (u_on && t % kCn == rank) {
+        Tensor sU = make_tensor(make_smem_ptr(ap_slots + stage * kApSlotElems), SmemLayoutU{});
+        Tensor tUrB = thr_u.make_fragment_B(thr_u.partition_B(sU));  // (MMA, 1, 4)
+        warpgroup_fence_operand(accum);
+        warpgroup_fence_operand(acc);
+        warpgroup_arrive();
+        CUTLASS_PRAGMA_UNROLL
+        for (int k_block = 0; k_block < size<2>(tUrA); ++k_block)
+          cute::gemm(umma, tUrA(_, _, k_block, stage), tUrB(_, _, k_block), acc);
+        main_mmas();
+        warpgroup_commit_batch();
+      } else {
+        warpgroup_fence_operand(accum);
+        warpgroup_arrive();
+        main_mmas();
+        warpgroup_commit_batch();
+      }
+      warpgroup_wait<1>();  // K-tile t - 1's batch is done
+      warpgroup_fence_operand(accum);
+      warpgroup_fence_operand(acc);
+      if (t > 0) {  // K-tile t - 1's stage
+        pipeline.consumer_release(release);
+        ++release;
+      }
+      ++read;
+    }
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(accum);
+    warpgroup_fence_operand(acc);
+    if (kt_main > 0) {  // the last main K-tile's stage
+      pipeline.consumer_release(release);
+      ++release;
+    }
+    split_expand<Blocks>(pipeline, read, accum, acc,
+                         thr_u.partition_C(make_identity_tensor(Shape<_64, Int<kNW>>{})), smem, f, m_blk, write_u,
+                         rank, wg, wg_thread, tile_i, xu, xbar);
+  }
+
+  // A tile of the split variant at this launch's u width (kb_ext k-blocks of 16 u columns).
+  template <class Accum>
+  CUTLASS_DEVICE static void split_tile(MainloopPipeline& pipeline, PipelineState read, Accum& accum, int k_tiles,
+                                        int thread_idx, typename Mainloop::TensorStorage& smem, Element* ap_slots,
+                                        FusedParams const& f, int m_blk, int rank, int wg, int tile_i, bool write_u,
+                                        float* xu, uint64_t* xbar) {
+    if constexpr (kSplit) {
+      if (f.kb_ext == 1)
+        mma_split<2>(pipeline, read, accum, k_tiles, thread_idx, smem, ap_slots, f, m_blk, rank, wg, tile_i, write_u,
+                     xu, xbar);
+      else if (f.kb_ext == 2)
+        mma_split<4>(pipeline, read, accum, k_tiles, thread_idx, smem, ap_slots, f, m_blk, rank, wg, tile_i, write_u,
+                     xu, xbar);
+      else
+        mma_split<8>(pipeline, read, accum, k_tiles, thread_idx, smem, ap_slots, f, m_blk, rank, wg, tile_i, write_u,
+                     xu, xbar);
+    }
+  }
+
   // After a tile's main loop: its last stage's batch waited for, that stage released.
   CUTLASS_DEVICE static void release_last(MainloopPipeline& pipeline, PipelineState read, int k_tiles) {
     read.advance(k_tiles - 1);
@@ -778,7 +1050,7 @@ struct FusedFwd {
       cute::prefetch_tma_descriptor(params.tma_ap.get_tma_descriptor());
       cute::prefetch_tma_descriptor(params.tma_su.get_tma_descriptor());
       cute::prefetch_tma_descriptor(params.tma_bx.get_tma_descriptor());
-      if (f.lead > 0) cute::prefetch_tma_descriptor(params.tma_apl.get_tma_descriptor());
+      if (f.lead > 0 || kSplit) cute::prefetch_tma_descriptor(params.tma_apl.get_tma_descriptor());
       Epilogue::prefetch_tma_descriptors(params.gemm.epilogue);
     }
 
@@ -789,6 +1061,13 @@ struct FusedFwd {
     pp.num_consumers = kMmaThreads;
     pp.transaction_bytes = mp.tma_transaction_bytes;
     MainloopPipeline pipeline(shared.base.pipelines.mainloop, pp, Cluster{});
+    if constexpr (kSplit) {  // the exchange's mbarriers: one arrive per CTA of the cluster completes a phase
+      if (warp_idx == 0 && lane_predicate) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int i = 0; i < 4; ++i) cutlass::arch::ClusterBarrier::init(&shared.xbar[i], kCn);
+        cutlass::arch::fence_barrier_init();
+      }
+    }
 
     using EpiLoadPipeline = typename Epilogue::LoadPipeline;
     typename EpiLoadPipeline::Params elp;
@@ -824,7 +1103,7 @@ struct FusedFwd {
     auto problem = params.gemm.problem_shape;
     const int M = get<0>(problem), N = get<1>(problem), L = 1;
     const int k_tiles = f.k_tiles_main + 1;
-    const int n_tiles_sched = 2 * params.order.ncl + kUTiles;  // tile columns (trace records)
+    const int n_tiles_sched = kCn * params.order.ncl + kUTiles;  // tile columns (trace records)
     auto blk_shape = Tile{};
     auto c_tile_count = Epilogue::get_load_pipe_increment(blk_shape);
     auto d_tile_count = Epilogue::get_store_pipe_increment(blk_shape);
@@ -866,10 +1145,10 @@ struct FusedFwd {
       Tensor sB = make_tensor(make_smem_ptr(shared.base.tensors.mainloop.smem_B.data()), SmemLayoutB{});
       // the lead tiles' slots of lora_A's pieces: lead tile t's (kApRows, 64) boxes start at row t ap_pitch
       auto ta_apl = params.tma_apl.get_slice(0);
-      Tensor mApl = params.tma_apl.get_tma_tensor(make_shape(max(f.lead, 1) * f.ap_pitch + kApRows, K));
+      Tensor mApl = params.tma_apl.get_tma_tensor(make_shape(max(f.lead, 1) * f.ap_pitch + kSlotRows, K));
       Tensor tAplS = ta_apl.partition_D(
           make_tensor(make_smem_ptr(reinterpret_cast<IB*>(shared.ap.data())), SmemLayoutAp{}));
-      // x and su multicast to both blocks of the cluster (one row block); W, Ap, Bx per block
+      // x and su multicast to every block of the cluster (one row block); W, Ap, Bx per block
       const uint2 cid = {block_rank % size<0>(Cluster{}), block_rank / size<0>(Cluster{})};
       auto ta_x = mp.tma_load_a.get_slice(cid.y);
       auto ta_su = params.tma_su.get_slice(cid.y);
@@ -895,7 +1174,7 @@ struct FusedFwd {
         const bool k_down = !kDrop && !u_tile && !(f.debug & 512) && ((item / stride) & 1);
         Tensor tAplG = ta_apl.partition_S(  // (TMA, TMA_M, TMA_K, k)
             local_tile(domain_offset(make_coord(lead_tile ? n_out * f.ap_pitch : 0, 0), mApl),
-                       Shape<Int<kApRows>, _64>{}, make_coord(0, _)));
+                       Shape<Int<kSlotRows>, _64>{}, make_coord(0, _)));
         Tensor tAgX = ta_x.partition_S(gX(_, _, m_blk, _, 0));     // (TMA, TMA_M, TMA_K, k)
         Tensor tAgSu = ta_su.partition_S(gSu(_, _, m_blk, _, 0));
         Tensor tBgW = tb_w.partition_S(gW(_, _, u_tile ? 0 : n_tile - kUTiles, _, 0));
@@ -903,7 +1182,7 @@ struct FusedFwd {
         Tensor tBgBx = tb_bx.partition_S(gBx(_, _, u_tile ? 0 : n_tile - kUTiles, _, 0));
         for (int k = 0; k < k_tiles; ++k) {
           const bool ext = k == f.k_tiles_main;
-          if (ext && !u_tile && !(f.debug & 1)) {  // bf16(u) of this row block: wait until both u tiles wrote it
+          if (!kSplit && ext && !u_tile && !(f.debug & 1)) {  // bf16(u) of this row block: wait until both u tiles wrote it
             const uint32_t w0 = (f.debug & 16) ? globaltimer_lo() : 0;
             while (ld_acquire(f.ready + m_blk) < f.ready_target) __nanosleep(128);
             fence_proxy_async_global();
@@ -918,12 +1197,18 @@ struct FusedFwd {
           auto* bar = pipeline.producer_get_barrier(producer_state);
           const int stage = producer_state.index();
           const int kk = ext ? 0 : k_down ? f.k_tiles_main - 1 - k : k;  // the K-tile this stage holds
-          if (kLead && lead_tile && !ext) {  // the slot's bytes on the stage's barrier, declared before any copy
+          // the slot: a lead tile's every main K-tile; a split tile's at positions k % kCn == its rank
+          const bool slot = kSplit ? (!ext && k % kCn == rank) : (kLead && lead_tile && !ext);
+          if (slot) {  // the slot's bytes on the stage's barrier, declared before any copy
             pipeline.producer_expect_transaction(producer_state, kApSlotElems * 2);
             copy(params.tma_apl.with(*bar), tAplG(_, _, _, kk), tAplS(_, _, _, stage));
           }
           if (ext && !u_tile) {
-            copy(params.tma_su.with(*bar, mcast_a), tAgSu(_, _, _, 0), tAsA(_, _, _, stage));
+            if constexpr (kSplit)  // A slot unused (the expand's A is in registers): the last K-tile's x again
+              copy(mp.tma_load_a.with(*bar, mcast_a), tAgX(_, _, _, k_down ? 0 : f.k_tiles_main - 1),
+                   tAsA(_, _, _, stage));
+            else
+              copy(params.tma_su.with(*bar, mcast_a), tAgSu(_, _, _, 0), tAsA(_, _, _, stage));
             copy(params.tma_bx.with(*bar), tBgBx(_, _, _, 0), tBsB(_, _, _, stage));
           } else {
             copy(mp.tma_load_a.with(*bar, mcast_a), tAgX(_, _, _, kk), tAsA(_, _, _, stage));
@@ -949,6 +1234,7 @@ struct FusedFwd {
       // tile waited for once, after the loop
       const int mma_thread = thread_idx - cutlass::NumThreadsPerWarpGroup;  // 0 .. 255 over both warpgroups
       bool stored = false;
+      int tile_i = 0;  // tiles done (the split variant's exchange phases)
       for (; item < items; item += stride) {
         int m_blk, n_tile;
         to.tile(item, rank, m_blk, n_tile);
@@ -959,8 +1245,13 @@ struct FusedFwd {
         }
         Tensor accum = partition_fragment_C(tiled_mma, take<0, 2>(blk_shape));
         const int n_out = n_tile - kUTiles;
-        lead_tile(pipeline, consumer_state, accum, k_tiles, mma_thread, shared.base.tensors.mainloop,
-                  shared.ap.data(), f, m_blk, n_out, wg);
+        if constexpr (kSplit)  // the row block's first cluster writes u
+          split_tile(pipeline, consumer_state, accum, k_tiles, mma_thread, shared.base.tensors.mainloop,
+                     shared.ap.data(), f, m_blk, rank, wg, tile_i, n_out < kCn, shared.xu, shared.xbar);
+        else
+          lead_tile(pipeline, consumer_state, accum, k_tiles, mma_thread, shared.base.tensors.mainloop,
+                    shared.ap.data(), f, m_blk, n_out, wg);
+        ++tile_i;
         if (trace && mma_thread == 0) rec[2] = globaltimer_lo();
         release_last(pipeline, consumer_state, k_tiles);
         consumer_state.advance(k_tiles);
@@ -974,6 +1265,10 @@ struct FusedFwd {
         if (trace && mma_thread == 0) rec[3] = globaltimer_lo();
       }
       if (stored) epilogue.store_tail(epi_load_pipeline, epi_load_state, epi_store_pipeline, epi_store_state);
+      // split: every CTA of the cluster has read this warpgroup's last buffer before the block may exit
+      if constexpr (kSplit) {
+        if (tile_i > 0) wait_cluster(smem_u32(shared.xbar + 2 + wg), uint32_t(tile_i - 1) & 1u);
+      }
     } else {
       for (; item < items; item += 2 * stride) {
         int m_blk, n_tile;
@@ -1060,10 +1355,12 @@ struct FusedFwd {
     p.gemm = Base::to_underlying_arguments(args, nullptr);
     p.gemm.problem_shape = {M, N, kt * kTileK, 1};
     p.order.mt = int((M + 127) / 128);
-    p.order.ncl = int((N + 2 * kTileN - 1) / (2 * kTileN));  // clusters of 1 x 2 tiles
+    p.order.ncl = int((N + kCn * kTileN - 1) / (kCn * kTileN));  // clusters of 1 x kCn tiles
     p.order.strip = f.strip > 0 ? f.strip : 4;
-    p.order.lead = f.lead > 0 ? (f.lead + 1) / 2 : 0;
-    p.order.ahead = (f.debug & 128) ? 0 : f.ahead > 0 ? f.ahead : -1;
+    p.order.cn = kCn;
+    p.order.split = kSplit;
+    p.order.lead = !kSplit && f.lead > 0 ? (f.lead + 1) / 2 : 0;
+    p.order.ahead = kSplit ? -1 : (f.debug & 128) ? 0 : f.ahead > 0 ? f.ahead : -1;
     p.order.snake = !(f.debug & 1024);
     using IA = typename Mainloop::InternalElementA;
     auto make_a = [&](void const* ptr, int rows, int cols, int ld) {  // (rows, cols) of a row pitch of ld

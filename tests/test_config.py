@@ -14,6 +14,7 @@ SOURCES = ("lora_kernels", "csrc", "bench", "tests", "build_backend", ".ci", "se
 NOT_SETTINGS = {"LORA_KERNELS_HAVE_SM90_GEMM",  # a preprocessor macro that setup.py defines
                 "LORA_KERNELS_GEMM_SM90_INSTANCE",  # the macro that writes one sm_90 GEMM instance
                 "LORA_KERNELS_FUSED_SM90_INSTANCE",  # the macro that writes one fused-forward instance
+                "LORA_KERNELS_FUSED_SM90_SPLIT_INSTANCE",  # ... and one of its split variant
                 "LORA_KERNELS_PROBE_NO_GDC",  # a macro of bench/dev's stream-K GEMM probe (csrc/gemm_sm90.cuh)
                 "LORA_KERNELS_NO_DEVICE_SMEM_PER_BLOCK"}  # a macro the host tests of csrc/plans.cu define
 

@@ -423,3 +423,120 @@ def test_wide_lead_tiles_op_grads_and_determinism():
     run_and_check("cuda", "cuda", torch.bfloat16, (1333,), 2048, 2304, 64, bias=False, p=0.0,
                   adapter_dtype=torch.bfloat16)
     assert_cuda_backend_deterministic(1333, 2048, 2048, 16)
+
+
+SPLIT = " cluster-split u"
+
+
+@pytest.fixture
+def fused_split():
+    """The split variant wherever it can run (set_fused_split(1)): clusters of four 128 x 256 tiles that share u's
+    K-tiles through distributed shared memory, in place of lead tiles (16-bit adapters read as they are, p = 0, the
+    wide tile)."""
+    previous = _cb().set_fused_split(1)
+    yield
+    _cb().set_fused_split(previous)
+
+
+@pytest.mark.skipif(SM90_TILE_FORCED, reason="LORA_KERNELS_SM90_GEMM_CONFIG forces the tile")
+def test_split_variant_where_it_runs():
+    """By default the split variant runs where the wide lead tiles would read 16-bit adapters as they are at p = 0,
+    N <= 1024 (one cluster spans the row block) and r <= 32; set_fused_split(1) takes it wherever it can run, (0)
+    nowhere."""
+    bf = torch.bfloat16
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows = 128 * -(-3 * sms // 8)  # 1.5 waves of 128 x 256 tiles at N = 1024: the wide tile
+    assert SPLIT in _path(rows, 2048, 1024, 16, adapter_dtype=bf)
+    assert SPLIT in _path(rows, 2048, 1024, 32, dtype=torch.float16, adapter_dtype=torch.float16)
+    assert SPLIT in _path(rows, 2048, 1000, 8, adapter_dtype=bf)
+    assert SPLIT not in _path(rows, 2048, 1024, 64, adapter_dtype=bf)  # r = 64: the lead tiles
+    assert SPLIT not in _path(rows, 2048, 1024, 16)  # fp32 adapters: the lead tiles' pieces
+    assert SPLIT not in _path(rows, 2048, 1024, 12, adapter_dtype=bf)  # r % 8: the prep's operands
+    assert SPLIT not in _path(rows, 2048, 1024, 16, p=0.1, adapter_dtype=bf)  # dropout
+    assert SPLIT not in _path(256, 2048, 2048, 16, adapter_dtype=bf)  # N > 1024
+    assert SPLIT not in _path(rows - 128, 2048, 1024, 16, adapter_dtype=bf)  # the 128 x 128 tile
+    cb = _cb()
+    previous = cb.set_fused_split(1)
+    try:
+        assert _path(256, 2048, 2048, 64, adapter_dtype=bf).endswith(SPLIT + WIDE_TILE)
+        assert SPLIT not in _path(256, 2048, 2048, 16)  # fp32 adapters: never
+        assert SPLIT not in _path(256, 1024, 4096, 16, adapter_dtype=bf)  # K < 2048: the 128 x 128 tile
+        cb.set_fused_split(0)
+        assert SPLIT not in _path(rows, 2048, 1024, 16, adapter_dtype=bf)
+    finally:
+        cb.set_fused_split(previous)
+
+
+@pytest.mark.skipif(SM90_TILE_FORCED, reason="LORA_KERNELS_SM90_GEMM_CONFIG forces the tile")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M,K,N,r", [(300, 2048, 2056, 16), (1000, 2056, 2048, 32), (129, 4096, 2304, 8),
+                                     (4099, 2048, 4096, 24), (2048, 2048, 2048, 64), (1, 2048, 2048, 48),
+                                     (6400, 2048, 1000, 16), (6437, 2056, 1024, 40), (700, 2048, 3000, 56)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.usefixtures("fused_split")
+def test_split_variant_against_float64(dtype, M, K, N, r, bias):
+    # every u width (16, 32, 64 columns: r = 8 .. 64, TMA's zeros past r), a partial last cluster (N = 1000: its
+    # fourth tile partly past N; N = 2056: the third cluster's tiles past N but one) and K-tile, M = 1, several
+    # cluster columns per row block (only the first writes u), row blocks past one wave of clusters
+    cb = _cb()
+    x, W, b, A, B = _inputs(M, K, N, r, dtype, dtype, bias)
+    small_m = cb.set_small_m(False)  # M = 1 would take the small-M kernel
+    try:
+        path = cb.forward_path(x, W, b, A, B, 0.0)
+        assert path.startswith("sm90 fused lead (") and path.endswith(SPLIT + WIDE_TILE), path
+        assert_cuda_forward(cb, x, W, b, A, B, S)
+    finally:
+        cb.set_small_m(small_m)
+
+
+@pytest.mark.skipif(SM90_TILE_FORCED, reason="LORA_KERNELS_SM90_GEMM_CONFIG forces the tile")
+def test_split_variant_by_default_against_float64_and_deterministic():
+    # the default's own cells (N <= 1024, r <= 32, the wide tile's row count), the module-level op with grads, and
+    # the same bits twice
+    cb = _cb()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows = 128 * -(-3 * sms // 8)
+    for dtype, r in ((torch.bfloat16, 16), (torch.float16, 32)):
+        x, W, b, A, B = _inputs(rows + 57, 2048, 1024, r, dtype, dtype, True)
+        assert SPLIT in cb.forward_path(x, W, b, A, B, 0.0)
+        assert_cuda_forward(cb, x, W, b, A, B, S)
+    run_and_check("cuda", "cuda", torch.bfloat16, (3, rows // 3 + 5), 2048, 1024, 16, bias=True, p=0.0,
+                  adapter_dtype=torch.bfloat16)
+    x, W, b, A, B = _inputs(rows, 2048, 1024, 16, torch.bfloat16, torch.bfloat16, False)
+    first = cb.forward(x, W, b, A, B, S, 0.0, 0, 0)
+    second = cb.forward(x, W, b, A, B, S, 0.0, 0, 0)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+@pytest.mark.skipif(SM90_TILE_FORCED, reason="LORA_KERNELS_SM90_GEMM_CONFIG forces the tile")
+@pytest.mark.usefixtures("fused_split")
+def test_split_variant_on_two_streams_and_in_a_graph():
+    """No state outside the launch: calls on two streams and a replayed graph give the eager call's bits."""
+    cb = _cb()
+    x, W, b, A, B = _inputs(2048, 2048, 2048, 32, torch.bfloat16, torch.bfloat16, True)
+    assert SPLIT in cb.forward_path(x, W, b, A, B, 0.0)
+    xs = [torch.randn_like(x) for _ in range(4)]
+    want = [cb.forward(xi, W, b, A, B, S, 0.0, 0, 0)[0] for xi in xs]
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    torch.cuda.synchronize()
+    got = [None] * len(xs)
+    for i, xi in enumerate(xs):
+        with torch.cuda.stream(streams[i % 2]):
+            got[i] = cb.forward(xi, W, b, A, B, S, 0.0, 0, 0)[0]
+    torch.cuda.synchronize()
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    static_x = xs[0].clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        cb.forward(static_x, W, b, A, B, S, 0.0, 0, 0)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = cb.forward(static_x, W, b, A, B, S, 0.0, 0, 0)[0]
+    for xi, w in zip(xs, want):
+        static_x.copy_(xi)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static_y, w)

@@ -136,6 +136,14 @@ def dA_beside_blocks(x, weight, lora_A, lora_B, p=0.0) -> int:
     return int(torch.ops.lora_kernels_cuda.dA_beside_blocks(x, weight, lora_A, lora_B, float(p)))
 
 
+def set_fused_split(mode: int) -> int:
+    """Sets the fused forward's split variant for this process (csrc/fused_fwd_sm90.h): clusters of four 128 x 256
+    tiles that share u's K-tiles through distributed shared memory, in place of lead tiles. -1 the default (16-bit
+    adapters read as they are, p = 0, the wide tile, N <= 1024 and r <= 32), 0 never, 1 wherever it can run
+    (LORA_KERNELS_FUSED_SPLIT=0 or 1 starts the process there). Returns the previous mode. For tests and A/B timing."""
+    return int(torch.ops.lora_kernels_cuda.set_fused_split(int(mode)))
+
+
 def set_dA_beside(mode: int) -> int:
     """Sets dA beside the dx GEMM for this process: -1 the cost model's choice (the default), 0 never, n > 0 n SMs
     wherever the sm_90 dx GEMM and dA run (LORA_KERNELS_DA_BESIDE starts the process so). Returns the previous
