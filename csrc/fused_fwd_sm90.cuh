@@ -668,7 +668,8 @@ struct FusedFwd {
     static_assert(Blocks % 2 == 0 && Blocks <= 8, "k-blocks of 16 u columns, at most 64");
     float4* mine = reinterpret_cast<float4*>(xu) + wg * 8 * cutlass::NumThreadsPerWarpGroup;
     const uint32_t full = smem_u32(xbar + wg), empty = smem_u32(xbar + 2 + wg);
-    if (tile_i > 0) wait_cluster(empty, uint32_t(tile_i - 1) & 1u);
+    const bool exchange = !(f.debug & 2048);  // debug bit 11: each CTA its own partial sum (wrong u: timing only)
+    if (exchange && tile_i > 0) wait_cluster(empty, uint32_t(tile_i - 1) & 1u);
     CUTLASS_PRAGMA_UNROLL
     for (int b = 0; b < Blocks; ++b)
       mine[b * cutlass::NumThreadsPerWarpGroup + wg_thread] =
@@ -676,11 +677,11 @@ struct FusedFwd {
                       acc(make_coord(1, 1, b), 0, 0));
     asm volatile("fence.acq_rel.cluster;" ::: "memory");
     cutlass::arch::NamedBarrier::sync(cutlass::NumThreadsPerWarpGroup, wg);
-    if (wg_thread == 0) {
+    if (exchange && wg_thread == 0) {
       CUTLASS_PRAGMA_UNROLL
       for (int c = 0; c < kCn; ++c) arrive_cluster(full, c);
     }
-    wait_cluster(full, uint32_t(tile_i) & 1u);
+    if (exchange) wait_cluster(full, uint32_t(tile_i) & 1u);
     float4 sum[Blocks];
     CUTLASS_PRAGMA_UNROLL
     for (int b = 0; b < Blocks; ++b) sum[b] = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -690,7 +691,7 @@ struct FusedFwd {
     for (int b0 = 0; b0 < Blocks; b0 += kChunk)
       CUTLASS_PRAGMA_UNROLL
       for (int c = 0; c < kCn; ++c) {
-        const uint32_t at = cluster_addr(own, c);
+        const uint32_t at = cluster_addr(own, exchange ? c : rank);
         float4 v[kChunk];
         CUTLASS_PRAGMA_UNROLL
         for (int b = 0; b < kChunk; ++b) v[b] = ld_cluster4(at + (b0 + b) * cutlass::NumThreadsPerWarpGroup * 16);
@@ -703,7 +704,7 @@ struct FusedFwd {
         }
       }
     cutlass::arch::NamedBarrier::sync(cutlass::NumThreadsPerWarpGroup, wg);  // every thread's reads are back
-    if (wg_thread == 0) {
+    if (exchange && wg_thread == 0) {
       CUTLASS_PRAGMA_UNROLL
       for (int c = 0; c < kCn; ++c) arrive_cluster(empty, c);
     }
@@ -1267,7 +1268,7 @@ struct FusedFwd {
       if (stored) epilogue.store_tail(epi_load_pipeline, epi_load_state, epi_store_pipeline, epi_store_state);
       // split: every CTA of the cluster has read this warpgroup's last buffer before the block may exit
       if constexpr (kSplit) {
-        if (tile_i > 0) wait_cluster(smem_u32(shared.xbar + 2 + wg), uint32_t(tile_i - 1) & 1u);
+        if (tile_i > 0 && !(f.debug & 2048)) wait_cluster(smem_u32(shared.xbar + 2 + wg), uint32_t(tile_i - 1) & 1u);
       }
     } else {
       for (; item < items; item += 2 * stride) {

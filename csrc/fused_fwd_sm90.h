@@ -147,7 +147,8 @@ struct FusedParams {
   // timing only); bit 7, the row-block-major tile order (TileOrder::ahead = 0: A/B timing); bit 8 (host only), the
   // prep launch even where the lead tiles could read the adapters as they are (lora_fused_fwd_sm90_direct: A/B
   // timing); bit 9, every tile takes its K-tiles in increasing order (no K serpentine: A/B timing); bit 10, every
-  // strip its row blocks in increasing order (no row serpentine, TileOrder::snake: A/B timing).
+  // strip its row blocks in increasing order (no row serpentine, TileOrder::snake: A/B timing); bit 11, the split
+  // variant's CTAs skip the exchange and each uses its own partial sum of u (wrong u and y: timing only).
   int debug = 0;
   int strip = 0;  // output cluster columns per strip of the tile order (LORA_KERNELS_FUSED_STRIP; 0: 4)
   // lead tiles: row blocks by which the lead clusters run ahead of the others (TileOrder::ahead,
