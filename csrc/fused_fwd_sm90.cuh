@@ -105,10 +105,10 @@ struct NoOrder {
   CUTLASS_DEVICE void arrive() {}
 };
 
-// The tile order: cluster-sized work items (1 x 2 tiles) in one linear order that every block walks with stride
-// gridDim.x (a persistent grid, one cluster per item): first the clusters that compute u, row block by row block
-// (u tiles: the Mt u clusters; lead tiles: each row block's first `lead` output clusters), then the other output
-// clusters in strips of `strip` cluster columns, row block by row block within a strip (x's row block and a strip of
+// The tile order: cluster-sized work items (1 x cn tiles: 2, or 4 in the split variant) in one linear order that
+// every block walks with stride gridDim.x (a persistent grid, one cluster per item): first the clusters that compute
+// u, row block by row block (u tiles: the Mt u clusters; lead tiles: each row block's first `lead` output clusters;
+// the split variant: none), then the other output clusters in strips of `strip` cluster columns, row block by row block within a strip (x's row block and a strip of
 // W stay in L2 together), odd strips in decreasing row-block order (snake). No item past the problem: CUTLASS's
 // scheduler rounds the tile grid up to its swizzle, which with the two u columns would add up to 6 empty tile columns
 // per row block.
