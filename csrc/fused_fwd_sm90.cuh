@@ -165,7 +165,7 @@ struct TileOrder {
 // u-tile kernel's code is what was measured. kDrop: the lead tiles with dropout (fp32 adapters on bf16 x), also a
 // kernel of its own: x's masked copy in registers takes 32 more per consumer thread, which the other lead variants'
 // register allocation must not pay for. kSplit: the split variant (Split above), on the wide variant's schedule.
-template <class Element, bool kLead, bool kDrop = false, bool kWide = false, bool kSplit = false>
+template <class Element, bool kLead, bool kDrop = false, bool kWide = false, bool kSplit = false, int kSplitCn = 4>
 struct FusedFwd {
   static_assert(!kDrop || (kLead && cute::is_same_v<Element, cutlass::bfloat16_t>),
                 "dropout lead tiles: bf16 x with fp32 adapters' 3 pieces");
@@ -177,7 +177,7 @@ struct FusedFwd {
   // consumer warpgroups per tile: 2 (cooperative, 64 rows each) or 1 (ping-pong, all 128 rows)
   static constexpr int kTileWgs = kWide ? 2 : 1;
   static constexpr int kHalves = 2 / kTileWgs;  // 64-row halves of the tile per consumer thread
-  static constexpr int kCn = kSplit ? 4 : 2;  // tiles per cluster, along N (x's tile multicast to each)
+  static constexpr int kCn = kSplit ? kSplitCn : 2;  // tiles per cluster, along N (x's tile multicast to each)
   using Cluster = Shape<_1, Int<kCn>, _1>;
   using LayoutA = cutlass::layout::RowMajor;
   using LayoutB = cutlass::layout::ColumnMajor;  // W (N, K) row-major

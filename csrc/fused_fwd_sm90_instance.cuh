@@ -17,13 +17,13 @@
     return FusedFwd<element, lead, drop, wide>::run(o, f, K, sms, s);                                           \
   }                                                                                                             \
   }
-#define LORA_KERNELS_FUSED_SM90_SPLIT_INSTANCE(name, element)                                                 \
+#define LORA_KERNELS_FUSED_SM90_SPLIT_INSTANCE(name, element, cluster)                                        \
   namespace lora_kernels::sm90fused {                                                                           \
   cudaError_t run_fused_##name(const Operands& o, const FusedParams& f, int64_t K, int sms, cudaStream_t s) {  \
-    return FusedFwd<element, true, false, true, true>::run(o, f, K, sms, s);                                    \
+    return FusedFwd<element, true, false, true, true, cluster>::run(o, f, K, sms, s);                           \
   }                                                                                                             \
   }
 #else
 #define LORA_KERNELS_FUSED_SM90_INSTANCE(name, element, lead, drop, wide)
-#define LORA_KERNELS_FUSED_SM90_SPLIT_INSTANCE(name, element)
+#define LORA_KERNELS_FUSED_SM90_SPLIT_INSTANCE(name, element, cluster)
 #endif
