@@ -1210,9 +1210,9 @@ int64_t set_fused_forward(int64_t mode) {
   return fused_mode().exchange(mode == 2 ? 2 : mode > 0 ? 1 : mode == 0 ? 0 : -1);
 }
 
-// Sets the fused forward's split variant for this process (-1 the default: N <= 1024 and r <= 32 where the wide lead
-// tiles would run on the adapters as they are; 0 never; 1 wherever it can run); returns the previous mode.
-int64_t set_fused_split(int64_t mode) { return lk::set_fused_split(mode > 1 ? 2 : mode > 0 ? 1 : mode == 0 ? 0 : -1); }
+// Sets the fused forward's split variant for this process (-1 the default: N <= 1024 where the wide lead tiles would
+// run on the adapters as they are; 0 never; 1 wherever it can run); returns the previous mode.
+int64_t set_fused_split(int64_t mode) { return lk::set_fused_split(mode > 0 ? 1 : mode == 0 ? 0 : -1); }
 
 // Sets dA beside the dx GEMM for this process (-1 the cost model's choice, 0 never, n > 0 n SMs); returns the previous.
 int64_t set_dA_beside(int64_t mode) { return dA_beside_mode().exchange(mode > 0 ? (int)mode : mode == 0 ? 0 : -1); }

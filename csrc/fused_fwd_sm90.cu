@@ -162,18 +162,17 @@ bool lora_fused_fwd_sm90_wide(const FusedFwdArgs& a) {
 namespace {
 int env_split_mode() {
   const char* s = std::getenv("LORA_KERNELS_FUSED_SPLIT");
-  return s == nullptr || *s == 0 ? -1 : std::atoi(s) > 1 ? 2 : std::atoi(s) > 0 ? 1 : 0;
+  return s == nullptr || *s == 0 ? -1 : std::atoi(s) > 0 ? 1 : 0;
 }
 std::atomic<int> split_mode{env_split_mode()};
 }  // namespace
 
-int set_fused_split(int mode) { return split_mode.exchange(mode > 1 ? 2 : mode > 0 ? 1 : mode == 0 ? 0 : -1); }
+int set_fused_split(int mode) { return split_mode.exchange(mode > 0 ? 1 : mode == 0 ? 0 : -1); }
 
 bool lora_fused_fwd_sm90_split(const FusedFwdArgs& a) {
   const int mode = split_mode.load(std::memory_order_relaxed);
   if (mode == 0 || a.p > 0.f || !lora_fused_fwd_sm90_direct(a) || !lora_fused_fwd_sm90_wide(a)) return false;
-  // r <= 32: at r = 64 the 64 x 64 u accumulator and the exchange's sums spill registers (ptxas, 332 bytes)
-  return mode > 0 || (a.N <= 4 * 256 && a.r <= 32);
+  return mode > 0 || a.N <= 4 * 256;
 }
 
 bool lora_fused_fwd_sm90_direct(const FusedFwdArgs& a) {
@@ -218,8 +217,6 @@ cudaError_t launch_lora_fused_fwd_sm90(const FusedFwdArgs& a, cudaStream_t strea
     f.strip = dev_knobs().strip;
     f.ahead = 0;
     sm90fused::Operands o{a.x, a.w, a.bias, a.lora_A, a.lora_B, a.y, a.col_scale, true};
-    if (split_mode.load(std::memory_order_relaxed) == 2 && a.x_dtype == DType::kBFloat16)  // A/B: clusters of 2
-      return sm90fused::run_fused_split2_bf16(o, f, a.K, num_sms(), stream);
     return a.x_dtype == DType::kBFloat16 ? sm90fused::run_fused_split_bf16(o, f, a.K, num_sms(), stream)
                                          : sm90fused::run_fused_split_fp16(o, f, a.K, num_sms(), stream);
   }

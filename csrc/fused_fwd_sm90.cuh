@@ -38,16 +38,19 @@
 //         the epilogue does not overlap the next tile's main loop, which the K-tiles of a large K hide. The sm_90
 //         GEMM's measurements (gemm_sm90.cu: 0.97-0.98x cuBLAS's time against 0.90-0.96x for 128 x 128 ping-pong on
 //         the large shapes) pick it where K and N >= 2048, and below N = 2048 where its tiles fill 1.5 waves.
-// Split:  the kSplit variant (wide, 16-bit adapters read as they are, no dropout) takes clusters of 1 x 4 tiles
-//         along N (x's tile multicast to all four) and no lead tiles: each CTA of a cluster computes u's products on
-//         every fourth K-tile (position t, t % 4 == its rank; a 64 x 16 ceil(r / 16) x 16 wgmma per 64 x 16 block of
-//         x), all r columns, summed per K-tile into fp32 registers; after the main loop the four partial sums go
-//         through distributed shared memory (each CTA's own buffer, read by all four; mbarriers with remote arrives,
-//         so that the producer warp takes no part), each CTA sums them in rank order (the same bits everywhere),
-//         and adds s·bf16(u) Bᵀ itself with one wgmma whose A operand is those registers (RS), B lora_B's tile of the
-//         extension stage. No ready counters, no waits on other clusters, no tile order constraint: the clusters
-//         walk the row blocks in order, so x is read from DRAM once, and u's products are spread evenly over the
-//         tiles (r / 1024 of a tile's MMAs where one cluster spans the row block, N <= 1024).
+// Split:  the kSplit variant (wide, 16-bit adapters read as they are, no dropout) has no lead tiles: each CTA of a
+//         cluster (1 x kSplitCn tiles along N, x's tile multicast to each) computes u's products on the K-tiles at
+//         positions t % kSplitCn == its rank (a 64 x 16 ceil(r / 16) x 16 wgmma per 64 x 16 block of x, all r
+//         columns, accumulated on the tensor cores); after the main loop the partial sums go through distributed
+//         shared memory (each CTA's own buffer, read by every CTA of the cluster; mbarriers with remote arrives, so
+//         that the producer warp takes no part), each CTA sums them in rank order (the same bits everywhere), and
+//         adds s·bf16(u) Bᵀ itself with one wgmma whose A operand is those registers (RS), B lora_B's tile of the
+//         extension stage. No ready counters, no waits on other clusters: the clusters walk the row blocks in
+//         order, so x is read from DRAM once, and u's products are spread evenly over the tiles (r / (256 kSplitCn)
+//         of a tile's MMAs; every cluster of a row block computes u). Clusters of 2 (the instances): at
+//         8192 x 4096 -> 1024 the kernel took 95.4 µs against the lead tiles' 100.5, with 81.7 MB of DRAM reads
+//         against 126; clusters of 4 took 146 (without u and the exchange still 129: not broken down)
+//         (bench/results/h100_2026-12-06/session58).
 // Launch: params built on the host; the kernel launched on the caller's stream with its cluster shape and as a
 //         programmatic dependent of the prep launch (pdl.cuh): its prologue runs under the prep's tail, and every
 //         thread waits for the prep (pdl_wait) before its first global access. Without the prep (16-bit adapters read
@@ -165,7 +168,7 @@ struct TileOrder {
 // u-tile kernel's code is what was measured. kDrop: the lead tiles with dropout (fp32 adapters on bf16 x), also a
 // kernel of its own: x's masked copy in registers takes 32 more per consumer thread, which the other lead variants'
 // register allocation must not pay for. kSplit: the split variant (Split above), on the wide variant's schedule.
-template <class Element, bool kLead, bool kDrop = false, bool kWide = false, bool kSplit = false, int kSplitCn = 4>
+template <class Element, bool kLead, bool kDrop = false, bool kWide = false, bool kSplit = false, int kSplitCn = 2>
 struct FusedFwd {
   static_assert(!kDrop || (kLead && cute::is_same_v<Element, cutlass::bfloat16_t>),
                 "dropout lead tiles: bf16 x with fp32 adapters' 3 pieces");

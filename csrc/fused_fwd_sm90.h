@@ -75,11 +75,12 @@ bool lora_fused_fwd_sm90_wide(const FusedFwdArgs& args);
 // dtype (16-bit: one piece), r a multiple of 8 (lora_B's rows of 16 bytes), both 16-byte aligned, and at most
 // kFusedReadyCap row blocks (the stream's ready counters).
 bool lora_fused_fwd_sm90_direct(const FusedFwdArgs& args);
-// True when a launch of `args` takes the split variant (fused_fwd_sm90.cuh, Split: clusters of 1 x 4 wide tiles that
+// True when a launch of `args` takes the split variant (fused_fwd_sm90.cuh, Split: clusters of 1 x 2 wide tiles that
 // share u's K-tiles through distributed shared memory; no lead tiles, no ready counters, one launch): where the lead
 // tiles would take the wide variant and read the adapters as they are (lora_fused_fwd_sm90_wide and _direct), without
-// dropout, and, by default, where one cluster spans the output's columns (N <= 1024: u computed once per row
-// block) and r <= 32. set_fused_split's mode decides: -1 that default, 0 never, 1 wherever the variant can run.
+// dropout, and, by default, where at most two clusters span the output's columns (N <= 1024: u computed at most
+// twice per row block; at N = 4096 its products and exchanges cost more than the lead tiles' waits, session 58).
+// set_fused_split's mode decides: -1 that default, 0 never, 1 wherever the variant can run.
 bool lora_fused_fwd_sm90_split(const FusedFwdArgs& args);
 // Sets the split variant's mode for this process (LORA_KERNELS_FUSED_SPLIT starts it; -1 unset); returns the previous.
 int set_fused_split(int mode);
@@ -174,7 +175,6 @@ cudaError_t run_fused_lead_wide_bf16(const Operands&, const FusedParams&, int64_
 cudaError_t run_fused_lead_wide_fp16(const Operands&, const FusedParams&, int64_t K, int sms, cudaStream_t);
 cudaError_t run_fused_split_bf16(const Operands&, const FusedParams&, int64_t K, int sms, cudaStream_t);
 cudaError_t run_fused_split_fp16(const Operands&, const FusedParams&, int64_t K, int sms, cudaStream_t);
-cudaError_t run_fused_split2_bf16(const Operands&, const FusedParams&, int64_t K, int sms, cudaStream_t);
 #endif
 }  // namespace sm90fused
 

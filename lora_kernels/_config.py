@@ -107,9 +107,9 @@ Read by the CUDA extension (csrc/binding.cpp), once, when a GEMM first asks for 
                                         (u tiles where they do not fit the output's tile columns); 1 u tiles only,
                                         dropout included (they mask their copy of x); 2 lead tiles only; 0 off. It
                                         starts the mode that cuda_backend.set_fused_forward changes at run time.
-    LORA_KERNELS_FUSED_SPLIT            the fused forward's split variant (clusters of four 128 x 256 tiles sharing
+    LORA_KERNELS_FUSED_SPLIT            the fused forward's split variant (clusters of two 128 x 256 tiles sharing
                                         u's K-tiles, no lead tiles): unset, where the wide lead tiles would read
-                                        16-bit adapters as they are at p = 0, N <= 1024 and r <= 32; 0 never; 1
+                                        16-bit adapters as they are at p = 0 and N <= 1024; 0 never; 1
                                         wherever it can run. It starts the mode that cuda_backend.set_fused_split
                                         changes.
     LORA_KERNELS_PDL                    0 launches the sm_90 kernels that follow a small launch of their own (the

@@ -430,7 +430,7 @@ SPLIT = " cluster-split u"
 
 @pytest.fixture
 def fused_split():
-    """The split variant wherever it can run (set_fused_split(1)): clusters of four 128 x 256 tiles that share u's
+    """The split variant wherever it can run (set_fused_split(1)): clusters of two 128 x 256 tiles that share u's
     K-tiles through distributed shared memory, in place of lead tiles (16-bit adapters read as they are, p = 0, the
     wide tile)."""
     previous = _cb().set_fused_split(1)
@@ -440,16 +440,15 @@ def fused_split():
 
 @pytest.mark.skipif(SM90_TILE_FORCED, reason="LORA_KERNELS_SM90_GEMM_CONFIG forces the tile")
 def test_split_variant_where_it_runs():
-    """By default the split variant runs where the wide lead tiles would read 16-bit adapters as they are at p = 0,
-    N <= 1024 (one cluster spans the row block) and r <= 32; set_fused_split(1) takes it wherever it can run, (0)
-    nowhere."""
+    """By default the split variant runs where the wide lead tiles would read 16-bit adapters as they are at p = 0 and
+    N <= 1024 (two clusters span the row block); set_fused_split(1) takes it wherever it can run, (0) nowhere."""
     bf = torch.bfloat16
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = 128 * -(-3 * sms // 8)  # 1.5 waves of 128 x 256 tiles at N = 1024: the wide tile
     assert SPLIT in _path(rows, 2048, 1024, 16, adapter_dtype=bf)
     assert SPLIT in _path(rows, 2048, 1024, 32, dtype=torch.float16, adapter_dtype=torch.float16)
     assert SPLIT in _path(rows, 2048, 1000, 8, adapter_dtype=bf)
-    assert SPLIT not in _path(rows, 2048, 1024, 64, adapter_dtype=bf)  # r = 64: the lead tiles
+    assert SPLIT in _path(rows, 2048, 1024, 64, adapter_dtype=bf)
     assert SPLIT not in _path(rows, 2048, 1024, 16)  # fp32 adapters: the lead tiles' pieces
     assert SPLIT not in _path(rows, 2048, 1024, 12, adapter_dtype=bf)  # r % 8: the prep's operands
     assert SPLIT not in _path(rows, 2048, 1024, 16, p=0.1, adapter_dtype=bf)  # dropout
@@ -476,7 +475,7 @@ def test_split_variant_where_it_runs():
 @pytest.mark.usefixtures("fused_split")
 def test_split_variant_against_float64(dtype, M, K, N, r, bias):
     # every u width (16, 32, 64 columns: r = 8 .. 64, TMA's zeros past r), a partial last cluster (N = 1000: its
-    # fourth tile partly past N; N = 2056: the third cluster's tiles past N but one) and K-tile, M = 1, several
+    # second tile partly past N; N = 2056: the fifth cluster's second tile past N) and K-tile, M = 1, several
     # cluster columns per row block (only the first writes u), row blocks past one wave of clusters
     cb = _cb()
     x, W, b, A, B = _inputs(M, K, N, r, dtype, dtype, bias)
@@ -491,12 +490,12 @@ def test_split_variant_against_float64(dtype, M, K, N, r, bias):
 
 @pytest.mark.skipif(SM90_TILE_FORCED, reason="LORA_KERNELS_SM90_GEMM_CONFIG forces the tile")
 def test_split_variant_by_default_against_float64_and_deterministic():
-    # the default's own cells (N <= 1024, r <= 32, the wide tile's row count), the module-level op with grads, and
-    # the same bits twice
+    # the default's own cells (N <= 1024, the wide tile's row count), the module-level op with grads, and the same
+    # bits twice
     cb = _cb()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = 128 * -(-3 * sms // 8)
-    for dtype, r in ((torch.bfloat16, 16), (torch.float16, 32)):
+    for dtype, r in ((torch.bfloat16, 16), (torch.float16, 32), (torch.bfloat16, 64)):
         x, W, b, A, B = _inputs(rows + 57, 2048, 1024, r, dtype, dtype, True)
         assert SPLIT in cb.forward_path(x, W, b, A, B, 0.0)
         assert_cuda_forward(cb, x, W, b, A, B, S)

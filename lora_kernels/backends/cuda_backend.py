@@ -137,9 +137,9 @@ def dA_beside_blocks(x, weight, lora_A, lora_B, p=0.0) -> int:
 
 
 def set_fused_split(mode: int) -> int:
-    """Sets the fused forward's split variant for this process (csrc/fused_fwd_sm90.h): clusters of four 128 x 256
+    """Sets the fused forward's split variant for this process (csrc/fused_fwd_sm90.h): clusters of two 128 x 256
     tiles that share u's K-tiles through distributed shared memory, in place of lead tiles. -1 the default (16-bit
-    adapters read as they are, p = 0, the wide tile, N <= 1024 and r <= 32), 0 never, 1 wherever it can run
+    adapters read as they are, p = 0, the wide tile, N <= 1024), 0 never, 1 wherever it can run
     (LORA_KERNELS_FUSED_SPLIT=0 or 1 starts the process there). Returns the previous mode. For tests and A/B timing."""
     return int(torch.ops.lora_kernels_cuda.set_fused_split(int(mode)))
 
