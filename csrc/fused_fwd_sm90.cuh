@@ -58,6 +58,7 @@
 //         counters are the stream's, zeroed again by the last consumer warpgroup to leave (leave).
 #pragma once
 
+#include "dsmem.cuh"
 #include "fused_fwd_sm90.h"
 #include "pdl.cuh"
 
@@ -617,39 +618,6 @@ struct FusedFwd {
     warpgroup_fence_operand(accum);
   }
 
-  // The split variant's exchange: mbarriers in each CTA's shared memory, arrived at from any CTA of the cluster
-  // (release at cluster scope, so that the arriving warpgroup's writes of its buffer are visible to the readers)
-  // and waited for with acquire at cluster scope.
-  CUTLASS_DEVICE static uint32_t smem_u32(void const* p) { return cute::cast_smem_ptr_to_uint(p); }
-  CUTLASS_DEVICE static uint32_t cluster_addr(uint32_t local, int cta) {
-    uint32_t remote;
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(cta));
-    return remote;
-  }
-  CUTLASS_DEVICE static void arrive_cluster(uint32_t local_bar, int cta) {
-    asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(cluster_addr(local_bar, cta))
-                 : "memory");
-  }
-  CUTLASS_DEVICE static void wait_cluster(uint32_t bar, uint32_t parity) {
-    uint32_t done = 0;
-    do {
-      asm volatile(
-          "{\n .reg .pred p;\n mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
-          " selp.u32 %0, 1, 0, p;\n}\n"
-          : "=r"(done)
-          : "r"(bar), "r"(parity)
-          : "memory");
-    } while (!done);
-  }
-  CUTLASS_DEVICE static float4 ld_cluster4(uint32_t addr) {
-    float4 v;
-    asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];"
-                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
-                 : "r"(addr)
-                 : "memory");
-    return v;
-  }
-
   // After a split tile's main loop (its share of u's products in acc, per thread the D fragment's (2 adjacent
   // columns) x (2 rows 8 apart) x (Blocks groups of 8 columns) of the warpgroup's 64 x kNW partial sum):
   //  1. exchange: the warpgroup writes acc into its buffer (float4 row j = group j's 4 values, [j][thread]), once
@@ -670,9 +638,10 @@ struct FusedFwd {
                                           uint64_t* xbar) {
     static_assert(Blocks % 2 == 0 && Blocks <= 8, "k-blocks of 16 u columns, at most 64");
     float4* mine = reinterpret_cast<float4*>(xu) + wg * 8 * cutlass::NumThreadsPerWarpGroup;
-    const uint32_t full = smem_u32(xbar + wg), empty = smem_u32(xbar + 2 + wg);
+    const uint32_t full = cute::cast_smem_ptr_to_uint(xbar + wg);
+    const uint32_t empty = cute::cast_smem_ptr_to_uint(xbar + 2 + wg);
     const bool exchange = !(f.debug & 2048);  // debug bit 11: each CTA its own partial sum (wrong u: timing only)
-    if (exchange && tile_i > 0) wait_cluster(empty, uint32_t(tile_i - 1) & 1u);
+    if (exchange && tile_i > 0) detail::mbar_wait_cluster(empty, uint32_t(tile_i - 1) & 1u);
     CUTLASS_PRAGMA_UNROLL
     for (int b = 0; b < Blocks; ++b)
       mine[b * cutlass::NumThreadsPerWarpGroup + wg_thread] =
@@ -682,22 +651,23 @@ struct FusedFwd {
     cutlass::arch::NamedBarrier::sync(cutlass::NumThreadsPerWarpGroup, wg);
     if (exchange && wg_thread == 0) {
       CUTLASS_PRAGMA_UNROLL
-      for (int c = 0; c < kCn; ++c) arrive_cluster(full, c);
+      for (int c = 0; c < kCn; ++c) detail::mbar_arrive_cluster(full, c);
     }
-    if (exchange) wait_cluster(full, uint32_t(tile_i) & 1u);
+    if (exchange) detail::mbar_wait_cluster(full, uint32_t(tile_i) & 1u);
     float4 sum[Blocks];
     CUTLASS_PRAGMA_UNROLL
     for (int b = 0; b < Blocks; ++b) sum[b] = make_float4(0.f, 0.f, 0.f, 0.f);
-    const uint32_t own = smem_u32(mine + wg_thread);
+    const uint32_t own = cute::cast_smem_ptr_to_uint(mine + wg_thread);
     constexpr int kChunk = Blocks < 4 ? Blocks : 4;  // float4 loads in flight per CTA read (registers: 4 per load)
     CUTLASS_PRAGMA_UNROLL
     for (int b0 = 0; b0 < Blocks; b0 += kChunk)
       CUTLASS_PRAGMA_UNROLL
       for (int c = 0; c < kCn; ++c) {
-        const uint32_t at = cluster_addr(own, exchange ? c : rank);
+        const uint32_t at = detail::cluster_addr(own, exchange ? c : rank);
         float4 v[kChunk];
         CUTLASS_PRAGMA_UNROLL
-        for (int b = 0; b < kChunk; ++b) v[b] = ld_cluster4(at + (b0 + b) * cutlass::NumThreadsPerWarpGroup * 16);
+        for (int b = 0; b < kChunk; ++b)
+          v[b] = detail::ld_cluster4(at + (b0 + b) * cutlass::NumThreadsPerWarpGroup * 16);
         CUTLASS_PRAGMA_UNROLL
         for (int b = 0; b < kChunk; ++b) {
           sum[b0 + b].x += v[b].x;
@@ -709,7 +679,7 @@ struct FusedFwd {
     cutlass::arch::NamedBarrier::sync(cutlass::NumThreadsPerWarpGroup, wg);  // every thread's reads are back
     if (exchange && wg_thread == 0) {
       CUTLASS_PRAGMA_UNROLL
-      for (int c = 0; c < kCn; ++c) arrive_cluster(empty, c);
+      for (int c = 0; c < kCn; ++c) detail::mbar_arrive_cluster(empty, c);
     }
 
     float u[2][Blocks][2];  // [row + 8 h][group b][column + c]
@@ -1271,7 +1241,8 @@ struct FusedFwd {
       if (stored) epilogue.store_tail(epi_load_pipeline, epi_load_state, epi_store_pipeline, epi_store_state);
       // split: every CTA of the cluster has read this warpgroup's last buffer before the block may exit
       if constexpr (kSplit) {
-        if (tile_i > 0 && !(f.debug & 2048)) wait_cluster(smem_u32(shared.xbar + 2 + wg), uint32_t(tile_i - 1) & 1u);
+        if (tile_i > 0 && !(f.debug & 2048))
+          detail::mbar_wait_cluster(cute::cast_smem_ptr_to_uint(shared.xbar + 2 + wg), uint32_t(tile_i - 1) & 1u);
       }
     } else {
       for (; item < items; item += 2 * stride) {

@@ -35,6 +35,7 @@
 //          every row block of a cluster column (64 / BN more MMAs than W's), which the tensor cores absorb: the
 //          kernel is bound by W's read.
 #include "common.cuh"
+#include "dsmem.cuh"
 #include "pdl.cuh"
 #include "plans.cuh"
 #include "ptx.cuh"
@@ -76,31 +77,6 @@ struct Sm9Layout {
 };
 
 #if LK_WGMMA
-// Distributed shared memory and the cluster barrier (every thread of every CTA of the cluster takes part).
-__device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-}
-__device__ __forceinline__ int cluster_rank() {
-  uint32_t r;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
-  return (int)r;
-}
-// The shared::cluster address of this CTA's shared address `addr` in CTA `rank` of the cluster.
-__device__ __forceinline__ uint32_t cluster_addr(uint32_t addr, int rank) {
-  uint32_t out;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(out) : "r"(addr), "r"(rank));
-  return out;
-}
-// 16 bytes of another CTA's shared memory. The loads of one batch are issued back to back (nothing reads them
-// until the batch's last one is out), so a batch costs one round trip.
-__device__ __forceinline__ float4 ld_cluster4(uint32_t addr) {
-  float4 v;
-  asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];\n"
-               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
-               : "r"(addr)
-               : "memory");
-  return v;
-}
 __device__ __forceinline__ void consumer_bar() { asm volatile("bar.sync 1, 128;\n" ::: "memory"); }
 #endif
 
