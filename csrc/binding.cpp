@@ -1196,7 +1196,7 @@ std::string forward_path(const Tensor& x, const Tensor& weight, const std::optio
     const bool wide = lead && lk::lora_fused_fwd_sm90_wide(a);
     return std::string(lead ? "sm90 fused lead" : "sm90 fused") + " (small_m: " + why + ")" +
            (lk::lora_fused_fwd_sm90_direct(a) ? " one launch" : "") +
-           (lead && lk::lora_fused_fwd_sm90_split(a) ? " cluster-split u" : "") + (wide ? " 128x256 cooperative" : "");
+           (lk::lora_fused_fwd_sm90_split(a) ? " cluster-split u" : "") + (wide ? " 128x256 cooperative" : "");
   }
   return gemm_path(x, weight, bias) + " (fused: " + why_fused + ") (small_m: " + why + ")";
 }

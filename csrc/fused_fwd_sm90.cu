@@ -193,28 +193,29 @@ cudaError_t launch_lora_fused_fwd_sm90(const FusedFwdArgs& a, cudaStream_t strea
     return cudaErrorNotSupported;
 #if LORA_KERNELS_HAVE_SM90_GEMM
   const int pieces = adapter_pieces(a.x_dtype, a.a_dtype);
+  // the kernel's parameters that every variant sets alike
+  sm90fused::FusedParams f;
+  f.M = (int)a.M;
+  f.N = (int)a.N;
+  f.r = a.r;
+  f.pieces = pieces;
+  f.k_tiles_main = (int)ceil_div(a.K, 64);
+  f.kb_ext = (a.r + 15) / 16;
+  f.scale = a.p > 0.f ? dropout_scale(a.scale, a.p) : a.scale;
+  f.keep = a.p > 0.f ? a.keep : nullptr;
+  f.groups = dropout_groups(a.K);
+  f.u = a.u;
+  f.debug = dev_knobs().debug;
+  f.strip = dev_knobs().strip;
   if (lora_fused_fwd_sm90_split(a)) {  // one launch: no prep, no workspace, no counters
-    sm90fused::FusedParams f;
-    f.M = (int)a.M;
-    f.N = (int)a.N;
-    f.r = a.r;
     f.blocks = 1;
-    f.pieces = 1;
     f.lead = 0;
     f.ap_pitch = 0;
     f.ready_target = 0;
     f.width = (a.r + 15) / 16 * 16;
-    f.k_tiles_main = (int)ceil_div(a.K, 64);
-    f.kb_ext = (a.r + 15) / 16;
-    f.scale = a.scale;
-    f.keep = nullptr;
-    f.groups = dropout_groups(a.K);
-    f.u = a.u;
     f.su = const_cast<void*>(a.x);  // never read: the expand's A comes from registers (its descriptor needs an address)
     f.ready = nullptr;
     f.exit = nullptr;
-    f.debug = dev_knobs().debug;
-    f.strip = dev_knobs().strip;
     f.ahead = 0;
     sm90fused::Operands o{a.x, a.w, a.bias, a.lora_A, a.lora_B, a.y, a.col_scale, true};
     return a.x_dtype == DType::kBFloat16 ? sm90fused::run_fused_split_bf16(o, f, a.K, num_sms(), stream)
@@ -253,27 +254,14 @@ cudaError_t launch_lora_fused_fwd_sm90(const FusedFwdArgs& a, cudaStream_t strea
     });
   });
   if (e != cudaSuccess) return e;
-  sm90fused::FusedParams f;
-  f.M = (int)a.M;
-  f.N = (int)a.N;
-  f.r = a.r;
   f.blocks = sp.blocks;
   const bool wide = lora_fused_fwd_sm90_wide(a);
   f.lead = a.lead ? sp.tiles : 0;
   f.ready_target = wide ? 2 * sp.tiles : sp.tiles;  // the wide variant's warpgroups count themselves each
   f.width = sp.width();
-  f.pieces = pieces;
-  f.k_tiles_main = (int)ceil_div(a.K, 64);
-  f.kb_ext = (a.r + 15) / 16;
-  f.scale = a.p > 0.f ? dropout_scale(a.scale, a.p) : a.scale;
-  f.keep = a.p > 0.f ? a.keep : nullptr;
-  f.groups = dropout_groups(a.K);
-  f.u = a.u;
   f.su = ws + c.su;
   f.ready = counters != nullptr ? reinterpret_cast<int*>(counters) : reinterpret_cast<int*>(ws + c.ready);
   f.exit = counters != nullptr ? counters + sm90fused::kFusedReadyCap : nullptr;
-  f.debug = dev_knobs().debug;
-  f.strip = dev_knobs().strip;
   f.ahead = dev_knobs().ahead;
   sm90fused::Operands o{a.x, a.w, a.bias, ws + c.ap, ws + c.bx, a.y, a.col_scale};
   if (counters != nullptr) {

@@ -39,17 +39,17 @@
 //         GEMM's measurements (gemm_sm90.cu: 0.97-0.98x cuBLAS's time against 0.90-0.96x for 128 x 128 ping-pong on
 //         the large shapes) pick it where K and N >= 2048, and below N = 2048 where its tiles fill 1.5 waves.
 // Split:  the kSplit variant (wide, 16-bit adapters read as they are, no dropout) has no lead tiles: each CTA of a
-//         cluster (1 x kSplitCn tiles along N, x's tile multicast to each) computes u's products on the K-tiles at
-//         positions t % kSplitCn == its rank (a 64 x 16 ceil(r / 16) x 16 wgmma per 64 x 16 block of x, all r
+//         cluster (1 x 2 tiles along N, as above) computes u's products on the K-tiles at positions t % 2 == its
+//         rank (a 64 x 16 ceil(r / 16) x 16 wgmma per 64 x 16 block of x, all r
 //         columns, accumulated on the tensor cores); after the main loop the partial sums go through distributed
 //         shared memory (each CTA's own buffer, read by every CTA of the cluster; mbarriers with remote arrives, so
 //         that the producer warp takes no part), each CTA sums them in rank order (the same bits everywhere), and
 //         adds s·bf16(u) Bᵀ itself with one wgmma whose A operand is those registers (RS), B lora_B's tile of the
 //         extension stage. No ready counters, no waits on other clusters: the clusters walk the row blocks in
-//         order, so x is read from DRAM once, and u's products are spread evenly over the tiles (r / (256 kSplitCn)
-//         of a tile's MMAs; every cluster of a row block computes u). Clusters of 2 (the instances): at
-//         8192 x 4096 -> 1024 the kernel took 95.4 µs against the lead tiles' 100.5, with 81.7 MB of DRAM reads
-//         against 126; clusters of 4 took 146 (without u and the exchange still 129: not broken down)
+//         order, so x is read from DRAM once, and u's products are spread evenly over the tiles (r / 512 of a
+//         tile's MMAs; every cluster of a row block computes u). At 8192 x 4096 -> 1024 the kernel took 95.4 µs
+//         against the lead tiles' 100.5, with 81.7 MB of DRAM reads against 126; on clusters of 4 (u computed once
+//         per row block there) 146, and without u and the exchange still 129: not broken down
 //         (bench/results/h100_2026-12-06/session58).
 // Launch: params built on the host; the kernel launched on the caller's stream with its cluster shape and as a
 //         programmatic dependent of the prep launch (pdl.cuh): its prologue runs under the prep's tail, and every
@@ -109,11 +109,11 @@ struct NoOrder {
   CUTLASS_DEVICE void arrive() {}
 };
 
-// The tile order: cluster-sized work items (1 x cn tiles: 2, or 4 in the split variant) in one linear order that
-// every block walks with stride gridDim.x (a persistent grid, one cluster per item): first the clusters that compute
-// u, row block by row block (u tiles: the Mt u clusters; lead tiles: each row block's first `lead` output clusters;
-// the split variant: none), then the other output clusters in strips of `strip` cluster columns, row block by row block within a strip (x's row block and a strip of
-// W stay in L2 together), odd strips in decreasing row-block order (snake). No item past the problem: CUTLASS's
+// The tile order: cluster-sized work items (1 x 2 tiles) in one linear order that every block walks with stride
+// gridDim.x (a persistent grid, one cluster per item): first the clusters that compute u, row block by row block
+// (u tiles: the Mt u clusters; lead tiles: each row block's first `lead` output clusters; the split variant: none),
+// then the other output clusters in strips of `strip` cluster columns, row block by row block within a strip (x's
+// row block and a strip of W stay in L2 together), odd strips in decreasing row-block order (snake). No item past the problem: CUTLASS's
 // scheduler rounds the tile grid up to its swizzle, which with the two u columns would add up to 6 empty tile columns
 // per row block.
 struct TileOrder {
@@ -128,7 +128,6 @@ struct TileOrder {
   // Row serpentine: odd strips take their row blocks in decreasing order, so that a strip starts on the row blocks
   // whose x the strip before it read last (FusedParams::debug bit 10 turns it off).
   bool snake = true;
-  int cn = 2;          // tiles per cluster (along N)
   bool split = false;  // the split variant: no u or lead items, every cluster an output cluster
   __host__ __device__ int items() const { return split || lead ? mt * ncl : mt * (1 + ncl); }
   // (row block, tile column as the kernel counts them: 0, 1 the u tiles, 2 + n the output tile n) of item i, rank r
@@ -148,20 +147,20 @@ struct TileOrder {
         m = mt - d + j / rest;
         col = lead + j % rest;
       }
-      n = 2 + cn * col + rank;
+      n = 2 + 2 * col + rank;
       return;
     }
     const int first = split ? 0 : lead ? mt * lead : mt;  // the items that compute u
     if (i < first) {
       m = lead ? i / lead : i;
-      n = lead ? 2 + cn * (i % lead) + rank : rank;
+      n = lead ? 2 + 2 * (i % lead) + rank : rank;
       return;
     }
     const int c0 = split ? 0 : lead, cols = ncl - c0;  // the other output cluster columns: [c0, ncl)
     const int j = i - first, per_strip = mt * strip;
     const int g = j / per_strip, w = min(strip, cols - g * strip), jj = j - g * per_strip;
     m = snake && (g & 1) ? mt - 1 - jj / w : jj / w;
-    n = 2 + cn * (c0 + g * strip + jj % w) + rank;
+    n = 2 + 2 * (c0 + g * strip + jj % w) + rank;
   }
 };
 
@@ -169,7 +168,7 @@ struct TileOrder {
 // u-tile kernel's code is what was measured. kDrop: the lead tiles with dropout (fp32 adapters on bf16 x), also a
 // kernel of its own: x's masked copy in registers takes 32 more per consumer thread, which the other lead variants'
 // register allocation must not pay for. kSplit: the split variant (Split above), on the wide variant's schedule.
-template <class Element, bool kLead, bool kDrop = false, bool kWide = false, bool kSplit = false, int kSplitCn = 2>
+template <class Element, bool kLead, bool kDrop = false, bool kWide = false, bool kSplit = false>
 struct FusedFwd {
   static_assert(!kDrop || (kLead && cute::is_same_v<Element, cutlass::bfloat16_t>),
                 "dropout lead tiles: bf16 x with fp32 adapters' 3 pieces");
@@ -181,7 +180,7 @@ struct FusedFwd {
   // consumer warpgroups per tile: 2 (cooperative, 64 rows each) or 1 (ping-pong, all 128 rows)
   static constexpr int kTileWgs = kWide ? 2 : 1;
   static constexpr int kHalves = 2 / kTileWgs;  // 64-row halves of the tile per consumer thread
-  static constexpr int kCn = kSplit ? kSplitCn : 2;  // tiles per cluster, along N (x's tile multicast to each)
+  static constexpr int kCn = 2;  // tiles per cluster, along N (x's tile multicast to both)
   using Cluster = Shape<_1, Int<kCn>, _1>;
   using LayoutA = cutlass::layout::RowMajor;
   using LayoutB = cutlass::layout::ColumnMajor;  // W (N, K) row-major
@@ -863,7 +862,7 @@ struct FusedFwd {
   // A tile of the split variant (kNW = 8 Blocks = 16 ceil(r / 16) u columns): the main loop, in which the K-tiles
   // at positions t % kCn == rank (this CTA's share) also run a 64 x kNW x 16 wgmma per 64 x 16 block of x (the
   // warpgroup's rows) by the stage's slot of lora_A's rows, in the same batch, ahead of the main wgmmas. u's products
-  // accumulate in the wgmma accumulator over the share's K-tiles (a quarter of K: the tensor cores' sum is far
+  // accumulate in the wgmma accumulator over the share's K-tiles (half of K: the tensor cores' sum is far
   // inside the tolerance of a 16-bit u; fp32 adapters, whose baseline is an fp32 u, do not take this variant). Then
   // split_expand. One loop for every K-tile, the u accumulator zeroed before it, as in mma_lead (ptxas C7515).
   template <int Blocks, class Accum>
@@ -1332,7 +1331,6 @@ struct FusedFwd {
     p.order.mt = int((M + 127) / 128);
     p.order.ncl = int((N + kCn * kTileN - 1) / (kCn * kTileN));  // clusters of 1 x kCn tiles
     p.order.strip = f.strip > 0 ? f.strip : 4;
-    p.order.cn = kCn;
     p.order.split = kSplit;
     p.order.lead = !kSplit && f.lead > 0 ? (f.lead + 1) / 2 : 0;
     p.order.ahead = kSplit ? -1 : (f.debug & 128) ? 0 : f.ahead > 0 ? f.ahead : -1;
