@@ -167,8 +167,9 @@ bool set_small_m_sm90(bool on);
 // sg (M, r) fp32 = s · dy B, for dy (M, N) and W (N, K) in x_dtype, A (r, K) and B (N, r) in x_dtype (or both fp32,
 // with the forward's opt-in); p = 0, r % 8 == 0, N % 8 == 0 and K % 8 == 0, 16-byte aligned operands, compute
 // capability 9.0. lora_small_m_sm90_dx_unsupported: null when it runs these inputs, else why not; set_small_m_sm90_dx
-// switches it (LORA_KERNELS_SMALL_M_SM90_DX=0 starts it off). Then launch_lora_small_m_grads (csrc/small_m_grads.cu) makes dA (r, K) = sgᵀ x and dB (N, r) = dyᵀ u in
-// ab_dtype (either may be null), one launch, for M <= 64 and r % 8 == 0.
+// switches it (LORA_KERNELS_SMALL_M_SM90_DX=0 starts it off). Then launch_lora_small_m_grads (csrc/small_m_grads.cu)
+// makes dA (r, K) = sgᵀ x and dB (N, r) = dyᵀ u in ab_dtype (either may be null), one launch, for M <= 64 and
+// r % 8 == 0.
 const char* lora_small_m_sm90_dx_unsupported(const void* dy, const void* W, const void* A, const void* B, int64_t M,
                                              int64_t N, int64_t K, int r, DType x_dtype, DType a_dtype,
                                              DType b_dtype, float p);
