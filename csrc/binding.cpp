@@ -146,6 +146,12 @@ bool sm90_enabled() {
 }
 
 int64_t sm90_kx(int64_t r) { return (r + 63) / 64 * 64; }
+// The extension's columns the sm_90 GEMM multiplies (LoraGemmArgs::Kx_used): r, so that the zero padding up to
+// sm90_kx(r) is skipped; with LORA_KERNELS_SM90_GEMM_TRIM=0 (read once, A/B timing) all of them.
+int64_t sm90_kx_used(int64_t r) {
+  static const bool trim = lk::env_switch_on("LORA_KERNELS_SM90_GEMM_TRIM");
+  return trim ? r : 0;
+}
 
 lk::GemmDType gemm_dtype(const Tensor& x) {
   return x.scalar_type() == at::kHalf ? lk::GemmDType::kFloat16 : lk::GemmDType::kBFloat16;
@@ -337,7 +343,7 @@ void sm90_forward(const Tensor& x, const Tensor& weight, const Tensor* bias, con
   lk::PackJob jb{lora_B.data_ptr(), to_dtype(lora_B, "lora_B"), N, r, bx, N, kx, 1.f};
   check_cuda(lk::launch_pack_rank_operands(ju, jb, to_dtype(x, "x"), stream), "pack(u, B) launch");
   lk::LoraGemmArgs g;
-  g.M = M; g.N = N; g.K = K; g.Kx = kx;
+  g.M = M; g.N = N; g.K = K; g.Kx = kx; g.Kx_used = sm90_kx_used(r);
   g.a = x.data_ptr(); g.b = weight.data_ptr(); g.ax = ux; g.bx = bx;
   g.bias = bias ? bias->data_ptr() : nullptr;
   g.d = y.data_ptr();
@@ -392,7 +398,7 @@ void sm90_dx_pack(const Tensor& dy, const float* g_work, int64_t partials, float
 lk::LoraGemmArgs sm90_dx_args(const Tensor& dy, const Tensor& weight, int r, const void* vx, const void* ax,
                               const uint8_t* keep, void* dx, int beside_blocks = 0) {
   lk::LoraGemmArgs a;
-  a.M = dy.size(0); a.N = weight.size(1); a.K = dy.size(1); a.Kx = sm90_kx(r);
+  a.M = dy.size(0); a.N = weight.size(1); a.K = dy.size(1); a.Kx = sm90_kx(r); a.Kx_used = sm90_kx_used(r);
   a.a = dy.data_ptr(); a.b = weight.data_ptr(); a.ax = vx; a.bx = ax;
   a.keep = keep;
   a.d = dx;

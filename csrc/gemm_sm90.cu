@@ -52,6 +52,7 @@ const char* lora_gemm_sm90_unsupported(const LoraGemmArgs& a, int device) {
   if (a.M > INT32_MAX || a.N > INT32_MAX || a.K + a.Kx + 64 > INT32_MAX) return "a dimension exceeds 2^31";
   if (a.K % 8 || a.N % 8) return "K and N must be multiples of 8 (16-byte rows for TMA)";
   if (a.Kx < 0 || a.Kx % 64) return "Kx must be a multiple of 64";
+  if (a.Kx_used < 0 || a.Kx_used > a.Kx) return "Kx_used must be in [0, Kx]";
   if (!aligned16(a.a) || !aligned16(a.b) || !aligned16(a.d) || (a.bias && !aligned16(a.bias)))
     return "pointers must be 16-byte aligned";
   if (a.Kx > 0 && (!a.ax || !a.bx || !aligned16(a.ax) || !aligned16(a.bx))) return "extension pointers missing";

@@ -43,6 +43,8 @@ using namespace cute;
 // optional keep bits that mask the extension's term (gemm_sm90.h). Base is the CollectiveMma the CollectiveBuilder
 // picks. The producer (load) chooses the source of each K-tile; the consumer (mma) is Base's loop plus one step.
 //   Unmasked: K-tiles [0, kt_main) from (A, B), then [kt_main, kt_main + kt_ext) from (Ax, Bx).
+//   The extension's last K-tile is r's last columns and zero padding: its consumer skips the 16-deep k-blocks past
+//   r (k_ext_used), which would add zeros (at r = 16, 3 of the tile's 4).
 //   Masked:   the extension's K-tiles first, the keep bits of the output tile loaded by TMA with the last of them
 //             (into that stage's keep slot, counted on the same barrier); after that tile's MMAs the consumer zeroes
 //             the dropped accumulator elements, then the main K-tiles accumulate on top.
@@ -69,6 +71,8 @@ struct KExtendedMainloop : Base {
   static constexpr int kTileN = size<1>(TileShape{});
   static constexpr int kTileK = size<2>(TileShape{});
   static constexpr int kStages = DispatchPolicy::Stages;
+  static constexpr int kMmaK = size<2>(typename TiledMma::AtomShape_MNK{});  // 16 for 16-bit types
+  static constexpr int kKBlocks = kTileK / kMmaK;                              // MMA k-blocks per K-tile
   // Keep bits of one output tile: kTileM rows of kTileN / 8 bytes, one slot per pipeline stage.
   static constexpr int kKeepRowBytes = kTileN / 8;
   static constexpr int kKeepBytes = kTileM * kKeepRowBytes;
@@ -103,6 +107,7 @@ struct KExtendedMainloop : Base {
     // each block lets it start as soon as it has waited for the launch before it.
     int early_dependents = 0;
     uint32_t mma_promotion_interval = 4;
+    int k_ext_used = 0;      // Kx's columns that can be nonzero (0: all); the zero padding past them is not multiplied
   };
 
   struct Params : Base::Params {
@@ -115,6 +120,7 @@ struct KExtendedMainloop : Base {
     int k_tiles_ext;
     int masked;
     int early_dependents;
+    int ext_k_blocks;  // the MMA k-blocks of the extension's last K-tile that can be nonzero (kKBlocks: all)
     int keep_rows, keep_cols;  // the keep descriptor's (M, N/8), or (M, kKeepRowBytes) when unmasked
   };
 
@@ -149,6 +155,11 @@ struct KExtendedMainloop : Base {
     // Unmasked, the keep descriptor is never used; it still needs a valid one: A's first 16 bytes of each row.
     p.masked = args.ptr_keep != nullptr && args.k_ext > 0;
     p.early_dependents = args.early_dependents;
+    // k_ext_used past the extension's last K-tile's start: ceil(columns / 16) of its k-blocks
+    const int last_cols = args.k_ext_used - (p.k_tiles_ext - 1) * kTileK;
+    p.ext_k_blocks = args.k_ext_used > 0 && p.k_tiles_ext > 0 && last_cols > 0 && last_cols < kTileK
+                         ? (last_cols + kMmaK - 1) / kMmaK
+                         : kKBlocks;
     auto keep_src = p.masked ? args.ptr_keep : reinterpret_cast<uint8_t const*>(args.ptr_A);
     int keep_pitch = p.masked ? N / 8 : args.k_main * int(sizeof(ElementA));
     p.keep_rows = M;
@@ -340,20 +351,43 @@ struct KExtendedMainloop : Base {
       warpgroup_fence_operand(accum);
     };
 
-    PipelineState smem_pipe_release = smem_pipe_read;
-    tiled_mma.accumulate_ = GMMA::ScaleOut::Zero;
-    warpgroup_fence_operand(accum);
-    {  // K-tile 0: the first MMA of each k_block zero-initialises the accumulator
-      auto barrier_token = pipeline.consumer_try_wait(smem_pipe_read);
-      pipeline.consumer_wait(smem_pipe_read, barrier_token);
-      int read_stage = smem_pipe_read.index();
+    // The extension's last K-tile holds r's columns and zero padding: only its first ext_k_blocks k-blocks are
+    // multiplied (at r = 16 one of the four). Unmasked it is the tile's last K-tile, masked the keep tile. -1: none.
+    static_assert(kKBlocks == 4, "a 64-deep K-tile of 16-deep MMAs");
+    const int trim_tile =
+        p.ext_k_blocks < kKBlocks ? (p.masked ? p.k_tiles_ext - 1 : p.k_tiles_main + p.k_tiles_ext - 1) : -1;
+    // One K-tile's MMAs, k-blocks [0, KB) of the stage; the first one of K-tile 0 zero-initialises the accumulator.
+    // Each batch is fenced and committed as a whole, in every branch (a batch that spans the branches' join makes
+    // ptxas inject warpgroup arrives).
+    auto issue = [&](auto kb_count, int stage) CUTLASS_LAMBDA_FUNC_INLINE {
+      warpgroup_fence_operand(accum);
       warpgroup_arrive();
       CUTLASS_PRAGMA_UNROLL
-      for (int k_block = 0; k_block < size<2>(tCrA); ++k_block) {
-        cute::gemm(tiled_mma, tCrA(_, _, k_block, read_stage), tCrB(_, _, k_block, read_stage), accum);
+      for (int k_block = 0; k_block < decltype(kb_count)::value; ++k_block) {
+        cute::gemm(tiled_mma, tCrA(_, _, k_block, stage), tCrB(_, _, k_block, stage), accum);
         tiled_mma.accumulate_ = GMMA::ScaleOut::One;
       }
       warpgroup_commit_batch();
+    };
+    auto issue_tile = [&](int t, int stage) CUTLASS_LAMBDA_FUNC_INLINE {
+      if (t == trim_tile) {
+        switch (p.ext_k_blocks) {
+          case 1: return issue(Int<1>{}, stage);
+          case 2: return issue(Int<2>{}, stage);
+          case 3: return issue(Int<3>{}, stage);
+        }
+      }
+      issue(Int<kKBlocks>{}, stage);
+    };
+
+    PipelineState smem_pipe_release = smem_pipe_read;
+    tiled_mma.accumulate_ = GMMA::ScaleOut::Zero;
+    warpgroup_fence_operand(accum);
+    {  // K-tile 0
+      auto barrier_token = pipeline.consumer_try_wait(smem_pipe_read);
+      pipeline.consumer_wait(smem_pipe_read, barrier_token);
+      int read_stage = smem_pipe_read.index();
+      issue_tile(0, read_stage);
       if (keep_tile == 0) apply_keep(read_stage);
       ++smem_pipe_read;
     }
@@ -365,10 +399,7 @@ struct KExtendedMainloop : Base {
       auto barrier_token = pipeline.consumer_try_wait(smem_pipe_read);
       pipeline.consumer_wait(smem_pipe_read, barrier_token);
       int read_stage = smem_pipe_read.index();
-      warpgroup_fence_operand(accum);
-      warpgroup_arrive();
-      cute::gemm(tiled_mma, tCrA(_, _, _, read_stage), tCrB(_, _, _, read_stage), accum);
-      warpgroup_commit_batch();
+      issue_tile(t, read_stage);
       if (t == keep_tile) apply_keep(read_stage);
       warpgroup_wait<1>();  // the batch of K-tile t - 1 is done: release its stage
       warpgroup_fence_operand(accum);
@@ -444,6 +475,7 @@ struct Gemm {
                      static_cast<E const*>(a.ax), cutlass::make_cute_packed_stride(StrideA{}, {M, Kx, 1}),
                      static_cast<E const*>(a.bx), cutlass::make_cute_packed_stride(StrideB{}, {N, Kx, 1}),
                      K, Kx, a.keep, a.early_dependents ? 1 : 0};
+    args.mainloop.k_ext_used = int(a.Kx_used);
     args.epilogue.thread.alpha = 1.0f;
     args.epilogue.thread.beta = 0.0f;
     args.epilogue.thread.bias_ptr = static_cast<E const*>(a.bias);
@@ -468,10 +500,13 @@ struct Gemm {
   // workspace: workspace_size's bytes where the scheduler needs them (zeroed here before the launch), else unused.
   static cudaError_t run(const LoraGemmArgs& a, int swizzle, int raster, int sm_count, cudaStream_t stream,
                          void* workspace = nullptr, size_t workspace_bytes = 0) {
-    const typename Kernel::Arguments args = arguments(a, swizzle, raster, sm_count);
+    typename Kernel::Arguments args = arguments(a, swizzle, raster, sm_count);
     if (!Kernel::can_implement(args)) return cudaErrorNotSupported;
     const size_t ws = Kernel::get_workspace_size(args);
     if (ws > workspace_bytes || (ws != 0 && a.keep != nullptr)) return cudaErrorNotSupported;  // the mask: whole K
+    // The consumer finds the extension's last K-tile by its index from the tile's K start: only a whole-K schedule
+    // (data-parallel, no workspace) has the trimmed tile where it looks.
+    if (ws != 0) args.mainloop.k_ext_used = 0;
     if (ws != 0 && Kernel::initialize_workspace(args, workspace, stream) != cutlass::Status::kSuccess)
       return cudaErrorUnknown;
     typename Kernel::Params params = Kernel::to_underlying_arguments(args, ws != 0 ? workspace : nullptr);

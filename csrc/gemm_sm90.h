@@ -7,7 +7,8 @@
 //   kKN: B is (K, N) row-major, op(B) = B      backward  dx = dy W  + v Aₗ               (W, Aₗ = lora_A)
 // The extension (Ax, Bx) is the rank-r term, zero-padded to Kx = a multiple of 64 (the main loop's K tile): the
 // kernel runs ceil(K/64) K-tiles from (A, B) and Kx/64 more from (Ax, Bx) into the same accumulator, so the LoRA
-// expand costs one or a few extra K-tiles and no pass over D. Kx = 0 is a plain GEMM (+ bias).
+// expand costs one or a few extra K-tiles and no pass over D; of the last one it multiplies only the 16-deep steps
+// that Kx_used (r) reaches. Kx = 0 is a plain GEMM (+ bias).
 //
 // With keep bits (`keep`, kKN only: dx with dropout) the rank-r term is masked per element:
 //   D = A · op(B) + keep ⊙ (Ax · op(Bx)) + bias,    keep (M, N) as bits, row m at keep + m * N/8, bit n % 8 of
@@ -41,6 +42,9 @@ enum class GemmConfig : int {
 
 struct LoraGemmArgs {
   int64_t M = 0, N = 0, K = 0, Kx = 0;
+  // The extension's columns that can be nonzero (r); the rest of Kx is zero padding on both sides, whose MMAs the
+  // kernel skips in steps of 16 (the MMA's K). 0: all of Kx.
+  int64_t Kx_used = 0;
   const void* a = nullptr;
   const void* b = nullptr;
   const void* ax = nullptr;  // (M, Kx), may be null when Kx == 0
