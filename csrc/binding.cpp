@@ -227,12 +227,14 @@ const char* fused_forward_unsupported(const Tensor& x, const Tensor& weight, con
   if (!sm90_enabled()) return "LORA_KERNELS_SM90_GEMM=0";
   const int mode = fused_mode().load(std::memory_order_relaxed);
   if (mode == 0) return "off (LORA_KERNELS_FUSED_FWD=0 or set_fused_forward)";
-  if (p > 0.0 && mode < 0)
-    return "dropout (the fused kernel's masking is slower than the shrink pass: set_fused_forward(1) or (2))";
   lk::FusedFwdArgs a = fused_args(x, weight, bias, lora_A, lora_B, 1.0, p, mode != 1);
   a.y = x.data_ptr();  // the output comes from the caching allocator: aligned
+  // With dropout the default takes only the split variant (x masked in registers for u's products); the u and lead
+  // tiles' masking measured slower than the shrink pass (FINDINGS).
+  if (p > 0.0 && mode < 0 && !lk::lora_fused_fwd_sm90_split(a))
+    return "dropout (the fused kernel's masking is slower than the shrink pass: set_fused_forward(1) or (2))";
   const char* why = lk::lora_fused_fwd_sm90_unsupported(a, x.get_device());
-  if (why != nullptr && mode < 0) {  // the default: u tiles where the lead tiles do not fit
+  if (why != nullptr && mode < 0 && p == 0.0) {  // the default: u tiles where the lead tiles do not fit
     a.lead = false;
     why = lk::lora_fused_fwd_sm90_unsupported(a, x.get_device());
   }
@@ -1184,8 +1186,8 @@ int64_t set_shrink_drop_ring(int64_t stages) {
 // Which path a forward with these inputs takes: "small_m" (one launch, csrc/small_m.cu; "small_m sm90" where it runs
 // the Hopper kernel of csrc/small_m_sm90.cu), "sm90 fused (small_m: <why
 // not>)" or "sm90 fused lead (small_m: <why not>)" (csrc/fused_fwd_sm90.h; followed by " one launch" where no prep
-// launch runs, " cluster-split u" where the split variant runs and " 128x256 cooperative" where the lead tiles take
-// the wide variant), or gemm_path's answer followed by " (fused: <why not>) (small_m: <why not>)".
+// or keep-bits launch runs, " cluster-split u" where the split variant runs (dropout included) and
+// " 128x256 cooperative" where the lead tiles or the split variant take the wide tiles), or gemm_path's answer followed by " (fused: <why not>) (small_m: <why not>)".
 // Checks what lora_forward checks first (the call would fail otherwise).
 std::string forward_path(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                          const Tensor& lora_A, const Tensor& lora_B, double p) {
@@ -1199,10 +1201,11 @@ std::string forward_path(const Tensor& x, const Tensor& weight, const std::optio
   const char* why_fused = fused_forward_unsupported(x, weight, has_bias ? &*bias : nullptr, lora_A, lora_B, p, &lead);
   if (why_fused == nullptr) {
     const lk::FusedFwdArgs a = fused_args(x, weight, has_bias ? &*bias : nullptr, lora_A, lora_B, 1.0, p, lead);
-    const bool wide = lead && lk::lora_fused_fwd_sm90_wide(a);
+    const bool split = lk::lora_fused_fwd_sm90_split(a);
+    const bool wide = lead && (lk::lora_fused_fwd_sm90_wide(a) || split);
     return std::string(lead ? "sm90 fused lead" : "sm90 fused") + " (small_m: " + why + ")" +
-           (lk::lora_fused_fwd_sm90_direct(a) ? " one launch" : "") +
-           (lk::lora_fused_fwd_sm90_split(a) ? " cluster-split u" : "") + (wide ? " 128x256 cooperative" : "");
+           (lk::lora_fused_fwd_sm90_direct(a) && p == 0.0 ? " one launch" : "") +
+           (split ? " cluster-split u" : "") + (wide ? " 128x256 cooperative" : "");
   }
   return gemm_path(x, weight, bias) + " (fused: " + why_fused + ") (small_m: " + why + ")";
 }

@@ -136,7 +136,7 @@ const char* lora_fused_fwd_sm90_unsupported(const FusedFwdArgs& a, int device) {
   if (a.M > INT32_MAX / 2 || a.N > INT32_MAX / 2 || a.K > INT32_MAX / 2) return "a dimension exceeds 2^30";
   if (a.r < 1 || a.r > 64) return "r above 64";
   if (!(a.p >= 0.f && a.p < 1.f)) return "dropout p outside [0, 1)";
-  if (a.lead && a.p > 0.f && adapter_pieces(a.x_dtype, a.a_dtype) != 3)
+  if (a.lead && a.p > 0.f && adapter_pieces(a.x_dtype, a.a_dtype) != 3 && !lora_fused_fwd_sm90_split(a))
     return "lead tiles with dropout: fp32 adapters on bf16 x only (16-bit adapters: no registers for x's masked copy)";
   if (a.K % 8 || a.N % 8) return "K and N must be multiples of 8 (16-byte rows for TMA)";
   if (a.lead && (a.N + 127) / 128 < sm90fused::split_for(a.r, adapter_pieces(a.x_dtype, a.a_dtype), true).tiles)
@@ -147,8 +147,10 @@ const char* lora_fused_fwd_sm90_unsupported(const FusedFwdArgs& a, int device) {
   return nullptr;
 }
 
-bool lora_fused_fwd_sm90_wide(const FusedFwdArgs& a) {
-  if (!a.lead || a.p > 0.f) return false;
+namespace {
+// The wide variant's tile rule for a lead-tile launch, whatever its dropout (lora_fused_fwd_sm90_wide).
+bool wide_tiles(const FusedFwdArgs& a) {
+  if (!a.lead) return false;
   LoraGemmArgs g;
   g.M = a.M;
   g.N = a.N;
@@ -158,6 +160,9 @@ bool lora_fused_fwd_sm90_wide(const FusedFwdArgs& a) {
   // the device's SMs, as the GEMM's own launch counts them (its 128 x 256 tile below N = 2048 needs 1.5 waves)
   return lora_gemm_sm90_pick(g, num_sms()).config == GemmConfig::kCoop128x256_c12 && (a.N + 255) / 256 >= sp.tiles;
 }
+}  // namespace
+
+bool lora_fused_fwd_sm90_wide(const FusedFwdArgs& a) { return a.p == 0.f && wide_tiles(a); }
 
 namespace {
 int env_split_mode() {
@@ -171,7 +176,7 @@ int set_fused_split(int mode) { return split_mode.exchange(mode > 0 ? 1 : mode =
 
 bool lora_fused_fwd_sm90_split(const FusedFwdArgs& a) {
   const int mode = split_mode.load(std::memory_order_relaxed);
-  if (mode == 0 || a.p > 0.f || !lora_fused_fwd_sm90_direct(a) || !lora_fused_fwd_sm90_wide(a)) return false;
+  if (mode == 0 || !lora_fused_fwd_sm90_direct(a) || !wide_tiles(a)) return false;
   return mode > 0 || a.N <= 4 * 256;
 }
 
@@ -218,8 +223,12 @@ cudaError_t launch_lora_fused_fwd_sm90(const FusedFwdArgs& a, cudaStream_t strea
     f.exit = nullptr;
     f.ahead = 0;
     sm90fused::Operands o{a.x, a.w, a.bias, a.lora_A, a.lora_B, a.y, a.col_scale, true};
-    return a.x_dtype == DType::kBFloat16 ? sm90fused::run_fused_split_bf16(o, f, a.K, num_sms(), stream)
-                                         : sm90fused::run_fused_split_fp16(o, f, a.K, num_sms(), stream);
+    const bool bf16 = a.x_dtype == DType::kBFloat16;
+    if (f.keep != nullptr)  // dropout: x masked in registers for u's products
+      return bf16 ? sm90fused::run_fused_split_drop_bf16(o, f, a.K, num_sms(), stream)
+                  : sm90fused::run_fused_split_drop_fp16(o, f, a.K, num_sms(), stream);
+    return bf16 ? sm90fused::run_fused_split_bf16(o, f, a.K, num_sms(), stream)
+                : sm90fused::run_fused_split_fp16(o, f, a.K, num_sms(), stream);
   }
   const sm90fused::Split sp = launch_split(a.M, a.N, a.r, pieces, a.lead);
   const Carve c = carve(a.M, a.N, a.K, sp);

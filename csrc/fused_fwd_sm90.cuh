@@ -38,7 +38,7 @@
 //         the epilogue does not overlap the next tile's main loop, which the K-tiles of a large K hide. The sm_90
 //         GEMM's measurements (gemm_sm90.cu: 0.97-0.98x cuBLAS's time against 0.90-0.96x for 128 x 128 ping-pong on
 //         the large shapes) pick it where K and N >= 2048, and below N = 2048 where its tiles fill 1.5 waves.
-// Split:  the kSplit variant (wide, 16-bit adapters read as they are, no dropout) has no lead tiles: each CTA of a
+// Split:  the kSplit variant (wide, 16-bit adapters read as they are) has no lead tiles: each CTA of a
 //         cluster (1 x 2 tiles along N, as above) computes u's products on the K-tiles at positions t % 2 == its
 //         rank (a 64 x 16 ceil(r / 16) x 16 wgmma per 64 x 16 block of x, all r
 //         columns, accumulated on the tensor cores); after the main loop the partial sums go through distributed
@@ -50,7 +50,10 @@
 //         tile's MMAs; every cluster of a row block computes u). At 8192 x 4096 -> 1024 the kernel took 95.4 µs
 //         against the lead tiles' 100.5, with 81.7 MB of DRAM reads against 126; on clusters of 4 (u computed once
 //         per row block there) 146, and without u and the exchange still 129: not broken down
-//         (bench/results/h100_2026-12-06/session58).
+//         (bench/results/h100_2026-12-06/session58). With dropout (kDrop) each CTA copies its share's x tiles into
+//         registers, masks them there from the keep bits of the pass before it, and runs u's products as a
+//         register-A wgmma (mma_lead's masking on the warpgroup's 64 rows); the output's own product reads the
+//         stage's unmasked tile, and the K order stays increasing (no K serpentine).
 // Launch: params built on the host; the kernel launched on the caller's stream with its cluster shape and as a
 //         programmatic dependent of the prep launch (pdl.cuh): its prologue runs under the prep's tail, and every
 //         thread waits for the prep (pdl_wait) before its first global access. Without the prep (16-bit adapters read
@@ -167,12 +170,14 @@ struct TileOrder {
 // kLead: the lead-tile variant (u computed by each row block's first output tiles), a kernel of its own so that the
 // u-tile kernel's code is what was measured. kDrop: the lead tiles with dropout (fp32 adapters on bf16 x), also a
 // kernel of its own: x's masked copy in registers takes 32 more per consumer thread, which the other lead variants'
-// register allocation must not pay for. kSplit: the split variant (Split above), on the wide variant's schedule.
+// register allocation must not pay for. kSplit: the split variant (Split above), on the wide variant's schedule;
+// with kDrop its u products take x from registers, masked there (16 more per consumer thread: its 64 rows).
 template <class Element, bool kLead, bool kDrop = false, bool kWide = false, bool kSplit = false>
 struct FusedFwd {
-  static_assert(!kDrop || (kLead && cute::is_same_v<Element, cutlass::bfloat16_t>),
+  static_assert(!kDrop || kSplit || (kLead && cute::is_same_v<Element, cutlass::bfloat16_t>),
                 "dropout lead tiles: bf16 x with fp32 adapters' 3 pieces");
-  static_assert(!kWide || (kLead && !kDrop), "the wide (cooperative) variant: lead tiles without dropout");
+  static_assert(!kWide || (kLead && (!kDrop || kSplit)),
+                "the wide (cooperative) variant: lead tiles without dropout, or the split variant");
   static_assert(!kSplit || kWide, "the split variant runs on the wide variant's tiles and schedule");
   // ---------------------------------------------------------------------------------------------- types
   using Tile = cute::conditional_t<kWide, Shape<_128, _256, _64>, Shape<_128, _128, _64>>;
@@ -384,13 +389,14 @@ struct FusedFwd {
   CUTLASS_DEVICE static int lead_row(int thread_idx, int i) {  // i = 2 mm + v1
     return ((thread_idx >> 2) & 7) + 16 * (thread_idx >> 5) + 8 * (i & 1) + 64 * (i >> 1);
   }
+  // halves = 1 (the split variant): the thread's 2 rows of the warpgroup's 64-row half at row0 (raw[0], raw[1]).
   CUTLASS_DEVICE static void lead_keep_fetch(uint2 (&raw)[4], FusedParams const& f, int m_blk, int t,
-                                              int thread_idx) {
+                                              int thread_idx, int halves = 2, int row0 = 0) {
     CUTLASS_PRAGMA_UNROLL
     for (int i = 0; i < 4; ++i) {
-      const int64_t m = int64_t(m_blk) * 128 + lead_row(thread_idx, i), g0 = int64_t(t) * 8;
+      const int64_t m = int64_t(m_blk) * 128 + row0 + lead_row(thread_idx, i), g0 = int64_t(t) * 8;
       raw[i] = make_uint2(~0u, ~0u);
-      if (m >= f.M || (f.debug & 32)) continue;
+      if (i >= 2 * halves || m >= f.M || (f.debug & 32)) continue;
       const uint8_t* row = f.keep + m * f.groups + g0;
       if ((f.groups & 7) == 0) {  // K % 64 == 0: the K-tile's 8 bytes, 8-byte aligned (the bits' piece is aligned)
         raw[i] = __ldg(reinterpret_cast<const uint2*>(row));
@@ -422,13 +428,13 @@ struct FusedFwd {
   // NaN and inf stay NaN, as in the reference's x * keep.
   template <class Frag>
   CUTLASS_DEVICE static void lead_mask(Frag& frag, uint32_t const (&bits)[2]) {
-    static_assert(decltype(size<0>(frag))::value == 8 && decltype(size<1>(frag))::value == 2 &&
-                      decltype(size<2>(frag))::value == 4,
-                  "(8 values, 2 halves of 64 rows, 4 k-blocks of 16) per thread");
+    constexpr int kH = decltype(size<1>(frag))::value;  // 64-row halves: 2, or 1 in the split variant
+    static_assert(decltype(size<0>(frag))::value == 8 && (kH == 1 || kH == 2) && decltype(size<2>(frag))::value == 4,
+                  "(8 values, 1 or 2 halves of 64 rows, 4 k-blocks of 16) per thread");
     constexpr uint32_t kOne = cute::is_same_v<Element, cutlass::bfloat16_t> ? 0x3F80u : 0x3C00u;  // 1.0
-    Tensor w = recast<uint32_t>(frag);  // (4 pairs, 2, 4): pair v1 + 2 v2 holds values v0 = 0, 1
+    Tensor w = recast<uint32_t>(frag);  // (4 pairs, kH, 4): pair v1 + 2 v2 holds values v0 = 0, 1
     CUTLASS_PRAGMA_UNROLL
-    for (int mm = 0; mm < 2; ++mm)
+    for (int mm = 0; mm < kH; ++mm)
       CUTLASS_PRAGMA_UNROLL
       for (int kb = 0; kb < 4; ++kb)
         CUTLASS_PRAGMA_UNROLL
@@ -865,6 +871,9 @@ struct FusedFwd {
   // accumulate in the wgmma accumulator over the share's K-tiles (half of K: the tensor cores' sum is far
   // inside the tolerance of a 16-bit u; fp32 adapters, whose baseline is an fp32 u, do not take this variant). Then
   // split_expand. One loop for every K-tile, the u accumulator zeroed before it, as in mma_lead (ptxas C7515).
+  // With dropout (kDrop) the share's x tiles are copied into registers and masked there (the stage's tile feeds the
+  // output's own product unmasked), from the keep bits fetched one share K-tile ahead, and the u products run as a
+  // register-A wgmma, as mma_lead's.
   template <int Blocks, class Accum>
   CUTLASS_DEVICE static void mma_split(MainloopPipeline& pipeline, PipelineState read, Accum& accum, int k_tiles,
                                        int thread_idx, typename Mainloop::TensorStorage& smem, Element* ap_slots,
@@ -872,8 +881,13 @@ struct FusedFwd {
                                        float* xu, uint64_t* xbar) {
     constexpr int kNW = 8 * Blocks;
     static_assert(kNW == 16 || kNW == 32 || kNW == 64, "u's columns rounded up to 16, at most 64");
-    using UMma = decltype(make_tiled_mma(GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kNW>, _64>,
-                                                              GMMA::Major::K, GMMA::Major::K>()));
+    constexpr bool kMask = kDrop;
+    using UMma = decltype(make_tiled_mma(cute::conditional_t<
+        kMask,
+        decltype(GMMA::rs_op_selector<Element, Element, float, Shape<_64, Int<kNW>, _64>, GMMA::Major::K,
+                                      GMMA::Major::K>()),
+        decltype(GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kNW>, _64>, GMMA::Major::K,
+                                      GMMA::Major::K>())>{}));
     using SmemLayoutU = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{}, Shape<Int<kNW>, _64>{}));
     const int wg_thread = thread_idx % cutlass::NumThreadsPerWarpGroup;
     Tensor sA = make_tensor(make_smem_ptr(smem.smem_A.data()), SmemLayoutA{});
@@ -885,7 +899,11 @@ struct FusedFwd {
     auto sAu = flat_divide(sA, Shape<_64, _64>{})(_, _, wg, 0, _);  // (64, 64, PIPE): the warpgroup's rows
     UMma umma;
     auto thr_u = umma.get_slice(wg_thread);
-    Tensor tUrA = thr_u.make_fragment_A(thr_u.partition_A(sAu));  // (MMA, 1, 4, PIPE)
+    // SS: the stage's x tile as the wgmma's A, (MMA, 1, 4, PIPE); RS: its registers, (MMA, 1, 4)
+    auto tUrA = [&] {
+      if constexpr (kMask) return thr_u.partition_fragment_A(sAu(_, _, 0));
+      else return thr_u.make_fragment_A(thr_u.partition_A(sAu));
+    }();
     Tensor acc = partition_fragment_C(umma, Shape<_64, Int<kNW>>{});
     clear(acc);
     warpgroup_fence_operand(acc);
@@ -894,6 +912,10 @@ struct FusedFwd {
     PipelineState release = read;
     const int kt_main = k_tiles - 1;
     const bool u_on = !(f.debug & 64);  // debug bit 6: no u products (wrong u and y: timing only)
+    uint2 keep_raw[4];  // with dropout: the keep bytes of the share's next K-tile, loaded under the MMAs before it
+    if constexpr (kMask) {
+      if (u_on && rank < kt_main) lead_keep_fetch(keep_raw, f, m_blk, rank, wg_thread, 1, 64 * wg);
+    }
     for (int t = 0; t < kt_main; ++t) {
       auto token = pipeline.consumer_try_wait(read);
       pipeline.consumer_wait(read, token);
@@ -910,14 +932,29 @@ struct FusedFwd {
       if (u_on && t % kCn == rank) {
         Tensor sU = make_tensor(make_smem_ptr(ap_slots + stage * kApSlotElems), SmemLayoutU{});
         Tensor tUrB = thr_u.make_fragment_B(thr_u.partition_B(sU));  // (MMA, 1, 4)
+        if constexpr (kMask) {  // x's 64 x 64 block of this warpgroup into registers, times the keep bits
+          auto x_copy = make_tiled_copy_A(Copy_Atom<SM75_U32x4_LDSM_N, Element>{}, umma);
+          auto thr_copy = x_copy.get_slice(wg_thread);
+          warpgroup_fence_operand(tUrA);
+          copy(x_copy, thr_copy.partition_S(sAu)(_, _, _, stage), thr_copy.retile_D(tUrA));
+          uint32_t keep[2];
+          lead_keep_pack(keep, keep_raw, wg_thread);
+          lead_mask(tUrA, keep);
+          warpgroup_fence_operand(tUrA);
+        }
         warpgroup_fence_operand(accum);
         warpgroup_fence_operand(acc);
         warpgroup_arrive();
         CUTLASS_PRAGMA_UNROLL
-        for (int k_block = 0; k_block < size<2>(tUrA); ++k_block)
-          cute::gemm(umma, tUrA(_, _, k_block, stage), tUrB(_, _, k_block), acc);
+        for (int k_block = 0; k_block < size<2>(tUrA); ++k_block) {
+          if constexpr (kMask) cute::gemm(umma, tUrA(_, _, k_block), tUrB(_, _, k_block), acc);
+          else cute::gemm(umma, tUrA(_, _, k_block, stage), tUrB(_, _, k_block), acc);
+        }
         main_mmas();
         warpgroup_commit_batch();
+        if constexpr (kMask) {
+          if (t + kCn < kt_main) lead_keep_fetch(keep_raw, f, m_blk, t + kCn, wg_thread, 1, 64 * wg);
+        }
       } else {
         warpgroup_fence_operand(accum);
         warpgroup_arrive();
@@ -927,6 +964,7 @@ struct FusedFwd {
       warpgroup_wait<1>();  // K-tile t - 1's batch is done
       warpgroup_fence_operand(accum);
       warpgroup_fence_operand(acc);
+      if constexpr (kMask) warpgroup_fence_operand(tUrA);  // read by K-tile t - 1's batch, now done
       if (t > 0) {  // K-tile t - 1's stage
         pipeline.consumer_release(release);
         ++release;

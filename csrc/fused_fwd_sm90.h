@@ -77,9 +77,10 @@ bool lora_fused_fwd_sm90_wide(const FusedFwdArgs& args);
 bool lora_fused_fwd_sm90_direct(const FusedFwdArgs& args);
 // True when a launch of `args` takes the split variant (fused_fwd_sm90.cuh, Split: clusters of 1 x 2 wide tiles that
 // share u's K-tiles through distributed shared memory; no lead tiles, no ready counters, one launch): where the lead
-// tiles would take the wide variant and read the adapters as they are (lora_fused_fwd_sm90_wide and _direct), without
-// dropout, and, by default, where at most two clusters span the output's columns (N <= 1024: u computed at most
+// tiles without dropout would take the wide variant and read the adapters as they are (lora_fused_fwd_sm90_wide and
+// _direct), and, by default, where at most two clusters span the output's columns (N <= 1024: u computed at most
 // twice per row block; at N = 4096 its products and exchanges cost more than the lead tiles' waits, session 58).
+// With dropout too (its kernel masks x in registers for u's products, from the keep bits of a pass before it).
 // set_fused_split's mode decides: -1 that default, 0 never, 1 wherever the variant can run.
 bool lora_fused_fwd_sm90_split(const FusedFwdArgs& args);
 // Sets the split variant's mode for this process (LORA_KERNELS_FUSED_SPLIT starts it; -1 unset); returns the previous.
@@ -158,7 +159,7 @@ struct FusedParams {
 };
 #if LORA_KERNELS_HAVE_SM90_GEMM
 // The instances (fused_fwd_sm90_<dtype>.cu, fused_fwd_sm90_lead_<dtype>.cu, fused_fwd_sm90_lead_drop_bf16.cu,
-// fused_fwd_sm90_lead_wide_<dtype>.cu, fused_fwd_sm90_split_<dtype>.cu): launch the GEMM on prepared operands.
+// fused_fwd_sm90_lead_wide_<dtype>.cu, fused_fwd_sm90_split[_drop]_<dtype>.cu): launch the GEMM on prepared operands.
 struct Operands {
   const void *x, *w, *bias, *ap, *bx;
   void* y;
@@ -175,6 +176,8 @@ cudaError_t run_fused_lead_wide_bf16(const Operands&, const FusedParams&, int64_
 cudaError_t run_fused_lead_wide_fp16(const Operands&, const FusedParams&, int64_t K, int sms, cudaStream_t);
 cudaError_t run_fused_split_bf16(const Operands&, const FusedParams&, int64_t K, int sms, cudaStream_t);
 cudaError_t run_fused_split_fp16(const Operands&, const FusedParams&, int64_t K, int sms, cudaStream_t);
+cudaError_t run_fused_split_drop_bf16(const Operands&, const FusedParams&, int64_t K, int sms, cudaStream_t);
+cudaError_t run_fused_split_drop_fp16(const Operands&, const FusedParams&, int64_t K, int sms, cudaStream_t);
 #endif
 }  // namespace sm90fused
 

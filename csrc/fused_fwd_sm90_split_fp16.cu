@@ -2,4 +2,4 @@
 // fused_fwd_sm90.cuh) for fp16 x: one translation unit (fused_fwd_sm90_instance.cuh).
 #include "fused_fwd_sm90_instance.cuh"
 
-LORA_KERNELS_FUSED_SM90_SPLIT_INSTANCE(split_fp16, cutlass::half_t)
+LORA_KERNELS_FUSED_SM90_SPLIT_INSTANCE(split_fp16, cutlass::half_t, false)

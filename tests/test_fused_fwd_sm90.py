@@ -220,17 +220,17 @@ def test_one_launch_on_two_streams_and_in_a_graph():
     _assert_streams_and_graph(cb, x, W, b, A, B)
 
 
-def _assert_streams_and_graph(cb, x, W, b, A, B):
+def _assert_streams_and_graph(cb, x, W, b, A, B, p=0.0):
     """Forwards of 4 new x's interleaved on two streams, then a captured graph replayed with them, give the eager
-    calls' bits."""
+    calls' bits (with dropout p: the same seed and offset every call)."""
     xs = [torch.randn_like(x) for _ in range(4)]
-    want = [cb.forward(xi, W, b, A, B, S, 0.0, 0, 0)[0] for xi in xs]
+    want = [cb.forward(xi, W, b, A, B, S, p, 7, 3)[0] for xi in xs]
     streams = [torch.cuda.Stream(), torch.cuda.Stream()]
     torch.cuda.synchronize()
     got = [None] * len(xs)
     for i, xi in enumerate(xs):
         with torch.cuda.stream(streams[i % 2]):
-            got[i] = cb.forward(xi, W, b, A, B, S, 0.0, 0, 0)[0]
+            got[i] = cb.forward(xi, W, b, A, B, S, p, 7, 3)[0]
     torch.cuda.synchronize()
     for g, w in zip(got, want):
         assert torch.equal(g, w)
@@ -238,11 +238,11 @@ def _assert_streams_and_graph(cb, x, W, b, A, B):
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        cb.forward(static_x, W, b, A, B, S, 0.0, 0, 0)  # warm-up off the default stream, as torch's graph docs ask
+        cb.forward(static_x, W, b, A, B, S, p, 7, 3)  # warm-up off the default stream, as torch's graph docs ask
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        static_y = cb.forward(static_x, W, b, A, B, S, 0.0, 0, 0)[0]
+        static_y = cb.forward(static_x, W, b, A, B, S, p, 7, 3)[0]
     for xi, w in zip(xs, want):
         static_x.copy_(xi)
         graph.replay()
@@ -447,7 +447,8 @@ def fused_split():
 @pytest.mark.skipif(SM90_TILE_FORCED, reason="LORA_KERNELS_SM90_GEMM_CONFIG forces the tile")
 def test_split_variant_where_it_runs():
     """By default the split variant runs where the wide lead tiles would read 16-bit adapters as they are at p = 0 and
-    N <= 1024 (two clusters span the row block); set_fused_split(1) takes it wherever it can run, (0) nowhere."""
+    N <= 1024 (two clusters span the row block), with or without dropout; set_fused_split(1) takes it wherever it can
+    run, (0) nowhere."""
     bf = torch.bfloat16
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = 128 * -(-3 * sms // 8)  # 1.5 waves of 128 x 256 tiles at N = 1024: the wide tile
@@ -457,7 +458,9 @@ def test_split_variant_where_it_runs():
     assert SPLIT in _path(rows, 2048, 1024, 64, adapter_dtype=bf)
     assert SPLIT not in _path(rows, 2048, 1024, 16)  # fp32 adapters: the lead tiles' pieces
     assert SPLIT not in _path(rows, 2048, 1024, 12, adapter_dtype=bf)  # r % 8: the prep's operands
-    assert SPLIT not in _path(rows, 2048, 1024, 16, p=0.1, adapter_dtype=bf)  # dropout
+    dropped = _path(rows, 2048, 1024, 16, p=0.1, adapter_dtype=bf)  # dropout: x masked in registers
+    assert dropped.endswith(SPLIT + WIDE_TILE) and " one launch" not in dropped, dropped  # the keep bits' launch
+    assert SPLIT not in _path(rows, 2048, 1024, 16, p=0.1)  # fp32 adapters: the shrink + GEMM path
     assert SPLIT not in _path(256, 2048, 2048, 16, adapter_dtype=bf)  # N > 1024
     assert SPLIT not in _path(rows - 128, 2048, 1024, 16, adapter_dtype=bf)  # the 128 x 128 tile
     cb = _cb()
@@ -466,8 +469,11 @@ def test_split_variant_where_it_runs():
         assert _path(256, 2048, 2048, 64, adapter_dtype=bf).endswith(SPLIT + WIDE_TILE)
         assert SPLIT not in _path(256, 2048, 2048, 16)  # fp32 adapters: never
         assert SPLIT not in _path(256, 1024, 4096, 16, adapter_dtype=bf)  # K < 2048: the 128 x 128 tile
+        assert _path(256, 2048, 2048, 16, p=0.3, adapter_dtype=bf).endswith(SPLIT + WIDE_TILE)
         cb.set_fused_split(0)
         assert SPLIT not in _path(rows, 2048, 1024, 16, adapter_dtype=bf)
+        assert "(fused: dropout (the fused kernel's masking is slower" in _path(rows, 2048, 1024, 16, p=0.1,
+                                                                               adapter_dtype=bf)
     finally:
         cb.set_fused_split(previous)
 
@@ -495,6 +501,50 @@ def test_split_variant_against_float64(dtype, M, K, N, r, bias):
 
 
 @pytest.mark.skipif(SM90_TILE_FORCED, reason="LORA_KERNELS_SM90_GEMM_CONFIG forces the tile")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M,K,N,r,p,offset", [(300, 2048, 2056, 16, 0.1, 0), (1000, 2056, 2048, 32, 0.3, 12345),
+                                              (129, 4096, 2304, 8, 0.5, 7), (2048, 2048, 2048, 64, 0.05, 1 << 33),
+                                              (1, 2048, 2048, 48, 0.2, 3), (6437, 2056, 1024, 40, 0.1, 5),
+                                              (700, 2104, 3000, 56, 0.9, 11)])
+@pytest.mark.usefixtures("fused_split")
+def test_split_variant_dropout_against_float64(dtype, M, K, N, r, p, offset):
+    # each CTA masks its share's x tiles in registers with the contract's mask (64-bit seed, counter offset; rows of
+    # the last row block past M; K % 64 == 0, whose keep bytes load 8 at a time, and K's partial tiles and 8-groups
+    # byte by byte: K = 2056, 2104); every u width; y's base GEMM reads the unmasked x
+    cb = _cb()
+    x, W, b, A, B = _inputs(M, K, N, r, dtype, dtype, True)
+    small_m = cb.set_small_m(False)
+    try:
+        path = cb.forward_path(x, W, b, A, B, p)
+        assert path.startswith("sm90 fused lead (") and path.endswith(SPLIT + WIDE_TILE), path
+        assert_cuda_forward(cb, x, W, b, A, B, S, p=p, seed=(1 << 40) + 987654321, offset=offset)
+    finally:
+        cb.set_small_m(small_m)
+
+
+@pytest.mark.skipif(SM90_TILE_FORCED, reason="LORA_KERNELS_SM90_GEMM_CONFIG forces the tile")
+def test_split_variant_dropout_by_default_device_seed_grads_and_determinism():
+    """The default's own dropout cells (N <= 1024, the wide tile's row count): float64 checks, a device seed giving
+    the bits of the same 64 bits by value, the public op's grads (the backward regenerates the mask), and the same
+    bits twice."""
+    cb = _cb()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows = 128 * -(-3 * sms // 8)
+    for dtype, r, p in ((torch.bfloat16, 16, 0.1), (torch.float16, 32, 0.25), (torch.bfloat16, 64, 0.1)):
+        x, W, b, A, B = _inputs(rows + 57, 2048, 1024, r, dtype, dtype, True)
+        assert SPLIT in cb.forward_path(x, W, b, A, B, p)
+        assert_cuda_forward(cb, x, W, b, A, B, S, p=p, seed=12345, offset=64)
+    x, W, b, A, B = _inputs(rows, 2048, 1024, 16, torch.bfloat16, torch.bfloat16, False)
+    seed = (1 << 33) + 5
+    y1, u1 = cb.forward(x, W, b, A, B, S, 0.1, seed, 99)
+    y2, u2 = cb.forward(x, W, b, A, B, S, 0.1, torch.tensor(seed, dtype=torch.int64, device="cuda"), 99)
+    y3, u3 = cb.forward(x, W, b, A, B, S, 0.1, seed, 99)
+    assert torch.equal(y1, y2) and torch.equal(u1, u2) and torch.equal(y1, y3) and torch.equal(u1, u3)
+    run_and_check("cuda", "cuda", torch.bfloat16, (3, rows // 3 + 5), 2048, 1024, 16, bias=True, p=0.1,
+                  adapter_dtype=torch.bfloat16)
+
+
+@pytest.mark.skipif(SM90_TILE_FORCED, reason="LORA_KERNELS_SM90_GEMM_CONFIG forces the tile")
 def test_split_variant_by_default_against_float64_and_deterministic():
     # the default's own cells (N <= 1024, the wide tile's row count), the module-level op with grads, and the same
     # bits twice
@@ -519,5 +569,6 @@ def test_split_variant_on_two_streams_and_in_a_graph():
     """No state outside the launch: calls on two streams and a replayed graph give the eager call's bits."""
     cb = _cb()
     x, W, b, A, B = _inputs(2048, 2048, 2048, 32, torch.bfloat16, torch.bfloat16, True)
-    assert SPLIT in cb.forward_path(x, W, b, A, B, 0.0)
-    _assert_streams_and_graph(cb, x, W, b, A, B)
+    for p in (0.0, 0.1):  # with dropout: the keep bits' pass and the masking kernel
+        assert SPLIT in cb.forward_path(x, W, b, A, B, p)
+        _assert_streams_and_graph(cb, x, W, b, A, B, p)
