@@ -176,7 +176,8 @@ int set_fused_split(int mode) { return split_mode.exchange(mode > 0 ? 1 : mode =
 
 bool lora_fused_fwd_sm90_split(const FusedFwdArgs& a) {
   const int mode = split_mode.load(std::memory_order_relaxed);
-  if (mode == 0 || !lora_fused_fwd_sm90_direct(a) || !wide_tiles(a)) return false;
+  if (mode == 0 || (a.p > 0.f && a.x_dtype != DType::kBFloat16) || !lora_fused_fwd_sm90_direct(a) || !wide_tiles(a))
+    return false;
   return mode > 0 || a.N <= 4 * 256;
 }
 
@@ -224,9 +225,8 @@ cudaError_t launch_lora_fused_fwd_sm90(const FusedFwdArgs& a, cudaStream_t strea
     f.ahead = 0;
     sm90fused::Operands o{a.x, a.w, a.bias, a.lora_A, a.lora_B, a.y, a.col_scale, true};
     const bool bf16 = a.x_dtype == DType::kBFloat16;
-    if (f.keep != nullptr)  // dropout: x masked in registers for u's products
-      return bf16 ? sm90fused::run_fused_split_drop_bf16(o, f, a.K, num_sms(), stream)
-                  : sm90fused::run_fused_split_drop_fp16(o, f, a.K, num_sms(), stream);
+    if (f.keep != nullptr)  // dropout (bf16 x only): x masked in registers for u's products
+      return sm90fused::run_fused_split_drop_bf16(o, f, a.K, num_sms(), stream);
     return bf16 ? sm90fused::run_fused_split_bf16(o, f, a.K, num_sms(), stream)
                 : sm90fused::run_fused_split_fp16(o, f, a.K, num_sms(), stream);
   }

@@ -80,7 +80,8 @@ bool lora_fused_fwd_sm90_direct(const FusedFwdArgs& args);
 // tiles without dropout would take the wide variant and read the adapters as they are (lora_fused_fwd_sm90_wide and
 // _direct), and, by default, where at most two clusters span the output's columns (N <= 1024: u computed at most
 // twice per row block; at N = 4096 its products and exchanges cost more than the lead tiles' waits, session 58).
-// With dropout too (its kernel masks x in registers for u's products, from the keep bits of a pass before it).
+// With dropout too on bf16 x (its kernel masks x in registers for u's products, from the keep bits of a pass before
+// it; the fp16 instance of that kernel ran out of registers in ptxas, which serialised its wgmmas: not built).
 // set_fused_split's mode decides: -1 that default, 0 never, 1 wherever the variant can run.
 bool lora_fused_fwd_sm90_split(const FusedFwdArgs& args);
 // Sets the split variant's mode for this process (LORA_KERNELS_FUSED_SPLIT starts it; -1 unset); returns the previous.
@@ -159,7 +160,7 @@ struct FusedParams {
 };
 #if LORA_KERNELS_HAVE_SM90_GEMM
 // The instances (fused_fwd_sm90_<dtype>.cu, fused_fwd_sm90_lead_<dtype>.cu, fused_fwd_sm90_lead_drop_bf16.cu,
-// fused_fwd_sm90_lead_wide_<dtype>.cu, fused_fwd_sm90_split[_drop]_<dtype>.cu): launch the GEMM on prepared operands.
+// fused_fwd_sm90_lead_wide_<dtype>.cu, fused_fwd_sm90_split_<dtype>.cu, fused_fwd_sm90_split_drop_bf16.cu): launch the GEMM on prepared operands.
 struct Operands {
   const void *x, *w, *bias, *ap, *bx;
   void* y;
@@ -177,7 +178,6 @@ cudaError_t run_fused_lead_wide_fp16(const Operands&, const FusedParams&, int64_
 cudaError_t run_fused_split_bf16(const Operands&, const FusedParams&, int64_t K, int sms, cudaStream_t);
 cudaError_t run_fused_split_fp16(const Operands&, const FusedParams&, int64_t K, int sms, cudaStream_t);
 cudaError_t run_fused_split_drop_bf16(const Operands&, const FusedParams&, int64_t K, int sms, cudaStream_t);
-cudaError_t run_fused_split_drop_fp16(const Operands&, const FusedParams&, int64_t K, int sms, cudaStream_t);
 #endif
 }  // namespace sm90fused
 

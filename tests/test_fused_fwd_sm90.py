@@ -501,7 +501,7 @@ def test_split_variant_against_float64(dtype, M, K, N, r, bias):
 
 
 @pytest.mark.skipif(SM90_TILE_FORCED, reason="LORA_KERNELS_SM90_GEMM_CONFIG forces the tile")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16])  # fp16 x: not built (ptxas serialised its wgmmas)
 @pytest.mark.parametrize("M,K,N,r,p,offset", [(300, 2048, 2056, 16, 0.1, 0), (1000, 2056, 2048, 32, 0.3, 12345),
                                               (129, 4096, 2304, 8, 0.5, 7), (2048, 2048, 2048, 64, 0.05, 1 << 33),
                                               (1, 2048, 2048, 48, 0.2, 3), (6437, 2056, 1024, 40, 0.1, 5),
@@ -530,10 +530,12 @@ def test_split_variant_dropout_by_default_device_seed_grads_and_determinism():
     cb = _cb()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = 128 * -(-3 * sms // 8)
-    for dtype, r, p in ((torch.bfloat16, 16, 0.1), (torch.float16, 32, 0.25), (torch.bfloat16, 64, 0.1)):
-        x, W, b, A, B = _inputs(rows + 57, 2048, 1024, r, dtype, dtype, True)
+    for r, p in ((16, 0.1), (32, 0.25), (64, 0.1)):
+        x, W, b, A, B = _inputs(rows + 57, 2048, 1024, r, torch.bfloat16, torch.bfloat16, True)
         assert SPLIT in cb.forward_path(x, W, b, A, B, p)
         assert_cuda_forward(cb, x, W, b, A, B, S, p=p, seed=12345, offset=64)
+    x, W, b, A, B = _inputs(rows, 2048, 1024, 16, torch.float16, torch.float16, True)
+    assert SPLIT not in cb.forward_path(x, W, b, A, B, 0.1)  # fp16 x with dropout: the shrink + GEMM path
     x, W, b, A, B = _inputs(rows, 2048, 1024, 16, torch.bfloat16, torch.bfloat16, False)
     seed = (1 << 33) + 5
     y1, u1 = cb.forward(x, W, b, A, B, S, 0.1, seed, 99)

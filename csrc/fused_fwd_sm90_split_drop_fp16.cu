@@ -1,6 +1,0 @@
-// The fused sm_90 LoRA forward's split variant with dropout (clusters of 1 x 2 tiles of 128 x 256 sharing u's
-// K-tiles, x masked in registers for u's products; fused_fwd_sm90.cuh) for fp16 x: one translation unit
-// (fused_fwd_sm90_instance.cuh).
-#include "fused_fwd_sm90_instance.cuh"
-
-LORA_KERNELS_FUSED_SM90_SPLIT_INSTANCE(split_drop_fp16, cutlass::half_t, true)
