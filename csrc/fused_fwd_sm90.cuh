@@ -873,7 +873,9 @@ struct FusedFwd {
   // split_expand. One loop for every K-tile, the u accumulator zeroed before it, as in mma_lead (ptxas C7515).
   // With dropout (kDrop) the share's x tiles are copied into registers and masked there (the stage's tile feeds the
   // output's own product unmasked), from the keep bits fetched one share K-tile ahead, and the u products run as a
-  // register-A wgmma, as mma_lead's.
+  // register-A wgmma, as mma_lead's. That block is written out here rather than shared with mma_lead: as a shared
+  // helper it left ptxas short of registers in this kernel, which then serialised its wgmmas (C7512), as it does in
+  // the fp16 instance (not built).
   template <int Blocks, class Accum>
   CUTLASS_DEVICE static void mma_split(MainloopPipeline& pipeline, PipelineState read, Accum& accum, int k_tiles,
                                        int thread_idx, typename Mainloop::TensorStorage& smem, Element* ap_slots,
