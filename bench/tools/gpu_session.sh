@@ -21,6 +21,8 @@
 #   profile   bench/tools/profile_layer.py: per-kernel GPU time and host time of one layer (PROFILE_ARGS)
 #   timeline  bench/dev/timeline.py: the kernels of one call and the GPU's idle time between them, floor alongside
 #             (TIMELINE_ARGS)
+#   bwd_gap   bench/dev/bwd_gap.py: each kernel's device time in the backward op against dy @ W (BWD_GAP_ARGS), once
+#             without and once with BWD_GAP_ENV (NAME=VALUE, a development switch read once) where it is set
 #   host_trace bench/dev/host_trace.py: torch.profiler CPU events of small calls (ATen ops, CUDA runtime calls)
 #   ncu       Nsight Compute on the lora_ kernels of one cuda fwd+bwd (bench/dev/ncu_passes.py, NCU_ARGS)
 #   probe_bg  starts building the sm_90 GEMM's development library (bench/dev/build_gemm_capi.sh, PROBE_DTYPES default
@@ -164,6 +166,12 @@ for step in ${STEPS:-build tests}; do
         ${PROFILE_ARGS:---backends cuda,triton --shapes 8192x4096x1024,8192x4096x14336 --r 16 --p 0.1} \
         > "$OUT/profile.txt" 2>&1)
       tail -40 "$OUT/profile.txt";;
+    bwd_gap)
+      for e in "" ${BWD_GAP_ENV:-}; do
+        (cd /tmp && { [ -z "$e" ] || export "$e"; } && PYTHONPATH=/tmp/site run_step "bwd_gap${e:+ $e}" "${T_BWD_GAP:-120}" \
+          python3 "$REPO/bench/dev/bwd_gap.py" --tag "${e:-default}" ${BWD_GAP_ARGS:-} >> "$OUT/bwd_gap.txt" 2>&1)
+      done
+      cat "$OUT/bwd_gap.txt";;
     timeline)
       (cd /tmp && PYTHONPATH=/tmp/site run_step timeline "${T_TIMELINE:-120}" python3 "$REPO/bench/dev/timeline.py" \
         ${TIMELINE_ARGS:-} > "$OUT/timeline.txt" 2>&1)
