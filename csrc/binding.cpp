@@ -150,10 +150,7 @@ int64_t sm90_kx(int64_t r) { return (r + 63) / 64 * 64; }
 // LORA_KERNELS_SM90_GEMM_TRIM=1 (read once; not yet run on a GPU) r, so that the zero padding up to sm90_kx(r) is
 // skipped.
 int64_t sm90_kx_used(int64_t r) {
-  static const bool trim = [] {
-    const char* v = std::getenv("LORA_KERNELS_SM90_GEMM_TRIM");
-    return v != nullptr && std::string(v) == "1";
-  }();
+  static const bool trim = lk::env_switch_set("LORA_KERNELS_SM90_GEMM_TRIM");
   return trim ? r : 0;
 }
 
@@ -1192,7 +1189,8 @@ int64_t set_shrink_drop_ring(int64_t stages) {
 // the Hopper kernel of csrc/small_m_sm90.cu), "sm90 fused (small_m: <why
 // not>)" or "sm90 fused lead (small_m: <why not>)" (csrc/fused_fwd_sm90.h; followed by " one launch" where no prep
 // or keep-bits launch runs, " cluster-split u" where the split variant runs (dropout included) and
-// " 128x256 cooperative" where the lead tiles or the split variant take the wide tiles), or gemm_path's answer followed by " (fused: <why not>) (small_m: <why not>)".
+// " 128x256 cooperative" where the lead tiles or the split variant take the wide tiles), or gemm_path's answer
+// followed by " (fused: <why not>) (small_m: <why not>)".
 // Checks what lora_forward checks first (the call would fail otherwise).
 std::string forward_path(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                          const Tensor& lora_A, const Tensor& lora_B, double p) {

@@ -161,7 +161,8 @@ struct FusedParams {
 };
 #if LORA_KERNELS_HAVE_SM90_GEMM
 // The instances (fused_fwd_sm90_<dtype>.cu, fused_fwd_sm90_lead_<dtype>.cu, fused_fwd_sm90_lead_drop_bf16.cu,
-// fused_fwd_sm90_lead_wide_<dtype>.cu, fused_fwd_sm90_split_<dtype>.cu, fused_fwd_sm90_split_drop_bf16.cu): launch the GEMM on prepared operands.
+// fused_fwd_sm90_lead_wide_<dtype>.cu, fused_fwd_sm90_split_<dtype>.cu, fused_fwd_sm90_split_drop_bf16.cu): launch
+// the GEMM on prepared operands.
 struct Operands {
   const void *x, *w, *bias, *ap, *bx;
   void* y;

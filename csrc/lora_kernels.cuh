@@ -66,6 +66,11 @@ inline bool env_switch_on(const char* name) {
   const char* v = getenv(name);
   return v == nullptr || strcmp(v, "0") != 0;
 }
+// An opt-in switch from the environment: on only where the variable `name` is set to "1". Read once, as above.
+inline bool env_switch_set(const char* name) {
+  const char* v = getenv(name);
+  return v != nullptr && strcmp(v, "1") == 0;
+}
 
 // The factor of the kept elements of dropout(x) times the LoRA scaling: scaling / (1 - p), rounded once to fp32
 // (the shrink, dA and dx launches, and the binding's pack of dx's rank-r operand on the sm_90 path).

@@ -454,10 +454,7 @@ std::atomic<bool> sm9_switch{env_switch_on("LORA_KERNELS_SMALL_M_SM90")};
 // converting each stage's slice in the multiplying warpgroup and waiting for each stage's U product made the forward
 // 1.5-1.9x the mma.sync kernel's time (session 57, H100).
 bool sm9_fp32_on() {
-  static const bool on = [] {
-    const char* e = getenv("LORA_KERNELS_SMALL_M_SM90_FP32");
-    return e != nullptr && strcmp(e, "1") == 0;
-  }();
+  static const bool on = env_switch_set("LORA_KERNELS_SMALL_M_SM90_FP32");
   return on;
 }
 std::atomic<int> sm9_state{0};
