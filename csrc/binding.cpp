@@ -146,11 +146,10 @@ bool sm90_enabled() {
 }
 
 int64_t sm90_kx(int64_t r) { return (r + 63) / 64 * 64; }
-// The extension's columns the sm_90 GEMM multiplies (LoraGemmArgs::Kx_used): all of them by default; with
-// LORA_KERNELS_SM90_GEMM_TRIM=1 (read once; not yet run on a GPU) r, so that the zero padding up to sm90_kx(r) is
-// skipped.
+// The extension's columns the sm_90 GEMM multiplies (LoraGemmArgs::Kx_used): r, so that the zero padding up to
+// sm90_kx(r) is skipped; with LORA_KERNELS_SM90_GEMM_TRIM=0 (read once, A/B timing) all of them.
 int64_t sm90_kx_used(int64_t r) {
-  static const bool trim = lk::env_switch_set("LORA_KERNELS_SM90_GEMM_TRIM");
+  static const bool trim = lk::env_switch_on("LORA_KERNELS_SM90_GEMM_TRIM");
   return trim ? r : 0;
 }
 
@@ -230,9 +229,8 @@ const char* fused_forward_unsupported(const Tensor& x, const Tensor& weight, con
   if (mode == 0) return "off (LORA_KERNELS_FUSED_FWD=0 or set_fused_forward)";
   lk::FusedFwdArgs a = fused_args(x, weight, bias, lora_A, lora_B, 1.0, p, mode != 1);
   a.y = x.data_ptr();  // the output comes from the caching allocator: aligned
-  // With dropout the default takes the fused kernel only where the split variant runs (x masked in registers for u's
-  // products; set_fused_split(1) asks for it); the u and lead tiles' masking measured slower than the shrink pass
-  // (FINDINGS).
+  // With dropout the default takes only the split variant (x masked in registers for u's products); the u and lead
+  // tiles' masking measured slower than the shrink pass (FINDINGS).
   if (p > 0.0 && mode < 0 && !lk::lora_fused_fwd_sm90_split(a))
     return "dropout (the fused kernel's masking is slower than the shrink pass: set_fused_forward(1) or (2))";
   const char* why = lk::lora_fused_fwd_sm90_unsupported(a, x.get_device());

@@ -55,9 +55,9 @@ Read by the CUDA extension (csrc/binding.cpp), once, when a GEMM first asks for 
                                         cooperative; unset: chosen per problem. A/B timing.
     LORA_KERNELS_SM90_GEMM_SWIZZLE      forces the sm_90 GEMM's tile-order swizzle (1, 2 or 4); unset: 4 unless a
                                         smaller one runs fewer waves of tiles (csrc/gemm_sm90.cu). A/B timing.
-    LORA_KERNELS_SM90_GEMM_TRIM         1 makes the sm_90 GEMM multiply only the 16-deep steps of its rank-r
-                                        extension K-tile that r reaches, not r's zero padding up to 64
-                                        (csrc/gemm_sm90.cuh; not yet run on a GPU); unset: the whole K-tile.
+    LORA_KERNELS_SM90_GEMM_TRIM         0 makes the sm_90 GEMM multiply the whole rank-r extension K-tile, r's zero
+                                        padding up to 64 included; unset: only the 16-deep steps that r reaches
+                                        (csrc/gemm_sm90.cuh). A/B timing.
     LORA_KERNELS_SM90_DX_MASK           0 keeps dx with dropout off the sm_90 GEMM (the dx kernel writes the masked
                                         term, cuBLAS adds dy W): for A/B timing.
     LORA_KERNELS_SM90_DY                0 keeps the backward's dy pass on its mma.sync kernel (csrc/dy_pass.cu)
