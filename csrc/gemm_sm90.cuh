@@ -43,9 +43,8 @@ using namespace cute;
 // optional keep bits that mask the extension's term (gemm_sm90.h). Base is the CollectiveMma the CollectiveBuilder
 // picks. The producer (load) chooses the source of each K-tile; the consumer (mma) is Base's loop plus one step.
 //   Unmasked: K-tiles [0, kt_main) from (A, B), then [kt_main, kt_main + kt_ext) from (Ax, Bx).
-//   The extension's last K-tile is r's last columns and zero padding: where the caller gives k_ext_used (r; the
-//   binding does with LORA_KERNELS_SM90_GEMM_TRIM=1) its consumer skips the 16-deep k-blocks past it, which would
-//   add zeros (at r = 16, 3 of the tile's 4), as the fused forward's mma_output does.
+//   The extension's last K-tile is r's last columns and zero padding: its consumer skips the 16-deep k-blocks past
+//   r (k_ext_used), which would add zeros (at r = 16, 3 of the tile's 4).
 //   Masked:   the extension's K-tiles first, the keep bits of the output tile loaded by TMA with the last of them
 //             (into that stage's keep slot, counted on the same barrier); after that tile's MMAs the consumer zeroes
 //             the dropped accumulator elements, then the main K-tiles accumulate on top.

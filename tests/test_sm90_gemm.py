@@ -93,9 +93,8 @@ def test_fallback_says_why():
                                          ((70,), 1024, 256, 32), ((90,), 256, 520, 120)])
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_sm90_path_against_float64(dtype, adapter_dtype, lead, K, N, r, p):
-    # K, N multiples of 8 but not of the 64/128 tile; r from 1 to 256 (1 to 4 extension K-tiles; with
-    # LORA_KERNELS_SM90_GEMM_TRIM=1 the last one's 16-deep steps past r are skipped: 1 of 4 multiplied at r = 1, 8,
-    # 16, 2 at r = 32, 3 at r = 100, 120); fp32 adapters
+    # K, N multiples of 8 but not of the 64/128 tile; r from 1 to 256 (1 to 4 extension K-tiles, the last one's
+    # 16-deep steps past r skipped: 1 of 4 multiplied at r = 1, 8, 16, 2 at r = 32, 3 at r = 100, 120); fp32 adapters
     # (PEFT's default) and 16-bit ones. With dropout and K % 128 == 0 (384, 1024, 128, 4096) the dx GEMM masks its
     # extension with the keep bits (1 to 4 extension K-tiles before the mask, M not a multiple of the 128-row tile);
     # other K fall back to the dx kernel and cuBLAS.
