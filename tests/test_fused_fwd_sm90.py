@@ -470,6 +470,7 @@ def test_split_variant_where_it_runs():
         assert SPLIT not in _path(256, 2048, 2048, 16)  # fp32 adapters: never
         assert SPLIT not in _path(256, 1024, 4096, 16, adapter_dtype=bf)  # K < 2048: the 128 x 128 tile
         assert _path(256, 2048, 2048, 16, p=0.3, adapter_dtype=bf).endswith(SPLIT + WIDE_TILE)
+        assert SPLIT not in _path(rows, 2048, 1024, 16, p=0.1, dtype=torch.float16, adapter_dtype=torch.float16)
         cb.set_fused_split(0)
         assert SPLIT not in _path(rows, 2048, 1024, 16, adapter_dtype=bf)
         assert "(fused: dropout (the fused kernel's masking is slower" in _path(rows, 2048, 1024, 16, p=0.1,
