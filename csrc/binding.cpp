@@ -433,6 +433,33 @@ lk::DaBeside dA_beside(const Tensor& dy, const Tensor& weight, int64_t M, int64_
                                  p > 0.0f, mode);
 }
 
+// dA inside the dx GEMM (gemm_sm90.h, da_x): -1 the default, where r <= 32 (its partials, ceil(M / 128) x r x K fp32,
+// are then at most half of x's bytes), 0 never, 1 wherever it can run (r <= 64; A/B timing). LORA_KERNELS_DA_IN_GEMM
+// sets it at start-up, set_dA_in_gemm in a process.
+std::atomic<int>& dA_in_gemm_mode() {
+  static std::atomic<int> mode{[] {
+    const char* v = std::getenv("LORA_KERNELS_DA_IN_GEMM");
+    if (v == nullptr || *v == '\0') return -1;
+    return std::string(v) == "0" ? 0 : std::string(v) == "1" ? 1 : -1;
+  }()};
+  return mode;
+}
+
+// Whether a backward's dA joins its dx GEMM (dy: what the GEMM multiplies by W; x (M, K)): without dropout, with
+// adapters in x's dtype (the GEMM multiplies x by s·g rounded to that dtype, as the dx term does: the same-precision
+// reference rounds it so too; fp32 adapters keep the dA pass, which reads g in fp32), where the sm_90 GEMM takes it.
+bool dA_in_dx_gemm(const Tensor& dy, const Tensor& x, const Tensor& weight, lk::DType x_dt, lk::DType a_dt, int r,
+                   float p) {
+  const int mode = dA_in_gemm_mode().load();
+  if (mode == 0 || p != 0.0f || a_dt != x_dt || r < 1 || r > (mode > 0 ? 64 : 32) || x.size(0) == 0) return false;
+  // the workspace pieces come from the caching allocator: aligned like x's storage, whose own pointer is checked
+  lk::LoraGemmArgs a = sm90_dx_args(dy, weight, r, x.data_ptr(), x.data_ptr(), nullptr, x.data_ptr());
+  a.da_x = x.data_ptr();
+  a.da_partial = static_cast<float*>(x.data_ptr());
+  a.da_r = r;
+  return lk::lora_gemm_sm90_unsupported(a, x.get_device()) == nullptr;
+}
+
 // The shrink u = s·dropout(x) Aᵀ (M, r) as the kernels write it: plan.col_groups split-K parts (summed by a reduce
 // or the sm_90 pack) or, with one group, u itself. With dropout, where it runs, the kernel that makes the mask
 // itself in one pass over x (shrink_drop.cu: no keep bits). Else on Hopper the wgmma streaming kernel
@@ -729,31 +756,37 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   const bool g_partial = dy_plan.col_groups > 1;
   // with dropout, the mask as keep bits for dx and dA where their kernels read them, made once (dropout_bits.cu)
   const bool bits = pf > 0.0f && K > 0 && M > 0 && (need_dx || need_dA) && lk::dropout_bits_used(x_dt, a_dt);
-  // On Hopper dA runs on the same wgmma streaming kernel as the dy pass (dA_sm90.cu), g's pieces staged by the
-  // kernel itself or, where they are wide, in a scratch piece; with dropout it masks x by the keep bits
-  const int a_pieces = lk::adapter_pieces(x_dt, a_dt);
-  const bool dA_sm90 = need_dA && dA_on_sm90(x, x_dt, a_dt, r, pf, bits);
   const bool dx_sm90 = need_dx && N > 0 && dx_sm90_unsupported(dyw, weight, pf, bits) == nullptr;
+  // dA inside the dx GEMM where it can (dA_in_dx_gemm): its partials, one per 128-row block, summed by a reduce;
+  // else its own pass over x. On Hopper that pass runs on the same wgmma streaming kernel as the dy pass
+  // (dA_sm90.cu), g's pieces staged by the kernel itself or, where they are wide, in a scratch piece; with dropout it
+  // masks x by the keep bits
+  const bool dA_in_gemm = need_dA && dx_sm90 && dA_in_dx_gemm(dyw, x, weight, x_dt, a_dt, r, pf);
+  const bool dA_pass = need_dA && !dA_in_gemm;
+  const int64_t dA_gemm_blocks = (M + 127) / 128;
+  const int a_pieces = lk::adapter_pieces(x_dt, a_dt);
+  const bool dA_sm90 = dA_pass && dA_on_sm90(x, x_dt, a_dt, r, pf, bits);
   const bool g_in_pack = dx_sm90 && g_partial;  // the pack sums g's parts
-  // The reduced g as a buffer of its own: read by dA, or by the dx kernel off the sm_90 path.
-  const bool g_reduced = g_partial && (need_dA || (need_dx && !dx_sm90));
+  // The reduced g as a buffer of its own: read by the dA pass, or by the dx kernel off the sm_90 path.
+  const bool g_reduced = g_partial && (dA_pass || (need_dx && !dx_sm90));
   // dA beside the dx GEMM, on the SMs the GEMM's grid leaves free (dA_sm90.cu), where the cost model finds it faster
   // than after it
   const lk::DaBeside beside = dA_sm90 && dx_sm90 ? dA_beside(dyw, weight, M, K, r, a_pieces, pf)
                                                  : lk::DaBeside{0, lk::SplitPlan{0, 0, 0, 0}};
   const lk::SplitPlan dA_plan =
-      !need_dA ? lk::SplitPlan{0, 1, 1, 1}
+      !dA_pass ? lk::SplitPlan{0, 1, 1, 1}
       : beside.blocks > 0 ? beside.plan
       : dA_sm90 ? lk::lora_dA_sm90_plan(M, K, r, a_pieces, pf > 0.0f)
                 : lk::lora_dA_plan(M, K, r, lk::lora_dA_resident_blocks(x_dt, a_dt, r));
   const bool dB_direct = need_dB && dy_plan.row_splits == 1 && b_dt == lk::DType::kFloat32;
-  const bool dA_direct = need_dA && dA_plan.row_splits == 1 && a_dt == lk::DType::kFloat32;
+  const bool dA_direct = dA_pass && dA_plan.row_splits == 1 && a_dt == lk::DType::kFloat32;
   const bool dB_in_pack = need_dB && !dB_direct && dx_sm90;  // the pack launch sums the dB partials
 
   // The workspace: g lives from the dy pass (or its reduce, or the pack) to the last launch. The other pieces take
   // turns in one region, in the stream order above: g's parts up to the pack or reduce that sums them, the dB
   // partials up to their reduce and then (vx, ax) over them up to the dx GEMM (after them where the pack sums
-  // them), then the dA partials over all of it; beside the dx GEMM, after (vx, ax), which the GEMM reads meanwhile.
+  // them), then the dA partials over all of it; beside the dx GEMM or inside it, after (vx, ax), which the GEMM reads
+  // meanwhile.
   Workspace ws;
   // g: the dy pass's output itself without parts (also when only dB is needed), else their sum where it is read
   const int64_t g_piece = g_reduced || !g_partial ? ws.reserve_floats(M * r) : -1;
@@ -770,9 +803,9 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   const int64_t kx = sm90_kx(r), elem = (int64_t)dy.element_size();
   const int64_t vx_piece = dx_sm90 ? ws.reserve(M * kx * elem) : -1;
   const int64_t ax_piece = dx_sm90 ? ws.reserve(kx * K * elem) : -1;
-  if (beside.blocks == 0) ws.rewind(phases);
-  const int64_t dA_partial_piece =
-      need_dA && !dA_direct ? ws.reserve_floats(std::max<int64_t>(dA_plan.row_splits, 1) * r * K) : -1;
+  if (beside.blocks == 0 && !dA_in_gemm) ws.rewind(phases);
+  const int64_t dA_partials = dA_in_gemm ? dA_gemm_blocks : std::max<int64_t>(dA_plan.row_splits, 1);
+  const int64_t dA_partial_piece = need_dA && !dA_direct ? ws.reserve_floats(dA_partials * r * K) : -1;
   const int64_t dA_scratch_bytes =
       dA_sm90 ? (int64_t)lk::lora_dA_sm90_scratch_bytes(M, r, a_pieces) : 0;  // 0: one launch
   const int64_t dA_scratch_piece = dA_scratch_bytes > 0 ? ws.reserve(dA_scratch_bytes) : -1;
@@ -819,8 +852,13 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
       if (beside.blocks > 0)  // dA's staging of g's pieces, where it has one, before the GEMM that dA runs beside
         check_cuda(lk::launch_lora_dA_sm90_prep(x_dt, a_dt, g, M, r, ws.ptr(dA_scratch_piece), stream),
                    "lora_dA (sm90) prep launch");
-      const lk::LoraGemmArgs a = sm90_dx_args(dyw, weight, r, ws.ptr(vx_piece), ws.ptr(ax_piece),
-                                              ws.ptr<uint8_t>(bits_piece), dx.data_ptr(), beside.blocks);
+      lk::LoraGemmArgs a = sm90_dx_args(dyw, weight, r, ws.ptr(vx_piece), ws.ptr(ax_piece),
+                                        ws.ptr<uint8_t>(bits_piece), dx.data_ptr(), beside.blocks);
+      if (dA_in_gemm) {
+        a.da_x = x.data_ptr();
+        a.da_partial = ws.ptr<float>(dA_partial_piece);
+        a.da_r = r;
+      }
       check_cuda(lk::launch_lora_gemm_sm90(a, stream), "sm90 GEMM launch (dx)");
     } else {
       check_cuda(lk::launch_lora_dx(dx.data_ptr(), x_dt, g, lora_A.data_ptr(), a_dt, M, K, r, (float)scaling, pf,
@@ -832,7 +870,9 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   }
   if (need_dA) {
     float* const dA_partial = dA_direct ? dA.data_ptr<float>() : ws.ptr<float>(dA_partial_piece);
-    if (dA_sm90) {
+    if (dA_in_gemm) {
+      // the dx GEMM wrote the partials
+    } else if (dA_sm90) {
       check_cuda(lk::launch_lora_dA_sm90(x.data_ptr(), x_dt, a_dt, g, dA_partial, M, K, r, dA_plan, (float)scaling,
                                          pf, ws.ptr<uint8_t>(bits_piece), ws.ptr(dA_scratch_piece), stream,
                                          beside.blocks > 0),
@@ -843,8 +883,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
                  "lora_dA launch");
     }
     if (!dA_direct) {
-      check_cuda(lk::launch_reduce_partials(dA_partial, dA_plan.row_splits, (int64_t)r * K, dA.data_ptr(), a_dt,
-                                            stream),
+      check_cuda(lk::launch_reduce_partials(dA_partial, dA_partials, (int64_t)r * K, dA.data_ptr(), a_dt, stream),
                  "reduce(dA) launch");
     }
   }
@@ -1102,9 +1141,9 @@ std::string gemm_path(const Tensor& x, const Tensor& weight, const std::optional
 }
 
 // Which GEMM path dx of a backward with these inputs takes: "small_m sm90" (M <= 64: the small-M Hopper kernel,
-// dx and s·g in one launch; judged with x's pointer and dtype standing for dy's), "sm90", "sm90 masked" (dropout:
-// the keep bits mask the rank-r term inside the GEMM) or "cublas: <why not sm90>" (the dx kernel writes the term,
-// cuBLAS adds dy W).
+// dx and s·g in one launch; judged with x's pointer and dtype standing for dy's), "sm90", "sm90 + dA" (dA's product
+// inside the same GEMM, dA_in_dx_gemm), "sm90 masked" (dropout: the keep bits mask the rank-r term inside the GEMM)
+// or "cublas: <why not sm90>" (the dx kernel writes the term, cuBLAS adds dy W).
 std::string dx_path(const Tensor& x, const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B, double p) {
   check_common(x, weight, lora_A, lora_B, p, 0);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -1113,7 +1152,10 @@ std::string dx_path(const Tensor& x, const Tensor& weight, const Tensor& lora_A,
   const bool bits = pf > 0.0f && lk::dropout_bits_used(to_dtype(x, "x"), to_dtype(lora_A, "lora_A"));
   const char* why = dx_sm90_unsupported(x, weight, pf, bits);
   if (why != nullptr) return std::string("cublas: ") + why;
-  return pf > 0.0f ? "sm90 masked" : "sm90";
+  if (pf > 0.0f) return "sm90 masked";
+  const Tensor dy = x.new_empty({1}).expand({x.size(0), weight.size(0)});  // its shape, dtype and an aligned pointer
+  const lk::DType x_dt = to_dtype(x, "x"), a_dt = to_dtype(lora_A, "lora_A");
+  return dA_in_dx_gemm(dy, x, weight, x_dt, a_dt, (int)lora_A.size(0), pf) ? "sm90 + dA" : "sm90";
 }
 
 // Which kernel the dy pass of a backward with this dy (M, N) and lora_B (N, r) runs: "sm90" (wgmma,
@@ -1226,6 +1268,8 @@ int64_t set_fused_split(int64_t mode) { return lk::set_fused_split(mode > 0 ? 1 
 
 // Sets dA beside the dx GEMM for this process (-1 the cost model's choice, 0 never, n > 0 n SMs); returns the previous.
 int64_t set_dA_beside(int64_t mode) { return dA_beside_mode().exchange(mode > 0 ? (int)mode : mode == 0 ? 0 : -1); }
+// Sets dA inside the dx GEMM for this process (-1 the default, 0 never, 1 wherever it runs); returns the previous.
+int64_t set_dA_in_gemm(int64_t mode) { return dA_in_gemm_mode().exchange(mode > 0 ? 1 : mode == 0 ? 0 : -1); }
 
 }  // namespace
 
@@ -1245,6 +1289,7 @@ TORCH_LIBRARY(lora_kernels_cuda, m) {
   m.def("set_fused_forward(int mode) -> int", &set_fused_forward);
   m.def("set_fused_split(int mode) -> int", &set_fused_split);
   m.def("set_dA_beside(int mode) -> int", &set_dA_beside);
+  m.def("set_dA_in_gemm(int mode) -> int", &set_dA_in_gemm);
   m.def("dA_beside_blocks(Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, float p) -> int");
   m.def(
       "forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, float p, "

@@ -48,6 +48,16 @@ using namespace cute;
 //   Masked:   the extension's K-tiles first, the keep bits of the output tile loaded by TMA with the last of them
 //             (into that stage's keep slot, counted on the same barrier); after that tile's MMAs the consumer zeroes
 //             the dropped accumulator elements, then the main K-tiles accumulate on top.
+//   dA:       (dx without dropout, kdA_tiles) two K-tiles before all others carry dA's product instead of D's:
+//             dA (r, K) = Axᵀ X summed over M, with Ax = s·g (M, Kx) the extension's rank-r operand and X = x (M, N)
+//             the layer input whose gradient D is. Output tile (m, n) reads X's rows of m and its kTileN columns of n
+//             in 64-column chunks (one per consumer warpgroup per dA K-tile, in the A slot and the B slot's first
+//             half) and Ax's rows of m (the B slot's last 16 KB); each warpgroup multiplies its chunk transposed,
+//             (64 columns x 128 rows) by (128 rows x NP), NP = r rounded up to 16, 32 or 64, and stores the r x 64
+//             fp32 product as row block m's partial of dA (da_partial, (ceil(M / kTileM), r, N)), which a reduce
+//             sums in a fixed order. So x is read by the GEMM that already streams dy and W instead of by a pass of
+//             its own. The consumer finds (m, n) from the persistent scheduler's order (the tile's index in the
+//             block's sequence is its pipeline count over the K-tiles per tile).
 template <class Base>
 struct KExtendedMainloop : Base {
   using typename Base::ElementA;
@@ -87,6 +97,29 @@ struct KExtendedMainloop : Base {
                                                       GmemLayoutKeep{}),
                                           SmemLayoutKeepStage{}));
 
+  // dA in the GEMM: X's chunk as a (64 columns, kTileM rows) MN-major operand (the bytes a K-major (kTileM, 64) tile
+  // of the A slot would hold), Ax's rows as (NP, kTileM) MN-major, NP = 16, 32 or 64 (its swizzle: NP 16-bit
+  // elements per row); global views (columns, rows) with unit column stride.
+  static constexpr int kDaTiles = 2;
+  static constexpr int kDaChunks = kTileN / 128;  // X's 64-column chunks per dA K-tile: one per consumer warpgroup
+  static constexpr int kMmaWarpGroups = size(TiledMma{}) / cutlass::NumThreadsPerWarpGroup;
+  static constexpr bool kDaBuilt = kTileM == 128 && kTileK == 64 && kDaChunks == kMmaWarpGroups &&
+                                   sizeof(InternalElementA) == 2 && cute::is_same_v<InternalElementA, InternalElementB>;
+  using SmemLayoutDaX = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<InternalElementA>{}, Shape<_64, Int<kTileM>>{}));
+  template <int NP>
+  using DaVAtom = cute::conditional_t<NP == 16, GMMA::Layout_MN_SW32_Atom<InternalElementA>,
+                                      cute::conditional_t<NP == 32, GMMA::Layout_MN_SW64_Atom<InternalElementA>,
+                                                          GMMA::Layout_MN_SW128_Atom<InternalElementA>>>;
+  template <int NP>
+  using SmemLayoutDaV = decltype(tile_to_shape(DaVAtom<NP>{}, Shape<Int<NP>, Int<kTileM>>{}));
+  using GmemLayoutDa = Layout<Shape<int, int>, Stride<_1, int>>;  // (columns, rows)
+  template <class SmemLayout>
+  using TmaDa = decltype(make_tma_copy(SM90_TMA_LOAD{},
+                                       make_tensor(make_gmem_ptr(static_cast<InternalElementA const*>(nullptr)),
+                                                   GmemLayoutDa{}),
+                                       SmemLayout{}));
+  using SchedParams = cutlass::gemm::kernel::detail::PersistentTileSchedulerSm90Params;
+
   struct TensorStorage : Base::TensorStorage {
     alignas(128) cute::array_aligned<uint8_t, cute::cosize_v<SmemLayoutKeep>> smem_keep;
   };
@@ -108,6 +141,11 @@ struct KExtendedMainloop : Base {
     int early_dependents = 0;
     uint32_t mma_promotion_interval = 4;
     int k_ext_used = 0;      // Kx's columns that can be nonzero (0: all); the zero padding past them is not multiplied
+    // dA in the GEMM (dx without dropout; Kx = 64): X (M, N) row-major, dA's partials (ceil(M / kTileM), da_r, N)
+    // fp32; the problem's K counts kDaTiles more K-tiles. Null: none.
+    ElementA const* ptr_dax = nullptr;
+    float* ptr_da = nullptr;
+    int da_r = 0;
   };
 
   struct Params : Base::Params {
@@ -122,6 +160,15 @@ struct KExtendedMainloop : Base {
     int early_dependents;
     int ext_k_blocks;  // the MMA k-blocks of the extension's last K-tile that can be nonzero (kKBlocks: all)
     int keep_rows, keep_cols;  // the keep descriptor's (M, N/8), or (M, kKeepRowBytes) when unmasked
+    TmaDa<SmemLayoutDaX> tma_load_dax;
+    TmaDa<SmemLayoutDaV<16>> tma_load_dav16;
+    TmaDa<SmemLayoutDaV<32>> tma_load_dav32;
+    TmaDa<SmemLayoutDaV<64>> tma_load_dav64;
+    float* da_partial;
+    int da_tiles;  // kDaTiles, or 0
+    int da_r, da_np, da_cols, da_rows;
+    int da_deficit;  // a dA K-tile's bytes short of a stage's (its barrier expects a whole stage)
+    SchedParams sched;  // the kernel's scheduler (set by Gemm::run): the consumer's tile coordinates
   };
 
   template <class ProblemShape>
@@ -169,6 +216,25 @@ struct KExtendedMainloop : Base {
         make_tensor(make_gmem_ptr(keep_src),
                     GmemLayoutKeep{make_shape(p.keep_rows, p.keep_cols), make_stride(keep_pitch, _1{})}),
         SmemLayoutKeepStage{});
+    // dA: without it the descriptors are never used; they still need valid ones (A read as (K, M)).
+    p.da_tiles = kDaBuilt && args.ptr_dax != nullptr && args.ptr_da != nullptr && args.da_r > 0 ? kDaTiles : 0;
+    p.da_r = args.da_r;
+    p.da_np = args.da_r <= 16 ? 16 : args.da_r <= 32 ? 32 : 64;
+    p.da_cols = N;
+    p.da_rows = M;
+    p.da_partial = args.ptr_da;
+    auto da_view = [&](ElementA const* ptr, int cols) {
+      return make_tensor(make_gmem_ptr(reinterpret_cast<InternalElementA const*>(ptr)),
+                         GmemLayoutDa{make_shape(cols, M), make_stride(_1{}, cols)});
+    };
+    auto x_view = p.da_tiles ? da_view(args.ptr_dax, N) : da_view(args.ptr_A, args.k_main);
+    auto v_view = p.da_tiles ? da_view(args.ptr_Ax, args.k_ext) : da_view(args.ptr_A, args.k_main);
+    p.tma_load_dax = make_tma_copy(SM90_TMA_LOAD{}, x_view, SmemLayoutDaX{});
+    p.tma_load_dav16 = make_tma_copy(SM90_TMA_LOAD{}, v_view, SmemLayoutDaV<16>{});
+    p.tma_load_dav32 = make_tma_copy(SM90_TMA_LOAD{}, v_view, SmemLayoutDaV<32>{});
+    p.tma_load_dav64 = make_tma_copy(SM90_TMA_LOAD{}, v_view, SmemLayoutDaV<64>{});
+    p.da_deficit = int(Base::TmaTransactionBytes) -
+                   (kDaChunks * 64 * kTileM + p.da_np * kTileM) * int(sizeof(InternalElementA));
     return p;
   }
 
@@ -176,7 +242,12 @@ struct KExtendedMainloop : Base {
   static bool can_implement(ProblemShape const& problem_shape, Arguments const& args) {
     auto [M, N, Kt, L] = append<4>(problem_shape, 1);
     int tiles = (args.k_main + kTileK - 1) / kTileK;
-    return args.k_ext % kTileK == 0 && Kt == tiles * kTileK + args.k_ext &&
+    const bool da = args.ptr_dax != nullptr;
+    // dA: built for this tile, without keep bits, one extension K-tile (r <= 64)
+    if (da && (!kDaBuilt || args.ptr_keep != nullptr || args.k_ext != kTileK || args.da_r < 1 || args.da_r > 64 ||
+               args.ptr_da == nullptr))
+      return false;
+    return args.k_ext % kTileK == 0 && Kt == tiles * kTileK + args.k_ext + (da ? kDaTiles * kTileK : 0) &&
            Base::can_implement(make_shape(M, N, args.k_main, L), typename Base::Arguments{}) &&
            (args.k_ext == 0 || Base::can_implement(make_shape(M, N, args.k_ext, L), typename Base::Arguments{}));
   }
@@ -189,6 +260,7 @@ struct KExtendedMainloop : Base {
       cute::prefetch_tma_descriptor(p.tma_load_bx.get_tma_descriptor());
     }
     if (p.masked) cute::prefetch_tma_descriptor(p.tma_load_keep.get_tma_descriptor());
+    if (p.da_tiles) cute::prefetch_tma_descriptor(p.tma_load_dax.get_tma_descriptor());
   }
 
   // (BLK_M, BLK_K, m, k, l) / (BLK_N, BLK_K, n, k, l) views of the four tensors, from their TMA descriptors.
@@ -260,14 +332,54 @@ struct KExtendedMainloop : Base {
     Tensor tKgK = thr_keep.partition_S(gKeep);
     Tensor tKsK = thr_keep.partition_D(make_tensor(make_smem_ptr(shared_tensors.smem_keep.data()), SmemLayoutKeep{}));
 
-    // Tile k of this tile's K axis: masked, the extension's tiles come first (the mask applies to their sum only).
+    // dA K-tile d of this output tile: X's chunks d * kDaChunks + j (j = 0 into the A slot, j > 0 into the B slot's
+    // (j - 1)-th 16 KB), Ax's rows of m after them. The stage's barrier expects a whole stage's bytes: the producer
+    // completes those that the tile does not load (a complete_tx after the arrive that set them).
+    auto thr_dax = p.tma_load_dax.get_slice(0);
+    Tensor tXgX = thr_dax.partition_S(local_tile(p.tma_load_dax.get_tma_tensor(make_shape(p.da_cols, p.da_rows)),
+                                                 Shape<_64, Int<kTileM>>{}, make_coord(_, _)));  // (TMA,..,cols,rows)
+    const int da_m = int(m_coord), da_n = int(n_coord);  // (a lambda may not capture structured bindings in C++17)
+    auto load_da = [&](int d, int stage, auto* tma_barrier) {
+      auto* a_slot = shared_tensors.smem_A.data() + stage * (kTileM * kTileK);
+      auto* b_slot = shared_tensors.smem_B.data() + stage * (kTileN * kTileK);
+      CUTLASS_PRAGMA_UNROLL
+      for (int j = 0; j < kDaChunks; ++j) {
+        auto* dst = j == 0 ? a_slot : b_slot + (j - 1) * (64 * kTileM);
+        const int col_tile = da_n * (kTileN / 64) + d * kDaChunks + j;
+        copy(p.tma_load_dax.with(*tma_barrier), tXgX(_, _, _, col_tile, da_m),
+             thr_dax.partition_D(make_tensor(make_smem_ptr(dst), SmemLayoutDaX{})));
+      }
+      auto* v_dst = b_slot + (kDaChunks - 1) * (64 * kTileM);
+      auto load_v = [&](auto np, auto const& tma) {
+        constexpr int NP = decltype(np)::value;
+        auto thr = tma.get_slice(0);
+        Tensor gV = local_tile(tma.get_tma_tensor(make_shape(p.k_ext, p.da_rows)), Shape<Int<NP>, Int<kTileM>>{},
+                               make_coord(0, da_m));
+        copy(tma.with(*tma_barrier), thr.partition_S(gV),
+             thr.partition_D(make_tensor(make_smem_ptr(v_dst), SmemLayoutDaV<NP>{})));
+      };
+      if (p.da_np == 16) load_v(Int<16>{}, p.tma_load_dav16);
+      else if (p.da_np == 32) load_v(Int<32>{}, p.tma_load_dav32);
+      else load_v(Int<64>{}, p.tma_load_dav64);
+      if (p.da_deficit > 0)
+        cutlass::arch::ClusterTransactionBarrier::complete_transaction(tma_barrier, block_rank_in_cluster,
+                                                                       uint32_t(p.da_deficit));
+    };
+
+    // Tile k of this tile's K axis: the dA K-tiles first where there are any; then, masked, the extension's tiles
+    // (the mask applies to their sum only), else the main ones.
     const int kt_ext = p.k_tiles_ext, kt_main = p.k_tiles_main;
-    int k = static_cast<int>(get<0>(*k_tile_iter));
+    int k = static_cast<int>(get<0>(*k_tile_iter)) - p.da_tiles;
     CUTLASS_PRAGMA_NO_UNROLL
     for (; k_tile_count > 0; --k_tile_count, ++k) {
       pipeline.producer_acquire(smem_pipe_write);
       auto* tma_barrier = pipeline.producer_get_barrier(smem_pipe_write);
       int stage = smem_pipe_write.index();
+      if (k < 0) {
+        load_da(k + p.da_tiles, stage, tma_barrier);
+        ++smem_pipe_write;
+        continue;
+      }
       const int kx = p.masked ? k : k - kt_main;  // index into the extension when in [0, kt_ext)
       if (kx >= 0 && kx < kt_ext) {
         if (p.masked && kx == kt_ext - 1) {
@@ -380,6 +492,62 @@ struct KExtendedMainloop : Base {
       issue(Int<kKBlocks>{}, stage);
     };
 
+    // The dA K-tiles first (load's order). Each warpgroup multiplies its X chunk transposed, (64 columns, 128 rows),
+    // by Ax's rows, (128 rows, NP), and stores the product's first da_r columns as its part of row block m's dA
+    // partial; the stage is released once the product is in registers. The tile's (m, n): the persistent
+    // scheduler's tile at this block's sequence index, which is the pipeline's count over the K-tiles per tile.
+    if (p.da_tiles > 0) {
+      cutlass::gemm::kernel::detail::PersistentTileSchedulerSm90 sched(p.sched);
+      sched.advance_to_next_work(smem_pipe_read.count() / uint32_t(k_tile_count));
+      const auto work = sched.get_current_work();
+      const int j = kMmaWarpGroups > 1 ? warp_group_idx : 0;  // this warpgroup's chunk of each dA K-tile
+      auto da_tile = [&](auto np, int d, int stage) {
+        constexpr int NP = decltype(np)::value;
+        using MmaElement = typename TiledMma::ValTypeA;  // the 16-bit type itself (InternalElementA: its bits)
+        auto mma_da = make_tiled_mma(GMMA::ss_op_selector<MmaElement, MmaElement, float,
+                                                          Shape<_64, Int<NP>, _16>, GMMA::Major::MN, GMMA::Major::MN>());
+        auto* a_slot = shared_tensors.smem_A.data() + stage * (kTileM * kTileK);
+        auto* b_slot = shared_tensors.smem_B.data() + stage * (kTileN * kTileK);
+        Tensor sX = make_tensor(make_smem_ptr(j == 0 ? a_slot : b_slot + (j - 1) * (64 * kTileM)), SmemLayoutDaX{});
+        Tensor sV = make_tensor(make_smem_ptr(b_slot + (kDaChunks - 1) * (64 * kTileM)), SmemLayoutDaV<NP>{});
+        auto thr = mma_da.get_slice(thread_idx % cutlass::NumThreadsPerWarpGroup);
+        Tensor tXr = thr.make_fragment_A(thr.partition_A(sX));  // (MMA, 1, kTileM / 16)
+        Tensor tVr = thr.make_fragment_B(thr.partition_B(sV));
+        Tensor acc = partition_fragment_C(mma_da, Shape<_64, Int<NP>>{});
+        warpgroup_fence_operand(acc);
+        warpgroup_arrive();
+        mma_da.accumulate_ = GMMA::ScaleOut::Zero;
+        CUTLASS_PRAGMA_UNROLL
+        for (int kb = 0; kb < size<2>(tXr); ++kb) {
+          cute::gemm(mma_da, tXr(_, _, kb), tVr(_, _, kb), acc);
+          mma_da.accumulate_ = GMMA::ScaleOut::One;
+        }
+        warpgroup_commit_batch();
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(acc);
+        pipeline.consumer_release(smem_pipe_read);
+        // acc (c, q): column c of the chunk, rank q; X's columns past N and the ranks past r are left out
+        Tensor cC = thr.partition_C(make_identity_tensor(Shape<_64, Int<NP>>{}));
+        float* out = p.da_partial + int64_t(work.M_idx) * p.da_r * p.da_cols;
+        const int col0 = work.N_idx * kTileN + (d * kDaChunks + j) * 64;
+        CUTLASS_PRAGMA_UNROLL
+        for (int i = 0; i < size(acc); ++i) {
+          const int c = col0 + get<0>(cC(i)), q = get<1>(cC(i));
+          if (q < p.da_r && c < p.da_cols) out[int64_t(q) * p.da_cols + c] = acc(i);
+        }
+      };
+      for (int d = 0; d < p.da_tiles; ++d) {
+        auto barrier_token = pipeline.consumer_try_wait(smem_pipe_read);
+        pipeline.consumer_wait(smem_pipe_read, barrier_token);
+        const int stage = smem_pipe_read.index();
+        if (p.da_np == 16) da_tile(Int<16>{}, d, stage);
+        else if (p.da_np == 32) da_tile(Int<32>{}, d, stage);
+        else da_tile(Int<64>{}, d, stage);
+        ++smem_pipe_read;
+      }
+      k_tile_count -= p.da_tiles;
+    }
+
     PipelineState smem_pipe_release = smem_pipe_read;
     tiled_mma.accumulate_ = GMMA::ScaleOut::Zero;
     warpgroup_fence_operand(accum);
@@ -469,13 +637,18 @@ struct Gemm {
     const int M = int(a.M), N = int(a.N), K = int(a.K), Kx = int(a.Kx);
     typename Kernel::Arguments args;
     args.mode = cutlass::gemm::GemmUniversalMode::kGemm;
-    args.problem_shape = {M, N, int((a.K + 63) / 64) * 64 + Kx, 1};  // the concatenated K axis
+    const bool da = a.da_x != nullptr;
+    // the concatenated K axis, after dA's K-tiles where it has them
+    args.problem_shape = {M, N, int((a.K + 63) / 64) * 64 + Kx + (da ? Mainloop::kDaTiles * 64 : 0), 1};
     args.mainloop = {static_cast<E const*>(a.a), cutlass::make_cute_packed_stride(StrideA{}, {M, K, 1}),
                      static_cast<E const*>(a.b), cutlass::make_cute_packed_stride(StrideB{}, {N, K, 1}),
                      static_cast<E const*>(a.ax), cutlass::make_cute_packed_stride(StrideA{}, {M, Kx, 1}),
                      static_cast<E const*>(a.bx), cutlass::make_cute_packed_stride(StrideB{}, {N, Kx, 1}),
                      K, Kx, a.keep, a.early_dependents ? 1 : 0};
     args.mainloop.k_ext_used = int(a.Kx_used);
+    args.mainloop.ptr_dax = static_cast<E const*>(a.da_x);
+    args.mainloop.ptr_da = a.da_partial;
+    args.mainloop.da_r = da ? a.da_r : 0;
     args.epilogue.thread.alpha = 1.0f;
     args.epilogue.thread.beta = 0.0f;
     args.epilogue.thread.bias_ptr = static_cast<E const*>(a.bias);
@@ -503,13 +676,18 @@ struct Gemm {
     typename Kernel::Arguments args = arguments(a, swizzle, raster, sm_count);
     if (!Kernel::can_implement(args)) return cudaErrorNotSupported;
     const size_t ws = Kernel::get_workspace_size(args);
-    if (ws > workspace_bytes || (ws != 0 && a.keep != nullptr)) return cudaErrorNotSupported;  // the mask: whole K
+    // the mask and dA: whole K per tile, in the data-parallel scheduler's order
+    if (ws > workspace_bytes || (ws != 0 && (a.keep != nullptr || a.da_x != nullptr))) return cudaErrorNotSupported;
     // The consumer finds the extension's last K-tile by its index from the tile's K start: only a whole-K schedule
     // (data-parallel, no workspace) has the trimmed tile where it looks.
     if (ws != 0) args.mainloop.k_ext_used = 0;
     if (ws != 0 && Kernel::initialize_workspace(args, workspace, stream) != cutlass::Status::kSuccess)
       return cudaErrorUnknown;
     typename Kernel::Params params = Kernel::to_underlying_arguments(args, ws != 0 ? workspace : nullptr);
+    if constexpr (cute::is_same_v<typename Kernel::TileSchedulerParams, typename Mainloop::SchedParams>)
+      params.mainloop.sched = params.scheduler;  // dA's consumer finds its tiles' coordinates with it
+    else if (a.da_x != nullptr)
+      return cudaErrorNotSupported;
 
     // The shared-memory limit is a per-device attribute of each kernel: raise it once per device (two threads that
     // both find it unset both set it, to the same value).

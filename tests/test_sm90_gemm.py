@@ -58,7 +58,9 @@ def _dx_path(M, K, N, r, p, dtype=torch.bfloat16, adapter_dtype=torch.float32):
 def test_benchmarked_shapes_take_the_sm90_dx_path(K, N, adapter_dtype):
     # dx of the benchmarked shapes: the rank-r term inside the GEMM, masked there with dropout (no dx kernel, no
     # cuBLAS beta = 1)
-    assert _dx_path(2048, K, N, 16, 0.0, adapter_dtype=adapter_dtype) == "sm90"
+    # (with 16-bit adapters and no dropout dA's product joins the same GEMM)
+    dA = " + dA" if adapter_dtype == torch.bfloat16 else ""
+    assert _dx_path(2048, K, N, 16, 0.0, adapter_dtype=adapter_dtype) == "sm90" + dA
     assert _dx_path(2048, K, N, 64, 0.1, adapter_dtype=adapter_dtype) == "sm90 masked"
     # decoding-size batches: the small-M Hopper kernel with 16-bit adapters (csrc/small_m_sm90.cu), else cuBLAS
     # (csrc/lora_kernels.cuh, kSmallMBackwardRows; fp32 adapters take the Hopper kernel only with
@@ -104,8 +106,8 @@ def test_sm90_path_against_float64(dtype, adapter_dtype, lead, K, N, r, p):
     assert _path(1, K, N, dtype) == "sm90"
     # the path of this shape at M = 128 (M <= 64 takes cuBLAS for dx: kSmallMBackwardRows)
     dx_path = _dx_path(128, K, N, r, p, dtype, adapter_dtype or dtype)
-    if p == 0:
-        assert dx_path == "sm90"
+    if p == 0:  # dA inside the GEMM by default with 16-bit adapters and r <= 32
+        assert dx_path == ("sm90 + dA" if adapter_dtype is None and r <= 32 else "sm90"), dx_path
     elif dtype == torch.float16 and adapter_dtype == torch.float32:  # the streaming passes' FFMA kernels: no bits
         assert dx_path.startswith("cublas: no keep bits")
     elif K % 128:
@@ -117,6 +119,79 @@ def test_sm90_path_against_float64(dtype, adapter_dtype, lead, K, N, r, p):
         run_and_check("cuda", "cuda", dtype, lead, K, N, r, bias=True, p=p, adapter_dtype=adapter_dtype)
     finally:
         cuda_backend.set_small_m(previous)
+
+
+@pytest.fixture
+def dA_in_gemm():
+    """dA inside the dx GEMM wherever it can run (set_dA_in_gemm(1): r up to 64)."""
+    from lora_kernels.backends import cuda_backend
+
+    previous = cuda_backend.set_dA_in_gemm(1)
+    yield
+    cuda_backend.set_dA_in_gemm(previous)
+
+
+@pytest.mark.skipif(not _hopper(), reason="the sm_90 GEMM runs on compute capability 9.0 only")
+def test_dA_in_gemm_where_it_runs():
+    """By default dA joins the dx GEMM without dropout, with adapters in x's dtype and r <= 32; set_dA_in_gemm(1)
+    takes it up to r = 64 (one extension K-tile), (0) nowhere."""
+    from lora_kernels.backends import cuda_backend
+
+    bf, h = torch.bfloat16, torch.float16
+    assert _dx_path(2048, 4096, 4096, 32, 0.0, adapter_dtype=bf) == "sm90 + dA"
+    assert _dx_path(2048, 4096, 1024, 1, 0.0, dtype=h, adapter_dtype=h) == "sm90 + dA"
+    assert _dx_path(2048, 4096, 4096, 48, 0.0, adapter_dtype=bf) == "sm90"  # its partials would outweigh half of x
+    assert _dx_path(2048, 4096, 4096, 16, 0.0) == "sm90"  # fp32 adapters: the dA pass reads g in fp32
+    assert _dx_path(2048, 4096, 4096, 16, 0.1, adapter_dtype=bf) == "sm90 masked"  # dropout: the dA pass
+    previous = cuda_backend.set_dA_in_gemm(1)
+    try:
+        assert _dx_path(2048, 4096, 4096, 64, 0.0, adapter_dtype=bf) == "sm90 + dA"
+        assert _dx_path(2048, 4096, 4096, 65, 0.0, adapter_dtype=bf) == "sm90"  # two extension K-tiles
+        assert _dx_path(2048, 4096, 4096, 16, 0.0) == "sm90"
+        cuda_backend.set_dA_in_gemm(0)
+        assert _dx_path(2048, 4096, 4096, 16, 0.0, adapter_dtype=bf) == "sm90"
+    finally:
+        cuda_backend.set_dA_in_gemm(previous)
+
+
+@pytest.mark.skipif(not _hopper(), reason="the sm_90 GEMM runs on compute capability 9.0 only")
+@pytest.mark.usefixtures("dA_in_gemm")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("lead,K,N,r", [((300,), 200, 136, 7), ((129,), 4096, 1024, 40), ((1000,), 2056, 2048, 16),
+                                         ((4, 257), 2048, 4096, 64), ((65,), 1032, 264, 24), ((2, 700), 520, 2104, 1)])
+def test_dA_in_gemm_against_float64(dtype, lead, K, N, r):
+    # dA from the dx GEMM's own K-tiles, through the public op against float64: both of its tiles (128 x 128
+    # ping-pong, and 128 x 256 cooperative where the GEMM's K and N reach 2048), Ax's widths NP = 16, 32 and 64
+    # (r = 1, 7, 16; 24; 40, 64), M not a multiple of the 128-row block (the last block's rows past M), x's K not a
+    # multiple of the 64-column chunk (the columns past K). The small-M forward is off so that M = 65 runs this path.
+    from lora_kernels.backends import cuda_backend
+
+    assert _dx_path(math.prod(lead), K, N, r, 0.0, dtype, dtype) == "sm90 + dA"
+    previous = cuda_backend.set_small_m(False)
+    try:
+        run_and_check("cuda", "cuda", dtype, lead, K, N, r, bias=True, p=0.0, adapter_dtype=dtype)
+    finally:
+        cuda_backend.set_small_m(previous)
+
+
+@pytest.mark.skipif(not _hopper(), reason="the sm_90 GEMM runs on compute capability 9.0 only")
+@pytest.mark.parametrize("K,N", [(2048, 2048), (1000, 1024)])
+def test_dA_in_gemm_is_deterministic(K, N):
+    # each partial element is written by one tile and the reduce sums them in a fixed order: the same bits twice
+    M, r = 1333, 32
+    bf = torch.bfloat16
+    x = torch.randn(M, K, device="cuda", dtype=bf, requires_grad=True)
+    W = torch.randn(N, K, device="cuda", dtype=bf) / K ** 0.5
+    A = (torch.randn(r, K, device="cuda", dtype=bf) / K ** 0.5).requires_grad_()
+    B = torch.randn(N, r, device="cuda", dtype=bf).requires_grad_()
+    dy = torch.randn(M, N, device="cuda", dtype=bf)
+    assert _dx_path(M, K, N, r, 0.0, adapter_dtype=bf) == "sm90 + dA"
+    outs = []
+    for _ in range(2):
+        y = lora_kernels.lora_linear(x, W, None, A, B, 2.0, backend="cuda")
+        outs.append((y, *torch.autograd.grad(y, (x, A, B), dy)))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.skipif(not _hopper(), reason="the sm_90 GEMM runs on compute capability 9.0 only")

@@ -105,7 +105,7 @@ def gemm_path(x, weight, bias=None) -> str:
 def dx_path(x, weight, lora_A, lora_B, p=0.0) -> str:
     """Which GEMM dx of a backward with these 2-D inputs runs: "small_m sm90" (M <= 64 on Hopper, p = 0: the small-M
     kernel transposed makes dx and s·g in one launch, and one more launch makes dA and dB), "sm90" (the rank-r term
-    in the GEMM's K axis),
+    in the GEMM's K axis), "sm90 + dA" (and dA's product inside the same GEMM, set_dA_in_gemm),
     "sm90 masked" (with dropout: the term's K-tiles first, masked by the keep bits inside the GEMM, then dy W) or
     "cublas: <why not sm90>" (the dx kernel writes the masked term, cuBLAS accumulates dy W into it)."""
     return torch.ops.lora_kernels_cuda.dx_path(x, weight, lora_A, lora_B, float(p))
@@ -149,6 +149,14 @@ def set_dA_beside(mode: int) -> int:
     wherever the sm_90 dx GEMM and dA run (LORA_KERNELS_DA_BESIDE starts the process so). Returns the previous
     setting. For tests of both orders and A/B timing."""
     return int(torch.ops.lora_kernels_cuda.set_dA_beside(int(mode)))
+
+
+def set_dA_in_gemm(mode: int) -> int:
+    """Sets dA inside the dx GEMM for this process (csrc/gemm_sm90.h, da_x: x read by the GEMM, row-block partials
+    summed by a reduce, in place of the dA pass): -1 the default (p = 0, adapters in x's dtype, r <= 32), 0 never,
+    1 wherever it can run (r <= 64; LORA_KERNELS_DA_IN_GEMM=0 or 1 starts the process there). Returns the previous
+    mode. For tests and A/B timing."""
+    return int(torch.ops.lora_kernels_cuda.set_dA_in_gemm(int(mode)))
 
 
 def forward_path(x, weight, bias, lora_A, lora_B, p=0.0) -> str:
