@@ -119,6 +119,10 @@ struct KExtendedMainloop : Base {
                                                    GmemLayoutDa{}),
                                        SmemLayout{}));
   using SchedParams = cutlass::gemm::kernel::detail::PersistentTileSchedulerSm90Params;
+  // dA's K-tiles address a stage's A and B slots as kTileM x 64 and kTileN x 64 elements from the ring's start
+  static_assert(cute::cosize_v<SmemLayoutA> == kTileM * kTileK * kStages &&
+                    cute::cosize_v<SmemLayoutB> == kTileN * kTileK * kStages,
+                "stages of whole tiles, one after another");
 
   struct TensorStorage : Base::TensorStorage {
     alignas(128) cute::array_aligned<uint8_t, cute::cosize_v<SmemLayoutKeep>> smem_keep;
