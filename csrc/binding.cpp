@@ -433,9 +433,10 @@ lk::DaBeside dA_beside(const Tensor& dy, const Tensor& weight, int64_t M, int64_
                                  p > 0.0f, mode);
 }
 
-// dA inside the dx GEMM (gemm_sm90.h, da_x): -1 the default, where r <= 32 (its partials, ceil(M / 128) x r x K fp32,
-// are then at most half of x's bytes), 0 never, 1 wherever it can run (r <= 64; A/B timing). LORA_KERNELS_DA_IN_GEMM
-// sets it at start-up, set_dA_in_gemm in a process.
+// dA inside the dx GEMM (gemm_sm90.h, da_x): -1 the default, without dropout where r <= 32 (its partials,
+// ceil(M / 128) x r x K fp32, are then at most half of x's bytes), 0 never, 1 wherever it can run (r <= 64, dropout
+// too: the GEMM masks x by the keep bits; A/B timing). LORA_KERNELS_DA_IN_GEMM sets it at start-up, set_dA_in_gemm in
+// a process.
 std::atomic<int>& dA_in_gemm_mode() {
   static std::atomic<int> mode{[] {
     const char* v = std::getenv("LORA_KERNELS_DA_IN_GEMM");
@@ -445,15 +446,18 @@ std::atomic<int>& dA_in_gemm_mode() {
   return mode;
 }
 
-// Whether a backward's dA joins its dx GEMM (dy: what the GEMM multiplies by W; x (M, K)): without dropout, with
-// adapters in x's dtype (the GEMM multiplies x by s·g rounded to that dtype, as the dx term does: the same-precision
-// reference rounds it so too; fp32 adapters keep the dA pass, which reads g in fp32), where the sm_90 GEMM takes it.
+// Whether a backward's dA joins its dx GEMM (dy: what the GEMM multiplies by W; x (M, K); with dropout the GEMM is the
+// masked one, whose keep bits mask x too): with adapters in x's dtype (the GEMM multiplies x by s·g rounded to that
+// dtype, as the dx term does: the same-precision reference rounds it so too; fp32 adapters keep the dA pass, which
+// reads g in fp32), where the sm_90 GEMM takes it.
 bool dA_in_dx_gemm(const Tensor& dy, const Tensor& x, const Tensor& weight, lk::DType x_dt, lk::DType a_dt, int r,
                    float p) {
   const int mode = dA_in_gemm_mode().load();
-  if (mode == 0 || p != 0.0f || a_dt != x_dt || r < 1 || r > (mode > 0 ? 64 : 32) || x.size(0) == 0) return false;
+  if (mode == 0 || (p != 0.0f && mode < 0) || a_dt != x_dt || r < 1 || r > (mode > 0 ? 64 : 32) || x.size(0) == 0)
+    return false;
   // the workspace pieces come from the caching allocator: aligned like x's storage, whose own pointer is checked
-  lk::LoraGemmArgs a = sm90_dx_args(dy, weight, r, x.data_ptr(), x.data_ptr(), nullptr, x.data_ptr());
+  const auto* keep = p > 0.0f ? static_cast<const uint8_t*>(x.data_ptr()) : nullptr;
+  lk::LoraGemmArgs a = sm90_dx_args(dy, weight, r, x.data_ptr(), x.data_ptr(), keep, x.data_ptr());
   a.da_x = x.data_ptr();
   a.da_partial = static_cast<float*>(x.data_ptr());
   a.da_r = r;
@@ -1142,8 +1146,8 @@ std::string gemm_path(const Tensor& x, const Tensor& weight, const std::optional
 
 // Which GEMM path dx of a backward with these inputs takes: "small_m sm90" (M <= 64: the small-M Hopper kernel,
 // dx and s·g in one launch; judged with x's pointer and dtype standing for dy's), "sm90", "sm90 + dA" (dA's product
-// inside the same GEMM, dA_in_dx_gemm), "sm90 masked" (dropout: the keep bits mask the rank-r term inside the GEMM)
-// or "cublas: <why not sm90>" (the dx kernel writes the term, cuBLAS adds dy W).
+// inside the same GEMM, dA_in_dx_gemm), "sm90 masked" (dropout: the keep bits mask the rank-r term inside the GEMM;
+// "sm90 masked + dA" with dA) or "cublas: <why not sm90>" (the dx kernel writes the term, cuBLAS adds dy W).
 std::string dx_path(const Tensor& x, const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B, double p) {
   check_common(x, weight, lora_A, lora_B, p, 0);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -1152,10 +1156,10 @@ std::string dx_path(const Tensor& x, const Tensor& weight, const Tensor& lora_A,
   const bool bits = pf > 0.0f && lk::dropout_bits_used(to_dtype(x, "x"), to_dtype(lora_A, "lora_A"));
   const char* why = dx_sm90_unsupported(x, weight, pf, bits);
   if (why != nullptr) return std::string("cublas: ") + why;
-  if (pf > 0.0f) return "sm90 masked";
   const Tensor dy = x.new_empty({1}).expand({x.size(0), weight.size(0)});  // its shape, dtype and an aligned pointer
   const lk::DType x_dt = to_dtype(x, "x"), a_dt = to_dtype(lora_A, "lora_A");
-  return dA_in_dx_gemm(dy, x, weight, x_dt, a_dt, (int)lora_A.size(0), pf) ? "sm90 + dA" : "sm90";
+  const bool dA = dA_in_dx_gemm(dy, x, weight, x_dt, a_dt, (int)lora_A.size(0), pf);
+  return std::string(pf > 0.0f ? "sm90 masked" : "sm90") + (dA ? " + dA" : "");
 }
 
 // Which kernel the dy pass of a backward with this dy (M, N) and lora_B (N, r) runs: "sm90" (wgmma,

@@ -62,8 +62,7 @@ const char* lora_gemm_sm90_unsupported(const LoraGemmArgs& a, int device) {
     if (!aligned16(a.keep)) return "keep bits must be 16-byte aligned";
   }
   if (a.da_x) {
-    if (a.keep || a.layout_b != GemmLayoutB::kKN || a.Kx != 64)
-      return "dA in the GEMM needs dx without keep bits, r <= 64";
+    if (a.layout_b != GemmLayoutB::kKN || a.Kx != 64) return "dA in the GEMM needs the dx layout and r <= 64";
     if (a.da_r < 1 || a.da_r > 64 || !a.da_partial) return "dA in the GEMM needs 1 <= da_r <= 64 and its partials";
     if (!aligned16(a.da_x) || !aligned16(a.da_partial)) return "dA's pointers must be 16-byte aligned";
   }

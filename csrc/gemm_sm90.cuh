@@ -48,16 +48,18 @@ using namespace cute;
 //   Masked:   the extension's K-tiles first, the keep bits of the output tile loaded by TMA with the last of them
 //             (into that stage's keep slot, counted on the same barrier); after that tile's MMAs the consumer zeroes
 //             the dropped accumulator elements, then the main K-tiles accumulate on top.
-//   dA:       (dx without dropout, kdA_tiles) two K-tiles before all others carry dA's product instead of D's:
+//   dA:       (dx, kDaTiles) two K-tiles before all others carry dA's product instead of D's:
 //             dA (r, K) = Axᵀ X summed over M, with Ax = s·g (M, Kx) the extension's rank-r operand and X = x (M, N)
 //             the layer input whose gradient D is. Output tile (m, n) reads X's rows of m and its kTileN columns of n
-//             in 64-column chunks (one per consumer warpgroup per dA K-tile, in the A slot and the B slot's first
-//             half) and Ax's rows of m (the B slot's last 16 KB); each warpgroup multiplies its chunk transposed,
+//             in 64-column chunks (one per consumer warpgroup per dA K-tile: in the A slot, then in the B slot) and
+//             Ax's rows of m (in the B slot after the chunks); each warpgroup multiplies its chunk transposed,
 //             (64 columns x 128 rows) by (128 rows x NP), NP = r rounded up to 16, 32 or 64, and stores the r x 64
 //             fp32 product as row block m's partial of dA (da_partial, (ceil(M / kTileM), r, N)), which a reduce
 //             sums in a fixed order. So x is read by the GEMM that already streams dy and W instead of by a pass of
-//             its own. The consumer finds (m, n) from the persistent scheduler's order (the tile's index in the
-//             block's sequence is its pipeline count over the K-tiles per tile).
+//             its own. Masked, each dA K-tile also loads the output tile's keep bits, and each warpgroup zeroes its
+//             chunk's dropped elements in shared memory before its product (dA = Axᵀ (keep ⊙ X), Ax scaled by
+//             s / (1 - p) by the pack). The consumer finds (m, n) from the persistent scheduler's order: the tile's
+//             index in the block's sequence is its pipeline count over the K-tiles per tile.
 template <class Base>
 struct KExtendedMainloop : Base {
   using typename Base::ElementA;
@@ -105,7 +107,8 @@ struct KExtendedMainloop : Base {
   static constexpr int kMmaWarpGroups = size(TiledMma{}) / cutlass::NumThreadsPerWarpGroup;
   static constexpr bool kDaBuilt = kTileM == 128 && kTileK == 64 && kDaChunks == kMmaWarpGroups &&
                                    sizeof(InternalElementA) == 2 && cute::is_same_v<InternalElementA, InternalElementB>;
-  using SmemLayoutDaX = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<InternalElementA>{}, Shape<_64, Int<kTileM>>{}));
+  using SmemLayoutDaX =
+      decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<InternalElementA>{}, Shape<_64, Int<kTileM>>{}));
   template <int NP>
   using DaVAtom = cute::conditional_t<NP == 16, GMMA::Layout_MN_SW32_Atom<InternalElementA>,
                                       cute::conditional_t<NP == 32, GMMA::Layout_MN_SW64_Atom<InternalElementA>,
@@ -247,8 +250,8 @@ struct KExtendedMainloop : Base {
     auto [M, N, Kt, L] = append<4>(problem_shape, 1);
     int tiles = (args.k_main + kTileK - 1) / kTileK;
     const bool da = args.ptr_dax != nullptr;
-    // dA: built for this tile, without keep bits, one extension K-tile (r <= 64)
-    if (da && (!kDaBuilt || args.ptr_keep != nullptr || args.k_ext != kTileK || args.da_r < 1 || args.da_r > 64 ||
+    // dA: built for this tile, one extension K-tile (r <= 64)
+    if (da && (!kDaBuilt || args.k_ext != kTileK || args.da_r < 1 || args.da_r > 64 ||
                args.ptr_da == nullptr))
       return false;
     return args.k_ext % kTileK == 0 && Kt == tiles * kTileK + args.k_ext + (da ? kDaTiles * kTileK : 0) &&
@@ -344,6 +347,10 @@ struct KExtendedMainloop : Base {
                                                  Shape<_64, Int<kTileM>>{}, make_coord(_, _)));  // (TMA,..,cols,rows)
     const int da_m = int(m_coord), da_n = int(n_coord);  // (a lambda may not capture structured bindings in C++17)
     auto load_da = [&](int d, int stage, auto* tma_barrier) {
+      if (p.masked) {  // the output tile's keep bits too, which mask X (declared before any copy is issued)
+        pipeline.producer_expect_transaction(smem_pipe_write, kKeepBytes);
+        copy(p.tma_load_keep.with(*tma_barrier), tKgK, tKsK(_, _, _, stage));
+      }
       auto* a_slot = shared_tensors.smem_A.data() + stage * (kTileM * kTileK);
       auto* b_slot = shared_tensors.smem_B.data() + stage * (kTileN * kTileK);
       CUTLASS_PRAGMA_UNROLL
@@ -505,14 +512,38 @@ struct KExtendedMainloop : Base {
       sched.advance_to_next_work(smem_pipe_read.count() / uint32_t(k_tile_count));
       const auto work = sched.get_current_work();
       const int j = kMmaWarpGroups > 1 ? warp_group_idx : 0;  // this warpgroup's chunk of each dA K-tile
+      using MmaElement = typename TiledMma::ValTypeA;  // the 16-bit type itself (InternalElementA: its bits)
       auto da_tile = [&](auto np, int d, int stage) {
         constexpr int NP = decltype(np)::value;
-        using MmaElement = typename TiledMma::ValTypeA;  // the 16-bit type itself (InternalElementA: its bits)
-        auto mma_da = make_tiled_mma(GMMA::ss_op_selector<MmaElement, MmaElement, float,
-                                                          Shape<_64, Int<NP>, _16>, GMMA::Major::MN, GMMA::Major::MN>());
+        auto mma_da = make_tiled_mma(GMMA::ss_op_selector<MmaElement, MmaElement, float, Shape<_64, Int<NP>, _16>,
+                                                          GMMA::Major::MN, GMMA::Major::MN>());
         auto* a_slot = shared_tensors.smem_A.data() + stage * (kTileM * kTileK);
         auto* b_slot = shared_tensors.smem_B.data() + stage * (kTileN * kTileK);
         Tensor sX = make_tensor(make_smem_ptr(j == 0 ? a_slot : b_slot + (j - 1) * (64 * kTileM)), SmemLayoutDaX{});
+        if (p.masked) {
+          // keep ⊙ X in place, row t of the chunk by the warpgroup's thread t: its 64 columns as 8 vectors of 8
+          // (the swizzle moves whole 16-byte vectors), each with one byte of the row's keep bits; a dropped element
+          // times 0, so that a NaN or inf gives NaN, as in the reference's keep * x. Then the writes are made
+          // visible to the wgmma's (async proxy) reads and the warpgroup waits for all of them.
+          const int row = thread_idx % cutlass::NumThreadsPerWarpGroup;
+          uint8_t const* bits = shared_tensors.smem_keep.data() + stage * kKeepBytes + row * kKeepRowBytes +
+                                (d * kDaChunks + j) * 8;
+          CUTLASS_PRAGMA_UNROLL
+          for (int v = 0; v < 8; ++v) {
+            const uint32_t b = bits[v];
+            if (b == 0xFFu) continue;
+            uint4* vec = reinterpret_cast<uint4*>(raw_pointer_cast(&sX(v * 8, row)));
+            uint4 w = *vec;
+            MmaElement* e = reinterpret_cast<MmaElement*>(&w);
+            CUTLASS_PRAGMA_UNROLL
+            for (int i = 0; i < 8; ++i)
+              if (!((b >> i) & 1u)) e[i] = MmaElement(float(e[i]) * 0.f);
+            *vec = w;
+          }
+          cutlass::arch::fence_view_async_shared();
+          cutlass::arch::NamedBarrier::arrive_and_wait(cutlass::NumThreadsPerWarpGroup,
+                                                       cutlass::canonical_warp_group_idx() - 1);
+        }
         Tensor sV = make_tensor(make_smem_ptr(b_slot + (kDaChunks - 1) * (64 * kTileM)), SmemLayoutDaV<NP>{});
         auto thr = mma_da.get_slice(thread_idx % cutlass::NumThreadsPerWarpGroup);
         Tensor tXr = thr.make_fragment_A(thr.partition_A(sX));  // (MMA, 1, kTileM / 16)

@@ -15,12 +15,12 @@
 // byte n / 8 (dropout_bits.cu's layout of an (M, N) input). The kernel runs the extension's K-tiles first, zeroes the
 // dropped elements of the accumulator, then runs the main K-tiles into it: the masked term costs no pass over D.
 //
-// With `da_x` (kKN only, no keep bits, Kx = 64: dx without dropout at r <= 64) the same kernel also computes the
-// LoRA gradient dA = Axᵀ X, X = da_x (M, N) the layer input whose gradient D is and Ax the extension's (M, Kx)
-// operand (s·g): two more K-tiles per output tile carry X's columns of the tile and Ax's rows, and each tile writes
-// its row block's (da_r, its columns) part of dA in fp32 to da_partial ((ceil(M / 128), da_r, N), every element
-// written), to be summed over the row blocks by the caller (launch_reduce_partials). x is read beside the GEMM's
-// own streams rather than by a pass of its own.
+// With `da_x` (kKN only, Kx = 64: dx at r <= 64) the same kernel also computes the LoRA gradient dA = Axᵀ X (with keep
+// bits Axᵀ (keep ⊙ X)), X = da_x (M, N) the layer input whose gradient D is and Ax the extension's (M, Kx) operand
+// (s·g, or s / (1 - p)·g): two more K-tiles per output tile carry X's columns of the tile and Ax's rows, and each tile
+// writes its row block's (da_r, its columns) part of dA in fp32 to da_partial ((ceil(M / 128), da_r, N), every element
+// written), to be summed over the row blocks by the caller (launch_reduce_partials). x is read beside the GEMM's own
+// streams rather than by a pass of its own.
 //
 // Requirements (else lora_gemm_sm90_unsupported() says why and the caller keeps its other path): a device of
 // compute capability 9.0, a build with the kernels (LORA_KERNELS_HAVE_SM90_GEMM), fp16 or bf16, K and N
