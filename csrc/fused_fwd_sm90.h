@@ -80,8 +80,10 @@ bool lora_fused_fwd_sm90_direct(const FusedFwdArgs& args);
 // tiles without dropout would take the wide variant and read the adapters as they are (lora_fused_fwd_sm90_wide and
 // _direct), and, by default, where at most two clusters span the output's columns (N <= 1024: u computed at most
 // twice per row block; at N = 4096 its products and exchanges cost more than the lead tiles' waits, session 58).
-// With dropout too on bf16 x (its kernel masks x in registers for u's products, from the keep bits of a pass before
-// it; the fp16 instance of that kernel ran out of registers in ptxas, which serialised its wgmmas: not built).
+// With dropout on bf16 x only where set_fused_split(1) asks for it (its kernel masks x in registers for u's products,
+// from the keep bits of a pass before it): at 8192 x 4096 -> 1024 it took 188.7 against 136.9 us for the keep bits +
+// shrink + GEMM path (H100, session 60; not profiled). The fp16 instance of that kernel ran out of registers in
+// ptxas, which serialised its wgmmas: not built.
 // set_fused_split's mode decides: -1 that default, 0 never, 1 wherever the variant can run.
 bool lora_fused_fwd_sm90_split(const FusedFwdArgs& args);
 // Sets the split variant's mode for this process (LORA_KERNELS_FUSED_SPLIT starts it; -1 unset); returns the previous.

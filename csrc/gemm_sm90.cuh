@@ -48,7 +48,7 @@ using namespace cute;
 //   Masked:   the extension's K-tiles first, the keep bits of the output tile loaded by TMA with the last of them
 //             (into that stage's keep slot, counted on the same barrier); after that tile's MMAs the consumer zeroes
 //             the dropped accumulator elements, then the main K-tiles accumulate on top.
-//   dA:       (dx, kDaTiles) two K-tiles before all others carry dA's product instead of D's:
+//   dA:       (dx, kDaTiles) two K-tiles after all others carry dA's product instead of D's:
 //             dA (r, K) = Axᵀ X summed over M, with Ax = s·g (M, Kx) the extension's rank-r operand and X = x (M, N)
 //             the layer input whose gradient D is. Output tile (m, n) reads X's rows of m and its kTileN columns of n
 //             in 64-column chunks (one per consumer warpgroup per dA K-tile: in the A slot, then in the B slot) and
@@ -377,17 +377,17 @@ struct KExtendedMainloop : Base {
                                                                        uint32_t(p.da_deficit));
     };
 
-    // Tile k of this tile's K axis: the dA K-tiles first where there are any; then, masked, the extension's tiles
-    // (the mask applies to their sum only), else the main ones.
+    // Tile k of this tile's K axis: masked, the extension's tiles first (the mask applies to their sum only), else
+    // the main ones first; the dA K-tiles, where there are any, last.
     const int kt_ext = p.k_tiles_ext, kt_main = p.k_tiles_main;
-    int k = static_cast<int>(get<0>(*k_tile_iter)) - p.da_tiles;
+    int k = static_cast<int>(get<0>(*k_tile_iter));
     CUTLASS_PRAGMA_NO_UNROLL
     for (; k_tile_count > 0; --k_tile_count, ++k) {
       pipeline.producer_acquire(smem_pipe_write);
       auto* tma_barrier = pipeline.producer_get_barrier(smem_pipe_write);
       int stage = smem_pipe_write.index();
-      if (k < 0) {
-        load_da(k + p.da_tiles, stage, tma_barrier);
+      if (k >= kt_main + kt_ext) {
+        load_da(k - kt_main - kt_ext, stage, tma_barrier);
         ++smem_pipe_write;
         continue;
       }
@@ -503,14 +503,50 @@ struct KExtendedMainloop : Base {
       issue(Int<kKBlocks>{}, stage);
     };
 
-    // The dA K-tiles first (load's order). Each warpgroup multiplies its X chunk transposed, (64 columns, 128 rows),
-    // by Ax's rows, (128 rows, NP), and stores the product's first da_r columns as its part of row block m's dA
-    // partial; the stage is released once the product is in registers. The tile's (m, n): the persistent
-    // scheduler's tile at this block's sequence index, which is the pipeline's count over the K-tiles per tile.
+    // This tile's index in the block's sequence of tiles (dA's K-tiles find the tile's coordinates with it)
+    const uint32_t tile_seq = smem_pipe_read.count() / uint32_t(k_tile_count);
+    k_tile_count -= p.da_tiles;  // the main loop's K-tiles (D's)
+
+    PipelineState smem_pipe_release = smem_pipe_read;
+    tiled_mma.accumulate_ = GMMA::ScaleOut::Zero;
+    warpgroup_fence_operand(accum);
+    {  // K-tile 0
+      auto barrier_token = pipeline.consumer_try_wait(smem_pipe_read);
+      pipeline.consumer_wait(smem_pipe_read, barrier_token);
+      int read_stage = smem_pipe_read.index();
+      issue_tile(0, read_stage);
+      if (keep_tile == 0) apply_keep(read_stage);
+      ++smem_pipe_read;
+    }
+    tiled_mma.accumulate_ = GMMA::ScaleOut::One;
+    warpgroup_fence_operand(accum);
+
+    CUTLASS_PRAGMA_NO_UNROLL
+    for (int t = 1; t < k_tile_count; ++t) {
+      auto barrier_token = pipeline.consumer_try_wait(smem_pipe_read);
+      pipeline.consumer_wait(smem_pipe_read, barrier_token);
+      int read_stage = smem_pipe_read.index();
+      issue_tile(t, read_stage);
+      if (t == keep_tile) apply_keep(read_stage);
+      warpgroup_wait<1>();  // the batch of K-tile t - 1 is done: release its stage
+      warpgroup_fence_operand(accum);
+      pipeline.consumer_release(smem_pipe_release);
+      ++smem_pipe_read;
+      ++smem_pipe_release;
+    }
+    warpgroup_fence_operand(accum);
+
+    // The dA K-tiles last (load's order), while the producer already fills the ring with the next tile's. Each
+    // warpgroup multiplies its X chunk transposed, (64 columns, 128 rows), by Ax's rows, (128 rows, NP), and stores
+    // the product's first da_r columns as its part of row block m's dA partial. Each K-tile's wait for its product
+    // also covers the K-tile before it, which is released then, as in the loop above; the last one is mma_tail's. The
+    // tile's (m, n): the persistent scheduler's tile at this block's sequence index. Rows past M (the scheduler's
+    // padding tiles) store nothing.
     if (p.da_tiles > 0) {
       cutlass::gemm::kernel::detail::PersistentTileSchedulerSm90 sched(p.sched);
-      sched.advance_to_next_work(smem_pipe_read.count() / uint32_t(k_tile_count));
+      sched.advance_to_next_work(tile_seq);
       const auto work = sched.get_current_work();
+      const bool store = work.M_idx * kTileM < p.da_rows;
       const int j = kMmaWarpGroups > 1 ? warp_group_idx : 0;  // this warpgroup's chunk of each dA K-tile
       using MmaElement = typename TiledMma::ValTypeA;  // the 16-bit type itself (InternalElementA: its bits)
       auto da_tile = [&](auto np, int d, int stage) {
@@ -560,7 +596,8 @@ struct KExtendedMainloop : Base {
         warpgroup_commit_batch();
         warpgroup_wait<0>();
         warpgroup_fence_operand(acc);
-        pipeline.consumer_release(smem_pipe_read);
+        pipeline.consumer_release(smem_pipe_release);  // the K-tile before this one
+        ++smem_pipe_release;
         // acc (c, q): column c of the chunk, rank q; X's columns past N and the ranks past r are left out
         Tensor cC = thr.partition_C(make_identity_tensor(Shape<_64, Int<NP>>{}));
         float* out = p.da_partial + int64_t(work.M_idx) * p.da_r * p.da_cols;
@@ -568,7 +605,7 @@ struct KExtendedMainloop : Base {
         CUTLASS_PRAGMA_UNROLL
         for (int i = 0; i < size(acc); ++i) {
           const int c = col0 + get<0>(cC(i)), q = get<1>(cC(i));
-          if (q < p.da_r && c < p.da_cols) out[int64_t(q) * p.da_cols + c] = acc(i);
+          if (store && q < p.da_r && c < p.da_cols) out[int64_t(q) * p.da_cols + c] = acc(i);
         }
       };
       for (int d = 0; d < p.da_tiles; ++d) {
@@ -580,37 +617,7 @@ struct KExtendedMainloop : Base {
         else da_tile(Int<64>{}, d, stage);
         ++smem_pipe_read;
       }
-      k_tile_count -= p.da_tiles;
     }
-
-    PipelineState smem_pipe_release = smem_pipe_read;
-    tiled_mma.accumulate_ = GMMA::ScaleOut::Zero;
-    warpgroup_fence_operand(accum);
-    {  // K-tile 0
-      auto barrier_token = pipeline.consumer_try_wait(smem_pipe_read);
-      pipeline.consumer_wait(smem_pipe_read, barrier_token);
-      int read_stage = smem_pipe_read.index();
-      issue_tile(0, read_stage);
-      if (keep_tile == 0) apply_keep(read_stage);
-      ++smem_pipe_read;
-    }
-    tiled_mma.accumulate_ = GMMA::ScaleOut::One;
-    warpgroup_fence_operand(accum);
-
-    CUTLASS_PRAGMA_NO_UNROLL
-    for (int t = 1; t < k_tile_count; ++t) {
-      auto barrier_token = pipeline.consumer_try_wait(smem_pipe_read);
-      pipeline.consumer_wait(smem_pipe_read, barrier_token);
-      int read_stage = smem_pipe_read.index();
-      issue_tile(t, read_stage);
-      if (t == keep_tile) apply_keep(read_stage);
-      warpgroup_wait<1>();  // the batch of K-tile t - 1 is done: release its stage
-      warpgroup_fence_operand(accum);
-      pipeline.consumer_release(smem_pipe_release);
-      ++smem_pipe_read;
-      ++smem_pipe_release;
-    }
-    warpgroup_fence_operand(accum);
   }
 };
 

@@ -19,6 +19,8 @@ template <typename TO>
 __device__ __forceinline__ void reduce_partials_one(const float* __restrict__ partial, int64_t S, int64_t count,
                                                     TO* __restrict__ out, int64_t i) {
   float s = 0.f;
+  // unrolled so that several loads are in flight (many partials, few outputs: dA's row blocks); the order is t's
+#pragma unroll 8
   for (int64_t t = 0; t < S; ++t) s += partial[t * count + i];
   out[i] = from_f<TO>(s);
 }
@@ -28,6 +30,7 @@ template <typename TO>
 __device__ __forceinline__ void reduce_partials_four(const float* __restrict__ partial, int64_t S, int64_t count,
                                                      TO* __restrict__ out, int64_t i) {
   float v[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll 8
   for (int64_t t = 0; t < S; ++t) {
     const float4 q = *reinterpret_cast<const float4*>(partial + t * count + 4 * i);
     v[0] += q.x; v[1] += q.y; v[2] += q.z; v[3] += q.w;

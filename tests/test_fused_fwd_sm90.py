@@ -222,15 +222,16 @@ def test_one_launch_on_two_streams_and_in_a_graph():
 
 def _assert_streams_and_graph(cb, x, W, b, A, B, p=0.0):
     """Forwards of 4 new x's interleaved on two streams, then a captured graph replayed with them, give the eager
-    calls' bits (with dropout p: the same seed and offset every call)."""
+    calls' bits (with dropout p: the same seed and offset every call; a device seed, which capture needs)."""
+    seed = torch.tensor(7, dtype=torch.int64, device=x.device) if p > 0 else 7
     xs = [torch.randn_like(x) for _ in range(4)]
-    want = [cb.forward(xi, W, b, A, B, S, p, 7, 3)[0] for xi in xs]
+    want = [cb.forward(xi, W, b, A, B, S, p, seed, 3)[0] for xi in xs]
     streams = [torch.cuda.Stream(), torch.cuda.Stream()]
     torch.cuda.synchronize()
     got = [None] * len(xs)
     for i, xi in enumerate(xs):
         with torch.cuda.stream(streams[i % 2]):
-            got[i] = cb.forward(xi, W, b, A, B, S, p, 7, 3)[0]
+            got[i] = cb.forward(xi, W, b, A, B, S, p, seed, 3)[0]
     torch.cuda.synchronize()
     for g, w in zip(got, want):
         assert torch.equal(g, w)
@@ -238,11 +239,11 @@ def _assert_streams_and_graph(cb, x, W, b, A, B, p=0.0):
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        cb.forward(static_x, W, b, A, B, S, p, 7, 3)  # warm-up off the default stream, as torch's graph docs ask
+        cb.forward(static_x, W, b, A, B, S, p, seed, 3)  # warm-up off the default stream, as torch's graph docs ask
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        static_y = cb.forward(static_x, W, b, A, B, S, p, 7, 3)[0]
+        static_y = cb.forward(static_x, W, b, A, B, S, p, seed, 3)[0]
     for xi, w in zip(xs, want):
         static_x.copy_(xi)
         graph.replay()
@@ -447,8 +448,8 @@ def fused_split():
 @pytest.mark.skipif(SM90_TILE_FORCED, reason="LORA_KERNELS_SM90_GEMM_CONFIG forces the tile")
 def test_split_variant_where_it_runs():
     """By default the split variant runs where the wide lead tiles would read 16-bit adapters as they are at p = 0 and
-    N <= 1024 (two clusters span the row block), with or without dropout; set_fused_split(1) takes it wherever it can
-    run, (0) nowhere."""
+    N <= 1024 (two clusters span the row block); set_fused_split(1) takes it wherever it can run, dropout on bf16 x
+    included, (0) nowhere."""
     bf = torch.bfloat16
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = 128 * -(-3 * sms // 8)  # 1.5 waves of 128 x 256 tiles at N = 1024: the wide tile
@@ -458,9 +459,7 @@ def test_split_variant_where_it_runs():
     assert SPLIT in _path(rows, 2048, 1024, 64, adapter_dtype=bf)
     assert SPLIT not in _path(rows, 2048, 1024, 16)  # fp32 adapters: the lead tiles' pieces
     assert SPLIT not in _path(rows, 2048, 1024, 12, adapter_dtype=bf)  # r % 8: the prep's operands
-    dropped = _path(rows, 2048, 1024, 16, p=0.1, adapter_dtype=bf)  # dropout: x masked in registers
-    assert dropped.endswith(SPLIT + WIDE_TILE) and " one launch" not in dropped, dropped  # the keep bits' launch
-    assert SPLIT not in _path(rows, 2048, 1024, 16, p=0.1)  # fp32 adapters: the shrink + GEMM path
+    assert SPLIT not in _path(rows, 2048, 1024, 16, p=0.1, adapter_dtype=bf)  # dropout: only where asked for
     assert SPLIT not in _path(256, 2048, 2048, 16, adapter_dtype=bf)  # N > 1024
     assert SPLIT not in _path(rows - 128, 2048, 1024, 16, adapter_dtype=bf)  # the 128 x 128 tile
     cb = _cb()
@@ -470,6 +469,9 @@ def test_split_variant_where_it_runs():
         assert SPLIT not in _path(256, 2048, 2048, 16)  # fp32 adapters: never
         assert SPLIT not in _path(256, 1024, 4096, 16, adapter_dtype=bf)  # K < 2048: the 128 x 128 tile
         assert _path(256, 2048, 2048, 16, p=0.3, adapter_dtype=bf).endswith(SPLIT + WIDE_TILE)
+        dropped = _path(rows, 2048, 1024, 16, p=0.1, adapter_dtype=bf)  # dropout: x masked in registers
+        assert dropped.endswith(SPLIT + WIDE_TILE) and " one launch" not in dropped, dropped  # the keep bits' launch
+        assert SPLIT not in _path(rows, 2048, 1024, 16, p=0.1)  # fp32 adapters: the shrink + GEMM path
         assert SPLIT not in _path(rows, 2048, 1024, 16, p=0.1, dtype=torch.float16, adapter_dtype=torch.float16)
         cb.set_fused_split(0)
         assert SPLIT not in _path(rows, 2048, 1024, 16, adapter_dtype=bf)
@@ -524,10 +526,11 @@ def test_split_variant_dropout_against_float64(dtype, M, K, N, r, p, offset):
 
 
 @pytest.mark.skipif(SM90_TILE_FORCED, reason="LORA_KERNELS_SM90_GEMM_CONFIG forces the tile")
-def test_split_variant_dropout_by_default_device_seed_grads_and_determinism():
-    """The default's own dropout cells (N <= 1024, the wide tile's row count): float64 checks, a device seed giving
-    the bits of the same 64 bits by value, the public op's grads (the backward regenerates the mask), and the same
-    bits twice."""
+@pytest.mark.usefixtures("fused_split")
+def test_split_variant_dropout_device_seed_grads_and_determinism():
+    """The dropout cells where the default takes it at p = 0 (N <= 1024, the wide tile's row count): float64 checks,
+    a device seed giving the bits of the same 64 bits by value, the public op's grads (the backward regenerates the
+    mask), and the same bits twice."""
     cb = _cb()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = 128 * -(-3 * sms // 8)
