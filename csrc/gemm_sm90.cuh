@@ -656,17 +656,21 @@ struct Gemm {
       cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, LayoutD, kAlign, Element, LayoutD, kAlign,
       typename Cfg::Epilogue, Fusion>::CollectiveOp;
 
-  // The stage count leaves room for the epilogue and for one keep-bits slot per stage (at most 8 stages: a stage of
-  // 64-deep 16-bit A and B tiles is at least 24 KB of the 227 KB).
-  static constexpr int kKeepCarveout = 8 * size<0>(typename Cfg::Tile{}) * size<1>(typename Cfg::Tile{}) / 8;
+  // The stages that fit beside the epilogue, each with its A and B tiles, its keep-bits slot and its two barriers (1 KB
+  // left for the kernel's other barriers; 8 at most). A fixed carveout for 8 keep slots (32 KB at 128 x 256) left the
+  // 128 x 256 tile 3 stages where 4 fit.
+  static constexpr int kTileM = size<0>(typename Cfg::Tile{}), kTileN = size<1>(typename Cfg::Tile{});
+  static constexpr int kStageBytes = (kTileM + kTileN) * 64 * int(sizeof(Element)) + kTileM * kTileN / 8 + 32;
+  static constexpr int kStages =
+      (232448 - 1024 - static_cast<int>(sizeof(typename Epilogue::SharedStorage))) / kStageBytes < 8
+          ? (232448 - 1024 - static_cast<int>(sizeof(typename Epilogue::SharedStorage))) / kStageBytes
+          : 8;
   using BaseMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA, kAlign, Element, LayoutB, kAlign, float,
-      typename Cfg::Tile, typename Cfg::Cluster,
-      cutlass::gemm::collective::StageCountAutoCarveout<
-          static_cast<int>(sizeof(typename Epilogue::SharedStorage)) + kKeepCarveout>,
+      typename Cfg::Tile, typename Cfg::Cluster, cutlass::gemm::collective::StageCount<kStages>,
       typename Cfg::Mainloop>::CollectiveOp;
   using Mainloop = KExtendedMainloop<BaseMainloop>;
-  static_assert(Mainloop::kStages <= 8, "the keep-bits carveout counts 8 stages");
+  static_assert(Mainloop::kStages == kStages, "the stage count asked for");
 
   using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue, Scheduler>;
 
