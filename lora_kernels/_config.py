@@ -68,10 +68,11 @@ Read by the CUDA extension (csrc/binding.cpp), once, when a GEMM first asks for 
                                         SMs free and dA streams x there meanwhile): unset, where a cost model of both
                                         finds it faster; 0 never; n > 0 on n SMs wherever both run on sm_90. It starts
                                         the setting that cuda_backend.set_dA_beside changes at run time.
-    LORA_KERNELS_DA_IN_GEMM             dA inside the dx GEMM on Hopper (csrc/gemm_sm90.h, da_x: x read by the GEMM,
-                                        row-block partials summed by a reduce, no dA pass): unset, at p = 0 with
-                                        adapters in x's dtype and r <= 32; 0 never; 1 up to r = 64. It starts the
-                                        setting that cuda_backend.set_dA_in_gemm changes at run time.
+    LORA_KERNELS_DA_IN_GEMM             1 takes dA inside the dx GEMM on Hopper (csrc/gemm_sm90.h, da_x: x read by
+                                        the GEMM, row-block partials summed by a reduce, no dA pass) wherever it can
+                                        run (adapters in x's dtype, r <= 64); unset or 0: the dA pass (it measured
+                                        slower, session 60). It starts the setting that cuda_backend.set_dA_in_gemm
+                                        changes at run time.
     LORA_KERNELS_DA_MASKED              0 takes dA with dropout off the wgmma kernel's own masking (csrc/dA_sm90.cu)
                                         and onto its mma.sync kernel (csrc/dA.cu): for A/B timing.
     LORA_KERNELS_SM90_SHRINK            0 keeps the forward's shrink on its mma.sync kernel (csrc/shrink.cu) instead of

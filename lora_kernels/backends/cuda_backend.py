@@ -153,9 +153,9 @@ def set_dA_beside(mode: int) -> int:
 
 def set_dA_in_gemm(mode: int) -> int:
     """Sets dA inside the dx GEMM for this process (csrc/gemm_sm90.h, da_x: x read by the GEMM, row-block partials
-    summed by a reduce, in place of the dA pass): -1 the default (p = 0, adapters in x's dtype, r <= 32), 0 never,
-    1 wherever it can run (r <= 64; LORA_KERNELS_DA_IN_GEMM=0 or 1 starts the process there). Returns the previous
-    mode. For tests and A/B timing."""
+    summed by a reduce, in place of the dA pass): -1 (the default) and 0 never, 1 wherever it can run (adapters in
+    x's dtype, r <= 64, with or without dropout; LORA_KERNELS_DA_IN_GEMM=1 starts the process there). Opt-in: it
+    measured slower than the dA pass (session 60). Returns the previous mode. For tests and A/B timing."""
     return int(torch.ops.lora_kernels_cuda.set_dA_in_gemm(int(mode)))
 
 
