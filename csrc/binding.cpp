@@ -229,7 +229,8 @@ const char* fused_forward_unsupported(const Tensor& x, const Tensor& weight, con
   if (mode == 0) return "off (LORA_KERNELS_FUSED_FWD=0 or set_fused_forward)";
   lk::FusedFwdArgs a = fused_args(x, weight, bias, lora_A, lora_B, 1.0, p, mode != 1);
   a.y = x.data_ptr();  // the output comes from the caching allocator: aligned
-  // With dropout the default takes only the split variant (x masked in registers for u's products); the u and lead
+  // With dropout the default takes the fused kernel only where the split variant runs (x masked in registers for u's
+  // products; set_fused_split(1) asks for it, since it measured slower than the shrink + GEMM path); the u and lead
   // tiles' masking measured slower than the shrink pass (FINDINGS).
   if (p > 0.0 && mode < 0 && !lk::lora_fused_fwd_sm90_split(a))
     return "dropout (the fused kernel's masking is slower than the shrink pass: set_fused_forward(1) or (2))";
