@@ -148,8 +148,8 @@ struct KExtendedMainloop : Base {
     int early_dependents = 0;
     uint32_t mma_promotion_interval = 4;
     int k_ext_used = 0;      // Kx's columns that can be nonzero (0: all); the zero padding past them is not multiplied
-    // dA in the GEMM (dx without dropout; Kx = 64): X (M, N) row-major, dA's partials (ceil(M / kTileM), da_r, N)
-    // fp32; the problem's K counts kDaTiles more K-tiles. Null: none.
+    // dA in the GEMM (dx; Kx = 64): X (M, N) row-major, dA's partials (ceil(M / kTileM), da_r, N) fp32; the
+    // problem's K counts kDaTiles more K-tiles. Null: none.
     ElementA const* ptr_dax = nullptr;
     float* ptr_da = nullptr;
     int da_r = 0;
@@ -684,7 +684,7 @@ struct Gemm {
     typename Kernel::Arguments args;
     args.mode = cutlass::gemm::GemmUniversalMode::kGemm;
     const bool da = a.da_x != nullptr;
-    // the concatenated K axis, after dA's K-tiles where it has them
+    // the concatenated K axis, and dA's K-tiles where it has them
     args.problem_shape = {M, N, int((a.K + 63) / 64) * 64 + Kx + (da ? Mainloop::kDaTiles * 64 : 0), 1};
     args.mainloop = {static_cast<E const*>(a.a), cutlass::make_cute_packed_stride(StrideA{}, {M, K, 1}),
                      static_cast<E const*>(a.b), cutlass::make_cute_packed_stride(StrideB{}, {N, K, 1}),
