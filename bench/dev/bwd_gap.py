@@ -1,6 +1,8 @@
 """Device time of each kernel of the cuda backward op (dx, dA, dB at p = 0 and 0.1) against the floor's dy @ W, in
 one process. Calls are queued behind a GPU sleep under torch.profiler, so host time never shows; each kernel's mean
-over the calls. Development switches read once (e.g. LORA_KERNELS_SM90_GEMM_TRIM=0) need one process per setting:
+over the calls. Kernels that overlap are each counted whole: dA beside the dx GEMM, and a launch started early under
+PDL (pdl.cuh: a reduce after the GEMM), whose time includes its wait for the launch before it. Development switches
+read once (e.g. LORA_KERNELS_SM90_GEMM_TRIM=0) need one process per setting:
 
     python3 bench/dev/bwd_gap.py --tag trim --shapes 8192x4096x1024,8192x4096x4096 --r 16,64 --p 0,0.1
 """
