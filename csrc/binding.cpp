@@ -434,6 +434,10 @@ lk::DaBeside dA_beside(const Tensor& dy, const Tensor& weight, int64_t M, int64_
                                  p > 0.0f, mode);
 }
 
+// A stand-in for a backward's dy (M, N) where only its shape, dtype and an aligned pointer are read (the path and
+// plan queries below).
+Tensor dy_stand_in(const Tensor& x, int64_t N) { return x.new_empty({1}).expand({x.size(0), N}); }
+
 // dA inside the dx GEMM (gemm_sm90.h, da_x): -1 the default and 0 never; 1 wherever it can run (r <= 64, dropout too:
 // the GEMM masks x by the keep bits). Opt-in: on an H100 (session 60, M = 8192, r = 16, bf16 adapters) the backward
 // took 19 us longer than the dA pass beside the GEMM at 4096->1024 and tied at 4096->4096 (the GEMM 4.8% slower, the
@@ -767,7 +771,6 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   // masks x by the keep bits
   const bool dA_in_gemm = need_dA && dx_sm90 && dA_in_dx_gemm(dyw, x, weight, x_dt, a_dt, r, pf);
   const bool dA_pass = need_dA && !dA_in_gemm;
-  const int64_t dA_gemm_blocks = (M + 127) / 128;
   const int a_pieces = lk::adapter_pieces(x_dt, a_dt);
   const bool dA_sm90 = dA_pass && dA_on_sm90(x, x_dt, a_dt, r, pf, bits);
   const bool g_in_pack = dx_sm90 && g_partial;  // the pack sums g's parts
@@ -808,7 +811,8 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   const int64_t vx_piece = dx_sm90 ? ws.reserve(M * kx * elem) : -1;
   const int64_t ax_piece = dx_sm90 ? ws.reserve(kx * K * elem) : -1;
   if (beside.blocks == 0 && !dA_in_gemm) ws.rewind(phases);
-  const int64_t dA_partials = dA_in_gemm ? dA_gemm_blocks : std::max<int64_t>(dA_plan.row_splits, 1);
+  // dA's partials: one per 128-row block of the GEMM's tiles, else one per row split of the pass
+  const int64_t dA_partials = dA_in_gemm ? (M + 127) / 128 : std::max<int64_t>(dA_plan.row_splits, 1);
   const int64_t dA_partial_piece = need_dA && !dA_direct ? ws.reserve_floats(dA_partials * r * K) : -1;
   const int64_t dA_scratch_bytes =
       dA_sm90 ? (int64_t)lk::lora_dA_sm90_scratch_bytes(M, r, a_pieces) : 0;  // 0: one launch
@@ -1156,7 +1160,7 @@ std::string dx_path(const Tensor& x, const Tensor& weight, const Tensor& lora_A,
   const bool bits = pf > 0.0f && lk::dropout_bits_used(to_dtype(x, "x"), to_dtype(lora_A, "lora_A"));
   const char* why = dx_sm90_unsupported(x, weight, pf, bits);
   if (why != nullptr) return std::string("cublas: ") + why;
-  const Tensor dy = x.new_empty({1}).expand({x.size(0), weight.size(0)});  // its shape, dtype and an aligned pointer
+  const Tensor dy = dy_stand_in(x, weight.size(0));
   const lk::DType x_dt = to_dtype(x, "x"), a_dt = to_dtype(lora_A, "lora_A");
   const bool dA = dA_in_dx_gemm(dy, x, weight, x_dt, a_dt, (int)lora_A.size(0), pf);
   return std::string(pf > 0.0f ? "sm90 masked" : "sm90") + (dA ? " + dA" : "");
@@ -1184,8 +1188,7 @@ int64_t dA_beside_blocks(const Tensor& x, const Tensor& weight, const Tensor& lo
   const int r = (int)lora_A.size(0);
   const lk::DType x_dt = to_dtype(x, "x"), a_dt = to_dtype(lora_A, "lora_A");
   const bool bits = pf > 0.0f && lk::dropout_bits_used(x_dt, a_dt);
-  // a stand-in for dy (M, N): its shape, dtype and an aligned pointer are all that the checks and the model read
-  const Tensor dy = x.new_empty({1}).expand({M, N});
+  const Tensor dy = dy_stand_in(x, N);  // the checks and the model read its shape, dtype and pointer only
   const bool dx_sm90 = N > 0 && dx_sm90_unsupported(dy, weight, pf, bits) == nullptr;
   if (!dA_on_sm90(x, x_dt, a_dt, r, pf, bits) || !dx_sm90) return 0;
   return dA_beside(dy, weight, M, K, r, lk::adapter_pieces(x_dt, a_dt), pf).blocks;

@@ -131,6 +131,21 @@ struct KExtendedMainloop : Base {
     alignas(128) cute::array_aligned<uint8_t, cute::cosize_v<SmemLayoutKeep>> smem_keep;
   };
 
+  // Where a dA K-tile's operands sit in stage `stage`: X's chunk j in the A slot (j = 0), then in the B slot's
+  // kTileM x 64 pieces; Ax's rows after the chunks. The producer's loads and the consumer's products both use these.
+  CUTLASS_DEVICE static auto* da_chunk(TensorStorage& s, int stage, int j) {
+    return j == 0 ? s.smem_A.data() + stage * (kTileM * kTileK)
+                  : s.smem_B.data() + stage * (kTileN * kTileK) + (j - 1) * (64 * kTileM);
+  }
+  CUTLASS_DEVICE static auto* da_ax_rows(TensorStorage& s, int stage) { return da_chunk(s, stage, kDaChunks); }
+  // f(Int<NP>{}) for the width NP (16, 32 or 64) that da_np holds
+  template <class F>
+  CUTLASS_DEVICE static void with_da_np(int da_np, F&& f) {
+    if (da_np == 16) f(Int<16>{});
+    else if (da_np == 32) f(Int<32>{});
+    else f(Int<64>{});
+  }
+
   struct Arguments {
     ElementA const* ptr_A;   // (M, K)
     StrideA dA;
@@ -351,27 +366,25 @@ struct KExtendedMainloop : Base {
         pipeline.producer_expect_transaction(smem_pipe_write, kKeepBytes);
         copy(p.tma_load_keep.with(*tma_barrier), tKgK, tKsK(_, _, _, stage));
       }
-      auto* a_slot = shared_tensors.smem_A.data() + stage * (kTileM * kTileK);
-      auto* b_slot = shared_tensors.smem_B.data() + stage * (kTileN * kTileK);
       CUTLASS_PRAGMA_UNROLL
       for (int j = 0; j < kDaChunks; ++j) {
-        auto* dst = j == 0 ? a_slot : b_slot + (j - 1) * (64 * kTileM);
         const int col_tile = da_n * (kTileN / 64) + d * kDaChunks + j;
         copy(p.tma_load_dax.with(*tma_barrier), tXgX(_, _, _, col_tile, da_m),
-             thr_dax.partition_D(make_tensor(make_smem_ptr(dst), SmemLayoutDaX{})));
+             thr_dax.partition_D(make_tensor(make_smem_ptr(da_chunk(shared_tensors, stage, j)), SmemLayoutDaX{})));
       }
-      auto* v_dst = b_slot + (kDaChunks - 1) * (64 * kTileM);
-      auto load_v = [&](auto np, auto const& tma) {
+      with_da_np(p.da_np, [&](auto np) {
         constexpr int NP = decltype(np)::value;
+        auto const& tma = [&]() -> auto const& {
+          if constexpr (NP == 16) return p.tma_load_dav16;
+          else if constexpr (NP == 32) return p.tma_load_dav32;
+          else return p.tma_load_dav64;
+        }();
         auto thr = tma.get_slice(0);
         Tensor gV = local_tile(tma.get_tma_tensor(make_shape(p.k_ext, p.da_rows)), Shape<Int<NP>, Int<kTileM>>{},
                                make_coord(0, da_m));
         copy(tma.with(*tma_barrier), thr.partition_S(gV),
-             thr.partition_D(make_tensor(make_smem_ptr(v_dst), SmemLayoutDaV<NP>{})));
-      };
-      if (p.da_np == 16) load_v(Int<16>{}, p.tma_load_dav16);
-      else if (p.da_np == 32) load_v(Int<32>{}, p.tma_load_dav32);
-      else load_v(Int<64>{}, p.tma_load_dav64);
+             thr.partition_D(make_tensor(make_smem_ptr(da_ax_rows(shared_tensors, stage)), SmemLayoutDaV<NP>{})));
+      });
       if (p.da_deficit > 0)
         cutlass::arch::ClusterTransactionBarrier::complete_transaction(tma_barrier, block_rank_in_cluster,
                                                                        uint32_t(p.da_deficit));
@@ -549,13 +562,11 @@ struct KExtendedMainloop : Base {
       const bool store = work.M_idx * kTileM < p.da_rows;
       const int j = kMmaWarpGroups > 1 ? warp_group_idx : 0;  // this warpgroup's chunk of each dA K-tile
       using MmaElement = typename TiledMma::ValTypeA;  // the 16-bit type itself (InternalElementA: its bits)
-      auto da_tile = [&](auto np, int d, int stage) {
+      auto da_tile = [&](int d, int stage, auto np) {
         constexpr int NP = decltype(np)::value;
         auto mma_da = make_tiled_mma(GMMA::ss_op_selector<MmaElement, MmaElement, float, Shape<_64, Int<NP>, _16>,
                                                           GMMA::Major::MN, GMMA::Major::MN>());
-        auto* a_slot = shared_tensors.smem_A.data() + stage * (kTileM * kTileK);
-        auto* b_slot = shared_tensors.smem_B.data() + stage * (kTileN * kTileK);
-        Tensor sX = make_tensor(make_smem_ptr(j == 0 ? a_slot : b_slot + (j - 1) * (64 * kTileM)), SmemLayoutDaX{});
+        Tensor sX = make_tensor(make_smem_ptr(da_chunk(shared_tensors, stage, j)), SmemLayoutDaX{});
         if (p.masked) {
           // keep ⊙ X in place, row t of the chunk by the warpgroup's thread t: its 64 columns as 8 vectors of 8
           // (the swizzle moves whole 16-byte vectors), each with one byte of the row's keep bits; a dropped element
@@ -580,7 +591,7 @@ struct KExtendedMainloop : Base {
           cutlass::arch::NamedBarrier::arrive_and_wait(cutlass::NumThreadsPerWarpGroup,
                                                        cutlass::canonical_warp_group_idx() - 1);
         }
-        Tensor sV = make_tensor(make_smem_ptr(b_slot + (kDaChunks - 1) * (64 * kTileM)), SmemLayoutDaV<NP>{});
+        Tensor sV = make_tensor(make_smem_ptr(da_ax_rows(shared_tensors, stage)), SmemLayoutDaV<NP>{});
         auto thr = mma_da.get_slice(thread_idx % cutlass::NumThreadsPerWarpGroup);
         Tensor tXr = thr.make_fragment_A(thr.partition_A(sX));  // (MMA, 1, kTileM / 16)
         Tensor tVr = thr.make_fragment_B(thr.partition_B(sV));
@@ -612,9 +623,7 @@ struct KExtendedMainloop : Base {
         auto barrier_token = pipeline.consumer_try_wait(smem_pipe_read);
         pipeline.consumer_wait(smem_pipe_read, barrier_token);
         const int stage = smem_pipe_read.index();
-        if (p.da_np == 16) da_tile(Int<16>{}, d, stage);
-        else if (p.da_np == 32) da_tile(Int<32>{}, d, stage);
-        else da_tile(Int<64>{}, d, stage);
+        with_da_np(p.da_np, [&](auto np) { da_tile(d, stage, np); });
         ++smem_pipe_read;
       }
     }
@@ -659,12 +668,11 @@ struct Gemm {
   // The stages that fit beside the epilogue, each with its A and B tiles, its keep-bits slot and its two barriers (1 KB
   // left for the kernel's other barriers; 8 at most). A fixed carveout for 8 keep slots (32 KB at 128 x 256) left the
   // 128 x 256 tile 3 stages where 4 fit.
+  static constexpr int kSmemBytes = 232448;  // an sm_90 block's shared memory, 227 KB
   static constexpr int kTileM = size<0>(typename Cfg::Tile{}), kTileN = size<1>(typename Cfg::Tile{});
   static constexpr int kStageBytes = (kTileM + kTileN) * 64 * int(sizeof(Element)) + kTileM * kTileN / 8 + 32;
   static constexpr int kStages =
-      (232448 - 1024 - static_cast<int>(sizeof(typename Epilogue::SharedStorage))) / kStageBytes < 8
-          ? (232448 - 1024 - static_cast<int>(sizeof(typename Epilogue::SharedStorage))) / kStageBytes
-          : 8;
+      cute::min(8, (kSmemBytes - 1024 - static_cast<int>(sizeof(typename Epilogue::SharedStorage))) / kStageBytes);
   using BaseMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA, kAlign, Element, LayoutB, kAlign, float,
       typename Cfg::Tile, typename Cfg::Cluster, cutlass::gemm::collective::StageCount<kStages>,
@@ -739,7 +747,7 @@ struct Gemm {
     // both find it unset both set it, to the same value).
     static std::atomic<bool> smem_set[64];
     constexpr int smem = Kernel::SharedStorageSize;
-    static_assert(smem <= 232448, "over the 227 KB of shared memory an sm_90 block can have");
+    static_assert(smem <= kSmemBytes, "over the 227 KB of shared memory an sm_90 block can have");
     int device = 0;
     cudaError_t e = cudaGetDevice(&device);
     if (e != cudaSuccess) return e;
