@@ -17,8 +17,9 @@ export NVCC tmp TORCH_DEFINES
 
 # The sm_90 GEMM's instances need the CUTLASS headers (the pinned nvidia-cutlass wheel, unpacked without its
 # Python dependencies) and sm_90a: in the plain jobs they compile without the kernels (LORA_KERNELS_HAVE_SM90_GEMM
-# unset). One layout per C++ standard and the fused forward's five bf16 instances: seven translation units. Through
-# ptxas: the C++17 layout and the lead-tile instance (the default). To PTX only (the front end's checks
+# unset). One layout per C++ standard, the dA GEMM and the fused forward's five bf16 instances: eight translation
+# units. Through ptxas: the C++17 layout, the dA GEMM (its host pass too: a builder type that depends on no template
+# parameter broke it) and the lead-tile instance (the default). To PTX only (the front end's checks
 # at two thirds of the time): the C++20 layout, the u-tile instance, the dropout lead-tile one and the split ones.
 CUT=/tmp/compile_cu_cutlass
 if [ ! -f "$CUT/cutlass_library/source/include/cute/tensor.hpp" ]; then
@@ -31,7 +32,7 @@ fail=0
 if [ -f "$CUT/cutlass_library/source/include/cute/tensor.hpp" ]; then
   export CUT
   jobs+=("cutlass c++17 -c csrc/fused_fwd_sm90_lead_bf16.cu" "cutlass c++20 -ptx csrc/gemm_sm90_bf16_nk.cu"
-         "cutlass c++17 -c csrc/gemm_sm90_bf16_kn.cu" "cutlass c++17 -ptx csrc/fused_fwd_sm90_bf16.cu"
+         "cutlass c++17 -c csrc/gemm_sm90_bf16_kn.cu" "cutlass c++17 -c csrc/dA_gemm_sm90.cu" "cutlass c++17 -ptx csrc/fused_fwd_sm90_bf16.cu"
          "cutlass c++17 -ptx csrc/fused_fwd_sm90_lead_drop_bf16.cu" "cutlass c++17 -ptx csrc/fused_fwd_sm90_split_bf16.cu"
          "cutlass c++17 -ptx csrc/fused_fwd_sm90_split_drop_bf16.cu")
 else

@@ -468,6 +468,32 @@ bool dA_in_dx_gemm(const Tensor& dy, const Tensor& x, const Tensor& weight, lk::
   return lk::lora_gemm_sm90_unsupported(a, x.get_device()) == nullptr;
 }
 
+// dA as a GEMM of its own (gemm_sm90.h, DaGemmArgs): -1 the default and 1 wherever it can run, 0 never (the dA pass).
+// LORA_KERNELS_DA_GEMM=0 sets it at start-up, set_dA_gemm in a process.
+std::atomic<int>& dA_gemm_mode() {
+  static std::atomic<int> mode{[] {
+    const char* v = std::getenv("LORA_KERNELS_DA_GEMM");
+    return v != nullptr && std::string(v) == "0" ? 0 : -1;
+  }()};
+  return mode;
+}
+
+// The token ranges of dA as a GEMM after the dx GEMM, over the pack's vx = s·g (M, sm90_kx(r)) in x's dtype; 0 where
+// the dA pass runs instead. At p = 0 with adapters in x's dtype (vx is s·g rounded to that dtype, as the dx term
+// multiplies it: the same-precision reference rounds it so too; fp32 adapters keep the pass, which reads g in fp32
+// pieces), where the sm_90 dx GEMM runs (it makes vx) and dA neither joins it nor runs beside it.
+int64_t dA_gemm_splits(const Tensor& x, lk::DType x_dt, lk::DType a_dt, int r, float p) {
+  if (dA_gemm_mode().load() == 0 || p > 0.0f || a_dt != x_dt || x.size(0) == 0) return 0;
+  const int64_t splits = lk::lora_dA_gemm_sm90_splits(x.size(0), x.size(1), lk::detail::num_sms());
+  if (splits < 1) return 0;
+  // the workspace pieces come from the caching allocator: aligned like x's storage, whose own pointer is checked
+  lk::DaGemmArgs d;
+  d.M = x.size(0); d.K = x.size(1); d.r = r; d.ldv = sm90_kx(r); d.splits = splits;
+  d.x = x.data_ptr(); d.v = x.data_ptr(); d.partial = static_cast<float*>(x.data_ptr());
+  d.dtype = gemm_dtype(x);
+  return lk::lora_dA_gemm_sm90_unsupported(d, x.get_device()) == nullptr ? splits : 0;
+}
+
 // The shrink u = s·dropout(x) Aᵀ (M, r) as the kernels write it: plan.col_groups split-K parts (summed by a reduce
 // or the sm_90 pack) or, with one group, u itself. With dropout, where it runs, the kernel that makes the mask
 // itself in one pass over x (shrink_drop.cu: no keep bits). Else on Hopper the wgmma streaming kernel
@@ -770,16 +796,21 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   // (dA_sm90.cu), g's pieces staged by the kernel itself or, where they are wide, in a scratch piece; with dropout it
   // masks x by the keep bits
   const bool dA_in_gemm = need_dA && dx_sm90 && dA_in_dx_gemm(dyw, x, weight, x_dt, a_dt, r, pf);
-  const bool dA_pass = need_dA && !dA_in_gemm;
   const int a_pieces = lk::adapter_pieces(x_dt, a_dt);
-  const bool dA_sm90 = dA_pass && dA_on_sm90(x, x_dt, a_dt, r, pf, bits);
+  const bool dA_sm90_ok = need_dA && !dA_in_gemm && dA_on_sm90(x, x_dt, a_dt, r, pf, bits);
+  // dA beside the dx GEMM, on the SMs the GEMM's grid leaves free (dA_sm90.cu), where the cost model finds it faster
+  // than after it
+  const lk::DaBeside beside = dA_sm90_ok && dx_sm90 ? dA_beside(dyw, weight, M, K, r, a_pieces, pf)
+                                                    : lk::DaBeside{0, lk::SplitPlan{0, 0, 0, 0}};
+  // else dA as a GEMM of its own after the dx GEMM, over the pack's vx (dA_gemm_splits), where it can
+  const int64_t dA_splits =
+      need_dA && dx_sm90 && !dA_in_gemm && beside.blocks == 0 ? dA_gemm_splits(x, x_dt, a_dt, r, pf) : 0;
+  const bool dA_gemm = dA_splits > 0;
+  const bool dA_pass = need_dA && !dA_in_gemm && !dA_gemm;
+  const bool dA_sm90 = dA_pass && dA_sm90_ok;
   const bool g_in_pack = dx_sm90 && g_partial;  // the pack sums g's parts
   // The reduced g as a buffer of its own: read by the dA pass, or by the dx kernel off the sm_90 path.
   const bool g_reduced = g_partial && (dA_pass || (need_dx && !dx_sm90));
-  // dA beside the dx GEMM, on the SMs the GEMM's grid leaves free (dA_sm90.cu), where the cost model finds it faster
-  // than after it
-  const lk::DaBeside beside = dA_sm90 && dx_sm90 ? dA_beside(dyw, weight, M, K, r, a_pieces, pf)
-                                                 : lk::DaBeside{0, lk::SplitPlan{0, 0, 0, 0}};
   const lk::SplitPlan dA_plan =
       !dA_pass ? lk::SplitPlan{0, 1, 1, 1}
       : beside.blocks > 0 ? beside.plan
@@ -793,7 +824,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   // turns in one region, in the stream order above: g's parts up to the pack or reduce that sums them, the dB
   // partials up to their reduce and then (vx, ax) over them up to the dx GEMM (after them where the pack sums
   // them), then the dA partials over all of it; beside the dx GEMM or inside it, after (vx, ax), which the GEMM reads
-  // meanwhile.
+  // meanwhile, and after them for the dA GEMM, which reads vx.
   Workspace ws;
   // g: the dy pass's output itself without parts (also when only dB is needed), else their sum where it is read
   const int64_t g_piece = g_reduced || !g_partial ? ws.reserve_floats(M * r) : -1;
@@ -810,9 +841,12 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   const int64_t kx = sm90_kx(r), elem = (int64_t)dy.element_size();
   const int64_t vx_piece = dx_sm90 ? ws.reserve(M * kx * elem) : -1;
   const int64_t ax_piece = dx_sm90 ? ws.reserve(kx * K * elem) : -1;
-  if (beside.blocks == 0 && !dA_in_gemm) ws.rewind(phases);
-  // dA's partials: one per 128-row block of the GEMM's tiles, else one per row split of the pass
-  const int64_t dA_partials = dA_in_gemm ? (M + 127) / 128 : std::max<int64_t>(dA_plan.row_splits, 1);
+  if (beside.blocks == 0 && !dA_in_gemm && !dA_gemm) ws.rewind(phases);
+  // dA's partials: one per 128-row block of the dx GEMM's tiles, one per token range of the dA GEMM, else one per
+  // row split of the pass
+  const int64_t dA_partials = dA_in_gemm ? (M + 127) / 128
+                              : dA_gemm  ? dA_splits
+                                         : std::max<int64_t>(dA_plan.row_splits, 1);
   const int64_t dA_partial_piece = need_dA && !dA_direct ? ws.reserve_floats(dA_partials * r * K) : -1;
   const int64_t dA_scratch_bytes =
       dA_sm90 ? (int64_t)lk::lora_dA_sm90_scratch_bytes(M, r, a_pieces) : 0;  // 0: one launch
@@ -880,6 +914,12 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
     float* const dA_partial = dA_direct ? dA.data_ptr<float>() : ws.ptr<float>(dA_partial_piece);
     if (dA_in_gemm) {
       // the dx GEMM wrote the partials
+    } else if (dA_gemm) {
+      lk::DaGemmArgs d;
+      d.M = M; d.K = K; d.r = r; d.ldv = kx; d.splits = dA_splits;
+      d.x = x.data_ptr(); d.v = ws.ptr(vx_piece); d.partial = dA_partial;
+      d.dtype = gemm_dtype(x);
+      check_cuda(lk::launch_lora_dA_gemm_sm90(d, stream), "sm90 dA GEMM launch");
     } else if (dA_sm90) {
       check_cuda(lk::launch_lora_dA_sm90(x.data_ptr(), x_dt, a_dt, g, dA_partial, M, K, r, dA_plan, (float)scaling,
                                          pf, ws.ptr<uint8_t>(bits_piece), ws.ptr(dA_scratch_piece), stream,
@@ -1194,6 +1234,25 @@ int64_t dA_beside_blocks(const Tensor& x, const Tensor& weight, const Tensor& lo
   return dA_beside(dy, weight, M, K, r, lk::adapter_pieces(x_dt, a_dt), pf).blocks;
 }
 
+// The token ranges of the backward's dA GEMM for these 2-D inputs (dA_gemm_splits); 0 where dA runs otherwise (the
+// pass, beside the dx GEMM or after it; inside the dx GEMM).
+int64_t dA_gemm_splits_of(const Tensor& x, const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B,
+                          double p) {
+  check_common(x, weight, lora_A, lora_B, p, 0);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const float pf = (float)p;
+  const int r = (int)lora_A.size(0);
+  const lk::DType x_dt = to_dtype(x, "x"), a_dt = to_dtype(lora_A, "lora_A");
+  const bool bits = pf > 0.0f && lk::dropout_bits_used(x_dt, a_dt);
+  const Tensor dy = dy_stand_in(x, weight.size(0));
+  if (weight.size(0) == 0 || dx_sm90_unsupported(dy, weight, pf, bits) != nullptr) return 0;
+  if (dA_in_dx_gemm(dy, x, weight, x_dt, a_dt, r, pf)) return 0;
+  if (dA_on_sm90(x, x_dt, a_dt, r, pf, bits) &&
+      dA_beside(dy, weight, x.size(0), x.size(1), r, lk::adapter_pieces(x_dt, a_dt), pf).blocks > 0)
+    return 0;
+  return dA_gemm_splits(x, x_dt, a_dt, r, pf);
+}
+
 // Which kernel a pass over x (M, K) with lora_A (r, K) and p runs, from its sm_90 support check: "sm90" (wgmma) or
 // "mma.sync: <why not sm90>" (the FFMA kernel where the tensor cores are not used).
 using XPassCheck = const char* (*)(const void*, lk::DType, lk::DType, int64_t, int64_t, int, float);
@@ -1277,6 +1336,7 @@ int64_t set_fused_split(int64_t mode) { return lk::set_fused_split(mode > 0 ? 1 
 int64_t set_dA_beside(int64_t mode) { return dA_beside_mode().exchange(mode > 0 ? (int)mode : mode == 0 ? 0 : -1); }
 // Sets dA inside the dx GEMM for this process (-1 the default, 0 never, 1 wherever it runs); returns the previous.
 int64_t set_dA_in_gemm(int64_t mode) { return dA_in_gemm_mode().exchange(mode > 0 ? 1 : mode == 0 ? 0 : -1); }
+int64_t set_dA_gemm(int64_t mode) { return dA_gemm_mode().exchange(mode > 0 ? 1 : mode == 0 ? 0 : -1); }
 
 }  // namespace
 
@@ -1297,6 +1357,8 @@ TORCH_LIBRARY(lora_kernels_cuda, m) {
   m.def("set_fused_split(int mode) -> int", &set_fused_split);
   m.def("set_dA_beside(int mode) -> int", &set_dA_beside);
   m.def("set_dA_in_gemm(int mode) -> int", &set_dA_in_gemm);
+  m.def("set_dA_gemm(int mode) -> int", &set_dA_gemm);
+  m.def("dA_gemm_splits(Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, float p) -> int");
   m.def("dA_beside_blocks(Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, float p) -> int");
   m.def(
       "forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, float p, "
@@ -1341,6 +1403,7 @@ TORCH_LIBRARY_IMPL(lora_kernels_cuda, CUDA, m) {
   m.impl("dy_path", &dy_path);
   m.impl("dA_path", &dA_path);
   m.impl("dA_beside_blocks", &dA_beside_blocks);
+  m.impl("dA_gemm_splits", &dA_gemm_splits_of);
   m.impl("shrink_path", &shrink_path);
 }
 

@@ -2,6 +2,7 @@
 // the (dtype, layout) instances. No CUTLASS here, so this file compiles quickly and everywhere.
 #include "gemm_sm90_instances.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -175,6 +176,40 @@ cudaError_t launch_lora_gemm_sm90(const LoraGemmArgs& a, cudaStream_t stream) {
   const int cfg = c.config == GemmConfig::kCoop128x256_c12 ? 0 : 1;
   const sm90::RunFn run = kRun[a.dtype == GemmDType::kBFloat16 ? 0 : 1][a.layout_b == GemmLayoutB::kNK ? 0 : 1][cfg];
   return run(a, c.swizzle, c.raster, sms, stream);
+#else
+  return cudaErrorNotSupported;
+#endif
+}
+
+const char* lora_dA_gemm_sm90_unsupported(const DaGemmArgs& a, int device) {
+  if (!lora_gemm_sm90_built()) return "the sm_90 GEMM was not compiled into this build (no CUTLASS headers)";
+  const DeviceInfo& d = device_info(device);
+  if (d.major != 9 || d.minor != 0) return "the device is not compute capability 9.0";
+  if (a.M < 1 || a.K < 1) return "empty problem";
+  if (a.r < 8 || a.r > 64 || a.r % 8) return "r must be a multiple of 8 in [8, 64] (V's rows 16-byte aligned)";
+  if (a.K % 8 || a.ldv % 8 || a.ldv < a.r) return "K and ldv must be multiples of 8, ldv >= r";
+  if (a.splits < 1 || a.M % a.splits) return "splits must divide M";
+  if (a.K > INT32_MAX || a.M / a.splits > INT32_MAX) return "a dimension exceeds 2^31";
+  if (!aligned16(a.x) || !aligned16(a.v) || !aligned16(a.partial)) return "pointers must be 16-byte aligned";
+  return nullptr;
+}
+
+int64_t lora_dA_gemm_sm90_splits(int64_t M, int64_t K, int sms) {
+  const int64_t tiles = ((K + 127) / 128 + 1) / 2 * 2;  // 128-column tiles in whole clusters of 2
+  const int64_t want = sms > 0 ? std::max<int64_t>(1, sms / tiles) : 1;
+  for (int64_t s = want; 2 * s >= want && s >= 1; --s)
+    if (M % s == 0 && M / s >= 64) return s;
+  return 0;
+}
+
+cudaError_t launch_lora_dA_gemm_sm90(const DaGemmArgs& a, cudaStream_t stream) {
+  int device = 0;
+  cudaError_t e = cudaGetDevice(&device);
+  if (e != cudaSuccess) return e;
+  if (lora_dA_gemm_sm90_unsupported(a, device) != nullptr) return cudaErrorNotSupported;
+#if LORA_KERNELS_HAVE_SM90_GEMM
+  const int sms = device_info(device).sms;
+  return a.dtype == GemmDType::kBFloat16 ? sm90::run_dA_bf16(a, sms, stream) : sm90::run_dA_fp16(a, sms, stream);
 #else
   return cudaErrorNotSupported;
 #endif

@@ -7,7 +7,7 @@
 // Tiling: CUTLASS's warp-specialised persistent kernels (TMA loads into a multi-stage shared-memory ring, WGMMA
 //         into fp32 registers, a TMA-store epilogue that adds the bias per column). Configs in GemmConfig.
 // Launch: GemmUniversalAdapter-free: params are built on the host and the kernel is launched on the caller's
-//         stream with its cluster shape (cudaLaunchKernelExC), as a programmatic dependent of the launch before it
+//         stream with its cluster shape (sm90_launch.cuh), as a programmatic dependent of the launch before it
 //         (pdl.cuh: the pack of its rank-r operands): CUTLASS's kernel waits for that launch in its load warps before
 //         they touch global memory (CUTLASS_ENABLE_GDC_FOR_SM90), and its consumers only write what those loads fed.
 #pragma once
@@ -19,13 +19,10 @@
 #endif
 
 #include "gemm_sm90.h"
-#include "pdl.cuh"
-
-#include <atomic>
+#include "sm90_launch.cuh"
 
 #include <cute/tensor.hpp>
 #include <cutlass/cutlass.h>
-#include <cutlass/cluster_launch.hpp>
 #include <cutlass/epilogue/collective/collective_builder.hpp>
 #include <cutlass/gemm/collective/collective_builder.hpp>
 #include <cutlass/gemm/dispatch_policy.hpp>
@@ -743,45 +740,14 @@ struct Gemm {
     else if (a.da_x != nullptr)
       return cudaErrorNotSupported;
 
-    // The shared-memory limit is a per-device attribute of each kernel: raise it once per device (two threads that
-    // both find it unset both set it, to the same value).
-    static std::atomic<bool> smem_set[64];
-    constexpr int smem = Kernel::SharedStorageSize;
-    static_assert(smem <= kSmemBytes, "over the 227 KB of shared memory an sm_90 block can have");
-    int device = 0;
-    cudaError_t e = cudaGetDevice(&device);
-    if (e != cudaSuccess) return e;
-    if (device >= 64 || !smem_set[device].load(std::memory_order_acquire)) {
-      e = cudaFuncSetAttribute(cutlass::device_kernel<Kernel>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-      if (e != cudaSuccess) return e;
-      if (device < 64) smem_set[device].store(true, std::memory_order_release);
-    }
-    dim3 grid = Kernel::get_grid_shape(params);
-    dim3 block = Kernel::get_block_shape();
-    // The launch with its cluster shape, done here rather than by cutlass::launch_kernel_on_cluster, which sets the
-    // kernel's non-portable-cluster attribute (a driver call) on every launch: our clusters are 2 blocks, portable.
-    static_assert(cute::size(typename Cfg::Cluster{}) <= 8, "a portable cluster size");
-    cudaLaunchAttribute attr[2];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = cute::size<0>(typename Cfg::Cluster{});
-    attr[0].val.clusterDim.y = cute::size<1>(typename Cfg::Cluster{});
-    attr[0].val.clusterDim.z = 1;
-    if (grid.x % attr[0].val.clusterDim.x || grid.y % attr[0].val.clusterDim.y) return cudaErrorInvalidConfiguration;
-    cudaLaunchConfig_t config{};
-    config.gridDim = grid;
-    config.blockDim = block;
-    config.dynamicSmemBytes = smem;
-    config.stream = stream;
-    config.attrs = attr;
+    static_assert(Kernel::SharedStorageSize <= kSmemBytes, "over the 227 KB of shared memory an sm_90 block can have");
     // May start under the previous launch's tail (the load warps wait for it), except after the workspace's zeroing,
     // which the consumer warps' reduction reads, and where the kernel was built not to wait (the stream-K probe).
 #if defined(CUTLASS_ENABLE_GDC_FOR_SM90)
-    config.numAttrs = ws != 0 ? 1 : with_pdl(attr, 1);
+    return launch_cutlass<Kernel>(params, ws == 0, stream);
 #else
-    config.numAttrs = 1;
+    return launch_cutlass<Kernel>(params, false, stream);
 #endif
-    void* kernel_params[] = {&params};
-    return cudaLaunchKernelExC(&config, reinterpret_cast<void const*>(&cutlass::device_kernel<Kernel>), kernel_params);
   }
 };
 

@@ -96,4 +96,27 @@ cudaError_t launch_lora_gemm_sm90(const LoraGemmArgs& args, cudaStream_t stream)
 // width (its tiles are 128 rows high).
 int64_t lora_gemm_sm90_waves(const LoraGemmArgs& args, int sms, int* tile_n = nullptr);
 
+
+// ------------------------------------------------------------------------------------------------ dA as a GEMM
+// The backward's dA at p = 0 (dA_gemm_sm90.cu): dA (r, K) = Vᵀ X over the M tokens, with V = s·g (M, r) in X's dtype
+// at row pitch ldv (the dx GEMM's packed operand, which the pack writes anyway) and X = x (M, K) the layer input.
+// CUTLASS's TMA + WGMMA cooperative kernel on dAᵀ = Xᵀ V, both operands read MN-major as they lie; the tokens split
+// into `splits` equal ranges, each writing its fp32 partial to `partial` ((splits, r, K), every element written), to
+// be summed in a fixed order by the caller (launch_reduce_partials). Requirements (else
+// lora_dA_gemm_sm90_unsupported() says why): as the GEMM above (device, build, 16-bit, 16-byte aligned pointers),
+// K % 8 == 0, 8 <= r <= 64 with r % 8 == 0 (V's 16-byte rows for TMA), ldv % 8 == 0, M % splits == 0.
+struct DaGemmArgs {
+  int64_t M = 0, K = 0, ldv = 0, splits = 1;
+  int r = 0;
+  const void* x = nullptr;   // (M, K) row-major
+  const void* v = nullptr;   // (M, r) at row pitch ldv
+  float* partial = nullptr;  // (splits, r, K)
+  GemmDType dtype = GemmDType::kBFloat16;
+};
+const char* lora_dA_gemm_sm90_unsupported(const DaGemmArgs& args, int device);
+// The token ranges for an (M, K) x on `sms` SMs: enough 128-column tiles for one wave, in ranges that divide M (at
+// least 64 tokens each); 0 where no divisor of M gives at least half the wave (the caller keeps its other path).
+int64_t lora_dA_gemm_sm90_splits(int64_t M, int64_t K, int sms);
+cudaError_t launch_lora_dA_gemm_sm90(const DaGemmArgs& args, cudaStream_t stream);
+
 }  // namespace lora_kernels

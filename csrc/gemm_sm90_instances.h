@@ -20,5 +20,8 @@ LK_SM90_RUN(bf16, kn)
 LK_SM90_RUN(fp16, nk)
 LK_SM90_RUN(fp16, kn)
 #undef LK_SM90_RUN
+// dA as a GEMM (dA_gemm_sm90.cu), on `sms` SMs
+cudaError_t run_dA_bf16(const DaGemmArgs&, int sms, cudaStream_t);
+cudaError_t run_dA_fp16(const DaGemmArgs&, int sms, cudaStream_t);
 #endif
 }  // namespace lora_kernels::sm90

@@ -127,3 +127,35 @@ def test_waves_on_fewer_sms(pick_bin):
         assert w132 <= w124 <= w108, (M, N, K, Kx, w132, w124, w108)
     (_, _, _, w132, _, _, _, w108), = _run(pick_bin, [(8192, 4096, 1024, 64)])
     assert (w132, w108) == (16, 19)
+
+
+SPLITS_DRIVER = r"""
+#include <cstdio>
+#include "gemm_sm90.h"
+using namespace lora_kernels;
+// stdin: "M K sms" lines; stdout per line: lora_dA_gemm_sm90_splits
+int main() {
+  long long M, K;
+  int sms;
+  while (scanf("%lld %lld %d", &M, &K, &sms) == 3) printf("%lld\n", (long long)lora_dA_gemm_sm90_splits(M, K, sms));
+  return 0;
+}
+"""
+
+
+def test_dA_gemm_token_ranges(tmp_path_factory):
+    """The dA GEMM's token ranges (csrc/gemm_sm90.cu: lora_dA_gemm_sm90_splits): as many 128-column tiles (in clusters
+    of 2) times ranges as fill one wave, each range a divisor of M of at least 64 tokens, at least half the wave's worth,
+    else 0 (the dA pass runs)."""
+    exe = build_host_driver(tmp_path_factory, "splits", SPLITS_DRIVER, [CSRC / "gemm_sm90.cu"], flags=())
+    cases = {(8192, 4096, 132): 4, (8192, 4096, 114): 2, (8192, 14336, 132): 1, (2048, 4096, 132): 4,
+             (8192, 1024, 132): 16, (1000, 2056, 132): 5, (1028, 2048, 132): 4, (900, 520, 132): 12,
+             (8191, 4096, 132): 0, (8200, 4096, 132): 4, (100, 4096, 132): 0, (130, 14336, 132): 1,
+             (8192, 40000, 132): 1, (8192, 4096, 0): 1}
+    stdin = "".join(f"{M} {K} {sms}\n" for M, K, sms in cases)
+    out = subprocess.run([str(exe)], input=stdin, capture_output=True, text=True, check=True).stdout.split()
+    assert [int(v) for v in out] == list(cases.values())
+    for (M, K, sms), s in cases.items():
+        if s:
+            assert M % s == 0 and M // s >= 64
+            assert s * (((K + 127) // 128 + 1) // 2 * 2) <= max(sms, ((K + 127) // 128 + 1) // 2 * 2)

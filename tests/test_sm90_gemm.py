@@ -213,6 +213,81 @@ def test_dA_in_gemm_is_deterministic(K, N):
         assert torch.equal(a, b)
 
 
+def _dA_gemm_splits(M, K, N, r, p, dtype=torch.bfloat16, adapter_dtype=torch.bfloat16):
+    from lora_kernels.backends import cuda_backend
+
+    x = torch.randn(M, K, device="cuda").to(dtype)
+    W = torch.randn(N, K, device="cuda").to(dtype)
+    A = torch.randn(r, K, device="cuda").to(adapter_dtype)
+    B = torch.randn(N, r, device="cuda").to(adapter_dtype)
+    return cuda_backend.dA_gemm_splits(x, W, A, B, p)
+
+
+@pytest.mark.skipif(not _hopper(), reason="the sm_90 GEMM runs on compute capability 9.0 only")
+def test_dA_gemm_where_it_runs():
+    """dA as a GEMM of its own (csrc/dA_gemm_sm90.cu) at p = 0 with adapters in x's dtype, r a multiple of 8 up to 64,
+    where dA runs after the sm_90 dx GEMM: the benchmarked shapes in token ranges that fill one wave of 128-column tiles
+    (4 at K = 4096 on 132 SMs, 1 at K = 14336); not where dA runs beside the GEMM (4096 -> 1024, r = 16, the cost
+    model's pick), nor
+    with fp32 adapters, dropout, r = 7 or 72, M whose divisors give less than half a wave, nor when switched off."""
+    from lora_kernels.backends import cuda_backend
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    bf, h = torch.bfloat16, torch.float16
+    want = max(1, sms // 32)
+    assert _dA_gemm_splits(8192, 4096, 4096, 16, 0.0) == want
+    assert _dA_gemm_splits(8192, 4096, 4096, 64, 0.0, h, h) == want
+    assert _dA_gemm_splits(8192, 4096, 1024, 64, 0.0) == want
+    assert _dA_gemm_splits(8192, 14336, 4096, 64, 0.0) == 1
+    assert _dA_gemm_splits(8192, 4096, 1024, 16, 0.0) == 0  # beside the dx GEMM
+    assert _dA_gemm_splits(8192, 4096, 4096, 16, 0.0, adapter_dtype=torch.float32) == 0
+    assert _dA_gemm_splits(8192, 4096, 4096, 16, 0.1) == 0
+    assert _dA_gemm_splits(8192, 4096, 4096, 7, 0.0) == 0
+    assert _dA_gemm_splits(8192, 4096, 4096, 72, 0.0) == 0
+    assert _dA_gemm_splits(8191, 4096, 4096, 16, 0.0) == 0  # a prime: one range, 32 blocks
+    assert _dA_gemm_splits(64, 4096, 4096, 16, 0.0) == 0  # dx on the small-M kernel
+    previous = cuda_backend.set_dA_gemm(0)
+    try:
+        assert _dA_gemm_splits(8192, 4096, 4096, 16, 0.0) == 0
+    finally:
+        cuda_backend.set_dA_gemm(previous)
+
+
+@pytest.mark.skipif(not _hopper(), reason="the sm_90 GEMM runs on compute capability 9.0 only")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("lead,K,N,r", [((1000,), 2056, 2048, 16), ((4, 257), 2048, 4096, 64), ((3, 300), 520, 264, 8),
+                                         ((1400,), 4096, 1024, 40), ((2, 1536), 1032, 4096, 24), ((130,), 14336, 200, 56)])
+def test_dA_gemm_against_float64(dtype, lead, K, N, r):
+    # dA on its own GEMM after the dx GEMM, through the public op against float64 (poisoned outputs: a partial element
+    # the kernel fails to write shows): K not a multiple of the 128-column tile (2056, 520, 1032: the last tile's
+    # columns past K) nor of 64, r below the 64-wide tile (8 to 56: V's columns past r), token ranges that are not
+    # multiples of the 64-token K-tile (1000 / 8 = 125, 1028 / 4, 900 / 4...), one range (K = 14336), 3-D x. Three
+    # calls in a row with fresh inputs: a GEMM that read the previous call's vx from the reused workspace fails.
+    M = math.prod(lead)
+    assert _dA_gemm_splits(M, K, N, r, 0.0, dtype, dtype) > 0
+    for _ in range(3):
+        run_and_check("cuda", "cuda", dtype, lead, K, N, r, bias=True, p=0.0, adapter_dtype=dtype)
+
+
+@pytest.mark.skipif(not _hopper(), reason="the sm_90 GEMM runs on compute capability 9.0 only")
+def test_dA_gemm_is_deterministic():
+    # each partial element is written by one block and the reduce sums them in a fixed order: the same bits twice
+    M, K, N, r = 4096, 2048, 1024, 32
+    bf = torch.bfloat16
+    x = torch.randn(M, K, device="cuda", dtype=bf, requires_grad=True)
+    W = torch.randn(N, K, device="cuda", dtype=bf) / K ** 0.5
+    A = (torch.randn(r, K, device="cuda", dtype=bf) / K ** 0.5).requires_grad_()
+    B = torch.randn(N, r, device="cuda", dtype=bf).requires_grad_()
+    dy = torch.randn(M, N, device="cuda", dtype=bf)
+    assert _dA_gemm_splits(M, K, N, r, 0.0) > 1
+    outs = []
+    for _ in range(2):
+        y = lora_kernels.lora_linear(x, W, None, A, B, 2.0, backend="cuda")
+        outs.append((y, *torch.autograd.grad(y, (x, A, B), dy)))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.skipif(not _hopper(), reason="the sm_90 GEMM runs on compute capability 9.0 only")
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_extension_tiles_read_this_calls_pack(p):

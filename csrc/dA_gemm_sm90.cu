@@ -1,0 +1,103 @@
+// dA as a GEMM on Hopper (gemm_sm90.h, DaGemmArgs): the backward's dA at p = 0 with adapters in x's dtype.
+//
+// Math   : dA (r, K) = Vᵀ X summed over the M tokens, V = s·g (M, r) the dx GEMM's packed operand (vx: s·(dy B)
+//          rounded to x's dtype, which the dx term multiplies too) and X = x (M, K). As a GEMM in CUTLASS's terms,
+//          D (M' = K, N' = r) = A (M' x K') · B (K' x N') with K' the tokens:
+//            A = Xᵀ  (x's columns contiguous: ColumnMajor A),
+//            B = V   (r contiguous at row pitch ldv: RowMajor B),
+//            D = dAᵀ (x's columns contiguous: ColumnMajor D, i.e. dA (r, K) row-major).
+//          Both operands are MN-major, which TMA and WGMMA take for 16-bit types as they are: no transposed copy.
+// Split  : the tokens in `splits` equal ranges, CUTLASS's batch mode L (A, B and D advance by a range per batch);
+//          each range's fp32 product is its partial (splits, r, K), summed in a fixed order by the caller's reduce.
+//          So every partial is written by one block, without atomics: the same bits on every call.
+// Tiling : 128 x 64 tiles (128 of x's columns, one per pair of consumer warpgroups, x r padded to 64) over 64-token
+//          K-tiles, CUTLASS's TMA + WGMMA cooperative persistent kernel, in clusters of 2 along x's columns that
+//          share V's K-tile (multicast). Each tile reads its columns of x once: 128 columns x the range's tokens.
+//          The kernel is bound by that read (2·M·K bytes against 2·M·K·r FLOPs), not by its MMAs.
+// Launch : after the pack that writes V (programmatic dependent launch: the load warps wait for it).
+#include "gemm_sm90_instances.h"
+
+#if LORA_KERNELS_HAVE_SM90_GEMM
+#if !defined(CUTLASS_ENABLE_GDC_FOR_SM90)
+#define CUTLASS_ENABLE_GDC_FOR_SM90 1
+#endif
+#include "sm90_launch.cuh"
+
+#include <cutlass/epilogue/collective/collective_builder.hpp>
+#include <cutlass/gemm/collective/collective_builder.hpp>
+#include <cutlass/gemm/dispatch_policy.hpp>
+#include <cutlass/gemm/kernel/gemm_universal.hpp>
+#include <cutlass/gemm/kernel/tile_scheduler.hpp>
+#include <cutlass/util/packed_stride.hpp>
+
+namespace lora_kernels {
+namespace sm90 {
+namespace {
+using namespace cute;
+
+using DaTile = Shape<_128, _64, _64>;
+using DaCluster = Shape<_2, _1, _1>;
+
+template <class Element>
+struct DaGemm {
+  using LayoutA = cutlass::layout::ColumnMajor;  // Xᵀ: (K, tokens), x's columns contiguous
+  using LayoutB = cutlass::layout::RowMajor;     // V: (tokens, r), r contiguous
+  using LayoutD = cutlass::layout::ColumnMajor;  // dAᵀ: (K, r), the partial (r, K) row-major
+  static constexpr int kAlign = 8, kAlignD = 4;  // 16 bytes: TMA's alignment
+  // fp32 accumulators and partials, spelled through Element: a builder type that depends on none of the template's
+  // parameters does not survive nvcc's host pass (its decltype-laden spelling is re-parsed there).
+  using Acc = cute::conditional_t<sizeof(Element) == 2, float, void>;
+  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, DaTile, DaCluster,
+      cutlass::epilogue::collective::EpilogueTileAuto, Acc, Acc, void, LayoutD, kAlignD, Acc, LayoutD, kAlignD,
+      cutlass::epilogue::TmaWarpSpecializedCooperative>::CollectiveOp;
+  // The stages that fit beside the epilogue (1 KB left for the kernel's barriers; 8 at most): 24 KB each.
+  static constexpr int kStageBytes = (128 + 64) * 64 * int(sizeof(Element)) + 32;
+  static constexpr int kStages =
+      cute::min(8, (232448 - 1024 - static_cast<int>(sizeof(typename Epilogue::SharedStorage))) / kStageBytes);
+  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA, kAlign, Element, LayoutB, kAlign, Acc,
+      DaTile, DaCluster, cutlass::gemm::collective::StageCount<kStages>,
+      cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue,
+                                                      cutlass::gemm::PersistentScheduler>;
+
+  static cudaError_t run(const DaGemmArgs& a, int sms, cudaStream_t stream) {
+    using StrideA = typename Kernel::StrideA;
+    using StrideB = typename Kernel::StrideB;
+    using StrideD = typename Kernel::StrideD;
+    const int K = int(a.K), r = a.r, rows = int(a.M / a.splits), splits = int(a.splits);
+    typename Kernel::Arguments args;
+    args.mode = splits > 1 ? cutlass::gemm::GemmUniversalMode::kBatched : cutlass::gemm::GemmUniversalMode::kGemm;
+    args.problem_shape = {K, r, rows, splits};
+    // A (K, rows, splits): packed, x's rows of K elements one after another
+    StrideA da = cutlass::make_cute_packed_stride(StrideA{}, {K, rows, splits});
+    // B (r, rows, splits): V's rows at pitch ldv
+    StrideB db{};
+    get<1>(db) = a.ldv;
+    get<2>(db) = a.ldv * rows;
+    args.mainloop = {static_cast<Element const*>(a.x), da, static_cast<Element const*>(a.v), db};
+    args.epilogue.thread.alpha = 1.0f;
+    args.epilogue.thread.beta = 0.0f;
+    args.epilogue.ptr_C = nullptr;
+    args.epilogue.ptr_D = a.partial;
+    args.epilogue.dD = cutlass::make_cute_packed_stride(StrideD{}, {K, r, splits});
+    args.epilogue.dC = args.epilogue.dD;
+    args.hw_info.device_id = 0;  // only read when sm_count <= 0
+    args.hw_info.sm_count = sms;
+    if (!Kernel::can_implement(args) || Kernel::get_workspace_size(args) != 0) return cudaErrorNotSupported;
+    const typename Kernel::Params params = Kernel::to_underlying_arguments(args, nullptr);
+    return launch_cutlass<Kernel>(params, true, stream);
+  }
+};
+
+}  // namespace
+
+cudaError_t run_dA_bf16(const DaGemmArgs& a, int sms, cudaStream_t s) {
+  return DaGemm<cutlass::bfloat16_t>::run(a, sms, s);
+}
+cudaError_t run_dA_fp16(const DaGemmArgs& a, int sms, cudaStream_t s) { return DaGemm<cutlass::half_t>::run(a, sms, s); }
+
+}  // namespace sm90
+}  // namespace lora_kernels
+#endif  // LORA_KERNELS_HAVE_SM90_GEMM
