@@ -380,10 +380,11 @@ bool dA_on_sm90(const Tensor& x, lk::DType x_dt, lk::DType a_dt, int r, float p,
 // The rank-r operands of dx on the sm_90 path, packed: vx (M, kx) = s·g and ax (kx, K) = lora_A in dy's dtype
 // (workspace pieces). g_work holds g = dy B (M, r) fp32, or the dy pass's `partials` column-group parts of it: the
 // pack sums them on the way (the same fp32 sums in the same order as launch_reduce_partials), into g_sum when it
-// is not null (the reduced g, for dA). dB_reduce: the dB partials' reduction, run by the same launch.
+// is not null (the reduced g, for dA). dB_reduce: the dB partials' reduction, run by the same launch. v_pieces, if
+// set: also the bf16x3 pieces of s·g (M, 3r) there, the dA GEMM's operand with fp32 adapters.
 void sm90_dx_pack(const Tensor& dy, const float* g_work, int64_t partials, float* g_sum, int r,
                   const Tensor& lora_A, double scaling, void* vx, void* ax, cudaStream_t stream,
-                  const lk::ReduceJob& dB_reduce = lk::ReduceJob{}) {
+                  const lk::ReduceJob& dB_reduce = lk::ReduceJob{}, void* v_pieces = nullptr) {
   const int64_t M = dy.size(0), K = lora_A.size(1), kx = sm90_kx(r);
   lk::PackJob jv{g_work, lk::DType::kFloat32, M, r, vx, M, kx, (float)scaling};
   if (partials > 1) {
@@ -391,6 +392,8 @@ void sm90_dx_pack(const Tensor& dy, const float* g_work, int64_t partials, float
     jv.partial_stride = M * r;
     jv.sum_out = g_sum;
   }
+  jv.pieces_out = v_pieces;
+  jv.pieces_ld = 3 * r;
   lk::PackJob ja{lora_A.data_ptr(), to_dtype(lora_A, "lora_A"), r, K, ax, kx, K, 1.f};
   check_cuda(lk::launch_pack_rank_operands(jv, ja, to_dtype(dy, "dy"), stream, dB_reduce), "pack(g, A) launch");
 }
@@ -478,17 +481,24 @@ std::atomic<int>& dA_gemm_mode() {
   return mode;
 }
 
-// The token ranges of dA as a GEMM after the dx GEMM, over the pack's vx = s·g (M, sm90_kx(r)) in x's dtype; 0 where
-// the dA pass runs instead. At p = 0 with adapters in x's dtype (vx is s·g rounded to that dtype, as the dx term
-// multiplies it: the same-precision reference rounds it so too; fp32 adapters keep the pass, which reads g in fp32
-// pieces), where the sm_90 dx GEMM runs (it makes vx) and dA neither joins it nor runs beside it.
+// The pieces of s·g that the dA GEMM multiplies: 1 with adapters in x's dtype (the pack's vx, s·g rounded to that
+// dtype, as the dx term multiplies it: the same-precision reference rounds it so too), 3 with fp32 adapters on bf16 x
+// (the pack's bf16x3 pieces of the fp32 s·g: exact), else 0 (the dA pass).
+int dA_gemm_pieces(lk::DType x_dt, lk::DType a_dt) {
+  return a_dt == x_dt ? 1 : a_dt == lk::DType::kFloat32 && x_dt == lk::DType::kBFloat16 ? 3 : 0;
+}
+
+// The token ranges of dA as a GEMM after the dx GEMM, over the pack's s·g (dA_gemm_pieces); 0 where the dA pass runs
+// instead. At p = 0, where the sm_90 dx GEMM runs (its pack makes s·g) and dA neither joins it nor runs beside it.
 int64_t dA_gemm_splits(const Tensor& x, lk::DType x_dt, lk::DType a_dt, int r, float p) {
-  if (dA_gemm_mode().load() == 0 || p > 0.0f || a_dt != x_dt || x.size(0) == 0) return 0;
+  const int pieces = dA_gemm_pieces(x_dt, a_dt);
+  if (dA_gemm_mode().load() == 0 || p > 0.0f || pieces == 0 || x.size(0) == 0) return 0;
   const int64_t splits = lk::lora_dA_gemm_sm90_splits(x.size(0), x.size(1), lk::detail::num_sms());
   if (splits < 1) return 0;
   // the workspace pieces come from the caching allocator: aligned like x's storage, whose own pointer is checked
   lk::DaGemmArgs d;
-  d.M = x.size(0); d.K = x.size(1); d.r = r; d.ldv = sm90_kx(r); d.splits = splits;
+  d.M = x.size(0); d.K = x.size(1); d.r = r; d.pieces = pieces; d.splits = splits;
+  d.ldv = pieces == 1 ? sm90_kx(r) : 3 * r;
   d.x = x.data_ptr(); d.v = x.data_ptr(); d.partial = static_cast<float*>(x.data_ptr());
   d.dtype = gemm_dtype(x);
   return lk::lora_dA_gemm_sm90_unsupported(d, x.get_device()) == nullptr ? splits : 0;
@@ -841,11 +851,14 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   const int64_t kx = sm90_kx(r), elem = (int64_t)dy.element_size();
   const int64_t vx_piece = dx_sm90 ? ws.reserve(M * kx * elem) : -1;
   const int64_t ax_piece = dx_sm90 ? ws.reserve(kx * K * elem) : -1;
+  // the dA GEMM's s·g: vx itself, or its bf16x3 pieces (M, 3r) beside it with fp32 adapters
+  const int dA_pieces = dA_gemm ? dA_gemm_pieces(x_dt, a_dt) : 0;
+  const int64_t v3_piece = dA_pieces == 3 ? ws.reserve(M * 3 * r * elem) : -1;
   if (beside.blocks == 0 && !dA_in_gemm && !dA_gemm) ws.rewind(phases);
   // dA's partials: one per 128-row block of the dx GEMM's tiles, one per token range of the dA GEMM, else one per
   // row split of the pass
   const int64_t dA_partials = dA_in_gemm ? (M + 127) / 128
-                              : dA_gemm  ? dA_splits
+                              : dA_gemm  ? dA_splits * dA_pieces
                                          : std::max<int64_t>(dA_plan.row_splits, 1);
   const int64_t dA_partial_piece = need_dA && !dA_direct ? ws.reserve_floats(dA_partials * r * K) : -1;
   const int64_t dA_scratch_bytes =
@@ -890,7 +903,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
       lk::ReduceJob dB_reduce;
       if (dB_in_pack) dB_reduce = {ws.ptr<float>(dB_partial_piece), dy_plan.row_splits, N * r, dB.data_ptr(), b_dt};
       sm90_dx_pack(dy, g_work, dy_plan.col_groups, g_reduced ? g : nullptr, r, lora_A, dx_scale,
-                   ws.ptr(vx_piece), ws.ptr(ax_piece), stream, dB_reduce);
+                   ws.ptr(vx_piece), ws.ptr(ax_piece), stream, dB_reduce, ws.ptr(v3_piece));
       if (beside.blocks > 0)  // dA's staging of g's pieces, where it has one, before the GEMM that dA runs beside
         check_cuda(lk::launch_lora_dA_sm90_prep(x_dt, a_dt, g, M, r, ws.ptr(dA_scratch_piece), stream),
                    "lora_dA (sm90) prep launch");
@@ -916,8 +929,9 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
       // the dx GEMM wrote the partials
     } else if (dA_gemm) {
       lk::DaGemmArgs d;
-      d.M = M; d.K = K; d.r = r; d.ldv = kx; d.splits = dA_splits;
-      d.x = x.data_ptr(); d.v = ws.ptr(vx_piece); d.partial = dA_partial;
+      d.M = M; d.K = K; d.r = r; d.pieces = dA_pieces; d.splits = dA_splits;
+      d.ldv = dA_pieces == 1 ? kx : 3 * r;
+      d.x = x.data_ptr(); d.v = ws.ptr(dA_pieces == 1 ? vx_piece : v3_piece); d.partial = dA_partial;
       d.dtype = gemm_dtype(x);
       check_cuda(lk::launch_lora_dA_gemm_sm90(d, stream), "sm90 dA GEMM launch");
     } else if (dA_sm90) {

@@ -1,7 +1,9 @@
 // dA as a GEMM on Hopper (gemm_sm90.h, DaGemmArgs): the backward's dA at p = 0 with adapters in x's dtype.
 //
 // Math   : dA (r, K) = Vᵀ X summed over the M tokens, V = s·g (M, r) the dx GEMM's packed operand (vx: s·(dy B)
-//          rounded to x's dtype, which the dx term multiplies too) and X = x (M, K). As a GEMM in CUTLASS's terms,
+//          rounded to x's dtype, which the dx term multiplies too; with fp32 adapters on bf16 x the bf16x3 pieces of
+//          the fp32 s·g, stacked as 3r columns, whose exact products the reduce adds in fp32) and X = x (M, K). As a
+//          GEMM in CUTLASS's terms,
 //          D (M' = K, N' = r) = A (M' x K') · B (K' x N') with K' the tokens:
 //            A = Xᵀ  (x's columns contiguous: ColumnMajor A),
 //            B = V   (r contiguous at row pitch ldv: RowMajor B),
@@ -66,7 +68,8 @@ struct DaGemm {
     using StrideA = typename Kernel::StrideA;
     using StrideB = typename Kernel::StrideB;
     using StrideD = typename Kernel::StrideD;
-    const int K = int(a.K), r = a.r, rows = int(a.M / a.splits), splits = int(a.splits);
+    // V's columns: r, or its pieces [p][r] (each piece's product a partial of its own)
+    const int K = int(a.K), r = a.r * a.pieces, rows = int(a.M / a.splits), splits = int(a.splits);
     typename Kernel::Arguments args;
     args.mode = splits > 1 ? cutlass::gemm::GemmUniversalMode::kBatched : cutlass::gemm::GemmUniversalMode::kGemm;
     args.problem_shape = {K, r, rows, splits};

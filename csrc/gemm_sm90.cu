@@ -186,8 +186,10 @@ const char* lora_dA_gemm_sm90_unsupported(const DaGemmArgs& a, int device) {
   const DeviceInfo& d = device_info(device);
   if (d.major != 9 || d.minor != 0) return "the device is not compute capability 9.0";
   if (a.M < 1 || a.K < 1) return "empty problem";
-  if (a.r < 8 || a.r > 64 || a.r % 8) return "r must be a multiple of 8 in [8, 64] (V's rows 16-byte aligned)";
-  if (a.K % 8 || a.ldv % 8 || a.ldv < a.r) return "K and ldv must be multiples of 8, ldv >= r";
+  if (a.pieces != 1 && (a.pieces != 3 || a.dtype != GemmDType::kBFloat16)) return "pieces: 1, or 3 on bf16";
+  if (a.r < 8 || a.r % 8 || a.r * a.pieces > 64)
+    return "r must be a multiple of 8 (V's rows 16-byte aligned), r x pieces at most 64 (one tile)";
+  if (a.K % 8 || a.ldv % 8 || a.ldv < a.r * a.pieces) return "K and ldv must be multiples of 8, ldv >= r x pieces";
   if (a.splits < 1 || a.M % a.splits) return "splits must divide M";
   if (a.K > INT32_MAX || a.M / a.splits > INT32_MAX) return "a dimension exceeds 2^31";
   if (!aligned16(a.x) || !aligned16(a.v) || !aligned16(a.partial)) return "pointers must be 16-byte aligned";

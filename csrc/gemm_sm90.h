@@ -99,18 +99,20 @@ int64_t lora_gemm_sm90_waves(const LoraGemmArgs& args, int sms, int* tile_n = nu
 
 // ------------------------------------------------------------------------------------------------ dA as a GEMM
 // The backward's dA at p = 0 (dA_gemm_sm90.cu): dA (r, K) = Vᵀ X over the M tokens, with V = s·g (M, r) in X's dtype
-// at row pitch ldv (the dx GEMM's packed operand, which the pack writes anyway) and X = x (M, K) the layer input.
+// at row pitch ldv (the dx GEMM's packed operand, which the pack writes anyway; with fp32 adapters on bf16 X the
+// pack's bf16x3 pieces of s·g, pieces = 3 stacked as V's columns [p][r]) and X = x (M, K) the layer input.
 // CUTLASS's TMA + WGMMA cooperative kernel on dAᵀ = Xᵀ V, both operands read MN-major as they lie; the tokens split
-// into `splits` equal ranges, each writing its fp32 partial to `partial` ((splits, r, K), every element written), to
-// be summed in a fixed order by the caller (launch_reduce_partials). Requirements (else
-// lora_dA_gemm_sm90_unsupported() says why): as the GEMM above (device, build, 16-bit, 16-byte aligned pointers),
-// K % 8 == 0, 8 <= r <= 64 with r % 8 == 0 (V's 16-byte rows for TMA), ldv % 8 == 0, M % splits == 0.
+// into `splits` equal ranges, each writing its fp32 partial to `partial` ((splits, pieces, r, K), every element
+// written), to be summed in a fixed order by the caller (launch_reduce_partials over splits·pieces parts).
+// Requirements (else lora_dA_gemm_sm90_unsupported() says why): as the GEMM above (device, build, 16-bit, 16-byte
+// aligned pointers), K % 8 == 0, r % 8 == 0 (V's 16-byte rows for TMA) and r·pieces <= 64 (one 64-wide tile),
+// ldv % 8 == 0, M % splits == 0.
 struct DaGemmArgs {
   int64_t M = 0, K = 0, ldv = 0, splits = 1;
-  int r = 0;
+  int r = 0, pieces = 1;
   const void* x = nullptr;   // (M, K) row-major
-  const void* v = nullptr;   // (M, r) at row pitch ldv
-  float* partial = nullptr;  // (splits, r, K)
+  const void* v = nullptr;   // (M, r·pieces) at row pitch ldv
+  float* partial = nullptr;  // (splits, pieces, r, K)
   GemmDType dtype = GemmDType::kBFloat16;
 };
 const char* lora_dA_gemm_sm90_unsupported(const DaGemmArgs& args, int device);

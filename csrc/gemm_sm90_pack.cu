@@ -6,18 +6,23 @@
 //         nothing to the accumulator. Rounding to 16 bits here is the same policy as the other tensor-core
 //         passes: every operand of a 16-bit product is cast to x's dtype, the sum is fp32.
 //         An fp32 input may come as split-K partials, summed here in a fixed order (the forward's u: this launch
-//         is also the shrink's reduction and writes the fp32 u kept for backward).
+//         is also the shrink's reduction and writes the fp32 u kept for backward). With fp32 adapters on bf16 the
+//         backward's job also writes the bf16x3 pieces of s·g, the dA GEMM's operand (dA_gemm_sm90.cu).
 // Tiling: one thread per 8 output elements (one 16-byte store); rows are independent. Two jobs share one launch
 //         (blocks [0, blocks_a) do job a, the next job b), so the forward packs u and B in one launch. The blocks
 //         after those run the ReduceJob (the backward's dB partials), one thread per 4 outputs (or per output where
 //         the 16-byte loads do not fit): a launch fewer.
 #include "gemm_sm90_pack.h"
 
+#include "common.cuh"  // bf16x3_split
 #include "pdl.cuh"
 #include "reduce.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include <initializer_list>
+#include <type_traits>
 
 namespace lora_kernels {
 namespace {
@@ -94,6 +99,21 @@ __device__ __forceinline__ void pack_job(const PackJob& j, int64_t t) {
 #pragma unroll
   for (int e = 0; e < kVec; ++e) v[e] = store_cast<TO>(f[e] * j.scale);
   *reinterpret_cast<uint4*>(static_cast<TO*>(j.out) + row * j.cols_out + c0) = *reinterpret_cast<const uint4*>(v);
+  if constexpr (std::is_same_v<TO, __nv_bfloat16>) {
+    if (j.pieces_out != nullptr && row < j.rows_in && c0 < j.cols_in) {  // a whole 8-group: cols_in % 8 == 0
+      alignas(16) __nv_bfloat16 pc[3][kVec];
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) {
+        __nv_bfloat16 q[3];
+        detail::bf16x3_split(f[e] * j.scale, q);
+        pc[0][e] = q[0]; pc[1][e] = q[1]; pc[2][e] = q[2];
+      }
+      __nv_bfloat16* dst = static_cast<__nv_bfloat16*>(j.pieces_out) + row * j.pieces_ld + c0;
+#pragma unroll
+      for (int q = 0; q < 3; ++q)
+        *reinterpret_cast<uint4*>(dst + q * j.cols_in) = *reinterpret_cast<const uint4*>(pc[q]);
+    }
+  }
 }
 
 // Item t of the reduction: outputs [4 t, 4 t + 4) (vec4) or output t.
@@ -144,6 +164,10 @@ int64_t reduce_blocks(const ReduceJob& c, bool vec4) {
 cudaError_t launch_pack_rank_operands(const PackJob& a, const PackJob& b, DType out_dtype, cudaStream_t stream,
                                       const ReduceJob& c) {
   if (a.cols_out % kVec || b.cols_out % kVec) return cudaErrorInvalidValue;
+  for (const PackJob* j : {&a, &b})
+    if (j->pieces_out != nullptr && (out_dtype != DType::kBFloat16 || j->cols_in % kVec || j->pieces_ld % kVec ||
+                                     j->pieces_ld < 3 * j->cols_in || j->cols_in > j->cols_out))
+      return cudaErrorInvalidValue;
   if (c.out != nullptr && (c.in == nullptr || c.parts < 1)) return cudaErrorInvalidValue;
   // 4-output items where launch_reduce_partials takes them
   const bool vec4 = c.out != nullptr && detail::reduce_partials_vec4(c.in, c.count, c.out,

@@ -21,6 +21,11 @@ struct PackJob {
   int64_t partials = 1;
   int64_t partial_stride = 0;
   float* sum_out = nullptr;
+  // With a bf16 out: also the bf16x3 pieces of scale · in (common.cuh bf16x3_split, exact), piece p of in[i, j] at
+  // pieces_out[i * pieces_ld + p * cols_in + j] (rows_in rows; cols_in and pieces_ld multiples of 8, 16-byte aligned):
+  // the dA GEMM's operand with fp32 adapters. null: none.
+  void* pieces_out = nullptr;
+  int64_t pieces_ld = 0;
 };
 
 // A reduction that the same launch runs in blocks of its own: out (count elements of out_dtype) = the sum of `parts`

@@ -225,11 +225,12 @@ def _dA_gemm_splits(M, K, N, r, p, dtype=torch.bfloat16, adapter_dtype=torch.bfl
 
 @pytest.mark.skipif(not _hopper(), reason="the sm_90 GEMM runs on compute capability 9.0 only")
 def test_dA_gemm_where_it_runs():
-    """dA as a GEMM of its own (csrc/dA_gemm_sm90.cu) at p = 0 with adapters in x's dtype, r a multiple of 8 up to 64,
-    where dA runs after the sm_90 dx GEMM: the benchmarked shapes in token ranges that fill one wave of 128-column tiles
-    (4 at K = 4096 on 132 SMs, 1 at K = 14336); not where dA runs beside the GEMM (4096 -> 1024, r = 16, the cost
-    model's pick), nor
-    with fp32 adapters, dropout, r = 7 or 72, M whose divisors give less than half a wave, nor when switched off."""
+    """dA as a GEMM of its own (csrc/dA_gemm_sm90.cu) at p = 0, r a multiple of 8, with adapters in x's dtype up to
+    r = 64 and fp32 adapters on bf16 x up to r = 16 (three bf16 pieces of s·g in one 64-wide tile), where dA runs after
+    the sm_90 dx GEMM: the benchmarked shapes in token ranges that fill one wave of 128-column tiles (4 at K = 4096 on
+    132 SMs, 1 at K = 14336); not where dA runs beside the GEMM (4096 -> 1024, r = 16, the cost model's pick), nor
+    with fp32 adapters at r = 64, dropout, r = 7 or 72, M whose divisors give less than half a wave, nor when switched
+    off."""
     from lora_kernels.backends import cuda_backend
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -240,7 +241,9 @@ def test_dA_gemm_where_it_runs():
     assert _dA_gemm_splits(8192, 4096, 1024, 64, 0.0) == want
     assert _dA_gemm_splits(8192, 14336, 4096, 64, 0.0) == 1
     assert _dA_gemm_splits(8192, 4096, 1024, 16, 0.0) == 0  # beside the dx GEMM
-    assert _dA_gemm_splits(8192, 4096, 4096, 16, 0.0, adapter_dtype=torch.float32) == 0
+    assert _dA_gemm_splits(8192, 4096, 4096, 16, 0.0, adapter_dtype=torch.float32) == want
+    assert _dA_gemm_splits(8192, 4096, 4096, 64, 0.0, adapter_dtype=torch.float32) == 0
+    assert _dA_gemm_splits(8192, 4096, 4096, 16, 0.0, h, torch.float32) == 0  # fp32 adapters on fp16: the pass
     assert _dA_gemm_splits(8192, 4096, 4096, 16, 0.1) == 0
     assert _dA_gemm_splits(8192, 4096, 4096, 7, 0.0) == 0
     assert _dA_gemm_splits(8192, 4096, 4096, 72, 0.0) == 0
@@ -253,20 +256,27 @@ def test_dA_gemm_where_it_runs():
         cuda_backend.set_dA_gemm(previous)
 
 
+_DA_GEMM_SHAPES = [((1000,), 2056, 2048, 16), ((4, 257), 2048, 4096, 64), ((3, 300), 520, 264, 8),
+                   ((1400,), 4096, 1024, 40), ((2, 1536), 1032, 4096, 24), ((130,), 14336, 200, 56)]
+
+
 @pytest.mark.skipif(not _hopper(), reason="the sm_90 GEMM runs on compute capability 9.0 only")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("lead,K,N,r", [((1000,), 2056, 2048, 16), ((4, 257), 2048, 4096, 64), ((3, 300), 520, 264, 8),
-                                         ((1400,), 4096, 1024, 40), ((2, 1536), 1032, 4096, 24), ((130,), 14336, 200, 56)])
-def test_dA_gemm_against_float64(dtype, lead, K, N, r):
+@pytest.mark.parametrize("dtype,adapter_dtype,lead,K,N,r",
+                         [(dt, dt, *c) for dt in (torch.bfloat16, torch.float16) for c in _DA_GEMM_SHAPES]
+                         + [(torch.bfloat16, torch.float32, *c) for c in _DA_GEMM_SHAPES if c[3] <= 16]
+                         + [(torch.bfloat16, torch.float32, (2048,), 4096, 1024, 16)])
+def test_dA_gemm_against_float64(dtype, adapter_dtype, lead, K, N, r):
     # dA on its own GEMM after the dx GEMM, through the public op against float64 (poisoned outputs: a partial element
     # the kernel fails to write shows): K not a multiple of the 128-column tile (2056, 520, 1032: the last tile's
     # columns past K) nor of 64, r below the 64-wide tile (8 to 56: V's columns past r), token ranges that are not
     # multiples of the 64-token K-tile (1000 / 8 = 125, 1028 / 4, 900 / 4...), one range (K = 14336), 3-D x. Three
-    # calls in a row with fresh inputs: a GEMM that read the previous call's vx from the reused workspace fails.
+    # calls in a row with fresh inputs: a GEMM that read the previous call's vx from the reused workspace fails. fp32
+    # adapters (bf16 x): the pack's three pieces of s·g, each piece's product a partial of its own, at r = 8 and 16
+    # (the larger ranks take the dA pass); at 2048 x 4096 -> 1024 four ranges of 512 tokens.
     M = math.prod(lead)
-    assert _dA_gemm_splits(M, K, N, r, 0.0, dtype, dtype) > 0
+    assert _dA_gemm_splits(M, K, N, r, 0.0, dtype, adapter_dtype) > 0
     for _ in range(3):
-        run_and_check("cuda", "cuda", dtype, lead, K, N, r, bias=True, p=0.0, adapter_dtype=dtype)
+        run_and_check("cuda", "cuda", dtype, lead, K, N, r, bias=True, p=0.0, adapter_dtype=adapter_dtype)
 
 
 @pytest.mark.skipif(not _hopper(), reason="the sm_90 GEMM runs on compute capability 9.0 only")
