@@ -488,6 +488,17 @@ int dA_gemm_pieces(lk::DType x_dt, lk::DType a_dt) {
   return a_dt == x_dt ? 1 : a_dt == lk::DType::kFloat32 && x_dt == lk::DType::kBFloat16 ? 3 : 0;
 }
 
+// The dA GEMM's arguments for x (M, K): v is the pack's vx (M, sm90_kx(r)) with one piece, its bf16x3 pieces (M, 3r)
+// with three; the partials (splits, pieces, r, K).
+lk::DaGemmArgs dA_gemm_args(const Tensor& x, int r, int pieces, int64_t splits, const void* v, float* partial) {
+  lk::DaGemmArgs d;
+  d.M = x.size(0); d.K = x.size(1); d.r = r; d.pieces = pieces; d.splits = splits;
+  d.ldv = pieces == 1 ? sm90_kx(r) : 3 * r;
+  d.x = x.data_ptr(); d.v = v; d.partial = partial;
+  d.dtype = gemm_dtype(x);
+  return d;
+}
+
 // The token ranges of dA as a GEMM after the dx GEMM, over the pack's s·g (dA_gemm_pieces); 0 where the dA pass runs
 // instead. At p = 0, where the sm_90 dx GEMM runs (its pack makes s·g) and dA neither joins it nor runs beside it.
 int64_t dA_gemm_splits(const Tensor& x, lk::DType x_dt, lk::DType a_dt, int r, float p) {
@@ -496,11 +507,7 @@ int64_t dA_gemm_splits(const Tensor& x, lk::DType x_dt, lk::DType a_dt, int r, f
   const int64_t splits = lk::lora_dA_gemm_sm90_splits(x.size(0), x.size(1), lk::detail::num_sms());
   if (splits < 1) return 0;
   // the workspace pieces come from the caching allocator: aligned like x's storage, whose own pointer is checked
-  lk::DaGemmArgs d;
-  d.M = x.size(0); d.K = x.size(1); d.r = r; d.pieces = pieces; d.splits = splits;
-  d.ldv = pieces == 1 ? sm90_kx(r) : 3 * r;
-  d.x = x.data_ptr(); d.v = x.data_ptr(); d.partial = static_cast<float*>(x.data_ptr());
-  d.dtype = gemm_dtype(x);
+  const lk::DaGemmArgs d = dA_gemm_args(x, r, pieces, splits, x.data_ptr(), static_cast<float*>(x.data_ptr()));
   return lk::lora_dA_gemm_sm90_unsupported(d, x.get_device()) == nullptr ? splits : 0;
 }
 
@@ -928,12 +935,9 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
     if (dA_in_gemm) {
       // the dx GEMM wrote the partials
     } else if (dA_gemm) {
-      lk::DaGemmArgs d;
-      d.M = M; d.K = K; d.r = r; d.pieces = dA_pieces; d.splits = dA_splits;
-      d.ldv = dA_pieces == 1 ? kx : 3 * r;
-      d.x = x.data_ptr(); d.v = ws.ptr(dA_pieces == 1 ? vx_piece : v3_piece); d.partial = dA_partial;
-      d.dtype = gemm_dtype(x);
-      check_cuda(lk::launch_lora_dA_gemm_sm90(d, stream), "sm90 dA GEMM launch");
+      const void* v = ws.ptr(dA_pieces == 1 ? vx_piece : v3_piece);
+      check_cuda(lk::launch_lora_dA_gemm_sm90(dA_gemm_args(x, r, dA_pieces, dA_splits, v, dA_partial), stream),
+                 "sm90 dA GEMM launch");
     } else if (dA_sm90) {
       check_cuda(lk::launch_lora_dA_sm90(x.data_ptr(), x_dt, a_dt, g, dA_partial, M, K, r, dA_plan, (float)scaling,
                                          pf, ws.ptr<uint8_t>(bits_piece), ws.ptr(dA_scratch_piece), stream,

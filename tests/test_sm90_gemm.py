@@ -42,14 +42,19 @@ def test_benchmarked_shapes_take_the_sm90_path(K, N, dtype):
     assert _path(64, N, K, dtype, bias=True) == "sm90"
 
 
-def _dx_path(M, K, N, r, p, dtype=torch.bfloat16, adapter_dtype=torch.float32):
-    from lora_kernels.backends import cuda_backend
-
+def _layer_inputs(M, K, N, r, dtype, adapter_dtype):
+    """Fresh x (M, K), W (N, K) in dtype and lora_A (r, K), lora_B (N, r) in adapter_dtype, for the path queries."""
     x = torch.randn(M, K, device="cuda").to(dtype)
     W = torch.randn(N, K, device="cuda").to(dtype)
     A = torch.randn(r, K, device="cuda").to(adapter_dtype)
     B = torch.randn(N, r, device="cuda").to(adapter_dtype)
-    return cuda_backend.dx_path(x, W, A, B, p)
+    return x, W, A, B
+
+
+def _dx_path(M, K, N, r, p, dtype=torch.bfloat16, adapter_dtype=torch.float32):
+    from lora_kernels.backends import cuda_backend
+
+    return cuda_backend.dx_path(*_layer_inputs(M, K, N, r, dtype, adapter_dtype), p)
 
 
 @pytest.mark.skipif(not _hopper(), reason="the sm_90 GEMM runs on compute capability 9.0 only")
@@ -216,11 +221,7 @@ def test_dA_in_gemm_is_deterministic(K, N):
 def _dA_gemm_splits(M, K, N, r, p, dtype=torch.bfloat16, adapter_dtype=torch.bfloat16):
     from lora_kernels.backends import cuda_backend
 
-    x = torch.randn(M, K, device="cuda").to(dtype)
-    W = torch.randn(N, K, device="cuda").to(dtype)
-    A = torch.randn(r, K, device="cuda").to(adapter_dtype)
-    B = torch.randn(N, r, device="cuda").to(adapter_dtype)
-    return cuda_backend.dA_gemm_splits(x, W, A, B, p)
+    return cuda_backend.dA_gemm_splits(*_layer_inputs(M, K, N, r, dtype, adapter_dtype), p)
 
 
 @pytest.mark.skipif(not _hopper(), reason="the sm_90 GEMM runs on compute capability 9.0 only")
