@@ -1,4 +1,4 @@
-// dA as a GEMM on Hopper (gemm_sm90.h, DaGemmArgs): the backward's dA at p = 0 with adapters in x's dtype.
+// dA as a GEMM on Hopper (gemm_sm90.h, DaGemmArgs): the backward's dA at p = 0, adapters in x's dtype or fp32 on bf16.
 //
 // Math   : dA (r, K) = Vᵀ X summed over the M tokens, V = s·g (M, r) the dx GEMM's packed operand (vx: s·(dy B)
 //          rounded to x's dtype, which the dx term multiplies too; with fp32 adapters on bf16 x the bf16x3 pieces of
@@ -10,13 +10,14 @@
 //            D = dAᵀ (x's columns contiguous: ColumnMajor D, i.e. dA (r, K) row-major).
 //          Both operands are MN-major, which TMA and WGMMA take for 16-bit types as they are: no transposed copy.
 // Split  : the tokens in `splits` equal ranges, CUTLASS's batch mode L (A, B and D advance by a range per batch);
-//          each range's fp32 product is its partial (splits, r, K), summed in a fixed order by the caller's reduce.
-//          So every partial is written by one block, without atomics: the same bits on every call.
-// Tiling : 128 x 64 tiles (128 of x's columns, one per pair of consumer warpgroups, x r padded to 64) over 64-token
+//          each range's fp32 product is its partial (splits, pieces, r, K), summed in a fixed order by the caller's
+//          reduce. So every partial is written by one block, without atomics: the same bits on every call.
+// Tiling : 128 x 64 tiles (128 of x's columns, 64 per consumer warpgroup, x V's columns padded to 64) over 64-token
 //          K-tiles, CUTLASS's TMA + WGMMA cooperative persistent kernel, in clusters of 2 along x's columns that
 //          share V's K-tile (multicast). Each tile reads its columns of x once: 128 columns x the range's tokens.
 //          The kernel is bound by that read (2·M·K bytes against 2·M·K·r FLOPs), not by its MMAs.
-// Launch : after the pack that writes V (programmatic dependent launch: the load warps wait for it).
+// Launch : after the dx GEMM, as a programmatic dependent launch: the load warps wait for the launch before it (and
+//          so for the pack that wrote V) before they read.
 #include "gemm_sm90_instances.h"
 
 #if LORA_KERNELS_HAVE_SM90_GEMM
