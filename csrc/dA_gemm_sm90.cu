@@ -12,9 +12,12 @@
 // Split  : the tokens in `splits` equal ranges, CUTLASS's batch mode L (A, B and D advance by a range per batch);
 //          each range's fp32 product is its partial (splits, pieces, r, K), summed in a fixed order by the caller's
 //          reduce. So every partial is written by one block, without atomics: the same bits on every call.
-// Tiling : 128 x 64 tiles (128 of x's columns, 64 per consumer warpgroup, x V's columns padded to 64) over 64-token
+// Tiling : 128 x 64 tiles (128 of x's columns, 64 per consumer warpgroup, x 64 of V's columns, padded) over 64-token
 //          K-tiles, CUTLASS's TMA + WGMMA cooperative persistent kernel, in clusters of 2 along x's columns that
 //          share V's K-tile (multicast). Each tile reads its columns of x once: 128 columns x the range's tokens.
+//          Above 64 of V's columns (fp32 adapters above r = 21, r > 64) an x tile has one tile per 64 of them, taken
+//          one after another in the tile order (along N, no swizzle): they run at once, and all but one read x from
+//          L2.
 //          The kernel is bound by that read (2·M·K bytes against 2·M·K·r FLOPs), not by its MMAs.
 // Launch : after the dx GEMM, as a programmatic dependent launch: the load warps wait for the launch before it (and
 //          so for the pack that wrote V) before they read.
@@ -89,6 +92,12 @@ struct DaGemm {
     args.epilogue.dC = args.epilogue.dD;
     args.hw_info.device_id = 0;  // only read when sm_count <= 0
     args.hw_info.sm_count = sms;
+    // Over 64 of V's columns: their tiles of one x tile next to each other in the tile order (no swizzle), so that
+    // the blocks that read that x tile run at once and all but the first find it in L2.
+    if (r > 64) {
+      args.scheduler.raster_order = cutlass::gemm::kernel::detail::RasterOrderOptions::AlongN;
+      args.scheduler.max_swizzle_size = 1;
+    }
     if (!Kernel::can_implement(args) || Kernel::get_workspace_size(args) != 0) return cudaErrorNotSupported;
     const typename Kernel::Params params = Kernel::to_underlying_arguments(args, nullptr);
     return launch_cutlass<Kernel>(params, true, stream);

@@ -187,8 +187,8 @@ const char* lora_dA_gemm_sm90_unsupported(const DaGemmArgs& a, int device) {
   if (d.major != 9 || d.minor != 0) return "the device is not compute capability 9.0";
   if (a.M < 1 || a.K < 1) return "empty problem";
   if (a.pieces != 1 && (a.pieces != 3 || a.dtype != GemmDType::kBFloat16)) return "pieces: 1, or 3 on bf16";
-  if (a.r < 8 || a.r % 8 || a.r * a.pieces > 64)
-    return "r must be a multiple of 8 (V's rows 16-byte aligned), r x pieces at most 64 (one tile)";
+  if (a.r < 8 || a.r % 8 || a.r * a.pieces > 192)
+    return "r must be a multiple of 8 (V's rows 16-byte aligned), r x pieces at most 192";
   if (a.K % 8 || a.ldv % 8 || a.ldv < a.r * a.pieces) return "K and ldv must be multiples of 8, ldv >= r x pieces";
   if (a.splits < 1 || a.M % a.splits) return "splits must divide M";
   if (a.K > INT32_MAX || a.M / a.splits > INT32_MAX) return "a dimension exceeds 2^31";
@@ -196,8 +196,9 @@ const char* lora_dA_gemm_sm90_unsupported(const DaGemmArgs& a, int device) {
   return nullptr;
 }
 
-int64_t lora_dA_gemm_sm90_splits(int64_t M, int64_t K, int sms) {
-  const int64_t tiles = ((K + 127) / 128 + 1) / 2 * 2;  // 128-column tiles in whole clusters of 2
+int64_t lora_dA_gemm_sm90_splits(int64_t M, int64_t K, int64_t n, int sms) {
+  // 128-column tiles in whole clusters of 2, times V's 64-column tiles
+  const int64_t tiles = ((K + 127) / 128 + 1) / 2 * 2 * std::max<int64_t>(1, (n + 63) / 64);
   const int64_t want = sms > 0 ? std::max<int64_t>(1, sms / tiles) : 1;
   for (int64_t s = want; 2 * s >= want && s >= 1; --s)
     if (M % s == 0 && M / s >= 64) return s;

@@ -104,9 +104,11 @@ int64_t lora_gemm_sm90_waves(const LoraGemmArgs& args, int sms, int* tile_n = nu
 // CUTLASS's TMA + WGMMA cooperative kernel on dAᵀ = Xᵀ V, both operands read MN-major as they lie; the tokens split
 // into `splits` equal ranges, each writing its fp32 partial to `partial` ((splits, pieces, r, K), every element
 // written), to be summed in a fixed order by the caller (launch_reduce_partials over splits·pieces parts).
+// V's columns (r·pieces) take ceil(r·pieces / 64) tiles of 64, run side by side (the tile order takes them one
+// after another, so that the blocks that read the same x tile run together and all but one find it in L2).
 // Requirements (else lora_dA_gemm_sm90_unsupported() says why): as the GEMM above (device, build, 16-bit, 16-byte
-// aligned pointers), K % 8 == 0, r % 8 == 0 (V's 16-byte rows for TMA) and r·pieces <= 64 (one 64-wide tile),
-// ldv % 8 == 0, M % splits == 0.
+// aligned pointers), K % 8 == 0, r % 8 == 0 (V's 16-byte rows for TMA) and r·pieces <= 192, ldv % 8 == 0,
+// M % splits == 0.
 struct DaGemmArgs {
   int64_t M = 0, K = 0, ldv = 0, splits = 1;
   int r = 0, pieces = 1;
@@ -116,9 +118,10 @@ struct DaGemmArgs {
   GemmDType dtype = GemmDType::kBFloat16;
 };
 const char* lora_dA_gemm_sm90_unsupported(const DaGemmArgs& args, int device);
-// The token ranges for an (M, K) x on `sms` SMs: enough 128-column tiles for one wave, in ranges that divide M (at
-// least 64 tokens each); 0 where no divisor of M gives at least half the wave (the caller keeps its other path).
-int64_t lora_dA_gemm_sm90_splits(int64_t M, int64_t K, int sms);
+// The token ranges for an (M, K) x and V's n columns (r·pieces) on `sms` SMs: enough tiles (128 of x's columns x 64
+// of V's) for one wave, in ranges that divide M (at least 64 tokens each); 0 where no divisor of M gives at least half
+// the wave (the caller keeps its other path).
+int64_t lora_dA_gemm_sm90_splits(int64_t M, int64_t K, int64_t n, int sms);
 cudaError_t launch_lora_dA_gemm_sm90(const DaGemmArgs& args, cudaStream_t stream);
 
 }  // namespace lora_kernels

@@ -133,29 +133,32 @@ SPLITS_DRIVER = r"""
 #include <cstdio>
 #include "gemm_sm90.h"
 using namespace lora_kernels;
-// stdin: "M K sms" lines; stdout per line: lora_dA_gemm_sm90_splits
+// stdin: "M K n sms" lines; stdout per line: lora_dA_gemm_sm90_splits
 int main() {
-  long long M, K;
+  long long M, K, n;
   int sms;
-  while (scanf("%lld %lld %d", &M, &K, &sms) == 3) printf("%lld\n", (long long)lora_dA_gemm_sm90_splits(M, K, sms));
+  while (scanf("%lld %lld %lld %d", &M, &K, &n, &sms) == 4)
+    printf("%lld\n", (long long)lora_dA_gemm_sm90_splits(M, K, n, sms));
   return 0;
 }
 """
 
 
 def test_dA_gemm_token_ranges(tmp_path_factory):
-    """The dA GEMM's token ranges (csrc/gemm_sm90.cu: lora_dA_gemm_sm90_splits): as many 128-column tiles (in clusters
-    of 2) times ranges as fill one wave, each range a divisor of M of at least 64 tokens, at least half the wave's worth,
-    else 0 (the dA pass runs)."""
+    """The dA GEMM's token ranges (csrc/gemm_sm90.cu: lora_dA_gemm_sm90_splits): as many tiles (128 of x's columns, in
+    clusters of 2, times one per 64 of V's n columns) times ranges as fill one wave, each range a divisor of M of at
+    least 64 tokens, at least half the wave's worth, else 0 (the dA pass runs)."""
     exe = build_host_driver(tmp_path_factory, "splits", SPLITS_DRIVER, [CSRC / "gemm_sm90.cu"], flags=())
-    cases = {(8192, 4096, 132): 4, (8192, 4096, 114): 2, (8192, 14336, 132): 1, (2048, 4096, 132): 4,
-             (8192, 1024, 132): 16, (1000, 2056, 132): 5, (1028, 2048, 132): 4, (900, 520, 132): 12,
-             (8191, 4096, 132): 0, (8200, 4096, 132): 4, (100, 4096, 132): 0, (130, 14336, 132): 1,
-             (8192, 40000, 132): 1, (8192, 4096, 0): 1}
-    stdin = "".join(f"{M} {K} {sms}\n" for M, K, sms in cases)
+    cases = {(8192, 4096, 16, 132): 4, (8192, 4096, 64, 114): 2, (8192, 14336, 16, 132): 1, (2048, 4096, 48, 132): 4,
+             (8192, 1024, 16, 132): 16, (1000, 2056, 16, 132): 5, (1028, 2048, 64, 132): 4, (900, 520, 8, 132): 12,
+             (8191, 4096, 16, 132): 0, (8200, 4096, 16, 132): 4, (100, 4096, 16, 132): 0, (130, 14336, 56, 132): 1,
+             (8192, 40000, 16, 132): 1, (8192, 4096, 16, 0): 1,
+             (8192, 4096, 192, 132): 1, (8192, 4096, 72, 132): 2, (8192, 1024, 192, 132): 4, (2048, 1024, 128, 132): 8}
+    stdin = "".join(f"{M} {K} {n} {sms}\n" for M, K, n, sms in cases)
     out = subprocess.run([str(exe)], input=stdin, capture_output=True, text=True, check=True).stdout.split()
     assert [int(v) for v in out] == list(cases.values())
-    for (M, K, sms), s in cases.items():
+    for (M, K, n, sms), s in cases.items():
         if s:
+            tiles = ((K + 127) // 128 + 1) // 2 * 2 * -(-n // 64)
             assert M % s == 0 and M // s >= 64
-            assert s * (((K + 127) // 128 + 1) // 2 * 2) <= max(sms, ((K + 127) // 128 + 1) // 2 * 2)
+            assert s * tiles <= max(sms, tiles)

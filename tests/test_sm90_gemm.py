@@ -253,6 +253,35 @@ def test_dA_gemm_where_it_runs():
     previous = cuda_backend.set_dA_gemm(0)
     try:
         assert _dA_gemm_splits(8192, 4096, 4096, 16, 0.0) == 0
+        # set_dA_gemm(1): also where s·g takes more than one 64-wide tile (fp32 adapters above r = 16, r > 64)
+        cuda_backend.set_dA_gemm(1)
+        assert _dA_gemm_splits(8192, 4096, 4096, 64, 0.0, adapter_dtype=torch.float32) == max(1, sms // 96)
+        assert _dA_gemm_splits(8192, 4096, 4096, 72, 0.0) == max(1, sms // 64)
+        assert _dA_gemm_splits(8192, 4096, 4096, 16, 0.0) == want
+        assert _dA_gemm_splits(8192, 4096, 4096, 200, 0.0) == 0  # over 192 columns
+    finally:
+        cuda_backend.set_dA_gemm(previous)
+
+
+@pytest.mark.skipif(not _hopper(), reason="the sm_90 GEMM runs on compute capability 9.0 only")
+@pytest.mark.parametrize("dtype,adapter_dtype,lead,K,N,r",
+                         [(torch.bfloat16, torch.float32, (1000,), 2056, 2048, 24),
+                          (torch.bfloat16, torch.float32, (4, 257), 2048, 4096, 64),
+                          (torch.bfloat16, torch.float32, (2048,), 4096, 1024, 40),
+                          (torch.bfloat16, torch.bfloat16, (1400,), 4096, 1024, 72),
+                          (torch.float16, torch.float16, (3, 300), 520, 264, 128),
+                          (torch.bfloat16, torch.bfloat16, (130,), 14336, 200, 192)])
+def test_dA_gemm_wide_against_float64(dtype, adapter_dtype, lead, K, N, r):
+    # set_dA_gemm(1) (opt-in until timed): s·g over one 64-wide tile, 2 or 3 tiles of V's columns per x tile, taken
+    # one after another in the tile order (fp32 adapters' three pieces of r = 24, 40, 64; r = 72, 128, 192). The same
+    # float64 check and three calls in a row as test_dA_gemm_against_float64.
+    from lora_kernels.backends import cuda_backend
+
+    previous = cuda_backend.set_dA_gemm(1)
+    try:
+        assert _dA_gemm_splits(math.prod(lead), K, N, r, 0.0, dtype, adapter_dtype) > 0
+        for _ in range(3):
+            run_and_check("cuda", "cuda", dtype, lead, K, N, r, bias=True, p=0.0, adapter_dtype=adapter_dtype)
     finally:
         cuda_backend.set_dA_gemm(previous)
 

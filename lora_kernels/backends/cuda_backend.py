@@ -138,15 +138,16 @@ def dA_beside_blocks(x, weight, lora_A, lora_B, p=0.0) -> int:
 
 def dA_gemm_splits(x, weight, lora_A, lora_B, p=0.0) -> int:
     """The token ranges of the backward's dA GEMM for these 2-D inputs (csrc/dA_gemm_sm90.cu: dA = (s·g)ᵀ x on
-    CUTLASS's TMA + WGMMA kernel after the dx GEMM, each range's fp32 partial summed by a reduce; p = 0, adapters in
-    x's dtype, r a multiple of 8 up to 64); 0 where dA runs otherwise (the dA pass, beside the dx GEMM or after it,
-    or inside the dx GEMM)."""
+    CUTLASS's TMA + WGMMA kernel after the dx GEMM, each range's fp32 partial summed by a reduce; p = 0, r a multiple
+    of 8, adapters in x's dtype or fp32 ones on bf16 x as three bf16 pieces of s·g); 0 where dA runs otherwise (the
+    dA pass, beside the dx GEMM or after it, or inside the dx GEMM)."""
     return int(torch.ops.lora_kernels_cuda.dA_gemm_splits(x, weight, lora_A, lora_B, float(p)))
 
 
 def set_dA_gemm(mode: int) -> int:
-    """Sets the dA GEMM (dA_gemm_splits) for this process: -1 (the default) and 1 wherever it can run, 0 never (the
-    dA pass; LORA_KERNELS_DA_GEMM=0 starts the process there). Returns the previous mode. For tests and A/B timing."""
+    """Sets the dA GEMM (dA_gemm_splits) for this process: -1 the default, where s·g's columns (r, or 3r with fp32
+    adapters) fit one 64-wide tile; 1 wherever it can run, up to 192 columns (not yet timed on a GPU); 0 never (the dA
+    pass). LORA_KERNELS_DA_GEMM=0 or 1 starts the process there. Returns the previous mode. For tests and A/B timing."""
     return int(torch.ops.lora_kernels_cuda.set_dA_gemm(int(mode)))
 
 
