@@ -327,12 +327,13 @@ def assert_cuda_forward(cb, x, W, b, A, B, s, p=0.0, seed=0, offset=0):
     assert torch.equal(y, y2) and torch.equal(u, u2)
 
 
-def assert_cuda_backend_deterministic(M, K, N, r, scaling=2.0):
-    """Two identical fwd+bwd calls of the cuda backend (bf16 x, fp32 adapters) give bit-identical y and grads."""
+def assert_cuda_backend_deterministic(M, K, N, r, scaling=2.0, adapter_dtype=torch.float32):
+    """Two identical fwd+bwd calls of the cuda backend (bf16 x, adapters in adapter_dtype) give bit-identical y and
+    grads."""
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K ** 0.5
-    A = (torch.randn(r, K, device="cuda") / K ** 0.5).requires_grad_()
-    B = torch.randn(N, r, device="cuda").requires_grad_()
+    A = (torch.randn(r, K, device="cuda", dtype=adapter_dtype) / K ** 0.5).requires_grad_()
+    B = torch.randn(N, r, device="cuda", dtype=adapter_dtype).requires_grad_()
     dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
     outs = []
     for _ in range(2):

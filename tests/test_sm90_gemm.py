@@ -203,19 +203,8 @@ def test_dA_in_gemm_with_dropout_against_float64(dtype, lead, K, N, r, p):
 def test_dA_in_gemm_is_deterministic(K, N):
     # each partial element is written by one tile and the reduce sums them in a fixed order: the same bits twice
     M, r = 1333, 32
-    bf = torch.bfloat16
-    x = torch.randn(M, K, device="cuda", dtype=bf, requires_grad=True)
-    W = torch.randn(N, K, device="cuda", dtype=bf) / K ** 0.5
-    A = (torch.randn(r, K, device="cuda", dtype=bf) / K ** 0.5).requires_grad_()
-    B = torch.randn(N, r, device="cuda", dtype=bf).requires_grad_()
-    dy = torch.randn(M, N, device="cuda", dtype=bf)
-    assert _dx_path(M, K, N, r, 0.0, adapter_dtype=bf) == "sm90 + dA"
-    outs = []
-    for _ in range(2):
-        y = lora_kernels.lora_linear(x, W, None, A, B, 2.0, backend="cuda")
-        outs.append((y, *torch.autograd.grad(y, (x, A, B), dy)))
-    for a, b in zip(*outs):
-        assert torch.equal(a, b)
+    assert _dx_path(M, K, N, r, 0.0, adapter_dtype=torch.bfloat16) == "sm90 + dA"
+    assert_cuda_backend_deterministic(M, K, N, r, adapter_dtype=torch.bfloat16)
 
 
 def _dA_gemm_splits(M, K, N, r, p, dtype=torch.bfloat16, adapter_dtype=torch.bfloat16):
@@ -299,10 +288,10 @@ def test_dA_gemm_against_float64(dtype, adapter_dtype, lead, K, N, r):
     # dA on its own GEMM after the dx GEMM, through the public op against float64 (poisoned outputs: a partial element
     # the kernel fails to write shows): K not a multiple of the 128-column tile (2056, 520, 1032: the last tile's
     # columns past K) nor of 64, r below the 64-wide tile (8 to 56: V's columns past r), token ranges that are not
-    # multiples of the 64-token K-tile (1000 / 8 = 125, 1028 / 4, 900 / 4...), one range (K = 14336), 3-D x. Three
-    # calls in a row with fresh inputs: a GEMM that read the previous call's vx from the reused workspace fails. fp32
-    # adapters (bf16 x): the pack's three pieces of s·g, each piece's product a partial of its own, at r = 8 and 16
-    # (the larger ranks take the dA pass); at 2048 x 4096 -> 1024 four ranges of 512 tokens.
+    # multiples of the 64-token K-tile (1000 / 5 = 200, 1028 / 4 = 257, 900 / 12 = 75), one range (K = 14336), 3-D x.
+    # Three calls in a row with fresh inputs: a GEMM that read the previous call's vx from the reused workspace fails.
+    # fp32 adapters (bf16 x): the pack's three pieces of s·g, each piece's product a partial of its own, at r = 8 and
+    # 16 (by default the larger ranks take the dA pass); at 2048 x 4096 -> 1024 four ranges of 512 tokens.
     M = math.prod(lead)
     assert _dA_gemm_splits(M, K, N, r, 0.0, dtype, adapter_dtype) > 0
     for _ in range(3):
@@ -313,19 +302,8 @@ def test_dA_gemm_against_float64(dtype, adapter_dtype, lead, K, N, r):
 def test_dA_gemm_is_deterministic():
     # each partial element is written by one block and the reduce sums them in a fixed order: the same bits twice
     M, K, N, r = 4096, 2048, 1024, 32
-    bf = torch.bfloat16
-    x = torch.randn(M, K, device="cuda", dtype=bf, requires_grad=True)
-    W = torch.randn(N, K, device="cuda", dtype=bf) / K ** 0.5
-    A = (torch.randn(r, K, device="cuda", dtype=bf) / K ** 0.5).requires_grad_()
-    B = torch.randn(N, r, device="cuda", dtype=bf).requires_grad_()
-    dy = torch.randn(M, N, device="cuda", dtype=bf)
     assert _dA_gemm_splits(M, K, N, r, 0.0) > 1
-    outs = []
-    for _ in range(2):
-        y = lora_kernels.lora_linear(x, W, None, A, B, 2.0, backend="cuda")
-        outs.append((y, *torch.autograd.grad(y, (x, A, B), dy)))
-    for a, b in zip(*outs):
-        assert torch.equal(a, b)
+    assert_cuda_backend_deterministic(M, K, N, r, adapter_dtype=torch.bfloat16)
 
 
 @pytest.mark.skipif(not _hopper(), reason="the sm_90 GEMM runs on compute capability 9.0 only")
