@@ -7,8 +7,13 @@ Compute: the dx GEMM (CUTLASS's `device_kernel`) with and without dA's K-tiles o
         python3 bench/dev/ncu_dx_dA.py [--shape 8192x4096x4096] [--r 16] [--p 0]
 """
 import argparse
+import os
+import sys
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ncu_passes import profile_once  # noqa: E402
 
 
 def main():
@@ -32,13 +37,7 @@ def main():
     try:
         for mode in (1, 0):
             cb.set_dA_in_gemm(mode)
-            for _ in range(3):
-                cb.backward(dy, x, W, A, B, u, 2.0, a.p, 1234, 0, True, True, True)
-            torch.cuda.synchronize()
-            torch.cuda.profiler.start()
-            cb.backward(dy, x, W, A, B, u, 2.0, a.p, 1234, 0, True, True, True)
-            torch.cuda.synchronize()
-            torch.cuda.profiler.stop()
+            profile_once(lambda: cb.backward(dy, x, W, A, B, u, 2.0, a.p, 1234, 0, True, True, True))
             print(f"ncu_dx_dA: mode {mode} backward {M}x{K}->{N} r={a.r} p={a.p} profiled "
                   f"({cb.dx_path(x, W, A, B, a.p)})")
     finally:

@@ -9,8 +9,13 @@ each warmed up outside the profiled range.
 `profile_forwards` is shared with ncu_fused.py.
 """
 import argparse
+import os
+import sys
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ncu_passes import profile_once  # noqa: E402
 
 
 def profile_forwards(name, set_mode, modes, shape, r, adapters, p, reset=-1):
@@ -27,13 +32,7 @@ def profile_forwards(name, set_mode, modes, shape, r, adapters, p, reset=-1):
     B = torch.randn(N, r, device="cuda").to(dt)
     for mode in modes:
         set_mode(mode)
-        for _ in range(3):
-            cb.forward(x, W, None, A, B, 2.0, p, 1234, 0)
-        torch.cuda.synchronize()
-        torch.cuda.profiler.start()
-        cb.forward(x, W, None, A, B, 2.0, p, 1234, 0)
-        torch.cuda.synchronize()
-        torch.cuda.profiler.stop()
+        profile_once(lambda: cb.forward(x, W, None, A, B, 2.0, p, 1234, 0))
         print(f"{name}: mode {mode} forward {M}x{K}->{N} r={r} {adapters} p={p} profiled "
               f"({cb.forward_path(x, W, None, A, B, p)})")
     set_mode(reset)
