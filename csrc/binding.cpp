@@ -446,11 +446,7 @@ Tensor dy_stand_in(const Tensor& x, int64_t N) { return x.new_empty({1}).expand(
 // took 19 us longer than the dA pass beside the GEMM at 4096->1024 and tied at 4096->4096 (the GEMM 4.8% slower, the
 // reduce of ceil(M / 128) partials). LORA_KERNELS_DA_IN_GEMM=1 sets it at start-up, set_dA_in_gemm in a process.
 std::atomic<int>& dA_in_gemm_mode() {
-  static std::atomic<int> mode{[] {
-    const char* v = std::getenv("LORA_KERNELS_DA_IN_GEMM");
-    if (v == nullptr || *v == '\0') return -1;
-    return std::string(v) == "0" ? 0 : std::string(v) == "1" ? 1 : -1;
-  }()};
+  static std::atomic<int> mode{lk::env_mode("LORA_KERNELS_DA_IN_GEMM")};
   return mode;
 }
 
@@ -476,11 +472,7 @@ bool dA_in_dx_gemm(const Tensor& dy, const Tensor& x, const Tensor& weight, lk::
 // r = 16 and r > 64, not yet timed on the GPU); 0 never (the dA pass). LORA_KERNELS_DA_GEMM=0 or 1 sets it at
 // start-up, set_dA_gemm in a process.
 std::atomic<int>& dA_gemm_mode() {
-  static std::atomic<int> mode{[] {
-    const char* v = std::getenv("LORA_KERNELS_DA_GEMM");
-    if (v == nullptr || *v == '\0') return -1;
-    return std::string(v) == "0" ? 0 : std::string(v) == "1" ? 1 : -1;
-  }()};
+  static std::atomic<int> mode{lk::env_mode("LORA_KERNELS_DA_GEMM")};
   return mode;
 }
 
@@ -513,6 +505,28 @@ int64_t dA_gemm_splits(const Tensor& x, lk::DType x_dt, lk::DType a_dt, int r, f
   // the workspace pieces come from the caching allocator: aligned like x's storage, whose own pointer is checked
   const lk::DaGemmArgs d = dA_gemm_args(x, r, pieces, splits, x.data_ptr(), static_cast<float*>(x.data_ptr()));
   return lk::lora_dA_gemm_sm90_unsupported(d, x.get_device()) == nullptr ? splits : 0;
+}
+
+// Where a backward's dA runs, for dx's frozen product dyw W on the sm_90 GEMM or not (dx_sm90), with the keep bits
+// made or not (bits): inside the dx GEMM (dA_in_dx_gemm); else beside it, on the SMs its grid leaves free, where the
+// cost model finds that faster than after it (dA_beside; the pass runs on sm_90 then: sm90_ok); else as a GEMM of its
+// own after it (splits > 0, dA_gemm_splits); else the dA pass (its sm_90 kernel where sm90_ok). The backward and the
+// path queries below decide it here.
+struct DaRoute {
+  bool in_gemm = false, sm90_ok = false;
+  lk::DaBeside beside{0, lk::SplitPlan{0, 0, 0, 0}};
+  int64_t splits = 0;
+};
+DaRoute dA_route(const Tensor& dyw, const Tensor& x, const Tensor& weight, lk::DType x_dt, lk::DType a_dt, int r,
+                 float p, bool bits, bool dx_sm90) {
+  DaRoute d;
+  d.in_gemm = dx_sm90 && dA_in_dx_gemm(dyw, x, weight, x_dt, a_dt, r, p);
+  if (d.in_gemm) return d;
+  d.sm90_ok = dA_on_sm90(x, x_dt, a_dt, r, p, bits);
+  if (d.sm90_ok && dx_sm90)
+    d.beside = dA_beside(dyw, weight, x.size(0), x.size(1), r, lk::adapter_pieces(x_dt, a_dt), p);
+  if (dx_sm90 && d.beside.blocks == 0) d.splits = dA_gemm_splits(x, x_dt, a_dt, r, p);
+  return d;
 }
 
 // The shrink u = s·dropout(x) Aᵀ (M, r) as the kernels write it: plan.col_groups split-K parts (summed by a reduce
@@ -816,19 +830,15 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
   // else its own pass over x. On Hopper that pass runs on the same wgmma streaming kernel as the dy pass
   // (dA_sm90.cu), g's pieces staged by the kernel itself or, where they are wide, in a scratch piece; with dropout it
   // masks x by the keep bits
-  const bool dA_in_gemm = need_dA && dx_sm90 && dA_in_dx_gemm(dyw, x, weight, x_dt, a_dt, r, pf);
+  // (dA_route: inside the dx GEMM, beside it, as a GEMM of its own after it, or the pass)
+  const DaRoute route = need_dA ? dA_route(dyw, x, weight, x_dt, a_dt, r, pf, bits, dx_sm90) : DaRoute{};
+  const bool dA_in_gemm = route.in_gemm;
   const int a_pieces = lk::adapter_pieces(x_dt, a_dt);
-  const bool dA_sm90_ok = need_dA && !dA_in_gemm && dA_on_sm90(x, x_dt, a_dt, r, pf, bits);
-  // dA beside the dx GEMM, on the SMs the GEMM's grid leaves free (dA_sm90.cu), where the cost model finds it faster
-  // than after it
-  const lk::DaBeside beside = dA_sm90_ok && dx_sm90 ? dA_beside(dyw, weight, M, K, r, a_pieces, pf)
-                                                    : lk::DaBeside{0, lk::SplitPlan{0, 0, 0, 0}};
-  // else dA as a GEMM of its own after the dx GEMM, over the pack's vx (dA_gemm_splits), where it can
-  const int64_t dA_splits =
-      need_dA && dx_sm90 && !dA_in_gemm && beside.blocks == 0 ? dA_gemm_splits(x, x_dt, a_dt, r, pf) : 0;
+  const lk::DaBeside& beside = route.beside;
+  const int64_t dA_splits = route.splits;
   const bool dA_gemm = dA_splits > 0;
   const bool dA_pass = need_dA && !dA_in_gemm && !dA_gemm;
-  const bool dA_sm90 = dA_pass && dA_sm90_ok;
+  const bool dA_sm90 = dA_pass && route.sm90_ok;
   const bool g_in_pack = dx_sm90 && g_partial;  // the pack sums g's parts
   // The reduced g as a buffer of its own: read by the dA pass, or by the dx kernel off the sm_90 path.
   const bool g_reduced = g_partial && (dA_pass || (need_dx && !dx_sm90));
@@ -1240,39 +1250,30 @@ std::string dy_path(const Tensor& dy, const Tensor& lora_B) {
   return why == nullptr ? std::string("sm90") : std::string("mma.sync: ") + why;
 }
 
-// The SMs dA takes beside the dx GEMM in a backward of these 2-D inputs; 0: it runs after the GEMM, or off sm_90.
-int64_t dA_beside_blocks(const Tensor& x, const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B,
-                         double p) {
+// dA_route for a backward of these 2-D inputs (a stand-in for dy; dx and dA both asked for).
+DaRoute dA_route_of(const Tensor& x, const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B, double p) {
   check_common(x, weight, lora_A, lora_B, p, 0);
   const c10::cuda::CUDAGuard guard(x.device());
   const float pf = (float)p;
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  const int r = (int)lora_A.size(0);
   const lk::DType x_dt = to_dtype(x, "x"), a_dt = to_dtype(lora_A, "lora_A");
   const bool bits = pf > 0.0f && lk::dropout_bits_used(x_dt, a_dt);
-  const Tensor dy = dy_stand_in(x, N);  // the checks and the model read its shape, dtype and pointer only
-  const bool dx_sm90 = N > 0 && dx_sm90_unsupported(dy, weight, pf, bits) == nullptr;
-  if (!dA_on_sm90(x, x_dt, a_dt, r, pf, bits) || !dx_sm90) return 0;
-  return dA_beside(dy, weight, M, K, r, lk::adapter_pieces(x_dt, a_dt), pf).blocks;
+  const Tensor dy = dy_stand_in(x, weight.size(0));  // the checks and the model read its shape, dtype and pointer only
+  const bool dx_sm90 = weight.size(0) > 0 && dx_sm90_unsupported(dy, weight, pf, bits) == nullptr;
+  return dA_route(dy, x, weight, x_dt, a_dt, (int)lora_A.size(0), pf, bits, dx_sm90);
+}
+
+// The SMs dA takes beside the dx GEMM in a backward of these 2-D inputs; 0: it runs otherwise (inside the GEMM,
+// after it, or off sm_90).
+int64_t dA_beside_blocks(const Tensor& x, const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B,
+                         double p) {
+  return dA_route_of(x, weight, lora_A, lora_B, p).beside.blocks;
 }
 
 // The token ranges of the backward's dA GEMM for these 2-D inputs (dA_gemm_splits); 0 where dA runs otherwise (the
 // pass, beside the dx GEMM or after it; inside the dx GEMM).
 int64_t dA_gemm_splits_of(const Tensor& x, const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B,
                           double p) {
-  check_common(x, weight, lora_A, lora_B, p, 0);
-  const c10::cuda::CUDAGuard guard(x.device());
-  const float pf = (float)p;
-  const int r = (int)lora_A.size(0);
-  const lk::DType x_dt = to_dtype(x, "x"), a_dt = to_dtype(lora_A, "lora_A");
-  const bool bits = pf > 0.0f && lk::dropout_bits_used(x_dt, a_dt);
-  const Tensor dy = dy_stand_in(x, weight.size(0));
-  if (weight.size(0) == 0 || dx_sm90_unsupported(dy, weight, pf, bits) != nullptr) return 0;
-  if (dA_in_dx_gemm(dy, x, weight, x_dt, a_dt, r, pf)) return 0;
-  if (dA_on_sm90(x, x_dt, a_dt, r, pf, bits) &&
-      dA_beside(dy, weight, x.size(0), x.size(1), r, lk::adapter_pieces(x_dt, a_dt), pf).blocks > 0)
-    return 0;
-  return dA_gemm_splits(x, x_dt, a_dt, r, pf);
+  return dA_route_of(x, weight, lora_A, lora_B, p).splits;
 }
 
 // Which kernel a pass over x (M, K) with lora_A (r, K) and p runs, from its sm_90 support check: "sm90" (wgmma) or

@@ -71,6 +71,12 @@ inline bool env_switch_set(const char* name) {
   const char* v = getenv(name);
   return v != nullptr && strcmp(v, "1") == 0;
 }
+// A three-way mode from the environment: 0 where the variable `name` is "0", 1 where it is "1", else (unset, empty or
+// anything else) -1, the default. Read once, as above.
+inline int env_mode(const char* name) {
+  const char* v = getenv(name);
+  return v == nullptr ? -1 : strcmp(v, "0") == 0 ? 0 : strcmp(v, "1") == 0 ? 1 : -1;
+}
 
 // The factor of the kept elements of dropout(x) times the LoRA scaling: scaling / (1 - p), rounded once to fp32
 // (the shrink, dA and dx launches, and the binding's pack of dx's rank-r operand on the sm_90 path).
