@@ -467,10 +467,10 @@ bool dA_in_dx_gemm(const Tensor& dy, const Tensor& x, const Tensor& weight, lk::
   return lk::lora_gemm_sm90_unsupported(a, x.get_device()) == nullptr;
 }
 
-// dA as a GEMM of its own (gemm_sm90.h, DaGemmArgs): -1 the default, where s·g's columns (r·pieces) fit one 64-wide
-// tile (measured faster than the dA pass, session 61); 1 wherever it can run (up to 192 columns: fp32 adapters above
-// r = 16 and r > 64, not yet timed on the GPU); 0 never (the dA pass). LORA_KERNELS_DA_GEMM=0 or 1 sets it at
-// start-up, set_dA_gemm in a process.
+// dA as a GEMM of its own (gemm_sm90.h, DaGemmArgs): -1 (the default) or 1 wherever it can run, up to 192 columns of
+// s·g (r·pieces); measured faster than the dA pass with one 64-wide tile (session 61) and with three (fp32 adapters
+// at r = 64, session 62); 0 never (the dA pass). LORA_KERNELS_DA_GEMM=0 or 1 sets it at start-up, set_dA_gemm in a
+// process.
 std::atomic<int>& dA_gemm_mode() {
   static std::atomic<int> mode{lk::env_mode("LORA_KERNELS_DA_GEMM")};
   return mode;
@@ -497,9 +497,8 @@ lk::DaGemmArgs dA_gemm_args(const Tensor& x, int r, int pieces, int64_t splits, 
 // The token ranges of dA as a GEMM after the dx GEMM, over the pack's s·g (dA_gemm_pieces); 0 where the dA pass runs
 // instead. At p = 0, where the sm_90 dx GEMM runs (its pack makes s·g) and dA neither joins it nor runs beside it.
 int64_t dA_gemm_splits(const Tensor& x, lk::DType x_dt, lk::DType a_dt, int r, float p) {
-  const int pieces = dA_gemm_pieces(x_dt, a_dt), mode = dA_gemm_mode().load();
-  if (mode == 0 || p > 0.0f || pieces == 0 || x.size(0) == 0) return 0;
-  if (mode < 0 && r * pieces > 64) return 0;  // wider s·g: opt-in until timed
+  const int pieces = dA_gemm_pieces(x_dt, a_dt);
+  if (dA_gemm_mode().load() == 0 || p > 0.0f || pieces == 0 || x.size(0) == 0) return 0;
   const int64_t splits = lk::lora_dA_gemm_sm90_splits(x.size(0), x.size(1), r * pieces, lk::detail::num_sms());
   if (splits < 1) return 0;
   // the workspace pieces come from the caching allocator: aligned like x's storage, whose own pointer is checked

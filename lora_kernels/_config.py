@@ -74,10 +74,9 @@ Read by the CUDA extension (csrc/binding.cpp), once, when a GEMM first asks for 
                                         slower, session 60). It starts the setting that cuda_backend.set_dA_in_gemm
                                         changes at run time.
     LORA_KERNELS_DA_GEMM                the backward's dA at p = 0 as a GEMM on Hopper (csrc/dA_gemm_sm90.cu: (s·g)ᵀ x
-                                        after the dx GEMM, r a multiple of 8): unset, where s·g's columns (r, or 3r
-                                        for fp32 adapters' pieces) fit one 64-wide tile; 1 up to 192 of them (not
-                                        yet timed on a GPU); 0 never (the dA pass). It starts the setting that
-                                        cuda_backend.set_dA_gemm changes at run time.
+                                        after the dx GEMM, r a multiple of 8): unset or 1, wherever s·g's columns (r,
+                                        or 3r for fp32 adapters' pieces) number at most 192; 0 never (the dA pass).
+                                        It starts the setting that cuda_backend.set_dA_gemm changes at run time.
     LORA_KERNELS_DA_MASKED              0 takes dA with dropout off the wgmma kernel's own masking (csrc/dA_sm90.cu)
                                         and onto its mma.sync kernel (csrc/dA.cu): for A/B timing.
     LORA_KERNELS_SM90_SHRINK            0 keeps the forward's shrink on its mma.sync kernel (csrc/shrink.cu) instead of

@@ -215,12 +215,12 @@ def _dA_gemm_splits(M, K, N, r, p, dtype=torch.bfloat16, adapter_dtype=torch.bfl
 
 @pytest.mark.skipif(not _hopper(), reason="the sm_90 GEMM runs on compute capability 9.0 only")
 def test_dA_gemm_where_it_runs():
-    """dA as a GEMM of its own (csrc/dA_gemm_sm90.cu) at p = 0, r a multiple of 8, with adapters in x's dtype up to
-    r = 64 and fp32 adapters on bf16 x up to r = 16 (three bf16 pieces of s·g in one 64-wide tile), where dA runs after
-    the sm_90 dx GEMM: the benchmarked shapes in token ranges that fill one wave of 128-column tiles (4 at K = 4096 on
-    132 SMs, 1 at K = 14336); not where dA runs beside the GEMM (4096 -> 1024, r = 16, the cost model's pick), nor
-    with fp32 adapters at r = 64, dropout, r = 7 or 72, M whose divisors give less than half a wave, nor when switched
-    off."""
+    """dA as a GEMM of its own (csrc/dA_gemm_sm90.cu) at p = 0, r a multiple of 8, s·g's columns up to 192 (r with
+    adapters in x's dtype, 3r with fp32 adapters on bf16 x: its three bf16 pieces), where dA runs after the sm_90 dx
+    GEMM: the benchmarked shapes in token ranges that fill one wave of 128-column tiles (4 at K = 4096 on 132 SMs with
+    one 64-wide tile of s·g, 1 at K = 14336); not where dA runs beside the GEMM (4096 -> 1024, r = 16, the cost
+    model's pick), nor with fp32 adapters on fp16 x, dropout, r = 7 or 200, M whose divisors give less than half a
+    wave, nor when switched off."""
     from lora_kernels.backends import cuda_backend
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -232,22 +232,21 @@ def test_dA_gemm_where_it_runs():
     assert _dA_gemm_splits(8192, 14336, 4096, 64, 0.0) == 1
     assert _dA_gemm_splits(8192, 4096, 1024, 16, 0.0) == 0  # beside the dx GEMM
     assert _dA_gemm_splits(8192, 4096, 4096, 16, 0.0, adapter_dtype=torch.float32) == want
-    assert _dA_gemm_splits(8192, 4096, 4096, 64, 0.0, adapter_dtype=torch.float32) == 0
+    assert _dA_gemm_splits(8192, 4096, 4096, 64, 0.0, adapter_dtype=torch.float32) == max(1, sms // 96)
+    assert _dA_gemm_splits(8192, 4096, 4096, 72, 0.0) == max(1, sms // 64)
+    assert _dA_gemm_splits(8192, 4096, 4096, 200, 0.0) == 0  # over 192 columns
     assert _dA_gemm_splits(8192, 4096, 4096, 16, 0.0, h, torch.float32) == 0  # fp32 adapters on fp16: the pass
     assert _dA_gemm_splits(8192, 4096, 4096, 16, 0.1) == 0
     assert _dA_gemm_splits(8192, 4096, 4096, 7, 0.0) == 0
-    assert _dA_gemm_splits(8192, 4096, 4096, 72, 0.0) == 0
     assert _dA_gemm_splits(8191, 4096, 4096, 16, 0.0) == 0  # a prime: one range, 32 blocks
     assert _dA_gemm_splits(64, 4096, 4096, 16, 0.0) == 0  # dx on the small-M kernel
     previous = cuda_backend.set_dA_gemm(0)
     try:
         assert _dA_gemm_splits(8192, 4096, 4096, 16, 0.0) == 0
-        # set_dA_gemm(1): also where s·g takes more than one 64-wide tile (fp32 adapters above r = 16, r > 64)
-        cuda_backend.set_dA_gemm(1)
+        assert _dA_gemm_splits(8192, 4096, 4096, 64, 0.0, adapter_dtype=torch.float32) == 0
+        cuda_backend.set_dA_gemm(1)  # the same as the default
         assert _dA_gemm_splits(8192, 4096, 4096, 64, 0.0, adapter_dtype=torch.float32) == max(1, sms // 96)
-        assert _dA_gemm_splits(8192, 4096, 4096, 72, 0.0) == max(1, sms // 64)
         assert _dA_gemm_splits(8192, 4096, 4096, 16, 0.0) == want
-        assert _dA_gemm_splits(8192, 4096, 4096, 200, 0.0) == 0  # over 192 columns
     finally:
         cuda_backend.set_dA_gemm(previous)
 
@@ -261,18 +260,12 @@ def test_dA_gemm_where_it_runs():
                           (torch.float16, torch.float16, (3, 300), 520, 264, 128),
                           (torch.bfloat16, torch.bfloat16, (130,), 14336, 200, 192)])
 def test_dA_gemm_wide_against_float64(dtype, adapter_dtype, lead, K, N, r):
-    # set_dA_gemm(1) (opt-in until timed): s·g over one 64-wide tile, 2 or 3 tiles of V's columns per x tile, taken
-    # one after another in the tile order (fp32 adapters' three pieces of r = 24, 40, 64; r = 72, 128, 192). The same
-    # float64 check and three calls in a row as test_dA_gemm_against_float64.
-    from lora_kernels.backends import cuda_backend
-
-    previous = cuda_backend.set_dA_gemm(1)
-    try:
-        assert _dA_gemm_splits(math.prod(lead), K, N, r, 0.0, dtype, adapter_dtype) > 0
-        for _ in range(3):
-            run_and_check("cuda", "cuda", dtype, lead, K, N, r, bias=True, p=0.0, adapter_dtype=adapter_dtype)
-    finally:
-        cuda_backend.set_dA_gemm(previous)
+    # s·g over one 64-wide tile, 2 or 3 tiles of V's columns per x tile, taken one after another in the tile order
+    # (fp32 adapters' three pieces of r = 24, 40, 64; r = 72, 128, 192). The same float64 check and three calls in a
+    # row as test_dA_gemm_against_float64.
+    assert _dA_gemm_splits(math.prod(lead), K, N, r, 0.0, dtype, adapter_dtype) > 0
+    for _ in range(3):
+        run_and_check("cuda", "cuda", dtype, lead, K, N, r, bias=True, p=0.0, adapter_dtype=adapter_dtype)
 
 
 _DA_GEMM_SHAPES = [((1000,), 2056, 2048, 16), ((4, 257), 2048, 4096, 64), ((3, 300), 520, 264, 8),
@@ -291,7 +284,7 @@ def test_dA_gemm_against_float64(dtype, adapter_dtype, lead, K, N, r):
     # multiples of the 64-token K-tile (1000 / 5 = 200, 1028 / 4 = 257, 900 / 12 = 75), one range (K = 14336), 3-D x.
     # Three calls in a row with fresh inputs: a GEMM that read the previous call's vx from the reused workspace fails.
     # fp32 adapters (bf16 x): the pack's three pieces of s·g, each piece's product a partial of its own, at r = 8 and
-    # 16 (by default the larger ranks take the dA pass); at 2048 x 4096 -> 1024 four ranges of 512 tokens.
+    # 16 (the larger ranks in test_dA_gemm_wide_against_float64); at 2048 x 4096 -> 1024 four ranges of 512 tokens.
     M = math.prod(lead)
     assert _dA_gemm_splits(M, K, N, r, 0.0, dtype, adapter_dtype) > 0
     for _ in range(3):
