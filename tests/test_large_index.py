@@ -20,6 +20,7 @@ import contextlib
 import fcntl
 import os
 import tempfile
+import time
 
 import pytest
 import torch
@@ -54,15 +55,20 @@ def _cases():
 
 
 @contextlib.contextmanager
-def _one_at_a_time(device):
-    """The large cases take 10-20 GB of GPU memory each: across the suite's xdist workers, which share one GPU,
-    they run one at a time (a file lock), and each gives its cached memory back when it ends."""
+def _one_at_a_time(device, nbytes):
+    """The large cases take 10-25 GB of GPU memory each: across the suite's xdist workers, which share one GPU,
+    they run one at a time (a file lock), each waits (up to 10 minutes) until the other workers leave it `nbytes`
+    free, and each gives its cached memory back when it ends. Without the wait, 16 workers' other tests held enough
+    that two large cases ran out of memory (session 62)."""
     if device != "cuda":
         yield
         return
     with open(os.path.join(tempfile.gettempdir(), "lora_kernels_large_index.lock"), "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
+            deadline = time.monotonic() + 600
+            while torch.cuda.mem_get_info()[0] < nbytes and time.monotonic() < deadline:
+                time.sleep(1)
             yield
         finally:
             torch.cuda.empty_cache()  # the cached blocks back to the driver, for the other workers
@@ -112,7 +118,9 @@ class _Rule:
 @pytest.mark.parametrize("op", ["lora_linear", "dora_linear"])
 @pytest.mark.parametrize("backend,device,M,K,N,rows", _cases())
 def test_past_int32_indices(backend, device, M, K, N, rows, op, p):
-    with _one_at_a_time(device):
+    # an estimate of the case's peak: six of its largest tensor (x or dy, y or dx, the poison block, the chunks of
+    # the reference and of the baseline, slack)
+    with _one_at_a_time(device, 6 * 2 * M * max(K, N)):
         dora = op == "dora_linear"
         x, W, b, A, B, m, dy = _inputs(M, K, N, device, dora)
         leaves = [t.requires_grad_() for t in ((x, A, B, m) if dora else (x, A, B))]  # the reference takes .detach()
