@@ -148,3 +148,29 @@ def test_spy_report_counts_samples_inside_one_call(tmp_path):
     assert " 25.0%     10.0 us  op (_ops.py)" in leaf  # the samples that end in the wrapper itself
     libs = out.split("## self by library or file")[1]
     assert " 50.0%     20.0 us  libcuda.so.1" in libs
+
+
+def test_design_floor_adds_the_passes_reads_at_hbm_peak(tmp_path, capsys):
+    """bench/tools/design_floor.py: the design floor is 1 + the passes' extra bytes (x for the forward's shrink; x
+    twice and dy once in fwd_bwd) over the HBM peak, per cell of a targets.py grid, against the cell's floor time."""
+    sys.path.insert(0, os.path.join(ROOT, "bench", "tools"))
+    try:
+        import design_floor
+    finally:
+        sys.path.pop(0)
+    M, K, N = 1000, 300, 200
+    rows = [dict(provider="ours-cuda", mode=mode, M=M, K=K, N=N, r=16, p=0.0, gpu_ms=2e-3 * ratio, gpu_ratio=ratio)
+            for mode, ratio in (("fwd", 1.5), ("fwd_bwd", 1.25))]
+    rows.append(dict(rows[0], provider="lorafusion"))
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"env": {"gpu": "NVIDIA H100 80GB HBM3"}, "rows": rows}))
+    got = design_floor.cells(rows, "ours-cuda", 3.35e12)
+    floor_s = 2e-6  # gpu_ms / gpu_ratio
+    want_fwd = 1 + 2 * M * K / 3.35e12 / floor_s
+    want_fb = 1 + 2 * (2 * M * K + M * N) / 3.35e12 / floor_s
+    assert [c[4] for c in got[(M, "fwd", 0.0)]] == pytest.approx([want_fwd], rel=1e-12)
+    assert [c[4] for c in got[(M, "fwd_bwd", 0.0)]] == pytest.approx([want_fb], rel=1e-12)
+    assert len(got) == 2  # the other provider's row left out
+    assert design_floor.main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "HBM 3.35 TB/s" in out and f"{want_fb:.3f}" in out and f"{1.25 / want_fb:.3f}" in out
