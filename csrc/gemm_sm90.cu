@@ -197,9 +197,6 @@ const char* lora_dA_gemm_sm90_unsupported(const DaGemmArgs& a, int device) {
 }
 
 int64_t lora_dA_gemm_sm90_splits(int64_t M, int64_t K, int64_t n, int sms) {
-  // x past 2^31 elements keeps the dA pass: there the kernel's dA failed the float64 check (65600 x 32768 tokens x
-  // columns, H100, session 62: the last 64 tokens' share, past 2^31, wrong); the 32-bit index is not yet found.
-  if (M * K > INT32_MAX) return 0;
   // 128-column tiles in whole clusters of 2, times V's 64-column tiles
   const int64_t tiles = ((K + 127) / 128 + 1) / 2 * 2 * std::max<int64_t>(1, (n + 63) / 64);
   const int64_t want = sms > 0 ? std::max<int64_t>(1, sms / tiles) : 1;

@@ -10,7 +10,7 @@ import torch
 
 import lora_kernels
 
-from conftest import HAS_CUDA, assert_cuda_backend_deterministic
+from conftest import HAS_CUDA, assert_cuda_backend_deterministic, assert_errors_within, err, rounding_floor
 from test_contract import run_and_check
 
 pytestmark = [
@@ -266,6 +266,44 @@ def test_dA_gemm_wide_against_float64(dtype, adapter_dtype, lead, K, N, r):
     assert _dA_gemm_splits(math.prod(lead), K, N, r, 0.0, dtype, adapter_dtype) > 0
     for _ in range(3):
         run_and_check("cuda", "cuda", dtype, lead, K, N, r, bias=True, p=0.0, adapter_dtype=adapter_dtype)
+
+
+@pytest.mark.skipif(not _hopper(), reason="the sm_90 GEMM runs on compute capability 9.0 only")
+def test_dA_gemm_sums_a_long_token_range_as_the_pass_does():
+    """One token range of 32768 tokens (K = 16384: x's 128 tiles fill a wave alone), fp32 adapters (s·g's exact
+    bf16x3 pieces): the dA GEMM's dA against float64 within 2x the dA pass's error (set_dA_gemm(0), the same call
+    otherwise) + the result's rounding. The pass adds every 64-token product in fp32; a GEMM that summed the whole
+    range in the tensor cores' accumulator had about 100x its error over 65600 tokens (session 62), and the dA GEMM
+    now adds each K-tile's sum into an fp32 accumulator (csrc/dA_gemm_sm90.cu, Sums)."""
+    from lora_kernels.backends import cuda_backend
+
+    M, K, N, r, s = 32768, 16384, 256, 16, 0.5
+    assert _dA_gemm_splits(M, K, N, r, 0.0, adapter_dtype=torch.float32) == 1
+    g = torch.Generator(device="cuda").manual_seed(62)
+    x = torch.randn(M, K, device="cuda", generator=g).bfloat16()
+    W = (torch.randn(N, K, device="cuda", generator=g) / K**0.5).bfloat16()
+    B = torch.randn(N, r, device="cuda", generator=g) / r**0.5
+    A0 = torch.randn(r, K, device="cuda", generator=g) / K**0.5
+    dy = torch.randn(M, N, device="cuda", generator=g).bfloat16()
+
+    def dA_of(mode):
+        previous = cuda_backend.set_dA_gemm(mode)
+        try:
+            A = A0.clone().requires_grad_()
+            # dx asked for too: the dA GEMM runs after the dx GEMM, whose pack writes s·g
+            y = lora_kernels.lora_linear(x.detach().requires_grad_(), W, None, A, B, s, backend="cuda")
+            y.backward(dy)
+            return A.grad
+        finally:
+            cuda_backend.set_dA_gemm(previous)
+
+    dA_gemm, dA_pass = dA_of(-1), dA_of(0)
+    v = s * (dy.double() @ B.double())  # (M, r)
+    ref = torch.zeros(r, K, device="cuda", dtype=torch.float64)
+    for i in range(0, M, 4096):
+        ref += v[i:i + 4096].T @ x[i:i + 4096].double()
+    e, e0 = err(dA_gemm, ref), err(dA_pass, ref)
+    assert_errors_within("dA (GEMM against the pass)", e, e0, rounding_floor(torch.float32, ref.abs().max().item()))
 
 
 _DA_GEMM_SHAPES = [((1000,), 2056, 2048, 16), ((4, 257), 2048, 4096, 64), ((3, 300), 520, 264, 8),
