@@ -29,6 +29,8 @@
 //          so for the pack that wrote V) before they read.
 #include "gemm_sm90_instances.h"
 
+#include <cstdlib>
+
 #if LORA_KERNELS_HAVE_SM90_GEMM
 #if !defined(CUTLASS_ENABLE_GDC_FOR_SM90)
 #define CUTLASS_ENABLE_GDC_FOR_SM90 1
@@ -90,8 +92,16 @@ struct DaGemm {
       Promoting::mma(pipeline, read, accum, k_tiles, thread_idx, smem, params);
     }
   };
-  // MMAs per K-tile (64 tokens / 16 per wgmma): the promotion after every K-tile
-  static constexpr uint32_t kPromoteEvery = 64 / 16;
+  // The promotion interval in MMAs (16 tokens each, a multiple of a K-tile's 4): every K-tile, or every n K-tiles with
+  // LORA_KERNELS_DA_GEMM_PROMOTE=n (0: only at the range's end, the tensor cores' accumulator alone), for A/B timing.
+  static uint32_t promote_every() {
+    static const uint32_t every = [] {
+      const char* v = getenv("LORA_KERNELS_DA_GEMM_PROMOTE");
+      const long n = v ? strtol(v, nullptr, 10) : 1;
+      return n <= 0 || n > (1 << 20) ? (1u << 30) : uint32_t(n) * 4u;
+    }();
+    return every;
+  }
   using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue,
                                                       cutlass::gemm::PersistentScheduler>;
 
@@ -111,7 +121,7 @@ struct DaGemm {
     StrideB db{};
     get<1>(db) = a.ldv;
     get<2>(db) = a.ldv * rows;
-    args.mainloop = {static_cast<Element const*>(a.x), da, static_cast<Element const*>(a.v), db, kPromoteEvery};
+    args.mainloop = {static_cast<Element const*>(a.x), da, static_cast<Element const*>(a.v), db, promote_every()};
     args.epilogue.thread.alpha = 1.0f;
     args.epilogue.thread.beta = 0.0f;
     args.epilogue.ptr_C = nullptr;
