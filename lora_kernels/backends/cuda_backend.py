@@ -146,7 +146,8 @@ def dA_gemm_splits(x, weight, lora_A, lora_B, p=0.0) -> int:
 
 def set_dA_gemm(mode: int) -> int:
     """Sets the dA GEMM (dA_gemm_splits) for this process: -1 (the default) or 1, wherever it can run: s·g's
-    columns (r, or 3r with fp32 adapters) up to 192; 0 never (the dA pass). LORA_KERNELS_DA_GEMM=0 or 1 starts the process there. Returns the previous mode. For tests and A/B timing."""
+    columns (r, or 3r with fp32 adapters) up to 192; 0 never (the dA pass). LORA_KERNELS_DA_GEMM=0 or 1 starts the
+    process there. Returns the previous mode. For tests and A/B timing."""
     return int(torch.ops.lora_kernels_cuda.set_dA_gemm(int(mode)))
 
 
