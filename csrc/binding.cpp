@@ -494,12 +494,26 @@ lk::DaGemmArgs dA_gemm_args(const Tensor& x, int r, int pieces, int64_t splits, 
   return d;
 }
 
+// The waves of tiles the dA GEMM's token ranges aim at: 1 (one wave of 128-column tiles); LORA_KERNELS_DA_GEMM_WAVES=n
+// (read once, 1 to 16) splits the tokens into n times as many ranges, which the persistent kernel takes n to a block
+// (shorter ranges, more partials for the reduce): A/B timing of the one wave's fill and tail (at K = 4096 the kernel
+// read x at 2.2-2.3 TB/s against 2.8 at K = 14336, session 61).
+int dA_gemm_waves() {
+  static const int waves = [] {
+    const char* v = getenv("LORA_KERNELS_DA_GEMM_WAVES");
+    const int n = v != nullptr ? atoi(v) : 1;
+    return n < 1 ? 1 : n > 16 ? 16 : n;
+  }();
+  return waves;
+}
+
 // The token ranges of dA as a GEMM after the dx GEMM, over the pack's s·g (dA_gemm_pieces); 0 where the dA pass runs
 // instead. At p = 0, where the sm_90 dx GEMM runs (its pack makes s·g) and dA neither joins it nor runs beside it.
 int64_t dA_gemm_splits(const Tensor& x, lk::DType x_dt, lk::DType a_dt, int r, float p) {
   const int pieces = dA_gemm_pieces(x_dt, a_dt);
   if (dA_gemm_mode().load() == 0 || p > 0.0f || pieces == 0 || x.size(0) == 0) return 0;
-  const int64_t splits = lk::lora_dA_gemm_sm90_splits(x.size(0), x.size(1), r * pieces, lk::detail::num_sms());
+  const int64_t splits = lk::lora_dA_gemm_sm90_splits(x.size(0), x.size(1), r * pieces,
+                                                               lk::detail::num_sms() * dA_gemm_waves());
   if (splits < 1) return 0;
   // the workspace pieces come from the caching allocator: aligned like x's storage, whose own pointer is checked
   const lk::DaGemmArgs d = dA_gemm_args(x, r, pieces, splits, x.data_ptr(), static_cast<float*>(x.data_ptr()));
