@@ -278,13 +278,9 @@ def test_dA_gemm_sums_a_long_token_range_as_the_pass_does():
     from lora_kernels.backends import cuda_backend
 
     M, K, N, r, s = 32768, 16384, 256, 16, 0.5
-    assert _dA_gemm_splits(M, K, N, r, 0.0, adapter_dtype=torch.float32) == 1
-    g = torch.Generator(device="cuda").manual_seed(62)
-    x = torch.randn(M, K, device="cuda", generator=g).bfloat16()
-    W = (torch.randn(N, K, device="cuda", generator=g) / K**0.5).bfloat16()
-    B = torch.randn(N, r, device="cuda", generator=g) / r**0.5
-    A0 = torch.randn(r, K, device="cuda", generator=g) / K**0.5
-    dy = torch.randn(M, N, device="cuda", generator=g).bfloat16()
+    x, W, A0, B = _layer_inputs(M, K, N, r, torch.bfloat16, torch.float32)
+    assert cuda_backend.dA_gemm_splits(x, W, A0, B, 0.0) == 1
+    dy = torch.randn(M, N, device="cuda").bfloat16()
 
     def dA_of(mode):
         previous = cuda_backend.set_dA_gemm(mode)
