@@ -119,8 +119,9 @@ struct DaGemmArgs {
 };
 const char* lora_dA_gemm_sm90_unsupported(const DaGemmArgs& args, int device);
 // The token ranges for an (M, K) x and V's n columns (r·pieces) on `sms` SMs: enough tiles (128 of x's columns x 64
-// of V's) for one wave, in ranges that divide M (at least 64 tokens each); 0 where no divisor of M gives at least half
-// the wave (the caller keeps its other path).
+// of V's) for one wave, in ranges that divide M (at least 64 tokens each) and hold at most 16384 tokens (the fp32
+// running sum's rounding); 0 where no divisor of M gives at least half the wave, or ranges that short (the caller
+// keeps its other path).
 int64_t lora_dA_gemm_sm90_splits(int64_t M, int64_t K, int64_t n, int sms);
 cudaError_t launch_lora_dA_gemm_sm90(const DaGemmArgs& args, cudaStream_t stream);
 

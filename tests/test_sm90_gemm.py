@@ -218,7 +218,7 @@ def test_dA_gemm_where_it_runs():
     """dA as a GEMM of its own (csrc/dA_gemm_sm90.cu) at p = 0, r a multiple of 8, s·g's columns up to 192 (r with
     adapters in x's dtype, 3r with fp32 adapters on bf16 x: its three bf16 pieces), where dA runs after the sm_90 dx
     GEMM: the benchmarked shapes in token ranges that fill one wave of 128-column tiles (4 at K = 4096 on 132 SMs with
-    one 64-wide tile of s·g, 1 at K = 14336); not where dA runs beside the GEMM (4096 -> 1024, r = 16, the cost
+    one 64-wide tile of s·g, 1 at K = 14336), in ranges of at most 16384 tokens; not where dA runs beside the GEMM (4096 -> 1024, r = 16, the cost
     model's pick), nor with fp32 adapters on fp16 x, dropout, r = 7 or 200, M whose divisors give less than half a
     wave, nor when switched off."""
     from lora_kernels.backends import cuda_backend
@@ -239,6 +239,11 @@ def test_dA_gemm_where_it_runs():
     assert _dA_gemm_splits(8192, 4096, 4096, 16, 0.1) == 0
     assert _dA_gemm_splits(8192, 4096, 4096, 7, 0.0) == 0
     assert _dA_gemm_splits(8191, 4096, 4096, 16, 0.0) == 0  # a prime: one range, 32 blocks
+    # past 16384 tokens, ranges of at most 16384 (the fp32 running sum's rounding), however few a wave wants
+    for M, K in ((65600, 4096), (40000, 14336)):
+        splits = _dA_gemm_splits(M, K, 4096, 64, 0.0)
+        assert splits > 0 and M % splits == 0 and M // splits <= 16384, (M, K, splits)
+    assert _dA_gemm_splits(2 * 32771, 4096, 4096, 64, 0.0) == 0  # 32771 a prime: no range that short, the pass
     assert _dA_gemm_splits(64, 4096, 4096, 16, 0.0) == 0  # dx on the small-M kernel
     previous = cuda_backend.set_dA_gemm(0)
     try:
@@ -270,14 +275,14 @@ def test_dA_gemm_wide_against_float64(dtype, adapter_dtype, lead, K, N, r):
 
 @pytest.mark.skipif(not _hopper(), reason="the sm_90 GEMM runs on compute capability 9.0 only")
 def test_dA_gemm_sums_a_long_token_range_as_the_pass_does():
-    """One token range of 32768 tokens (K = 16384: x's 128 tiles fill a wave alone), fp32 adapters (s·g's exact
-    bf16x3 pieces): the dA GEMM's dA against float64 within 2x the dA pass's error (set_dA_gemm(0), the same call
-    otherwise) + the result's rounding. The pass adds every 64-token product in fp32; a GEMM that summed the whole
-    range in the tensor cores' accumulator had about 100x its error over 65600 tokens (session 62), and the dA GEMM
-    now adds each K-tile's sum into an fp32 accumulator (csrc/dA_gemm_sm90.cu, Sums)."""
+    """One token range of 16384 tokens, the longest the dA GEMM takes (K = 16384: x's 128 tiles fill a wave alone),
+    fp32 adapters (s·g's exact bf16x3 pieces): the dA GEMM's dA against float64 within 2x the dA pass's error
+    (set_dA_gemm(0), the same call otherwise) + the result's rounding. The pass adds every 64-token product in fp32;
+    a GEMM that summed the whole range in the tensor cores' accumulator had about 100x its error over 65600 tokens
+    (session 62), and the dA GEMM now adds each K-tile's sum into an fp32 accumulator (csrc/dA_gemm_sm90.cu, Sums)."""
     from lora_kernels.backends import cuda_backend
 
-    M, K, N, r, s = 32768, 16384, 256, 16, 0.5
+    M, K, N, r, s = 16384, 16384, 256, 16, 0.5
     x, W, A0, B = _layer_inputs(M, K, N, r, torch.bfloat16, torch.float32)
     assert cuda_backend.dA_gemm_splits(x, W, A0, B, 0.0) == 1
     dy = torch.randn(M, N, device="cuda").bfloat16()
