@@ -79,10 +79,12 @@ Read by the CUDA extension (csrc/binding.cpp), once, when a GEMM first asks for 
                                         It starts the setting that cuda_backend.set_dA_gemm changes at run time.
     LORA_KERNELS_DA_GEMM_PROMOTE        n: the dA GEMM adds its tensor cores' sum into its fp32 accumulator every n
                                         64-token K-tiles (default 1, as the dA pass adds its tile products; 0 only
-                                        at a token range's end, which lost accuracy over long ranges, session 62).
-                                        Read once per process: for A/B timing.
+                                        at a token range's end, which lost accuracy over long ranges, session 62;
+                                        every K-tile cost nothing measurable, session 63). Read once per process:
+                                        for A/B timing.
     LORA_KERNELS_DA_GEMM_WAVES          n (1 to 16, default 1): the dA GEMM's token ranges make n waves of tiles (n
-                                        times as many, shorter ranges) instead of one. Read once: for A/B timing.
+                                        times as many, shorter ranges) instead of one (2 and 4 gained nothing,
+                                        session 63). Read once: for A/B timing.
     LORA_KERNELS_DA_MASKED              0 takes dA with dropout off the wgmma kernel's own masking (csrc/dA_sm90.cu)
                                         and onto its mma.sync kernel (csrc/dA.cu): for A/B timing.
     LORA_KERNELS_SM90_SHRINK            0 keeps the forward's shrink on its mma.sync kernel (csrc/shrink.cu) instead of
