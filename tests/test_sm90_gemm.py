@@ -218,9 +218,9 @@ def test_dA_gemm_where_it_runs():
     """dA as a GEMM of its own (csrc/dA_gemm_sm90.cu) at p = 0, r a multiple of 8, s·g's columns up to 192 (r with
     adapters in x's dtype, 3r with fp32 adapters on bf16 x: its three bf16 pieces), where dA runs after the sm_90 dx
     GEMM: the benchmarked shapes in token ranges that fill one wave of 128-column tiles (4 at K = 4096 on 132 SMs with
-    one 64-wide tile of s·g, 1 at K = 14336), in ranges of at most 16384 tokens; not where dA runs beside the GEMM (4096 -> 1024, r = 16, the cost
-    model's pick), nor with fp32 adapters on fp16 x, dropout, r = 7 or 200, M whose divisors give less than half a
-    wave, nor when switched off."""
+    one 64-wide tile of s·g, 1 at K = 14336), past 16384 tokens in ranges of at most 16384; not where dA runs beside
+    the GEMM (4096 -> 1024, r = 16, the cost model's pick), nor with fp32 adapters on fp16 x, dropout, r = 7 or 200, M
+    whose divisors give less than half a wave (or no ranges that short), nor when switched off."""
     from lora_kernels.backends import cuda_backend
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
