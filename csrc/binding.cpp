@@ -499,11 +499,7 @@ lk::DaGemmArgs dA_gemm_args(const Tensor& x, int r, int pieces, int64_t splits, 
 // (shorter ranges, more partials for the reduce): A/B timing of the one wave's fill and tail (at K = 4096 the kernel
 // read x at 2.2-2.3 TB/s against 2.8 at K = 14336, session 61).
 int dA_gemm_waves() {
-  static const int waves = [] {
-    const char* v = getenv("LORA_KERNELS_DA_GEMM_WAVES");
-    const int n = v != nullptr ? atoi(v) : 1;
-    return n < 1 ? 1 : n > 16 ? 16 : n;
-  }();
+  static const int waves = lk::env_int_in("LORA_KERNELS_DA_GEMM_WAVES", 1, 1, 16);
   return waves;
 }
 

@@ -77,6 +77,14 @@ inline int env_mode(const char* name) {
   const char* v = getenv(name);
   return v == nullptr ? -1 : strcmp(v, "0") == 0 ? 0 : strcmp(v, "1") == 0 ? 1 : -1;
 }
+// A count from the environment: `dflt` where the variable `name` is unset, else its integer value clamped to
+// [lo, hi] (anything that is not a number reads as 0, so lo). Read once, as above.
+inline int env_int_in(const char* name, int dflt, int lo, int hi) {
+  const char* v = getenv(name);
+  if (v == nullptr) return dflt;
+  const int n = atoi(v);
+  return n < lo ? lo : n > hi ? hi : n;
+}
 
 // The factor of the kept elements of dropout(x) times the LoRA scaling: scaling / (1 - p), rounded once to fp32
 // (the shrink, dA and dx launches, and the binding's pack of dx's rank-r operand on the sm_90 path).

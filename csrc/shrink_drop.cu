@@ -381,10 +381,8 @@ SplitPlan lora_shrink_drop_plan(int64_t M, int64_t K, int r, int blocks_per_sm) 
   const int64_t steps = ceil_div(std::max<int64_t>(K, 1), SD_STEP);
   const int64_t wave = (int64_t)std::max(blocks_per_sm, 1) * num_sms();
   const int64_t most = std::max<int64_t>(1, std::min<int64_t>({65535, steps / (2 * SD_WARPS), K / (32 * r)}));
-  static const int waves = [] {  // LORA_KERNELS_SHRINK_DROP_WAVES (1 to 4, for A/B timing; read once)
-    const char* v = getenv("LORA_KERNELS_SHRINK_DROP_WAVES");
-    return v == nullptr ? 2 : std::min(std::max(atoi(v), 1), 4);
-  }();
+  // LORA_KERNELS_SHRINK_DROP_WAVES (1 to 4, for A/B timing; read once)
+  static const int waves = env_int_in("LORA_KERNELS_SHRINK_DROP_WAVES", 2, 1, 4);
   const int64_t want = std::min(most, std::max<int64_t>(1, ceil_div(waves * wave, row_blocks)));
   int64_t per = ceil_div(steps, want);                           // steps per split
   if (per > SD_WARPS) per = ceil_div(per, SD_WARPS) * SD_WARPS;  // whole rounds
